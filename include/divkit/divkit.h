@@ -1,0 +1,6 @@
+// divkit: divergence-based training objectives for language models. Umbrella header.
+#pragma once
+
+#include "divkit/divergence.h"
+#include "divkit/runtime.h"
+#include "divkit/tensor.h"

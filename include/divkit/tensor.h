@@ -1,0 +1,74 @@
+// divkit: framework-free tensor views and the library's error type.
+//
+// The core never sees a framework tensor: callers (the Python module, a C++ user) describe their
+// buffers with a TensorView. Shapes and strides are in elements, as in PyTorch and DLPack.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace divkit {
+
+// Thrown for every invalid argument. The message names the argument (and, for non-finite
+// logits, the first bad row), e.g. "divergence: temperature must be > 0, got -1".
+class Error : public std::invalid_argument {
+ public:
+  explicit Error(const std::string& what) : std::invalid_argument(what) {}
+};
+
+enum class DType : int32_t { f32 = 0, bf16 = 1, f16 = 2, f64 = 3, i32 = 4, i64 = 5 };
+
+// Size of one element in bytes.
+size_t dtype_size(DType dtype);
+// "float32", "bfloat16", "float16", "float64", "int32", "int64".
+const char* dtype_name(DType dtype);
+
+enum class Device : int32_t { cpu = 0, cuda = 1 };
+
+// A non-owning view of a strided tensor of up to kMaxDims dimensions.
+struct TensorView {
+  static constexpr int kMaxDims = 8;
+
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  Device device = Device::cpu;
+  int32_t ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};  // in elements
+
+  // An optional argument is "not given" when its view is default-constructed (ndim == 0).
+  bool defined() const { return ndim > 0; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    return n;
+  }
+
+  // Contiguous row-major 1-D and 2-D views, the common case for C++ callers.
+  static TensorView vector(void* data, DType dtype, int64_t n) {
+    TensorView v;
+    v.data = data;
+    v.dtype = dtype;
+    v.ndim = 1;
+    v.shape[0] = n;
+    v.strides[0] = 1;
+    return v;
+  }
+  // rows x cols with `row_stride` elements between row starts (default: cols).
+  static TensorView matrix(void* data, DType dtype, int64_t rows, int64_t cols,
+                           int64_t row_stride = -1) {
+    TensorView v;
+    v.data = data;
+    v.dtype = dtype;
+    v.ndim = 2;
+    v.shape[0] = rows;
+    v.shape[1] = cols;
+    v.strides[0] = row_stride < 0 ? cols : row_stride;
+    v.strides[1] = 1;
+    return v;
+  }
+};
+
+}  // namespace divkit

@@ -1,0 +1,46 @@
+#include "core/check.h"
+
+namespace divkit::check {
+
+std::string shape_string(const TensorView& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) {
+    if (i) s += ", ";
+    s += std::to_string(t.shape[i]);
+  }
+  return s + "]";
+}
+
+void float_matrix(const char* fn, const char* name, const TensorView& t) {
+  const std::string arg(name);
+  if (t.device != Device::cpu) fail(fn, arg + " must be on the CPU");
+  if (t.ndim != 2) fail(fn, arg + " must be 2-D [N, V], got shape " + shape_string(t));
+  if (!is_float(t.dtype))
+    fail(fn, arg + " must be float32, bfloat16, float16 or float64, got " + dtype_name(t.dtype));
+  if (t.shape[0] < 0 || t.shape[1] < 0) fail(fn, arg + " has a negative dimension");
+  if (t.shape[1] > 1 && t.strides[1] != 1)
+    fail(fn, arg + " must have unit stride along the vocabulary (last) dimension, got stride " +
+                 std::to_string(t.strides[1]));
+  if (t.shape[0] > 1 && t.strides[0] < t.shape[1])
+    fail(fn, arg + " rows overlap: row stride " + std::to_string(t.strides[0]) + " < V = " +
+                 std::to_string(t.shape[1]));
+  if (t.numel() > 0 && t.data == nullptr) fail(fn, arg + " has a null data pointer");
+}
+
+void vector_of(const char* fn, const char* name, const TensorView& t, int64_t n,
+               std::initializer_list<DType> dtypes) {
+  const std::string arg(name);
+  if (t.device != Device::cpu) fail(fn, arg + " must be on the CPU");
+  if (t.ndim != 1 || t.shape[0] != n)
+    fail(fn, arg + " must have shape [" + std::to_string(n) + "], got " + shape_string(t));
+  bool ok = false;
+  std::string allowed;
+  for (DType d : dtypes) {
+    ok |= d == t.dtype;
+    allowed += (allowed.empty() ? "" : " or ") + std::string(dtype_name(d));
+  }
+  if (!ok) fail(fn, arg + " must be " + allowed + ", got " + dtype_name(t.dtype));
+  if (n > 0 && t.data == nullptr) fail(fn, arg + " has a null data pointer");
+}
+
+}  // namespace divkit::check

@@ -1,0 +1,27 @@
+// Argument checks shared by the families. Every message starts with "<function>: <argument>" so
+// the user sees which argument is wrong.
+#pragma once
+
+#include <string>
+
+#include "divkit/tensor.h"
+
+namespace divkit::check {
+
+[[noreturn]] inline void fail(const char* fn, const std::string& what) {
+  throw Error(std::string(fn) + ": " + what);
+}
+
+std::string shape_string(const TensorView& t);
+
+inline bool is_float(DType d) {
+  return d == DType::f32 || d == DType::bf16 || d == DType::f16 || d == DType::f64;
+}
+
+// [rows, cols] float matrix on the CPU with unit column stride and row stride >= cols.
+void float_matrix(const char* fn, const char* name, const TensorView& t);
+// 1-D tensor of `n` elements of one of the given dtypes (any stride).
+void vector_of(const char* fn, const char* name, const TensorView& t, int64_t n,
+               std::initializer_list<DType> dtypes);
+
+}  // namespace divkit::check

@@ -1,0 +1,284 @@
+// Token-level divergences: argument checks, ignore_index / weights / reductions, and the hand-off
+// to the SIMD row kernels (divergence_kernels.cc). The formulas live in divergences-inl.h.
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/check.h"
+#include "divergence/row_job.h"
+#include "divkit/divergence.h"
+#include "divkit/runtime.h"
+
+namespace divkit {
+namespace {
+
+constexpr const char* kFn = "divergence";
+
+constexpr const char* kKindNames[kNumDivergenceKinds] = {
+    "forward_kl", "reverse_kl", "jsd",   "skew_forward_kl",  "skew_reverse_kl", "tvd",
+    "hellinger",  "jeffreys",   "chi2",  "alpha_divergence", "renyi",           "cross_entropy",
+};
+
+std::string fmt(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%g", x);
+  return buf;
+}
+
+// The kernels implement jsd for 0 < beta < 1, alpha_divergence for alpha not in {0, 1} and
+// renyi for alpha != 1; the end points are KL exactly.
+DivergenceSpec resolve_limits(DivergenceSpec s) {
+  using K = DivergenceKind;
+  if (s.kind == K::jsd && s.beta == 0.0f) s.kind = K::forward_kl;
+  if (s.kind == K::jsd && s.beta == 1.0f) s.kind = K::reverse_kl;
+  if (s.kind == K::alpha_divergence && s.alpha == 1.0f) s.kind = K::forward_kl;
+  if (s.kind == K::alpha_divergence && s.alpha == 0.0f) s.kind = K::reverse_kl;
+  if (s.kind == K::renyi && s.alpha == 1.0f) s.kind = K::forward_kl;
+  return s;
+}
+
+bool ranges_overlap(const TensorView& a, const TensorView& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const TensorView& t) {
+    const char* lo = static_cast<const char*>(t.data);
+    const int64_t last = (t.shape[0] - 1) * t.strides[0] + t.shape[1];
+    return std::pair<const char*, const char*>(lo, lo + last * dtype_size(t.dtype));
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// A gradient output may be its input's own buffer (in place) but must not partly overlap it.
+bool check_gradient_output(const char* name, const TensorView& grad, const char* input_name,
+                           const TensorView& input) {
+  check::float_matrix(kFn, name, grad);
+  if (grad.shape[0] != input.shape[0] || grad.shape[1] != input.shape[1])
+    check::fail(kFn, std::string(name) + " must have the shape of " + input_name + " " +
+                         check::shape_string(input) + ", got " + check::shape_string(grad));
+  if (!ranges_overlap(grad, input)) return false;
+  if (grad.data == input.data && grad.dtype == input.dtype &&
+      (grad.shape[0] <= 1 || grad.strides[0] == input.strides[0]))
+    return true;
+  check::fail(kFn, std::string(name) + " overlaps " + input_name +
+                       " without being the same buffer (same data, dtype and strides)");
+}
+
+template <typename T>
+void fill_active(const TensorView& labels, int64_t ignore_index, std::vector<uint8_t>& active) {
+  const T* p = static_cast<const T*>(labels.data);
+  for (size_t i = 0; i < active.size(); ++i)
+    active[i] = static_cast<int64_t>(p[static_cast<int64_t>(i) * labels.strides[0]]) != ignore_index;
+}
+
+template <typename T>
+void fill_weights(const TensorView& weights, std::vector<double>& w) {
+  const T* p = static_cast<const T*>(weights.data);
+  for (size_t i = 0; i < w.size(); ++i) {
+    w[i] = static_cast<double>(p[static_cast<int64_t>(i) * weights.strides[0]]);
+    if (!std::isfinite(w[i]))
+      check::fail(kFn, "weights must be finite, got " + fmt(w[i]) + " at index " + std::to_string(i));
+  }
+}
+
+}  // namespace
+
+const char* divergence_kind_name(DivergenceKind kind) {
+  const int k = static_cast<int>(kind);
+  return (k >= 0 && k < kNumDivergenceKinds) ? kKindNames[k] : "unknown";
+}
+
+DivergenceKind parse_divergence_kind(std::string_view name) {
+  std::string all;
+  for (int k = 0; k < kNumDivergenceKinds; ++k) {
+    if (name == kKindNames[k]) return static_cast<DivergenceKind>(k);
+    all += (k ? ", " : "") + std::string(kKindNames[k]);
+  }
+  throw Error(std::string(kFn) + ": kind '" + std::string(name) + "' is unknown; valid kinds: " + all);
+}
+
+const char* reduction_name(Reduction r) {
+  switch (r) {
+    case Reduction::none: return "none";
+    case Reduction::sum: return "sum";
+    case Reduction::mean: return "mean";
+    case Reduction::batchmean: return "batchmean";
+  }
+  return "unknown";
+}
+
+Reduction parse_reduction(std::string_view name) {
+  for (Reduction r : {Reduction::none, Reduction::sum, Reduction::mean, Reduction::batchmean})
+    if (name == reduction_name(r)) return r;
+  throw Error(std::string(kFn) + ": reduction '" + std::string(name) +
+              "' is unknown; valid reductions: none, sum, mean, batchmean");
+}
+
+void validate_spec(const DivergenceSpec& s) {
+  using K = DivergenceKind;
+  const int k = static_cast<int>(s.kind);
+  if (k < 0 || k >= kNumDivergenceKinds)
+    check::fail(kFn, "kind code " + std::to_string(k) + " is unknown");
+  const std::string kind = divergence_kind_name(s.kind);
+  if (!(s.temperature > 0.0f) || !std::isfinite(s.temperature))
+    check::fail(kFn, "temperature must be finite and > 0, got " + fmt(s.temperature));
+  if (s.kind == K::jsd && !(s.beta >= 0.0f && s.beta <= 1.0f))
+    check::fail(kFn, "beta must be in [0, 1] for jsd, got " + fmt(s.beta));
+  if ((s.kind == K::skew_forward_kl || s.kind == K::skew_reverse_kl) &&
+      !(s.alpha >= 0.0f && s.alpha <= 1.0f))
+    check::fail(kFn, "alpha must be in [0, 1] for " + kind + ", got " + fmt(s.alpha));
+  if (s.kind == K::alpha_divergence && !std::isfinite(s.alpha))
+    check::fail(kFn, "alpha must be finite for alpha_divergence, got " + fmt(s.alpha));
+  if (s.kind == K::renyi && !(s.alpha > 0.0f && std::isfinite(s.alpha)))
+    check::fail(kFn, "alpha must be finite and > 0 for renyi, got " + fmt(s.alpha));
+}
+
+void divergence(const TensorView& student, const TensorView& teacher, const DivergenceSpec& spec,
+                const DivergenceOptions& options, const DivergenceOutputs& outputs) {
+  validate_spec(spec);
+  check::float_matrix(kFn, "student_logits", student);
+  check::float_matrix(kFn, "teacher_logits", teacher);
+  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
+    check::fail(kFn, "student_logits " + check::shape_string(student) +
+                         " and teacher_logits " + check::shape_string(teacher) +
+                         " must have the same shape");
+  const int64_t n = student.shape[0], v = student.shape[1];
+  if (v == 0) check::fail(kFn, "student_logits has V = 0 (an empty vocabulary)");
+
+  std::vector<uint8_t> active(static_cast<size_t>(n), 1);
+  if (options.labels.defined()) {
+    check::vector_of(kFn, "labels", options.labels, n, {DType::i64, DType::i32});
+    if (options.labels.dtype == DType::i64)
+      fill_active<int64_t>(options.labels, options.ignore_index, active);
+    else
+      fill_active<int32_t>(options.labels, options.ignore_index, active);
+  }
+  std::vector<double> weight(static_cast<size_t>(n), 1.0);
+  if (options.weights.defined()) {
+    check::vector_of(kFn, "weights", options.weights, n, {DType::f32, DType::f64});
+    if (options.weights.dtype == DType::f32)
+      fill_weights<float>(options.weights, weight);
+    else
+      fill_weights<double>(options.weights, weight);
+  }
+
+  const Reduction red = options.reduction;
+  if (red != Reduction::none && red != Reduction::sum && red != Reduction::mean &&
+      red != Reduction::batchmean)
+    check::fail(kFn, "reduction code " + std::to_string(static_cast<int>(red)) + " is unknown");
+  if (std::isnan(options.num_items_in_batch) || options.num_items_in_batch < 0.0 ||
+      std::isinf(options.num_items_in_batch))
+    check::fail(kFn, "num_items_in_batch must be finite and > 0, got " +
+                         fmt(options.num_items_in_batch));
+  const bool has_num_items = options.num_items_in_batch > 0.0;
+  if (has_num_items && red == Reduction::none)
+    check::fail(kFn, "num_items_in_batch divides a reduced loss; it cannot be used with reduction 'none'");
+
+  const TensorView& loss = outputs.loss;
+  if (!loss.defined()) check::fail(kFn, "loss output is required");
+  if (loss.dtype != DType::f32 && loss.dtype != DType::f64)
+    check::fail(kFn, std::string("loss must be float32 or float64, got ") + dtype_name(loss.dtype));
+  if (red == Reduction::none) {
+    check::vector_of(kFn, "loss", loss, n, {DType::f32, DType::f64});
+  } else if (loss.numel() != 1 || loss.data == nullptr) {
+    check::fail(kFn, "loss must hold one element for reduction '" + std::string(reduction_name(red)) +
+                         "', got shape " + check::shape_string(loss));
+  }
+
+  detail::RowJob job;
+  job.spec = resolve_limits(spec);
+  job.student = {student.data, student.dtype, student.strides[0]};
+  job.teacher = {teacher.data, teacher.dtype, teacher.strides[0]};
+  job.n = n;
+  job.v = v;
+  job.active = active.data();
+  job.num_threads = get_num_threads();
+  bool in_place = false;
+  if (outputs.grad_student.defined()) {
+    in_place |= check_gradient_output("grad_student", outputs.grad_student, "student_logits", student);
+    if (ranges_overlap(outputs.grad_student, teacher))
+      check::fail(kFn, "grad_student overlaps teacher_logits");
+    job.grad_student = {outputs.grad_student.data, outputs.grad_student.dtype,
+                        outputs.grad_student.strides[0]};
+  }
+  if (outputs.grad_teacher.defined()) {
+    in_place |= check_gradient_output("grad_teacher", outputs.grad_teacher, "teacher_logits", teacher);
+    if (ranges_overlap(outputs.grad_teacher, student))
+      check::fail(kFn, "grad_teacher overlaps student_logits");
+    if (outputs.grad_student.defined() && ranges_overlap(outputs.grad_teacher, outputs.grad_student))
+      check::fail(kFn, "grad_teacher overlaps grad_student");
+    job.grad_teacher = {outputs.grad_teacher.data, outputs.grad_teacher.dtype,
+                        outputs.grad_teacher.strides[0]};
+  }
+
+  auto throw_if_bad = [&](const detail::RowJob& j) {
+    auto report = [&](const char* name, int64_t row, bool all_masked) {
+      if (row < 0) return;
+      if (all_masked)
+        check::fail(kFn, std::string(name) + " row " + std::to_string(row) +
+                             " has every logit -inf (no distribution); mark it with labels = ignore_index");
+      check::fail(kFn, std::string(name) + " contains NaN or +inf at row " + std::to_string(row) +
+                           " (checked after dividing by the temperature)");
+    };
+    report("student_logits", j.bad_student_row, j.bad_student_all_masked);
+    report("teacher_logits", j.bad_teacher_row, j.bad_teacher_all_masked);
+  };
+
+  // In place, a bad row found midway would leave earlier rows overwritten: check first.
+  if (in_place) {
+    detail::RowJob probe = job;
+    probe.check_only = true;
+    probe.grad_student = {};
+    probe.grad_teacher = {};
+    detail::run_divergence_rows(probe);
+    throw_if_bad(probe);
+  }
+
+  int64_t count = 0;
+  for (uint8_t a : active) count += a;
+  double divisor = 1.0;
+  if (has_num_items) divisor = options.num_items_in_batch;
+  else if (red == Reduction::mean) divisor = count > 0 ? double(count) : 1.0;
+  else if (red == Reduction::batchmean) divisor = n > 0 ? double(n) : 1.0;
+
+  std::vector<double> grad_scale(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) grad_scale[i] = weight[i] / divisor;
+  std::vector<double> row_loss(static_cast<size_t>(n), 0.0);
+  job.grad_scale = grad_scale.data();
+  job.row_loss = row_loss.data();
+  detail::run_divergence_rows(job);
+  throw_if_bad(job);
+
+  const double t2 = spec.scale_by_t_squared ? double(spec.temperature) * spec.temperature : 1.0;
+  auto store = [&](int64_t i, double x) {
+    if (loss.dtype == DType::f32)
+      static_cast<float*>(loss.data)[i * (loss.ndim ? loss.strides[0] : 0)] = static_cast<float>(x);
+    else
+      static_cast<double*>(loss.data)[i * (loss.ndim ? loss.strides[0] : 0)] = x;
+  };
+  if (red == Reduction::none) {
+    for (int64_t i = 0; i < n; ++i)
+      store(i, active[i] && weight[i] != 0.0 ? row_loss[i] * weight[i] * t2 : 0.0);
+    return;
+  }
+  double total = 0.0;  // fixed order: identical for any thread count
+  for (int64_t i = 0; i < n; ++i)
+    if (active[i] && weight[i] != 0.0) total += row_loss[i] * weight[i];
+  store(0, total * t2 / divisor);
+}
+
+float divergence_f32(const float* student, const float* teacher, int64_t n, int64_t v,
+                     const DivergenceSpec& spec, Reduction reduction, float* grad_student) {
+  float loss_buf = 0.0f;
+  DivergenceOptions options;
+  options.reduction = reduction == Reduction::none ? Reduction::sum : reduction;
+  DivergenceOutputs out;
+  out.loss = TensorView::vector(&loss_buf, DType::f32, 1);
+  if (grad_student) out.grad_student = TensorView::matrix(grad_student, DType::f32, n, v);
+  divergence(TensorView::matrix(const_cast<float*>(student), DType::f32, n, v),
+             TensorView::matrix(const_cast<float*>(teacher), DType::f32, n, v), spec, options, out);
+  return loss_buf;
+}
+
+}  // namespace divkit
