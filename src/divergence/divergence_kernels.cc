@@ -27,6 +27,7 @@
 #define HWY_TARGET_INCLUDE "divergence/divergence_kernels.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include "core/simd_math-inl.h"
 #include "divergence/divergences-inl.h"
 #include "hwy/highway.h"
 
@@ -41,32 +42,6 @@ using detail::RowJob;
 using detail::RowOutput;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
-
-// Sum of fp32 vectors accumulated in fp64 lanes (V up to 128k+ terms per row: fp32 lane sums
-// would lose ~1e-5 relative), reduced in a fixed order.
-#if HWY_TARGET == HWY_SCALAR
-struct SumF64 {  // one lane: a plain double
-  double total = 0.0;
-  HWY_INLINE void Add(VF x) { total += hn::GetLane(x); }
-  HWY_INLINE double Total() const { return total; }
-};
-#else
-struct SumF64 {
-  using DH = hn::Half<DF>;
-  using DD = hn::Rebind<double, DH>;
-  hn::Vec<DD> lo, hi;
-  SumF64() : lo(hn::Zero(DD())), hi(hn::Zero(DD())) {}
-  HWY_INLINE void Add(VF x) {
-    const DH dh;
-    lo = hn::Add(lo, hn::PromoteTo(DD(), hn::LowerHalf(dh, x)));
-    hi = hn::Add(hi, hn::PromoteTo(DD(), hn::UpperHalf(dh, x)));
-  }
-  HWY_INLINE double Total() const {
-    const DD dd;
-    return hn::GetLane(hn::SumOfLanes(dd, hn::Add(lo, hi)));
-  }
-};
-#endif
 
 // ---- pass 1: load one row of any dtype into an fp32 buffer, scaled by 1/T ------------------
 
@@ -144,20 +119,24 @@ LoadResult LoadRow(const RowInput& in, int64_t row, int64_t v, int64_t vpad, flo
   }
 }
 
-// ---- pass 2: e = exp(x - max) in place of nothing (own buffer); returns log sum e ------------
+// ---- pass 2: e = exp(x - max) into its own buffer; returns log sum e ------------
 
 HWY_INLINE double ExpAndLogSum(const float* HWY_RESTRICT x, float max, int64_t vpad,
                                float* HWY_RESTRICT e) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const VF vmax = hn::Set(df, max);
-  SumF64 sum;
-  for (int64_t j = 0; j < vpad; j += lanes) {
-    const VF ej = hn::Exp(df, hn::Sub(hn::Load(df, x + j), vmax));
-    hn::Store(ej, df, e + j);
-    sum.Add(ej);
-  }
-  return std::log(sum.Total());
+  RowSum sum;
+  ForEachSumBlock(vpad, [&](int64_t begin, int64_t end) {
+    VF acc = hn::Zero(df);
+    for (int64_t j = begin; j < end; j += lanes) {
+      const VF ej = SoftmaxExp(df, hn::Sub(hn::Load(df, x + j), vmax));
+      hn::Store(ej, df, e + j);
+      acc = hn::Add(acc, ej);
+    }
+    sum.AddBlock(acc);
+  });
+  return std::log(sum.total);
 }
 
 // ---- pass 4: write a gradient row in the output dtype ---------------------------------------
@@ -177,7 +156,13 @@ void WriteGradRow(const RowOutput& out, int64_t row, int64_t v, const float* HWY
   if (out.dtype == DType::f32) {
     float* HWY_RESTRICT dst = static_cast<float*>(out.data) + row * out.row_stride;
     int64_t j = 0;
-    for (; j + lanes <= v; j += lanes) hn::StoreU(grad_at(j), df, dst + j);
+    if (reinterpret_cast<uintptr_t>(dst) % (lanes * sizeof(float)) == 0) {
+      // Streaming stores: the gradient is not read again here, and they save the read-for-
+      // ownership of every output line (a third of the memory traffic).
+      for (; j + lanes <= v; j += lanes) hn::Stream(grad_at(j), df, dst + j);
+    } else {
+      for (; j + lanes <= v; j += lanes) hn::StoreU(grad_at(j), df, dst + j);
+    }
     if (j < v) {
       hn::Store(grad_at(j), df, scratch);
       std::memcpy(dst + j, scratch, static_cast<size_t>(v - j) * sizeof(float));
@@ -217,6 +202,52 @@ void RecordBad(std::atomic<int64_t>& slot, int64_t row) {
   int64_t cur = slot.load();
   while ((cur < 0 || row < cur) && !slot.compare_exchange_weak(cur, row)) {
   }
+}
+
+struct RowBuffers {
+  float* HWY_RESTRICT xs;  // student logits / T; overwritten by u
+  const float* HWY_RESTRICT es;  // exp(xs - max)
+  float* HWY_RESTRICT xt;  // teacher logits / T; overwritten by v when kTeacher
+  const float* HWY_RESTRICT et;
+  int64_t vpad;
+};
+struct Normalizers {
+  VF lse_s, lse_t, inv_zs, inv_zt;
+};
+
+// pass 3: the divergence terms and the gradient factors u (and v), summed per row.
+template <bool kTeacher, class Div>
+HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers& n, RowSum& sum_g,
+                         RowSum& sum_u, RowSum& sum_v) {
+  const DF df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  float* HWY_RESTRICT xs = b.xs;
+  float* HWY_RESTRICT xt = b.xt;
+  const float* HWY_RESTRICT es = b.es;
+  const float* HWY_RESTRICT et = b.et;
+  const VF lse_s = n.lse_s, lse_t = n.lse_t, inv_zs = n.inv_zs, inv_zt = n.inv_zt;
+  ForEachSumBlock(b.vpad, [&](int64_t begin, int64_t end) {
+    VF acc_g = hn::Zero(df), acc_u = hn::Zero(df), acc_v = hn::Zero(df);
+    for (int64_t j = begin; j < end; j += lanes) {
+      Entry<VF> e;
+      e.q = hn::Mul(hn::Load(df, es + j), inv_zs);
+      e.p = hn::Mul(hn::Load(df, et + j), inv_zt);
+      e.lq = hn::Sub(hn::Load(df, xs + j), lse_s);
+      e.lp = hn::Sub(hn::Load(df, xt + j), lse_t);
+      VF u;
+      acc_g = hn::Add(acc_g, div.term(df, e, u));
+      acc_u = hn::Add(acc_u, u);
+      hn::Store(u, df, xs + j);
+      if constexpr (kTeacher) {
+        const VF v = div.teacher(df, e);
+        acc_v = hn::Add(acc_v, v);
+        hn::Store(v, df, xt + j);
+      }
+    }
+    sum_g.AddBlock(acc_g);
+    sum_u.AddBlock(acc_u);
+    if constexpr (kTeacher) sum_v.AddBlock(acc_v);
+  });
 }
 
 template <class Div>
@@ -274,26 +305,14 @@ void RunRows(RowJob& job, const Div& div) {
       const VF vinv_zs = hn::Set(df, inv_zs), vinv_zt = hn::Set(df, inv_zt);
 
       // pass 3
-      SumF64 sum_g, sum_u, sum_v;
-      for (int64_t j = 0; j < vpad; j += lanes) {
-        Entry<VF> e;
-        e.q = hn::Mul(hn::Load(df, es + j), vinv_zs);
-        e.p = hn::Mul(hn::Load(df, et + j), vinv_zt);
-        e.lq = hn::Sub(hn::Load(df, xs + j), vlse_s);
-        e.lp = hn::Sub(hn::Load(df, xt + j), vlse_t);
-        VF u;
-        sum_g.Add(div.term(df, e, u));
-        if (want_s) {
-          sum_u.Add(u);
-          hn::Store(u, df, xs + j);
-        }
-        if (want_t) {
-          const VF vt = div.teacher(df, e);
-          sum_v.Add(vt);
-          hn::Store(vt, df, xt + j);
-        }
-      }
-      const double s = sum_g.Total();
+      RowSum sum_g, sum_u, sum_v;
+      const RowBuffers buf{xs, es, xt, et, vpad};
+      const Normalizers norm{vlse_s, vlse_t, vinv_zs, vinv_zt};
+      if (want_t)
+        SumTerms<true>(div, buf, norm, sum_g, sum_u, sum_v);
+      else
+        SumTerms<false>(div, buf, norm, sum_g, sum_u, sum_v);
+      const double s = sum_g.total;
       const double value = div.finish(s);
       job.row_loss[i] = value;
       if (!want_s && !want_t) continue;
@@ -306,10 +325,10 @@ void RunRows(RowJob& job, const Div& div) {
       }
       const double common = div.slope(s) * t2 * job.grad_scale[i] / temperature;
       if (want_s)
-        WriteGradRow(job.grad_student, i, v, xs, es, inv_zs, static_cast<float>(sum_u.Total()),
+        WriteGradRow(job.grad_student, i, v, xs, es, inv_zs, static_cast<float>(sum_u.total),
                      static_cast<float>(common), scratch);
       if (want_t)
-        WriteGradRow(job.grad_teacher, i, v, xt, et, inv_zt, static_cast<float>(sum_v.Total()),
+        WriteGradRow(job.grad_teacher, i, v, xt, et, inv_zt, static_cast<float>(sum_v.total),
                      static_cast<float>(common), scratch);
     }
   }

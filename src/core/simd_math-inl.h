@@ -1,0 +1,75 @@
+// SIMD helpers shared by the kernels: a softmax exp and fp64-accurate row sums.
+// Per-target header (Highway's include-guard toggle).
+#if defined(DIVKIT_SIMD_MATH_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef DIVKIT_SIMD_MATH_INL_H_
+#undef DIVKIT_SIMD_MATH_INL_H_
+#else
+#define DIVKIT_SIMD_MATH_INL_H_
+#endif
+
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace divkit {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// exp(x) for softmax arguments x = logit - max <= 0 (and -inf for masked entries), ~1 ulp.
+// Cheaper than hn::Exp: the rounding to the nearest integer n and the 2^n scale come from one
+// "magic number" FMA (n + 127 lands in the low mantissa bits of t), and results below
+// exp(-87.3) (the smallest normal float) are flushed to 0; they cannot move a row sum >= 1.
+// Not for x > 88 (overflow is not handled): use hn::Exp there.
+template <class D, class V>
+HWY_INLINE V SoftmaxExp(D d, V x) {
+  const hn::RebindToSigned<D> di;
+  const V kMagic = hn::Set(d, 12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
+  const V kLowest = hn::Set(d, -87.33f);
+  const auto underflow = hn::Lt(x, kLowest);
+  x = hn::Max(x, kLowest);
+  const V t = hn::MulAdd(x, hn::Set(d, 1.44269504088896341f), kMagic);
+  const V nf = hn::Sub(t, kMagic);  // n = round(x / ln 2), exactly
+  V r = hn::MulAdd(nf, hn::Set(d, -0.693145751953125f), x);  // Cody-Waite: ln 2 in two parts
+  r = hn::MulAdd(nf, hn::Set(d, -1.428606765330187045e-6f), r);
+  // exp(r) - 1 - r on |r| <= ln2/2, the minimax coefficients Highway uses.
+  V poly = hn::MulAdd(hn::Set(d, 0.000198527617612853646278381f), r,
+                      hn::Set(d, 0.00139304355252534151077271f));
+  poly = hn::MulAdd(poly, r, hn::Set(d, 0.00833336077630519866943359f));
+  poly = hn::MulAdd(poly, r, hn::Set(d, 0.0416664853692054748535156f));
+  poly = hn::MulAdd(poly, r, hn::Set(d, 0.166666671633720397949219f));
+  poly = hn::MulAdd(poly, r, hn::Set(d, 0.5f));
+  const V er = hn::Add(hn::MulAdd(poly, hn::Mul(r, r), r), hn::Set(d, 1.0f));
+  const V scale = hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(di, t)));  // 2^n
+  return hn::IfThenZeroElse(underflow, hn::Mul(er, scale));
+}
+
+using SumDF = hn::ScalableTag<float>;
+
+// Row sums with fp64 accuracy at nearly fp32 cost: a loop accumulates fp32 lanes over one block
+// of at most kRowSumBlock vectors (error ~ sqrt(16) ulp of the block), then adds the block to
+// an fp64 total in a fixed lane order, so the result does not depend on threads.
+inline constexpr int64_t kRowSumBlock = 16;
+
+struct RowSum {
+  double total = 0.0;
+  HWY_INLINE void AddBlock(hn::Vec<SumDF> block) {
+    const SumDF df;
+    alignas(64) float lanes[hn::MaxLanes(df)];
+    hn::Store(block, df, lanes);
+    double s = 0.0;
+    for (size_t i = 0; i < hn::Lanes(df); ++i) s += lanes[i];
+    total += s;
+  }
+};
+
+// Calls fn(begin, end) over [0, n) in blocks of kRowSumBlock vectors (n a multiple of lanes).
+template <class Fn>
+HWY_INLINE void ForEachSumBlock(int64_t n, Fn&& fn) {
+  const int64_t len = kRowSumBlock * static_cast<int64_t>(hn::Lanes(SumDF()));
+  for (int64_t b = 0; b < n; b += len) fn(b, b + len < n ? b + len : n);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace divkit
+HWY_AFTER_NAMESPACE();
+
+#endif  // DIVKIT_SIMD_MATH_INL_H_
