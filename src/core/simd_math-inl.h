@@ -45,7 +45,7 @@ HWY_INLINE V SoftmaxExp(D d, V x) {
 using SumDF = hn::ScalableTag<float>;
 
 // Row sums with fp64 accuracy at nearly fp32 cost: a loop accumulates fp32 lanes over one block
-// of at most kRowSumBlock vectors (error ~ sqrt(16) ulp of the block), then adds the block to
+// of at most kRowSumBlock vectors (kernels loop over rows in such blocks) (error ~ sqrt(16) ulp of the block), then adds the block to
 // an fp64 total in a fixed lane order, so the result does not depend on threads.
 inline constexpr int64_t kRowSumBlock = 16;
 
@@ -60,13 +60,6 @@ struct RowSum {
     total += s;
   }
 };
-
-// Calls fn(begin, end) over [0, n) in blocks of kRowSumBlock vectors (n a multiple of lanes).
-template <class Fn>
-HWY_INLINE void ForEachSumBlock(int64_t n, Fn&& fn) {
-  const int64_t len = kRowSumBlock * static_cast<int64_t>(hn::Lanes(SumDF()));
-  for (int64_t b = 0; b < n; b += len) fn(b, b + len < n ? b + len : n);
-}
 
 }  // namespace HWY_NAMESPACE
 }  // namespace divkit

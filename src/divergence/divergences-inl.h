@@ -44,12 +44,16 @@ HWY_INLINE V XLogRatio(D d, V x, V a, V b) {
 
 // Divergences whose row value is the plain sum S of their terms.
 struct SumFinish {
+  // True when u = -p exactly (so sum u = -1): the kernel then skips storing u and writes the
+  // student gradient as (q - p) / T directly (forward KL and cross-entropy).
+  static constexpr bool kStudentFactorIsMinusP = false;
   double finish(double s) const { return s; }
   double slope(double /*s*/) const { return 1.0; }
 };
 
 // KL(p || q) = sum p (lp - lq).  u = -p,  v = p (lp - lq) + p.
 struct ForwardKL : SumFinish {
+  static constexpr bool kStudentFactorIsMinusP = true;
   explicit ForwardKL(const DivergenceSpec&) {}
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
@@ -262,6 +266,7 @@ struct AlphaDivergence : SumFinish {
 // finished as log1p(S) / (alpha - 1).  u = (1-alpha) w,  v = alpha w (constant multiples of q
 // or p drop out of the softmax chain rule).
 struct Renyi {
+  static constexpr bool kStudentFactorIsMinusP = false;
   float alpha;
   explicit Renyi(const DivergenceSpec& s) : alpha(s.alpha) {}
   double finish(double s) const { return std::log1p(s) / (static_cast<double>(alpha) - 1.0); }
@@ -281,6 +286,7 @@ struct Renyi {
 
 // Soft-label cross-entropy H(p, q) = -sum p lq.  u = -p,  v = -p lq.
 struct CrossEntropy : SumFinish {
+  static constexpr bool kStudentFactorIsMinusP = true;
   explicit CrossEntropy(const DivergenceSpec&) {}
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
