@@ -12,6 +12,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -88,6 +89,14 @@ divkit::TensorView to_view(const char* fn, const char* name, const Array& a) {
   // The stride of a dimension of size 1 is meaningless (frameworks export arbitrary values);
   // make the innermost one unit so that [N, 1] views pass the unit-column-stride check.
   if (v.shape[ndim - 1] == 1) v.strides[ndim - 1] = 1;
+  // Likewise every stride of an empty array (numpy exports zeros): use contiguous ones.
+  if (v.numel() == 0) {
+    int64_t c = 1;
+    for (int i = static_cast<int>(ndim) - 1; i >= 0; --i) {
+      v.strides[i] = c;
+      c *= v.shape[i] > 0 ? v.shape[i] : 1;
+    }
+  }
   return v;
 }
 
@@ -95,6 +104,16 @@ template <typename Array>
 divkit::TensorView optional_view(const char* fn, const char* name,
                                  const std::optional<Array>& a) {
   return a ? to_view(fn, name, *a) : divkit::TensorView{};
+}
+
+// jsd's beta = 0 and beta = 1 are TRL's special cases (forward / reverse KL), while the
+// divergence tends to 0 as beta approaches them: a beta that is not exactly 0 or 1 must not
+// become one by rounding to float (nor an out-of-range beta become valid).
+float beta_to_float(double beta) {
+  float f = static_cast<float>(beta);
+  if (f == 0.0f && beta != 0.0) f = std::nextafter(0.0f, beta > 0.0 ? 1.0f : -1.0f);
+  if (f == 1.0f && beta != 1.0) f = std::nextafter(1.0f, beta < 1.0 ? 0.0f : 2.0f);
+  return f;
 }
 
 void divergence(const InArray& student, const InArray& teacher, const OutArray& loss,
@@ -107,7 +126,7 @@ void divergence(const InArray& student, const InArray& teacher, const OutArray& 
   constexpr const char* fn = "divergence";
   divkit::DivergenceSpec spec;
   spec.kind = divkit::parse_divergence_kind(kind);
-  spec.beta = static_cast<float>(beta);
+  spec.beta = beta_to_float(beta);
   spec.alpha = static_cast<float>(alpha);
   spec.temperature = static_cast<float>(temperature);
   spec.scale_by_t_squared = scale_by_t_squared;
@@ -135,7 +154,7 @@ void validate_spec(const std::string& kind, double beta, double alpha, double te
                    bool scale_by_t_squared) {
   divkit::DivergenceSpec spec;
   spec.kind = divkit::parse_divergence_kind(kind);
-  spec.beta = static_cast<float>(beta);
+  spec.beta = beta_to_float(beta);
   spec.alpha = static_cast<float>(alpha);
   spec.temperature = static_cast<float>(temperature);
   spec.scale_by_t_squared = scale_by_t_squared;

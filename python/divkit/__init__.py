@@ -1,0 +1,72 @@
+"""divkit: divergence-based training objectives for LLMs.
+
+Fused C++ kernels (knowledge-distillation divergences and their gradients) with PyTorch
+autograd wrappers::
+
+    import divkit
+    loss = divkit.divergence(student_logits, teacher_logits, "forward_kl", labels=labels)
+    loss_fn = divkit.nn.DivergenceLoss("jsd", beta=0.5)
+
+See :func:`divkit.divergence` for the formulas and conventions.
+"""
+
+from . import _C
+from . import nn
+from .functional import KINDS, REDUCTIONS, divergence, divergence_and_grad
+
+__all__ = [
+    "divergence",
+    "divergence_and_grad",
+    "nn",
+    "KINDS",
+    "REDUCTIONS",
+    "set_num_threads",
+    "get_num_threads",
+    "available_simd_targets",
+    "force_simd_target",
+    "active_simd_target",
+    "version",
+    "Error",
+    "__version__",
+]
+
+#: The core's error type: a subclass of ValueError whose message names the bad argument.
+Error = _C.Error
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads of divkit's CPU kernels (results do not depend on it)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of threads divkit's CPU kernels use."""
+    return _C.get_num_threads()
+
+
+def available_simd_targets() -> list:
+    """SIMD targets compiled in and supported by this CPU, best first (e.g. ['AVX2', 'SSE4'])."""
+    return list(_C.available_simd_targets())
+
+
+def force_simd_target(name: str) -> None:
+    """Restricts the kernels to one SIMD target (for tests and benchmarks); '' restores the
+    automatic choice."""
+    if not isinstance(name, str):
+        raise TypeError(f"force_simd_target: name must be a str, got {type(name).__name__}")
+    _C.force_simd_target(name)
+
+
+def active_simd_target() -> str:
+    """The SIMD target the kernels dispatch to now."""
+    return _C.active_simd_target()
+
+
+def version() -> str:
+    """The version of divkit's compiled core."""
+    return _C.version()
+
+
+__version__ = _C.version()

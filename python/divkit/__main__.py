@@ -1,0 +1,5 @@
+import sys
+
+from divkit.cli import main
+
+sys.exit(main())

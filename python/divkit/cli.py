@@ -1,0 +1,59 @@
+"""The ``divkit`` command line tool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _info(args: argparse.Namespace) -> int:
+    import divkit
+
+    info = {
+        "version": divkit.version(),
+        "threads": divkit.get_num_threads(),
+        "simd_targets": divkit.available_simd_targets(),
+        "active_simd_target": divkit.active_simd_target(),
+        "kinds": list(divkit.KINDS),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        info["torch"] = None
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"divkit {info['version']}")
+        print(f"threads: {info['threads']}")
+        print(f"simd targets: {', '.join(info['simd_targets'])} "
+              f"(active: {info['active_simd_target']})")
+        print(f"divergence kinds: {', '.join(info['kinds'])}")
+        print(f"torch: {info['torch']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="divkit", description="divkit: divergence-based training objectives for LLMs")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    p_info = sub.add_parser("info", help="print the version, thread count and SIMD targets")
+    p_info.add_argument("--json", action="store_true", help="print as JSON")
+    p_info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,553 @@
+"""Token-level divergences between a teacher and a student distribution, with fused gradients.
+
+The functions here are thin PyTorch wrappers over divkit's C++ kernels (``divkit._C``): tensors
+cross into C++ through DLPack without copies, the loss and its gradient are computed in one pass
+per token, and the gradient is handed back to autograd in ``backward``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _C
+
+__all__ = ["divergence", "divergence_and_grad", "KINDS", "REDUCTIONS"]
+
+#: Names accepted by ``kind``, in the core's order.
+KINDS: Tuple[str, ...] = tuple(_C.kinds())
+#: Names accepted by ``reduction``.
+REDUCTIONS: Tuple[str, ...] = tuple(_C.reductions())
+
+_FN = "divergence"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_NP_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks for what the C++ core cannot see (Python types, devices, autograd state).
+# Every message starts with "divergence: <argument>", like the core's own messages.
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(x: Any) -> str:
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _check_real(name: str, value: Any, fn: str = _FN) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{fn}: {name} must be a number, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {_type_name(value)}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, fn: str = _FN) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an int, got {_type_name(value)}")
+    return int(value)
+
+
+def _check_bool(name: str, value: Any, fn: str = _FN) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool, got {_type_name(value)}")
+    return bool(value)
+
+
+def _check_str(name: str, value: Any, fn: str = _FN) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{fn}: {name} must be a str, got {_type_name(value)}")
+    return value
+
+
+def _check_num_items(value: Any, fn: str = _FN) -> float:
+    if value is None:
+        return 0.0
+    n = _check_real("num_items_in_batch", value, fn)
+    if not (math.isfinite(n) and n > 0):
+        raise ValueError(f"{fn}: num_items_in_batch must be a finite number > 0 (or None), "
+                         f"got {n:g}")
+    return n
+
+
+def _check_logits(name: str, x: Any, fn: str = _FN) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor (or, with numpy inputs, a "
+                        f"numpy.ndarray), got {_type_name(x)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{fn}: {name} is on device {x.device}; divkit's kernels run on the "
+                         f"CPU (move it with .cpu())")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected torch.float32, "
+                        f"torch.bfloat16, torch.float16 or torch.float64")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: {name} must have at least one dimension [..., V], got a 0-d "
+                         f"tensor")
+    if x.is_sparse or x.layout != torch.strided:
+        raise ValueError(f"{fn}: {name} must be a dense (strided) tensor, got layout {x.layout}")
+    return x
+
+
+def _check_token_tensor(name: str, x: Any, lead_shape: torch.Size, fn: str = _FN) -> torch.Tensor:
+    """labels / weights: CPU tensors of shape logits.shape[:-1]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {_type_name(x)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{fn}: {name} is on device {x.device}; divkit's kernels run on the "
+                         f"CPU (move it with .cpu())")
+    if tuple(x.shape) != tuple(lead_shape):
+        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected "
+                         f"{tuple(lead_shape)} (the logits' shape without the last dimension)")
+    return x
+
+
+def _check_labels(labels: Any, lead_shape: torch.Size, fn: str = _FN) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    labels = _check_token_tensor("labels", labels, lead_shape, fn)
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{fn}: labels must have an integer dtype, got {labels.dtype}")
+    labels = labels.detach()
+    if labels.dtype not in (torch.int32, torch.int64):
+        labels = labels.to(torch.int64)
+    return labels.reshape(-1)
+
+
+def _check_weights(weights: Any, lead_shape: torch.Size, fn: str = _FN,
+                   autograd: bool = True) -> Optional[torch.Tensor]:
+    if weights is None:
+        return None
+    weights = _check_token_tensor("weights", weights, lead_shape, fn)
+    if not weights.is_floating_point():
+        raise TypeError(f"{fn}: weights must have a floating dtype, got {weights.dtype}")
+    if autograd and weights.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: weights requires grad, but divkit does not compute gradients "
+                         f"with respect to weights; pass weights.detach()")
+    weights = weights.detach()
+    if weights.dtype not in (torch.float32, torch.float64):
+        weights = weights.to(torch.float32)
+    return weights.reshape(-1)
+
+
+def _check_grad_dtype(grad_dtype: Any, fn: str = _FN) -> Optional[torch.dtype]:
+    if grad_dtype is None:
+        return None
+    if not isinstance(grad_dtype, torch.dtype):
+        raise TypeError(f"{fn}: grad_dtype must be a torch.dtype or None, got "
+                        f"{_type_name(grad_dtype)}")
+    if grad_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{fn}: grad_dtype must be torch.float32, torch.bfloat16, "
+                         f"torch.float16 or torch.float64, got {grad_dtype}")
+    return grad_dtype
+
+
+def _rows(x: torch.Tensor, n: int, v: int) -> torch.Tensor:
+    """[..., V] -> [N, V] with a unit column stride and rows that do not overlap, as the core
+    requires (a view when the layout allows it; broadcast rows, stride 0, are copied)."""
+    x2 = x.reshape(n, v)
+    if (v > 1 and x2.stride(1) != 1) or (n > 1 and x2.stride(0) < v):
+        x2 = x2.contiguous()
+    return x2
+
+
+class _Config(NamedTuple):
+    kind: str
+    beta: float
+    alpha: float
+    temperature: float
+    scale_by_t_squared: bool
+    ignore_index: int
+    reduction: str
+    num_items_in_batch: float
+    inplace_grad: bool
+    grad_dtype: Optional[torch.dtype]
+
+
+def _parse_options(kind, beta, alpha, temperature, ignore_index, reduction, num_items_in_batch,
+                   scale_by_t_squared, inplace_grad, grad_dtype, fn: str = _FN) -> _Config:
+    return _Config(
+        kind=_check_str("kind", kind, fn),
+        beta=_check_real("beta", beta, fn),
+        alpha=_check_real("alpha", alpha, fn),
+        temperature=_check_real("temperature", temperature, fn),
+        scale_by_t_squared=_check_bool("scale_by_t_squared", scale_by_t_squared, fn),
+        ignore_index=_check_int("ignore_index", ignore_index, fn),
+        reduction=_check_str("reduction", reduction, fn),
+        num_items_in_batch=_check_num_items(num_items_in_batch, fn),
+        inplace_grad=_check_bool("inplace_grad", inplace_grad, fn),
+        grad_dtype=_check_grad_dtype(grad_dtype, fn),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel call.
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+         weights: Optional[torch.Tensor], cfg: _Config, need_student: bool, need_teacher: bool):
+    """Runs the kernel. Returns (loss, grad_student, grad_teacher), the gradients (or None) in
+    the logits' shapes."""
+    lead_shape = student.shape[:-1]
+    v = student.shape[-1]
+    n = math.prod(lead_shape)
+    s2 = _rows(student.detach(), n, v)
+    t2 = _rows(teacher.detach(), n, v)
+
+    if cfg.reduction == "none":
+        loss = torch.empty(n, dtype=torch.float32)
+    else:
+        loss = torch.empty(1, dtype=torch.float32)
+
+    # The gradients are allocated in the logits' shapes and handed to the core as [N, V] views,
+    # so that backward can return the very tensors it keeps (see _DivergenceFunction).
+    grad_s = grad_t = None
+    grad_s2 = grad_t2 = None
+    if need_student:
+        if cfg.inplace_grad:
+            grad_s2 = s2  # the logits' own storage (or, if _rows had to copy, the copy's)
+            grad_s = s2.view(student.shape)
+        else:
+            grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype)
+            grad_s2 = grad_s.view(n, v)
+    if need_teacher:
+        grad_t = torch.empty(teacher.shape, dtype=cfg.grad_dtype or teacher.dtype)
+        grad_t2 = grad_t.view(n, v)
+
+    _C.divergence(s2, t2, loss, grad_s2, grad_t2, cfg.kind, cfg.beta, cfg.alpha,
+                  cfg.temperature, cfg.scale_by_t_squared, labels, cfg.ignore_index, weights,
+                  cfg.reduction, cfg.num_items_in_batch)
+    loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
+    return loss, grad_s, grad_t
+
+
+def _check_inplace(student: torch.Tensor, teacher: torch.Tensor, cfg: _Config, fn: str = _FN):
+    if not cfg.inplace_grad:
+        return
+    if cfg.grad_dtype is not None and cfg.grad_dtype != student.dtype:
+        raise ValueError(f"{fn}: grad_dtype={cfg.grad_dtype} cannot be used with "
+                         f"inplace_grad=True: the gradient is written into student_logits, whose "
+                         f"dtype is {student.dtype}")
+    if student.numel() > 0 and teacher.numel() > 0:
+        s_lo, s_hi = _byte_range(student)
+        t_lo, t_hi = _byte_range(teacher)
+        if s_lo < t_hi and t_lo < s_hi:
+            raise ValueError(f"{fn}: inplace_grad=True but teacher_logits shares memory with "
+                             f"student_logits; the gradient would overwrite the teacher")
+
+
+def _byte_range(x: torch.Tensor) -> Tuple[int, int]:
+    lo = hi = x.data_ptr()
+    for size, stride in zip(x.shape, x.stride()):
+        if stride >= 0:
+            hi += (size - 1) * stride * x.element_size()
+        else:
+            lo += (size - 1) * stride * x.element_size()
+    return lo, hi + x.element_size()
+
+
+class _DivergenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, weights, cfg: _Config):
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, grad_s, grad_t = _run(student, teacher, labels, weights, cfg, need_s, need_t)
+        # The gradients are intermediate buffers (neither inputs nor outputs), kept on ctx. When
+        # the upstream gradient is 1, backward returns these very tensors: as ctx still holds
+        # them, autograd never adopts one as a leaf's .grad (it copies), so a later backward
+        # (retain_graph=True) finds them unchanged.
+        ctx.grad_s, ctx.grad_t = grad_s, grad_t
+        ctx.cfg = cfg
+        ctx.consumed = False
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        cfg: _Config = ctx.cfg
+        if cfg.reduction == "none":
+            scale = grad_out.unsqueeze(-1)  # per token
+            is_one = False
+        else:
+            scale = grad_out.reshape(())
+            is_one = bool(scale == 1)
+
+        def finish(g: Optional[torch.Tensor], inplace: bool):
+            if g is None or is_one:
+                return g
+            # scale is fp32: the product is computed in fp32 and rounded once to g's dtype.
+            if not inplace:
+                return torch.mul(g, scale, out=torch.empty_like(g))
+            # The buffer is the student logits, already overwritten: scale it in place so that
+            # no [N, V] temporary is made. A second backward cannot undo that.
+            if ctx.consumed:
+                raise RuntimeError(
+                    "divkit.divergence(inplace_grad=True): the gradient, kept in the student "
+                    "logits' storage, was already scaled by a previous backward; with "
+                    "inplace_grad=True and an upstream gradient other than 1, call backward once")
+            ctx.consumed = True
+            return g.mul_(scale)
+
+        return finish(ctx.grad_s, cfg.inplace_grad), finish(ctx.grad_t, False), None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy inputs: loss only.
+# ---------------------------------------------------------------------------------------------
+
+
+def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str = _FN):
+    if cfg.inplace_grad or cfg.grad_dtype is not None:
+        raise ValueError(f"{fn}: inplace_grad and grad_dtype apply to torch tensors; numpy "
+                         f"inputs give the loss only")
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{fn}: {name} must be a numpy.ndarray like student_logits, got "
+                            f"{_type_name(x)}")
+        if x.dtype not in _NP_FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected float32, float16 or "
+                            f"float64")
+        if x.ndim < 1:
+            raise ValueError(f"{fn}: {name} must have at least one dimension [..., V], got a "
+                             f"0-d array")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{fn}: teacher_logits has shape {teacher.shape}, expected "
+                         f"{student.shape} (the shape of student_logits)")
+    lead_shape = student.shape[:-1]
+    v = student.shape[-1]
+    n = math.prod(lead_shape)
+
+    def token_array(name, x, kinds_ok):
+        if x is None:
+            return None
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{fn}: {name} must be a numpy.ndarray or None, got "
+                            f"{_type_name(x)}")
+        if x.shape != lead_shape:
+            raise ValueError(f"{fn}: {name} has shape {x.shape}, expected {lead_shape} (the "
+                             f"logits' shape without the last dimension)")
+        if x.dtype.kind not in kinds_ok:
+            want = "an integer" if kinds_ok == "iu" else "a floating"
+            raise TypeError(f"{fn}: {name} must have {want} dtype, got {x.dtype}")
+        return x.reshape(n)
+
+    labels = token_array("labels", labels, "iu")
+    if labels is not None and labels.dtype not in (np.int32, np.int64):
+        labels = labels.astype(np.int64)
+    weights = token_array("weights", weights, "f")
+    if weights is not None and weights.dtype not in (np.float32, np.float64):
+        weights = weights.astype(np.float32)
+
+    def rows(x):
+        x2 = x.reshape(n, v)
+        unit_columns = v <= 1 or x2.strides[1] == x2.itemsize
+        if not unit_columns or (n > 1 and x2.strides[0] < v * x2.itemsize):
+            x2 = np.ascontiguousarray(x2)
+        return x2
+
+    s2 = rows(student)
+    t2 = rows(teacher)
+    loss = np.empty(n if cfg.reduction == "none" else 1, dtype=np.float32)
+    _C.divergence(s2, t2, loss, None, None, cfg.kind, cfg.beta, cfg.alpha, cfg.temperature,
+                  cfg.scale_by_t_squared, labels, cfg.ignore_index, weights, cfg.reduction,
+                  cfg.num_items_in_batch)
+    return loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------------------------
+
+
+def divergence(
+    student_logits,
+    teacher_logits,
+    kind: str = "forward_kl",
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    weights: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    scale_by_t_squared: bool = False,
+    inplace_grad: bool = False,
+    grad_dtype: Optional[torch.dtype] = None,
+):
+    r"""Token-level divergence D(p, q) between teacher and student, with a fused gradient.
+
+    With student logits ``s`` and teacher logits ``t`` of shape ``[..., V]`` (flattened to
+    ``[N, V]``; each of the N rows is a token) and temperature ``T``::
+
+        q = softmax(s / T)    (student)        p = softmax(t / T)    (teacher)
+
+    ``kind`` selects D, computed per token (all logs are natural logs):
+
+    ====================  =======================================================================
+    ``forward_kl``        KL(p_teacher || q_student) = sum_j p_j (log p_j - log q_j)
+    ``reverse_kl``        KL(q_student || p_teacher) = sum_j q_j (log q_j - log p_j)
+    ``jsd`` (beta)        generalized Jensen-Shannon divergence, as TRL's ``generalized_jsd_loss``
+                          and Liger's JSD: m = beta p + (1 - beta) q,
+                          D = beta KL(p || m) + (1 - beta) KL(q || m); beta in [0, 1];
+                          beta = 0 is exactly forward_kl and beta = 1 exactly reverse_kl
+                          (Agarwal et al. 2024, "On-Policy Distillation of Language Models", GKD)
+    ``skew_forward_kl``   KL(p || alpha p + (1 - alpha) q), alpha in [0, 1] (DistiLLM, Ko et al.
+      (alpha)             2024). The true KL: DistiLLM's code drops the teacher entropy, a constant
+    ``skew_reverse_kl``   KL(q || (1 - alpha) p + alpha q), alpha in [0, 1] (DistiLLM)
+      (alpha)
+    ``tvd``               total variation 0.5 sum_j |p_j - q_j|, in [0, 1]
+    ``hellinger``         squared Hellinger sum_j (sqrt p_j - sqrt q_j)^2 WITHOUT the 1/2 factor
+                          (the f-divergence of f(u) = (sqrt u - 1)^2), in [0, 2]
+    ``jeffreys``          KL(p || q) + KL(q || p), the symmetric KL (D2O's regularizer,
+                          Duan et al. 2024)
+    ``chi2``              Pearson chi^2(p || q) = sum_j (p_j - q_j)^2 / q_j (SequenceMatch)
+    ``alpha_divergence``  Amari alpha-divergence (1 - sum_j p_j^alpha q_j^(1-alpha)) /
+      (alpha)             (alpha (1 - alpha)), any finite alpha; alpha = 1 is forward_kl and
+                          alpha = 0 is reverse_kl (the limits) (f-DPO, Wang et al. 2023)
+    ``renyi`` (alpha)     Renyi divergence of order alpha > 0:
+                          log(sum_j p_j^alpha q_j^(1-alpha)) / (alpha - 1); alpha = 1 is forward_kl
+    ``cross_entropy``     soft-label cross-entropy H(p, q) = -sum_j p_j log q_j
+    ====================  =======================================================================
+
+    Note that ``alpha`` defaults to 0.1, DistiLLM's skew; set it explicitly for
+    ``alpha_divergence`` and ``renyi`` (e.g. ``alpha=0.5``).
+
+    Conventions (PyTorch, TRL, Liger): 0 log 0 = 0; a ``-inf`` logit is a masked entry with
+    probability 0; a divergence that is mathematically infinite gives ``+inf`` for that token (and
+    no gradient from it). NaN or ``+inf`` logits in a non-ignored token raise ``ValueError``.
+
+    Args:
+        student_logits: ``[..., V]`` CPU tensor of dtype float32, bfloat16, float16 or float64
+            (or a numpy array: then the loss is returned as a numpy array, without gradient).
+        teacher_logits: same shape as ``student_logits``; its dtype may differ.
+        kind: one of :data:`KINDS` (table above).
+        beta: mixture weight of ``jsd``, in [0, 1].
+        alpha: parameter of ``skew_forward_kl``, ``skew_reverse_kl`` (in [0, 1]),
+            ``alpha_divergence`` (finite) and ``renyi`` (> 0).
+        temperature: T > 0; both logits are divided by it.
+        labels: optional integer tensor of shape ``[...]``; tokens whose label equals
+            ``ignore_index`` are ignored: loss 0, gradient 0, not counted by ``"mean"``, and their
+            logits are not read (padding may hold anything). Other label values are not used.
+        ignore_index: the label of ignored tokens (default -100, as in PyTorch and TRL).
+        weights: optional float tensor of shape ``[...]``; token i's loss and gradient are
+            multiplied by ``weights[i]`` (``"mean"`` still divides by the number of non-ignored
+            tokens, not by the sum of the weights). No gradient flows to ``weights``.
+        reduction: ``"none"`` (the per-token loss, shape ``[...]``, ignored tokens give 0),
+            ``"sum"``, ``"mean"`` (sum / number of non-ignored tokens; TRL's ``"batchmean"``
+            with labels is this one) or ``"batchmean"`` (sum / N, N = number of tokens).
+        num_items_in_batch: optional number > 0 that replaces the divisor of ``"mean"`` and
+            ``"batchmean"`` (and divides the ``"sum"``), as Hugging Face trainers pass it for
+            gradient accumulation; an int, a float or a one-element tensor.
+        scale_by_t_squared: multiply loss and gradients by T^2 (Hinton et al. 2015); off by
+            default, as in TRL.
+        inplace_grad: write the gradient with respect to the student logits into the student
+            logits' own buffer, as Liger's kernels do, so that the only extra memory is a
+            row block per thread. **The contents of ``student_logits`` are overwritten** by the
+            forward call (when the student requires grad), so they must not be used afterwards
+            (not by another loss either). If the logits are not contiguous in their leading
+            dimensions a contiguous copy is made and overwritten instead. With
+            ``inplace_grad=True`` a graph can be backpropagated once.
+        grad_dtype: dtype of the gradient buffers the kernel writes; default: the dtype of the
+            corresponding logits. Autograd always hands the logits a gradient of their own
+            dtype, so ``grad_dtype=torch.float32`` for bf16/fp16 logits only changes the
+            rounding: the gradient stays in fp32 until autograd casts it, so scaling it by an
+            upstream gradient other than 1 rounds once instead of twice (at twice the memory).
+            Use :func:`divergence_and_grad` to obtain fp32 gradients themselves.
+
+    Returns:
+        The loss as a float32 tensor: a scalar, or of shape ``[...]`` for ``reduction="none"``.
+        When ``student_logits`` (and/or ``teacher_logits``) requires grad, the kernel computes
+        the gradient in the same pass, saves it, and ``backward`` multiplies it by the upstream
+        gradient (a scalar, or per token for ``"none"``).
+
+    Numerics: arithmetic in fp32 (also for float64 inputs) with row sums accumulated in fp64,
+    combined in a fixed order, so that results are bit-for-bit identical for any thread count.
+
+    Example::
+
+        loss = divkit.divergence(student_logits, teacher_logits.detach(), "jsd", beta=0.5,
+                                 labels=labels)
+        loss.backward()
+    """
+    cfg = _parse_options(kind, beta, alpha, temperature, ignore_index, reduction,
+                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    if isinstance(student_logits, np.ndarray):
+        return _numpy_divergence(student_logits, teacher_logits, labels, weights, cfg)
+
+    student = _check_logits("student_logits", student_logits)
+    teacher = _check_logits("teacher_logits", teacher_logits)
+    if teacher.shape != student.shape:
+        raise ValueError(f"{_FN}: teacher_logits has shape {tuple(teacher.shape)}, expected "
+                         f"{tuple(student.shape)} (the shape of student_logits)")
+    lead_shape = student.shape[:-1]
+    labels_t = _check_labels(labels, lead_shape)
+    weights_t = _check_weights(weights, lead_shape)
+
+    grad_on = torch.is_grad_enabled()
+    need_s = grad_on and student.requires_grad
+    need_t = grad_on and teacher.requires_grad
+    if need_s:
+        _check_inplace(student, teacher, cfg)
+    if not (need_s or need_t):
+        loss, _, _ = _run(student, teacher, labels_t, weights_t, cfg, False, False)
+        return loss
+    return _DivergenceFunction.apply(student, teacher, labels_t, weights_t, cfg)
+
+
+def divergence_and_grad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    weights: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    scale_by_t_squared: bool = False,
+    grad_student: bool = True,
+    grad_teacher: bool = False,
+    inplace_grad: bool = False,
+    grad_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The loss and its gradients without autograd: ``(loss, grad_student, grad_teacher)``.
+
+    Same arguments and formulas as :func:`divergence`. The gradients (of the reduced loss, or
+    of the sum of the per-token losses for ``reduction="none"``) have the logits' shapes and
+    dtype ``grad_dtype`` (default: the logits' dtypes), e.g. float32 gradients from bfloat16
+    logits; a gradient that is not asked for (``grad_student`` / ``grad_teacher`` False) is
+    None. With ``inplace_grad=True`` the student gradient is written into (and returned as a
+    view of) ``student_logits``.
+    """
+    fn = "divergence_and_grad"
+    cfg = _parse_options(kind, beta, alpha, temperature, ignore_index, reduction,
+                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype, fn)
+    student = _check_logits("student_logits", student_logits, fn)
+    teacher = _check_logits("teacher_logits", teacher_logits, fn)
+    if teacher.shape != student.shape:
+        raise ValueError(f"{fn}: teacher_logits has shape {tuple(teacher.shape)}, expected "
+                         f"{tuple(student.shape)} (the shape of student_logits)")
+    need_s = _check_bool("grad_student", grad_student, fn)
+    need_t = _check_bool("grad_teacher", grad_teacher, fn)
+    lead_shape = student.shape[:-1]
+    labels_t = _check_labels(labels, lead_shape, fn)
+    weights_t = _check_weights(weights, lead_shape, fn, autograd=False)
+    if need_s:
+        _check_inplace(student, teacher, cfg, fn)
+    with torch.no_grad():
+        return _run(student, teacher, labels_t, weights_t, cfg, need_s, need_t)

@@ -1,0 +1,79 @@
+"""``torch.nn`` modules over divkit's functional API."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from . import _C
+from .functional import _check_str, _parse_options, divergence
+
+__all__ = ["DivergenceLoss"]
+
+# Options fixed at construction; labels, weights and num_items_in_batch are per call.
+_OPTION_DEFAULTS = {
+    "beta": 0.5,
+    "alpha": 0.1,
+    "temperature": 1.0,
+    "ignore_index": -100,
+    "reduction": "mean",
+    "scale_by_t_squared": False,
+    "inplace_grad": False,
+    "grad_dtype": None,
+}
+
+
+class DivergenceLoss(torch.nn.Module):
+    r"""A token-level divergence between teacher and student logits as a loss module.
+
+    ``DivergenceLoss(kind="forward_kl", **options)`` calls :func:`divkit.divergence` with the
+    options given at construction (``beta``, ``alpha``, ``temperature``, ``ignore_index``,
+    ``reduction``, ``scale_by_t_squared``, ``inplace_grad``, ``grad_dtype``); see its docstring
+    for the formula of each kind and its direction: ``forward_kl`` is KL(p_teacher ||
+    q_student), ``reverse_kl`` is KL(q_student || p_teacher), ``jsd`` is TRL's generalized JSD
+    with ``beta`` (0: forward KL, 1: reverse KL). The kind and its parameters are checked here,
+    when the module is built.
+
+    ``forward(student_logits, teacher_logits, labels=None, weights=None,
+    num_items_in_batch=None)`` returns the float32 loss.
+
+    Example::
+
+        loss_fn = divkit.nn.DivergenceLoss("jsd", beta=0.5, temperature=2.0)
+        loss = loss_fn(student_logits, teacher_logits, labels=labels)
+    """
+
+    def __init__(self, kind: str = "forward_kl", **options: Any) -> None:
+        super().__init__()
+        fn = "DivergenceLoss"
+        for name in options:
+            if name not in _OPTION_DEFAULTS:
+                raise TypeError(f"{fn}: unexpected option {name!r}; options are "
+                                f"{', '.join(_OPTION_DEFAULTS)} (labels, weights and "
+                                f"num_items_in_batch are passed to forward)")
+        merged = dict(_OPTION_DEFAULTS, **options)
+        kind = _check_str("kind", kind, fn)
+        cfg = _parse_options(kind, merged["beta"], merged["alpha"], merged["temperature"],
+                             merged["ignore_index"], merged["reduction"], None,
+                             merged["scale_by_t_squared"], merged["inplace_grad"],
+                             merged["grad_dtype"], fn)
+        # The core checks the kind, its parameters and the reduction now, not at the first call.
+        _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
+        if cfg.reduction not in _C.reductions():
+            raise ValueError(f"{fn}: reduction must be one of {', '.join(_C.reductions())}, got "
+                             f"{cfg.reduction!r}")
+        self.kind = kind
+        self.options = {name: merged[name] for name in _OPTION_DEFAULTS}
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                num_items_in_batch=None) -> torch.Tensor:
+        return divergence(student_logits, teacher_logits, self.kind, labels=labels,
+                          weights=weights, num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.options.items()
+                            if v != _OPTION_DEFAULTS[k])
+        return f"kind={self.kind!r}" + (f", {changed}" if changed else "")
+
