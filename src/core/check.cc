@@ -11,7 +11,7 @@ std::string shape_string(const TensorView& t) {
   return s + "]";
 }
 
-void float_matrix(const char* fn, const char* name, const TensorView& t) {
+void float_matrix(const char* fn, const char* name, const TensorView& t, bool is_output) {
   const std::string arg(name);
   if (t.device != Device::cpu) fail(fn, arg + " must be on the CPU");
   if (t.ndim != 2) fail(fn, arg + " must be 2-D [N, V], got shape " + shape_string(t));
@@ -21,9 +21,9 @@ void float_matrix(const char* fn, const char* name, const TensorView& t) {
   if (t.shape[1] > 1 && t.strides[1] != 1)
     fail(fn, arg + " must have unit stride along the vocabulary (last) dimension, got stride " +
                  std::to_string(t.strides[1]));
-  if (t.shape[0] > 1 && t.strides[0] < t.shape[1])
+  if (t.shape[0] > 1 && t.strides[0] < t.shape[1] && (is_output || t.strides[0] != 0))
     fail(fn, arg + " rows overlap: row stride " + std::to_string(t.strides[0]) + " < V = " +
-                 std::to_string(t.shape[1]));
+                 std::to_string(t.shape[1]) + (is_output ? "" : " (only 0, a broadcast row, is allowed)"));
   if (t.numel() > 0 && t.data == nullptr) fail(fn, arg + " has a null data pointer");
 }
 

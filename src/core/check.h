@@ -18,8 +18,9 @@ inline bool is_float(DType d) {
   return d == DType::f32 || d == DType::bf16 || d == DType::f16 || d == DType::f64;
 }
 
-// [rows, cols] float matrix on the CPU with unit column stride and row stride >= cols.
-void float_matrix(const char* fn, const char* name, const TensorView& t);
+// [rows, cols] float matrix on the CPU with unit column stride. Outputs need a row stride >= cols;
+// inputs may also repeat one row (row stride 0, a broadcast).
+void float_matrix(const char* fn, const char* name, const TensorView& t, bool is_output = false);
 // 1-D tensor of `n` elements of one of the given dtypes (any stride).
 void vector_of(const char* fn, const char* name, const TensorView& t, int64_t n,
                std::initializer_list<DType> dtypes);

@@ -53,7 +53,7 @@ bool ranges_overlap(const TensorView& a, const TensorView& b) {
 // A gradient output may be its input's own buffer (in place) but must not partly overlap it.
 bool check_gradient_output(const char* name, const TensorView& grad, const char* input_name,
                            const TensorView& input) {
-  check::float_matrix(kFn, name, grad);
+  check::float_matrix(kFn, name, grad, /*is_output=*/true);
   if (grad.shape[0] != input.shape[0] || grad.shape[1] != input.shape[1])
     check::fail(kFn, std::string(name) + " must have the shape of " + input_name + " " +
                          check::shape_string(input) + ", got " + check::shape_string(grad));

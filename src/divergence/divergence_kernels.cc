@@ -347,6 +347,9 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   }
 }
 
+// Below this many logits per call (student rows x V) the kernel stays single-threaded.
+constexpr int64_t kMinParallelEntries = 1 << 16;
+
 template <class Div>
 void RunRows(RowJob& job, const Div& div) {
   const DF df;
@@ -361,7 +364,9 @@ void RunRows(RowJob& job, const Div& div) {
 
   std::atomic<int64_t> bad_s{-1}, bad_t{-1}, masked_s{-1}, masked_t{-1};
 
-#pragma omp parallel num_threads(job.num_threads)
+  // Small problems run on the calling thread: waking a team costs more than the work.
+  const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
+#pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
     // The row block: xs, es, xt, et (and a scratch row for non-fp32 gradient output).
     const int64_t nbuf = (want_s || want_t) ? 5 : 4;

@@ -21,6 +21,7 @@
 #endif
 
 #include <cmath>
+#include <limits>
 
 #include "divkit/divergence.h"
 #include "hwy/contrib/math/math-inl.h"
@@ -234,37 +235,78 @@ struct ChiSquared : SumFinish {
   }
 };
 
-// w = p^alpha q^(1-alpha) = exp(alpha lp + (1-alpha) lq), 0 where p = q = 0 (avoids -inf + inf).
+// w = p^alpha q^(1-alpha), 0 where p = q = 0. The exponent is lq + alpha (lp - lq), exactly
+// lq where p = q; alpha lp + (1-alpha) lq where q is masked (lq = -inf) to get the infinities
+// right (0 for alpha in (0, 1), +inf for alpha > 1).
 template <class D, class V>
 HWY_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
-  const auto both_zero = hn::And(hn::Eq(e.p, hn::Zero(d)), hn::Eq(e.q, hn::Zero(d)));
-  const V x = hn::MulAdd(hn::Set(d, alpha), e.lp, hn::Mul(hn::Set(d, 1.0f - alpha), e.lq));
+  const V zero = hn::Zero(d);
+  const auto both_zero = hn::And(hn::Eq(e.p, zero), hn::Eq(e.q, zero));
+  const V a = hn::Set(d, alpha);
+  const V x = hn::IfThenElse(hn::Eq(e.lq, hn::Set(d, -std::numeric_limits<float>::infinity())),
+                             hn::MulAdd(a, e.lp, hn::Mul(hn::Set(d, 1.0f - alpha), e.lq)),
+                             hn::MulAdd(a, hn::Sub(e.lp, e.lq), e.lq));
   return hn::IfThenZeroElse(both_zero, hn::Exp(d, hn::IfThenZeroElse(both_zero, x)));
 }
 
+// alpha p + (1-alpha) q - p^alpha q^(1-alpha) (>= 0 for alpha in [0, 1]) without cancellation
+// near alpha = 0 or 1 or near p = q. With the base b = q and c = alpha when alpha <= 1/2, or
+// b = p and c = 1 - alpha otherwise (the two are mirror images), and d = log(other / b):
+//   mix - w = b [c expm1(d) - expm1(c d)],
+// whose error is a few ulp of the term whatever alpha. Where b = 0 or |d| >= 60 (a masked
+// entry, or expm1 near overflow) the direct difference is used; mix and w differ a lot there.
+template <class D, class V>
+HWY_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha) {
+  const bool mirror = alpha > 0.5f;
+  const V b = mirror ? e.p : e.q;
+  const V lb = mirror ? e.lp : e.lq, lo = mirror ? e.lq : e.lp;
+  const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
+  const V diff = hn::Sub(lo, lb);
+  const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
+  const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
+  const V via_expm1 = hn::Mul(b, hn::MulSub(c, hn::Expm1(d, dd), hn::Expm1(d, hn::Mul(c, dd))));
+  const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
+  return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
+}
+
+// w - b for w = b exp(c (l_other - l_b)), i.e. w = p^alpha q^(1-alpha) with b = q, c = alpha
+// or b = p, c = 1 - alpha: b expm1(c (l_other - l_b)), accurate when w is close to b (alpha
+// near a limit, or p near q). Where b = 0 it is w itself.
+template <class D, class V>
+HWY_INLINE V PowerMeanMinusBase(D d, const Entry<V>& e, float alpha, bool base_is_p) {
+  const V b = base_is_p ? e.p : e.q;
+  const V lb = base_is_p ? e.lp : e.lq, lo = base_is_p ? e.lq : e.lp;
+  const V c = hn::Set(d, base_is_p ? 1.0f - alpha : alpha);
+  const auto zero_base = hn::Eq(b, hn::Zero(d));
+  // Clamped: expm1 sees no infinities (89 still overflows to +inf, -104 gives -1).
+  const V x = hn::Min(hn::Max(hn::Mul(c, hn::IfThenZeroElse(zero_base, hn::Sub(lo, lb))),
+                              hn::Set(d, -104.0f)),
+                      hn::Set(d, 89.0f));
+  return hn::IfThenElse(zero_base, PowerMean(d, e, alpha), hn::Mul(b, hn::Expm1(d, x)));
+}
+
 // Amari alpha-divergence (alpha not 0 or 1; those are the KL limits):
-// g = [alpha p + (1-alpha) q - w] / (alpha (1-alpha)), each term >= 0.
+// g = [alpha p + (1-alpha) q - w] / (alpha (1-alpha)), each term >= 0 (for any alpha).
 // u = (q - w) / alpha,  v = (p - w) / (1 - alpha).
 struct AlphaDivergence : SumFinish {
   float alpha;
   explicit AlphaDivergence(const DivergenceSpec& s) : alpha(s.alpha) {}
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V w = PowerMean(d, e, alpha);
-    u = hn::Mul(hn::Sub(e.q, w), hn::Set(d, 1.0f / alpha));
-    const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
-    return hn::Mul(hn::Sub(mix, w), hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
+    u = hn::Mul(PowerMeanMinusBase(d, e, alpha, false), hn::Set(d, -1.0f / alpha));
+    return hn::Mul(MixMinusPowerMean(d, e, alpha), hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
   }
   template <class D, class V>
   HWY_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Mul(hn::Sub(e.p, PowerMean(d, e, alpha)), hn::Set(d, 1.0f / (1.0f - alpha)));
+    return hn::Mul(PowerMeanMinusBase(d, e, alpha, true), hn::Set(d, -1.0f / (1.0f - alpha)));
   }
 };
 
 // Renyi of order alpha (alpha > 0, not 1): log(sum w) / (alpha - 1).  Summed as
-// S = sum [w - alpha p - (1-alpha) q] (= sum w - 1, without the cancellation near p = q) and
-// finished as log1p(S) / (alpha - 1).  u = (1-alpha) w,  v = alpha w (constant multiples of q
-// or p drop out of the softmax chain rule).
+// S = sum [w - alpha p - (1-alpha) q] (= sum w - 1, without the cancellation near p = q or near
+// alpha = 1) and finished as log1p(S) / (alpha - 1).  u = (1-alpha)(w - q),
+// v = alpha (w - p): multiples of q (or p) drop out of the softmax chain rule, and w - q is
+// exact where the naive (1-alpha) w - q sum_i w_i would cancel.
 struct Renyi {
   static constexpr bool kStudentFactorIsMinusP = false;
   float alpha;
@@ -273,14 +315,12 @@ struct Renyi {
   double slope(double s) const { return 1.0 / ((static_cast<double>(alpha) - 1.0) * (1.0 + s)); }
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V w = PowerMean(d, e, alpha);
-    u = hn::Mul(hn::Set(d, 1.0f - alpha), w);
-    const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
-    return hn::Sub(w, mix);
+    u = hn::Mul(hn::Set(d, 1.0f - alpha), PowerMeanMinusBase(d, e, alpha, false));
+    return hn::Neg(MixMinusPowerMean(d, e, alpha));
   }
   template <class D, class V>
   HWY_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Mul(hn::Set(d, alpha), PowerMean(d, e, alpha));
+    return hn::Mul(hn::Set(d, alpha), PowerMeanMinusBase(d, e, alpha, true));
   }
 };
 
