@@ -7,6 +7,9 @@
 #define DIVKIT_SIMD_MATH_INL_H_
 #endif
 
+#include <limits>
+
+#include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -40,6 +43,21 @@ HWY_INLINE V SoftmaxExp(D d, V x) {
   const V er = hn::Add(hn::MulAdd(poly, hn::Mul(r, r), r), hn::Set(d, 1.0f));
   const V scale = hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(di, t)));  // 2^n
   return hn::IfThenZeroElse(underflow, hn::Mul(er, scale));
+}
+
+// hn::Exp / hn::Expm1 for any argument: +inf above fp32's range (Highway's versions return
+// wrong finite values beyond x ~ 104), NaN stays NaN.
+template <class D, class V>
+HWY_INLINE V ExpOrInf(D d, V x) {
+  const V kMax = hn::Set(d, 88.72283935546875f);  // log(FLT_MAX)
+  return hn::IfThenElse(hn::Gt(x, kMax), hn::Set(d, std::numeric_limits<float>::infinity()),
+                        hn::Exp(d, hn::Min(x, kMax)));
+}
+template <class D, class V>
+HWY_INLINE V Expm1OrInf(D d, V x) {
+  const V kMax = hn::Set(d, 88.72283935546875f);
+  return hn::IfThenElse(hn::Gt(x, kMax), hn::Set(d, std::numeric_limits<float>::infinity()),
+                        hn::Expm1(d, hn::Min(x, kMax)));
 }
 
 using SumDF = hn::ScalableTag<float>;

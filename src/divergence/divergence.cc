@@ -26,8 +26,8 @@ std::string fmt(double x) {
   return buf;
 }
 
-// The kernels implement jsd for 0 < beta < 1, alpha_divergence for alpha not in {0, 1} and
-// renyi for alpha != 1; the end points are KL exactly.
+// The kernels implement jsd for 0 < beta < 1, alpha_divergence for alpha not in {0, 1}, renyi
+// for alpha != 1 and the skew KLs for alpha > 0; the end points are KL exactly.
 DivergenceSpec resolve_limits(DivergenceSpec s) {
   using K = DivergenceKind;
   if (s.kind == K::jsd && s.beta == 0.0f) s.kind = K::forward_kl;
@@ -35,6 +35,8 @@ DivergenceSpec resolve_limits(DivergenceSpec s) {
   if (s.kind == K::alpha_divergence && s.alpha == 1.0f) s.kind = K::forward_kl;
   if (s.kind == K::alpha_divergence && s.alpha == 0.0f) s.kind = K::reverse_kl;
   if (s.kind == K::renyi && s.alpha == 1.0f) s.kind = K::forward_kl;
+  if (s.kind == K::skew_forward_kl && s.alpha == 0.0f) s.kind = K::forward_kl;
+  if (s.kind == K::skew_reverse_kl && s.alpha == 0.0f) s.kind = K::reverse_kl;
   return s;
 }
 
@@ -218,8 +220,7 @@ void divergence(const TensorView& student, const TensorView& teacher, const Dive
       if (all_masked)
         check::fail(kFn, std::string(name) + " row " + std::to_string(row) +
                              " has every logit -inf (no distribution); mark it with labels = ignore_index");
-      check::fail(kFn, std::string(name) + " contains NaN or +inf at row " + std::to_string(row) +
-                           " (checked after dividing by the temperature)");
+      check::fail(kFn, std::string(name) + " contains NaN or +inf at row " + std::to_string(row));
     };
     report("student_logits", j.bad_student_row, j.bad_student_all_masked);
     report("teacher_logits", j.bad_teacher_row, j.bad_teacher_all_masked);

@@ -3,12 +3,14 @@
 // (Highway foreach_target) and chosen at run time.
 //
 // Per row, with a per-thread row block of four fp32 buffers of V (padded to the vector width):
-//   pass 1  read the logits (any dtype) once from memory, divide by T, keep them in xs / xt,
-//           track the max and any NaN/+inf;
-//   pass 2  es = exp(xs - max), et likewise, summed in fp64 lanes -> log-sum-exp;
+//   pass 1  read the logits (any dtype) once from memory into xs / xt (fp32), track the max
+//           and any NaN/+inf;
+//   pass 2  es = exp((xs - max) / T), et likewise, summed in fp64 lanes -> log-sum-exp
+//           (passes 1 and 2 run fused per block of 16 vectors, while the block is in L1);
 //   pass 3  p, q, log p, log q from the buffers (no further exp), the divergence terms summed
 //           in fp64 lanes; the student factor u overwrites xs, the teacher factor v overwrites xt;
-//   pass 4  gradient = slope * (u - q * sum u) / T * scale, written in the output dtype.
+//   pass 4  gradient = (u - q * sum u) / T * scale, written in the output dtype.
+// Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
 // Only pass 1 and pass 4 touch the caller's memory; the block stays in the core's L2/L3. Row
 // sums are reduced in a fixed lane order, so results do not depend on the thread count.
 #include <omp.h>
@@ -43,7 +45,7 @@ using detail::RowOutput;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
-// ---- pass 1: load one row of any dtype into an fp32 buffer, scaled by 1/T ------------------
+// ---- passes 1+2: load one row of any dtype into an fp32 buffer, exponentiate --------------
 
 template <typename T>
 HWY_INLINE float ScalarToFloat(T x) {
@@ -66,14 +68,15 @@ HWY_INLINE VF LoadAsFloat(DF df, const T* HWY_RESTRICT p) {
 }
 
 struct RowSoftmax {
-  float max;         // max of x = logits / T (-inf if every entry is masked)
-  double log_sum;    // log sum_j exp(x_j - max)
+  float max;         // max of the logits x (-inf if every entry is masked)
+  double log_sum;    // log sum_j exp((x_j - max) / T)
   bool non_finite;   // a NaN or +inf in x
 };
 
 // Passes 1 and 2, fused per block of kRowSumBlock vectors so that the block is exponentiated
-// while it is in L1: x = src / T into x[0, V) (-inf in the padding [V, Vpad)), and
-// e = exp(x - running max). A block exponentiated before the max rose is rescaled at the end
+// while it is in L1: the logits x (as fp32) into x[0, V) (-inf in the padding [V, Vpad)), and
+// e = exp((x - running max) / T). The max is subtracted before dividing by T so that the
+// difference is exact: logits of 1e4 keep their precision at any temperature. A block exponentiated before the max rose is rescaled at the end
 // (rarely more than a few blocks); the sum is rescaled as the max rises. The order of
 // operations is fixed per row, so results do not depend on threads.
 template <typename T>
@@ -88,6 +91,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
   const int64_t vfull = std::is_same_v<T, double> ? 0 : v / lanes * lanes;
   const VF scale = hn::Set(df, inv_t);
   const VF inf = hn::Set(df, kInf);
+  const double inv_t_d = inv_t;  // the same (rounded) 1/T as the vector code
   float run_max = -kInf;
   double sum = 0.0;
   bool non_finite = false;
@@ -100,14 +104,14 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
     int64_t j = begin;
     if constexpr (!std::is_same_v<T, double>) {
       for (; j < vec_end; j += lanes) {
-        const VF xj = hn::Mul(LoadAsFloat(df, src + j), scale);
+        const VF xj = LoadAsFloat(df, src + j);
         bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));  // NaN compares false
         vmax = hn::Max(vmax, xj);
         hn::Store(xj, df, x + j);
       }
     }
     for (; j < end; j += lanes) {  // fp64 input, or the last partial vector: padded with -inf
-      for (int64_t k = j; k < j + lanes; ++k) x[k] = k < v ? ScalarToFloat(src[k]) * inv_t : -kInf;
+      for (int64_t k = j; k < j + lanes; ++k) x[k] = k < v ? ScalarToFloat(src[k]) : -kInf;
       const VF xj = hn::Load(df, x + j);
       bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));
       vmax = hn::Max(vmax, xj);
@@ -115,7 +119,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
     non_finite |= !hn::AllFalse(df, bad);
     const float bmax = hn::GetLane(hn::MaxOfLanes(df, vmax));
     if (bmax > run_max) {
-      if (sum != 0.0) sum *= std::exp(static_cast<double>(run_max) - bmax);
+      if (sum != 0.0) sum *= std::exp((static_cast<double>(run_max) - bmax) * inv_t_d);
       run_max = bmax;
     }
     block_max[block] = run_max;
@@ -126,7 +130,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
     const VF vm = hn::Set(df, run_max);
     VF acc = hn::Zero(df);
     for (j = begin; j < end; j += lanes) {
-      const VF ej = SoftmaxExp(df, hn::Sub(hn::Load(df, x + j), vm));
+      const VF ej = SoftmaxExp(df, hn::Mul(hn::Sub(hn::Load(df, x + j), vm), scale));
       hn::Store(ej, df, e + j);
       acc = hn::Add(acc, ej);
     }
@@ -141,7 +145,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
       const float ref = block_max[block];
       if (ref == run_max) continue;
       const int64_t end = std::min(begin + block_len, vpad);
-      const VF f = hn::Set(df, static_cast<float>(std::exp(static_cast<double>(ref) - run_max)));
+      const VF f = hn::Set(df, static_cast<float>(std::exp((static_cast<double>(ref) - run_max) * inv_t_d)));
       for (int64_t j = begin; j < end; j += lanes) hn::Store(hn::Mul(hn::Load(df, e + j), f), df, e + j);
     }
   }
@@ -149,23 +153,23 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
 }
 
 struct RowScan {
-  bool non_finite;  // a NaN or +inf in src / T
+  bool non_finite;  // a NaN or +inf in src
   bool all_masked;  // every entry -inf
 };
 
 // The checks of LoadSoftmaxRow without its stores or exps: the probe before an in-place write.
 template <typename T>
-RowScan ScanRowTyped(const T* HWY_RESTRICT src, int64_t v, float inv_t) {
+RowScan ScanRowTyped(const T* HWY_RESTRICT src, int64_t v) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
-  const VF scale = hn::Set(df, inv_t), inf = hn::Set(df, kInf);
+  const VF inf = hn::Set(df, kInf);
   VF vmax = hn::Set(df, -kInf);
   auto bad = hn::Lt(inf, inf);
   int64_t j = 0;
   if constexpr (!std::is_same_v<T, double>) {
     for (; j + lanes <= v; j += lanes) {
-      const VF xj = hn::Mul(LoadAsFloat(df, src + j), scale);
+      const VF xj = LoadAsFloat(df, src + j);
       bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));
       vmax = hn::Max(vmax, xj);
     }
@@ -173,22 +177,22 @@ RowScan ScanRowTyped(const T* HWY_RESTRICT src, int64_t v, float inv_t) {
   bool non_finite = !hn::AllFalse(df, bad);
   float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
   for (; j < v; ++j) {
-    const float xj = ScalarToFloat(src[j]) * inv_t;
+    const float xj = ScalarToFloat(src[j]);
     non_finite |= !(xj < kInf);
     max = std::max(max, xj);
   }
   return {non_finite, max == -kInf};
 }
 
-RowScan ScanRow(const RowInput& in, int64_t row, int64_t v, float inv_t) {
+RowScan ScanRow(const RowInput& in, int64_t row, int64_t v) {
   const int64_t offset = row * in.row_stride;
   switch (in.dtype) {
-    case DType::f32: return ScanRowTyped(static_cast<const float*>(in.data) + offset, v, inv_t);
+    case DType::f32: return ScanRowTyped(static_cast<const float*>(in.data) + offset, v);
     case DType::bf16:
-      return ScanRowTyped(static_cast<const hwy::bfloat16_t*>(in.data) + offset, v, inv_t);
+      return ScanRowTyped(static_cast<const hwy::bfloat16_t*>(in.data) + offset, v);
     case DType::f16:
-      return ScanRowTyped(static_cast<const hwy::float16_t*>(in.data) + offset, v, inv_t);
-    default: return ScanRowTyped(static_cast<const double*>(in.data) + offset, v, inv_t);
+      return ScanRowTyped(static_cast<const hwy::float16_t*>(in.data) + offset, v);
+    default: return ScanRowTyped(static_cast<const double*>(in.data) + offset, v);
   }
 }
 
@@ -298,15 +302,36 @@ void RecordBad(std::atomic<int64_t>& slot, int64_t row) {
 }
 
 struct RowBuffers {
-  float* HWY_RESTRICT xs;  // student logits / T; overwritten by u
-  const float* HWY_RESTRICT es;  // exp(xs - max)
-  float* HWY_RESTRICT xt;  // teacher logits / T; overwritten by v when kTeacher
+  float* HWY_RESTRICT xs;        // student logits (fp32); overwritten by u
+  const float* HWY_RESTRICT es;  // exp((xs - max) / T)
+  float* HWY_RESTRICT xt;        // teacher logits; overwritten by v when the teacher grad is asked
   const float* HWY_RESTRICT et;
   int64_t vpad;
 };
+
+// log q = (x_s - max_s) / T - log_sum_s: subtracting the max first keeps the log-probabilities
+// exact to an ulp of themselves, not of the largest logit (logits of 1e4 stay accurate).
 struct Normalizers {
-  VF lse_s, lse_t, inv_zs, inv_zt;
+  VF max_s, max_t, log_sum_s, log_sum_t, inv_zs, inv_zt, inv_t;
+  VF log_sum_diff;  // log_sum_t - log_sum_s, rounded once
 };
+
+// p, q, their logs and log(p / q) at columns [j, j + lanes) of the row buffers.
+HWY_INLINE Entry<VF> LoadEntry(const float* HWY_RESTRICT xs, const float* HWY_RESTRICT es,
+                               const float* HWY_RESTRICT xt, const float* HWY_RESTRICT et,
+                               const Normalizers& n, int64_t j) {
+  const DF df;
+  Entry<VF> e;
+  e.q = hn::Mul(hn::Load(df, es + j), n.inv_zs);
+  e.p = hn::Mul(hn::Load(df, et + j), n.inv_zt);
+  // Centered logits are exact (the max is close); their difference is exact or rounded once.
+  const VF cs = hn::Sub(hn::Load(df, xs + j), n.max_s);
+  const VF ct = hn::Sub(hn::Load(df, xt + j), n.max_t);
+  e.lq = hn::MulSub(cs, n.inv_t, n.log_sum_s);
+  e.lp = hn::MulSub(ct, n.inv_t, n.log_sum_t);
+  e.lr = hn::MulSub(hn::Sub(ct, cs), n.inv_t, n.log_sum_diff);
+  return e;
+}
 
 // pass 3: the divergence terms and the gradient factors u (and v), summed per row.
 template <bool kTeacher, class Div>
@@ -319,16 +344,12 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   float* HWY_RESTRICT xt = b.xt;
   const float* HWY_RESTRICT es = b.es;
   const float* HWY_RESTRICT et = b.et;
-  const VF lse_s = n.lse_s, lse_t = n.lse_t, inv_zs = n.inv_zs, inv_zt = n.inv_zt;
+  const Normalizers nl = n;  // a local copy keeps the constants in registers
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
     VF acc_g = hn::Zero(df), acc_u = hn::Zero(df), acc_v = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
-      Entry<VF> e;
-      e.q = hn::Mul(hn::Load(df, es + j), inv_zs);
-      e.p = hn::Mul(hn::Load(df, et + j), inv_zt);
-      e.lq = hn::Sub(hn::Load(df, xs + j), lse_s);
-      e.lp = hn::Sub(hn::Load(df, xt + j), lse_t);
+      const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
       VF u;
       acc_g = hn::Add(acc_g, div.term(df, e, u));
       if constexpr (!Div::kStudentFactorIsMinusP) {
@@ -345,6 +366,116 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
     if constexpr (!Div::kStudentFactorIsMinusP) sum_u.AddBlock(acc_u);
     if constexpr (kTeacher) sum_v.AddBlock(acc_v);
   }
+}
+
+// Rows of the divergences whose value is sum_j g(p_j, q_j) (all but Renyi): pass 3 then the
+// chain-rule gradient. Returns the row value, or NaN when the gradient would overflow fp32.
+template <class Div>
+double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t v,
+              const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
+              float* HWY_RESTRICT scratch) {
+  RowSum sum_g, sum_u, sum_v;
+  if (grad_t != nullptr)
+    SumTerms<true>(div, b, n, sum_g, sum_u, sum_v);
+  else
+    SumTerms<false>(div, b, n, sum_g, sum_u, sum_v);
+  const double value = sum_g.total;
+  constexpr double kMax = std::numeric_limits<float>::max();
+  if (!(std::fabs(value) <= kMax) || (grad_s == nullptr && grad_t == nullptr)) return value;
+  if (!(std::fabs(sum_u.total) <= kMax) || !(std::fabs(sum_v.total) <= kMax))
+    return std::numeric_limits<double>::quiet_NaN();
+  const float k = static_cast<float>(scale);
+  const float inv_zs = hn::GetLane(n.inv_zs), inv_zt = hn::GetLane(n.inv_zt);
+  if (grad_s != nullptr) {
+    if constexpr (Div::kStudentFactorIsMinusP)
+      WriteMinusPGrad(*grad_s, row, v, b.es, inv_zs, b.et, inv_zt, k, scratch);
+    else
+      WriteChainRuleGrad(*grad_s, row, v, b.xs, b.es, inv_zs, static_cast<float>(sum_u.total), k,
+                         scratch);
+  }
+  if (grad_t != nullptr)
+    WriteChainRuleGrad(*grad_t, row, v, b.xt, b.et, inv_zt, static_cast<float>(sum_v.total), k,
+                       scratch);
+  return value;
+}
+
+// Renyi rows, in log space: D = L / (alpha - 1) with L = log sum_j w_j, w_j = exp(a_j),
+// a_j = lq_j + alpha lr_j, so that sums far below or above fp32's range stay finite. Near
+// D = 0, L = log1p(S) with the cancellation-free S = sum (w - mix) of the Renyi struct. The
+// gradients use the normalized w^_j = exp(a_j - L) <= 1:
+//   dD/ds_j = -(w^_j - q_j) / T,   dD/dt_j = alpha / (alpha - 1) (w^_j - p_j) / T,
+// with w^ - q = q expm1(alpha lr - L) and w^ - p = p expm1((alpha - 1) lr - L) where those
+// arguments are moderate (exact when w^ is close to q or p). Returns the row value.
+double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int64_t v,
+                const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
+                float* HWY_RESTRICT scratch) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const DF df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t block_len = kRowSumBlock * lanes;
+  const float alpha = div.alpha;
+  const VF va = hn::Set(df, alpha), neg_inf = hn::Set(df, -kInf);
+  // log w, with the masked-q conventions of PowerMean (+inf if p > 0 and alpha > 1, else -inf).
+  auto log_w = [&](const Entry<VF>& e) {
+    const auto masked_q = hn::Eq(e.lq, neg_inf);
+    const VF at_masked =
+        alpha > 1.0f ? hn::IfThenElse(hn::Gt(e.p, hn::Zero(df)), hn::Set(df, kInf), neg_inf) : neg_inf;
+    return hn::IfThenElse(masked_q, at_masked, hn::MulAdd(va, hn::IfThenZeroElse(masked_q, e.lr), e.lq));
+  };
+  RowSum sum_s1;
+  VF vmax = neg_inf;
+  for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
+    const int64_t end = std::min(begin + block_len, b.vpad);
+    VF acc = hn::Zero(df);
+    for (int64_t j = begin; j < end; j += lanes) {
+      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+      acc = hn::Add(acc, div.term(df, e));
+      vmax = hn::Max(vmax, log_w(e));
+    }
+    sum_s1.AddBlock(acc);
+  }
+  const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  if (!(amax < kInf) || amax == -kInf) return std::numeric_limits<double>::infinity();
+  RowSum sum_w;
+  const VF vamax = hn::Set(df, amax);
+  for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
+    const int64_t end = std::min(begin + block_len, b.vpad);
+    VF acc = hn::Zero(df);
+    for (int64_t j = begin; j < end; j += lanes)
+      acc = hn::Add(acc, SoftmaxExp(df, hn::Sub(log_w(LoadEntry(b.xs, b.es, b.xt, b.et, n, j)), vamax)));
+    sum_w.AddBlock(acc);
+  }
+  const double s1 = sum_s1.total;
+  const double log_sum_w = std::fabs(s1) < 0.5 ? std::log1p(s1) : amax + std::log(sum_w.total);
+  const double value = log_sum_w / (static_cast<double>(alpha) - 1.0);
+  if (!(std::fabs(value) <= std::numeric_limits<float>::max()) || (grad_s == nullptr && grad_t == nullptr))
+    return value;
+
+  const VF vl = hn::Set(df, static_cast<float>(log_sum_w));
+  // w^ - base for base = q (c = alpha) or p (c = alpha - 1): base expm1(c lr - L), or
+  // exp(log w - L) - base where that would lose a tiny base or overflow.
+  auto w_hat_minus = [&](const Entry<VF>& e, VF base, float c) {
+    const VF x = hn::Sub(hn::Mul(hn::Set(df, c), e.lr), vl);
+    const auto stable = hn::And(hn::Gt(base, hn::Zero(df)), hn::Lt(hn::Abs(x), hn::Set(df, 60.0f)));
+    const VF via_expm1 = hn::Mul(base, Expm1OrInf(df, hn::IfThenElseZero(stable, x)));
+    const VF direct = hn::Sub(ExpOrInf(df, hn::Sub(log_w(e), vl)), base);
+    return hn::IfThenElse(stable, via_expm1, direct);
+  };
+  if (grad_s != nullptr) {
+    const VF k = hn::Set(df, static_cast<float>(-scale));
+    WriteGradRow(*grad_s, row, v, [&](int64_t j) {
+      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+      return hn::Mul(k, w_hat_minus(e, e.q, alpha));
+    }, scratch);
+  }
+  if (grad_t != nullptr) {
+    const VF k = hn::Set(df, static_cast<float>(scale * alpha / (alpha - 1.0)));
+    WriteGradRow(*grad_t, row, v, [&](int64_t j) {
+      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+      return hn::Mul(k, w_hat_minus(e, e.p, alpha - 1.0f));
+    }, scratch);
+  }
+  return value;
 }
 
 // Below this many logits per call (student rows x V) the kernel stays single-threaded.
@@ -391,8 +522,8 @@ void RunRows(RowJob& job, const Div& div) {
         continue;
       }
       if (job.check_only) {
-        const RowScan cs = ScanRow(job.student, i, v, inv_t);
-        const RowScan ct = ScanRow(job.teacher, i, v, inv_t);
+        const RowScan cs = ScanRow(job.student, i, v);
+        const RowScan ct = ScanRow(job.teacher, i, v);
         if (cs.non_finite) RecordBad(bad_s, i);
         else if (cs.all_masked) RecordBad(masked_s, i);
         if (ct.non_finite) RecordBad(bad_t, i);
@@ -410,45 +541,32 @@ void RunRows(RowJob& job, const Div& div) {
         RecordBad(masked_t, i), skip = true;
       if (skip) continue;
 
-      const double lse_s = ls.max + ls.log_sum;
-      const double lse_t = lt.max + lt.log_sum;
       const float inv_zs = static_cast<float>(std::exp(-ls.log_sum));  // 1 / sum es
       const float inv_zt = static_cast<float>(std::exp(-lt.log_sum));
-      const VF vlse_s = hn::Set(df, static_cast<float>(lse_s));
-      const VF vlse_t = hn::Set(df, static_cast<float>(lse_t));
-      const VF vinv_zs = hn::Set(df, inv_zs), vinv_zt = hn::Set(df, inv_zt);
-
-      // pass 3
-      RowSum sum_g, sum_u, sum_v;
       const RowBuffers buf{xs, es, xt, et, vpad};
-      const Normalizers norm{vlse_s, vlse_t, vinv_zs, vinv_zt};
-      if (want_t)
-        SumTerms<true>(div, buf, norm, sum_g, sum_u, sum_v);
+      const Normalizers norm{hn::Set(df, ls.max), hn::Set(df, lt.max),
+                             hn::Set(df, static_cast<float>(ls.log_sum)),
+                             hn::Set(df, static_cast<float>(lt.log_sum)), hn::Set(df, inv_zs),
+                             hn::Set(df, inv_zt), hn::Set(df, inv_t),
+                             hn::Set(df, static_cast<float>(lt.log_sum - ls.log_sum))};
+      // d(reduced loss)/d(row value) / T.
+      const double scale = t2 * job.grad_scale[i] / temperature;
+      const RowOutput* gs = want_s ? &job.grad_student : nullptr;
+      const RowOutput* gt = want_t ? &job.grad_teacher : nullptr;
+      double value;
+      if constexpr (std::is_same_v<Div, Renyi>)
+        value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch);
       else
-        SumTerms<false>(div, buf, norm, sum_g, sum_u, sum_v);
-      const double s = sum_g.total;
-      const double value = div.finish(s);
-      job.row_loss[i] = value;
-      if (!want_s && !want_t) continue;
-      // A token whose divergence is infinite (or NaN from an infinite teacher factor) gets no
-      // gradient: its loss is +inf and the direction is undefined.
-      if (!std::isfinite(value)) {
+        value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch);
+      // A token whose divergence (or gradient) is infinite or beyond fp32's range gets loss +inf
+      // and no gradient: the direction is undefined.
+      if (std::isnan(value) || !(std::fabs(value) <= std::numeric_limits<float>::max())) {
+        job.row_loss[i] = std::numeric_limits<double>::infinity();
         ZeroRow(job.grad_student, i, v);
         ZeroRow(job.grad_teacher, i, v);
-        continue;
+      } else {
+        job.row_loss[i] = value;
       }
-      const double common = div.slope(s) * t2 * job.grad_scale[i] / temperature;
-      if (want_s) {
-        if constexpr (Div::kStudentFactorIsMinusP)
-          WriteMinusPGrad(job.grad_student, i, v, es, inv_zs, et, inv_zt,
-                          static_cast<float>(common), scratch);
-        else
-          WriteChainRuleGrad(job.grad_student, i, v, xs, es, inv_zs,
-                             static_cast<float>(sum_u.total), static_cast<float>(common), scratch);
-      }
-      if (want_t)
-        WriteChainRuleGrad(job.grad_teacher, i, v, xt, et, inv_zt, static_cast<float>(sum_v.total),
-                           static_cast<float>(common), scratch);
     }
   }
   job.bad_student_row = bad_s.load();

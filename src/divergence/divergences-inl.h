@@ -5,9 +5,9 @@
 //   term(e, u)   the entry's contribution g(p_j, q_j) to the row sum S, and in u the student
 //                factor u_j = q_j * dg/dq_j (finite where the row value is finite);
 //   teacher(e)   the teacher factor v_j = p_j * dg/dp_j (for the teacher gradient);
-// and the row finish: value = finish(S) (a plain sum for all but Renyi), slope = dvalue/dS.
-// The generic row kernel (divergence_kernels.cc) turns u and v into gradients with the chain
-// rule through the softmax: dL/ds_j = slope * (u_j - q_j sum_i u_i) / T, likewise for t.
+// The row value is the sum of the terms (Renyi, a log of a sum, has its own row routine). The
+// generic row kernel (divergence_kernels.cc) turns u and v into gradients with the chain rule
+// through the softmax: dL/ds_j = (u_j - q_j sum_i u_i) / T, likewise for t.
 //
 // Every term must be exactly 0 where p_j = q_j = 0 (masked or padding entries) and must not
 // produce NaN from 0 * log 0: that is what the IfThenZeroElse guards are for.
@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 
+#include "core/simd_math-inl.h"
 #include "divkit/divergence.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
@@ -35,21 +36,27 @@ namespace hn = hwy::HWY_NAMESPACE;
 template <class V>
 struct Entry {
   V p, q, lp, lq;
+  // log p - log q, computed as (t - s) / T - (lse_t - lse_s): its error is that of the logit
+  // difference, not of the (larger) log-probabilities. Used wherever the ratio p / q matters.
+  V lr;
 };
 
-// x * (a - b) with the convention 0 * (anything) = 0 (0 log 0 = 0 and masked entries).
+// x * y with the convention 0 * (anything) = 0 (0 log 0 = 0 and masked entries).
+template <class D, class V>
+HWY_INLINE V XTimes(D d, V x, V y) {
+  return hn::IfThenZeroElse(hn::Eq(x, hn::Zero(d)), hn::Mul(x, y));
+}
+// x * (a - b), same convention.
 template <class D, class V>
 HWY_INLINE V XLogRatio(D d, V x, V a, V b) {
-  return hn::IfThenZeroElse(hn::Eq(x, hn::Zero(d)), hn::Mul(x, hn::Sub(a, b)));
+  return XTimes(d, x, hn::Sub(a, b));
 }
 
-// Divergences whose row value is the plain sum S of their terms.
+// Base of the divergences whose row value is the plain sum of their terms (all but Renyi).
 struct SumFinish {
   // True when u = -p exactly (so sum u = -1): the kernel then skips storing u and writes the
   // student gradient as (q - p) / T directly (forward KL and cross-entropy).
   static constexpr bool kStudentFactorIsMinusP = false;
-  double finish(double s) const { return s; }
-  double slope(double /*s*/) const { return 1.0; }
 };
 
 // KL(p || q) = sum p (lp - lq).  u = -p,  v = p (lp - lq) + p.
@@ -59,11 +66,11 @@ struct ForwardKL : SumFinish {
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
     u = hn::Neg(e.p);
-    return XLogRatio(d, e.p, e.lp, e.lq);
+    return XTimes(d, e.p, e.lr);
   }
   template <class D, class V>
   HWY_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Add(XLogRatio(d, e.p, e.lp, e.lq), e.p);
+    return hn::Add(XTimes(d, e.p, e.lr), e.p);
   }
 };
 
@@ -72,7 +79,7 @@ struct ReverseKL : SumFinish {
   explicit ReverseKL(const DivergenceSpec&) {}
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V g = XLogRatio(d, e.q, e.lq, e.lp);
+    const V g = XTimes(d, e.q, hn::Neg(e.lr));
     u = hn::Add(g, e.q);
     return g;
   }
@@ -112,8 +119,20 @@ HWY_INLINE V ProductOverMixture(D d, V p, V q, V m) {
   return hn::IfThenZeroElse(zero, hn::Div(hn::Mul(p, q), hn::IfThenElse(zero, hn::Set(d, 1.0f), m)));
 }
 
-// DistiLLM skew KL: KL(p || m), m = alpha p + (1-alpha) q.
-// u = -(1-alpha) p q / m,  v = p (lp - lm) + (1-alpha) p q / m.
+// log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
+//   -log1p((1 - a) expm1(-lr)),
+// exactly 0 where b = o, finite (-log a) where o = 0, and lr - log(1 - a) where o >> b (there
+// expm1 would overflow; the dropped a b is below e^-80 of m). Needs 0 < a <= 1.
+template <class D, class V>
+HWY_INLINE V LogRatioToMixture(D d, V lr, float a) {
+  const V neg = hn::Min(hn::Max(hn::Neg(lr), hn::Set(d, -104.0f)), hn::Set(d, 80.0f));
+  const V near = hn::Neg(hn::Log1p(d, hn::Mul(hn::Set(d, 1.0f - a), hn::Expm1(d, neg))));
+  const V far = hn::Sub(lr, hn::Set(d, static_cast<float>(std::log1p(-static_cast<double>(a)))));
+  return hn::IfThenElse(hn::Lt(lr, hn::Set(d, -80.0f)), far, near);
+}
+
+// DistiLLM skew KL: KL(p || m), m = alpha p + (1-alpha) q  (alpha = 0 is forward_kl).
+// g = p log(p / m);  u = -(1-alpha) p q / m,  v = g + (1-alpha) p q / m.
 struct SkewForwardKL : SumFinish {
   float alpha;
   explicit SkewForwardKL(const DivergenceSpec& s) : alpha(s.alpha) {}
@@ -123,20 +142,18 @@ struct SkewForwardKL : SumFinish {
   }
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V m = Mixture(d, e);
-    u = hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, m));
-    return XLogRatio(d, e.p, e.lp, hn::Log(d, m));
+    u = hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, Mixture(d, e)));
+    return XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha));
   }
   template <class D, class V>
   HWY_INLINE V teacher(D d, const Entry<V>& e) const {
-    const V m = Mixture(d, e);
-    return hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, m),
-                      XLogRatio(d, e.p, e.lp, hn::Log(d, m)));
+    return hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)),
+                      XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha)));
   }
 };
 
-// DistiLLM skew reverse KL: KL(q || m), m = (1-alpha) p + alpha q.
-// u = q (lq - lm) + (1-alpha) p q / m,  v = -(1-alpha) p q / m.
+// DistiLLM skew reverse KL: KL(q || m), m = (1-alpha) p + alpha q  (alpha = 0 is reverse_kl).
+// g = q log(q / m);  u = g + (1-alpha) p q / m,  v = -(1-alpha) p q / m.
 struct SkewReverseKL : SumFinish {
   float alpha;
   explicit SkewReverseKL(const DivergenceSpec& s) : alpha(s.alpha) {}
@@ -146,9 +163,8 @@ struct SkewReverseKL : SumFinish {
   }
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V m = Mixture(d, e);
-    const V g = XLogRatio(d, e.q, e.lq, hn::Log(d, m));
-    u = hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, m), g);
+    const V g = XTimes(d, e.q, LogRatioToMixture(d, hn::Neg(e.lr), alpha));
+    u = hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)), g);
     return g;
   }
   template <class D, class V>
@@ -198,25 +214,28 @@ struct Jeffreys : SumFinish {
   explicit Jeffreys(const DivergenceSpec&) {}
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V fwd = XLogRatio(d, e.p, e.lp, e.lq), rev = XLogRatio(d, e.q, e.lq, e.lp);
+    const V fwd = XTimes(d, e.p, e.lr), rev = XTimes(d, e.q, hn::Neg(e.lr));
     u = hn::Add(rev, hn::Sub(e.q, e.p));
     return hn::Add(fwd, rev);
   }
   template <class D, class V>
   HWY_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Add(XLogRatio(d, e.p, e.lp, e.lq), hn::Sub(e.p, e.q));
+    return hn::Add(XTimes(d, e.p, e.lr), hn::Sub(e.p, e.q));
   }
 };
 
-// Pearson chi^2(p || q) = (p - q)^2 / q.  With r = p^2 / q = exp(2 lp - lq):
-// u = q - r,  v = 2 r - 2 p.  The term is q expm1(lp - lq)^2 where p <= 1.5 q (no cancellation
+// Pearson chi^2(p || q) = (p - q)^2 / q.  With r = p^2 / q = p exp(lr):
+// u = q - r,  v = 2 r - 2 p.  The term is q expm1(lr)^2 where p <= 1.5 q (no cancellation
 // when p ~ q) and r - 2 p + q elsewhere (r stays exact when q underflows but p^2/q does not).
 struct ChiSquared : SumFinish {
   explicit ChiSquared(const DivergenceSpec&) {}
   template <class D, class V>
   HWY_INLINE V Ratio(D d, const Entry<V>& e) const {
-    const V two_lp = hn::Add(e.lp, e.lp);
-    return hn::IfThenZeroElse(hn::Eq(e.p, hn::Zero(d)), hn::Exp(d, hn::Sub(two_lp, e.lq)));
+    // p exp(lr); exp(lp + lr) where p underflowed to 0 or exp(lr) alone would overflow.
+    const V neg_inf = hn::Set(d, -std::numeric_limits<float>::infinity());
+    const auto direct = hn::Or(hn::Gt(e.lr, hn::Set(d, 80.0f)), hn::Eq(e.p, hn::Zero(d)));
+    const V x = ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lp, e.lr), e.lr));
+    return hn::IfThenZeroElse(hn::Eq(e.lp, neg_inf), hn::IfThenElse(direct, x, hn::Mul(e.p, x)));
   }
   template <class D, class V>
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
@@ -224,7 +243,7 @@ struct ChiSquared : SumFinish {
     u = hn::Sub(e.q, r);
     const auto near = hn::And(hn::Le(e.p, hn::Mul(hn::Set(d, 1.5f), e.q)),
                               hn::Gt(e.q, hn::Zero(d)));
-    const V em1 = hn::Expm1(d, hn::IfThenElseZero(near, hn::Sub(e.lp, e.lq)));
+    const V em1 = Expm1OrInf(d, hn::IfThenElseZero(near, e.lr));
     const V small = hn::Mul(e.q, hn::Mul(em1, em1));
     const V large = hn::Add(hn::NegMulAdd(hn::Set(d, 2.0f), e.p, r), e.q);
     return hn::IfThenElse(near, small, large);
@@ -235,18 +254,21 @@ struct ChiSquared : SumFinish {
   }
 };
 
-// w = p^alpha q^(1-alpha), 0 where p = q = 0. The exponent is lq + alpha (lp - lq), exactly
-// lq where p = q; alpha lp + (1-alpha) lq where q is masked (lq = -inf) to get the infinities
-// right (0 for alpha in (0, 1), +inf for alpha > 1).
+// w = p^alpha q^(1-alpha) = q exp(alpha lr), or exp(lq + alpha lr) where q underflowed to 0
+// or exp(alpha lr) alone would overflow. Where q is masked (lq = -inf): +inf if p > 0 and
+// alpha > 1, else 0.
 template <class D, class V>
 HWY_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
   const V zero = hn::Zero(d);
-  const auto both_zero = hn::And(hn::Eq(e.p, zero), hn::Eq(e.q, zero));
-  const V a = hn::Set(d, alpha);
-  const V x = hn::IfThenElse(hn::Eq(e.lq, hn::Set(d, -std::numeric_limits<float>::infinity())),
-                             hn::MulAdd(a, e.lp, hn::Mul(hn::Set(d, 1.0f - alpha), e.lq)),
-                             hn::MulAdd(a, hn::Sub(e.lp, e.lq), e.lq));
-  return hn::IfThenZeroElse(both_zero, hn::Exp(d, hn::IfThenZeroElse(both_zero, x)));
+  const V x = hn::Mul(hn::Set(d, alpha), e.lr);
+  const auto direct = hn::Or(hn::Gt(x, hn::Set(d, 80.0f)), hn::Eq(e.q, zero));
+  const auto masked_q = hn::Eq(e.lq, hn::Set(d, -std::numeric_limits<float>::infinity()));
+  const V ex = ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lq, hn::IfThenZeroElse(masked_q, x)), x));
+  const V w = hn::IfThenElse(direct, ex, hn::Mul(e.q, ex));
+  const V at_masked_q = alpha > 1.0f
+      ? hn::IfThenElseZero(hn::Gt(e.p, zero), hn::Set(d, std::numeric_limits<float>::infinity()))
+      : zero;
+  return hn::IfThenElse(masked_q, at_masked_q, w);
 }
 
 // alpha p + (1-alpha) q - p^alpha q^(1-alpha) (>= 0 for alpha in [0, 1]) without cancellation
@@ -259,30 +281,29 @@ template <class D, class V>
 HWY_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha) {
   const bool mirror = alpha > 0.5f;
   const V b = mirror ? e.p : e.q;
-  const V lb = mirror ? e.lp : e.lq, lo = mirror ? e.lq : e.lp;
   const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
-  const V diff = hn::Sub(lo, lb);
+  const V diff = mirror ? hn::Neg(e.lr) : e.lr;  // log(other / b)
   const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
   const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
-  const V via_expm1 = hn::Mul(b, hn::MulSub(c, hn::Expm1(d, dd), hn::Expm1(d, hn::Mul(c, dd))));
+  const V via_expm1 = hn::Mul(b, hn::MulSub(c, Expm1OrInf(d, dd), Expm1OrInf(d, hn::Mul(c, dd))));
   const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
   return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
 }
 
 // w - b for w = b exp(c (l_other - l_b)), i.e. w = p^alpha q^(1-alpha) with b = q, c = alpha
 // or b = p, c = 1 - alpha: b expm1(c (l_other - l_b)), accurate when w is close to b (alpha
-// near a limit, or p near q). Where b = 0 it is w itself.
+// near a limit, or p near q). Where b = 0 or w >> b, PowerMean(e) - b.
 template <class D, class V>
 HWY_INLINE V PowerMeanMinusBase(D d, const Entry<V>& e, float alpha, bool base_is_p) {
   const V b = base_is_p ? e.p : e.q;
-  const V lb = base_is_p ? e.lp : e.lq, lo = base_is_p ? e.lq : e.lp;
   const V c = hn::Set(d, base_is_p ? 1.0f - alpha : alpha);
+  const V diff = base_is_p ? hn::Neg(e.lr) : e.lr;  // log(other / b)
   const auto zero_base = hn::Eq(b, hn::Zero(d));
-  // Clamped: expm1 sees no infinities (89 still overflows to +inf, -104 gives -1).
-  const V x = hn::Min(hn::Max(hn::Mul(c, hn::IfThenZeroElse(zero_base, hn::Sub(lo, lb))),
-                              hn::Set(d, -104.0f)),
-                      hn::Set(d, 89.0f));
-  return hn::IfThenElse(zero_base, PowerMean(d, e, alpha), hn::Mul(b, hn::Expm1(d, x)));
+  // c diff, with masked lanes (inf, NaN) zeroed and clamped below: expm1(-104) = -1.
+  const V x = hn::Max(hn::Mul(c, hn::IfThenZeroElse(zero_base, diff)), hn::Set(d, -104.0f));
+  const auto direct = hn::Or(zero_base, hn::Gt(x, hn::Set(d, 80.0f)));  // w >> b: no cancellation
+  return hn::IfThenElse(direct, hn::Sub(PowerMean(d, e, alpha), b),
+                        hn::Mul(b, Expm1OrInf(d, hn::IfThenZeroElse(direct, x))));
 }
 
 // Amari alpha-divergence (alpha not 0 or 1; those are the KL limits):
@@ -302,25 +323,16 @@ struct AlphaDivergence : SumFinish {
   }
 };
 
-// Renyi of order alpha (alpha > 0, not 1): log(sum w) / (alpha - 1).  Summed as
-// S = sum [w - alpha p - (1-alpha) q] (= sum w - 1, without the cancellation near p = q or near
-// alpha = 1) and finished as log1p(S) / (alpha - 1).  u = (1-alpha)(w - q),
-// v = alpha (w - p): multiples of q (or p) drop out of the softmax chain rule, and w - q is
-// exact where the naive (1-alpha) w - q sum_i w_i would cancel.
+// Renyi of order alpha (alpha > 0, not 1): log(sum_j w_j) / (alpha - 1). Its row is a log of
+// a sum, computed in log space by the kernel's RenyiRow (divergence_kernels.cc), which also
+// writes the gradients. The term here is the summand of S = sum (w - alpha p - (1-alpha) q)
+// = sum w - 1, used as log1p(S) near D = 0 where log(sum w) would cancel.
 struct Renyi {
-  static constexpr bool kStudentFactorIsMinusP = false;
   float alpha;
   explicit Renyi(const DivergenceSpec& s) : alpha(s.alpha) {}
-  double finish(double s) const { return std::log1p(s) / (static_cast<double>(alpha) - 1.0); }
-  double slope(double s) const { return 1.0 / ((static_cast<double>(alpha) - 1.0) * (1.0 + s)); }
   template <class D, class V>
-  HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    u = hn::Mul(hn::Set(d, 1.0f - alpha), PowerMeanMinusBase(d, e, alpha, false));
+  HWY_INLINE V term(D d, const Entry<V>& e) const {
     return hn::Neg(MixMinusPowerMean(d, e, alpha));
-  }
-  template <class D, class V>
-  HWY_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Mul(hn::Set(d, alpha), PowerMeanMinusBase(d, e, alpha, true));
   }
 };
 

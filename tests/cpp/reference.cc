@@ -65,6 +65,10 @@ DivergenceKind effective_kind(const Params& prm) {
     case DivergenceKind::renyi:
       if (prm.alpha == 1.0) return DivergenceKind::forward_kl;
       return prm.kind;
+    case DivergenceKind::skew_forward_kl:  // m = q: KL(p || q)
+      return prm.alpha == 0.0 ? DivergenceKind::forward_kl : prm.kind;
+    case DivergenceKind::skew_reverse_kl:  // m = p: KL(q || p)
+      return prm.alpha == 0.0 ? DivergenceKind::reverse_kl : prm.kind;
     default:
       return prm.kind;
   }
