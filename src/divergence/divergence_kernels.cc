@@ -446,20 +446,25 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
     sum_w.AddBlock(acc);
   }
   const double s1 = sum_s1.total;
-  const double log_sum_w = std::fabs(s1) < 0.5 ? std::log1p(s1) : amax + std::log(sum_w.total);
+  const bool near_zero = std::fabs(s1) < 0.5;  // sum w in (0.5, 1.5): D is small
+  const double log_rel = std::log(sum_w.total);
+  const double log_sum_w = near_zero ? std::log1p(s1) : amax + log_rel;
   const double value = log_sum_w / (static_cast<double>(alpha) - 1.0);
   if (!(std::fabs(value) <= std::numeric_limits<float>::max()) || (grad_s == nullptr && grad_t == nullptr))
     return value;
 
+  // w^ - base, base = q (c = alpha) or p (c = alpha - 1). Near D = 0: base expm1(c lr - L),
+  // exact when w^ is close to base. Otherwise the softmax of the same log w that L summed,
+  // exp((log w - amax) - log_rel), so that the w^ stay consistent with their normalization.
   const VF vl = hn::Set(df, static_cast<float>(log_sum_w));
-  // w^ - base for base = q (c = alpha) or p (c = alpha - 1): base expm1(c lr - L), or
-  // exp(log w - L) - base where that would lose a tiny base or overflow.
+  const VF vrel = hn::Set(df, static_cast<float>(log_rel));
   auto w_hat_minus = [&](const Entry<VF>& e, VF base, float c) {
-    const VF x = hn::Sub(hn::Mul(hn::Set(df, c), e.lr), vl);
+    const VF softmax = hn::Sub(ExpOrInf(df, hn::Sub(hn::Sub(log_w(e), vamax), vrel)), base);
+    if (!near_zero) return softmax;
+    const VF x = hn::MulSub(hn::Set(df, c), e.lr, vl);
     const auto stable = hn::And(hn::Gt(base, hn::Zero(df)), hn::Lt(hn::Abs(x), hn::Set(df, 60.0f)));
     const VF via_expm1 = hn::Mul(base, Expm1OrInf(df, hn::IfThenElseZero(stable, x)));
-    const VF direct = hn::Sub(ExpOrInf(df, hn::Sub(log_w(e), vl)), base);
-    return hn::IfThenElse(stable, via_expm1, direct);
+    return hn::IfThenElse(stable, via_expm1, softmax);
   };
   if (grad_s != nullptr) {
     const VF k = hn::Set(df, static_cast<float>(-scale));
