@@ -12,9 +12,10 @@
 //                     beta = 0 is forward_kl and beta = 1 is reverse_kl exactly (TRL's special
 //                     cases); beta in [0, 1]. (Agarwal et al. 2024, GKD)
 //   skew_forward_kl   KL(p || alpha p + (1 - alpha) q), alpha in [0, 1] (DistiLLM, Ko et al.
-//     (alpha)         2024). The true KL: DistiLLM's code drops the teacher entropy, a constant.
-//   skew_reverse_kl   KL(q || (1 - alpha) p + alpha q), alpha in [0, 1] (DistiLLM)
-//     (alpha)
+//     (alpha)         2024); alpha = 0 is forward_kl. The true KL: DistiLLM's code drops the
+//                     teacher entropy, a constant.
+//   skew_reverse_kl   KL(q || (1 - alpha) p + alpha q), alpha in [0, 1] (DistiLLM); alpha = 0
+//     (alpha)         is reverse_kl.
 //   tvd               0.5 sum_j |p_j - q_j|            (total variation, in [0, 1])
 //   hellinger         sum_j (sqrt p_j - sqrt q_j)^2     (squared Hellinger WITHOUT the 1/2
 //                     factor, the f-divergence of f(u) = (sqrt u - 1)^2; in [0, 2])
@@ -25,18 +26,21 @@
 //                     (the limits). Summed as sum_j [alpha p + (1-alpha) q - p^a q^(1-a)] /
 //                     (alpha (1 - alpha)), whose terms are all >= 0.
 //   renyi (alpha)     Renyi divergence of order alpha > 0: log(sum_j p_j^alpha q_j^(1-alpha)) /
-//                     (alpha - 1); alpha = 1 is forward_kl (the limit).
+//                     (alpha - 1); alpha = 1 is forward_kl (the limit). Computed in log space:
+//                     finite wherever the true value is, even when the sum under/overflows.
 //   cross_entropy     -sum_j p_j log q_j               (soft-label cross-entropy H(p, q))
 //
 // Conventions (PyTorch, TRL, Liger):
 //   * 0 log 0 = 0; a -inf logit is a masked entry with probability 0; a divergence that is
-//     mathematically infinite (q_j = 0 where p_j > 0 for forward_kl, ...) gives +inf for that
-//     token, and that token then contributes no gradient.
+//     mathematically infinite (q_j = 0 where p_j > 0 for forward_kl, ...), or whose value or
+//     gradient exceeds fp32's range, gives +inf for that token, and that token then
+//     contributes no gradient.
 //   * labels[i] == ignore_index marks token i as ignored: loss 0, gradient 0, not counted by
 //     "mean"; its logits are not read (padding may hold anything).
 //   * reduction: none (loss[i] per token), sum, mean (sum / number of non-ignored tokens),
-//     batchmean (sum / N); num_items_in_batch > 0 replaces the divisor (gradient accumulation as
-//     Hugging Face trainers pass it).
+//     batchmean (sum / N); num_items_in_batch > 0 makes the loss sum / num_items_in_batch
+//     whatever the (non-none) reduction (gradient accumulation as Hugging Face trainers pass
+//     it, and as TRL's losses do); with reduction none it is an error.
 //   * weights[i] multiplies token i's loss and gradient (the "mean" divisor is still the count
 //     of non-ignored tokens, not the sum of the weights).
 //   * scale_by_t_squared multiplies loss and gradients by T^2 (Hinton et al.'s convention),
@@ -100,7 +104,8 @@ struct DivergenceOptions {
 };
 
 // Outputs, allocated by the caller.
-//   loss:          fp32 [N] for reduction none, fp32 [1] (or a 0-d/1-element view) otherwise.
+//   loss:          fp32 or fp64; [N] for reduction none, one element (shape [1], or any 1-element
+//                  view with ndim >= 1) otherwise.
 //   grad_student:  optional [N, V] of any float dtype, unit column stride, any row stride. It
 //                  may be the student logits buffer itself (same data, dtype and strides): the
 //                  gradient is then written in place, each row after it has been read, and the
