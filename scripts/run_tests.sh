@@ -23,7 +23,7 @@ phase() {  # phase NAME COMMAND...: runs COMMAND, records its wall time
 report() {
   local rc=$?
   echo "=== [tests] timings"
-  printf '%s\n' "${timings[@]}"
+  ((${#timings[@]} == 0)) || printf '%s\n' "${timings[@]}"
   if ((rc != 0)); then
     echo "=== [tests] FAILED in: $current (exit status $rc)" >&2
   else
