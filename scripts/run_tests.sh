@@ -55,6 +55,6 @@ consumer() {
   cmake --build build/examples-cpp
   build/examples-cpp/distill_logits
 }
-phase "C++ consumer (find_package(divkit), examples/cpp)" consumer
+phase "C++ consumer (examples/cpp via find_package)" consumer
 
 phase "Python tests (pytest tests/python)" .venv/bin/python -m pytest tests/python -q "$@"
