@@ -315,3 +315,23 @@ def test_sparse_teacher_fused_matches_materialized(tail, kind, params):
     bad[4, 2] = v + 1
     with pytest.raises(divkit.Error, match="teacher_indices"):
         divkit.fused_linear_sparse_divergence(sh, sw, bad, lp, chunk_size=4)
+
+
+@pytest.mark.parametrize("n,h,v", [(64, 2048, 128256), (4096, 31, 32000)])
+def test_issue_sizes_match_materialized(n, h, v):
+    # The sizes the fused path is used at (H = 2048, V = 128256; N = 4096), against the float64
+    # materialized computation (kept to one of the three large at a time so the test stays fast).
+    sh, sw, sb = _head(n, v, h, seed=40)
+    th, tw, _ = _head(n, v, h, seed=41, scale=2.0, bias=False)
+    labels = _labels(n, v, seed=8, ignore_every=9)
+    a = [x.clone().requires_grad_(True) for x in (sh, sw, sb)]
+    out = divkit.fused_linear_divergence(a[0], a[1], th, tw, "forward_kl", student_bias=a[2],
+                                         labels=labels, hard_weight=0.5)
+    out.backward()
+    r = _leaf64(sh, sw, sb)
+    z = _logits(*r)
+    want = ref.loss(z, th.double() @ tw.double().T, "forward_kl", labels=labels)
+    want = want + 0.5 * F.cross_entropy(z, labels)
+    _close(out.detach(), want.detach(), 2e-5)
+    for got, exp in zip((x.grad for x in a), _grads(want, r)):
+        _close(got, exp, 5e-5)
