@@ -37,8 +37,12 @@
 //                 (Chan Lu et al. 2024); computed as exp(-z + logsig(z / tau)), finite for
 //                 any z where TRL's fp32 form gives NaN
 //   sigmoid_norm  the sigmoid loss on beta (s(l_w)/n_w - s(l_l)/n_l), lengths required (LN-DPO)
+//   sft           -sum_j pc_j / sum_j n_w,j: the chosen completions' token-mean NLL over the
+//                 batch, the same value for every pair (TRL's sft; combined with sigmoid it is
+//                 MPO/RPO's DPO + NLL). Without chosen_lengths n_w = 1 (averaged inputs).
 // f-DPO scores apply to sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust and discopop (as in
-// TRL); the other types use the plain log-ratios and reject f_divergence_type != reverse_kl.
+// TRL); sft ignores it; the other types use the plain log-ratios and reject
+// f_divergence_type != reverse_kl.
 // Several types combine: loss_i = sum_k weight_k loss_k,i. WPO (Zhou et al. 2024) multiplies
 // each pair's loss by sample_weights[i] (w_w * w_l, no gradient). Rewards (as TRL logs them):
 // chosen beta l_w, rejected beta l_l, never f-transformed or length-normalized.
@@ -71,8 +75,9 @@ enum class PreferenceLossType : int32_t {
   apo_down,
   discopop,
   sigmoid_norm,
+  sft,
 };
-inline constexpr int kNumPreferenceLossTypes = 14;
+inline constexpr int kNumPreferenceLossTypes = 15;
 const char* preference_loss_type_name(PreferenceLossType type);
 // Throws Error naming `loss_type` and listing the valid names.
 PreferenceLossType parse_preference_loss_type(std::string_view name);

@@ -171,9 +171,13 @@ def preference_loss(
       sigma(beta (l_w - l_l))
     - ``discopop``: m = sigma(z / discopop_tau); -logsig(z)(1-m) + exp(-z) m (finite for any z)
     - ``sigmoid_norm``: the sigmoid loss on beta (s(l_w)/n_w - s(l_l)/n_l) (lengths required)
+    - ``sft``: -sum_j pc_j / sum_j n_w,j, the chosen completions' token-mean NLL over the batch,
+      the same value for every pair, as TRL (``["sigmoid", "sft"]`` is RPO/MPO's DPO + NLL);
+      without ``chosen_lengths`` the inputs are taken as averaged (n = 1)
 
     f-divergences apply to sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust and discopop, as in
-    TRL. A list of loss types combines them: ``losses = sum_k loss_weights[k] * loss_k``.
+    TRL (sft accepts and ignores them). A list of loss types combines them:
+    ``losses = sum_k loss_weights[k] * loss_k``.
     ``policy_weights`` (WPO, Zhou et al. 2024: the product w_w * w_l of :func:`wpo_weights`)
     multiplies each pair's loss, without gradient. Rewards are ``beta l_w`` and ``beta l_l``
     (detached), as TRL logs them.

@@ -117,7 +117,7 @@ Val smoothed_sigmoid(double z, double eps) {
 
 constexpr const char* kLossTypeNames[] = {"sigmoid",  "hinge",        "ipo",      "exo_pair", "nca_pair",
                                           "robust",   "bco_pair",     "sppo_hard", "aot",     "aot_unpaired",
-                                          "apo_zero", "apo_down",     "discopop", "sigmoid_norm"};
+                                          "apo_zero", "apo_down",     "discopop", "sigmoid_norm", "sft"};
 constexpr const char* kFNames[] = {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"};
 
 }  // namespace
@@ -157,7 +157,9 @@ void validate_preference_spec(const PreferenceSpec& spec) {
     if (term.type == PreferenceLossType::exo_pair && !(eps > 0.0))
       check::fail(fn, "label_smoothing must be > 0 for loss_type exo_pair (log eps; the EXO paper uses 1e-3), got " +
                           std::to_string(eps));
-    if (spec.f_divergence_type != FDivergenceType::reverse_kl && !uses_f_score(term.type))
+    // sft has no score: TRL accepts it with any f-divergence, and so does divkit.
+    if (spec.f_divergence_type != FDivergenceType::reverse_kl && !uses_f_score(term.type) &&
+        term.type != PreferenceLossType::sft)
       check::fail(fn, std::string("f_divergence_type ") + f_divergence_type_name(spec.f_divergence_type) +
                           " is not defined for loss_type " + name +
                           " (only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop)");
@@ -206,11 +208,22 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec, con
   }
   // Accumulated per pair: the loss and dL/dl_w, dL/dl_l (l = log-ratio). aot's partials are
   // kept on the policy and reference log-ratio differences x = pc - pr, y = rc - rr.
-  std::vector<double> loss(b, 0.0), dlw(b, 0.0), dll(b, 0.0), dx(b, 0.0), dy(b, 0.0);
+  // sft's partials are on the policy's chosen log-probs alone (dpc).
+  std::vector<double> loss(b, 0.0), dlw(b, 0.0), dll(b, 0.0), dx(b, 0.0), dy(b, 0.0), dpc(b, 0.0);
 
   for (const auto& term : spec.terms) {
     const double w = term.weight;
     using T = PreferenceLossType;
+    if (term.type == T::sft) {
+      // The chosen completions' token-mean NLL over the whole batch, -sum_j pc_j / sum_j n_w,j,
+      // given to every pair (TRL expands its scalar the same way), so d/dpc_j is shared.
+      double sum_logps = 0, sum_lengths = 0, sum_g = 0;
+      for (int64_t i = 0; i < b; ++i) sum_logps += pc[i], sum_lengths += nw[i];
+      const double v = -sum_logps / sum_lengths;
+      for (int64_t i = 0; i < b; ++i) loss[i] += w * sw[i] * v, sum_g += w * sw[i] * g[i];
+      for (int64_t i = 0; i < b; ++i) dpc[i] -= sum_g / sum_lengths;
+      continue;
+    }
     if (term.type == T::aot || term.type == T::aot_unpaired) {
       // Sorted over the batch: loss at rank k pairs the k-th smallest of u with that of v.
       std::vector<double> u(b), v(b);
@@ -336,7 +349,7 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec, con
     put(out.losses, i, loss[i]);
     put(out.chosen_rewards, i, beta * (pc[i] - rc[i]));
     put(out.rejected_rewards, i, beta * (pr[i] - rr[i]));
-    put(out.grad_policy_chosen, i, dlw[i] + dx[i]);
+    put(out.grad_policy_chosen, i, dlw[i] + dx[i] + dpc[i]);
     put(out.grad_policy_rejected, i, dll[i] - dx[i]);
     put(out.grad_ref_chosen, i, -dlw[i] + dy[i]);
     put(out.grad_ref_rejected, i, -dll[i] - dy[i]);

@@ -141,6 +141,15 @@ TEST(Preference, CombinedTypesAreWeightedSums) {
   for (int64_t i = 0; i < b.n(); ++i) EXPECT_NEAR(both[i], 0.7 * a[i] + 0.3 * c[i] + 2.0 * d[i], 1e-12);
 }
 
+// sft: the batch's token-mean NLL of the chosen completions, the same for every pair.
+TEST(Preference, SftIsTheBatchTokenMeanNll) {
+  Batch b = random_batch(4, 5);
+  const auto l = losses_of(b, spec_of(PreferenceLossType::sft));
+  double sum_logps = 0, sum_lengths = 0;
+  for (int64_t i = 0; i < b.n(); ++i) sum_logps += b.pc[i], sum_lengths += b.nw[i];
+  for (double v : l) EXPECT_NEAR(v, -sum_logps / sum_lengths, 1e-12);
+}
+
 // aot's loss is a function of the two sorted batches: permuting the pairs leaves it unchanged.
 TEST(Preference, AotIsPermutationInvariant) {
   Batch b = random_batch(7, 11);

@@ -111,6 +111,10 @@ DPO_CASES = [
     (["bco_pair", "exo_pair"], {"use_weighting": True, "label_smoothing": 0.05,
                              "loss_weights": [1.0, 0.5]}),
     (["sigmoid"], {"beta": 2.0}),
+    (["sft"], {}),
+    (["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}),
+    # (TRL 1.16 cannot run sft with use_weighting: an in-place *= on an expanded scalar.)
+    (["sft"], {"f_divergence_type": "js_divergence"}),
 ]
 
 
