@@ -534,29 +534,56 @@ def test_weight_aligning_equalizes_mean_norms():
 # ---------------------------------------------------------------------------------------------
 
 
+def _uscd_ref(std, lame, w, thr, ratio):
+    # The official rule (alphadl/CodeGen-USCD bigcode_eval/contrast.py), written here in fp64:
+    # torch.std of the standard probabilities decides; the contrast is log(p - w p_lame) on the
+    # tokens with p >= ratio * mean(p), NaN / log(0) -> -inf.
+    out = []
+    for i in range(std.shape[0]):
+        p, pl = F.softmax(std[i], -1), F.softmax(lame[i], -1)
+        if torch.std(p) > thr:
+            out.append(torch.log(p))
+            continue
+        keep = p >= ratio * p.mean()
+        d = torch.where(keep, p, torch.zeros_like(p)) - w * torch.where(keep, pl, torch.zeros_like(pl))
+        # (The official nan_to_num also turns -inf into the lowest finite float when a NaN
+        # occurs; both are probability 0. divkit writes -inf for both.)
+        out.append(torch.nan_to_num(torch.log(d), nan=-math.inf, neginf=-math.inf))
+    return torch.stack(out)
+
+
 def test_uscd_selective_contrast():
     v = 16
     sharp = torch.zeros(1, v, dtype=torch.float64)
-    sharp[0, 3] = 12.0  # confident: low entropy
-    flat = _logits(2, v, 47, scale=0.3)  # uncertain: high entropy
+    sharp[0, 3] = 12.0  # confident: large std of the probabilities
+    flat = _logits(2, v, 47, scale=0.3)  # uncertain: small std
     std = torch.cat([sharp, flat])
     lame = _logits(3, v, 48)
-    res = D.uscd_logits(std, lame, alpha=0.7, threshold=0.5, plausibility=0.2)
-    h = _ent(std) / math.log(v)
-    torch.testing.assert_close(res.uncertainty, h)
+    res = D.uscd_logits(std, lame, lame_weight=0.7, std_threshold=0.05, filter_ratio=0.8)
+    torch.testing.assert_close(res.uncertainty, torch.stack([torch.std(F.softmax(x, -1))
+                                                             for x in std]))
     assert res.applied.tolist() == [False, True, True]
-    assert torch.equal(res.logits[0], std[0])  # low uncertainty: unchanged
-    lp, ll = F.log_softmax(std[1:], -1), F.log_softmax(lame[1:], -1)
-    keep = lp >= lp.max(-1, keepdim=True).values + math.log(0.2)
-    ref = torch.where(keep, 1.7 * lp - 0.7 * ll, torch.full_like(lp, -math.inf))
-    torch.testing.assert_close(res.logits[1:], ref)
-    # threshold above every uncertainty: nothing changes; alpha = 0, plausibility = 0: log-probs.
-    none = D.uscd_logits(std, lame, threshold=2.0)
-    assert torch.equal(none.logits, std) and not bool(none.applied.any())
-    plain = D.uscd_logits(std, lame, alpha=0.0, threshold=-1.0, plausibility=0.0)
+    ref = _uscd_ref(std, lame, 0.7, 0.05, 0.8)
+    torch.testing.assert_close(res.logits, ref)
+    assert bool(torch.isinf(res.logits[1:]).any()) and bool(torch.isfinite(res.logits[1:]).any())
+    # The official defaults (weights 1.0 / -0.7, mean_num 0.005, filter_num 0.666667) at V = 50.
+    big_s, big_l = _logits(4, 50, 50, scale=0.4), _logits(4, 50, 51)
+    torch.testing.assert_close(D.uscd_logits(big_s, big_l).logits,
+                               _uscd_ref(big_s, big_l, 0.7, 0.005, 0.666667), rtol=1e-5,
+                               atol=1e-7)
+    # threshold below every deviation: nothing contrasted, log-probabilities returned.
+    none = D.uscd_logits(std, lame, std_threshold=-1.0)
+    assert not bool(none.applied.any())
+    torch.testing.assert_close(none.logits, F.log_softmax(std, -1))
+    # lame_weight = 0 and filter_ratio = 0: the contrast is log p everywhere.
+    plain = D.uscd_logits(std, lame, lame_weight=0.0, std_threshold=1.0, filter_ratio=0.0)
     torch.testing.assert_close(plain.logits, F.log_softmax(std, -1))
-    proc = D.USCDLogitsProcessor(alpha=0.7, threshold=0.5, plausibility=0.2)
+    proc = D.USCDLogitsProcessor(lame_weight=0.7, std_threshold=0.05, filter_ratio=0.8)
     torch.testing.assert_close(proc(std, lame), res.logits)
+    # float32 inputs: float32 output, same values.
+    torch.testing.assert_close(D.uscd_logits(std.float(), lame.float(), std_threshold=0.05,
+                                             filter_ratio=0.8).logits, ref.float(), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_row_entropy_matches_torch_and_fp16():
@@ -628,10 +655,10 @@ def test_bad_input_raises_clear_errors():
         D.ddk_domain_weights([1.0, 2.0], [1.0, 1.0], [0.9, 0.9])
     with pytest.raises(divkit.Error, match="num_old must be an int in \\[1, 9\\]"):
         D.weight_aligning(torch.randn(10, 3), 10)
-    with pytest.raises(divkit.Error, match="uscd: plausibility must be in \\[0, 1\\]"):
-        D.uscd_logits(s, t, plausibility=1.5)
-    with pytest.raises(divkit.Error, match="uscd: alpha must be finite and >= 0"):
-        D.USCDLogitsProcessor(alpha=-1.0)
+    with pytest.raises(divkit.Error, match="uscd: filter_ratio must be finite and >= 0"):
+        D.uscd_logits(s, t, filter_ratio=-0.5)
+    with pytest.raises(divkit.Error, match="uscd: lame_weight must be finite and >= 0"):
+        D.USCDLogitsProcessor(lame_weight=-1.0)
     with pytest.raises(divkit.Error, match="DACKLBounds: k must be an int >= 1"):
         D.DACKLBounds(k=0)
     with pytest.raises(divkit.Error, match="strong_logits has a non-finite|labels is required"):
