@@ -276,52 +276,53 @@ def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
 
 def uskd_soft_labels(student_logits: torch.Tensor, labels: torch.Tensor,
-                     rank_logits: torch.Tensor, *, target_mean: float = 0.9,
-                     zipf_power: float = 1.0, ignore_index: int = -100):
+                     weak_logits: torch.Tensor, *, ignore_index: int = -100):
     r"""USKD's customized soft labels, without a teacher.
 
-    Yang et al. (ICCV 2023; USKD). Returns ``(target, nontarget)``:
+    Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified
+    Approach with Normalized Loss and Customized Soft Labels" (ICCV 2023; USKD). Verified
+    against the official code (yzd-v/cls_KD, ``mmcls/models/dis_losses/uskd.py`` and
+    ``mmcls/distillation/losses/uskd.py``, ``USKDLoss.forward``, hard labels). With
+    q = softmax(s) the student's final output and w = softmax(weak_logits) the output of the
+    classifier on the intermediate feature (``fc(fea_mid)`` there), returns ``(target,
+    nontarget)``, both without gradient:
 
-    * ``target`` ``[...]``: the smoothed target label from the student's own target probability
-      q_y = softmax(s)_y (no gradient): t_y = clamp(q_y^2 - mean_batch(q_y^2) + target_mean,
-      1e-4, 1 - 1e-4). Not verified: the paper smooths the student's target output; divkit
-      squares it (sharper than the student) and shifts the batch mean to ``target_mean``.
-    * ``nontarget`` ``[..., C]``: Zipf-distributed non-target labels from the rank of
-      ``rank_logits`` (the logits of the intermediate feature's classifier, as in the paper):
-      the non-target class of rank r (1 = largest rank logit, the label excluded) gets
-      r^(-zipf_power) / Z; the label's own entry is 0. Ignored rows are all zero.
+    * ``target`` ``[...]``: t_y = q_y^2 - mean_batch(q_y^2) + 1 (the squared target
+      probability, shifted so that its batch mean over non-ignored rows is 1; not clamped).
+    * ``nontarget`` ``[..., C]``: Zipf labels. Every class j (the label included) is scored
+      r_j = w_j / (1 - w_y + 1e-6) + log q_j / (1 - log q_y + 1e-6), the classes are ranked by
+      decreasing r (rank k = 1, 2, ... over all C classes), class j gets 1 / k_j, then the
+      label's entry is dropped and the rest renormalized to sum 1. The official code computes
+      the second term from the student's *log*-probabilities (its ``s_i`` is reassigned to
+      ``log_softmax`` before the rank); divkit follows the released code.
 
-    Class-count-sized arithmetic (a sort over C classes), done in torch.
+    Ignored rows are all zero. Class-count-sized arithmetic (a sort over C classes) in torch.
     """
     fn = "uskd_soft_labels"
     s = _check_logits("student_logits", student_logits, fn)
-    r = _check_logits("rank_logits", rank_logits, fn)
-    _same_shape(fn, "rank_logits", r, s, "student_logits")
+    wk = _check_logits("weak_logits", weak_logits, fn)
+    _same_shape(fn, "weak_logits", wk, s, "student_logits")
     lead = s.shape[:-1]
     c = s.shape[-1]
     n = math.prod(lead)
     lab = _labels(fn, labels, lead, n, True)
-    target_mean = _real(fn, "target_mean", target_mean)
-    if not 0 < target_mean < 1:
-        raise Error(f"{fn}: target_mean must be in (0, 1), got {target_mean:g}")
-    power = _real(fn, "zipf_power", zipf_power)
-    if not (math.isfinite(power) and power >= 0):
-        raise Error(f"{fn}: zipf_power must be finite and >= 0, got {power:g}")
     valid = lab != ignore_index
     if bool(((lab < 0) | (lab >= c))[valid].any()):
         raise Error(f"{fn}: labels out of range [0, {c}) (and not ignore_index)")
     safe = torch.where(valid, lab, torch.zeros_like(lab))
     with torch.no_grad():
-        q = torch.softmax(s.detach().reshape(n, c).double(), -1)
-        qy = q.gather(1, safe[:, None])[:, 0] ** 2
-        mean = qy[valid].mean() if bool(valid.any()) else qy.new_zeros(())
-        target = (qy - mean + target_mean).clamp(1e-4, 1 - 1e-4)
-        rl = r.detach().reshape(n, c).double().clone()
-        rl.scatter_(1, safe[:, None], -math.inf)  # the label ranks last and gets 0
-        order = rl.argsort(dim=1, descending=True, stable=True)
+        lq = torch.log_softmax(s.detach().reshape(n, c).double(), -1)
+        lqy = lq.gather(1, safe[:, None])
+        qy2 = lqy[:, 0].exp() ** 2
+        mean = qy2[valid].mean() if bool(valid.any()) else qy2.new_zeros(())
+        target = qy2 - mean + 1.0
+        w = torch.softmax(wk.detach().reshape(n, c).double(), -1)
+        wy = w.gather(1, safe[:, None])
+        score = w / (1 - wy + 1e-6) + lq / (1 - lqy + 1e-6)
+        order = score.argsort(dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(1, c + 1).expand(n, c).contiguous())
-        z = ranks.double() ** (-power)
+        z = 1.0 / ranks.double()
         z.scatter_(1, safe[:, None], 0.0)
         z = z / z.sum(1, keepdim=True).clamp_min(1e-300)
         target = torch.where(valid, target, torch.zeros_like(target))
@@ -330,46 +331,69 @@ def uskd_soft_labels(student_logits: torch.Tensor, labels: torch.Tensor,
     return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
 
 
-def uskd_loss(student_logits: torch.Tensor, labels: torch.Tensor, rank_logits: torch.Tensor, *,
-              gamma: float = 1.0, temperature: float = 1.0, target_mean: float = 0.9,
-              zipf_power: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
-    r"""USKD: NKD with customized soft labels instead of a teacher.
+def uskd_loss(student_logits: torch.Tensor, labels: torch.Tensor, weak_logits: torch.Tensor, *,
+              alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005,
+              ignore_index: int = -100, reduction: str = "mean"):
+    r"""USKD: self-knowledge distillation with customized soft labels (no teacher).
 
-    Yang et al. (ICCV 2023). With (t_y, z) = :func:`uskd_soft_labels`::
+    Yang et al. (ICCV 2023). Verified against the official ``USKDLoss`` (yzd-v/cls_KD,
+    ``mmcls/models/dis_losses/uskd.py``; defaults alpha 1.0, beta 0.1, mu 0.005). With
+    (t_y, z) = :func:`uskd_soft_labels` (no gradient), q = softmax(s), q^ the student's
+    softmax over the non-target classes and w = softmax(weak_logits)::
 
-        loss_i = -t_y log q_y  -  gamma tau^2 sum_{j != y} z_j log q^_j
+        loss_i = alpha (-t_y log q_y)  +  beta (-sum_{j != y} z_j log q^_j)
+                 + mu (-sum_j e_j log w_j),     e = 0.9 onehot(y) + 0.1 / C
 
-    computed by NKD's C++ kernel with a teacher whose softmax is exactly (t_y, (1 - t_y) z).
-    The paper's weights of the two terms and its soft-label smoothing are not verified (see
-    :func:`uskd_soft_labels`).
+    The last term is the official "weak supervision" of the intermediate classifier (label
+    smoothing 0.1); it is the only one that reaches ``weak_logits`` (mu = 0 drops it). Pass
+    the intermediate classifier's logits (``fc(features)``, an ``nn.Linear`` the caller owns).
+    Hard labels only (the official mixup / soft-label branch is not implemented). The target
+    and non-target terms are NKD's C++ kernel (with a teacher whose target probability is 1/2
+    and whose non-target softmax is z, scaled by 2 t_y); the weak term is divkit's
+    ``cross_entropy`` divergence kernel.
     """
     fn = "uskd_loss"
     reduction = _reduction(fn, reduction)
-    gamma = _real(fn, "gamma", gamma)
-    if not (math.isfinite(gamma) and gamma >= 0):
-        raise Error(f"{fn}: gamma must be finite and >= 0, got {gamma:g}")
+    alpha = _real(fn, "alpha", alpha)
+    beta = _real(fn, "beta", beta)
+    mu = _real(fn, "mu", mu)
+    for name, x in (("alpha", alpha), ("beta", beta), ("mu", mu)):
+        if not (math.isfinite(x) and x >= 0):
+            raise Error(f"{fn}: {name} must be finite and >= 0, got {x:g}")
     s = _check_logits("student_logits", student_logits, fn)
-    target, z = uskd_soft_labels(s, labels, rank_logits, target_mean=target_mean,
-                                 zipf_power=zipf_power, ignore_index=ignore_index)
+    target, z = uskd_soft_labels(s, labels, weak_logits, ignore_index=ignore_index)
     lead = s.shape[:-1]
+    c = s.shape[-1]
     n = math.prod(lead)
     lab = _labels(fn, labels, lead, n, True)
     valid = lab != ignore_index
     safe = torch.where(valid, lab, torch.zeros_like(lab))
-    tau = _positive(fn, "temperature", temperature)
     with torch.no_grad():
-        # Teacher logits for NKD's kernel: tau log z off the label (so that the non-target
-        # softmax at tau is exactly z) and, at the label, the logit that makes the T = 1 softmax
-        # equal t_y: a = logit(t_y) + log sum_{j != y} z_j^tau.
-        tl = tau * z.reshape(n, -1).double().log()
-        ty = target.reshape(n).double().clamp(1e-4, 1 - 1e-4)
-        rest = torch.logsumexp(tl.scatter(1, safe[:, None], -math.inf), dim=1)
-        tl.scatter_(1, safe[:, None], (ty.log() - torch.log1p(-ty) + rest)[:, None])
+        # Teacher logits for NKD's kernel: log z off the label (its non-target softmax is z)
+        # and, at the label, log sum z = 0, so that its T = 1 target probability is 1/2.
+        tl = z.reshape(n, c).double().clamp_min(1e-300).log()
+        tl.scatter_(1, safe[:, None], 0.0)
         tl = torch.where(valid[:, None], tl, torch.zeros_like(tl))
-    tgt, nontarget, lab, lead, n, tau = _nkd_terms(fn, s, tl.reshape(s.shape).to(_out_dtype(s)),
-                                                  labels, tau, ignore_index)
-    per_row = tgt + (gamma * tau * tau) * nontarget
+    tgt, nontarget, lab, lead, n, _ = _nkd_terms(fn, s, tl.reshape(s.shape).to(_out_dtype(s)),
+                                                labels, 1.0, ignore_index)
+    scale = (2.0 * target.reshape(n)).to(tgt.dtype)
+    per_row = alpha * scale * tgt + beta * nontarget
+    if mu > 0:
+        with torch.no_grad():
+            e = _smoothed_one_hot(safe, c, 0.1).to(_out_dtype(s))
+        wk = weak_logits.reshape(n, c)
+        weak = divergence(wk, e.log(), "cross_entropy", labels=lab, ignore_index=ignore_index,
+                          reduction="none").reshape(n)
+        per_row = per_row + mu * weak.to(per_row.dtype)
     return _reduce(per_row, valid, lead, reduction)
+
+
+def _smoothed_one_hot(labels: torch.Tensor, c: int, eps: float) -> torch.Tensor:
+    """(1 - eps) onehot(labels) + eps / C, float64 [N, C] (USKD's weak-supervision target)."""
+    e = torch.full((labels.numel(), c), eps / c, dtype=torch.float64)
+    e.scatter_add_(1, labels.reshape(-1, 1), torch.full((labels.numel(), 1), 1.0 - eps,
+                                                         dtype=torch.float64))
+    return e
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,35 +150,73 @@ def test_nkd_bf16_within_fp32_reference():
     torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_uskd_soft_labels_zipf_and_loss():
-    n, c = 6, 8
-    s, r, y = _logits(n, c, 19), _logits(n, c, 20), _labels(n, c, 4)
-    target, z = D.uskd_soft_labels(s, y, r, target_mean=0.8, zipf_power=1.0)
-    # Independent Zipf labels: rank the non-target classes by r.
+def _uskd_ref(s, y, wk, alpha, beta, mu):
+    # USKD as the official USKDLoss computes it (yzd-v/cls_KD uskd.py), per row, in fp64.
+    n, c = s.shape
+    q = F.softmax(s, -1)
+    lq = F.log_softmax(s, -1)
+    qy2 = q[torch.arange(n), y] ** 2
+    t = qy2 + 1 - qy2.mean()
+    w = F.softmax(wk, -1)
+    lw = F.log_softmax(wk, -1)
+    loss = []
+    zs = []
     for i in range(n):
-        others = [j for j in range(c) if j != y[i]]
-        order = sorted(others, key=lambda j: -float(r[i, j]))
-        zref = torch.zeros(c, dtype=torch.float64)
-        for rank, j in enumerate(order, start=1):
-            zref[j] = 1.0 / rank
-        torch.testing.assert_close(z[i], zref / zref.sum())
-    qy2 = F.softmax(s, -1).gather(1, y[:, None])[:, 0] ** 2
-    torch.testing.assert_close(target, (qy2 - qy2.mean() + 0.8).clamp(1e-4, 1 - 1e-4))
-    # The loss: -t_y log q_y - gamma tau^2 sum_{j != y} z_j log q^_j.
-    got = D.uskd_loss(s, y, r, gamma=2.0, temperature=1.5, target_mean=0.8, reduction="none")
-    lq = F.log_softmax(s, -1).gather(1, y[:, None])[:, 0]
+        yi = int(y[i])
+        score = [float(w[i, j] / (1 - w[i, yi] + 1e-6) + lq[i, j] / (1 - lq[i, yi] + 1e-6))
+                 for j in range(c)]
+        order = sorted(range(c), key=lambda j: -score[j])
+        zipf = torch.zeros(c, dtype=torch.float64)
+        for k, j in enumerate(order, start=1):
+            zipf[j] = 1.0 / k
+        zipf[yi] = 0.0
+        zipf = zipf / zipf.sum()
+        zs.append(zipf)
+        others = [j for j in range(c) if j != yi]
+        lqh = F.log_softmax(s[i, others], -1)
+        e = torch.full((c,), 0.1 / c, dtype=torch.float64)
+        e[yi] += 0.9
+        loss.append(-alpha * t[i] * lq[i, yi] - beta * (zipf[others] * lqh).sum()
+                    - mu * (e * lw[i]).sum())
+    return torch.stack(loss), t, torch.stack(zs)
+
+
+def test_uskd_matches_official_formula():
+    n, c = 6, 9
+    s, wk, y = _logits(n, c, 19), _logits(n, c, 20), _labels(n, c, 4)
+    target, z = D.uskd_soft_labels(s, y, wk)
+    ref, tref, zref = _uskd_ref(s, y, wk, 1.0, 0.1, 0.005)
+    torch.testing.assert_close(target, tref)
+    torch.testing.assert_close(z, zref)
+    assert float(target.mean()) == pytest.approx(1.0)  # the batch mean is shifted to 1
+    # The weak term is divkit's cross_entropy divergence, which accumulates in fp32.
+    got = D.uskd_loss(s, y, wk, reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    got = D.uskd_loss(s, y, wk, alpha=0.7, beta=0.3, mu=0.2, reduction="mean")
+    torch.testing.assert_close(got, _uskd_ref(s, y, wk, 0.7, 0.3, 0.2)[0].mean(), rtol=1e-6,
+                               atol=1e-7)
+    torch.testing.assert_close(D.uskd_loss(s, y, wk, mu=0.0, reduction="none"),
+                               _uskd_ref(s, y, wk, 1.0, 0.1, 0.0)[0], rtol=1e-10, atol=1e-12)
+    # Gradients: the soft labels are constants; the weak term alone reaches weak_logits.
+    sg, wg = s.clone().requires_grad_(), wk.clone().requires_grad_()
+    gs, gw = torch.autograd.grad(D.uskd_loss(sg, y, wg, mu=0.2, reduction="sum"), (sg, wg))
+    sr, wr = s.clone().requires_grad_(), wk.clone().requires_grad_()
+    lq = F.log_softmax(sr, -1)
     mask = F.one_hot(y, c).bool()
-    lqh = F.log_softmax((s / 1.5).masked_fill(mask, -math.inf), -1).masked_fill(mask, 0.0)
-    ref = -target * lq - 2.0 * 1.5 ** 2 * (z * lqh).sum(-1)
-    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
-    # The soft labels are targets (no gradient): the gradient is the reference's at fixed labels.
-    sg, sr = s.clone().requires_grad_(), s.clone().requires_grad_()
-    (g,) = torch.autograd.grad(D.uskd_loss(sg, y, r, gamma=2.0, temperature=1.5,
-                                           target_mean=0.8, reduction="sum"), sg)
-    lq = F.log_softmax(sr, -1).gather(1, y[:, None])[:, 0]
-    lqh = F.log_softmax((sr / 1.5).masked_fill(mask, -math.inf), -1).masked_fill(mask, 0.0)
-    (gr,) = torch.autograd.grad((-target * lq - 4.5 * (z * lqh).sum(-1)).sum(), sr)
-    torch.testing.assert_close(g, gr, rtol=1e-8, atol=1e-10)
+    lqh = F.log_softmax(sr.masked_fill(mask, -math.inf), -1).masked_fill(mask, 0.0)
+    e = torch.full((n, c), 0.1 / c, dtype=torch.float64) + 0.9 * F.one_hot(y, c)
+    lr = (-tref * lq.gather(1, y[:, None])[:, 0] - 0.1 * (zref * lqh).sum(-1)
+          - 0.2 * (e * F.log_softmax(wr, -1)).sum(-1)).sum()
+    gsr, gwr = torch.autograd.grad(lr, (sr, wr))
+    torch.testing.assert_close(gs, gsr, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gw, gwr, rtol=1e-6, atol=1e-7)
+    # Ignored rows: zero loss and labels; the batch mean is over the others.
+    yi = y.clone()
+    yi[2] = -100
+    t2, z2 = D.uskd_soft_labels(s, yi, wk)
+    assert float(t2[2]) == 0.0 and float(z2[2].abs().sum()) == 0.0
+    assert float(t2[yi != -100].mean()) == pytest.approx(1.0)
+    assert float(D.uskd_loss(s, yi, wk, reduction="none")[2]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
