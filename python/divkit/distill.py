@@ -32,7 +32,7 @@ __all__ = [
     "bdkd_loss", "nkd_loss", "uskd_soft_labels", "uskd_loss", "ofa_loss", "dac_kl_loss",
     "dac_kl_mass_bounds", "DACKLBounds", "DACKLLoss", "swing_temperatures", "swing_loss",
     "swing_noise", "mdcs_consistency_loss", "nd_loss", "teacher_class_means", "ldr_kl_loss",
-    "aldr_kl_loss", "comp_sum_loss", "generalized_cross_entropy", "mae_loss",
+    "aldr_kl_loss", "ALDRKLLoss", "comp_sum_loss", "generalized_cross_entropy", "mae_loss",
     "smooth_adversarial_comp_sum_loss", "miniplm_scores", "miniplm_difference_sampling",
     "load_document_logprobs", "ddk_domain_weights", "weight_aligning", "weight_align_",
     "row_entropy", "uscd_logits", "USCDLogitsProcessor", "USCDResult",
@@ -866,49 +866,88 @@ def ldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, lam: Union[float,
     return per.sum() if reduction == "sum" else per.mean()
 
 
-def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 1.0,
-                 lam0: float = 0.1, margin: float = 0.1, reduction: str = "mean",
+def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2.0,
+                 lam0: float = 1.0, margin: float = 0.1,
+                 prev_lam: Optional[torch.Tensor] = None, reduction: str = "mean",
                  return_lam: bool = False):
-    r"""ALDR-KL: LDR-KL with an adaptive per-instance temperature.
+    r"""ALDR-KL: LDR-KL with an adaptive per-instance temperature lam_i.
 
-    Zhu et al. (ICML 2023). Not verified against the paper's code: divkit's
-    reading is the KL-ball DRO form, whose per-instance lam_i adapts to how uncertain the label
-    is::
+    Zhu et al. (ICML 2023). Verified against the authors' ``ALDRLoss_V1`` (the ``loss`` module
+    that DixianZhu/LDR ``experiment.py`` imports; read from a copy in the public code index,
+    the module file itself is not in DixianZhu/LDR's indexed files). Per instance, from the
+    lam_i' kept from the previous visit of that instance (``prev_lam``; lam0 on the first
+    visit, the official initialization)::
 
-        loss_i = max_{p: KL(p || uniform) <= alpha} sum_k p_k a_k
-               = min_{lam >= lam0} lam log((1/C) sum_k exp(a_k / lam)) + alpha lam
+        p      = softmax(z / lam_i'),     KL_i = sum_k p_k log(C p_k) = KL(p || uniform)
+        lam_i  = lam0 (1 - KL_i / (alpha log C))                    (no gradient)
+        loss_i = lam_i log((1/C) sum_k exp(a_k / lam_i))  -  alpha log C / (2 lam0) (lam_i - lam0)^2
+        a_k    = margin 1[k != y] + z_k - z_y
 
-    solved per instance by bisection on log lam (lam_i = lam0 when the constraint does not bind).
-    lam_i carries no gradient; by the envelope theorem the gradient in the logits is that of
-    LDR-KL at lam_i. Returns the loss (and lam_i [N] when ``return_lam``).
+    lam_i is the stationary point in lam of the second line (d/dlam of lam log mean exp(a/lam)
+    is -KL(softmax(a/lam) || u)), taken one step per visit with p from the stored lam, as the
+    official loss does (and with p from the logits z, without the margin, as there). The
+    quadratic term carries no gradient (lam_i is detached); the logits' gradient is LDR-KL's
+    at lam_i. Differences from the official code, stated: the KL is computed exactly here
+    (the official adds 1e-5 to p before the log), and the official loss first divides the
+    logits by their mean absolute value (and applies softplus on CIFAR-100); apply such a
+    normalization to ``logits`` before calling if wanted. alpha > 1 (the official comment: "alpha
+    > 1.0"; it keeps lam_i >= lam0 (1 - 1/alpha) > 0), lam0 > 0, C >= 2. Returns the loss, and
+    lam_i [N] (float64) when ``return_lam``: store it per instance and pass it back as
+    ``prev_lam`` on the next visit (:class:`ALDRKLLoss` does this).
     """
     fn = "aldr_kl_loss"
     reduction = _reduction(fn, reduction)
     logits, labels, n, c = _class_logits(fn, logits, labels)
-    alpha = _positive(fn, "alpha", alpha)
+    alpha = _real(fn, "alpha", alpha)
+    if not (math.isfinite(alpha) and alpha > 1):
+        raise Error(f"{fn}: alpha must be finite and > 1, got {alpha:g}")
     lam0 = _positive(fn, "lam0", lam0)
     margin = _real(fn, "margin", margin)
+    if c < 2:
+        raise Error(f"{fn}: logits must have C >= 2 classes, got {c}")
+    if prev_lam is None:
+        prev = torch.full((n,), lam0, dtype=torch.float64)
+    else:
+        if not isinstance(prev_lam, torch.Tensor) or tuple(prev_lam.shape) != (n,):
+            raise Error(f"{fn}: prev_lam must be a tensor of shape [{n}]")
+        prev = prev_lam.detach().double().reshape(n)
+        if not bool((torch.isfinite(prev) & (prev > 0)).all()):
+            raise Error(f"{fn}: prev_lam must be finite and > 0")
+    log_c = math.log(c)
     with torch.no_grad():
-        a = _ldr_margins(logits.detach().double(), labels, margin)
-
-        def kl_to_uniform(lam):  # KL(p_lam || u), p_lam = softmax(a / lam), decreasing in lam
-            lp = torch.log_softmax(a / lam[:, None], dim=1)
-            return (lp.exp() * lp).sum(1) + math.log(c)
-
-        lo = torch.full((n,), math.log(lam0), dtype=torch.float64)
-        spread = (a.max(1).values - a.min(1).values).clamp_min(1e-12)
-        hi = torch.maximum(lo + 1, torch.log(spread * 1e6))
-        need = kl_to_uniform(lo.exp()) > alpha  # otherwise lam0 already satisfies the constraint
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            big = kl_to_uniform(mid.exp()) > alpha
-            lo = torch.where(big, mid, lo)
-            hi = torch.where(big, hi, mid)
-        lam = torch.where(need, hi.exp(), torch.full_like(hi, lam0))
+        lp = torch.log_softmax(logits.detach().double() / prev[:, None], dim=1)
+        kl = (lp.exp() * lp).sum(1) + log_c
+        lam = lam0 * (1 - kl / (alpha * log_c))
     per = ldr_kl_loss(logits, labels, lam=lam.to(logits.dtype) if n > 1 else float(lam[0]),
-                      margin=margin, reduction="none") + alpha * lam.to(logits.dtype)
+                      margin=margin, reduction="none")
+    per = per - (alpha * log_c / (2 * lam0) * (lam - lam0) ** 2).to(per.dtype)
     out = per if reduction == "none" else (per.sum() if reduction == "sum" else per.mean())
     return (out, lam) if return_lam else out
+
+
+class ALDRKLLoss(nn.Module):
+    """:func:`aldr_kl_loss` with the per-instance temperatures kept in a buffer, as the official
+    ``ALDRLoss_V1`` keeps them: ``loss_fn(logits, labels, ids)`` with ``ids`` [N] the dataset
+    indices of the batch (int64, in [0, num_samples)); the buffer starts at lam0."""
+
+    def __init__(self, num_samples: int, *, alpha: float = 2.0, lam0: float = 1.0,
+                 margin: float = 0.1, reduction: str = "mean"):
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise Error(f"ALDRKLLoss: num_samples must be an int >= 1, got {num_samples!r}")
+        self.alpha, self.lam0, self.margin, self.reduction = alpha, lam0, margin, reduction
+        self.register_buffer("lam", torch.full((num_samples,), float(lam0), dtype=torch.float64))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
+        if (not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1
+                or bool(((ids < 0) | (ids >= self.lam.numel())).any())):
+            raise Error(f"ALDRKLLoss: ids must be an int64 tensor [N] of indices in "
+                        f"[0, {self.lam.numel()})")
+        loss, lam = aldr_kl_loss(logits, labels, alpha=self.alpha, lam0=self.lam0,
+                                 margin=self.margin, prev_lam=self.lam[ids],
+                                 reduction=self.reduction, return_lam=True)
+        self.lam[ids] = lam.to(self.lam.dtype)
+        return loss
 
 
 def comp_sum_loss(logits: torch.Tensor, labels: torch.Tensor, *, tau: float = 1.0,

@@ -433,29 +433,59 @@ def test_ldr_kl_reference_limits_and_gradcheck():
     assert torch.autograd.gradcheck(lambda a: D.ldr_kl_loss(a, y, lam=0.5), (zg,))
 
 
-def test_aldr_kl_adaptive_temperature():
+def _aldr_ref(z, y, alpha, lam0, margin, prev):
+    # ALDR-KL as written in the paper's code (ALDRLoss_V1), per row in fp64, KL exact.
+    n, c = z.shape
+    out, lams = [], []
+    for i in range(n):
+        p = F.softmax(z[i] / prev[i], -1)
+        kl = float((p * torch.log(c * p)).sum())
+        lam = lam0 * (1 - kl / (alpha * math.log(c)))
+        a = torch.tensor([margin * (k != int(y[i])) + float(z[i, k] - z[i, y[i]])
+                          for k in range(c)], dtype=torch.float64)
+        ldr = lam * math.log(float(torch.exp(a / lam).mean()))
+        out.append(ldr - alpha * math.log(c) / (2 * lam0) * (lam - lam0) ** 2)
+        lams.append(lam)
+    return torch.tensor(out, dtype=torch.float64), torch.tensor(lams, dtype=torch.float64)
+
+
+def test_aldr_kl_matches_official_rule():
     z, y = _logits(6, 5, 41), _labels(6, 5, 8)
-    alpha = 0.2
-    loss, lam = D.aldr_kl_loss(z, y, alpha=alpha, lam0=0.01, reduction="none", return_lam=True)
-    a = (z - z.gather(1, y[:, None]) + 0.1).scatter(1, y[:, None], 0.0)
-    for i in range(6):
-        lp = F.log_softmax(a[i] / lam[i], -1)
-        kl = float((lp.exp() * lp).sum() + math.log(5))
-        if lam[i] > 0.01 * (1 + 1e-9):
-            assert kl == pytest.approx(alpha, abs=1e-7)  # the KL constraint binds
-        else:
-            assert kl <= alpha + 1e-9
-        # The dual value is the worst case over the KL ball: >= the value at any feasible p,
-        # e.g. the uniform one, and equal to sum p* a at the optimum.
-        p_star = lp.exp()
-        assert float(loss[i]) == pytest.approx(float((p_star * a[i]).sum()), abs=1e-6)
-        assert float(loss[i]) >= float(a[i].mean()) - 1e-9
-    # Envelope theorem: the gradient equals LDR-KL's at the fixed lam.
+    loss, lam = D.aldr_kl_loss(z, y, alpha=2.0, lam0=1.0, reduction="none", return_lam=True)
+    ref, lam_ref = _aldr_ref(z, y, 2.0, 1.0, 0.1, torch.ones(6, dtype=torch.float64))
+    torch.testing.assert_close(lam, lam_ref)
+    torch.testing.assert_close(loss, ref)
+    # lam in [lam0 (1 - 1/alpha), lam0]; a flat row keeps lam0.
+    assert bool(((lam >= 0.5 - 1e-12) & (lam <= 1.0 + 1e-12)).all())
+    flat = torch.zeros(1, 5, dtype=torch.float64)
+    assert float(D.aldr_kl_loss(flat, y[:1], return_lam=True)[1][0]) == pytest.approx(1.0)
+    # Second visit: p from the stored lam.
+    loss2, lam2 = D.aldr_kl_loss(z, y, alpha=3.0, lam0=0.5, margin=0.2, prev_lam=lam,
+                                 reduction="none", return_lam=True)
+    ref2, lam2_ref = _aldr_ref(z, y, 3.0, 0.5, 0.2, lam)
+    torch.testing.assert_close(lam2, lam2_ref)
+    torch.testing.assert_close(loss2, ref2)
+    # lam carries no gradient: the logits' gradient is LDR-KL's at lam.
     zg = z.clone().requires_grad_()
-    (g1,) = torch.autograd.grad(D.aldr_kl_loss(zg, y, alpha=alpha, lam0=0.01, reduction="sum"), zg)
+    (g1,) = torch.autograd.grad(D.aldr_kl_loss(zg, y, reduction="sum"), zg)
     zg2 = z.clone().requires_grad_()
     (g2,) = torch.autograd.grad(D.ldr_kl_loss(zg2, y, lam=lam, reduction="sum"), zg2)
     torch.testing.assert_close(g1, g2)
+    # The module keeps lam per instance across visits, as the official loss does.
+    mod = D.ALDRKLLoss(10, alpha=2.0, lam0=1.0)
+    ids = torch.tensor([7, 1, 3, 0, 9, 4])
+    first = mod(z, y, ids)
+    torch.testing.assert_close(first, ref.mean())
+    torch.testing.assert_close(mod.lam[ids], lam_ref)
+    assert float(mod.lam[2]) == 1.0
+    second = mod(z, y, ids)
+    torch.testing.assert_close(second, _aldr_ref(z, y, 2.0, 1.0, 0.1, lam_ref)[0].mean())
+    with pytest.raises(divkit.Error, match="aldr_kl_loss: alpha must be finite and > 1"):
+        D.aldr_kl_loss(z, y, alpha=1.0)
+    with pytest.raises(divkit.Error, match="aldr_kl_loss: prev_lam must be finite and > 0"):
+        D.aldr_kl_loss(z, y, prev_lam=torch.zeros(6))
+    with pytest.raises(divkit.Error, match="ALDRKLLoss: ids must be"):
+        mod(z, y, torch.tensor([0, 1, 2, 3, 4, 10]))
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.3, 1.7, 2.0, 3.0])
