@@ -714,15 +714,18 @@ def mdcs_consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor
     r"""MDCS consistency self-distillation with confident-instance sampling (CIS).
 
     Zhao et al., "MDCS: More Diverse Experts with Consistency Self-distillation for Long-tailed
-    Recognition" (ICCV 2023). The weakly augmented view is the teacher
-    (detached), the strongly augmented one the student::
+    Recognition" (ICCV 2023). Verified against the official ``MDCSLoss.forward`` (fistyee/MDCS,
+    ``model/loss.py``): per expert, the weakly augmented view is the teacher (detached), the
+    strongly augmented one the student::
 
-        loss_i = m_i KL(softmax(weak / T) || softmax(strong / T))    (forward KL)
+        loss_i = m_i T^2 KL(softmax(weak / T) || softmax(strong / T))    (forward KL)
         m_i    = 1[argmax weak_i == y_i]        (only correctly classified instances)
 
-    ``mean`` averages over the selected instances (0 when none is selected). For several
-    experts, stack them in a leading dimension and broadcast the labels. The KL and its gradient
-    are divkit's fused divergence kernel.
+    ``mean`` averages over the selected instances (0 when none is selected), as the official
+    ``F.kl_div(..., reduction='batchmean')`` on the selected rows. The official loss calls this
+    once per expert on the expert's logit-adjusted outputs and sums the experts' terms (T = 1,
+    weight 0.6, warm-up min(epoch / 20, 1)); those are the caller's: call once per expert and
+    add. The KL and its gradient are divkit's fused divergence kernel.
     """
     fn = "mdcs_consistency_loss"
     reduction = _reduction(fn, reduction)
@@ -742,6 +745,7 @@ def mdcs_consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor
                       labels=cis_labels.reshape(lead), ignore_index=ignore_index, reduction=red)
     if reduction == "batchmean":
         loss = loss / max(n, 1)
+    loss = loss * (temperature * temperature)
     return (loss, mask.reshape(lead)) if return_mask else loss
 
 

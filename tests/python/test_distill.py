@@ -364,8 +364,15 @@ def test_mdcs_only_correct_instances():
     y[::2] = (y[::2] + 1) % 6  # half of them misclassified by the weak view
     loss, mask = D.mdcs_consistency_loss(strong, weak, y, temperature=2.0, return_mask=True)
     assert mask.tolist() == [False, True] * 4
-    ref = _fkl(weak, strong, 2.0)[1::2].mean()
+    # The official MDCSLoss term: F.kl_div(log_softmax(strong / T)[sel], softmax(weak / T)[sel],
+    # 'batchmean') * T^2, the selected rows those the weak view classifies correctly.
+    sel = weak.argmax(-1) == y
+    ref = F.kl_div(F.log_softmax(strong[sel] / 2.0, -1), F.softmax(weak[sel] / 2.0, -1),
+                   reduction="batchmean") * 4.0
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(D.mdcs_consistency_loss(strong, weak, y, temperature=2.0,
+                                                       reduction="none").double(),
+                               4.0 * _fkl(weak, strong, 2.0) * sel, rtol=1e-6, atol=1e-7)
     # Gradient only through the strong view, only on the selected rows.
     sg, wg = strong.clone().requires_grad_(), weak.clone().requires_grad_()
     D.mdcs_consistency_loss(sg, wg, y).backward()
