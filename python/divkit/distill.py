@@ -775,15 +775,19 @@ def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
             labels: torch.Tensor, class_means: torch.Tensor, *, reduction: str = "mean"):
     r"""ND loss: student feature norm and direction toward the teacher's class means.
 
-    Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction"
-    (code WangYZ1608/Knowledge-Distillation-via-ND). With e_y = mu_y / ||mu_y||
-    the unit direction of the teacher's class mean of the label::
+    Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction".
+    Verified against the official ``DirectNormLoss`` (WangYZ1608/Knowledge-Distillation-via-ND,
+    ``CIFAR/utils.py``, ``project_center``). With e_y = mu_y / ||mu_y|| the unit direction of
+    the teacher's class mean of the label (the official ``center_emb_train.json`` holds the
+    teacher's per-class mean embeddings on the training set: :func:`teacher_class_means`)::
 
         loss_i = 1 - <f_s, e_y> / max(||f_s||, ||f_t||)
 
-    The projection rewards both alignment with e_y and a large student norm (up to the larger
-    of the two norms). Per-sample arithmetic in torch, differentiable in the student features
-    (teacher features and class means are fixed).
+    ``mean`` is the official sum over the batch / N (its ``nd_loss_factor`` is the caller's
+    weight). The projection rewards both alignment with e_y and a large student norm (up to the
+    larger of the two norms); as in the official code the gradient also flows through ||f_s||
+    when it is the larger norm. Per-sample arithmetic in torch, differentiable in the student
+    features (teacher features and class means are fixed).
     """
     fn = "nd_loss"
     reduction = _reduction(fn, reduction)

@@ -407,6 +407,16 @@ def test_nd_loss_reference_and_properties():
                                torch.zeros(n, dtype=torch.float64), atol=1e-12, rtol=0)
     fsg = fs.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda a: D.nd_loss(a, ft, y, means), (fsg,))
+    # The official DirectNormLoss loop (WangYZ1608 CIFAR/utils.py): the gradient passes through
+    # ||f_s|| where it is the larger norm; half the rows made longer than the teacher's.
+    fs2 = fs.clone()
+    fs2[::2] *= 10
+    fa, fb = fs2.clone().requires_grad_(), fs2.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(D.nd_loss(fa, ft, y, means), fa)
+    ref = sum(1 - torch.dot(fb[i], means[y[i]] / means[y[i]].norm()) /
+              max(fb[i].norm(), ft[i].norm()) for i in range(n)) / n
+    (gb,) = torch.autograd.grad(ref, fb)
+    torch.testing.assert_close(ga, gb)
 
 
 # ---------------------------------------------------------------------------------------------
