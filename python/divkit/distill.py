@@ -439,7 +439,8 @@ def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     r"""OFA-KD's adaptive target enhancement in logit space.
 
     Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge
-    Distillation" (NeurIPS 2023; code Hao840/OFAKD ``ofa_loss``). With
+    Distillation" (NeurIPS 2023). Verified against the official ``ofa_loss`` (Hao840/OFAKD,
+    ``distillers/ofa.py``). With
     p = softmax(t / T) (teacher, fixed), q = softmax(s / T) (student), e the one-hot label::
 
         w_j = (p_j + e_j)^eps - e_j,      loss_i = -sum_j w_j log q_j
