@@ -162,7 +162,8 @@ def bdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                                                           0.5 on a tie)
         loss_i = (1 - w_i) KL(p || q) + w_i KL(q || p)    (forward_kl + reverse_kl)
 
-    The exact weights of the paper are not public (not verified). divkit's reading of "shift the
+    The exact weights of the paper are not public (not verified: no official or public
+    reimplementation code found; the arXiv v2 text was not readable). divkit's reading of "shift the
     focus to the student": a student less confident than the teacher (H_s > H_t) is pushed by
     the mode-seeking reverse KL, a student more confident than the teacher by the mass-covering
     forward KL. w_i lies in [0, 1]; w = 0 is forward KL and w = 1 reverse KL exactly. Gradients
@@ -529,7 +530,8 @@ def dac_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     region.
 
     Liu et al., "Multi-Granularity Semantic Revision for Large Language Model Distillation".
-    The paper's equations are not public (not verified); divkit implements
+    The paper's equations are not public (not verified: no official or public code found);
+    divkit implements
     its description. With p = softmax(t / T) (teacher, fixed) and q = softmax(s / T) (student),
     a mask over the vocabulary from per-row bounds 0 < lower < upper in probability space::
 
@@ -1012,7 +1014,8 @@ def smooth_adversarial_comp_sum_loss(logits: torch.Tensor, adv_logits: torch.Ten
 
     where z' = h(x') are the logits at an adversarial input x' chosen by the caller (e.g. PGD
     maximizing ||h(x') - h(x)|| in the perturbation ball), as the paper's regularized
-    adversarial algorithm. The smooth term's exact form is not verified. nu >= 0.
+    adversarial algorithm. The smooth term's exact form is not verified (no public code found;
+    the paper's text beyond its abstract was not readable here). nu >= 0.
     """
     fn = "smooth_adversarial_comp_sum_loss"
     reduction = _reduction(fn, reduction)
@@ -1147,7 +1150,8 @@ def ddk_domain_weights(student_losses, teacher_losses, previous_weights=None, *,
         w_new   = max(w_new, min_weight), renormalized to sum 1
 
     w_prev = uniform when not given. The paper's exact discrepancy factor and smoothing are not
-    verified. Returns float64 [D] that sums to 1. Per-domain arithmetic in torch.
+    verified (no official or public code found). Returns float64 [D] that sums to 1.
+    Per-domain arithmetic in torch.
     """
     fn = "ddk_domain_weights"
     ls = torch.as_tensor(student_losses, dtype=torch.float64).reshape(-1)
