@@ -26,7 +26,7 @@
 namespace divkit {
 
 // Shannon entropy of softmax(logits / T) per row, in nats: H_i = -sum_j p_ij log p_ij.
-// (BD-KD's entropy gap, USCD's uncertainty.)
+// (BD-KD's entropy gap.)
 void row_entropy(const TensorView& logits, double temperature, const TensorView& out);
 
 // NKD, normalized knowledge distillation (Yang et al., "From Knowledge Distillation to
@@ -103,20 +103,23 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
 void swing_noise(uint64_t seed, const TensorView& out);
 
 // USCD selective contrastive decoding step (Wang et al., "USCD: Improving Code Generation of
-// LLMs by Uncertainty-Aware Selective Contrastive Decoding", 2024). Per row, with
-// lp = log_softmax(standard), ll = log_softmax(lame), and the uncertainty u_i = H(softmax(
-// standard)) (nats; divided by log V when `normalized`):
-//   u_i <= threshold: out = standard (unchanged)
-//   u_i >  threshold: out_j = (1 + alpha) lp_j - alpha ll_j where p_j >= plausibility * max p
-//                     (a token whose lame logit is -inf gets (1 + alpha) lp_j),
-//                     -inf elsewhere (the adaptive plausibility constraint of contrastive
-//                     decoding; plausibility = 0 keeps every token).
-// The exact uncertainty measure and contrast of the paper are not public (not verified).
-// out: [N, V] any float dtype; uncertainty: [N] fp32/fp64; applied: optional [N] (1 / 0,
-// fp32/fp64/int32/int64). alpha >= 0, plausibility in [0, 1].
-void selective_contrast(const TensorView& standard, const TensorView& lame, double alpha,
-                        double threshold, double plausibility, bool normalized,
-                        const TensorView& out, const TensorView& uncertainty,
-                        const TensorView& applied);
+// LLMs by Uncertainty-Aware Selective Contrastive Decoding", 2024), as its official code
+// computes it (alphadl/CodeGen-USCD, bigcode_eval/contrast.py, EnsembleLogitsProcessor with the
+// standard prompt in row 0 and the lame prompt in row 1). Per row, with p = softmax(standard),
+// p_l = softmax(lame) and the uncertainty u_i = std(p) (the sample standard deviation over the
+// V entries, n - 1 in the denominator, as torch.std; a flat, uncertain distribution has a small
+// u):
+//   u_i >  std_threshold: out = log p (the standard log-probabilities, no contrast)
+//   u_i <= std_threshold: out_j = log(p_j - lame_weight p_l_j)  where p_j >= filter_ratio mean(p)
+//                                                             and the difference is > 0,
+//                         -inf elsewhere.
+// The official run uses source weights (1.0, -0.7), mean_num 0.005 and filter_num 0.666667,
+// i.e. lame_weight 0.7, std_threshold 0.005, filter_ratio 2/3. A row can be all -inf when the
+// lame prompt outweighs every kept token (as in the official code). out: [N, V] any float dtype;
+// uncertainty: [N] fp32/fp64; applied: optional [N] (1 / 0, fp32/fp64/int32/int64).
+// lame_weight >= 0, filter_ratio >= 0.
+void selective_contrast(const TensorView& standard, const TensorView& lame, double lame_weight,
+                        double std_threshold, double filter_ratio, const TensorView& out,
+                        const TensorView& uncertainty, const TensorView& applied);
 
 }  // namespace divkit

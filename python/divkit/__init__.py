@@ -22,8 +22,8 @@ from .preference import (LOSS_TYPES, cpo_loss, d2o_loss, dpo_loss, hypo_loss, kt
 from .preference import sparsepo_loss_fused, tdpo_loss_fused
 from .sparse import TAILS, sparse_divergence, topk_divergence
 from . import distill
-from .distill import (DACKLBounds, DACKLLoss, USCDLogitsProcessor, aldr_kl_loss, bdkd_loss,
-                      comp_sum_loss, dac_kl_loss, ddk_domain_weights, ldr_kl_loss,
+from .distill import (ALDRKLLoss, DACKLBounds, DACKLLoss, USCDLogitsProcessor, aldr_kl_loss,
+                      bdkd_loss, comp_sum_loss, dac_kl_loss, ddk_domain_weights, ldr_kl_loss,
                       mdcs_consistency_loss, miniplm_difference_sampling, nd_loss, nkd_loss,
                       ofa_loss, swing_loss, uscd_logits, uskd_loss, weight_aligning)
 
@@ -75,6 +75,7 @@ __all__ = [
     "nd_loss",
     "ldr_kl_loss",
     "aldr_kl_loss",
+    "ALDRKLLoss",
     "comp_sum_loss",
     "miniplm_difference_sampling",
     "ddk_domain_weights",

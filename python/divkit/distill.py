@@ -32,7 +32,7 @@ __all__ = [
     "bdkd_loss", "nkd_loss", "uskd_soft_labels", "uskd_loss", "ofa_loss", "dac_kl_loss",
     "dac_kl_mass_bounds", "DACKLBounds", "DACKLLoss", "swing_temperatures", "swing_loss",
     "swing_noise", "mdcs_consistency_loss", "nd_loss", "teacher_class_means", "ldr_kl_loss",
-    "aldr_kl_loss", "comp_sum_loss", "generalized_cross_entropy", "mae_loss",
+    "aldr_kl_loss", "ALDRKLLoss", "comp_sum_loss", "generalized_cross_entropy", "mae_loss",
     "smooth_adversarial_comp_sum_loss", "miniplm_scores", "miniplm_difference_sampling",
     "load_document_logprobs", "ddk_domain_weights", "weight_aligning", "weight_align_",
     "row_entropy", "uscd_logits", "USCDLogitsProcessor", "USCDResult",
@@ -162,7 +162,8 @@ def bdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                                                           0.5 on a tie)
         loss_i = (1 - w_i) KL(p || q) + w_i KL(q || p)    (forward_kl + reverse_kl)
 
-    The exact weights of the paper are not public (not verified). divkit's reading of "shift the
+    The exact weights of the paper are not public (not verified: no official or public
+    reimplementation code found; the arXiv v2 text was not readable). divkit's reading of "shift the
     focus to the student": a student less confident than the teacher (H_s > H_t) is pushed by
     the mode-seeking reverse KL, a student more confident than the teacher by the mass-covering
     forward KL. w_i lies in [0, 1]; w = 0 is forward KL and w = 1 reverse KL exactly. Gradients
@@ -276,52 +277,53 @@ def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
 
 def uskd_soft_labels(student_logits: torch.Tensor, labels: torch.Tensor,
-                     rank_logits: torch.Tensor, *, target_mean: float = 0.9,
-                     zipf_power: float = 1.0, ignore_index: int = -100):
+                     weak_logits: torch.Tensor, *, ignore_index: int = -100):
     r"""USKD's customized soft labels, without a teacher.
 
-    Yang et al. (ICCV 2023; USKD). Returns ``(target, nontarget)``:
+    Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified
+    Approach with Normalized Loss and Customized Soft Labels" (ICCV 2023; USKD). Verified
+    against the official code (yzd-v/cls_KD, ``mmcls/models/dis_losses/uskd.py`` and
+    ``mmcls/distillation/losses/uskd.py``, ``USKDLoss.forward``, hard labels). With
+    q = softmax(s) the student's final output and w = softmax(weak_logits) the output of the
+    classifier on the intermediate feature (``fc(fea_mid)`` there), returns ``(target,
+    nontarget)``, both without gradient:
 
-    * ``target`` ``[...]``: the smoothed target label from the student's own target probability
-      q_y = softmax(s)_y (no gradient): t_y = clamp(q_y^2 - mean_batch(q_y^2) + target_mean,
-      1e-4, 1 - 1e-4). Not verified: the paper smooths the student's target output; divkit
-      squares it (sharper than the student) and shifts the batch mean to ``target_mean``.
-    * ``nontarget`` ``[..., C]``: Zipf-distributed non-target labels from the rank of
-      ``rank_logits`` (the logits of the intermediate feature's classifier, as in the paper):
-      the non-target class of rank r (1 = largest rank logit, the label excluded) gets
-      r^(-zipf_power) / Z; the label's own entry is 0. Ignored rows are all zero.
+    * ``target`` ``[...]``: t_y = q_y^2 - mean_batch(q_y^2) + 1 (the squared target
+      probability, shifted so that its batch mean over non-ignored rows is 1; not clamped).
+    * ``nontarget`` ``[..., C]``: Zipf labels. Every class j (the label included) is scored
+      r_j = w_j / (1 - w_y + 1e-6) + log q_j / (1 - log q_y + 1e-6), the classes are ranked by
+      decreasing r (rank k = 1, 2, ... over all C classes), class j gets 1 / k_j, then the
+      label's entry is dropped and the rest renormalized to sum 1. The official code computes
+      the second term from the student's *log*-probabilities (its ``s_i`` is reassigned to
+      ``log_softmax`` before the rank); divkit follows the released code.
 
-    Class-count-sized arithmetic (a sort over C classes), done in torch.
+    Ignored rows are all zero. Class-count-sized arithmetic (a sort over C classes) in torch.
     """
     fn = "uskd_soft_labels"
     s = _check_logits("student_logits", student_logits, fn)
-    r = _check_logits("rank_logits", rank_logits, fn)
-    _same_shape(fn, "rank_logits", r, s, "student_logits")
+    wk = _check_logits("weak_logits", weak_logits, fn)
+    _same_shape(fn, "weak_logits", wk, s, "student_logits")
     lead = s.shape[:-1]
     c = s.shape[-1]
     n = math.prod(lead)
     lab = _labels(fn, labels, lead, n, True)
-    target_mean = _real(fn, "target_mean", target_mean)
-    if not 0 < target_mean < 1:
-        raise Error(f"{fn}: target_mean must be in (0, 1), got {target_mean:g}")
-    power = _real(fn, "zipf_power", zipf_power)
-    if not (math.isfinite(power) and power >= 0):
-        raise Error(f"{fn}: zipf_power must be finite and >= 0, got {power:g}")
     valid = lab != ignore_index
     if bool(((lab < 0) | (lab >= c))[valid].any()):
         raise Error(f"{fn}: labels out of range [0, {c}) (and not ignore_index)")
     safe = torch.where(valid, lab, torch.zeros_like(lab))
     with torch.no_grad():
-        q = torch.softmax(s.detach().reshape(n, c).double(), -1)
-        qy = q.gather(1, safe[:, None])[:, 0] ** 2
-        mean = qy[valid].mean() if bool(valid.any()) else qy.new_zeros(())
-        target = (qy - mean + target_mean).clamp(1e-4, 1 - 1e-4)
-        rl = r.detach().reshape(n, c).double().clone()
-        rl.scatter_(1, safe[:, None], -math.inf)  # the label ranks last and gets 0
-        order = rl.argsort(dim=1, descending=True, stable=True)
+        lq = torch.log_softmax(s.detach().reshape(n, c).double(), -1)
+        lqy = lq.gather(1, safe[:, None])
+        qy2 = lqy[:, 0].exp() ** 2
+        mean = qy2[valid].mean() if bool(valid.any()) else qy2.new_zeros(())
+        target = qy2 - mean + 1.0
+        w = torch.softmax(wk.detach().reshape(n, c).double(), -1)
+        wy = w.gather(1, safe[:, None])
+        score = w / (1 - wy + 1e-6) + lq / (1 - lqy + 1e-6)
+        order = score.argsort(dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(1, c + 1).expand(n, c).contiguous())
-        z = ranks.double() ** (-power)
+        z = 1.0 / ranks.double()
         z.scatter_(1, safe[:, None], 0.0)
         z = z / z.sum(1, keepdim=True).clamp_min(1e-300)
         target = torch.where(valid, target, torch.zeros_like(target))
@@ -330,46 +332,69 @@ def uskd_soft_labels(student_logits: torch.Tensor, labels: torch.Tensor,
     return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
 
 
-def uskd_loss(student_logits: torch.Tensor, labels: torch.Tensor, rank_logits: torch.Tensor, *,
-              gamma: float = 1.0, temperature: float = 1.0, target_mean: float = 0.9,
-              zipf_power: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
-    r"""USKD: NKD with customized soft labels instead of a teacher.
+def uskd_loss(student_logits: torch.Tensor, labels: torch.Tensor, weak_logits: torch.Tensor, *,
+              alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005,
+              ignore_index: int = -100, reduction: str = "mean"):
+    r"""USKD: self-knowledge distillation with customized soft labels (no teacher).
 
-    Yang et al. (ICCV 2023). With (t_y, z) = :func:`uskd_soft_labels`::
+    Yang et al. (ICCV 2023). Verified against the official ``USKDLoss`` (yzd-v/cls_KD,
+    ``mmcls/models/dis_losses/uskd.py``; defaults alpha 1.0, beta 0.1, mu 0.005). With
+    (t_y, z) = :func:`uskd_soft_labels` (no gradient), q = softmax(s), q^ the student's
+    softmax over the non-target classes and w = softmax(weak_logits)::
 
-        loss_i = -t_y log q_y  -  gamma tau^2 sum_{j != y} z_j log q^_j
+        loss_i = alpha (-t_y log q_y)  +  beta (-sum_{j != y} z_j log q^_j)
+                 + mu (-sum_j e_j log w_j),     e = 0.9 onehot(y) + 0.1 / C
 
-    computed by NKD's C++ kernel with a teacher whose softmax is exactly (t_y, (1 - t_y) z).
-    The paper's weights of the two terms and its soft-label smoothing are not verified (see
-    :func:`uskd_soft_labels`).
+    The last term is the official "weak supervision" of the intermediate classifier (label
+    smoothing 0.1); it is the only one that reaches ``weak_logits`` (mu = 0 drops it). Pass
+    the intermediate classifier's logits (``fc(features)``, an ``nn.Linear`` the caller owns).
+    Hard labels only (the official mixup / soft-label branch is not implemented). The target
+    and non-target terms are NKD's C++ kernel (with a teacher whose target probability is 1/2
+    and whose non-target softmax is z, scaled by 2 t_y); the weak term is divkit's
+    ``cross_entropy`` divergence kernel.
     """
     fn = "uskd_loss"
     reduction = _reduction(fn, reduction)
-    gamma = _real(fn, "gamma", gamma)
-    if not (math.isfinite(gamma) and gamma >= 0):
-        raise Error(f"{fn}: gamma must be finite and >= 0, got {gamma:g}")
+    alpha = _real(fn, "alpha", alpha)
+    beta = _real(fn, "beta", beta)
+    mu = _real(fn, "mu", mu)
+    for name, x in (("alpha", alpha), ("beta", beta), ("mu", mu)):
+        if not (math.isfinite(x) and x >= 0):
+            raise Error(f"{fn}: {name} must be finite and >= 0, got {x:g}")
     s = _check_logits("student_logits", student_logits, fn)
-    target, z = uskd_soft_labels(s, labels, rank_logits, target_mean=target_mean,
-                                 zipf_power=zipf_power, ignore_index=ignore_index)
+    target, z = uskd_soft_labels(s, labels, weak_logits, ignore_index=ignore_index)
     lead = s.shape[:-1]
+    c = s.shape[-1]
     n = math.prod(lead)
     lab = _labels(fn, labels, lead, n, True)
     valid = lab != ignore_index
     safe = torch.where(valid, lab, torch.zeros_like(lab))
-    tau = _positive(fn, "temperature", temperature)
     with torch.no_grad():
-        # Teacher logits for NKD's kernel: tau log z off the label (so that the non-target
-        # softmax at tau is exactly z) and, at the label, the logit that makes the T = 1 softmax
-        # equal t_y: a = logit(t_y) + log sum_{j != y} z_j^tau.
-        tl = tau * z.reshape(n, -1).double().log()
-        ty = target.reshape(n).double().clamp(1e-4, 1 - 1e-4)
-        rest = torch.logsumexp(tl.scatter(1, safe[:, None], -math.inf), dim=1)
-        tl.scatter_(1, safe[:, None], (ty.log() - torch.log1p(-ty) + rest)[:, None])
+        # Teacher logits for NKD's kernel: log z off the label (its non-target softmax is z)
+        # and, at the label, log sum z = 0, so that its T = 1 target probability is 1/2.
+        tl = z.reshape(n, c).double().clamp_min(1e-300).log()
+        tl.scatter_(1, safe[:, None], 0.0)
         tl = torch.where(valid[:, None], tl, torch.zeros_like(tl))
-    tgt, nontarget, lab, lead, n, tau = _nkd_terms(fn, s, tl.reshape(s.shape).to(_out_dtype(s)),
-                                                  labels, tau, ignore_index)
-    per_row = tgt + (gamma * tau * tau) * nontarget
+    tgt, nontarget, lab, lead, n, _ = _nkd_terms(fn, s, tl.reshape(s.shape).to(_out_dtype(s)),
+                                                labels, 1.0, ignore_index)
+    scale = (2.0 * target.reshape(n)).to(tgt.dtype)
+    per_row = alpha * scale * tgt + beta * nontarget
+    if mu > 0:
+        with torch.no_grad():
+            e = _smoothed_one_hot(safe, c, 0.1).to(_out_dtype(s))
+        wk = weak_logits.reshape(n, c)
+        weak = divergence(wk, e.log(), "cross_entropy", labels=lab, ignore_index=ignore_index,
+                          reduction="none").reshape(n)
+        per_row = per_row + mu * weak.to(per_row.dtype)
     return _reduce(per_row, valid, lead, reduction)
+
+
+def _smoothed_one_hot(labels: torch.Tensor, c: int, eps: float) -> torch.Tensor:
+    """(1 - eps) onehot(labels) + eps / C, float64 [N, C] (USKD's weak-supervision target)."""
+    e = torch.full((labels.numel(), c), eps / c, dtype=torch.float64)
+    e.scatter_add_(1, labels.reshape(-1, 1), torch.full((labels.numel(), 1), 1.0 - eps,
+                                                         dtype=torch.float64))
+    return e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +440,8 @@ def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     r"""OFA-KD's adaptive target enhancement in logit space.
 
     Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge
-    Distillation" (NeurIPS 2023; code Hao840/OFAKD ``ofa_loss``). With
+    Distillation" (NeurIPS 2023). Verified against the official ``ofa_loss`` (Hao840/OFAKD,
+    ``distillers/ofa.py``). With
     p = softmax(t / T) (teacher, fixed), q = softmax(s / T) (student), e the one-hot label::
 
         w_j = (p_j + e_j)^eps - e_j,      loss_i = -sum_j w_j log q_j
@@ -504,7 +530,8 @@ def dac_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     region.
 
     Liu et al., "Multi-Granularity Semantic Revision for Large Language Model Distillation".
-    The paper's equations are not public (not verified); divkit implements
+    The paper's equations are not public (not verified: no official or public code found);
+    divkit implements
     its description. With p = softmax(t / T) (teacher, fixed) and q = softmax(s / T) (student),
     a mask over the vocabulary from per-row bounds 0 < lower < upper in probability space::
 
@@ -690,15 +717,18 @@ def mdcs_consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor
     r"""MDCS consistency self-distillation with confident-instance sampling (CIS).
 
     Zhao et al., "MDCS: More Diverse Experts with Consistency Self-distillation for Long-tailed
-    Recognition" (ICCV 2023). The weakly augmented view is the teacher
-    (detached), the strongly augmented one the student::
+    Recognition" (ICCV 2023). Verified against the official ``MDCSLoss.forward`` (fistyee/MDCS,
+    ``model/loss.py``): per expert, the weakly augmented view is the teacher (detached), the
+    strongly augmented one the student::
 
-        loss_i = m_i KL(softmax(weak / T) || softmax(strong / T))    (forward KL)
+        loss_i = m_i T^2 KL(softmax(weak / T) || softmax(strong / T))    (forward KL)
         m_i    = 1[argmax weak_i == y_i]        (only correctly classified instances)
 
-    ``mean`` averages over the selected instances (0 when none is selected). For several
-    experts, stack them in a leading dimension and broadcast the labels. The KL and its gradient
-    are divkit's fused divergence kernel.
+    ``mean`` averages over the selected instances (0 when none is selected), as the official
+    ``F.kl_div(..., reduction='batchmean')`` on the selected rows. The official loss calls this
+    once per expert on the expert's logit-adjusted outputs and sums the experts' terms (T = 1,
+    weight 0.6, warm-up min(epoch / 20, 1)); those are the caller's: call once per expert and
+    add. The KL and its gradient are divkit's fused divergence kernel.
     """
     fn = "mdcs_consistency_loss"
     reduction = _reduction(fn, reduction)
@@ -718,6 +748,7 @@ def mdcs_consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor
                       labels=cis_labels.reshape(lead), ignore_index=ignore_index, reduction=red)
     if reduction == "batchmean":
         loss = loss / max(n, 1)
+    loss = loss * (temperature * temperature)
     return (loss, mask.reshape(lead)) if return_mask else loss
 
 
@@ -747,15 +778,19 @@ def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
             labels: torch.Tensor, class_means: torch.Tensor, *, reduction: str = "mean"):
     r"""ND loss: student feature norm and direction toward the teacher's class means.
 
-    Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction"
-    (code WangYZ1608/Knowledge-Distillation-via-ND). With e_y = mu_y / ||mu_y||
-    the unit direction of the teacher's class mean of the label::
+    Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction".
+    Verified against the official ``DirectNormLoss`` (WangYZ1608/Knowledge-Distillation-via-ND,
+    ``CIFAR/utils.py``, ``project_center``). With e_y = mu_y / ||mu_y|| the unit direction of
+    the teacher's class mean of the label (the official ``center_emb_train.json`` holds the
+    teacher's per-class mean embeddings on the training set: :func:`teacher_class_means`)::
 
         loss_i = 1 - <f_s, e_y> / max(||f_s||, ||f_t||)
 
-    The projection rewards both alignment with e_y and a large student norm (up to the larger
-    of the two norms). Per-sample arithmetic in torch, differentiable in the student features
-    (teacher features and class means are fixed).
+    ``mean`` is the official sum over the batch / N (its ``nd_loss_factor`` is the caller's
+    weight). The projection rewards both alignment with e_y and a large student norm (up to the
+    larger of the two norms); as in the official code the gradient also flows through ||f_s||
+    when it is the larger norm. Per-sample arithmetic in torch, differentiable in the student
+    features (teacher features and class means are fixed).
     """
     fn = "nd_loss"
     reduction = _reduction(fn, reduction)
@@ -842,49 +877,88 @@ def ldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, lam: Union[float,
     return per.sum() if reduction == "sum" else per.mean()
 
 
-def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 1.0,
-                 lam0: float = 0.1, margin: float = 0.1, reduction: str = "mean",
+def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2.0,
+                 lam0: float = 1.0, margin: float = 0.1,
+                 prev_lam: Optional[torch.Tensor] = None, reduction: str = "mean",
                  return_lam: bool = False):
-    r"""ALDR-KL: LDR-KL with an adaptive per-instance temperature.
+    r"""ALDR-KL: LDR-KL with an adaptive per-instance temperature lam_i.
 
-    Zhu et al. (ICML 2023). Not verified against the paper's code: divkit's
-    reading is the KL-ball DRO form, whose per-instance lam_i adapts to how uncertain the label
-    is::
+    Zhu et al. (ICML 2023). Verified against the authors' ``ALDRLoss_V1`` (the ``loss`` module
+    that DixianZhu/LDR ``experiment.py`` imports; read from a copy in the public code index,
+    the module file itself is not in DixianZhu/LDR's indexed files). Per instance, from the
+    lam_i' kept from the previous visit of that instance (``prev_lam``; lam0 on the first
+    visit, the official initialization)::
 
-        loss_i = max_{p: KL(p || uniform) <= alpha} sum_k p_k a_k
-               = min_{lam >= lam0} lam log((1/C) sum_k exp(a_k / lam)) + alpha lam
+        p      = softmax(z / lam_i'),     KL_i = sum_k p_k log(C p_k) = KL(p || uniform)
+        lam_i  = lam0 (1 - KL_i / (alpha log C))                    (no gradient)
+        loss_i = lam_i log((1/C) sum_k exp(a_k / lam_i))  -  alpha log C / (2 lam0) (lam_i - lam0)^2
+        a_k    = margin 1[k != y] + z_k - z_y
 
-    solved per instance by bisection on log lam (lam_i = lam0 when the constraint does not bind).
-    lam_i carries no gradient; by the envelope theorem the gradient in the logits is that of
-    LDR-KL at lam_i. Returns the loss (and lam_i [N] when ``return_lam``).
+    lam_i is the stationary point in lam of the second line (d/dlam of lam log mean exp(a/lam)
+    is -KL(softmax(a/lam) || u)), taken one step per visit with p from the stored lam, as the
+    official loss does (and with p from the logits z, without the margin, as there). The
+    quadratic term carries no gradient (lam_i is detached); the logits' gradient is LDR-KL's
+    at lam_i. Differences from the official code, stated: the KL is computed exactly here
+    (the official adds 1e-5 to p before the log), and the official loss first divides the
+    logits by their mean absolute value (and applies softplus on CIFAR-100); apply such a
+    normalization to ``logits`` before calling if wanted. alpha > 1 (the official comment: "alpha
+    > 1.0"; it keeps lam_i >= lam0 (1 - 1/alpha) > 0), lam0 > 0, C >= 2. Returns the loss, and
+    lam_i [N] (float64) when ``return_lam``: store it per instance and pass it back as
+    ``prev_lam`` on the next visit (:class:`ALDRKLLoss` does this).
     """
     fn = "aldr_kl_loss"
     reduction = _reduction(fn, reduction)
     logits, labels, n, c = _class_logits(fn, logits, labels)
-    alpha = _positive(fn, "alpha", alpha)
+    alpha = _real(fn, "alpha", alpha)
+    if not (math.isfinite(alpha) and alpha > 1):
+        raise Error(f"{fn}: alpha must be finite and > 1, got {alpha:g}")
     lam0 = _positive(fn, "lam0", lam0)
     margin = _real(fn, "margin", margin)
+    if c < 2:
+        raise Error(f"{fn}: logits must have C >= 2 classes, got {c}")
+    if prev_lam is None:
+        prev = torch.full((n,), lam0, dtype=torch.float64)
+    else:
+        if not isinstance(prev_lam, torch.Tensor) or tuple(prev_lam.shape) != (n,):
+            raise Error(f"{fn}: prev_lam must be a tensor of shape [{n}]")
+        prev = prev_lam.detach().double().reshape(n)
+        if not bool((torch.isfinite(prev) & (prev > 0)).all()):
+            raise Error(f"{fn}: prev_lam must be finite and > 0")
+    log_c = math.log(c)
     with torch.no_grad():
-        a = _ldr_margins(logits.detach().double(), labels, margin)
-
-        def kl_to_uniform(lam):  # KL(p_lam || u), p_lam = softmax(a / lam), decreasing in lam
-            lp = torch.log_softmax(a / lam[:, None], dim=1)
-            return (lp.exp() * lp).sum(1) + math.log(c)
-
-        lo = torch.full((n,), math.log(lam0), dtype=torch.float64)
-        spread = (a.max(1).values - a.min(1).values).clamp_min(1e-12)
-        hi = torch.maximum(lo + 1, torch.log(spread * 1e6))
-        need = kl_to_uniform(lo.exp()) > alpha  # otherwise lam0 already satisfies the constraint
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            big = kl_to_uniform(mid.exp()) > alpha
-            lo = torch.where(big, mid, lo)
-            hi = torch.where(big, hi, mid)
-        lam = torch.where(need, hi.exp(), torch.full_like(hi, lam0))
+        lp = torch.log_softmax(logits.detach().double() / prev[:, None], dim=1)
+        kl = (lp.exp() * lp).sum(1) + log_c
+        lam = lam0 * (1 - kl / (alpha * log_c))
     per = ldr_kl_loss(logits, labels, lam=lam.to(logits.dtype) if n > 1 else float(lam[0]),
-                      margin=margin, reduction="none") + alpha * lam.to(logits.dtype)
+                      margin=margin, reduction="none")
+    per = per - (alpha * log_c / (2 * lam0) * (lam - lam0) ** 2).to(per.dtype)
     out = per if reduction == "none" else (per.sum() if reduction == "sum" else per.mean())
     return (out, lam) if return_lam else out
+
+
+class ALDRKLLoss(nn.Module):
+    """:func:`aldr_kl_loss` with the per-instance temperatures kept in a buffer, as the official
+    ``ALDRLoss_V1`` keeps them: ``loss_fn(logits, labels, ids)`` with ``ids`` [N] the dataset
+    indices of the batch (int64, in [0, num_samples)); the buffer starts at lam0."""
+
+    def __init__(self, num_samples: int, *, alpha: float = 2.0, lam0: float = 1.0,
+                 margin: float = 0.1, reduction: str = "mean"):
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise Error(f"ALDRKLLoss: num_samples must be an int >= 1, got {num_samples!r}")
+        self.alpha, self.lam0, self.margin, self.reduction = alpha, lam0, margin, reduction
+        self.register_buffer("lam", torch.full((num_samples,), float(lam0), dtype=torch.float64))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
+        if (not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1
+                or bool(((ids < 0) | (ids >= self.lam.numel())).any())):
+            raise Error(f"ALDRKLLoss: ids must be an int64 tensor [N] of indices in "
+                        f"[0, {self.lam.numel()})")
+        loss, lam = aldr_kl_loss(logits, labels, alpha=self.alpha, lam0=self.lam0,
+                                 margin=self.margin, prev_lam=self.lam[ids],
+                                 reduction=self.reduction, return_lam=True)
+        self.lam[ids] = lam.to(self.lam.dtype)
+        return loss
 
 
 def comp_sum_loss(logits: torch.Tensor, labels: torch.Tensor, *, tau: float = 1.0,
@@ -940,7 +1014,8 @@ def smooth_adversarial_comp_sum_loss(logits: torch.Tensor, adv_logits: torch.Ten
 
     where z' = h(x') are the logits at an adversarial input x' chosen by the caller (e.g. PGD
     maximizing ||h(x') - h(x)|| in the perturbation ball), as the paper's regularized
-    adversarial algorithm. The smooth term's exact form is not verified. nu >= 0.
+    adversarial algorithm. The smooth term's exact form is not verified (no public code found;
+    the paper's text beyond its abstract was not readable here). nu >= 0.
     """
     fn = "smooth_adversarial_comp_sum_loss"
     reduction = _reduction(fn, reduction)
@@ -1075,7 +1150,8 @@ def ddk_domain_weights(student_losses, teacher_losses, previous_weights=None, *,
         w_new   = max(w_new, min_weight), renormalized to sum 1
 
     w_prev = uniform when not given. The paper's exact discrepancy factor and smoothing are not
-    verified. Returns float64 [D] that sums to 1. Per-domain arithmetic in torch.
+    verified (no official or public code found). Returns float64 [D] that sums to 1.
+    Per-domain arithmetic in torch.
     """
     fn = "ddk_domain_weights"
     ls = torch.as_tensor(student_losses, dtype=torch.float64).reshape(-1)
@@ -1165,62 +1241,67 @@ def weight_align_(linear: nn.Linear, num_old: int) -> float:
 
 
 class USCDResult(NamedTuple):
-    logits: torch.Tensor       # [..., V] the logits to sample from
-    uncertainty: torch.Tensor  # [...] the standard distribution's entropy (normalized if asked)
+    logits: torch.Tensor       # [..., V] the scores to sample from (log-probabilities)
+    uncertainty: torch.Tensor  # [...] std of the standard prompt's probabilities (small: flat)
     applied: torch.Tensor      # [...] bool: where the contrast was applied
 
 
-def uscd_logits(standard_logits: torch.Tensor, lame_logits: torch.Tensor, *, alpha: float = 0.5,
-                threshold: float = 0.3, plausibility: float = 0.1,
-                normalized: bool = True) -> USCDResult:
+def uscd_logits(standard_logits: torch.Tensor, lame_logits: torch.Tensor, *,
+                lame_weight: float = 0.7, std_threshold: float = 0.005,
+                filter_ratio: float = 2.0 / 3.0) -> USCDResult:
     r"""USCD: one selective contrastive decoding step (inference only, no gradient).
 
     Wang et al., "USCD: Improving Code Generation of LLMs by Uncertainty-Aware Selective
-    Contrastive Decoding". ``standard_logits`` come from the standard
-    few-shot prompt, ``lame_logits`` from the lame prompt (the examples removed), both
-    ``[..., V]`` for the same position. With lp = log_softmax(standard), ll = log_softmax(lame)
-    and u = H(softmax(standard)) (divided by log V when ``normalized``)::
+    Contrastive Decoding" (2024). ``standard_logits`` come from the standard few-shot prompt,
+    ``lame_logits`` from the lame prompt (the examples removed), both ``[..., V]`` for the same
+    position. Verified against the official code (alphadl/CodeGen-USCD,
+    ``bigcode_eval/contrast.py``, ``EnsembleLogitsProcessor``; defaults from its run script
+    ``model_slrum/codellama_7b_weight_10_-07_pass@1_1.sh``: source weights 1.0 and -0.7,
+    ``mean_num`` 0.005, ``filter_num`` 0.666667). With p = softmax(standard), p_l =
+    softmax(lame) and u = std(p) (sample standard deviation over the V entries, as torch.std;
+    a flat, uncertain distribution has a small u)::
 
-        u <= threshold: logits = standard_logits (unchanged)
-        u >  threshold: logits_j = (1 + alpha) lp_j - alpha ll_j   if p_j >= plausibility max p
-                                   -inf                             otherwise
+        u >  std_threshold:  logits = log p                                   (no contrast)
+        u <= std_threshold:  logits_j = log(p_j - lame_weight p_l_j)   if p_j >= filter_ratio mean(p)
+                                                                           and the difference > 0
+                             -inf                                       otherwise
 
-    The paper's exact uncertainty measure and contrast are not public (not verified: entropy
-    and the contrastive-decoding form with its plausibility constraint here). One C++ pass per
-    row (``selective_contrast``). Returns :class:`USCDResult` (logits float32, or float64 for
-    float64 inputs).
+    The contrast is in probability space, as the official processor takes the log of the
+    weighted sum of the two probability rows (a negative difference gives NaN there, replaced
+    by -inf). A row can be all -inf when the lame prompt outweighs every kept token, as in the
+    official code. One C++ pass per row (``selective_contrast``). Returns
+    :class:`USCDResult` (logits float32, or float64 for float64 inputs).
     """
     fn = "uscd_logits"
     s, lead, n, v = _flat(fn, "standard_logits", standard_logits)
     l = _check_logits("lame_logits", lame_logits, fn)
     _same_shape(fn, "lame_logits", l, standard_logits, "standard_logits")
     l = _rows(l.detach(), n, v)
-    if not isinstance(normalized, bool):
-        raise TypeError(f"{fn}: normalized must be a bool, got {_type_name(normalized)}")
     dt = _out_dtype(s, l)
     out = torch.empty(n, v, dtype=dt)
     unc = torch.empty(n, dtype=dt)
     applied = torch.empty(n, dtype=torch.int32)
-    _C.selective_contrast(s.detach(), l, _real(fn, "alpha", alpha), _real(fn, "threshold", threshold),
-                          _real(fn, "plausibility", plausibility), normalized, out, unc, applied)
+    _C.selective_contrast(s.detach(), l, _real(fn, "lame_weight", lame_weight),
+                          _real(fn, "std_threshold", std_threshold),
+                          _real(fn, "filter_ratio", filter_ratio), out, unc, applied)
     return USCDResult(out.reshape(standard_logits.shape), unc.reshape(lead),
                       applied.bool().reshape(lead))
 
 
 class USCDLogitsProcessor:
     """Stateless USCD step for a generation loop: ``processor(standard_logits, lame_logits)``
-    returns the logits to sample from (see :func:`uscd_logits`). Run the model on both prompts
+    returns the scores to sample from (see :func:`uscd_logits`). Run the model on both prompts
     each step and feed the chosen token to both."""
 
-    def __init__(self, alpha: float = 0.5, threshold: float = 0.3, plausibility: float = 0.1,
-                 normalized: bool = True):
-        self.alpha, self.threshold = alpha, threshold
-        self.plausibility, self.normalized = plausibility, normalized
+    def __init__(self, lame_weight: float = 0.7, std_threshold: float = 0.005,
+                 filter_ratio: float = 2.0 / 3.0):
+        self.lame_weight, self.std_threshold, self.filter_ratio = (lame_weight, std_threshold,
+                                                                   filter_ratio)
         # Validate once, on a dummy row, so that a bad setting fails at construction.
-        uscd_logits(torch.zeros(1, 2), torch.zeros(1, 2), alpha=alpha, threshold=threshold,
-                    plausibility=plausibility, normalized=normalized)
+        uscd_logits(torch.zeros(1, 2), torch.zeros(1, 2), lame_weight=lame_weight,
+                    std_threshold=std_threshold, filter_ratio=filter_ratio)
 
     def __call__(self, standard_logits: torch.Tensor, lame_logits: torch.Tensor) -> torch.Tensor:
-        return uscd_logits(standard_logits, lame_logits, alpha=self.alpha,
-                           threshold=self.threshold, plausibility=self.plausibility,
-                           normalized=self.normalized).logits
+        return uscd_logits(standard_logits, lame_logits, lame_weight=self.lame_weight,
+                           std_threshold=self.std_threshold,
+                           filter_ratio=self.filter_ratio).logits

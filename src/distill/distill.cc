@@ -588,19 +588,18 @@ void swing_noise(uint64_t seed, const TensorView& out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-void selective_contrast(const TensorView& standard, const TensorView& lame, double alpha,
-                        double threshold, double plausibility, bool normalized,
-                        const TensorView& out, const TensorView& uncertainty,
-                        const TensorView& applied) {
+void selective_contrast(const TensorView& standard, const TensorView& lame, double lame_weight,
+                        double std_threshold, double filter_ratio, const TensorView& out,
+                        const TensorView& uncertainty, const TensorView& applied) {
   constexpr const char* fn = "uscd";
   matrix_in(fn, "standard_logits", standard);
   matrix_in(fn, "lame_logits", lame);
   same_shape(fn, "lame_logits", lame, standard, "standard_logits");
-  if (!(std::isfinite(alpha) && alpha >= 0))
-    check::fail(fn, "alpha must be finite and >= 0, got " + std::to_string(alpha));
-  if (std::isnan(threshold)) check::fail(fn, "threshold must not be nan");
-  if (!(plausibility >= 0 && plausibility <= 1))
-    check::fail(fn, "plausibility must be in [0, 1], got " + std::to_string(plausibility));
+  if (!(std::isfinite(lame_weight) && lame_weight >= 0))
+    check::fail(fn, "lame_weight must be finite and >= 0, got " + std::to_string(lame_weight));
+  if (std::isnan(std_threshold)) check::fail(fn, "std_threshold must not be nan");
+  if (!(std::isfinite(filter_ratio) && filter_ratio >= 0))
+    check::fail(fn, "filter_ratio must be finite and >= 0, got " + std::to_string(filter_ratio));
   const int64_t n = standard.shape[0], v = standard.shape[1];
   matrix_out(fn, "out", out, standard, "standard_logits");
   real_vec(fn, "uncertainty", uncertainty, n);
@@ -608,31 +607,35 @@ void selective_contrast(const TensorView& standard, const TensorView& lame, doub
     check::vector_of(fn, "applied", applied, n, {DType::f32, DType::f64, DType::i32, DType::i64});
   check_finite(fn, "standard_logits", standard, TensorView{}, 0);
   check_finite(fn, "lame_logits", lame, TensorView{}, 0);
-  const double log_v = v > 1 ? std::log(static_cast<double>(v)) : 1.0;
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& l, std::vector<double>&) {
     const double lse_s = load_row(standard, i, 1.0, s);
-    double h = 0.0, lp_max = -kInf;
+    double mean = 0.0;
+    for (double x : s) mean += std::exp(x - lse_s);
+    mean /= static_cast<double>(v);
+    double ss = 0.0;  // the sample standard deviation (n - 1), as torch.std in the official code
     for (double x : s) {
-      const double lp = x - lse_s;
-      h -= xlogy(std::exp(lp), lp);
-      lp_max = std::max(lp_max, lp);
+      const double d = std::exp(x - lse_s) - mean;
+      ss += d * d;
     }
-    if (normalized) h = v > 1 ? h / log_v : 0.0;
-    vset(uncertainty, i, h);
-    const bool apply = h > threshold;
+    const double sd = v > 1 ? std::sqrt(ss / static_cast<double>(v - 1)) : 0.0;
+    vset(uncertainty, i, sd);
+    // A flat (uncertain) distribution has a small standard deviation.
+    const bool apply = !(sd > std_threshold);
     if (applied.defined()) vset(applied, i, apply ? 1.0 : 0.0);
     if (!apply) {
-      for (int64_t j = 0; j < v; ++j) store(out, i, j, s[j]);
+      for (int64_t j = 0; j < v; ++j) store(out, i, j, s[j] - lse_s);
       return;
     }
     const double lse_l = load_row(lame, i, 1.0, l);
-    const double cut = plausibility > 0 ? lp_max + std::log(plausibility) : -kInf;
+    const double cut = filter_ratio * mean;
     for (int64_t j = 0; j < v; ++j) {
       const double lp = s[j] - lse_s, ll = l[j] - lse_l;
-      double o;
-      if (lp == -kInf || lp < cut) o = -kInf;
-      else if (ll == -kInf) o = (1.0 + alpha) * lp;  // masked by the lame prompt: no contrast term
-      else o = (1.0 + alpha) * lp - alpha * ll;
+      double o = -kInf;
+      if (lp > -kInf && std::exp(lp) >= cut) {
+        // log(p - w p_lame) = lp + log1p(-w exp(ll - lp)); a non-positive difference is -inf.
+        const double r = lame_weight * std::exp(ll - lp);
+        if (r < 1.0) o = lp + std::log1p(-r);
+      }
       store(out, i, j, o);
     }
   });

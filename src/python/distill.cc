@@ -109,9 +109,9 @@ void swing_noise(uint64_t seed, const OutArray& out) {
   divkit::swing_noise(seed, o);
 }
 
-void selective_contrast(const InArray& standard, const InArray& lame, double alpha,
-                        double threshold, double plausibility, bool normalized,
-                        const OutArray& out, const OutArray& uncertainty, const OptOut& applied) {
+void selective_contrast(const InArray& standard, const InArray& lame, double lame_weight,
+                        double std_threshold, double filter_ratio, const OutArray& out,
+                        const OutArray& uncertainty, const OptOut& applied) {
   constexpr const char* fn = "uscd";
   const auto s = to_view(fn, "standard_logits", standard);
   const auto l = to_view(fn, "lame_logits", lame);
@@ -119,7 +119,7 @@ void selective_contrast(const InArray& standard, const InArray& lame, double alp
   const auto u = to_view(fn, "uncertainty", uncertainty);
   const auto a = optional_view(fn, "applied", applied);
   nb::gil_scoped_release release;
-  divkit::selective_contrast(s, l, alpha, threshold, plausibility, normalized, o, u, a);
+  divkit::selective_contrast(s, l, lame_weight, std_threshold, filter_ratio, o, u, a);
 }
 
 }  // namespace
@@ -152,8 +152,8 @@ void register_distill(nb::module_& m) {
   m.def("swing_noise", &swing_noise, nb::arg("seed"), nb::arg("out"),
         "The standard normal noise tempered_kl_rows uses with this seed.");
   m.def("selective_contrast", &selective_contrast, nb::arg("standard"), nb::arg("lame"),
-        nb::arg("alpha"), nb::arg("threshold"), nb::arg("plausibility"), nb::arg("normalized"),
-        nb::arg("out"), nb::arg("uncertainty"), nb::arg("applied").none(),
+        nb::arg("lame_weight"), nb::arg("std_threshold"), nb::arg("filter_ratio"), nb::arg("out"),
+        nb::arg("uncertainty"), nb::arg("applied").none(),
         "USCD selective contrastive decoding step.");
 }
 

@@ -246,18 +246,38 @@ TEST(Distill, TemperedKlNoiseReferenceAndThreads) {
   }
 }
 
-TEST(Distill, SelectiveContrastLeavesConfidentRowsUnchanged) {
+TEST(Distill, SelectiveContrastMatchesOfficialRule) {
+  // Row 0 is sharp (large standard deviation of p: confident, log p returned); row 1 is flat
+  // (small deviation: log(p - w p_lame) on the tokens with p >= ratio mean(p), -inf elsewhere).
   const int64_t n = 2, v = 5;
-  Vec s = {10, 0, 0, 0, 0, 0.1, 0.2, 0.0, -0.1, 0.3};
+  const double w = 0.5, thr = 0.1, ratio = 0.95;
+  Vec s = {10, 0, 0, 0, 0, 0.1, 0.2, 0.0, -0.4, 0.3};
   Vec l = randn(n * v, 10);
   Vec out(n * v), unc(n), applied(n);
-  divkit::selective_contrast(mat(s, n, v), mat(l, n, v), 0.5, 0.5, 0.0, true, mat(out, n, v),
-                             vec(unc), vec(applied));
-  EXPECT_EQ(applied[0], 0.0);
-  EXPECT_EQ(applied[1], 1.0);
-  for (int64_t j = 0; j < v; ++j) EXPECT_EQ(out[j], s[j]);
-  const Vec lp = log_softmax(&s[v], v), ll = log_softmax(&l[v], v);
-  for (int64_t j = 0; j < v; ++j) EXPECT_NEAR(out[v + j], 1.5 * lp[j] - 0.5 * ll[j], 1e-12);
+  divkit::selective_contrast(mat(s, n, v), mat(l, n, v), w, thr, ratio, mat(out, n, v), vec(unc),
+                             vec(applied));
+  for (int64_t i = 0; i < n; ++i) {
+    const Vec lp = log_softmax(&s[i * v], v), ll = log_softmax(&l[i * v], v);
+    double sd = 0;
+    for (int64_t j = 0; j < v; ++j) sd += (std::exp(lp[j]) - 1.0 / v) * (std::exp(lp[j]) - 1.0 / v);
+    sd = std::sqrt(sd / (v - 1));
+    EXPECT_NEAR(unc[i], sd, 1e-14);
+    EXPECT_EQ(applied[i], i == 0 ? 0.0 : 1.0);
+    int kept = 0;
+    for (int64_t j = 0; j < v; ++j) {
+      const double p = std::exp(lp[j]), d = p - w * std::exp(ll[j]);
+      if (i == 0) {
+        EXPECT_NEAR(out[j], lp[j], 1e-12);
+      } else if (p >= ratio / v && d > 0) {
+        EXPECT_NEAR(out[v + j], std::log(d), 1e-12);
+        ++kept;
+      } else {
+        EXPECT_EQ(out[v + j], -std::numeric_limits<double>::infinity());
+      }
+    }
+    if (i == 1) EXPECT_GT(kept, 0);
+    if (i == 1) EXPECT_LT(kept, v);  // the filter removed the token with logit -0.4
+  }
 }
 
 TEST(Distill, Errors) {
@@ -302,9 +322,13 @@ TEST(Distill, Errors) {
   Vec t3 = randn(n * 3, 13);
   Vec out(n * v);
   expect_error([&] {
-    divkit::selective_contrast(mat(s, n, v), mat(t3, n, 3), 0.5, 0.1, 0.1, true, mat(out, n, v),
+    divkit::selective_contrast(mat(s, n, v), mat(t3, n, 3), 0.5, 0.1, 0.1, mat(out, n, v),
                                vec(o1), TensorView{});
   }, "uscd: lame_logits has shape [2, 3], expected [2, 4]");
+  expect_error([&] {
+    divkit::selective_contrast(mat(s, n, v), mat(s, n, v), -0.5, 0.1, 0.1, mat(out, n, v),
+                               vec(o1), TensorView{});
+  }, "uscd: lame_weight must be finite and >= 0");
   expect_error([&] { divkit::row_entropy(mat(s, n, v), 0.0, vec(o1)); },
                "row_entropy: temperature must be finite and > 0");
 }

@@ -150,35 +150,73 @@ def test_nkd_bf16_within_fp32_reference():
     torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_uskd_soft_labels_zipf_and_loss():
-    n, c = 6, 8
-    s, r, y = _logits(n, c, 19), _logits(n, c, 20), _labels(n, c, 4)
-    target, z = D.uskd_soft_labels(s, y, r, target_mean=0.8, zipf_power=1.0)
-    # Independent Zipf labels: rank the non-target classes by r.
+def _uskd_ref(s, y, wk, alpha, beta, mu):
+    # USKD as the official USKDLoss computes it (yzd-v/cls_KD uskd.py), per row, in fp64.
+    n, c = s.shape
+    q = F.softmax(s, -1)
+    lq = F.log_softmax(s, -1)
+    qy2 = q[torch.arange(n), y] ** 2
+    t = qy2 + 1 - qy2.mean()
+    w = F.softmax(wk, -1)
+    lw = F.log_softmax(wk, -1)
+    loss = []
+    zs = []
     for i in range(n):
-        others = [j for j in range(c) if j != y[i]]
-        order = sorted(others, key=lambda j: -float(r[i, j]))
-        zref = torch.zeros(c, dtype=torch.float64)
-        for rank, j in enumerate(order, start=1):
-            zref[j] = 1.0 / rank
-        torch.testing.assert_close(z[i], zref / zref.sum())
-    qy2 = F.softmax(s, -1).gather(1, y[:, None])[:, 0] ** 2
-    torch.testing.assert_close(target, (qy2 - qy2.mean() + 0.8).clamp(1e-4, 1 - 1e-4))
-    # The loss: -t_y log q_y - gamma tau^2 sum_{j != y} z_j log q^_j.
-    got = D.uskd_loss(s, y, r, gamma=2.0, temperature=1.5, target_mean=0.8, reduction="none")
-    lq = F.log_softmax(s, -1).gather(1, y[:, None])[:, 0]
+        yi = int(y[i])
+        score = [float(w[i, j] / (1 - w[i, yi] + 1e-6) + lq[i, j] / (1 - lq[i, yi] + 1e-6))
+                 for j in range(c)]
+        order = sorted(range(c), key=lambda j: -score[j])
+        zipf = torch.zeros(c, dtype=torch.float64)
+        for k, j in enumerate(order, start=1):
+            zipf[j] = 1.0 / k
+        zipf[yi] = 0.0
+        zipf = zipf / zipf.sum()
+        zs.append(zipf)
+        others = [j for j in range(c) if j != yi]
+        lqh = F.log_softmax(s[i, others], -1)
+        e = torch.full((c,), 0.1 / c, dtype=torch.float64)
+        e[yi] += 0.9
+        loss.append(-alpha * t[i] * lq[i, yi] - beta * (zipf[others] * lqh).sum()
+                    - mu * (e * lw[i]).sum())
+    return torch.stack(loss), t, torch.stack(zs)
+
+
+def test_uskd_matches_official_formula():
+    n, c = 6, 9
+    s, wk, y = _logits(n, c, 19), _logits(n, c, 20), _labels(n, c, 4)
+    target, z = D.uskd_soft_labels(s, y, wk)
+    ref, tref, zref = _uskd_ref(s, y, wk, 1.0, 0.1, 0.005)
+    torch.testing.assert_close(target, tref)
+    torch.testing.assert_close(z, zref)
+    assert float(target.mean()) == pytest.approx(1.0)  # the batch mean is shifted to 1
+    # The weak term is divkit's cross_entropy divergence, which accumulates in fp32.
+    got = D.uskd_loss(s, y, wk, reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    got = D.uskd_loss(s, y, wk, alpha=0.7, beta=0.3, mu=0.2, reduction="mean")
+    torch.testing.assert_close(got, _uskd_ref(s, y, wk, 0.7, 0.3, 0.2)[0].mean(), rtol=1e-6,
+                               atol=1e-7)
+    torch.testing.assert_close(D.uskd_loss(s, y, wk, mu=0.0, reduction="none"),
+                               _uskd_ref(s, y, wk, 1.0, 0.1, 0.0)[0], rtol=1e-10, atol=1e-12)
+    # Gradients: the soft labels are constants; the weak term alone reaches weak_logits.
+    sg, wg = s.clone().requires_grad_(), wk.clone().requires_grad_()
+    gs, gw = torch.autograd.grad(D.uskd_loss(sg, y, wg, mu=0.2, reduction="sum"), (sg, wg))
+    sr, wr = s.clone().requires_grad_(), wk.clone().requires_grad_()
+    lq = F.log_softmax(sr, -1)
     mask = F.one_hot(y, c).bool()
-    lqh = F.log_softmax((s / 1.5).masked_fill(mask, -math.inf), -1).masked_fill(mask, 0.0)
-    ref = -target * lq - 2.0 * 1.5 ** 2 * (z * lqh).sum(-1)
-    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
-    # The soft labels are targets (no gradient): the gradient is the reference's at fixed labels.
-    sg, sr = s.clone().requires_grad_(), s.clone().requires_grad_()
-    (g,) = torch.autograd.grad(D.uskd_loss(sg, y, r, gamma=2.0, temperature=1.5,
-                                           target_mean=0.8, reduction="sum"), sg)
-    lq = F.log_softmax(sr, -1).gather(1, y[:, None])[:, 0]
-    lqh = F.log_softmax((sr / 1.5).masked_fill(mask, -math.inf), -1).masked_fill(mask, 0.0)
-    (gr,) = torch.autograd.grad((-target * lq - 4.5 * (z * lqh).sum(-1)).sum(), sr)
-    torch.testing.assert_close(g, gr, rtol=1e-8, atol=1e-10)
+    lqh = F.log_softmax(sr.masked_fill(mask, -math.inf), -1).masked_fill(mask, 0.0)
+    e = torch.full((n, c), 0.1 / c, dtype=torch.float64) + 0.9 * F.one_hot(y, c)
+    lr = (-tref * lq.gather(1, y[:, None])[:, 0] - 0.1 * (zref * lqh).sum(-1)
+          - 0.2 * (e * F.log_softmax(wr, -1)).sum(-1)).sum()
+    gsr, gwr = torch.autograd.grad(lr, (sr, wr))
+    torch.testing.assert_close(gs, gsr, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gw, gwr, rtol=1e-6, atol=1e-7)
+    # Ignored rows: zero loss and labels; the batch mean is over the others.
+    yi = y.clone()
+    yi[2] = -100
+    t2, z2 = D.uskd_soft_labels(s, yi, wk)
+    assert float(t2[2]) == 0.0 and float(z2[2].abs().sum()) == 0.0
+    assert float(t2[yi != -100].mean()) == pytest.approx(1.0)
+    assert float(D.uskd_loss(s, yi, wk, reduction="none")[2]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,8 +364,15 @@ def test_mdcs_only_correct_instances():
     y[::2] = (y[::2] + 1) % 6  # half of them misclassified by the weak view
     loss, mask = D.mdcs_consistency_loss(strong, weak, y, temperature=2.0, return_mask=True)
     assert mask.tolist() == [False, True] * 4
-    ref = _fkl(weak, strong, 2.0)[1::2].mean()
+    # The official MDCSLoss term: F.kl_div(log_softmax(strong / T)[sel], softmax(weak / T)[sel],
+    # 'batchmean') * T^2, the selected rows those the weak view classifies correctly.
+    sel = weak.argmax(-1) == y
+    ref = F.kl_div(F.log_softmax(strong[sel] / 2.0, -1), F.softmax(weak[sel] / 2.0, -1),
+                   reduction="batchmean") * 4.0
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(D.mdcs_consistency_loss(strong, weak, y, temperature=2.0,
+                                                       reduction="none").double(),
+                               4.0 * _fkl(weak, strong, 2.0) * sel, rtol=1e-6, atol=1e-7)
     # Gradient only through the strong view, only on the selected rows.
     sg, wg = strong.clone().requires_grad_(), weak.clone().requires_grad_()
     D.mdcs_consistency_loss(sg, wg, y).backward()
@@ -362,6 +407,16 @@ def test_nd_loss_reference_and_properties():
                                torch.zeros(n, dtype=torch.float64), atol=1e-12, rtol=0)
     fsg = fs.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda a: D.nd_loss(a, ft, y, means), (fsg,))
+    # The official DirectNormLoss loop (WangYZ1608 CIFAR/utils.py): the gradient passes through
+    # ||f_s|| where it is the larger norm; half the rows made longer than the teacher's.
+    fs2 = fs.clone()
+    fs2[::2] *= 10
+    fa, fb = fs2.clone().requires_grad_(), fs2.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(D.nd_loss(fa, ft, y, means), fa)
+    ref = sum(1 - torch.dot(fb[i], means[y[i]] / means[y[i]].norm()) /
+              max(fb[i].norm(), ft[i].norm()) for i in range(n)) / n
+    (gb,) = torch.autograd.grad(ref, fb)
+    torch.testing.assert_close(ga, gb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,29 +450,59 @@ def test_ldr_kl_reference_limits_and_gradcheck():
     assert torch.autograd.gradcheck(lambda a: D.ldr_kl_loss(a, y, lam=0.5), (zg,))
 
 
-def test_aldr_kl_adaptive_temperature():
+def _aldr_ref(z, y, alpha, lam0, margin, prev):
+    # ALDR-KL as written in the paper's code (ALDRLoss_V1), per row in fp64, KL exact.
+    n, c = z.shape
+    out, lams = [], []
+    for i in range(n):
+        p = F.softmax(z[i] / prev[i], -1)
+        kl = float((p * torch.log(c * p)).sum())
+        lam = lam0 * (1 - kl / (alpha * math.log(c)))
+        a = torch.tensor([margin * (k != int(y[i])) + float(z[i, k] - z[i, y[i]])
+                          for k in range(c)], dtype=torch.float64)
+        ldr = lam * math.log(float(torch.exp(a / lam).mean()))
+        out.append(ldr - alpha * math.log(c) / (2 * lam0) * (lam - lam0) ** 2)
+        lams.append(lam)
+    return torch.tensor(out, dtype=torch.float64), torch.tensor(lams, dtype=torch.float64)
+
+
+def test_aldr_kl_matches_official_rule():
     z, y = _logits(6, 5, 41), _labels(6, 5, 8)
-    alpha = 0.2
-    loss, lam = D.aldr_kl_loss(z, y, alpha=alpha, lam0=0.01, reduction="none", return_lam=True)
-    a = (z - z.gather(1, y[:, None]) + 0.1).scatter(1, y[:, None], 0.0)
-    for i in range(6):
-        lp = F.log_softmax(a[i] / lam[i], -1)
-        kl = float((lp.exp() * lp).sum() + math.log(5))
-        if lam[i] > 0.01 * (1 + 1e-9):
-            assert kl == pytest.approx(alpha, abs=1e-7)  # the KL constraint binds
-        else:
-            assert kl <= alpha + 1e-9
-        # The dual value is the worst case over the KL ball: >= the value at any feasible p,
-        # e.g. the uniform one, and equal to sum p* a at the optimum.
-        p_star = lp.exp()
-        assert float(loss[i]) == pytest.approx(float((p_star * a[i]).sum()), abs=1e-6)
-        assert float(loss[i]) >= float(a[i].mean()) - 1e-9
-    # Envelope theorem: the gradient equals LDR-KL's at the fixed lam.
+    loss, lam = D.aldr_kl_loss(z, y, alpha=2.0, lam0=1.0, reduction="none", return_lam=True)
+    ref, lam_ref = _aldr_ref(z, y, 2.0, 1.0, 0.1, torch.ones(6, dtype=torch.float64))
+    torch.testing.assert_close(lam, lam_ref)
+    torch.testing.assert_close(loss, ref)
+    # lam in [lam0 (1 - 1/alpha), lam0]; a flat row keeps lam0.
+    assert bool(((lam >= 0.5 - 1e-12) & (lam <= 1.0 + 1e-12)).all())
+    flat = torch.zeros(1, 5, dtype=torch.float64)
+    assert float(D.aldr_kl_loss(flat, y[:1], return_lam=True)[1][0]) == pytest.approx(1.0)
+    # Second visit: p from the stored lam.
+    loss2, lam2 = D.aldr_kl_loss(z, y, alpha=3.0, lam0=0.5, margin=0.2, prev_lam=lam,
+                                 reduction="none", return_lam=True)
+    ref2, lam2_ref = _aldr_ref(z, y, 3.0, 0.5, 0.2, lam)
+    torch.testing.assert_close(lam2, lam2_ref)
+    torch.testing.assert_close(loss2, ref2)
+    # lam carries no gradient: the logits' gradient is LDR-KL's at lam.
     zg = z.clone().requires_grad_()
-    (g1,) = torch.autograd.grad(D.aldr_kl_loss(zg, y, alpha=alpha, lam0=0.01, reduction="sum"), zg)
+    (g1,) = torch.autograd.grad(D.aldr_kl_loss(zg, y, reduction="sum"), zg)
     zg2 = z.clone().requires_grad_()
     (g2,) = torch.autograd.grad(D.ldr_kl_loss(zg2, y, lam=lam, reduction="sum"), zg2)
     torch.testing.assert_close(g1, g2)
+    # The module keeps lam per instance across visits, as the official loss does.
+    mod = D.ALDRKLLoss(10, alpha=2.0, lam0=1.0)
+    ids = torch.tensor([7, 1, 3, 0, 9, 4])
+    first = mod(z, y, ids)
+    torch.testing.assert_close(first, ref.mean())
+    torch.testing.assert_close(mod.lam[ids], lam_ref)
+    assert float(mod.lam[2]) == 1.0
+    second = mod(z, y, ids)
+    torch.testing.assert_close(second, _aldr_ref(z, y, 2.0, 1.0, 0.1, lam_ref)[0].mean())
+    with pytest.raises(divkit.Error, match="aldr_kl_loss: alpha must be finite and > 1"):
+        D.aldr_kl_loss(z, y, alpha=1.0)
+    with pytest.raises(divkit.Error, match="aldr_kl_loss: prev_lam must be finite and > 0"):
+        D.aldr_kl_loss(z, y, prev_lam=torch.zeros(6))
+    with pytest.raises(divkit.Error, match="ALDRKLLoss: ids must be"):
+        mod(z, y, torch.tensor([0, 1, 2, 3, 4, 10]))
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.3, 1.7, 2.0, 3.0])
@@ -534,29 +619,56 @@ def test_weight_aligning_equalizes_mean_norms():
 # ---------------------------------------------------------------------------------------------
 
 
+def _uscd_ref(std, lame, w, thr, ratio):
+    # The official rule (alphadl/CodeGen-USCD bigcode_eval/contrast.py), written here in fp64:
+    # torch.std of the standard probabilities decides; the contrast is log(p - w p_lame) on the
+    # tokens with p >= ratio * mean(p), NaN / log(0) -> -inf.
+    out = []
+    for i in range(std.shape[0]):
+        p, pl = F.softmax(std[i], -1), F.softmax(lame[i], -1)
+        if torch.std(p) > thr:
+            out.append(torch.log(p))
+            continue
+        keep = p >= ratio * p.mean()
+        d = torch.where(keep, p, torch.zeros_like(p)) - w * torch.where(keep, pl, torch.zeros_like(pl))
+        # (The official nan_to_num also turns -inf into the lowest finite float when a NaN
+        # occurs; both are probability 0. divkit writes -inf for both.)
+        out.append(torch.nan_to_num(torch.log(d), nan=-math.inf, neginf=-math.inf))
+    return torch.stack(out)
+
+
 def test_uscd_selective_contrast():
     v = 16
     sharp = torch.zeros(1, v, dtype=torch.float64)
-    sharp[0, 3] = 12.0  # confident: low entropy
-    flat = _logits(2, v, 47, scale=0.3)  # uncertain: high entropy
+    sharp[0, 3] = 12.0  # confident: large std of the probabilities
+    flat = _logits(2, v, 47, scale=0.3)  # uncertain: small std
     std = torch.cat([sharp, flat])
     lame = _logits(3, v, 48)
-    res = D.uscd_logits(std, lame, alpha=0.7, threshold=0.5, plausibility=0.2)
-    h = _ent(std) / math.log(v)
-    torch.testing.assert_close(res.uncertainty, h)
+    res = D.uscd_logits(std, lame, lame_weight=0.7, std_threshold=0.05, filter_ratio=0.8)
+    torch.testing.assert_close(res.uncertainty, torch.stack([torch.std(F.softmax(x, -1))
+                                                             for x in std]))
     assert res.applied.tolist() == [False, True, True]
-    assert torch.equal(res.logits[0], std[0])  # low uncertainty: unchanged
-    lp, ll = F.log_softmax(std[1:], -1), F.log_softmax(lame[1:], -1)
-    keep = lp >= lp.max(-1, keepdim=True).values + math.log(0.2)
-    ref = torch.where(keep, 1.7 * lp - 0.7 * ll, torch.full_like(lp, -math.inf))
-    torch.testing.assert_close(res.logits[1:], ref)
-    # threshold above every uncertainty: nothing changes; alpha = 0, plausibility = 0: log-probs.
-    none = D.uscd_logits(std, lame, threshold=2.0)
-    assert torch.equal(none.logits, std) and not bool(none.applied.any())
-    plain = D.uscd_logits(std, lame, alpha=0.0, threshold=-1.0, plausibility=0.0)
+    ref = _uscd_ref(std, lame, 0.7, 0.05, 0.8)
+    torch.testing.assert_close(res.logits, ref)
+    assert bool(torch.isinf(res.logits[1:]).any()) and bool(torch.isfinite(res.logits[1:]).any())
+    # The official defaults (weights 1.0 / -0.7, mean_num 0.005, filter_num 0.666667) at V = 50.
+    big_s, big_l = _logits(4, 50, 50, scale=0.4), _logits(4, 50, 51)
+    torch.testing.assert_close(D.uscd_logits(big_s, big_l).logits,
+                               _uscd_ref(big_s, big_l, 0.7, 0.005, 0.666667), rtol=1e-5,
+                               atol=1e-7)
+    # threshold below every deviation: nothing contrasted, log-probabilities returned.
+    none = D.uscd_logits(std, lame, std_threshold=-1.0)
+    assert not bool(none.applied.any())
+    torch.testing.assert_close(none.logits, F.log_softmax(std, -1))
+    # lame_weight = 0 and filter_ratio = 0: the contrast is log p everywhere.
+    plain = D.uscd_logits(std, lame, lame_weight=0.0, std_threshold=1.0, filter_ratio=0.0)
     torch.testing.assert_close(plain.logits, F.log_softmax(std, -1))
-    proc = D.USCDLogitsProcessor(alpha=0.7, threshold=0.5, plausibility=0.2)
+    proc = D.USCDLogitsProcessor(lame_weight=0.7, std_threshold=0.05, filter_ratio=0.8)
     torch.testing.assert_close(proc(std, lame), res.logits)
+    # float32 inputs: float32 output, same values.
+    torch.testing.assert_close(D.uscd_logits(std.float(), lame.float(), std_threshold=0.05,
+                                             filter_ratio=0.8).logits, ref.float(), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_row_entropy_matches_torch_and_fp16():
@@ -628,10 +740,10 @@ def test_bad_input_raises_clear_errors():
         D.ddk_domain_weights([1.0, 2.0], [1.0, 1.0], [0.9, 0.9])
     with pytest.raises(divkit.Error, match="num_old must be an int in \\[1, 9\\]"):
         D.weight_aligning(torch.randn(10, 3), 10)
-    with pytest.raises(divkit.Error, match="uscd: plausibility must be in \\[0, 1\\]"):
-        D.uscd_logits(s, t, plausibility=1.5)
-    with pytest.raises(divkit.Error, match="uscd: alpha must be finite and >= 0"):
-        D.USCDLogitsProcessor(alpha=-1.0)
+    with pytest.raises(divkit.Error, match="uscd: filter_ratio must be finite and >= 0"):
+        D.uscd_logits(s, t, filter_ratio=-0.5)
+    with pytest.raises(divkit.Error, match="uscd: lame_weight must be finite and >= 0"):
+        D.USCDLogitsProcessor(lame_weight=-1.0)
     with pytest.raises(divkit.Error, match="DACKLBounds: k must be an int >= 1"):
         D.DACKLBounds(k=0)
     with pytest.raises(divkit.Error, match="strong_logits has a non-finite|labels is required"):
