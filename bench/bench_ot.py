@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""divkit.ot.sinkhorn vs POT (ot.sinkhorn, methods sinkhorn_log and sinkhorn) vs GeomLoss.
+"""divkit.ot.sinkhorn vs POT (ot.sinkhorn, methods sinkhorn_log and sinkhorn) vs GeomLoss vs
+OTT-JAX.
 
     python bench/bench_ot.py            # n = m in {1000, 5000, 20000}, d in {3, 64}
     python bench/bench_ot.py --quick    # n = m in {1000, 2000}, d in {3, 64}
@@ -16,6 +17,14 @@ visible next to the time.
 GeomLoss's SamplesLoss("sinkhorn", p=2, blur, scaling) uses an eps-scaling annealing with a
 fixed iteration budget (no tolerance) and halves the cost (|x - y|^2 / 2): blur is set so that
 its eps equals ours (blur^2 / 2 ... see below); it runs only if geomloss imports.
+
+OTT-JAX (ott.solvers.linear.sinkhorn.Sinkhorn on a PointCloud, float64, threshold = --tol on the
+L1 column residual, checked every 10 iterations) runs only if ott imports; its jit compilation
+is done before the timed runs and reported separately (compile_s). Its PointCloud materializes
+the n x m cost (no batch_size given), so it is skipped with the dense peers by --mem-gib.
+
+divkit runs with its default cost cache (cost_cache_mib = 64: the n x m cost is kept when it
+fits, n = m = 1000 here; at n >= 5000 it is computed on the fly, memory O(n + m)).
 
 Times: the best of up to 3 runs (one run when it takes > 2 s): the machine this was written on
 is shared, and OpenMP threads waiting at a barrier lose whole time slices to other processes.
@@ -44,7 +53,22 @@ def rss_mib() -> float:
 
 
 def peak_mib() -> float:
+    """Peak RSS since the last reset_peak() (VmHWM), else since the process started."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so that imports and setup
+    # before the solve (transient peaks) are not counted.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def worker(solver: str, n: int, d: int, tol: float, max_iter: int, seed: int = 0) -> dict:
@@ -62,7 +86,16 @@ def worker(solver: str, n: int, d: int, tol: float, max_iter: int, seed: int = 0
     a = np.full(n, 1.0 / n)
     torch.set_num_threads(divkit.get_num_threads())
     out = {"solver": solver, "n": n, "d": d, "eps": eps}
-    # Open a clear_refs-style baseline: peak so far is from setup; we measure the delta.
+    # Import the peer before timing (POT imports JAX when it is installed: seconds).
+    if solver.startswith("pot"):
+        import ot  # noqa: F401
+    elif solver == "geomloss":
+        import geomloss  # noqa: F401
+    if solver == "ott":
+        t0 = time.perf_counter()
+        _ott_setup(x, y, eps, tol, max_iter)
+        out["compile_s"] = time.perf_counter() - t0
+    reset_peak()
     base_rss = rss_mib()
     base_peak = peak_mib()
     best = float("inf")
@@ -75,6 +108,39 @@ def worker(solver: str, n: int, d: int, tol: float, max_iter: int, seed: int = 0
     out["reps"] = rep + 1
     out["mem_mib"] = max(peak_mib(), base_peak) - base_rss
     return out
+
+
+_OTT: dict = {}
+
+
+def _ott_inputs(x, y):
+    import jax.numpy as jnp
+
+    return jnp.asarray(x.numpy()), jnp.asarray(y.numpy())
+
+
+def _ott_setup(x, y, eps, tol, max_iter):
+    """OTT-JAX's Sinkhorn (log domain, L1 error on the column marginal checked every 10
+    iterations, float64), jit-compiled and run once before timing so that the compilation is
+    not counted."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from ott.geometry import pointcloud
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import sinkhorn as ott_sinkhorn
+
+    solver = ott_sinkhorn.Sinkhorn(threshold=tol, max_iterations=max_iter, norm_error=1,
+                                   lse_mode=True)
+
+    @jax.jit
+    def solve(ox, oy, e):
+        geom = pointcloud.PointCloud(ox, oy, epsilon=e)  # cost |x - y|^2, as ours
+        return solver(linear_problem.LinearProblem(geom))
+
+    _OTT["solve"] = solve
+    ox, oy = _ott_inputs(x, y)
+    jax.block_until_ready(solve(ox, oy, eps).f)
 
 
 def run_once(solver, x, y, a, eps, tol, max_iter, out) -> float:
@@ -104,6 +170,20 @@ def run_once(solver, x, y, a, eps, tol, max_iter, out) -> float:
         out.update(n_iter=int(log.get("niter", -1)),
                    err=float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - a).sum()),
                    cost=float((P * M).sum()), converged=bool(log.get("niter", 0) < max_iter - 1))
+    elif solver == "ott":
+        import jax
+
+        ox, oy = _ott_inputs(x, y)
+        t0 = time.perf_counter()
+        out_ott = _OTT["solve"](ox, oy, eps)
+        jax.block_until_ready(out_ott.f)
+        t = time.perf_counter() - t0
+        P = np.asarray(out_ott.matrix)
+        Mn = ((x.numpy()[:, None, :] - y.numpy()[None, :, :]) ** 2).sum(-1) if n <= 5000 else None
+        out.update(n_iter=int(out_ott.n_iters),
+                   err=float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - a).sum()),
+                   cost=float((P * Mn).sum()) if Mn is not None else float("nan"),
+                   converged=bool(out_ott.converged))
     elif solver == "geomloss":
         from geomloss import SamplesLoss
 
@@ -127,11 +207,11 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="*", default=[3, 64])
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-iter", type=int, default=2000)
-    ap.add_argument("--mem-gib", type=float, default=12.0,
+    ap.add_argument("--mem-gib", type=float, default=8.0,
                     help="skip a dense solver whose n x m float64 arrays would exceed this")
     ap.add_argument("--timeout", type=float, default=900.0, help="per solver run, seconds")
     ap.add_argument("--solvers", nargs="*",
-                    default=["divkit-f32", "divkit-f64", "pot-log", "pot", "geomloss"])
+                    default=["divkit-f32", "divkit-f64", "pot-log", "pot", "geomloss", "ott"])
     ap.add_argument("--worker", nargs=3, metavar=("SOLVER", "N", "D"))
     args = ap.parse_args()
     if args.worker:
@@ -139,12 +219,13 @@ def main() -> None:
         print(json.dumps(worker(s, int(n), int(d), args.tol, args.max_iter)))
         return
     sizes = args.sizes or ([1000, 2000] if args.quick else [1000, 5000, 20000])
-    try:
-        import geomloss  # noqa: F401
-    except Exception as e:  # not installed, or fails to import on this machine
-        if "geomloss" in args.solvers:
-            print(f"# geomloss not run: {type(e).__name__}: {e}")
-            args.solvers = [s for s in args.solvers if s != "geomloss"]
+    for mod, name in (("geomloss", "geomloss"), ("ott", "ott")):
+        try:
+            __import__(mod)
+        except Exception as e:  # not installed, or fails to import on this machine
+            if name in args.solvers:
+                print(f"# {name} not run: {type(e).__name__}: {e}")
+                args.solvers = [s for s in args.solvers if s != name]
     print(f"# load average at start: {os.getloadavg()}; threads: "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}; tol {args.tol:g}; figures are noisy "
           f"(shared machine)")
@@ -154,7 +235,16 @@ def main() -> None:
             # Dense peers hold M (n^2 float64) and about 3 more n x m temporaries.
             dense_gib = 4 * n * n * 8 / 2**30
             for s in args.solvers:
-                if (s.startswith("pot") or (s == "geomloss" and n <= 5000)) and dense_gib > args.mem_gib:
+                # OTT's jit-compiled PointCloud cost forms [n, m, d] float64 differences (12 GB
+                # peak measured at n = 5000, d = 64).
+                ott_gib = n * n * d * 8 / 2**30
+                if s == "ott" and ott_gib > args.mem_gib:
+                    print(f"# ott n={n} d={d}: not run, needs ~{ott_gib:.1f} GiB ([n, m, d] "
+                          f"float64, > --mem-gib {args.mem_gib:g})")
+                    rows.append({"solver": s, "n": n, "d": d, "skipped": "memory"})
+                    continue
+                if (s.startswith("pot") or s == "ott" or (s == "geomloss" and n <= 5000)) \
+                        and dense_gib > args.mem_gib:
                     print(f"# {s} n={n} d={d}: not run, needs ~{dense_gib:.1f} GiB of dense n x m "
                           f"float64 arrays (> --mem-gib {args.mem_gib:g})")
                     rows.append({"solver": s, "n": n, "d": d, "skipped": "memory"})

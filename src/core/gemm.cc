@@ -28,6 +28,13 @@ void abt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t l
               to_int(lda), b, to_int(ldb), beta, c, to_int(ldc));
 }
 
+void abt(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+         const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, to_int(m), to_int(n), to_int(k), alpha, a,
+              to_int(lda), b, to_int(ldb), beta, c, to_int(ldc));
+}
+
 void ab(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
         int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;

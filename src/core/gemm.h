@@ -11,6 +11,9 @@ namespace divkit::gemm {
 // C[m, n] = alpha * A[m, k] * B[n, k]^T + beta * C     (logits = hidden @ weight^T)
 void abt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
          int64_t ldb, float beta, float* c, int64_t ldc);
+// The same in fp64 (the OT cost matrix of float64 point clouds).
+void abt(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+         const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 // C[m, n] = alpha * A[m, k] * B[k, n] + beta * C       (grad_hidden = grad_logits @ weight)
 void ab(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
         int64_t ldb, float beta, float* c, int64_t ldc);

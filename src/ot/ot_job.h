@@ -22,7 +22,8 @@ struct OtSide {
   const void* YT = nullptr;  // [d][ncpad] (points, transposed)
   const void* xn = nullptr;  // [nr] |x_i|^2 (expanded mode)
   const void* yn = nullptr;  // [ncpad] |y_j|^2 (expanded mode)
-  const void* C = nullptr;   // [nr][ncpad] (matrix mode)
+  const void* C = nullptr;   // [nr][ncpad] (matrix mode: a given or a cached cost; points may
+                             // still be set for the gradients)
 };
 
 // Final pass over the plan rows: e_ij = exp(hr_i + h_j - C_ij / eps) = P_ij / a_i.
@@ -40,6 +41,8 @@ struct OtPlanOut {
 
 // out[i] = LSE_j (h_j - C_ij * inv_eps), h in T, padded.
 void ot_lse_rows(const OtSide& side, const void* h, double inv_eps, double* out);
+// C[i * ncpad + j] = the cost of row i and column j (points modes), padded columns included.
+void ot_cost_rows(const OtSide& side, void* C);
 void ot_plan_rows(const OtSide& side, const void* h, double inv_eps, const OtPlanOut& out);
 
 }  // namespace divkit::detail

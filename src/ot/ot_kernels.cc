@@ -5,7 +5,8 @@
 // columns: the chunk's costs are computed on the fly (register-blocked: kRows rows x 2 vectors of
 // columns, the y coordinates loaded once for the kRows rows), z = h_j - C_ij / eps is kept in an
 // L1-resident chunk buffer, and the row's log-sum-exp is updated online at chunk granularity
-// (one rescale per chunk and row). Costs never exist as an n x m matrix. Each row is computed
+// (one rescale per chunk and row). Costs exist as an n x m matrix only when the driver caches
+// them (small problems, sinkhorn.cc) or the caller gives them. Each row is computed
 // by one thread in a fixed order, so results do not depend on the thread count.
 #include <omp.h>
 
@@ -42,9 +43,10 @@ static_assert(kChunk % detail::kOtPad == 0);
 
 // Small half-iterations (~1 ms) run on one thread: a parallel region's barrier costs more than
 // the work on a loaded machine, where a waiting thread loses whole time slices. Rows are
-// independent, so the result is the same either way.
+// independent, so the result is the same either way. An entry of a stored cost costs about one
+// exp (~8 FMAs); one computed on the fly d + 4 more.
 inline bool Parallel(const OtSide& s) {
-  return s.nr * s.ncpad * (s.mode == OtCostMode::matrix ? 1 : s.d + 4) >= (int64_t{1} << 23);
+  return s.nr * s.ncpad * (s.mode == OtCostMode::matrix ? 8 : s.d + 12) >= (int64_t{1} << 23);
 }
 
 // exp for arguments <= 0 (log-sum-exp after the max is subtracted).
@@ -206,7 +208,7 @@ void PlanRowsT(const OtSide& s, const void* hv, double inv_eps_d, const OtPlanOu
   const T* YT = static_cast<const T*>(s.YT);
   const T inv_eps = static_cast<T>(inv_eps_d);
   const int64_t nblocks = (s.nr + kRows - 1) / kRows;
-  const bool grad = o.bary != nullptr && s.mode != OtCostMode::matrix;
+  const bool grad = o.bary != nullptr && s.YT != nullptr;  // points given (cached or not)
   const int64_t dim = s.d;
 #pragma omp parallel num_threads(get_num_threads()) if (Parallel(s))
   {
@@ -283,6 +285,30 @@ void PlanRowsT(const OtSide& s, const void* hv, double inv_eps_d, const OtPlanOu
   }
 }
 
+// C[i][j] for all rows, columns padded to ncpad, by the same register-blocked tiles as the
+// on-the-fly path (so the cached and the recomputed costs are bitwise equal).
+template <typename T>
+void CostRowsT(const OtSide& s, T* HWY_RESTRICT C) {
+  const hn::ScalableTag<T> d;
+  using V = hn::Vec<decltype(d)>;
+  const size_t L = hn::Lanes(d);
+  const int64_t nblocks = (s.nr + kRows - 1) / kRows;
+#pragma omp parallel for num_threads(get_num_threads()) schedule(static) if (Parallel(s))
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    int64_t ir[kRows];
+    const int64_t i0 = blk * kRows;
+    for (int r = 0; r < kRows; ++r) ir[r] = std::min<int64_t>(i0 + r, s.nr - 1);
+    for (int64_t j = 0; j < s.ncpad; j += 2 * static_cast<int64_t>(L)) {
+      V c[kRows][2];
+      CostTile<decltype(d), V, T>(d, s, ir, j, c);
+      for (int r = 0; r < kRows && i0 + r < s.nr; ++r) {
+        hn::Store(c[r][0], d, C + (i0 + r) * s.ncpad + j);
+        hn::Store(c[r][1], d, C + (i0 + r) * s.ncpad + j + L);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void OtLseRows(const OtSide& s, const void* h, double inv_eps, double* out) {
@@ -290,6 +316,12 @@ void OtLseRows(const OtSide& s, const void* h, double inv_eps, double* out) {
     LseRowsT<double>(s, h, inv_eps, out);
   else
     LseRowsT<float>(s, h, inv_eps, out);
+}
+void OtCostRows(const OtSide& s, void* C) {
+  if (s.f64)
+    CostRowsT<double>(s, static_cast<double*>(C));
+  else
+    CostRowsT<float>(s, static_cast<float*>(C));
 }
 void OtPlanRows(const OtSide& s, const void* h, double inv_eps, const OtPlanOut& o) {
   if (s.f64)
@@ -306,9 +338,11 @@ HWY_AFTER_NAMESPACE();
 namespace divkit {
 HWY_EXPORT(OtLseRows);
 HWY_EXPORT(OtPlanRows);
+HWY_EXPORT(OtCostRows);
 void detail::ot_lse_rows(const OtSide& s, const void* h, double inv_eps, double* out) {
   HWY_DYNAMIC_DISPATCH(OtLseRows)(s, h, inv_eps, out);
 }
+void detail::ot_cost_rows(const OtSide& s, void* C) { HWY_DYNAMIC_DISPATCH(OtCostRows)(s, C); }
 void detail::ot_plan_rows(const OtSide& s, const void* h, double inv_eps, const OtPlanOut& o) {
   HWY_DYNAMIC_DISPATCH(OtPlanRows)(s, h, inv_eps, o);
 }

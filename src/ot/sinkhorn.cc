@@ -3,12 +3,21 @@
 // The n x m work lives in ot_kernels.cc.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "core/check.h"
+#include "core/gemm.h"
 #include "divkit/ot.h"
+#include "divkit/runtime.h"
 #include "hwy/aligned_allocator.h"
 #include "ot/ot_job.h"
 
@@ -69,6 +78,8 @@ void check_options(const SinkhornOptions& o) {
   if (!(o.eps_scaling == 0.0 || (o.eps_scaling > 0.0 && o.eps_scaling < 1.0)))
     fail(kFn, "eps_scaling must be 0 (off) or in (0, 1), got " + std::to_string(o.eps_scaling));
   if (!(o.rho_a > 0)) fail(kFn, "rho_a must be > 0 (+inf: balanced), got " + std::to_string(o.rho_a));
+  if (o.cost_cache_bytes < 0)
+    fail(kFn, "cost_cache_bytes must be >= 0, got " + std::to_string(o.cost_cache_bytes));
   if (!(o.rho_b > 0)) fail(kFn, "rho_b must be > 0 (+inf: balanced), got " + std::to_string(o.rho_b));
 }
 
@@ -102,11 +113,34 @@ Buf<T> zeros(int64_t n) {
   return p;
 }
 
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using HugeBuf = std::unique_ptr<T[], FreeDeleter>;
+
+// A large buffer written once per call: 2 MiB-aligned and, on Linux, backed by transparent huge
+// pages where the kernel allows it (madvise mode), as NumPy does for its large arrays. With 4 KiB
+// pages the first-touch faults alone (~9 ms for 8 MiB on the development VM) cost more than
+// all the Sinkhorn iterations of a small problem.
+template <typename T>
+HugeBuf<T> alloc_huge(int64_t count) {
+  constexpr size_t k2M = size_t{2} << 20;
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + k2M - 1) / k2M * k2M;
+  void* p = nullptr;
+  if (posix_memalign(&p, k2M, bytes) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(p, bytes, MADV_HUGEPAGE);  // advisory: a refusal only costs speed
+#endif
+  return HugeBuf<T>(static_cast<T*>(p));
+}
+
 // Both sides of one problem in the working precision T.
 template <typename T>
 struct Geometry {
   int64_t n = 0, m = 0, d = 0, npad = 0, mpad = 0;
   Buf<T> X, XT, Y, YT, xn, yn, C, CT;
+  HugeBuf<T> cache, cacheT;  // the cached cost and its transpose (points)
   detail::OtSide rows, cols;  // rows: x against y; cols: y against x
   double scale = 0.0;         // D^p (points) or max C (matrix): the start of eps scaling
 };
@@ -125,8 +159,57 @@ void load_points(const TensorView& src, const char* name, int64_t b, int64_t n, 
     }
 }
 
+// Fills G.C [n][mpad] and its transpose G.CT [m][npad] and switches both sides to matrix mode.
+// Expanded mode (p = 2, d > 8): C = |x|^2 + |y|^2 - 2 X Y^T by one GEMM, clamped at 0 as the
+// on-the-fly tiles do (the expansion cancels for near-coincident points; the clouds are
+// centered, which keeps the norms small). Otherwise (small d, or p = 1 where the square root
+// would magnify that cancellation) the on-the-fly tiles themselves, so the values are bitwise
+// those of the uncached path. Padded columns hold finite values; their h makes them vanish.
 template <typename T>
-Geometry<T> make_geometry(const SinkhornInputs& in, int64_t b, int p) {
+void cache_cost(Geometry<T>& g) {
+  const int64_t n = g.n, m = g.m, np = g.npad, mp = g.mpad;
+  g.cache = alloc_huge<T>(n * mp);
+  g.cacheT = alloc_huge<T>(m * np);
+  T* const C = g.cache.get();
+  T* const CT = g.cacheT.get();
+  const bool gemm_path = g.rows.mode == detail::OtCostMode::expanded;
+  if (!gemm_path) detail::ot_cost_rows(g.rows, C);
+  // Fixed blocks of rows, each a single-threaded GEMM (so the values do not depend on the
+  // thread count, which a multi-threaded BLAS call does not promise), then one pass that
+  // finishes the expansion (+ |x_i|^2 + |y_j|^2, clamp) and writes the block's part of the
+  // transpose, so that both sides read the same values. Padded columns hold 0.
+  constexpr int64_t kB = 64;
+  const int64_t nblocks = (n + kB - 1) / kB;
+  const T* xn = g.xn.get();
+  const T* yn = g.yn.get();
+  if (gemm_path) gemm::set_blas_threads(1);
+#pragma omp parallel for num_threads(get_num_threads()) schedule(static) \
+    if (n * m * (gemm_path ? g.d : 1) >= (int64_t{1} << 22))
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t i0 = blk * kB, i1 = std::min(i0 + kB, n);
+    if (gemm_path) {
+      gemm::abt(i1 - i0, m, g.d, T(-2), g.X.get() + i0 * g.d, g.d, g.Y.get(), g.d, T(0),
+                C + i0 * mp, mp);
+      for (int64_t i = i0; i < i1; ++i) {
+        T* row = C + i * mp;
+        const T xi = xn[i];
+        for (int64_t j = 0; j < m; ++j) row[j] = std::max(row[j] + (xi + yn[j]), T(0));
+      }
+    }
+    for (int64_t i = i0; i < i1; ++i) std::fill(C + i * mp + m, C + (i + 1) * mp, T(0));
+    constexpr int64_t kT = 16;
+    for (int64_t j0 = 0; j0 < m; j0 += kT)
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < std::min(j0 + kT, m); ++j) CT[j * np + i] = C[i * mp + j];
+  }
+  for (int64_t j = 0; j < m; ++j) std::fill(CT + j * np + n, CT + (j + 1) * np, T(0));
+  g.rows.mode = g.cols.mode = detail::OtCostMode::matrix;
+  g.rows.C = C;
+  g.cols.C = CT;
+}
+
+template <typename T>
+Geometry<T> make_geometry(const SinkhornInputs& in, int64_t b, int p, int64_t cache_bytes) {
   Geometry<T> g;
   const bool points = in.x.defined();
   if (points) {
@@ -202,7 +285,11 @@ Geometry<T> make_geometry(const SinkhornInputs& in, int64_t b, int p) {
     g.cols.YT = g.XT.get();
     g.cols.xn = g.yn.get();
     g.cols.yn = g.xn.get();
-  } else {
+    // Small problems: compute the cost once and read it back every half-iteration (at large d
+    // a load instead of O(d) work per entry). The points stay for the gradients.
+    const int64_t bytes = (g.n * g.mpad + g.m * g.npad) * static_cast<int64_t>(sizeof(T));
+    if (bytes <= cache_bytes) cache_cost(g);
+    } else {
     g.C = zeros<T>(g.n * g.mpad);
     g.CT = zeros<T>(g.m * g.npad);
     double cmax = 0.0;
@@ -247,7 +334,7 @@ std::vector<double> logs(const std::vector<double>& w) {
 template <typename T>
 SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
                         const SinkhornOutputs& out, int64_t b) {
-  Geometry<T> G = make_geometry<T>(in, b, opt.p);
+  Geometry<T> G = make_geometry<T>(in, b, opt.p, opt.cost_cache_bytes);
   const int64_t n = G.n, m = G.m;
   const std::vector<double> a = load_weights("a", in.a, b, n);
   const std::vector<double> bw = load_weights("b", in.b, b, m);
@@ -260,6 +347,18 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
               "unbalanced one), got sum a = " + std::to_string(ma) + ", sum b = " +
               std::to_string(mb) + " in problem " + std::to_string(b));
   const std::vector<double> la = logs(a), lb = logs(bw);
+  const bool sym = opt.symmetric;
+  if (sym) {
+    if (!in.x.defined() || n != m)
+      fail(kFn, "symmetric needs points with y equal to x (a self-transport problem)");
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < G.d; ++k)
+        if (at(in.x, b, i, k) != at(in.y, b, i, k))
+          fail(kFn, "symmetric needs y equal to x, they differ at [" + std::to_string(b) + ", " +
+                        std::to_string(i) + ", " + std::to_string(k) + "]");
+    if (a != bw) fail(kFn, "symmetric needs b equal to a (problem " + std::to_string(b) + ")");
+    if (opt.rho_a != opt.rho_b) fail(kFn, "symmetric needs rho_a equal to rho_b");
+  }
 
   std::vector<double> f(static_cast<size_t>(n), 0.0), g(static_cast<size_t>(m), 0.0);
   std::vector<double> lse(static_cast<size_t>(std::max(n, m)));
@@ -286,15 +385,56 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
 
   SinkhornStats st;
   int64_t it = 0;
-  for (double e : stages) {
+  std::vector<double> fnew(static_cast<size_t>(n));
+  double err = INFINITY;
+  if (sym) {
+    // Self-transport OT(a, a): the optimal potentials satisfy f = g = T(f). Plain alternating
+    // updates oscillate around it and converge slowly at small eps; the averaged update
+    // f <- (f + T(f)) / 2 (Feydy et al. 2019, GeomLoss; OTT's symmetric self-transport) does
+    // not. One iteration is one pass over the points (half the cost of a plain iteration).
+    auto step = [&](double e) {
+      update_f(e, fnew);  // T(f), with g == f
+      for (int64_t i = 0; i < n; ++i) {
+        const auto u = static_cast<size_t>(i);
+        f[u] = g[u] = 0.5 * (f[u] + fnew[u]);
+      }
+    };
+    for (double e : stages) {
+      if (it >= opt.max_iter) break;
+      step(e);
+      ++it;
+    }
+    for (int64_t k = 0; it < opt.max_iter; ++k) {
+      const bool check = k % opt.check_every == 0;
+      if (check) {
+        // Residual of the plan (f, f): its row sums are a_i exp((f_i - T(f)_i) / eps).
+        update_f(eps, fnew);
+        double e = 0.0;
+        for (int64_t i = 0; i < n; ++i)
+          e += a[static_cast<size_t>(i)] *
+               std::abs(std::expm1((f[static_cast<size_t>(i)] - fnew[static_cast<size_t>(i)]) / eps));
+        err = e;
+        if (err <= opt.tol) {  // keep f, whose residual this is
+          st.converged = true;
+          break;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const auto u = static_cast<size_t>(i);
+          f[u] = g[u] = 0.5 * (f[u] + fnew[u]);
+        }
+      } else {
+        step(eps);
+      }
+      ++it;
+    }
+  }
+  for (double e : sym ? std::vector<double>{} : stages) {
     if (it >= opt.max_iter) break;
     update_f(e, f);
     update_g(e);
     ++it;
   }
-  std::vector<double> fnew(static_cast<size_t>(n));
-  double err = INFINITY;
-  for (int64_t k = 0; it < opt.max_iter; ++k) {
+  for (int64_t k = 0; !sym && it < opt.max_iter; ++k) {
     update_f(eps, fnew);
     // Residual of the plan (f_old, g), whose columns are exact: only meaningful once g came
     // from an f at this eps (k >= 1).

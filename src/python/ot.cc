@@ -24,7 +24,8 @@ std::vector<Stats> sinkhorn(const std::optional<InArray>& x, const std::optional
                             const std::optional<OutArray>& grad_a,
                             const std::optional<OutArray>& grad_b, double eps, int p, double tol,
                             int64_t max_iter, int64_t check_every, double eps_scaling,
-                            double rho_a, double rho_b) {
+                            double rho_a, double rho_b, int64_t cost_cache_bytes,
+                            bool symmetric) {
   constexpr const char* fn = "sinkhorn";
   divkit::SinkhornInputs in;
   in.x = optional_view(fn, "x", x);
@@ -49,6 +50,8 @@ std::vector<Stats> sinkhorn(const std::optional<InArray>& x, const std::optional
   opt.eps_scaling = eps_scaling;
   opt.rho_a = rho_a;
   opt.rho_b = rho_b;
+  opt.cost_cache_bytes = cost_cache_bytes;
+  opt.symmetric = symmetric;
   std::vector<divkit::SinkhornStats> st;
   {
     nb::gil_scoped_release release;
@@ -93,7 +96,8 @@ void register_ot(nb::module_& m) {
         nb::arg("plan").none(), nb::arg("grad_x").none(), nb::arg("grad_y").none(),
         nb::arg("grad_a").none(), nb::arg("grad_b").none(), nb::arg("eps"), nb::arg("p"),
         nb::arg("tol"), nb::arg("max_iter"), nb::arg("check_every"), nb::arg("eps_scaling"),
-        nb::arg("rho_a"), nb::arg("rho_b"),
+        nb::arg("rho_a"), nb::arg("rho_b"), nb::arg("cost_cache_bytes"),
+        nb::arg("symmetric"),
         "Batched log-domain Sinkhorn (include/divkit/ot.h). Writes f, g and the optional "
         "outputs; returns per problem (transport_cost, reg_cost, mass, n_iter, "
         "marginal_error, converged).");

@@ -38,13 +38,15 @@ def entropic_cost(P, M, a, b, eps):
     return float((P * M).sum() + eps * kl)
 
 
+@pytest.mark.parametrize("cache_mib", [64.0, 0.0])  # cost cached / computed on the fly
 @pytest.mark.parametrize("p", [1, 2])
-@pytest.mark.parametrize("d", [2, 16])
-def test_sinkhorn_matches_pot_log(p, d):
+@pytest.mark.parametrize("d", [2, 16, 64])
+def test_sinkhorn_matches_pot_log(p, d, cache_mib):
     x, y, a, b = clouds(d=d)
     M = pot_cost(x, y, p)
     eps = 0.1 * M.mean()
-    res = dot.sinkhorn(x, y, a, b, eps=eps, p=p, tol=1e-11, max_iter=5000, return_plan=True)
+    res = dot.sinkhorn(x, y, a, b, eps=eps, p=p, tol=1e-11, max_iter=5000, return_plan=True,
+                       cost_cache_mib=cache_mib)
     assert bool(res.converged)
     P, log = pot.sinkhorn(a.numpy(), b.numpy(), M, eps, method="sinkhorn_log", stopThr=1e-13,
                           numItermax=100000, log=True)
@@ -70,6 +72,39 @@ def test_sinkhorn_float32_close_to_float64():
     assert r32.reg_cost.dtype == torch.float32
     assert r32.reg_cost.item() == pytest.approx(r64.reg_cost.item(), rel=1e-5)
     assert r32.transport_cost.item() == pytest.approx(r64.transport_cost.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_and_on_the_fly_costs_match_pot_at_d64(dtype):
+    # The benchmark's problem at a test size: n = 400, m = 300, d = 64; the cost cache (GEMM
+    # expansion) and the on-the-fly path against POT on its own cost matrix.
+    x, y, a, b = clouds(n=400, m=300, d=64, seed=21, dtype=dtype)
+    M = pot_cost(x, y, 2)
+    eps = 0.05 * M.mean()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    # (POT's plain solver: no underflow at this eps, max C / eps = 38; 30 iterations)
+    P = pot.sinkhorn(a.double().numpy(), b.double().numpy(), M, eps, method="sinkhorn",
+                     stopThr=1e-13, numItermax=20000)
+    out = {}
+    for mib in (64.0, 0.0):
+        r = dot.sinkhorn(x, y, a, b, eps=eps, tol=tol, max_iter=10000, return_plan=True,
+                         cost_cache_mib=mib)
+        assert bool(r.converged)
+        out[mib] = r
+        pl = r.plan.double().numpy()
+        np.testing.assert_allclose(pl, P, atol=(2e-6 if dtype == torch.float32 else 1e-11))
+        assert r.transport_cost.item() == pytest.approx(float((P * M).sum()),
+                                                        rel=(1e-5 if dtype == torch.float32
+                                                             else 1e-10))
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    assert out[64.0].reg_cost.item() == pytest.approx(out[0.0].reg_cost.item(), rel=rel)
+    # The cache also serves the gradients (x and y are still used for them).
+    xr = x.clone().requires_grad_()
+    dot.sinkhorn(xr, y, a, b, eps=eps, tol=tol, max_iter=10000).reg_cost.backward()
+    gexp = 2 * (a[:, None].double() * x.double()
+                - torch.from_numpy(P) @ y.double())  # sum_j P_ij 2 (x_i - y_j)
+    torch.testing.assert_close(xr.grad.double(), gexp, rtol=0,
+                               atol=(1e-4 if dtype == torch.float32 else 1e-9))
 
 
 def test_cost_matrix_histograms_match_pot():
@@ -165,6 +200,48 @@ def test_sinkhorn_divergence_properties():
     fd = (dot.sinkhorn_divergence(x, y + h * v, a, b, **kw)
           - dot.sinkhorn_divergence(x, y - h * v, a, b, **kw)).item() / (2 * h)
     assert (yr.grad * v).sum().item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_sinkhorn_divergence_small_eps_matches_pot():
+    # eps = 3% of the mean cost, where alternating updates of the self-terms are slow; the
+    # self-terms use the averaged symmetric update.
+    x, y, a, b = clouds(n=40, m=35, d=2, seed=22)
+    eps = 0.03 * pot_cost(x, y, 2).mean()
+    kw = dict(eps=eps, tol=1e-9, max_iter=200000)
+    s = dot.sinkhorn_divergence(x, y, a, b, **kw).item()
+    assert s > 0
+    assert dot.sinkhorn_divergence(x, x, a, a, **kw).item() == pytest.approx(0.0, abs=1e-12)
+    xx = dot.sinkhorn(x, x, a, a, symmetric=True, **kw)
+    yy = dot.sinkhorn(y, y, b, b, symmetric=True, **kw)
+    xy = dot.sinkhorn(x, y, a, b, **kw)
+    assert bool(xx.converged) and bool(yy.converged) and bool(xy.converged)
+    assert torch.equal(xx.f, xx.g)
+
+    # POT's alternating log-domain solver does not reach 1e-9 on the self-terms here in 20000
+    # iterations (we need ~22 passes); after 2000 its values are within ~1e-6 (measured).
+    it = 2000
+
+    def pot_values(u, v, wu, wv):
+        M = pot_cost(u, v, 2)
+        P = pot.sinkhorn(wu.numpy(), wv.numpy(), M, eps, method="sinkhorn_log", stopThr=1e-12,
+                         numItermax=it, warn=False)
+        return entropic_cost(P, M, wu.numpy(), wv.numpy(), eps), float((P * M).sum())
+
+    (rxy, lxy), (rxx, lxx), (ryy, lyy) = (pot_values(x, y, a, b), pot_values(x, x, a, a),
+                                          pot_values(y, y, b, b))
+    assert xy.reg_cost.item() == pytest.approx(rxy, rel=1e-9)
+    assert xx.reg_cost.item() == pytest.approx(rxx, rel=2e-6)
+    assert yy.reg_cost.item() == pytest.approx(ryy, rel=2e-6)
+    assert s == pytest.approx(rxy - 0.5 * (rxx + ryy), rel=2e-6)
+    # POT's own divergence debiases the linear costs <P, C> (empirical_sinkhorn2), clipped at 0.
+    ref = pot.bregman.empirical_sinkhorn_divergence(
+        x.numpy(), y.numpy(), eps, a.numpy(), b.numpy(), method="sinkhorn_log",
+        numIterMax=it, stopThr=1e-12, warn=False)
+    ours = xy.transport_cost - 0.5 * (xx.transport_cost + yy.transport_cost)
+    assert ours.item() == pytest.approx(float(ref), rel=1e-5)
+    assert float(ref) == pytest.approx(lxy - 0.5 * (lxx + lyy), rel=1e-12)
+    with pytest.raises(divkit.Error, match="symmetric needs y equal to x"):
+        dot.sinkhorn(x, x + 1e-3, a, a, eps=eps, symmetric=True)
 
 
 def test_nonconvergence_is_reported_with_a_warning():
@@ -308,6 +385,8 @@ def test_bad_input_raises_naming_the_argument():
         dot.sinkhorn(x, y, eps=0.1, p=3)
     with pytest.raises(divkit.Error, match="max_iter must be >= 1"):
         dot.sinkhorn(x, y, eps=0.1, max_iter=0)
+    with pytest.raises(divkit.Error, match="cost_cache_mib must be finite and >= 0"):
+        dot.sinkhorn(x, y, eps=0.1, cost_cache_mib=-1)
     with pytest.raises(divkit.Error, match="y must have x's dtype"):
         dot.sinkhorn(x, y.float(), eps=0.1)
     C = torch.rand(5, 4, dtype=torch.float64)
