@@ -83,8 +83,11 @@ def test_cached_and_on_the_fly_costs_match_pot_at_d64(dtype):
     eps = 0.05 * M.mean()
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     # (POT's plain solver: no underflow at this eps, max C / eps = 38; 30 iterations)
-    P = pot.sinkhorn(a.double().numpy(), b.double().numpy(), M, eps, method="sinkhorn",
-                     stopThr=1e-13, numItermax=20000)
+    # (the float32 weights renormalized in fp64: otherwise their masses differ by ~1e-8 and POT
+    # cannot reach 1e-13)
+    a64, b64 = a.double(), b.double()
+    P = pot.sinkhorn((a64 / a64.sum()).numpy(), (b64 / b64.sum()).numpy(), M, eps,
+                     method="sinkhorn", stopThr=1e-13, numItermax=20000)
     out = {}
     for mib in (64.0, 0.0):
         r = dot.sinkhorn(x, y, a, b, eps=eps, tol=tol, max_iter=10000, return_plan=True,
