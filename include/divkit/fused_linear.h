@@ -46,7 +46,7 @@ struct LinearHeadGrads {
 };
 
 struct FusedLinearOptions {
-  // Tokens per chunk; 0 chooses it (about 64 MiB of fp32 logits per [C, V] buffer, at least 32
+  // Tokens per chunk; 0 chooses it (about 256 MiB of fp32 logits per [C, V] buffer, 32 to 1024
   // tokens, at most N).
   int64_t chunk_size = 0;
   // loss = hard_weight * CE(student, labels) + soft_weight * divergence, as TRL's GKD / Liger's

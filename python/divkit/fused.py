@@ -216,9 +216,10 @@ def fused_linear_divergence(
     fp64 row sums); the loss is float32; gradients are in each input's dtype. Gradients flow to
     every input that requires grad, the teacher's too (online distillation).
 
-    Memory: O(chunk_size x V) extra (default: about 64 MiB of logits per chunk buffer). With a
-    reduced loss the gradients are computed in the forward call (as Liger does); with
-    ``reduction="none"`` the backward reruns the chunks with the upstream gradient as weights.
+    Memory: O(chunk_size x V) extra (default: about 256 MiB of logits per chunk buffer, 32 to
+    1024 tokens). With a reduced loss the gradients are computed in the forward call (as Liger
+    does); with ``reduction="none"`` the backward reruns the chunks with the upstream gradient
+    as weights.
     """
     fn = "fused_linear_divergence"
     sh = _tensor(fn, "student_hidden", student_hidden)
