@@ -926,8 +926,8 @@ def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2
             raise Error(f"{fn}: prev_lam must be finite and > 0")
     log_c = math.log(c)
     with torch.no_grad():
-        lp = torch.log_softmax(logits.detach().double() / prev[:, None], dim=1)
-        kl = (lp.exp() * lp).sum(1) + log_c
+        # KL(softmax(z / lam') || uniform) = log C - H(softmax(z / lam'))
+        kl = log_c - row_entropy(logits.detach().double() / prev[:, None]).double()
         lam = lam0 * (1 - kl / (alpha * log_c))
     per = ldr_kl_loss(logits, labels, lam=lam.to(logits.dtype) if n > 1 else float(lam[0]),
                       margin=margin, reduction="none")

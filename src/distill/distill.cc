@@ -607,16 +607,14 @@ void selective_contrast(const TensorView& standard, const TensorView& lame, doub
     check::vector_of(fn, "applied", applied, n, {DType::f32, DType::f64, DType::i32, DType::i64});
   check_finite(fn, "standard_logits", standard, TensorView{}, 0);
   check_finite(fn, "lame_logits", lame, TensorView{}, 0);
-  for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& l, std::vector<double>&) {
+  for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& l, std::vector<double>& p) {
     const double lse_s = load_row(standard, i, 1.0, s);
+    p.resize(static_cast<size_t>(v));
     double mean = 0.0;
-    for (double x : s) mean += std::exp(x - lse_s);
+    for (int64_t j = 0; j < v; ++j) mean += (p[j] = std::exp(s[j] - lse_s));
     mean /= static_cast<double>(v);
     double ss = 0.0;  // the sample standard deviation (n - 1), as torch.std in the official code
-    for (double x : s) {
-      const double d = std::exp(x - lse_s) - mean;
-      ss += d * d;
-    }
+    for (double pj : p) ss += (pj - mean) * (pj - mean);
     const double sd = v > 1 ? std::sqrt(ss / static_cast<double>(v - 1)) : 0.0;
     vset(uncertainty, i, sd);
     // A flat (uncertain) distribution has a small standard deviation.
@@ -631,7 +629,7 @@ void selective_contrast(const TensorView& standard, const TensorView& lame, doub
     for (int64_t j = 0; j < v; ++j) {
       const double lp = s[j] - lse_s, ll = l[j] - lse_l;
       double o = -kInf;
-      if (lp > -kInf && std::exp(lp) >= cut) {
+      if (lp > -kInf && p[j] >= cut) {
         // log(p - w p_lame) = lp + log1p(-w exp(ll - lp)); a non-positive difference is -inf.
         const double r = lame_weight * std::exp(ll - lp);
         if (r < 1.0) o = lp + std::log1p(-r);

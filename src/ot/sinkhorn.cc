@@ -78,9 +78,9 @@ void check_options(const SinkhornOptions& o) {
   if (!(o.eps_scaling == 0.0 || (o.eps_scaling > 0.0 && o.eps_scaling < 1.0)))
     fail(kFn, "eps_scaling must be 0 (off) or in (0, 1), got " + std::to_string(o.eps_scaling));
   if (!(o.rho_a > 0)) fail(kFn, "rho_a must be > 0 (+inf: balanced), got " + std::to_string(o.rho_a));
+  if (!(o.rho_b > 0)) fail(kFn, "rho_b must be > 0 (+inf: balanced), got " + std::to_string(o.rho_b));
   if (o.cost_cache_bytes < 0)
     fail(kFn, "cost_cache_bytes must be >= 0, got " + std::to_string(o.cost_cache_bytes));
-  if (!(o.rho_b > 0)) fail(kFn, "rho_b must be > 0 (+inf: balanced), got " + std::to_string(o.rho_b));
 }
 
 // Weights of problem b (uniform when not given), checked.
@@ -119,14 +119,14 @@ struct FreeDeleter {
 template <typename T>
 using HugeBuf = std::unique_ptr<T[], FreeDeleter>;
 
-// A large buffer written once per call: 2 MiB-aligned and, on Linux, backed by transparent huge
+// A cost matrix (given or cached), written once per call: 2 MiB-aligned and, on Linux, backed by transparent huge
 // pages where the kernel allows it (madvise mode), as NumPy does for its large arrays. With 4 KiB
 // pages the first-touch faults alone (~9 ms for 8 MiB on the development VM) cost more than
 // all the Sinkhorn iterations of a small problem.
 template <typename T>
 HugeBuf<T> alloc_huge(int64_t count) {
   constexpr size_t k2M = size_t{2} << 20;
-  const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + k2M - 1) / k2M * k2M;
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + k2M - 1) / k2M * k2M;
   void* p = nullptr;
   if (posix_memalign(&p, k2M, bytes) != 0) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
@@ -139,8 +139,8 @@ HugeBuf<T> alloc_huge(int64_t count) {
 template <typename T>
 struct Geometry {
   int64_t n = 0, m = 0, d = 0, npad = 0, mpad = 0;
-  Buf<T> X, XT, Y, YT, xn, yn, C, CT;
-  HugeBuf<T> cache, cacheT;  // the cached cost and its transpose (points)
+  Buf<T> X, XT, Y, YT, xn, yn;
+  HugeBuf<T> C, CT;  // the cost [n][mpad] and its transpose [m][npad] (given, or cached)
   detail::OtSide rows, cols;  // rows: x against y; cols: y against x
   double scale = 0.0;         // D^p (points) or max C (matrix): the start of eps scaling
 };
@@ -168,10 +168,10 @@ void load_points(const TensorView& src, const char* name, int64_t b, int64_t n, 
 template <typename T>
 void cache_cost(Geometry<T>& g) {
   const int64_t n = g.n, m = g.m, np = g.npad, mp = g.mpad;
-  g.cache = alloc_huge<T>(n * mp);
-  g.cacheT = alloc_huge<T>(m * np);
-  T* const C = g.cache.get();
-  T* const CT = g.cacheT.get();
+  g.C = alloc_huge<T>(n * mp);
+  g.CT = alloc_huge<T>(m * np);
+  T* const C = g.C.get();
+  T* const CT = g.CT.get();
   const bool gemm_path = g.rows.mode == detail::OtCostMode::expanded;
   if (!gemm_path) detail::ot_cost_rows(g.rows, C);
   // Fixed blocks of rows, each a single-threaded GEMM (so the values do not depend on the
@@ -289,9 +289,11 @@ Geometry<T> make_geometry(const SinkhornInputs& in, int64_t b, int p, int64_t ca
     // a load instead of O(d) work per entry). The points stay for the gradients.
     const int64_t bytes = (g.n * g.mpad + g.m * g.npad) * static_cast<int64_t>(sizeof(T));
     if (bytes <= cache_bytes) cache_cost(g);
-    } else {
-    g.C = zeros<T>(g.n * g.mpad);
-    g.CT = zeros<T>(g.m * g.npad);
+  } else {
+    g.C = alloc_huge<T>(g.n * g.mpad);
+    g.CT = alloc_huge<T>(g.m * g.npad);
+    std::fill(g.C.get(), g.C.get() + g.n * g.mpad, T(0));  // the padding
+    std::fill(g.CT.get(), g.CT.get() + g.m * g.npad, T(0));
     double cmax = 0.0;
     for (int64_t i = 0; i < g.n; ++i)
       for (int64_t j = 0; j < g.m; ++j) {
@@ -387,13 +389,22 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
   int64_t it = 0;
   std::vector<double> fnew(static_cast<size_t>(n));
   double err = INFINITY;
+  // L1 residual of the rows of the plan (f, g) once fnew = T(g) is known: its row sums are
+  // a_i exp((f_i - fnew_i) / eps).
+  auto row_residual = [&] {
+    double e = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto u = static_cast<size_t>(i);
+      e += a[u] * std::abs(std::expm1((f[u] - fnew[u]) / eps));
+    }
+    return e;
+  };
   if (sym) {
     // Self-transport OT(a, a): the optimal potentials satisfy f = g = T(f). Plain alternating
     // updates oscillate around it and converge slowly at small eps; the averaged update
     // f <- (f + T(f)) / 2 (Feydy et al. 2019, GeomLoss; OTT's symmetric self-transport) does
     // not. One iteration is one pass over the points (half the cost of a plain iteration).
-    auto step = [&](double e) {
-      update_f(e, fnew);  // T(f), with g == f
+    auto average = [&] {
       for (int64_t i = 0; i < n; ++i) {
         const auto u = static_cast<size_t>(i);
         f[u] = g[u] = 0.5 * (f[u] + fnew[u]);
@@ -401,57 +412,41 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
     };
     for (double e : stages) {
       if (it >= opt.max_iter) break;
-      step(e);
+      update_f(e, fnew);  // T(f), with g == f
+      average();
       ++it;
     }
-    for (int64_t k = 0; it < opt.max_iter; ++k) {
-      const bool check = k % opt.check_every == 0;
-      if (check) {
-        // Residual of the plan (f, f): its row sums are a_i exp((f_i - T(f)_i) / eps).
-        update_f(eps, fnew);
-        double e = 0.0;
-        for (int64_t i = 0; i < n; ++i)
-          e += a[static_cast<size_t>(i)] *
-               std::abs(std::expm1((f[static_cast<size_t>(i)] - fnew[static_cast<size_t>(i)]) / eps));
-        err = e;
+    for (int64_t k = 0; it < opt.max_iter; ++k, ++it) {
+      update_f(eps, fnew);
+      if (k % opt.check_every == 0) {
+        err = row_residual();
         if (err <= opt.tol) {  // keep f, whose residual this is
           st.converged = true;
           break;
         }
-        for (int64_t i = 0; i < n; ++i) {
-          const auto u = static_cast<size_t>(i);
-          f[u] = g[u] = 0.5 * (f[u] + fnew[u]);
-        }
-      } else {
-        step(eps);
       }
+      average();
+    }
+  } else {
+    for (double e : stages) {
+      if (it >= opt.max_iter) break;
+      update_f(e, f);
+      update_g(e);
       ++it;
     }
-  }
-  for (double e : sym ? std::vector<double>{} : stages) {
-    if (it >= opt.max_iter) break;
-    update_f(e, f);
-    update_g(e);
-    ++it;
-  }
-  for (int64_t k = 0; !sym && it < opt.max_iter; ++k) {
-    update_f(eps, fnew);
-    // Residual of the plan (f_old, g), whose columns are exact: only meaningful once g came
-    // from an f at this eps (k >= 1).
-    const bool check = k >= 1 && k % opt.check_every == 0;
-    if (check) {
-      double e = 0.0;
-      for (int64_t i = 0; i < n; ++i)
-        e += a[static_cast<size_t>(i)] *
-             std::abs(std::expm1((f[static_cast<size_t>(i)] - fnew[static_cast<size_t>(i)]) / eps));
-      err = e;
-    }
-    f.swap(fnew);
-    update_g(eps);
-    ++it;
-    if (check && err <= opt.tol) {
-      st.converged = true;
-      break;
+    for (int64_t k = 0; it < opt.max_iter; ++k) {
+      update_f(eps, fnew);
+      // The residual of the plan (f_old, g), whose columns are exact, is only meaningful once g
+      // came from an f at this eps (k >= 1).
+      const bool check = k >= 1 && k % opt.check_every == 0;
+      if (check) err = row_residual();
+      f.swap(fnew);
+      update_g(eps);
+      ++it;
+      if (check && err <= opt.tol) {
+        st.converged = true;
+        break;
+      }
     }
   }
   if (!std::isfinite(err) && !st.converged) err = INFINITY;

@@ -101,10 +101,12 @@ Score f_score(FDivergenceType f, double a, double l) {
   return {l, 1.0};
 }
 
-bool uses_f_score(PreferenceLossType t) {
+// Types that accept f_divergence_type != reverse_kl (TRL's set): those with an f-DPO score,
+// and sft, which has no score and ignores it.
+bool accepts_f_divergence(PreferenceLossType t) {
   using T = PreferenceLossType;
   return t == T::sigmoid || t == T::sigmoid_norm || t == T::hinge || t == T::ipo || t == T::exo_pair ||
-         t == T::robust || t == T::discopop;
+         t == T::robust || t == T::discopop || t == T::sft;
 }
 
 // Label-smoothed sigmoid loss of z and its derivative.
@@ -157,12 +159,10 @@ void validate_preference_spec(const PreferenceSpec& spec) {
     if (term.type == PreferenceLossType::exo_pair && !(eps > 0.0))
       check::fail(fn, "label_smoothing must be > 0 for loss_type exo_pair (log eps; the EXO paper uses 1e-3), got " +
                           std::to_string(eps));
-    // sft has no score: TRL accepts it with any f-divergence, and so does divkit.
-    if (spec.f_divergence_type != FDivergenceType::reverse_kl && !uses_f_score(term.type) &&
-        term.type != PreferenceLossType::sft)
+    if (spec.f_divergence_type != FDivergenceType::reverse_kl && !accepts_f_divergence(term.type))
       check::fail(fn, std::string("f_divergence_type ") + f_divergence_type_name(spec.f_divergence_type) +
                           " is not defined for loss_type " + name +
-                          " (only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop)");
+                          " (only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft)");
   }
   if (!std::isfinite(spec.f_alpha_divergence_coef))
     check::fail(fn, "f_alpha_divergence_coef must be finite");
