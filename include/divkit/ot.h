@@ -118,6 +118,67 @@ struct SinkhornStats {
 std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOptions& opt,
                                     const SinkhornOutputs& out);
 
+// Quadratically regularized and sparsity-constrained OT between histograms a[n], b[m] with a
+// cost C[n, m] (Blondel, Seguy and Rolet, "Smooth and Sparse Optimal Transport", 2018; Liu,
+// Puigcerver and Blondel, "Sparsity-Constrained Optimal Transport", 2023):
+//
+//   min_P <P, C> + (gamma / 2) ||P||_F^2   s.t.  P 1 = a, P^T 1 = b, P >= 0,
+//                                                and with k >= 1: at most k non-zeros per column.
+//
+// Solved through the semi-dual (the column constraints eliminated, P_:j = b_j t_j):
+//
+//   V(alpha) = <alpha, a> - sum_j b_j phi_j(alpha),
+//   phi_j(alpha) = max_{t in Delta_k} <t, alpha - C_:j> - (gamma b_j / 2) |t|^2,
+//
+// whose inner maximizer is the Euclidean projection of (alpha - C_:j) / (gamma b_j) onto the
+// k-sparse simplex: the k largest entries projected onto the simplex (Kyrillidis et al. 2013).
+// V is concave and piecewise quadratic with gradient a - P 1; it is maximized by L-BFGS (history
+// 20, strong-Wolfe line search, the history dropped when a step fails) from alpha = 0, in
+// float64, until ||P 1 - a||_1 <= tol, max_iter iterations, or V stalls (no rise beyond rounding
+// in 50 iterations). The same problem as POT's ot.smooth.smooth_ot_semi_dual (reg_type 'l2', or
+// 'sparsity_constrained' with max_nz = k).
+//
+// With k >= 1 the semi-dual is a convex relaxation of the (nonconvex) constrained problem, and
+// nonsmooth where a column's top-k set changes. Where the constraint binds, the plan read off
+// its maximizer need not meet the row marginals (k = 1 with generic weights cannot: each column
+// goes to one row); the solver then stops when V stalls and reports converged = false with the
+// marginal error reached, never a plan that claims to be feasible.
+//
+// Results: the plan in COO form (row-major order, only non-zeros; columns sum exactly to b),
+// transport_cost <P, C>, reg_cost = V(alpha) (which equals <P, C> + gamma/2 ||P||^2 at the
+// optimum when k = 0; with k >= 1 the semi-dual is a relaxation, see Liu et al. 2023), n_iter,
+// marginal_error ||P 1 - a||_1, converged. alpha [n] (float64, required) receives the
+// potential; grad_b [m] (float64, optional) dV/db_j = -(<t_j, alpha - C_:j> - gamma b_j |t_j|^2).
+// By Danskin's theorem the other gradients need no output: dV/dC = P, and dV/da = alpha
+// (meaningful only along directions that keep sum a fixed).
+//
+// Inputs float32 or float64 with any strides; computed in float64; O(n m) memory (a float64
+// transpose of the cost). Each column is handled by one thread and every sum runs in a fixed
+// order, so results do not depend on the thread count. Throws divkit::Error naming the argument
+// for: shapes, dtypes, gamma <= 0 or not finite, k < 0, tol < 0, max_iter < 1, non-finite
+// costs or weights, negative weights, a zero total weight, and |sum a - sum b| > 1e-6 max(sum a,
+// sum b).
+struct SparseOtOptions {
+  double gamma = 0.0;     // > 0, in cost units (the plan scales as 1 / gamma)
+  int64_t k = 0;          // 0: no sparsity constraint; else at most k non-zeros per column
+  double tol = 1e-6;      // >= 0, on ||P 1 - a||_1
+  int64_t max_iter = 500;  // >= 1, L-BFGS iterations
+};
+
+struct SparseOtResult {
+  std::vector<int64_t> row, col;  // the plan's non-zeros, row-major order
+  std::vector<double> value;
+  double transport_cost = 0.0;
+  double reg_cost = 0.0;
+  int64_t n_iter = 0;
+  double marginal_error = 0.0;
+  bool converged = false;
+};
+
+SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorView& cost,
+                         const SparseOtOptions& opt, const TensorView& alpha,
+                         const TensorView& grad_b);
+
 // Maximum mean discrepancy and Cauchy-Schwarz divergence between weighted samples x [n, d]
 // (weights a) and y [m, d] (weights b), with a kernel k:
 //   gaussian  k(u, v) = exp(-|u - v|^2 / (2 sigma^2))

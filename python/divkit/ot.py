@@ -392,34 +392,46 @@ def monge_gap(
 
 
 class SparseOTResult(NamedTuple):
-    """Result of :func:`sparse_ot`: plan (sparse COO [n, m]), transport_cost ``<P, C>``,
-    alpha (semi-dual potential [n]), n_iter, marginal_error ``||P 1 - a||_1`` (columns exact),
-    converged."""
+    """Result of :func:`sparse_ot`: plan (sparse COO [n, m], coalesced, cost's dtype);
+    transport_cost ``<P, C>`` (no gradient); reg_cost, the semi-dual objective ``V(alpha)``
+    (equal to ``<P, C> + gamma/2 ||P||^2`` at the optimum when ``k`` is None), differentiable
+    in a, b and cost; alpha, the semi-dual potential [n]; n_iter (L-BFGS iterations);
+    marginal_error ``||P 1 - a||_1`` (the columns are exact); converged."""
 
     plan: torch.Tensor
     transport_cost: torch.Tensor
+    reg_cost: torch.Tensor
     alpha: torch.Tensor
     n_iter: int
     marginal_error: float
     converged: bool
 
 
-def _sparse_simplex(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Column-wise Euclidean projection of z [n, m] onto {t >= 0, sum t = 1, |t|_0 <= k}:
-    keep each column's top-k entries and project those onto the simplex (Kyrillidis et al.
-    2013)."""
-    n = z.shape[0]
-    k = min(k, n)
-    top, idx = torch.topk(z, k, dim=0)  # sorted descending
-    cs = top.cumsum(0) - 1.0
-    r = torch.arange(1, k + 1, dtype=z.dtype).unsqueeze(1)
-    cond = top - cs / r > 0
-    rho = cond.to(torch.int64).cumsum(0).argmax(0, keepdim=True)  # last index where true
-    theta = cs.gather(0, rho) / (rho + 1).to(z.dtype)
-    vals = (top - theta).clamp_min(0)
-    out = torch.zeros_like(z)
-    out.scatter_(0, idx, vals)
-    return out
+class _SparseOTFunction(torch.autograd.Function):
+    """reg_cost of the C++ solver; gradients by Danskin's theorem: dV/dcost = P,
+    dV/da = alpha, dV/db from the core."""
+
+    @staticmethod
+    def forward(ctx, a, b, cost, gamma: float, k: int, tol: float, max_iter: int, box: dict):
+        alpha = torch.empty(a.shape[0], dtype=torch.float64)
+        grad_b = torch.empty(b.shape[0], dtype=torch.float64) if ctx.needs_input_grad[1] else None
+        row, col, val, tc, reg, n_it, err, conv = _C.sparse_ot(
+            a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter)
+        idx = torch.stack([torch.from_numpy(row), torch.from_numpy(col)])
+        plan = torch.sparse_coo_tensor(idx, torch.from_numpy(val), tuple(cost.shape),
+                                       is_coalesced=True, check_invariants=False)
+        box.update(plan=plan, alpha=alpha, tc=tc, n_iter=n_it, err=err, conv=conv)
+        ctx.grads = (alpha, grad_b, plan)
+        return torch.tensor(reg, dtype=cost.dtype)
+
+    @staticmethod
+    def backward(ctx, go):
+        alpha, grad_b, plan = ctx.grads
+        g = go.to(torch.float64)
+        ga = (g * alpha).to(go.dtype) if ctx.needs_input_grad[0] else None
+        gb = (g * grad_b).to(go.dtype) if ctx.needs_input_grad[1] else None
+        gc = (g * plan.to_dense()).to(go.dtype) if ctx.needs_input_grad[2] else None
+        return ga, gb, gc, None, None, None, None, None
 
 
 def sparse_ot(
@@ -431,20 +443,32 @@ def sparse_ot(
     k: Optional[int] = None,
     tol: float = 1e-6,
     max_iter: int = 500,
+    warn: bool = True,
 ) -> SparseOTResult:
-    r"""Quadratically regularized and sparsity-constrained OT (Blondel et al. 2018; Liu,
-    Puigcerver and Blondel 2023), with the plan returned sparse:
+    r"""Quadratically regularized and sparsity-constrained OT (Blondel, Seguy and Rolet 2018;
+    Liu, Puigcerver and Blondel 2023), with the plan returned sparse:
 
     ``min_P <P, C> + (gamma / 2) ||P||_F^2``  s.t.  ``P 1 = a, P^T 1 = b, P >= 0`` and, with
-    ``k``, at most k non-zeros per column (k = None: no sparsity constraint, the quadratic
+    ``k``, at most k non-zeros per column (k = None: no sparsity constraint; the quadratic
     regularization alone already gives sparse plans).
 
-    Solved through the semi-dual ``max_alpha <alpha, a> - sum_j b_j max_{t in Delta_k}
-    [<t, alpha - c_j> - (gamma b_j / 2) |t|^2]``, whose inner problem is the projection of
-    ``(alpha - c_j) / (gamma b_j)`` onto the k-sparse simplex, by L-BFGS (torch.optim.LBFGS,
-    strong Wolfe line search) in float64; ``P_:j = b_j t_j``. Same problem as POT's
-    ``ot.smooth.smooth_ot_semi_dual(reg_type='sparsity_constrained', max_nz=k)``. Computed
-    in Python/torch (dense [n, m] cost), not in the C++ core. No gradient.
+    Solved in the C++ core (``include/divkit/ot.h``) through the semi-dual ``V(alpha) =
+    <alpha, a> - sum_j b_j max_{t in Delta_k} [<t, alpha - c_j> - (gamma b_j / 2) |t|^2]``,
+    whose inner problem is the projection of ``(alpha - c_j) / (gamma b_j)`` onto the k-sparse
+    simplex, by L-BFGS with a strong-Wolfe line search, in float64; ``P_:j = b_j t_j``. The
+    same problem as POT's ``ot.smooth.smooth_ot_semi_dual(reg_type='l2')`` or
+    ``(reg_type='sparsity_constrained', max_nz=k)``.
+
+    With ``k``, the semi-dual is a convex relaxation of the constrained problem (Liu et al.
+    2023): where the constraint binds, the plan read off its optimum may not meet the row
+    marginals (k = 1 with generic weights cannot), and the result then says converged=False
+    with the marginal error reached (the solver stops when V stalls).
+
+    a [n], b [m] (equal total mass) and cost [n, m]: float32 or float64 CPU tensors. reg_cost
+    is differentiable in a, b and cost (dV/dcost = P by Danskin's theorem; dV/da = alpha, only
+    meaningful along directions that keep sum a fixed). Memory O(n m) (a float64 copy of the
+    cost). Not converging within ``max_iter`` is reported in the result (and as a
+    RuntimeWarning when ``warn``).
     """
     fn = "sparse_ot"
     a = _tensor(fn, "a", a, (1,))
@@ -456,64 +480,25 @@ def sparse_ot(
     if b.shape[0] != m:
         _fail(fn, f"b must have shape [{m}] (cost's columns), got {tuple(b.shape)}")
     gamma = _real(fn, "gamma", gamma)
-    if not (math.isfinite(gamma) and gamma > 0):
-        _fail(fn, f"gamma must be finite and > 0, got {gamma:g}")
-    if k is not None:
-        k = _int(fn, "k", k)
-        if k < 1:
-            _fail(fn, f"k must be >= 1 (non-zeros per column), got {k}")
-    kk = n if k is None else min(k, n)
-    a64, b64, C64 = a.detach().double(), b.detach().double(), C.detach().double()
-    for name, t in (("a", a64), ("b", b64)):
-        if not bool(torch.isfinite(t).all()):
-            _fail(fn, f"{name} has a non-finite value")
-        if bool((t < 0).any()):
-            _fail(fn, f"{name} has a negative weight")
-    if not bool(torch.isfinite(C64).all()):
-        _fail(fn, "cost has a non-finite value")
-    if abs(float(a64.sum() - b64.sum())) > 1e-6 * max(float(a64.sum()), float(b64.sum())):
-        _fail(fn, f"a and b must have equal total mass, got {float(a64.sum()):g} and "
-                  f"{float(b64.sum()):g}")
-    bpos = b64.clamp_min(1e-300)
-
-    def columns(alpha):
-        z = (alpha.unsqueeze(1) - C64) / (gamma * bpos)
-        return _sparse_simplex(z, kk)  # t [n, m]
-
-    alpha = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-
-    def closure():
-        with torch.no_grad():
-            t = columns(alpha)
-            X = alpha.unsqueeze(1) - C64
-            val = (alpha * a64).sum() - (b64 * ((t * X).sum(0)
-                                                - 0.5 * gamma * b64 * (t * t).sum(0))).sum()
-            grad = a64 - (t * b64).sum(1)  # Danskin: the marginal residual
-        alpha.grad = -grad
-        return -val
-
-    # L-BFGS restarted with a fresh history while it makes progress: the semi-dual is only
-    # piecewise quadratic, and a stale curvature history stalls the line search at the kinks.
-    n_it, err = 0, math.inf
-    while n_it < max_iter:
-        opt = torch.optim.LBFGS([alpha], lr=1.0, max_iter=max_iter - n_it,
-                                tolerance_grad=tol * 1e-3, tolerance_change=1e-15,
-                                history_size=20, line_search_fn="strong_wolfe")
-        opt.step(closure)
-        done = int(opt.state[opt._params[0]].get("n_iter", 0))
-        n_it += max(done, 1)
-        with torch.no_grad():
-            new_err = float(((columns(alpha) * b64).sum(1) - a64).abs().sum())
-        if new_err <= tol or not new_err < 0.999 * err:
-            err = min(err, new_err)
-            break
-        err = new_err
-    with torch.no_grad():
-        P = columns(alpha) * b64
-        err = float((P.sum(1) - a64).abs().sum())
-        tc = (P * C64).sum()
-    return SparseOTResult(P.to(C.dtype).to_sparse(), tc.to(C.dtype), alpha.detach().to(C.dtype),
-                          n_it, err, err <= tol)
+    if k is None:
+        kk = 0
+    else:
+        kk = _int(fn, "k", k)
+        if kk < 1:
+            _fail(fn, f"k must be >= 1 (non-zeros per column) or None, got {kk}")
+    tol = _real(fn, "tol", tol)
+    max_iter = _int(fn, "max_iter", max_iter)
+    box: dict = {}
+    reg = _SparseOTFunction.apply(a, b, C, gamma, kk, tol, max_iter, box)
+    if warn and not box["conv"]:
+        warnings.warn(
+            f"{fn}: did not converge within max_iter={max_iter} iterations (marginal error "
+            f"{box['err']:.3g} > tol {tol:g}); increase max_iter or gamma"
+            + (", or k: a binding sparsity constraint may admit no plan with these marginals"
+               if kk else ""), RuntimeWarning,
+            stacklevel=2)
+    return SparseOTResult(box["plan"].to(C.dtype), torch.tensor(box["tc"], dtype=C.dtype), reg,
+                          box["alpha"].to(C.dtype), box["n_iter"], box["err"], box["conv"])
 
 
 class _SampleDivFunction(torch.autograd.Function):

@@ -11,6 +11,14 @@ namespace divkit::detail {
 // zero coordinates and a very negative h, so that padded columns contribute exp(-huge) = 0.
 inline constexpr int64_t kOtPad = 64;
 
+// The other side's points are stored transposed in panels of kOtPad columns, [ncpad / kOtPad][d]
+// [kOtPad]: a register tile (at most kOtPad columns) then reads its d coordinates from one
+// contiguous d x kOtPad block (16 KiB for float32 at d = 64) instead of d rows ncpad apart,
+// which the hardware prefetcher follows and L1 holds.
+inline int64_t PanelIndex(int64_t d, int64_t k, int64_t j) {
+  return (j / kOtPad) * d * kOtPad + k * kOtPad + j % kOtPad;
+}
+
 enum class OtCostMode : int { direct = 0, expanded = 1, matrix = 2 };
 
 struct OtSide {
@@ -19,7 +27,7 @@ struct OtSide {
   OtCostMode mode = OtCostMode::direct;
   bool f64 = false;
   const void* X = nullptr;   // [nr][d] row-major (points)
-  const void* YT = nullptr;  // [d][ncpad] (points, transposed)
+  const void* YT = nullptr;  // points, transposed in panels: see PanelIndex
   const void* xn = nullptr;  // [nr] |x_i|^2 (expanded mode)
   const void* yn = nullptr;  // [ncpad] |y_j|^2 (expanded mode)
   const void* C = nullptr;   // [nr][ncpad] (matrix mode: a given or a cached cost; points may

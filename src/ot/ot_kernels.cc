@@ -5,7 +5,10 @@
 // columns: the chunk's costs are computed on the fly (register-blocked: kRows rows x 2 vectors of
 // columns, the y coordinates loaded once for the kRows rows), z = h_j - C_ij / eps is kept in an
 // L1-resident chunk buffer, and the row's log-sum-exp is updated online at chunk granularity
-// (one rescale per chunk and row). Costs exist as an n x m matrix only when the driver caches
+// (one rescale per chunk and row). The other side's points are stored in column panels
+// (ot_job.h) so that a tile reads contiguous memory, and the log-sum-exp pass walks the chunks
+// with groups of row blocks (GroupBlocks) so that a chunk's points are reused from L2. Costs
+// exist as an n x m matrix only when the driver caches
 // them (small problems, sinkhorn.cc) or the caller gives them. Each row is computed
 // by one thread in a fixed order, so results do not depend on the thread count.
 #include <omp.h>
@@ -72,6 +75,7 @@ HWY_INLINE V ExpAny(D d, V x) {
 template <class D, class V, typename T>
 HWY_INLINE void CostTile(D d, const OtSide& s, const int64_t* ir, int64_t j, V (&c)[kRows][2]) {
   const size_t L = hn::Lanes(d);
+  HWY_DASSERT(detail::kOtPad % (2 * L) == 0);  // the tile lies in one panel
   if (s.mode == OtCostMode::matrix) {
     const T* C = static_cast<const T*>(s.C);
     for (int r = 0; r < kRows; ++r) {
@@ -81,13 +85,15 @@ HWY_INLINE void CostTile(D d, const OtSide& s, const int64_t* ir, int64_t j, V (
     return;
   }
   const T* X = static_cast<const T*>(s.X);
-  const T* YT = static_cast<const T*>(s.YT);
   const int64_t dim = s.d;
+  // The tile's 2 L columns lie in one panel (2 L divides kOtPad): coordinate k at YT + k kOtPad.
+  const T* YT = static_cast<const T*>(s.YT) + detail::PanelIndex(dim, 0, j);
+  constexpr int64_t P = detail::kOtPad;
   for (int r = 0; r < kRows; ++r) c[r][0] = c[r][1] = hn::Zero(d);
   if (s.mode == OtCostMode::direct) {
     for (int64_t k = 0; k < dim; ++k) {
-      const V y0 = hn::Load(d, YT + k * s.ncpad + j);
-      const V y1 = hn::Load(d, YT + k * s.ncpad + j + L);
+      const V y0 = hn::Load(d, YT + k * P);
+      const V y1 = hn::Load(d, YT + k * P + L);
       for (int r = 0; r < kRows; ++r) {
         const V xv = hn::Set(d, X[ir[r] * dim + k]);
         const V d0 = hn::Sub(xv, y0), d1 = hn::Sub(xv, y1);
@@ -97,8 +103,8 @@ HWY_INLINE void CostTile(D d, const OtSide& s, const int64_t* ir, int64_t j, V (
     }
   } else {  // expanded: |x|^2 + |y|^2 - 2 x.y, one FMA per coordinate
     for (int64_t k = 0; k < dim; ++k) {
-      const V y0 = hn::Load(d, YT + k * s.ncpad + j);
-      const V y1 = hn::Load(d, YT + k * s.ncpad + j + L);
+      const V y0 = hn::Load(d, YT + k * P);
+      const V y1 = hn::Load(d, YT + k * P + L);
       for (int r = 0; r < kRows; ++r) {
         const V xv = hn::Set(d, X[ir[r] * dim + k]);
         c[r][0] = hn::MulAdd(xv, y0, c[r][0]);
@@ -155,6 +161,17 @@ HWY_INLINE void ChunkZ(D d, const OtSide& s, const int64_t* ir, int64_t j0, int6
   for (int r = 0; r < kRows; ++r) zmax[r] = hn::GetLane(hn::MaxOfLanes(d, mx[r]));
 }
 
+// Row blocks that walk the column chunks together: each chunk's points (d x kChunk: 256 KiB in
+// float64 at d = 64) are then brought into L2 once per group instead of once per block. Every
+// row still sees the chunks in the same order, so the grouping changes no result. Measured at
+// n = m = 20000, d = 64, 2 threads (AMD EPYC, 512 KiB L2): float64 iterations took 14-17 s
+// with one block per group, 6-6.5 s with 16 and 3.8-4.1 s with 64 (256 was slower again);
+// float32 1.8 s -> 1.4-1.7 s.
+inline int64_t GroupBlocks(int64_t nblocks) {
+  const int64_t per_thread = nblocks / (4 * static_cast<int64_t>(get_num_threads()));
+  return std::clamp<int64_t>(per_thread, 1, 64);
+}
+
 template <typename T>
 void LseRowsT(const OtSide& s, const void* hv, double inv_eps_d, double* out) {
   const hn::ScalableTag<T> d;
@@ -163,38 +180,44 @@ void LseRowsT(const OtSide& s, const void* hv, double inv_eps_d, double* out) {
   const T* h = static_cast<const T*>(hv);
   const T inv_eps = static_cast<T>(inv_eps_d);
   const int64_t nblocks = (s.nr + kRows - 1) / kRows;
+  const int64_t group = GroupBlocks(nblocks);
+  const int64_t ngroups = (nblocks + group - 1) / group;
 #pragma omp parallel num_threads(get_num_threads()) if (Parallel(s))
   {
     auto zbuf = hwy::AllocateAligned<T>(kRows * kChunk);
+    std::vector<double> M(static_cast<size_t>(group * kRows)), S(M.size());
 #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      int64_t ir[kRows];
-      const int64_t i0 = blk * kRows;
-      for (int r = 0; r < kRows; ++r) ir[r] = std::min<int64_t>(i0 + r, s.nr - 1);
-      double M[kRows], S[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        M[r] = -std::numeric_limits<double>::infinity();
-        S[r] = 0.0;
-      }
+    for (int64_t grp = 0; grp < ngroups; ++grp) {
+      const int64_t b0 = grp * group, b1 = std::min(b0 + group, nblocks);
+      std::fill(M.begin(), M.end(), -std::numeric_limits<double>::infinity());
+      std::fill(S.begin(), S.end(), 0.0);
       for (int64_t j0 = 0; j0 < s.ncpad; j0 += kChunk) {
         const int64_t jn = std::min(kChunk, s.ncpad - j0);
-        T zmax[kRows];
-        ChunkZ(d, s, ir, j0, jn, h, inv_eps, zbuf.get(), static_cast<T*>(nullptr), zmax);
-        for (int r = 0; r < kRows; ++r) {
-          const double cm = static_cast<double>(zmax[r]);
-          if (cm > M[r]) {
-            S[r] *= std::exp(M[r] - cm);
-            M[r] = cm;
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          int64_t ir[kRows];
+          const int64_t i0 = blk * kRows;
+          for (int r = 0; r < kRows; ++r) ir[r] = std::min<int64_t>(i0 + r, s.nr - 1);
+          T zmax[kRows];
+          ChunkZ(d, s, ir, j0, jn, h, inv_eps, zbuf.get(), static_cast<T*>(nullptr), zmax);
+          double* Mb = M.data() + (blk - b0) * kRows;
+          double* Sb = S.data() + (blk - b0) * kRows;
+          for (int r = 0; r < kRows; ++r) {
+            const double cm = static_cast<double>(zmax[r]);
+            if (cm > Mb[r]) {
+              Sb[r] *= std::exp(Mb[r] - cm);
+              Mb[r] = cm;
+            }
+            const V mv = hn::Set(d, static_cast<T>(Mb[r]));
+            V acc = hn::Zero(d);
+            const T* z = zbuf.get() + r * kChunk;
+            for (int64_t jj = 0; jj < jn; jj += static_cast<int64_t>(L))
+              acc = hn::Add(acc, ExpNonPos(d, hn::Sub(hn::Load(d, z + jj), mv)));
+            Sb[r] += static_cast<double>(hn::GetLane(hn::SumOfLanes(d, acc)));
           }
-          const V mv = hn::Set(d, static_cast<T>(M[r]));
-          V acc = hn::Zero(d);
-          const T* z = zbuf.get() + r * kChunk;
-          for (int64_t jj = 0; jj < jn; jj += static_cast<int64_t>(L))
-            acc = hn::Add(acc, ExpNonPos(d, hn::Sub(hn::Load(d, z + jj), mv)));
-          S[r] += static_cast<double>(hn::GetLane(hn::SumOfLanes(d, acc)));
         }
       }
-      for (int r = 0; r < kRows && i0 + r < s.nr; ++r) out[i0 + r] = M[r] + std::log(S[r]);
+      for (int64_t i = b0 * kRows; i < std::min(b1 * kRows, s.nr); ++i)
+        out[i] = M[static_cast<size_t>(i - b0 * kRows)] + std::log(S[static_cast<size_t>(i - b0 * kRows)]);
     }
   }
 }
@@ -250,10 +273,10 @@ void PlanRowsT(const OtSide& s, const void* hv, double inv_eps_d, const OtPlanOu
           W[r] += static_cast<double>(hn::GetLane(hn::SumOfLanes(d, sw)));
           if (grad) {
             for (int64_t k = 0; k < dim; ++k) {
-              const T* yk = YT + k * s.ncpad + j0;
               V acc = hn::Zero(d);
               for (int64_t jj = 0; jj < jn; jj += static_cast<int64_t>(L))
-                acc = hn::MulAdd(hn::Load(d, z + jj), hn::Load(d, yk + jj), acc);
+                acc = hn::MulAdd(hn::Load(d, z + jj),
+                                 hn::Load(d, YT + detail::PanelIndex(dim, k, j0 + jj)), acc);
               bary[r * dim + k] += static_cast<double>(hn::GetLane(hn::SumOfLanes(d, acc)));
             }
           }

@@ -150,12 +150,12 @@ void load_points(const TensorView& src, const char* name, int64_t b, int64_t n, 
                  const std::vector<double>& center, Buf<T>& rowmajor, Buf<T>& transposed,
                  int64_t npad) {
   rowmajor = zeros<T>(n * d);
-  transposed = zeros<T>(d * npad);
+  transposed = zeros<T>(d * npad);  // panels (ot_job.h)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < d; ++k) {
       const T v = static_cast<T>(at(src, b, i, k) - center[static_cast<size_t>(k)]);
       rowmajor[i * d + k] = v;
-      transposed[k * npad + i] = v;
+      transposed[detail::PanelIndex(d, k, i)] = v;
     }
 }
 

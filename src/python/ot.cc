@@ -1,4 +1,4 @@
-// divkit._C bindings of the OT family (include/divkit/ot.h): Sinkhorn, MMD, CS divergence.
+// divkit._C bindings of the OT family (include/divkit/ot.h): Sinkhorn, sparse OT, MMD, CS divergence.
 #include <cmath>
 #include <optional>
 #include <string>
@@ -88,6 +88,36 @@ double sample_divergence(const std::string& which, const InArray& x, const InArr
                        : divkit::mmd2(xv, yv, av, bv, k, sigma, gx, gy);
 }
 
+// A vector handed to numpy without a copy: the capsule owns it.
+template <typename T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(std::vector<T>&& v) {
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+}
+
+auto sparse_ot(const InArray& a, const InArray& b, const InArray& cost, const OutArray& alpha,
+               const std::optional<OutArray>& grad_b, double gamma, int64_t k, double tol,
+               int64_t max_iter) {
+  constexpr const char* fn = "sparse_ot";
+  const divkit::TensorView av = to_view(fn, "a", a), bv = to_view(fn, "b", b),
+                           cv = to_view(fn, "cost", cost), alv = to_view(fn, "alpha", alpha),
+                           gbv = optional_view(fn, "grad_b", grad_b);
+  divkit::SparseOtOptions opt;
+  opt.gamma = gamma;
+  opt.k = k;
+  opt.tol = tol;
+  opt.max_iter = max_iter;
+  divkit::SparseOtResult r;
+  {
+    nb::gil_scoped_release release;
+    r = divkit::sparse_ot(av, bv, cv, opt, alv, gbv);
+  }
+  return std::make_tuple(to_numpy(std::move(r.row)), to_numpy(std::move(r.col)),
+                         to_numpy(std::move(r.value)), r.transport_cost, r.reg_cost, r.n_iter,
+                         r.marginal_error, r.converged);
+}
+
 }  // namespace
 
 void register_ot(nb::module_& m) {
@@ -101,6 +131,12 @@ void register_ot(nb::module_& m) {
         "Batched log-domain Sinkhorn (include/divkit/ot.h). Writes f, g and the optional "
         "outputs; returns per problem (transport_cost, reg_cost, mass, n_iter, "
         "marginal_error, converged).");
+  m.def("sparse_ot", &sparse_ot, nb::arg("a"), nb::arg("b"), nb::arg("cost"), nb::arg("alpha"),
+        nb::arg("grad_b").none(), nb::arg("gamma"), nb::arg("k"), nb::arg("tol"),
+        nb::arg("max_iter"),
+        "Quadratically regularized / sparsity-constrained OT by its semi-dual "
+        "(include/divkit/ot.h). Writes alpha (and grad_b); returns (row, col, value, "
+        "transport_cost, reg_cost, n_iter, marginal_error, converged), the plan in COO form.");
   m.def("sample_divergence", &sample_divergence, nb::arg("which"), nb::arg("x"), nb::arg("y"),
         nb::arg("a").none(), nb::arg("b").none(), nb::arg("kernel"), nb::arg("sigma"),
         nb::arg("grad_x").none(), nb::arg("grad_y").none(),

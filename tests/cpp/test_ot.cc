@@ -1,6 +1,7 @@
 // Entropic OT (include/divkit/ot.h): Sinkhorn against a dense fp64 reference written here,
 // gradients against finite differences, batching, determinism, non-convergence reporting, bad
-// input; MMD and the Cauchy-Schwarz divergence against direct double sums.
+// input; MMD and the Cauchy-Schwarz divergence against direct double sums; sparse OT against its
+// KKT conditions, strong duality and finite differences.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -584,6 +585,276 @@ TEST(OtSampleDivergences, ValuesAndGradients) {
   bneg[0] = -0.1;
   expect_error([&] { divkit::mmd2(X(x, n), X(y, m), A(a), A(bneg), divkit::SampleKernel::energy, 1.0, {}, {}); },
                "mmd: b must be finite and >= 0");
+}
+
+// ---- Quadratically regularized / sparsity-constrained OT ----
+
+struct SparseSolved {
+  divkit::SparseOtResult r;
+  std::vector<double> alpha, grad_b, P;  // P dense [n][m]
+};
+
+SparseSolved run_sparse(std::vector<double> a, std::vector<double> b, std::vector<double> C,
+                        size_t n, size_t m, const divkit::SparseOtOptions& opt) {
+  SparseSolved s;
+  s.alpha.assign(n, NAN);
+  s.grad_b.assign(m, NAN);
+  s.r = divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n),
+                          TensorView::vector(b.data(), DType::f64, m),
+                          TensorView::matrix(C.data(), DType::f64, n, m), opt,
+                          TensorView::vector(s.alpha.data(), DType::f64, n),
+                          TensorView::vector(s.grad_b.data(), DType::f64, m));
+  s.P.assign(n * m, 0.0);
+  for (size_t e = 0; e < s.r.value.size(); ++e)
+    s.P[s.r.row[e] * m + s.r.col[e]] = s.r.value[e];
+  return s;
+}
+
+std::vector<double> sq_dist(const std::vector<double>& x, const std::vector<double>& y, size_t n,
+                            size_t m, size_t d) {
+  std::vector<double> C(n * m);
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < m; ++j) {
+      double s = 0;
+      for (size_t k = 0; k < d; ++k) s += (x[i * d + k] - y[j * d + k]) * (x[i * d + k] - y[j * d + k]);
+      C[i * m + j] = s;
+    }
+  return C;
+}
+
+// Without the sparsity constraint the problem is a strictly convex QP, so its KKT conditions
+// characterize the unique optimum: P >= 0, the marginals, and potentials alpha, beta with
+// C_ij + gamma P_ij - alpha_i - beta_j = 0 where P_ij > 0 and >= 0 elsewhere. Strong duality:
+// reg_cost (the semi-dual) equals the primal objective.
+TEST(OtSparse, QuadraticOtSatisfiesKktAndStrongDuality) {
+  const size_t n = 37, m = 29, d = 3;
+  const auto C = sq_dist(randn(n * d, 40), randn(m * d, 41, 1.3), n, m, d);
+  const auto a = rand_weights(n, 42), b = rand_weights(m, 43);
+  for (double gamma : {1.0, 0.05}) {
+    divkit::SparseOtOptions opt;
+    opt.gamma = gamma;
+    opt.tol = 1e-10;
+    opt.max_iter = 5000;
+    const SparseSolved s = run_sparse(a, b, C, n, m, opt);
+    ASSERT_TRUE(s.r.converged) << "gamma " << gamma << " err " << s.r.marginal_error;
+    EXPECT_LE(s.r.marginal_error, 1e-10);
+    double primal = 0, tc = 0;
+    for (size_t j = 0; j < m; ++j) {
+      double col = 0, beta = NAN;
+      for (size_t i = 0; i < n; ++i) {
+        const double p = s.P[i * m + j];
+        EXPECT_GE(p, 0.0);
+        col += p;
+        primal += p * C[i * m + j] + 0.5 * gamma * p * p;
+        tc += p * C[i * m + j];
+        if (p > 0) beta = C[i * m + j] + gamma * p - s.alpha[i];  // alpha_i + beta_j = C + gamma P
+      }
+      EXPECT_NEAR(col, b[j], 1e-15);
+      ASSERT_TRUE(std::isfinite(beta));
+      for (size_t i = 0; i < n; ++i) {
+        const double slack = C[i * m + j] + gamma * s.P[i * m + j] - s.alpha[i] - beta;
+        if (s.P[i * m + j] > 0)
+          EXPECT_NEAR(slack, 0.0, 1e-9);
+        else
+          EXPECT_GE(slack, -1e-9);
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      double row = 0;
+      for (size_t j = 0; j < m; ++j) row += s.P[i * m + j];
+      EXPECT_NEAR(row, a[i], 1e-10);
+    }
+    EXPECT_NEAR(s.r.reg_cost, primal, 1e-9 * std::abs(primal) + 1e-10);
+    EXPECT_NEAR(s.r.transport_cost, tc, 1e-12 * tc);
+    // A smaller gamma gives a sparser plan; even gamma = 1 leaves most entries zero here.
+    EXPECT_LT(s.r.value.size(), n * m / 2);
+  }
+}
+
+TEST(OtSparse, SparsityConstraintBoundsEachColumn) {
+  const size_t n = 30, m = 25, d = 2;
+  const auto C = sq_dist(randn(n * d, 44), randn(m * d, 45), n, m, d);
+  const auto a = rand_weights(n, 46), b = rand_weights(m, 47);
+  divkit::SparseOtOptions opt;
+  opt.gamma = 10.0;  // dense without the constraint
+  opt.tol = 1e-8;
+  opt.max_iter = 5000;
+  const SparseSolved dense = run_sparse(a, b, C, n, m, opt);
+  ASSERT_TRUE(dense.r.converged);
+  size_t max_col = 0;
+  for (size_t j = 0; j < m; ++j) {
+    size_t nz = 0;
+    for (size_t i = 0; i < n; ++i) nz += dense.P[i * m + j] > 0;
+    max_col = std::max(max_col, nz);
+  }
+  ASSERT_GT(max_col, 3u);
+  // k = 5 binds: the unconstrained plan has more non-zeros in some columns. The semi-dual with
+  // the constraint is a relaxation (Liu et al. 2023): max V_k >= max V (phi_j^k <= phi_j), strictly
+  // when the constraint binds. Its plan need not meet the row marginals, and then the solver
+  // must report it, not claim convergence.
+  opt.k = 5;
+  const SparseSolved s = run_sparse(a, b, C, n, m, opt);
+  EXPECT_GT(s.r.reg_cost, dense.r.reg_cost + 1e-6);
+  EXPECT_EQ(s.r.converged, s.r.marginal_error <= opt.tol);
+  EXPECT_LT(s.r.n_iter, opt.max_iter);  // stops when V stalls
+  // k = 1 sends each column to one row: with these generic weights no such plan has P 1 = a,
+  // and the solver must say so rather than claim convergence.
+  opt.k = 1;
+  const SparseSolved one = run_sparse(a, b, C, n, m, opt);
+  EXPECT_FALSE(one.r.converged);
+  EXPECT_GT(one.r.marginal_error, 1e-3);
+  for (const SparseSolved* r : {&s, &one})
+    for (size_t j = 0; j < m; ++j) {
+      size_t nz = 0;
+      double col = 0;
+      for (size_t i = 0; i < n; ++i) nz += r->P[i * m + j] > 0, col += r->P[i * m + j];
+      EXPECT_LE(nz, r == &s ? 5u : 1u);
+      EXPECT_NEAR(col, b[j], 1e-15);
+    }
+  // k >= n is no constraint at all.
+  opt.k = static_cast<int64_t>(n);
+  const SparseSolved same = run_sparse(a, b, C, n, m, opt);
+  EXPECT_EQ(same.P, dense.P);
+  EXPECT_EQ(same.alpha, dense.alpha);
+}
+
+TEST(OtSparse, PlanIsRowMajorAndDeterministicAcrossThreadCounts) {
+  const size_t n = 300, m = 280, d = 4;
+  const auto C = sq_dist(randn(n * d, 48), randn(m * d, 49), n, m, d);
+  const auto a = rand_weights(n, 50), b = rand_weights(m, 51);
+  divkit::SparseOtOptions opt;
+  opt.gamma = 0.5;
+  opt.k = 4;
+  opt.tol = 1e-7;
+  const int saved = divkit::get_num_threads();
+  divkit::set_num_threads(1);
+  const SparseSolved r1 = run_sparse(a, b, C, n, m, opt);
+  divkit::set_num_threads(3);
+  const SparseSolved r3 = run_sparse(a, b, C, n, m, opt);
+  divkit::set_num_threads(saved);
+  EXPECT_EQ(r1.r.value, r3.r.value);
+  EXPECT_EQ(r1.alpha, r3.alpha);
+  EXPECT_EQ(r1.r.n_iter, r3.r.n_iter);
+  for (size_t e = 1; e < r1.r.row.size(); ++e)
+    EXPECT_TRUE(r1.r.row[e - 1] < r1.r.row[e] ||
+                (r1.r.row[e - 1] == r1.r.row[e] && r1.r.col[e - 1] < r1.r.col[e]));
+}
+
+// reg_cost V: dV/dC_ij = P_ij, and dV/db_j (from the core) along b_j += h, b_j' -= h, which
+// keeps the masses equal.
+TEST(OtSparse, GradientsMatchFiniteDifferences) {
+  const size_t n = 12, m = 10, d = 2;
+  auto C = sq_dist(randn(n * d, 52), randn(m * d, 53), n, m, d);
+  auto a = rand_weights(n, 54), b = rand_weights(m, 55);
+  divkit::SparseOtOptions opt;
+  opt.gamma = 0.7;
+  opt.tol = 1e-13;
+  opt.max_iter = 5000;
+  const SparseSolved s = run_sparse(a, b, C, n, m, opt);
+  ASSERT_TRUE(s.r.converged);
+  const double h = 1e-6;
+  for (auto [i, j] : {std::pair<size_t, size_t>{0, 0}, {3, 7}, {11, 9}, {5, 2}}) {
+    auto Cp = C, Cm = C;
+    Cp[i * m + j] += h;
+    Cm[i * m + j] -= h;
+    const double fd = (run_sparse(a, b, Cp, n, m, opt).r.reg_cost -
+                       run_sparse(a, b, Cm, n, m, opt).r.reg_cost) / (2 * h);
+    EXPECT_NEAR(fd, s.P[i * m + j], 1e-6) << "C[" << i << ", " << j << "]";
+  }
+  for (auto [j, j2] : {std::pair<size_t, size_t>{0, 1}, {4, 8}}) {
+    auto bp = b, bm = b;
+    bp[j] += h, bp[j2] -= h;
+    bm[j] -= h, bm[j2] += h;
+    const double fd = (run_sparse(a, bp, C, n, m, opt).r.reg_cost -
+                       run_sparse(a, bm, C, n, m, opt).r.reg_cost) / (2 * h);
+    EXPECT_NEAR(fd, s.grad_b[j] - s.grad_b[j2], 1e-6) << "b[" << j << "] - b[" << j2 << "]";
+  }
+}
+
+TEST(OtSparse, Float32InputsEqualTheirFloat64Values) {
+  const size_t n = 20, m = 15;
+  std::vector<float> Cf(n * m), af(n), bf(m);
+  const auto r = randn(n * m, 56);
+  for (size_t e = 0; e < n * m; ++e) Cf[e] = static_cast<float>(r[e] * r[e]);
+  for (size_t i = 0; i < n; ++i) af[i] = 1.0f / 20;
+  for (size_t j = 0; j < m; ++j) bf[j] = j < 5 ? 0.1f : 0.05f;
+  std::vector<double> C(Cf.begin(), Cf.end()), a(af.begin(), af.end()), b(bf.begin(), bf.end());
+  divkit::SparseOtOptions opt;
+  opt.gamma = 0.3;
+  opt.tol = 1e-9;
+  const SparseSolved ref = run_sparse(a, b, C, n, m, opt);
+  std::vector<double> alpha(n);
+  const auto got = divkit::sparse_ot(TensorView::vector(af.data(), DType::f32, n),
+                                     TensorView::vector(bf.data(), DType::f32, m),
+                                     TensorView::matrix(Cf.data(), DType::f32, n, m), opt,
+                                     TensorView::vector(alpha.data(), DType::f64, n), {});
+  EXPECT_EQ(got.value, ref.r.value);
+  EXPECT_EQ(alpha, ref.alpha);
+}
+
+TEST(OtSparse, NonConvergenceIsReported) {
+  const size_t n = 50, m = 50, d = 2;
+  const auto C = sq_dist(randn(n * d, 57), randn(m * d, 58), n, m, d);
+  divkit::SparseOtOptions opt;
+  opt.gamma = 0.01;
+  opt.tol = 1e-14;
+  opt.max_iter = 2;
+  const SparseSolved s = run_sparse(std::vector<double>(n, 1.0 / n), std::vector<double>(m, 1.0 / m), C, n, m, opt);
+  EXPECT_FALSE(s.r.converged);
+  EXPECT_LE(s.r.n_iter, 2);
+  EXPECT_GT(s.r.marginal_error, 1e-14);
+}
+
+TEST(OtSparse, BadInputRaisesNamingTheArgument) {
+  const size_t n = 4, m = 3;
+  auto C = randn(n * m, 59);
+  auto a = rand_weights(n, 60), b = rand_weights(m, 61);
+  divkit::SparseOtOptions opt;
+  opt.gamma = 1.0;
+  auto call = [&](const divkit::SparseOtOptions& o) { run_sparse(a, b, C, n, m, o); };
+  EXPECT_NO_THROW(call(opt));
+  for (double g : {0.0, -1.0, double(NAN), double(INFINITY)}) {
+    auto o = opt;
+    o.gamma = g;
+    expect_error([&] { call(o); }, "sparse_ot: gamma must be finite and > 0");
+  }
+  auto o = opt;
+  o.k = -1;
+  expect_error([&] { call(o); }, "sparse_ot: k must be >= 1");
+  o = opt;
+  o.tol = -1;
+  expect_error([&] { call(o); }, "sparse_ot: tol must be >= 0");
+  o = opt;
+  o.max_iter = 0;
+  expect_error([&] { call(o); }, "sparse_ot: max_iter must be >= 1");
+  std::vector<double> alpha(n);
+  expect_error([&] {
+    divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n), TensorView::vector(b.data(), DType::f64, 2),
+                      TensorView::matrix(C.data(), DType::f64, n, m), opt,
+                      TensorView::vector(alpha.data(), DType::f64, n), {});
+  }, "sparse_ot: b must have shape [3]");
+  expect_error([&] {
+    divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n), TensorView::vector(b.data(), DType::f64, m),
+                      TensorView::matrix(C.data(), DType::f64, n, m), opt, {}, {});
+  }, "sparse_ot: alpha is required");
+  auto an = a;
+  an[1] = -0.1;
+  expect_error([&] { run_sparse(an, b, C, n, m, opt); }, "sparse_ot: a has a negative weight");
+  auto bh = b;
+  bh[0] += 0.5;
+  expect_error([&] { run_sparse(a, bh, C, n, m, opt); }, "sparse_ot: a and b must have equal total mass");
+  auto Cn = C;
+  Cn[5] = NAN;
+  expect_error([&] { run_sparse(a, b, Cn, n, m, opt); }, "sparse_ot: cost has a non-finite value at [1, 2]");
+  // Nothing is written on error: alpha keeps its values.
+  std::vector<double> keep(n, 7.0);
+  try {
+    divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n), TensorView::vector(bh.data(), DType::f64, m),
+                      TensorView::matrix(C.data(), DType::f64, n, m), opt,
+                      TensorView::vector(keep.data(), DType::f64, n), {});
+  } catch (const divkit::Error&) {
+  }
+  EXPECT_EQ(keep, std::vector<double>(n, 7.0));
 }
 
 }  // namespace

@@ -322,6 +322,46 @@ def test_sparse_ot_matches_pot(k, gamma):
     if k is not None:
         assert (Pd > 0).sum(0).max() <= k
     assert res.transport_cost.item() == pytest.approx(float((Pd * C.numpy()).sum()), rel=1e-10)
+    if k is None:  # strong duality: the semi-dual value is POT's primal objective (both plans
+        # meet the marginals to ~1e-5, which bounds the gap)
+        primal = float((P * C.numpy()).sum() + 0.5 * gamma * (P * P).sum())
+        assert res.reg_cost.item() == pytest.approx(primal, rel=2e-5)
+
+
+def test_sparse_ot_reg_cost_gradients():
+    # Danskin: dV/dcost = P and dV/da = alpha; dV/db against central differences along a
+    # direction that keeps the masses equal (b_0 up, b_1 down).
+    x, y, a, b = clouds(n=9, m=7, d=2, seed=16)
+    C = (torch.cdist(x, y) ** 2).requires_grad_()
+    a = a.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    kw = dict(gamma=0.4, k=3, tol=1e-13, max_iter=5000)
+    res = dot.sparse_ot(a, b, C, **kw)
+    res.reg_cost.backward()
+    torch.testing.assert_close(C.grad, res.plan.to_dense(), rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, res.alpha, rtol=0, atol=0)
+    h = 1e-6
+    with torch.no_grad():
+        e = torch.zeros_like(b)
+        e[0], e[1] = h, -h
+        fd = (dot.sparse_ot(a, b + e, C, **kw).reg_cost
+              - dot.sparse_ot(a, b - e, C, **kw).reg_cost) / (2 * h)
+    assert float(b.grad[0] - b.grad[1]) == pytest.approx(float(fd), abs=1e-6)
+    Cp = C.detach().clone()
+    Cp[2, 3] += h
+    Cm = C.detach().clone()
+    Cm[2, 3] -= h
+    fd_c = (dot.sparse_ot(a.detach(), b.detach(), Cp, **kw).reg_cost
+            - dot.sparse_ot(a.detach(), b.detach(), Cm, **kw).reg_cost) / (2 * h)
+    assert float(C.grad[2, 3]) == pytest.approx(float(fd_c), abs=1e-6)
+
+
+def test_sparse_ot_reports_non_convergence():
+    x, y, a, b = clouds(n=30, m=30, d=2, seed=17)
+    C = torch.cdist(x, y) ** 2
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = dot.sparse_ot(a, b, C, gamma=0.01, tol=1e-14, max_iter=2)
+    assert not res.converged and res.n_iter <= 2 and res.marginal_error > 1e-14
 
 
 def kernel_sums(x, y, a, b, kernel, sigma):
@@ -399,6 +439,10 @@ def test_bad_input_raises_naming_the_argument():
         dot.sparse_ot(a, b, C, gamma=0.0)
     with pytest.raises(divkit.Error, match="b must have shape"):
         dot.sparse_ot(a, b[:3], C, gamma=1.0)
+    with pytest.raises(divkit.Error, match="a and b must have equal total mass"):
+        dot.sparse_ot(a, b * 2, C, gamma=1.0)
+    with pytest.raises(divkit.Error, match="cost has a non-finite value"):
+        dot.sparse_ot(a, b, C.masked_fill(C > 0.5, float("nan")), gamma=1.0)
     with pytest.raises(divkit.Error, match="sigma must be finite and > 0"):
         dot.mmd(x, y, sigma=-1.0)
     with pytest.raises(divkit.Error, match="kernel must be"):
