@@ -97,7 +97,7 @@ class SemiDual {
   // t_j = projection of z = (alpha - C_:j) / (gamma b_j) onto {t >= 0, sum t = 1, |t|_0 <= k}:
   // the k largest z (ties: the lower row) projected onto the simplex. Only z_i > max z - 1
   // can be positive (the threshold is at least max z - 1, as the largest t is at most 1), so
-  // only those are ranked. A column with b_j = 0 has no mass; its phi_j (used by dV/db) is
+  // only those are candidates. A column with b_j = 0 has no mass; its phi_j (used by dV/db) is
   // the limit max_i (alpha_i - C_ij), its t the unit vector at that maximum.
   void column(const std::vector<double>& alpha, int64_t j, std::vector<double>& z,
               std::vector<int64_t>& cand, Evaluation& e) const {
@@ -120,10 +120,10 @@ class SemiDual {
       t.push_back(1.0);
       return;
     }
-    const double scale = gamma_ * bj;
+    const double scale = gamma_ * bj, inv_scale = 1.0 / scale;
     double zmax = -std::numeric_limits<double>::infinity();
     for (int64_t i = 0; i < n_; ++i) {
-      z[static_cast<size_t>(i)] = (alpha[static_cast<size_t>(i)] - c[i]) / scale;
+      z[static_cast<size_t>(i)] = (alpha[static_cast<size_t>(i)] - c[i]) * inv_scale;
       zmax = std::max(zmax, z[static_cast<size_t>(i)]);
     }
     cand.clear();
@@ -134,24 +134,32 @@ class SemiDual {
       return zp > zq || (zp == zq && p < q);
     };
     if (static_cast<int64_t>(cand.size()) > k_) {
+      auto before = [&z](int64_t p, int64_t q) {  // ties: the lower row first
+        const double zp = z[static_cast<size_t>(p)], zq = z[static_cast<size_t>(q)];
+        return zp > zq || (zp == zq && p < q);
+      };
       std::nth_element(cand.begin(), cand.begin() + (k_ - 1), cand.end(), before);
       cand.resize(static_cast<size_t>(k_));
     }
-    std::sort(cand.begin(), cand.end(), before);
-    // Simplex projection: theta = (sum of the rho largest - 1) / rho for the largest rho with
-    // z_(rho) > theta_rho.
-    double cs = 0.0, theta = 0.0;
-    for (size_t r = 0; r < cand.size(); ++r) {
-      const double zr = z[static_cast<size_t>(cand[r])];
-      const double th = (cs + zr - 1.0) / static_cast<double>(r + 1);
-      if (zr - th <= 0.0) break;
-      cs += zr;
-      theta = th;
-    }
+    // Simplex threshold by Michelot's algorithm (1986), O(|cand|) a pass and no sort: theta =
+    // (sum of the set - 1) / |set| rises as entries <= theta leave the set, and the set that
+    // stops changing is the support {z > theta}. A large gamma b_j leaves hundreds of
+    // candidates per column, where sorting them cost most of the time.
     double sum = 0.0;
+    for (int64_t i : cand) sum += z[static_cast<size_t>(i)];
+    double theta = (sum - 1.0) / static_cast<double>(cand.size());
+    for (;;) {
+      size_t kept = 0;
+      double s2 = 0.0;
+      for (int64_t i : cand)
+        if (z[static_cast<size_t>(i)] > theta) cand[kept++] = i, s2 += z[static_cast<size_t>(i)];
+      if (kept == cand.size()) break;
+      cand.resize(kept);
+      theta = (s2 - 1.0) / static_cast<double>(kept);
+    }
+    sum = 0.0;
     for (int64_t i : cand) {
       const double ti = z[static_cast<size_t>(i)] - theta;
-      if (ti <= 0.0) break;  // sorted: the rest are not in the support
       rows.push_back(i);
       t.push_back(ti);
       sum += ti;
