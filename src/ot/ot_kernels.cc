@@ -47,9 +47,12 @@ static_assert(kChunk % detail::kOtPad == 0);
 // Small half-iterations (~1 ms) run on one thread: a parallel region's barrier costs more than
 // the work on a loaded machine, where a waiting thread loses whole time slices. Rows are
 // independent, so the result is the same either way. An entry of a stored cost costs about one
-// exp (~8 FMAs); one computed on the fly d + 4 more.
+// exp (~8 FMAs in float32; the float64 exp is ~3x that, at half the lanes); one computed on the
+// fly d + 4 more.
 inline bool Parallel(const OtSide& s) {
-  return s.nr * s.ncpad * (s.mode == OtCostMode::matrix ? 8 : s.d + 12) >= (int64_t{1} << 23);
+  const int64_t exp_cost = s.f64 ? 24 : 8;
+  return s.nr * s.ncpad * (s.mode == OtCostMode::matrix ? exp_cost : s.d + 4 + exp_cost) >=
+         (int64_t{1} << 23);
 }
 
 // exp for arguments <= 0 (log-sum-exp after the max is subtracted).
