@@ -26,7 +26,13 @@
 // when 2 n m sizeof(T) <= cost_cache_bytes (default 64 MiB: n = m <= ~2900 in float32, ~2000
 // in float64), computed by one GEMM as |x|^2 + |y|^2 - 2 x.y clamped at 0 for p = 2 and d > 8
 // (as the on-the-fly path expands it; results agree to rounding), else by the on-the-fly tiles
-// (bitwise equal). cost_cache_bytes = 0 always computes on the fly.
+// (bitwise equal). cost_cache_bytes = 0 always computes on the fly. A balanced problem whose
+// stored cost (given or cached) leaves room in cost_cache_bytes for the kernel K = exp((f0 + g0
+// - C) / eps) and its transpose iterates in the kernel domain with absorption (Schmitzer 2019:
+// one multiply-add an entry instead of one exp; f0, g0 reset to the current potentials when
+// they drift by more than 15 eps in float32, 50 eps in float64); the iterates agree with the
+// log-domain ones to rounding, and the first iteration at eps and eps scaling stay in the log
+// domain.
 //
 // Stopping: after each f update, the L1 marginal residual of the previous plan
 //   err = sum_i | a_i exp((f_old_i - f_new_i) / eps) - a_i |

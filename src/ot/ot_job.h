@@ -52,5 +52,9 @@ void ot_lse_rows(const OtSide& side, const void* h, double inv_eps, double* out)
 // C[i * ncpad + j] = the cost of row i and column j (points modes), padded columns included.
 void ot_cost_rows(const OtSide& side, void* C);
 void ot_plan_rows(const OtSide& side, const void* h, double inv_eps, const OtPlanOut& out);
+// Kernel-domain iterations on a stored cost (matrix mode): K[i * ncpad + j] = exp(hr_i + h_j -
+// C_ij * inv_eps) (padded columns: 0), and out[i] = sum_j K_ij w_j (w in T, padded with 0).
+void ot_kernel_rows(const OtSide& side, const double* hr, const void* h, double inv_eps, void* K);
+void ot_matvec_rows(const OtSide& side, const void* K, const void* w, double* out);
 
 }  // namespace divkit::detail

@@ -335,6 +335,47 @@ void CostRowsT(const OtSide& s, T* HWY_RESTRICT C) {
   }
 }
 
+template <typename T>
+void KernelRowsT(const OtSide& s, const double* hr, const void* hv, double inv_eps_d, T* K) {
+  const hn::ScalableTag<T> d;
+  using V = hn::Vec<decltype(d)>;
+  const size_t L = hn::Lanes(d);
+  const T* C = static_cast<const T*>(s.C);
+  const T* h = static_cast<const T*>(hv);
+  const V ie = hn::Set(d, static_cast<T>(inv_eps_d));
+#pragma omp parallel for num_threads(get_num_threads()) schedule(static) if (Parallel(s))
+  for (int64_t i = 0; i < s.nr; ++i) {
+    const V hri = hn::Set(d, static_cast<T>(hr[i]));
+    const T* Ci = C + i * s.ncpad;
+    T* Ki = K + i * s.ncpad;
+    for (int64_t j = 0; j < s.ncpad; j += static_cast<int64_t>(L))
+      hn::Store(ExpAny(d, hn::Add(hn::NegMulAdd(hn::Load(d, Ci + j), ie, hn::Load(d, h + j)), hri)),
+                d, Ki + j);
+  }
+}
+
+template <typename T>
+void MatvecRowsT(const OtSide& s, const T* K, const T* w, double* out) {
+  const hn::ScalableTag<T> d;
+  using V = hn::Vec<decltype(d)>;
+  const size_t L = hn::Lanes(d);
+  // One FMA an entry, memory-bound: worth a second thread only for large rows x columns.
+#pragma omp parallel for num_threads(get_num_threads()) schedule(static) \
+    if (s.nr * s.ncpad >= (int64_t{1} << 19))
+  for (int64_t i = 0; i < s.nr; ++i) {
+    const T* Ki = K + i * s.ncpad;
+    double sum = 0.0;
+    for (int64_t j0 = 0; j0 < s.ncpad; j0 += kChunk) {  // fp64 between chunks, as the LSE
+      const int64_t j1 = std::min(j0 + kChunk, s.ncpad);
+      V acc = hn::Zero(d);
+      for (int64_t j = j0; j < j1; j += static_cast<int64_t>(L))
+        acc = hn::MulAdd(hn::Load(d, Ki + j), hn::Load(d, w + j), acc);
+      sum += static_cast<double>(hn::GetLane(hn::SumOfLanes(d, acc)));
+    }
+    out[i] = sum;
+  }
+}
+
 }  // namespace
 
 void OtLseRows(const OtSide& s, const void* h, double inv_eps, double* out) {
@@ -356,6 +397,19 @@ void OtPlanRows(const OtSide& s, const void* h, double inv_eps, const OtPlanOut&
     PlanRowsT<float>(s, h, inv_eps, o);
 }
 
+void OtKernelRows(const OtSide& s, const double* hr, const void* h, double inv_eps, void* K) {
+  if (s.f64)
+    KernelRowsT<double>(s, hr, h, inv_eps, static_cast<double*>(K));
+  else
+    KernelRowsT<float>(s, hr, h, inv_eps, static_cast<float*>(K));
+}
+void OtMatvecRows(const OtSide& s, const void* K, const void* w, double* out) {
+  if (s.f64)
+    MatvecRowsT<double>(s, static_cast<const double*>(K), static_cast<const double*>(w), out);
+  else
+    MatvecRowsT<float>(s, static_cast<const float*>(K), static_cast<const float*>(w), out);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace divkit
 HWY_AFTER_NAMESPACE();
@@ -365,12 +419,21 @@ namespace divkit {
 HWY_EXPORT(OtLseRows);
 HWY_EXPORT(OtPlanRows);
 HWY_EXPORT(OtCostRows);
+HWY_EXPORT(OtKernelRows);
+HWY_EXPORT(OtMatvecRows);
 void detail::ot_lse_rows(const OtSide& s, const void* h, double inv_eps, double* out) {
   HWY_DYNAMIC_DISPATCH(OtLseRows)(s, h, inv_eps, out);
 }
 void detail::ot_cost_rows(const OtSide& s, void* C) { HWY_DYNAMIC_DISPATCH(OtCostRows)(s, C); }
 void detail::ot_plan_rows(const OtSide& s, const void* h, double inv_eps, const OtPlanOut& o) {
   HWY_DYNAMIC_DISPATCH(OtPlanRows)(s, h, inv_eps, o);
+}
+void detail::ot_kernel_rows(const OtSide& s, const double* hr, const void* h, double inv_eps,
+                            void* K) {
+  HWY_DYNAMIC_DISPATCH(OtKernelRows)(s, hr, h, inv_eps, K);
+}
+void detail::ot_matvec_rows(const OtSide& s, const void* K, const void* w, double* out) {
+  HWY_DYNAMIC_DISPATCH(OtMatvecRows)(s, K, w, out);
 }
 }  // namespace divkit
 #endif

@@ -257,6 +257,48 @@ void expect_error(const std::function<void()>& fn, const std::string& needle);
 
 // Self-transport with the averaged symmetric update: the same solution (potentials, plan,
 // costs, gradients) as the plain alternating solver, in fewer passes at small eps.
+// A stored cost with room for K and its transpose runs the balanced iterations in the kernel
+// domain with absorption (sinkhorn.cc, KernelIterations); with room for the cost alone, in the
+// log domain. Same iterates to rounding: same iteration count, potentials, plan and gradients,
+// also at a small eps where the potentials move by many eps (many absorptions) and with eps
+// scaling.
+TEST(OtSinkhorn, KernelDomainIterationsEqualLogDomain) {
+  const size_t n = 150, m = 130, d = 3;
+  const auto x = randn(n * d, 70), y = randn(m * d, 71, 1.4);
+  const auto a = rand_weights(n, 72), b = rand_weights(m, 73);
+  const int64_t pad_n = (n + 63) / 64 * 64, pad_m = (m + 63) / 64 * 64;
+  for (bool f32 : {false, true}) {
+    const int64_t pair = (n * pad_m + m * pad_n) * (f32 ? 4 : 8);
+    for (double eps : {0.5, 0.02}) {
+      for (double scaling : {0.0, 0.8}) {
+        SinkhornOptions opt;
+        opt.eps = eps;
+        opt.eps_scaling = scaling;
+        opt.tol = f32 ? 1e-5 : 1e-10;
+        opt.max_iter = 20000;
+        opt.cost_cache_bytes = pair;  // the cost fits, K does not: log domain
+        const Solved logd = run_points(x, y, a, b, d, opt, f32, true);
+        opt.cost_cache_bytes = 2 * pair;  // kernel domain
+        const Solved kern = run_points(x, y, a, b, d, opt, f32, true);
+        SCOPED_TRACE(std::string(f32 ? "f32" : "f64") + " eps " + std::to_string(eps) +
+                     " scaling " + std::to_string(scaling));
+        ASSERT_TRUE(logd.st.converged);
+        ASSERT_TRUE(kern.st.converged);
+        if (!f32) EXPECT_EQ(kern.st.n_iter, logd.st.n_iter);
+        const double tol = f32 ? 2e-4 : 1e-10;
+        EXPECT_LT(max_abs_diff(kern.f, logd.f), tol * (1 + eps));
+        EXPECT_LT(max_abs_diff(kern.g, logd.g), tol * (1 + eps));
+        EXPECT_LT(max_abs_diff(kern.plan, logd.plan), f32 ? 1e-6 : 1e-13);
+        EXPECT_LT(max_abs_diff(kern.gx, logd.gx), f32 ? 1e-3 : 1e-9);
+        EXPECT_NEAR(kern.st.reg_cost, logd.st.reg_cost, f32 ? 1e-5 : 1e-11);
+        // The reported error is recomputed from the final potentials: float32 rounding of
+        // that pass may put it slightly above the iteration's own residual.
+        EXPECT_LE(kern.st.marginal_error, (f32 ? 1.5 : 1.0) * opt.tol);
+      }
+    }
+  }
+}
+
 TEST(OtSinkhorn, SymmetricSelfTransportEqualsPlainSolver) {
   const size_t n = 60, d = 2;
   const auto x = randn(n * d, 41);
