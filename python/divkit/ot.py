@@ -214,7 +214,11 @@ def sinkhorn(
         cost_cache_mib: point clouds whose n x m cost and its transpose fit in this many MiB
             (2 n m x 4 or 8 bytes; default 64: n = m up to ~2900 in float32) keep them in
             memory instead of recomputing them every half-iteration (faster at large d; the
-            values are equal to rounding). 0: always on the fly, memory O(n + m).
+            values are equal to rounding). 0: always on the fly, memory O(n + m). When the
+            budget also holds the kernel exp((f0 + g0 - C) / eps) and its transpose (twice
+            that; also for a given cost), a balanced problem iterates in the kernel domain
+            with absorption (one multiply-add an entry instead of one exp; same iterates to
+            rounding).
         symmetric: a self-transport problem OT(a, a) (y must equal x, b equal a): keeps
             g = f and uses the averaged update ``f <- (f + T(f)) / 2`` (Feydy et al. 2019),
             which converges in far fewer passes at small eps; same result as the general
