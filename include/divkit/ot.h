@@ -181,6 +181,9 @@ struct SparseOtResult {
   bool converged = false;
 };
 
+// Solves one problem: a [n], b [m], cost [n, m] (float32 or float64, any strides); writes the
+// potential to alpha [n] (float64, required) and dV/db to grad_b [m] (float64, optional);
+// throws divkit::Error naming the argument for bad input (see above).
 SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorView& cost,
                          const SparseOtOptions& opt, const TensorView& alpha,
                          const TensorView& grad_b);
