@@ -336,22 +336,23 @@ std::vector<double> logs(const std::vector<double>& w) {
 // Balanced iterations on a stored cost (given, or cached) in the kernel domain, with absorption
 // (Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport
 // problems", 2019; POT's sinkhorn_stabilized): with potentials f0, g0 absorbed into
-//   K_ij = exp((f0_i + g0_j - C_ij) / eps),
+//   K_ij = b_j exp((f0_i + g0_j - C_ij) / eps)      (K^T likewise with a_i),
 // the log-domain update f_i = -eps LSE_j(log b_j + (g_j - C_ij) / eps) is exactly
-//   f_i = f0_i - eps log sum_j K_ij w_j,   w_j = b_j exp((g_j - g0_j) / eps),
+//   f_i = f0_i - eps log sum_j K_ij w_j,   w_j = exp((g_j - g0_j) / eps),
 // one multiply-add an entry instead of one exp. f0, g0 are reset to the current potentials
-// (K recomputed: one exp an entry) whenever (f - f0) / eps or (g - g0) / eps leaves
-// [-kAbsorb, kAbsorb], which keeps w and K well scaled; starting from potentials of a
-// log-domain iteration, every row of K w has a term >= 1/m. A zero or non-finite sum (K
-// underflowing) absorbs and retries once, then returns false and the caller's log-domain
-// update takes over. Needs K and its transpose next to the cost: used when both pairs fit
-// in cost_cache_bytes. The results agree with the log-domain iterations to rounding.
+// (K recomputed from fill_h's h: one exp an entry) whenever (f - f0) / eps or (g - g0) / eps
+// leaves [-kAbsorb, kAbsorb], which keeps w and K well scaled; right after a log-domain
+// update every row of K sums to 1. A zero or non-finite sum (K underflowing) absorbs and
+// retries once, then returns false and the caller's log-domain update takes over. Needs K and
+// its transpose next to the cost: used when both pairs fit in cost_cache_bytes. The results
+// agree with the log-domain iterations to rounding.
 template <typename T>
 class KernelIterations {
  public:
-  KernelIterations(Geometry<T>& G, const std::vector<double>& a, const std::vector<double>& b,
-                   double eps, bool balanced, int64_t cache_bytes)
-      : G_(G), a_(a), b_(b), eps_(eps) {
+  KernelIterations(Geometry<T>& G, const std::vector<double>& log_a,
+                   const std::vector<double>& log_b, double eps, bool balanced,
+                   int64_t cache_bytes)
+      : G_(G), la_(log_a), lb_(log_b), eps_(eps) {
     const int64_t pair = (G.n * G.mpad + G.m * G.npad) * static_cast<int64_t>(sizeof(T));
     on_ = balanced && G.rows.mode == detail::OtCostMode::matrix && 2 * pair <= cache_bytes;
     if (!on_) return;
@@ -360,33 +361,50 @@ class KernelIterations {
     w_ = zeros<T>(std::max(G.mpad, G.npad));
     h_ = zeros<T>(std::max(G.mpad, G.npad));
     s_.resize(static_cast<size_t>(std::max(G.n, G.m)));
+    hr_.resize(s_.size());
   }
 
-  // fout = T(g), as update_f; false: not done (the caller updates in the log domain).
+  // fout = T(g) and g = T(f), as the log-domain updates; false: not done (the caller updates
+  // in the log domain).
   bool update_f(const std::vector<double>& f, const std::vector<double>& g,
                 std::vector<double>& fout) {
-    if (!on_) return false;
-    if (!absorbed_ || drifted(f, f0_) || drifted(g, g0_)) absorb(f, g);
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      if (half(G_.rows, K_.get(), b_, g, g0_, f0_, G_.mpad, fout)) return true;
-      absorb(f, g);
-    }
-    on_ = false;
-    return false;
+    return update(G_.rows, K_.get(), g, g0_, f0_, G_.mpad, f, g, fout);
   }
   bool update_g(const std::vector<double>& f, std::vector<double>& g) {
-    if (!on_) return false;
-    if (drifted(f, f0_) || drifted(g, g0_)) absorb(f, g);
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      if (half(G_.cols, KT_.get(), a_, f, f0_, g0_, G_.npad, g)) return true;
-      absorb(f, g);
-    }
-    on_ = false;
-    return false;
+    return update(G_.cols, KT_.get(), f, f0_, g0_, G_.npad, f, g, g);
   }
 
  private:
   static constexpr double kAbsorb = std::is_same_v<T, float> ? 15.0 : 50.0;
+
+  // out_r = p0_r - eps log sum_c K_rc exp((q_c - q0_c) / eps), q the other side's potential.
+  bool update(const detail::OtSide& side, const T* K, const std::vector<double>& q,
+              const std::vector<double>& q0, const std::vector<double>& p0, int64_t ncpad,
+              const std::vector<double>& f, const std::vector<double>& g,
+              std::vector<double>& out) {
+    if (!on_) return false;
+    if (!absorbed_ || drifted(f, f0_) || drifted(g, g0_)) absorb(f, g);
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      const int64_t nc = static_cast<int64_t>(q.size());
+      T* w = w_.get();
+      for (int64_t c = 0; c < nc; ++c)
+        w[c] = static_cast<T>(std::exp((q[static_cast<size_t>(c)] - q0[static_cast<size_t>(c)]) / eps_));
+      std::fill(w + nc, w + ncpad, T(0));
+      detail::ot_matvec_rows(side, K, w, s_.data());
+      // All rows or none: out may be g itself, which a retry's absorb reads.
+      bool ok = true;
+      for (int64_t r = 0; r < side.nr; ++r)
+        ok &= s_[static_cast<size_t>(r)] > 0 && std::isfinite(s_[static_cast<size_t>(r)]);
+      if (ok) {
+        for (int64_t r = 0; r < side.nr; ++r)
+          out[static_cast<size_t>(r)] = p0[static_cast<size_t>(r)] - eps_ * std::log(s_[static_cast<size_t>(r)]);
+        return true;
+      }
+      absorb(f, g);
+    }
+    on_ = false;
+    return false;
+  }
 
   bool drifted(const std::vector<double>& p, const std::vector<double>& p0) const {
     for (size_t i = 0; i < p.size(); ++i)
@@ -398,51 +416,22 @@ class KernelIterations {
     f0_ = f;
     g0_ = g;
     absorbed_ = true;
-    std::vector<double> hr(std::max(f.size(), g.size()));
-    for (size_t i = 0; i < f.size(); ++i) hr[i] = f[i] / eps_;
-    fill_scaled(g, G_.mpad);
-    detail::ot_kernel_rows(G_.rows, hr.data(), h_.get(), 1.0 / eps_, K_.get());
-    for (size_t j = 0; j < g.size(); ++j) hr[j] = g[j] / eps_;
-    fill_scaled(f, G_.npad);
-    detail::ot_kernel_rows(G_.cols, hr.data(), h_.get(), 1.0 / eps_, KT_.get());
-  }
-  // h_ = p / eps in T, padded with a huge negative value (K's padded columns become 0).
-  void fill_scaled(const std::vector<double>& p, int64_t npad) {
-    const T huge = std::is_same_v<T, float> ? T(-1e30) : T(-1e300);
-    const int64_t n = static_cast<int64_t>(p.size());
-    for (int64_t j = 0; j < n; ++j) h_[j] = static_cast<T>(p[static_cast<size_t>(j)] / eps_);
-    for (int64_t j = n; j < npad; ++j) h_[j] = huge;
-  }
-  // out_r = p0r_r - eps log sum_c K_rc w_c, w_c = wt_c exp((q_c - q0_c) / eps).
-  bool half(const detail::OtSide& side, const T* K, const std::vector<double>& wt,
-            const std::vector<double>& q, const std::vector<double>& q0,
-            const std::vector<double>& p0r, int64_t ncpad, std::vector<double>& out) {
-    const int64_t nc = static_cast<int64_t>(q.size()), nr = side.nr;
-    T* w = w_.get();
-    for (int64_t c = 0; c < nc; ++c) {
-      const auto u = static_cast<size_t>(c);
-      w[c] = static_cast<T>(wt[u] * std::exp((q[u] - q0[u]) / eps_));
-    }
-    std::fill(w + nc, w + ncpad, T(0));
-    detail::ot_matvec_rows(side, K, w, s_.data());
-    for (int64_t r = 0; r < nr; ++r)
-      if (!(s_[static_cast<size_t>(r)] > 0 && std::isfinite(s_[static_cast<size_t>(r)])))
-        return false;
-    for (int64_t r = 0; r < nr; ++r) {
-      const auto u = static_cast<size_t>(r);
-      out[u] = p0r[u] - eps_ * std::log(s_[u]);
-    }
-    return true;
+    for (size_t i = 0; i < f.size(); ++i) hr_[i] = f[i] / eps_;
+    fill_h(h_.get(), lb_, g, eps_, G_.mpad);
+    detail::ot_kernel_rows(G_.rows, hr_.data(), h_.get(), 1.0 / eps_, K_.get());
+    for (size_t j = 0; j < g.size(); ++j) hr_[j] = g[j] / eps_;
+    fill_h(h_.get(), la_, f, eps_, G_.npad);
+    detail::ot_kernel_rows(G_.cols, hr_.data(), h_.get(), 1.0 / eps_, KT_.get());
   }
 
   Geometry<T>& G_;
-  const std::vector<double>& a_;
-  const std::vector<double>& b_;
+  const std::vector<double>& la_;
+  const std::vector<double>& lb_;
   double eps_;
   bool on_ = false, absorbed_ = false;
   HugeBuf<T> K_, KT_;
   Buf<T> w_, h_;
-  std::vector<double> s_, f0_, g0_;
+  std::vector<double> s_, hr_, f0_, g0_;
 };
 
 template <typename T>
@@ -546,7 +535,7 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
       update_g(e);
       ++it;
     }
-    KernelIterations<T> kernel(G, a, bw, eps, bal_a && bal_b, opt.cost_cache_bytes);
+    KernelIterations<T> kernel(G, la, lb, eps, bal_a && bal_b, opt.cost_cache_bytes);
     for (int64_t k = 0; it < opt.max_iter; ++k) {
       // The first iteration at eps in the log domain: its potentials scale the kernel.
       if (k == 0 || !kernel.update_f(f, g, fnew)) update_f(eps, fnew);

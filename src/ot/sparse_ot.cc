@@ -26,11 +26,7 @@ double elem(const TensorView& t, int64_t off) {
 std::vector<double> load_weights(const char* name, const TensorView& w, int64_t n) {
   const std::string arg(name);
   if (!w.defined()) fail(kFn, arg + " is required");
-  if (w.device != Device::cpu) fail(kFn, arg + " must be on the CPU");
-  if (w.ndim != 1 || w.shape[0] != n)
-    fail(kFn, arg + " must have shape [" + std::to_string(n) + "], got " + shape_string(w));
-  if (w.dtype != DType::f32 && w.dtype != DType::f64)
-    fail(kFn, arg + " must be float32 or float64, got " + dtype_name(w.dtype));
+  check::vector_of(kFn, name, w, n, {DType::f32, DType::f64});
   std::vector<double> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const double x = elem(w, i * w.strides[0]);
@@ -61,8 +57,6 @@ class SemiDual {
       : a_(std::move(a)), b_(std::move(b)), ct_(std::move(ct)), n_(n), m_(m), gamma_(gamma),
         k_(k == 0 ? n : std::min(k, n)) {}
 
-  int64_t n() const { return n_; }
-
   void evaluate(const std::vector<double>& alpha, Evaluation& e) const {
     e.rows.resize(static_cast<size_t>(m_));
     e.t.resize(static_cast<size_t>(m_));
@@ -89,7 +83,6 @@ class SemiDual {
   }
 
   double b(int64_t j) const { return b_[static_cast<size_t>(j)]; }
-  double a(int64_t i) const { return a_[static_cast<size_t>(i)]; }
   double cost(int64_t i, int64_t j) const { return ct_[static_cast<size_t>(j * n_ + i)]; }
   double gamma() const { return gamma_; }
 
@@ -298,19 +291,9 @@ SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorV
   if (std::abs(sa - sb) > 1e-6 * std::max(sa, sb))
     fail(kFn, "a and b must have equal total mass, got " + std::to_string(sa) + " and " +
                   std::to_string(sb));
-  auto check_out = [&](const char* name, const TensorView& t, int64_t len, bool required) {
-    const std::string arg(name);
-    if (!t.defined()) {
-      if (required) fail(kFn, arg + " is required");
-      return;
-    }
-    if (t.device != Device::cpu || t.ndim != 1 || t.shape[0] != len || t.dtype != DType::f64)
-      fail(kFn, arg + " must be a float64 CPU tensor of shape [" + std::to_string(len) +
-                    "], got " + dtype_name(t.dtype) + " " + shape_string(t));
-    if (t.data == nullptr) fail(kFn, arg + " has a null data pointer");
-  };
-  check_out("alpha", alpha_out, n, true);
-  check_out("grad_b", grad_b, m, false);
+  if (!alpha_out.defined()) fail(kFn, "alpha is required");
+  check::vector_of(kFn, "alpha", alpha_out, n, {DType::f64});
+  if (grad_b.defined()) check::vector_of(kFn, "grad_b", grad_b, m, {DType::f64});
   std::vector<double> ct(static_cast<size_t>(n * m));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < m; ++j) {
