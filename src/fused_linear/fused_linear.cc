@@ -16,6 +16,7 @@
 #include "divkit/runtime.h"
 #include "divkit/sparse.h"
 #include "fused_linear/label_kernels.h"
+#include "fused_linear/operand_kernels.h"
 
 namespace divkit {
 namespace {
@@ -64,40 +65,108 @@ bool is_direct_f32(const TensorView& t) {
   return t.dtype == DType::f32 && (t.shape[1] <= 1 || t.strides[1] == 1) && t.strides[0] >= t.shape[1];
 }
 
+// Converts on the calling thread only: the GEMM that follows runs on OpenBLAS's threads, and
+// OpenMP workers still spin-waiting after a parallel conversion take their cores (measured: the
+// blocked logits GEMM 1.5-2x slower with a 2-thread conversion per block on 2 cores).
+constexpr int kConvertThreads = 1;
+
 // Rows [r0, r0 + rows) of t (optionally gathered through row_ids) as fp32; checks finiteness
 // and names `name` and the first bad row when something is NaN or infinite.
 void to_f32_rows(const char* fn, const char* name, const TensorView& t, int64_t r0, int64_t rows,
                  const std::vector<int64_t>* row_ids, F32Matrix& out) {
   const int64_t cols = t.shape[1];
-  const bool direct = row_ids == nullptr && is_direct_f32(t);
-  if (direct) {
+  detail::OperandRowsJob job;
+  job.src = t.data;
+  job.dtype = t.dtype;
+  job.ld = t.strides[0];
+  job.col_stride = cols <= 1 ? 1 : t.strides[1];
+  job.row_ids = row_ids ? row_ids->data() : nullptr;
+  job.r0 = r0;
+  job.rows = rows;
+  job.cols = cols;
+  job.num_threads = kConvertThreads;
+  if (row_ids == nullptr && is_direct_f32(t)) {
     out.data = static_cast<const float*>(t.data) + r0 * t.strides[0];
     out.ld = t.strides[0];
   } else {
     out.owned.resize(static_cast<size_t>(rows * cols));
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t src = row_ids ? (*row_ids)[r0 + r] : r0 + r;
-      float* dst = out.owned.data() + r * cols;
-      if (t.dtype == DType::f32) {
-        std::memcpy(dst, static_cast<const float*>(t.data) + src * t.strides[0], cols * sizeof(float));
-      } else {
-        for (int64_t j = 0; j < cols; ++j)
-          dst[j] = load_float(t.data, t.dtype, src * t.strides[0] + j * t.strides[1]);
-      }
-    }
+    job.dst = out.owned.data();
+    job.ld_dst = cols;
     out.data = out.owned.data();
     out.ld = cols;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = out.data + r * out.ld;
-    for (int64_t j = 0; j < cols; ++j) {
-      if (!std::isfinite(row[j])) {
-        const int64_t src = row_ids ? (*row_ids)[r0 + r] : r0 + r;
-        fail(fn, std::string(name) + " contains NaN or inf at row " + std::to_string(src));
-      }
+  const int64_t bad = detail::convert_rows_f32(job);
+  if (bad >= 0)
+    fail(fn, std::string(name) + " contains NaN or inf at row " +
+                 std::to_string(row_ids ? (*row_ids)[r0 + bad] : r0 + bad));
+}
+
+// A weight [V, H] (rows optionally gathered through row_ids) read as fp32 blocks of rows: the
+// caller's memory in one block when it is fp32 with unit column stride, otherwise converted block
+// by block, on every use, into a buffer of about 8 MiB. A bf16 weight thus never has a full fp32
+// copy (1 GB at V = 128256, H = 2048); the conversion costs a few percent of the GEMMs that read
+// the block. The whole weight is checked for NaN and inf once, at construction.
+class WeightBlocks {
+ public:
+  WeightBlocks(const char* fn, const char* name, const TensorView& w, int64_t v,
+               const std::vector<int64_t>* row_ids)
+      : w_(w), row_ids_(row_ids), v_(v), h_(w.shape[1]) {
+    direct_ = row_ids == nullptr && is_direct_f32(w);
+    F32Matrix check;  // check only: a direct view, or an empty conversion
+    if (direct_) {
+      to_f32_rows(fn, name, w, 0, v, nullptr, check);
+      return;
+    }
+    detail::OperandRowsJob job = job_for(0, v);
+    job.dst = nullptr;  // no copy: only the finiteness check
+    const int64_t bad = detail::convert_rows_f32(job);
+    if (bad >= 0)
+      fail(fn, std::string(name) + " contains NaN or inf at row " +
+                   std::to_string(row_ids ? (*row_ids)[bad] : bad));
+    constexpr int64_t kBlockFloats = int64_t{2} << 20;
+    block_rows_ = std::clamp<int64_t>(kBlockFloats / std::max<int64_t>(h_, 1), 64, std::max<int64_t>(v, 1));
+    buffer_.resize(static_cast<size_t>(std::min(block_rows_, v) * h_));
+  }
+
+  // Calls f(j0, rows, data, ld) for consecutive blocks of rows [j0, j0 + rows) covering [0, V).
+  template <class F>
+  void for_each(F&& f) {
+    if (direct_) {
+      f(int64_t{0}, v_, static_cast<const float*>(w_.data), w_.strides[0]);
+      return;
+    }
+    for (int64_t j0 = 0; j0 < v_; j0 += block_rows_) {
+      const int64_t rows = std::min(block_rows_, v_ - j0);
+      detail::OperandRowsJob job = job_for(j0, rows);
+      job.dst = buffer_.data();
+      job.ld_dst = h_;
+      detail::convert_rows_f32(job);
+      f(j0, rows, static_cast<const float*>(buffer_.data()), h_);
     }
   }
-}
+
+ private:
+  detail::OperandRowsJob job_for(int64_t r0, int64_t rows) const {
+    detail::OperandRowsJob job;
+    job.src = w_.data;
+    job.dtype = w_.dtype;
+    job.ld = w_.strides[0];
+    job.col_stride = h_ <= 1 ? 1 : w_.strides[1];
+    job.row_ids = row_ids_ ? row_ids_->data() : nullptr;
+    job.r0 = r0;
+    job.rows = rows;
+    job.cols = h_;
+    job.num_threads = kConvertThreads;
+    return job;
+  }
+
+  const TensorView& w_;
+  const std::vector<int64_t>* row_ids_;
+  int64_t v_, h_;
+  bool direct_ = false;
+  int64_t block_rows_ = 0;
+  std::vector<float> buffer_;
+};
 
 void check_head(const char* fn, const char* prefix, const LinearHead& h, int64_t n_expected) {
   const std::string p(prefix);
@@ -235,7 +304,7 @@ std::vector<double> read_token_weights(const char* fn, const TensorView& weights
 class HeadGradAccumulator {
  public:
   // v: rows of `weight` (the student's vocabulary; row_ids maps them to head.weight's rows).
-  HeadGradAccumulator(const LinearHead& head, const LinearHeadGrads& grads, const F32Matrix* weight,
+  HeadGradAccumulator(const LinearHead& head, const LinearHeadGrads& grads, WeightBlocks* weight,
                       int64_t v, const std::vector<int64_t>* row_ids)
       : head_(head), grads_(grads), weight_(weight), row_ids_(row_ids), v_(v) {
     h_ = head.weight.shape[1];
@@ -259,12 +328,18 @@ class HeadGradAccumulator {
                  std::vector<float>& scratch) {
     if (grads_.hidden.defined()) {
       const TensorView& out = grads_.hidden;
-      if (is_direct_f32(out)) {
-        float* dst = static_cast<float*>(out.data) + r0 * out.strides[0];
-        gemm::ab(rows, h_, v_, 1.0f, g, ldg, weight_->data, weight_->ld, 0.0f, dst, out.strides[0]);
-      } else {
+      const bool direct = is_direct_f32(out);
+      float* dst = direct ? static_cast<float*>(out.data) + r0 * out.strides[0] : nullptr;
+      const int64_t ldd = direct ? out.strides[0] : h_;
+      if (!direct) {
         scratch.resize(static_cast<size_t>(rows * h_));
-        gemm::ab(rows, h_, v_, 1.0f, g, ldg, weight_->data, weight_->ld, 0.0f, scratch.data(), h_);
+        dst = scratch.data();
+      }
+      // grad_hidden = sum over the weight's row blocks of g[:, block] @ W[block].
+      weight_->for_each([&](int64_t j0, int64_t nb, const float* w, int64_t ldw) {
+        gemm::ab(rows, h_, nb, 1.0f, g + j0, ldg, w, ldw, j0 == 0 ? 0.0f : 1.0f, dst, ldd);
+      });
+      if (!direct) {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < h_; ++j)
             store_float(out.data, out.dtype, (r0 + r) * out.strides[0] + j * out.strides[1],
@@ -283,10 +358,16 @@ class HeadGradAccumulator {
     first_ = false;
   }
 
-  // Writes grad_weight / grad_bias (zero when there were no chunks); scatter-adds through
-  // row_ids for a mapped vocabulary.
+  // Writes grad_weight / grad_bias and, when no chunk was added (no tokens, or a teacher without
+  // a soft term), zeros for every output; scatter-adds through row_ids for a mapped vocabulary.
   void finish() {
     const int64_t v_full = head_.weight.shape[0];
+    if (first_ && grads_.hidden.defined()) {
+      const TensorView& out = grads_.hidden;
+      for (int64_t r = 0; r < out.shape[0]; ++r)
+        for (int64_t j = 0; j < out.shape[1]; ++j)
+          store_float(out.data, out.dtype, r * out.strides[0] + j * out.strides[1], 0.0);
+    }
     if (grads_.weight.defined()) {
       const TensorView& out = grads_.weight;
       if (first_ && dw_owned_.empty())  // no chunk ran (N = 0): the output still gets zeros
@@ -316,7 +397,7 @@ class HeadGradAccumulator {
  private:
   const LinearHead& head_;
   const LinearHeadGrads& grads_;
-  const F32Matrix* weight_;
+  WeightBlocks* weight_;
   const std::vector<int64_t>* row_ids_;
   int64_t v_ = 0, h_ = 0;
   float* dw_ = nullptr;
@@ -326,10 +407,12 @@ class HeadGradAccumulator {
   bool first_ = true;
 };
 
-// logits[rows, v] = h W^T + b.
-void chunk_logits(const F32Matrix& h, int64_t rows, const F32Matrix& w, int64_t v, int64_t hidden,
+// logits[rows, v] = h W^T + b, one block of the weight's rows at a time.
+void chunk_logits(const F32Matrix& h, int64_t rows, WeightBlocks& w, int64_t v, int64_t hidden,
                   const std::vector<float>& bias, float* out) {
-  gemm::abt(rows, v, hidden, 1.0f, h.data, h.ld, w.data, w.ld, 0.0f, out, v);
+  w.for_each([&](int64_t j0, int64_t nb, const float* wb, int64_t ldw) {
+    gemm::abt(rows, nb, hidden, 1.0f, h.data, h.ld, wb, ldw, 0.0f, out + j0, v);
+  });
   if (!bias.empty())
     for (int64_t r = 0; r < rows; ++r) {
       float* row = out + r * v;
@@ -361,16 +444,20 @@ namespace {
 // One chunk's soft (teacher) term, called by distill_chunks: given the student logits of rows
 // [r0, r0 + rows) in `ls` ([rows, v]) and the per-row weights soft_weight * w_i / divisor (0 for
 // ignored rows), adds each row's weighted soft loss to row_loss and, when grad_out is not null,
-// writes the soft term's d loss / d logits there ([rows, v], may alias ls).
+// writes the soft term's d loss / d logits there ([rows, v], may alias ls). `teacher` is a
+// [chunk, v] buffer for the teacher's logits (empty when distill_chunks was told none is needed).
 using SoftTerm = void(int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
-                      double* row_loss);
+                      double* row_loss, float* teacher);
 
 // The chunk loop shared by the distillation losses: student GEMM, the soft term, the optional
-// hard-label CE (T = 1) and the student's gradient GEMMs.
-template <class Soft>
+// hard-label CE (T = 1) and the student's gradient GEMMs. `after_loop` runs once the chunk
+// buffers are freed, before the student's gradients are written out: the caller finishes its own
+// (teacher) gradients there, so that no fp32 weight gradient shares the peak with the chunks.
+template <class Soft, class AfterLoop>
 void distill_chunks(const char* fn, const LinearHead& student, int64_t v,
                     const DivergenceOptions& options, const FusedLinearOptions& fused,
-                    const TensorView& loss, const LinearHeadGrads& student_grads, Soft&& soft) {
+                    const TensorView& loss, const LinearHeadGrads& student_grads,
+                    bool teacher_buffer, Soft&& soft, AfterLoop&& after_loop) {
   const int64_t n = student.hidden.shape[0], hs = student.weight.shape[1];
   if (!std::isfinite(fused.hard_weight) || !std::isfinite(fused.soft_weight))
     fail(fn, "hard_weight and soft_weight must be finite");
@@ -386,8 +473,7 @@ void distill_chunks(const char* fn, const LinearHead& student, int64_t v,
 
   const int threads = get_num_threads();
   gemm::set_blas_threads(threads);
-  F32Matrix ws;
-  to_f32_rows(fn, "student_weight", student.weight, 0, v, nullptr, ws);
+  WeightBlocks ws(fn, "student_weight", student.weight, v, nullptr);
   const std::vector<float> bs = bias_f32(student.bias, nullptr, v);
   HeadGradAccumulator acc_s(student, student_grads, &ws, v, nullptr);
   const bool want_s = acc_s.wanted();
@@ -396,6 +482,8 @@ void distill_chunks(const char* fn, const LinearHead& student, int64_t v,
   std::vector<float> ls(static_cast<size_t>(chunk * v));
   std::vector<float> gsoft;  // the soft term's gradient, when the hard term still needs ls
   if (hard && soft_on && want_s) gsoft.resize(static_cast<size_t>(chunk * v));
+  std::vector<float> lt;  // the teacher's logits
+  if (teacher_buffer && soft_on) lt.resize(static_cast<size_t>(chunk * v));
   std::vector<double> row_loss(static_cast<size_t>(chunk)), row_weight(static_cast<size_t>(chunk));
   std::vector<double> lse(static_cast<size_t>(chunk)), zy(static_cast<size_t>(chunk));
   std::vector<double> ca(static_cast<size_t>(chunk)), cb(static_cast<size_t>(chunk)),
@@ -414,7 +502,7 @@ void distill_chunks(const char* fn, const LinearHead& student, int64_t v,
         row_weight[r] = labels[r0 + r] < 0 ? 0.0 : fused.soft_weight * token_weight[r0 + r] / divisor;
       float* grad_out = want_s ? (gsoft.empty() ? ls.data() : gsoft.data()) : nullptr;
       try {
-        soft(r0, rows, ls.data(), grad_out, row_weight.data(), row_loss.data());
+        soft(r0, rows, ls.data(), grad_out, row_weight.data(), row_loss.data(), lt.data());
       } catch (const Error& e) {
         rethrow_chunk(fn, e, r0);
       }
@@ -466,6 +554,8 @@ void distill_chunks(const char* fn, const LinearHead& student, int64_t v,
     if (want_s) acc_s.add_chunk(ls.data(), v, r0, rows, hs_c, scratch);
   }
   if (options.reduction != Reduction::none) store_vector(loss, 0, total);
+  for (std::vector<float>* b : {&ls, &gsoft, &lt, &scratch}) std::vector<float>().swap(*b);
+  after_loop();
   acc_s.finish();
 }
 
@@ -511,19 +601,18 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
                  std::to_string(vt) + ": the vocabularies differ; pass teacher_token_ids (a mapping, "
                  "or 0..V_student-1 to truncate the teacher's)");
   }
-  F32Matrix wt, ht_c;
-  to_f32_rows(fn, "teacher_weight", teacher.weight, 0, v, mapped ? &token_ids : nullptr, wt);
+  WeightBlocks wt(fn, "teacher_weight", teacher.weight, v, mapped ? &token_ids : nullptr);
+  F32Matrix ht_c;
   const std::vector<float> bt = bias_f32(teacher.bias, mapped ? &token_ids : nullptr, v);
   HeadGradAccumulator acc_t(teacher, teacher_grads, &wt, v, mapped ? &token_ids : nullptr);
   const bool want_t = acc_t.wanted();
-  const int64_t chunk = choose_chunk(fused.chunk_size, n, v);
-  std::vector<float> lt(static_cast<size_t>(chunk * v)), scratch;
+  std::vector<float> scratch;
 
-  distill_chunks(fn, student, v, options, fused, loss, student_grads,
+  distill_chunks(fn, student, v, options, fused, loss, student_grads, /*teacher_buffer=*/true,
                  [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
-                     double* row_loss) {
+                     double* row_loss, float* lt) {
     to_f32_rows(fn, "teacher_hidden", teacher.hidden, r0, rows, nullptr, ht_c);
-    chunk_logits(ht_c, rows, wt, v, ht, bt, lt.data());
+    chunk_logits(ht_c, rows, wt, v, ht, bt, lt);
     DivergenceOptions o;
     o.reduction = Reduction::none;
     o.weights = TensorView::vector(const_cast<double*>(row_weight), DType::f64, rows);
@@ -532,21 +621,14 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
     DivergenceOutputs out;
     out.loss = TensorView::vector(row_loss, DType::f64, rows);
     if (grad_out) out.grad_student = TensorView::matrix(grad_out, DType::f32, rows, v);
-    const TensorView ltv = TensorView::matrix(lt.data(), DType::f32, rows, v);
+    const TensorView ltv = TensorView::matrix(lt, DType::f32, rows, v);
     if (want_t) out.grad_teacher = ltv;
     divergence(TensorView::matrix(ls, DType::f32, rows, v), ltv, spec, o, out);
-    if (want_t) acc_t.add_chunk(lt.data(), v, r0, rows, ht_c, scratch);
+    if (want_t) acc_t.add_chunk(lt, v, r0, rows, ht_c, scratch);
+  }, [&] {
+    std::vector<float>().swap(scratch);
+    acc_t.finish();
   });
-  if (want_t && fused.soft_weight == 0.0f) {
-    // No soft term: the teacher's gradient is zero (still written).
-    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-      const int64_t rows = std::min(chunk, n - r0);
-      std::fill(lt.begin(), lt.end(), 0.0f);
-      to_f32_rows(fn, "teacher_hidden", teacher.hidden, r0, rows, nullptr, ht_c);
-      acc_t.add_chunk(lt.data(), v, r0, rows, ht_c, scratch);
-    }
-  }
-  acc_t.finish();
 }
 
 void fused_linear_sparse_divergence(const LinearHead& student, const TensorView& teacher_indices,
@@ -568,9 +650,9 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
     fail(fn, "teacher_logprobs must be [N = " + std::to_string(n) + ", k], got " + check::shape_string(teacher_logprobs));
   // The teacher rows are checked chunk by chunk by sparse_divergence (an error names the chunk's
   // first token and the row within it); the outputs are only complete after the last chunk.
-  distill_chunks(fn, student, v, options, fused, loss, student_grads,
+  distill_chunks(fn, student, v, options, fused, loss, student_grads, /*teacher_buffer=*/false,
                  [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
-                     double* row_loss) {
+                     double* row_loss, float*) {
     DivergenceOptions o;
     o.reduction = Reduction::none;
     o.weights = TensorView::vector(const_cast<double*>(row_weight), DType::f64, rows);
@@ -582,7 +664,7 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
     sparse_divergence(TensorView::matrix(ls, DType::f32, rows, v),
                       row_slice(teacher_indices, r0, rows), row_slice(teacher_logprobs, r0, rows),
                       spec, sparse, o, out);
-  });
+  }, [] {});
 }
 
 // ---- label losses -----------------------------------------------------------------------
@@ -606,8 +688,8 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
   const int64_t n = head.hidden.shape[0], v = head.weight.shape[0], h = head.weight.shape[1];
   const int threads = get_num_threads();
   gemm::set_blas_threads(threads);
-  F32Matrix w, hc;
-  to_f32_rows(run.fn, "weight", head.weight, 0, v, nullptr, w);
+  WeightBlocks w(run.fn, "weight", head.weight, v, nullptr);
+  F32Matrix hc;
   const std::vector<float> b = bias_f32(head.bias, nullptr, v);
   HeadGradAccumulator acc(head, grads, &w, v, nullptr);
   const bool want_grad = acc.wanted();
@@ -670,6 +752,7 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
     detail::label_rows_grad(g);
     acc.add_chunk(z.data(), v, r0, rows, hc, scratch);
   }
+  for (std::vector<float>* b : {&z, &scratch}) std::vector<float>().swap(*b);
   acc.finish();
 }
 

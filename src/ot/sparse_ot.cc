@@ -122,10 +122,6 @@ class SemiDual {
     cand.clear();
     for (int64_t i = 0; i < n_; ++i)
       if (z[static_cast<size_t>(i)] > zmax - 1.0) cand.push_back(i);
-    auto before = [&z](int64_t p, int64_t q) {
-      const double zp = z[static_cast<size_t>(p)], zq = z[static_cast<size_t>(q)];
-      return zp > zq || (zp == zq && p < q);
-    };
     if (static_cast<int64_t>(cand.size()) > k_) {
       auto before = [&z](int64_t p, int64_t q) {  // ties: the lower row first
         const double zp = z[static_cast<size_t>(p)], zq = z[static_cast<size_t>(q)];

@@ -261,6 +261,70 @@ TEST(FusedLinearDivergence, Bf16InputsAreConvertedNotRounded) {
   EXPECT_EQ(dh_got, dh_want);
 }
 
+// 16-bit weights are converted block by block of vocabulary rows (about 8 MiB of fp32 each: 512
+// rows at H = 4096), never as one fp32 copy. With V spanning three blocks, a mapped teacher
+// (gathered rows) and teacher gradients, everything must still match fp64 on the widened values.
+TEST(FusedLinearDivergence, SixteenBitWeightsAcrossConversionBlocks) {
+  const int64_t n = 7, vs = 1300, vt = 1400, h = 4096;
+  for (DType dt : {DType::bf16, DType::f16}) {
+    Head s(n, vs, h, true, 11), t(n, vt, h, false, 12, 2.0);
+    auto narrow = [dt](std::vector<double>& d, std::vector<float>& f) {  // round, then widen back
+      std::vector<uint16_t> b(f.size());
+      for (size_t i = 0; i < f.size(); ++i) {
+        using namespace divkit_test;
+        b[i] = dt == DType::bf16 ? float_to_bf16(f[i]) : double_to_f16(f[i]);
+        d[i] = f[i] = dt == DType::bf16 ? bf16_to_float(b[i]) : static_cast<float>(f16_to_double(b[i]));
+      }
+      return b;
+    };
+    std::vector<uint16_t> hs = narrow(s.hidden, s.hidden32), ws = narrow(s.weight, s.weight32),
+                          ht = narrow(t.hidden, t.hidden32), wt = narrow(t.weight, t.weight32);
+    std::vector<int64_t> ids(vs);
+    for (int64_t j = 0; j < vs; ++j) ids[j] = (j * 11 + 5) % vt;
+    const auto spec = divkit_test::make_spec(K::jsd, 0.3);
+    const auto ref = divkit_ref::divergence(s.logits(), t.logits(&ids), n, vs,
+                                            divkit_ref::params_from_spec(spec), divkit_ref::Options{});
+    std::vector<double> dhs, dws, dbs, dht, dwt, dbt;
+    s.grads(ref.grad_s, nullptr, dhs, dws, dbs);
+    t.grads(ref.grad_t, &ids, dht, dwt, dbt);
+
+    divkit::LinearHead sv, tv;
+    sv.hidden = TensorView::matrix(hs.data(), dt, n, h);
+    sv.weight = TensorView::matrix(ws.data(), dt, vs, h);
+    sv.bias = TensorView::vector(s.bias32.data(), DType::f32, vs);
+    tv.hidden = TensorView::matrix(ht.data(), dt, n, h);
+    tv.weight = TensorView::matrix(wt.data(), dt, vt, h);
+    std::vector<float> g_hs(n * h), g_ws(vs * h), g_bs(vs), g_ht(n * h), g_wt(vt * h);
+    divkit::LinearHeadGrads sg, tg;
+    sg.hidden = TensorView::matrix(g_hs.data(), DType::f32, n, h);
+    sg.weight = TensorView::matrix(g_ws.data(), DType::f32, vs, h);
+    sg.bias = TensorView::vector(g_bs.data(), DType::f32, vs);
+    tg.hidden = TensorView::matrix(g_ht.data(), DType::f32, n, h);
+    tg.weight = TensorView::matrix(g_wt.data(), DType::f32, vt, h);
+    divkit::FusedLinearOptions f;
+    f.teacher_token_ids = TensorView::vector(ids.data(), DType::i64, vs);
+    f.chunk_size = 3;
+    float loss = 0.0f;
+    divkit::fused_linear_divergence(sv, tv, spec, {}, f, TensorView::vector(&loss, DType::f32, 1), sg, tg);
+    const std::string d = divkit::dtype_name(dt);
+    EXPECT_NEAR(loss, ref.loss[0], 1e-5 * (1 + ref.loss[0])) << d;
+    expect_close(g_hs, dhs, 2e-5, d + " grad_student_hidden");
+    expect_close(g_ws, dws, 2e-5, d + " grad_student_weight");
+    expect_close(g_bs, dbs, 2e-5, d + " grad_student_bias");
+    expect_close(g_ht, dht, 2e-5, d + " grad_teacher_hidden");
+    expect_close(g_wt, dwt, 2e-5, d + " grad_teacher_weight (scattered)");
+
+    // A non-finite weight in the last block is found before anything is written.
+    const uint16_t inf_bits = dt == DType::bf16 ? 0x7F80 : 0x7C00;
+    ws[(vs - 2) * h + 17] = inf_bits;
+    std::fill(g_hs.begin(), g_hs.end(), 7.0f);
+    divkit_test::expect_error(
+        [&] { divkit::fused_linear_divergence(sv, tv, spec, {}, f, TensorView::vector(&loss, DType::f32, 1), sg, tg); },
+        {"student_weight", "NaN or inf", "row " + std::to_string(vs - 2)});
+    EXPECT_EQ(g_hs[0], 7.0f) << d << ": an output was written before the error";
+  }
+}
+
 // ---- cross-entropy and log-probs ------------------------------------------------------------
 
 struct CeRef {
