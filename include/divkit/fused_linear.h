@@ -6,14 +6,15 @@
 // [C, V], the loss terms and d loss / d z of the chunk in that buffer (the token-level kernels of
 // divergence.h and the label kernels below), then the gradients with two more GEMMs:
 //   grad_h[chunk] = G W,   grad_W += G^T h[chunk],   grad_b += column sums of G.
-// Peak extra memory: O(C x V) for the chunk buffers, plus an fp32 copy of a weight that is not
-// fp32 and an fp32 accumulator for grad_W when the requested output is not a contiguous fp32
-// array; independent of N. The chunk size is chosen from V, H and the thread count (about 64
-// MiB of fp32 logits per chunk buffer), or set by the caller.
+// Peak extra memory: O(C x V) for the chunk buffers, plus an fp32 accumulator for grad_W when
+// the requested output is not a contiguous fp32 array (bf16: 1 GB at V = 128256, H = 2048);
+// independent of N. A weight that is not fp32 is never copied whole: it is converted to fp32
+// one block of about 8 MiB of rows at a time, inside each GEMM that reads it. The chunk size is
+// chosen from V (about 256 MiB of fp32 logits per chunk buffer), or set by the caller.
 //
 // Numerics: hidden states and weights may be fp32, bf16, fp16 or fp64; they are converted to
-// fp32 per chunk and multiplied and accumulated in fp32 (CBLAS sgemm): logits are never rounded
-// to a low-precision dtype. Loss and row statistics as in divergence.h (fp32 arithmetic, fp64
+// fp32 (exactly, for bf16 and fp16) and multiplied and accumulated in fp32 (CBLAS sgemm): logits
+// are never rounded to a low-precision dtype. Loss and row statistics as in divergence.h (fp32 arithmetic, fp64
 // row sums). The GEMMs come from OpenBLAS: results are deterministic for a given thread count.
 //
 // Conventions: labels [N] int32/int64 with ignore_index (default -100) marking ignored tokens;

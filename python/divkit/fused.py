@@ -5,8 +5,9 @@ For a head ``logits = hidden @ weight.T + bias`` the core computes each chunk's 
 fp32 GEMM, the loss and d loss / d logits of the chunk in that buffer, and the gradients of
 hidden, weight and bias with two more GEMMs. Peak extra memory is O(chunk x V), independent of
 the number of tokens. Inputs may be float32, bfloat16, float16 or float64; they are converted
-to fp32 per chunk and multiplied and accumulated in fp32 (no logits rounded to bf16, unlike
-Liger-Kernel's fused losses). Gradients come back in each input's dtype.
+to fp32 (a weight one block of rows at a time, never as a whole copy) and multiplied and
+accumulated in fp32 (no logits rounded to bf16, unlike Liger-Kernel's fused losses). Gradients
+come back in each input's dtype.
 
 With ``process_group`` the weights (and biases) are the rank's shard of the vocabulary, rows
 ``[rank * V / world, ...)`` in rank order (as Megatron's vocabulary-parallel head); every rank
@@ -217,7 +218,7 @@ def fused_linear_divergence(
     every input that requires grad, the teacher's too (online distillation).
 
     Memory: O(chunk_size x V) extra (default: about 256 MiB of logits per chunk buffer, 32 to
-    1024 tokens). With a reduced loss the gradients are computed in the forward call (as Liger
+    1024 tokens), plus an fp32 accumulator for a weight gradient that is not fp32. With a reduced loss the gradients are computed in the forward call (as Liger
     does); with ``reduction="none"`` the backward reruns the chunks with the upstream gradient
     as weights.
     """
