@@ -18,6 +18,7 @@ printed). Liger runs its chunked loss with torch.compile (compiled=True) after a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -29,12 +30,24 @@ import time
 VARIANTS = ("divkit", "eager", "liger", "gemm_floor", "gemm_floor_openblas")
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's RSS high-water mark (VmHWM) to the current RSS, so that the peak
+    measured after the step is the step's own: building the inputs (fp32 randn, then the cast to
+    bf16) leaves a higher mark than some variants reach (1.5 GB at V = 128256)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def worker(variant: str, n: int, v: int, h: int, dtype_name: str, threads: int, reps: int):
@@ -100,7 +113,9 @@ def worker(variant: str, n: int, v: int, h: int, dtype_name: str, threads: int, 
             _ = t_logits.T @ a32
             return float("nan")
 
-    base = _rss_mb()
+    gc.collect()
+    exact = _reset_peak_rss()
+    base = _status_mb("VmRSS")
     t0 = time.perf_counter()
     value = step()  # warm-up (and torch.compile for Liger)
     times = [time.perf_counter() - t0] if reps == 0 else []  # reps 0: the cold step alone
@@ -108,7 +123,8 @@ def worker(variant: str, n: int, v: int, h: int, dtype_name: str, threads: int, 
         t0 = time.perf_counter()
         value = step()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Without the reset (not Linux), ru_maxrss: an upper bound that includes building the inputs.
+    peak = _status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"variant": variant, "n": n, "v": v, "h": h, "dtype": dtype_name,
             "median_s": sorted(times)[len(times) // 2], "peak_extra_mb": peak - base,
             "loss": value}
