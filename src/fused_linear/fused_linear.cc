@@ -99,35 +99,47 @@ bool is_direct_f32(const TensorView& t) {
 // blocked logits GEMM 1.5-2x slower with a 2-thread conversion per block on 2 cores).
 constexpr int kConvertThreads = 1;
 
-// Rows [r0, r0 + rows) of t (optionally gathered through row_ids) as fp32; checks finiteness
-// and names `name` and the first bad row when something is NaN or infinite.
-void to_f32_rows(const char* fn, const char* name, const TensorView& t, int64_t r0, int64_t rows,
-                 const std::vector<int64_t>* row_ids, F32Matrix& out) {
-  const int64_t cols = t.shape[1];
+// The conversion job of rows [r0, r0 + rows) of the matrix t, gathered through row_ids when
+// given (no destination yet: a check only).
+detail::OperandRowsJob rows_job(const TensorView& t, const std::vector<int64_t>* row_ids, int64_t r0,
+                                int64_t rows) {
   detail::OperandRowsJob job;
   job.src = t.data;
   job.dtype = t.dtype;
   job.ld = t.strides[0];
-  job.col_stride = cols <= 1 ? 1 : t.strides[1];
+  job.col_stride = t.shape[1] <= 1 ? 1 : t.strides[1];
   job.row_ids = row_ids ? row_ids->data() : nullptr;
   job.r0 = r0;
   job.rows = rows;
-  job.cols = cols;
+  job.cols = t.shape[1];
   job.num_threads = kConvertThreads;
+  return job;
+}
+
+// Runs the job and names `name` and the first row (of t) holding NaN or inf.
+void convert_checked(const char* fn, const char* name, const detail::OperandRowsJob& job) {
+  const int64_t bad = detail::convert_rows_f32(job);
+  if (bad >= 0)
+    fail(fn, std::string(name) + " contains NaN or inf at row " +
+                 std::to_string(job.row_ids ? job.row_ids[job.r0 + bad] : job.r0 + bad));
+}
+
+// Rows [r0, r0 + rows) of t (optionally gathered through row_ids) as fp32: a view of the caller's
+// memory when it is fp32 with unit column stride, else a converted copy; checked for NaN and inf.
+void to_f32_rows(const char* fn, const char* name, const TensorView& t, int64_t r0, int64_t rows,
+                 const std::vector<int64_t>* row_ids, F32Matrix& out) {
+  detail::OperandRowsJob job = rows_job(t, row_ids, r0, rows);
   if (row_ids == nullptr && is_direct_f32(t)) {
     out.data = static_cast<const float*>(t.data) + r0 * t.strides[0];
     out.ld = t.strides[0];
   } else {
-    out.owned.resize(static_cast<size_t>(rows * cols));
+    out.owned.resize(static_cast<size_t>(rows * job.cols));
     job.dst = out.owned.data();
-    job.ld_dst = cols;
+    job.ld_dst = job.cols;
     out.data = out.owned.data();
-    out.ld = cols;
+    out.ld = job.cols;
   }
-  const int64_t bad = detail::convert_rows_f32(job);
-  if (bad >= 0)
-    fail(fn, std::string(name) + " contains NaN or inf at row " +
-                 std::to_string(row_ids ? (*row_ids)[r0 + bad] : r0 + bad));
+  convert_checked(fn, name, job);
 }
 
 // A weight [V, H] (rows optionally gathered through row_ids) read as fp32 blocks of rows: the
@@ -141,20 +153,11 @@ class WeightBlocks {
                const std::vector<int64_t>* row_ids)
       : w_(w), row_ids_(row_ids), v_(v), h_(w.shape[1]) {
     direct_ = row_ids == nullptr && is_direct_f32(w);
-    F32Matrix check;  // check only: a direct view, or an empty conversion
-    if (direct_) {
-      to_f32_rows(fn, name, w, 0, v, nullptr, check);
-      return;
-    }
-    detail::OperandRowsJob job = job_for(0, v);
-    job.dst = nullptr;  // no copy: only the finiteness check
-    const int64_t bad = detail::convert_rows_f32(job);
-    if (bad >= 0)
-      fail(fn, std::string(name) + " contains NaN or inf at row " +
-                   std::to_string(row_ids ? (*row_ids)[bad] : bad));
+    convert_checked(fn, name, rows_job(w, row_ids, 0, v));  // no destination: the check only
+    if (direct_) return;
     constexpr int64_t kBlockFloats = int64_t{2} << 20;
-    block_rows_ = std::clamp<int64_t>(kBlockFloats / std::max<int64_t>(h_, 1), 64, std::max<int64_t>(v, 1));
-    buffer_.resize(static_cast<size_t>(std::min(block_rows_, v) * h_));
+    block_rows_ = std::min(std::max<int64_t>(kBlockFloats / std::max<int64_t>(h_, 1), 64), v);
+    buffer_.resize(static_cast<size_t>(block_rows_ * h_));
   }
 
   // Calls f(j0, rows, data, ld) for consecutive blocks of rows [j0, j0 + rows) covering [0, V).
@@ -166,7 +169,7 @@ class WeightBlocks {
     }
     for (int64_t j0 = 0; j0 < v_; j0 += block_rows_) {
       const int64_t rows = std::min(block_rows_, v_ - j0);
-      detail::OperandRowsJob job = job_for(j0, rows);
+      detail::OperandRowsJob job = rows_job(w_, row_ids_, j0, rows);
       job.dst = buffer_.data();
       job.ld_dst = h_;
       detail::convert_rows_f32(job);
@@ -175,20 +178,6 @@ class WeightBlocks {
   }
 
  private:
-  detail::OperandRowsJob job_for(int64_t r0, int64_t rows) const {
-    detail::OperandRowsJob job;
-    job.src = w_.data;
-    job.dtype = w_.dtype;
-    job.ld = w_.strides[0];
-    job.col_stride = h_ <= 1 ? 1 : w_.strides[1];
-    job.row_ids = row_ids_ ? row_ids_->data() : nullptr;
-    job.r0 = r0;
-    job.rows = rows;
-    job.cols = h_;
-    job.num_threads = kConvertThreads;
-    return job;
-  }
-
   const TensorView& w_;
   const std::vector<int64_t>* row_ids_;
   int64_t v_, h_;
