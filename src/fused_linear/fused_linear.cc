@@ -172,6 +172,7 @@ class WeightBlocks {
       detail::OperandRowsJob job = rows_job(w_, row_ids_, j0, rows);
       job.dst = buffer_.data();
       job.ld_dst = h_;
+      job.check = false;  // checked once, at construction
       detail::convert_rows_f32(job);
       f(j0, rows, static_cast<const float*>(buffer_.data()), h_);
     }

@@ -39,7 +39,7 @@ float ScalarAt(const void* src, DType dt, int64_t idx) {
 }
 
 // One contiguous row of T as fp32 into dst (null: only read); returns whether all are finite.
-template <typename T>
+template <bool kCheck, typename T>
 bool ContiguousRow(const T* HWY_RESTRICT src, int64_t cols, float* HWY_RESTRICT dst) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
@@ -50,7 +50,7 @@ bool ContiguousRow(const T* HWY_RESTRICT src, int64_t cols, float* HWY_RESTRICT 
     hn::Vec<DF> x;
     if constexpr (std::is_same_v<T, float>) x = hn::LoadU(df, src + j);
     else x = hn::PromoteTo(df, hn::LoadU(hn::Rebind<T, DF>(), src + j));
-    bad = hn::Or(bad, hn::Not(hn::Lt(hn::Abs(x), inf)));  // NaN compares false
+    if constexpr (kCheck) bad = hn::Or(bad, hn::Not(hn::Lt(hn::Abs(x), inf)));  // NaN: false
     if (dst) hn::StoreU(x, df, dst + j);
   }
   bool ok = hn::AllFalse(df, bad);
@@ -74,12 +74,20 @@ bool Row(const detail::OperandRowsJob& job, int64_t r) {
   float* dst = job.dst ? job.dst + r * job.ld_dst : nullptr;
   const int64_t off = row * job.ld;
   if (job.col_stride == 1) {
+    const int64_t n = job.cols;
     switch (job.dtype) {
-      case DType::f32: return ContiguousRow(static_cast<const float*>(job.src) + off, job.cols, dst);
-      case DType::bf16:
-        return ContiguousRow(static_cast<const hwy::bfloat16_t*>(job.src) + off, job.cols, dst);
-      case DType::f16:
-        return ContiguousRow(static_cast<const hwy::float16_t*>(job.src) + off, job.cols, dst);
+      case DType::f32: {
+        const float* p = static_cast<const float*>(job.src) + off;
+        return job.check ? ContiguousRow<true>(p, n, dst) : ContiguousRow<false>(p, n, dst);
+      }
+      case DType::bf16: {
+        const auto* p = static_cast<const hwy::bfloat16_t*>(job.src) + off;
+        return job.check ? ContiguousRow<true>(p, n, dst) : ContiguousRow<false>(p, n, dst);
+      }
+      case DType::f16: {
+        const auto* p = static_cast<const hwy::float16_t*>(job.src) + off;
+        return job.check ? ContiguousRow<true>(p, n, dst) : ContiguousRow<false>(p, n, dst);
+      }
       default: break;  // fp64: the scalar path (narrowing, not the hot path)
     }
   }
@@ -102,7 +110,7 @@ int64_t ConvertRowsF32(const detail::OperandRowsJob& job) {
     int64_t local_bad = -1;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < job.rows; ++r)
-      if (!Row(job, r) && local_bad < 0) local_bad = r;
+      if (!Row(job, r) && job.check && local_bad < 0) local_bad = r;
 #pragma omp critical
     if (local_bad >= 0 && (first_bad < 0 || local_bad < first_bad)) first_bad = local_bad;
   }

@@ -19,6 +19,7 @@ struct OperandRowsJob {
   int64_t r0 = 0, rows = 0, cols = 0;
   float* dst = nullptr;  // [rows, cols], leading dimension ld_dst; null: only check
   int64_t ld_dst = 0;
+  bool check = true;  // false: convert only (rows already checked), returns -1
   int num_threads = 1;
 };
 
