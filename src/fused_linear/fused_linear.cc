@@ -6,9 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <string>
 #include <vector>
+
+#include <omp.h>
 
 #include "core/check.h"
 #include "core/dtype.h"
@@ -94,15 +97,11 @@ bool is_direct_f32(const TensorView& t) {
   return t.dtype == DType::f32 && (t.shape[1] <= 1 || t.strides[1] == 1) && t.strides[0] >= t.shape[1];
 }
 
-// Converts on the calling thread only: the GEMM that follows runs on OpenBLAS's threads, and
-// OpenMP workers still spin-waiting after a parallel conversion take their cores (measured: the
-// blocked logits GEMM 1.5-2x slower with a 2-thread conversion per block on 2 cores).
-constexpr int kConvertThreads = 1;
-
 // The conversion job of rows [r0, r0 + rows) of the matrix t, gathered through row_ids when
-// given (no destination yet: a check only).
+// given (no destination yet: a check only), on `threads` OpenMP threads (1 inside a parallel
+// region: the pieces of a weight).
 detail::OperandRowsJob rows_job(const TensorView& t, const std::vector<int64_t>* row_ids, int64_t r0,
-                                int64_t rows) {
+                                int64_t rows, int threads) {
   detail::OperandRowsJob job;
   job.src = t.data;
   job.dtype = t.dtype;
@@ -112,7 +111,7 @@ detail::OperandRowsJob rows_job(const TensorView& t, const std::vector<int64_t>*
   job.r0 = r0;
   job.rows = rows;
   job.cols = t.shape[1];
-  job.num_threads = kConvertThreads;
+  job.num_threads = threads;
   return job;
 }
 
@@ -128,7 +127,7 @@ void convert_checked(const char* fn, const char* name, const detail::OperandRows
 // memory when it is fp32 with unit column stride, else a converted copy; checked for NaN and inf.
 void to_f32_rows(const char* fn, const char* name, const TensorView& t, int64_t r0, int64_t rows,
                  const std::vector<int64_t>* row_ids, F32Matrix& out) {
-  detail::OperandRowsJob job = rows_job(t, row_ids, r0, rows);
+  detail::OperandRowsJob job = rows_job(t, row_ids, r0, rows, get_num_threads());
   if (row_ids == nullptr && is_direct_f32(t)) {
     out.data = static_cast<const float*>(t.data) + r0 * t.strides[0];
     out.ld = t.strides[0];
@@ -142,49 +141,155 @@ void to_f32_rows(const char* fn, const char* name, const TensorView& t, int64_t 
   convert_checked(fn, name, job);
 }
 
-// A weight [V, H] (rows optionally gathered through row_ids) read as fp32 blocks of rows: the
-// caller's memory in one block when it is fp32 with unit column stride, otherwise converted block
-// by block, on every use, into a buffer of about 8 MiB. A bf16 weight thus never has a full fp32
-// copy (1 GB at V = 128256, H = 2048); the conversion costs a few percent of the GEMMs that read
-// the block. The whole weight is checked for NaN and inf once, at construction.
+// ---- GEMMs split between threads -------------------------------------------------------------
+//
+// Every GEMM of the chunk loop is cut into pieces whose shapes depend on V and H only, never on
+// the thread count; each piece is one single-threaded BLAS call, and the OpenMP threads share the
+// pieces out. Two reasons: the results do not depend on the thread count (a multi-threaded BLAS
+// call does not promise that, nor do calls of other shapes: the same GEMM cut by columns in two
+// gives other low bits), and a 16-bit weight is converted by each thread for its own pieces, so
+// one thread's conversion (memory-bound) overlaps another's GEMM. Converting on one thread between
+// multi-threaded GEMMs left the other cores idle, 0.2 s per pass over a 128256 x 2048 bf16 weight
+// on 2 cores (a pass's GEMM being 2.5 s at 512 tokens); an OpenMP conversion between them made
+// the GEMMs 1.5-2x slower (OpenMP's workers spin-wait beside OpenBLAS's).
+
+// Rows of the weight per piece: about 8 MiB of fp32 (1024 rows at H = 2048), at least 64.
+int64_t piece_rows(int64_t v, int64_t h) {
+  constexpr int64_t kPieceFloats = int64_t{2} << 20;
+  return std::min(std::max<int64_t>(kPieceFloats / std::max<int64_t>(h, 1), 64), std::max<int64_t>(v, 1));
+}
+
+// Runs body(t, p) for every piece p in [0, count) on up to `threads` OpenMP threads, thread t
+// taking the contiguous range [t * count / T, (t + 1) * count / T) in order, with the BLAS
+// single-threaded; an exception in a thread is rethrown here, once all have stopped.
+template <class Body>
+void for_pieces(int threads, int64_t count, Body&& body) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
+  gemm::set_blas_threads(1);
+  std::string error;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int t = omp_get_thread_num();
+    try {
+      for (int64_t p = t * count / nt; p < (t + 1) * count / nt; ++p) body(t, p);
+    } catch (const std::exception& e) {
+#pragma omp critical
+      if (error.empty()) error = e.what();
+    }
+  }
+  if (!error.empty()) throw Error(error);
+}
+
+// A weight [V, H] (rows optionally gathered through row_ids) read as fp32 pieces: the caller's
+// memory when it is fp32 with unit column stride, otherwise converted piece by piece, on every
+// use, into a buffer of about 8 MiB per thread. A bf16 weight thus never has a full fp32 copy
+// (1 GB at V = 128256, H = 2048). The whole weight is checked for NaN and inf once, at
+// construction.
 class WeightBlocks {
  public:
   WeightBlocks(const char* fn, const char* name, const TensorView& w, int64_t v,
-               const std::vector<int64_t>* row_ids)
-      : w_(w), row_ids_(row_ids), v_(v), h_(w.shape[1]) {
+               const std::vector<int64_t>* row_ids, int threads)
+      : w_(w), row_ids_(row_ids), v_(v), h_(w.shape[1]), threads_(std::max(threads, 1)),
+        block_rows_(piece_rows(v, w.shape[1])) {
     direct_ = row_ids == nullptr && is_direct_f32(w);
-    convert_checked(fn, name, rows_job(w, row_ids, 0, v));  // no destination: the check only
-    if (direct_) return;
-    constexpr int64_t kBlockFloats = int64_t{2} << 20;
-    block_rows_ = std::min(std::max<int64_t>(kBlockFloats / std::max<int64_t>(h_, 1), 64), v);
-    buffer_.resize(static_cast<size_t>(block_rows_ * h_));
+    convert_checked(fn, name, rows_job(w, row_ids, 0, v, threads_));  // no destination: the check only
+    if (!direct_) buffers_.resize(static_cast<size_t>(threads_));
   }
 
-  // Calls f(j0, rows, data, ld) for consecutive blocks of rows [j0, j0 + rows) covering [0, V).
+  int threads() const { return threads_; }
+
+  // Calls f(j0, rows, data, ld) with rows [j0, j0 + rows) of the weight as fp32, the calls
+  // covering [0, V) once, concurrently, each to make single-threaded BLAS calls.
   template <class F>
-  void for_each(F&& f) {
-    if (direct_) {
-      f(int64_t{0}, v_, static_cast<const float*>(w_.data), w_.strides[0]);
-      return;
+  void for_each_rows(F&& f) {
+    for_pieces(threads_, (v_ + block_rows_ - 1) / block_rows_, [&](int t, int64_t p) {
+      const int64_t j0 = p * block_rows_, rows = std::min(block_rows_, v_ - j0);
+      f(j0, rows, piece(t, j0, rows), direct_ ? w_.strides[0] : h_);
+    });
+  }
+
+  // dst[m, H] = g[m, V] @ W (grad_hidden = grad_logits @ weight). The vocabulary is summed in
+  // fixed groups of kPiecesPerGroup pieces: each group's product is taken by one thread into its
+  // own [m, H] buffer (the first group straight into dst), and the groups are added into dst in
+  // order; so the result is the same whatever the thread count, and every GEMM has the full
+  // width H (cut into column panels instead, each call repacks g: ~10% slower, measured).
+  void times_weight(const float* g, int64_t ldg, int64_t m, float* dst, int64_t ldd) {
+    const int64_t pieces = (v_ + block_rows_ - 1) / block_rows_;
+    const int64_t groups = (pieces + kPiecesPerGroup - 1) / kPiecesPerGroup;
+    const int nt = static_cast<int>(std::min<int64_t>(threads_, groups));
+    partials_.resize(static_cast<size_t>(nt));
+    gemm::set_blas_threads(1);
+    std::string error;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      const int t = omp_get_thread_num();
+#pragma omp for ordered schedule(static, 1)
+      for (int64_t s = 0; s < groups; ++s) {
+        float* acc = dst;
+        int64_t lda = ldd;
+        bool ok = true;
+        try {
+          if (s > 0) {
+            partials_[t].resize(static_cast<size_t>(m * h_));
+            acc = partials_[t].data();
+            lda = h_;
+          }
+          for (int64_t p = s * kPiecesPerGroup; p < std::min(pieces, (s + 1) * kPiecesPerGroup); ++p) {
+            const int64_t j0 = p * block_rows_, rows = std::min(block_rows_, v_ - j0);
+            gemm::ab(m, h_, rows, 1.0f, g + j0, ldg, piece(t, j0, rows), direct_ ? w_.strides[0] : h_,
+                     p == s * kPiecesPerGroup ? 0.0f : 1.0f, acc, lda);
+          }
+        } catch (const std::exception& e) {
+          ok = false;
+#pragma omp critical
+          if (error.empty()) error = e.what();
+        }
+#pragma omp ordered
+        if (s > 0 && ok)
+          for (int64_t r = 0; r < m; ++r) {
+            float* d = dst + r * ldd;
+            const float* a = acc + r * lda;
+            for (int64_t j = 0; j < h_; ++j) d[j] += a[j];
+          }
+      }
     }
-    for (int64_t j0 = 0; j0 < v_; j0 += block_rows_) {
-      const int64_t rows = std::min(block_rows_, v_ - j0);
-      detail::OperandRowsJob job = rows_job(w_, row_ids_, j0, rows);
-      job.dst = buffer_.data();
-      job.ld_dst = h_;
-      job.check = false;  // checked once, at construction
-      detail::convert_rows_f32(job);
-      f(j0, rows, static_cast<const float*>(buffer_.data()), h_);
-    }
+    if (!error.empty()) throw Error(error);
+  }
+
+  // Frees the per-thread buffers (they are rebuilt on the next use).
+  void release() {
+    std::vector<std::vector<float>>().swap(buffers_);
+    buffers_.resize(static_cast<size_t>(direct_ ? 0 : threads_));
+    std::vector<std::vector<float>>().swap(partials_);
   }
 
  private:
+  // Pieces of the vocabulary summed by one thread before its sum is added to grad_hidden: one
+  // addition of an [m, H] buffer per 8 pieces (8192 rows at H = 2048).
+  static constexpr int64_t kPiecesPerGroup = 8;
+
+  // Rows [j0, j0 + rows) as fp32: a pointer into the weight when it is used in place, else
+  // converted into thread t's buffer (leading dimension H).
+  const float* piece(int t, int64_t j0, int64_t rows) {
+    if (direct_) return static_cast<const float*>(w_.data) + j0 * w_.strides[0];
+    std::vector<float>& buffer = buffers_[t];
+    buffer.resize(static_cast<size_t>(block_rows_ * h_));
+    detail::OperandRowsJob job = rows_job(w_, row_ids_, j0, rows, 1);
+    job.dst = buffer.data();
+    job.ld_dst = h_;
+    job.check = false;  // checked once, at construction
+    detail::convert_rows_f32(job);
+    return buffer.data();
+  }
+
   const TensorView& w_;
   const std::vector<int64_t>* row_ids_;
   int64_t v_, h_;
+  int threads_;
+  int64_t block_rows_;
   bool direct_ = false;
-  int64_t block_rows_ = 0;
-  std::vector<float> buffer_;
+  std::vector<std::vector<float>> buffers_;   // per thread: a converted piece
+  std::vector<std::vector<float>> partials_;  // per thread: a group's part of grad_hidden
 };
 
 void check_head(const char* fn, const char* prefix, const LinearHead& h, int64_t n_expected) {
@@ -354,15 +459,17 @@ class HeadGradAccumulator {
         scratch.resize(static_cast<size_t>(rows * h_));
         dst = scratch.data();
       }
-      // grad_hidden = sum over the weight's row blocks of g[:, block] @ W[block].
-      weight_->for_each([&](int64_t j0, int64_t nb, const float* w, int64_t ldw) {
-        gemm::ab(rows, h_, nb, 1.0f, g + j0, ldg, w, ldw, j0 == 0 ? 0.0f : 1.0f, dst, ldd);
-      });
+      weight_->times_weight(g, ldg, rows, dst, ldd);
       if (!direct)
         for (int64_t r = 0; r < rows; ++r) store_row(out, r0 + r, scratch.data() + r * h_, h_);
     }
     if (dw_ != nullptr) {
-      gemm::atb(v_, h_, rows, 1.0f, g, ldg, h.data, h.ld, first_ ? 0.0f : 1.0f, dw_, ldw_);
+      // grad_weight += g^T h, in pieces of vocabulary rows.
+      const int64_t pr = piece_rows(v_, h_);
+      for_pieces(weight_->threads(), (v_ + pr - 1) / pr, [&](int, int64_t p) {
+        const int64_t j0 = p * pr, nr = std::min(pr, v_ - j0);
+        gemm::atb(nr, h_, rows, 1.0f, g + j0, ldg, h.data, h.ld, first_ ? 0.0f : 1.0f, dw_ + j0 * ldw_, ldw_);
+      });
     }
     if (!db_.empty()) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -397,6 +504,8 @@ class HeadGradAccumulator {
           }
           dw_owned_.swap(full);
         }
+        // 262M elements at 128256 x 2048: rows in parallel.
+#pragma omp parallel for num_threads(get_num_threads()) schedule(static) if (v_full * h_ >= (int64_t{1} << 20))
         for (int64_t r = 0; r < v_full; ++r) store_row(out, r, dw_owned_.data() + r * h_, h_);
       }
     }
@@ -423,7 +532,7 @@ class HeadGradAccumulator {
 // logits[rows, v] = h W^T + b, one block of the weight's rows at a time.
 void chunk_logits(const F32Matrix& h, int64_t rows, WeightBlocks& w, int64_t v, int64_t hidden,
                   const std::vector<float>& bias, float* out) {
-  w.for_each([&](int64_t j0, int64_t nb, const float* wb, int64_t ldw) {
+  w.for_each_rows([&](int64_t j0, int64_t nb, const float* wb, int64_t ldw) {
     gemm::abt(rows, nb, hidden, 1.0f, h.data, h.ld, wb, ldw, 0.0f, out + j0, v);
   });
   if (!bias.empty())
@@ -485,8 +594,7 @@ void distill_chunks(const char* fn, const LinearHead& student, int64_t v,
   check_loss_output(fn, loss, options.reduction, n);
 
   const int threads = get_num_threads();
-  gemm::set_blas_threads(threads);
-  WeightBlocks ws(fn, "student_weight", student.weight, v, nullptr);
+  WeightBlocks ws(fn, "student_weight", student.weight, v, nullptr, threads);
   const std::vector<float> bs = bias_f32(student.bias, nullptr, v);
   HeadGradAccumulator acc_s(student, student_grads, &ws, v, nullptr);
   const bool want_s = acc_s.wanted();
@@ -568,6 +676,7 @@ void distill_chunks(const char* fn, const LinearHead& student, int64_t v,
   }
   if (options.reduction != Reduction::none) store_vector(loss, 0, total);
   for (std::vector<float>* b : {&ls, &gsoft, &lt, &scratch}) std::vector<float>().swap(*b);
+  ws.release();
   after_loop();
   acc_s.finish();
 }
@@ -614,7 +723,8 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
                  std::to_string(vt) + ": the vocabularies differ; pass teacher_token_ids (a mapping, "
                  "or 0..V_student-1 to truncate the teacher's)");
   }
-  WeightBlocks wt(fn, "teacher_weight", teacher.weight, v, mapped ? &token_ids : nullptr);
+  WeightBlocks wt(fn, "teacher_weight", teacher.weight, v, mapped ? &token_ids : nullptr,
+                  get_num_threads());
   F32Matrix ht_c;
   const std::vector<float> bt = bias_f32(teacher.bias, mapped ? &token_ids : nullptr, v);
   HeadGradAccumulator acc_t(teacher, teacher_grads, &wt, v, mapped ? &token_ids : nullptr);
@@ -640,6 +750,7 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
     if (want_t) acc_t.add_chunk(lt, v, r0, rows, ht_c, scratch);
   }, [&] {
     std::vector<float>().swap(scratch);
+    wt.release();
     acc_t.finish();
   });
 }
@@ -700,8 +811,7 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
   const LinearHead& head = run.head;
   const int64_t n = head.hidden.shape[0], v = head.weight.shape[0], h = head.weight.shape[1];
   const int threads = get_num_threads();
-  gemm::set_blas_threads(threads);
-  WeightBlocks w(run.fn, "weight", head.weight, v, nullptr);
+  WeightBlocks w(run.fn, "weight", head.weight, v, nullptr, threads);
   F32Matrix hc;
   const std::vector<float> b = bias_f32(head.bias, nullptr, v);
   HeadGradAccumulator acc(head, grads, &w, v, nullptr);
@@ -766,6 +876,7 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
     acc.add_chunk(z.data(), v, r0, rows, hc, scratch);
   }
   for (std::vector<float>* b : {&z, &scratch}) std::vector<float>().swap(*b);
+  w.release();
   acc.finish();
 }
 
