@@ -9,13 +9,17 @@
 // Peak extra memory: O(C x V) for the chunk buffers, plus an fp32 accumulator for grad_W when
 // the requested output is not a contiguous fp32 array (bf16: 1 GB at V = 128256, H = 2048);
 // independent of N. A weight that is not fp32 is never copied whole: it is converted to fp32
-// one block of about 8 MiB of rows at a time, inside each GEMM that reads it. The chunk size is
-// chosen from V (about 256 MiB of fp32 logits per chunk buffer), or set by the caller.
+// one piece of about 8 MiB of rows at a time (one buffer per thread), inside each GEMM that reads
+// it. The chunk size is chosen from V (about 256 MiB of fp32 logits per chunk buffer), or set by
+// the caller.
 //
 // Numerics: hidden states and weights may be fp32, bf16, fp16 or fp64; they are converted to
 // fp32 (exactly, for bf16 and fp16) and multiplied and accumulated in fp32 (CBLAS sgemm): logits
 // are never rounded to a low-precision dtype. Loss and row statistics as in divergence.h (fp32 arithmetic, fp64
-// row sums). The GEMMs come from OpenBLAS: results are deterministic for a given thread count.
+// row sums). The GEMMs come from OpenBLAS, cut into pieces whose shapes depend on V and H only,
+// each a single-threaded call, and the vocabulary is summed in a fixed order: results are
+// bitwise the same for any thread count (set_num_threads) and any weight dtype given the same
+// widened values.
 //
 // Conventions: labels [N] int32/int64 with ignore_index (default -100) marking ignored tokens;
 // reductions none | sum | mean (over non-ignored tokens) | batchmean (over N), and

@@ -21,7 +21,8 @@ void ab(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t ld
 void atb(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
          int64_t ldb, float beta, float* c, int64_t ldc);
 
-// Threads of the BLAS library (kept equal to divkit's own thread count by the callers).
+// Threads of the BLAS library. The callers set 1 and call the BLAS from their own OpenMP threads,
+// one call per piece of fixed shape, so that results do not depend on the thread count.
 void set_blas_threads(int n);
 
 }  // namespace divkit::gemm

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "divkit/fused_linear.h"
@@ -259,6 +261,63 @@ TEST(FusedLinearDivergence, Bf16InputsAreConvertedNotRounded) {
   divkit::fused_linear_divergence(sb, tb, spec, {}, {}, TensorView::vector(&got, DType::f32, 1), g2);
   EXPECT_EQ(got, want);
   EXPECT_EQ(dh_got, dh_want);
+}
+
+// The GEMMs are cut into pieces of fixed shape (8 MiB of weight rows: 8192 rows at H = 256)
+// shared out over the threads, and grad_hidden adds the vocabulary in groups of 8 pieces in
+// order. V = 140000 makes 18 pieces, 3 groups: threads take alternate groups. Every output must
+// be bitwise the same at 1, 2 and 3 threads, and the same for a bf16 weight (converted piece by
+// piece) as for the fp32 weight holding its widened values (used in place).
+TEST(FusedLinearDivergence, ThreadCountAndWeightDtypeDoNotChangeTheBits) {
+  const int64_t n = 3, v = 140000, h = 256;
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> u(-0.1f, 0.1f);  // cheaper than Head's normals at 36M values
+  std::vector<float> hs(n * h), ht(n * h), ws(v * h), wt(v * h);
+  for (std::vector<float>* x : {&hs, &ht, &ws, &wt})
+    for (float& e : *x) e = u(rng) * (x == &hs || x == &ht ? 10.0f : 1.0f);
+  std::vector<uint16_t> ws16(v * h);
+  for (int64_t i = 0; i < v * h; ++i) {
+    ws16[i] = divkit_test::float_to_bf16(ws[i]);
+    ws[i] = divkit_test::bf16_to_float(ws16[i]);
+  }
+  const auto spec = divkit_test::make_spec(K::jsd, 0.5);
+  struct Result {
+    float loss = 0.0f;
+    std::vector<float> hs, ws, ht;
+  };
+  auto run = [&](int threads, bool bf16_weight) {
+    divkit::set_num_threads(threads);
+    Result r;
+    r.hs.assign(n * h, 0.0f);
+    r.ws.assign(v * h, 0.0f);
+    r.ht.assign(n * h, 0.0f);
+    divkit::LinearHead sv, tv;
+    sv.hidden = TensorView::matrix(hs.data(), DType::f32, n, h);
+    sv.weight = bf16_weight ? TensorView::matrix(ws16.data(), DType::bf16, v, h)
+                            : TensorView::matrix(ws.data(), DType::f32, v, h);
+    tv.hidden = TensorView::matrix(ht.data(), DType::f32, n, h);
+    tv.weight = TensorView::matrix(wt.data(), DType::f32, v, h);
+    divkit::LinearHeadGrads sg, tg;
+    sg.hidden = TensorView::matrix(r.hs.data(), DType::f32, n, h);
+    sg.weight = TensorView::matrix(r.ws.data(), DType::f32, v, h);
+    tg.hidden = TensorView::matrix(r.ht.data(), DType::f32, n, h);
+    divkit::fused_linear_divergence(sv, tv, spec, {}, {}, TensorView::vector(&r.loss, DType::f32, 1), sg, tg);
+    return r;
+  };
+  const int old_threads = divkit::get_num_threads();
+  const Result base = run(1, true);
+  double norm = 0.0;
+  for (float x : base.hs) norm += std::fabs(x);
+  EXPECT_GT(norm, 0.0) << "grad_student_hidden is all zeros: nothing was compared";
+  for (auto [threads, bf16_weight] : {std::pair{2, true}, std::pair{3, true}, std::pair{1, false}, std::pair{2, false}}) {
+    const Result r = run(threads, bf16_weight);
+    const std::string at = std::to_string(threads) + " thread(s), " + (bf16_weight ? "bf16" : "fp32") + " weight";
+    EXPECT_EQ(r.loss, base.loss) << at;
+    EXPECT_TRUE(r.hs == base.hs) << at << ": grad_student_hidden";
+    EXPECT_TRUE(r.ws == base.ws) << at << ": grad_student_weight";
+    EXPECT_TRUE(r.ht == base.ht) << at << ": grad_teacher_hidden";
+  }
+  divkit::set_num_threads(old_threads);
 }
 
 // 16-bit weights are converted block by block of vocabulary rows (about 8 MiB of fp32 each: 512
