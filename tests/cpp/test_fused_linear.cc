@@ -373,30 +373,6 @@ TEST(FusedLinearDivergence, SixteenBitWeightsAcrossConversionBlocks) {
     expect_close(g_ht, dht, 2e-5, d + " grad_teacher_hidden");
     expect_close(g_wt, dwt, 2e-5, d + " grad_teacher_weight (scattered)");
 
-    // The converted weights are split between the threads (by rows for the logits, by columns
-    // for grad_hidden): every result is bitwise the same whatever the thread count.
-    const int old_threads = divkit::get_num_threads();
-    for (int threads : {1, 3}) {
-      divkit::set_num_threads(threads);
-      float loss_t = 0.0f;
-      std::vector<float> hs_t(n * h), ws_t(vs * h), bs_t(vs), ht_t(n * h), wt_t(vt * h);
-      divkit::LinearHeadGrads sg_t, tg_t;
-      sg_t.hidden = TensorView::matrix(hs_t.data(), DType::f32, n, h);
-      sg_t.weight = TensorView::matrix(ws_t.data(), DType::f32, vs, h);
-      sg_t.bias = TensorView::vector(bs_t.data(), DType::f32, vs);
-      tg_t.hidden = TensorView::matrix(ht_t.data(), DType::f32, n, h);
-      tg_t.weight = TensorView::matrix(wt_t.data(), DType::f32, vt, h);
-      divkit::fused_linear_divergence(sv, tv, spec, {}, f, TensorView::vector(&loss_t, DType::f32, 1), sg_t, tg_t);
-      const std::string at = d + " with " + std::to_string(threads) + " thread(s)";
-      EXPECT_EQ(loss_t, loss) << at;
-      EXPECT_TRUE(hs_t == g_hs) << at << ": grad_student_hidden";
-      EXPECT_TRUE(ws_t == g_ws) << at << ": grad_student_weight";
-      EXPECT_TRUE(bs_t == g_bs) << at << ": grad_student_bias";
-      EXPECT_TRUE(ht_t == g_ht) << at << ": grad_teacher_hidden";
-      EXPECT_TRUE(wt_t == g_wt) << at << ": grad_teacher_weight";
-    }
-    divkit::set_num_threads(old_threads);
-
     // A non-finite weight in the last block is found before anything is written.
     const uint16_t inf_bits = dt == DType::bf16 ? 0x7F80 : 0x7C00;
     ws[(vs - 2) * h + 17] = inf_bits;
