@@ -212,7 +212,7 @@ class WeightBlocks {
   // fixed groups of kPiecesPerGroup pieces: each group's product is taken by one thread into its
   // own [m, H] buffer (the first group straight into dst), and the groups are added into dst in
   // order; so the result is the same whatever the thread count, and every GEMM has the full
-  // width H (cut into column panels instead, each call repacks g: ~10% slower, measured).
+  // width H (cut into column panels instead, every call would repack g; that measured slower).
   void times_weight(const float* g, int64_t ldg, int64_t m, float* dst, int64_t ldd) {
     const int64_t pieces = (v_ + block_rows_ - 1) / block_rows_;
     const int64_t groups = (pieces + kPiecesPerGroup - 1) / kPiecesPerGroup;
