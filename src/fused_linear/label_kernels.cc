@@ -133,6 +133,58 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   }
 }
 
+// The vocabulary-parallel passes of LabelForwardJob (see label_kernels.h).
+void ShardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>& scratch) {
+  const DF df;
+  float* HWY_RESTRICT z = job.z + i * job.ldz;
+  const int64_t v = job.v;
+  if (job.shard_max != nullptr) {
+    bool bad = false;
+    const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad);
+    job.shard_max[i] = bad ? static_cast<double>(kInf) : static_cast<double>(m);
+    return;
+  }
+  const RowSpan sp = Span(v);
+  const float m = static_cast<float>(job.shift[i]);
+  const VF vm = hn::Set(df, m);
+  RowSum sum_e, sum_ez, sum_z;
+  const int64_t block = kRowSumBlock * sp.lanes;
+  for (int64_t begin = 0; begin < sp.vfull; begin += block) {
+    const int64_t end = std::min(begin + block, sp.vfull);
+    VF acc_e = hn::Zero(df), acc_ez = hn::Zero(df), acc_z = hn::Zero(df);
+    for (int64_t j = begin; j < end; j += sp.lanes) {
+      const VF x = hn::LoadU(df, z + j);
+      const VF c = hn::Sub(x, vm);
+      const VF e = SoftmaxExp(df, c);
+      acc_e = hn::Add(acc_e, e);
+      acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
+      acc_z = hn::Add(acc_z, x);
+    }
+    sum_e.AddBlock(acc_e);
+    sum_ez.AddBlock(acc_ez);
+    sum_z.AddBlock(acc_z);
+  }
+  double se = sum_e.total, sez = sum_ez.total, sz = sum_z.total;
+  for (int64_t j = sp.vfull; j < v; ++j) {
+    const double c = static_cast<double>(z[j]) - m;
+    const double e = std::exp(c);
+    se += e;
+    if (e != 0.0) sez += e * c;
+    sz += z[j];
+  }
+  double* part = job.partials + 4 * i;
+  part[0] = se;
+  part[1] = sez;
+  part[2] = sz;
+  if (job.topk_z != nullptr) {
+    const int64_t k = std::min(job.topk, v);
+    scratch.assign(z, z + v);
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    double* out = job.topk_z + i * job.topk;
+    for (int64_t j = 0; j < job.topk; ++j) out[j] = j < k ? scratch[j] : -static_cast<double>(kInf);
+  }
+}
+
 void GradRow(const detail::LabelGradJob& job, int64_t i) {
   const DF df;
   float* HWY_RESTRICT z = job.z + i * job.ldz;
@@ -197,12 +249,25 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
 void LabelRowsForward(detail::LabelForwardJob& job) {
   const bool parallel = job.num_threads > 1 && job.rows > 1 && job.rows * job.v >= kMinParallelEntries;
   int64_t bad_row = -1;
+  const bool shard = job.shard_max != nullptr || job.shift != nullptr;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
     std::vector<float> scratch;
     int64_t local_bad = -1;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < job.rows; ++i) {
+      if (shard) {
+        if (job.labels[i] >= 0) {
+          ShardRow(job, i, scratch);
+        } else if (job.shard_max != nullptr) {
+          job.shard_max[i] = -static_cast<double>(kInf);
+        } else {
+          std::fill(job.partials + 4 * i, job.partials + 4 * i + 4, 0.0);
+          if (job.topk_z != nullptr)
+            std::fill(job.topk_z + i * job.topk, job.topk_z + (i + 1) * job.topk, -static_cast<double>(kInf));
+        }
+        continue;
+      }
       if (job.labels[i] < 0) {
         for (double* out : {job.lse, job.z_label, job.mean_z, job.entropy, job.topk_mass})
           if (out) out[i] = 0.0;
