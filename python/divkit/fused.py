@@ -9,10 +9,12 @@ to fp32 (a weight one block of rows at a time, never as a whole copy) and multip
 accumulated in fp32 (no logits rounded to bf16, unlike Liger-Kernel's fused losses). Gradients
 come back in each input's dtype.
 
-With ``process_group`` the weights (and biases) are the rank's shard of the vocabulary, rows
-``[rank * V / world, ...)`` in rank order (as Megatron's vocabulary-parallel head); every rank
-passes the same hidden states and labels (global token ids), and gets the same loss and the
-gradients of its own shard (and the full hidden-state gradient). See :mod:`divkit.distributed`.
+With ``process_group`` the weights (and biases) are the rank's shard of the vocabulary, a
+contiguous block of rows in rank order (as Megatron's vocabulary-parallel head; blocks may differ
+in size); every rank passes the same hidden states and labels (global token ids), and gets the
+same loss and the gradients of its own shard (and the full hidden-state gradient). The same C++
+chunk loop runs on every rank, calling back into ``torch.distributed.all_reduce`` between the
+phases of each chunk. See :mod:`divkit.distributed`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,29 @@ def _labels(fn: str, labels, lead_shape, *, optional: bool = False):
     return labels
 
 
+def _collective(group):
+    """(rank, world size, all_reduce) of a torch.distributed process group, for the core's
+    vocabulary-parallel mode: the core calls all_reduce(buffer, op) with a float64 numpy array
+    viewing its own buffer, reduced in place over the group."""
+    import torch.distributed as dist
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+    def all_reduce(buffer, op):
+        dist.all_reduce(torch.from_numpy(buffer), op=ops[op], group=group)
+
+    return dist.get_rank(group), dist.get_world_size(group), all_reduce
+
+
+def _options(group=None, **fields) -> "_C.FusedLinearOptions":
+    """The core's options object, with the vocabulary-parallel collective of ``group`` if given."""
+    opts = _C.FusedLinearOptions()
+    for name, value in fields.items():
+        setattr(opts, name, value)
+    if group is not None:
+        opts.rank, opts.world, opts.all_reduce = _collective(group)
+    return opts
+
+
 def _grad_buffer(x: Optional[torch.Tensor], need: bool) -> Optional[torch.Tensor]:
     return torch.empty(x.shape, dtype=x.dtype) if need and x is not None else None
 
@@ -120,7 +145,16 @@ def _take_grads(ctx, grad_out):
     return [None if g is None else g.mul_(scale.to(g.dtype)) for g in grads]
 
 
-def _distill_call(cfg: _DistillConfig, sh, sw, sb, th, tw, tb, labels, weights, token_ids,
+def _distill_options(cfg: _DistillConfig, reduction: str, group) -> "_C.FusedLinearOptions":
+    return _options(group, kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha,
+                    temperature=cfg.temperature, scale_by_t_squared=cfg.scale_by_t_squared,
+                    ignore_index=cfg.ignore_index, reduction=reduction,
+                    num_items_in_batch=cfg.num_items_in_batch if reduction != "none" else 0.0,
+                    hard_weight=cfg.hard_weight, soft_weight=cfg.soft_weight,
+                    chunk_size=cfg.chunk_size)
+
+
+def _distill_call(cfg: _DistillConfig, group, sh, sw, sb, th, tw, tb, labels, weights, token_ids,
                   need, reduction: Optional[str] = None):
     """One core call. need: 6 flags (student hidden/weight/bias, teacher hidden/weight/bias).
     Returns (loss, six gradients or None)."""
@@ -128,27 +162,27 @@ def _distill_call(cfg: _DistillConfig, sh, sw, sb, th, tw, tb, labels, weights, 
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb, th, tw, tb), need)]
-    _C.fused_linear_divergence(
-        sh, sw, sb, th, tw, tb, cfg.kind, cfg.beta, cfg.alpha, cfg.temperature,
-        cfg.scale_by_t_squared, labels, cfg.ignore_index, weights, reduction,
-        cfg.num_items_in_batch if reduction != "none" else 0.0, cfg.hard_weight, cfg.soft_weight,
-        cfg.chunk_size, token_ids, loss, *grads)
+    _C.fused_linear_divergence((sh, sw, sb), (th, tw, tb), labels, weights, token_ids,
+                               _distill_options(cfg, reduction, group), loss, tuple(grads[:3]),
+                               tuple(grads[3:]))
     return loss, grads
 
 
 class _FusedLinearDivergenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, labels, weights, token_ids, cfg: _DistillConfig):
+    def forward(ctx, sh, sw, sb, th, tw, tb, labels, weights, token_ids, cfg: _DistillConfig,
+                group):
         need = tuple(bool(f) for f in ctx.needs_input_grad[:6])
-        ctx.cfg = cfg
+        ctx.cfg, ctx.group = cfg, group
         if cfg.reduction == "none" and any(need):
             # The upstream gradient is per token: backward reruns the chunks with it as weights.
-            loss, _ = _distill_call(cfg, sh, sw, sb, th, tw, tb, labels, weights, token_ids,
-                                    (False,) * 6)
+            loss, _ = _distill_call(cfg, group, sh, sw, sb, th, tw, tb, labels, weights,
+                                    token_ids, (False,) * 6)
             ctx.save_for_backward(sh, sw, sb, th, tw, tb, labels, weights, token_ids)
             ctx.need = need
             return loss
-        loss, grads = _distill_call(cfg, sh, sw, sb, th, tw, tb, labels, weights, token_ids, need)
+        loss, grads = _distill_call(cfg, group, sh, sw, sb, th, tw, tb, labels, weights,
+                                    token_ids, need)
         ctx.grads = grads
         return loss
 
@@ -161,11 +195,11 @@ class _FusedLinearDivergenceFunction(torch.autograd.Function):
             w = grad_out.to(torch.float64)
             if weights is not None:
                 w = w * weights.to(torch.float64)
-            _, grads = _distill_call(cfg, sh, sw, sb, th, tw, tb, labels, w.contiguous(),
-                                     token_ids, ctx.need, reduction="sum")
+            _, grads = _distill_call(cfg, ctx.group, sh, sw, sb, th, tw, tb, labels,
+                                     w.contiguous(), token_ids, ctx.need, reduction="sum")
         else:
             grads = _take_grads(ctx, grad_out)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def fused_linear_divergence(
@@ -261,15 +295,18 @@ def fused_linear_divergence(
         hard_weight=_check_real("hard_weight", hard_weight, fn),
         soft_weight=_check_real("soft_weight", soft_weight, fn),
         chunk_size=_chunk(fn, chunk_size))
-    if process_group is not None:
-        from . import distributed
-        return distributed.vocab_parallel_fused_linear_divergence(
-            sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead)
+    return _divergence_apply(sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead)
 
+
+def _divergence_apply(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group,
+                      lead):
+    """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
+    group, or None)."""
     # reshape / contiguous stay inside the autograd graph.
     loss = _FusedLinearDivergenceFunction.apply(
         _contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb,
-        _contig_rows(th.reshape(-1, th.shape[-1])), _contig_rows(tw), tb, lab, weights, ids, cfg)
+        _contig_rows(th.reshape(-1, th.shape[-1])), _contig_rows(tw), tb, labels, weights, ids,
+        cfg, group)
     if cfg.reduction == "none":
         return loss.reshape(lead)
     return loss.reshape(())
@@ -314,11 +351,11 @@ def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reductio
     reduction = reduction or cfg.reduction
     loss = torch.empty(sh.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb), need)]
+    opts = _distill_options(cfg, reduction, None)
+    opts.tail = tail
     _C.fused_linear_sparse_divergence(
-        sh.detach(), sw.detach(), None if sb is None else sb.detach(), idx, lp, tail, cfg.kind,
-        cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared, labels, cfg.ignore_index,
-        weights, reduction, cfg.num_items_in_batch if reduction != "none" else 0.0,
-        cfg.hard_weight, cfg.soft_weight, cfg.chunk_size, loss, *grads)
+        (sh.detach(), sw.detach(), None if sb is None else sb.detach()), idx, lp, labels, weights,
+        opts, loss, tuple(grads))
     return loss, grads
 
 
@@ -407,9 +444,19 @@ class _CEConfig(NamedTuple):
     chunk_size: int
 
 
+def _head(h, w, b):
+    return (h.detach(), w.detach(), None if b is None else b.detach())
+
+
+def _ce_options(cfg: _CEConfig, reduction: str, group) -> "_C.FusedLinearOptions":
+    return _options(group, ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
+                    z_loss_scale=cfg.lse_square_scale, softcap=cfg.softcap, reduction=reduction,
+                    num_items_in_batch=cfg.num_items_in_batch, chunk_size=cfg.chunk_size)
+
+
 class _FusedLinearCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, labels, cfg: _CEConfig, want_stats: bool):
+    def forward(ctx, h, w, b, labels, cfg: _CEConfig, want_stats: bool, group):
         need = tuple(bool(f) for f in ctx.needs_input_grad[:3])
         n = h.shape[0]
         reduction = cfg.reduction
@@ -418,12 +465,10 @@ class _FusedLinearCEFunction(torch.autograd.Function):
         grads = [_grad_buffer(x, f and compute_grads) for x, f in zip((h, w, b), need)]
         logprobs = torch.empty(n, dtype=torch.float32) if want_stats else None
         entropy = torch.empty(n, dtype=torch.float32) if want_stats else None
-        _C.fused_linear_cross_entropy(h.detach(), w.detach(), None if b is None else b.detach(),
-                                      labels, None, cfg.ignore_index, cfg.label_smoothing,
-                                      cfg.lse_square_scale, cfg.softcap, reduction,
-                                      cfg.num_items_in_batch, cfg.chunk_size, loss, *grads,
-                                      logprobs, entropy, None)
-        ctx.cfg, ctx.grads, ctx.need = cfg, grads, need
+        _C.fused_linear_cross_entropy(_head(h, w, b), labels, None,
+                                      _ce_options(cfg, reduction, group), loss, tuple(grads),
+                                      (logprobs, entropy, None, None))
+        ctx.cfg, ctx.grads, ctx.need, ctx.group = cfg, grads, need, group
         if reduction == "none" and any(need):
             ctx.save_for_backward(h, w, b, labels)
         outs = (loss,) + ((logprobs, entropy) if want_stats else ())
@@ -441,12 +486,11 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             grads = [_grad_buffer(x, f) for x, f in zip((h, w, b), ctx.need)]
             loss = torch.empty(1, dtype=torch.float32)
             _C.fused_linear_cross_entropy(
-                h.detach(), w.detach(), None if b is None else b.detach(), labels,
-                grad_out.reshape(-1).to(torch.float64).contiguous(), cfg.ignore_index,
-                cfg.label_smoothing, cfg.lse_square_scale, cfg.softcap, "sum", 0.0,
-                cfg.chunk_size, loss, *grads, None, None, None)
-            return (*grads, None, None, None)
-        return (*_take_grads(ctx, grad_out), None, None, None)
+                _head(h, w, b), labels, grad_out.reshape(-1).to(torch.float64).contiguous(),
+                _ce_options(cfg._replace(num_items_in_batch=0.0), "sum", ctx.group), loss,
+                tuple(grads), (None,) * 4)
+            return (*grads, None, None, None, None)
+        return (*_take_grads(ctx, grad_out), None, None, None, None)
 
 
 def fused_linear_cross_entropy(
@@ -498,12 +542,14 @@ def fused_linear_cross_entropy(
                     softcap=cap, reduction=_check_str("reduction", reduction, fn),
                     num_items_in_batch=_check_num_items(num_items_in_batch, fn),
                     chunk_size=_chunk(fn, chunk_size))
-    if process_group is not None:
-        from . import distributed
-        return distributed.vocab_parallel_fused_linear_cross_entropy(
-            h, w, b, lab, cfg, process_group, lead, bool(return_stats))
+    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats))
+
+
+def _cross_entropy_apply(h, w, b, labels, cfg: _CEConfig, group, lead, return_stats: bool):
+    """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
+    group, or None)."""
     h2 = _contig_rows(h.reshape(-1, h.shape[-1]))
-    out = _FusedLinearCEFunction.apply(h2, _contig_rows(w), b, lab, cfg, bool(return_stats))
+    out = _FusedLinearCEFunction.apply(h2, _contig_rows(w), b, labels, cfg, return_stats, group)
     if return_stats:
         loss, logprobs, entropy = out
         loss = loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
@@ -527,16 +573,16 @@ class LogprobsResult(NamedTuple):
 class _FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, labels, ignore_index: int, temperature: float, chunk: int,
-                want_entropy: bool, topk: int):
+                want_entropy: bool, topk: int, group):
         n = h.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32)
         entropy = torch.empty(n, dtype=torch.float32) if want_entropy else None
         topk_mass = torch.empty(n, dtype=torch.float32) if topk > 0 else None
-        _C.fused_linear_logprobs(h.detach(), w.detach(), None if b is None else b.detach(),
-                                 labels, ignore_index, temperature, chunk, logprobs, entropy,
-                                 None, topk_mass, topk)
+        opts = _options(group, ignore_index=ignore_index, temperature=temperature,
+                        chunk_size=chunk, topk=topk)
+        _C.fused_linear_logprobs(_head(h, w, b), labels, opts, (logprobs, entropy, None, topk_mass))
         ctx.save_for_backward(h, w, b, labels)
-        ctx.args = (ignore_index, temperature, chunk)
+        ctx.args = (ignore_index, temperature, chunk, group)
         if topk_mass is not None:
             ctx.mark_non_differentiable(topk_mass)
         return logprobs, entropy, topk_mass
@@ -545,15 +591,15 @@ class _FusedLinearLogprobsFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_logprobs, g_entropy, _unused):
         h, w, b, labels = ctx.saved_tensors
-        ignore_index, temperature, chunk = ctx.args
+        ignore_index, temperature, chunk, group = ctx.args
         need = ctx.needs_input_grad[:3]
         grads = [_grad_buffer(x, f) for x, f in zip((h, w, b), need)]
         gl = None if g_logprobs is None else g_logprobs.to(torch.float64).contiguous()
         ge = None if g_entropy is None else g_entropy.to(torch.float64).contiguous()
-        _C.fused_linear_logprobs_backward(h.detach(), w.detach(),
-                                          None if b is None else b.detach(), labels,
-                                          ignore_index, temperature, chunk, gl, ge, *grads)
-        return (*grads, None, None, None, None, None, None)
+        opts = _options(group, ignore_index=ignore_index, temperature=temperature,
+                        chunk_size=chunk)
+        _C.fused_linear_logprobs_backward(_head(h, w, b), labels, opts, gl, ge, tuple(grads))
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fused_linear_logprobs(
@@ -592,16 +638,20 @@ def fused_linear_logprobs(
     if topk is not None and k < 1:
         raise ValueError(f"{fn}: topk must be >= 1 (or None), got {k}")
     chunk = _chunk(fn, chunk_size)
-    if process_group is not None:
-        from . import distributed
-        return distributed.vocab_parallel_fused_linear_logprobs(
-            h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk,
-            process_group, lead)
+    return _logprobs_apply(h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk,
+                           process_group, lead)
+
+
+def _logprobs_apply(h, w, b, labels, temperature, ignore_index, return_entropy: bool, topk: int,
+                    chunk: int, group, lead):
+    """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
+    vocabulary-parallel process group, or None)."""
     h2 = _contig_rows(h.reshape(-1, h.shape[-1]))
     logprobs, entropy, topk_mass = _FusedLinearLogprobsFunction.apply(
-        h2, _contig_rows(w), b, lab, ignore_index, temperature, chunk, bool(return_entropy), k)
+        h2, _contig_rows(w), b, labels, ignore_index, temperature, chunk, return_entropy, topk,
+        group)
     logprobs = logprobs.reshape(lead)
-    if not return_entropy and topk is None:
+    if not return_entropy and not topk:
         return logprobs
     return LogprobsResult(logprobs, None if entropy is None else entropy.reshape(lead),
                           None if topk_mass is None else topk_mass.reshape(lead))

@@ -15,7 +15,6 @@
 #include "divkit/divergence.h"
 #include "divkit/runtime.h"
 #include "divkit/tensor.h"
-#include "divkit/vocab_parallel.h"
 
 namespace nb = nanobind;
 
@@ -50,33 +49,6 @@ void divergence(const InArray& student, const InArray& teacher, const OutArray& 
 
   nb::gil_scoped_release release;
   divkit::divergence(s, t, spec, options, outputs);
-}
-
-// Vocabulary-parallel building blocks (vocab_parallel.h); phase: "stats", "sums" or "grad".
-void divergence_shard(const std::string& phase, const InArray& student, const InArray& teacher,
-                      const std::string& kind, double beta, double alpha, double temperature,
-                      bool scale_by_t_squared, const std::optional<InArray>& labels,
-                      int64_t ignore_index, const std::optional<InArray>& norm,
-                      const std::optional<InArray>& sums_in, const std::optional<OutArray>& out,
-                      const std::optional<InArray>& grad_scale,
-                      const std::optional<OutArray>& grad_student,
-                      const std::optional<OutArray>& grad_teacher) {
-  const char* fn = "divergence_shard";
-  const divkit::DivergenceSpec spec = make_spec(kind, beta, alpha, temperature, scale_by_t_squared);
-  const divkit::TensorView s = to_view(fn, "student", student), t = to_view(fn, "teacher", teacher);
-  const divkit::TensorView lab = optional_view(fn, "labels", labels);
-  const divkit::TensorView nv = optional_view(fn, "norm", norm);
-  const divkit::TensorView si = optional_view(fn, "sums", sums_in);
-  const divkit::TensorView ov = optional_view(fn, "out", out);
-  const divkit::TensorView gsc = optional_view(fn, "grad_scale", grad_scale);
-  const divkit::TensorView gs = optional_view(fn, "grad_student", grad_student);
-  const divkit::TensorView gt = optional_view(fn, "grad_teacher", grad_teacher);
-  nb::gil_scoped_release release;
-  if (phase == "stats") divkit::divergence_shard_stats(s, t, spec, lab, ignore_index, ov);
-  else if (phase == "sums") divkit::divergence_shard_sums(s, t, spec, lab, ignore_index, nv, ov);
-  else if (phase == "grad")
-    divkit::divergence_shard_grad(s, t, spec, lab, ignore_index, nv, si, gsc, gs, gt);
-  else throw divkit::Error("divergence_shard: phase must be stats, sums or grad, got '" + phase + "'");
 }
 
 void validate_spec(const std::string& kind, double beta, double alpha, double temperature,
@@ -118,13 +90,6 @@ NB_MODULE(_C, m) {
   m.def("validate_spec", &validate_spec, nb::arg("kind"), nb::arg("beta"), nb::arg("alpha"),
         nb::arg("temperature"), nb::arg("scale_by_t_squared"),
         "Checks a kind and its parameters; raises Error naming the bad one.");
-  m.def("divergence_shard", &divergence_shard, nb::arg("phase"), nb::arg("student"),
-        nb::arg("teacher"), nb::arg("kind"), nb::arg("beta"), nb::arg("alpha"),
-        nb::arg("temperature"), nb::arg("scale_by_t_squared"), nb::arg("labels").none(),
-        nb::arg("ignore_index"), nb::arg("norm").none(), nb::arg("sums").none(),
-        nb::arg("out").none(), nb::arg("grad_scale").none(), nb::arg("grad_student").none(),
-        nb::arg("grad_teacher").none(),
-        "Vocabulary-parallel divergence phases (include/divkit/vocab_parallel.h).");
   m.def("kinds", &kinds, "Names of the divergence kinds, in the core's order.");
   m.def("reductions", &reductions, "Names of the reductions.");
 
