@@ -4,21 +4,10 @@
 
 #include <cstdint>
 
+#include "core/row_io.h"
 #include "divkit/divergence.h"
 
 namespace divkit::detail {
-
-struct RowInput {
-  const void* data;
-  DType dtype;
-  int64_t row_stride;  // elements
-};
-
-struct RowOutput {
-  void* data = nullptr;  // null: not requested
-  DType dtype = DType::f32;
-  int64_t row_stride = 0;
-};
 
 // Vocabulary-parallel (sharded) runs: the rows hold one rank's shard of the vocabulary, and the
 // Python layer all-reduces per-row statistics between the phases (divkit.distributed):

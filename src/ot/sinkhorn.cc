@@ -15,6 +15,7 @@
 #endif
 
 #include "core/check.h"
+#include "core/element.h"
 #include "core/gemm.h"
 #include "divkit/ot.h"
 #include "divkit/runtime.h"
@@ -30,23 +31,29 @@ using check::shape_string;
 
 bool is_f32_or_f64(DType d) { return d == DType::f32 || d == DType::f64; }
 
-// Element of a float32/float64 view of up to 3 dimensions, by strides.
-double at(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
+// The element offset of [i0, i1, i2] in a view of up to 3 dimensions (the indices past ndim are
+// ignored).
+int64_t offset(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
   int64_t off = i0 * t.strides[0];
   if (t.ndim > 1) off += i1 * t.strides[1];
   if (t.ndim > 2) off += i2 * t.strides[2];
-  return t.dtype == DType::f64 ? static_cast<const double*>(t.data)[off]
-                               : static_cast<double>(static_cast<const float*>(t.data)[off]);
+  return off;
+}
+double at(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
+  return elem::load(t.data, t.dtype, offset(t, i0, i1, i2));
 }
 double* at_out(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
-  int64_t off = i0 * t.strides[0];
-  if (t.ndim > 1) off += i1 * t.strides[1];
-  if (t.ndim > 2) off += i2 * t.strides[2];
-  return static_cast<double*>(t.data) + off;
+  return static_cast<double*>(t.data) + offset(t, i0, i1, i2);
 }
 
 std::string idx(int64_t b, int64_t i) {
-  return "[" + std::to_string(b) + ", " + std::to_string(i) + "]";
+  // Appended piece by piece: GCC 12's -Wrestrict misfires on "[" + std::to_string(b).
+  std::string s(1, '[');
+  s += std::to_string(b);
+  s += ", ";
+  s += std::to_string(i);
+  s += ']';
+  return s;
 }
 
 void check_view(const char* name, const TensorView& t, int ndim, const int64_t* shape,
@@ -119,10 +126,10 @@ struct FreeDeleter {
 template <typename T>
 using HugeBuf = std::unique_ptr<T[], FreeDeleter>;
 
-// A cost matrix (given or cached), written once per call: 2 MiB-aligned and, on Linux, backed by transparent huge
-// pages where the kernel allows it (madvise mode), as NumPy does for its large arrays. With 4 KiB
-// pages the first-touch faults alone (~9 ms for 8 MiB on the development VM) cost more than
-// all the Sinkhorn iterations of a small problem.
+// A cost matrix (given or cached), written once per call: 2 MiB-aligned and, on Linux, backed by
+// transparent huge pages where the kernel allows it (madvise mode), as NumPy does for its large
+// arrays. With 4 KiB pages the first-touch faults alone cost more than all the Sinkhorn iterations
+// of a small problem.
 template <typename T>
 HugeBuf<T> alloc_huge(int64_t count) {
   constexpr size_t k2M = size_t{2} << 20;

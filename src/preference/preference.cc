@@ -11,42 +11,18 @@
 #include <string>
 
 #include "core/check.h"
+#include "core/element.h"
+#include "core/scalar_math.h"
 
 namespace divkit {
 namespace {
 
-// ---- stable scalar forms ----------------------------------------------------------------
-double sigmoid(double x) {
-  if (x >= 0) return 1.0 / (1.0 + std::exp(-x));
-  const double e = std::exp(x);
-  return e / (1.0 + e);
-}
-// log sigma(x) = -softplus(-x)
-double log_sigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
-// log(1 - e^x) for x < 0 (Maechler's log1mexp)
-double log1mexp(double x) { return x > -M_LN2 ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x)); }
-// Exponent cap: exp(80) = 5.5e34 stays finite once rounded to fp32 (TRL's clamp for alpha).
-constexpr double kMaxExp = 80.0;
-
-// ---- vector access --------------------------------------------------------------------
-double get(const TensorView& t, int64_t i) {
-  const char* base = static_cast<const char*>(t.data);
-  const int64_t off = i * t.strides[0];
-  switch (t.dtype) {
-    case DType::f32: return reinterpret_cast<const float*>(base)[off];
-    case DType::f64: return reinterpret_cast<const double*>(base)[off];
-    case DType::i32: return reinterpret_cast<const int32_t*>(base)[off];
-    case DType::i64: return static_cast<double>(reinterpret_cast<const int64_t*>(base)[off]);
-    default: return NAN;
-  }
-}
-void put(const TensorView& t, int64_t i, double x) {
-  if (!t.defined()) return;
-  char* base = static_cast<char*>(t.data);
-  const int64_t off = i * t.strides[0];
-  if (t.dtype == DType::f32) reinterpret_cast<float*>(base)[off] = static_cast<float>(x);
-  else reinterpret_cast<double*>(base)[off] = x;
-}
+using elem::get;
+using elem::put;
+using math::kMaxExp;
+using math::log1mexp;
+using math::log_sigmoid;
+using math::sigmoid;
 
 int64_t batch_of(const char* fn, const char* name, const TensorView& t) {
   if (!t.defined()) check::fail(fn, std::string(name) + " is required");

@@ -21,6 +21,7 @@ struct SparseInput {
   const void* data = nullptr;
   DType dtype = DType::f32;
   int64_t row_stride = 0, col_stride = 1;
+  int64_t offset(int64_t row, int64_t col) const { return row * row_stride + col * col_stride; }
 };
 
 struct SparseJob {
