@@ -316,3 +316,33 @@ def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
     if bool((x <= 0).any()):
         fail(fn, f"{name} must be > 0, got {x[x <= 0][0].item()}")
     return x.contiguous()
+
+
+def lm_head(fn: str, hidden: Any, weight: Any, ref_logits: Any, ref_hidden: Any, ref_weight: Any,
+            labels: Any) -> None:
+    """Shapes of a fused policy head (``hidden [..., H]``, ``weight [V, H]``) and of its reference,
+    given either as ``ref_logits [..., V]`` or as ``ref_hidden [..., H_ref]`` + ``ref_weight
+    [V, H_ref]``; ``labels`` (optional) ``[...]``."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        fail(fn, "policy hidden states must be a tensor [..., H]")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
+            weight.shape[1] != hidden.shape[-1]:
+        fail(fn, f"lm_head_weight must be [V, H] with H = {hidden.shape[-1]} (the hidden size), "
+                 f"got {tuple(getattr(weight, 'shape', ()))}")
+    lead = tuple(hidden.shape[:-1])
+    if (ref_logits is None) == (ref_hidden is None):
+        fail(fn, "give either ref_logits or ref_hidden (with ref_weight)")
+    if ref_logits is not None:
+        if not isinstance(ref_logits, torch.Tensor) or \
+                tuple(ref_logits.shape) != lead + (weight.shape[0],):
+            fail(fn, f"ref_logits must have shape {lead + (weight.shape[0],)}, got "
+                     f"{tuple(getattr(ref_logits, 'shape', ()))}")
+    else:
+        if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape[:-1]) != lead:
+            fail(fn, f"ref_hidden must have shape {lead} + [H_ref], got "
+                     f"{tuple(getattr(ref_hidden, 'shape', ()))}")
+        if not isinstance(ref_weight, torch.Tensor) or ref_weight.dim() != 2 or \
+                ref_weight.shape[1] != ref_hidden.shape[-1]:
+            fail(fn, f"ref_weight must be [V, H_ref] with H_ref = {ref_hidden.shape[-1]}")
+    if labels is not None and tuple(labels.shape) != lead:
+        fail(fn, f"labels must have shape {lead}, got {tuple(labels.shape)}")
