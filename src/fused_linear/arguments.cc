@@ -12,31 +12,11 @@ namespace divkit::fused {
 
 using check::fail;
 
-float load_float(const void* base, DType dt, int64_t idx) {
-  switch (dt) {
-    case DType::f32: return static_cast<const float*>(base)[idx];
-    case DType::f64: return static_cast<float>(static_cast<const double*>(base)[idx]);
-    case DType::bf16: return dtype::bf16_to_f32(static_cast<const uint16_t*>(base)[idx]);
-    case DType::f16: return dtype::f16_to_f32(static_cast<const uint16_t*>(base)[idx]);
-    default: return 0.0f;
-  }
-}
-
-void store_float(void* base, DType dt, int64_t idx, double x) {
-  switch (dt) {
-    case DType::f32: static_cast<float*>(base)[idx] = static_cast<float>(x); break;
-    case DType::f64: static_cast<double*>(base)[idx] = x; break;
-    case DType::bf16: static_cast<uint16_t*>(base)[idx] = dtype::f32_to_bf16(static_cast<float>(x)); break;
-    case DType::f16: static_cast<uint16_t*>(base)[idx] = dtype::f32_to_f16(static_cast<float>(x)); break;
-    default: break;
-  }
-}
-
 // The dtype switch is per row so that the loops vectorize (a bf16 weight gradient is 262M elements at 128256 x 2048).
 void store_row(const TensorView& out, int64_t row, const float* src, int64_t cols) {
   const int64_t off = row * out.strides[0], cs = cols <= 1 ? 1 : out.strides[1];
   if (cs != 1) {
-    for (int64_t j = 0; j < cols; ++j) store_float(out.data, out.dtype, off + j * cs, src[j]);
+    for (int64_t j = 0; j < cols; ++j) elem::store(out.data, out.dtype, off + j * cs, src[j]);
     return;
   }
   switch (out.dtype) {
@@ -58,12 +38,6 @@ void store_row(const TensorView& out, int64_t row, const float* src, int64_t col
     }
     default: break;
   }
-}
-
-int64_t load_index(const TensorView& t, int64_t i) {
-  const int64_t off = i * t.strides[0];
-  return t.dtype == DType::i64 ? static_cast<const int64_t*>(t.data)[off]
-                               : static_cast<const int32_t*>(t.data)[off];
 }
 
 TensorView row_slice(const TensorView& t, int64_t r0, int64_t rows) {
@@ -94,7 +68,7 @@ void check_head(const char* fn, const char* prefix, const LinearHead& h, int64_t
     check::vector_of(fn, bn.c_str(), h.bias, h.weight.shape[0],
                      {DType::f32, DType::f64, DType::bf16, DType::f16});
     for (int64_t j = 0; j < h.weight.shape[0]; ++j)
-      if (!std::isfinite(load_float(h.bias.data, h.bias.dtype, j * h.bias.strides[0])))
+      if (!std::isfinite(elem::load_f32(h.bias.data, h.bias.dtype, j * h.bias.strides[0])))
         fail(fn, bn + " contains NaN or inf at index " + std::to_string(j));
   }
 }
@@ -132,45 +106,13 @@ int64_t choose_chunk(int64_t requested, int64_t n, int64_t v) {
   return std::max<int64_t>(1, std::min(c, std::max<int64_t>(n, 1)));
 }
 
-double reduction_divisor(const char* fn, Reduction red, double num_items, int64_t count, int64_t n) {
-  if (std::isnan(num_items) || num_items < 0.0 || std::isinf(num_items))
-    fail(fn, "num_items_in_batch must be finite and > 0, got " + std::to_string(num_items));
-  if (red != Reduction::none && red != Reduction::sum && red != Reduction::mean && red != Reduction::batchmean)
-    fail(fn, "reduction code " + std::to_string(static_cast<int>(red)) + " is unknown");
-  if (num_items > 0.0) {
-    if (red == Reduction::none)
-      fail(fn, "num_items_in_batch divides a reduced loss; it cannot be used with reduction 'none'");
-    return num_items;
-  }
-  if (red == Reduction::mean) return count > 0 ? double(count) : 1.0;
-  if (red == Reduction::batchmean) return n > 0 ? double(n) : 1.0;
-  return 1.0;
-}
-
-void check_loss_output(const char* fn, const TensorView& loss, Reduction red, int64_t n) {
-  if (!loss.defined()) fail(fn, "loss output is required");
-  if (red == Reduction::none) {
-    check::vector_of(fn, "loss", loss, n, {DType::f32, DType::f64});
-  } else {
-    if (loss.dtype != DType::f32 && loss.dtype != DType::f64)
-      fail(fn, std::string("loss must be float32 or float64, got ") + dtype_name(loss.dtype));
-    if (loss.numel() != 1 || loss.data == nullptr)
-      fail(fn, "loss must hold one element for reduction '" + std::string(reduction_name(red)) +
-                   "', got shape " + check::shape_string(loss));
-  }
-}
-
-void store_vector(const TensorView& t, int64_t i, double x) {
-  store_float(t.data, t.dtype, i * (t.ndim ? t.strides[0] : 0), x);
-}
-
 std::vector<int64_t> read_labels(const char* fn, const TensorView& labels, int64_t n,
                                  int64_t ignore_index, int64_t v, bool need_range) {
   std::vector<int64_t> out(static_cast<size_t>(n), 0);
   if (!labels.defined()) return out;
   check::vector_of(fn, "labels", labels, n, {DType::i64, DType::i32});
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t y = load_index(labels, i);
+    const int64_t y = elem::index(labels, i);
     if (y == ignore_index) {
       out[i] = -1;
     } else if (need_range && (y < 0 || y >= v)) {
@@ -183,19 +125,6 @@ std::vector<int64_t> read_labels(const char* fn, const TensorView& labels, int64
   return out;
 }
 
-std::vector<double> read_token_weights(const char* fn, const TensorView& weights, int64_t n) {
-  std::vector<double> w(static_cast<size_t>(n), 1.0);
-  if (!weights.defined()) return w;
-  check::vector_of(fn, "weights", weights, n, {DType::f32, DType::f64});
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t off = i * weights.strides[0];
-    w[i] = weights.dtype == DType::f64 ? static_cast<const double*>(weights.data)[off]
-                                       : static_cast<const float*>(weights.data)[off];
-    if (!std::isfinite(w[i]))
-      fail(fn, "weights must be finite, got a non-finite value at index " + std::to_string(i));
-  }
-  return w;
-}
 [[noreturn]] void rethrow_chunk(const char* fn, const Error& e, int64_t r0) {
   throw Error(std::string(fn) + ": in the chunk of tokens starting at " + std::to_string(r0) +
               " (logits = hidden @ weight^T + bias): " + e.what());

@@ -48,11 +48,11 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
   if (hard && !options.labels.defined()) fail(fn, "hard_weight != 0 needs labels");
   const std::vector<int64_t> labels =
       read_labels(fn, options.labels, n, options.ignore_index, group.global_v(), /*need_range=*/hard);
-  const std::vector<double> token_weight = read_token_weights(fn, options.weights, n);
+  const std::vector<double> token_weight = reduce::token_weights(fn, options.weights, n);
   int64_t count = 0;
   for (int64_t y : labels) count += y >= 0;
-  const double divisor = reduction_divisor(fn, options.reduction, options.num_items_in_batch, count, n);
-  check_loss_output(fn, loss, options.reduction, n);
+  const double divisor = reduce::divisor(fn, options.reduction, options.num_items_in_batch, count, n);
+  reduce::check_loss_output(fn, loss, options.reduction, n);
 
   const int threads = get_num_threads();
   const bool sharded = group.on();
@@ -146,13 +146,13 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
       std::fill(ls.begin(), ls.begin() + rows * v, 0.0f);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      if (options.reduction == Reduction::none) store_vector(loss, r0 + r, row_loss[r]);
+      if (options.reduction == Reduction::none) elem::set(loss, r0 + r, row_loss[r]);
       else total += row_loss[r];
     }
     // Without the hard term a shard's soft gradient is in gsoft.
     if (want_s) acc_s.add_chunk(sharded && soft_on && !hard ? gsoft.data() : ls.data(), v, r0, rows, hs_c, scratch);
   }
-  if (options.reduction != Reduction::none) store_vector(loss, 0, total);
+  if (options.reduction != Reduction::none) elem::set(loss, 0, total);
   for (std::vector<float>* b : {&ls, &gsoft, &lt, &scratch}) std::vector<float>().swap(*b);
   ws.release();
   after_loop();
@@ -186,7 +186,7 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
       check::vector_of(fn, "teacher_token_ids", fused.teacher_token_ids, v, {DType::i64, DType::i32});
       token_ids.resize(static_cast<size_t>(v));
       for (int64_t j = 0; j < v; ++j) {
-        token_ids[j] = load_index(fused.teacher_token_ids, j);
+        token_ids[j] = elem::index(fused.teacher_token_ids, j);
         if (token_ids[j] < 0 || token_ids[j] >= vt)
           fail(fn, "teacher_token_ids[" + std::to_string(j) + "] = " + std::to_string(token_ids[j]) +
                        " is out of the teacher's vocabulary [0, " + std::to_string(vt) + ")");

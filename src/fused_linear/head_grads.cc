@@ -72,7 +72,7 @@ void HeadGradAccumulator::finish() {
     const TensorView& out = grads_.hidden;
     for (int64_t r = 0; r < out.shape[0]; ++r)
       for (int64_t j = 0; j < out.shape[1]; ++j)
-        store_float(out.data, out.dtype, r * out.strides[0] + j * out.strides[1], 0.0);
+        elem::store(out.data, out.dtype, r * out.strides[0] + j * out.strides[1], 0.0);
   }
   if (grads_.weight.defined()) {
     const TensorView& out = grads_.weight;
@@ -96,7 +96,7 @@ void HeadGradAccumulator::finish() {
   if (grads_.bias.defined()) {
     std::vector<double> full(static_cast<size_t>(v_full), 0.0);
     for (int64_t r = 0; r < v_; ++r) full[row_ids_ ? (*row_ids_)[r] : r] += db_[r];
-    for (int64_t j = 0; j < v_full; ++j) store_vector(grads_.bias, j, full[j]);
+    for (int64_t j = 0; j < v_full; ++j) elem::set(grads_.bias, j, full[j]);
   }
 }
 

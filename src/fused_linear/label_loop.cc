@@ -93,10 +93,10 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
     for (int64_t r = 0; r < rows; ++r) {
       const bool on = run.labels[r0 + r] >= 0;
       const int64_t i = r0 + r;
-      if (stats.logprobs.defined()) store_vector(stats.logprobs, i, on ? zy[r] - lse[r] : 0.0);
-      if (stats.entropy.defined()) store_vector(stats.entropy, i, on ? ent[r] : 0.0);
-      if (stats.lse.defined()) store_vector(stats.lse, i, on ? lse[r] : 0.0);
-      if (stats.topk_mass.defined()) store_vector(stats.topk_mass, i, on ? topk[r] : 0.0);
+      if (stats.logprobs.defined()) elem::set(stats.logprobs, i, on ? zy[r] - lse[r] : 0.0);
+      if (stats.entropy.defined()) elem::set(stats.entropy, i, on ? ent[r] : 0.0);
+      if (stats.lse.defined()) elem::set(stats.lse, i, on ? lse[r] : 0.0);
+      if (stats.topk_mass.defined()) elem::set(stats.topk_mass, i, on ? topk[r] : 0.0);
       if (on) on_stats(i, lse[r], zy[r], mean[r]);
     }
     if (!want_grad) continue;
@@ -167,17 +167,17 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                spec.softcap, spec.chunk_size};
   int64_t count = 0;
   for (int64_t y : run.labels) count += y >= 0;
-  const double divisor = reduction_divisor(fn, spec.reduction, spec.num_items_in_batch, count, n);
-  check_loss_output(fn, loss, spec.reduction, n);
-  const std::vector<double> tw = read_token_weights(fn, spec.weights, n);
+  const double divisor = reduce::divisor(fn, spec.reduction, spec.num_items_in_batch, count, n);
+  reduce::check_loss_output(fn, loss, spec.reduction, n);
+  const std::vector<double> tw = reduce::token_weights(fn, spec.weights, n);
   if (spec.reduction == Reduction::none)
-    for (int64_t i = 0; i < n; ++i) store_vector(loss, i, 0.0);
+    for (int64_t i = 0; i < n; ++i) elem::set(loss, i, 0.0);
   const double zl = spec.z_loss_scale;
   double total = 0.0;
   run_label_head(run, stats, stats.entropy.defined(), eps > 0.0f, grads,
                  [&](int64_t i, double lse, double zy, double mean) {
                    const double l = tw[i] * ((1.0 - eps) * (lse - zy) + eps * (lse - mean) + zl * lse * lse);
-                   if (spec.reduction == Reduction::none) store_vector(loss, i, l);
+                   if (spec.reduction == Reduction::none) elem::set(loss, i, l);
                    else total += l;
                  },
                  [&](int64_t i, double lse, double& a, double& b, double& c, double&) {
@@ -186,7 +186,7 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                    b = -s * (1.0 - eps);
                    c = -s * eps / static_cast<double>(v);
                  });
-  if (spec.reduction != Reduction::none) store_vector(loss, 0, total / divisor);
+  if (spec.reduction != Reduction::none) elem::set(loss, 0, total / divisor);
 }
 
 void fused_linear_logprobs(const LinearHead& head, const TensorView& labels, const LogprobsSpec& spec,
@@ -225,14 +225,14 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
     check::vector_of(fn, "grad_logprobs", grad_logprobs, n, {DType::f32, DType::f64});
     for (int64_t i = 0; i < n; ++i) g[i] = grad_logprobs.dtype == DType::f64
         ? static_cast<const double*>(grad_logprobs.data)[i * grad_logprobs.strides[0]]
-        : load_float(grad_logprobs.data, DType::f32, i * grad_logprobs.strides[0]);
+        : elem::load_f32(grad_logprobs.data, DType::f32, i * grad_logprobs.strides[0]);
   }
   if (grad_entropy.defined()) {
     check::vector_of(fn, "grad_entropy", grad_entropy, n, {DType::f32, DType::f64});
     e.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) e[i] = grad_entropy.dtype == DType::f64
         ? static_cast<const double*>(grad_entropy.data)[i * grad_entropy.strides[0]]
-        : load_float(grad_entropy.data, DType::f32, i * grad_entropy.strides[0]);
+        : elem::load_f32(grad_entropy.data, DType::f32, i * grad_entropy.strides[0]);
   }
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(g[i]) || (!e.empty() && !std::isfinite(e[i])))

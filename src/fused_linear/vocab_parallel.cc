@@ -269,23 +269,23 @@ void vocab_parallel_divergence(const TensorView& student, const TensorView& teac
   });
   const std::vector<int64_t> labels =
       fused::read_labels(fn, options.labels, n, options.ignore_index, group.global_v(), false);
-  const std::vector<double> weights = fused::read_token_weights(fn, options.weights, n);
+  const std::vector<double> weights = reduce::token_weights(fn, options.weights, n);
   std::vector<uint8_t> active(static_cast<size_t>(n));
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) count += active[i] = labels[i] >= 0;
   const double divisor =
-      fused::reduction_divisor(fn, options.reduction, options.num_items_in_batch, count, n);
-  fused::check_loss_output(fn, outputs.loss, options.reduction, n);
+      reduce::divisor(fn, options.reduction, options.num_items_in_batch, count, n);
+  reduce::check_loss_output(fn, outputs.loss, options.reduction, n);
   std::vector<double> row_weight(static_cast<size_t>(n)), row_loss(static_cast<size_t>(n), 0.0);
   for (int64_t i = 0; i < n; ++i) row_weight[i] = weights[i] / divisor;
   fused::sharded_divergence_rows(fn, group, student, teacher, spec, active, row_weight.data(),
                                  row_loss.data(), outputs.grad_student, outputs.grad_teacher);
   if (options.reduction == Reduction::none) {
-    for (int64_t i = 0; i < n; ++i) fused::store_vector(outputs.loss, i, row_loss[i]);
+    for (int64_t i = 0; i < n; ++i) elem::set(outputs.loss, i, row_loss[i]);
   } else {
     double total = 0.0;
     for (double x : row_loss) total += x;
-    fused::store_vector(outputs.loss, 0, total);
+    elem::set(outputs.loss, 0, total);
   }
 }
 

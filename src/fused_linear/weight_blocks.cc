@@ -130,7 +130,7 @@ std::vector<float> bias_f32(const TensorView& b, const std::vector<int64_t>* row
   if (!b.defined()) return out;
   out.resize(static_cast<size_t>(v));
   for (int64_t j = 0; j < v; ++j)
-    out[j] = load_float(b.data, b.dtype, (row_ids ? (*row_ids)[j] : j) * b.strides[0]);
+    out[j] = elem::load_f32(b.data, b.dtype, (row_ids ? (*row_ids)[j] : j) * b.strides[0]);
   return out;
 }
 
