@@ -21,12 +21,11 @@ from typing import Tuple
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import _C
+from . import _validate as check
 from .fused import (_CEConfig, _DistillConfig, _cross_entropy_apply, _divergence_apply,
-                    _logprobs_apply, _options, _take_grads)
-from .functional import (_check_int, _check_num_items, _check_real, _check_str, _FLOAT_DTYPES)
+                    _head_loss, _logprobs_apply, _options, _token_weights)
 
 __all__ = ["vocab_parallel_divergence", "shard_offsets"]
 
@@ -53,44 +52,8 @@ def _vp_call(s, t, labels, weights, fields: dict, group, need, reduction: str):
     opts = _options(group, **dict(fields, reduction=reduction,
                                   num_items_in_batch=0.0 if reduction == "none"
                                   else fields["num_items_in_batch"]))
-    _C.vocab_parallel_divergence(s, t, labels, weights, opts, loss, gs, gt)
+    _C.vocab_parallel_divergence(s.detach(), t.detach(), labels, weights, opts, loss, gs, gt)
     return loss, [gs, gt]
-
-
-class _VPDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, t, labels, weights, fields: dict, group):
-        shapes = (s.shape, t.shape)
-        s2 = s.detach().reshape(-1, s.shape[-1]).contiguous()
-        t2 = t.detach().reshape(-1, t.shape[-1]).contiguous()
-        need = tuple(bool(f) for f in ctx.needs_input_grad[:2])
-        ctx.fields, ctx.group, ctx.shapes = fields, group, shapes
-        reduction = fields["reduction"]
-        if reduction == "none":
-            # The upstream gradient is per token: backward reruns with it as weights.
-            loss, _ = _vp_call(s2, t2, labels, weights, fields, group, (False, False), "none")
-            ctx.save_for_backward(s2, t2, labels, weights)
-            ctx.need = need
-            return loss.reshape(shapes[0][:-1])
-        loss, grads = _vp_call(s2, t2, labels, weights, fields, group, need, reduction)
-        ctx.grads = [None if g is None else g.reshape(shape) for g, shape in zip(grads, shapes)]
-        return loss.reshape(())
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.fields["reduction"] == "none":
-            s2, t2, labels, weights = ctx.saved_tensors
-            w = grad_out.reshape(-1).to(torch.float64)
-            if weights is not None:
-                w = w * weights
-            _, grads = _vp_call(s2, t2, labels, w.contiguous(), ctx.fields, ctx.group, ctx.need,
-                                "sum")
-            grads = [None if g is None else g.reshape(shape)
-                     for g, shape in zip(grads, ctx.shapes)]
-        else:
-            grads = _take_grads(ctx, grad_out)
-        return (*grads, None, None, None, None)
 
 
 def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -104,31 +67,37 @@ def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torc
     order). Same formulas, directions, options and result as the unsharded call; gradients are
     those of the rank's shard (float32)."""
     fn = "vocab_parallel_divergence"
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be a float torch.Tensor")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"{fn}: student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape")
-    lead = student_logits.shape[:-1]
-    lab = None
-    if labels is not None:
-        lab = labels.detach().reshape(-1).to(torch.int64)
-        if tuple(labels.shape) != tuple(lead):
-            raise ValueError(f"{fn}: labels has shape {tuple(labels.shape)}, expected {tuple(lead)}")
-    wts = None if weights is None else weights.detach().reshape(-1).double().contiguous()
-    fields = dict(kind=_check_str("kind", kind, fn), beta=_check_real("beta", beta, fn),
-                  alpha=_check_real("alpha", alpha, fn),
-                  temperature=_check_real("temperature", temperature, fn),
+    s = check.logits(fn, "student_logits", student_logits)
+    t = check.logits(fn, "teacher_logits", teacher_logits)
+    check.same_shape(fn, "teacher_logits", t, s, "student_logits")
+    lead = s.shape[:-1]
+    lab = check.labels(fn, labels, lead)
+    wts = None if weights is None else check.per_token(fn, "weights", weights, lead)
+    wts = None if wts is None else wts.detach().reshape(-1).double().contiguous()
+    fields = dict(kind=check.string(fn, "kind", kind), beta=check.real(fn, "beta", beta),
+                  alpha=check.real(fn, "alpha", alpha),
+                  temperature=check.real(fn, "temperature", temperature),
                   scale_by_t_squared=bool(scale_by_t_squared),
-                  ignore_index=_check_int("ignore_index", ignore_index, fn),
-                  reduction=_check_str("reduction", reduction, fn),
-                  num_items_in_batch=_check_num_items(num_items_in_batch, fn))
+                  ignore_index=check.integer(fn, "ignore_index", ignore_index),
+                  reduction=check.reduction(fn, reduction),
+                  num_items_in_batch=check.num_items(fn, num_items_in_batch))
     _C.validate_spec(fields["kind"], fields["beta"], fields["alpha"], fields["temperature"],
                      fields["scale_by_t_squared"])
-    if process_group is None:
-        process_group = dist.group.WORLD
-    return _VPDivergence.apply(student_logits, teacher_logits, lab, wts, fields, process_group)
+    group = dist.group.WORLD if process_group is None else process_group
+
+    def call(ts, need, upstream):
+        if upstream is None:
+            loss, grads = _vp_call(*ts, lab, wts, fields, group, need, fields["reduction"])
+        else:
+            loss, grads = _vp_call(*ts, lab, _token_weights(upstream, wts), fields, group, need,
+                                   "sum")
+        return (loss,), grads
+
+    # reshape / contiguous stay inside the autograd graph (the shard gradients are [N, V_r]).
+    loss = _head_loss(fn, call, [s.reshape(-1, s.shape[-1]).contiguous(),
+                                 t.reshape(-1, t.shape[-1]).contiguous()],
+                      fields["reduction"] != "none")
+    return loss.reshape(lead) if fields["reduction"] == "none" else loss.reshape(())
 
 
 # ---------------------------------------------------------------------------------------------
