@@ -179,13 +179,26 @@ HWY_INLINE void ZeroRow(const detail::RowOutput& out, int64_t row, int64_t v) {
               static_cast<size_t>(v) * es);
 }
 
-// slot = min(slot, row) over threads, -1 meaning none yet: the first bad row, whatever the
-// schedule.
-HWY_INLINE void RecordFirstRow(std::atomic<int64_t>& slot, int64_t row) {
-  int64_t cur = slot.load();
-  while ((cur < 0 || row < cur) && !slot.compare_exchange_weak(cur, row)) {
+// The first bad row of one input, recorded from any thread: a row with NaN or +inf takes
+// precedence over a row without probability mass.
+class BadRowSlots {
+ public:
+  void NonFinite(int64_t row) { Record(non_finite_, row); }
+  void NoMass(int64_t row) { Record(no_mass_, row); }
+  detail::BadRow Get() const {
+    if (non_finite_.load() >= 0) return {non_finite_.load(), false};
+    if (no_mass_.load() >= 0) return {no_mass_.load(), true};
+    return {};
   }
-}
+
+ private:
+  static void Record(std::atomic<int64_t>& slot, int64_t row) {  // slot = min(slot, row)
+    int64_t cur = slot.load();
+    while ((cur < 0 || row < cur) && !slot.compare_exchange_weak(cur, row)) {
+    }
+  }
+  std::atomic<int64_t> non_finite_{-1}, no_mass_{-1};
+};
 
 }  // namespace HWY_NAMESPACE
 }  // namespace divkit

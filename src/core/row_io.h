@@ -20,4 +20,16 @@ struct RowOutput {
   int64_t row_stride = 0;
 };
 
+inline RowInput row_input(const TensorView& t) { return {t.data, t.dtype, t.strides[0]}; }
+// Not requested ({}) when the view is not given.
+inline RowOutput row_output(const TensorView& t) {
+  return t.defined() ? RowOutput{t.data, t.dtype, t.strides[0]} : RowOutput{};
+}
+
+// The first row (in row order, whatever the thread schedule) at which an input cannot be used.
+struct BadRow {
+  int64_t row = -1;      // -1: none
+  bool no_mass = false;  // every entry -inf (no distribution) rather than a NaN or +inf
+};
+
 }  // namespace divkit::detail

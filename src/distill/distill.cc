@@ -44,6 +44,13 @@ void matrix_out(const char* fn, const char* name, const TensorView& t, const Ten
   same_shape(fn, name, t, ref, ref_name);
 }
 
+// The [N, V] logits of a student and a teacher, of one shape.
+void logit_pair(const char* fn, const TensorView& student, const TensorView& teacher) {
+  matrix_in(fn, "student_logits", student);
+  matrix_in(fn, "teacher_logits", teacher);
+  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+}
+
 void real_vec(const char* fn, const char* name, const TensorView& t, int64_t n) {
   check::vector_of(fn, name, t, n, {DType::f32, DType::f64});
 }
@@ -105,6 +112,18 @@ void check_finite(const char* fn, const char* name, const TensorView& x, const T
       check::fail(fn, std::string(name) + " row " + std::to_string(i) +
                           " is all -inf (no probability mass)");
   }
+}
+
+void check_finite_pair(const char* fn, const TensorView& student, const TensorView& teacher,
+                       const TensorView& labels, int64_t ignore) {
+  check_finite(fn, "student_logits", student, labels, ignore);
+  check_finite(fn, "teacher_logits", teacher, labels, ignore);
+}
+
+// Zeros row i of an optional [N, V] gradient.
+void zero_grad_row(const TensorView& grad, int64_t i) {
+  if (grad.defined())
+    for (int64_t j = 0; j < grad.shape[1]; ++j) elem::set(grad, i, j, 0.0);
 }
 
 // Loads row i / T into buf and returns log-sum-exp (log_softmax = buf - lse).
@@ -175,9 +194,7 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
               const TensorView& nontarget_out, const TensorView& target_coef,
               const TensorView& nontarget_coef, const TensorView& grad_student) {
   constexpr const char* fn = "nkd";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   positive(fn, "temperature", tau);
   const int64_t n = student.shape[0], v = student.shape[1];
   check_labels(fn, labels, n, v, ignore_index, true);
@@ -190,16 +207,14 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
     real_vec(fn, "target_coef", target_coef, n);
     real_vec(fn, "nontarget_coef", nontarget_coef, n);
   }
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_tau = 1.0 / tau;
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
                   std::vector<double>& g) {
     if (ignored(labels, ignore_index, i)) {
       elem::set(target_out, i, 0.0);
       elem::set(nontarget_out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, 0.0);
+      zero_grad_row(grad_student, i);
       return;
     }
     const int64_t y = elem::index(labels, i);
@@ -255,24 +270,20 @@ void ofa_rows(const TensorView& student, const TensorView& teacher, const Tensor
               int64_t ignore_index, double eps, double temperature, const TensorView& out,
               const TensorView& coef, const TensorView& grad_student) {
   constexpr const char* fn = "ofa_loss";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   positive(fn, "eps", eps);
   positive(fn, "temperature", temperature);
   const int64_t n = student.shape[0], v = student.shape[1];
   check_labels(fn, labels, n, v, ignore_index, true);
   check_out_coef(fn, out, coef, grad_student, n);
   if (grad_student.defined()) matrix_out(fn, "grad_student", grad_student, student, "student_logits");
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_t = 1.0 / temperature;
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
                   std::vector<double>& w) {
     if (ignored(labels, ignore_index, i)) {
       elem::set(out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, 0.0);
+      zero_grad_row(grad_student, i);
       return;
     }
     const int64_t y = elem::index(labels, i);
@@ -303,9 +314,7 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
                      const TensorView& coef, const TensorView& grad_student,
                      const TensorView& grad_lower, const TensorView& grad_upper) {
   constexpr const char* fn = "dac_kl_loss";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   positive(fn, "temperature", temperature);
   if (!(std::isfinite(sharpness) && sharpness >= 0))
     check::fail(fn, "sharpness must be finite and >= 0 (0: hard mask), got " +
@@ -332,20 +341,18 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
                       "(finite), got lower = " + std::to_string(lo) + ", upper = " +
                       std::to_string(hi));
   }
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_t = 1.0 / temperature;
   const bool soft = sharpness > 0;
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
                   std::vector<double>& w) {
-    auto zero_row = [&] {
-      elem::set(out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, 0.0);
-      if (grad_lower.defined()) elem::set(grad_lower, i, 0.0);
-      if (grad_upper.defined()) elem::set(grad_upper, i, 0.0);
+    auto no_gradient = [&](double value) {  // the row's loss is `value`, its gradients 0
+      elem::set(out, i, value);
+      zero_grad_row(grad_student, i);
+      elem::put(grad_lower, i, 0.0);
+      elem::put(grad_upper, i, 0.0);
     };
-    if (ignored(labels, ignore_index, i)) return zero_row();
+    if (ignored(labels, ignore_index, i)) return no_gradient(0.0);
     const double lse_s = load_row(student, i, inv_t, s);
     const double lse_t = load_row(teacher, i, inv_t, t);
     const double lo = elem::get(lower, i), hi = elem::get(upper, i);
@@ -367,15 +374,8 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
       b += w[j] * q;
       if (w[j] > 0 && p > 0) k += w[j] * p * (lp - lq);
     }
-    if (a == 0.0) return zero_row();
-    if (b == 0.0) {
-      elem::set(out, i, kInf);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, 0.0);
-      if (grad_lower.defined()) elem::set(grad_lower, i, 0.0);
-      if (grad_upper.defined()) elem::set(grad_upper, i, 0.0);
-      return;
-    }
+    if (a == 0.0) return no_gradient(0.0);
+    if (b == 0.0) return no_gradient(kInf);
     k /= a;
     elem::set(out, i, k - std::log(a) + std::log(b));
     if (!any_grad) return;
@@ -394,8 +394,8 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
         ghi += dl_dw * (w[j] * (1.0 - s_hi) / (sharpness * hi));
       }
     }
-    if (grad_lower.defined()) elem::set(grad_lower, i, c * glo);
-    if (grad_upper.defined()) elem::set(grad_upper, i, c * ghi);
+    elem::put(grad_lower, i, c * glo);
+    elem::put(grad_upper, i, c * ghi);
   });
 }
 
@@ -459,9 +459,7 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
                       const TensorView& labels, int64_t ignore_index, const TensorView& out,
                       const TensorView& coef, const TensorView& grad_student) {
   constexpr const char* fn = "swing_loss";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   if (!(std::isfinite(noise_std) && noise_std >= 0))
     check::fail(fn, "noise_std must be finite and >= 0, got " + std::to_string(noise_std));
   const int64_t n = student.shape[0], v = student.shape[1];
@@ -477,13 +475,11 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
       check::fail(fn, "temperatures[" + std::to_string(i) + "] must be finite and > 0, got " +
                       std::to_string(ti));
   }
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t, std::vector<double>&) {
     if (ignored(labels, ignore_index, i)) {
       elem::set(out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, 0.0);
+      zero_grad_row(grad_student, i);
       return;
     }
     const double inv_t = 1.0 / elem::get(temperatures, i);

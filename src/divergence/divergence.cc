@@ -94,21 +94,15 @@ void validate_spec(const DivergenceSpec& s) {
 void divergence(const TensorView& student, const TensorView& teacher, const DivergenceSpec& spec,
                 const DivergenceOptions& options, const DivergenceOutputs& outputs) {
   validate_spec(spec);
-  check::float_matrix(kFn, "student_logits", student);
-  check::float_matrix(kFn, "teacher_logits", teacher);
-  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
-    check::fail(kFn, "student_logits " + check::shape_string(student) +
-                         " and teacher_logits " + check::shape_string(teacher) +
-                         " must have the same shape");
+  detail::check_logit_pair(kFn, student, teacher);
   const int64_t n = student.shape[0], v = student.shape[1];
-  if (v == 0) check::fail(kFn, "student_logits has V = 0 (an empty vocabulary)");
 
   const reduce::Plan plan = reduce::plan(kFn, n, options, outputs.loss);
 
   detail::RowJob job;
   job.spec = detail::resolve_divergence_limits(spec);
-  job.student = {student.data, student.dtype, student.strides[0]};
-  job.teacher = {teacher.data, teacher.dtype, teacher.strides[0]};
+  job.student = detail::row_input(student);
+  job.teacher = detail::row_input(teacher);
   job.n = n;
   job.v = v;
   job.active = plan.active.data();
@@ -118,8 +112,7 @@ void divergence(const TensorView& student, const TensorView& teacher, const Dive
     in_place |= check_gradient_output("grad_student", outputs.grad_student, "student_logits", student);
     if (check::ranges_overlap(outputs.grad_student, teacher))
       check::fail(kFn, "grad_student overlaps teacher_logits");
-    job.grad_student = {outputs.grad_student.data, outputs.grad_student.dtype,
-                        outputs.grad_student.strides[0]};
+    job.grad_student = detail::row_output(outputs.grad_student);
   }
   if (outputs.grad_teacher.defined()) {
     in_place |= check_gradient_output("grad_teacher", outputs.grad_teacher, "teacher_logits", teacher);
@@ -127,20 +120,12 @@ void divergence(const TensorView& student, const TensorView& teacher, const Dive
       check::fail(kFn, "grad_teacher overlaps student_logits");
     if (outputs.grad_student.defined() && check::ranges_overlap(outputs.grad_teacher, outputs.grad_student))
       check::fail(kFn, "grad_teacher overlaps grad_student");
-    job.grad_teacher = {outputs.grad_teacher.data, outputs.grad_teacher.dtype,
-                        outputs.grad_teacher.strides[0]};
+    job.grad_teacher = detail::row_output(outputs.grad_teacher);
   }
 
   auto throw_if_bad = [&](const detail::RowJob& j) {
-    auto report = [&](const char* name, int64_t row, bool all_masked) {
-      if (row < 0) return;
-      if (all_masked)
-        check::fail(kFn, std::string(name) + " row " + std::to_string(row) +
-                             " has every logit -inf (no distribution); mark it with labels = ignore_index");
-      check::fail(kFn, std::string(name) + " contains NaN or +inf at row " + std::to_string(row));
-    };
-    report("student_logits", j.bad_student_row, j.bad_student_all_masked);
-    report("teacher_logits", j.bad_teacher_row, j.bad_teacher_all_masked);
+    detail::throw_bad_row(kFn, "student_logits", j.bad_student);
+    detail::throw_bad_row(kFn, "teacher_logits", j.bad_teacher);
   };
 
   // In place, a bad row found midway would leave earlier rows overwritten: check first.
@@ -198,17 +183,13 @@ void shard_setup(const char* fn, const TensorView& student, const TensorView& te
                  const DivergenceSpec& spec, const TensorView& labels, int64_t ignore_index,
                  ShardSetup& s) {
   validate_spec(spec);
-  check::float_matrix(fn, "student_logits", student);
-  check::float_matrix(fn, "teacher_logits", teacher);
-  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
-    check::fail(fn, "student_logits " + check::shape_string(student) + " and teacher_logits " +
-                        check::shape_string(teacher) + " must have the same shape");
+  detail::check_logit_pair(fn, student, teacher, /*need_vocab=*/false);  // a shard may be empty
   const int64_t n = student.shape[0];
   s.active = reduce::active_rows(fn, labels, ignore_index, n);
   s.row_loss.assign(static_cast<size_t>(n), 0.0);
   s.job.spec = detail::resolve_divergence_limits(spec);
-  s.job.student = {student.data, student.dtype, student.strides[0]};
-  s.job.teacher = {teacher.data, teacher.dtype, teacher.strides[0]};
+  s.job.student = detail::row_input(student);
+  s.job.teacher = detail::row_input(teacher);
   s.job.n = n;
   s.job.v = student.shape[1];
   s.job.active = s.active.data();
@@ -217,11 +198,9 @@ void shard_setup(const char* fn, const TensorView& student, const TensorView& te
 }
 
 void shard_run(const char* fn, detail::RowJob& job) {
-  detail::run_divergence_rows(job);
-  if (job.bad_student_row >= 0)
-    check::fail(fn, "student_logits contains NaN or +inf at row " + std::to_string(job.bad_student_row));
-  if (job.bad_teacher_row >= 0)
-    check::fail(fn, "teacher_logits contains NaN or +inf at row " + std::to_string(job.bad_teacher_row));
+  detail::run_divergence_rows(job);  // sharded rows report NaN/+inf only
+  detail::throw_bad_row(fn, "student_logits", job.bad_student);
+  detail::throw_bad_row(fn, "teacher_logits", job.bad_teacher);
 }
 
 }  // namespace
@@ -286,11 +265,30 @@ void divergence_shard_grad(const TensorView& student, const TensorView& teacher,
   s.job.in_norm = static_cast<const double*>(norm.data);
   s.job.in_sums = static_cast<const double*>(sums.data);
   s.job.grad_scale = scale.data();
-  if (grad_student.defined())
-    s.job.grad_student = {grad_student.data, grad_student.dtype, grad_student.strides[0]};
-  if (grad_teacher.defined())
-    s.job.grad_teacher = {grad_teacher.data, grad_teacher.dtype, grad_teacher.strides[0]};
+  s.job.grad_student = detail::row_output(grad_student);
+  s.job.grad_teacher = detail::row_output(grad_teacher);
   shard_run(fn, s.job);
+}
+
+void detail::check_logit_pair(const char* fn, const TensorView& student, const TensorView& teacher,
+                              bool need_vocab) {
+  check::float_matrix(fn, "student_logits", student);
+  check::float_matrix(fn, "teacher_logits", teacher);
+  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
+    check::fail(fn, "student_logits " + check::shape_string(student) + " and teacher_logits " +
+                        check::shape_string(teacher) + " must have the same shape");
+  if (need_vocab && student.shape[1] == 0)
+    check::fail(fn, "student_logits has V = 0 (an empty vocabulary)");
+}
+
+void detail::throw_bad_row(const char* fn, const char* name, const BadRow& bad,
+                           const char* no_mass_what) {
+  if (bad.row < 0) return;
+  const std::string row = std::to_string(bad.row);
+  if (bad.no_mass)
+    check::fail(fn, std::string(name) + " row " + row + no_mass_what +
+                        "; mark it with labels = ignore_index");
+  check::fail(fn, std::string(name) + " contains NaN or +inf at row " + row);
 }
 
 // The kernels implement jsd for 0 < beta < 1, alpha_divergence for alpha not in {0, 1}, renyi

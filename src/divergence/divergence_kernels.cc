@@ -472,7 +472,7 @@ void RunRows(RowJob& job, const Div& div) {
   const bool want_t = job.grad_teacher.data != nullptr;
   const double t2 = job.spec.scale_by_t_squared ? double(temperature) * temperature : 1.0;
 
-  std::atomic<int64_t> bad_s{-1}, bad_t{-1}, masked_s{-1}, masked_t{-1};
+  BadRowSlots bad_s, bad_t;
 
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
@@ -503,28 +503,28 @@ void RunRows(RowJob& job, const Div& div) {
       if (job.check_only) {
         const RowScan cs = ScanRow(job.student, i, v);
         const RowScan ct = ScanRow(job.teacher, i, v);
-        if (cs.non_finite) RecordFirstRow(bad_s, i);
-        else if (cs.all_masked) RecordFirstRow(masked_s, i);
-        if (ct.non_finite) RecordFirstRow(bad_t, i);
-        else if (ct.all_masked) RecordFirstRow(masked_t, i);
+        if (cs.non_finite) bad_s.NonFinite(i);
+        else if (cs.all_masked) bad_s.NoMass(i);
+        if (ct.non_finite) bad_t.NonFinite(i);
+        else if (ct.all_masked) bad_t.NoMass(i);
         continue;
       }
       const RowSoftmax ls = LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, es, block_max);
       const RowSoftmax lt = LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, et, block_max);
       if (job.shard != detail::ShardMode::none) {
-        if (ls.non_finite) RecordFirstRow(bad_s, i);
-        if (lt.non_finite) RecordFirstRow(bad_t, i);
+        if (ls.non_finite) bad_s.NonFinite(i);
+        if (lt.non_finite) bad_t.NonFinite(i);
         if (ls.non_finite || lt.non_finite) continue;
         ShardRow(job, div, i, ls, lt, {xs, es, xt, et, vpad}, scratch);
         continue;
       }
       bool skip = false;
-      if (ls.non_finite) RecordFirstRow(bad_s, i), skip = true;
-      if (lt.non_finite) RecordFirstRow(bad_t, i), skip = true;
+      if (ls.non_finite) bad_s.NonFinite(i), skip = true;
+      if (lt.non_finite) bad_t.NonFinite(i), skip = true;
       if (!ls.non_finite && ls.max == -std::numeric_limits<float>::infinity())
-        RecordFirstRow(masked_s, i), skip = true;
+        bad_s.NoMass(i), skip = true;
       if (!lt.non_finite && lt.max == -std::numeric_limits<float>::infinity())
-        RecordFirstRow(masked_t, i), skip = true;
+        bad_t.NoMass(i), skip = true;
       if (skip) continue;
 
       const float inv_zs = static_cast<float>(std::exp(-ls.log_sum));  // 1 / sum es
@@ -555,16 +555,8 @@ void RunRows(RowJob& job, const Div& div) {
       }
     }
   }
-  job.bad_student_row = bad_s.load();
-  job.bad_teacher_row = bad_t.load();
-  if (job.bad_student_row < 0 && masked_s.load() >= 0) {
-    job.bad_student_row = masked_s.load();
-    job.bad_student_all_masked = true;
-  }
-  if (job.bad_teacher_row < 0 && masked_t.load() >= 0) {
-    job.bad_teacher_row = masked_t.load();
-    job.bad_teacher_all_masked = true;
-  }
+  job.bad_student = bad_s.Get();
+  job.bad_teacher = bad_t.Get();
 }
 
 }  // namespace

@@ -53,6 +53,24 @@ void check_beta(const char* fn, double beta) {
   if (!(beta > 0) || !std::isfinite(beta)) check::fail(fn, "beta must be a finite number > 0, got " + std::to_string(beta));
 }
 
+// The arguments of the reference-free pair losses (CPO/SimPO, ORPO): the policy's log-probs of B
+// >= 1 pairs, the outputs (and ORPO's log_odds); returns B.
+int64_t check_policy_pairs(const char* fn, const PreferenceInputs& in, const PreferenceOutputs& out,
+                           const TensorView* log_odds = nullptr) {
+  const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
+  if (b == 0) check::fail(fn, "policy_chosen_logps is empty: the batch needs at least one pair");
+  logps_vector(fn, "policy_chosen_logps", in.policy_chosen_logps, b);
+  logps_vector(fn, "policy_rejected_logps", in.policy_rejected_logps, b);
+  check::vector_of(fn, "losses", out.losses, b, {DType::f32, DType::f64});
+  optional_out(fn, "chosen_rewards", out.chosen_rewards, b);
+  optional_out(fn, "rejected_rewards", out.rejected_rewards, b);
+  if (log_odds != nullptr) optional_out(fn, "log_odds", *log_odds, b);
+  if (out.grad_losses.defined()) logps_vector(fn, "grad_losses", out.grad_losses, b);
+  optional_out(fn, "grad_policy_chosen", out.grad_policy_chosen, b);
+  optional_out(fn, "grad_policy_rejected", out.grad_policy_rejected, b);
+  return b;
+}
+
 // ---- f-DPO scores: s(l) and s'(l) ------------------------------------------------------
 struct Score {
   double s, ds;
@@ -347,16 +365,7 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
   if (!(eps >= 0.0 && eps <= 0.5)) check::fail(fn, "label_smoothing must be in [0, 0.5], got " + std::to_string(eps));
   if (!std::isfinite(spec.alpha)) check::fail(fn, "alpha must be finite");
   if (!std::isfinite(spec.simpo_gamma)) check::fail(fn, "simpo_gamma must be finite");
-  const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
-  if (b == 0) check::fail(fn, "policy_chosen_logps is empty: the batch needs at least one pair");
-  logps_vector(fn, "policy_chosen_logps", in.policy_chosen_logps, b);
-  logps_vector(fn, "policy_rejected_logps", in.policy_rejected_logps, b);
-  check::vector_of(fn, "losses", out.losses, b, {DType::f32, DType::f64});
-  optional_out(fn, "chosen_rewards", out.chosen_rewards, b);
-  optional_out(fn, "rejected_rewards", out.rejected_rewards, b);
-  if (out.grad_losses.defined()) logps_vector(fn, "grad_losses", out.grad_losses, b);
-  optional_out(fn, "grad_policy_chosen", out.grad_policy_chosen, b);
-  optional_out(fn, "grad_policy_rejected", out.grad_policy_rejected, b);
+  const int64_t b = check_policy_pairs(fn, in, out);
   const double beta = spec.beta, a = spec.alpha;
   // AlphaPO reward r(p) = (1 - p^-alpha) / alpha = -expm1(-alpha logp) / alpha, r' = exp(-alpha logp).
   auto reward = [&](double lp) -> Score {
@@ -394,17 +403,7 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
 void odds_ratio_loss(const PreferenceInputs& in, double beta, const PreferenceOutputs& out, const TensorView& log_odds) {
   constexpr const char* fn = "odds_ratio_loss";
   check_beta(fn, beta);
-  const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
-  if (b == 0) check::fail(fn, "policy_chosen_logps is empty: the batch needs at least one pair");
-  logps_vector(fn, "policy_chosen_logps", in.policy_chosen_logps, b);
-  logps_vector(fn, "policy_rejected_logps", in.policy_rejected_logps, b);
-  check::vector_of(fn, "losses", out.losses, b, {DType::f32, DType::f64});
-  optional_out(fn, "chosen_rewards", out.chosen_rewards, b);
-  optional_out(fn, "rejected_rewards", out.rejected_rewards, b);
-  optional_out(fn, "log_odds", log_odds, b);
-  if (out.grad_losses.defined()) logps_vector(fn, "grad_losses", out.grad_losses, b);
-  optional_out(fn, "grad_policy_chosen", out.grad_policy_chosen, b);
-  optional_out(fn, "grad_policy_rejected", out.grad_policy_rejected, b);
+  const int64_t b = check_policy_pairs(fn, in, out, &log_odds);
   for (int64_t i = 0; i < b; ++i) {
     const double pw = get(in.policy_chosen_logps, i), pl = get(in.policy_rejected_logps, i);
     if (!(pw < 0)) check::fail(fn, "policy_chosen_logps must be < 0 (a probability below 1), got " + std::to_string(pw) + " at index " + std::to_string(i));

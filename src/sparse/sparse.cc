@@ -45,23 +45,11 @@ bool check_grad_output(const char* fn, const TensorView& grad, const TensorView&
 }
 
 void throw_if_bad(const char* fn, const detail::SparseJob& job, bool renormalized) {
-  if (job.bad_student_row >= 0) {
-    const std::string row = std::to_string(job.bad_student_row);
-    if (!job.bad_student_no_mass)
-      check::fail(fn, "student_logits contains NaN or +inf at row " + row);
-    check::fail(fn, "student_logits row " + row +
-                        (renormalized ? " is -inf at every teacher index (no student probability "
-                                        "to renormalize)"
-                                      : " has every logit -inf (no distribution)") +
-                        "; mark it with labels = ignore_index");
-  }
-  if (job.bad_teacher_row >= 0) {
-    const std::string row = std::to_string(job.bad_teacher_row);
-    if (!job.bad_teacher_no_mass)
-      check::fail(fn, "teacher_logits contains NaN or +inf at row " + row);
-    check::fail(fn, "teacher_logits row " + row +
-                        " has every logit -inf (no distribution); mark it with labels = ignore_index");
-  }
+  detail::throw_bad_row(fn, "student_logits", job.bad_student,
+                        renormalized ? " is -inf at every teacher index (no student probability to "
+                                       "renormalize)"
+                                     : " has every logit -inf (no distribution)");
+  detail::throw_bad_row(fn, "teacher_logits", job.bad_teacher);
 }
 
 // Runs the job (a probe first when the gradient is written in place), then reduces.
@@ -194,7 +182,7 @@ void sparse_divergence(const TensorView& student, const TensorView& teacher_indi
   detail::SparseJob job;
   job.spec = detail::resolve_divergence_limits(spec);
   job.tail = sparse.tail;
-  job.student = {student.data, student.dtype, student.strides[0]};
+  job.student = detail::row_input(student);
   job.n = n;
   job.v = v;
   job.k = k;
@@ -207,8 +195,7 @@ void sparse_divergence(const TensorView& student, const TensorView& teacher_indi
     in_place = check_grad_output(fn, outputs.grad_student, student,
                                  {{"teacher_indices", &teacher_indices},
                                   {"teacher_logprobs", &teacher_logprobs}});
-    job.grad_student = {outputs.grad_student.data, outputs.grad_student.dtype,
-                        outputs.grad_student.strides[0]};
+    job.grad_student = detail::row_output(outputs.grad_student);
   }
   detail::check_sparse_teacher(fn, job.indices, job.logprobs, n, v, k, sparse.tail, job.active);
   run(fn, job, in_place, plan, spec, outputs.loss);
@@ -219,13 +206,8 @@ void topk_divergence(const TensorView& student, const TensorView& teacher, int64
                      const SparseOutputs& outputs) {
   constexpr const char* fn = kTopkFn;
   validate_spec(spec);
-  check::float_matrix(fn, "student_logits", student);
-  check::float_matrix(fn, "teacher_logits", teacher);
-  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
-    check::fail(fn, "student_logits " + check::shape_string(student) + " and teacher_logits " +
-                        check::shape_string(teacher) + " must have the same shape");
+  detail::check_logit_pair(fn, student, teacher);
   const int64_t n = student.shape[0], v = student.shape[1];
-  if (v == 0) check::fail(fn, "student_logits has V = 0 (an empty vocabulary)");
   if (k < 1 || k > v)
     check::fail(fn, "k must be in [1, V = " + std::to_string(v) + "], got " + std::to_string(k));
 
@@ -233,8 +215,8 @@ void topk_divergence(const TensorView& student, const TensorView& teacher, int64
   detail::SparseJob job;
   job.spec = detail::resolve_divergence_limits(spec);
   job.tail = SparseTail::renormalize;
-  job.student = {student.data, student.dtype, student.strides[0]};
-  job.teacher = {teacher.data, teacher.dtype, teacher.strides[0]};
+  job.student = detail::row_input(student);
+  job.teacher = detail::row_input(teacher);
   job.n = n;
   job.v = v;
   job.k = k;
@@ -243,8 +225,7 @@ void topk_divergence(const TensorView& student, const TensorView& teacher, int64
   bool in_place = false;
   if (outputs.grad_student.defined()) {
     in_place = check_grad_output(fn, outputs.grad_student, student, {{"teacher_logits", &teacher}});
-    job.grad_student = {outputs.grad_student.data, outputs.grad_student.dtype,
-                        outputs.grad_student.strides[0]};
+    job.grad_student = detail::row_output(outputs.grad_student);
   }
   run(fn, job, in_place, plan, spec, outputs.loss);
 }

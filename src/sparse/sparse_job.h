@@ -42,8 +42,7 @@ struct SparseJob {
   // Out: first row whose student logits hold NaN/+inf, or give no distribution (all -inf, or
   // -inf at every selected index in renormalize mode); -1 if none. Likewise the teacher logits
   // of topk_divergence.
-  int64_t bad_student_row = -1, bad_teacher_row = -1;
-  bool bad_student_no_mass = false, bad_teacher_no_mass = false;
+  BadRow bad_student, bad_teacher;
 };
 
 // Runs the rows on the best SIMD target (Highway dynamic dispatch).

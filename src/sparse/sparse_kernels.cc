@@ -192,7 +192,7 @@ void RunRows(SparseJob& job, const Div& div) {
   const bool want_grad = job.grad_student.data != nullptr && !job.check_only;
   const double t2 = job.spec.scale_by_t_squared ? temperature * temperature : 1.0;
 
-  std::atomic<int64_t> bad_s{-1}, bad_t{-1}, nomass_s{-1}, nomass_t{-1};
+  BadRowSlots bad_s, bad_t;
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
@@ -219,14 +219,14 @@ void RunRows(SparseJob& job, const Div& div) {
         continue;
       }
       const RowLoad ls = LoadRow(job.student, i, v, vpad, x);
-      if (ls.non_finite) { RecordFirstRow(bad_s, i); continue; }
-      if (ls.max == -kInfF) { RecordFirstRow(nomass_s, i); continue; }
+      if (ls.non_finite) { bad_s.NonFinite(i); continue; }
+      if (ls.max == -kInfF) { bad_s.NoMass(i); continue; }
 
       // The teacher's k entries: log-probabilities (up to a constant when renormalized).
       if (topk) {
         const RowLoad lt = LoadRow(job.teacher, i, v, vpad, xt);
-        if (lt.non_finite) { RecordFirstRow(bad_t, i); continue; }
-        if (lt.max == -kInfF) { RecordFirstRow(nomass_t, i); continue; }
+        if (lt.non_finite) { bad_t.NonFinite(i); continue; }
+        if (lt.max == -kInfF) { bad_t.NoMass(i); continue; }
         SelectTopK(xt, v, k, s.heap, s.idx.data());
         for (int64_t b = 0; b < k; ++b)
           s.lpd[b] = (static_cast<double>(xt[s.idx[b]]) - lt.max) / temperature;
@@ -271,7 +271,7 @@ void RunRows(SparseJob& job, const Div& div) {
       } else {
         float m = -kInfF;
         for (int64_t b = 0; b < k; ++b) m = std::max(m, s.xk[b]);
-        if (m == -kInfF) { RecordFirstRow(nomass_s, i); continue; }  // no student mass on the k
+        if (m == -kInfF) { bad_s.NoMass(i); continue; }  // no student mass on the k
         ref = m;
       }
       if (job.check_only) continue;
@@ -328,16 +328,8 @@ void RunRows(SparseJob& job, const Div& div) {
       StoreRow(job.grad_student, i, v, e);
     }
   }
-  job.bad_student_row = bad_s.load();
-  job.bad_teacher_row = bad_t.load();
-  if (job.bad_student_row < 0 && nomass_s.load() >= 0) {
-    job.bad_student_row = nomass_s.load();
-    job.bad_student_no_mass = true;
-  }
-  if (job.bad_teacher_row < 0 && nomass_t.load() >= 0) {
-    job.bad_teacher_row = nomass_t.load();
-    job.bad_teacher_no_mass = true;
-  }
+  job.bad_student = bad_s.Get();
+  job.bad_teacher = bad_t.Get();
 }
 
 }  // namespace
