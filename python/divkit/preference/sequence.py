@@ -128,14 +128,17 @@ def preference_loss(
     if policy_weights is not None:
         sw = common.host(check.vector(fn, "policy_weights", policy_weights, n), dtype)
     device = pc.device
+    args = _C.PreferenceArgs(loss_types=types, loss_weights=weights, beta=beta,
+                             label_smoothing=label_smoothing,
+                             f_divergence_type=f_divergence_type,
+                             f_alpha_divergence_coef=f_alpha, discopop_tau=tau)
 
     def run(inputs, grad_losses, need):
         host = [common.host(x, dtype) for x in inputs]
         losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
         g = common.grad_bufs(inputs, need, dtype, 4)
         gl = None if grad_losses is None else common.host(grad_losses, dtype)
-        _C.preference_loss(*host, types, weights, beta, label_smoothing, f_divergence_type,
-                           f_alpha, tau, nw, nl, sw, losses, cr, rj, gl, *g)
+        _C.preference_loss(*host, args, nw, nl, sw, losses, cr, rj, gl, *g)
         outs = (losses.to(device), cr.to(device), rj.to(device))
         return outs, common.back(g, inputs)
 
@@ -219,13 +222,15 @@ def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     n = pc.shape[0]
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, n)
     dtype, device = common.compute_dtype(pc, pr), pc.device
+    args = _C.CpoArgs(loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma,
+                      alpha=alpha)
 
     def run(inputs, grad_losses, need):
         host = [common.host(x, dtype) for x in inputs]
         losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
         g = common.grad_bufs(inputs, need, dtype, 2)
         gl = None if grad_losses is None else common.host(grad_losses, dtype)
-        _C.cpo_loss(*host, loss_type, beta, eps, gamma, alpha, losses, cr, rj, gl, *g)
+        _C.cpo_loss(*host, args, losses, cr, rj, gl, *g)
         return (losses.to(device), cr.to(device), rj.to(device)), common.back(g, inputs)
 
     return recompute_in_backward(run, (pc, pr))
