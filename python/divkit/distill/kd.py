@@ -566,9 +566,10 @@ def swing_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if (privacy_scores is None) == (temperatures is None):
         check.fail(fn, f"give exactly one of privacy_scores and temperatures")
     if temperatures is None:
-        temperatures = swing_temperatures(common.row_values(fn, "privacy_scores", privacy_scores, lead, n),
-                                          t_min=t_min, t_max=t_max)
-    temps = common.row_values(fn, "temperatures", temperatures, lead, n).detach().double().contiguous()
+        scores = common.row_values(fn, "privacy_scores", privacy_scores, lead, n)
+        temperatures = swing_temperatures(scores, t_min=t_min, t_max=t_max)
+    temps = common.row_values(fn, "temperatures", temperatures, lead, n)
+    temps = temps.detach().double().contiguous()
     noise_std = check.real(fn, "noise_std", noise_std, allow_nan=False)
     if isinstance(seed, bool) or not isinstance(seed, int):
         check.fail_type(fn, f"seed must be an int, got {check.type_name(seed)}")

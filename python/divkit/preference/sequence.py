@@ -266,7 +266,8 @@ def odds_ratio_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
         g = common.grad_bufs(inputs, need, dtype, 2)
         gl = None if grad_losses is None else common.host(grad_losses, dtype)
         _C.odds_ratio_loss(*host, beta, losses, cr, rj, lo, gl, *g)
-        return (losses.to(device), cr.to(device), rj.to(device), lo.to(device)), common.back(g, inputs)
+        outs = (losses.to(device), cr.to(device), rj.to(device), lo.to(device))
+        return outs, common.back(g, inputs)
 
     losses, cr, rj, lo = recompute_in_backward(run, (pc, pr))
     return losses, cr, rj, torch.mean(losses.detach() / beta), torch.mean(lo)
@@ -300,15 +301,19 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
     wu = check.real(fn, "undesirable_weight", undesirable_weight)
     pc = check.vector(fn, "policy_chosen_logps", policy_chosen_logps, allow_empty=True)
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, allow_empty=True)
-    rc = check.vector(fn, "reference_chosen_logps", reference_chosen_logps, pc.shape[0], allow_empty=True)
-    rr = check.vector(fn, "reference_rejected_logps", reference_rejected_logps, pr.shape[0], allow_empty=True)
+    rc = check.vector(fn, "reference_chosen_logps", reference_chosen_logps, pc.shape[0],
+                      allow_empty=True)
+    rr = check.vector(fn, "reference_rejected_logps", reference_rejected_logps, pr.shape[0],
+                      allow_empty=True)
     if (policy_KL_logps is None) != (reference_KL_logps is None):
-        check.fail(fn, f"policy_KL_logps and reference_KL_logps must be given together")
+        check.fail(fn, "policy_KL_logps and reference_KL_logps must be given together")
     dtype, device = common.compute_dtype(pc, pr, rc, rr), pc.device
     pkl = rkl = None
     if policy_KL_logps is not None:
-        pkl = common.host(check.vector(fn, "policy_KL_logps", policy_KL_logps, allow_empty=True), dtype)
-        rkl = common.host(check.vector(fn, "reference_KL_logps", reference_KL_logps, pkl.shape[0], allow_empty=True), dtype)
+        pkl = check.vector(fn, "policy_KL_logps", policy_KL_logps, allow_empty=True)
+        rkl = check.vector(fn, "reference_KL_logps", reference_KL_logps, pkl.shape[0],
+                           allow_empty=True)
+        pkl, rkl = common.host(pkl, dtype), common.host(rkl, dtype)
     nc, nr = pc.shape[0], pr.shape[0]
 
     def run(inputs, grad_losses, need):
@@ -463,8 +468,8 @@ def superhf_loss(policy_logps: torch.Tensor, rewards: torch.Tensor, *, kl: Optio
         if need is not None:
             g = [torch.empty(lp.shape, dtype=dtype) if need[i] else None for i in range(2)]
         go = None if grad_out is None else common.host(grad_out.reshape(1), dtype)
-        _C.superhf_loss(common.host(inputs[0], dtype), r_host, common.host(inputs[1], dtype), n_host,
-                        kl_coef, top_k, loss, idx, go, *g)
+        _C.superhf_loss(common.host(inputs[0], dtype), r_host, common.host(inputs[1], dtype),
+                        n_host, kl_coef, top_k, loss, idx, go, *g)
         return (loss.reshape(()).to(device),), common.back(g, inputs)
 
     (loss,) = recompute_in_backward(run, (lp, kl))

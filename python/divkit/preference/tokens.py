@@ -67,7 +67,8 @@ def token_logratio_and_kl(policy_logits: Optional[torch.Tensor], ref_logits: Opt
         check.fail(fn, f"labels must have shape {tuple(policy_logits.shape[:2])} (the "
                        f"logits' [B, T]), got {tuple(labels.shape)}")
     mask = labels != ignore_index
-    logratio = common.label_logps(policy_logits, labels, mask) - common.label_logps(ref_logits, labels, mask)
+    logratio = (common.label_logps(policy_logits, labels, mask)
+                - common.label_logps(ref_logits, labels, mask))
     student = policy_logits if kl_grad else policy_logits.detach()
     kl = divergence(student, ref_logits, "forward_kl", labels=labels, ignore_index=ignore_index,
                     reduction="none")
