@@ -164,8 +164,8 @@ def _scaling(fn: str, cfg: _Config) -> Scaling:
 
 def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str = _FN):
     if cfg.inplace_grad or cfg.grad_dtype is not None:
-        check.fail(fn, f"inplace_grad and grad_dtype apply to torch tensors; numpy "
-                       f"inputs give the loss only")
+        check.fail(fn, "inplace_grad and grad_dtype apply to torch tensors; numpy "
+                       "inputs give the loss only")
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, np.ndarray):
             check.fail_type(fn, f"{name} must be a numpy.ndarray like student_logits, got "

@@ -409,7 +409,7 @@ def hypo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         check.fail(fn, f"policy_sample_logps needs k >= 2 samples per prompt for the "
                        f"leave-one-out baseline, got {k}")
     if not isinstance(ref_sample_logps, torch.Tensor) or ref_sample_logps.shape != ps.shape:
-        check.fail(fn, f"ref_sample_logps must have the shape of policy_sample_logps")
+        check.fail(fn, "ref_sample_logps must have the shape of policy_sample_logps")
     dtype, device = common.compute_dtype(ps, ref_sample_logps), ps.device
     rs = ref_sample_logps.detach()
 
@@ -450,10 +450,10 @@ def superhf_loss(policy_logps: torch.Tensor, rewards: torch.Tensor, *, kl: Optio
     kl_coef = check.real(fn, "kl_coef", kl_coef)
     n = None if lengths is None else torch.as_tensor(lengths, dtype=lp.dtype)
     if n is not None and (n.shape != lp.shape or bool((n <= 0).any())):
-        check.fail(fn, f"lengths must have the shape of policy_logps and be > 0")
+        check.fail(fn, "lengths must have the shape of policy_logps and be > 0")
     if kl is None:
         if ref_logps is None:
-            check.fail(fn, f"give kl or ref_logps for the KL prior")
+            check.fail(fn, "give kl or ref_logps for the KL prior")
         kl = lp - ref_logps.detach()
     elif kl.shape != lp.shape:
         check.fail(fn, f"kl must have the shape of policy_logps {tuple(lp.shape)}")
