@@ -1,5 +1,5 @@
-"""The former place of :mod:`divkit.tools.bench` (``divkit bench``): this module replaces itself by it,
-so that ``divkit.bench_cli`` and ``from divkit import bench_cli`` are that very module."""
+"""The former place of :mod:`divkit.tools.bench` (``divkit bench``): it replaces itself by that
+module, so that ``divkit.bench_cli`` and ``from divkit import bench_cli`` are that same module."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""The former place of :mod:`divkit.tools.compare` (``divkit compare``): this module replaces itself by it,
-so that ``divkit.compare`` and ``from divkit import compare`` are that very module."""
+"""The former place of :mod:`divkit.tools.compare` (``divkit compare``): it replaces itself by that
+module, so that ``divkit.compare`` and ``from divkit import compare`` are the very same module."""
 
 import sys
 

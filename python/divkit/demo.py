@@ -1,5 +1,5 @@
-"""The former place of :mod:`divkit.tools.demo` (``divkit demo``): this module replaces itself by it,
-so that ``divkit.demo`` and ``from divkit import demo`` are that very module."""
+"""The former place of :mod:`divkit.tools.demo` (``divkit demo``): it replaces itself by that
+module, so that ``divkit.demo`` and ``from divkit import demo`` are the very same module."""
 
 import sys
 

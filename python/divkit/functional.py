@@ -55,6 +55,16 @@ class _Config(NamedTuple):
     grad_dtype: Optional[torch.dtype]
 
 
+def _core_args(cfg: _Config, num_items_in_batch: Optional[float] = None) -> "_C.DivergenceArgs":
+    """The scalar arguments as the kernels' one options object."""
+    return _C.DivergenceArgs(
+        kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha, temperature=cfg.temperature,
+        scale_by_t_squared=cfg.scale_by_t_squared, ignore_index=cfg.ignore_index,
+        reduction=cfg.reduction,
+        num_items_in_batch=cfg.num_items_in_batch if num_items_in_batch is None
+        else num_items_in_batch)
+
+
 def _parse_options(fn: str, kind, beta, alpha, temperature, ignore_index, reduction,
                    num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype) -> _Config:
     return _Config(
@@ -106,9 +116,7 @@ def _run(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Te
         grad_t = torch.empty(teacher.shape, dtype=cfg.grad_dtype or teacher.dtype)
         grad_t2 = grad_t.view(n, v)
 
-    _C.divergence(s2, t2, loss, grad_s2, grad_t2, cfg.kind, cfg.beta, cfg.alpha,
-                  cfg.temperature, cfg.scale_by_t_squared, labels, cfg.ignore_index, weights,
-                  cfg.reduction, cfg.num_items_in_batch)
+    _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, _core_args(cfg))
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s, grad_t
 
@@ -156,8 +164,8 @@ def _scaling(fn: str, cfg: _Config) -> Scaling:
 
 def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str = _FN):
     if cfg.inplace_grad or cfg.grad_dtype is not None:
-        check.fail(fn, f"inplace_grad and grad_dtype apply to torch tensors; numpy "
-                       f"inputs give the loss only")
+        check.fail(fn, "inplace_grad and grad_dtype apply to torch tensors; numpy "
+                       "inputs give the loss only")
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, np.ndarray):
             check.fail_type(fn, f"{name} must be a numpy.ndarray like student_logits, got "
@@ -208,9 +216,7 @@ def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str =
     s2 = rows(student)
     t2 = rows(teacher)
     loss = np.empty(n if cfg.reduction == "none" else 1, dtype=np.float32)
-    _C.divergence(s2, t2, loss, None, None, cfg.kind, cfg.beta, cfg.alpha, cfg.temperature,
-                  cfg.scale_by_t_squared, labels, cfg.ignore_index, weights, cfg.reduction,
-                  cfg.num_items_in_batch)
+    _C.divergence(s2, t2, loss, None, None, labels, weights, _core_args(cfg))
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
 
 

@@ -99,9 +99,11 @@ def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool
     gy = torch.empty(B, m, y.shape[2], dtype=torch.float64) if need_y else None
     ga = torch.empty(B, n, dtype=torch.float64) if need_a else None
     gb = torch.empty(B, m, dtype=torch.float64) if need_b else None
-    stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, cfg.eps, cfg.p, cfg.tol,
-                        cfg.max_iter, cfg.check_every, cfg.eps_scaling, cfg.rho_a, cfg.rho_b,
-                        cfg.cost_cache_bytes, cfg.symmetric)
+    options = _C.SinkhornOptions(
+        eps=cfg.eps, p=cfg.p, tol=cfg.tol, max_iter=cfg.max_iter, check_every=cfg.check_every,
+        eps_scaling=cfg.eps_scaling, rho_a=cfg.rho_a, rho_b=cfg.rho_b,
+        cost_cache_bytes=cfg.cost_cache_bytes, symmetric=cfg.symmetric)
+    stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, options)
     return stats, f, g, plan, gx, gy, ga, gb
 
 

@@ -52,7 +52,7 @@ def kl_estimator(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
                        f"{tuple(logprobs.shape)}")
     out_dtype = torch.result_type(logprobs, ref_logprobs)
     if not out_dtype.is_floating_point:
-        check.fail(fn, f"logprobs and ref_logprobs must be floating tensors")
+        check.fail(fn, "logprobs and ref_logprobs must be floating tensors")
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     shape, device, clamp = logprobs.shape, logprobs.device, bool(clamp)
 
@@ -183,7 +183,7 @@ def ensemble_rewards(rewards: torch.Tensor, method: str = "mean", *, uwo_lambda:
     method = check.string(fn, "method", method)
     lam = check.real(fn, "uwo_lambda", uwo_lambda)
     if not isinstance(rewards, torch.Tensor) or rewards.dim() == 0 or rewards.shape[dim] == 0:
-        check.fail(fn, f"rewards must be a tensor with a non-empty ensemble dimension")
+        check.fail(fn, "rewards must be a tensor with a non-empty ensemble dimension")
     if method not in ("mean", "wco", "uwo"):
         check.fail(fn, f"unknown method '{method}' (valid: mean, wco, uwo)")
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
@@ -299,14 +299,14 @@ def model_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]],
     first state dict. Load it into a model to use as pi_ref."""
     fn = "model_soup"
     if len(state_dicts) == 0:
-        check.fail(fn, f"state_dicts is empty")
+        check.fail(fn, "state_dicts is empty")
     w = [1.0] * len(state_dicts) if weights is None else [check.real(fn, "weights", x)
                                                           for x in weights]
     if len(w) != len(state_dicts):
         check.fail(fn, f"{len(w)} weights for {len(state_dicts)} state dicts")
     total = sum(w)
     if not (total > 0 and all(x >= 0 for x in w)):
-        check.fail(fn, f"weights must be >= 0 with a positive sum")
+        check.fail(fn, "weights must be >= 0 with a positive sum")
     w = [x / total for x in w]
     keys = list(state_dicts[0].keys())
     for k, sd in enumerate(state_dicts[1:], 1):

@@ -17,7 +17,7 @@ import torch
 from . import _C
 from . import _validate as check
 from ._autograd import grads_in_forward
-from .functional import _Config, _check_inplace, _parse_options, _rows, _scaling
+from .functional import _Config, _check_inplace, _core_args, _parse_options, _rows, _scaling
 
 __all__ = ["sparse_divergence", "topk_divergence", "TAILS"]
 
@@ -173,11 +173,10 @@ def sparse_divergence(
     k = idx.shape[-1]
     idx2 = idx.reshape(n, k)
     lp2 = lp.reshape(n, k)
+    args = _core_args(cfg)
 
     def kernel(s2, loss, grad_s2):
-        _C.sparse_divergence(s2, idx2, lp2, loss, grad_s2, cfg.kind, cfg.beta, cfg.alpha,
-                             cfg.temperature, cfg.scale_by_t_squared, tail, labels_t,
-                             cfg.ignore_index, weights_t, cfg.reduction, cfg.num_items_in_batch)
+        _C.sparse_divergence(s2, idx2, lp2, loss, grad_s2, labels_t, weights_t, tail, args)
 
     return _apply(fn, student, kernel, cfg, (("teacher_indices", idx), ("teacher_logprobs", lp)))
 
@@ -232,10 +231,9 @@ def topk_divergence(
     n = math.prod(lead_shape)
     v = student.shape[-1]
     t2 = _rows(teacher.detach(), n, v)
+    args = _core_args(cfg)
 
     def kernel(s2, loss, grad_s2):
-        _C.topk_divergence(s2, t2, k, loss, grad_s2, cfg.kind, cfg.beta, cfg.alpha,
-                           cfg.temperature, cfg.scale_by_t_squared, labels_t, cfg.ignore_index,
-                           weights_t, cfg.reduction, cfg.num_items_in_batch)
+        _C.topk_divergence(s2, t2, k, loss, grad_s2, labels_t, weights_t, args)
 
     return _apply(fn, student, kernel, cfg, (("teacher_logits", teacher),))

@@ -24,7 +24,7 @@ def teacher_class_means(features: torch.Tensor, labels: torch.Tensor,
     (zero for a class with no sample). Computed once over the training set for ND loss."""
     fn = "teacher_class_means"
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        check.fail(fn, f"features must be a 2-D tensor [N, D]")
+        check.fail(fn, "features must be a 2-D tensor [N, D]")
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (features.shape[0],):
         check.fail(fn, f"labels must be a tensor of shape [{features.shape[0]}]")
     if bool(((labels < 0) | (labels >= num_classes)).any()):
@@ -74,7 +74,7 @@ def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     mu = class_means.detach()[labels]
     mu_norm = mu.norm(dim=1)
     if bool((mu_norm == 0).any()):
-        check.fail(fn, f"class_means has a zero vector for a label in the batch")
+        check.fail(fn, "class_means has a zero vector for a label in the batch")
     e = mu / mu_norm[:, None]
     fs = student_features
     max_norm = torch.maximum(fs.norm(dim=1), teacher_features.detach().norm(dim=1)).clamp_min(1e-12)

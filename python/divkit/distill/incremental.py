@@ -34,7 +34,7 @@ def weight_aligning(weight: torch.Tensor, num_old: int, bias: Optional[torch.Ten
     """
     fn = "weight_aligning"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        check.fail(fn, f"weight must be a 2-D floating tensor [C, D]")
+        check.fail(fn, "weight must be a 2-D floating tensor [C, D]")
     c = weight.shape[0]
     if isinstance(num_old, bool) or not isinstance(num_old, int) or not 0 < num_old < c:
         check.fail(fn, f"num_old must be an int in [1, {c - 1}] (C = {c}), got {num_old!r}")
@@ -42,7 +42,7 @@ def weight_aligning(weight: torch.Tensor, num_old: int, bias: Optional[torch.Ten
         norms = weight.detach().double().norm(dim=1)
         new_mean = norms[num_old:].mean()
         if float(new_mean) == 0:
-            check.fail(fn, f"the new classes' weights are all zero")
+            check.fail(fn, "the new classes' weights are all zero")
         gamma = float(norms[:num_old].mean() / new_mean)
         w = weight.detach().clone()
         w[num_old:] *= gamma

@@ -432,7 +432,7 @@ def dac_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     temperature = check.positive(fn, "temperature", temperature)
     sharpness = check.real(fn, "sharpness", sharpness, allow_nan=False)
     if (lower is None) != (upper is None):
-        check.fail(fn, f"give both lower and upper, or neither (quantile bounds)")
+        check.fail(fn, "give both lower and upper, or neither (quantile bounds)")
     if lower is None:
         lower, upper = dac_kl_mass_bounds(t, mass_lo=mass_lo, mass_hi=mass_hi,
                                           temperature=temperature)
@@ -522,7 +522,7 @@ def swing_temperatures(privacy_scores: torch.Tensor, *, t_min: float = 1.0,
         check.fail(fn, f"t_max ({t_max:g}) must be >= t_min ({t_min:g})")
     sc = privacy_scores.detach()
     if bool(((sc < 0) | (sc > 1) | sc.isnan()).any()):
-        check.fail(fn, f"privacy_scores must lie in [0, 1]")
+        check.fail(fn, "privacy_scores must lie in [0, 1]")
     return t_min + (t_max - t_min) * sc
 
 
@@ -564,11 +564,12 @@ def swing_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     t = common.fixed_teacher(fn, teacher_logits, student_logits, n, v)
     lab = common.labels(fn, labels, lead, n, False)
     if (privacy_scores is None) == (temperatures is None):
-        check.fail(fn, f"give exactly one of privacy_scores and temperatures")
+        check.fail(fn, "give exactly one of privacy_scores and temperatures")
     if temperatures is None:
-        temperatures = swing_temperatures(common.row_values(fn, "privacy_scores", privacy_scores, lead, n),
-                                          t_min=t_min, t_max=t_max)
-    temps = common.row_values(fn, "temperatures", temperatures, lead, n).detach().double().contiguous()
+        scores = common.row_values(fn, "privacy_scores", privacy_scores, lead, n)
+        temperatures = swing_temperatures(scores, t_min=t_min, t_max=t_max)
+    temps = common.row_values(fn, "temperatures", temperatures, lead, n)
+    temps = temps.detach().double().contiguous()
     noise_std = check.real(fn, "noise_std", noise_std, allow_nan=False)
     if isinstance(seed, bool) or not isinstance(seed, int):
         check.fail_type(fn, f"seed must be an int, got {check.type_name(seed)}")

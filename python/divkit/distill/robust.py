@@ -27,7 +27,7 @@ __all__ = [
 
 def _class_logits(fn: str, logits: Any, labels: Any):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        check.fail(fn, f"logits must be a 2-D floating tensor [N, C]")
+        check.fail(fn, "logits must be a 2-D floating tensor [N, C]")
     n, c = logits.shape
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.is_floating_point():
         check.fail(fn, f"labels must be an integer tensor of shape [{n}]")
@@ -118,7 +118,7 @@ def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2
             check.fail(fn, f"prev_lam must be a tensor of shape [{n}]")
         prev = prev_lam.detach().double().reshape(n)
         if not bool((torch.isfinite(prev) & (prev > 0)).all()):
-            check.fail(fn, f"prev_lam must be finite and > 0")
+            check.fail(fn, "prev_lam must be finite and > 0")
     log_c = math.log(c)
     with torch.no_grad():
         # KL(softmax(z / lam') || uniform) = log C - H(softmax(z / lam'))

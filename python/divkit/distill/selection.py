@@ -64,7 +64,7 @@ def miniplm_scores(teacher_logprobs, reference_logprobs, lengths=None) -> torch.
         check.fail(fn, f"reference_logprobs has {lr.numel()} documents, teacher_logprobs "
                        f"{lt.numel()}")
     if not bool(torch.isfinite(lt).all() and torch.isfinite(lr).all()):
-        check.fail(fn, f"log-probabilities must be finite")
+        check.fail(fn, "log-probabilities must be finite")
     d = lt - lr
     if lengths is not None:
         ln = torch.as_tensor(lengths, dtype=torch.float64).reshape(-1)
@@ -94,12 +94,12 @@ def miniplm_difference_sampling(teacher_logprobs=None, reference_logprobs=None, 
     fn = "miniplm_difference_sampling"
     if path is not None:
         if teacher_logprobs is not None or reference_logprobs is not None:
-            check.fail(fn, f"give either path or the log-prob arrays, not both")
+            check.fail(fn, "give either path or the log-prob arrays, not both")
         d = load_document_logprobs(path)
         teacher_logprobs, reference_logprobs = d["teacher"], d["reference"]
         lengths = d.get("lengths", lengths)
     if teacher_logprobs is None or reference_logprobs is None:
-        check.fail(fn, f"teacher_logprobs and reference_logprobs (or path) are required")
+        check.fail(fn, "teacher_logprobs and reference_logprobs (or path) are required")
     score = miniplm_scores(teacher_logprobs, reference_logprobs, lengths)
     dn = score.numel()
     if mode == "select":
@@ -144,7 +144,7 @@ def ddk_domain_weights(student_losses, teacher_losses, previous_weights=None, *,
         check.fail(fn, f"student_losses and teacher_losses must be non-empty with one value per "
                        f"domain, got {ls.numel()} and {lt.numel()}")
     if not bool(torch.isfinite(ls).all() and torch.isfinite(lt).all()):
-        check.fail(fn, f"losses must be finite")
+        check.fail(fn, "losses must be finite")
     dn = ls.numel()
     smoothing = check.real(fn, "smoothing", smoothing, allow_nan=False)
     if not 0 <= smoothing <= 1:

@@ -26,10 +26,10 @@ def _fused_pair(fn, policy_chosen_hidden, policy_rejected_hidden, lm_head_weight
                        f"{policy_rejected_hidden.shape[0]}, policy_chosen_hidden "
                        f"{policy_chosen_hidden.shape[0]}; batch sizes disagree")
     if policy_chosen_hidden.shape[0] == 0:
-        check.fail(fn, f"the batch is empty")
+        check.fail(fn, "the batch is empty")
     if (ref_chosen_logits is None) != (ref_rejected_logits is None) or \
             (ref_chosen_hidden is None) != (ref_rejected_hidden is None):
-        check.fail(fn, f"give the reference for both the chosen and the rejected side")
+        check.fail(fn, "give the reference for both the chosen and the rejected side")
     common = dict(lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, ref_weight=ref_weight,
                   ref_bias=ref_bias, ignore_index=ignore_index, chunk_size=chunk_size)
     w = token_logratio_and_kl(None, ref_chosen_logits, chosen_labels,

@@ -128,14 +128,17 @@ def preference_loss(
     if policy_weights is not None:
         sw = common.host(check.vector(fn, "policy_weights", policy_weights, n), dtype)
     device = pc.device
+    args = _C.PreferenceArgs(loss_types=types, loss_weights=weights, beta=beta,
+                             label_smoothing=label_smoothing,
+                             f_divergence_type=f_divergence_type,
+                             f_alpha_divergence_coef=f_alpha, discopop_tau=tau)
 
     def run(inputs, grad_losses, need):
         host = [common.host(x, dtype) for x in inputs]
         losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
         g = common.grad_bufs(inputs, need, dtype, 4)
         gl = None if grad_losses is None else common.host(grad_losses, dtype)
-        _C.preference_loss(*host, types, weights, beta, label_smoothing, f_divergence_type,
-                           f_alpha, tau, nw, nl, sw, losses, cr, rj, gl, *g)
+        _C.preference_loss(*host, args, nw, nl, sw, losses, cr, rj, gl, *g)
         outs = (losses.to(device), cr.to(device), rj.to(device))
         return outs, common.back(g, inputs)
 
@@ -219,13 +222,15 @@ def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     n = pc.shape[0]
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, n)
     dtype, device = common.compute_dtype(pc, pr), pc.device
+    args = _C.CpoArgs(loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma,
+                      alpha=alpha)
 
     def run(inputs, grad_losses, need):
         host = [common.host(x, dtype) for x in inputs]
         losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
         g = common.grad_bufs(inputs, need, dtype, 2)
         gl = None if grad_losses is None else common.host(grad_losses, dtype)
-        _C.cpo_loss(*host, loss_type, beta, eps, gamma, alpha, losses, cr, rj, gl, *g)
+        _C.cpo_loss(*host, args, losses, cr, rj, gl, *g)
         return (losses.to(device), cr.to(device), rj.to(device)), common.back(g, inputs)
 
     return recompute_in_backward(run, (pc, pr))
@@ -261,7 +266,8 @@ def odds_ratio_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
         g = common.grad_bufs(inputs, need, dtype, 2)
         gl = None if grad_losses is None else common.host(grad_losses, dtype)
         _C.odds_ratio_loss(*host, beta, losses, cr, rj, lo, gl, *g)
-        return (losses.to(device), cr.to(device), rj.to(device), lo.to(device)), common.back(g, inputs)
+        outs = (losses.to(device), cr.to(device), rj.to(device), lo.to(device))
+        return outs, common.back(g, inputs)
 
     losses, cr, rj, lo = recompute_in_backward(run, (pc, pr))
     return losses, cr, rj, torch.mean(losses.detach() / beta), torch.mean(lo)
@@ -295,15 +301,19 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
     wu = check.real(fn, "undesirable_weight", undesirable_weight)
     pc = check.vector(fn, "policy_chosen_logps", policy_chosen_logps, allow_empty=True)
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, allow_empty=True)
-    rc = check.vector(fn, "reference_chosen_logps", reference_chosen_logps, pc.shape[0], allow_empty=True)
-    rr = check.vector(fn, "reference_rejected_logps", reference_rejected_logps, pr.shape[0], allow_empty=True)
+    rc = check.vector(fn, "reference_chosen_logps", reference_chosen_logps, pc.shape[0],
+                      allow_empty=True)
+    rr = check.vector(fn, "reference_rejected_logps", reference_rejected_logps, pr.shape[0],
+                      allow_empty=True)
     if (policy_KL_logps is None) != (reference_KL_logps is None):
-        check.fail(fn, f"policy_KL_logps and reference_KL_logps must be given together")
+        check.fail(fn, "policy_KL_logps and reference_KL_logps must be given together")
     dtype, device = common.compute_dtype(pc, pr, rc, rr), pc.device
     pkl = rkl = None
     if policy_KL_logps is not None:
-        pkl = common.host(check.vector(fn, "policy_KL_logps", policy_KL_logps, allow_empty=True), dtype)
-        rkl = common.host(check.vector(fn, "reference_KL_logps", reference_KL_logps, pkl.shape[0], allow_empty=True), dtype)
+        pkl = check.vector(fn, "policy_KL_logps", policy_KL_logps, allow_empty=True)
+        rkl = check.vector(fn, "reference_KL_logps", reference_KL_logps, pkl.shape[0],
+                           allow_empty=True)
+        pkl, rkl = common.host(pkl, dtype), common.host(rkl, dtype)
     nc, nr = pc.shape[0], pr.shape[0]
 
     def run(inputs, grad_losses, need):
@@ -399,7 +409,7 @@ def hypo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         check.fail(fn, f"policy_sample_logps needs k >= 2 samples per prompt for the "
                        f"leave-one-out baseline, got {k}")
     if not isinstance(ref_sample_logps, torch.Tensor) or ref_sample_logps.shape != ps.shape:
-        check.fail(fn, f"ref_sample_logps must have the shape of policy_sample_logps")
+        check.fail(fn, "ref_sample_logps must have the shape of policy_sample_logps")
     dtype, device = common.compute_dtype(ps, ref_sample_logps), ps.device
     rs = ref_sample_logps.detach()
 
@@ -440,10 +450,10 @@ def superhf_loss(policy_logps: torch.Tensor, rewards: torch.Tensor, *, kl: Optio
     kl_coef = check.real(fn, "kl_coef", kl_coef)
     n = None if lengths is None else torch.as_tensor(lengths, dtype=lp.dtype)
     if n is not None and (n.shape != lp.shape or bool((n <= 0).any())):
-        check.fail(fn, f"lengths must have the shape of policy_logps and be > 0")
+        check.fail(fn, "lengths must have the shape of policy_logps and be > 0")
     if kl is None:
         if ref_logps is None:
-            check.fail(fn, f"give kl or ref_logps for the KL prior")
+            check.fail(fn, "give kl or ref_logps for the KL prior")
         kl = lp - ref_logps.detach()
     elif kl.shape != lp.shape:
         check.fail(fn, f"kl must have the shape of policy_logps {tuple(lp.shape)}")
@@ -458,8 +468,8 @@ def superhf_loss(policy_logps: torch.Tensor, rewards: torch.Tensor, *, kl: Optio
         if need is not None:
             g = [torch.empty(lp.shape, dtype=dtype) if need[i] else None for i in range(2)]
         go = None if grad_out is None else common.host(grad_out.reshape(1), dtype)
-        _C.superhf_loss(common.host(inputs[0], dtype), r_host, common.host(inputs[1], dtype), n_host,
-                        kl_coef, top_k, loss, idx, go, *g)
+        _C.superhf_loss(common.host(inputs[0], dtype), r_host, common.host(inputs[1], dtype),
+                        n_host, kl_coef, top_k, loss, idx, go, *g)
         return (loss.reshape(()).to(device),), common.back(g, inputs)
 
     (loss,) = recompute_in_backward(run, (lp, kl))

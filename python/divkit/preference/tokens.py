@@ -67,7 +67,8 @@ def token_logratio_and_kl(policy_logits: Optional[torch.Tensor], ref_logits: Opt
         check.fail(fn, f"labels must have shape {tuple(policy_logits.shape[:2])} (the "
                        f"logits' [B, T]), got {tuple(labels.shape)}")
     mask = labels != ignore_index
-    logratio = common.label_logps(policy_logits, labels, mask) - common.label_logps(ref_logits, labels, mask)
+    logratio = (common.label_logps(policy_logits, labels, mask)
+                - common.label_logps(ref_logits, labels, mask))
     student = policy_logits if kl_grad else policy_logits.detach()
     kl = divergence(student, ref_logits, "forward_kl", labels=labels, ignore_index=ignore_index,
                     reduction="none")
@@ -77,8 +78,8 @@ def token_logratio_and_kl(policy_logits: Optional[torch.Tensor], ref_logits: Opt
 def _fused_token_terms(fn, h, w, b, ref_logits, rh, rw, rb, labels, ignore_index, kl_grad,
                        chunk_size):
     if not isinstance(h, torch.Tensor) or h.dim() != 3:
-        check.fail(fn, f"policy hidden states must be a [B, T, H] tensor (or give "
-                       f"policy_logits)")
+        check.fail(fn, "policy hidden states must be a [B, T, H] tensor (or give "
+                       "policy_logits)")
     if w is None:
         check.fail(fn, "lm_head_weight is required with policy hidden states")
     check.lm_head(fn, h, w, ref_logits, rh, rw, labels)
@@ -107,7 +108,7 @@ def _token_inputs(fn, pcl, prl, rcl, rrl, cl, rl):
         check.fail(fn, f"policy_rejected_logits has batch size {prl.shape[0]}, "
                        f"policy_chosen_logits {pcl.shape[0]}; batch sizes disagree")
     if pcl.shape[0] == 0:
-        check.fail(fn, f"the batch is empty")
+        check.fail(fn, "the batch is empty")
 
 
 def tdpo_loss(policy_chosen_logits, policy_rejected_logits, ref_chosen_logits,

@@ -612,7 +612,7 @@ def markdown(report: Dict) -> str:
         lines.append(f"| {r['label']} | {r['reward']:.3f} | {r['sequence_kl']:.3f} | "
                      f"{r['reward_at_matched_kl']:.3f} | {r['preference_accuracy']:.3f} | "
                      f"{r['seconds']:.1f} s |")
-    lines += ["", f"The methods end at different KLs; \"reward at KL\" reads each reward-vs-KL "
+    lines += ["", "The methods end at different KLs; \"reward at KL\" reads each reward-vs-KL "
               "curve at the smallest final KL (linear interpolation), the fair comparison. "
               "Curves (every point of the figure) are in `report.json`.", ""]
     return "\n".join(lines)
