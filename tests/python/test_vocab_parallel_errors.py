@@ -41,7 +41,8 @@ def _checks(rank: int):
     out = divkit.fused_linear_cross_entropy(hidden, weight[lo:hi], labels,
                                             process_group=dist.group.WORLD)
     ref = divkit.fused_linear_cross_entropy(hidden, weight, labels)
-    assert abs(float(out) - float(ref)) <= 1e-5 * max(1.0, abs(float(ref))), (float(out), float(ref))
+    got, want = float(out), float(ref)
+    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
 
 
 def _worker(rank: int, world: int, port: int, result_dir: str):
