@@ -67,6 +67,9 @@ CPP_NOTES = {
     "fused_linear_logprobs_backward": "The gradients of fused_linear_logprobs' log-probs and "
                                       "entropy with respect to hidden, weight and bias "
                                       "(recomputing each chunk).",
+    "vocab_parallel_divergence": "divergence() over logits sharded by vocabulary: each rank passes "
+                                 "its columns and a VocabShard (rank, world, all-reduce callback); "
+                                 "every rank gets the unsharded loss and its shard's gradients.",
     "divergence_shard_stats": "Vocabulary-parallel phase 1: per-row max and log-sum-exp of this "
                               "rank's shard of both logits.",
     "divergence_shard_sums": "Vocabulary-parallel phase 2: the shard's partial sums of the "

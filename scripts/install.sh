@@ -6,7 +6,7 @@
 #      only then.
 #   2. A virtual environment in .venv (created if absent): torch 2.13.0 (CPU) is installed
 #      FIRST, then the build and test dependencies.
-#   3. divkit itself into .venv: pip install --no-build-isolation ".[test]" (an incremental
+#   3. divkit itself into .venv: pip install --no-build-isolation ".[test,tools]" (an incremental
 #      rebuild: scikit-build-core keeps its build tree under build/).
 #
 # Environment:
@@ -89,7 +89,7 @@ fi
 # Build dependencies (needed because of --no-build-isolation) and test dependencies; pip does
 # nothing for requirements already satisfied. torch stays pinned so that nothing replaces it.
 build_deps=("scikit-build-core>=0.10" "nanobind>=2.0" ninja "cmake>=3.22" numpy)
-run_deps=(tqdm matplotlib)  # divkit demo's progress bars and figure
+run_deps=(tqdm matplotlib)  # the tools extra: divkit demo's progress bars and figure
 test_deps=(pytest hypothesis trl pot)
 log "pip install ${build_deps[*]} ${run_deps[*]} ${test_deps[*]}"
 "${PIP[@]}" install -q "${build_deps[@]}" "${run_deps[@]}" "${test_deps[@]}" "torch==$TORCH_VERSION"
@@ -101,9 +101,15 @@ if ! .venv/bin/python -c "import liger_kernel" 2>/dev/null; then
 fi
 
 # --- 3. divkit itself -----------------------------------------------------------------------
+# The package's own extras: test (pytest and the peers) and tools (what the divkit command's
+# demo and compare import: tqdm, matplotlib), where pyproject.toml declares them.
+extra_names=()
+for e in test tools; do
+  if grep -q "^$e *=" pyproject.toml; then extra_names+=("$e"); fi
+done
 extras=""
-if grep -q '^test *=' pyproject.toml; then
-  extras="[test]"  # the package's own test extra
+if ((${#extra_names[@]})); then
+  extras="[$(IFS=,; echo "${extra_names[*]}")]"
 fi
 log "pip install --no-build-isolation .$extras"
 "${PIP[@]}" install -q --no-build-isolation ".$extras" "torch==$TORCH_VERSION"

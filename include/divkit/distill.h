@@ -1,5 +1,5 @@
-// divkit: row kernels of the distillation methods from the literature (issue 6) whose arithmetic
-// runs over the vocabulary (or class) dimension. Everything per sample or per class is done by
+// divkit: row kernels of the distillation methods from the literature whose arithmetic runs over
+// the vocabulary (or class) dimension. Everything per sample or per class is done by
 // the callers (python/divkit/distill.py); here are only the [N, V] loops.
 //
 // Common conventions:

@@ -33,6 +33,7 @@
 #include "divkit/divergence.h"
 #include "divkit/sparse.h"
 #include "divkit/tensor.h"
+#include "divkit/vocab_parallel.h"
 
 namespace divkit {
 
@@ -65,6 +66,12 @@ struct FusedLinearOptions {
   // the first V_s tokens is teacher_token_ids = 0..V_s-1. Without it the vocabularies must be
   // equal: nothing is ever padded with logit 0 (that would put mass on tokens that do not exist).
   TensorView teacher_token_ids;
+  // Vocabulary-parallel mode (vocab_parallel.h): the weights and biases are this rank's shard of
+  // the vocabulary; hidden states, labels (global token ids) and options are the same on every
+  // rank. Every rank gets the loss of the unsharded head, the gradients of its shard and the whole
+  // hidden-state gradient (all-reduced). teacher_token_ids is not supported with it (shard the
+  // teacher's vocabulary like the student's), nor is the sparse teacher.
+  VocabShard shard;
 };
 
 // Knowledge distillation from hidden states: any divergence of divergence.h between
@@ -112,6 +119,7 @@ struct CrossEntropySpec {
   double num_items_in_batch = 0.0;
   int64_t chunk_size = 0;  // as FusedLinearOptions::chunk_size
   TensorView weights;      // optional [N] fp32/fp64: multiplies token i's loss and gradient
+  VocabShard shard;        // as FusedLinearOptions::shard
 };
 
 // Per-token outputs besides the loss; each optional, [N] fp32 or fp64, 0 at ignored tokens.
@@ -139,6 +147,7 @@ struct LogprobsSpec {
   int64_t ignore_index = -100;
   float temperature = 1.0f;
   int64_t chunk_size = 0;
+  VocabShard shard;  // as FusedLinearOptions::shard
 };
 
 void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,

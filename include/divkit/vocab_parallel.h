@@ -23,12 +23,44 @@
 // Rows with labels[i] == ignore_index are skipped (their outputs are 0). Arrays are fp64 [N, 4]
 // (stats, norm, sums) and [N] (grad_scale); logits as in divergence(). Thread count does not
 // change results.
+//
+// The vocabulary-parallel mode of the fused heads (fused_linear.h) and vocab_parallel_divergence
+// below run these phases themselves and combine them through a VocabShard's all-reduce.
 #pragma once
+
+#include <cstdint>
+#include <functional>
 
 #include "divkit/divergence.h"
 #include "divkit/tensor.h"
 
 namespace divkit {
+
+enum class CollectiveOp { sum, max };
+
+// An in-place all-reduce of `count` doubles over the ranks of the group. Every rank makes the
+// same calls in the same order (the sizes depend on the token count and the options only, never
+// on a rank's shard), as torch.distributed's collectives require. An exception it throws
+// propagates out of the call that made it.
+using AllReduce = std::function<void(double* data, int64_t count, CollectiveOp op)>;
+
+// This rank's place in a vocabulary-parallel group: rank r of `world` holds a contiguous block of
+// the vocabulary, the blocks in rank order (sizes may differ; the offsets and the global V are
+// agreed on with one all-reduce at the start of each call). Without all_reduce the head is not
+// sharded.
+struct VocabShard {
+  int rank = 0;
+  int world = 1;
+  AllReduce all_reduce;
+  bool active() const { return static_cast<bool>(all_reduce); }
+};
+
+// divergence() (divergence.h) over logits sharded by vocabulary: student and teacher [N, V_r] are
+// this rank's columns; every rank passes the same labels, weights and options and gets the loss
+// of the unsharded call, and the gradients of its own columns (fp32 outputs or any float dtype).
+void vocab_parallel_divergence(const TensorView& student, const TensorView& teacher,
+                               const DivergenceSpec& spec, const DivergenceOptions& options,
+                               const DivergenceOutputs& outputs, const VocabShard& shard);
 
 void divergence_shard_stats(const TensorView& student, const TensorView& teacher,
                             const DivergenceSpec& spec, const TensorView& labels,

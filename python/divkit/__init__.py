@@ -11,6 +11,7 @@ See :func:`divkit.divergence` for the formulas and conventions.
 """
 
 from . import _C
+from . import _validate as _check
 from . import distributed, nn, ot
 from .functional import KINDS, REDUCTIONS, divergence, divergence_and_grad
 from .fused import (LogprobsResult, fused_linear_cross_entropy, fused_linear_divergence,
@@ -92,15 +93,15 @@ __all__ = [
     "__version__",
 ]
 
-#: The core's error type: a subclass of ValueError whose message names the bad argument.
+#: The error type of every argument check, the core's and the Python layer's: a subclass of
+#: ValueError whose message names the function and the bad argument (a wrong type raises a
+#: subclass that is also a TypeError).
 Error = _C.Error
 
 
 def set_num_threads(n: int) -> None:
     """Sets the number of threads of divkit's CPU kernels (results do not depend on it)."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
-    _C.set_num_threads(n)
+    _C.set_num_threads(_check.integer("set_num_threads", "n", n))
 
 
 def get_num_threads() -> int:
@@ -116,9 +117,7 @@ def available_simd_targets() -> list:
 def force_simd_target(name: str) -> None:
     """Restricts the kernels to one SIMD target (for tests and benchmarks); '' restores the
     automatic choice."""
-    if not isinstance(name, str):
-        raise TypeError(f"force_simd_target: name must be a str, got {type(name).__name__}")
-    _C.force_simd_target(name)
+    _C.force_simd_target(_check.string("force_simd_target", "name", name))
 
 
 def active_simd_target() -> str:

@@ -37,7 +37,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from divkit.demo import main as demo_main
+    from .tools.demo import main as demo_main
 
     return demo_main(args)
 
@@ -49,15 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="print the version, thread count and SIMD targets")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_info)
-    from divkit.demo import add_arguments as demo_arguments
+    from .tools.demo import add_arguments as demo_arguments
 
     p_demo = sub.add_parser("demo", help="the main job: distil a small LM through the fused "
                             "linear head, align it (DPO, f-DPO, TDPO2), write a report")
     demo_arguments(p_demo)
     p_demo.set_defaults(func=_demo)
-    from .compare import add_parser as _add_compare
+    from .tools.compare import add_parser as _add_compare
     _add_compare(sub)
-    from .bench_cli import add_parser as _add_bench
+    from .tools.bench import add_parser as _add_bench
     _add_bench(sub)
     return parser
 

@@ -8,14 +8,14 @@ per token, and the gradient is handed back to autograd in ``backward``.
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _C
+from . import _validate as check
+from ._autograd import Scaling, grads_in_forward
 
 __all__ = ["divergence", "divergence_and_grad", "KINDS", "REDUCTIONS"]
 
@@ -25,129 +25,12 @@ KINDS: Tuple[str, ...] = tuple(_C.kinds())
 REDUCTIONS: Tuple[str, ...] = tuple(_C.reductions())
 
 _FN = "divergence"
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _NP_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks for what the C++ core cannot see (Python types, devices, autograd state).
-# Every message starts with "divergence: <argument>", like the core's own messages.
+# Options (the checks of what the C++ core cannot see are in _validate).
 # ---------------------------------------------------------------------------------------------
-
-
-def _type_name(x: Any) -> str:
-    t = type(x)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _check_real(name: str, value: Any, fn: str = _FN) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{fn}: {name} must be a number, got a tensor of shape "
-                             f"{tuple(value.shape)}")
-        return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {_type_name(value)}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, fn: str = _FN) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be an int, got {_type_name(value)}")
-    return int(value)
-
-
-def _check_bool(name: str, value: Any, fn: str = _FN) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{fn}: {name} must be a bool, got {_type_name(value)}")
-    return bool(value)
-
-
-def _check_str(name: str, value: Any, fn: str = _FN) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{fn}: {name} must be a str, got {_type_name(value)}")
-    return value
-
-
-def _check_num_items(value: Any, fn: str = _FN) -> float:
-    if value is None:
-        return 0.0
-    n = _check_real("num_items_in_batch", value, fn)
-    if not (math.isfinite(n) and n > 0):
-        raise ValueError(f"{fn}: num_items_in_batch must be a finite number > 0 (or None), "
-                         f"got {n:g}")
-    return n
-
-
-def _check_logits(name: str, x: Any, fn: str = _FN) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor (or, with numpy inputs, a "
-                        f"numpy.ndarray), got {_type_name(x)}")
-    if x.device.type != "cpu":
-        raise ValueError(f"{fn}: {name} is on device {x.device}; divkit's kernels run on the "
-                         f"CPU (move it with .cpu())")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected torch.float32, "
-                        f"torch.bfloat16, torch.float16 or torch.float64")
-    if x.dim() < 1:
-        raise ValueError(f"{fn}: {name} must have at least one dimension [..., V], got a 0-d "
-                         f"tensor")
-    if x.is_sparse or x.layout != torch.strided:
-        raise ValueError(f"{fn}: {name} must be a dense (strided) tensor, got layout {x.layout}")
-    return x
-
-
-def _check_token_tensor(name: str, x: Any, lead_shape: torch.Size, fn: str = _FN) -> torch.Tensor:
-    """labels / weights: CPU tensors of shape logits.shape[:-1]."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {_type_name(x)}")
-    if x.device.type != "cpu":
-        raise ValueError(f"{fn}: {name} is on device {x.device}; divkit's kernels run on the "
-                         f"CPU (move it with .cpu())")
-    if tuple(x.shape) != tuple(lead_shape):
-        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected "
-                         f"{tuple(lead_shape)} (the logits' shape without the last dimension)")
-    return x
-
-
-def _check_labels(labels: Any, lead_shape: torch.Size, fn: str = _FN) -> Optional[torch.Tensor]:
-    if labels is None:
-        return None
-    labels = _check_token_tensor("labels", labels, lead_shape, fn)
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{fn}: labels must have an integer dtype, got {labels.dtype}")
-    labels = labels.detach()
-    if labels.dtype not in (torch.int32, torch.int64):
-        labels = labels.to(torch.int64)
-    return labels.reshape(-1)
-
-
-def _check_weights(weights: Any, lead_shape: torch.Size, fn: str = _FN,
-                   autograd: bool = True) -> Optional[torch.Tensor]:
-    if weights is None:
-        return None
-    weights = _check_token_tensor("weights", weights, lead_shape, fn)
-    if not weights.is_floating_point():
-        raise TypeError(f"{fn}: weights must have a floating dtype, got {weights.dtype}")
-    if autograd and weights.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{fn}: weights requires grad, but divkit does not compute gradients "
-                         f"with respect to weights; pass weights.detach()")
-    weights = weights.detach()
-    if weights.dtype not in (torch.float32, torch.float64):
-        weights = weights.to(torch.float32)
-    return weights.reshape(-1)
-
-
-def _check_grad_dtype(grad_dtype: Any, fn: str = _FN) -> Optional[torch.dtype]:
-    if grad_dtype is None:
-        return None
-    if not isinstance(grad_dtype, torch.dtype):
-        raise TypeError(f"{fn}: grad_dtype must be a torch.dtype or None, got "
-                        f"{_type_name(grad_dtype)}")
-    if grad_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{fn}: grad_dtype must be torch.float32, torch.bfloat16, "
-                         f"torch.float16 or torch.float64, got {grad_dtype}")
-    return grad_dtype
 
 
 def _rows(x: torch.Tensor, n: int, v: int) -> torch.Tensor:
@@ -172,19 +55,29 @@ class _Config(NamedTuple):
     grad_dtype: Optional[torch.dtype]
 
 
-def _parse_options(kind, beta, alpha, temperature, ignore_index, reduction, num_items_in_batch,
-                   scale_by_t_squared, inplace_grad, grad_dtype, fn: str = _FN) -> _Config:
+def _core_args(cfg: _Config, num_items_in_batch: Optional[float] = None) -> "_C.DivergenceArgs":
+    """The scalar arguments as the kernels' one options object."""
+    return _C.DivergenceArgs(
+        kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha, temperature=cfg.temperature,
+        scale_by_t_squared=cfg.scale_by_t_squared, ignore_index=cfg.ignore_index,
+        reduction=cfg.reduction,
+        num_items_in_batch=cfg.num_items_in_batch if num_items_in_batch is None
+        else num_items_in_batch)
+
+
+def _parse_options(fn: str, kind, beta, alpha, temperature, ignore_index, reduction,
+                   num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype) -> _Config:
     return _Config(
-        kind=_check_str("kind", kind, fn),
-        beta=_check_real("beta", beta, fn),
-        alpha=_check_real("alpha", alpha, fn),
-        temperature=_check_real("temperature", temperature, fn),
-        scale_by_t_squared=_check_bool("scale_by_t_squared", scale_by_t_squared, fn),
-        ignore_index=_check_int("ignore_index", ignore_index, fn),
-        reduction=_check_str("reduction", reduction, fn),
-        num_items_in_batch=_check_num_items(num_items_in_batch, fn),
-        inplace_grad=_check_bool("inplace_grad", inplace_grad, fn),
-        grad_dtype=_check_grad_dtype(grad_dtype, fn),
+        kind=check.string(fn, "kind", kind),
+        beta=check.real(fn, "beta", beta),
+        alpha=check.real(fn, "alpha", alpha),
+        temperature=check.real(fn, "temperature", temperature),
+        scale_by_t_squared=check.boolean(fn, "scale_by_t_squared", scale_by_t_squared),
+        ignore_index=check.integer(fn, "ignore_index", ignore_index),
+        reduction=check.string(fn, "reduction", reduction),
+        num_items_in_batch=check.num_items(fn, num_items_in_batch),
+        inplace_grad=check.boolean(fn, "inplace_grad", inplace_grad),
+        grad_dtype=check.grad_dtype(fn, grad_dtype),
     )
 
 
@@ -209,7 +102,7 @@ def _run(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Te
         loss = torch.empty(1, dtype=torch.float32)
 
     # The gradients are allocated in the logits' shapes and handed to the core as [N, V] views,
-    # so that backward can return the very tensors it keeps (see _DivergenceFunction).
+    # so that backward can return the very tensors it keeps (Scaling.keep).
     grad_s = grad_t = None
     grad_s2 = grad_t2 = None
     if need_student:
@@ -223,26 +116,29 @@ def _run(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Te
         grad_t = torch.empty(teacher.shape, dtype=cfg.grad_dtype or teacher.dtype)
         grad_t2 = grad_t.view(n, v)
 
-    _C.divergence(s2, t2, loss, grad_s2, grad_t2, cfg.kind, cfg.beta, cfg.alpha,
-                  cfg.temperature, cfg.scale_by_t_squared, labels, cfg.ignore_index, weights,
-                  cfg.reduction, cfg.num_items_in_batch)
+    _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, _core_args(cfg))
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s, grad_t
 
 
-def _check_inplace(student: torch.Tensor, teacher: torch.Tensor, cfg: _Config, fn: str = _FN):
+def _check_inplace(fn: str, student: torch.Tensor, cfg: _Config, others) -> None:
+    """inplace_grad=True writes the gradient into student_logits: its dtype must be the
+    gradient's, and no other input (``others``: (name, tensor) pairs) may share its memory."""
     if not cfg.inplace_grad:
         return
     if cfg.grad_dtype is not None and cfg.grad_dtype != student.dtype:
-        raise ValueError(f"{fn}: grad_dtype={cfg.grad_dtype} cannot be used with "
-                         f"inplace_grad=True: the gradient is written into student_logits, whose "
-                         f"dtype is {student.dtype}")
-    if student.numel() > 0 and teacher.numel() > 0:
-        s_lo, s_hi = _byte_range(student)
-        t_lo, t_hi = _byte_range(teacher)
+        check.fail(fn, f"grad_dtype={cfg.grad_dtype} cannot be used with inplace_grad=True: the "
+                       f"gradient is written into student_logits, whose dtype is {student.dtype}")
+    if student.numel() == 0:
+        return
+    s_lo, s_hi = _byte_range(student)
+    for name, t in others:
+        if t.numel() == 0:
+            continue
+        t_lo, t_hi = _byte_range(t)
         if s_lo < t_hi and t_lo < s_hi:
-            raise ValueError(f"{fn}: inplace_grad=True but teacher_logits shares memory with "
-                             f"student_logits; the gradient would overwrite the teacher")
+            check.fail(fn, f"inplace_grad=True but {name} shares memory with student_logits; the "
+                           f"gradient would overwrite it")
 
 
 def _byte_range(x: torch.Tensor) -> Tuple[int, int]:
@@ -255,48 +151,10 @@ def _byte_range(x: torch.Tensor) -> Tuple[int, int]:
     return lo, hi + x.element_size()
 
 
-class _DivergenceFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, labels, weights, cfg: _Config):
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, grad_s, grad_t = _run(student, teacher, labels, weights, cfg, need_s, need_t)
-        # The gradients are intermediate buffers (neither inputs nor outputs), kept on ctx. When
-        # the upstream gradient is 1, backward returns these very tensors: as ctx still holds
-        # them, autograd never adopts one as a leaf's .grad (it copies), so a later backward
-        # (retain_graph=True) finds them unchanged.
-        ctx.grad_s, ctx.grad_t = grad_s, grad_t
-        ctx.cfg = cfg
-        ctx.consumed = False
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        cfg: _Config = ctx.cfg
-        if cfg.reduction == "none":
-            scale = grad_out.unsqueeze(-1)  # per token
-            is_one = False
-        else:
-            scale = grad_out.reshape(())
-            is_one = bool(scale == 1)
-
-        def finish(g: Optional[torch.Tensor], inplace: bool):
-            if g is None or is_one:
-                return g
-            # scale is fp32: the product is computed in fp32 and rounded once to g's dtype.
-            if not inplace:
-                return torch.mul(g, scale, out=torch.empty_like(g))
-            # The buffer is the student logits, already overwritten: scale it in place so that
-            # no [N, V] temporary is made. A second backward cannot undo that.
-            if ctx.consumed:
-                raise RuntimeError(
-                    "divkit.divergence(inplace_grad=True): the gradient, kept in the student "
-                    "logits' storage, was already scaled by a previous backward; with "
-                    "inplace_grad=True and an upstream gradient other than 1, call backward once")
-            ctx.consumed = True
-            return g.mul_(scale)
-
-        return finish(ctx.grad_s, cfg.inplace_grad), finish(ctx.grad_t, False), None, None, None
+def _scaling(fn: str, cfg: _Config) -> Scaling:
+    """Gradients computed in forward, kept by the graph; the student's scaled in place when it
+    lives in the logits' storage."""
+    return Scaling(inplace=0 if cfg.inplace_grad else None, fn=f"divkit.{fn}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,23 +164,23 @@ class _DivergenceFunction(torch.autograd.Function):
 
 def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str = _FN):
     if cfg.inplace_grad or cfg.grad_dtype is not None:
-        raise ValueError(f"{fn}: inplace_grad and grad_dtype apply to torch tensors; numpy "
-                         f"inputs give the loss only")
+        check.fail(fn, "inplace_grad and grad_dtype apply to torch tensors; numpy "
+                       "inputs give the loss only")
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, np.ndarray):
-            raise TypeError(f"{fn}: {name} must be a numpy.ndarray like student_logits, got "
-                            f"{_type_name(x)}")
+            check.fail_type(fn, f"{name} must be a numpy.ndarray like student_logits, got "
+                                f"{check.type_name(x)}")
         if x.dtype not in _NP_FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected float32, float16 or "
-                            f"float64")
+            check.fail_type(fn, f"{name} has dtype {x.dtype}; expected float32, float16 or "
+                                f"float64")
         if x.ndim < 1:
-            raise ValueError(f"{fn}: {name} must have at least one dimension [..., V], got a "
-                             f"0-d array")
+            check.fail(fn, f"{name} must have at least one dimension [..., V], got a "
+                           f"0-d array")
     if teacher.shape != student.shape:
-        raise ValueError(f"{fn}: teacher_logits has shape {teacher.shape}, expected "
-                         f"{student.shape} (the shape of student_logits)")
+        check.fail(fn, f"teacher_logits has shape {teacher.shape}, expected "
+                       f"{student.shape} (the shape of student_logits)")
     lead_shape = student.shape[:-1]
-    v = student.shape[-1]
+    nv = student.shape[-1]
     n = math.prod(lead_shape)
 
     def token_array(name, x, kinds_ok):
@@ -331,14 +189,14 @@ def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str =
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         if not isinstance(x, np.ndarray):
-            raise TypeError(f"{fn}: {name} must be a numpy.ndarray or None, got "
-                            f"{_type_name(x)}")
+            check.fail_type(fn, f"{name} must be a numpy.ndarray or None, got "
+                                f"{check.type_name(x)}")
         if x.shape != lead_shape:
-            raise ValueError(f"{fn}: {name} has shape {x.shape}, expected {lead_shape} (the "
-                             f"logits' shape without the last dimension)")
+            check.fail(fn, f"{name} has shape {x.shape}, expected {lead_shape} (the "
+                           f"logits' shape without the last dimension)")
         if x.dtype.kind not in kinds_ok:
             want = "an integer" if kinds_ok == "iu" else "a floating"
-            raise TypeError(f"{fn}: {name} must have {want} dtype, got {x.dtype}")
+            check.fail_type(fn, f"{name} must have {want} dtype, got {x.dtype}")
         return x.reshape(n)
 
     labels = token_array("labels", labels, "iu")
@@ -349,18 +207,16 @@ def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str =
         weights = weights.astype(np.float32)
 
     def rows(x):
-        x2 = x.reshape(n, v)
-        unit_columns = v <= 1 or x2.strides[1] == x2.itemsize
-        if not unit_columns or (n > 1 and x2.strides[0] < v * x2.itemsize):
+        x2 = x.reshape(n, nv)
+        unit_columns = nv <= 1 or x2.strides[1] == x2.itemsize
+        if not unit_columns or (n > 1 and x2.strides[0] < nv * x2.itemsize):
             x2 = np.ascontiguousarray(x2)
         return x2
 
     s2 = rows(student)
     t2 = rows(teacher)
     loss = np.empty(n if cfg.reduction == "none" else 1, dtype=np.float32)
-    _C.divergence(s2, t2, loss, None, None, cfg.kind, cfg.beta, cfg.alpha, cfg.temperature,
-                  cfg.scale_by_t_squared, labels, cfg.ignore_index, weights, cfg.reduction,
-                  cfg.num_items_in_batch)
+    _C.divergence(s2, t2, loss, None, None, labels, weights, _core_args(cfg))
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
 
 
@@ -481,29 +337,33 @@ def divergence(
                                  labels=labels)
         loss.backward()
     """
-    cfg = _parse_options(kind, beta, alpha, temperature, ignore_index, reduction,
+    fn = _FN
+    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
                          num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
     if isinstance(student_logits, np.ndarray):
         return _numpy_divergence(student_logits, teacher_logits, labels, weights, cfg)
 
-    student = _check_logits("student_logits", student_logits)
-    teacher = _check_logits("teacher_logits", teacher_logits)
-    if teacher.shape != student.shape:
-        raise ValueError(f"{_FN}: teacher_logits has shape {tuple(teacher.shape)}, expected "
-                         f"{tuple(student.shape)} (the shape of student_logits)")
+    student = check.logits(fn, "student_logits", student_logits)
+    teacher = check.logits(fn, "teacher_logits", teacher_logits)
+    check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")
     lead_shape = student.shape[:-1]
-    labels_t = _check_labels(labels, lead_shape)
-    weights_t = _check_weights(weights, lead_shape)
+    labels_t = check.labels(fn, labels, lead_shape)
+    weights_t = check.weights(fn, weights, lead_shape)
 
     grad_on = torch.is_grad_enabled()
     need_s = grad_on and student.requires_grad
     need_t = grad_on and teacher.requires_grad
     if need_s:
-        _check_inplace(student, teacher, cfg)
+        _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
     if not (need_s or need_t):
         loss, _, _ = _run(student, teacher, labels_t, weights_t, cfg, False, False)
         return loss
-    return _DivergenceFunction.apply(student, teacher, labels_t, weights_t, cfg)
+
+    def run(need):
+        loss, grad_s, grad_t = _run(student, teacher, labels_t, weights_t, cfg, *need)
+        return loss, (grad_s, grad_t)
+
+    return grads_in_forward(run, (student, teacher), _scaling(fn, cfg))
 
 
 def divergence_and_grad(
@@ -535,19 +395,43 @@ def divergence_and_grad(
     view of) ``student_logits``.
     """
     fn = "divergence_and_grad"
-    cfg = _parse_options(kind, beta, alpha, temperature, ignore_index, reduction,
-                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype, fn)
-    student = _check_logits("student_logits", student_logits, fn)
-    teacher = _check_logits("teacher_logits", teacher_logits, fn)
-    if teacher.shape != student.shape:
-        raise ValueError(f"{fn}: teacher_logits has shape {tuple(teacher.shape)}, expected "
-                         f"{tuple(student.shape)} (the shape of student_logits)")
-    need_s = _check_bool("grad_student", grad_student, fn)
-    need_t = _check_bool("grad_teacher", grad_teacher, fn)
+    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
+                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    student = check.logits(fn, "student_logits", student_logits)
+    teacher = check.logits(fn, "teacher_logits", teacher_logits)
+    check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")
+    need_s = check.boolean(fn, "grad_student", grad_student)
+    need_t = check.boolean(fn, "grad_teacher", grad_teacher)
     lead_shape = student.shape[:-1]
-    labels_t = _check_labels(labels, lead_shape, fn)
-    weights_t = _check_weights(weights, lead_shape, fn, autograd=False)
+    labels_t = check.labels(fn, labels, lead_shape)
+    weights_t = check.weights(fn, weights, lead_shape, autograd=False)
     if need_s:
-        _check_inplace(student, teacher, cfg, fn)
+        _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
     with torch.no_grad():
         return _run(student, teacher, labels_t, weights_t, cfg, need_s, need_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The former checker names, (name, value, fn) order, kept only for fused.py and distributed.py
+# until they call divkit._validate themselves; delete with their last use.
+# ---------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = check.FLOAT_DTYPES
+_type_name = check.type_name
+
+
+def _check_real(name, value, fn=_FN):
+    return check.real(fn, name, value)
+
+
+def _check_int(name, value, fn=_FN):
+    return check.integer(fn, name, value)
+
+
+def _check_str(name, value, fn=_FN):
+    return check.string(fn, name, value)
+
+
+def _check_num_items(value, fn=_FN):
+    return check.num_items(fn, value)
+

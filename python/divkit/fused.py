@@ -9,23 +9,23 @@ to fp32 (a weight one block of rows at a time, never as a whole copy) and multip
 accumulated in fp32 (no logits rounded to bf16, unlike Liger-Kernel's fused losses). Gradients
 come back in each input's dtype.
 
-With ``process_group`` the weights (and biases) are the rank's shard of the vocabulary, rows
-``[rank * V / world, ...)`` in rank order (as Megatron's vocabulary-parallel head); every rank
-passes the same hidden states and labels (global token ids), and gets the same loss and the
-gradients of its own shard (and the full hidden-state gradient). See :mod:`divkit.distributed`.
+With ``process_group`` the weights (and biases) are the rank's shard of the vocabulary, a
+contiguous block of rows in rank order (as Megatron's vocabulary-parallel head; blocks may differ
+in size); every rank passes the same hidden states and labels (global token ids), and gets the
+same loss and the gradients of its own shard (and the full hidden-state gradient). The same C++
+chunk loop runs on every rank, calling back into ``torch.distributed.all_reduce`` between the
+phases of each chunk. See :mod:`divkit.distributed`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _C
-from .functional import (_check_int, _check_num_items, _check_real, _check_str, _type_name,
-                         _FLOAT_DTYPES)
+from . import _validate as check
+from ._autograd import Scaling, grads_in_forward, recompute_in_backward
 
 __all__ = [
     "fused_linear_divergence",
@@ -35,55 +35,95 @@ __all__ = [
     "LogprobsResult",
 ]
 
+_LEAD = "the hidden states' shape without H"
 
-def _tensor(fn: str, name: str, x, *, ndim: Optional[int] = None, optional: bool = False):
-    if x is None:
-        if optional:
-            return None
-        raise TypeError(f"{fn}: {name} is required")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
-    if x.device.type != "cpu":
-        raise ValueError(f"{fn}: {name} is on device {x.device}; divkit's kernels run on the CPU")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} has dtype {x.dtype}; expected torch.float32, "
-                        f"torch.bfloat16, torch.float16 or torch.float64")
-    if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
-    if ndim is None and x.dim() < 1:
-        raise ValueError(f"{fn}: {name} must have at least one dimension [..., H]")
-    return x
+
+def _hidden(fn: str, name: str, x):
+    return check.tensor(fn, name, x, min_ndim=1)
+
+
+def _matrix(fn: str, name: str, x):
+    return check.tensor(fn, name, x, ndim=(2,))
+
+
+def _bias(fn: str, name: str, x):
+    return check.tensor(fn, name, x, ndim=(1,), optional=True)
 
 
 def _labels(fn: str, labels, lead_shape, *, optional: bool = False):
-    if labels is None:
-        if optional:
-            return None
-        raise TypeError(f"{fn}: labels are required")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{fn}: labels must be a torch.Tensor, got {_type_name(labels)}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{fn}: labels must have an integer dtype, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(lead_shape):
-        raise ValueError(f"{fn}: labels has shape {tuple(labels.shape)}, expected "
-                         f"{tuple(lead_shape)} (the hidden states' shape without H)")
-    labels = labels.detach().reshape(-1)
-    if labels.dtype not in (torch.int32, torch.int64):
-        labels = labels.to(torch.int64)
-    return labels
+    if labels is None and not optional:
+        check.fail_type(fn, "labels are required")
+    return check.labels(fn, labels, lead_shape, lead=_LEAD)
+
+
+def _head_loss(fn: str, call: Callable, tensors: Sequence[Optional[torch.Tensor]], reduced: bool,
+               backward: Optional[Callable] = None, n_diff: int = 1):
+    """The autograd of a fused head over ``tensors`` (hidden states, weights, biases; None for
+    an absent bias, kept out of the graph).
+
+    ``call(tensors, need, upstream) -> (outputs tuple, grads)`` makes one core call: ``need`` one
+    flag per tensor, ``upstream`` None or the per-token upstream gradient (the call then uses it
+    as token weights of a summed loss), ``grads`` one tensor or None per tensor. With a reduced
+    loss the gradients come from the forward call and backward scales them, handing them over
+    to autograd without a copy (GradsInForward); otherwise backward calls again with the
+    upstream gradient (RecomputeInBackward), or ``backward(tensors, grad_out, need) -> grads``
+    when given. Returns the outputs (one tensor when there is one)."""
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    xs = [tensors[i] for i in present]
+
+    def full(sub, fill=None) -> List:
+        out = [fill] * len(tensors)
+        for i, x in zip(present, sub):
+            out[i] = x
+        return out
+
+    def pick(grads):
+        return [grads[i] for i in present]
+
+    if reduced:
+        def run(need):
+            outs, grads = call(list(tensors), full(need, False), None)
+            return (outs[0] if len(outs) == 1 else tuple(outs)), pick(grads)
+
+        return grads_in_forward(run, xs, Scaling(keep=False, fn=fn))
+
+    def rerun(inputs, grad_out, need):
+        ts = full(inputs)
+        if grad_out is None:
+            return call(ts, [False] * len(ts), None)[0], None
+        if backward is not None:
+            return None, pick(backward(ts, grad_out, full(need, False)))
+        return None, pick(call(ts, full(need, False), grad_out)[1])
+
+    outs = recompute_in_backward(rerun, xs, n_diff)
+    return outs[0] if len(outs) == 1 else outs
+
+
+def _collective(group):
+    """(rank, world size, all_reduce) of a torch.distributed process group, for the core's
+    vocabulary-parallel mode: the core calls all_reduce(buffer, op) with a float64 numpy array
+    viewing its own buffer, reduced in place over the group."""
+    import torch.distributed as dist
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+    def all_reduce(buffer, op):
+        dist.all_reduce(torch.from_numpy(buffer), op=ops[op], group=group)
+
+    return dist.get_rank(group), dist.get_world_size(group), all_reduce
+
+
+def _options(group=None, **fields) -> "_C.FusedLinearOptions":
+    """The core's options object, with the vocabulary-parallel collective of ``group`` if given."""
+    opts = _C.FusedLinearOptions()
+    for name, value in fields.items():
+        setattr(opts, name, value)
+    if group is not None:
+        opts.rank, opts.world, opts.all_reduce = _collective(group)
+    return opts
 
 
 def _grad_buffer(x: Optional[torch.Tensor], need: bool) -> Optional[torch.Tensor]:
     return torch.empty(x.shape, dtype=x.dtype) if need and x is not None else None
-
-
-def _chunk(fn: str, chunk_size) -> int:
-    if chunk_size is None:
-        return 0
-    c = _check_int("chunk_size", chunk_size, fn)
-    if c < 1:
-        raise ValueError(f"{fn}: chunk_size must be >= 1 (or None to choose it), got {c}")
-    return c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,22 +145,16 @@ class _DistillConfig(NamedTuple):
     chunk_size: int
 
 
-def _take_grads(ctx, grad_out):
-    """The gradients computed in forward, scaled by the (scalar) upstream gradient. They are
-    handed over, not kept: with no other reference autograd adopts each one as the leaf's .grad
-    instead of copying it (a weight-sized copy saved). A second backward through the same graph
-    therefore raises."""
-    if ctx.grads is None:
-        raise RuntimeError("divkit fused loss: backward was already run through this graph; the "
-                           "gradients are computed once, in forward (recompute the loss)")
-    grads, ctx.grads = ctx.grads, None
-    scale = grad_out.reshape(())
-    if bool(scale == 1):
-        return grads
-    return [None if g is None else g.mul_(scale.to(g.dtype)) for g in grads]
+def _distill_options(cfg: _DistillConfig, reduction: str, group) -> "_C.FusedLinearOptions":
+    return _options(group, kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha,
+                    temperature=cfg.temperature, scale_by_t_squared=cfg.scale_by_t_squared,
+                    ignore_index=cfg.ignore_index, reduction=reduction,
+                    num_items_in_batch=cfg.num_items_in_batch if reduction != "none" else 0.0,
+                    hard_weight=cfg.hard_weight, soft_weight=cfg.soft_weight,
+                    chunk_size=cfg.chunk_size)
 
 
-def _distill_call(cfg: _DistillConfig, sh, sw, sb, th, tw, tb, labels, weights, token_ids,
+def _distill_call(cfg: _DistillConfig, group, sh, sw, sb, th, tw, tb, labels, weights, token_ids,
                   need, reduction: Optional[str] = None):
     """One core call. need: 6 flags (student hidden/weight/bias, teacher hidden/weight/bias).
     Returns (loss, six gradients or None)."""
@@ -128,44 +162,18 @@ def _distill_call(cfg: _DistillConfig, sh, sw, sb, th, tw, tb, labels, weights, 
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb, th, tw, tb), need)]
-    _C.fused_linear_divergence(
-        sh, sw, sb, th, tw, tb, cfg.kind, cfg.beta, cfg.alpha, cfg.temperature,
-        cfg.scale_by_t_squared, labels, cfg.ignore_index, weights, reduction,
-        cfg.num_items_in_batch if reduction != "none" else 0.0, cfg.hard_weight, cfg.soft_weight,
-        cfg.chunk_size, token_ids, loss, *grads)
+    _C.fused_linear_divergence(_head(sh, sw, sb), _head(th, tw, tb), labels, weights, token_ids,
+                               _distill_options(cfg, reduction, group), loss, tuple(grads[:3]),
+                               tuple(grads[3:]))
     return loss, grads
 
 
-class _FusedLinearDivergenceFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, labels, weights, token_ids, cfg: _DistillConfig):
-        need = tuple(bool(f) for f in ctx.needs_input_grad[:6])
-        ctx.cfg = cfg
-        if cfg.reduction == "none" and any(need):
-            # The upstream gradient is per token: backward reruns the chunks with it as weights.
-            loss, _ = _distill_call(cfg, sh, sw, sb, th, tw, tb, labels, weights, token_ids,
-                                    (False,) * 6)
-            ctx.save_for_backward(sh, sw, sb, th, tw, tb, labels, weights, token_ids)
-            ctx.need = need
-            return loss
-        loss, grads = _distill_call(cfg, sh, sw, sb, th, tw, tb, labels, weights, token_ids, need)
-        ctx.grads = grads
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        cfg: _DistillConfig = ctx.cfg
-        if cfg.reduction == "none":
-            sh, sw, sb, th, tw, tb, labels, weights, token_ids = ctx.saved_tensors
-            w = grad_out.to(torch.float64)
-            if weights is not None:
-                w = w * weights.to(torch.float64)
-            _, grads = _distill_call(cfg, sh, sw, sb, th, tw, tb, labels, w.contiguous(),
-                                     token_ids, ctx.need, reduction="sum")
-        else:
-            grads = _take_grads(ctx, grad_out)
-        return (*grads, None, None, None, None)
+def _token_weights(upstream: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """A per-token upstream gradient as the token weights of a summed loss."""
+    w = upstream.reshape(-1).to(torch.float64)
+    if weights is not None:
+        w = w * weights.to(torch.float64)
+    return w.contiguous()
 
 
 def fused_linear_divergence(
@@ -223,53 +231,60 @@ def fused_linear_divergence(
     as weights.
     """
     fn = "fused_linear_divergence"
-    sh = _tensor(fn, "student_hidden", student_hidden)
-    sw = _tensor(fn, "student_weight", student_weight, ndim=2)
-    th = _tensor(fn, "teacher_hidden", teacher_hidden)
-    tw = _tensor(fn, "teacher_weight", teacher_weight, ndim=2)
-    sb = _tensor(fn, "student_bias", student_bias, ndim=1, optional=True)
-    tb = _tensor(fn, "teacher_bias", teacher_bias, ndim=1, optional=True)
+    sh = _hidden(fn, "student_hidden", student_hidden)
+    sw = _matrix(fn, "student_weight", student_weight)
+    th = _hidden(fn, "teacher_hidden", teacher_hidden)
+    tw = _matrix(fn, "teacher_weight", teacher_weight)
+    sb = _bias(fn, "student_bias", student_bias)
+    tb = _bias(fn, "teacher_bias", teacher_bias)
     lead = sh.shape[:-1]
     if tuple(th.shape[:-1]) != tuple(lead):
-        raise ValueError(f"{fn}: teacher_hidden has shape {tuple(th.shape)} and student_hidden "
-                         f"{tuple(sh.shape)}: the token dimensions must agree")
+        check.fail(fn, f"teacher_hidden has shape {tuple(th.shape)} and student_hidden "
+                       f"{tuple(sh.shape)}: the token dimensions must agree")
     lab = _labels(fn, labels, lead, optional=True)
     if weights is not None:
-        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-            raise TypeError(f"{fn}: weights must be a floating torch.Tensor or None")
-        if tuple(weights.shape) != tuple(lead):
-            raise ValueError(f"{fn}: weights has shape {tuple(weights.shape)}, expected "
-                             f"{tuple(lead)}")
+        check.floating(fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD))
         weights = weights.detach().reshape(-1)
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
     ids = None
     if teacher_token_ids is not None:
-        if not isinstance(teacher_token_ids, torch.Tensor) or teacher_token_ids.is_floating_point():
-            raise TypeError(f"{fn}: teacher_token_ids must be an integer torch.Tensor")
+        check.integral(fn, "teacher_token_ids",
+                       check.tensor(fn, "teacher_token_ids", teacher_token_ids, dtypes=None))
         ids = teacher_token_ids.detach().reshape(-1)
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(torch.int64)
     cfg = _DistillConfig(
-        kind=_check_str("kind", kind, fn), beta=_check_real("beta", beta, fn),
-        alpha=_check_real("alpha", alpha, fn),
-        temperature=_check_real("temperature", temperature, fn),
+        kind=check.string(fn, "kind", kind), beta=check.real(fn, "beta", beta),
+        alpha=check.real(fn, "alpha", alpha),
+        temperature=check.real(fn, "temperature", temperature),
         scale_by_t_squared=bool(scale_by_t_squared),
-        ignore_index=_check_int("ignore_index", ignore_index, fn),
-        reduction=_check_str("reduction", reduction, fn),
-        num_items_in_batch=_check_num_items(num_items_in_batch, fn),
-        hard_weight=_check_real("hard_weight", hard_weight, fn),
-        soft_weight=_check_real("soft_weight", soft_weight, fn),
-        chunk_size=_chunk(fn, chunk_size))
-    if process_group is not None:
-        from . import distributed
-        return distributed.vocab_parallel_fused_linear_divergence(
-            sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead)
+        ignore_index=check.integer(fn, "ignore_index", ignore_index),
+        reduction=check.string(fn, "reduction", reduction),
+        num_items_in_batch=check.num_items(fn, num_items_in_batch),
+        hard_weight=check.real(fn, "hard_weight", hard_weight),
+        soft_weight=check.real(fn, "soft_weight", soft_weight),
+        chunk_size=check.chunk_size(fn, chunk_size))
+    return _divergence_apply(sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead)
+
+
+def _divergence_apply(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group,
+                      lead):
+    """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
+    group, or None)."""
+    def call(ts, need, upstream):
+        if upstream is None:
+            loss, grads = _distill_call(cfg, group, *ts, labels, weights, ids, need)
+        else:
+            loss, grads = _distill_call(cfg, group, *ts, labels, _token_weights(upstream, weights),
+                                        ids, need, reduction="sum")
+        return (loss,), grads
 
     # reshape / contiguous stay inside the autograd graph.
-    loss = _FusedLinearDivergenceFunction.apply(
-        _contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb,
-        _contig_rows(th.reshape(-1, th.shape[-1])), _contig_rows(tw), tb, lab, weights, ids, cfg)
+    loss = _head_loss("fused_linear_divergence", call,
+                      [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb,
+                       _contig_rows(th.reshape(-1, th.shape[-1])), _contig_rows(tw), tb],
+                      cfg.reduction != "none")
     if cfg.reduction == "none":
         return loss.reshape(lead)
     return loss.reshape(())
@@ -282,43 +297,15 @@ def _contig_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class _FusedLinearSparseFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sh, sw, sb, idx, lp, labels, weights, tail: str, cfg: _DistillConfig):
-        need = tuple(bool(f) for f in ctx.needs_input_grad[:3])
-        ctx.cfg, ctx.tail, ctx.need = cfg, tail, need
-        if cfg.reduction == "none" and any(need):
-            loss, _ = _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, (False,) * 3)
-            ctx.save_for_backward(sh, sw, sb, idx, lp, labels, weights)
-            return loss
-        loss, ctx.grads = _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        cfg = ctx.cfg
-        if cfg.reduction == "none":
-            sh, sw, sb, idx, lp, labels, weights = ctx.saved_tensors
-            w = grad_out.to(torch.float64)
-            if weights is not None:
-                w = w * weights.to(torch.float64)
-            _, grads = _sparse_call(cfg, ctx.tail, sh, sw, sb, idx, lp, labels, w.contiguous(),
-                                    ctx.need, reduction="sum")
-        else:
-            grads = _take_grads(ctx, grad_out)
-        return (*grads, None, None, None, None, None, None)
-
-
 def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reduction=None):
     reduction = reduction or cfg.reduction
     loss = torch.empty(sh.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb), need)]
+    opts = _distill_options(cfg, reduction, None)
+    opts.tail = tail
     _C.fused_linear_sparse_divergence(
-        sh.detach(), sw.detach(), None if sb is None else sb.detach(), idx, lp, tail, cfg.kind,
-        cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared, labels, cfg.ignore_index,
-        weights, reduction, cfg.num_items_in_batch if reduction != "none" else 0.0,
-        cfg.hard_weight, cfg.soft_weight, cfg.chunk_size, loss, *grads)
+        _head(sh, sw, sb), idx, lp, labels, weights,
+        opts, loss, tuple(grads))
     return loss, grads
 
 
@@ -357,38 +344,45 @@ def fused_linear_sparse_divergence(
     gradients (student hidden, weight, bias) in the inputs' dtypes.
     """
     fn = "fused_linear_sparse_divergence"
-    sh = _tensor(fn, "student_hidden", student_hidden)
-    sw = _tensor(fn, "student_weight", student_weight, ndim=2)
-    sb = _tensor(fn, "student_bias", student_bias, ndim=1, optional=True)
+    sh = _hidden(fn, "student_hidden", student_hidden)
+    sw = _matrix(fn, "student_weight", student_weight)
+    sb = _bias(fn, "student_bias", student_bias)
     lead = sh.shape[:-1]
     for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
+        check.tensor(fn, name, x, dtypes=None)
         if tuple(x.shape[:-1]) != tuple(lead) or x.dim() != len(lead) + 1:
-            raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected "
-                             f"{tuple(lead)} + (k,)")
-    if isinstance(teacher_logprobs, torch.Tensor) and teacher_logprobs.requires_grad:
-        raise ValueError(f"{fn}: teacher_logprobs requires grad; a sparse teacher gets no "
-                         f"gradient (pass teacher_logprobs.detach())")
+            check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead)} + (k,)")
+    if teacher_logprobs.requires_grad:
+        check.fail(fn, "teacher_logprobs requires grad; a sparse teacher gets no gradient (pass "
+                       "teacher_logprobs.detach())")
     idx = teacher_indices.detach().reshape(-1, teacher_indices.shape[-1]).contiguous()
     lp = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]).contiguous()
     lab = _labels(fn, labels, lead, optional=True)
     if weights is not None:
         weights = weights.detach().reshape(-1).to(torch.float64).contiguous()
     cfg = _DistillConfig(
-        kind=_check_str("kind", kind, fn), beta=_check_real("beta", beta, fn),
-        alpha=_check_real("alpha", alpha, fn),
-        temperature=_check_real("temperature", temperature, fn),
+        kind=check.string(fn, "kind", kind), beta=check.real(fn, "beta", beta),
+        alpha=check.real(fn, "alpha", alpha),
+        temperature=check.real(fn, "temperature", temperature),
         scale_by_t_squared=bool(scale_by_t_squared),
-        ignore_index=_check_int("ignore_index", ignore_index, fn),
-        reduction=_check_str("reduction", reduction, fn),
-        num_items_in_batch=_check_num_items(num_items_in_batch, fn),
-        hard_weight=_check_real("hard_weight", hard_weight, fn),
-        soft_weight=_check_real("soft_weight", soft_weight, fn),
-        chunk_size=_chunk(fn, chunk_size))
-    loss = _FusedLinearSparseFunction.apply(
-        _contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb, idx, lp, lab, weights,
-        _check_str("tail", tail, fn), cfg)
+        ignore_index=check.integer(fn, "ignore_index", ignore_index),
+        reduction=check.string(fn, "reduction", reduction),
+        num_items_in_batch=check.num_items(fn, num_items_in_batch),
+        hard_weight=check.real(fn, "hard_weight", hard_weight),
+        soft_weight=check.real(fn, "soft_weight", soft_weight),
+        chunk_size=check.chunk_size(fn, chunk_size))
+    tail = check.string(fn, "tail", tail)
+
+    def call(ts, need, upstream):
+        if upstream is None:
+            loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab, weights, need)
+        else:
+            loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab,
+                                       _token_weights(upstream, weights), need, reduction="sum")
+        return (loss,), grads
+
+    loss = _head_loss(fn, call, [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb],
+                      cfg.reduction != "none")
     return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
 
 
@@ -407,46 +401,14 @@ class _CEConfig(NamedTuple):
     chunk_size: int
 
 
-class _FusedLinearCEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, b, labels, cfg: _CEConfig, want_stats: bool):
-        need = tuple(bool(f) for f in ctx.needs_input_grad[:3])
-        n = h.shape[0]
-        reduction = cfg.reduction
-        loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
-        compute_grads = any(need) and reduction != "none"
-        grads = [_grad_buffer(x, f and compute_grads) for x, f in zip((h, w, b), need)]
-        logprobs = torch.empty(n, dtype=torch.float32) if want_stats else None
-        entropy = torch.empty(n, dtype=torch.float32) if want_stats else None
-        _C.fused_linear_cross_entropy(h.detach(), w.detach(), None if b is None else b.detach(),
-                                      labels, None, cfg.ignore_index, cfg.label_smoothing,
-                                      cfg.lse_square_scale, cfg.softcap, reduction,
-                                      cfg.num_items_in_batch, cfg.chunk_size, loss, *grads,
-                                      logprobs, entropy, None)
-        ctx.cfg, ctx.grads, ctx.need = cfg, grads, need
-        if reduction == "none" and any(need):
-            ctx.save_for_backward(h, w, b, labels)
-        outs = (loss,) + ((logprobs, entropy) if want_stats else ())
-        if want_stats:
-            ctx.mark_non_differentiable(logprobs, entropy)
-        return outs if want_stats else loss
+def _head(h, w, b):
+    return (h.detach(), w.detach(), None if b is None else b.detach())
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, *unused):
-        cfg: _CEConfig = ctx.cfg
-        if cfg.reduction == "none":
-            # Per-token upstream gradients: rerun the chunks with them as token weights.
-            h, w, b, labels = ctx.saved_tensors
-            grads = [_grad_buffer(x, f) for x, f in zip((h, w, b), ctx.need)]
-            loss = torch.empty(1, dtype=torch.float32)
-            _C.fused_linear_cross_entropy(
-                h.detach(), w.detach(), None if b is None else b.detach(), labels,
-                grad_out.reshape(-1).to(torch.float64).contiguous(), cfg.ignore_index,
-                cfg.label_smoothing, cfg.lse_square_scale, cfg.softcap, "sum", 0.0,
-                cfg.chunk_size, loss, *grads, None, None, None)
-            return (*grads, None, None, None)
-        return (*_take_grads(ctx, grad_out), None, None, None)
+
+def _ce_options(cfg: _CEConfig, reduction: str, group) -> "_C.FusedLinearOptions":
+    return _options(group, ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
+                    z_loss_scale=cfg.lse_square_scale, softcap=cfg.softcap, reduction=reduction,
+                    num_items_in_batch=cfg.num_items_in_batch, chunk_size=cfg.chunk_size)
 
 
 def fused_linear_cross_entropy(
@@ -484,26 +446,44 @@ def fused_linear_cross_entropy(
     distribution, not differentiable.
     """
     fn = "fused_linear_cross_entropy"
-    h = _tensor(fn, "hidden", hidden)
-    w = _tensor(fn, "weight", weight, ndim=2)
-    b = _tensor(fn, "bias", bias, ndim=1, optional=True)
+    h = _hidden(fn, "hidden", hidden)
+    w = _matrix(fn, "weight", weight)
+    b = _bias(fn, "bias", bias)
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead)
-    cap = 0.0 if softcap is None else _check_real("softcap", softcap, fn)
+    cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
     if softcap is not None and not cap > 0:
-        raise ValueError(f"{fn}: softcap must be > 0 (or None), got {cap:g}")
-    cfg = _CEConfig(ignore_index=_check_int("ignore_index", ignore_index, fn),
-                    label_smoothing=_check_real("label_smoothing", label_smoothing, fn),
-                    lse_square_scale=_check_real("lse_square_scale", lse_square_scale, fn),
-                    softcap=cap, reduction=_check_str("reduction", reduction, fn),
-                    num_items_in_batch=_check_num_items(num_items_in_batch, fn),
-                    chunk_size=_chunk(fn, chunk_size))
-    if process_group is not None:
-        from . import distributed
-        return distributed.vocab_parallel_fused_linear_cross_entropy(
-            h, w, b, lab, cfg, process_group, lead, bool(return_stats))
-    h2 = _contig_rows(h.reshape(-1, h.shape[-1]))
-    out = _FusedLinearCEFunction.apply(h2, _contig_rows(w), b, lab, cfg, bool(return_stats))
+        check.fail(fn, f"softcap must be > 0 (or None), got {cap:g}")
+    cfg = _CEConfig(ignore_index=check.integer(fn, "ignore_index", ignore_index),
+                    label_smoothing=check.real(fn, "label_smoothing", label_smoothing),
+                    lse_square_scale=check.real(fn, "lse_square_scale", lse_square_scale),
+                    softcap=cap, reduction=check.string(fn, "reduction", reduction),
+                    num_items_in_batch=check.num_items(fn, num_items_in_batch),
+                    chunk_size=check.chunk_size(fn, chunk_size))
+    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats))
+
+
+def _cross_entropy_apply(h, w, b, labels, cfg: _CEConfig, group, lead, return_stats: bool):
+    """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
+    group, or None)."""
+    def call(ts, need, upstream):
+        n = ts[0].shape[0]
+        reduction = cfg.reduction if upstream is None else "sum"
+        loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
+        grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
+        stats = [torch.empty(n, dtype=torch.float32) if return_stats and upstream is None else None
+                 for _ in range(2)]
+        opts = _ce_options(cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
+                           reduction, group)
+        _C.fused_linear_cross_entropy(
+            _head(*ts), labels,
+            None if upstream is None else upstream.reshape(-1).to(torch.float64).contiguous(),
+            opts, loss, tuple(grads), (*stats, None, None))
+        return ((loss, *stats) if stats[0] is not None else (loss,)), grads
+
+    out = _head_loss("fused_linear_cross_entropy", call,
+                     [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
+                     cfg.reduction != "none")
     if return_stats:
         loss, logprobs, entropy = out
         loss = loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
@@ -522,38 +502,6 @@ class LogprobsResult(NamedTuple):
     logprobs: torch.Tensor
     entropy: Optional[torch.Tensor]
     topk_mass: Optional[torch.Tensor]
-
-
-class _FusedLinearLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, b, labels, ignore_index: int, temperature: float, chunk: int,
-                want_entropy: bool, topk: int):
-        n = h.shape[0]
-        logprobs = torch.empty(n, dtype=torch.float32)
-        entropy = torch.empty(n, dtype=torch.float32) if want_entropy else None
-        topk_mass = torch.empty(n, dtype=torch.float32) if topk > 0 else None
-        _C.fused_linear_logprobs(h.detach(), w.detach(), None if b is None else b.detach(),
-                                 labels, ignore_index, temperature, chunk, logprobs, entropy,
-                                 None, topk_mass, topk)
-        ctx.save_for_backward(h, w, b, labels)
-        ctx.args = (ignore_index, temperature, chunk)
-        if topk_mass is not None:
-            ctx.mark_non_differentiable(topk_mass)
-        return logprobs, entropy, topk_mass
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_logprobs, g_entropy, _unused):
-        h, w, b, labels = ctx.saved_tensors
-        ignore_index, temperature, chunk = ctx.args
-        need = ctx.needs_input_grad[:3]
-        grads = [_grad_buffer(x, f) for x, f in zip((h, w, b), need)]
-        gl = None if g_logprobs is None else g_logprobs.to(torch.float64).contiguous()
-        ge = None if g_entropy is None else g_entropy.to(torch.float64).contiguous()
-        _C.fused_linear_logprobs_backward(h.detach(), w.detach(),
-                                          None if b is None else b.detach(), labels,
-                                          ignore_index, temperature, chunk, gl, ge, *grads)
-        return (*grads, None, None, None, None, None, None)
 
 
 def fused_linear_logprobs(
@@ -581,27 +529,58 @@ def fused_linear_logprobs(
     dtypes: float32 / bfloat16 / float16 / float64 inputs, computed in fp32.
     """
     fn = "fused_linear_logprobs"
-    h = _tensor(fn, "hidden", hidden)
-    w = _tensor(fn, "weight", weight, ndim=2)
-    b = _tensor(fn, "bias", bias, ndim=1, optional=True)
+    h = _hidden(fn, "hidden", hidden)
+    w = _matrix(fn, "weight", weight)
+    b = _bias(fn, "bias", bias)
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead)
-    temperature = _check_real("temperature", temperature, fn)
-    ignore_index = _check_int("ignore_index", ignore_index, fn)
-    k = 0 if topk is None else _check_int("topk", topk, fn)
+    temperature = check.real(fn, "temperature", temperature)
+    ignore_index = check.integer(fn, "ignore_index", ignore_index)
+    k = 0 if topk is None else check.integer(fn, "topk", topk)
     if topk is not None and k < 1:
-        raise ValueError(f"{fn}: topk must be >= 1 (or None), got {k}")
-    chunk = _chunk(fn, chunk_size)
-    if process_group is not None:
-        from . import distributed
-        return distributed.vocab_parallel_fused_linear_logprobs(
-            h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk,
-            process_group, lead)
-    h2 = _contig_rows(h.reshape(-1, h.shape[-1]))
-    logprobs, entropy, topk_mass = _FusedLinearLogprobsFunction.apply(
-        h2, _contig_rows(w), b, lab, ignore_index, temperature, chunk, bool(return_entropy), k)
-    logprobs = logprobs.reshape(lead)
-    if not return_entropy and topk is None:
+        check.fail(fn, f"topk must be >= 1 (or None), got {k}")
+    chunk = check.chunk_size(fn, chunk_size)
+    return _logprobs_apply(h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk,
+                           process_group, lead)
+
+
+def _logprobs_apply(h, w, b, labels, temperature, ignore_index, return_entropy: bool, topk: int,
+                    chunk: int, group, lead):
+    """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
+    vocabulary-parallel process group, or None)."""
+    def opts(**more):
+        return _options(group, ignore_index=ignore_index, temperature=temperature,
+                        chunk_size=chunk, **more)
+
+    def forward(ts, need, upstream):
+        n = ts[0].shape[0]
+        outs = [torch.empty(n, dtype=torch.float32)]
+        if return_entropy:
+            outs.append(torch.empty(n, dtype=torch.float32))
+        if topk:
+            outs.append(torch.empty(n, dtype=torch.float32))
+        entropy = outs[1] if return_entropy else None
+        _C.fused_linear_logprobs(_head(*ts), labels, opts(topk=topk),
+                                 (outs[0], entropy, None, outs[-1] if topk else None))
+        return tuple(outs), None
+
+    def backward(ts, grad_out, need):
+        g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
+        grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
+        _C.fused_linear_logprobs_backward(
+            _head(*ts), labels, opts(),
+            None if g_lp is None else g_lp.to(torch.float64).contiguous(),
+            None if g_ent is None else g_ent.to(torch.float64).contiguous(), tuple(grads))
+        return grads
+
+    outs = _head_loss("fused_linear_logprobs", forward,
+                      [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b], False,
+                      backward=backward, n_diff=2 if return_entropy else 1)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    logprobs = outs[0].reshape(lead)
+    entropy = outs[1] if return_entropy else None
+    topk_mass = outs[-1] if topk else None
+    if not return_entropy and not topk:
         return logprobs
     return LogprobsResult(logprobs, None if entropy is None else entropy.reshape(lead),
                           None if topk_mass is None else topk_mass.reshape(lead))

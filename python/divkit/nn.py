@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 
 from . import _C
-from .functional import _check_str, _parse_options, divergence
+from . import _validate as check
+from .functional import _parse_options, divergence
 from .fused import fused_linear_cross_entropy, fused_linear_divergence
 
 __all__ = ["DivergenceLoss", "FusedLinearDistillationLoss", "FusedLinearCrossEntropyLoss"]
@@ -23,6 +24,15 @@ _OPTION_DEFAULTS = {
     "inplace_grad": False,
     "grad_dtype": None,
 }
+
+
+def _merge_options(fn: str, options: dict, defaults: dict, note: str = "") -> dict:
+    """The module's options: defaults updated by the given ones, every name known."""
+    for name in options:
+        if name not in defaults:
+            check.fail_type(fn, f"unexpected option {name!r}; options are "
+                                f"{', '.join(defaults)}{note}")
+    return dict(defaults, **options)
 
 
 class DivergenceLoss(torch.nn.Module):
@@ -48,22 +58,16 @@ class DivergenceLoss(torch.nn.Module):
     def __init__(self, kind: str = "forward_kl", **options: Any) -> None:
         super().__init__()
         fn = "DivergenceLoss"
-        for name in options:
-            if name not in _OPTION_DEFAULTS:
-                raise TypeError(f"{fn}: unexpected option {name!r}; options are "
-                                f"{', '.join(_OPTION_DEFAULTS)} (labels, weights and "
-                                f"num_items_in_batch are passed to forward)")
-        merged = dict(_OPTION_DEFAULTS, **options)
-        kind = _check_str("kind", kind, fn)
-        cfg = _parse_options(kind, merged["beta"], merged["alpha"], merged["temperature"],
+        merged = _merge_options(fn, options, _OPTION_DEFAULTS, " (labels, weights and "
+                                "num_items_in_batch are passed to forward)")
+        kind = check.string(fn, "kind", kind)
+        cfg = _parse_options(fn, kind, merged["beta"], merged["alpha"], merged["temperature"],
                              merged["ignore_index"], merged["reduction"], None,
                              merged["scale_by_t_squared"], merged["inplace_grad"],
-                             merged["grad_dtype"], fn)
+                             merged["grad_dtype"])
         # The core checks the kind, its parameters and the reduction now, not at the first call.
         _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
-        if cfg.reduction not in _C.reductions():
-            raise ValueError(f"{fn}: reduction must be one of {', '.join(_C.reductions())}, got "
-                             f"{cfg.reduction!r}")
+        check.reduction(fn, cfg.reduction)
         self.kind = kind
         self.options = {name: merged[name] for name in _OPTION_DEFAULTS}
 
@@ -109,15 +113,13 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     def __init__(self, kind: str = "forward_kl", **options: Any) -> None:
         super().__init__()
         fn = "FusedLinearDistillationLoss"
-        for name in options:
-            if name not in _DISTILL_DEFAULTS:
-                raise TypeError(f"{fn}: unexpected option {name!r}; options are "
-                                f"{', '.join(_DISTILL_DEFAULTS)}")
-        self.kind = _check_str("kind", kind, fn)
-        self.options = dict(_DISTILL_DEFAULTS, **options)
+        self.kind = check.string(fn, "kind", kind)
+        self.options = _merge_options(fn, options, _DISTILL_DEFAULTS)
         o = self.options
-        _C.validate_spec(self.kind, float(o["beta"]), float(o["alpha"]), float(o["temperature"]),
-                         bool(o["scale_by_t_squared"]))
+        _C.validate_spec(self.kind, check.real(fn, "beta", o["beta"]),
+                         check.real(fn, "alpha", o["alpha"]),
+                         check.real(fn, "temperature", o["temperature"]),
+                         check.boolean(fn, "scale_by_t_squared", o["scale_by_t_squared"]))
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
                 labels=None, student_bias=None, teacher_bias=None, weights=None,
@@ -153,11 +155,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        for name in options:
-            if name not in _CE_DEFAULTS:
-                raise TypeError(f"FusedLinearCrossEntropyLoss: unexpected option {name!r}; "
-                                f"options are {', '.join(_CE_DEFAULTS)}")
-        self.options = dict(_CE_DEFAULTS, **options)
+        self.options = _merge_options("FusedLinearCrossEntropyLoss", options, _CE_DEFAULTS)
 
     def forward(self, weight, hidden, labels, bias=None, num_items_in_batch=None):
         return fused_linear_cross_entropy(hidden, weight, labels, bias,

@@ -19,13 +19,14 @@ result and as a ``RuntimeWarning``, never hidden.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from . import _C
+from . import _validate as check
+from ._autograd import Scaling, grads_in_forward
 
 __all__ = [
     "SinkhornResult",
@@ -42,37 +43,8 @@ __all__ = [
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _fail(fn: str, msg: str):
-    raise _C.Error(f"{fn}: {msg}")
-
-
 def _tensor(fn: str, name: str, x: Any, dims: Tuple[int, ...], optional: bool = False):
-    if x is None:
-        if optional:
-            return None
-        _fail(fn, f"{name} must be given")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type != "cpu":
-        _fail(fn, f"{name} is on device {x.device}; divkit's OT kernels run on the CPU")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{fn}: {name} must be float32 or float64, got {x.dtype}")
-    if x.dim() not in dims:
-        _fail(fn, f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape "
-                  f"{tuple(x.shape)}")
-    return x
-
-
-def _real(fn: str, name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {type(v).__name__}")
-    return float(v)
-
-
-def _int(fn: str, name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-    return int(v)
+    return check.tensor(fn, name, x, dtypes=_FLOATS, ndim=dims, optional=optional)
 
 
 class SinkhornResult(NamedTuple):
@@ -127,42 +99,31 @@ def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool
     gy = torch.empty(B, m, y.shape[2], dtype=torch.float64) if need_y else None
     ga = torch.empty(B, n, dtype=torch.float64) if need_a else None
     gb = torch.empty(B, m, dtype=torch.float64) if need_b else None
-    stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, cfg.eps, cfg.p, cfg.tol,
-                        cfg.max_iter, cfg.check_every, cfg.eps_scaling, cfg.rho_a, cfg.rho_b,
-                        cfg.cost_cache_bytes, cfg.symmetric)
+    options = _C.SinkhornOptions(
+        eps=cfg.eps, p=cfg.p, tol=cfg.tol, max_iter=cfg.max_iter, check_every=cfg.check_every,
+        eps_scaling=cfg.eps_scaling, rho_a=cfg.rho_a, rho_b=cfg.rho_b,
+        cost_cache_bytes=cfg.cost_cache_bytes, symmetric=cfg.symmetric)
+    stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, options)
     return stats, f, g, plan, gx, gy, ga, gb
 
 
-class _SinkhornFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, cost, a, b, cfg: _Cfg, box: dict):
-        need = tuple(bool(v) for v in ctx.needs_input_grad[:5])
-        need = (need[0], need[1], need[3], need[4], need[2])
-        xd = x.detach() if x is not None else None
-        yd = y.detach() if y is not None else None
-        cd = cost.detach() if cost is not None else None
-        ad = a.detach() if a is not None else None
-        bd = b.detach() if b is not None else None
-        stats, f, g, plan, gx, gy, ga, gb = _solve(xd, yd, cd, ad, bd, cfg, need)
+def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict) -> torch.Tensor:
+    """reg_cost [B], with the envelope gradients computed by the solver in forward."""
+
+    def run(need):
+        need_x, need_y, need_c, need_a, need_b = need
+        xd, yd, cd, ad, bd = (None if t is None else t.detach() for t in (x, y, cost, a, b))
+        stats, f, g, plan, gx, gy, ga, gb = _solve(xd, yd, cd, ad, bd, cfg,
+                                                   (need_x, need_y, need_a, need_b, need_c))
         box.update(stats=stats, f=f, g=g, plan=plan)
-        ctx.grads = (gx, gy, plan if need[4] else None, ga, gb)
         dt = (cost if cost is not None else x).dtype
-        return torch.tensor([s[1] for s in stats], dtype=dt)
+        return (torch.tensor([s[1] for s in stats], dtype=dt),
+                (gx, gy, plan if need_c else None, ga, gb))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        gx, gy, gc, ga, gb = ctx.grads
-        go = grad_out.to(torch.float64)
-
-        def scale(gr, dims, like):
-            if gr is None:
-                return None
-            return (gr * go.view(-1, *([1] * dims))).to(like)
-
-        out = [scale(gx, 2, grad_out.dtype), scale(gy, 2, grad_out.dtype),
-               scale(gc, 2, grad_out.dtype), scale(ga, 1, grad_out.dtype),
-               scale(gb, 1, grad_out.dtype)]
-        return (*out, None, None)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                             for t in (x, y, cost, a, b))):
+        return run((False,) * 5)[0]
+    return grads_in_forward(run, (x, y, cost, a, b), Scaling(fp64=True, fn=cfg.fn))
 
 
 def _weights(fn, name, w, lead, batched):
@@ -170,7 +131,7 @@ def _weights(fn, name, w, lead, batched):
     if w is None:
         return None
     if tuple(w.shape) != tuple(lead):
-        _fail(fn, f"{name} must have shape {tuple(lead)}, got {tuple(w.shape)}")
+        check.fail(fn, f"{name} must have shape {tuple(lead)}, got {tuple(w.shape)}")
     return w if batched else w.unsqueeze(0)
 
 
@@ -228,29 +189,29 @@ def sinkhorn(
         ``sum_j P_ij dC_ij/dx_i``, grad a ``f`` up to a constant, grad cost ``P``).
     """
     fn = "sinkhorn"
-    eps = _real(fn, "eps", eps)
-    p = _int(fn, "p", p)
-    tol = _real(fn, "tol", tol)
-    max_iter = _int(fn, "max_iter", max_iter)
-    check_every = _int(fn, "check_every", check_every)
-    scaling = 0.0 if eps_scaling is None else _real(fn, "eps_scaling", eps_scaling)
+    eps = check.real(fn, "eps", eps)
+    p = check.integer(fn, "p", p)
+    tol = check.real(fn, "tol", tol)
+    max_iter = check.integer(fn, "max_iter", max_iter)
+    check_every = check.integer(fn, "check_every", check_every)
+    scaling = 0.0 if eps_scaling is None else check.real(fn, "eps_scaling", eps_scaling)
     if rho is None:
         rho_a = rho_b = math.inf
     elif isinstance(rho, (tuple, list)):
         if len(rho) != 2:
-            _fail(fn, f"rho must be a number or a pair (rho_a, rho_b), got {rho!r}")
-        rho_a, rho_b = _real(fn, "rho_a", rho[0]), _real(fn, "rho_b", rho[1])
+            check.fail(fn, f"rho must be a number or a pair (rho_a, rho_b), got {rho!r}")
+        rho_a, rho_b = check.real(fn, "rho_a", rho[0]), check.real(fn, "rho_b", rho[1])
     else:
-        rho_a = rho_b = _real(fn, "rho", rho)
-    cache_mib = _real(fn, "cost_cache_mib", cost_cache_mib)
+        rho_a = rho_b = check.real(fn, "rho", rho)
+    cache_mib = check.real(fn, "cost_cache_mib", cost_cache_mib)
     if not (cache_mib >= 0 and math.isfinite(cache_mib)):
-        _fail(fn, f"cost_cache_mib must be finite and >= 0, got {cache_mib:g}")
+        check.fail(fn, f"cost_cache_mib must be finite and >= 0, got {cache_mib:g}")
     cfg = _Cfg(eps, p, tol, max_iter, check_every, scaling, rho_a, rho_b,
                int(cache_mib * 2**20), bool(symmetric), bool(return_plan), bool(warn), fn)
 
     if cost is not None:
         if x is not None or y is not None:
-            _fail(fn, "give either points (x, y) or cost, not both")
+            check.fail(fn, "give either points (x, y) or cost, not both")
         cost = _tensor(fn, "cost", cost, (2, 3))
         batched = cost.dim() == 3
         c3 = cost if batched else cost.unsqueeze(0)
@@ -260,7 +221,7 @@ def sinkhorn(
         x = _tensor(fn, "x", x, (2, 3))
         y = _tensor(fn, "y", y, (2, 3))
         if x.dim() != y.dim():
-            _fail(fn, f"y must have x's number of dimensions {x.dim()}, got shape "
+            check.fail(fn, f"y must have x's number of dimensions {x.dim()}, got shape "
                       f"{tuple(y.shape)}")
         batched = x.dim() == 3
         x3 = x if batched else x.unsqueeze(0)
@@ -273,7 +234,7 @@ def sinkhorn(
     b3 = _weights(fn, "b", b, lead_b, batched)
 
     box: dict = {}
-    reg = _SinkhornFunction.apply(x3, y3, c3, a3, b3, cfg, box)
+    reg = _sinkhorn_apply(x3, y3, c3, a3, b3, cfg, box)
     stats = box["stats"]
     dt = reg.dtype
     tc = torch.tensor([s[0] for s in stats], dtype=dt)
@@ -345,14 +306,14 @@ def sinkhorn_kd_loss(
     s = _tensor(fn, "student_logits", student_logits, (2,))
     t = _tensor(fn, "teacher_logits", teacher_logits, (2,))
     if s.shape != t.shape:
-        _fail(fn, f"teacher_logits must have student_logits' shape {tuple(s.shape)}, got "
+        check.fail(fn, f"teacher_logits must have student_logits' shape {tuple(s.shape)}, got "
                   f"{tuple(t.shape)}")
-    T = _real(fn, "temperature", temperature)
+    T = check.real(fn, "temperature", temperature)
     if not (math.isfinite(T) and T > 0):
-        _fail(fn, f"temperature must be finite and > 0, got {T:g}")
-    n_iter = _int(fn, "n_iter", n_iter)
+        check.fail(fn, f"temperature must be finite and > 0, got {T:g}")
+    n_iter = check.integer(fn, "n_iter", n_iter)
     if n_iter < 1:
-        _fail(fn, f"n_iter must be >= 1, got {n_iter}")
+        check.fail(fn, f"n_iter must be >= 1, got {n_iter}")
     P = torch.softmax(s / T, dim=-1)
     Q = torch.softmax(t / T, dim=-1)
     W = torch.cdist(P.unsqueeze(0), Q.unsqueeze(0), p=1)[0]
@@ -385,8 +346,8 @@ def monge_gap(
     x = _tensor(fn, "x", x, (2,))
     mapped = _tensor(fn, "mapped", mapped, (2,))
     if x.shape != mapped.shape:
-        _fail(fn, f"mapped must have x's shape {tuple(x.shape)}, got {tuple(mapped.shape)}")
-    p = _int(fn, "p", p)
+        check.fail(fn, f"mapped must have x's shape {tuple(x.shape)}, got {tuple(mapped.shape)}")
+    p = check.integer(fn, "p", p)
     n = x.shape[0]
     w = torch.full((n,), 1.0 / n, dtype=x.dtype) if a is None else _tensor(fn, "a", a, (1,))
     d2 = ((x - mapped) ** 2).sum(-1)
@@ -411,31 +372,27 @@ class SparseOTResult(NamedTuple):
     converged: bool
 
 
-class _SparseOTFunction(torch.autograd.Function):
+def _sparse_ot_apply(a, b, cost, gamma: float, k: int, tol: float, max_iter: int,
+                     box: dict) -> torch.Tensor:
     """reg_cost of the C++ solver; gradients by Danskin's theorem: dV/dcost = P,
     dV/da = alpha, dV/db from the core."""
 
-    @staticmethod
-    def forward(ctx, a, b, cost, gamma: float, k: int, tol: float, max_iter: int, box: dict):
+    def run(need):
         alpha = torch.empty(a.shape[0], dtype=torch.float64)
-        grad_b = torch.empty(b.shape[0], dtype=torch.float64) if ctx.needs_input_grad[1] else None
+        grad_b = torch.empty(b.shape[0], dtype=torch.float64) if need[1] else None
         row, col, val, tc, reg, n_it, err, conv = _C.sparse_ot(
             a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter)
         idx = torch.stack([torch.from_numpy(row), torch.from_numpy(col)])
         plan = torch.sparse_coo_tensor(idx, torch.from_numpy(val), tuple(cost.shape),
                                        is_coalesced=True, check_invariants=False)
         box.update(plan=plan, alpha=alpha, tc=tc, n_iter=n_it, err=err, conv=conv)
-        ctx.grads = (alpha, grad_b, plan)
-        return torch.tensor(reg, dtype=cost.dtype)
+        # The dense plan is made only when backward asks for it.
+        grads = (alpha if need[0] else None, grad_b, plan.to_dense if need[2] else None)
+        return torch.tensor(reg, dtype=cost.dtype), grads
 
-    @staticmethod
-    def backward(ctx, go):
-        alpha, grad_b, plan = ctx.grads
-        g = go.to(torch.float64)
-        ga = (g * alpha).to(go.dtype) if ctx.needs_input_grad[0] else None
-        gb = (g * grad_b).to(go.dtype) if ctx.needs_input_grad[1] else None
-        gc = (g * plan.to_dense()).to(go.dtype) if ctx.needs_input_grad[2] else None
-        return ga, gb, gc, None, None, None, None, None
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, cost))):
+        return run((False,) * 3)[0]
+    return grads_in_forward(run, (a, b, cost), Scaling(fp64=True, fn="sparse_ot"))
 
 
 def sparse_ot(
@@ -480,20 +437,20 @@ def sparse_ot(
     C = _tensor(fn, "cost", cost, (2,))
     n, m = C.shape
     if a.shape[0] != n:
-        _fail(fn, f"a must have shape [{n}] (cost's rows), got {tuple(a.shape)}")
+        check.fail(fn, f"a must have shape [{n}] (cost's rows), got {tuple(a.shape)}")
     if b.shape[0] != m:
-        _fail(fn, f"b must have shape [{m}] (cost's columns), got {tuple(b.shape)}")
-    gamma = _real(fn, "gamma", gamma)
+        check.fail(fn, f"b must have shape [{m}] (cost's columns), got {tuple(b.shape)}")
+    gamma = check.real(fn, "gamma", gamma)
     if k is None:
         kk = 0
     else:
-        kk = _int(fn, "k", k)
+        kk = check.integer(fn, "k", k)
         if kk < 1:
-            _fail(fn, f"k must be >= 1 (non-zeros per column) or None, got {kk}")
-    tol = _real(fn, "tol", tol)
-    max_iter = _int(fn, "max_iter", max_iter)
+            check.fail(fn, f"k must be >= 1 (non-zeros per column) or None, got {kk}")
+    tol = check.real(fn, "tol", tol)
+    max_iter = check.integer(fn, "max_iter", max_iter)
     box: dict = {}
-    reg = _SparseOTFunction.apply(a, b, C, gamma, kk, tol, max_iter, box)
+    reg = _sparse_ot_apply(a, b, C, gamma, kk, tol, max_iter, box)
     if warn and not box["conv"]:
         warnings.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations (marginal error "
@@ -505,24 +462,20 @@ def sparse_ot(
                           box["alpha"].to(C.dtype), box["n_iter"], box["err"], box["conv"])
 
 
-class _SampleDivFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, a, b, which, kernel, sigma):
-        nx, ny = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx = torch.empty(x.shape, dtype=torch.float64) if nx else None
-        gy = torch.empty(y.shape, dtype=torch.float64) if ny else None
-        v = _C.sample_divergence(which, x.detach(), y.detach(),
-                                 a.detach() if a is not None else None,
-                                 b.detach() if b is not None else None, kernel, sigma, gx, gy)
-        ctx.g = (gx, gy)
-        return torch.tensor(v, dtype=x.dtype)
+def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float) -> torch.Tensor:
+    """MMD or CS divergence, with the gradients for x and y computed in forward."""
 
-    @staticmethod
-    def backward(ctx, go):
-        gx, gy = ctx.g
-        s = go.to(torch.float64)
-        return (None if gx is None else (gx * s).to(go.dtype),
-                None if gy is None else (gy * s).to(go.dtype), None, None, None, None, None)
+    def run(need):
+        gx = torch.empty(x.shape, dtype=torch.float64) if need[0] else None
+        gy = torch.empty(y.shape, dtype=torch.float64) if need[1] else None
+        val = _C.sample_divergence(which, x.detach(), y.detach(),
+                                   a.detach() if a is not None else None,
+                                   b.detach() if b is not None else None, kernel, sigma, gx, gy)
+        return torch.tensor(val, dtype=x.dtype), (gx, gy)
+
+    if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+        return run((False, False))[0]
+    return grads_in_forward(run, (x, y), Scaling(fp64=True, fn=which))
 
 
 def _sample_args(fn, x, y, a, b):
@@ -549,7 +502,7 @@ def mmd(
     computed in float64 with O(n + m) memory; differentiable in x and y."""
     fn = "mmd"
     x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _SampleDivFunction.apply(x, y, a, b, "mmd", kernel, _real(fn, "sigma", sigma))
+    return _sample_div_apply(x, y, a, b, "mmd", kernel, check.real(fn, "sigma", sigma))
 
 
 def cs_divergence(
@@ -567,4 +520,4 @@ def cs_divergence(
     identical samples; +inf when the cross term underflows. Differentiable in x and y."""
     fn = "cs_divergence"
     x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _SampleDivFunction.apply(x, y, a, b, "cs", "gaussian", _real(fn, "sigma", sigma))
+    return _sample_div_apply(x, y, a, b, "cs", "gaussian", check.real(fn, "sigma", sigma))

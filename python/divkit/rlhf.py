@@ -7,18 +7,19 @@ mass indicators, and the gradient-entanglement check.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from . import _C
-from .functional import _check_real, _check_str, divergence
+from . import _validate as check
+from ._autograd import recompute_in_backward
+from .functional import divergence
 from .fused import fused_linear_divergence
-from .preference import _apply
 
 __all__ = [
-    "KL_ESTIMATORS", "kl_estimator", "exact_kl", "exact_kl_fused", "ensemble_rewards", "calibrate_reward",
-    "infalign_transform", "best_of_n", "model_soup", "topk_entropy_mass",
+    "KL_ESTIMATORS", "kl_estimator", "exact_kl", "exact_kl_fused", "ensemble_rewards",
+    "calibrate_reward", "infalign_transform", "best_of_n", "model_soup", "topk_entropy_mass",
     "gradient_entanglement",
 ]
 
@@ -43,15 +44,15 @@ def kl_estimator(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
     and float dtype (the result in torch's promoted dtype); computed in fp64 in divkit's C++
     core (``include/divkit/rlhf.h``), differentiable."""
     fn = "kl_estimator"
-    kind = _ALIASES.get(_check_str("kind", kind, fn), kind)
+    kind = _ALIASES.get(check.string(fn, "kind", kind), kind)
     if kind not in ("k1", "k2", "k3", "abs"):
-        raise ValueError(f"{fn}: unknown kind '{kind}' (valid: {', '.join(KL_ESTIMATORS)})")
+        check.fail(fn, f"unknown kind '{kind}' (valid: {', '.join(KL_ESTIMATORS)})")
     if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(f"{fn}: ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected "
-                         f"{tuple(logprobs.shape)}")
+        check.fail(fn, f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected "
+                       f"{tuple(logprobs.shape)}")
     out_dtype = torch.result_type(logprobs, ref_logprobs)
     if not out_dtype.is_floating_point:
-        raise ValueError(f"{fn}: logprobs and ref_logprobs must be floating tensors")
+        check.fail(fn, "logprobs and ref_logprobs must be floating tensors")
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     shape, device, clamp = logprobs.shape, logprobs.device, bool(clamp)
 
@@ -64,7 +65,7 @@ def kl_estimator(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
         _C.kl_estimator(a, b, kind, clamp, out, go, *g)
         return (out.reshape(shape).to(device, out_dtype),), _shaped(g, inputs)
 
-    return _apply(run, (logprobs, ref_logprobs))[0]
+    return recompute_in_backward(run, (logprobs, ref_logprobs))[0]
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,10 +86,10 @@ def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, *,
     estimate), ``"ref_policy"`` is KL(pi_ref || pi) (``forward_kl``, TDPO's direction).
     Differentiable in both logits; fp32, bf16, fp16 or fp64 logits, fp32 result."""
     fn = "exact_kl"
-    direction = _check_str("direction", direction, fn)
+    direction = check.string(fn, "direction", direction)
     kinds = {"policy_ref": "reverse_kl", "ref_policy": "forward_kl"}
     if direction not in kinds:
-        raise ValueError(f"{fn}: unknown direction '{direction}' (valid: policy_ref, ref_policy)")
+        check.fail(fn, f"unknown direction '{direction}' (valid: policy_ref, ref_policy)")
     return divergence(policy_logits, ref_logits, kinds[direction], labels=labels,
                       ignore_index=ignore_index, temperature=temperature, reduction="none")
 
@@ -96,9 +97,7 @@ def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, *,
 def _head_rows(n_vocab: int, chunk_size: Optional[int]) -> int:
     # About 64 MiB of fp32 logits per chunk, as the fused kernels' default.
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"exact_kl_fused: chunk_size must be an int >= 1, got {chunk_size!r}")
-        return chunk_size
+        return check.integer("exact_kl_fused", "chunk_size", chunk_size, min=1)
     return max(1, (1 << 24) // max(1, n_vocab))
 
 
@@ -155,12 +154,12 @@ def exact_kl_fused(policy_hidden: torch.Tensor, lm_head_weight: torch.Tensor, *,
     activation checkpointing and fed to :func:`divkit.divergence`. dtypes: fp32, bf16, fp16 or
     fp64 inputs; fp32 result."""
     fn = "exact_kl_fused"
-    direction = _check_str("direction", direction, fn)
+    direction = check.string(fn, "direction", direction)
     kinds = {"policy_ref": "reverse_kl", "ref_policy": "forward_kl"}
     if direction not in kinds:
-        raise ValueError(f"{fn}: unknown direction '{direction}' (valid: policy_ref, ref_policy)")
-    _check_head(fn, policy_hidden, lm_head_weight, ref_logits, ref_hidden, ref_weight, labels)
-    temperature = _check_real("temperature", temperature, fn)
+        check.fail(fn, f"unknown direction '{direction}' (valid: policy_ref, ref_policy)")
+    check.lm_head(fn, policy_hidden, lm_head_weight, ref_logits, ref_hidden, ref_weight, labels)
+    temperature = check.real(fn, "temperature", temperature)
     if ref_logits is None:
         return fused_linear_divergence(
             policy_hidden, lm_head_weight, ref_hidden, ref_weight, kinds[direction],
@@ -172,34 +171,6 @@ def exact_kl_fused(policy_hidden: torch.Tensor, lm_head_weight: torch.Tensor, *,
                                     chunk_size)
 
 
-def _check_head(fn, hidden, weight, ref_logits, ref_hidden, ref_weight, labels):
-    """Shapes of a fused policy head and its reference (logits xor hidden + weight)."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
-        raise ValueError(f"{fn}: policy hidden states must be a tensor [..., H]")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
-            weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{fn}: lm_head_weight must be [V, H] with H = {hidden.shape[-1]} (the "
-                         f"hidden size), got {tuple(getattr(weight, 'shape', ()))}")
-    lead = tuple(hidden.shape[:-1])
-    if (ref_logits is None) == (ref_hidden is None):
-        raise ValueError(f"{fn}: give either ref_logits or ref_hidden (with ref_weight)")
-    if ref_logits is not None:
-        if not isinstance(ref_logits, torch.Tensor) or \
-                tuple(ref_logits.shape) != lead + (weight.shape[0],):
-            raise ValueError(f"{fn}: ref_logits must have shape {lead + (weight.shape[0],)}, got "
-                             f"{tuple(getattr(ref_logits, 'shape', ()))}")
-    else:
-        if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape[:-1]) != lead:
-            raise ValueError(f"{fn}: ref_hidden must have shape {lead} + [H_ref], got "
-                             f"{tuple(getattr(ref_hidden, 'shape', ()))}")
-        if not isinstance(ref_weight, torch.Tensor) or ref_weight.dim() != 2 or \
-                ref_weight.shape[1] != ref_hidden.shape[-1]:
-            raise ValueError(f"{fn}: ref_weight must be [V, H_ref] with H_ref = "
-                             f"{ref_hidden.shape[-1]}")
-    if labels is not None and tuple(labels.shape) != lead:
-        raise ValueError(f"{fn}: labels must have shape {lead}, got {tuple(labels.shape)}")
-
-
 def ensemble_rewards(rewards: torch.Tensor, method: str = "mean", *, uwo_lambda: float = 0.5,
                      dim: int = 0) -> torch.Tensor:
     """Reward-model ensembles (Coste et al. 2023, "Reward Model Ensembles Help Mitigate
@@ -209,12 +180,12 @@ def ensemble_rewards(rewards: torch.Tensor, method: str = "mean", *, uwo_lambda:
     fp64 in divkit's C++ core (``include/divkit/rlhf.h``); differentiable (wco: the gradient goes
     to the first minimum)."""
     fn = "ensemble_rewards"
-    method = _check_str("method", method, fn)
-    lam = _check_real("uwo_lambda", uwo_lambda, fn)
+    method = check.string(fn, "method", method)
+    lam = check.real(fn, "uwo_lambda", uwo_lambda)
     if not isinstance(rewards, torch.Tensor) or rewards.dim() == 0 or rewards.shape[dim] == 0:
-        raise ValueError(f"{fn}: rewards must be a tensor with a non-empty ensemble dimension")
+        check.fail(fn, "rewards must be a tensor with a non-empty ensemble dimension")
     if method not in ("mean", "wco", "uwo"):
-        raise ValueError(f"{fn}: unknown method '{method}' (valid: mean, wco, uwo)")
+        check.fail(fn, f"unknown method '{method}' (valid: mean, wco, uwo)")
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     moved = rewards.movedim(dim, -1)
@@ -230,7 +201,7 @@ def ensemble_rewards(rewards: torch.Tensor, method: str = "mean", *, uwo_lambda:
             g = g.reshape(*lead, e).movedim(-1, dim).to(device, inputs[0].dtype)
         return (out.reshape(lead).to(device, out_dtype),), (g,)
 
-    return _apply(run, (rewards,))[0]
+    return recompute_in_backward(run, (rewards,))[0]
 
 
 def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
@@ -241,13 +212,13 @@ def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.
     divkit's C++ core (``include/divkit/rlhf.h``)."""
     fn = "calibrate_reward"
     if ref_rewards.dim() != 2 or ref_rewards.shape[1] == 0:
-        raise ValueError(f"{fn}: ref_rewards must be [B, M] with M >= 1, got "
-                         f"{tuple(ref_rewards.shape)}")
+        check.fail(fn, f"ref_rewards must be [B, M] with M >= 1, got "
+                       f"{tuple(ref_rewards.shape)}")
     squeeze = rewards.dim() == 1
     r = rewards.unsqueeze(-1) if squeeze else rewards
     if r.dim() != 2 or r.shape[0] != ref_rewards.shape[0]:
-        raise ValueError(f"{fn}: rewards must be [B] or [B, N] with B = {ref_rewards.shape[0]}, "
-                         f"got {tuple(rewards.shape)}")
+        check.fail(fn, f"rewards must be [B] or [B, N] with B = {ref_rewards.shape[0]}, "
+                       f"got {tuple(rewards.shape)}")
     dtype = torch.float64 if torch.float64 in (rewards.dtype, ref_rewards.dtype) else torch.float32
     c = torch.empty(r.shape, dtype=torch.float32)
     # The core sorts each row of reference rewards once: O((N + M) log M) per prompt.
@@ -266,16 +237,16 @@ def infalign_transform(calibrated: torch.Tensor, t: float, *,
     the paper's description, not verified against its code. Computed in divkit's C++ core
     (exponent clamped at 80), differentiable."""
     fn = "infalign_transform"
-    t = _check_real("t", t, fn)
+    t = check.real(fn, "t", t)
     if scenario is not None:
-        scenario = _check_str("scenario", scenario, fn)
+        scenario = check.string(fn, "scenario", scenario)
         if scenario == "best_of_n" and not t > 0:
-            raise ValueError(f"{fn}: t must be > 0 for best_of_n, got {t:g}")
+            check.fail(fn, f"t must be > 0 for best_of_n, got {t:g}")
         if scenario == "best_of_n_jailbreak" and not t < 0:
-            raise ValueError(f"{fn}: t must be < 0 for best_of_n_jailbreak, got {t:g}")
+            check.fail(fn, f"t must be < 0 for best_of_n_jailbreak, got {t:g}")
         if scenario not in ("best_of_n", "best_of_n_jailbreak"):
-            raise ValueError(f"{fn}: unknown scenario '{scenario}' (valid: best_of_n, "
-                             f"best_of_n_jailbreak)")
+            check.fail(fn, f"unknown scenario '{scenario}' (valid: best_of_n, "
+                           f"best_of_n_jailbreak)")
     u = calibrated
     out_dtype = u.dtype if u.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -288,7 +259,7 @@ def infalign_transform(calibrated: torch.Tensor, t: float, *,
         _C.infalign_transform(_flat(inputs[0], dtype), t, out, go, g)
         return (out.reshape(shape).to(device, out_dtype),), _shaped([g], inputs)
 
-    return _apply(run, (u,))[0]
+    return recompute_in_backward(run, (u,))[0]
 
 
 def best_of_n(rewards: torch.Tensor, samples=None):
@@ -298,7 +269,7 @@ def best_of_n(rewards: torch.Tensor, samples=None):
     ``(indices [B], best_rewards [B], chosen_samples or None)``. The selection runs in divkit's
     C++ core (NaN rewards rejected)."""
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or rewards.shape[1] == 0:
-        raise ValueError("best_of_n: rewards must be [B, N] with N >= 1")
+        check.fail("best_of_n", "rewards must be [B, N] with N >= 1")
     idx = torch.empty(rewards.shape[0], dtype=torch.int64)
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     _C.best_of_n(rewards.detach().to("cpu", dtype).contiguous(), idx, None)
@@ -309,12 +280,12 @@ def best_of_n(rewards: torch.Tensor, samples=None):
     if samples is not None:
         if isinstance(samples, torch.Tensor):
             if samples.shape[:2] != rewards.shape:
-                raise ValueError(f"best_of_n: samples must be [B, N, ...] with [B, N] = "
-                                 f"{tuple(rewards.shape)}")
+                check.fail("best_of_n", f"samples must be [B, N, ...] with [B, N] = "
+                                        f"{tuple(rewards.shape)}")
             chosen = samples[torch.arange(rewards.shape[0]), idx]
         else:
             if len(samples) != rewards.shape[0] or any(len(s) != rewards.shape[1] for s in samples):
-                raise ValueError("best_of_n: samples must be B lists of N items")
+                check.fail("best_of_n", "samples must be B lists of N items")
             chosen = [s[i] for s, i in zip(samples, idx.tolist())]
     return idx, best, chosen
 
@@ -328,19 +299,19 @@ def model_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]],
     first state dict. Load it into a model to use as pi_ref."""
     fn = "model_soup"
     if len(state_dicts) == 0:
-        raise ValueError(f"{fn}: state_dicts is empty")
-    w = [1.0] * len(state_dicts) if weights is None else [_check_real("weights", x, fn)
+        check.fail(fn, "state_dicts is empty")
+    w = [1.0] * len(state_dicts) if weights is None else [check.real(fn, "weights", x)
                                                           for x in weights]
     if len(w) != len(state_dicts):
-        raise ValueError(f"{fn}: {len(w)} weights for {len(state_dicts)} state dicts")
+        check.fail(fn, f"{len(w)} weights for {len(state_dicts)} state dicts")
     total = sum(w)
     if not (total > 0 and all(x >= 0 for x in w)):
-        raise ValueError(f"{fn}: weights must be >= 0 with a positive sum")
+        check.fail(fn, "weights must be >= 0 with a positive sum")
     w = [x / total for x in w]
     keys = list(state_dicts[0].keys())
     for k, sd in enumerate(state_dicts[1:], 1):
         if list(sd.keys()) != keys:
-            raise ValueError(f"{fn}: state dict {k} has other keys than state dict 0")
+            check.fail(fn, f"state dict {k} has other keys than state dict 0")
     out = {}
     for key in keys:
         first = state_dicts[0][key]
@@ -351,8 +322,8 @@ def model_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]],
         acc = torch.zeros(first.shape, dtype=acc_dtype, device=first.device)
         for wk, sd in zip(w, state_dicts):
             if sd[key].shape != first.shape:
-                raise ValueError(f"{fn}: {key} has shape {tuple(sd[key].shape)} in one state "
-                                 f"dict and {tuple(first.shape)} in another")
+                check.fail(fn, f"{key} has shape {tuple(sd[key].shape)} in one state "
+                               f"dict and {tuple(first.shape)} in another")
             acc += wk * sd[key].detach().to(acc_dtype)
         out[key] = acc.to(first.dtype)
     return out
@@ -372,10 +343,10 @@ def topk_entropy_mass(logits: torch.Tensor, k: int, *, labels: Optional[torch.Te
     whose label is not ``ignore_index`` (all tokens without labels). No gradient."""
     fn = "topk_entropy_mass"
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"{fn}: k must be an int in [1, V = {logits.shape[-1]}], got {k}")
-    temperature = _check_real("temperature", temperature, fn)
+        check.fail(fn, f"k must be an int in [1, V = {logits.shape[-1]}], got {k}")
+    temperature = check.real(fn, "temperature", temperature)
     if not temperature > 0:
-        raise ValueError(f"{fn}: temperature must be > 0, got {temperature:g}")
+        check.fail(fn, f"temperature must be > 0, got {temperature:g}")
     with torch.no_grad():
         x = logits if logits.dtype == torch.float64 else logits.float()
         logp = torch.log_softmax(x / temperature, -1)
@@ -388,7 +359,7 @@ def topk_entropy_mass(logits: torch.Tensor, k: int, *, labels: Optional[torch.Te
             mask = torch.ones_like(mass, dtype=torch.bool)
         else:
             if labels.shape != mass.shape:
-                raise ValueError(f"{fn}: labels must have shape {tuple(mass.shape)}")
+                check.fail(fn, f"labels must have shape {tuple(mass.shape)}")
             mask = labels != ignore_index
         entropy, mass = entropy * mask, mass * mask
         count = mask.sum().clamp(min=1)
@@ -410,9 +381,9 @@ def gradient_entanglement(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor
     graph is kept (retain_graph) so a loss can still be backpropagated."""
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("gradient_entanglement: params has no tensor that requires grad")
+        check.fail("gradient_entanglement", "params has no tensor that requires grad")
     if chosen_logp.numel() != 1 or rejected_logp.numel() != 1:
-        raise ValueError("gradient_entanglement: chosen_logp and rejected_logp must be scalars")
+        check.fail("gradient_entanglement", "chosen_logp and rejected_logp must be scalars")
     gw = torch.autograd.grad(chosen_logp.sum(), params, retain_graph=True, allow_unused=True)
     gl = torch.autograd.grad(rejected_logp.sum(), params, retain_graph=True, allow_unused=True)
     inner = ww = ll = 0.0

@@ -13,11 +13,11 @@ import math
 from typing import Any, Callable, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _C
-from .functional import (_Config, _byte_range, _check_int, _check_labels, _check_logits,
-                         _check_str, _check_weights, _parse_options, _rows, _type_name)
+from . import _validate as check
+from ._autograd import grads_in_forward
+from .functional import _Config, _check_inplace, _core_args, _parse_options, _rows, _scaling
 
 __all__ = ["sparse_divergence", "topk_divergence", "TAILS"]
 
@@ -27,64 +27,26 @@ TAILS = ("bucket", "renormalize")
 _LOGPROB_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _check_teacher_part(name: str, x: Any, lead_shape: torch.Size, fn: str) -> torch.Tensor:
-    """teacher_indices / teacher_logprobs: CPU tensors [..., k] with the logits' leading shape."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
-    if x.device.type != "cpu":
-        raise ValueError(f"{fn}: {name} is on device {x.device}; divkit's kernels run on the "
-                         f"CPU (move it with .cpu())")
-    if x.is_sparse or x.layout != torch.strided:
-        raise ValueError(f"{fn}: {name} must be a dense (strided) tensor, got layout {x.layout}")
+def _check_teacher_part(fn: str, name: str, x: Any, lead_shape: torch.Size) -> torch.Tensor:
+    """teacher_indices / teacher_logprobs: dense CPU tensors [..., k] with the logits' leading
+    shape."""
+    check.tensor(fn, name, x, dtypes=None, dense=True)
     if x.dim() != len(lead_shape) + 1 or tuple(x.shape[:-1]) != tuple(lead_shape):
-        raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected "
-                         f"{tuple(lead_shape) + ('k',)} (student_logits' shape with k in place "
-                         f"of V)")
+        check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected "
+                       f"{tuple(lead_shape) + ('k',)} (student_logits' shape with k in place of "
+                       f"V)")
     return x
 
 
-class _SparseFunction(torch.autograd.Function):
-    """The loss of a kernel call whose gradient w.r.t. the student logits is computed in the
-    forward pass; backward scales it by the upstream gradient (as divkit.divergence)."""
-
-    @staticmethod
-    def forward(ctx, student, run: Callable, cfg: _Config):
-        loss, grad_s = run(True)
-        ctx.grad_s = grad_s
-        ctx.cfg = cfg
-        ctx.consumed = False
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        cfg: _Config = ctx.cfg
-        g = ctx.grad_s
-        if cfg.reduction == "none":
-            scale = grad_out.unsqueeze(-1)
-        else:
-            scale = grad_out.reshape(())
-            if bool(scale == 1):
-                return g, None, None
-        if not cfg.inplace_grad:
-            return torch.mul(g, scale, out=torch.empty_like(g)), None, None
-        if ctx.consumed:
-            raise RuntimeError(
-                "divkit (inplace_grad=True): the gradient, kept in the student logits' storage, "
-                "was already scaled by a previous backward; with inplace_grad=True and an "
-                "upstream gradient other than 1, call backward once")
-        ctx.consumed = True
-        return g.mul_(scale), None, None
-
-
-def _apply(student: torch.Tensor, kernel: Callable, cfg: _Config, fn: str,
-           others: tuple = ()):
-    """Runs kernel(s2, loss, grad_s2) under autograd when the student requires grad."""
+def _apply(fn: str, student: torch.Tensor, kernel: Callable, cfg: _Config, others: tuple = ()):
+    """Runs kernel(s2, loss, grad_s2), under autograd when the student requires grad (the
+    gradient is computed in forward, as divkit.divergence's)."""
     lead_shape = student.shape[:-1]
     v = student.shape[-1]
     n = math.prod(lead_shape)
 
-    def run(need_s: bool):
+    def run(need):
+        need_s = need[0]
         s2 = _rows(student.detach(), n, v)
         loss = torch.empty(n if cfg.reduction == "none" else 1, dtype=torch.float32)
         grad_s = grad_s2 = None
@@ -97,32 +59,17 @@ def _apply(student: torch.Tensor, kernel: Callable, cfg: _Config, fn: str,
                 grad_s2 = grad_s.view(n, v)
         kernel(s2, loss, grad_s2)
         loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
-        return loss, grad_s
+        return loss, (grad_s,)
 
     need_s = torch.is_grad_enabled() and student.requires_grad
     if not need_s:
-        return run(False)[0]
-    if cfg.inplace_grad:
-        if cfg.grad_dtype is not None and cfg.grad_dtype != student.dtype:
-            raise ValueError(f"{fn}: grad_dtype={cfg.grad_dtype} cannot be used with "
-                             f"inplace_grad=True: the gradient is written into student_logits, "
-                             f"whose dtype is {student.dtype}")
-        if student.numel() > 0:
-            s_lo, s_hi = _byte_range(student)
-            for name, t in others:
-                if t.numel() == 0:
-                    continue
-                t_lo, t_hi = _byte_range(t)
-                if s_lo < t_hi and t_lo < s_hi:
-                    raise ValueError(f"{fn}: inplace_grad=True but {name} shares memory with "
-                                     f"student_logits; the gradient would overwrite it")
-    return _SparseFunction.apply(student, run, cfg)
+        return run((False,))[0]
+    _check_inplace(fn, student, cfg, others)
+    return grads_in_forward(run, (student,), _scaling(fn, cfg))
 
 
-def _no_teacher_grad(name: str, x: torch.Tensor, fn: str) -> None:
-    if x.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{fn}: {name} requires grad, but divkit computes no gradient with "
-                         f"respect to the teacher; pass {name}.detach()")
+def _teacher_fixed(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    return check.no_grad(fn, name, x, "divkit computes no gradient with respect to the teacher")
 
 
 def sparse_divergence(
@@ -171,7 +118,8 @@ def sparse_divergence(
     **Temperature** divides the student logits only. The teacher log-probabilities are used as
     given: a server reports them for the distribution it computed (its sampling temperature, or
     the raw one: vLLM's ``logprobs_mode`` chooses raw or processed values), and the tail
-    1 - sum p is only meaningful for that distribution. To temper the teacher with ``tail="renormalize"``, pass ``logprobs / T``
+    1 - sum p is only meaningful for that distribution. To temper the teacher with
+    ``tail="renormalize"``, pass ``logprobs / T``
     (renormalization makes it exactly softmax(t / T) over the k entries).
 
     Args:
@@ -200,41 +148,37 @@ def sparse_divergence(
                                         tail="bucket", labels=labels)
     """
     fn = "sparse_divergence"
-    cfg = _parse_options(kind, beta, alpha, temperature, ignore_index, reduction,
-                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype, fn)
-    tail = _check_str("tail", tail, fn)
-    student = _check_logits("student_logits", student_logits, fn)
+    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
+                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    tail = check.string(fn, "tail", tail)
+    student = check.logits(fn, "student_logits", student_logits)
     lead_shape = student.shape[:-1]
-    idx = _check_teacher_part("teacher_indices", teacher_indices, lead_shape, fn)
-    lp = _check_teacher_part("teacher_logprobs", teacher_logprobs, lead_shape, fn)
+    idx = _check_teacher_part(fn, "teacher_indices", teacher_indices, lead_shape)
+    lp = _check_teacher_part(fn, "teacher_logprobs", teacher_logprobs, lead_shape)
     if tuple(idx.shape) != tuple(lp.shape):
-        raise ValueError(f"{fn}: teacher_indices has shape {tuple(idx.shape)} but "
-                         f"teacher_logprobs has shape {tuple(lp.shape)}; they must match")
-    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-        raise TypeError(f"{fn}: teacher_indices must have an integer dtype, got {idx.dtype}")
-    if not lp.is_floating_point():
-        raise TypeError(f"{fn}: teacher_logprobs must have a floating dtype, got {lp.dtype}")
-    _no_teacher_grad("teacher_logprobs", lp, fn)
+        check.fail(fn, f"teacher_indices has shape {tuple(idx.shape)} but teacher_logprobs has "
+                       f"shape {tuple(lp.shape)}; they must match")
+    check.integral(fn, "teacher_indices", idx)
+    check.floating(fn, "teacher_logprobs", lp)
+    _teacher_fixed(fn, "teacher_logprobs", lp)
     idx = idx.detach()
     if idx.dtype not in (torch.int32, torch.int64):
         idx = idx.to(torch.int64)
     lp = lp.detach()
     if lp.dtype not in _LOGPROB_DTYPES:
         lp = lp.to(torch.float32)
-    labels_t = _check_labels(labels, lead_shape, fn)
-    weights_t = _check_weights(weights, lead_shape, fn)
+    labels_t = check.labels(fn, labels, lead_shape)
+    weights_t = check.weights(fn, weights, lead_shape)
     n = math.prod(lead_shape)
     k = idx.shape[-1]
     idx2 = idx.reshape(n, k)
     lp2 = lp.reshape(n, k)
+    args = _core_args(cfg)
 
     def kernel(s2, loss, grad_s2):
-        _C.sparse_divergence(s2, idx2, lp2, loss, grad_s2, cfg.kind, cfg.beta, cfg.alpha,
-                             cfg.temperature, cfg.scale_by_t_squared, tail, labels_t,
-                             cfg.ignore_index, weights_t, cfg.reduction, cfg.num_items_in_batch)
+        _C.sparse_divergence(s2, idx2, lp2, loss, grad_s2, labels_t, weights_t, tail, args)
 
-    return _apply(student, kernel, cfg, fn,
-                  (("teacher_indices", idx), ("teacher_logprobs", lp)))
+    return _apply(fn, student, kernel, cfg, (("teacher_indices", idx), ("teacher_logprobs", lp)))
 
 
 def topk_divergence(
@@ -274,25 +218,22 @@ def topk_divergence(
         The float32 loss, differentiable with respect to ``student_logits``.
     """
     fn = "topk_divergence"
-    cfg = _parse_options(kind, beta, alpha, temperature, ignore_index, reduction,
-                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype, fn)
-    k = _check_int("k", k, fn)
-    student = _check_logits("student_logits", student_logits, fn)
-    teacher = _check_logits("teacher_logits", teacher_logits, fn)
-    if teacher.shape != student.shape:
-        raise ValueError(f"{fn}: teacher_logits has shape {tuple(teacher.shape)}, expected "
-                         f"{tuple(student.shape)} (the shape of student_logits)")
-    _no_teacher_grad("teacher_logits", teacher, fn)
+    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
+                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    k = check.integer(fn, "k", k)
+    student = check.logits(fn, "student_logits", student_logits)
+    teacher = check.logits(fn, "teacher_logits", teacher_logits)
+    check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")
+    _teacher_fixed(fn, "teacher_logits", teacher)
     lead_shape = student.shape[:-1]
-    labels_t = _check_labels(labels, lead_shape, fn)
-    weights_t = _check_weights(weights, lead_shape, fn)
+    labels_t = check.labels(fn, labels, lead_shape)
+    weights_t = check.weights(fn, weights, lead_shape)
     n = math.prod(lead_shape)
     v = student.shape[-1]
     t2 = _rows(teacher.detach(), n, v)
+    args = _core_args(cfg)
 
     def kernel(s2, loss, grad_s2):
-        _C.topk_divergence(s2, t2, k, loss, grad_s2, cfg.kind, cfg.beta, cfg.alpha,
-                           cfg.temperature, cfg.scale_by_t_squared, labels_t, cfg.ignore_index,
-                           weights_t, cfg.reduction, cfg.num_items_in_batch)
+        _C.topk_divergence(s2, t2, k, loss, grad_s2, labels_t, weights_t, args)
 
-    return _apply(student, kernel, cfg, fn, (("teacher_logits", teacher),))
+    return _apply(fn, student, kernel, cfg, (("teacher_logits", teacher),))

@@ -16,68 +16,14 @@
 #include <vector>
 
 #include "core/check.h"
-#include "core/dtype.h"
+#include "core/element.h"
+#include "core/scalar_math.h"
 #include "divkit/runtime.h"
 
 namespace divkit {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// ---- element access ----------------------------------------------------------------------
-double load(const TensorView& t, int64_t i, int64_t j) {
-  const int64_t off = i * t.strides[0] + j;
-  switch (t.dtype) {
-    case DType::f32: return static_cast<const float*>(t.data)[off];
-    case DType::f64: return static_cast<const double*>(t.data)[off];
-    case DType::bf16: return dtype::bf16_to_f32(static_cast<const uint16_t*>(t.data)[off]);
-    case DType::f16: return dtype::f16_to_f32(static_cast<const uint16_t*>(t.data)[off]);
-    default: return NAN;
-  }
-}
-
-void store(const TensorView& t, int64_t i, int64_t j, double x) {
-  const int64_t off = i * t.strides[0] + j;
-  switch (t.dtype) {
-    case DType::f32: static_cast<float*>(t.data)[off] = static_cast<float>(x); break;
-    case DType::f64: static_cast<double*>(t.data)[off] = x; break;
-    case DType::bf16:
-      static_cast<uint16_t*>(t.data)[off] = dtype::f32_to_bf16(static_cast<float>(x));
-      break;
-    case DType::f16:
-      static_cast<uint16_t*>(t.data)[off] = dtype::f32_to_f16(static_cast<float>(x));
-      break;
-    default: break;
-  }
-}
-
-double vget(const TensorView& t, int64_t i) {
-  const int64_t off = i * t.strides[0];
-  switch (t.dtype) {
-    case DType::f32: return static_cast<const float*>(t.data)[off];
-    case DType::f64: return static_cast<const double*>(t.data)[off];
-    case DType::i32: return static_cast<const int32_t*>(t.data)[off];
-    case DType::i64: return static_cast<double>(static_cast<const int64_t*>(t.data)[off]);
-    default: return NAN;
-  }
-}
-
-int64_t vlabel(const TensorView& t, int64_t i) {
-  const int64_t off = i * t.strides[0];
-  return t.dtype == DType::i32 ? static_cast<const int32_t*>(t.data)[off]
-                               : static_cast<const int64_t*>(t.data)[off];
-}
-
-void vset(const TensorView& t, int64_t i, double x) {
-  const int64_t off = i * t.strides[0];
-  switch (t.dtype) {
-    case DType::f32: static_cast<float*>(t.data)[off] = static_cast<float>(x); break;
-    case DType::f64: static_cast<double*>(t.data)[off] = x; break;
-    case DType::i32: static_cast<int32_t*>(t.data)[off] = static_cast<int32_t>(x); break;
-    case DType::i64: static_cast<int64_t*>(t.data)[off] = static_cast<int64_t>(x); break;
-    default: break;
-  }
-}
 
 // ---- argument checks ---------------------------------------------------------------------
 void matrix_in(const char* fn, const char* name, const TensorView& t) {
@@ -96,6 +42,13 @@ void matrix_out(const char* fn, const char* name, const TensorView& t, const Ten
                 const char* ref_name) {
   check::float_matrix(fn, name, t, true);
   same_shape(fn, name, t, ref, ref_name);
+}
+
+// The [N, V] logits of a student and a teacher, of one shape.
+void logit_pair(const char* fn, const TensorView& student, const TensorView& teacher) {
+  matrix_in(fn, "student_logits", student);
+  matrix_in(fn, "teacher_logits", teacher);
+  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
 }
 
 void real_vec(const char* fn, const char* name, const TensorView& t, int64_t n) {
@@ -117,7 +70,7 @@ void check_labels(const char* fn, const TensorView& labels, int64_t n, int64_t v
   check::vector_of(fn, "labels", labels, n, {DType::i32, DType::i64});
   if (!required) return;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t y = vlabel(labels, i);
+    const int64_t y = elem::index(labels, i);
     if (y != ignore && (y < 0 || y >= v))
       check::fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
                           " is out of range [0, " + std::to_string(v) + ") (and is not "
@@ -126,7 +79,7 @@ void check_labels(const char* fn, const TensorView& labels, int64_t n, int64_t v
 }
 
 bool ignored(const TensorView& labels, int64_t ignore, int64_t i) {
-  return labels.defined() && vlabel(labels, i) == ignore;
+  return labels.defined() && elem::index(labels, i) == ignore;
 }
 
 // Output `out` [N] and, with a gradient, `coef` [N].
@@ -149,7 +102,7 @@ void check_finite(const char* fn, const char* name, const TensorView& x, const T
     if (ignored(labels, ignore, i)) continue;
     bool any = false;
     for (int64_t j = 0; j < v; ++j) {
-      const double a = load(x, i, j);
+      const double a = elem::get(x, i, j);
       if (std::isnan(a) || a == kInf)
         check::fail(fn, std::string(name) + " has a non-finite value (" + (std::isnan(a) ? "nan" : "+inf") +
                             ") in row " + std::to_string(i));
@@ -161,27 +114,30 @@ void check_finite(const char* fn, const char* name, const TensorView& x, const T
   }
 }
 
+void check_finite_pair(const char* fn, const TensorView& student, const TensorView& teacher,
+                       const TensorView& labels, int64_t ignore) {
+  check_finite(fn, "student_logits", student, labels, ignore);
+  check_finite(fn, "teacher_logits", teacher, labels, ignore);
+}
+
+// Zeros row i of an optional [N, V] gradient.
+void zero_grad_row(const TensorView& grad, int64_t i) {
+  if (grad.defined())
+    for (int64_t j = 0; j < grad.shape[1]; ++j) elem::set(grad, i, j, 0.0);
+}
+
 // Loads row i / T into buf and returns log-sum-exp (log_softmax = buf - lse).
 double load_row(const TensorView& x, int64_t i, double inv_t, std::vector<double>& buf) {
   const int64_t v = x.shape[1];
   buf.resize(static_cast<size_t>(v));
   double m = -kInf;
   for (int64_t j = 0; j < v; ++j) {
-    buf[j] = load(x, i, j) * inv_t;
+    buf[j] = elem::get(x, i, j) * inv_t;
     m = std::max(m, buf[j]);
   }
   double s = 0.0;
   for (int64_t j = 0; j < v; ++j) s += std::exp(buf[j] - m);
   return m + std::log(s);
-}
-
-// a * log(b) with 0 log 0 = 0 (a >= 0).
-double xlogy(double a, double logb) { return a == 0.0 ? 0.0 : a * logb; }
-
-double sigmoid(double x) {
-  if (x >= 0) return 1.0 / (1.0 + std::exp(-x));
-  const double e = std::exp(x);
-  return e / (1.0 + e);
 }
 
 template <typename F>
@@ -226,9 +182,9 @@ void row_entropy(const TensorView& logits, double temperature, const TensorView&
     double h = 0.0;
     for (double xj : x) {
       const double lp = xj - lse;
-      h -= xlogy(std::exp(lp), lp);
+      h -= math::xlogy(std::exp(lp), lp);
     }
-    vset(out, i, h);
+    elem::set(out, i, h);
   });
 }
 
@@ -238,9 +194,7 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
               const TensorView& nontarget_out, const TensorView& target_coef,
               const TensorView& nontarget_coef, const TensorView& grad_student) {
   constexpr const char* fn = "nkd";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   positive(fn, "temperature", tau);
   const int64_t n = student.shape[0], v = student.shape[1];
   check_labels(fn, labels, n, v, ignore_index, true);
@@ -253,19 +207,17 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
     real_vec(fn, "target_coef", target_coef, n);
     real_vec(fn, "nontarget_coef", nontarget_coef, n);
   }
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_tau = 1.0 / tau;
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
                   std::vector<double>& g) {
     if (ignored(labels, ignore_index, i)) {
-      vset(target_out, i, 0.0);
-      vset(nontarget_out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) store(grad_student, i, j, 0.0);
+      elem::set(target_out, i, 0.0);
+      elem::set(nontarget_out, i, 0.0);
+      zero_grad_row(grad_student, i);
       return;
     }
-    const int64_t y = vlabel(labels, i);
+    const int64_t y = elem::index(labels, i);
     // Target term at T = 1.
     const double lse_s1 = load_row(student, i, 1.0, s);
     const double lse_t1 = load_row(teacher, i, 1.0, t);
@@ -273,8 +225,8 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
     const double lq_y = s[y] - lse_s1;
     const double target = p_y == 0.0 ? 0.0 : -p_y * lq_y;
     const bool grad = grad_student.defined();
-    const double a = grad ? vget(target_coef, i) : 0.0;
-    const double b = grad ? vget(nontarget_coef, i) : 0.0;
+    const double a = grad ? elem::get(target_coef, i) : 0.0;
+    const double b = grad ? elem::get(nontarget_coef, i) : 0.0;
     if (grad) {
       g.assign(static_cast<size_t>(v), 0.0);
       if (p_y != 0.0)
@@ -302,14 +254,14 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
         if (j == y) continue;
         const double ph = std::exp(t[j] - lse_t);
         const double lqh = s[j] - lse_s;
-        nontarget -= xlogy(ph, lqh);
+        nontarget -= math::xlogy(ph, lqh);
         if (grad) g[j] += b * (std::exp(lqh) - ph) * inv_tau;
       }
     }
-    vset(target_out, i, target);
-    vset(nontarget_out, i, nontarget);
+    elem::set(target_out, i, target);
+    elem::set(nontarget_out, i, nontarget);
     if (grad)
-      for (int64_t j = 0; j < v; ++j) store(grad_student, i, j, g[j]);
+      for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, g[j]);
   });
 }
 
@@ -318,27 +270,23 @@ void ofa_rows(const TensorView& student, const TensorView& teacher, const Tensor
               int64_t ignore_index, double eps, double temperature, const TensorView& out,
               const TensorView& coef, const TensorView& grad_student) {
   constexpr const char* fn = "ofa_loss";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   positive(fn, "eps", eps);
   positive(fn, "temperature", temperature);
   const int64_t n = student.shape[0], v = student.shape[1];
   check_labels(fn, labels, n, v, ignore_index, true);
   check_out_coef(fn, out, coef, grad_student, n);
   if (grad_student.defined()) matrix_out(fn, "grad_student", grad_student, student, "student_logits");
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_t = 1.0 / temperature;
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
                   std::vector<double>& w) {
     if (ignored(labels, ignore_index, i)) {
-      vset(out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) store(grad_student, i, j, 0.0);
+      elem::set(out, i, 0.0);
+      zero_grad_row(grad_student, i);
       return;
     }
-    const int64_t y = vlabel(labels, i);
+    const int64_t y = elem::index(labels, i);
     const double lse_s = load_row(student, i, inv_t, s);
     const double lse_t = load_row(teacher, i, inv_t, t);
     w.resize(static_cast<size_t>(v));
@@ -348,13 +296,13 @@ void ofa_rows(const TensorView& student, const TensorView& teacher, const Tensor
       // (p + e)^eps - e; for the target, expm1(eps log1p(p)) keeps accuracy when p is tiny.
       w[j] = j == y ? std::expm1(eps * std::log1p(p)) : std::pow(p, eps);
       wsum += w[j];
-      loss -= xlogy(w[j], s[j] - lse_s);
+      loss -= math::xlogy(w[j], s[j] - lse_s);
     }
-    vset(out, i, loss);
+    elem::set(out, i, loss);
     if (grad_student.defined()) {
-      const double c = vget(coef, i);
+      const double c = elem::get(coef, i);
       for (int64_t j = 0; j < v; ++j)
-        store(grad_student, i, j, c * (std::exp(s[j] - lse_s) * wsum - w[j]) * inv_t);
+        elem::set(grad_student, i, j, c * (std::exp(s[j] - lse_s) * wsum - w[j]) * inv_t);
     }
   });
 }
@@ -366,9 +314,7 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
                      const TensorView& coef, const TensorView& grad_student,
                      const TensorView& grad_lower, const TensorView& grad_upper) {
   constexpr const char* fn = "dac_kl_loss";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   positive(fn, "temperature", temperature);
   if (!(std::isfinite(sharpness) && sharpness >= 0))
     check::fail(fn, "sharpness must be finite and >= 0 (0: hard mask), got " +
@@ -389,29 +335,27 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
   if (grad_upper.defined()) real_vec(fn, "grad_upper", grad_upper, n);
   for (int64_t i = 0; i < n; ++i) {
     if (ignored(labels, ignore_index, i)) continue;
-    const double lo = vget(lower, i), hi = vget(upper, i);
+    const double lo = elem::get(lower, i), hi = elem::get(upper, i);
     if (!(std::isfinite(lo) && std::isfinite(hi) && lo > 0 && lo < hi))
       check::fail(fn, "row " + std::to_string(i) + ": the bounds must satisfy 0 < lower < upper "
                       "(finite), got lower = " + std::to_string(lo) + ", upper = " +
                       std::to_string(hi));
   }
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_t = 1.0 / temperature;
   const bool soft = sharpness > 0;
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
                   std::vector<double>& w) {
-    auto zero_row = [&] {
-      vset(out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) store(grad_student, i, j, 0.0);
-      if (grad_lower.defined()) vset(grad_lower, i, 0.0);
-      if (grad_upper.defined()) vset(grad_upper, i, 0.0);
+    auto no_gradient = [&](double value) {  // the row's loss is `value`, its gradients 0
+      elem::set(out, i, value);
+      zero_grad_row(grad_student, i);
+      elem::put(grad_lower, i, 0.0);
+      elem::put(grad_upper, i, 0.0);
     };
-    if (ignored(labels, ignore_index, i)) return zero_row();
+    if (ignored(labels, ignore_index, i)) return no_gradient(0.0);
     const double lse_s = load_row(student, i, inv_t, s);
     const double lse_t = load_row(teacher, i, inv_t, t);
-    const double lo = vget(lower, i), hi = vget(upper, i);
+    const double lo = elem::get(lower, i), hi = elem::get(upper, i);
     const double llo = std::log(lo), lhi = std::log(hi);
     w.resize(static_cast<size_t>(v));
     double a = 0.0, b = 0.0, k = 0.0;  // sum w p, sum w q, sum w p (lp - lq)
@@ -424,41 +368,34 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
       const double p = std::exp(lp), q = std::exp(lq);
       // The hard mask compares probabilities computed exactly as mass_bounds does, so that its
       // bounds keep their own boundary tokens.
-      w[j] = soft ? sigmoid((lp - llo) / sharpness) * sigmoid((lhi - lp) / sharpness)
+      w[j] = soft ? math::sigmoid((lp - llo) / sharpness) * math::sigmoid((lhi - lp) / sharpness)
                   : (p >= lo && p <= hi ? 1.0 : 0.0);
       a += w[j] * p;
       b += w[j] * q;
       if (w[j] > 0 && p > 0) k += w[j] * p * (lp - lq);
     }
-    if (a == 0.0) return zero_row();
-    if (b == 0.0) {
-      vset(out, i, kInf);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) store(grad_student, i, j, 0.0);
-      if (grad_lower.defined()) vset(grad_lower, i, 0.0);
-      if (grad_upper.defined()) vset(grad_upper, i, 0.0);
-      return;
-    }
+    if (a == 0.0) return no_gradient(0.0);
+    if (b == 0.0) return no_gradient(kInf);
     k /= a;
-    vset(out, i, k - std::log(a) + std::log(b));
+    elem::set(out, i, k - std::log(a) + std::log(b));
     if (!any_grad) return;
-    const double c = vget(coef, i);
+    const double c = elem::get(coef, i);
     double glo = 0.0, ghi = 0.0;
     for (int64_t j = 0; j < v; ++j) {
       const double lp = t[j] - lse_t, lq = s[j] - lse_s;
       const double p = std::exp(lp), q = std::exp(lq);
-      if (grad_student.defined()) store(grad_student, i, j, c * (w[j] * q / b - w[j] * p / a) * inv_t);
+      if (grad_student.defined()) elem::set(grad_student, i, j, c * (w[j] * q / b - w[j] * p / a) * inv_t);
       if (soft && w[j] > 0) {
         // dL/dw_j, then the chain rule through the two sigmoids of the soft mask.
         const double dl_dw = (p > 0 ? p * (lp - lq - k - 1.0) / a : 0.0) + q / b;
-        const double s_lo = sigmoid((lp - llo) / sharpness);
-        const double s_hi = sigmoid((lhi - lp) / sharpness);
+        const double s_lo = math::sigmoid((lp - llo) / sharpness);
+        const double s_hi = math::sigmoid((lhi - lp) / sharpness);
         glo += dl_dw * (-w[j] * (1.0 - s_lo) / (sharpness * lo));
         ghi += dl_dw * (w[j] * (1.0 - s_hi) / (sharpness * hi));
       }
     }
-    if (grad_lower.defined()) vset(grad_lower, i, c * glo);
-    if (grad_upper.defined()) vset(grad_upper, i, c * ghi);
+    elem::put(grad_lower, i, c * glo);
+    elem::put(grad_upper, i, c * ghi);
   });
 }
 
@@ -489,8 +426,8 @@ void mass_bounds(const TensorView& teacher, double temperature, double mass_lo, 
       before += t[k];
     }
     if (hi < 0) hi = lo = t[0];  // rounding left nothing in [mass_lo, mass_hi): the top token
-    vset(lower, i, lo);
-    vset(upper, i, hi);
+    elem::set(lower, i, lo);
+    elem::set(upper, i, hi);
   });
 }
 
@@ -512,7 +449,7 @@ void sorted_probs(const TensorView& teacher, double temperature, const TensorVie
     for (double& x : t) x = std::exp(x - lse);
     const int64_t m = std::min(k, v);
     std::partial_sort(t.begin(), t.begin() + m, t.end(), std::greater<double>());
-    for (int64_t j = 0; j < k; ++j) store(out, i, j, j < m ? t[j] : 0.0);
+    for (int64_t j = 0; j < k; ++j) elem::set(out, i, j, j < m ? t[j] : 0.0);
   });
 }
 
@@ -522,9 +459,7 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
                       const TensorView& labels, int64_t ignore_index, const TensorView& out,
                       const TensorView& coef, const TensorView& grad_student) {
   constexpr const char* fn = "swing_loss";
-  matrix_in(fn, "student_logits", student);
-  matrix_in(fn, "teacher_logits", teacher);
-  same_shape(fn, "teacher_logits", teacher, student, "student_logits");
+  logit_pair(fn, student, teacher);
   if (!(std::isfinite(noise_std) && noise_std >= 0))
     check::fail(fn, "noise_std must be finite and >= 0, got " + std::to_string(noise_std));
   const int64_t n = student.shape[0], v = student.shape[1];
@@ -535,26 +470,24 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
   if (grad_student.defined()) matrix_out(fn, "grad_student", grad_student, student, "student_logits");
   for (int64_t i = 0; i < n; ++i) {
     if (ignored(labels, ignore_index, i)) continue;
-    const double ti = vget(temperatures, i);
+    const double ti = elem::get(temperatures, i);
     if (!(std::isfinite(ti) && ti > 0))
       check::fail(fn, "temperatures[" + std::to_string(i) + "] must be finite and > 0, got " +
                       std::to_string(ti));
   }
-  check_finite(fn, "student_logits", student, labels, ignore_index);
-  check_finite(fn, "teacher_logits", teacher, labels, ignore_index);
+  check_finite_pair(fn, student, teacher, labels, ignore_index);
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t, std::vector<double>&) {
     if (ignored(labels, ignore_index, i)) {
-      vset(out, i, 0.0);
-      if (grad_student.defined())
-        for (int64_t j = 0; j < v; ++j) store(grad_student, i, j, 0.0);
+      elem::set(out, i, 0.0);
+      zero_grad_row(grad_student, i);
       return;
     }
-    const double inv_t = 1.0 / vget(temperatures, i);
+    const double inv_t = 1.0 / elem::get(temperatures, i);
     const double lse_s = load_row(student, i, inv_t, s);
     t.resize(static_cast<size_t>(v));
     double m = -kInf;
     for (int64_t j = 0; j < v; ++j) {
-      t[j] = load(teacher, i, j) * inv_t;
+      t[j] = elem::get(teacher, i, j) * inv_t;
       if (noise_std > 0 && t[j] > -kInf)
         t[j] += noise_std * normal_at(seed, static_cast<uint64_t>(i * v + j));
       m = std::max(m, t[j]);
@@ -568,11 +501,11 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
       const double p = std::exp(lp);
       if (p > 0) loss += p * (lp - (s[j] - lse_s));
     }
-    vset(out, i, loss);
+    elem::set(out, i, loss);
     if (grad_student.defined()) {
-      const double c = vget(coef, i);
+      const double c = elem::get(coef, i);
       for (int64_t j = 0; j < v; ++j)
-        store(grad_student, i, j, c * (std::exp(s[j] - lse_s) - std::exp(t[j] - lse_t)) * inv_t);
+        elem::set(grad_student, i, j, c * (std::exp(s[j] - lse_s) - std::exp(t[j] - lse_t)) * inv_t);
     }
   });
 }
@@ -583,7 +516,7 @@ void swing_noise(uint64_t seed, const TensorView& out) {
   const int64_t n = out.shape[0], v = out.shape[1];
   for_rows(n, [&](int64_t i, std::vector<double>&, std::vector<double>&, std::vector<double>&) {
     for (int64_t j = 0; j < v; ++j)
-      store(out, i, j, normal_at(seed, static_cast<uint64_t>(i * v + j)));
+      elem::set(out, i, j, normal_at(seed, static_cast<uint64_t>(i * v + j)));
   });
 }
 
@@ -616,12 +549,12 @@ void selective_contrast(const TensorView& standard, const TensorView& lame, doub
     double ss = 0.0;  // the sample standard deviation (n - 1), as torch.std in the official code
     for (double pj : p) ss += (pj - mean) * (pj - mean);
     const double sd = v > 1 ? std::sqrt(ss / static_cast<double>(v - 1)) : 0.0;
-    vset(uncertainty, i, sd);
+    elem::set(uncertainty, i, sd);
     // A flat (uncertain) distribution has a small standard deviation.
     const bool apply = !(sd > std_threshold);
-    if (applied.defined()) vset(applied, i, apply ? 1.0 : 0.0);
+    if (applied.defined()) elem::set(applied, i, apply ? 1.0 : 0.0);
     if (!apply) {
-      for (int64_t j = 0; j < v; ++j) store(out, i, j, s[j] - lse_s);
+      for (int64_t j = 0; j < v; ++j) elem::set(out, i, j, s[j] - lse_s);
       return;
     }
     const double lse_l = load_row(lame, i, 1.0, l);
@@ -634,7 +567,7 @@ void selective_contrast(const TensorView& standard, const TensorView& lame, doub
         const double r = lame_weight * std::exp(ll - lp);
         if (r < 1.0) o = lp + std::log1p(-r);
       }
-      store(out, i, j, o);
+      elem::set(out, i, j, o);
     }
   });
 }

@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/element.h"
+#include "core/reduction.h"
 #include "divergence/row_job.h"
 #include "divkit/divergence.h"
 #include "divkit/vocab_parallel.h"
@@ -22,24 +24,6 @@ constexpr const char* kKindNames[kNumDivergenceKinds] = {
     "hellinger",  "jeffreys",   "chi2",  "alpha_divergence", "renyi",           "cross_entropy",
 };
 
-std::string fmt(double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%g", x);
-  return buf;
-}
-
-bool ranges_overlap(const TensorView& a, const TensorView& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  auto span = [](const TensorView& t) {
-    const char* lo = static_cast<const char*>(t.data);
-    const int64_t last = (t.shape[0] - 1) * t.strides[0] + t.shape[1];
-    return std::pair<const char*, const char*>(lo, lo + last * dtype_size(t.dtype));
-  };
-  const auto [a0, a1] = span(a);
-  const auto [b0, b1] = span(b);
-  return a0 < b1 && b0 < a1;
-}
-
 // A gradient output may be its input's own buffer (in place) but must not partly overlap it.
 bool check_gradient_output(const char* name, const TensorView& grad, const char* input_name,
                            const TensorView& input) {
@@ -47,29 +31,12 @@ bool check_gradient_output(const char* name, const TensorView& grad, const char*
   if (grad.shape[0] != input.shape[0] || grad.shape[1] != input.shape[1])
     check::fail(kFn, std::string(name) + " must have the shape of " + input_name + " " +
                          check::shape_string(input) + ", got " + check::shape_string(grad));
-  if (!ranges_overlap(grad, input)) return false;
+  if (!check::ranges_overlap(grad, input)) return false;
   if (grad.data == input.data && grad.dtype == input.dtype &&
       (grad.shape[0] <= 1 || grad.strides[0] == input.strides[0]))
     return true;
   check::fail(kFn, std::string(name) + " overlaps " + input_name +
                        " without being the same buffer (same data, dtype and strides)");
-}
-
-template <typename T>
-void fill_active(const TensorView& labels, int64_t ignore_index, std::vector<uint8_t>& active) {
-  const T* p = static_cast<const T*>(labels.data);
-  for (size_t i = 0; i < active.size(); ++i)
-    active[i] = static_cast<int64_t>(p[static_cast<int64_t>(i) * labels.strides[0]]) != ignore_index;
-}
-
-template <typename T>
-void fill_weights(const TensorView& weights, std::vector<double>& w) {
-  const T* p = static_cast<const T*>(weights.data);
-  for (size_t i = 0; i < w.size(); ++i) {
-    w[i] = static_cast<double>(p[static_cast<int64_t>(i) * weights.strides[0]]);
-    if (!std::isfinite(w[i]))
-      check::fail(kFn, "weights must be finite, got " + fmt(w[i]) + " at index " + std::to_string(i));
-  }
 }
 
 }  // namespace
@@ -112,106 +79,53 @@ void validate_spec(const DivergenceSpec& s) {
     check::fail(kFn, "kind code " + std::to_string(k) + " is unknown");
   const std::string kind = divergence_kind_name(s.kind);
   if (!(s.temperature > 0.0f) || !std::isfinite(s.temperature))
-    check::fail(kFn, "temperature must be finite and > 0, got " + fmt(s.temperature));
+    check::fail(kFn, "temperature must be finite and > 0, got " + check::fmt(s.temperature));
   if (s.kind == K::jsd && !(s.beta >= 0.0f && s.beta <= 1.0f))
-    check::fail(kFn, "beta must be in [0, 1] for jsd, got " + fmt(s.beta));
+    check::fail(kFn, "beta must be in [0, 1] for jsd, got " + check::fmt(s.beta));
   if ((s.kind == K::skew_forward_kl || s.kind == K::skew_reverse_kl) &&
       !(s.alpha >= 0.0f && s.alpha <= 1.0f))
-    check::fail(kFn, "alpha must be in [0, 1] for " + kind + ", got " + fmt(s.alpha));
+    check::fail(kFn, "alpha must be in [0, 1] for " + kind + ", got " + check::fmt(s.alpha));
   if (s.kind == K::alpha_divergence && !std::isfinite(s.alpha))
-    check::fail(kFn, "alpha must be finite for alpha_divergence, got " + fmt(s.alpha));
+    check::fail(kFn, "alpha must be finite for alpha_divergence, got " + check::fmt(s.alpha));
   if (s.kind == K::renyi && !(s.alpha > 0.0f && std::isfinite(s.alpha)))
-    check::fail(kFn, "alpha must be finite and > 0 for renyi, got " + fmt(s.alpha));
+    check::fail(kFn, "alpha must be finite and > 0 for renyi, got " + check::fmt(s.alpha));
 }
 
 void divergence(const TensorView& student, const TensorView& teacher, const DivergenceSpec& spec,
                 const DivergenceOptions& options, const DivergenceOutputs& outputs) {
   validate_spec(spec);
-  check::float_matrix(kFn, "student_logits", student);
-  check::float_matrix(kFn, "teacher_logits", teacher);
-  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
-    check::fail(kFn, "student_logits " + check::shape_string(student) +
-                         " and teacher_logits " + check::shape_string(teacher) +
-                         " must have the same shape");
+  detail::check_logit_pair(kFn, student, teacher);
   const int64_t n = student.shape[0], v = student.shape[1];
-  if (v == 0) check::fail(kFn, "student_logits has V = 0 (an empty vocabulary)");
 
-  std::vector<uint8_t> active(static_cast<size_t>(n), 1);
-  if (options.labels.defined()) {
-    check::vector_of(kFn, "labels", options.labels, n, {DType::i64, DType::i32});
-    if (options.labels.dtype == DType::i64)
-      fill_active<int64_t>(options.labels, options.ignore_index, active);
-    else
-      fill_active<int32_t>(options.labels, options.ignore_index, active);
-  }
-  std::vector<double> weight(static_cast<size_t>(n), 1.0);
-  if (options.weights.defined()) {
-    check::vector_of(kFn, "weights", options.weights, n, {DType::f32, DType::f64});
-    if (options.weights.dtype == DType::f32)
-      fill_weights<float>(options.weights, weight);
-    else
-      fill_weights<double>(options.weights, weight);
-  }
-
-  const Reduction red = options.reduction;
-  if (red != Reduction::none && red != Reduction::sum && red != Reduction::mean &&
-      red != Reduction::batchmean)
-    check::fail(kFn, "reduction code " + std::to_string(static_cast<int>(red)) + " is unknown");
-  if (std::isnan(options.num_items_in_batch) || options.num_items_in_batch < 0.0 ||
-      std::isinf(options.num_items_in_batch))
-    check::fail(kFn, "num_items_in_batch must be finite and > 0, got " +
-                         fmt(options.num_items_in_batch));
-  const bool has_num_items = options.num_items_in_batch > 0.0;
-  if (has_num_items && red == Reduction::none)
-    check::fail(kFn, "num_items_in_batch divides a reduced loss; it cannot be used with reduction 'none'");
-
-  const TensorView& loss = outputs.loss;
-  if (!loss.defined()) check::fail(kFn, "loss output is required");
-  if (loss.dtype != DType::f32 && loss.dtype != DType::f64)
-    check::fail(kFn, std::string("loss must be float32 or float64, got ") + dtype_name(loss.dtype));
-  if (red == Reduction::none) {
-    check::vector_of(kFn, "loss", loss, n, {DType::f32, DType::f64});
-  } else if (loss.numel() != 1 || loss.data == nullptr) {
-    check::fail(kFn, "loss must hold one element for reduction '" + std::string(reduction_name(red)) +
-                         "', got shape " + check::shape_string(loss));
-  }
+  const reduce::Plan plan = reduce::plan(kFn, n, options, outputs.loss);
 
   detail::RowJob job;
   job.spec = detail::resolve_divergence_limits(spec);
-  job.student = {student.data, student.dtype, student.strides[0]};
-  job.teacher = {teacher.data, teacher.dtype, teacher.strides[0]};
+  job.student = detail::row_input(student);
+  job.teacher = detail::row_input(teacher);
   job.n = n;
   job.v = v;
-  job.active = active.data();
+  job.active = plan.active.data();
   job.num_threads = get_num_threads();
   bool in_place = false;
   if (outputs.grad_student.defined()) {
     in_place |= check_gradient_output("grad_student", outputs.grad_student, "student_logits", student);
-    if (ranges_overlap(outputs.grad_student, teacher))
+    if (check::ranges_overlap(outputs.grad_student, teacher))
       check::fail(kFn, "grad_student overlaps teacher_logits");
-    job.grad_student = {outputs.grad_student.data, outputs.grad_student.dtype,
-                        outputs.grad_student.strides[0]};
+    job.grad_student = detail::row_output(outputs.grad_student);
   }
   if (outputs.grad_teacher.defined()) {
     in_place |= check_gradient_output("grad_teacher", outputs.grad_teacher, "teacher_logits", teacher);
-    if (ranges_overlap(outputs.grad_teacher, student))
+    if (check::ranges_overlap(outputs.grad_teacher, student))
       check::fail(kFn, "grad_teacher overlaps student_logits");
-    if (outputs.grad_student.defined() && ranges_overlap(outputs.grad_teacher, outputs.grad_student))
+    if (outputs.grad_student.defined() && check::ranges_overlap(outputs.grad_teacher, outputs.grad_student))
       check::fail(kFn, "grad_teacher overlaps grad_student");
-    job.grad_teacher = {outputs.grad_teacher.data, outputs.grad_teacher.dtype,
-                        outputs.grad_teacher.strides[0]};
+    job.grad_teacher = detail::row_output(outputs.grad_teacher);
   }
 
   auto throw_if_bad = [&](const detail::RowJob& j) {
-    auto report = [&](const char* name, int64_t row, bool all_masked) {
-      if (row < 0) return;
-      if (all_masked)
-        check::fail(kFn, std::string(name) + " row " + std::to_string(row) +
-                             " has every logit -inf (no distribution); mark it with labels = ignore_index");
-      check::fail(kFn, std::string(name) + " contains NaN or +inf at row " + std::to_string(row));
-    };
-    report("student_logits", j.bad_student_row, j.bad_student_all_masked);
-    report("teacher_logits", j.bad_teacher_row, j.bad_teacher_all_masked);
+    detail::throw_bad_row(kFn, "student_logits", j.bad_student);
+    detail::throw_bad_row(kFn, "teacher_logits", j.bad_teacher);
   };
 
   // In place, a bad row found midway would leave earlier rows overwritten: check first.
@@ -224,37 +138,13 @@ void divergence(const TensorView& student, const TensorView& teacher, const Dive
     throw_if_bad(probe);
   }
 
-  int64_t count = 0;
-  for (uint8_t a : active) count += a;
-  double divisor = 1.0;
-  if (has_num_items) divisor = options.num_items_in_batch;
-  else if (red == Reduction::mean) divisor = count > 0 ? double(count) : 1.0;
-  else if (red == Reduction::batchmean) divisor = n > 0 ? double(n) : 1.0;
-
-  std::vector<double> grad_scale(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) grad_scale[i] = weight[i] / divisor;
   std::vector<double> row_loss(static_cast<size_t>(n), 0.0);
-  job.grad_scale = grad_scale.data();
+  job.grad_scale = plan.grad_scale.data();
   job.row_loss = row_loss.data();
   detail::run_divergence_rows(job);
   throw_if_bad(job);
-
   const double t2 = spec.scale_by_t_squared ? double(spec.temperature) * spec.temperature : 1.0;
-  auto store = [&](int64_t i, double x) {
-    if (loss.dtype == DType::f32)
-      static_cast<float*>(loss.data)[i * (loss.ndim ? loss.strides[0] : 0)] = static_cast<float>(x);
-    else
-      static_cast<double*>(loss.data)[i * (loss.ndim ? loss.strides[0] : 0)] = x;
-  };
-  if (red == Reduction::none) {
-    for (int64_t i = 0; i < n; ++i)
-      store(i, active[i] && weight[i] != 0.0 ? row_loss[i] * weight[i] * t2 : 0.0);
-    return;
-  }
-  double total = 0.0;  // fixed order: identical for any thread count
-  for (int64_t i = 0; i < n; ++i)
-    if (active[i] && weight[i] != 0.0) total += row_loss[i] * weight[i];
-  store(0, total * t2 / divisor);
+  reduce::store_loss(plan, row_loss.data(), t2, outputs.loss);
 }
 
 float divergence_f32(const float* student, const float* teacher, int64_t n, int64_t v,
@@ -293,22 +183,13 @@ void shard_setup(const char* fn, const TensorView& student, const TensorView& te
                  const DivergenceSpec& spec, const TensorView& labels, int64_t ignore_index,
                  ShardSetup& s) {
   validate_spec(spec);
-  check::float_matrix(fn, "student_logits", student);
-  check::float_matrix(fn, "teacher_logits", teacher);
-  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
-    check::fail(fn, "student_logits " + check::shape_string(student) + " and teacher_logits " +
-                        check::shape_string(teacher) + " must have the same shape");
+  detail::check_logit_pair(fn, student, teacher, /*need_vocab=*/false);  // a shard may be empty
   const int64_t n = student.shape[0];
-  s.active.assign(static_cast<size_t>(n), 1);
-  if (labels.defined()) {
-    check::vector_of(fn, "labels", labels, n, {DType::i64, DType::i32});
-    if (labels.dtype == DType::i64) fill_active<int64_t>(labels, ignore_index, s.active);
-    else fill_active<int32_t>(labels, ignore_index, s.active);
-  }
+  s.active = reduce::active_rows(fn, labels, ignore_index, n);
   s.row_loss.assign(static_cast<size_t>(n), 0.0);
   s.job.spec = detail::resolve_divergence_limits(spec);
-  s.job.student = {student.data, student.dtype, student.strides[0]};
-  s.job.teacher = {teacher.data, teacher.dtype, teacher.strides[0]};
+  s.job.student = detail::row_input(student);
+  s.job.teacher = detail::row_input(teacher);
   s.job.n = n;
   s.job.v = student.shape[1];
   s.job.active = s.active.data();
@@ -317,11 +198,9 @@ void shard_setup(const char* fn, const TensorView& student, const TensorView& te
 }
 
 void shard_run(const char* fn, detail::RowJob& job) {
-  detail::run_divergence_rows(job);
-  if (job.bad_student_row >= 0)
-    check::fail(fn, "student_logits contains NaN or +inf at row " + std::to_string(job.bad_student_row));
-  if (job.bad_teacher_row >= 0)
-    check::fail(fn, "teacher_logits contains NaN or +inf at row " + std::to_string(job.bad_teacher_row));
+  detail::run_divergence_rows(job);  // sharded rows report NaN/+inf only
+  detail::throw_bad_row(fn, "student_logits", job.bad_student);
+  detail::throw_bad_row(fn, "teacher_logits", job.bad_teacher);
 }
 
 }  // namespace
@@ -369,7 +248,7 @@ void divergence_shard_grad(const TensorView& student, const TensorView& teacher,
   check::vector_of(fn, "grad_scale", grad_scale, s.job.n, {DType::f64});
   std::vector<double> scale(static_cast<size_t>(s.job.n));
   for (int64_t i = 0; i < s.job.n; ++i) {
-    scale[i] = static_cast<const double*>(grad_scale.data)[i * grad_scale.strides[0]];
+    scale[i] = elem::get(grad_scale, i);
     if (!std::isfinite(scale[i])) check::fail(fn, "grad_scale must be finite (index " + std::to_string(i) + ")");
     if (scale[i] == 0.0) s.active[i] = 0;  // skipped: its gradient rows are zeroed
   }
@@ -379,18 +258,37 @@ void divergence_shard_grad(const TensorView& student, const TensorView& teacher,
     check::float_matrix(fn, name, *g, /*is_output=*/true);
     if (g->shape[0] != x->shape[0] || g->shape[1] != x->shape[1])
       check::fail(fn, std::string(name) + " must have the shape of the logits " + check::shape_string(*x));
-    if (ranges_overlap(*g, student) || ranges_overlap(*g, teacher))
+    if (check::ranges_overlap(*g, student) || check::ranges_overlap(*g, teacher))
       check::fail(fn, std::string(name) + " must not overlap the logits");
   }
   s.job.shard = detail::ShardMode::grad;
   s.job.in_norm = static_cast<const double*>(norm.data);
   s.job.in_sums = static_cast<const double*>(sums.data);
   s.job.grad_scale = scale.data();
-  if (grad_student.defined())
-    s.job.grad_student = {grad_student.data, grad_student.dtype, grad_student.strides[0]};
-  if (grad_teacher.defined())
-    s.job.grad_teacher = {grad_teacher.data, grad_teacher.dtype, grad_teacher.strides[0]};
+  s.job.grad_student = detail::row_output(grad_student);
+  s.job.grad_teacher = detail::row_output(grad_teacher);
   shard_run(fn, s.job);
+}
+
+void detail::check_logit_pair(const char* fn, const TensorView& student, const TensorView& teacher,
+                              bool need_vocab) {
+  check::float_matrix(fn, "student_logits", student);
+  check::float_matrix(fn, "teacher_logits", teacher);
+  if (student.shape[0] != teacher.shape[0] || student.shape[1] != teacher.shape[1])
+    check::fail(fn, "student_logits " + check::shape_string(student) + " and teacher_logits " +
+                        check::shape_string(teacher) + " must have the same shape");
+  if (need_vocab && student.shape[1] == 0)
+    check::fail(fn, "student_logits has V = 0 (an empty vocabulary)");
+}
+
+void detail::throw_bad_row(const char* fn, const char* name, const BadRow& bad,
+                           const char* no_mass_what) {
+  if (bad.row < 0) return;
+  const std::string row = std::to_string(bad.row);
+  if (bad.no_mass)
+    check::fail(fn, std::string(name) + " row " + row + no_mass_what +
+                        "; mark it with labels = ignore_index");
+  check::fail(fn, std::string(name) + " contains NaN or +inf at row " + row);
 }
 
 // The kernels implement jsd for 0 < beta < 1, alpha_divergence for alpha not in {0, 1}, renyi

@@ -29,6 +29,7 @@
 #define HWY_TARGET_INCLUDE "divergence/divergence_kernels.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include "core/row_io-inl.h"
 #include "core/simd_math-inl.h"
 #include "divergence/divergences-inl.h"
 #include "hwy/highway.h"
@@ -47,26 +48,6 @@ using VF = hn::Vec<DF>;
 
 // ---- passes 1+2: load one row of any dtype into an fp32 buffer, exponentiate --------------
 
-template <typename T>
-HWY_INLINE float ScalarToFloat(T x) {
-  if constexpr (std::is_same_v<T, hwy::bfloat16_t> || std::is_same_v<T, hwy::float16_t>) {
-    uint16_t bits;
-    std::memcpy(&bits, &x, 2);
-    return std::is_same_v<T, hwy::bfloat16_t> ? dtype::bf16_to_f32(bits) : dtype::f16_to_f32(bits);
-  } else {
-    return static_cast<float>(x);
-  }
-}
-
-template <typename T>
-HWY_INLINE VF LoadAsFloat(DF df, const T* HWY_RESTRICT p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return hn::LoadU(df, p);
-  } else {
-    return hn::PromoteTo(df, hn::LoadU(hn::Rebind<T, DF>(), p));
-  }
-}
-
 struct RowSoftmax {
   float max;         // max of the logits x (-inf if every entry is masked)
   double log_sum;    // log sum_j exp((x_j - max) / T)
@@ -76,9 +57,10 @@ struct RowSoftmax {
 // Passes 1 and 2, fused per block of kRowSumBlock vectors so that the block is exponentiated
 // while it is in L1: the logits x (as fp32) into x[0, V) (-inf in the padding [V, Vpad)), and
 // e = exp((x - running max) / T). The max is subtracted before dividing by T so that the
-// difference is exact: logits of 1e4 keep their precision at any temperature. A block exponentiated before the max rose is rescaled at the end
-// (rarely more than a few blocks); the sum is rescaled as the max rises. The order of
-// operations is fixed per row, so results do not depend on threads.
+// difference is exact: logits of 1e4 keep their precision at any temperature. A block
+// exponentiated before the max rose is rescaled at the end (rarely more than a few blocks); the
+// sum is rescaled as the max rises. The order of operations is fixed per row, so results do not
+// depend on threads.
 template <typename T>
 RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpad, float inv_t,
                                float* HWY_RESTRICT x, float* HWY_RESTRICT e,
@@ -87,10 +69,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
-  // Entries [0, vfull) load as whole vectors; the rest is converted one by one.
-  const int64_t vfull = std::is_same_v<T, double> ? 0 : v / lanes * lanes;
   const VF scale = hn::Set(df, inv_t);
-  const VF inf = hn::Set(df, kInf);
   const double inv_t_d = inv_t;  // the same (rounded) 1/T as the vector code
   float run_max = -kInf;
   double sum = 0.0;
@@ -98,24 +77,9 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
   int64_t block = 0;
   for (int64_t begin = 0; begin < vpad; begin += block_len, ++block) {
     const int64_t end = std::min(begin + block_len, vpad);
-    const int64_t vec_end = std::min(end, vfull);
     VF vmax = hn::Set(df, -kInf);
-    auto bad = hn::Lt(inf, inf);  // all false
-    int64_t j = begin;
-    if constexpr (!std::is_same_v<T, double>) {
-      for (; j < vec_end; j += lanes) {
-        const VF xj = LoadAsFloat(df, src + j);
-        bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));  // NaN compares false
-        vmax = hn::Max(vmax, xj);
-        hn::Store(xj, df, x + j);
-      }
-    }
-    for (; j < end; j += lanes) {  // fp64 input, or the last partial vector: padded with -inf
-      for (int64_t k = j; k < j + lanes; ++k) x[k] = k < v ? ScalarToFloat(src[k]) : -kInf;
-      const VF xj = hn::Load(df, x + j);
-      bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));
-      vmax = hn::Max(vmax, xj);
-    }
+    auto bad = hn::Lt(vmax, vmax);  // all false
+    LoadRowBlock(df, src, begin, end, v, x, vmax, bad);
     non_finite |= !hn::AllFalse(df, bad);
     const float bmax = hn::GetLane(hn::MaxOfLanes(df, vmax));
     if (bmax > run_max) {
@@ -124,12 +88,12 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
     }
     block_max[block] = run_max;
     if (run_max == -kInf || non_finite) {  // nothing to exponentiate yet, or a bad row
-      for (j = begin; j < end; j += lanes) hn::Store(hn::Zero(df), df, e + j);
+      for (int64_t j = begin; j < end; j += lanes) hn::Store(hn::Zero(df), df, e + j);
       continue;
     }
     const VF vm = hn::Set(df, run_max);
     VF acc = hn::Zero(df);
-    for (j = begin; j < end; j += lanes) {
+    for (int64_t j = begin; j < end; j += lanes) {
       const VF ej = SoftmaxExp(df, hn::Mul(hn::Sub(hn::Load(df, x + j), vm), scale));
       hn::Store(ej, df, e + j);
       acc = hn::Add(acc, ej);
@@ -152,68 +116,12 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
   return {run_max, std::log(sum), non_finite};
 }
 
-struct RowScan {
-  bool non_finite;  // a NaN or +inf in src
-  bool all_masked;  // every entry -inf
-};
-
-// The checks of LoadSoftmaxRow without its stores or exps: the probe before an in-place write.
-template <typename T>
-RowScan ScanRowTyped(const T* HWY_RESTRICT src, int64_t v) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  const DF df;
-  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
-  const VF inf = hn::Set(df, kInf);
-  VF vmax = hn::Set(df, -kInf);
-  auto bad = hn::Lt(inf, inf);
-  int64_t j = 0;
-  if constexpr (!std::is_same_v<T, double>) {
-    for (; j + lanes <= v; j += lanes) {
-      const VF xj = LoadAsFloat(df, src + j);
-      bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));
-      vmax = hn::Max(vmax, xj);
-    }
-  }
-  bool non_finite = !hn::AllFalse(df, bad);
-  float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
-  for (; j < v; ++j) {
-    const float xj = ScalarToFloat(src[j]);
-    non_finite |= !(xj < kInf);
-    max = std::max(max, xj);
-  }
-  return {non_finite, max == -kInf};
-}
-
-RowScan ScanRow(const RowInput& in, int64_t row, int64_t v) {
-  const int64_t offset = row * in.row_stride;
-  switch (in.dtype) {
-    case DType::f32: return ScanRowTyped(static_cast<const float*>(in.data) + offset, v);
-    case DType::bf16:
-      return ScanRowTyped(static_cast<const hwy::bfloat16_t*>(in.data) + offset, v);
-    case DType::f16:
-      return ScanRowTyped(static_cast<const hwy::float16_t*>(in.data) + offset, v);
-    default: return ScanRowTyped(static_cast<const double*>(in.data) + offset, v);
-  }
-}
-
 RowSoftmax LoadSoftmaxRow(const RowInput& in, int64_t row, int64_t v, int64_t vpad, float inv_t,
                           float* HWY_RESTRICT x, float* HWY_RESTRICT e,
                           float* HWY_RESTRICT block_max) {
-  const int64_t offset = row * in.row_stride;
-  switch (in.dtype) {
-    case DType::f32:
-      return LoadSoftmaxRowTyped(static_cast<const float*>(in.data) + offset, v, vpad, inv_t, x,
-                                 e, block_max);
-    case DType::bf16:
-      return LoadSoftmaxRowTyped(static_cast<const hwy::bfloat16_t*>(in.data) + offset, v, vpad,
-                                 inv_t, x, e, block_max);
-    case DType::f16:
-      return LoadSoftmaxRowTyped(static_cast<const hwy::float16_t*>(in.data) + offset, v, vpad,
-                                 inv_t, x, e, block_max);
-    default:
-      return LoadSoftmaxRowTyped(static_cast<const double*>(in.data) + offset, v, vpad, inv_t, x,
-                                 e, block_max);
-  }
+  return VisitRow(in, row, [&](const auto* src) {
+    return LoadSoftmaxRowTyped(src, v, vpad, inv_t, x, e, block_max);
+  });
 }
 
 // ---- pass 4: write a gradient row in the output dtype ---------------------------------------
@@ -243,24 +151,7 @@ HWY_INLINE void WriteGradRow(const RowOutput& out, int64_t row, int64_t v, const
     return;
   }
   for (int64_t j = 0; j < v; j += lanes) hn::Store(grad_at(j), df, scratch + j);
-  char* base = static_cast<char*>(out.data) + row * out.row_stride * dtype_size(out.dtype);
-  switch (out.dtype) {
-    case DType::bf16: {
-      auto* dst = reinterpret_cast<uint16_t*>(base);
-      for (int64_t j = 0; j < v; ++j) dst[j] = dtype::f32_to_bf16(scratch[j]);
-      break;
-    }
-    case DType::f16: {
-      auto* dst = reinterpret_cast<uint16_t*>(base);
-      for (int64_t j = 0; j < v; ++j) dst[j] = dtype::f32_to_f16(scratch[j]);
-      break;
-    }
-    default: {
-      auto* dst = reinterpret_cast<double*>(base);
-      for (int64_t j = 0; j < v; ++j) dst[j] = scratch[j];
-      break;
-    }
-  }
+  StoreRow(out, row, v, scratch);
 }
 
 // g_j = scale * (u_j - q_j * sum_u), q_j = e_j / Z: the softmax chain rule.
@@ -286,19 +177,6 @@ HWY_INLINE void WriteMinusPGrad(const RowOutput& out, int64_t row, int64_t v,
   WriteGradRow(out, row, v, [&](int64_t j) {
     return hn::MulSub(hn::Load(df, es + j), qs, hn::Mul(hn::Load(df, et + j), ps));
   }, scratch);
-}
-
-void ZeroRow(const RowOutput& out, int64_t row, int64_t v) {
-  if (out.data == nullptr) return;
-  const size_t es = dtype_size(out.dtype);
-  std::memset(static_cast<char*>(out.data) + row * out.row_stride * es, 0,
-              static_cast<size_t>(v) * es);
-}
-
-void RecordBad(std::atomic<int64_t>& slot, int64_t row) {
-  int64_t cur = slot.load();
-  while ((cur < 0 || row < cur) && !slot.compare_exchange_weak(cur, row)) {
-  }
 }
 
 struct RowBuffers {
@@ -594,7 +472,7 @@ void RunRows(RowJob& job, const Div& div) {
   const bool want_t = job.grad_teacher.data != nullptr;
   const double t2 = job.spec.scale_by_t_squared ? double(temperature) * temperature : 1.0;
 
-  std::atomic<int64_t> bad_s{-1}, bad_t{-1}, masked_s{-1}, masked_t{-1};
+  BadRowSlots bad_s, bad_t;
 
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
@@ -625,28 +503,28 @@ void RunRows(RowJob& job, const Div& div) {
       if (job.check_only) {
         const RowScan cs = ScanRow(job.student, i, v);
         const RowScan ct = ScanRow(job.teacher, i, v);
-        if (cs.non_finite) RecordBad(bad_s, i);
-        else if (cs.all_masked) RecordBad(masked_s, i);
-        if (ct.non_finite) RecordBad(bad_t, i);
-        else if (ct.all_masked) RecordBad(masked_t, i);
+        if (cs.non_finite) bad_s.NonFinite(i);
+        else if (cs.all_masked) bad_s.NoMass(i);
+        if (ct.non_finite) bad_t.NonFinite(i);
+        else if (ct.all_masked) bad_t.NoMass(i);
         continue;
       }
       const RowSoftmax ls = LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, es, block_max);
       const RowSoftmax lt = LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, et, block_max);
       if (job.shard != detail::ShardMode::none) {
-        if (ls.non_finite) RecordBad(bad_s, i);
-        if (lt.non_finite) RecordBad(bad_t, i);
+        if (ls.non_finite) bad_s.NonFinite(i);
+        if (lt.non_finite) bad_t.NonFinite(i);
         if (ls.non_finite || lt.non_finite) continue;
         ShardRow(job, div, i, ls, lt, {xs, es, xt, et, vpad}, scratch);
         continue;
       }
       bool skip = false;
-      if (ls.non_finite) RecordBad(bad_s, i), skip = true;
-      if (lt.non_finite) RecordBad(bad_t, i), skip = true;
+      if (ls.non_finite) bad_s.NonFinite(i), skip = true;
+      if (lt.non_finite) bad_t.NonFinite(i), skip = true;
       if (!ls.non_finite && ls.max == -std::numeric_limits<float>::infinity())
-        RecordBad(masked_s, i), skip = true;
+        bad_s.NoMass(i), skip = true;
       if (!lt.non_finite && lt.max == -std::numeric_limits<float>::infinity())
-        RecordBad(masked_t, i), skip = true;
+        bad_t.NoMass(i), skip = true;
       if (skip) continue;
 
       const float inv_zs = static_cast<float>(std::exp(-ls.log_sum));  // 1 / sum es
@@ -677,16 +555,8 @@ void RunRows(RowJob& job, const Div& div) {
       }
     }
   }
-  job.bad_student_row = bad_s.load();
-  job.bad_teacher_row = bad_t.load();
-  if (job.bad_student_row < 0 && masked_s.load() >= 0) {
-    job.bad_student_row = masked_s.load();
-    job.bad_student_all_masked = true;
-  }
-  if (job.bad_teacher_row < 0 && masked_t.load() >= 0) {
-    job.bad_teacher_row = masked_t.load();
-    job.bad_teacher_all_masked = true;
-  }
+  job.bad_student = bad_s.Get();
+  job.bad_teacher = bad_t.Get();
 }
 
 }  // namespace

@@ -4,21 +4,10 @@
 
 #include <cstdint>
 
+#include "core/row_io.h"
 #include "divkit/divergence.h"
 
 namespace divkit::detail {
-
-struct RowInput {
-  const void* data;
-  DType dtype;
-  int64_t row_stride;  // elements
-};
-
-struct RowOutput {
-  void* data = nullptr;  // null: not requested
-  DType dtype = DType::f32;
-  int64_t row_stride = 0;
-};
 
 // Vocabulary-parallel (sharded) runs: the rows hold one rank's shard of the vocabulary, and the
 // Python layer all-reduces per-row statistics between the phases (divkit.distributed):
@@ -46,9 +35,8 @@ struct RowJob {
   double* out_sums = nullptr;        // [n, 4]
   const double* in_sums = nullptr;   // [n, 4]
   int num_threads = 1;
-  // Out: first row with NaN/+inf (after dividing by T) or with every logit -inf; -1 if none.
-  int64_t bad_student_row = -1, bad_teacher_row = -1;
-  bool bad_student_all_masked = false, bad_teacher_all_masked = false;
+  // Out: first row with NaN/+inf (after dividing by T) or with every logit -inf (no_mass).
+  BadRow bad_student, bad_teacher;
 };
 
 // jsd beta 0/1, alpha_divergence alpha 0/1, renyi alpha 1, skew alpha 0 -> their KL kind (the
@@ -58,5 +46,15 @@ DivergenceSpec resolve_divergence_limits(DivergenceSpec spec);
 
 // Runs the rows on the best SIMD target (Highway dynamic dispatch).
 void run_divergence_rows(RowJob& job);
+
+// student_logits and teacher_logits: float [N, V] matrices of one shape, with V >= 1 when
+// need_vocab; else throws Error naming `fn` and the argument.
+void check_logit_pair(const char* fn, const TensorView& student, const TensorView& teacher,
+                      bool need_vocab = true);
+
+// Throws Error when `bad` names a row: "<fn>: <name> contains NaN or +inf at row R", or for a row
+// without mass "<fn>: <name> row R<no_mass_what>; mark it with labels = ignore_index".
+void throw_bad_row(const char* fn, const char* name, const BadRow& bad,
+                   const char* no_mass_what = " has every logit -inf (no distribution)");
 
 }  // namespace divkit::detail

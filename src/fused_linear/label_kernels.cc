@@ -76,18 +76,15 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
   return m;
 }
 
-void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>& scratch,
-                bool& bad) {
+// The sums of a row of z under a shift m: S = sum exp(z - m), sum exp(z - m) (z - m) (when
+// want_ec; 0 * log 0 = 0 for masked entries) and sum z (when want_z); fp64 block sums in a fixed
+// order.
+struct RowSums {
+  double e = 0.0, ec = 0.0, z = 0.0;
+};
+HWY_INLINE RowSums SumRow(const float* HWY_RESTRICT z, int64_t v, float m, bool want_ec, bool want_z) {
   const DF df;
-  float* HWY_RESTRICT z = job.z + i * job.ldz;
-  const int64_t v = job.v;
   const RowSpan sp = Span(v);
-  const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad);
-  if (bad || m == -kInf) {
-    bad = true;
-    return;
-  }
-  const bool want_ent = job.entropy != nullptr, want_mean = job.mean_z != nullptr;
   const VF vm = hn::Set(df, m);
   RowSum sum_e, sum_ez, sum_z;
   const int64_t block = kRowSumBlock * sp.lanes;
@@ -100,21 +97,36 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
       const VF e = SoftmaxExp(df, c);
       acc_e = hn::Add(acc_e, e);
       // e * c with 0 where e = 0 (c = -inf for masked entries).
-      if (want_ent) acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
-      if (want_mean) acc_z = hn::Add(acc_z, x);
+      if (want_ec) acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
+      if (want_z) acc_z = hn::Add(acc_z, x);
     }
     sum_e.AddBlock(acc_e);
-    if (want_ent) sum_ez.AddBlock(acc_ez);
-    if (want_mean) sum_z.AddBlock(acc_z);
+    if (want_ec) sum_ez.AddBlock(acc_ez);
+    if (want_z) sum_z.AddBlock(acc_z);
   }
-  double se = sum_e.total, sez = sum_ez.total, sz = sum_z.total;
+  RowSums out{sum_e.total, sum_ez.total, sum_z.total};
   for (int64_t j = sp.vfull; j < v; ++j) {
     const double c = static_cast<double>(z[j]) - m;
     const double e = std::exp(c);
-    se += e;
-    if (e != 0.0) sez += e * c;
-    sz += z[j];
+    out.e += e;
+    if (e != 0.0) out.ec += e * c;
+    out.z += z[j];
   }
+  return out;
+}
+
+void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>& scratch,
+                bool& bad) {
+  float* HWY_RESTRICT z = job.z + i * job.ldz;
+  const int64_t v = job.v;
+  const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad);
+  if (bad || m == -kInf) {
+    bad = true;
+    return;
+  }
+  const bool want_ent = job.entropy != nullptr;
+  const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr);
+  const double se = sums.e, sez = sums.ec, sz = sums.z;
   const double log_s = std::log(se);
   const double lse = m + log_s;
   if (job.lse) job.lse[i] = lse;
@@ -130,6 +142,30 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
     double mass = 0.0;
     for (int64_t j = 0; j < k; ++j) mass += std::exp(static_cast<double>(scratch[j]) - lse);
     job.topk_mass[i] = std::min(mass, 1.0);
+  }
+}
+
+// The vocabulary-parallel passes of LabelForwardJob (see label_kernels.h).
+void ShardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>& scratch) {
+  float* HWY_RESTRICT z = job.z + i * job.ldz;
+  const int64_t v = job.v;
+  if (job.shard_max != nullptr) {
+    bool bad = false;
+    const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad);
+    job.shard_max[i] = bad ? static_cast<double>(kInf) : static_cast<double>(m);
+    return;
+  }
+  const RowSums sums = SumRow(z, v, static_cast<float>(job.shift[i]), true, true);
+  double* part = job.partials + 4 * i;
+  part[0] = sums.e;
+  part[1] = sums.ec;
+  part[2] = sums.z;
+  if (job.topk_z != nullptr) {
+    const int64_t k = std::min(job.topk, v);
+    scratch.assign(z, z + v);
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    double* out = job.topk_z + i * job.topk;
+    for (int64_t j = 0; j < job.topk; ++j) out[j] = j < k ? scratch[j] : -static_cast<double>(kInf);
   }
 }
 
@@ -197,12 +233,25 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
 void LabelRowsForward(detail::LabelForwardJob& job) {
   const bool parallel = job.num_threads > 1 && job.rows > 1 && job.rows * job.v >= kMinParallelEntries;
   int64_t bad_row = -1;
+  const bool shard = job.shard_max != nullptr || job.shift != nullptr;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
     std::vector<float> scratch;
     int64_t local_bad = -1;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < job.rows; ++i) {
+      if (shard) {
+        if (job.labels[i] >= 0) {
+          ShardRow(job, i, scratch);
+        } else if (job.shard_max != nullptr) {
+          job.shard_max[i] = -static_cast<double>(kInf);
+        } else {
+          std::fill(job.partials + 4 * i, job.partials + 4 * i + 4, 0.0);
+          if (job.topk_z != nullptr)
+            std::fill(job.topk_z + i * job.topk, job.topk_z + (i + 1) * job.topk, -static_cast<double>(kInf));
+        }
+        continue;
+      }
       if (job.labels[i] < 0) {
         for (double* out : {job.lse, job.z_label, job.mean_z, job.entropy, job.topk_mass})
           if (out) out[i] = 0.0;

@@ -21,6 +21,19 @@ struct LabelForwardJob {
   int64_t topk = 0;
   int num_threads = 1;
   int64_t bad_row = -1;  // out: first row with NaN/+inf (or every entry -inf)
+
+  // Vocabulary-parallel passes, over one rank's shard of each row (the driver combines the ranks'
+  // values between them; ignored rows are skipped, their outputs -inf / 0):
+  //  1. shard_max given: z = softcap(x) / T in place and shard_max[i] = the shard's max of z
+  //     (-inf when every entry is -inf; +inf marks a row holding NaN or +inf). Nothing else.
+  //  2. shift given (the global max of each row; z already transformed): partials[4 i + k] =
+  //     {sum exp(z - shift), sum exp(z - shift) (z - shift), sum z} for k = 0, 1, 2 (k = 3 is left
+  //     to the driver), and, when topk_z is given, topk_z[i * topk, + topk) = the shard's topk
+  //     largest z (any order, -inf where the shard has fewer entries).
+  double* shard_max = nullptr;
+  const double* shift = nullptr;
+  double* partials = nullptr;
+  double* topk_z = nullptr;
 };
 void label_rows_forward(LabelForwardJob& job);
 

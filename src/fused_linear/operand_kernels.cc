@@ -9,12 +9,13 @@
 #include <cstring>
 #include <limits>
 
-#include "core/dtype.h"
+#include "core/element.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "fused_linear/operand_kernels.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include "core/row_io-inl.h"
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -28,16 +29,6 @@ using DF = hn::ScalableTag<float>;
 // Below this many elements per call the rows run on the calling thread.
 constexpr int64_t kMinParallelElements = 1 << 16;
 
-float ScalarAt(const void* src, DType dt, int64_t idx) {
-  switch (dt) {
-    case DType::f32: return static_cast<const float*>(src)[idx];
-    case DType::f64: return static_cast<float>(static_cast<const double*>(src)[idx]);
-    case DType::bf16: return dtype::bf16_to_f32(static_cast<const uint16_t*>(src)[idx]);
-    case DType::f16: return dtype::f16_to_f32(static_cast<const uint16_t*>(src)[idx]);
-    default: return std::numeric_limits<float>::quiet_NaN();
-  }
-}
-
 // One contiguous row of T as fp32 into dst (null: only read); returns whether all are finite.
 template <bool kCheck, typename T>
 bool ContiguousRow(const T* HWY_RESTRICT src, int64_t cols, float* HWY_RESTRICT dst) {
@@ -47,22 +38,13 @@ bool ContiguousRow(const T* HWY_RESTRICT src, int64_t cols, float* HWY_RESTRICT 
   auto bad = hn::Lt(inf, inf);
   int64_t j = 0;
   for (; j + lanes <= cols; j += lanes) {
-    hn::Vec<DF> x;
-    if constexpr (std::is_same_v<T, float>) x = hn::LoadU(df, src + j);
-    else x = hn::PromoteTo(df, hn::LoadU(hn::Rebind<T, DF>(), src + j));
-    if constexpr (kCheck) bad = hn::Or(bad, hn::Not(hn::Lt(hn::Abs(x), inf)));  // NaN: false
+    const hn::Vec<DF> x = LoadAsFloat(df, src + j);
+    if constexpr (kCheck) bad = hn::Or(bad, NanOrInf(df, x));
     if (dst) hn::StoreU(x, df, dst + j);
   }
   bool ok = hn::AllFalse(df, bad);
   for (; j < cols; ++j) {
-    float x;
-    if constexpr (std::is_same_v<T, float>) {
-      x = src[j];
-    } else {
-      uint16_t bits;
-      std::memcpy(&bits, src + j, 2);
-      x = std::is_same_v<T, hwy::bfloat16_t> ? dtype::bf16_to_f32(bits) : dtype::f16_to_f32(bits);
-    }
+    const float x = ScalarToFloat(src[j]);
     ok &= std::isfinite(x);
     if (dst) dst[j] = x;
   }
@@ -93,7 +75,7 @@ bool Row(const detail::OperandRowsJob& job, int64_t r) {
   }
   bool ok = true;
   for (int64_t j = 0; j < job.cols; ++j) {
-    const float x = ScalarAt(job.src, job.dtype, off + j * job.col_stride);
+    const float x = elem::load_f32(job.src, job.dtype, off + j * job.col_stride);
     ok &= std::isfinite(x);
     if (dst) dst[j] = x;
   }

@@ -44,11 +44,10 @@ constexpr int kRows = 4;
 constexpr int64_t kChunk = 512;  // multiple of kOtPad
 static_assert(kChunk % detail::kOtPad == 0);
 
-// Small half-iterations (~1 ms) run on one thread: a parallel region's barrier costs more than
-// the work on a loaded machine, where a waiting thread loses whole time slices. Rows are
-// independent, so the result is the same either way. An entry of a stored cost costs about one
-// exp (~8 FMAs in float32; the float64 exp is ~3x that, at half the lanes); one computed on the
-// fly d + 4 more.
+// Small half-iterations run on one thread: a parallel region's barrier costs more than the work
+// on a loaded machine, where a waiting thread loses whole time slices. Rows are independent, so
+// the result is the same either way. An entry of a stored cost costs about one exp (~8 FMAs in
+// float32; the float64 exp is ~3x that, at half the lanes); one computed on the fly d + 4 more.
 inline bool Parallel(const OtSide& s) {
   const int64_t exp_cost = s.f64 ? 24 : 8;
   return s.nr * s.ncpad * (s.mode == OtCostMode::matrix ? exp_cost : s.d + 4 + exp_cost) >=
@@ -166,10 +165,8 @@ HWY_INLINE void ChunkZ(D d, const OtSide& s, const int64_t* ir, int64_t j0, int6
 
 // Row blocks that walk the column chunks together: each chunk's points (d x kChunk: 256 KiB in
 // float64 at d = 64) are then brought into L2 once per group instead of once per block. Every
-// row still sees the chunks in the same order, so the grouping changes no result. Measured at
-// n = m = 20000, d = 64, 2 threads (AMD EPYC, 512 KiB L2): float64 iterations took 14-17 s
-// with one block per group, 6-6.5 s with 16 and 3.8-4.1 s with 64 (256 was slower again);
-// float32 1.8 s -> 1.4-1.7 s.
+// row still sees the chunks in the same order, so the grouping changes no result. Up to 64
+// blocks per group: larger groups no longer fit the chunk's reuse in L2.
 inline int64_t GroupBlocks(int64_t nblocks) {
   const int64_t per_thread = nblocks / (4 * static_cast<int64_t>(get_num_threads()));
   return std::clamp<int64_t>(per_thread, 1, 64);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/element.h"
 #include "divkit/ot.h"
 #include "divkit/runtime.h"
 
@@ -20,11 +21,6 @@ struct Cloud {
   std::vector<double> p;  // [n][d]
   std::vector<double> w;  // [n]
 };
-
-double elem(const TensorView& t, int64_t off) {
-  return t.dtype == DType::f64 ? static_cast<const double*>(t.data)[off]
-                               : static_cast<double>(static_cast<const float*>(t.data)[off]);
-}
 
 Cloud load(const char* fn, const char* name, const char* wname, const TensorView& x,
            const TensorView& w) {
@@ -41,7 +37,7 @@ Cloud load(const char* fn, const char* name, const char* wname, const TensorView
   c.p.resize(static_cast<size_t>(c.n * c.d));
   for (int64_t i = 0; i < c.n; ++i)
     for (int64_t k = 0; k < c.d; ++k) {
-      const double v = elem(x, i * x.strides[0] + k * x.strides[1]);
+      const double v = elem::get(x, i, k);
       if (!std::isfinite(v))
         fail(fn, arg + " has a non-finite value (NaN or inf) at [" + std::to_string(i) + ", " +
                      std::to_string(k) + "]");
@@ -56,7 +52,7 @@ Cloud load(const char* fn, const char* name, const char* wname, const TensorView
       fail(fn, wa + " must be float32 or float64, got " + dtype_name(w.dtype));
     double s = 0;
     for (int64_t i = 0; i < c.n; ++i) {
-      const double v = elem(w, i * w.strides[0]);
+      const double v = elem::get(w, i);
       if (!std::isfinite(v) || v < 0)
         fail(fn, wa + " must be finite and >= 0, got " + std::to_string(v) + " at [" +
                      std::to_string(i) + "]");

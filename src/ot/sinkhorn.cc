@@ -15,6 +15,7 @@
 #endif
 
 #include "core/check.h"
+#include "core/element.h"
 #include "core/gemm.h"
 #include "divkit/ot.h"
 #include "divkit/runtime.h"
@@ -30,23 +31,29 @@ using check::shape_string;
 
 bool is_f32_or_f64(DType d) { return d == DType::f32 || d == DType::f64; }
 
-// Element of a float32/float64 view of up to 3 dimensions, by strides.
-double at(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
+// The element offset of [i0, i1, i2] in a view of up to 3 dimensions (the indices past ndim are
+// ignored).
+int64_t offset(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
   int64_t off = i0 * t.strides[0];
   if (t.ndim > 1) off += i1 * t.strides[1];
   if (t.ndim > 2) off += i2 * t.strides[2];
-  return t.dtype == DType::f64 ? static_cast<const double*>(t.data)[off]
-                               : static_cast<double>(static_cast<const float*>(t.data)[off]);
+  return off;
+}
+double at(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
+  return elem::load(t.data, t.dtype, offset(t, i0, i1, i2));
 }
 double* at_out(const TensorView& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0) {
-  int64_t off = i0 * t.strides[0];
-  if (t.ndim > 1) off += i1 * t.strides[1];
-  if (t.ndim > 2) off += i2 * t.strides[2];
-  return static_cast<double*>(t.data) + off;
+  return static_cast<double*>(t.data) + offset(t, i0, i1, i2);
 }
 
 std::string idx(int64_t b, int64_t i) {
-  return "[" + std::to_string(b) + ", " + std::to_string(i) + "]";
+  // Appended piece by piece: GCC 12's -Wrestrict misfires on "[" + std::to_string(b).
+  std::string s(1, '[');
+  s += std::to_string(b);
+  s += ", ";
+  s += std::to_string(i);
+  s += ']';
+  return s;
 }
 
 void check_view(const char* name, const TensorView& t, int ndim, const int64_t* shape,
@@ -119,10 +126,10 @@ struct FreeDeleter {
 template <typename T>
 using HugeBuf = std::unique_ptr<T[], FreeDeleter>;
 
-// A cost matrix (given or cached), written once per call: 2 MiB-aligned and, on Linux, backed by transparent huge
-// pages where the kernel allows it (madvise mode), as NumPy does for its large arrays. With 4 KiB
-// pages the first-touch faults alone (~9 ms for 8 MiB on the development VM) cost more than
-// all the Sinkhorn iterations of a small problem.
+// A cost matrix (given or cached), written once per call: 2 MiB-aligned and, on Linux, backed by
+// transparent huge pages where the kernel allows it (madvise mode), as NumPy does for its large
+// arrays. With 4 KiB pages the first-touch faults alone cost more than all the Sinkhorn iterations
+// of a small problem.
 template <typename T>
 HugeBuf<T> alloc_huge(int64_t count) {
   constexpr size_t k2M = size_t{2} << 20;
@@ -557,27 +564,48 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
 
   // Final pass over the rows: <P, C>, the mass, the row marginals, grad x, the plan.
   const bool want_gx = out.grad_x.defined() && in.x.defined();
-  std::vector<double> s(static_cast<size_t>(n)), c(static_cast<size_t>(n)),
-      wsum(want_gx ? static_cast<size_t>(n) : 0u), bary(want_gx ? static_cast<size_t>(n * G.d) : 0u);
-  std::vector<double> hr(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) hr[static_cast<size_t>(i)] = f[static_cast<size_t>(i)] / eps;
-  fill_h(hm.get(), lb, g, eps, G.mpad);
+  // A pass of the plan over the rows of `side` (potential pot, weights w) against the other
+  // side (log weights lw_o, potential pot_o, h buffer h_o of npad_o): per row the sum s and the
+  // cost c of the plan, and for a point gradient the weighted sums wsum and barycenters bary.
+  struct PlanRows {
+    std::vector<double> s, c, wsum, bary;
+  };
+  auto plan_rows = [&](const detail::OtSide& side, const std::vector<double>& pot,
+                       const std::vector<double>& w, T* h_o, const std::vector<double>& lw_o,
+                       const std::vector<double>& pot_o, int64_t npad_o, bool want_grad,
+                       detail::OtPlanOut po) {
+    const size_t cnt = pot.size();
+    PlanRows r;
+    r.s.resize(cnt);
+    r.c.resize(cnt);
+    if (want_grad) {
+      r.wsum.resize(cnt);
+      r.bary.resize(cnt * static_cast<size_t>(G.d));
+    }
+    std::vector<double> hr(cnt);
+    for (size_t i = 0; i < cnt; ++i) hr[i] = pot[i] / eps;
+    fill_h(h_o, lw_o, pot_o, eps, npad_o);
+    po.hr = hr.data();
+    po.arow = w.data();
+    po.s = r.s.data();
+    po.c = r.c.data();
+    if (want_grad) {
+      po.wsum = r.wsum.data();
+      po.bary = r.bary.data();
+    }
+    detail::ot_plan_rows(side, h_o, 1.0 / eps, po);
+    return r;
+  };
   detail::OtPlanOut po;
-  po.hr = hr.data();
-  po.arow = a.data();
-  po.s = s.data();
-  po.c = c.data();
-  if (want_gx) {
-    po.wsum = wsum.data();
-    po.bary = bary.data();
-  }
   if (out.plan.defined()) {
     po.plan_f64 = out.plan.dtype == DType::f64;
     po.plan_stride = out.plan.strides[1];
     po.plan = static_cast<char*>(out.plan.data) +
               b * out.plan.strides[0] * static_cast<int64_t>(dtype_size(out.plan.dtype));
   }
-  detail::ot_plan_rows(G.rows, hm.get(), 1.0 / eps, po);
+  const PlanRows pr = plan_rows(G.rows, f, a, hm.get(), lb, g, G.mpad, want_gx, po);
+  const std::vector<double>& s = pr.s;
+  const std::vector<double>& c = pr.c;
   double tc = 0, mass = 0, rerr = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double ai = a[static_cast<size_t>(i)];
@@ -619,30 +647,16 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
         *at_out(gv, b, i, k) = v;
       }
   };
-  if (want_gx) write_grad(out.grad_x, a, s, wsum, bary, G.X.get(), n);
+  if (want_gx) write_grad(out.grad_x, a, s, pr.wsum, pr.bary, G.X.get(), n);
 
   const bool want_gy = out.grad_y.defined() && in.x.defined();
   if (want_gy || out.grad_b.defined()) {
-    std::vector<double> s2(static_cast<size_t>(m)), c2(static_cast<size_t>(m)),
-        w2(want_gy ? static_cast<size_t>(m) : 0u), by2(want_gy ? static_cast<size_t>(m * d) : 0u),
-        hr2(static_cast<size_t>(m));
-    for (int64_t j = 0; j < m; ++j) hr2[static_cast<size_t>(j)] = g[static_cast<size_t>(j)] / eps;
-    fill_h(hn.get(), la, f, eps, G.npad);
-    detail::OtPlanOut pc;
-    pc.hr = hr2.data();
-    pc.arow = bw.data();
-    pc.s = s2.data();
-    pc.c = c2.data();
-    if (want_gy) {
-      pc.wsum = w2.data();
-      pc.bary = by2.data();
-    }
-    detail::ot_plan_rows(G.cols, hn.get(), 1.0 / eps, pc);
+    const PlanRows pc = plan_rows(G.cols, g, bw, hn.get(), la, f, G.npad, want_gy, {});
     if (out.grad_b.defined())
       for (int64_t j = 0; j < m; ++j)
         *at_out(out.grad_b, b, j) =
-            dF(g[static_cast<size_t>(j)], opt.rho_b) - eps * (s2[static_cast<size_t>(j)] - ma);
-    if (want_gy) write_grad(out.grad_y, bw, s2, w2, by2, G.Y.get(), m);
+            dF(g[static_cast<size_t>(j)], opt.rho_b) - eps * (pc.s[static_cast<size_t>(j)] - ma);
+    if (want_gy) write_grad(out.grad_y, bw, pc.s, pc.wsum, pc.bary, G.Y.get(), m);
   }
   return st;
 }

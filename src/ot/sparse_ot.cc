@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/element.h"
 #include "divkit/ot.h"
 #include "divkit/runtime.h"
 
@@ -18,18 +19,13 @@ constexpr const char* kFn = "sparse_ot";
 using check::fail;
 using check::shape_string;
 
-double elem(const TensorView& t, int64_t off) {
-  return t.dtype == DType::f64 ? static_cast<const double*>(t.data)[off]
-                               : static_cast<double>(static_cast<const float*>(t.data)[off]);
-}
-
 std::vector<double> load_weights(const char* name, const TensorView& w, int64_t n) {
   const std::string arg(name);
   if (!w.defined()) fail(kFn, arg + " is required");
   check::vector_of(kFn, name, w, n, {DType::f32, DType::f64});
   std::vector<double> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const double x = elem(w, i * w.strides[0]);
+    const double x = elem::get(w, i);
     if (!std::isfinite(x))
       fail(kFn, arg + " has a non-finite value at [" + std::to_string(i) + "]");
     if (x < 0)
@@ -293,7 +289,7 @@ SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorV
   std::vector<double> ct(static_cast<size_t>(n * m));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < m; ++j) {
-      const double v = elem(cost, i * cost.strides[0] + j * cost.strides[1]);
+      const double v = elem::get(cost, i, j);
       if (!std::isfinite(v))
         fail(kFn, "cost has a non-finite value at [" + std::to_string(i) + ", " +
                       std::to_string(j) + "]");

@@ -11,42 +11,18 @@
 #include <string>
 
 #include "core/check.h"
+#include "core/element.h"
+#include "core/scalar_math.h"
 
 namespace divkit {
 namespace {
 
-// ---- stable scalar forms ----------------------------------------------------------------
-double sigmoid(double x) {
-  if (x >= 0) return 1.0 / (1.0 + std::exp(-x));
-  const double e = std::exp(x);
-  return e / (1.0 + e);
-}
-// log sigma(x) = -softplus(-x)
-double log_sigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
-// log(1 - e^x) for x < 0 (Maechler's log1mexp)
-double log1mexp(double x) { return x > -M_LN2 ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x)); }
-// Exponent cap: exp(80) = 5.5e34 stays finite once rounded to fp32 (TRL's clamp for alpha).
-constexpr double kMaxExp = 80.0;
-
-// ---- vector access --------------------------------------------------------------------
-double get(const TensorView& t, int64_t i) {
-  const char* base = static_cast<const char*>(t.data);
-  const int64_t off = i * t.strides[0];
-  switch (t.dtype) {
-    case DType::f32: return reinterpret_cast<const float*>(base)[off];
-    case DType::f64: return reinterpret_cast<const double*>(base)[off];
-    case DType::i32: return reinterpret_cast<const int32_t*>(base)[off];
-    case DType::i64: return static_cast<double>(reinterpret_cast<const int64_t*>(base)[off]);
-    default: return NAN;
-  }
-}
-void put(const TensorView& t, int64_t i, double x) {
-  if (!t.defined()) return;
-  char* base = static_cast<char*>(t.data);
-  const int64_t off = i * t.strides[0];
-  if (t.dtype == DType::f32) reinterpret_cast<float*>(base)[off] = static_cast<float>(x);
-  else reinterpret_cast<double*>(base)[off] = x;
-}
+using elem::get;
+using elem::put;
+using math::kMaxExp;
+using math::log1mexp;
+using math::log_sigmoid;
+using math::sigmoid;
 
 int64_t batch_of(const char* fn, const char* name, const TensorView& t) {
   if (!t.defined()) check::fail(fn, std::string(name) + " is required");
@@ -75,6 +51,24 @@ void lengths_vector(const char* fn, const char* name, const TensorView& t, int64
 }
 void check_beta(const char* fn, double beta) {
   if (!(beta > 0) || !std::isfinite(beta)) check::fail(fn, "beta must be a finite number > 0, got " + std::to_string(beta));
+}
+
+// The arguments of the reference-free pair losses (CPO/SimPO, ORPO): the policy's log-probs of B
+// >= 1 pairs, the outputs (and ORPO's log_odds); returns B.
+int64_t check_policy_pairs(const char* fn, const PreferenceInputs& in, const PreferenceOutputs& out,
+                           const TensorView* log_odds = nullptr) {
+  const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
+  if (b == 0) check::fail(fn, "policy_chosen_logps is empty: the batch needs at least one pair");
+  logps_vector(fn, "policy_chosen_logps", in.policy_chosen_logps, b);
+  logps_vector(fn, "policy_rejected_logps", in.policy_rejected_logps, b);
+  check::vector_of(fn, "losses", out.losses, b, {DType::f32, DType::f64});
+  optional_out(fn, "chosen_rewards", out.chosen_rewards, b);
+  optional_out(fn, "rejected_rewards", out.rejected_rewards, b);
+  if (log_odds != nullptr) optional_out(fn, "log_odds", *log_odds, b);
+  if (out.grad_losses.defined()) logps_vector(fn, "grad_losses", out.grad_losses, b);
+  optional_out(fn, "grad_policy_chosen", out.grad_policy_chosen, b);
+  optional_out(fn, "grad_policy_rejected", out.grad_policy_rejected, b);
+  return b;
 }
 
 // ---- f-DPO scores: s(l) and s'(l) ------------------------------------------------------
@@ -371,16 +365,7 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
   if (!(eps >= 0.0 && eps <= 0.5)) check::fail(fn, "label_smoothing must be in [0, 0.5], got " + std::to_string(eps));
   if (!std::isfinite(spec.alpha)) check::fail(fn, "alpha must be finite");
   if (!std::isfinite(spec.simpo_gamma)) check::fail(fn, "simpo_gamma must be finite");
-  const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
-  if (b == 0) check::fail(fn, "policy_chosen_logps is empty: the batch needs at least one pair");
-  logps_vector(fn, "policy_chosen_logps", in.policy_chosen_logps, b);
-  logps_vector(fn, "policy_rejected_logps", in.policy_rejected_logps, b);
-  check::vector_of(fn, "losses", out.losses, b, {DType::f32, DType::f64});
-  optional_out(fn, "chosen_rewards", out.chosen_rewards, b);
-  optional_out(fn, "rejected_rewards", out.rejected_rewards, b);
-  if (out.grad_losses.defined()) logps_vector(fn, "grad_losses", out.grad_losses, b);
-  optional_out(fn, "grad_policy_chosen", out.grad_policy_chosen, b);
-  optional_out(fn, "grad_policy_rejected", out.grad_policy_rejected, b);
+  const int64_t b = check_policy_pairs(fn, in, out);
   const double beta = spec.beta, a = spec.alpha;
   // AlphaPO reward r(p) = (1 - p^-alpha) / alpha = -expm1(-alpha logp) / alpha, r' = exp(-alpha logp).
   auto reward = [&](double lp) -> Score {
@@ -418,17 +403,7 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
 void odds_ratio_loss(const PreferenceInputs& in, double beta, const PreferenceOutputs& out, const TensorView& log_odds) {
   constexpr const char* fn = "odds_ratio_loss";
   check_beta(fn, beta);
-  const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
-  if (b == 0) check::fail(fn, "policy_chosen_logps is empty: the batch needs at least one pair");
-  logps_vector(fn, "policy_chosen_logps", in.policy_chosen_logps, b);
-  logps_vector(fn, "policy_rejected_logps", in.policy_rejected_logps, b);
-  check::vector_of(fn, "losses", out.losses, b, {DType::f32, DType::f64});
-  optional_out(fn, "chosen_rewards", out.chosen_rewards, b);
-  optional_out(fn, "rejected_rewards", out.rejected_rewards, b);
-  optional_out(fn, "log_odds", log_odds, b);
-  if (out.grad_losses.defined()) logps_vector(fn, "grad_losses", out.grad_losses, b);
-  optional_out(fn, "grad_policy_chosen", out.grad_policy_chosen, b);
-  optional_out(fn, "grad_policy_rejected", out.grad_policy_rejected, b);
+  const int64_t b = check_policy_pairs(fn, in, out, &log_odds);
   for (int64_t i = 0; i < b; ++i) {
     const double pw = get(in.policy_chosen_logps, i), pl = get(in.policy_rejected_logps, i);
     if (!(pw < 0)) check::fail(fn, "policy_chosen_logps must be < 0 (a probability below 1), got " + std::to_string(pw) + " at index " + std::to_string(i));

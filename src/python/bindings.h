@@ -129,7 +129,38 @@ inline divkit::DivergenceSpec make_spec(const std::string& kind, double beta, do
   return spec;
 }
 
+// The scalar arguments of a token-level divergence call (divergence, sparse_divergence,
+// topk_divergence), passed from Python as one object, divkit._C.DivergenceArgs, instead of
+// eight positional parameters. num_items_in_batch <= 0 means not given.
+struct DivergenceArgs {
+  std::string kind = "forward_kl";
+  double beta = 0.5;
+  double alpha = 0.1;
+  double temperature = 1.0;
+  bool scale_by_t_squared = false;
+  int64_t ignore_index = -100;
+  std::string reduction = "mean";
+  double num_items_in_batch = 0.0;
+
+  divkit::DivergenceSpec spec() const {
+    return make_spec(kind, beta, alpha, temperature, scale_by_t_squared);
+  }
+  // The reduction options, with the optional per-token labels and weights.
+  template <typename Array>
+  divkit::DivergenceOptions options(const char* fn, const std::optional<Array>& labels,
+                                    const std::optional<Array>& weights) const {
+    divkit::DivergenceOptions o;
+    o.labels = optional_view(fn, "labels", labels);
+    o.ignore_index = ignore_index;
+    o.weights = optional_view(fn, "weights", weights);
+    o.reduction = divkit::parse_reduction(reduction);
+    o.num_items_in_batch = num_items_in_batch;
+    return o;
+  }
+};
+
 // One registration function per family's binding file; module.cc calls each.
+void register_divergence(nb::module_& m);  // divergence.cc (also binds DivergenceArgs)
 void register_fused_linear(nb::module_& m);
 void register_preference(nb::module_& m);
 void register_rlhf(nb::module_& m);  // rlhf.cc

@@ -22,10 +22,8 @@ std::vector<Stats> sinkhorn(const std::optional<InArray>& x, const std::optional
                             const std::optional<OutArray>& grad_x,
                             const std::optional<OutArray>& grad_y,
                             const std::optional<OutArray>& grad_a,
-                            const std::optional<OutArray>& grad_b, double eps, int p, double tol,
-                            int64_t max_iter, int64_t check_every, double eps_scaling,
-                            double rho_a, double rho_b, int64_t cost_cache_bytes,
-                            bool symmetric) {
+                            const std::optional<OutArray>& grad_b,
+                            const divkit::SinkhornOptions& opt) {
   constexpr const char* fn = "sinkhorn";
   divkit::SinkhornInputs in;
   in.x = optional_view(fn, "x", x);
@@ -41,17 +39,6 @@ std::vector<Stats> sinkhorn(const std::optional<InArray>& x, const std::optional
   out.grad_y = optional_view(fn, "grad_y", grad_y);
   out.grad_a = optional_view(fn, "grad_a", grad_a);
   out.grad_b = optional_view(fn, "grad_b", grad_b);
-  divkit::SinkhornOptions opt;
-  opt.eps = eps;
-  opt.p = p;
-  opt.tol = tol;
-  opt.max_iter = max_iter;
-  opt.check_every = check_every;
-  opt.eps_scaling = eps_scaling;
-  opt.rho_a = rho_a;
-  opt.rho_b = rho_b;
-  opt.cost_cache_bytes = cost_cache_bytes;
-  opt.symmetric = symmetric;
   std::vector<divkit::SinkhornStats> st;
   {
     nb::gil_scoped_release release;
@@ -121,13 +108,42 @@ auto sparse_ot(const InArray& a, const InArray& b, const InArray& cost, const Ou
 }  // namespace
 
 void register_ot(nb::module_& m) {
+  // The solver's options as one object (divkit::SinkhornOptions, include/divkit/ot.h).
+  nb::class_<divkit::SinkhornOptions>(m, "SinkhornOptions", "Options of sinkhorn().")
+      .def(
+          "__init__",
+          [](divkit::SinkhornOptions* self, double eps, int p, double tol, int64_t max_iter,
+             int64_t check_every, double eps_scaling, double rho_a, double rho_b,
+             int64_t cost_cache_bytes, bool symmetric) {
+            new (self) divkit::SinkhornOptions();
+            self->eps = eps;
+            self->p = p;
+            self->tol = tol;
+            self->max_iter = max_iter;
+            self->check_every = check_every;
+            self->eps_scaling = eps_scaling;
+            self->rho_a = rho_a;
+            self->rho_b = rho_b;
+            self->cost_cache_bytes = cost_cache_bytes;
+            self->symmetric = symmetric;
+          },
+          nb::kw_only(), nb::arg("eps"), nb::arg("p"), nb::arg("tol"), nb::arg("max_iter"),
+          nb::arg("check_every"), nb::arg("eps_scaling"), nb::arg("rho_a"), nb::arg("rho_b"),
+          nb::arg("cost_cache_bytes"), nb::arg("symmetric"))
+      .def_rw("eps", &divkit::SinkhornOptions::eps)
+      .def_rw("p", &divkit::SinkhornOptions::p)
+      .def_rw("tol", &divkit::SinkhornOptions::tol)
+      .def_rw("max_iter", &divkit::SinkhornOptions::max_iter)
+      .def_rw("check_every", &divkit::SinkhornOptions::check_every)
+      .def_rw("eps_scaling", &divkit::SinkhornOptions::eps_scaling)
+      .def_rw("rho_a", &divkit::SinkhornOptions::rho_a)
+      .def_rw("rho_b", &divkit::SinkhornOptions::rho_b)
+      .def_rw("cost_cache_bytes", &divkit::SinkhornOptions::cost_cache_bytes)
+      .def_rw("symmetric", &divkit::SinkhornOptions::symmetric);
   m.def("sinkhorn", &sinkhorn, nb::arg("x").none(), nb::arg("y").none(), nb::arg("cost").none(),
         nb::arg("a").none(), nb::arg("b").none(), nb::arg("f"), nb::arg("g"),
         nb::arg("plan").none(), nb::arg("grad_x").none(), nb::arg("grad_y").none(),
-        nb::arg("grad_a").none(), nb::arg("grad_b").none(), nb::arg("eps"), nb::arg("p"),
-        nb::arg("tol"), nb::arg("max_iter"), nb::arg("check_every"), nb::arg("eps_scaling"),
-        nb::arg("rho_a"), nb::arg("rho_b"), nb::arg("cost_cache_bytes"),
-        nb::arg("symmetric"),
+        nb::arg("grad_a").none(), nb::arg("grad_b").none(), nb::arg("options"),
         "Batched log-domain Sinkhorn (include/divkit/ot.h). Writes f, g and the optional "
         "outputs; returns per problem (transport_cost, reg_cost, mass, n_iter, "
         "marginal_error, converged).");

@@ -11,31 +11,16 @@
 namespace divkit_py {
 namespace {
 
-divkit::DivergenceOptions make_options(const char* fn, const std::optional<InArray>& labels,
-                                       int64_t ignore_index, const std::optional<InArray>& weights,
-                                       const std::string& reduction, double num_items_in_batch) {
-  divkit::DivergenceOptions options;
-  options.labels = optional_view(fn, "labels", labels);
-  options.ignore_index = ignore_index;
-  options.weights = optional_view(fn, "weights", weights);
-  options.reduction = divkit::parse_reduction(reduction);
-  options.num_items_in_batch = num_items_in_batch;
-  return options;
-}
-
 void sparse_divergence(const InArray& student, const InArray& indices, const InArray& logprobs,
                        const OutArray& loss, const std::optional<OutArray>& grad_student,
-                       const std::string& kind, double beta, double alpha, double temperature,
-                       bool scale_by_t_squared, const std::string& tail,
-                       const std::optional<InArray>& labels, int64_t ignore_index,
-                       const std::optional<InArray>& weights, const std::string& reduction,
-                       double num_items_in_batch) {
+                       const std::optional<InArray>& labels,
+                       const std::optional<InArray>& weights, const std::string& tail,
+                       const DivergenceArgs& args) {
   constexpr const char* fn = "sparse_divergence";
-  const divkit::DivergenceSpec spec = make_spec(kind, beta, alpha, temperature, scale_by_t_squared);
+  const divkit::DivergenceSpec spec = args.spec();
   divkit::SparseOptions sparse;
   sparse.tail = divkit::parse_sparse_tail(tail);
-  const divkit::DivergenceOptions options =
-      make_options(fn, labels, ignore_index, weights, reduction, num_items_in_batch);
+  const divkit::DivergenceOptions options = args.options(fn, labels, weights);
   divkit::SparseOutputs outputs;
   outputs.loss = to_view(fn, "loss", loss);
   outputs.grad_student = optional_view(fn, "grad_student", grad_student);
@@ -48,14 +33,11 @@ void sparse_divergence(const InArray& student, const InArray& indices, const InA
 
 void topk_divergence(const InArray& student, const InArray& teacher, int64_t k,
                      const OutArray& loss, const std::optional<OutArray>& grad_student,
-                     const std::string& kind, double beta, double alpha, double temperature,
-                     bool scale_by_t_squared, const std::optional<InArray>& labels,
-                     int64_t ignore_index, const std::optional<InArray>& weights,
-                     const std::string& reduction, double num_items_in_batch) {
+                     const std::optional<InArray>& labels, const std::optional<InArray>& weights,
+                     const DivergenceArgs& args) {
   constexpr const char* fn = "topk_divergence";
-  const divkit::DivergenceSpec spec = make_spec(kind, beta, alpha, temperature, scale_by_t_squared);
-  const divkit::DivergenceOptions options =
-      make_options(fn, labels, ignore_index, weights, reduction, num_items_in_batch);
+  const divkit::DivergenceSpec spec = args.spec();
+  const divkit::DivergenceOptions options = args.options(fn, labels, weights);
   divkit::SparseOutputs outputs;
   outputs.loss = to_view(fn, "loss", loss);
   outputs.grad_student = optional_view(fn, "grad_student", grad_student);
@@ -69,17 +51,13 @@ void topk_divergence(const InArray& student, const InArray& teacher, int64_t k,
 
 void register_sparse(nb::module_& m) {
   m.def("sparse_divergence", &sparse_divergence, nb::arg("student"), nb::arg("indices"),
-        nb::arg("logprobs"), nb::arg("loss"), nb::arg("grad_student").none(), nb::arg("kind"),
-        nb::arg("beta"), nb::arg("alpha"), nb::arg("temperature"), nb::arg("scale_by_t_squared"),
-        nb::arg("tail"), nb::arg("labels").none(), nb::arg("ignore_index"),
-        nb::arg("weights").none(), nb::arg("reduction"), nb::arg("num_items_in_batch"),
+        nb::arg("logprobs"), nb::arg("loss"), nb::arg("grad_student").none(),
+        nb::arg("labels").none(), nb::arg("weights").none(), nb::arg("tail"), nb::arg("args"),
         "Divergence against a top-k teacher (indices, logprobs) (see include/divkit/sparse.h). "
         "Writes the loss and, where given, the student gradient of the reduced loss.");
   m.def("topk_divergence", &topk_divergence, nb::arg("student"), nb::arg("teacher"), nb::arg("k"),
-        nb::arg("loss"), nb::arg("grad_student").none(), nb::arg("kind"), nb::arg("beta"),
-        nb::arg("alpha"), nb::arg("temperature"), nb::arg("scale_by_t_squared"),
-        nb::arg("labels").none(), nb::arg("ignore_index"), nb::arg("weights").none(),
-        nb::arg("reduction"), nb::arg("num_items_in_batch"),
+        nb::arg("loss"), nb::arg("grad_student").none(), nb::arg("labels").none(),
+        nb::arg("weights").none(), nb::arg("args"),
         "Divergence over the teacher's top-k entries, both renormalized (KL-Top; see "
         "include/divkit/sparse.h).");
 }

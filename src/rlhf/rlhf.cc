@@ -10,43 +10,17 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/element.h"
+#include "core/scalar_math.h"
 
 namespace divkit {
 namespace {
 
-double log_sigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
-double sigmoid(double x) {
-  if (x >= 0) return 1.0 / (1.0 + std::exp(-x));
-  const double e = std::exp(x);
-  return e / (1.0 + e);
-}
-constexpr double kMaxExp = 80.0;
+using math::kMaxExp;
+using math::log_sigmoid;
+using math::sigmoid;
 
-// ---- strided access (1-D: index i; 2-D: (i, j)) ------------------------------------------
-double at(const TensorView& t, int64_t off) {
-  const char* base = static_cast<const char*>(t.data);
-  switch (t.dtype) {
-    case DType::f32: return reinterpret_cast<const float*>(base)[off];
-    case DType::f64: return reinterpret_cast<const double*>(base)[off];
-    case DType::i64: return static_cast<double>(reinterpret_cast<const int64_t*>(base)[off]);
-    case DType::i32: return reinterpret_cast<const int32_t*>(base)[off];
-    default: return NAN;
-  }
-}
-void store(const TensorView& t, int64_t off, double x) {
-  char* base = static_cast<char*>(t.data);
-  if (t.dtype == DType::f32) reinterpret_cast<float*>(base)[off] = static_cast<float>(x);
-  else reinterpret_cast<double*>(base)[off] = x;
-}
-double get1(const TensorView& t, int64_t i) { return at(t, i * t.strides[0]); }
-double get2(const TensorView& t, int64_t i, int64_t j) { return at(t, i * t.strides[0] + j * t.strides[1]); }
-void put1(const TensorView& t, int64_t i, double x) {
-  if (t.defined()) store(t, i * t.strides[0], x);
-}
-void put2(const TensorView& t, int64_t i, int64_t j, double x) {
-  if (t.defined()) store(t, i * t.strides[0] + j * t.strides[1], x);
-}
-double upstream(const TensorView& g, int64_t i) { return g.defined() ? get1(g, i) : 1.0; }
+double upstream(const TensorView& g, int64_t i) { return g.defined() ? elem::get(g, i) : 1.0; }
 
 // ---- argument checks ------------------------------------------------------------------------
 void vec(const char* fn, const char* name, const TensorView& t, int64_t n, bool optional = false) {
@@ -88,14 +62,14 @@ void finite_param(const char* fn, const char* name, double x) {
 void finite_values2(const char* fn, const char* name, const TensorView& t) {
   for (int64_t i = 0; i < t.shape[0]; ++i)
     for (int64_t j = 0; j < t.shape[1]; ++j)
-      if (!std::isfinite(get2(t, i, j)))
-        check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(get2(t, i, j)) + " at [" +
+      if (!std::isfinite(elem::get(t, i, j)))
+        check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(elem::get(t, i, j)) + " at [" +
                             std::to_string(i) + ", " + std::to_string(j) + "]");
 }
 void finite_values1(const char* fn, const char* name, const TensorView& t) {
   for (int64_t i = 0; i < t.shape[0]; ++i)
-    if (!std::isfinite(get1(t, i)))
-      check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(get1(t, i)) + " at index " +
+    if (!std::isfinite(elem::get(t, i)))
+      check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(elem::get(t, i)) + " at index " +
                           std::to_string(i));
 }
 
@@ -122,7 +96,7 @@ void kl_estimator(const TensorView& logprobs, const TensorView& ref_logprobs, Kl
   vec(fn, "grad_logprobs", grad_logprobs, n, true);
   vec(fn, "grad_ref", grad_ref, n, true);
   for (int64_t i = 0; i < n; ++i) {
-    double r = get1(ref_logprobs, i) - get1(logprobs, i);
+    double r = elem::get(ref_logprobs, i) - elem::get(logprobs, i);
     double v = 0, dr = 0;  // value and d value / d r
     switch (kind) {
       case KlEstimator::k1: v = -r; dr = -1; break;
@@ -144,10 +118,10 @@ void kl_estimator(const TensorView& logprobs, const TensorView& ref_logprobs, Kl
         break;
       }
     }
-    put1(out, i, v);
+    elem::put(out, i, v);
     const double g = upstream(grad_out, i) * dr;
-    put1(grad_logprobs, i, -g);
-    put1(grad_ref, i, g);
+    elem::put(grad_logprobs, i, -g);
+    elem::put(grad_ref, i, g);
   }
 }
 
@@ -171,28 +145,28 @@ void ensemble_rewards(const TensorView& rewards, EnsembleMethod method, double u
   for (int64_t i = 0; i < n; ++i) {
     const double g = upstream(grad_out, i);
     double mean = 0;
-    for (int64_t j = 0; j < e; ++j) mean += get2(rewards, i, j);
+    for (int64_t j = 0; j < e; ++j) mean += elem::get(rewards, i, j);
     mean /= static_cast<double>(e);
     if (method == EnsembleMethod::mean) {
-      put1(out, i, mean);
-      for (int64_t j = 0; j < e; ++j) put2(grad_rewards, i, j, g / static_cast<double>(e));
+      elem::put(out, i, mean);
+      for (int64_t j = 0; j < e; ++j) elem::put(grad_rewards, i, j, g / static_cast<double>(e));
     } else if (method == EnsembleMethod::wco) {
       int64_t k = 0;
       for (int64_t j = 1; j < e; ++j)
-        if (get2(rewards, i, j) < get2(rewards, i, k)) k = j;
-      put1(out, i, get2(rewards, i, k));
-      for (int64_t j = 0; j < e; ++j) put2(grad_rewards, i, j, j == k ? g : 0.0);
+        if (elem::get(rewards, i, j) < elem::get(rewards, i, k)) k = j;
+      elem::put(out, i, elem::get(rewards, i, k));
+      for (int64_t j = 0; j < e; ++j) elem::put(grad_rewards, i, j, j == k ? g : 0.0);
     } else {
       double var = 0;  // two passes: no cancellation of E[R^2] - E[R]^2
       for (int64_t j = 0; j < e; ++j) {
-        const double d = get2(rewards, i, j) - mean;
+        const double d = elem::get(rewards, i, j) - mean;
         var += d * d;
       }
       var /= static_cast<double>(e);
-      put1(out, i, mean - uwo_lambda * var);
+      elem::put(out, i, mean - uwo_lambda * var);
       for (int64_t j = 0; j < e; ++j)
-        put2(grad_rewards, i, j,
-             g * (1.0 - 2.0 * uwo_lambda * (get2(rewards, i, j) - mean)) / static_cast<double>(e));
+        elem::put(grad_rewards, i, j,
+             g * (1.0 - 2.0 * uwo_lambda * (elem::get(rewards, i, j) - mean)) / static_cast<double>(e));
     }
   }
 }
@@ -210,15 +184,15 @@ void calibrate_reward(const TensorView& rewards, const TensorView& ref_rewards, 
   std::vector<double> sorted(static_cast<size_t>(m));
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t j = 0; j < m; ++j) {
-      sorted[j] = get2(ref_rewards, i, j);
+      sorted[j] = elem::get(ref_rewards, i, j);
       if (std::isnan(sorted[j])) check::fail(fn, "ref_rewards has a NaN in row " + std::to_string(i));
     }
     std::sort(sorted.begin(), sorted.end());
     for (int64_t j = 0; j < nn; ++j) {
-      const double r = get2(rewards, i, j);
+      const double r = elem::get(rewards, i, j);
       // #{ref <= r}; a NaN reward compares false with everything: 0.
       const auto cnt = std::upper_bound(sorted.begin(), sorted.end(), r) - sorted.begin();
-      put2(out, i, j, std::isnan(r) ? 0.0 : static_cast<double>(cnt) / static_cast<double>(m));
+      elem::put(out, i, j, std::isnan(r) ? 0.0 : static_cast<double>(cnt) / static_cast<double>(m));
     }
   }
 }
@@ -233,11 +207,11 @@ void infalign_transform(const TensorView& calibrated, double t, const TensorView
   vec(fn, "grad_out", grad_out, n, true);
   vec(fn, "grad_calibrated", grad_calibrated, n, true);
   for (int64_t i = 0; i < n; ++i) {
-    const double x = t * get1(calibrated, i);
+    const double x = t * elem::get(calibrated, i);
     const bool capped = x > kMaxExp;
     const double v = std::exp(capped ? kMaxExp : x);
-    put1(out, i, v);
-    put1(grad_calibrated, i, capped ? 0.0 : upstream(grad_out, i) * t * v);
+    elem::put(out, i, v);
+    elem::put(grad_calibrated, i, capped ? 0.0 : upstream(grad_out, i) * t * v);
   }
 }
 
@@ -251,12 +225,12 @@ void best_of_n(const TensorView& rewards, const TensorView& indices, const Tenso
   for (int64_t i = 0; i < b; ++i) {
     int64_t k = 0;
     for (int64_t j = 0; j < n; ++j) {
-      const double r = get2(rewards, i, j);
+      const double r = elem::get(rewards, i, j);
       if (std::isnan(r)) check::fail(fn, "rewards has a NaN at [" + std::to_string(i) + ", " + std::to_string(j) + "]");
-      if (r > get2(rewards, i, k)) k = j;  // strict: the first maximum wins ties
+      if (r > elem::get(rewards, i, k)) k = j;  // strict: the first maximum wins ties
     }
     reinterpret_cast<int64_t*>(indices.data)[i * indices.strides[0]] = k;
-    put1(best, i, get2(rewards, i, k));
+    elem::put(best, i, elem::get(rewards, i, k));
   }
 }
 
@@ -286,18 +260,18 @@ void d2o_loss(const TensorView& ps, const TensorView& rs, const TensorView& pl, 
   const double c = beta / static_cast<double>(k);
   for (int64_t i = 0; i < b; ++i) {
     double s = 0;
-    for (int64_t j = 0; j < k; ++j) s += get2(ps, i, j) - get2(rs, i, j);
-    const double pos = c * s, neg = alpha * (get1(pl, i) - get1(rl, i)), z = pos - neg;
-    put1(losses, i, -log_sigmoid(z));
-    put1(sample_rewards, i, pos);
-    put1(rejected_rewards, i, neg);
+    for (int64_t j = 0; j < k; ++j) s += elem::get(ps, i, j) - elem::get(rs, i, j);
+    const double pos = c * s, neg = alpha * (elem::get(pl, i) - elem::get(rl, i)), z = pos - neg;
+    elem::put(losses, i, -log_sigmoid(z));
+    elem::put(sample_rewards, i, pos);
+    elem::put(rejected_rewards, i, neg);
     const double dz = -upstream(g.grad_out, i) * sigmoid(-z);  // d(-logsig z)/dz = -sigma(-z)
     for (int64_t j = 0; j < k; ++j) {
-      put2(g.grad_policy_samples, i, j, dz * c);
-      put2(g.grad_ref_samples, i, j, -dz * c);
+      elem::put(g.grad_policy_samples, i, j, dz * c);
+      elem::put(g.grad_ref_samples, i, j, -dz * c);
     }
-    put1(g.grad_policy_rejected, i, -dz * alpha);
-    put1(g.grad_ref_rejected, i, dz * alpha);
+    elem::put(g.grad_policy_rejected, i, -dz * alpha);
+    elem::put(g.grad_ref_rejected, i, dz * alpha);
   }
 }
 
@@ -316,11 +290,11 @@ void hypo_online_kl(const TensorView& ps, const TensorView& rs, const TensorView
   std::vector<double> r(static_cast<size_t>(k));
   for (int64_t i = 0; i < b; ++i) {
     double s = 0;
-    for (int64_t j = 0; j < k; ++j) s += (r[j] = get2(ps, i, j) - get2(rs, i, j));
-    put1(kl, i, s / static_cast<double>(k));
+    for (int64_t j = 0; j < k; ++j) s += (r[j] = elem::get(ps, i, j) - elem::get(rs, i, j));
+    elem::put(kl, i, s / static_cast<double>(k));
     if (!grad_ps.defined()) continue;
     const double g = upstream(grad_out, i) / static_cast<double>(k);
-    for (int64_t j = 0; j < k; ++j) put2(grad_ps, i, j, g * (r[j] - (s - r[j]) / static_cast<double>(k - 1)));
+    for (int64_t j = 0; j < k; ++j) elem::put(grad_ps, i, j, g * (r[j] - (s - r[j]) / static_cast<double>(k - 1)));
   }
 }
 
@@ -338,15 +312,15 @@ void superhf_loss(const TensorView& logps, const TensorView& rewards, const Tens
                           check::shape_string(lengths));
     for (int64_t i = 0; i < b; ++i)
       for (int64_t j = 0; j < n; ++j)
-        if (!(get2(lengths, i, j) > 0))
-          check::fail(fn, "lengths must be > 0, got " + std::to_string(get2(lengths, i, j)));
+        if (!(elem::get(lengths, i, j) > 0))
+          check::fail(fn, "lengths must be > 0, got " + std::to_string(elem::get(lengths, i, j)));
   }
   if (top_k < 1 || top_k > n)
     check::fail(fn, "top_k must be in [1, " + std::to_string(n) + "], got " + std::to_string(top_k));
   finite_param(fn, "kl_coef", kl_coef);
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = 0; j < n; ++j)
-      if (std::isnan(get2(rewards, i, j))) check::fail(fn, "rewards has a NaN in row " + std::to_string(i));
+      if (std::isnan(elem::get(rewards, i, j))) check::fail(fn, "rewards has a NaN in row " + std::to_string(i));
   vec(fn, "loss", loss, 1);
   mat(fn, "indices", indices, b, top_k, false, true);
   vec(fn, "grad_out", grad_out, 1, true);
@@ -359,22 +333,22 @@ void superhf_loss(const TensorView& logps, const TensorView& rewards, const Tens
   for (int64_t i = 0; i < b; ++i) {
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t x, int64_t y) { return get2(rewards, i, x) > get2(rewards, i, y); });
+                     [&](int64_t x, int64_t y) { return elem::get(rewards, i, x) > elem::get(rewards, i, y); });
     for (int64_t j = 0; j < n; ++j) {
-      put2(grad_logps, i, j, 0.0);
-      put2(grad_kl, i, j, 0.0);
+      elem::put(grad_logps, i, j, 0.0);
+      elem::put(grad_kl, i, j, 0.0);
     }
     for (int64_t q = 0; q < top_k; ++q) {
       const int64_t j = order[q];
       reinterpret_cast<int64_t*>(indices.data)[i * indices.strides[0] + q * indices.strides[1]] = j;
-      const double len = lengths.defined() ? get2(lengths, i, j) : 1.0;
-      nll += -get2(logps, i, j) / len;
-      klsum += get2(kl, i, j);
-      put2(grad_logps, i, j, -g * inv / len);
-      put2(grad_kl, i, j, g * inv * kl_coef);
+      const double len = lengths.defined() ? elem::get(lengths, i, j) : 1.0;
+      nll += -elem::get(logps, i, j) / len;
+      klsum += elem::get(kl, i, j);
+      elem::put(grad_logps, i, j, -g * inv / len);
+      elem::put(grad_kl, i, j, g * inv * kl_coef);
     }
   }
-  put1(loss, 0, nll * inv + kl_coef * klsum * inv);
+  elem::put(loss, 0, nll * inv + kl_coef * klsum * inv);
 }
 
 }  // namespace divkit

@@ -21,6 +21,7 @@ struct SparseInput {
   const void* data = nullptr;
   DType dtype = DType::f32;
   int64_t row_stride = 0, col_stride = 1;
+  int64_t offset(int64_t row, int64_t col) const { return row * row_stride + col * col_stride; }
 };
 
 struct SparseJob {
@@ -41,8 +42,7 @@ struct SparseJob {
   // Out: first row whose student logits hold NaN/+inf, or give no distribution (all -inf, or
   // -inf at every selected index in renormalize mode); -1 if none. Likewise the teacher logits
   // of topk_divergence.
-  int64_t bad_student_row = -1, bad_teacher_row = -1;
-  bool bad_student_no_mass = false, bad_teacher_no_mass = false;
+  BadRow bad_student, bad_teacher;
 };
 
 // Runs the rows on the best SIMD target (Highway dynamic dispatch).

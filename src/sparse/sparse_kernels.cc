@@ -30,7 +30,8 @@
 #include <utility>
 #include <vector>
 
-#include "core/dtype.h"
+#include "core/element.h"
+#include "core/scalar_math.h"
 #include "hwy/aligned_allocator.h"
 #include "sparse/sparse_job.h"
 
@@ -38,6 +39,7 @@
 #define HWY_TARGET_INCLUDE "sparse/sparse_kernels.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include "core/row_io-inl.h"
 #include "core/simd_math-inl.h"
 #include "divergence/divergences-inl.h"
 #include "hwy/highway.h"
@@ -50,126 +52,12 @@ namespace {
 namespace hn = hwy::HWY_NAMESPACE;
 using detail::RowInput;
 using detail::RowOutput;
-using detail::SparseInput;
 using detail::SparseJob;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-template <typename T>
-HWY_INLINE float ScalarToFloat(T x) {
-  if constexpr (std::is_same_v<T, hwy::bfloat16_t> || std::is_same_v<T, hwy::float16_t>) {
-    uint16_t bits;
-    std::memcpy(&bits, &x, 2);
-    return std::is_same_v<T, hwy::bfloat16_t> ? dtype::bf16_to_f32(bits) : dtype::f16_to_f32(bits);
-  } else {
-    return static_cast<float>(x);
-  }
-}
-
-struct RowLoad {
-  float max;        // -inf when every entry is -inf
-  bool non_finite;  // a NaN or +inf
-};
-
-// The logits of one row as fp32 into x[0, v), -inf in the padding [v, vpad).
-template <typename T>
-RowLoad LoadRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpad, float* HWY_RESTRICT x) {
-  const DF df;
-  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
-  const VF inf = hn::Set(df, kInfF);
-  VF vmax = hn::Set(df, -kInfF);
-  auto bad = hn::Lt(inf, inf);  // all false
-  int64_t j = 0;
-  if constexpr (!std::is_same_v<T, double>) {
-    for (; j + lanes <= v; j += lanes) {
-      VF xj;
-      if constexpr (std::is_same_v<T, float>) xj = hn::LoadU(df, src + j);
-      else xj = hn::PromoteTo(df, hn::LoadU(hn::Rebind<T, DF>(), src + j));
-      bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));  // NaN compares false
-      vmax = hn::Max(vmax, xj);
-      hn::Store(xj, df, x + j);
-    }
-  }
-  for (; j < vpad; j += lanes) {
-    for (int64_t c = j; c < j + lanes; ++c) x[c] = c < v ? ScalarToFloat(src[c]) : -kInfF;
-    const VF xj = hn::Load(df, x + j);
-    bad = hn::Or(bad, hn::Not(hn::Lt(xj, inf)));
-    vmax = hn::Max(vmax, xj);
-  }
-  return {hn::GetLane(hn::MaxOfLanes(df, vmax)), !hn::AllFalse(df, bad)};
-}
-
-RowLoad LoadRow(const RowInput& in, int64_t row, int64_t v, int64_t vpad, float* HWY_RESTRICT x) {
-  const int64_t off = row * in.row_stride;
-  switch (in.dtype) {
-    case DType::f32: return LoadRowTyped(static_cast<const float*>(in.data) + off, v, vpad, x);
-    case DType::bf16:
-      return LoadRowTyped(static_cast<const hwy::bfloat16_t*>(in.data) + off, v, vpad, x);
-    case DType::f16:
-      return LoadRowTyped(static_cast<const hwy::float16_t*>(in.data) + off, v, vpad, x);
-    default: return LoadRowTyped(static_cast<const double*>(in.data) + off, v, vpad, x);
-  }
-}
-
-int64_t LoadIndex(const SparseInput& in, int64_t i, int64_t b) {
-  const int64_t off = i * in.row_stride + b * in.col_stride;
-  return in.dtype == DType::i64 ? static_cast<const int64_t*>(in.data)[off]
-                                : static_cast<const int32_t*>(in.data)[off];
-}
-
-double LoadLogprob(const SparseInput& in, int64_t i, int64_t b) {
-  const int64_t off = i * in.row_stride + b * in.col_stride;
-  switch (in.dtype) {
-    case DType::f32: return static_cast<const float*>(in.data)[off];
-    case DType::f64: return static_cast<const double*>(in.data)[off];
-    default: return dtype::bf16_to_f32(static_cast<const uint16_t*>(in.data)[off]);
-  }
-}
-
-// log(1 - exp(a)) for a <= 0 (Maechler's log1mexp).
-double Log1mExp(double a) {
-  if (a == -kInf) return 0.0;
-  return a > -0.6931471805599453 ? std::log(-std::expm1(a)) : std::log1p(-std::exp(a));
-}
-
-// Writes x[0, v) (fp32) into row `row` of `out`, rounding to nearest even for 16-bit dtypes.
-void WriteRow(const RowOutput& out, int64_t row, int64_t v, const float* HWY_RESTRICT x) {
-  char* base = static_cast<char*>(out.data) + row * out.row_stride * dtype_size(out.dtype);
-  switch (out.dtype) {
-    case DType::f32: std::memcpy(base, x, static_cast<size_t>(v) * sizeof(float)); break;
-    case DType::bf16: {
-      auto* dst = reinterpret_cast<uint16_t*>(base);
-      for (int64_t j = 0; j < v; ++j) dst[j] = dtype::f32_to_bf16(x[j]);
-      break;
-    }
-    case DType::f16: {
-      auto* dst = reinterpret_cast<uint16_t*>(base);
-      for (int64_t j = 0; j < v; ++j) dst[j] = dtype::f32_to_f16(x[j]);
-      break;
-    }
-    default: {
-      auto* dst = reinterpret_cast<double*>(base);
-      for (int64_t j = 0; j < v; ++j) dst[j] = x[j];
-      break;
-    }
-  }
-}
-
-void ZeroRow(const RowOutput& out, int64_t row, int64_t v) {
-  if (out.data == nullptr) return;
-  const size_t es = dtype_size(out.dtype);
-  std::memset(static_cast<char*>(out.data) + row * out.row_stride * es, 0,
-              static_cast<size_t>(v) * es);
-}
-
-void RecordBad(std::atomic<int64_t>& slot, int64_t row) {
-  int64_t cur = slot.load();
-  while ((cur < 0 || row < cur) && !slot.compare_exchange_weak(cur, row)) {
-  }
-}
 
 // The k largest entries of x[0, v) (larger value first, then lower index: a strict total order,
 // so ties are broken deterministically), returned in idx sorted by index.
@@ -304,7 +192,7 @@ void RunRows(SparseJob& job, const Div& div) {
   const bool want_grad = job.grad_student.data != nullptr && !job.check_only;
   const double t2 = job.spec.scale_by_t_squared ? temperature * temperature : 1.0;
 
-  std::atomic<int64_t> bad_s{-1}, bad_t{-1}, nomass_s{-1}, nomass_t{-1};
+  BadRowSlots bad_s, bad_t;
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
@@ -331,21 +219,21 @@ void RunRows(SparseJob& job, const Div& div) {
         continue;
       }
       const RowLoad ls = LoadRow(job.student, i, v, vpad, x);
-      if (ls.non_finite) { RecordBad(bad_s, i); continue; }
-      if (ls.max == -kInfF) { RecordBad(nomass_s, i); continue; }
+      if (ls.non_finite) { bad_s.NonFinite(i); continue; }
+      if (ls.max == -kInfF) { bad_s.NoMass(i); continue; }
 
       // The teacher's k entries: log-probabilities (up to a constant when renormalized).
       if (topk) {
         const RowLoad lt = LoadRow(job.teacher, i, v, vpad, xt);
-        if (lt.non_finite) { RecordBad(bad_t, i); continue; }
-        if (lt.max == -kInfF) { RecordBad(nomass_t, i); continue; }
+        if (lt.non_finite) { bad_t.NonFinite(i); continue; }
+        if (lt.max == -kInfF) { bad_t.NoMass(i); continue; }
         SelectTopK(xt, v, k, s.heap, s.idx.data());
         for (int64_t b = 0; b < k; ++b)
           s.lpd[b] = (static_cast<double>(xt[s.idx[b]]) - lt.max) / temperature;
       } else {
         for (int64_t b = 0; b < k; ++b) {
-          s.idx[b] = LoadIndex(job.indices, i, b);
-          s.lpd[b] = LoadLogprob(job.logprobs, i, b);
+          s.idx[b] = elem::load_index(job.indices.data, job.indices.dtype, job.indices.offset(i, b));
+          s.lpd[b] = elem::load(job.logprobs.data, job.logprobs.dtype, job.logprobs.offset(i, b));
         }
       }
       for (int64_t b = 0; b < k; ++b) s.xk[b] = x[s.idx[b]];
@@ -383,7 +271,7 @@ void RunRows(SparseJob& job, const Div& div) {
       } else {
         float m = -kInfF;
         for (int64_t b = 0; b < k; ++b) m = std::max(m, s.xk[b]);
-        if (m == -kInfF) { RecordBad(nomass_s, i); continue; }  // no student mass on the k
+        if (m == -kInfF) { bad_s.NoMass(i); continue; }  // no student mass on the k
         ref = m;
       }
       if (job.check_only) continue;
@@ -408,7 +296,7 @@ void RunRows(SparseJob& job, const Div& div) {
           for (int64_t b = 0; b < k; ++b) s.lpd[b] -= lse_p;
           s.lpd[k] = -kInf;
         } else {
-          s.lpd[k] = Log1mExp(lse_p);
+          s.lpd[k] = math::log1mexp(lse_p);
         }
       } else {
         for (int64_t b = 0; b < k; ++b) s.lpd[b] -= lse_p;
@@ -437,19 +325,11 @@ void RunRows(SparseJob& job, const Div& div) {
       }
       for (int64_t b = 0; b < k; ++b)
         e[s.idx[b]] = static_cast<float>(scale * (u[b] - s.qd[b] * sum_u));
-      WriteRow(job.grad_student, i, v, e);
+      StoreRow(job.grad_student, i, v, e);
     }
   }
-  job.bad_student_row = bad_s.load();
-  job.bad_teacher_row = bad_t.load();
-  if (job.bad_student_row < 0 && nomass_s.load() >= 0) {
-    job.bad_student_row = nomass_s.load();
-    job.bad_student_no_mass = true;
-  }
-  if (job.bad_teacher_row < 0 && nomass_t.load() >= 0) {
-    job.bad_teacher_row = nomass_t.load();
-    job.bad_teacher_no_mass = true;
-  }
+  job.bad_student = bad_s.Get();
+  job.bad_teacher = bad_t.Get();
 }
 
 }  // namespace

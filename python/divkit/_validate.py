@@ -1,0 +1,348 @@
+"""Argument checks of the Python layer: what the C++ core cannot see (Python types, devices,
+autograd state) and the few rules of functions written in torch.
+
+One convention for every check: ``check(fn, name, value, *options)``, where ``fn`` is the public
+function (or class) the user called and ``name`` the argument; the value comes back normalized
+(a float, an int, a flattened tensor, ...). One error type: every failure raises
+:class:`divkit.Error` (``divkit._C.Error``, a ValueError) with a message that starts with
+``"<fn>: <name>"``, like the core's own messages. A value of the wrong Python type raises
+:class:`ArgTypeError`, which is a ``divkit.Error`` and also a ``TypeError`` (Python's convention
+for a wrong type), so ``except divkit.Error`` catches every argument error.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NoReturn, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import _C
+
+Error = _C.Error
+
+
+class ArgTypeError(Error, TypeError):
+    """An argument of the wrong type: a :class:`divkit.Error` that is also a ``TypeError``."""
+
+
+#: The logits dtypes the kernels read.
+FLOAT_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16,
+                                         torch.float64)
+#: reduction names, in the core's order.
+REDUCTIONS: Tuple[str, ...] = tuple(_C.reductions())
+
+_LOGITS_SHAPE = "the logits' shape without the last dimension"
+
+
+def type_name(x: Any) -> str:
+    """The name of x's type as a message shows it (``int``, ``torch.Tensor``, ...)."""
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def fail(fn: str, msg: str) -> NoReturn:
+    """Raises ``divkit.Error("<fn>: <msg>")``."""
+    raise Error(f"{fn}: {msg}")
+
+
+def fail_type(fn: str, msg: str) -> NoReturn:
+    """Raises ``ArgTypeError("<fn>: <msg>")`` (a divkit.Error and a TypeError)."""
+    raise ArgTypeError(f"{fn}: {msg}")
+
+
+def _dtype_list(dtypes: Sequence[torch.dtype]) -> str:
+    names = [str(d) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars.
+# ---------------------------------------------------------------------------------------------
+
+
+def real(fn: str, name: str, x: Any, *, allow_nan: bool = True) -> float:
+    """A real number (a one-element tensor is read). NaN passes unless ``allow_nan=False``: the
+    core checks the ranges of the parameters it receives."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            fail(fn, f"{name} must be a number, got a tensor of shape {tuple(x.shape)}")
+        v = float(x.item())
+    elif isinstance(x, bool) or not isinstance(x, numbers.Real):
+        fail_type(fn, f"{name} must be a real number, got {type_name(x)}")
+    else:
+        v = float(x)
+    if not allow_nan and math.isnan(v):
+        fail(fn, f"{name} must not be nan")
+    return v
+
+
+def positive(fn: str, name: str, x: Any) -> float:
+    """A finite real number > 0."""
+    v = real(fn, name, x)
+    if not (math.isfinite(v) and v > 0):
+        fail(fn, f"{name} must be finite and > 0, got {v:g}")
+    return v
+
+
+def nonnegative(fn: str, name: str, x: Any) -> float:
+    """A finite real number >= 0."""
+    v = real(fn, name, x)
+    if not (math.isfinite(v) and v >= 0):
+        fail(fn, f"{name} must be finite and >= 0, got {v:g}")
+    return v
+
+
+def integer(fn: str, name: str, x: Any, *, min: Optional[int] = None) -> int:
+    """An int (not a bool), optionally >= min."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        fail_type(fn, f"{name} must be an int, got {type_name(x)}")
+    v = int(x)
+    if min is not None and v < min:
+        fail(fn, f"{name} must be an int >= {min}, got {v}")
+    return v
+
+
+def boolean(fn: str, name: str, x: Any) -> bool:
+    """A bool (or numpy.bool_)."""
+    if not isinstance(x, (bool, np.bool_)):
+        fail_type(fn, f"{name} must be a bool, got {type_name(x)}")
+    return bool(x)
+
+
+def string(fn: str, name: str, x: Any, *, choices: Optional[Sequence[str]] = None) -> str:
+    """A str, optionally one of choices."""
+    if not isinstance(x, str):
+        fail_type(fn, f"{name} must be a str, got {type_name(x)}")
+    if choices is not None and x not in choices:
+        fail(fn, f"unknown {name} '{x}' (valid: {', '.join(choices)})")
+    return x
+
+
+def reduction(fn: str, x: Any) -> str:
+    """One of :data:`REDUCTIONS` (none, sum, mean, batchmean)."""
+    if x not in REDUCTIONS:
+        fail(fn, f"reduction must be one of {', '.join(REDUCTIONS)}, got {x!r}")
+    return x
+
+
+def num_items(fn: str, x: Any) -> float:
+    """``num_items_in_batch``: None (0.0: the reduction's own divisor) or a finite number > 0."""
+    if x is None:
+        return 0.0
+    n = real(fn, "num_items_in_batch", x)
+    if not (math.isfinite(n) and n > 0):
+        fail(fn, f"num_items_in_batch must be a finite number > 0 (or None), got {n:g}")
+    return n
+
+
+def chunk_size(fn: str, x: Any) -> int:
+    """``chunk_size``: None (0: the core chooses) or an int >= 1."""
+    if x is None:
+        return 0
+    c = integer(fn, "chunk_size", x)
+    if c < 1:
+        fail(fn, f"chunk_size must be >= 1 (or None to choose it), got {c}")
+    return c
+
+
+def grad_dtype(fn: str, x: Any) -> Optional[torch.dtype]:
+    """``grad_dtype``: None or one of :data:`FLOAT_DTYPES`."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.dtype):
+        fail_type(fn, f"grad_dtype must be a torch.dtype or None, got {type_name(x)}")
+    if x not in FLOAT_DTYPES:
+        fail(fn, f"grad_dtype must be {_dtype_list(FLOAT_DTYPES)}, got {x}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+def tensor(fn: str, name: str, x: Any, *, dtypes: Optional[Sequence[torch.dtype]] = FLOAT_DTYPES,
+           ndim: Optional[Sequence[int]] = None, min_ndim: int = 0, optional: bool = False,
+           cpu: bool = True, dense: bool = False) -> Optional[torch.Tensor]:
+    """A torch.Tensor: required unless ``optional`` (None passes through), on the CPU when
+    ``cpu``, of one of ``dtypes`` (None: any), with a number of dimensions in ``ndim`` (or at
+    least ``min_ndim``), strided when ``dense``."""
+    if x is None:
+        if optional:
+            return None
+        fail_type(fn, f"{name} is required")
+    if not isinstance(x, torch.Tensor):
+        fail_type(fn, f"{name} must be a torch.Tensor, got {type_name(x)}")
+    if cpu and x.device.type != "cpu":
+        fail(fn, f"{name} is on device {x.device}; divkit's kernels run on the CPU (move it "
+                 f"with .cpu())")
+    if dtypes is not None and x.dtype not in dtypes:
+        fail_type(fn, f"{name} has dtype {x.dtype}; expected {_dtype_list(dtypes)}")
+    if ndim is not None and x.dim() not in ndim:
+        fail(fn, f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape "
+                 f"{tuple(x.shape)}")
+    if x.dim() < min_ndim:
+        fail(fn, f"{name} must have at least {min_ndim} dimension(s), got shape "
+                 f"{tuple(x.shape)}")
+    if dense and (x.is_sparse or x.layout != torch.strided):
+        fail(fn, f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    return x
+
+
+def logits(fn: str, name: str, x: Any) -> torch.Tensor:
+    """Logits ``[..., V]``: a dense CPU tensor of a :data:`FLOAT_DTYPES` dtype, at least 1-D."""
+    if not isinstance(x, torch.Tensor):
+        fail_type(fn, f"{name} must be a torch.Tensor (or, with numpy inputs, a numpy.ndarray), "
+                      f"got {type_name(x)}")
+    tensor(fn, name, x)
+    if x.dim() < 1:
+        fail(fn, f"{name} must have at least one dimension [..., V], got a 0-d tensor")
+    if x.is_sparse or x.layout != torch.strided:
+        fail(fn, f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    return x
+
+
+def same_shape(fn: str, name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    """x has ref's shape."""
+    if tuple(x.shape) != tuple(ref.shape):
+        fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} (the shape of "
+                 f"{ref_name})")
+
+
+def floating(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x has a floating dtype."""
+    if not x.is_floating_point():
+        fail_type(fn, f"{name} must have a floating dtype, got {x.dtype}")
+    return x
+
+
+def integral(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x has an integer dtype (not bool)."""
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        fail_type(fn, f"{name} must have an integer dtype, got {x.dtype}")
+    return x
+
+
+def per_token(fn: str, name: str, x: Any, lead_shape: Sequence[int], *,
+              lead: str = _LOGITS_SHAPE) -> torch.Tensor:
+    """A CPU tensor of shape ``lead_shape`` (one value per token; ``lead`` says what that shape
+    is in the message)."""
+    if not isinstance(x, torch.Tensor):
+        fail_type(fn, f"{name} must be a torch.Tensor or None, got {type_name(x)}")
+    tensor(fn, name, x, dtypes=None)
+    if tuple(x.shape) != tuple(lead_shape):
+        fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead_shape)} ({lead})")
+    return x
+
+
+def labels(fn: str, x: Any, lead_shape: Sequence[int], *, required: bool = False,
+           lead: str = _LOGITS_SHAPE) -> Optional[torch.Tensor]:
+    """Token labels of shape ``lead_shape``, returned detached, flattened, int32 or int64 (other
+    integer dtypes become int64); None passes unless ``required``."""
+    if x is None:
+        if required:
+            fail(fn, "labels is required")
+        return None
+    x = integral(fn, "labels", per_token(fn, "labels", x, lead_shape, lead=lead))
+    x = x.detach()
+    if x.dtype not in (torch.int32, torch.int64):
+        x = x.to(torch.int64)
+    return x.reshape(-1)
+
+
+def weights(fn: str, x: Any, lead_shape: Sequence[int], *, autograd: bool = True
+            ) -> Optional[torch.Tensor]:
+    """Token weights of shape ``lead_shape`` (no gradient flows to them), returned detached,
+    flattened, float32 or float64."""
+    if x is None:
+        return None
+    x = floating(fn, "weights", per_token(fn, "weights", x, lead_shape))
+    if autograd and x.requires_grad and torch.is_grad_enabled():
+        fail(fn, "weights requires grad, but divkit does not compute gradients with respect to "
+                 "weights; pass weights.detach()")
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    return x.reshape(-1)
+
+
+def no_grad(fn: str, name: str, x: torch.Tensor, why: str) -> torch.Tensor:
+    """x must not require grad (while grad mode is on): ``why`` says which gradient is missing."""
+    if x.requires_grad and torch.is_grad_enabled():
+        fail(fn, f"{name} requires grad, but {why}; pass {name}.detach()")
+    return x
+
+
+def vector(fn: str, name: str, x: Any, n: Optional[int] = None, *,
+           allow_empty: bool = False) -> torch.Tensor:
+    """A floating 1-D tensor ``[B]`` (any device), with n entries when n is given."""
+    if not isinstance(x, torch.Tensor):
+        fail_type(fn, f"{name} must be a torch.Tensor, got {type_name(x)}")
+    if x.dim() != 1:
+        fail(fn, f"{name} must be 1-D [B], got shape {tuple(x.shape)}")
+    floating(fn, name, x)
+    if n is not None and x.shape[0] != n:
+        fail(fn, f"{name} has {x.shape[0]} entries, expected {n} (the batch size of the first "
+                 f"argument); batch sizes disagree")
+    if x.shape[0] == 0 and not allow_empty:
+        fail(fn, f"{name} is empty: the batch needs at least one pair")
+    return x
+
+
+def matrix(fn: str, name: str, x: Any) -> torch.Tensor:
+    """A non-empty floating 2-D tensor ``[B, K]`` (any device)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        fail(fn, f"{name} must be a 2-D float tensor [B, K]")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        fail(fn, f"{name} is empty")
+    return x
+
+
+def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
+    """Sequence lengths ``[n]`` > 0 (anything torch.as_tensor takes), as a contiguous CPU tensor
+    of int32, int64, float32 or float64; None passes."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if x.dim() != 1 or x.shape[0] != n:
+        fail(fn, f"{name} must have shape [{n}], got {tuple(x.shape)}")
+    x = x.detach().cpu()
+    if x.dtype not in (torch.int32, torch.int64, torch.float32, torch.float64):
+        x = x.to(torch.float64)
+    if bool((x <= 0).any()):
+        fail(fn, f"{name} must be > 0, got {x[x <= 0][0].item()}")
+    return x.contiguous()
+
+
+def lm_head(fn: str, hidden: Any, weight: Any, ref_logits: Any, ref_hidden: Any, ref_weight: Any,
+            labels: Any) -> None:
+    """Shapes of a fused policy head (``hidden [..., H]``, ``weight [V, H]``) and of its reference,
+    given either as ``ref_logits [..., V]`` or as ``ref_hidden [..., H_ref]`` + ``ref_weight
+    [V, H_ref]``; ``labels`` (optional) ``[...]``."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        fail(fn, "policy hidden states must be a tensor [..., H]")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
+            weight.shape[1] != hidden.shape[-1]:
+        fail(fn, f"lm_head_weight must be [V, H] with H = {hidden.shape[-1]} (the hidden size), "
+                 f"got {tuple(getattr(weight, 'shape', ()))}")
+    lead = tuple(hidden.shape[:-1])
+    if (ref_logits is None) == (ref_hidden is None):
+        fail(fn, "give either ref_logits or ref_hidden (with ref_weight)")
+    if ref_logits is not None:
+        if not isinstance(ref_logits, torch.Tensor) or \
+                tuple(ref_logits.shape) != lead + (weight.shape[0],):
+            fail(fn, f"ref_logits must have shape {lead + (weight.shape[0],)}, got "
+                     f"{tuple(getattr(ref_logits, 'shape', ()))}")
+    else:
+        if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape[:-1]) != lead:
+            fail(fn, f"ref_hidden must have shape {lead} + [H_ref], got "
+                     f"{tuple(getattr(ref_hidden, 'shape', ()))}")
+        if not isinstance(ref_weight, torch.Tensor) or ref_weight.dim() != 2 or \
+                ref_weight.shape[1] != ref_hidden.shape[-1]:
+            fail(fn, f"ref_weight must be [V, H_ref] with H_ref = {ref_hidden.shape[-1]}")
+    if labels is not None and tuple(labels.shape) != lead:
+        fail(fn, f"labels must have shape {lead}, got {tuple(labels.shape)}")

@@ -1,0 +1,69 @@
+"""Class-incremental learning: Weight Aligning of the classifier's new-class rows."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _validate as check
+
+__all__ = [
+    "weight_aligning", "weight_align_",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight Aligning.
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_aligning(weight: torch.Tensor, num_old: int, bias: Optional[torch.Tensor] = None):
+    r"""Weight Aligning for class-incremental learning.
+
+    Zhao et al., "Maintaining Discrimination and Fairness in Class Incremental Learning" (CVPR
+    2020). The classifier rows of the new classes are rescaled so that their
+    mean norm equals that of the old classes::
+
+        gamma = mean_{i < num_old} ||W_i|| / mean_{i >= num_old} ||W_i||,   W_new <- gamma W_new
+
+    Returns ``(aligned_weight, gamma)`` (and the aligned bias when ``bias`` is given: the new
+    classes' biases are scaled by the same gamma so their logits scale together; the paper's
+    FC layer has no bias). Does not modify its inputs; see :func:`weight_align_`.
+    """
+    fn = "weight_aligning"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        check.fail(fn, "weight must be a 2-D floating tensor [C, D]")
+    c = weight.shape[0]
+    if isinstance(num_old, bool) or not isinstance(num_old, int) or not 0 < num_old < c:
+        check.fail(fn, f"num_old must be an int in [1, {c - 1}] (C = {c}), got {num_old!r}")
+    with torch.no_grad():
+        norms = weight.detach().double().norm(dim=1)
+        new_mean = norms[num_old:].mean()
+        if float(new_mean) == 0:
+            check.fail(fn, "the new classes' weights are all zero")
+        gamma = float(norms[:num_old].mean() / new_mean)
+        w = weight.detach().clone()
+        w[num_old:] *= gamma
+        if bias is None:
+            return w, gamma
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,):
+            check.fail(fn, f"bias must be a tensor of shape [{c}]")
+        b = bias.detach().clone()
+        b[num_old:] *= gamma
+        return w, b, gamma
+
+
+def weight_align_(linear: nn.Linear, num_old: int) -> float:
+    """In-place Weight Aligning of an ``nn.Linear`` classifier (see :func:`weight_aligning`);
+    returns gamma."""
+    if not isinstance(linear, nn.Linear):
+        check.fail_type("weight_align_", f"linear must be a torch.nn.Linear, got "
+                                         f"{check.type_name(linear)}")
+    res = weight_aligning(linear.weight, num_old, linear.bias)
+    with torch.no_grad():
+        linear.weight.copy_(res[0])
+        if linear.bias is not None:
+            linear.bias.copy_(res[1])
+    return res[-1]

@@ -1,0 +1,251 @@
+// The fused label losses (fused_linear.h): cross-entropy and selective log-softmax, the chunk
+// loop of logits GEMM -> row statistics (label_kernels.h, combined over a vocabulary-parallel
+// group when sharded) -> gradient coefficients -> gradient GEMMs.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/check.h"
+#include "divkit/fused_linear.h"
+#include "divkit/runtime.h"
+#include "fused_linear/arguments.h"
+#include "fused_linear/head_grads.h"
+#include "fused_linear/label_kernels.h"
+#include "fused_linear/vocab_parallel.h"
+#include "fused_linear/weight_blocks.h"
+
+namespace divkit {
+
+using check::fail;
+using namespace fused;
+
+namespace {
+
+struct LabelRun {
+  const char* fn;
+  const ShardGroup& group;  // vocabulary-parallel (or not: off)
+  const LinearHead& head;
+  std::vector<int64_t> labels;
+  float inv_t = 1.0f, softcap = 0.0f;
+  int64_t chunk = 0;
+};
+
+// The chunk loop of the label losses: logits, forward statistics, then (when `coef` is given)
+// the gradient coefficients of each row and the gradient GEMMs.
+template <class OnStats, class Coef>
+void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool want_entropy,
+                    bool want_mean, const LinearHeadGrads& grads, OnStats&& on_stats, Coef&& coef) {
+  const LinearHead& head = run.head;
+  const int64_t n = head.hidden.shape[0], v = head.weight.shape[0], h = head.weight.shape[1];
+  const int threads = get_num_threads();
+  const bool sharded = run.group.on();
+  // A shard's weight was checked before the group agreed that every rank's was.
+  WeightBlocks w(run.fn, "weight", head.weight, v, nullptr, threads, /*check=*/!sharded);
+  F32Matrix hc;
+  const std::vector<float> b = bias_f32(head.bias, nullptr, v);
+  HeadGradAccumulator acc(head, grads, &w, v, nullptr, &run.group);
+  const bool want_grad = acc.wanted();
+  // Every rank of a group chooses the same chunk size (from the largest shard).
+  const int64_t chunk = choose_chunk(run.chunk, n, run.group.max_v());
+  std::vector<int64_t> local;  // a shard's labels as its columns
+  std::vector<uint8_t> in_shard;
+  std::vector<float> z(static_cast<size_t>(chunk * v)), scratch;
+  std::vector<double> lse(chunk), zy(chunk), mean(chunk), ent(chunk), topk(chunk);
+  std::vector<double> ca(chunk), cb(chunk), cc(chunk), ce(chunk);
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n - r0);
+    to_f32_rows(run.fn, "hidden", head.hidden, r0, rows, nullptr, hc);
+    chunk_logits(hc, rows, w, v, h, b, z.data());
+    if (sharded) {
+      ShardedLabelStats st;
+      st.lse = lse.data();
+      st.z_label = zy.data();
+      st.mean_z = want_mean ? mean.data() : nullptr;
+      st.entropy = want_entropy ? ent.data() : nullptr;
+      st.topk_mass = stats.topk_mass.defined() ? topk.data() : nullptr;
+      st.topk = stats.topk;
+      sharded_label_forward(run.fn, run.group, z.data(), rows, v, run.labels.data() + r0, run.inv_t,
+                            run.softcap, r0, st, threads);
+      local_labels(run.group, run.labels.data() + r0, rows, v, local, in_shard);
+    } else {
+      detail::LabelForwardJob f;
+      f.z = z.data();
+      f.ldz = v;
+      f.rows = rows;
+      f.v = v;
+      f.labels = run.labels.data() + r0;
+      f.inv_t = run.inv_t;
+      f.softcap = run.softcap;
+      f.lse = lse.data();
+      f.z_label = zy.data();
+      f.mean_z = want_mean ? mean.data() : nullptr;
+      f.entropy = want_entropy ? ent.data() : nullptr;
+      f.topk_mass = stats.topk_mass.defined() ? topk.data() : nullptr;
+      f.topk = stats.topk;
+      f.num_threads = threads;
+      detail::label_rows_forward(f);
+      if (f.bad_row >= 0)
+        fail(run.fn, "the logits of token " + std::to_string(r0 + f.bad_row) +
+                         " (hidden @ weight^T + bias) are NaN, +inf or all -inf");
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool on = run.labels[r0 + r] >= 0;
+      const int64_t i = r0 + r;
+      if (stats.logprobs.defined()) elem::set(stats.logprobs, i, on ? zy[r] - lse[r] : 0.0);
+      if (stats.entropy.defined()) elem::set(stats.entropy, i, on ? ent[r] : 0.0);
+      if (stats.lse.defined()) elem::set(stats.lse, i, on ? lse[r] : 0.0);
+      if (stats.topk_mass.defined()) elem::set(stats.topk_mass, i, on ? topk[r] : 0.0);
+      if (on) on_stats(i, lse[r], zy[r], mean[r]);
+    }
+    if (!want_grad) continue;
+    for (int64_t r = 0; r < rows; ++r) {
+      ca[r] = cb[r] = cc[r] = ce[r] = 0.0;
+      if (run.labels[r0 + r] >= 0) coef(r0 + r, lse[r], ca[r], cb[r], cc[r], ce[r]);
+      if (sharded && !in_shard[r]) cb[r] = 0.0;  // the one-hot term is the label's rank's
+    }
+    detail::LabelGradJob g;
+    g.z = z.data();
+    g.ldz = v;
+    g.rows = rows;
+    g.v = v;
+    g.labels = sharded ? local.data() : run.labels.data() + r0;
+    g.inv_t = run.inv_t;
+    g.softcap = run.softcap;
+    g.lse = lse.data();
+    g.entropy = ent.data();
+    g.a = ca.data();
+    g.b = cb.data();
+    g.c = cc.data();
+    g.e = want_entropy ? ce.data() : nullptr;
+    g.num_threads = threads;
+    detail::label_rows_grad(g);
+    acc.add_chunk(z.data(), v, r0, rows, hc, scratch);
+  }
+  for (std::vector<float>* b : {&z, &scratch}) std::vector<float>().swap(*b);
+  w.release();
+  acc.finish();
+}
+
+int64_t rows_of(const TensorView& w) { return w.defined() && w.ndim == 2 ? w.shape[0] : 0; }
+
+// A shard's weight is checked for NaN and inf before its group agrees that every rank's passed.
+void check_shard_weight(const char* fn, const VocabShard& shard, const LinearHead& head) {
+  if (shard.active()) check_finite_rows(fn, "weight", head.weight, head.weight.shape[0], nullptr, get_num_threads());
+}
+
+void check_stats(const char* fn, const LabelStatsOutputs& stats, int64_t n, int64_t v) {
+  for (auto [t, name] : {std::pair{&stats.logprobs, "logprobs"}, std::pair{&stats.entropy, "entropy"},
+                         std::pair{&stats.lse, "lse"}, std::pair{&stats.topk_mass, "topk_mass"}})
+    if (t->defined()) check::vector_of(fn, name, *t, n, {DType::f32, DType::f64});
+  if (stats.topk_mass.defined() && (stats.topk < 1 || stats.topk > v))
+    fail(fn, "topk must be in [1, V = " + std::to_string(v) + "], got " + std::to_string(stats.topk));
+}
+
+}  // namespace
+
+void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels,
+                                const CrossEntropySpec& spec, const TensorView& loss,
+                                const LinearHeadGrads& grads, const LabelStatsOutputs& stats) {
+  constexpr const char* fn = "fused_linear_cross_entropy";
+  const ShardGroup group(fn, spec.shard, rows_of(head.weight), [&] {
+    check_head(fn, "", head, -1);
+    check_grads(fn, "", head, grads);
+    check_shard_weight(fn, spec.shard, head);
+  }, {grads.hidden.defined(), stats.topk_mass.defined()});
+  const int64_t n = head.hidden.shape[0], v = group.global_v();
+  if (!labels.defined()) fail(fn, "labels are required");
+  const float eps = spec.label_smoothing;
+  if (!(eps >= 0.0f && eps < 1.0f)) fail(fn, "label_smoothing must be in [0, 1), got " + std::to_string(eps));
+  if (!(spec.z_loss_scale >= 0.0f) || !std::isfinite(spec.z_loss_scale))
+    fail(fn, "z_loss_scale must be finite and >= 0, got " + std::to_string(spec.z_loss_scale));
+  if (!(spec.softcap >= 0.0f) || !std::isfinite(spec.softcap))
+    fail(fn, "softcap must be finite and >= 0 (0 disables it), got " + std::to_string(spec.softcap));
+  check_stats(fn, stats, n, v);
+  LabelRun run{fn, group, head, read_labels(fn, labels, n, spec.ignore_index, v, true), 1.0f,
+               spec.softcap, spec.chunk_size};
+  int64_t count = 0;
+  for (int64_t y : run.labels) count += y >= 0;
+  const double divisor = reduce::divisor(fn, spec.reduction, spec.num_items_in_batch, count, n);
+  reduce::check_loss_output(fn, loss, spec.reduction, n);
+  const std::vector<double> tw = reduce::token_weights(fn, spec.weights, n);
+  if (spec.reduction == Reduction::none)
+    for (int64_t i = 0; i < n; ++i) elem::set(loss, i, 0.0);
+  const double zl = spec.z_loss_scale;
+  double total = 0.0;
+  run_label_head(run, stats, stats.entropy.defined(), eps > 0.0f, grads,
+                 [&](int64_t i, double lse, double zy, double mean) {
+                   const double l = tw[i] * ((1.0 - eps) * (lse - zy) + eps * (lse - mean) + zl * lse * lse);
+                   if (spec.reduction == Reduction::none) elem::set(loss, i, l);
+                   else total += l;
+                 },
+                 [&](int64_t i, double lse, double& a, double& b, double& c, double&) {
+                   const double s = tw[i] / divisor;
+                   a = s * (1.0 + 2.0 * zl * lse);
+                   b = -s * (1.0 - eps);
+                   c = -s * eps / static_cast<double>(v);
+                 });
+  if (spec.reduction != Reduction::none) elem::set(loss, 0, total / divisor);
+}
+
+void fused_linear_logprobs(const LinearHead& head, const TensorView& labels, const LogprobsSpec& spec,
+                           const LabelStatsOutputs& stats) {
+  constexpr const char* fn = "fused_linear_logprobs";
+  const ShardGroup group(fn, spec.shard, rows_of(head.weight), [&] {
+    check_head(fn, "", head, -1);
+    check_shard_weight(fn, spec.shard, head);
+  }, {stats.topk_mass.defined()});
+  const int64_t n = head.hidden.shape[0], v = group.global_v();
+  if (!labels.defined()) fail(fn, "labels are required");
+  if (!(spec.temperature > 0.0f) || !std::isfinite(spec.temperature))
+    fail(fn, "temperature must be finite and > 0, got " + std::to_string(spec.temperature));
+  check_stats(fn, stats, n, v);
+  LabelRun run{fn, group, head, read_labels(fn, labels, n, spec.ignore_index, v, true),
+               1.0f / spec.temperature, 0.0f, spec.chunk_size};
+  run_label_head(run, stats, stats.entropy.defined(), false, {}, [](int64_t, double, double, double) {},
+                 [](int64_t, double, double&, double&, double&, double&) {});
+}
+
+void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& labels,
+                                    const LogprobsSpec& spec, const TensorView& grad_logprobs,
+                                    const TensorView& grad_entropy, const LinearHeadGrads& grads) {
+  constexpr const char* fn = "fused_linear_logprobs_backward";
+  const ShardGroup group(fn, spec.shard, rows_of(head.weight), [&] {
+    check_head(fn, "", head, -1);
+    check_grads(fn, "", head, grads);
+    check_shard_weight(fn, spec.shard, head);
+  }, {grads.hidden.defined()});
+  const int64_t n = head.hidden.shape[0], v = group.global_v();
+  if (!labels.defined()) fail(fn, "labels are required");
+  if (!(spec.temperature > 0.0f) || !std::isfinite(spec.temperature))
+    fail(fn, "temperature must be finite and > 0, got " + std::to_string(spec.temperature));
+  std::vector<double> g(static_cast<size_t>(n), 0.0), e;
+  if (grad_logprobs.defined()) {
+    check::vector_of(fn, "grad_logprobs", grad_logprobs, n, {DType::f32, DType::f64});
+    for (int64_t i = 0; i < n; ++i) g[i] = grad_logprobs.dtype == DType::f64
+        ? static_cast<const double*>(grad_logprobs.data)[i * grad_logprobs.strides[0]]
+        : elem::load_f32(grad_logprobs.data, DType::f32, i * grad_logprobs.strides[0]);
+  }
+  if (grad_entropy.defined()) {
+    check::vector_of(fn, "grad_entropy", grad_entropy, n, {DType::f32, DType::f64});
+    e.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) e[i] = grad_entropy.dtype == DType::f64
+        ? static_cast<const double*>(grad_entropy.data)[i * grad_entropy.strides[0]]
+        : elem::load_f32(grad_entropy.data, DType::f32, i * grad_entropy.strides[0]);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(g[i]) || (!e.empty() && !std::isfinite(e[i])))
+      fail(fn, "grad_logprobs and grad_entropy must be finite (index " + std::to_string(i) + ")");
+  LabelRun run{fn, group, head, read_labels(fn, labels, n, spec.ignore_index, v, true),
+               1.0f / spec.temperature, 0.0f, spec.chunk_size};
+  run_label_head(run, {}, !e.empty(), false, grads, [](int64_t, double, double, double) {},
+                 [&](int64_t i, double, double& a, double& b, double& c, double& ee) {
+                   a = -g[i];
+                   b = g[i];
+                   c = 0.0;
+                   ee = e.empty() ? 0.0 : -e[i];
+                 });
+}
+
+}  // namespace divkit

@@ -1,0 +1,68 @@
+"""Vocabulary-parallel calls on a real gloo process group: an argument rejected on one rank (a NaN
+in its weight shard) raises divkit.Error on every rank, instead of leaving the others waiting in a
+collective; the chunk loop then still works on the same group."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _checks(rank: int):
+    import divkit
+    g = torch.Generator().manual_seed(0)
+    n, v, h = 6, 9, 4
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    lo, hi = (0, 4) if rank == 0 else (4, v)
+    shard = weight[lo:hi].clone()
+    if rank == 1:
+        shard[2, 1] = float("nan")
+    try:
+        divkit.fused_linear_cross_entropy(hidden, shard, labels, process_group=dist.group.WORLD)
+    except divkit.Error as e:
+        want = "weight contains NaN or inf at row 2" if rank == 1 else "other rank"
+        assert want in str(e), str(e)
+    else:
+        raise AssertionError("the NaN in rank 1's shard was not reported")
+    # The group is still usable, and the result is the unsharded one.
+    out = divkit.fused_linear_cross_entropy(hidden, weight[lo:hi], labels,
+                                            process_group=dist.group.WORLD)
+    ref = divkit.fused_linear_cross_entropy(hidden, weight, labels)
+    got, want = float(out), float(ref)
+    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
+
+
+def _worker(rank: int, world: int, port: int, result_dir: str):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        _checks(rank)
+        msg = "ok"
+    except BaseException:
+        msg = traceback.format_exc()
+    finally:
+        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
+        dist.destroy_process_group()
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert msg == "ok", f"rank {rank}:\n{msg}"
