@@ -29,7 +29,7 @@ _NP_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.floa
 
 
 # ---------------------------------------------------------------------------------------------
-# Options (the checks of what the C++ core cannot see are in _validate).
+# Layout and options (the argument checks are in _validate).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -55,14 +55,12 @@ class _Config(NamedTuple):
     grad_dtype: Optional[torch.dtype]
 
 
-def _core_args(cfg: _Config, num_items_in_batch: Optional[float] = None) -> "_C.DivergenceArgs":
+def _core_args(cfg: _Config) -> "_C.DivergenceArgs":
     """The scalar arguments as the kernels' one options object."""
     return _C.DivergenceArgs(
         kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha, temperature=cfg.temperature,
         scale_by_t_squared=cfg.scale_by_t_squared, ignore_index=cfg.ignore_index,
-        reduction=cfg.reduction,
-        num_items_in_batch=cfg.num_items_in_batch if num_items_in_batch is None
-        else num_items_in_batch)
+        reduction=cfg.reduction, num_items_in_batch=cfg.num_items_in_batch)
 
 
 def _parse_options(fn: str, kind, beta, alpha, temperature, ignore_index, reduction,
