@@ -407,29 +407,3 @@ def divergence_and_grad(
         _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
     with torch.no_grad():
         return _run(student, teacher, labels_t, weights_t, cfg, need_s, need_t)
-
-
-# ---------------------------------------------------------------------------------------------
-# The former checker names, (name, value, fn) order, kept only for fused.py and distributed.py
-# until they call divkit._validate themselves; delete with their last use.
-# ---------------------------------------------------------------------------------------------
-
-_FLOAT_DTYPES = check.FLOAT_DTYPES
-_type_name = check.type_name
-
-
-def _check_real(name, value, fn=_FN):
-    return check.real(fn, name, value)
-
-
-def _check_int(name, value, fn=_FN):
-    return check.integer(fn, name, value)
-
-
-def _check_str(name, value, fn=_FN):
-    return check.string(fn, name, value)
-
-
-def _check_num_items(value, fn=_FN):
-    return check.num_items(fn, value)
-
