@@ -20,7 +20,7 @@
 //                 than 1 (rounding of the server's values; at most 1 + 1e-2 is accepted) they
 //                 are scaled to sum 1 and the tail is 0.
 //    Bucketing the tail is the "top-k + rest" estimator used when distilling from API logprobs
-//    (e.g. Liger-Kernel #441, Unsloth #11556); renormalizing is OstQuant's KL-Top applied to
+//    (as proposed for Liger-Kernel and Unsloth); renormalizing is OstQuant's KL-Top applied to
 //    given log-probabilities.
 //
 //    Temperature: T divides the student logits only. The teacher log-probabilities are taken

@@ -1,7 +1,7 @@
-// Token-level divergences: argument checks, ignore_index / weights / reductions, and the hand-off
-// to the SIMD row kernels (divergence_kernels.cc). The formulas live in divergences-inl.h.
+// Token-level divergences: argument checks, the reduction (core/reduction.h), and the hand-off to
+// the SIMD row kernels (divergence_kernels.cc). The formulas live in divergences-inl.h.
+#include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>

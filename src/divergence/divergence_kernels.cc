@@ -16,12 +16,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-#include "core/dtype.h"
 #include "divergence/row_job.h"
 #include "hwy/aligned_allocator.h"
 

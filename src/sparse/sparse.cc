@@ -1,5 +1,5 @@
-// Sparse (top-k) and truncated teachers: argument checks, ignore_index / weights / reductions,
-// and the hand-off to the SIMD row kernels (sparse_kernels.cc). The divergences are those of
+// Sparse (top-k) and truncated teachers: argument checks, the reduction (core/reduction.h), and
+// the hand-off to the SIMD row kernels (sparse_kernels.cc). The divergences are those of
 // src/divergence/divergences-inl.h.
 #include <algorithm>
 #include <cmath>
