@@ -303,7 +303,8 @@ int main(int argc, char** argv) {
       if (val == "all") {
         g_cfg.kinds.clear();
         for (int k = 0; k < divkit::kNumDivergenceKinds; ++k)
-          g_cfg.kinds.emplace_back(divkit::divergence_kind_name(static_cast<divkit::DivergenceKind>(k)));
+          g_cfg.kinds.emplace_back(
+              divkit::divergence_kind_name(static_cast<divkit::DivergenceKind>(k)));
       } else {
         g_cfg.kinds = split(val);
       }
@@ -347,7 +348,8 @@ int main(int argc, char** argv) {
 
   // The bandwidth reference, measured once per thread count before the divergences run.
   std::string targets;
-  for (const auto& t : divkit::available_simd_targets()) targets += (targets.empty() ? "" : " ") + t;
+  for (const auto& t : divkit::available_simd_targets())
+    targets += (targets.empty() ? "" : " ") + t;
   benchmark::AddCustomContext("divkit_version", divkit::version());
   benchmark::AddCustomContext("simd_target", divkit::active_simd_target());
   benchmark::AddCustomContext("simd_available", targets);
@@ -373,10 +375,10 @@ int main(int argc, char** argv) {
       for (Mode mode : {Mode::loss, Mode::grad, Mode::inplace})
         for (auto kind : kinds)
           for (int th : g_cfg.threads) {
-            const std::string name = std::string("BM_Divergence/") +
-                                     divkit::divergence_kind_name(kind) + "/V:" +
-                                     std::to_string(v) + "/" + (dt == DType::f32 ? "f32" : "bf16") +
-                                     "/" + mode_name(mode) + "/threads:" + std::to_string(th);
+            const std::string name =
+                std::string("BM_Divergence/") + divkit::divergence_kind_name(kind) +
+                "/V:" + std::to_string(v) + "/" + (dt == DType::f32 ? "f32" : "bf16") + "/" +
+                mode_name(mode) + "/threads:" + std::to_string(th);
             benchmark::RegisterBenchmark(name.c_str(), BM_Divergence, kind, v, dt, mode, th)
                 ->UseRealTime()
                 ->Unit(benchmark::kMillisecond);

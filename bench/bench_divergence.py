@@ -48,7 +48,6 @@ import argparse
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -59,8 +58,12 @@ from typing import Any, Dict, List, Optional
 
 TRL_KINDS = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # kind -> TRL's beta
 VARIANTS = ("divkit_inplace", "divkit", "compile", "eager")  # run order inside a worker
-LABELS = {"divkit": "divkit", "divkit_inplace": "divkit in-place", "eager": "eager",
-          "compile": "compile"}
+LABELS = {
+    "divkit": "divkit",
+    "divkit_inplace": "divkit in-place",
+    "eager": "eager",
+    "compile": "compile",
+}
 TARGET_EAGER = 30.0
 TARGET_COMPILE = 3.0
 TARGET_BW = 0.60
@@ -71,6 +74,7 @@ MIB = 1 << 20
 # ---------------------------------------------------------------------------------------------
 # Memory accounting
 # ---------------------------------------------------------------------------------------------
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -120,6 +124,7 @@ def mem_available_bytes() -> int:
 # The worker: one (kind, V, dtype) in a fresh process
 # ---------------------------------------------------------------------------------------------
 
+
 def make_inputs(torch, n: int, v: int, dtype, seed: int = 0):
     """student ~ 3 z1 (requires grad), teacher = student + 1.5 z2.
 
@@ -138,8 +143,8 @@ def make_inputs(torch, n: int, v: int, dtype, seed: int = 0):
     for b, i in enumerate(range(0, n, rows)):
         m = min(rows, n - i)
         xs = torch.roll(base_s[:m], shifts[2 * b], dims=1)
-        s[i:i + m] = xs
-        t[i:i + m] = xs.add_(torch.roll(base_d[:m], shifts[2 * b + 1], dims=1))
+        s[i : i + m] = xs
+        t[i : i + m] = xs.add_(torch.roll(base_d[:m], shifts[2 * b + 1], dims=1))
     return s.requires_grad_(True), t
 
 
@@ -153,8 +158,10 @@ def load_trl_generalized_jsd_loss():
     """
     if os.environ.get("DIVKIT_BENCH_IMPORT_TRL") == "1":
         import warnings
+
         warnings.filterwarnings("ignore")
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
         return GKDTrainer.generalized_jsd_loss
     import ast
     import importlib.util
@@ -165,8 +172,9 @@ def load_trl_generalized_jsd_loss():
     spec = importlib.util.find_spec("trl")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("trl is not installed (pip install trl)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "experimental", "gkd",
-                        "gkd_trainer.py")
+    path = os.path.join(
+        list(spec.submodule_search_locations)[0], "experimental", "gkd", "gkd_trainer.py"
+    )
     with open(path) as f:
         tree = ast.parse(f.read(), path)
     for node in ast.walk(tree):
@@ -183,6 +191,7 @@ def load_trl_generalized_jsd_loss():
 
 def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     import torch
+
     import divkit
 
     threads = divkit.get_num_threads()
@@ -191,8 +200,11 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
     reps, warmup = cfg["reps"], cfg["warmup"]
     beta = TRL_KINDS.get(kind, 0.5)
-    out: Dict[str, Any] = {"threads": threads, "torch_threads": torch.get_num_threads(),
-                           "variants": {}}
+    out: Dict[str, Any] = {
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "variants": {},
+    }
 
     compiled: Dict[str, Any] = {}
     eager_fn = None
@@ -204,8 +216,10 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     def divkit_fn(inplace):
         def f(s, t):
-            return divkit.divergence(s, t, kind, beta=beta, reduction="batchmean",
-                                     inplace_grad=inplace)
+            return divkit.divergence(
+                s, t, kind, beta=beta, reduction="batchmean", inplace_grad=inplace
+            )
+
         return f
 
     # One set of inputs per worker; smaller N (probes, memory-limited runs) use leading rows.
@@ -248,8 +262,13 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
             value = float(loss.detach())
             del loss
         leaf.grad = None
-        return {"times": times, "median": statistics.median(times), "peak_extra": max(peaks),
-                "peak_extra_min": min(peaks), "loss": value}
+        return {
+            "times": times,
+            "median": statistics.median(times),
+            "peak_extra": max(peaks),
+            "peak_extra_min": min(peaks),
+            "loss": value,
+        }
 
     def run_at(variant: str, n_run: int, reps_: int, warmup_: int) -> Dict[str, Any]:
         leaf, logits, t = logits_for(n_run)
@@ -260,6 +279,7 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
             def restore():
                 with torch.no_grad():
                     leaf.detach().copy_(backup)
+
         if variant == "divkit":
             fn = divkit_fn(False)
         elif variant == "divkit_inplace":
@@ -292,32 +312,43 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
             probe_n = cfg["probe_n"]
             # Eager always (cheap), torch.compile when eight [N, V] fp32 arrays would not fit
             # (a probe costs it a second compilation).
-            if probe_n < n and (variant == "eager" or
-                                (variant == "compile" and 8 * n * v * 4 > avail)):
+            if probe_n < n and (
+                variant == "eager" or (variant == "compile" and 8 * n * v * 4 > avail)
+            ):
                 # Peak memory and time of the full N, estimated from a small probe (both are
                 # linear in N for these elementwise formulas).
                 probe = run_at(variant, probe_n, 2, 0 if variant == "eager" else 1)
                 need = probe["peak_extra"] * n / probe_n
                 secs = min(probe["times"]) * n / probe_n
                 out.setdefault("probes", {})[variant] = {
-                    "n": probe_n, "times": probe["times"], "peak_extra": probe["peak_extra"],
-                    "predicted_s": secs, "predicted_bytes": need}
+                    "n": probe_n,
+                    "times": probe["times"],
+                    "peak_extra": probe["peak_extra"],
+                    "predicted_s": secs,
+                    "predicted_bytes": need,
+                }
                 why = []
                 while n_run > probe_n and need * n_run / n > avail:
                     n_run //= 2
                 if n_run < n:
-                    why.append(f"needs ~{need / GIB:.1f} GiB at N={n}, {avail / GIB:.1f} GiB "
-                               f"available (less {cfg['reserve_bytes'] / GIB:.0f} GiB left to "
-                               f"others)")
+                    why.append(
+                        f"needs ~{need / GIB:.1f} GiB at N={n}, {avail / GIB:.1f} GiB "
+                        f"available (less {cfg['reserve_bytes'] / GIB:.0f} GiB left to "
+                        f"others)"
+                    )
                 n_mem = n_run
                 while n_run > probe_n and secs * n_run / n > cfg["peer_max_s"]:
                     n_run //= 2
                 if n_run < n_mem:
-                    why.append(f"~{secs:.1f} s per step predicted at N={n} (--peer-max-s "
-                               f"{cfg['peer_max_s']:g})")
+                    why.append(
+                        f"~{secs:.1f} s per step predicted at N={n} (--peer-max-s "
+                        f"{cfg['peer_max_s']:g})"
+                    )
                 if n_run < n:
-                    note = (" and ".join(why) + f": run at N={n_run}, time and memory scaled "
-                            f"x{n // n_run}")
+                    note = (
+                        " and ".join(why) + f": run at N={n_run}, time and memory scaled "
+                        f"x{n // n_run}"
+                    )
                 if variant == "eager":
                     warm = 0  # the probe was the warm-up
             r = run_at(variant, n_run, reps, warm)
@@ -339,6 +370,7 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
 # Triad and machine description (parent process)
 # ---------------------------------------------------------------------------------------------
 
+
 def triad(torch, threads: int, total_bytes: int, runs: int = 10) -> Dict[str, float]:
     torch.set_num_threads(threads)
     n = total_bytes // 3 // 4
@@ -355,9 +387,11 @@ def triad(torch, threads: int, total_bytes: int, runs: int = 10) -> Dict[str, fl
     del a, b, c
     gc.collect()
     bytes_moved = 3 * n * 4
-    return {"best_gbps": bytes_moved / min(times) / 1e9,
-            "median_gbps": bytes_moved / statistics.median(times) / 1e9,
-            "array_mib": n * 4 / MIB}
+    return {
+        "best_gbps": bytes_moved / min(times) / 1e9,
+        "median_gbps": bytes_moved / statistics.median(times) / 1e9,
+        "array_mib": n * 4 / MIB,
+    }
 
 
 def _run(cmd: List[str]) -> str:
@@ -384,13 +418,15 @@ def machine_description(torch, divkit) -> Dict[str, str]:
             for line in f:
                 if line.startswith("PRETTY_NAME="):
                     os_name = line.split("=", 1)[1].strip().strip('"')
-    caches = ", ".join(f"{k} {lscpu[k]}" for k in ("L1d cache", "L2 cache", "L3 cache") if k in lscpu)
+    caches = ", ".join(
+        f"{k} {lscpu[k]}" for k in ("L1d cache", "L2 cache", "L3 cache") if k in lscpu
+    )
     return {
         "cpu": lscpu.get("Model name", platform.processor()),
         "cores": f"{lscpu.get('CPU(s)', '?')} CPUs ({lscpu.get('Core(s) per socket', '?')} cores/socket, "
-                 f"{lscpu.get('Thread(s) per core', '?')} thread/core), "
-                 f"{lscpu.get('Hypervisor vendor', 'bare metal')} "
-                 f"{'VM' if 'Hypervisor vendor' in lscpu else ''}".strip(),
+        f"{lscpu.get('Thread(s) per core', '?')} thread/core), "
+        f"{lscpu.get('Hypervisor vendor', 'bare metal')} "
+        f"{'VM' if 'Hypervisor vendor' in lscpu else ''}".strip(),
         "caches": caches,
         "memory": mem,
         "os": f"{os_name}, Linux {platform.release()}",
@@ -407,13 +443,18 @@ def machine_description(torch, divkit) -> Dict[str, str]:
 # Report
 # ---------------------------------------------------------------------------------------------
 
+
 def fmt_ms(r: Optional[Dict[str, Any]]) -> str:
     if not r:
         return "-"
     if "error" in r:
         return "error"
     star = "*" if r.get("note") else ""
-    return f"{r['median'] * 1e3:,.0f}{star}" if r["median"] >= 0.1 else f"{r['median'] * 1e3:,.1f}{star}"
+    return (
+        f"{r['median'] * 1e3:,.0f}{star}"
+        if r["median"] >= 0.1
+        else f"{r['median'] * 1e3:,.1f}{star}"
+    )
 
 
 def fmt_mem(r: Optional[Dict[str, Any]]) -> str:
@@ -463,20 +504,32 @@ def analyse(results: List[Dict[str, Any]], bw_gbps: float, args) -> List[Dict[st
 
 def render(rows, triads, bw_gbps, machine, args, wall, loads) -> str:
     L: List[str] = []
-    L.append(f"N = {args.n}, threads = {machine['threads']} (divkit and torch), "
-             f"median of {args.reps} runs of forward + backward after {args.warmup} warm-up; "
-             f"reduction batchmean; jsd with beta = 0.5.")
-    tri = "; ".join(f"{k}: best {t['best_gbps']:.1f} GB/s (median {t['median_gbps']:.1f})"
-                    for k, t in triads.items())
-    L.append(f"Triad (torch float32, 3 x {next(iter(triads.values()))['array_mib']:.0f} MiB): {tri}. "
-             f"Reference bandwidth: {bw_gbps:.1f} GB/s.")
-    L.append(f"Load average before/after: {loads[0]} / {loads[1]}. Wall time of the run: {wall / 60:.1f} min.")
+    L.append(
+        f"N = {args.n}, threads = {machine['threads']} (divkit and torch), "
+        f"median of {args.reps} runs of forward + backward after {args.warmup} warm-up; "
+        f"reduction batchmean; jsd with beta = 0.5."
+    )
+    tri = "; ".join(
+        f"{k}: best {t['best_gbps']:.1f} GB/s (median {t['median_gbps']:.1f})"
+        for k, t in triads.items()
+    )
+    L.append(
+        f"Triad (torch float32, 3 x {next(iter(triads.values()))['array_mib']:.0f} MiB): {tri}. "
+        f"Reference bandwidth: {bw_gbps:.1f} GB/s."
+    )
+    L.append(
+        f"Load average before/after: {loads[0]} / {loads[1]}. Wall time of the run: {wall / 60:.1f} min."
+    )
     L.append("")
-    L.append("Time per forward + backward (ms); ratios = peer time / divkit time (divkit with a "
-             "gradient buffer; in parentheses: in-place).")
+    L.append(
+        "Time per forward + backward (ms); ratios = peer time / divkit time (divkit with a "
+        "gradient buffer; in parentheses: in-place)."
+    )
     L.append("")
-    L.append("| kind | V | dtype | divkit | divkit in-place | eager (TRL) | torch.compile | "
-             "eager / divkit | compile / divkit | divkit GB/s | % of triad |")
+    L.append(
+        "| kind | V | dtype | divkit | divkit in-place | eager (TRL) | torch.compile | "
+        "eager / divkit | compile / divkit | divkit GB/s | % of triad |"
+    )
     L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         vs = r["variants"]
@@ -489,44 +542,67 @@ def render(rows, triads, bw_gbps, machine, args, wall, loads) -> str:
                 s += f" ({b:.1f}x)"
             return s
 
-        pct = (f"{100 * r['gbps'] / bw_gbps:.0f}% ({100 * r['gbps_inplace'] / bw_gbps:.0f}%)"
-               if r["gbps"] and r["gbps_inplace"] else
-               (f"{100 * r['gbps'] / bw_gbps:.0f}%" if r["gbps"] else "-"))
-        gb = (f"{r['gbps']:.1f} ({r['gbps_inplace']:.1f})" if r["gbps"] and r["gbps_inplace"]
-              else (f"{r['gbps']:.1f}" if r["gbps"] else "-"))
-        L.append(f"| {r['kind']} | {r['v']} | {r['dtype']} | {fmt_ms(vs.get('divkit'))} | "
-                 f"{fmt_ms(vs.get('divkit_inplace'))} | {fmt_ms(vs.get('eager'))} | "
-                 f"{fmt_ms(vs.get('compile'))} | {ratio(r['eager_ratio'], r['eager_ratio_inplace'])} | "
-                 f"{ratio(r['compile_ratio'], r['compile_ratio_inplace'])} | {gb} | {pct} |")
+        pct = (
+            f"{100 * r['gbps'] / bw_gbps:.0f}% ({100 * r['gbps_inplace'] / bw_gbps:.0f}%)"
+            if r["gbps"] and r["gbps_inplace"]
+            else (f"{100 * r['gbps'] / bw_gbps:.0f}%" if r["gbps"] else "-")
+        )
+        gb = (
+            f"{r['gbps']:.1f} ({r['gbps_inplace']:.1f})"
+            if r["gbps"] and r["gbps_inplace"]
+            else (f"{r['gbps']:.1f}" if r["gbps"] else "-")
+        )
+        L.append(
+            f"| {r['kind']} | {r['v']} | {r['dtype']} | {fmt_ms(vs.get('divkit'))} | "
+            f"{fmt_ms(vs.get('divkit_inplace'))} | {fmt_ms(vs.get('eager'))} | "
+            f"{fmt_ms(vs.get('compile'))} | {ratio(r['eager_ratio'], r['eager_ratio_inplace'])} | "
+            f"{ratio(r['compile_ratio'], r['compile_ratio_inplace'])} | {gb} | {pct} |"
+        )
     L.append("")
-    L.append("Peak extra memory of one forward + backward (peak RSS minus RSS with the inputs "
-             "allocated; the gradient included). Row-block bound = threads x 5 x V x 4 bytes.")
+    L.append(
+        "Peak extra memory of one forward + backward (peak RSS minus RSS with the inputs "
+        "allocated; the gradient included). Row-block bound = threads x 5 x V x 4 bytes."
+    )
     L.append("")
-    L.append("| kind | V | dtype | divkit | divkit in-place | row-block bound | eager (TRL) | torch.compile |")
+    L.append(
+        "| kind | V | dtype | divkit | divkit in-place | row-block bound | eager (TRL) | torch.compile |"
+    )
     L.append("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         vs = r["variants"]
-        L.append(f"| {r['kind']} | {r['v']} | {r['dtype']} | {fmt_mem(vs.get('divkit'))} | "
-                 f"{fmt_mem(vs.get('divkit_inplace'))} | {r['block_bound'] / MIB:.1f} MiB | "
-                 f"{fmt_mem(vs.get('eager'))} | {fmt_mem(vs.get('compile'))} |")
-    notes = [(r, k, vr) for r in rows for k, vr in r["variants"].items()
-             if vr.get("note") or vr.get("error")]
+        L.append(
+            f"| {r['kind']} | {r['v']} | {r['dtype']} | {fmt_mem(vs.get('divkit'))} | "
+            f"{fmt_mem(vs.get('divkit_inplace'))} | {r['block_bound'] / MIB:.1f} MiB | "
+            f"{fmt_mem(vs.get('eager'))} | {fmt_mem(vs.get('compile'))} |"
+        )
+    notes = [
+        (r, k, vr)
+        for r in rows
+        for k, vr in r["variants"].items()
+        if vr.get("note") or vr.get("error")
+    ]
     if notes:
         L.append("")
         for r, k, vr in notes:
-            L.append(f"* {r['kind']} V={r['v']} {r['dtype']} {LABELS[k]}: "
-                     f"{vr.get('note') or vr.get('error')}")
+            L.append(
+                f"* {r['kind']} V={r['v']} {r['dtype']} {LABELS[k]}: "
+                f"{vr.get('note') or vr.get('error')}"
+            )
 
     # Targets.
     L.append("")
-    L.append("Targets, for divkit with a gradient buffer (in parentheses: in-place); 'short by' is "
-             "the factor (or the points of bandwidth) still missing. The last column is the most "
-             "any implementation could reach: the peer's time over the memory floor (the bytes "
-             "divkit must move at the triad bandwidth).")
+    L.append(
+        "Targets, for divkit with a gradient buffer (in parentheses: in-place); 'short by' is "
+        "the factor (or the points of bandwidth) still missing. The last column is the most "
+        "any implementation could reach: the peer's time over the memory floor (the bytes "
+        "divkit must move at the triad bandwidth)."
+    )
     L.append("")
-    L.append("| kind | V | dtype | vs eager (>= 30x) | vs torch.compile (>= 3x) | "
-             "% of triad (>= 60%, fp32 V=128256) | in-place extra memory (<= row block) | "
-             "ceiling: peer / memory floor |")
+    L.append(
+        "| kind | V | dtype | vs eager (>= 30x) | vs torch.compile (>= 3x) | "
+        "% of triad (>= 60%, fp32 V=128256) | in-place extra memory (<= row block) | "
+        "ceiling: peer / memory floor |"
+    )
     L.append("|---|---:|---|---|---|---|---|---|")
 
     def speed(a, b, target):
@@ -535,8 +611,10 @@ def render(rows, triads, bw_gbps, machine, args, wall, loads) -> str:
         txt = f"{a:.1f}x" + (f" ({b:.1f}x)" if b is not None else "")
         if a >= target and (b is None or b >= target):
             return txt + ": met"
+
         def factor(x):
             return f"{target / x:.2f}x" if target / x < 1.1 else f"{target / x:.1f}x"
+
         short = factor(a) if a < target else "met"
         if b is not None:
             short += f" ({factor(b)})" if b < target else " (met)"
@@ -551,14 +629,19 @@ def render(rows, triads, bw_gbps, machine, args, wall, loads) -> str:
             if a >= TARGET_BW and (b is None or b >= TARGET_BW):
                 bw = txt + ": met"
             else:
-                bw = txt + f": MISSED, short by {max(0, 100 * (TARGET_BW - a)):.0f} pts" + (
-                    f" ({max(0, 100 * (TARGET_BW - b)):.0f} pts)" if b is not None else "")
+                bw = (
+                    txt
+                    + f": MISSED, short by {max(0, 100 * (TARGET_BW - a)):.0f} pts"
+                    + (f" ({max(0, 100 * (TARGET_BW - b)):.0f} pts)" if b is not None else "")
+                )
         ceil_parts = []
         if r.get("eager_ceiling"):
             ceil_parts.append(f"eager {r['eager_ceiling']:.0f}x")
         if r.get("compile_ceiling"):
             ceil_parts.append(f"compile {r['compile_ceiling']:.1f}x")
-        ceiling = (", ".join(ceil_parts) + f" (floor {r['floor_s'] * 1e3:.0f} ms)") if ceil_parts else "-"
+        ceiling = (
+            (", ".join(ceil_parts) + f" (floor {r['floor_s'] * 1e3:.0f} ms)") if ceil_parts else "-"
+        )
         mem = "-"
         dki = r["variants"].get("divkit_inplace")
         if dki and "error" not in dki:
@@ -569,22 +652,39 @@ def render(rows, triads, bw_gbps, machine, args, wall, loads) -> str:
             if extra <= bound:
                 mem = f"{extra / MIB:.1f} MiB (row blocks {bound / MIB:.1f} MiB): met"
             elif extra <= bound + slack:
-                mem = (f"{extra / MIB:.1f} MiB (row blocks {bound / MIB:.1f} MiB + O(N) "
-                       f"per-row state): met")
+                mem = (
+                    f"{extra / MIB:.1f} MiB (row blocks {bound / MIB:.1f} MiB + O(N) "
+                    f"per-row state): met"
+                )
             else:
-                mem = (f"{extra / MIB:.1f} MiB > row blocks {bound / MIB:.1f} MiB: MISSED by "
-                       f"{extra / max(bound, 1):.1f}x")
-        L.append(f"| {r['kind']} | {r['v']} | {r['dtype']} | "
-                 f"{speed(r['eager_ratio'], r['eager_ratio_inplace'], TARGET_EAGER)} | "
-                 f"{speed(r['compile_ratio'], r['compile_ratio_inplace'], TARGET_COMPILE)} | "
-                 f"{bw} | {mem} | {ceiling} |")
+                mem = (
+                    f"{extra / MIB:.1f} MiB > row blocks {bound / MIB:.1f} MiB: MISSED by "
+                    f"{extra / max(bound, 1):.1f}x"
+                )
+        L.append(
+            f"| {r['kind']} | {r['v']} | {r['dtype']} | "
+            f"{speed(r['eager_ratio'], r['eager_ratio_inplace'], TARGET_EAGER)} | "
+            f"{speed(r['compile_ratio'], r['compile_ratio_inplace'], TARGET_COMPILE)} | "
+            f"{bw} | {mem} | {ceiling} |"
+        )
     return "\n".join(L)
 
 
 def machine_markdown(machine: Dict[str, str], cmd: str) -> str:
     L = ["| | |", "|---|---|"]
-    for k in ("cpu", "cores", "caches", "memory", "os", "compiler", "python", "torch", "divkit",
-              "simd", "threads"):
+    for k in (
+        "cpu",
+        "cores",
+        "caches",
+        "memory",
+        "os",
+        "compiler",
+        "python",
+        "torch",
+        "divkit",
+        "simd",
+        "threads",
+    ):
         L.append(f"| {k} | {machine[k]} |")
     L.append("")
     L.append(f"Command: `{cmd}`")
@@ -595,37 +695,64 @@ def machine_markdown(machine: Dict[str, str], cmd: str) -> str:
 # main
 # ---------------------------------------------------------------------------------------------
 
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: N=256, V=32000, 3 runs (about 1-2 minutes)")
-    ap.add_argument("--kinds", nargs="+", default=["forward_kl", "reverse_kl", "jsd"],
-                    help="divergence kinds (peers exist for forward_kl, reverse_kl, jsd; other "
-                         "divkit kinds get divkit rows only)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: N=256, V=32000, 3 runs (about 1-2 minutes)",
+    )
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["forward_kl", "reverse_kl", "jsd"],
+        help="divergence kinds (peers exist for forward_kl, reverse_kl, jsd; other "
+        "divkit kinds get divkit rows only)",
+    )
     ap.add_argument("--vocab", nargs="+", type=int, default=None, help="V values (32000 128256)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--n", type=int, default=None, help="rows (tokens); default 4096")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per variant (default 5)")
-    ap.add_argument("--warmup", type=int, default=None,
-                    help="warm-up runs (default 1; torch.compile compiles in its warm-up; eager "
-                         "at large N is warmed up by its memory probe)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up runs (default 1; torch.compile compiles in its warm-up; eager "
+        "at large N is warmed up by its memory probe)",
+    )
     ap.add_argument("--triad-gib", type=float, default=3.0, help="total triad size (GiB)")
-    ap.add_argument("--reserve-gib", type=float, default=3.0,
-                    help="memory left to others when deciding whether eager fits")
-    ap.add_argument("--peer-max-s", type=float, default=30.0,
-                    help="eager steps predicted (from the probe) to take longer than this run at "
-                         "N/2, N/4, ... and are scaled to N (default 30: only JSD at V=128256, "
-                         "which takes 40+ s per step)")
-    ap.add_argument("--leaf", action="store_true",
-                    help="pass the student logits as a leaf tensor (autograd then stores the "
-                         "gradient in .grad) instead of as a view of one (default; as logits "
-                         "that come out of a model)")
+    ap.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=3.0,
+        help="memory left to others when deciding whether eager fits",
+    )
+    ap.add_argument(
+        "--peer-max-s",
+        type=float,
+        default=30.0,
+        help="eager steps predicted (from the probe) to take longer than this run at "
+        "N/2, N/4, ... and are scaled to N (default 30: only JSD at V=128256, "
+        "which takes 40+ s per step)",
+    )
+    ap.add_argument(
+        "--leaf",
+        action="store_true",
+        help="pass the student logits as a leaf tensor (autograd then stores the "
+        "gradient in .grad) instead of as a view of one (default; as logits "
+        "that come out of a model)",
+    )
     ap.add_argument("--markdown", metavar="FILE", help="also write the report as markdown")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    ap.add_argument("--render", metavar="JSON",
-                    help="print (and with --markdown write) the report of a saved --json run")
+    ap.add_argument(
+        "--render",
+        metavar="JSON",
+        help="print (and with --markdown write) the report of a saved --json run",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -641,8 +768,15 @@ def main() -> int:
         triads = saved["triads"]
         bw = max(t["best_gbps"] for t in triads.values())
         rows = analyse(saved["results"], bw, run_args)
-        report = render(rows, triads, bw, saved["machine"], run_args, saved.get("wall_s", 0.0),
-                        tuple(saved.get("loads", ("?", "?"))))
+        report = render(
+            rows,
+            triads,
+            bw,
+            saved["machine"],
+            run_args,
+            saved.get("wall_s", 0.0),
+            tuple(saved.get("loads", ("?", "?"))),
+        )
         text = machine_markdown(saved["machine"], saved.get("cmd", "?")) + "\n\n" + report
         print(text)
         if args.markdown:
@@ -661,6 +795,7 @@ def main() -> int:
     args.warmup = args.warmup or 1
 
     import torch
+
     import divkit
 
     threads = divkit.get_num_threads()
@@ -672,8 +807,11 @@ def main() -> int:
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     t_start = time.perf_counter()
     load_before = "%.2f %.2f %.2f" % os.getloadavg()
-    print(f"divkit {machine['divkit']} ({machine['simd']}), torch {machine['torch']}, "
-          f"{threads} threads, {machine['cpu']}; load {load_before}", flush=True)
+    print(
+        f"divkit {machine['divkit']} ({machine['simd']}), torch {machine['torch']}, "
+        f"{threads} threads, {machine['cpu']}; load {load_before}",
+        flush=True,
+    )
 
     triads = {"before": triad(torch, threads, int(args.triad_gib * GIB))}
     print(f"triad: {triads['before']['best_gbps']:.1f} GB/s", flush=True)
@@ -682,28 +820,47 @@ def main() -> int:
     for v in args.vocab:
         for dt in args.dtypes:
             for kind in args.kinds:
-                cfg = {"kind": kind, "v": v, "dtype": dt, "n": args.n, "reps": args.reps,
-                       "warmup": args.warmup, "variants": args.variants,
-                       "probe_n": min(256, args.n), "reserve_bytes": int(args.reserve_gib * GIB),
-                       "leaf": args.leaf, "peer_max_s": args.peer_max_s}
+                cfg = {
+                    "kind": kind,
+                    "v": v,
+                    "dtype": dt,
+                    "n": args.n,
+                    "reps": args.reps,
+                    "warmup": args.warmup,
+                    "variants": args.variants,
+                    "probe_n": min(256, args.n),
+                    "reserve_bytes": int(args.reserve_gib * GIB),
+                    "leaf": args.leaf,
+                    "peer_max_s": args.peer_max_s,
+                }
                 t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
-                                       json.dumps(cfg)], capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
+                    capture_output=True,
+                    text=True,
+                )
                 res = None
                 for line in proc.stdout.splitlines():
                     if line.startswith("RESULT "):
-                        res = json.loads(line[len("RESULT "):])
+                        res = json.loads(line[len("RESULT ") :])
                 if res is None:
                     err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-                    res = {"threads": threads, "variants": {
-                        x: {"error": f"worker failed (rc {proc.returncode}): {err}"[:300]}
-                        for x in args.variants}}
+                    res = {
+                        "threads": threads,
+                        "variants": {
+                            x: {"error": f"worker failed (rc {proc.returncode}): {err}"[:300]}
+                            for x in args.variants
+                        },
+                    }
                 res.update(kind=kind, v=v, dtype=dt)
                 results.append(res)
                 summary = ", ".join(
-                    f"{LABELS[k]} {fmt_ms(r)} ms / {fmt_mem(r)}" for k, r in res["variants"].items())
-                print(f"  {kind:>10} V={v:<6} {dt}: {summary}  [{time.perf_counter() - t0:.0f} s]",
-                      flush=True)
+                    f"{LABELS[k]} {fmt_ms(r)} ms / {fmt_mem(r)}" for k, r in res["variants"].items()
+                )
+                print(
+                    f"  {kind:>10} V={v:<6} {dt}: {summary}  [{time.perf_counter() - t0:.0f} s]",
+                    flush=True,
+                )
 
     triads["after"] = triad(torch, threads, int(args.triad_gib * GIB))
     bw = max(t["best_gbps"] for t in triads.values())
@@ -720,9 +877,19 @@ def main() -> int:
             f.write(machine_markdown(machine, cmd) + "\n\n" + report + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "triads": triads,
-                       "results": results, "wall_s": wall, "cmd": cmd,
-                       "loads": [load_before, load_after]}, f, indent=1)
+            json.dump(
+                {
+                    "machine": machine,
+                    "args": vars(args),
+                    "triads": triads,
+                    "results": results,
+                    "wall_s": wall,
+                    "cmd": cmd,
+                    "loads": [load_before, load_after],
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -52,27 +52,31 @@ def _reset_peak_rss() -> bool:
 
 def worker(variant: str, n: int, v: int, h: int, dtype_name: str, threads: int, reps: int):
     import torch
+
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
     sh = torch.randn(n, h, generator=g).to(dtype)
     th = torch.randn(n, h, generator=g).to(dtype)
-    sw = (torch.randn(v, h, generator=g) / h ** 0.5).to(dtype)
-    tw = (torch.randn(v, h, generator=g) * 2 / h ** 0.5).to(dtype)
+    sw = (torch.randn(v, h, generator=g) / h**0.5).to(dtype)
+    tw = (torch.randn(v, h, generator=g) * 2 / h**0.5).to(dtype)
     y = torch.randint(0, v, (n,), generator=g)
 
     if variant == "divkit":
         import divkit
+
         divkit.set_num_threads(threads)
 
         def step():
             a, w = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
-            loss = divkit.fused_linear_divergence(a, w, th, tw, "jsd", beta=0.5,
-                                                  reduction="batchmean")
+            loss = divkit.fused_linear_divergence(
+                a, w, th, tw, "jsd", beta=0.5, reduction="batchmean"
+            )
             loss.backward()
             return loss.item()
     elif variant == "eager":
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
         jsd = GKDTrainer.generalized_jsd_loss
 
         def step():
@@ -85,8 +89,10 @@ def worker(variant: str, n: int, v: int, h: int, dtype_name: str, threads: int, 
             return loss.item()
     elif variant == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5,
-                                     compiled=True)
+
+        fn = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=True
+        )
 
         def step():
             a, w = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
@@ -94,7 +100,6 @@ def worker(variant: str, n: int, v: int, h: int, dtype_name: str, threads: int, 
             loss.backward()
             return loss.item()
     elif variant == "gemm_floor_openblas":  # the same four GEMMs through numpy's OpenBLAS
-        import numpy as np
         a32, w32, t32, tw32 = (x.float().numpy() for x in (sh, sw, th, tw))
 
         def step():
@@ -124,21 +129,50 @@ def worker(variant: str, n: int, v: int, h: int, dtype_name: str, threads: int, 
         value = step()
         times.append(time.perf_counter() - t0)
     # Without the reset (not Linux), ru_maxrss: an upper bound that includes building the inputs.
-    peak = _status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": variant, "n": n, "v": v, "h": h, "dtype": dtype_name,
-            "median_s": sorted(times)[len(times) // 2], "peak_extra_mb": peak - base,
-            "loss": value}
+    peak = (
+        _status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "variant": variant,
+        "n": n,
+        "v": v,
+        "h": h,
+        "dtype": dtype_name,
+        "median_s": sorted(times)[len(times) // 2],
+        "peak_extra_mb": peak - base,
+        "loss": value,
+    }
 
 
 def run_variant(args, variant, n, v, dtype):
-    cmd = [sys.executable, __file__, "--worker", variant, "--n", str(n), "--vocab", str(v),
-           "--hidden", str(args.hidden), "--dtype", dtype, "--threads", str(args.threads),
-           "--reps", str(args.reps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--n",
+        str(n),
+        "--vocab",
+        str(v),
+        "--hidden",
+        str(args.hidden),
+        "--dtype",
+        dtype,
+        "--threads",
+        str(args.threads),
+        "--reps",
+        str(args.reps),
+    ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"variant": variant, "n": n, "v": v, "dtype": dtype,
-                "error": f"timed out after {args.timeout} s"}
+        return {
+            "variant": variant,
+            "n": n,
+            "v": v,
+            "dtype": dtype,
+            "error": f"timed out after {args.timeout} s",
+        }
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -154,9 +188,11 @@ def machine() -> str:
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} "
-            f"{platform.release()}, load average {os.getloadavg()[0]:.1f}")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} "
+        f"{platform.release()}, load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 def main() -> int:
@@ -167,17 +203,28 @@ def main() -> int:
     ap.add_argument("--dtype", nargs="+", default=["float32"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--reps", type=int, default=1,
-                    help="timed runs after the warm-up; 0 times the warm-up step itself (a "
-                         "memory measurement for slow variants: it includes torch.compile)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=1,
+        help="timed runs after the warm-up; 0 times the warm-up step itself (a "
+        "memory measurement for slow variants: it includes torch.compile)",
+    )
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--quick", action="store_true", help="N=512, V=32000, H=1024")
     ap.add_argument("--markdown", metavar="FILE")
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
-        res = worker(args.worker, args.n[0], args.vocab[0], args.hidden, args.dtype[0],
-                     args.threads, args.reps)
+        res = worker(
+            args.worker,
+            args.n[0],
+            args.vocab[0],
+            args.hidden,
+            args.dtype[0],
+            args.threads,
+            args.reps,
+        )
         print("RESULT " + json.dumps(res))
         return 0
     if args.quick:
@@ -185,15 +232,22 @@ def main() -> int:
     args.n = args.n or [4096]
     args.vocab = args.vocab or [32000]
 
-    lines = [f"Machine: {machine()}", "",
-             f"JSD (beta 0.5) distillation, forward + backward (grads of student hidden and "
-             f"weight), H = {args.hidden}, {args.threads} threads; time is "
-             + (f"the median of {args.reps} run(s) after a warm-up" if args.reps else
-                "one cold step (warm-up and compilation included)")
-             + "; peak extra memory = peak RSS minus RSS with "
-             f"the inputs allocated.", "",
-             "| N | V | dtype | variant | time | vs divkit | peak extra memory | loss rel. diff |",
-             "|---:|---:|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        f"JSD (beta 0.5) distillation, forward + backward (grads of student hidden and "
+        f"weight), H = {args.hidden}, {args.threads} threads; time is "
+        + (
+            f"the median of {args.reps} run(s) after a warm-up"
+            if args.reps
+            else "one cold step (warm-up and compilation included)"
+        )
+        + "; peak extra memory = peak RSS minus RSS with "
+        "the inputs allocated.",
+        "",
+        "| N | V | dtype | variant | time | vs divkit | peak extra memory | loss rel. diff |",
+        "|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
     print("\n".join(lines), flush=True)
     for n in args.n:
         for v in args.vocab:
@@ -205,12 +259,18 @@ def main() -> int:
                     if "error" in r:
                         row = f"| {n} | {v} | {dt} | {var} | - | - | - | {r['error']} |"
                     else:
-                        ratio = (f"{r['median_s'] / dk['median_s']:.2f}x"
-                                 if "median_s" in dk else "-")
-                        diff = ("-" if var.startswith("gemm_floor") or "loss" not in dk else
-                                f"{abs(r['loss'] - dk['loss']) / max(abs(dk['loss']), 1e-12):.1e}")
-                        row = (f"| {n} | {v} | {dt} | {var} | {r['median_s']:.2f} s | {ratio} | "
-                               f"{r['peak_extra_mb']:.0f} MB | {diff} |")
+                        ratio = (
+                            f"{r['median_s'] / dk['median_s']:.2f}x" if "median_s" in dk else "-"
+                        )
+                        diff = (
+                            "-"
+                            if var.startswith("gemm_floor") or "loss" not in dk
+                            else f"{abs(r['loss'] - dk['loss']) / max(abs(dk['loss']), 1e-12):.1e}"
+                        )
+                        row = (
+                            f"| {n} | {v} | {dt} | {var} | {r['median_s']:.2f} s | {ratio} | "
+                            f"{r['peak_extra_mb']:.0f} MB | {diff} |"
+                        )
                     print(row, flush=True)
                     lines.append(row)
     if args.markdown:

@@ -130,8 +130,9 @@ def _ott_setup(x, y, eps, tol, max_iter):
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import sinkhorn as ott_sinkhorn
 
-    solver = ott_sinkhorn.Sinkhorn(threshold=tol, max_iterations=max_iter, norm_error=1,
-                                   lse_mode=True)
+    solver = ott_sinkhorn.Sinkhorn(
+        threshold=tol, max_iterations=max_iter, norm_error=1, lse_mode=True
+    )
 
     @jax.jit
     def solve(ox, oy, e):
@@ -153,23 +154,30 @@ def run_once(solver, x, y, a, eps, tol, max_iter, out) -> float:
     t0 = time.perf_counter()
     if solver.startswith("divkit"):
         dt = torch.float32 if solver == "divkit-f32" else torch.float64
-        r = divkit.ot.sinkhorn(x.to(dt), y.to(dt), eps=eps, tol=tol, max_iter=max_iter,
-                               warn=False)
+        r = divkit.ot.sinkhorn(x.to(dt), y.to(dt), eps=eps, tol=tol, max_iter=max_iter, warn=False)
         t = time.perf_counter() - t0
-        out.update(n_iter=int(r.n_iter), err=float(r.marginal_error), cost=float(r.transport_cost),
-                   converged=bool(r.converged))
+        out.update(
+            n_iter=int(r.n_iter),
+            err=float(r.marginal_error),
+            cost=float(r.transport_cost),
+            converged=bool(r.converged),
+        )
     elif solver.startswith("pot"):
         import ot
 
         method = "sinkhorn_log" if solver == "pot-log" else "sinkhorn"
         xn, yn = x.numpy(), y.numpy()
         M = ot.dist(xn, yn)
-        P, log = ot.sinkhorn(a, a, M, eps, method=method, stopThr=tol, numItermax=max_iter,
-                             log=True)
+        P, log = ot.sinkhorn(
+            a, a, M, eps, method=method, stopThr=tol, numItermax=max_iter, log=True
+        )
         t = time.perf_counter() - t0
-        out.update(n_iter=int(log.get("niter", -1)),
-                   err=float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - a).sum()),
-                   cost=float((P * M).sum()), converged=bool(log.get("niter", 0) < max_iter - 1))
+        out.update(
+            n_iter=int(log.get("niter", -1)),
+            err=float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - a).sum()),
+            cost=float((P * M).sum()),
+            converged=bool(log.get("niter", 0) < max_iter - 1),
+        )
     elif solver == "ott":
         import jax
 
@@ -180,17 +188,25 @@ def run_once(solver, x, y, a, eps, tol, max_iter, out) -> float:
         t = time.perf_counter() - t0
         P = np.asarray(out_ott.matrix)
         Mn = ((x.numpy()[:, None, :] - y.numpy()[None, :, :]) ** 2).sum(-1) if n <= 5000 else None
-        out.update(n_iter=int(out_ott.n_iters),
-                   err=float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - a).sum()),
-                   cost=float((P * Mn).sum()) if Mn is not None else float("nan"),
-                   converged=bool(out_ott.converged))
+        out.update(
+            n_iter=int(out_ott.n_iters),
+            err=float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - a).sum()),
+            cost=float((P * Mn).sum()) if Mn is not None else float("nan"),
+            converged=bool(out_ott.converged),
+        )
     elif solver == "geomloss":
         from geomloss import SamplesLoss
 
         # GeomLoss: cost |x - y|^2 / 2 and eps = blur^p; ours C = |x - y|^2 with eps, i.e. its
         # problem at eps / 2 on the halved cost: blur = sqrt(eps / 2).
-        loss = SamplesLoss("sinkhorn", p=2, blur=(eps / 2) ** 0.5, scaling=0.9, debias=False,
-                           backend="tensorized" if n <= 5000 else "online")
+        loss = SamplesLoss(
+            "sinkhorn",
+            p=2,
+            blur=(eps / 2) ** 0.5,
+            scaling=0.9,
+            debias=False,
+            backend="tensorized" if n <= 5000 else "online",
+        )
         v = loss(x, y)
         t = time.perf_counter() - t0
         # (its value is the regularized cost, not <P, C>: shown for reference only)
@@ -201,17 +217,26 @@ def run_once(solver, x, y, a, eps, tol, max_iter, out) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="*")
     ap.add_argument("--dims", type=int, nargs="*", default=[3, 64])
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-iter", type=int, default=2000)
-    ap.add_argument("--mem-gib", type=float, default=8.0,
-                    help="skip a dense solver whose n x m float64 arrays would exceed this")
+    ap.add_argument(
+        "--mem-gib",
+        type=float,
+        default=8.0,
+        help="skip a dense solver whose n x m float64 arrays would exceed this",
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="per solver run, seconds")
-    ap.add_argument("--solvers", nargs="*",
-                    default=["divkit-f32", "divkit-f64", "pot-log", "pot", "geomloss", "ott"])
+    ap.add_argument(
+        "--solvers",
+        nargs="*",
+        default=["divkit-f32", "divkit-f64", "pot-log", "pot", "geomloss", "ott"],
+    )
     ap.add_argument("--worker", nargs=3, metavar=("SOLVER", "N", "D"))
     args = ap.parse_args()
     if args.worker:
@@ -226,9 +251,11 @@ def main() -> None:
             if name in args.solvers:
                 print(f"# {name} not run: {type(e).__name__}: {e}")
                 args.solvers = [s for s in args.solvers if s != name]
-    print(f"# load average at start: {os.getloadavg()}; threads: "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}; tol {args.tol:g}; figures are noisy "
-          f"(shared machine)")
+    print(
+        f"# load average at start: {os.getloadavg()}; threads: "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}; tol {args.tol:g}; figures are noisy "
+        f"(shared machine)"
+    )
     rows = []
     for d in args.dims:
         for n in sizes:
@@ -239,18 +266,33 @@ def main() -> None:
                 # peak measured at n = 5000, d = 64).
                 ott_gib = n * n * d * 8 / 2**30
                 if s == "ott" and ott_gib > args.mem_gib:
-                    print(f"# ott n={n} d={d}: not run, needs ~{ott_gib:.1f} GiB ([n, m, d] "
-                          f"float64, > --mem-gib {args.mem_gib:g})")
+                    print(
+                        f"# ott n={n} d={d}: not run, needs ~{ott_gib:.1f} GiB ([n, m, d] "
+                        f"float64, > --mem-gib {args.mem_gib:g})"
+                    )
                     rows.append({"solver": s, "n": n, "d": d, "skipped": "memory"})
                     continue
-                if (s.startswith("pot") or s == "ott" or (s == "geomloss" and n <= 5000)) \
-                        and dense_gib > args.mem_gib:
-                    print(f"# {s} n={n} d={d}: not run, needs ~{dense_gib:.1f} GiB of dense n x m "
-                          f"float64 arrays (> --mem-gib {args.mem_gib:g})")
+                if (
+                    s.startswith("pot") or s == "ott" or (s == "geomloss" and n <= 5000)
+                ) and dense_gib > args.mem_gib:
+                    print(
+                        f"# {s} n={n} d={d}: not run, needs ~{dense_gib:.1f} GiB of dense n x m "
+                        f"float64 arrays (> --mem-gib {args.mem_gib:g})"
+                    )
                     rows.append({"solver": s, "n": n, "d": d, "skipped": "memory"})
                     continue
-                cmd = [sys.executable, __file__, "--worker", s, str(n), str(d), "--tol",
-                       str(args.tol), "--max-iter", str(args.max_iter)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    s,
+                    str(n),
+                    str(d),
+                    "--tol",
+                    str(args.tol),
+                    "--max-iter",
+                    str(args.max_iter),
+                ]
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     line = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
@@ -264,20 +306,35 @@ def main() -> None:
                     rows.append({"solver": s, "n": n, "d": d, "skipped": f"> {args.timeout:g} s"})
                     continue
                 rows.append(r)
-                print(f"{s:>11} n={n:>6} d={d:>3} time {r['time_s']:9.3f} s  mem {r['mem_mib']:9.1f} MiB"
-                      f"  iters {r['n_iter']:>5}  L1 err {r['err']:.2e}  cost {r['cost']:.6g}",
-                      flush=True)
-    print("\n| d | n = m | solver | time (s) | peak extra memory (MiB) | iterations | L1 marginal error | vs divkit-f32 time |")
+                print(
+                    f"{s:>11} n={n:>6} d={d:>3} time {r['time_s']:9.3f} s  mem {r['mem_mib']:9.1f} MiB"
+                    f"  iters {r['n_iter']:>5}  L1 err {r['err']:.2e}  cost {r['cost']:.6g}",
+                    flush=True,
+                )
+    print(
+        "\n| d | n = m | solver | time (s) | peak extra memory (MiB) | iterations | L1 marginal error | vs divkit-f32 time |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "skipped" in r:
             print(f"| {r['d']} | {r['n']} | {r['solver']} | not run ({r['skipped']}) | | | | |")
             continue
-        ref = next((q for q in rows if q.get("solver") == "divkit-f32" and q["n"] == r["n"]
-                    and q["d"] == r["d"] and "time_s" in q), None)
+        ref = next(
+            (
+                q
+                for q in rows
+                if q.get("solver") == "divkit-f32"
+                and q["n"] == r["n"]
+                and q["d"] == r["d"]
+                and "time_s" in q
+            ),
+            None,
+        )
         ratio = f"{r['time_s'] / ref['time_s']:.1f}x" if ref else ""
-        print(f"| {r['d']} | {r['n']} | {r['solver']} | {r['time_s']:.3f} | {r['mem_mib']:.0f} | "
-              f"{r['n_iter']} | {r['err']:.1e} | {ratio} |")
+        print(
+            f"| {r['d']} | {r['n']} | {r['solver']} | {r['time_s']:.3f} | {r['mem_mib']:.0f} | "
+            f"{r['n_iter']} | {r['err']:.1e} | {ratio} |"
+        )
     print(f"# load average at end: {os.getloadavg()}")
 
 

@@ -65,40 +65,51 @@ def run_case(case: str, a) -> dict:
                 losses = -F.logsigmoid(beta * logits)
                 cr, rj = beta * (pc - rc).detach(), beta * (pr - rr).detach()
             elif case == "cpo_divkit":
-                losses, cr, rj = divkit.cpo_loss(pc, pr, loss_type="simpo", beta=2.0,
-                                                 simpo_gamma=0.5)
+                losses, cr, rj = divkit.cpo_loss(
+                    pc, pr, loss_type="simpo", beta=2.0, simpo_gamma=0.5
+                )
             else:
                 from trl.experimental.cpo import CPOTrainer
-                ns = types.SimpleNamespace(alpha=0.0, beta=2.0, loss_type="simpo",
-                                           label_smoothing=0.0, simpo_gamma=0.5,
-                                           accelerator=types.SimpleNamespace(device="cpu"))
+
+                ns = types.SimpleNamespace(
+                    alpha=0.0,
+                    beta=2.0,
+                    loss_type="simpo",
+                    label_smoothing=0.0,
+                    simpo_gamma=0.5,
+                    accelerator=types.SimpleNamespace(device="cpu"),
+                )
                 losses, cr, rj = CPOTrainer.cpo_loss(ns, pc, pr)
             losses.sum().backward()
             for x in xs:
                 x.grad = None
             return losses
+
         reps = a.reps
     else:
         b, t, h, v = a.batch, a.seq, a.hidden, a.vocab
         g = torch.Generator().manual_seed(0)
-        w = (torch.randn(v, h, generator=g) * h ** -0.5).requires_grad_()
-        rw = w.detach() + 0.01 * torch.randn(v, h, generator=g) * h ** -0.5
+        w = (torch.randn(v, h, generator=g) * h**-0.5).requires_grad_()
+        rw = w.detach() + 0.01 * torch.randn(v, h, generator=g) * h**-0.5
         hc, hr = (torch.randn(b, t, h, generator=g).requires_grad_() for _ in range(2))
-        rhc, rhr = hc.detach() + 0.1 * torch.randn(b, t, h, generator=g), \
-            hr.detach() + 0.1 * torch.randn(b, t, h, generator=g)
+        rhc, rhr = (
+            hc.detach() + 0.1 * torch.randn(b, t, h, generator=g),
+            hr.detach() + 0.1 * torch.randn(b, t, h, generator=g),
+        )
         cl, rl = (torch.randint(0, v, (b, t), generator=g) for _ in range(2))
         cl[:, : t // 4] = -100
         rl[:, : t // 4] = -100
 
         def trl_side(hp, hrf, lab, kl_grad):
             from trl.trainer.utils import selective_log_softmax
+
             mask = lab != -100
             z = hp @ w.t()
             with torch.no_grad():
                 zr = hrf @ rw.t()
                 lr = zr.log_softmax(-1)
             idx = lab.masked_fill(~mask, 0)
-            ratio = (selective_log_softmax(z, idx) - lr.gather(-1, idx[..., None]).squeeze(-1))
+            ratio = selective_log_softmax(z, idx) - lr.gather(-1, idx[..., None]).squeeze(-1)
             lp = (z if kl_grad else z.detach()).log_softmax(-1)
             kl = (lr.exp() * (lr - lp)).sum(-1)
             return (ratio * mask).sum(-1), (kl * mask).sum(-1)
@@ -106,8 +117,18 @@ def run_case(case: str, a) -> dict:
         def step():
             if case == "tdpo_divkit":
                 losses, _, _ = divkit.tdpo_loss_fused(
-                    hc, hr, w, cl, rl, ref_chosen_hidden=rhc, ref_rejected_hidden=rhr,
-                    ref_weight=rw, beta=beta, alpha=0.5, variant="tdpo2")
+                    hc,
+                    hr,
+                    w,
+                    cl,
+                    rl,
+                    ref_chosen_hidden=rhc,
+                    ref_rejected_hidden=rhr,
+                    ref_weight=rw,
+                    beta=beta,
+                    alpha=0.5,
+                    variant="tdpo2",
+                )
             else:
                 lw, kw = trl_side(hc, rhc, cl, False)
                 ll, kr = trl_side(hr, rhr, rl, True)
@@ -118,6 +139,7 @@ def run_case(case: str, a) -> dict:
             for x in (hc, hr, w):
                 x.grad = None
             return out
+
         reps = 1 if a.vocab * a.batch * a.seq > 1e8 else a.reps
     if case in ("cpo_trl", "tdpo_trl"):  # import outside the measured region
         import trl.experimental.cpo  # noqa: F401
@@ -128,8 +150,12 @@ def run_case(case: str, a) -> dict:
         t0 = time.perf_counter()
         losses = step()
         times.append(time.perf_counter() - t0)
-    return {"case": case, "seconds": min(times), "peak_mib": max(0.0, peak_mib() - base),
-            "loss_mean": float(losses.detach().double().mean())}
+    return {
+        "case": case,
+        "seconds": min(times),
+        "peak_mib": max(0.0, peak_mib() - base),
+        "loss_mean": float(losses.detach().double().mean()),
+    }
 
 
 def main():
@@ -149,16 +175,30 @@ def main():
         print(json.dumps(run_case(a.case, a)))
         return
     import torch
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; "
-          f"pairs {a.pairs}; TDPO2 B={a.batch} T={a.seq} H={a.hidden} V={a.vocab}")
+
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; "
+        f"pairs {a.pairs}; TDPO2 B={a.batch} T={a.seq} H={a.hidden} V={a.vocab}"
+    )
     args = [a for a in sys.argv[1:] if a != "--quick"]
     if a.quick:
-        args += ["--batch", str(a.batch), "--seq", str(a.seq), "--hidden", str(a.hidden),
-                 "--vocab", str(a.vocab), "--reps", str(a.reps)]
+        args += [
+            "--batch",
+            str(a.batch),
+            "--seq",
+            str(a.seq),
+            "--hidden",
+            str(a.hidden),
+            "--vocab",
+            str(a.vocab),
+            "--reps",
+            str(a.reps),
+        ]
     rows = {}
     for case in ("dpo_divkit", "dpo_trl", "cpo_divkit", "cpo_trl", "tdpo_divkit", "tdpo_trl"):
-        r = subprocess.run([sys.executable, __file__, "--case", case, *args], capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--case", case, *args], capture_output=True, text=True
+        )
         if r.returncode != 0:
             print(f"{case}: failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
             continue
@@ -170,9 +210,11 @@ def main():
         d, t = rows.get(f"{name}_divkit"), rows.get(f"{name}_trl")
         if d and t:
             mem = t["peak_mib"] / d["peak_mib"] if d["peak_mib"] > 1 else float("nan")
-            print(f"{name}: divkit {t['seconds'] / d['seconds']:.2f}x the speed of TRL, TRL "
-                  f"peak memory / divkit's {mem:.1f}x (losses {d['loss_mean']:.6f} vs "
-                  f"{t['loss_mean']:.6f})")
+            print(
+                f"{name}: divkit {t['seconds'] / d['seconds']:.2f}x the speed of TRL, TRL "
+                f"peak memory / divkit's {mem:.1f}x (losses {d['loss_mean']:.6f} vs "
+                f"{t['loss_mean']:.6f})"
+            )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def timed(fn, reps=3):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", type=int, nargs="*", default=[500, 1000, 2000])
     ap.add_argument("--dim", type=int, default=8)
     ap.add_argument("--k", type=int, nargs="*", default=[0, 5], help="0: no sparsity constraint")
@@ -72,35 +73,60 @@ def main() -> None:
     import divkit.ot as dot
 
     divkit.set_num_threads(2)
-    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"torch threads; POT {pot.__version__}\n")
-    print("| n = m | k | gamma | solver | time (s) | vs divkit | L1 marginal error | "
-          "objective rel. diff | max nnz per column |")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"torch threads; POT {pot.__version__}\n"
+    )
+    print(
+        "| n = m | k | gamma | solver | time (s) | vs divkit | L1 marginal error | "
+        "objective rel. diff | max nnz per column |"
+    )
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         a, b, C = problem(n, args.dim)
         gamma = args.gamma_rel * float(C.mean()) * n
         for k in args.k:
             at, bt, Ct = (torch.from_numpy(v) for v in (a, b, C))
-            t_dk, res = timed(lambda: dot.sparse_ot(at, bt, Ct, gamma=gamma, k=k or None,
-                                                    tol=args.tol, max_iter=args.max_iter,
-                                                    warn=False))
+            t_dk, res = timed(
+                lambda: dot.sparse_ot(
+                    at,
+                    bt,
+                    Ct,
+                    gamma=gamma,
+                    k=k or None,
+                    tol=args.tol,
+                    max_iter=args.max_iter,
+                    warn=False,
+                )
+            )
             P_dk = res.plan.to_dense().numpy()
             err_dk, obj_dk, nz_dk = stats(P_dk, a, C, gamma)
 
             def run_pot():
                 with contextlib.redirect_stdout(io.StringIO()):  # its projection prints
                     return pot.smooth.smooth_ot_semi_dual(
-                        a, b, C, gamma, reg_type="sparsity_constrained" if k else "l2",
-                        max_nz=k or None, stopThr=args.tol / n, numItermax=args.max_iter)
+                        a,
+                        b,
+                        C,
+                        gamma,
+                        reg_type="sparsity_constrained" if k else "l2",
+                        max_nz=k or None,
+                        stopThr=args.tol / n,
+                        numItermax=args.max_iter,
+                    )
+
             t_pot, P_pot = timed(run_pot)
             err_pot, obj_pot, nz_pot = stats(P_pot, a, C, gamma)
-            for name, t, err, obj, nz in (("divkit", t_dk, err_dk, obj_dk, nz_dk),
-                                          ("POT smooth_ot_semi_dual", t_pot, err_pot, obj_pot,
-                                           nz_pot)):
-                print(f"| {n} | {k or '-'} | {gamma:.3g} | {name} | {t:.3f} | "
-                      f"{t / t_dk:.1f}x | {err:.1e} | {(obj - obj_dk) / abs(obj_dk):+.1e} | "
-                      f"{nz} |", flush=True)
+            for name, t, err, obj, nz in (
+                ("divkit", t_dk, err_dk, obj_dk, nz_dk),
+                ("POT smooth_ot_semi_dual", t_pot, err_pot, obj_pot, nz_pot),
+            ):
+                print(
+                    f"| {n} | {k or '-'} | {gamma:.3g} | {name} | {t:.3f} | "
+                    f"{t / t_dk:.1f}x | {err:.1e} | {(obj - obj_dk) / abs(obj_dk):+.1e} | "
+                    f"{nz} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

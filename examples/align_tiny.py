@@ -57,8 +57,11 @@ def sample(model: TinyLM, prompts: torch.Tensor, g: torch.Generator, greedy=Fals
     tokens = prompts[:, None]
     for _ in range(T):
         logits = model(torch.cat([tokens, tokens[:, -1:]], 1))[:, -1]
-        nxt = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1,
-                                                                  generator=g).squeeze(-1)
+        nxt = (
+            logits.argmax(-1)
+            if greedy
+            else torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(-1)
+        )
         tokens = torch.cat([tokens, nxt[:, None]], 1)
     return tokens
 
@@ -83,17 +86,32 @@ def seq_logps(model, tokens):
 
 @torch.no_grad()
 def evaluate(policy, ref, chosen, rejected, beta, g) -> Dict[str, float]:
-    _, cr, rj = divkit.preference_loss(seq_logps(policy, chosen), seq_logps(policy, rejected),
-                                       seq_logps(ref, chosen), seq_logps(ref, rejected),
-                                       beta=beta)
+    _, cr, rj = divkit.preference_loss(
+        seq_logps(policy, chosen),
+        seq_logps(policy, rejected),
+        seq_logps(ref, chosen),
+        seq_logps(ref, rejected),
+        beta=beta,
+    )
     m = divkit.preference_metrics(cr, rj)
     greedy = sample(policy, torch.arange(V), g, greedy=True)
-    return {"accuracy": m["rewards/accuracies"], "margin": m["rewards/margins"],
-            "greedy_reward": reward(greedy[:, 1:]).mean().item()}
+    return {
+        "accuracy": m["rewards/accuracies"],
+        "margin": m["rewards/margins"],
+        "greedy_reward": reward(greedy[:, 1:]).mean().item(),
+    }
 
 
-def train(method: str, steps: int = 300, seed: int = 0, beta: float = 0.1, batch: int = 64,
-          lr: float = 3e-3, eval_every: int = 50, verbose: bool = True) -> List[Dict[str, float]]:
+def train(
+    method: str,
+    steps: int = 300,
+    seed: int = 0,
+    beta: float = 0.1,
+    batch: int = 64,
+    lr: float = 3e-3,
+    eval_every: int = 50,
+    verbose: bool = True,
+) -> List[Dict[str, float]]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     ref = TinyLM()
@@ -109,9 +127,11 @@ def train(method: str, steps: int = 300, seed: int = 0, beta: float = 0.1, batch
             row = {"step": step, **evaluate(policy, ref, test_c, test_r, beta, g)}
             history.append(row)
             if verbose:
-                print(f"{method:6s} step {step:4d}  accuracy {row['accuracy']:.3f}  margin "
-                      f"{row['margin']:+.4f}  greedy reward {row['greedy_reward']:.2f}",
-                      flush=True)
+                print(
+                    f"{method:6s} step {step:4d}  accuracy {row['accuracy']:.3f}  margin "
+                    f"{row['margin']:+.4f}  greedy reward {row['greedy_reward']:.2f}",
+                    flush=True,
+                )
         if step == steps:
             break
         idx = torch.randint(0, train_c.shape[0], (batch,), generator=g)
@@ -119,13 +139,15 @@ def train(method: str, steps: int = 300, seed: int = 0, beta: float = 0.1, batch
         if method == "dpo":
             with torch.no_grad():
                 rc, rr = seq_logps(ref, c), seq_logps(ref, r)
-            losses, _, _ = divkit.preference_loss(seq_logps(policy, c), seq_logps(policy, r),
-                                                  rc, rr, beta=beta)
+            losses, _, _ = divkit.preference_loss(
+                seq_logps(policy, c), seq_logps(policy, r), rc, rr, beta=beta
+            )
         elif method == "tdpo2":
             with torch.no_grad():
                 ref_c, ref_r = ref(c), ref(r)
-            losses, _, _ = divkit.tdpo_loss(policy(c), policy(r), ref_c, ref_r, labels_of(c),
-                                            labels_of(r), beta=beta, alpha=0.5)
+            losses, _, _ = divkit.tdpo_loss(
+                policy(c), policy(r), ref_c, ref_r, labels_of(c), labels_of(r), beta=beta, alpha=0.5
+            )
         else:
             raise ValueError(f"unknown method {method!r} (dpo, tdpo2)")
         opt.zero_grad()
@@ -143,10 +165,12 @@ def main() -> None:
     for method in args.methods.split(","):
         t0 = time.time()
         h = train(method, steps=args.steps, seed=args.seed)
-        print(f"{method}: accuracy {h[0]['accuracy']:.3f} -> {h[-1]['accuracy']:.3f}, margin "
-              f"{h[0]['margin']:+.4f} -> {h[-1]['margin']:+.4f}, greedy reward "
-              f"{h[0]['greedy_reward']:.2f} -> {h[-1]['greedy_reward']:.2f} "
-              f"({time.time() - t0:.1f} s)\n")
+        print(
+            f"{method}: accuracy {h[0]['accuracy']:.3f} -> {h[-1]['accuracy']:.3f}, margin "
+            f"{h[0]['margin']:+.4f} -> {h[-1]['margin']:+.4f}, greedy reward "
+            f"{h[0]['greedy_reward']:.2f} -> {h[-1]['greedy_reward']:.2f} "
+            f"({time.time() - t0:.1f} s)\n"
+        )
 
 
 if __name__ == "__main__":

@@ -21,128 +21,147 @@ import inspect
 import os
 import re
 import sys
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (heading, module, what the section is)
 PY_SECTIONS = [
     ("Token-level divergences", "divkit.functional", "logits [..., V] of a student and a teacher"),
-    ("Fused linear heads", "divkit.fused", "from hidden states and lm_head weights, without the "
-     "[tokens x V] logits"),
+    (
+        "Fused linear heads",
+        "divkit.fused",
+        "from hidden states and lm_head weights, without the [tokens x V] logits",
+    ),
     ("Sparse teachers", "divkit.sparse", "top-k teacher log-probs against full student logits"),
     ("Modules (`divkit.nn`)", "divkit.nn", "torch.nn.Module wrappers"),
-    ("Vocabulary-parallel (`divkit.distributed`)", "divkit.distributed",
-     "the lm_head sharded by vocabulary over a process group"),
-    ("Preference alignment (`divkit.preference`)", "divkit.preference",
-     "DPO family and token-level preference losses"),
+    (
+        "Vocabulary-parallel (`divkit.distributed`)",
+        "divkit.distributed",
+        "the lm_head sharded by vocabulary over a process group",
+    ),
+    (
+        "Preference alignment (`divkit.preference`)",
+        "divkit.preference",
+        "DPO family and token-level preference losses",
+    ),
     ("RLHF utilities (`divkit.rlhf`)", "divkit.rlhf", "KL estimators, rewards, diagnostics"),
     ("Optimal transport (`divkit.ot`)", "divkit.ot", "entropic OT and kernel discrepancies"),
     ("Distillation methods (`divkit.distill`)", "divkit.distill", "methods from the literature"),
 ]
-RUNTIME = ["set_num_threads", "get_num_threads", "available_simd_targets", "force_simd_target",
-           "active_simd_target", "version", "Error", "__version__"]
+RUNTIME = [
+    "set_num_threads",
+    "get_num_threads",
+    "available_simd_targets",
+    "force_simd_target",
+    "active_simd_target",
+    "version",
+    "Error",
+    "__version__",
+]
 
 # One-line descriptions written here for the C++ functions whose comment does not start with
 # one (a shared comment over a group of declarations, a section banner, or none); the header
 # comments keep the full contracts.
 CPP_NOTES = {
     "dtype_size": "Size of one element of `dtype` in bytes.",
-    "divergence_kind_name": "The name of a divergence kind (\"forward_kl\", ...).",
+    "divergence_kind_name": 'The name of a divergence kind ("forward_kl", ...).',
     "parse_divergence_kind": "The kind named `name`; throws Error naming `kind` and listing the "
-                             "valid names.",
-    "reduction_name": "The name of a reduction (\"none\", \"sum\", \"mean\", \"batchmean\").",
+    "valid names.",
+    "reduction_name": 'The name of a reduction ("none", "sum", "mean", "batchmean").',
     "parse_reduction": "The reduction named `name`; throws Error listing the valid names.",
     "fused_linear_divergence": "Knowledge distillation from hidden states: any divergence between "
-                               "softmax(z_teacher / T) and softmax(z_student / T), z = h W^T + b, "
-                               "chunk by chunk, with the optional hard-label term and the "
-                               "gradients of both heads.",
+    "softmax(z_teacher / T) and softmax(z_student / T), z = h W^T + b, "
+    "chunk by chunk, with the optional hard-label term and the "
+    "gradients of both heads.",
     "fused_linear_sparse_divergence": "Distillation from a top-k teacher fused with the student's "
-                                      "head (sparse_divergence on chunks of z = h W^T + b).",
+    "head (sparse_divergence on chunks of z = h W^T + b).",
     "fused_linear_cross_entropy": "Cross-entropy of z = softcap(h W^T + b) against hard labels "
-                                  "(label smoothing, z-loss), chunk by chunk, with gradients and "
-                                  "optional per-token statistics.",
+    "(label smoothing, z-loss), chunk by chunk, with gradients and "
+    "optional per-token statistics.",
     "fused_linear_logprobs": "Selective log-softmax: per-token log p(label) (and optionally "
-                             "entropy, logsumexp, top-k mass) without materializing the logits.",
+    "entropy, logsumexp, top-k mass) without materializing the logits.",
     "fused_linear_logprobs_backward": "The gradients of fused_linear_logprobs' log-probs and "
-                                      "entropy with respect to hidden, weight and bias "
-                                      "(recomputing each chunk).",
+    "entropy with respect to hidden, weight and bias "
+    "(recomputing each chunk).",
     "vocab_parallel_divergence": "divergence() over logits sharded by vocabulary: each rank passes "
-                                 "its columns and a VocabShard (rank, world, all-reduce callback); "
-                                 "every rank gets the unsharded loss and its shard's gradients.",
+    "its columns and a VocabShard (rank, world, all-reduce callback); "
+    "every rank gets the unsharded loss and its shard's gradients.",
     "divergence_shard_stats": "Vocabulary-parallel phase 1: per-row max and log-sum-exp of this "
-                              "rank's shard of both logits.",
+    "rank's shard of both logits.",
     "divergence_shard_sums": "Vocabulary-parallel phase 2: the shard's partial sums of the "
-                             "divergence under the combined normalizers.",
+    "divergence under the combined normalizers.",
     "divergence_shard_grad": "Vocabulary-parallel phase 3: the gradients of the shard's logits "
-                             "from the combined sums.",
+    "from the combined sums.",
     "sinkhorn": "Solves B entropic OT problems (balanced or unbalanced, log-domain Sinkhorn with "
-                "optional eps scaling), writing potentials, costs and optionally plans; returns "
-                "each problem's iterations, marginal error and convergence.",
+    "optional eps scaling), writing potentials, costs and optionally plans; returns "
+    "each problem's iterations, marginal error and convergence.",
     "mmd2": "Squared maximum mean discrepancy between weighted samples (Gaussian or energy "
-            "kernel), float64, with optional gradients.",
+    "kernel), float64, with optional gradients.",
     "cs_divergence": "Cauchy-Schwarz divergence between weighted samples (Gaussian kernel), "
-                     "float64, with optional gradients.",
+    "float64, with optional gradients.",
     "preference_loss_type_name": "The name of a DPO loss type (TRL's `loss_type`).",
     "parse_preference_loss_type": "The DPO loss type named `name`; throws Error naming "
-                                  "`loss_type` and listing the valid names.",
+    "`loss_type` and listing the valid names.",
     "f_divergence_type_name": "The name of an f-DPO divergence (TRL's `f_divergence_type`).",
     "parse_f_divergence_type": "The f-DPO divergence named `name`; throws Error listing the "
-                               "valid names.",
+    "valid names.",
     "preference_loss": "The DPO family (every TRL loss type, weighted combinations, cDPO "
-                       "smoothing, f-DPO, WPO weights): per-pair losses, rewards and the "
-                       "gradients of the four log-prob inputs, in fp64.",
+    "smoothing, f-DPO, WPO weights): per-pair losses, rewards and the "
+    "gradients of the four log-prob inputs, in fp64.",
     "parse_cpo_loss_type": "The CPO loss type named `name` (sigmoid, hinge, ipo, simpo).",
     "cpo_loss": "CPO / SimPO / AlphaPO, reference-free: per-pair losses, rewards and gradients.",
     "odds_ratio_loss": "ORPO's odds-ratio term from average log-probs, with the log-odds and "
-                       "gradients.",
+    "gradients.",
     "kto_loss": "KTO and APO-zero-unpaired on unpaired desirable and undesirable examples, with "
-                "the KL reference point.",
+    "the KL reference point.",
     "parse_kl_estimator": "The KL estimator named `name` (k1, k2, k3, abs, or verl's kl, mse, "
-                          "low_var_kl).",
+    "low_var_kl).",
     "kl_estimator": "Per-token estimate of KL(pi || pi_ref) from sampled tokens' log-probs (k1, "
-                    "k2, k3, abs), with optional clamping and gradients.",
+    "k2, k3, abs), with optional clamping and gradients.",
     "parse_ensemble_method": "The reward-ensemble method named `name` (mean, wco, uwo).",
     "ensemble_rewards": "Combines E reward models per row (mean, worst case, "
-                        "uncertainty-weighted; Coste et al. 2023), with gradients.",
+    "uncertainty-weighted; Coste et al. 2023), with gradients.",
     "calibrate_reward": "InfAlign's calibrated reward: the empirical CDF of the reference "
-                        "policy's rewards at each reward.",
+    "policy's rewards at each reward.",
     "infalign_transform": "InfAlign's transform exp(t u) of a calibrated reward, with its "
-                          "gradient.",
+    "gradient.",
     "best_of_n": "Index (first maximum) and value of the best of N rewards per row.",
     "d2o_loss": "D2O (Duan et al. 2024): K self-generated samples against a human negative, "
-                "with rewards and gradients.",
+    "with rewards and gradients.",
     "hypo_online_kl": "HyPO's online Monte-Carlo KL(pi || pi_ref) from k >= 2 samples per "
-                      "prompt, with its leave-one-out REINFORCE gradient.",
+    "prompt, with its leave-one-out REINFORCE gradient.",
     "superhf_loss": "SuperHF (Mukobi et al. 2023): supervised loss on the top-k completions by "
-                    "reward plus a KL prior, with the kept indices and gradients.",
-    "sparse_tail_name": "The name of a sparse-teacher tail mode (\"renormalize\", \"bucket\").",
+    "reward plus a KL prior, with the kept indices and gradients.",
+    "sparse_tail_name": 'The name of a sparse-teacher tail mode ("renormalize", "bucket").',
     "parse_sparse_tail": "The tail mode named `name`; throws Error naming `tail`.",
     "sparse_divergence": "Divergence between a top-k teacher (indices and log-probs per token) "
-                         "and the student's full logits, the tail renormalized or kept as one "
-                         "bucket; loss and student gradient.",
+    "and the student's full logits, the tail renormalized or kept as one "
+    "bucket; loss and student gradient.",
     "topk_divergence": "Divergence restricted to the teacher's k largest logits per row, both "
-                       "distributions renormalized (OstQuant's KL-Top).",
+    "distributions renormalized (OstQuant's KL-Top).",
     "set_num_threads": "Sets the threads of the CPU kernels (results do not depend on it); "
-                       "n < 1 throws Error.",
+    "n < 1 throws Error.",
     "get_num_threads": "The threads the CPU kernels use.",
-    "available_simd_targets": "The SIMD targets compiled in and supported by this CPU, best "
-                              "first.",
-    "force_simd_target": "Restricts dispatch to one SIMD target (\"\" restores the automatic "
-                         "choice).",
+    "available_simd_targets": "The SIMD targets compiled in and supported by this CPU, best first.",
+    "force_simd_target": 'Restricts dispatch to one SIMD target ("" restores the automatic '
+    "choice).",
     "active_simd_target": "The SIMD target the kernels dispatch to now.",
     "version": "divkit's version string.",
     "nkd_rows": "Per-row terms and student gradient of NKD, normalized knowledge distillation "
-                "(Yang et al., ICCV 2023).",
+    "(Yang et al., ICCV 2023).",
     "ofa_rows": "Per-row loss and student gradient of OFA-KD's adaptive target enhancement "
-                "(Hao et al., NeurIPS 2023).",
+    "(Hao et al., NeurIPS 2023).",
     "selective_contrast": "One USCD selective contrastive decoding step: contrasted logits where "
-                          "the standard prediction is uncertain (Wang et al. 2024).",
+    "the standard prediction is uncertain (Wang et al. 2024).",
 }
 
 # Namespace-level function declarations of the public headers (they are not indented).
-_DECL = re.compile(r"^(?!#|namespace|struct|enum|class|using|typedef|template|\}|return)"
-                   r"([A-Za-z_][\w:<>,\s\*&]*?)\b([A-Za-z_]\w*)\s*\(", re.M)
+_DECL = re.compile(
+    r"^(?!#|namespace|struct|enum|class|using|typedef|template|\}|return)"
+    r"([A-Za-z_][\w:<>,\s\*&]*?)\b([A-Za-z_]\w*)\s*\(",
+    re.M,
+)
 _TYPE = re.compile(r"^(?:struct|class|enum class|enum)\s+(\w+)", re.M)
 
 
@@ -150,8 +169,10 @@ def first_sentence(text: str, limit: int = 220) -> str:
     """The first sentence of the first paragraph, with Sphinx roles turned into code spans."""
     text = re.sub(r":(?:func|class|mod|meth|attr|data):`~?([^`]+)`", r"`\1`", text or "")
     para = " ".join(text.strip().split("\n\n")[0].split())
-    m = re.search(r"(?<![A-Za-z]\.[A-Za-z])(?<!e\.g)(?<!i\.e)(?<!et al)(?<!eq)(?<!eqs)(?<!vs)\.(?=\s|$)", para)
-    s = para[:m.end()] if m else para
+    m = re.search(
+        r"(?<![A-Za-z]\.[A-Za-z])(?<!e\.g)(?<!i\.e)(?<!et al)(?<!eq)(?<!eqs)(?<!vs)\.(?=\s|$)", para
+    )
+    s = para[: m.end()] if m else para
     if s.endswith(":"):  # the docstring goes on with a formula
         s = s[:-1] + "."
     if len(s) > limit:  # a long first sentence: cut at a clause boundary
@@ -165,7 +186,7 @@ def _signature(obj) -> str:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
-    sig = re.sub(r"<([\w.]+) '([\w.]+)'>", r"\2", sig)   # <class 'torch.dtype'> -> torch.dtype
+    sig = re.sub(r"<([\w.]+) '([\w.]+)'>", r"\2", sig)  # <class 'torch.dtype'> -> torch.dtype
     # annotations are strings under "from __future__ import annotations": unquote them
     return re.sub(r"(: |-> )'([^']*)'", r"\1\2", sig)
 
@@ -173,7 +194,7 @@ def _signature(obj) -> str:
 # Python names whose docstring is inherited or missing.
 PY_NOTES = {
     "Error": "divkit's error type, raised on bad input with a message naming the argument "
-             "(the C++ core's divkit::Error).",
+    "(the C++ core's divkit::Error).",
 }
 
 
@@ -200,11 +221,15 @@ def python_part() -> List[str]:
     import divkit
 
     top = set(divkit.__all__)
-    out = ["## Python", "",
-           "`import divkit`. Names also exported at the top level are written `divkit.name`; the "
-           "others live in their module (`divkit.ot.sinkhorn`). Conventions (directions, "
-           "reductions, temperature, ignore_index, dtypes) are in the "
-           "[guide](guide.md#8-conventions).", ""]
+    out = [
+        "## Python",
+        "",
+        "`import divkit`. Names also exported at the top level are written `divkit.name`; the "
+        "others live in their module (`divkit.ot.sinkhorn`). Conventions (directions, "
+        "reductions, temperature, ignore_index, dtypes) are in the "
+        "[guide](guide.md#8-conventions).",
+        "",
+    ]
     seen = set()
     for heading, modname, what in PY_SECTIONS:
         mod = importlib.import_module(modname)
@@ -216,8 +241,9 @@ def python_part() -> List[str]:
             if exported:
                 seen.add(name)
             entry = py_entry(qual, obj)
-            if exported and not modname.startswith(("divkit.functional", "divkit.fused",
-                                                    "divkit.sparse")):
+            if exported and not modname.startswith(
+                ("divkit.functional", "divkit.fused", "divkit.sparse")
+            ):
                 entry += f" (also `{modname}.{name}`)"
             out.append(entry)
         out.append("")
@@ -241,11 +267,15 @@ def cli_part() -> List[str]:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {a.dest: a.help for a in sub._choices_actions}
-    out = ["## The `divkit` command", "",
-           "Installed with the package (also `python -m divkit`); `divkit COMMAND --help` lists "
-           "each command's options.", ""]
+    out = [
+        "## The `divkit` command",
+        "",
+        "Installed with the package (also `python -m divkit`); `divkit COMMAND --help` lists "
+        "each command's options.",
+        "",
+    ]
     for name, p in sub.choices.items():
-        usage = " ".join(p.format_usage().split())[len("usage: "):]
+        usage = " ".join(p.format_usage().split())[len("usage: ") :]
         out.append(f"- `{usage}`: {helps.get(name) or ''}")
     return out + [""]
 
@@ -269,8 +299,8 @@ def cpp_functions(path: str) -> List[Tuple[str, str, str]]:
             if depth == 0:
                 break
             i += 1
-        tail = re.match(r"[^;{]*", code[i + 1:]).group(0)  # e.g. " const", " noexcept"
-        decl = " ".join((code[m.start():i + 1] + tail).split()) + ";"
+        tail = re.match(r"[^;{]*", code[i + 1 :]).group(0)  # e.g. " const", " noexcept"
+        decl = " ".join((code[m.start() : i + 1] + tail).split()) + ";"
         line = code.count("\n", 0, m.start())
         # the comment block above (declarations grouped under one comment share it)
         i, comment = line - 1, []
@@ -288,11 +318,15 @@ def cpp_functions(path: str) -> List[Tuple[str, str, str]]:
 
 
 def cpp_part() -> List[str]:
-    out = ["## C++", "",
-           "Namespace `divkit`; `#include <divkit/divkit.h>` or the family's header; link "
-           "`divkit::divkit` (`find_package(divkit)`). Bad input throws `divkit::Error` (a "
-           "`std::invalid_argument`) naming the argument on bad input; outputs are caller-"
-           "allocated `TensorView`s. The full contracts are the comments in each header.", ""]
+    out = [
+        "## C++",
+        "",
+        "Namespace `divkit`; `#include <divkit/divkit.h>` or the family's header; link "
+        "`divkit::divkit` (`find_package(divkit)`). Bad input throws `divkit::Error` (a "
+        "`std::invalid_argument`) naming the argument on bad input; outputs are caller-"
+        "allocated `TensorView`s. The full contracts are the comments in each header.",
+        "",
+    ]
     for path in sorted(glob.glob(os.path.join(ROOT, "include", "divkit", "*.h"))):
         rel = os.path.relpath(path, ROOT)
         funcs = cpp_functions(path)
@@ -309,16 +343,20 @@ def cpp_part() -> List[str]:
 
 
 def generate() -> str:
-    head = ["# divkit API reference", "",
-            "Generated by `scripts/gen_api.py` from the package's docstrings and signatures and "
-            "from the public headers (do not edit by hand: run "
-            "`.venv/bin/python scripts/gen_api.py`). Each entry gives the signature and the "
-            "first sentence of its documentation; the docstrings and header comments hold the "
-            "formulas, directions, dtypes and papers. `tests/python/test_api_doc.py` checks "
-            "that every name of `divkit.__all__` and every function declared in "
-            "`include/divkit/*.h` is here.", "",
-            "Contents: [Python](#python) · [the divkit command](#the-divkit-command) · "
-            "[C++](#c)", ""]
+    head = [
+        "# divkit API reference",
+        "",
+        "Generated by `scripts/gen_api.py` from the package's docstrings and signatures and "
+        "from the public headers (do not edit by hand: run "
+        "`.venv/bin/python scripts/gen_api.py`). Each entry gives the signature and the "
+        "first sentence of its documentation; the docstrings and header comments hold the "
+        "formulas, directions, dtypes and papers. `tests/python/test_api_doc.py` checks "
+        "that every name of `divkit.__all__` and every function declared in "
+        "`include/divkit/*.h` is here.",
+        "",
+        "Contents: [Python](#python) · [the divkit command](#the-divkit-command) · [C++](#c)",
+        "",
+    ]
     return "\n".join(head + python_part() + cli_part() + cpp_part()).rstrip() + "\n"
 
 
@@ -331,8 +369,10 @@ def main() -> int:
     if args.check:
         current = open(args.out).read() if os.path.exists(args.out) else ""
         if current != text:
-            print(f"{args.out} is out of date: run .venv/bin/python scripts/gen_api.py",
-                  file=sys.stderr)
+            print(
+                f"{args.out} is out of date: run .venv/bin/python scripts/gen_api.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     with open(args.out, "w") as f:

@@ -86,8 +86,8 @@ Reduction parse_reduction(std::string_view name);
 // What to compute: the kind and its parameters.
 struct DivergenceSpec {
   DivergenceKind kind = DivergenceKind::forward_kl;
-  float beta = 0.5f;    // jsd
-  float alpha = 0.1f;   // skew_*_kl, alpha_divergence, renyi
+  float beta = 0.5f;   // jsd
+  float alpha = 0.1f;  // skew_*_kl, alpha_divergence, renyi
   float temperature = 1.0f;
   bool scale_by_t_squared = false;
 };
@@ -96,7 +96,7 @@ struct DivergenceSpec {
 void validate_spec(const DivergenceSpec& spec);
 
 struct DivergenceOptions {
-  TensorView labels;   // optional, int32 or int64 [N]; only compared with ignore_index
+  TensorView labels;  // optional, int32 or int64 [N]; only compared with ignore_index
   int64_t ignore_index = -100;
   TensorView weights;  // optional, fp32 or fp64 [N]
   Reduction reduction = Reduction::mean;

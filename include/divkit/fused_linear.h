@@ -15,10 +15,10 @@
 //
 // Numerics: hidden states and weights may be fp32, bf16, fp16 or fp64; they are converted to
 // fp32 (exactly, for bf16 and fp16) and multiplied and accumulated in fp32 (CBLAS sgemm): logits
-// are never rounded to a low-precision dtype. Loss and row statistics as in divergence.h (fp32 arithmetic, fp64
-// row sums). The GEMMs come from OpenBLAS, cut into pieces whose shapes depend on V and H only,
-// each a single-threaded call, and the vocabulary is summed in a fixed order: results are
-// bitwise the same for any thread count (set_num_threads) and any weight dtype given the same
+// are never rounded to a low-precision dtype. Loss and row statistics as in divergence.h (fp32
+// arithmetic, fp64 row sums). The GEMMs come from OpenBLAS, cut into pieces whose shapes depend on
+// V and H only, each a single-threaded call, and the vocabulary is summed in a fixed order: results
+// are bitwise the same for any thread count (set_num_threads) and any weight dtype given the same
 // widened values.
 //
 // Conventions: labels [N] int32/int64 with ignore_index (default -100) marking ignored tokens;

@@ -118,9 +118,9 @@ struct SinkhornStats {
 
 // Solves B problems; throws divkit::Error naming the argument for bad input: eps <= 0 or not
 // finite, p not in {1, 2}, tol < 0, max_iter < 1, check_every < 1, eps_scaling outside
-// {0} U (0, 1), rho <= 0, cost_cache_bytes < 0, symmetric with y != x or b != a, shape or dtype mismatches, non-finite points or costs, negative or
-// non-finite weights, a zero total weight, and (balanced) unequal masses |sum a - sum b| >
-// 1e-6 max(sum a, sum b).
+// {0} U (0, 1), rho <= 0, cost_cache_bytes < 0, symmetric with y != x or b != a, shape or dtype
+// mismatches, non-finite points or costs, negative or non-finite weights, a zero total weight, and
+// (balanced) unequal masses |sum a - sum b| > 1e-6 max(sum a, sum b).
 std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOptions& opt,
                                     const SinkhornOutputs& out);
 
@@ -165,9 +165,9 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
 // costs or weights, negative weights, a zero total weight, and |sum a - sum b| > 1e-6 max(sum a,
 // sum b).
 struct SparseOtOptions {
-  double gamma = 0.0;     // > 0, in cost units (the plan scales as 1 / gamma)
-  int64_t k = 0;          // 0: no sparsity constraint; else at most k non-zeros per column
-  double tol = 1e-6;      // >= 0, on ||P 1 - a||_1
+  double gamma = 0.0;      // > 0, in cost units (the plan scales as 1 / gamma)
+  int64_t k = 0;           // 0: no sparsity constraint; else at most k non-zeros per column
+  double tol = 1e-6;       // >= 0, on ||P 1 - a||_1
   int64_t max_iter = 500;  // >= 1, L-BFGS iterations
 };
 
@@ -200,8 +200,7 @@ SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorV
 // value.
 enum class SampleKernel : int32_t { gaussian = 0, energy = 1 };
 double mmd2(const TensorView& x, const TensorView& y, const TensorView& a, const TensorView& b,
-            SampleKernel kernel, double sigma, const TensorView& grad_x,
-            const TensorView& grad_y);
+            SampleKernel kernel, double sigma, const TensorView& grad_x, const TensorView& grad_y);
 double cs_divergence(const TensorView& x, const TensorView& y, const TensorView& a,
                      const TensorView& b, double sigma, const TensorView& grad_x,
                      const TensorView& grad_y);

@@ -93,11 +93,11 @@ struct PreferenceTerm {
 
 struct PreferenceSpec {
   std::vector<PreferenceTerm> terms{PreferenceTerm{}};
-  double beta = 0.1;                 // > 0
-  double label_smoothing = 0.0;      // in [0, 0.5]; robust: < 0.5; exo_pair: in (0, 1)
+  double beta = 0.1;             // > 0
+  double label_smoothing = 0.0;  // in [0, 0.5]; robust: < 0.5; exo_pair: in (0, 1)
   FDivergenceType f_divergence_type = FDivergenceType::reverse_kl;
   double f_alpha_divergence_coef = 0.5;
-  double discopop_tau = 0.05;        // > 0
+  double discopop_tau = 0.05;  // > 0
 };
 
 // Throws Error naming the parameter that is out of range.

@@ -93,9 +93,8 @@ void hypo_online_kl(const TensorView& policy_sample_logps, const TensorView& ref
 // [B, top_k] int64; grads of logps and kl [B, N] (zero outside the kept ones), scaled by
 // grad_out[0] when given.
 void superhf_loss(const TensorView& logps, const TensorView& rewards, const TensorView& kl,
-                  const TensorView& lengths, double kl_coef, int64_t top_k,
-                  const TensorView& loss, const TensorView& indices,
-                  const TensorView& grad_out = {}, const TensorView& grad_logps = {},
-                  const TensorView& grad_kl = {});
+                  const TensorView& lengths, double kl_coef, int64_t top_k, const TensorView& loss,
+                  const TensorView& indices, const TensorView& grad_out = {},
+                  const TensorView& grad_logps = {}, const TensorView& grad_kl = {});
 
 }  // namespace divkit

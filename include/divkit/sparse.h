@@ -26,9 +26,9 @@
 //    Temperature: T divides the student logits only. The teacher log-probabilities are taken
 //    as given: a server reports them for the distribution it computed (its temperature, or the
 //    raw one: vLLM's `logprobs_mode` chooses raw or processed values), and the tail mass
-//    1 - sum p_b is only meaningful for that distribution. To temper the teacher with tail = renormalize, pass
-//    logprobs / T_teacher: renormalization makes that exactly softmax(t / T_teacher) over the
-//    k entries.
+//    1 - sum p_b is only meaningful for that distribution. To temper the teacher with tail =
+//    renormalize, pass logprobs / T_teacher: renormalization makes that exactly softmax(t /
+//    T_teacher) over the k entries.
 //
 // 2. topk_divergence: truncation of full teacher logits t [N, V] (OstQuant's KL-Top, Hu et al.
 //    2025): per row, the k indices of the teacher's largest logits; p = softmax(t / T) and

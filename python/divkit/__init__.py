@@ -10,23 +10,57 @@ autograd wrappers::
 See :func:`divkit.divergence` for the formulas and conventions.
 """
 
-from . import _C
+from . import _C, distill, distributed, nn, ot, preference, rlhf
 from . import _validate as _check
-from . import distributed, nn, ot
+from .distill import (
+    ALDRKLLoss,
+    DACKLBounds,
+    DACKLLoss,
+    USCDLogitsProcessor,
+    aldr_kl_loss,
+    bdkd_loss,
+    comp_sum_loss,
+    dac_kl_loss,
+    ddk_domain_weights,
+    ldr_kl_loss,
+    mdcs_consistency_loss,
+    miniplm_difference_sampling,
+    nd_loss,
+    nkd_loss,
+    ofa_loss,
+    swing_loss,
+    uscd_logits,
+    uskd_loss,
+    weight_aligning,
+)
 from .functional import KINDS, REDUCTIONS, divergence, divergence_and_grad
-from .fused import (LogprobsResult, fused_linear_cross_entropy, fused_linear_divergence,
-                    fused_linear_logprobs, fused_linear_sparse_divergence)
-from . import preference, rlhf
-from .preference import (LOSS_TYPES, cpo_loss, d2o_loss, dpo_loss, hypo_loss, kto_loss,
-                         odds_ratio_loss, orpo_loss, preference_loss, preference_metrics,
-                         simpo_loss, sparsepo_loss, superhf_loss, tdpo_loss, wpo_weights)
-from .preference import sparsepo_loss_fused, tdpo_loss_fused
+from .fused import (
+    LogprobsResult,
+    fused_linear_cross_entropy,
+    fused_linear_divergence,
+    fused_linear_logprobs,
+    fused_linear_sparse_divergence,
+)
+from .preference import (
+    LOSS_TYPES,
+    cpo_loss,
+    d2o_loss,
+    dpo_loss,
+    hypo_loss,
+    kto_loss,
+    odds_ratio_loss,
+    orpo_loss,
+    preference_loss,
+    preference_metrics,
+    simpo_loss,
+    sparsepo_loss,
+    sparsepo_loss_fused,
+    superhf_loss,
+    tdpo_loss,
+    tdpo_loss_fused,
+    wpo_weights,
+)
 from .sparse import TAILS, sparse_divergence, topk_divergence
-from . import distill
-from .distill import (ALDRKLLoss, DACKLBounds, DACKLLoss, USCDLogitsProcessor, aldr_kl_loss,
-                      bdkd_loss, comp_sum_loss, dac_kl_loss, ddk_domain_weights, ldr_kl_loss,
-                      mdcs_consistency_loss, miniplm_difference_sampling, nd_loss, nkd_loss,
-                      ofa_loss, swing_loss, uscd_logits, uskd_loss, weight_aligning)
 
 __all__ = [
     "divergence",

@@ -20,8 +20,13 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Scaling", "GradsInForward", "grads_in_forward", "RecomputeInBackward",
-           "recompute_in_backward"]
+__all__ = [
+    "Scaling",
+    "GradsInForward",
+    "grads_in_forward",
+    "RecomputeInBackward",
+    "recompute_in_backward",
+]
 
 
 class Scaling(NamedTuple):
@@ -71,8 +76,10 @@ class GradsInForward(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         sc: Scaling = ctx.scaling
         if ctx.grads is None:
-            raise RuntimeError(f"{sc.fn}: backward was already run through this graph; the "
-                               f"gradients are computed once, in forward (recompute the loss)")
+            raise RuntimeError(
+                f"{sc.fn}: backward was already run through this graph; the "
+                f"gradients are computed once, in forward (recompute the loss)"
+            )
         grads = ctx.grads
         if not sc.keep:
             ctx.grads = None
@@ -85,8 +92,9 @@ class GradsInForward(torch.autograd.Function):
             if g is None:
                 out.append(None)
             elif sc.fp64:
-                out.append(g.to(grad_out.dtype) if is_one else
-                           (g * _broadcast(go64, g)).to(grad_out.dtype))
+                out.append(
+                    g.to(grad_out.dtype) if is_one else (g * _broadcast(go64, g)).to(grad_out.dtype)
+                )
             elif is_one:
                 out.append(g)
             elif i == sc.inplace:
@@ -97,7 +105,8 @@ class GradsInForward(torch.autograd.Function):
                         f"{sc.fn}(inplace_grad=True): the gradient, kept in the student logits' "
                         f"storage, was already scaled by a previous backward; with "
                         f"inplace_grad=True and an upstream gradient other than 1, call backward "
-                        f"once")
+                        f"once"
+                    )
                 ctx.consumed = True
                 out.append(g.mul_(_broadcast(grad_out, g)))
             elif not sc.keep:
@@ -108,8 +117,7 @@ class GradsInForward(torch.autograd.Function):
         return (None, None, *out)
 
 
-def grads_in_forward(run: Callable, inputs: Sequence[torch.Tensor],
-                     scaling: Scaling = Scaling()):
+def grads_in_forward(run: Callable, inputs: Sequence[torch.Tensor], scaling: Scaling = Scaling()):
     """Applies :class:`GradsInForward` (see there for ``run``)."""
     return GradsInForward.apply(run, scaling, *inputs)
 
@@ -140,13 +148,14 @@ class RecomputeInBackward(torch.autograd.Function):
         if not any(need):
             return (None, None) + (None,) * len(need)
         inputs = tuple(x.detach() for x in ctx.saved_tensors)
-        go = grad_outs[0] if ctx.n_diff == 1 else grad_outs[:ctx.n_diff]
+        go = grad_outs[0] if ctx.n_diff == 1 else grad_outs[: ctx.n_diff]
         _, grads = ctx.run(inputs, go, need)
         return (None, None, *grads)
 
 
-def recompute_in_backward(run: Callable, inputs: Sequence[torch.Tensor], n_diff: int = 1
-                          ) -> Tuple[torch.Tensor, ...]:
+def recompute_in_backward(
+    run: Callable, inputs: Sequence[torch.Tensor], n_diff: int = 1
+) -> Tuple[torch.Tensor, ...]:
     """The outputs of ``run`` (see :class:`RecomputeInBackward`), through autograd when an input
     requires grad, else by one direct call."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):

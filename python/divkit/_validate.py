@@ -29,8 +29,12 @@ class ArgTypeError(Error, TypeError):
 
 
 #: The logits dtypes the kernels read.
-FLOAT_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16,
-                                         torch.float64)
+FLOAT_DTYPES: Tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+)
 #: reduction names, in the core's order.
 REDUCTIONS: Tuple[str, ...] = tuple(_C.reductions())
 
@@ -164,9 +168,18 @@ def grad_dtype(fn: str, x: Any) -> Optional[torch.dtype]:
 # ---------------------------------------------------------------------------------------------
 
 
-def tensor(fn: str, name: str, x: Any, *, dtypes: Optional[Sequence[torch.dtype]] = FLOAT_DTYPES,
-           ndim: Optional[Sequence[int]] = None, min_ndim: int = 0, optional: bool = False,
-           cpu: bool = True, dense: bool = False) -> Optional[torch.Tensor]:
+def tensor(
+    fn: str,
+    name: str,
+    x: Any,
+    *,
+    dtypes: Optional[Sequence[torch.dtype]] = FLOAT_DTYPES,
+    ndim: Optional[Sequence[int]] = None,
+    min_ndim: int = 0,
+    optional: bool = False,
+    cpu: bool = True,
+    dense: bool = False,
+) -> Optional[torch.Tensor]:
     """A torch.Tensor: required unless ``optional`` (None passes through), on the CPU when
     ``cpu``, of one of ``dtypes`` (None: any), with a number of dimensions in ``ndim`` (or at
     least ``min_ndim``), strided when ``dense``."""
@@ -177,16 +190,21 @@ def tensor(fn: str, name: str, x: Any, *, dtypes: Optional[Sequence[torch.dtype]
     if not isinstance(x, torch.Tensor):
         fail_type(fn, f"{name} must be a torch.Tensor, got {type_name(x)}")
     if cpu and x.device.type != "cpu":
-        fail(fn, f"{name} is on device {x.device}; divkit's kernels run on the CPU (move it "
-                 f"with .cpu())")
+        fail(
+            fn,
+            f"{name} is on device {x.device}; divkit's kernels run on the CPU (move it "
+            f"with .cpu())",
+        )
     if dtypes is not None and x.dtype not in dtypes:
         fail_type(fn, f"{name} has dtype {x.dtype}; expected {_dtype_list(dtypes)}")
     if ndim is not None and x.dim() not in ndim:
-        fail(fn, f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape "
-                 f"{tuple(x.shape)}")
+        fail(
+            fn,
+            f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape "
+            f"{tuple(x.shape)}",
+        )
     if x.dim() < min_ndim:
-        fail(fn, f"{name} must have at least {min_ndim} dimension(s), got shape "
-                 f"{tuple(x.shape)}")
+        fail(fn, f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
     if dense and (x.is_sparse or x.layout != torch.strided):
         fail(fn, f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     return x
@@ -195,8 +213,11 @@ def tensor(fn: str, name: str, x: Any, *, dtypes: Optional[Sequence[torch.dtype]
 def logits(fn: str, name: str, x: Any) -> torch.Tensor:
     """Logits ``[..., V]``: a dense CPU tensor of a :data:`FLOAT_DTYPES` dtype, at least 1-D."""
     if not isinstance(x, torch.Tensor):
-        fail_type(fn, f"{name} must be a torch.Tensor (or, with numpy inputs, a numpy.ndarray), "
-                      f"got {type_name(x)}")
+        fail_type(
+            fn,
+            f"{name} must be a torch.Tensor (or, with numpy inputs, a numpy.ndarray), "
+            f"got {type_name(x)}",
+        )
     tensor(fn, name, x)
     if x.dim() < 1:
         fail(fn, f"{name} must have at least one dimension [..., V], got a 0-d tensor")
@@ -208,8 +229,11 @@ def logits(fn: str, name: str, x: Any) -> torch.Tensor:
 def same_shape(fn: str, name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
     """x has ref's shape."""
     if tuple(x.shape) != tuple(ref.shape):
-        fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} (the shape of "
-                 f"{ref_name})")
+        fail(
+            fn,
+            f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} (the shape of "
+            f"{ref_name})",
+        )
 
 
 def floating(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +250,9 @@ def integral(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def per_token(fn: str, name: str, x: Any, lead_shape: Sequence[int], *,
-              lead: str = _LOGITS_SHAPE) -> torch.Tensor:
+def per_token(
+    fn: str, name: str, x: Any, lead_shape: Sequence[int], *, lead: str = _LOGITS_SHAPE
+) -> torch.Tensor:
     """A CPU tensor of shape ``lead_shape`` (one value per token; ``lead`` says what that shape
     is in the message)."""
     if not isinstance(x, torch.Tensor):
@@ -238,8 +263,9 @@ def per_token(fn: str, name: str, x: Any, lead_shape: Sequence[int], *,
     return x
 
 
-def labels(fn: str, x: Any, lead_shape: Sequence[int], *, required: bool = False,
-           lead: str = _LOGITS_SHAPE) -> Optional[torch.Tensor]:
+def labels(
+    fn: str, x: Any, lead_shape: Sequence[int], *, required: bool = False, lead: str = _LOGITS_SHAPE
+) -> Optional[torch.Tensor]:
     """Token labels of shape ``lead_shape``, returned detached, flattened, int32 or int64 (other
     integer dtypes become int64); None passes unless ``required``."""
     if x is None:
@@ -253,16 +279,20 @@ def labels(fn: str, x: Any, lead_shape: Sequence[int], *, required: bool = False
     return x.reshape(-1)
 
 
-def weights(fn: str, x: Any, lead_shape: Sequence[int], *, autograd: bool = True
-            ) -> Optional[torch.Tensor]:
+def weights(
+    fn: str, x: Any, lead_shape: Sequence[int], *, autograd: bool = True
+) -> Optional[torch.Tensor]:
     """Token weights of shape ``lead_shape`` (no gradient flows to them), returned detached,
     flattened, float32 or float64."""
     if x is None:
         return None
     x = floating(fn, "weights", per_token(fn, "weights", x, lead_shape))
     if autograd and x.requires_grad and torch.is_grad_enabled():
-        fail(fn, "weights requires grad, but divkit does not compute gradients with respect to "
-                 "weights; pass weights.detach()")
+        fail(
+            fn,
+            "weights requires grad, but divkit does not compute gradients with respect to "
+            "weights; pass weights.detach()",
+        )
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)
@@ -276,8 +306,9 @@ def no_grad(fn: str, name: str, x: torch.Tensor, why: str) -> torch.Tensor:
     return x
 
 
-def vector(fn: str, name: str, x: Any, n: Optional[int] = None, *,
-           allow_empty: bool = False) -> torch.Tensor:
+def vector(
+    fn: str, name: str, x: Any, n: Optional[int] = None, *, allow_empty: bool = False
+) -> torch.Tensor:
     """A floating 1-D tensor ``[B]`` (any device), with n entries when n is given."""
     if not isinstance(x, torch.Tensor):
         fail_type(fn, f"{name} must be a torch.Tensor, got {type_name(x)}")
@@ -285,8 +316,11 @@ def vector(fn: str, name: str, x: Any, n: Optional[int] = None, *,
         fail(fn, f"{name} must be 1-D [B], got shape {tuple(x.shape)}")
     floating(fn, name, x)
     if n is not None and x.shape[0] != n:
-        fail(fn, f"{name} has {x.shape[0]} entries, expected {n} (the batch size of the first "
-                 f"argument); batch sizes disagree")
+        fail(
+            fn,
+            f"{name} has {x.shape[0]} entries, expected {n} (the batch size of the first "
+            f"argument); batch sizes disagree",
+        )
     if x.shape[0] == 0 and not allow_empty:
         fail(fn, f"{name} is empty: the batch needs at least one pair")
     return x
@@ -318,31 +352,54 @@ def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
     return x.contiguous()
 
 
-def lm_head(fn: str, hidden: Any, weight: Any, ref_logits: Any, ref_hidden: Any, ref_weight: Any,
-            labels: Any) -> None:
+def lm_head(
+    fn: str,
+    hidden: Any,
+    weight: Any,
+    ref_logits: Any,
+    ref_hidden: Any,
+    ref_weight: Any,
+    labels: Any,
+) -> None:
     """Shapes of a fused policy head (``hidden [..., H]``, ``weight [V, H]``) and of its reference,
     given either as ``ref_logits [..., V]`` or as ``ref_hidden [..., H_ref]`` + ``ref_weight
     [V, H_ref]``; ``labels`` (optional) ``[...]``."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
         fail(fn, "policy hidden states must be a tensor [..., H]")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
-            weight.shape[1] != hidden.shape[-1]:
-        fail(fn, f"lm_head_weight must be [V, H] with H = {hidden.shape[-1]} (the hidden size), "
-                 f"got {tuple(getattr(weight, 'shape', ()))}")
+    if (
+        not isinstance(weight, torch.Tensor)
+        or weight.dim() != 2
+        or weight.shape[1] != hidden.shape[-1]
+    ):
+        fail(
+            fn,
+            f"lm_head_weight must be [V, H] with H = {hidden.shape[-1]} (the hidden size), "
+            f"got {tuple(getattr(weight, 'shape', ()))}",
+        )
     lead = tuple(hidden.shape[:-1])
     if (ref_logits is None) == (ref_hidden is None):
         fail(fn, "give either ref_logits or ref_hidden (with ref_weight)")
     if ref_logits is not None:
-        if not isinstance(ref_logits, torch.Tensor) or \
-                tuple(ref_logits.shape) != lead + (weight.shape[0],):
-            fail(fn, f"ref_logits must have shape {lead + (weight.shape[0],)}, got "
-                     f"{tuple(getattr(ref_logits, 'shape', ()))}")
+        if not isinstance(ref_logits, torch.Tensor) or tuple(ref_logits.shape) != lead + (
+            weight.shape[0],
+        ):
+            fail(
+                fn,
+                f"ref_logits must have shape {lead + (weight.shape[0],)}, got "
+                f"{tuple(getattr(ref_logits, 'shape', ()))}",
+            )
     else:
         if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape[:-1]) != lead:
-            fail(fn, f"ref_hidden must have shape {lead} + [H_ref], got "
-                     f"{tuple(getattr(ref_hidden, 'shape', ()))}")
-        if not isinstance(ref_weight, torch.Tensor) or ref_weight.dim() != 2 or \
-                ref_weight.shape[1] != ref_hidden.shape[-1]:
+            fail(
+                fn,
+                f"ref_hidden must have shape {lead} + [H_ref], got "
+                f"{tuple(getattr(ref_hidden, 'shape', ()))}",
+            )
+        if (
+            not isinstance(ref_weight, torch.Tensor)
+            or ref_weight.dim() != 2
+            or ref_weight.shape[1] != ref_hidden.shape[-1]
+        ):
             fail(fn, f"ref_weight must be [V, H_ref] with H_ref = {ref_hidden.shape[-1]}")
     if labels is not None and tuple(labels.shape) != lead:
         fail(fn, f"labels must have shape {lead}, got {tuple(labels.shape)}")

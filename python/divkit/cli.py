@@ -29,8 +29,10 @@ def _info(args: argparse.Namespace) -> int:
     else:
         print(f"divkit {info['version']}")
         print(f"threads: {info['threads']}")
-        print(f"simd targets: {', '.join(info['simd_targets'])} "
-              f"(active: {info['active_simd_target']})")
+        print(
+            f"simd targets: {', '.join(info['simd_targets'])} "
+            f"(active: {info['active_simd_target']})"
+        )
         print(f"divergence kinds: {', '.join(info['kinds'])}")
         print(f"torch: {info['torch']}")
     return 0
@@ -44,20 +46,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="divkit", description="divkit: divergence-based training objectives for LLMs")
+        prog="divkit", description="divkit: divergence-based training objectives for LLMs"
+    )
     sub = parser.add_subparsers(dest="command", metavar="command")
     p_info = sub.add_parser("info", help="print the version, thread count and SIMD targets")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_info)
     from .tools.demo import add_arguments as demo_arguments
 
-    p_demo = sub.add_parser("demo", help="the main job: distil a small LM through the fused "
-                            "linear head, align it (DPO, f-DPO, TDPO2), write a report")
+    p_demo = sub.add_parser(
+        "demo",
+        help="the main job: distil a small LM through the fused "
+        "linear head, align it (DPO, f-DPO, TDPO2), write a report",
+    )
     demo_arguments(p_demo)
     p_demo.set_defaults(func=_demo)
     from .tools.compare import add_parser as _add_compare
+
     _add_compare(sub)
     from .tools.bench import add_parser as _add_bench
+
     _add_bench(sub)
     return parser
 

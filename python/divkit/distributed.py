@@ -24,8 +24,16 @@ import torch.distributed as dist
 
 from . import _C
 from . import _validate as check
-from .fused import (_CEConfig, _DistillConfig, _cross_entropy_apply, _divergence_apply,
-                    _head_loss, _logprobs_apply, _options, _token_weights)
+from .fused import (
+    _CEConfig,
+    _cross_entropy_apply,
+    _DistillConfig,
+    _divergence_apply,
+    _head_loss,
+    _logprobs_apply,
+    _options,
+    _token_weights,
+)
 
 __all__ = ["vocab_parallel_divergence", "shard_offsets"]
 
@@ -49,19 +57,34 @@ def _vp_call(s, t, labels, weights, fields: dict, group, need, reduction: str):
     loss = torch.empty(s.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     gs = torch.empty(s.shape, dtype=torch.float32) if need[0] else None
     gt = torch.empty(t.shape, dtype=torch.float32) if need[1] else None
-    opts = _options(group, **dict(fields, reduction=reduction,
-                                  num_items_in_batch=0.0 if reduction == "none"
-                                  else fields["num_items_in_batch"]))
+    opts = _options(
+        group,
+        **dict(
+            fields,
+            reduction=reduction,
+            num_items_in_batch=0.0 if reduction == "none" else fields["num_items_in_batch"],
+        ),
+    )
     _C.vocab_parallel_divergence(s.detach(), t.detach(), labels, weights, opts, loss, gs, gt)
     return loss, [gs, gt]
 
 
-def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                              kind: str = "forward_kl", *, process_group=None, labels=None,
-                              weights=None, beta: float = 0.5, alpha: float = 0.1,
-                              temperature: float = 1.0, scale_by_t_squared: bool = False,
-                              ignore_index: int = -100, reduction: str = "mean",
-                              num_items_in_batch=None) -> torch.Tensor:
+def vocab_parallel_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    *,
+    process_group=None,
+    labels=None,
+    weights=None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_by_t_squared: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """:func:`divkit.divergence` over logits whose vocabulary dimension is sharded over the ranks
     of ``process_group`` (each rank passes its shard ``[..., V_r]``, shards contiguous in rank
     order). Same formulas, directions, options and result as the unsharded call; gradients are
@@ -74,29 +97,41 @@ def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torc
     lab = check.labels(fn, labels, lead)
     wts = None if weights is None else check.per_token(fn, "weights", weights, lead)
     wts = None if wts is None else wts.detach().reshape(-1).double().contiguous()
-    fields = dict(kind=check.string(fn, "kind", kind), beta=check.real(fn, "beta", beta),
-                  alpha=check.real(fn, "alpha", alpha),
-                  temperature=check.real(fn, "temperature", temperature),
-                  scale_by_t_squared=bool(scale_by_t_squared),
-                  ignore_index=check.integer(fn, "ignore_index", ignore_index),
-                  reduction=check.reduction(fn, reduction),
-                  num_items_in_batch=check.num_items(fn, num_items_in_batch))
-    _C.validate_spec(fields["kind"], fields["beta"], fields["alpha"], fields["temperature"],
-                     fields["scale_by_t_squared"])
+    fields = dict(
+        kind=check.string(fn, "kind", kind),
+        beta=check.real(fn, "beta", beta),
+        alpha=check.real(fn, "alpha", alpha),
+        temperature=check.real(fn, "temperature", temperature),
+        scale_by_t_squared=bool(scale_by_t_squared),
+        ignore_index=check.integer(fn, "ignore_index", ignore_index),
+        reduction=check.reduction(fn, reduction),
+        num_items_in_batch=check.num_items(fn, num_items_in_batch),
+    )
+    _C.validate_spec(
+        fields["kind"],
+        fields["beta"],
+        fields["alpha"],
+        fields["temperature"],
+        fields["scale_by_t_squared"],
+    )
     group = dist.group.WORLD if process_group is None else process_group
 
     def call(ts, need, upstream):
         if upstream is None:
             loss, grads = _vp_call(*ts, lab, wts, fields, group, need, fields["reduction"])
         else:
-            loss, grads = _vp_call(*ts, lab, _token_weights(upstream, wts), fields, group, need,
-                                   "sum")
+            loss, grads = _vp_call(
+                *ts, lab, _token_weights(upstream, wts), fields, group, need, "sum"
+            )
         return (loss,), grads
 
     # reshape / contiguous stay inside the autograd graph (the shard gradients are [N, V_r]).
-    loss = _head_loss(fn, call, [s.reshape(-1, s.shape[-1]).contiguous(),
-                                 t.reshape(-1, t.shape[-1]).contiguous()],
-                      fields["reduction"] != "none")
+    loss = _head_loss(
+        fn,
+        call,
+        [s.reshape(-1, s.shape[-1]).contiguous(), t.reshape(-1, t.shape[-1]).contiguous()],
+        fields["reduction"] != "none",
+    )
     return loss.reshape(lead) if fields["reduction"] == "none" else loss.reshape(())
 
 
@@ -105,20 +140,24 @@ def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torc
 # ---------------------------------------------------------------------------------------------
 
 
-def vocab_parallel_fused_linear_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids,
-                                           cfg: _DistillConfig, group, lead):
+def vocab_parallel_fused_linear_divergence(
+    sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group, lead
+):
     """:func:`divkit.fused_linear_divergence` on validated arguments, sharded over ``group``."""
     return _divergence_apply(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, group, lead)
 
 
-def vocab_parallel_fused_linear_cross_entropy(h, w, b, labels, cfg: _CEConfig, group, lead,
-                                              return_stats):
+def vocab_parallel_fused_linear_cross_entropy(
+    h, w, b, labels, cfg: _CEConfig, group, lead, return_stats
+):
     """:func:`divkit.fused_linear_cross_entropy` on validated arguments, sharded over ``group``."""
     return _cross_entropy_apply(h, w, b, labels, cfg, group, lead, bool(return_stats))
 
 
-def vocab_parallel_fused_linear_logprobs(h, w, b, labels, temperature, ignore_index,
-                                         return_entropy, topk, chunk, group, lead):
+def vocab_parallel_fused_linear_logprobs(
+    h, w, b, labels, temperature, ignore_index, return_entropy, topk, chunk, group, lead
+):
     """:func:`divkit.fused_linear_logprobs` on validated arguments, sharded over ``group``."""
-    return _logprobs_apply(h, w, b, labels, temperature, ignore_index, bool(return_entropy),
-                           topk, chunk, group, lead)
+    return _logprobs_apply(
+        h, w, b, labels, temperature, ignore_index, bool(return_entropy), topk, chunk, group, lead
+    )

@@ -58,13 +58,30 @@ class _Config(NamedTuple):
 def _core_args(cfg: _Config) -> "_C.DivergenceArgs":
     """The scalar arguments as the kernels' one options object."""
     return _C.DivergenceArgs(
-        kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha, temperature=cfg.temperature,
-        scale_by_t_squared=cfg.scale_by_t_squared, ignore_index=cfg.ignore_index,
-        reduction=cfg.reduction, num_items_in_batch=cfg.num_items_in_batch)
+        kind=cfg.kind,
+        beta=cfg.beta,
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        scale_by_t_squared=cfg.scale_by_t_squared,
+        ignore_index=cfg.ignore_index,
+        reduction=cfg.reduction,
+        num_items_in_batch=cfg.num_items_in_batch,
+    )
 
 
-def _parse_options(fn: str, kind, beta, alpha, temperature, ignore_index, reduction,
-                   num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype) -> _Config:
+def _parse_options(
+    fn: str,
+    kind,
+    beta,
+    alpha,
+    temperature,
+    ignore_index,
+    reduction,
+    num_items_in_batch,
+    scale_by_t_squared,
+    inplace_grad,
+    grad_dtype,
+) -> _Config:
     return _Config(
         kind=check.string(fn, "kind", kind),
         beta=check.real(fn, "beta", beta),
@@ -84,8 +101,15 @@ def _parse_options(fn: str, kind, beta, alpha, temperature, ignore_index, reduct
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-         weights: Optional[torch.Tensor], cfg: _Config, need_student: bool, need_teacher: bool):
+def _run(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: _Config,
+    need_student: bool,
+    need_teacher: bool,
+):
     """Runs the kernel. Returns (loss, grad_student, grad_teacher), the gradients (or None) in
     the logits' shapes."""
     lead_shape = student.shape[:-1]
@@ -125,8 +149,11 @@ def _check_inplace(fn: str, student: torch.Tensor, cfg: _Config, others) -> None
     if not cfg.inplace_grad:
         return
     if cfg.grad_dtype is not None and cfg.grad_dtype != student.dtype:
-        check.fail(fn, f"grad_dtype={cfg.grad_dtype} cannot be used with inplace_grad=True: the "
-                       f"gradient is written into student_logits, whose dtype is {student.dtype}")
+        check.fail(
+            fn,
+            f"grad_dtype={cfg.grad_dtype} cannot be used with inplace_grad=True: the "
+            f"gradient is written into student_logits, whose dtype is {student.dtype}",
+        )
     if student.numel() == 0:
         return
     s_lo, s_hi = _byte_range(student)
@@ -135,8 +162,11 @@ def _check_inplace(fn: str, student: torch.Tensor, cfg: _Config, others) -> None
             continue
         t_lo, t_hi = _byte_range(t)
         if s_lo < t_hi and t_lo < s_hi:
-            check.fail(fn, f"inplace_grad=True but {name} shares memory with student_logits; the "
-                           f"gradient would overwrite it")
+            check.fail(
+                fn,
+                f"inplace_grad=True but {name} shares memory with student_logits; the "
+                f"gradient would overwrite it",
+            )
 
 
 def _byte_range(x: torch.Tensor) -> Tuple[int, int]:
@@ -162,21 +192,25 @@ def _scaling(fn: str, cfg: _Config) -> Scaling:
 
 def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str = _FN):
     if cfg.inplace_grad or cfg.grad_dtype is not None:
-        check.fail(fn, "inplace_grad and grad_dtype apply to torch tensors; numpy "
-                       "inputs give the loss only")
+        check.fail(
+            fn,
+            "inplace_grad and grad_dtype apply to torch tensors; numpy inputs give the loss only",
+        )
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, np.ndarray):
-            check.fail_type(fn, f"{name} must be a numpy.ndarray like student_logits, got "
-                                f"{check.type_name(x)}")
+            check.fail_type(
+                fn, f"{name} must be a numpy.ndarray like student_logits, got {check.type_name(x)}"
+            )
         if x.dtype not in _NP_FLOAT_DTYPES:
-            check.fail_type(fn, f"{name} has dtype {x.dtype}; expected float32, float16 or "
-                                f"float64")
+            check.fail_type(fn, f"{name} has dtype {x.dtype}; expected float32, float16 or float64")
         if x.ndim < 1:
-            check.fail(fn, f"{name} must have at least one dimension [..., V], got a "
-                           f"0-d array")
+            check.fail(fn, f"{name} must have at least one dimension [..., V], got a 0-d array")
     if teacher.shape != student.shape:
-        check.fail(fn, f"teacher_logits has shape {teacher.shape}, expected "
-                       f"{student.shape} (the shape of student_logits)")
+        check.fail(
+            fn,
+            f"teacher_logits has shape {teacher.shape}, expected "
+            f"{student.shape} (the shape of student_logits)",
+        )
     lead_shape = student.shape[:-1]
     nv = student.shape[-1]
     n = math.prod(lead_shape)
@@ -187,11 +221,13 @@ def _numpy_divergence(student, teacher, labels, weights, cfg: _Config, fn: str =
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         if not isinstance(x, np.ndarray):
-            check.fail_type(fn, f"{name} must be a numpy.ndarray or None, got "
-                                f"{check.type_name(x)}")
+            check.fail_type(fn, f"{name} must be a numpy.ndarray or None, got {check.type_name(x)}")
         if x.shape != lead_shape:
-            check.fail(fn, f"{name} has shape {x.shape}, expected {lead_shape} (the "
-                           f"logits' shape without the last dimension)")
+            check.fail(
+                fn,
+                f"{name} has shape {x.shape}, expected {lead_shape} (the "
+                f"logits' shape without the last dimension)",
+            )
         if x.dtype.kind not in kinds_ok:
             want = "an integer" if kinds_ok == "iu" else "a floating"
             check.fail_type(fn, f"{name} must have {want} dtype, got {x.dtype}")
@@ -336,8 +372,19 @@ def divergence(
         loss.backward()
     """
     fn = _FN
-    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
-                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    cfg = _parse_options(
+        fn,
+        kind,
+        beta,
+        alpha,
+        temperature,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        scale_by_t_squared,
+        inplace_grad,
+        grad_dtype,
+    )
     if isinstance(student_logits, np.ndarray):
         return _numpy_divergence(student_logits, teacher_logits, labels, weights, cfg)
 
@@ -393,8 +440,19 @@ def divergence_and_grad(
     view of) ``student_logits``.
     """
     fn = "divergence_and_grad"
-    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
-                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    cfg = _parse_options(
+        fn,
+        kind,
+        beta,
+        alpha,
+        temperature,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        scale_by_t_squared,
+        inplace_grad,
+        grad_dtype,
+    )
     student = check.logits(fn, "student_logits", student_logits)
     teacher = check.logits(fn, "teacher_logits", teacher_logits)
     check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")

@@ -56,8 +56,14 @@ def _labels(fn: str, labels, lead_shape, *, optional: bool = False):
     return check.labels(fn, labels, lead_shape, lead=_LEAD)
 
 
-def _head_loss(fn: str, call: Callable, tensors: Sequence[Optional[torch.Tensor]], reduced: bool,
-               backward: Optional[Callable] = None, n_diff: int = 1):
+def _head_loss(
+    fn: str,
+    call: Callable,
+    tensors: Sequence[Optional[torch.Tensor]],
+    reduced: bool,
+    backward: Optional[Callable] = None,
+    n_diff: int = 1,
+):
     """The autograd of a fused head over ``tensors`` (hidden states, weights, biases; None for
     an absent bias, kept out of the graph).
 
@@ -81,6 +87,7 @@ def _head_loss(fn: str, call: Callable, tensors: Sequence[Optional[torch.Tensor]
         return [grads[i] for i in present]
 
     if reduced:
+
         def run(need):
             outs, grads = call(list(tensors), full(need, False), None)
             return (outs[0] if len(outs) == 1 else tuple(outs)), pick(grads)
@@ -104,6 +111,7 @@ def _collective(group):
     vocabulary-parallel mode: the core calls all_reduce(buffer, op) with a float64 numpy array
     viewing its own buffer, reduced in place over the group."""
     import torch.distributed as dist
+
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
     def all_reduce(buffer, op):
@@ -146,25 +154,54 @@ class _DistillConfig(NamedTuple):
 
 
 def _distill_options(cfg: _DistillConfig, reduction: str, group) -> "_C.FusedLinearOptions":
-    return _options(group, kind=cfg.kind, beta=cfg.beta, alpha=cfg.alpha,
-                    temperature=cfg.temperature, scale_by_t_squared=cfg.scale_by_t_squared,
-                    ignore_index=cfg.ignore_index, reduction=reduction,
-                    num_items_in_batch=cfg.num_items_in_batch if reduction != "none" else 0.0,
-                    hard_weight=cfg.hard_weight, soft_weight=cfg.soft_weight,
-                    chunk_size=cfg.chunk_size)
+    return _options(
+        group,
+        kind=cfg.kind,
+        beta=cfg.beta,
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        scale_by_t_squared=cfg.scale_by_t_squared,
+        ignore_index=cfg.ignore_index,
+        reduction=reduction,
+        num_items_in_batch=cfg.num_items_in_batch if reduction != "none" else 0.0,
+        hard_weight=cfg.hard_weight,
+        soft_weight=cfg.soft_weight,
+        chunk_size=cfg.chunk_size,
+    )
 
 
-def _distill_call(cfg: _DistillConfig, group, sh, sw, sb, th, tw, tb, labels, weights, token_ids,
-                  need, reduction: Optional[str] = None):
+def _distill_call(
+    cfg: _DistillConfig,
+    group,
+    sh,
+    sw,
+    sb,
+    th,
+    tw,
+    tb,
+    labels,
+    weights,
+    token_ids,
+    need,
+    reduction: Optional[str] = None,
+):
     """One core call. need: 6 flags (student hidden/weight/bias, teacher hidden/weight/bias).
     Returns (loss, six gradients or None)."""
     reduction = reduction or cfg.reduction
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb, th, tw, tb), need)]
-    _C.fused_linear_divergence(_head(sh, sw, sb), _head(th, tw, tb), labels, weights, token_ids,
-                               _distill_options(cfg, reduction, group), loss, tuple(grads[:3]),
-                               tuple(grads[3:]))
+    _C.fused_linear_divergence(
+        _head(sh, sw, sb),
+        _head(th, tw, tb),
+        labels,
+        weights,
+        token_ids,
+        _distill_options(cfg, reduction, group),
+        loss,
+        tuple(grads[:3]),
+        tuple(grads[3:]),
+    )
     return loss, grads
 
 
@@ -239,8 +276,11 @@ def fused_linear_divergence(
     tb = _bias(fn, "teacher_bias", teacher_bias)
     lead = sh.shape[:-1]
     if tuple(th.shape[:-1]) != tuple(lead):
-        check.fail(fn, f"teacher_hidden has shape {tuple(th.shape)} and student_hidden "
-                       f"{tuple(sh.shape)}: the token dimensions must agree")
+        check.fail(
+            fn,
+            f"teacher_hidden has shape {tuple(th.shape)} and student_hidden "
+            f"{tuple(sh.shape)}: the token dimensions must agree",
+        )
     lab = _labels(fn, labels, lead, optional=True)
     if weights is not None:
         check.floating(fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD))
@@ -249,13 +289,17 @@ def fused_linear_divergence(
             weights = weights.to(torch.float32)
     ids = None
     if teacher_token_ids is not None:
-        check.integral(fn, "teacher_token_ids",
-                       check.tensor(fn, "teacher_token_ids", teacher_token_ids, dtypes=None))
+        check.integral(
+            fn,
+            "teacher_token_ids",
+            check.tensor(fn, "teacher_token_ids", teacher_token_ids, dtypes=None),
+        )
         ids = teacher_token_ids.detach().reshape(-1)
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(torch.int64)
     cfg = _DistillConfig(
-        kind=check.string(fn, "kind", kind), beta=check.real(fn, "beta", beta),
+        kind=check.string(fn, "kind", kind),
+        beta=check.real(fn, "beta", beta),
         alpha=check.real(fn, "alpha", alpha),
         temperature=check.real(fn, "temperature", temperature),
         scale_by_t_squared=bool(scale_by_t_squared),
@@ -264,27 +308,47 @@ def fused_linear_divergence(
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
         hard_weight=check.real(fn, "hard_weight", hard_weight),
         soft_weight=check.real(fn, "soft_weight", soft_weight),
-        chunk_size=check.chunk_size(fn, chunk_size))
+        chunk_size=check.chunk_size(fn, chunk_size),
+    )
     return _divergence_apply(sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead)
 
 
-def _divergence_apply(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group,
-                      lead):
+def _divergence_apply(
+    sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group, lead
+):
     """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
     group, or None)."""
+
     def call(ts, need, upstream):
         if upstream is None:
             loss, grads = _distill_call(cfg, group, *ts, labels, weights, ids, need)
         else:
-            loss, grads = _distill_call(cfg, group, *ts, labels, _token_weights(upstream, weights),
-                                        ids, need, reduction="sum")
+            loss, grads = _distill_call(
+                cfg,
+                group,
+                *ts,
+                labels,
+                _token_weights(upstream, weights),
+                ids,
+                need,
+                reduction="sum",
+            )
         return (loss,), grads
 
     # reshape / contiguous stay inside the autograd graph.
-    loss = _head_loss("fused_linear_divergence", call,
-                      [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb,
-                       _contig_rows(th.reshape(-1, th.shape[-1])), _contig_rows(tw), tb],
-                      cfg.reduction != "none")
+    loss = _head_loss(
+        "fused_linear_divergence",
+        call,
+        [
+            _contig_rows(sh.reshape(-1, sh.shape[-1])),
+            _contig_rows(sw),
+            sb,
+            _contig_rows(th.reshape(-1, th.shape[-1])),
+            _contig_rows(tw),
+            tb,
+        ],
+        cfg.reduction != "none",
+    )
     if cfg.reduction == "none":
         return loss.reshape(lead)
     return loss.reshape(())
@@ -304,8 +368,8 @@ def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reductio
     opts = _distill_options(cfg, reduction, None)
     opts.tail = tail
     _C.fused_linear_sparse_divergence(
-        _head(sh, sw, sb), idx, lp, labels, weights,
-        opts, loss, tuple(grads))
+        _head(sh, sw, sb), idx, lp, labels, weights, opts, loss, tuple(grads)
+    )
     return loss, grads
 
 
@@ -353,15 +417,19 @@ def fused_linear_sparse_divergence(
         if tuple(x.shape[:-1]) != tuple(lead) or x.dim() != len(lead) + 1:
             check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead)} + (k,)")
     if teacher_logprobs.requires_grad:
-        check.fail(fn, "teacher_logprobs requires grad; a sparse teacher gets no gradient (pass "
-                       "teacher_logprobs.detach())")
+        check.fail(
+            fn,
+            "teacher_logprobs requires grad; a sparse teacher gets no gradient (pass "
+            "teacher_logprobs.detach())",
+        )
     idx = teacher_indices.detach().reshape(-1, teacher_indices.shape[-1]).contiguous()
     lp = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]).contiguous()
     lab = _labels(fn, labels, lead, optional=True)
     if weights is not None:
         weights = weights.detach().reshape(-1).to(torch.float64).contiguous()
     cfg = _DistillConfig(
-        kind=check.string(fn, "kind", kind), beta=check.real(fn, "beta", beta),
+        kind=check.string(fn, "kind", kind),
+        beta=check.real(fn, "beta", beta),
         alpha=check.real(fn, "alpha", alpha),
         temperature=check.real(fn, "temperature", temperature),
         scale_by_t_squared=bool(scale_by_t_squared),
@@ -370,19 +438,33 @@ def fused_linear_sparse_divergence(
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
         hard_weight=check.real(fn, "hard_weight", hard_weight),
         soft_weight=check.real(fn, "soft_weight", soft_weight),
-        chunk_size=check.chunk_size(fn, chunk_size))
+        chunk_size=check.chunk_size(fn, chunk_size),
+    )
     tail = check.string(fn, "tail", tail)
 
     def call(ts, need, upstream):
         if upstream is None:
             loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab, weights, need)
         else:
-            loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab,
-                                       _token_weights(upstream, weights), need, reduction="sum")
+            loss, grads = _sparse_call(
+                cfg,
+                tail,
+                *ts,
+                idx,
+                lp,
+                lab,
+                _token_weights(upstream, weights),
+                need,
+                reduction="sum",
+            )
         return (loss,), grads
 
-    loss = _head_loss(fn, call, [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb],
-                      cfg.reduction != "none")
+    loss = _head_loss(
+        fn,
+        call,
+        [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb],
+        cfg.reduction != "none",
+    )
     return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
 
 
@@ -406,9 +488,16 @@ def _head(h, w, b):
 
 
 def _ce_options(cfg: _CEConfig, reduction: str, group) -> "_C.FusedLinearOptions":
-    return _options(group, ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
-                    z_loss_scale=cfg.lse_square_scale, softcap=cfg.softcap, reduction=reduction,
-                    num_items_in_batch=cfg.num_items_in_batch, chunk_size=cfg.chunk_size)
+    return _options(
+        group,
+        ignore_index=cfg.ignore_index,
+        label_smoothing=cfg.label_smoothing,
+        z_loss_scale=cfg.lse_square_scale,
+        softcap=cfg.softcap,
+        reduction=reduction,
+        num_items_in_batch=cfg.num_items_in_batch,
+        chunk_size=cfg.chunk_size,
+    )
 
 
 def fused_linear_cross_entropy(
@@ -454,36 +543,51 @@ def fused_linear_cross_entropy(
     cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
     if softcap is not None and not cap > 0:
         check.fail(fn, f"softcap must be > 0 (or None), got {cap:g}")
-    cfg = _CEConfig(ignore_index=check.integer(fn, "ignore_index", ignore_index),
-                    label_smoothing=check.real(fn, "label_smoothing", label_smoothing),
-                    lse_square_scale=check.real(fn, "lse_square_scale", lse_square_scale),
-                    softcap=cap, reduction=check.string(fn, "reduction", reduction),
-                    num_items_in_batch=check.num_items(fn, num_items_in_batch),
-                    chunk_size=check.chunk_size(fn, chunk_size))
+    cfg = _CEConfig(
+        ignore_index=check.integer(fn, "ignore_index", ignore_index),
+        label_smoothing=check.real(fn, "label_smoothing", label_smoothing),
+        lse_square_scale=check.real(fn, "lse_square_scale", lse_square_scale),
+        softcap=cap,
+        reduction=check.string(fn, "reduction", reduction),
+        num_items_in_batch=check.num_items(fn, num_items_in_batch),
+        chunk_size=check.chunk_size(fn, chunk_size),
+    )
     return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats))
 
 
 def _cross_entropy_apply(h, w, b, labels, cfg: _CEConfig, group, lead, return_stats: bool):
     """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
     group, or None)."""
+
     def call(ts, need, upstream):
         n = ts[0].shape[0]
         reduction = cfg.reduction if upstream is None else "sum"
         loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
         grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
-        stats = [torch.empty(n, dtype=torch.float32) if return_stats and upstream is None else None
-                 for _ in range(2)]
-        opts = _ce_options(cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
-                           reduction, group)
+        stats = [
+            torch.empty(n, dtype=torch.float32) if return_stats and upstream is None else None
+            for _ in range(2)
+        ]
+        opts = _ce_options(
+            cfg if upstream is None else cfg._replace(num_items_in_batch=0.0), reduction, group
+        )
         _C.fused_linear_cross_entropy(
-            _head(*ts), labels,
+            _head(*ts),
+            labels,
             None if upstream is None else upstream.reshape(-1).to(torch.float64).contiguous(),
-            opts, loss, tuple(grads), (*stats, None, None))
+            opts,
+            loss,
+            tuple(grads),
+            (*stats, None, None),
+        )
         return ((loss, *stats) if stats[0] is not None else (loss,)), grads
 
-    out = _head_loss("fused_linear_cross_entropy", call,
-                     [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
-                     cfg.reduction != "none")
+    out = _head_loss(
+        "fused_linear_cross_entropy",
+        call,
+        [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
+        cfg.reduction != "none",
+    )
     if return_stats:
         loss, logprobs, entropy = out
         loss = loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
@@ -540,17 +644,31 @@ def fused_linear_logprobs(
     if topk is not None and k < 1:
         check.fail(fn, f"topk must be >= 1 (or None), got {k}")
     chunk = check.chunk_size(fn, chunk_size)
-    return _logprobs_apply(h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk,
-                           process_group, lead)
+    return _logprobs_apply(
+        h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk, process_group, lead
+    )
 
 
-def _logprobs_apply(h, w, b, labels, temperature, ignore_index, return_entropy: bool, topk: int,
-                    chunk: int, group, lead):
+def _logprobs_apply(
+    h,
+    w,
+    b,
+    labels,
+    temperature,
+    ignore_index,
+    return_entropy: bool,
+    topk: int,
+    chunk: int,
+    group,
+    lead,
+):
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
     vocabulary-parallel process group, or None)."""
+
     def opts(**more):
-        return _options(group, ignore_index=ignore_index, temperature=temperature,
-                        chunk_size=chunk, **more)
+        return _options(
+            group, ignore_index=ignore_index, temperature=temperature, chunk_size=chunk, **more
+        )
 
     def forward(ts, need, upstream):
         n = ts[0].shape[0]
@@ -560,27 +678,43 @@ def _logprobs_apply(h, w, b, labels, temperature, ignore_index, return_entropy: 
         if topk:
             outs.append(torch.empty(n, dtype=torch.float32))
         entropy = outs[1] if return_entropy else None
-        _C.fused_linear_logprobs(_head(*ts), labels, opts(topk=topk),
-                                 (outs[0], entropy, None, outs[-1] if topk else None))
+        _C.fused_linear_logprobs(
+            _head(*ts),
+            labels,
+            opts(topk=topk),
+            (outs[0], entropy, None, outs[-1] if topk else None),
+        )
         return tuple(outs), None
 
     def backward(ts, grad_out, need):
         g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
         grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
         _C.fused_linear_logprobs_backward(
-            _head(*ts), labels, opts(),
+            _head(*ts),
+            labels,
+            opts(),
             None if g_lp is None else g_lp.to(torch.float64).contiguous(),
-            None if g_ent is None else g_ent.to(torch.float64).contiguous(), tuple(grads))
+            None if g_ent is None else g_ent.to(torch.float64).contiguous(),
+            tuple(grads),
+        )
         return grads
 
-    outs = _head_loss("fused_linear_logprobs", forward,
-                      [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b], False,
-                      backward=backward, n_diff=2 if return_entropy else 1)
+    outs = _head_loss(
+        "fused_linear_logprobs",
+        forward,
+        [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
+        False,
+        backward=backward,
+        n_diff=2 if return_entropy else 1,
+    )
     outs = outs if isinstance(outs, tuple) else (outs,)
     logprobs = outs[0].reshape(lead)
     entropy = outs[1] if return_entropy else None
     topk_mass = outs[-1] if topk else None
     if not return_entropy and not topk:
         return logprobs
-    return LogprobsResult(logprobs, None if entropy is None else entropy.reshape(lead),
-                          None if topk_mass is None else topk_mass.reshape(lead))
+    return LogprobsResult(
+        logprobs,
+        None if entropy is None else entropy.reshape(lead),
+        None if topk_mass is None else topk_mass.reshape(lead),
+    )

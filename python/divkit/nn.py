@@ -30,8 +30,9 @@ def _merge_options(fn: str, options: dict, defaults: dict, note: str = "") -> di
     """The module's options: defaults updated by the given ones, every name known."""
     for name in options:
         if name not in defaults:
-            check.fail_type(fn, f"unexpected option {name!r}; options are "
-                                f"{', '.join(defaults)}{note}")
+            check.fail_type(
+                fn, f"unexpected option {name!r}; options are {', '.join(defaults)}{note}"
+            )
     return dict(defaults, **options)
 
 
@@ -58,36 +59,68 @@ class DivergenceLoss(torch.nn.Module):
     def __init__(self, kind: str = "forward_kl", **options: Any) -> None:
         super().__init__()
         fn = "DivergenceLoss"
-        merged = _merge_options(fn, options, _OPTION_DEFAULTS, " (labels, weights and "
-                                "num_items_in_batch are passed to forward)")
+        merged = _merge_options(
+            fn,
+            options,
+            _OPTION_DEFAULTS,
+            " (labels, weights and num_items_in_batch are passed to forward)",
+        )
         kind = check.string(fn, "kind", kind)
-        cfg = _parse_options(fn, kind, merged["beta"], merged["alpha"], merged["temperature"],
-                             merged["ignore_index"], merged["reduction"], None,
-                             merged["scale_by_t_squared"], merged["inplace_grad"],
-                             merged["grad_dtype"])
+        cfg = _parse_options(
+            fn,
+            kind,
+            merged["beta"],
+            merged["alpha"],
+            merged["temperature"],
+            merged["ignore_index"],
+            merged["reduction"],
+            None,
+            merged["scale_by_t_squared"],
+            merged["inplace_grad"],
+            merged["grad_dtype"],
+        )
         # The core checks the kind, its parameters and the reduction now, not at the first call.
         _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
         check.reduction(fn, cfg.reduction)
         self.kind = kind
         self.options = {name: merged[name] for name in _OPTION_DEFAULTS}
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-                num_items_in_batch=None) -> torch.Tensor:
-        return divergence(student_logits, teacher_logits, self.kind, labels=labels,
-                          weights=weights, num_items_in_batch=num_items_in_batch, **self.options)
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
+        num_items_in_batch=None,
+    ) -> torch.Tensor:
+        return divergence(
+            student_logits,
+            teacher_logits,
+            self.kind,
+            labels=labels,
+            weights=weights,
+            num_items_in_batch=num_items_in_batch,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
-        changed = ", ".join(f"{k}={v!r}" for k, v in self.options.items()
-                            if v != _OPTION_DEFAULTS[k])
+        changed = ", ".join(
+            f"{k}={v!r}" for k, v in self.options.items() if v != _OPTION_DEFAULTS[k]
+        )
         return f"kind={self.kind!r}" + (f", {changed}" if changed else "")
 
 
-
 _DISTILL_DEFAULTS = {
-    "beta": 0.5, "alpha": 0.1, "temperature": 1.0, "scale_by_t_squared": False,
-    "ignore_index": -100, "reduction": "mean", "hard_weight": 0.0, "soft_weight": 1.0,
-    "chunk_size": None, "process_group": None,
+    "beta": 0.5,
+    "alpha": 0.1,
+    "temperature": 1.0,
+    "scale_by_t_squared": False,
+    "ignore_index": -100,
+    "reduction": "mean",
+    "hard_weight": 0.0,
+    "soft_weight": 1.0,
+    "chunk_size": None,
+    "process_group": None,
 }
 
 
@@ -116,27 +149,56 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         self.kind = check.string(fn, "kind", kind)
         self.options = _merge_options(fn, options, _DISTILL_DEFAULTS)
         o = self.options
-        _C.validate_spec(self.kind, check.real(fn, "beta", o["beta"]),
-                         check.real(fn, "alpha", o["alpha"]),
-                         check.real(fn, "temperature", o["temperature"]),
-                         check.boolean(fn, "scale_by_t_squared", o["scale_by_t_squared"]))
+        _C.validate_spec(
+            self.kind,
+            check.real(fn, "beta", o["beta"]),
+            check.real(fn, "alpha", o["alpha"]),
+            check.real(fn, "temperature", o["temperature"]),
+            check.boolean(fn, "scale_by_t_squared", o["scale_by_t_squared"]),
+        )
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                labels=None, student_bias=None, teacher_bias=None, weights=None,
-                num_items_in_batch=None) -> torch.Tensor:
-        return fused_linear_divergence(student_hidden, student_weight, teacher_hidden,
-                                       teacher_weight, self.kind, student_bias=student_bias,
-                                       teacher_bias=teacher_bias, labels=labels, weights=weights,
-                                       num_items_in_batch=num_items_in_batch, **self.options)
+    def forward(
+        self,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels=None,
+        student_bias=None,
+        teacher_bias=None,
+        weights=None,
+        num_items_in_batch=None,
+    ) -> torch.Tensor:
+        return fused_linear_divergence(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            self.kind,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            labels=labels,
+            weights=weights,
+            num_items_in_batch=num_items_in_batch,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
-        changed = ", ".join(f"{k}={v!r}" for k, v in self.options.items()
-                            if v != _DISTILL_DEFAULTS[k])
+        changed = ", ".join(
+            f"{k}={v!r}" for k, v in self.options.items() if v != _DISTILL_DEFAULTS[k]
+        )
         return f"kind={self.kind!r}" + (f", {changed}" if changed else "")
 
 
-_CE_DEFAULTS = {"ignore_index": -100, "label_smoothing": 0.0, "lse_square_scale": 0.0,
-                "softcap": None, "reduction": "mean", "chunk_size": None, "process_group": None}
+_CE_DEFAULTS = {
+    "ignore_index": -100,
+    "label_smoothing": 0.0,
+    "lse_square_scale": 0.0,
+    "softcap": None,
+    "reduction": "mean",
+    "chunk_size": None,
+    "process_group": None,
+}
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
@@ -158,8 +220,9 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         self.options = _merge_options("FusedLinearCrossEntropyLoss", options, _CE_DEFAULTS)
 
     def forward(self, weight, hidden, labels, bias=None, num_items_in_batch=None):
-        return fused_linear_cross_entropy(hidden, weight, labels, bias,
-                                          num_items_in_batch=num_items_in_batch, **self.options)
+        return fused_linear_cross_entropy(
+            hidden, weight, labels, bias, num_items_in_batch=num_items_in_batch, **self.options
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v != _CE_DEFAULTS[k])

@@ -100,9 +100,17 @@ def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool
     ga = torch.empty(B, n, dtype=torch.float64) if need_a else None
     gb = torch.empty(B, m, dtype=torch.float64) if need_b else None
     options = _C.SinkhornOptions(
-        eps=cfg.eps, p=cfg.p, tol=cfg.tol, max_iter=cfg.max_iter, check_every=cfg.check_every,
-        eps_scaling=cfg.eps_scaling, rho_a=cfg.rho_a, rho_b=cfg.rho_b,
-        cost_cache_bytes=cfg.cost_cache_bytes, symmetric=cfg.symmetric)
+        eps=cfg.eps,
+        p=cfg.p,
+        tol=cfg.tol,
+        max_iter=cfg.max_iter,
+        check_every=cfg.check_every,
+        eps_scaling=cfg.eps_scaling,
+        rho_a=cfg.rho_a,
+        rho_b=cfg.rho_b,
+        cost_cache_bytes=cfg.cost_cache_bytes,
+        symmetric=cfg.symmetric,
+    )
     stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, options)
     return stats, f, g, plan, gx, gy, ga, gb
 
@@ -113,15 +121,20 @@ def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict) -> torch.Tensor:
     def run(need):
         need_x, need_y, need_c, need_a, need_b = need
         xd, yd, cd, ad, bd = (None if t is None else t.detach() for t in (x, y, cost, a, b))
-        stats, f, g, plan, gx, gy, ga, gb = _solve(xd, yd, cd, ad, bd, cfg,
-                                                   (need_x, need_y, need_a, need_b, need_c))
+        stats, f, g, plan, gx, gy, ga, gb = _solve(
+            xd, yd, cd, ad, bd, cfg, (need_x, need_y, need_a, need_b, need_c)
+        )
         box.update(stats=stats, f=f, g=g, plan=plan)
         dt = (cost if cost is not None else x).dtype
-        return (torch.tensor([s[1] for s in stats], dtype=dt),
-                (gx, gy, plan if need_c else None, ga, gb))
+        return (
+            torch.tensor([s[1] for s in stats], dtype=dt),
+            (gx, gy, plan if need_c else None, ga, gb),
+        )
 
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                             for t in (x, y, cost, a, b))):
+    if not (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, y, cost, a, b))
+    ):
         return run((False,) * 5)[0]
     return grads_in_forward(run, (x, y, cost, a, b), Scaling(fp64=True, fn=cfg.fn))
 
@@ -206,8 +219,21 @@ def sinkhorn(
     cache_mib = check.real(fn, "cost_cache_mib", cost_cache_mib)
     if not (cache_mib >= 0 and math.isfinite(cache_mib)):
         check.fail(fn, f"cost_cache_mib must be finite and >= 0, got {cache_mib:g}")
-    cfg = _Cfg(eps, p, tol, max_iter, check_every, scaling, rho_a, rho_b,
-               int(cache_mib * 2**20), bool(symmetric), bool(return_plan), bool(warn), fn)
+    cfg = _Cfg(
+        eps,
+        p,
+        tol,
+        max_iter,
+        check_every,
+        scaling,
+        rho_a,
+        rho_b,
+        int(cache_mib * 2**20),
+        bool(symmetric),
+        bool(return_plan),
+        bool(warn),
+        fn,
+    )
 
     if cost is not None:
         if x is not None or y is not None:
@@ -221,8 +247,9 @@ def sinkhorn(
         x = _tensor(fn, "x", x, (2, 3))
         y = _tensor(fn, "y", y, (2, 3))
         if x.dim() != y.dim():
-            check.fail(fn, f"y must have x's number of dimensions {x.dim()}, got shape "
-                      f"{tuple(y.shape)}")
+            check.fail(
+                fn, f"y must have x's number of dimensions {x.dim()}, got shape {tuple(y.shape)}"
+            )
         batched = x.dim() == 3
         x3 = x if batched else x.unsqueeze(0)
         y3 = y if batched else y.unsqueeze(0)
@@ -248,10 +275,20 @@ def sinkhorn(
             f"{fn}: did not converge within max_iter={max_iter} iterations for "
             f"{len(bad)} of {B} problem(s) (marginal error {max(stats[i][4] for i in bad):.3g}"
             f" > tol {tol:g}); increase max_iter or eps, or use eps_scaling",
-            RuntimeWarning, stacklevel=2)
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if not batched:
-        return SinkhornResult(f[0], g[0], tc[0], reg[0], n_iter[0], err[0], conv[0],
-                              plan[0] if plan is not None else None)
+        return SinkhornResult(
+            f[0],
+            g[0],
+            tc[0],
+            reg[0],
+            n_iter[0],
+            err[0],
+            conv[0],
+            plan[0] if plan is not None else None,
+        )
     return SinkhornResult(f, g, tc, reg, n_iter, err, conv, plan)
 
 
@@ -306,8 +343,11 @@ def sinkhorn_kd_loss(
     s = _tensor(fn, "student_logits", student_logits, (2,))
     t = _tensor(fn, "teacher_logits", teacher_logits, (2,))
     if s.shape != t.shape:
-        check.fail(fn, f"teacher_logits must have student_logits' shape {tuple(s.shape)}, got "
-                  f"{tuple(t.shape)}")
+        check.fail(
+            fn,
+            f"teacher_logits must have student_logits' shape {tuple(s.shape)}, got "
+            f"{tuple(t.shape)}",
+        )
     T = check.real(fn, "temperature", temperature)
     if not (math.isfinite(T) and T > 0):
         check.fail(fn, f"temperature must be finite and > 0, got {T:g}")
@@ -317,8 +357,9 @@ def sinkhorn_kd_loss(
     P = torch.softmax(s / T, dim=-1)
     Q = torch.softmax(t / T, dim=-1)
     W = torch.cdist(P.unsqueeze(0), Q.unsqueeze(0), p=1)[0]
-    res = sinkhorn(None, None, eps=eps, cost=W.detach(), tol=0.0, max_iter=n_iter,
-                   return_plan=True, warn=False)
+    res = sinkhorn(
+        None, None, eps=eps, cost=W.detach(), tol=0.0, max_iter=n_iter, return_plan=True, warn=False
+    )
     return (res.plan.to(W.dtype) * W).sum()
 
 
@@ -372,8 +413,9 @@ class SparseOTResult(NamedTuple):
     converged: bool
 
 
-def _sparse_ot_apply(a, b, cost, gamma: float, k: int, tol: float, max_iter: int,
-                     box: dict) -> torch.Tensor:
+def _sparse_ot_apply(
+    a, b, cost, gamma: float, k: int, tol: float, max_iter: int, box: dict
+) -> torch.Tensor:
     """reg_cost of the C++ solver; gradients by Danskin's theorem: dV/dcost = P,
     dV/da = alpha, dV/db from the core."""
 
@@ -381,10 +423,12 @@ def _sparse_ot_apply(a, b, cost, gamma: float, k: int, tol: float, max_iter: int
         alpha = torch.empty(a.shape[0], dtype=torch.float64)
         grad_b = torch.empty(b.shape[0], dtype=torch.float64) if need[1] else None
         row, col, val, tc, reg, n_it, err, conv = _C.sparse_ot(
-            a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter)
+            a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter
+        )
         idx = torch.stack([torch.from_numpy(row), torch.from_numpy(col)])
-        plan = torch.sparse_coo_tensor(idx, torch.from_numpy(val), tuple(cost.shape),
-                                       is_coalesced=True, check_invariants=False)
+        plan = torch.sparse_coo_tensor(
+            idx, torch.from_numpy(val), tuple(cost.shape), is_coalesced=True, check_invariants=False
+        )
         box.update(plan=plan, alpha=alpha, tc=tc, n_iter=n_it, err=err, conv=conv)
         # The dense plan is made only when backward asks for it.
         grads = (alpha if need[0] else None, grad_b, plan.to_dense if need[2] else None)
@@ -455,11 +499,23 @@ def sparse_ot(
         warnings.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations (marginal error "
             f"{box['err']:.3g} > tol {tol:g}); increase max_iter or gamma"
-            + (", or k: a binding sparsity constraint may admit no plan with these marginals"
-               if kk else ""), RuntimeWarning,
-            stacklevel=2)
-    return SparseOTResult(box["plan"].to(C.dtype), torch.tensor(box["tc"], dtype=C.dtype), reg,
-                          box["alpha"].to(C.dtype), box["n_iter"], box["err"], box["conv"])
+            + (
+                ", or k: a binding sparsity constraint may admit no plan with these marginals"
+                if kk
+                else ""
+            ),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return SparseOTResult(
+        box["plan"].to(C.dtype),
+        torch.tensor(box["tc"], dtype=C.dtype),
+        reg,
+        box["alpha"].to(C.dtype),
+        box["n_iter"],
+        box["err"],
+        box["conv"],
+    )
 
 
 def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float) -> torch.Tensor:
@@ -468,9 +524,17 @@ def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float) -> torch.Ten
     def run(need):
         gx = torch.empty(x.shape, dtype=torch.float64) if need[0] else None
         gy = torch.empty(y.shape, dtype=torch.float64) if need[1] else None
-        val = _C.sample_divergence(which, x.detach(), y.detach(),
-                                   a.detach() if a is not None else None,
-                                   b.detach() if b is not None else None, kernel, sigma, gx, gy)
+        val = _C.sample_divergence(
+            which,
+            x.detach(),
+            y.detach(),
+            a.detach() if a is not None else None,
+            b.detach() if b is not None else None,
+            kernel,
+            sigma,
+            gx,
+            gy,
+        )
         return torch.tensor(val, dtype=x.dtype), (gx, gy)
 
     if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):

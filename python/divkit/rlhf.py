@@ -18,8 +18,16 @@ from .functional import divergence
 from .fused import fused_linear_divergence
 
 __all__ = [
-    "KL_ESTIMATORS", "kl_estimator", "exact_kl", "exact_kl_fused", "ensemble_rewards",
-    "calibrate_reward", "infalign_transform", "best_of_n", "model_soup", "topk_entropy_mass",
+    "KL_ESTIMATORS",
+    "kl_estimator",
+    "exact_kl",
+    "exact_kl_fused",
+    "ensemble_rewards",
+    "calibrate_reward",
+    "infalign_transform",
+    "best_of_n",
+    "model_soup",
+    "topk_entropy_mass",
     "gradient_entanglement",
 ]
 
@@ -28,8 +36,9 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "kl", "mse", "low_var_kl")
 _ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
-def kl_estimator(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3", *,
-                 clamp: bool = False) -> torch.Tensor:
+def kl_estimator(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3", *, clamp: bool = False
+) -> torch.Tensor:
     """Per-token estimators of KL(pi || pi_ref) from the log-probs of sampled tokens y ~ pi
     (Schulman 2020, "Approximating KL divergence"; verl's ``kl_penalty``, TRL's PPO/GRPO), with
     ``r = log pi_ref(y) - log pi(y)``:
@@ -48,8 +57,10 @@ def kl_estimator(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
     if kind not in ("k1", "k2", "k3", "abs"):
         check.fail(fn, f"unknown kind '{kind}' (valid: {', '.join(KL_ESTIMATORS)})")
     if logprobs.shape != ref_logprobs.shape:
-        check.fail(fn, f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected "
-                       f"{tuple(logprobs.shape)}")
+        check.fail(
+            fn,
+            f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected {tuple(logprobs.shape)}",
+        )
     out_dtype = torch.result_type(logprobs, ref_logprobs)
     if not out_dtype.is_floating_point:
         check.fail(fn, "logprobs and ref_logprobs must be floating tensors")
@@ -59,8 +70,10 @@ def kl_estimator(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
     def run(inputs, grad_out, need):
         a, b = (_flat(x, dtype) for x in inputs)
         out = torch.empty(a.numel(), dtype=dtype)
-        g = [torch.empty(a.numel(), dtype=dtype) if need is not None and need[i] else None
-             for i in range(2)]
+        g = [
+            torch.empty(a.numel(), dtype=dtype) if need is not None and need[i] else None
+            for i in range(2)
+        ]
         go = None if grad_out is None else _flat(grad_out, dtype)
         _C.kl_estimator(a, b, kind, clamp, out, go, *g)
         return (out.reshape(shape).to(device, out_dtype),), _shaped(g, inputs)
@@ -73,13 +86,21 @@ def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _shaped(grads, inputs):
-    return tuple(None if g is None else g.reshape(x.shape).to(device=x.device, dtype=x.dtype)
-                 for g, x in zip(grads, inputs))
+    return tuple(
+        None if g is None else g.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+        for g, x in zip(grads, inputs)
+    )
 
 
-def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, *,
-             labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
-             direction: str = "policy_ref", temperature: float = 1.0) -> torch.Tensor:
+def exact_kl(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    direction: str = "policy_ref",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Exact per-token KL over the vocabulary, from logits ``[..., V]`` -> ``[...]`` (0 where
     ``labels == ignore_index``), by divkit's fused token kernel with the policy as the student:
     ``direction="policy_ref"`` is KL(pi || pi_ref) (the kernel's ``reverse_kl``, what k1-k3
@@ -90,8 +111,15 @@ def exact_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, *,
     kinds = {"policy_ref": "reverse_kl", "ref_policy": "forward_kl"}
     if direction not in kinds:
         check.fail(fn, f"unknown direction '{direction}' (valid: policy_ref, ref_policy)")
-    return divergence(policy_logits, ref_logits, kinds[direction], labels=labels,
-                      ignore_index=ignore_index, temperature=temperature, reduction="none")
+    return divergence(
+        policy_logits,
+        ref_logits,
+        kinds[direction],
+        labels=labels,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        reduction="none",
+    )
 
 
 def _head_rows(n_vocab: int, chunk_size: Optional[int]) -> int:
@@ -101,8 +129,9 @@ def _head_rows(n_vocab: int, chunk_size: Optional[int]) -> int:
     return max(1, (1 << 24) // max(1, n_vocab))
 
 
-def _chunked_head_divergence(hidden, weight, bias, ref_logits, labels, kind, ignore_index,
-                             temperature, chunk_size):
+def _chunked_head_divergence(
+    hidden, weight, bias, ref_logits, labels, kind, ignore_index, temperature, chunk_size
+):
     """Per-token divergence between softmax(hidden @ weight.T + bias) (the student) and
     ``ref_logits`` (the teacher), by chunks of tokens under activation checkpointing: the forward
     keeps no chunk's logits and the backward recomputes them, so the policy's [tokens x V] is
@@ -117,27 +146,47 @@ def _chunked_head_divergence(hidden, weight, bias, ref_logits, labels, kind, ign
 
     def piece(hc, w, b, rc, lc):
         z = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())
-        return divergence(z, rc, kind, labels=lc, ignore_index=ignore_index,
-                          temperature=temperature, reduction="none")
+        return divergence(
+            z,
+            rc,
+            kind,
+            labels=lc,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            reduction="none",
+        )
 
     grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (hidden, weight, bias, ref_logits))
+        x is not None and x.requires_grad for x in (hidden, weight, bias, ref_logits)
+    )
     outs = []
     for s in range(0, h.shape[0], rows):
-        args = (h[s:s + rows], weight, bias, r[s:s + rows], None if lab is None else lab[s:s + rows])
+        args = (
+            h[s : s + rows],
+            weight,
+            bias,
+            r[s : s + rows],
+            None if lab is None else lab[s : s + rows],
+        )
         outs.append(checkpoint(piece, *args, use_reentrant=False) if grad else piece(*args))
     return torch.cat(outs).reshape(lead)
 
 
-def exact_kl_fused(policy_hidden: torch.Tensor, lm_head_weight: torch.Tensor, *,
-                   ref_logits: Optional[torch.Tensor] = None,
-                   ref_hidden: Optional[torch.Tensor] = None,
-                   ref_weight: Optional[torch.Tensor] = None,
-                   lm_head_bias: Optional[torch.Tensor] = None,
-                   ref_bias: Optional[torch.Tensor] = None,
-                   labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                   direction: str = "policy_ref", temperature: float = 1.0,
-                   chunk_size: Optional[int] = None) -> torch.Tensor:
+def exact_kl_fused(
+    policy_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    *,
+    ref_logits: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    lm_head_bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    direction: str = "policy_ref",
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
     """:func:`exact_kl` from the policy's hidden states and lm_head, never materializing the
     policy's ``[tokens x V]`` logits: ``pi = softmax((policy_hidden @ lm_head_weight.T +
     lm_head_bias) / temperature)`` against the reference given either as ``ref_logits [..., V]``
@@ -162,17 +211,35 @@ def exact_kl_fused(policy_hidden: torch.Tensor, lm_head_weight: torch.Tensor, *,
     temperature = check.real(fn, "temperature", temperature)
     if ref_logits is None:
         return fused_linear_divergence(
-            policy_hidden, lm_head_weight, ref_hidden, ref_weight, kinds[direction],
-            student_bias=lm_head_bias, teacher_bias=ref_bias, labels=labels,
-            ignore_index=ignore_index, temperature=temperature, reduction="none",
-            chunk_size=chunk_size)
-    return _chunked_head_divergence(policy_hidden, lm_head_weight, lm_head_bias, ref_logits,
-                                    labels, kinds[direction], ignore_index, temperature,
-                                    chunk_size)
+            policy_hidden,
+            lm_head_weight,
+            ref_hidden,
+            ref_weight,
+            kinds[direction],
+            student_bias=lm_head_bias,
+            teacher_bias=ref_bias,
+            labels=labels,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            reduction="none",
+            chunk_size=chunk_size,
+        )
+    return _chunked_head_divergence(
+        policy_hidden,
+        lm_head_weight,
+        lm_head_bias,
+        ref_logits,
+        labels,
+        kinds[direction],
+        ignore_index,
+        temperature,
+        chunk_size,
+    )
 
 
-def ensemble_rewards(rewards: torch.Tensor, method: str = "mean", *, uwo_lambda: float = 0.5,
-                     dim: int = 0) -> torch.Tensor:
+def ensemble_rewards(
+    rewards: torch.Tensor, method: str = "mean", *, uwo_lambda: float = 0.5, dim: int = 0
+) -> torch.Tensor:
     """Reward-model ensembles (Coste et al. 2023, "Reward Model Ensembles Help Mitigate
     Overoptimization", eqs. 3-5), over the ensemble dimension ``dim`` of ``rewards``:
     ``mean``; ``wco`` (worst-case) min_i R_i; ``uwo`` (uncertainty-weighted) mean -
@@ -212,24 +279,30 @@ def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.
     divkit's C++ core (``include/divkit/rlhf.h``)."""
     fn = "calibrate_reward"
     if ref_rewards.dim() != 2 or ref_rewards.shape[1] == 0:
-        check.fail(fn, f"ref_rewards must be [B, M] with M >= 1, got "
-                       f"{tuple(ref_rewards.shape)}")
+        check.fail(fn, f"ref_rewards must be [B, M] with M >= 1, got {tuple(ref_rewards.shape)}")
     squeeze = rewards.dim() == 1
     r = rewards.unsqueeze(-1) if squeeze else rewards
     if r.dim() != 2 or r.shape[0] != ref_rewards.shape[0]:
-        check.fail(fn, f"rewards must be [B] or [B, N] with B = {ref_rewards.shape[0]}, "
-                       f"got {tuple(rewards.shape)}")
+        check.fail(
+            fn,
+            f"rewards must be [B] or [B, N] with B = {ref_rewards.shape[0]}, "
+            f"got {tuple(rewards.shape)}",
+        )
     dtype = torch.float64 if torch.float64 in (rewards.dtype, ref_rewards.dtype) else torch.float32
     c = torch.empty(r.shape, dtype=torch.float32)
     # The core sorts each row of reference rewards once: O((N + M) log M) per prompt.
-    _C.calibrate_reward(r.detach().to("cpu", dtype).contiguous(),
-                        ref_rewards.detach().to("cpu", dtype).contiguous(), c)
+    _C.calibrate_reward(
+        r.detach().to("cpu", dtype).contiguous(),
+        ref_rewards.detach().to("cpu", dtype).contiguous(),
+        c,
+    )
     c = c.to(rewards.device)
     return c.squeeze(-1) if squeeze else c
 
 
-def infalign_transform(calibrated: torch.Tensor, t: float, *,
-                       scenario: Optional[str] = None) -> torch.Tensor:
+def infalign_transform(
+    calibrated: torch.Tensor, t: float, *, scenario: Optional[str] = None
+) -> torch.Tensor:
     """InfAlign's reward transform ``phi(u) = exp(t u)`` of a calibrated reward u in [0, 1],
     on which KL-regularized RL is run: t > 0 for best-of-N decoding (``scenario="best_of_n"``),
     t < 0 for best-of-N jailbreaking (worst-of-N, ``scenario="best_of_n_jailbreak"``); the
@@ -245,8 +318,7 @@ def infalign_transform(calibrated: torch.Tensor, t: float, *,
         if scenario == "best_of_n_jailbreak" and not t < 0:
             check.fail(fn, f"t must be < 0 for best_of_n_jailbreak, got {t:g}")
         if scenario not in ("best_of_n", "best_of_n_jailbreak"):
-            check.fail(fn, f"unknown scenario '{scenario}' (valid: best_of_n, "
-                           f"best_of_n_jailbreak)")
+            check.fail(fn, f"unknown scenario '{scenario}' (valid: best_of_n, best_of_n_jailbreak)")
     u = calibrated
     out_dtype = u.dtype if u.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -280,8 +352,9 @@ def best_of_n(rewards: torch.Tensor, samples=None):
     if samples is not None:
         if isinstance(samples, torch.Tensor):
             if samples.shape[:2] != rewards.shape:
-                check.fail("best_of_n", f"samples must be [B, N, ...] with [B, N] = "
-                                        f"{tuple(rewards.shape)}")
+                check.fail(
+                    "best_of_n", f"samples must be [B, N, ...] with [B, N] = {tuple(rewards.shape)}"
+                )
             chosen = samples[torch.arange(rewards.shape[0]), idx]
         else:
             if len(samples) != rewards.shape[0] or any(len(s) != rewards.shape[1] for s in samples):
@@ -290,8 +363,9 @@ def best_of_n(rewards: torch.Tensor, samples=None):
     return idx, best, chosen
 
 
-def model_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]],
-               weights: Optional[Sequence[float]] = None) -> Dict[str, torch.Tensor]:
+def model_soup(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Optional[Sequence[float]] = None
+) -> Dict[str, torch.Tensor]:
     """SALSA's reference model (Chegini et al. 2024, "SALSA: Soup-based Alignment Learning"): the
     weighted average ``sum_k w_k theta_k`` of K state dicts with the same keys and shapes
     (weights default to uniform and are normalized to sum 1). Floating tensors are averaged in
@@ -300,8 +374,11 @@ def model_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]],
     fn = "model_soup"
     if len(state_dicts) == 0:
         check.fail(fn, "state_dicts is empty")
-    w = [1.0] * len(state_dicts) if weights is None else [check.real(fn, "weights", x)
-                                                          for x in weights]
+    w = (
+        [1.0] * len(state_dicts)
+        if weights is None
+        else [check.real(fn, "weights", x) for x in weights]
+    )
     if len(w) != len(state_dicts):
         check.fail(fn, f"{len(w)} weights for {len(state_dicts)} state dicts")
     total = sum(w)
@@ -322,15 +399,24 @@ def model_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]],
         acc = torch.zeros(first.shape, dtype=acc_dtype, device=first.device)
         for wk, sd in zip(w, state_dicts):
             if sd[key].shape != first.shape:
-                check.fail(fn, f"{key} has shape {tuple(sd[key].shape)} in one state "
-                               f"dict and {tuple(first.shape)} in another")
+                check.fail(
+                    fn,
+                    f"{key} has shape {tuple(sd[key].shape)} in one state "
+                    f"dict and {tuple(first.shape)} in another",
+                )
             acc += wk * sd[key].detach().to(acc_dtype)
         out[key] = acc.to(first.dtype)
     return out
 
 
-def topk_entropy_mass(logits: torch.Tensor, k: int, *, labels: Optional[torch.Tensor] = None,
-                      ignore_index: int = -100, temperature: float = 1.0):
+def topk_entropy_mass(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+):
     """Likelihood over-optimisation indicators (Shi et al. 2024, "Understanding Likelihood
     Over-optimisation in Direct Alignment Algorithms"), per token of ``logits`` ``[..., V]``:
 
@@ -366,8 +452,9 @@ def topk_entropy_mass(logits: torch.Tensor, k: int, *, labels: Optional[torch.Te
         return entropy, mass, entropy.sum() / count, mass.sum() / count
 
 
-def gradient_entanglement(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor,
-                          params: Iterable[torch.Tensor]) -> Dict[str, float]:
+def gradient_entanglement(
+    chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, params: Iterable[torch.Tensor]
+) -> Dict[str, float]:
     """The gradient-entanglement check (Yuan et al. 2024, "A Common Pitfall of Margin-based
     Language Model Alignment: Gradient Entanglement") for a model: with
     g_w = grad log pi(y_w) and g_l = grad log pi(y_l) over ``params`` (e.g.

@@ -17,7 +17,7 @@ import torch
 from . import _C
 from . import _validate as check
 from ._autograd import grads_in_forward
-from .functional import _Config, _check_inplace, _core_args, _parse_options, _rows, _scaling
+from .functional import _check_inplace, _Config, _core_args, _parse_options, _rows, _scaling
 
 __all__ = ["sparse_divergence", "topk_divergence", "TAILS"]
 
@@ -32,9 +32,12 @@ def _check_teacher_part(fn: str, name: str, x: Any, lead_shape: torch.Size) -> t
     shape."""
     check.tensor(fn, name, x, dtypes=None, dense=True)
     if x.dim() != len(lead_shape) + 1 or tuple(x.shape[:-1]) != tuple(lead_shape):
-        check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected "
-                       f"{tuple(lead_shape) + ('k',)} (student_logits' shape with k in place of "
-                       f"V)")
+        check.fail(
+            fn,
+            f"{name} has shape {tuple(x.shape)}, expected "
+            f"{tuple(lead_shape) + ('k',)} (student_logits' shape with k in place of "
+            f"V)",
+        )
     return x
 
 
@@ -148,16 +151,30 @@ def sparse_divergence(
                                         tail="bucket", labels=labels)
     """
     fn = "sparse_divergence"
-    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
-                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    cfg = _parse_options(
+        fn,
+        kind,
+        beta,
+        alpha,
+        temperature,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        scale_by_t_squared,
+        inplace_grad,
+        grad_dtype,
+    )
     tail = check.string(fn, "tail", tail)
     student = check.logits(fn, "student_logits", student_logits)
     lead_shape = student.shape[:-1]
     idx = _check_teacher_part(fn, "teacher_indices", teacher_indices, lead_shape)
     lp = _check_teacher_part(fn, "teacher_logprobs", teacher_logprobs, lead_shape)
     if tuple(idx.shape) != tuple(lp.shape):
-        check.fail(fn, f"teacher_indices has shape {tuple(idx.shape)} but teacher_logprobs has "
-                       f"shape {tuple(lp.shape)}; they must match")
+        check.fail(
+            fn,
+            f"teacher_indices has shape {tuple(idx.shape)} but teacher_logprobs has "
+            f"shape {tuple(lp.shape)}; they must match",
+        )
     check.integral(fn, "teacher_indices", idx)
     check.floating(fn, "teacher_logprobs", lp)
     _teacher_fixed(fn, "teacher_logprobs", lp)
@@ -218,8 +235,19 @@ def topk_divergence(
         The float32 loss, differentiable with respect to ``student_logits``.
     """
     fn = "topk_divergence"
-    cfg = _parse_options(fn, kind, beta, alpha, temperature, ignore_index, reduction,
-                         num_items_in_batch, scale_by_t_squared, inplace_grad, grad_dtype)
+    cfg = _parse_options(
+        fn,
+        kind,
+        beta,
+        alpha,
+        temperature,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        scale_by_t_squared,
+        inplace_grad,
+        grad_dtype,
+    )
     k = check.integer(fn, "k", k)
     student = check.logits(fn, "student_logits", student_logits)
     teacher = check.logits(fn, "teacher_logits", teacher_logits)

@@ -45,8 +45,9 @@ void float_matrix(const char* fn, const char* name, const TensorView& t, bool is
     fail(fn, arg + " must have unit stride along the vocabulary (last) dimension, got stride " +
                  std::to_string(t.strides[1]));
   if (t.shape[0] > 1 && t.strides[0] < t.shape[1] && (is_output || t.strides[0] != 0))
-    fail(fn, arg + " rows overlap: row stride " + std::to_string(t.strides[0]) + " < V = " +
-                 std::to_string(t.shape[1]) + (is_output ? "" : " (only 0, a broadcast row, is allowed)"));
+    fail(fn, arg + " rows overlap: row stride " + std::to_string(t.strides[0]) +
+                 " < V = " + std::to_string(t.shape[1]) +
+                 (is_output ? "" : " (only 0, a broadcast row, is allowed)"));
   if (t.numel() > 0 && t.data == nullptr) fail(fn, arg + " has a null data pointer");
 }
 

@@ -49,11 +49,15 @@ inline void store(void* data, DType dt, int64_t off, double x) {
 }
 
 // t[i] of a 1-D view and t[i, j] of a 2-D view, by strides.
-inline double get(const TensorView& t, int64_t i) { return load(t.data, t.dtype, i * t.strides[0]); }
+inline double get(const TensorView& t, int64_t i) {
+  return load(t.data, t.dtype, i * t.strides[0]);
+}
 inline double get(const TensorView& t, int64_t i, int64_t j) {
   return load(t.data, t.dtype, i * t.strides[0] + j * t.strides[1]);
 }
-inline void set(const TensorView& t, int64_t i, double x) { store(t.data, t.dtype, i * t.strides[0], x); }
+inline void set(const TensorView& t, int64_t i, double x) {
+  store(t.data, t.dtype, i * t.strides[0], x);
+}
 inline void set(const TensorView& t, int64_t i, int64_t j, double x) {
   store(t.data, t.dtype, i * t.strides[0] + j * t.strides[1], x);
 }

@@ -14,7 +14,8 @@ namespace divkit::gemm {
 
 int64_t piece_rows(int64_t v, int64_t h) {
   constexpr int64_t kPieceFloats = int64_t{2} << 20;
-  return std::min(std::max<int64_t>(kPieceFloats / std::max<int64_t>(h, 1), 64), std::max<int64_t>(v, 1));
+  return std::min(std::max<int64_t>(kPieceFloats / std::max<int64_t>(h, 1), 64),
+                  std::max<int64_t>(v, 1));
 }
 
 void for_pieces(int threads, int64_t count, const std::function<void(int t, int64_t p)>& body) {
@@ -34,8 +35,9 @@ void for_pieces(int threads, int64_t count, const std::function<void(int t, int6
   if (!error.empty()) throw Error(error);
 }
 
-void sum_groups_in_order(int threads, int64_t groups, int64_t m, int64_t n, float* dst, int64_t ldd,
-                         const std::function<void(int t, int64_t s, float* acc, int64_t ld)>& product) {
+void sum_groups_in_order(
+    int threads, int64_t groups, int64_t m, int64_t n, float* dst, int64_t ldd,
+    const std::function<void(int t, int64_t s, float* acc, int64_t ld)>& product) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, groups)));
   std::vector<std::vector<float>> partials(static_cast<size_t>(nt));  // per thread: a group's part
   set_blas_threads(1);

@@ -29,7 +29,8 @@ void for_pieces(int threads, int64_t count, const std::function<void(int t, int6
 // into acc (leading dimension ld): dst itself for group 0, a buffer of thread t otherwise; the
 // groups s > 0 are then added into dst in order of s. So the result is bitwise the same for any
 // thread count.
-void sum_groups_in_order(int threads, int64_t groups, int64_t m, int64_t n, float* dst, int64_t ldd,
-                         const std::function<void(int t, int64_t s, float* acc, int64_t ld)>& product);
+void sum_groups_in_order(
+    int threads, int64_t groups, int64_t m, int64_t n, float* dst, int64_t ldd,
+    const std::function<void(int t, int64_t s, float* acc, int64_t ld)>& product);
 
 }  // namespace divkit::gemm

@@ -38,8 +38,9 @@ double divisor(const char* fn, Reduction red, double num_items, int64_t count, i
     check::fail(fn, "num_items_in_batch must be finite and > 0, got " + check::fmt(num_items));
   if (num_items > 0.0) {
     if (red == Reduction::none)
-      check::fail(fn, "num_items_in_batch divides a reduced loss; it cannot be used with "
-                      "reduction 'none'");
+      check::fail(fn,
+                  "num_items_in_batch divides a reduced loss; it cannot be used with "
+                  "reduction 'none'");
     return num_items;
   }
   if (red == Reduction::mean) return count > 0 ? double(count) : 1.0;
@@ -51,11 +52,11 @@ void check_loss_output(const char* fn, const TensorView& loss, Reduction red, in
   if (!loss.defined()) check::fail(fn, "loss output is required");
   if (loss.dtype != DType::f32 && loss.dtype != DType::f64)
     check::fail(fn, std::string("loss must be float32 or float64, got ") + dtype_name(loss.dtype));
-  if (red == Reduction::none)
-    check::vector_of(fn, "loss", loss, n, {DType::f32, DType::f64});
+  if (red == Reduction::none) check::vector_of(fn, "loss", loss, n, {DType::f32, DType::f64});
   else if (loss.numel() != 1 || loss.data == nullptr)
-    check::fail(fn, "loss must hold one element for reduction '" + std::string(reduction_name(red)) +
-                        "', got shape " + check::shape_string(loss));
+    check::fail(fn, "loss must hold one element for reduction '" +
+                        std::string(reduction_name(red)) + "', got shape " +
+                        check::shape_string(loss));
 }
 
 Plan plan(const char* fn, int64_t n, const DivergenceOptions& options, const TensorView& loss) {

@@ -30,10 +30,10 @@ void check_loss_output(const char* fn, const TensorView& loss, Reduction reducti
 
 struct Plan {
   Reduction reduction = Reduction::mean;
-  std::vector<uint8_t> active;    // [n]
-  std::vector<double> weight;     // [n]
+  std::vector<uint8_t> active;     // [n]
+  std::vector<double> weight;      // [n]
   std::vector<double> grad_scale;  // [n]: weight[i] / divisor
-  int64_t count = 0;              // counted tokens
+  int64_t count = 0;               // counted tokens
   double divisor = 1.0;
 };
 

@@ -30,7 +30,7 @@ HWY_INLINE V SoftmaxExp(D d, V x) {
   const auto underflow = hn::Lt(x, kLowest);
   x = hn::Max(x, kLowest);
   const V t = hn::MulAdd(x, hn::Set(d, 1.44269504088896341f), kMagic);
-  const V nf = hn::Sub(t, kMagic);  // n = round(x / ln 2), exactly
+  const V nf = hn::Sub(t, kMagic);                           // n = round(x / ln 2), exactly
   V r = hn::MulAdd(nf, hn::Set(d, -0.693145751953125f), x);  // Cody-Waite: ln 2 in two parts
   r = hn::MulAdd(nf, hn::Set(d, -1.428606765330187045e-6f), r);
   // exp(r) - 1 - r on |r| <= ln2/2, the minimax coefficients Highway uses.
@@ -63,8 +63,9 @@ HWY_INLINE V Expm1OrInf(D d, V x) {
 using SumDF = hn::ScalableTag<float>;
 
 // Row sums with fp64 accuracy at nearly fp32 cost: a loop accumulates fp32 lanes over one block
-// of at most kRowSumBlock vectors (kernels loop over rows in such blocks) (error ~ sqrt(16) ulp of the block), then adds the block to
-// an fp64 total in a fixed lane order, so the result does not depend on threads.
+// of at most kRowSumBlock vectors (kernels loop over rows in such blocks) (error ~ sqrt(16) ulp of
+// the block), then adds the block to an fp64 total in a fixed lane order, so the result does not
+// depend on threads.
 inline constexpr int64_t kRowSumBlock = 16;
 
 struct RowSum {

@@ -73,8 +73,10 @@ void check_labels(const char* fn, const TensorView& labels, int64_t n, int64_t v
     const int64_t y = elem::index(labels, i);
     if (y != ignore && (y < 0 || y >= v))
       check::fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-                          " is out of range [0, " + std::to_string(v) + ") (and is not "
-                          "ignore_index = " + std::to_string(ignore) + ")");
+                          " is out of range [0, " + std::to_string(v) +
+                          ") (and is not "
+                          "ignore_index = " +
+                          std::to_string(ignore) + ")");
   }
 }
 
@@ -104,8 +106,8 @@ void check_finite(const char* fn, const char* name, const TensorView& x, const T
     for (int64_t j = 0; j < v; ++j) {
       const double a = elem::get(x, i, j);
       if (std::isnan(a) || a == kInf)
-        check::fail(fn, std::string(name) + " has a non-finite value (" + (std::isnan(a) ? "nan" : "+inf") +
-                            ") in row " + std::to_string(i));
+        check::fail(fn, std::string(name) + " has a non-finite value (" +
+                            (std::isnan(a) ? "nan" : "+inf") + ") in row " + std::to_string(i));
       any |= a > -kInf;
     }
     if (!any && v > 0)
@@ -209,60 +211,61 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
   }
   check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_tau = 1.0 / tau;
-  for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
-                  std::vector<double>& g) {
-    if (ignored(labels, ignore_index, i)) {
-      elem::set(target_out, i, 0.0);
-      elem::set(nontarget_out, i, 0.0);
-      zero_grad_row(grad_student, i);
-      return;
-    }
-    const int64_t y = elem::index(labels, i);
-    // Target term at T = 1.
-    const double lse_s1 = load_row(student, i, 1.0, s);
-    const double lse_t1 = load_row(teacher, i, 1.0, t);
-    const double p_y = std::exp(t[y] - lse_t1);
-    const double lq_y = s[y] - lse_s1;
-    const double target = p_y == 0.0 ? 0.0 : -p_y * lq_y;
-    const bool grad = grad_student.defined();
-    const double a = grad ? elem::get(target_coef, i) : 0.0;
-    const double b = grad ? elem::get(nontarget_coef, i) : 0.0;
-    if (grad) {
-      g.assign(static_cast<size_t>(v), 0.0);
-      if (p_y != 0.0)
-        for (int64_t j = 0; j < v; ++j) g[j] = a * p_y * (std::exp(s[j] - lse_s1) - (j == y));
-    }
-    // Non-target term at tau: log-sum-exp over j != y.
-    double ms = -kInf, mt = -kInf;
-    for (int64_t j = 0; j < v; ++j) {
-      if (j == y) continue;
-      s[j] *= inv_tau;
-      t[j] *= inv_tau;
-      ms = std::max(ms, s[j]);
-      mt = std::max(mt, t[j]);
-    }
-    double nontarget = 0.0;
-    if (v > 1 && mt > -kInf) {
-      double ss = 0.0, st = 0.0;
-      for (int64_t j = 0; j < v; ++j) {
-        if (j == y) continue;
-        ss += std::exp(s[j] - ms);
-        st += std::exp(t[j] - mt);
-      }
-      const double lse_s = ms + std::log(ss), lse_t = mt + std::log(st);
-      for (int64_t j = 0; j < v; ++j) {
-        if (j == y) continue;
-        const double ph = std::exp(t[j] - lse_t);
-        const double lqh = s[j] - lse_s;
-        nontarget -= math::xlogy(ph, lqh);
-        if (grad) g[j] += b * (std::exp(lqh) - ph) * inv_tau;
-      }
-    }
-    elem::set(target_out, i, target);
-    elem::set(nontarget_out, i, nontarget);
-    if (grad)
-      for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, g[j]);
-  });
+  for_rows(n,
+           [&](int64_t i, std::vector<double>& s, std::vector<double>& t, std::vector<double>& g) {
+             if (ignored(labels, ignore_index, i)) {
+               elem::set(target_out, i, 0.0);
+               elem::set(nontarget_out, i, 0.0);
+               zero_grad_row(grad_student, i);
+               return;
+             }
+             const int64_t y = elem::index(labels, i);
+             // Target term at T = 1.
+             const double lse_s1 = load_row(student, i, 1.0, s);
+             const double lse_t1 = load_row(teacher, i, 1.0, t);
+             const double p_y = std::exp(t[y] - lse_t1);
+             const double lq_y = s[y] - lse_s1;
+             const double target = p_y == 0.0 ? 0.0 : -p_y * lq_y;
+             const bool grad = grad_student.defined();
+             const double a = grad ? elem::get(target_coef, i) : 0.0;
+             const double b = grad ? elem::get(nontarget_coef, i) : 0.0;
+             if (grad) {
+               g.assign(static_cast<size_t>(v), 0.0);
+               if (p_y != 0.0)
+                 for (int64_t j = 0; j < v; ++j)
+                   g[j] = a * p_y * (std::exp(s[j] - lse_s1) - (j == y));
+             }
+             // Non-target term at tau: log-sum-exp over j != y.
+             double ms = -kInf, mt = -kInf;
+             for (int64_t j = 0; j < v; ++j) {
+               if (j == y) continue;
+               s[j] *= inv_tau;
+               t[j] *= inv_tau;
+               ms = std::max(ms, s[j]);
+               mt = std::max(mt, t[j]);
+             }
+             double nontarget = 0.0;
+             if (v > 1 && mt > -kInf) {
+               double ss = 0.0, st = 0.0;
+               for (int64_t j = 0; j < v; ++j) {
+                 if (j == y) continue;
+                 ss += std::exp(s[j] - ms);
+                 st += std::exp(t[j] - mt);
+               }
+               const double lse_s = ms + std::log(ss), lse_t = mt + std::log(st);
+               for (int64_t j = 0; j < v; ++j) {
+                 if (j == y) continue;
+                 const double ph = std::exp(t[j] - lse_t);
+                 const double lqh = s[j] - lse_s;
+                 nontarget -= math::xlogy(ph, lqh);
+                 if (grad) g[j] += b * (std::exp(lqh) - ph) * inv_tau;
+               }
+             }
+             elem::set(target_out, i, target);
+             elem::set(nontarget_out, i, nontarget);
+             if (grad)
+               for (int64_t j = 0; j < v; ++j) elem::set(grad_student, i, j, g[j]);
+           });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,35 +279,37 @@ void ofa_rows(const TensorView& student, const TensorView& teacher, const Tensor
   const int64_t n = student.shape[0], v = student.shape[1];
   check_labels(fn, labels, n, v, ignore_index, true);
   check_out_coef(fn, out, coef, grad_student, n);
-  if (grad_student.defined()) matrix_out(fn, "grad_student", grad_student, student, "student_logits");
+  if (grad_student.defined())
+    matrix_out(fn, "grad_student", grad_student, student, "student_logits");
   check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_t = 1.0 / temperature;
-  for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t,
-                  std::vector<double>& w) {
-    if (ignored(labels, ignore_index, i)) {
-      elem::set(out, i, 0.0);
-      zero_grad_row(grad_student, i);
-      return;
-    }
-    const int64_t y = elem::index(labels, i);
-    const double lse_s = load_row(student, i, inv_t, s);
-    const double lse_t = load_row(teacher, i, inv_t, t);
-    w.resize(static_cast<size_t>(v));
-    double loss = 0.0, wsum = 0.0;
-    for (int64_t j = 0; j < v; ++j) {
-      const double p = std::exp(t[j] - lse_t);
-      // (p + e)^eps - e; for the target, expm1(eps log1p(p)) keeps accuracy when p is tiny.
-      w[j] = j == y ? std::expm1(eps * std::log1p(p)) : std::pow(p, eps);
-      wsum += w[j];
-      loss -= math::xlogy(w[j], s[j] - lse_s);
-    }
-    elem::set(out, i, loss);
-    if (grad_student.defined()) {
-      const double c = elem::get(coef, i);
-      for (int64_t j = 0; j < v; ++j)
-        elem::set(grad_student, i, j, c * (std::exp(s[j] - lse_s) * wsum - w[j]) * inv_t);
-    }
-  });
+  for_rows(n,
+           [&](int64_t i, std::vector<double>& s, std::vector<double>& t, std::vector<double>& w) {
+             if (ignored(labels, ignore_index, i)) {
+               elem::set(out, i, 0.0);
+               zero_grad_row(grad_student, i);
+               return;
+             }
+             const int64_t y = elem::index(labels, i);
+             const double lse_s = load_row(student, i, inv_t, s);
+             const double lse_t = load_row(teacher, i, inv_t, t);
+             w.resize(static_cast<size_t>(v));
+             double loss = 0.0, wsum = 0.0;
+             for (int64_t j = 0; j < v; ++j) {
+               const double p = std::exp(t[j] - lse_t);
+               // (p + e)^eps - e; for the target, expm1(eps log1p(p)) keeps accuracy when p is
+               // tiny.
+               w[j] = j == y ? std::expm1(eps * std::log1p(p)) : std::pow(p, eps);
+               wsum += w[j];
+               loss -= math::xlogy(w[j], s[j] - lse_s);
+             }
+             elem::set(out, i, loss);
+             if (grad_student.defined()) {
+               const double c = elem::get(coef, i);
+               for (int64_t j = 0; j < v; ++j)
+                 elem::set(grad_student, i, j, c * (std::exp(s[j] - lse_s) * wsum - w[j]) * inv_t);
+             }
+           });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,16 +335,18 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
     if (!coef.defined()) check::fail(fn, "coef is required when a gradient is asked");
     real_vec(fn, "coef", coef, n);
   }
-  if (grad_student.defined()) matrix_out(fn, "grad_student", grad_student, student, "student_logits");
+  if (grad_student.defined())
+    matrix_out(fn, "grad_student", grad_student, student, "student_logits");
   if (grad_lower.defined()) real_vec(fn, "grad_lower", grad_lower, n);
   if (grad_upper.defined()) real_vec(fn, "grad_upper", grad_upper, n);
   for (int64_t i = 0; i < n; ++i) {
     if (ignored(labels, ignore_index, i)) continue;
     const double lo = elem::get(lower, i), hi = elem::get(upper, i);
     if (!(std::isfinite(lo) && std::isfinite(hi) && lo > 0 && lo < hi))
-      check::fail(fn, "row " + std::to_string(i) + ": the bounds must satisfy 0 < lower < upper "
-                      "(finite), got lower = " + std::to_string(lo) + ", upper = " +
-                      std::to_string(hi));
+      check::fail(fn, "row " + std::to_string(i) +
+                          ": the bounds must satisfy 0 < lower < upper "
+                          "(finite), got lower = " +
+                          std::to_string(lo) + ", upper = " + std::to_string(hi));
   }
   check_finite_pair(fn, student, teacher, labels, ignore_index);
   const double inv_t = 1.0 / temperature;
@@ -384,7 +391,8 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
     for (int64_t j = 0; j < v; ++j) {
       const double lp = t[j] - lse_t, lq = s[j] - lse_s;
       const double p = std::exp(lp), q = std::exp(lq);
-      if (grad_student.defined()) elem::set(grad_student, i, j, c * (w[j] * q / b - w[j] * p / a) * inv_t);
+      if (grad_student.defined())
+        elem::set(grad_student, i, j, c * (w[j] * q / b - w[j] * p / a) * inv_t);
       if (soft && w[j] > 0) {
         // dL/dw_j, then the chain rule through the two sigmoids of the soft mask.
         const double dl_dw = (p > 0 ? p * (lp - lq - k - 1.0) / a : 0.0) + q / b;
@@ -438,7 +446,8 @@ void sorted_probs(const TensorView& teacher, double temperature, const TensorVie
   const int64_t n = teacher.shape[0], v = teacher.shape[1];
   check::float_matrix(fn, "out", out, true);
   if (out.shape[0] != n)
-    check::fail(fn, "out has " + std::to_string(out.shape[0]) + " rows, expected " + std::to_string(n));
+    check::fail(fn,
+                "out has " + std::to_string(out.shape[0]) + " rows, expected " + std::to_string(n));
   if (out.dtype != DType::f32 && out.dtype != DType::f64)
     check::fail(fn, std::string("out must be float32 or float64, got ") + dtype_name(out.dtype));
   const int64_t k = out.shape[1];
@@ -467,13 +476,14 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
   if (!temperatures.defined()) check::fail(fn, "temperatures is required");
   real_vec(fn, "temperatures", temperatures, n);
   check_out_coef(fn, out, coef, grad_student, n);
-  if (grad_student.defined()) matrix_out(fn, "grad_student", grad_student, student, "student_logits");
+  if (grad_student.defined())
+    matrix_out(fn, "grad_student", grad_student, student, "student_logits");
   for (int64_t i = 0; i < n; ++i) {
     if (ignored(labels, ignore_index, i)) continue;
     const double ti = elem::get(temperatures, i);
     if (!(std::isfinite(ti) && ti > 0))
       check::fail(fn, "temperatures[" + std::to_string(i) + "] must be finite and > 0, got " +
-                      std::to_string(ti));
+                          std::to_string(ti));
   }
   check_finite_pair(fn, student, teacher, labels, ignore_index);
   for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& t, std::vector<double>&) {
@@ -505,7 +515,8 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
     if (grad_student.defined()) {
       const double c = elem::get(coef, i);
       for (int64_t j = 0; j < v; ++j)
-        elem::set(grad_student, i, j, c * (std::exp(s[j] - lse_s) - std::exp(t[j] - lse_t)) * inv_t);
+        elem::set(grad_student, i, j,
+                  c * (std::exp(s[j] - lse_s) - std::exp(t[j] - lse_t)) * inv_t);
     }
   });
 }
@@ -540,7 +551,8 @@ void selective_contrast(const TensorView& standard, const TensorView& lame, doub
     check::vector_of(fn, "applied", applied, n, {DType::f32, DType::f64, DType::i32, DType::i64});
   check_finite(fn, "standard_logits", standard, TensorView{}, 0);
   check_finite(fn, "lame_logits", lame, TensorView{}, 0);
-  for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& l, std::vector<double>& p) {
+  for_rows(n, [&](int64_t i, std::vector<double>& s, std::vector<double>& l,
+                  std::vector<double>& p) {
     const double lse_s = load_row(standard, i, 1.0, s);
     p.resize(static_cast<size_t>(v));
     double mean = 0.0;

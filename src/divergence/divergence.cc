@@ -11,8 +11,8 @@
 #include "core/reduction.h"
 #include "divergence/row_job.h"
 #include "divkit/divergence.h"
-#include "divkit/vocab_parallel.h"
 #include "divkit/runtime.h"
+#include "divkit/vocab_parallel.h"
 
 namespace divkit {
 namespace {
@@ -20,8 +20,8 @@ namespace {
 constexpr const char* kFn = "divergence";
 
 constexpr const char* kKindNames[kNumDivergenceKinds] = {
-    "forward_kl", "reverse_kl", "jsd",   "skew_forward_kl",  "skew_reverse_kl", "tvd",
-    "hellinger",  "jeffreys",   "chi2",  "alpha_divergence", "renyi",           "cross_entropy",
+    "forward_kl", "reverse_kl", "jsd",  "skew_forward_kl",  "skew_reverse_kl", "tvd",
+    "hellinger",  "jeffreys",   "chi2", "alpha_divergence", "renyi",           "cross_entropy",
 };
 
 // A gradient output may be its input's own buffer (in place) but must not partly overlap it.
@@ -52,7 +52,8 @@ DivergenceKind parse_divergence_kind(std::string_view name) {
     if (name == kKindNames[k]) return static_cast<DivergenceKind>(k);
     all += (k ? ", " : "") + std::string(kKindNames[k]);
   }
-  throw Error(std::string(kFn) + ": kind '" + std::string(name) + "' is unknown; valid kinds: " + all);
+  throw Error(std::string(kFn) + ": kind '" + std::string(name) +
+              "' is unknown; valid kinds: " + all);
 }
 
 const char* reduction_name(Reduction r) {
@@ -109,16 +110,19 @@ void divergence(const TensorView& student, const TensorView& teacher, const Dive
   job.num_threads = get_num_threads();
   bool in_place = false;
   if (outputs.grad_student.defined()) {
-    in_place |= check_gradient_output("grad_student", outputs.grad_student, "student_logits", student);
+    in_place |=
+        check_gradient_output("grad_student", outputs.grad_student, "student_logits", student);
     if (check::ranges_overlap(outputs.grad_student, teacher))
       check::fail(kFn, "grad_student overlaps teacher_logits");
     job.grad_student = detail::row_output(outputs.grad_student);
   }
   if (outputs.grad_teacher.defined()) {
-    in_place |= check_gradient_output("grad_teacher", outputs.grad_teacher, "teacher_logits", teacher);
+    in_place |=
+        check_gradient_output("grad_teacher", outputs.grad_teacher, "teacher_logits", teacher);
     if (check::ranges_overlap(outputs.grad_teacher, student))
       check::fail(kFn, "grad_teacher overlaps student_logits");
-    if (outputs.grad_student.defined() && check::ranges_overlap(outputs.grad_teacher, outputs.grad_student))
+    if (outputs.grad_student.defined() &&
+        check::ranges_overlap(outputs.grad_teacher, outputs.grad_student))
       check::fail(kFn, "grad_teacher overlaps grad_student");
     job.grad_teacher = detail::row_output(outputs.grad_teacher);
   }
@@ -170,12 +174,13 @@ struct ShardSetup {
   std::vector<double> row_loss;
 };
 
-void check_f64_rows(const char* fn, const char* name, const TensorView& t, int64_t n, int64_t cols) {
+void check_f64_rows(const char* fn, const char* name, const TensorView& t, int64_t n,
+                    int64_t cols) {
   if (!t.defined()) check::fail(fn, std::string(name) + " is required");
   if (t.dtype != DType::f64 || t.ndim != 2 || t.shape[0] != n || t.shape[1] != cols ||
       (cols > 1 && t.strides[1] != 1) || (n > 1 && t.strides[0] != cols))
-    check::fail(fn, std::string(name) + " must be a contiguous float64 [" + std::to_string(n) + ", " +
-                        std::to_string(cols) + "] array, got " + dtype_name(t.dtype) + " " +
+    check::fail(fn, std::string(name) + " must be a contiguous float64 [" + std::to_string(n) +
+                        ", " + std::to_string(cols) + "] array, got " + dtype_name(t.dtype) + " " +
                         check::shape_string(t));
 }
 
@@ -249,7 +254,8 @@ void divergence_shard_grad(const TensorView& student, const TensorView& teacher,
   std::vector<double> scale(static_cast<size_t>(s.job.n));
   for (int64_t i = 0; i < s.job.n; ++i) {
     scale[i] = elem::get(grad_scale, i);
-    if (!std::isfinite(scale[i])) check::fail(fn, "grad_scale must be finite (index " + std::to_string(i) + ")");
+    if (!std::isfinite(scale[i]))
+      check::fail(fn, "grad_scale must be finite (index " + std::to_string(i) + ")");
     if (scale[i] == 0.0) s.active[i] = 0;  // skipped: its gradient rows are zeroed
   }
   for (const auto& [g, x, name] : {std::tuple{&grad_student, &student, "grad_student"},
@@ -257,7 +263,8 @@ void divergence_shard_grad(const TensorView& student, const TensorView& teacher,
     if (!g->defined()) continue;
     check::float_matrix(fn, name, *g, /*is_output=*/true);
     if (g->shape[0] != x->shape[0] || g->shape[1] != x->shape[1])
-      check::fail(fn, std::string(name) + " must have the shape of the logits " + check::shape_string(*x));
+      check::fail(fn, std::string(name) + " must have the shape of the logits " +
+                          check::shape_string(*x));
     if (check::ranges_overlap(*g, student) || check::ranges_overlap(*g, teacher))
       check::fail(fn, std::string(name) + " must not overlap the logits");
   }

@@ -47,9 +47,9 @@ using VF = hn::Vec<DF>;
 // ---- passes 1+2: load one row of any dtype into an fp32 buffer, exponentiate --------------
 
 struct RowSoftmax {
-  float max;         // max of the logits x (-inf if every entry is masked)
-  double log_sum;    // log sum_j exp((x_j - max) / T)
-  bool non_finite;   // a NaN or +inf in x
+  float max;        // max of the logits x (-inf if every entry is masked)
+  double log_sum;   // log sum_j exp((x_j - max) / T)
+  bool non_finite;  // a NaN or +inf in x
 };
 
 // Passes 1 and 2, fused per block of kRowSumBlock vectors so that the block is exponentiated
@@ -107,8 +107,10 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
       const float ref = block_max[block];
       if (ref == run_max) continue;
       const int64_t end = std::min(begin + block_len, vpad);
-      const VF f = hn::Set(df, static_cast<float>(std::exp((static_cast<double>(ref) - run_max) * inv_t_d)));
-      for (int64_t j = begin; j < end; j += lanes) hn::Store(hn::Mul(hn::Load(df, e + j), f), df, e + j);
+      const VF f =
+          hn::Set(df, static_cast<float>(std::exp((static_cast<double>(ref) - run_max) * inv_t_d)));
+      for (int64_t j = begin; j < end; j += lanes)
+        hn::Store(hn::Mul(hn::Load(df, e + j), f), df, e + j);
     }
   }
   return {run_max, std::log(sum), non_finite};
@@ -160,9 +162,12 @@ HWY_INLINE void WriteChainRuleGrad(const RowOutput& out, int64_t row, int64_t v,
   const DF df;
   const VF vscale = hn::Set(df, scale);
   const VF vqsum = hn::Set(df, inv_z * sum_u);  // q_j * sum_u = e_j * (sum_u / Z)
-  WriteGradRow(out, row, v, [&](int64_t j) {
-    return hn::Mul(vscale, hn::NegMulAdd(hn::Load(df, e + j), vqsum, hn::Load(df, u + j)));
-  }, scratch);
+  WriteGradRow(
+      out, row, v,
+      [&](int64_t j) {
+        return hn::Mul(vscale, hn::NegMulAdd(hn::Load(df, e + j), vqsum, hn::Load(df, u + j)));
+      },
+      scratch);
 }
 
 // g_j = scale * (q_j - p_j), the chain rule when u = -p (sum u = -1).
@@ -172,9 +177,12 @@ HWY_INLINE void WriteMinusPGrad(const RowOutput& out, int64_t row, int64_t v,
                                 float* HWY_RESTRICT scratch) {
   const DF df;
   const VF qs = hn::Set(df, scale * inv_zs), ps = hn::Set(df, scale * inv_zt);
-  WriteGradRow(out, row, v, [&](int64_t j) {
-    return hn::MulSub(hn::Load(df, es + j), qs, hn::Mul(hn::Load(df, et + j), ps));
-  }, scratch);
+  WriteGradRow(
+      out, row, v,
+      [&](int64_t j) {
+        return hn::MulSub(hn::Load(df, es + j), qs, hn::Mul(hn::Load(df, et + j), ps));
+      },
+      scratch);
 }
 
 struct RowBuffers {
@@ -251,10 +259,8 @@ double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t
               const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
               float* HWY_RESTRICT scratch) {
   RowSum sum_g, sum_u, sum_v;
-  if (grad_t != nullptr)
-    SumTerms<true>(div, b, n, sum_g, sum_u, sum_v);
-  else
-    SumTerms<false>(div, b, n, sum_g, sum_u, sum_v);
+  if (grad_t != nullptr) SumTerms<true>(div, b, n, sum_g, sum_u, sum_v);
+  else SumTerms<false>(div, b, n, sum_g, sum_u, sum_v);
   const double value = sum_g.total;
   constexpr double kMax = std::numeric_limits<float>::max();
   if (!(std::fabs(value) <= kMax) || (grad_s == nullptr && grad_t == nullptr)) return value;
@@ -295,9 +301,11 @@ HWY_INLINE VF RenyiLogW(const Renyi& div, const Entry<VF>& e) {
   // log w, with the masked-q conventions of PowerMean (+inf if p > 0 and alpha > 1, else -inf).
   const auto masked_q = hn::Eq(e.lq, neg_inf);
   const VF at_masked = div.alpha > 1.0f
-      ? hn::IfThenElse(hn::Gt(e.p, hn::Zero(df)), hn::Set(df, kInf), neg_inf) : neg_inf;
+                           ? hn::IfThenElse(hn::Gt(e.p, hn::Zero(df)), hn::Set(df, kInf), neg_inf)
+                           : neg_inf;
   return hn::IfThenElse(masked_q, at_masked,
-                        hn::MulAdd(hn::Set(df, div.alpha), hn::IfThenZeroElse(masked_q, e.lr), e.lq));
+                        hn::MulAdd(hn::Set(df, div.alpha), hn::IfThenZeroElse(masked_q, e.lr),
+                                   e.lq));
 }
 
 RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers& n) {
@@ -325,7 +333,9 @@ RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers&
     const int64_t end = std::min(begin + block_len, b.vpad);
     VF acc = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes)
-      acc = hn::Add(acc, SoftmaxExp(df, hn::Sub(RenyiLogW(div, LoadEntry(b.xs, b.es, b.xt, b.et, n, j)), vamax)));
+      acc = hn::Add(acc,
+                    SoftmaxExp(df, hn::Sub(RenyiLogW(div, LoadEntry(b.xs, b.es, b.xt, b.et, n, j)),
+                                           vamax)));
     sum_w.AddBlock(acc);
   }
   return {sum_s1.total, amax, sum_w.total};
@@ -346,7 +356,8 @@ void RenyiRowGrad(const Renyi& div, const RowBuffers& b, const Normalizers& n, i
   const VF vrel = hn::Set(df, static_cast<float>(log_rel));
   const VF vamax = hn::Set(df, amax);
   auto w_hat_minus = [&](const Entry<VF>& e, VF base, float c) {
-    const VF softmax = hn::Sub(ExpOrInf(df, hn::Sub(hn::Sub(RenyiLogW(div, e), vamax), vrel)), base);
+    const VF softmax =
+        hn::Sub(ExpOrInf(df, hn::Sub(hn::Sub(RenyiLogW(div, e), vamax), vrel)), base);
     if (!near_zero) return softmax;
     const VF x = hn::MulSub(hn::Set(df, c), e.lr, vl);
     const auto stable = hn::And(hn::Gt(base, hn::Zero(df)), hn::Lt(hn::Abs(x), hn::Set(df, 60.0f)));
@@ -355,17 +366,23 @@ void RenyiRowGrad(const Renyi& div, const RowBuffers& b, const Normalizers& n, i
   };
   if (grad_s != nullptr) {
     const VF k = hn::Set(df, static_cast<float>(-scale));
-    WriteGradRow(*grad_s, row, v, [&](int64_t j) {
-      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
-      return hn::Mul(k, w_hat_minus(e, e.q, alpha));
-    }, scratch);
+    WriteGradRow(
+        *grad_s, row, v,
+        [&](int64_t j) {
+          const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+          return hn::Mul(k, w_hat_minus(e, e.q, alpha));
+        },
+        scratch);
   }
   if (grad_t != nullptr) {
     const VF k = hn::Set(df, static_cast<float>(scale * alpha / (alpha - 1.0)));
-    WriteGradRow(*grad_t, row, v, [&](int64_t j) {
-      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
-      return hn::Mul(k, w_hat_minus(e, e.p, alpha - 1.0f));
-    }, scratch);
+    WriteGradRow(
+        *grad_t, row, v,
+        [&](int64_t j) {
+          const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+          return hn::Mul(k, w_hat_minus(e, e.p, alpha - 1.0f));
+        },
+        scratch);
   }
 }
 
@@ -387,9 +404,11 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
   const double log_rel = std::log(sums.sum_w);
   const double log_sum_w = near_zero ? std::log1p(sums.s1) : amax + log_rel;
   const double value = log_sum_w / (static_cast<double>(div.alpha) - 1.0);
-  if (!(std::fabs(value) <= std::numeric_limits<float>::max()) || (grad_s == nullptr && grad_t == nullptr))
+  if (!(std::fabs(value) <= std::numeric_limits<float>::max()) ||
+      (grad_s == nullptr && grad_t == nullptr))
     return value;
-  RenyiRowGrad(div, b, n, v, grad_s, grad_t, row, scale, log_sum_w, amax, log_rel, near_zero, scratch);
+  RenyiRowGrad(div, b, n, v, grad_s, grad_t, row, scale, log_sum_w, amax, log_rel, near_zero,
+               scratch);
   return value;
 }
 
@@ -415,11 +434,16 @@ void ShardRow(RowJob& job, const Div& div, int64_t i, const RowSoftmax& ls, cons
     if (local_max == -std::numeric_limits<float>::infinity()) return 0.0f;
     return static_cast<float>(std::exp((double(local_max) - gmax) * inv_t - glog_sum));
   };
-  const Normalizers norm{hn::Set(df, static_cast<float>(g[0])), hn::Set(df, static_cast<float>(g[2])),
-                         hn::Set(df, static_cast<float>(g[1])), hn::Set(df, static_cast<float>(g[3])),
-                         hn::Set(df, inv_z(ls.max, g[0], g[1])), hn::Set(df, inv_z(lt.max, g[2], g[3])),
-                         hn::Set(df, inv_t), hn::Set(df, static_cast<float>(g[3] - g[1]))};
-  const double t2 = job.spec.scale_by_t_squared ? double(job.spec.temperature) * job.spec.temperature : 1.0;
+  const Normalizers norm{hn::Set(df, static_cast<float>(g[0])),
+                         hn::Set(df, static_cast<float>(g[2])),
+                         hn::Set(df, static_cast<float>(g[1])),
+                         hn::Set(df, static_cast<float>(g[3])),
+                         hn::Set(df, inv_z(ls.max, g[0], g[1])),
+                         hn::Set(df, inv_z(lt.max, g[2], g[3])),
+                         hn::Set(df, inv_t),
+                         hn::Set(df, static_cast<float>(g[3] - g[1]))};
+  const double t2 =
+      job.spec.scale_by_t_squared ? double(job.spec.temperature) * job.spec.temperature : 1.0;
   const double scale =
       job.shard == detail::ShardMode::grad ? t2 * job.grad_scale[i] / job.spec.temperature : 0.0;
   const RowOutput* gs = job.grad_student.data ? &job.grad_student : nullptr;
@@ -451,7 +475,8 @@ void ShardRow(RowJob& job, const Div& div, int64_t i, const RowSoftmax& ls, cons
       if constexpr (Div::kStudentFactorIsMinusP)
         WriteMinusPGrad(*gs, i, job.v, buf.es, izs, buf.et, izt, k, scratch);
       else
-        WriteChainRuleGrad(*gs, i, job.v, buf.xs, buf.es, izs, static_cast<float>(in[1]), k, scratch);
+        WriteChainRuleGrad(*gs, i, job.v, buf.xs, buf.es, izs, static_cast<float>(in[1]), k,
+                           scratch);
     }
     if (gt != nullptr)
       WriteChainRuleGrad(*gt, i, job.v, buf.xt, buf.et, izt, static_cast<float>(in[2]), k, scratch);
@@ -528,10 +553,13 @@ void RunRows(RowJob& job, const Div& div) {
       const float inv_zs = static_cast<float>(std::exp(-ls.log_sum));  // 1 / sum es
       const float inv_zt = static_cast<float>(std::exp(-lt.log_sum));
       const RowBuffers buf{xs, es, xt, et, vpad};
-      const Normalizers norm{hn::Set(df, ls.max), hn::Set(df, lt.max),
+      const Normalizers norm{hn::Set(df, ls.max),
+                             hn::Set(df, lt.max),
                              hn::Set(df, static_cast<float>(ls.log_sum)),
-                             hn::Set(df, static_cast<float>(lt.log_sum)), hn::Set(df, inv_zs),
-                             hn::Set(df, inv_zt), hn::Set(df, inv_t),
+                             hn::Set(df, static_cast<float>(lt.log_sum)),
+                             hn::Set(df, inv_zs),
+                             hn::Set(df, inv_zt),
+                             hn::Set(df, inv_t),
                              hn::Set(df, static_cast<float>(lt.log_sum - ls.log_sum))};
       // d(reduced loss)/d(row value) / T.
       const double scale = t2 * job.grad_scale[i] / temperature;
@@ -540,8 +568,7 @@ void RunRows(RowJob& job, const Div& div) {
       double value;
       if constexpr (std::is_same_v<Div, Renyi>)
         value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch);
-      else
-        value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch);
+      else value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch);
       // A token whose divergence (or gradient) is infinite or beyond fp32's range gets loss +inf
       // and no gradient: the direction is undefined.
       if (std::isnan(value) || !(std::fabs(value) <= std::numeric_limits<float>::max())) {

@@ -116,7 +116,8 @@ struct GeneralizedJSD : SumFinish {
 template <class D, class V>
 HWY_INLINE V ProductOverMixture(D d, V p, V q, V m) {
   const auto zero = hn::Eq(m, hn::Zero(d));
-  return hn::IfThenZeroElse(zero, hn::Div(hn::Mul(p, q), hn::IfThenElse(zero, hn::Set(d, 1.0f), m)));
+  return hn::IfThenZeroElse(zero,
+                            hn::Div(hn::Mul(p, q), hn::IfThenElse(zero, hn::Set(d, 1.0f), m)));
 }
 
 // log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
@@ -241,8 +242,8 @@ struct ChiSquared : SumFinish {
   HWY_INLINE V term(D d, const Entry<V>& e, V& u) const {
     const V r = Ratio(d, e);
     u = hn::Sub(e.q, r);
-    const auto near = hn::And(hn::Le(e.p, hn::Mul(hn::Set(d, 1.5f), e.q)),
-                              hn::Gt(e.q, hn::Zero(d)));
+    const auto near =
+        hn::And(hn::Le(e.p, hn::Mul(hn::Set(d, 1.5f), e.q)), hn::Gt(e.q, hn::Zero(d)));
     const V em1 = Expm1OrInf(d, hn::IfThenElseZero(near, e.lr));
     const V small = hn::Mul(e.q, hn::Mul(em1, em1));
     const V large = hn::Add(hn::NegMulAdd(hn::Set(d, 2.0f), e.p, r), e.q);
@@ -263,11 +264,13 @@ HWY_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
   const V x = hn::Mul(hn::Set(d, alpha), e.lr);
   const auto direct = hn::Or(hn::Gt(x, hn::Set(d, 80.0f)), hn::Eq(e.q, zero));
   const auto masked_q = hn::Eq(e.lq, hn::Set(d, -std::numeric_limits<float>::infinity()));
-  const V ex = ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lq, hn::IfThenZeroElse(masked_q, x)), x));
+  const V ex =
+      ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lq, hn::IfThenZeroElse(masked_q, x)), x));
   const V w = hn::IfThenElse(direct, ex, hn::Mul(e.q, ex));
   const V at_masked_q = alpha > 1.0f
-      ? hn::IfThenElseZero(hn::Gt(e.p, zero), hn::Set(d, std::numeric_limits<float>::infinity()))
-      : zero;
+                            ? hn::IfThenElseZero(hn::Gt(e.p, zero),
+                                                 hn::Set(d, std::numeric_limits<float>::infinity()))
+                            : zero;
   return hn::IfThenElse(masked_q, at_masked_q, w);
 }
 

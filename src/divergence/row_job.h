@@ -23,17 +23,17 @@ enum class ShardMode : int32_t { none, stats, sums, grad };
 struct RowJob {
   RowInput student, teacher;
   int64_t n = 0, v = 0;
-  DivergenceSpec spec;          // validated; jsd/alpha/renyi limits already resolved to a kind
-  const uint8_t* active = nullptr;   // [n]: 0 for ignored rows
+  DivergenceSpec spec;              // validated; jsd/alpha/renyi limits already resolved to a kind
+  const uint8_t* active = nullptr;  // [n]: 0 for ignored rows
   const double* grad_scale = nullptr;  // [n]: d(reduced loss)/d(row loss) (weights, divisor)
-  double* row_loss = nullptr;   // [n] out: the divergence of each row (0 for ignored rows)
+  double* row_loss = nullptr;          // [n] out: the divergence of each row (0 for ignored rows)
   RowOutput grad_student, grad_teacher;
-  bool check_only = false;      // only look for non-finite rows (before an in-place write)
+  bool check_only = false;  // only look for non-finite rows (before an in-place write)
   ShardMode shard = ShardMode::none;
-  double* out_stats = nullptr;       // [n, 4]
-  const double* in_norm = nullptr;   // [n, 4]
-  double* out_sums = nullptr;        // [n, 4]
-  const double* in_sums = nullptr;   // [n, 4]
+  double* out_stats = nullptr;      // [n, 4]
+  const double* in_norm = nullptr;  // [n, 4]
+  double* out_sums = nullptr;       // [n, 4]
+  const double* in_sums = nullptr;  // [n, 4]
   int num_threads = 1;
   // Out: first row with NaN/+inf (after dividing by T) or with every logit -inf (no_mass).
   BadRow bad_student, bad_teacher;

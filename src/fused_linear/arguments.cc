@@ -12,7 +12,8 @@ namespace divkit::fused {
 
 using check::fail;
 
-// The dtype switch is per row so that the loops vectorize (a bf16 weight gradient is 262M elements at 128256 x 2048).
+// The dtype switch is per row so that the loops vectorize (a bf16 weight gradient is 262M elements
+// at 128256 x 2048).
 void store_row(const TensorView& out, int64_t row, const float* src, int64_t cols) {
   const int64_t off = row * out.strides[0], cs = cols <= 1 ? 1 : out.strides[1];
   if (cs != 1) {
@@ -20,7 +21,9 @@ void store_row(const TensorView& out, int64_t row, const float* src, int64_t col
     return;
   }
   switch (out.dtype) {
-    case DType::f32: std::memcpy(static_cast<float*>(out.data) + off, src, cols * sizeof(float)); break;
+    case DType::f32:
+      std::memcpy(static_cast<float*>(out.data) + off, src, cols * sizeof(float));
+      break;
     case DType::f64: {
       double* d = static_cast<double*>(out.data) + off;
       for (int64_t j = 0; j < cols; ++j) d[j] = src[j];
@@ -44,7 +47,8 @@ TensorView row_slice(const TensorView& t, int64_t r0, int64_t rows) {
   TensorView s = t;
   if (!t.defined()) return s;
   s.shape[0] = rows;
-  s.data = static_cast<char*>(t.data) + r0 * t.strides[0] * static_cast<int64_t>(dtype_size(t.dtype));
+  s.data =
+      static_cast<char*>(t.data) + r0 * t.strides[0] * static_cast<int64_t>(dtype_size(t.dtype));
   return s;
 }
 
@@ -55,8 +59,10 @@ void check_head(const char* fn, const char* prefix, const LinearHead& h, int64_t
   if (!h.weight.defined()) fail(fn, wn + " is required");
   check::float_matrix(fn, hn.c_str(), h.hidden);
   check::float_matrix(fn, wn.c_str(), h.weight);
-  if (h.hidden.shape[0] > 1 && h.hidden.strides[0] == 0) fail(fn, hn + " must not be a broadcast (row stride 0)");
-  if (h.weight.shape[0] > 1 && h.weight.strides[0] == 0) fail(fn, wn + " must not be a broadcast (row stride 0)");
+  if (h.hidden.shape[0] > 1 && h.hidden.strides[0] == 0)
+    fail(fn, hn + " must not be a broadcast (row stride 0)");
+  if (h.weight.shape[0] > 1 && h.weight.strides[0] == 0)
+    fail(fn, wn + " must not be a broadcast (row stride 0)");
   if (h.hidden.shape[1] != h.weight.shape[1])
     fail(fn, hn + " " + check::shape_string(h.hidden) + " and " + wn + " " +
                  check::shape_string(h.weight) + " disagree on the hidden size H");
@@ -73,27 +79,35 @@ void check_head(const char* fn, const char* prefix, const LinearHead& h, int64_t
   }
 }
 
-void check_grads(const char* fn, const char* prefix, const LinearHead& h, const LinearHeadGrads& g) {
+void check_grads(const char* fn, const char* prefix, const LinearHead& h,
+                 const LinearHeadGrads& g) {
   const std::string p(prefix);
   auto same_shape = [&](const TensorView& out, const TensorView& in, const std::string& name) {
     if (!out.defined()) return;
     if (out.device != Device::cpu) fail(fn, name + " must be on the CPU");
-    if (!check::is_float(out.dtype)) fail(fn, name + " must be a float tensor, got " + dtype_name(out.dtype));
-    if (out.ndim != in.ndim) fail(fn, name + " must have shape " + check::shape_string(in) + ", got " + check::shape_string(out));
+    if (!check::is_float(out.dtype))
+      fail(fn, name + " must be a float tensor, got " + dtype_name(out.dtype));
+    if (out.ndim != in.ndim)
+      fail(fn, name + " must have shape " + check::shape_string(in) + ", got " +
+                   check::shape_string(out));
     for (int d = 0; d < in.ndim; ++d)
       if (out.shape[d] != in.shape[d])
-        fail(fn, name + " must have shape " + check::shape_string(in) + ", got " + check::shape_string(out));
+        fail(fn, name + " must have shape " + check::shape_string(in) + ", got " +
+                     check::shape_string(out));
     if (out.numel() > 0 && out.data == nullptr) fail(fn, name + " has a null data pointer");
     if (out.ndim == 2) check::float_matrix(fn, name.c_str(), out, /*is_output=*/true);
   };
   same_shape(g.hidden, h.hidden, "grad_" + p + "hidden");
   same_shape(g.weight, h.weight, "grad_" + p + "weight");
-  if (g.bias.defined() && !h.bias.defined()) fail(fn, "grad_" + p + "bias is given but " + p + "bias is not");
+  if (g.bias.defined() && !h.bias.defined())
+    fail(fn, "grad_" + p + "bias is given but " + p + "bias is not");
   same_shape(g.bias, h.bias, "grad_" + p + "bias");
 }
 
 int64_t choose_chunk(int64_t requested, int64_t n, int64_t v) {
-  if (requested < 0) throw Error("fused linear: chunk_size must be >= 0 (0 chooses it), got " + std::to_string(requested));
+  if (requested < 0)
+    throw Error("fused linear: chunk_size must be >= 0 (0 chooses it), got " +
+                std::to_string(requested));
   int64_t c = requested;
   if (c == 0) {
     // About 256 MiB of fp32 logits per buffer, at most 1024 tokens. The weight gradient is
@@ -116,8 +130,9 @@ std::vector<int64_t> read_labels(const char* fn, const TensorView& labels, int64
     if (y == ignore_index) {
       out[i] = -1;
     } else if (need_range && (y < 0 || y >= v)) {
-      fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) + " is out of range [0, " +
-                   std::to_string(v) + ") and is not ignore_index (" + std::to_string(ignore_index) + ")");
+      fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
+                   " is out of range [0, " + std::to_string(v) + ") and is not ignore_index (" +
+                   std::to_string(ignore_index) + ")");
     } else {
       out[i] = need_range ? y : 0;
     }

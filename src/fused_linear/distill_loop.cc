@@ -27,8 +27,8 @@ namespace {
 // ignored rows), adds each row's weighted soft loss to row_loss and, when grad_out is not null,
 // writes the soft term's d loss / d logits there ([rows, v], may alias ls). `teacher` is a
 // [chunk, v] buffer for the teacher's logits (empty when distill_chunks was told none is needed).
-using SoftTerm = void(int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
-                      double* row_loss, float* teacher);
+using SoftTerm = void(int64_t r0, int64_t rows, float* ls, float* grad_out,
+                      const double* row_weight, double* row_loss, float* teacher);
 
 // The chunk loop shared by the distillation losses: student GEMM, the soft term, the optional
 // hard-label CE (T = 1) and the student's gradient GEMMs. `after_loop` runs once the chunk
@@ -46,12 +46,13 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
     fail(fn, "hard_weight and soft_weight must be finite");
   const bool hard = fused.hard_weight != 0.0f, soft_on = fused.soft_weight != 0.0f;
   if (hard && !options.labels.defined()) fail(fn, "hard_weight != 0 needs labels");
-  const std::vector<int64_t> labels =
-      read_labels(fn, options.labels, n, options.ignore_index, group.global_v(), /*need_range=*/hard);
+  const std::vector<int64_t> labels = read_labels(fn, options.labels, n, options.ignore_index,
+                                                  group.global_v(), /*need_range=*/hard);
   const std::vector<double> token_weight = reduce::token_weights(fn, options.weights, n);
   int64_t count = 0;
   for (int64_t y : labels) count += y >= 0;
-  const double divisor = reduce::divisor(fn, options.reduction, options.num_items_in_batch, count, n);
+  const double divisor =
+      reduce::divisor(fn, options.reduction, options.num_items_in_batch, count, n);
   reduce::check_loss_output(fn, loss, options.reduction, n);
 
   const int threads = get_num_threads();
@@ -88,7 +89,8 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
     std::fill(row_loss.begin(), row_loss.end(), 0.0);
     if (soft_on) {
       for (int64_t r = 0; r < rows; ++r)
-        row_weight[r] = labels[r0 + r] < 0 ? 0.0 : fused.soft_weight * token_weight[r0 + r] / divisor;
+        row_weight[r] =
+            labels[r0 + r] < 0 ? 0.0 : fused.soft_weight * token_weight[r0 + r] / divisor;
       float* grad_out = want_s ? (gsoft.empty() ? ls.data() : gsoft.data()) : nullptr;
       try {
         soft(r0, rows, ls.data(), grad_out, row_weight.data(), row_loss.data(), lt.data());
@@ -118,10 +120,12 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
         f.num_threads = threads;
         detail::label_rows_forward(f);
         if (f.bad_row >= 0)
-          fail(fn, "the student logits of token " + std::to_string(r0 + f.bad_row) + " are NaN, +inf or all -inf");
+          fail(fn, "the student logits of token " + std::to_string(r0 + f.bad_row) +
+                       " are NaN, +inf or all -inf");
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const double hw = labels[r0 + r] < 0 ? 0.0 : fused.hard_weight * token_weight[r0 + r] / divisor;
+        const double hw =
+            labels[r0 + r] < 0 ? 0.0 : fused.hard_weight * token_weight[r0 + r] / divisor;
         if (labels[r0 + r] >= 0) row_loss[r] += hw * (lse[r] - zy[r]);
         ca[r] = hw;
         cb[r] = sharded && !in_shard[r] ? 0.0 : -hw;  // the one-hot term is the label's rank's
@@ -150,7 +154,9 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
       else total += row_loss[r];
     }
     // Without the hard term a shard's soft gradient is in gsoft.
-    if (want_s) acc_s.add_chunk(sharded && soft_on && !hard ? gsoft.data() : ls.data(), v, r0, rows, hs_c, scratch);
+    if (want_s)
+      acc_s.add_chunk(sharded && soft_on && !hard ? gsoft.data() : ls.data(), v, r0, rows, hs_c,
+                      scratch);
   }
   if (options.reduction != Reduction::none) elem::set(loss, 0, total);
   for (std::vector<float>* b : {&ls, &gsoft, &lt, &scratch}) std::vector<float>().swap(*b);
@@ -164,46 +170,56 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
 void fused_linear_divergence(const LinearHead& student, const LinearHead& teacher,
                              const DivergenceSpec& spec, const DivergenceOptions& options,
                              const FusedLinearOptions& fused, const TensorView& loss,
-                             const LinearHeadGrads& student_grads, const LinearHeadGrads& teacher_grads) {
+                             const LinearHeadGrads& student_grads,
+                             const LinearHeadGrads& teacher_grads) {
   constexpr const char* fn = "fused_linear_divergence";
   validate_spec(spec);
-  const int64_t v = student.weight.defined() && student.weight.ndim == 2 ? student.weight.shape[0] : 0;
+  const int64_t v =
+      student.weight.defined() && student.weight.ndim == 2 ? student.weight.shape[0] : 0;
   const bool sharded = fused.shard.active();
   std::vector<int64_t> token_ids;  // the teacher's vocabulary as seen by the student
   const bool mapped = fused.teacher_token_ids.defined();
   // The checks whose outcome may differ between the ranks of a group (the shards) run before the
   // group agrees on the layout.
-  const ShardGroup group(fn, fused.shard, v, [&] {
-    check_head(fn, "student_", student, -1);
-    check_head(fn, "teacher_", teacher, student.hidden.shape[0]);
-    check_grads(fn, "student_", student, student_grads);
-    check_grads(fn, "teacher_", teacher, teacher_grads);
-    const int64_t vt = teacher.weight.shape[0];
-    if (mapped && sharded)
-      fail(fn, "teacher_token_ids is not supported with a vocabulary-parallel shard (shard the "
+  const ShardGroup group(
+      fn, fused.shard, v,
+      [&] {
+        check_head(fn, "student_", student, -1);
+        check_head(fn, "teacher_", teacher, student.hidden.shape[0]);
+        check_grads(fn, "student_", student, student_grads);
+        check_grads(fn, "teacher_", teacher, teacher_grads);
+        const int64_t vt = teacher.weight.shape[0];
+        if (mapped && sharded)
+          fail(fn,
+               "teacher_token_ids is not supported with a vocabulary-parallel shard (shard the "
                "teacher's vocabulary like the student's)");
-    if (mapped) {
-      check::vector_of(fn, "teacher_token_ids", fused.teacher_token_ids, v, {DType::i64, DType::i32});
-      token_ids.resize(static_cast<size_t>(v));
-      for (int64_t j = 0; j < v; ++j) {
-        token_ids[j] = elem::index(fused.teacher_token_ids, j);
-        if (token_ids[j] < 0 || token_ids[j] >= vt)
-          fail(fn, "teacher_token_ids[" + std::to_string(j) + "] = " + std::to_string(token_ids[j]) +
-                       " is out of the teacher's vocabulary [0, " + std::to_string(vt) + ")");
-      }
-    } else if (vt != v && sharded) {
-      fail(fn, "student_weight has " + std::to_string(v) + " rows on this rank and teacher_weight " +
-                   std::to_string(vt) + ": the vocabulary shards must match");
-    } else if (vt != v) {
-      fail(fn, "student_weight has V = " + std::to_string(v) + " rows and teacher_weight " +
-                   std::to_string(vt) + ": the vocabularies differ; pass teacher_token_ids (a mapping, "
-                   "or 0..V_student-1 to truncate the teacher's)");
-    }
-    if (sharded) {
-      check_finite_rows(fn, "student_weight", student.weight, v, nullptr, get_num_threads());
-      check_finite_rows(fn, "teacher_weight", teacher.weight, v, nullptr, get_num_threads());
-    }
-  }, {student_grads.hidden.defined(), teacher_grads.hidden.defined()});
+        if (mapped) {
+          check::vector_of(fn, "teacher_token_ids", fused.teacher_token_ids, v,
+                           {DType::i64, DType::i32});
+          token_ids.resize(static_cast<size_t>(v));
+          for (int64_t j = 0; j < v; ++j) {
+            token_ids[j] = elem::index(fused.teacher_token_ids, j);
+            if (token_ids[j] < 0 || token_ids[j] >= vt)
+              fail(fn, "teacher_token_ids[" + std::to_string(j) +
+                           "] = " + std::to_string(token_ids[j]) +
+                           " is out of the teacher's vocabulary [0, " + std::to_string(vt) + ")");
+          }
+        } else if (vt != v && sharded) {
+          fail(fn, "student_weight has " + std::to_string(v) +
+                       " rows on this rank and teacher_weight " + std::to_string(vt) +
+                       ": the vocabulary shards must match");
+        } else if (vt != v) {
+          fail(fn, "student_weight has V = " + std::to_string(v) + " rows and teacher_weight " +
+                       std::to_string(vt) +
+                       ": the vocabularies differ; pass teacher_token_ids (a mapping, "
+                       "or 0..V_student-1 to truncate the teacher's)");
+        }
+        if (sharded) {
+          check_finite_rows(fn, "student_weight", student.weight, v, nullptr, get_num_threads());
+          check_finite_rows(fn, "teacher_weight", teacher.weight, v, nullptr, get_num_threads());
+        }
+      },
+      {student_grads.hidden.defined(), teacher_grads.hidden.defined()});
   const int64_t ht = teacher.weight.shape[1];
   WeightBlocks wt(fn, "teacher_weight", teacher.weight, v, mapped ? &token_ids : nullptr,
                   get_num_threads(), /*check=*/!sharded);
@@ -213,42 +229,47 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
   const bool want_t = acc_t.wanted();
   std::vector<float> scratch, grad_t;  // grad_t: a shard's teacher gradient (beside its logits)
 
-  distill_chunks(fn, group, student, v, options, fused, loss, student_grads, /*teacher_buffer=*/true,
-                 [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
-                     double* row_loss, float* lt) {
-    to_f32_rows(fn, "teacher_hidden", teacher.hidden, r0, rows, nullptr, ht_c);
-    chunk_logits(ht_c, rows, wt, v, ht, bt, lt);
-    const TensorView lsv = TensorView::matrix(ls, DType::f32, rows, v);
-    const TensorView ltv = TensorView::matrix(lt, DType::f32, rows, v);
-    const TensorView gsv = grad_out ? TensorView::matrix(grad_out, DType::f32, rows, v) : TensorView{};
-    if (sharded) {
-      const std::vector<int64_t> lab = read_labels(fn, row_slice(options.labels, r0, rows), rows,
-                                                   options.ignore_index, 0, false);
-      std::vector<uint8_t> active(static_cast<size_t>(rows));
-      for (int64_t r = 0; r < rows; ++r) active[r] = lab[r] >= 0;
-      if (want_t) grad_t.resize(static_cast<size_t>(rows * v));
-      const TensorView gtv = want_t ? TensorView::matrix(grad_t.data(), DType::f32, rows, v) : TensorView{};
-      sharded_divergence_rows(fn, group, lsv, ltv, spec, active, row_weight, row_loss, gsv, gtv);
-      if (want_t) acc_t.add_chunk(grad_t.data(), v, r0, rows, ht_c, scratch);
-      return;
-    }
-    DivergenceOptions o;
-    o.reduction = Reduction::none;
-    o.weights = TensorView::vector(const_cast<double*>(row_weight), DType::f64, rows);
-    o.labels = row_slice(options.labels, r0, rows);
-    o.ignore_index = options.ignore_index;
-    DivergenceOutputs out;
-    out.loss = TensorView::vector(row_loss, DType::f64, rows);
-    out.grad_student = gsv;
-    if (want_t) out.grad_teacher = ltv;
-    divergence(lsv, ltv, spec, o, out);
-    if (want_t) acc_t.add_chunk(lt, v, r0, rows, ht_c, scratch);
-  }, [&] {
-    std::vector<float>().swap(scratch);
-    std::vector<float>().swap(grad_t);
-    wt.release();
-    acc_t.finish();
-  });
+  distill_chunks(
+      fn, group, student, v, options, fused, loss, student_grads, /*teacher_buffer=*/true,
+      [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
+          double* row_loss, float* lt) {
+        to_f32_rows(fn, "teacher_hidden", teacher.hidden, r0, rows, nullptr, ht_c);
+        chunk_logits(ht_c, rows, wt, v, ht, bt, lt);
+        const TensorView lsv = TensorView::matrix(ls, DType::f32, rows, v);
+        const TensorView ltv = TensorView::matrix(lt, DType::f32, rows, v);
+        const TensorView gsv =
+            grad_out ? TensorView::matrix(grad_out, DType::f32, rows, v) : TensorView{};
+        if (sharded) {
+          const std::vector<int64_t> lab = read_labels(fn, row_slice(options.labels, r0, rows),
+                                                       rows, options.ignore_index, 0, false);
+          std::vector<uint8_t> active(static_cast<size_t>(rows));
+          for (int64_t r = 0; r < rows; ++r) active[r] = lab[r] >= 0;
+          if (want_t) grad_t.resize(static_cast<size_t>(rows * v));
+          const TensorView gtv =
+              want_t ? TensorView::matrix(grad_t.data(), DType::f32, rows, v) : TensorView{};
+          sharded_divergence_rows(fn, group, lsv, ltv, spec, active, row_weight, row_loss, gsv,
+                                  gtv);
+          if (want_t) acc_t.add_chunk(grad_t.data(), v, r0, rows, ht_c, scratch);
+          return;
+        }
+        DivergenceOptions o;
+        o.reduction = Reduction::none;
+        o.weights = TensorView::vector(const_cast<double*>(row_weight), DType::f64, rows);
+        o.labels = row_slice(options.labels, r0, rows);
+        o.ignore_index = options.ignore_index;
+        DivergenceOutputs out;
+        out.loss = TensorView::vector(row_loss, DType::f64, rows);
+        out.grad_student = gsv;
+        if (want_t) out.grad_teacher = ltv;
+        divergence(lsv, ltv, spec, o, out);
+        if (want_t) acc_t.add_chunk(lt, v, r0, rows, ht_c, scratch);
+      },
+      [&] {
+        std::vector<float>().swap(scratch);
+        std::vector<float>().swap(grad_t);
+        wt.release();
+        acc_t.finish();
+      });
 }
 
 void fused_linear_sparse_divergence(const LinearHead& student, const TensorView& teacher_indices,
@@ -260,31 +281,39 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
   validate_spec(spec);
   check_head(fn, "student_", student, -1);
   check_grads(fn, "student_", student, student_grads);
-  if (fused.teacher_token_ids.defined()) fail(fn, "teacher_token_ids is not used with a sparse teacher (its indices are the student's token ids)");
-  if (fused.shard.active()) fail(fn, "a vocabulary-parallel shard is not supported with a sparse teacher");
+  if (fused.teacher_token_ids.defined())
+    fail(fn,
+         "teacher_token_ids is not used with a sparse teacher (its indices are the student's token "
+         "ids)");
+  if (fused.shard.active())
+    fail(fn, "a vocabulary-parallel shard is not supported with a sparse teacher");
   const int64_t n = student.hidden.shape[0], v = student.weight.shape[0];
   if (!teacher_indices.defined() || !teacher_logprobs.defined())
     fail(fn, "teacher_indices and teacher_logprobs are required");
   if (teacher_indices.ndim != 2 || teacher_indices.shape[0] != n)
-    fail(fn, "teacher_indices must be [N = " + std::to_string(n) + ", k], got " + check::shape_string(teacher_indices));
+    fail(fn, "teacher_indices must be [N = " + std::to_string(n) + ", k], got " +
+                 check::shape_string(teacher_indices));
   if (teacher_logprobs.ndim != 2 || teacher_logprobs.shape[0] != n)
-    fail(fn, "teacher_logprobs must be [N = " + std::to_string(n) + ", k], got " + check::shape_string(teacher_logprobs));
+    fail(fn, "teacher_logprobs must be [N = " + std::to_string(n) + ", k], got " +
+                 check::shape_string(teacher_logprobs));
   // The teacher rows are checked chunk by chunk by sparse_divergence (an error names the chunk's
   // first token and the row within it); the outputs are only complete after the last chunk.
-  distill_chunks(fn, ShardGroup(v), student, v, options, fused, loss, student_grads, /*teacher_buffer=*/false,
-                 [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
-                     double* row_loss, float*) {
-    DivergenceOptions o;
-    o.reduction = Reduction::none;
-    o.weights = TensorView::vector(const_cast<double*>(row_weight), DType::f64, rows);
-    o.labels = row_slice(options.labels, r0, rows);
-    o.ignore_index = options.ignore_index;
-    SparseOutputs out;
-    out.loss = TensorView::vector(row_loss, DType::f64, rows);
-    if (grad_out) out.grad_student = TensorView::matrix(grad_out, DType::f32, rows, v);
-    sparse_divergence(TensorView::matrix(ls, DType::f32, rows, v),
-                      row_slice(teacher_indices, r0, rows), row_slice(teacher_logprobs, r0, rows),
-                      spec, sparse, o, out);
-  }, [] {});
+  distill_chunks(
+      fn, ShardGroup(v), student, v, options, fused, loss, student_grads, /*teacher_buffer=*/false,
+      [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
+          double* row_loss, float*) {
+        DivergenceOptions o;
+        o.reduction = Reduction::none;
+        o.weights = TensorView::vector(const_cast<double*>(row_weight), DType::f64, rows);
+        o.labels = row_slice(options.labels, r0, rows);
+        o.ignore_index = options.ignore_index;
+        SparseOutputs out;
+        out.loss = TensorView::vector(row_loss, DType::f64, rows);
+        if (grad_out) out.grad_student = TensorView::matrix(grad_out, DType::f32, rows, v);
+        sparse_divergence(TensorView::matrix(ls, DType::f32, rows, v),
+                          row_slice(teacher_indices, r0, rows),
+                          row_slice(teacher_logprobs, r0, rows), spec, sparse, o, out);
+      },
+      [] {});
 }
 }  // namespace divkit

@@ -11,7 +11,8 @@ namespace divkit::fused {
 
 HeadGradAccumulator::HeadGradAccumulator(const LinearHead& head, const LinearHeadGrads& grads,
                                          WeightBlocks* weight, int64_t v,
-                                         const std::vector<int64_t>* row_ids, const ShardGroup* group)
+                                         const std::vector<int64_t>* row_ids,
+                                         const ShardGroup* group)
     : head_(head), grads_(grads), weight_(weight), row_ids_(row_ids),
       group_(group != nullptr && group->on() ? group : nullptr), v_(v) {
   h_ = head.weight.shape[1];
@@ -54,7 +55,8 @@ void HeadGradAccumulator::add_chunk(const float* g, int64_t ldg, int64_t r0, int
     const int64_t pr = gemm::piece_rows(v_, h_);
     gemm::for_pieces(weight_->threads(), (v_ + pr - 1) / pr, [&](int, int64_t p) {
       const int64_t j0 = p * pr, nr = std::min(pr, v_ - j0);
-      gemm::atb(nr, h_, rows, 1.0f, g + j0, ldg, h.data, h.ld, first_ ? 0.0f : 1.0f, dw_ + j0 * ldw_, ldw_);
+      gemm::atb(nr, h_, rows, 1.0f, g + j0, ldg, h.data, h.ld, first_ ? 0.0f : 1.0f,
+                dw_ + j0 * ldw_, ldw_);
     });
   }
   if (!db_.empty()) {
@@ -89,7 +91,8 @@ void HeadGradAccumulator::finish() {
         dw_owned_.swap(full);
       }
       // 262M elements at 128256 x 2048: rows in parallel.
-#pragma omp parallel for num_threads(get_num_threads()) schedule(static) if (v_full * h_ >= (int64_t{1} << 20))
+#pragma omp parallel for num_threads(get_num_threads()) \
+    schedule(static) if (v_full * h_ >= (int64_t{1} << 20))
       for (int64_t r = 0; r < v_full; ++r) store_row(out, r, dw_owned_.data() + r * h_, h_);
     }
   }

@@ -22,7 +22,9 @@ class HeadGradAccumulator {
                       int64_t v, const std::vector<int64_t>* row_ids,
                       const ShardGroup* group = nullptr);
 
-  bool wanted() const { return grads_.hidden.defined() || grads_.weight.defined() || grads_.bias.defined(); }
+  bool wanted() const {
+    return grads_.hidden.defined() || grads_.weight.defined() || grads_.bias.defined();
+  }
 
   // g: d loss / d logits of rows [r0, r0 + rows) ([rows, v], ld = ldg); h: their hidden rows.
   void add_chunk(const float* g, int64_t ldg, int64_t r0, int64_t rows, const F32Matrix& h,

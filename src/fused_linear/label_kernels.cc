@@ -82,7 +82,8 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
 struct RowSums {
   double e = 0.0, ec = 0.0, z = 0.0;
 };
-HWY_INLINE RowSums SumRow(const float* HWY_RESTRICT z, int64_t v, float m, bool want_ec, bool want_z) {
+HWY_INLINE RowSums SumRow(const float* HWY_RESTRICT z, int64_t v, float m, bool want_ec,
+                          bool want_z) {
   const DF df;
   const RowSpan sp = Span(v);
   const VF vm = hn::Set(df, m);
@@ -97,7 +98,8 @@ HWY_INLINE RowSums SumRow(const float* HWY_RESTRICT z, int64_t v, float m, bool 
       const VF e = SoftmaxExp(df, c);
       acc_e = hn::Add(acc_e, e);
       // e * c with 0 where e = 0 (c = -inf for masked entries).
-      if (want_ec) acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
+      if (want_ec)
+        acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
       if (want_z) acc_z = hn::Add(acc_z, x);
     }
     sum_e.AddBlock(acc_e);
@@ -163,7 +165,8 @@ void ShardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>&
   if (job.topk_z != nullptr) {
     const int64_t k = std::min(job.topk, v);
     scratch.assign(z, z + v);
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
+                     std::greater<float>());
     double* out = job.topk_z + i * job.topk;
     for (int64_t j = 0; j < job.topk; ++j) out[j] = j < k ? scratch[j] : -static_cast<double>(kInf);
   }
@@ -201,7 +204,9 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
     const VF lp = hn::Sub(zj, vlse);
     const VF p = SoftmaxExp(df, lp);
     VF g = hn::MulAdd(va, p, vc);
-    if (e != 0.0f) g = hn::MulAdd(hn::Mul(ve, p), hn::IfThenZeroElse(hn::Eq(p, hn::Zero(df)), hn::Add(lp, vh)), g);
+    if (e != 0.0f)
+      g = hn::MulAdd(hn::Mul(ve, p), hn::IfThenZeroElse(hn::Eq(p, hn::Zero(df)), hn::Add(lp, vh)),
+                     g);
     g = chain(zj, g);
     if (add) g = hn::Add(g, hn::LoadU(df, add + j));
     hn::StoreU(g, df, z + j);
@@ -231,7 +236,8 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
 }  // namespace
 
 void LabelRowsForward(detail::LabelForwardJob& job) {
-  const bool parallel = job.num_threads > 1 && job.rows > 1 && job.rows * job.v >= kMinParallelEntries;
+  const bool parallel =
+      job.num_threads > 1 && job.rows > 1 && job.rows * job.v >= kMinParallelEntries;
   int64_t bad_row = -1;
   const bool shard = job.shard_max != nullptr || job.shift != nullptr;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
@@ -248,7 +254,8 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
         } else {
           std::fill(job.partials + 4 * i, job.partials + 4 * i + 4, 0.0);
           if (job.topk_z != nullptr)
-            std::fill(job.topk_z + i * job.topk, job.topk_z + (i + 1) * job.topk, -static_cast<double>(kInf));
+            std::fill(job.topk_z + i * job.topk, job.topk_z + (i + 1) * job.topk,
+                      -static_cast<double>(kInf));
         }
         continue;
       }
@@ -268,7 +275,8 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
 }
 
 void LabelRowsGrad(const detail::LabelGradJob& job) {
-  const bool parallel = job.num_threads > 1 && job.rows > 1 && job.rows * job.v >= kMinParallelEntries;
+  const bool parallel =
+      job.num_threads > 1 && job.rows > 1 && job.rows * job.v >= kMinParallelEntries;
 #pragma omp parallel for num_threads(job.num_threads) schedule(static) if (parallel)
   for (int64_t i = 0; i < job.rows; ++i) GradRow(job, i);
 }
@@ -281,7 +289,9 @@ HWY_AFTER_NAMESPACE();
 namespace divkit {
 HWY_EXPORT(LabelRowsForward);
 HWY_EXPORT(LabelRowsGrad);
-void detail::label_rows_forward(LabelForwardJob& job) { HWY_DYNAMIC_DISPATCH(LabelRowsForward)(job); }
+void detail::label_rows_forward(LabelForwardJob& job) {
+  HWY_DYNAMIC_DISPATCH(LabelRowsForward)(job);
+}
 void detail::label_rows_grad(const LabelGradJob& job) { HWY_DYNAMIC_DISPATCH(LabelRowsGrad)(job); }
 }  // namespace divkit
 #endif  // HWY_ONCE

@@ -48,7 +48,7 @@ struct LabelGradJob {
   const int64_t* labels = nullptr;
   float inv_t = 1.0f, softcap = 0.0f;
   const double* lse = nullptr;
-  const double* entropy = nullptr;  // needed when e != 0
+  const double* entropy = nullptr;                                      // needed when e != 0
   const double *a = nullptr, *b = nullptr, *c = nullptr, *e = nullptr;  // e may be null
   const float* add = nullptr;  // optional [rows, V] block added to the gradient
   int64_t ldadd = 0;

@@ -132,15 +132,18 @@ int64_t rows_of(const TensorView& w) { return w.defined() && w.ndim == 2 ? w.sha
 
 // A shard's weight is checked for NaN and inf before its group agrees that every rank's passed.
 void check_shard_weight(const char* fn, const VocabShard& shard, const LinearHead& head) {
-  if (shard.active()) check_finite_rows(fn, "weight", head.weight, head.weight.shape[0], nullptr, get_num_threads());
+  if (shard.active())
+    check_finite_rows(fn, "weight", head.weight, head.weight.shape[0], nullptr, get_num_threads());
 }
 
 void check_stats(const char* fn, const LabelStatsOutputs& stats, int64_t n, int64_t v) {
-  for (auto [t, name] : {std::pair{&stats.logprobs, "logprobs"}, std::pair{&stats.entropy, "entropy"},
-                         std::pair{&stats.lse, "lse"}, std::pair{&stats.topk_mass, "topk_mass"}})
+  for (auto [t, name] :
+       {std::pair{&stats.logprobs, "logprobs"}, std::pair{&stats.entropy, "entropy"},
+        std::pair{&stats.lse, "lse"}, std::pair{&stats.topk_mass, "topk_mass"}})
     if (t->defined()) check::vector_of(fn, name, *t, n, {DType::f32, DType::f64});
   if (stats.topk_mass.defined() && (stats.topk < 1 || stats.topk > v))
-    fail(fn, "topk must be in [1, V = " + std::to_string(v) + "], got " + std::to_string(stats.topk));
+    fail(fn,
+         "topk must be in [1, V = " + std::to_string(v) + "], got " + std::to_string(stats.topk));
 }
 
 }  // namespace
@@ -149,22 +152,27 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                                 const CrossEntropySpec& spec, const TensorView& loss,
                                 const LinearHeadGrads& grads, const LabelStatsOutputs& stats) {
   constexpr const char* fn = "fused_linear_cross_entropy";
-  const ShardGroup group(fn, spec.shard, rows_of(head.weight), [&] {
-    check_head(fn, "", head, -1);
-    check_grads(fn, "", head, grads);
-    check_shard_weight(fn, spec.shard, head);
-  }, {grads.hidden.defined(), stats.topk_mass.defined()});
+  const ShardGroup group(fn, spec.shard, rows_of(head.weight),
+                         [&] {
+                           check_head(fn, "", head, -1);
+                           check_grads(fn, "", head, grads);
+                           check_shard_weight(fn, spec.shard, head);
+                         },
+                         {grads.hidden.defined(), stats.topk_mass.defined()});
   const int64_t n = head.hidden.shape[0], v = group.global_v();
   if (!labels.defined()) fail(fn, "labels are required");
   const float eps = spec.label_smoothing;
-  if (!(eps >= 0.0f && eps < 1.0f)) fail(fn, "label_smoothing must be in [0, 1), got " + std::to_string(eps));
+  if (!(eps >= 0.0f && eps < 1.0f))
+    fail(fn, "label_smoothing must be in [0, 1), got " + std::to_string(eps));
   if (!(spec.z_loss_scale >= 0.0f) || !std::isfinite(spec.z_loss_scale))
     fail(fn, "z_loss_scale must be finite and >= 0, got " + std::to_string(spec.z_loss_scale));
   if (!(spec.softcap >= 0.0f) || !std::isfinite(spec.softcap))
-    fail(fn, "softcap must be finite and >= 0 (0 disables it), got " + std::to_string(spec.softcap));
+    fail(fn,
+         "softcap must be finite and >= 0 (0 disables it), got " + std::to_string(spec.softcap));
   check_stats(fn, stats, n, v);
-  LabelRun run{fn, group, head, read_labels(fn, labels, n, spec.ignore_index, v, true), 1.0f,
-               spec.softcap, spec.chunk_size};
+  LabelRun run{
+      fn,   group,        head,           read_labels(fn, labels, n, spec.ignore_index, v, true),
+      1.0f, spec.softcap, spec.chunk_size};
   int64_t count = 0;
   for (int64_t y : run.labels) count += y >= 0;
   const double divisor = reduce::divisor(fn, spec.reduction, spec.num_items_in_batch, count, n);
@@ -174,48 +182,59 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
     for (int64_t i = 0; i < n; ++i) elem::set(loss, i, 0.0);
   const double zl = spec.z_loss_scale;
   double total = 0.0;
-  run_label_head(run, stats, stats.entropy.defined(), eps > 0.0f, grads,
-                 [&](int64_t i, double lse, double zy, double mean) {
-                   const double l = tw[i] * ((1.0 - eps) * (lse - zy) + eps * (lse - mean) + zl * lse * lse);
-                   if (spec.reduction == Reduction::none) elem::set(loss, i, l);
-                   else total += l;
-                 },
-                 [&](int64_t i, double lse, double& a, double& b, double& c, double&) {
-                   const double s = tw[i] / divisor;
-                   a = s * (1.0 + 2.0 * zl * lse);
-                   b = -s * (1.0 - eps);
-                   c = -s * eps / static_cast<double>(v);
-                 });
+  run_label_head(
+      run, stats, stats.entropy.defined(), eps > 0.0f, grads,
+      [&](int64_t i, double lse, double zy, double mean) {
+        const double l = tw[i] * ((1.0 - eps) * (lse - zy) + eps * (lse - mean) + zl * lse * lse);
+        if (spec.reduction == Reduction::none) elem::set(loss, i, l);
+        else total += l;
+      },
+      [&](int64_t i, double lse, double& a, double& b, double& c, double&) {
+        const double s = tw[i] / divisor;
+        a = s * (1.0 + 2.0 * zl * lse);
+        b = -s * (1.0 - eps);
+        c = -s * eps / static_cast<double>(v);
+      });
   if (spec.reduction != Reduction::none) elem::set(loss, 0, total / divisor);
 }
 
-void fused_linear_logprobs(const LinearHead& head, const TensorView& labels, const LogprobsSpec& spec,
-                           const LabelStatsOutputs& stats) {
+void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
+                           const LogprobsSpec& spec, const LabelStatsOutputs& stats) {
   constexpr const char* fn = "fused_linear_logprobs";
-  const ShardGroup group(fn, spec.shard, rows_of(head.weight), [&] {
-    check_head(fn, "", head, -1);
-    check_shard_weight(fn, spec.shard, head);
-  }, {stats.topk_mass.defined()});
+  const ShardGroup group(fn, spec.shard, rows_of(head.weight),
+                         [&] {
+                           check_head(fn, "", head, -1);
+                           check_shard_weight(fn, spec.shard, head);
+                         },
+                         {stats.topk_mass.defined()});
   const int64_t n = head.hidden.shape[0], v = group.global_v();
   if (!labels.defined()) fail(fn, "labels are required");
   if (!(spec.temperature > 0.0f) || !std::isfinite(spec.temperature))
     fail(fn, "temperature must be finite and > 0, got " + std::to_string(spec.temperature));
   check_stats(fn, stats, n, v);
-  LabelRun run{fn, group, head, read_labels(fn, labels, n, spec.ignore_index, v, true),
-               1.0f / spec.temperature, 0.0f, spec.chunk_size};
-  run_label_head(run, stats, stats.entropy.defined(), false, {}, [](int64_t, double, double, double) {},
-                 [](int64_t, double, double&, double&, double&, double&) {});
+  LabelRun run{fn,
+               group,
+               head,
+               read_labels(fn, labels, n, spec.ignore_index, v, true),
+               1.0f / spec.temperature,
+               0.0f,
+               spec.chunk_size};
+  run_label_head(
+      run, stats, stats.entropy.defined(), false, {}, [](int64_t, double, double, double) {},
+      [](int64_t, double, double&, double&, double&, double&) {});
 }
 
 void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& labels,
                                     const LogprobsSpec& spec, const TensorView& grad_logprobs,
                                     const TensorView& grad_entropy, const LinearHeadGrads& grads) {
   constexpr const char* fn = "fused_linear_logprobs_backward";
-  const ShardGroup group(fn, spec.shard, rows_of(head.weight), [&] {
-    check_head(fn, "", head, -1);
-    check_grads(fn, "", head, grads);
-    check_shard_weight(fn, spec.shard, head);
-  }, {grads.hidden.defined()});
+  const ShardGroup group(fn, spec.shard, rows_of(head.weight),
+                         [&] {
+                           check_head(fn, "", head, -1);
+                           check_grads(fn, "", head, grads);
+                           check_shard_weight(fn, spec.shard, head);
+                         },
+                         {grads.hidden.defined()});
   const int64_t n = head.hidden.shape[0], v = group.global_v();
   if (!labels.defined()) fail(fn, "labels are required");
   if (!(spec.temperature > 0.0f) || !std::isfinite(spec.temperature))
@@ -223,29 +242,37 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
   std::vector<double> g(static_cast<size_t>(n), 0.0), e;
   if (grad_logprobs.defined()) {
     check::vector_of(fn, "grad_logprobs", grad_logprobs, n, {DType::f32, DType::f64});
-    for (int64_t i = 0; i < n; ++i) g[i] = grad_logprobs.dtype == DType::f64
-        ? static_cast<const double*>(grad_logprobs.data)[i * grad_logprobs.strides[0]]
-        : elem::load_f32(grad_logprobs.data, DType::f32, i * grad_logprobs.strides[0]);
+    for (int64_t i = 0; i < n; ++i)
+      g[i] = grad_logprobs.dtype == DType::f64
+                 ? static_cast<const double*>(grad_logprobs.data)[i * grad_logprobs.strides[0]]
+                 : elem::load_f32(grad_logprobs.data, DType::f32, i * grad_logprobs.strides[0]);
   }
   if (grad_entropy.defined()) {
     check::vector_of(fn, "grad_entropy", grad_entropy, n, {DType::f32, DType::f64});
     e.resize(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) e[i] = grad_entropy.dtype == DType::f64
-        ? static_cast<const double*>(grad_entropy.data)[i * grad_entropy.strides[0]]
-        : elem::load_f32(grad_entropy.data, DType::f32, i * grad_entropy.strides[0]);
+    for (int64_t i = 0; i < n; ++i)
+      e[i] = grad_entropy.dtype == DType::f64
+                 ? static_cast<const double*>(grad_entropy.data)[i * grad_entropy.strides[0]]
+                 : elem::load_f32(grad_entropy.data, DType::f32, i * grad_entropy.strides[0]);
   }
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(g[i]) || (!e.empty() && !std::isfinite(e[i])))
       fail(fn, "grad_logprobs and grad_entropy must be finite (index " + std::to_string(i) + ")");
-  LabelRun run{fn, group, head, read_labels(fn, labels, n, spec.ignore_index, v, true),
-               1.0f / spec.temperature, 0.0f, spec.chunk_size};
-  run_label_head(run, {}, !e.empty(), false, grads, [](int64_t, double, double, double) {},
-                 [&](int64_t i, double, double& a, double& b, double& c, double& ee) {
-                   a = -g[i];
-                   b = g[i];
-                   c = 0.0;
-                   ee = e.empty() ? 0.0 : -e[i];
-                 });
+  LabelRun run{fn,
+               group,
+               head,
+               read_labels(fn, labels, n, spec.ignore_index, v, true),
+               1.0f / spec.temperature,
+               0.0f,
+               spec.chunk_size};
+  run_label_head(
+      run, {}, !e.empty(), false, grads, [](int64_t, double, double, double) {},
+      [&](int64_t i, double, double& a, double& b, double& c, double& ee) {
+        a = -g[i];
+        b = g[i];
+        c = 0.0;
+        ee = e.empty() ? 0.0 : -e[i];
+      });
 }
 
 }  // namespace divkit

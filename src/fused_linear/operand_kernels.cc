@@ -85,7 +85,8 @@ bool Row(const detail::OperandRowsJob& job, int64_t r) {
 }  // namespace
 
 int64_t ConvertRowsF32(const detail::OperandRowsJob& job) {
-  const bool parallel = job.num_threads > 1 && job.rows > 1 && job.rows * job.cols >= kMinParallelElements;
+  const bool parallel =
+      job.num_threads > 1 && job.rows > 1 && job.rows * job.cols >= kMinParallelElements;
   int64_t first_bad = -1;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
@@ -106,6 +107,8 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace divkit {
 HWY_EXPORT(ConvertRowsF32);
-int64_t detail::convert_rows_f32(const OperandRowsJob& job) { return HWY_DYNAMIC_DISPATCH(ConvertRowsF32)(job); }
+int64_t detail::convert_rows_f32(const OperandRowsJob& job) {
+  return HWY_DYNAMIC_DISPATCH(ConvertRowsF32)(job);
+}
 }  // namespace divkit
 #endif  // HWY_ONCE

@@ -1,4 +1,5 @@
-// The vocabulary-parallel mode of the fused heads, and vocab_parallel_divergence (vocab_parallel.h).
+// The vocabulary-parallel mode of the fused heads, and vocab_parallel_divergence
+// (vocab_parallel.h).
 #include "fused_linear/vocab_parallel.h"
 
 #include <algorithm>
@@ -29,8 +30,8 @@ ShardGroup::ShardGroup(const char* fn, const VocabShard& shard, int64_t v_local,
     return;
   }
   if (shard.world < 1 || shard.rank < 0 || shard.rank >= shard.world)
-    fail(fn, "the vocabulary shard's rank " + std::to_string(shard.rank) + " is not in [0, world = " +
-                 std::to_string(shard.world) + ")");
+    fail(fn, "the vocabulary shard's rank " + std::to_string(shard.rank) +
+                 " is not in [0, world = " + std::to_string(shard.world) + ")");
   std::string error;
   try {
     local_checks();
@@ -48,14 +49,16 @@ ShardGroup::ShardGroup(const char* fn, const VocabShard& shard, int64_t v_local,
   sum(layout.data(), static_cast<int64_t>(layout.size()));
   if (layout[world_] > 0.0) {
     if (!error.empty()) throw Error(error);
-    fail(fn, "the arguments were rejected on " + std::to_string(static_cast<int64_t>(layout[world_])) +
+    fail(fn, "the arguments were rejected on " +
+                 std::to_string(static_cast<int64_t>(layout[world_])) +
                  " other rank(s) of the vocabulary-parallel group (see their error)");
   }
   for (size_t k = 0; k < nf; ++k) {
     const double count = layout[world_ + 1 + k];
     if (count != 0.0 && count != static_cast<double>(world_))
-      fail(fn, "the ranks of the vocabulary-parallel group disagree on which outputs are asked for "
-               "(every rank must ask for the same gradients and statistics)");
+      fail(fn,
+           "the ranks of the vocabulary-parallel group disagree on which outputs are asked for "
+           "(every rank must ask for the same gradients and statistics)");
   }
   offset_ = global_v_ = max_v_ = 0;
   for (int r = 0; r < world_; ++r) {
@@ -90,7 +93,9 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
   std::vector<int64_t> lab(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) lab[r] = active[r] ? 0 : -1;
   const TensorView labels = TensorView::vector(lab.data(), DType::i64, n);
-  auto rows4 = [n](std::vector<double>& b) { return TensorView::matrix(b.data(), DType::f64, n, 4); };
+  auto rows4 = [n](std::vector<double>& b) {
+    return TensorView::matrix(b.data(), DType::f64, n, 4);
+  };
 
   // 1. Per shard {max_s, log_sum_s, max_t, log_sum_t}, combined into the global normalizers:
   // max over ranks, then log sum_r exp((max_r - max) / T + log_sum_r).
@@ -113,7 +118,8 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
       const double g = gmax[2 * r + k], s = gsum[2 * r + k];
       if (!std::isfinite(g) || !(s > 0.0))
         fail(fn, std::string("the ") + (k == 0 ? "student" : "teacher") + " logits of row " +
-                     std::to_string(r) + " are -inf on every rank (no distribution); mark the row "
+                     std::to_string(r) +
+                     " are -inf on every rank (no distribution); mark the row "
                      "with labels = ignore_index");
       norm[4 * r + 2 * k] = g;
       norm[4 * r + 2 * k + 1] = std::log(s);
@@ -128,7 +134,8 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
   if (!renyi) {
     group.sum(sums.data(), 4 * n);
     for (int64_t r = 0; r < n; ++r)
-      values[r] = std::isfinite(sums[4 * r + 1]) && std::isfinite(sums[4 * r + 2]) ? sums[4 * r] : kInf;
+      values[r] =
+          std::isfinite(sums[4 * r + 1]) && std::isfinite(sums[4 * r + 2]) ? sums[4 * r] : kInf;
   } else {
     std::vector<double> amax(static_cast<size_t>(n)), part(static_cast<size_t>(2 * n));
     for (int64_t r = 0; r < n; ++r) amax[r] = sums[4 * r + 1];
@@ -136,7 +143,9 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
     for (int64_t r = 0; r < n; ++r) {
       const double m = sums[4 * r + 1];
       part[2 * r] = sums[4 * r];
-      part[2 * r + 1] = std::isfinite(m) && std::isfinite(amax[r]) ? sums[4 * r + 2] * std::exp(m - amax[r]) : 0.0;
+      part[2 * r + 1] = std::isfinite(m) && std::isfinite(amax[r])
+                            ? sums[4 * r + 2] * std::exp(m - amax[r])
+                            : 0.0;
     }
     group.sum(part.data(), 2 * n);
     for (int64_t r = 0; r < n; ++r) {
@@ -150,7 +159,8 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
       sums[4 * r + 3] = near ? 1.0 : 0.0;
     }
   }
-  const double t2 = spec.scale_by_t_squared ? static_cast<double>(spec.temperature) * spec.temperature : 1.0;
+  const double t2 =
+      spec.scale_by_t_squared ? static_cast<double>(spec.temperature) * spec.temperature : 1.0;
   for (int64_t r = 0; r < n; ++r) {
     if (!active[r]) {
       values[r] = 0.0;
@@ -164,9 +174,11 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
   // 3. The shard's gradients (rows with an infinite value get none).
   if (!grad_student.defined() && !grad_teacher.defined()) return;
   std::vector<double> scale(static_cast<size_t>(n));
-  for (int64_t r = 0; r < n; ++r) scale[r] = active[r] && std::isfinite(values[r]) ? row_weight[r] : 0.0;
+  for (int64_t r = 0; r < n; ++r)
+    scale[r] = active[r] && std::isfinite(values[r]) ? row_weight[r] : 0.0;
   divergence_shard_grad(student, teacher, spec, labels, -1, rows4(norm), rows4(sums),
-                        TensorView::vector(scale.data(), DType::f64, n), grad_student, grad_teacher);
+                        TensorView::vector(scale.data(), DType::f64, n), grad_student,
+                        grad_teacher);
 }
 
 void sharded_label_forward(const char* fn, const ShardGroup& group, float* z, int64_t rows,
@@ -211,7 +223,8 @@ void sharded_label_forward(const char* fn, const ShardGroup& group, float* z, in
     const double s = part[4 * r], log_s = on ? std::log(s) : 0.0;
     if (out.lse) out.lse[r] = on ? m[r] + log_s : 0.0;
     if (out.z_label) out.z_label[r] = on ? part[4 * r + 3] : 0.0;
-    if (out.mean_z) out.mean_z[r] = on ? part[4 * r + 2] / static_cast<double>(group.global_v()) : 0.0;
+    if (out.mean_z)
+      out.mean_z[r] = on ? part[4 * r + 2] / static_cast<double>(group.global_v()) : 0.0;
     // H = -sum p log p = log S - sum e c / S with c = z - max.
     if (out.entropy) out.entropy[r] = on ? log_s - part[4 * r + 1] / s : 0.0;
   }

@@ -16,8 +16,8 @@ namespace {
 // The conversion job of rows [r0, r0 + rows) of the matrix t, gathered through row_ids when
 // given (no destination yet: a check only), on `threads` OpenMP threads (1 inside a parallel
 // region: the pieces of a weight).
-detail::OperandRowsJob rows_job(const TensorView& t, const std::vector<int64_t>* row_ids, int64_t r0,
-                                int64_t rows, int threads) {
+detail::OperandRowsJob rows_job(const TensorView& t, const std::vector<int64_t>* row_ids,
+                                int64_t r0, int64_t rows, int threads) {
   detail::OperandRowsJob job;
   job.src = t.data;
   job.dtype = t.dtype;
@@ -42,7 +42,8 @@ void convert_checked(const char* fn, const char* name, const detail::OperandRows
 }  // namespace
 
 bool is_direct_f32(const TensorView& t) {
-  return t.dtype == DType::f32 && (t.shape[1] <= 1 || t.strides[1] == 1) && t.strides[0] >= t.shape[1];
+  return t.dtype == DType::f32 && (t.shape[1] <= 1 || t.strides[1] == 1) &&
+         t.strides[0] >= t.shape[1];
 }
 
 void to_f32_rows(const char* fn, const char* name, const TensorView& t, int64_t r0, int64_t rows,
@@ -86,14 +87,15 @@ void WeightBlocks::for_each_rows(
 void WeightBlocks::times_weight(const float* g, int64_t ldg, int64_t m, float* dst, int64_t ldd) {
   const int64_t pieces = (v_ + block_rows_ - 1) / block_rows_;
   const int64_t groups = (pieces + kPiecesPerGroup - 1) / kPiecesPerGroup;
-  gemm::sum_groups_in_order(threads_, groups, m, h_, dst, ldd,
-                            [&](int t, int64_t s, float* acc, int64_t lda) {
-    for (int64_t p = s * kPiecesPerGroup; p < std::min(pieces, (s + 1) * kPiecesPerGroup); ++p) {
-      const int64_t j0 = p * block_rows_, rows = std::min(block_rows_, v_ - j0);
-      gemm::ab(m, h_, rows, 1.0f, g + j0, ldg, piece(t, j0, rows), direct_ ? w_.strides[0] : h_,
-               p == s * kPiecesPerGroup ? 0.0f : 1.0f, acc, lda);
-    }
-  });
+  gemm::sum_groups_in_order(
+      threads_, groups, m, h_, dst, ldd, [&](int t, int64_t s, float* acc, int64_t lda) {
+        for (int64_t p = s * kPiecesPerGroup; p < std::min(pieces, (s + 1) * kPiecesPerGroup);
+             ++p) {
+          const int64_t j0 = p * block_rows_, rows = std::min(block_rows_, v_ - j0);
+          gemm::ab(m, h_, rows, 1.0f, g + j0, ldg, piece(t, j0, rows), direct_ ? w_.strides[0] : h_,
+                   p == s * kPiecesPerGroup ? 0.0f : 1.0f, acc, lda);
+        }
+      });
 }
 
 void WeightBlocks::release() {

@@ -46,7 +46,8 @@ class WeightBlocks {
 
   // Calls f(j0, rows, data, ld) with rows [j0, j0 + rows) of the weight as fp32, the calls
   // covering [0, V) once, concurrently, each to make single-threaded BLAS calls.
-  void for_each_rows(const std::function<void(int64_t j0, int64_t rows, const float* data, int64_t ld)>& f);
+  void for_each_rows(
+      const std::function<void(int64_t j0, int64_t rows, const float* data, int64_t ld)>& f);
 
   // dst[m, H] = g[m, V] @ W (grad_hidden = grad_logits @ weight). The vocabulary is summed in
   // fixed groups of kPiecesPerGroup pieces, added in order (gemm::sum_groups_in_order): the

@@ -44,7 +44,7 @@ struct OtPlanOut {
   double* bary = nullptr;        // [nr][d] sum_j w_ij y_j (optional, with wsum)
   void* plan = nullptr;          // optional: P_ij = a_i e_ij, rows of nc entries
   bool plan_f64 = true;
-  int64_t plan_stride = 0;       // elements between plan rows
+  int64_t plan_stride = 0;  // elements between plan rows
 };
 
 // out[i] = LSE_j (h_j - C_ij * inv_eps), h in T, padded.

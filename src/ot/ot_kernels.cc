@@ -217,7 +217,8 @@ void LseRowsT(const OtSide& s, const void* hv, double inv_eps_d, double* out) {
         }
       }
       for (int64_t i = b0 * kRows; i < std::min(b1 * kRows, s.nr); ++i)
-        out[i] = M[static_cast<size_t>(i - b0 * kRows)] + std::log(S[static_cast<size_t>(i - b0 * kRows)]);
+        out[i] = M[static_cast<size_t>(i - b0 * kRows)] +
+                 std::log(S[static_cast<size_t>(i - b0 * kRows)]);
     }
   }
 }
@@ -289,10 +290,8 @@ void PlanRowsT(const OtSide& s, const void* hv, double inv_eps_d, const OtPlanOu
               const double e = std::exp(static_cast<double>(hz[jj]) -
                                         static_cast<double>(c[jj]) * inv_eps_d + o.hr[ir[r]]);
               const int64_t idx = ir[r] * o.plan_stride + j0 + jj;
-              if (o.plan_f64)
-                static_cast<double*>(o.plan)[idx] = ai * e;
-              else
-                static_cast<float*>(o.plan)[idx] = static_cast<float>(ai * e);
+              if (o.plan_f64) static_cast<double*>(o.plan)[idx] = ai * e;
+              else static_cast<float*>(o.plan)[idx] = static_cast<float>(ai * e);
             }
           }
         }
@@ -357,8 +356,8 @@ void MatvecRowsT(const OtSide& s, const T* K, const T* w, double* out) {
   using V = hn::Vec<decltype(d)>;
   const size_t L = hn::Lanes(d);
   // One FMA an entry, memory-bound: worth a second thread only for large rows x columns.
-#pragma omp parallel for num_threads(get_num_threads()) schedule(static) \
-    if (s.nr * s.ncpad >= (int64_t{1} << 19))
+#pragma omp parallel for num_threads(get_num_threads()) \
+    schedule(static) if (s.nr * s.ncpad >= (int64_t{1} << 19))
   for (int64_t i = 0; i < s.nr; ++i) {
     const T* Ki = K + i * s.ncpad;
     double sum = 0.0;
@@ -376,35 +375,26 @@ void MatvecRowsT(const OtSide& s, const T* K, const T* w, double* out) {
 }  // namespace
 
 void OtLseRows(const OtSide& s, const void* h, double inv_eps, double* out) {
-  if (s.f64)
-    LseRowsT<double>(s, h, inv_eps, out);
-  else
-    LseRowsT<float>(s, h, inv_eps, out);
+  if (s.f64) LseRowsT<double>(s, h, inv_eps, out);
+  else LseRowsT<float>(s, h, inv_eps, out);
 }
 void OtCostRows(const OtSide& s, void* C) {
-  if (s.f64)
-    CostRowsT<double>(s, static_cast<double*>(C));
-  else
-    CostRowsT<float>(s, static_cast<float*>(C));
+  if (s.f64) CostRowsT<double>(s, static_cast<double*>(C));
+  else CostRowsT<float>(s, static_cast<float*>(C));
 }
 void OtPlanRows(const OtSide& s, const void* h, double inv_eps, const OtPlanOut& o) {
-  if (s.f64)
-    PlanRowsT<double>(s, h, inv_eps, o);
-  else
-    PlanRowsT<float>(s, h, inv_eps, o);
+  if (s.f64) PlanRowsT<double>(s, h, inv_eps, o);
+  else PlanRowsT<float>(s, h, inv_eps, o);
 }
 
 void OtKernelRows(const OtSide& s, const double* hr, const void* h, double inv_eps, void* K) {
-  if (s.f64)
-    KernelRowsT<double>(s, hr, h, inv_eps, static_cast<double*>(K));
-  else
-    KernelRowsT<float>(s, hr, h, inv_eps, static_cast<float*>(K));
+  if (s.f64) KernelRowsT<double>(s, hr, h, inv_eps, static_cast<double*>(K));
+  else KernelRowsT<float>(s, hr, h, inv_eps, static_cast<float*>(K));
 }
 void OtMatvecRows(const OtSide& s, const void* K, const void* w, double* out) {
   if (s.f64)
     MatvecRowsT<double>(s, static_cast<const double*>(K), static_cast<const double*>(w), out);
-  else
-    MatvecRowsT<float>(s, static_cast<const float*>(K), static_cast<const float*>(w), out);
+  else MatvecRowsT<float>(s, static_cast<const float*>(K), static_cast<const float*>(w), out);
 }
 
 }  // namespace HWY_NAMESPACE

@@ -104,7 +104,8 @@ double pair_sums(const Cloud& P, const Cloud& Q, SampleKernel kernel, double sig
     row[static_cast<size_t>(i)] = P.w[static_cast<size_t>(i)] * s;
     if (grad)
       for (int64_t k = 0; k < d; ++k)
-        (*grad)[static_cast<size_t>(i * d + k)] = P.w[static_cast<size_t>(i)] * gi[static_cast<size_t>(k)];
+        (*grad)[static_cast<size_t>(i * d + k)] =
+            P.w[static_cast<size_t>(i)] * gi[static_cast<size_t>(k)];
   }
   double total = 0;
   for (double v : row) total += v;
@@ -126,7 +127,8 @@ struct Sums {
 Sums all_sums(const char* fn, const Cloud& X, const Cloud& Y, SampleKernel kernel, double sigma,
               bool gx, bool gy) {
   if (X.d != Y.d)
-    fail(fn, "y must have x's dimension d = " + std::to_string(X.d) + ", got " + std::to_string(Y.d));
+    fail(fn,
+         "y must have x's dimension d = " + std::to_string(X.d) + ", got " + std::to_string(Y.d));
   Sums s;
   s.xx = pair_sums(X, X, kernel, sigma, gx ? &s.gxx : nullptr);
   s.yy = pair_sums(Y, Y, kernel, sigma, gy ? &s.gyy : nullptr);
@@ -174,8 +176,8 @@ double cs_divergence(const TensorView& x, const TensorView& y, const TensorView&
   const Cloud X = load(fn, "x", "a", x, a), Y = load(fn, "y", "b", y, b);
   check_grad(fn, "grad_x", grad_x, X.n, X.d);
   check_grad(fn, "grad_y", grad_y, Y.n, Y.d);
-  const Sums s = all_sums(fn, X, Y, SampleKernel::gaussian, sigma, grad_x.defined(),
-                          grad_y.defined());
+  const Sums s =
+      all_sums(fn, X, Y, SampleKernel::gaussian, sigma, grad_x.defined(), grad_y.defined());
   // Gaussian kernel sums are > 0; the cross term underflows to 0 only for clouds many sigma
   // apart, where the divergence is +inf.
   if (!(s.xy > 0)) return INFINITY;

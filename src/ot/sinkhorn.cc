@@ -84,8 +84,10 @@ void check_options(const SinkhornOptions& o) {
     fail(kFn, "check_every must be >= 1, got " + std::to_string(o.check_every));
   if (!(o.eps_scaling == 0.0 || (o.eps_scaling > 0.0 && o.eps_scaling < 1.0)))
     fail(kFn, "eps_scaling must be 0 (off) or in (0, 1), got " + std::to_string(o.eps_scaling));
-  if (!(o.rho_a > 0)) fail(kFn, "rho_a must be > 0 (+inf: balanced), got " + std::to_string(o.rho_a));
-  if (!(o.rho_b > 0)) fail(kFn, "rho_b must be > 0 (+inf: balanced), got " + std::to_string(o.rho_b));
+  if (!(o.rho_a > 0))
+    fail(kFn, "rho_a must be > 0 (+inf: balanced), got " + std::to_string(o.rho_a));
+  if (!(o.rho_b > 0))
+    fail(kFn, "rho_b must be > 0 (+inf: balanced), got " + std::to_string(o.rho_b));
   if (o.cost_cache_bytes < 0)
     fail(kFn, "cost_cache_bytes must be >= 0, got " + std::to_string(o.cost_cache_bytes));
 }
@@ -99,8 +101,8 @@ std::vector<double> load_weights(const char* name, const TensorView& w, int64_t 
     const double x = at(w, b, i);
     if (!std::isfinite(x)) fail(kFn, std::string(name) + " has a non-finite value at " + idx(b, i));
     if (x < 0)
-      fail(kFn, std::string(name) + " has a negative weight " + std::to_string(x) + " at " +
-                    idx(b, i));
+      fail(kFn,
+           std::string(name) + " has a negative weight " + std::to_string(x) + " at " + idx(b, i));
     v[static_cast<size_t>(i)] = x;
     sum += x;
   }
@@ -133,7 +135,8 @@ using HugeBuf = std::unique_ptr<T[], FreeDeleter>;
 template <typename T>
 HugeBuf<T> alloc_huge(int64_t count) {
   constexpr size_t k2M = size_t{2} << 20;
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + k2M - 1) / k2M * k2M;
+  const size_t bytes =
+      (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + k2M - 1) / k2M * k2M;
   void* p = nullptr;
   if (posix_memalign(&p, k2M, bytes) != 0) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
@@ -147,7 +150,7 @@ template <typename T>
 struct Geometry {
   int64_t n = 0, m = 0, d = 0, npad = 0, mpad = 0;
   Buf<T> X, XT, Y, YT, xn, yn;
-  HugeBuf<T> C, CT;  // the cost [n][mpad] and its transpose [m][npad] (given, or cached)
+  HugeBuf<T> C, CT;           // the cost [n][mpad] and its transpose [m][npad] (given, or cached)
   detail::OtSide rows, cols;  // rows: x against y; cols: y against x
   double scale = 0.0;         // D^p (points) or max C (matrix): the start of eps scaling
 };
@@ -190,8 +193,8 @@ void cache_cost(Geometry<T>& g) {
   const T* xn = g.xn.get();
   const T* yn = g.yn.get();
   if (gemm_path) gemm::set_blas_threads(1);
-#pragma omp parallel for num_threads(get_num_threads()) schedule(static) \
-    if (n * m * (gemm_path ? g.d : 1) >= (int64_t{1} << 22))
+#pragma omp parallel for num_threads(get_num_threads()) \
+    schedule(static) if (n * m * (gemm_path ? g.d : 1) >= (int64_t{1} << 22))
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t i0 = blk * kB, i1 = std::min(i0 + kB, n);
     if (gemm_path) {
@@ -250,8 +253,8 @@ Geometry<T> make_geometry(const SinkhornInputs& in, int64_t b, int p, int64_t ca
           const double v = at(*t, b, i, k);
           if (!std::isfinite(v))
             fail(kFn, std::string(name) + " has a non-finite value (NaN or inf) at [" +
-                          std::to_string(b) + ", " + std::to_string(i) + ", " +
-                          std::to_string(k) + "]");
+                          std::to_string(b) + ", " + std::to_string(i) + ", " + std::to_string(k) +
+                          "]");
           center[static_cast<size_t>(k)] += v;
           lo[static_cast<size_t>(k)] = std::min(lo[static_cast<size_t>(k)], v);
           hi[static_cast<size_t>(k)] = std::max(hi[static_cast<size_t>(k)], v);
@@ -267,8 +270,8 @@ Geometry<T> make_geometry(const SinkhornInputs& in, int64_t b, int p, int64_t ca
     load_points(in.y, "y", b, g.m, g.d, center, g.Y, g.YT, g.mpad);
     // Direct differences are cheap and exact for small d; the expansion halves the work
     // (one FMA per coordinate) where the cost computation dominates.
-    const auto mode = (p == 2 && g.d > 8) ? detail::OtCostMode::expanded
-                                          : detail::OtCostMode::direct;
+    const auto mode =
+        (p == 2 && g.d > 8) ? detail::OtCostMode::expanded : detail::OtCostMode::direct;
     if (mode == detail::OtCostMode::expanded) {
       g.xn = zeros<T>(g.npad);
       g.yn = zeros<T>(g.mpad);
@@ -357,8 +360,7 @@ template <typename T>
 class KernelIterations {
  public:
   KernelIterations(Geometry<T>& G, const std::vector<double>& log_a,
-                   const std::vector<double>& log_b, double eps, bool balanced,
-                   int64_t cache_bytes)
+                   const std::vector<double>& log_b, double eps, bool balanced, int64_t cache_bytes)
       : G_(G), la_(log_a), lb_(log_b), eps_(eps) {
     const int64_t pair = (G.n * G.mpad + G.m * G.npad) * static_cast<int64_t>(sizeof(T));
     on_ = balanced && G.rows.mode == detail::OtCostMode::matrix && 2 * pair <= cache_bytes;
@@ -395,7 +397,8 @@ class KernelIterations {
       const int64_t nc = static_cast<int64_t>(q.size());
       T* w = w_.get();
       for (int64_t c = 0; c < nc; ++c)
-        w[c] = static_cast<T>(std::exp((q[static_cast<size_t>(c)] - q0[static_cast<size_t>(c)]) / eps_));
+        w[c] = static_cast<T>(
+            std::exp((q[static_cast<size_t>(c)] - q0[static_cast<size_t>(c)]) / eps_));
       std::fill(w + nc, w + ncpad, T(0));
       detail::ot_matvec_rows(side, K, w, s_.data());
       // All rows or none: out may be g itself, which a retry's absorb reads.
@@ -404,7 +407,8 @@ class KernelIterations {
         ok &= s_[static_cast<size_t>(r)] > 0 && std::isfinite(s_[static_cast<size_t>(r)]);
       if (ok) {
         for (int64_t r = 0; r < side.nr; ++r)
-          out[static_cast<size_t>(r)] = p0[static_cast<size_t>(r)] - eps_ * std::log(s_[static_cast<size_t>(r)]);
+          out[static_cast<size_t>(r)] =
+              p0[static_cast<size_t>(r)] - eps_ * std::log(s_[static_cast<size_t>(r)]);
         return true;
       }
       absorb(f, g);
@@ -453,9 +457,11 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
   for (double v : bw) mb += v;
   const bool bal_a = std::isinf(opt.rho_a), bal_b = std::isinf(opt.rho_b);
   if (bal_a && bal_b && std::abs(ma - mb) > 1e-6 * std::max(ma, mb))
-    fail(kFn, "a and b must have equal total mass for a balanced problem (or give rho for an "
-              "unbalanced one), got sum a = " + std::to_string(ma) + ", sum b = " +
-              std::to_string(mb) + " in problem " + std::to_string(b));
+    fail(kFn,
+         "a and b must have equal total mass for a balanced problem (or give rho for an "
+         "unbalanced one), got sum a = " +
+             std::to_string(ma) + ", sum b = " + std::to_string(mb) + " in problem " +
+             std::to_string(b));
   const std::vector<double> la = logs(a), lb = logs(bw);
   const bool sym = opt.symmetric;
   if (sym) {
@@ -478,13 +484,15 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
     fill_h(hm.get(), lb, g, e, G.mpad);
     detail::ot_lse_rows(G.rows, hm.get(), 1.0 / e, lse.data());
     const double tau = bal_a ? 1.0 : opt.rho_a / (opt.rho_a + e);
-    for (int64_t i = 0; i < n; ++i) fout[static_cast<size_t>(i)] = -tau * e * lse[static_cast<size_t>(i)];
+    for (int64_t i = 0; i < n; ++i)
+      fout[static_cast<size_t>(i)] = -tau * e * lse[static_cast<size_t>(i)];
   };
   auto update_g = [&](double e) {
     fill_h(hn.get(), la, f, e, G.npad);
     detail::ot_lse_rows(G.cols, hn.get(), 1.0 / e, lse.data());
     const double tau = bal_b ? 1.0 : opt.rho_b / (opt.rho_b + e);
-    for (int64_t j = 0; j < m; ++j) g[static_cast<size_t>(j)] = -tau * e * lse[static_cast<size_t>(j)];
+    for (int64_t j = 0; j < m; ++j)
+      g[static_cast<size_t>(j)] = -tau * e * lse[static_cast<size_t>(j)];
   };
 
   const double eps = opt.eps;
@@ -628,7 +636,9 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
 
   for (int64_t i = 0; i < n; ++i) *at_out(out.f, b, i) = f[static_cast<size_t>(i)];
   for (int64_t j = 0; j < m; ++j) *at_out(out.g, b, j) = g[static_cast<size_t>(j)];
-  auto dF = [](double pot, double rho) { return std::isinf(rho) ? pot : -rho * std::expm1(-pot / rho); };
+  auto dF = [](double pot, double rho) {
+    return std::isinf(rho) ? pot : -rho * std::expm1(-pot / rho);
+  };
   if (out.grad_a.defined())
     for (int64_t i = 0; i < n; ++i)
       *at_out(out.grad_a, b, i) =
@@ -640,10 +650,11 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
     for (int64_t i = 0; i < cnt; ++i)
       for (int64_t k = 0; k < d; ++k) {
         const double xi = static_cast<double>(Xc[i * d + k]);
-        const double v = opt.p == 2 ? 2.0 * w[static_cast<size_t>(i)] *
-                                          (xi * ss[static_cast<size_t>(i)] - by[static_cast<size_t>(i * d + k)])
-                                    : w[static_cast<size_t>(i)] *
-                                          (xi * ws[static_cast<size_t>(i)] - by[static_cast<size_t>(i * d + k)]);
+        const double v =
+            opt.p == 2 ? 2.0 * w[static_cast<size_t>(i)] *
+                             (xi * ss[static_cast<size_t>(i)] - by[static_cast<size_t>(i * d + k)])
+                       : w[static_cast<size_t>(i)] *
+                             (xi * ws[static_cast<size_t>(i)] - by[static_cast<size_t>(i * d + k)]);
         *at_out(gv, b, i, k) = v;
       }
   };
@@ -695,8 +706,10 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
     m = in.cost.shape[2];
     wdt = in.cost.dtype;
   }
-  if (n < 1) fail(kFn, std::string(points ? "x" : "cost") + " must have at least one point (n >= 1)");
-  if (m < 1) fail(kFn, std::string(points ? "y" : "cost") + " must have at least one point (m >= 1)");
+  if (n < 1)
+    fail(kFn, std::string(points ? "x" : "cost") + " must have at least one point (n >= 1)");
+  if (m < 1)
+    fail(kFn, std::string(points ? "y" : "cost") + " must have at least one point (m >= 1)");
   const int64_t sa[2] = {B, n}, sb[2] = {B, m};
   if (in.a.defined()) check_view("a", in.a, 2, sa, false);
   if (in.b.defined()) check_view("b", in.b, 2, sb, false);
@@ -717,7 +730,8 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
   if (out.plan.defined()) {
     const int64_t s3[3] = {B, n, m};
     check_view("plan", out.plan, 3, s3, false);
-    if (m > 1 && out.plan.strides[2] != 1) fail(kFn, "plan must have unit stride along its last dimension");
+    if (m > 1 && out.plan.strides[2] != 1)
+      fail(kFn, "plan must have unit stride along its last dimension");
   }
   std::vector<SinkhornStats> stats;
   stats.reserve(static_cast<size_t>(B));

@@ -29,8 +29,8 @@ std::vector<double> load_weights(const char* name, const TensorView& w, int64_t 
     if (!std::isfinite(x))
       fail(kFn, arg + " has a non-finite value at [" + std::to_string(i) + "]");
     if (x < 0)
-      fail(kFn, arg + " has a negative weight " + std::to_string(x) + " at [" +
-                    std::to_string(i) + "]");
+      fail(kFn,
+           arg + " has a negative weight " + std::to_string(x) + " at [" + std::to_string(i) + "]");
     v[static_cast<size_t>(i)] = x;
   }
   return v;
@@ -40,10 +40,10 @@ std::vector<double> load_weights(const char* name, const TensorView& w, int64_t 
 // support (rows and t values) for the plan.
 struct Evaluation {
   double F = 0.0;
-  std::vector<double> grad;                      // [n]
-  std::vector<std::vector<int64_t>> rows;        // [m] support of t_j
-  std::vector<std::vector<double>> t;            // [m] t_j on its support
-  std::vector<double> phi;                       // [m] phi_j
+  std::vector<double> grad;                // [n]
+  std::vector<std::vector<int64_t>> rows;  // [m] support of t_j
+  std::vector<std::vector<double>> t;      // [m] t_j on its support
+  std::vector<double> phi;                 // [m] phi_j
 };
 
 class SemiDual {
@@ -66,7 +66,8 @@ class SemiDual {
     }
     // Fixed-order sums: the same result for any thread count.
     double F = 0.0;
-    for (int64_t i = 0; i < n_; ++i) F -= alpha[static_cast<size_t>(i)] * a_[static_cast<size_t>(i)];
+    for (int64_t i = 0; i < n_; ++i)
+      F -= alpha[static_cast<size_t>(i)] * a_[static_cast<size_t>(i)];
     e.grad.assign(static_cast<size_t>(n_), 0.0);
     for (int64_t i = 0; i < n_; ++i) e.grad[static_cast<size_t>(i)] = -a_[static_cast<size_t>(i)];
     for (int64_t j = 0; j < m_; ++j) {
@@ -232,7 +233,8 @@ struct LineSearch {
       // middle 80% of the interval; bisection when the fit has no minimum.
       const double den = 2.0 * (fhi - flo - glo * w);
       double s = den > 0 ? lo - glo * w * w / den : lo + 0.5 * w;
-      const double a = std::min(lo, hi) + 0.1 * std::abs(w), b = std::max(lo, hi) - 0.1 * std::abs(w);
+      const double a = std::min(lo, hi) + 0.1 * std::abs(w),
+                   b = std::max(lo, hi) - 0.1 * std::abs(w);
       if (!(s >= a && s <= b)) s = lo + 0.5 * w;
       const double fs = phi(s);
       const double gs = dphi();
@@ -370,7 +372,8 @@ SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorV
   for (int64_t j = 0; j < m; ++j)
     if (f.b(j) > 0)
       for (int64_t i : cur.rows[static_cast<size_t>(j)]) ++count[static_cast<size_t>(i) + 1];
-  for (int64_t i = 0; i < n; ++i) count[static_cast<size_t>(i) + 1] += count[static_cast<size_t>(i)];
+  for (int64_t i = 0; i < n; ++i)
+    count[static_cast<size_t>(i) + 1] += count[static_cast<size_t>(i)];
   const size_t nnz = static_cast<size_t>(count[static_cast<size_t>(n)]);
   res.row.resize(nnz);
   res.col.resize(nnz);
@@ -386,7 +389,8 @@ SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorV
       res.value[at] = f.b(j) * t[q2];
     }
   }
-  for (size_t e = 0; e < nnz; ++e) res.transport_cost += res.value[e] * f.cost(res.row[e], res.col[e]);
+  for (size_t e = 0; e < nnz; ++e)
+    res.transport_cost += res.value[e] * f.cost(res.row[e], res.col[e]);
 
   double* ao = static_cast<double*>(alpha_out.data);
   for (int64_t i = 0; i < n; ++i) ao[i * alpha_out.strides[0]] = x[static_cast<size_t>(i)];
@@ -397,7 +401,8 @@ SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorV
       const auto& t = cur.t[static_cast<size_t>(j)];
       double tt = 0.0;
       for (double v : t) tt += v * v;
-      gb[j * grad_b.strides[0]] = -(cur.phi[static_cast<size_t>(j)] - 0.5 * opt.gamma * f.b(j) * tt);
+      gb[j * grad_b.strides[0]] =
+          -(cur.phi[static_cast<size_t>(j)] - 0.5 * opt.gamma * f.b(j) * tt);
     }
   }
   return res;

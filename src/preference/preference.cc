@@ -26,7 +26,8 @@ using math::sigmoid;
 
 int64_t batch_of(const char* fn, const char* name, const TensorView& t) {
   if (!t.defined()) check::fail(fn, std::string(name) + " is required");
-  if (t.ndim != 1) check::fail(fn, std::string(name) + " must be 1-D [B], got shape " + check::shape_string(t));
+  if (t.ndim != 1)
+    check::fail(fn, std::string(name) + " must be 1-D [B], got shape " + check::shape_string(t));
   return t.shape[0];
 }
 void logps_vector(const char* fn, const char* name, const TensorView& t, int64_t b) {
@@ -50,7 +51,8 @@ void lengths_vector(const char* fn, const char* name, const TensorView& t, int64
   }
 }
 void check_beta(const char* fn, double beta) {
-  if (!(beta > 0) || !std::isfinite(beta)) check::fail(fn, "beta must be a finite number > 0, got " + std::to_string(beta));
+  if (!(beta > 0) || !std::isfinite(beta))
+    check::fail(fn, "beta must be a finite number > 0, got " + std::to_string(beta));
 }
 
 // The arguments of the reference-free pair losses (CPO/SimPO, ORPO): the policy's log-probs of B
@@ -99,8 +101,8 @@ Score f_score(FDivergenceType f, double a, double l) {
 // and sft, which has no score and ignores it.
 bool accepts_f_divergence(PreferenceLossType t) {
   using T = PreferenceLossType;
-  return t == T::sigmoid || t == T::sigmoid_norm || t == T::hinge || t == T::ipo || t == T::exo_pair ||
-         t == T::robust || t == T::discopop || t == T::sft;
+  return t == T::sigmoid || t == T::sigmoid_norm || t == T::hinge || t == T::ipo ||
+         t == T::exo_pair || t == T::robust || t == T::discopop || t == T::sft;
 }
 
 // Label-smoothed sigmoid loss of z and its derivative.
@@ -111,9 +113,10 @@ Val smoothed_sigmoid(double z, double eps) {
   return {-(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z), sigmoid(z) - (1 - eps)};
 }
 
-constexpr const char* kLossTypeNames[] = {"sigmoid",  "hinge",        "ipo",      "exo_pair", "nca_pair",
-                                          "robust",   "bco_pair",     "sppo_hard", "aot",     "aot_unpaired",
-                                          "apo_zero", "apo_down",     "discopop", "sigmoid_norm", "sft"};
+constexpr const char* kLossTypeNames[] = {"sigmoid",  "hinge",        "ipo",      "exo_pair",
+                                          "nca_pair", "robust",       "bco_pair", "sppo_hard",
+                                          "aot",      "aot_unpaired", "apo_zero", "apo_down",
+                                          "discopop", "sigmoid_norm", "sft"};
 constexpr const char* kFNames[] = {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"};
 
 }  // namespace
@@ -127,14 +130,16 @@ PreferenceLossType parse_preference_loss_type(std::string_view name) {
     if (name == kLossTypeNames[i]) return static_cast<PreferenceLossType>(i);
     all += (i ? ", " : "") + std::string(kLossTypeNames[i]);
   }
-  check::fail("preference_loss", "unknown loss_type '" + std::string(name) + "' (valid: " + all + ")");
+  check::fail("preference_loss",
+              "unknown loss_type '" + std::string(name) + "' (valid: " + all + ")");
 }
 const char* f_divergence_type_name(FDivergenceType type) { return kFNames[static_cast<int>(type)]; }
 FDivergenceType parse_f_divergence_type(std::string_view name) {
   for (int i = 0; i < 4; ++i)
     if (name == kFNames[i]) return static_cast<FDivergenceType>(i);
-  check::fail("preference_loss", "unknown f_divergence_type '" + std::string(name) +
-                                     "' (valid: reverse_kl, forward_kl, js_divergence, alpha_divergence)");
+  check::fail("preference_loss",
+              "unknown f_divergence_type '" + std::string(name) +
+                  "' (valid: reverse_kl, forward_kl, js_divergence, alpha_divergence)");
 }
 
 void validate_preference_spec(const PreferenceSpec& spec) {
@@ -149,14 +154,18 @@ void validate_preference_spec(const PreferenceSpec& spec) {
       check::fail(fn, "loss_weights must be finite, got " + std::to_string(term.weight));
     const std::string name = preference_loss_type_name(term.type);
     if (term.type == PreferenceLossType::robust && !(eps < 0.5))
-      check::fail(fn, "label_smoothing must be < 0.5 for loss_type robust, got " + std::to_string(eps));
+      check::fail(fn,
+                  "label_smoothing must be < 0.5 for loss_type robust, got " + std::to_string(eps));
     if (term.type == PreferenceLossType::exo_pair && !(eps > 0.0))
-      check::fail(fn, "label_smoothing must be > 0 for loss_type exo_pair (log eps; the EXO paper uses 1e-3), got " +
-                          std::to_string(eps));
+      check::fail(fn,
+                  "label_smoothing must be > 0 for loss_type exo_pair (log eps; the EXO paper uses "
+                  "1e-3), got " +
+                      std::to_string(eps));
     if (spec.f_divergence_type != FDivergenceType::reverse_kl && !accepts_f_divergence(term.type))
-      check::fail(fn, std::string("f_divergence_type ") + f_divergence_type_name(spec.f_divergence_type) +
-                          " is not defined for loss_type " + name +
-                          " (only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft)");
+      check::fail(
+          fn, std::string("f_divergence_type ") + f_divergence_type_name(spec.f_divergence_type) +
+                  " is not defined for loss_type " + name +
+                  " (only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft)");
   }
   if (!std::isfinite(spec.f_alpha_divergence_coef))
     check::fail(fn, "f_alpha_divergence_coef must be finite");
@@ -164,7 +173,8 @@ void validate_preference_spec(const PreferenceSpec& spec) {
     check::fail(fn, "discopop_tau must be > 0, got " + std::to_string(spec.discopop_tau));
 }
 
-void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec, const PreferenceOutputs& out) {
+void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec,
+                     const PreferenceOutputs& out) {
   constexpr const char* fn = "preference_loss";
   validate_preference_spec(spec);
   const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
@@ -185,7 +195,8 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec, con
   optional_out(fn, "grad_ref_chosen", out.grad_ref_chosen, b);
   optional_out(fn, "grad_ref_rejected", out.grad_ref_rejected, b);
   for (const auto& t : spec.terms)
-    if (t.type == PreferenceLossType::sigmoid_norm && !(in.chosen_lengths.defined() && in.rejected_lengths.defined()))
+    if (t.type == PreferenceLossType::sigmoid_norm &&
+        !(in.chosen_lengths.defined() && in.rejected_lengths.defined()))
       check::fail(fn, "loss_type sigmoid_norm needs chosen_lengths and rejected_lengths");
 
   const double beta = spec.beta, eps = spec.label_smoothing;
@@ -244,7 +255,7 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec, con
       const Score fw = f_score(spec.f_divergence_type, spec.f_alpha_divergence_coef, lw);
       const Score fl = f_score(spec.f_divergence_type, spec.f_alpha_divergence_coef, ll);
       const double z = beta * (fw.s - fl.s);
-      double v = 0, gw = 0, gl = 0;  // loss and its partials in l_w, l_l
+      double v = 0, gw = 0, gl = 0;                // loss and its partials in l_w, l_l
       auto via_z = [&](double value, double dz) {  // a loss of z = beta (s(l_w) - s(l_l))
         v = value;
         gw = dz * beta * fw.ds;
@@ -277,8 +288,10 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec, con
         case T::exo_pair: {
           const double q = sigmoid(z), qm = sigmoid(-z);
           const double lpw = std::log1p(-eps), lpl = std::log(eps);
-          // d/dz = q (1 - q) (log q - log(1 - q) - log(1 - eps) + log eps) = q (1 - q)(z - lpw + lpl)
-          via_z(q * (log_sigmoid(z) - lpw) + qm * (log_sigmoid(-z) - lpl), q * qm * (z - lpw + lpl));
+          // d/dz = q (1 - q) (log q - log(1 - q) - log(1 - eps) + log eps) = q (1 - q)(z - lpw +
+          // lpl)
+          via_z(q * (log_sigmoid(z) - lpw) + qm * (log_sigmoid(-z) - lpl),
+                q * qm * (z - lpw + lpl));
           break;
         }
         case T::robust: {
@@ -292,7 +305,8 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec, con
           const double a = -log_sigmoid(z);
           // exp(-z) m and exp(-z) m' in log space: finite wherever the products are.
           const double em = std::exp(std::min(-z + log_sigmoid(z / tau), 700.0));
-          const double edm = std::exp(std::min(-z + log_sigmoid(z / tau) + log_sigmoid(-z / tau), 700.0)) / tau;
+          const double edm =
+              std::exp(std::min(-z + log_sigmoid(z / tau) + log_sigmoid(-z / tau), 700.0)) / tau;
           const double dm = m * (1 - m) / tau;
           via_z(a * (1 - m) + em, (sigmoid(z) - 1.0) * (1 - m) - a * dm - em + edm);
           break;
@@ -355,19 +369,22 @@ CpoLossType parse_cpo_loss_type(std::string_view name) {
   if (name == "hinge") return CpoLossType::hinge;
   if (name == "ipo") return CpoLossType::ipo;
   if (name == "simpo") return CpoLossType::simpo;
-  check::fail("cpo_loss", "unknown loss_type '" + std::string(name) + "' (valid: sigmoid, hinge, ipo, simpo)");
+  check::fail("cpo_loss",
+              "unknown loss_type '" + std::string(name) + "' (valid: sigmoid, hinge, ipo, simpo)");
 }
 
 void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceOutputs& out) {
   constexpr const char* fn = "cpo_loss";
   check_beta(fn, spec.beta);
   const double eps = spec.label_smoothing;
-  if (!(eps >= 0.0 && eps <= 0.5)) check::fail(fn, "label_smoothing must be in [0, 0.5], got " + std::to_string(eps));
+  if (!(eps >= 0.0 && eps <= 0.5))
+    check::fail(fn, "label_smoothing must be in [0, 0.5], got " + std::to_string(eps));
   if (!std::isfinite(spec.alpha)) check::fail(fn, "alpha must be finite");
   if (!std::isfinite(spec.simpo_gamma)) check::fail(fn, "simpo_gamma must be finite");
   const int64_t b = check_policy_pairs(fn, in, out);
   const double beta = spec.beta, a = spec.alpha;
-  // AlphaPO reward r(p) = (1 - p^-alpha) / alpha = -expm1(-alpha logp) / alpha, r' = exp(-alpha logp).
+  // AlphaPO reward r(p) = (1 - p^-alpha) / alpha = -expm1(-alpha logp) / alpha, r' = exp(-alpha
+  // logp).
   auto reward = [&](double lp) -> Score {
     if (a == 0.0) return {lp, 1.0};
     const double e = -a * lp;
@@ -375,7 +392,8 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
     return {-std::expm1(e) / a, std::exp(e)};
   };
   for (int64_t i = 0; i < b; ++i) {
-    const Score rw = reward(get(in.policy_chosen_logps, i)), rl = reward(get(in.policy_rejected_logps, i));
+    const Score rw = reward(get(in.policy_chosen_logps, i)),
+                rl = reward(get(in.policy_rejected_logps, i));
     const double g = out.grad_losses.defined() ? get(out.grad_losses, i) : 1.0;
     double x = rw.s - rl.s, v = 0, dx = 0;
     switch (spec.loss_type) {
@@ -385,7 +403,9 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
         v = s.v, dx = s.d * beta;
         break;
       }
-      case CpoLossType::hinge: v = std::max(0.0, 1 - beta * x), dx = beta * x < 1 ? -beta : 0.0; break;
+      case CpoLossType::hinge:
+        v = std::max(0.0, 1 - beta * x), dx = beta * x < 1 ? -beta : 0.0;
+        break;
       case CpoLossType::ipo: {
         const double e = x - 1.0 / (2 * beta);
         v = e * e, dx = 2 * e;
@@ -400,14 +420,19 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
   }
 }
 
-void odds_ratio_loss(const PreferenceInputs& in, double beta, const PreferenceOutputs& out, const TensorView& log_odds) {
+void odds_ratio_loss(const PreferenceInputs& in, double beta, const PreferenceOutputs& out,
+                     const TensorView& log_odds) {
   constexpr const char* fn = "odds_ratio_loss";
   check_beta(fn, beta);
   const int64_t b = check_policy_pairs(fn, in, out, &log_odds);
   for (int64_t i = 0; i < b; ++i) {
     const double pw = get(in.policy_chosen_logps, i), pl = get(in.policy_rejected_logps, i);
-    if (!(pw < 0)) check::fail(fn, "policy_chosen_logps must be < 0 (a probability below 1), got " + std::to_string(pw) + " at index " + std::to_string(i));
-    if (!(pl < 0)) check::fail(fn, "policy_rejected_logps must be < 0 (a probability below 1), got " + std::to_string(pl) + " at index " + std::to_string(i));
+    if (!(pw < 0))
+      check::fail(fn, "policy_chosen_logps must be < 0 (a probability below 1), got " +
+                          std::to_string(pw) + " at index " + std::to_string(i));
+    if (!(pl < 0))
+      check::fail(fn, "policy_rejected_logps must be < 0 (a probability below 1), got " +
+                          std::to_string(pl) + " at index " + std::to_string(i));
     const double lo = (pw - pl) - (log1mexp(pw) - log1mexp(pl));
     const double g = out.grad_losses.defined() ? get(out.grad_losses, i) : 1.0;
     const double d = g * beta * sigmoid(-lo);
@@ -421,7 +446,8 @@ void odds_ratio_loss(const PreferenceInputs& in, double beta, const PreferenceOu
   }
 }
 
-void kto_loss(const PreferenceInputs& in, const KtoKL& kl, const KtoSpec& spec, const PreferenceOutputs& out) {
+void kto_loss(const PreferenceInputs& in, const KtoKL& kl, const KtoSpec& spec,
+              const PreferenceOutputs& out) {
   constexpr const char* fn = "kto_loss";
   check_beta(fn, spec.beta);
   if (!(spec.desirable_weight >= 0) || !std::isfinite(spec.desirable_weight))

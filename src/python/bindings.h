@@ -25,7 +25,6 @@ namespace divkit_py {
 
 namespace nb = nanobind;
 
-
 // Inputs are read only (numpy arrays with writeable=False are accepted); outputs are written.
 using InArray = nb::ndarray<nb::ro, nb::device::cpu>;
 using OutArray = nb::ndarray<nb::device::cpu>;
@@ -66,9 +65,8 @@ divkit::TensorView to_view(const char* fn, const char* name, const Array& a) {
   divkit::TensorView v;
   const size_t ndim = a.ndim();
   if (ndim > static_cast<size_t>(divkit::TensorView::kMaxDims)) {
-    fail(std::string(fn) + ": " + name + " has " + std::to_string(ndim) +
-         " dimensions, at most " + std::to_string(divkit::TensorView::kMaxDims) +
-         " are supported");
+    fail(std::string(fn) + ": " + name + " has " + std::to_string(ndim) + " dimensions, at most " +
+         std::to_string(divkit::TensorView::kMaxDims) + " are supported");
   }
   v.data = const_cast<void*>(static_cast<const void*>(a.data()));
   v.dtype = to_dtype(fn, name, a.dtype());
@@ -102,8 +100,7 @@ divkit::TensorView to_view(const char* fn, const char* name, const Array& a) {
 }
 
 template <typename Array>
-divkit::TensorView optional_view(const char* fn, const char* name,
-                                 const std::optional<Array>& a) {
+divkit::TensorView optional_view(const char* fn, const char* name, const std::optional<Array>& a) {
   return a ? to_view(fn, name, *a) : divkit::TensorView{};
 }
 

@@ -138,10 +138,10 @@ void register_distill(nb::module_& m) {
   m.def("clipped_kl_rows", &clipped_kl_rows, nb::arg("student"), nb::arg("teacher"),
         nb::arg("lower"), nb::arg("upper"), nb::arg("temperature"), nb::arg("sharpness"),
         nb::arg("labels").none(), nb::arg("ignore_index"), nb::arg("out"), nb::arg("coef").none(),
-        nb::arg("grad_student").none(), nb::arg("grad_lower").none(),
-        nb::arg("grad_upper").none(), "DAC-KL-style clipped forward KL per row.");
-  m.def("mass_bounds", &mass_bounds, nb::arg("teacher"), nb::arg("temperature"),
-        nb::arg("mass_lo"), nb::arg("mass_hi"), nb::arg("lower"), nb::arg("upper"),
+        nb::arg("grad_student").none(), nb::arg("grad_lower").none(), nb::arg("grad_upper").none(),
+        "DAC-KL-style clipped forward KL per row.");
+  m.def("mass_bounds", &mass_bounds, nb::arg("teacher"), nb::arg("temperature"), nb::arg("mass_lo"),
+        nb::arg("mass_hi"), nb::arg("lower"), nb::arg("upper"),
         "Probability bounds of the teacher's [mass_lo, mass_hi) cumulative-mass region.");
   m.def("sorted_probs", &sorted_probs, nb::arg("teacher"), nb::arg("temperature"), nb::arg("out"),
         "The k largest teacher probabilities per row, decreasing.");

@@ -14,9 +14,8 @@ namespace {
 
 void divergence(const InArray& student, const InArray& teacher, const OutArray& loss,
                 const std::optional<OutArray>& grad_student,
-                const std::optional<OutArray>& grad_teacher,
-                const std::optional<InArray>& labels, const std::optional<InArray>& weights,
-                const DivergenceArgs& args) {
+                const std::optional<OutArray>& grad_teacher, const std::optional<InArray>& labels,
+                const std::optional<InArray>& weights, const DivergenceArgs& args) {
   constexpr const char* fn = "divergence";
   const divkit::DivergenceSpec spec = args.spec();
   const divkit::DivergenceOptions options = args.options(fn, labels, weights);
@@ -37,10 +36,10 @@ void divergence(const InArray& student, const InArray& teacher, const OutArray& 
 void divergence_positional(const InArray& student, const InArray& teacher, const OutArray& loss,
                            const std::optional<OutArray>& grad_student,
                            const std::optional<OutArray>& grad_teacher, const std::string& kind,
-                           double beta, double alpha, double temperature,
-                           bool scale_by_t_squared, const std::optional<InArray>& labels,
-                           int64_t ignore_index, const std::optional<InArray>& weights,
-                           const std::string& reduction, double num_items_in_batch) {
+                           double beta, double alpha, double temperature, bool scale_by_t_squared,
+                           const std::optional<InArray>& labels, int64_t ignore_index,
+                           const std::optional<InArray>& weights, const std::string& reduction,
+                           double num_items_in_batch) {
   divergence(student, teacher, loss, grad_student, grad_teacher, labels, weights,
              DivergenceArgs{kind, beta, alpha, temperature, scale_by_t_squared, ignore_index,
                             reduction, num_items_in_batch});
@@ -73,11 +72,16 @@ void register_divergence(nb::module_& m) {
                              "The scalar arguments of a token-level divergence call.")
       .def(
           "__init__",
-          [](DivergenceArgs* self, std::string kind, double beta, double alpha,
-             double temperature, bool scale_by_t_squared, int64_t ignore_index,
-             std::string reduction, double num_items_in_batch) {
-            new (self) DivergenceArgs{std::move(kind), beta, alpha, temperature,
-                                      scale_by_t_squared, ignore_index, std::move(reduction),
+          [](DivergenceArgs* self, std::string kind, double beta, double alpha, double temperature,
+             bool scale_by_t_squared, int64_t ignore_index, std::string reduction,
+             double num_items_in_batch) {
+            new (self) DivergenceArgs{std::move(kind),
+                                      beta,
+                                      alpha,
+                                      temperature,
+                                      scale_by_t_squared,
+                                      ignore_index,
+                                      std::move(reduction),
                                       num_items_in_batch};
           },
           nb::kw_only(), nb::arg("kind") = "forward_kl", nb::arg("beta") = 0.5,
@@ -94,8 +98,8 @@ void register_divergence(nb::module_& m) {
       .def_rw("num_items_in_batch", &DivergenceArgs::num_items_in_batch);
 
   m.def("divergence", &divergence, nb::arg("student"), nb::arg("teacher"), nb::arg("loss"),
-        nb::arg("grad_student").none(), nb::arg("grad_teacher").none(),
-        nb::arg("labels").none(), nb::arg("weights").none(), nb::arg("args"),
+        nb::arg("grad_student").none(), nb::arg("grad_teacher").none(), nb::arg("labels").none(),
+        nb::arg("weights").none(), nb::arg("args"),
         "Token-level divergence and its gradients (see include/divkit/divergence.h). Writes "
         "the fp32 loss into `loss` and, where given, the gradients of the reduced loss into "
         "grad_student / grad_teacher.");

@@ -23,7 +23,8 @@ divkit::VocabShard FusedLinearOptions::shard() const {
       const size_t shape[1] = {static_cast<size_t>(count)};
       nb::ndarray<nb::numpy, double, nb::ndim<1>> buffer(data, 1, shape, nb::handle());
       // A view of the core's buffer, not a copy: the reduction is written in place.
-      fn(nb::cast(buffer, nb::rv_policy::reference), op == divkit::CollectiveOp::max ? "max" : "sum");
+      fn(nb::cast(buffer, nb::rv_policy::reference),
+         op == divkit::CollectiveOp::max ? "max" : "sum");
     } catch (nb::python_error& e) {
       throw divkit::Error(std::string("vocabulary-parallel all_reduce failed: ") + e.what());
     }

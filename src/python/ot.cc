@@ -1,4 +1,5 @@
-// divkit._C bindings of the OT family (include/divkit/ot.h): Sinkhorn, sparse OT, MMD, CS divergence.
+// divkit._C bindings of the OT family (include/divkit/ot.h): Sinkhorn, sparse OT, MMD, CS
+// divergence.
 #include <cmath>
 #include <optional>
 #include <string>
@@ -46,8 +47,7 @@ std::vector<Stats> sinkhorn(const std::optional<InArray>& x, const std::optional
   }
   std::vector<Stats> res;
   for (const auto& s : st)
-    res.emplace_back(s.transport_cost, s.reg_cost, s.mass, s.n_iter, s.marginal_error,
-                     s.converged);
+    res.emplace_back(s.transport_cost, s.reg_cost, s.mass, s.n_iter, s.marginal_error, s.converged);
   return res;
 }
 
@@ -62,12 +62,9 @@ double sample_divergence(const std::string& which, const InArray& x, const InArr
   const divkit::TensorView gx = optional_view(fn, "grad_x", grad_x),
                            gy = optional_view(fn, "grad_y", grad_y);
   divkit::SampleKernel k;
-  if (kernel == "gaussian")
-    k = divkit::SampleKernel::gaussian;
-  else if (kernel == "energy")
-    k = divkit::SampleKernel::energy;
-  else
-    fail(std::string(fn) + ": kernel must be 'gaussian' or 'energy', got '" + kernel + "'");
+  if (kernel == "gaussian") k = divkit::SampleKernel::gaussian;
+  else if (kernel == "energy") k = divkit::SampleKernel::energy;
+  else fail(std::string(fn) + ": kernel must be 'gaussian' or 'energy', got '" + kernel + "'");
   if (which == "cs" && k != divkit::SampleKernel::gaussian)
     fail("cs_divergence: kernel must be 'gaussian', got '" + kernel + "'");
   nb::gil_scoped_release release;

@@ -13,9 +13,8 @@ namespace {
 
 void sparse_divergence(const InArray& student, const InArray& indices, const InArray& logprobs,
                        const OutArray& loss, const std::optional<OutArray>& grad_student,
-                       const std::optional<InArray>& labels,
-                       const std::optional<InArray>& weights, const std::string& tail,
-                       const DivergenceArgs& args) {
+                       const std::optional<InArray>& labels, const std::optional<InArray>& weights,
+                       const std::string& tail, const DivergenceArgs& args) {
   constexpr const char* fn = "sparse_divergence";
   const divkit::DivergenceSpec spec = args.spec();
   divkit::SparseOptions sparse;

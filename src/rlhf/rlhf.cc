@@ -30,7 +30,8 @@ void vec(const char* fn, const char* name, const TensorView& t, int64_t n, bool 
 }
 int64_t length_of(const char* fn, const char* name, const TensorView& t) {
   if (!t.defined()) check::fail(fn, std::string(name) + " is required");
-  if (t.ndim != 1) check::fail(fn, std::string(name) + " must be 1-D [N], got shape " + check::shape_string(t));
+  if (t.ndim != 1)
+    check::fail(fn, std::string(name) + " must be 1-D [N], got shape " + check::shape_string(t));
   return t.shape[0];
 }
 void mat(const char* fn, const char* name, const TensorView& t, int64_t rows, int64_t cols,
@@ -40,16 +41,18 @@ void mat(const char* fn, const char* name, const TensorView& t, int64_t rows, in
   if (!t.defined()) check::fail(fn, arg + " is required");
   if (t.device != Device::cpu) check::fail(fn, arg + " must be on the CPU");
   if (t.ndim != 2 || t.shape[0] != rows || t.shape[1] != cols)
-    check::fail(fn, arg + " must have shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "], got " +
-                        check::shape_string(t));
+    check::fail(fn, arg + " must have shape [" + std::to_string(rows) + ", " +
+                        std::to_string(cols) + "], got " + check::shape_string(t));
   if (int64 ? t.dtype != DType::i64 : (t.dtype != DType::f32 && t.dtype != DType::f64))
     check::fail(fn, arg + (int64 ? " must be int64" : " must be float32 or float64") + ", got " +
                         dtype_name(t.dtype));
   if (rows * cols > 0 && t.data == nullptr) check::fail(fn, arg + " has a null data pointer");
 }
-void shape2(const char* fn, const char* name, const TensorView& t, int64_t& rows, int64_t& cols, bool nonempty) {
+void shape2(const char* fn, const char* name, const TensorView& t, int64_t& rows, int64_t& cols,
+            bool nonempty) {
   if (!t.defined()) check::fail(fn, std::string(name) + " is required");
-  if (t.ndim != 2) check::fail(fn, std::string(name) + " must be 2-D, got shape " + check::shape_string(t));
+  if (t.ndim != 2)
+    check::fail(fn, std::string(name) + " must be 2-D, got shape " + check::shape_string(t));
   rows = t.shape[0];
   cols = t.shape[1];
   if (nonempty && (rows == 0 || cols == 0))
@@ -57,20 +60,22 @@ void shape2(const char* fn, const char* name, const TensorView& t, int64_t& rows
   mat(fn, name, t, rows, cols);
 }
 void finite_param(const char* fn, const char* name, double x) {
-  if (!std::isfinite(x)) check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(x));
+  if (!std::isfinite(x))
+    check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(x));
 }
 void finite_values2(const char* fn, const char* name, const TensorView& t) {
   for (int64_t i = 0; i < t.shape[0]; ++i)
     for (int64_t j = 0; j < t.shape[1]; ++j)
       if (!std::isfinite(elem::get(t, i, j)))
-        check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(elem::get(t, i, j)) + " at [" +
-                            std::to_string(i) + ", " + std::to_string(j) + "]");
+        check::fail(fn, std::string(name) + " must be finite, got " +
+                            std::to_string(elem::get(t, i, j)) + " at [" + std::to_string(i) +
+                            ", " + std::to_string(j) + "]");
 }
 void finite_values1(const char* fn, const char* name, const TensorView& t) {
   for (int64_t i = 0; i < t.shape[0]; ++i)
     if (!std::isfinite(elem::get(t, i)))
-      check::fail(fn, std::string(name) + " must be finite, got " + std::to_string(elem::get(t, i)) + " at index " +
-                          std::to_string(i));
+      check::fail(fn, std::string(name) + " must be finite, got " +
+                          std::to_string(elem::get(t, i)) + " at index " + std::to_string(i));
 }
 
 }  // namespace
@@ -84,9 +89,9 @@ KlEstimator parse_kl_estimator(std::string_view name) {
               "' (valid: k1, k2, k3, abs, kl, mse, low_var_kl)");
 }
 
-void kl_estimator(const TensorView& logprobs, const TensorView& ref_logprobs, KlEstimator kind, bool clamp,
-                  const TensorView& out, const TensorView& grad_out, const TensorView& grad_logprobs,
-                  const TensorView& grad_ref) {
+void kl_estimator(const TensorView& logprobs, const TensorView& ref_logprobs, KlEstimator kind,
+                  bool clamp, const TensorView& out, const TensorView& grad_out,
+                  const TensorView& grad_logprobs, const TensorView& grad_ref) {
   constexpr const char* fn = "kl_estimator";
   const int64_t n = length_of(fn, "logprobs", logprobs);
   vec(fn, "logprobs", logprobs, n);
@@ -99,9 +104,18 @@ void kl_estimator(const TensorView& logprobs, const TensorView& ref_logprobs, Kl
     double r = elem::get(ref_logprobs, i) - elem::get(logprobs, i);
     double v = 0, dr = 0;  // value and d value / d r
     switch (kind) {
-      case KlEstimator::k1: v = -r; dr = -1; break;
-      case KlEstimator::k2: v = 0.5 * r * r; dr = r; break;
-      case KlEstimator::abs: v = std::abs(r); dr = r > 0 ? 1.0 : (r < 0 ? -1.0 : 0.0); break;
+      case KlEstimator::k1:
+        v = -r;
+        dr = -1;
+        break;
+      case KlEstimator::k2:
+        v = 0.5 * r * r;
+        dr = r;
+        break;
+      case KlEstimator::abs:
+        v = std::abs(r);
+        dr = r > 0 ? 1.0 : (r < 0 ? -1.0 : 0.0);
+        break;
       case KlEstimator::k3: {
         bool active = false;
         if (clamp && (r < -20.0 || r > 20.0)) {
@@ -129,11 +143,13 @@ EnsembleMethod parse_ensemble_method(std::string_view name) {
   if (name == "mean") return EnsembleMethod::mean;
   if (name == "wco") return EnsembleMethod::wco;
   if (name == "uwo") return EnsembleMethod::uwo;
-  throw Error("ensemble_rewards: unknown method '" + std::string(name) + "' (valid: mean, wco, uwo)");
+  throw Error("ensemble_rewards: unknown method '" + std::string(name) +
+              "' (valid: mean, wco, uwo)");
 }
 
-void ensemble_rewards(const TensorView& rewards, EnsembleMethod method, double uwo_lambda, const TensorView& out,
-                      const TensorView& grad_out, const TensorView& grad_rewards) {
+void ensemble_rewards(const TensorView& rewards, EnsembleMethod method, double uwo_lambda,
+                      const TensorView& out, const TensorView& grad_out,
+                      const TensorView& grad_rewards) {
   constexpr const char* fn = "ensemble_rewards";
   int64_t n = 0, e = 0;
   shape2(fn, "rewards", rewards, n, e, false);
@@ -166,26 +182,29 @@ void ensemble_rewards(const TensorView& rewards, EnsembleMethod method, double u
       elem::put(out, i, mean - uwo_lambda * var);
       for (int64_t j = 0; j < e; ++j)
         elem::put(grad_rewards, i, j,
-             g * (1.0 - 2.0 * uwo_lambda * (elem::get(rewards, i, j) - mean)) / static_cast<double>(e));
+                  g * (1.0 - 2.0 * uwo_lambda * (elem::get(rewards, i, j) - mean)) /
+                      static_cast<double>(e));
     }
   }
 }
 
-void calibrate_reward(const TensorView& rewards, const TensorView& ref_rewards, const TensorView& out) {
+void calibrate_reward(const TensorView& rewards, const TensorView& ref_rewards,
+                      const TensorView& out) {
   constexpr const char* fn = "calibrate_reward";
   int64_t b = 0, m = 0, b2 = 0, nn = 0;
   shape2(fn, "ref_rewards", ref_rewards, b, m, false);
   if (m == 0) check::fail(fn, "ref_rewards must have M >= 1 reference samples per prompt");
   shape2(fn, "rewards", rewards, b2, nn, false);
   if (b2 != b)
-    check::fail(fn, "rewards has " + std::to_string(b2) + " rows, ref_rewards " + std::to_string(b) +
-                        "; batch sizes disagree");
+    check::fail(fn, "rewards has " + std::to_string(b2) + " rows, ref_rewards " +
+                        std::to_string(b) + "; batch sizes disagree");
   mat(fn, "out", out, b, nn);
   std::vector<double> sorted(static_cast<size_t>(m));
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t j = 0; j < m; ++j) {
       sorted[j] = elem::get(ref_rewards, i, j);
-      if (std::isnan(sorted[j])) check::fail(fn, "ref_rewards has a NaN in row " + std::to_string(i));
+      if (std::isnan(sorted[j]))
+        check::fail(fn, "ref_rewards has a NaN in row " + std::to_string(i));
     }
     std::sort(sorted.begin(), sorted.end());
     for (int64_t j = 0; j < nn; ++j) {
@@ -197,8 +216,8 @@ void calibrate_reward(const TensorView& rewards, const TensorView& ref_rewards, 
   }
 }
 
-void infalign_transform(const TensorView& calibrated, double t, const TensorView& out, const TensorView& grad_out,
-                        const TensorView& grad_calibrated) {
+void infalign_transform(const TensorView& calibrated, double t, const TensorView& out,
+                        const TensorView& grad_out, const TensorView& grad_calibrated) {
   constexpr const char* fn = "infalign_transform";
   finite_param(fn, "t", t);
   const int64_t n = length_of(fn, "calibrated", calibrated);
@@ -226,7 +245,9 @@ void best_of_n(const TensorView& rewards, const TensorView& indices, const Tenso
     int64_t k = 0;
     for (int64_t j = 0; j < n; ++j) {
       const double r = elem::get(rewards, i, j);
-      if (std::isnan(r)) check::fail(fn, "rewards has a NaN at [" + std::to_string(i) + ", " + std::to_string(j) + "]");
+      if (std::isnan(r))
+        check::fail(fn,
+                    "rewards has a NaN at [" + std::to_string(i) + ", " + std::to_string(j) + "]");
       if (r > elem::get(rewards, i, k)) k = j;  // strict: the first maximum wins ties
     }
     reinterpret_cast<int64_t*>(indices.data)[i * indices.strides[0]] = k;
@@ -234,16 +255,18 @@ void best_of_n(const TensorView& rewards, const TensorView& indices, const Tenso
   }
 }
 
-void d2o_loss(const TensorView& ps, const TensorView& rs, const TensorView& pl, const TensorView& rl, double beta,
-              double alpha, const TensorView& losses, const TensorView& sample_rewards,
-              const TensorView& rejected_rewards, const D2OGrads& g) {
+void d2o_loss(const TensorView& ps, const TensorView& rs, const TensorView& pl,
+              const TensorView& rl, double beta, double alpha, const TensorView& losses,
+              const TensorView& sample_rewards, const TensorView& rejected_rewards,
+              const D2OGrads& g) {
   constexpr const char* fn = "d2o_loss";
   int64_t b = 0, k = 0;
   shape2(fn, "policy_sample_logps", ps, b, k, true);
   mat(fn, "ref_sample_logps", rs, b, k);
   vec(fn, "policy_rejected_logps", pl, b);
   vec(fn, "ref_rejected_logps", rl, b);
-  if (!(beta > 0) || !std::isfinite(beta)) check::fail(fn, "beta must be a finite number > 0, got " + std::to_string(beta));
+  if (!(beta > 0) || !std::isfinite(beta))
+    check::fail(fn, "beta must be a finite number > 0, got " + std::to_string(beta));
   finite_param(fn, "alpha", alpha);
   finite_values2(fn, "policy_sample_logps", ps);
   finite_values2(fn, "ref_sample_logps", rs);
@@ -275,14 +298,16 @@ void d2o_loss(const TensorView& ps, const TensorView& rs, const TensorView& pl, 
   }
 }
 
-void hypo_online_kl(const TensorView& ps, const TensorView& rs, const TensorView& kl, const TensorView& grad_out,
-                    const TensorView& grad_ps) {
+void hypo_online_kl(const TensorView& ps, const TensorView& rs, const TensorView& kl,
+                    const TensorView& grad_out, const TensorView& grad_ps) {
   constexpr const char* fn = "hypo_online_kl";
   int64_t b = 0, k = 0;
   shape2(fn, "policy_sample_logps", ps, b, k, true);
   if (k < 2)
-    check::fail(fn, "policy_sample_logps needs k >= 2 samples per prompt for the leave-one-out baseline, got " +
-                        std::to_string(k));
+    check::fail(
+        fn,
+        "policy_sample_logps needs k >= 2 samples per prompt for the leave-one-out baseline, got " +
+            std::to_string(k));
   mat(fn, "ref_sample_logps", rs, b, k);
   vec(fn, "kl", kl, b);
   vec(fn, "grad_out", grad_out, b, true);
@@ -294,13 +319,15 @@ void hypo_online_kl(const TensorView& ps, const TensorView& rs, const TensorView
     elem::put(kl, i, s / static_cast<double>(k));
     if (!grad_ps.defined()) continue;
     const double g = upstream(grad_out, i) / static_cast<double>(k);
-    for (int64_t j = 0; j < k; ++j) elem::put(grad_ps, i, j, g * (r[j] - (s - r[j]) / static_cast<double>(k - 1)));
+    for (int64_t j = 0; j < k; ++j)
+      elem::put(grad_ps, i, j, g * (r[j] - (s - r[j]) / static_cast<double>(k - 1)));
   }
 }
 
-void superhf_loss(const TensorView& logps, const TensorView& rewards, const TensorView& kl, const TensorView& lengths,
-                  double kl_coef, int64_t top_k, const TensorView& loss, const TensorView& indices,
-                  const TensorView& grad_out, const TensorView& grad_logps, const TensorView& grad_kl) {
+void superhf_loss(const TensorView& logps, const TensorView& rewards, const TensorView& kl,
+                  const TensorView& lengths, double kl_coef, int64_t top_k, const TensorView& loss,
+                  const TensorView& indices, const TensorView& grad_out,
+                  const TensorView& grad_logps, const TensorView& grad_kl) {
   constexpr const char* fn = "superhf_loss";
   int64_t b = 0, n = 0;
   shape2(fn, "policy_logps", logps, b, n, true);
@@ -308,19 +335,21 @@ void superhf_loss(const TensorView& logps, const TensorView& rewards, const Tens
   mat(fn, "kl", kl, b, n);
   if (lengths.defined()) {
     if (lengths.ndim != 2 || lengths.shape[0] != b || lengths.shape[1] != n)
-      check::fail(fn, "lengths must have shape [" + std::to_string(b) + ", " + std::to_string(n) + "], got " +
-                          check::shape_string(lengths));
+      check::fail(fn, "lengths must have shape [" + std::to_string(b) + ", " + std::to_string(n) +
+                          "], got " + check::shape_string(lengths));
     for (int64_t i = 0; i < b; ++i)
       for (int64_t j = 0; j < n; ++j)
         if (!(elem::get(lengths, i, j) > 0))
           check::fail(fn, "lengths must be > 0, got " + std::to_string(elem::get(lengths, i, j)));
   }
   if (top_k < 1 || top_k > n)
-    check::fail(fn, "top_k must be in [1, " + std::to_string(n) + "], got " + std::to_string(top_k));
+    check::fail(fn,
+                "top_k must be in [1, " + std::to_string(n) + "], got " + std::to_string(top_k));
   finite_param(fn, "kl_coef", kl_coef);
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = 0; j < n; ++j)
-      if (std::isnan(elem::get(rewards, i, j))) check::fail(fn, "rewards has a NaN in row " + std::to_string(i));
+      if (std::isnan(elem::get(rewards, i, j)))
+        check::fail(fn, "rewards has a NaN in row " + std::to_string(i));
   vec(fn, "loss", loss, 1);
   mat(fn, "indices", indices, b, top_k, false, true);
   vec(fn, "grad_out", grad_out, 1, true);
@@ -332,8 +361,9 @@ void superhf_loss(const TensorView& logps, const TensorView& rewards, const Tens
   std::vector<int64_t> order(static_cast<size_t>(n));
   for (int64_t i = 0; i < b; ++i) {
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t x, int64_t y) { return elem::get(rewards, i, x) > elem::get(rewards, i, y); });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+      return elem::get(rewards, i, x) > elem::get(rewards, i, y);
+    });
     for (int64_t j = 0; j < n; ++j) {
       elem::put(grad_logps, i, j, 0.0);
       elem::put(grad_kl, i, j, 0.0);

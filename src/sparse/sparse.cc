@@ -40,8 +40,9 @@ bool check_grad_output(const char* fn, const TensorView& grad, const TensorView&
   if (grad.data == student.data && grad.dtype == student.dtype &&
       (grad.shape[0] <= 1 || grad.strides[0] == student.strides[0]))
     return true;
-  check::fail(fn, "grad_student overlaps student_logits without being the same buffer (same "
-                  "data, dtype and strides)");
+  check::fail(fn,
+              "grad_student overlaps student_logits without being the same buffer (same "
+              "data, dtype and strides)");
 }
 
 void throw_if_bad(const char* fn, const detail::SparseJob& job, bool renormalized) {
@@ -55,8 +56,8 @@ void throw_if_bad(const char* fn, const detail::SparseJob& job, bool renormalize
 // Runs the job (a probe first when the gradient is written in place), then reduces.
 void run(const char* fn, detail::SparseJob& job, bool in_place, const reduce::Plan& plan,
          const DivergenceSpec& spec, const TensorView& loss) {
-  const bool renormalized = job.teacher.data != nullptr || job.tail == SparseTail::renormalize ||
-                            job.k == job.v;
+  const bool renormalized =
+      job.teacher.data != nullptr || job.tail == SparseTail::renormalize || job.k == job.v;
   if (in_place) {
     detail::SparseJob probe = job;
     probe.check_only = true;
@@ -82,10 +83,12 @@ void check_nk(const char* fn, const char* name, const TensorView& t, int64_t n,
               std::initializer_list<DType> dtypes) {
   const std::string arg(name);
   if (t.device != Device::cpu) check::fail(fn, arg + " must be on the CPU");
-  if (t.ndim != 2) check::fail(fn, arg + " must be 2-D [N, k], got shape " + check::shape_string(t));
+  if (t.ndim != 2)
+    check::fail(fn, arg + " must be 2-D [N, k], got shape " + check::shape_string(t));
   if (t.shape[0] != n)
-    check::fail(fn, arg + " has " + std::to_string(t.shape[0]) + " rows, but student_logits has N = " +
-                        std::to_string(n) + " (shape " + check::shape_string(t) + ")");
+    check::fail(fn, arg + " has " + std::to_string(t.shape[0]) +
+                        " rows, but student_logits has N = " + std::to_string(n) + " (shape " +
+                        check::shape_string(t) + ")");
   check::dtype_in(fn, name, t, dtypes);
   if (t.numel() > 0 && t.data == nullptr) check::fail(fn, arg + " has a null data pointer");
 }
@@ -106,7 +109,8 @@ void check_sparse_teacher(const char* fn, const SparseInput& indices, const Spar
       const int64_t j = elem::load_index(indices.data, indices.dtype, indices.offset(i, b));
       if (j < 0 || j >= v)
         check::fail(fn, "teacher_indices holds " + std::to_string(j) + row + ", column " +
-                            std::to_string(b) + ", outside the vocabulary [0, " + std::to_string(v) + ")");
+                            std::to_string(b) + ", outside the vocabulary [0, " +
+                            std::to_string(v) + ")");
       if (seen[j] == i)
         check::fail(fn, "teacher_indices repeats index " + std::to_string(j) + row +
                             " (each of a row's k entries must be a distinct token)");
@@ -120,7 +124,9 @@ void check_sparse_teacher(const char* fn, const SparseInput& indices, const Spar
     }
     if (m == -std::numeric_limits<double>::infinity()) {
       if (renormalized)
-        check::fail(fn, "teacher_logprobs are all -inf" + row + ": nothing to renormalize (use "
+        check::fail(fn,
+                    "teacher_logprobs are all -inf" + row +
+                        ": nothing to renormalize (use "
                         "tail='bucket' with k < V, or mark the row with labels = ignore_index)");
       continue;
     }
@@ -131,7 +137,8 @@ void check_sparse_teacher(const char* fn, const SparseInput& indices, const Spar
       }
       const double mass = std::exp(m) * acc;
       if (mass > 1.0 + kMassTolerance)
-        check::fail(fn, "teacher_logprobs" + row + " have probabilities summing to " + check::fmt(mass) +
+        check::fail(fn, "teacher_logprobs" + row + " have probabilities summing to " +
+                            check::fmt(mass) +
                             " > 1; tail='bucket' needs log-probabilities of one distribution (pass "
                             "tail='renormalize' for unnormalized scores)");
     }
@@ -175,8 +182,10 @@ void sparse_divergence(const TensorView& student, const TensorView& teacher_indi
                         " must have the same shape");
   if (k < 1) check::fail(fn, "teacher_indices has k = 0 entries per row; k must be >= 1");
   if (k > v)
-    check::fail(fn, "teacher_indices has k = " + std::to_string(k) + " entries per row, more than "
-                    "the vocabulary V = " + std::to_string(v));
+    check::fail(fn, "teacher_indices has k = " + std::to_string(k) +
+                        " entries per row, more than "
+                        "the vocabulary V = " +
+                        std::to_string(v));
 
   const reduce::Plan plan = reduce::plan(fn, n, options, outputs.loss);
   detail::SparseJob job;

@@ -25,9 +25,9 @@ struct SparseInput {
 };
 
 struct SparseJob {
-  RowInput student{};          // [n, v] logits
+  RowInput student{};  // [n, v] logits
   int64_t n = 0, v = 0, k = 0;
-  DivergenceSpec spec;         // validated, limits resolved (resolve_divergence_limits)
+  DivergenceSpec spec;  // validated, limits resolved (resolve_divergence_limits)
   SparseTail tail = SparseTail::bucket;
   // The teacher: either given (indices + logprobs, sparse_divergence) or full logits whose
   // top-k is selected per row (teacher.data != nullptr, topk_divergence; tail = renormalize).
@@ -52,6 +52,5 @@ void run_sparse_rows(SparseJob& job);
 // bucket mode, their total mass); throws Error naming `fn`, the argument and the first bad row.
 void check_sparse_teacher(const char* fn, const SparseInput& indices, const SparseInput& logprobs,
                           int64_t n, int64_t v, int64_t k, SparseTail tail, const uint8_t* active);
-
 
 }  // namespace divkit::detail

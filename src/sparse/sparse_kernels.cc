@@ -218,20 +218,33 @@ void RunRows(SparseJob& job, const Div& div) {
         continue;
       }
       const RowLoad ls = LoadRow(job.student, i, v, vpad, x);
-      if (ls.non_finite) { bad_s.NonFinite(i); continue; }
-      if (ls.max == -kInfF) { bad_s.NoMass(i); continue; }
+      if (ls.non_finite) {
+        bad_s.NonFinite(i);
+        continue;
+      }
+      if (ls.max == -kInfF) {
+        bad_s.NoMass(i);
+        continue;
+      }
 
       // The teacher's k entries: log-probabilities (up to a constant when renormalized).
       if (topk) {
         const RowLoad lt = LoadRow(job.teacher, i, v, vpad, xt);
-        if (lt.non_finite) { bad_t.NonFinite(i); continue; }
-        if (lt.max == -kInfF) { bad_t.NoMass(i); continue; }
+        if (lt.non_finite) {
+          bad_t.NonFinite(i);
+          continue;
+        }
+        if (lt.max == -kInfF) {
+          bad_t.NoMass(i);
+          continue;
+        }
         SelectTopK(xt, v, k, s.heap, s.idx.data());
         for (int64_t b = 0; b < k; ++b)
           s.lpd[b] = (static_cast<double>(xt[s.idx[b]]) - lt.max) / temperature;
       } else {
         for (int64_t b = 0; b < k; ++b) {
-          s.idx[b] = elem::load_index(job.indices.data, job.indices.dtype, job.indices.offset(i, b));
+          s.idx[b] =
+              elem::load_index(job.indices.data, job.indices.dtype, job.indices.offset(i, b));
           s.lpd[b] = elem::load(job.logprobs.data, job.logprobs.dtype, job.logprobs.offset(i, b));
         }
       }
@@ -270,7 +283,10 @@ void RunRows(SparseJob& job, const Div& div) {
       } else {
         float m = -kInfF;
         for (int64_t b = 0; b < k; ++b) m = std::max(m, s.xk[b]);
-        if (m == -kInfF) { bad_s.NoMass(i); continue; }  // no student mass on the k
+        if (m == -kInfF) {
+          bad_s.NoMass(i);
+          continue;
+        }  // no student mass on the k
         ref = m;
       }
       if (job.check_only) continue;
@@ -318,7 +334,8 @@ void RunRows(SparseJob& job, const Div& div) {
         // Tail entries: e_j (u_tail / Z_tail - U / Z); the k entries are 0 in e (masked).
         const double c = z_tail > 0.0 ? scale * (u[k] / z_tail - sum_u / z) : 0.0;
         const VF vc = hn::Set(df, static_cast<float>(c));
-        for (int64_t j = 0; j < vpad; j += lanes) hn::Store(hn::Mul(hn::Load(df, e + j), vc), df, e + j);
+        for (int64_t j = 0; j < vpad; j += lanes)
+          hn::Store(hn::Mul(hn::Load(df, e + j), vc), df, e + j);
       } else {
         std::memset(e, 0, static_cast<size_t>(vpad) * sizeof(float));
       }

@@ -69,8 +69,7 @@ DivergenceKind effective_kind(const Params& prm) {
       return prm.alpha == 0.0 ? DivergenceKind::forward_kl : prm.kind;
     case DivergenceKind::skew_reverse_kl:  // m = p: KL(q || p)
       return prm.alpha == 0.0 ? DivergenceKind::reverse_kl : prm.kind;
-    default:
-      return prm.kind;
+    default: return prm.kind;
   }
 }
 
@@ -114,10 +113,8 @@ Term entry_term(DivergenceKind kind, const Params& prm, double lp, double lq) {
   const double q = std::exp(lq);
   Term r;
   switch (kind) {
-    case DivergenceKind::forward_kl:
-      return forward_kl_term(lp, lq);
-    case DivergenceKind::reverse_kl:
-      return reverse_kl_term(lp, lq);
+    case DivergenceKind::forward_kl: return forward_kl_term(lp, lq);
+    case DivergenceKind::reverse_kl: return reverse_kl_term(lp, lq);
     case DivergenceKind::cross_entropy:
       r.g = mp ? 0.0 : (mq ? kInf : -p * lq);
       r.qa = -p;
@@ -225,8 +222,7 @@ Term entry_term(DivergenceKind kind, const Params& prm, double lp, double lq) {
       r.pb = (p - u) / (1.0 - a);
       return r;
     }
-    default:
-      throw std::logic_error("reference: entry_term called for an unsupported kind");
+    default: throw std::logic_error("reference: entry_term called for an unsupported kind");
   }
 }
 
@@ -321,7 +317,8 @@ RowResult row(const double* s, const double* t, int64_t v, const Params& prm, bo
     sum_pb += pb[j];
     abs_qa += std::fabs(qa[j]) * mag[j];
     abs_pb += std::fabs(pb[j]) * mag[j];
-    if (tie[j] && std::fabs(lp[j] - lq[j]) < 1e-5 * mag[j]) tie_mass += std::exp(lp[j]) + std::exp(lq[j]);
+    if (tie[j] && std::fabs(lp[j] - lq[j]) < 1e-5 * mag[j])
+      tie_mass += std::exp(lp[j]) + std::exp(lq[j]);
     else tie[j] = 0;
   }
   // A value beyond the fp32 range is +inf for an fp32 kernel (and then has no gradient).
@@ -365,8 +362,8 @@ double row_value(const double* s, const double* t, int64_t v, const Params& prm)
   return row(s, t, v, prm, /*want_grads=*/false).value;
 }
 
-Result divergence(const std::vector<double>& s, const std::vector<double>& t, int64_t n,
-                  int64_t v, const Params& prm, const Options& opt, bool want_grads) {
+Result divergence(const std::vector<double>& s, const std::vector<double>& t, int64_t n, int64_t v,
+                  const Params& prm, const Options& opt, bool want_grads) {
   Result res;
   const size_t nv = static_cast<size_t>(n * v);
   if (want_grads) {
@@ -397,14 +394,13 @@ Result divergence(const std::vector<double>& s, const std::vector<double>& t, in
 
   double factor = 1.0;
   switch (opt.reduction) {
-    case Reduction::none:
-      factor = 1.0;
-      break;
+    case Reduction::none: factor = 1.0; break;
     case Reduction::sum:
       factor = opt.num_items_in_batch > 0 ? 1.0 / opt.num_items_in_batch : 1.0;
       break;
     case Reduction::mean: {
-      const double d = opt.num_items_in_batch > 0 ? opt.num_items_in_batch : static_cast<double>(count);
+      const double d =
+          opt.num_items_in_batch > 0 ? opt.num_items_in_batch : static_cast<double>(count);
       factor = d > 0 ? 1.0 / d : 0.0;
       break;
     }
@@ -444,8 +440,8 @@ Result divergence(const std::vector<double>& s, const std::vector<double>& t, in
   return res;
 }
 
-double total_loss(const std::vector<double>& s, const std::vector<double>& t, int64_t n,
-                  int64_t v, const Params& prm, const Options& opt) {
+double total_loss(const std::vector<double>& s, const std::vector<double>& t, int64_t n, int64_t v,
+                  const Params& prm, const Options& opt) {
   const Result r = divergence(s, t, n, v, prm, opt, /*want_grads=*/false);
   double total = 0.0;
   for (double x : r.loss) total += x;

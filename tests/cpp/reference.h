@@ -29,9 +29,9 @@ Params params_from_spec(const divkit::DivergenceSpec& spec);
 // One row (token): D(p, q) with p = softmax(t / T), q = softmax(s / T), no reduction, no
 // weights, no T^2 factor.
 struct RowResult {
-  double value = 0.0;               // may be +inf
-  std::vector<double> grad_s;       // dD/ds_j (zeros when value is +inf)
-  std::vector<double> grad_t;       // dD/dt_j (zeros when value is +inf)
+  double value = 0.0;          // may be +inf
+  std::vector<double> grad_s;  // dD/ds_j (zeros when value is +inf)
+  std::vector<double> grad_t;  // dD/dt_j (zeros when value is +inf)
   // Error scales used by the tests' tolerances: how much the value (resp. each gradient entry)
   // moves when every log-probability lp_j, lq_j moves by (1 + |lp_j| + |lq_j|) (plus |logits| / T
   // when T != 1), times the conditioning of the kind's formula. An fp32 kernel, whose
@@ -47,9 +47,9 @@ double row_value(const double* s, const double* t, int64_t v, const Params& para
 
 // The whole call: labels / ignore_index, weights, reduction, num_items_in_batch, T^2 factor.
 struct Options {
-  std::vector<int64_t> labels;   // empty: no labels
+  std::vector<int64_t> labels;  // empty: no labels
   int64_t ignore_index = -100;
-  std::vector<double> weights;   // empty: no weights
+  std::vector<double> weights;  // empty: no weights
   divkit::Reduction reduction = divkit::Reduction::mean;
   double num_items_in_batch = 0.0;
 };
@@ -64,12 +64,11 @@ struct Result {
 };
 
 // s, t: N * V contiguous values (rows of ignored tokens are not read).
-Result divergence(const std::vector<double>& s, const std::vector<double>& t, int64_t n,
-                  int64_t v, const Params& params, const Options& options,
-                  bool want_grads = true);
+Result divergence(const std::vector<double>& s, const std::vector<double>& t, int64_t n, int64_t v,
+                  const Params& params, const Options& options, bool want_grads = true);
 
 // The reduced (or summed, for reduction none) loss only; used by finite differences.
-double total_loss(const std::vector<double>& s, const std::vector<double>& t, int64_t n,
-                  int64_t v, const Params& params, const Options& options);
+double total_loss(const std::vector<double>& s, const std::vector<double>& t, int64_t n, int64_t v,
+                  const Params& params, const Options& options);
 
 }  // namespace divkit_ref

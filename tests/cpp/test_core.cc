@@ -127,12 +127,13 @@ TEST(CoreReduction, PlanAndStore) {
 TEST(CoreCheck, RangesOverlapCountsTheColumnStride) {
   std::vector<float> buf(64);
   TensorView t = TensorView::matrix(buf.data(), DType::f32, 4, 2, 1);  // [4, 2], strides [1, 4]
-  t.strides[1] = 4;                                                   // elements 0..7
+  t.strides[1] = 4;                                                    // elements 0..7
   const TensorView after = TensorView::matrix(buf.data() + 6, DType::f32, 1, 8);
   EXPECT_TRUE(divkit::check::ranges_overlap(t, after));
   const TensorView beyond = TensorView::matrix(buf.data() + 8, DType::f32, 1, 8);
   EXPECT_FALSE(divkit::check::ranges_overlap(t, beyond));
-  EXPECT_FALSE(divkit::check::ranges_overlap(TensorView::matrix(buf.data(), DType::f32, 0, 8), after));
+  EXPECT_FALSE(
+      divkit::check::ranges_overlap(TensorView::matrix(buf.data(), DType::f32, 0, 8), after));
 }
 
 // Through the public API: a gradient output overlapping a transposed teacher_logprobs is refused
@@ -153,7 +154,8 @@ TEST(CoreCheck, SparseGradOverlappingTransposedLogprobsIsAnError) {
                               divkit::SparseOptions{}, divkit::DivergenceOptions{}, out);
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("grad_student overlaps teacher_logprobs"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("grad_student overlaps teacher_logprobs"),
+              std::string::npos)
         << e.what();
   }
 }

@@ -28,8 +28,12 @@ Vec randn(int64_t n, uint64_t seed, double scale = 2.0) {
   return x;
 }
 
-TensorView mat(Vec& x, int64_t n, int64_t v) { return TensorView::matrix(x.data(), DType::f64, n, v); }
-TensorView vec(Vec& x) { return TensorView::vector(x.data(), DType::f64, static_cast<int64_t>(x.size())); }
+TensorView mat(Vec& x, int64_t n, int64_t v) {
+  return TensorView::matrix(x.data(), DType::f64, n, v);
+}
+TensorView vec(Vec& x) {
+  return TensorView::vector(x.data(), DType::f64, static_cast<int64_t>(x.size()));
+}
 TensorView ivec(std::vector<int64_t>& x) {
   return TensorView::vector(x.data(), DType::i64, static_cast<int64_t>(x.size()));
 }
@@ -82,8 +86,8 @@ TEST(Distill, NkdMatchesReferenceAndFiniteDifferences) {
   auto run = [&](Vec* grad) {
     Vec to(n), no(n);
     TensorView g = grad ? mat(*grad, n, v) : TensorView{};
-    divkit::nkd_rows(mat(s, n, v), mat(t, n, v), ivec(y), kIgnore, tau, vec(to), vec(no),
-                     vec(a), vec(b), g);
+    divkit::nkd_rows(mat(s, n, v), mat(t, n, v), ivec(y), kIgnore, tau, vec(to), vec(no), vec(a),
+                     vec(b), g);
     return std::make_pair(to, no);
   };
   auto [to, no] = run(nullptr);
@@ -95,7 +99,8 @@ TEST(Distill, NkdMatchesReferenceAndFiniteDifferences) {
     }
     const Vec lp = log_softmax(&t[i * v], v), lq = log_softmax(&s[i * v], v);
     EXPECT_NEAR(to[i], -std::exp(lp[y[i]]) * lq[y[i]], 1e-12);
-    const Vec lph = log_softmax(&t[i * v], v, 1 / tau, y[i]), lqh = log_softmax(&s[i * v], v, 1 / tau, y[i]);
+    const Vec lph = log_softmax(&t[i * v], v, 1 / tau, y[i]),
+              lqh = log_softmax(&s[i * v], v, 1 / tau, y[i]);
     double ref = 0;
     for (int64_t j = 0; j < v; ++j)
       if (j != y[i]) ref -= std::exp(lph[j]) * lqh[j];
@@ -152,8 +157,8 @@ TEST(Distill, ClippedKlSoftMaskGradientsInBoundsAndStudent) {
   auto run = [&](Vec* gs, Vec* gl, Vec* gh) {
     Vec out(n);
     const bool g = gs != nullptr;
-    divkit::clipped_kl_rows(mat(s, n, v), mat(t, n, v), vec(lo), vec(hi), temp, sharp,
-                            TensorView{}, kIgnore, vec(out), g ? vec(c) : TensorView{},
+    divkit::clipped_kl_rows(mat(s, n, v), mat(t, n, v), vec(lo), vec(hi), temp, sharp, TensorView{},
+                            kIgnore, vec(out), g ? vec(c) : TensorView{},
                             g ? mat(*gs, n, v) : TensorView{}, g ? vec(*gl) : TensorView{},
                             g ? vec(*gh) : TensorView{});
     return out;
@@ -229,11 +234,11 @@ TEST(Distill, TemperedKlNoiseReferenceAndThreads) {
   Vec out1(n), out2(n);
   const int old = divkit::get_num_threads();
   divkit::set_num_threads(1);
-  divkit::tempered_kl_rows(mat(s, n, v), mat(t, n, v), vec(temps), 0.25, 42, TensorView{},
-                           kIgnore, vec(out1), TensorView{}, TensorView{});
+  divkit::tempered_kl_rows(mat(s, n, v), mat(t, n, v), vec(temps), 0.25, 42, TensorView{}, kIgnore,
+                           vec(out1), TensorView{}, TensorView{});
   divkit::set_num_threads(2);
-  divkit::tempered_kl_rows(mat(s, n, v), mat(t, n, v), vec(temps), 0.25, 42, TensorView{},
-                           kIgnore, vec(out2), TensorView{}, TensorView{});
+  divkit::tempered_kl_rows(mat(s, n, v), mat(t, n, v), vec(temps), 0.25, 42, TensorView{}, kIgnore,
+                           vec(out2), TensorView{}, TensorView{});
   divkit::set_num_threads(old);
   for (int64_t i = 0; i < n; ++i) {
     EXPECT_EQ(out1[i], out2[i]);
@@ -292,43 +297,57 @@ TEST(Distill, Errors) {
       EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
     }
   };
-  expect_error([&] {
-    divkit::nkd_rows(mat(s, n, v), mat(t, n, v), ivec(bad), kIgnore, 1.0, vec(o1), vec(o2),
-                     TensorView{}, TensorView{}, TensorView{});
-  }, "nkd: labels[1] = 4 is out of range [0, 4)");
+  expect_error(
+      [&] {
+        divkit::nkd_rows(mat(s, n, v), mat(t, n, v), ivec(bad), kIgnore, 1.0, vec(o1), vec(o2),
+                         TensorView{}, TensorView{}, TensorView{});
+      },
+      "nkd: labels[1] = 4 is out of range [0, 4)");
   std::vector<int64_t> y = {0, 1};
   Vec g(n * v);
-  expect_error([&] {
-    divkit::ofa_rows(mat(s, n, v), mat(t, n, v), ivec(y), kIgnore, 1.0, 1.0, vec(o1),
-                     TensorView{}, mat(g, n, v));
-  }, "ofa_loss: coef is required");
+  expect_error(
+      [&] {
+        divkit::ofa_rows(mat(s, n, v), mat(t, n, v), ivec(y), kIgnore, 1.0, 1.0, vec(o1),
+                         TensorView{}, mat(g, n, v));
+      },
+      "ofa_loss: coef is required");
   Vec nan_s = s;
   nan_s[v + 2] = NAN;
-  expect_error([&] {
-    divkit::ofa_rows(mat(nan_s, n, v), mat(t, n, v), ivec(y), kIgnore, 1.0, 1.0, vec(o1),
-                     TensorView{}, TensorView{});
-  }, "student_logits has a non-finite value (nan) in row 1");
+  expect_error(
+      [&] {
+        divkit::ofa_rows(mat(nan_s, n, v), mat(t, n, v), ivec(y), kIgnore, 1.0, 1.0, vec(o1),
+                         TensorView{}, TensorView{});
+      },
+      "student_logits has a non-finite value (nan) in row 1");
   Vec lo = {0.1, 0.5}, hi = {0.2, 0.4};
-  expect_error([&] {
-    divkit::clipped_kl_rows(mat(s, n, v), mat(t, n, v), vec(lo), vec(hi), 1.0, 0.0, TensorView{},
-                            kIgnore, vec(o1), TensorView{}, TensorView{}, TensorView{},
-                            TensorView{});
-  }, "dac_kl_loss: row 1: the bounds must satisfy 0 < lower < upper");
+  expect_error(
+      [&] {
+        divkit::clipped_kl_rows(mat(s, n, v), mat(t, n, v), vec(lo), vec(hi), 1.0, 0.0,
+                                TensorView{}, kIgnore, vec(o1), TensorView{}, TensorView{},
+                                TensorView{}, TensorView{});
+      },
+      "dac_kl_loss: row 1: the bounds must satisfy 0 < lower < upper");
   Vec temps = {1.0, 0.0};
-  expect_error([&] {
-    divkit::tempered_kl_rows(mat(s, n, v), mat(t, n, v), vec(temps), 0.0, 0, TensorView{},
-                             kIgnore, vec(o1), TensorView{}, TensorView{});
-  }, "swing_loss: temperatures[1] must be finite and > 0");
+  expect_error(
+      [&] {
+        divkit::tempered_kl_rows(mat(s, n, v), mat(t, n, v), vec(temps), 0.0, 0, TensorView{},
+                                 kIgnore, vec(o1), TensorView{}, TensorView{});
+      },
+      "swing_loss: temperatures[1] must be finite and > 0");
   Vec t3 = randn(n * 3, 13);
   Vec out(n * v);
-  expect_error([&] {
-    divkit::selective_contrast(mat(s, n, v), mat(t3, n, 3), 0.5, 0.1, 0.1, mat(out, n, v),
-                               vec(o1), TensorView{});
-  }, "uscd: lame_logits has shape [2, 3], expected [2, 4]");
-  expect_error([&] {
-    divkit::selective_contrast(mat(s, n, v), mat(s, n, v), -0.5, 0.1, 0.1, mat(out, n, v),
-                               vec(o1), TensorView{});
-  }, "uscd: lame_weight must be finite and >= 0");
+  expect_error(
+      [&] {
+        divkit::selective_contrast(mat(s, n, v), mat(t3, n, 3), 0.5, 0.1, 0.1, mat(out, n, v),
+                                   vec(o1), TensorView{});
+      },
+      "uscd: lame_logits has shape [2, 3], expected [2, 4]");
+  expect_error(
+      [&] {
+        divkit::selective_contrast(mat(s, n, v), mat(s, n, v), -0.5, 0.1, 0.1, mat(out, n, v),
+                                   vec(o1), TensorView{});
+      },
+      "uscd: lame_weight must be finite and >= 0");
   expect_error([&] { divkit::row_entropy(mat(s, n, v), 0.0, vec(o1)); },
                "row_entropy: temperature must be finite and > 0");
 }

@@ -24,9 +24,9 @@ struct Shape {
 // Big V with small N, N = 1000 with small V: the whole table stays within seconds.
 const std::vector<Shape>& shapes() {
   static const std::vector<Shape> s = {
-      {1, 1, 1.0, 0},    {3, 1, 1.0, 0},       {3, 7, 1.0, 0},      {1000, 7, 1.0, 0},
-      {3, 31, 2.0, 0},   {100, 31, 1.0, 0},    {3, 4097, 0.5, 0},   {1, 32000, 1.0, 1},
-      {1, 128256, 1.0, 2},
+      {1, 1, 1.0, 0},    {3, 1, 1.0, 0},     {3, 7, 1.0, 0},
+      {1000, 7, 1.0, 0}, {3, 31, 2.0, 0},    {100, 31, 1.0, 0},
+      {3, 4097, 0.5, 0}, {1, 32000, 1.0, 1}, {1, 128256, 1.0, 2},
   };
   return s;
 }
@@ -58,7 +58,8 @@ TEST_P(DivergenceTable, MatchesReference) {
 
     TestOptions opt;
     opt.reduction = Reduction::none;
-    const KernelOut got = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
+    const KernelOut got =
+        run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
     const divkit_ref::Result want = run_reference(l.student, l.teacher, spec, opt);
     expect_matches_reference(got, want, Tolerance{}, what.str());
 
@@ -73,8 +74,8 @@ TEST_P(DivergenceTable, MatchesReference) {
 }
 
 std::vector<DTypePair> dtype_pairs() {
-  return {{DType::f32, DType::f32},  {DType::bf16, DType::bf16}, {DType::f16, DType::f16},
-          {DType::f64, DType::f64},  {DType::bf16, DType::f32},  {DType::f32, DType::f16},
+  return {{DType::f32, DType::f32}, {DType::bf16, DType::bf16}, {DType::f16, DType::f16},
+          {DType::f64, DType::f64}, {DType::bf16, DType::f32},  {DType::f32, DType::f16},
           {DType::f64, DType::bf16}};
 }
 

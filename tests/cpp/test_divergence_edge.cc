@@ -26,9 +26,9 @@ TEST(DivergenceLayout, NonContiguousRows) {
         spec.temperature = 1.3f;
         TestOptions opt;
         opt.reduction = Reduction::none;
-        const KernelOut got = run_kernel(l.student, l.teacher, spec, opt,
-                                         GradRequest::of(DType::f32, v + 7),
-                                         GradRequest::of(DType::f32, v + 2));
+        const KernelOut got =
+            run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(DType::f32, v + 7),
+                       GradRequest::of(DType::f32, v + 2));
         expect_matches_reference(got, run_reference(l.student, l.teacher, spec, opt), Tolerance{},
                                  what.str());
         EXPECT_TRUE(l.student.padding_intact());
@@ -57,12 +57,13 @@ TEST(DivergenceLayout, InPlaceGradientEqualsOutOfPlaceBitForBit) {
         spec.temperature = 1.7f;
 
         HostMatrix s_copy = l.student;
-        const KernelOut out_of_place = run_kernel(s_copy, l.teacher, spec, opt,
-                                                  GradRequest::of(dt, v + stride_pad), GradRequest::of());
+        const KernelOut out_of_place =
+            run_kernel(s_copy, l.teacher, spec, opt, GradRequest::of(dt, v + stride_pad),
+                       GradRequest::of());
         EXPECT_TRUE(s_copy.same_bits(l.student)) << "out-of-place call modified the student";
         HostMatrix s_inplace = l.student;
-        const KernelOut in_place =
-            run_kernel(s_inplace, l.teacher, spec, opt, GradRequest::none(), GradRequest::of(), true);
+        const KernelOut in_place = run_kernel(s_inplace, l.teacher, spec, opt, GradRequest::none(),
+                                              GradRequest::of(), true);
         EXPECT_TRUE(in_place.grad_s.same_bits(out_of_place.grad_s))
             << "in-place gradient differs from the out-of-place gradient";
         EXPECT_TRUE(in_place.grad_t.same_bits(out_of_place.grad_t));
@@ -75,7 +76,8 @@ TEST(DivergenceLayout, InPlaceGradientEqualsOutOfPlaceBitForBit) {
         }
         // and both against the reference
         const auto want = run_reference(l.student, l.teacher, spec, opt);
-        compare_grad(out_of_place.grad_s, want.grad_s, want.scale_s, output_tolerance(dt), what.str());
+        compare_grad(out_of_place.grad_s, want.grad_s, want.scale_s, output_tolerance(dt),
+                     what.str());
       }
     }
   }
@@ -90,8 +92,8 @@ TEST(DivergenceLayout, InPlaceLargeRows) {
     TestOptions opt;
     opt.reduction = Reduction::sum;
     HostMatrix s = l.student;
-    const KernelOut in_place = run_kernel(s, l.teacher, var.spec, opt, GradRequest::none(),
-                                          GradRequest::none(), true);
+    const KernelOut in_place =
+        run_kernel(s, l.teacher, var.spec, opt, GradRequest::none(), GradRequest::none(), true);
     expect_matches_reference(in_place, run_reference(l.student, l.teacher, var.spec, opt),
                              Tolerance{}, var.name + " in place");
   }
@@ -109,16 +111,18 @@ TEST(DivergenceOutputs, LowPrecisionGradientDtypes) {
       opt.reduction = Reduction::sum;
       const KernelOut low = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(gdt),
                                        GradRequest::of(gdt));
-      const KernelOut f32 = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(),
-                                       GradRequest::of());
+      const KernelOut f32 =
+          run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
       expect_matches_reference(low, run_reference(l.student, l.teacher, var.spec, opt),
                                output_tolerance(gdt), what.str());
       // The low-precision gradient is the fp32 gradient rounded: within one rounding of it.
       const Tolerance round_tol{0.0, 0.0, output_tolerance(gdt).out_rel,
                                 output_tolerance(gdt).out_abs};
       const std::vector<double> zeros(static_cast<size_t>(n * v), 0.0);
-      compare_grad(low.grad_s, f32.grad_s.values(), zeros, round_tol, what.str() + " vs fp32 grad_student");
-      compare_grad(low.grad_t, f32.grad_t.values(), zeros, round_tol, what.str() + " vs fp32 grad_teacher");
+      compare_grad(low.grad_s, f32.grad_s.values(), zeros, round_tol,
+                   what.str() + " vs fp32 grad_student");
+      compare_grad(low.grad_t, f32.grad_t.values(), zeros, round_tol,
+                   what.str() + " vs fp32 grad_teacher");
     }
   }
 }
@@ -132,11 +136,14 @@ TEST(DivergenceOutputs, TeacherGradientAloneAndWithStudent) {
     DivergenceSpec spec = var.spec;
     spec.temperature = 0.8f;
     const auto want = run_reference(l.student, l.teacher, spec, opt);
-    const KernelOut only_t = run_kernel(l.student, l.teacher, spec, opt, GradRequest::none(), GradRequest::of());
+    const KernelOut only_t =
+        run_kernel(l.student, l.teacher, spec, opt, GradRequest::none(), GradRequest::of());
     expect_matches_reference(only_t, want, Tolerance{}, var.name + " teacher only");
-    const KernelOut both = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
+    const KernelOut both =
+        run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
     expect_matches_reference(both, want, Tolerance{}, var.name + " both");
-    const KernelOut only_s = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::none());
+    const KernelOut only_s =
+        run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::none());
     expect_matches_reference(only_s, want, Tolerance{}, var.name + " student only");
   }
 }
@@ -168,13 +175,15 @@ TEST(DivergenceOutputs, ConvenienceF32MatchesGeneralEntryPoint) {
         s[i * v + j] = static_cast<float>(l.student.get(i, j));
         t[i * v + j] = static_cast<float>(l.teacher.get(i, j));
       }
-    const float loss = divkit::divergence_f32(s.data(), t.data(), n, v, var.spec, Reduction::mean, g.data());
+    const float loss =
+        divkit::divergence_f32(s.data(), t.data(), n, v, var.spec, Reduction::mean, g.data());
     TestOptions opt;
     opt.reduction = Reduction::mean;
     const KernelOut got = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of());
     EXPECT_EQ(loss, static_cast<float>(got.loss[0]));
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < v; ++j) ASSERT_EQ(g[i * v + j], static_cast<float>(got.grad_s.get(i, j)));
+      for (int64_t j = 0; j < v; ++j)
+        ASSERT_EQ(g[i * v + j], static_cast<float>(got.grad_s.get(i, j)));
     // without a gradient pointer
     const float loss2 = divkit::divergence_f32(s.data(), t.data(), n, v, var.spec, Reduction::sum);
     opt.reduction = Reduction::sum;
@@ -235,12 +244,15 @@ TEST(DivergenceOptions, ReductionsLabelsWeights) {
       SCOPED_TRACE(what);
       Logits l = random_logits(n, v, DType::f32, DType::bf16, 77);
       for (int64_t i = 0; i < n; ++i)
-        if (!oc.opt.labels.empty() && oc.opt.labels[i] == oc.opt.ignore_index) l.student.fill_row(i, kNaN);
+        if (!oc.opt.labels.empty() && oc.opt.labels[i] == oc.opt.ignore_index)
+          l.student.fill_row(i, kNaN);
       DivergenceSpec spec = var.spec;
       spec.temperature = 2.0f;
       spec.scale_by_t_squared = oc.t2;
-      const KernelOut got = run_kernel(l.student, l.teacher, spec, oc.opt, GradRequest::of(), GradRequest::of());
-      expect_matches_reference(got, run_reference(l.student, l.teacher, spec, oc.opt), Tolerance{}, what);
+      const KernelOut got =
+          run_kernel(l.student, l.teacher, spec, oc.opt, GradRequest::of(), GradRequest::of());
+      expect_matches_reference(got, run_reference(l.student, l.teacher, spec, oc.opt), Tolerance{},
+                               what);
       // ignored tokens: loss 0 (reduction none) and zero gradients
       for (int64_t i = 0; i < n; ++i) {
         if (oc.opt.labels.empty() || oc.opt.labels[i] != oc.opt.ignore_index) continue;
@@ -278,8 +290,10 @@ TEST(DivergenceOptions, ScaleByTSquared) {
     DivergenceSpec spec = var.spec;
     spec.temperature = 3.0f;
     spec.scale_by_t_squared = true;
-    const KernelOut scaled = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
-    expect_matches_reference(scaled, run_reference(l.student, l.teacher, spec, opt), Tolerance{}, var.name);
+    const KernelOut scaled =
+        run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
+    expect_matches_reference(scaled, run_reference(l.student, l.teacher, spec, opt), Tolerance{},
+                             var.name);
     spec.scale_by_t_squared = false;
     const KernelOut plain = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of());
     EXPECT_NEAR(scaled.loss[0], 9.0 * plain.loss[0], 1e-6 * std::fabs(9.0 * plain.loss[0]) + 1e-7);
@@ -322,8 +336,10 @@ TEST(DivergenceOptions, ZeroWeightRowContributesNothing) {
   opt.reduction = Reduction::mean;
   opt.weights = {1.0, 0.0, 2.0};
   for (const Variant& var : default_variants()) {
-    const KernelOut got = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
-    expect_matches_reference(got, run_reference(l.student, l.teacher, var.spec, opt), Tolerance{}, var.name);
+    const KernelOut got =
+        run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
+    expect_matches_reference(got, run_reference(l.student, l.teacher, var.spec, opt), Tolerance{},
+                             var.name);
     for (int64_t j = 0; j < 23; ++j) ASSERT_EQ(got.grad_s.get(1, j), 0.0) << var.name;
   }
 }
@@ -345,13 +361,15 @@ TEST(DivergenceExtremes, LogitsOfPlusMinus1e4) {
             // Row 0: extreme +-1e4 only; other rows: uniform in [-1e4, 1e4]; odd rows share
             // the teacher's argmax with the student so that some divergences stay finite.
             const double s = i == 0 ? ((j % 3) ? -1e4 : 1e4) : u(rng);
-            const double t = i == 0 ? ((j % 2) ? -1e4 : 1e4) : (i % 2 ? s + 0.001 * u(rng) : u(rng));
+            const double t =
+                i == 0 ? ((j % 2) ? -1e4 : 1e4) : (i % 2 ? s + 0.001 * u(rng) : u(rng));
             l.student.set(i, j, s);
             l.teacher.set(i, j, t);
           }
         TestOptions opt;
         opt.reduction = Reduction::none;
-        const KernelOut got = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
+        const KernelOut got =
+            run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
         const auto want = run_reference(l.student, l.teacher, var.spec, opt);
         expect_matches_reference(got, want, Tolerance{}, what);
         for (int64_t i = 0; i < n; ++i) {
@@ -379,8 +397,10 @@ TEST(DivergenceExtremes, LargeLogitOffsetKeepsAccuracy) {
         }
       TestOptions opt;
       opt.reduction = Reduction::none;
-      const KernelOut got = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
-      expect_matches_reference(got, run_reference(l.student, l.teacher, var.spec, opt), Tolerance{}, what);
+      const KernelOut got =
+          run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
+      expect_matches_reference(got, run_reference(l.student, l.teacher, var.spec, opt), Tolerance{},
+                               what);
     }
   }
 }
@@ -391,9 +411,11 @@ TEST(DivergenceExtremes, LargeLogitOffsetKeepsAccuracy) {
 TEST(DivergenceExtremes, HugeRatiosOverflowToInfinityOrStayFinite) {
   using K = DivergenceKind;
   for (double gap : {80.0, 100.0, 200.0, 1000.0, 5000.0}) {
-    for (const Variant& var : {Variant{"chi2", make_spec(K::chi2)}, Variant{"alpha2", make_spec(K::alpha_divergence, 2.0)},
+    for (const Variant& var : {Variant{"chi2", make_spec(K::chi2)},
+                               Variant{"alpha2", make_spec(K::alpha_divergence, 2.0)},
                                Variant{"alpha-0.5", make_spec(K::alpha_divergence, -0.5)},
-                               Variant{"renyi2", make_spec(K::renyi, 2.0)}, Variant{"renyi0.5", make_spec(K::renyi, 0.5)}}) {
+                               Variant{"renyi2", make_spec(K::renyi, 2.0)},
+                               Variant{"renyi0.5", make_spec(K::renyi, 0.5)}}) {
       const std::string what = var.name + " gap " + std::to_string(gap);
       SCOPED_TRACE(what);
       HostMatrix s(1, 2, DType::f32), t(1, 2, DType::f32);
@@ -453,9 +475,11 @@ enum class MaskMode { common, student_only, teacher_only, disjoint };
 TEST(DivergenceExtremes, NegInfMasksAndInfiniteDivergences) {
   const int64_t n = 6, v = 41;
   for (const Variant& var : all_variants()) {
-    for (MaskMode mode : {MaskMode::common, MaskMode::student_only, MaskMode::teacher_only, MaskMode::disjoint}) {
+    for (MaskMode mode :
+         {MaskMode::common, MaskMode::student_only, MaskMode::teacher_only, MaskMode::disjoint}) {
       for (DType dt : {DType::f32, DType::f16}) {
-        const std::string what = var.name + " mask mode " + std::to_string(static_cast<int>(mode)) + " " + dtype_short(dt);
+        const std::string what = var.name + " mask mode " + std::to_string(static_cast<int>(mode)) +
+                                 " " + dtype_short(dt);
         SCOPED_TRACE(what);
         Logits l = random_logits(n, v, dt, dt, 17);
         // Rows 0 and 3 unmasked; rows 1, 2, 4, 5 masked in various amounts.
@@ -464,7 +488,10 @@ TEST(DivergenceExtremes, NegInfMasksAndInfiniteDivergences) {
             const bool masked = (j * 7 + i) % (i + 1) == 0;  // row-dependent pattern
             switch (mode) {
               case MaskMode::common:
-                if (masked) { l.student.set(i, j, -kInf); l.teacher.set(i, j, -kInf); }
+                if (masked) {
+                  l.student.set(i, j, -kInf);
+                  l.teacher.set(i, j, -kInf);
+                }
                 break;
               case MaskMode::student_only:
                 if (masked) l.student.set(i, j, -kInf);
@@ -473,14 +500,16 @@ TEST(DivergenceExtremes, NegInfMasksAndInfiniteDivergences) {
                 if (masked) l.teacher.set(i, j, -kInf);
                 break;
               case MaskMode::disjoint:
-                if (j < v / 2) l.student.set(i, j, -kInf); else l.teacher.set(i, j, -kInf);
+                if (j < v / 2) l.student.set(i, j, -kInf);
+                else l.teacher.set(i, j, -kInf);
                 break;
             }
           }
         }
         TestOptions opt;
         opt.reduction = Reduction::none;
-        const KernelOut got = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
+        const KernelOut got =
+            run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
         const auto want = run_reference(l.student, l.teacher, var.spec, opt);
         expect_matches_reference(got, want, Tolerance{}, what);
         for (int64_t i = 0; i < n; ++i) {
@@ -493,12 +522,14 @@ TEST(DivergenceExtremes, NegInfMasksAndInfiniteDivergences) {
             }
           }
         }
-        // A reduced loss with an infinite row is +inf (never NaN) and the other rows keep their gradient.
+        // A reduced loss with an infinite row is +inf (never NaN) and the other rows keep their
+        // gradient.
         TestOptions sum_opt;
         sum_opt.reduction = Reduction::mean;
-        const KernelOut red = run_kernel(l.student, l.teacher, var.spec, sum_opt, GradRequest::of());
-        expect_matches_reference(red, run_reference(l.student, l.teacher, var.spec, sum_opt), Tolerance{},
-                                 what + " mean");
+        const KernelOut red =
+            run_kernel(l.student, l.teacher, var.spec, sum_opt, GradRequest::of());
+        expect_matches_reference(red, run_reference(l.student, l.teacher, var.spec, sum_opt),
+                                 Tolerance{}, what + " mean");
       }
     }
   }
@@ -511,14 +542,17 @@ TEST(DivergenceExtremes, SingleUnmaskedEntry) {
     SCOPED_TRACE(var.name);
     Logits l = random_logits(3, v, DType::f32, DType::f32, 4);
     for (int64_t j = 0; j < v; ++j) {
-      if (j != 4) l.student.set(0, j, -kInf), l.teacher.set(0, j, -kInf);  // both one-hot, same entry
-      if (j != 2) l.teacher.set(1, j, -kInf);                              // teacher one-hot
-      if (j != 6) l.student.set(2, j, -kInf);                              // student one-hot
+      if (j != 4)
+        l.student.set(0, j, -kInf), l.teacher.set(0, j, -kInf);  // both one-hot, same entry
+      if (j != 2) l.teacher.set(1, j, -kInf);                    // teacher one-hot
+      if (j != 6) l.student.set(2, j, -kInf);                    // student one-hot
     }
     TestOptions opt;
     opt.reduction = Reduction::none;
-    const KernelOut got = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
-    expect_matches_reference(got, run_reference(l.student, l.teacher, var.spec, opt), Tolerance{}, var.name);
+    const KernelOut got =
+        run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
+    expect_matches_reference(got, run_reference(l.student, l.teacher, var.spec, opt), Tolerance{},
+                             var.name);
   }
 }
 
@@ -532,8 +566,10 @@ TEST(DivergenceExtremes, TemperatureVariants) {
       spec.temperature = static_cast<float>(temp);
       TestOptions opt;
       opt.reduction = Reduction::none;
-      const KernelOut got = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
-      expect_matches_reference(got, run_reference(l.student, l.teacher, spec, opt), Tolerance{}, what);
+      const KernelOut got =
+          run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
+      expect_matches_reference(got, run_reference(l.student, l.teacher, spec, opt), Tolerance{},
+                               what);
     }
   }
 }

@@ -57,8 +57,8 @@ TEST(Errors, ShapeMismatch) {
     TensorView s = p.l.student.view();
     s.ndim = 1;
     s.shape[0] = 56;
-    expect_error([&] { divkit::divergence(s, p.l.teacher.view(), p.spec, p.opt, p.out); }, {"student"}, {},
-                 "1-D student");
+    expect_error([&] { divkit::divergence(s, p.l.teacher.view(), p.spec, p.opt, p.out); },
+                 {"student"}, {}, "1-D student");
   }
   {
     Problem p;
@@ -96,30 +96,30 @@ TEST(Errors, EmptyVocabulary) {
   divkit::DivergenceOptions opt;
   divkit::DivergenceOutputs out;
   out.loss = TensorView::vector(&loss, DType::f32, 1);
-  expect_error([&] { divkit::divergence(s.view(), t.view(), divkit::DivergenceSpec{}, opt, out); }, {},
-               {"student", "teacher", "V", "vocab"}, "V = 0");
+  expect_error([&] { divkit::divergence(s.view(), t.view(), divkit::DivergenceSpec{}, opt, out); },
+               {}, {"student", "teacher", "V", "vocab"}, "V = 0");
 }
 
 TEST(Errors, UnsupportedInputDtype) {
   Problem p;
   HostMatrix s(8, 7, DType::i32);
-  expect_error([&] { divkit::divergence(s.view(), p.l.teacher.view(), p.spec, p.opt, p.out); }, {"student"},
-               {}, "int32 student");
+  expect_error([&] { divkit::divergence(s.view(), p.l.teacher.view(), p.spec, p.opt, p.out); },
+               {"student"}, {}, "int32 student");
   HostMatrix t(8, 7, DType::i64);
-  expect_error([&] { divkit::divergence(p.l.student.view(), t.view(), p.spec, p.opt, p.out); }, {"teacher"},
-               {}, "int64 teacher");
+  expect_error([&] { divkit::divergence(p.l.student.view(), t.view(), p.spec, p.opt, p.out); },
+               {"teacher"}, {}, "int64 teacher");
   TensorView cuda = p.l.student.view();
   cuda.device = divkit::Device::cuda;
-  expect_error([&] { divkit::divergence(cuda, p.l.teacher.view(), p.spec, p.opt, p.out); }, {"student"}, {},
-               "student on a CUDA device");
+  expect_error([&] { divkit::divergence(cuda, p.l.teacher.view(), p.spec, p.opt, p.out); },
+               {"student"}, {}, "student on a CUDA device");
 }
 
 TEST(Errors, UnknownNames) {
-  expect_error([] { divkit::parse_divergence_kind("kl_forward"); }, {"kind", "kl_forward", "forward_kl", "renyi"},
-               {}, "unknown kind");
+  expect_error([] { divkit::parse_divergence_kind("kl_forward"); },
+               {"kind", "kl_forward", "forward_kl", "renyi"}, {}, "unknown kind");
   expect_error([] { divkit::parse_divergence_kind(""); }, {"kind"}, {}, "empty kind");
-  expect_error([] { divkit::parse_reduction("average"); }, {"reduction", "average", "batchmean"}, {},
-               "unknown reduction");
+  expect_error([] { divkit::parse_reduction("average"); }, {"reduction", "average", "batchmean"},
+               {}, "unknown reduction");
 }
 
 TEST(Errors, ParametersOutOfRange) {
@@ -131,24 +131,29 @@ TEST(Errors, ParametersOutOfRange) {
   };
   const double nan = kNaN, inf = kInf;
   const std::vector<Bad> bad = {
-      {K::forward_kl, "temperature", 0.0},     {K::forward_kl, "temperature", -1.0},
-      {K::jsd, "temperature", nan},            {K::renyi, "temperature", -inf},
-      {K::jsd, "beta", -0.1},                  {K::jsd, "beta", 1.5},
-      {K::jsd, "beta", nan},                   {K::skew_forward_kl, "alpha", -0.1},
-      {K::skew_forward_kl, "alpha", 1.01},     {K::skew_reverse_kl, "alpha", 2.0},
-      {K::skew_reverse_kl, "alpha", nan},      {K::renyi, "alpha", 0.0},
-      {K::renyi, "alpha", -1.0},               {K::renyi, "alpha", nan},
+      {K::forward_kl, "temperature", 0.0},
+      {K::forward_kl, "temperature", -1.0},
+      {K::jsd, "temperature", nan},
+      {K::renyi, "temperature", -inf},
+      {K::jsd, "beta", -0.1},
+      {K::jsd, "beta", 1.5},
+      {K::jsd, "beta", nan},
+      {K::skew_forward_kl, "alpha", -0.1},
+      {K::skew_forward_kl, "alpha", 1.01},
+      {K::skew_reverse_kl, "alpha", 2.0},
+      {K::skew_reverse_kl, "alpha", nan},
+      {K::renyi, "alpha", 0.0},
+      {K::renyi, "alpha", -1.0},
+      {K::renyi, "alpha", nan},
       {K::alpha_divergence, "alpha", nan},
-      {K::alpha_divergence, "alpha", inf},     {K::alpha_divergence, "alpha", -inf},
+      {K::alpha_divergence, "alpha", inf},
+      {K::alpha_divergence, "alpha", -inf},
   };
   for (const Bad& b : bad) {
     DivergenceSpec spec = make_spec(b.kind);
-    if (std::string(b.field) == "temperature")
-      spec.temperature = static_cast<float>(b.value);
-    else if (std::string(b.field) == "beta")
-      spec.beta = static_cast<float>(b.value);
-    else
-      spec.alpha = static_cast<float>(b.value);
+    if (std::string(b.field) == "temperature") spec.temperature = static_cast<float>(b.value);
+    else if (std::string(b.field) == "beta") spec.beta = static_cast<float>(b.value);
+    else spec.alpha = static_cast<float>(b.value);
     const std::string what = spec_string(spec);
     expect_error([&] { divkit::validate_spec(spec); }, {b.field}, {}, "validate_spec " + what);
     Problem p;
@@ -156,7 +161,8 @@ TEST(Errors, ParametersOutOfRange) {
     expect_error(p.fn(), {b.field}, {}, "divergence " + what);
   }
   // in range: no error (alpha_divergence accepts any finite alpha)
-  for (double a : {-3.0, 0.0, 0.5, 1.0, 4.0}) EXPECT_NO_THROW(divkit::validate_spec(make_spec(K::alpha_divergence, a)));
+  for (double a : {-3.0, 0.0, 0.5, 1.0, 4.0})
+    EXPECT_NO_THROW(divkit::validate_spec(make_spec(K::alpha_divergence, a)));
   for (double a : {0.0, 0.5, 1.0}) {
     EXPECT_NO_THROW(divkit::validate_spec(make_spec(K::skew_forward_kl, a)));
     EXPECT_NO_THROW(divkit::validate_spec(make_spec(K::jsd, a)));
@@ -169,7 +175,8 @@ TEST(Errors, NonFiniteLogitsNameTheFirstBadRow) {
     for (double bad : {kNaN, kInf}) {
       for (int which = 0; which < 2; ++which) {
         const std::string arg = which == 0 ? "student" : "teacher";
-        const std::string what = arg + " " + dtype_short(dt) + " " + std::to_string(bad) + " in rows 5 and 7";
+        const std::string what =
+            arg + " " + dtype_short(dt) + " " + std::to_string(bad) + " in rows 5 and 7";
         Problem p(Reduction::mean, dt);
         HostMatrix& m = which == 0 ? p.l.student : p.l.teacher;
         m.set(5, 3, bad);
@@ -280,7 +287,12 @@ TEST(Errors, InPlaceErrorLeavesStudentUnchanged) {
     check([](Problem& p) { p.l.teacher.fill_row(7, -kInf); }, "teacher's last row all -inf");
     check([](Problem& p) { p.l.student.fill_row(7, -kInf); }, "student's last row all -inf");
     check([](Problem& p) { p.spec.temperature = -1.0f; }, "negative temperature");
-    check([](Problem& p) { p.spec.kind = DivergenceKind::jsd; p.spec.beta = 2.0f; }, "beta = 2");
+    check(
+        [](Problem& p) {
+          p.spec.kind = DivergenceKind::jsd;
+          p.spec.beta = 2.0f;
+        },
+        "beta = 2");
   }
 }
 

@@ -62,8 +62,8 @@ struct Head {
     return z;
   }
   // Head gradients from G = dL/dlogits [n, vv] (rows mapped through ids).
-  void grads(const std::vector<double>& gz, const std::vector<int64_t>* ids, std::vector<double>& dh,
-             std::vector<double>& dw, std::vector<double>& db) const {
+  void grads(const std::vector<double>& gz, const std::vector<int64_t>* ids,
+             std::vector<double>& dh, std::vector<double>& dw, std::vector<double>& db) const {
     const int64_t vv = ids ? static_cast<int64_t>(ids->size()) : v;
     dh.assign(n * h, 0.0);
     dw.assign(v * h, 0.0);
@@ -119,10 +119,13 @@ TEST_P(FusedLinearDivergence, MatchesMaterializedFp64) {
   ro.reduction = c.reduction;
   const std::vector<double> zs = s.logits(), zt = t.logits();
   const double soft_w = 0.7;
-  divkit_ref::Result ref = divkit_ref::divergence(zs, zt, n, v, divkit_ref::params_from_spec(spec), ro);
+  divkit_ref::Result ref =
+      divkit_ref::divergence(zs, zt, n, v, divkit_ref::params_from_spec(spec), ro);
   int64_t count = 0;
   for (int64_t y : labels) count += y != -100;
-  const double divisor = c.reduction == Reduction::mean ? double(count) : c.reduction == Reduction::batchmean ? double(n) : 1.0;
+  const double divisor = c.reduction == Reduction::mean        ? double(count)
+                         : c.reduction == Reduction::batchmean ? double(n)
+                                                               : 1.0;
   std::vector<double> loss_ref(ref.loss.size());
   for (size_t i = 0; i < loss_ref.size(); ++i) loss_ref[i] = soft_w * ref.loss[i];
   std::vector<double> gs(n * v), gt(n * v);
@@ -139,9 +142,11 @@ TEST_P(FusedLinearDivergence, MatchesMaterializedFp64) {
       for (int64_t j = 0; j < v; ++j) se += std::exp(zs[i * v + j] - m);
       const double lse = m + std::log(se);
       const double ce = c.hard_weight * (lse - zs[i * v + labels[i]]) / divisor;
-      if (c.reduction == Reduction::none) loss_ref[i] += ce; else loss_ref[0] += ce;
+      if (c.reduction == Reduction::none) loss_ref[i] += ce;
+      else loss_ref[0] += ce;
       for (int64_t j = 0; j < v; ++j)
-        gs[i * v + j] += c.hard_weight / divisor * (std::exp(zs[i * v + j] - lse) - (j == labels[i]));
+        gs[i * v + j] +=
+            c.hard_weight / divisor * (std::exp(zs[i * v + j] - lse) - (j == labels[i]));
     }
   }
   std::vector<double> dhs, dws, dbs, dht, dwt, dbt;
@@ -150,7 +155,8 @@ TEST_P(FusedLinearDivergence, MatchesMaterializedFp64) {
 
   // Fused.
   std::vector<float> loss(c.reduction == Reduction::none ? n : 1);
-  std::vector<float> g_hs(n * c.hs), g_ws(v * c.hs), g_bs(v), g_ht(n * c.ht), g_wt(v * c.ht), g_bt(v);
+  std::vector<float> g_hs(n * c.hs), g_ws(v * c.hs), g_bs(v), g_ht(n * c.ht), g_wt(v * c.ht),
+      g_bt(v);
   divkit::LinearHeadGrads sg, tg;
   sg.hidden = TensorView::matrix(g_hs.data(), DType::f32, n, c.hs);
   sg.weight = TensorView::matrix(g_ws.data(), DType::f32, v, c.hs);
@@ -222,7 +228,8 @@ TEST(FusedLinearDivergence, TeacherTokenIdsMapAndTruncate) {
     divkit::FusedLinearOptions f;
     f.teacher_token_ids = TensorView::vector(ids.data(), DType::i64, vs);
     f.chunk_size = 4;
-    divkit::fused_linear_divergence(s.view(), t.view(), spec, {}, f, TensorView::vector(&loss, DType::f32, 1), {}, tg);
+    divkit::fused_linear_divergence(s.view(), t.view(), spec, {}, f,
+                                    TensorView::vector(&loss, DType::f32, 1), {}, tg);
     EXPECT_NEAR(loss, ref.loss[0], 1e-5 * (1 + ref.loss[0]));
     expect_close(g_wt, dw, 2e-5, "grad_teacher_weight (scattered)");
     expect_close(g_bt, db, 2e-5, "grad_teacher_bias (scattered)");
@@ -245,20 +252,23 @@ TEST(FusedLinearDivergence, Bf16InputsAreConvertedNotRounded) {
     }
     return b;
   };
-  std::vector<uint16_t> hs = to_bf16(s.hidden32), ws = to_bf16(s.weight32), ht = to_bf16(t.hidden32), wt = to_bf16(t.weight32);
+  std::vector<uint16_t> hs = to_bf16(s.hidden32), ws = to_bf16(s.weight32),
+                        ht = to_bf16(t.hidden32), wt = to_bf16(t.weight32);
   const auto spec = divkit_test::make_spec(K::jsd, 0.5);
   float want = 0.0f, got = 0.0f;
   std::vector<float> dh_want(n * h), dh_got(n * h);
   divkit::LinearHeadGrads g1, g2;
   g1.hidden = TensorView::matrix(dh_want.data(), DType::f32, n, h);
   g2.hidden = TensorView::matrix(dh_got.data(), DType::f32, n, h);
-  divkit::fused_linear_divergence(s.view(), t.view(), spec, {}, {}, TensorView::vector(&want, DType::f32, 1), g1);
+  divkit::fused_linear_divergence(s.view(), t.view(), spec, {}, {},
+                                  TensorView::vector(&want, DType::f32, 1), g1);
   divkit::LinearHead sb, tb;
   sb.hidden = TensorView::matrix(hs.data(), DType::bf16, n, h);
   sb.weight = TensorView::matrix(ws.data(), DType::bf16, v, h);
   tb.hidden = TensorView::matrix(ht.data(), DType::bf16, n, h);
   tb.weight = TensorView::matrix(wt.data(), DType::bf16, v, h);
-  divkit::fused_linear_divergence(sb, tb, spec, {}, {}, TensorView::vector(&got, DType::f32, 1), g2);
+  divkit::fused_linear_divergence(sb, tb, spec, {}, {}, TensorView::vector(&got, DType::f32, 1),
+                                  g2);
   EXPECT_EQ(got, want);
   EXPECT_EQ(dh_got, dh_want);
 }
@@ -271,7 +281,8 @@ TEST(FusedLinearDivergence, Bf16InputsAreConvertedNotRounded) {
 TEST(FusedLinearDivergence, ThreadCountAndWeightDtypeDoNotChangeTheBits) {
   const int64_t n = 3, v = 140000, h = 256;
   std::mt19937 rng(21);
-  std::uniform_real_distribution<float> u(-0.1f, 0.1f);  // cheaper than Head's normals at 36M values
+  std::uniform_real_distribution<float> u(-0.1f,
+                                          0.1f);  // cheaper than Head's normals at 36M values
   std::vector<float> hs(n * h), ht(n * h), ws(v * h), wt(v * h);
   for (std::vector<float>* x : {&hs, &ht, &ws, &wt})
     for (float& e : *x) e = u(rng) * (x == &hs || x == &ht ? 10.0f : 1.0f);
@@ -301,7 +312,8 @@ TEST(FusedLinearDivergence, ThreadCountAndWeightDtypeDoNotChangeTheBits) {
     sg.hidden = TensorView::matrix(r.hs.data(), DType::f32, n, h);
     sg.weight = TensorView::matrix(r.ws.data(), DType::f32, v, h);
     tg.hidden = TensorView::matrix(r.ht.data(), DType::f32, n, h);
-    divkit::fused_linear_divergence(sv, tv, spec, {}, {}, TensorView::vector(&r.loss, DType::f32, 1), sg, tg);
+    divkit::fused_linear_divergence(sv, tv, spec, {}, {},
+                                    TensorView::vector(&r.loss, DType::f32, 1), sg, tg);
     return r;
   };
   const int old_threads = divkit::get_num_threads();
@@ -309,9 +321,11 @@ TEST(FusedLinearDivergence, ThreadCountAndWeightDtypeDoNotChangeTheBits) {
   double norm = 0.0;
   for (float x : base.hs) norm += std::fabs(x);
   EXPECT_GT(norm, 0.0) << "grad_student_hidden is all zeros: nothing was compared";
-  for (auto [threads, bf16_weight] : {std::pair{2, true}, std::pair{3, true}, std::pair{1, false}, std::pair{2, false}}) {
+  for (auto [threads, bf16_weight] :
+       {std::pair{2, true}, std::pair{3, true}, std::pair{1, false}, std::pair{2, false}}) {
     const Result r = run(threads, bf16_weight);
-    const std::string at = std::to_string(threads) + " thread(s), " + (bf16_weight ? "bf16" : "fp32") + " weight";
+    const std::string at =
+        std::to_string(threads) + " thread(s), " + (bf16_weight ? "bf16" : "fp32") + " weight";
     EXPECT_EQ(r.loss, base.loss) << at;
     EXPECT_TRUE(r.hs == base.hs) << at << ": grad_student_hidden";
     EXPECT_TRUE(r.ws == base.ws) << at << ": grad_student_weight";
@@ -332,7 +346,8 @@ TEST(FusedLinearDivergence, SixteenBitWeightsAcrossConversionBlocks) {
       for (size_t i = 0; i < f.size(); ++i) {
         using namespace divkit_test;
         b[i] = dt == DType::bf16 ? float_to_bf16(f[i]) : double_to_f16(f[i]);
-        d[i] = f[i] = dt == DType::bf16 ? bf16_to_float(b[i]) : static_cast<float>(f16_to_double(b[i]));
+        d[i] = f[i] =
+            dt == DType::bf16 ? bf16_to_float(b[i]) : static_cast<float>(f16_to_double(b[i]));
       }
       return b;
     };
@@ -341,8 +356,9 @@ TEST(FusedLinearDivergence, SixteenBitWeightsAcrossConversionBlocks) {
     std::vector<int64_t> ids(vs);
     for (int64_t j = 0; j < vs; ++j) ids[j] = (j * 11 + 5) % vt;
     const auto spec = divkit_test::make_spec(K::jsd, 0.3);
-    const auto ref = divkit_ref::divergence(s.logits(), t.logits(&ids), n, vs,
-                                            divkit_ref::params_from_spec(spec), divkit_ref::Options{});
+    const auto ref =
+        divkit_ref::divergence(s.logits(), t.logits(&ids), n, vs,
+                               divkit_ref::params_from_spec(spec), divkit_ref::Options{});
     std::vector<double> dhs, dws, dbs, dht, dwt, dbt;
     s.grads(ref.grad_s, nullptr, dhs, dws, dbs);
     t.grads(ref.grad_t, &ids, dht, dwt, dbt);
@@ -364,7 +380,8 @@ TEST(FusedLinearDivergence, SixteenBitWeightsAcrossConversionBlocks) {
     f.teacher_token_ids = TensorView::vector(ids.data(), DType::i64, vs);
     f.chunk_size = 3;
     float loss = 0.0f;
-    divkit::fused_linear_divergence(sv, tv, spec, {}, f, TensorView::vector(&loss, DType::f32, 1), sg, tg);
+    divkit::fused_linear_divergence(sv, tv, spec, {}, f, TensorView::vector(&loss, DType::f32, 1),
+                                    sg, tg);
     const std::string d = divkit::dtype_name(dt);
     EXPECT_NEAR(loss, ref.loss[0], 1e-5 * (1 + ref.loss[0])) << d;
     expect_close(g_hs, dhs, 2e-5, d + " grad_student_hidden");
@@ -378,7 +395,10 @@ TEST(FusedLinearDivergence, SixteenBitWeightsAcrossConversionBlocks) {
     ws[(vs - 2) * h + 17] = inf_bits;
     std::fill(g_hs.begin(), g_hs.end(), 7.0f);
     divkit_test::expect_error(
-        [&] { divkit::fused_linear_divergence(sv, tv, spec, {}, f, TensorView::vector(&loss, DType::f32, 1), sg, tg); },
+        [&] {
+          divkit::fused_linear_divergence(sv, tv, spec, {}, f,
+                                          TensorView::vector(&loss, DType::f32, 1), sg, tg);
+        },
         {"student_weight", "NaN or inf", "row " + std::to_string(vs - 2)});
     EXPECT_EQ(g_hs[0], 7.0f) << d << ": an output was written before the error";
   }
@@ -390,13 +410,16 @@ struct CeRef {
   std::vector<double> loss, logp, ent, lse, gz;
 };
 
-CeRef ce_reference(const std::vector<double>& x, int64_t n, int64_t v, const std::vector<int64_t>& labels,
-                   double eps, double zl, double cap, double temperature, Reduction red) {
+CeRef ce_reference(const std::vector<double>& x, int64_t n, int64_t v,
+                   const std::vector<int64_t>& labels, double eps, double zl, double cap,
+                   double temperature, Reduction red) {
   CeRef r;
   r.gz.assign(n * v, 0.0);
   int64_t count = 0;
   for (int64_t y : labels) count += y != -100;
-  const double div = red == Reduction::mean ? double(count) : red == Reduction::batchmean ? double(n) : 1.0;
+  const double div = red == Reduction::mean        ? double(count)
+                     : red == Reduction::batchmean ? double(n)
+                                                   : 1.0;
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     std::vector<double> z(v), dzdx(v);
@@ -455,7 +478,8 @@ TEST_P(FusedLinearCrossEntropy, MatchesMaterializedFp64) {
   spec.softcap = static_cast<float>(c.cap);
   spec.reduction = c.red;
   spec.chunk_size = c.chunk;
-  std::vector<float> loss(c.red == Reduction::none ? n : 1), g_h(n * h), g_w(v * h), g_b(v), logp(n), ent(n);
+  std::vector<float> loss(c.red == Reduction::none ? n : 1), g_h(n * h), g_w(v * h), g_b(v),
+      logp(n), ent(n);
   divkit::LinearHeadGrads g;
   g.hidden = TensorView::matrix(g_h.data(), DType::f32, n, h);
   g.weight = TensorView::matrix(g_w.data(), DType::f32, v, h);
@@ -463,8 +487,9 @@ TEST_P(FusedLinearCrossEntropy, MatchesMaterializedFp64) {
   divkit::LabelStatsOutputs st;
   st.logprobs = TensorView::vector(logp.data(), DType::f32, n);
   st.entropy = TensorView::vector(ent.data(), DType::f32, n);
-  divkit::fused_linear_cross_entropy(hd.view(), TensorView::vector(labels.data(), DType::i64, n), spec,
-                                     TensorView::vector(loss.data(), DType::f32, loss.size()), g, st);
+  divkit::fused_linear_cross_entropy(hd.view(), TensorView::vector(labels.data(), DType::i64, n),
+                                     spec, TensorView::vector(loss.data(), DType::f32, loss.size()),
+                                     g, st);
   expect_close(loss, ref.loss, 2e-5, "loss");
   expect_close(logp, ref.logp, 2e-5, "logprobs");
   expect_close(ent, ref.ent, 2e-5, "entropy");
@@ -533,7 +558,8 @@ TEST(FusedLinearLogprobs, ForwardAndBackwardMatchFp64) {
   gr.hidden = TensorView::matrix(g_h.data(), DType::f32, n, h);
   gr.weight = TensorView::matrix(g_w.data(), DType::f32, v, h);
   gr.bias = TensorView::vector(g_b.data(), DType::f32, v);
-  divkit::fused_linear_logprobs_backward(hd.view(), lab, spec, TensorView::vector(g.data(), DType::f64, n),
+  divkit::fused_linear_logprobs_backward(hd.view(), lab, spec,
+                                         TensorView::vector(g.data(), DType::f64, n),
                                          TensorView::vector(e.data(), DType::f64, n), gr);
   expect_close(g_h, dh, 2e-5, "grad_hidden");
   expect_close(g_w, dw, 2e-5, "grad_weight");
@@ -580,7 +606,8 @@ TEST(FusedLinearErrors, NameTheArgument) {
                {"hard_weight", "needs labels"});
   divkit::FusedLinearOptions neg;
   neg.chunk_size = -2;
-  expect_error([&] { divkit::fused_linear_divergence(s.view(), t.view(), spec, o, neg, lv); }, {"chunk_size"});
+  expect_error([&] { divkit::fused_linear_divergence(s.view(), t.view(), spec, o, neg, lv); },
+               {"chunk_size"});
   s.hidden32[2 * h + 1] = NAN;
   expect_error([&] { divkit::fused_linear_divergence(s.view(), t.view(), spec, o, {}, lv); },
                {"student_hidden", "NaN", "row 2"});
@@ -597,11 +624,13 @@ TEST(FusedLinearErrors, NameTheArgument) {
 
   // Label losses.
   const TensorView lab = TensorView::vector(bad_labels.data(), DType::i64, n);
-  expect_error([&] { divkit::fused_linear_cross_entropy(s.view(), lab, {}, lv); }, {"fused_linear_cross_entropy", "labels[3] = 7"});
+  expect_error([&] { divkit::fused_linear_cross_entropy(s.view(), lab, {}, lv); },
+               {"fused_linear_cross_entropy", "labels[3] = 7"});
   divkit::CrossEntropySpec ce;
   ce.label_smoothing = 1.0f;
   const TensorView good = TensorView::vector(labels.data(), DType::i64, n);
-  expect_error([&] { divkit::fused_linear_cross_entropy(s.view(), good, ce, lv); }, {"label_smoothing"});
+  expect_error([&] { divkit::fused_linear_cross_entropy(s.view(), good, ce, lv); },
+               {"label_smoothing"});
   ce = {};
   ce.softcap = -1.0f;
   expect_error([&] { divkit::fused_linear_cross_entropy(s.view(), good, ce, lv); }, {"softcap"});
@@ -609,7 +638,8 @@ TEST(FusedLinearErrors, NameTheArgument) {
   divkit::LabelStatsOutputs st;
   st.topk_mass = TensorView::vector(tk.data(), DType::f32, n);
   st.topk = v + 1;
-  expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, {}, st); }, {"fused_linear_logprobs", "topk"});
+  expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, {}, st); },
+               {"fused_linear_logprobs", "topk"});
   divkit::LogprobsSpec lp;
   lp.temperature = 0.0f;
   expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, lp, {}); }, {"temperature"});

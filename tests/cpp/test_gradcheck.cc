@@ -32,9 +32,9 @@ std::vector<FdCase> fd_cases() {
 
 // Central differences of the reference's total loss wrt every student (which=0) or teacher
 // (which=1) logit.
-std::vector<double> fd_gradient(const std::vector<double>& s, const std::vector<double>& t, int64_t n,
-                                int64_t v, const divkit_ref::Params& prm, const divkit_ref::Options& opt,
-                                int which, double h) {
+std::vector<double> fd_gradient(const std::vector<double>& s, const std::vector<double>& t,
+                                int64_t n, int64_t v, const divkit_ref::Params& prm,
+                                const divkit_ref::Options& opt, int which, double h) {
   std::vector<double> g(s.size());
   std::vector<double> x = which == 0 ? s : t;
   for (size_t k = 0; k < x.size(); ++k) {
@@ -92,8 +92,8 @@ TEST(GradCheck, KernelGradientMatchesFiniteDifferencesOfReference) {
       DivergenceSpec spec = var.spec;
       spec.temperature = static_cast<float>(fc.temperature);
       spec.scale_by_t_squared = fc.t2;
-      const KernelOut got = run_kernel(l.student, l.teacher, spec, fc.opt, GradRequest::of(DType::f64),
-                                       GradRequest::of(DType::f64));
+      const KernelOut got = run_kernel(l.student, l.teacher, spec, fc.opt,
+                                       GradRequest::of(DType::f64), GradRequest::of(DType::f64));
       const auto prm = divkit_ref::params_from_spec(spec);
       const auto ropt = ref_options(fc.opt);
       const auto s = l.student.values(), t = l.teacher.values();
@@ -102,7 +102,8 @@ TEST(GradCheck, KernelGradientMatchesFiniteDifferencesOfReference) {
         const auto fd = fd_gradient(s, t, n, v, prm, ropt, which, 1e-5);
         const HostMatrix& kg = which == 0 ? got.grad_s : got.grad_t;
         const auto& scale = which == 0 ? r.scale_s : r.scale_t;
-        compare_grad(kg, fd, scale, Tolerance{1e-5, 1e-5}, var.name + (which ? " teacher" : " student") + " vs FD");
+        compare_grad(kg, fd, scale, Tolerance{1e-5, 1e-5},
+                     var.name + (which ? " teacher" : " student") + " vs FD");
       }
     }
   }

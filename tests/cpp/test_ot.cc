@@ -114,7 +114,8 @@ std::vector<double> cost_matrix(const std::vector<double>& x, const std::vector<
   for (size_t i = 0; i < n; ++i)
     for (size_t j = 0; j < m; ++j) {
       double s = 0;
-      for (size_t k = 0; k < d; ++k) s += (x[i * d + k] - y[j * d + k]) * (x[i * d + k] - y[j * d + k]);
+      for (size_t k = 0; k < d; ++k)
+        s += (x[i * d + k] - y[j * d + k]) * (x[i * d + k] - y[j * d + k]);
       C[i * m + j] = p == 2 ? s : std::sqrt(s);
     }
   return C;
@@ -126,8 +127,8 @@ struct Solved {
   SinkhornStats st;
 };
 Solved run_points(std::vector<double> x, std::vector<double> y, std::vector<double> a,
-               std::vector<double> b, size_t d, const SinkhornOptions& opt, bool f32 = false,
-               bool grads = false) {
+                  std::vector<double> b, size_t d, const SinkhornOptions& opt, bool f32 = false,
+                  bool grads = false) {
   const int64_t n = static_cast<int64_t>(a.size()), m = static_cast<int64_t>(b.size());
   std::vector<float> xf(x.begin(), x.end()), yf(y.begin(), y.end());
   Solved r;
@@ -185,29 +186,29 @@ TEST_P(SinkhornVsReference, PlanPotentialsCosts) {
   opt.rho_a = opt.rho_b = c.rho;
   // Both cost paths: cached (the default budget holds these sizes) and on the fly.
   for (int64_t cache : {int64_t{64} << 20, int64_t{0}}) {
-  opt.cost_cache_bytes = cache;
-  opt.tol = 1e-12;
-  SCOPED_TRACE("cost_cache_bytes " + std::to_string(cache));
-  const Solved r = run_points(x, y, a, b, c.d, opt);
-  EXPECT_TRUE(r.st.converged);
-  EXPECT_LE(r.st.marginal_error, 1e-9);
-  // Balanced potentials are defined up to f + k, g - k: compare f + g pairs through the plan
-  // and the shifted potentials.
-  const double k = std::isinf(c.rho) ? r.f[0] - ref.f[0] : 0.0;
-  std::vector<double> fs(r.f), gs(r.g);
-  for (auto& v : fs) v -= k;
-  for (auto& v : gs) v += k;
-  EXPECT_LT(max_abs_diff(fs, ref.f), 1e-8);
-  EXPECT_LT(max_abs_diff(gs, ref.g), 1e-8);
-  EXPECT_LT(max_abs_diff(r.plan, ref.P), 1e-10);
-  EXPECT_NEAR(r.st.transport_cost, ref.tc, 1e-9 * std::max(1.0, ref.tc));
-  EXPECT_NEAR(r.st.reg_cost, ref.dual, 1e-9 * std::max(1.0, std::abs(ref.dual)));
+    opt.cost_cache_bytes = cache;
+    opt.tol = 1e-12;
+    SCOPED_TRACE("cost_cache_bytes " + std::to_string(cache));
+    const Solved r = run_points(x, y, a, b, c.d, opt);
+    EXPECT_TRUE(r.st.converged);
+    EXPECT_LE(r.st.marginal_error, 1e-9);
+    // Balanced potentials are defined up to f + k, g - k: compare f + g pairs through the plan
+    // and the shifted potentials.
+    const double k = std::isinf(c.rho) ? r.f[0] - ref.f[0] : 0.0;
+    std::vector<double> fs(r.f), gs(r.g);
+    for (auto& v : fs) v -= k;
+    for (auto& v : gs) v += k;
+    EXPECT_LT(max_abs_diff(fs, ref.f), 1e-8);
+    EXPECT_LT(max_abs_diff(gs, ref.g), 1e-8);
+    EXPECT_LT(max_abs_diff(r.plan, ref.P), 1e-10);
+    EXPECT_NEAR(r.st.transport_cost, ref.tc, 1e-9 * std::max(1.0, ref.tc));
+    EXPECT_NEAR(r.st.reg_cost, ref.dual, 1e-9 * std::max(1.0, std::abs(ref.dual)));
 
-  // fp32 kernels: same solution to fp32 accuracy.
-  opt.tol = 1e-6;
-  const Solved r32 = run_points(x, y, a, b, c.d, opt, /*f32=*/true);
-  EXPECT_NEAR(r32.st.reg_cost, ref.dual, 2e-4 * std::max(1.0, std::abs(ref.dual)));
-  EXPECT_NEAR(r32.st.transport_cost, ref.tc, 2e-4 * std::max(1.0, ref.tc));
+    // fp32 kernels: same solution to fp32 accuracy.
+    opt.tol = 1e-6;
+    const Solved r32 = run_points(x, y, a, b, c.d, opt, /*f32=*/true);
+    EXPECT_NEAR(r32.st.reg_cost, ref.dual, 2e-4 * std::max(1.0, std::abs(ref.dual)));
+    EXPECT_NEAR(r32.st.transport_cost, ref.tc, 2e-4 * std::max(1.0, ref.tc));
   }
 }
 
@@ -229,7 +230,8 @@ TEST(OtSinkhorn, CachedCostEqualsOnTheFly) {
         const Solved cached = run_points(x, y, a, b, d, opt, f32, true);
         opt.cost_cache_bytes = 0;
         const Solved fly = run_points(x, y, a, b, d, opt, f32, true);
-        SCOPED_TRACE("d " + std::to_string(d) + " p " + std::to_string(p) + (f32 ? " f32" : " f64"));
+        SCOPED_TRACE("d " + std::to_string(d) + " p " + std::to_string(p) +
+                     (f32 ? " f32" : " f64"));
         EXPECT_TRUE(cached.st.converged);
         const double rel = f32 ? 2e-5 : 1e-11;
         EXPECT_NEAR(cached.st.reg_cost, fly.st.reg_cost, rel * std::abs(fly.st.reg_cost));
@@ -379,7 +381,7 @@ TEST(OtSinkhorn, BatchEqualsSeparateProblems) {
     std::vector<double> xb(x.begin() + bi * n * d, x.begin() + (bi + 1) * n * d);
     std::vector<double> yb(y.begin() + bi * m * d, y.begin() + (bi + 1) * m * d);
     const Solved r = run_points(xb, yb, std::vector<double>(n, 1.0 / n),
-                             std::vector<double>(m, 1.0 / m), d, opt);
+                                std::vector<double>(m, 1.0 / m), d, opt);
     EXPECT_EQ(r.st.reg_cost, st[bi].reg_cost);
     for (size_t i = 0; i < n; ++i) EXPECT_EQ(r.f[i], f[bi * n + i]);
   }
@@ -442,17 +444,19 @@ TEST(OtSinkhorn, DeterministicAcrossThreadCounts) {
   opt.eps = 1.0;
   opt.tol = 1e-6;
   for (int64_t cache : {int64_t{64} << 20, int64_t{0}}) {
-  opt.cost_cache_bytes = cache;
-  const int saved = divkit::get_num_threads();
-  divkit::set_num_threads(1);
-  const Solved r1 = run_points(x, y, std::vector<double>(n, 1.0 / n), std::vector<double>(m, 1.0 / m), d, opt, true, true);
-  divkit::set_num_threads(3);
-  const Solved r3 = run_points(x, y, std::vector<double>(n, 1.0 / n), std::vector<double>(m, 1.0 / m), d, opt, true, true);
-  divkit::set_num_threads(saved);
-  EXPECT_EQ(r1.f, r3.f);
-  EXPECT_EQ(r1.gx, r3.gx);
-  EXPECT_EQ(r1.st.reg_cost, r3.st.reg_cost);
-  EXPECT_EQ(r1.st.n_iter, r3.st.n_iter);
+    opt.cost_cache_bytes = cache;
+    const int saved = divkit::get_num_threads();
+    divkit::set_num_threads(1);
+    const Solved r1 = run_points(x, y, std::vector<double>(n, 1.0 / n),
+                                 std::vector<double>(m, 1.0 / m), d, opt, true, true);
+    divkit::set_num_threads(3);
+    const Solved r3 = run_points(x, y, std::vector<double>(n, 1.0 / n),
+                                 std::vector<double>(m, 1.0 / m), d, opt, true, true);
+    divkit::set_num_threads(saved);
+    EXPECT_EQ(r1.f, r3.f);
+    EXPECT_EQ(r1.gx, r3.gx);
+    EXPECT_EQ(r1.st.reg_cost, r3.st.reg_cost);
+    EXPECT_EQ(r1.st.n_iter, r3.st.n_iter);
   }
 }
 
@@ -463,7 +467,8 @@ TEST(OtSinkhorn, NonConvergenceIsReported) {
   opt.eps = 0.01;
   opt.tol = 1e-12;
   opt.max_iter = 3;
-  const Solved r = run_points(x, y, std::vector<double>(n, 1.0 / n), std::vector<double>(m, 1.0 / m), d, opt);
+  const Solved r =
+      run_points(x, y, std::vector<double>(n, 1.0 / n), std::vector<double>(m, 1.0 / m), d, opt);
   EXPECT_FALSE(r.st.converged);
   EXPECT_EQ(r.st.n_iter, 3);
   EXPECT_GT(r.st.marginal_error, 1e-6);
@@ -560,13 +565,15 @@ TEST(OtSinkhorn, BadInputRaisesNamingTheArgument) {
 
 // ---- MMD and Cauchy-Schwarz ----
 
-double ksum(const std::vector<double>& u, const std::vector<double>& wu, const std::vector<double>& v,
-            const std::vector<double>& wv, size_t d, bool gauss, double sigma) {
+double ksum(const std::vector<double>& u, const std::vector<double>& wu,
+            const std::vector<double>& v, const std::vector<double>& wv, size_t d, bool gauss,
+            double sigma) {
   double s = 0;
   for (size_t i = 0; i < wu.size(); ++i)
     for (size_t j = 0; j < wv.size(); ++j) {
       double r2 = 0;
-      for (size_t k = 0; k < d; ++k) r2 += (u[i * d + k] - v[j * d + k]) * (u[i * d + k] - v[j * d + k]);
+      for (size_t k = 0; k < d; ++k)
+        r2 += (u[i * d + k] - v[j * d + k]) * (u[i * d + k] - v[j * d + k]);
       s += wu[i] * wv[j] * (gauss ? std::exp(-r2 / (2 * sigma * sigma)) : -std::sqrt(r2));
     }
   return s;
@@ -578,29 +585,36 @@ TEST(OtSampleDivergences, ValuesAndGradients) {
   auto a = rand_weights(n, 27), b = rand_weights(m, 28);
   const double sigma = 0.9;
   std::vector<double> gx(n * d), gy(m * d);
-  auto X = [&](std::vector<double>& v, size_t cnt) { return TensorView::matrix(v.data(), DType::f64, cnt, d); };
-  auto A = [&](std::vector<double>& w) { return TensorView::vector(w.data(), DType::f64, w.size()); };
+  auto X = [&](std::vector<double>& v, size_t cnt) {
+    return TensorView::matrix(v.data(), DType::f64, cnt, d);
+  };
+  auto A = [&](std::vector<double>& w) {
+    return TensorView::vector(w.data(), DType::f64, w.size());
+  };
   for (int which = 0; which < 3; ++which) {  // mmd gaussian, mmd energy, cs
     auto value = [&](std::vector<double>& xx, std::vector<double>& yy, bool grad) {
       TensorView gxv = grad ? X(gx, n) : TensorView{}, gyv = grad ? X(gy, m) : TensorView{};
       if (which == 2) return divkit::cs_divergence(X(xx, n), X(yy, m), A(a), A(b), sigma, gxv, gyv);
       return divkit::mmd2(X(xx, n), X(yy, m), A(a), A(b),
-                          which == 0 ? divkit::SampleKernel::gaussian : divkit::SampleKernel::energy,
+                          which == 0 ? divkit::SampleKernel::gaussian
+                                     : divkit::SampleKernel::energy,
                           sigma, gxv, gyv);
     };
     const bool g = which != 1;
     const double xx = ksum(x, a, x, a, d, g, sigma), yy = ksum(y, b, y, b, d, g, sigma),
                  xy = ksum(x, a, y, b, d, g, sigma);
-    const double expect = which == 2 ? std::log(xx) + std::log(yy) - 2 * std::log(xy) : xx + yy - 2 * xy;
+    const double expect =
+        which == 2 ? std::log(xx) + std::log(yy) - 2 * std::log(xy) : xx + yy - 2 * xy;
     const double v = value(x, y, true);
     EXPECT_NEAR(v, expect, 1e-12) << which;
     EXPECT_GT(v, 0.0);
     // Identical samples with identical weights: 0.
-    const double same = which == 2 ? divkit::cs_divergence(X(x, n), X(x, n), A(a), A(a), sigma, {}, {})
-                                   : divkit::mmd2(X(x, n), X(x, n), A(a), A(a),
-                                                  which == 0 ? divkit::SampleKernel::gaussian
-                                                             : divkit::SampleKernel::energy,
-                                                  sigma, {}, {});
+    const double same = which == 2
+                            ? divkit::cs_divergence(X(x, n), X(x, n), A(a), A(a), sigma, {}, {})
+                            : divkit::mmd2(X(x, n), X(x, n), A(a), A(a),
+                                           which == 0 ? divkit::SampleKernel::gaussian
+                                                      : divkit::SampleKernel::energy,
+                                           sigma, {}, {});
     EXPECT_NEAR(same, 0.0, 1e-12);
     const double h = 1e-6;
     for (size_t t = 0; t < n * d; t += 2) {
@@ -618,15 +632,21 @@ TEST(OtSampleDivergences, ValuesAndGradients) {
     }
   }
   std::vector<double> z = x;
-  expect_error([&] { divkit::mmd2(X(z, n), X(y, m), A(a), A(b), divkit::SampleKernel::gaussian, 0.0, {}, {}); },
-               "mmd: sigma must be finite and > 0");
+  expect_error(
+      [&] {
+        divkit::mmd2(X(z, n), X(y, m), A(a), A(b), divkit::SampleKernel::gaussian, 0.0, {}, {});
+      },
+      "mmd: sigma must be finite and > 0");
   z[0] = NAN;
   expect_error([&] { divkit::cs_divergence(X(z, n), X(y, m), A(a), A(b), 1.0, {}, {}); },
                "cs_divergence: x has a non-finite value");
   auto bneg = b;
   bneg[0] = -0.1;
-  expect_error([&] { divkit::mmd2(X(x, n), X(y, m), A(a), A(bneg), divkit::SampleKernel::energy, 1.0, {}, {}); },
-               "mmd: b must be finite and >= 0");
+  expect_error(
+      [&] {
+        divkit::mmd2(X(x, n), X(y, m), A(a), A(bneg), divkit::SampleKernel::energy, 1.0, {}, {});
+      },
+      "mmd: b must be finite and >= 0");
 }
 
 // ---- Quadratically regularized / sparsity-constrained OT ----
@@ -647,8 +667,7 @@ SparseSolved run_sparse(std::vector<double> a, std::vector<double> b, std::vecto
                           TensorView::vector(s.alpha.data(), DType::f64, n),
                           TensorView::vector(s.grad_b.data(), DType::f64, m));
   s.P.assign(n * m, 0.0);
-  for (size_t e = 0; e < s.r.value.size(); ++e)
-    s.P[s.r.row[e] * m + s.r.col[e]] = s.r.value[e];
+  for (size_t e = 0; e < s.r.value.size(); ++e) s.P[s.r.row[e] * m + s.r.col[e]] = s.r.value[e];
   return s;
 }
 
@@ -658,7 +677,8 @@ std::vector<double> sq_dist(const std::vector<double>& x, const std::vector<doub
   for (size_t i = 0; i < n; ++i)
     for (size_t j = 0; j < m; ++j) {
       double s = 0;
-      for (size_t k = 0; k < d; ++k) s += (x[i * d + k] - y[j * d + k]) * (x[i * d + k] - y[j * d + k]);
+      for (size_t k = 0; k < d; ++k)
+        s += (x[i * d + k] - y[j * d + k]) * (x[i * d + k] - y[j * d + k]);
       C[i * m + j] = s;
     }
   return C;
@@ -695,10 +715,8 @@ TEST(OtSparse, QuadraticOtSatisfiesKktAndStrongDuality) {
       ASSERT_TRUE(std::isfinite(beta));
       for (size_t i = 0; i < n; ++i) {
         const double slack = C[i * m + j] + gamma * s.P[i * m + j] - s.alpha[i] - beta;
-        if (s.P[i * m + j] > 0)
-          EXPECT_NEAR(slack, 0.0, 1e-9);
-        else
-          EXPECT_GE(slack, -1e-9);
+        if (s.P[i * m + j] > 0) EXPECT_NEAR(slack, 0.0, 1e-9);
+        else EXPECT_GE(slack, -1e-9);
       }
     }
     for (size_t i = 0; i < n; ++i) {
@@ -799,16 +817,18 @@ TEST(OtSparse, GradientsMatchFiniteDifferences) {
     auto Cp = C, Cm = C;
     Cp[i * m + j] += h;
     Cm[i * m + j] -= h;
-    const double fd = (run_sparse(a, b, Cp, n, m, opt).r.reg_cost -
-                       run_sparse(a, b, Cm, n, m, opt).r.reg_cost) / (2 * h);
+    const double fd =
+        (run_sparse(a, b, Cp, n, m, opt).r.reg_cost - run_sparse(a, b, Cm, n, m, opt).r.reg_cost) /
+        (2 * h);
     EXPECT_NEAR(fd, s.P[i * m + j], 1e-6) << "C[" << i << ", " << j << "]";
   }
   for (auto [j, j2] : {std::pair<size_t, size_t>{0, 1}, {4, 8}}) {
     auto bp = b, bm = b;
     bp[j] += h, bp[j2] -= h;
     bm[j] -= h, bm[j2] += h;
-    const double fd = (run_sparse(a, bp, C, n, m, opt).r.reg_cost -
-                       run_sparse(a, bm, C, n, m, opt).r.reg_cost) / (2 * h);
+    const double fd =
+        (run_sparse(a, bp, C, n, m, opt).r.reg_cost - run_sparse(a, bm, C, n, m, opt).r.reg_cost) /
+        (2 * h);
     EXPECT_NEAR(fd, s.grad_b[j] - s.grad_b[j2], 1e-6) << "b[" << j << "] - b[" << j2 << "]";
   }
 }
@@ -841,7 +861,8 @@ TEST(OtSparse, NonConvergenceIsReported) {
   opt.gamma = 0.01;
   opt.tol = 1e-14;
   opt.max_iter = 2;
-  const SparseSolved s = run_sparse(std::vector<double>(n, 1.0 / n), std::vector<double>(m, 1.0 / m), C, n, m, opt);
+  const SparseSolved s =
+      run_sparse(std::vector<double>(n, 1.0 / n), std::vector<double>(m, 1.0 / m), C, n, m, opt);
   EXPECT_FALSE(s.r.converged);
   EXPECT_LE(s.r.n_iter, 2);
   EXPECT_GT(s.r.marginal_error, 1e-14);
@@ -870,28 +891,37 @@ TEST(OtSparse, BadInputRaisesNamingTheArgument) {
   o.max_iter = 0;
   expect_error([&] { call(o); }, "sparse_ot: max_iter must be >= 1");
   std::vector<double> alpha(n);
-  expect_error([&] {
-    divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n), TensorView::vector(b.data(), DType::f64, 2),
-                      TensorView::matrix(C.data(), DType::f64, n, m), opt,
-                      TensorView::vector(alpha.data(), DType::f64, n), {});
-  }, "sparse_ot: b must have shape [3]");
-  expect_error([&] {
-    divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n), TensorView::vector(b.data(), DType::f64, m),
-                      TensorView::matrix(C.data(), DType::f64, n, m), opt, {}, {});
-  }, "sparse_ot: alpha is required");
+  expect_error(
+      [&] {
+        divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n),
+                          TensorView::vector(b.data(), DType::f64, 2),
+                          TensorView::matrix(C.data(), DType::f64, n, m), opt,
+                          TensorView::vector(alpha.data(), DType::f64, n), {});
+      },
+      "sparse_ot: b must have shape [3]");
+  expect_error(
+      [&] {
+        divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n),
+                          TensorView::vector(b.data(), DType::f64, m),
+                          TensorView::matrix(C.data(), DType::f64, n, m), opt, {}, {});
+      },
+      "sparse_ot: alpha is required");
   auto an = a;
   an[1] = -0.1;
   expect_error([&] { run_sparse(an, b, C, n, m, opt); }, "sparse_ot: a has a negative weight");
   auto bh = b;
   bh[0] += 0.5;
-  expect_error([&] { run_sparse(a, bh, C, n, m, opt); }, "sparse_ot: a and b must have equal total mass");
+  expect_error([&] { run_sparse(a, bh, C, n, m, opt); },
+               "sparse_ot: a and b must have equal total mass");
   auto Cn = C;
   Cn[5] = NAN;
-  expect_error([&] { run_sparse(a, b, Cn, n, m, opt); }, "sparse_ot: cost has a non-finite value at [1, 2]");
+  expect_error([&] { run_sparse(a, b, Cn, n, m, opt); },
+               "sparse_ot: cost has a non-finite value at [1, 2]");
   // Nothing is written on error: alpha keeps its values.
   std::vector<double> keep(n, 7.0);
   try {
-    divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n), TensorView::vector(bh.data(), DType::f64, m),
+    divkit::sparse_ot(TensorView::vector(a.data(), DType::f64, n),
+                      TensorView::vector(bh.data(), DType::f64, m),
                       TensorView::matrix(C.data(), DType::f64, n, m), opt,
                       TensorView::vector(keep.data(), DType::f64, n), {});
   } catch (const divkit::Error&) {

@@ -18,9 +18,12 @@ struct Batch {
   int64_t n() const { return static_cast<int64_t>(pc.size()); }
 };
 
-TensorView vec(std::vector<double>& v) { return TensorView::vector(v.data(), DType::f64, static_cast<int64_t>(v.size())); }
+TensorView vec(std::vector<double>& v) {
+  return TensorView::vector(v.data(), DType::f64, static_cast<int64_t>(v.size()));
+}
 
-std::vector<double> losses_of(Batch& b, const PreferenceSpec& spec, std::vector<double>* grads = nullptr,
+std::vector<double> losses_of(Batch& b, const PreferenceSpec& spec,
+                              std::vector<double>* grads = nullptr,
                               std::vector<double>* chosen_rewards = nullptr) {
   const int64_t n = b.n();
   divkit::PreferenceInputs in;
@@ -62,15 +65,17 @@ TEST(Preference, ReferenceValues) {
     double eps;
     double value;
   };
-  const std::vector<Row> rows = {{T::sigmoid, 0.0, 0.598139}, {T::sigmoid, 0.1, 0.618139}, {T::robust, 0.1, 0.573139},
-                                 {T::hinge, 0.0, 0.8},         {T::ipo, 0.0, 9.0},          {T::nca_pair, 0.0, 1.338793},
-                                 {T::bco_pair, 0.0, 1.288793}, {T::sppo_hard, 0.0, 32.0},   {T::apo_zero, 0.0, 0.950042},
-                                 {T::apo_down, 0.0, 0.975145}};
+  const std::vector<Row> rows = {{T::sigmoid, 0.0, 0.598139},  {T::sigmoid, 0.1, 0.618139},
+                                 {T::robust, 0.1, 0.573139},   {T::hinge, 0.0, 0.8},
+                                 {T::ipo, 0.0, 9.0},           {T::nca_pair, 0.0, 1.338793},
+                                 {T::bco_pair, 0.0, 1.288793}, {T::sppo_hard, 0.0, 32.0},
+                                 {T::apo_zero, 0.0, 0.950042}, {T::apo_down, 0.0, 0.975145}};
   for (const auto& r : rows) {
     Batch b{{-10}, {-12}, {-11}, {-11}, {}, {}};
     std::vector<double> cr;
     const auto l = losses_of(b, spec_of(r.type, r.eps), nullptr, &cr);
-    EXPECT_NEAR(l[0], r.value, 1e-6) << divkit::preference_loss_type_name(r.type) << " eps " << r.eps;
+    EXPECT_NEAR(l[0], r.value, 1e-6)
+        << divkit::preference_loss_type_name(r.type) << " eps " << r.eps;
     EXPECT_NEAR(cr[0], 0.1, 1e-12);
   }
   Batch b{{-10}, {-12}, {-11}, {-11}, {}, {}};
@@ -123,8 +128,10 @@ TEST(Preference, GradientsMatchFiniteDifferences) {
           (*fields[f])[i] = x0 - h;
           for (double v : losses_of(b, spec)) dn += v;
           (*fields[f])[i] = x0;
-          EXPECT_NEAR(g[f * b.n() + i], (up - dn) / (2 * h), 1e-6 * (1 + std::abs(g[f * b.n() + i])))
-              << divkit::preference_loss_type_name(spec.terms[0].type) << " " << fname << " field " << f << " i " << i;
+          EXPECT_NEAR(g[f * b.n() + i], (up - dn) / (2 * h),
+                      1e-6 * (1 + std::abs(g[f * b.n() + i])))
+              << divkit::preference_loss_type_name(spec.terms[0].type) << " " << fname << " field "
+              << f << " i " << i;
         }
     }
   }
@@ -133,12 +140,15 @@ TEST(Preference, GradientsMatchFiniteDifferences) {
 TEST(Preference, CombinedTypesAreWeightedSums) {
   Batch b = random_batch(6, 3);
   PreferenceSpec s;
-  s.terms = {{PreferenceLossType::sigmoid, 0.7}, {PreferenceLossType::bco_pair, 0.3}, {PreferenceLossType::aot, 2.0}};
+  s.terms = {{PreferenceLossType::sigmoid, 0.7},
+             {PreferenceLossType::bco_pair, 0.3},
+             {PreferenceLossType::aot, 2.0}};
   const auto both = losses_of(b, s);
   const auto a = losses_of(b, spec_of(PreferenceLossType::sigmoid));
   const auto c = losses_of(b, spec_of(PreferenceLossType::bco_pair));
   const auto d = losses_of(b, spec_of(PreferenceLossType::aot));
-  for (int64_t i = 0; i < b.n(); ++i) EXPECT_NEAR(both[i], 0.7 * a[i] + 0.3 * c[i] + 2.0 * d[i], 1e-12);
+  for (int64_t i = 0; i < b.n(); ++i)
+    EXPECT_NEAR(both[i], 0.7 * a[i] + 0.3 * c[i] + 2.0 * d[i], 1e-12);
 }
 
 // sft: the batch's token-mean NLL of the chosen completions, the same for every pair.
@@ -169,8 +179,12 @@ TEST(Preference, LargeMarginsStayFinite) {
     Batch b{{0.0, -5000.0}, {-5000.0, 0.0}, {-1.0, -1.0}, {-1.0, -1.0}, {3, 3}, {4, 4}};
     std::vector<double> g;
     const auto l = losses_of(b, spec_of(static_cast<PreferenceLossType>(t), 0.1), &g);
-    for (double v : l) EXPECT_TRUE(std::isfinite(v)) << divkit::preference_loss_type_name(static_cast<PreferenceLossType>(t));
-    for (double v : g) EXPECT_TRUE(std::isfinite(v)) << divkit::preference_loss_type_name(static_cast<PreferenceLossType>(t));
+    for (double v : l)
+      EXPECT_TRUE(std::isfinite(v))
+          << divkit::preference_loss_type_name(static_cast<PreferenceLossType>(t));
+    for (double v : g)
+      EXPECT_TRUE(std::isfinite(v))
+          << divkit::preference_loss_type_name(static_cast<PreferenceLossType>(t));
   }
   Batch b{{0.0}, {-5000.0}, {-1.0}, {-1.0}, {}, {}};
   EXPECT_NEAR(losses_of(b, spec_of(PreferenceLossType::sigmoid))[0], 0.0, 1e-12);

@@ -17,11 +17,12 @@ std::vector<double> losses(HostMatrix& s, HostMatrix& t, const DivergenceSpec& s
   return run_kernel(s, t, spec, opt).loss;
 }
 
-void expect_close(const std::vector<double>& a, const std::vector<double>& b, double rtol, double atol,
-                  const std::string& what) {
+void expect_close(const std::vector<double>& a, const std::vector<double>& b, double rtol,
+                  double atol, const std::string& what) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i)
-    EXPECT_NEAR(a[i], b[i], rtol * std::max(std::fabs(a[i]), std::fabs(b[i])) + atol) << what << " row " << i;
+    EXPECT_NEAR(a[i], b[i], rtol * std::max(std::fabs(a[i]), std::fabs(b[i])) + atol)
+        << what << " row " << i;
 }
 
 TEST(Properties, SameDistributionGivesZeroAndZeroGradient) {
@@ -34,7 +35,8 @@ TEST(Properties, SameDistributionGivesZeroAndZeroGradient) {
       opt.reduction = Reduction::none;
       DivergenceSpec spec = var.spec;
       spec.temperature = 1.5f;
-      const KernelOut got = run_kernel(l.student, t, spec, opt, GradRequest::of(), GradRequest::of());
+      const KernelOut got =
+          run_kernel(l.student, t, spec, opt, GradRequest::of(), GradRequest::of());
       const auto want = run_reference(l.student, t, spec, opt);
       for (int64_t i = 0; i < 4; ++i) {
         // 0 to within the fp32 accuracy of the value (the reference's error scale); H(p, p) = H(p)
@@ -55,13 +57,15 @@ TEST(Properties, NonNegative) {
       Logits l = random_logits(50, 97, DType::f32, DType::f32, 51, sigma);
       // rows 0..9: teacher a tiny perturbation of the student
       for (int64_t i = 0; i < 10; ++i)
-        for (int64_t j = 0; j < 97; ++j) l.teacher.set(i, j, l.student.get(i, j) + 1e-4 * ((j * 13 + i) % 7 - 3));
+        for (int64_t j = 0; j < 97; ++j)
+          l.teacher.set(i, j, l.student.get(i, j) + 1e-4 * ((j * 13 + i) % 7 - 3));
       // >= 0 up to the fp32 accuracy of the value (near-identical rows have values ~1e-9)
       TestOptions opt;
       opt.reduction = Reduction::none;
       const auto want = run_reference(l.student, l.teacher, var.spec, opt, false);
       const auto got = losses(l.student, l.teacher, var.spec);
-      for (size_t i = 0; i < got.size(); ++i) EXPECT_GE(got[i], -1e-5 * want.loss_scale[i]) << "row " << i;
+      for (size_t i = 0; i < got.size(); ++i)
+        EXPECT_GE(got[i], -1e-5 * want.loss_scale[i]) << "row " << i;
     }
   }
 }
@@ -77,8 +81,10 @@ TEST(Properties, Symmetries) {
   expect_close(d(s, t, K::tvd), d(t, s, K::tvd), 1e-5, 1e-6, "tvd symmetric");
   expect_close(d(s, t, K::hellinger), d(t, s, K::hellinger), 1e-5, 1e-6, "hellinger symmetric");
   expect_close(d(s, t, K::jeffreys), d(t, s, K::jeffreys), 1e-5, 1e-6, "jeffreys symmetric");
-  expect_close(d(s, t, K::forward_kl), d(t, s, K::reverse_kl), 1e-5, 1e-6, "KL(p||q) = reverse with roles swapped");
-  expect_close(d(s, t, K::jsd, 0.2), d(t, s, K::jsd, 0.8), 1e-5, 1e-6, "jsd(beta) = jsd(1-beta) swapped");
+  expect_close(d(s, t, K::forward_kl), d(t, s, K::reverse_kl), 1e-5, 1e-6,
+               "KL(p||q) = reverse with roles swapped");
+  expect_close(d(s, t, K::jsd, 0.2), d(t, s, K::jsd, 0.8), 1e-5, 1e-6,
+               "jsd(beta) = jsd(1-beta) swapped");
   expect_close(d(s, t, K::skew_forward_kl, 0.3), d(t, s, K::skew_reverse_kl, 0.3), 1e-5, 1e-6,
                "skew forward = skew reverse swapped");
   expect_close(d(s, t, K::alpha_divergence, 0.3), d(t, s, K::alpha_divergence, 0.7), 1e-5, 1e-6,
@@ -99,16 +105,24 @@ TEST(Properties, LimitsAndRelations) {
   // exact limits
   expect_close(d(K::jsd, 0.0), fwd, 1e-6, 1e-7, "jsd beta=0 is forward_kl");
   expect_close(d(K::jsd, 1.0), rev, 1e-6, 1e-7, "jsd beta=1 is reverse_kl");
-  expect_close(d(K::alpha_divergence, 1.0), fwd, 1e-5, 1e-6, "alpha_divergence alpha=1 is forward_kl");
-  expect_close(d(K::alpha_divergence, 0.0), rev, 1e-5, 1e-6, "alpha_divergence alpha=0 is reverse_kl");
+  expect_close(d(K::alpha_divergence, 1.0), fwd, 1e-5, 1e-6,
+               "alpha_divergence alpha=1 is forward_kl");
+  expect_close(d(K::alpha_divergence, 0.0), rev, 1e-5, 1e-6,
+               "alpha_divergence alpha=0 is reverse_kl");
   expect_close(d(K::renyi, 1.0), fwd, 1e-5, 1e-6, "renyi alpha=1 is forward_kl");
-  expect_close(d(K::skew_forward_kl, 0.0), fwd, 1e-5, 1e-6, "skew_forward_kl alpha=0 is forward_kl");
-  expect_close(d(K::skew_reverse_kl, 0.0), rev, 1e-5, 1e-6, "skew_reverse_kl alpha=0 is reverse_kl");
-  for (double x : d(K::skew_forward_kl, 1.0)) EXPECT_NEAR(x, 0.0, 1e-6) << "skew_forward_kl alpha=1 is 0";
-  for (double x : d(K::skew_reverse_kl, 1.0)) EXPECT_NEAR(x, 0.0, 1e-6) << "skew_reverse_kl alpha=1 is 0";
+  expect_close(d(K::skew_forward_kl, 0.0), fwd, 1e-5, 1e-6,
+               "skew_forward_kl alpha=0 is forward_kl");
+  expect_close(d(K::skew_reverse_kl, 0.0), rev, 1e-5, 1e-6,
+               "skew_reverse_kl alpha=0 is reverse_kl");
+  for (double x : d(K::skew_forward_kl, 1.0))
+    EXPECT_NEAR(x, 0.0, 1e-6) << "skew_forward_kl alpha=1 is 0";
+  for (double x : d(K::skew_reverse_kl, 1.0))
+    EXPECT_NEAR(x, 0.0, 1e-6) << "skew_reverse_kl alpha=1 is 0";
   // near the limits (the difference is O(distance to the limit))
-  expect_close(d(K::alpha_divergence, 1e-3), rev, 1e-2, 1e-4, "alpha_divergence alpha=1e-3 ~ reverse_kl");
-  expect_close(d(K::alpha_divergence, 1 - 1e-3), fwd, 1e-2, 1e-4, "alpha_divergence alpha=1-1e-3 ~ forward_kl");
+  expect_close(d(K::alpha_divergence, 1e-3), rev, 1e-2, 1e-4,
+               "alpha_divergence alpha=1e-3 ~ reverse_kl");
+  expect_close(d(K::alpha_divergence, 1 - 1e-3), fwd, 1e-2, 1e-4,
+               "alpha_divergence alpha=1-1e-3 ~ forward_kl");
   expect_close(d(K::renyi, 1 + 1e-3), fwd, 1e-2, 1e-4, "renyi alpha=1+1e-3 ~ forward_kl");
   expect_close(d(K::renyi, 1 - 1e-3), fwd, 1e-2, 1e-4, "renyi alpha=1-1e-3 ~ forward_kl");
   expect_close(d(K::jsd, 1e-4), std::vector<double>(fwd.size(), 0.0), 0.0, 1e-3,
@@ -117,7 +131,8 @@ TEST(Properties, LimitsAndRelations) {
   const auto hel = d(K::hellinger);
   auto two_hel = hel;
   for (auto& x : two_hel) x *= 2;
-  expect_close(d(K::alpha_divergence, 0.5), two_hel, 1e-5, 1e-6, "alpha_divergence(0.5) = 2 hellinger");
+  expect_close(d(K::alpha_divergence, 0.5), two_hel, 1e-5, 1e-6,
+               "alpha_divergence(0.5) = 2 hellinger");
   auto ren_half = hel;
   for (auto& x : ren_half) x = -2.0 * std::log(1.0 - x / 2.0);
   expect_close(d(K::renyi, 0.5), ren_half, 1e-5, 1e-6, "renyi(0.5) = -2 log(1 - hellinger / 2)");
@@ -150,7 +165,8 @@ TEST(Properties, ShiftInvarianceAndGradientRowsSumToZero) {
     Logits l = random_logits(6, 129, DType::f32, DType::f32, 54);
     TestOptions opt;
     opt.reduction = Reduction::none;
-    const KernelOut a = run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
+    const KernelOut a =
+        run_kernel(l.student, l.teacher, var.spec, opt, GradRequest::of(), GradRequest::of());
     HostMatrix s2 = l.student, t2 = l.teacher;
     for (int64_t i = 0; i < 6; ++i)
       for (int64_t j = 0; j < 129; ++j) {
@@ -196,7 +212,8 @@ TEST(Properties, TemperatureIsADivisionOfTheLogits) {
     compare_values(a.loss, b.loss, ref.loss_scale, Tolerance{}, "loss");
     for (int64_t i = 0; i < 5; ++i)
       for (int64_t j = 0; j < 77; ++j)
-        EXPECT_NEAR(a.grad_s.get(i, j), b.grad_s.get(i, j) / 2, 1e-5 * ref.scale_s[i * 77 + j] + 1e-9);
+        EXPECT_NEAR(a.grad_s.get(i, j), b.grad_s.get(i, j) / 2,
+                    1e-5 * ref.scale_s[i * 77 + j] + 1e-9);
   }
 }
 

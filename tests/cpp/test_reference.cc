@@ -61,7 +61,8 @@ TEST(Reference, HandDerivedTwoEntryValues) {
 TEST(Reference, NearTheLimits) {
   Logits l = random_logits(1, 50, DType::f64, DType::f64, 1);
   const auto s = l.student.values(), t = l.teacher.values();
-  const double fwd = ref_value(K::forward_kl, kNaN, s, t), rev = ref_value(K::reverse_kl, kNaN, s, t);
+  const double fwd = ref_value(K::forward_kl, kNaN, s, t),
+               rev = ref_value(K::reverse_kl, kNaN, s, t);
   EXPECT_NEAR(ref_value(K::alpha_divergence, 1 - 1e-7, s, t), fwd, 1e-5 * fwd);
   EXPECT_NEAR(ref_value(K::alpha_divergence, 1 + 1e-7, s, t), fwd, 1e-5 * fwd);
   EXPECT_NEAR(ref_value(K::alpha_divergence, 1e-7, s, t), rev, 1e-5 * rev);
@@ -80,8 +81,8 @@ TEST(Reference, MaskConventions) {
   const std::vector<double> s2 = {0.3, -1.0}, t2 = {1.0, 0.2};
   for (const Variant& var : all_variants()) {
     const auto prm = divkit_ref::params_from_spec(var.spec);
-    EXPECT_NEAR(divkit_ref::row_value(s3.data(), t3.data(), 3, prm), divkit_ref::row_value(s2.data(), t2.data(), 2, prm),
-                1e-14)
+    EXPECT_NEAR(divkit_ref::row_value(s3.data(), t3.data(), 3, prm),
+                divkit_ref::row_value(s2.data(), t2.data(), 2, prm), 1e-14)
         << var.name;
   }
   // student masked where the teacher is not: forward KL infinite, reverse KL finite

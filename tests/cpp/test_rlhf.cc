@@ -13,8 +13,12 @@
 namespace divkit_test {
 namespace {
 
-TensorView v1(std::vector<double>& v) { return TensorView::vector(v.data(), DType::f64, static_cast<int64_t>(v.size())); }
-TensorView m2(std::vector<double>& v, int64_t r, int64_t c) { return TensorView::matrix(v.data(), DType::f64, r, c); }
+TensorView v1(std::vector<double>& v) {
+  return TensorView::vector(v.data(), DType::f64, static_cast<int64_t>(v.size()));
+}
+TensorView m2(std::vector<double>& v, int64_t r, int64_t c) {
+  return TensorView::matrix(v.data(), DType::f64, r, c);
+}
 std::vector<double> randn(size_t n, uint32_t seed, double scale = 1.0) {
   std::mt19937 gen(seed);
   std::normal_distribution<double> d(0.0, scale);
@@ -37,14 +41,17 @@ double fd(std::vector<double>& x, size_t i, F f, double h = 1e-6) {
 
 TEST(RlhfKl, ReferenceValuesAndGradients) {
   // objectives.md: log pi = -1, log pi_ref = -1.5 -> k1 0.5, k2 0.125, k3 0.106531
-  const std::pair<const char*, double> want[] = {{"k1", 0.5}, {"k2", 0.125}, {"low_var_kl", 0.1065306597}, {"abs", 0.5}};
+  const std::pair<const char*, double> want[] = {
+      {"k1", 0.5}, {"k2", 0.125}, {"low_var_kl", 0.1065306597}, {"abs", 0.5}};
   for (auto [name, value] : want) {
     std::vector<double> lp{-1.0}, ref{-1.5}, out(1);
     divkit::kl_estimator(v1(lp), v1(ref), divkit::parse_kl_estimator(name), false, v1(out));
     EXPECT_NEAR(out[0], value, 1e-9) << name;
   }
-  std::vector<double> lp = randn(9, 1), ref = randn(9, 2), out(9), go = randn(9, 3), glp(9), gref(9);
-  for (auto k : {divkit::KlEstimator::k1, divkit::KlEstimator::k2, divkit::KlEstimator::k3, divkit::KlEstimator::abs}) {
+  std::vector<double> lp = randn(9, 1), ref = randn(9, 2), out(9), go = randn(9, 3), glp(9),
+                      gref(9);
+  for (auto k : {divkit::KlEstimator::k1, divkit::KlEstimator::k2, divkit::KlEstimator::k3,
+                 divkit::KlEstimator::abs}) {
     divkit::kl_estimator(v1(lp), v1(ref), k, false, v1(out), v1(go), v1(glp), v1(gref));
     auto f = [&] {
       std::vector<double> o(9);
@@ -72,7 +79,8 @@ TEST(RlhfKl, VerlClampsAndNoCancellation) {
   EXPECT_NEAR(gr[3], std::expm1(2.0), 1e-12);
   // fp32 output
   std::vector<float> of(4);
-  divkit::kl_estimator(v1(lp), v1(ref), divkit::KlEstimator::k3, false, TensorView::vector(of.data(), DType::f32, 4));
+  divkit::kl_estimator(v1(lp), v1(ref), divkit::KlEstimator::k3, false,
+                       TensorView::vector(of.data(), DType::f32, 4));
   EXPECT_FLOAT_EQ(of[3], static_cast<float>(std::exp(2.0) - 3.0));
 }
 
@@ -80,13 +88,16 @@ TEST(RlhfEnsemble, ValuesAndGradients) {
   const int64_t n = 4, e = 5;
   std::vector<double> r = randn(n * e, 4), out(n), go = randn(n, 5), g(n * e);
   r[7] = r[6] = -5.0;  // a tie at the minimum of row 1: the first one gets the gradient
-  for (auto m : {divkit::EnsembleMethod::mean, divkit::EnsembleMethod::wco, divkit::EnsembleMethod::uwo}) {
+  for (auto m :
+       {divkit::EnsembleMethod::mean, divkit::EnsembleMethod::wco, divkit::EnsembleMethod::uwo}) {
     divkit::ensemble_rewards(m2(r, n, e), m, 0.7, v1(out), v1(go), m2(g, n, e));
     for (int64_t i = 0; i < n; ++i) {
       double mean = 0, mn = 1e300, var = 0;
       for (int64_t j = 0; j < e; ++j) mean += r[i * e + j] / e, mn = std::min(mn, r[i * e + j]);
       for (int64_t j = 0; j < e; ++j) var += (r[i * e + j] - mean) * (r[i * e + j] - mean) / e;
-      const double want = m == divkit::EnsembleMethod::mean ? mean : m == divkit::EnsembleMethod::wco ? mn : mean - 0.7 * var;
+      const double want = m == divkit::EnsembleMethod::mean  ? mean
+                          : m == divkit::EnsembleMethod::wco ? mn
+                                                             : mean - 0.7 * var;
       EXPECT_NEAR(out[i], want, 1e-12);
     }
     if (m == divkit::EnsembleMethod::wco) {
@@ -137,10 +148,13 @@ TEST(RlhfInfAlign, CalibrationTransformBestOfN) {
 
 TEST(RlhfD2O, ValuesAndGradients) {
   const int64_t b = 3, k = 4;
-  std::vector<double> ps = randn(b * k, 8, 3), rs = randn(b * k, 9, 3), pl = randn(b, 10, 3), rl = randn(b, 11, 3);
-  std::vector<double> loss(b), pos(b), neg(b), go = randn(b, 12), gps(b * k), grs(b * k), gpl(b), grl(b);
+  std::vector<double> ps = randn(b * k, 8, 3), rs = randn(b * k, 9, 3), pl = randn(b, 10, 3),
+                      rl = randn(b, 11, 3);
+  std::vector<double> loss(b), pos(b), neg(b), go = randn(b, 12), gps(b * k), grs(b * k), gpl(b),
+                                               grl(b);
   divkit::D2OGrads g{v1(go), m2(gps, b, k), m2(grs, b, k), v1(gpl), v1(grl)};
-  divkit::d2o_loss(m2(ps, b, k), m2(rs, b, k), v1(pl), v1(rl), 0.3, 0.2, v1(loss), v1(pos), v1(neg), g);
+  divkit::d2o_loss(m2(ps, b, k), m2(rs, b, k), v1(pl), v1(rl), 0.3, 0.2, v1(loss), v1(pos), v1(neg),
+                   g);
   for (int64_t i = 0; i < b; ++i) {
     double s = 0;
     for (int64_t j = 0; j < k; ++j) s += ps[i * k + j] - rs[i * k + j];
@@ -190,12 +204,13 @@ TEST(RlhfHyPO, LeaveOneOutGradient) {
 
 TEST(RlhfSuperHF, SelectionValueAndGradient) {
   const int64_t b = 2, n = 4, top = 2;
-  std::vector<double> lp = randn(b * n, 15), rw{0.1, 0.9, 0.5, 0.9, 2.0, -1.0, 3.0, 2.0}, kl = randn(b * n, 16),
-                      len{1, 2, 3, 4, 5, 6, 7, 8}, loss(1), gl(b * n), gk(b * n), go{1.5};
+  std::vector<double> lp = randn(b * n, 15), rw{0.1, 0.9, 0.5, 0.9, 2.0, -1.0, 3.0, 2.0},
+                      kl = randn(b * n, 16), len{1, 2, 3, 4, 5, 6, 7, 8}, loss(1), gl(b * n),
+                      gk(b * n), go{1.5};
   std::vector<int64_t> idx(b * top);
   const auto I = TensorView::matrix(idx.data(), DType::i64, b, top);
-  divkit::superhf_loss(m2(lp, b, n), m2(rw, b, n), m2(kl, b, n), m2(len, b, n), 0.35, top, v1(loss), I, v1(go),
-                       m2(gl, b, n), m2(gk, b, n));
+  divkit::superhf_loss(m2(lp, b, n), m2(rw, b, n), m2(kl, b, n), m2(len, b, n), 0.35, top, v1(loss),
+                       I, v1(go), m2(gl, b, n), m2(gk, b, n));
   EXPECT_EQ(idx[0], 1);  // 0.9 at 1 and 3: the lower index first
   EXPECT_EQ(idx[1], 3);
   EXPECT_EQ(idx[2], 2);
@@ -230,17 +245,24 @@ TEST(RlhfErrors, BadInputNamesTheArgument) {
   };
   throws([&] { divkit::parse_kl_estimator("k4"); }, "kl_estimator: unknown kind 'k4'");
   throws([&] { divkit::parse_ensemble_method("max"); }, "ensemble_rewards: unknown method 'max'");
-  throws([&] { divkit::kl_estimator(v1(a), v1(b3), divkit::KlEstimator::k1, false, v1(o)); }, "ref_logprobs must have shape [4]");
+  throws([&] { divkit::kl_estimator(v1(a), v1(b3), divkit::KlEstimator::k1, false, v1(o)); },
+         "ref_logprobs must have shape [4]");
   throws([&] { divkit::d2o_loss(m2(m, 2, 3), m2(m, 2, 3), v1(b3), v1(b3), 0.1, 0.1, v1(o)); },
          "d2o_loss: policy_rejected_logps must have shape [2]");
   throws([&] { divkit::d2o_loss(m2(m, 2, 3), m2(m, 2, 3), v1(two), v1(two), 0.0, 0.1, v1(two)); },
          "d2o_loss: beta must be");
   throws([&] { divkit::hypo_online_kl(m2(m, 6, 1), m2(m, 6, 1), v1(o)); }, "k >= 2");
-  throws([&] { divkit::calibrate_reward(m2(m, 3, 2), m2(a, 2, 2), m2(m, 3, 2)); }, "batch sizes disagree");
+  throws([&] { divkit::calibrate_reward(m2(m, 3, 2), m2(a, 2, 2), m2(m, 3, 2)); },
+         "batch sizes disagree");
   std::vector<double> nan{0.0, NAN};
-  throws([&] { divkit::best_of_n(m2(nan, 1, 2), TensorView::vector(idx.data(), DType::i64, 1)); }, "rewards has a NaN");
-  throws([&] { divkit::superhf_loss(m2(m, 2, 3), m2(m, 2, 3), m2(m, 2, 3), {}, 0.1, 4, v1(o),
-                                    TensorView::matrix(idx.data(), DType::i64, 2, 1)); }, "top_k must be in [1, 3]");
+  throws([&] { divkit::best_of_n(m2(nan, 1, 2), TensorView::vector(idx.data(), DType::i64, 1)); },
+         "rewards has a NaN");
+  throws(
+      [&] {
+        divkit::superhf_loss(m2(m, 2, 3), m2(m, 2, 3), m2(m, 2, 3), {}, 0.1, 4, v1(o),
+                             TensorView::matrix(idx.data(), DType::i64, 2, 1));
+      },
+      "top_k must be in [1, 3]");
   throws([&] { divkit::infalign_transform(v1(a), NAN, v1(o)); }, "t must be finite");
 }
 

@@ -17,7 +17,8 @@ TwoRuns run_both(Logits& l, const DivergenceSpec& spec) {
   none.reduction = Reduction::none;
   none.labels.assign(static_cast<size_t>(l.student.rows()), 1);
   none.labels[3] = -100;
-  r.none = run_kernel(l.student, l.teacher, spec, none, GradRequest::of(), GradRequest::of(DType::bf16));
+  r.none =
+      run_kernel(l.student, l.teacher, spec, none, GradRequest::of(), GradRequest::of(DType::bf16));
   TestOptions sum;
   sum.reduction = Reduction::sum;
   sum.weights.assign(static_cast<size_t>(l.student.rows()), 0.5);
@@ -92,15 +93,18 @@ TEST(Runtime, EverySimdTargetMatchesTheReference) {
           spec.temperature = 1.5f;
           TestOptions opt;
           opt.reduction = Reduction::none;
-          const KernelOut got = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
-          expect_matches_reference(got, run_reference(l.student, l.teacher, spec, opt), Tolerance{}, what);
+          const KernelOut got =
+              run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
+          expect_matches_reference(got, run_reference(l.student, l.teacher, spec, opt), Tolerance{},
+                                   what);
           if (::testing::Test::HasFailure()) return;
         }
       }
     }
   }
   divkit::force_simd_target("");
-  EXPECT_EQ(divkit::active_simd_target(), targets.front()) << "force_simd_target(\"\") restores the best target";
+  EXPECT_EQ(divkit::active_simd_target(), targets.front())
+      << "force_simd_target(\"\") restores the best target";
 }
 
 TEST(Runtime, VersionAndNames) {
@@ -117,8 +121,10 @@ TEST(Runtime, VersionAndNames) {
   EXPECT_STREQ(divkit::dtype_name(DType::f64), "float64");
   EXPECT_STREQ(divkit::dtype_name(DType::i32), "int32");
   EXPECT_STREQ(divkit::dtype_name(DType::i64), "int64");
-  const char* kinds[] = {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
-                         "hellinger", "jeffreys", "chi2", "alpha_divergence", "renyi", "cross_entropy"};
+  const char* kinds[] = {"forward_kl",       "reverse_kl",      "jsd",
+                         "skew_forward_kl",  "skew_reverse_kl", "tvd",
+                         "hellinger",        "jeffreys",        "chi2",
+                         "alpha_divergence", "renyi",           "cross_entropy"};
   for (int k = 0; k < divkit::kNumDivergenceKinds; ++k) {
     const auto kind = static_cast<DivergenceKind>(k);
     EXPECT_STREQ(divkit::divergence_kind_name(kind), kinds[k]);

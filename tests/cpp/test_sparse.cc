@@ -19,9 +19,9 @@ using K = DivergenceKind;
 
 struct Sparse {
   int64_t n = 0, v = 0, k = 0;
-  HostMatrix student;           // any dtype / stride
-  std::vector<int64_t> idx;     // n * k
-  std::vector<double> lp;       // n * k (values as stored in lp_dtype)
+  HostMatrix student;        // any dtype / stride
+  std::vector<int64_t> idx;  // n * k
+  std::vector<double> lp;    // n * k (values as stored in lp_dtype)
   DType idx_dtype = DType::i64, lp_dtype = DType::f32;
   std::vector<int64_t> labels;  // empty: none
   std::vector<double> weights;  // empty: none
@@ -55,7 +55,7 @@ Sparse make_sparse(int64_t n, int64_t v, int64_t k, DType sdt, uint64_t seed, bo
     // A top-k entry of probability 0 in both (p = q = 0: 0 log 0 = 0), and a masked tail entry.
     p.lp[1 * k + k - 1] = -kInf;
     p.student.set(1, p.idx[1 * k + k - 1], -kInf);
-    for (int64_t j = 0; j < v; ++j) {                         // and a tail entry
+    for (int64_t j = 0; j < v; ++j) {  // and a tail entry
       if (std::find(p.idx.begin() + k, p.idx.begin() + 2 * k, j) == p.idx.begin() + 2 * k) {
         p.student.set(1, j, -kInf);
         break;
@@ -233,8 +233,8 @@ TEST(Sparse, MatchesReferenceEveryKindBothTails) {
       expect_close(got.grad.values(), gwant, 0.0, 2e-5 * std::max(1.0, max_abs(gwant)), "grad");
       EXPECT_TRUE(got.grad.padding_intact());
       p.reduction = Reduction::none;
-      expect_close(run_sparse(p, spec, tail, false).loss, ref_loss(p, p.student.values(), tail, prm),
-                   2e-5, 1e-6, "loss none");
+      expect_close(run_sparse(p, spec, tail, false).loss,
+                   ref_loss(p, p.student.values(), tail, prm), 2e-5, 1e-6, "loss none");
     }
   }
 }
@@ -248,7 +248,8 @@ TEST(Sparse, EverySimdTarget) {
       Sparse p = make_sparse(3, 21, 6, DType::bf16, 8);  // V, k not multiples of the width
       const divkit_ref::Params prm = divkit_ref::params_from_spec(var.spec);
       Out o = run_sparse(p, var.spec, SparseTail::bucket);
-      expect_close(o.loss, ref_loss(p, p.student.values(), SparseTail::bucket, prm), 2e-5, 1e-6, "loss");
+      expect_close(o.loss, ref_loss(p, p.student.values(), SparseTail::bucket, prm), 2e-5, 1e-6,
+                   "loss");
       const std::vector<double> g = ref_grad(p, SparseTail::bucket, prm);
       expect_close(o.grad.values(), g, 0.0, 2e-5 * std::max(1.0, max_abs(g)), "grad");
     }
@@ -261,7 +262,8 @@ TEST(Sparse, GradientSpreadsOverTheTailOnlyInBucketMode) {
     Out o = run_sparse(p, make_spec(K::forward_kl), tail);
     for (int64_t i = 0; i < p.n; ++i)
       for (int64_t j = 0; j < p.v; ++j) {
-        const bool top = std::find(&p.idx[i * p.k], &p.idx[i * p.k] + p.k, j) != &p.idx[i * p.k] + p.k;
+        const bool top =
+            std::find(&p.idx[i * p.k], &p.idx[i * p.k] + p.k, j) != &p.idx[i * p.k] + p.k;
         if (top || tail == SparseTail::bucket) EXPECT_NE(o.grad.get(i, j), 0.0) << i << "," << j;
         else EXPECT_EQ(o.grad.get(i, j), 0.0) << i << "," << j;
       }
@@ -292,7 +294,8 @@ TEST(Sparse, LowPrecisionInputsAndOutputs) {
       const DivergenceSpec spec = make_spec(K::jsd, 0.5, 0.8);
       const divkit_ref::Params prm = divkit_ref::params_from_spec(spec);
       Out o = run_sparse(p, spec, SparseTail::bucket, true, DType::bf16);
-      expect_close(o.loss, ref_loss(p, p.student.values(), SparseTail::bucket, prm), 2e-5, 1e-6, "loss");
+      expect_close(o.loss, ref_loss(p, p.student.values(), SparseTail::bucket, prm), 2e-5, 1e-6,
+                   "loss");
       const std::vector<double> g = ref_grad(p, SparseTail::bucket, prm);
       // bf16 output: 2^-9 relative rounding.
       std::vector<double> got = o.grad.values();
@@ -347,8 +350,8 @@ TEST(Sparse, TeacherMassAboveOneWithinToleranceIsScaled) {
   for (double& x : q.lp) x = std::log(std::exp(x) * 1.004);
   Out b = run_sparse(q, make_spec(K::forward_kl), SparseTail::bucket);
   Out r = run_sparse(q, make_spec(K::forward_kl), SparseTail::renormalize);
-  const std::vector<double> want =
-      ref_loss(q, q.student.values(), SparseTail::bucket, divkit_ref::params_from_spec(make_spec(K::forward_kl)));
+  const std::vector<double> want = ref_loss(q, q.student.values(), SparseTail::bucket,
+                                            divkit_ref::params_from_spec(make_spec(K::forward_kl)));
   EXPECT_NEAR(b.loss[0], want[0], 2e-5 * want[0] + 1e-6);
   // The bucket loss includes the student's tail mass term (p_tail = 0): forward KL over k + 1
   // buckets with p_tail = 0 equals the renormalized one minus log(1 - q_tail).
@@ -388,7 +391,8 @@ TEST(Sparse, LargeVocabularyBucketTailIsAccurate) {
   // and must come out of the direct tail sum, not 1 - sum q.
   Sparse p = make_sparse(2, 128256, 8, DType::f32, 61);
   for (int64_t i = 0; i < 2; ++i)  // the student's top-k hold all but ~1e-8 of its mass
-    for (int64_t b = 0; b < 8; ++b) p.student.set(i, p.idx[i * 8 + b], p.student.get(i, p.idx[i * 8 + b]) + 30.0);
+    for (int64_t b = 0; b < 8; ++b)
+      p.student.set(i, p.idx[i * 8 + b], p.student.get(i, p.idx[i * 8 + b]) + 30.0);
   const DivergenceSpec spec = make_spec(K::forward_kl);
   const divkit_ref::Params prm = divkit_ref::params_from_spec(spec);
   Out o = run_sparse(p, spec, SparseTail::bucket, false);
@@ -439,7 +443,8 @@ TEST(Topk, MatchesReferenceEveryKind) {
     Sparse p = topk_as_sparse(l.student, l.teacher, 6, spec.temperature);
     const divkit_ref::Params prm = divkit_ref::params_from_spec(spec);
     Out o = run_topk(l.student, l.teacher, 6, spec);
-    expect_close(o.loss, ref_loss(p, p.student.values(), SparseTail::renormalize, prm), 2e-5, 1e-6, "loss");
+    expect_close(o.loss, ref_loss(p, p.student.values(), SparseTail::renormalize, prm), 2e-5, 1e-6,
+                 "loss");
     const std::vector<double> g = ref_grad(p, SparseTail::renormalize, prm);
     expect_close(o.grad.values(), g, 0.0, 2e-5 * std::max(1.0, max_abs(g)), "grad");
   }
@@ -497,7 +502,9 @@ struct Bad {
     out.loss = TensorView::vector(loss.data(), DType::f64, 1);
   }
   std::function<void()> fn() {
-    return [this] { divkit::sparse_divergence(p.student.view(), idx.view(), lp.view(), spec, sp, opt, out); };
+    return [this] {
+      divkit::sparse_divergence(p.student.view(), idx.view(), lp.view(), spec, sp, opt, out);
+    };
   }
 };
 
@@ -507,11 +514,31 @@ TEST(SparseErrors, ValidDoesNotThrow) {
 }
 
 TEST(SparseErrors, IndicesAndLogprobs) {
-  { Bad b; b.idx.set(1, 2, b.idx.get(1, 0)); expect_error(b.fn(), {"teacher_indices", "repeats", "row 1"}); }
-  { Bad b; b.idx.set(2, 0, 8); expect_error(b.fn(), {"teacher_indices", "8", "row 2", "[0, 8)"}); }
-  { Bad b; b.idx.set(0, 1, -1); expect_error(b.fn(), {"teacher_indices", "-1", "row 0"}); }
-  { Bad b; b.lp.set(1, 1, 0.5); expect_error(b.fn(), {"teacher_logprobs", "row 1", "0.5"}); }
-  { Bad b; b.lp.set(0, 0, kNaN); expect_error(b.fn(), {"teacher_logprobs", "nan", "row 0"}); }
+  {
+    Bad b;
+    b.idx.set(1, 2, b.idx.get(1, 0));
+    expect_error(b.fn(), {"teacher_indices", "repeats", "row 1"});
+  }
+  {
+    Bad b;
+    b.idx.set(2, 0, 8);
+    expect_error(b.fn(), {"teacher_indices", "8", "row 2", "[0, 8)"});
+  }
+  {
+    Bad b;
+    b.idx.set(0, 1, -1);
+    expect_error(b.fn(), {"teacher_indices", "-1", "row 0"});
+  }
+  {
+    Bad b;
+    b.lp.set(1, 1, 0.5);
+    expect_error(b.fn(), {"teacher_logprobs", "row 1", "0.5"});
+  }
+  {
+    Bad b;
+    b.lp.set(0, 0, kNaN);
+    expect_error(b.fn(), {"teacher_logprobs", "nan", "row 0"});
+  }
   {
     Bad b;  // -inf is a probability 0: allowed
     b.lp.set(0, 0, -kInf);
@@ -544,10 +571,30 @@ TEST(SparseErrors, IndicesAndLogprobs) {
 }
 
 TEST(SparseErrors, ShapesAndDtypes) {
-  { Bad b; b.idx = HostMatrix(2, 3, DType::i64); b.idx.fill(0); expect_error(b.fn(), {"teacher_indices", "rows"}); }
-  { Bad b; b.lp = HostMatrix(3, 2, DType::f32); b.lp.fill(-1); expect_error(b.fn(), {"teacher_logprobs", "same shape"}); }
-  { Bad b; b.idx = HostMatrix(3, 3, DType::f32); b.idx.fill(0); expect_error(b.fn(), {"teacher_indices", "int64 or int32"}); }
-  { Bad b; b.lp = HostMatrix(3, 3, DType::f16); b.lp.fill(-1); expect_error(b.fn(), {"teacher_logprobs", "float16"}); }
+  {
+    Bad b;
+    b.idx = HostMatrix(2, 3, DType::i64);
+    b.idx.fill(0);
+    expect_error(b.fn(), {"teacher_indices", "rows"});
+  }
+  {
+    Bad b;
+    b.lp = HostMatrix(3, 2, DType::f32);
+    b.lp.fill(-1);
+    expect_error(b.fn(), {"teacher_logprobs", "same shape"});
+  }
+  {
+    Bad b;
+    b.idx = HostMatrix(3, 3, DType::f32);
+    b.idx.fill(0);
+    expect_error(b.fn(), {"teacher_indices", "int64 or int32"});
+  }
+  {
+    Bad b;
+    b.lp = HostMatrix(3, 3, DType::f16);
+    b.lp.fill(-1);
+    expect_error(b.fn(), {"teacher_logprobs", "float16"});
+  }
   {
     Bad b;
     b.idx = HostMatrix(3, 0, DType::i64);
@@ -562,8 +609,16 @@ TEST(SparseErrors, ShapesAndDtypes) {
       for (int64_t j = 0; j < 9; ++j) b.idx.set(i, j, j), b.lp.set(i, j, -3.0);
     expect_error(b.fn(), {"k = 9", "V = 8"});
   }
-  { Bad b; b.sp.tail = static_cast<SparseTail>(7); expect_error(b.fn(), {"tail"}); }
-  { Bad b; b.spec.temperature = 0.0f; expect_error(b.fn(), {"temperature"}); }
+  {
+    Bad b;
+    b.sp.tail = static_cast<SparseTail>(7);
+    expect_error(b.fn(), {"tail"});
+  }
+  {
+    Bad b;
+    b.spec.temperature = 0.0f;
+    expect_error(b.fn(), {"temperature"});
+  }
   {
     Bad b;
     std::vector<double> l2(2);

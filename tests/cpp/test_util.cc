@@ -59,17 +59,12 @@ bool is_float_dtype(DType dtype) {
 
 double round_to(DType dtype, double x) {
   switch (dtype) {
-    case DType::f32:
-      return static_cast<float>(x);
-    case DType::bf16:
-      return bf16_to_float(float_to_bf16(static_cast<float>(x)));
-    case DType::f16:
-      return f16_to_double(double_to_f16(x));
-    case DType::f64:
-      return x;
+    case DType::f32: return static_cast<float>(x);
+    case DType::bf16: return bf16_to_float(float_to_bf16(static_cast<float>(x)));
+    case DType::f16: return f16_to_double(double_to_f16(x));
+    case DType::f64: return x;
     case DType::i32:
-    case DType::i64:
-      return std::nearbyint(x);
+    case DType::i64: return std::nearbyint(x);
   }
   return x;
 }
@@ -77,14 +72,11 @@ double round_to(DType dtype, double x) {
 static size_t esize_of(DType dt) {
   switch (dt) {
     case DType::f32:
-    case DType::i32:
-      return 4;
+    case DType::i32: return 4;
     case DType::bf16:
-    case DType::f16:
-      return 2;
+    case DType::f16: return 2;
     case DType::f64:
-    case DType::i64:
-      return 8;
+    case DType::i64: return 8;
   }
   return 4;
 }
@@ -97,7 +89,8 @@ HostMatrix::HostMatrix(int64_t rows, int64_t cols, DType dtype, int64_t stride)
       esize_(esize_of(dtype)) {
   const int64_t n_elems = rows_ == 0 ? 0 : (rows_ - 1) * stride_ + cols_;
   // Round up to 8 bytes and keep at least one element so that data() is never null.
-  const size_t n_bytes = std::max<size_t>(8, (static_cast<size_t>(n_elems) * esize_ + 7) & ~size_t{7});
+  const size_t n_bytes =
+      std::max<size_t>(8, (static_cast<size_t>(n_elems) * esize_ + 7) & ~size_t{7});
   bytes_.assign(n_bytes, 0xFF);
   for (int64_t i = 0; i < rows_; ++i) std::memset(at(i, 0), 0, static_cast<size_t>(cols_) * esize_);
 }
@@ -164,9 +157,7 @@ void HostMatrix::set(int64_t i, int64_t j, double x) {
       std::memcpy(p, &h, 2);
       return;
     }
-    case DType::f64:
-      std::memcpy(p, &x, 8);
-      return;
+    case DType::f64: std::memcpy(p, &x, 8); return;
     case DType::i32: {
       const int32_t k = static_cast<int32_t>(std::llround(x));
       std::memcpy(p, &k, 4);
@@ -201,7 +192,8 @@ std::vector<double> HostMatrix::values() const {
 bool HostMatrix::padding_intact() const {
   for (int64_t i = 0; i < rows_; ++i) {
     const size_t row_end = static_cast<size_t>(i * stride_ + cols_) * esize_;
-    const size_t next = i + 1 < rows_ ? static_cast<size_t>((i + 1) * stride_) * esize_ : bytes_.size();
+    const size_t next =
+        i + 1 < rows_ ? static_cast<size_t>((i + 1) * stride_) * esize_ : bytes_.size();
     for (size_t b = row_end; b < next; ++b)
       if (bytes_[b] != 0xFF) return false;
   }
@@ -244,13 +236,15 @@ KernelOut run_kernel(HostMatrix& student, HostMatrix& teacher, const DivergenceS
   HostMatrix labels, weights;
   if (!opt.labels.empty()) {
     labels = HostMatrix(1, static_cast<int64_t>(opt.labels.size()), opt.labels_dtype);
-    for (size_t i = 0; i < opt.labels.size(); ++i) labels.set(0, static_cast<int64_t>(i), static_cast<double>(opt.labels[i]));
+    for (size_t i = 0; i < opt.labels.size(); ++i)
+      labels.set(0, static_cast<int64_t>(i), static_cast<double>(opt.labels[i]));
     TensorView lv = labels.view();
     o.labels = TensorView::vector(lv.data, lv.dtype, labels.cols());
   }
   if (!opt.weights.empty()) {
     weights = HostMatrix(1, static_cast<int64_t>(opt.weights.size()), opt.weights_dtype);
-    for (size_t i = 0; i < opt.weights.size(); ++i) weights.set(0, static_cast<int64_t>(i), opt.weights[i]);
+    for (size_t i = 0; i < opt.weights.size(); ++i)
+      weights.set(0, static_cast<int64_t>(i), opt.weights[i]);
     TensorView wv = weights.view();
     o.weights = TensorView::vector(wv.data, wv.dtype, weights.cols());
   }
@@ -386,10 +380,8 @@ DivergenceSpec make_spec(DivergenceKind kind, double param, double temperature) 
   s.kind = kind;
   s.temperature = static_cast<float>(temperature);
   if (!std::isnan(param)) {
-    if (kind == DivergenceKind::jsd)
-      s.beta = static_cast<float>(param);
-    else
-      s.alpha = static_cast<float>(param);
+    if (kind == DivergenceKind::jsd) s.beta = static_cast<float>(param);
+    else s.alpha = static_cast<float>(param);
   }
   return s;
 }
@@ -469,7 +461,8 @@ void expect_error(const std::function<void()>& fn, const std::vector<std::string
     if (!any_of.empty()) {
       bool found = false;
       for (const auto& n : any_of) found = found || msg.find(n) != std::string::npos;
-      EXPECT_TRUE(found) << what << ": the message \"" << msg << "\" names none of the expected words";
+      EXPECT_TRUE(found) << what << ": the message \"" << msg
+                         << "\" names none of the expected words";
     }
     return;
   } catch (const std::exception& e) {

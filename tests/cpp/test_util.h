@@ -81,8 +81,8 @@ class HostMatrix {
 struct Logits {
   HostMatrix student, teacher;
 };
-Logits random_logits(int64_t n, int64_t v, DType sdt, DType tdt, uint64_t seed,
-                     double sigma = 2.0, int64_t s_stride = -1, int64_t t_stride = -1);
+Logits random_logits(int64_t n, int64_t v, DType sdt, DType tdt, uint64_t seed, double sigma = 2.0,
+                     int64_t s_stride = -1, int64_t t_stride = -1);
 
 // ---- calling the kernel ----
 struct TestOptions {
@@ -124,8 +124,8 @@ divkit_ref::Options ref_options(const TestOptions& opt);
 
 // ---- comparisons ----
 struct Tolerance {
-  double rtol = 1e-5;  // relative to the reference value
-  double afac = 1e-6;  // times the reference's error scale (see reference.h)
+  double rtol = 1e-5;    // relative to the reference value
+  double afac = 1e-6;    // times the reference's error scale (see reference.h)
   double out_rel = 0.0;  // extra relative term for a low-precision output dtype
   // Extra absolute term. fp32 underflow: a product of two probabilities below ~1e-38 is lost,
   // so entries smaller than ~1e-19 may be off by their own size (fp16: its subnormal spacing).
@@ -150,8 +150,8 @@ struct Variant {
   DivergenceSpec spec;
   bool main = true;  // run on the large shapes too
 };
-std::vector<Variant> all_variants();       // every kind with its interesting parameters
-std::vector<Variant> default_variants();   // the 12 kinds with default parameters
+std::vector<Variant> all_variants();      // every kind with its interesting parameters
+std::vector<Variant> default_variants();  // the 12 kinds with default parameters
 DivergenceSpec make_spec(DivergenceKind kind, double param = kNaN, double temperature = 1.0);
 
 std::string spec_string(const DivergenceSpec& spec);

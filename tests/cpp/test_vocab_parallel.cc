@@ -23,8 +23,8 @@ struct Shard {
   std::vector<float> s, t;  // [n, hi - lo]
 };
 
-double log_sum_exp_combine(const std::vector<double>& m, const std::vector<double>& ls, double inv_t,
-                           double& gmax) {
+double log_sum_exp_combine(const std::vector<double>& m, const std::vector<double>& ls,
+                           double inv_t, double& gmax) {
   gmax = -INFINITY;
   for (double x : m) gmax = std::max(gmax, x);
   double sum = 0.0;
@@ -90,7 +90,8 @@ TEST_P(VocabParallel, ShardsCombineToTheUnshardedDivergence) {
   for (int64_t i = 0; i < n; ++i)
     for (int c : {0, 2}) {
       std::vector<double> m(world), ls(world);
-      for (size_t r = 0; r < world; ++r) m[r] = stats[r][4 * i + c], ls[r] = stats[r][4 * i + c + 1];
+      for (size_t r = 0; r < world; ++r)
+        m[r] = stats[r][4 * i + c], ls[r] = stats[r][4 * i + c + 1];
       double gmax;
       norm[4 * i + c + 1] = log_sum_exp_combine(m, ls, inv_t, gmax);
       norm[4 * i + c] = gmax;
@@ -100,7 +101,8 @@ TEST_P(VocabParallel, ShardsCombineToTheUnshardedDivergence) {
   std::vector<std::vector<double>> part(world, std::vector<double>(4 * n));
   for (size_t r = 0; r < world; ++r)
     divkit::divergence_shard_sums(view(shards[r].s, shards[r]), view(shards[r].t, shards[r]), spec,
-                                  {}, -100, nv, TensorView::matrix(part[r].data(), DType::f64, n, 4));
+                                  {}, -100, nv,
+                                  TensorView::matrix(part[r].data(), DType::f64, n, 4));
   const bool renyi = spec.kind == divkit::DivergenceKind::renyi && spec.alpha != 1.0f;
   std::vector<double> sums(4 * n, 0.0), value(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -114,7 +116,8 @@ TEST_P(VocabParallel, ShardsCombineToTheUnshardedDivergence) {
       const bool near = std::fabs(s1) < 0.5;
       const double big_l = near ? std::log1p(s1) : amax + log_rel;
       value[i] = big_l / (double(spec.alpha) - 1.0);
-      sums[4 * i] = big_l, sums[4 * i + 1] = amax, sums[4 * i + 2] = log_rel, sums[4 * i + 3] = near;
+      sums[4 * i] = big_l, sums[4 * i + 1] = amax, sums[4 * i + 2] = log_rel,
+               sums[4 * i + 3] = near;
     } else {
       for (size_t r = 0; r < world; ++r)
         for (int c = 0; c < 3; ++c) sums[4 * i + c] += part[r][4 * i + c];
@@ -144,8 +147,10 @@ TEST_P(VocabParallel, ShardsCombineToTheUnshardedDivergence) {
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < vr; ++j) {
         const float ws = gs_ref[i * v + sh.lo + j], wt = gt_ref[i * v + sh.lo + j];
-        ASSERT_NEAR(gs[i * vr + j], ws, 2e-6 + 2e-5 * std::fabs(ws)) << "student " << i << "," << sh.lo + j;
-        ASSERT_NEAR(gt[i * vr + j], wt, 2e-6 + 2e-5 * std::fabs(wt)) << "teacher " << i << "," << sh.lo + j;
+        ASSERT_NEAR(gs[i * vr + j], ws, 2e-6 + 2e-5 * std::fabs(ws))
+            << "student " << i << "," << sh.lo + j;
+        ASSERT_NEAR(gt[i * vr + j], wt, 2e-6 + 2e-5 * std::fabs(wt))
+            << "teacher " << i << "," << sh.lo + j;
       }
   }
 }

@@ -41,7 +41,8 @@ class FakeGroup {
       for (int r = 1; r < world_; ++r) {
         if (slots_[r].size() != result_.size()) mismatch_ = true;
         for (size_t i = 0; i < std::min(result_.size(), slots_[r].size()); ++i)
-          result_[i] = op == CollectiveOp::sum ? result_[i] + slots_[r][i] : std::max(result_[i], slots_[r][i]);
+          result_[i] = op == CollectiveOp::sum ? result_[i] + slots_[r][i]
+                                               : std::max(result_[i], slots_[r][i]);
       }
       arrived_ = 0;
       ++generation_;
@@ -56,7 +57,9 @@ class FakeGroup {
     divkit::VocabShard s;
     s.rank = rank;
     s.world = world_;
-    s.all_reduce = [this, rank](double* d, int64_t n, CollectiveOp op) { all_reduce(rank, d, n, op); };
+    s.all_reduce = [this, rank](double* d, int64_t n, CollectiveOp op) {
+      all_reduce(rank, d, n, op);
+    };
     return s;
   }
 
@@ -101,7 +104,8 @@ void expect_close(const std::vector<float>& got, const float* want, int64_t n, d
                   const std::string& what) {
   double scale = 1e-3, err = 0.0;
   for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(static_cast<double>(want[i])));
-  for (int64_t i = 0; i < n; ++i) err = std::max(err, std::abs(static_cast<double>(got[i]) - want[i]));
+  for (int64_t i = 0; i < n; ++i)
+    err = std::max(err, std::abs(static_cast<double>(got[i]) - want[i]));
   EXPECT_LE(err, tol * scale) << what;
 }
 
@@ -184,7 +188,8 @@ TEST_F(VocabParallelFused, DistillationMatchesTheUnshardedHead) {
                                       spec, o, fr, TensorView::vector(&loss, DType::f32, 1),
                                       {mat(ash, n, hs), mat(asw, vr, hs), vec(asb, vr)},
                                       {mat(ath, n, ht), mat(atw, vr, ht), vec(atb, vr)});
-      const std::string what = std::string(divkit::divergence_kind_name(kind)) + " rank " + std::to_string(r);
+      const std::string what =
+          std::string(divkit::divergence_kind_name(kind)) + " rank " + std::to_string(r);
       EXPECT_NEAR(loss, loss_ref, 1e-5 * std::max(1.0f, std::abs(loss_ref))) << what;
       expect_close(ash, gsh.data(), n * hs, 3e-5, what + " grad student_hidden");
       expect_close(asw, gsw.data() + lo * hs, vr * hs, 3e-5, what + " grad student_weight");
@@ -220,12 +225,13 @@ TEST_F(VocabParallelFused, CrossEntropyAndLogprobsMatchTheUnshardedHead) {
   st_ref.entropy = vec(ent_ref, n);
   st_ref.topk_mass = vec(mass_ref, n);
   st_ref.topk = 4;
-  divkit::fused_linear_logprobs({mat(p.sh, n, h), mat(p.sw, v, h), vec(p.sb, v)}, labels, lp, st_ref);
+  divkit::fused_linear_logprobs({mat(p.sh, n, h), mat(p.sw, v, h), vec(p.sb, v)}, labels, lp,
+                                st_ref);
   std::vector<double> up(n), ue(n);
   for (int64_t i = 0; i < n; ++i) up[i] = -1.0 + 0.15 * i, ue[i] = 1.0 + 0.05 * i;
   std::vector<float> bh(n * h), bw(v * h);
-  divkit::fused_linear_logprobs_backward({mat(p.sh, n, h), mat(p.sw, v, h), vec(p.sb, v)}, labels, lp,
-                                         TensorView::vector(up.data(), DType::f64, n),
+  divkit::fused_linear_logprobs_backward({mat(p.sh, n, h), mat(p.sw, v, h), vec(p.sb, v)}, labels,
+                                         lp, TensorView::vector(up.data(), DType::f64, n),
                                          TensorView::vector(ue.data(), DType::f64, n),
                                          {mat(bh, n, h), mat(bw, v, h), {}});
 
@@ -258,7 +264,8 @@ TEST_F(VocabParallelFused, CrossEntropyAndLogprobsMatchTheUnshardedHead) {
     expect_close(ent, ent_ref.data(), n, 2e-5, what + " entropy");
     expect_close(mass, mass_ref.data(), n, 2e-5, what + " topk_mass");
     std::vector<float> ch(n * h), cw(vr * h);
-    divkit::fused_linear_logprobs_backward(head, labels, lr, TensorView::vector(up.data(), DType::f64, n),
+    divkit::fused_linear_logprobs_backward(head, labels, lr,
+                                           TensorView::vector(up.data(), DType::f64, n),
                                            TensorView::vector(ue.data(), DType::f64, n),
                                            {mat(ch, n, h), mat(cw, vr, h), {}});
     expect_close(ch, bh.data(), n * h, 3e-5, what + " logprobs grad hidden");
@@ -331,7 +338,8 @@ TEST_F(VocabParallelFused, AnErrorOnOneRankIsRaisedOnEveryRank) {
       messages[r] = e.what();
     }
   });
-  EXPECT_NE(messages[2].find("weight contains NaN or inf at row 1"), std::string::npos) << messages[2];
+  EXPECT_NE(messages[2].find("weight contains NaN or inf at row 1"), std::string::npos)
+      << messages[2];
   for (int r = 0; r < 2; ++r)
     EXPECT_NE(messages[r].find("other rank"), std::string::npos) << messages[r];
 }

@@ -44,10 +44,18 @@ CASES = [
 ]
 # One case per kind, for the tests that do not need every parameter value.
 KIND_CASES = [
-    ("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}),
-    ("skew_forward_kl", {"alpha": 0.1}), ("skew_reverse_kl", {"alpha": 0.1}), ("tvd", {}),
-    ("hellinger", {}), ("jeffreys", {}), ("chi2", {}), ("alpha_divergence", {"alpha": 0.5}),
-    ("renyi", {"alpha": 2.0}), ("cross_entropy", {}),
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.5}),
+    ("skew_forward_kl", {"alpha": 0.1}),
+    ("skew_reverse_kl", {"alpha": 0.1}),
+    ("tvd", {}),
+    ("hellinger", {}),
+    ("jeffreys", {}),
+    ("chi2", {}),
+    ("alpha_divergence", {"alpha": 0.5}),
+    ("renyi", {"alpha": 2.0}),
+    ("cross_entropy", {}),
 ]
 
 

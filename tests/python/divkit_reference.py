@@ -10,8 +10,18 @@ import torch
 import torch.nn.functional as F
 
 KINDS = (
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hellinger",
-    "jeffreys", "chi2", "alpha_divergence", "renyi", "cross_entropy",
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "hellinger",
+    "jeffreys",
+    "chi2",
+    "alpha_divergence",
+    "renyi",
+    "cross_entropy",
 )
 
 
@@ -20,9 +30,16 @@ def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
     return (la.exp() * (la - lb)).sum(-1)
 
 
-def per_token(s: torch.Tensor, t: torch.Tensor, kind: str, *, beta: float = 0.5,
-              alpha: float = 0.1, temperature: float = 1.0,
-              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def per_token(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """D(p_teacher, q_student) per row of [N, V] logits, computed in `dtype` (float64 for the
     reference; float32 to measure what PyTorch's own fp32 arithmetic gets)."""
     ls = F.log_softmax(s.to(dtype) / temperature, dim=-1)
@@ -66,25 +83,42 @@ def per_token(s: torch.Tensor, t: torch.Tensor, kind: str, *, beta: float = 0.5,
     raise ValueError(kind)
 
 
-def loss(s: torch.Tensor, t: torch.Tensor, kind: str = "forward_kl", *, beta: float = 0.5,
-         alpha: float = 0.1, temperature: float = 1.0, labels=None, ignore_index: int = -100,
-         weights=None, reduction: str = "mean", num_items_in_batch=None,
-         scale_by_t_squared: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def loss(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    kind: str = "forward_kl",
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels=None,
+    ignore_index: int = -100,
+    weights=None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    scale_by_t_squared: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """The reduced loss as divkit defines it, computed in `dtype` (differentiable in s, t)."""
     v = s.shape[-1]
     lead = s.shape[:-1]
     s2, t2 = s.reshape(-1, v), t.reshape(-1, v)
     n = s2.shape[0]
-    active = torch.ones(n, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
+    active = (
+        torch.ones(n, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
+    )
     idx = active.nonzero().flatten()
     # Only the active rows are computed (ignored rows may hold anything, even NaN).
     per = torch.zeros(n, dtype=dtype).index_put(
-        (idx,), per_token(s2[idx], t2[idx], kind, beta=beta, alpha=alpha,
-                          temperature=temperature, dtype=dtype))
+        (idx,),
+        per_token(
+            s2[idx], t2[idx], kind, beta=beta, alpha=alpha, temperature=temperature, dtype=dtype
+        ),
+    )
     if weights is not None:
         per = per * weights.reshape(-1).to(dtype)
     if scale_by_t_squared:
-        per = per * temperature ** 2
+        per = per * temperature**2
     if reduction == "none":
         return per.reshape(lead)
     total = per.sum()
@@ -99,8 +133,9 @@ def loss(s: torch.Tensor, t: torch.Tensor, kind: str = "forward_kl", *, beta: fl
     raise ValueError(reduction)
 
 
-def loss_and_grads(s, t, kind="forward_kl", grad_teacher=False, grad_output=None,
-                   dtype=torch.float64, **kw):
+def loss_and_grads(
+    s, t, kind="forward_kl", grad_teacher=False, grad_output=None, dtype=torch.float64, **kw
+):
     """(loss, d loss / d s, d loss / d t or None) computed in `dtype` via autograd."""
     s64 = s.detach().to(dtype).requires_grad_(True)
     t64 = t.detach().to(dtype).requires_grad_(grad_teacher)

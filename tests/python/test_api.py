@@ -77,8 +77,17 @@ def test_divergence_loss_module():
     labels = torch.tensor([[0, 1, -100, 2], [3, 3, 3, -100]])
     weights = torch.rand(2, 4)
     loss = loss_fn(s, t, labels=labels, weights=weights, num_items_in_batch=5)
-    want = divkit.divergence(s.detach(), t, "jsd", beta=0.3, temperature=2.0, reduction="sum",
-                             labels=labels, weights=weights, num_items_in_batch=5)
+    want = divkit.divergence(
+        s.detach(),
+        t,
+        "jsd",
+        beta=0.3,
+        temperature=2.0,
+        reduction="sum",
+        labels=labels,
+        weights=weights,
+        num_items_in_batch=5,
+    )
     assert torch.equal(loss.detach(), want)
     loss.backward()
     assert s.grad.shape == s.shape
@@ -104,8 +113,13 @@ def test_numpy_inputs(np_dtype):
         got = divkit.divergence(s, t, "jsd", labels=labels, reduction=reduction)
         assert isinstance(got, np.ndarray) and got.dtype == np.float32
         assert got.shape == ((2, 3) if reduction == "none" else ())
-        want = divkit.divergence(torch.from_numpy(s), torch.from_numpy(t), "jsd",
-                                 labels=torch.from_numpy(labels), reduction=reduction)
+        want = divkit.divergence(
+            torch.from_numpy(s),
+            torch.from_numpy(t),
+            "jsd",
+            labels=torch.from_numpy(labels),
+            reduction=reduction,
+        )
         np.testing.assert_array_equal(got, want.numpy())
 
 
@@ -115,6 +129,10 @@ def test_numpy_read_only_and_strided():
     s.setflags(write=False)
     w = np.linspace(0.1, 1.0, 4).astype(np.float64)
     got = divkit.divergence(s, t, weights=w, reduction="sum")
-    want = ref.loss(torch.from_numpy(s.copy()), torch.from_numpy(t.copy()), weights=torch.from_numpy(w),
-                    reduction="sum")
+    want = ref.loss(
+        torch.from_numpy(s.copy()),
+        torch.from_numpy(t.copy()),
+        weights=torch.from_numpy(w),
+        reduction="sum",
+    )
     assert float(got) == pytest.approx(want.item(), rel=1e-5)

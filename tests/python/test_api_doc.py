@@ -80,8 +80,11 @@ def test_python_signatures_are_current():
 
 def test_every_entry_has_a_description():
     # "- `signature`: description", "- `signature` (kind): description" or "- `NAME` = `value`"
-    bare = [line for line in ENTRIES
-            if "` = `" not in line and not re.search(r"`(?: \([^)]*\))?: \S", line)]
+    bare = [
+        line
+        for line in ENTRIES
+        if "` = `" not in line and not re.search(r"`(?: \([^)]*\))?: \S", line)
+    ]
     assert not bare, bare
 
 
@@ -99,8 +102,12 @@ def _declared_cpp_functions():
         src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
         src = re.sub(r"//[^\n]*", "", src)
         # namespace-level declarations are not indented in divkit's headers
-        for m in re.finditer(r"^(?!#|namespace|struct|enum|class|using|template|\})"
-                             r"[A-Za-z_][\w:<>,\s\*&]*?\b(\w+)\s*\(", src, re.M):
+        for m in re.finditer(
+            r"^(?!#|namespace|struct|enum|class|using|template|\})"
+            r"[A-Za-z_][\w:<>,\s\*&]*?\b(\w+)\s*\(",
+            src,
+            re.M,
+        ):
             names.append((os.path.basename(path), m.group(1)))
     return names
 
@@ -109,7 +116,7 @@ def test_every_cpp_function_is_documented():
     declared = _declared_cpp_functions()
     assert len(declared) > 50  # the parse found the headers' functions
     assert ("divergence.h", "divergence") in declared and ("ot.h", "sinkhorn") in declared
-    cpp = API[API.index("\n## C++"):]
+    cpp = API[API.index("\n## C++") :]
     sections = {m.group(1): m.start() for m in re.finditer(r"### \[include/divkit/(\w+\.h)\]", cpp)}
     missing = []
     for header, name in declared:
@@ -143,7 +150,8 @@ def _anchors(path):
 
 
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "examples", "README.md")] + sorted(
-    glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    glob.glob(os.path.join(ROOT, "docs", "*.md"))
+)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: os.path.relpath(p, ROOT))
@@ -162,9 +170,13 @@ def test_markdown_links_resolve(doc):
     assert not bad, bad
 
 
-GUIDE_EXAMPLES = [b for b in re.findall(r"```python\n(.*?)```",
-                                        open(os.path.join(ROOT, "docs", "guide.md")).read(), re.S)
-                  if b.startswith("import torch, divkit\n")]
+GUIDE_EXAMPLES = [
+    b
+    for b in re.findall(
+        r"```python\n(.*?)```", open(os.path.join(ROOT, "docs", "guide.md")).read(), re.S
+    )
+    if b.startswith("import torch, divkit\n")
+]
 
 
 @pytest.mark.parametrize("code", GUIDE_EXAMPLES, ids=lambda c: c.splitlines()[2][:40])

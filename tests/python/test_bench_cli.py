@@ -5,7 +5,6 @@ output format, and the error when the bench/ folder is absent."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,9 +20,32 @@ REPO_BENCH = Path(__file__).resolve().parents[2] / "bench"
 def test_quick_divergence_runs_checks_and_prints_table(capsys):
     """The real bench_divergence.py, cut down to one cheap case (divkit and TRL's eager loss,
     forward KL, fp32, small N and V)."""
-    rc = main(["bench", "--op", "divergence", "--quick", "--bench-dir", str(REPO_BENCH), "--",
-               "--kinds", "forward_kl", "--dtypes", "fp32", "--variants", "divkit", "eager",
-               "--n", "64", "--vocab", "4096", "--reps", "1", "--triad-gib", "0.1"])
+    rc = main(
+        [
+            "bench",
+            "--op",
+            "divergence",
+            "--quick",
+            "--bench-dir",
+            str(REPO_BENCH),
+            "--",
+            "--kinds",
+            "forward_kl",
+            "--dtypes",
+            "fp32",
+            "--variants",
+            "divkit",
+            "eager",
+            "--n",
+            "64",
+            "--vocab",
+            "4096",
+            "--reps",
+            "1",
+            "--triad-gib",
+            "0.1",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.out + cap.err
     out = cap.out
@@ -59,7 +81,10 @@ def test_mismatch_fails(tmp_path, capsys):
     d = fake_bench(tmp_path, DIVERGENCE_STANDIN % (0.51, 0))
     assert main(["bench", "--op", "divergence", "--bench-dir", str(d), "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert "MISMATCH (1 problem(s); 1 value(s) compared)" in out and "jsd V=100 fp32 eager loss: 0.51" in out
+    assert (
+        "MISMATCH (1 problem(s); 1 value(s) compared)" in out
+        and "jsd V=100 fp32 eager loss: 0.51" in out
+    )
     assert "| jsd | x |" in out  # the tables are printed all the same
 
 
@@ -67,8 +92,7 @@ def test_agreement_passes_and_failed_script_fails(tmp_path, capsys):
     d = fake_bench(tmp_path, DIVERGENCE_STANDIN % (0.5 * (1 + 5e-5), 0))
     assert main(["bench", "--op", "divergence", "--bench-dir", str(d), "--quiet"]) == 0
     assert "checked: 1 value(s)" in capsys.readouterr().out
-    (d / "bench_divergence.py").write_text(
-        textwrap.dedent(DIVERGENCE_STANDIN % (0.5, 3)))
+    (d / "bench_divergence.py").write_text(textwrap.dedent(DIVERGENCE_STANDIN % (0.5, 3)))
     assert main(["bench", "--op", "divergence", "--bench-dir", str(d), "--quiet"]) == 1
     assert "FAILED: bench/bench_divergence.py exited with code 3" in capsys.readouterr().out
 
@@ -76,8 +100,9 @@ def test_agreement_passes_and_failed_script_fails(tmp_path, capsys):
 def test_missing_bench_folder(tmp_path, capsys, monkeypatch):
     # As installed from a wheel: the module lives in site-packages, no bench/ beside it or in
     # the working directory.
-    monkeypatch.setattr(bench_cli, "__file__",
-                        str(tmp_path / "site-packages" / "divkit" / "bench_cli.py"))
+    monkeypatch.setattr(
+        bench_cli, "__file__", str(tmp_path / "site-packages" / "divkit" / "bench_cli.py")
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DIVKIT_BENCH_DIR", raising=False)
     with pytest.raises(BenchError, match="not found: they are part of divkit's source checkout"):
@@ -123,9 +148,11 @@ def test_check_fused_linear_output():
 
 
 def test_check_preference_output():
-    out = ("dpo: divkit 67.09x the speed of TRL, TRL peak memory / divkit's 1.3x (losses "
-           "1.433115 vs 1.433115)\ntdpo: divkit 1.50x the speed of TRL, TRL peak memory / "
-           "divkit's 3.4x (losses 0.671216 vs 0.671217)\n")
+    out = (
+        "dpo: divkit 67.09x the speed of TRL, TRL peak memory / divkit's 1.3x (losses "
+        "1.433115 vs 1.433115)\ntdpo: divkit 1.50x the speed of TRL, TRL peak memory / "
+        "divkit's 3.4x (losses 0.671216 vs 0.671217)\n"
+    )
     c = check_output("preference", out)
     assert c.compared == 2 and not c.mismatches
     c = check_output("preference", out.replace("0.671216 vs", "0.681216 vs"))
@@ -135,11 +162,15 @@ def test_check_preference_output():
 
 
 def test_check_ot_output():
-    line = (" {s:>10} n=   300 d=  3 time     0.003 s  mem       0.4 MiB  iters    55  L1 err "
-            "{e}  cost {c}\n")
-    out = (line.format(s="divkit-f32", e="8.46e-05", c="1.43895")
-           + line.format(s="pot", e="8.19e-04", c="1.43739")
-           + line.format(s="geomloss", e="nan", c="3.1"))
+    line = (
+        " {s:>10} n=   300 d=  3 time     0.003 s  mem       0.4 MiB  iters    55  L1 err "
+        "{e}  cost {c}\n"
+    )
+    out = (
+        line.format(s="divkit-f32", e="8.46e-05", c="1.43895")
+        + line.format(s="pot", e="8.19e-04", c="1.43739")
+        + line.format(s="geomloss", e="nan", c="3.1")
+    )
     c = check_output("ot", out)
     assert c.compared == 1 and not c.mismatches  # 1.1e-3 apart, within 2 x the errors
     c = check_output("ot", out.replace("1.43895", "1.46"))
@@ -147,11 +178,22 @@ def test_check_ot_output():
 
 
 def test_check_divergence_json(tmp_path):
-    res = {"results": [
-        {"kind": "jsd", "v": 8, "dtype": "bf16", "variants": {
-            "divkit": {"loss": 0.2107}, "divkit_inplace": {"loss": 0.2107},
-            "eager": {"loss": 0.2070}, "compile": {"error": "RuntimeError: x"}}},
-        {"kind": "tvd", "v": 8, "dtype": "fp32", "variants": {"divkit": {"error": "boom"}}}]}
+    res = {
+        "results": [
+            {
+                "kind": "jsd",
+                "v": 8,
+                "dtype": "bf16",
+                "variants": {
+                    "divkit": {"loss": 0.2107},
+                    "divkit_inplace": {"loss": 0.2107},
+                    "eager": {"loss": 0.2070},
+                    "compile": {"error": "RuntimeError: x"},
+                },
+            },
+            {"kind": "tvd", "v": 8, "dtype": "fp32", "variants": {"divkit": {"error": "boom"}}},
+        ]
+    }
     path = tmp_path / "r.json"
     path.write_text(json.dumps(res))
     c = check_output("divergence", "", str(path))

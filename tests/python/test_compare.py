@@ -14,8 +14,14 @@ import pytest
 import torch
 
 from divkit.cli import main
-from divkit.compare import (PERCENTILES, CompareError, compare_files, format_text,
-                            open_logits, summarize)
+from divkit.compare import (
+    PERCENTILES,
+    CompareError,
+    compare_files,
+    format_text,
+    open_logits,
+    summarize,
+)
 
 N, V = 300, 50
 
@@ -36,14 +42,20 @@ def reference(base: torch.Tensor, test: torch.Tensor):
     kl = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
     m = 0.5 * (p + q)
     lm = m.log()
-    js = 0.5 * torch.where(p > 0, p * (lp - lm), torch.zeros_like(p)).sum(-1) + \
-        0.5 * torch.where(q > 0, q * (lq - lm), torch.zeros_like(q)).sum(-1)
+    js = 0.5 * torch.where(p > 0, p * (lp - lm), torch.zeros_like(p)).sum(-1) + 0.5 * torch.where(
+        q > 0, q * (lq - lm), torch.zeros_like(q)
+    ).sum(-1)
     tvd = 0.5 * (p - q).abs().sum(-1)
     k = b.argmax(-1, keepdim=True)
     dp = (q.gather(-1, k) - p.gather(-1, k)).squeeze(-1)
     top1 = b.argmax(-1) == t.argmax(-1)
-    return {"kl": kl.numpy(), "js": js.numpy(), "tvd": tvd.numpy(), "delta_p": dp.numpy(),
-            "top1": top1.numpy()}
+    return {
+        "kl": kl.numpy(),
+        "js": js.numpy(),
+        "tvd": tvd.numpy(),
+        "delta_p": dp.numpy(),
+        "top1": top1.numpy(),
+    }
 
 
 def check_against_reference(result, values, ref):
@@ -55,7 +67,8 @@ def check_against_reference(result, values, ref):
     np.testing.assert_array_equal(values["top1"], ref["top1"])
     assert result["top1_agreement"] == pytest.approx(ref["top1"].mean(), abs=1e-12)
     assert result["delta_p"]["rms"] == pytest.approx(
-        float(np.sqrt(np.mean(ref["delta_p"] ** 2))), rel=1e-4, abs=1e-7)
+        float(np.sqrt(np.mean(ref["delta_p"] ** 2))), rel=1e-4, abs=1e-7
+    )
     # A perturbed model disagrees somewhere and KL >= JS >= 0 per token (JS <= KL: convexity).
     assert 0 < result["top1_agreement"] < 1
     assert np.all(values["js"] <= values["kl"] + 1e-6) and np.all(values["js"] >= -1e-7)
@@ -86,8 +99,7 @@ def test_npy_against_fp64_reference(tmp_path, dtype):
     b, t = base.numpy().astype(dtype), test.numpy().astype(dtype)
     np.save(tmp_path / "base.npy", b)
     np.save(tmp_path / "test.npy", t)
-    result, values = compare_files(tmp_path / "base.npy", tmp_path / "test.npy",
-                                   return_values=True)
+    result, values = compare_files(tmp_path / "base.npy", tmp_path / "test.npy", return_values=True)
     assert (result["tokens"], result["vocab"]) == (N, V)
     assert result["base_dtype"] == result["test_dtype"] == np.dtype(dtype).name
     check_against_reference(result, values, reference(torch.from_numpy(b), torch.from_numpy(t)))
@@ -100,8 +112,9 @@ def test_safetensors_against_fp64_reference(tmp_path, dtype):
     b, t = base.to(dtype), test.to(dtype)
     save_st(tmp_path / "base.safetensors", {"logits": b})
     save_st(tmp_path / "test.safetensors", {"logits": t})
-    result, values = compare_files(tmp_path / "base.safetensors", tmp_path / "test.safetensors",
-                                   return_values=True)
+    result, values = compare_files(
+        tmp_path / "base.safetensors", tmp_path / "test.safetensors", return_values=True
+    )
     assert result["base_dtype"] == str(dtype).replace("torch.", "")
     assert result["base_tensor"] == "logits"
     check_against_reference(result, values, reference(b, t))
@@ -113,8 +126,12 @@ def test_tensor_choice_mixed_formats_and_dtypes(tmp_path):
     np.save(tmp_path / "base.npy", base.numpy().astype(np.float32))
     tb = test.to(torch.bfloat16)
     save_st(tmp_path / "test.safetensors", {"logits": tb, "other": torch.zeros(3, 4)})
-    result, values = compare_files(tmp_path / "base.npy", tmp_path / "test.safetensors",
-                                   test_tensor="logits", return_values=True)
+    result, values = compare_files(
+        tmp_path / "base.npy",
+        tmp_path / "test.safetensors",
+        test_tensor="logits",
+        return_values=True,
+    )
     assert (result["base_dtype"], result["test_dtype"]) == ("float32", "bfloat16")
     check_against_reference(result, values, reference(base.float(), tb))
 
@@ -123,10 +140,12 @@ def test_blocks_equal_one_block(tmp_path):
     base, test = make_pair(n=203, seed=3)
     np.save(tmp_path / "b.npy", base.numpy().astype(np.float32))
     np.save(tmp_path / "t.npy", test.numpy().astype(np.float32))
-    one, v1 = compare_files(tmp_path / "b.npy", tmp_path / "t.npy", block_rows=203,
-                            return_values=True)
-    many, v2 = compare_files(tmp_path / "b.npy", tmp_path / "t.npy", block_rows=17,
-                             return_values=True)
+    one, v1 = compare_files(
+        tmp_path / "b.npy", tmp_path / "t.npy", block_rows=203, return_values=True
+    )
+    many, v2 = compare_files(
+        tmp_path / "b.npy", tmp_path / "t.npy", block_rows=17, return_values=True
+    )
     for k in v1:
         np.testing.assert_array_equal(v1[k], v2[k])
     assert (one["block_rows"], many["block_rows"]) == (203, 17)
@@ -179,12 +198,18 @@ def test_cli_json_and_text(tmp_path, capsys):
     np.save(tmp_path / "b.npy", base.numpy().astype(np.float32))
     np.save(tmp_path / "t.npy", test.numpy().astype(np.float32))
     want = compare_files(tmp_path / "b.npy", tmp_path / "t.npy")
-    assert main(["compare", str(tmp_path / "b.npy"), str(tmp_path / "t.npy"), "--json",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["compare", str(tmp_path / "b.npy"), str(tmp_path / "t.npy"), "--json", "--no-progress"]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)
     assert got == json.loads(json.dumps(want))
-    assert main(["compare", str(tmp_path / "b.npy"), str(tmp_path / "t.npy"),
-                 "--block-rows", "64"]) == 0
+    assert (
+        main(["compare", str(tmp_path / "b.npy"), str(tmp_path / "t.npy"), "--block-rows", "64"])
+        == 0
+    )
     cap = capsys.readouterr()
     assert cap.out.strip() == format_text(want).strip()
     assert f"top-1 agreement: {100 * want['top1_agreement']:.3f}%" in cap.out
@@ -201,8 +226,7 @@ def test_cli_subprocess_exit_codes(tmp_path):
     p = subprocess.run(cmd + [str(tmp_path / "t.npy")], capture_output=True, text=True)
     assert p.returncode == 2
     assert "shape mismatch" in p.stderr and "t.npy" in p.stderr and p.stdout == ""
-    p = subprocess.run(cmd + [str(tmp_path / "b.npy"), "--json"], capture_output=True,
-                       text=True)
+    p = subprocess.run(cmd + [str(tmp_path / "b.npy"), "--json"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["top1_agreement"] == 1.0
 
@@ -274,8 +298,14 @@ def test_error_non_finite_names_file_and_row(tmp_path, capsys):
     test[17, 3] = float("nan")
     np.save(tmp_path / "nan.npy", test.numpy().astype(np.float32))
     np.save(tmp_path / "b.npy", base.numpy().astype(np.float32))
-    err = expect_error(tmp_path, capsys, tmp_path / "nan.npy", "row 17 holds NaN or \\+inf",
-                       good=tmp_path / "b.npy", extra={"block_rows": 8})
+    err = expect_error(
+        tmp_path,
+        capsys,
+        tmp_path / "nan.npy",
+        "row 17 holds NaN or \\+inf",
+        good=tmp_path / "b.npy",
+        extra={"block_rows": 8},
+    )
     assert "test row 17" in err
 
 
@@ -301,34 +331,51 @@ def test_error_safetensors_tensors_and_data(tmp_path, capsys):
     d = tmp_path
     n_bytes = 8 * V * 4
     data = np.zeros((8, V), np.float32).tobytes()
-    two = {"a": {"dtype": "F32", "shape": [8, V], "data_offsets": [0, n_bytes]},
-           "b": {"dtype": "F32", "shape": [8, V], "data_offsets": [n_bytes, 2 * n_bytes]}}
+    two = {
+        "a": {"dtype": "F32", "shape": [8, V], "data_offsets": [0, n_bytes]},
+        "b": {"dtype": "F32", "shape": [8, V], "data_offsets": [n_bytes, 2 * n_bytes]},
+    }
     write_raw_st(d / "two.safetensors", two, data + data)
-    expect_error(d, capsys, d / "two.safetensors", "holds 2 tensors .a, b.; choose one with "
-                 "--tensor")
+    expect_error(
+        d, capsys, d / "two.safetensors", "holds 2 tensors .a, b.; choose one with --tensor"
+    )
     expect_error(d, capsys, d / "two.safetensors", "no tensor named 'c'", extra={"tensor": "c"})
     r = compare_files(good_npy(d), d / "two.safetensors", tensor="b")  # .npy base: ignored
     assert r["tokens"] == 8 and r["test_tensor"] == "b" and "base_tensor" not in r
     assert compare_files(good_npy(d), d / "two.safetensors", test_tensor="a") == dict(
-        r, test_tensor="a")
-    write_raw_st(d / "i32.safetensors",
-                 {"x": {"dtype": "I32", "shape": [8, V], "data_offsets": [0, n_bytes]}}, data)
+        r, test_tensor="a"
+    )
+    write_raw_st(
+        d / "i32.safetensors",
+        {"x": {"dtype": "I32", "shape": [8, V], "data_offsets": [0, n_bytes]}},
+        data,
+    )
     expect_error(d, capsys, d / "i32.safetensors", "dtype I32; expected F32, F16, BF16")
-    write_raw_st(d / "offs.safetensors",
-                 {"x": {"dtype": "F32", "shape": [8, V], "data_offsets": [0, n_bytes - 4]}},
-                 data)
+    write_raw_st(
+        d / "offs.safetensors",
+        {"x": {"dtype": "F32", "shape": [8, V], "data_offsets": [0, n_bytes - 4]}},
+        data,
+    )
     expect_error(d, capsys, d / "offs.safetensors", "do not hold shape")
-    write_raw_st(d / "cut.safetensors",
-                 {"x": {"dtype": "F32", "shape": [8, V], "data_offsets": [0, n_bytes]}},
-                 data[:-40])
-    expect_error(d, capsys, d / "cut.safetensors", "truncated .safetensors file .tensor 'x' "
-                 "ends at byte")
-    write_raw_st(d / "vec.safetensors",
-                 {"x": {"dtype": "F32", "shape": [8 * V], "data_offsets": [0, n_bytes]}}, data)
+    write_raw_st(
+        d / "cut.safetensors",
+        {"x": {"dtype": "F32", "shape": [8, V], "data_offsets": [0, n_bytes]}},
+        data[:-40],
+    )
+    expect_error(
+        d, capsys, d / "cut.safetensors", "truncated .safetensors file .tensor 'x' ends at byte"
+    )
+    write_raw_st(
+        d / "vec.safetensors",
+        {"x": {"dtype": "F32", "shape": [8 * V], "data_offsets": [0, n_bytes]}},
+        data,
+    )
     expect_error(d, capsys, d / "vec.safetensors", "expected \\[N, V\\]")
-    write_raw_st(d / "f16.safetensors",
-                 {"x": {"dtype": "F16", "shape": [8, V], "data_offsets": [0, n_bytes // 2]}},
-                 np.zeros((8, V), np.float16).tobytes())
+    write_raw_st(
+        d / "f16.safetensors",
+        {"x": {"dtype": "F16", "shape": [8, V], "data_offsets": [0, n_bytes // 2]}},
+        np.zeros((8, V), np.float16).tobytes(),
+    )
     r = compare_files(good_npy(d), d / "f16.safetensors")  # the hand-written file is valid
     assert r["test_dtype"] == "float16"
 

@@ -87,8 +87,11 @@ def test_alignment_numbers(tiny_report):
         assert r["sequence_kl"] > 0
         assert r["reward"] > a["reference_reward"], r["method"]
         assert r["preference_accuracy"] > 0.5, r["method"]
-        assert min(c["reward"] for c in curve) <= r["reward_at_matched_kl"] <= max(
-            c["reward"] for c in curve)
+        assert (
+            min(c["reward"] for c in curve)
+            <= r["reward_at_matched_kl"]
+            <= max(c["reward"] for c in curve)
+        )
     assert a["matched_kl"] == min(r["sequence_kl"] for r in a["runs"])
 
 
@@ -127,8 +130,11 @@ def test_reward_and_interpolation():
     bad = torch.nonzero(~good)[:, 0]
     y = torch.stack([ids[:4], bad[:4], torch.cat([ids[:1], bad[:3]])])
     assert demo.reward(y, good).tolist() == [1.0, 0.0, 0.25]
-    curve = [{"sequence_kl": 0.0, "reward": 0.5}, {"sequence_kl": 2.0, "reward": 0.9},
-             {"sequence_kl": 1.0, "reward": 0.7}]
+    curve = [
+        {"sequence_kl": 0.0, "reward": 0.5},
+        {"sequence_kl": 2.0, "reward": 0.9},
+        {"sequence_kl": 1.0, "reward": 0.7},
+    ]
     assert demo.reward_at_kl(curve, 1.5) == pytest.approx(0.8)
     assert demo.reward_at_kl(curve, 5.0) == 0.9 and demo.reward_at_kl(curve, -1.0) == 0.5
 
@@ -146,9 +152,25 @@ def test_bad_options_are_rejected(capsys):
 
 def test_cli_runs_and_names_the_folder(tmp_path):
     out = tmp_path / "cli"
-    res = subprocess.run([sys.executable, "-m", "divkit", "demo", "--tiny", "--no-progress",
-                          "--kinds", "forward_kl,tvd", "--methods", "dpo",
-                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "divkit",
+            "demo",
+            "--tiny",
+            "--no-progress",
+            "--kinds",
+            "forward_kl,tvd",
+            "--methods",
+            "dpo",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert f"report: {os.path.abspath(out)}/" in res.stdout
     report = json.loads((out / "report.json").read_text())

@@ -45,8 +45,9 @@ def _ent(x, T=1.0):
 
 def test_bdkd_matches_reference_and_weights_in_unit_interval():
     s, t = _logits(6, 11, 1), _logits(6, 11, 2, scale=3.0)
-    loss, w = D.bdkd_loss(s, t, temperature=2.0, gap_scale=0.5, reduction="none",
-                          return_weights=True)
+    loss, w = D.bdkd_loss(
+        s, t, temperature=2.0, gap_scale=0.5, reduction="none", return_weights=True
+    )
     wr = torch.sigmoid((_ent(s, 2.0) - _ent(t, 2.0)) / 0.5)
     ref = (1 - wr) * _fkl(t, s, 2.0) + wr * _fkl(s, t, 2.0)
     # The weights come from divkit's fp64 entropy kernel; the KLs from the fused fp32 kernels.
@@ -75,13 +76,20 @@ def test_bdkd_gradcheck_student_and_teacher():
     # the same function; fp32 arithmetic in the fused divergence kernels: a coarse step.
     gaps = D.row_entropy(s, temperature=1.5) - D.row_entropy(t, temperature=1.5)
     assert bool((gaps.abs() > 1e-2).all())
-    assert torch.autograd.gradcheck(lambda a, b: D.bdkd_loss(a, b, temperature=1.5, gap_scale=0.0),
-                                    (s, t), eps=1e-3, atol=2e-3, rtol=1e-2)
+    assert torch.autograd.gradcheck(
+        lambda a, b: D.bdkd_loss(a, b, temperature=1.5, gap_scale=0.0),
+        (s, t),
+        eps=1e-3,
+        atol=2e-3,
+        rtol=1e-2,
+    )
     # With smooth weights the gradient is that of the loss at fixed weights.
     loss, w = D.bdkd_loss(s, t, temperature=1.5, reduction="sum", return_weights=True)
     g = torch.autograd.grad(loss, (s, t))
-    fixed = ((1 - w) * divkit.divergence(s, t, temperature=1.5, reduction="none")
-             + w * divkit.divergence(s, t, "reverse_kl", temperature=1.5, reduction="none")).sum()
+    fixed = (
+        (1 - w) * divkit.divergence(s, t, temperature=1.5, reduction="none")
+        + w * divkit.divergence(s, t, "reverse_kl", temperature=1.5, reduction="none")
+    ).sum()
     for a, b in zip(g, torch.autograd.grad(fixed, (s, t))):
         torch.testing.assert_close(a, b)
 
@@ -123,7 +131,11 @@ def test_nkd_matches_reference(tau, gamma):
 
 
 def test_nkd_gamma_zero_is_target_term_and_fp32():
-    s, t, y = _logits(6, 10, 13, dtype=torch.float32), _logits(6, 10, 14, dtype=torch.float32), _labels(6, 10, 2)
+    s, t, y = (
+        _logits(6, 10, 13, dtype=torch.float32),
+        _logits(6, 10, 14, dtype=torch.float32),
+        _labels(6, 10, 2),
+    )
     got = D.nkd_loss(s, t, y, gamma=0.0, reduction="sum")
     p = F.softmax(t.double(), -1).gather(1, y[:, None])[:, 0]
     lq = F.log_softmax(s.double(), -1).gather(1, y[:, None])[:, 0]
@@ -135,8 +147,9 @@ def test_nkd_gradcheck_and_ignore():
     s = _logits(4, 6, 15).requires_grad_()
     t = _logits(4, 6, 16)
     y = torch.tensor([0, -100, 5, 2])
-    assert torch.autograd.gradcheck(lambda a: D.nkd_loss(a, t, y, temperature=1.5, gamma=2.0),
-                                    (s,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda a: D.nkd_loss(a, t, y, temperature=1.5, gamma=2.0), (s,), eps=1e-6, atol=1e-6
+    )
     per = D.nkd_loss(s, t, y, reduction="none")
     assert per[1] == 0
     (g,) = torch.autograd.grad(per.sum(), s)
@@ -163,8 +176,10 @@ def _uskd_ref(s, y, wk, alpha, beta, mu):
     zs = []
     for i in range(n):
         yi = int(y[i])
-        score = [float(w[i, j] / (1 - w[i, yi] + 1e-6) + lq[i, j] / (1 - lq[i, yi] + 1e-6))
-                 for j in range(c)]
+        score = [
+            float(w[i, j] / (1 - w[i, yi] + 1e-6) + lq[i, j] / (1 - lq[i, yi] + 1e-6))
+            for j in range(c)
+        ]
         order = sorted(range(c), key=lambda j: -score[j])
         zipf = torch.zeros(c, dtype=torch.float64)
         for k, j in enumerate(order, start=1):
@@ -176,8 +191,9 @@ def _uskd_ref(s, y, wk, alpha, beta, mu):
         lqh = F.log_softmax(s[i, others], -1)
         e = torch.full((c,), 0.1 / c, dtype=torch.float64)
         e[yi] += 0.9
-        loss.append(-alpha * t[i] * lq[i, yi] - beta * (zipf[others] * lqh).sum()
-                    - mu * (e * lw[i]).sum())
+        loss.append(
+            -alpha * t[i] * lq[i, yi] - beta * (zipf[others] * lqh).sum() - mu * (e * lw[i]).sum()
+        )
     return torch.stack(loss), t, torch.stack(zs)
 
 
@@ -193,10 +209,15 @@ def test_uskd_matches_official_formula():
     got = D.uskd_loss(s, y, wk, reduction="none")
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
     got = D.uskd_loss(s, y, wk, alpha=0.7, beta=0.3, mu=0.2, reduction="mean")
-    torch.testing.assert_close(got, _uskd_ref(s, y, wk, 0.7, 0.3, 0.2)[0].mean(), rtol=1e-6,
-                               atol=1e-7)
-    torch.testing.assert_close(D.uskd_loss(s, y, wk, mu=0.0, reduction="none"),
-                               _uskd_ref(s, y, wk, 1.0, 0.1, 0.0)[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, _uskd_ref(s, y, wk, 0.7, 0.3, 0.2)[0].mean(), rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(
+        D.uskd_loss(s, y, wk, mu=0.0, reduction="none"),
+        _uskd_ref(s, y, wk, 1.0, 0.1, 0.0)[0],
+        rtol=1e-10,
+        atol=1e-12,
+    )
     # Gradients: the soft labels are constants; the weak term alone reaches weak_logits.
     sg, wg = s.clone().requires_grad_(), wk.clone().requires_grad_()
     gs, gw = torch.autograd.grad(D.uskd_loss(sg, y, wg, mu=0.2, reduction="sum"), (sg, wg))
@@ -205,8 +226,11 @@ def test_uskd_matches_official_formula():
     mask = F.one_hot(y, c).bool()
     lqh = F.log_softmax(sr.masked_fill(mask, -math.inf), -1).masked_fill(mask, 0.0)
     e = torch.full((n, c), 0.1 / c, dtype=torch.float64) + 0.9 * F.one_hot(y, c)
-    lr = (-tref * lq.gather(1, y[:, None])[:, 0] - 0.1 * (zref * lqh).sum(-1)
-          - 0.2 * (e * F.log_softmax(wr, -1)).sum(-1)).sum()
+    lr = (
+        -tref * lq.gather(1, y[:, None])[:, 0]
+        - 0.1 * (zref * lqh).sum(-1)
+        - 0.2 * (e * F.log_softmax(wr, -1)).sum(-1)
+    ).sum()
     gsr, gwr = torch.autograd.grad(lr, (sr, wr))
     torch.testing.assert_close(gs, gsr, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(gw, gwr, rtol=1e-6, atol=1e-7)
@@ -229,17 +253,21 @@ def test_ofa_matches_reference(eps, T):
     s, t, y = _logits(7, 12, 21), _logits(7, 12, 22), _labels(7, 12, 5)
     e = F.one_hot(y, 12).double()
     ref = -(((F.softmax(t / T, -1) + e) ** eps - e) * F.log_softmax(s / T, -1)).sum(-1).mean()
-    torch.testing.assert_close(D.ofa_loss(s, t, y, eps=eps, temperature=T), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        D.ofa_loss(s, t, y, eps=eps, temperature=T), ref, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_ofa_eps_one_is_soft_cross_entropy_and_gradcheck():
     s, t, y = _logits(5, 9, 23), _logits(5, 9, 24), _labels(5, 9, 6)
     ce = divkit.divergence(s, t, "cross_entropy", reduction="none")
-    torch.testing.assert_close(D.ofa_loss(s, t, y, eps=1.0, reduction="none"), ce.double(),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        D.ofa_loss(s, t, y, eps=1.0, reduction="none"), ce.double(), rtol=1e-6, atol=1e-6
+    )
     sg = s.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: D.ofa_loss(a, t, y, eps=1.7, temperature=1.3),
-                                    (sg,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda a: D.ofa_loss(a, t, y, eps=1.7, temperature=1.3), (sg,), eps=1e-6, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,11 +282,14 @@ def _clipped_ref(s, t, lo, hi, T, sharp):
         # Slack of a few ulps: torch's softmax and the kernel's may round a boundary token apart.
         w = ((p >= lo[:, None] * (1 - 1e-12)) & (p <= hi[:, None] * (1 + 1e-12))).double()
     else:
-        w = torch.sigmoid((lp - lo.log()[:, None]) / sharp) * torch.sigmoid((hi.log()[:, None] - lp) / sharp)
+        w = torch.sigmoid((lp - lo.log()[:, None]) / sharp) * torch.sigmoid(
+            (hi.log()[:, None] - lp) / sharp
+        )
     pt = w * p / (w * p).sum(-1, keepdim=True)
     qt = w * q / (w * q).sum(-1, keepdim=True)
-    term = torch.where(pt > 0, pt * (pt.clamp_min(1e-300).log() - qt.clamp_min(1e-300).log()),
-                       torch.zeros_like(pt))
+    term = torch.where(
+        pt > 0, pt * (pt.clamp_min(1e-300).log() - qt.clamp_min(1e-300).log()), torch.zeros_like(pt)
+    )
     return term.sum(-1)
 
 
@@ -283,11 +314,15 @@ def test_dac_kl_quantile_bounds_and_hard_mask():
 def test_dac_kl_soft_mask_reference_and_gradcheck_in_bounds():
     s, t = _logits(4, 10, 27), _logits(4, 10, 28)
     p = F.softmax(t, -1)
-    lo = (p.max(-1).values * 0.05)
-    hi = (p.max(-1).values * 0.9)
+    lo = p.max(-1).values * 0.05
+    hi = p.max(-1).values * 0.9
     got = D.dac_kl_loss(s, t, lo, hi, sharpness=0.3, reduction="none")
     torch.testing.assert_close(got, _clipped_ref(s, t, lo, hi, 1.0, 0.3), rtol=1e-9, atol=1e-12)
-    sg, log_lo, log_hi = s.clone().requires_grad_(), lo.log().requires_grad_(), hi.log().requires_grad_()
+    sg, log_lo, log_hi = (
+        s.clone().requires_grad_(),
+        lo.log().requires_grad_(),
+        hi.log().requires_grad_(),
+    )
     f = lambda a, b, c: D.dac_kl_loss(a, t, b.exp(), c.exp(), sharpness=0.3, temperature=1.2)
     assert torch.autograd.gradcheck(f, (sg, log_lo, log_hi), eps=1e-6, atol=1e-6)
 
@@ -326,21 +361,33 @@ def test_swing_matches_reference_with_noise():
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     # Same seed: same loss; another seed: another one; no noise: per-token-temperature KL.
     assert float(D.swing_loss(s, t, score, noise_std=0.3, seed=7)) == float(
-        D.swing_loss(s, t, score, noise_std=0.3, seed=7))
+        D.swing_loss(s, t, score, noise_std=0.3, seed=7)
+    )
     assert float(D.swing_loss(s, t, score, noise_std=0.3, seed=8)) != float(
-        D.swing_loss(s, t, score, noise_std=0.3, seed=7))
+        D.swing_loss(s, t, score, noise_std=0.3, seed=7)
+    )
     clean = D.swing_loss(s, t, temperatures=temps, reduction="none")
-    torch.testing.assert_close(clean, (F.softmax(t / temps[:, None], -1) * (
-        F.log_softmax(t / temps[:, None], -1) - lq)).sum(-1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        clean,
+        (F.softmax(t / temps[:, None], -1) * (F.log_softmax(t / temps[:, None], -1) - lq)).sum(-1),
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_swing_gradcheck_and_thread_independence():
     s, t = _logits(3, 7, 33).requires_grad_(), _logits(3, 7, 34)
     sc = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda a: D.swing_loss(a, t, sc, noise_std=0.2, seed=1, scale_by_t_squared=True), (s,),
-        eps=1e-6, atol=1e-6)
-    big_s, big_t = _logits(64, 50, 35, dtype=torch.float32), _logits(64, 50, 36, dtype=torch.float32)
+        lambda a: D.swing_loss(a, t, sc, noise_std=0.2, seed=1, scale_by_t_squared=True),
+        (s,),
+        eps=1e-6,
+        atol=1e-6,
+    )
+    big_s, big_t = (
+        _logits(64, 50, 35, dtype=torch.float32),
+        _logits(64, 50, 36, dtype=torch.float32),
+    )
     sc = torch.rand(64, generator=_gen(1))
     old = divkit.get_num_threads()
     try:
@@ -367,12 +414,21 @@ def test_mdcs_only_correct_instances():
     # The official MDCSLoss term: F.kl_div(log_softmax(strong / T)[sel], softmax(weak / T)[sel],
     # 'batchmean') * T^2, the selected rows those the weak view classifies correctly.
     sel = weak.argmax(-1) == y
-    ref = F.kl_div(F.log_softmax(strong[sel] / 2.0, -1), F.softmax(weak[sel] / 2.0, -1),
-                   reduction="batchmean") * 4.0
+    ref = (
+        F.kl_div(
+            F.log_softmax(strong[sel] / 2.0, -1),
+            F.softmax(weak[sel] / 2.0, -1),
+            reduction="batchmean",
+        )
+        * 4.0
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(D.mdcs_consistency_loss(strong, weak, y, temperature=2.0,
-                                                       reduction="none").double(),
-                               4.0 * _fkl(weak, strong, 2.0) * sel, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        D.mdcs_consistency_loss(strong, weak, y, temperature=2.0, reduction="none").double(),
+        4.0 * _fkl(weak, strong, 2.0) * sel,
+        rtol=1e-6,
+        atol=1e-7,
+    )
     # Gradient only through the strong view, only on the selected rows.
     sg, wg = strong.clone().requires_grad_(), weak.clone().requires_grad_()
     D.mdcs_consistency_loss(sg, wg, y).backward()
@@ -397,14 +453,22 @@ def test_nd_loss_reference_and_properties():
     for k in range(c):
         torch.testing.assert_close(means[k], ft[y == k].mean(0))
     got = D.nd_loss(fs, ft, y, means, reduction="none")
-    ref = torch.stack([1 - fs[i] @ (means[y[i]] / means[y[i]].norm()) /
-                       max(fs[i].norm(), ft[i].norm()) for i in range(n)])
+    ref = torch.stack(
+        [
+            1 - fs[i] @ (means[y[i]] / means[y[i]].norm()) / max(fs[i].norm(), ft[i].norm())
+            for i in range(n)
+        ]
+    )
     torch.testing.assert_close(got, ref)
     # Aligned with the class mean and at least as long as the teacher feature: the minimum 0.
     e = means[y] / means[y].norm(dim=1, keepdim=True)
     aligned = e * (ft.norm(dim=1, keepdim=True) * 2)
-    torch.testing.assert_close(D.nd_loss(aligned, ft, y, means, reduction="none"),
-                               torch.zeros(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        D.nd_loss(aligned, ft, y, means, reduction="none"),
+        torch.zeros(n, dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
+    )
     fsg = fs.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda a: D.nd_loss(a, ft, y, means), (fsg,))
     # The official DirectNormLoss loop (WangYZ1608 CIFAR/utils.py): the gradient passes through
@@ -413,8 +477,13 @@ def test_nd_loss_reference_and_properties():
     fs2[::2] *= 10
     fa, fb = fs2.clone().requires_grad_(), fs2.clone().requires_grad_()
     (ga,) = torch.autograd.grad(D.nd_loss(fa, ft, y, means), fa)
-    ref = sum(1 - torch.dot(fb[i], means[y[i]] / means[y[i]].norm()) /
-              max(fb[i].norm(), ft[i].norm()) for i in range(n)) / n
+    ref = (
+        sum(
+            1 - torch.dot(fb[i], means[y[i]] / means[y[i]].norm()) / max(fb[i].norm(), ft[i].norm())
+            for i in range(n)
+        )
+        / n
+    )
     (gb,) = torch.autograd.grad(ref, fb)
     torch.testing.assert_close(ga, gb)
 
@@ -436,16 +505,20 @@ def _ldr_ref(z, y, lam, margin):
 
 def test_ldr_kl_reference_limits_and_gradcheck():
     z, y = _logits(6, 5, 39), _labels(6, 5, 7)
-    torch.testing.assert_close(D.ldr_kl_loss(z, y, lam=0.7, margin=0.2, reduction="none"),
-                               _ldr_ref(z, y, 0.7, 0.2))
+    torch.testing.assert_close(
+        D.ldr_kl_loss(z, y, lam=0.7, margin=0.2, reduction="none"), _ldr_ref(z, y, 0.7, 0.2)
+    )
     # lam = 1, margin = 0: cross-entropy - log C.
-    torch.testing.assert_close(D.ldr_kl_loss(z, y, lam=1.0, margin=0.0, reduction="none"),
-                               F.cross_entropy(z, y, reduction="none") - math.log(5))
+    torch.testing.assert_close(
+        D.ldr_kl_loss(z, y, lam=1.0, margin=0.0, reduction="none"),
+        F.cross_entropy(z, y, reduction="none") - math.log(5),
+    )
     # lam -> 0: max_k a_k.
     a = z - z.gather(1, y[:, None]) + 0.1
     a = a.scatter(1, y[:, None], 0.0)
-    torch.testing.assert_close(D.ldr_kl_loss(z, y, lam=1e-4, reduction="none"), a.max(1).values,
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        D.ldr_kl_loss(z, y, lam=1e-4, reduction="none"), a.max(1).values, atol=1e-3, rtol=0
+    )
     zg = z.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda a: D.ldr_kl_loss(a, y, lam=0.5), (zg,))
 
@@ -458,8 +531,10 @@ def _aldr_ref(z, y, alpha, lam0, margin, prev):
         p = F.softmax(z[i] / prev[i], -1)
         kl = float((p * torch.log(c * p)).sum())
         lam = lam0 * (1 - kl / (alpha * math.log(c)))
-        a = torch.tensor([margin * (k != int(y[i])) + float(z[i, k] - z[i, y[i]])
-                          for k in range(c)], dtype=torch.float64)
+        a = torch.tensor(
+            [margin * (k != int(y[i])) + float(z[i, k] - z[i, y[i]]) for k in range(c)],
+            dtype=torch.float64,
+        )
         ldr = lam * math.log(float(torch.exp(a / lam).mean()))
         out.append(ldr - alpha * math.log(c) / (2 * lam0) * (lam - lam0) ** 2)
         lams.append(lam)
@@ -477,8 +552,9 @@ def test_aldr_kl_matches_official_rule():
     flat = torch.zeros(1, 5, dtype=torch.float64)
     assert float(D.aldr_kl_loss(flat, y[:1], return_lam=True)[1][0]) == pytest.approx(1.0)
     # Second visit: p from the stored lam.
-    loss2, lam2 = D.aldr_kl_loss(z, y, alpha=3.0, lam0=0.5, margin=0.2, prev_lam=lam,
-                                 reduction="none", return_lam=True)
+    loss2, lam2 = D.aldr_kl_loss(
+        z, y, alpha=3.0, lam0=0.5, margin=0.2, prev_lam=lam, reduction="none", return_lam=True
+    )
     ref2, lam2_ref = _aldr_ref(z, y, 3.0, 0.5, 0.2, lam)
     torch.testing.assert_close(lam2, lam2_ref)
     torch.testing.assert_close(loss2, ref2)
@@ -511,8 +587,9 @@ def test_comp_sum_matches_definition(tau):
     zy = z.gather(1, y[:, None])
     u = (torch.exp(z - zy).sum(1, keepdim=True) - 1)[:, 0]
     ref = torch.log1p(u) if tau == 1.0 else ((1 + u) ** (1 - tau) - 1) / (1 - tau)
-    torch.testing.assert_close(D.comp_sum_loss(z, y, tau=tau, reduction="none"), ref,
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        D.comp_sum_loss(z, y, tau=tau, reduction="none"), ref, rtol=1e-10, atol=1e-12
+    )
     zg = z.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda a: D.comp_sum_loss(a, y, tau=tau), (zg,))
 
@@ -521,19 +598,23 @@ def test_comp_sum_named_members_and_adversarial():
     z, y = _logits(5, 4, 45), _labels(5, 4, 10)
     py = F.softmax(z, -1).gather(1, y[:, None])[:, 0]
     torch.testing.assert_close(D.mae_loss(z, y, reduction="none"), 1 - py)
-    torch.testing.assert_close(D.generalized_cross_entropy(z, y, q=0.7, reduction="none"),
-                               (1 - py ** 0.7) / 0.7)
-    torch.testing.assert_close(D.comp_sum_loss(z, y, reduction="none"),
-                               F.cross_entropy(z, y, reduction="none"))
+    torch.testing.assert_close(
+        D.generalized_cross_entropy(z, y, q=0.7, reduction="none"), (1 - py**0.7) / 0.7
+    )
+    torch.testing.assert_close(
+        D.comp_sum_loss(z, y, reduction="none"), F.cross_entropy(z, y, reduction="none")
+    )
     adv = z + _logits(5, 4, 46, scale=0.1)
     got = D.smooth_adversarial_comp_sum_loss(z, adv, y, tau=1.0, nu=0.5, reduction="none")
-    torch.testing.assert_close(got, F.cross_entropy(z, y, reduction="none") +
-                               0.5 * (adv - z).norm(dim=1))
+    torch.testing.assert_close(
+        got, F.cross_entropy(z, y, reduction="none") + 0.5 * (adv - z).norm(dim=1)
+    )
     same = D.smooth_adversarial_comp_sum_loss(z, z, y, reduction="none")
     torch.testing.assert_close(same, F.cross_entropy(z, y, reduction="none"))
     zg, ag = z.clone().requires_grad_(), adv.clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, b: D.smooth_adversarial_comp_sum_loss(a, b, y, tau=1.5, nu=0.3), (zg, ag))
+        lambda a, b: D.smooth_adversarial_comp_sum_loss(a, b, y, tau=1.5, nu=0.3), (zg, ag)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,7 +711,9 @@ def _uscd_ref(std, lame, w, thr, ratio):
             out.append(torch.log(p))
             continue
         keep = p >= ratio * p.mean()
-        d = torch.where(keep, p, torch.zeros_like(p)) - w * torch.where(keep, pl, torch.zeros_like(pl))
+        d = torch.where(keep, p, torch.zeros_like(p)) - w * torch.where(
+            keep, pl, torch.zeros_like(pl)
+        )
         # (The official nan_to_num also turns -inf into the lowest finite float when a NaN
         # occurs; both are probability 0. divkit writes -inf for both.)
         out.append(torch.nan_to_num(torch.log(d), nan=-math.inf, neginf=-math.inf))
@@ -645,17 +728,21 @@ def test_uscd_selective_contrast():
     std = torch.cat([sharp, flat])
     lame = _logits(3, v, 48)
     res = D.uscd_logits(std, lame, lame_weight=0.7, std_threshold=0.05, filter_ratio=0.8)
-    torch.testing.assert_close(res.uncertainty, torch.stack([torch.std(F.softmax(x, -1))
-                                                             for x in std]))
+    torch.testing.assert_close(
+        res.uncertainty, torch.stack([torch.std(F.softmax(x, -1)) for x in std])
+    )
     assert res.applied.tolist() == [False, True, True]
     ref = _uscd_ref(std, lame, 0.7, 0.05, 0.8)
     torch.testing.assert_close(res.logits, ref)
     assert bool(torch.isinf(res.logits[1:]).any()) and bool(torch.isfinite(res.logits[1:]).any())
     # The official defaults (weights 1.0 / -0.7, mean_num 0.005, filter_num 0.666667) at V = 50.
     big_s, big_l = _logits(4, 50, 50, scale=0.4), _logits(4, 50, 51)
-    torch.testing.assert_close(D.uscd_logits(big_s, big_l).logits,
-                               _uscd_ref(big_s, big_l, 0.7, 0.005, 0.666667), rtol=1e-5,
-                               atol=1e-7)
+    torch.testing.assert_close(
+        D.uscd_logits(big_s, big_l).logits,
+        _uscd_ref(big_s, big_l, 0.7, 0.005, 0.666667),
+        rtol=1e-5,
+        atol=1e-7,
+    )
     # threshold below every deviation: nothing contrasted, log-probabilities returned.
     none = D.uscd_logits(std, lame, std_threshold=-1.0)
     assert not bool(none.applied.any())
@@ -666,9 +753,12 @@ def test_uscd_selective_contrast():
     proc = D.USCDLogitsProcessor(lame_weight=0.7, std_threshold=0.05, filter_ratio=0.8)
     torch.testing.assert_close(proc(std, lame), res.logits)
     # float32 inputs: float32 output, same values.
-    torch.testing.assert_close(D.uscd_logits(std.float(), lame.float(), std_threshold=0.05,
-                                             filter_ratio=0.8).logits, ref.float(), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        D.uscd_logits(std.float(), lame.float(), std_threshold=0.05, filter_ratio=0.8).logits,
+        ref.float(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_row_entropy_matches_torch_and_fp16():
@@ -699,11 +789,17 @@ def test_bad_input_raises_clear_errors():
         D.nkd_loss(s, t.clone().requires_grad_(), y)
     bad = s.clone()
     bad[2, 1] = float("nan")
-    with pytest.raises(divkit.Error, match="student_logits has a non-finite value \\(nan\\) in row 2"):
+    with pytest.raises(
+        divkit.Error, match="student_logits has a non-finite value \\(nan\\) in row 2"
+    ):
         D.ofa_loss(bad, t, y)
     with pytest.raises(divkit.Error, match="row 0: the bounds must satisfy 0 < lower < upper"):
-        D.dac_kl_loss(s, t, torch.full((3,), 0.5, dtype=torch.float64),
-                      torch.full((3,), 0.1, dtype=torch.float64))
+        D.dac_kl_loss(
+            s,
+            t,
+            torch.full((3,), 0.5, dtype=torch.float64),
+            torch.full((3,), 0.1, dtype=torch.float64),
+        )
     with pytest.raises(divkit.Error, match="give both lower and upper"):
         D.dac_kl_loss(s, t, torch.full((3,), 0.5, dtype=torch.float64))
     with pytest.raises(divkit.Error, match="mass_lo and mass_hi must satisfy"):

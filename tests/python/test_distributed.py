@@ -39,6 +39,7 @@ def _close(got, want, tol, what):
 
 def _checks(rank: int, world: int):
     import divkit
+
     torch.manual_seed(0)
     n, v, hs, ht = 29, 61, 12, 20
     lo, hi = _shard_bounds(v, world, rank)
@@ -55,13 +56,29 @@ def _checks(rank: int, world: int):
             s = s_full[:, lo:hi].clone().requires_grad_(True)
             t = t_full[:, lo:hi].clone().requires_grad_(True)
             out = divkit.distributed.vocab_parallel_divergence(
-                s, t, kind, labels=labels, weights=weights, reduction=reduction,
-                temperature=1.3, scale_by_t_squared=True, **params)
+                s,
+                t,
+                kind,
+                labels=labels,
+                weights=weights,
+                reduction=reduction,
+                temperature=1.3,
+                scale_by_t_squared=True,
+                **params,
+            )
             sf = s_full.clone().requires_grad_(True)
             tf = t_full.clone().requires_grad_(True)
-            want = divkit.divergence(sf, tf, kind, labels=labels, weights=weights,
-                                     reduction=reduction, temperature=1.3,
-                                     scale_by_t_squared=True, **params)
+            want = divkit.divergence(
+                sf,
+                tf,
+                kind,
+                labels=labels,
+                weights=weights,
+                reduction=reduction,
+                temperature=1.3,
+                scale_by_t_squared=True,
+                **params,
+            )
             _close(out.detach(), want.detach(), 1e-5, f"{kind} {reduction} loss")
             up = torch.linspace(-1, 1, n) if reduction == "none" else torch.tensor(1.0)
             (out * up).sum().backward()
@@ -73,43 +90,84 @@ def _checks(rank: int, world: int):
     gh = torch.Generator().manual_seed(2)
     sh = torch.randn(n, hs, generator=gh)
     th = torch.randn(n, ht, generator=gh)
-    sw = torch.randn(v, hs, generator=gh) / hs ** 0.5
-    tw = torch.randn(v, ht, generator=gh) * 2 / ht ** 0.5
+    sw = torch.randn(v, hs, generator=gh) / hs**0.5
+    tw = torch.randn(v, ht, generator=gh) * 2 / ht**0.5
     sb, tb = torch.randn(v, generator=gh), torch.randn(v, generator=gh)
-    for kind, params, reduction in (("forward_kl", {}, "mean"), ("jsd", {"beta": 0.3}, "sum"),
-                                    ("renyi", {"alpha": 2.0}, "none"), ("tvd", {}, "mean")):
-        local = [x.clone().requires_grad_(True)
-                 for x in (sh, sw[lo:hi], sb[lo:hi], th, tw[lo:hi], tb[lo:hi])]
+    for kind, params, reduction in (
+        ("forward_kl", {}, "mean"),
+        ("jsd", {"beta": 0.3}, "sum"),
+        ("renyi", {"alpha": 2.0}, "none"),
+        ("tvd", {}, "mean"),
+    ):
+        local = [
+            x.clone().requires_grad_(True)
+            for x in (sh, sw[lo:hi], sb[lo:hi], th, tw[lo:hi], tb[lo:hi])
+        ]
         full = [x.clone().requires_grad_(True) for x in (sh, sw, sb, th, tw, tb)]
-        kw = dict(labels=labels, hard_weight=0.3, soft_weight=0.7, reduction=reduction,
-                  chunk_size=8, temperature=1.5, **params)
-        out = divkit.fused_linear_divergence(local[0], local[1], local[3], local[4], kind,
-                                             student_bias=local[2], teacher_bias=local[5],
-                                             process_group=dist.group.WORLD, **kw)
-        want = divkit.fused_linear_divergence(full[0], full[1], full[3], full[4], kind,
-                                              student_bias=full[2], teacher_bias=full[5], **kw)
+        kw = dict(
+            labels=labels,
+            hard_weight=0.3,
+            soft_weight=0.7,
+            reduction=reduction,
+            chunk_size=8,
+            temperature=1.5,
+            **params,
+        )
+        out = divkit.fused_linear_divergence(
+            local[0],
+            local[1],
+            local[3],
+            local[4],
+            kind,
+            student_bias=local[2],
+            teacher_bias=local[5],
+            process_group=dist.group.WORLD,
+            **kw,
+        )
+        want = divkit.fused_linear_divergence(
+            full[0],
+            full[1],
+            full[3],
+            full[4],
+            kind,
+            student_bias=full[2],
+            teacher_bias=full[5],
+            **kw,
+        )
         _close(out.detach(), want.detach(), 2e-5, f"fused {kind} loss")
         up = torch.linspace(0.5, 1.5, n) if reduction == "none" else torch.tensor(0.8)
         (out * up).sum().backward()
         (want * up).sum().backward()
-        for name, a, b, sl in (("student_hidden", local[0], full[0], slice(None)),
-                               ("student_weight", local[1], full[1], slice(lo, hi)),
-                               ("student_bias", local[2], full[2], slice(lo, hi)),
-                               ("teacher_hidden", local[3], full[3], slice(None)),
-                               ("teacher_weight", local[4], full[4], slice(lo, hi)),
-                               ("teacher_bias", local[5], full[5], slice(lo, hi))):
+        for name, a, b, sl in (
+            ("student_hidden", local[0], full[0], slice(None)),
+            ("student_weight", local[1], full[1], slice(lo, hi)),
+            ("student_bias", local[2], full[2], slice(lo, hi)),
+            ("teacher_hidden", local[3], full[3], slice(None)),
+            ("teacher_weight", local[4], full[4], slice(lo, hi)),
+            ("teacher_bias", local[5], full[5], slice(lo, hi)),
+        ):
             _close(a.grad, b.grad[sl], 3e-5, f"fused {kind} grad {name}")
 
     # 3. cross-entropy (smoothing, z-loss, softcap) and log-probs (entropy, top-k).
-    for opts, reduction in (({}, "mean"), ({"label_smoothing": 0.1, "lse_square_scale": 1e-3,
-                                            "softcap": 3.0}, "none")):
+    for opts, reduction in (
+        ({}, "mean"),
+        ({"label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 3.0}, "none"),
+    ):
         local = [x.clone().requires_grad_(True) for x in (sh, sw[lo:hi], sb[lo:hi])]
         full = [x.clone().requires_grad_(True) for x in (sh, sw, sb)]
-        out = divkit.fused_linear_cross_entropy(local[0], local[1], labels, local[2],
-                                                reduction=reduction, chunk_size=7,
-                                                process_group=dist.group.WORLD, **opts)
-        want = divkit.fused_linear_cross_entropy(full[0], full[1], labels, full[2],
-                                                 reduction=reduction, **opts)
+        out = divkit.fused_linear_cross_entropy(
+            local[0],
+            local[1],
+            labels,
+            local[2],
+            reduction=reduction,
+            chunk_size=7,
+            process_group=dist.group.WORLD,
+            **opts,
+        )
+        want = divkit.fused_linear_cross_entropy(
+            full[0], full[1], labels, full[2], reduction=reduction, **opts
+        )
         _close(out.detach(), want.detach(), 2e-5, f"ce {opts} loss")
         up = torch.linspace(0.5, 1.5, n) if reduction == "none" else torch.tensor(1.0)
         (out * up).sum().backward()
@@ -120,11 +178,19 @@ def _checks(rank: int, world: int):
 
     local = [x.clone().requires_grad_(True) for x in (sh, sw[lo:hi], sb[lo:hi])]
     full = [x.clone().requires_grad_(True) for x in (sh, sw, sb)]
-    res = divkit.fused_linear_logprobs(local[0], local[1], labels, local[2], temperature=0.9,
-                                       return_entropy=True, topk=4,
-                                       process_group=dist.group.WORLD)
-    ref = divkit.fused_linear_logprobs(full[0], full[1], labels, full[2], temperature=0.9,
-                                       return_entropy=True, topk=4)
+    res = divkit.fused_linear_logprobs(
+        local[0],
+        local[1],
+        labels,
+        local[2],
+        temperature=0.9,
+        return_entropy=True,
+        topk=4,
+        process_group=dist.group.WORLD,
+    )
+    ref = divkit.fused_linear_logprobs(
+        full[0], full[1], labels, full[2], temperature=0.9, return_entropy=True, topk=4
+    )
     for name in ("logprobs", "entropy", "topk_mass"):
         _close(getattr(res, name), getattr(ref, name), 2e-5, f"logprobs {name}")
     gl, ge = torch.linspace(-1, 1, n), torch.linspace(1, 2, n)
@@ -147,10 +213,12 @@ def _checks(rank: int, world: int):
 def _worker(rank: int, world: int, port: int, result_dir: str):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         import divkit
+
         divkit.set_num_threads(1)
         _checks(rank, world)
         msg = "ok"

@@ -15,6 +15,7 @@ T = logits(3, 8, seed=501)
 
 def raises(exc, *names):
     """pytest.raises whose message must contain every one of names."""
+
     class _Ctx:
         def __enter__(self):
             self.cm = pytest.raises(exc)
@@ -27,67 +28,79 @@ def raises(exc, *names):
             for name in names:
                 assert name in msg, f"{name!r} not in message {msg!r}"
             return handled
+
     return _Ctx()
 
 
-@pytest.mark.parametrize("args, kwargs, exc, names", [
-    # logits
-    (([[0.0, 1.0]], T), {}, TypeError, ["student_logits", "torch.Tensor"]),
-    ((S, "x"), {}, TypeError, ["teacher_logits"]),
-    ((S.long(), T), {}, TypeError, ["student_logits", "int64"]),
-    ((S, T.to(torch.complex64)), {}, TypeError, ["teacher_logits"]),
-    ((torch.tensor(1.0), torch.tensor(1.0)), {}, ValueError, ["student_logits", "0-d"]),
-    ((S, logits(8, 3, seed=1)), {}, ValueError, ["teacher_logits", "shape"]),
-    ((S, logits(3, 9, seed=1)), {}, ValueError, ["teacher_logits", "shape"]),
-    ((S.to("meta"), T), {}, ValueError, ["student_logits", "meta", "CPU"]),
-    ((S, T.to("meta")), {}, ValueError, ["teacher_logits", "CPU"]),
-    ((torch.empty(3, 0), torch.empty(3, 0)), {}, ValueError, ["student_logits", "V = 0"]),
-    # kind
-    ((S, T, "kl"), {}, ValueError, ["kind", "forward_kl"]),
-    ((S, T, 3), {}, TypeError, ["kind", "str"]),
-    # parameters
-    ((S, T, "jsd"), {"beta": 1.5}, ValueError, ["beta", "1.5"]),
-    ((S, T, "jsd"), {"beta": -0.1}, ValueError, ["beta"]),
-    ((S, T, "jsd"), {"beta": "0.5"}, TypeError, ["beta"]),
-    ((S, T, "jsd"), {"beta": torch.ones(2)}, ValueError, ["beta"]),
-    ((S, T, "skew_forward_kl"), {"alpha": 1.5}, ValueError, ["alpha"]),
-    ((S, T, "skew_reverse_kl"), {"alpha": -0.5}, ValueError, ["alpha"]),
-    ((S, T, "renyi"), {"alpha": 0.0}, ValueError, ["alpha"]),
-    ((S, T, "renyi"), {"alpha": float("inf")}, ValueError, ["alpha"]),
-    ((S, T, "alpha_divergence"), {"alpha": float("nan")}, ValueError, ["alpha"]),
-    ((S, T), {"alpha": None}, TypeError, ["alpha"]),
-    ((S, T), {"temperature": 0.0}, ValueError, ["temperature"]),
-    ((S, T), {"temperature": -1.0}, ValueError, ["temperature"]),
-    ((S, T), {"temperature": float("nan")}, ValueError, ["temperature"]),
-    ((S, T), {"temperature": True}, TypeError, ["temperature"]),
-    ((S, T), {"scale_by_t_squared": 1}, TypeError, ["scale_by_t_squared"]),
-    # reduction and divisors
-    ((S, T), {"reduction": "avg"}, ValueError, ["reduction", "batchmean"]),
-    ((S, T), {"reduction": None}, TypeError, ["reduction"]),
-    ((S, T), {"num_items_in_batch": 0}, ValueError, ["num_items_in_batch"]),
-    ((S, T), {"num_items_in_batch": -3}, ValueError, ["num_items_in_batch"]),
-    ((S, T), {"num_items_in_batch": float("nan")}, ValueError, ["num_items_in_batch"]),
-    ((S, T), {"num_items_in_batch": "4"}, TypeError, ["num_items_in_batch"]),
-    ((S, T), {"num_items_in_batch": 4, "reduction": "none"}, ValueError, ["num_items_in_batch"]),
-    # labels
-    ((S, T), {"labels": torch.zeros(4, dtype=torch.long)}, ValueError, ["labels", "shape"]),
-    ((S, T), {"labels": torch.zeros(3)}, TypeError, ["labels", "integer"]),
-    ((S, T), {"labels": torch.zeros(3, dtype=torch.bool)}, TypeError, ["labels"]),
-    ((S, T), {"labels": [0, 1, 2]}, TypeError, ["labels"]),
-    ((S, T), {"labels": torch.zeros(3, dtype=torch.long, device="meta")}, ValueError,
-     ["labels", "CPU"]),
-    ((S, T), {"ignore_index": 1.5}, TypeError, ["ignore_index"]),
-    # weights
-    ((S, T), {"weights": torch.ones(3, 1)}, ValueError, ["weights", "shape"]),
-    ((S, T), {"weights": torch.ones(3, dtype=torch.long)}, TypeError, ["weights"]),
-    ((S, T), {"weights": torch.ones(3, requires_grad=True)}, ValueError,
-     ["weights", "detach"]),
-    ((S, T), {"weights": np.ones(3)}, TypeError, ["weights"]),
-    # gradient options
-    ((S, T), {"grad_dtype": "float32"}, TypeError, ["grad_dtype"]),
-    ((S, T), {"grad_dtype": torch.int32}, ValueError, ["grad_dtype"]),
-    ((S, T), {"inplace_grad": "yes"}, TypeError, ["inplace_grad"]),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, exc, names",
+    [
+        # logits
+        (([[0.0, 1.0]], T), {}, TypeError, ["student_logits", "torch.Tensor"]),
+        ((S, "x"), {}, TypeError, ["teacher_logits"]),
+        ((S.long(), T), {}, TypeError, ["student_logits", "int64"]),
+        ((S, T.to(torch.complex64)), {}, TypeError, ["teacher_logits"]),
+        ((torch.tensor(1.0), torch.tensor(1.0)), {}, ValueError, ["student_logits", "0-d"]),
+        ((S, logits(8, 3, seed=1)), {}, ValueError, ["teacher_logits", "shape"]),
+        ((S, logits(3, 9, seed=1)), {}, ValueError, ["teacher_logits", "shape"]),
+        ((S.to("meta"), T), {}, ValueError, ["student_logits", "meta", "CPU"]),
+        ((S, T.to("meta")), {}, ValueError, ["teacher_logits", "CPU"]),
+        ((torch.empty(3, 0), torch.empty(3, 0)), {}, ValueError, ["student_logits", "V = 0"]),
+        # kind
+        ((S, T, "kl"), {}, ValueError, ["kind", "forward_kl"]),
+        ((S, T, 3), {}, TypeError, ["kind", "str"]),
+        # parameters
+        ((S, T, "jsd"), {"beta": 1.5}, ValueError, ["beta", "1.5"]),
+        ((S, T, "jsd"), {"beta": -0.1}, ValueError, ["beta"]),
+        ((S, T, "jsd"), {"beta": "0.5"}, TypeError, ["beta"]),
+        ((S, T, "jsd"), {"beta": torch.ones(2)}, ValueError, ["beta"]),
+        ((S, T, "skew_forward_kl"), {"alpha": 1.5}, ValueError, ["alpha"]),
+        ((S, T, "skew_reverse_kl"), {"alpha": -0.5}, ValueError, ["alpha"]),
+        ((S, T, "renyi"), {"alpha": 0.0}, ValueError, ["alpha"]),
+        ((S, T, "renyi"), {"alpha": float("inf")}, ValueError, ["alpha"]),
+        ((S, T, "alpha_divergence"), {"alpha": float("nan")}, ValueError, ["alpha"]),
+        ((S, T), {"alpha": None}, TypeError, ["alpha"]),
+        ((S, T), {"temperature": 0.0}, ValueError, ["temperature"]),
+        ((S, T), {"temperature": -1.0}, ValueError, ["temperature"]),
+        ((S, T), {"temperature": float("nan")}, ValueError, ["temperature"]),
+        ((S, T), {"temperature": True}, TypeError, ["temperature"]),
+        ((S, T), {"scale_by_t_squared": 1}, TypeError, ["scale_by_t_squared"]),
+        # reduction and divisors
+        ((S, T), {"reduction": "avg"}, ValueError, ["reduction", "batchmean"]),
+        ((S, T), {"reduction": None}, TypeError, ["reduction"]),
+        ((S, T), {"num_items_in_batch": 0}, ValueError, ["num_items_in_batch"]),
+        ((S, T), {"num_items_in_batch": -3}, ValueError, ["num_items_in_batch"]),
+        ((S, T), {"num_items_in_batch": float("nan")}, ValueError, ["num_items_in_batch"]),
+        ((S, T), {"num_items_in_batch": "4"}, TypeError, ["num_items_in_batch"]),
+        (
+            (S, T),
+            {"num_items_in_batch": 4, "reduction": "none"},
+            ValueError,
+            ["num_items_in_batch"],
+        ),
+        # labels
+        ((S, T), {"labels": torch.zeros(4, dtype=torch.long)}, ValueError, ["labels", "shape"]),
+        ((S, T), {"labels": torch.zeros(3)}, TypeError, ["labels", "integer"]),
+        ((S, T), {"labels": torch.zeros(3, dtype=torch.bool)}, TypeError, ["labels"]),
+        ((S, T), {"labels": [0, 1, 2]}, TypeError, ["labels"]),
+        (
+            (S, T),
+            {"labels": torch.zeros(3, dtype=torch.long, device="meta")},
+            ValueError,
+            ["labels", "CPU"],
+        ),
+        ((S, T), {"ignore_index": 1.5}, TypeError, ["ignore_index"]),
+        # weights
+        ((S, T), {"weights": torch.ones(3, 1)}, ValueError, ["weights", "shape"]),
+        ((S, T), {"weights": torch.ones(3, dtype=torch.long)}, TypeError, ["weights"]),
+        ((S, T), {"weights": torch.ones(3, requires_grad=True)}, ValueError, ["weights", "detach"]),
+        ((S, T), {"weights": np.ones(3)}, TypeError, ["weights"]),
+        # gradient options
+        ((S, T), {"grad_dtype": "float32"}, TypeError, ["grad_dtype"]),
+        ((S, T), {"grad_dtype": torch.int32}, ValueError, ["grad_dtype"]),
+        ((S, T), {"inplace_grad": "yes"}, TypeError, ["inplace_grad"]),
+    ],
+)
 def test_bad_arguments(args, kwargs, exc, names):
     with raises(exc, *names):
         divkit.divergence(*args, **kwargs)
@@ -198,14 +211,59 @@ def test_low_level_module_dtype_errors():
     # The compiled module names the argument for dtypes the core does not support.
     loss = torch.empty(1)
     with raises(ValueError, "student", "uint8"):
-        divkit._C.divergence(torch.zeros(2, 3, dtype=torch.uint8), T[:2], loss, None, None,
-                             "forward_kl", 0.5, 0.1, 1.0, False, None, -100, None, "mean", 0.0)
+        divkit._C.divergence(
+            torch.zeros(2, 3, dtype=torch.uint8),
+            T[:2],
+            loss,
+            None,
+            None,
+            "forward_kl",
+            0.5,
+            0.1,
+            1.0,
+            False,
+            None,
+            -100,
+            None,
+            "mean",
+            0.0,
+        )
     with raises(ValueError, "labels", "int16"):
-        divkit._C.divergence(S, T, loss, None, None, "forward_kl", 0.5, 0.1, 1.0, False,
-                             torch.zeros(3, dtype=torch.int16), -100, None, "mean", 0.0)
+        divkit._C.divergence(
+            S,
+            T,
+            loss,
+            None,
+            None,
+            "forward_kl",
+            0.5,
+            0.1,
+            1.0,
+            False,
+            torch.zeros(3, dtype=torch.int16),
+            -100,
+            None,
+            "mean",
+            0.0,
+        )
     with raises(ValueError, "loss", "int32"):
-        divkit._C.divergence(S, T, torch.empty(1, dtype=torch.int32), None, None,
-                             "forward_kl", 0.5, 0.1, 1.0, False, None, -100, None, "mean", 0.0)
+        divkit._C.divergence(
+            S,
+            T,
+            torch.empty(1, dtype=torch.int32),
+            None,
+            None,
+            "forward_kl",
+            0.5,
+            0.1,
+            1.0,
+            False,
+            None,
+            -100,
+            None,
+            "mean",
+            0.0,
+        )
 
 
 def test_beta_just_outside_range_is_rejected():

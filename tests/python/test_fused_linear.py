@@ -18,7 +18,7 @@ def _head(n, v, h, *, seed, bias=True, scale=1.0, dtype=torch.float32, lead=None
     hidden = torch.randn(n, h, generator=g).to(dtype)
     if lead is not None:
         hidden = hidden.reshape(*lead, h)
-    weight = (torch.randn(v, h, generator=g) * scale / h ** 0.5).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * scale / h**0.5).to(dtype)
     b = (0.5 * torch.randn(v, generator=g)).to(dtype) if bias else None
     return hidden, weight, b
 
@@ -60,11 +60,29 @@ def test_divergence_matches_materialized(case, reduction):
     labels = _labels(n, v)
     leaves = [x.clone().requires_grad_(True) for x in (sh, sw, sb)]
     out = divkit.fused_linear_divergence(
-        leaves[0], leaves[1], th, tw, kind, student_bias=leaves[2], teacher_bias=tb,
-        labels=labels, chunk_size=8, reduction=reduction, temperature=1.5, **params)
+        leaves[0],
+        leaves[1],
+        th,
+        tw,
+        kind,
+        student_bias=leaves[2],
+        teacher_bias=tb,
+        labels=labels,
+        chunk_size=8,
+        reduction=reduction,
+        temperature=1.5,
+        **params,
+    )
     r = _leaf64(sh, sw, sb)
-    want = ref.loss(_logits(*r), _logits(th.double(), tw.double(), tb.double()), kind,
-                    labels=labels, reduction=reduction, temperature=1.5, **params)
+    want = ref.loss(
+        _logits(*r),
+        _logits(th.double(), tw.double(), tb.double()),
+        kind,
+        labels=labels,
+        reduction=reduction,
+        temperature=1.5,
+        **params,
+    )
     upstream = torch.linspace(-1, 2, n) if reduction == "none" else torch.tensor(1.7)
     _close(out.detach(), want.detach(), 2e-5)
     (out * upstream).sum().backward()
@@ -79,9 +97,20 @@ def test_hard_and_soft_terms_teacher_grads_and_lead_dims():
     th, tw, tb = _head(b * t, v, ht, seed=4, lead=(b, t))
     labels = _labels(b * t, v, seed=1).reshape(b, t)
     xs = [x.clone().requires_grad_(True) for x in (sh, sw, sb, th, tw, tb)]
-    out = divkit.fused_linear_divergence(xs[0], xs[1], xs[3], xs[4], "jsd", beta=0.3,
-                                         student_bias=xs[2], teacher_bias=xs[5], labels=labels,
-                                         hard_weight=0.4, soft_weight=0.6, chunk_size=5)
+    out = divkit.fused_linear_divergence(
+        xs[0],
+        xs[1],
+        xs[3],
+        xs[4],
+        "jsd",
+        beta=0.3,
+        student_bias=xs[2],
+        teacher_bias=xs[5],
+        labels=labels,
+        hard_weight=0.4,
+        soft_weight=0.6,
+        chunk_size=5,
+    )
     r = _leaf64(sh, sw, sb, th, tw, tb)
     zs, zt = _logits(*r[:3]), _logits(*r[3:])
     flat = labels.reshape(-1)
@@ -96,9 +125,13 @@ def test_teacher_token_ids_truncate_and_map():
     n, vs, vt, h = 13, 29, 40, 12
     sh, sw, _ = _head(n, vs, h, seed=5, bias=False)
     th, tw, tb = _head(n, vt, h, seed=6)
-    for ids in (torch.arange(vs), torch.randperm(vt, generator=torch.Generator().manual_seed(0))[:vs]):
-        out = divkit.fused_linear_divergence(sh, sw, th, tw, "reverse_kl", teacher_bias=tb,
-                                             teacher_token_ids=ids)
+    for ids in (
+        torch.arange(vs),
+        torch.randperm(vt, generator=torch.Generator().manual_seed(0))[:vs],
+    ):
+        out = divkit.fused_linear_divergence(
+            sh, sw, th, tw, "reverse_kl", teacher_bias=tb, teacher_token_ids=ids
+        )
         zt = (th.double() @ tw.double().T + tb.double())[:, ids]
         want = ref.loss(sh.double() @ sw.double().T, zt, "reverse_kl")
         _close(out, want, 2e-5)
@@ -132,8 +165,9 @@ def test_chunking_does_not_change_the_result(n):
     results = []
     for chunk in (None, 1, 7, 1000, 5000):
         w = sw.clone().requires_grad_(True)
-        loss = divkit.fused_linear_divergence(sh, w, th, tw, "tvd", student_bias=sb,
-                                              teacher_bias=tb, chunk_size=chunk)
+        loss = divkit.fused_linear_divergence(
+            sh, w, th, tw, "tvd", student_bias=sb, teacher_bias=tb, chunk_size=chunk
+        )
         loss.backward()
         results.append((loss.item(), w.grad))
     for loss, g in results[1:]:
@@ -143,28 +177,41 @@ def test_chunking_does_not_change_the_result(n):
 
 # ---- cross-entropy ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}, {"lse_square_scale": 1e-3},
-                                  {"softcap": 3.0, "label_smoothing": 0.05}],
-                         ids=["plain", "smoothing", "zloss", "softcap"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"label_smoothing": 0.1},
+        {"lse_square_scale": 1e-3},
+        {"softcap": 3.0, "label_smoothing": 0.05},
+    ],
+    ids=["plain", "smoothing", "zloss", "softcap"],
+)
 def test_cross_entropy_matches_torch(reduction, opts):
     n, v, h = 41, 73, 20
     hid, w, b = _head(n, v, h, seed=11, scale=3.0)
     labels = _labels(n, v, seed=2, ignore_every=4)
     xs = [x.clone().requires_grad_(True) for x in (hid, w, b)]
-    out = divkit.fused_linear_cross_entropy(xs[0], xs[1], labels, xs[2], reduction=reduction,
-                                            chunk_size=6, **opts)
+    out = divkit.fused_linear_cross_entropy(
+        xs[0], xs[1], labels, xs[2], reduction=reduction, chunk_size=6, **opts
+    )
     r = _leaf64(hid, w, b)
     z = _logits(*r)
     if "softcap" in opts:
         z = opts["softcap"] * torch.tanh(z / opts["softcap"])
-    want = F.cross_entropy(z, labels, reduction=reduction,
-                           label_smoothing=opts.get("label_smoothing", 0.0))
+    want = F.cross_entropy(
+        z, labels, reduction=reduction, label_smoothing=opts.get("label_smoothing", 0.0)
+    )
     if "lse_square_scale" in opts:
         lse2 = torch.logsumexp(z, -1) ** 2 * (labels != -100)
         extra = opts["lse_square_scale"] * lse2
-        want = want + (extra if reduction == "none" else
-                       extra.sum() / ((labels != -100).sum() if reduction == "mean" else 1))
+        want = want + (
+            extra
+            if reduction == "none"
+            else extra.sum() / ((labels != -100).sum() if reduction == "mean" else 1)
+        )
     _close(out.detach(), want.detach(), 2e-5)
     upstream = torch.linspace(-1, 2, n) if reduction == "none" else torch.tensor(0.5)
     (out * upstream).sum().backward()
@@ -177,7 +224,8 @@ def test_cross_entropy_stats_and_num_items():
     hid, w, b = _head(n, v, h, seed=12)
     labels = _labels(n, v, seed=3)
     loss, logprobs, entropy = divkit.fused_linear_cross_entropy(
-        hid, w, labels, b, num_items_in_batch=100, return_stats=True)
+        hid, w, labels, b, num_items_in_batch=100, return_stats=True
+    )
     z = _logits(hid.double(), w.double(), b.double())
     lp = F.log_softmax(z, -1)
     mask = labels != -100
@@ -189,13 +237,15 @@ def test_cross_entropy_stats_and_num_items():
 
 # ---- log-probs -------------------------------------------------------------------------------
 
+
 def test_logprobs_entropy_topk_and_backward():
     b, t, v, h = 2, 9, 83, 24
     hid, w, bias = _head(b * t, v, h, seed=13, lead=(b, t), scale=2.0)
     labels = _labels(b * t, v, seed=4, ignore_every=6).reshape(b, t)
     xs = [x.clone().requires_grad_(True) for x in (hid, w, bias)]
-    res = divkit.fused_linear_logprobs(xs[0], xs[1], labels, xs[2], temperature=0.8,
-                                       return_entropy=True, topk=5, chunk_size=4)
+    res = divkit.fused_linear_logprobs(
+        xs[0], xs[1], labels, xs[2], temperature=0.8, return_entropy=True, topk=5, chunk_size=4
+    )
     r = _leaf64(hid, w, bias)
     lp = F.log_softmax(_logits(*r) / 0.8, -1)
     flat = labels.reshape(-1)
@@ -220,11 +270,13 @@ def test_logprobs_gradcheck_float64():
     labels = _labels(n, v, seed=5, ignore_every=4)
     f = lambda hh, ww, bb: divkit.fused_linear_logprobs(hh, ww, labels, bb, chunk_size=4)
     # fp32 arithmetic inside: finite differences with a large step and matching tolerance.
-    assert torch.autograd.gradcheck(f, [x.requires_grad_(True) for x in (hid, w, b)],
-                                    eps=1e-3, atol=2e-3, rtol=2e-3)
+    assert torch.autograd.gradcheck(
+        f, [x.requires_grad_(True) for x in (hid, w, b)], eps=1e-3, atol=2e-3, rtol=2e-3
+    )
 
 
 # ---- bad input -------------------------------------------------------------------------------
+
 
 def test_errors_name_the_argument():
     n, v, h = 5, 9, 4
@@ -267,12 +319,14 @@ def test_modules_call_the_functions():
     labels = _labels(n, v, seed=6)
     m = divkit.nn.FusedLinearDistillationLoss("jsd", beta=0.2, hard_weight=0.5, chunk_size=4)
     assert "beta=0.2" in repr(m)
-    want = divkit.fused_linear_divergence(sh, sw, th, tw, "jsd", beta=0.2, hard_weight=0.5,
-                                          labels=labels, student_bias=sb)
+    want = divkit.fused_linear_divergence(
+        sh, sw, th, tw, "jsd", beta=0.2, hard_weight=0.5, labels=labels, student_bias=sb
+    )
     assert m(sh, sw, th, tw, labels, student_bias=sb).item() == pytest.approx(want.item(), rel=1e-6)
     ce = divkit.nn.FusedLinearCrossEntropyLoss(label_smoothing=0.1)
-    want = F.cross_entropy(_logits(sh.double(), sw.double(), sb.double()), labels,
-                           label_smoothing=0.1)
+    want = F.cross_entropy(
+        _logits(sh.double(), sw.double(), sb.double()), labels, label_smoothing=0.1
+    )
     assert ce(sw, sh, labels, sb).item() == pytest.approx(want.item(), rel=2e-5)
     with pytest.raises(TypeError, match="unexpected option"):
         divkit.nn.FusedLinearDistillationLoss("jsd", betta=0.2)
@@ -281,8 +335,9 @@ def test_modules_call_the_functions():
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-@pytest.mark.parametrize("kind,params", [("forward_kl", {}), ("jsd", {"beta": 0.4}),
-                                         ("reverse_kl", {})])
+@pytest.mark.parametrize(
+    "kind,params", [("forward_kl", {}), ("jsd", {"beta": 0.4}), ("reverse_kl", {})]
+)
 def test_sparse_teacher_fused_matches_materialized(tail, kind, params):
     # The fused path must equal divkit.sparse_divergence on the materialized student logits
     # (itself checked against a float64 torch reference in test_sparse.py), plus the CE term.
@@ -295,13 +350,34 @@ def test_sparse_teacher_fused_matches_materialized(tail, kind, params):
     for reduction in ("mean", "none"):
         a = [x.clone().requires_grad_(True) for x in (sh, sw, sb)]
         out = divkit.fused_linear_sparse_divergence(
-            a[0], a[1], idx, lp, kind, tail=tail, student_bias=a[2], labels=labels,
-            hard_weight=0.3, soft_weight=0.7, chunk_size=5, temperature=1.3,
-            reduction=reduction, **params)
+            a[0],
+            a[1],
+            idx,
+            lp,
+            kind,
+            tail=tail,
+            student_bias=a[2],
+            labels=labels,
+            hard_weight=0.3,
+            soft_weight=0.7,
+            chunk_size=5,
+            temperature=1.3,
+            reduction=reduction,
+            **params,
+        )
         b = [x.clone().requires_grad_(True) for x in (sh, sw, sb)]
         z = b[0] @ b[1].T + b[2]
-        want = 0.7 * divkit.sparse_divergence(z, idx, lp, kind, tail=tail, labels=labels,
-                                              temperature=1.3, reduction=reduction, **params)
+        want = 0.7 * divkit.sparse_divergence(
+            z,
+            idx,
+            lp,
+            kind,
+            tail=tail,
+            labels=labels,
+            temperature=1.3,
+            reduction=reduction,
+            **params,
+        )
         want = want + 0.3 * F.cross_entropy(z, labels, reduction=reduction)
         _close(out.detach(), want.detach().double(), 2e-5)
         up = torch.linspace(-1, 1, n) if reduction == "none" else torch.tensor(1.0)
@@ -325,8 +401,9 @@ def test_issue_sizes_match_materialized(n, h, v):
     th, tw, _ = _head(n, v, h, seed=41, scale=2.0, bias=False)
     labels = _labels(n, v, seed=8, ignore_every=9)
     a = [x.clone().requires_grad_(True) for x in (sh, sw, sb)]
-    out = divkit.fused_linear_divergence(a[0], a[1], th, tw, "forward_kl", student_bias=a[2],
-                                         labels=labels, hard_weight=0.5)
+    out = divkit.fused_linear_divergence(
+        a[0], a[1], th, tw, "forward_kl", student_bias=a[2], labels=labels, hard_weight=0.5
+    )
     out.backward()
     r = _leaf64(sh, sw, sb)
     z = _logits(*r)

@@ -42,8 +42,10 @@ def inputs(kind, seed=0):
     if kind == "tvd":
         # |p - q| has a kink at p = q: every log-ratio log p - log q must be far from 0 compared
         # with what an eps step can move it, at the temperatures used here.
-        gap = min((torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1)).abs().min().item()
-                  for T in (1.5, 2.0))
+        gap = min(
+            (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1)).abs().min().item()
+            for T in (1.5, 2.0)
+        )
         assert gap > 0.05
     return s.requires_grad_(True), t.requires_grad_(True)
 
@@ -57,8 +59,16 @@ def test_gradcheck(case, reduction):
     weights = torch.tensor([[0.5, 1.0, 2.0], [1.0, 0.25, 1.5]], dtype=torch.float64)
 
     def f(s, t):
-        return divkit.divergence(s, t, kind, labels=labels, weights=weights, temperature=1.5,
-                                 reduction=reduction, **params)
+        return divkit.divergence(
+            s,
+            t,
+            kind,
+            labels=labels,
+            weights=weights,
+            temperature=1.5,
+            reduction=reduction,
+            **params,
+        )
 
     assert gradcheck(f, (s, t), **GRADCHECK)
 
@@ -67,7 +77,10 @@ def test_gradcheck(case, reduction):
 def test_gradcheck_sum_batchmean_scaled(kind):
     s, t = inputs(kind, seed=1)
     for reduction in ("sum", "batchmean"):
+
         def f(s, t):
-            return divkit.divergence(s, t, kind, alpha=0.7, reduction=reduction,
-                                     temperature=2.0, scale_by_t_squared=True)
+            return divkit.divergence(
+                s, t, kind, alpha=0.7, reduction=reduction, temperature=2.0, scale_by_t_squared=True
+            )
+
         assert gradcheck(f, (s, t), **GRADCHECK)

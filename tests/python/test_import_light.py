@@ -15,15 +15,22 @@ PKG = os.path.dirname(os.path.abspath(divkit.__file__))
 
 def test_import_divkit_imports_no_tool_dependency():
     # torch itself may import tqdm when it is installed: only what divkit adds is counted.
-    code = ("import sys, numpy, torch\n"
-            "before = set(sys.modules)\n"
-            "import divkit, divkit.nn, divkit.ot, divkit.rlhf, divkit.distill, divkit.preference\n"
-            "import divkit.distributed, divkit.cli\n"
-            "bad = sorted(m for m in set(sys.modules) - before\n"
-            "             if m.split('.')[0] in ('matplotlib', 'tqdm'))\n"
-            "print(','.join(bad))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ), check=True).stdout.strip()
+    code = (
+        "import sys, numpy, torch\n"
+        "before = set(sys.modules)\n"
+        "import divkit, divkit.nn, divkit.ot, divkit.rlhf, divkit.distill, divkit.preference\n"
+        "import divkit.distributed, divkit.cli\n"
+        "bad = sorted(m for m in set(sys.modules) - before\n"
+        "             if m.split('.')[0] in ('matplotlib', 'tqdm'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        check=True,
+    ).stdout.strip()
     assert out == "", f"import divkit imported {out}"
 
 
@@ -45,7 +52,7 @@ def _module_imports(path: str, module: str):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -63,9 +70,10 @@ def test_no_import_cycles():
             if f.endswith(".py"):
                 path = os.path.join(root, f)
                 rel = os.path.relpath(path, os.path.dirname(PKG))[:-3].replace(os.sep, ".")
-                modules[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = path
-    graph = {m: {t for t in _module_imports(p, m) if t in modules and t != m}
-             for m, p in modules.items()}
+                modules[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = path
+    graph = {
+        m: {t for t in _module_imports(p, m) if t in modules and t != m} for m, p in modules.items()
+    }
     # A package's __init__ importing its own submodules is not a cycle of concern; an edge from
     # a submodule back into a sibling that imports it is.
     state = {}

@@ -22,7 +22,7 @@ def test_low_precision_inputs(case, dtype):
     labels = torch.tensor([0, 1, -100, 3, 4, 5, 6, 7])
     kw = dict(labels=labels, temperature=1.0, **params)
 
-    exact = ref.loss_and_grads(s, t, kind, **kw)                       # float64 on the inputs
+    exact = ref.loss_and_grads(s, t, kind, **kw)  # float64 on the inputs
     torch32 = ref.loss_and_grads(s, t, kind, dtype=torch.float32, **kw)  # PyTorch in fp32
 
     # Loss (fp32 in both). The floor covers a PyTorch error that happens to be ~0.

@@ -26,8 +26,9 @@ def clouds(n=40, m=50, d=3, seed=0, shift=0.5, dtype=torch.float64):
 
 
 def pot_cost(x, y, p):
-    return pot.dist(x.double().numpy(), y.double().numpy(),
-                    metric="sqeuclidean" if p == 2 else "euclidean")
+    return pot.dist(
+        x.double().numpy(), y.double().numpy(), metric="sqeuclidean" if p == 2 else "euclidean"
+    )
 
 
 def entropic_cost(P, M, a, b, eps):
@@ -45,15 +46,34 @@ def test_sinkhorn_matches_pot_log(p, d, cache_mib):
     x, y, a, b = clouds(d=d)
     M = pot_cost(x, y, p)
     eps = 0.1 * M.mean()
-    res = dot.sinkhorn(x, y, a, b, eps=eps, p=p, tol=1e-11, max_iter=5000, return_plan=True,
-                       cost_cache_mib=cache_mib)
+    res = dot.sinkhorn(
+        x,
+        y,
+        a,
+        b,
+        eps=eps,
+        p=p,
+        tol=1e-11,
+        max_iter=5000,
+        return_plan=True,
+        cost_cache_mib=cache_mib,
+    )
     assert bool(res.converged)
-    P, log = pot.sinkhorn(a.numpy(), b.numpy(), M, eps, method="sinkhorn_log", stopThr=1e-13,
-                          numItermax=100000, log=True)
+    P, log = pot.sinkhorn(
+        a.numpy(),
+        b.numpy(),
+        M,
+        eps,
+        method="sinkhorn_log",
+        stopThr=1e-13,
+        numItermax=100000,
+        log=True,
+    )
     np.testing.assert_allclose(res.plan.numpy(), P, atol=1e-10)
     assert res.transport_cost.item() == pytest.approx(float((P * M).sum()), rel=1e-9)
-    assert res.reg_cost.item() == pytest.approx(entropic_cost(P, M, a.numpy(), b.numpy(), eps),
-                                                rel=1e-8)
+    assert res.reg_cost.item() == pytest.approx(
+        entropic_cost(P, M, a.numpy(), b.numpy(), eps), rel=1e-8
+    )
     # POT: P = diag(u) K diag(v), K = exp(-M / eps): f / eps + log a = log u + const.
     f_pot = eps * (log["log_u"] - np.log(a.numpy()))
     f = res.f.numpy()
@@ -86,28 +106,38 @@ def test_cached_and_on_the_fly_costs_match_pot_at_d64(dtype):
     # (the float32 weights renormalized in fp64: otherwise their masses differ by ~1e-8 and POT
     # cannot reach 1e-13)
     a64, b64 = a.double(), b.double()
-    P = pot.sinkhorn((a64 / a64.sum()).numpy(), (b64 / b64.sum()).numpy(), M, eps,
-                     method="sinkhorn", stopThr=1e-13, numItermax=20000)
+    P = pot.sinkhorn(
+        (a64 / a64.sum()).numpy(),
+        (b64 / b64.sum()).numpy(),
+        M,
+        eps,
+        method="sinkhorn",
+        stopThr=1e-13,
+        numItermax=20000,
+    )
     out = {}
     for mib in (64.0, 0.0):
-        r = dot.sinkhorn(x, y, a, b, eps=eps, tol=tol, max_iter=10000, return_plan=True,
-                         cost_cache_mib=mib)
+        r = dot.sinkhorn(
+            x, y, a, b, eps=eps, tol=tol, max_iter=10000, return_plan=True, cost_cache_mib=mib
+        )
         assert bool(r.converged)
         out[mib] = r
         pl = r.plan.double().numpy()
         np.testing.assert_allclose(pl, P, atol=(2e-6 if dtype == torch.float32 else 1e-11))
-        assert r.transport_cost.item() == pytest.approx(float((P * M).sum()),
-                                                        rel=(1e-5 if dtype == torch.float32
-                                                             else 1e-10))
+        assert r.transport_cost.item() == pytest.approx(
+            float((P * M).sum()), rel=(1e-5 if dtype == torch.float32 else 1e-10)
+        )
     rel = 1e-5 if dtype == torch.float32 else 1e-12
     assert out[64.0].reg_cost.item() == pytest.approx(out[0.0].reg_cost.item(), rel=rel)
     # The cache also serves the gradients (x and y are still used for them).
     xr = x.clone().requires_grad_()
     dot.sinkhorn(xr, y, a, b, eps=eps, tol=tol, max_iter=10000).reg_cost.backward()
-    gexp = 2 * (a[:, None].double() * x.double()
-                - torch.from_numpy(P) @ y.double())  # sum_j P_ij 2 (x_i - y_j)
-    torch.testing.assert_close(xr.grad.double(), gexp, rtol=0,
-                               atol=(1e-4 if dtype == torch.float32 else 1e-9))
+    gexp = 2 * (
+        a[:, None].double() * x.double() - torch.from_numpy(P) @ y.double()
+    )  # sum_j P_ij 2 (x_i - y_j)
+    torch.testing.assert_close(
+        xr.grad.double(), gexp, rtol=0, atol=(1e-4 if dtype == torch.float32 else 1e-9)
+    )
 
 
 def test_cost_matrix_histograms_match_pot():
@@ -116,10 +146,18 @@ def test_cost_matrix_histograms_match_pot():
     a = torch.rand(30, generator=g, dtype=torch.float64)
     b = torch.rand(20, generator=g, dtype=torch.float64)
     a, b = a / a.sum(), b / b.sum()
-    res = dot.sinkhorn(None, None, a, b, eps=0.05, cost=C, tol=1e-11, max_iter=10000,
-                       return_plan=True)
-    P = pot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), 0.05, method="sinkhorn_log",
-                     stopThr=1e-13, numItermax=100000)
+    res = dot.sinkhorn(
+        None, None, a, b, eps=0.05, cost=C, tol=1e-11, max_iter=10000, return_plan=True
+    )
+    P = pot.sinkhorn(
+        a.numpy(),
+        b.numpy(),
+        C.numpy(),
+        0.05,
+        method="sinkhorn_log",
+        stopThr=1e-13,
+        numItermax=100000,
+    )
     np.testing.assert_allclose(res.plan.numpy(), P, atol=1e-10)
     # Gradient w.r.t. the cost is the plan.
     Cr = C.clone().requires_grad_()
@@ -132,10 +170,18 @@ def test_unbalanced_matches_pot_kl():
     b = b * 1.5  # unequal masses are allowed when unbalanced
     M = pot_cost(x, y, 2)
     eps, rho = 0.3, 1.0
-    res = dot.sinkhorn(x, y, a, b, eps=eps, rho=rho, tol=1e-12, max_iter=10000,
-                       return_plan=True)
-    P = pot.unbalanced.sinkhorn_unbalanced(a.numpy(), b.numpy(), M, eps, rho, reg_type="kl",
-                                           method="sinkhorn", stopThr=1e-14, numItermax=100000)
+    res = dot.sinkhorn(x, y, a, b, eps=eps, rho=rho, tol=1e-12, max_iter=10000, return_plan=True)
+    P = pot.unbalanced.sinkhorn_unbalanced(
+        a.numpy(),
+        b.numpy(),
+        M,
+        eps,
+        rho,
+        reg_type="kl",
+        method="sinkhorn",
+        stopThr=1e-14,
+        numItermax=100000,
+    )
     np.testing.assert_allclose(res.plan.numpy(), P, atol=1e-9)
 
 
@@ -167,12 +213,14 @@ def test_gradcheck_points_and_unbalanced_weights():
     x, y, a, b = clouds(n=6, m=5, d=2, seed=7)
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
     for p in (1, 2):
-        f = lambda xx, yy: dot.sinkhorn(xx, yy, a, b, eps=0.5, p=p, tol=1e-14,
-                                        max_iter=100000).reg_cost
+        f = lambda xx, yy: (
+            dot.sinkhorn(xx, yy, a, b, eps=0.5, p=p, tol=1e-14, max_iter=100000).reg_cost
+        )
         assert torch.autograd.gradcheck(f, (xr, yr), eps=1e-6, atol=1e-6)
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
-    g = lambda aa, bb: dot.sinkhorn(x, y, aa, bb, eps=0.5, rho=2.0, tol=1e-14,
-                                    max_iter=100000).reg_cost
+    g = lambda aa, bb: (
+        dot.sinkhorn(x, y, aa, bb, eps=0.5, rho=2.0, tol=1e-14, max_iter=100000).reg_cost
+    )
     assert torch.autograd.gradcheck(g, (ar, br), eps=1e-6, atol=1e-6)
 
 
@@ -200,8 +248,10 @@ def test_sinkhorn_divergence_properties():
     dot.sinkhorn_divergence(x, yr, a, b, **kw).backward()
     v = torch.randn_like(y)
     h = 1e-6
-    fd = (dot.sinkhorn_divergence(x, y + h * v, a, b, **kw)
-          - dot.sinkhorn_divergence(x, y - h * v, a, b, **kw)).item() / (2 * h)
+    fd = (
+        dot.sinkhorn_divergence(x, y + h * v, a, b, **kw)
+        - dot.sinkhorn_divergence(x, y - h * v, a, b, **kw)
+    ).item() / (2 * h)
     assert (yr.grad * v).sum().item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
@@ -226,20 +276,39 @@ def test_sinkhorn_divergence_small_eps_matches_pot():
 
     def pot_values(u, v, wu, wv):
         M = pot_cost(u, v, 2)
-        P = pot.sinkhorn(wu.numpy(), wv.numpy(), M, eps, method="sinkhorn_log", stopThr=1e-12,
-                         numItermax=it, warn=False)
+        P = pot.sinkhorn(
+            wu.numpy(),
+            wv.numpy(),
+            M,
+            eps,
+            method="sinkhorn_log",
+            stopThr=1e-12,
+            numItermax=it,
+            warn=False,
+        )
         return entropic_cost(P, M, wu.numpy(), wv.numpy(), eps), float((P * M).sum())
 
-    (rxy, lxy), (rxx, lxx), (ryy, lyy) = (pot_values(x, y, a, b), pot_values(x, x, a, a),
-                                          pot_values(y, y, b, b))
+    (rxy, lxy), (rxx, lxx), (ryy, lyy) = (
+        pot_values(x, y, a, b),
+        pot_values(x, x, a, a),
+        pot_values(y, y, b, b),
+    )
     assert xy.reg_cost.item() == pytest.approx(rxy, rel=1e-9)
     assert xx.reg_cost.item() == pytest.approx(rxx, rel=2e-6)
     assert yy.reg_cost.item() == pytest.approx(ryy, rel=2e-6)
     assert s == pytest.approx(rxy - 0.5 * (rxx + ryy), rel=2e-6)
     # POT's own divergence debiases the linear costs <P, C> (empirical_sinkhorn2), clipped at 0.
     ref = pot.bregman.empirical_sinkhorn_divergence(
-        x.numpy(), y.numpy(), eps, a.numpy(), b.numpy(), method="sinkhorn_log",
-        numIterMax=it, stopThr=1e-12, warn=False)
+        x.numpy(),
+        y.numpy(),
+        eps,
+        a.numpy(),
+        b.numpy(),
+        method="sinkhorn_log",
+        numIterMax=it,
+        stopThr=1e-12,
+        warn=False,
+    )
     ours = xy.transport_cost - 0.5 * (xx.transport_cost + yy.transport_cost)
     assert ours.item() == pytest.approx(float(ref), rel=1e-5)
     assert float(ref) == pytest.approx(lxy - 0.5 * (lxx + lyy), rel=1e-12)
@@ -290,8 +359,9 @@ def test_sinkhorn_kd_loss_matches_reference_and_gradient():
 def test_monge_gap_matches_pot_and_gradcheck():
     x, _, _, _ = clouds(n=20, m=20, d=2, seed=12)
     g = torch.Generator().manual_seed(13)
-    mapped = x @ torch.tensor([[0.3, 1.0], [-1.0, 0.2]], dtype=torch.float64) + \
-        0.1 * torch.randn(20, 2, generator=g, dtype=torch.float64)
+    mapped = x @ torch.tensor([[0.3, 1.0], [-1.0, 0.2]], dtype=torch.float64) + 0.1 * torch.randn(
+        20, 2, generator=g, dtype=torch.float64
+    )
     eps = 0.2
     val = dot.monge_gap(x, mapped, eps=eps, tol=1e-12, max_iter=20000)
     w = np.full(20, 1 / 20)
@@ -301,8 +371,11 @@ def test_monge_gap_matches_pot_and_gradcheck():
     assert val.item() == pytest.approx(expect, rel=1e-8)
     mr = mapped.clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda mm: dot.monge_gap(x, mm, eps=eps, tol=1e-14, max_iter=100000), (mr,),
-        eps=1e-6, atol=1e-6)
+        lambda mm: dot.monge_gap(x, mm, eps=eps, tol=1e-14, max_iter=100000),
+        (mr,),
+        eps=1e-6,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("k,gamma", [(None, 1.0), (None, 0.1), (5, 1.0)])
@@ -314,8 +387,14 @@ def test_sparse_ot_matches_pot(k, gamma):
     Pd = res.plan.to_dense().numpy()
     with contextlib.redirect_stdout(io.StringIO()):  # POT's projection prints shapes
         P = pot.smooth.smooth_ot_semi_dual(
-            a.numpy(), b.numpy(), C.numpy(), gamma,
-            reg_type="l2" if k is None else "sparsity_constrained", max_nz=k, stopThr=1e-12)
+            a.numpy(),
+            b.numpy(),
+            C.numpy(),
+            gamma,
+            reg_type="l2" if k is None else "sparsity_constrained",
+            max_nz=k,
+            stopThr=1e-12,
+        )
     np.testing.assert_allclose(Pd, P, atol=2e-5)
     assert res.converged and res.marginal_error <= 1e-5
     np.testing.assert_allclose(Pd.sum(0), b.numpy(), atol=1e-12)  # columns exact
@@ -344,15 +423,18 @@ def test_sparse_ot_reg_cost_gradients():
     with torch.no_grad():
         e = torch.zeros_like(b)
         e[0], e[1] = h, -h
-        fd = (dot.sparse_ot(a, b + e, C, **kw).reg_cost
-              - dot.sparse_ot(a, b - e, C, **kw).reg_cost) / (2 * h)
+        fd = (
+            dot.sparse_ot(a, b + e, C, **kw).reg_cost - dot.sparse_ot(a, b - e, C, **kw).reg_cost
+        ) / (2 * h)
     assert float(b.grad[0] - b.grad[1]) == pytest.approx(float(fd), abs=1e-6)
     Cp = C.detach().clone()
     Cp[2, 3] += h
     Cm = C.detach().clone()
     Cm[2, 3] -= h
-    fd_c = (dot.sparse_ot(a.detach(), b.detach(), Cp, **kw).reg_cost
-            - dot.sparse_ot(a.detach(), b.detach(), Cm, **kw).reg_cost) / (2 * h)
+    fd_c = (
+        dot.sparse_ot(a.detach(), b.detach(), Cp, **kw).reg_cost
+        - dot.sparse_ot(a.detach(), b.detach(), Cm, **kw).reg_cost
+    ) / (2 * h)
     assert float(C.grad[2, 3]) == pytest.approx(float(fd_c), abs=1e-6)
 
 
@@ -368,6 +450,7 @@ def kernel_sums(x, y, a, b, kernel, sigma):
     def k(u, v):
         d2 = ((u[:, None, :] - v[None, :, :]) ** 2).sum(-1)
         return torch.exp(-d2 / (2 * sigma**2)) if kernel == "gaussian" else -d2.clamp_min(0).sqrt()
+
     return a @ k(x, x) @ a, b @ k(y, y) @ b, a @ k(x, y) @ b
 
 
@@ -379,13 +462,17 @@ def test_mmd_matches_direct_sums_and_gradcheck(kernel):
     assert v.item() == pytest.approx((xx + yy - 2 * xy).item(), rel=1e-12)
     assert abs(dot.mmd(x, x, a, a, kernel=kernel, sigma=0.8).item()) < 1e-12
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda u, w: dot.mmd(u, w, a, b, kernel=kernel, sigma=0.8),
-                                    (xr, yr))
+    assert torch.autograd.gradcheck(
+        lambda u, w: dot.mmd(u, w, a, b, kernel=kernel, sigma=0.8), (xr, yr)
+    )
     # Unweighted MMD with the energy kernel is the energy distance.
     if kernel == "energy":
         x2, y2 = x.numpy(), y.numpy()
-        e = 2 * pot.dist(x2, y2, "euclidean").mean() - pot.dist(x2, x2, "euclidean").mean() - \
-            pot.dist(y2, y2, "euclidean").mean()
+        e = (
+            2 * pot.dist(x2, y2, "euclidean").mean()
+            - pot.dist(x2, x2, "euclidean").mean()
+            - pot.dist(y2, y2, "euclidean").mean()
+        )
         assert dot.mmd(x, y, kernel="energy").item() == pytest.approx(e, rel=1e-12)
 
 
@@ -393,13 +480,13 @@ def test_cs_divergence_matches_direct_sums_and_gradcheck():
     x, y, a, b = clouds(n=15, m=12, d=3, seed=16)
     xx, yy, xy = kernel_sums(x, y, a, b, "gaussian", 1.3)
     v = dot.cs_divergence(x, y, a, b, sigma=1.3)
-    assert v.item() == pytest.approx((torch.log(xx) + torch.log(yy) - 2 * torch.log(xy)).item(),
-                                     rel=1e-12)
+    assert v.item() == pytest.approx(
+        (torch.log(xx) + torch.log(yy) - 2 * torch.log(xy)).item(), rel=1e-12
+    )
     assert v.item() > 0
     assert abs(dot.cs_divergence(x, x, a, a, sigma=1.3).item()) < 1e-12
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda u, w: dot.cs_divergence(u, w, a, b, sigma=1.3),
-                                    (xr, yr))
+    assert torch.autograd.gradcheck(lambda u, w: dot.cs_divergence(u, w, a, b, sigma=1.3), (xr, yr))
 
 
 # ---- bad input: each raises divkit.Error (a ValueError) naming the argument ----
@@ -409,13 +496,16 @@ def test_bad_input_raises_naming_the_argument():
     x, y, a, b = clouds(n=5, m=4, d=2)
     assert issubclass(divkit.Error, ValueError)
     with pytest.raises(divkit.Error, match="a has a negative weight"):
-        dot.sinkhorn(x, y, torch.tensor([0.5, -0.1, 0.2, 0.2, 0.2], dtype=torch.float64), b,
-                     eps=0.1)
+        dot.sinkhorn(
+            x, y, torch.tensor([0.5, -0.1, 0.2, 0.2, 0.2], dtype=torch.float64), b, eps=0.1
+        )
     with pytest.raises(divkit.Error, match="equal total mass"):
         dot.sinkhorn(x, y, a, b * 2, eps=0.1)
     xn = x.clone()
     xn[2, 1] = float("nan")
-    with pytest.raises(divkit.Error, match=r"x has a non-finite value \(NaN or inf\) at \[0, 2, 1\]"):
+    with pytest.raises(
+        divkit.Error, match=r"x has a non-finite value \(NaN or inf\) at \[0, 2, 1\]"
+    ):
         dot.sinkhorn(xn, y, eps=0.1)
     for e in (0.0, -1.0, float("inf")):
         with pytest.raises(divkit.Error, match="eps must be finite and > 0"):

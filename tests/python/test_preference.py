@@ -4,8 +4,6 @@ and bad input. (Comparisons with TRL's own code are in test_preference_trl.py.)"
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,18 +19,32 @@ def t(*xs, dtype=torch.float64):
     return torch.tensor(xs, dtype=dtype)
 
 
-@pytest.mark.parametrize("loss_type,kw,value", [
-    ("sigmoid", {}, 0.598139), ("sigmoid", {"label_smoothing": 0.1}, 0.618139),
-    ("robust", {"label_smoothing": 0.1}, 0.573139), ("hinge", {}, 0.8), ("ipo", {}, 9.0),
-    ("nca_pair", {}, 1.338793), ("bco_pair", {}, 1.288793), ("sppo_hard", {}, 32.0),
-    ("apo_zero", {}, 0.950042), ("apo_down", {}, 0.975145),
-    ("sigmoid", {"f_divergence_type": "js_divergence"}, 0.644397),
-])
+@pytest.mark.parametrize(
+    "loss_type,kw,value",
+    [
+        ("sigmoid", {}, 0.598139),
+        ("sigmoid", {"label_smoothing": 0.1}, 0.618139),
+        ("robust", {"label_smoothing": 0.1}, 0.573139),
+        ("hinge", {}, 0.8),
+        ("ipo", {}, 9.0),
+        ("nca_pair", {}, 1.338793),
+        ("bco_pair", {}, 1.288793),
+        ("sppo_hard", {}, 32.0),
+        ("apo_zero", {}, 0.950042),
+        ("apo_down", {}, 0.975145),
+        ("sigmoid", {"f_divergence_type": "js_divergence"}, 0.644397),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_values(loss_type, kw, value, dtype):
-    losses, cr, rj = divkit.preference_loss(t(W, dtype=dtype), t(L_, dtype=dtype),
-                                            t(R, dtype=dtype), t(R, dtype=dtype),
-                                            loss_type=loss_type, **kw)
+    losses, cr, rj = divkit.preference_loss(
+        t(W, dtype=dtype),
+        t(L_, dtype=dtype),
+        t(R, dtype=dtype),
+        t(R, dtype=dtype),
+        loss_type=loss_type,
+        **kw,
+    )
     assert losses.dtype == dtype
     assert losses.item() == pytest.approx(value, abs=1e-6)
     assert cr.item() == pytest.approx(0.1) and rj.item() == pytest.approx(-0.1)
@@ -55,11 +67,20 @@ def rand(n, seed, scale=2.0):
 @pytest.mark.parametrize("f", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
 def test_gradcheck(loss_type, f):
     # sft has no score: it accepts any f-divergence, as TRL does.
-    if f != "reverse_kl" and loss_type not in ("sigmoid", "sigmoid_norm", "hinge", "ipo",
-                                               "exo_pair", "robust", "discopop", "sft"):
+    if f != "reverse_kl" and loss_type not in (
+        "sigmoid",
+        "sigmoid_norm",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "robust",
+        "discopop",
+        "sft",
+    ):
         with pytest.raises(divkit.Error, match="f_divergence_type"):
-            divkit.preference_loss(t(W), t(L_), t(R), t(R), loss_type=loss_type,
-                                   f_divergence_type=f)
+            divkit.preference_loss(
+                t(W), t(L_), t(R), t(R), loss_type=loss_type, f_divergence_type=f
+            )
         return
     pc, pr, rc, rr = (rand(5, s, 0.3) for s in range(4))
     lengths = torch.tensor([3, 5, 1, 7, 2]), torch.tensor([4, 4, 2, 9, 1])
@@ -69,9 +90,18 @@ def test_gradcheck(loss_type, f):
 
     def fn(pc, pr, rc, rr):
         losses, _, _ = divkit.preference_loss(
-            pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=eps,
-            f_divergence_type=f, f_alpha_divergence_coef=0.6, chosen_lengths=lengths[0],
-            rejected_lengths=lengths[1])
+            pc,
+            pr,
+            rc,
+            rr,
+            loss_type=loss_type,
+            beta=beta,
+            label_smoothing=eps,
+            f_divergence_type=f,
+            f_alpha_divergence_coef=0.6,
+            chosen_lengths=lengths[0],
+            rejected_lengths=lengths[1],
+        )
         return losses * upstream
 
     assert gradcheck(fn, (pc, pr, rc, rr))
@@ -80,9 +110,15 @@ def test_gradcheck(loss_type, f):
 def test_gradcheck_combined_and_weighted():
     pc, pr, rc, rr = (rand(6, 10 + s) for s in range(4))
     w = torch.rand(6, dtype=torch.float64) + 0.5
-    assert gradcheck(lambda *x: divkit.preference_loss(
-        *x, loss_type=["sigmoid", "aot_unpaired", "discopop"], loss_weights=[0.5, 1.0, 2.0],
-        policy_weights=w)[0], (pc, pr, rc, rr))
+    assert gradcheck(
+        lambda *x: divkit.preference_loss(
+            *x,
+            loss_type=["sigmoid", "aot_unpaired", "discopop"],
+            loss_weights=[0.5, 1.0, 2.0],
+            policy_weights=w,
+        )[0],
+        (pc, pr, rc, rr),
+    )
 
 
 def cdpo(pc, pr, rc, rr, beta, eps):
@@ -97,8 +133,9 @@ def test_cdpo_matches_torch(eps):
     torch.testing.assert_close(got, cdpo(*x, 0.3, eps), rtol=1e-12, atol=1e-12)
     if eps == 0.5:  # label smoothing 0.5 makes the loss even in the margin
         y = [x[1], x[0], x[3], x[2]]
-        torch.testing.assert_close(got, divkit.preference_loss(*y, label_smoothing=eps,
-                                                               beta=0.3)[0])
+        torch.testing.assert_close(
+            got, divkit.preference_loss(*y, label_smoothing=eps, beta=0.3)[0]
+        )
 
 
 def test_large_margins():
@@ -110,13 +147,14 @@ def test_large_margins():
         else:
             kw = {}
         x = [v.clone().requires_grad_() for v in (pc, pr, rc, rr)]
-        losses, _, _ = divkit.preference_loss(*x, loss_type=lt, chosen_lengths=[1, 1],
-                                              rejected_lengths=[1, 1], **kw)
+        losses, _, _ = divkit.preference_loss(
+            *x, loss_type=lt, chosen_lengths=[1, 1], rejected_lengths=[1, 1], **kw
+        )
         losses.sum().backward()
         assert torch.isfinite(losses).all(), lt
         assert all(torch.isfinite(v.grad).all() for v in x), lt
     losses, _, _ = divkit.preference_loss(pc, pr, rc, rr, loss_type="discopop")
-    assert losses[0].item() == pytest.approx(0.0, abs=1e-12)   # right way: vanishing loss
+    assert losses[0].item() == pytest.approx(0.0, abs=1e-12)  # right way: vanishing loss
     # wrong way: TRL's fp32 form gives exp(1000) * sigmoid(-20000) = inf * 0 = NaN
     assert losses[1].item() == pytest.approx(1000.0, rel=1e-12)
 
@@ -137,9 +175,14 @@ def test_float32_inputs_and_grad_dtype():
 def test_metrics():
     cr, rj = t(0.3, -0.1, 0.2), t(0.1, 0.0, 0.5)
     m = divkit.preference_metrics(cr, rj, prefix="eval_")
-    assert m == pytest.approx({"eval_rewards/chosen": 0.4 / 3, "eval_rewards/rejected": 0.2,
-                               "eval_rewards/accuracies": 1 / 3,
-                               "eval_rewards/margins": (0.2 - 0.1 - 0.3) / 3})
+    assert m == pytest.approx(
+        {
+            "eval_rewards/chosen": 0.4 / 3,
+            "eval_rewards/rejected": 0.2,
+            "eval_rewards/accuracies": 1 / 3,
+            "eval_rewards/margins": (0.2 - 0.1 - 0.3) / 3,
+        }
+    )
 
 
 def test_wpo_weights_formula():
@@ -157,17 +200,23 @@ def test_wpo_weights_formula():
 
 
 def test_cpo_orpo_kto_gradcheck():
-    pc, pr = (-torch.rand(5, dtype=torch.float64) * 2 - 0.05).requires_grad_(), (
-        -torch.rand(5, dtype=torch.float64) * 2 - 0.05).requires_grad_()
-    assert gradcheck(lambda a, b: divkit.cpo_loss(a, b, loss_type="simpo", alpha=0.3,
-                                                  beta=2.0)[0], (pc, pr))
+    pc, pr = (
+        (-torch.rand(5, dtype=torch.float64) * 2 - 0.05).requires_grad_(),
+        (-torch.rand(5, dtype=torch.float64) * 2 - 0.05).requires_grad_(),
+    )
+    assert gradcheck(
+        lambda a, b: divkit.cpo_loss(a, b, loss_type="simpo", alpha=0.3, beta=2.0)[0], (pc, pr)
+    )
     assert gradcheck(lambda a, b: divkit.odds_ratio_loss(a, b)[0], (pc, pr))
     rc, rr = rand(5, 20), rand(3, 21)
     pc2, pr2 = rand(5, 22), rand(3, 23)
     kl_p, kl_r = rand(4, 24), rand(4, 25).detach() - 1
-    assert gradcheck(lambda a, b, c, d: divkit.kto_loss(a, b, kl_p.detach(), c, d, kl_r,
-                                                        desirable_weight=1.3)[0],
-                     (pc2, pr2, rc, rr))
+    assert gradcheck(
+        lambda a, b, c, d: divkit.kto_loss(a, b, kl_p.detach(), c, d, kl_r, desirable_weight=1.3)[
+            0
+        ],
+        (pc2, pr2, rc, rr),
+    )
 
 
 def test_orpo_total_loss():
@@ -180,8 +229,7 @@ def test_orpo_total_loss():
 
 def test_kto_unpaired_edges():
     # only desirable examples; KL clamped at 0 when the policy is below the reference
-    losses, cr, rj, kl = divkit.kto_loss(t(-3.0, -4.0), t(), t(-5.0), t(-3.5, -3.0), t(),
-                                         t(-4.0))
+    losses, cr, rj, kl = divkit.kto_loss(t(-3.0, -4.0), t(), t(-5.0), t(-3.5, -3.0), t(), t(-4.0))
     assert kl.item() == 0.0 and rj.numel() == 0
     want = 1 - torch.sigmoid(0.1 * (t(-3.0, -4.0) - t(-3.5, -3.0)))
     torch.testing.assert_close(losses, want)
@@ -252,8 +300,9 @@ def torch_token_terms(pol, ref, labels):
 def test_tdpo_matches_torch(variant):
     pcl, prl, rcl, rrl, cl, rl = token_batch(60)
     pcl.requires_grad_(), prl.requires_grad_()
-    losses, cr, rj = divkit.tdpo_loss(pcl, prl, rcl, rrl, cl, rl, beta=0.5, alpha=0.7,
-                                      variant=variant)
+    losses, cr, rj = divkit.tdpo_loss(
+        pcl, prl, rcl, rrl, cl, rl, beta=0.5, alpha=0.7, variant=variant
+    )
     gw = torch.autograd.grad(losses.sum(), (pcl, prl))
     a = 1.0 if variant == "tdpo1" else 0.7
     rw, kw = torch_token_terms(pcl, rcl, cl)
@@ -293,8 +342,13 @@ def test_tdpo_gradcheck():
     pcl, prl, rcl, rrl, cl, rl = token_batch(63, b=2, tlen=3, v=5)
     pcl.requires_grad_(), prl.requires_grad_()
     # divkit's token kernel computes in fp32: gradcheck with fp32-sized steps and tolerances
-    assert gradcheck(lambda a, b: divkit.tdpo_loss(a, b, rcl, rrl, cl, rl, variant="tdpo1")[0],
-                     (pcl, prl), eps=1e-3, atol=2e-3, rtol=2e-2)
+    assert gradcheck(
+        lambda a, b: divkit.tdpo_loss(a, b, rcl, rrl, cl, rl, variant="tdpo1")[0],
+        (pcl, prl),
+        eps=1e-3,
+        atol=2e-3,
+        rtol=2e-2,
+    )
 
 
 def test_sparsepo_matches_torch_and_reduces_to_tdpo1():
@@ -303,22 +357,40 @@ def test_sparsepo_matches_torch_and_reduces_to_tdpo1():
     tdpo1 = divkit.tdpo_loss(pcl, prl, rcl, rrl, cl, rl, beta=0.3, variant="tdpo1")[0]
     torch.testing.assert_close(ones, tdpo1, rtol=1e-12, atol=1e-12)
     g = torch.Generator().manual_seed(1)
-    masks = [torch.rand(2, 5, generator=g, dtype=torch.float64).requires_grad_()
-             for _ in range(4)]
-    losses, _, _ = divkit.sparsepo_loss(pcl, prl, rcl, rrl, cl, rl, chosen_reward_mask=masks[0],
-                                        rejected_reward_mask=masks[1], chosen_kl_mask=masks[2],
-                                        rejected_kl_mask=masks[3], beta=0.3, l1_reward=0.01,
-                                        l1_kl=0.02)
+    masks = [torch.rand(2, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(4)]
+    losses, _, _ = divkit.sparsepo_loss(
+        pcl,
+        prl,
+        rcl,
+        rrl,
+        cl,
+        rl,
+        chosen_reward_mask=masks[0],
+        rejected_reward_mask=masks[1],
+        chosen_kl_mask=masks[2],
+        rejected_kl_mask=masks[3],
+        beta=0.3,
+        l1_reward=0.01,
+        l1_kl=0.02,
+    )
     mw, ml = cl != -100, rl != -100
-    lp = lambda x, lab: (x.log_softmax(-1).gather(-1, lab.clamp(min=0)[..., None])  # noqa
-                         .squeeze(-1))
-    klt = lambda p, r: (r.log_softmax(-1).exp() * (r.log_softmax(-1) - p.log_softmax(-1))  # noqa
-                        ).sum(-1)
+    lp = lambda x, lab: (
+        x.log_softmax(-1)
+        .gather(-1, lab.clamp(min=0)[..., None])  # noqa
+        .squeeze(-1)
+    )
+    klt = lambda p, r: (
+        (
+            r.log_softmax(-1).exp() * (r.log_softmax(-1) - p.log_softmax(-1))  # noqa
+        ).sum(-1)
+    )
     u = (masks[0] * (lp(pcl, cl) - lp(rcl, cl)) * mw).sum(-1) - (
-        masks[1] * (lp(prl, rl) - lp(rrl, rl)) * ml).sum(-1)
+        masks[1] * (lp(prl, rl) - lp(rrl, rl)) * ml
+    ).sum(-1)
     d = -(masks[2] * klt(pcl, rcl) * mw).sum(-1) + (masks[3] * klt(prl, rrl) * ml).sum(-1)
     l1 = 0.01 * ((masks[0] * mw).sum(-1) + (masks[1] * ml).sum(-1)) + 0.02 * (
-        (masks[2] * mw).sum(-1) + (masks[3] * ml).sum(-1))
+        (masks[2] * mw).sum(-1) + (masks[3] * ml).sum(-1)
+    )
     want = -F.logsigmoid(0.3 * (u - d)) + l1
     torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-6)
     # gradients reach the masks
@@ -335,11 +407,22 @@ def test_sparsepo_mask_module():
     r, k = m(hs)
     assert r.shape == (2, 5) and k.shape == (2, 5)
     assert (r >= 0).all() and (k >= 0).all()
-    pcl, prl, rcl, rrl, cl, rl = (x.float() if x.is_floating_point() else x
-                                  for x in token_batch(65))
-    loss = divkit.sparsepo_loss(pcl, prl, rcl, rrl, cl, rl, chosen_reward_mask=r,
-                                rejected_reward_mask=r, chosen_kl_mask=k, rejected_kl_mask=k,
-                                l1_reward=0.1)[0].sum()
+    pcl, prl, rcl, rrl, cl, rl = (
+        x.float() if x.is_floating_point() else x for x in token_batch(65)
+    )
+    loss = divkit.sparsepo_loss(
+        pcl,
+        prl,
+        rcl,
+        rrl,
+        cl,
+        rl,
+        chosen_reward_mask=r,
+        rejected_reward_mask=r,
+        chosen_kl_mask=k,
+        rejected_kl_mask=k,
+        l1_reward=0.1,
+    )[0].sum()
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
@@ -391,5 +474,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="labels must have shape"):
         divkit.tdpo_loss(pcl, prl, rcl, rrl, cl[:, :3], rl)
     with pytest.raises(ValueError, match="k >= 2"):
-        divkit.hypo_loss(a, a, a, a, torch.zeros(2, 1, dtype=torch.float64),
-                         torch.zeros(2, 1, dtype=torch.float64))
+        divkit.hypo_loss(
+            a,
+            a,
+            a,
+            a,
+            torch.zeros(2, 1, dtype=torch.float64),
+            torch.zeros(2, 1, dtype=torch.float64),
+        )

@@ -18,9 +18,14 @@ def batch(seed, bias=False):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     x = {
-        "hc": r(B, T, H), "hr": r(B, T, H), "w": r(V, H) * 0.5,
-        "rhc": r(B, T, HR), "rhr": r(B, T, HR), "rw": r(V, HR) * 0.5,
-        "b": r(V) * 0.3 if bias else None, "rb": r(V) * 0.3 if bias else None,
+        "hc": r(B, T, H),
+        "hr": r(B, T, H),
+        "w": r(V, H) * 0.5,
+        "rhc": r(B, T, HR),
+        "rhr": r(B, T, HR),
+        "rw": r(V, HR) * 0.5,
+        "b": r(V) * 0.3 if bias else None,
+        "rb": r(V) * 0.3 if bias else None,
     }
     cl = torch.randint(0, V, (B, T), generator=g)
     rl = torch.randint(0, V, (B, T), generator=g)
@@ -51,17 +56,43 @@ def test_tdpo_fused_equals_logits_path(ref_mode, variant, bias):
     # the materialized reference computation
     p = leaves(x)
     rcl, rrl = logits(x["rhc"], x["rw"], x["rb"]), logits(x["rhr"], x["rw"], x["rb"])
-    want = divkit.tdpo_loss(logits(p["hc"], p["w"], p.get("b")), logits(p["hr"], p["w"], p.get("b")),
-                            rcl, rrl, x["cl"], x["rl"], beta=0.4, alpha=0.6, variant=variant)
+    want = divkit.tdpo_loss(
+        logits(p["hc"], p["w"], p.get("b")),
+        logits(p["hr"], p["w"], p.get("b")),
+        rcl,
+        rrl,
+        x["cl"],
+        x["rl"],
+        beta=0.4,
+        alpha=0.6,
+        variant=variant,
+    )
     gw = torch.autograd.grad(want[0].sum(), list(p.values()))
     # fused
     q = leaves(x)
-    ref = (dict(ref_chosen_logits=rcl, ref_rejected_logits=rrl) if ref_mode == "logits" else
-           dict(ref_chosen_hidden=x["rhc"], ref_rejected_hidden=x["rhr"], ref_weight=x["rw"],
-                ref_bias=x["rb"]))
-    got = divkit.tdpo_loss_fused(q["hc"], q["hr"], q["w"], x["cl"], x["rl"],
-                                 lm_head_bias=q.get("b"), beta=0.4, alpha=0.6, variant=variant,
-                                 chunk_size=5, **ref)
+    ref = (
+        dict(ref_chosen_logits=rcl, ref_rejected_logits=rrl)
+        if ref_mode == "logits"
+        else dict(
+            ref_chosen_hidden=x["rhc"],
+            ref_rejected_hidden=x["rhr"],
+            ref_weight=x["rw"],
+            ref_bias=x["rb"],
+        )
+    )
+    got = divkit.tdpo_loss_fused(
+        q["hc"],
+        q["hr"],
+        q["w"],
+        x["cl"],
+        x["rl"],
+        lm_head_bias=q.get("b"),
+        beta=0.4,
+        alpha=0.6,
+        variant=variant,
+        chunk_size=5,
+        **ref,
+    )
     gg = torch.autograd.grad(got[0].sum(), list(q.values()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -77,9 +108,16 @@ def test_tdpo2_fused_stop_gradient():
     x = batch(3)
     hc = x["hc"].clone().requires_grad_()
     rcl, rrl = logits(x["rhc"], x["rw"], None), logits(x["rhr"], x["rw"], None)
-    losses, _, _ = divkit.tdpo_loss_fused(hc, x["hr"], x["w"], x["cl"], x["rl"],
-                                          ref_chosen_logits=rcl, ref_rejected_logits=rrl,
-                                          beta=0.5)
+    losses, _, _ = divkit.tdpo_loss_fused(
+        hc,
+        x["hr"],
+        x["w"],
+        x["cl"],
+        x["rl"],
+        ref_chosen_logits=rcl,
+        ref_rejected_logits=rrl,
+        beta=0.5,
+    )
     (g,) = torch.autograd.grad(losses.sum(), hc)
     lp = divkit.fused_linear_logprobs(hc, x["w"], x["cl"]).sum(-1)
     (gr,) = torch.autograd.grad(lp.sum(), hc)
@@ -97,18 +135,35 @@ def test_sparsepo_fused_equals_logits_path(ref_mode):
     for fused in (False, True):
         p = leaves(x)
         m = [mm.clone().requires_grad_() for mm in masks]
-        mk = dict(chosen_reward_mask=m[0], rejected_reward_mask=m[1], chosen_kl_mask=m[2],
-                  rejected_kl_mask=m[3])
+        mk = dict(
+            chosen_reward_mask=m[0],
+            rejected_reward_mask=m[1],
+            chosen_kl_mask=m[2],
+            rejected_kl_mask=m[3],
+        )
         rcl, rrl = logits(x["rhc"], x["rw"], None), logits(x["rhr"], x["rw"], None)
         if fused:
-            ref = (dict(ref_chosen_logits=rcl, ref_rejected_logits=rrl) if ref_mode == "logits"
-                   else dict(ref_chosen_hidden=x["rhc"], ref_rejected_hidden=x["rhr"],
-                             ref_weight=x["rw"]))
-            out = divkit.sparsepo_loss_fused(p["hc"], p["hr"], p["w"], x["cl"], x["rl"], **ref,
-                                             **mk, **kw)
+            ref = (
+                dict(ref_chosen_logits=rcl, ref_rejected_logits=rrl)
+                if ref_mode == "logits"
+                else dict(
+                    ref_chosen_hidden=x["rhc"], ref_rejected_hidden=x["rhr"], ref_weight=x["rw"]
+                )
+            )
+            out = divkit.sparsepo_loss_fused(
+                p["hc"], p["hr"], p["w"], x["cl"], x["rl"], **ref, **mk, **kw
+            )
         else:
-            out = divkit.sparsepo_loss(logits(p["hc"], p["w"], None), logits(p["hr"], p["w"], None),
-                                       rcl, rrl, x["cl"], x["rl"], **mk, **kw)
+            out = divkit.sparsepo_loss(
+                logits(p["hc"], p["w"], None),
+                logits(p["hr"], p["w"], None),
+                rcl,
+                rrl,
+                x["cl"],
+                x["rl"],
+                **mk,
+                **kw,
+            )
         grads = torch.autograd.grad(out[0].sum(), list(p.values()) + m)
         runs.append((out, grads))
     (o1, g1), (o2, g2) = runs
@@ -124,14 +179,26 @@ def test_exact_kl_fused_equals_exact_kl(direction, ref_mode):
     x = batch(30, bias=True)
     p = leaves(x)
     rz = logits(x["rhc"], x["rw"], x["rb"])
-    want = rlhf.exact_kl(logits(p["hc"], p["w"], p["b"]), rz, labels=x["cl"],
-                         direction=direction, temperature=1.5)
+    want = rlhf.exact_kl(
+        logits(p["hc"], p["w"], p["b"]), rz, labels=x["cl"], direction=direction, temperature=1.5
+    )
     gw = torch.autograd.grad(want.sum(), [p["hc"], p["w"], p["b"]])
     q = leaves(x)
-    ref = (dict(ref_logits=rz) if ref_mode == "logits" else
-           dict(ref_hidden=x["rhc"], ref_weight=x["rw"], ref_bias=x["rb"]))
-    got = rlhf.exact_kl_fused(q["hc"], q["w"], lm_head_bias=q["b"], labels=x["cl"],
-                              direction=direction, temperature=1.5, chunk_size=4, **ref)
+    ref = (
+        dict(ref_logits=rz)
+        if ref_mode == "logits"
+        else dict(ref_hidden=x["rhc"], ref_weight=x["rw"], ref_bias=x["rb"])
+    )
+    got = rlhf.exact_kl_fused(
+        q["hc"],
+        q["w"],
+        lm_head_bias=q["b"],
+        labels=x["cl"],
+        direction=direction,
+        temperature=1.5,
+        chunk_size=4,
+        **ref,
+    )
     gg = torch.autograd.grad(got.sum(), [q["hc"], q["w"], q["b"]])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (got[x["cl"] == -100] == 0).all() and (got[x["cl"] != -100] > 0).all()
@@ -145,17 +212,46 @@ def test_fused_bad_input():
     with pytest.raises(ValueError, match="either ref_logits or ref_hidden"):
         divkit.tdpo_loss_fused(x["hc"], x["hr"], x["w"], x["cl"], x["rl"])
     with pytest.raises(ValueError, match="lm_head_weight"):
-        divkit.tdpo_loss_fused(x["hc"], x["hr"], x["rw"], x["cl"], x["rl"],
-                               ref_chosen_logits=rcl, ref_rejected_logits=rrl)
+        divkit.tdpo_loss_fused(
+            x["hc"],
+            x["hr"],
+            x["rw"],
+            x["cl"],
+            x["rl"],
+            ref_chosen_logits=rcl,
+            ref_rejected_logits=rrl,
+        )
     with pytest.raises(ValueError, match="batch sizes disagree"):
-        divkit.tdpo_loss_fused(x["hc"], x["hr"][:1], x["w"], x["cl"], x["rl"],
-                               ref_chosen_logits=rcl, ref_rejected_logits=rrl)
+        divkit.tdpo_loss_fused(
+            x["hc"],
+            x["hr"][:1],
+            x["w"],
+            x["cl"],
+            x["rl"],
+            ref_chosen_logits=rcl,
+            ref_rejected_logits=rrl,
+        )
     with pytest.raises(ValueError, match="ref_logits must have shape"):
-        divkit.sparsepo_loss_fused(x["hc"], x["hr"], x["w"], x["cl"], x["rl"],
-                                   ref_chosen_logits=rcl[..., :-1], ref_rejected_logits=rrl)
+        divkit.sparsepo_loss_fused(
+            x["hc"],
+            x["hr"],
+            x["w"],
+            x["cl"],
+            x["rl"],
+            ref_chosen_logits=rcl[..., :-1],
+            ref_rejected_logits=rrl,
+        )
     with pytest.raises(ValueError, match="beta"):
-        divkit.tdpo_loss_fused(x["hc"], x["hr"], x["w"], x["cl"], x["rl"], beta=0.0,
-                               ref_chosen_logits=rcl, ref_rejected_logits=rrl)
+        divkit.tdpo_loss_fused(
+            x["hc"],
+            x["hr"],
+            x["w"],
+            x["cl"],
+            x["rl"],
+            beta=0.0,
+            ref_chosen_logits=rcl,
+            ref_rejected_logits=rrl,
+        )
     with pytest.raises(ValueError, match="direction"):
         rlhf.exact_kl_fused(x["hc"], x["w"], ref_logits=rcl, direction="forward")
     with pytest.raises(ValueError, match="chunk_size"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,24 +45,38 @@ def with_params(case, data):
     elif kind == "alpha_divergence":
         # Within 0.05 of the limits 0 and 1 the formula cancels badly in fp32 (see
         # test_alpha_near_one_identical_inputs); the limits themselves are exact.
-        params["alpha"] = data.draw(st.one_of(
-            st.sampled_from([0.0, 1.0]), st.floats(-2.0, -0.05), st.floats(0.05, 0.95),
-            st.floats(1.05, 3.0)))
+        params["alpha"] = data.draw(
+            st.one_of(
+                st.sampled_from([0.0, 1.0]),
+                st.floats(-2.0, -0.05),
+                st.floats(0.05, 0.95),
+                st.floats(1.05, 3.0),
+            )
+        )
     elif kind == "renyi":
-        params["alpha"] = data.draw(st.one_of(
-            st.just(1.0), st.floats(0.05, 0.95), st.floats(1.05, 4.0)))
+        params["alpha"] = data.draw(
+            st.one_of(st.just(1.0), st.floats(0.05, 0.95), st.floats(1.05, 4.0))
+        )
     return kind, params
 
 
 @SETTINGS
-@given(case=kind_cases, shape=shapes, scale=scales, seed=seeds, temperature=temperatures,
-       data=st.data())
-def test_divergence_of_a_distribution_with_itself_is_zero(case, shape, scale, seed, temperature,
-                                                         data):
+@given(
+    case=kind_cases,
+    shape=shapes,
+    scale=scales,
+    seed=seeds,
+    temperature=temperatures,
+    data=st.data(),
+)
+def test_divergence_of_a_distribution_with_itself_is_zero(
+    case, shape, scale, seed, temperature, data
+):
     kind, params = with_params(case, data)
     x = logits(*shape, scale=scale, seed=seed)
-    loss = divkit.divergence(x, x.clone(), kind, reduction="none", temperature=temperature,
-                             **params)
+    loss = divkit.divergence(
+        x, x.clone(), kind, reduction="none", temperature=temperature, **params
+    )
     atol = fp32_atol(x, temperature, kind, params)
     if kind == "cross_entropy":  # H(p, p) is the entropy, not 0
         p = torch.log_softmax(x.double() / temperature, -1)
@@ -74,8 +87,14 @@ def test_divergence_of_a_distribution_with_itself_is_zero(case, shape, scale, se
 
 
 @SETTINGS
-@given(case=kind_cases, shape=shapes, scale=scales, seed=seeds, temperature=temperatures,
-       data=st.data())
+@given(
+    case=kind_cases,
+    shape=shapes,
+    scale=scales,
+    seed=seeds,
+    temperature=temperatures,
+    data=st.data(),
+)
 def test_non_negative_and_bounded(case, shape, scale, seed, temperature, data):
     kind, params = with_params(case, data)
     s = logits(*shape, scale=scale, seed=seed)
@@ -121,9 +140,13 @@ def test_limits(shape, scale, seed):
 
 
 @SETTINGS
-@given(case=kind_cases, lead=st.lists(st.integers(1, 3), min_size=0, max_size=3),
-       v=st.integers(1, 20), reduction=st.sampled_from(["none", "sum", "mean", "batchmean"]),
-       data=st.data())
+@given(
+    case=kind_cases,
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    v=st.integers(1, 20),
+    reduction=st.sampled_from(["none", "sum", "mean", "batchmean"]),
+    data=st.data(),
+)
 def test_shapes(case, lead, v, reduction, data):
     kind, params = with_params(case, data)
     shape = (*lead, v)

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import divkit
 from divkit import rlhf
 
 
@@ -60,8 +59,7 @@ def test_exact_kl_directions():
     (g2,) = torch.autograd.grad(want.sum(), pol)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
     back = rlhf.exact_kl(pol, ref, direction="ref_policy")
-    torch.testing.assert_close(back.double(), (lr.exp() * (lr - lp)).sum(-1), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(back.double(), (lr.exp() * (lr - lp)).sum(-1), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="direction"):
         rlhf.exact_kl(pol, ref, direction="forward")
 
@@ -71,8 +69,9 @@ def test_ensembles():
     torch.testing.assert_close(rlhf.ensemble_rewards(r, "mean"), torch.tensor([2.0, 1.0]))
     torch.testing.assert_close(rlhf.ensemble_rewards(r, "wco"), torch.tensor([1.0, 0.0]))
     var = torch.tensor([2.0 / 3.0, 2.0 / 3.0])  # population variance
-    torch.testing.assert_close(rlhf.ensemble_rewards(r, "uwo", uwo_lambda=0.5),
-                               torch.tensor([2.0, 1.0]) - 0.5 * var)
+    torch.testing.assert_close(
+        rlhf.ensemble_rewards(r, "uwo", uwo_lambda=0.5), torch.tensor([2.0, 1.0]) - 0.5 * var
+    )
     with pytest.raises(ValueError, match="unknown method"):
         rlhf.ensemble_rewards(r, "max")
 
@@ -125,8 +124,9 @@ def test_topk_entropy_mass():
     q = torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)
     assert ent.item() == pytest.approx(-(q * q.log()).sum().item())
     # k = V: the full entropy and mass 1; averages skip ignored tokens
-    ent, mass, me, mm = rlhf.topk_entropy_mass(logits.repeat(2, 1), 4,
-                                               labels=torch.tensor([0, -100]))
+    ent, mass, me, mm = rlhf.topk_entropy_mass(
+        logits.repeat(2, 1), 4, labels=torch.tensor([0, -100])
+    )
     p = logits.exp()
     assert me.item() == pytest.approx(-(p * p.log()).sum().item())
     assert mm.item() == pytest.approx(1.0) and mass[1].item() == 0.0

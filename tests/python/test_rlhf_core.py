@@ -45,8 +45,11 @@ def test_kl_estimator_clamp_gradient_matches_torch():
 def test_ensemble_gradcheck(method):
     r = r64(4, 3, 2, seed=3)
     assert gradcheck(lambda x: rlhf.ensemble_rewards(x, method, uwo_lambda=0.3, dim=1), (r,))
-    want = {"mean": r.mean(1), "wco": r.min(1).values,
-            "uwo": r.mean(1) - 0.3 * r.var(1, unbiased=False)}[method]
+    want = {
+        "mean": r.mean(1),
+        "wco": r.min(1).values,
+        "uwo": r.mean(1) - 0.3 * r.var(1, unbiased=False),
+    }[method]
     torch.testing.assert_close(rlhf.ensemble_rewards(r, method, uwo_lambda=0.3, dim=1), want)
 
 
@@ -64,8 +67,14 @@ def test_d2o_gradcheck():
     ps, rs, pl, rl = r64(2, 3, seed=5), r64(2, 3, seed=6), r64(2, seed=7), r64(2, seed=8)
     assert gradcheck(lambda *x: divkit.d2o_loss(*x, beta=0.4, alpha=0.3)[0], (ps, rs, pl, rl))
     # f32 inputs: f32 losses, the torch formula
-    out = divkit.d2o_loss(ps.detach().float(), rs.detach().float(), pl.detach().float(),
-                          rl.detach().float(), beta=0.4, alpha=0.3)
+    out = divkit.d2o_loss(
+        ps.detach().float(),
+        rs.detach().float(),
+        pl.detach().float(),
+        rl.detach().float(),
+        beta=0.4,
+        alpha=0.3,
+    )
     want = -F.logsigmoid(0.4 / 3 * (ps - rs).sum(-1) - 0.3 * (pl - rl))
     assert out[0].dtype == torch.float32
     torch.testing.assert_close(out[0].double(), want.detach(), rtol=1e-6, atol=1e-6)
@@ -75,8 +84,9 @@ def test_superhf_gradient_and_kl_from_ref():
     lp, kl = r64(2, 4, seed=9), r64(2, 4, seed=10)
     rewards = torch.tensor([[0.1, 0.9, 0.5, 0.2], [2.0, -1.0, 3.0, 0.0]])
     lengths = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
-    assert gradcheck(lambda a, b: divkit.superhf_loss(a, rewards, kl=b, lengths=lengths,
-                                                      top_k=2)[0], (lp, kl))
+    assert gradcheck(
+        lambda a, b: divkit.superhf_loss(a, rewards, kl=b, lengths=lengths, top_k=2)[0], (lp, kl)
+    )
     # without kl: k1 from ref_logps, with its gradient reaching the policy log-probs
     ref = r64(2, 4, seed=11).detach()
     loss, idx = divkit.superhf_loss(lp, rewards, ref_logps=ref, kl_coef=0.5, top_k=1)

@@ -101,11 +101,16 @@ def test_cli_info(capsys):
 
 
 def test_cli_entry_points():
-    out = subprocess.run([sys.executable, "-m", "divkit", "info", "--json"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "divkit", "info", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert json.loads(out)["version"] == divkit.version()
     script = Path(sys.executable).parent / "divkit"
     if script.exists():  # the console script, where pip put it beside the interpreter
-        out = subprocess.run([str(script), "info"], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [str(script), "info"], check=True, capture_output=True, text=True
+        ).stdout
         assert out.startswith(f"divkit {divkit.version()}")

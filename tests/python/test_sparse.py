@@ -42,11 +42,23 @@ def divergence_formula(lp, lq, kind, beta=0.5, alpha=0.1):
     def kl(pa, la, lb):
         return _where_pos(pa, la - lb).sum(-1)
 
-    if kind == "jsd" and beta == 0 or kind in ("alpha_divergence", "renyi") and alpha == 1 \
-            or kind == "skew_forward_kl" and alpha == 0:
+    if (
+        kind == "jsd"
+        and beta == 0
+        or kind in ("alpha_divergence", "renyi")
+        and alpha == 1
+        or kind == "skew_forward_kl"
+        and alpha == 0
+    ):
         kind = "forward_kl"
-    if kind == "jsd" and beta == 1 or kind == "alpha_divergence" and alpha == 0 \
-            or kind == "skew_reverse_kl" and alpha == 0:
+    if (
+        kind == "jsd"
+        and beta == 1
+        or kind == "alpha_divergence"
+        and alpha == 0
+        or kind == "skew_reverse_kl"
+        and alpha == 0
+    ):
         kind = "reverse_kl"
     if kind == "forward_kl":
         return kl(p, lp, lq)
@@ -69,7 +81,9 @@ def divergence_formula(lp, lq, kind, beta=0.5, alpha=0.1):
         return ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
     if kind == "chi2":
         return torch.where(both_zero, zero, (p - q) ** 2 / q).sum(-1)
-    w = torch.where(both_zero, zero, torch.exp(alpha * lp + (1 - alpha) * lq.where(~both_zero, zero)))
+    w = torch.where(
+        both_zero, zero, torch.exp(alpha * lp + (1 - alpha) * lq.where(~both_zero, zero))
+    )
     if kind == "alpha_divergence":
         return (1 - w.sum(-1)) / (alpha * (1 - alpha))
     if kind == "renyi":
@@ -92,8 +106,21 @@ def buckets(s, idx, lp, tail, temperature):
     return torch.cat([lp, lp_tail], -1), torch.cat([lq, lq_tail], -1)
 
 
-def reference(s, idx, lp, kind="forward_kl", *, tail="bucket", temperature=1.0, labels=None,
-              weights=None, reduction="mean", num_items_in_batch=None, beta=0.5, alpha=0.1):
+def reference(
+    s,
+    idx,
+    lp,
+    kind="forward_kl",
+    *,
+    tail="bucket",
+    temperature=1.0,
+    labels=None,
+    weights=None,
+    reduction="mean",
+    num_items_in_batch=None,
+    beta=0.5,
+    alpha=0.1,
+):
     lpb, lqb = buckets(s, idx, lp, tail, temperature)
     d = divergence_formula(lpb, lqb, kind, beta, alpha)
     active = torch.ones(d.shape, dtype=torch.bool) if labels is None else labels != -100
@@ -131,8 +158,9 @@ def check(got_loss, want_loss, got_grad=None, want_grad=None, rtol=2e-5, atol=2e
     torch.testing.assert_close(got_loss.double(), want_loss.double(), rtol=rtol, atol=atol)
     if got_grad is not None:
         scale = max(1.0, want_grad.abs().max().item())
-        torch.testing.assert_close(got_grad.double(), want_grad.double(), rtol=0,
-                                   atol=atol * scale * 10)
+        torch.testing.assert_close(
+            got_grad.double(), want_grad.double(), rtol=0, atol=atol * scale * 10
+        )
 
 
 # ---- values and gradients ------------------------------------------------------------------
@@ -162,11 +190,27 @@ def test_matches_materialized_reference(case, tail):
 def test_reductions_and_num_items(reduction):
     s, idx, lp = student_and_teacher(seed=5, dtype=torch.float32)
     labels = torch.tensor([[0, -100, 2], [-100, 1, 1]])
-    for num_items in ([None] if reduction == "none" else [None, 7]):
-        got = divkit.sparse_divergence(s, idx, lp, "jsd", beta=0.3, labels=labels,
-                                       reduction=reduction, num_items_in_batch=num_items)
-        want = reference(s, idx, lp, "jsd", beta=0.3, labels=labels, reduction=reduction,
-                         num_items_in_batch=num_items)
+    for num_items in [None] if reduction == "none" else [None, 7]:
+        got = divkit.sparse_divergence(
+            s,
+            idx,
+            lp,
+            "jsd",
+            beta=0.3,
+            labels=labels,
+            reduction=reduction,
+            num_items_in_batch=num_items,
+        )
+        want = reference(
+            s,
+            idx,
+            lp,
+            "jsd",
+            beta=0.3,
+            labels=labels,
+            reduction=reduction,
+            num_items_in_batch=num_items,
+        )
         check(got, want)
     assert got.shape == (() if reduction != "none" else (2, 3))
 
@@ -184,8 +228,9 @@ def test_gradcheck(case, tail):
     labels = torch.tensor([0, -100, 1])
 
     def f(x):
-        return divkit.sparse_divergence(x, idx, lp, kind, tail=tail, labels=labels,
-                                        temperature=1.3, reduction="none", **params)
+        return divkit.sparse_divergence(
+            x, idx, lp, kind, tail=tail, labels=labels, temperature=1.3, reduction="none", **params
+        )
 
     assert gradcheck(f, (s,), eps=1e-3, atol=2e-3, rtol=2e-2)
 
@@ -233,8 +278,9 @@ def test_k_one_and_k_equal_v():
     s, idx, lp = student_and_teacher(lead=(5,), v=9, k=1, seed=23)
     for case in KIND_CASES:  # one entry, renormalized: a point mass on both sides
         kind, params = case
-        assert divkit.sparse_divergence(s, idx, lp, kind, tail="renormalize",
-                                        **params).item() == pytest.approx(0, abs=1e-6)
+        assert divkit.sparse_divergence(
+            s, idx, lp, kind, tail="renormalize", **params
+        ).item() == pytest.approx(0, abs=1e-6)
     x = s.clone().requires_grad_(True)
     divkit.sparse_divergence(x, idx, lp, tail="bucket").backward()
     y = s.clone().requires_grad_(True)
@@ -292,8 +338,12 @@ def test_bf16_inputs():
         loss.backward()
         y = s.double().requires_grad_(True)
         reference(y, idx, lp, "jsd", tail=tail, temperature=2.0).backward()
-        torch.testing.assert_close(loss.double(), reference(s, idx, lp, "jsd", tail=tail,
-                                                            temperature=2.0), rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(
+            loss.double(),
+            reference(s, idx, lp, "jsd", tail=tail, temperature=2.0),
+            rtol=2e-5,
+            atol=1e-6,
+        )
         assert x.grad.dtype == torch.bfloat16
         torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-2, atol=1e-6)
 
@@ -345,13 +395,18 @@ def test_topk_ties_go_to_lowest_index_and_gradcheck():
     loss.backward()
     assert s.grad[0].nonzero().flatten().tolist() == [1, 3]
     q1 = 1 / (1 + math.exp(0.2))
-    assert loss.item() == pytest.approx(0.5 * math.log(0.5 / q1) + 0.5 * math.log(0.5 / (1 - q1)),
-                                        abs=1e-6)
+    assert loss.item() == pytest.approx(
+        0.5 * math.log(0.5 / q1) + 0.5 * math.log(0.5 / (1 - q1)), abs=1e-6
+    )
     s2 = logits(3, 9, seed=59, dtype=torch.float64).div(2).requires_grad_(True)
     t2 = logits(3, 9, seed=60)
-    assert gradcheck(lambda x: divkit.topk_divergence(x, t2, 4, "jsd", temperature=1.5,
-                                                      reduction="none"),
-                     (s2,), eps=1e-3, atol=2e-3, rtol=2e-2)
+    assert gradcheck(
+        lambda x: divkit.topk_divergence(x, t2, 4, "jsd", temperature=1.5, reduction="none"),
+        (s2,),
+        eps=1e-3,
+        atol=2e-3,
+        rtol=2e-2,
+    )
 
 
 def test_topk_k_equal_v_is_divergence():
@@ -406,8 +461,14 @@ def test_bad_sparse_input():
     raises(divkit.Error, r"student_logits contains NaN or \+inf at row 2", bad_s, idx, lp)
     masked = s.clone()
     masked[1, idx[1]] = NEG_INF
-    raises(divkit.Error, r"student_logits row 1 is -inf at every teacher index", masked, idx, lp,
-           tail="renormalize")
+    raises(
+        divkit.Error,
+        r"student_logits row 1 is -inf at every teacher index",
+        masked,
+        idx,
+        lp,
+        tail="renormalize",
+    )
     # In place: a bad row leaves the student unchanged.
     bad_s.requires_grad_(True)
     before = bad_s.detach().clone()

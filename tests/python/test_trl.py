@@ -54,10 +54,12 @@ def test_trl_batchmean_with_labels(beta, temperature):
     labels = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(402))
     labels[0, :4] = -100
     labels[1, -2:] = -100
-    want = trl_value_and_grads(s, t, labels=labels, beta=beta, temperature=temperature,
-                               reduction="batchmean")
-    got = divkit_value_and_grads(s, t, labels=labels, beta=beta, temperature=temperature,
-                                 reduction="mean")
+    want = trl_value_and_grads(
+        s, t, labels=labels, beta=beta, temperature=temperature, reduction="batchmean"
+    )
+    got = divkit_value_and_grads(
+        s, t, labels=labels, beta=beta, temperature=temperature, reduction="mean"
+    )
     assert_close(got, want)
 
 

@@ -19,7 +19,6 @@ With ``lmbda=0`` (no on-policy generation) both runs see the same batches.
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 
@@ -40,8 +39,28 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "log", "a", "big", "small", "red",
-         "blue", "and", "then", "slept", "ate", "fish", "good", "bad"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "mat",
+    "log",
+    "a",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "and",
+    "then",
+    "slept",
+    "ate",
+    "fish",
+    "good",
+    "bad",
+]
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<bos>"]
 
 
@@ -52,8 +71,12 @@ def make_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-        bos_token="<bos>")
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+    )
     # Special tokens are split off before the pre-tokenizer, so "cat<eos>" (TRL appends the
     # EOS without a space) is two tokens.
     fast.add_special_tokens({"additional_special_tokens": ["<eos>"]})
@@ -63,25 +86,39 @@ def make_tokenizer():
 
 def make_model(seed, vocab_size):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=4, max_position_embeddings=64,
-                                   pad_token_id=0, eos_token_id=1, bos_token_id=3)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=3,
+    )
     return transformers.LlamaForCausalLM(cfg).float()
 
 
 def preference_data():
-    pairs = [("the cat", "sat on the mat", "ran on the log"),
-             ("a dog", "ate the fish", "slept"),
-             ("the big dog", "ran and then slept", "sat"),
-             ("a small cat", "ate a red fish", "ran on a blue log"),
-             ("the red cat", "slept on the mat", "ate the dog"),
-             ("a blue dog", "sat then slept", "ran"),
-             ("the small dog", "ate good fish", "ate bad fish"),
-             ("a big cat", "sat on a big mat", "ran")]
-    return datasets.Dataset.from_dict({"prompt": [p for p, _, _ in pairs],
-                                       "chosen": [" " + c for _, c, _ in pairs],
-                                       "rejected": [" " + r for _, _, r in pairs]})
+    pairs = [
+        ("the cat", "sat on the mat", "ran on the log"),
+        ("a dog", "ate the fish", "slept"),
+        ("the big dog", "ran and then slept", "sat"),
+        ("a small cat", "ate a red fish", "ran on a blue log"),
+        ("the red cat", "slept on the mat", "ate the dog"),
+        ("a blue dog", "sat then slept", "ran"),
+        ("the small dog", "ate good fish", "ate bad fish"),
+        ("a big cat", "sat on a big mat", "ran"),
+    ]
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [p for p, _, _ in pairs],
+            "chosen": [" " + c for _, c, _ in pairs],
+            "rejected": [" " + r for _, _, r in pairs],
+        }
+    )
 
 
 class LossLog(transformers.TrainerCallback):
@@ -94,11 +131,25 @@ class LossLog(transformers.TrainerCallback):
 
 
 def common_args(tmp_path, name):
-    return dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=6,
-                learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none",
-                use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=0,
-                data_seed=0, dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant",
-                warmup_steps=0)
+    return dict(
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,14 +163,20 @@ def run_dpo(tmp_path, name, trainer_cls):
     tok = make_tokenizer()
     model = make_model(0, len(tok))
     ref = make_model(1, len(tok))
-    args = DPOConfig(**common_args(tmp_path, name), beta=0.5, max_length=32,
-                     precompute_ref_log_probs=False)
+    args = DPOConfig(
+        **common_args(tmp_path, name), beta=0.5, max_length=32, precompute_ref_log_probs=False
+    )
     log = LossLog()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = trainer_cls(model=model, ref_model=ref, args=args,
-                              train_dataset=preference_data(), processing_class=tok,
-                              callbacks=[log])
+        trainer = trainer_cls(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=preference_data(),
+            processing_class=tok,
+            callbacks=[log],
+        )
         trainer.train()
     return log.losses, trainer
 
@@ -135,12 +192,15 @@ def divkit_dpo_trainer_cls():
         @staticmethod
         def _sequence_logps(model, inputs, labels):
             backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-            hidden = backbone(input_ids=inputs["input_ids"],
-                              attention_mask=inputs["attention_mask"],
-                              use_cache=False).last_hidden_state
+            hidden = backbone(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+            ).last_hidden_state
             # Token t+1 is scored by the hidden state at t; completion tokens only.
-            per_token = divkit.fused_linear_logprobs(hidden[:, :-1], model.lm_head.weight,
-                                                     labels[:, 1:])
+            per_token = divkit.fused_linear_logprobs(
+                hidden[:, :-1], model.lm_head.weight, labels[:, 1:]
+            )
             return per_token.sum(dim=1)
 
         def _compute_loss(self, model, inputs, return_outputs):
@@ -151,8 +211,9 @@ def divkit_dpo_trainer_cls():
                 ref_logps = self._sequence_logps(self.ref_model, inputs, labels)
             chosen, rejected = logps.chunk(2)  # the collator stacks [chosen, rejected]
             ref_chosen, ref_rejected = ref_logps.chunk(2)
-            losses, _, _ = divkit.dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                           beta=self.beta)
+            losses, _, _ = divkit.dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, beta=self.beta
+            )
             type(self).calls += 1
             return losses.mean()
 
@@ -186,26 +247,47 @@ def run_gkd(tmp_path, name, trainer_cls):
     from trl.experimental.gkd import GKDConfig
 
     tok = make_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} "
-                         "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} "
+        "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+    )
     tok.add_tokens(["user", "assistant"])
     student = make_model(0, len(tok))
     teacher = make_model(1, len(tok))
     with torch.no_grad():  # a confident teacher: a JSD far from the near-uniform students'
         teacher.lm_head.weight.mul_(30.0)
-    rows = [("the cat", "sat on the mat"), ("a dog", "ate the fish"),
-            ("the big dog", "ran and then slept"), ("a small cat", "ate a red fish"),
-            ("the red cat", "slept on the mat"), ("a blue dog", "sat then slept"),
-            ("the small dog", "ate good fish"), ("a big cat", "sat on a big mat")]
-    data = datasets.Dataset.from_dict({"messages": [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in rows]})
-    args = GKDConfig(**common_args(tmp_path, name), lmbda=0.0, beta=0.5, temperature=1.0,
-                     max_length=32)
+    rows = [
+        ("the cat", "sat on the mat"),
+        ("a dog", "ate the fish"),
+        ("the big dog", "ran and then slept"),
+        ("a small cat", "ate a red fish"),
+        ("the red cat", "slept on the mat"),
+        ("a blue dog", "sat then slept"),
+        ("the small dog", "ate good fish"),
+        ("a big cat", "sat on a big mat"),
+    ]
+    data = datasets.Dataset.from_dict(
+        {
+            "messages": [
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+                for p, c in rows
+            ]
+        }
+    )
+    args = GKDConfig(
+        **common_args(tmp_path, name), lmbda=0.0, beta=0.5, temperature=1.0, max_length=32
+    )
     log = LossLog()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = trainer_cls(model=student, teacher_model=teacher, args=args,
-                              train_dataset=data, processing_class=tok, callbacks=[log])
+        trainer = trainer_cls(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=[log],
+        )
         trainer.train()
     return log.losses
 
@@ -220,16 +302,30 @@ def test_gkd_trainer_with_divkit_loss(tmp_path):
 
     class DivkitGKDTrainer(GKDTrainer):
         @staticmethod
-        def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
-                                 temperature=1.0, reduction="batchmean", num_items_in_batch=None):
+        def generalized_jsd_loss(
+            student_logits,
+            teacher_logits,
+            labels=None,
+            beta=0.5,
+            temperature=1.0,
+            reduction="batchmean",
+            num_items_in_batch=None,
+        ):
             # TRL: the sum over the non-ignored tokens divided by num_items_in_batch when the
             # Trainer passes it, else by their number ("batchmean" with labels): divkit's
             # "mean" with labels, whose divisor num_items_in_batch replaces the same way.
             assert labels is not None and reduction == "batchmean"
             calls.append(num_items_in_batch)
-            return divkit.divergence(student_logits, teacher_logits.detach(), "jsd", beta=beta,
-                                     temperature=temperature, labels=labels, reduction="mean",
-                                     num_items_in_batch=num_items_in_batch)
+            return divkit.divergence(
+                student_logits,
+                teacher_logits.detach(),
+                "jsd",
+                beta=beta,
+                temperature=temperature,
+                labels=labels,
+                reduction="mean",
+                num_items_in_batch=num_items_in_batch,
+            )
 
     trl_losses = run_gkd(tmp_path, "gkd_trl", GKDTrainer)
     dk_losses = run_gkd(tmp_path, "gkd_divkit", DivkitGKDTrainer)

@@ -65,8 +65,9 @@ def test_reductions(case, reduction):
     labels[1, :3] = -100
     go = logits(4, 6, seed=6) if reduction == "none" else torch.tensor(0.75)
     got = run(s, t, kind, grad_output=go, labels=labels, reduction=reduction, **params)
-    want = ref.loss_and_grads(s, t, kind, grad_output=go, labels=labels, reduction=reduction,
-                              **params)
+    want = ref.loss_and_grads(
+        s, t, kind, grad_output=go, labels=labels, reduction=reduction, **params
+    )
     assert got[0].shape == ((4, 6) if reduction == "none" else ())
     assert_loss_close(got[0], want[0])
     assert_grad_close(got[1], want[1])
@@ -109,10 +110,10 @@ def test_weights(kind, reduction):
     labels[0, 0] = -100
     weights = torch.rand(2, 7, generator=torch.Generator().manual_seed(13))
     weights[1, 2] = 0.0
-    got = run(s, t, kind, grad_teacher=True, labels=labels, weights=weights,
-              reduction=reduction)
-    want = ref.loss_and_grads(s, t, kind, grad_teacher=True, labels=labels, weights=weights,
-                              reduction=reduction)
+    got = run(s, t, kind, grad_teacher=True, labels=labels, weights=weights, reduction=reduction)
+    want = ref.loss_and_grads(
+        s, t, kind, grad_teacher=True, labels=labels, weights=weights, reduction=reduction
+    )
     assert_loss_close(got[0], want[0])
     assert_grad_close(got[1], want[1])
     assert_grad_close(got[2], want[2])
@@ -163,7 +164,8 @@ def test_reference_value_from_objectives_table():
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         beta = {"forward_kl": 0.5, "reverse_kl": 0.5, "jsd": 0.0}[kind]
         assert divkit.divergence(s, t, kind, beta=beta).item() == pytest.approx(
-            0.8 * math.log(9), rel=1e-6)
+            0.8 * math.log(9), rel=1e-6
+        )
     assert divkit.divergence(s, t, "tvd").item() == pytest.approx(0.8, rel=1e-6)
     assert divkit.divergence(s, t, "jeffreys").item() == pytest.approx(1.6 * math.log(9), rel=1e-6)
 
@@ -183,7 +185,7 @@ def test_shapes(shape):
 
 def test_strided_inputs():
     base_s, base_t = logits(4, 9, 64, seed=23), logits(64, 9, 4, seed=24)
-    s = base_s[:, 1:-1, 3:-5]            # rows not collapsible into one stride: copied
+    s = base_s[:, 1:-1, 3:-5]  # rows not collapsible into one stride: copied
     t = base_t.transpose(0, 2)[:, 1:-1, 3:-5]  # non-unit stride along V: copied
     u = logits(1, 56, seed=25).expand(4, 7, 56)  # row stride 0
     for teacher in (t, u):
@@ -195,8 +197,10 @@ def test_strided_inputs():
         assert_grad_close(gs, want[1])
         assert_grad_close(gt, want[2])
         # and as the numpy path sees them
-        assert_loss_close(torch.from_numpy(divkit.divergence(s.detach().numpy(),
-                                                             teacher.detach().numpy())), want[0])
+        assert_loss_close(
+            torch.from_numpy(divkit.divergence(s.detach().numpy(), teacher.detach().numpy())),
+            want[0],
+        )
     # A row-strided view (padding after each row) goes through without a copy.
     padded = logits(6, 80, seed=26)
     s2, t2 = padded[:, :50], logits(6, 50, seed=27)
@@ -205,8 +209,11 @@ def test_strided_inputs():
 
 def test_mixed_dtypes():
     s, t = logits(4, 33, seed=28), logits(4, 33, seed=29)
-    for sd, td in [(torch.float32, torch.bfloat16), (torch.float16, torch.float64),
-                   (torch.float64, torch.float32)]:
+    for sd, td in [
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float64),
+        (torch.float64, torch.float32),
+    ]:
         s1, t1 = s.to(sd), t.to(td)
         got = run(s1, t1, "jsd", grad_teacher=True)
         want = ref.loss_and_grads(s1, t1, "jsd", grad_teacher=True)
@@ -236,8 +243,9 @@ def test_masked_logits():
     # Teacher-only mask: forward KL stays finite (0 log 0 = 0), reverse KL is +inf.
     fkl = divkit.divergence(s, tm, "forward_kl", reduction="none")
     assert torch.isfinite(fkl).all()
-    q_ref = ref.per_token(s, tm, "cross_entropy") - ref.per_token(tm[:, ~mask], tm[:, ~mask],
-                                                                  "cross_entropy")
+    q_ref = ref.per_token(s, tm, "cross_entropy") - ref.per_token(
+        tm[:, ~mask], tm[:, ~mask], "cross_entropy"
+    )
     assert_loss_close(fkl, q_ref)
     s_leaf = s.clone().requires_grad_(True)
     rkl = divkit.divergence(s_leaf, tm, "reverse_kl", reduction="none")
@@ -279,8 +287,9 @@ def test_no_grad_and_no_requires_grad():
 def test_divergence_and_grad(grad_dtype):
     s, t = logits(2, 3, 40, seed=38), logits(2, 3, 40, seed=39)
     sb, tb = s.to(torch.bfloat16), t.to(torch.bfloat16)
-    loss, gs, gt = divkit.divergence_and_grad(sb, tb, "jsd", grad_teacher=True,
-                                              grad_dtype=grad_dtype, reduction="sum")
+    loss, gs, gt = divkit.divergence_and_grad(
+        sb, tb, "jsd", grad_teacher=True, grad_dtype=grad_dtype, reduction="sum"
+    )
     expect = grad_dtype or torch.bfloat16
     assert gs.dtype == expect and gt.dtype == expect and gs.shape == s.shape
     want = ref.loss_and_grads(sb, tb, "jsd", grad_teacher=True, reduction="sum")
@@ -300,8 +309,9 @@ def test_empty_batch(reduction):
     assert (loss == 0).all()
     loss.sum().backward()
     assert s.grad.shape == s.shape
-    out = divkit.divergence(s.detach().numpy(), np.empty((2, 0, 9), np.float32),
-                            reduction=reduction)
+    out = divkit.divergence(
+        s.detach().numpy(), np.empty((2, 0, 9), np.float32), reduction=reduction
+    )
     assert out.shape == ((2, 0) if reduction == "none" else ()) and (out == 0).all()
 
 

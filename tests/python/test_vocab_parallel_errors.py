@@ -21,6 +21,7 @@ def _free_port() -> int:
 
 def _checks(rank: int):
     import divkit
+
     g = torch.Generator().manual_seed(0)
     n, v, h = 6, 9, 4
     hidden = torch.randn(n, h, generator=g)
@@ -38,8 +39,9 @@ def _checks(rank: int):
     else:
         raise AssertionError("the NaN in rank 1's shard was not reported")
     # The group is still usable, and the result is the unsharded one.
-    out = divkit.fused_linear_cross_entropy(hidden, weight[lo:hi], labels,
-                                            process_group=dist.group.WORLD)
+    out = divkit.fused_linear_cross_entropy(
+        hidden, weight[lo:hi], labels, process_group=dist.group.WORLD
+    )
     ref = divkit.fused_linear_cross_entropy(hidden, weight, labels)
     got, want = float(out), float(ref)
     assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
@@ -48,8 +50,9 @@ def _checks(rank: int):
 def _worker(rank: int, world: int, port: int, result_dir: str):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         _checks(rank)
         msg = "ok"

@@ -23,24 +23,73 @@ Where a paper's exact formula is not public, the docstring says "not verified" a
 choice divkit made; the tests check the properties the method must have.
 """
 
-from .._validate import Error
+from .._validate import Error as Error  # divkit.distill.Error, as before the split
 from .decoding import USCDLogitsProcessor, USCDResult, uscd_logits
 from .features import nd_loss, teacher_class_means
 from .incremental import weight_align_, weight_aligning
-from .kd import (DACKLBounds, DACKLLoss, bdkd_loss, dac_kl_loss, dac_kl_mass_bounds,
-                 mdcs_consistency_loss, nkd_loss, ofa_loss, row_entropy, swing_loss, swing_noise,
-                 swing_temperatures, uskd_loss, uskd_soft_labels)
-from .robust import (ALDRKLLoss, aldr_kl_loss, comp_sum_loss, generalized_cross_entropy,
-                     ldr_kl_loss, mae_loss, smooth_adversarial_comp_sum_loss)
-from .selection import (ddk_domain_weights, load_document_logprobs, miniplm_difference_sampling,
-                        miniplm_scores)
+from .kd import (
+    DACKLBounds,
+    DACKLLoss,
+    bdkd_loss,
+    dac_kl_loss,
+    dac_kl_mass_bounds,
+    mdcs_consistency_loss,
+    nkd_loss,
+    ofa_loss,
+    row_entropy,
+    swing_loss,
+    swing_noise,
+    swing_temperatures,
+    uskd_loss,
+    uskd_soft_labels,
+)
+from .robust import (
+    ALDRKLLoss,
+    aldr_kl_loss,
+    comp_sum_loss,
+    generalized_cross_entropy,
+    ldr_kl_loss,
+    mae_loss,
+    smooth_adversarial_comp_sum_loss,
+)
+from .selection import (
+    ddk_domain_weights,
+    load_document_logprobs,
+    miniplm_difference_sampling,
+    miniplm_scores,
+)
 
 __all__ = [
-    "bdkd_loss", "nkd_loss", "uskd_soft_labels", "uskd_loss", "ofa_loss", "dac_kl_loss",
-    "dac_kl_mass_bounds", "DACKLBounds", "DACKLLoss", "swing_temperatures", "swing_loss",
-    "swing_noise", "mdcs_consistency_loss", "nd_loss", "teacher_class_means", "ldr_kl_loss",
-    "aldr_kl_loss", "ALDRKLLoss", "comp_sum_loss", "generalized_cross_entropy", "mae_loss",
-    "smooth_adversarial_comp_sum_loss", "miniplm_scores", "miniplm_difference_sampling",
-    "load_document_logprobs", "ddk_domain_weights", "weight_aligning", "weight_align_",
-    "row_entropy", "uscd_logits", "USCDLogitsProcessor", "USCDResult",
+    "bdkd_loss",
+    "nkd_loss",
+    "uskd_soft_labels",
+    "uskd_loss",
+    "ofa_loss",
+    "dac_kl_loss",
+    "dac_kl_mass_bounds",
+    "DACKLBounds",
+    "DACKLLoss",
+    "swing_temperatures",
+    "swing_loss",
+    "swing_noise",
+    "mdcs_consistency_loss",
+    "nd_loss",
+    "teacher_class_means",
+    "ldr_kl_loss",
+    "aldr_kl_loss",
+    "ALDRKLLoss",
+    "comp_sum_loss",
+    "generalized_cross_entropy",
+    "mae_loss",
+    "smooth_adversarial_comp_sum_loss",
+    "miniplm_scores",
+    "miniplm_difference_sampling",
+    "load_document_logprobs",
+    "ddk_domain_weights",
+    "weight_aligning",
+    "weight_align_",
+    "row_entropy",
+    "uscd_logits",
+    "USCDLogitsProcessor",
+    "USCDResult",
 ]

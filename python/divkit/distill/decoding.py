@@ -12,7 +12,9 @@ from ..functional import _rows
 from . import _common as common
 
 __all__ = [
-    "uscd_logits", "USCDLogitsProcessor", "USCDResult",
+    "uscd_logits",
+    "USCDLogitsProcessor",
+    "USCDResult",
 ]
 
 
@@ -22,14 +24,19 @@ __all__ = [
 
 
 class USCDResult(NamedTuple):
-    logits: torch.Tensor       # [..., V] the scores to sample from (log-probabilities)
+    logits: torch.Tensor  # [..., V] the scores to sample from (log-probabilities)
     uncertainty: torch.Tensor  # [...] std of the standard prompt's probabilities (small: flat)
-    applied: torch.Tensor      # [...] bool: where the contrast was applied
+    applied: torch.Tensor  # [...] bool: where the contrast was applied
 
 
-def uscd_logits(standard_logits: torch.Tensor, lame_logits: torch.Tensor, *,
-                lame_weight: float = 0.7, std_threshold: float = 0.005,
-                filter_ratio: float = 2.0 / 3.0) -> USCDResult:
+def uscd_logits(
+    standard_logits: torch.Tensor,
+    lame_logits: torch.Tensor,
+    *,
+    lame_weight: float = 0.7,
+    std_threshold: float = 0.005,
+    filter_ratio: float = 2.0 / 3.0,
+) -> USCDResult:
     r"""USCD: one selective contrastive decoding step (inference only, no gradient).
 
     Wang et al., "USCD: Improving Code Generation of LLMs by Uncertainty-Aware Selective
@@ -65,10 +72,12 @@ def uscd_logits(standard_logits: torch.Tensor, lame_logits: torch.Tensor, *,
     lame_weight = check.real(fn, "lame_weight", lame_weight, allow_nan=False)
     std_threshold = check.real(fn, "std_threshold", std_threshold, allow_nan=False)
     filter_ratio = check.real(fn, "filter_ratio", filter_ratio, allow_nan=False)
-    _C.selective_contrast(s.detach(), l, lame_weight, std_threshold, filter_ratio, out, unc,
-                          applied)
-    return USCDResult(out.reshape(standard_logits.shape), unc.reshape(lead),
-                      applied.bool().reshape(lead))
+    _C.selective_contrast(
+        s.detach(), l, lame_weight, std_threshold, filter_ratio, out, unc, applied
+    )
+    return USCDResult(
+        out.reshape(standard_logits.shape), unc.reshape(lead), applied.bool().reshape(lead)
+    )
 
 
 class USCDLogitsProcessor:
@@ -76,15 +85,31 @@ class USCDLogitsProcessor:
     returns the scores to sample from (see :func:`uscd_logits`). Run the model on both prompts
     each step and feed the chosen token to both."""
 
-    def __init__(self, lame_weight: float = 0.7, std_threshold: float = 0.005,
-                 filter_ratio: float = 2.0 / 3.0):
-        self.lame_weight, self.std_threshold, self.filter_ratio = (lame_weight, std_threshold,
-                                                                   filter_ratio)
+    def __init__(
+        self,
+        lame_weight: float = 0.7,
+        std_threshold: float = 0.005,
+        filter_ratio: float = 2.0 / 3.0,
+    ):
+        self.lame_weight, self.std_threshold, self.filter_ratio = (
+            lame_weight,
+            std_threshold,
+            filter_ratio,
+        )
         # Validate once, on a dummy row, so that a bad setting fails at construction.
-        uscd_logits(torch.zeros(1, 2), torch.zeros(1, 2), lame_weight=lame_weight,
-                    std_threshold=std_threshold, filter_ratio=filter_ratio)
+        uscd_logits(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2),
+            lame_weight=lame_weight,
+            std_threshold=std_threshold,
+            filter_ratio=filter_ratio,
+        )
 
     def __call__(self, standard_logits: torch.Tensor, lame_logits: torch.Tensor) -> torch.Tensor:
-        return uscd_logits(standard_logits, lame_logits, lame_weight=self.lame_weight,
-                           std_threshold=self.std_threshold,
-                           filter_ratio=self.filter_ratio).logits
+        return uscd_logits(
+            standard_logits,
+            lame_logits,
+            lame_weight=self.lame_weight,
+            std_threshold=self.std_threshold,
+            filter_ratio=self.filter_ratio,
+        ).logits

@@ -9,7 +9,8 @@ from .. import _validate as check
 from . import _common as common
 
 __all__ = [
-    "teacher_class_means", "nd_loss",
+    "teacher_class_means",
+    "nd_loss",
 ]
 
 
@@ -18,8 +19,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def teacher_class_means(features: torch.Tensor, labels: torch.Tensor,
-                        num_classes: int) -> torch.Tensor:
+def teacher_class_means(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """Class means of (teacher) features ``[N, D]`` with labels ``[N]``: ``[num_classes, D]``
     (zero for a class with no sample). Computed once over the training set for ND loss."""
     fn = "teacher_class_means"
@@ -35,8 +37,14 @@ def teacher_class_means(features: torch.Tensor, labels: torch.Tensor,
     return sums / counts[:, None]
 
 
-def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
-            labels: torch.Tensor, class_means: torch.Tensor, *, reduction: str = "mean"):
+def nd_loss(
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    labels: torch.Tensor,
+    class_means: torch.Tensor,
+    *,
+    reduction: str = "mean",
+):
     r"""ND loss: student feature norm and direction toward the teacher's class means.
 
     Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction".
@@ -55,17 +63,26 @@ def nd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     """
     fn = "nd_loss"
     reduction = check.reduction(fn, reduction)
-    for name, x in (("student_features", student_features), ("teacher_features", teacher_features),
-                    ("class_means", class_means)):
+    for name, x in (
+        ("student_features", student_features),
+        ("teacher_features", teacher_features),
+        ("class_means", class_means),
+    ):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
             check.fail(fn, f"{name} must be a 2-D floating tensor")
     if teacher_features.shape != student_features.shape:
-        check.fail(fn, f"teacher_features has shape {tuple(teacher_features.shape)}, expected "
-                       f"{tuple(student_features.shape)} (project the student features to the "
-                       f"teacher's dimension first)")
+        check.fail(
+            fn,
+            f"teacher_features has shape {tuple(teacher_features.shape)}, expected "
+            f"{tuple(student_features.shape)} (project the student features to the "
+            f"teacher's dimension first)",
+        )
     if class_means.shape[1] != student_features.shape[1]:
-        check.fail(fn, f"class_means has dimension {class_means.shape[1]}, expected "
-                       f"{student_features.shape[1]}")
+        check.fail(
+            fn,
+            f"class_means has dimension {class_means.shape[1]}, expected "
+            f"{student_features.shape[1]}",
+        )
     n = student_features.shape[0]
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,):
         check.fail(fn, f"labels must be a tensor of shape [{n}]")

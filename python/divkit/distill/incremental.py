@@ -10,7 +10,8 @@ from torch import nn
 from .. import _validate as check
 
 __all__ = [
-    "weight_aligning", "weight_align_",
+    "weight_aligning",
+    "weight_align_",
 ]
 
 
@@ -59,8 +60,9 @@ def weight_align_(linear: nn.Linear, num_old: int) -> float:
     """In-place Weight Aligning of an ``nn.Linear`` classifier (see :func:`weight_aligning`);
     returns gamma."""
     if not isinstance(linear, nn.Linear):
-        check.fail_type("weight_align_", f"linear must be a torch.nn.Linear, got "
-                                         f"{check.type_name(linear)}")
+        check.fail_type(
+            "weight_align_", f"linear must be a torch.nn.Linear, got {check.type_name(linear)}"
+        )
     res = weight_aligning(linear.weight, num_old, linear.bias)
     with torch.no_grad():
         linear.weight.copy_(res[0])

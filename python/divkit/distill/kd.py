@@ -22,9 +22,20 @@ from ..functional import _rows, divergence
 from . import _common as common
 
 __all__ = [
-    "row_entropy", "bdkd_loss", "nkd_loss", "uskd_soft_labels", "uskd_loss", "ofa_loss",
-    "dac_kl_loss", "dac_kl_mass_bounds", "DACKLBounds", "DACKLLoss", "swing_temperatures",
-    "swing_loss", "swing_noise", "mdcs_consistency_loss",
+    "row_entropy",
+    "bdkd_loss",
+    "nkd_loss",
+    "uskd_soft_labels",
+    "uskd_loss",
+    "ofa_loss",
+    "dac_kl_loss",
+    "dac_kl_mass_bounds",
+    "DACKLBounds",
+    "DACKLLoss",
+    "swing_temperatures",
+    "swing_loss",
+    "swing_noise",
+    "mdcs_consistency_loss",
 ]
 
 
@@ -43,9 +54,17 @@ def row_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
-def bdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-              temperature: float = 1.0, gap_scale: float = 1.0, labels: Optional[torch.Tensor] = None,
-              ignore_index: int = -100, reduction: str = "mean", return_weights: bool = False):
+def bdkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    gap_scale: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    return_weights: bool = False,
+):
     r"""BD-KD: per-sample balance of forward and reverse KL from the entropy gap.
 
     Amara et al., "BD-KD: Balancing the Divergences for Online Knowledge Distillation"
@@ -95,7 +114,6 @@ def bdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     return (loss, w.reshape(lead)) if return_weights else loss
 
 
-
 # ---------------------------------------------------------------------------------------------
 # NKD and USKD.
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +133,11 @@ def _nkd_rows(s, t, lab, ignore_index: int, tau: float, dtype):
             return (target, nontarget), None
         g_target, g_nontarget = grad_out
         a = torch.zeros(n, dtype=dtype) if g_target is None else g_target.to(dtype).contiguous()
-        b = (torch.zeros(n, dtype=dtype) if g_nontarget is None
-             else g_nontarget.to(dtype).contiguous())
+        b = (
+            torch.zeros(n, dtype=dtype)
+            if g_nontarget is None
+            else g_nontarget.to(dtype).contiguous()
+        )
         grad = torch.empty(student.shape, dtype=student.dtype)
         _C.nkd_rows(student, t, lab, ignore_index, tau, target, nontarget, a, b, grad)
         return (target, nontarget), (grad,)
@@ -136,9 +157,16 @@ def _nkd_terms(fn, student_logits, teacher_logits, labels, temperature, ignore_i
     return target, nontarget, lab, lead, n, tau
 
 
-def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-             temperature: float = 1.0, gamma: float = 1.5, ignore_index: int = -100,
-             reduction: str = "mean"):
+def nkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    gamma: float = 1.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+):
     r"""NKD, normalized knowledge distillation.
 
     Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach
@@ -159,14 +187,20 @@ def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     gamma = check.real(fn, "gamma", gamma, allow_nan=False)
     if not (math.isfinite(gamma) and gamma >= 0):
         check.fail(fn, f"gamma must be finite and >= 0, got {gamma:g}")
-    target, nontarget, lab, lead, n, tau = _nkd_terms(fn, student_logits, teacher_logits, labels,
-                                                     temperature, ignore_index)
+    target, nontarget, lab, lead, n, tau = _nkd_terms(
+        fn, student_logits, teacher_logits, labels, temperature, ignore_index
+    )
     per_row = target + (gamma * tau * tau) * nontarget
     return common.reduce(per_row, common.valid(lab, ignore_index, n), lead, reduction)
 
 
-def uskd_soft_labels(student_logits: torch.Tensor, labels: torch.Tensor,
-                     weak_logits: torch.Tensor, *, ignore_index: int = -100):
+def uskd_soft_labels(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weak_logits: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+):
     r"""USKD's customized soft labels, without a teacher.
 
     Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified
@@ -221,9 +255,17 @@ def uskd_soft_labels(student_logits: torch.Tensor, labels: torch.Tensor,
     return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
 
 
-def uskd_loss(student_logits: torch.Tensor, labels: torch.Tensor, weak_logits: torch.Tensor, *,
-              alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005,
-              ignore_index: int = -100, reduction: str = "mean"):
+def uskd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weak_logits: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 0.1,
+    mu: float = 0.005,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+):
     r"""USKD: self-knowledge distillation with customized soft labels (no teacher).
 
     Yang et al. (ICCV 2023). Verified against the official ``USKDLoss`` (yzd-v/cls_KD,
@@ -264,16 +306,18 @@ def uskd_loss(student_logits: torch.Tensor, labels: torch.Tensor, weak_logits: t
         tl = z.reshape(n, c).double().clamp_min(1e-300).log()
         tl.scatter_(1, safe[:, None], 0.0)
         tl = torch.where(valid[:, None], tl, torch.zeros_like(tl))
-    tgt, nontarget, lab, lead, n, _ = _nkd_terms(fn, s, tl.reshape(s.shape).to(common.out_dtype(s)),
-                                                labels, 1.0, ignore_index)
+    tgt, nontarget, lab, lead, n, _ = _nkd_terms(
+        fn, s, tl.reshape(s.shape).to(common.out_dtype(s)), labels, 1.0, ignore_index
+    )
     scale = (2.0 * target.reshape(n)).to(tgt.dtype)
     per_row = alpha * scale * tgt + beta * nontarget
     if mu > 0:
         with torch.no_grad():
             e = _smoothed_one_hot(safe, c, 0.1).to(common.out_dtype(s))
         wk = weak_logits.reshape(n, c)
-        weak = divergence(wk, e.log(), "cross_entropy", labels=lab, ignore_index=ignore_index,
-                          reduction="none").reshape(n)
+        weak = divergence(
+            wk, e.log(), "cross_entropy", labels=lab, ignore_index=ignore_index, reduction="none"
+        ).reshape(n)
         per_row = per_row + mu * weak.to(per_row.dtype)
     return common.reduce(per_row, valid, lead, reduction)
 
@@ -281,10 +325,10 @@ def uskd_loss(student_logits: torch.Tensor, labels: torch.Tensor, weak_logits: t
 def _smoothed_one_hot(labels: torch.Tensor, c: int, eps: float) -> torch.Tensor:
     """(1 - eps) onehot(labels) + eps / C, float64 [N, C] (USKD's weak-supervision target)."""
     e = torch.full((labels.numel(), c), eps / c, dtype=torch.float64)
-    e.scatter_add_(1, labels.reshape(-1, 1), torch.full((labels.numel(), 1), 1.0 - eps,
-                                                         dtype=torch.float64))
+    e.scatter_add_(
+        1, labels.reshape(-1, 1), torch.full((labels.numel(), 1), 1.0 - eps, dtype=torch.float64)
+    )
     return e
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,9 +355,16 @@ def _row_loss(s: torch.Tensor, kernel, dtype) -> torch.Tensor:
     return recompute_in_backward(run, (s,))[0]
 
 
-def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-             eps: float = 1.0, temperature: float = 1.0, ignore_index: int = -100,
-             reduction: str = "mean"):
+def ofa_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+):
     r"""OFA-KD's adaptive target enhancement in logit space.
 
     Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge
@@ -344,14 +395,14 @@ def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # DAC-KL.
 # ---------------------------------------------------------------------------------------------
 
 
-def _clipped_kl_rows(s, lower, upper, t, lab, ignore_index: int, temperature: float,
-                     sharpness: float, dtype) -> torch.Tensor:
+def _clipped_kl_rows(
+    s, lower, upper, t, lab, ignore_index: int, temperature: float, sharpness: float, dtype
+) -> torch.Tensor:
     """The clipped KL per row [N], differentiable in the student and in both bounds (recomputed
     in backward)."""
     n = s.shape[0]
@@ -360,15 +411,41 @@ def _clipped_kl_rows(s, lower, upper, t, lab, ignore_index: int, temperature: fl
         student, lo, hi = inputs
         out = torch.empty(n, dtype=dtype)
         if grad_out is None:
-            _C.clipped_kl_rows(student, t, lo, hi, temperature, sharpness, lab, ignore_index, out,
-                               None, None, None, None)
+            _C.clipped_kl_rows(
+                student,
+                t,
+                lo,
+                hi,
+                temperature,
+                sharpness,
+                lab,
+                ignore_index,
+                out,
+                None,
+                None,
+                None,
+                None,
+            )
             return (out,), None
         need_s, need_lo, need_hi = need
         grad = torch.empty(student.shape, dtype=student.dtype) if need_s else None
         g_lo = torch.empty(n, dtype=dtype) if need_lo else None
         g_hi = torch.empty(n, dtype=dtype) if need_hi else None
-        _C.clipped_kl_rows(student, t, lo, hi, temperature, sharpness, lab, ignore_index, out,
-                           grad_out.to(dtype).contiguous(), grad, g_lo, g_hi)
+        _C.clipped_kl_rows(
+            student,
+            t,
+            lo,
+            hi,
+            temperature,
+            sharpness,
+            lab,
+            ignore_index,
+            out,
+            grad_out.to(dtype).contiguous(),
+            grad,
+            g_lo,
+            g_hi,
+        )
         if g_lo is not None:
             g_lo = g_lo.to(lo.dtype)
         if g_hi is not None:
@@ -378,8 +455,13 @@ def _clipped_kl_rows(s, lower, upper, t, lab, ignore_index: int, temperature: fl
     return recompute_in_backward(run, (s, lower, upper))[0]
 
 
-def dac_kl_mass_bounds(teacher_logits: torch.Tensor, *, mass_lo: float = 0.0,
-                       mass_hi: float = 0.9, temperature: float = 1.0):
+def dac_kl_mass_bounds(
+    teacher_logits: torch.Tensor,
+    *,
+    mass_lo: float = 0.0,
+    mass_hi: float = 0.9,
+    temperature: float = 1.0,
+):
     r"""Quantile bounds of the teacher's high-density region for :func:`dac_kl_loss`.
 
     Sort p = softmax(t / T) decreasingly; token k is in the region when the mass before it,
@@ -399,11 +481,20 @@ def dac_kl_mass_bounds(teacher_logits: torch.Tensor, *, mass_lo: float = 0.0,
     return lo.reshape(lead), hi.reshape(lead)
 
 
-def dac_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                lower: Optional[torch.Tensor] = None, upper: Optional[torch.Tensor] = None, *,
-                mass_lo: float = 0.0, mass_hi: float = 0.9, temperature: float = 1.0,
-                sharpness: float = 0.0, labels: Optional[torch.Tensor] = None,
-                ignore_index: int = -100, reduction: str = "mean"):
+def dac_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    lower: Optional[torch.Tensor] = None,
+    upper: Optional[torch.Tensor] = None,
+    *,
+    mass_lo: float = 0.0,
+    mass_hi: float = 0.9,
+    temperature: float = 1.0,
+    sharpness: float = 0.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+):
     r"""DAC-KL-style distribution-adaptive clipping: forward KL on the teacher's high-density
     region.
 
@@ -434,12 +525,14 @@ def dac_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if (lower is None) != (upper is None):
         check.fail(fn, "give both lower and upper, or neither (quantile bounds)")
     if lower is None:
-        lower, upper = dac_kl_mass_bounds(t, mass_lo=mass_lo, mass_hi=mass_hi,
-                                          temperature=temperature)
+        lower, upper = dac_kl_mass_bounds(
+            t, mass_lo=mass_lo, mass_hi=mass_hi, temperature=temperature
+        )
     lo = common.row_values(fn, "lower", lower, lead, n)
     hi = common.row_values(fn, "upper", upper, lead, n)
-    per_row = _clipped_kl_rows(s, lo, hi, t, lab, int(ignore_index), temperature, sharpness,
-                               common.out_dtype(s, t))
+    per_row = _clipped_kl_rows(
+        s, lo, hi, t, lab, int(ignore_index), temperature, sharpness, common.out_dtype(s, t)
+    )
     return common.reduce(per_row, common.valid(lab, ignore_index, n), lead, reduction)
 
 
@@ -467,15 +560,17 @@ class DACKLBounds(nn.Module):
         self.net = nn.Sequential(nn.Linear(k, hidden), nn.ReLU(), nn.Linear(hidden, 2))
         with torch.no_grad():
             self.net[2].weight.mul_(0.01)
-            self.net[2].bias.copy_(torch.tensor([math.log(1e-3 / (1 - 1e-3)),
-                                                 math.log(0.525 / 0.475)]))
+            self.net[2].bias.copy_(
+                torch.tensor([math.log(1e-3 / (1 - 1e-3)), math.log(0.525 / 0.475)])
+            )
 
     def forward(self, teacher_logits: torch.Tensor, temperature: float = 1.0):
         fn = "DACKLBounds"
         t, lead, n, _ = common.flat(fn, "teacher_logits", teacher_logits)
         w = self.net[0].weight
-        feats = torch.empty(n, self.k, dtype=torch.float64 if w.dtype == torch.float64 else
-                            torch.float32)
+        feats = torch.empty(
+            n, self.k, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32
+        )
         _C.sorted_probs(t.detach(), check.positive(fn, "temperature", temperature), feats)
         p_max = feats[:, :1].clamp_min(1e-300)
         u = self.net((feats / p_max).to(w.dtype))
@@ -487,8 +582,16 @@ class DACKLBounds(nn.Module):
 class DACKLLoss(nn.Module):
     """:func:`dac_kl_loss` with learnable bounds (:class:`DACKLBounds`) and a soft mask."""
 
-    def __init__(self, k: int = 32, hidden: int = 64, *, temperature: float = 1.0,
-                 sharpness: float = 0.5, reduction: str = "mean", ignore_index: int = -100):
+    def __init__(
+        self,
+        k: int = 32,
+        hidden: int = 64,
+        *,
+        temperature: float = 1.0,
+        sharpness: float = 0.5,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+    ):
         super().__init__()
         self.bounds = DACKLBounds(k, hidden)
         self.temperature, self.sharpness = temperature, sharpness
@@ -496,10 +599,17 @@ class DACKLLoss(nn.Module):
 
     def forward(self, student_logits, teacher_logits, labels=None):
         lower, upper = self.bounds(teacher_logits, self.temperature)
-        return dac_kl_loss(student_logits, teacher_logits, lower, upper,
-                           temperature=self.temperature, sharpness=self.sharpness, labels=labels,
-                           ignore_index=self.ignore_index, reduction=self.reduction)
-
+        return dac_kl_loss(
+            student_logits,
+            teacher_logits,
+            lower,
+            upper,
+            temperature=self.temperature,
+            sharpness=self.sharpness,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,15 +617,19 @@ class DACKLLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def swing_temperatures(privacy_scores: torch.Tensor, *, t_min: float = 1.0,
-                       t_max: float = 4.0) -> torch.Tensor:
+def swing_temperatures(
+    privacy_scores: torch.Tensor, *, t_min: float = 1.0, t_max: float = 4.0
+) -> torch.Tensor:
     r"""Swing distillation's per-token temperatures: T_i = t_min + (t_max - t_min) * score_i for
     privacy scores in [0, 1] (the likelihood that the token is private: a private token gets a
     flatter teacher). The paper's mapping is not public (not verified; linear here)."""
     fn = "swing_temperatures"
     if not isinstance(privacy_scores, torch.Tensor) or not privacy_scores.is_floating_point():
-        check.fail_type(fn, f"privacy_scores must be a floating torch.Tensor, got "
-                            f"{check.type_name(privacy_scores)}")
+        check.fail_type(
+            fn,
+            f"privacy_scores must be a floating torch.Tensor, got "
+            f"{check.type_name(privacy_scores)}",
+        )
     t_min = check.positive(fn, "t_min", t_min)
     t_max = check.positive(fn, "t_max", t_max)
     if t_max < t_min:
@@ -526,7 +640,9 @@ def swing_temperatures(privacy_scores: torch.Tensor, *, t_min: float = 1.0,
     return t_min + (t_max - t_min) * sc
 
 
-def swing_noise(seed: int, shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def swing_noise(
+    seed: int, shape: Sequence[int], *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """The standard normal noise eps [N, V] that :func:`swing_loss` adds (times noise_std) to
     the tempered teacher logits with this seed (counter-based: the same for any thread count)."""
     shape = tuple(int(d) for d in shape)
@@ -539,12 +655,21 @@ def swing_noise(seed: int, shape: Sequence[int], *, dtype: torch.dtype = torch.f
     return out.reshape(shape)
 
 
-def swing_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               privacy_scores: Optional[torch.Tensor] = None, *,
-               temperatures: Optional[torch.Tensor] = None, t_min: float = 1.0,
-               t_max: float = 4.0, noise_std: float = 0.0, seed: int = 0,
-               labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
-               reduction: str = "mean", scale_by_t_squared: bool = False):
+def swing_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    privacy_scores: Optional[torch.Tensor] = None,
+    *,
+    temperatures: Optional[torch.Tensor] = None,
+    t_min: float = 1.0,
+    t_max: float = 4.0,
+    noise_std: float = 0.0,
+    seed: int = 0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale_by_t_squared: bool = False,
+):
     r"""Swing distillation: per-token temperatures from a privacy score, noisy soft targets.
 
     Li et al., "Swing Distillation: A Privacy-Preserving Knowledge Distillation Framework".
@@ -585,16 +710,21 @@ def swing_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # MDCS consistency self-distillation.
 # ---------------------------------------------------------------------------------------------
 
 
-def mdcs_consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor,
-                          labels: torch.Tensor, *, temperature: float = 1.0,
-                          ignore_index: int = -100, reduction: str = "mean",
-                          return_mask: bool = False):
+def mdcs_consistency_loss(
+    strong_logits: torch.Tensor,
+    weak_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    return_mask: bool = False,
+):
     r"""MDCS consistency self-distillation with confident-instance sampling (CIS).
 
     Zhao et al., "MDCS: More Diverse Experts with Consistency Self-distillation for Long-tailed
@@ -624,9 +754,18 @@ def mdcs_consistency_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor
         pred = w.detach().reshape(n, -1).argmax(-1)
         mask = (pred == lab) & (lab != ignore_index)
         cis_labels = torch.where(mask, lab, torch.full_like(lab, ignore_index))
-    red = "mean" if reduction == "mean" else ("sum" if reduction in ("sum", "batchmean") else "none")
-    loss = divergence(s, w.detach(), "forward_kl", temperature=temperature,
-                      labels=cis_labels.reshape(lead), ignore_index=ignore_index, reduction=red)
+    red = (
+        "mean" if reduction == "mean" else ("sum" if reduction in ("sum", "batchmean") else "none")
+    )
+    loss = divergence(
+        s,
+        w.detach(),
+        "forward_kl",
+        temperature=temperature,
+        labels=cis_labels.reshape(lead),
+        ignore_index=ignore_index,
+        reduction=red,
+    )
     if reduction == "batchmean":
         loss = loss / max(n, 1)
     loss = loss * (temperature * temperature)

@@ -15,8 +15,13 @@ from . import _common as common
 from .kd import row_entropy
 
 __all__ = [
-    "ldr_kl_loss", "aldr_kl_loss", "ALDRKLLoss", "comp_sum_loss", "generalized_cross_entropy",
-    "mae_loss", "smooth_adversarial_comp_sum_loss",
+    "ldr_kl_loss",
+    "aldr_kl_loss",
+    "ALDRKLLoss",
+    "comp_sum_loss",
+    "generalized_cross_entropy",
+    "mae_loss",
+    "smooth_adversarial_comp_sum_loss",
 ]
 
 
@@ -29,7 +34,11 @@ def _class_logits(fn: str, logits: Any, labels: Any):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         check.fail(fn, "logits must be a 2-D floating tensor [N, C]")
     n, c = logits.shape
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.is_floating_point():
+    if (
+        not isinstance(labels, torch.Tensor)
+        or tuple(labels.shape) != (n,)
+        or labels.is_floating_point()
+    ):
         check.fail(fn, f"labels must be an integer tensor of shape [{n}]")
     if bool(((labels < 0) | (labels >= c)).any()):
         check.fail(fn, f"labels out of range [0, {c})")
@@ -42,8 +51,14 @@ def _ldr_margins(logits, labels, margin):
     return a.scatter(1, labels[:, None], torch.zeros_like(zy))  # a_y = 0
 
 
-def ldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, lam: Union[float, torch.Tensor] = 1.0,
-                margin: float = 0.1, reduction: str = "mean"):
+def ldr_kl_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lam: Union[float, torch.Tensor] = 1.0,
+    margin: float = 0.1,
+    reduction: str = "mean",
+):
     r"""LDR-KL loss (label-distributionally robust, KL-regularized).
 
     Zhu et al., "Label Distributionally Robust Losses for Multi-class Classification:
@@ -72,10 +87,17 @@ def ldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, lam: Union[float,
     return common.reduce_samples(per, reduction)
 
 
-def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2.0,
-                 lam0: float = 1.0, margin: float = 0.1,
-                 prev_lam: Optional[torch.Tensor] = None, reduction: str = "mean",
-                 return_lam: bool = False):
+def aldr_kl_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 2.0,
+    lam0: float = 1.0,
+    margin: float = 0.1,
+    prev_lam: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    return_lam: bool = False,
+):
     r"""ALDR-KL: LDR-KL with an adaptive per-instance temperature lam_i.
 
     Zhu et al. (ICML 2023). Verified against the authors' ``ALDRLoss_V1`` (the ``loss`` module
@@ -124,8 +146,13 @@ def aldr_kl_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2
         # KL(softmax(z / lam') || uniform) = log C - H(softmax(z / lam'))
         kl = log_c - row_entropy(logits.detach().double() / prev[:, None]).double()
         lam = lam0 * (1 - kl / (alpha * log_c))
-    per = ldr_kl_loss(logits, labels, lam=lam.to(logits.dtype) if n > 1 else float(lam[0]),
-                      margin=margin, reduction="none")
+    per = ldr_kl_loss(
+        logits,
+        labels,
+        lam=lam.to(logits.dtype) if n > 1 else float(lam[0]),
+        margin=margin,
+        reduction="none",
+    )
     per = per - (alpha * log_c / (2 * lam0) * (lam - lam0) ** 2).to(per.dtype)
     out = common.reduce_samples(per, reduction)
     return (out, lam) if return_lam else out
@@ -136,8 +163,15 @@ class ALDRKLLoss(nn.Module):
     ``ALDRLoss_V1`` keeps them: ``loss_fn(logits, labels, ids)`` with ``ids`` [N] the dataset
     indices of the batch (int64, in [0, num_samples)); the buffer starts at lam0."""
 
-    def __init__(self, num_samples: int, *, alpha: float = 2.0, lam0: float = 1.0,
-                 margin: float = 0.1, reduction: str = "mean"):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        alpha: float = 2.0,
+        lam0: float = 1.0,
+        margin: float = 0.1,
+        reduction: str = "mean",
+    ):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             check.fail("ALDRKLLoss", f"num_samples must be an int >= 1, got {num_samples!r}")
@@ -145,19 +179,33 @@ class ALDRKLLoss(nn.Module):
         self.register_buffer("lam", torch.full((num_samples,), float(lam0), dtype=torch.float64))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
-        if (not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1
-                or bool(((ids < 0) | (ids >= self.lam.numel())).any())):
-            check.fail("ALDRKLLoss", f"ids must be an int64 tensor [N] of indices in "
-                                     f"[0, {self.lam.numel()})")
-        loss, lam = aldr_kl_loss(logits, labels, alpha=self.alpha, lam0=self.lam0,
-                                 margin=self.margin, prev_lam=self.lam[ids],
-                                 reduction=self.reduction, return_lam=True)
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.dtype != torch.int64
+            or ids.dim() != 1
+            or bool(((ids < 0) | (ids >= self.lam.numel())).any())
+        ):
+            check.fail(
+                "ALDRKLLoss",
+                f"ids must be an int64 tensor [N] of indices in [0, {self.lam.numel()})",
+            )
+        loss, lam = aldr_kl_loss(
+            logits,
+            labels,
+            alpha=self.alpha,
+            lam0=self.lam0,
+            margin=self.margin,
+            prev_lam=self.lam[ids],
+            reduction=self.reduction,
+            return_lam=True,
+        )
         self.lam[ids] = lam.to(self.lam.dtype)
         return loss
 
 
-def comp_sum_loss(logits: torch.Tensor, labels: torch.Tensor, *, tau: float = 1.0,
-                  reduction: str = "mean"):
+def comp_sum_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, tau: float = 1.0, reduction: str = "mean"
+):
     r"""Comp-sum losses Phi^tau (Mao, Mohri, Zhong, "Cross-Entropy Loss Functions: Theoretical
     Analysis and Applications", ICML 2023). With u = sum_{k != y} exp(z_k -
     z_y) = 1/p_y - 1::
@@ -183,8 +231,9 @@ def comp_sum_loss(logits: torch.Tensor, labels: torch.Tensor, *, tau: float = 1.
     return common.reduce_samples(per, reduction)
 
 
-def generalized_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, q: float = 0.7,
-                              reduction: str = "mean"):
+def generalized_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, q: float = 0.7, reduction: str = "mean"
+):
     """Generalized cross-entropy (1 - p_y^q) / q, q in (0, 1]: :func:`comp_sum_loss` with
     tau = 1 + q (Zhang & Sabuncu 2018; comp-sum family of Mao et al. 2023)."""
     q = check.real("generalized_cross_entropy", "q", q, allow_nan=False)
@@ -198,9 +247,15 @@ def mae_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "me
     return comp_sum_loss(logits, labels, tau=2.0, reduction=reduction)
 
 
-def smooth_adversarial_comp_sum_loss(logits: torch.Tensor, adv_logits: torch.Tensor,
-                                     labels: torch.Tensor, *, tau: float = 1.0, nu: float = 1.0,
-                                     reduction: str = "mean"):
+def smooth_adversarial_comp_sum_loss(
+    logits: torch.Tensor,
+    adv_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    nu: float = 1.0,
+    reduction: str = "mean",
+):
     r"""Smooth adversarial comp-sum loss (Mao, Mohri, Zhong 2023)::
 
         loss_i = Phi^tau(z_i, y_i) + nu ||z'_i - z_i||_2

@@ -13,7 +13,9 @@ import torch
 from .. import _validate as check
 
 __all__ = [
-    "load_document_logprobs", "miniplm_scores", "miniplm_difference_sampling",
+    "load_document_logprobs",
+    "miniplm_scores",
+    "miniplm_difference_sampling",
     "ddk_domain_weights",
 ]
 
@@ -42,10 +44,15 @@ def load_document_logprobs(path: Union[str, os.PathLike]) -> dict:
     else:
         arr = np.loadtxt(path, dtype=np.float64, comments="#", ndmin=2)
         if arr.shape[1] not in (2, 3):
-            check.fail(fn, f"{path!r} must have 2 or 3 columns (teacher reference [length]), "
-                           f"got {arr.shape[1]}")
-        d = {"teacher": torch.from_numpy(arr[:, 0].copy()),
-             "reference": torch.from_numpy(arr[:, 1].copy())}
+            check.fail(
+                fn,
+                f"{path!r} must have 2 or 3 columns (teacher reference [length]), "
+                f"got {arr.shape[1]}",
+            )
+        d = {
+            "teacher": torch.from_numpy(arr[:, 0].copy()),
+            "reference": torch.from_numpy(arr[:, 1].copy()),
+        }
         if arr.shape[1] == 3:
             d["lengths"] = torch.from_numpy(arr[:, 2].copy())
     for k in ("teacher", "reference"):
@@ -61,8 +68,9 @@ def miniplm_scores(teacher_logprobs, reference_logprobs, lengths=None) -> torch.
     lt = torch.as_tensor(teacher_logprobs, dtype=torch.float64).reshape(-1)
     lr = torch.as_tensor(reference_logprobs, dtype=torch.float64).reshape(-1)
     if lt.shape != lr.shape:
-        check.fail(fn, f"reference_logprobs has {lr.numel()} documents, teacher_logprobs "
-                       f"{lt.numel()}")
+        check.fail(
+            fn, f"reference_logprobs has {lr.numel()} documents, teacher_logprobs {lt.numel()}"
+        )
     if not bool(torch.isfinite(lt).all() and torch.isfinite(lr).all()):
         check.fail(fn, "log-probabilities must be finite")
     d = lt - lr
@@ -74,9 +82,16 @@ def miniplm_scores(teacher_logprobs, reference_logprobs, lengths=None) -> torch.
     return d
 
 
-def miniplm_difference_sampling(teacher_logprobs=None, reference_logprobs=None, *,
-                                lengths=None, path=None, ratio: float = 0.5,
-                                mode: str = "select", temperature: float = 1.0) -> torch.Tensor:
+def miniplm_difference_sampling(
+    teacher_logprobs=None,
+    reference_logprobs=None,
+    *,
+    lengths=None,
+    path=None,
+    ratio: float = 0.5,
+    mode: str = "select",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     r"""MiniPLM difference sampling of pre-training documents.
 
     Gu et al., "MiniPLM: Knowledge Distillation for Pre-Training Language Models" (code
@@ -115,15 +130,20 @@ def miniplm_difference_sampling(teacher_logprobs=None, reference_logprobs=None, 
     check.fail(fn, f"mode must be 'select' or 'weights', got {mode!r}")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # DDK domain mixing.
 # ---------------------------------------------------------------------------------------------
 
 
-def ddk_domain_weights(student_losses, teacher_losses, previous_weights=None, *,
-                       smoothing: float = 0.5, temperature: float = 1.0,
-                       min_weight: float = 0.0) -> torch.Tensor:
+def ddk_domain_weights(
+    student_losses,
+    teacher_losses,
+    previous_weights=None,
+    *,
+    smoothing: float = 0.5,
+    temperature: float = 1.0,
+    min_weight: float = 0.0,
+) -> torch.Tensor:
     r"""DDK: domain mixture weights updated smoothly from teacher-student loss gaps.
 
     Liu et al., "DDK: Distilling Domain Knowledge for Efficient Large Language Models". Per
@@ -141,8 +161,11 @@ def ddk_domain_weights(student_losses, teacher_losses, previous_weights=None, *,
     ls = torch.as_tensor(student_losses, dtype=torch.float64).reshape(-1)
     lt = torch.as_tensor(teacher_losses, dtype=torch.float64).reshape(-1)
     if ls.numel() == 0 or ls.shape != lt.shape:
-        check.fail(fn, f"student_losses and teacher_losses must be non-empty with one value per "
-                       f"domain, got {ls.numel()} and {lt.numel()}")
+        check.fail(
+            fn,
+            f"student_losses and teacher_losses must be non-empty with one value per "
+            f"domain, got {ls.numel()} and {lt.numel()}",
+        )
     if not bool(torch.isfinite(ls).all() and torch.isfinite(lt).all()):
         check.fail(fn, "losses must be finite")
     dn = ls.numel()
@@ -157,8 +180,11 @@ def ddk_domain_weights(student_losses, teacher_losses, previous_weights=None, *,
         prev = torch.full((dn,), 1.0 / dn, dtype=torch.float64)
     else:
         prev = torch.as_tensor(previous_weights, dtype=torch.float64).reshape(-1)
-        if prev.shape != ls.shape or bool((prev < 0).any()) or not math.isclose(
-                float(prev.sum()), 1.0, rel_tol=0, abs_tol=1e-6):
+        if (
+            prev.shape != ls.shape
+            or bool((prev < 0).any())
+            or not math.isclose(float(prev.sum()), 1.0, rel_tol=0, abs_tol=1e-6)
+        ):
             check.fail(fn, f"previous_weights must be {dn} non-negative weights summing to 1")
     pi = torch.softmax((ls - lt) / temperature, 0)
     w = (1 - smoothing) * prev + smoothing * pi

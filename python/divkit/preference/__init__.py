@@ -14,15 +14,45 @@ Notation: ``l_w = log pi(y_w) - log pi_ref(y_w)``, ``l_l = log pi(y_l) - log pi_
 """
 
 from .fused import sparsepo_loss_fused, tdpo_loss_fused
-from .sequence import (F_DIVERGENCE_TYPES, LOSS_TYPES, cpo_loss, d2o_loss, dpo_loss, hypo_loss,
-                       kto_loss, odds_ratio_loss, orpo_loss, preference_loss, preference_metrics,
-                       sequence_logps, simpo_loss, superhf_loss, wpo_weights)
+from .sequence import (
+    F_DIVERGENCE_TYPES,
+    LOSS_TYPES,
+    cpo_loss,
+    d2o_loss,
+    dpo_loss,
+    hypo_loss,
+    kto_loss,
+    odds_ratio_loss,
+    orpo_loss,
+    preference_loss,
+    preference_metrics,
+    sequence_logps,
+    simpo_loss,
+    superhf_loss,
+    wpo_weights,
+)
 from .tokens import SparsePOMask, sparsepo_loss, tdpo_loss, token_logratio_and_kl
 
 __all__ = [
-    "LOSS_TYPES", "F_DIVERGENCE_TYPES", "preference_loss", "dpo_loss", "preference_metrics",
-    "wpo_weights", "cpo_loss", "simpo_loss", "odds_ratio_loss", "orpo_loss", "kto_loss",
-    "d2o_loss", "hypo_loss", "superhf_loss", "tdpo_loss", "sparsepo_loss", "SparsePOMask",
-    "tdpo_loss_fused", "sparsepo_loss_fused",
-    "sequence_logps", "token_logratio_and_kl",
+    "LOSS_TYPES",
+    "F_DIVERGENCE_TYPES",
+    "preference_loss",
+    "dpo_loss",
+    "preference_metrics",
+    "wpo_weights",
+    "cpo_loss",
+    "simpo_loss",
+    "odds_ratio_loss",
+    "orpo_loss",
+    "kto_loss",
+    "d2o_loss",
+    "hypo_loss",
+    "superhf_loss",
+    "tdpo_loss",
+    "sparsepo_loss",
+    "SparsePOMask",
+    "tdpo_loss_fused",
+    "sparsepo_loss_fused",
+    "sequence_logps",
+    "token_logratio_and_kl",
 ]

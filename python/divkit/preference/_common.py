@@ -21,14 +21,17 @@ def grad_bufs(inputs: Sequence[torch.Tensor], need, dtype: torch.dtype, count: i
     """Gradient buffers [B] for the first ``count`` inputs that need one (None otherwise)."""
     if need is None:
         return [None] * count
-    return [torch.empty(x.shape[0], dtype=dtype) if (i < len(need) and need[i]) else None
-            for i, x in enumerate(inputs[:count])]
+    return [
+        torch.empty(x.shape[0], dtype=dtype) if (i < len(need) and need[i]) else None
+        for i, x in enumerate(inputs[:count])
+    ]
 
 
 def back(bufs, inputs):
     """The gradients on the inputs' devices and in their dtypes."""
-    return tuple(None if g is None else g.to(device=x.device, dtype=x.dtype)
-                 for g, x in zip(bufs, inputs))
+    return tuple(
+        None if g is None else g.to(device=x.device, dtype=x.dtype) for g, x in zip(bufs, inputs)
+    )
 
 
 def label_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,40 +13,92 @@ from .tokens import _sparsepo_combine, _tdpo_combine, _tdpo_variant, token_logra
 __all__ = ["tdpo_loss_fused", "sparsepo_loss_fused"]
 
 
-def _fused_pair(fn, policy_chosen_hidden, policy_rejected_hidden, lm_head_weight, chosen_labels,
-                rejected_labels, ref_chosen_logits, ref_rejected_logits, ref_chosen_hidden,
-                ref_rejected_hidden, ref_weight, lm_head_bias, ref_bias, ignore_index,
-                chunk_size, chosen_kl_grad):
-    for name, x in (("policy_chosen_hidden", policy_chosen_hidden),
-                    ("policy_rejected_hidden", policy_rejected_hidden)):
+def _fused_pair(
+    fn,
+    policy_chosen_hidden,
+    policy_rejected_hidden,
+    lm_head_weight,
+    chosen_labels,
+    rejected_labels,
+    ref_chosen_logits,
+    ref_rejected_logits,
+    ref_chosen_hidden,
+    ref_rejected_hidden,
+    ref_weight,
+    lm_head_bias,
+    ref_bias,
+    ignore_index,
+    chunk_size,
+    chosen_kl_grad,
+):
+    for name, x in (
+        ("policy_chosen_hidden", policy_chosen_hidden),
+        ("policy_rejected_hidden", policy_rejected_hidden),
+    ):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             check.fail(fn, f"{name} must be a [B, T, H] tensor")
     if policy_rejected_hidden.shape[0] != policy_chosen_hidden.shape[0]:
-        check.fail(fn, f"policy_rejected_hidden has batch size "
-                       f"{policy_rejected_hidden.shape[0]}, policy_chosen_hidden "
-                       f"{policy_chosen_hidden.shape[0]}; batch sizes disagree")
+        check.fail(
+            fn,
+            f"policy_rejected_hidden has batch size "
+            f"{policy_rejected_hidden.shape[0]}, policy_chosen_hidden "
+            f"{policy_chosen_hidden.shape[0]}; batch sizes disagree",
+        )
     if policy_chosen_hidden.shape[0] == 0:
         check.fail(fn, "the batch is empty")
-    if (ref_chosen_logits is None) != (ref_rejected_logits is None) or \
-            (ref_chosen_hidden is None) != (ref_rejected_hidden is None):
+    if (ref_chosen_logits is None) != (ref_rejected_logits is None) or (
+        ref_chosen_hidden is None
+    ) != (ref_rejected_hidden is None):
         check.fail(fn, "give the reference for both the chosen and the rejected side")
-    common = dict(lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, ref_weight=ref_weight,
-                  ref_bias=ref_bias, ignore_index=ignore_index, chunk_size=chunk_size)
-    w = token_logratio_and_kl(None, ref_chosen_logits, chosen_labels,
-                              policy_hidden=policy_chosen_hidden, ref_hidden=ref_chosen_hidden,
-                              kl_grad=chosen_kl_grad, **common)
-    l_ = token_logratio_and_kl(None, ref_rejected_logits, rejected_labels,
-                               policy_hidden=policy_rejected_hidden,
-                               ref_hidden=ref_rejected_hidden, **common)
+    common = dict(
+        lm_head_weight=lm_head_weight,
+        lm_head_bias=lm_head_bias,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )
+    w = token_logratio_and_kl(
+        None,
+        ref_chosen_logits,
+        chosen_labels,
+        policy_hidden=policy_chosen_hidden,
+        ref_hidden=ref_chosen_hidden,
+        kl_grad=chosen_kl_grad,
+        **common,
+    )
+    l_ = token_logratio_and_kl(
+        None,
+        ref_rejected_logits,
+        rejected_labels,
+        policy_hidden=policy_rejected_hidden,
+        ref_hidden=ref_rejected_hidden,
+        **common,
+    )
     return w, l_
 
 
-def tdpo_loss_fused(policy_chosen_hidden, policy_rejected_hidden, lm_head_weight, chosen_labels,
-                    rejected_labels, *, ref_chosen_logits=None, ref_rejected_logits=None,
-                    ref_chosen_hidden=None, ref_rejected_hidden=None, ref_weight=None,
-                    lm_head_bias=None, ref_bias=None, beta: float = 0.1, alpha: float = 0.5,
-                    variant: str = "tdpo2", ignore_index: int = -100,
-                    label_smoothing: float = 0.0, chunk_size: Optional[int] = None):
+def tdpo_loss_fused(
+    policy_chosen_hidden,
+    policy_rejected_hidden,
+    lm_head_weight,
+    chosen_labels,
+    rejected_labels,
+    *,
+    ref_chosen_logits=None,
+    ref_rejected_logits=None,
+    ref_chosen_hidden=None,
+    ref_rejected_hidden=None,
+    ref_weight=None,
+    lm_head_bias=None,
+    ref_bias=None,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    variant: str = "tdpo2",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: Optional[int] = None,
+):
     """:func:`tdpo_loss` fused with the policy's lm_head: the policy is given as hidden states
     ``policy_chosen_hidden``, ``policy_rejected_hidden`` ``[B, T, H]`` and ``lm_head_weight``
     ``[V, H]`` (+ ``lm_head_bias``), and its ``[tokens x V]`` logits are never materialized.
@@ -64,21 +116,50 @@ def tdpo_loss_fused(policy_chosen_hidden, policy_rejected_hidden, lm_head_weight
     fn = "tdpo_loss_fused"
     variant, beta, alpha = _tdpo_variant(fn, variant, beta, alpha)
     (lr_w, kl_w, _), (lr_l, kl_l, _) = _fused_pair(
-        fn, policy_chosen_hidden, policy_rejected_hidden, lm_head_weight, chosen_labels,
-        rejected_labels, ref_chosen_logits, ref_rejected_logits, ref_chosen_hidden,
-        ref_rejected_hidden, ref_weight, lm_head_bias, ref_bias, ignore_index, chunk_size,
-        variant == "tdpo1")
+        fn,
+        policy_chosen_hidden,
+        policy_rejected_hidden,
+        lm_head_weight,
+        chosen_labels,
+        rejected_labels,
+        ref_chosen_logits,
+        ref_rejected_logits,
+        ref_chosen_hidden,
+        ref_rejected_hidden,
+        ref_weight,
+        lm_head_bias,
+        ref_bias,
+        ignore_index,
+        chunk_size,
+        variant == "tdpo1",
+    )
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
 
-def sparsepo_loss_fused(policy_chosen_hidden, policy_rejected_hidden, lm_head_weight,
-                        chosen_labels, rejected_labels, *, ref_chosen_logits=None,
-                        ref_rejected_logits=None, ref_chosen_hidden=None,
-                        ref_rejected_hidden=None, ref_weight=None, lm_head_bias=None,
-                        ref_bias=None, chosen_reward_mask=None, rejected_reward_mask=None,
-                        chosen_kl_mask=None, rejected_kl_mask=None, beta: float = 0.1,
-                        l1_reward: float = 0.0, l1_kl: float = 0.0, ignore_index: int = -100,
-                        chunk_size: Optional[int] = None):
+def sparsepo_loss_fused(
+    policy_chosen_hidden,
+    policy_rejected_hidden,
+    lm_head_weight,
+    chosen_labels,
+    rejected_labels,
+    *,
+    ref_chosen_logits=None,
+    ref_rejected_logits=None,
+    ref_chosen_hidden=None,
+    ref_rejected_hidden=None,
+    ref_weight=None,
+    lm_head_bias=None,
+    ref_bias=None,
+    chosen_reward_mask=None,
+    rejected_reward_mask=None,
+    chosen_kl_mask=None,
+    rejected_kl_mask=None,
+    beta: float = 0.1,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+):
     """:func:`sparsepo_loss` fused with the policy's lm_head (SparsePO, Christopoulou et al.
     2024): the policy and reference are given as in :func:`tdpo_loss_fused`, the masks and
     L1 penalties as in :func:`sparsepo_loss`; ``loss = -logsig(beta (u - d)) + L1`` with
@@ -91,9 +172,36 @@ def sparsepo_loss_fused(policy_chosen_hidden, policy_rejected_hidden, lm_head_we
     l1_reward = check.real(fn, "l1_reward", l1_reward)
     l1_kl = check.real(fn, "l1_kl", l1_kl)
     (lr_w, kl_w, m_w), (lr_l, kl_l, m_l) = _fused_pair(
-        fn, policy_chosen_hidden, policy_rejected_hidden, lm_head_weight, chosen_labels,
-        rejected_labels, ref_chosen_logits, ref_rejected_logits, ref_chosen_hidden,
-        ref_rejected_hidden, ref_weight, lm_head_bias, ref_bias, ignore_index, chunk_size, True)
-    return _sparsepo_combine(fn, lr_w, kl_w, m_w, lr_l, kl_l, m_l, chosen_reward_mask,
-                             rejected_reward_mask, chosen_kl_mask, rejected_kl_mask, beta,
-                             l1_reward, l1_kl)
+        fn,
+        policy_chosen_hidden,
+        policy_rejected_hidden,
+        lm_head_weight,
+        chosen_labels,
+        rejected_labels,
+        ref_chosen_logits,
+        ref_rejected_logits,
+        ref_chosen_hidden,
+        ref_rejected_hidden,
+        ref_weight,
+        lm_head_bias,
+        ref_bias,
+        ignore_index,
+        chunk_size,
+        True,
+    )
+    return _sparsepo_combine(
+        fn,
+        lr_w,
+        kl_w,
+        m_w,
+        lr_l,
+        kl_l,
+        m_l,
+        chosen_reward_mask,
+        rejected_reward_mask,
+        chosen_kl_mask,
+        rejected_kl_mask,
+        beta,
+        l1_reward,
+        l1_kl,
+    )

@@ -18,9 +18,21 @@ from .._autograd import recompute_in_backward
 from . import _common as common
 
 __all__ = [
-    "LOSS_TYPES", "F_DIVERGENCE_TYPES", "preference_loss", "dpo_loss", "preference_metrics",
-    "sequence_logps", "wpo_weights", "cpo_loss", "simpo_loss", "odds_ratio_loss", "orpo_loss",
-    "kto_loss", "d2o_loss", "hypo_loss", "superhf_loss",
+    "LOSS_TYPES",
+    "F_DIVERGENCE_TYPES",
+    "preference_loss",
+    "dpo_loss",
+    "preference_metrics",
+    "sequence_logps",
+    "wpo_weights",
+    "cpo_loss",
+    "simpo_loss",
+    "odds_ratio_loss",
+    "orpo_loss",
+    "kto_loss",
+    "d2o_loss",
+    "hypo_loss",
+    "superhf_loss",
 ]
 
 #: loss_type names of :func:`preference_loss`, in the core's order.
@@ -109,8 +121,7 @@ def preference_loss(
     else:
         weights = [check.real(fn, "loss_weights", w) for w in loss_weights]
         if len(weights) != len(types):
-            check.fail(fn, f"loss_weights has {len(weights)} entries for {len(types)} "
-                           f"loss types")
+            check.fail(fn, f"loss_weights has {len(weights)} entries for {len(types)} loss types")
     beta = check.real(fn, "beta", beta)
     label_smoothing = check.real(fn, "label_smoothing", label_smoothing)
     f_alpha = check.real(fn, "f_alpha_divergence_coef", f_alpha_divergence_coef)
@@ -128,10 +139,15 @@ def preference_loss(
     if policy_weights is not None:
         sw = common.host(check.vector(fn, "policy_weights", policy_weights, n), dtype)
     device = pc.device
-    args = _C.PreferenceArgs(loss_types=types, loss_weights=weights, beta=beta,
-                             label_smoothing=label_smoothing,
-                             f_divergence_type=f_divergence_type,
-                             f_alpha_divergence_coef=f_alpha, discopop_tau=tau)
+    args = _C.PreferenceArgs(
+        loss_types=types,
+        loss_weights=weights,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha,
+        discopop_tau=tau,
+    )
 
     def run(inputs, grad_losses, need):
         host = [common.host(x, dtype) for x in inputs]
@@ -149,8 +165,9 @@ def preference_loss(
 dpo_loss = preference_loss
 
 
-def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                       prefix: str = "") -> Dict[str, float]:
+def preference_metrics(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, prefix: str = ""
+) -> Dict[str, float]:
     """The reward metrics TRL's trainers log, from the rewards of :func:`preference_loss` (or
     any of the losses here): ``rewards/chosen`` and ``rewards/rejected`` (means),
     ``rewards/accuracies`` (fraction of pairs with chosen > rejected) and ``rewards/margins``
@@ -166,8 +183,9 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     }
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                   average: bool = False) -> torch.Tensor:
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False
+) -> torch.Tensor:
     """Per-sequence log-probability ``sum_t log softmax(logits[:, t])[labels[:, t]]`` over the
     tokens whose label is not ``ignore_index`` (``logits[:, t]`` predicts ``labels[:, t]``:
     already shifted), or its mean over those tokens with ``average=True``. ``[B, T, V]`` ->
@@ -178,8 +196,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     return s / mask.sum(-1).clamp(min=1) if average else s
 
 
-def wpo_weights(logits: torch.Tensor, labels: torch.Tensor, *,
-                ignore_index: int = -100) -> torch.Tensor:
+def wpo_weights(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100
+) -> torch.Tensor:
     """WPO's per-sequence weight (Zhou et al. 2024, eq. 2, as TRL's ``use_weighting``):
     ``w = exp(mean_t [log p_t(y_t) - log sum_v p_t(v)^2])`` over completion tokens, without
     gradient. ``[B, T, V]``, labels ``[B, T]`` -> ``[B]``; pass ``w_chosen * w_rejected`` as
@@ -199,10 +218,16 @@ def wpo_weights(logits: torch.Tensor, labels: torch.Tensor, *,
 # ---------------------------------------------------------------------------------------------
 
 
-def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, *,
-             loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-             simpo_gamma: float = 0.5, alpha: float = 0.0
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPO / SimPO / AlphaPO, reference-free, as TRL's ``CPOTrainer.cpo_loss``: returns
     ``(losses, chosen_rewards, rejected_rewards)``.
 
@@ -222,8 +247,9 @@ def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     n = pc.shape[0]
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, n)
     dtype, device = common.compute_dtype(pc, pr), pc.device
-    args = _C.CpoArgs(loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma,
-                      alpha=alpha)
+    args = _C.CpoArgs(
+        loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma, alpha=alpha
+    )
 
     def run(inputs, grad_losses, need):
         host = [common.host(x, dtype) for x in inputs]
@@ -236,17 +262,32 @@ def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return recompute_in_backward(run, (pc, pr))
 
 
-def simpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta: float = 2.0,
-               simpo_gamma: float = 0.5, label_smoothing: float = 0.0, alpha: float = 0.0):
+def simpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    *,
+    beta: float = 2.0,
+    simpo_gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    alpha: float = 0.0,
+):
     """SimPO (Meng et al. 2024): :func:`cpo_loss` with ``loss_type="simpo"`` on average
     log-probs; ``alpha != 0`` gives AlphaPO. Returns ``(losses, chosen_rewards,
     rejected_rewards)``."""
-    return cpo_loss(policy_chosen_logps, policy_rejected_logps, loss_type="simpo", beta=beta,
-                    simpo_gamma=simpo_gamma, label_smoothing=label_smoothing, alpha=alpha)
+    return cpo_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        loss_type="simpo",
+        beta=beta,
+        simpo_gamma=simpo_gamma,
+        label_smoothing=label_smoothing,
+        alpha=alpha,
+    )
 
 
-def odds_ratio_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, *,
-                    beta: float = 0.1):
+def odds_ratio_loss(
+    policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, *, beta: float = 0.1
+):
     """ORPO's odds-ratio term (Hong et al. 2024), as TRL's ``ORPOTrainer.odds_ratio_loss``:
     from average log-probs p_w, p_l < 0,
     ``log_odds = (p_w - p_l) - (log1mexp(p_w) - log1mexp(p_l))`` with log1mexp(x) = log(1 - e^x)
@@ -281,10 +322,19 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, policy_nll_loss, *, be
     return policy_nll_loss - losses.mean(), cr, rj
 
 
-def kto_loss(policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
-             reference_chosen_logps, reference_rejected_logps, reference_KL_logps, *,
-             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-             loss_type: str = "kto"):
+def kto_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    policy_KL_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    reference_KL_logps,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+):
     """KTO (Ethayarajh et al. 2024), as TRL's ``KTOTrainer``: unpaired desirable (chosen,
     ``[Bc]``) and undesirable (rejected, ``[Br]``) examples; either may be empty.
 
@@ -301,18 +351,21 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
     wu = check.real(fn, "undesirable_weight", undesirable_weight)
     pc = check.vector(fn, "policy_chosen_logps", policy_chosen_logps, allow_empty=True)
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, allow_empty=True)
-    rc = check.vector(fn, "reference_chosen_logps", reference_chosen_logps, pc.shape[0],
-                      allow_empty=True)
-    rr = check.vector(fn, "reference_rejected_logps", reference_rejected_logps, pr.shape[0],
-                      allow_empty=True)
+    rc = check.vector(
+        fn, "reference_chosen_logps", reference_chosen_logps, pc.shape[0], allow_empty=True
+    )
+    rr = check.vector(
+        fn, "reference_rejected_logps", reference_rejected_logps, pr.shape[0], allow_empty=True
+    )
     if (policy_KL_logps is None) != (reference_KL_logps is None):
         check.fail(fn, "policy_KL_logps and reference_KL_logps must be given together")
     dtype, device = common.compute_dtype(pc, pr, rc, rr), pc.device
     pkl = rkl = None
     if policy_KL_logps is not None:
         pkl = check.vector(fn, "policy_KL_logps", policy_KL_logps, allow_empty=True)
-        rkl = check.vector(fn, "reference_KL_logps", reference_KL_logps, pkl.shape[0],
-                           allow_empty=True)
+        rkl = check.vector(
+            fn, "reference_KL_logps", reference_KL_logps, pkl.shape[0], allow_empty=True
+        )
         pkl, rkl = common.host(pkl, dtype), common.host(rkl, dtype)
     nc, nr = pc.shape[0], pr.shape[0]
 
@@ -324,13 +377,19 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
         any_need = need is not None and any(need)
         g = [torch.empty(nc, dtype=dtype), torch.empty(nr, dtype=dtype)] if any_need else [None] * 2
         gl = None if grad_losses is None else common.host(grad_losses, dtype)
-        _C.kto_loss(h[0], h[1], pkl, h[2], h[3], rkl, loss_type, beta, wd, wu, losses, cr, rj, kl,
-                    gl, *g)
+        _C.kto_loss(
+            h[0], h[1], pkl, h[2], h[3], rkl, loss_type, beta, wd, wu, losses, cr, rj, kl, gl, *g
+        )
         grads = None
         if any_need:  # the reference log-probs get the opposite of the policy's gradient
-            grads = tuple((g[i % 2] if i < 2 else -g[i % 2]).to(device=inputs[i].device,
-                                                                  dtype=inputs[i].dtype)
-                          if need[i] else None for i in range(4))
+            grads = tuple(
+                (g[i % 2] if i < 2 else -g[i % 2]).to(
+                    device=inputs[i].device, dtype=inputs[i].dtype
+                )
+                if need[i]
+                else None
+                for i in range(4)
+            )
         outs = (losses.to(device), cr.to(device), rj.to(device), kl.reshape(()).to(device))
         return outs, grads
 
@@ -342,10 +401,15 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
 # ---------------------------------------------------------------------------------------------
 
 
-def d2o_loss(policy_sample_logps: torch.Tensor, ref_sample_logps: torch.Tensor,
-             policy_rejected_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-             beta: float = 0.1, alpha: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor,
-                                                            torch.Tensor]:
+def d2o_loss(
+    policy_sample_logps: torch.Tensor,
+    ref_sample_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.1,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """D2O (Duan et al. 2024, "Negating Negatives"): K self-generated samples y_i against a
     human-annotated negative y_l,
     ``-logsig((beta/K) sum_i log(pi(y_i)/pi_ref-(y_i)) - alpha log(pi(y_l)/pi_ref+(y_l)))``.
@@ -361,8 +425,9 @@ def d2o_loss(policy_sample_logps: torch.Tensor, ref_sample_logps: torch.Tensor,
     alpha = check.real(fn, "alpha", alpha)
     ps, rs = check.matrix(fn, "policy_sample_logps", policy_sample_logps), ref_sample_logps
     if not isinstance(rs, torch.Tensor) or rs.shape != ps.shape:
-        check.fail(fn, f"ref_sample_logps must have the shape of policy_sample_logps "
-                       f"{tuple(ps.shape)}")
+        check.fail(
+            fn, f"ref_sample_logps must have the shape of policy_sample_logps {tuple(ps.shape)}"
+        )
     b = ps.shape[0]
     pl = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, b)
     rl = check.vector(fn, "ref_rejected_logps", ref_rejected_logps, b)
@@ -373,8 +438,9 @@ def d2o_loss(policy_sample_logps: torch.Tensor, ref_sample_logps: torch.Tensor,
         losses, pos, neg = (torch.empty(b, dtype=dtype) for _ in range(3))
         g = [None] * 4
         if need is not None:
-            g = [torch.empty(x.shape, dtype=dtype) if need[i] else None
-                 for i, x in enumerate(inputs)]
+            g = [
+                torch.empty(x.shape, dtype=dtype) if need[i] else None for i, x in enumerate(inputs)
+            ]
         go = None if grad_out is None else common.host(grad_out, dtype)
         _C.d2o_loss(*h, beta, alpha, losses, pos, neg, go, *g)
         return (losses.to(device), pos.to(device), neg.to(device)), common.back(g, inputs)
@@ -382,9 +448,19 @@ def d2o_loss(policy_sample_logps: torch.Tensor, ref_sample_logps: torch.Tensor,
     return recompute_in_backward(run, (ps, rs, pl, rl))
 
 
-def hypo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-              policy_sample_logps: torch.Tensor, ref_sample_logps: torch.Tensor, *,
-              beta: float = 0.1, lam: float = 0.01, loss_type: str = "sigmoid", **dpo_kwargs):
+def hypo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    policy_sample_logps: torch.Tensor,
+    ref_sample_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    lam: float = 0.01,
+    loss_type: str = "sigmoid",
+    **dpo_kwargs,
+):
     """HyPO (Song et al. 2024, "The Importance of Online Data"): offline DPO on the preference
     pairs plus ``lam`` times an online estimate of KL(pi || pi_ref) on k >= 2 samples
     ``y_j ~ pi`` per prompt (``[B, k]`` sequence log-probs under the policy and the reference).
@@ -397,17 +473,29 @@ def hypo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     rejected_rewards, kl)`` with ``losses = dpo_losses + lam * kl_surrogate`` per prompt."""
     fn = "hypo_loss"
     lam = check.real(fn, "lam", lam)
-    losses, cr, rj = preference_loss(policy_chosen_logps, policy_rejected_logps,
-                                     ref_chosen_logps, ref_rejected_logps, loss_type=loss_type,
-                                     beta=beta, **dpo_kwargs)
+    losses, cr, rj = preference_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        loss_type=loss_type,
+        beta=beta,
+        **dpo_kwargs,
+    )
     ps = check.matrix(fn, "policy_sample_logps", policy_sample_logps)
     if ps.shape[0] != losses.shape[0]:
-        check.fail(fn, f"policy_sample_logps has {ps.shape[0]} rows for a batch of "
-                       f"{losses.shape[0]} pairs; batch sizes disagree")
+        check.fail(
+            fn,
+            f"policy_sample_logps has {ps.shape[0]} rows for a batch of "
+            f"{losses.shape[0]} pairs; batch sizes disagree",
+        )
     k = ps.shape[1]
     if k < 2:
-        check.fail(fn, f"policy_sample_logps needs k >= 2 samples per prompt for the "
-                       f"leave-one-out baseline, got {k}")
+        check.fail(
+            fn,
+            f"policy_sample_logps needs k >= 2 samples per prompt for the "
+            f"leave-one-out baseline, got {k}",
+        )
     if not isinstance(ref_sample_logps, torch.Tensor) or ref_sample_logps.shape != ps.shape:
         check.fail(fn, "ref_sample_logps must have the shape of policy_sample_logps")
     dtype, device = common.compute_dtype(ps, ref_sample_logps), ps.device
@@ -425,9 +513,16 @@ def hypo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     return losses + lam * surrogate.to(losses.dtype), cr, rj, surrogate.detach()
 
 
-def superhf_loss(policy_logps: torch.Tensor, rewards: torch.Tensor, *, kl: Optional[torch.Tensor]
-                 = None, ref_logps: Optional[torch.Tensor] = None, lengths=None,
-                 kl_coef: float = 0.35, top_k: int = 1):
+def superhf_loss(
+    policy_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    kl: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    lengths=None,
+    kl_coef: float = 0.35,
+    top_k: int = 1,
+):
     """SuperHF (Mukobi et al. 2023): for each prompt, sample N completions, keep the ``top_k``
     by reward (``rewards`` ``[B, N]``) and train on them with a supervised loss plus a KL prior:
     ``loss = mean_kept(-log pi(y) / |y|) + kl_coef * mean_kept(KL_y)``.
@@ -468,8 +563,18 @@ def superhf_loss(policy_logps: torch.Tensor, rewards: torch.Tensor, *, kl: Optio
         if need is not None:
             g = [torch.empty(lp.shape, dtype=dtype) if need[i] else None for i in range(2)]
         go = None if grad_out is None else common.host(grad_out.reshape(1), dtype)
-        _C.superhf_loss(common.host(inputs[0], dtype), r_host, common.host(inputs[1], dtype),
-                        n_host, kl_coef, top_k, loss, idx, go, *g)
+        _C.superhf_loss(
+            common.host(inputs[0], dtype),
+            r_host,
+            common.host(inputs[1], dtype),
+            n_host,
+            kl_coef,
+            top_k,
+            loss,
+            idx,
+            go,
+            *g,
+        )
         return (loss.reshape(()).to(device),), common.back(g, inputs)
 
     (loss,) = recompute_in_backward(run, (lp, kl))

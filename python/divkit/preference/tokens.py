@@ -24,16 +24,21 @@ __all__ = ["token_logratio_and_kl", "tdpo_loss", "sparsepo_loss", "SparsePOMask"
 # ---------------------------------------------------------------------------------------------
 
 
-def token_logratio_and_kl(policy_logits: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
-                          labels: torch.Tensor, *, ignore_index: int = -100,
-                          kl_grad: bool = True, policy_hidden: Optional[torch.Tensor] = None,
-                          lm_head_weight: Optional[torch.Tensor] = None,
-                          lm_head_bias: Optional[torch.Tensor] = None,
-                          ref_hidden: Optional[torch.Tensor] = None,
-                          ref_weight: Optional[torch.Tensor] = None,
-                          ref_bias: Optional[torch.Tensor] = None,
-                          chunk_size: Optional[int] = None,
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_logratio_and_kl(
+    policy_logits: Optional[torch.Tensor],
+    ref_logits: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    kl_grad: bool = True,
+    policy_hidden: Optional[torch.Tensor] = None,
+    lm_head_weight: Optional[torch.Tensor] = None,
+    lm_head_bias: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-token quantities of the token-level losses, with (already shifted) labels
     ``[B, T]``:
 
@@ -56,65 +61,117 @@ def token_logratio_and_kl(policy_logits: Optional[torch.Tensor], ref_logits: Opt
     logits on the logits path)."""
     fn = "token_logratio_and_kl"
     if policy_hidden is not None or policy_logits is None:
-        return _fused_token_terms(fn, policy_hidden, lm_head_weight, lm_head_bias, ref_logits,
-                                  ref_hidden, ref_weight, ref_bias, labels, ignore_index,
-                                  kl_grad, chunk_size)
+        return _fused_token_terms(
+            fn,
+            policy_hidden,
+            lm_head_weight,
+            lm_head_bias,
+            ref_logits,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            labels,
+            ignore_index,
+            kl_grad,
+            chunk_size,
+        )
     if policy_logits.dim() != 3 or ref_logits is None or ref_logits.shape != policy_logits.shape:
-        check.fail(fn, f"policy and reference logits must both be [B, T, V] of one "
-                       f"shape, got {tuple(policy_logits.shape)} and "
-                       f"{None if ref_logits is None else tuple(ref_logits.shape)}")
+        check.fail(
+            fn,
+            f"policy and reference logits must both be [B, T, V] of one "
+            f"shape, got {tuple(policy_logits.shape)} and "
+            f"{None if ref_logits is None else tuple(ref_logits.shape)}",
+        )
     if labels.shape != policy_logits.shape[:2]:
-        check.fail(fn, f"labels must have shape {tuple(policy_logits.shape[:2])} (the "
-                       f"logits' [B, T]), got {tuple(labels.shape)}")
+        check.fail(
+            fn,
+            f"labels must have shape {tuple(policy_logits.shape[:2])} (the "
+            f"logits' [B, T]), got {tuple(labels.shape)}",
+        )
     mask = labels != ignore_index
-    logratio = (common.label_logps(policy_logits, labels, mask)
-                - common.label_logps(ref_logits, labels, mask))
+    logratio = common.label_logps(policy_logits, labels, mask) - common.label_logps(
+        ref_logits, labels, mask
+    )
     student = policy_logits if kl_grad else policy_logits.detach()
-    kl = divergence(student, ref_logits, "forward_kl", labels=labels, ignore_index=ignore_index,
-                    reduction="none")
+    kl = divergence(
+        student,
+        ref_logits,
+        "forward_kl",
+        labels=labels,
+        ignore_index=ignore_index,
+        reduction="none",
+    )
     return logratio, kl.to(logratio.dtype) * mask, mask
 
 
-def _fused_token_terms(fn, h, w, b, ref_logits, rh, rw, rb, labels, ignore_index, kl_grad,
-                       chunk_size):
+def _fused_token_terms(
+    fn, h, w, b, ref_logits, rh, rw, rb, labels, ignore_index, kl_grad, chunk_size
+):
     if not isinstance(h, torch.Tensor) or h.dim() != 3:
-        check.fail(fn, "policy hidden states must be a [B, T, H] tensor (or give "
-                       "policy_logits)")
+        check.fail(fn, "policy hidden states must be a [B, T, H] tensor (or give policy_logits)")
     if w is None:
         check.fail(fn, "lm_head_weight is required with policy hidden states")
     check.lm_head(fn, h, w, ref_logits, rh, rw, labels)
     mask = labels != ignore_index
-    lp = fused_linear_logprobs(h, w, labels, b, ignore_index=ignore_index,
-                               chunk_size=chunk_size)
+    lp = fused_linear_logprobs(h, w, labels, b, ignore_index=ignore_index, chunk_size=chunk_size)
     if ref_logits is None:
-        ref_lp = fused_linear_logprobs(rh, rw, labels, rb, ignore_index=ignore_index,
-                                       chunk_size=chunk_size)
+        ref_lp = fused_linear_logprobs(
+            rh, rw, labels, rb, ignore_index=ignore_index, chunk_size=chunk_size
+        )
     else:
         ref_lp = common.label_logps(ref_logits, labels, mask).float()
-    hk, wk, bk = (h, w, b) if kl_grad else (h.detach(), w.detach(),
-                                             None if b is None else b.detach())
-    kl = exact_kl_fused(hk, wk, lm_head_bias=bk, ref_logits=ref_logits, ref_hidden=rh,
-                             ref_weight=rw, ref_bias=rb, labels=labels, ignore_index=ignore_index,
-                             direction="ref_policy", chunk_size=chunk_size)
+    hk, wk, bk = (
+        (h, w, b) if kl_grad else (h.detach(), w.detach(), None if b is None else b.detach())
+    )
+    kl = exact_kl_fused(
+        hk,
+        wk,
+        lm_head_bias=bk,
+        ref_logits=ref_logits,
+        ref_hidden=rh,
+        ref_weight=rw,
+        ref_bias=rb,
+        labels=labels,
+        ignore_index=ignore_index,
+        direction="ref_policy",
+        chunk_size=chunk_size,
+    )
     return (lp.float() - ref_lp) * mask, kl.float() * mask, mask
 
 
 def _token_inputs(fn, pcl, prl, rcl, rrl, cl, rl):
-    for name, x in (("policy_chosen_logits", pcl), ("policy_rejected_logits", prl),
-                    ("ref_chosen_logits", rcl), ("ref_rejected_logits", rrl)):
+    for name, x in (
+        ("policy_chosen_logits", pcl),
+        ("policy_rejected_logits", prl),
+        ("ref_chosen_logits", rcl),
+        ("ref_rejected_logits", rrl),
+    ):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             check.fail(fn, f"{name} must be a [B, T, V] tensor")
     if prl.shape[0] != pcl.shape[0]:
-        check.fail(fn, f"policy_rejected_logits has batch size {prl.shape[0]}, "
-                       f"policy_chosen_logits {pcl.shape[0]}; batch sizes disagree")
+        check.fail(
+            fn,
+            f"policy_rejected_logits has batch size {prl.shape[0]}, "
+            f"policy_chosen_logits {pcl.shape[0]}; batch sizes disagree",
+        )
     if pcl.shape[0] == 0:
         check.fail(fn, "the batch is empty")
 
 
-def tdpo_loss(policy_chosen_logits, policy_rejected_logits, ref_chosen_logits,
-              ref_rejected_logits, chosen_labels, rejected_labels, *, beta: float = 0.1,
-              alpha: float = 0.5, variant: str = "tdpo2", ignore_index: int = -100,
-              label_smoothing: float = 0.0):
+def tdpo_loss(
+    policy_chosen_logits,
+    policy_rejected_logits,
+    ref_chosen_logits,
+    ref_rejected_logits,
+    chosen_labels,
+    rejected_labels,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    variant: str = "tdpo2",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+):
     """Token-level DPO (Zeng et al. 2024; official code Vance0124/Token-level-Direct-Preference-
     Optimization). Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``.
 
@@ -128,13 +185,26 @@ def tdpo_loss(policy_chosen_logits, policy_rejected_logits, ref_chosen_logits,
     divkit's fused token kernel); the sequence-level arithmetic from :func:`preference_loss`.
     Logits fp32, bf16, fp16 or fp64."""
     fn = "tdpo_loss"
-    _token_inputs(fn, policy_chosen_logits, policy_rejected_logits, ref_chosen_logits,
-                  ref_rejected_logits, chosen_labels, rejected_labels)
+    _token_inputs(
+        fn,
+        policy_chosen_logits,
+        policy_rejected_logits,
+        ref_chosen_logits,
+        ref_rejected_logits,
+        chosen_labels,
+        rejected_labels,
+    )
     variant, beta, alpha = _tdpo_variant(fn, variant, beta, alpha)
-    lr_w, kl_w, _ = token_logratio_and_kl(policy_chosen_logits, ref_chosen_logits, chosen_labels,
-                                          ignore_index=ignore_index, kl_grad=variant == "tdpo1")
-    lr_l, kl_l, _ = token_logratio_and_kl(policy_rejected_logits, ref_rejected_logits,
-                                          rejected_labels, ignore_index=ignore_index)
+    lr_w, kl_w, _ = token_logratio_and_kl(
+        policy_chosen_logits,
+        ref_chosen_logits,
+        chosen_labels,
+        ignore_index=ignore_index,
+        kl_grad=variant == "tdpo1",
+    )
+    lr_l, kl_l, _ = token_logratio_and_kl(
+        policy_rejected_logits, ref_rejected_logits, rejected_labels, ignore_index=ignore_index
+    )
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
 
@@ -152,16 +222,29 @@ def _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing):
     kw, kr = kl_w.sum(-1), kl_l.sum(-1)
     # logits = (lw + alpha kw) - (ll + alpha kr): the DPO sigmoid loss of these "log-ratios".
     zeros = torch.zeros_like(lw)
-    losses, _, _ = preference_loss(lw + alpha * kw, ll + alpha * kr, zeros, zeros, beta=beta,
-                                   label_smoothing=label_smoothing)
+    losses, _, _ = preference_loss(
+        lw + alpha * kw, ll + alpha * kr, zeros, zeros, beta=beta, label_smoothing=label_smoothing
+    )
     return losses, (beta * (lw + kw)).detach(), (beta * (ll + kr)).detach()
 
 
-def sparsepo_loss(policy_chosen_logits, policy_rejected_logits, ref_chosen_logits,
-                  ref_rejected_logits, chosen_labels, rejected_labels, *,
-                  chosen_reward_mask=None, rejected_reward_mask=None, chosen_kl_mask=None,
-                  rejected_kl_mask=None, beta: float = 0.1, l1_reward: float = 0.0,
-                  l1_kl: float = 0.0, ignore_index: int = -100):
+def sparsepo_loss(
+    policy_chosen_logits,
+    policy_rejected_logits,
+    ref_chosen_logits,
+    ref_rejected_logits,
+    chosen_labels,
+    rejected_labels,
+    *,
+    chosen_reward_mask=None,
+    rejected_reward_mask=None,
+    chosen_kl_mask=None,
+    rejected_kl_mask=None,
+    beta: float = 0.1,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+    ignore_index: int = -100,
+):
     """SparsePO (Christopoulou et al. 2024; huawei-noah/HEBO, SparsePO): token masks weight
     the reward and the KL of each completion token. Returns ``(losses, chosen_rewards,
     rejected_rewards)``.
@@ -173,23 +256,58 @@ def sparsepo_loss(policy_chosen_logits, policy_rejected_logits, ref_chosen_logit
     gradient, e.g. from :class:`SparsePOMask`); ``None`` means all ones, which gives TDPO1.
     Rewards ``beta (u_w - d_w)``, ``beta (u_l - d_l)`` (detached)."""
     fn = "sparsepo_loss"
-    _token_inputs(fn, policy_chosen_logits, policy_rejected_logits, ref_chosen_logits,
-                  ref_rejected_logits, chosen_labels, rejected_labels)
+    _token_inputs(
+        fn,
+        policy_chosen_logits,
+        policy_rejected_logits,
+        ref_chosen_logits,
+        ref_rejected_logits,
+        chosen_labels,
+        rejected_labels,
+    )
     beta = check.positive(fn, "beta", beta)
     l1_reward = check.real(fn, "l1_reward", l1_reward)
     l1_kl = check.real(fn, "l1_kl", l1_kl)
-    lr_w, kl_w, m_w = token_logratio_and_kl(policy_chosen_logits, ref_chosen_logits,
-                                            chosen_labels, ignore_index=ignore_index)
-    lr_l, kl_l, m_l = token_logratio_and_kl(policy_rejected_logits, ref_rejected_logits,
-                                            rejected_labels, ignore_index=ignore_index)
-    return _sparsepo_combine(fn, lr_w, kl_w, m_w, lr_l, kl_l, m_l, chosen_reward_mask,
-                             rejected_reward_mask, chosen_kl_mask, rejected_kl_mask, beta,
-                             l1_reward, l1_kl)
+    lr_w, kl_w, m_w = token_logratio_and_kl(
+        policy_chosen_logits, ref_chosen_logits, chosen_labels, ignore_index=ignore_index
+    )
+    lr_l, kl_l, m_l = token_logratio_and_kl(
+        policy_rejected_logits, ref_rejected_logits, rejected_labels, ignore_index=ignore_index
+    )
+    return _sparsepo_combine(
+        fn,
+        lr_w,
+        kl_w,
+        m_w,
+        lr_l,
+        kl_l,
+        m_l,
+        chosen_reward_mask,
+        rejected_reward_mask,
+        chosen_kl_mask,
+        rejected_kl_mask,
+        beta,
+        l1_reward,
+        l1_kl,
+    )
 
 
-def _sparsepo_combine(fn, lr_w, kl_w, m_w, lr_l, kl_l, m_l, chosen_reward_mask,
-                      rejected_reward_mask, chosen_kl_mask, rejected_kl_mask, beta, l1_reward,
-                      l1_kl):
+def _sparsepo_combine(
+    fn,
+    lr_w,
+    kl_w,
+    m_w,
+    lr_l,
+    kl_l,
+    m_l,
+    chosen_reward_mask,
+    rejected_reward_mask,
+    chosen_kl_mask,
+    rejected_kl_mask,
+    beta,
+    l1_reward,
+    l1_kl,
+):
 
     def mask(name, m, ref):
         if m is None:
@@ -198,16 +316,21 @@ def _sparsepo_combine(fn, lr_w, kl_w, m_w, lr_l, kl_l, m_l, chosen_reward_mask,
             check.fail(fn, f"{name} must be a tensor of shape {tuple(ref.shape)}")
         return m.to(ref.dtype)
 
-    mr_w, mr_l = mask("chosen_reward_mask", chosen_reward_mask, lr_w), mask(
-        "rejected_reward_mask", rejected_reward_mask, lr_l)
-    mk_w, mk_l = mask("chosen_kl_mask", chosen_kl_mask, lr_w), mask(
-        "rejected_kl_mask", rejected_kl_mask, lr_l)
+    mr_w, mr_l = (
+        mask("chosen_reward_mask", chosen_reward_mask, lr_w),
+        mask("rejected_reward_mask", rejected_reward_mask, lr_l),
+    )
+    mk_w, mk_l = (
+        mask("chosen_kl_mask", chosen_kl_mask, lr_w),
+        mask("rejected_kl_mask", rejected_kl_mask, lr_l),
+    )
     u_w, u_l = (mr_w * lr_w).sum(-1), (mr_l * lr_l).sum(-1)
     d_w, d_l = -(mk_w * kl_w).sum(-1), -(mk_l * kl_l).sum(-1)
     zeros = torch.zeros_like(u_w)
     losses, _, _ = preference_loss(u_w - d_w, u_l - d_l, zeros, zeros, beta=beta)
     l1 = l1_reward * ((mr_w.abs() * m_w).sum(-1) + (mr_l.abs() * m_l).sum(-1)) + l1_kl * (
-        (mk_w.abs() * m_w).sum(-1) + (mk_l.abs() * m_l).sum(-1))
+        (mk_w.abs() * m_w).sum(-1) + (mk_l.abs() * m_l).sum(-1)
+    )
     return losses + l1, (beta * (u_w - d_w)).detach(), (beta * (u_l - d_l)).detach()
 
 
@@ -218,27 +341,37 @@ class SparsePOMask(nn.Module):
     reward and the KL; otherwise two heads. ``forward(hidden_states)`` takes a sequence of L
     tensors ``[B, T, H]`` and returns ``(reward_mask, kl_mask)``, each ``[B, T]``."""
 
-    def __init__(self, hidden_size: int, num_layers: int, *, dropout: float = 0.1,
-                 shared: bool = False):
+    def __init__(
+        self, hidden_size: int, num_layers: int, *, dropout: float = 0.1, shared: bool = False
+    ):
         super().__init__()
         heads = 1 if shared else 2
 
         def head():
-            return nn.ModuleDict({
-                "per_layer": nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden_size),
-                                                         nn.Linear(hidden_size, 1), nn.ReLU(),
-                                                         nn.Dropout(dropout))
-                                           for _ in range(num_layers)),
-                "mix": nn.Linear(num_layers, 1),
-            })
+            return nn.ModuleDict(
+                {
+                    "per_layer": nn.ModuleList(
+                        nn.Sequential(
+                            nn.LayerNorm(hidden_size),
+                            nn.Linear(hidden_size, 1),
+                            nn.ReLU(),
+                            nn.Dropout(dropout),
+                        )
+                        for _ in range(num_layers)
+                    ),
+                    "mix": nn.Linear(num_layers, 1),
+                }
+            )
 
         self.heads = nn.ModuleList(head() for _ in range(heads))
         self.num_layers = num_layers
 
     def forward(self, hidden_states: Sequence[torch.Tensor]):
         if len(hidden_states) != self.num_layers:
-            check.fail("SparsePOMask", f"expected {self.num_layers} hidden-state tensors, got "
-                                       f"{len(hidden_states)}")
+            check.fail(
+                "SparsePOMask",
+                f"expected {self.num_layers} hidden-state tensors, got {len(hidden_states)}",
+            )
         masks = []
         for h in self.heads:
             per = torch.cat([f(x.detach()) for f, x in zip(h["per_layer"], hidden_states)], -1)

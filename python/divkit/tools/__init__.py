@@ -18,5 +18,7 @@ def require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
-        raise ImportError(f"divkit's tools need {top}, which is not installed: pip install "
-                          f"'divkit[tools]' (or pip install {top})") from e
+        raise ImportError(
+            f"divkit's tools need {top}, which is not installed: pip install "
+            f"'divkit[tools]' (or pip install {top})"
+        ) from e

@@ -57,12 +57,20 @@ class Op:
 
 
 OPS: Dict[str, Op] = {
-    "divergence": Op("bench_divergence.py", ["--quick"], uses_json=True,
-                     description="token-level divergences vs TRL eager and torch.compile"),
-    "fused_linear": Op("bench_fused_linear.py", ["--quick"],
-                       description="fused linear-head JSD vs eager TRL and Liger-Kernel"),
-    "preference": Op("bench_preference.py", ["--quick"],
-                     description="DPO, CPO/SimPO, TDPO2 vs TRL"),
+    "divergence": Op(
+        "bench_divergence.py",
+        ["--quick"],
+        uses_json=True,
+        description="token-level divergences vs TRL eager and torch.compile",
+    ),
+    "fused_linear": Op(
+        "bench_fused_linear.py",
+        ["--quick"],
+        description="fused linear-head JSD vs eager TRL and Liger-Kernel",
+    ),
+    "preference": Op(
+        "bench_preference.py", ["--quick"], description="DPO, CPO/SimPO, TDPO2 vs TRL"
+    ),
     "ot": Op("bench_ot.py", ["--quick"], description="Sinkhorn vs POT (and GeomLoss)"),
 }
 
@@ -70,6 +78,7 @@ OPS: Dict[str, Op] = {
 @dataclass
 class Check:
     """The result of checking one script's output."""
+
     compared: int = 0
     max_rel: float = 0.0
     mismatches: List[str] = field(default_factory=list)
@@ -80,8 +89,9 @@ class Check:
         self.compared += 1
         self.max_rel = max(self.max_rel, rel)
         if not rel <= rtol:  # also catches NaN
-            self.mismatches.append(f"{what}: {got!r} vs reference {ref!r} (relative difference "
-                                   f"{rel:.2e} > {rtol:.0e})")
+            self.mismatches.append(
+                f"{what}: {got!r} vs reference {ref!r} (relative difference {rel:.2e} > {rtol:.0e})"
+            )
 
 
 def find_bench_dir(explicit: Optional[str] = None) -> Path:
@@ -103,7 +113,8 @@ def find_bench_dir(explicit: Optional[str] = None) -> Path:
         "the benchmark scripts (bench/bench_*.py) were not found: they are part of divkit's "
         "source checkout, not of the installed package (looked in "
         f"{checkout / 'bench'} and {Path.cwd() / 'bench'}). Run `divkit bench` from "
-        "a checkout of the repository, or pass --bench-dir PATH (or set DIVKIT_BENCH_DIR).")
+        "a checkout of the repository, or pass --bench-dir PATH (or set DIVKIT_BENCH_DIR)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +188,7 @@ def _check_fused_linear(stdout: str, json_path: Optional[str]) -> Check:
         tag = f"N={r.get('N')} V={r.get('V')} {r.get('dtype')} {r.get('variant')}"
         diff = r.get("loss rel. diff", "")
         if r.get("time") == "-":  # an error row: the reason is in the last column
-            (c.mismatches if r.get("variant") == "divkit" else c.notes).append(
-                f"{tag}: {diff}")
+            (c.mismatches if r.get("variant") == "divkit" else c.notes).append(f"{tag}: {diff}")
             continue
         if r.get("variant") in ("divkit", "gemm_floor") or diff == "-":
             continue
@@ -200,8 +210,12 @@ def _check_preference(stdout: str, json_path: Optional[str]) -> Check:
     for line in stdout.splitlines():
         m = _PREF.match(line.strip())
         if m:
-            c.compare(f"{m.group(1)} loss (divkit vs TRL)", float(m.group(2)), float(m.group(3)),
-                      RTOL_FP32)
+            c.compare(
+                f"{m.group(1)} loss (divkit vs TRL)",
+                float(m.group(2)),
+                float(m.group(3)),
+                RTOL_FP32,
+            )
         elif re.match(r"^\w+: failed", line.strip()):
             (c.mismatches if "_divkit" in line.split(":")[0] else c.notes).append(line.strip())
     if c.compared == 0 and not c.mismatches:
@@ -222,7 +236,9 @@ def _check_ot(stdout: str, json_path: Optional[str]) -> Check:
         m = _OT.match(line)
         if m:
             found.setdefault((m.group(2), m.group(3)), {})[m.group(1)] = (
-                float(m.group(4)), float(m.group(5)))
+                float(m.group(4)),
+                float(m.group(5)),
+            )
         elif "failed" in line and line.startswith("# divkit"):
             c.mismatches.append(line.strip("# ").strip())
     if not found:
@@ -237,14 +253,21 @@ def _check_ot(stdout: str, json_path: Optional[str]) -> Check:
         for s, (err, cost) in solvers.items():
             if s == ref or not s.startswith("divkit"):
                 continue  # GeomLoss reports its regularized cost: not comparable
-            c.compare(f"n={n} d={d} {s} transport cost vs {ref}", cost, ref_cost,
-                      RTOL_FP32 + 2 * (abs(err) + abs(ref_err)))
+            c.compare(
+                f"n={n} d={d} {s} transport cost vs {ref}",
+                cost,
+                ref_cost,
+                RTOL_FP32 + 2 * (abs(err) + abs(ref_err)),
+            )
     return c
 
 
 _PREF_ROW = re.compile(r"^(\w+)_(divkit|trl)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
-_PREF_NAMES = {"dpo": "DPO sigmoid", "cpo": "CPO/SimPO", "tdpo": "TDPO2 (fused, from hidden "
-               "states)"}
+_PREF_NAMES = {
+    "dpo": "DPO sigmoid",
+    "cpo": "CPO/SimPO",
+    "tdpo": "TDPO2 (fused, from hidden states)",
+}
 
 
 def _preference_tables(text: str) -> str:
@@ -253,20 +276,26 @@ def _preference_tables(text: str) -> str:
     for line in text.splitlines():
         m = _PREF_ROW.match(line.strip())
         if m:
-            rows.setdefault(m.group(1), {})[m.group(2)] = tuple(
-                float(x) for x in m.group(3, 4, 5))
+            rows.setdefault(m.group(1), {})[m.group(2)] = tuple(float(x) for x in m.group(3, 4, 5))
     if not rows:
         return ""
     first = text.strip().splitlines()[0] if text.strip() else ""
-    L = [first, "", "| case | divkit s | peer (TRL) s | speed (peer / divkit) | divkit peak MiB | "
-         "peer peak MiB | loss divkit | loss peer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    L = [
+        first,
+        "",
+        "| case | divkit s | peer (TRL) s | speed (peer / divkit) | divkit peak MiB | "
+        "peer peak MiB | loss divkit | loss peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in rows.items():
         d, t = r.get("divkit"), r.get("trl")
         cell = lambda x, i, f: f.format(x[i]) if x else "-"  # noqa: E731
         speed = f"{t[0] / d[0]:.1f}x" if d and t and d[0] > 0 else "-"
-        L.append(f"| {_PREF_NAMES.get(name, name)} | {cell(d, 0, '{:.4f}')} | "
-                 f"{cell(t, 0, '{:.4f}')} | {speed} | {cell(d, 1, '{:.0f}')} | "
-                 f"{cell(t, 1, '{:.0f}')} | {cell(d, 2, '{:.6f}')} | {cell(t, 2, '{:.6f}')} |")
+        L.append(
+            f"| {_PREF_NAMES.get(name, name)} | {cell(d, 0, '{:.4f}')} | "
+            f"{cell(t, 0, '{:.4f}')} | {speed} | {cell(d, 1, '{:.0f}')} | "
+            f"{cell(t, 1, '{:.0f}')} | {cell(d, 2, '{:.6f}')} | {cell(t, 2, '{:.6f}')} |"
+        )
     return "\n".join(L)
 
 
@@ -277,8 +306,10 @@ TABLES: Dict[str, Callable[[str], str]] = {
 
 
 CHECKS: Dict[str, Callable[[str, Optional[str]], Check]] = {
-    "divergence": _check_divergence, "fused_linear": _check_fused_linear,
-    "preference": _check_preference, "ot": _check_ot,
+    "divergence": _check_divergence,
+    "fused_linear": _check_fused_linear,
+    "preference": _check_preference,
+    "ot": _check_ot,
 }
 
 
@@ -313,8 +344,9 @@ def markdown_tables(text: str, captions: bool = True) -> str:
 
 
 def _run_script(cmd: List[str], echo) -> Tuple[int, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     chunks = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -325,8 +357,15 @@ def _run_script(cmd: List[str], echo) -> Tuple[int, str]:
     return proc.wait(), "".join(chunks)
 
 
-def run_bench(ops: Sequence[str], *, quick: bool = False, extra: Sequence[str] = (),
-              bench_dir: Optional[str] = None, echo="stderr", out=None) -> int:
+def run_bench(
+    ops: Sequence[str],
+    *,
+    quick: bool = False,
+    extra: Sequence[str] = (),
+    bench_dir: Optional[str] = None,
+    echo="stderr",
+    out=None,
+) -> int:
     """Runs the benchmarks ``ops`` (keys of :data:`OPS`), echoing their progress to ``echo``
     and printing their Markdown tables and the checks to ``out``. ``extra`` arguments are
     passed to every script. Returns 0, or 1 when a script failed or a check found a
@@ -379,13 +418,18 @@ def run_bench(ops: Sequence[str], *, quick: bool = False, extra: Sequence[str] =
             print(f"note: {note}", file=out)
         if chk.mismatches:
             status = 1
-            print(f"MISMATCH ({len(chk.mismatches)} problem(s); {chk.compared} value(s) "
-                  f"compared):", file=out)
+            print(
+                f"MISMATCH ({len(chk.mismatches)} problem(s); {chk.compared} value(s) compared):",
+                file=out,
+            )
             for m in chk.mismatches:
                 print(f"  {m}", file=out)
         else:
-            print(f"checked: {chk.compared} value(s) against the reference, largest relative "
-                  f"difference {chk.max_rel:.1e}", file=out)
+            print(
+                f"checked: {chk.compared} value(s) against the reference, largest relative "
+                f"difference {chk.max_rel:.1e}",
+                file=out,
+            )
         print(file=out)
     return status
 
@@ -394,8 +438,13 @@ def run_cli(args) -> int:
     """The ``divkit bench`` subcommand (see :mod:`divkit.cli`)."""
     ops = args.op or list(OPS)
     try:
-        return run_bench(ops, quick=args.quick, extra=args.extra, bench_dir=args.bench_dir,
-                         echo=None if args.quiet else "stderr")
+        return run_bench(
+            ops,
+            quick=args.quick,
+            extra=args.extra,
+            bench_dir=args.bench_dir,
+            echo=None if args.quiet else "stderr",
+        )
     except BenchError as e:
         print(f"divkit bench: error: {e}", file=sys.stderr)
         return 2
@@ -404,22 +453,32 @@ def run_cli(args) -> int:
 def add_parser(sub) -> None:
     """Registers ``bench`` on an argparse subparsers object."""
     p = sub.add_parser(
-        "bench", help="run the benchmarks (checking results against the peers) and print "
-                      "their tables",
+        "bench",
+        help="run the benchmarks (checking results against the peers) and print their tables",
         description="Runs the benchmark scripts of the source checkout's bench/ folder, checks "
-                    "divkit's results against the peers' (TRL, Liger-Kernel, POT) and prints "
-                    "their Markdown tables. Exit code 1 on a mismatch or a failed script, 2 "
-                    "when the scripts are not found. Arguments after `--` go to the scripts, "
-                    "e.g. `divkit bench --op divergence --quick -- --kinds jsd --dtypes fp32`.")
-    p.add_argument("--op", action="append", choices=list(OPS),
-                   help="benchmark to run (repeatable; default: all). " +
-                        "; ".join(f"{k}: {v.description}" for k, v in OPS.items()))
-    p.add_argument("--quick", action="store_true",
-                   help="the scripts' small sizes (seconds to a few minutes each)")
-    p.add_argument("--bench-dir", metavar="PATH",
-                   help="folder of the bench_*.py scripts (default: the source checkout's "
-                        "bench/, or $DIVKIT_BENCH_DIR)")
+        "divkit's results against the peers' (TRL, Liger-Kernel, POT) and prints "
+        "their Markdown tables. Exit code 1 on a mismatch or a failed script, 2 "
+        "when the scripts are not found. Arguments after `--` go to the scripts, "
+        "e.g. `divkit bench --op divergence --quick -- --kinds jsd --dtypes fp32`.",
+    )
+    p.add_argument(
+        "--op",
+        action="append",
+        choices=list(OPS),
+        help="benchmark to run (repeatable; default: all). "
+        + "; ".join(f"{k}: {v.description}" for k, v in OPS.items()),
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the scripts' small sizes (seconds to a few minutes each)",
+    )
+    p.add_argument(
+        "--bench-dir",
+        metavar="PATH",
+        help="folder of the bench_*.py scripts (default: the source checkout's "
+        "bench/, or $DIVKIT_BENCH_DIR)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not echo the scripts' progress")
-    p.add_argument("extra", nargs="*", metavar="-- ARGS",
-                   help="arguments passed on to the scripts")
+    p.add_argument("extra", nargs="*", metavar="-- ARGS", help="arguments passed on to the scripts")
     p.set_defaults(func=run_cli)

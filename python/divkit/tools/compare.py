@@ -43,8 +43,16 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["CompareError", "LogitsFile", "open_logits", "token_metrics", "summarize",
-           "compare_files", "format_text", "PERCENTILES"]
+__all__ = [
+    "CompareError",
+    "LogitsFile",
+    "open_logits",
+    "token_metrics",
+    "summarize",
+    "compare_files",
+    "format_text",
+    "PERCENTILES",
+]
 
 #: Percentiles reported for every per-token statistic (besides mean, min and max).
 PERCENTILES: Sequence[float] = (1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9)
@@ -52,9 +60,12 @@ PERCENTILES: Sequence[float] = (1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9)
 #: Bytes of logits per file read at once when ``block_rows`` is not given.
 DEFAULT_BLOCK_BYTES = 64 << 20
 
-_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-                       "BF16": np.dtype("<u2"),  # raw bits, viewed as torch.bfloat16 per block
-                       "F64": np.dtype("<f8")}
+_SAFETENSORS_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits, viewed as torch.bfloat16 per block
+    "F64": np.dtype("<f8"),
+}
 _NPY_MAGIC = b"\x93NUMPY"
 # A safetensors header larger than this is not a header (the format's own limit is 100 MB).
 _MAX_HEADER = 100_000_000
@@ -85,16 +96,19 @@ class LogitsFile:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as a contiguous CPU tensor of the file's dtype (a copy: the
         memory map's pages can be dropped again)."""
-        block = np.array(self.array[start:stop], dtype=self.array.dtype.newbyteorder("="),
-                         order="C", copy=True)
+        block = np.array(
+            self.array[start:stop], dtype=self.array.dtype.newbyteorder("="), order="C", copy=True
+        )
         t = torch.from_numpy(block)
         return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
 
 def _flatten(path: str, arr: np.ndarray, what: str) -> np.ndarray:
     if arr.ndim < 2:
-        raise CompareError(f"{path}: {what} has shape {tuple(arr.shape)}; expected [N, V] "
-                           f"(or [..., V]) logits or log-probs")
+        raise CompareError(
+            f"{path}: {what} has shape {tuple(arr.shape)}; expected [N, V] "
+            f"(or [..., V]) logits or log-probs"
+        )
     if arr.size == 0:
         raise CompareError(f"{path}: {what} is empty (shape {tuple(arr.shape)})")
     if arr.ndim > 2:
@@ -110,17 +124,25 @@ def _open_npy(path: str) -> LogitsFile:
         # numpy reports a truncated data region as "mmap length is greater than file size"
         # and a damaged header as a ValueError about its format.
         size = os.path.getsize(path)
-        raise CompareError(f"{path}: not a readable .npy file ({size} bytes; truncated or "
-                           f"malformed: {e})") from None
+        raise CompareError(
+            f"{path}: not a readable .npy file ({size} bytes; truncated or malformed: {e})"
+        ) from None
     if not isinstance(arr, np.ndarray):
-        raise CompareError(f"{path}: holds no single array (a .npz archive?); save one [N, V] "
-                           f"array with numpy.save")
-    kinds = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-             np.dtype(np.float64): "float64"}
+        raise CompareError(
+            f"{path}: holds no single array (a .npz archive?); save one [N, V] "
+            f"array with numpy.save"
+        )
+    kinds = {
+        np.dtype(np.float32): "float32",
+        np.dtype(np.float16): "float16",
+        np.dtype(np.float64): "float64",
+    }
     name = kinds.get(arr.dtype.newbyteorder("="))
     if name is None:
-        raise CompareError(f"{path}: dtype {arr.dtype} is not supported; expected float32, "
-                           f"float16 or float64 (bfloat16 through .safetensors)")
+        raise CompareError(
+            f"{path}: dtype {arr.dtype} is not supported; expected float32, "
+            f"float16 or float64 (bfloat16 through .safetensors)"
+        )
     return LogitsFile(path, _flatten(path, arr, "the array"), name)
 
 
@@ -129,15 +151,21 @@ def _open_safetensors(path: str, tensor: Optional[str]) -> LogitsFile:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CompareError(f"{path}: truncated .safetensors file ({size} bytes; the "
-                               f"8-byte header length is missing)")
+            raise CompareError(
+                f"{path}: truncated .safetensors file ({size} bytes; the "
+                f"8-byte header length is missing)"
+            )
         (hlen,) = struct.unpack("<Q", head)
         if hlen > _MAX_HEADER:
-            raise CompareError(f"{path}: malformed .safetensors file (header length {hlen} "
-                               f"bytes is not plausible; not a safetensors file?)")
+            raise CompareError(
+                f"{path}: malformed .safetensors file (header length {hlen} "
+                f"bytes is not plausible; not a safetensors file?)"
+            )
         if 8 + hlen > size:
-            raise CompareError(f"{path}: truncated .safetensors file (the header needs "
-                               f"{hlen} bytes, the file has {size - 8} after the length)")
+            raise CompareError(
+                f"{path}: truncated .safetensors file (the header needs "
+                f"{hlen} bytes, the file has {size - 8} after the length)"
+            )
         raw = f.read(hlen)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -150,39 +178,52 @@ def _open_safetensors(path: str, tensor: Optional[str]) -> LogitsFile:
         raise CompareError(f"{path}: the .safetensors file holds no tensor")
     if tensor is None:
         if len(names) > 1:
-            raise CompareError(f"{path}: holds {len(names)} tensors ({', '.join(names[:10])}"
-                               f"{', ...' if len(names) > 10 else ''}); choose one with "
-                               f"--tensor NAME")
+            raise CompareError(
+                f"{path}: holds {len(names)} tensors ({', '.join(names[:10])}"
+                f"{', ...' if len(names) > 10 else ''}); choose one with "
+                f"--tensor NAME"
+            )
         tensor = names[0]
     elif tensor not in names:
-        raise CompareError(f"{path}: no tensor named {tensor!r}; it holds "
-                           f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}")
+        raise CompareError(
+            f"{path}: no tensor named {tensor!r}; it holds "
+            f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+        )
     info = header[tensor]
     try:
         dtype_name = info["dtype"]
         shape = [int(d) for d in info["shape"]]
         begin, end = (int(x) for x in info["data_offsets"])
     except (TypeError, KeyError, ValueError) as e:
-        raise CompareError(f"{path}: malformed .safetensors entry for tensor {tensor!r} "
-                           f"(needs dtype, shape and data_offsets: {e!r})") from None
+        raise CompareError(
+            f"{path}: malformed .safetensors entry for tensor {tensor!r} "
+            f"(needs dtype, shape and data_offsets: {e!r})"
+        ) from None
     if dtype_name not in _SAFETENSORS_DTYPES:
-        raise CompareError(f"{path}: tensor {tensor!r} has dtype {dtype_name}; expected F32, "
-                           f"F16, BF16 or F64")
+        raise CompareError(
+            f"{path}: tensor {tensor!r} has dtype {dtype_name}; expected F32, F16, BF16 or F64"
+        )
     np_dtype = _SAFETENSORS_DTYPES[dtype_name]
     if any(d < 0 for d in shape):
         raise CompareError(f"{path}: tensor {tensor!r} has a negative dimension {shape}")
     count = int(np.prod(shape)) if shape else 1
     if not (0 <= begin <= end) or end - begin != count * np_dtype.itemsize:
-        raise CompareError(f"{path}: malformed .safetensors entry for tensor {tensor!r}: "
-                           f"data_offsets [{begin}, {end}] do not hold shape {shape} of "
-                           f"{dtype_name} ({count * np_dtype.itemsize} bytes)")
+        raise CompareError(
+            f"{path}: malformed .safetensors entry for tensor {tensor!r}: "
+            f"data_offsets [{begin}, {end}] do not hold shape {shape} of "
+            f"{dtype_name} ({count * np_dtype.itemsize} bytes)"
+        )
     data_size = size - 8 - hlen
     if end > data_size:
-        raise CompareError(f"{path}: truncated .safetensors file (tensor {tensor!r} ends at "
-                           f"byte {end} of the data region, which has {data_size} bytes)")
+        raise CompareError(
+            f"{path}: truncated .safetensors file (tensor {tensor!r} ends at "
+            f"byte {end} of the data region, which has {data_size} bytes)"
+        )
     if len(shape) < 2 or count == 0:
-        raise CompareError(f"{path}: tensor {tensor!r} has shape {tuple(shape)}; expected "
-                           f"[N, V] (or [..., V]) logits or log-probs, not empty")
+        raise CompareError(
+            f"{path}: tensor {tensor!r} has shape {tuple(shape)}; expected "
+            f"[N, V] (or [..., V]) logits or log-probs, not empty"
+        )
     arr = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + hlen + begin, shape=tuple(shape))
     name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}[dtype_name]
     return LogitsFile(path, _flatten(path, arr, f"tensor {tensor!r}"), name, tensor)
@@ -214,12 +255,15 @@ def open_logits(path: str, tensor: Optional[str] = None) -> LogitsFile:
         raise CompareError(f"{path}: cannot be read ({e.strerror})") from None
     if magic == _NPY_MAGIC:
         if tensor is not None:
-            raise CompareError(f"{path}: --tensor {tensor!r} given, but a .npy file holds one "
-                               f"unnamed array")
+            raise CompareError(
+                f"{path}: --tensor {tensor!r} given, but a .npy file holds one unnamed array"
+            )
         return _open_npy(path)
     if path.endswith(".npy"):
-        raise CompareError(f"{path}: not a .npy file (it does not start with the NumPy magic "
-                           f"string; truncated or malformed)")
+        raise CompareError(
+            f"{path}: not a .npy file (it does not start with the NumPy magic "
+            f"string; truncated or malformed)"
+        )
     return _open_safetensors(path, tensor)
 
 
@@ -227,9 +271,11 @@ def _check_finite_rows(name: str, f: LogitsFile, x: torch.Tensor, start: int) ->
     bad = torch.isnan(x) | (x == math.inf)
     rows = bad.any(dim=1).nonzero().flatten()
     if rows.numel():
-        raise CompareError(f"{f.path}: {name} row {start + int(rows[0])} holds NaN or +inf "
-                           f"({rows.numel()} such rows in rows {start}..{start + x.shape[0] - 1})"
-                           f"; logits and log-probs must be finite or -inf")
+        raise CompareError(
+            f"{f.path}: {name} row {start + int(rows[0])} holds NaN or +inf "
+            f"({rows.numel()} such rows in rows {start}..{start + x.shape[0] - 1})"
+            f"; logits and log-probs must be finite or -inf"
+        )
 
 
 def token_metrics(base: torch.Tensor, test: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -249,8 +295,7 @@ def token_metrics(base: torch.Tensor, test: torch.Tensor) -> Dict[str, torch.Ten
     # log p_k = z_k - logsumexp(z), computed in fp64 from the fp32 values (one column each).
     lp = b32.gather(1, idx).squeeze(1).double() - torch.logsumexp(b32, dim=1).double()
     lq = t32.gather(1, idx).squeeze(1).double() - torch.logsumexp(t32, dim=1).double()
-    return {"kl": kl, "js": js, "tvd": tvd, "top1": top_b == top_t,
-            "delta_p": lq.exp() - lp.exp()}
+    return {"kl": kl, "js": js, "tvd": tvd, "top1": top_b == top_t, "delta_p": lq.exp() - lp.exp()}
 
 
 def summarize(values: np.ndarray, percentiles: Sequence[float] = PERCENTILES) -> Dict[str, float]:
@@ -258,8 +303,13 @@ def summarize(values: np.ndarray, percentiles: Sequence[float] = PERCENTILES) ->
     interpolation) of a 1-D array; keys ``"mean"``, ``"std"``, ``"min"``, ``"max"``,
     ``"median"`` and ``"p<q>"`` (``"p99.9"``)."""
     v = np.asarray(values, dtype=np.float64)
-    out = {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
-           "max": float(v.max()), "median": float(np.median(v))}
+    out = {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "median": float(np.median(v)),
+    }
     for q, x in zip(percentiles, np.percentile(v, list(percentiles))):
         out[f"p{q:g}"] = float(x)
     return out
@@ -273,10 +323,17 @@ def _block_rows(v: int, block_rows: Optional[int]) -> int:
     return block_rows
 
 
-def compare_files(base, test, *, tensor: Optional[str] = None,
-                  base_tensor: Optional[str] = None, test_tensor: Optional[str] = None,
-                  block_rows: Optional[int] = None, progress: bool = False,
-                  return_values: bool = False):
+def compare_files(
+    base,
+    test,
+    *,
+    tensor: Optional[str] = None,
+    base_tensor: Optional[str] = None,
+    test_tensor: Optional[str] = None,
+    block_rows: Optional[int] = None,
+    progress: bool = False,
+    return_values: bool = False,
+):
     """Per-token divergence statistics of ``test`` against ``base`` (paths of ``.npy`` or
     ``.safetensors`` files of ``[N, V]`` logits or log-probs; see the module's docstring for
     the formulas and directions).
@@ -303,16 +360,18 @@ def _compare(base, test, tensor, base_tensor, test_tensor, block_rows, progress)
     # The shared ``tensor`` applies to the .safetensors files (a .npy file has one array).
     npy = [_is_npy(base), _is_npy(test)]
     if tensor is not None and all(npy):
-        raise CompareError(f"{os.fspath(base)}, {os.fspath(test)}: --tensor {tensor!r} given, "
-                           f"but neither file is a .safetensors file")
-    fb = open_logits(base, base_tensor if base_tensor is not None else
-                     (None if npy[0] else tensor))
-    ft = open_logits(test, test_tensor if test_tensor is not None else
-                     (None if npy[1] else tensor))
+        raise CompareError(
+            f"{os.fspath(base)}, {os.fspath(test)}: --tensor {tensor!r} given, "
+            f"but neither file is a .safetensors file"
+        )
+    fb = open_logits(base, base_tensor if base_tensor is not None else (None if npy[0] else tensor))
+    ft = open_logits(test, test_tensor if test_tensor is not None else (None if npy[1] else tensor))
     if fb.shape != ft.shape:
-        raise CompareError(f"shape mismatch: {fb.path} holds {list(fb.shape)} and {ft.path} "
-                           f"holds {list(ft.shape)} (as [N, V]); both models must score the "
-                           f"same tokens over the same vocabulary")
+        raise CompareError(
+            f"shape mismatch: {fb.path} holds {list(fb.shape)} and {ft.path} "
+            f"holds {list(ft.shape)} (as [N, V]); both models must score the "
+            f"same tokens over the same vocabulary"
+        )
     n, v = fb.shape
     rows = _block_rows(v, block_rows)
     out = {k: np.empty(n, dtype=np.float32) for k in ("kl", "js", "tvd")}
@@ -323,8 +382,9 @@ def _compare(base, test, tensor, base_tensor, test_tensor, block_rows, progress)
     if progress:
         from . import require
 
-        bar = require("tqdm").tqdm(total=n, unit="tok", unit_scale=True, desc="divkit compare",
-                                   leave=False)
+        bar = require("tqdm").tqdm(
+            total=n, unit="tok", unit_scale=True, desc="divkit compare", leave=False
+        )
     try:
         for start in range(0, n, rows):
             stop = min(n, start + rows)
@@ -345,8 +405,13 @@ def _compare(base, test, tensor, base_tensor, test_tensor, block_rows, progress)
             bar.close()
 
     result: Dict[str, Any] = {
-        "base": fb.path, "test": ft.path, "tokens": n, "vocab": v,
-        "base_dtype": fb.dtype, "test_dtype": ft.dtype, "block_rows": rows,
+        "base": fb.path,
+        "test": ft.path,
+        "tokens": n,
+        "vocab": v,
+        "base_dtype": fb.dtype,
+        "test_dtype": ft.dtype,
+        "block_rows": rows,
     }
     if fb.tensor is not None:
         result["base_tensor"] = fb.tensor
@@ -368,10 +433,8 @@ def format_text(result: Dict[str, Any]) -> str:
     L.append(f"tokens: {result['tokens']}, vocabulary: {result['vocab']}")
     L.append(f"top-1 agreement: {100 * result['top1_agreement']:.3f}%")
     L.append("")
-    keys = ["mean", "std", "min"] + [f"p{q:g}" for q in PERCENTILES if q != 50] + ["median",
-                                                                                   "max"]
-    order = ["mean", "std", "min", "p1", "p5", "p10", "median", "p90", "p95", "p99", "p99.9",
-             "max"]
+    keys = ["mean", "std", "min"] + [f"p{q:g}" for q in PERCENTILES if q != 50] + ["median", "max"]
+    order = ["mean", "std", "min", "p1", "p5", "p10", "median", "p90", "p95", "p99", "p99.9", "max"]
     order = [k for k in order if k in keys]
     header = f"{'':<9}" + "".join(f"{k:>12}" for k in order)
     L.append(header)
@@ -380,9 +443,11 @@ def format_text(result: Dict[str, Any]) -> str:
         s = result[k]
         L.append(f"{labels[k]:<9}" + "".join(f"{s[c]:>12.4g}" for c in order))
     L.append("")
-    L.append(f"KL = KL(base || test), JS = Jensen-Shannon (beta 0.5), TVD = total variation, "
-             f"per token (nats); dp top = p_test - p_base of the base model's top token "
-             f"(RMS {result['delta_p']['rms']:.4g}).")
+    L.append(
+        f"KL = KL(base || test), JS = Jensen-Shannon (beta 0.5), TVD = total variation, "
+        f"per token (nats); dp top = p_test - p_base of the base model's top token "
+        f"(RMS {result['delta_p']['rms']:.4g})."
+    )
     return "\n".join(L)
 
 
@@ -391,10 +456,15 @@ def run_cli(args) -> int:
     import sys
 
     try:
-        result = compare_files(args.base, args.test, tensor=args.tensor,
-                               base_tensor=args.base_tensor, test_tensor=args.test_tensor,
-                               block_rows=args.block_rows,
-                               progress=not args.no_progress)
+        result = compare_files(
+            args.base,
+            args.test,
+            tensor=args.tensor,
+            base_tensor=args.base_tensor,
+            test_tensor=args.test_tensor,
+            block_rows=args.block_rows,
+            progress=not args.no_progress,
+        )
     except CompareError as e:
         print(f"divkit compare: error: {e}", file=sys.stderr)
         return 2
@@ -408,21 +478,30 @@ def run_cli(args) -> int:
 def add_parser(sub) -> None:
     """Registers ``compare`` on an argparse subparsers object."""
     p = sub.add_parser(
-        "compare", help="per-token KL/JS/TVD statistics between two models' logits",
+        "compare",
+        help="per-token KL/JS/TVD statistics between two models' logits",
         description="Per-token divergence statistics of TEST against BASE (llama.cpp's "
-                    "KL-divergence evaluation): KL(base || test), JS, TVD, top-1 agreement and "
-                    "the change of the base top token's probability. Inputs: .npy or "
-                    ".safetensors files of [N, V] logits or log-probs, streamed through memory "
-                    "maps. Exit code 2 on a bad file.")
+        "KL-divergence evaluation): KL(base || test), JS, TVD, top-1 agreement and "
+        "the change of the base top token's probability. Inputs: .npy or "
+        ".safetensors files of [N, V] logits or log-probs, streamed through memory "
+        "maps. Exit code 2 on a bad file.",
+    )
     p.add_argument("base", help="reference logits/log-probs (.npy or .safetensors)")
     p.add_argument("test", help="logits/log-probs to compare (same shape)")
-    p.add_argument("--tensor", metavar="NAME",
-                   help="tensor name in the .safetensors file(s) (needed when one holds "
-                        "several)")
+    p.add_argument(
+        "--tensor",
+        metavar="NAME",
+        help="tensor name in the .safetensors file(s) (needed when one holds several)",
+    )
     p.add_argument("--base-tensor", metavar="NAME", help="tensor name in BASE only")
     p.add_argument("--test-tensor", metavar="NAME", help="tensor name in TEST only")
-    p.add_argument("--block-rows", type=int, default=None, metavar="N",
-                   help="rows read per block (default: 64 MiB of fp32 logits)")
+    p.add_argument(
+        "--block-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rows read per block (default: 64 MiB of fp32 logits)",
+    )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)

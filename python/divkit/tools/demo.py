@@ -40,7 +40,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +55,11 @@ CONTEXT = 3
 #: (kind, options of :func:`divkit.fused_linear_divergence`): the default divergences.
 #: Directions: forward_kl = KL(p_teacher || q_student), reverse_kl = KL(q_student || p_teacher).
 DEFAULT_KINDS: Tuple[Tuple[str, Dict[str, float]], ...] = (
-    ("forward_kl", {}),                     # classic KD, mean-seeking
-    ("reverse_kl", {}),                     # MiniLLM, mode-seeking
-    ("jsd", {"beta": 0.5}),                 # generalized JSD (GKD, TRL's beta)
-    ("skew_forward_kl", {"alpha": 0.1}),    # DistiLLM's skew KL: KL(p || 0.1 p + 0.9 q)
-    ("tvd", {}),                            # total variation
+    ("forward_kl", {}),  # classic KD, mean-seeking
+    ("reverse_kl", {}),  # MiniLLM, mode-seeking
+    ("jsd", {"beta": 0.5}),  # generalized JSD (GKD, TRL's beta)
+    ("skew_forward_kl", {"alpha": 0.1}),  # DistiLLM's skew KL: KL(p || 0.1 p + 0.9 q)
+    ("tvd", {}),  # total variation
 )
 _KIND_OPTIONS = {k: o for k, o in DEFAULT_KINDS}
 _KIND_OPTIONS.update({"skew_reverse_kl": {"alpha": 0.1}})
@@ -105,10 +105,22 @@ class DemoConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "DemoConfig":
-        cfg = cls(corpus_seqs=120, transfer_seqs=40, test_seqs=40, seq_len=50,
-                  teacher_size=(16, 96, 1), student_size=(8, 32, 1), teacher_epochs=4,
-                  student_epochs=4, train_prompts=256, eval_prompts=128, align_steps=30,
-                  align_batch=32, align_lr=3e-3, eval_every=10)
+        cfg = cls(
+            corpus_seqs=120,
+            transfer_seqs=40,
+            test_seqs=40,
+            seq_len=50,
+            teacher_size=(16, 96, 1),
+            student_size=(8, 32, 1),
+            teacher_epochs=4,
+            student_epochs=4,
+            train_prompts=256,
+            eval_prompts=128,
+            align_steps=30,
+            align_batch=32,
+            align_lr=3e-3,
+            eval_every=10,
+        )
         return dataclasses.replace(cfg, **overrides)
 
 
@@ -122,8 +134,9 @@ class Source:
     ``logits = sharpness * W2 tanh(W1 [e(x_{t-3}); e(x_{t-2}); e(x_{t-1})]) + b`` with a
     Zipf-like bias ``b`` (some tokens are frequent); its entropy is a few nats per token."""
 
-    def __init__(self, gen: torch.Generator, emb: int = 8, hidden: int = 64,
-                 sharpness: float = 5.0):
+    def __init__(
+        self, gen: torch.Generator, emb: int = 8, hidden: int = 64, sharpness: float = 5.0
+    ):
         self.e = torch.randn(VOCAB, emb, generator=gen)
         self.w1 = torch.randn(CONTEXT * emb, hidden, generator=gen) / math.sqrt(CONTEXT * emb)
         self.w2 = torch.randn(hidden, VOCAB, generator=gen) / math.sqrt(hidden)
@@ -181,8 +194,15 @@ def n_params(model: nn.Module) -> int:
 
 def _bar(cfg: DemoConfig, total: int, desc: str):
     tqdm = require("tqdm.auto").tqdm
-    return tqdm(total=total, desc=f"{desc:<22}", disable=not cfg.progress, leave=True,
-                dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=f"{desc:<22}",
+        disable=not cfg.progress,
+        leave=True,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        file=sys.stderr,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +211,16 @@ def _bar(cfg: DemoConfig, total: int, desc: str):
 
 
 @torch.no_grad()
-def lm_metrics(logits: torch.Tensor, targets: torch.Tensor,
-               teacher_logits: Optional[torch.Tensor] = None) -> Dict[str, float]:
+def lm_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None
+) -> Dict[str, float]:
     """Held-out metrics: perplexity exp(CE of the real next tokens), accuracy and, with a
     teacher, KL(p_teacher || q_student), KL(q_student || p_teacher) and top-1 agreement."""
     logq = F.log_softmax(logits.double(), -1)
-    out = {"perplexity": math.exp(F.nll_loss(logq, targets).item()),
-           "accuracy": (logits.argmax(-1) == targets).double().mean().item()}
+    out = {
+        "perplexity": math.exp(F.nll_loss(logq, targets).item()),
+        "accuracy": (logits.argmax(-1) == targets).double().mean().item(),
+    }
     if teacher_logits is not None:
         logp = F.log_softmax(teacher_logits.double(), -1)
         out["kl_teacher_student"] = (logp.exp() * (logp - logq)).sum(-1).mean().item()
@@ -211,8 +234,18 @@ def lm_metrics(logits: torch.Tensor, targets: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_lm(cfg: DemoConfig, model: TinyLM, desc: str, ctx: torch.Tensor, loss_fn,
-              epochs: int, batch: int, lr: float, seed: int, on_epoch=None) -> float:
+def _train_lm(
+    cfg: DemoConfig,
+    model: TinyLM,
+    desc: str,
+    ctx: torch.Tensor,
+    loss_fn,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    on_epoch=None,
+) -> float:
     """Adam with a cosine schedule over ``epochs``; ``loss_fn(model, index) -> scalar``.
     ``on_epoch(epoch)`` is called after each epoch (held-out curves). Returns the last epoch's
     mean training loss."""
@@ -220,7 +253,8 @@ def _train_lm(cfg: DemoConfig, model: TinyLM, desc: str, ctx: torch.Tensor, loss
     per_epoch = math.ceil(len(ctx) / batch)
     steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps))
+    )
     gen = torch.Generator().manual_seed(seed)
     last = float("nan")
     with _bar(cfg, steps, desc) as bar:
@@ -228,7 +262,7 @@ def _train_lm(cfg: DemoConfig, model: TinyLM, desc: str, ctx: torch.Tensor, loss
             perm = torch.randperm(len(ctx), generator=gen)
             total, count = 0.0, 0
             for start in range(0, len(ctx), batch):
-                idx = perm[start:start + batch]
+                idx = perm[start : start + batch]
                 loss = loss_fn(model, idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -256,32 +290,53 @@ def distill(cfg: DemoConfig, log=print) -> Dict:
     test_ctx, test_next = source.sample(cfg.test_seqs, cfg.seq_len, gen)
     with torch.no_grad():
         floor = math.exp(F.cross_entropy(source.logits(test_ctx), test_next).item())
-    data = {"vocabulary": VOCAB, "context": CONTEXT, "corpus_tokens": len(corpus_ctx),
-            "transfer_tokens": len(transfer_ctx), "test_tokens": len(test_ctx),
-            "source_perplexity": floor}
-    log(f"data: vocabulary {VOCAB}, context {CONTEXT}; teacher corpus {len(corpus_ctx)} tokens, "
+    data = {
+        "vocabulary": VOCAB,
+        "context": CONTEXT,
+        "corpus_tokens": len(corpus_ctx),
+        "transfer_tokens": len(transfer_ctx),
+        "test_tokens": len(test_ctx),
+        "source_perplexity": floor,
+    }
+    log(
+        f"data: vocabulary {VOCAB}, context {CONTEXT}; teacher corpus {len(corpus_ctx)} tokens, "
         f"transfer set {len(transfer_ctx)}, held-out {len(test_ctx)}; the source's own held-out "
-        f"perplexity (the floor) {floor:.2f}")
+        f"perplexity (the floor) {floor:.2f}"
+    )
 
     # Teacher: fused cross-entropy from hidden states + lm_head.
     torch.manual_seed(cfg.seed + 1)
     teacher = TinyLM(*cfg.teacher_size)
     t0 = time.perf_counter()
     teacher_loss = _train_lm(
-        cfg, teacher, "teacher (CE)", corpus_ctx,
-        lambda m, idx: divkit.fused_linear_cross_entropy(m.hidden(corpus_ctx[idx]), m.head.weight,
-                                                         corpus_next[idx], m.head.bias),
-        epochs=cfg.teacher_epochs, batch=512, lr=2e-3, seed=cfg.seed + 2)
+        cfg,
+        teacher,
+        "teacher (CE)",
+        corpus_ctx,
+        lambda m, idx: divkit.fused_linear_cross_entropy(
+            m.hidden(corpus_ctx[idx]), m.head.weight, corpus_next[idx], m.head.bias
+        ),
+        epochs=cfg.teacher_epochs,
+        batch=512,
+        lr=2e-3,
+        seed=cfg.seed + 2,
+    )
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        teacher_h = teacher.hidden(transfer_ctx)     # the distillation's teacher inputs
+        teacher_h = teacher.hidden(transfer_ctx)  # the distillation's teacher inputs
         teacher_test = teacher(test_ctx)
-    teacher_info = {"parameters": n_params(teacher), "train_loss": teacher_loss,
-                    "seconds": time.perf_counter() - t0, **lm_metrics(teacher_test, test_next)}
-    log(f"teacher: {teacher_info['parameters']} parameters, held-out perplexity "
-        f"{teacher_info['perplexity']:.2f} ({teacher_info['seconds']:.1f}s)")
+    teacher_info = {
+        "parameters": n_params(teacher),
+        "train_loss": teacher_loss,
+        "seconds": time.perf_counter() - t0,
+        **lm_metrics(teacher_test, test_next),
+    }
+    log(
+        f"teacher: {teacher_info['parameters']} parameters, held-out perplexity "
+        f"{teacher_info['perplexity']:.2f} ({teacher_info['seconds']:.1f}s)"
+    )
 
     def new_student() -> TinyLM:
         torch.manual_seed(cfg.seed + 3)
@@ -293,50 +348,96 @@ def distill(cfg: DemoConfig, log=print) -> Dict:
 
     untrained = held_out(new_student())
     student_params = n_params(new_student())
-    log(f"students: {student_params} parameters ({teacher_info['parameters'] / student_params:.1f}x "
+    log(
+        f"students: {student_params} parameters ({teacher_info['parameters'] / student_params:.1f}x "
         f"smaller), {cfg.student_epochs} epochs on the transfer set; untrained: KL(t||s) "
-        f"{untrained['kl_teacher_student']:.3f}, perplexity {untrained['perplexity']:.1f}")
+        f"{untrained['kl_teacher_student']:.3f}, perplexity {untrained['perplexity']:.1f}"
+    )
 
     def run(name: str, options: Dict[str, float], loss_fn) -> Dict:
         model = new_student()
-        curve = [{"epoch": 0, "kl_teacher_student": untrained["kl_teacher_student"],
-                  "perplexity": untrained["perplexity"]}]
+        curve = [
+            {
+                "epoch": 0,
+                "kl_teacher_student": untrained["kl_teacher_student"],
+                "perplexity": untrained["perplexity"],
+            }
+        ]
 
         def on_epoch(epoch: int) -> Dict[str, str]:
             m = held_out(model)
-            curve.append({"epoch": epoch, "kl_teacher_student": m["kl_teacher_student"],
-                          "perplexity": m["perplexity"]})
+            curve.append(
+                {
+                    "epoch": epoch,
+                    "kl_teacher_student": m["kl_teacher_student"],
+                    "perplexity": m["perplexity"],
+                }
+            )
             return {"KL(t||s)": f"{m['kl_teacher_student']:.3f}", "ppl": f"{m['perplexity']:.2f}"}
 
         t0 = time.perf_counter()
-        loss = _train_lm(cfg, model, name, transfer_ctx, loss_fn, epochs=cfg.student_epochs,
-                         batch=256, lr=3e-3, seed=cfg.seed + 4, on_epoch=on_epoch)
+        loss = _train_lm(
+            cfg,
+            model,
+            name,
+            transfer_ctx,
+            loss_fn,
+            epochs=cfg.student_epochs,
+            batch=256,
+            lr=3e-3,
+            seed=cfg.seed + 4,
+            on_epoch=on_epoch,
+        )
         if not math.isfinite(loss):
             raise RuntimeError(f"divkit demo: the {name} run diverged (training loss {loss})")
-        return {"kind": name, "options": dict(options), "train_loss": loss,
-                "seconds": time.perf_counter() - t0, **held_out(model), "curve": curve,
-                "_model": model}
+        return {
+            "kind": name,
+            "options": dict(options),
+            "train_loss": loss,
+            "seconds": time.perf_counter() - t0,
+            **held_out(model),
+            "curve": curve,
+            "_model": model,
+        }
 
-    baseline = run("hard labels (CE)", {},
-                   lambda m, idx: divkit.fused_linear_cross_entropy(
-                       m.hidden(transfer_ctx[idx]), m.head.weight, transfer_next[idx],
-                       m.head.bias))
+    baseline = run(
+        "hard labels (CE)",
+        {},
+        lambda m, idx: divkit.fused_linear_cross_entropy(
+            m.hidden(transfer_ctx[idx]), m.head.weight, transfer_next[idx], m.head.bias
+        ),
+    )
     runs = []
     for kind, options in cfg.kinds:
+
         def kd_loss(m, idx, kind=kind, options=options):
             return divkit.fused_linear_divergence(
-                m.hidden(transfer_ctx[idx]), m.head.weight, teacher_h[idx], teacher.head.weight,
-                kind, student_bias=m.head.bias, teacher_bias=teacher.head.bias,
-                temperature=cfg.temperature, **options)
+                m.hidden(transfer_ctx[idx]),
+                m.head.weight,
+                teacher_h[idx],
+                teacher.head.weight,
+                kind,
+                student_bias=m.head.bias,
+                teacher_bias=teacher.head.bias,
+                temperature=cfg.temperature,
+                **options,
+            )
 
         runs.append(run(kind, options, kd_loss))
 
     models = {"teacher": teacher, "baseline": baseline.pop("_model")}
     for r in runs:
         models[r["kind"]] = r.pop("_model")
-    return {"data": data, "teacher": teacher_info, "student_parameters": student_params,
-            "untrained": untrained, "baseline": baseline, "runs": runs,
-            "_models": models, "_prompts": (transfer_ctx, test_ctx)}
+    return {
+        "data": data,
+        "teacher": teacher_info,
+        "student_parameters": student_params,
+        "untrained": untrained,
+        "baseline": baseline,
+        "runs": runs,
+        "_models": models,
+        "_prompts": (transfer_ctx, test_ctx),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +449,7 @@ def good_tokens(seed: int) -> torch.Tensor:
     """The known reward's "good" tokens: a fixed random half of the vocabulary (bool [V])."""
     g = torch.Generator().manual_seed(seed + 100)
     mask = torch.zeros(VOCAB, dtype=torch.bool)
-    mask[torch.randperm(VOCAB, generator=g)[:VOCAB // 2]] = True
+    mask[torch.randperm(VOCAB, generator=g)[: VOCAB // 2]] = True
     return mask
 
 
@@ -358,8 +459,9 @@ def reward(completions: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_completions(model: TinyLM, prompts: torch.Tensor, length: int,
-                       gen: torch.Generator) -> torch.Tensor:
+def sample_completions(
+    model: TinyLM, prompts: torch.Tensor, length: int, gen: torch.Generator
+) -> torch.Tensor:
     """Ancestral sampling: prompts ``[B, 3]`` -> sequences ``[B, 3 + length]``."""
     seq = prompts
     for _ in range(length):
@@ -384,8 +486,9 @@ def sequence_kl(policy: TinyLM, ref: TinyLM, seq: torch.Tensor) -> torch.Tensor:
     return (logpi.exp() * (logpi - logref)).sum(-1).sum(-1)
 
 
-def preference_pairs(ref: TinyLM, prompts: torch.Tensor, cfg: DemoConfig, good: torch.Tensor,
-                     gen: torch.Generator):
+def preference_pairs(
+    ref: TinyLM, prompts: torch.Tensor, cfg: DemoConfig, good: torch.Tensor, gen: torch.Generator
+):
     """Two completions per prompt from the reference; the one with the higher known reward is
     chosen, ties are dropped. Returns (chosen, rejected) sequences ``[P, 3 + L]``."""
     a = sample_completions(ref, prompts, cfg.completion_len, gen)
@@ -400,8 +503,14 @@ def _policy_terms(model: TinyLM, seq: torch.Tensor):
     return model.hidden(completion_contexts(seq)), seq[:, CONTEXT:]
 
 
-def align(cfg: DemoConfig, reference: TinyLM, train_prompts: torch.Tensor,
-          eval_prompts: torch.Tensor, log=print, reference_name: str = "distilled") -> Dict:
+def align(
+    cfg: DemoConfig,
+    reference: TinyLM,
+    train_prompts: torch.Tensor,
+    eval_prompts: torch.Tensor,
+    log=print,
+    reference_name: str = "distilled",
+) -> Dict:
     """Part 2: every method of ``cfg.methods`` from the same reference and the same pairs.
     Returns the reference's reward, the number of pairs and per method the curve of (step,
     reward, sequence KL, held-out preference accuracy) and its final point."""
@@ -420,7 +529,7 @@ def align(cfg: DemoConfig, reference: TinyLM, train_prompts: torch.Tensor,
         ref_pc, ref_pr = ref_lc.sum(-1), ref_lr.sum(-1)
 
     def evaluate(policy: TinyLM, step: int) -> Dict[str, float]:
-        g = torch.Generator().manual_seed(cfg.seed + 300)   # the same prompts and noise each time
+        g = torch.Generator().manual_seed(cfg.seed + 300)  # the same prompts and noise each time
         with torch.no_grad():
             seq = sample_completions(policy, eval_prompts, cfg.completion_len, g)
             hc, lc = _policy_terms(policy, test_c)
@@ -428,28 +537,44 @@ def align(cfg: DemoConfig, reference: TinyLM, train_prompts: torch.Tensor,
             rhc, _ = _policy_terms(ref, test_c)
             rhr, _ = _policy_terms(ref, test_r)
             lp = lambda h, m, lab: divkit.fused_linear_logprobs(  # noqa: E731
-                h, m.head.weight, lab, m.head.bias).sum(-1)
-            margin = (lp(hc, policy, lc) - lp(rhc, ref, lc)) - (lp(hr, policy, lr) - lp(rhr, ref, lr))
-        return {"step": step, "reward": reward(seq[:, CONTEXT:], good).mean().item(),
-                "sequence_kl": sequence_kl(policy, ref, seq).mean().item(),
-                # a tie (the reference itself: every margin is 0) counts half
-                "preference_accuracy": ((margin > 0).double() + 0.5 * (margin == 0).double())
-                .mean().item()}
+                h, m.head.weight, lab, m.head.bias
+            ).sum(-1)
+            margin = (lp(hc, policy, lc) - lp(rhc, ref, lc)) - (
+                lp(hr, policy, lr) - lp(rhr, ref, lr)
+            )
+        return {
+            "step": step,
+            "reward": reward(seq[:, CONTEXT:], good).mean().item(),
+            "sequence_kl": sequence_kl(policy, ref, seq).mean().item(),
+            # a tie (the reference itself: every margin is 0) counts half
+            "preference_accuracy": ((margin > 0).double() + 0.5 * (margin == 0).double())
+            .mean()
+            .item(),
+        }
 
     ref_eval = evaluate(ref, 0)
-    log(f"alignment: reference = the {reference_name} student; "
+    log(
+        f"alignment: reference = the {reference_name} student; "
         f"{len(chosen)} training pairs ({len(train_prompts) - len(chosen)} ties dropped), "
-        f"completions of {cfg.completion_len} tokens; reference reward {ref_eval['reward']:.3f}")
-    out = {"reference_reward": ref_eval["reward"], "pairs": len(chosen),
-           "test_pairs": len(test_c), "good_tokens": int(good.sum()), "runs": []}
+        f"completions of {cfg.completion_len} tokens; reference reward {ref_eval['reward']:.3f}"
+    )
+    out = {
+        "reference_reward": ref_eval["reward"],
+        "pairs": len(chosen),
+        "test_pairs": len(test_c),
+        "good_tokens": int(good.sum()),
+        "runs": [],
+    }
     for method in cfg.methods:
         if method not in METHODS:
-            raise ValueError(f"divkit demo: unknown method '{method}' (valid: {', '.join(METHODS)})")
+            raise ValueError(
+                f"divkit demo: unknown method '{method}' (valid: {', '.join(METHODS)})"
+            )
         policy = copy.deepcopy(ref)
         for p in policy.parameters():
             p.requires_grad_(True)
         opt = torch.optim.Adam(policy.parameters(), lr=cfg.align_lr)
-        g = torch.Generator().manual_seed(cfg.seed + 400)   # the same batches for every method
+        g = torch.Generator().manual_seed(cfg.seed + 400)  # the same batches for every method
         curve = [dict(ref_eval)]
         t0 = time.perf_counter()
         with _bar(cfg, cfg.align_steps, _METHOD_LABELS[method]) as bar:
@@ -460,17 +585,27 @@ def align(cfg: DemoConfig, reference: TinyLM, train_prompts: torch.Tensor,
                 w, b = policy.head.weight, policy.head.bias
                 if method == "tdpo2":
                     losses, _, _ = divkit.tdpo_loss_fused(
-                        hc, hr, w, lc, lr, ref_chosen_hidden=ref_hc[idx],
-                        ref_rejected_hidden=ref_hr[idx], ref_weight=ref.head.weight,
-                        lm_head_bias=b, ref_bias=ref.head.bias, beta=cfg.align_beta,
-                        alpha=cfg.tdpo_alpha, variant="tdpo2")
+                        hc,
+                        hr,
+                        w,
+                        lc,
+                        lr,
+                        ref_chosen_hidden=ref_hc[idx],
+                        ref_rejected_hidden=ref_hr[idx],
+                        ref_weight=ref.head.weight,
+                        lm_head_bias=b,
+                        ref_bias=ref.head.bias,
+                        beta=cfg.align_beta,
+                        alpha=cfg.tdpo_alpha,
+                        variant="tdpo2",
+                    )
                 else:
                     pc = divkit.fused_linear_logprobs(hc, w, lc, b).sum(-1)
                     pr = divkit.fused_linear_logprobs(hr, w, lr, b).sum(-1)
                     f = "js_divergence" if method == "fdpo_js" else "reverse_kl"
-                    losses, _, _ = divkit.preference_loss(pc, pr, ref_pc[idx], ref_pr[idx],
-                                                          beta=cfg.align_beta,
-                                                          f_divergence_type=f)
+                    losses, _, _ = divkit.preference_loss(
+                        pc, pr, ref_pc[idx], ref_pr[idx], beta=cfg.align_beta, f_divergence_type=f
+                    )
                 loss = losses.mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -480,15 +615,28 @@ def align(cfg: DemoConfig, reference: TinyLM, train_prompts: torch.Tensor,
                     row = evaluate(policy, step)
                     row["loss"] = loss.item()
                     curve.append(row)
-                    bar.set_postfix({"loss": f"{row['loss']:.3f}", "reward": f"{row['reward']:.3f}",
-                                     "KL": f"{row['sequence_kl']:.2f}"}, refresh=True)
+                    bar.set_postfix(
+                        {
+                            "loss": f"{row['loss']:.3f}",
+                            "reward": f"{row['reward']:.3f}",
+                            "KL": f"{row['sequence_kl']:.2f}",
+                        },
+                        refresh=True,
+                    )
         final = curve[-1]
         if not all(math.isfinite(final[k]) for k in ("reward", "sequence_kl")):
             raise RuntimeError(f"divkit demo: the {method} run diverged")
-        out["runs"].append({"method": method, "label": _METHOD_LABELS[method],
-                            "reward": final["reward"], "sequence_kl": final["sequence_kl"],
-                            "preference_accuracy": final["preference_accuracy"],
-                            "seconds": time.perf_counter() - t0, "curve": curve})
+        out["runs"].append(
+            {
+                "method": method,
+                "label": _METHOD_LABELS[method],
+                "reward": final["reward"],
+                "sequence_kl": final["sequence_kl"],
+                "preference_accuracy": final["preference_accuracy"],
+                "seconds": time.perf_counter() - t0,
+                "curve": curve,
+            }
+        )
     # Methods end at different KLs: compare their rewards at one KL, the smallest final one,
     # read off each reward-vs-KL curve by linear interpolation.
     if out["runs"]:
@@ -528,27 +676,39 @@ def plot(report: Dict, path: str) -> None:
     for r in runs:
         style = "--" if r is d["baseline"] else "-"
         ep = [c["epoch"] for c in r["curve"]]
-        ax[0, 0].plot(ep, [c["kl_teacher_student"] for c in r["curve"]], style, marker=".",
-                      label=r["kind"])
-        ax[0, 1].plot(ep, [c["perplexity"] for c in r["curve"]], style, marker=".",
-                      label=r["kind"])
-    ax[0, 0].set(title="distillation: held-out KL(p_teacher || q_student)", xlabel="epoch",
-                 ylabel="nats / token", yscale="log")
+        ax[0, 0].plot(
+            ep, [c["kl_teacher_student"] for c in r["curve"]], style, marker=".", label=r["kind"]
+        )
+        ax[0, 1].plot(ep, [c["perplexity"] for c in r["curve"]], style, marker=".", label=r["kind"])
+    ax[0, 0].set(
+        title="distillation: held-out KL(p_teacher || q_student)",
+        xlabel="epoch",
+        ylabel="nats / token",
+        yscale="log",
+    )
     ax[0, 1].axhline(d["teacher"]["perplexity"], color="k", lw=0.8, ls=":", label="teacher")
-    ax[0, 1].axhline(d["data"]["source_perplexity"], color="grey", lw=0.8, ls="-.",
-                     label="source (floor)")
-    ax[0, 1].set(title="distillation: held-out perplexity", xlabel="epoch", ylabel="perplexity",
-                 yscale="log")
+    ax[0, 1].axhline(
+        d["data"]["source_perplexity"], color="grey", lw=0.8, ls="-.", label="source (floor)"
+    )
+    ax[0, 1].set(
+        title="distillation: held-out perplexity", xlabel="epoch", ylabel="perplexity", yscale="log"
+    )
     for r in a["runs"]:
         kl = [c["sequence_kl"] for c in r["curve"]]
         rw = [c["reward"] for c in r["curve"]]
         ax[1, 0].plot(kl, rw, marker="o", ms=3, label=r["label"])
         ax[1, 1].plot([c["step"] for c in r["curve"]], rw, marker="o", ms=3, label=r["label"])
-    ax[1, 0].set(title="alignment: true reward vs sequence KL(pi || pi_ref)",
-                 xlabel="sequence-level KL (nats)", ylabel="reward of the policy's samples")
+    ax[1, 0].set(
+        title="alignment: true reward vs sequence KL(pi || pi_ref)",
+        xlabel="sequence-level KL (nats)",
+        ylabel="reward of the policy's samples",
+    )
     ax[1, 1].axhline(a["reference_reward"], color="k", lw=0.8, ls=":", label="reference")
-    ax[1, 1].set(title="alignment: true reward during training", xlabel="step",
-                 ylabel="reward of the policy's samples")
+    ax[1, 1].set(
+        title="alignment: true reward during training",
+        xlabel="step",
+        ylabel="reward of the policy's samples",
+    )
     for axis in ax.flat:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -564,14 +724,18 @@ def _fmt_opts(options: Dict[str, float]) -> str:
 def markdown(report: Dict) -> str:
     d, a, env = report["distillation"], report["alignment"], report["environment"]
     lines = [
-        "# divkit demo report", "",
+        "# divkit demo report",
+        "",
         f"divkit {env['divkit']} (SIMD {env['simd']}), torch {env['torch']}, Python "
         f"{env['python']}, {env['threads']} thread(s); total {report['seconds']:.1f} s "
         f"(distillation {report['distillation_seconds']:.1f} s, alignment "
         f"{report['alignment_seconds']:.1f} s). Everything generated from seed "
-        f"{report['config']['seed']}; nothing downloaded.", "",
-        "![curves](curves.png)", "",
-        "## 1. Distillation through the fused linear head", "",
+        f"{report['config']['seed']}; nothing downloaded.",
+        "",
+        "![curves](curves.png)",
+        "",
+        "## 1. Distillation through the fused linear head",
+        "",
         f"Synthetic language: vocabulary {d['data']['vocabulary']}, next token a fixed random "
         f"function of the previous {d['data']['context']}; teacher corpus "
         f"{d['data']['corpus_tokens']} tokens, transfer set {d['data']['transfer_tokens']}, "
@@ -579,7 +743,8 @@ def markdown(report: Dict) -> str:
         f"students: {d['student_parameters']} parameters, trained with "
         "`divkit.fused_linear_divergence` from hidden states and lm_head weights (the "
         "hard-label baseline with `divkit.fused_linear_cross_entropy`). Held-out metrics in "
-        "plain PyTorch fp64; KL(t‖s) = KL(p_teacher ‖ q_student).", "",
+        "plain PyTorch fp64; KL(t‖s) = KL(p_teacher ‖ q_student).",
+        "",
         "| student | options | perplexity | KL(t‖s) | KL(s‖t) | top-1 agreement | train loss | time |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
         f"| source (floor) | | {d['data']['source_perplexity']:.3f} | | | | | |",
@@ -590,11 +755,15 @@ def markdown(report: Dict) -> str:
         f"| {d['untrained']['agreement']:.3f} | | |",
     ]
     for r in [d["baseline"]] + d["runs"]:
-        lines.append(f"| {r['kind']} | {_fmt_opts(r['options'])} | {r['perplexity']:.3f} | "
-                     f"{r['kl_teacher_student']:.4f} | {r['kl_student_teacher']:.4f} | "
-                     f"{r['agreement']:.3f} | {r['train_loss']:.4f} | {r['seconds']:.1f} s |")
+        lines.append(
+            f"| {r['kind']} | {_fmt_opts(r['options'])} | {r['perplexity']:.3f} | "
+            f"{r['kl_teacher_student']:.4f} | {r['kl_student_teacher']:.4f} | "
+            f"{r['agreement']:.3f} | {r['train_loss']:.4f} | {r['seconds']:.1f} s |"
+        )
     lines += [
-        "", "## 2. Alignment with a known reward", "",
+        "",
+        "## 2. Alignment with a known reward",
+        "",
         f"Reference policy: the `{a['reference']}` student (the lowest KL to the teacher). "
         f"Reward: the fraction of the {report['config']['completion_len']} completion tokens "
         f"in a fixed random set of {a['good_tokens']} good tokens. {a['pairs']} training pairs "
@@ -602,19 +771,26 @@ def markdown(report: Dict) -> str:
         f"{report['config']['align_steps']} steps of batch {report['config']['align_batch']}, "
         f"beta {report['config']['align_beta']:g}. Reward and sequence-level KL(pi ‖ pi_ref) "
         f"(exact per-token KL summed over the completion) on {report['config']['eval_prompts']} "
-        "of the policy's own samples; preference accuracy on held-out pairs.", "",
+        "of the policy's own samples; preference accuracy on held-out pairs.",
+        "",
         f"| method | final reward | final sequence KL (nats) | reward at KL = {a['matched_kl']:.2f} "
         "| held-out preference accuracy | time |",
         "|---|---:|---:|---:|---:|---:|",
         f"| reference | {a['reference_reward']:.3f} | 0 | | 0.5 (ties) | |",
     ]
     for r in a["runs"]:
-        lines.append(f"| {r['label']} | {r['reward']:.3f} | {r['sequence_kl']:.3f} | "
-                     f"{r['reward_at_matched_kl']:.3f} | {r['preference_accuracy']:.3f} | "
-                     f"{r['seconds']:.1f} s |")
-    lines += ["", "The methods end at different KLs; \"reward at KL\" reads each reward-vs-KL "
-              "curve at the smallest final KL (linear interpolation), the fair comparison. "
-              "Curves (every point of the figure) are in `report.json`.", ""]
+        lines.append(
+            f"| {r['label']} | {r['reward']:.3f} | {r['sequence_kl']:.3f} | "
+            f"{r['reward_at_matched_kl']:.3f} | {r['preference_accuracy']:.3f} | "
+            f"{r['seconds']:.1f} s |"
+        )
+    lines += [
+        "",
+        'The methods end at different KLs; "reward at KL" reads each reward-vs-KL '
+        "curve at the smallest final KL (linear interpolation), the fair comparison. "
+        "Curves (every point of the figure) are in `report.json`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -627,8 +803,7 @@ def _public(x):
     return x
 
 
-def run_demo(cfg: Optional[DemoConfig] = None, out_dir: str = "divkit-demo",
-             log=print) -> Dict:
+def run_demo(cfg: Optional[DemoConfig] = None, out_dir: str = "divkit-demo", log=print) -> Dict:
     """Runs both parts and writes ``report.json``, ``report.md`` and ``curves.png`` into
     ``out_dir`` (created). Returns the report (as in report.json)."""
     cfg = cfg or DemoConfig()
@@ -646,8 +821,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, out_dir: str = "divkit-demo",
 def _run(cfg: DemoConfig, out_dir: str, log) -> Dict:
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
-    log(f"divkit {divkit.__version__} demo (SIMD {divkit.active_simd_target()}, threads "
-        f"{divkit.get_num_threads()}), torch {torch.__version__}")
+    log(
+        f"divkit {divkit.__version__} demo (SIMD {divkit.active_simd_target()}, threads "
+        f"{divkit.get_num_threads()}), torch {torch.__version__}"
+    )
     log("part 1: distillation through the fused linear head")
     dist = distill(cfg, log=log)
     t_dist = time.perf_counter() - t_start
@@ -658,29 +835,41 @@ def _run(cfg: DemoConfig, out_dir: str, log) -> Dict:
     train_p = train_prompts[torch.randint(0, len(train_prompts), (cfg.train_prompts,), generator=g)]
     eval_p = eval_prompts[torch.randint(0, len(eval_prompts), (cfg.eval_prompts,), generator=g)]
     t1 = time.perf_counter()
-    al = align(cfg, dist["_models"][best["kind"]], train_p, eval_p, log=log,
-               reference_name=best["kind"])
+    al = align(
+        cfg, dist["_models"][best["kind"]], train_p, eval_p, log=log, reference_name=best["kind"]
+    )
     al["reference"] = best["kind"]
     t_align = time.perf_counter() - t1
     config = dataclasses.asdict(cfg)
     config["kinds"] = [[k, dict(o)] for k, o in cfg.kinds]
-    report = _public({
-        "config": config,
-        "environment": {"divkit": divkit.__version__, "torch": torch.__version__,
-                        "python": platform.python_version(), "simd": divkit.active_simd_target(),
-                        "threads": divkit.get_num_threads(), "cpus": os.cpu_count()},
-        "distillation": dist, "alignment": al,
-        "distillation_seconds": t_dist, "alignment_seconds": t_align,
-        "seconds": time.perf_counter() - t_start,
-    })
+    report = _public(
+        {
+            "config": config,
+            "environment": {
+                "divkit": divkit.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "simd": divkit.active_simd_target(),
+                "threads": divkit.get_num_threads(),
+                "cpus": os.cpu_count(),
+            },
+            "distillation": dist,
+            "alignment": al,
+            "distillation_seconds": t_dist,
+            "alignment_seconds": t_align,
+            "seconds": time.perf_counter() - t_start,
+        }
+    )
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(report, os.path.join(out_dir, "curves.png"))
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown(report))
     _summary(report, log)
-    log(f"report: {os.path.abspath(out_dir)}/ (report.md, report.json, curves.png); "
-        f"total {report['seconds']:.1f}s")
+    log(
+        f"report: {os.path.abspath(out_dir)}/ (report.md, report.json, curves.png); "
+        f"total {report['seconds']:.1f}s"
+    )
     return report
 
 
@@ -690,16 +879,24 @@ def _summary(report: Dict, log) -> None:
     log(f"{'student':<28}{'perplexity':>11}{'KL(t||s)':>10}{'KL(s||t)':>10}{'agree':>8}")
     log(f"{'teacher':<28}{d['teacher']['perplexity']:>11.3f}{0:>10.4f}{0:>10.4f}{1:>8.3f}")
     for r in [dict(d["untrained"], kind="untrained"), d["baseline"]] + d["runs"]:
-        log(f"{r['kind']:<28}{r['perplexity']:>11.3f}{r['kl_teacher_student']:>10.4f}"
-            f"{r['kl_student_teacher']:>10.4f}{r['agreement']:>8.3f}")
+        log(
+            f"{r['kind']:<28}{r['perplexity']:>11.3f}{r['kl_teacher_student']:>10.4f}"
+            f"{r['kl_student_teacher']:>10.4f}{r['agreement']:>8.3f}"
+        )
     log("")
-    log(f"{'policy':<28}{'reward':>8}{'seq KL':>9}{'pref acc':>10}"
-        f"{'reward at KL ' + format(a['matched_kl'], '.2f'):>20}")
-    log(f"{'reference (' + a['reference'] + ')':<28}{a['reference_reward']:>8.3f}{0:>9.3f}"
-        f"{0.5:>10.3f}")
+    log(
+        f"{'policy':<28}{'reward':>8}{'seq KL':>9}{'pref acc':>10}"
+        f"{'reward at KL ' + format(a['matched_kl'], '.2f'):>20}"
+    )
+    log(
+        f"{'reference (' + a['reference'] + ')':<28}{a['reference_reward']:>8.3f}{0:>9.3f}"
+        f"{0.5:>10.3f}"
+    )
     for r in a["runs"]:
-        log(f"{r['label']:<28}{r['reward']:>8.3f}{r['sequence_kl']:>9.3f}"
-            f"{r['preference_accuracy']:>10.3f}{r['reward_at_matched_kl']:>20.3f}")
+        log(
+            f"{r['label']:<28}{r['reward']:>8.3f}{r['sequence_kl']:>9.3f}"
+            f"{r['preference_accuracy']:>10.3f}{r['reward_at_matched_kl']:>20.3f}"
+        )
     log("")
 
 
@@ -712,7 +909,9 @@ def parse_kinds(text: str) -> Tuple[Tuple[str, Dict[str, float]], ...]:
     kinds = []
     for name in filter(None, (k.strip() for k in text.split(","))):
         if name not in divkit.KINDS:
-            raise ValueError(f"divkit demo: unknown kind '{name}' (valid: {', '.join(divkit.KINDS)})")
+            raise ValueError(
+                f"divkit demo: unknown kind '{name}' (valid: {', '.join(divkit.KINDS)})"
+            )
         kinds.append((name, dict(_KIND_OPTIONS.get(name, {}))))
     if not kinds:
         raise ValueError("divkit demo: --kinds is empty")
@@ -722,43 +921,74 @@ def parse_kinds(text: str) -> Tuple[Tuple[str, Dict[str, float]], ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``divkit demo`` options (shared by the CLI and ``python -m divkit.tools.demo``)."""
     d = DemoConfig()
-    p.add_argument("--out", default="divkit-demo",
-                   help="output folder for report.md, report.json, curves.png (default: %(default)s)")
-    p.add_argument("--kinds", default=",".join(k for k, _ in DEFAULT_KINDS),
-                   help="comma-separated divergences to distil with (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated alignment methods (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"student epochs (default: {d.student_epochs})")
-    p.add_argument("--teacher-epochs", type=int, default=None,
-                   help=f"teacher epochs (default: {d.teacher_epochs})")
-    p.add_argument("--align-steps", type=int, default=None,
-                   help=f"alignment steps per method (default: {d.align_steps})")
+    p.add_argument(
+        "--out",
+        default="divkit-demo",
+        help="output folder for report.md, report.json, curves.png (default: %(default)s)",
+    )
+    p.add_argument(
+        "--kinds",
+        default=",".join(k for k, _ in DEFAULT_KINDS),
+        help="comma-separated divergences to distil with (default: %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated alignment methods (default: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"student epochs (default: {d.student_epochs})"
+    )
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help=f"teacher epochs (default: {d.teacher_epochs})",
+    )
+    p.add_argument(
+        "--align-steps",
+        type=int,
+        default=None,
+        help=f"alignment steps per method (default: {d.align_steps})",
+    )
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch and divkit threads; 0 keeps their defaults (the models are tiny: "
-                        "one thread is fastest and steadiest on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch and divkit threads; 0 keeps their defaults (the models are tiny: "
+        "one thread is fastest and steadiest on a busy machine)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--tiny", action="store_true",
-                   help="a tiny configuration (seconds; for smoke tests)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a tiny configuration (seconds; for smoke tests)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     base = DemoConfig.tiny() if args.tiny else DemoConfig()
-    over = {"kinds": parse_kinds(args.kinds),
-            "methods": tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-            "temperature": args.temperature, "threads": args.threads, "seed": args.seed,
-            "progress": not args.no_progress}
+    over = {
+        "kinds": parse_kinds(args.kinds),
+        "methods": tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        "temperature": args.temperature,
+        "threads": args.threads,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
     for m in over["methods"]:
         if m not in METHODS:
             raise ValueError(f"divkit demo: unknown method '{m}' (valid: {', '.join(METHODS)})")
-    for name, value in (("epochs", args.epochs), ("teacher_epochs", args.teacher_epochs),
-                        ("align_steps", args.align_steps)):
+    for name, value in (
+        ("epochs", args.epochs),
+        ("teacher_epochs", args.teacher_epochs),
+        ("align_steps", args.align_steps),
+    ):
         if value is not None:
             if value < 1:
-                raise ValueError(f"divkit demo: --{name.replace('_', '-')} must be >= 1, "
-                                 f"got {value}")
+                raise ValueError(
+                    f"divkit demo: --{name.replace('_', '-')} must be >= 1, got {value}"
+                )
             over["student_epochs" if name == "epochs" else name] = value
     return dataclasses.replace(base, **over)
 
@@ -775,6 +1005,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    ap = argparse.ArgumentParser(prog="python -m divkit.tools.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m divkit.tools.demo", description=__doc__.split("\n")[0]
+    )
     add_arguments(ap)
     sys.exit(main(ap.parse_args()))
