@@ -1,6 +1,6 @@
 // divkit: row kernels of the distillation methods from the literature whose arithmetic runs over
 // the vocabulary (or class) dimension. Everything per sample or per class is done by
-// the callers (python/divkit/distill.py); here are only the [N, V] loops.
+// the callers (the python/divkit/distill/ package); here are only the [N, V] loops.
 //
 // Common conventions:
 //   * student / teacher / standard / lame: [N, V] logits, float32, bfloat16, float16 or float64,
