@@ -3,8 +3,8 @@
 // When the vocabulary is split over ranks (a tensor-parallel lm_head: rank r holds the logit
 // columns [offset_r, offset_r + V_r)), a divergence of softmax distributions needs, per row, the
 // global log-sum-exp of both logits and the global sums of the divergence's terms. These three
-// calls compute one rank's share; the caller (divkit.distributed, over torch.distributed)
-// combines them across ranks between the calls:
+// calls compute one rank's share; the caller combines them across ranks between
+// the calls (the fused loops and vocab_parallel_divergence do it through a VocabShard callback):
 //
 //   1. divergence_shard_stats  -> stats[i] = {max_s, log_sum_s, max_t, log_sum_t} of the shard,
 //      log_sum = log sum_j exp((x_j - max) / T) over the shard's columns (-inf, -inf when the

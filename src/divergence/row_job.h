@@ -10,7 +10,8 @@
 namespace divkit::detail {
 
 // Vocabulary-parallel (sharded) runs: the rows hold one rank's shard of the vocabulary, and the
-// Python layer all-reduces per-row statistics between the phases (divkit.distributed):
+// statistics are all-reduced between the phases (sharded_divergence_rows, through the group's
+// VocabShard callback):
 //   stats  out_stats[i] = {max_s, log_sum_s, max_t, log_sum_t} of the shard, where
 //          log_sum = log sum_j exp((x_j - max) / T) (-inf, -inf for an all-masked shard row);
 //   sums   with the global normalizers in_norm[i] = {max_s, log_sum_s, max_t, log_sum_t}:

@@ -1,4 +1,5 @@
-// Internal interface between the OT drivers (ot.cc) and the SIMD kernels (ot_kernels.cc).
+// Internal interface between the OT drivers (sinkhorn.cc, sample_divergences.cc) and the SIMD
+// kernels (ot_kernels.cc).
 #pragma once
 
 #include <cstdint>

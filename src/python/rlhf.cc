@@ -1,5 +1,6 @@
 // divkit._C bindings of the RLHF utilities and sample-based preference losses
-// (include/divkit/rlhf.h). The Python wrappers (python/divkit/rlhf.py, preference.py) pass
+// (include/divkit/rlhf.h). The Python wrappers (python/divkit/rlhf.py and the
+// divkit.preference package) pass
 // contiguous CPU fp32/fp64 tensors and allocate the outputs.
 #include <cstdint>
 #include <string>
