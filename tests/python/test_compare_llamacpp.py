@@ -240,7 +240,7 @@ def check_report(r, final, lines, chunk_rows, rel=1e-9):
 
 def make_models(n_chunk=5, n_ctx=64, v=V, seed=0):
     """Logits of every position of n_chunk chunks for a base and a perturbed test model, and
-    the token ids (drawn from the base model)."""
+    the token ids (token j + 1 drawn from the base model's prediction at position j)."""
     rng = np.random.default_rng(seed)
     base = (rng.standard_normal((n_chunk, n_ctx, v)) * 3.0).astype(np.float32)
     base[..., :3] -= 30.0  # a few tokens far below the base's top: under llama.cpp's 16-nat floor
@@ -248,7 +248,9 @@ def make_models(n_chunk=5, n_ctx=64, v=V, seed=0):
     p = np.exp(base - base.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     u = rng.random((n_chunk, n_ctx, 1))
-    tokens = np.minimum((p.cumsum(-1) < u).sum(-1), v - 1).astype(np.int32)
+    drawn = np.minimum((p.cumsum(-1) < u).sum(-1), v - 1)
+    tokens = rng.integers(0, v, (n_chunk, n_ctx)).astype(np.int32)
+    tokens[:, 1:] = drawn[:, :-1]
     return base, test, tokens
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -138,6 +139,22 @@ class LogitsFile:
         if self.dtype == "bfloat16":
             return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         return raw.astype(np.float64)
+
+    def release(self, start: int, stop: int) -> None:
+        """Drops rows ``start:stop`` of the memory map from the process's resident set (they
+        were read; the page cache keeps them for the kernel to reclaim), so that the resident
+        memory stays bounded over a file larger than memory. Best effort."""
+        mm, off = getattr(self.array, "_mmap", None), getattr(self.array, "offset", None)
+        if mm is None or off is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        try:
+            row = self.array.strides[0]
+            delta = off % mmap.ALLOCATIONGRANULARITY  # where the data starts in the mapping
+            lo, hi = delta + start * row, delta + stop * row
+            lo -= lo % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (ValueError, OSError, AttributeError):
+            pass
 
 
 def _flatten(path: str, arr: np.ndarray, what: str) -> np.ndarray:
@@ -753,6 +770,8 @@ def _compare(
                 t = None if targets is None else targets[start:stop]
                 m = _block_metrics(lb, pb, top_b, lt, pt, top_t, t)
                 del lb, pb, lt, pt, xb, xt
+                fb.release(start, stop)
+                ft.release(start, stop)
                 for k, val in m.items():
                     store[ci[k], start:stop] = val
                 if bar is not None:
