@@ -430,17 +430,36 @@ def test_bounded_memory(tmp_path):
         a.flush()
         del a
     np.save(tmp_path / "ids.npy", rng.integers(0, v, n))
-    tracemalloc.start()
-    try:
-        r = compare_files(
-            tmp_path / "b.npy", tmp_path / "t.npy", tokens=tmp_path / "ids.npy", block_rows=16
-        )
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
     inputs = 2 * n * v * 4
-    assert r["tokens"] == n and r["perplexity"]["ppl_test"] > 0
-    assert peak < inputs / 20, (peak, inputs)
+    ids = tmp_path / "ids.npy"
+    results = []
+    for threads in (1, 3):
+        tracemalloc.start()
+        try:
+            r = compare_files(
+                tmp_path / "b.npy", tmp_path / "t.npy", tokens=ids, block_rows=16, threads=threads
+            )
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert r["tokens"] == n and r["perplexity"]["ppl_test"] > 0
+        assert peak < inputs / 10, (threads, peak, inputs)
+        results.append(r)
+    assert results[0] == results[1]  # threads change nothing
+
+
+def test_blocks_and_threads_change_nothing(tmp_path):
+    base, test, tokens = make_models(n_chunk=3, n_ctx=50, seed=9)
+    write_llamacpp(tmp_path / "base.kld", base, tokens)
+    np.save(tmp_path / "t.npy", scored(test, 50))
+    want = compare_files(tmp_path / "base.kld", tmp_path / "t.npy", block_rows=1000, threads=1)
+    for rows, threads in ((1, 1), (7, 2), (13, 4)):
+        got = compare_files(
+            tmp_path / "base.kld", tmp_path / "t.npy", block_rows=rows, threads=threads
+        )
+        assert got == dict(want, block_rows=rows)
+    with pytest.raises(CompareError, match="threads must be an int >= 1"):
+        compare_files(tmp_path / "base.kld", tmp_path / "t.npy", threads=0)
 
 
 def test_no_torch_and_no_tqdm(tmp_path):

@@ -48,8 +48,10 @@ import mmap
 import os
 import struct
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Deque, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -643,6 +645,7 @@ def compare_files(
     return_values: bool = False,
     tokens=None,
     chunk_size: Optional[int] = None,
+    threads: Optional[int] = None,
 ):
     """Per-token divergence statistics of ``test`` against ``base`` (paths of ``.npy``,
     ``.safetensors`` or llama.cpp ``--kl-divergence-base`` files; see the module's docstring
@@ -655,7 +658,8 @@ def compare_files(
     progress bar on stderr when tqdm is installed. ``tokens``: a ``.npy`` file (or an array)
     of the N token ids the rows predict (a llama.cpp file brings its own). ``chunk_size``: rows
     per chunk of the per-chunk table (default: llama.cpp's chunks with a llama.cpp file, no
-    table otherwise).
+    table otherwise). ``threads``: blocks computed at once (default: up to 4, the CPU count);
+    the values do not depend on it nor on ``block_rows``.
 
     Returns a JSON-serializable dict: ``base``, ``test`` (paths), ``tokens`` (N), ``vocab``
     (V), ``base_dtype``, ``test_dtype``, ``base_format``, ``test_format``, ``block_rows``;
@@ -679,6 +683,7 @@ def compare_files(
         tokens,
         chunk_size,
         return_values,
+        threads,
     )
     return (res, values) if return_values else res
 
@@ -737,8 +742,26 @@ def _targets(fb: LogitsFile, ft: LogitsFile, tokens, n: int, v: int):
     return _load_tokens(tokens, n, v)
 
 
+def _threads(threads: Optional[int]) -> int:
+    if threads is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise CompareError(f"threads must be an int >= 1, got {threads!r}")
+    return threads
+
+
 def _compare(
-    base, test, tensor, base_tensor, test_tensor, block_rows, progress, tokens, chunk_size, keep
+    base,
+    test,
+    tensor,
+    base_tensor,
+    test_tensor,
+    block_rows,
+    progress,
+    tokens,
+    chunk_size,
+    keep,
+    threads=None,
 ):
     fb, ft = _open_pair(base, test, tensor, base_tensor, test_tensor)
     n, v = fb.shape
@@ -752,30 +775,49 @@ def _compare(
     ci = {k: i for i, k in enumerate(cols)}
 
     # The per-token columns live in a temporary file (memory-mapped): a few floats per token.
+    workers = _threads(threads)
     tmp = tempfile.TemporaryFile(prefix="divkit-compare-")
     try:
         store = np.memmap(tmp, dtype=np.float64, mode="w+", shape=(len(cols), n))
+
+        def block(start: int, stop: int) -> int:
+            xb, xt = fb.rows(start, stop), ft.rows(start, stop)
+            for name, f, x in (("base", fb, xb), ("test", ft, xt)):
+                if f.format != "llama.cpp" and not np.all(np.isfinite(x.max(axis=1))):
+                    _check_rows(name, f, x, start)
+            lb, pb, top_b = _log_softmax(xb, fb.kl_floor)
+            lt, pt, top_t = _log_softmax(xt, None)
+            t = None if targets is None else targets[start:stop]
+            m = _block_metrics(lb, pb, top_b, lt, pt, top_t, t)
+            for k, val in m.items():
+                store[ci[k], start:stop] = val
+            fb.release(start, stop)
+            ft.release(start, stop)
+            return stop - start
+
+        # Blocks are independent (one row's values do not depend on the others), so threads
+        # (numpy releases the GIL in its loops) give the same values as one.
         bar = _progress(n, progress)
+        spans = [(s, min(n, s + rows)) for s in range(0, n, rows)]
         try:
-            for start in range(0, n, rows):
-                stop = min(n, start + rows)
-                xb, xt = fb.rows(start, stop), ft.rows(start, stop)
-                for name, f, x in (("base", fb, xb), ("test", ft, xt)):
-                    if f.format != "llama.cpp":
-                        mx = x.max(axis=1)
-                        if not np.all(np.isfinite(mx)):
-                            _check_rows(name, f, x, start)
-                lb, pb, top_b = _log_softmax(xb, fb.kl_floor)
-                lt, pt, top_t = _log_softmax(xt, None)
-                t = None if targets is None else targets[start:stop]
-                m = _block_metrics(lb, pb, top_b, lt, pt, top_t, t)
-                del lb, pb, lt, pt, xb, xt
-                fb.release(start, stop)
-                ft.release(start, stop)
-                for k, val in m.items():
-                    store[ci[k], start:stop] = val
-                if bar is not None:
-                    bar.update(stop - start)
+            if workers == 1:
+                for s, e in spans:
+                    done = block(s, e)
+                    if bar is not None:
+                        bar.update(done)
+            else:
+                with ThreadPoolExecutor(workers) as pool:
+                    pending: Deque = deque()
+                    try:
+                        for s, e in spans:
+                            pending.append(pool.submit(block, s, e))
+                            while len(pending) > 2 * workers or (pending and s + rows >= n):
+                                done = pending.popleft().result()  # in order: first bad row
+                                if bar is not None:
+                                    bar.update(done)
+                    finally:
+                        for f in pending:
+                            f.cancel()
         finally:
             if bar is not None:
                 bar.close()
@@ -821,7 +863,7 @@ def _compare(
         result["delta_p"]["rms"], result["delta_p"]["rms_se"] = rms_top
         if targets is not None:
             result["delta_p_next"]["rms"], result["delta_p_next"]["rms_se"] = rms_next
-        del col, store
+        del col
         return result, values
     finally:
         tmp.close()
@@ -1019,6 +1061,7 @@ def run_cli(args) -> int:
             progress=not args.no_progress,
             tokens=getattr(args, "tokens", None),
             chunk_size=getattr(args, "chunk_size", None),
+            threads=getattr(args, "threads", None),
         )
     except CompareError as e:
         print(f"divkit compare: error: {e}", file=sys.stderr)
@@ -1072,6 +1115,13 @@ def add_parser(sub) -> None:
         default=None,
         metavar="N",
         help="rows read per block (default: 4 MiB of fp32 logits per file)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="blocks computed at once (default: up to 4; the results do not depend on it)",
     )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
