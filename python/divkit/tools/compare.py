@@ -851,6 +851,8 @@ def _compare(
             rms_next = _rms(n2, n4, n)
         if chunk_size is not None:
             result["chunk_size"] = chunk_size
+            # The chunks' RMS Δp: llama.cpp's (next token) given ids, else the top-token one.
+            result["chunks_delta_p"] = "delta_p_next" if targets is not None else "delta_p"
             result["chunks"] = _chunks(col, n, chunk_size, targets is not None)
         values = None
         if keep:
