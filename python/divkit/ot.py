@@ -602,3 +602,6 @@ __all__ += [
     "WDMOutput",
     "wdm_critic",
 ]
+from .lightsb import LightSB, LightSBConditional, lightsb_objective  # noqa: E402
+
+__all__ += ["LightSB", "LightSBConditional", "lightsb_objective"]
