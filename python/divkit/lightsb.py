@@ -102,7 +102,8 @@ class LightSB(nn.Module):
     """The Light Schrodinger Bridge solver (see the module docstring): parameters ``log_alpha
     [K]``, ``r [K, d]``, ``log_s [K, d]``; ``fit(x0, x1)`` minimizes :func:`lightsb_objective`
     with Adam; ``conditional(x)`` returns the Gaussian-mixture plans pi(y | x) and ``sample(x)``
-    draws y ~ pi(. | x) for each row of x.
+    draws y ~ pi(. | x) for each row of x; ``sample_at_time(x, t)`` a point of the bridge process
+    at time t.
 
     dim: d; n_potentials: K; epsilon: the Wiener prior's volatility (the entropic
     regularization of OT with cost |x - y|^2 / 2); dtype: the parameters' dtype."""
@@ -168,6 +169,22 @@ class LightSB(nn.Module):
         z = torch.randn(n, ns, d, generator=generator, dtype=mu.dtype).to(mu.device)
         y = mu + var.sqrt() * z
         return y[:, 0] if ns == 1 else y
+
+    @torch.no_grad()
+    def sample_at_time(
+        self, x: torch.Tensor, t: float, *, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """A point of the bridge at time t in [0, 1] started at each row of x: y ~ pi(. | x),
+        then the Brownian bridge from x to y with volatility eps,
+        ``x_t = t y + (1 - t) x + sqrt(t (1 - t) eps) z`` (the SB's process given its ends)."""
+        fn = "LightSB.sample_at_time"
+        tv = check.real(fn, "t", t, allow_nan=False)
+        if not 0.0 <= tv <= 1.0:
+            check.fail(fn, f"t must be in [0, 1], got {tv:g}")
+        y = self.sample(x, generator=generator)
+        x = x.to(y.dtype)
+        z = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+        return tv * y + (1 - tv) * x + math.sqrt(tv * (1 - tv) * self.epsilon) * z
 
     def fit(
         self,

@@ -90,6 +90,11 @@ def test_closed_form_parameters_give_the_entropic_ot_conditionals():
     assert y.shape == (3, 20000, 2)
     torch.testing.assert_close(y.mean(1), c.means[:, 0], atol=0.03, rtol=0)
     torch.testing.assert_close(y.var(1), c.variances[:, 0], rtol=0.05, atol=0)
+    # The bridge at time t: mean t E[y | x] + (1 - t) x, variance t^2 Var(y | x) + t (1 - t) eps.
+    xt = m.sample_at_time(x[:1].expand(20000, 2), 0.3, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(xt.mean(0), 0.3 * c.means[0, 0] + 0.7 * x[0], atol=0.03, rtol=0)
+    v = 0.09 * torch.tensor(var) + 0.21 * EPS
+    torch.testing.assert_close(xt.var(0), v, rtol=0.05, atol=0)
     # The objective (exact expectations over large samples) is smallest at the closed form.
     g = torch.Generator().manual_seed(2)
     x0 = torch.tensor(M0) + torch.tensor(A) * torch.randn(
@@ -159,5 +164,7 @@ def test_exposed_in_ot_and_bad_input():
     m = lightsb.LightSB(2)
     with pytest.raises(divkit.Error, match="LightSB.conditional: x must have dimension d = 2"):
         m.conditional(torch.zeros(3, 3))
+    with pytest.raises(divkit.Error, match="LightSB.sample_at_time: t must be in"):
+        m.sample_at_time(z, 1.5)
     with pytest.raises(divkit.Error, match="LightSB.fit: x1 must be"):
         m.fit(z, torch.zeros(3, 1), steps=1)
