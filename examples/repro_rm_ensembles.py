@@ -12,7 +12,8 @@ Setup (fixed seeds):
 3. Best-of-n with n = 1, 2, 4, ..., n_max: the response with the highest proxy score among n
    samples, scored by a single proxy or by an ensemble through ``divkit.rlhf.ensemble_rewards``
    (mean, WCO = worst case, UWO = mean - lambda variance); its gold reward is averaged over many
-   trials (95% confidence intervals). The KL of best-of-n to the sampling policy is the usual
+   trials (95% confidence intervals over the trials; one draw of the pairs and proxies). "single"
+   averages, per trial, the results of each proxy used alone. The KL of best-of-n to the sampling policy is the usual
    ``log n - (n - 1)/n``.
 
 Over-optimisation shows as a gold reward that rises with the KL and then falls while the proxy
@@ -77,18 +78,26 @@ def run(n_max: int, trials: int, n_pairs: int, n_proxies: int, steps: int, seed:
         r = torch.stack([m(z).squeeze(-1) for m in proxies])  # [K, trials, n_max]
     gz = gold(z, u, c)
     scores = {
-        "single": r[0],
+        "single": r[0],  # replaced by the average over the proxies below
         "mean": rlhf.ensemble_rewards(r, "mean"),
         "wco": rlhf.ensemble_rewards(r, "wco"),
         "uwo": rlhf.ensemble_rewards(r, "uwo", uwo_lambda=0.5),
     }
     res: Dict[str, Dict[str, List[float]]] = {}
+    t = torch.arange(trials)
     for name, s in scores.items():
         gm, gci, pm = [], [], []
         for n in ns:
-            i = s[:, :n].argmax(1)
-            chosen_gold = gz[torch.arange(trials), i]
-            chosen_proxy = s[torch.arange(trials), i]
+            if name == "single":
+                # Each proxy alone, averaged over the K proxies per trial: the expected result
+                # of one proxy rather than that of one particular seed.
+                idx = [r[k, :, :n].argmax(1) for k in range(r.shape[0])]
+                chosen_gold = torch.stack([gz[t, i] for i in idx]).mean(0)
+                chosen_proxy = torch.stack([r[k, t, i] for k, i in enumerate(idx)]).mean(0)
+            else:
+                i = s[:, :n].argmax(1)
+                chosen_gold = gz[t, i]
+                chosen_proxy = s[t, i]
             gm.append(float(chosen_gold.mean()))
             gci.append(float(1.96 * chosen_gold.std() / math.sqrt(trials)) if trials > 1 else 0.0)
             pm.append(float(chosen_proxy.mean()))
