@@ -5,6 +5,7 @@
 #include "divkit/distill.h"
 #include "divkit/divergence.h"
 #include "divkit/fused_linear.h"
+#include "divkit/kde.h"
 #include "divkit/ot.h"
 #include "divkit/preference.h"
 #include "divkit/rlhf.h"

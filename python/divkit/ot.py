@@ -585,3 +585,23 @@ def cs_divergence(
     fn = "cs_divergence"
     x, y, a, b = _sample_args(fn, x, y, a, b)
     return _sample_div_apply(x, y, a, b, "cs", "gaussian", check.real(fn, "sigma", sigma))
+
+
+# Sample-based measures built on the OT toolbox, in their own modules: the Gaussian KDE with its
+# KL-optimal bandwidth, the Wasserstein dependency measure and the Light Schrodinger Bridge.
+from .kde import KdeBandwidthResult, kde_bandwidth, kde_log_density, kde_log_likelihood  # noqa: E402
+from .wdm import WassersteinDependency, WDMOutput, wasserstein_dependency, wdm_critic  # noqa: E402
+
+__all__ += [
+    "kde_log_density",
+    "kde_log_likelihood",
+    "kde_bandwidth",
+    "KdeBandwidthResult",
+    "wasserstein_dependency",
+    "WassersteinDependency",
+    "WDMOutput",
+    "wdm_critic",
+]
+from .lightsb import LightSB, LightSBConditional, lightsb_objective  # noqa: E402
+
+__all__ += ["LightSB", "LightSBConditional", "lightsb_objective"]

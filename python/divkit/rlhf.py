@@ -492,3 +492,9 @@ def gradient_entanglement(
         "chosen_rises": inner <= ww,
         "rejected_falls": inner <= ll,
     }
+
+
+# f-DPG (Go et al. 2023) lives in divkit.fdpg; its loss is part of the RLHF toolbox.
+from .fdpg import FDPG_DIVERGENCES, FDPGStats, fdpg_loss  # noqa: E402
+
+__all__ += ["FDPG_DIVERGENCES", "FDPGStats", "fdpg_loss"]

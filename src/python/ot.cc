@@ -12,6 +12,9 @@
 #include "divkit/ot.h"
 
 namespace divkit_py {
+
+void register_kde(nb::module_& m);  // kde.cc
+
 namespace {
 
 using Stats = std::tuple<double, double, double, int64_t, double, bool>;
@@ -155,6 +158,7 @@ void register_ot(nb::module_& m) {
         nb::arg("grad_x").none(), nb::arg("grad_y").none(),
         "which = 'mmd' (squared MMD) or 'cs' (Cauchy-Schwarz divergence); writes the "
         "gradients where given.");
+  register_kde(m);
 }
 
 }  // namespace divkit_py
