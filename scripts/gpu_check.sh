@@ -13,7 +13,8 @@
 #       gpu_bench.md into OUT_DIR (default: $OUT, else gpu-check-out/). About 8 minutes at most.
 #
 # Options for the check: --build-only (configure and build, then stop; used to test the build
-# with the carried dependencies on a machine without a GPU).
+# with the carried dependencies on a machine without a GPU). Environment: PYTHON (default
+# python3), GPU_CHECK_BUILD_TIMEOUT (seconds, default 300).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -152,7 +153,7 @@ check() {
   log "machine: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
   nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
   log "build (log: build.log)"
-  if timeout 300 "$ROOT/scripts/gpu_check.sh" --build-into "$build_dir" >"$out/build.log" 2>&1; then
+  if timeout "${GPU_CHECK_BUILD_TIMEOUT:-300}" "$ROOT/scripts/gpu_check.sh" --build-into "$build_dir" >"$out/build.log" 2>&1; then
     result[build]=ok
   else
     result[build]=failed

@@ -9,6 +9,18 @@ import torch
 
 from divkit import _C
 
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _C.cuda_built():
+        return "divkit was built without CUDA"
+    return ""
+
+
+# No conftest.py here: tests/python's conftest is imported by name ("from conftest import ...").
+pytestmark = pytest.mark.skipif(bool(_skip_reason()), reason=_skip_reason() or "GPU ready")
+
 KINDS = list(_C.kinds())
 PARAMS = {"jsd": {"beta": 0.3}, "alpha_divergence": {"alpha": 0.7}, "renyi": {"alpha": 1.6}}
 
