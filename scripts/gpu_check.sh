@@ -170,8 +170,12 @@ check() {
     :
   else
     log "GPU tests (log: tests.log)"
-    if timeout 180 "$PY" -m pytest "$ROOT/tests/gpu" -q -p no:cacheprovider \
-      --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1; then
+    local runner=("$PY" -m pytest "$ROOT/tests/gpu" -q -p no:cacheprovider
+      --junitxml="$out/tests.xml")
+    # Without pytest on the machine: the stand-in runner of tests/gpu.
+    "$PY" -c "import pytest" 2>/dev/null ||
+      runner=("$PY" "$ROOT/tests/gpu/mini_pytest.py" "$ROOT"/tests/gpu/test_*.py)
+    if timeout 180 "${runner[@]}" >"$out/tests.log" 2>&1; then
       result[tests]=ok
     else
       result[tests]=failed
