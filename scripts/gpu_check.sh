@@ -175,7 +175,7 @@ check() {
     # Without pytest on the machine: the stand-in runner of tests/gpu.
     "$PY" -c "import pytest" 2>/dev/null ||
       runner=("$PY" "$ROOT/tests/gpu/mini_pytest.py" "$ROOT"/tests/gpu/test_*.py)
-    if timeout 180 "${runner[@]}" >"$out/tests.log" 2>&1; then
+    if timeout 150 "${runner[@]}" >"$out/tests.log" 2>&1; then
       result[tests]=ok
     else
       result[tests]=failed
@@ -184,7 +184,7 @@ check() {
     tail -5 "$out/tests.log"
     if command -v compute-sanitizer >/dev/null; then
       log "compute-sanitizer memcheck (log: memcheck.log)"
-      if timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      if timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
         "$PY" "$ROOT/tests/gpu/memcheck_case.py" >"$out/memcheck.log" 2>&1; then
         result[memcheck]=ok
       else
