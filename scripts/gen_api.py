@@ -65,6 +65,9 @@ RUNTIME = [
 # comments keep the full contracts.
 CPP_NOTES = {
     "dtype_size": "Size of one element of `dtype` in bytes.",
+    "cuda_built": "Whether this build has the CUDA kernels (DIVKIT_CUDA).",
+    "cuda_device_count": "How many CUDA devices the CUDA runtime sees (0 when not built, "
+    "without a driver or without a GPU).",
     "divergence_kind_name": 'The name of a divergence kind ("forward_kl", ...).',
     "parse_divergence_kind": "The kind named `name`; throws Error naming `kind` and listing the "
     "valid names.",

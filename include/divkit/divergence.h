@@ -101,6 +101,9 @@ struct DivergenceOptions {
   TensorView weights;  // optional, fp32 or fp64 [N]
   Reduction reduction = Reduction::mean;
   double num_items_in_batch = 0.0;  // > 0: divisor of the summed loss
+  // CUDA views only: the cudaStream_t (as an integer) the kernels run on, in order with the
+  // caller's other work on it; 0 is the default stream.
+  std::uintptr_t stream = 0;
 };
 
 // Outputs, allocated by the caller.

@@ -26,6 +26,15 @@ size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);
 
 enum class Device : int32_t { cpu = 0, cuda = 1 };
+// "cpu" or "cuda".
+const char* device_name(Device device);
+
+// Whether this build has the CUDA kernels (DIVKIT_CUDA), and how many CUDA devices the CUDA
+// runtime sees (0 when not built, without a driver or without a GPU).
+bool cuda_built();
+int cuda_device_count();
+// The name of CUDA device `index` ("NVIDIA H100 80GB HBM3"), "" when it cannot be queried.
+std::string cuda_device_name(int index);
 
 // A non-owning view of a strided tensor of up to kMaxDims dimensions.
 struct TensorView {
@@ -37,6 +46,7 @@ struct TensorView {
   int32_t ndim = 0;
   int64_t shape[kMaxDims] = {};
   int64_t strides[kMaxDims] = {};  // in elements
+  int32_t device_index = 0;        // the CUDA device ordinal (0 for cpu)
 
   // An optional argument is "not given" when its view is default-constructed (ndim == 0).
   bool defined() const { return ndim > 0; }

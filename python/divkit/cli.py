@@ -18,6 +18,11 @@ def _info(args: argparse.Namespace) -> int:
         "active_simd_target": divkit.active_simd_target(),
         "kinds": list(divkit.KINDS),
     }
+    from . import _C
+
+    built = bool(getattr(_C, "cuda_built", lambda: False)())
+    info["cuda_built"] = built
+    info["cuda_devices"] = list(_C.cuda_devices()) if built else []
     try:
         import torch
 
@@ -34,6 +39,11 @@ def _info(args: argparse.Namespace) -> int:
             f"(active: {info['active_simd_target']})"
         )
         print(f"divergence kinds: {', '.join(info['kinds'])}")
+        if not built:
+            print("cuda kernels: not built")
+        else:
+            gpus = ", ".join(f"{i}: {n}" for i, n in enumerate(info["cuda_devices"]))
+            print(f"cuda kernels: built; GPUs: {gpus or 'none visible'}")
         print(f"torch: {info['torch']}")
     return 0
 

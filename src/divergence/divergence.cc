@@ -7,8 +7,10 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/cuda_device.h"
 #include "core/element.h"
 #include "core/reduction.h"
+#include "divergence/divergence_cuda.h"
 #include "divergence/row_job.h"
 #include "divkit/divergence.h"
 #include "divkit/runtime.h"
@@ -94,6 +96,20 @@ void validate_spec(const DivergenceSpec& s) {
 
 void divergence(const TensorView& student, const TensorView& teacher, const DivergenceSpec& spec,
                 const DivergenceOptions& options, const DivergenceOutputs& outputs) {
+  const cuda::Placement where = cuda::placement(kFn, {{"student_logits", &student},
+                                                      {"teacher_logits", &teacher},
+                                                      {"labels", &options.labels},
+                                                      {"weights", &options.weights},
+                                                      {"loss", &outputs.loss},
+                                                      {"grad_student", &outputs.grad_student},
+                                                      {"grad_teacher", &outputs.grad_teacher}});
+  if (where.device == Device::cuda) {
+#if DIVKIT_HAS_CUDA
+    return detail::divergence_cuda(student, teacher, spec, options, outputs);
+#else
+    cuda::not_built(kFn);
+#endif
+  }
   validate_spec(spec);
   detail::check_logit_pair(kFn, student, teacher);
   const int64_t n = student.shape[0], v = student.shape[1];

@@ -28,6 +28,10 @@ namespace nb = nanobind;
 // Inputs are read only (numpy arrays with writeable=False are accepted); outputs are written.
 using InArray = nb::ndarray<nb::ro, nb::device::cpu>;
 using OutArray = nb::ndarray<nb::device::cpu>;
+// The arrays of the functions that also run on CUDA devices (divergence): any device; to_view
+// records it and the core dispatches on it (or raises Error naming the argument).
+using AnyInArray = nb::ndarray<nb::ro>;
+using AnyOutArray = nb::ndarray<>;
 
 [[noreturn]] inline void fail(const std::string& msg) { throw divkit::Error(msg); }
 
@@ -70,7 +74,16 @@ divkit::TensorView to_view(const char* fn, const char* name, const Array& a) {
   }
   v.data = const_cast<void*>(static_cast<const void*>(a.data()));
   v.dtype = to_dtype(fn, name, a.dtype());
-  v.device = divkit::Device::cpu;
+  const int32_t device_type = a.device_type();
+  if (device_type == nb::device::cpu::value) {
+    v.device = divkit::Device::cpu;
+  } else if (device_type == nb::device::cuda::value) {
+    v.device = divkit::Device::cuda;
+    v.device_index = a.device_id();
+  } else {
+    fail(std::string(fn) + ": " + name + " is on DLPack device type " +
+         std::to_string(device_type) + "; divkit's kernels run on the CPU and on CUDA devices");
+  }
   if (ndim == 0) {
     v.ndim = 1;
     v.shape[0] = 1;
@@ -138,6 +151,9 @@ struct DivergenceArgs {
   int64_t ignore_index = -100;
   std::string reduction = "mean";
   double num_items_in_batch = 0.0;
+  // A cudaStream_t as an integer (torch.cuda.current_stream(device).cuda_stream) for CUDA
+  // tensors; 0 is the default stream. Ignored for CPU tensors.
+  uint64_t stream = 0;
 
   divkit::DivergenceSpec spec() const {
     return make_spec(kind, beta, alpha, temperature, scale_by_t_squared);
@@ -152,6 +168,7 @@ struct DivergenceArgs {
     o.weights = optional_view(fn, "weights", weights);
     o.reduction = divkit::parse_reduction(reduction);
     o.num_items_in_batch = num_items_in_batch;
+    o.stream = static_cast<std::uintptr_t>(stream);
     return o;
   }
 };

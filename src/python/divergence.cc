@@ -12,10 +12,11 @@
 namespace divkit_py {
 namespace {
 
-void divergence(const InArray& student, const InArray& teacher, const OutArray& loss,
-                const std::optional<OutArray>& grad_student,
-                const std::optional<OutArray>& grad_teacher, const std::optional<InArray>& labels,
-                const std::optional<InArray>& weights, const DivergenceArgs& args) {
+template <typename In, typename Out>
+void divergence_impl(const In& student, const In& teacher, const Out& loss,
+                     const std::optional<Out>& grad_student, const std::optional<Out>& grad_teacher,
+                     const std::optional<In>& labels, const std::optional<In>& weights,
+                     const DivergenceArgs& args) {
   constexpr const char* fn = "divergence";
   const divkit::DivergenceSpec spec = args.spec();
   const divkit::DivergenceOptions options = args.options(fn, labels, weights);
@@ -32,6 +33,15 @@ void divergence(const InArray& student, const InArray& teacher, const OutArray& 
   divkit::divergence(s, t, spec, options, outputs);
 }
 
+// The DivergenceArgs form: tensors on the CPU or on one CUDA device (args.stream).
+void divergence(const AnyInArray& student, const AnyInArray& teacher, const AnyOutArray& loss,
+                const std::optional<AnyOutArray>& grad_student,
+                const std::optional<AnyOutArray>& grad_teacher,
+                const std::optional<AnyInArray>& labels, const std::optional<AnyInArray>& weights,
+                const DivergenceArgs& args) {
+  divergence_impl(student, teacher, loss, grad_student, grad_teacher, labels, weights, args);
+}
+
 // The positional form (every scalar its own parameter), kept for callers of the old signature.
 void divergence_positional(const InArray& student, const InArray& teacher, const OutArray& loss,
                            const std::optional<OutArray>& grad_student,
@@ -40,9 +50,9 @@ void divergence_positional(const InArray& student, const InArray& teacher, const
                            const std::optional<InArray>& labels, int64_t ignore_index,
                            const std::optional<InArray>& weights, const std::string& reduction,
                            double num_items_in_batch) {
-  divergence(student, teacher, loss, grad_student, grad_teacher, labels, weights,
-             DivergenceArgs{kind, beta, alpha, temperature, scale_by_t_squared, ignore_index,
-                            reduction, num_items_in_batch});
+  divergence_impl(student, teacher, loss, grad_student, grad_teacher, labels, weights,
+                  DivergenceArgs{kind, beta, alpha, temperature, scale_by_t_squared, ignore_index,
+                                 reduction, num_items_in_batch});
 }
 
 void validate_spec(const std::string& kind, double beta, double alpha, double temperature,
@@ -74,7 +84,7 @@ void register_divergence(nb::module_& m) {
           "__init__",
           [](DivergenceArgs* self, std::string kind, double beta, double alpha, double temperature,
              bool scale_by_t_squared, int64_t ignore_index, std::string reduction,
-             double num_items_in_batch) {
+             double num_items_in_batch, uint64_t stream) {
             new (self) DivergenceArgs{std::move(kind),
                                       beta,
                                       alpha,
@@ -82,12 +92,13 @@ void register_divergence(nb::module_& m) {
                                       scale_by_t_squared,
                                       ignore_index,
                                       std::move(reduction),
-                                      num_items_in_batch};
+                                      num_items_in_batch,
+                                      stream};
           },
           nb::kw_only(), nb::arg("kind") = "forward_kl", nb::arg("beta") = 0.5,
           nb::arg("alpha") = 0.1, nb::arg("temperature") = 1.0,
           nb::arg("scale_by_t_squared") = false, nb::arg("ignore_index") = -100,
-          nb::arg("reduction") = "mean", nb::arg("num_items_in_batch") = 0.0)
+          nb::arg("reduction") = "mean", nb::arg("num_items_in_batch") = 0.0, nb::arg("stream") = 0)
       .def_rw("kind", &DivergenceArgs::kind)
       .def_rw("beta", &DivergenceArgs::beta)
       .def_rw("alpha", &DivergenceArgs::alpha)
@@ -95,7 +106,8 @@ void register_divergence(nb::module_& m) {
       .def_rw("scale_by_t_squared", &DivergenceArgs::scale_by_t_squared)
       .def_rw("ignore_index", &DivergenceArgs::ignore_index)
       .def_rw("reduction", &DivergenceArgs::reduction)
-      .def_rw("num_items_in_batch", &DivergenceArgs::num_items_in_batch);
+      .def_rw("num_items_in_batch", &DivergenceArgs::num_items_in_batch)
+      .def_rw("stream", &DivergenceArgs::stream);
 
   m.def("divergence", &divergence, nb::arg("student"), nb::arg("teacher"), nb::arg("loss"),
         nb::arg("grad_student").none(), nb::arg("grad_teacher").none(), nb::arg("labels").none(),

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "bindings.h"
 #include "divkit/divergence.h"
@@ -33,6 +34,22 @@ NB_MODULE(_C, m) {
         "Restrict dispatch to one SIMD target; '' restores the automatic choice.");
   m.def("active_simd_target", &divkit::active_simd_target);
   m.def("version", &divkit::version);
+  m.def("cuda_built", &divkit::cuda_built, "Whether this build has the CUDA kernels.");
+  m.def("cuda_device_count", &divkit::cuda_device_count,
+        "CUDA devices the CUDA runtime sees (0 when not built, without a driver or a GPU).");
+  m.def(
+      "cuda_devices",
+      [] {
+        std::vector<std::string> names;
+        for (int i = 0; i < divkit::cuda_device_count(); ++i)
+          names.push_back(divkit::cuda_device_name(i));
+        return names;
+      },
+      "The names of the CUDA devices the kernels see, by index.");
+  m.def(
+      "cuda_ops", [] { return std::vector<std::string>{"divergence"}; },
+      "The _C functions that run CUDA tensors on the GPU in a CUDA build (the others take CPU "
+      "tensors only).");
 
   // The families, one binding file each (declared in bindings.h).
   divkit_py::register_divergence(m);

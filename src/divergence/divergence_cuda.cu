@@ -1,0 +1,564 @@
+// The CUDA row kernels of the token-level divergences: the same definitions as the CPU
+// (divergence_defs.h, through divergences_scalar.h), one thread block per row.
+//
+// Per row (block of kThreads threads, each owning the columns j = tid, tid + kThreads, ...):
+//   sweep 1  read student and teacher logits (any float dtype) once: per-thread online max and
+//            sum of exp((x - max) / T) in fp64, NaN/+inf detection; combined across the block
+//            in a fixed order -> log-sum-exp of both rows;
+//   sweep 2  the divergence terms and the gradient factors u, v summed (fp64, fixed order);
+//   sweep 3  the gradients (u - q sum u) / T * scale, recomputing u and v from the logits
+//            (forward KL and cross-entropy need no sum u: sweeps 2 and 3 are one).
+// Renyi (a log of a sum) sums its terms, then exp(log w - max log w), then writes gradients.
+// No float atomics: every sum has one order, so two runs give the same bits. Bad rows are
+// reported through integer atomicMin on device flags (order-free), read after the kernels.
+// The reduction over rows runs in one block, in a fixed order, in fp64.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "core/check.h"
+#include "core/cuda_device.h"
+#include "core/reduction.h"
+#include "divergence/divergence_cuda.h"
+#include "divergence/divergences_scalar.h"
+#include "divergence/row_job.h"
+
+namespace divkit::detail {
+namespace {
+
+constexpr const char* kFn = "divergence";
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned long long kNone = ~0ull;
+// bad[]: first row with NaN/+inf student logits, student row without mass, the same for the
+// teacher, first index of a non-finite weight.
+constexpr int kBadSlots = 5;
+
+using scalar::Entry;
+namespace hn = scalar_ops;
+
+struct DevIn {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t row_stride = 0;
+};
+struct DevOut {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t row_stride = 0;
+};
+
+struct Params {
+  DevIn s, t;
+  DevOut gs, gt;  // data == nullptr: not asked
+  int64_t n = 0, v = 0;
+  const void* labels = nullptr;
+  DType labels_dtype = DType::i64;
+  int64_t labels_stride = 1;
+  int64_t ignore_index = -100;
+  const void* weights = nullptr;
+  DType weights_dtype = DType::f32;
+  int64_t weights_stride = 1;
+  float temperature = 1.0f, inv_t = 1.0f;
+  double t2 = 1.0;  // T^2 when scale_by_t_squared, else 1
+  int reduction = 0;
+  double num_items = 0.0;
+  double* divisor = nullptr;   // [1], written by the prep kernel
+  double* row_loss = nullptr;  // [n]
+  unsigned long long* bad = nullptr;
+  bool check_only = false;
+  bool skip_if_bad = false;  // in place: write nothing once a bad row was found
+};
+
+__device__ inline float load(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::f32: return static_cast<const float*>(base)[i];
+    case DType::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::f16: return __half2float(static_cast<const __half*>(base)[i]);
+    case DType::f64: return static_cast<float>(static_cast<const double*>(base)[i]);
+    default: return 0.0f;
+  }
+}
+
+__device__ inline void store(void* base, DType dt, int64_t i, float x) {
+  switch (dt) {
+    case DType::f32: static_cast<float*>(base)[i] = x; break;
+    case DType::bf16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x); break;
+    case DType::f16: static_cast<__half*>(base)[i] = __float2half_rn(x); break;
+    case DType::f64: static_cast<double*>(base)[i] = x; break;
+    default: break;
+  }
+}
+
+__device__ inline bool row_active(const Params& p, int64_t i) {
+  if (p.labels == nullptr) return true;
+  const int64_t k = i * p.labels_stride;
+  const int64_t label = p.labels_dtype == DType::i32 ? static_cast<const int32_t*>(p.labels)[k]
+                                                     : static_cast<const int64_t*>(p.labels)[k];
+  return label != p.ignore_index;
+}
+
+__device__ inline double row_weight(const Params& p, int64_t i) {
+  if (p.weights == nullptr) return 1.0;
+  const int64_t k = i * p.weights_stride;
+  return p.weights_dtype == DType::f64
+             ? static_cast<const double*>(p.weights)[k]
+             : static_cast<double>(static_cast<const float*>(p.weights)[k]);
+}
+
+// Block-wide reductions in a fixed order: a butterfly within each warp (every lane ends with the
+// same bits: a + b == b + a), then the warps' results in warp order. Every thread gets the result.
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return a > b ? a : b; }
+};
+struct OrOp {
+  __device__ int operator()(int a, int b) const { return a | b; }
+};
+
+template <class T, class Op>
+__device__ T block_reduce(T x, Op op, T* smem) {
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // smem may still be read by a previous reduction
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  T r = smem[0];
+  for (int w = 1; w < kWarps; ++w) r = op(r, smem[w]);
+  return r;
+}
+
+struct Shared {
+  double d[kWarps];
+  float f[kWarps];
+  int i[kWarps];
+};
+
+struct RowSoftmax {
+  float max;
+  double log_sum;
+  bool non_finite;
+};
+
+// Sweep 1 for one input row: online max and sum of exp((x - max) / T), combined over the block.
+__device__ RowSoftmax softmax_stats(const DevIn& in, int64_t row, int64_t v, float inv_t,
+                                    Shared& sh) {
+  float m = -kInfinityF;
+  double sum = 0.0;
+  int bad = 0;
+  const char* base = static_cast<const char*>(in.data);
+  const int64_t offset = row * in.row_stride;
+  for (int64_t j = threadIdx.x; j < v; j += kThreads) {
+    const float x = load(base, in.dtype, offset + j);
+    if (x != x || x == kInfinityF) {
+      bad = 1;
+    } else if (x > m) {
+      sum = (m == -kInfinityF ? 0.0 : sum * exp((static_cast<double>(m) - x) * inv_t)) + 1.0;
+      m = x;
+    } else if (x != -kInfinityF) {
+      sum += static_cast<double>(expf((x - m) * inv_t));
+    }
+  }
+  const int any_bad = block_reduce(bad, OrOp{}, sh.i);
+  const float row_max = block_reduce(m, MaxOp{}, sh.f);
+  const double mine =
+      (m == -kInfinityF) ? 0.0 : sum * exp((static_cast<double>(m) - row_max) * inv_t);
+  const double total = block_reduce(mine, SumOp{}, sh.d);
+  return {row_max, log(total), any_bad != 0};
+}
+
+struct Norm {
+  float max_s, max_t, log_sum_s, log_sum_t, inv_zs, inv_zt, inv_t, log_sum_diff;
+};
+
+// p, q, their logs and log(p / q) at column j, as divergence_kernels.cc's LoadEntry.
+// es and et receive the unnormalized exp((x - max) / T).
+__device__ inline Entry<float> entry_at(const Params& p, const Norm& n, int64_t row, int64_t j,
+                                        float* es = nullptr, float* et = nullptr) {
+  const float xs = load(p.s.data, p.s.dtype, row * p.s.row_stride + j);
+  const float xt = load(p.t.data, p.t.dtype, row * p.t.row_stride + j);
+  const float cs = xs - n.max_s, ct = xt - n.max_t;
+  Entry<float> e;
+  const float exp_s = expf(cs * n.inv_t), exp_t = expf(ct * n.inv_t);
+  if (es != nullptr) *es = exp_s;
+  if (et != nullptr) *et = exp_t;
+  e.q = exp_s * n.inv_zs;
+  e.p = exp_t * n.inv_zt;
+  e.lq = fmaf(cs, n.inv_t, -n.log_sum_s);
+  e.lp = fmaf(ct, n.inv_t, -n.log_sum_t);
+  e.lr = fmaf(ct - cs, n.inv_t, -n.log_sum_diff);
+  return e;
+}
+
+__device__ inline void zero_row(const DevOut& out, int64_t row, int64_t v) {
+  if (out.data == nullptr) return;
+  for (int64_t j = threadIdx.x; j < v; j += kThreads)
+    store(out.data, out.dtype, row * out.row_stride + j, 0.0f);
+}
+
+__device__ inline bool any_bad(const Params& p) {
+  for (int k = 0; k < kBadSlots; ++k)
+    if (p.bad[k] != kNone) return true;
+  return false;
+}
+
+// log w of the Renyi sum, with PowerMean's masked-q conventions (divergence_kernels.cc).
+__device__ inline float renyi_log_w(const scalar::Renyi& div, const Entry<float>& e) {
+  const bool masked_q = e.lq == -kInfinityF;
+  if (masked_q) return (div.alpha > 1.0f && e.p > 0.0f) ? kInfinityF : -kInfinityF;
+  return fmaf(div.alpha, e.lr, e.lq);
+}
+
+template <class Div>
+__device__ double sum_row(const Div& div, const Params& p, const Norm& n, int64_t row, double scale,
+                          Shared& sh) {
+  const hn::Lane d;
+  const bool want_t = p.gt.data != nullptr;
+  double g = 0.0, su = 0.0, sv = 0.0;
+  for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
+    const Entry<float> e = entry_at(p, n, row, j);
+    float u;
+    g += div.term(d, e, u);
+    if constexpr (!Div::kStudentFactorIsMinusP) su += u;
+    if (want_t) sv += div.teacher(d, e);
+  }
+  const double value = block_reduce(g, SumOp{}, sh.d);
+  const double sum_u = Div::kStudentFactorIsMinusP ? -1.0 : block_reduce(su, SumOp{}, sh.d);
+  const double sum_v = want_t ? block_reduce(sv, SumOp{}, sh.d) : 0.0;
+  constexpr double kMax = 3.4028234663852886e38;  // FLT_MAX
+  if (!(fabs(value) <= kMax) || (p.gs.data == nullptr && !want_t)) return value;
+  if (!(fabs(sum_u) <= kMax) || !(fabs(sum_v) <= kMax)) return nan("");
+  const float k = static_cast<float>(scale);
+  const float qsum = n.inv_zs * static_cast<float>(sum_u);
+  const float psum = n.inv_zt * static_cast<float>(sum_v);
+  for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
+    float es, et;
+    const Entry<float> e = entry_at(p, n, row, j, &es, &et);
+    float gs = 0.0f, gt = 0.0f;
+    if (p.gs.data != nullptr) {
+      if constexpr (Div::kStudentFactorIsMinusP) {
+        gs = fmaf(es, k * n.inv_zs, -(et * (k * n.inv_zt)));
+      } else {
+        float u;
+        (void)div.term(d, e, u);
+        gs = k * fmaf(-es, qsum, u);
+      }
+    }
+    if (want_t) gt = k * fmaf(-et, psum, div.teacher(d, e));
+    // Both gradients are computed before either is stored: in place, the logits at j are read
+    // first.
+    if (p.gs.data != nullptr) store(p.gs.data, p.gs.dtype, row * p.gs.row_stride + j, gs);
+    if (want_t) store(p.gt.data, p.gt.dtype, row * p.gt.row_stride + j, gt);
+  }
+  return value;
+}
+
+__device__ double renyi_row(const scalar::Renyi& div, const Params& p, const Norm& n, int64_t row,
+                            double scale, Shared& sh) {
+  const hn::Lane d;
+  double s1 = 0.0;
+  float amax = -kInfinityF;
+  for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
+    const Entry<float> e = entry_at(p, n, row, j);
+    s1 += div.term(d, e);
+    amax = fmaxf(amax, renyi_log_w(div, e));
+  }
+  const double sum_s1 = block_reduce(s1, SumOp{}, sh.d);
+  const float row_amax = block_reduce(amax, MaxOp{}, sh.f);
+  if (!(row_amax < kInfinityF) || row_amax == -kInfinityF) return kInfinityF;
+  double w = 0.0;
+  for (int64_t j = threadIdx.x; j < p.v; j += kThreads)
+    w += expf(renyi_log_w(div, entry_at(p, n, row, j)) - row_amax);
+  const double sum_w = block_reduce(w, SumOp{}, sh.d);
+  const bool near_zero = fabs(sum_s1) < 0.5;
+  const double log_rel = log(sum_w);
+  const double log_sum_w = near_zero ? log1p(sum_s1) : row_amax + log_rel;
+  const double value = log_sum_w / (static_cast<double>(div.alpha) - 1.0);
+  const bool want_t = p.gt.data != nullptr;
+  if (!(fabs(value) <= 3.4028234663852886e38) || (p.gs.data == nullptr && !want_t)) return value;
+  const float vl = static_cast<float>(log_sum_w), vrel = static_cast<float>(log_rel);
+  auto w_hat_minus = [&](const Entry<float>& e, float base, float c) {
+    const float softmax = scalar::ExpOrInf(d, renyi_log_w(div, e) - row_amax - vrel) - base;
+    if (!near_zero) return softmax;
+    const float x = fmaf(c, e.lr, -vl);
+    const bool stable = base > 0.0f && fabsf(x) < 60.0f;
+    return stable ? base * scalar::Expm1OrInf(d, x) : softmax;
+  };
+  const float ks = static_cast<float>(-scale);
+  const float kt = static_cast<float>(scale * div.alpha / (div.alpha - 1.0));
+  for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
+    const Entry<float> e = entry_at(p, n, row, j);
+    const float gs = p.gs.data != nullptr ? ks * w_hat_minus(e, e.q, div.alpha) : 0.0f;
+    const float gt = want_t ? kt * w_hat_minus(e, e.p, div.alpha - 1.0f) : 0.0f;
+    if (p.gs.data != nullptr) store(p.gs.data, p.gs.dtype, row * p.gs.row_stride + j, gs);
+    if (want_t) store(p.gt.data, p.gt.dtype, row * p.gt.row_stride + j, gt);
+  }
+  return value;
+}
+
+template <class Div>
+__global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
+  __shared__ Shared sh;
+  const int64_t row = blockIdx.x;
+  if (row >= p.n) return;
+  if (p.skip_if_bad && any_bad(p)) return;
+  if (!row_active(p, row)) {
+    if (!p.check_only) {
+      if (threadIdx.x == 0) p.row_loss[row] = 0.0;
+      zero_row(p.gs, row, p.v);
+      zero_row(p.gt, row, p.v);
+    }
+    return;
+  }
+  const RowSoftmax ls = softmax_stats(p.s, row, p.v, p.inv_t, sh);
+  const RowSoftmax lt = softmax_stats(p.t, row, p.v, p.inv_t, sh);
+  bool skip = false;
+  if (threadIdx.x == 0) {
+    if (ls.non_finite) atomicMin(&p.bad[0], static_cast<unsigned long long>(row));
+    else if (ls.max == -kInfinityF) atomicMin(&p.bad[1], static_cast<unsigned long long>(row));
+    if (lt.non_finite) atomicMin(&p.bad[2], static_cast<unsigned long long>(row));
+    else if (lt.max == -kInfinityF) atomicMin(&p.bad[3], static_cast<unsigned long long>(row));
+  }
+  skip = ls.non_finite || lt.non_finite || ls.max == -kInfinityF || lt.max == -kInfinityF;
+  if (skip || p.check_only) return;
+  Norm n;
+  n.max_s = ls.max;
+  n.max_t = lt.max;
+  n.log_sum_s = static_cast<float>(ls.log_sum);
+  n.log_sum_t = static_cast<float>(lt.log_sum);
+  n.inv_zs = static_cast<float>(exp(-ls.log_sum));
+  n.inv_zt = static_cast<float>(exp(-lt.log_sum));
+  n.inv_t = p.inv_t;
+  n.log_sum_diff = static_cast<float>(lt.log_sum - ls.log_sum);
+  const double scale = p.t2 * (row_weight(p, row) / *p.divisor) / p.temperature;
+  double value;
+  if constexpr (std::is_same_v<Div, scalar::Renyi>) value = renyi_row(div, p, n, row, scale, sh);
+  else value = sum_row(div, p, n, row, scale, sh);
+  // As on the CPU: an infinite (or beyond-fp32) row value gives loss +inf and no gradient.
+  if (isnan(value) || !(fabs(value) <= 3.4028234663852886e38)) {
+    value = static_cast<double>(kInfinityF);
+    __syncthreads();  // every thread's stores of the row are done before they are zeroed
+    zero_row(p.gs, row, p.v);
+    zero_row(p.gt, row, p.v);
+  }
+  if (threadIdx.x == 0) p.row_loss[row] = value;
+}
+
+// The divisor of the reduced loss (core/reduction.h's rule) from the labels on the device, and
+// the finite check of the weights. One block: the count is an integer sum (order-free).
+__global__ void __launch_bounds__(kThreads) prep_kernel(Params p) {
+  __shared__ Shared sh;
+  double count = 0.0;
+  for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
+    count += row_active(p, i) ? 1.0 : 0.0;
+    if (p.weights != nullptr && !isfinite(row_weight(p, i)))
+      atomicMin(&p.bad[4], static_cast<unsigned long long>(i));
+  }
+  const double total = block_reduce(count, SumOp{}, sh.d);  // exact: integers below 2^53
+  if (threadIdx.x != 0) return;
+  double divisor = 1.0;
+  if (p.num_items > 0.0) divisor = p.num_items;
+  else if (p.reduction == static_cast<int>(Reduction::mean)) divisor = total > 0 ? total : 1.0;
+  else if (p.reduction == static_cast<int>(Reduction::batchmean))
+    divisor = p.n > 0 ? static_cast<double>(p.n) : 1.0;
+  *p.divisor = divisor;
+}
+
+// The loss from the rows' values: per token for none, else the weighted sum over rows in fp64,
+// each thread's strided partial sum then the block's fixed-order combination.
+__global__ void __launch_bounds__(kThreads)
+    finish_kernel(Params p, void* loss, DType loss_dtype, int64_t loss_stride) {
+  __shared__ Shared sh;
+  auto put = [&](int64_t i, double x) {
+    if (loss_dtype == DType::f64) static_cast<double*>(loss)[i * loss_stride] = x;
+    else static_cast<float*>(loss)[i * loss_stride] = static_cast<float>(x);
+  };
+  if (p.reduction == static_cast<int>(Reduction::none)) {
+    for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
+      const double w = row_weight(p, i);
+      put(i, row_active(p, i) && w != 0.0 ? p.row_loss[i] * w * p.t2 : 0.0);
+    }
+    return;
+  }
+  double total = 0.0;
+  for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
+    const double w = row_weight(p, i);
+    if (row_active(p, i) && w != 0.0) total += p.row_loss[i] * w;
+  }
+  total = block_reduce(total, SumOp{}, sh.d);
+  if (threadIdx.x == 0) put(0, total * p.t2 / *p.divisor);
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw Error(std::string(kFn) + ": CUDA error in " + what + ": " + cudaGetErrorString(err));
+}
+
+template <class Div>
+void launch_rows(const Div& div, const Params& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  rows_kernel<Div><<<static_cast<unsigned>(p.n), kThreads, 0, stream>>>(div, p);
+  check_cuda(cudaGetLastError(), "the row kernel launch");
+}
+
+void launch_rows_of(const DivergenceSpec& spec, const Params& p, cudaStream_t stream) {
+  using K = DivergenceKind;
+  switch (spec.kind) {
+    case K::forward_kl: return launch_rows(scalar::ForwardKL(spec), p, stream);
+    case K::reverse_kl: return launch_rows(scalar::ReverseKL(spec), p, stream);
+    case K::jsd: return launch_rows(scalar::GeneralizedJSD(spec), p, stream);
+    case K::skew_forward_kl: return launch_rows(scalar::SkewForwardKL(spec), p, stream);
+    case K::skew_reverse_kl: return launch_rows(scalar::SkewReverseKL(spec), p, stream);
+    case K::tvd: return launch_rows(scalar::TotalVariation(spec), p, stream);
+    case K::hellinger: return launch_rows(scalar::Hellinger(spec), p, stream);
+    case K::jeffreys: return launch_rows(scalar::Jeffreys(spec), p, stream);
+    case K::chi2: return launch_rows(scalar::ChiSquared(spec), p, stream);
+    case K::alpha_divergence: return launch_rows(scalar::AlphaDivergence(spec), p, stream);
+    case K::renyi: return launch_rows(scalar::Renyi(spec), p, stream);
+    case K::cross_entropy: return launch_rows(scalar::CrossEntropy(spec), p, stream);
+  }
+}
+
+// Restores the caller's current device on the way out.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// A gradient output may be its input's own buffer (in place) but must not partly overlap it.
+bool gradient_output(const char* name, const TensorView& grad, const char* input_name,
+                     const TensorView& input) {
+  check::float_matrix(kFn, name, cuda::shape_only(grad), /*is_output=*/true);
+  if (grad.shape[0] != input.shape[0] || grad.shape[1] != input.shape[1])
+    check::fail(kFn, std::string(name) + " must have the shape of " + input_name + " " +
+                         check::shape_string(input) + ", got " + check::shape_string(grad));
+  if (!check::ranges_overlap(grad, input)) return false;
+  if (grad.data == input.data && grad.dtype == input.dtype &&
+      (grad.shape[0] <= 1 || grad.strides[0] == input.strides[0]))
+    return true;
+  check::fail(kFn, std::string(name) + " overlaps " + input_name +
+                       " without being the same buffer (same data, dtype and strides)");
+}
+
+}  // namespace
+
+void divergence_cuda(const TensorView& student, const TensorView& teacher,
+                     const DivergenceSpec& spec, const DivergenceOptions& options,
+                     const DivergenceOutputs& outputs) {
+  validate_spec(spec);
+  check_logit_pair(kFn, cuda::shape_only(student), cuda::shape_only(teacher));
+  const int64_t n = student.shape[0], v = student.shape[1];
+  if (options.labels.defined())
+    check::vector_of(kFn, "labels", cuda::shape_only(options.labels), n, {DType::i64, DType::i32});
+  if (options.weights.defined())
+    check::vector_of(kFn, "weights", cuda::shape_only(options.weights), n,
+                     {DType::f32, DType::f64});
+  (void)reduce::divisor(kFn, options.reduction, options.num_items_in_batch, n, n);  // checks
+  reduce::check_loss_output(kFn, cuda::shape_only(outputs.loss), options.reduction, n);
+
+  Params p;
+  const DivergenceSpec s = resolve_divergence_limits(spec);
+  p.s = {student.data, student.dtype, student.strides[0]};
+  p.t = {teacher.data, teacher.dtype, teacher.strides[0]};
+  p.n = n;
+  p.v = v;
+  bool in_place = false;
+  if (outputs.grad_student.defined()) {
+    in_place |= gradient_output("grad_student", outputs.grad_student, "student_logits", student);
+    if (check::ranges_overlap(outputs.grad_student, teacher))
+      check::fail(kFn, "grad_student overlaps teacher_logits");
+    p.gs = {outputs.grad_student.data, outputs.grad_student.dtype, outputs.grad_student.strides[0]};
+  }
+  if (outputs.grad_teacher.defined()) {
+    in_place |= gradient_output("grad_teacher", outputs.grad_teacher, "teacher_logits", teacher);
+    if (check::ranges_overlap(outputs.grad_teacher, student))
+      check::fail(kFn, "grad_teacher overlaps student_logits");
+    if (outputs.grad_student.defined() &&
+        check::ranges_overlap(outputs.grad_teacher, outputs.grad_student))
+      check::fail(kFn, "grad_teacher overlaps grad_student");
+    p.gt = {outputs.grad_teacher.data, outputs.grad_teacher.dtype, outputs.grad_teacher.strides[0]};
+  }
+  if (options.labels.defined()) {
+    p.labels = options.labels.data;
+    p.labels_dtype = options.labels.dtype;
+    p.labels_stride = options.labels.strides[0];
+  }
+  p.ignore_index = options.ignore_index;
+  if (options.weights.defined()) {
+    p.weights = options.weights.data;
+    p.weights_dtype = options.weights.dtype;
+    p.weights_stride = options.weights.strides[0];
+  }
+  p.temperature = s.temperature;
+  p.inv_t = 1.0f / s.temperature;
+  p.t2 = s.scale_by_t_squared ? double(s.temperature) * s.temperature : 1.0;
+  p.reduction = static_cast<int>(options.reduction);
+  p.num_items = options.num_items_in_batch;
+
+  DeviceGuard guard(student.device_index);
+  const auto stream = reinterpret_cast<cudaStream_t>(options.stream);
+  // Workspace: the divisor, the bad-row flags, the row values.
+  const size_t bytes = sizeof(double) + kBadSlots * sizeof(unsigned long long) +
+                       static_cast<size_t>(n) * sizeof(double);
+  void* ws = nullptr;
+  check_cuda(cudaMallocAsync(&ws, bytes, stream), "cudaMallocAsync");
+  p.divisor = static_cast<double*>(ws);
+  p.bad = reinterpret_cast<unsigned long long*>(p.divisor + 1);
+  p.row_loss = reinterpret_cast<double*>(p.bad + kBadSlots);
+  unsigned long long bad[kBadSlots];
+  try {
+    check_cuda(cudaMemsetAsync(p.bad, 0xFF, kBadSlots * sizeof(unsigned long long), stream),
+               "cudaMemsetAsync");
+    check_cuda(cudaMemsetAsync(p.row_loss, 0, static_cast<size_t>(n) * sizeof(double), stream),
+               "cudaMemsetAsync");
+    prep_kernel<<<1, kThreads, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "the prep kernel launch");
+    if (in_place) {
+      // A bad row found midway would leave earlier rows overwritten: check every row first;
+      // the row kernel then writes nothing when one was found.
+      Params probe = p;
+      probe.check_only = true;
+      launch_rows_of(s, probe, stream);
+      p.skip_if_bad = true;
+    }
+    launch_rows_of(s, p, stream);
+    finish_kernel<<<1, kThreads, 0, stream>>>(p, outputs.loss.data, outputs.loss.dtype,
+                                              outputs.loss.ndim ? outputs.loss.strides[0] : 0);
+    check_cuda(cudaGetLastError(), "the finish kernel launch");
+    check_cuda(cudaMemcpyAsync(bad, p.bad, sizeof(bad), cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync");
+    check_cuda(cudaFreeAsync(ws, stream), "cudaFreeAsync");
+    ws = nullptr;
+    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  } catch (...) {
+    if (ws != nullptr) cudaFreeAsync(ws, stream);
+    throw;
+  }
+  if (bad[4] != kNone)
+    check::fail(kFn, "weights must be finite, got a non-finite value at index " +
+                         std::to_string(bad[4]));
+  auto report = [&](const char* name, unsigned long long nan_row, unsigned long long mass_row) {
+    BadRow b;
+    if (nan_row != kNone) b.row = static_cast<int64_t>(nan_row);
+    else if (mass_row != kNone) b = {static_cast<int64_t>(mass_row), true};
+    throw_bad_row(kFn, name, b);
+  };
+  report("student_logits", bad[0], bad[1]);
+  report("teacher_logits", bad[2], bad[3]);
+}
+
+}  // namespace divkit::detail

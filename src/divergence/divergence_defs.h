@@ -1,0 +1,345 @@
+// The per-entry definitions of the token-level divergences: the one place each is written.
+// No include guard: included inside a namespace that provides `hn` (Highway's ops, or the scalar
+// ops of scalar_ops.h with the same names) and the macro DIVKIT_INLINE, by divergences-inl.h (the
+// SIMD CPU kernels, once per target) and by divergences_scalar.h (the CUDA kernels and the host
+// tests of the scalar form). See divergences-inl.h for the contract of each struct.
+// NOLINT(build/header_guard)
+
+template <class V>
+struct Entry {
+  V p, q, lp, lq;
+  // log p - log q, computed as (t - s) / T - (lse_t - lse_s): its error is that of the logit
+  // difference, not of the (larger) log-probabilities. Used wherever the ratio p / q matters.
+  V lr;
+};
+
+// x * y with the convention 0 * (anything) = 0 (0 log 0 = 0 and masked entries).
+template <class D, class V>
+DIVKIT_INLINE V XTimes(D d, V x, V y) {
+  return hn::IfThenZeroElse(hn::Eq(x, hn::Zero(d)), hn::Mul(x, y));
+}
+// x * (a - b), same convention.
+template <class D, class V>
+DIVKIT_INLINE V XLogRatio(D d, V x, V a, V b) {
+  return XTimes(d, x, hn::Sub(a, b));
+}
+
+// Base of the divergences whose row value is the plain sum of their terms (all but Renyi).
+struct SumFinish {
+  // True when u = -p exactly (so sum u = -1): the kernel then skips storing u and writes the
+  // student gradient as (q - p) / T directly (forward KL and cross-entropy).
+  static constexpr bool kStudentFactorIsMinusP = false;
+};
+
+// KL(p || q) = sum p (lp - lq).  u = -p,  v = p (lp - lq) + p.
+struct ForwardKL : SumFinish {
+  static constexpr bool kStudentFactorIsMinusP = true;
+  DIVKIT_HD explicit ForwardKL(const DivergenceSpec&) {}
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    u = hn::Neg(e.p);
+    return XTimes(d, e.p, e.lr);
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Add(XTimes(d, e.p, e.lr), e.p);
+  }
+};
+
+// KL(q || p) = sum q (lq - lp).  u = q (lq - lp) + q,  v = -q.
+struct ReverseKL : SumFinish {
+  DIVKIT_HD explicit ReverseKL(const DivergenceSpec&) {}
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    const V g = XTimes(d, e.q, hn::Neg(e.lr));
+    u = hn::Add(g, e.q);
+    return g;
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Neg(e.q);
+  }
+};
+
+// Generalized JSD (0 < beta < 1; the ends are ForwardKL/ReverseKL):
+// m = beta p + (1-beta) q,  g = beta p (lp - lm) + (1-beta) q (lq - lm).
+// dg/dq = (1-beta)(lq - lm) (the 1/m terms cancel), so u and v are the two halves of g.
+struct GeneralizedJSD : SumFinish {
+  float beta;
+  DIVKIT_HD explicit GeneralizedJSD(const DivergenceSpec& s) : beta(s.beta) {}
+  template <class D, class V>
+  DIVKIT_INLINE V LogMixture(D d, const Entry<V>& e) const {
+    const V b = hn::Set(d, beta), one_minus_b = hn::Set(d, 1.0f - beta);
+    return hn::Log(d, hn::MulAdd(b, e.p, hn::Mul(one_minus_b, e.q)));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    const V lm = LogMixture(d, e);
+    u = hn::Mul(hn::Set(d, 1.0f - beta), XLogRatio(d, e.q, e.lq, lm));
+    return hn::MulAdd(hn::Set(d, beta), XLogRatio(d, e.p, e.lp, lm), u);
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Mul(hn::Set(d, beta), XLogRatio(d, e.p, e.lp, LogMixture(d, e)));
+  }
+};
+
+// p q / m with 0 where m = 0 (both probabilities 0).
+template <class D, class V>
+DIVKIT_INLINE V ProductOverMixture(D d, V p, V q, V m) {
+  const auto zero = hn::Eq(m, hn::Zero(d));
+  return hn::IfThenZeroElse(zero,
+                            hn::Div(hn::Mul(p, q), hn::IfThenElse(zero, hn::Set(d, 1.0f), m)));
+}
+
+// log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
+//   -log1p((1 - a) expm1(-lr)),
+// exactly 0 where b = o, finite (-log a) where o = 0, and lr - log(1 - a) where o >> b (there
+// expm1 would overflow; the dropped a b is below e^-80 of m). Needs 0 < a <= 1.
+template <class D, class V>
+DIVKIT_INLINE V LogRatioToMixture(D d, V lr, float a) {
+  const V neg = hn::Min(hn::Max(hn::Neg(lr), hn::Set(d, -104.0f)), hn::Set(d, 80.0f));
+  const V near = hn::Neg(hn::Log1p(d, hn::Mul(hn::Set(d, 1.0f - a), hn::Expm1(d, neg))));
+  const V far = hn::Sub(lr, hn::Set(d, static_cast<float>(log1p_f64(-static_cast<double>(a)))));
+  return hn::IfThenElse(hn::Lt(lr, hn::Set(d, -80.0f)), far, near);
+}
+
+// DistiLLM skew KL: KL(p || m), m = alpha p + (1-alpha) q  (alpha = 0 is forward_kl).
+// g = p log(p / m);  u = -(1-alpha) p q / m,  v = g + (1-alpha) p q / m.
+struct SkewForwardKL : SumFinish {
+  float alpha;
+  DIVKIT_HD explicit SkewForwardKL(const DivergenceSpec& s) : alpha(s.alpha) {}
+  template <class D, class V>
+  DIVKIT_INLINE V Mixture(D d, const Entry<V>& e) const {
+    return hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    u = hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, Mixture(d, e)));
+    return XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)),
+                      XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha)));
+  }
+};
+
+// DistiLLM skew reverse KL: KL(q || m), m = (1-alpha) p + alpha q  (alpha = 0 is reverse_kl).
+// g = q log(q / m);  u = g + (1-alpha) p q / m,  v = -(1-alpha) p q / m.
+struct SkewReverseKL : SumFinish {
+  float alpha;
+  DIVKIT_HD explicit SkewReverseKL(const DivergenceSpec& s) : alpha(s.alpha) {}
+  template <class D, class V>
+  DIVKIT_INLINE V Mixture(D d, const Entry<V>& e) const {
+    return hn::MulAdd(hn::Set(d, 1.0f - alpha), e.p, hn::Mul(hn::Set(d, alpha), e.q));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    const V g = XTimes(d, e.q, LogRatioToMixture(d, hn::Neg(e.lr), alpha));
+    u = hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)), g);
+    return g;
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, Mixture(d, e)));
+  }
+};
+
+// 0.5 |p - q|.  u = -0.5 q sign(p - q),  v = 0.5 p sign(p - q)  (sign(0) = 0, as torch.abs).
+struct TotalVariation : SumFinish {
+  DIVKIT_HD explicit TotalVariation(const DivergenceSpec&) {}
+  template <class D, class V>
+  DIVKIT_INLINE V HalfSign(D d, const Entry<V>& e) const {
+    const V half = hn::Set(d, 0.5f);
+    return hn::IfThenElse(hn::Gt(e.p, e.q), half,
+                          hn::IfThenElse(hn::Lt(e.p, e.q), hn::Neg(half), hn::Zero(d)));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    u = hn::Neg(hn::Mul(e.q, HalfSign(d, e)));
+    return hn::Mul(hn::Set(d, 0.5f), hn::Abs(hn::Sub(e.p, e.q)));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Mul(e.p, HalfSign(d, e));
+  }
+};
+
+// Squared Hellinger without the 1/2: (sqrt p - sqrt q)^2.  u = q - sqrt(pq),  v = p - sqrt(pq).
+struct Hellinger : SumFinish {
+  DIVKIT_HD explicit Hellinger(const DivergenceSpec&) {}
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    const V sp = hn::Sqrt(e.p), sq = hn::Sqrt(e.q);
+    u = hn::NegMulAdd(sp, sq, e.q);
+    const V diff = hn::Sub(sp, sq);
+    return hn::Mul(diff, diff);
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::NegMulAdd(hn::Sqrt(e.p), hn::Sqrt(e.q), e.p);
+  }
+};
+
+// Jeffreys: (p - q)(lp - lq).  u = -q (lp - lq) - p + q,  v = p (lp - lq) + p - q.
+struct Jeffreys : SumFinish {
+  DIVKIT_HD explicit Jeffreys(const DivergenceSpec&) {}
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    const V fwd = XTimes(d, e.p, e.lr), rev = XTimes(d, e.q, hn::Neg(e.lr));
+    u = hn::Add(rev, hn::Sub(e.q, e.p));
+    return hn::Add(fwd, rev);
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Add(XTimes(d, e.p, e.lr), hn::Sub(e.p, e.q));
+  }
+};
+
+// Pearson chi^2(p || q) = (p - q)^2 / q.  With r = p^2 / q = p exp(lr):
+// u = q - r,  v = 2 r - 2 p.  The term is q expm1(lr)^2 where p <= 1.5 q (no cancellation
+// when p ~ q) and r - 2 p + q elsewhere (r stays exact when q underflows but p^2/q does not).
+struct ChiSquared : SumFinish {
+  DIVKIT_HD explicit ChiSquared(const DivergenceSpec&) {}
+  template <class D, class V>
+  DIVKIT_INLINE V Ratio(D d, const Entry<V>& e) const {
+    // p exp(lr); exp(lp + lr) where p underflowed to 0 or exp(lr) alone would overflow.
+    const V neg_inf = hn::Set(d, -kInfinityF);
+    const auto direct = hn::Or(hn::Gt(e.lr, hn::Set(d, 80.0f)), hn::Eq(e.p, hn::Zero(d)));
+    const V x = ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lp, e.lr), e.lr));
+    return hn::IfThenZeroElse(hn::Eq(e.lp, neg_inf), hn::IfThenElse(direct, x, hn::Mul(e.p, x)));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    const V r = Ratio(d, e);
+    u = hn::Sub(e.q, r);
+    const auto near =
+        hn::And(hn::Le(e.p, hn::Mul(hn::Set(d, 1.5f), e.q)), hn::Gt(e.q, hn::Zero(d)));
+    const V em1 = Expm1OrInf(d, hn::IfThenElseZero(near, e.lr));
+    const V small = hn::Mul(e.q, hn::Mul(em1, em1));
+    const V large = hn::Add(hn::NegMulAdd(hn::Set(d, 2.0f), e.p, r), e.q);
+    return hn::IfThenElse(near, small, large);
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Mul(hn::Set(d, 2.0f), hn::Sub(Ratio(d, e), e.p));
+  }
+};
+
+// w = p^alpha q^(1-alpha) = q exp(alpha lr), or exp(lq + alpha lr) where q underflowed to 0
+// or exp(alpha lr) alone would overflow. Where q is masked (lq = -inf): +inf if p > 0 and
+// alpha > 1, else 0.
+template <class D, class V>
+DIVKIT_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
+  const V zero = hn::Zero(d);
+  const V x = hn::Mul(hn::Set(d, alpha), e.lr);
+  const auto direct = hn::Or(hn::Gt(x, hn::Set(d, 80.0f)), hn::Eq(e.q, zero));
+  const auto masked_q = hn::Eq(e.lq, hn::Set(d, -kInfinityF));
+  const V ex =
+      ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lq, hn::IfThenZeroElse(masked_q, x)), x));
+  const V w = hn::IfThenElse(direct, ex, hn::Mul(e.q, ex));
+  const V at_masked_q =
+      alpha > 1.0f ? hn::IfThenElseZero(hn::Gt(e.p, zero), hn::Set(d, kInfinityF)) : zero;
+  return hn::IfThenElse(masked_q, at_masked_q, w);
+}
+
+// alpha p + (1-alpha) q - p^alpha q^(1-alpha) (>= 0 for alpha in [0, 1]) without cancellation
+// near alpha = 0 or 1 or near p = q. With the base b = q and c = alpha when alpha <= 1/2, or
+// b = p and c = 1 - alpha otherwise (the two are mirror images), and d = log(other / b):
+//   mix - w = b [c expm1(d) - expm1(c d)],
+// whose error is a few ulp of the term whatever alpha. Where b = 0 or |d| >= 60 (a masked
+// entry, or expm1 near overflow) the direct difference is used; mix and w differ a lot there.
+template <class D, class V>
+DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha) {
+  const bool mirror = alpha > 0.5f;
+  const V b = mirror ? e.p : e.q;
+  const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
+  const V diff = mirror ? hn::Neg(e.lr) : e.lr;  // log(other / b)
+  const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
+  const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
+  const V via_expm1 = hn::Mul(b, hn::MulSub(c, Expm1OrInf(d, dd), Expm1OrInf(d, hn::Mul(c, dd))));
+  const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
+  return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
+}
+
+// w - b for w = b exp(c (l_other - l_b)), i.e. w = p^alpha q^(1-alpha) with b = q, c = alpha
+// or b = p, c = 1 - alpha: b expm1(c (l_other - l_b)), accurate when w is close to b (alpha
+// near a limit, or p near q). Where b = 0 or w >> b, PowerMean(e) - b.
+template <class D, class V>
+DIVKIT_INLINE V PowerMeanMinusBase(D d, const Entry<V>& e, float alpha, bool base_is_p) {
+  const V b = base_is_p ? e.p : e.q;
+  const V c = hn::Set(d, base_is_p ? 1.0f - alpha : alpha);
+  const V diff = base_is_p ? hn::Neg(e.lr) : e.lr;  // log(other / b)
+  const auto zero_base = hn::Eq(b, hn::Zero(d));
+  // c diff, with masked lanes (inf, NaN) zeroed and clamped below: expm1(-104) = -1.
+  const V x = hn::Max(hn::Mul(c, hn::IfThenZeroElse(zero_base, diff)), hn::Set(d, -104.0f));
+  const auto direct = hn::Or(zero_base, hn::Gt(x, hn::Set(d, 80.0f)));  // w >> b: no cancellation
+  return hn::IfThenElse(direct, hn::Sub(PowerMean(d, e, alpha), b),
+                        hn::Mul(b, Expm1OrInf(d, hn::IfThenZeroElse(direct, x))));
+}
+
+// Amari alpha-divergence (alpha not 0 or 1; those are the KL limits):
+// g = [alpha p + (1-alpha) q - w] / (alpha (1-alpha)), each term >= 0 (for any alpha).
+// u = (q - w) / alpha,  v = (p - w) / (1 - alpha).
+struct AlphaDivergence : SumFinish {
+  float alpha;
+  DIVKIT_HD explicit AlphaDivergence(const DivergenceSpec& s) : alpha(s.alpha) {}
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    u = hn::Mul(PowerMeanMinusBase(d, e, alpha, false), hn::Set(d, -1.0f / alpha));
+    return hn::Mul(MixMinusPowerMean(d, e, alpha), hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return hn::Mul(PowerMeanMinusBase(d, e, alpha, true), hn::Set(d, -1.0f / (1.0f - alpha)));
+  }
+};
+
+// Renyi of order alpha (alpha > 0, not 1): log(sum_j w_j) / (alpha - 1). Its row is a log of
+// a sum, computed in log space by the kernel's RenyiRow (divergence_kernels.cc), which also
+// writes the gradients. The term here is the summand of S = sum (w - alpha p - (1-alpha) q)
+// = sum w - 1, used as log1p(S) near D = 0 where log(sum w) would cancel.
+struct Renyi {
+  float alpha;
+  DIVKIT_HD explicit Renyi(const DivergenceSpec& s) : alpha(s.alpha) {}
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e) const {
+    return hn::Neg(MixMinusPowerMean(d, e, alpha));
+  }
+};
+
+// Soft-label cross-entropy H(p, q) = -sum p lq.  u = -p,  v = -p lq.
+struct CrossEntropy : SumFinish {
+  static constexpr bool kStudentFactorIsMinusP = true;
+  DIVKIT_HD explicit CrossEntropy(const DivergenceSpec&) {}
+  template <class D, class V>
+  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    u = hn::Neg(e.p);
+    return XLogRatio(d, e.p, hn::Zero(d), e.lq);
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+    return XLogRatio(d, e.p, hn::Zero(d), e.lq);
+  }
+};
+
+// Calls fn(Divergence{spec}) with the struct of spec.kind. Limits (jsd beta 0/1, alpha
+// divergence alpha 0/1, renyi alpha 1) are resolved to their KL kind before this point.
+template <class Fn>
+DIVKIT_INLINE void VisitDivergence(const DivergenceSpec& spec, Fn&& fn) {
+  switch (spec.kind) {
+    case DivergenceKind::forward_kl: return fn(ForwardKL(spec));
+    case DivergenceKind::reverse_kl: return fn(ReverseKL(spec));
+    case DivergenceKind::jsd: return fn(GeneralizedJSD(spec));
+    case DivergenceKind::skew_forward_kl: return fn(SkewForwardKL(spec));
+    case DivergenceKind::skew_reverse_kl: return fn(SkewReverseKL(spec));
+    case DivergenceKind::tvd: return fn(TotalVariation(spec));
+    case DivergenceKind::hellinger: return fn(Hellinger(spec));
+    case DivergenceKind::jeffreys: return fn(Jeffreys(spec));
+    case DivergenceKind::chi2: return fn(ChiSquared(spec));
+    case DivergenceKind::alpha_divergence: return fn(AlphaDivergence(spec));
+    case DivergenceKind::renyi: return fn(Renyi(spec));
+    case DivergenceKind::cross_entropy: return fn(CrossEntropy(spec));
+  }
+}

@@ -1,0 +1,44 @@
+// The Highway operations that divergence_defs.h uses, for one float lane: the scalar form of the
+// divergence definitions, compiled for the CUDA kernels (__host__ __device__) and on the host by
+// the tests that check it against the SIMD kernels. A mask is a bool; MulAdd and friends are
+// fused (fmaf), as on the FMA-capable SIMD targets.
+#pragma once
+
+#include <math.h>
+
+#include "core/hd.h"
+
+namespace divkit::scalar_ops {
+
+struct Lane {};  // the descriptor "d" of the Highway calls
+
+DIVKIT_HD inline float Zero(Lane) { return 0.0f; }
+DIVKIT_HD inline float Set(Lane, float x) { return x; }
+DIVKIT_HD inline float Add(float a, float b) { return a + b; }
+DIVKIT_HD inline float Sub(float a, float b) { return a - b; }
+DIVKIT_HD inline float Mul(float a, float b) { return a * b; }
+DIVKIT_HD inline float Div(float a, float b) { return a / b; }
+DIVKIT_HD inline float Neg(float a) { return -a; }
+DIVKIT_HD inline float Abs(float a) { return fabsf(a); }
+DIVKIT_HD inline float Sqrt(float a) { return sqrtf(a); }
+// x86's min/max semantics (the second operand where either is NaN), as Highway on x86.
+DIVKIT_HD inline float Min(float a, float b) { return a < b ? a : b; }
+DIVKIT_HD inline float Max(float a, float b) { return a > b ? a : b; }
+DIVKIT_HD inline float MulAdd(float a, float b, float c) { return fmaf(a, b, c); }
+DIVKIT_HD inline float NegMulAdd(float a, float b, float c) { return fmaf(-a, b, c); }
+DIVKIT_HD inline float MulSub(float a, float b, float c) { return fmaf(a, b, -c); }
+DIVKIT_HD inline bool Eq(float a, float b) { return a == b; }
+DIVKIT_HD inline bool Lt(float a, float b) { return a < b; }
+DIVKIT_HD inline bool Le(float a, float b) { return a <= b; }
+DIVKIT_HD inline bool Gt(float a, float b) { return a > b; }
+DIVKIT_HD inline bool And(bool a, bool b) { return a && b; }
+DIVKIT_HD inline bool Or(bool a, bool b) { return a || b; }
+DIVKIT_HD inline float IfThenElse(bool m, float a, float b) { return m ? a : b; }
+DIVKIT_HD inline float IfThenElseZero(bool m, float a) { return m ? a : 0.0f; }
+DIVKIT_HD inline float IfThenZeroElse(bool m, float b) { return m ? 0.0f : b; }
+DIVKIT_HD inline float Exp(Lane, float x) { return expf(x); }
+DIVKIT_HD inline float Expm1(Lane, float x) { return expm1f(x); }
+DIVKIT_HD inline float Log(Lane, float x) { return logf(x); }
+DIVKIT_HD inline float Log1p(Lane, float x) { return log1pf(x); }
+
+}  // namespace divkit::scalar_ops

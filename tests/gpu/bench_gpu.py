@@ -1,0 +1,153 @@
+"""GPU benchmark of the token divergences (forward + backward), run by scripts/gpu_check.sh.
+
+Measures, in one run on one GPU, side by side: divkit's CUDA kernel, torch.compile of the same
+loss, Liger-Kernel where it is installed, and the device-to-device copy bandwidth. Writes
+gpu_bench.json and gpu_bench.md into --out.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from divkit import _C
+
+
+def timed(fn, warmup=2, iters=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return min(times)
+
+
+def copy_bandwidth(nbytes):
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(1.0)
+    dst = torch.empty_like(src)
+    sec = timed(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / sec  # read + write
+
+
+def torch_loss(kind, beta=0.5):
+    def f(s, t):
+        lq = torch.log_softmax(s.float(), -1)
+        lp = torch.log_softmax(t.float(), -1)
+        if kind == "forward_kl":
+            row = (lp.exp() * (lp - lq)).sum(-1)
+        elif kind == "reverse_kl":
+            row = (lq.exp() * (lq - lp)).sum(-1)
+        else:
+            p, q = lp.exp(), lq.exp()
+            lm = torch.log(beta * p + (1 - beta) * q)
+            row = beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
+        return row.mean()
+
+    return f
+
+
+def liger_fn(kind):
+    try:
+        from liger_kernel.transformers.functional import liger_jsd, liger_kl_div
+    except Exception:  # noqa: BLE001 - any import problem means "not available"
+        return None
+    if kind == "jsd":
+        return lambda s, t: liger_jsd(
+            torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1), beta=0.5
+        )
+    if kind == "forward_kl":
+        return lambda s, t: liger_kl_div(
+            torch.log_softmax(s.float(), -1),
+            torch.log_softmax(t.float(), -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--v", type=int, default=128256)
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    a = ap.parse_args()
+    t0 = time.time()
+    n, v = a.n, a.v
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth(min(4 << 30, n * v * 2))
+    rows = []
+    for dtype in [torch.bfloat16, torch.float32]:
+        s = torch.randn(n, v, device="cuda", dtype=dtype)
+        t = torch.randn(n, v, device="cuda", dtype=dtype)
+        elt = s.element_size()
+        nbytes = 3 * n * v * elt  # read s and t, write grad_s: the least any kernel moves
+        for kind in ["forward_kl", "reverse_kl", "jsd"]:
+            row = {"kind": kind, "dtype": str(dtype).replace("torch.", ""), "n": n, "v": v}
+            loss = torch.zeros(1, device="cuda")
+            gs = torch.empty_like(s)
+            args = _C.DivergenceArgs(
+                kind=kind, reduction="mean", stream=torch.cuda.current_stream().cuda_stream
+            )
+            sec = timed(lambda: _C.divergence(s, t, loss, gs, None, None, None, args))
+            row["divkit_s"] = sec
+            row["divkit_bw_fraction"] = nbytes / sec / bw
+            ref = torch_loss(kind)
+            for name, fn in [("torch_compile", torch.compile(ref)), ("liger", liger_fn(kind))]:
+                if fn is None or time.time() - t0 > a.budget_s:
+                    row[name + "_s"] = None
+                    continue
+                sg = s.detach().requires_grad_()
+
+                def step(fn=fn, sg=sg):
+                    sg.grad = None
+                    fn(sg, t).backward()
+
+                try:
+                    row[name + "_s"] = timed(step, warmup=2, iters=3)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    row[name + "_s"] = None
+                    row[name + "_error"] = repr(e)[:200]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        s = t = gs = None
+        torch.cuda.empty_cache()
+    result = {
+        "device": props.name,
+        "torch": torch.__version__,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "rows": rows,
+        "seconds": time.time() - t0,
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_bench.json").write_text(json.dumps(result, indent=2))
+
+    def ms(x):
+        return "n/a" if x is None else f"{x * 1e3:.2f}"
+
+    lines = [
+        f"GPU: {props.name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s",
+        "",
+        "| kind | dtype | divkit ms | of copy bw | torch.compile ms | Liger ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['dtype']} | {ms(r['divkit_s'])} | "
+            f"{r['divkit_bw_fraction']:.0%} | {ms(r['torch_compile_s'])} | {ms(r['liger_s'])} |"
+        )
+    (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
