@@ -7,7 +7,8 @@
 #   2. A virtual environment in .venv (created if absent): torch 2.13.0 (CPU) is installed
 #      FIRST, then the build and test dependencies.
 #   3. divkit itself into .venv: pip install --no-build-isolation ".[test,tools]" (an incremental
-#      rebuild: scikit-build-core keeps its build tree under build/).
+#      rebuild: scikit-build-core keeps its build tree in .venv/divkit-build/, outside the
+#      source tree's own folders; a plain `pip install .` builds in a temporary folder).
 #
 # Environment:
 #   DIVKIT_PYTHON              interpreter that creates .venv (default: python3)
@@ -88,7 +89,7 @@ fi
 
 # Build dependencies (needed because of --no-build-isolation) and test dependencies; pip does
 # nothing for requirements already satisfied. torch stays pinned so that nothing replaces it.
-build_deps=("scikit-build-core>=0.10" "nanobind>=2.0" ninja "cmake>=3.22" numpy)
+build_deps=("scikit-build-core>=0.11" "nanobind>=2.0" ninja "cmake>=3.22" numpy)
 run_deps=(tqdm matplotlib)  # the tools extra: divkit demo's progress bars and figure
 test_deps=(pytest hypothesis trl pot)
 log "pip install ${build_deps[*]} ${run_deps[*]} ${test_deps[*]}"
@@ -111,7 +112,10 @@ extras=""
 if ((${#extra_names[@]})); then
   extras="[$(IFS=,; echo "${extra_names[*]}")]"
 fi
-log "pip install --no-build-isolation .$extras"
-"${PIP[@]}" install -q --no-build-isolation ".$extras" "torch==$TORCH_VERSION"
+# The build tree lives in .venv (git-ignored, removed with it), one per wheel tag.
+build_dir=".venv/divkit-build/{wheel_tag}"
+log "pip install --no-build-isolation --config-settings=build-dir=$build_dir .$extras"
+"${PIP[@]}" install -q --no-build-isolation --config-settings="build-dir=$build_dir" ".$extras" \
+  "torch==$TORCH_VERSION"
 .venv/bin/python -c "import divkit, os
 print('[install] divkit', divkit.__version__, 'installed in', os.path.dirname(divkit.__file__))"

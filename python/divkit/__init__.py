@@ -10,57 +10,101 @@ autograd wrappers::
 See :func:`divkit.divergence` for the formulas and conventions.
 """
 
-from . import _C, distill, distributed, nn, ot, preference, rlhf
-from . import _validate as _check
-from .distill import (
-    ALDRKLLoss,
-    DACKLBounds,
-    DACKLLoss,
-    USCDLogitsProcessor,
-    aldr_kl_loss,
-    bdkd_loss,
-    comp_sum_loss,
-    dac_kl_loss,
-    ddk_domain_weights,
-    ldr_kl_loss,
-    mdcs_consistency_loss,
-    miniplm_difference_sampling,
-    nd_loss,
-    nkd_loss,
-    ofa_loss,
-    swing_loss,
-    uscd_logits,
-    uskd_loss,
-    weight_aligning,
+import importlib as _importlib
+
+from . import _C
+
+# Light import: ``import divkit`` loads only the compiled core (_C, which needs neither torch nor
+# numpy). Everything that imports torch is loaded on first access to one of its names (PEP 562
+# module __getattr__ below), so that `divkit compare` and `divkit info` run without torch.
+_SUBMODULES = (
+    "distill",
+    "distributed",
+    "functional",
+    "fused",
+    "nn",
+    "ot",
+    "preference",
+    "rlhf",
+    "sparse",
 )
-from .functional import KINDS, REDUCTIONS, divergence, divergence_and_grad
-from .fused import (
-    LogprobsResult,
-    fused_linear_cross_entropy,
-    fused_linear_divergence,
-    fused_linear_logprobs,
-    fused_linear_sparse_divergence,
-)
-from .preference import (
-    LOSS_TYPES,
-    cpo_loss,
-    d2o_loss,
-    dpo_loss,
-    hypo_loss,
-    kto_loss,
-    odds_ratio_loss,
-    orpo_loss,
-    preference_loss,
-    preference_metrics,
-    simpo_loss,
-    sparsepo_loss,
-    sparsepo_loss_fused,
-    superhf_loss,
-    tdpo_loss,
-    tdpo_loss_fused,
-    wpo_weights,
-)
-from .sparse import TAILS, sparse_divergence, topk_divergence
+# Public name -> the submodule that defines it.
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "ALDRKLLoss",
+            "DACKLBounds",
+            "DACKLLoss",
+            "USCDLogitsProcessor",
+            "aldr_kl_loss",
+            "bdkd_loss",
+            "comp_sum_loss",
+            "dac_kl_loss",
+            "ddk_domain_weights",
+            "ldr_kl_loss",
+            "mdcs_consistency_loss",
+            "miniplm_difference_sampling",
+            "nd_loss",
+            "nkd_loss",
+            "ofa_loss",
+            "swing_loss",
+            "uscd_logits",
+            "uskd_loss",
+            "weight_aligning",
+        ),
+        "distill",
+    ),
+    **dict.fromkeys(("KINDS", "REDUCTIONS", "divergence", "divergence_and_grad"), "functional"),
+    **dict.fromkeys(
+        (
+            "LogprobsResult",
+            "fused_linear_cross_entropy",
+            "fused_linear_divergence",
+            "fused_linear_logprobs",
+            "fused_linear_sparse_divergence",
+        ),
+        "fused",
+    ),
+    **dict.fromkeys(
+        (
+            "LOSS_TYPES",
+            "cpo_loss",
+            "d2o_loss",
+            "dpo_loss",
+            "hypo_loss",
+            "kto_loss",
+            "odds_ratio_loss",
+            "orpo_loss",
+            "preference_loss",
+            "preference_metrics",
+            "simpo_loss",
+            "sparsepo_loss",
+            "sparsepo_loss_fused",
+            "superhf_loss",
+            "tdpo_loss",
+            "tdpo_loss_fused",
+            "wpo_weights",
+        ),
+        "preference",
+    ),
+    **dict.fromkeys(("TAILS", "sparse_divergence", "topk_divergence"), "sparse"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    elif name in _SUBMODULES:
+        value = _importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
 
 __all__ = [
     "divergence",
@@ -135,7 +179,9 @@ Error = _C.Error
 
 def set_num_threads(n: int) -> None:
     """Sets the number of threads of divkit's CPU kernels (results do not depend on it)."""
-    _C.set_num_threads(_check.integer("set_num_threads", "n", n))
+    from . import _validate
+
+    _C.set_num_threads(_validate.integer("set_num_threads", "n", n))
 
 
 def get_num_threads() -> int:
@@ -151,7 +197,9 @@ def available_simd_targets() -> list:
 def force_simd_target(name: str) -> None:
     """Restricts the kernels to one SIMD target (for tests and benchmarks); '' restores the
     automatic choice."""
-    _C.force_simd_target(_check.string("force_simd_target", "name", name))
+    from . import _validate
+
+    _C.force_simd_target(_validate.string("force_simd_target", "name", name))
 
 
 def active_simd_target() -> str:

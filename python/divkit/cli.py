@@ -54,34 +54,46 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_COMMANDS = ("info", "demo", "compare", "bench")
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``divkit`` parser; with ``command``, only that subcommand's parser is built, so that
+    ``divkit compare`` and ``divkit info`` never import the demo's torch models."""
     parser = argparse.ArgumentParser(
         prog="divkit", description="divkit: divergence-based training objectives for LLMs"
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
-    p_info = sub.add_parser("info", help="print the version, thread count and SIMD targets")
-    p_info.add_argument("--json", action="store_true", help="print as JSON")
-    p_info.set_defaults(func=_info)
-    from .tools.demo import add_arguments as demo_arguments
+    if command in (None, "info"):
+        p_info = sub.add_parser("info", help="print the version, thread count and SIMD targets")
+        p_info.add_argument("--json", action="store_true", help="print as JSON")
+        p_info.set_defaults(func=_info)
+    if command in (None, "demo"):
+        from .tools.demo import add_arguments as demo_arguments
 
-    p_demo = sub.add_parser(
-        "demo",
-        help="the main job: distil a small LM through the fused "
-        "linear head, align it (DPO, f-DPO, TDPO2), write a report",
-    )
-    demo_arguments(p_demo)
-    p_demo.set_defaults(func=_demo)
-    from .tools.compare import add_parser as _add_compare
+        p_demo = sub.add_parser(
+            "demo",
+            help="the main job: distil a small LM through the fused "
+            "linear head, align it (DPO, f-DPO, TDPO2), write a report",
+        )
+        demo_arguments(p_demo)
+        p_demo.set_defaults(func=_demo)
+    if command in (None, "compare"):
+        from .tools.compare import add_parser as _add_compare
 
-    _add_compare(sub)
-    from .tools.bench import add_parser as _add_bench
+        _add_compare(sub)
+    if command in (None, "bench"):
+        from .tools.bench import add_parser as _add_bench
 
-    _add_bench(sub)
+        _add_bench(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The top-level parser has no option that takes a value: the first word is the command.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first if first in _COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
