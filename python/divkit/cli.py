@@ -11,23 +11,25 @@ from typing import List, Optional
 def _info(args: argparse.Namespace) -> int:
     import divkit
 
+    from . import _C
+
     info = {
         "version": divkit.version(),
         "threads": divkit.get_num_threads(),
         "simd_targets": divkit.available_simd_targets(),
         "active_simd_target": divkit.active_simd_target(),
-        "kinds": list(divkit.KINDS),
+        "kinds": list(_C.kinds()),  # not divkit.KINDS: that module imports torch
     }
-    from . import _C
 
     built = bool(getattr(_C, "cuda_built", lambda: False)())
     info["cuda_built"] = built
     info["cuda_devices"] = list(_C.cuda_devices()) if built else []
+    # The installed version, read from its metadata: importing torch here would cost seconds.
     try:
-        import torch
+        from importlib.metadata import version as _dist_version
 
-        info["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover
+        info["torch"] = _dist_version("torch")
+    except Exception:  # PackageNotFoundError: torch is optional for the CLI
         info["torch"] = None
     if args.json:
         print(json.dumps(info, indent=2))

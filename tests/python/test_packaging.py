@@ -84,8 +84,7 @@ def _imports_torch_at_top_level(path: str) -> bool:
 
 
 def test_divkit_compare_runs_without_torch(tmp_path):
-    if _imports_torch_at_top_level(os.path.join(PKG, "tools", "compare.py")):
-        pytest.xfail("divkit/tools/compare.py still imports torch at its top level")
+    assert not _imports_torch_at_top_level(os.path.join(PKG, "tools", "compare.py"))
     rng = np.random.default_rng(0)
     base = rng.standard_normal((6, 11)).astype(np.float32)
     np.save(tmp_path / "base.npy", base)
@@ -101,3 +100,20 @@ def test_divkit_compare_runs_without_torch(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert isinstance(json.loads(r.stdout), dict)
+
+
+def test_divkit_info_runs_without_torch():
+    r = _run(
+        _NO_TORCH + "import runpy, sys\n"
+        "sys.argv = ['divkit', 'info', '--json']\n"
+        "try:\n"
+        "    runpy.run_module('divkit', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "finally:\n"
+        "    assert sys.modules.get('torch') is None, 'torch was imported'\n"
+    )
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["kinds"] == list(divkit._C.kinds())
+    assert info["version"] == divkit.__version__
