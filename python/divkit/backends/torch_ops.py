@@ -1,0 +1,522 @@
+"""The device-generic fallback: divkit's token divergences in PyTorch ops, for any device.
+
+It serves devices without a divkit kernel (MPS, XPU, a build without CUDA) and
+``backend="torch"``. Same API, conventions and results (to the CPU tests' tolerances) as the C++
+core; the per-entry formulas are transcribed from ``src/divergence/divergences-inl.h`` (the
+cancellation-free forms included), and the reduction is the rule of ``src/core/reduction.h``.
+
+* Arithmetic in fp32 (fp64 when an input is fp64), row sums in fp64.
+* Rows are processed in chunks of ``chunk_size`` tokens (default: about 2**22 vocabulary entries
+  per chunk), so that the fp32 temporaries never exceed a few ``[chunk, V]`` tensors.
+* Gradients are computed explicitly, in the same pass as the loss, chunk by chunk (the softmax
+  chain rule ``dL/ds = (u - q sum u) / T`` of the core, not torch autograd), and written into
+  preallocated outputs: into the student logits' own storage for ``inplace_grad=True``.
+* Bad input is found before anything is written (a first pass over the chunks): NaN or +inf
+  logits, or a row with every logit -inf, in a token that is not ignored, raise divkit.Error
+  naming the argument and the row. These checks read a flag back to the host once per call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import _C
+from .. import _validate as check
+
+__all__ = ["divergence", "topk_divergence", "DEFAULT_CHUNK_ENTRIES"]
+
+#: Vocabulary entries per chunk when ``chunk_size`` is not given: 16 MiB per fp32 temporary.
+DEFAULT_CHUNK_ENTRIES = 1 << 22
+
+_FLT_MAX = float(np.finfo(np.float32).max)
+_INF = float("inf")
+
+
+def _f32(x: float) -> float:
+    """x rounded to fp32, as the core stores its parameters."""
+    return float(np.float32(x))
+
+
+def _rows_per_chunk(chunk_size: Optional[int], n: int, v: int) -> int:
+    if chunk_size:
+        return max(1, int(chunk_size))
+    return max(1, DEFAULT_CHUNK_ENTRIES // max(v, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The options and the reduction (src/core/reduction.h).
+# ---------------------------------------------------------------------------------------------
+
+
+class _Spec:
+    """The divergence and its parameters, with the limits resolved to their KL kind as the core
+    does (jsd beta 0/1, alpha_divergence alpha 1/0, renyi alpha 1, skew alpha 0)."""
+
+    def __init__(self, cfg: Any) -> None:
+        _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
+        kind, beta, alpha = cfg.kind, _f32(cfg.beta), _f32(cfg.alpha)
+        if kind == "jsd" and beta == 0.0:
+            kind = "forward_kl"
+        elif kind == "jsd" and beta == 1.0:
+            kind = "reverse_kl"
+        elif kind == "alpha_divergence" and alpha == 1.0:
+            kind = "forward_kl"
+        elif kind == "alpha_divergence" and alpha == 0.0:
+            kind = "reverse_kl"
+        elif kind == "renyi" and alpha == 1.0:
+            kind = "forward_kl"
+        elif kind == "skew_forward_kl" and alpha == 0.0:
+            kind = "forward_kl"
+        elif kind == "skew_reverse_kl" and alpha == 0.0:
+            kind = "reverse_kl"
+        self.kind, self.beta, self.alpha = kind, beta, alpha
+        self.temperature = _f32(cfg.temperature)
+        self.inv_t = _f32(np.float32(1.0) / np.float32(self.temperature))
+        self.t2 = self.temperature * self.temperature if cfg.scale_by_t_squared else 1.0
+
+
+class _Plan:
+    """Counted tokens, weights and the divisor of the reduced loss, as device tensors."""
+
+    def __init__(self, fn: str, cfg: Any, n: int, labels, weights, device) -> None:
+        if cfg.reduction not in check.REDUCTIONS:
+            check.fail(
+                fn,
+                f"reduction '{cfg.reduction}' is unknown; valid reductions: "
+                f"{', '.join(check.REDUCTIONS)}",
+            )
+        if cfg.num_items_in_batch > 0 and cfg.reduction == "none":
+            check.fail(
+                fn,
+                "num_items_in_batch divides a reduced loss; it cannot be used with reduction "
+                "'none'",
+            )
+        if labels is not None:
+            self.active = labels.to(device).reshape(-1) != cfg.ignore_index
+        else:
+            self.active = torch.ones(n, dtype=torch.bool, device=device)
+        if weights is not None:
+            w = weights.to(device=device, dtype=torch.float64).reshape(-1)
+            bad = ~torch.isfinite(w)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                check.fail(fn, f"weights must be finite, got {w[i].item():g} at index {i}")
+            self.weight = w
+        else:
+            self.weight = torch.ones(n, dtype=torch.float64, device=device)
+        self.reduction = cfg.reduction
+        if cfg.num_items_in_batch > 0:
+            self.divisor = torch.tensor(cfg.num_items_in_batch, dtype=torch.float64, device=device)
+        elif cfg.reduction == "mean":
+            self.divisor = self.active.sum().to(torch.float64).clamp(min=1.0)
+        elif cfg.reduction == "batchmean":
+            self.divisor = torch.tensor(float(max(n, 1)), dtype=torch.float64, device=device)
+        else:
+            self.divisor = torch.ones((), dtype=torch.float64, device=device)
+        #: d(reduced loss) / d(row value), per token.
+        self.grad_scale = self.weight / self.divisor
+        self.counted = self.active & (self.weight != 0)
+
+    def loss(self, row_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 loss from the rows' unweighted values (fp64), times scale (T^2 or 1)."""
+        term = torch.where(self.counted, row_loss * self.weight, torch.zeros_like(row_loss))
+        if self.reduction == "none":
+            return (term * scale).to(torch.float32)
+        return (term.sum() * scale / self.divisor).to(torch.float32).reshape(())
+
+
+def _bad_rows(fn: str, name: str, x2: torch.Tensor, active: torch.Tensor, rows: int, what: str):
+    """Raises for the first counted row of x2 with a NaN/+inf or with every logit -inf."""
+    first = None
+    for a in range(0, x2.shape[0], rows):
+        x = x2[a : a + rows]
+        act = active[a : a + rows]
+        nonfinite = (torch.isnan(x) | torch.isposinf(x)).any(-1) & act
+        no_mass = torch.isneginf(x).all(-1) & act
+        bad = nonfinite | no_mass
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            first = (a + i, bool(nonfinite[i]))
+            break
+    if first is None:
+        return
+    row, nf = first
+    if nf:
+        check.fail(fn, f"{name} contains NaN or +inf at row {row}")
+    check.fail(fn, f"{name} row {row}{what}; mark it with labels = ignore_index")
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-entry math (divergences-inl.h), on [rows, V] tensors of the compute dtype.
+# ---------------------------------------------------------------------------------------------
+
+
+def _xt(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x * y with 0 * (anything) = 0 (0 log 0 = 0 and masked entries)."""
+    return torch.where(x == 0, torch.zeros_like(x), x * y)
+
+
+def _prod_over_mix(p, q, m):
+    zero = m == 0
+    return torch.where(zero, torch.zeros_like(m), p * q / torch.where(zero, torch.ones_like(m), m))
+
+
+def _log_ratio_to_mixture(lr, a: float):
+    """log(b / m) for m = a b + (1 - a) o, from lr = log(b / o) (see the core)."""
+    neg = torch.clamp(-lr, min=-104.0, max=80.0)
+    near = -torch.log1p((1.0 - a) * torch.expm1(neg))
+    far = lr - _f32(math.log1p(-a)) if a < 1.0 else torch.full_like(lr, _INF)
+    return torch.where(lr < -80.0, far, near)
+
+
+def _power_mean(p, q, lq, lr, alpha: float):
+    """w = p^alpha q^(1 - alpha), with the core's conventions at masked q."""
+    x = alpha * lr
+    direct = (x > 80.0) | (q == 0)
+    masked_q = torch.isneginf(lq)
+    ex = torch.exp(torch.where(direct, lq + torch.where(masked_q, torch.zeros_like(x), x), x))
+    w = torch.where(direct, ex, q * ex)
+    if alpha > 1.0:
+        at_masked = torch.where(p > 0, torch.full_like(p, _INF), torch.zeros_like(p))
+    else:
+        at_masked = torch.zeros_like(p)
+    return torch.where(masked_q, at_masked, w)
+
+
+def _mix_minus_power_mean(p, q, lq, lr, alpha: float):
+    mirror = alpha > 0.5
+    b = p if mirror else q
+    c = 1.0 - alpha if mirror else alpha
+    diff = -lr if mirror else lr
+    stable = (b > 0) & (diff.abs() < 60.0)
+    dd = torch.where(stable, diff, torch.zeros_like(diff))
+    via = b * (c * torch.expm1(dd) - torch.expm1(c * dd))
+    mix = alpha * p + (1.0 - alpha) * q
+    return torch.where(stable, via, mix - _power_mean(p, q, lq, lr, alpha))
+
+
+def _power_mean_minus_base(p, q, lq, lr, alpha: float, base_is_p: bool):
+    b = p if base_is_p else q
+    c = 1.0 - alpha if base_is_p else alpha
+    diff = -lr if base_is_p else lr
+    zero_base = b == 0
+    x = torch.clamp(c * torch.where(zero_base, torch.zeros_like(diff), diff), min=-104.0)
+    direct = zero_base | (x > 80.0)
+    return torch.where(
+        direct,
+        _power_mean(p, q, lq, lr, alpha) - b,
+        b * torch.expm1(torch.where(direct, torch.zeros_like(x), x)),
+    )
+
+
+def _terms(spec: _Spec, p, q, lp, lq, lr, need_t: bool):
+    """(g, u, v): the entry's term, the student factor u = q dg/dq (None when u = -p) and the
+    teacher factor v = p dg/dp (None unless need_t)."""
+    k = spec.kind
+    v = None
+    if k == "forward_kl":
+        g = _xt(p, lr)
+        u = None
+        if need_t:
+            v = g + p
+    elif k == "cross_entropy":
+        g = _xt(p, -lq)
+        u = None
+        if need_t:
+            v = g
+    elif k == "reverse_kl":
+        g = _xt(q, -lr)
+        u = g + q
+        if need_t:
+            v = -q
+    elif k == "jsd":
+        b = spec.beta
+        lm = torch.log(b * p + (1.0 - b) * q)
+        u = (1.0 - b) * _xt(q, lq - lm)
+        tp = b * _xt(p, lp - lm)
+        g = tp + u
+        if need_t:
+            v = tp
+    elif k == "skew_forward_kl":
+        a = spec.alpha
+        pqm = _prod_over_mix(p, q, a * p + (1.0 - a) * q)
+        g = _xt(p, _log_ratio_to_mixture(lr, a))
+        u = (a - 1.0) * pqm
+        if need_t:
+            v = (1.0 - a) * pqm + g
+    elif k == "skew_reverse_kl":
+        a = spec.alpha
+        pqm = _prod_over_mix(p, q, (1.0 - a) * p + a * q)
+        g = _xt(q, _log_ratio_to_mixture(-lr, a))
+        u = (1.0 - a) * pqm + g
+        if need_t:
+            v = (a - 1.0) * pqm
+    elif k == "tvd":
+        hs = 0.5 * torch.sign(p - q)
+        g = 0.5 * (p - q).abs()
+        u = -q * hs
+        if need_t:
+            v = p * hs
+    elif k == "hellinger":
+        sp, sq = torch.sqrt(p), torch.sqrt(q)
+        g = (sp - sq) ** 2
+        u = q - sp * sq
+        if need_t:
+            v = p - sp * sq
+    elif k == "jeffreys":
+        fwd, rev = _xt(p, lr), _xt(q, -lr)
+        g = fwd + rev
+        u = rev + (q - p)
+        if need_t:
+            v = fwd + (p - q)
+    elif k == "chi2":
+        direct = (lr > 80.0) | (p == 0)
+        x = torch.exp(torch.where(direct, lp + lr, lr))
+        r = torch.where(torch.isneginf(lp), torch.zeros_like(p), torch.where(direct, x, p * x))
+        near = (p <= 1.5 * q) & (q > 0)
+        em1 = torch.expm1(torch.where(near, lr, torch.zeros_like(lr)))
+        g = torch.where(near, q * em1 * em1, (r - 2.0 * p) + q)
+        u = q - r
+        if need_t:
+            v = 2.0 * (r - p)
+    elif k == "alpha_divergence":
+        a = spec.alpha
+        g = _mix_minus_power_mean(p, q, lq, lr, a) * _f32(1.0 / (a * (1.0 - a)))
+        u = _power_mean_minus_base(p, q, lq, lr, a, False) * _f32(-1.0 / a)
+        if need_t:
+            v = _power_mean_minus_base(p, q, lq, lr, a, True) * _f32(-1.0 / (1.0 - a))
+    else:
+        raise AssertionError(k)
+    return g, u, v
+
+
+class _Entries:
+    """p, q, their logs and log(p / q) of a chunk, from centered, scaled logits."""
+
+    def __init__(self, zs: torch.Tensor, zt: torch.Tensor) -> None:
+        # z = (x - max) / T: the max is subtracted first, so that the logs keep their precision.
+        self.lse_s = torch.logsumexp(zs, -1, keepdim=True)
+        self.lse_t = torch.logsumexp(zt, -1, keepdim=True)
+        self.lq = zs - self.lse_s
+        self.lp = zt - self.lse_t
+        self.q = torch.exp(self.lq)
+        self.p = torch.exp(self.lp)
+        # log p - log q from the logit difference: its error is that of the difference.
+        self.lr = (zt - zs) - (self.lse_t - self.lse_s)
+
+
+def _center(x: torch.Tensor, inv_t: float) -> torch.Tensor:
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    return (x - m) * inv_t
+
+
+def _chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor):
+    """One chunk: (row values fp64 with +inf where infinite, grad_s, grad_t) in the compute
+    dtype; ``scale`` [rows, 1] is d(loss)/d(row value) / T."""
+    if spec.kind == "renyi":
+        return _renyi_chunk(spec, e, need_s, need_t, scale)
+    g, u, v = _terms(spec, e.p, e.q, e.lp, e.lq, e.lr, need_t)
+    value = g.sum(-1, dtype=torch.float64)
+    bad = ~(value.abs() <= _FLT_MAX)
+    gs = gt = None
+    if need_s or need_t:
+        if need_s:
+            if u is None:  # u = -p, sum u = -1
+                gs = scale * (e.q - e.p)
+            else:
+                su = u.sum(-1, dtype=torch.float64)
+                bad |= ~(su.abs() <= _FLT_MAX)
+                gs = scale * (u - e.q * su.to(u.dtype).unsqueeze(-1))
+        if need_t:
+            sv = v.sum(-1, dtype=torch.float64)
+            bad |= ~(sv.abs() <= _FLT_MAX)
+            gt = scale * (v - e.p * sv.to(v.dtype).unsqueeze(-1))
+    value = torch.where(bad, torch.full_like(value, _INF), value)
+    keep = ~bad.unsqueeze(-1)
+    if gs is not None:
+        gs = torch.where(keep, gs, torch.zeros_like(gs))
+    if gt is not None:
+        gt = torch.where(keep, gt, torch.zeros_like(gt))
+    return value, gs, gt
+
+
+def _renyi_chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor):
+    """Renyi rows in log space: D = L / (alpha - 1), L = log sum w (see the core's RenyiRow)."""
+    a = spec.alpha
+    p, q, lq, lr = e.p, e.q, e.lq, e.lr
+    masked_q = torch.isneginf(lq)
+    if a > 1.0:
+        at_masked = torch.where(p > 0, torch.full_like(p, _INF), torch.full_like(p, -_INF))
+    else:
+        at_masked = torch.full_like(p, -_INF)
+    logw = torch.where(
+        masked_q, at_masked, a * torch.where(masked_q, torch.zeros_like(lr), lr) + lq
+    )
+    s1 = (-_mix_minus_power_mean(p, q, lq, lr, a)).sum(-1, dtype=torch.float64)
+    amax = logw.amax(-1, keepdim=True)
+    infinite = ~(amax < _INF) | torch.isneginf(amax)  # [rows, 1]
+    amax_safe = torch.where(infinite, torch.zeros_like(amax), amax)
+    sum_w = torch.exp(logw - amax_safe).sum(-1, dtype=torch.float64)
+    near_zero = s1.abs() < 0.5
+    log_rel = torch.log(sum_w)
+    log_sum_w = torch.where(near_zero, torch.log1p(s1), amax_safe.squeeze(-1).double() + log_rel)
+    value = log_sum_w / (a - 1.0)
+    bad = infinite.squeeze(-1) | ~(value.abs() <= _FLT_MAX)
+    value = torch.where(bad, torch.full_like(value, _INF), value)
+    gs = gt = None
+    if need_s or need_t:
+        dt = p.dtype
+        vl = log_sum_w.to(dt).unsqueeze(-1)
+        vrel = log_rel.to(dt).unsqueeze(-1)
+        nz = near_zero.unsqueeze(-1)
+
+        def w_hat_minus(base, c):
+            soft = torch.exp((logw - amax_safe) - vrel) - base
+            x = c * lr - vl
+            stable = nz & (base > 0) & (x.abs() < 60.0)
+            via = base * torch.expm1(torch.where(stable, x, torch.zeros_like(x)))
+            return torch.where(stable, via, soft)
+
+        keep = ~bad.unsqueeze(-1)
+        if need_s:
+            gs = torch.where(keep, -scale * w_hat_minus(q, a), torch.zeros_like(q))
+        if need_t:
+            k = scale * (a / (a - 1.0))
+            gt = torch.where(keep, k * w_hat_minus(p, a - 1.0), torch.zeros_like(p))
+    return value, gs, gt
+
+
+# ---------------------------------------------------------------------------------------------
+# The row driver shared by the three ops.
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _drive(
+    n: int,
+    rows: int,
+    plan: _Plan,
+    spec: _Spec,
+    chunk_fn: Callable[[int, int, torch.Tensor], Tuple[torch.Tensor, Any, Any]],
+    device,
+) -> torch.Tensor:
+    """Calls chunk_fn(a, b, scale) for each chunk of rows [a, b) and returns the row values
+    [n] (fp64, 0 for ignored rows); chunk_fn writes its gradients itself."""
+    row_loss = torch.zeros(n, dtype=torch.float64, device=device)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        act = plan.active[a:b]
+        scale = (spec.t2 * plan.grad_scale[a:b] / spec.temperature).unsqueeze(-1)
+        scale = torch.where(act.unsqueeze(-1), scale, torch.zeros_like(scale))
+        value = chunk_fn(a, b, scale)
+        row_loss[a:b] = torch.where(act, value, torch.zeros_like(value))
+    return row_loss
+
+
+def _sanitize(x: torch.Tensor, act: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk in the compute dtype, ignored rows zeroed (their logits are never used)."""
+    x = x.to(dtype)
+    return torch.where(act.unsqueeze(-1), x, torch.zeros_like(x))
+
+
+def _store(out: Optional[torch.Tensor], a: int, b: int, g: Optional[torch.Tensor], act) -> None:
+    if out is None:
+        return
+    g = torch.where(act.unsqueeze(-1), g, torch.zeros_like(g))
+    out[a:b].copy_(g)
+
+
+def divergence(
+    s2: torch.Tensor,
+    t2: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    grad_s2: Optional[torch.Tensor] = None,
+    grad_t2: Optional[torch.Tensor] = None,
+    *,
+    fn: str = "divergence",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The token divergence of ``[N, V]`` student and teacher logits (``cfg``: the options of
+    :func:`divkit.divergence`); writes the gradients into ``grad_s2`` / ``grad_t2`` ([N, V], may
+    be ``s2`` itself for ``inplace_grad``) when given. Returns the float32 loss ([N] for
+    ``reduction="none"``, else a 0-d tensor) on the logits' device."""
+    spec = _Spec(cfg)
+    n, v = s2.shape
+    if v == 0:
+        check.fail(fn, "student_logits has V = 0 (an empty vocabulary)")
+    device = s2.device
+    plan = _Plan(fn, cfg, n, labels, weights, device)
+    rows = _rows_per_chunk(chunk_size, n, v)
+    nm = " has every logit -inf (no distribution)"
+    _bad_rows(fn, "student_logits", s2, plan.active, rows, nm)
+    _bad_rows(fn, "teacher_logits", t2, plan.active, rows, nm)
+    dt = _compute_dtype(s2, t2)
+    need_s, need_t = grad_s2 is not None, grad_t2 is not None
+
+    def chunk(a, b, scale):
+        act = plan.active[a:b]
+        zs = _center(_sanitize(s2[a:b], act, dt), spec.inv_t)
+        zt = _center(_sanitize(t2[a:b], act, dt), spec.inv_t)
+        value, gs, gt = _chunk(spec, _Entries(zs, zt), need_s, need_t, scale.to(dt))
+        _store(grad_s2, a, b, gs, act)
+        _store(grad_t2, a, b, gt, act)
+        return value
+
+    return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
+
+
+def topk_divergence(
+    s2: torch.Tensor,
+    t2: torch.Tensor,
+    k: int,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    grad_s2: Optional[torch.Tensor] = None,
+    *,
+    fn: str = "topk_divergence",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The divergence over the teacher's top-k entries of each row (ties to the lower index),
+    both distributions renormalized over them; the student's gradient is 0 elsewhere."""
+    spec = _Spec(cfg)
+    n, v = s2.shape
+    if v == 0:
+        check.fail(fn, "student_logits has V = 0 (an empty vocabulary)")
+    if not 1 <= k <= v:
+        check.fail(fn, f"k must be in [1, V = {v}], got {k}")
+    device = s2.device
+    plan = _Plan(fn, cfg, n, labels, weights, device)
+    rows = _rows_per_chunk(chunk_size, n, v)
+    nm = " has every logit -inf (no distribution)"
+    _bad_rows(fn, "student_logits", s2, plan.active, rows, nm)
+    _bad_rows(fn, "teacher_logits", t2, plan.active, rows, nm)
+    dt = _compute_dtype(s2, t2)
+    need_s = grad_s2 is not None
+
+    def chunk(a, b, scale):
+        act = plan.active[a:b]
+        xt = _sanitize(t2[a:b], act, dt)
+        # A stable descending sort puts the lower index first among equal logits.
+        idx = torch.sort(xt, dim=-1, descending=True, stable=True).indices[:, :k]
+        xs = _sanitize(s2[a:b], act, dt).gather(-1, idx)
+        zs = _center(xs, spec.inv_t)
+        zt = _center(xt.gather(-1, idx), spec.inv_t)
+        value, gs, _ = _chunk(spec, _Entries(zs, zt), need_s, False, scale.to(dt))
+        if need_s:
+            full = torch.zeros((b - a, v), dtype=dt, device=device)
+            full.scatter_(-1, idx, gs)
+            _store(grad_s2, a, b, full, act)
+        return value
+
+    return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
