@@ -27,7 +27,7 @@ import torch
 from .. import _C
 from .. import _validate as check
 
-__all__ = ["divergence", "topk_divergence", "DEFAULT_CHUNK_ENTRIES"]
+__all__ = ["divergence", "sparse_divergence", "topk_divergence", "DEFAULT_CHUNK_ENTRIES"]
 
 #: Vocabulary entries per chunk when ``chunk_size`` is not given: 16 MiB per fp32 temporary.
 DEFAULT_CHUNK_ENTRIES = 1 << 22
@@ -475,6 +475,221 @@ def divergence(
     return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
 
 
+# ---------------------------------------------------------------------------------------------
+# Sparse and truncated teachers (src/sparse): the divergence over k (renormalize) or k + 1
+# (bucket: the k entries and the tail) buckets, per bucket in fp64 as the core does.
+# ---------------------------------------------------------------------------------------------
+
+_RENORM_NO_MASS = " is -inf at every teacher index (no student probability to renormalize)"
+_NO_MASS = " has every logit -inf (no distribution)"
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _bucket_values(spec: _Spec, lpd, lqd, qd, dt):
+    """Row values (fp64, +inf where infinite), student factors u (fp64) and their sums, and the
+    rows without a gradient, from the buckets' fp64 log p, log q and q."""
+    if spec.kind == "renyi":
+        a = spec.alpha
+        masked_q = torch.isneginf(lqd)
+        if a > 1.0:
+            at = torch.where(lpd > -_INF, torch.full_like(lpd, _INF), torch.full_like(lpd, -_INF))
+        else:
+            at = torch.full_like(lpd, -_INF)
+        logw = torch.where(masked_q, at, lqd + a * torch.where(masked_q, lqd, lpd - lqd))
+        amax = logw.amax(-1, keepdim=True)
+        infinite = (~(amax < _INF) | torch.isneginf(amax)).squeeze(-1)
+        amax_safe = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        pf, qf, lpf, lqf = torch.exp(lpd).to(dt), qd.to(dt), lpd.to(dt), lqd.to(dt)
+        lrf = (lpd - lqd).to(dt)
+        s1 = (-_mix_minus_power_mean(pf, qf, lqf, lrf, a)).sum(-1, dtype=torch.float64)
+        sum_w = torch.exp(logw - amax_safe).sum(-1)
+        log_sum_w = torch.where(
+            s1.abs() < 0.5, torch.log1p(s1), amax_safe.squeeze(-1) + torch.log(sum_w)
+        )
+        value = log_sum_w / (a - 1.0)
+        bad = infinite | ~(value.abs() <= _FLT_MAX)
+        u = -torch.exp(logw - log_sum_w.unsqueeze(-1))
+        u = torch.where(bad.unsqueeze(-1), torch.zeros_like(u), u)
+        sum_u = u.sum(-1)
+    else:
+        pf, qf, lpf, lqf = torch.exp(lpd).to(dt), qd.to(dt), lpd.to(dt), lqd.to(dt)
+        g, uf, _ = _terms(spec, pf, qf, lpf, lqf, (lpd - lqd).to(dt), False)
+        if uf is None:
+            uf = -pf
+        value = g.sum(-1, dtype=torch.float64)
+        sum_u = uf.sum(-1, dtype=torch.float64)
+        bad = ~(value.abs() <= _FLT_MAX) | ~(sum_u.abs() <= _FLT_MAX)
+        u = uf.double()
+    return torch.where(bad, torch.full_like(value, _INF), value), u, sum_u, bad
+
+
+def _bucket_chunk(spec, xs, idx, lpd, has_tail: bool, need_s: bool, scale):
+    """One chunk of sparse rows: xs [c, V] student logits (compute dtype), idx [c, k], lpd
+    [c, k] the teacher's fp64 log-probabilities (up to a constant when renormalized). Returns
+    (row values, the student gradient [c, V] or None)."""
+    dt = xs.dtype
+    k = idx.shape[1]
+    temp = float(spec.temperature)
+    xk = xs.gather(-1, idx)
+    lse_p = torch.logsumexp(lpd, -1, keepdim=True)
+    if has_tail:
+        mx = xs.amax(-1, keepdim=True)
+        e = torch.exp((xs.scatter(-1, idx, -_INF) - mx) * spec.inv_t)
+        z_tail = e.sum(-1, keepdim=True, dtype=torch.float64)
+        ref = mx.double()
+    else:
+        e = None
+        z_tail = torch.zeros_like(lse_p)
+        ref = xk.amax(-1, keepdim=True).double()
+    lqd = (xk.double() - ref) / temp
+    z = torch.exp(lqd).sum(-1, keepdim=True) + z_tail
+    log_z = torch.log(z)
+    lqd = lqd - log_z
+    qd = torch.exp(lqd)
+    if has_tail:
+        lq_tail = torch.where(z_tail > 0, torch.log(z_tail) - log_z, torch.full_like(z_tail, -_INF))
+        over = lse_p > 0
+        lp_top = torch.where(over, lpd - lse_p, lpd)
+        lp_tail = torch.where(over, torch.full_like(lse_p, -_INF), _log1mexp(lse_p.clamp(max=0)))
+        lpd = torch.cat([lp_top, lp_tail], -1)
+        lqd = torch.cat([lqd, lq_tail], -1)
+        qd = torch.cat([qd, z_tail / z], -1)
+    else:
+        lpd = lpd - lse_p
+    value, u, sum_u, bad = _bucket_values(spec, lpd, lqd, qd, dt)
+    if not need_s:
+        return value, None
+    sum_u = sum_u.unsqueeze(-1)
+    gk = (scale * (u[:, :k] - qd[:, :k] * sum_u)).to(dt)
+    if has_tail:
+        c = torch.where(
+            z_tail > 0, scale * (u[:, k:] / z_tail - sum_u / z), torch.zeros_like(z_tail)
+        )
+        full = e * c.to(dt)
+    else:
+        full = torch.zeros_like(xs)
+    full.scatter_(-1, idx, gk)
+    return value, torch.where(bad.unsqueeze(-1), torch.zeros_like(full), full)
+
+
+def _first_row(mask: torch.Tensor) -> Optional[int]:
+    return int(mask.nonzero()[0, 0]) if bool(mask.any()) else None
+
+
+def sparse_divergence(
+    s2: torch.Tensor,
+    idx2: torch.Tensor,
+    lp2: torch.Tensor,
+    tail: str,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    grad_s2: Optional[torch.Tensor] = None,
+    *,
+    fn: str = "sparse_divergence",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The divergence between the student's ``[N, V]`` logits and a teacher given as ``[N, k]``
+    (index, log-probability) pairs (see :func:`divkit.sparse_divergence`)."""
+    spec = _Spec(cfg)
+    if tail not in ("renormalize", "bucket"):
+        check.fail(fn, f"tail '{tail}' is unknown; valid tails: renormalize, bucket")
+    n, v = s2.shape
+    k = idx2.shape[1]
+    if v == 0:
+        check.fail(fn, "student_logits has V = 0 (an empty vocabulary)")
+    if k < 1:
+        check.fail(fn, "teacher_indices has k = 0 entries per row; k must be >= 1")
+    if k > v:
+        check.fail(
+            fn, f"teacher_indices has k = {k} entries per row, more than the vocabulary V = {v}"
+        )
+    device = s2.device
+    plan = _Plan(fn, cfg, n, labels, weights, device)
+    act = plan.active
+    renorm = tail == "renormalize" or k == v
+    # The teacher, counted rows only (padding rows may hold anything).
+    idx = torch.where(
+        act.unsqueeze(-1), idx2.to(torch.int64), torch.zeros_like(idx2, dtype=torch.int64)
+    )
+    lp = torch.where(
+        act.unsqueeze(-1), lp2.to(torch.float64), torch.full_like(lp2, -1.0, dtype=torch.float64)
+    )
+    r = _first_row(((idx < 0) | (idx >= v)).any(-1))
+    if r is not None:
+        b = int(((idx[r] < 0) | (idx[r] >= v)).nonzero()[0, 0])
+        check.fail(
+            fn,
+            f"teacher_indices holds {int(idx[r, b])} at row {r}, column {b}, outside the "
+            f"vocabulary [0, {v})",
+        )
+    srt = idx.sort(-1).values
+    r = _first_row((srt[:, 1:] == srt[:, :-1]).any(-1) & act)
+    if r is not None:
+        j = int(srt[r, 1:][srt[r, 1:] == srt[r, :-1]][0])
+        check.fail(
+            fn,
+            f"teacher_indices repeats index {j} at row {r} (each of a row's k entries must be a "
+            f"distinct token)",
+        )
+    r = _first_row((torch.isnan(lp) | (lp > 1e-3)).any(-1))
+    if r is not None:
+        b = int((torch.isnan(lp[r]) | (lp[r] > 1e-3)).nonzero()[0, 0])
+        x = float(lp[r, b])
+        check.fail(
+            fn,
+            f"teacher_logprobs must be log-probabilities (<= 0, or -inf), got {x:g} at row "
+            f"{r}, column {b}" + (" (logits instead of log-probabilities?)" if x > 0 else ""),
+        )
+    m = lp.amax(-1)
+    if renorm:
+        r = _first_row(torch.isneginf(m) & act)
+        if r is not None:
+            check.fail(
+                fn,
+                f"teacher_logprobs are all -inf at row {r}: nothing to renormalize (use "
+                f"tail='bucket' with k < V, or mark the row with labels = ignore_index)",
+            )
+    else:
+        mass = torch.exp(torch.logsumexp(lp, -1))
+        r = _first_row((mass > 1.0 + 1e-2) & act)
+        if r is not None:
+            check.fail(
+                fn,
+                f"teacher_logprobs at row {r} have probabilities summing to {float(mass[r]):g} "
+                f"> 1; tail='bucket' needs log-probabilities of one distribution (pass "
+                f"tail='renormalize' for unnormalized scores)",
+            )
+    rows = _rows_per_chunk(chunk_size, n, v)
+    _bad_rows(fn, "student_logits", s2, act, rows, _RENORM_NO_MASS if renorm else _NO_MASS)
+    dt = _compute_dtype(s2)
+    if renorm:
+        # No student mass on the k entries.
+        for a in range(0, n, rows):
+            xk = s2[a : a + rows].gather(-1, idx[a : a + rows])
+            r = _first_row(torch.isneginf(xk).all(-1) & act[a : a + rows])
+            if r is not None:
+                check.fail(
+                    fn,
+                    f"student_logits row {a + r}{_RENORM_NO_MASS}; mark it with "
+                    f"labels = ignore_index",
+                )
+    need_s = grad_s2 is not None
+
+    def chunk(a, b, scale):
+        ca = act[a:b]
+        xs = _sanitize(s2[a:b], ca, dt)
+        value, gs = _bucket_chunk(spec, xs, idx[a:b], lp[a:b], not renorm, need_s, scale)
+        _store(grad_s2, a, b, gs, ca)
+        return value
+
+    return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
+
+
 def topk_divergence(
     s2: torch.Tensor,
     t2: torch.Tensor,
@@ -487,8 +702,9 @@ def topk_divergence(
     fn: str = "topk_divergence",
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """The divergence over the teacher's top-k entries of each row (ties to the lower index),
-    both distributions renormalized over them; the student's gradient is 0 elsewhere."""
+    """The divergence over the teacher's top-k entries of each row (larger logit first, then
+    lower index), both distributions renormalized over them; the student's gradient is 0
+    elsewhere (see :func:`divkit.topk_divergence`)."""
     spec = _Spec(cfg)
     n, v = s2.shape
     if v == 0:
@@ -497,26 +713,38 @@ def topk_divergence(
         check.fail(fn, f"k must be in [1, V = {v}], got {k}")
     device = s2.device
     plan = _Plan(fn, cfg, n, labels, weights, device)
+    act = plan.active
     rows = _rows_per_chunk(chunk_size, n, v)
-    nm = " has every logit -inf (no distribution)"
-    _bad_rows(fn, "student_logits", s2, plan.active, rows, nm)
-    _bad_rows(fn, "teacher_logits", t2, plan.active, rows, nm)
+    _bad_rows(fn, "student_logits", s2, act, rows, _RENORM_NO_MASS)
+    _bad_rows(fn, "teacher_logits", t2, act, rows, _NO_MASS)
     dt = _compute_dtype(s2, t2)
     need_s = grad_s2 is not None
+    temp = float(spec.temperature)
+
+    def select(a, b):
+        # The core selects on the fp32 logits; a stable descending sort puts the lower index
+        # first among equal values.
+        xt = _sanitize(t2[a:b], act[a:b], torch.float32)
+        idx = torch.sort(xt, dim=-1, descending=True, stable=True).indices[:, :k]
+        lpd = (xt.gather(-1, idx).double() - xt.amax(-1, keepdim=True).double()) / temp
+        return idx, lpd
+
+    for a in range(0, n, rows):
+        idx, _ = select(a, a + rows)
+        xk = s2[a : a + rows].gather(-1, idx)
+        r = _first_row(torch.isneginf(xk).all(-1) & act[a : a + rows])
+        if r is not None:
+            check.fail(
+                fn,
+                f"student_logits row {a + r}{_RENORM_NO_MASS}; mark it with labels = ignore_index",
+            )
 
     def chunk(a, b, scale):
-        act = plan.active[a:b]
-        xt = _sanitize(t2[a:b], act, dt)
-        # A stable descending sort puts the lower index first among equal logits.
-        idx = torch.sort(xt, dim=-1, descending=True, stable=True).indices[:, :k]
-        xs = _sanitize(s2[a:b], act, dt).gather(-1, idx)
-        zs = _center(xs, spec.inv_t)
-        zt = _center(xt.gather(-1, idx), spec.inv_t)
-        value, gs, _ = _chunk(spec, _Entries(zs, zt), need_s, False, scale.to(dt))
-        if need_s:
-            full = torch.zeros((b - a, v), dtype=dt, device=device)
-            full.scatter_(-1, idx, gs)
-            _store(grad_s2, a, b, full, act)
+        ca = act[a:b]
+        idx, lpd = select(a, b)
+        xs = _sanitize(s2[a:b], ca, dt)
+        value, gs = _bucket_chunk(spec, xs, idx, lpd, False, need_s, scale)
+        _store(grad_s2, a, b, gs, ca)
         return value
 
     return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
