@@ -23,6 +23,7 @@ _OPTION_DEFAULTS = {
     "scale_by_t_squared": False,
     "inplace_grad": False,
     "grad_dtype": None,
+    "backend": "auto",
 }
 
 
@@ -41,9 +42,9 @@ class DivergenceLoss(torch.nn.Module):
 
     ``DivergenceLoss(kind="forward_kl", **options)`` calls :func:`divkit.divergence` with the
     options given at construction (``beta``, ``alpha``, ``temperature``, ``ignore_index``,
-    ``reduction``, ``scale_by_t_squared``, ``inplace_grad``, ``grad_dtype``); see its docstring
-    for the formula of each kind and its direction: ``forward_kl`` is KL(p_teacher ||
-    q_student), ``reverse_kl`` is KL(q_student || p_teacher), ``jsd`` is TRL's generalized JSD
+    ``reduction``, ``scale_by_t_squared``, ``inplace_grad``, ``grad_dtype``, ``backend``); see
+    its docstring for the formula of each kind and its direction: ``forward_kl`` is KL(p_teacher
+    || q_student), ``reverse_kl`` is KL(q_student || p_teacher), ``jsd`` is TRL's generalized JSD
     with ``beta`` (0: forward KL, 1: reverse KL). The kind and its parameters are checked here,
     when the module is built.
 
@@ -78,6 +79,7 @@ class DivergenceLoss(torch.nn.Module):
             merged["scale_by_t_squared"],
             merged["inplace_grad"],
             merged["grad_dtype"],
+            merged["backend"],
         )
         # The core checks the kind, its parameters and the reduction now, not at the first call.
         _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
