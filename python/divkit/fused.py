@@ -23,7 +23,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _C
+from . import _C, _device
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward, recompute_in_backward
 
@@ -236,6 +236,7 @@ def fused_linear_divergence(
     weights: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     num_items_in_batch=None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Knowledge distillation from hidden states, fused with both linear heads.
 
@@ -266,8 +267,27 @@ def fused_linear_divergence(
     1024 tokens), plus an fp32 accumulator for a weight gradient that is not fp32. With a reduced loss the gradients are computed in the forward call (as Liger
     does); with ``reduction="none"`` the backward reruns the chunks with the upstream gradient
     as weights.
+
+    ``backend``: ``"auto"`` or ``"core"``: the C++ core (CPU tensors; another device raises
+    ``"fused_linear_divergence: no kernel for device <d>"``); ``"torch"`` is not available yet.
     """
     fn = "fused_linear_divergence"
+    _device.route(
+        fn,
+        fn,
+        backend,
+        (
+            ("student_hidden", student_hidden),
+            ("student_weight", student_weight),
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_weight", teacher_weight),
+            ("student_bias", student_bias),
+            ("teacher_bias", teacher_bias),
+            ("labels", labels),
+            ("weights", weights),
+            ("teacher_token_ids", teacher_token_ids),
+        ),
+    )
     sh = _hidden(fn, "student_hidden", student_hidden)
     sw = _matrix(fn, "student_weight", student_weight)
     th = _hidden(fn, "teacher_hidden", teacher_hidden)
@@ -394,6 +414,7 @@ def fused_linear_sparse_divergence(
     weights: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     num_items_in_batch=None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Distillation from a sparse top-k teacher (an inference server's ``top_logprobs``), fused
     with the student's linear head: ``hard_weight * CE(z_s, labels) + soft_weight *
@@ -405,9 +426,24 @@ def fused_linear_sparse_divergence(
     (``forward_kl`` = KL(p_teacher || q_student)); the temperature divides the student's logits
     only. Never materializes the student's [tokens x V] logits: O(chunk x V) extra memory.
     dtypes: float32 / bfloat16 / float16 / float64 hidden states and weight, computed in fp32;
-    gradients (student hidden, weight, bias) in the inputs' dtypes.
+    gradients (student hidden, weight, bias) in the inputs' dtypes. ``backend``: as in
+    :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_sparse_divergence"
+    _device.route(
+        fn,
+        fn,
+        backend,
+        (
+            ("student_hidden", student_hidden),
+            ("student_weight", student_weight),
+            ("teacher_indices", teacher_indices),
+            ("teacher_logprobs", teacher_logprobs),
+            ("student_bias", student_bias),
+            ("labels", labels),
+            ("weights", weights),
+        ),
+    )
     sh = _hidden(fn, "student_hidden", student_hidden)
     sw = _matrix(fn, "student_weight", student_weight)
     sb = _bias(fn, "student_bias", student_bias)
@@ -515,6 +551,7 @@ def fused_linear_cross_entropy(
     chunk_size: Optional[int] = None,
     return_stats: bool = False,
     process_group=None,
+    backend: str = "auto",
 ):
     """Cross-entropy of ``logits = hidden @ weight.T + bias`` against ``labels``, fused.
 
@@ -532,9 +569,15 @@ def fused_linear_cross_entropy(
     be in ``[0, V)`` or ``ignore_index``. dtypes: float32 / bfloat16 / float16 / float64,
     computed in fp32; gradients in the inputs' dtypes. With ``return_stats=True`` returns
     ``(loss, logprobs, entropy)``, the per-token ``log p(label)`` and entropy of the (softcapped)
-    distribution, not differentiable.
+    distribution, not differentiable. ``backend``: as in :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_cross_entropy"
+    _device.route(
+        fn,
+        fn,
+        backend,
+        (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
+    )
     h = _hidden(fn, "hidden", hidden)
     w = _matrix(fn, "weight", weight)
     b = _bias(fn, "bias", bias)
@@ -620,6 +663,7 @@ def fused_linear_logprobs(
     topk: Optional[int] = None,
     chunk_size: Optional[int] = None,
     process_group=None,
+    backend: str = "auto",
 ):
     """Per-token ``log p(label)`` of ``p = softmax((hidden @ weight.T + bias) / temperature)``
     without materializing the logits (TRL's ``selective_log_softmax`` fused with the lm_head;
@@ -630,9 +674,16 @@ def fused_linear_logprobs(
     ``return_entropy=True`` or ``topk=k`` returns a :class:`LogprobsResult` with the per-token
     entropy ``-sum_j p_j log p_j`` (differentiable) and the top-k probability mass (not
     differentiable), the likelihood over-optimisation indicators of Shi et al. 2024.
-    dtypes: float32 / bfloat16 / float16 / float64 inputs, computed in fp32.
+    dtypes: float32 / bfloat16 / float16 / float64 inputs, computed in fp32. ``backend``: as in
+    :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_logprobs"
+    _device.route(
+        fn,
+        fn,
+        backend,
+        (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
+    )
     h = _hidden(fn, "hidden", hidden)
     w = _matrix(fn, "weight", weight)
     b = _bias(fn, "bias", bias)

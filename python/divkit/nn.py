@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _C
+from . import _C, _device
 from . import _validate as check
 from .functional import _parse_options, divergence
 from .fused import fused_linear_cross_entropy, fused_linear_divergence
@@ -123,6 +123,7 @@ _DISTILL_DEFAULTS = {
     "soft_weight": 1.0,
     "chunk_size": None,
     "process_group": None,
+    "backend": "auto",
 }
 
 
@@ -151,6 +152,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         self.kind = check.string(fn, "kind", kind)
         self.options = _merge_options(fn, options, _DISTILL_DEFAULTS)
         o = self.options
+        _device.backend(fn, o["backend"])
         _C.validate_spec(
             self.kind,
             check.real(fn, "beta", o["beta"]),
@@ -200,6 +202,7 @@ _CE_DEFAULTS = {
     "reduction": "mean",
     "chunk_size": None,
     "process_group": None,
+    "backend": "auto",
 }
 
 
@@ -220,6 +223,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.options = _merge_options("FusedLinearCrossEntropyLoss", options, _CE_DEFAULTS)
+        _device.backend("FusedLinearCrossEntropyLoss", self.options["backend"])
 
     def forward(self, weight, hidden, labels, bias=None, num_items_in_batch=None):
         return fused_linear_cross_entropy(
