@@ -28,7 +28,9 @@ BACKENDS: Tuple[str, ...] = ("auto", "core", "torch")
 #: Ops whose C++ core has a CUDA kernel (when the extension is built with CUDA).
 CUDA_OPS = frozenset({"divergence", "sparse_divergence", "topk_divergence"})
 #: Ops with a PyTorch fallback (divkit.backends.torch_ops).
-TORCH_OPS = frozenset({"divergence", "sparse_divergence", "topk_divergence"})
+TORCH_OPS = frozenset(
+    {"divergence", "sparse_divergence", "topk_divergence", "fused_linear_divergence"}
+)
 
 
 class Route(NamedTuple):

@@ -26,6 +26,7 @@ import torch
 from . import _C, _device
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward, recompute_in_backward
+from .backends import torch_ops
 
 __all__ = [
     "fused_linear_divergence",
@@ -38,22 +39,22 @@ __all__ = [
 _LEAD = "the hidden states' shape without H"
 
 
-def _hidden(fn: str, name: str, x):
-    return check.tensor(fn, name, x, min_ndim=1)
+def _hidden(fn: str, name: str, x, cpu: bool = True):
+    return check.tensor(fn, name, x, min_ndim=1, cpu=cpu)
 
 
-def _matrix(fn: str, name: str, x):
-    return check.tensor(fn, name, x, ndim=(2,))
+def _matrix(fn: str, name: str, x, cpu: bool = True):
+    return check.tensor(fn, name, x, ndim=(2,), cpu=cpu)
 
 
-def _bias(fn: str, name: str, x):
-    return check.tensor(fn, name, x, ndim=(1,), optional=True)
+def _bias(fn: str, name: str, x, cpu: bool = True):
+    return check.tensor(fn, name, x, ndim=(1,), optional=True, cpu=cpu)
 
 
-def _labels(fn: str, labels, lead_shape, *, optional: bool = False):
+def _labels(fn: str, labels, lead_shape, *, optional: bool = False, cpu: bool = True):
     if labels is None and not optional:
         check.fail_type(fn, "labels are required")
-    return check.labels(fn, labels, lead_shape, lead=_LEAD)
+    return check.labels(fn, labels, lead_shape, lead=_LEAD, cpu=cpu)
 
 
 def _head_loss(
@@ -184,10 +185,16 @@ def _distill_call(
     token_ids,
     need,
     reduction: Optional[str] = None,
+    route: Optional[_device.Route] = None,
 ):
-    """One core call. need: 6 flags (student hidden/weight/bias, teacher hidden/weight/bias).
-    Returns (loss, six gradients or None)."""
+    """One core call (or the PyTorch fallback's, when ``route`` says so). need: 6 flags
+    (student hidden/weight/bias, teacher hidden/weight/bias). Returns (loss, six gradients or
+    None)."""
     reduction = reduction or cfg.reduction
+    if route is not None and not route.core:
+        return torch_ops.fused_linear_divergence(
+            sh, sw, sb, th, tw, tb, labels, weights, cfg, need, reduction
+        )
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb, th, tw, tb), need)]
@@ -268,11 +275,13 @@ def fused_linear_divergence(
     does); with ``reduction="none"`` the backward reruns the chunks with the upstream gradient
     as weights.
 
-    ``backend``: ``"auto"`` or ``"core"``: the C++ core (CPU tensors; another device raises
-    ``"fused_linear_divergence: no kernel for device <d>"``); ``"torch"`` is not available yet.
+    ``backend``: ``"auto"`` (the C++ core for CPU tensors, the PyTorch fallback on other devices),
+    ``"core"`` or ``"torch"`` (chunked PyTorch ops on any device, without ``process_group`` and
+    ``teacher_token_ids``; the fp32 weights are copied once per call), as in
+    :func:`divkit.divergence`.
     """
     fn = "fused_linear_divergence"
-    _device.route(
+    route = _device.route(
         fn,
         fn,
         backend,
@@ -288,12 +297,19 @@ def fused_linear_divergence(
             ("teacher_token_ids", teacher_token_ids),
         ),
     )
-    sh = _hidden(fn, "student_hidden", student_hidden)
-    sw = _matrix(fn, "student_weight", student_weight)
-    th = _hidden(fn, "teacher_hidden", teacher_hidden)
-    tw = _matrix(fn, "teacher_weight", teacher_weight)
-    sb = _bias(fn, "student_bias", student_bias)
-    tb = _bias(fn, "teacher_bias", teacher_bias)
+    cpu = route.device.type == "cpu"
+    if not route.core and (process_group is not None or teacher_token_ids is not None):
+        check.fail(
+            fn,
+            "the PyTorch fallback has no process_group or teacher_token_ids (no kernel for "
+            f"device {route.device} with them)",
+        )
+    sh = _hidden(fn, "student_hidden", student_hidden, cpu)
+    sw = _matrix(fn, "student_weight", student_weight, cpu)
+    th = _hidden(fn, "teacher_hidden", teacher_hidden, cpu)
+    tw = _matrix(fn, "teacher_weight", teacher_weight, cpu)
+    sb = _bias(fn, "student_bias", student_bias, cpu)
+    tb = _bias(fn, "teacher_bias", teacher_bias, cpu)
     lead = sh.shape[:-1]
     if tuple(th.shape[:-1]) != tuple(lead):
         check.fail(
@@ -301,9 +317,11 @@ def fused_linear_divergence(
             f"teacher_hidden has shape {tuple(th.shape)} and student_hidden "
             f"{tuple(sh.shape)}: the token dimensions must agree",
         )
-    lab = _labels(fn, labels, lead, optional=True)
+    lab = _labels(fn, labels, lead, optional=True, cpu=cpu)
     if weights is not None:
-        check.floating(fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD))
+        check.floating(
+            fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD, cpu=cpu)
+        )
         weights = weights.detach().reshape(-1)
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
@@ -330,18 +348,20 @@ def fused_linear_divergence(
         soft_weight=check.real(fn, "soft_weight", soft_weight),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
-    return _divergence_apply(sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead)
+    return _divergence_apply(
+        sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead, route
+    )
 
 
 def _divergence_apply(
-    sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group, lead
+    sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group, lead, route=None
 ):
     """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
     group, or None)."""
 
     def call(ts, need, upstream):
         if upstream is None:
-            loss, grads = _distill_call(cfg, group, *ts, labels, weights, ids, need)
+            loss, grads = _distill_call(cfg, group, *ts, labels, weights, ids, need, route=route)
         else:
             loss, grads = _distill_call(
                 cfg,
@@ -352,6 +372,7 @@ def _divergence_apply(
                 ids,
                 need,
                 reduction="sum",
+                route=route,
             )
         return (loss,), grads
 

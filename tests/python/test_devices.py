@@ -147,8 +147,14 @@ def test_cuda_without_kernels_falls_back(fake_cuda, monkeypatch):
     assert r.engine == "torch" and r.stream is None and r.core_kwargs() == {}
     with pytest.raises(divkit.Error, match="^divergence: no kernel for device cuda:1$"):
         _device.route("divergence", "divergence", "core", ())
-    with pytest.raises(divkit.Error, match="^fused_linear_divergence: no kernel for device cuda:1"):
-        _device.route("fused_linear_divergence", "fused_linear_divergence", "auto", ())
+    assert _device.route("fused_linear_divergence", "fused_linear_divergence", "auto", ()) == (
+        _device.Route("torch", torch.device("cuda", 1))
+    )
+    # An op without a fallback: an error, not a copy to the host.
+    with pytest.raises(
+        divkit.Error, match="^fused_linear_cross_entropy: no kernel for device cuda:1"
+    ):
+        _device.route("fused_linear_cross_entropy", "fused_linear_cross_entropy", "auto", ())
 
 
 def test_cpu_route_passes_no_stream():

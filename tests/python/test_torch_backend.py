@@ -361,3 +361,60 @@ def test_sparse_teacher_errors_as_the_core(mutate, match):
             divkit.sparse_divergence(s, idx, lp, backend=backend)
         msgs.append(str(info.value))
     assert msgs[0] == msgs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused linear head.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", KIND_CASES, ids=case_id)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+def test_fused_linear_divergence(case, reduction, hard_weight):
+    kind, params = case
+    n, hs, ht, v = 11, 8, 6, 37
+    base = [
+        logits(n, hs, seed=40, scale=1.0),
+        logits(v, hs, seed=41, scale=0.5),
+        logits(n, ht, seed=42, scale=1.0),
+        logits(v, ht, seed=43, scale=0.5),
+        logits(v, seed=44, scale=0.5),
+        logits(v, seed=45, scale=0.5),
+    ]
+    labels = torch.arange(n) * 3 % v
+    labels[4] = -100
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(46)) + 0.5
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        loss = divkit.fused_linear_divergence(
+            xs[0],
+            xs[1],
+            xs[2],
+            xs[3],
+            kind,
+            student_bias=xs[4],
+            teacher_bias=xs[5],
+            labels=labels,
+            weights=weights,
+            hard_weight=hard_weight,
+            reduction=reduction,
+            chunk_size=4,  # chunks of 4, 4 and 3 tokens
+            temperature=1.5,
+            backend=backend,
+            **params,
+        )
+        go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(47))
+        loss.backward(go)
+        out.append((loss.detach(), *[x.grad for x in xs]))
+    compare(out[0], out[1])
+
+
+def test_ops_without_fallback_refuse_backend_torch():
+    h, w = logits(3, 4, seed=48), logits(5, 4, seed=49)
+    labels = torch.tensor([0, 1, 2])
+    with pytest.raises(divkit.Error, match="backend='torch' is not available"):
+        divkit.fused_linear_cross_entropy(h, w, labels, backend="torch")
+    with pytest.raises(divkit.Error, match="backend='torch' is not available"):
+        divkit.ot.sinkhorn(h, h, eps=0.1, backend="torch")

@@ -27,7 +27,13 @@ import torch
 from .. import _C
 from .. import _validate as check
 
-__all__ = ["divergence", "sparse_divergence", "topk_divergence", "DEFAULT_CHUNK_ENTRIES"]
+__all__ = [
+    "divergence",
+    "sparse_divergence",
+    "topk_divergence",
+    "fused_linear_divergence",
+    "DEFAULT_CHUNK_ENTRIES",
+]
 
 #: Vocabulary entries per chunk when ``chunk_size`` is not given: 16 MiB per fp32 temporary.
 DEFAULT_CHUNK_ENTRIES = 1 << 22
@@ -748,3 +754,151 @@ def topk_divergence(
         return value
 
     return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused linear head (src/fused_linear/distill_loop.cc): chunks of tokens through the GEMM,
+# the soft term (the token divergence above, per row, weighted soft_weight * w_i / divisor) and
+# the hard-label cross-entropy (T = 1, weighted hard_weight * w_i / divisor), then the gradient
+# GEMMs. Only one chunk of logits (and of their gradients) exists at a time.
+# ---------------------------------------------------------------------------------------------
+
+
+class _SoftCfg:
+    """The divergence options of the soft term: per-row losses, weighted by the caller."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.kind, self.beta, self.alpha = cfg.kind, cfg.beta, cfg.alpha
+        self.temperature, self.scale_by_t_squared = cfg.temperature, cfg.scale_by_t_squared
+        self.ignore_index = cfg.ignore_index
+        self.reduction, self.num_items_in_batch = "none", 0.0
+
+
+def fused_linear_divergence(
+    sh: torch.Tensor,
+    sw: torch.Tensor,
+    sb: Optional[torch.Tensor],
+    th: torch.Tensor,
+    tw: torch.Tensor,
+    tb: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    need,
+    reduction: str,
+    *,
+    fn: str = "fused_linear_divergence",
+):
+    """``hard_weight * CE(z_s, labels) + soft_weight * D(p_teacher, q_student)`` of the heads
+    ``z = hidden @ weight.T + bias`` (``[N, H]`` hidden states); ``cfg``: the options of
+    :func:`divkit.fused_linear_divergence`; ``need``: six flags (student hidden, weight, bias,
+    teacher hidden, weight, bias). Returns (loss [N] or [1] float32, six gradients or None)."""
+    n, v = sh.shape[0], sw.shape[0]
+    if tw.shape[0] != v:
+        check.fail(
+            fn,
+            f"teacher_weight has {tw.shape[0]} rows but student_weight {v}: the PyTorch "
+            f"fallback needs one vocabulary (teacher_token_ids is not supported there)",
+        )
+    if v == 0:
+        check.fail(fn, "student_weight has V = 0 (an empty vocabulary)")
+    hw, sw_f = float(cfg.hard_weight), float(cfg.soft_weight)
+    if not (math.isfinite(hw) and math.isfinite(sw_f)):
+        check.fail(fn, "hard_weight and soft_weight must be finite")
+    if hw != 0.0 and labels is None:
+        check.fail(fn, "hard_weight != 0 needs labels")
+    dev = sh.device
+    plan_cfg = _SoftCfg(cfg)
+    plan_cfg.reduction, plan_cfg.num_items_in_batch = reduction, cfg.num_items_in_batch
+    plan = _Plan(fn, plan_cfg, n, labels, weights, dev)
+    act = plan.active
+    lab = None
+    if labels is not None:
+        lab = labels.to(dev).reshape(-1).to(torch.int64)
+        if hw != 0.0:
+            bad = act & ((lab < 0) | (lab >= v))
+            r = _first_row(bad)
+            if r is not None:
+                check.fail(
+                    fn,
+                    f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not "
+                    f"ignore_index ({cfg.ignore_index})",
+                )
+    dt = _compute_dtype(sh, sw, th, tw)
+    ws, wt = sw.to(dt), tw.to(dt)
+    bs = sb.to(dt) if sb is not None else None
+    bt = tb.to(dt) if tb is not None else None
+    need_zs = any(need[:3])
+    need_zt = any(need[3:]) and sw_f != 0.0
+    g = [None] * 6
+    if need[0]:
+        g[0] = torch.empty(sh.shape, dtype=dt, device=dev)
+    if need[1]:
+        g[1] = torch.zeros(sw.shape, dtype=dt, device=dev)
+    if need[2] and sb is not None:
+        g[2] = torch.zeros(sb.shape, dtype=dt, device=dev)
+    if need[3]:
+        g[3] = torch.zeros(th.shape, dtype=dt, device=dev)
+    if need[4]:
+        g[4] = torch.zeros(tw.shape, dtype=dt, device=dev)
+    if need[5] and tb is not None:
+        g[5] = torch.zeros(tb.shape, dtype=dt, device=dev)
+    soft_cfg = _SoftCfg(cfg)
+    rows = _rows_per_chunk(cfg.chunk_size, n, v)
+    row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
+    scale = plan.weight / plan.divisor  # per token: w_i / divisor
+    scale = torch.where(act, scale, torch.zeros_like(scale))
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        hs_c = sh[a:b].to(dt)
+        zs = hs_c @ ws.T
+        if bs is not None:
+            zs = zs + bs
+        dzs = torch.zeros_like(zs) if need_zs else None
+        ht_c = None
+        if sw_f != 0.0:
+            ht_c = th[a:b].to(dt)
+            zt = ht_c @ wt.T
+            if bt is not None:
+                zt = zt + bt
+            gzs = torch.empty_like(zs) if need_zs else None
+            gzt = torch.empty_like(zt) if need_zt else None
+            lab_c = lab[a:b] if lab is not None else None
+            soft = divergence(
+                zs, zt, lab_c, sw_f * scale[a:b], soft_cfg, gzs, gzt, fn=fn, chunk_size=b - a
+            )
+            row_loss[a:b] += soft.to(torch.float64)
+            if need_zs:
+                dzs += gzs
+            if need_zt:
+                if g[3] is not None:
+                    g[3][a:b] = gzt @ wt
+                if g[4] is not None:
+                    g[4] += gzt.T @ ht_c
+                if g[5] is not None:
+                    g[5] += gzt.sum(0)
+        if hw != 0.0:
+            y = torch.where(act[a:b], lab[a:b], torch.zeros_like(lab[a:b]))
+            lse = torch.logsumexp(zs, -1)
+            bad = act[a:b] & ~torch.isfinite(lse)
+            r = _first_row(bad)
+            if r is not None:
+                check.fail(fn, f"the student logits of token {a + r} are NaN, +inf or all -inf")
+            hwr = hw * scale[a:b]
+            ce = (lse - zs.gather(-1, y.unsqueeze(-1)).squeeze(-1)).double()
+            row_loss[a:b] += torch.where(act[a:b], hwr * ce, torch.zeros_like(ce))
+            if need_zs:
+                pr = torch.exp(zs - lse.unsqueeze(-1))
+                pr.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(pr[:, :1]))
+                dzs += hwr.to(dt).unsqueeze(-1) * pr
+        if need_zs:
+            if g[0] is not None:
+                g[0][a:b] = dzs @ ws
+            if g[1] is not None:
+                g[1] += dzs.T @ hs_c
+            if g[2] is not None:
+                g[2] += dzs.sum(0)
+    loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
+    inputs = (sh, sw, sb, th, tw, tb)
+    grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, inputs)]
+    return loss.to(torch.float32), grads
