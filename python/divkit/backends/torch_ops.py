@@ -13,7 +13,8 @@ cancellation-free forms included), and the reduction is the rule of ``src/core/r
   preallocated outputs: into the student logits' own storage for ``inplace_grad=True``.
 * Bad input is found before anything is written (a first pass over the chunks): NaN or +inf
   logits, or a row with every logit -inf, in a token that is not ignored, raise divkit.Error
-  naming the argument and the row. These checks read a flag back to the host once per call.
+  naming the argument and the row. These checks read a flag back to the host per chunk (a
+  synchronization on an accelerator: the fallback is not meant for CUDA graph capture).
 """
 
 from __future__ import annotations
