@@ -29,7 +29,13 @@ BACKENDS: Tuple[str, ...] = ("auto", "core", "torch")
 CUDA_OPS = frozenset({"divergence", "sparse_divergence", "topk_divergence"})
 #: Ops with a PyTorch fallback (divkit.backends.torch_ops).
 TORCH_OPS = frozenset(
-    {"divergence", "sparse_divergence", "topk_divergence", "fused_linear_divergence"}
+    {
+        "divergence",
+        "sparse_divergence",
+        "topk_divergence",
+        "fused_linear_divergence",
+        "fused_linear_cross_entropy",
+    }
 )
 
 

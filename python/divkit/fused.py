@@ -590,20 +590,24 @@ def fused_linear_cross_entropy(
     be in ``[0, V)`` or ``ignore_index``. dtypes: float32 / bfloat16 / float16 / float64,
     computed in fp32; gradients in the inputs' dtypes. With ``return_stats=True`` returns
     ``(loss, logprobs, entropy)``, the per-token ``log p(label)`` and entropy of the (softcapped)
-    distribution, not differentiable. ``backend``: as in :func:`fused_linear_divergence`.
+    distribution, not differentiable. ``backend``: as in :func:`fused_linear_divergence` (the
+    PyTorch fallback without ``process_group``).
     """
     fn = "fused_linear_cross_entropy"
-    _device.route(
+    route = _device.route(
         fn,
         fn,
         backend,
         (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
     )
-    h = _hidden(fn, "hidden", hidden)
-    w = _matrix(fn, "weight", weight)
-    b = _bias(fn, "bias", bias)
+    cpu = route.device.type == "cpu"
+    if not route.core and process_group is not None:
+        check.fail(fn, f"the PyTorch fallback has no process_group (device {route.device})")
+    h = _hidden(fn, "hidden", hidden, cpu)
+    w = _matrix(fn, "weight", weight, cpu)
+    b = _bias(fn, "bias", bias, cpu)
     lead = h.shape[:-1]
-    lab = _labels(fn, labels, lead)
+    lab = _labels(fn, labels, lead, cpu=cpu)
     cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
     if softcap is not None and not cap > 0:
         check.fail(fn, f"softcap must be > 0 (or None), got {cap:g}")
@@ -616,16 +620,28 @@ def fused_linear_cross_entropy(
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
-    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats))
+    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats), route)
 
 
-def _cross_entropy_apply(h, w, b, labels, cfg: _CEConfig, group, lead, return_stats: bool):
+def _cross_entropy_apply(
+    h, w, b, labels, cfg: _CEConfig, group, lead, return_stats: bool, route=None
+):
     """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
-    group, or None)."""
+    group, or None; route: where it runs, the core when None)."""
 
     def call(ts, need, upstream):
         n = ts[0].shape[0]
         reduction = cfg.reduction if upstream is None else "sum"
+        if route is not None and not route.core:
+            return torch_ops.fused_linear_cross_entropy(
+                *_head(*ts),
+                labels,
+                None if upstream is None else upstream.reshape(-1),
+                cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
+                need,
+                reduction,
+                return_stats and upstream is None,
+            )
         loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
         grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
         stats = [

@@ -411,10 +411,56 @@ def test_fused_linear_divergence(case, reduction, hard_weight):
     compare(out[0], out[1])
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"label_smoothing": 0.1},
+        {"lse_square_scale": 1e-2},
+        {"softcap": 3.0},
+        {"label_smoothing": 0.2, "softcap": 2.0, "lse_square_scale": 0.1},
+    ],
+)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_cross_entropy(options, reduction, dtype):
+    n, h, v = 13, 8, 37
+    base = [
+        logits(n, h, seed=50, scale=1.0).to(dtype),
+        logits(v, h, seed=51, scale=1.0).to(dtype),
+        logits(v, seed=52, scale=1.0).to(dtype),
+    ]
+    labels = torch.arange(n) * 5 % v
+    labels[3] = -100
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        loss, logprobs, entropy = divkit.fused_linear_cross_entropy(
+            xs[0],
+            xs[1],
+            labels,
+            xs[2],
+            reduction=reduction,
+            num_items_in_batch=5 if reduction == "sum" else None,
+            chunk_size=4,
+            return_stats=True,
+            backend=backend,
+            **options,
+        )
+        go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(53))
+        loss.backward(go)
+        out.append((loss.detach(), *[x.grad for x in xs]))
+        out[-1] = out[-1] + (logprobs, entropy)
+    core, fb = out
+    compare(core[:4], fb[:4])
+    for a, b in zip(fb[4:], core[4:]):
+        assert_loss_close(a, b)
+
+
 def test_ops_without_fallback_refuse_backend_torch():
     h, w = logits(3, 4, seed=48), logits(5, 4, seed=49)
     labels = torch.tensor([0, 1, 2])
     with pytest.raises(divkit.Error, match="backend='torch' is not available"):
-        divkit.fused_linear_cross_entropy(h, w, labels, backend="torch")
+        divkit.fused_linear_logprobs(h, w, labels, backend="torch")
     with pytest.raises(divkit.Error, match="backend='torch' is not available"):
         divkit.ot.sinkhorn(h, h, eps=0.1, backend="torch")

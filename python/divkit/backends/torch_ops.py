@@ -33,6 +33,7 @@ __all__ = [
     "sparse_divergence",
     "topk_divergence",
     "fused_linear_divergence",
+    "fused_linear_cross_entropy",
     "DEFAULT_CHUNK_ENTRIES",
 ]
 
@@ -903,3 +904,100 @@ def fused_linear_divergence(
     inputs = (sh, sw, sb, th, tw, tb)
     grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, inputs)]
     return loss.to(torch.float32), grads
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    token_weights: Optional[torch.Tensor],
+    cfg: Any,
+    need,
+    reduction: str,
+    return_stats: bool,
+    *,
+    fn: str = "fused_linear_cross_entropy",
+):
+    """Cross-entropy of ``z = hidden @ weight.T + bias`` (softcapped when ``cfg.softcap`` > 0)
+    with label smoothing and z-loss, in chunks of tokens (see
+    :func:`divkit.fused_linear_cross_entropy`); ``token_weights`` scale each token (the
+    upstream gradient of a per-token loss). Returns ((loss[, logprobs, entropy]), three gradients
+    or None)."""
+    n, v = h.shape[0], w.shape[0]
+    dev = h.device
+    plan_cfg = _SoftCfg.__new__(_SoftCfg)
+    plan_cfg.ignore_index = cfg.ignore_index
+    plan_cfg.reduction, plan_cfg.num_items_in_batch = reduction, cfg.num_items_in_batch
+    plan = _Plan(fn, plan_cfg, n, labels, token_weights, dev)
+    act = plan.active
+    lab = labels.to(dev).reshape(-1).to(torch.int64)
+    r = _first_row(act & ((lab < 0) | (lab >= v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
+            f"({cfg.ignore_index})",
+        )
+    eps, zsq, cap = float(cfg.label_smoothing), float(cfg.lse_square_scale), float(cfg.softcap)
+    dt = _compute_dtype(h, w)
+    wf = w.to(dt)
+    bf = b.to(dt) if b is not None else None
+    g = [None, None, None]
+    if need[0]:
+        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+    if need[1]:
+        g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
+    if need[2] and b is not None:
+        g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    want = any(x is not None for x in g)
+    rows = _rows_per_chunk(cfg.chunk_size, n, v)
+    row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
+    logprobs = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
+    entropy = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
+    scale = torch.where(act, plan.weight / plan.divisor, torch.zeros_like(plan.weight))
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        hc = h[a:e].to(dt)
+        x = hc @ wf.T
+        if bf is not None:
+            x = x + bf
+        z = cap * torch.tanh(x / cap) if cap > 0 else x
+        lse = torch.logsumexp(z, -1)
+        r = _first_row(ca & ~torch.isfinite(lse))
+        if r is not None:
+            check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
+        zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        loss_r = (1.0 - eps) * (lse - zy).double()
+        if eps != 0.0:
+            loss_r = loss_r + eps * (lse.double() - z.mean(-1, dtype=torch.float64))
+        if zsq != 0.0:
+            loss_r = loss_r + zsq * lse.double() ** 2
+        row_loss[a:e] = torch.where(ca, loss_r * scale[a:e], torch.zeros_like(loss_r))
+        p = torch.exp(z - lse.unsqueeze(-1))
+        if return_stats:
+            lp = torch.where(ca, zy - lse, torch.zeros_like(lse))
+            ent = -(p * (z - lse.unsqueeze(-1))).sum(-1)
+            logprobs[a:e] = lp.to(torch.float32)
+            entropy[a:e] = torch.where(ca, ent, torch.zeros_like(ent)).to(torch.float32)
+        if want:
+            # d loss_i / d z = (1 - eps)(p - 1[y]) + eps (p - 1/V) + 2 zsq lse p
+            dz = p * (1.0 + 2.0 * zsq * lse.unsqueeze(-1))
+            if eps != 0.0:
+                dz = dz - eps / v
+            dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(dz[:, :1], -(1.0 - eps)))
+            if cap > 0:
+                dz = dz * (1.0 - (z / cap) ** 2)
+            dz = dz * scale[a:e].to(dt).unsqueeze(-1)
+            if g[0] is not None:
+                g[0][a:e] = dz @ wf
+            if g[1] is not None:
+                g[1] += dz.T @ hc
+            if g[2] is not None:
+                g[2] += dz.sum(0)
+    loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
+    grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
+    outs = (loss.to(torch.float32),) + ((logprobs, entropy) if return_stats else ())
+    return outs, grads
