@@ -35,6 +35,7 @@ TORCH_OPS = frozenset(
         "topk_divergence",
         "fused_linear_divergence",
         "fused_linear_cross_entropy",
+        "fused_linear_logprobs",
     }
 )
 

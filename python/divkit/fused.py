@@ -715,17 +715,20 @@ def fused_linear_logprobs(
     :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_logprobs"
-    _device.route(
+    route = _device.route(
         fn,
         fn,
         backend,
         (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
     )
-    h = _hidden(fn, "hidden", hidden)
-    w = _matrix(fn, "weight", weight)
-    b = _bias(fn, "bias", bias)
+    cpu = route.device.type == "cpu"
+    if not route.core and process_group is not None:
+        check.fail(fn, f"the PyTorch fallback has no process_group (device {route.device})")
+    h = _hidden(fn, "hidden", hidden, cpu)
+    w = _matrix(fn, "weight", weight, cpu)
+    b = _bias(fn, "bias", bias, cpu)
     lead = h.shape[:-1]
-    lab = _labels(fn, labels, lead)
+    lab = _labels(fn, labels, lead, cpu=cpu)
     temperature = check.real(fn, "temperature", temperature)
     ignore_index = check.integer(fn, "ignore_index", ignore_index)
     k = 0 if topk is None else check.integer(fn, "topk", topk)
@@ -733,7 +736,18 @@ def fused_linear_logprobs(
         check.fail(fn, f"topk must be >= 1 (or None), got {k}")
     chunk = check.chunk_size(fn, chunk_size)
     return _logprobs_apply(
-        h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk, process_group, lead
+        h,
+        w,
+        b,
+        lab,
+        temperature,
+        ignore_index,
+        bool(return_entropy),
+        k,
+        chunk,
+        process_group,
+        lead,
+        route,
     )
 
 
@@ -749,9 +763,11 @@ def _logprobs_apply(
     chunk: int,
     group,
     lead,
+    route=None,
 ):
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
-    vocabulary-parallel process group, or None)."""
+    vocabulary-parallel process group, or None; route: where it runs, the core when None)."""
+    fallback = route is not None and not route.core
 
     def opts(**more):
         return _options(
@@ -759,6 +775,11 @@ def _logprobs_apply(
         )
 
     def forward(ts, need, upstream):
+        if fallback:
+            outs = torch_ops.fused_linear_logprobs(
+                *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
+            )
+            return outs, None
         n = ts[0].shape[0]
         outs = [torch.empty(n, dtype=torch.float32)]
         if return_entropy:
@@ -776,6 +797,10 @@ def _logprobs_apply(
 
     def backward(ts, grad_out, need):
         g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
+        if fallback:
+            return torch_ops.fused_linear_logprobs_backward(
+                *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
+            )
         grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
         _C.fused_linear_logprobs_backward(
             _head(*ts),

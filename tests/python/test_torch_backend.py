@@ -457,10 +457,48 @@ def test_fused_linear_cross_entropy(options, reduction, dtype):
         assert_loss_close(a, b)
 
 
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("topk", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_logprobs(return_entropy, topk, dtype):
+    n, h, v = 13, 8, 37
+    base = [
+        logits(n, h, seed=54, scale=1.0).to(dtype),
+        logits(v, h, seed=55, scale=1.0).to(dtype),
+        logits(v, seed=56, scale=1.0).to(dtype),
+    ]
+    labels = torch.arange(n) * 7 % v
+    labels[3] = -100
+    g1 = torch.rand(n, generator=torch.Generator().manual_seed(57))
+    g2 = torch.rand(n, generator=torch.Generator().manual_seed(58))
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        res = divkit.fused_linear_logprobs(
+            xs[0],
+            xs[1],
+            labels,
+            xs[2],
+            temperature=1.7,
+            return_entropy=return_entropy,
+            topk=topk,
+            chunk_size=4,
+            backend=backend,
+        )
+        res = (res,) if isinstance(res, torch.Tensor) else tuple(r for r in res if r is not None)
+        total = (res[0] * g1).sum() + ((res[1] * g2).sum() if return_entropy else 0.0)
+        total.backward()
+        out.append((res, [x.grad for x in xs]))
+    for a, b in zip(out[1][0], out[0][0]):
+        assert_loss_close(a.detach(), b.detach())
+    for a, b in zip(out[1][1], out[0][1]):
+        assert_grad_close(a, b)
+
+
 def test_ops_without_fallback_refuse_backend_torch():
     h, w = logits(3, 4, seed=48), logits(5, 4, seed=49)
-    labels = torch.tensor([0, 1, 2])
+    idx, lp = sparse_teacher(3, 5, 2, seed=59)
     with pytest.raises(divkit.Error, match="backend='torch' is not available"):
-        divkit.fused_linear_logprobs(h, w, labels, backend="torch")
+        divkit.fused_linear_sparse_divergence(h, w, idx, lp, backend="torch")
     with pytest.raises(divkit.Error, match="backend='torch' is not available"):
         divkit.ot.sinkhorn(h, h, eps=0.1, backend="torch")

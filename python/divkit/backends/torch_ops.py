@@ -34,6 +34,8 @@ __all__ = [
     "topk_divergence",
     "fused_linear_divergence",
     "fused_linear_cross_entropy",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_backward",
     "DEFAULT_CHUNK_ENTRIES",
 ]
 
@@ -1001,3 +1003,129 @@ def fused_linear_cross_entropy(
     grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
     outs = (loss.to(torch.float32),) + ((logprobs, entropy) if return_stats else ())
     return outs, grads
+
+
+def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
+    """Yields (a, e, active, y, hc, wf, z, lse) per chunk of tokens, with ``z`` the chunk's
+    logits / T in the compute dtype (for fused_linear_logprobs)."""
+    n, v = h.shape[0], w.shape[0]
+    dev = h.device
+    lab = labels.to(dev).reshape(-1).to(torch.int64)
+    act = lab != ignore_index
+    r = _first_row(act & ((lab < 0) | (lab >= v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
+            f"({ignore_index})",
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        check.fail(fn, f"temperature must be finite and > 0, got {temperature:g}")
+    dt = _compute_dtype(h, w)
+    wf = w.to(dt)
+    bf = b.to(dt) if b is not None else None
+    inv_t = _f32(np.float32(1.0) / np.float32(temperature))
+    rows = _rows_per_chunk(chunk_size, n, v)
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        hc = h[a:e].to(dt)
+        x = hc @ wf.T
+        if bf is not None:
+            x = x + bf
+        z = x * inv_t
+        lse = torch.logsumexp(z, -1)
+        r = _first_row(ca & ~torch.isfinite(lse))
+        if r is not None:
+            check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
+        yield a, e, ca, y, hc, wf, z, lse, inv_t
+
+
+def fused_linear_logprobs(
+    h,
+    w,
+    b,
+    labels,
+    ignore_index,
+    temperature,
+    return_entropy,
+    topk,
+    chunk_size,
+    *,
+    fn="fused_linear_logprobs",
+):
+    """Per-token log p(label) (and the entropy, the top-k mass) of softmax((h @ w.T + b) / T),
+    0 for ignored tokens, in chunks of tokens (see :func:`divkit.fused_linear_logprobs`)."""
+    n = h.shape[0]
+    dev = h.device
+    lp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent = torch.zeros(n, dtype=torch.float32, device=dev) if return_entropy else None
+    mass = torch.zeros(n, dtype=torch.float32, device=dev) if topk else None
+    for a, e, ca, y, _, _, z, lse, _ in _logprob_chunks(
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn
+    ):
+        zero = torch.zeros_like(lse)
+        lpz = z - lse.unsqueeze(-1)
+        lp[a:e] = torch.where(ca, lpz.gather(-1, y.unsqueeze(-1)).squeeze(-1), zero).float()
+        p = torch.exp(lpz)
+        if return_entropy:
+            ent[a:e] = torch.where(ca, -(_xt(p, lpz)).sum(-1), zero).float()
+        if topk:
+            k = min(topk, z.shape[-1])
+            mass[a:e] = torch.where(ca, p.topk(k, -1).values.sum(-1), zero).float()
+    outs = [lp]
+    if return_entropy:
+        outs.append(ent)
+    if topk:
+        outs.append(mass)
+    return tuple(outs)
+
+
+def fused_linear_logprobs_backward(
+    h,
+    w,
+    b,
+    labels,
+    ignore_index,
+    temperature,
+    g_lp,
+    g_ent,
+    need,
+    chunk_size,
+    *,
+    fn="fused_linear_logprobs",
+):
+    """The gradients (hidden, weight, bias; None where not needed) of sum_i g_lp[i] lp_i +
+    g_ent[i] H_i, recomputing each chunk's logits."""
+    dev = h.device
+    dt = _compute_dtype(h, w)
+    g = [None, None, None]
+    if need[0]:
+        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+    if need[1]:
+        g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
+    if need[2] and b is not None:
+        g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    for a, e, ca, y, hc, wf, z, lse, inv_t in _logprob_chunks(
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn
+    ):
+        lpz = z - lse.unsqueeze(-1)
+        p = torch.exp(lpz)
+        dz = torch.zeros_like(z)
+        if g_lp is not None:
+            c = torch.where(ca, g_lp[a:e].to(dev, dt), torch.zeros_like(lse))
+            dz -= c.unsqueeze(-1) * p
+            dz.scatter_add_(-1, y.unsqueeze(-1), c.unsqueeze(-1))
+        if g_ent is not None:
+            c = torch.where(ca, g_ent[a:e].to(dev, dt), torch.zeros_like(lse))
+            hrow = -(_xt(p, lpz)).sum(-1, keepdim=True)
+            dz -= c.unsqueeze(-1) * _xt(p, lpz + hrow)
+        dz = dz * inv_t
+        if g[0] is not None:
+            g[0][a:e] = dz @ wf
+        if g[1] is not None:
+            g[1] += dz.T @ hc
+        if g[2] is not None:
+            g[2] += dz.sum(0)
+    return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
