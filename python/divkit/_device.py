@@ -3,8 +3,9 @@
 * Every tensor argument of a call must be on one device; otherwise :class:`divkit.Error`
   names the public function, the argument and both devices.
 * ``backend="auto"`` (the default): CPU tensors go to the C++ core; CUDA tensors go to the core
-  when it was built with CUDA and the op has a CUDA kernel, on PyTorch's current stream of that
-  device (passed down as an integer: nanobind's DLPack import does not synchronize); anything
+  when it was built with CUDA and the op has a CUDA kernel (``_C.cuda_ops()``), on PyTorch's
+  current stream of that device (``DivergenceArgs.stream``, an integer: nanobind's DLPack
+  import does not synchronize); anything
   else (MPS, XPU, a build without CUDA, an op without a CUDA kernel) goes to the PyTorch
   fallback (:mod:`divkit.backends.torch_ops`) when the op has one, and raises
   ``"<fn>: no kernel for device <d>"`` when it has none (never a silent copy to the host).
@@ -13,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,7 +26,7 @@ __all__ = ["BACKENDS", "Route", "backend", "common_device", "route"]
 #: Values of the ``backend`` keyword.
 BACKENDS: Tuple[str, ...] = ("auto", "core", "torch")
 
-#: Ops whose C++ core has a CUDA kernel (when the extension is built with CUDA).
+#: Ops whose C++ core may have a CUDA kernel; a CUDA build says which it has (``_C.cuda_ops()``).
 CUDA_OPS = frozenset({"divergence", "sparse_divergence", "topk_divergence"})
 #: Ops with a PyTorch fallback (divkit.backends.torch_ops).
 TORCH_OPS = frozenset(
@@ -52,15 +53,24 @@ class Route(NamedTuple):
     def core(self) -> bool:
         return self.engine == "core"
 
-    def core_kwargs(self) -> Dict[str, Any]:
-        """The extra keyword arguments of a core call: the stream on CUDA, none on the CPU (so
-        that the CPU call is exactly what it was)."""
-        return {} if self.stream is None else {"stream": self.stream}
+    def core_args(self, args: Any) -> Any:
+        """The core's options object (``_C.DivergenceArgs``) with the stream set on CUDA;
+        unchanged on the CPU, so that the CPU call is exactly what it was."""
+        if self.stream is not None:
+            args.stream = self.stream
+        return args
 
 
 def cuda_built() -> bool:
     """Whether the extension has CUDA kernels (False for builds that predate the question)."""
     return bool(getattr(_C, "cuda_built", lambda: False)())
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """Whether the CUDA build has a kernel for op (``_C.cuda_ops()``; a build that does not
+    list them is taken at its contract, :data:`CUDA_OPS`)."""
+    ops = getattr(_C, "cuda_ops", None)
+    return op in (CUDA_OPS if ops is None else frozenset(ops()))
 
 
 def backend(fn: str, x: Any) -> str:
@@ -97,7 +107,7 @@ def route(fn: str, op: str, backend_name: str, tensors: Sequence[Tuple[str, Any]
         return Route("torch", dev)
     if dev.type == "cpu":
         return Route("core", dev)
-    if dev.type == "cuda" and op in CUDA_OPS and cuda_built():
+    if dev.type == "cuda" and cuda_built() and has_cuda_kernel(op):
         return Route("core", dev, torch.cuda.current_stream(dev).cuda_stream)
     # meta tensors hold no values: nothing can compute on them.
     if backend_name == "core" or op not in TORCH_OPS or dev.type == "meta":

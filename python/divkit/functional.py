@@ -148,8 +148,8 @@ def _run(
     if route is not None and not route.core:
         loss = torch_ops.divergence(s2, t2, labels, weights, cfg, grad_s2, grad_t2, fn=fn)
     else:
-        kw = route.core_kwargs() if route is not None else {}
-        _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, _core_args(cfg), **kw)
+        args = _core_args(cfg) if route is None else route.core_args(_core_args(cfg))
+        _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, args)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s, grad_t
 

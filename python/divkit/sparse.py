@@ -217,7 +217,7 @@ def sparse_divergence(
                 s2, idx2, lp2, tail, labels_t, weights_t, cfg, grad_s2, fn=fn
             )
         _C.sparse_divergence(
-            s2, idx2, lp2, loss, grad_s2, labels_t, weights_t, tail, args, **route.core_kwargs()
+            s2, idx2, lp2, loss, grad_s2, labels_t, weights_t, tail, route.core_args(args)
         )
         return loss
 
@@ -303,9 +303,7 @@ def topk_divergence(
     def kernel(s2, loss, grad_s2):
         if not route.core:
             return torch_ops.topk_divergence(s2, t2, k, labels_t, weights_t, cfg, grad_s2, fn=fn)
-        _C.topk_divergence(
-            s2, t2, k, loss, grad_s2, labels_t, weights_t, args, **route.core_kwargs()
-        )
+        _C.topk_divergence(s2, t2, k, loss, grad_s2, labels_t, weights_t, route.core_args(args))
         return loss
 
     return _apply(fn, student, kernel, cfg, (("teacher_logits", teacher),))

@@ -133,18 +133,27 @@ def fake_cuda(monkeypatch):
 
 def test_cuda_build_routes_to_the_core_on_the_current_stream(fake_cuda, monkeypatch):
     monkeypatch.setattr(divkit._C, "cuda_built", lambda: True, raising=False)
-    for op in ("divergence", "sparse_divergence", "topk_divergence"):
-        r = _device.route(op, op, "auto", ())
-        assert r == _device.Route("core", torch.device("cuda", 1), 1234)
-        assert r.core_kwargs() == {"stream": 1234}
-    assert fake_cuda == [torch.device("cuda", 1)] * 3
+    monkeypatch.setattr(divkit._C, "cuda_ops", lambda: ["divergence"], raising=False)
+    r = _device.route("divergence", "divergence", "auto", ())
+    assert r == _device.Route("core", torch.device("cuda", 1), 1234)
+    args = types.SimpleNamespace(kind="forward_kl")
+    assert r.core_args(args).stream == 1234
+    assert fake_cuda == [torch.device("cuda", 1)]
     assert _device.route("divergence", "divergence", "torch", ()).engine == "torch"
+    # An op the CUDA build has no kernel for: the fallback (auto) or an error (core).
+    r = _device.route("sparse_divergence", "sparse_divergence", "auto", ())
+    assert r == _device.Route("torch", torch.device("cuda", 1))
+    with pytest.raises(divkit.Error, match="^topk_divergence: no kernel for device cuda:1$"):
+        _device.route("topk_divergence", "topk_divergence", "core", ())
+    # A build that does not list its kernels is taken at the contract's list.
+    monkeypatch.delattr(divkit._C, "cuda_ops", raising=False)
+    assert _device.route("topk_divergence", "topk_divergence", "auto", ()).core
 
 
 def test_cuda_without_kernels_falls_back(fake_cuda, monkeypatch):
     monkeypatch.setattr(divkit._C, "cuda_built", lambda: False, raising=False)
     r = _device.route("divergence", "divergence", "auto", ())
-    assert r.engine == "torch" and r.stream is None and r.core_kwargs() == {}
+    assert r.engine == "torch" and r.stream is None
     with pytest.raises(divkit.Error, match="^divergence: no kernel for device cuda:1$"):
         _device.route("divergence", "divergence", "core", ())
     assert _device.route("fused_linear_divergence", "fused_linear_divergence", "auto", ()) == (
@@ -157,4 +166,6 @@ def test_cuda_without_kernels_falls_back(fake_cuda, monkeypatch):
 
 def test_cpu_route_passes_no_stream():
     r = _device.route("divergence", "divergence", "auto", (("student_logits", S),))
-    assert r == _device.Route("core", torch.device("cpu"), None) and r.core_kwargs() == {}
+    assert r == _device.Route("core", torch.device("cpu"), None)
+    args = types.SimpleNamespace()
+    assert r.core_args(args) is args and not hasattr(args, "stream")
