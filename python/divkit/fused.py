@@ -402,8 +402,12 @@ def _contig_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reduction=None):
+def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reduction=None, route=None):
     reduction = reduction or cfg.reduction
+    if route is not None and not route.core:
+        return torch_ops.fused_linear_sparse_divergence(
+            sh, sw, sb, idx, lp, tail, labels, weights, cfg, need, reduction
+        )
     loss = torch.empty(sh.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb), need)]
     opts = _distill_options(cfg, reduction, None)
@@ -451,7 +455,7 @@ def fused_linear_sparse_divergence(
     :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_sparse_divergence"
-    _device.route(
+    route = _device.route(
         fn,
         fn,
         backend,
@@ -465,12 +469,13 @@ def fused_linear_sparse_divergence(
             ("weights", weights),
         ),
     )
-    sh = _hidden(fn, "student_hidden", student_hidden)
-    sw = _matrix(fn, "student_weight", student_weight)
-    sb = _bias(fn, "student_bias", student_bias)
+    cpu = route.device.type == "cpu"
+    sh = _hidden(fn, "student_hidden", student_hidden, cpu)
+    sw = _matrix(fn, "student_weight", student_weight, cpu)
+    sb = _bias(fn, "student_bias", student_bias, cpu)
     lead = sh.shape[:-1]
     for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
-        check.tensor(fn, name, x, dtypes=None)
+        check.tensor(fn, name, x, dtypes=None, cpu=cpu)
         if tuple(x.shape[:-1]) != tuple(lead) or x.dim() != len(lead) + 1:
             check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead)} + (k,)")
     if teacher_logprobs.requires_grad:
@@ -481,7 +486,7 @@ def fused_linear_sparse_divergence(
         )
     idx = teacher_indices.detach().reshape(-1, teacher_indices.shape[-1]).contiguous()
     lp = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]).contiguous()
-    lab = _labels(fn, labels, lead, optional=True)
+    lab = _labels(fn, labels, lead, optional=True, cpu=cpu)
     if weights is not None:
         weights = weights.detach().reshape(-1).to(torch.float64).contiguous()
     cfg = _DistillConfig(
@@ -501,7 +506,7 @@ def fused_linear_sparse_divergence(
 
     def call(ts, need, upstream):
         if upstream is None:
-            loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab, weights, need)
+            loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab, weights, need, route=route)
         else:
             loss, grads = _sparse_call(
                 cfg,
@@ -513,6 +518,7 @@ def fused_linear_sparse_divergence(
                 _token_weights(upstream, weights),
                 need,
                 reduction="sum",
+                route=route,
             )
         return (loss,), grads
 

@@ -495,10 +495,48 @@ def test_fused_linear_logprobs(return_entropy, topk, dtype):
         assert_grad_close(a, b)
 
 
+@pytest.mark.parametrize("case", KIND_CASES, ids=case_id)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_sparse_divergence(case, tail, reduction):
+    kind, params = case
+    n, h, v = 13, 8, 37
+    base = [
+        logits(n, h, seed=60, scale=1.0),
+        logits(v, h, seed=61, scale=1.0),
+        logits(v, seed=62, scale=1.0),
+    ]
+    idx, lp = sparse_teacher(n, v, 5, seed=63)
+    labels = torch.arange(n) * 3 % v
+    labels[3] = -100
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(64)) + 0.5
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        loss = divkit.fused_linear_sparse_divergence(
+            xs[0],
+            xs[1],
+            idx,
+            lp,
+            kind,
+            tail=tail,
+            student_bias=xs[2],
+            labels=labels,
+            weights=weights,
+            hard_weight=0.5,
+            reduction=reduction,
+            chunk_size=4,
+            temperature=1.5,
+            backend=backend,
+            **params,
+        )
+        go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(65))
+        loss.backward(go)
+        out.append((loss.detach(), *[x.grad for x in xs]))
+    compare(out[0], out[1])
+
+
 def test_ops_without_fallback_refuse_backend_torch():
-    h, w = logits(3, 4, seed=48), logits(5, 4, seed=49)
-    idx, lp = sparse_teacher(3, 5, 2, seed=59)
-    with pytest.raises(divkit.Error, match="backend='torch' is not available"):
-        divkit.fused_linear_sparse_divergence(h, w, idx, lp, backend="torch")
+    h = logits(3, 4, seed=48)
     with pytest.raises(divkit.Error, match="backend='torch' is not available"):
         divkit.ot.sinkhorn(h, h, eps=0.1, backend="torch")

@@ -33,6 +33,7 @@ __all__ = [
     "sparse_divergence",
     "topk_divergence",
     "fused_linear_divergence",
+    "fused_linear_sparse_divergence",
     "fused_linear_cross_entropy",
     "fused_linear_logprobs",
     "fused_linear_logprobs_backward",
@@ -792,13 +793,16 @@ def fused_linear_divergence(
     reduction: str,
     *,
     fn: str = "fused_linear_divergence",
+    sparse_teacher: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None,
 ):
     """``hard_weight * CE(z_s, labels) + soft_weight * D(p_teacher, q_student)`` of the heads
     ``z = hidden @ weight.T + bias`` (``[N, H]`` hidden states); ``cfg``: the options of
     :func:`divkit.fused_linear_divergence`; ``need``: six flags (student hidden, weight, bias,
-    teacher hidden, weight, bias). Returns (loss [N] or [1] float32, six gradients or None)."""
+    teacher hidden, weight, bias). With ``sparse_teacher = (indices [N, k], logprobs [N, k],
+    tail)`` the teacher is sparse (:func:`divkit.fused_linear_sparse_divergence`; th, tw, tb are
+    None). Returns (loss [N] or [1] float32, six gradients or None)."""
     n, v = sh.shape[0], sw.shape[0]
-    if tw.shape[0] != v:
+    if sparse_teacher is None and tw.shape[0] != v:
         check.fail(
             fn,
             f"teacher_weight has {tw.shape[0]} rows but student_weight {v}: the PyTorch "
@@ -828,8 +832,9 @@ def fused_linear_divergence(
                     f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not "
                     f"ignore_index ({cfg.ignore_index})",
                 )
-    dt = _compute_dtype(sh, sw, th, tw)
-    ws, wt = sw.to(dt), tw.to(dt)
+    dt = _compute_dtype(*(x for x in (sh, sw, th, tw) if x is not None))
+    ws = sw.to(dt)
+    wt = tw.to(dt) if tw is not None else None
     bs = sb.to(dt) if sb is not None else None
     bt = tb.to(dt) if tb is not None else None
     need_zs = any(need[:3])
@@ -860,7 +865,17 @@ def fused_linear_divergence(
             zs = zs + bs
         dzs = torch.zeros_like(zs) if need_zs else None
         ht_c = None
-        if sw_f != 0.0:
+        if sw_f != 0.0 and sparse_teacher is not None:
+            gzs = torch.empty_like(zs) if need_zs else None
+            lab_c = lab[a:b] if lab is not None else None
+            idx, lp, tail = sparse_teacher
+            soft = sparse_divergence(
+                zs, idx[a:b], lp[a:b], tail, lab_c, sw_f * scale[a:b], soft_cfg, gzs, fn=fn
+            )
+            row_loss[a:b] += soft.to(torch.float64)
+            if need_zs:
+                dzs += gzs
+        elif sw_f != 0.0:
             ht_c = th[a:b].to(dt)
             zt = ht_c @ wt.T
             if bt is not None:
@@ -906,6 +921,41 @@ def fused_linear_divergence(
     inputs = (sh, sw, sb, th, tw, tb)
     grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, inputs)]
     return loss.to(torch.float32), grads
+
+
+def fused_linear_sparse_divergence(
+    sh,
+    sw,
+    sb,
+    idx,
+    lp,
+    tail,
+    labels,
+    weights,
+    cfg,
+    need,
+    reduction,
+    *,
+    fn="fused_linear_sparse_divergence",
+):
+    """The fused student head against a sparse teacher (indices, log-probabilities [N, k]):
+    (loss, three gradients or None); see :func:`fused_linear_divergence`."""
+    loss, grads = fused_linear_divergence(
+        sh,
+        sw,
+        sb,
+        None,
+        None,
+        None,
+        labels,
+        weights,
+        cfg,
+        tuple(need) + (False,) * 3,
+        reduction,
+        fn=fn,
+        sparse_teacher=(idx, lp, tail),
+    )
+    return loss, grads[:3]
 
 
 def fused_linear_cross_entropy(
