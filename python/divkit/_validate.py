@@ -210,15 +210,16 @@ def tensor(
     return x
 
 
-def logits(fn: str, name: str, x: Any) -> torch.Tensor:
-    """Logits ``[..., V]``: a dense CPU tensor of a :data:`FLOAT_DTYPES` dtype, at least 1-D."""
+def logits(fn: str, name: str, x: Any, *, cpu: bool = True) -> torch.Tensor:
+    """Logits ``[..., V]``: a dense tensor (on the CPU when ``cpu``) of a :data:`FLOAT_DTYPES`
+    dtype, at least 1-D."""
     if not isinstance(x, torch.Tensor):
         fail_type(
             fn,
             f"{name} must be a torch.Tensor (or, with numpy inputs, a numpy.ndarray), "
             f"got {type_name(x)}",
         )
-    tensor(fn, name, x)
+    tensor(fn, name, x, cpu=cpu)
     if x.dim() < 1:
         fail(fn, f"{name} must have at least one dimension [..., V], got a 0-d tensor")
     if x.is_sparse or x.layout != torch.strided:
@@ -251,20 +252,32 @@ def integral(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def per_token(
-    fn: str, name: str, x: Any, lead_shape: Sequence[int], *, lead: str = _LOGITS_SHAPE
+    fn: str,
+    name: str,
+    x: Any,
+    lead_shape: Sequence[int],
+    *,
+    lead: str = _LOGITS_SHAPE,
+    cpu: bool = True,
 ) -> torch.Tensor:
-    """A CPU tensor of shape ``lead_shape`` (one value per token; ``lead`` says what that shape
-    is in the message)."""
+    """A tensor (on the CPU when ``cpu``) of shape ``lead_shape`` (one value per token; ``lead``
+    says what that shape is in the message)."""
     if not isinstance(x, torch.Tensor):
         fail_type(fn, f"{name} must be a torch.Tensor or None, got {type_name(x)}")
-    tensor(fn, name, x, dtypes=None)
+    tensor(fn, name, x, dtypes=None, cpu=cpu)
     if tuple(x.shape) != tuple(lead_shape):
         fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead_shape)} ({lead})")
     return x
 
 
 def labels(
-    fn: str, x: Any, lead_shape: Sequence[int], *, required: bool = False, lead: str = _LOGITS_SHAPE
+    fn: str,
+    x: Any,
+    lead_shape: Sequence[int],
+    *,
+    required: bool = False,
+    lead: str = _LOGITS_SHAPE,
+    cpu: bool = True,
 ) -> Optional[torch.Tensor]:
     """Token labels of shape ``lead_shape``, returned detached, flattened, int32 or int64 (other
     integer dtypes become int64); None passes unless ``required``."""
@@ -272,7 +285,7 @@ def labels(
         if required:
             fail(fn, "labels is required")
         return None
-    x = integral(fn, "labels", per_token(fn, "labels", x, lead_shape, lead=lead))
+    x = integral(fn, "labels", per_token(fn, "labels", x, lead_shape, lead=lead, cpu=cpu))
     x = x.detach()
     if x.dtype not in (torch.int32, torch.int64):
         x = x.to(torch.int64)
@@ -280,13 +293,13 @@ def labels(
 
 
 def weights(
-    fn: str, x: Any, lead_shape: Sequence[int], *, autograd: bool = True
+    fn: str, x: Any, lead_shape: Sequence[int], *, autograd: bool = True, cpu: bool = True
 ) -> Optional[torch.Tensor]:
     """Token weights of shape ``lead_shape`` (no gradient flows to them), returned detached,
     flattened, float32 or float64."""
     if x is None:
         return None
-    x = floating(fn, "weights", per_token(fn, "weights", x, lead_shape))
+    x = floating(fn, "weights", per_token(fn, "weights", x, lead_shape, cpu=cpu))
     if autograd and x.requires_grad and torch.is_grad_enabled():
         fail(
             fn,

@@ -13,9 +13,10 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from . import _C
+from . import _C, _device
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
+from .backends import torch_ops
 
 __all__ = ["divergence", "divergence_and_grad", "KINDS", "REDUCTIONS"]
 
@@ -53,6 +54,7 @@ class _Config(NamedTuple):
     num_items_in_batch: float
     inplace_grad: bool
     grad_dtype: Optional[torch.dtype]
+    backend: str = "auto"
 
 
 def _core_args(cfg: _Config) -> "_C.DivergenceArgs":
@@ -81,6 +83,7 @@ def _parse_options(
     scale_by_t_squared,
     inplace_grad,
     grad_dtype,
+    backend="auto",
 ) -> _Config:
     return _Config(
         kind=check.string(fn, "kind", kind),
@@ -93,6 +96,7 @@ def _parse_options(
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
         inplace_grad=check.boolean(fn, "inplace_grad", inplace_grad),
         grad_dtype=check.grad_dtype(fn, grad_dtype),
+        backend=_device.backend(fn, backend),
     )
 
 
@@ -109,19 +113,22 @@ def _run(
     cfg: _Config,
     need_student: bool,
     need_teacher: bool,
+    route: Optional[_device.Route] = None,
+    fn: str = _FN,
 ):
-    """Runs the kernel. Returns (loss, grad_student, grad_teacher), the gradients (or None) in
-    the logits' shapes."""
+    """Runs the kernel (the core's, or the torch fallback's when ``route`` says so). Returns
+    (loss, grad_student, grad_teacher), the gradients (or None) in the logits' shapes."""
     lead_shape = student.shape[:-1]
     v = student.shape[-1]
     n = math.prod(lead_shape)
     s2 = _rows(student.detach(), n, v)
     t2 = _rows(teacher.detach(), n, v)
 
+    dev = student.device
     if cfg.reduction == "none":
-        loss = torch.empty(n, dtype=torch.float32)
+        loss = torch.empty(n, dtype=torch.float32, device=dev)
     else:
-        loss = torch.empty(1, dtype=torch.float32)
+        loss = torch.empty(1, dtype=torch.float32, device=dev)
 
     # The gradients are allocated in the logits' shapes and handed to the core as [N, V] views,
     # so that backward can return the very tensors it keeps (Scaling.keep).
@@ -132,15 +139,29 @@ def _run(
             grad_s2 = s2  # the logits' own storage (or, if _rows had to copy, the copy's)
             grad_s = s2.view(student.shape)
         else:
-            grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype)
+            grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev)
             grad_s2 = grad_s.view(n, v)
     if need_teacher:
-        grad_t = torch.empty(teacher.shape, dtype=cfg.grad_dtype or teacher.dtype)
+        grad_t = torch.empty(teacher.shape, dtype=cfg.grad_dtype or teacher.dtype, device=dev)
         grad_t2 = grad_t.view(n, v)
 
-    _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, _core_args(cfg))
+    if route is not None and not route.core:
+        loss = torch_ops.divergence(s2, t2, labels, weights, cfg, grad_s2, grad_t2, fn=fn)
+    else:
+        args = _core_args(cfg) if route is None else route.core_args(_core_args(cfg))
+        _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, args)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s, grad_t
+
+
+def _tensor_args(student, teacher, labels, weights):
+    """The (name, value) pairs whose devices must agree."""
+    return (
+        ("student_logits", student),
+        ("teacher_logits", teacher),
+        ("labels", labels),
+        ("weights", weights),
+    )
 
 
 def _check_inplace(fn: str, student: torch.Tensor, cfg: _Config, others) -> None:
@@ -275,6 +296,7 @@ def divergence(
     scale_by_t_squared: bool = False,
     inplace_grad: bool = False,
     grad_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
 ):
     r"""Token-level divergence D(p, q) between teacher and student, with a fused gradient.
 
@@ -355,6 +377,11 @@ def divergence(
             rounding: the gradient stays in fp32 until autograd casts it, so scaling it by an
             upstream gradient other than 1 rounds once instead of twice (at twice the memory).
             Use :func:`divergence_and_grad` to obtain fp32 gradients themselves.
+        backend: ``"auto"`` (default: the C++ core for CPU tensors, and for CUDA tensors when
+            divkit was built with CUDA; the PyTorch fallback on other devices), ``"core"`` (the
+            C++ core or an error) or ``"torch"`` (the PyTorch fallback,
+            :mod:`divkit.backends.torch_ops`, on any device). Every tensor argument must be on
+            one device.
 
     Returns:
         The loss as a float32 tensor: a scalar, or of shape ``[...]`` for ``reduction="none"``.
@@ -384,16 +411,20 @@ def divergence(
         scale_by_t_squared,
         inplace_grad,
         grad_dtype,
+        backend,
     )
     if isinstance(student_logits, np.ndarray):
         return _numpy_divergence(student_logits, teacher_logits, labels, weights, cfg)
 
-    student = check.logits(fn, "student_logits", student_logits)
-    teacher = check.logits(fn, "teacher_logits", teacher_logits)
+    route = _device.route(
+        fn, fn, cfg.backend, _tensor_args(student_logits, teacher_logits, labels, weights)
+    )
+    student = check.logits(fn, "student_logits", student_logits, cpu=False)
+    teacher = check.logits(fn, "teacher_logits", teacher_logits, cpu=False)
     check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")
     lead_shape = student.shape[:-1]
-    labels_t = check.labels(fn, labels, lead_shape)
-    weights_t = check.weights(fn, weights, lead_shape)
+    labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    weights_t = check.weights(fn, weights, lead_shape, cpu=False)
 
     grad_on = torch.is_grad_enabled()
     need_s = grad_on and student.requires_grad
@@ -401,11 +432,11 @@ def divergence(
     if need_s:
         _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
     if not (need_s or need_t):
-        loss, _, _ = _run(student, teacher, labels_t, weights_t, cfg, False, False)
+        loss, _, _ = _run(student, teacher, labels_t, weights_t, cfg, False, False, route)
         return loss
 
     def run(need):
-        loss, grad_s, grad_t = _run(student, teacher, labels_t, weights_t, cfg, *need)
+        loss, grad_s, grad_t = _run(student, teacher, labels_t, weights_t, cfg, *need, route)
         return loss, (grad_s, grad_t)
 
     return grads_in_forward(run, (student, teacher), _scaling(fn, cfg))
@@ -429,6 +460,7 @@ def divergence_and_grad(
     grad_teacher: bool = False,
     inplace_grad: bool = False,
     grad_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The loss and its gradients without autograd: ``(loss, grad_student, grad_teacher)``.
 
@@ -437,7 +469,7 @@ def divergence_and_grad(
     dtype ``grad_dtype`` (default: the logits' dtypes), e.g. float32 gradients from bfloat16
     logits; a gradient that is not asked for (``grad_student`` / ``grad_teacher`` False) is
     None. With ``inplace_grad=True`` the student gradient is written into (and returned as a
-    view of) ``student_logits``.
+    view of) ``student_logits``. ``backend``: as in :func:`divergence`.
     """
     fn = "divergence_and_grad"
     cfg = _parse_options(
@@ -452,16 +484,20 @@ def divergence_and_grad(
         scale_by_t_squared,
         inplace_grad,
         grad_dtype,
+        backend,
     )
-    student = check.logits(fn, "student_logits", student_logits)
-    teacher = check.logits(fn, "teacher_logits", teacher_logits)
+    route = _device.route(
+        fn, "divergence", cfg.backend, _tensor_args(student_logits, teacher_logits, labels, weights)
+    )
+    student = check.logits(fn, "student_logits", student_logits, cpu=False)
+    teacher = check.logits(fn, "teacher_logits", teacher_logits, cpu=False)
     check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")
     need_s = check.boolean(fn, "grad_student", grad_student)
     need_t = check.boolean(fn, "grad_teacher", grad_teacher)
     lead_shape = student.shape[:-1]
-    labels_t = check.labels(fn, labels, lead_shape)
-    weights_t = check.weights(fn, weights, lead_shape, autograd=False)
+    labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    weights_t = check.weights(fn, weights, lead_shape, autograd=False, cpu=False)
     if need_s:
         _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
     with torch.no_grad():
-        return _run(student, teacher, labels_t, weights_t, cfg, need_s, need_t)
+        return _run(student, teacher, labels_t, weights_t, cfg, need_s, need_t, route, fn)

@@ -23,9 +23,10 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _C
+from . import _C, _device
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward, recompute_in_backward
+from .backends import torch_ops
 
 __all__ = [
     "fused_linear_divergence",
@@ -38,22 +39,22 @@ __all__ = [
 _LEAD = "the hidden states' shape without H"
 
 
-def _hidden(fn: str, name: str, x):
-    return check.tensor(fn, name, x, min_ndim=1)
+def _hidden(fn: str, name: str, x, cpu: bool = True):
+    return check.tensor(fn, name, x, min_ndim=1, cpu=cpu)
 
 
-def _matrix(fn: str, name: str, x):
-    return check.tensor(fn, name, x, ndim=(2,))
+def _matrix(fn: str, name: str, x, cpu: bool = True):
+    return check.tensor(fn, name, x, ndim=(2,), cpu=cpu)
 
 
-def _bias(fn: str, name: str, x):
-    return check.tensor(fn, name, x, ndim=(1,), optional=True)
+def _bias(fn: str, name: str, x, cpu: bool = True):
+    return check.tensor(fn, name, x, ndim=(1,), optional=True, cpu=cpu)
 
 
-def _labels(fn: str, labels, lead_shape, *, optional: bool = False):
+def _labels(fn: str, labels, lead_shape, *, optional: bool = False, cpu: bool = True):
     if labels is None and not optional:
         check.fail_type(fn, "labels are required")
-    return check.labels(fn, labels, lead_shape, lead=_LEAD)
+    return check.labels(fn, labels, lead_shape, lead=_LEAD, cpu=cpu)
 
 
 def _head_loss(
@@ -184,10 +185,16 @@ def _distill_call(
     token_ids,
     need,
     reduction: Optional[str] = None,
+    route: Optional[_device.Route] = None,
 ):
-    """One core call. need: 6 flags (student hidden/weight/bias, teacher hidden/weight/bias).
-    Returns (loss, six gradients or None)."""
+    """One core call (or the PyTorch fallback's, when ``route`` says so). need: 6 flags
+    (student hidden/weight/bias, teacher hidden/weight/bias). Returns (loss, six gradients or
+    None)."""
     reduction = reduction or cfg.reduction
+    if route is not None and not route.core:
+        return torch_ops.fused_linear_divergence(
+            sh, sw, sb, th, tw, tb, labels, weights, cfg, need, reduction
+        )
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb, th, tw, tb), need)]
@@ -236,6 +243,7 @@ def fused_linear_divergence(
     weights: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     num_items_in_batch=None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Knowledge distillation from hidden states, fused with both linear heads.
 
@@ -266,14 +274,42 @@ def fused_linear_divergence(
     1024 tokens), plus an fp32 accumulator for a weight gradient that is not fp32. With a reduced loss the gradients are computed in the forward call (as Liger
     does); with ``reduction="none"`` the backward reruns the chunks with the upstream gradient
     as weights.
+
+    ``backend``: ``"auto"`` (the C++ core for CPU tensors, the PyTorch fallback on other devices),
+    ``"core"`` or ``"torch"`` (chunked PyTorch ops on any device, without ``process_group`` and
+    ``teacher_token_ids``; the fp32 weights are copied once per call), as in
+    :func:`divkit.divergence`.
     """
     fn = "fused_linear_divergence"
-    sh = _hidden(fn, "student_hidden", student_hidden)
-    sw = _matrix(fn, "student_weight", student_weight)
-    th = _hidden(fn, "teacher_hidden", teacher_hidden)
-    tw = _matrix(fn, "teacher_weight", teacher_weight)
-    sb = _bias(fn, "student_bias", student_bias)
-    tb = _bias(fn, "teacher_bias", teacher_bias)
+    route = _device.route(
+        fn,
+        fn,
+        backend,
+        (
+            ("student_hidden", student_hidden),
+            ("student_weight", student_weight),
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_weight", teacher_weight),
+            ("student_bias", student_bias),
+            ("teacher_bias", teacher_bias),
+            ("labels", labels),
+            ("weights", weights),
+            ("teacher_token_ids", teacher_token_ids),
+        ),
+    )
+    cpu = route.device.type == "cpu"
+    if not route.core and (process_group is not None or teacher_token_ids is not None):
+        check.fail(
+            fn,
+            "the PyTorch fallback has no process_group or teacher_token_ids (no kernel for "
+            f"device {route.device} with them)",
+        )
+    sh = _hidden(fn, "student_hidden", student_hidden, cpu)
+    sw = _matrix(fn, "student_weight", student_weight, cpu)
+    th = _hidden(fn, "teacher_hidden", teacher_hidden, cpu)
+    tw = _matrix(fn, "teacher_weight", teacher_weight, cpu)
+    sb = _bias(fn, "student_bias", student_bias, cpu)
+    tb = _bias(fn, "teacher_bias", teacher_bias, cpu)
     lead = sh.shape[:-1]
     if tuple(th.shape[:-1]) != tuple(lead):
         check.fail(
@@ -281,9 +317,11 @@ def fused_linear_divergence(
             f"teacher_hidden has shape {tuple(th.shape)} and student_hidden "
             f"{tuple(sh.shape)}: the token dimensions must agree",
         )
-    lab = _labels(fn, labels, lead, optional=True)
+    lab = _labels(fn, labels, lead, optional=True, cpu=cpu)
     if weights is not None:
-        check.floating(fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD))
+        check.floating(
+            fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD, cpu=cpu)
+        )
         weights = weights.detach().reshape(-1)
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
@@ -310,18 +348,20 @@ def fused_linear_divergence(
         soft_weight=check.real(fn, "soft_weight", soft_weight),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
-    return _divergence_apply(sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead)
+    return _divergence_apply(
+        sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead, route
+    )
 
 
 def _divergence_apply(
-    sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group, lead
+    sh, sw, sb, th, tw, tb, labels, weights, ids, cfg: _DistillConfig, group, lead, route=None
 ):
     """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
     group, or None)."""
 
     def call(ts, need, upstream):
         if upstream is None:
-            loss, grads = _distill_call(cfg, group, *ts, labels, weights, ids, need)
+            loss, grads = _distill_call(cfg, group, *ts, labels, weights, ids, need, route=route)
         else:
             loss, grads = _distill_call(
                 cfg,
@@ -332,6 +372,7 @@ def _divergence_apply(
                 ids,
                 need,
                 reduction="sum",
+                route=route,
             )
         return (loss,), grads
 
@@ -361,8 +402,12 @@ def _contig_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reduction=None):
+def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reduction=None, route=None):
     reduction = reduction or cfg.reduction
+    if route is not None and not route.core:
+        return torch_ops.fused_linear_sparse_divergence(
+            sh, sw, sb, idx, lp, tail, labels, weights, cfg, need, reduction
+        )
     loss = torch.empty(sh.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb), need)]
     opts = _distill_options(cfg, reduction, None)
@@ -394,6 +439,7 @@ def fused_linear_sparse_divergence(
     weights: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     num_items_in_batch=None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Distillation from a sparse top-k teacher (an inference server's ``top_logprobs``), fused
     with the student's linear head: ``hard_weight * CE(z_s, labels) + soft_weight *
@@ -405,15 +451,31 @@ def fused_linear_sparse_divergence(
     (``forward_kl`` = KL(p_teacher || q_student)); the temperature divides the student's logits
     only. Never materializes the student's [tokens x V] logits: O(chunk x V) extra memory.
     dtypes: float32 / bfloat16 / float16 / float64 hidden states and weight, computed in fp32;
-    gradients (student hidden, weight, bias) in the inputs' dtypes.
+    gradients (student hidden, weight, bias) in the inputs' dtypes. ``backend``: as in
+    :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_sparse_divergence"
-    sh = _hidden(fn, "student_hidden", student_hidden)
-    sw = _matrix(fn, "student_weight", student_weight)
-    sb = _bias(fn, "student_bias", student_bias)
+    route = _device.route(
+        fn,
+        fn,
+        backend,
+        (
+            ("student_hidden", student_hidden),
+            ("student_weight", student_weight),
+            ("teacher_indices", teacher_indices),
+            ("teacher_logprobs", teacher_logprobs),
+            ("student_bias", student_bias),
+            ("labels", labels),
+            ("weights", weights),
+        ),
+    )
+    cpu = route.device.type == "cpu"
+    sh = _hidden(fn, "student_hidden", student_hidden, cpu)
+    sw = _matrix(fn, "student_weight", student_weight, cpu)
+    sb = _bias(fn, "student_bias", student_bias, cpu)
     lead = sh.shape[:-1]
     for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
-        check.tensor(fn, name, x, dtypes=None)
+        check.tensor(fn, name, x, dtypes=None, cpu=cpu)
         if tuple(x.shape[:-1]) != tuple(lead) or x.dim() != len(lead) + 1:
             check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead)} + (k,)")
     if teacher_logprobs.requires_grad:
@@ -424,7 +486,7 @@ def fused_linear_sparse_divergence(
         )
     idx = teacher_indices.detach().reshape(-1, teacher_indices.shape[-1]).contiguous()
     lp = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]).contiguous()
-    lab = _labels(fn, labels, lead, optional=True)
+    lab = _labels(fn, labels, lead, optional=True, cpu=cpu)
     if weights is not None:
         weights = weights.detach().reshape(-1).to(torch.float64).contiguous()
     cfg = _DistillConfig(
@@ -444,7 +506,7 @@ def fused_linear_sparse_divergence(
 
     def call(ts, need, upstream):
         if upstream is None:
-            loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab, weights, need)
+            loss, grads = _sparse_call(cfg, tail, *ts, idx, lp, lab, weights, need, route=route)
         else:
             loss, grads = _sparse_call(
                 cfg,
@@ -456,6 +518,7 @@ def fused_linear_sparse_divergence(
                 _token_weights(upstream, weights),
                 need,
                 reduction="sum",
+                route=route,
             )
         return (loss,), grads
 
@@ -515,6 +578,7 @@ def fused_linear_cross_entropy(
     chunk_size: Optional[int] = None,
     return_stats: bool = False,
     process_group=None,
+    backend: str = "auto",
 ):
     """Cross-entropy of ``logits = hidden @ weight.T + bias`` against ``labels``, fused.
 
@@ -532,14 +596,24 @@ def fused_linear_cross_entropy(
     be in ``[0, V)`` or ``ignore_index``. dtypes: float32 / bfloat16 / float16 / float64,
     computed in fp32; gradients in the inputs' dtypes. With ``return_stats=True`` returns
     ``(loss, logprobs, entropy)``, the per-token ``log p(label)`` and entropy of the (softcapped)
-    distribution, not differentiable.
+    distribution, not differentiable. ``backend``: as in :func:`fused_linear_divergence` (the
+    PyTorch fallback without ``process_group``).
     """
     fn = "fused_linear_cross_entropy"
-    h = _hidden(fn, "hidden", hidden)
-    w = _matrix(fn, "weight", weight)
-    b = _bias(fn, "bias", bias)
+    route = _device.route(
+        fn,
+        fn,
+        backend,
+        (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
+    )
+    cpu = route.device.type == "cpu"
+    if not route.core and process_group is not None:
+        check.fail(fn, f"the PyTorch fallback has no process_group (device {route.device})")
+    h = _hidden(fn, "hidden", hidden, cpu)
+    w = _matrix(fn, "weight", weight, cpu)
+    b = _bias(fn, "bias", bias, cpu)
     lead = h.shape[:-1]
-    lab = _labels(fn, labels, lead)
+    lab = _labels(fn, labels, lead, cpu=cpu)
     cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
     if softcap is not None and not cap > 0:
         check.fail(fn, f"softcap must be > 0 (or None), got {cap:g}")
@@ -552,16 +626,28 @@ def fused_linear_cross_entropy(
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
-    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats))
+    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats), route)
 
 
-def _cross_entropy_apply(h, w, b, labels, cfg: _CEConfig, group, lead, return_stats: bool):
+def _cross_entropy_apply(
+    h, w, b, labels, cfg: _CEConfig, group, lead, return_stats: bool, route=None
+):
     """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
-    group, or None)."""
+    group, or None; route: where it runs, the core when None)."""
 
     def call(ts, need, upstream):
         n = ts[0].shape[0]
         reduction = cfg.reduction if upstream is None else "sum"
+        if route is not None and not route.core:
+            return torch_ops.fused_linear_cross_entropy(
+                *_head(*ts),
+                labels,
+                None if upstream is None else upstream.reshape(-1),
+                cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
+                need,
+                reduction,
+                return_stats and upstream is None,
+            )
         loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
         grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
         stats = [
@@ -620,6 +706,7 @@ def fused_linear_logprobs(
     topk: Optional[int] = None,
     chunk_size: Optional[int] = None,
     process_group=None,
+    backend: str = "auto",
 ):
     """Per-token ``log p(label)`` of ``p = softmax((hidden @ weight.T + bias) / temperature)``
     without materializing the logits (TRL's ``selective_log_softmax`` fused with the lm_head;
@@ -630,14 +717,24 @@ def fused_linear_logprobs(
     ``return_entropy=True`` or ``topk=k`` returns a :class:`LogprobsResult` with the per-token
     entropy ``-sum_j p_j log p_j`` (differentiable) and the top-k probability mass (not
     differentiable), the likelihood over-optimisation indicators of Shi et al. 2024.
-    dtypes: float32 / bfloat16 / float16 / float64 inputs, computed in fp32.
+    dtypes: float32 / bfloat16 / float16 / float64 inputs, computed in fp32. ``backend``: as in
+    :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_logprobs"
-    h = _hidden(fn, "hidden", hidden)
-    w = _matrix(fn, "weight", weight)
-    b = _bias(fn, "bias", bias)
+    route = _device.route(
+        fn,
+        fn,
+        backend,
+        (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
+    )
+    cpu = route.device.type == "cpu"
+    if not route.core and process_group is not None:
+        check.fail(fn, f"the PyTorch fallback has no process_group (device {route.device})")
+    h = _hidden(fn, "hidden", hidden, cpu)
+    w = _matrix(fn, "weight", weight, cpu)
+    b = _bias(fn, "bias", bias, cpu)
     lead = h.shape[:-1]
-    lab = _labels(fn, labels, lead)
+    lab = _labels(fn, labels, lead, cpu=cpu)
     temperature = check.real(fn, "temperature", temperature)
     ignore_index = check.integer(fn, "ignore_index", ignore_index)
     k = 0 if topk is None else check.integer(fn, "topk", topk)
@@ -645,7 +742,18 @@ def fused_linear_logprobs(
         check.fail(fn, f"topk must be >= 1 (or None), got {k}")
     chunk = check.chunk_size(fn, chunk_size)
     return _logprobs_apply(
-        h, w, b, lab, temperature, ignore_index, bool(return_entropy), k, chunk, process_group, lead
+        h,
+        w,
+        b,
+        lab,
+        temperature,
+        ignore_index,
+        bool(return_entropy),
+        k,
+        chunk,
+        process_group,
+        lead,
+        route,
     )
 
 
@@ -661,9 +769,11 @@ def _logprobs_apply(
     chunk: int,
     group,
     lead,
+    route=None,
 ):
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
-    vocabulary-parallel process group, or None)."""
+    vocabulary-parallel process group, or None; route: where it runs, the core when None)."""
+    fallback = route is not None and not route.core
 
     def opts(**more):
         return _options(
@@ -671,6 +781,11 @@ def _logprobs_apply(
         )
 
     def forward(ts, need, upstream):
+        if fallback:
+            outs = torch_ops.fused_linear_logprobs(
+                *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
+            )
+            return outs, None
         n = ts[0].shape[0]
         outs = [torch.empty(n, dtype=torch.float32)]
         if return_entropy:
@@ -688,6 +803,10 @@ def _logprobs_apply(
 
     def backward(ts, grad_out, need):
         g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
+        if fallback:
+            return torch_ops.fused_linear_logprobs_backward(
+                *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
+            )
         grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
         _C.fused_linear_logprobs_backward(
             _head(*ts),

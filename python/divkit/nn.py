@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _C
+from . import _C, _device
 from . import _validate as check
 from .functional import _parse_options, divergence
 from .fused import fused_linear_cross_entropy, fused_linear_divergence
@@ -23,6 +23,7 @@ _OPTION_DEFAULTS = {
     "scale_by_t_squared": False,
     "inplace_grad": False,
     "grad_dtype": None,
+    "backend": "auto",
 }
 
 
@@ -41,9 +42,9 @@ class DivergenceLoss(torch.nn.Module):
 
     ``DivergenceLoss(kind="forward_kl", **options)`` calls :func:`divkit.divergence` with the
     options given at construction (``beta``, ``alpha``, ``temperature``, ``ignore_index``,
-    ``reduction``, ``scale_by_t_squared``, ``inplace_grad``, ``grad_dtype``); see its docstring
-    for the formula of each kind and its direction: ``forward_kl`` is KL(p_teacher ||
-    q_student), ``reverse_kl`` is KL(q_student || p_teacher), ``jsd`` is TRL's generalized JSD
+    ``reduction``, ``scale_by_t_squared``, ``inplace_grad``, ``grad_dtype``, ``backend``); see
+    its docstring for the formula of each kind and its direction: ``forward_kl`` is KL(p_teacher
+    || q_student), ``reverse_kl`` is KL(q_student || p_teacher), ``jsd`` is TRL's generalized JSD
     with ``beta`` (0: forward KL, 1: reverse KL). The kind and its parameters are checked here,
     when the module is built.
 
@@ -78,6 +79,7 @@ class DivergenceLoss(torch.nn.Module):
             merged["scale_by_t_squared"],
             merged["inplace_grad"],
             merged["grad_dtype"],
+            merged["backend"],
         )
         # The core checks the kind, its parameters and the reduction now, not at the first call.
         _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
@@ -121,6 +123,7 @@ _DISTILL_DEFAULTS = {
     "soft_weight": 1.0,
     "chunk_size": None,
     "process_group": None,
+    "backend": "auto",
 }
 
 
@@ -149,6 +152,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         self.kind = check.string(fn, "kind", kind)
         self.options = _merge_options(fn, options, _DISTILL_DEFAULTS)
         o = self.options
+        _device.backend(fn, o["backend"])
         _C.validate_spec(
             self.kind,
             check.real(fn, "beta", o["beta"]),
@@ -198,6 +202,7 @@ _CE_DEFAULTS = {
     "reduction": "mean",
     "chunk_size": None,
     "process_group": None,
+    "backend": "auto",
 }
 
 
@@ -218,6 +223,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.options = _merge_options("FusedLinearCrossEntropyLoss", options, _CE_DEFAULTS)
+        _device.backend("FusedLinearCrossEntropyLoss", self.options["backend"])
 
     def forward(self, weight, hidden, labels, bias=None, num_items_in_batch=None):
         return fused_linear_cross_entropy(

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import _C
+from . import _C, _device
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
 
@@ -166,6 +166,7 @@ def sinkhorn(
     warn: bool = True,
     cost_cache_mib: float = 64.0,
     symmetric: bool = False,
+    backend: str = "auto",
 ) -> SinkhornResult:
     r"""Entropic OT between weighted point clouds (or histograms with a cost matrix).
 
@@ -197,11 +198,14 @@ def sinkhorn(
             g = f and uses the averaged update ``f <- (f + T(f)) / 2`` (Feydy et al. 2019),
             which converges in far fewer passes at small eps; same result as the general
             solver. Used by :func:`sinkhorn_divergence` for its two self-terms.
+        backend: ``"auto"`` or ``"core"`` (the C++ core, CPU tensors; another device raises
+            ``"sinkhorn: no kernel for device <d>"``); ``"torch"`` is not available yet.
     Returns:
         :class:`SinkhornResult`; only ``reg_cost`` carries gradients (envelope theorem: grad x
         ``sum_j P_ij dC_ij/dx_i``, grad a ``f`` up to a constant, grad cost ``P``).
     """
     fn = "sinkhorn"
+    _device.route(fn, fn, backend, (("x", x), ("y", y), ("a", a), ("b", b), ("cost", cost)))
     eps = check.real(fn, "eps", eps)
     p = check.integer(fn, "p", p)
     tol = check.real(fn, "tol", tol)

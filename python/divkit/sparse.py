@@ -14,9 +14,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _C
+from . import _C, _device
 from . import _validate as check
 from ._autograd import grads_in_forward
+from .backends import torch_ops
 from .functional import _check_inplace, _Config, _core_args, _parse_options, _rows, _scaling
 
 __all__ = ["sparse_divergence", "topk_divergence", "TAILS"]
@@ -28,9 +29,9 @@ _LOGPROB_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _check_teacher_part(fn: str, name: str, x: Any, lead_shape: torch.Size) -> torch.Tensor:
-    """teacher_indices / teacher_logprobs: dense CPU tensors [..., k] with the logits' leading
-    shape."""
-    check.tensor(fn, name, x, dtypes=None, dense=True)
+    """teacher_indices / teacher_logprobs: dense tensors [..., k] with the logits' leading shape
+    (on the logits' device: _device.route checked it)."""
+    check.tensor(fn, name, x, dtypes=None, dense=True, cpu=False)
     if x.dim() != len(lead_shape) + 1 or tuple(x.shape[:-1]) != tuple(lead_shape):
         check.fail(
             fn,
@@ -42,7 +43,7 @@ def _check_teacher_part(fn: str, name: str, x: Any, lead_shape: torch.Size) -> t
 
 
 def _apply(fn: str, student: torch.Tensor, kernel: Callable, cfg: _Config, others: tuple = ()):
-    """Runs kernel(s2, loss, grad_s2), under autograd when the student requires grad (the
+    """Runs kernel(s2, loss, grad_s2) -> loss, under autograd when the student requires grad (the
     gradient is computed in forward, as divkit.divergence's)."""
     lead_shape = student.shape[:-1]
     v = student.shape[-1]
@@ -51,16 +52,19 @@ def _apply(fn: str, student: torch.Tensor, kernel: Callable, cfg: _Config, other
     def run(need):
         need_s = need[0]
         s2 = _rows(student.detach(), n, v)
-        loss = torch.empty(n if cfg.reduction == "none" else 1, dtype=torch.float32)
+        dev = student.device
+        loss = torch.empty(n if cfg.reduction == "none" else 1, dtype=torch.float32, device=dev)
         grad_s = grad_s2 = None
         if need_s:
             if cfg.inplace_grad:
                 grad_s2 = s2
                 grad_s = s2.view(student.shape)
             else:
-                grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype)
+                grad_s = torch.empty(
+                    student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev
+                )
                 grad_s2 = grad_s.view(n, v)
-        kernel(s2, loss, grad_s2)
+        loss = kernel(s2, loss, grad_s2)
         loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
         return loss, (grad_s,)
 
@@ -93,6 +97,7 @@ def sparse_divergence(
     scale_by_t_squared: bool = False,
     inplace_grad: bool = False,
     grad_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
 ):
     r"""Divergence between a top-k teacher (as an inference server returns it) and the student.
 
@@ -136,6 +141,7 @@ def sparse_divergence(
             :func:`divkit.divergence`. An ignored token's logits, indices and logprobs are not
             read (servers' padding may hold anything).
         tail: ``"bucket"`` or ``"renormalize"``.
+        backend: ``"auto"``, ``"core"`` or ``"torch"``, as in :func:`divkit.divergence`.
 
     Returns:
         The float32 loss (a scalar, or ``[...]`` for ``reduction="none"``); differentiable with
@@ -163,9 +169,22 @@ def sparse_divergence(
         scale_by_t_squared,
         inplace_grad,
         grad_dtype,
+        backend,
     )
     tail = check.string(fn, "tail", tail)
-    student = check.logits(fn, "student_logits", student_logits)
+    route = _device.route(
+        fn,
+        fn,
+        cfg.backend,
+        (
+            ("student_logits", student_logits),
+            ("teacher_indices", teacher_indices),
+            ("teacher_logprobs", teacher_logprobs),
+            ("labels", labels),
+            ("weights", weights),
+        ),
+    )
+    student = check.logits(fn, "student_logits", student_logits, cpu=False)
     lead_shape = student.shape[:-1]
     idx = _check_teacher_part(fn, "teacher_indices", teacher_indices, lead_shape)
     lp = _check_teacher_part(fn, "teacher_logprobs", teacher_logprobs, lead_shape)
@@ -184,8 +203,8 @@ def sparse_divergence(
     lp = lp.detach()
     if lp.dtype not in _LOGPROB_DTYPES:
         lp = lp.to(torch.float32)
-    labels_t = check.labels(fn, labels, lead_shape)
-    weights_t = check.weights(fn, weights, lead_shape)
+    labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    weights_t = check.weights(fn, weights, lead_shape, cpu=False)
     n = math.prod(lead_shape)
     k = idx.shape[-1]
     idx2 = idx.reshape(n, k)
@@ -193,7 +212,14 @@ def sparse_divergence(
     args = _core_args(cfg)
 
     def kernel(s2, loss, grad_s2):
-        _C.sparse_divergence(s2, idx2, lp2, loss, grad_s2, labels_t, weights_t, tail, args)
+        if not route.core:
+            return torch_ops.sparse_divergence(
+                s2, idx2, lp2, tail, labels_t, weights_t, cfg, grad_s2, fn=fn
+            )
+        _C.sparse_divergence(
+            s2, idx2, lp2, loss, grad_s2, labels_t, weights_t, tail, route.core_args(args)
+        )
+        return loss
 
     return _apply(fn, student, kernel, cfg, (("teacher_indices", idx), ("teacher_logprobs", lp)))
 
@@ -215,6 +241,7 @@ def topk_divergence(
     scale_by_t_squared: bool = False,
     inplace_grad: bool = False,
     grad_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
 ):
     r"""Divergence over the teacher's top-k vocabulary entries (OstQuant's KL-Top).
 
@@ -229,7 +256,7 @@ def topk_divergence(
         student_logits, teacher_logits: ``[..., V]`` CPU tensors of float32, bfloat16, float16
             or float64 (the dtypes may differ).
         k: 1 <= k <= V.
-        the rest: as in :func:`divkit.divergence`.
+        the rest (``backend`` included): as in :func:`divkit.divergence`.
 
     Returns:
         The float32 loss, differentiable with respect to ``student_logits``.
@@ -247,21 +274,36 @@ def topk_divergence(
         scale_by_t_squared,
         inplace_grad,
         grad_dtype,
+        backend,
     )
     k = check.integer(fn, "k", k)
-    student = check.logits(fn, "student_logits", student_logits)
-    teacher = check.logits(fn, "teacher_logits", teacher_logits)
+    route = _device.route(
+        fn,
+        fn,
+        cfg.backend,
+        (
+            ("student_logits", student_logits),
+            ("teacher_logits", teacher_logits),
+            ("labels", labels),
+            ("weights", weights),
+        ),
+    )
+    student = check.logits(fn, "student_logits", student_logits, cpu=False)
+    teacher = check.logits(fn, "teacher_logits", teacher_logits, cpu=False)
     check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")
     _teacher_fixed(fn, "teacher_logits", teacher)
     lead_shape = student.shape[:-1]
-    labels_t = check.labels(fn, labels, lead_shape)
-    weights_t = check.weights(fn, weights, lead_shape)
+    labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    weights_t = check.weights(fn, weights, lead_shape, cpu=False)
     n = math.prod(lead_shape)
     v = student.shape[-1]
     t2 = _rows(teacher.detach(), n, v)
     args = _core_args(cfg)
 
     def kernel(s2, loss, grad_s2):
-        _C.topk_divergence(s2, t2, k, loss, grad_s2, labels_t, weights_t, args)
+        if not route.core:
+            return torch_ops.topk_divergence(s2, t2, k, labels_t, weights_t, cfg, grad_s2, fn=fn)
+        _C.topk_divergence(s2, t2, k, loss, grad_s2, labels_t, weights_t, route.core_args(args))
+        return loss
 
     return _apply(fn, student, kernel, cfg, (("teacher_logits", teacher),))

@@ -1,0 +1,1181 @@
+"""The device-generic fallback: divkit's token divergences in PyTorch ops, for any device.
+
+It serves devices without a divkit kernel (MPS, XPU, a build without CUDA) and
+``backend="torch"``. Same API, conventions and results (to the CPU tests' tolerances) as the C++
+core; the per-entry formulas are transcribed from ``src/divergence/divergences-inl.h`` (the
+cancellation-free forms included), and the reduction is the rule of ``src/core/reduction.h``.
+
+* Arithmetic in fp32 (fp64 when an input is fp64), row sums in fp64.
+* Rows are processed in chunks of ``chunk_size`` tokens (default: about 2**22 vocabulary entries
+  per chunk), so that the fp32 temporaries never exceed a few ``[chunk, V]`` tensors.
+* Gradients are computed explicitly, in the same pass as the loss, chunk by chunk (the softmax
+  chain rule ``dL/ds = (u - q sum u) / T`` of the core, not torch autograd), and written into
+  preallocated outputs: into the student logits' own storage for ``inplace_grad=True``.
+* Bad input is found before anything is written (a first pass over the chunks): NaN or +inf
+  logits, or a row with every logit -inf, in a token that is not ignored, raise divkit.Error
+  naming the argument and the row. These checks read a flag back to the host per chunk (a
+  synchronization on an accelerator: the fallback is not meant for CUDA graph capture).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import _C
+from .. import _validate as check
+
+__all__ = [
+    "divergence",
+    "sparse_divergence",
+    "topk_divergence",
+    "fused_linear_divergence",
+    "fused_linear_sparse_divergence",
+    "fused_linear_cross_entropy",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_backward",
+    "DEFAULT_CHUNK_ENTRIES",
+]
+
+#: Vocabulary entries per chunk when ``chunk_size`` is not given: 16 MiB per fp32 temporary.
+DEFAULT_CHUNK_ENTRIES = 1 << 22
+
+_FLT_MAX = float(np.finfo(np.float32).max)
+_INF = float("inf")
+
+
+def _f32(x: float) -> float:
+    """x rounded to fp32, as the core stores its parameters."""
+    return float(np.float32(x))
+
+
+def _rows_per_chunk(chunk_size: Optional[int], n: int, v: int) -> int:
+    if chunk_size:
+        return max(1, int(chunk_size))
+    return max(1, DEFAULT_CHUNK_ENTRIES // max(v, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The options and the reduction (src/core/reduction.h).
+# ---------------------------------------------------------------------------------------------
+
+
+class _Spec:
+    """The divergence and its parameters, with the limits resolved to their KL kind as the core
+    does (jsd beta 0/1, alpha_divergence alpha 1/0, renyi alpha 1, skew alpha 0)."""
+
+    def __init__(self, cfg: Any) -> None:
+        _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
+        kind, beta, alpha = cfg.kind, _f32(cfg.beta), _f32(cfg.alpha)
+        if kind == "jsd" and beta == 0.0:
+            kind = "forward_kl"
+        elif kind == "jsd" and beta == 1.0:
+            kind = "reverse_kl"
+        elif kind == "alpha_divergence" and alpha == 1.0:
+            kind = "forward_kl"
+        elif kind == "alpha_divergence" and alpha == 0.0:
+            kind = "reverse_kl"
+        elif kind == "renyi" and alpha == 1.0:
+            kind = "forward_kl"
+        elif kind == "skew_forward_kl" and alpha == 0.0:
+            kind = "forward_kl"
+        elif kind == "skew_reverse_kl" and alpha == 0.0:
+            kind = "reverse_kl"
+        self.kind, self.beta, self.alpha = kind, beta, alpha
+        self.temperature = _f32(cfg.temperature)
+        self.inv_t = _f32(np.float32(1.0) / np.float32(self.temperature))
+        self.t2 = self.temperature * self.temperature if cfg.scale_by_t_squared else 1.0
+
+
+class _Plan:
+    """Counted tokens, weights and the divisor of the reduced loss, as device tensors."""
+
+    def __init__(self, fn: str, cfg: Any, n: int, labels, weights, device) -> None:
+        if cfg.reduction not in check.REDUCTIONS:
+            check.fail(
+                fn,
+                f"reduction '{cfg.reduction}' is unknown; valid reductions: "
+                f"{', '.join(check.REDUCTIONS)}",
+            )
+        if cfg.num_items_in_batch > 0 and cfg.reduction == "none":
+            check.fail(
+                fn,
+                "num_items_in_batch divides a reduced loss; it cannot be used with reduction "
+                "'none'",
+            )
+        if labels is not None:
+            self.active = labels.to(device).reshape(-1) != cfg.ignore_index
+        else:
+            self.active = torch.ones(n, dtype=torch.bool, device=device)
+        if weights is not None:
+            w = weights.to(device=device, dtype=torch.float64).reshape(-1)
+            bad = ~torch.isfinite(w)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                check.fail(fn, f"weights must be finite, got {w[i].item():g} at index {i}")
+            self.weight = w
+        else:
+            self.weight = torch.ones(n, dtype=torch.float64, device=device)
+        self.reduction = cfg.reduction
+        if cfg.num_items_in_batch > 0:
+            self.divisor = torch.tensor(cfg.num_items_in_batch, dtype=torch.float64, device=device)
+        elif cfg.reduction == "mean":
+            self.divisor = self.active.sum().to(torch.float64).clamp(min=1.0)
+        elif cfg.reduction == "batchmean":
+            self.divisor = torch.tensor(float(max(n, 1)), dtype=torch.float64, device=device)
+        else:
+            self.divisor = torch.ones((), dtype=torch.float64, device=device)
+        #: d(reduced loss) / d(row value), per token.
+        self.grad_scale = self.weight / self.divisor
+        self.counted = self.active & (self.weight != 0)
+
+    def loss(self, row_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 loss from the rows' unweighted values (fp64), times scale (T^2 or 1)."""
+        term = torch.where(self.counted, row_loss * self.weight, torch.zeros_like(row_loss))
+        if self.reduction == "none":
+            return (term * scale).to(torch.float32)
+        return (term.sum() * scale / self.divisor).to(torch.float32).reshape(())
+
+
+def _bad_rows(fn: str, name: str, x2: torch.Tensor, active: torch.Tensor, rows: int, what: str):
+    """Raises for the first counted row of x2 with a NaN/+inf or with every logit -inf."""
+    first = None
+    for a in range(0, x2.shape[0], rows):
+        x = x2[a : a + rows]
+        act = active[a : a + rows]
+        nonfinite = (torch.isnan(x) | torch.isposinf(x)).any(-1) & act
+        no_mass = torch.isneginf(x).all(-1) & act
+        bad = nonfinite | no_mass
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            first = (a + i, bool(nonfinite[i]))
+            break
+    if first is None:
+        return
+    row, nf = first
+    if nf:
+        check.fail(fn, f"{name} contains NaN or +inf at row {row}")
+    check.fail(fn, f"{name} row {row}{what}; mark it with labels = ignore_index")
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-entry math (divergences-inl.h), on [rows, V] tensors of the compute dtype.
+# ---------------------------------------------------------------------------------------------
+
+
+def _xt(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x * y with 0 * (anything) = 0 (0 log 0 = 0 and masked entries)."""
+    return torch.where(x == 0, torch.zeros_like(x), x * y)
+
+
+def _prod_over_mix(p, q, m):
+    zero = m == 0
+    return torch.where(zero, torch.zeros_like(m), p * q / torch.where(zero, torch.ones_like(m), m))
+
+
+def _log_ratio_to_mixture(lr, a: float):
+    """log(b / m) for m = a b + (1 - a) o, from lr = log(b / o) (see the core)."""
+    neg = torch.clamp(-lr, min=-104.0, max=80.0)
+    near = -torch.log1p((1.0 - a) * torch.expm1(neg))
+    far = lr - _f32(math.log1p(-a)) if a < 1.0 else torch.full_like(lr, _INF)
+    return torch.where(lr < -80.0, far, near)
+
+
+def _power_mean(p, q, lq, lr, alpha: float):
+    """w = p^alpha q^(1 - alpha), with the core's conventions at masked q."""
+    x = alpha * lr
+    direct = (x > 80.0) | (q == 0)
+    masked_q = torch.isneginf(lq)
+    ex = torch.exp(torch.where(direct, lq + torch.where(masked_q, torch.zeros_like(x), x), x))
+    w = torch.where(direct, ex, q * ex)
+    if alpha > 1.0:
+        at_masked = torch.where(p > 0, torch.full_like(p, _INF), torch.zeros_like(p))
+    else:
+        at_masked = torch.zeros_like(p)
+    return torch.where(masked_q, at_masked, w)
+
+
+def _mix_minus_power_mean(p, q, lq, lr, alpha: float):
+    mirror = alpha > 0.5
+    b = p if mirror else q
+    c = 1.0 - alpha if mirror else alpha
+    diff = -lr if mirror else lr
+    stable = (b > 0) & (diff.abs() < 60.0)
+    dd = torch.where(stable, diff, torch.zeros_like(diff))
+    via = b * (c * torch.expm1(dd) - torch.expm1(c * dd))
+    mix = alpha * p + (1.0 - alpha) * q
+    return torch.where(stable, via, mix - _power_mean(p, q, lq, lr, alpha))
+
+
+def _power_mean_minus_base(p, q, lq, lr, alpha: float, base_is_p: bool):
+    b = p if base_is_p else q
+    c = 1.0 - alpha if base_is_p else alpha
+    diff = -lr if base_is_p else lr
+    zero_base = b == 0
+    x = torch.clamp(c * torch.where(zero_base, torch.zeros_like(diff), diff), min=-104.0)
+    direct = zero_base | (x > 80.0)
+    return torch.where(
+        direct,
+        _power_mean(p, q, lq, lr, alpha) - b,
+        b * torch.expm1(torch.where(direct, torch.zeros_like(x), x)),
+    )
+
+
+def _terms(spec: _Spec, p, q, lp, lq, lr, need_t: bool):
+    """(g, u, v): the entry's term, the student factor u = q dg/dq (None when u = -p) and the
+    teacher factor v = p dg/dp (None unless need_t)."""
+    k = spec.kind
+    v = None
+    if k == "forward_kl":
+        g = _xt(p, lr)
+        u = None
+        if need_t:
+            v = g + p
+    elif k == "cross_entropy":
+        g = _xt(p, -lq)
+        u = None
+        if need_t:
+            v = g
+    elif k == "reverse_kl":
+        g = _xt(q, -lr)
+        u = g + q
+        if need_t:
+            v = -q
+    elif k == "jsd":
+        b = spec.beta
+        lm = torch.log(b * p + (1.0 - b) * q)
+        u = (1.0 - b) * _xt(q, lq - lm)
+        tp = b * _xt(p, lp - lm)
+        g = tp + u
+        if need_t:
+            v = tp
+    elif k == "skew_forward_kl":
+        a = spec.alpha
+        pqm = _prod_over_mix(p, q, a * p + (1.0 - a) * q)
+        g = _xt(p, _log_ratio_to_mixture(lr, a))
+        u = (a - 1.0) * pqm
+        if need_t:
+            v = (1.0 - a) * pqm + g
+    elif k == "skew_reverse_kl":
+        a = spec.alpha
+        pqm = _prod_over_mix(p, q, (1.0 - a) * p + a * q)
+        g = _xt(q, _log_ratio_to_mixture(-lr, a))
+        u = (1.0 - a) * pqm + g
+        if need_t:
+            v = (a - 1.0) * pqm
+    elif k == "tvd":
+        hs = 0.5 * torch.sign(p - q)
+        g = 0.5 * (p - q).abs()
+        u = -q * hs
+        if need_t:
+            v = p * hs
+    elif k == "hellinger":
+        sp, sq = torch.sqrt(p), torch.sqrt(q)
+        g = (sp - sq) ** 2
+        u = q - sp * sq
+        if need_t:
+            v = p - sp * sq
+    elif k == "jeffreys":
+        fwd, rev = _xt(p, lr), _xt(q, -lr)
+        g = fwd + rev
+        u = rev + (q - p)
+        if need_t:
+            v = fwd + (p - q)
+    elif k == "chi2":
+        direct = (lr > 80.0) | (p == 0)
+        x = torch.exp(torch.where(direct, lp + lr, lr))
+        r = torch.where(torch.isneginf(lp), torch.zeros_like(p), torch.where(direct, x, p * x))
+        near = (p <= 1.5 * q) & (q > 0)
+        em1 = torch.expm1(torch.where(near, lr, torch.zeros_like(lr)))
+        g = torch.where(near, q * em1 * em1, (r - 2.0 * p) + q)
+        u = q - r
+        if need_t:
+            v = 2.0 * (r - p)
+    elif k == "alpha_divergence":
+        a = spec.alpha
+        g = _mix_minus_power_mean(p, q, lq, lr, a) * _f32(1.0 / (a * (1.0 - a)))
+        u = _power_mean_minus_base(p, q, lq, lr, a, False) * _f32(-1.0 / a)
+        if need_t:
+            v = _power_mean_minus_base(p, q, lq, lr, a, True) * _f32(-1.0 / (1.0 - a))
+    else:
+        raise AssertionError(k)
+    return g, u, v
+
+
+class _Entries:
+    """p, q, their logs and log(p / q) of a chunk, from centered, scaled logits."""
+
+    def __init__(self, zs: torch.Tensor, zt: torch.Tensor) -> None:
+        # z = (x - max) / T: the max is subtracted first, so that the logs keep their precision.
+        self.lse_s = torch.logsumexp(zs, -1, keepdim=True)
+        self.lse_t = torch.logsumexp(zt, -1, keepdim=True)
+        self.lq = zs - self.lse_s
+        self.lp = zt - self.lse_t
+        self.q = torch.exp(self.lq)
+        self.p = torch.exp(self.lp)
+        # log p - log q from the logit difference: its error is that of the difference.
+        self.lr = (zt - zs) - (self.lse_t - self.lse_s)
+
+
+def _center(x: torch.Tensor, inv_t: float) -> torch.Tensor:
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    return (x - m) * inv_t
+
+
+def _chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor):
+    """One chunk: (row values fp64 with +inf where infinite, grad_s, grad_t) in the compute
+    dtype; ``scale`` [rows, 1] is d(loss)/d(row value) / T."""
+    if spec.kind == "renyi":
+        return _renyi_chunk(spec, e, need_s, need_t, scale)
+    g, u, v = _terms(spec, e.p, e.q, e.lp, e.lq, e.lr, need_t)
+    value = g.sum(-1, dtype=torch.float64)
+    bad = ~(value.abs() <= _FLT_MAX)
+    gs = gt = None
+    if need_s or need_t:
+        if need_s:
+            if u is None:  # u = -p, sum u = -1
+                gs = scale * (e.q - e.p)
+            else:
+                su = u.sum(-1, dtype=torch.float64)
+                bad |= ~(su.abs() <= _FLT_MAX)
+                gs = scale * (u - e.q * su.to(u.dtype).unsqueeze(-1))
+        if need_t:
+            sv = v.sum(-1, dtype=torch.float64)
+            bad |= ~(sv.abs() <= _FLT_MAX)
+            gt = scale * (v - e.p * sv.to(v.dtype).unsqueeze(-1))
+    value = torch.where(bad, torch.full_like(value, _INF), value)
+    keep = ~bad.unsqueeze(-1)
+    if gs is not None:
+        gs = torch.where(keep, gs, torch.zeros_like(gs))
+    if gt is not None:
+        gt = torch.where(keep, gt, torch.zeros_like(gt))
+    return value, gs, gt
+
+
+def _renyi_chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor):
+    """Renyi rows in log space: D = L / (alpha - 1), L = log sum w (see the core's RenyiRow)."""
+    a = spec.alpha
+    p, q, lq, lr = e.p, e.q, e.lq, e.lr
+    masked_q = torch.isneginf(lq)
+    if a > 1.0:
+        at_masked = torch.where(p > 0, torch.full_like(p, _INF), torch.full_like(p, -_INF))
+    else:
+        at_masked = torch.full_like(p, -_INF)
+    logw = torch.where(
+        masked_q, at_masked, a * torch.where(masked_q, torch.zeros_like(lr), lr) + lq
+    )
+    s1 = (-_mix_minus_power_mean(p, q, lq, lr, a)).sum(-1, dtype=torch.float64)
+    amax = logw.amax(-1, keepdim=True)
+    infinite = ~(amax < _INF) | torch.isneginf(amax)  # [rows, 1]
+    amax_safe = torch.where(infinite, torch.zeros_like(amax), amax)
+    sum_w = torch.exp(logw - amax_safe).sum(-1, dtype=torch.float64)
+    near_zero = s1.abs() < 0.5
+    log_rel = torch.log(sum_w)
+    log_sum_w = torch.where(near_zero, torch.log1p(s1), amax_safe.squeeze(-1).double() + log_rel)
+    value = log_sum_w / (a - 1.0)
+    bad = infinite.squeeze(-1) | ~(value.abs() <= _FLT_MAX)
+    value = torch.where(bad, torch.full_like(value, _INF), value)
+    gs = gt = None
+    if need_s or need_t:
+        dt = p.dtype
+        vl = log_sum_w.to(dt).unsqueeze(-1)
+        vrel = log_rel.to(dt).unsqueeze(-1)
+        nz = near_zero.unsqueeze(-1)
+
+        def w_hat_minus(base, c):
+            soft = torch.exp((logw - amax_safe) - vrel) - base
+            x = c * lr - vl
+            stable = nz & (base > 0) & (x.abs() < 60.0)
+            via = base * torch.expm1(torch.where(stable, x, torch.zeros_like(x)))
+            return torch.where(stable, via, soft)
+
+        keep = ~bad.unsqueeze(-1)
+        if need_s:
+            gs = torch.where(keep, -scale * w_hat_minus(q, a), torch.zeros_like(q))
+        if need_t:
+            k = scale * (a / (a - 1.0))
+            gt = torch.where(keep, k * w_hat_minus(p, a - 1.0), torch.zeros_like(p))
+    return value, gs, gt
+
+
+# ---------------------------------------------------------------------------------------------
+# The row driver shared by the three ops.
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _drive(
+    n: int,
+    rows: int,
+    plan: _Plan,
+    spec: _Spec,
+    chunk_fn: Callable[[int, int, torch.Tensor], Tuple[torch.Tensor, Any, Any]],
+    device,
+) -> torch.Tensor:
+    """Calls chunk_fn(a, b, scale) for each chunk of rows [a, b) and returns the row values
+    [n] (fp64, 0 for ignored rows); chunk_fn writes its gradients itself."""
+    row_loss = torch.zeros(n, dtype=torch.float64, device=device)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        act = plan.active[a:b]
+        scale = (spec.t2 * plan.grad_scale[a:b] / spec.temperature).unsqueeze(-1)
+        scale = torch.where(act.unsqueeze(-1), scale, torch.zeros_like(scale))
+        value = chunk_fn(a, b, scale)
+        row_loss[a:b] = torch.where(act, value, torch.zeros_like(value))
+    return row_loss
+
+
+def _sanitize(x: torch.Tensor, act: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk in the compute dtype, ignored rows zeroed (their logits are never used)."""
+    x = x.to(dtype)
+    return torch.where(act.unsqueeze(-1), x, torch.zeros_like(x))
+
+
+def _store(out: Optional[torch.Tensor], a: int, b: int, g: Optional[torch.Tensor], act) -> None:
+    if out is None:
+        return
+    g = torch.where(act.unsqueeze(-1), g, torch.zeros_like(g))
+    out[a:b].copy_(g)
+
+
+def divergence(
+    s2: torch.Tensor,
+    t2: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    grad_s2: Optional[torch.Tensor] = None,
+    grad_t2: Optional[torch.Tensor] = None,
+    *,
+    fn: str = "divergence",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The token divergence of ``[N, V]`` student and teacher logits (``cfg``: the options of
+    :func:`divkit.divergence`); writes the gradients into ``grad_s2`` / ``grad_t2`` ([N, V], may
+    be ``s2`` itself for ``inplace_grad``) when given. Returns the float32 loss ([N] for
+    ``reduction="none"``, else a 0-d tensor) on the logits' device."""
+    spec = _Spec(cfg)
+    n, v = s2.shape
+    if v == 0:
+        check.fail(fn, "student_logits has V = 0 (an empty vocabulary)")
+    device = s2.device
+    plan = _Plan(fn, cfg, n, labels, weights, device)
+    rows = _rows_per_chunk(chunk_size, n, v)
+    nm = " has every logit -inf (no distribution)"
+    _bad_rows(fn, "student_logits", s2, plan.active, rows, nm)
+    _bad_rows(fn, "teacher_logits", t2, plan.active, rows, nm)
+    dt = _compute_dtype(s2, t2)
+    need_s, need_t = grad_s2 is not None, grad_t2 is not None
+
+    def chunk(a, b, scale):
+        act = plan.active[a:b]
+        zs = _center(_sanitize(s2[a:b], act, dt), spec.inv_t)
+        zt = _center(_sanitize(t2[a:b], act, dt), spec.inv_t)
+        value, gs, gt = _chunk(spec, _Entries(zs, zt), need_s, need_t, scale.to(dt))
+        _store(grad_s2, a, b, gs, act)
+        _store(grad_t2, a, b, gt, act)
+        return value
+
+    return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse and truncated teachers (src/sparse): the divergence over k (renormalize) or k + 1
+# (bucket: the k entries and the tail) buckets, per bucket in fp64 as the core does.
+# ---------------------------------------------------------------------------------------------
+
+_RENORM_NO_MASS = " is -inf at every teacher index (no student probability to renormalize)"
+_NO_MASS = " has every logit -inf (no distribution)"
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _bucket_values(spec: _Spec, lpd, lqd, qd, dt):
+    """Row values (fp64, +inf where infinite), student factors u (fp64) and their sums, and the
+    rows without a gradient, from the buckets' fp64 log p, log q and q."""
+    if spec.kind == "renyi":
+        a = spec.alpha
+        masked_q = torch.isneginf(lqd)
+        if a > 1.0:
+            at = torch.where(lpd > -_INF, torch.full_like(lpd, _INF), torch.full_like(lpd, -_INF))
+        else:
+            at = torch.full_like(lpd, -_INF)
+        logw = torch.where(masked_q, at, lqd + a * torch.where(masked_q, lqd, lpd - lqd))
+        amax = logw.amax(-1, keepdim=True)
+        infinite = (~(amax < _INF) | torch.isneginf(amax)).squeeze(-1)
+        amax_safe = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        pf, qf, lpf, lqf = torch.exp(lpd).to(dt), qd.to(dt), lpd.to(dt), lqd.to(dt)
+        lrf = (lpd - lqd).to(dt)
+        s1 = (-_mix_minus_power_mean(pf, qf, lqf, lrf, a)).sum(-1, dtype=torch.float64)
+        sum_w = torch.exp(logw - amax_safe).sum(-1)
+        log_sum_w = torch.where(
+            s1.abs() < 0.5, torch.log1p(s1), amax_safe.squeeze(-1) + torch.log(sum_w)
+        )
+        value = log_sum_w / (a - 1.0)
+        bad = infinite | ~(value.abs() <= _FLT_MAX)
+        u = -torch.exp(logw - log_sum_w.unsqueeze(-1))
+        u = torch.where(bad.unsqueeze(-1), torch.zeros_like(u), u)
+        sum_u = u.sum(-1)
+    else:
+        pf, qf, lpf, lqf = torch.exp(lpd).to(dt), qd.to(dt), lpd.to(dt), lqd.to(dt)
+        g, uf, _ = _terms(spec, pf, qf, lpf, lqf, (lpd - lqd).to(dt), False)
+        if uf is None:
+            uf = -pf
+        value = g.sum(-1, dtype=torch.float64)
+        sum_u = uf.sum(-1, dtype=torch.float64)
+        bad = ~(value.abs() <= _FLT_MAX) | ~(sum_u.abs() <= _FLT_MAX)
+        u = uf.double()
+    return torch.where(bad, torch.full_like(value, _INF), value), u, sum_u, bad
+
+
+def _bucket_chunk(spec, xs, idx, lpd, has_tail: bool, need_s: bool, scale):
+    """One chunk of sparse rows: xs [c, V] student logits (compute dtype), idx [c, k], lpd
+    [c, k] the teacher's fp64 log-probabilities (up to a constant when renormalized). Returns
+    (row values, the student gradient [c, V] or None)."""
+    dt = xs.dtype
+    k = idx.shape[1]
+    temp = float(spec.temperature)
+    xk = xs.gather(-1, idx)
+    lse_p = torch.logsumexp(lpd, -1, keepdim=True)
+    if has_tail:
+        mx = xs.amax(-1, keepdim=True)
+        e = torch.exp((xs.scatter(-1, idx, -_INF) - mx) * spec.inv_t)
+        z_tail = e.sum(-1, keepdim=True, dtype=torch.float64)
+        ref = mx.double()
+    else:
+        e = None
+        z_tail = torch.zeros_like(lse_p)
+        ref = xk.amax(-1, keepdim=True).double()
+    lqd = (xk.double() - ref) / temp
+    z = torch.exp(lqd).sum(-1, keepdim=True) + z_tail
+    log_z = torch.log(z)
+    lqd = lqd - log_z
+    qd = torch.exp(lqd)
+    if has_tail:
+        lq_tail = torch.where(z_tail > 0, torch.log(z_tail) - log_z, torch.full_like(z_tail, -_INF))
+        over = lse_p > 0
+        lp_top = torch.where(over, lpd - lse_p, lpd)
+        lp_tail = torch.where(over, torch.full_like(lse_p, -_INF), _log1mexp(lse_p.clamp(max=0)))
+        lpd = torch.cat([lp_top, lp_tail], -1)
+        lqd = torch.cat([lqd, lq_tail], -1)
+        qd = torch.cat([qd, z_tail / z], -1)
+    else:
+        lpd = lpd - lse_p
+    value, u, sum_u, bad = _bucket_values(spec, lpd, lqd, qd, dt)
+    if not need_s:
+        return value, None
+    sum_u = sum_u.unsqueeze(-1)
+    gk = (scale * (u[:, :k] - qd[:, :k] * sum_u)).to(dt)
+    if has_tail:
+        c = torch.where(
+            z_tail > 0, scale * (u[:, k:] / z_tail - sum_u / z), torch.zeros_like(z_tail)
+        )
+        full = e * c.to(dt)
+    else:
+        full = torch.zeros_like(xs)
+    full.scatter_(-1, idx, gk)
+    return value, torch.where(bad.unsqueeze(-1), torch.zeros_like(full), full)
+
+
+def _first_row(mask: torch.Tensor) -> Optional[int]:
+    return int(mask.nonzero()[0, 0]) if bool(mask.any()) else None
+
+
+def sparse_divergence(
+    s2: torch.Tensor,
+    idx2: torch.Tensor,
+    lp2: torch.Tensor,
+    tail: str,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    grad_s2: Optional[torch.Tensor] = None,
+    *,
+    fn: str = "sparse_divergence",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The divergence between the student's ``[N, V]`` logits and a teacher given as ``[N, k]``
+    (index, log-probability) pairs (see :func:`divkit.sparse_divergence`)."""
+    spec = _Spec(cfg)
+    if tail not in ("renormalize", "bucket"):
+        check.fail(fn, f"tail '{tail}' is unknown; valid tails: renormalize, bucket")
+    n, v = s2.shape
+    k = idx2.shape[1]
+    if v == 0:
+        check.fail(fn, "student_logits has V = 0 (an empty vocabulary)")
+    if k < 1:
+        check.fail(fn, "teacher_indices has k = 0 entries per row; k must be >= 1")
+    if k > v:
+        check.fail(
+            fn, f"teacher_indices has k = {k} entries per row, more than the vocabulary V = {v}"
+        )
+    device = s2.device
+    plan = _Plan(fn, cfg, n, labels, weights, device)
+    act = plan.active
+    renorm = tail == "renormalize" or k == v
+    # The teacher, counted rows only (padding rows may hold anything).
+    idx = torch.where(
+        act.unsqueeze(-1), idx2.to(torch.int64), torch.zeros_like(idx2, dtype=torch.int64)
+    )
+    lp = torch.where(
+        act.unsqueeze(-1), lp2.to(torch.float64), torch.full_like(lp2, -1.0, dtype=torch.float64)
+    )
+    r = _first_row(((idx < 0) | (idx >= v)).any(-1))
+    if r is not None:
+        b = int(((idx[r] < 0) | (idx[r] >= v)).nonzero()[0, 0])
+        check.fail(
+            fn,
+            f"teacher_indices holds {int(idx[r, b])} at row {r}, column {b}, outside the "
+            f"vocabulary [0, {v})",
+        )
+    srt = idx.sort(-1).values
+    r = _first_row((srt[:, 1:] == srt[:, :-1]).any(-1) & act)
+    if r is not None:
+        j = int(srt[r, 1:][srt[r, 1:] == srt[r, :-1]][0])
+        check.fail(
+            fn,
+            f"teacher_indices repeats index {j} at row {r} (each of a row's k entries must be a "
+            f"distinct token)",
+        )
+    r = _first_row((torch.isnan(lp) | (lp > 1e-3)).any(-1))
+    if r is not None:
+        b = int((torch.isnan(lp[r]) | (lp[r] > 1e-3)).nonzero()[0, 0])
+        x = float(lp[r, b])
+        check.fail(
+            fn,
+            f"teacher_logprobs must be log-probabilities (<= 0, or -inf), got {x:g} at row "
+            f"{r}, column {b}" + (" (logits instead of log-probabilities?)" if x > 0 else ""),
+        )
+    m = lp.amax(-1)
+    if renorm:
+        r = _first_row(torch.isneginf(m) & act)
+        if r is not None:
+            check.fail(
+                fn,
+                f"teacher_logprobs are all -inf at row {r}: nothing to renormalize (use "
+                f"tail='bucket' with k < V, or mark the row with labels = ignore_index)",
+            )
+    else:
+        mass = torch.exp(torch.logsumexp(lp, -1))
+        r = _first_row((mass > 1.0 + 1e-2) & act)
+        if r is not None:
+            check.fail(
+                fn,
+                f"teacher_logprobs at row {r} have probabilities summing to {float(mass[r]):g} "
+                f"> 1; tail='bucket' needs log-probabilities of one distribution (pass "
+                f"tail='renormalize' for unnormalized scores)",
+            )
+    rows = _rows_per_chunk(chunk_size, n, v)
+    _bad_rows(fn, "student_logits", s2, act, rows, _RENORM_NO_MASS if renorm else _NO_MASS)
+    dt = _compute_dtype(s2)
+    if renorm:
+        # No student mass on the k entries.
+        for a in range(0, n, rows):
+            xk = s2[a : a + rows].gather(-1, idx[a : a + rows])
+            r = _first_row(torch.isneginf(xk).all(-1) & act[a : a + rows])
+            if r is not None:
+                check.fail(
+                    fn,
+                    f"student_logits row {a + r}{_RENORM_NO_MASS}; mark it with "
+                    f"labels = ignore_index",
+                )
+    need_s = grad_s2 is not None
+
+    def chunk(a, b, scale):
+        ca = act[a:b]
+        xs = _sanitize(s2[a:b], ca, dt)
+        value, gs = _bucket_chunk(spec, xs, idx[a:b], lp[a:b], not renorm, need_s, scale)
+        _store(grad_s2, a, b, gs, ca)
+        return value
+
+    return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
+
+
+def topk_divergence(
+    s2: torch.Tensor,
+    t2: torch.Tensor,
+    k: int,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    grad_s2: Optional[torch.Tensor] = None,
+    *,
+    fn: str = "topk_divergence",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The divergence over the teacher's top-k entries of each row (larger logit first, then
+    lower index), both distributions renormalized over them; the student's gradient is 0
+    elsewhere (see :func:`divkit.topk_divergence`)."""
+    spec = _Spec(cfg)
+    n, v = s2.shape
+    if v == 0:
+        check.fail(fn, "student_logits has V = 0 (an empty vocabulary)")
+    if not 1 <= k <= v:
+        check.fail(fn, f"k must be in [1, V = {v}], got {k}")
+    device = s2.device
+    plan = _Plan(fn, cfg, n, labels, weights, device)
+    act = plan.active
+    rows = _rows_per_chunk(chunk_size, n, v)
+    _bad_rows(fn, "student_logits", s2, act, rows, _RENORM_NO_MASS)
+    _bad_rows(fn, "teacher_logits", t2, act, rows, _NO_MASS)
+    dt = _compute_dtype(s2, t2)
+    need_s = grad_s2 is not None
+    temp = float(spec.temperature)
+
+    def select(a, b):
+        # The core selects on the fp32 logits; a stable descending sort puts the lower index
+        # first among equal values.
+        xt = _sanitize(t2[a:b], act[a:b], torch.float32)
+        idx = torch.sort(xt, dim=-1, descending=True, stable=True).indices[:, :k]
+        lpd = (xt.gather(-1, idx).double() - xt.amax(-1, keepdim=True).double()) / temp
+        return idx, lpd
+
+    for a in range(0, n, rows):
+        idx, _ = select(a, a + rows)
+        xk = s2[a : a + rows].gather(-1, idx)
+        r = _first_row(torch.isneginf(xk).all(-1) & act[a : a + rows])
+        if r is not None:
+            check.fail(
+                fn,
+                f"student_logits row {a + r}{_RENORM_NO_MASS}; mark it with labels = ignore_index",
+            )
+
+    def chunk(a, b, scale):
+        ca = act[a:b]
+        idx, lpd = select(a, b)
+        xs = _sanitize(s2[a:b], ca, dt)
+        value, gs = _bucket_chunk(spec, xs, idx, lpd, False, need_s, scale)
+        _store(grad_s2, a, b, gs, ca)
+        return value
+
+    return plan.loss(_drive(n, rows, plan, spec, chunk, device), spec.t2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused linear head (src/fused_linear/distill_loop.cc): chunks of tokens through the GEMM,
+# the soft term (the token divergence above, per row, weighted soft_weight * w_i / divisor) and
+# the hard-label cross-entropy (T = 1, weighted hard_weight * w_i / divisor), then the gradient
+# GEMMs. Only one chunk of logits (and of their gradients) exists at a time.
+# ---------------------------------------------------------------------------------------------
+
+
+class _SoftCfg:
+    """The divergence options of the soft term: per-row losses, weighted by the caller."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.kind, self.beta, self.alpha = cfg.kind, cfg.beta, cfg.alpha
+        self.temperature, self.scale_by_t_squared = cfg.temperature, cfg.scale_by_t_squared
+        self.ignore_index = cfg.ignore_index
+        self.reduction, self.num_items_in_batch = "none", 0.0
+
+
+def fused_linear_divergence(
+    sh: torch.Tensor,
+    sw: torch.Tensor,
+    sb: Optional[torch.Tensor],
+    th: torch.Tensor,
+    tw: torch.Tensor,
+    tb: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    need,
+    reduction: str,
+    *,
+    fn: str = "fused_linear_divergence",
+    sparse_teacher: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None,
+):
+    """``hard_weight * CE(z_s, labels) + soft_weight * D(p_teacher, q_student)`` of the heads
+    ``z = hidden @ weight.T + bias`` (``[N, H]`` hidden states); ``cfg``: the options of
+    :func:`divkit.fused_linear_divergence`; ``need``: six flags (student hidden, weight, bias,
+    teacher hidden, weight, bias). With ``sparse_teacher = (indices [N, k], logprobs [N, k],
+    tail)`` the teacher is sparse (:func:`divkit.fused_linear_sparse_divergence`; th, tw, tb are
+    None). Returns (loss [N] or [1] float32, six gradients or None)."""
+    n, v = sh.shape[0], sw.shape[0]
+    if sparse_teacher is None and tw.shape[0] != v:
+        check.fail(
+            fn,
+            f"teacher_weight has {tw.shape[0]} rows but student_weight {v}: the PyTorch "
+            f"fallback needs one vocabulary (teacher_token_ids is not supported there)",
+        )
+    if v == 0:
+        check.fail(fn, "student_weight has V = 0 (an empty vocabulary)")
+    hw, sw_f = float(cfg.hard_weight), float(cfg.soft_weight)
+    if not (math.isfinite(hw) and math.isfinite(sw_f)):
+        check.fail(fn, "hard_weight and soft_weight must be finite")
+    if hw != 0.0 and labels is None:
+        check.fail(fn, "hard_weight != 0 needs labels")
+    dev = sh.device
+    plan_cfg = _SoftCfg(cfg)
+    plan_cfg.reduction, plan_cfg.num_items_in_batch = reduction, cfg.num_items_in_batch
+    plan = _Plan(fn, plan_cfg, n, labels, weights, dev)
+    act = plan.active
+    lab = None
+    if labels is not None:
+        lab = labels.to(dev).reshape(-1).to(torch.int64)
+        if hw != 0.0:
+            bad = act & ((lab < 0) | (lab >= v))
+            r = _first_row(bad)
+            if r is not None:
+                check.fail(
+                    fn,
+                    f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not "
+                    f"ignore_index ({cfg.ignore_index})",
+                )
+    dt = _compute_dtype(*(x for x in (sh, sw, th, tw) if x is not None))
+    ws = sw.to(dt)
+    wt = tw.to(dt) if tw is not None else None
+    bs = sb.to(dt) if sb is not None else None
+    bt = tb.to(dt) if tb is not None else None
+    need_zs = any(need[:3])
+    need_zt = any(need[3:]) and sw_f != 0.0
+    g = [None] * 6
+    if need[0]:
+        g[0] = torch.empty(sh.shape, dtype=dt, device=dev)
+    if need[1]:
+        g[1] = torch.zeros(sw.shape, dtype=dt, device=dev)
+    if need[2] and sb is not None:
+        g[2] = torch.zeros(sb.shape, dtype=dt, device=dev)
+    if need[3]:
+        g[3] = torch.zeros(th.shape, dtype=dt, device=dev)
+    if need[4]:
+        g[4] = torch.zeros(tw.shape, dtype=dt, device=dev)
+    if need[5] and tb is not None:
+        g[5] = torch.zeros(tb.shape, dtype=dt, device=dev)
+    soft_cfg = _SoftCfg(cfg)
+    rows = _rows_per_chunk(cfg.chunk_size, n, v)
+    row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
+    scale = plan.weight / plan.divisor  # per token: w_i / divisor
+    scale = torch.where(act, scale, torch.zeros_like(scale))
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        hs_c = sh[a:b].to(dt)
+        zs = hs_c @ ws.T
+        if bs is not None:
+            zs = zs + bs
+        dzs = torch.zeros_like(zs) if need_zs else None
+        ht_c = None
+        if sw_f != 0.0 and sparse_teacher is not None:
+            gzs = torch.empty_like(zs) if need_zs else None
+            lab_c = lab[a:b] if lab is not None else None
+            idx, lp, tail = sparse_teacher
+            soft = sparse_divergence(
+                zs, idx[a:b], lp[a:b], tail, lab_c, sw_f * scale[a:b], soft_cfg, gzs, fn=fn
+            )
+            row_loss[a:b] += soft.to(torch.float64)
+            if need_zs:
+                dzs += gzs
+        elif sw_f != 0.0:
+            ht_c = th[a:b].to(dt)
+            zt = ht_c @ wt.T
+            if bt is not None:
+                zt = zt + bt
+            gzs = torch.empty_like(zs) if need_zs else None
+            gzt = torch.empty_like(zt) if need_zt else None
+            lab_c = lab[a:b] if lab is not None else None
+            soft = divergence(
+                zs, zt, lab_c, sw_f * scale[a:b], soft_cfg, gzs, gzt, fn=fn, chunk_size=b - a
+            )
+            row_loss[a:b] += soft.to(torch.float64)
+            if need_zs:
+                dzs += gzs
+            if need_zt:
+                if g[3] is not None:
+                    g[3][a:b] = gzt @ wt
+                if g[4] is not None:
+                    g[4] += gzt.T @ ht_c
+                if g[5] is not None:
+                    g[5] += gzt.sum(0)
+        if hw != 0.0:
+            y = torch.where(act[a:b], lab[a:b], torch.zeros_like(lab[a:b]))
+            lse = torch.logsumexp(zs, -1)
+            bad = act[a:b] & ~torch.isfinite(lse)
+            r = _first_row(bad)
+            if r is not None:
+                check.fail(fn, f"the student logits of token {a + r} are NaN, +inf or all -inf")
+            hwr = hw * scale[a:b]
+            ce = (lse - zs.gather(-1, y.unsqueeze(-1)).squeeze(-1)).double()
+            row_loss[a:b] += torch.where(act[a:b], hwr * ce, torch.zeros_like(ce))
+            if need_zs:
+                pr = torch.exp(zs - lse.unsqueeze(-1))
+                pr.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(pr[:, :1]))
+                dzs += hwr.to(dt).unsqueeze(-1) * pr
+        if need_zs:
+            if g[0] is not None:
+                g[0][a:b] = dzs @ ws
+            if g[1] is not None:
+                g[1] += dzs.T @ hs_c
+            if g[2] is not None:
+                g[2] += dzs.sum(0)
+    loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
+    inputs = (sh, sw, sb, th, tw, tb)
+    grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, inputs)]
+    return loss.to(torch.float32), grads
+
+
+def fused_linear_sparse_divergence(
+    sh,
+    sw,
+    sb,
+    idx,
+    lp,
+    tail,
+    labels,
+    weights,
+    cfg,
+    need,
+    reduction,
+    *,
+    fn="fused_linear_sparse_divergence",
+):
+    """The fused student head against a sparse teacher (indices, log-probabilities [N, k]):
+    (loss, three gradients or None); see :func:`fused_linear_divergence`."""
+    loss, grads = fused_linear_divergence(
+        sh,
+        sw,
+        sb,
+        None,
+        None,
+        None,
+        labels,
+        weights,
+        cfg,
+        tuple(need) + (False,) * 3,
+        reduction,
+        fn=fn,
+        sparse_teacher=(idx, lp, tail),
+    )
+    return loss, grads[:3]
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    token_weights: Optional[torch.Tensor],
+    cfg: Any,
+    need,
+    reduction: str,
+    return_stats: bool,
+    *,
+    fn: str = "fused_linear_cross_entropy",
+):
+    """Cross-entropy of ``z = hidden @ weight.T + bias`` (softcapped when ``cfg.softcap`` > 0)
+    with label smoothing and z-loss, in chunks of tokens (see
+    :func:`divkit.fused_linear_cross_entropy`); ``token_weights`` scale each token (the
+    upstream gradient of a per-token loss). Returns ((loss[, logprobs, entropy]), three gradients
+    or None)."""
+    n, v = h.shape[0], w.shape[0]
+    dev = h.device
+    plan_cfg = _SoftCfg.__new__(_SoftCfg)
+    plan_cfg.ignore_index = cfg.ignore_index
+    plan_cfg.reduction, plan_cfg.num_items_in_batch = reduction, cfg.num_items_in_batch
+    plan = _Plan(fn, plan_cfg, n, labels, token_weights, dev)
+    act = plan.active
+    lab = labels.to(dev).reshape(-1).to(torch.int64)
+    r = _first_row(act & ((lab < 0) | (lab >= v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
+            f"({cfg.ignore_index})",
+        )
+    eps, zsq, cap = float(cfg.label_smoothing), float(cfg.lse_square_scale), float(cfg.softcap)
+    dt = _compute_dtype(h, w)
+    wf = w.to(dt)
+    bf = b.to(dt) if b is not None else None
+    g = [None, None, None]
+    if need[0]:
+        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+    if need[1]:
+        g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
+    if need[2] and b is not None:
+        g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    want = any(x is not None for x in g)
+    rows = _rows_per_chunk(cfg.chunk_size, n, v)
+    row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
+    logprobs = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
+    entropy = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
+    scale = torch.where(act, plan.weight / plan.divisor, torch.zeros_like(plan.weight))
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        hc = h[a:e].to(dt)
+        x = hc @ wf.T
+        if bf is not None:
+            x = x + bf
+        z = cap * torch.tanh(x / cap) if cap > 0 else x
+        lse = torch.logsumexp(z, -1)
+        r = _first_row(ca & ~torch.isfinite(lse))
+        if r is not None:
+            check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
+        zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        loss_r = (1.0 - eps) * (lse - zy).double()
+        if eps != 0.0:
+            loss_r = loss_r + eps * (lse.double() - z.mean(-1, dtype=torch.float64))
+        if zsq != 0.0:
+            loss_r = loss_r + zsq * lse.double() ** 2
+        row_loss[a:e] = torch.where(ca, loss_r * scale[a:e], torch.zeros_like(loss_r))
+        p = torch.exp(z - lse.unsqueeze(-1))
+        if return_stats:
+            lp = torch.where(ca, zy - lse, torch.zeros_like(lse))
+            ent = -(p * (z - lse.unsqueeze(-1))).sum(-1)
+            logprobs[a:e] = lp.to(torch.float32)
+            entropy[a:e] = torch.where(ca, ent, torch.zeros_like(ent)).to(torch.float32)
+        if want:
+            # d loss_i / d z = (1 - eps)(p - 1[y]) + eps (p - 1/V) + 2 zsq lse p
+            dz = p * (1.0 + 2.0 * zsq * lse.unsqueeze(-1))
+            if eps != 0.0:
+                dz = dz - eps / v
+            dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(dz[:, :1], -(1.0 - eps)))
+            if cap > 0:
+                dz = dz * (1.0 - (z / cap) ** 2)
+            dz = dz * scale[a:e].to(dt).unsqueeze(-1)
+            if g[0] is not None:
+                g[0][a:e] = dz @ wf
+            if g[1] is not None:
+                g[1] += dz.T @ hc
+            if g[2] is not None:
+                g[2] += dz.sum(0)
+    loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
+    grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
+    outs = (loss.to(torch.float32),) + ((logprobs, entropy) if return_stats else ())
+    return outs, grads
+
+
+def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
+    """Yields (a, e, active, y, hc, wf, z, lse) per chunk of tokens, with ``z`` the chunk's
+    logits / T in the compute dtype (for fused_linear_logprobs)."""
+    n, v = h.shape[0], w.shape[0]
+    dev = h.device
+    lab = labels.to(dev).reshape(-1).to(torch.int64)
+    act = lab != ignore_index
+    r = _first_row(act & ((lab < 0) | (lab >= v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
+            f"({ignore_index})",
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        check.fail(fn, f"temperature must be finite and > 0, got {temperature:g}")
+    dt = _compute_dtype(h, w)
+    wf = w.to(dt)
+    bf = b.to(dt) if b is not None else None
+    inv_t = _f32(np.float32(1.0) / np.float32(temperature))
+    rows = _rows_per_chunk(chunk_size, n, v)
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        hc = h[a:e].to(dt)
+        x = hc @ wf.T
+        if bf is not None:
+            x = x + bf
+        z = x * inv_t
+        lse = torch.logsumexp(z, -1)
+        r = _first_row(ca & ~torch.isfinite(lse))
+        if r is not None:
+            check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
+        yield a, e, ca, y, hc, wf, z, lse, inv_t
+
+
+def fused_linear_logprobs(
+    h,
+    w,
+    b,
+    labels,
+    ignore_index,
+    temperature,
+    return_entropy,
+    topk,
+    chunk_size,
+    *,
+    fn="fused_linear_logprobs",
+):
+    """Per-token log p(label) (and the entropy, the top-k mass) of softmax((h @ w.T + b) / T),
+    0 for ignored tokens, in chunks of tokens (see :func:`divkit.fused_linear_logprobs`)."""
+    n = h.shape[0]
+    dev = h.device
+    lp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent = torch.zeros(n, dtype=torch.float32, device=dev) if return_entropy else None
+    mass = torch.zeros(n, dtype=torch.float32, device=dev) if topk else None
+    for a, e, ca, y, _, _, z, lse, _ in _logprob_chunks(
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn
+    ):
+        zero = torch.zeros_like(lse)
+        lpz = z - lse.unsqueeze(-1)
+        lp[a:e] = torch.where(ca, lpz.gather(-1, y.unsqueeze(-1)).squeeze(-1), zero).float()
+        p = torch.exp(lpz)
+        if return_entropy:
+            ent[a:e] = torch.where(ca, -(_xt(p, lpz)).sum(-1), zero).float()
+        if topk:
+            k = min(topk, z.shape[-1])
+            mass[a:e] = torch.where(ca, p.topk(k, -1).values.sum(-1), zero).float()
+    outs = [lp]
+    if return_entropy:
+        outs.append(ent)
+    if topk:
+        outs.append(mass)
+    return tuple(outs)
+
+
+def fused_linear_logprobs_backward(
+    h,
+    w,
+    b,
+    labels,
+    ignore_index,
+    temperature,
+    g_lp,
+    g_ent,
+    need,
+    chunk_size,
+    *,
+    fn="fused_linear_logprobs",
+):
+    """The gradients (hidden, weight, bias; None where not needed) of sum_i g_lp[i] lp_i +
+    g_ent[i] H_i, recomputing each chunk's logits."""
+    dev = h.device
+    dt = _compute_dtype(h, w)
+    g = [None, None, None]
+    if need[0]:
+        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+    if need[1]:
+        g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
+    if need[2] and b is not None:
+        g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    for a, e, ca, y, hc, wf, z, lse, inv_t in _logprob_chunks(
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn
+    ):
+        lpz = z - lse.unsqueeze(-1)
+        p = torch.exp(lpz)
+        dz = torch.zeros_like(z)
+        if g_lp is not None:
+            c = torch.where(ca, g_lp[a:e].to(dev, dt), torch.zeros_like(lse))
+            dz -= c.unsqueeze(-1) * p
+            dz.scatter_add_(-1, y.unsqueeze(-1), c.unsqueeze(-1))
+        if g_ent is not None:
+            c = torch.where(ca, g_ent[a:e].to(dev, dt), torch.zeros_like(lse))
+            hrow = -(_xt(p, lpz)).sum(-1, keepdim=True)
+            dz -= c.unsqueeze(-1) * _xt(p, lpz + hrow)
+        dz = dz * inv_t
+        if g[0] is not None:
+            g[0][a:e] = dz @ wf
+        if g[1] is not None:
+            g[1] += dz.T @ hc
+        if g[2] is not None:
+            g[2] += dz.sum(0)
+    return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
