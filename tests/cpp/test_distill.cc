@@ -280,8 +280,10 @@ TEST(Distill, SelectiveContrastMatchesOfficialRule) {
         EXPECT_EQ(out[v + j], -std::numeric_limits<double>::infinity());
       }
     }
-    if (i == 1) EXPECT_GT(kept, 0);
-    if (i == 1) EXPECT_LT(kept, v);  // the filter removed the token with logit -0.4
+    if (i == 1) {
+      EXPECT_GT(kept, 0);
+      EXPECT_LT(kept, v);  // the filter removed the token with logit -0.4
+    }
   }
 }
 

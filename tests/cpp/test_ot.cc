@@ -237,7 +237,9 @@ TEST(OtSinkhorn, CachedCostEqualsOnTheFly) {
         EXPECT_NEAR(cached.st.reg_cost, fly.st.reg_cost, rel * std::abs(fly.st.reg_cost));
         EXPECT_NEAR(cached.st.transport_cost, fly.st.transport_cost,
                     rel * std::abs(fly.st.transport_cost));
-        if (!f32) EXPECT_EQ(cached.st.n_iter, fly.st.n_iter);
+        if (!f32) {
+          EXPECT_EQ(cached.st.n_iter, fly.st.n_iter);
+        }
         EXPECT_LT(max_abs_diff(cached.plan, fly.plan), (f32 ? 1e-6 : 1e-14));
         double gmax = 0;
         for (double v : fly.gx) gmax = std::max(gmax, std::abs(v));
@@ -286,7 +288,9 @@ TEST(OtSinkhorn, KernelDomainIterationsEqualLogDomain) {
                      " scaling " + std::to_string(scaling));
         ASSERT_TRUE(logd.st.converged);
         ASSERT_TRUE(kern.st.converged);
-        if (!f32) EXPECT_EQ(kern.st.n_iter, logd.st.n_iter);
+        if (!f32) {
+          EXPECT_EQ(kern.st.n_iter, logd.st.n_iter);
+        }
         const double tol = f32 ? 2e-4 : 1e-10;
         EXPECT_LT(max_abs_diff(kern.f, logd.f), tol * (1 + eps));
         EXPECT_LT(max_abs_diff(kern.g, logd.g), tol * (1 + eps));
