@@ -22,15 +22,15 @@ Setup (fixed seeds):
    ``pi*_beta`` over a fine beta grid is drawn for reference (no policy has a higher reward at
    the same KL).
 
-The paper's claim (its Fig. 2, IMDb): TDPO, TDPO2 in particular, reaches a better
-reward-KL frontier than DPO, i.e. a lower sequence KL at equal reward. Per seed, each method's
-frontier is the Pareto set of its checkpoints over all betas; the KL it needs to reach a reward
-level is interpolated on it, at reward levels that every method reaches; the ratio
-KL(TDPO) / KL(DPO) (geometric mean over the levels) gets a 95% confidence interval over the
-seeds (Student t). The claim holds here if the interval is below 1.
+The paper's claim (IMDb sentiment generation with a sentiment classifier as the reward): TDPO,
+TDPO2 in particular, reaches a better reward-KL frontier than DPO, i.e. a lower sequence KL at
+equal reward. Per seed, each method's frontier is the Pareto set of its checkpoints over all
+betas; the KL it needs to reach a reward level is interpolated on it, at reward levels that
+every method reaches; the ratio KL(TDPO) / KL(DPO) (geometric mean over the levels) gets a 95%
+confidence interval over the seeds (Student t). The claim holds here if the interval is below 1.
 
 Run:  .venv/bin/python examples/repro_tdpo_frontier.py [--out DIR] [--seeds 5] [--steps 200]
-      (about two minutes on 2 cores; --tiny for a smoke test)
+      (about 1.5 minutes of CPU time, one thread; --tiny for a smoke test)
 """
 
 from __future__ import annotations
@@ -397,8 +397,10 @@ def _run(a, methods, betas, seeds) -> Dict:
                        alpha=0.25)  # fmt: skip
             xs = [final[(m, b)]["kl"] for b in betas]
             ys = [final[(m, b)]["reward"] for b in betas]
-            ax.errorbar([x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs],
-                        yerr=[y[1] for y in ys], fmt="o-", c=col, label=LABELS[m], ms=4)  # fmt: skip
+            ax.errorbar(
+                [x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs],
+                yerr=[y[1] for y in ys], fmt="o-", c=col, label=LABELS[m], ms=4,
+            )  # fmt: skip
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("sequence KL(pi || pi_ref) (exact)")
         ax.set_ylabel("expected reward (exact)")
