@@ -200,7 +200,7 @@ def main(argv=None) -> Dict:
     lrs = [float(x) for x in a.lrs.split(",")]
     seeds = list(range(a.seeds))
     # Tiny models: one thread each is fastest, and the most polite on a shared machine; the
-    # caller's settings come back at the end (a test runs main in its own process).
+    # caller's settings come back at the end (the smoke test runs main inside pytest).
     threads = torch.get_num_threads(), divkit.get_num_threads()
     torch.set_num_threads(a.threads)
     divkit.set_num_threads(a.threads)
@@ -212,7 +212,6 @@ def main(argv=None) -> Dict:
 
 
 def _run(a, kinds, lrs, seeds) -> Dict:
-
     g = torch.Generator().manual_seed(0)
     teacher = Teacher(g)
     tr_ctx = teacher.contexts(a.transfer, 32, g)

@@ -186,7 +186,8 @@ def loss_fn(method: str, policy, batch, beta: float) -> torch.Tensor:
     return losses.mean()
 
 
-def train(method, beta, ref, exact, data, seed, steps, batch, lr, eval_every) -> List[Dict]:
+def train(method, beta, ref, exact, data, seed, steps, batch, lr, eval_every):
+    """Trains a copy of the reference: its checkpoints' exact (KL, reward), and the policy."""
     chosen, rejected, ref_c, ref_r, ref_lc, ref_lr = data
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -283,7 +284,7 @@ def main(argv=None) -> Dict:
     betas = [float(b) for b in a.betas.split(",")]
     seeds = list(range(a.seeds))
     # Tiny models: one thread each is fastest, and the most polite on a shared machine; the
-    # caller's settings come back at the end (a test runs main in its own process).
+    # caller's settings come back at the end (the smoke test runs main inside pytest).
     threads = torch.get_num_threads(), divkit.get_num_threads()
     torch.set_num_threads(a.threads)
     divkit.set_num_threads(a.threads)
@@ -295,7 +296,6 @@ def main(argv=None) -> Dict:
 
 
 def _run(a, methods, betas, seeds) -> Dict:
-
     ref = make_reference(0)
     exact = Exact(ref)
     start = exact(ref)
