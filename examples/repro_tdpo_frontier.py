@@ -264,7 +264,7 @@ def main(argv=None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="repro_tdpo_frontier_out")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--betas", default="0.03,0.1,0.3,1,3")
+    ap.add_argument("--betas", default=None, help="default 0.03,0.1,0.3,1,3")
     ap.add_argument("--mc-samples", type=int, default=4000, help="per prompt, for the MC check")
     ap.add_argument("--threads", type=int, default=1, help="torch and divkit threads")
     ap.add_argument("--seeds", type=int, default=5)
@@ -277,7 +277,8 @@ def main(argv=None) -> Dict:
     a = ap.parse_args(argv)
     if a.tiny:
         a.seeds, a.steps, a.pairs, a.eval_every, a.mc_samples = 2, 10, 128, 5, 1000
-        a.betas = "0.3,1000"
+    if a.betas is None:
+        a.betas = "0.3,1000" if a.tiny else "0.03,0.1,0.3,1,3"
     methods = [m for m in a.methods.split(",") if m]
     if "dpo" not in methods:
         ap.error("--methods must include dpo (the baseline of the comparison)")
