@@ -76,6 +76,10 @@ PERCENTILES: Sequence[float] = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.
 #: computed in float64 with a handful of temporaries of its size).
 DEFAULT_BLOCK_BYTES = 4 << 20
 
+#: The same for the C++ kernel (``engine="core"``), which reads the memory maps without a copy:
+#: larger blocks keep its threads busy.
+CORE_BLOCK_BYTES = 16 << 20
+
 #: The first 8 bytes of llama.cpp's ``--kl-divergence-base`` file.
 LLAMACPP_MAGIC = b"_logits_"
 #: llama.cpp's KL sums skip the base's terms with log-prob at or below this (nats).
@@ -141,6 +145,19 @@ class LogitsFile:
         if self.dtype == "bfloat16":
             return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         return raw.astype(np.float64)
+
+    def core_rows(self, start: int, stop: int):
+        """Rows ``start:stop`` as the C++ kernel reads them, with their format: the memory
+        map's own rows (no copy) in native byte order and unit column stride; ``"bfloat16"``
+        and ``"llama.cpp"`` rows stay uint16 (the kernel decodes them)."""
+        raw = self.array[start:stop]
+        if self.format == "llama.cpp":
+            return raw, "llama.cpp"
+        if not raw.dtype.isnative:
+            raw = raw.astype(raw.dtype.newbyteorder("="))
+        if raw.strides[-1] != raw.dtype.itemsize:
+            raw = np.ascontiguousarray(raw)
+        return raw, ("bfloat16" if self.dtype == "bfloat16" else "float")
 
     def release(self, start: int, stop: int) -> None:
         """Drops rows ``start:stop`` of the memory map from the process's resident set (they
@@ -589,9 +606,9 @@ def _ppl_block(nll, nllb, nll2, nllb2, cross, n) -> Dict[str, Optional[float]]:
     }
 
 
-def _block_rows(v: int, block_rows: Optional[int]) -> int:
+def _block_rows(v: int, block_rows: Optional[int], core: bool = False) -> int:
     if block_rows is None:
-        return max(1, DEFAULT_BLOCK_BYTES // (4 * v))
+        return max(1, (CORE_BLOCK_BYTES if core else DEFAULT_BLOCK_BYTES) // (4 * v))
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise CompareError(f"block_rows must be an int >= 1, got {block_rows!r}")
     return block_rows
@@ -646,6 +663,7 @@ def compare_files(
     tokens=None,
     chunk_size: Optional[int] = None,
     threads: Optional[int] = None,
+    engine: Optional[str] = None,
 ):
     """Per-token divergence statistics of ``test`` against ``base`` (paths of ``.npy``,
     ``.safetensors`` or llama.cpp ``--kl-divergence-base`` files; see the module's docstring
@@ -658,8 +676,14 @@ def compare_files(
     progress bar on stderr when tqdm is installed. ``tokens``: a ``.npy`` file (or an array)
     of the N token ids the rows predict (a llama.cpp file brings its own). ``chunk_size``: rows
     per chunk of the per-chunk table (default: llama.cpp's chunks with a llama.cpp file, no
-    table otherwise). ``threads``: blocks computed at once (default: up to 4, the CPU count);
-    the values do not depend on it nor on ``block_rows``.
+    table otherwise). ``engine``: ``"core"`` computes the per-token values in divkit's C++ core
+    (:func:`divkit._C.compare_rows`, include/divkit/compare.h: float64, the rows read from the
+    memory maps without a copy, spread over threads; the default), ``"numpy"`` in numpy
+    float64 (the reference the core is tested against; the default only when the compiled
+    extension lacks the kernel). ``threads``: the core's threads (default: divkit's thread
+    count), or numpy's blocks computed at once (default: up to 4, the CPU count); the values
+    do not depend on it nor on ``block_rows`` (default: ``CORE_BLOCK_BYTES`` of fp32 logits
+    per file for the core).
 
     Returns a JSON-serializable dict: ``base``, ``test`` (paths), ``tokens`` (N), ``vocab``
     (V), ``base_dtype``, ``test_dtype``, ``base_format``, ``test_format``, ``block_rows``;
@@ -684,6 +708,7 @@ def compare_files(
         chunk_size,
         return_values,
         threads,
+        engine,
     )
     return (res, values) if return_values else res
 
@@ -742,9 +767,31 @@ def _targets(fb: LogitsFile, ft: LogitsFile, tokens, n: int, v: int):
     return _load_tokens(tokens, n, v)
 
 
-def _threads(threads: Optional[int]) -> int:
+def _core_kernel():
+    """divkit._C.compare_rows, or None when the compiled extension is missing or predates it."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    return getattr(_C, "compare_rows", None)
+
+
+def _engine(engine: Optional[str]):
+    """The C++ kernel for ``engine`` "core" (or None, the default, when it exists), else None
+    (numpy)."""
+    if engine not in (None, "core", "numpy"):
+        raise CompareError(f"engine must be 'core' or 'numpy', got {engine!r}")
+    if engine == "numpy":
+        return None
+    kernel = _core_kernel()
+    if kernel is None and engine == "core":
+        raise CompareError("engine 'core': divkit's compiled extension has no compare_rows")
+    return kernel
+
+
+def _threads(threads: Optional[int], core: bool = False) -> int:
     if threads is None:
-        return max(1, min(4, os.cpu_count() or 1))
+        return 0 if core else max(1, min(4, os.cpu_count() or 1))
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise CompareError(f"threads must be an int >= 1, got {threads!r}")
     return threads
@@ -762,10 +809,12 @@ def _compare(
     chunk_size,
     keep,
     threads=None,
+    engine=None,
 ):
+    kernel = _engine(engine)
     fb, ft = _open_pair(base, test, tensor, base_tensor, test_tensor)
     n, v = fb.shape
-    rows = _block_rows(v, block_rows)
+    rows = _block_rows(v, block_rows, kernel is not None)
     targets = _targets(fb, ft, tokens, n, v)
     if chunk_size is None:
         chunk_size = fb.chunk_rows or ft.chunk_rows
@@ -775,7 +824,7 @@ def _compare(
     ci = {k: i for i, k in enumerate(cols)}
 
     # The per-token columns live in a temporary file (memory-mapped): a few floats per token.
-    workers = _threads(threads)
+    workers = _threads(threads, kernel is not None)
     tmp = tempfile.TemporaryFile(prefix="divkit-compare-")
     try:
         store = np.memmap(tmp, dtype=np.float64, mode="w+", shape=(len(cols), n))
@@ -794,6 +843,38 @@ def _compare(
             fb.release(start, stop)
             ft.release(start, stop)
             return stop - start
+
+        floor = -math.inf if fb.kl_floor is None else float(fb.kl_floor)
+        core_threads = workers
+
+        def block_core(start: int, stop: int) -> int:
+            xb, fmt_b = fb.core_rows(start, stop)
+            xt, fmt_t = ft.core_rows(start, stop)
+            out = {k: store[ci[k], start:stop] for k in cols}
+            try:
+                kernel(
+                    xb,
+                    xt,
+                    None if targets is None else targets[start:stop],
+                    base_format=fmt_b,
+                    test_format=fmt_t,
+                    vocab=v,
+                    base_floor=floor,
+                    num_threads=core_threads,
+                    **out,
+                )
+            except ValueError as e:
+                # A bad row: numpy's check names the file and the row; anything else as is.
+                for name, f in (("base", fb), ("test", ft)):
+                    if f.format != "llama.cpp":
+                        _check_rows(name, f, f.rows(start, stop), start)
+                raise CompareError(f"{fb.path}, {ft.path}: {e}") from None
+            fb.release(start, stop)
+            ft.release(start, stop)
+            return stop - start
+
+        if kernel is not None:
+            block, workers = block_core, 1  # the kernel spreads a block's rows over threads
 
         # Blocks are independent (one row's values do not depend on the others), so threads
         # (numpy releases the GIL in its loops) give the same values as one.
@@ -878,7 +959,8 @@ def _summary_inplace(c: np.ndarray, percentiles: Sequence[float] = PERCENTILES) 
     mean, se = _mean_se(s1, s2, n)
     dev = 0.0
     for i in range(0, n, _PIECE):
-        x = np.asarray(c[i : i + _PIECE], dtype=np.float64) - mean
+        with np.errstate(invalid="ignore"):  # an infinite KL: inf - inf
+            x = np.asarray(c[i : i + _PIECE], dtype=np.float64) - mean
         dev += float((x * x).sum())
     c.sort()
     out = {
