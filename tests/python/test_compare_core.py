@@ -207,3 +207,20 @@ def test_binding_errors():
         _C.compare_rows(q, b, None, base_format="llama.cpp", vocab=10, **outs(4))
     with pytest.raises(ValueError, match="compare_rows: base row 1 holds NaN or \\+inf"):
         _C.compare_rows(np.array([[0.0, 1.0], [np.inf, 0.0]]), np.zeros((2, 2)), None, **outs(2))
+
+
+def test_cli_engine_flag(tmp_path, capsys):
+    from divkit.cli import main
+
+    b, t = pair(25, 80, 11)
+    np.save(tmp_path / "b.npy", b.astype(np.float32))
+    np.save(tmp_path / "t.npy", t.astype(np.float32))
+    got = []
+    for engine in ("core", "numpy"):
+        args = ["compare", str(tmp_path / "b.npy"), str(tmp_path / "t.npy"), "--json"]
+        assert main(args + ["--no-progress", "--engine", engine]) == 0
+        got.append(json.loads(capsys.readouterr().out))
+        got[-1].pop("block_rows")
+    close(got[0], got[1])
+    with pytest.raises(SystemExit):
+        main(["compare", "a", "b", "--engine", "torch"])

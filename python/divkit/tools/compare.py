@@ -25,8 +25,12 @@ PPLs and the ratio, the covariance of the two nll's, ``Cor = cov / (se_test se_b
 
 Files: ``.npy`` (memory-mapped), ``.safetensors`` (header parsed here; F32, F16, BF16, F64;
 ``tensor`` picks one of several) and llama.cpp's ``--kl-divergence-base`` file (recognized by its
-``_logits_`` magic; see :func:`open_llamacpp_logits`). Everything is numpy: torch is not
-imported. The two files may differ in format and dtype.
+``_logits_`` magic; see :func:`open_llamacpp_logits`). The two files may differ in format and
+dtype. The per-token values come from divkit's C++ core (``divkit._C.compare_rows``,
+include/divkit/compare.h: float64, the memory maps read without a copy, rows over threads), or
+from the numpy float64 functions below (``engine="numpy"``: the reference the core is tested
+against to 1e-12, and the fallback when the compiled extension lacks the kernel). torch is not
+imported.
 
 Memory: the files are read in blocks of rows (about ``DEFAULT_BLOCK_BYTES`` of fp32 logits per
 file, computed in float64), so the working set is a few blocks whatever N and V are. The
@@ -1146,6 +1150,7 @@ def run_cli(args) -> int:
             tokens=getattr(args, "tokens", None),
             chunk_size=getattr(args, "chunk_size", None),
             threads=getattr(args, "threads", None),
+            engine=getattr(args, "engine", None),
         )
     except CompareError as e:
         print(f"divkit compare: error: {e}", file=sys.stderr)
@@ -1198,14 +1203,22 @@ def add_parser(sub) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="rows read per block (default: 4 MiB of fp32 logits per file)",
+        help="rows read per block (default: 16 MiB of fp32 logits per file; numpy: 4 MiB)",
     )
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         metavar="N",
-        help="blocks computed at once (default: up to 4; the results do not depend on it)",
+        help="threads of the C++ core (default: divkit's thread count), or with --engine numpy "
+        "blocks computed at once (default: up to 4); the results do not depend on it",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("core", "numpy"),
+        default=None,
+        help="where the per-token values are computed: divkit's C++ core (default) or numpy "
+        "float64 (the reference the core is tested against; about 10x slower)",
     )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
