@@ -12,7 +12,7 @@
 //           TVD terms summed in float64 lanes; the first index of each side's max (argmax).
 //   then    the entries at the base top token and the token ids, as scalars.
 // So each row is read from the caller's memory twice and costs two vector exps and one vector
-// log per entry. Rows are independent and spread over threads with a static schedule; a row's
+// log per entry. Rows are independent and spread over threads (dynamic schedule); a row's
 // arithmetic does not depend on the thread, so results do not depend on the thread count.
 #include <omp.h>
 
@@ -261,7 +261,9 @@ void RunCompareRows(CompareJob& job) {
     RowBuffers buf(v);
     int64_t my_bad[2] = {n, n};
     bool my_empty[2] = {false, false};
-#pragma omp for schedule(static)
+    // Dynamic: a row is a millisecond of work, and on a shared machine a thread that is
+    // descheduled would otherwise hold the others at the end of the call.
+#pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) {
       const SideStats sb = Pass1(job.base, i, v, buf.xb.get(), buf.eb.get(), buf.mb.data());
       const SideStats st = Pass1(job.test, i, v, buf.xt.get(), buf.et.get(), buf.mt.data());
