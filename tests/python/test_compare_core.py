@@ -224,3 +224,31 @@ def test_cli_engine_flag(tmp_path, capsys):
     close(got[0], got[1])
     with pytest.raises(SystemExit):
         main(["compare", "a", "b", "--engine", "torch"])
+
+
+def write_st(path, header_bytes, data=b""):
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        f.write(data)
+
+
+def test_safetensors_hostile_headers(tmp_path):
+    good = tmp_path / "g.npy"
+    np.save(good, np.zeros((4, 8), np.float32))
+    nested = b'{"x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    write_st(tmp_path / "deep.safetensors", nested)
+    with pytest.raises(CompareError, match="JSON nested too deeply"):
+        compare_files(good, tmp_path / "deep.safetensors")
+    huge = {"x": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}
+    write_st(tmp_path / "huge.safetensors", json.dumps(huge).encode(), bytes(16))
+    with pytest.raises(CompareError, match=r"shape \[1099511627776, 1099511627776\] of F32 needs"):
+        compare_files(good, tmp_path / "huge.safetensors")
+    bad = {"x": {"dtype": "F32", "shape": [4, 8.5], "data_offsets": [0, 128]}}
+    write_st(tmp_path / "float.safetensors", json.dumps(bad).encode(), bytes(128))
+    with pytest.raises(CompareError, match="is not a list of integers"):
+        compare_files(good, tmp_path / "float.safetensors")
+    bad = {"x": {"dtype": ["F32"], "shape": [4, 8], "data_offsets": [0, 128]}}
+    write_st(tmp_path / "dt.safetensors", json.dumps(bad).encode(), bytes(128))
+    with pytest.raises(CompareError, match="has dtype"):
+        compare_files(good, tmp_path / "dt.safetensors")

@@ -248,6 +248,10 @@ def _open_safetensors(path: str, tensor: Optional[str]) -> LogitsFile:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CompareError(f"{path}: malformed .safetensors header (not JSON: {e})") from None
+    except RecursionError:
+        raise CompareError(
+            f"{path}: malformed .safetensors header (JSON nested too deeply)"
+        ) from None
     if not isinstance(header, dict):
         raise CompareError(f"{path}: malformed .safetensors header (a JSON object expected)")
     names = sorted(k for k in header if k != "__metadata__")
@@ -269,21 +273,28 @@ def _open_safetensors(path: str, tensor: Optional[str]) -> LogitsFile:
     info = header[tensor]
     try:
         dtype_name = info["dtype"]
-        shape = [int(d) for d in info["shape"]]
+        shape = list(info["shape"])
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise ValueError(f"shape {info['shape']!r} is not a list of integers")
         begin, end = (int(x) for x in info["data_offsets"])
     except (TypeError, KeyError, ValueError) as e:
         raise CompareError(
             f"{path}: malformed .safetensors entry for tensor {tensor!r} "
             f"(needs dtype, shape and data_offsets: {e!r})"
         ) from None
-    if dtype_name not in _SAFETENSORS_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
         raise CompareError(
             f"{path}: tensor {tensor!r} has dtype {dtype_name}; expected F32, F16, BF16 or F64"
         )
     np_dtype = _SAFETENSORS_DTYPES[dtype_name]
     if any(d < 0 for d in shape):
         raise CompareError(f"{path}: tensor {tensor!r} has a negative dimension {shape}")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: a shape whose size overflows int64 stays exact
+    if count * np_dtype.itemsize > size:
+        raise CompareError(
+            f"{path}: malformed .safetensors entry for tensor {tensor!r}: shape {shape} of "
+            f"{dtype_name} needs {count * np_dtype.itemsize} bytes, more than the file's {size}"
+        )
     if not (0 <= begin <= end) or end - begin != count * np_dtype.itemsize:
         raise CompareError(
             f"{path}: malformed .safetensors entry for tensor {tensor!r}: "
