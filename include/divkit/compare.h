@@ -67,13 +67,14 @@ struct CompareInput {
   LlamaCppRows llamacpp;
 };
 
-// The statistics above for every row. Throws Error ("compare_rows: <argument> ...") on bad
+// KL, JS, TVD, delta_p and top1 (with tokens also nll, nll_base, delta_p_next) of every row,
+// as defined above, into `out`. Throws Error ("compare_rows: <argument> ...") on bad
 // input: shapes that differ, an unsupported dtype, non-finite rows, token ids out of range,
 // outputs of the wrong shape or dtype, base_floor NaN, num_threads < 0.
 void compare_rows(const CompareInput& base, const CompareInput& test, const TensorView& tokens,
                   const CompareOptions& options, const CompareOutputs& out);
 
-// [N, V] logits on both sides.
+// compare_rows with [N, V] logits on both sides.
 inline void compare_rows(const TensorView& base, const TensorView& test, const TensorView& tokens,
                          const CompareOptions& options, const CompareOutputs& out) {
   compare_rows(CompareInput{base, {}}, CompareInput{test, {}}, tokens, options, out);
