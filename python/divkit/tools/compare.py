@@ -32,8 +32,11 @@ from the numpy float64 functions below (``engine="numpy"``: the reference the co
 against to 1e-12, and the fallback when the compiled extension lacks the kernel). torch is not
 imported.
 
-Memory: the files are read in blocks of rows (about ``DEFAULT_BLOCK_BYTES`` of fp32 logits per
-file, computed in float64), so the working set is a few blocks whatever N and V are. The
+Memory: the files are read in blocks of rows (about ``CORE_BLOCK_BYTES`` of fp32 logits per
+file for the core, which reads the memory maps in place and keeps a row buffer of 2 V float64
+per thread; ``DEFAULT_BLOCK_BYTES`` for numpy, which computes each block in float64 with a
+handful of temporaries of its size), and the rows read are dropped from the resident set, so
+the working set is a few blocks whatever N and V are. The
 per-token values (a few float64 per token) are written to a memory-mapped temporary file; the
 means, standard errors and per-chunk figures are sums over it in fixed pieces (so they do not
 depend on the block size), and the percentiles are exact: each column is sorted in place in
