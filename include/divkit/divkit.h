@@ -2,6 +2,7 @@
 // family's public API.
 #pragma once
 
+#include "divkit/compare.h"
 #include "divkit/distill.h"
 #include "divkit/divergence.h"
 #include "divkit/fused_linear.h"

@@ -182,5 +182,6 @@ void register_rlhf(nb::module_& m);  // rlhf.cc
 void register_sparse(nb::module_& m);  // sparse.cc
 void register_ot(nb::module_& m);
 void register_distill(nb::module_& m);  // distill.cc
+void register_compare(nb::module_& m);  // compare.cc
 
 }  // namespace divkit_py

@@ -59,4 +59,5 @@ NB_MODULE(_C, m) {
   divkit_py::register_sparse(m);
   divkit_py::register_ot(m);
   divkit_py::register_distill(m);
+  divkit_py::register_compare(m);
 }

@@ -25,11 +25,18 @@ PPLs and the ratio, the covariance of the two nll's, ``Cor = cov / (se_test se_b
 
 Files: ``.npy`` (memory-mapped), ``.safetensors`` (header parsed here; F32, F16, BF16, F64;
 ``tensor`` picks one of several) and llama.cpp's ``--kl-divergence-base`` file (recognized by its
-``_logits_`` magic; see :func:`open_llamacpp_logits`). Everything is numpy: torch is not
-imported. The two files may differ in format and dtype.
+``_logits_`` magic; see :func:`open_llamacpp_logits`). The two files may differ in format and
+dtype. The per-token values come from divkit's C++ core (``divkit._C.compare_rows``,
+include/divkit/compare.h: float64, the memory maps read without a copy, rows over threads), or
+from the numpy float64 functions below (``engine="numpy"``: the reference the core is tested
+against to 1e-12, and the fallback when the compiled extension lacks the kernel). torch is not
+imported.
 
-Memory: the files are read in blocks of rows (about ``DEFAULT_BLOCK_BYTES`` of fp32 logits per
-file, computed in float64), so the working set is a few blocks whatever N and V are. The
+Memory: the files are read in blocks of rows (about ``CORE_BLOCK_BYTES`` of fp32 logits per
+file for the core, which reads the memory maps in place and keeps a row buffer of 2 V float64
+per thread; ``DEFAULT_BLOCK_BYTES`` for numpy, which computes each block in float64 with a
+handful of temporaries of its size), and the rows read are dropped from the resident set, so
+the working set is a few blocks whatever N and V are. The
 per-token values (a few float64 per token) are written to a memory-mapped temporary file; the
 means, standard errors and per-chunk figures are sums over it in fixed pieces (so they do not
 depend on the block size), and the percentiles are exact: each column is sorted in place in
@@ -75,6 +82,10 @@ PERCENTILES: Sequence[float] = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.
 #: Bytes of fp32 logits per file read at once when ``block_rows`` is not given (the block is
 #: computed in float64 with a handful of temporaries of its size).
 DEFAULT_BLOCK_BYTES = 4 << 20
+
+#: The same for the C++ kernel (``engine="core"``), which reads the memory maps without a copy:
+#: larger blocks keep its threads busy.
+CORE_BLOCK_BYTES = 16 << 20
 
 #: The first 8 bytes of llama.cpp's ``--kl-divergence-base`` file.
 LLAMACPP_MAGIC = b"_logits_"
@@ -141,6 +152,19 @@ class LogitsFile:
         if self.dtype == "bfloat16":
             return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         return raw.astype(np.float64)
+
+    def core_rows(self, start: int, stop: int):
+        """Rows ``start:stop`` as the C++ kernel reads them, with their format: the memory
+        map's own rows (no copy) in native byte order and unit column stride; ``"bfloat16"``
+        and ``"llama.cpp"`` rows stay uint16 (the kernel decodes them)."""
+        raw = self.array[start:stop]
+        if self.format == "llama.cpp":
+            return raw, "llama.cpp"
+        if not raw.dtype.isnative:
+            raw = raw.astype(raw.dtype.newbyteorder("="))
+        if raw.strides[-1] != raw.dtype.itemsize:
+            raw = np.ascontiguousarray(raw)
+        return raw, ("bfloat16" if self.dtype == "bfloat16" else "float")
 
     def release(self, start: int, stop: int) -> None:
         """Drops rows ``start:stop`` of the memory map from the process's resident set (they
@@ -227,6 +251,10 @@ def _open_safetensors(path: str, tensor: Optional[str]) -> LogitsFile:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CompareError(f"{path}: malformed .safetensors header (not JSON: {e})") from None
+    except RecursionError:
+        raise CompareError(
+            f"{path}: malformed .safetensors header (JSON nested too deeply)"
+        ) from None
     if not isinstance(header, dict):
         raise CompareError(f"{path}: malformed .safetensors header (a JSON object expected)")
     names = sorted(k for k in header if k != "__metadata__")
@@ -248,21 +276,28 @@ def _open_safetensors(path: str, tensor: Optional[str]) -> LogitsFile:
     info = header[tensor]
     try:
         dtype_name = info["dtype"]
-        shape = [int(d) for d in info["shape"]]
+        shape = list(info["shape"])
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise ValueError(f"shape {info['shape']!r} is not a list of integers")
         begin, end = (int(x) for x in info["data_offsets"])
     except (TypeError, KeyError, ValueError) as e:
         raise CompareError(
             f"{path}: malformed .safetensors entry for tensor {tensor!r} "
             f"(needs dtype, shape and data_offsets: {e!r})"
         ) from None
-    if dtype_name not in _SAFETENSORS_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
         raise CompareError(
             f"{path}: tensor {tensor!r} has dtype {dtype_name}; expected F32, F16, BF16 or F64"
         )
     np_dtype = _SAFETENSORS_DTYPES[dtype_name]
     if any(d < 0 for d in shape):
         raise CompareError(f"{path}: tensor {tensor!r} has a negative dimension {shape}")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: a shape whose size overflows int64 stays exact
+    if count * np_dtype.itemsize > size:
+        raise CompareError(
+            f"{path}: malformed .safetensors entry for tensor {tensor!r}: shape {shape} of "
+            f"{dtype_name} needs {count * np_dtype.itemsize} bytes, more than the file's {size}"
+        )
     if not (0 <= begin <= end) or end - begin != count * np_dtype.itemsize:
         raise CompareError(
             f"{path}: malformed .safetensors entry for tensor {tensor!r}: "
@@ -589,9 +624,9 @@ def _ppl_block(nll, nllb, nll2, nllb2, cross, n) -> Dict[str, Optional[float]]:
     }
 
 
-def _block_rows(v: int, block_rows: Optional[int]) -> int:
+def _block_rows(v: int, block_rows: Optional[int], core: bool = False) -> int:
     if block_rows is None:
-        return max(1, DEFAULT_BLOCK_BYTES // (4 * v))
+        return max(1, (CORE_BLOCK_BYTES if core else DEFAULT_BLOCK_BYTES) // (4 * v))
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise CompareError(f"block_rows must be an int >= 1, got {block_rows!r}")
     return block_rows
@@ -646,6 +681,7 @@ def compare_files(
     tokens=None,
     chunk_size: Optional[int] = None,
     threads: Optional[int] = None,
+    engine: Optional[str] = None,
 ):
     """Per-token divergence statistics of ``test`` against ``base`` (paths of ``.npy``,
     ``.safetensors`` or llama.cpp ``--kl-divergence-base`` files; see the module's docstring
@@ -658,8 +694,14 @@ def compare_files(
     progress bar on stderr when tqdm is installed. ``tokens``: a ``.npy`` file (or an array)
     of the N token ids the rows predict (a llama.cpp file brings its own). ``chunk_size``: rows
     per chunk of the per-chunk table (default: llama.cpp's chunks with a llama.cpp file, no
-    table otherwise). ``threads``: blocks computed at once (default: up to 4, the CPU count);
-    the values do not depend on it nor on ``block_rows``.
+    table otherwise). ``engine``: ``"core"`` computes the per-token values in divkit's C++ core
+    (:func:`divkit._C.compare_rows`, include/divkit/compare.h: float64, the rows read from the
+    memory maps without a copy, spread over threads; the default), ``"numpy"`` in numpy
+    float64 (the reference the core is tested against; the default only when the compiled
+    extension lacks the kernel). ``threads``: the core's threads (default: divkit's thread
+    count), or numpy's blocks computed at once (default: up to 4, the CPU count); the values
+    do not depend on it nor on ``block_rows`` (default: ``CORE_BLOCK_BYTES`` of fp32 logits
+    per file for the core).
 
     Returns a JSON-serializable dict: ``base``, ``test`` (paths), ``tokens`` (N), ``vocab``
     (V), ``base_dtype``, ``test_dtype``, ``base_format``, ``test_format``, ``block_rows``;
@@ -684,6 +726,7 @@ def compare_files(
         chunk_size,
         return_values,
         threads,
+        engine,
     )
     return (res, values) if return_values else res
 
@@ -742,9 +785,31 @@ def _targets(fb: LogitsFile, ft: LogitsFile, tokens, n: int, v: int):
     return _load_tokens(tokens, n, v)
 
 
-def _threads(threads: Optional[int]) -> int:
+def _core_kernel():
+    """divkit._C.compare_rows, or None when the compiled extension is missing or predates it."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    return getattr(_C, "compare_rows", None)
+
+
+def _engine(engine: Optional[str]):
+    """The C++ kernel for ``engine`` "core" (or None, the default, when it exists), else None
+    (numpy)."""
+    if engine not in (None, "core", "numpy"):
+        raise CompareError(f"engine must be 'core' or 'numpy', got {engine!r}")
+    if engine == "numpy":
+        return None
+    kernel = _core_kernel()
+    if kernel is None and engine == "core":
+        raise CompareError("engine 'core': divkit's compiled extension has no compare_rows")
+    return kernel
+
+
+def _threads(threads: Optional[int], core: bool = False) -> int:
     if threads is None:
-        return max(1, min(4, os.cpu_count() or 1))
+        return 0 if core else max(1, min(4, os.cpu_count() or 1))
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise CompareError(f"threads must be an int >= 1, got {threads!r}")
     return threads
@@ -762,10 +827,12 @@ def _compare(
     chunk_size,
     keep,
     threads=None,
+    engine=None,
 ):
+    kernel = _engine(engine)
     fb, ft = _open_pair(base, test, tensor, base_tensor, test_tensor)
     n, v = fb.shape
-    rows = _block_rows(v, block_rows)
+    rows = _block_rows(v, block_rows, kernel is not None)
     targets = _targets(fb, ft, tokens, n, v)
     if chunk_size is None:
         chunk_size = fb.chunk_rows or ft.chunk_rows
@@ -775,7 +842,7 @@ def _compare(
     ci = {k: i for i, k in enumerate(cols)}
 
     # The per-token columns live in a temporary file (memory-mapped): a few floats per token.
-    workers = _threads(threads)
+    workers = _threads(threads, kernel is not None)
     tmp = tempfile.TemporaryFile(prefix="divkit-compare-")
     try:
         store = np.memmap(tmp, dtype=np.float64, mode="w+", shape=(len(cols), n))
@@ -794,6 +861,38 @@ def _compare(
             fb.release(start, stop)
             ft.release(start, stop)
             return stop - start
+
+        floor = -math.inf if fb.kl_floor is None else float(fb.kl_floor)
+        core_threads = workers
+
+        def block_core(start: int, stop: int) -> int:
+            xb, fmt_b = fb.core_rows(start, stop)
+            xt, fmt_t = ft.core_rows(start, stop)
+            out = {k: store[ci[k], start:stop] for k in cols}
+            try:
+                kernel(
+                    xb,
+                    xt,
+                    None if targets is None else targets[start:stop],
+                    base_format=fmt_b,
+                    test_format=fmt_t,
+                    vocab=v,
+                    base_floor=floor,
+                    num_threads=core_threads,
+                    **out,
+                )
+            except ValueError as e:
+                # A bad row: numpy's check names the file and the row; anything else as is.
+                for name, f in (("base", fb), ("test", ft)):
+                    if f.format != "llama.cpp":
+                        _check_rows(name, f, f.rows(start, stop), start)
+                raise CompareError(f"{fb.path}, {ft.path}: {e}") from None
+            fb.release(start, stop)
+            ft.release(start, stop)
+            return stop - start
+
+        if kernel is not None:
+            block, workers = block_core, 1  # the kernel spreads a block's rows over threads
 
         # Blocks are independent (one row's values do not depend on the others), so threads
         # (numpy releases the GIL in its loops) give the same values as one.
@@ -878,7 +977,8 @@ def _summary_inplace(c: np.ndarray, percentiles: Sequence[float] = PERCENTILES) 
     mean, se = _mean_se(s1, s2, n)
     dev = 0.0
     for i in range(0, n, _PIECE):
-        x = np.asarray(c[i : i + _PIECE], dtype=np.float64) - mean
+        with np.errstate(invalid="ignore"):  # an infinite KL: inf - inf
+            x = np.asarray(c[i : i + _PIECE], dtype=np.float64) - mean
         dev += float((x * x).sum())
     c.sort()
     out = {
@@ -1064,6 +1164,7 @@ def run_cli(args) -> int:
             tokens=getattr(args, "tokens", None),
             chunk_size=getattr(args, "chunk_size", None),
             threads=getattr(args, "threads", None),
+            engine=getattr(args, "engine", None),
         )
     except CompareError as e:
         print(f"divkit compare: error: {e}", file=sys.stderr)
@@ -1116,14 +1217,22 @@ def add_parser(sub) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="rows read per block (default: 4 MiB of fp32 logits per file)",
+        help="rows read per block (default: 16 MiB of fp32 logits per file; numpy: 4 MiB)",
     )
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         metavar="N",
-        help="blocks computed at once (default: up to 4; the results do not depend on it)",
+        help="threads of the C++ core (default: divkit's thread count), or with --engine numpy "
+        "blocks computed at once (default: up to 4); the results do not depend on it",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("core", "numpy"),
+        default=None,
+        help="where the per-token values are computed: divkit's C++ core (default) or numpy "
+        "float64 (the reference the core is tested against; about 10x slower)",
     )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
