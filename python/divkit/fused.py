@@ -23,7 +23,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _C, _device
+from . import _C, _device, _ops
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward, recompute_in_backward
 from .backends import torch_ops
@@ -103,6 +103,7 @@ def _head_loss(
             return None, pick(backward(ts, grad_out, full(need, False)))
         return None, pick(call(ts, full(need, False), grad_out)[1])
 
+    rerun.fn = fn
     outs = recompute_in_backward(rerun, xs, n_diff)
     return outs[0] if len(outs) == 1 else outs
 
@@ -376,6 +377,11 @@ def _divergence_apply(
             )
         return (loss,), grads
 
+    if group is None and _ops.use_ops(
+        sh, sw, sb, th, tw, tb, labels, weights, fn="fused_linear_divergence"
+    ):
+        loss = _ops.fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route)
+        return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
     # reshape / contiguous stay inside the autograd graph.
     loss = _head_loss(
         "fused_linear_divergence",
@@ -636,49 +642,61 @@ def _cross_entropy_apply(
     group, or None; route: where it runs, the core when None)."""
 
     def call(ts, need, upstream):
-        n = ts[0].shape[0]
-        reduction = cfg.reduction if upstream is None else "sum"
-        if route is not None and not route.core:
-            return torch_ops.fused_linear_cross_entropy(
-                *_head(*ts),
-                labels,
-                None if upstream is None else upstream.reshape(-1),
-                cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
-                need,
-                reduction,
-                return_stats and upstream is None,
-            )
-        loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
-        grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
-        stats = [
-            torch.empty(n, dtype=torch.float32) if return_stats and upstream is None else None
-            for _ in range(2)
-        ]
-        opts = _ce_options(
-            cfg if upstream is None else cfg._replace(num_items_in_batch=0.0), reduction, group
-        )
-        _C.fused_linear_cross_entropy(
-            _head(*ts),
-            labels,
-            None if upstream is None else upstream.reshape(-1).to(torch.float64).contiguous(),
-            opts,
-            loss,
-            tuple(grads),
-            (*stats, None, None),
-        )
-        return ((loss, *stats) if stats[0] is not None else (loss,)), grads
+        return _ce_call(cfg, group, route, return_stats, labels, ts, need, upstream)
 
-    out = _head_loss(
-        "fused_linear_cross_entropy",
-        call,
-        [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
-        cfg.reduction != "none",
-    )
+    if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_cross_entropy"):
+        out = _ops.fused_ce(h, w, b, labels, cfg, return_stats, route)
+        if not return_stats:
+            out = out[0]
+    else:
+        out = _head_loss(
+            "fused_linear_cross_entropy",
+            call,
+            [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
+            cfg.reduction != "none",
+        )
     if return_stats:
         loss, logprobs, entropy = out
         loss = loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
         return loss, logprobs.reshape(lead), entropy.reshape(lead)
     return out.reshape(lead) if cfg.reduction == "none" else out.reshape(())
+
+
+def _ce_call(cfg: _CEConfig, group, route, return_stats: bool, labels, ts, need, upstream):
+    """One fused cross-entropy call on [N, H] rows: ``(outputs, grads)`` with outputs (loss,) or
+    (loss, logprobs, entropy); ``upstream`` None or the per-token upstream gradient (the call is
+    then a summed loss weighted by it, without statistics)."""
+    n = ts[0].shape[0]
+    reduction = cfg.reduction if upstream is None else "sum"
+    if route is not None and not route.core:
+        return torch_ops.fused_linear_cross_entropy(
+            *_head(*ts),
+            labels,
+            None if upstream is None else upstream.reshape(-1),
+            cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
+            need,
+            reduction,
+            return_stats and upstream is None,
+        )
+    loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
+    grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
+    stats = [
+        torch.empty(n, dtype=torch.float32) if return_stats and upstream is None else None
+        for _ in range(2)
+    ]
+    opts = _ce_options(
+        cfg if upstream is None else cfg._replace(num_items_in_batch=0.0), reduction, group
+    )
+    _C.fused_linear_cross_entropy(
+        _head(*ts),
+        labels,
+        None if upstream is None else upstream.reshape(-1).to(torch.float64).contiguous(),
+        opts,
+        loss,
+        tuple(grads),
+        (*stats, None, None),
+    )
+    return ((loss, *stats) if stats[0] is not None else (loss,)), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -774,58 +792,25 @@ def _logprobs_apply(
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
     vocabulary-parallel process group, or None; route: where it runs, the core when None)."""
     fallback = route is not None and not route.core
-
-    def opts(**more):
-        return _options(
-            group, ignore_index=ignore_index, temperature=temperature, chunk_size=chunk, **more
-        )
+    args = (labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback)
 
     def forward(ts, need, upstream):
-        if fallback:
-            outs = torch_ops.fused_linear_logprobs(
-                *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
-            )
-            return outs, None
-        n = ts[0].shape[0]
-        outs = [torch.empty(n, dtype=torch.float32)]
-        if return_entropy:
-            outs.append(torch.empty(n, dtype=torch.float32))
-        if topk:
-            outs.append(torch.empty(n, dtype=torch.float32))
-        entropy = outs[1] if return_entropy else None
-        _C.fused_linear_logprobs(
-            _head(*ts),
-            labels,
-            opts(topk=topk),
-            (outs[0], entropy, None, outs[-1] if topk else None),
-        )
-        return tuple(outs), None
+        return _lp_forward(ts, *args), None
 
     def backward(ts, grad_out, need):
-        g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
-        if fallback:
-            return torch_ops.fused_linear_logprobs_backward(
-                *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
-            )
-        grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
-        _C.fused_linear_logprobs_backward(
-            _head(*ts),
-            labels,
-            opts(),
-            None if g_lp is None else g_lp.to(torch.float64).contiguous(),
-            None if g_ent is None else g_ent.to(torch.float64).contiguous(),
-            tuple(grads),
-        )
-        return grads
+        return _lp_backward(ts, *args, grad_out, need)
 
-    outs = _head_loss(
-        "fused_linear_logprobs",
-        forward,
-        [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
-        False,
-        backward=backward,
-        n_diff=2 if return_entropy else 1,
-    )
+    if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_logprobs"):
+        outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback)
+    else:
+        outs = _head_loss(
+            "fused_linear_logprobs",
+            forward,
+            [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
+            False,
+            backward=backward,
+            n_diff=2 if return_entropy else 1,
+        )
     outs = outs if isinstance(outs, tuple) else (outs,)
     logprobs = outs[0].reshape(lead)
     entropy = outs[1] if return_entropy else None
@@ -837,3 +822,65 @@ def _logprobs_apply(
         None if entropy is None else entropy.reshape(lead),
         None if topk_mass is None else topk_mass.reshape(lead),
     )
+
+
+def _lp_options(group, ignore_index, temperature, chunk, **more):
+    return _options(
+        group, ignore_index=ignore_index, temperature=temperature, chunk_size=chunk, **more
+    )
+
+
+def _lp_forward(
+    ts, labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback
+) -> tuple:
+    """fused_linear_logprobs' outputs on [N, H] rows: (logprobs[, entropy][, topk_mass])."""
+    if fallback:
+        return torch_ops.fused_linear_logprobs(
+            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
+        )
+    n = ts[0].shape[0]
+    outs = [torch.empty(n, dtype=torch.float32)]
+    if return_entropy:
+        outs.append(torch.empty(n, dtype=torch.float32))
+    if topk:
+        outs.append(torch.empty(n, dtype=torch.float32))
+    entropy = outs[1] if return_entropy else None
+    _C.fused_linear_logprobs(
+        _head(*ts),
+        labels,
+        _lp_options(group, ignore_index, temperature, chunk, topk=topk),
+        (outs[0], entropy, None, outs[-1] if topk else None),
+    )
+    return tuple(outs)
+
+
+def _lp_backward(
+    ts,
+    labels,
+    temperature,
+    ignore_index,
+    return_entropy,
+    topk,
+    chunk,
+    group,
+    fallback,
+    grad_out,
+    need,
+):
+    """The gradients of (hidden, weight, bias) given the upstream gradient of the log-probs (and
+    of the entropy, a pair, when return_entropy)."""
+    g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
+    if fallback:
+        return torch_ops.fused_linear_logprobs_backward(
+            *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
+        )
+    grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
+    _C.fused_linear_logprobs_backward(
+        _head(*ts),
+        labels,
+        _lp_options(group, ignore_index, temperature, chunk),
+        None if g_lp is None else g_lp.to(torch.float64).contiguous(),
+        None if g_ent is None else g_ent.to(torch.float64).contiguous(),
+        tuple(grads),
+    )
+    return grads
