@@ -51,6 +51,63 @@ def _bias(fn: str, name: str, x, cpu: bool = True):
     return check.tensor(fn, name, x, ndim=(1,), optional=True, cpu=cpu)
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # torch without torch.distributed, or older than 2.4
+        return None
+    return DTensor
+
+
+def _full(fn: str, name: str, x):
+    """A DTensor weight or bias (FSDP2's sharded parameters, read outside the module's forward)
+    as the full tensor, gathered once per call; its gradient is averaged over the mesh and
+    handed back sharded like the parameter, as FSDP2 reduces every other gradient. Token
+    tensors (hidden states, labels) must be local: each rank's batch is its own."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(x, dt):
+        return x
+    if name in ("hidden", "student_hidden", "teacher_hidden", "labels", "weights"):
+        check.fail(
+            fn,
+            f"{name} is a DTensor; pass this rank's tokens as a plain tensor (x.to_local() or "
+            f"x.full_tensor(), whichever is the batch this rank should see)",
+        )
+    from torch.distributed.tensor import Partial
+
+    return x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
+
+
+def _check_same_tokens(fn: str, group, hidden: Sequence[torch.Tensor], labels) -> None:
+    """Vocabulary-parallel mode: every rank must pass the same tokens (hidden states and global
+    labels). A cheap fingerprint (token count, sums of the labels and of the hidden states and
+    their squares, in fp64) is compared across the group with one all-reduce (max of x and of
+    -x); a difference raises on every rank instead of a silently wrong loss."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        vals = [float(hidden[0].shape[0]), 0.0 if labels is None else labels.double().sum()]
+        for x in hidden:
+            h = x.detach().double()
+            vals += [h.sum(), (h * h).sum()]
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in vals])
+        both = torch.cat([stats, -stats])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        k = stats.numel()
+        hi, lo = both[:k], -both[k:]
+    # fp64 sums of the same values may differ in the last bits between thread counts.
+    tol = 1e-10 * (hi.abs() + lo.abs())
+    if bool(((hi - lo) > tol).any()):
+        names = ["token count", "labels"] + ["hidden states"] * (k - 2)
+        bad = sorted({n for n, d, t in zip(names, (hi - lo).tolist(), tol.tolist()) if d > t})
+        check.fail(
+            fn,
+            f"process_group: the ranks passed different tokens ({', '.join(bad)} differ); in "
+            f"vocabulary-parallel mode every rank passes the same hidden states and labels and "
+            f"holds its own shard of the vocabulary",
+        )
+
+
 def _labels(fn: str, labels, lead_shape, *, optional: bool = False, cpu: bool = True):
     if labels is None and not optional:
         check.fail_type(fn, "labels are required")
@@ -282,6 +339,12 @@ def fused_linear_divergence(
     :func:`divkit.divergence`.
     """
     fn = "fused_linear_divergence"
+    student_weight = _full(fn, "student_weight", student_weight)
+    teacher_weight = _full(fn, "teacher_weight", teacher_weight)
+    student_bias = _full(fn, "student_bias", student_bias)
+    teacher_bias = _full(fn, "teacher_bias", teacher_bias)
+    student_hidden = _full(fn, "student_hidden", student_hidden)
+    teacher_hidden = _full(fn, "teacher_hidden", teacher_hidden)
     route = _device.route(
         fn,
         fn,
@@ -359,6 +422,8 @@ def _divergence_apply(
 ):
     """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
     group, or None)."""
+    if group is not None:
+        _check_same_tokens("fused_linear_divergence", group, (sh, th), labels)
 
     def call(ts, need, upstream):
         if upstream is None:
@@ -461,6 +526,9 @@ def fused_linear_sparse_divergence(
     :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_sparse_divergence"
+    student_weight = _full(fn, "student_weight", student_weight)
+    student_bias = _full(fn, "student_bias", student_bias)
+    student_hidden = _full(fn, "student_hidden", student_hidden)
     route = _device.route(
         fn,
         fn,
@@ -606,6 +674,9 @@ def fused_linear_cross_entropy(
     PyTorch fallback without ``process_group``).
     """
     fn = "fused_linear_cross_entropy"
+    weight = _full(fn, "weight", weight)
+    bias = _full(fn, "bias", bias)
+    hidden = _full(fn, "hidden", hidden)
     route = _device.route(
         fn,
         fn,
@@ -640,6 +711,8 @@ def _cross_entropy_apply(
 ):
     """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
     group, or None; route: where it runs, the core when None)."""
+    if group is not None:
+        _check_same_tokens("fused_linear_cross_entropy", group, (h,), labels)
 
     def call(ts, need, upstream):
         return _ce_call(cfg, group, route, return_stats, labels, ts, need, upstream)
@@ -739,6 +812,9 @@ def fused_linear_logprobs(
     :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_logprobs"
+    weight = _full(fn, "weight", weight)
+    bias = _full(fn, "bias", bias)
+    hidden = _full(fn, "hidden", hidden)
     route = _device.route(
         fn,
         fn,
@@ -791,6 +867,8 @@ def _logprobs_apply(
 ):
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
     vocabulary-parallel process group, or None; route: where it runs, the core when None)."""
+    if group is not None:
+        _check_same_tokens("fused_linear_logprobs", group, (h,), labels)
     fallback = route is not None and not route.core
     args = (labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback)
 

@@ -10,22 +10,33 @@
   (``labels != -100``, shifted as TRL shifts them) divided by ``num_items_in_batch`` when the
   trainer passes it, else by their number.
 
+* :class:`DivkitDPOTrainer`: TRL's ``DPOTrainer`` whose loss is :func:`divkit.preference_loss`
+  (every TRL loss type and their weighted lists, f-DPO, WPO weights, ``ld_alpha``, the MoE
+  auxiliary loss), computed from the very per-sequence log-probs TRL computes (its fused lm_head,
+  the reference model or the PEFT adapter's base, or precomputed reference log-probs); TRL's
+  metrics (rewards, margins, accuracies, log-probs, entropy, logits, token accuracy, token
+  count) are TRL's own, logged by its ``_compute_loss``.
+
 Differences from TRL 1.16, on purpose: TRL's ``GKDTrainer.compute_loss`` calls
 ``generalized_jsd_loss`` without its ``temperature`` (the config's ``temperature`` only affects
 generation); here ``divkit_temperature`` (default 1.0, TRL's effective value) is applied to the
 loss. The evaluation loss (``return_outputs=True``, the prediction step) is TRL's own.
+``DivkitDPOTrainer`` applies ``label_smoothing`` to ``sigmoid`` and ``sigmoid_norm`` as cDPO
+(TRL 1.16 ignores it there), with a warning (once) when it is > 0.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import List, Optional
 
 import torch
 
 from .. import _validate as check
 from ..fused import fused_linear_divergence
+from ..preference import preference_loss
 
-__all__ = ["DivkitGKDTrainer", "last_hidden_and_head"]
+__all__ = ["DivkitDPOTrainer", "DivkitGKDTrainer", "last_hidden_and_head"]
 
 
 def last_hidden_and_head(model, input_ids, attention_mask):
@@ -94,3 +105,115 @@ class DivkitGKDTrainer(_gkd_base()):
             num_items_in_batch=num_items_in_batch,
             **self.divkit_options,
         )
+
+
+def _dpo_base():
+    from trl import DPOTrainer
+
+    return DPOTrainer
+
+
+class _Capture:
+    """Forward hooks that keep the outputs of the models TRL calls (policy first, then the
+    reference), in call order."""
+
+    def __init__(self, modules):
+        self.outputs: List = []
+        self.handles = [
+            m.register_forward_hook(self._hook) for m in dict.fromkeys(modules) if m is not None
+        ]
+
+    def _hook(self, module, args, output):
+        self.outputs.append(output)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+_SMOOTHING_WARNED = []
+
+
+class DivkitDPOTrainer(_dpo_base()):
+    """``trl.DPOTrainer`` with the loss of :func:`divkit.preference_loss` (see the module
+    docstring); configured by the same ``DPOConfig`` (``loss_type``, ``loss_weights``, ``beta``,
+    ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``use_weighting``,
+    ``ld_alpha``, ``discopop_tau``, ``precompute_ref_log_probs``)."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if (
+            self.label_smoothing > 0
+            and {"sigmoid", "sigmoid_norm"} & set(self.loss_types)
+            and not _SMOOTHING_WARNED
+        ):
+            _SMOOTHING_WARNED.append(True)
+            warnings.warn(
+                "DivkitDPOTrainer: label_smoothing > 0 applies cDPO smoothing to the sigmoid "
+                "and sigmoid_norm losses; TRL 1.16's DPOTrainer ignores it for them",
+                UserWarning,
+                stacklevel=2,
+            )
+        with _Capture([model, self.ref_model]) as seen:
+            out = super()._compute_loss(model, inputs, return_outputs)
+        loss = self._divkit_loss(inputs, seen.outputs)
+        if return_outputs:
+            return (loss, *out[1:]) if isinstance(out, tuple) else (loss, out)
+        return loss
+
+    def _sequence_logps(self, per_token, shift_mask):
+        """TRL's per-sequence log-probs: the sum over the completion, or with ld_alpha the shared
+        length's sum plus ld_alpha times the tail's (Liu et al. 2024, LD-DPO)."""
+        if self.ld_alpha is None:
+            return per_token.sum(dim=1)
+        pos = shift_mask.cumsum(dim=1)
+        lens = shift_mask.sum(dim=1).long()
+        shared = torch.minimum(*lens.chunk(2, dim=0))
+        shared = torch.cat([shared, shared], dim=0).unsqueeze(1)
+        return (per_token * ((pos > 0) & (pos <= shared))).sum(dim=1) + self.ld_alpha * (
+            per_token * (pos > shared)
+        ).sum(dim=1)
+
+    def _divkit_loss(self, inputs, outputs):
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[..., 1:]
+        seq_len = shift_mask.size(1)
+        policy = outputs[0]
+        per_token = policy.log_probs[:, -seq_len:]
+        chosen, rejected = self._sequence_logps(per_token, shift_mask).chunk(2, dim=0)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref = outputs[1].log_probs[:, -seq_len:].detach()
+            ref_chosen, ref_rejected = self._sequence_logps(ref, shift_mask).chunk(2, dim=0)
+        lengths = completion_mask.sum(dim=1).clamp(min=1)
+        chosen_len, rejected_len = lengths.chunk(2, dim=0)
+        weights = None
+        if self.use_weighting:
+            # WPO (Zhou et al. 2024, Eq. 2), as TRL: exp of the mean aligned log-prob, w_w * w_l.
+            with torch.no_grad():
+                aligned = (per_token - policy.log_sum_sq_probs[:, -seq_len:]) * shift_mask
+                w = torch.exp(aligned.sum(dim=1) / shift_mask.sum(dim=1).clamp_min(1))
+                weights = torch.mul(*w.chunk(2, dim=0))
+        losses, _, _ = preference_loss(
+            chosen,
+            rejected,
+            ref_chosen.to(chosen.dtype),
+            ref_rejected.to(chosen.dtype),
+            loss_type=list(self.loss_types),
+            loss_weights=list(self.loss_weights),
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            chosen_lengths=chosen_len,
+            rejected_lengths=rejected_len,
+            policy_weights=weights,
+            discopop_tau=self.args.discopop_tau,
+        )
+        loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+        return loss
