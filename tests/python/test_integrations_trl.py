@@ -104,3 +104,58 @@ def test_divkit_dpo_trainer_equals_trl_dpo_trainer(tmp_path, case, monkeypatch):
             if key in ("learning_rate", "epoch", "step", "grad_norm"):
                 continue
             assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def _run_distillation(tmp_path, name, trainer_cls, **extra):
+    import warnings
+
+    import datasets
+    from trl import DistillationConfig
+
+    import test_trl_client as client
+
+    tok = client.make_tokenizer()
+    student = client.make_model(0, len(tok))
+    teacher = client.make_model(1, len(tok))
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)
+    prompts = ["the cat", "a dog", "the big dog", "a small cat", "the red cat", "a blue dog"]
+    data = datasets.Dataset.from_dict({"prompt": prompts + prompts[:2]})
+    kwargs = client.common_args(tmp_path, name)
+    kwargs["max_steps"] = 3
+    args = DistillationConfig(**kwargs, beta=0.5, temperature=1.0, max_completion_length=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            **extra,
+        )
+        trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_divkit_distillation_trainer_equals_trl(tmp_path, monkeypatch):
+    from trl import DistillationTrainer
+
+    import divkit.integrations.trl as dk_trl
+
+    calls = []
+    fused = dk_trl.fused_linear_divergence
+
+    def counting(*args, **kwargs):
+        calls.append(args[4])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(dk_trl, "fused_linear_divergence", counting)
+    ref = _run_distillation(tmp_path, "trl", DistillationTrainer)
+    got = _run_distillation(tmp_path, "divkit", dk_trl.DivkitDistillationTrainer)
+    assert calls and set(calls) == {"jsd"}
+    assert len(ref) == len(got) == 3 and ref[0]["loss"] > 0.01
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in ("loss", "entropy"):
+            assert b[key] == pytest.approx(a[key], **tol), (step, key)

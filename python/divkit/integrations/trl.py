@@ -10,6 +10,10 @@
   (``labels != -100``, shifted as TRL shifts them) divided by ``num_items_in_batch`` when the
   trainer passes it, else by their number.
 
+* :class:`DivkitDistillationTrainer`: TRL's on-policy ``DistillationTrainer`` with its chunked
+  JSD replaced by :func:`divkit.fused_linear_divergence` (any ``divkit_kind``; TRL's ``beta`` and
+  ``temperature``; the completion tokens' sum over ``num_items_in_batch`` or their mean, as
+  TRL); models with a logit scale or a final softcap keep TRL's loss (with a warning, once).
 * :class:`DivkitDPOTrainer`: TRL's ``DPOTrainer`` whose loss is :func:`divkit.preference_loss`
   (every TRL loss type and their weighted lists, f-DPO, WPO weights, ``ld_alpha``, the MoE
   auxiliary loss), computed from the very per-sequence log-probs TRL computes (its fused lm_head,
@@ -27,6 +31,7 @@ loss. The evaluation loss (``return_outputs=True``, the prediction step) is TRL'
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import List, Optional
 
@@ -36,7 +41,12 @@ from .. import _validate as check
 from ..fused import fused_linear_divergence
 from ..preference import preference_loss
 
-__all__ = ["DivkitDPOTrainer", "DivkitGKDTrainer", "last_hidden_and_head"]
+__all__ = [
+    "DivkitDPOTrainer",
+    "DivkitDistillationTrainer",
+    "DivkitGKDTrainer",
+    "last_hidden_and_head",
+]
 
 
 def last_hidden_and_head(model, input_ids, attention_mask):
@@ -217,3 +227,119 @@ class DivkitDPOTrainer(_dpo_base()):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
         return loss
+
+
+def _distillation_base():
+    from trl import DistillationTrainer
+
+    return DistillationTrainer
+
+
+_SCALE_WARNED = []
+
+
+class DivkitDistillationTrainer(_distillation_base()):
+    """``trl.DistillationTrainer`` whose loss is :func:`divkit.fused_linear_divergence` (see the
+    module docstring). Extra keyword arguments: ``divkit_kind`` (default ``"jsd"``: TRL's
+    generalized JSD with the config's ``beta``), ``divkit_options`` (further keywords of
+    :func:`divkit.fused_linear_divergence`). Generation, metrics (the student's entropy
+    included) and the data path are TRL's."""
+
+    def __init__(
+        self, *args, divkit_kind: str = "jsd", divkit_options: Optional[dict] = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.divkit_kind = check.string("DivkitDistillationTrainer", "divkit_kind", divkit_kind)
+        self.divkit_options = dict(divkit_options or {})
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # TRL's _compute_loss finds the hidden states, heads, scales and masks, then calls the
+        # module's _chunked_divergence_loss: that one call is divkit's for the duration.
+        import trl.trainer.distillation_trainer as module
+
+        original = module._chunked_divergence_loss
+        module._chunked_divergence_loss = functools.partial(self._divkit_loss, original)
+        try:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            module._chunked_divergence_loss = original
+
+    def _divkit_loss(
+        self,
+        original,
+        student_hidden_states,
+        teacher_hidden_states,
+        student_lm_head_weight,
+        teacher_lm_head_weight,
+        completion_mask,
+        beta,
+        num_items_in_batch=None,
+        student_lm_head_bias=None,
+        teacher_lm_head_bias=None,
+        student_logit_scale=1.0,
+        teacher_logit_scale=1.0,
+        student_final_logit_softcapping=None,
+        teacher_final_logit_softcapping=None,
+        temperature=1.0,
+    ):
+        if (
+            student_logit_scale != 1.0
+            or teacher_logit_scale != 1.0
+            or student_final_logit_softcapping
+            or teacher_final_logit_softcapping
+        ):
+            if not _SCALE_WARNED:
+                _SCALE_WARNED.append(True)
+                warnings.warn(
+                    "DivkitDistillationTrainer: a logit scale or final softcap is not part of "
+                    "divkit's fused distillation head; TRL's loss is used for this model",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return original(
+                student_hidden_states,
+                teacher_hidden_states,
+                student_lm_head_weight,
+                teacher_lm_head_weight,
+                completion_mask,
+                beta,
+                num_items_in_batch=num_items_in_batch,
+                student_lm_head_bias=student_lm_head_bias,
+                teacher_lm_head_bias=teacher_lm_head_bias,
+                student_logit_scale=student_logit_scale,
+                teacher_logit_scale=teacher_logit_scale,
+                student_final_logit_softcapping=student_final_logit_softcapping,
+                teacher_final_logit_softcapping=teacher_final_logit_softcapping,
+                temperature=temperature,
+            )
+        valid = completion_mask != 0
+        # Labels only mark the tokens (hard_weight 0 reads no label value): 0 or ignore_index.
+        labels = torch.where(valid, 0, -100).to(torch.int64)
+        loss = fused_linear_divergence(
+            student_hidden_states,
+            student_lm_head_weight,
+            teacher_hidden_states,
+            teacher_lm_head_weight.detach(),
+            self.divkit_kind,
+            student_bias=student_lm_head_bias,
+            teacher_bias=None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
+            labels=labels,
+            beta=beta,
+            temperature=temperature,
+            reduction="mean",
+            num_items_in_batch=num_items_in_batch,
+            **self.divkit_options,
+        )
+        with torch.no_grad():
+            from ..fused import fused_linear_logprobs
+
+            entropy = fused_linear_logprobs(
+                student_hidden_states.detach(),
+                student_lm_head_weight.detach(),
+                labels,
+                None if student_lm_head_bias is None else student_lm_head_bias.detach(),
+                temperature=temperature,
+                return_entropy=True,
+            ).entropy
+            entropy_sum = (entropy * valid).sum()
+        return loss, entropy_sum, valid.sum()
