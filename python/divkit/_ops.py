@@ -707,3 +707,107 @@ if ENABLED:
         if topk:
             res.append(out[2])
         return tuple(res)
+
+    @torch.library.custom_op("divkit::fused_linear_sparse_divergence", mutates_args=())
+    def fused_sparse_divergence_op(
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Optional[Tensor],
+        teacher_indices: Tensor,
+        teacher_logprobs: Tensor,
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        upstream: Optional[Tensor],
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        hard_weight: float,
+        soft_weight: float,
+        chunk_size: int,
+        tail: str,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        from . import fused
+
+        cfg = fused._DistillConfig(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            hard_weight,
+            soft_weight,
+            chunk_size,
+        )
+        ts = (student_hidden, student_weight, student_bias)
+        route = _route("fused_linear_sparse_divergence", backend, (*ts, labels, weights))
+        sparse = (teacher_indices, teacher_logprobs)
+        if upstream is None:
+            loss, grads = fused._sparse_call(
+                cfg, tail, *ts, *sparse, labels, weights, need, route=route
+            )
+        else:
+            loss, grads = fused._sparse_call(
+                cfg,
+                tail,
+                *ts,
+                *sparse,
+                labels,
+                fused._token_weights(upstream, weights),
+                need,
+                reduction="sum",
+                route=route,
+            )
+        n = student_hidden.shape[0]
+        loss = loss.reshape(n if reduction == "none" and upstream is None else 1)
+        return (loss, *_grads_or_empty(student_hidden, grads))
+
+    @fused_sparse_divergence_op.register_fake
+    def _fused_sparse_fake(sh, sw, sb, idx, lp, labels, weights, upstream, *rest):
+        reduction, need = rest[6], rest[13]
+        summed = reduction != "none" or upstream is not None
+        loss = sh.new_empty((1 if summed else sh.shape[0],), dtype=torch.float32)
+        return (loss, *_fake_grads([sh, sw, sb], need))
+
+    def _fused_sparse_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.reduced = inputs[14] != "none"
+        if ctx.reduced:
+            ctx.save_for_backward(*output[1:])
+        else:
+            ctx.save_for_backward(*inputs[:8])
+            ctx.args = inputs[8:21]
+
+    def _fused_sparse_backward(ctx, g_loss, *_):
+        need = list(ctx.needs_input_grad[:3])
+        if ctx.reduced:
+            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
+        else:
+            saved = list(ctx.saved_tensors)
+            out = fused_sparse_divergence_op(*saved[:7], g_loss, *ctx.args, need)
+            grads = [g if n else None for g, n in zip(out[1:], need)]
+        grads = guard_double_backward("fused_linear_sparse_divergence", grads)
+        return (*grads,) + (None,) * 19
+
+    fused_sparse_divergence_op.register_autograd(
+        _fused_sparse_backward, setup_context=_fused_sparse_setup
+    )
+    _loop_vmap(fused_sparse_divergence_op, 8)
+
+    def fused_sparse_divergence(sh, sw, sb, idx, lp, labels, weights, cfg, tail, route):
+        """fused_linear_sparse_divergence through the op: the loss, [N] or [1]."""
+        xs = (_rows2(sh), _rows2(sw), sb)
+        need = _need(xs, cfg.reduction != "none")
+        out = fused_sparse_divergence_op(
+            *xs, idx, lp, labels, weights, None, *cfg, tail, _engine(route), need
+        )
+        return out[0]

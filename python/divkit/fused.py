@@ -596,12 +596,15 @@ def fused_linear_sparse_divergence(
             )
         return (loss,), grads
 
-    loss = _head_loss(
-        fn,
-        call,
-        [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb],
-        cfg.reduction != "none",
-    )
+    if _ops.use_ops(sh, sw, sb, idx, lp, lab, weights, fn=fn):
+        loss = _ops.fused_sparse_divergence(sh, sw, sb, idx, lp, lab, weights, cfg, tail, route)
+    else:
+        loss = _head_loss(
+            fn,
+            call,
+            [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb],
+            cfg.reduction != "none",
+        )
     return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
 
 

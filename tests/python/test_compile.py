@@ -55,6 +55,20 @@ class Tiny(torch.nn.Module):
                 h, w, x, tw, "reverse_kl", labels=labels, reduction="none"
             )
             return loss.sum() * 3
+        if self.which.startswith("fused_sparse"):
+            top = torch.log_softmax(self.teacher(x).detach(), -1).topk(5, dim=-1)
+            none = self.which.endswith("none")
+            loss = divkit.fused_linear_sparse_divergence(
+                h,
+                w,
+                top.indices,
+                top.values,
+                "reverse_kl" if none else "forward_kl",
+                labels=labels,
+                hard_weight=0.0 if none else 0.5,
+                reduction="none" if none else "mean",
+            )
+            return loss.sum() if none else loss
         if self.which == "logprobs":
             r = divkit.fused_linear_logprobs(h, w, labels, return_entropy=True, topk=3)
             return r.logprobs.sum() + 0.1 * r.entropy.sum()
@@ -71,6 +85,8 @@ CASES = [
     "fused_divergence",
     "fused_divergence_none",
     "logprobs",
+    "fused_sparse",
+    "fused_sparse_none",
 ]
 
 
