@@ -159,3 +159,63 @@ def test_divkit_distillation_trainer_equals_trl(tmp_path, monkeypatch):
         tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
         for key in ("loss", "entropy"):
             assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def _run_pref(tmp_path, name, trainer_cls, config_cls, **config):
+    import warnings
+
+    import test_trl_client as client
+
+    tok = client.make_tokenizer()
+    model = client.make_model(0, len(tok))
+    kwargs = client.common_args(tmp_path, name)
+    kwargs["max_steps"] = 3
+    args = config_cls(**kwargs, max_length=32, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=client.preference_data(), processing_class=tok
+        )
+        trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+PREF_CASES = {
+    "cpo_sigmoid": ("cpo", dict(beta=0.5, label_smoothing=0.1)),
+    "cpo_simpo_alpha": ("cpo", dict(beta=2.0, loss_type="simpo", alpha=0.2, cpo_alpha=0.0)),
+    "orpo": ("orpo", dict(beta=0.3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREF_CASES))
+def test_divkit_cpo_orpo_trainers_equal_trl(tmp_path, case, monkeypatch):
+    import divkit.integrations.trl as dk_trl
+
+    which, config = PREF_CASES[case]
+    calls = []
+    loss_name = "cpo_loss" if which == "cpo" else "odds_ratio_loss"
+    loss_fn = getattr(dk_trl, loss_name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(dk_trl, loss_name, counting)
+    if which == "cpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        ref_cls, cls, cfg = CPOTrainer, dk_trl.DivkitCPOTrainer, CPOConfig
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        ref_cls, cls, cfg = ORPOTrainer, dk_trl.DivkitORPOTrainer, ORPOConfig
+    ref = _run_pref(tmp_path, "trl", ref_cls, cfg, **config)
+    got = _run_pref(tmp_path, "divkit", cls, cfg, **config)
+    assert len(calls) == 3  # divkit's loss, every step
+    assert len(ref) == len(got) == 3
+    for step, (a, b) in enumerate(zip(ref, got)):
+        assert set(a) == set(b)
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in a:
+            if key not in ("learning_rate", "epoch", "step", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], **tol), (step, key)

@@ -10,6 +10,9 @@
   (``labels != -100``, shifted as TRL shifts them) divided by ``num_items_in_batch`` when the
   trainer passes it, else by their number.
 
+* ``DivkitCPOTrainer`` and ``DivkitORPOTrainer``: TRL's ``CPOTrainer`` / ``ORPOTrainer``
+  (``trl.experimental``) whose loss methods are :func:`divkit.cpo_loss` and
+  :func:`divkit.odds_ratio_loss`; everything else is TRL's.
 * :class:`DivkitDistillationTrainer`: TRL's on-policy ``DistillationTrainer`` with its chunked
   JSD replaced by :func:`divkit.fused_linear_divergence` (any ``divkit_kind``; TRL's ``beta`` and
   ``temperature``; the completion tokens' sum over ``num_items_in_batch`` or their mean, as
@@ -39,12 +42,15 @@ import torch
 
 from .. import _validate as check
 from ..fused import fused_linear_divergence
-from ..preference import preference_loss
+from ..preference import cpo_loss, odds_ratio_loss, preference_loss
 
+# The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
 __all__ = [
+    "DivkitCPOTrainer",  # noqa: F822
     "DivkitDPOTrainer",
+    "DivkitORPOTrainer",  # noqa: F822
     "DivkitDistillationTrainer",
-    "DivkitGKDTrainer",
+    "DivkitGKDTrainer",  # noqa: F822
     "last_hidden_and_head",
 ]
 
@@ -62,59 +68,114 @@ def last_hidden_and_head(model, input_ids, attention_mask):
     return hidden, head
 
 
-def _gkd_base():
+def _make_gkd():
     from trl.experimental.gkd import GKDTrainer
 
-    return GKDTrainer
+    class DivkitGKDTrainer(GKDTrainer):
+        """``trl.experimental.gkd.GKDTrainer`` with divkit's fused distillation loss (see the module
+        docstring). Extra keyword arguments: ``divkit_kind`` (default ``"jsd"``),
+        ``divkit_temperature`` (default 1.0), ``divkit_options`` (a dict of further
+        :func:`divkit.fused_linear_divergence` keywords: ``alpha``, ``hard_weight``, ``chunk_size``,
+        ``scale_by_t_squared``, ...)."""
+
+        def __init__(
+            self,
+            *args,
+            divkit_kind: str = "jsd",
+            divkit_temperature: float = 1.0,
+            divkit_options: Optional[dict] = None,
+            **kwargs,
+        ):
+            super().__init__(*args, **kwargs)
+            fn = "DivkitGKDTrainer"
+            self.divkit_kind = check.string(fn, "divkit_kind", divkit_kind)
+            self.divkit_temperature = check.positive(fn, "divkit_temperature", divkit_temperature)
+            self.divkit_options = dict(divkit_options or {})
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, True, num_items_in_batch)
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            student_hidden, student_head = last_hidden_and_head(model, ids, mask)
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_hidden, teacher_head = last_hidden_and_head(self.teacher_model, ids, mask)
+            # Position i predicts token i + 1: labels shifted left, the last position ignored (the
+            # hidden states stay whole, so no strided copy is made).
+            labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
+            return fused_linear_divergence(
+                student_hidden,
+                student_head.weight,
+                teacher_hidden,
+                teacher_head.weight.detach(),
+                self.divkit_kind,
+                student_bias=student_head.bias,
+                teacher_bias=None if teacher_head.bias is None else teacher_head.bias.detach(),
+                labels=labels,
+                beta=self.beta,
+                temperature=self.divkit_temperature,
+                reduction="mean",
+                num_items_in_batch=num_items_in_batch,
+                **self.divkit_options,
+            )
+
+    return DivkitGKDTrainer
 
 
-class DivkitGKDTrainer(_gkd_base()):
-    """``trl.experimental.gkd.GKDTrainer`` with divkit's fused distillation loss (see the module
-    docstring). Extra keyword arguments: ``divkit_kind`` (default ``"jsd"``),
-    ``divkit_temperature`` (default 1.0), ``divkit_options`` (a dict of further
-    :func:`divkit.fused_linear_divergence` keywords: ``alpha``, ``hard_weight``, ``chunk_size``,
-    ``scale_by_t_squared``, ...)."""
+def _make_cpo():
+    from trl.experimental.cpo import CPOTrainer
 
-    def __init__(
-        self,
-        *args,
-        divkit_kind: str = "jsd",
-        divkit_temperature: float = 1.0,
-        divkit_options: Optional[dict] = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        fn = "DivkitGKDTrainer"
-        self.divkit_kind = check.string(fn, "divkit_kind", divkit_kind)
-        self.divkit_temperature = check.positive(fn, "divkit_temperature", divkit_temperature)
-        self.divkit_options = dict(divkit_options or {})
+    class DivkitCPOTrainer(CPOTrainer):
+        """``trl.experimental.cpo.CPOTrainer`` whose ``cpo_loss`` is :func:`divkit.cpo_loss`
+        (CPO / SimPO / AlphaPO: ``loss_type`` sigmoid, hinge, ipo, simpo; ``beta``,
+        ``label_smoothing``, ``simpo_gamma``, ``alpha`` from the config); the log-probs, the
+        behaviour-cloning term (``cpo_alpha``) and the metrics are TRL's."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs:
-            return super().compute_loss(model, inputs, True, num_items_in_batch)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        student_hidden, student_head = last_hidden_and_head(model, ids, mask)
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_hidden, teacher_head = last_hidden_and_head(self.teacher_model, ids, mask)
-        # Position i predicts token i + 1: labels shifted left, the last position ignored (the
-        # hidden states stay whole, so no strided copy is made).
-        labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
-        return fused_linear_divergence(
-            student_hidden,
-            student_head.weight,
-            teacher_hidden,
-            teacher_head.weight.detach(),
-            self.divkit_kind,
-            student_bias=student_head.bias,
-            teacher_bias=None if teacher_head.bias is None else teacher_head.bias.detach(),
-            labels=labels,
-            beta=self.beta,
-            temperature=self.divkit_temperature,
-            reduction="mean",
-            num_items_in_batch=num_items_in_batch,
-            **self.divkit_options,
-        )
+        def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
+            return cpo_loss(
+                policy_chosen_logps,
+                policy_rejected_logps,
+                loss_type=self.loss_type,
+                beta=self.beta,
+                label_smoothing=self.label_smoothing,
+                simpo_gamma=getattr(self, "simpo_gamma", 0.5),
+                alpha=self.alpha,
+            )
+
+    return DivkitCPOTrainer
+
+
+def _make_orpo():
+    from trl.experimental.orpo import ORPOTrainer
+
+    class DivkitORPOTrainer(ORPOTrainer):
+        """``trl.experimental.orpo.ORPOTrainer`` whose ``odds_ratio_loss`` is
+        :func:`divkit.odds_ratio_loss` (log(1 - e^x) in a stable form); the NLL term, the
+        log-probs and the metrics are TRL's."""
+
+        def odds_ratio_loss(self, policy_chosen_logps, policy_rejected_logps):
+            return odds_ratio_loss(policy_chosen_logps, policy_rejected_logps, beta=self.beta)
+
+    return DivkitORPOTrainer
+
+
+_LAZY = {
+    "DivkitGKDTrainer": _make_gkd,
+    "DivkitCPOTrainer": _make_cpo,
+    "DivkitORPOTrainer": _make_orpo,
+}
+
+
+def __getattr__(name):
+    # The trainers of trl.experimental are made on first use: importing this module does not
+    # import TRL's experimental modules (nor their warnings).
+    make = _LAZY.get(name)
+    if make is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = make()
+    cls.__qualname__ = cls.__name__ = name
+    globals()[name] = cls
+    return cls
 
 
 def _dpo_base():
