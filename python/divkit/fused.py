@@ -51,12 +51,19 @@ def _bias(fn: str, name: str, x, cpu: bool = True):
     return check.tensor(fn, name, x, ndim=(1,), optional=True, cpu=cpu)
 
 
+_DTENSOR: list = []
+
+
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch without torch.distributed, or older than 2.4
-        return None
-    return DTensor
+    """torch's DTensor class (None without torch.distributed or before torch 2.4), looked up
+    once."""
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def _full(fn: str, name: str, x):
