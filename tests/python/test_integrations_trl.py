@@ -224,3 +224,62 @@ def test_divkit_cpo_orpo_trainers_equal_trl(tmp_path, case, monkeypatch):
         for key in a:
             if key not in ("learning_rate", "epoch", "step", "grad_norm"):
                 assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_divkit_kto_trainer_equals_trl(tmp_path, loss_type, monkeypatch):
+    import warnings
+
+    import datasets
+    from trl import KTOConfig, KTOTrainer
+
+    import divkit.integrations.trl as dk_trl
+    import test_trl_client as client
+
+    calls = []
+    loss_fn = dk_trl.kto_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(dk_trl, "kto_loss", counting)
+    pairs = client.preference_data()
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": list(pairs["prompt"]) * 2,
+            "completion": list(pairs["chosen"]) + list(pairs["rejected"]),
+            "label": [True] * len(pairs) + [False] * len(pairs),
+        }
+    )
+
+    def run(name, cls):
+        tok = client.make_tokenizer()
+        kwargs = client.common_args(tmp_path, name)
+        kwargs["max_steps"] = 3
+        args = KTOConfig(
+            **kwargs, beta=0.5, max_length=32, loss_type=loss_type, desirable_weight=1.3
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(
+                model=client.make_model(0, len(tok)),
+                ref_model=client.make_model(1, len(tok)),
+                args=args,
+                train_dataset=data,
+                processing_class=tok,
+            )
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    ref = run("trl", KTOTrainer)
+    got = run("divkit", dk_trl.DivkitKTOTrainer)
+    if loss_type == "kto":  # the KL baseline z0 is in play (TRL clamps it at 0)
+        assert max(h["kl"] for h in ref) > 0.1
+    assert len(calls) == 3 and len(ref) == len(got) == 3
+    for step, (a, b) in enumerate(zip(ref, got)):
+        assert set(a) == set(b)
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in a:
+            if key not in ("learning_rate", "epoch", "step", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], **tol), (step, key)

@@ -13,6 +13,9 @@
 * ``DivkitCPOTrainer`` and ``DivkitORPOTrainer``: TRL's ``CPOTrainer`` / ``ORPOTrainer``
   (``trl.experimental``) whose loss methods are :func:`divkit.cpo_loss` and
   :func:`divkit.odds_ratio_loss`; everything else is TRL's.
+* :class:`DivkitKTOTrainer`: TRL's ``KTOTrainer`` whose loss is :func:`divkit.kto_loss`
+  (``kto`` and ``apo_zero_unpaired``, desirable / undesirable weights, the KL baseline z0 from
+  TRL's mismatched completions), computed from TRL's own log-probs; metrics TRL's.
 * :class:`DivkitDistillationTrainer`: TRL's on-policy ``DistillationTrainer`` with its chunked
   JSD replaced by :func:`divkit.fused_linear_divergence` (any ``divkit_kind``; TRL's ``beta`` and
   ``temperature``; the completion tokens' sum over ``num_items_in_batch`` or their mean, as
@@ -42,7 +45,7 @@ import torch
 
 from .. import _validate as check
 from ..fused import fused_linear_divergence
-from ..preference import cpo_loss, odds_ratio_loss, preference_loss
+from ..preference import cpo_loss, kto_loss, odds_ratio_loss, preference_loss
 
 # The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "DivkitORPOTrainer",  # noqa: F822
     "DivkitDistillationTrainer",
     "DivkitGKDTrainer",  # noqa: F822
+    "DivkitKTOTrainer",
     "last_hidden_and_head",
 ]
 
@@ -404,3 +408,74 @@ class DivkitDistillationTrainer(_distillation_base()):
             ).entropy
             entropy_sum = (entropy * valid).sum()
         return loss, entropy_sum, valid.sum()
+
+
+def _kto_base():
+    from trl import KTOTrainer
+
+    return KTOTrainer
+
+
+class DivkitKTOTrainer(_kto_base()):
+    """``trl.KTOTrainer`` with the loss of :func:`divkit.kto_loss` (see the module docstring),
+    configured by the same ``KTOConfig``."""
+
+    def _compute_kl_logps(self, model, batch):
+        self._divkit_in_kl = True
+        try:
+            out = super()._compute_kl_logps(model, batch)
+        finally:
+            self._divkit_in_kl = False
+        self._divkit_kl.append(out)
+        return out
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        self._divkit_kl, self._divkit_in_kl = [], False
+        seen = []
+
+        def hook(module, args, output):
+            if not self._divkit_in_kl:
+                seen.append(output)
+
+        handles = [
+            m.register_forward_hook(hook)
+            for m in dict.fromkeys((model, self.ref_model))
+            if m is not None
+        ]
+        try:
+            out = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            for h in handles:
+                h.remove()
+        loss = self._divkit_loss(inputs, seen)
+        if return_outputs:
+            return (loss, *out[1:]) if isinstance(out, tuple) else (loss, out)
+        return loss
+
+    def _divkit_loss(self, inputs, outputs):
+        seq_len = inputs["input_ids"].size(1) - 1
+        logps = outputs[0].log_probs[:, -seq_len:].sum(-1)
+        chosen = torch.as_tensor(inputs["label"], dtype=torch.bool, device=logps.device)
+        if self.precompute_ref_logps:
+            ref = inputs["ref_logps"].to(logps.dtype)
+            ref_kl = inputs["ref_KL_logps"] if self.calculate_KL else None
+        else:
+            ref = outputs[1].log_probs[:, -seq_len:].sum(-1).detach()
+            ref_kl = self._divkit_kl[1] if self.calculate_KL else None
+        policy_kl = self._divkit_kl[0] if self.calculate_KL else None
+        losses = kto_loss(
+            logps[chosen],
+            logps[~chosen],
+            policy_kl,
+            ref[chosen],
+            ref[~chosen],
+            ref_kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
+        )[0]
+        loss = losses.nanmean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs[0].aux_loss
+        return loss
