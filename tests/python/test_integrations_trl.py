@@ -283,3 +283,43 @@ def test_divkit_kto_trainer_equals_trl(tmp_path, loss_type, monkeypatch):
         for key in a:
             if key not in ("learning_rate", "epoch", "step", "grad_norm"):
                 assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def test_divkit_dpo_trainer_with_peft_reference(tmp_path):
+    """The reference is the PEFT model with its adapter disabled (ref_model=None), as in TRL."""
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    from trl import DPOConfig, DPOTrainer
+
+    import test_trl_client as client
+    from divkit.integrations.trl import DivkitDPOTrainer
+
+    def run(name, cls):
+        tok = client.make_tokenizer()
+        kwargs = client.common_args(tmp_path, name)
+        kwargs["max_steps"] = 3
+        kwargs["learning_rate"] = 5e-2
+        args = DPOConfig(**kwargs, beta=0.5, max_length=32, precompute_ref_log_probs=False)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(
+                model=client.make_model(0, len(tok)),
+                ref_model=None,
+                args=args,
+                train_dataset=client.preference_data(),
+                processing_class=tok,
+                peft_config=lora,
+            )
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    ref = run("trl", DPOTrainer)
+    got = run("divkit", DivkitDPOTrainer)
+    assert len(ref) == len(got) == 3
+    assert abs(ref[-1]["loss"] - 0.6931) > 1e-4  # the adapter moved away from the reference
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], **tol), (step, key)
