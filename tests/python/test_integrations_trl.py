@@ -323,3 +323,59 @@ def test_divkit_dpo_trainer_with_peft_reference(tmp_path):
         tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
         for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def test_divkit_tdpo_trainer_trains_and_equals_tdpo_loss(tmp_path):
+    """TRL has no TDPO: the first step's loss equals divkit.tdpo_loss on the materialized logits
+    of the same batch (the initial models), and the loss falls over a few steps."""
+    import copy
+    import warnings
+
+    from trl import DPOConfig
+
+    import divkit
+    import test_trl_client as client
+    from divkit.integrations.trl import DivkitTDPOTrainer
+
+    tok = client.make_tokenizer()
+    model, ref = client.make_model(0, len(tok)), client.make_model(1, len(tok))
+    model0 = copy.deepcopy(model)
+    seen = []
+
+    class Recording(DivkitTDPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            loss = super()._compute_loss(model, inputs, return_outputs)
+            seen.append(({k: v.clone() for k, v in inputs.items()}, float(loss)))
+            return loss
+
+    kwargs = client.common_args(tmp_path, "tdpo")
+    args = DPOConfig(**kwargs, beta=0.5, max_length=32, precompute_ref_log_probs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Recording(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=client.preference_data(),
+            processing_class=tok,
+            tdpo_variant="tdpo2",
+            tdpo_alpha=0.5,
+        )
+        trainer.train()
+    inputs, loss0 = seen[0]
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        logits = model0(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+        ref_logits = ref(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+    pc, pr = logits[:, :-1].chunk(2)
+    rc, rr = ref_logits[:, :-1].chunk(2)
+    lc, lr = labels.chunk(2)
+    want = divkit.tdpo_loss(pc, pr, rc, rr, lc, lr, beta=0.5, alpha=0.5, variant="tdpo2")[0]
+    assert loss0 == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 6 and "rewards/margins" in logs[0]
+    assert sum(h["loss"] for h in logs[-2:]) < sum(h["loss"] for h in logs[:2])

@@ -16,6 +16,10 @@
 * :class:`DivkitKTOTrainer`: TRL's ``KTOTrainer`` whose loss is :func:`divkit.kto_loss`
   (``kto`` and ``apo_zero_unpaired``, desirable / undesirable weights, the KL baseline z0 from
   TRL's mismatched completions), computed from TRL's own log-probs; metrics TRL's.
+* :class:`DivkitTDPOTrainer`: token-level DPO (TDPO1 / TDPO2, Zeng et al. 2024), which TRL does
+  not have, on TRL's ``DPOTrainer`` data path (same datasets, collator and ``DPOConfig``):
+  :func:`divkit.tdpo_loss_fused` from the policy's and the reference's last hidden states, no
+  ``[tokens x V]`` logits of either; TRL's reward metrics.
 * :class:`DivkitDistillationTrainer`: TRL's on-policy ``DistillationTrainer`` with its chunked
   JSD replaced by :func:`divkit.fused_linear_divergence` (any ``divkit_kind``; TRL's ``beta`` and
   ``temperature``; the completion tokens' sum over ``num_items_in_batch`` or their mean, as
@@ -45,7 +49,7 @@ import torch
 
 from .. import _validate as check
 from ..fused import fused_linear_divergence
-from ..preference import cpo_loss, kto_loss, odds_ratio_loss, preference_loss
+from ..preference import cpo_loss, kto_loss, odds_ratio_loss, preference_loss, tdpo_loss_fused
 
 # The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "DivkitDistillationTrainer",
     "DivkitGKDTrainer",  # noqa: F822
     "DivkitKTOTrainer",
+    "DivkitTDPOTrainer",
     "last_hidden_and_head",
 ]
 
@@ -479,3 +484,59 @@ class DivkitKTOTrainer(_kto_base()):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs[0].aux_loss
         return loss
+
+
+class DivkitTDPOTrainer(_dpo_base()):
+    """TDPO on ``trl.DPOTrainer``'s data path (see the module docstring): ``DPOConfig``'s
+    ``beta`` and ``label_smoothing``; extra keyword arguments ``tdpo_variant`` (``"tdpo1"`` or
+    ``"tdpo2"``, default) and ``tdpo_alpha`` (TDPO2's weight of the sequence KL, default 0.5).
+    Needs a reference model (token-level KL needs its distributions, not precomputed
+    log-probs). Logs TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` and
+    ``rewards/margins`` (the TDPO rewards ``beta (sum log-ratio + SeqKL)``)."""
+
+    def __init__(self, *args, tdpo_variant: str = "tdpo2", tdpo_alpha: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        fn = "DivkitTDPOTrainer"
+        self.tdpo_variant = check.string(fn, "tdpo_variant", tdpo_variant)
+        self.tdpo_alpha = check.real(fn, "tdpo_alpha", tdpo_alpha)
+        if self.ref_model is None or self.precompute_ref_logps:
+            check.fail(
+                fn,
+                "TDPO needs a reference model (ref_model=..., precompute_ref_log_probs=False): "
+                "its per-token KL needs the reference's distributions",
+            )
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        hidden, head = last_hidden_and_head(model, ids, mask)
+        with torch.no_grad():
+            ref_hidden, ref_head = last_hidden_and_head(self.ref_model, ids, mask)
+        (hc, hr), (lc, lr), (rc, rr) = hidden.chunk(2), labels.chunk(2), ref_hidden.chunk(2)
+        losses, chosen_rewards, rejected_rewards = tdpo_loss_fused(
+            hc,
+            hr,
+            head.weight,
+            lc,
+            lr,
+            ref_chosen_hidden=rc,
+            ref_rejected_hidden=rr,
+            ref_weight=ref_head.weight.detach(),
+            lm_head_bias=head.bias,
+            ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
+            beta=self.beta,
+            alpha=self.tdpo_alpha,
+            variant=self.tdpo_variant,
+            label_smoothing=self.label_smoothing,
+        )
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        margins = chosen_rewards - rejected_rewards
+        metrics["rewards/accuracies"].append(gather((margins > 0).float()).mean().item())
+        metrics["rewards/margins"].append(gather(margins).mean().item())
+        loss = losses.mean()
+        return (loss, None) if return_outputs else loss
