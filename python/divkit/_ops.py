@@ -8,18 +8,22 @@ same kernels; ``vmap`` runs the op once per batch entry; a second derivative rai
 :class:`divkit.Error` instead of silently leaving out the terms the kernels do not compute.
 
 The public functions (:func:`divkit.divergence`, the fused heads of :mod:`divkit.fused`) check
-their arguments in Python and call these ops; the ops take the checked, normalized values. With
-torch < 2.4 (no ``torch.library.custom_op``) or ``DIVKIT_CUSTOM_OPS=0`` in the environment the
-public functions call the kernels through ``torch.autograd.Function`` as before; the results are
-the same bits either way.
+their arguments in Python and, when the call is traced (torch.compile, export), under vmap, or on
+tensor subclasses, call these ops with the checked, normalized values (:func:`use_ops`). Eager
+calls on plain tensors keep the ``torch.autograd.Function`` path of ``_autograd.py``: the
+dispatcher's Python overhead is a few times a small kernel call's. With torch < 2.4 (no
+``torch.library.custom_op``) or ``DIVKIT_CUSTOM_OPS=0`` the ops are not registered;
+``DIVKIT_CUSTOM_OPS=always`` routes every call through them (tests). The results are the same
+bits either way.
 
 Ops (namespace ``divkit``):
 
 * ``divergence``: token divergence; returns (loss, grad_student, grad_teacher), the gradients
   computed in the forward call (empty when not asked for), scaled by the upstream gradient in
   backward.
-* ``fused_linear_cross_entropy``, ``fused_linear_divergence``, ``fused_linear_logprobs`` (+
-  ``fused_linear_logprobs_backward``): the fused heads without a process group.
+* ``fused_linear_cross_entropy``, ``fused_linear_divergence``, ``fused_linear_sparse_divergence``,
+  ``fused_linear_logprobs`` (+ ``fused_linear_logprobs_backward``): the fused heads without a
+  process group.
 """
 
 from __future__ import annotations
