@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from ._ops import first_order
 
 __all__ = [
     "Scaling",
@@ -72,7 +73,7 @@ class GradsInForward(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @once_differentiable
+    @first_order(lambda ctx: ctx.scaling.fn)
     def backward(ctx, grad_out, *_):
         sc: Scaling = ctx.scaling
         if ctx.grads is None:
@@ -135,6 +136,7 @@ class RecomputeInBackward(torch.autograd.Function):
     def forward(ctx, run: Callable, n_diff: int, *inputs):
         outs, _ = run(tuple(x.detach() for x in inputs), None, None)
         ctx.run, ctx.n_diff = run, n_diff
+        ctx.fn = getattr(run, "fn", "divkit")
         ctx.save_for_backward(*inputs)
         outs = tuple(outs)
         if len(outs) > n_diff:
@@ -142,7 +144,7 @@ class RecomputeInBackward(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @once_differentiable
+    @first_order(lambda ctx: ctx.fn)
     def backward(ctx, *grad_outs):
         need = tuple(bool(n) for n in ctx.needs_input_grad[2:])
         if not any(need):

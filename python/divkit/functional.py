@@ -8,12 +8,13 @@ per token, and the gradient is handed back to autograd in ``backward``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
-from . import _C, _device
+from . import _C, _device, _ops
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
 from .backends import torch_ops
@@ -169,12 +170,7 @@ def _check_inplace(fn: str, student: torch.Tensor, cfg: _Config, others) -> None
     gradient's, and no other input (``others``: (name, tensor) pairs) may share its memory."""
     if not cfg.inplace_grad:
         return
-    if cfg.grad_dtype is not None and cfg.grad_dtype != student.dtype:
-        check.fail(
-            fn,
-            f"grad_dtype={cfg.grad_dtype} cannot be used with inplace_grad=True: the "
-            f"gradient is written into student_logits, whose dtype is {student.dtype}",
-        )
+    _check_inplace_dtype(fn, student, cfg)
     if student.numel() == 0:
         return
     s_lo, s_hi = _byte_range(student)
@@ -188,6 +184,15 @@ def _check_inplace(fn: str, student: torch.Tensor, cfg: _Config, others) -> None
                 f"inplace_grad=True but {name} shares memory with student_logits; the "
                 f"gradient would overwrite it",
             )
+
+
+def _check_inplace_dtype(fn: str, student: torch.Tensor, cfg: _Config) -> None:
+    if cfg.grad_dtype is not None and cfg.grad_dtype != student.dtype:
+        check.fail(
+            fn,
+            f"grad_dtype={cfg.grad_dtype} cannot be used with inplace_grad=True: the "
+            f"gradient is written into student_logits, whose dtype is {student.dtype}",
+        )
 
 
 def _byte_range(x: torch.Tensor) -> Tuple[int, int]:
@@ -368,9 +373,12 @@ def divergence(
             logits' own buffer, as Liger's kernels do, so that the only extra memory is a
             row block per thread. **The contents of ``student_logits`` are overwritten** by the
             forward call (when the student requires grad), so they must not be used afterwards
-            (not by another loss either). If the logits are not contiguous in their leading
-            dimensions a contiguous copy is made and overwritten instead. With
-            ``inplace_grad=True`` a graph can be backpropagated once.
+            (not by another loss either): their version counter is moved, so autograd raises
+            if an operation saved them for its backward. Logits that cannot be viewed as
+            ``[N, V]`` rows (e.g. ``logits[:, :-1]``) get a separate gradient buffer instead,
+            with a warning (once): pass the full logits with ``labels = ignore_index`` at the
+            positions to skip. Under ``torch.compile`` the gradient always gets its own buffer.
+            With ``inplace_grad=True`` a graph can be backpropagated once.
         grad_dtype: dtype of the gradient buffers the kernel writes; default: the dtype of the
             corresponding logits. Autograd always hands the logits a gradient of their own
             dtype, so ``grad_dtype=torch.float32`` for bf16/fp16 logits only changes the
@@ -429,8 +437,50 @@ def divergence(
     grad_on = torch.is_grad_enabled()
     need_s = grad_on and student.requires_grad
     need_t = grad_on and teacher.requires_grad
-    if need_s:
+    inplace = cfg.inplace_grad and need_s
+    if inplace and _ops.traced(student, teacher):
+        # A compiled graph owns its buffers (functionalization would copy the logits anyway):
+        # the gradient gets its own buffer, the same values.
+        _check_inplace_dtype(fn, student, cfg)
+        cfg = cfg._replace(inplace_grad=False)
+        inplace = False
+    if inplace:
         _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
+        if _row_view(student) is None:
+            _warn_once(
+                "inplace_copy",
+                f"divkit.{fn}(inplace_grad=True): student_logits of shape "
+                f"{tuple(student.shape)} and strides {student.stride()} cannot be viewed as "
+                f"[N, V] rows (e.g. logits[:, :-1]), so the gradient gets its own buffer and no "
+                f"memory is saved. Pass the full logits with labels = ignore_index at the "
+                f"positions to skip (their gradient is 0), or a contiguous tensor.",
+            )
+            cfg = cfg._replace(inplace_grad=False)
+            inplace = False
+    elif not need_s:
+        cfg = cfg._replace(inplace_grad=False)
+    if inplace:
+        return _divergence_inplace(student, teacher, labels_t, weights_t, cfg, route, fn)
+    if _ops.use_ops(student, teacher, labels_t, weights_t, fn=fn):
+        loss, _, _ = _ops.divergence_op(
+            student,
+            teacher,
+            labels_t,
+            weights_t,
+            cfg.kind,
+            cfg.beta,
+            cfg.alpha,
+            cfg.temperature,
+            cfg.scale_by_t_squared,
+            cfg.ignore_index,
+            cfg.reduction,
+            cfg.num_items_in_batch,
+            cfg.grad_dtype,
+            cfg.backend,
+            need_s,
+            need_t,
+        )
+        return loss
     if not (need_s or need_t):
         loss, _, _ = _run(student, teacher, labels_t, weights_t, cfg, False, False, route)
         return loss
@@ -440,6 +490,42 @@ def divergence(
         return loss, (grad_s, grad_t)
 
     return grads_in_forward(run, (student, teacher), _scaling(fn, cfg))
+
+
+def _divergence_inplace(student, teacher, labels, weights, cfg: _Config, route, fn: str):
+    """inplace_grad=True on logits that are [N, V] rows: the kernel writes the student gradient
+    into their storage, and their version counter moves, so that autograd raises if anything
+    saved the logits for its own backward (instead of computing with the gradient)."""
+
+    def run(need):
+        s = student.detach()
+        loss, grad_s, grad_t = _run(s, teacher, labels, weights, cfg, *need, route)
+        _ops.increment_version(s)
+        return loss, (grad_s, grad_t)
+
+    return grads_in_forward(run, (student, teacher), _scaling(fn, cfg))
+
+
+def _row_view(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x as [N, V] rows with a unit column stride (a view), or None when its layout has none."""
+    v = x.shape[-1]
+    n = x.numel() // v if v else 0
+    try:
+        x2 = x.view(n, v)
+    except RuntimeError:
+        return None
+    if (v > 1 and x2.stride(1) != 1) or (n > 1 and x2.stride(0) < v):
+        return None
+    return x2
+
+
+_WARNED = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def divergence_and_grad(

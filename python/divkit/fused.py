@@ -23,7 +23,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _C, _device
+from . import _C, _device, _ops
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward, recompute_in_backward
 from .backends import torch_ops
@@ -49,6 +49,70 @@ def _matrix(fn: str, name: str, x, cpu: bool = True):
 
 def _bias(fn: str, name: str, x, cpu: bool = True):
     return check.tensor(fn, name, x, ndim=(1,), optional=True, cpu=cpu)
+
+
+_DTENSOR: list = []
+
+
+def _dtensor_type():
+    """torch's DTensor class (None without torch.distributed or before torch 2.4), looked up
+    once."""
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
+
+
+def _full(fn: str, name: str, x):
+    """A DTensor weight or bias (FSDP2's sharded parameters, read outside the module's forward)
+    as the full tensor, gathered once per call; its gradient is averaged over the mesh and
+    handed back sharded like the parameter, as FSDP2 reduces every other gradient. Token
+    tensors (hidden states, labels) must be local: each rank's batch is its own."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(x, dt):
+        return x
+    if name in ("hidden", "student_hidden", "teacher_hidden", "labels", "weights"):
+        check.fail(
+            fn,
+            f"{name} is a DTensor; pass this rank's tokens as a plain tensor (x.to_local() or "
+            f"x.full_tensor(), whichever is the batch this rank should see)",
+        )
+    from torch.distributed.tensor import Partial
+
+    return x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
+
+
+def _check_same_tokens(fn: str, group, hidden: Sequence[torch.Tensor], labels) -> None:
+    """Vocabulary-parallel mode: every rank must pass the same tokens (hidden states and global
+    labels). A cheap fingerprint (token count, sums of the labels and of the hidden states and
+    their squares, in fp64) is compared across the group with one all-reduce (max of x and of
+    -x); a difference raises on every rank instead of a silently wrong loss."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        vals = [float(hidden[0].shape[0]), 0.0 if labels is None else labels.double().sum()]
+        for x in hidden:
+            h = x.detach().double()
+            vals += [h.sum(), (h * h).sum()]
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in vals])
+        both = torch.cat([stats, -stats])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        k = stats.numel()
+        hi, lo = both[:k], -both[k:]
+    # fp64 sums of the same values may differ in the last bits between thread counts.
+    tol = 1e-10 * (hi.abs() + lo.abs())
+    if bool(((hi - lo) > tol).any()):
+        names = ["token count", "labels"] + ["hidden states"] * (k - 2)
+        bad = sorted({n for n, d, t in zip(names, (hi - lo).tolist(), tol.tolist()) if d > t})
+        check.fail(
+            fn,
+            f"process_group: the ranks passed different tokens ({', '.join(bad)} differ); in "
+            f"vocabulary-parallel mode every rank passes the same hidden states and labels and "
+            f"holds its own shard of the vocabulary",
+        )
 
 
 def _labels(fn: str, labels, lead_shape, *, optional: bool = False, cpu: bool = True):
@@ -103,6 +167,7 @@ def _head_loss(
             return None, pick(backward(ts, grad_out, full(need, False)))
         return None, pick(call(ts, full(need, False), grad_out)[1])
 
+    rerun.fn = fn
     outs = recompute_in_backward(rerun, xs, n_diff)
     return outs[0] if len(outs) == 1 else outs
 
@@ -281,6 +346,12 @@ def fused_linear_divergence(
     :func:`divkit.divergence`.
     """
     fn = "fused_linear_divergence"
+    student_weight = _full(fn, "student_weight", student_weight)
+    teacher_weight = _full(fn, "teacher_weight", teacher_weight)
+    student_bias = _full(fn, "student_bias", student_bias)
+    teacher_bias = _full(fn, "teacher_bias", teacher_bias)
+    student_hidden = _full(fn, "student_hidden", student_hidden)
+    teacher_hidden = _full(fn, "teacher_hidden", teacher_hidden)
     route = _device.route(
         fn,
         fn,
@@ -358,6 +429,8 @@ def _divergence_apply(
 ):
     """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
     group, or None)."""
+    if group is not None:
+        _check_same_tokens("fused_linear_divergence", group, (sh, th), labels)
 
     def call(ts, need, upstream):
         if upstream is None:
@@ -376,6 +449,11 @@ def _divergence_apply(
             )
         return (loss,), grads
 
+    if group is None and _ops.use_ops(
+        sh, sw, sb, th, tw, tb, labels, weights, fn="fused_linear_divergence"
+    ):
+        loss = _ops.fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route)
+        return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
     # reshape / contiguous stay inside the autograd graph.
     loss = _head_loss(
         "fused_linear_divergence",
@@ -455,6 +533,9 @@ def fused_linear_sparse_divergence(
     :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_sparse_divergence"
+    student_weight = _full(fn, "student_weight", student_weight)
+    student_bias = _full(fn, "student_bias", student_bias)
+    student_hidden = _full(fn, "student_hidden", student_hidden)
     route = _device.route(
         fn,
         fn,
@@ -522,12 +603,15 @@ def fused_linear_sparse_divergence(
             )
         return (loss,), grads
 
-    loss = _head_loss(
-        fn,
-        call,
-        [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb],
-        cfg.reduction != "none",
-    )
+    if _ops.use_ops(sh, sw, sb, idx, lp, lab, weights, fn=fn):
+        loss = _ops.fused_sparse_divergence(sh, sw, sb, idx, lp, lab, weights, cfg, tail, route)
+    else:
+        loss = _head_loss(
+            fn,
+            call,
+            [_contig_rows(sh.reshape(-1, sh.shape[-1])), _contig_rows(sw), sb],
+            cfg.reduction != "none",
+        )
     return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
 
 
@@ -600,6 +684,9 @@ def fused_linear_cross_entropy(
     PyTorch fallback without ``process_group``).
     """
     fn = "fused_linear_cross_entropy"
+    weight = _full(fn, "weight", weight)
+    bias = _full(fn, "bias", bias)
+    hidden = _full(fn, "hidden", hidden)
     route = _device.route(
         fn,
         fn,
@@ -634,51 +721,65 @@ def _cross_entropy_apply(
 ):
     """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
     group, or None; route: where it runs, the core when None)."""
+    if group is not None:
+        _check_same_tokens("fused_linear_cross_entropy", group, (h,), labels)
 
     def call(ts, need, upstream):
-        n = ts[0].shape[0]
-        reduction = cfg.reduction if upstream is None else "sum"
-        if route is not None and not route.core:
-            return torch_ops.fused_linear_cross_entropy(
-                *_head(*ts),
-                labels,
-                None if upstream is None else upstream.reshape(-1),
-                cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
-                need,
-                reduction,
-                return_stats and upstream is None,
-            )
-        loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
-        grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
-        stats = [
-            torch.empty(n, dtype=torch.float32) if return_stats and upstream is None else None
-            for _ in range(2)
-        ]
-        opts = _ce_options(
-            cfg if upstream is None else cfg._replace(num_items_in_batch=0.0), reduction, group
-        )
-        _C.fused_linear_cross_entropy(
-            _head(*ts),
-            labels,
-            None if upstream is None else upstream.reshape(-1).to(torch.float64).contiguous(),
-            opts,
-            loss,
-            tuple(grads),
-            (*stats, None, None),
-        )
-        return ((loss, *stats) if stats[0] is not None else (loss,)), grads
+        return _ce_call(cfg, group, route, return_stats, labels, ts, need, upstream)
 
-    out = _head_loss(
-        "fused_linear_cross_entropy",
-        call,
-        [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
-        cfg.reduction != "none",
-    )
+    if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_cross_entropy"):
+        out = _ops.fused_ce(h, w, b, labels, cfg, return_stats, route)
+        if not return_stats:
+            out = out[0]
+    else:
+        out = _head_loss(
+            "fused_linear_cross_entropy",
+            call,
+            [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
+            cfg.reduction != "none",
+        )
     if return_stats:
         loss, logprobs, entropy = out
         loss = loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
         return loss, logprobs.reshape(lead), entropy.reshape(lead)
     return out.reshape(lead) if cfg.reduction == "none" else out.reshape(())
+
+
+def _ce_call(cfg: _CEConfig, group, route, return_stats: bool, labels, ts, need, upstream):
+    """One fused cross-entropy call on [N, H] rows: ``(outputs, grads)`` with outputs (loss,) or
+    (loss, logprobs, entropy); ``upstream`` None or the per-token upstream gradient (the call is
+    then a summed loss weighted by it, without statistics)."""
+    n = ts[0].shape[0]
+    reduction = cfg.reduction if upstream is None else "sum"
+    if route is not None and not route.core:
+        return torch_ops.fused_linear_cross_entropy(
+            *_head(*ts),
+            labels,
+            None if upstream is None else upstream.reshape(-1),
+            cfg if upstream is None else cfg._replace(num_items_in_batch=0.0),
+            need,
+            reduction,
+            return_stats and upstream is None,
+        )
+    loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
+    grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
+    stats = [
+        torch.empty(n, dtype=torch.float32) if return_stats and upstream is None else None
+        for _ in range(2)
+    ]
+    opts = _ce_options(
+        cfg if upstream is None else cfg._replace(num_items_in_batch=0.0), reduction, group
+    )
+    _C.fused_linear_cross_entropy(
+        _head(*ts),
+        labels,
+        None if upstream is None else upstream.reshape(-1).to(torch.float64).contiguous(),
+        opts,
+        loss,
+        tuple(grads),
+        (*stats, None, None),
+    )
+    return ((loss, *stats) if stats[0] is not None else (loss,)), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,6 +822,9 @@ def fused_linear_logprobs(
     :func:`fused_linear_divergence`.
     """
     fn = "fused_linear_logprobs"
+    weight = _full(fn, "weight", weight)
+    bias = _full(fn, "bias", bias)
+    hidden = _full(fn, "hidden", hidden)
     route = _device.route(
         fn,
         fn,
@@ -773,59 +877,28 @@ def _logprobs_apply(
 ):
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
     vocabulary-parallel process group, or None; route: where it runs, the core when None)."""
+    if group is not None:
+        _check_same_tokens("fused_linear_logprobs", group, (h,), labels)
     fallback = route is not None and not route.core
-
-    def opts(**more):
-        return _options(
-            group, ignore_index=ignore_index, temperature=temperature, chunk_size=chunk, **more
-        )
+    args = (labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback)
 
     def forward(ts, need, upstream):
-        if fallback:
-            outs = torch_ops.fused_linear_logprobs(
-                *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
-            )
-            return outs, None
-        n = ts[0].shape[0]
-        outs = [torch.empty(n, dtype=torch.float32)]
-        if return_entropy:
-            outs.append(torch.empty(n, dtype=torch.float32))
-        if topk:
-            outs.append(torch.empty(n, dtype=torch.float32))
-        entropy = outs[1] if return_entropy else None
-        _C.fused_linear_logprobs(
-            _head(*ts),
-            labels,
-            opts(topk=topk),
-            (outs[0], entropy, None, outs[-1] if topk else None),
-        )
-        return tuple(outs), None
+        return _lp_forward(ts, *args), None
 
     def backward(ts, grad_out, need):
-        g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
-        if fallback:
-            return torch_ops.fused_linear_logprobs_backward(
-                *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
-            )
-        grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
-        _C.fused_linear_logprobs_backward(
-            _head(*ts),
-            labels,
-            opts(),
-            None if g_lp is None else g_lp.to(torch.float64).contiguous(),
-            None if g_ent is None else g_ent.to(torch.float64).contiguous(),
-            tuple(grads),
-        )
-        return grads
+        return _lp_backward(ts, *args, grad_out, need)
 
-    outs = _head_loss(
-        "fused_linear_logprobs",
-        forward,
-        [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
-        False,
-        backward=backward,
-        n_diff=2 if return_entropy else 1,
-    )
+    if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_logprobs"):
+        outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback)
+    else:
+        outs = _head_loss(
+            "fused_linear_logprobs",
+            forward,
+            [_contig_rows(h.reshape(-1, h.shape[-1])), _contig_rows(w), b],
+            False,
+            backward=backward,
+            n_diff=2 if return_entropy else 1,
+        )
     outs = outs if isinstance(outs, tuple) else (outs,)
     logprobs = outs[0].reshape(lead)
     entropy = outs[1] if return_entropy else None
@@ -837,3 +910,65 @@ def _logprobs_apply(
         None if entropy is None else entropy.reshape(lead),
         None if topk_mass is None else topk_mass.reshape(lead),
     )
+
+
+def _lp_options(group, ignore_index, temperature, chunk, **more):
+    return _options(
+        group, ignore_index=ignore_index, temperature=temperature, chunk_size=chunk, **more
+    )
+
+
+def _lp_forward(
+    ts, labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback
+) -> tuple:
+    """fused_linear_logprobs' outputs on [N, H] rows: (logprobs[, entropy][, topk_mass])."""
+    if fallback:
+        return torch_ops.fused_linear_logprobs(
+            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
+        )
+    n = ts[0].shape[0]
+    outs = [torch.empty(n, dtype=torch.float32)]
+    if return_entropy:
+        outs.append(torch.empty(n, dtype=torch.float32))
+    if topk:
+        outs.append(torch.empty(n, dtype=torch.float32))
+    entropy = outs[1] if return_entropy else None
+    _C.fused_linear_logprobs(
+        _head(*ts),
+        labels,
+        _lp_options(group, ignore_index, temperature, chunk, topk=topk),
+        (outs[0], entropy, None, outs[-1] if topk else None),
+    )
+    return tuple(outs)
+
+
+def _lp_backward(
+    ts,
+    labels,
+    temperature,
+    ignore_index,
+    return_entropy,
+    topk,
+    chunk,
+    group,
+    fallback,
+    grad_out,
+    need,
+):
+    """The gradients of (hidden, weight, bias) given the upstream gradient of the log-probs (and
+    of the entropy, a pair, when return_entropy)."""
+    g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
+    if fallback:
+        return torch_ops.fused_linear_logprobs_backward(
+            *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
+        )
+    grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
+    _C.fused_linear_logprobs_backward(
+        _head(*ts),
+        labels,
+        _lp_options(group, ignore_index, temperature, chunk),
+        None if g_lp is None else g_lp.to(torch.float64).contiguous(),
+        None if g_ent is None else g_ent.to(torch.float64).contiguous(),
+        tuple(grads),
+    )
+    return grads

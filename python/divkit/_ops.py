@@ -1,0 +1,817 @@
+"""divkit's kernel entries as ``torch.library`` custom operators (torch >= 2.4).
+
+An op is opaque to ``torch.compile``: Dynamo records one call to it instead of tracing into the
+nanobind module (which it cannot do), and the fake (meta) kernels give the output shapes without
+running the core, so a model that calls divkit compiles with ``fullgraph=True``. The autograd
+formulas are registered with the ops (``register_autograd``), so the compiled backward calls the
+same kernels; ``vmap`` runs the op once per batch entry; a second derivative raises a
+:class:`divkit.Error` instead of silently leaving out the terms the kernels do not compute.
+
+The public functions (:func:`divkit.divergence`, the fused heads of :mod:`divkit.fused`) check
+their arguments in Python and, when the call is traced (torch.compile, export), under vmap, or on
+tensor subclasses, call these ops with the checked, normalized values (:func:`use_ops`). Eager
+calls on plain tensors keep the ``torch.autograd.Function`` path of ``_autograd.py``: the
+dispatcher's Python overhead is a few times a small kernel call's. With torch < 2.4 (no
+``torch.library.custom_op``) or ``DIVKIT_CUSTOM_OPS=0`` the ops are not registered;
+``DIVKIT_CUSTOM_OPS=always`` routes every call through them (tests). The results are the same
+bits either way.
+
+Ops (namespace ``divkit``):
+
+* ``divergence``: token divergence; returns (loss, grad_student, grad_teacher), the gradients
+  computed in the forward call (empty when not asked for), scaled by the upstream gradient in
+  backward.
+* ``fused_linear_cross_entropy``, ``fused_linear_divergence``, ``fused_linear_sparse_divergence``,
+  ``fused_linear_logprobs`` (+ ``fused_linear_logprobs_backward``): the fused heads without a
+  process group.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _validate as check
+
+__all__ = [
+    "ENABLED",
+    "ALWAYS",
+    "compiling",
+    "increment_version",
+    "traced",
+    "use_ops",
+    "first_order",
+]
+
+
+def _custom_ops_available() -> bool:
+    lib = getattr(torch, "library", None)
+    return (
+        hasattr(lib, "custom_op")
+        and hasattr(lib, "register_fake")
+        and os.environ.get("DIVKIT_CUSTOM_OPS", "1") != "0"
+    )
+
+
+#: Whether the ops are registered (torch >= 2.4 and DIVKIT_CUSTOM_OPS is not "0").
+ENABLED: bool = _custom_ops_available()
+#: Eager calls on plain tensors skip the dispatcher (its Python overhead is a few times a small
+#: kernel call's); the ops serve tracing (torch.compile, torch.export), functorch transforms
+#: (vmap), fake and subclass tensors. True routes every call through the ops (tests).
+ALWAYS: bool = os.environ.get("DIVKIT_CUSTOM_OPS", "") == "always"
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def traced(*xs: Optional[Tensor]) -> bool:
+    """Whether the call is traced (torch.compile, export) or sees tensors that are not plain
+    values (vmap's batched tensors, fake tensors, subclasses): the core cannot take those."""
+    if compiling():
+        return True
+    for x in xs:
+        if x is None:
+            continue
+        if type(x) not in _PLAIN or (_wrapped is not None and _wrapped(x)):
+            return True
+    return False
+
+
+_grad_tracking = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", None)
+
+
+def use_ops(*xs: Optional[Tensor], fn: str = "divkit") -> bool:
+    """Whether a call on tensors xs goes through the custom ops. torch.func's differentiating
+    transforms (grad, jacrev, jvp) raise: the ops' autograd formulas serve torch.autograd."""
+    if not ENABLED:
+        return False
+    if ALWAYS or compiling():
+        return True
+    if not traced(*xs):
+        return False
+    if _grad_tracking is not None and any(x is not None and _grad_tracking(x) for x in xs):
+        check.fail(
+            fn,
+            "torch.func.grad / jacrev / jvp are not supported; use loss.backward() or "
+            "torch.autograd.grad (torch.vmap of the loss works)",
+        )
+    return True
+
+
+def compiling() -> bool:
+    """Whether torch.compile / torch.export is tracing the caller."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def increment_version(x: Tensor) -> None:
+    """Moves x's version counter (for in-place writes the dispatcher does not see)."""
+    fn = getattr(torch.autograd.graph, "increment_version", None)
+    if fn is not None:
+        fn(x)
+    else:  # torch < 2.2
+        torch._C._autograd._increment_version(x)
+
+
+def _is_real(x: Tensor) -> bool:
+    """A tensor with values (not a fake or functional tensor being traced)."""
+    return type(x) is torch.Tensor or type(x) is torch.nn.Parameter
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity whose backward raises: marks a gradient returned by a kernel under
+    ``create_graph=True``, whose own derivative the kernels do not compute."""
+
+    @staticmethod
+    def forward(ctx, fn: str, *xs):
+        ctx.fn = fn
+        out = tuple(x.detach() for x in xs)
+        return out[0] if len(out) == 1 else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        check.fail(
+            ctx.fn,
+            "double backward (a derivative of the gradient, after backward with "
+            "create_graph=True) is not supported: divkit's kernels compute first derivatives "
+            "only",
+        )
+
+
+def guard_double_backward(fn: str, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """The gradients a backward returns; under create_graph=True each is given a graph node that
+    raises :class:`divkit.Error` if it is differentiated (as ``once_differentiable``, whose
+    RuntimeError does not name the function, and which leaves a gradient that depends on no
+    differentiable input out of the graph, so that a gradient penalty would silently miss the
+    kernel's second-order term)."""
+    grads = list(grads)
+    if not torch.is_grad_enabled() or compiling():
+        return grads
+    idx = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+    if idx:
+        fakes = []
+        for i in idx:
+            g = grads[i].detach()
+            g.requires_grad_(True)
+            fakes.append(g)
+        out = _NoDoubleBackward.apply(fn, *fakes)
+        out = out if isinstance(out, tuple) else (out,)
+        for i, g in zip(idx, out):
+            grads[i] = g
+    return grads
+
+
+def first_order(fn: Callable[[object], str]):
+    """Decorator of an autograd.Function's backward, in place of ``once_differentiable``: runs
+    it without grad and guards its gradients (:func:`guard_double_backward`); ``fn(ctx)`` names
+    the public function for the message."""
+
+    def deco(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *args):
+            create_graph = torch.is_grad_enabled()
+            with torch.no_grad():
+                out = backward(ctx, *args)
+            if not create_graph:
+                return out
+            single = not isinstance(out, tuple)
+            out = guard_double_backward(fn(ctx), (out,) if single else out)
+            return out[0] if single else tuple(out)
+
+        return wrapper
+
+    return deco
+
+
+def _scale(g: Tensor, go: Tensor) -> Tensor:
+    """g (a gradient saved by forward) times the upstream gradient go (a scalar, or one value per
+    leading index of g), rounded once to g's dtype. An upstream gradient of 1 returns g itself in
+    eager mode (no [N, V] temporary)."""
+    if go.dim() == 0 and _is_real(go) and _is_real(g) and bool(go == 1):
+        return g
+    go = go.reshape(tuple(go.shape) + (1,) * (g.dim() - go.dim()))
+    return torch.mul(g, go).to(g.dtype)
+
+
+_EMPTY = (0,)
+
+
+def _empty_like_device(x: Tensor) -> Tensor:
+    return x.new_empty(_EMPTY, dtype=torch.float32)
+
+
+if ENABLED:
+    # -----------------------------------------------------------------------------------------
+    # Token divergence.
+    # -----------------------------------------------------------------------------------------
+
+    def _route(op: str, backend: str, tensors):
+        """Where the kernel runs (None: the CPU core, the common case, without a lookup)."""
+        if backend != "torch" and all(x is None or x.device.type == "cpu" for x in tensors):
+            return None
+        from . import _device
+
+        return _device.route(op, op, backend, [("tensor", x) for x in tensors])
+
+    @torch.library.custom_op("divkit::divergence", mutates_args=())
+    def divergence_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        grad_dtype: Optional[torch.dtype],
+        backend: str,
+        need_student: bool,
+        need_teacher: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import functional
+
+        cfg = functional._Config(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            False,
+            grad_dtype,
+            backend,
+        )
+        route = _route("divergence", backend, (student, teacher, labels, weights))
+        loss, gs, gt = functional._run(
+            student, teacher, labels, weights, cfg, need_student, need_teacher, route
+        )
+        return (
+            loss,
+            _empty_like_device(student) if gs is None else gs,
+            _empty_like_device(student) if gt is None else gt,
+        )
+
+    @divergence_op.register_fake
+    def _divergence_fake(
+        student,
+        teacher,
+        labels,
+        weights,
+        kind,
+        beta,
+        alpha,
+        temperature,
+        scale_by_t_squared,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        grad_dtype,
+        backend,
+        need_student,
+        need_teacher,
+    ):
+        shape = student.shape[:-1] if reduction == "none" else ()
+        loss = student.new_empty(shape, dtype=torch.float32)
+        gs = (
+            student.new_empty(student.shape, dtype=grad_dtype or student.dtype)
+            if need_student
+            else _empty_like_device(student)
+        )
+        gt = (
+            teacher.new_empty(teacher.shape, dtype=grad_dtype or teacher.dtype)
+            if need_teacher
+            else _empty_like_device(student)
+        )
+        return loss, gs, gt
+
+    def _divergence_setup(ctx, inputs, output):
+        _, gs, gt = output
+        ctx.mark_non_differentiable(gs, gt)
+        ctx.need = (inputs[14], inputs[15])
+        ctx.save_for_backward(gs, gt)
+
+    def _divergence_backward(ctx, g_loss, _gs, _gt):
+        gs, gt = ctx.saved_tensors
+        grads = [
+            _scale(gs, g_loss) if ctx.need[0] and ctx.needs_input_grad[0] else None,
+            _scale(gt, g_loss) if ctx.need[1] and ctx.needs_input_grad[1] else None,
+        ]
+        grads = guard_double_backward("divergence", grads)
+        return (*grads,) + (None,) * 14
+
+    divergence_op.register_autograd(_divergence_backward, setup_context=_divergence_setup)
+
+    def _loop_vmap(op, n_tensors: int):
+        """A vmap rule for op: one call per batch entry (the first n_tensors arguments may be
+        batched), outputs stacked along a new first dimension. The kernels see plain rows."""
+
+        def rule(info, in_dims, *args):
+            if torch.is_grad_enabled() and any(
+                isinstance(x, Tensor) and x.requires_grad for x in args[:n_tensors]
+            ):
+                check.fail(
+                    op._name.split("::")[-1],
+                    "vmap over inputs that require grad is not supported (the gradient "
+                    "would not reach them): call it on the batched tensors directly (their "
+                    "leading dimensions are tokens already), or vmap under torch.no_grad()",
+                )
+
+            def entry(x, d, b):
+                return x.select(d, b) if (x is not None and d is not None) else x
+
+            outs = [
+                op(
+                    *(entry(x, d, b) for x, d in zip(args[:n_tensors], in_dims[:n_tensors])),
+                    *args[n_tensors:],
+                )
+                for b in range(info.batch_size)
+            ]
+            stacked = tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0])))
+            return stacked, (0,) * len(stacked)
+
+        if hasattr(op, "register_vmap"):
+            op.register_vmap(rule)
+
+    _loop_vmap(divergence_op, 4)
+
+    # -----------------------------------------------------------------------------------------
+    # Fused heads (without a process group). Inputs are [N, H] rows and [V, H] weights; a
+    # reduced loss has its gradients computed in the forward call (scaled in backward, handed
+    # over to autograd); reduction="none" computes nothing in forward and calls the op again in
+    # backward with the upstream gradient as token weights of a summed loss.
+    # -----------------------------------------------------------------------------------------
+
+    def _rows2(x: Tensor) -> Tensor:
+        from .fused import _contig_rows
+
+        return _contig_rows(x.reshape(-1, x.shape[-1]))
+
+    def _need(xs, reduced: bool) -> List[bool]:
+        on = reduced and torch.is_grad_enabled()
+        return [bool(on and x is not None and x.requires_grad) for x in xs]
+
+    def _grads_or_empty(ref: Tensor, grads) -> List[Tensor]:
+        return [_empty_like_device(ref) if g is None else g for g in grads]
+
+    def _fake_grads(xs, need) -> List[Tensor]:
+        return [
+            x.new_empty(x.shape) if (x is not None and n) else _empty_like_device(xs[0])
+            for x, n in zip(xs, need)
+        ]
+
+    def _handover(g: Tensor, go: Tensor) -> Tensor:
+        """A reduced head's saved gradient times the scalar upstream gradient, as the
+        autograd.Function path does it (go rounded to g's dtype first)."""
+        if _is_real(go) and _is_real(g) and bool(go == 1):
+            return g
+        return g * go.to(g.dtype)
+
+    def _engine(route) -> str:
+        return "torch" if route is not None and not route.core else "auto"
+
+    @torch.library.custom_op("divkit::fused_linear_cross_entropy", mutates_args=())
+    def fused_ce_op(
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        labels: Tensor,
+        upstream: Optional[Tensor],
+        ignore_index: int,
+        label_smoothing: float,
+        lse_square_scale: float,
+        softcap: float,
+        reduction: str,
+        num_items_in_batch: float,
+        chunk_size: int,
+        return_stats: bool,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import fused
+
+        cfg = fused._CEConfig(
+            ignore_index,
+            label_smoothing,
+            lse_square_scale,
+            softcap,
+            reduction,
+            num_items_in_batch,
+            chunk_size,
+        )
+        route = _route("fused_linear_cross_entropy", backend, (hidden, weight, bias, labels))
+        outs, grads = fused._ce_call(
+            cfg, None, route, return_stats, labels, [hidden, weight, bias], need, upstream
+        )
+        n = hidden.shape[0]
+        loss = outs[0].reshape(n if reduction == "none" and upstream is None else 1)
+        stats = (outs[1], outs[2]) if len(outs) == 3 else (None, None)
+        return (loss, *_grads_or_empty(hidden, [*stats, *grads]))
+
+    @fused_ce_op.register_fake
+    def _fused_ce_fake(hidden, weight, bias, labels, upstream, *rest):
+        reduction, return_stats, need = rest[4], rest[7], rest[9]
+        n = hidden.shape[0]
+        summed = reduction != "none" or upstream is not None
+        loss = hidden.new_empty((1 if summed else n,), dtype=torch.float32)
+        stat = (
+            hidden.new_empty((n,), dtype=torch.float32)
+            if return_stats and upstream is None
+            else _empty_like_device(hidden)
+        )
+        return (loss, stat, stat.new_empty(stat.shape), *_fake_grads([hidden, weight, bias], need))
+
+    def _fused_ce_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.reduced = inputs[9] != "none"
+        if ctx.reduced:
+            ctx.save_for_backward(*output[3:])
+        else:
+            ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
+            ctx.args = inputs[5:14]
+
+    def _fused_ce_backward(ctx, g_loss, *_):
+        need = list(ctx.needs_input_grad[:3])
+        if ctx.reduced:
+            saved = ctx.saved_tensors
+            grads = [_handover(g, g_loss) if n else None for g, n in zip(saved, need)]
+        else:
+            h, w, b, labels = ctx.saved_tensors
+            a = ctx.args
+            out = fused_ce_op(h, w, b, labels, g_loss, *a[:7], False, a[8], need)
+            grads = [g if n else None for g, n in zip(out[3:], need)]
+        grads = guard_double_backward("fused_linear_cross_entropy", grads)
+        return (*grads,) + (None,) * 12
+
+    fused_ce_op.register_autograd(_fused_ce_backward, setup_context=_fused_ce_setup)
+    _loop_vmap(fused_ce_op, 5)
+
+    def fused_ce(h, w, b, labels, cfg, return_stats: bool, route):
+        """fused_linear_cross_entropy through the op: (loss, logprobs, entropy) with loss [N] or
+        [1] (the caller reshapes)."""
+        h2, w2 = _rows2(h), _rows2(w)
+        need = _need((h2, w2, b), cfg.reduction != "none")
+        out = fused_ce_op(h2, w2, b, labels, None, *cfg, return_stats, _engine(route), need)
+        return out[0], out[1], out[2]
+
+    @torch.library.custom_op("divkit::fused_linear_divergence", mutates_args=())
+    def fused_divergence_op(
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Optional[Tensor],
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Optional[Tensor],
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        teacher_token_ids: Optional[Tensor],
+        upstream: Optional[Tensor],
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        hard_weight: float,
+        soft_weight: float,
+        chunk_size: int,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import fused
+
+        cfg = fused._DistillConfig(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            hard_weight,
+            soft_weight,
+            chunk_size,
+        )
+        ts = (
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+        )
+        route = _route("fused_linear_divergence", backend, (*ts, labels, weights))
+        if upstream is None:
+            loss, grads = fused._distill_call(
+                cfg, None, *ts, labels, weights, teacher_token_ids, need, route=route
+            )
+        else:
+            loss, grads = fused._distill_call(
+                cfg,
+                None,
+                *ts,
+                labels,
+                fused._token_weights(upstream, weights),
+                teacher_token_ids,
+                need,
+                reduction="sum",
+                route=route,
+            )
+        n = student_hidden.shape[0]
+        loss = loss.reshape(n if reduction == "none" and upstream is None else 1)
+        return (loss, *_grads_or_empty(student_hidden, grads))
+
+    @fused_divergence_op.register_fake
+    def _fused_divergence_fake(sh, sw, sb, th, tw, tb, labels, weights, ids, upstream, *rest):
+        reduction, need = rest[6], rest[12]
+        summed = reduction != "none" or upstream is not None
+        loss = sh.new_empty((1 if summed else sh.shape[0],), dtype=torch.float32)
+        return (loss, *_fake_grads([sh, sw, sb, th, tw, tb], need))
+
+    def _fused_divergence_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.reduced = inputs[16] != "none"
+        if ctx.reduced:
+            ctx.save_for_backward(*output[1:])
+        else:
+            ctx.save_for_backward(*inputs[:10])
+            ctx.args = inputs[10:22]
+
+    def _fused_divergence_backward(ctx, g_loss, *_):
+        need = list(ctx.needs_input_grad[:6])
+        if ctx.reduced:
+            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
+        else:
+            saved = list(ctx.saved_tensors)
+            out = fused_divergence_op(*saved[:9], g_loss, *ctx.args, need)
+            grads = [g if n else None for g, n in zip(out[1:], need)]
+        grads = guard_double_backward("fused_linear_divergence", grads)
+        return (*grads,) + (None,) * 17
+
+    fused_divergence_op.register_autograd(
+        _fused_divergence_backward, setup_context=_fused_divergence_setup
+    )
+    _loop_vmap(fused_divergence_op, 10)
+
+    def fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route):
+        """fused_linear_divergence through the op: the loss, [N] or [1]."""
+        xs = (_rows2(sh), _rows2(sw), sb, _rows2(th), _rows2(tw), tb)
+        need = _need(xs, cfg.reduction != "none")
+        out = fused_divergence_op(*xs, labels, weights, ids, None, *cfg, _engine(route), need)
+        return out[0]
+
+    @torch.library.custom_op("divkit::fused_linear_logprobs", mutates_args=())
+    def fused_logprobs_op(
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        labels: Tensor,
+        temperature: float,
+        ignore_index: int,
+        return_entropy: bool,
+        topk: int,
+        chunk_size: int,
+        backend: str,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import fused
+
+        route = _route("fused_linear_logprobs", backend, (hidden, weight, bias, labels))
+        fallback = route is not None and not route.core
+        outs = fused._lp_forward(
+            [hidden, weight, bias],
+            labels,
+            temperature,
+            ignore_index,
+            return_entropy,
+            topk,
+            chunk_size,
+            None,
+            fallback,
+        )
+        outs = list(outs)
+        lp = outs.pop(0)
+        ent = outs.pop(0) if return_entropy else None
+        mass = outs.pop(0) if topk else None
+        return (lp, *_grads_or_empty(hidden, [ent, mass]))
+
+    @fused_logprobs_op.register_fake
+    def _fused_logprobs_fake(
+        hidden, weight, bias, labels, temperature, ignore_index, ent, topk, *_
+    ):
+        n = hidden.shape[0]
+
+        def vec(on):
+            return hidden.new_empty((n,) if on else (0,), dtype=torch.float32)
+
+        return vec(True), vec(ent), vec(topk > 0)
+
+    @torch.library.custom_op("divkit::fused_linear_logprobs_backward", mutates_args=())
+    def fused_logprobs_backward_op(
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        labels: Tensor,
+        grad_logprobs: Tensor,
+        grad_entropy: Optional[Tensor],
+        temperature: float,
+        ignore_index: int,
+        chunk_size: int,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import fused
+
+        route = _route("fused_linear_logprobs", backend, (hidden, weight, bias, labels))
+        fallback = route is not None and not route.core
+        with_ent = grad_entropy is not None
+        grads = fused._lp_backward(
+            [hidden, weight, bias],
+            labels,
+            temperature,
+            ignore_index,
+            with_ent,
+            0,
+            chunk_size,
+            None,
+            fallback,
+            (grad_logprobs, grad_entropy) if with_ent else grad_logprobs,
+            need,
+        )
+        return tuple(_grads_or_empty(hidden, grads))
+
+    @fused_logprobs_backward_op.register_fake
+    def _fused_logprobs_backward_fake(hidden, weight, bias, *rest):
+        return tuple(_fake_grads([hidden, weight, bias], rest[-1]))
+
+    def _fused_logprobs_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(*inputs[:4])
+        ctx.args = inputs[4:10]
+
+    def _fused_logprobs_backward(ctx, g_lp, g_ent, _):
+        need = list(ctx.needs_input_grad[:3])
+        h, w, b, labels = ctx.saved_tensors
+        temperature, ignore_index, return_entropy, _topk, chunk, backend = ctx.args
+        g_lp = torch.zeros(h.shape[0], dtype=torch.float32) if g_lp is None else g_lp
+        out = fused_logprobs_backward_op(
+            h,
+            w,
+            b,
+            labels,
+            g_lp,
+            g_ent if return_entropy else None,
+            temperature,
+            ignore_index,
+            chunk,
+            backend,
+            need,
+        )
+        grads = guard_double_backward(
+            "fused_linear_logprobs", [g if n else None for g, n in zip(out, need)]
+        )
+        return (*grads,) + (None,) * 7
+
+    fused_logprobs_op.register_autograd(
+        _fused_logprobs_backward, setup_context=_fused_logprobs_setup
+    )
+    _loop_vmap(fused_logprobs_op, 4)
+    _loop_vmap(fused_logprobs_backward_op, 6)
+
+    def fused_logprobs(
+        h, w, b, labels, temperature, ignore_index, return_entropy, topk, chunk, fallback
+    ):
+        """fused_linear_logprobs through the op: (logprobs[, entropy][, topk_mass]) as [N]."""
+        out = fused_logprobs_op(
+            _rows2(h),
+            _rows2(w),
+            b,
+            labels,
+            temperature,
+            ignore_index,
+            return_entropy,
+            topk,
+            chunk,
+            "torch" if fallback else "auto",
+        )
+        res = [out[0]]
+        if return_entropy:
+            res.append(out[1])
+        if topk:
+            res.append(out[2])
+        return tuple(res)
+
+    @torch.library.custom_op("divkit::fused_linear_sparse_divergence", mutates_args=())
+    def fused_sparse_divergence_op(
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Optional[Tensor],
+        teacher_indices: Tensor,
+        teacher_logprobs: Tensor,
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        upstream: Optional[Tensor],
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        hard_weight: float,
+        soft_weight: float,
+        chunk_size: int,
+        tail: str,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        from . import fused
+
+        cfg = fused._DistillConfig(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            hard_weight,
+            soft_weight,
+            chunk_size,
+        )
+        ts = (student_hidden, student_weight, student_bias)
+        route = _route("fused_linear_sparse_divergence", backend, (*ts, labels, weights))
+        sparse = (teacher_indices, teacher_logprobs)
+        if upstream is None:
+            loss, grads = fused._sparse_call(
+                cfg, tail, *ts, *sparse, labels, weights, need, route=route
+            )
+        else:
+            loss, grads = fused._sparse_call(
+                cfg,
+                tail,
+                *ts,
+                *sparse,
+                labels,
+                fused._token_weights(upstream, weights),
+                need,
+                reduction="sum",
+                route=route,
+            )
+        n = student_hidden.shape[0]
+        loss = loss.reshape(n if reduction == "none" and upstream is None else 1)
+        return (loss, *_grads_or_empty(student_hidden, grads))
+
+    @fused_sparse_divergence_op.register_fake
+    def _fused_sparse_fake(sh, sw, sb, idx, lp, labels, weights, upstream, *rest):
+        reduction, need = rest[6], rest[13]
+        summed = reduction != "none" or upstream is not None
+        loss = sh.new_empty((1 if summed else sh.shape[0],), dtype=torch.float32)
+        return (loss, *_fake_grads([sh, sw, sb], need))
+
+    def _fused_sparse_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.reduced = inputs[14] != "none"
+        if ctx.reduced:
+            ctx.save_for_backward(*output[1:])
+        else:
+            ctx.save_for_backward(*inputs[:8])
+            ctx.args = inputs[8:21]
+
+    def _fused_sparse_backward(ctx, g_loss, *_):
+        need = list(ctx.needs_input_grad[:3])
+        if ctx.reduced:
+            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
+        else:
+            saved = list(ctx.saved_tensors)
+            out = fused_sparse_divergence_op(*saved[:7], g_loss, *ctx.args, need)
+            grads = [g if n else None for g, n in zip(out[1:], need)]
+        grads = guard_double_backward("fused_linear_sparse_divergence", grads)
+        return (*grads,) + (None,) * 19
+
+    fused_sparse_divergence_op.register_autograd(
+        _fused_sparse_backward, setup_context=_fused_sparse_setup
+    )
+    _loop_vmap(fused_sparse_divergence_op, 8)
+
+    def fused_sparse_divergence(sh, sw, sb, idx, lp, labels, weights, cfg, tail, route):
+        """fused_linear_sparse_divergence through the op: the loss, [N] or [1]."""
+        xs = (_rows2(sh), _rows2(sw), sb)
+        need = _need(xs, cfg.reduction != "none")
+        out = fused_sparse_divergence_op(
+            *xs, idx, lp, labels, weights, None, *cfg, tail, _engine(route), need
+        )
+        return out[0]

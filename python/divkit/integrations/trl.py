@@ -1,0 +1,542 @@
+"""TRL: trainers whose loss is divkit's, selected by subclassing the stock trainer.
+
+* :class:`DivkitGKDTrainer`: TRL's ``GKDTrainer`` (``trl.experimental.gkd``) with the
+  distillation loss computed by :func:`divkit.fused_linear_divergence` from the student's and the
+  teacher's last hidden states and lm_head weights, in chunks of tokens: neither model's
+  ``[tokens x V]`` logits are built. ``divkit_kind`` picks any of :data:`divkit.KINDS`
+  (default ``"jsd"`` with TRL's ``beta``: m = beta p + (1 - beta) q, beta = 0 forward KL
+  KL(p_teacher || q_student), beta = 1 reverse KL), ``divkit_temperature`` the softmax
+  temperature of both sides. The reduction is TRL's: the sum over the completion tokens
+  (``labels != -100``, shifted as TRL shifts them) divided by ``num_items_in_batch`` when the
+  trainer passes it, else by their number.
+
+* ``DivkitCPOTrainer`` and ``DivkitORPOTrainer``: TRL's ``CPOTrainer`` / ``ORPOTrainer``
+  (``trl.experimental``) whose loss methods are :func:`divkit.cpo_loss` and
+  :func:`divkit.odds_ratio_loss`; everything else is TRL's.
+* :class:`DivkitKTOTrainer`: TRL's ``KTOTrainer`` whose loss is :func:`divkit.kto_loss`
+  (``kto`` and ``apo_zero_unpaired``, desirable / undesirable weights, the KL baseline z0 from
+  TRL's mismatched completions), computed from TRL's own log-probs; metrics TRL's.
+* :class:`DivkitTDPOTrainer`: token-level DPO (TDPO1 / TDPO2, Zeng et al. 2024), which TRL does
+  not have, on TRL's ``DPOTrainer`` data path (same datasets, collator and ``DPOConfig``):
+  :func:`divkit.tdpo_loss_fused` from the policy's and the reference's last hidden states, no
+  ``[tokens x V]`` logits of either; TRL's reward metrics.
+* :class:`DivkitDistillationTrainer`: TRL's on-policy ``DistillationTrainer`` with its chunked
+  JSD replaced by :func:`divkit.fused_linear_divergence` (any ``divkit_kind``; TRL's ``beta`` and
+  ``temperature``; the completion tokens' sum over ``num_items_in_batch`` or their mean, as
+  TRL); models with a logit scale or a final softcap keep TRL's loss (with a warning, once).
+* :class:`DivkitDPOTrainer`: TRL's ``DPOTrainer`` whose loss is :func:`divkit.preference_loss`
+  (every TRL loss type and their weighted lists, f-DPO, WPO weights, ``ld_alpha``, the MoE
+  auxiliary loss), computed from the very per-sequence log-probs TRL computes (its fused lm_head,
+  the reference model or the PEFT adapter's base, or precomputed reference log-probs); TRL's
+  metrics (rewards, margins, accuracies, log-probs, entropy, logits, token accuracy, token
+  count) are TRL's own, logged by its ``_compute_loss``.
+
+Differences from TRL 1.16, on purpose: TRL's ``GKDTrainer.compute_loss`` calls
+``generalized_jsd_loss`` without its ``temperature`` (the config's ``temperature`` only affects
+generation); here ``divkit_temperature`` (default 1.0, TRL's effective value) is applied to the
+loss. The evaluation loss (``return_outputs=True``, the prediction step) is TRL's own.
+``DivkitDPOTrainer`` applies ``label_smoothing`` to ``sigmoid`` and ``sigmoid_norm`` as cDPO
+(TRL 1.16 ignores it there), with a warning (once) when it is > 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import List, Optional
+
+import torch
+
+from .. import _validate as check
+from ..fused import fused_linear_divergence
+from ..preference import cpo_loss, kto_loss, odds_ratio_loss, preference_loss, tdpo_loss_fused
+
+# The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
+__all__ = [
+    "DivkitCPOTrainer",  # noqa: F822
+    "DivkitDPOTrainer",
+    "DivkitORPOTrainer",  # noqa: F822
+    "DivkitDistillationTrainer",
+    "DivkitGKDTrainer",  # noqa: F822
+    "DivkitKTOTrainer",
+    "DivkitTDPOTrainer",
+    "last_hidden_and_head",
+]
+
+
+def last_hidden_and_head(model, input_ids, attention_mask):
+    """The decoder's last hidden states ``[B, T, H]`` and the lm_head (an nn.Linear) of a
+    transformers causal LM, without computing logits."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        check.fail("DivkitGKDTrainer", f"{type(model).__name__}'s lm_head is not an nn.Linear")
+    return hidden, head
+
+
+def _make_gkd():
+    from trl.experimental.gkd import GKDTrainer
+
+    class DivkitGKDTrainer(GKDTrainer):
+        """``trl.experimental.gkd.GKDTrainer`` with divkit's fused distillation loss (see the module
+        docstring). Extra keyword arguments: ``divkit_kind`` (default ``"jsd"``),
+        ``divkit_temperature`` (default 1.0), ``divkit_options`` (a dict of further
+        :func:`divkit.fused_linear_divergence` keywords: ``alpha``, ``hard_weight``, ``chunk_size``,
+        ``scale_by_t_squared``, ...)."""
+
+        def __init__(
+            self,
+            *args,
+            divkit_kind: str = "jsd",
+            divkit_temperature: float = 1.0,
+            divkit_options: Optional[dict] = None,
+            **kwargs,
+        ):
+            super().__init__(*args, **kwargs)
+            fn = "DivkitGKDTrainer"
+            self.divkit_kind = check.string(fn, "divkit_kind", divkit_kind)
+            self.divkit_temperature = check.positive(fn, "divkit_temperature", divkit_temperature)
+            self.divkit_options = dict(divkit_options or {})
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, True, num_items_in_batch)
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            student_hidden, student_head = last_hidden_and_head(model, ids, mask)
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_hidden, teacher_head = last_hidden_and_head(self.teacher_model, ids, mask)
+            # Position i predicts token i + 1: labels shifted left, the last position ignored (the
+            # hidden states stay whole, so no strided copy is made).
+            labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
+            return fused_linear_divergence(
+                student_hidden,
+                student_head.weight,
+                teacher_hidden,
+                teacher_head.weight.detach(),
+                self.divkit_kind,
+                student_bias=student_head.bias,
+                teacher_bias=None if teacher_head.bias is None else teacher_head.bias.detach(),
+                labels=labels,
+                beta=self.beta,
+                temperature=self.divkit_temperature,
+                reduction="mean",
+                num_items_in_batch=num_items_in_batch,
+                **self.divkit_options,
+            )
+
+    return DivkitGKDTrainer
+
+
+def _make_cpo():
+    from trl.experimental.cpo import CPOTrainer
+
+    class DivkitCPOTrainer(CPOTrainer):
+        """``trl.experimental.cpo.CPOTrainer`` whose ``cpo_loss`` is :func:`divkit.cpo_loss`
+        (CPO / SimPO / AlphaPO: ``loss_type`` sigmoid, hinge, ipo, simpo; ``beta``,
+        ``label_smoothing``, ``simpo_gamma``, ``alpha`` from the config); the log-probs, the
+        behaviour-cloning term (``cpo_alpha``) and the metrics are TRL's."""
+
+        def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
+            return cpo_loss(
+                policy_chosen_logps,
+                policy_rejected_logps,
+                loss_type=self.loss_type,
+                beta=self.beta,
+                label_smoothing=self.label_smoothing,
+                simpo_gamma=getattr(self, "simpo_gamma", 0.5),
+                alpha=self.alpha,
+            )
+
+    return DivkitCPOTrainer
+
+
+def _make_orpo():
+    from trl.experimental.orpo import ORPOTrainer
+
+    class DivkitORPOTrainer(ORPOTrainer):
+        """``trl.experimental.orpo.ORPOTrainer`` whose ``odds_ratio_loss`` is
+        :func:`divkit.odds_ratio_loss` (log(1 - e^x) in a stable form); the NLL term, the
+        log-probs and the metrics are TRL's."""
+
+        def odds_ratio_loss(self, policy_chosen_logps, policy_rejected_logps):
+            return odds_ratio_loss(policy_chosen_logps, policy_rejected_logps, beta=self.beta)
+
+    return DivkitORPOTrainer
+
+
+_LAZY = {
+    "DivkitGKDTrainer": _make_gkd,
+    "DivkitCPOTrainer": _make_cpo,
+    "DivkitORPOTrainer": _make_orpo,
+}
+
+
+def __getattr__(name):
+    # The trainers of trl.experimental are made on first use: importing this module does not
+    # import TRL's experimental modules (nor their warnings).
+    make = _LAZY.get(name)
+    if make is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = make()
+    cls.__qualname__ = cls.__name__ = name
+    globals()[name] = cls
+    return cls
+
+
+def _dpo_base():
+    from trl import DPOTrainer
+
+    return DPOTrainer
+
+
+class _Capture:
+    """Forward hooks that keep the outputs of the models TRL calls (policy first, then the
+    reference), in call order."""
+
+    def __init__(self, modules):
+        self.outputs: List = []
+        self.handles = [
+            m.register_forward_hook(self._hook) for m in dict.fromkeys(modules) if m is not None
+        ]
+
+    def _hook(self, module, args, output):
+        self.outputs.append(output)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+_SMOOTHING_WARNED = []
+
+
+class DivkitDPOTrainer(_dpo_base()):
+    """``trl.DPOTrainer`` with the loss of :func:`divkit.preference_loss` (see the module
+    docstring); configured by the same ``DPOConfig`` (``loss_type``, ``loss_weights``, ``beta``,
+    ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``use_weighting``,
+    ``ld_alpha``, ``discopop_tau``, ``precompute_ref_log_probs``)."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if (
+            self.label_smoothing > 0
+            and {"sigmoid", "sigmoid_norm"} & set(self.loss_types)
+            and not _SMOOTHING_WARNED
+        ):
+            _SMOOTHING_WARNED.append(True)
+            warnings.warn(
+                "DivkitDPOTrainer: label_smoothing > 0 applies cDPO smoothing to the sigmoid "
+                "and sigmoid_norm losses; TRL 1.16's DPOTrainer ignores it for them",
+                UserWarning,
+                stacklevel=2,
+            )
+        with _Capture([model, self.ref_model]) as seen:
+            out = super()._compute_loss(model, inputs, return_outputs)
+        loss = self._divkit_loss(inputs, seen.outputs)
+        if return_outputs:
+            return (loss, *out[1:]) if isinstance(out, tuple) else (loss, out)
+        return loss
+
+    def _sequence_logps(self, per_token, shift_mask):
+        """TRL's per-sequence log-probs: the sum over the completion, or with ld_alpha the shared
+        length's sum plus ld_alpha times the tail's (Liu et al. 2024, LD-DPO)."""
+        if self.ld_alpha is None:
+            return per_token.sum(dim=1)
+        pos = shift_mask.cumsum(dim=1)
+        lens = shift_mask.sum(dim=1).long()
+        shared = torch.minimum(*lens.chunk(2, dim=0))
+        shared = torch.cat([shared, shared], dim=0).unsqueeze(1)
+        return (per_token * ((pos > 0) & (pos <= shared))).sum(dim=1) + self.ld_alpha * (
+            per_token * (pos > shared)
+        ).sum(dim=1)
+
+    def _divkit_loss(self, inputs, outputs):
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[..., 1:]
+        seq_len = shift_mask.size(1)
+        policy = outputs[0]
+        per_token = policy.log_probs[:, -seq_len:]
+        chosen, rejected = self._sequence_logps(per_token, shift_mask).chunk(2, dim=0)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref = outputs[1].log_probs[:, -seq_len:].detach()
+            ref_chosen, ref_rejected = self._sequence_logps(ref, shift_mask).chunk(2, dim=0)
+        lengths = completion_mask.sum(dim=1).clamp(min=1)
+        chosen_len, rejected_len = lengths.chunk(2, dim=0)
+        weights = None
+        if self.use_weighting:
+            # WPO (Zhou et al. 2024, Eq. 2), as TRL: exp of the mean aligned log-prob, w_w * w_l.
+            with torch.no_grad():
+                aligned = (per_token - policy.log_sum_sq_probs[:, -seq_len:]) * shift_mask
+                w = torch.exp(aligned.sum(dim=1) / shift_mask.sum(dim=1).clamp_min(1))
+                weights = torch.mul(*w.chunk(2, dim=0))
+        losses, _, _ = preference_loss(
+            chosen,
+            rejected,
+            ref_chosen.to(chosen.dtype),
+            ref_rejected.to(chosen.dtype),
+            loss_type=list(self.loss_types),
+            loss_weights=list(self.loss_weights),
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            chosen_lengths=chosen_len,
+            rejected_lengths=rejected_len,
+            policy_weights=weights,
+            discopop_tau=self.args.discopop_tau,
+        )
+        loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+        return loss
+
+
+def _distillation_base():
+    from trl import DistillationTrainer
+
+    return DistillationTrainer
+
+
+_SCALE_WARNED = []
+
+
+class DivkitDistillationTrainer(_distillation_base()):
+    """``trl.DistillationTrainer`` whose loss is :func:`divkit.fused_linear_divergence` (see the
+    module docstring). Extra keyword arguments: ``divkit_kind`` (default ``"jsd"``: TRL's
+    generalized JSD with the config's ``beta``), ``divkit_options`` (further keywords of
+    :func:`divkit.fused_linear_divergence`). Generation, metrics (the student's entropy
+    included) and the data path are TRL's."""
+
+    def __init__(
+        self, *args, divkit_kind: str = "jsd", divkit_options: Optional[dict] = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.divkit_kind = check.string("DivkitDistillationTrainer", "divkit_kind", divkit_kind)
+        self.divkit_options = dict(divkit_options or {})
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # TRL's _compute_loss finds the hidden states, heads, scales and masks, then calls the
+        # module's _chunked_divergence_loss: that one call is divkit's for the duration.
+        import trl.trainer.distillation_trainer as module
+
+        original = module._chunked_divergence_loss
+        module._chunked_divergence_loss = functools.partial(self._divkit_loss, original)
+        try:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            module._chunked_divergence_loss = original
+
+    def _divkit_loss(
+        self,
+        original,
+        student_hidden_states,
+        teacher_hidden_states,
+        student_lm_head_weight,
+        teacher_lm_head_weight,
+        completion_mask,
+        beta,
+        num_items_in_batch=None,
+        student_lm_head_bias=None,
+        teacher_lm_head_bias=None,
+        student_logit_scale=1.0,
+        teacher_logit_scale=1.0,
+        student_final_logit_softcapping=None,
+        teacher_final_logit_softcapping=None,
+        temperature=1.0,
+    ):
+        if (
+            student_logit_scale != 1.0
+            or teacher_logit_scale != 1.0
+            or student_final_logit_softcapping
+            or teacher_final_logit_softcapping
+        ):
+            if not _SCALE_WARNED:
+                _SCALE_WARNED.append(True)
+                warnings.warn(
+                    "DivkitDistillationTrainer: a logit scale or final softcap is not part of "
+                    "divkit's fused distillation head; TRL's loss is used for this model",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return original(
+                student_hidden_states,
+                teacher_hidden_states,
+                student_lm_head_weight,
+                teacher_lm_head_weight,
+                completion_mask,
+                beta,
+                num_items_in_batch=num_items_in_batch,
+                student_lm_head_bias=student_lm_head_bias,
+                teacher_lm_head_bias=teacher_lm_head_bias,
+                student_logit_scale=student_logit_scale,
+                teacher_logit_scale=teacher_logit_scale,
+                student_final_logit_softcapping=student_final_logit_softcapping,
+                teacher_final_logit_softcapping=teacher_final_logit_softcapping,
+                temperature=temperature,
+            )
+        valid = completion_mask != 0
+        # Labels only mark the tokens (hard_weight 0 reads no label value): 0 or ignore_index.
+        labels = torch.where(valid, 0, -100).to(torch.int64)
+        loss = fused_linear_divergence(
+            student_hidden_states,
+            student_lm_head_weight,
+            teacher_hidden_states,
+            teacher_lm_head_weight.detach(),
+            self.divkit_kind,
+            student_bias=student_lm_head_bias,
+            teacher_bias=None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
+            labels=labels,
+            beta=beta,
+            temperature=temperature,
+            reduction="mean",
+            num_items_in_batch=num_items_in_batch,
+            **self.divkit_options,
+        )
+        with torch.no_grad():
+            from ..fused import fused_linear_logprobs
+
+            entropy = fused_linear_logprobs(
+                student_hidden_states.detach(),
+                student_lm_head_weight.detach(),
+                labels,
+                None if student_lm_head_bias is None else student_lm_head_bias.detach(),
+                temperature=temperature,
+                return_entropy=True,
+            ).entropy
+            entropy_sum = (entropy * valid).sum()
+        return loss, entropy_sum, valid.sum()
+
+
+def _kto_base():
+    from trl import KTOTrainer
+
+    return KTOTrainer
+
+
+class DivkitKTOTrainer(_kto_base()):
+    """``trl.KTOTrainer`` with the loss of :func:`divkit.kto_loss` (see the module docstring),
+    configured by the same ``KTOConfig``."""
+
+    def _compute_kl_logps(self, model, batch):
+        self._divkit_in_kl = True
+        try:
+            out = super()._compute_kl_logps(model, batch)
+        finally:
+            self._divkit_in_kl = False
+        self._divkit_kl.append(out)
+        return out
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        self._divkit_kl, self._divkit_in_kl = [], False
+        seen = []
+
+        def hook(module, args, output):
+            if not self._divkit_in_kl:
+                seen.append(output)
+
+        handles = [
+            m.register_forward_hook(hook)
+            for m in dict.fromkeys((model, self.ref_model))
+            if m is not None
+        ]
+        try:
+            out = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            for h in handles:
+                h.remove()
+        loss = self._divkit_loss(inputs, seen)
+        if return_outputs:
+            return (loss, *out[1:]) if isinstance(out, tuple) else (loss, out)
+        return loss
+
+    def _divkit_loss(self, inputs, outputs):
+        seq_len = inputs["input_ids"].size(1) - 1
+        logps = outputs[0].log_probs[:, -seq_len:].sum(-1)
+        chosen = torch.as_tensor(inputs["label"], dtype=torch.bool, device=logps.device)
+        if self.precompute_ref_logps:
+            ref = inputs["ref_logps"].to(logps.dtype)
+            ref_kl = inputs["ref_KL_logps"] if self.calculate_KL else None
+        else:
+            ref = outputs[1].log_probs[:, -seq_len:].sum(-1).detach()
+            ref_kl = self._divkit_kl[1] if self.calculate_KL else None
+        policy_kl = self._divkit_kl[0] if self.calculate_KL else None
+        losses = kto_loss(
+            logps[chosen],
+            logps[~chosen],
+            policy_kl,
+            ref[chosen],
+            ref[~chosen],
+            ref_kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
+        )[0]
+        loss = losses.nanmean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs[0].aux_loss
+        return loss
+
+
+class DivkitTDPOTrainer(_dpo_base()):
+    """TDPO on ``trl.DPOTrainer``'s data path (see the module docstring): ``DPOConfig``'s
+    ``beta`` and ``label_smoothing``; extra keyword arguments ``tdpo_variant`` (``"tdpo1"`` or
+    ``"tdpo2"``, default) and ``tdpo_alpha`` (TDPO2's weight of the sequence KL, default 0.5).
+    Needs a reference model (token-level KL needs its distributions, not precomputed
+    log-probs). Logs TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` and
+    ``rewards/margins`` (the TDPO rewards ``beta (sum log-ratio + SeqKL)``)."""
+
+    def __init__(self, *args, tdpo_variant: str = "tdpo2", tdpo_alpha: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        fn = "DivkitTDPOTrainer"
+        self.tdpo_variant = check.string(fn, "tdpo_variant", tdpo_variant)
+        self.tdpo_alpha = check.real(fn, "tdpo_alpha", tdpo_alpha)
+        if self.ref_model is None or self.precompute_ref_logps:
+            check.fail(
+                fn,
+                "TDPO needs a reference model (ref_model=..., precompute_ref_log_probs=False): "
+                "its per-token KL needs the reference's distributions",
+            )
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        hidden, head = last_hidden_and_head(model, ids, mask)
+        with torch.no_grad():
+            ref_hidden, ref_head = last_hidden_and_head(self.ref_model, ids, mask)
+        (hc, hr), (lc, lr), (rc, rr) = hidden.chunk(2), labels.chunk(2), ref_hidden.chunk(2)
+        losses, chosen_rewards, rejected_rewards = tdpo_loss_fused(
+            hc,
+            hr,
+            head.weight,
+            lc,
+            lr,
+            ref_chosen_hidden=rc,
+            ref_rejected_hidden=rr,
+            ref_weight=ref_head.weight.detach(),
+            lm_head_bias=head.bias,
+            ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
+            beta=self.beta,
+            alpha=self.tdpo_alpha,
+            variant=self.tdpo_variant,
+            label_smoothing=self.label_smoothing,
+        )
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        margins = chosen_rewards - rejected_rewards
+        metrics["rewards/accuracies"].append(gather((margins > 0).float()).mean().item())
+        metrics["rewards/margins"].append(gather(margins).mean().item())
+        loss = losses.mean()
+        return (loss, None) if return_outputs else loss

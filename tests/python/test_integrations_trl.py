@@ -1,0 +1,381 @@
+"""divkit.integrations.trl against the stock TRL trainers on the same tiny model and data."""
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+from test_trl_client import run_gkd  # noqa: E402  (the tiny models, data and config)
+
+
+def test_divkit_gkd_trainer_equals_trl_gkd_trainer(tmp_path):
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except Exception as e:  # pragma: no cover - depends on the installed TRL
+        pytest.skip(f"trl.experimental.gkd.GKDTrainer not importable: {e}")
+    from divkit.integrations.trl import DivkitGKDTrainer
+
+    trl_losses = run_gkd(tmp_path, "gkd_trl", GKDTrainer)
+    dk_losses = run_gkd(tmp_path, "gkd_divkit", DivkitGKDTrainer)
+    assert len(trl_losses) == len(dk_losses) == 6
+    assert trl_losses[0] > 0.05
+    # Same math (JSD, beta 0.5, the completion tokens' mean), fp32 GEMMs in both: step 0 agrees
+    # to round-off, the trajectory to what round-off grows to through six Adam steps.
+    assert dk_losses[0] == pytest.approx(trl_losses[0], rel=1e-5, abs=1e-6)
+    assert dk_losses == pytest.approx(trl_losses, rel=2e-3, abs=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl"])
+def test_divkit_gkd_trainer_kinds_train(tmp_path, kind):
+    from divkit.integrations import trl as dk_trl
+
+    class Trainer(dk_trl.DivkitGKDTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, divkit_kind=kind, divkit_temperature=2.0, **k)
+
+    losses = run_gkd(tmp_path, f"gkd_{kind}", Trainer)
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2])
+
+
+def _run_dpo(tmp_path, name, trainer_cls, **config):
+    import warnings
+
+    from trl import DPOConfig
+
+    import test_trl_client as client
+
+    tok = client.make_tokenizer()
+    model = client.make_model(0, len(tok))
+    ref = client.make_model(1, len(tok))
+    kwargs = client.common_args(tmp_path, name)
+    kwargs["max_steps"] = 3
+    args = DPOConfig(**kwargs, max_length=32, precompute_ref_log_probs=False, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=client.preference_data(),
+            processing_class=tok,
+        )
+        trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+DPO_CONFIGS = {
+    "sigmoid": dict(beta=0.5),
+    # TRL 1.16 raises with "sft" and use_weighting together (an in-place product on an expanded
+    # tensor), so WPO is tested with ipo.
+    "ipo_wpo": dict(beta=0.5, loss_type=["ipo"], use_weighting=True),
+    "rpo": dict(beta=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "hinge_robust_js_ld": dict(
+        beta=0.5,
+        loss_type=["hinge", "robust"],
+        loss_weights=[0.7, 0.3],
+        f_divergence_type="js_divergence",
+        label_smoothing=0.1,
+        ld_alpha=0.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DPO_CONFIGS))
+def test_divkit_dpo_trainer_equals_trl_dpo_trainer(tmp_path, case, monkeypatch):
+    from trl import DPOTrainer
+
+    import divkit.integrations.trl as dk_trl
+
+    calls = []
+    loss_fn = dk_trl.preference_loss
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["loss_type"])
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(dk_trl, "preference_loss", counting)
+    config = DPO_CONFIGS[case]
+    ref = _run_dpo(tmp_path, "trl", DPOTrainer, **config)
+    got = _run_dpo(tmp_path, "divkit", dk_trl.DivkitDPOTrainer, **config)
+    assert len(calls) == 3  # divkit's loss is the one trained on, every step
+    assert len(ref) == len(got) == 3
+    assert abs(ref[0]["loss"] - 0.6931) > 1e-3 or case != "sigmoid"
+    for step, (a, b) in enumerate(zip(ref, got)):
+        assert set(a) == set(b)  # TRL's full metric set is logged
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in a:
+            if key in ("learning_rate", "epoch", "step", "grad_norm"):
+                continue
+            assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def _run_distillation(tmp_path, name, trainer_cls, **extra):
+    import warnings
+
+    import datasets
+    from trl import DistillationConfig
+
+    import test_trl_client as client
+
+    tok = client.make_tokenizer()
+    student = client.make_model(0, len(tok))
+    teacher = client.make_model(1, len(tok))
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)
+    prompts = ["the cat", "a dog", "the big dog", "a small cat", "the red cat", "a blue dog"]
+    data = datasets.Dataset.from_dict({"prompt": prompts + prompts[:2]})
+    kwargs = client.common_args(tmp_path, name)
+    kwargs["max_steps"] = 3
+    args = DistillationConfig(**kwargs, beta=0.5, temperature=1.0, max_completion_length=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            **extra,
+        )
+        trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_divkit_distillation_trainer_equals_trl(tmp_path, monkeypatch):
+    from trl import DistillationTrainer
+
+    import divkit.integrations.trl as dk_trl
+
+    calls = []
+    fused = dk_trl.fused_linear_divergence
+
+    def counting(*args, **kwargs):
+        calls.append(args[4])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(dk_trl, "fused_linear_divergence", counting)
+    ref = _run_distillation(tmp_path, "trl", DistillationTrainer)
+    got = _run_distillation(tmp_path, "divkit", dk_trl.DivkitDistillationTrainer)
+    assert calls and set(calls) == {"jsd"}
+    assert len(ref) == len(got) == 3 and ref[0]["loss"] > 0.01
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in ("loss", "entropy"):
+            assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def _run_pref(tmp_path, name, trainer_cls, config_cls, **config):
+    import warnings
+
+    import test_trl_client as client
+
+    tok = client.make_tokenizer()
+    model = client.make_model(0, len(tok))
+    kwargs = client.common_args(tmp_path, name)
+    kwargs["max_steps"] = 3
+    args = config_cls(**kwargs, max_length=32, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=client.preference_data(), processing_class=tok
+        )
+        trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+PREF_CASES = {
+    "cpo_sigmoid": ("cpo", dict(beta=0.5, label_smoothing=0.1)),
+    "cpo_simpo_alpha": ("cpo", dict(beta=2.0, loss_type="simpo", alpha=0.2, cpo_alpha=0.0)),
+    "orpo": ("orpo", dict(beta=0.3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREF_CASES))
+def test_divkit_cpo_orpo_trainers_equal_trl(tmp_path, case, monkeypatch):
+    import divkit.integrations.trl as dk_trl
+
+    which, config = PREF_CASES[case]
+    calls = []
+    loss_name = "cpo_loss" if which == "cpo" else "odds_ratio_loss"
+    loss_fn = getattr(dk_trl, loss_name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(dk_trl, loss_name, counting)
+    if which == "cpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        ref_cls, cls, cfg = CPOTrainer, dk_trl.DivkitCPOTrainer, CPOConfig
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        ref_cls, cls, cfg = ORPOTrainer, dk_trl.DivkitORPOTrainer, ORPOConfig
+    ref = _run_pref(tmp_path, "trl", ref_cls, cfg, **config)
+    got = _run_pref(tmp_path, "divkit", cls, cfg, **config)
+    assert len(calls) == 3  # divkit's loss, every step
+    assert len(ref) == len(got) == 3
+    for step, (a, b) in enumerate(zip(ref, got)):
+        assert set(a) == set(b)
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in a:
+            if key not in ("learning_rate", "epoch", "step", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_divkit_kto_trainer_equals_trl(tmp_path, loss_type, monkeypatch):
+    import warnings
+
+    import datasets
+    from trl import KTOConfig, KTOTrainer
+
+    import divkit.integrations.trl as dk_trl
+    import test_trl_client as client
+
+    calls = []
+    loss_fn = dk_trl.kto_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(dk_trl, "kto_loss", counting)
+    pairs = client.preference_data()
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": list(pairs["prompt"]) * 2,
+            "completion": list(pairs["chosen"]) + list(pairs["rejected"]),
+            "label": [True] * len(pairs) + [False] * len(pairs),
+        }
+    )
+
+    def run(name, cls):
+        tok = client.make_tokenizer()
+        kwargs = client.common_args(tmp_path, name)
+        kwargs["max_steps"] = 3
+        args = KTOConfig(
+            **kwargs, beta=0.5, max_length=32, loss_type=loss_type, desirable_weight=1.3
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(
+                model=client.make_model(0, len(tok)),
+                ref_model=client.make_model(1, len(tok)),
+                args=args,
+                train_dataset=data,
+                processing_class=tok,
+            )
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    ref = run("trl", KTOTrainer)
+    got = run("divkit", dk_trl.DivkitKTOTrainer)
+    if loss_type == "kto":  # the KL baseline z0 is in play (TRL clamps it at 0)
+        assert max(h["kl"] for h in ref) > 0.1
+    assert len(calls) == 3 and len(ref) == len(got) == 3
+    for step, (a, b) in enumerate(zip(ref, got)):
+        assert set(a) == set(b)
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in a:
+            if key not in ("learning_rate", "epoch", "step", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def test_divkit_dpo_trainer_with_peft_reference(tmp_path):
+    """The reference is the PEFT model with its adapter disabled (ref_model=None), as in TRL."""
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    from trl import DPOConfig, DPOTrainer
+
+    import test_trl_client as client
+    from divkit.integrations.trl import DivkitDPOTrainer
+
+    def run(name, cls):
+        tok = client.make_tokenizer()
+        kwargs = client.common_args(tmp_path, name)
+        kwargs["max_steps"] = 3
+        kwargs["learning_rate"] = 5e-2
+        args = DPOConfig(**kwargs, beta=0.5, max_length=32, precompute_ref_log_probs=False)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(
+                model=client.make_model(0, len(tok)),
+                ref_model=None,
+                args=args,
+                train_dataset=client.preference_data(),
+                processing_class=tok,
+                peft_config=lora,
+            )
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    ref = run("trl", DPOTrainer)
+    got = run("divkit", DivkitDPOTrainer)
+    assert len(ref) == len(got) == 3
+    assert abs(ref[-1]["loss"] - 0.6931) > 1e-4  # the adapter moved away from the reference
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def test_divkit_tdpo_trainer_trains_and_equals_tdpo_loss(tmp_path):
+    """TRL has no TDPO: the first step's loss equals divkit.tdpo_loss on the materialized logits
+    of the same batch (the initial models), and the loss falls over a few steps."""
+    import copy
+    import warnings
+
+    from trl import DPOConfig
+
+    import divkit
+    import test_trl_client as client
+    from divkit.integrations.trl import DivkitTDPOTrainer
+
+    tok = client.make_tokenizer()
+    model, ref = client.make_model(0, len(tok)), client.make_model(1, len(tok))
+    model0 = copy.deepcopy(model)
+    seen = []
+
+    class Recording(DivkitTDPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            loss = super()._compute_loss(model, inputs, return_outputs)
+            seen.append(({k: v.clone() for k, v in inputs.items()}, float(loss)))
+            return loss
+
+    kwargs = client.common_args(tmp_path, "tdpo")
+    args = DPOConfig(**kwargs, beta=0.5, max_length=32, precompute_ref_log_probs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Recording(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=client.preference_data(),
+            processing_class=tok,
+            tdpo_variant="tdpo2",
+            tdpo_alpha=0.5,
+        )
+        trainer.train()
+    inputs, loss0 = seen[0]
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        logits = model0(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+        ref_logits = ref(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+    pc, pr = logits[:, :-1].chunk(2)
+    rc, rr = ref_logits[:, :-1].chunk(2)
+    lc, lr = labels.chunk(2)
+    want = divkit.tdpo_loss(pc, pr, rc, rr, lc, lr, beta=0.5, alpha=0.5, variant="tdpo2")[0]
+    assert loss0 == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 6 and "rewards/margins" in logs[0]
+    assert sum(h["loss"] for h in logs[-2:]) < sum(h["loss"] for h in logs[:2])
