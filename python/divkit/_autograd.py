@@ -154,10 +154,13 @@ class RecomputeInBackward(torch.autograd.Function):
 
 
 def recompute_in_backward(
-    run: Callable, inputs: Sequence[torch.Tensor], n_diff: int = 1
+    run: Callable, inputs: Sequence[torch.Tensor], n_diff: int = 1, *, fn: Optional[str] = None
 ) -> Tuple[torch.Tensor, ...]:
     """The outputs of ``run`` (see :class:`RecomputeInBackward`), through autograd when an input
-    requires grad, else by one direct call."""
+    requires grad, else by one direct call. ``fn``: the public function, kept as ``run.fn`` for
+    backward's messages (the double-backward error)."""
+    if fn is not None:
+        run.fn = fn
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return RecomputeInBackward.apply(run, n_diff, *inputs)
     return tuple(run(tuple(x.detach() for x in inputs), None, None)[0])

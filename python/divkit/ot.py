@@ -148,6 +148,7 @@ def _weights(fn, name, w, lead, batched):
     return w if batched else w.unsqueeze(0)
 
 
+@check.public("sinkhorn")
 def sinkhorn(
     x: Optional[torch.Tensor],
     y: Optional[torch.Tensor],
@@ -206,7 +207,7 @@ def sinkhorn(
     """
     fn = "sinkhorn"
     _device.route(fn, fn, backend, (("x", x), ("y", y), ("a", a), ("b", b), ("cost", cost)))
-    eps = check.real(fn, "eps", eps)
+    eps = check.positive(fn, "eps", eps)
     p = check.integer(fn, "p", p)
     tol = check.real(fn, "tol", tol)
     max_iter = check.integer(fn, "max_iter", max_iter)
@@ -235,7 +236,7 @@ def sinkhorn(
         int(cache_mib * 2**20),
         bool(symmetric),
         bool(return_plan),
-        bool(warn),
+        check.boolean(fn, "warn", warn),
         fn,
     )
 
@@ -296,6 +297,7 @@ def sinkhorn(
     return SinkhornResult(f, g, tc, reg, n_iter, err, conv, plan)
 
 
+@check.public("sinkhorn_divergence")
 def sinkhorn_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -323,6 +325,7 @@ def sinkhorn_divergence(
     return xy - 0.5 * xx - 0.5 * yy
 
 
+@check.public("sinkhorn_kd_loss")
 def sinkhorn_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -367,6 +370,7 @@ def sinkhorn_kd_loss(
     return (res.plan.to(W.dtype) * W).sum()
 
 
+@check.public("monge_gap")
 def monge_gap(
     x: torch.Tensor,
     mapped: torch.Tensor,
@@ -443,6 +447,7 @@ def _sparse_ot_apply(
     return grads_in_forward(run, (a, b, cost), Scaling(fp64=True, fn="sparse_ot"))
 
 
+@check.public("sparse_ot")
 def sparse_ot(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -489,6 +494,7 @@ def sparse_ot(
     if b.shape[0] != m:
         check.fail(fn, f"b must have shape [{m}] (cost's columns), got {tuple(b.shape)}")
     gamma = check.real(fn, "gamma", gamma)
+    warn = check.boolean(fn, "warn", warn)
     if k is None:
         kk = 0
     else:
@@ -554,6 +560,7 @@ def _sample_args(fn, x, y, a, b):
     return x, y, a, b
 
 
+@check.public("mmd")
 def mmd(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -570,9 +577,10 @@ def mmd(
     computed in float64 with O(n + m) memory; differentiable in x and y."""
     fn = "mmd"
     x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _sample_div_apply(x, y, a, b, "mmd", kernel, check.real(fn, "sigma", sigma))
+    return _sample_div_apply(x, y, a, b, "mmd", kernel, check.positive(fn, "sigma", sigma))
 
 
+@check.public("cs_divergence")
 def cs_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -588,7 +596,7 @@ def cs_divergence(
     identical samples; +inf when the cross term underflows. Differentiable in x and y."""
     fn = "cs_divergence"
     x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _sample_div_apply(x, y, a, b, "cs", "gaussian", check.real(fn, "sigma", sigma))
+    return _sample_div_apply(x, y, a, b, "cs", "gaussian", check.positive(fn, "sigma", sigma))
 
 
 # Sample-based measures built on the OT toolbox, in their own modules: the Gaussian KDE with its

@@ -78,6 +78,7 @@ def _fused_pair(
     return w, l_
 
 
+@check.public("tdpo_loss_fused")
 def tdpo_loss_fused(
     policy_chosen_hidden,
     policy_rejected_hidden,
@@ -136,6 +137,7 @@ def tdpo_loss_fused(
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
 
+@check.public("sparsepo_loss_fused")
 def sparsepo_loss_fused(
     policy_chosen_hidden,
     policy_rejected_hidden,
