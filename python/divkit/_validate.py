@@ -589,6 +589,16 @@ def public(
             except TypeError as e:
                 raise ArgTypeError(f"{fn}: {e}") from None
             device = None
+            tensors = [nt for pname, v in bound.arguments.items() for nt in _tensors(pname, v)]
+            for name, t in tensors:
+                if device is None:
+                    device = (name, t.device)
+                elif t.device != device[1]:
+                    fail(
+                        fn,
+                        f"{name} is on device {t.device}, but {device[0]} is on "
+                        f"{device[1]}: the tensors must be on one device",
+                    )
             for pname, v in bound.arguments.items():
                 for name, t in _tensors(pname, v):
                     if t.is_complex():
@@ -601,14 +611,6 @@ def public(
                         )
                     if t.device.type == "meta":
                         fail(fn, f"{name} is a meta tensor (no data); divkit computes on values")
-                    if device is None:
-                        device = (name, t.device)
-                    elif t.device != device[1]:
-                        fail(
-                            fn,
-                            f"{name} is on device {t.device}, but {device[0]} is on "
-                            f"{device[1]}: the tensors must be on one device",
-                        )
             for pname in finite_args:
                 for name, t in _tensors(pname, bound.arguments.get(pname)):
                     finite(fn, name, t)

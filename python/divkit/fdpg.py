@@ -178,7 +178,8 @@ def fdpg_loss(
             check.fail(fn, f"log_z must be finite, got {lz:g}")
 
     log_t = lp64 - (ls64 - lz)  # +inf where P(x) = 0
-    fp = fdpg_f_prime(log_t, divergence, alpha)
+    # The unchecked forms: log_t is +inf where P(x) = 0, which the public functions reject.
+    fp = fdpg_f_prime.__wrapped__(log_t, divergence, alpha)
     if not bool(torch.isfinite(fp).all()):
         check.fail(
             fn,
@@ -214,7 +215,9 @@ def fdpg_loss(
     # D_f(pi || p) = E_q[(p/q) f(pi/p)]: samples with P(x) = 0 add 0 (the estimate leaves out
     # the part of D_f from the mass pi puts where p = 0).
     pq = torch.exp(ls64 - lz - lq64)
-    fv = torch.where(pq > 0, fdpg_f(torch.where(pq > 0, log_t, 0.0), divergence, alpha), 0.0)
+    fv = torch.where(
+        pq > 0, fdpg_f.__wrapped__(torch.where(pq > 0, log_t, 0.0), divergence, alpha), 0.0
+    )
     div = float((pq * fv).mean())
     stats = FDPGStats(-fp, -(fp - b), w, lz, div)
     return loss, stats
