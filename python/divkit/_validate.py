@@ -26,6 +26,7 @@ exception reaches the caller.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
@@ -546,6 +547,16 @@ def _prefix(fn: str, msg: str) -> str:
     return f"{fn}: {msg}"
 
 
+# The public function the user called (the outermost one, when a divkit function calls
+# another), for messages raised later, in backward.
+_OUTER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("divkit_fn", default=None)
+
+
+def outer_name(default: str) -> str:
+    """The public function the user called (set by :func:`public`), else ``default``."""
+    return _OUTER.get() or default
+
+
 @contextlib.contextmanager
 def renamed(names: dict):
     """Rewrites the argument names in a divkit.Error raised inside (an inner function's
@@ -617,6 +628,7 @@ def public(
             for pname in logits_args:
                 for name, t in _tensors(pname, bound.arguments.get(pname)):
                     finite(fn, name, t, logits=True)
+            token = _OUTER.set(fn) if _OUTER.get() is None else None
             try:
                 return f(*args, **kwargs)
             except ArgTypeError as e:
@@ -637,6 +649,9 @@ def public(
                 if isinstance(e, RuntimeError) and "out of memory" in str(e):
                     raise
                 raise Error(f"{fn}: invalid arguments ({type(e).__name__}: {e})") from e
+            finally:
+                if token is not None:
+                    _OUTER.reset(token)
 
         wrapper.__signature__ = sig
         return wrapper
