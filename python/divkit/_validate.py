@@ -31,7 +31,10 @@ import functools
 import inspect
 import math
 import numbers
+import os
 import re
+import sys
+import warnings
 from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
@@ -547,6 +550,16 @@ def _prefix(fn: str, msg: str) -> str:
     return f"{fn}: {msg}"
 
 
+def warn(msg: str, category=RuntimeWarning) -> None:
+    """warnings.warn attributed to the user's line: the first frame outside the divkit package
+    (the wrappers of :func:`public` and inner divkit calls are skipped)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    level, f = 2, sys._getframe(1)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg):
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, category, stacklevel=level)
+
+
 # The public function the user called (the outermost one, when a divkit function calls
 # another), for messages raised later, in backward.
 _OUTER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("divkit_fn", default=None)
@@ -617,8 +630,7 @@ def public(
                     if not t.is_floating_point() and not (_int_allowed(pname) or pname in ints):
                         fail_type(
                             fn,
-                            f"{name} has dtype {t.dtype}; expected a floating dtype (real "
-                            f"values, not integers or bools)",
+                            f"{name} must have a floating dtype (real values), got {t.dtype}",
                         )
                     if t.device.type == "meta":
                         fail(fn, f"{name} is a meta tensor (no data); divkit computes on values")

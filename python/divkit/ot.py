@@ -19,7 +19,6 @@ result and as a ``RuntimeWarning``, never hidden.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -276,12 +275,10 @@ def sinkhorn(
     f, g, plan = box["f"].to(dt), box["g"].to(dt), box["plan"] if return_plan else None
     if warn and not bool(conv.all()):
         bad = [i for i in range(B) if not stats[i][5]]
-        warnings.warn(
+        check.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations for "
             f"{len(bad)} of {B} problem(s) (marginal error {max(stats[i][4] for i in bad):.3g}"
             f" > tol {tol:g}); increase max_iter or eps, or use eps_scaling",
-            RuntimeWarning,
-            stacklevel=2,
         )
     if not batched:
         return SinkhornResult(
@@ -506,7 +503,7 @@ def sparse_ot(
     box: dict = {}
     reg = _sparse_ot_apply(a, b, C, gamma, kk, tol, max_iter, box)
     if warn and not box["conv"]:
-        warnings.warn(
+        check.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations (marginal error "
             f"{box['err']:.3g} > tol {tol:g}); increase max_iter or gamma"
             + (
@@ -514,8 +511,6 @@ def sparse_ot(
                 if kk
                 else ""
             ),
-            RuntimeWarning,
-            stacklevel=2,
         )
     return SparseOTResult(
         box["plan"].to(C.dtype),
