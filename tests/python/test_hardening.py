@@ -350,3 +350,26 @@ def test_first_order_backward_still_works():
     ].sum().backward()
     assert bool(torch.isfinite(x.grad).all())
     assert math.isfinite(float(x.grad.abs().sum()))
+
+
+# --- runtime functions (process-wide state: bad values only; the upper bound of
+# set_num_threads is the C++ runtime's) --------------------------------------------------------
+@pytest.mark.parametrize(
+    "call, exc",
+    [
+        (lambda: divkit.set_num_threads(-1), divkit.Error),
+        (lambda: divkit.set_num_threads(0), divkit.Error),
+        (lambda: divkit.set_num_threads(2**70), divkit.Error),
+        (lambda: divkit.set_num_threads("2"), TypeError),
+        (lambda: divkit.set_num_threads(1.5), TypeError),
+        (lambda: divkit.set_num_threads(True), TypeError),
+        (lambda: divkit.force_simd_target("no_such_target"), divkit.Error),
+        (lambda: divkit.force_simd_target(3), TypeError),
+    ],
+)
+def test_runtime_arguments(call, exc):
+    before = divkit.get_num_threads(), divkit.active_simd_target()
+    with pytest.raises(exc) as e:
+        call()
+    assert isinstance(e.value, divkit.Error)
+    assert (divkit.get_num_threads(), divkit.active_simd_target()) == before
