@@ -275,6 +275,8 @@ def logits(fn: str, name: str, x: Any, *, cpu: bool = True) -> torch.Tensor:
     tensor(fn, name, x, cpu=cpu)
     if x.dim() < 1:
         fail(fn, f"{name} must have at least one dimension [..., V], got a 0-d tensor")
+    if x.shape[-1] == 0:
+        fail(fn, f"{name} has V = 0 entries in its last dimension (shape {tuple(x.shape)})")
     if x.is_sparse or x.layout != torch.strided:
         fail(fn, f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     return x

@@ -745,7 +745,7 @@ def swing_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-@check.public("mdcs_consistency_loss", logits_args=("strong_logits",))
+@check.public("mdcs_consistency_loss", logits_args=("strong_logits", "weak_logits"))
 def mdcs_consistency_loss(
     strong_logits: torch.Tensor,
     weak_logits: torch.Tensor,
