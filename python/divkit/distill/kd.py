@@ -156,6 +156,17 @@ def _nkd_terms(fn, student_logits, teacher_logits, labels, temperature, ignore_i
     lab = common.labels(fn, labels, lead, n, True)
     tau = check.positive(fn, "temperature", temperature)
     target, nontarget = _nkd_rows(s, t, lab, int(ignore_index), tau, common.out_dtype(s, t), fn)
+    # The non-target distributions are renormalized over j != y: not defined when every
+    # non-target logit of a row is -inf (the kernel checks whole rows only). Checked on the [N]
+    # outputs, not by another pass over the logits.
+    bad = torch.isnan(target.detach()) | torch.isnan(nontarget.detach())
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        check.fail(
+            fn,
+            f"row {r}: every non-target logit of student_logits or teacher_logits is -inf (the "
+            f"non-target distribution over j != labels[{r}] is not defined)",
+        )
     return target, nontarget, lab, lead, n, tau
 
 
