@@ -632,8 +632,8 @@ def public(
                     if not t.is_floating_point() and not (_int_allowed(pname) or pname in ints):
                         fail_type(
                             fn,
-                            f"{name} must have a floating dtype (real values): {name} has "
-                            f"dtype {t.dtype}",
+                            f"{name} has dtype {t.dtype}; {name} must have a floating dtype "
+                            f"(real values)",
                         )
                     if t.device.type == "meta":
                         fail(fn, f"{name} is a meta tensor (no data); divkit computes on values")
