@@ -66,7 +66,10 @@ class GradsInForward(torch.autograd.Function):
     def forward(ctx, run: Callable, scaling: Scaling, *inputs):
         outs, grads = run(tuple(bool(n) for n in ctx.needs_input_grad[2:]))
         ctx.grads = tuple(grads)
-        ctx.scaling = scaling
+        from ._validate import outer_name  # here: the merge of the imports above stays clean
+
+        # Messages raised in backward name the public function the user called.
+        ctx.scaling = scaling._replace(fn=outer_name(scaling.fn))
         ctx.consumed = False
         if isinstance(outs, tuple):
             ctx.mark_non_differentiable(*outs[1:])
@@ -156,10 +159,14 @@ class RecomputeInBackward(torch.autograd.Function):
 
 
 def recompute_in_backward(
-    run: Callable, inputs: Sequence[torch.Tensor], n_diff: int = 1
+    run: Callable, inputs: Sequence[torch.Tensor], n_diff: int = 1, *, fn: Optional[str] = None
 ) -> Tuple[torch.Tensor, ...]:
     """The outputs of ``run`` (see :class:`RecomputeInBackward`), through autograd when an input
-    requires grad, else by one direct call."""
+    requires grad, else by one direct call. ``fn``: the public function, kept as ``run.fn`` for
+    backward's messages (the double-backward error)."""
+    from ._validate import outer_name
+
+    run.fn = outer_name(fn or getattr(run, "fn", "divkit"))
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return RecomputeInBackward.apply(run, n_diff, *inputs)
     return tuple(run(tuple(x.detach() for x in inputs), None, None)[0])

@@ -8,13 +8,34 @@ function (or class) the user called and ``name`` the argument; the value comes b
 ``"<fn>: <name>"``, like the core's own messages. A value of the wrong Python type raises
 :class:`ArgTypeError`, which is a ``divkit.Error`` and also a ``TypeError`` (Python's convention
 for a wrong type), so ``except divkit.Error`` catches every argument error.
+
+The rule for types: a value of the wrong Python type, or a tensor of the wrong dtype (integer,
+bool or complex where real values are expected, a floating tensor where labels are expected),
+raises :class:`ArgTypeError` (``except TypeError`` and ``except divkit.Error`` both catch it);
+every other invalid argument (a value out of range, NaN, a shape or device that disagrees) raises
+a plain :class:`divkit.Error`.
+
+:func:`public` wraps each public function: it checks what every function shares (tensors on one
+device and not on ``meta``, no complex tensors, no integer or bool tensors where values are
+expected, no NaN / +inf in the inputs that are computed in torch, no row of all -inf in logits)
+and turns an exception that escapes the function's own checks (an IndexError from a gather, a
+RuntimeError from torch) into a divkit.Error that names the function, so that no internal
+exception reaches the caller.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import inspect
 import math
 import numbers
-from typing import Any, NoReturn, Optional, Sequence, Tuple
+import os
+import re
+import sys
+import warnings
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +60,13 @@ FLOAT_DTYPES: Tuple[torch.dtype, ...] = (
 REDUCTIONS: Tuple[str, ...] = tuple(_C.reductions())
 
 _LOGITS_SHAPE = "the logits' shape without the last dimension"
+
+#: The smallest positive value a parameter that must be > 0 may take: the smallest normal
+#: float32, since the kernels compute in fp32 (a denormal temperature passes ``> 0`` and divides
+#: to inf).
+MIN_POSITIVE = 1.1754943508222875e-38
+#: Integer arguments must fit in int64 (what the kernels and torch take).
+_INT64 = 2**63
 
 
 def type_name(x: Any) -> str:
@@ -67,12 +95,16 @@ def _dtype_list(dtypes: Sequence[torch.dtype]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def real(fn: str, name: str, x: Any, *, allow_nan: bool = True) -> float:
-    """A real number (a one-element tensor is read). NaN passes unless ``allow_nan=False``: the
-    core checks the ranges of the parameters it receives."""
+def real(fn: str, name: str, x: Any, *, allow_nan: bool = False) -> float:
+    """A real number (a one-element real tensor is read); NaN is rejected unless
+    ``allow_nan=True``."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             fail(fn, f"{name} must be a number, got a tensor of shape {tuple(x.shape)}")
+        if x.is_complex() or x.dtype == torch.bool:
+            fail_type(fn, f"{name} must be a real number, got a tensor of dtype {x.dtype}")
+        if x.device.type == "meta":
+            fail(fn, f"{name} is a meta tensor (no value)")
         v = float(x.item())
     elif isinstance(x, bool) or not isinstance(x, numbers.Real):
         fail_type(fn, f"{name} must be a real number, got {type_name(x)}")
@@ -84,10 +116,16 @@ def real(fn: str, name: str, x: Any, *, allow_nan: bool = True) -> float:
 
 
 def positive(fn: str, name: str, x: Any) -> float:
-    """A finite real number > 0."""
+    """A finite real number > 0, not denormal (at least :data:`MIN_POSITIVE`)."""
     v = real(fn, name, x)
     if not (math.isfinite(v) and v > 0):
         fail(fn, f"{name} must be finite and > 0, got {v:g}")
+    if v < MIN_POSITIVE:
+        fail(
+            fn,
+            f"{name} must be >= {MIN_POSITIVE:.6g} (the smallest normal float32; the kernels "
+            f"compute in fp32), got {v:g}",
+        )
     return v
 
 
@@ -104,8 +142,23 @@ def integer(fn: str, name: str, x: Any, *, min: Optional[int] = None) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         fail_type(fn, f"{name} must be an int, got {type_name(x)}")
     v = int(x)
+    if not -_INT64 <= v < _INT64:
+        fail(fn, f"{name} must fit in int64, got {v}")
     if min is not None and v < min:
         fail(fn, f"{name} must be an int >= {min}, got {v}")
+    return v
+
+
+#: The largest layer size or count a module's constructor accepts (a larger one is a mistake
+#: that would try to allocate terabytes).
+MAX_SIZE = 2**24
+
+
+def size(fn: str, name: str, x: Any, *, max: int = MAX_SIZE) -> int:
+    """An int in [1, max]: a layer size, a count of layers or samples."""
+    v = integer(fn, name, x, min=1)
+    if v > max:
+        fail(fn, f"{name} must be <= {max}, got {v}")
     return v
 
 
@@ -222,6 +275,8 @@ def logits(fn: str, name: str, x: Any, *, cpu: bool = True) -> torch.Tensor:
     tensor(fn, name, x, cpu=cpu)
     if x.dim() < 1:
         fail(fn, f"{name} must have at least one dimension [..., V], got a 0-d tensor")
+    if x.shape[-1] == 0:
+        fail(fn, f"{name} has V = 0 entries in its last dimension (shape {tuple(x.shape)})")
     if x.is_sparse or x.layout != torch.strided:
         fail(fn, f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     return x
@@ -278,18 +333,37 @@ def labels(
     required: bool = False,
     lead: str = _LOGITS_SHAPE,
     cpu: bool = True,
+    vocab: Optional[int] = None,
+    ignore_index: int = -100,
+    name: str = "labels",
 ) -> Optional[torch.Tensor]:
     """Token labels of shape ``lead_shape``, returned detached, flattened, int32 or int64 (other
-    integer dtypes become int64); None passes unless ``required``."""
+    integer dtypes become int64); None passes unless ``required``. With ``vocab``, every label
+    other than ``ignore_index`` must be in [0, vocab)."""
     if x is None:
         if required:
-            fail(fn, "labels is required")
+            fail(fn, f"{name} is required")
         return None
-    x = integral(fn, "labels", per_token(fn, "labels", x, lead_shape, lead=lead, cpu=cpu))
+    x = integral(fn, name, per_token(fn, name, x, lead_shape, lead=lead, cpu=cpu))
     x = x.detach()
     if x.dtype not in (torch.int32, torch.int64):
         x = x.to(torch.int64)
-    return x.reshape(-1)
+    x = x.reshape(-1)
+    if vocab is not None:
+        label_range(fn, name, x, vocab, ignore_index)
+    return x
+
+
+def label_range(fn: str, name: str, x: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every entry of x other than ignore_index is in [0, vocab)."""
+    bad = ((x < 0) | (x >= vocab)) & (x != ignore_index)
+    if x.numel() and bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0, 0])
+        fail(
+            fn,
+            f"{name} must be in [0, {vocab}) or ignore_index ({ignore_index}), got "
+            f"{int(x.reshape(-1)[i])} at flat position {i}",
+        )
 
 
 def weights(
@@ -416,3 +490,185 @@ def lm_head(
             fail(fn, f"ref_weight must be [V, H_ref] with H_ref = {ref_hidden.shape[-1]}")
     if labels is not None and tuple(labels.shape) != lead:
         fail(fn, f"labels must have shape {lead}, got {tuple(labels.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Values (one pass each; used where the inputs are computed in torch, not by a kernel that
+# checks them itself).
+# ---------------------------------------------------------------------------------------------
+
+
+def finite(fn: str, name: str, x: Optional[torch.Tensor], *, logits: bool = False) -> None:
+    """No NaN or +inf in x (one pass when x is finite). ``logits``: -inf entries are masked
+    entries and pass, but a row (last dimension) of only -inf does not (it has no softmax);
+    otherwise -inf is rejected too."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        return
+    if x.device.type == "meta":
+        return
+    xd = x.detach()
+    if bool(torch.isfinite(xd).all()):
+        return
+    flat = xd.reshape(-1, xd.shape[-1]) if xd.dim() else xd.reshape(1, 1)
+    bad = torch.isnan(flat) | (flat == math.inf)
+    if not logits:
+        bad = bad | (flat == -math.inf)
+    if bool(bad.any()):
+        r = int(bad.any(-1).nonzero()[0, 0])
+        what = "NaN or inf" if not logits else "NaN or +inf"
+        where = f"row {r}" if xd.dim() > 1 else f"entry {int(bad[r].nonzero()[0, 0])}"
+        fail(fn, f"{name} has {what} values ({where} of {name})")
+    masked = (flat == -math.inf).all(-1)
+    if bool(masked.any()):
+        r = int(masked.nonzero()[0, 0])
+        fail(fn, f"{name}: row {r} is all -inf (every entry masked: no distribution)")
+
+
+#: Parameter names that may hold integer (or bool) tensors: labels, indices, lengths, masks.
+_INT_NAMES = ("labels", "indices", "lengths", "mask", "ids", "samples", "index")
+
+
+def _int_allowed(name: str) -> bool:
+    return any(k in name for k in _INT_NAMES)
+
+
+def _tensors(name: str, v: Any) -> Iterable[Tuple[str, torch.Tensor]]:
+    if isinstance(v, torch.Tensor):
+        yield name, v
+    elif isinstance(v, (list, tuple)) and len(v) <= 64:
+        for i, t in enumerate(v):
+            if isinstance(t, torch.Tensor):
+                yield f"{name}[{i}]", t
+
+
+def _prefix(fn: str, msg: str) -> str:
+    """The message with ``fn: `` in front; a message from another divkit function (``divergence:
+    student_logits ...``) is re-attributed to fn, keeping what it says."""
+    if msg.startswith(fn + ":") or msg.startswith(fn + "("):
+        return msg
+    head, sep, rest = msg.partition(": ")
+    if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:
+        return f"{fn}: {rest}"
+    return f"{fn}: {msg}"
+
+
+def warn(msg: str, category=RuntimeWarning) -> None:
+    """warnings.warn attributed to the user's line: the first frame outside the divkit package
+    (the wrappers of :func:`public` and inner divkit calls are skipped)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    level, f = 2, sys._getframe(1)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg):
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, category, stacklevel=level)
+
+
+# The public function the user called (the outermost one, when a divkit function calls
+# another), for messages raised later, in backward.
+_OUTER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("divkit_fn", default=None)
+
+
+def outer_name(default: str) -> str:
+    """The public function the user called (set by :func:`public`), else ``default``."""
+    return _OUTER.get() or default
+
+
+@contextlib.contextmanager
+def renamed(names: dict):
+    """Rewrites the argument names in a divkit.Error raised inside (an inner function's
+    ``student_logits`` is the caller's ``policy_logits``), so that the message names the
+    caller's argument."""
+    try:
+        yield
+    except Error as e:
+        msg = str(e)
+        for old, new in names.items():
+            msg = re.sub(rf"\b{re.escape(old)}\b", new, msg)
+        raise (ArgTypeError if isinstance(e, ArgTypeError) else Error)(msg) from None
+
+
+def public(
+    fn: str,
+    *,
+    finite_args: Sequence[str] = (),
+    logits_args: Sequence[str] = (),
+    ints: Sequence[str] = (),
+) -> Callable:
+    """Decorates a public function (or a public class's ``__init__`` / ``forward``) with the
+    shared checks of the error policy:
+
+    * tensors: none complex; integer or bool only for names that hold labels, indices,
+      lengths or masks (or are listed in ``ints``); all on one device, none on ``meta``;
+    * ``finite_args``: no NaN / inf values; ``logits_args``: no NaN / +inf, -inf allowed as
+      masked entries but no row of only -inf (for the inputs computed in torch: a C++ kernel
+      checks its own);
+    * an exception that is not a divkit.Error becomes one whose message starts with ``fn``; a
+      divkit.Error from another divkit function is re-attributed to ``fn``.
+    """
+
+    def deco(f: Callable) -> Callable:
+        sig = inspect.signature(f)
+
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise ArgTypeError(f"{fn}: {e}") from None
+            device = None
+            tensors = [nt for pname, v in bound.arguments.items() for nt in _tensors(pname, v)]
+            for name, t in tensors:
+                if device is None:
+                    device = (name, t.device)
+                elif t.device != device[1]:
+                    fail(
+                        fn,
+                        f"{name} is on device {t.device}, but {device[0]} is on "
+                        f"{device[1]}: the tensors must be on one device",
+                    )
+            for pname, v in bound.arguments.items():
+                for name, t in _tensors(pname, v):
+                    if t.is_complex():
+                        fail_type(fn, f"{name} has complex dtype {t.dtype}; expected real values")
+                    if not t.is_floating_point() and not (_int_allowed(pname) or pname in ints):
+                        fail_type(
+                            fn,
+                            f"{name} has dtype {t.dtype}; {name} must have a floating dtype "
+                            f"(real values)",
+                        )
+                    if t.device.type == "meta":
+                        fail(fn, f"{name} is a meta tensor (no data); divkit computes on values")
+            for pname in finite_args:
+                for name, t in _tensors(pname, bound.arguments.get(pname)):
+                    finite(fn, name, t)
+            for pname in logits_args:
+                for name, t in _tensors(pname, bound.arguments.get(pname)):
+                    finite(fn, name, t, logits=True)
+            token = _OUTER.set(fn) if _OUTER.get() is None else None
+            try:
+                return f(*args, **kwargs)
+            except ArgTypeError as e:
+                raise ArgTypeError(_prefix(fn, str(e))) from None
+            except Error as e:
+                raise Error(_prefix(fn, str(e))) from None
+            except (
+                TypeError,
+                ValueError,
+                IndexError,
+                KeyError,
+                AttributeError,
+                ZeroDivisionError,
+                OverflowError,
+                NotImplementedError,
+                RuntimeError,
+            ) as e:
+                if isinstance(e, RuntimeError) and "out of memory" in str(e):
+                    raise
+                raise Error(f"{fn}: invalid arguments ({type(e).__name__}: {e})") from e
+            finally:
+                if token is not None:
+                    _OUTER.reset(token)
+
+        wrapper.__signature__ = sig
+        return wrapper
+
+    return deco

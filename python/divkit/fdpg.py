@@ -60,7 +60,11 @@ class FDPGStats(NamedTuple):
     divergence: float
 
 
-def _alpha_kind(divergence: str, alpha: float) -> str:
+def _alpha_kind(divergence: str, alpha: float, fn: str = "fdpg_f") -> str:
+    divergence = check.string(fn, "divergence", divergence, choices=FDPG_DIVERGENCES)
+    alpha = check.real(fn, "alpha", alpha)
+    if not math.isfinite(alpha):
+        check.fail(fn, f"alpha must be finite, got {alpha:g}")
     if divergence != "alpha":
         return divergence
     if alpha == 1.0:
@@ -70,10 +74,11 @@ def _alpha_kind(divergence: str, alpha: float) -> str:
     return "alpha"
 
 
+@check.public("fdpg_f_prime", finite_args=("log_t",))
 def fdpg_f_prime(log_t: torch.Tensor, divergence: str, alpha: float = 0.5) -> torch.Tensor:
     """``f'(t)`` as a function of ``log t = log pi(x) - log p(x)`` (see the module's table),
     elementwise, in the dtype of log_t."""
-    kind = _alpha_kind(divergence, alpha)
+    kind = _alpha_kind(divergence, alpha, "fdpg_f_prime")
     if kind == "forward_kl":
         return -torch.exp(-log_t)
     if kind == "reverse_kl":
@@ -85,6 +90,7 @@ def fdpg_f_prime(log_t: torch.Tensor, divergence: str, alpha: float = 0.5) -> to
     return -torch.expm1(-alpha * log_t) / alpha
 
 
+@check.public("fdpg_f", finite_args=("log_t",))
 def fdpg_f(log_t: torch.Tensor, divergence: str, alpha: float = 0.5) -> torch.Tensor:
     """``f(t)`` (with f(1) = 0) as a function of ``log t``, so that
     ``D_f(pi || p) = E_p[f(pi/p)]``."""
@@ -103,6 +109,7 @@ def fdpg_f(log_t: torch.Tensor, divergence: str, alpha: float = 0.5) -> torch.Te
     return (1.0 - torch.exp((1.0 - a) * log_t) + (1.0 - a) * (t - 1.0)) / (a * (1.0 - a))
 
 
+@check.public("fdpg_loss")
 def fdpg_loss(
     policy_logps: torch.Tensor,
     proposal_logps: torch.Tensor,
@@ -171,7 +178,8 @@ def fdpg_loss(
             check.fail(fn, f"log_z must be finite, got {lz:g}")
 
     log_t = lp64 - (ls64 - lz)  # +inf where P(x) = 0
-    fp = fdpg_f_prime(log_t, divergence, alpha)
+    # The unchecked forms: log_t is +inf where P(x) = 0, which the public functions reject.
+    fp = fdpg_f_prime.__wrapped__(log_t, divergence, alpha)
     if not bool(torch.isfinite(fp).all()):
         check.fail(
             fn,
@@ -194,6 +202,12 @@ def fdpg_loss(
             check.fail(fn, f"baseline must be finite, got {bv:g}")
         b = torch.full_like(fp, bv)
     w = torch.exp(lp64 - lq64)
+    if not bool(torch.isfinite(w).all()):
+        check.fail(
+            fn,
+            "the importance weights pi(x)/q(x) overflow float64 (policy_logps - proposal_logps "
+            "> 709 for some sample): q does not cover pi",
+        )
     coef = w * (fp - b)
     loss = (coef.to(lp.dtype) * lp).mean()
     if not return_stats:
@@ -201,7 +215,9 @@ def fdpg_loss(
     # D_f(pi || p) = E_q[(p/q) f(pi/p)]: samples with P(x) = 0 add 0 (the estimate leaves out
     # the part of D_f from the mass pi puts where p = 0).
     pq = torch.exp(ls64 - lz - lq64)
-    fv = torch.where(pq > 0, fdpg_f(torch.where(pq > 0, log_t, 0.0), divergence, alpha), 0.0)
+    fv = torch.where(
+        pq > 0, fdpg_f.__wrapped__(torch.where(pq > 0, log_t, 0.0), divergence, alpha), 0.0
+    )
     div = float((pq * fv).mean())
     stats = FDPGStats(-fp, -(fp - b), w, lz, div)
     return loss, stats

@@ -52,6 +52,7 @@ def _args(fn, x, y, w, y_optional):
     return x, y, _weights(fn, w, x.shape[0])
 
 
+@check.public("kde_log_density")
 def kde_log_density(
     x: torch.Tensor, y: torch.Tensor, bandwidth: float, w: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -70,6 +71,7 @@ def kde_log_density(
     return out
 
 
+@check.public("kde_log_likelihood")
 def kde_log_likelihood(
     x: torch.Tensor,
     bandwidth: float,
@@ -99,6 +101,7 @@ class KdeBandwidthResult(NamedTuple):
     grid_log_likelihoods: List[float]
 
 
+@check.public("kde_bandwidth")
 def kde_bandwidth(
     x: torch.Tensor,
     y: Optional[torch.Tensor] = None,

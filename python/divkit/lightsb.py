@@ -65,6 +65,7 @@ def _log_v(y, log_alpha, r, log_s, eps):
     return torch.log_softmax(log_alpha, 0)[None, :] + logn
 
 
+@check.public("lightsb_objective", finite_args=("x", "y", "log_alpha", "r", "log_s"))
 def lightsb_objective(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -108,6 +109,7 @@ class LightSB(nn.Module):
     dim: d; n_potentials: K; epsilon: the Wiener prior's volatility (the entropic
     regularization of OT with cost |x - y|^2 / 2); dtype: the parameters' dtype."""
 
+    @check.public("LightSB")
     def __init__(
         self,
         dim: int,
@@ -118,8 +120,8 @@ class LightSB(nn.Module):
     ) -> None:
         super().__init__()
         fn = "LightSB"
-        d = check.integer(fn, "dim", dim, min=1)
-        k = check.integer(fn, "n_potentials", n_potentials, min=1)
+        d = check.size(fn, "dim", dim)
+        k = check.size(fn, "n_potentials", n_potentials)
         self.epsilon = check.positive(fn, "epsilon", epsilon)
         if dtype not in (torch.float32, torch.float64):
             check.fail(fn, f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -127,17 +129,20 @@ class LightSB(nn.Module):
         self.r = nn.Parameter(torch.randn(k, d, dtype=dtype))
         self.log_s = nn.Parameter(torch.full((k, d), math.log(0.1), dtype=dtype))
 
+    @check.public("LightSB.objective", finite_args=("x", "y"))
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """:func:`lightsb_objective` at the current parameters."""
         return lightsb_objective(x, y, self.log_alpha, self.r, self.log_s, self.epsilon)
 
     forward = objective
 
+    @check.public("LightSB.log_potential", finite_args=("y",))
     def log_potential(self, y: torch.Tensor) -> torch.Tensor:
         """``log v_theta(y)`` [m] for y [m, d]."""
         y = check.tensor("LightSB.log_potential", "y", y, ndim=(2,), cpu=False)
         return torch.logsumexp(_log_v(y, self.log_alpha, self.r, self.log_s, self.epsilon), 1)
 
+    @check.public("LightSB.conditional", finite_args=("x",))
     def conditional(self, x: torch.Tensor) -> LightSBConditional:
         """The Gaussian-mixture conditional plans pi_theta(y | x_i) for x [n, d]."""
         fn = "LightSB.conditional"

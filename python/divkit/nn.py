@@ -57,6 +57,7 @@ class DivergenceLoss(torch.nn.Module):
         loss = loss_fn(student_logits, teacher_logits, labels=labels)
     """
 
+    @check.public("DivergenceLoss")
     def __init__(self, kind: str = "forward_kl", **options: Any) -> None:
         super().__init__()
         fn = "DivergenceLoss"
@@ -87,6 +88,7 @@ class DivergenceLoss(torch.nn.Module):
         self.kind = kind
         self.options = {name: merged[name] for name in _OPTION_DEFAULTS}
 
+    @check.public("DivergenceLoss")
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -146,6 +148,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                        labels)
     """
 
+    @check.public("FusedLinearDistillationLoss")
     def __init__(self, kind: str = "forward_kl", **options: Any) -> None:
         super().__init__()
         fn = "FusedLinearDistillationLoss"
@@ -161,6 +164,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             check.boolean(fn, "scale_by_t_squared", o["scale_by_t_squared"]),
         )
 
+    @check.public("FusedLinearDistillationLoss")
     def forward(
         self,
         student_hidden,
@@ -220,11 +224,13 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         loss = loss_fn(model.lm_head.weight, hidden_states, labels)
     """
 
+    @check.public("FusedLinearCrossEntropyLoss")
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.options = _merge_options("FusedLinearCrossEntropyLoss", options, _CE_DEFAULTS)
         _device.backend("FusedLinearCrossEntropyLoss", self.options["backend"])
 
+    @check.public("FusedLinearCrossEntropyLoss")
     def forward(self, weight, hidden, labels, bias=None, num_items_in_batch=None):
         return fused_linear_cross_entropy(
             hidden, weight, labels, bias, num_items_in_batch=num_items_in_batch, **self.options

@@ -19,7 +19,6 @@ result and as a ``RuntimeWarning``, never hidden.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -148,6 +147,7 @@ def _weights(fn, name, w, lead, batched):
     return w if batched else w.unsqueeze(0)
 
 
+@check.public("sinkhorn")
 def sinkhorn(
     x: Optional[torch.Tensor],
     y: Optional[torch.Tensor],
@@ -206,7 +206,7 @@ def sinkhorn(
     """
     fn = "sinkhorn"
     _device.route(fn, fn, backend, (("x", x), ("y", y), ("a", a), ("b", b), ("cost", cost)))
-    eps = check.real(fn, "eps", eps)
+    eps = check.positive(fn, "eps", eps)
     p = check.integer(fn, "p", p)
     tol = check.real(fn, "tol", tol)
     max_iter = check.integer(fn, "max_iter", max_iter)
@@ -235,7 +235,7 @@ def sinkhorn(
         int(cache_mib * 2**20),
         bool(symmetric),
         bool(return_plan),
-        bool(warn),
+        check.boolean(fn, "warn", warn),
         fn,
     )
 
@@ -275,12 +275,10 @@ def sinkhorn(
     f, g, plan = box["f"].to(dt), box["g"].to(dt), box["plan"] if return_plan else None
     if warn and not bool(conv.all()):
         bad = [i for i in range(B) if not stats[i][5]]
-        warnings.warn(
+        check.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations for "
             f"{len(bad)} of {B} problem(s) (marginal error {max(stats[i][4] for i in bad):.3g}"
             f" > tol {tol:g}); increase max_iter or eps, or use eps_scaling",
-            RuntimeWarning,
-            stacklevel=2,
         )
     if not batched:
         return SinkhornResult(
@@ -296,6 +294,7 @@ def sinkhorn(
     return SinkhornResult(f, g, tc, reg, n_iter, err, conv, plan)
 
 
+@check.public("sinkhorn_divergence")
 def sinkhorn_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -323,6 +322,7 @@ def sinkhorn_divergence(
     return xy - 0.5 * xx - 0.5 * yy
 
 
+@check.public("sinkhorn_kd_loss")
 def sinkhorn_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -367,6 +367,7 @@ def sinkhorn_kd_loss(
     return (res.plan.to(W.dtype) * W).sum()
 
 
+@check.public("monge_gap")
 def monge_gap(
     x: torch.Tensor,
     mapped: torch.Tensor,
@@ -443,6 +444,7 @@ def _sparse_ot_apply(
     return grads_in_forward(run, (a, b, cost), Scaling(fp64=True, fn="sparse_ot"))
 
 
+@check.public("sparse_ot")
 def sparse_ot(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -489,6 +491,7 @@ def sparse_ot(
     if b.shape[0] != m:
         check.fail(fn, f"b must have shape [{m}] (cost's columns), got {tuple(b.shape)}")
     gamma = check.real(fn, "gamma", gamma)
+    warn = check.boolean(fn, "warn", warn)
     if k is None:
         kk = 0
     else:
@@ -500,7 +503,7 @@ def sparse_ot(
     box: dict = {}
     reg = _sparse_ot_apply(a, b, C, gamma, kk, tol, max_iter, box)
     if warn and not box["conv"]:
-        warnings.warn(
+        check.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations (marginal error "
             f"{box['err']:.3g} > tol {tol:g}); increase max_iter or gamma"
             + (
@@ -508,8 +511,6 @@ def sparse_ot(
                 if kk
                 else ""
             ),
-            RuntimeWarning,
-            stacklevel=2,
         )
     return SparseOTResult(
         box["plan"].to(C.dtype),
@@ -554,6 +555,7 @@ def _sample_args(fn, x, y, a, b):
     return x, y, a, b
 
 
+@check.public("mmd")
 def mmd(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -570,9 +572,10 @@ def mmd(
     computed in float64 with O(n + m) memory; differentiable in x and y."""
     fn = "mmd"
     x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _sample_div_apply(x, y, a, b, "mmd", kernel, check.real(fn, "sigma", sigma))
+    return _sample_div_apply(x, y, a, b, "mmd", kernel, check.positive(fn, "sigma", sigma))
 
 
+@check.public("cs_divergence")
 def cs_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -588,7 +591,7 @@ def cs_divergence(
     identical samples; +inf when the cross term underflows. Differentiable in x and y."""
     fn = "cs_divergence"
     x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _sample_div_apply(x, y, a, b, "cs", "gaussian", check.real(fn, "sigma", sigma))
+    return _sample_div_apply(x, y, a, b, "cs", "gaussian", check.positive(fn, "sigma", sigma))
 
 
 # Sample-based measures built on the OT toolbox, in their own modules: the Gaussian KDE with its

@@ -36,6 +36,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "kl", "mse", "low_var_kl")
 _ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
+@check.public("kl_estimator", finite_args=("logprobs", "ref_logprobs"))
 def kl_estimator(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3", *, clamp: bool = False
 ) -> torch.Tensor:
@@ -78,7 +79,7 @@ def kl_estimator(
         _C.kl_estimator(a, b, kind, clamp, out, go, *g)
         return (out.reshape(shape).to(device, out_dtype),), _shaped(g, inputs)
 
-    return recompute_in_backward(run, (logprobs, ref_logprobs))[0]
+    return recompute_in_backward(run, (logprobs, ref_logprobs), fn=fn)[0]
 
 
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,6 +93,7 @@ def _shaped(grads, inputs):
     )
 
 
+@check.public("exact_kl")
 def exact_kl(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -111,15 +113,24 @@ def exact_kl(
     kinds = {"policy_ref": "reverse_kl", "ref_policy": "forward_kl"}
     if direction not in kinds:
         check.fail(fn, f"unknown direction '{direction}' (valid: policy_ref, ref_policy)")
-    return divergence(
-        policy_logits,
-        ref_logits,
-        kinds[direction],
-        labels=labels,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        reduction="none",
-    )
+    if isinstance(policy_logits, torch.Tensor) and policy_logits.dim() >= 1:
+        check.labels(
+            fn,
+            labels,
+            policy_logits.shape[:-1],
+            vocab=policy_logits.shape[-1],
+            ignore_index=check.integer(fn, "ignore_index", ignore_index),
+        )
+    with check.renamed({"student_logits": "policy_logits", "teacher_logits": "ref_logits"}):
+        return divergence(
+            policy_logits,
+            ref_logits,
+            kinds[direction],
+            labels=labels,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            reduction="none",
+        )
 
 
 def _head_rows(n_vocab: int, chunk_size: Optional[int]) -> int:
@@ -172,6 +183,7 @@ def _chunked_head_divergence(
     return torch.cat(outs).reshape(lead)
 
 
+@check.public("exact_kl_fused")
 def exact_kl_fused(
     policy_hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -237,6 +249,7 @@ def exact_kl_fused(
     )
 
 
+@check.public("ensemble_rewards", finite_args=("rewards",))
 def ensemble_rewards(
     rewards: torch.Tensor, method: str = "mean", *, uwo_lambda: float = 0.5, dim: int = 0
 ) -> torch.Tensor:
@@ -268,9 +281,10 @@ def ensemble_rewards(
             g = g.reshape(*lead, e).movedim(-1, dim).to(device, inputs[0].dtype)
         return (out.reshape(lead).to(device, out_dtype),), (g,)
 
-    return recompute_in_backward(run, (rewards,))[0]
+    return recompute_in_backward(run, (rewards,), fn=fn)[0]
 
 
+@check.public("calibrate_reward", finite_args=("rewards", "ref_rewards"))
 def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
     """InfAlign's calibrated reward (Balashankar et al. 2024, CTRL): the empirical CDF of the
     reference policy's rewards at r, ``C(x, y) = (1/M) #{j : r(x, y'_j) <= r(x, y)}`` with
@@ -300,6 +314,7 @@ def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.
     return c.squeeze(-1) if squeeze else c
 
 
+@check.public("infalign_transform", finite_args=("calibrated",))
 def infalign_transform(
     calibrated: torch.Tensor, t: float, *, scenario: Optional[str] = None
 ) -> torch.Tensor:
@@ -331,9 +346,10 @@ def infalign_transform(
         _C.infalign_transform(_flat(inputs[0], dtype), t, out, go, g)
         return (out.reshape(shape).to(device, out_dtype),), _shaped([g], inputs)
 
-    return recompute_in_backward(run, (u,))[0]
+    return recompute_in_backward(run, (u,), fn=fn)[0]
 
 
+@check.public("best_of_n", logits_args=("rewards",))
 def best_of_n(rewards: torch.Tensor, samples=None):
     """Best-of-N selection: for ``rewards`` ``[B, N]``, the index and the reward of the best of
     the N samples per prompt (first index on ties), and, when ``samples`` is given (a tensor
@@ -363,6 +379,7 @@ def best_of_n(rewards: torch.Tensor, samples=None):
     return idx, best, chosen
 
 
+@check.public("model_soup")
 def model_soup(
     state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Optional[Sequence[float]] = None
 ) -> Dict[str, torch.Tensor]:
@@ -409,6 +426,7 @@ def model_soup(
     return out
 
 
+@check.public("topk_entropy_mass", logits_args=("logits",))
 def topk_entropy_mass(
     logits: torch.Tensor,
     k: int,
@@ -430,9 +448,7 @@ def topk_entropy_mass(
     fn = "topk_entropy_mass"
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
         check.fail(fn, f"k must be an int in [1, V = {logits.shape[-1]}], got {k}")
-    temperature = check.real(fn, "temperature", temperature)
-    if not temperature > 0:
-        check.fail(fn, f"temperature must be > 0, got {temperature:g}")
+    temperature = check.positive(fn, "temperature", temperature)
     with torch.no_grad():
         x = logits if logits.dtype == torch.float64 else logits.float()
         logp = torch.log_softmax(x / temperature, -1)
@@ -444,14 +460,16 @@ def topk_entropy_mass(
         if labels is None:
             mask = torch.ones_like(mass, dtype=torch.bool)
         else:
-            if labels.shape != mass.shape:
-                check.fail(fn, f"labels must have shape {tuple(mass.shape)}")
-            mask = labels != ignore_index
+            lab = check.labels(
+                fn, labels, mass.shape, vocab=logits.shape[-1], ignore_index=int(ignore_index)
+            )
+            mask = (lab != ignore_index).reshape(mass.shape)
         entropy, mass = entropy * mask, mass * mask
         count = mask.sum().clamp(min=1)
         return entropy, mass, entropy.sum() / count, mass.sum() / count
 
 
+@check.public("gradient_entanglement", finite_args=("chosen_logp", "rejected_logp"))
 def gradient_entanglement(
     chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, params: Iterable[torch.Tensor]
 ) -> Dict[str, float]:

@@ -79,6 +79,7 @@ def _teacher_fixed(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
     return check.no_grad(fn, name, x, "divkit computes no gradient with respect to the teacher")
 
 
+@check.public("sparse_divergence")
 def sparse_divergence(
     student_logits: torch.Tensor,
     teacher_indices: torch.Tensor,
@@ -224,6 +225,7 @@ def sparse_divergence(
     return _apply(fn, student, kernel, cfg, (("teacher_indices", idx), ("teacher_logprobs", lp)))
 
 
+@check.public("topk_divergence")
 def topk_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

@@ -41,6 +41,7 @@ class WDMOutput(NamedTuple):
     penalty: torch.Tensor
 
 
+@check.public("wdm_critic")
 def wdm_critic(
     in_dim: int, hidden: Sequence[int] = (128, 128), *, spectral_norm: bool = False
 ) -> nn.Module:
@@ -48,8 +49,8 @@ def wdm_critic(
     ``spectral_norm=True`` every linear layer is spectrally normalized, which makes the critic
     (approximately, through the power iteration) 1-Lipschitz."""
     fn = "wdm_critic"
-    d = check.integer(fn, "in_dim", in_dim, min=1)
-    sizes = [check.integer(fn, "hidden", h, min=1) for h in hidden]
+    d = check.size(fn, "in_dim", in_dim)
+    sizes = [check.size(fn, "hidden", h) for h in hidden]
     sn = check.boolean(fn, "spectral_norm", spectral_norm)
 
     def linear(a: int, b: int) -> nn.Module:
@@ -73,6 +74,7 @@ def _cyclic_permutation(n: int, device, generator: Optional[torch.Generator]) ->
     return s
 
 
+@check.public("wasserstein_dependency", finite_args=("x", "y"))
 def wasserstein_dependency(
     critic: nn.Module,
     x: torch.Tensor,
@@ -125,6 +127,7 @@ class WassersteinDependency(nn.Module):
     :func:`wasserstein_dependency`. ``lipschitz='spectral_norm'`` builds a spectrally normalized
     critic and no penalty; ``'gradient_penalty'`` an unconstrained critic and the penalty."""
 
+    @check.public("WassersteinDependency")
     def __init__(
         self,
         x_dim: int,
@@ -136,12 +139,13 @@ class WassersteinDependency(nn.Module):
     ) -> None:
         super().__init__()
         fn = "WassersteinDependency"
-        dx = check.integer(fn, "x_dim", x_dim, min=1)
-        dy = check.integer(fn, "y_dim", y_dim, min=1)
+        dx = check.size(fn, "x_dim", x_dim)
+        dy = check.size(fn, "y_dim", y_dim)
         self.lipschitz = check.string(fn, "lipschitz", lipschitz, choices=_LIPSCHITZ)
         self.gp_weight = check.nonnegative(fn, "gp_weight", gp_weight)
         self.critic = wdm_critic(dx + dy, hidden, spectral_norm=self.lipschitz == "spectral_norm")
 
+    @check.public("WassersteinDependency", finite_args=("x", "y"))
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None
     ) -> WDMOutput:

@@ -775,7 +775,7 @@ def test_row_entropy_matches_torch_and_fp16():
 
 def test_bad_input_raises_clear_errors():
     s, t, y = _logits(3, 5, 50), _logits(3, 5, 51), torch.tensor([0, 1, 2])
-    with pytest.raises(divkit.Error, match="nkd: labels\\[1\\] = 7 is out of range"):
+    with pytest.raises(divkit.Error, match="nkd_loss: labels\\[1\\] = 7 is out of range"):
         D.nkd_loss(s, t, torch.tensor([0, 7, 1]))
     with pytest.raises(divkit.Error, match="labels is required"):
         D.nkd_loss(s, t, None)
@@ -836,9 +836,11 @@ def test_bad_input_raises_clear_errors():
         D.ddk_domain_weights([1.0, 2.0], [1.0, 1.0], [0.9, 0.9])
     with pytest.raises(divkit.Error, match="num_old must be an int in \\[1, 9\\]"):
         D.weight_aligning(torch.randn(10, 3), 10)
-    with pytest.raises(divkit.Error, match="uscd: filter_ratio must be finite and >= 0"):
+    with pytest.raises(divkit.Error, match="uscd_logits: filter_ratio must be finite and >= 0"):
         D.uscd_logits(s, t, filter_ratio=-0.5)
-    with pytest.raises(divkit.Error, match="uscd: lame_weight must be finite and >= 0"):
+    with pytest.raises(
+        divkit.Error, match="USCDLogitsProcessor: lame_weight must be finite and >= 0"
+    ):
         D.USCDLogitsProcessor(lame_weight=-1.0)
     with pytest.raises(divkit.Error, match="DACKLBounds: k must be an int >= 1"):
         D.DACKLBounds(k=0)

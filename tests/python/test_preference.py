@@ -471,7 +471,7 @@ def test_bad_input():
         divkit.tdpo_loss(pcl, prl, rcl, rrl, cl, rl, beta=0)
     with pytest.raises(ValueError, match="batch sizes disagree"):
         divkit.tdpo_loss(pcl, prl[:1], rcl, rrl, cl, rl)
-    with pytest.raises(ValueError, match="labels must have shape"):
+    with pytest.raises(ValueError, match="chosen_labels has shape"):
         divkit.tdpo_loss(pcl, prl, rcl, rrl, cl[:, :3], rl)
     with pytest.raises(ValueError, match="k >= 2"):
         divkit.hypo_loss(

@@ -209,7 +209,7 @@ def test_exact_kl_fused_equals_exact_kl(direction, ref_mode):
 def test_fused_bad_input():
     x = batch(40)
     rcl, rrl = logits(x["rhc"], x["rw"], None), logits(x["rhr"], x["rw"], None)
-    with pytest.raises(ValueError, match="either ref_logits or ref_hidden"):
+    with pytest.raises(ValueError, match="either ref_chosen_logits or ref_chosen_hidden"):
         divkit.tdpo_loss_fused(x["hc"], x["hr"], x["w"], x["cl"], x["rl"])
     with pytest.raises(ValueError, match="lm_head_weight"):
         divkit.tdpo_loss_fused(
@@ -231,7 +231,7 @@ def test_fused_bad_input():
             ref_chosen_logits=rcl,
             ref_rejected_logits=rrl,
         )
-    with pytest.raises(ValueError, match="ref_logits must have shape"):
+    with pytest.raises(ValueError, match="ref_chosen_logits must have shape"):
         divkit.sparsepo_loss_fused(
             x["hc"],
             x["hr"],

@@ -51,7 +51,8 @@ def valid(labels: Optional[torch.Tensor], ignore_index: int, n: int) -> torch.Te
 
 
 def reduce(per_row: torch.Tensor, valid: torch.Tensor, lead: torch.Size, reduction: str):
-    """none: [...]; sum; mean: over the non-ignored rows; batchmean: over all N rows."""
+    """none: [...]; sum; mean: over the non-ignored rows; batchmean: over all N rows. Over zero
+    rows (all ignored, or N = 0) mean and batchmean are 0, as the core's reduction."""
     if reduction == "none":
         return per_row.reshape(lead)
     total = per_row.sum()
@@ -63,7 +64,8 @@ def reduce(per_row: torch.Tensor, valid: torch.Tensor, lead: torch.Size, reducti
 
 
 def reduce_samples(per: torch.Tensor, reduction: str):
-    """The reduction of a per-sample loss [N] without ignored samples (mean = batchmean)."""
+    """The reduction of a per-sample loss [N] without ignored samples (mean = batchmean); the
+    mean of zero samples is 0 (the core's rule), not NaN."""
     if reduction == "none":
         return per
-    return per.sum() if reduction == "sum" else per.mean()
+    return per.sum() if reduction == "sum" else per.sum() / max(per.numel(), 1)

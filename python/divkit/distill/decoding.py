@@ -29,6 +29,7 @@ class USCDResult(NamedTuple):
     applied: torch.Tensor  # [...] bool: where the contrast was applied
 
 
+@check.public("uscd_logits")
 def uscd_logits(
     standard_logits: torch.Tensor,
     lame_logits: torch.Tensor,
@@ -85,6 +86,7 @@ class USCDLogitsProcessor:
     returns the scores to sample from (see :func:`uscd_logits`). Run the model on both prompts
     each step and feed the chosen token to both."""
 
+    @check.public("USCDLogitsProcessor")
     def __init__(
         self,
         lame_weight: float = 0.7,
@@ -105,6 +107,7 @@ class USCDLogitsProcessor:
             filter_ratio=filter_ratio,
         )
 
+    @check.public("USCDLogitsProcessor")
     def __call__(self, standard_logits: torch.Tensor, lame_logits: torch.Tensor) -> torch.Tensor:
         return uscd_logits(
             standard_logits,

@@ -19,6 +19,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("teacher_class_means", finite_args=("features",))
 def teacher_class_means(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
@@ -37,6 +38,7 @@ def teacher_class_means(
     return sums / counts[:, None]
 
 
+@check.public("nd_loss", finite_args=("student_features", "teacher_features", "class_means"))
 def nd_loss(
     student_features: torch.Tensor,
     teacher_features: torch.Tensor,

@@ -20,6 +20,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("weight_aligning", finite_args=("weight", "bias"))
 def weight_aligning(weight: torch.Tensor, num_old: int, bias: Optional[torch.Tensor] = None):
     r"""Weight Aligning for class-incremental learning.
 
@@ -56,6 +57,7 @@ def weight_aligning(weight: torch.Tensor, num_old: int, bias: Optional[torch.Ten
         return w, b, gamma
 
 
+@check.public("weight_align_")
 def weight_align_(linear: nn.Linear, num_old: int) -> float:
     """In-place Weight Aligning of an ``nn.Linear`` classifier (see :func:`weight_aligning`);
     returns gamma."""

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 
+@check.public("row_entropy")
 def row_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Entropy H(softmax(logits / T)) in nats per row of ``[..., V]`` logits (no gradient),
     computed by divkit's C++ kernel. Returns ``[...]`` float32 (float64 for float64 logits)."""
@@ -54,6 +55,7 @@ def row_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("bdkd_loss")
 def bdkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -119,7 +121,7 @@ def bdkd_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def _nkd_rows(s, t, lab, ignore_index: int, tau: float, dtype):
+def _nkd_rows(s, t, lab, ignore_index: int, tau: float, dtype, fn: str = "nkd_loss"):
     """NKD's target and non-target terms per row [N], both differentiable in the student (the
     kernel recomputes the gradient in backward from the two upstream gradients)."""
     n = s.shape[0]
@@ -142,7 +144,7 @@ def _nkd_rows(s, t, lab, ignore_index: int, tau: float, dtype):
         _C.nkd_rows(student, t, lab, ignore_index, tau, target, nontarget, a, b, grad)
         return (target, nontarget), (grad,)
 
-    return recompute_in_backward(run, (s,), n_diff=2)
+    return recompute_in_backward(run, (s,), n_diff=2, fn=fn)
 
 
 def _nkd_terms(fn, student_logits, teacher_logits, labels, temperature, ignore_index):
@@ -153,10 +155,22 @@ def _nkd_terms(fn, student_logits, teacher_logits, labels, temperature, ignore_i
     t = _rows(t.detach(), n, s.shape[1])
     lab = common.labels(fn, labels, lead, n, True)
     tau = check.positive(fn, "temperature", temperature)
-    target, nontarget = _nkd_rows(s, t, lab, int(ignore_index), tau, common.out_dtype(s, t))
+    target, nontarget = _nkd_rows(s, t, lab, int(ignore_index), tau, common.out_dtype(s, t), fn)
+    # The non-target distributions are renormalized over j != y: not defined when every
+    # non-target logit of a row is -inf (the kernel checks whole rows only). Checked on the [N]
+    # outputs, not by another pass over the logits.
+    bad = torch.isnan(target.detach()) | torch.isnan(nontarget.detach())
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        check.fail(
+            fn,
+            f"row {r}: every non-target logit of student_logits or teacher_logits is -inf (the "
+            f"non-target distribution over j != labels[{r}] is not defined)",
+        )
     return target, nontarget, lab, lead, n, tau
 
 
+@check.public("nkd_loss")
 def nkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -194,6 +208,7 @@ def nkd_loss(
     return common.reduce(per_row, common.valid(lab, ignore_index, n), lead, reduction)
 
 
+@check.public("uskd_soft_labels", logits_args=("student_logits", "weak_logits"))
 def uskd_soft_labels(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -255,6 +270,7 @@ def uskd_soft_labels(
     return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
 
 
+@check.public("uskd_loss")
 def uskd_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -336,7 +352,7 @@ def _smoothed_one_hot(labels: torch.Tensor, c: int, eps: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_loss(s: torch.Tensor, kernel, dtype) -> torch.Tensor:
+def _row_loss(s: torch.Tensor, kernel, dtype, fn: str) -> torch.Tensor:
     """A per-row loss [N] from a C++ kernel ``kernel(student, out, coef, grad)``; backward
     recomputes with coef = the upstream gradient, so that no [N, V] buffer is kept between the
     passes."""
@@ -352,9 +368,10 @@ def _row_loss(s: torch.Tensor, kernel, dtype) -> torch.Tensor:
         kernel(student, out, grad_out.to(dtype).contiguous(), grad)
         return (out,), (grad,)
 
-    return recompute_in_backward(run, (s,))[0]
+    return recompute_in_backward(run, (s,), fn=fn)[0]
 
 
+@check.public("ofa_loss")
 def ofa_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -391,7 +408,7 @@ def ofa_loss(
     def run(student, out, coef, grad):
         _C.ofa_rows(student, t, lab, ii, eps, temperature, out, coef, grad)
 
-    per_row = _row_loss(s, run, common.out_dtype(s, t))
+    per_row = _row_loss(s, run, common.out_dtype(s, t), fn)
     return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)
 
 
@@ -401,7 +418,16 @@ def ofa_loss(
 
 
 def _clipped_kl_rows(
-    s, lower, upper, t, lab, ignore_index: int, temperature: float, sharpness: float, dtype
+    s,
+    lower,
+    upper,
+    t,
+    lab,
+    ignore_index: int,
+    temperature: float,
+    sharpness: float,
+    dtype,
+    fn: str = "dac_kl_loss",
 ) -> torch.Tensor:
     """The clipped KL per row [N], differentiable in the student and in both bounds (recomputed
     in backward)."""
@@ -452,9 +478,10 @@ def _clipped_kl_rows(
             g_hi = g_hi.to(hi.dtype)
         return (out,), (grad, g_lo, g_hi)
 
-    return recompute_in_backward(run, (s, lower, upper))[0]
+    return recompute_in_backward(run, (s, lower, upper), fn=fn)[0]
 
 
+@check.public("dac_kl_mass_bounds")
 def dac_kl_mass_bounds(
     teacher_logits: torch.Tensor,
     *,
@@ -481,6 +508,7 @@ def dac_kl_mass_bounds(
     return lo.reshape(lead), hi.reshape(lead)
 
 
+@check.public("dac_kl_loss")
 def dac_kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -528,6 +556,9 @@ def dac_kl_loss(
         lower, upper = dac_kl_mass_bounds(
             t, mass_lo=mass_lo, mass_hi=mass_hi, temperature=temperature
         )
+        # A region of one token (its probability alone reaches mass_hi) has lower == upper:
+        # the next float up keeps the same tokens and meets the kernel's lower < upper.
+        upper = torch.where(upper > lower, upper, torch.nextafter(lower, upper.new_tensor(2.0)))
     lo = common.row_values(fn, "lower", lower, lead, n)
     hi = common.row_values(fn, "upper", upper, lead, n)
     per_row = _clipped_kl_rows(
@@ -550,12 +581,11 @@ class DACKLBounds(nn.Module):
     :class:`DACKLLoss`).
     """
 
+    @check.public("DACKLBounds")
     def __init__(self, k: int = 32, hidden: int = 64):
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            check.fail("DACKLBounds", f"k must be an int >= 1, got {k!r}")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            check.fail("DACKLBounds", f"hidden must be an int >= 1, got {hidden!r}")
+        k = check.size("DACKLBounds", "k", k)
+        hidden = check.size("DACKLBounds", "hidden", hidden)
         self.k = k
         self.net = nn.Sequential(nn.Linear(k, hidden), nn.ReLU(), nn.Linear(hidden, 2))
         with torch.no_grad():
@@ -564,6 +594,7 @@ class DACKLBounds(nn.Module):
                 torch.tensor([math.log(1e-3 / (1 - 1e-3)), math.log(0.525 / 0.475)])
             )
 
+    @check.public("DACKLBounds")
     def forward(self, teacher_logits: torch.Tensor, temperature: float = 1.0):
         fn = "DACKLBounds"
         t, lead, n, _ = common.flat(fn, "teacher_logits", teacher_logits)
@@ -582,6 +613,7 @@ class DACKLBounds(nn.Module):
 class DACKLLoss(nn.Module):
     """:func:`dac_kl_loss` with learnable bounds (:class:`DACKLBounds`) and a soft mask."""
 
+    @check.public("DACKLLoss")
     def __init__(
         self,
         k: int = 32,
@@ -597,6 +629,7 @@ class DACKLLoss(nn.Module):
         self.temperature, self.sharpness = temperature, sharpness
         self.reduction, self.ignore_index = reduction, ignore_index
 
+    @check.public("DACKLLoss")
     def forward(self, student_logits, teacher_logits, labels=None):
         lower, upper = self.bounds(teacher_logits, self.temperature)
         return dac_kl_loss(
@@ -617,6 +650,7 @@ class DACKLLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("swing_temperatures")
 def swing_temperatures(
     privacy_scores: torch.Tensor, *, t_min: float = 1.0, t_max: float = 4.0
 ) -> torch.Tensor:
@@ -640,14 +674,22 @@ def swing_temperatures(
     return t_min + (t_max - t_min) * sc
 
 
+@check.public("swing_noise")
 def swing_noise(
     seed: int, shape: Sequence[int], *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """The standard normal noise eps [N, V] that :func:`swing_loss` adds (times noise_std) to
     the tempered teacher logits with this seed (counter-based: the same for any thread count)."""
-    shape = tuple(int(d) for d in shape)
+    seed = check.integer("swing_noise", "seed", seed)
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        check.fail_type(
+            "swing_noise", f"shape must be a sequence of ints, got {check.type_name(shape)}"
+        )
+    shape = tuple(check.integer("swing_noise", "shape", d, min=0) for d in shape)
     if len(shape) < 1:
         check.fail("swing_noise", "shape must have at least one dimension")
+    if math.prod(shape) > 2**40:
+        check.fail("swing_noise", f"shape {shape} has more than 2**40 elements")
     v = shape[-1]
     n = math.prod(shape[:-1])
     out = torch.empty(n, v, dtype=dtype)
@@ -655,6 +697,7 @@ def swing_noise(
     return out.reshape(shape)
 
 
+@check.public("swing_loss")
 def swing_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -696,15 +739,13 @@ def swing_loss(
     temps = common.row_values(fn, "temperatures", temperatures, lead, n)
     temps = temps.detach().double().contiguous()
     noise_std = check.real(fn, "noise_std", noise_std, allow_nan=False)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        check.fail_type(fn, f"seed must be an int, got {check.type_name(seed)}")
-    seed_u = seed & 0xFFFFFFFFFFFFFFFF
+    seed_u = check.integer(fn, "seed", seed) & 0xFFFFFFFFFFFFFFFF
     ii = int(ignore_index)
 
     def run(student, out, coef, grad):
         _C.tempered_kl_rows(student, t, temps, noise_std, seed_u, lab, ii, out, coef, grad)
 
-    per_row = _row_loss(s, run, common.out_dtype(s, t))
+    per_row = _row_loss(s, run, common.out_dtype(s, t), fn)
     if scale_by_t_squared:
         per_row = per_row * (temps * temps).to(per_row.dtype)
     return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)
@@ -715,6 +756,7 @@ def swing_loss(
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("mdcs_consistency_loss", logits_args=("strong_logits", "weak_logits"))
 def mdcs_consistency_loss(
     strong_logits: torch.Tensor,
     weak_logits: torch.Tensor,
@@ -749,9 +791,12 @@ def mdcs_consistency_loss(
     lead = s.shape[:-1]
     n = math.prod(lead)
     lab = common.labels(fn, labels, lead, n, True)
+    check.label_range(
+        fn, "labels", lab, s.shape[-1], check.integer(fn, "ignore_index", ignore_index)
+    )
     temperature = check.positive(fn, "temperature", temperature)
     with torch.no_grad():
-        pred = w.detach().reshape(n, -1).argmax(-1)
+        pred = w.detach().reshape(n, s.shape[-1]).argmax(-1)
         mask = (pred == lab) & (lab != ignore_index)
         cis_labels = torch.where(mask, lab, torch.full_like(lab, ignore_index))
     red = (

@@ -51,6 +51,7 @@ def _ldr_margins(logits, labels, margin):
     return a.scatter(1, labels[:, None], torch.zeros_like(zy))  # a_y = 0
 
 
+@check.public("ldr_kl_loss", logits_args=("logits",))
 def ldr_kl_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -75,7 +76,7 @@ def ldr_kl_loss(
     reduction = check.reduction(fn, reduction)
     logits, labels, n, c = _class_logits(fn, logits, labels)
     margin = check.real(fn, "margin", margin, allow_nan=False)
-    if isinstance(lam, torch.Tensor) and lam.numel() > 1:
+    if isinstance(lam, torch.Tensor) and (lam.numel() > 1 or (lam.dim() == 1 and n == 0)):
         if tuple(lam.shape) != (n,) or bool((lam <= 0).any()):
             check.fail(fn, f"lam must be > 0, a number or a tensor of shape [{n}]")
         lam_t = lam.to(logits.dtype)[:, None]
@@ -87,6 +88,7 @@ def ldr_kl_loss(
     return common.reduce_samples(per, reduction)
 
 
+@check.public("aldr_kl_loss", logits_args=("logits",))
 def aldr_kl_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -149,7 +151,7 @@ def aldr_kl_loss(
     per = ldr_kl_loss(
         logits,
         labels,
-        lam=lam.to(logits.dtype) if n > 1 else float(lam[0]),
+        lam=lam.to(logits.dtype) if n != 1 else float(lam[0]),
         margin=margin,
         reduction="none",
     )
@@ -163,6 +165,7 @@ class ALDRKLLoss(nn.Module):
     ``ALDRLoss_V1`` keeps them: ``loss_fn(logits, labels, ids)`` with ``ids`` [N] the dataset
     indices of the batch (int64, in [0, num_samples)); the buffer starts at lam0."""
 
+    @check.public("ALDRKLLoss")
     def __init__(
         self,
         num_samples: int,
@@ -173,11 +176,11 @@ class ALDRKLLoss(nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            check.fail("ALDRKLLoss", f"num_samples must be an int >= 1, got {num_samples!r}")
+        num_samples = check.size("ALDRKLLoss", "num_samples", num_samples, max=2**31)
         self.alpha, self.lam0, self.margin, self.reduction = alpha, lam0, margin, reduction
         self.register_buffer("lam", torch.full((num_samples,), float(lam0), dtype=torch.float64))
 
+    @check.public("ALDRKLLoss")
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
         if (
             not isinstance(ids, torch.Tensor)
@@ -203,6 +206,7 @@ class ALDRKLLoss(nn.Module):
         return loss
 
 
+@check.public("comp_sum_loss", logits_args=("logits",))
 def comp_sum_loss(
     logits: torch.Tensor, labels: torch.Tensor, *, tau: float = 1.0, reduction: str = "mean"
 ):
@@ -231,6 +235,7 @@ def comp_sum_loss(
     return common.reduce_samples(per, reduction)
 
 
+@check.public("generalized_cross_entropy", logits_args=("logits",))
 def generalized_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, q: float = 0.7, reduction: str = "mean"
 ):
@@ -242,11 +247,14 @@ def generalized_cross_entropy(
     return comp_sum_loss(logits, labels, tau=1 + q, reduction=reduction)
 
 
+@check.public("mae_loss", logits_args=("logits",))
 def mae_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"):
     """Mean absolute error 1 - p_y (the comp-sum loss with tau = 2; Mao et al. 2023)."""
     return comp_sum_loss(logits, labels, tau=2.0, reduction=reduction)
 
 
+# The penalty ||adv_logits - logits|| has no value at a -inf (masked) logit: finite inputs only.
+@check.public("smooth_adversarial_comp_sum_loss", finite_args=("logits", "adv_logits"))
 def smooth_adversarial_comp_sum_loss(
     logits: torch.Tensor,
     adv_logits: torch.Tensor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import warnings
 from typing import Union
 
 import numpy as np
@@ -25,6 +27,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("load_document_logprobs")
 def load_document_logprobs(path: Union[str, os.PathLike]) -> dict:
     """Reads per-document log-probabilities for :func:`miniplm_difference_sampling`.
 
@@ -33,16 +36,41 @@ def load_document_logprobs(path: Union[str, os.PathLike]) -> dict:
     reference [length]``, one document per line (``#`` starts a comment). Returns a dict of
     float64 tensors."""
     fn = "load_document_logprobs"
+    if not isinstance(path, (str, os.PathLike)):
+        check.fail_type(fn, f"path must be a str or os.PathLike, got {check.type_name(path)}")
     path = os.fspath(path)
     if not os.path.exists(path):
         check.fail(fn, f"path {path!r} does not exist")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        # A FIFO or a device would block or never end; a folder is not a table.
+        check.fail(fn, f"path {path!r} is not a regular file")
+    try:
+        d = _read_document_logprobs(fn, path)
+    except check.Error:
+        raise
+    except Exception as e:  # the readers' own errors: a corrupt or foreign file
+        check.fail(fn, f"cannot read {path!r} ({type(e).__name__}: {e})")
+    for k in ("teacher", "reference"):
+        if k not in d:
+            check.fail(fn, f"{path!r} has no {k!r} entry")
+    return d
+
+
+def _read_document_logprobs(fn: str, path: str) -> dict:
     if path.endswith(".npz"):
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             d = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float64)) for k in z.files}
     elif path.endswith(".pt"):
-        d = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in torch.load(path).items()}
+        obj = torch.load(path, weights_only=True)
+        if not isinstance(obj, dict):
+            check.fail(fn, f"{path!r} must hold a dict, got {check.type_name(obj)}")
+        d = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in obj.items()}
     else:
-        arr = np.loadtxt(path, dtype=np.float64, comments="#", ndmin=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": raised below instead
+            arr = np.loadtxt(path, dtype=np.float64, comments="#", ndmin=2)
+        if arr.shape[0] == 0:
+            check.fail(fn, f"{path!r} holds no document (no data line)")
         if arr.shape[1] not in (2, 3):
             check.fail(
                 fn,
@@ -55,12 +83,10 @@ def load_document_logprobs(path: Union[str, os.PathLike]) -> dict:
         }
         if arr.shape[1] == 3:
             d["lengths"] = torch.from_numpy(arr[:, 2].copy())
-    for k in ("teacher", "reference"):
-        if k not in d:
-            check.fail(fn, f"{path!r} has no {k!r} entry")
     return d
 
 
+@check.public("miniplm_scores")
 def miniplm_scores(teacher_logprobs, reference_logprobs, lengths=None) -> torch.Tensor:
     r"""MiniPLM's difference score per document: (log p_teacher(x) - log p_ref(x)) / |x|
     (per token when ``lengths`` is given; the sums as given otherwise). float64 [D]."""
@@ -82,6 +108,7 @@ def miniplm_scores(teacher_logprobs, reference_logprobs, lengths=None) -> torch.
     return d
 
 
+@check.public("miniplm_difference_sampling")
 def miniplm_difference_sampling(
     teacher_logprobs=None,
     reference_logprobs=None,
@@ -135,6 +162,7 @@ def miniplm_difference_sampling(
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("ddk_domain_weights")
 def ddk_domain_weights(
     student_losses,
     teacher_losses,

@@ -13,6 +13,17 @@ from .tokens import _sparsepo_combine, _tdpo_combine, _tdpo_variant, token_logra
 __all__ = ["tdpo_loss_fused", "sparsepo_loss_fused"]
 
 
+def _side(side: str) -> dict:
+    """token_logratio_and_kl's (and its inner functions') argument names -> the caller's."""
+    return {
+        "policy_hidden": f"policy_{side}_hidden",
+        "hidden": f"policy_{side}_hidden",
+        "ref_logits": f"ref_{side}_logits",
+        "ref_hidden": f"ref_{side}_hidden",
+        "labels": f"{side}_labels",
+    }
+
+
 def _fused_pair(
     fn,
     policy_chosen_hidden,
@@ -58,26 +69,29 @@ def _fused_pair(
         ignore_index=ignore_index,
         chunk_size=chunk_size,
     )
-    w = token_logratio_and_kl(
-        None,
-        ref_chosen_logits,
-        chosen_labels,
-        policy_hidden=policy_chosen_hidden,
-        ref_hidden=ref_chosen_hidden,
-        kl_grad=chosen_kl_grad,
-        **common,
-    )
-    l_ = token_logratio_and_kl(
-        None,
-        ref_rejected_logits,
-        rejected_labels,
-        policy_hidden=policy_rejected_hidden,
-        ref_hidden=ref_rejected_hidden,
-        **common,
-    )
+    with check.renamed(_side("chosen")):
+        w = token_logratio_and_kl(
+            None,
+            ref_chosen_logits,
+            chosen_labels,
+            policy_hidden=policy_chosen_hidden,
+            ref_hidden=ref_chosen_hidden,
+            kl_grad=chosen_kl_grad,
+            **common,
+        )
+    with check.renamed(_side("rejected")):
+        l_ = token_logratio_and_kl(
+            None,
+            ref_rejected_logits,
+            rejected_labels,
+            policy_hidden=policy_rejected_hidden,
+            ref_hidden=ref_rejected_hidden,
+            **common,
+        )
     return w, l_
 
 
+@check.public("tdpo_loss_fused")
 def tdpo_loss_fused(
     policy_chosen_hidden,
     policy_rejected_hidden,
@@ -136,6 +150,7 @@ def tdpo_loss_fused(
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
 
+@check.public("sparsepo_loss_fused")
 def sparsepo_loss_fused(
     policy_chosen_hidden,
     policy_rejected_hidden,

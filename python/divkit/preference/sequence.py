@@ -46,6 +46,7 @@ F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("preference_loss")
 def preference_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -158,13 +159,14 @@ def preference_loss(
         outs = (losses.to(device), cr.to(device), rj.to(device))
         return outs, common.back(g, inputs)
 
-    return recompute_in_backward(run, (pc, pr, rc, rr))
+    return recompute_in_backward(run, (pc, pr, rc, rr), fn=fn)
 
 
 #: TRL's name for the same function.
 dpo_loss = preference_loss
 
 
+@check.public("preference_metrics", finite_args=("chosen_rewards", "rejected_rewards"))
 def preference_metrics(
     chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, prefix: str = ""
 ) -> Dict[str, float]:
@@ -183,6 +185,7 @@ def preference_metrics(
     }
 
 
+@check.public("sequence_logps", logits_args=("logits",))
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, average: bool = False
 ) -> torch.Tensor:
@@ -190,12 +193,33 @@ def sequence_logps(
     tokens whose label is not ``ignore_index`` (``logits[:, t]`` predicts ``labels[:, t]``:
     already shifted), or its mean over those tokens with ``average=True``. ``[B, T, V]`` ->
     ``[B]``, differentiable, in the logits' dtype promoted to at least fp32."""
-    mask = labels != ignore_index
+    labels, mask = _token_labels("sequence_logps", logits, labels, ignore_index)
+    average = check.boolean("sequence_logps", "average", average)
     lp = common.label_logps(logits, labels, mask)
     s = lp.sum(-1)
     return s / mask.sum(-1).clamp(min=1) if average else s
 
 
+def _token_labels(fn: str, logits, labels, ignore_index):
+    """Checks logits ``[B, T, V]`` (any number of leading dimensions) and labels of shape
+    ``logits.shape[:-1]`` in [0, V) or ignore_index; returns (labels, mask)."""
+    logits = check.logits(fn, "logits", logits, cpu=False)
+    if logits.dim() < 2:
+        check.fail(fn, f"logits must be [B, T, V] (at least 2-D), got shape {tuple(logits.shape)}")
+    ii = check.integer(fn, "ignore_index", ignore_index)
+    lab = check.labels(
+        fn,
+        labels,
+        logits.shape[:-1],
+        required=True,
+        cpu=False,
+        vocab=logits.shape[-1],
+        ignore_index=ii,
+    ).reshape(logits.shape[:-1])
+    return lab.to(torch.int64), lab != ii
+
+
+@check.public("wpo_weights", logits_args=("logits",))
 def wpo_weights(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100
 ) -> torch.Tensor:
@@ -203,8 +227,8 @@ def wpo_weights(
     ``w = exp(mean_t [log p_t(y_t) - log sum_v p_t(v)^2])`` over completion tokens, without
     gradient. ``[B, T, V]``, labels ``[B, T]`` -> ``[B]``; pass ``w_chosen * w_rejected`` as
     ``policy_weights`` of :func:`preference_loss`."""
+    labels, mask = _token_labels("wpo_weights", logits, labels, ignore_index)
     with torch.no_grad():
-        mask = labels != ignore_index
         x = logits if logits.dtype == torch.float64 else logits.float()
         logp = torch.log_softmax(x, -1)
         log_sum_sq = torch.logsumexp(2 * logp, -1)
@@ -218,6 +242,7 @@ def wpo_weights(
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("cpo_loss")
 def cpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -259,9 +284,10 @@ def cpo_loss(
         _C.cpo_loss(*host, args, losses, cr, rj, gl, *g)
         return (losses.to(device), cr.to(device), rj.to(device)), common.back(g, inputs)
 
-    return recompute_in_backward(run, (pc, pr))
+    return recompute_in_backward(run, (pc, pr), fn=fn)
 
 
+@check.public("simpo_loss")
 def simpo_loss(
     policy_chosen_logps,
     policy_rejected_logps,
@@ -285,6 +311,7 @@ def simpo_loss(
     )
 
 
+@check.public("odds_ratio_loss")
 def odds_ratio_loss(
     policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, *, beta: float = 0.1
 ):
@@ -310,10 +337,11 @@ def odds_ratio_loss(
         outs = (losses.to(device), cr.to(device), rj.to(device), lo.to(device))
         return outs, common.back(g, inputs)
 
-    losses, cr, rj, lo = recompute_in_backward(run, (pc, pr))
+    losses, cr, rj, lo = recompute_in_backward(run, (pc, pr), fn=fn)
     return losses, cr, rj, torch.mean(losses.detach() / beta), torch.mean(lo)
 
 
+@check.public("orpo_loss", finite_args=("policy_nll_loss",))
 def orpo_loss(policy_chosen_logps, policy_rejected_logps, policy_nll_loss, *, beta: float = 0.1):
     """The full ORPO loss ``policy_nll_loss - mean(beta * logsig(log_odds))`` (TRL's
     ``ORPOTrainer.get_batch_loss_metrics``); returns ``(loss, chosen_rewards,
@@ -322,6 +350,7 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, policy_nll_loss, *, be
     return policy_nll_loss - losses.mean(), cr, rj
 
 
+@check.public("kto_loss")
 def kto_loss(
     policy_chosen_logps,
     policy_rejected_logps,
@@ -393,7 +422,7 @@ def kto_loss(
         outs = (losses.to(device), cr.to(device), rj.to(device), kl.reshape(()).to(device))
         return outs, grads
 
-    return recompute_in_backward(run, (pc, pr, rc, rr))
+    return recompute_in_backward(run, (pc, pr, rc, rr), fn=fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +430,7 @@ def kto_loss(
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("d2o_loss")
 def d2o_loss(
     policy_sample_logps: torch.Tensor,
     ref_sample_logps: torch.Tensor,
@@ -445,9 +475,10 @@ def d2o_loss(
         _C.d2o_loss(*h, beta, alpha, losses, pos, neg, go, *g)
         return (losses.to(device), pos.to(device), neg.to(device)), common.back(g, inputs)
 
-    return recompute_in_backward(run, (ps, rs, pl, rl))
+    return recompute_in_backward(run, (ps, rs, pl, rl), fn=fn)
 
 
+@check.public("hypo_loss", finite_args=("policy_sample_logps", "ref_sample_logps"))
 def hypo_loss(
     policy_chosen_logps,
     policy_rejected_logps,
@@ -509,10 +540,11 @@ def hypo_loss(
         _C.hypo_online_kl(common.host(inputs[0], dtype), common.host(rs, dtype), kl, go, g)
         return (kl.to(device),), common.back([g], inputs)
 
-    (surrogate,) = recompute_in_backward(run, (ps,))
+    (surrogate,) = recompute_in_backward(run, (ps,), fn=fn)
     return losses + lam * surrogate.to(losses.dtype), cr, rj, surrogate.detach()
 
 
+@check.public("superhf_loss", finite_args=("policy_logps", "rewards", "ref_logps", "kl"))
 def superhf_loss(
     policy_logps: torch.Tensor,
     rewards: torch.Tensor,
@@ -539,7 +571,7 @@ def superhf_loss(
     lp = check.matrix(fn, "policy_logps", policy_logps)
     if not isinstance(rewards, torch.Tensor) or rewards.shape != lp.shape:
         check.fail(fn, f"rewards must have the shape of policy_logps {tuple(lp.shape)}")
-    top_k = int(top_k)
+    top_k = check.integer(fn, "top_k", top_k)
     if not 1 <= top_k <= lp.shape[1]:
         check.fail(fn, f"top_k must be in [1, {lp.shape[1]}], got {top_k}")
     kl_coef = check.real(fn, "kl_coef", kl_coef)
@@ -577,5 +609,5 @@ def superhf_loss(
         )
         return (loss.reshape(()).to(device),), common.back(g, inputs)
 
-    (loss,) = recompute_in_backward(run, (lp, kl))
+    (loss,) = recompute_in_backward(run, (lp, kl), fn=fn)
     return loss, idx.to(device)

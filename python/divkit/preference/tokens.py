@@ -24,6 +24,7 @@ __all__ = ["token_logratio_and_kl", "tdpo_loss", "sparsepo_loss", "SparsePOMask"
 # ---------------------------------------------------------------------------------------------
 
 
+@check.public("token_logratio_and_kl")
 def token_logratio_and_kl(
     policy_logits: Optional[torch.Tensor],
     ref_logits: Optional[torch.Tensor],
@@ -82,25 +83,31 @@ def token_logratio_and_kl(
             f"shape, got {tuple(policy_logits.shape)} and "
             f"{None if ref_logits is None else tuple(ref_logits.shape)}",
         )
-    if labels.shape != policy_logits.shape[:2]:
-        check.fail(
-            fn,
-            f"labels must have shape {tuple(policy_logits.shape[:2])} (the "
-            f"logits' [B, T]), got {tuple(labels.shape)}",
-        )
+    ignore_index = check.integer(fn, "ignore_index", ignore_index)
+    labels = check.labels(
+        fn,
+        labels,
+        policy_logits.shape[:2],
+        required=True,
+        lead="the logits' [B, T]",
+        cpu=False,
+        vocab=policy_logits.shape[-1],
+        ignore_index=ignore_index,
+    ).reshape(policy_logits.shape[:2])
     mask = labels != ignore_index
     logratio = common.label_logps(policy_logits, labels, mask) - common.label_logps(
         ref_logits, labels, mask
     )
     student = policy_logits if kl_grad else policy_logits.detach()
-    kl = divergence(
-        student,
-        ref_logits,
-        "forward_kl",
-        labels=labels,
-        ignore_index=ignore_index,
-        reduction="none",
-    )
+    with check.renamed(_KL_NAMES):
+        kl = divergence(
+            student,
+            ref_logits,
+            "forward_kl",
+            labels=labels,
+            ignore_index=ignore_index,
+            reduction="none",
+        )
     return logratio, kl.to(logratio.dtype) * mask, mask
 
 
@@ -139,6 +146,20 @@ def _fused_token_terms(
     return (lp.float() - ref_lp) * mask, kl.float() * mask, mask
 
 
+# The inner functions' argument names -> the caller's, for the messages.
+_KL_NAMES = {"student_logits": "policy_logits", "teacher_logits": "ref_logits"}
+_CHOSEN = {
+    "policy_logits": "policy_chosen_logits",
+    "ref_logits": "ref_chosen_logits",
+    "labels": "chosen_labels",
+}
+_REJECTED = {
+    "policy_logits": "policy_rejected_logits",
+    "ref_logits": "ref_rejected_logits",
+    "labels": "rejected_labels",
+}
+
+
 def _token_inputs(fn, pcl, prl, rcl, rrl, cl, rl):
     for name, x in (
         ("policy_chosen_logits", pcl),
@@ -158,6 +179,7 @@ def _token_inputs(fn, pcl, prl, rcl, rrl, cl, rl):
         check.fail(fn, "the batch is empty")
 
 
+@check.public("tdpo_loss")
 def tdpo_loss(
     policy_chosen_logits,
     policy_rejected_logits,
@@ -195,16 +217,18 @@ def tdpo_loss(
         rejected_labels,
     )
     variant, beta, alpha = _tdpo_variant(fn, variant, beta, alpha)
-    lr_w, kl_w, _ = token_logratio_and_kl(
-        policy_chosen_logits,
-        ref_chosen_logits,
-        chosen_labels,
-        ignore_index=ignore_index,
-        kl_grad=variant == "tdpo1",
-    )
-    lr_l, kl_l, _ = token_logratio_and_kl(
-        policy_rejected_logits, ref_rejected_logits, rejected_labels, ignore_index=ignore_index
-    )
+    with check.renamed(_CHOSEN):
+        lr_w, kl_w, _ = token_logratio_and_kl(
+            policy_chosen_logits,
+            ref_chosen_logits,
+            chosen_labels,
+            ignore_index=ignore_index,
+            kl_grad=variant == "tdpo1",
+        )
+    with check.renamed(_REJECTED):
+        lr_l, kl_l, _ = token_logratio_and_kl(
+            policy_rejected_logits, ref_rejected_logits, rejected_labels, ignore_index=ignore_index
+        )
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
 
@@ -228,6 +252,7 @@ def _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing):
     return losses, (beta * (lw + kw)).detach(), (beta * (ll + kr)).detach()
 
 
+@check.public("sparsepo_loss")
 def sparsepo_loss(
     policy_chosen_logits,
     policy_rejected_logits,
@@ -268,12 +293,14 @@ def sparsepo_loss(
     beta = check.positive(fn, "beta", beta)
     l1_reward = check.real(fn, "l1_reward", l1_reward)
     l1_kl = check.real(fn, "l1_kl", l1_kl)
-    lr_w, kl_w, m_w = token_logratio_and_kl(
-        policy_chosen_logits, ref_chosen_logits, chosen_labels, ignore_index=ignore_index
-    )
-    lr_l, kl_l, m_l = token_logratio_and_kl(
-        policy_rejected_logits, ref_rejected_logits, rejected_labels, ignore_index=ignore_index
-    )
+    with check.renamed(_CHOSEN):
+        lr_w, kl_w, m_w = token_logratio_and_kl(
+            policy_chosen_logits, ref_chosen_logits, chosen_labels, ignore_index=ignore_index
+        )
+    with check.renamed(_REJECTED):
+        lr_l, kl_l, m_l = token_logratio_and_kl(
+            policy_rejected_logits, ref_rejected_logits, rejected_labels, ignore_index=ignore_index
+        )
     return _sparsepo_combine(
         fn,
         lr_w,
@@ -341,11 +368,18 @@ class SparsePOMask(nn.Module):
     reward and the KL; otherwise two heads. ``forward(hidden_states)`` takes a sequence of L
     tensors ``[B, T, H]`` and returns ``(reward_mask, kl_mask)``, each ``[B, T]``."""
 
+    @check.public("SparsePOMask")
     def __init__(
         self, hidden_size: int, num_layers: int, *, dropout: float = 0.1, shared: bool = False
     ):
         super().__init__()
-        heads = 1 if shared else 2
+        fn = "SparsePOMask"
+        hidden_size = check.size(fn, "hidden_size", hidden_size)
+        num_layers = check.size(fn, "num_layers", num_layers, max=4096)
+        dropout = check.real(fn, "dropout", dropout)
+        if not 0 <= dropout <= 1:
+            check.fail(fn, f"dropout must be in [0, 1], got {dropout:g}")
+        heads = 1 if check.boolean(fn, "shared", shared) else 2
 
         def head():
             return nn.ModuleDict(
@@ -366,7 +400,14 @@ class SparsePOMask(nn.Module):
         self.heads = nn.ModuleList(head() for _ in range(heads))
         self.num_layers = num_layers
 
+    @check.public("SparsePOMask")
     def forward(self, hidden_states: Sequence[torch.Tensor]):
+        if not isinstance(hidden_states, (list, tuple)) or not all(
+            isinstance(h, torch.Tensor) for h in hidden_states
+        ):
+            check.fail_type(
+                "SparsePOMask", "hidden_states must be a list or tuple of tensors [B, T, H]"
+            )
         if len(hidden_states) != self.num_layers:
             check.fail(
                 "SparsePOMask",

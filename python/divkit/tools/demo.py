@@ -32,13 +32,16 @@ Entry points: :func:`run_demo` (everything; returns the report dict), :func:`mai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import platform
+import stat
 import sys
+import tempfile
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -860,17 +863,81 @@ def _run(cfg: DemoConfig, out_dir: str, log) -> Dict:
             "seconds": time.perf_counter() - t_start,
         }
     )
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    plot(report, os.path.join(out_dir, "curves.png"))
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(markdown(report))
+    # Each file is written to a temporary name and renamed: a failure (a full disk, a plotting
+    # error) leaves the previous report whole, never a truncated or empty one.
+    _write_atomic(os.path.join(out_dir, "report.json"), lambda p: _dump_json(report, p))
+    _write_atomic(os.path.join(out_dir, "curves.png"), lambda p: plot(report, p))
+    _write_atomic(os.path.join(out_dir, "report.md"), lambda p: _write_text(p, markdown(report)))
     _summary(report, log)
     log(
         f"report: {os.path.abspath(out_dir)}/ (report.md, report.json, curves.png); "
         f"total {report['seconds']:.1f}s"
     )
     return report
+
+
+def _dump_json(report: Dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(tmp)`` into a temporary file next to ``path`` (same folder, same suffix), then an
+    atomic rename over ``path``; the temporary file is removed if ``write`` fails."""
+    folder, base = os.path.split(path)
+    stem, ext = os.path.splitext(base)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=f".tmp{ext}", dir=folder or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+#: The files a run writes into --out.
+REPORT_FILES = ("report.json", "report.md", "curves.png")
+
+
+def check_out_dir(out_dir: str, force: bool = False) -> str:
+    """Checks ``--out`` before any work: a folder that exists or can be created, writable, not a
+    file, a FIFO or a device. An existing report in it is not overwritten unless ``force``: the
+    run then goes to a fresh sub-folder ``run-2``, ``run-3``, ... Creates the folder and
+    returns the one the run writes to. Raises ValueError with a one-line message."""
+    if not isinstance(out_dir, str) or not out_dir.strip():
+        raise ValueError("divkit demo: --out must be a non-empty path")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"divkit demo: --out {out_dir!r} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"divkit demo: --out {out_dir!r} cannot be created ({e.strerror or e})"
+        ) from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"divkit demo: --out {out_dir!r} is not writable")
+    for name in REPORT_FILES:
+        p = os.path.join(out_dir, name)
+        if os.path.lexists(p):
+            st = os.stat(p) if os.path.exists(p) else None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise ValueError(
+                    f"divkit demo: {p!r} exists and is not a regular file (a FIFO, a device, a "
+                    f"folder or a broken link); choose another --out"
+                )
+    if not force and any(os.path.lexists(os.path.join(out_dir, n)) for n in REPORT_FILES):
+        i = 2
+        while os.path.lexists(os.path.join(out_dir, f"run-{i}")):
+            i += 1
+        return check_out_dir(os.path.join(out_dir, f"run-{i}"), force)
+    return out_dir
 
 
 def _summary(report: Dict, log) -> None:
@@ -964,6 +1031,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tiny", action="store_true", help="a tiny configuration (seconds; for smoke tests)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing report in --out (without it, the run goes to a fresh "
+        "sub-folder run-2, run-3, ...)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -976,9 +1049,22 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "seed": args.seed,
         "progress": not args.no_progress,
     }
+    if not over["methods"]:
+        raise ValueError(f"divkit demo: --methods is empty (valid: {', '.join(METHODS)})")
     for m in over["methods"]:
         if m not in METHODS:
             raise ValueError(f"divkit demo: unknown method '{m}' (valid: {', '.join(METHODS)})")
+    t = args.temperature
+    if not (math.isfinite(t) and t >= 1e-3 and t <= 1e3):
+        raise ValueError(f"divkit demo: --temperature must be finite in [0.001, 1000], got {t}")
+    max_threads = 8 * (os.cpu_count() or 1)
+    if not 0 <= args.threads <= max_threads:
+        raise ValueError(
+            f"divkit demo: --threads must be in [0, {max_threads}] (0 keeps the defaults), "
+            f"got {args.threads}"
+        )
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"divkit demo: --seed must be in [0, 2**63), got {args.seed}")
     for name, value in (
         ("epochs", args.epochs),
         ("teacher_epochs", args.teacher_epochs),
@@ -997,11 +1083,23 @@ def main(args: argparse.Namespace) -> int:
     """The ``divkit demo`` command: runs :func:`run_demo` with the parsed options."""
     try:
         cfg = config_from_args(args)
+        out = check_out_dir(args.out, getattr(args, "force", False))
     except ValueError as e:
-        print(e, file=sys.stderr)
+        print(_one_line(e), file=sys.stderr)
         return 2
-    run_demo(cfg, args.out)
+    if os.path.normpath(out) != os.path.normpath(args.out):
+        print(
+            f"divkit demo: {args.out} already holds a report: this run writes to {out} "
+            f"(--force overwrites)",
+            file=sys.stderr,
+        )
+    run_demo(cfg, out)
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    msg = " ".join(str(e).split())
+    return msg if msg.startswith("divkit demo: ") else f"divkit demo: {msg}"
 
 
 if __name__ == "__main__":  # pragma: no cover
