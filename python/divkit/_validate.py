@@ -552,6 +552,18 @@ def _prefix(fn: str, msg: str) -> str:
     return f"{fn}: {msg}"
 
 
+@contextlib.contextmanager
+def attributed(fn: str):
+    """Re-attributes a divkit.Error raised inside to ``fn``: the core's shared checks (the
+    divergence spec, the row checks) name ``divergence`` whichever entry point called them."""
+    try:
+        yield
+    except ArgTypeError as e:
+        raise ArgTypeError(_prefix(fn, str(e))) from None
+    except Error as e:
+        raise Error(_prefix(fn, str(e))) from None
+
+
 def warn(msg: str, category=RuntimeWarning) -> None:
     """warnings.warn attributed to the user's line: the first frame outside the divkit package
     (the wrappers of :func:`public` and inner divkit calls are skipped)."""

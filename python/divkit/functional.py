@@ -150,7 +150,8 @@ def _run(
         loss = torch_ops.divergence(s2, t2, labels, weights, cfg, grad_s2, grad_t2, fn=fn)
     else:
         args = _core_args(cfg) if route is None else route.core_args(_core_args(cfg))
-        _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, args)
+        with check.attributed(fn):
+            _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, args)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s, grad_t
 

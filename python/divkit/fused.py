@@ -40,7 +40,10 @@ _LEAD = "the hidden states' shape without H"
 
 
 def _hidden(fn: str, name: str, x, cpu: bool = True):
-    return check.tensor(fn, name, x, min_ndim=1, cpu=cpu)
+    x = check.tensor(fn, name, x, min_ndim=1, cpu=cpu)
+    if x.shape[-1] == 0:
+        check.fail(fn, f"{name} has shape {tuple(x.shape)}: the hidden size H must be >= 1")
+    return x
 
 
 def _matrix(fn: str, name: str, x, cpu: bool = True):
@@ -263,17 +266,18 @@ def _distill_call(
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb, th, tw, tb), need)]
-    _C.fused_linear_divergence(
-        _head(sh, sw, sb),
-        _head(th, tw, tb),
-        labels,
-        weights,
-        token_ids,
-        _distill_options(cfg, reduction, group),
-        loss,
-        tuple(grads[:3]),
-        tuple(grads[3:]),
-    )
+    with check.attributed("fused_linear_divergence"):
+        _C.fused_linear_divergence(
+            _head(sh, sw, sb),
+            _head(th, tw, tb),
+            labels,
+            weights,
+            token_ids,
+            _distill_options(cfg, reduction, group),
+            loss,
+            tuple(grads[:3]),
+            tuple(grads[3:]),
+        )
     return loss, grads
 
 
@@ -559,6 +563,8 @@ def fused_linear_sparse_divergence(
         check.tensor(fn, name, x, dtypes=None, cpu=cpu)
         if tuple(x.shape[:-1]) != tuple(lead) or x.dim() != len(lead) + 1:
             check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead)} + (k,)")
+        if x.shape[-1] == 0:
+            check.fail(fn, f"{name} has k = 0 entries per token; a sparse teacher needs k >= 1")
     if teacher_logprobs.requires_grad:
         check.fail(
             fn,
@@ -852,7 +858,7 @@ def fused_linear_logprobs(
         lab,
         temperature,
         ignore_index,
-        bool(return_entropy),
+        check.boolean(fn, "return_entropy", return_entropy),
         k,
         chunk,
         process_group,
