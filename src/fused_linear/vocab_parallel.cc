@@ -268,18 +268,40 @@ void vocab_parallel_divergence(const TensorView& student, const TensorView& teac
                                const DivergenceOutputs& outputs, const VocabShard& shard) {
   constexpr const char* fn = "vocab_parallel_divergence";
   if (!shard.active()) {
-    divergence(student, teacher, spec, options, outputs);
+    check::views(fn, {{"student_logits", student},
+                      {"teacher_logits", teacher},
+                      {"labels", options.labels},
+                      {"weights", options.weights},
+                      {"loss", outputs.loss},
+                      {"grad_student", outputs.grad_student},
+                      {"grad_teacher", outputs.grad_teacher}});
+    try {
+      divergence(student, teacher, spec, options, outputs);
+    } catch (const Error& e) {
+      check::rethrow_as(fn, "divergence", e);
+    }
     return;
   }
-  validate_spec(spec);
-  check::float_matrix(fn, "student_logits", student);
-  check::float_matrix(fn, "teacher_logits", teacher);
-  const int64_t n = student.shape[0], v = student.shape[1];
+  check::divergence_spec(fn, spec);
+  // Every check whose outcome may differ between ranks runs inside the group's agreement, so
+  // that a rank with bad views raises on every rank instead of leaving the others waiting.
+  const int64_t v = student.ndim == 2 ? student.shape[1] : 0;
   const fused::ShardGroup group(fn, shard, v, [&] {
+    check::views(fn, {{"student_logits", student},
+                      {"teacher_logits", teacher},
+                      {"labels", options.labels},
+                      {"weights", options.weights},
+                      {"loss", outputs.loss},
+                      {"grad_student", outputs.grad_student},
+                      {"grad_teacher", outputs.grad_teacher}});
+    check::float_matrix(fn, "student_logits", student);
+    check::float_matrix(fn, "teacher_logits", teacher);
+    const int64_t n = student.shape[0];
     if (teacher.shape[0] != n || teacher.shape[1] != v)
       check::fail(fn, "student_logits " + check::shape_string(student) + " and teacher_logits " +
                           check::shape_string(teacher) + " must have the same shape");
   });
+  const int64_t n = student.shape[0];
   const std::vector<int64_t> labels =
       fused::read_labels(fn, options.labels, n, options.ignore_index, group.global_v(), false);
   const std::vector<double> weights = reduce::token_weights(fn, options.weights, n);
