@@ -70,6 +70,10 @@ void lengths_vector(const char* fn, const char* name, const TensorView& t, int64
     if (!(n > 0) || !std::isfinite(n))
       check::fail(fn, std::string(name) + " must be > 0, got " + std::to_string(n) + " at index " +
                           std::to_string(i));
+    // Token counts: a tiny length (a subnormal one passes "> 0") overflows s / n.
+    if (n < 1)
+      check::fail(fn, std::string(name) + " must be >= 1 (token counts), got " + check::fmt(n) +
+                          " at index " + std::to_string(i));
   }
 }
 void check_beta(const char* fn, double beta) {

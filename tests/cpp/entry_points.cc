@@ -43,6 +43,14 @@ divkit::Reduction reduction_of(uint32_t option) {
   return static_cast<divkit::Reduction>((option / 32) % 4);
 }
 
+// Options with bit 8 set run the vocabulary-parallel path as a group of one rank (its
+// all-reduce is the identity), so that the sharded checks and loops see the random views too.
+divkit::VocabShard shard_of(uint32_t option) {
+  divkit::VocabShard s;
+  if ((option / 256) % 2) s.all_reduce = [](double*, int64_t, divkit::CollectiveOp) {};
+  return s;
+}
+
 std::vector<Slot> head_slots(const std::string& p, bool grads) {
   std::vector<Slot> s = {in(p + "hidden", {N, H}), in(p + "weight", {W, H}), in(p + "bias", {W})};
   if (grads) {
@@ -102,7 +110,7 @@ std::vector<EntryPoint> build() {
        }});
   e.push_back({"vocab_parallel_divergence", divergence_slots, [=](const V& v, uint32_t o) {
                  divkit::vocab_parallel_divergence(v[0], v[1], spec_of(o), divergence_io(v, o),
-                                                   {v[4], v[5], v[6]}, divkit::VocabShard{});
+                                                   {v[4], v[5], v[6]}, shard_of(o));
                }});
   e.push_back({"divergence_shard_stats", cat(pair, {labels(), out("stats", {N, 4}, f64)}),
                [](const V& v, uint32_t o) {
@@ -156,22 +164,28 @@ std::vector<EntryPoint> build() {
        }});
 
   // ---- fused_linear.h ----
-  e.push_back({"fused_linear_divergence",
-               cat(cat(head_slots("student_", true), head_slots("teacher_", true)),
-                   {labels(), in("weights", {N}, Fill::uniform, f32, 0.1, 2),
-                    in("teacher_token_ids", {W}, Fill::column, i64), out("loss", {N})}),
-               [](const V& v, uint32_t o) {
-                 divkit::DivergenceOptions opt;
-                 opt.labels = v[12];
-                 opt.weights = v[13];
-                 opt.reduction = reduction_of(o);
-                 divkit::FusedLinearOptions fused;
-                 fused.teacher_token_ids = v[14];
-                 fused.chunk_size = 1 + (o / 8) % 4;
-                 fused.hard_weight = (o / 128) % 2 ? 0.5f : 0.0f;
-                 divkit::fused_linear_divergence(head_at(v, 0), head_at(v, 6), spec_of(o), opt,
-                                                 fused, v[15], grads_at(v, 3), grads_at(v, 9));
-               }});
+  // Twice: with a teacher_token_ids map, and sharded (one rank), where a map is not supported.
+  for (const bool sharded : {false, true}) {
+    e.push_back({"fused_linear_divergence",
+                 cat(cat(head_slots("student_", true), head_slots("teacher_", true)),
+                     {labels(), in("weights", {N}, Fill::uniform, f32, 0.1, 2),
+                      sharded ? absent("teacher_token_ids")
+                              : in("teacher_token_ids", {W}, Fill::column, i64),
+                      out("loss", {N})}),
+                 [sharded](const V& v, uint32_t o) {
+                   divkit::DivergenceOptions opt;
+                   opt.labels = v[12];
+                   opt.weights = v[13];
+                   opt.reduction = reduction_of(o);
+                   divkit::FusedLinearOptions fused;
+                   fused.teacher_token_ids = v[14];
+                   fused.chunk_size = 1 + (o / 8) % 4;
+                   fused.hard_weight = (o / 128) % 2 ? 0.5f : 0.0f;
+                   fused.shard = shard_of(sharded ? 256 : 0);
+                   divkit::fused_linear_divergence(head_at(v, 0), head_at(v, 6), spec_of(o), opt,
+                                                   fused, v[15], grads_at(v, 3), grads_at(v, 9));
+                 }});
+  }
   e.push_back({"fused_linear_sparse_divergence",
                cat(head_slots("student_", true),
                    {in("teacher_indices", {N, K}, Fill::column, i64),
@@ -205,6 +219,7 @@ std::vector<EntryPoint> build() {
          s.reduction = reduction_of(o);
          s.chunk_size = 1 + (o / 8) % 4;
          s.label_smoothing = (o / 128) % 2 ? 0.1f : 0.0f;
+         s.shard = shard_of(o);
          divkit::fused_linear_cross_entropy(head_at(v, 0), v[6], s, v[8], grads_at(v, 3),
                                             stats_at(v, 9));
        }});
@@ -212,6 +227,7 @@ std::vector<EntryPoint> build() {
                [=](const V& v, uint32_t o) {
                  divkit::LogprobsSpec s;
                  s.chunk_size = 1 + (o / 8) % 4;
+                 s.shard = shard_of(o);
                  divkit::fused_linear_logprobs(head_at(v, 0), v[3], s, stats_at(v, 4));
                }});
   e.push_back(
@@ -221,6 +237,7 @@ std::vector<EntryPoint> build() {
        [](const V& v, uint32_t o) {
          divkit::LogprobsSpec s;
          s.chunk_size = 1 + (o / 8) % 4;
+         s.shard = shard_of(o);
          divkit::fused_linear_logprobs_backward(head_at(v, 0), v[6], s, v[7], v[8], grads_at(v, 3));
        }});
 

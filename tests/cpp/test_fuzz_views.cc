@@ -63,8 +63,8 @@ Model model(const TensorView& t) {
       m.invalid = true;
       return m;
     }
-    m.numel *= t.shape[d];
-    if (m.numel > (i128{1} << 80)) m.numel = i128{1} << 80;  // saturate: far beyond int64
+    // Saturated far beyond int64 (a later zero extent still makes it 0).
+    m.numel = std::min(m.numel, i128{1} << 64) * t.shape[d];
   }
   if (m.numel == 0) return m;
   if (m.numel > kI64Max) {
@@ -79,7 +79,7 @@ Model model(const TensorView& t) {
       m.invalid = true;
       return m;
     }
-    reach += i128{t.shape[d] - 1} * t.strides[d];
+    reach += std::min(i128{t.shape[d] - 1} * t.strides[d], i128{1} << 100);  // saturated
   }
   m.last = (reach + 1) * es;
   if (m.last > divkit::check::kMaxSpanBytes || t.data == nullptr ||
@@ -153,6 +153,27 @@ bool has_nan(const TensorView& t) {
   return false;
 }
 
+// The views of a draw, for a failure's message.
+std::string describe(const EntryPoint& e, const EntryBuffers& buf,
+                     const std::vector<TensorView>& v) {
+  std::string s;
+  for (size_t k = 0; k < v.size(); ++k) {
+    const TensorView& t = v[k];
+    s += "\n  " + e.slots[k].name + ": ndim " + std::to_string(t.ndim) + " dtype " +
+         std::to_string(static_cast<int>(t.dtype)) + " device " +
+         std::to_string(static_cast<int>(t.device));
+    if (t.ndim < 1 || t.ndim > TensorView::kMaxDims) continue;
+    s += " shape [";
+    for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.shape[d]);
+    s += "] strides [";
+    for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.strides[d]);
+    s += "] offset " + (t.data ? std::to_string(static_cast<const char*>(t.data) -
+                                                reinterpret_cast<const char*>(buf.mem[k].get()))
+                               : std::string("null"));
+  }
+  return s;
+}
+
 TEST(FuzzViews, RandomViewsAreRejectedOrComputed) {
   const int64_t draws = env_int("DIVKIT_FUZZ_DRAWS", 6000);
   const uint64_t seed = static_cast<uint64_t>(env_int("DIVKIT_FUZZ_SEED", 20261207));
@@ -200,12 +221,14 @@ TEST(FuzzViews, RandomViewsAreRejectedOrComputed) {
       ++ran;
       if (expect_invalid) {
         ++failures;
-        ADD_FAILURE() << where << ": accepted a structurally invalid view";
+        ADD_FAILURE() << where << ": accepted a structurally invalid view"
+                      << describe(e, buf, views);
       } else if (e.outputs_without_nan) {
         for (size_t k = 0; k < views.size(); ++k)
           if (e.slots[k].output && has_nan(views[k])) {
             ++failures;
-            ADD_FAILURE() << where << ": NaN in output " << e.slots[k].name;
+            ADD_FAILURE() << where << ": NaN in output " << e.slots[k].name
+                          << describe(e, buf, views);
           }
       }
     } catch (const divkit::Error& ex) {
