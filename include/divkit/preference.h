@@ -104,7 +104,7 @@ struct PreferenceSpec {
 void validate_preference_spec(const PreferenceSpec& spec);
 
 // All [B] vectors of any stride. Log-probs fp32 or fp64 (finite); lengths int32, int64, fp32
-// or fp64, > 0; sample_weights fp32 or fp64, finite.
+// or fp64, >= 1 (token counts); sample_weights fp32 or fp64, finite.
 struct PreferenceInputs {
   TensorView policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps;
   TensorView chosen_lengths, rejected_lengths;  // optional (required by sigmoid_norm)
@@ -120,7 +120,7 @@ struct PreferenceOutputs {
 };
 
 // The DPO family. Throws Error (naming the argument) on batch sizes that disagree, B = 0,
-// non-finite log-probs, lengths <= 0, missing lengths for sigmoid_norm, bad parameters.
+// non-finite log-probs, lengths < 1, missing lengths for sigmoid_norm, bad parameters.
 void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec,
                      const PreferenceOutputs& out);
 

@@ -36,7 +36,12 @@ int cuda_device_count();
 // The name of CUDA device `index` ("NVIDIA H100 80GB HBM3"), "" when it cannot be queried.
 std::string cuda_device_name(int index);
 
-// A non-owning view of a strided tensor of up to kMaxDims dimensions.
+// A non-owning view of a strided tensor of up to kMaxDims dimensions. Every public function
+// checks its views before it reads them: ndim in [0, kMaxDims], extents >= 0, element count and
+// byte span without int64 overflow, strides >= 0 along dimensions of extent > 1, non-null data
+// aligned to the element size when there are elements; it throws Error naming the argument
+// otherwise. The memory the view describes must belong to the caller (a view cannot carry its
+// buffer's size, so a stride that stays in range but runs past the buffer is not detected).
 struct TensorView {
   static constexpr int kMaxDims = 8;
 
@@ -50,9 +55,23 @@ struct TensorView {
 
   // An optional argument is "not given" when its view is default-constructed (ndim == 0).
   bool defined() const { return ndim > 0; }
+  // The product of the extents. Throws Error for ndim outside [0, kMaxDims], a negative
+  // extent, or a count beyond int64 (every public function checks its views first, with a
+  // message naming the argument).
   int64_t numel() const {
+    if (ndim < 0 || ndim > kMaxDims)
+      throw Error("TensorView::numel: ndim = " + std::to_string(ndim) + " is outside [0, " +
+                  std::to_string(kMaxDims) + "]");
     int64_t n = 1;
-    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    for (int i = 0; i < ndim; ++i)
+      if (shape[i] == 0) return 0;
+    for (int i = 0; i < ndim; ++i) {
+      if (shape[i] < 0)
+        throw Error("TensorView::numel: negative extent " + std::to_string(shape[i]));
+      if (n > INT64_MAX / shape[i])
+        throw Error("TensorView::numel: more elements than int64 can count");
+      n *= shape[i];
+    }
     return n;
   }
 

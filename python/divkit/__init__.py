@@ -178,10 +178,18 @@ Error = _C.Error
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the number of threads of divkit's CPU kernels (results do not depend on it)."""
+    """Sets the number of threads of divkit's CPU kernels (results do not depend on it).
+
+    n must be in [1, 8 x the number of processors]. In a child made by ``os.fork`` after
+    divkit ran threads, the kernels run on one thread and n > 1 raises divkit.Error (OpenMP
+    cannot restart its threads in a fork child; see "Threads and fork" in the guide).
+    """
     from . import _validate
 
-    _C.set_num_threads(_validate.integer("set_num_threads", "n", n))
+    v = _validate.integer("set_num_threads", "n", n)
+    if not -(2**63) <= v < 2**63:  # beyond what the binding converts; the core checks the rest
+        _validate.fail("set_num_threads", f"n must be in [1, {_C.max_num_threads()}], got {v}")
+    _C.set_num_threads(v)
 
 
 def get_num_threads() -> int:

@@ -2,9 +2,14 @@
 // the user sees which argument is wrong.
 #pragma once
 
+#include <initializer_list>
 #include <string>
 
 #include "divkit/tensor.h"
+
+namespace divkit {
+struct DivergenceSpec;
+}
 
 namespace divkit::check {
 
@@ -12,7 +17,38 @@ namespace divkit::check {
   throw Error(std::string(fn) + ": " + what);
 }
 
+// "[2, 3]"; at most kMaxDims entries are read whatever ndim says.
 std::string shape_string(const TensorView& t);
+
+// Rethrows an Error of a public function `inner` that `fn` delegates to as an Error of `fn`
+// (its leading "<inner>: " becomes "<fn>: "), so that the message names the function called.
+[[noreturn]] void rethrow_as(const char* fn, const char* inner, const Error& e);
+
+// validate_spec with messages that start with `fn` (defined in src/divergence/divergence.cc).
+void divergence_spec(const char* fn, const DivergenceSpec& spec);
+
+// The structural check every public function runs on each of its views before reading their
+// shape or data (the C++ API takes raw views, so nothing else guarantees them):
+//   ndim in [0, kMaxDims] (0: "not given", nothing else is looked at), a known dtype and device,
+//   extents >= 0, the element count and the byte span (sum of (extent - 1) * stride over the
+//   dimensions of extent > 1, plus one element) computed without int64 overflow and at most
+//   kMaxSpanBytes, the span not wrapping the address space, strides >= 0 along dimensions of
+//   extent > 1 (the stride of an extent-1 dimension is never used: frameworks export arbitrary
+//   values there), a data pointer that is non-null and aligned to the element size whenever
+//   the view has elements.
+// The memory described must still belong to the caller: a view cannot carry its buffer's size.
+void view(const char* fn, const char* name, const TensorView& t);
+
+struct Arg {
+  const char* name;
+  const TensorView& view;
+};
+// view() for each argument, in order.
+void views(const char* fn, std::initializer_list<Arg> args);
+
+// 2^56 bytes: no user-space buffer of any current 64-bit platform (x86-64 with 5-level paging
+// included) extends this far, and offsets up to twice this size still fit in int64.
+inline constexpr int64_t kMaxSpanBytes = int64_t{1} << 56;
 
 // A number for an error message, as printf's %g ("-1", "0.5", "inf", "nan").
 std::string fmt(double x);

@@ -173,6 +173,7 @@ double normal_at(uint64_t seed, uint64_t counter) {
 // ---------------------------------------------------------------------------------------------
 void row_entropy(const TensorView& logits, double temperature, const TensorView& out) {
   constexpr const char* fn = "row_entropy";
+  check::views(fn, {{"logits", logits}, {"out", out}});
   matrix_in(fn, "logits", logits);
   positive(fn, "temperature", temperature);
   const int64_t n = logits.shape[0];
@@ -196,6 +197,14 @@ void nkd_rows(const TensorView& student, const TensorView& teacher, const Tensor
               const TensorView& nontarget_out, const TensorView& target_coef,
               const TensorView& nontarget_coef, const TensorView& grad_student) {
   constexpr const char* fn = "nkd";
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"labels", labels},
+                    {"target_out", target_out},
+                    {"nontarget_out", nontarget_out},
+                    {"target_coef", target_coef},
+                    {"nontarget_coef", nontarget_coef},
+                    {"grad_student", grad_student}});
   logit_pair(fn, student, teacher);
   positive(fn, "temperature", tau);
   const int64_t n = student.shape[0], v = student.shape[1];
@@ -273,6 +282,12 @@ void ofa_rows(const TensorView& student, const TensorView& teacher, const Tensor
               int64_t ignore_index, double eps, double temperature, const TensorView& out,
               const TensorView& coef, const TensorView& grad_student) {
   constexpr const char* fn = "ofa_loss";
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"labels", labels},
+                    {"out", out},
+                    {"coef", coef},
+                    {"grad_student", grad_student}});
   logit_pair(fn, student, teacher);
   positive(fn, "eps", eps);
   positive(fn, "temperature", temperature);
@@ -319,6 +334,16 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
                      const TensorView& coef, const TensorView& grad_student,
                      const TensorView& grad_lower, const TensorView& grad_upper) {
   constexpr const char* fn = "dac_kl_loss";
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"lower", lower},
+                    {"upper", upper},
+                    {"labels", labels},
+                    {"out", out},
+                    {"coef", coef},
+                    {"grad_student", grad_student},
+                    {"grad_lower", grad_lower},
+                    {"grad_upper", grad_upper}});
   logit_pair(fn, student, teacher);
   positive(fn, "temperature", temperature);
   if (!(std::isfinite(sharpness) && sharpness >= 0))
@@ -410,6 +435,7 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
 void mass_bounds(const TensorView& teacher, double temperature, double mass_lo, double mass_hi,
                  const TensorView& lower, const TensorView& upper) {
   constexpr const char* fn = "mass_bounds";
+  check::views(fn, {{"teacher_logits", teacher}, {"lower", lower}, {"upper", upper}});
   matrix_in(fn, "teacher_logits", teacher);
   positive(fn, "temperature", temperature);
   if (!(mass_lo >= 0 && mass_lo < mass_hi && mass_hi <= 1))
@@ -441,6 +467,7 @@ void mass_bounds(const TensorView& teacher, double temperature, double mass_lo, 
 
 void sorted_probs(const TensorView& teacher, double temperature, const TensorView& out) {
   constexpr const char* fn = "sorted_probs";
+  check::views(fn, {{"teacher_logits", teacher}, {"out", out}});
   matrix_in(fn, "teacher_logits", teacher);
   positive(fn, "temperature", temperature);
   const int64_t n = teacher.shape[0], v = teacher.shape[1];
@@ -468,6 +495,13 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
                       const TensorView& labels, int64_t ignore_index, const TensorView& out,
                       const TensorView& coef, const TensorView& grad_student) {
   constexpr const char* fn = "swing_loss";
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"temperatures", temperatures},
+                    {"labels", labels},
+                    {"out", out},
+                    {"coef", coef},
+                    {"grad_student", grad_student}});
   logit_pair(fn, student, teacher);
   if (!(std::isfinite(noise_std) && noise_std >= 0))
     check::fail(fn, "noise_std must be finite and >= 0, got " + std::to_string(noise_std));
@@ -523,6 +557,7 @@ void tempered_kl_rows(const TensorView& student, const TensorView& teacher,
 
 void swing_noise(uint64_t seed, const TensorView& out) {
   constexpr const char* fn = "swing_noise";
+  check::views(fn, {{"out", out}});
   check::float_matrix(fn, "out", out, true);
   const int64_t n = out.shape[0], v = out.shape[1];
   for_rows(n, [&](int64_t i, std::vector<double>&, std::vector<double>&, std::vector<double>&) {
@@ -536,6 +571,11 @@ void selective_contrast(const TensorView& standard, const TensorView& lame, doub
                         double std_threshold, double filter_ratio, const TensorView& out,
                         const TensorView& uncertainty, const TensorView& applied) {
   constexpr const char* fn = "uscd";
+  check::views(fn, {{"standard_logits", standard},
+                    {"lame_logits", lame},
+                    {"out", out},
+                    {"uncertainty", uncertainty},
+                    {"applied", applied}});
   matrix_in(fn, "standard_logits", standard);
   matrix_in(fn, "lame_logits", lame);
   same_shape(fn, "lame_logits", lame, standard, "standard_logits");

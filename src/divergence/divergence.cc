@@ -94,8 +94,23 @@ void validate_spec(const DivergenceSpec& s) {
     check::fail(kFn, "alpha must be finite and > 0 for renyi, got " + check::fmt(s.alpha));
 }
 
+void check::divergence_spec(const char* fn, const DivergenceSpec& spec) {
+  try {
+    validate_spec(spec);
+  } catch (const Error& e) {
+    check::rethrow_as(fn, kFn, e);
+  }
+}
+
 void divergence(const TensorView& student, const TensorView& teacher, const DivergenceSpec& spec,
                 const DivergenceOptions& options, const DivergenceOutputs& outputs) {
+  check::views(kFn, {{"student_logits", student},
+                     {"teacher_logits", teacher},
+                     {"labels", options.labels},
+                     {"weights", options.weights},
+                     {"loss", outputs.loss},
+                     {"grad_student", outputs.grad_student},
+                     {"grad_teacher", outputs.grad_teacher}});
   const cuda::Placement where = cuda::placement(kFn, {{"student_logits", &student},
                                                       {"teacher_logits", &teacher},
                                                       {"labels", &options.labels},
@@ -203,7 +218,7 @@ void check_f64_rows(const char* fn, const char* name, const TensorView& t, int64
 void shard_setup(const char* fn, const TensorView& student, const TensorView& teacher,
                  const DivergenceSpec& spec, const TensorView& labels, int64_t ignore_index,
                  ShardSetup& s) {
-  validate_spec(spec);
+  check::divergence_spec(fn, spec);
   detail::check_logit_pair(fn, student, teacher, /*need_vocab=*/false);  // a shard may be empty
   const int64_t n = student.shape[0];
   s.active = reduce::active_rows(fn, labels, ignore_index, n);
@@ -230,6 +245,10 @@ void divergence_shard_stats(const TensorView& student, const TensorView& teacher
                             const DivergenceSpec& spec, const TensorView& labels,
                             int64_t ignore_index, const TensorView& stats) {
   constexpr const char* fn = "divergence_shard_stats";
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"labels", labels},
+                    {"stats", stats}});
   ShardSetup s;
   shard_setup(fn, student, teacher, spec, labels, ignore_index, s);
   check_f64_rows(fn, "stats", stats, s.job.n, 4);
@@ -244,6 +263,11 @@ void divergence_shard_sums(const TensorView& student, const TensorView& teacher,
                            const DivergenceSpec& spec, const TensorView& labels,
                            int64_t ignore_index, const TensorView& norm, const TensorView& sums) {
   constexpr const char* fn = "divergence_shard_sums";
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"labels", labels},
+                    {"norm", norm},
+                    {"sums", sums}});
   ShardSetup s;
   shard_setup(fn, student, teacher, spec, labels, ignore_index, s);
   check_f64_rows(fn, "norm", norm, s.job.n, 4);
@@ -262,6 +286,14 @@ void divergence_shard_grad(const TensorView& student, const TensorView& teacher,
                            const TensorView& grad_scale, const TensorView& grad_student,
                            const TensorView& grad_teacher) {
   constexpr const char* fn = "divergence_shard_grad";
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"labels", labels},
+                    {"norm", norm},
+                    {"sums", sums},
+                    {"grad_scale", grad_scale},
+                    {"grad_student", grad_student},
+                    {"grad_teacher", grad_teacher}});
   ShardSetup s;
   shard_setup(fn, student, teacher, spec, labels, ignore_index, s);
   check_f64_rows(fn, "norm", norm, s.job.n, 4);

@@ -173,7 +173,7 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
                              const LinearHeadGrads& student_grads,
                              const LinearHeadGrads& teacher_grads) {
   constexpr const char* fn = "fused_linear_divergence";
-  validate_spec(spec);
+  check::divergence_spec(fn, spec);
   const int64_t v =
       student.weight.defined() && student.weight.ndim == 2 ? student.weight.shape[0] : 0;
   const bool sharded = fused.shard.active();
@@ -184,6 +184,22 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
   const ShardGroup group(
       fn, fused.shard, v,
       [&] {
+        check::views(fn, {{"student_hidden", student.hidden},
+                          {"student_weight", student.weight},
+                          {"student_bias", student.bias},
+                          {"grad_student_hidden", student_grads.hidden},
+                          {"grad_student_weight", student_grads.weight},
+                          {"grad_student_bias", student_grads.bias},
+                          {"teacher_hidden", teacher.hidden},
+                          {"teacher_weight", teacher.weight},
+                          {"teacher_bias", teacher.bias},
+                          {"grad_teacher_hidden", teacher_grads.hidden},
+                          {"grad_teacher_weight", teacher_grads.weight},
+                          {"grad_teacher_bias", teacher_grads.bias},
+                          {"labels", options.labels},
+                          {"weights", options.weights},
+                          {"teacher_token_ids", fused.teacher_token_ids},
+                          {"loss", loss}});
         check_head(fn, "student_", student, -1);
         check_head(fn, "teacher_", teacher, student.hidden.shape[0]);
         check_grads(fn, "student_", student, student_grads);
@@ -278,7 +294,19 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
                                     const FusedLinearOptions& fused, const TensorView& loss,
                                     const LinearHeadGrads& student_grads) {
   constexpr const char* fn = "fused_linear_sparse_divergence";
-  validate_spec(spec);
+  check::views(fn, {{"student_hidden", student.hidden},
+                    {"student_weight", student.weight},
+                    {"student_bias", student.bias},
+                    {"grad_student_hidden", student_grads.hidden},
+                    {"grad_student_weight", student_grads.weight},
+                    {"grad_student_bias", student_grads.bias},
+                    {"teacher_indices", teacher_indices},
+                    {"teacher_logprobs", teacher_logprobs},
+                    {"labels", options.labels},
+                    {"weights", options.weights},
+                    {"teacher_token_ids", fused.teacher_token_ids},
+                    {"loss", loss}});
+  check::divergence_spec(fn, spec);
   check_head(fn, "student_", student, -1);
   check_grads(fn, "student_", student, student_grads);
   if (fused.teacher_token_ids.defined())

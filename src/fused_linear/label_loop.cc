@@ -154,6 +154,19 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
   constexpr const char* fn = "fused_linear_cross_entropy";
   const ShardGroup group(fn, spec.shard, rows_of(head.weight),
                          [&] {
+                           check::views(fn, {{"hidden", head.hidden},
+                                             {"weight", head.weight},
+                                             {"bias", head.bias},
+                                             {"grad_hidden", grads.hidden},
+                                             {"grad_weight", grads.weight},
+                                             {"grad_bias", grads.bias},
+                                             {"labels", labels},
+                                             {"weights", spec.weights},
+                                             {"loss", loss},
+                                             {"logprobs", stats.logprobs},
+                                             {"entropy", stats.entropy},
+                                             {"lse", stats.lse},
+                                             {"topk_mass", stats.topk_mass}});
                            check_head(fn, "", head, -1);
                            check_grads(fn, "", head, grads);
                            check_shard_weight(fn, spec.shard, head);
@@ -203,6 +216,14 @@ void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
   constexpr const char* fn = "fused_linear_logprobs";
   const ShardGroup group(fn, spec.shard, rows_of(head.weight),
                          [&] {
+                           check::views(fn, {{"hidden", head.hidden},
+                                             {"weight", head.weight},
+                                             {"bias", head.bias},
+                                             {"labels", labels},
+                                             {"logprobs", stats.logprobs},
+                                             {"entropy", stats.entropy},
+                                             {"lse", stats.lse},
+                                             {"topk_mass", stats.topk_mass}});
                            check_head(fn, "", head, -1);
                            check_shard_weight(fn, spec.shard, head);
                          },
@@ -230,6 +251,15 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
   constexpr const char* fn = "fused_linear_logprobs_backward";
   const ShardGroup group(fn, spec.shard, rows_of(head.weight),
                          [&] {
+                           check::views(fn, {{"hidden", head.hidden},
+                                             {"weight", head.weight},
+                                             {"bias", head.bias},
+                                             {"grad_hidden", grads.hidden},
+                                             {"grad_weight", grads.weight},
+                                             {"grad_bias", grads.bias},
+                                             {"labels", labels},
+                                             {"grad_logprobs", grad_logprobs},
+                                             {"grad_entropy", grad_entropy}});
                            check_head(fn, "", head, -1);
                            check_grads(fn, "", head, grads);
                            check_shard_weight(fn, spec.shard, head);

@@ -69,6 +69,19 @@ ShardGroup::ShardGroup(const char* fn, const VocabShard& shard, int64_t v_local,
   }
 }
 
+void ShardGroup::agree(const char* fn, const std::string& error) const {
+  if (!on()) {
+    if (!error.empty()) throw Error(error);
+    return;
+  }
+  double failed = error.empty() ? 0.0 : 1.0;
+  sum(&failed, 1);
+  if (failed == 0.0) return;
+  if (!error.empty()) throw Error(error);
+  fail(fn, "the arguments were rejected on " + std::to_string(static_cast<int64_t>(failed)) +
+               " other rank(s) of the vocabulary-parallel group (see their error)");
+}
+
 void ShardGroup::sum(double* data, int64_t count) const {
   if (count > 0) (*all_reduce_)(data, count, CollectiveOp::sum);
 }
@@ -100,7 +113,19 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
   // 1. Per shard {max_s, log_sum_s, max_t, log_sum_t}, combined into the global normalizers:
   // max over ranks, then log sum_r exp((max_r - max) / T + log_sum_r).
   std::vector<double> stats(static_cast<size_t>(4 * n)), norm(static_cast<size_t>(4 * n), 0.0);
-  divergence_shard_stats(student, teacher, spec, labels, -1, rows4(stats));
+  // The first pass over this rank's logits finds NaN / +inf in them: agreed on before the first
+  // collective of the phases, so that no rank waits for one that threw.
+  std::string error;
+  try {
+    try {
+      divergence_shard_stats(student, teacher, spec, labels, -1, rows4(stats));
+    } catch (const Error& e) {
+      check::rethrow_as(fn, "divergence_shard_stats", e);
+    }
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  group.agree(fn, error);
   std::vector<double> gmax(static_cast<size_t>(2 * n)), gsum(static_cast<size_t>(2 * n));
   for (int64_t r = 0; r < n; ++r)
     for (int k = 0; k < 2; ++k) gmax[2 * r + k] = stats[4 * r + 2 * k];
@@ -268,18 +293,59 @@ void vocab_parallel_divergence(const TensorView& student, const TensorView& teac
                                const DivergenceOutputs& outputs, const VocabShard& shard) {
   constexpr const char* fn = "vocab_parallel_divergence";
   if (!shard.active()) {
-    divergence(student, teacher, spec, options, outputs);
+    check::views(fn, {{"student_logits", student},
+                      {"teacher_logits", teacher},
+                      {"labels", options.labels},
+                      {"weights", options.weights},
+                      {"loss", outputs.loss},
+                      {"grad_student", outputs.grad_student},
+                      {"grad_teacher", outputs.grad_teacher}});
+    try {
+      divergence(student, teacher, spec, options, outputs);
+    } catch (const Error& e) {
+      check::rethrow_as(fn, "divergence", e);
+    }
     return;
   }
-  validate_spec(spec);
-  check::float_matrix(fn, "student_logits", student);
-  check::float_matrix(fn, "teacher_logits", teacher);
-  const int64_t n = student.shape[0], v = student.shape[1];
-  const fused::ShardGroup group(fn, shard, v, [&] {
-    if (teacher.shape[0] != n || teacher.shape[1] != v)
-      check::fail(fn, "student_logits " + check::shape_string(student) + " and teacher_logits " +
-                          check::shape_string(teacher) + " must have the same shape");
-  });
+  check::divergence_spec(fn, spec);
+  // Every check whose outcome may differ between ranks runs inside the group's agreement, so
+  // that a rank with bad views raises on every rank instead of leaving the others waiting.
+  const int64_t v = student.ndim == 2 ? student.shape[1] : 0;
+  const fused::ShardGroup group(
+      fn, shard, v,
+      [&] {
+        check::views(fn, {{"student_logits", student},
+                          {"teacher_logits", teacher},
+                          {"labels", options.labels},
+                          {"weights", options.weights},
+                          {"loss", outputs.loss},
+                          {"grad_student", outputs.grad_student},
+                          {"grad_teacher", outputs.grad_teacher}});
+        check::float_matrix(fn, "student_logits", student);
+        check::float_matrix(fn, "teacher_logits", teacher);
+        const int64_t n = student.shape[0];
+        if (teacher.shape[0] != n || teacher.shape[1] != v)
+          check::fail(fn, "student_logits " + check::shape_string(student) +
+                              " and teacher_logits " + check::shape_string(teacher) +
+                              " must have the same shape");
+        // The gradient outputs are only read by the last phase, after collectives have started:
+        // checked here so that a bad one raises on every rank.
+        for (const auto& [g, name] : {std::pair{&outputs.grad_student, "grad_student"},
+                                      std::pair{&outputs.grad_teacher, "grad_teacher"}}) {
+          if (!g->defined()) continue;
+          check::float_matrix(fn, name, *g, /*is_output=*/true);
+          if (g->shape[0] != n || g->shape[1] != v)
+            check::fail(fn, std::string(name) + " must have the shape of the logits " +
+                                check::shape_string(student) + ", got " + check::shape_string(*g));
+          if (check::ranges_overlap(*g, student) || check::ranges_overlap(*g, teacher))
+            check::fail(fn, std::string(name) + " must not overlap the logits");
+        }
+        if (outputs.grad_student.defined() && outputs.grad_teacher.defined() &&
+            check::ranges_overlap(outputs.grad_student, outputs.grad_teacher))
+          check::fail(fn, "grad_teacher overlaps grad_student");
+      },
+      {outputs.grad_student.defined(), outputs.grad_teacher.defined()});
+  const int64_t n = student.shape[0];
   const std::vector<int64_t> labels =
       fused::read_labels(fn, options.labels, n, options.ignore_index, group.global_v(), false);
   const std::vector<double> weights = reduce::token_weights(fn, options.weights, n);

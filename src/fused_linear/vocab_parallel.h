@@ -35,6 +35,11 @@ class ShardGroup {
   // The largest V_r: the chunk size is chosen from it, so that every rank makes the same calls.
   int64_t max_v() const { return max_v_; }
 
+  // After a step whose outcome may differ between ranks: one all-reduce of the number of ranks
+  // whose `error` is not empty; if any, every rank throws (its own message, or one naming `fn`
+  // that points to the others), as the constructor does for the local checks.
+  void agree(const char* fn, const std::string& error) const;
+
   void sum(double* data, int64_t count) const;
   void max(double* data, int64_t count) const;
   // out[world * count]: rank r's `count` values at r * count (an all-reduce sum of zeros

@@ -198,6 +198,7 @@ Inputs load_inputs(const char* fn, const TensorView& x, const TensorView& w, con
 void kde_log_density(const TensorView& x, const TensorView& w, const TensorView& y,
                      double bandwidth, const TensorView& out) {
   constexpr const char* fn = "kde_log_density";
+  check::views(fn, {{"x", x}, {"w", w}, {"y", y}, {"out", out}});
   check_bandwidth(fn, bandwidth);
   if (!y.defined()) fail(fn, "y is required");
   const Inputs in = load_inputs(fn, x, w, y);
@@ -214,6 +215,7 @@ void kde_log_density(const TensorView& x, const TensorView& w, const TensorView&
 double kde_log_likelihood(const TensorView& x, const TensorView& w, const TensorView& y,
                           double bandwidth) {
   constexpr const char* fn = "kde_log_likelihood";
+  check::views(fn, {{"x", x}, {"w", w}, {"y", y}});
   check_bandwidth(fn, bandwidth);
   const Inputs in = load_inputs(fn, x, w, y);
   std::vector<double> buf;
@@ -223,6 +225,7 @@ double kde_log_likelihood(const TensorView& x, const TensorView& w, const Tensor
 KdeBandwidthResult kde_select_bandwidth(const TensorView& x, const TensorView& w,
                                         const TensorView& y, const KdeBandwidthOptions& opt) {
   constexpr const char* fn = "kde_select_bandwidth";
+  check::views(fn, {{"x", x}, {"w", w}, {"y", y}});
   if (opt.grid < 3) fail(fn, "grid must be >= 3, got " + std::to_string(opt.grid));
   if (!(std::isfinite(opt.tol) && opt.tol > 0))
     fail(fn, "tol must be finite and > 0, got " + std::to_string(opt.tol));

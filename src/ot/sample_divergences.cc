@@ -147,6 +147,8 @@ void check_sigma(const char* fn, double sigma) {
 double mmd2(const TensorView& x, const TensorView& y, const TensorView& a, const TensorView& b,
             SampleKernel kernel, double sigma, const TensorView& grad_x, const TensorView& grad_y) {
   constexpr const char* fn = "mmd";
+  check::views(fn,
+               {{"x", x}, {"y", y}, {"a", a}, {"b", b}, {"grad_x", grad_x}, {"grad_y", grad_y}});
   if (kernel != SampleKernel::gaussian && kernel != SampleKernel::energy)
     fail(fn, "kernel must be gaussian or energy");
   if (kernel == SampleKernel::gaussian) check_sigma(fn, sigma);
@@ -172,6 +174,8 @@ double cs_divergence(const TensorView& x, const TensorView& y, const TensorView&
                      const TensorView& b, double sigma, const TensorView& grad_x,
                      const TensorView& grad_y) {
   constexpr const char* fn = "cs_divergence";
+  check::views(fn,
+               {{"x", x}, {"y", y}, {"a", a}, {"b", b}, {"grad_x", grad_x}, {"grad_y", grad_y}});
   check_sigma(fn, sigma);
   const Cloud X = load(fn, "x", "a", x, a), Y = load(fn, "y", "b", y, b);
   check_grad(fn, "grad_x", grad_x, X.n, X.d);

@@ -676,6 +676,18 @@ SinkhornStats solve_one(const SinkhornInputs& in, const SinkhornOptions& opt,
 
 std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOptions& opt,
                                     const SinkhornOutputs& out) {
+  check::views(kFn, {{"x", in.x},
+                     {"y", in.y},
+                     {"cost", in.cost},
+                     {"a", in.a},
+                     {"b", in.b},
+                     {"f", out.f},
+                     {"g", out.g},
+                     {"plan", out.plan},
+                     {"grad_x", out.grad_x},
+                     {"grad_y", out.grad_y},
+                     {"grad_a", out.grad_a},
+                     {"grad_b", out.grad_b}});
   check_options(opt);
   const bool points = in.x.defined() || in.y.defined();
   int64_t B = 0, n = 0, m = 0, d = 0;

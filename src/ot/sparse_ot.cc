@@ -262,6 +262,7 @@ struct LineSearch {
 SparseOtResult sparse_ot(const TensorView& a, const TensorView& b, const TensorView& cost,
                          const SparseOtOptions& opt, const TensorView& alpha_out,
                          const TensorView& grad_b) {
+  check::views(kFn, {{"a", a}, {"b", b}, {"cost", cost}, {"alpha", alpha_out}, {"grad_b", grad_b}});
   if (!cost.defined()) fail(kFn, "cost is required");
   if (cost.device != Device::cpu) fail(kFn, "cost must be on the CPU");
   if (cost.ndim != 2) fail(kFn, "cost must be 2-D [n, m], got shape " + shape_string(cost));

@@ -24,6 +24,28 @@ using math::log1mexp;
 using math::log_sigmoid;
 using math::sigmoid;
 
+// check::view on every view of a call, before any is read (`ref` names the reference inputs:
+// "ref" as in TRL's DPOTrainer, "reference" as in its KTOTrainer).
+void check_views(const char* fn, const PreferenceInputs& in, const PreferenceOutputs& out,
+                 bool reference = false) {
+  check::views(
+      fn, {{"policy_chosen_logps", in.policy_chosen_logps},
+           {"policy_rejected_logps", in.policy_rejected_logps},
+           {reference ? "reference_chosen_logps" : "ref_chosen_logps", in.ref_chosen_logps},
+           {reference ? "reference_rejected_logps" : "ref_rejected_logps", in.ref_rejected_logps},
+           {"chosen_lengths", in.chosen_lengths},
+           {"rejected_lengths", in.rejected_lengths},
+           {"policy_weights", in.sample_weights},
+           {"losses", out.losses},
+           {"chosen_rewards", out.chosen_rewards},
+           {"rejected_rewards", out.rejected_rewards},
+           {"grad_losses", out.grad_losses},
+           {"grad_policy_chosen", out.grad_policy_chosen},
+           {"grad_policy_rejected", out.grad_policy_rejected},
+           {"grad_ref_chosen", out.grad_ref_chosen},
+           {"grad_ref_rejected", out.grad_ref_rejected}});
+}
+
 int64_t batch_of(const char* fn, const char* name, const TensorView& t) {
   if (!t.defined()) check::fail(fn, std::string(name) + " is required");
   if (t.ndim != 1)
@@ -48,6 +70,10 @@ void lengths_vector(const char* fn, const char* name, const TensorView& t, int64
     if (!(n > 0) || !std::isfinite(n))
       check::fail(fn, std::string(name) + " must be > 0, got " + std::to_string(n) + " at index " +
                           std::to_string(i));
+    // Token counts: a tiny length (a subnormal one passes "> 0") overflows s / n.
+    if (n < 1)
+      check::fail(fn, std::string(name) + " must be >= 1 (token counts), got " + check::fmt(n) +
+                          " at index " + std::to_string(i));
   }
 }
 void check_beta(const char* fn, double beta) {
@@ -176,6 +202,7 @@ void validate_preference_spec(const PreferenceSpec& spec) {
 void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec,
                      const PreferenceOutputs& out) {
   constexpr const char* fn = "preference_loss";
+  check_views(fn, in, out);
   validate_preference_spec(spec);
   const int64_t b = batch_of(fn, "policy_chosen_logps", in.policy_chosen_logps);
   if (b == 0) check::fail(fn, "policy_chosen_logps is empty: the batch needs at least one pair");
@@ -375,6 +402,7 @@ CpoLossType parse_cpo_loss_type(std::string_view name) {
 
 void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceOutputs& out) {
   constexpr const char* fn = "cpo_loss";
+  check_views(fn, in, out);
   check_beta(fn, spec.beta);
   const double eps = spec.label_smoothing;
   if (!(eps >= 0.0 && eps <= 0.5))
@@ -423,6 +451,8 @@ void cpo_loss(const PreferenceInputs& in, const CpoSpec& spec, const PreferenceO
 void odds_ratio_loss(const PreferenceInputs& in, double beta, const PreferenceOutputs& out,
                      const TensorView& log_odds) {
   constexpr const char* fn = "odds_ratio_loss";
+  check_views(fn, in, out);
+  check::view(fn, "log_odds", log_odds);
   check_beta(fn, beta);
   const int64_t b = check_policy_pairs(fn, in, out, &log_odds);
   for (int64_t i = 0; i < b; ++i) {
@@ -449,6 +479,10 @@ void odds_ratio_loss(const PreferenceInputs& in, double beta, const PreferenceOu
 void kto_loss(const PreferenceInputs& in, const KtoKL& kl, const KtoSpec& spec,
               const PreferenceOutputs& out) {
   constexpr const char* fn = "kto_loss";
+  check_views(fn, in, out, /*reference=*/true);
+  check::views(fn, {{"policy_KL_logps", kl.policy_KL_logps},
+                    {"reference_KL_logps", kl.ref_KL_logps},
+                    {"kl", kl.kl}});
   check_beta(fn, spec.beta);
   if (!(spec.desirable_weight >= 0) || !std::isfinite(spec.desirable_weight))
     check::fail(fn, "desirable_weight must be a finite number >= 0");

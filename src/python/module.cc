@@ -6,6 +6,8 @@
 // (dtype, shape, strides in elements) and the core does the real argument checks; its
 // divkit::Error becomes divkit._C.Error, a subclass of ValueError, with the message unchanged.
 // The GIL is released while a kernel runs.
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -25,9 +27,24 @@ NB_MODULE(_C, m) {
   // divkit::Error -> divkit._C.Error (a ValueError), message unchanged.
   nb::exception<divkit::Error>(m, "Error", PyExc_ValueError);
 
-  m.def("set_num_threads", &divkit::set_num_threads, nb::arg("n"),
-        "Threads used by the CPU kernels; results do not depend on it.");
+  m.def(
+      "set_num_threads",
+      [](int64_t n) {
+        // Any Python int reaches the core's range check (a C int parameter would make a large
+        // one a TypeError from nanobind instead).
+        const int64_t clamped = std::clamp<int64_t>(n, INT32_MIN, INT32_MAX);
+        if (clamped != n)
+          throw divkit::Error("set_num_threads: n must be in [1, " +
+                              std::to_string(divkit::max_num_threads()) + "], got " +
+                              std::to_string(n));
+        divkit::set_num_threads(static_cast<int>(n));
+      },
+      nb::arg("n"), "Threads used by the CPU kernels; results do not depend on it.");
   m.def("get_num_threads", &divkit::get_num_threads);
+  m.def("max_num_threads", &divkit::max_num_threads,
+        "The largest thread count set_num_threads accepts (8 x the processors).");
+  m.def("forked_single_threaded", &divkit::forked_single_threaded,
+        "Whether this process is a fork child that runs divkit's kernels on one thread.");
   m.def("available_simd_targets", &divkit::available_simd_targets,
         "SIMD targets compiled in and supported by this CPU, best first.");
   m.def("force_simd_target", &divkit::force_simd_target, nb::arg("name"),

@@ -93,6 +93,12 @@ void kl_estimator(const TensorView& logprobs, const TensorView& ref_logprobs, Kl
                   bool clamp, const TensorView& out, const TensorView& grad_out,
                   const TensorView& grad_logprobs, const TensorView& grad_ref) {
   constexpr const char* fn = "kl_estimator";
+  check::views(fn, {{"logprobs", logprobs},
+                    {"ref_logprobs", ref_logprobs},
+                    {"out", out},
+                    {"grad_out", grad_out},
+                    {"grad_logprobs", grad_logprobs},
+                    {"grad_ref", grad_ref}});
   const int64_t n = length_of(fn, "logprobs", logprobs);
   vec(fn, "logprobs", logprobs, n);
   vec(fn, "ref_logprobs", ref_logprobs, n);
@@ -151,6 +157,9 @@ void ensemble_rewards(const TensorView& rewards, EnsembleMethod method, double u
                       const TensorView& out, const TensorView& grad_out,
                       const TensorView& grad_rewards) {
   constexpr const char* fn = "ensemble_rewards";
+  check::views(
+      fn,
+      {{"rewards", rewards}, {"out", out}, {"grad_out", grad_out}, {"grad_rewards", grad_rewards}});
   int64_t n = 0, e = 0;
   shape2(fn, "rewards", rewards, n, e, false);
   if (e == 0) check::fail(fn, "rewards has an empty ensemble dimension");
@@ -191,6 +200,7 @@ void ensemble_rewards(const TensorView& rewards, EnsembleMethod method, double u
 void calibrate_reward(const TensorView& rewards, const TensorView& ref_rewards,
                       const TensorView& out) {
   constexpr const char* fn = "calibrate_reward";
+  check::views(fn, {{"rewards", rewards}, {"ref_rewards", ref_rewards}, {"out", out}});
   int64_t b = 0, m = 0, b2 = 0, nn = 0;
   shape2(fn, "ref_rewards", ref_rewards, b, m, false);
   if (m == 0) check::fail(fn, "ref_rewards must have M >= 1 reference samples per prompt");
@@ -219,6 +229,10 @@ void calibrate_reward(const TensorView& rewards, const TensorView& ref_rewards,
 void infalign_transform(const TensorView& calibrated, double t, const TensorView& out,
                         const TensorView& grad_out, const TensorView& grad_calibrated) {
   constexpr const char* fn = "infalign_transform";
+  check::views(fn, {{"calibrated", calibrated},
+                    {"out", out},
+                    {"grad_out", grad_out},
+                    {"grad_calibrated", grad_calibrated}});
   finite_param(fn, "t", t);
   const int64_t n = length_of(fn, "calibrated", calibrated);
   vec(fn, "calibrated", calibrated, n);
@@ -236,6 +250,7 @@ void infalign_transform(const TensorView& calibrated, double t, const TensorView
 
 void best_of_n(const TensorView& rewards, const TensorView& indices, const TensorView& best) {
   constexpr const char* fn = "best_of_n";
+  check::views(fn, {{"rewards", rewards}, {"indices", indices}, {"best", best}});
   int64_t b = 0, n = 0;
   shape2(fn, "rewards", rewards, b, n, false);
   if (n == 0) check::fail(fn, "rewards must be [B, N] with N >= 1");
@@ -260,6 +275,18 @@ void d2o_loss(const TensorView& ps, const TensorView& rs, const TensorView& pl,
               const TensorView& sample_rewards, const TensorView& rejected_rewards,
               const D2OGrads& g) {
   constexpr const char* fn = "d2o_loss";
+  check::views(fn, {{"policy_sample_logps", ps},
+                    {"ref_sample_logps", rs},
+                    {"policy_rejected_logps", pl},
+                    {"ref_rejected_logps", rl},
+                    {"losses", losses},
+                    {"sample_rewards", sample_rewards},
+                    {"rejected_rewards", rejected_rewards},
+                    {"grad_out", g.grad_out},
+                    {"grad_policy_samples", g.grad_policy_samples},
+                    {"grad_ref_samples", g.grad_ref_samples},
+                    {"grad_policy_rejected", g.grad_policy_rejected},
+                    {"grad_ref_rejected", g.grad_ref_rejected}});
   int64_t b = 0, k = 0;
   shape2(fn, "policy_sample_logps", ps, b, k, true);
   mat(fn, "ref_sample_logps", rs, b, k);
@@ -301,6 +328,11 @@ void d2o_loss(const TensorView& ps, const TensorView& rs, const TensorView& pl,
 void hypo_online_kl(const TensorView& ps, const TensorView& rs, const TensorView& kl,
                     const TensorView& grad_out, const TensorView& grad_ps) {
   constexpr const char* fn = "hypo_online_kl";
+  check::views(fn, {{"policy_sample_logps", ps},
+                    {"ref_sample_logps", rs},
+                    {"kl", kl},
+                    {"grad_out", grad_out},
+                    {"grad_policy_samples", grad_ps}});
   int64_t b = 0, k = 0;
   shape2(fn, "policy_sample_logps", ps, b, k, true);
   if (k < 2)
@@ -329,6 +361,15 @@ void superhf_loss(const TensorView& logps, const TensorView& rewards, const Tens
                   const TensorView& indices, const TensorView& grad_out,
                   const TensorView& grad_logps, const TensorView& grad_kl) {
   constexpr const char* fn = "superhf_loss";
+  check::views(fn, {{"policy_logps", logps},
+                    {"rewards", rewards},
+                    {"kl", kl},
+                    {"lengths", lengths},
+                    {"loss", loss},
+                    {"indices", indices},
+                    {"grad_out", grad_out},
+                    {"grad_policy_logps", grad_logps},
+                    {"grad_kl", grad_kl}});
   int64_t b = 0, n = 0;
   shape2(fn, "policy_logps", logps, b, n, true);
   mat(fn, "rewards", rewards, b, n);

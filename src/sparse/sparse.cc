@@ -167,7 +167,14 @@ void sparse_divergence(const TensorView& student, const TensorView& teacher_indi
                        const SparseOptions& sparse, const DivergenceOptions& options,
                        const SparseOutputs& outputs) {
   constexpr const char* fn = kSparseFn;
-  validate_spec(spec);
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_indices", teacher_indices},
+                    {"teacher_logprobs", teacher_logprobs},
+                    {"labels", options.labels},
+                    {"weights", options.weights},
+                    {"loss", outputs.loss},
+                    {"grad_student", outputs.grad_student}});
+  check::divergence_spec(fn, spec);
   if (sparse.tail != SparseTail::renormalize && sparse.tail != SparseTail::bucket)
     check::fail(fn, "tail code " + std::to_string(static_cast<int>(sparse.tail)) + " is unknown");
   check::float_matrix(fn, "student_logits", student);
@@ -214,7 +221,13 @@ void topk_divergence(const TensorView& student, const TensorView& teacher, int64
                      const DivergenceSpec& spec, const DivergenceOptions& options,
                      const SparseOutputs& outputs) {
   constexpr const char* fn = kTopkFn;
-  validate_spec(spec);
+  check::views(fn, {{"student_logits", student},
+                    {"teacher_logits", teacher},
+                    {"labels", options.labels},
+                    {"weights", options.weights},
+                    {"loss", outputs.loss},
+                    {"grad_student", outputs.grad_student}});
+  check::divergence_spec(fn, spec);
   detail::check_logit_pair(fn, student, teacher);
   const int64_t n = student.shape[0], v = student.shape[1];
   if (k < 1 || k > v)

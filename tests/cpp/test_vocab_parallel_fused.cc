@@ -345,3 +345,44 @@ TEST_F(VocabParallelFused, AnErrorOnOneRankIsRaisedOnEveryRank) {
 }
 
 }  // namespace
+
+// vocab_parallel_divergence: a rank whose shard has a NaN logit, or whose gradient output is
+// malformed, raises on every rank (the others name the failure elsewhere) instead of leaving them
+// waiting in a collective.
+TEST_F(VocabParallelFused, TokenLevelDivergenceErrorOnOneRankIsRaisedOnEveryRank) {
+  Problem p;
+  const int64_t n = p.n;
+  for (const int bad_case : {0, 1, 2}) {
+    FakeGroup group(p.world());
+    std::vector<std::string> messages(p.world());
+    run_ranks(p.world(), [&](int r) {
+      const int64_t vr = p.rows(r);
+      std::vector<float> s(n * vr, 0.5f), t(n * vr, 0.25f), g(n * vr);
+      if (r == 1 && bad_case == 0) s[0] = NAN;                // rank 1 (one column): row 0
+      if (r == 2 && bad_case == 1) t[3 * vr + 2] = INFINITY;  // row 3
+      float loss = 0.0f;
+      divkit::DivergenceOutputs out;
+      out.loss = TensorView::vector(&loss, DType::f32, 1);
+      out.grad_student = mat(g, n, vr);
+      if (r == 0 && bad_case == 2) out.grad_student.shape[0] = n - 1;
+      try {
+        divkit::vocab_parallel_divergence(mat(s, n, vr), mat(t, n, vr), {}, {}, out,
+                                          group.shard(r));
+      } catch (const divkit::Error& e) {
+        messages[r] = e.what();
+      }
+    });
+    const int bad_rank = bad_case == 0 ? 1 : bad_case == 1 ? 2 : 0;
+    const char* want = bad_case == 0   ? "vocab_parallel_divergence: student_logits contains NaN"
+                       : bad_case == 1 ? "vocab_parallel_divergence: teacher_logits contains NaN"
+                                       : "vocab_parallel_divergence: grad_student must have the "
+                                         "shape of the logits";
+    for (int r = 0; r < p.world(); ++r)
+      EXPECT_EQ(messages[r].rfind(r == bad_rank ? want
+                                                : "vocab_parallel_divergence: the "
+                                                  "arguments were rejected on 1 other",
+                                  0),
+                0u)
+          << "case " << bad_case << ", rank " << r << ": " << messages[r];
+  }
+}
