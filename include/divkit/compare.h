@@ -70,7 +70,7 @@ struct CompareInput {
 // KL, JS, TVD, delta_p and top1 (with tokens also nll, nll_base, delta_p_next) of every row,
 // as defined above, into `out`. Throws Error ("compare_rows: <argument> ...") on bad
 // input: shapes that differ, an unsupported dtype, non-finite rows, token ids out of range,
-// outputs of the wrong shape or dtype, base_floor NaN, num_threads < 0.
+// outputs of the wrong shape or dtype, base_floor NaN, num_threads outside [0, max_num_threads()].
 void compare_rows(const CompareInput& base, const CompareInput& test, const TensorView& tokens,
                   const CompareOptions& options, const CompareOutputs& out);
 

@@ -22,6 +22,11 @@ detail::CompareSide side(const CompareInput& in, const char* name, int64_t& n, i
     if (r.rows < 0) check::fail(kFn, std::string(name) + " (llama.cpp rows) has rows < 0");
     if (r.vocab < 1) check::fail(kFn, std::string(name) + " (llama.cpp rows) has vocab < 1");
     const int64_t stride = r.row_stride == 0 ? nv : r.row_stride;
+    int64_t span = 0;
+    if (__builtin_mul_overflow(r.rows, stride, &span) || span > (int64_t{1} << 55))
+      check::fail(kFn, std::string(name) + " (llama.cpp rows) spans rows x row_stride = " +
+                           std::to_string(r.rows) + " x " + std::to_string(stride) +
+                           " uint16 values: more than any address space");
     if (stride < nv)
       check::fail(kFn, std::string(name) + " (llama.cpp rows) has row_stride " +
                            std::to_string(stride) + " < " + std::to_string(nv) +
@@ -54,6 +59,17 @@ void output(const char* name, const TensorView& t, int64_t n, bool wanted) {
 
 void compare_rows(const CompareInput& base, const CompareInput& test, const TensorView& tokens,
                   const CompareOptions& options, const CompareOutputs& out) {
+  check::views(kFn, {{"base", base.logits},
+                     {"test", test.logits},
+                     {"tokens", tokens},
+                     {"kl", out.kl},
+                     {"js", out.js},
+                     {"tvd", out.tvd},
+                     {"delta_p", out.delta_p},
+                     {"top1", out.top1},
+                     {"nll", out.nll},
+                     {"nll_base", out.nll_base},
+                     {"delta_p_next", out.delta_p_next}});
   detail::CompareJob job;
   int64_t nb = 0, vb = 0, nt = 0, vt = 0;
   job.base = side(base, "base", nb, vb);
@@ -64,8 +80,9 @@ void compare_rows(const CompareInput& base, const CompareInput& test, const Tens
                          "] (the shape of base)");
   if (vb < 1) check::fail(kFn, "base has V = 0 (an empty vocabulary)");
   if (std::isnan(options.base_floor)) check::fail(kFn, "base_floor is NaN");
-  if (options.num_threads < 0)
-    check::fail(kFn, "num_threads must be >= 0, got " + std::to_string(options.num_threads));
+  if (options.num_threads < 0 || options.num_threads > max_num_threads())
+    check::fail(kFn, "num_threads must be in [0, " + std::to_string(max_num_threads()) +
+                         "] (0: get_num_threads()), got " + std::to_string(options.num_threads));
   job.base.logprobs = job.base.q != nullptr;
   job.base.floor = options.base_floor;
   job.n = nb;
@@ -90,7 +107,10 @@ void compare_rows(const CompareInput& base, const CompareInput& test, const Tens
   output("nll_base", out.nll_base, nb, with_tokens);
   output("delta_p_next", out.delta_p_next, nb, with_tokens);
   job.out = out;
-  job.num_threads = options.num_threads > 0 ? options.num_threads : get_num_threads();
+  // A process forked after a parallel region cannot start libgomp's pool again (runtime.h).
+  job.num_threads = forked_single_threaded()  ? 1
+                    : options.num_threads > 0 ? options.num_threads
+                                              : get_num_threads();
   if (nb == 0) return;
 
   detail::run_compare_rows(job);

@@ -436,6 +436,28 @@ std::vector<EntryPoint> build() {
                  opt.max_iter = 8;
                  divkit::kde_select_bandwidth(v[0], v[1], v[2], opt);
                }});
+  // ---- compare.h ----
+  const std::vector<Slot> rows = {in("base", {N, W}), in("test", {N, W})};
+  const std::vector<Slot> cmp_stats = {out("kl", {N}, f64), out("js", {N}, f64),
+                                       out("tvd", {N}, f64), out("delta_p", {N}, f64),
+                                       out("top1", {N}, f64)};
+  auto compare_in = [](const TensorView& t) {
+    divkit::CompareInput c;
+    c.logits = t;
+    return c;
+  };
+  e.push_back({"compare_rows", cat(rows, cmp_stats), [compare_in](const V& v, uint32_t) {
+                 divkit::CompareOutputs o{v[2], v[3], v[4], v[5], v[6], {}, {}, {}};
+                 divkit::compare_rows(compare_in(v[0]), compare_in(v[1]), TensorView{}, {}, o);
+               }});
+  e.push_back({"compare_rows",
+               cat(cat(rows, {labels("tokens")}),
+                   cat(cmp_stats, {out("nll", {N}, f64), out("nll_base", {N}, f64),
+                                   out("delta_p_next", {N}, f64)})),
+               [compare_in](const V& v, uint32_t) {
+                 divkit::CompareOutputs o{v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10]};
+                 divkit::compare_rows(compare_in(v[0]), compare_in(v[1]), v[2], {}, o);
+               }});
   return e;
 }
 
