@@ -185,6 +185,49 @@ HWY_INLINE void WriteMinusPGrad(const RowOutput& out, int64_t row, int64_t v,
       scratch);
 }
 
+// One gradient row written a vector at a time by the sweep that computes it (the fused forward
+// KL / cross-entropy sweep): fp32 rows are streamed (aligned) or stored directly, the last
+// partial vector through `scratch`; other dtypes collect in the fp32 `scratch` row and are
+// rounded by Finish(), exactly as WriteGradRow does.
+class GradRowWriter {
+ public:
+  GradRowWriter(const RowOutput& out, int64_t row, int64_t v, float* HWY_RESTRICT scratch)
+      : out_(out), row_(row), v_(v), scratch_(scratch) {
+    const DF df;
+    if (out.dtype == DType::f32) {
+      dst_ = static_cast<float*>(out.data) + row * out.row_stride;
+      mode_ = reinterpret_cast<uintptr_t>(dst_) % (hn::Lanes(df) * sizeof(float)) == 0
+                  ? Mode::stream
+                  : Mode::unaligned;
+    }
+  }
+  HWY_INLINE void Put(int64_t j, VF g) {
+    const DF df;
+    const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+    if (mode_ == Mode::scratch) {
+      hn::Store(g, df, scratch_ + j);
+    } else if (HWY_UNLIKELY(j + lanes > v_)) {
+      hn::Store(g, df, scratch_);
+      if (j < v_) std::memcpy(dst_ + j, scratch_, static_cast<size_t>(v_ - j) * sizeof(float));
+    } else if (mode_ == Mode::stream) {
+      hn::Stream(g, df, dst_ + j);
+    } else {
+      hn::StoreU(g, df, dst_ + j);
+    }
+  }
+  void Finish() {
+    if (mode_ == Mode::scratch) StoreRow(out_, row_, v_, scratch_);
+  }
+
+ private:
+  enum class Mode { scratch, stream, unaligned };
+  const RowOutput& out_;
+  int64_t row_, v_;
+  float* HWY_RESTRICT scratch_;
+  float* dst_ = nullptr;
+  Mode mode_ = Mode::scratch;
+};
+
 struct RowBuffers {
   float* HWY_RESTRICT xs;        // student logits (fp32); overwritten by u
   const float* HWY_RESTRICT es;  // exp((xs - max) / T)
@@ -217,10 +260,13 @@ HWY_INLINE Entry<VF> LoadEntry(const float* HWY_RESTRICT xs, const float* HWY_RE
   return e;
 }
 
-// pass 3: the divergence terms and the gradient factors u (and v), summed per row.
+// pass 3: the divergence terms and the gradient factors u (and v), summed per row. With
+// `fused` (only when u = -p and no teacher gradient), the student gradient scale * (q - p) is
+// written in the same sweep (pass 4 is skipped): its values do not depend on the row sums.
 template <bool kTeacher, class Div>
 HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers& n, RowSum& sum_g,
-                         RowSum& sum_u, RowSum& sum_v) {
+                         RowSum& sum_u, RowSum& sum_v, GradRowWriter* fused = nullptr,
+                         float fused_scale = 0.0f) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
@@ -229,6 +275,26 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   const float* HWY_RESTRICT es = b.es;
   const float* HWY_RESTRICT et = b.et;
   const Normalizers nl = n;  // a local copy keeps the constants in registers
+  if constexpr (Div::kStudentFactorIsMinusP && !kTeacher) {
+    if (fused != nullptr) {
+      // The same products as WriteMinusPGrad, so the gradient's bits do not depend on the path.
+      const VF qs = hn::Set(df, fused_scale * hn::GetLane(nl.inv_zs));
+      const VF ps = hn::Set(df, fused_scale * hn::GetLane(nl.inv_zt));
+      for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
+        const int64_t end = std::min(begin + block_len, b.vpad);
+        VF acc_g = hn::Zero(df);
+        for (int64_t j = begin; j < end; j += lanes) {
+          const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
+          VF u;
+          acc_g = hn::Add(acc_g, div.term(df, e, u));
+          fused->Put(j, hn::MulSub(hn::Load(df, es + j), qs, hn::Mul(hn::Load(df, et + j), ps)));
+        }
+        sum_g.AddBlock(acc_g);
+      }
+      fused->Finish();
+      return;
+    }
+  }
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
     VF acc_g = hn::Zero(df), acc_u = hn::Zero(df), acc_v = hn::Zero(df);
@@ -259,6 +325,15 @@ double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t
               const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
               float* HWY_RESTRICT scratch) {
   RowSum sum_g, sum_u, sum_v;
+  if constexpr (Div::kStudentFactorIsMinusP) {
+    if (grad_s != nullptr && grad_t == nullptr) {
+      // One sweep: terms and gradient. A row whose value turns out non-finite has its gradient
+      // zeroed by the caller, as on the two-sweep path.
+      GradRowWriter w(*grad_s, row, v, scratch);
+      SumTerms<false>(div, b, n, sum_g, sum_u, sum_v, &w, static_cast<float>(scale));
+      return sum_g.total;
+    }
+  }
   if (grad_t != nullptr) SumTerms<true>(div, b, n, sum_g, sum_u, sum_v);
   else SumTerms<false>(div, b, n, sum_g, sum_u, sum_v);
   const double value = sum_g.total;
@@ -597,6 +672,23 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace divkit {
 HWY_EXPORT(RunDivergenceRows);
-void detail::run_divergence_rows(RowJob& job) { HWY_DYNAMIC_DISPATCH(RunDivergenceRows)(job); }
+namespace {
+// A gradient buffer that is not one of the inputs (fresh from the caller's allocator, untouched):
+// huge pages for its first write.
+void advise_output(const detail::RowOutput& out, const detail::RowJob& job) {
+  if (out.data == nullptr || out.data == job.student.data || out.data == job.teacher.data) return;
+  const size_t es = dtype_size(out.dtype);
+  detail::advise_huge_pages(out.data,
+                            static_cast<size_t>((job.n - 1) * out.row_stride + job.v) * es);
+}
+}  // namespace
+
+void detail::run_divergence_rows(RowJob& job) {
+  if (!job.check_only && job.n > 0) {
+    advise_output(job.grad_student, job);
+    advise_output(job.grad_teacher, job);
+  }
+  HWY_DYNAMIC_DISPATCH(RunDivergenceRows)(job);
+}
 }  // namespace divkit
 #endif
