@@ -52,14 +52,16 @@ struct RowSoftmax {
   bool non_finite;  // a NaN or +inf in x
 };
 
-// Passes 1 and 2, fused per block of kRowSumBlock vectors so that the block is exponentiated
-// while it is in L1: the logits x (as fp32) into x[0, V) (-inf in the padding [V, Vpad)), and
-// e = exp((x - running max) / T). The max is subtracted before dividing by T so that the
-// difference is exact: logits of 1e4 keep their precision at any temperature. A block
-// exponentiated before the max rose is rescaled at the end (rarely more than a few blocks); the
-// sum is rescaled as the max rises. The order of operations is fixed per row, so results do not
-// depend on threads.
-template <typename T>
+// Passes 1 and 2 in one sweep, per block of kRowSumBlock vectors: the logits x (as fp32) into
+// x[0, V) (-inf in the padding [V, Vpad)), and e = exp((x - running max) / T). Each vector is
+// exponentiated as it is loaded, against the running max before its block; a block that raises
+// the max (the first one, and rarely more than a few others) is exponentiated again from its
+// copy in L1 against the new max, so the values are those of a load-then-exponentiate per
+// block. The max is subtracted before dividing by T so that the difference is exact: logits of
+// 1e4 keep their precision at any temperature. A block exponentiated before the max rose
+// further is rescaled at the end; the sum is rescaled as the max rises. The order of operations
+// is fixed per row, so results do not depend on threads.
+template <bool kUnitT, typename T>
 RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpad, float inv_t,
                                float* HWY_RESTRICT x, float* HWY_RESTRICT e,
                                float* HWY_RESTRICT block_max) {
@@ -67,34 +69,66 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
+  // Whole vectors converted in registers (fp64 rows and the last partial vector: LoadRowBlock).
+  const int64_t vfull = std::is_same_v<T, double> ? 0 : v / lanes * lanes;
   const VF scale = hn::Set(df, inv_t);
+  const VF vinf = hn::Set(df, kInf);
   const double inv_t_d = inv_t;  // the same (rounded) 1/T as the vector code
+  auto arg = [&](VF xj, VF vm) {
+    return kUnitT ? hn::Sub(xj, vm) : hn::Mul(hn::Sub(xj, vm), scale);
+  };
   float run_max = -kInf;
   double sum = 0.0;
   bool non_finite = false;
   int64_t block = 0;
   for (int64_t begin = 0; begin < vpad; begin += block_len, ++block) {
     const int64_t end = std::min(begin + block_len, vpad);
+    const int64_t fused_end = std::min(end, vfull);
+    const VF vm_old = hn::Set(df, run_max);
     VF vmax = hn::Set(df, -kInf);
-    auto bad = hn::Lt(vmax, vmax);  // all false
-    LoadRowBlock(df, src, begin, end, v, x, vmax, bad);
+    auto ok = hn::Eq(vmax, vmax);  // all true
+    VF acc = hn::Zero(df);
+    int64_t j = begin;
+    if constexpr (!std::is_same_v<T, double>) {
+      for (; j < fused_end; j += lanes) {
+        const VF xj = LoadAsFloat(df, src + j);
+        ok = hn::And(ok, hn::Lt(xj, vinf));  // NaN and +inf compare false
+        vmax = hn::Max(vmax, xj);
+        hn::Store(xj, df, x + j);
+        const VF ej = SoftmaxExp(df, arg(xj, vm_old));  // garbage if the max rises: redone
+        hn::Store(ej, df, e + j);
+        acc = hn::Add(acc, ej);
+      }
+    }
+    auto bad = hn::Not(ok);
+    if (j < end) {
+      LoadRowBlock(df, src, j, end, v, x, vmax, bad);
+      for (int64_t k = j; k < end; k += lanes) {
+        const VF ek = SoftmaxExp(df, arg(hn::Load(df, x + k), vm_old));
+        hn::Store(ek, df, e + k);
+        acc = hn::Add(acc, ek);
+      }
+    }
     non_finite |= !hn::AllFalse(df, bad);
     const float bmax = hn::GetLane(hn::MaxOfLanes(df, vmax));
-    if (bmax > run_max) {
+    const bool redo = bmax > run_max;
+    if (redo) {
       if (sum != 0.0) sum *= std::exp((static_cast<double>(run_max) - bmax) * inv_t_d);
       run_max = bmax;
     }
     block_max[block] = run_max;
     if (run_max == -kInf || non_finite) {  // nothing to exponentiate yet, or a bad row
-      for (int64_t j = begin; j < end; j += lanes) hn::Store(hn::Zero(df), df, e + j);
+      for (int64_t k = begin; k < end; k += lanes) hn::Store(hn::Zero(df), df, e + k);
       continue;
     }
-    const VF vm = hn::Set(df, run_max);
-    VF acc = hn::Zero(df);
-    for (int64_t j = begin; j < end; j += lanes) {
-      const VF ej = SoftmaxExp(df, hn::Mul(hn::Sub(hn::Load(df, x + j), vm), scale));
-      hn::Store(ej, df, e + j);
-      acc = hn::Add(acc, ej);
+    if (redo) {
+      const VF vm = hn::Set(df, run_max);
+      acc = hn::Zero(df);
+      for (int64_t k = begin; k < end; k += lanes) {
+        const VF ek = SoftmaxExp(df, arg(hn::Load(df, x + k), vm));
+        hn::Store(ek, df, e + k);
+        acc = hn::Add(acc, ek);
+      }
     }
     RowSum block_sum;
     block_sum.AddBlock(acc);
@@ -109,8 +143,8 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
       const int64_t end = std::min(begin + block_len, vpad);
       const VF f =
           hn::Set(df, static_cast<float>(std::exp((static_cast<double>(ref) - run_max) * inv_t_d)));
-      for (int64_t j = begin; j < end; j += lanes)
-        hn::Store(hn::Mul(hn::Load(df, e + j), f), df, e + j);
+      for (int64_t k = begin; k < end; k += lanes)
+        hn::Store(hn::Mul(hn::Load(df, e + k), f), df, e + k);
     }
   }
   return {run_max, std::log(sum), non_finite};
@@ -120,7 +154,8 @@ RowSoftmax LoadSoftmaxRow(const RowInput& in, int64_t row, int64_t v, int64_t vp
                           float* HWY_RESTRICT x, float* HWY_RESTRICT e,
                           float* HWY_RESTRICT block_max) {
   return VisitRow(in, row, [&](const auto* src) {
-    return LoadSoftmaxRowTyped(src, v, vpad, inv_t, x, e, block_max);
+    return inv_t == 1.0f ? LoadSoftmaxRowTyped<true>(src, v, vpad, inv_t, x, e, block_max)
+                         : LoadSoftmaxRowTyped<false>(src, v, vpad, inv_t, x, e, block_max);
   });
 }
 
