@@ -4,15 +4,20 @@
 //
 // Per row, with a per-thread row block of four fp32 buffers of V (padded to the vector width):
 //   pass 1  read the logits (any dtype) once from memory into xs / xt (fp32), track the max
-//           and any NaN/+inf;
-//   pass 2  es = exp((xs - max) / T), et likewise, summed in fp64 lanes -> log-sum-exp
-//           (passes 1 and 2 run fused per block of 16 vectors, while the block is in L1);
-//   pass 3  p, q, log p, log q from the buffers (no further exp), the divergence terms summed
-//           in fp64 lanes; the student factor u overwrites xs, the teacher factor v overwrites xt;
-//   pass 4  gradient = (u - q * sum u) / T * scale, written in the output dtype.
+//           and any NaN/+inf, and exponentiate as they are read: es = exp((xs - max) / T), et
+//           likewise (one exp per logit per distribution), summed in fp64 -> log-sum-exp. A
+//           block of 16 vectors that raises the running max is exponentiated again from its
+//           copy in L1, so no separate pass over memory finds the max;
+//   pass 2  p, q, log p, log q from the buffers (no further exp), the divergence terms summed
+//           in fp64 lanes; the student factor u overwrites xs, the teacher factor v overwrites
+//           xt. Where u = -p (forward KL, cross-entropy) the gradient (q - p) / T * scale is
+//           written in this same sweep;
+//   pass 3  otherwise, gradient = (u - q * sum u) / T * scale, written in the output dtype.
 // Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
-// Only pass 1 and pass 4 touch the caller's memory; the block stays in the core's L2/L3. Row
-// sums are reduced in a fixed lane order, so results do not depend on the thread count.
+// Only pass 1 and the gradient writes touch the caller's memory; the block stays in the core's
+// L2/L3. A fresh gradient buffer is marked for huge pages before the first write (see
+// run_divergence_rows). Row sums are reduced in a fixed lane order, so results do not depend on
+// the thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -44,7 +49,7 @@ using detail::RowOutput;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
-// ---- passes 1+2: load one row of any dtype into an fp32 buffer, exponentiate --------------
+// ---- pass 1: load one row of any dtype into an fp32 buffer, exponentiate -------------------
 
 struct RowSoftmax {
   float max;        // max of the logits x (-inf if every entry is masked)
@@ -52,7 +57,7 @@ struct RowSoftmax {
   bool non_finite;  // a NaN or +inf in x
 };
 
-// Passes 1 and 2 in one sweep, per block of kRowSumBlock vectors: the logits x (as fp32) into
+// Pass 1, per block of kRowSumBlock vectors: the logits x (as fp32) into
 // x[0, V) (-inf in the padding [V, Vpad)), and e = exp((x - running max) / T). Each vector is
 // exponentiated as it is loaded, against the running max before its block; a block that raises
 // the max (the first one, and rarely more than a few others) is exponentiated again from its
@@ -159,7 +164,7 @@ RowSoftmax LoadSoftmaxRow(const RowInput& in, int64_t row, int64_t v, int64_t vp
   });
 }
 
-// ---- pass 4: write a gradient row in the output dtype ---------------------------------------
+// ---- gradient rows in the output dtype -------------------------------------------------------
 
 // Writes row `row` of `out` from grad_at(j), the fp32 gradient vector at columns [j, j+lanes).
 // fp32 is stored directly; other dtypes go through the fp32 scratch row and are rounded to
@@ -295,9 +300,9 @@ HWY_INLINE Entry<VF> LoadEntry(const float* HWY_RESTRICT xs, const float* HWY_RE
   return e;
 }
 
-// pass 3: the divergence terms and the gradient factors u (and v), summed per row. With
+// pass 2: the divergence terms and the gradient factors u (and v), summed per row. With
 // `fused` (only when u = -p and no teacher gradient), the student gradient scale * (q - p) is
-// written in the same sweep (pass 4 is skipped): its values do not depend on the row sums.
+// written in the same sweep (no pass 3): its values do not depend on the row sums.
 template <bool kTeacher, class Div>
 HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers& n, RowSum& sum_g,
                          RowSum& sum_u, RowSum& sum_v, GradRowWriter* fused = nullptr,
@@ -353,7 +358,7 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   }
 }
 
-// Rows of the divergences whose value is sum_j g(p_j, q_j) (all but Renyi): pass 3 then the
+// Rows of the divergences whose value is sum_j g(p_j, q_j) (all but Renyi): pass 2 then the
 // chain-rule gradient. Returns the row value, or NaN when the gradient would overflow fp32.
 template <class Div>
 double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t v,
