@@ -81,12 +81,16 @@ HWY_INLINE void LoadRowBlock(DF df, const T* HWY_RESTRICT src, int64_t begin, in
   const int64_t vfull = std::is_same_v<T, double> ? 0 : v / lanes * lanes;
   int64_t j = begin;
   if constexpr (!std::is_same_v<T, double>) {
+    // Accumulates "finite or -inf" (one compare and an AND per vector; NaN compares false).
+    const auto kInf = hn::Set(df, std::numeric_limits<float>::infinity());
+    auto ok = hn::Not(bad);
     for (const int64_t vec_end = std::min(end, vfull); j < vec_end; j += lanes) {
       const auto xj = LoadAsFloat(df, src + j);
-      bad = hn::Or(bad, NanOrPosInf(df, xj));
+      ok = hn::And(ok, hn::Lt(xj, kInf));
       vmax = hn::Max(vmax, xj);
       hn::Store(xj, df, x + j);
     }
+    bad = hn::Not(ok);
   }
   for (; j < end; j += lanes) {
     for (int64_t k = j; k < j + lanes; ++k)

@@ -19,16 +19,16 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 // exp(x) for softmax arguments x = logit - max <= 0 (and -inf for masked entries), ~1 ulp.
 // Cheaper than hn::Exp: the rounding to the nearest integer n and the 2^n scale come from one
-// "magic number" FMA (n + 127 lands in the low mantissa bits of t), and results below
-// exp(-87.3) (the smallest normal float) are flushed to 0; they cannot move a row sum >= 1.
-// Not for x > 88 (overflow is not handled): use hn::Exp there.
+// "magic number" FMA (n + 127 lands in the low mantissa bits of t). Arguments are clamped at
+// -88, where n + 127 = 0: the 2^n built from those bits is then +0, so exp(-inf) and
+// everything below about exp(-87.7) is exactly 0 without a compare and blend (results between
+// that and exp(-87.3), the smallest normal float, are subnormal); they cannot move a row sum
+// >= 1. Not for x > 88 (overflow is not handled): use hn::Exp there.
 template <class D, class V>
 HWY_INLINE V SoftmaxExp(D d, V x) {
   const hn::RebindToSigned<D> di;
   const V kMagic = hn::Set(d, 12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
-  const V kLowest = hn::Set(d, -87.33f);
-  const auto underflow = hn::Lt(x, kLowest);
-  x = hn::Max(x, kLowest);
+  x = hn::Max(x, hn::Set(d, -88.0f));
   const V t = hn::MulAdd(x, hn::Set(d, 1.44269504088896341f), kMagic);
   const V nf = hn::Sub(t, kMagic);                           // n = round(x / ln 2), exactly
   V r = hn::MulAdd(nf, hn::Set(d, -0.693145751953125f), x);  // Cody-Waite: ln 2 in two parts
@@ -41,8 +41,8 @@ HWY_INLINE V SoftmaxExp(D d, V x) {
   poly = hn::MulAdd(poly, r, hn::Set(d, 0.166666671633720397949219f));
   poly = hn::MulAdd(poly, r, hn::Set(d, 0.5f));
   const V er = hn::Add(hn::MulAdd(poly, hn::Mul(r, r), r), hn::Set(d, 1.0f));
-  const V scale = hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(di, t)));  // 2^n
-  return hn::IfThenZeroElse(underflow, hn::Mul(er, scale));
+  const V scale = hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(di, t)));  // 2^n (+0: n = -127)
+  return hn::Mul(er, scale);
 }
 
 // hn::Exp / hn::Expm1 for any argument: +inf above fp32's range (Highway's versions return
@@ -72,11 +72,18 @@ struct RowSum {
   double total = 0.0;
   HWY_INLINE void AddBlock(hn::Vec<SumDF> block) {
     const SumDF df;
-    alignas(64) float lanes[hn::MaxLanes(df)];
-    hn::Store(block, df, lanes);
-    double s = 0.0;
-    for (size_t i = 0; i < hn::Lanes(df); ++i) s += lanes[i];
-    total += s;
+#if HWY_TARGET == HWY_SCALAR
+    total += static_cast<double>(hn::GetLane(block));
+#else
+    // The two halves widened to fp64 and added in vectors, then Highway's fixed-order lane
+    // sum: a handful of instructions per block instead of a serial chain of scalar adds.
+    const hn::Half<SumDF> dh;
+    const hn::Repartition<double, SumDF> dd;
+    const auto both = hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, block)),
+                              hn::PromoteTo(dd, hn::UpperHalf(dh, block)));
+    total += hn::GetLane(hn::SumOfLanes(dd, both));
+    (void)df;
+#endif
   }
 };
 

@@ -4,15 +4,20 @@
 //
 // Per row, with a per-thread row block of four fp32 buffers of V (padded to the vector width):
 //   pass 1  read the logits (any dtype) once from memory into xs / xt (fp32), track the max
-//           and any NaN/+inf;
-//   pass 2  es = exp((xs - max) / T), et likewise, summed in fp64 lanes -> log-sum-exp
-//           (passes 1 and 2 run fused per block of 16 vectors, while the block is in L1);
-//   pass 3  p, q, log p, log q from the buffers (no further exp), the divergence terms summed
-//           in fp64 lanes; the student factor u overwrites xs, the teacher factor v overwrites xt;
-//   pass 4  gradient = (u - q * sum u) / T * scale, written in the output dtype.
+//           and any NaN/+inf, and exponentiate as they are read: es = exp((xs - max) / T), et
+//           likewise (one exp per logit per distribution), summed in fp64 -> log-sum-exp. A
+//           block of 16 vectors that raises the running max is exponentiated again from its
+//           copy in L1, so no separate pass over memory finds the max;
+//   pass 2  p, q, log p, log q from the buffers (no further exp), the divergence terms summed
+//           in fp64 lanes; the student factor u overwrites xs, the teacher factor v overwrites
+//           xt. Where u = -p (forward KL, cross-entropy) the gradient (q - p) / T * scale is
+//           written in this same sweep;
+//   pass 3  otherwise, gradient = (u - q * sum u) / T * scale, written in the output dtype.
 // Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
-// Only pass 1 and pass 4 touch the caller's memory; the block stays in the core's L2/L3. Row
-// sums are reduced in a fixed lane order, so results do not depend on the thread count.
+// Only pass 1 and the gradient writes touch the caller's memory; the block stays in the core's
+// L2/L3. A fresh gradient buffer is marked for huge pages before the first write (see
+// run_divergence_rows). Row sums are reduced in a fixed lane order, so results do not depend on
+// the thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -44,7 +49,7 @@ using detail::RowOutput;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
-// ---- passes 1+2: load one row of any dtype into an fp32 buffer, exponentiate --------------
+// ---- pass 1: load one row of any dtype into an fp32 buffer, exponentiate -------------------
 
 struct RowSoftmax {
   float max;        // max of the logits x (-inf if every entry is masked)
@@ -52,14 +57,16 @@ struct RowSoftmax {
   bool non_finite;  // a NaN or +inf in x
 };
 
-// Passes 1 and 2, fused per block of kRowSumBlock vectors so that the block is exponentiated
-// while it is in L1: the logits x (as fp32) into x[0, V) (-inf in the padding [V, Vpad)), and
-// e = exp((x - running max) / T). The max is subtracted before dividing by T so that the
-// difference is exact: logits of 1e4 keep their precision at any temperature. A block
-// exponentiated before the max rose is rescaled at the end (rarely more than a few blocks); the
-// sum is rescaled as the max rises. The order of operations is fixed per row, so results do not
-// depend on threads.
-template <typename T>
+// Pass 1, per block of kRowSumBlock vectors: the logits x (as fp32) into
+// x[0, V) (-inf in the padding [V, Vpad)), and e = exp((x - running max) / T). Each vector is
+// exponentiated as it is loaded, against the running max before its block; a block that raises
+// the max (the first one, and rarely more than a few others) is exponentiated again from its
+// copy in L1 against the new max, so the values are those of a load-then-exponentiate per
+// block. The max is subtracted before dividing by T so that the difference is exact: logits of
+// 1e4 keep their precision at any temperature. A block exponentiated before the max rose
+// further is rescaled at the end; the sum is rescaled as the max rises. The order of operations
+// is fixed per row, so results do not depend on threads.
+template <bool kUnitT, typename T>
 RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpad, float inv_t,
                                float* HWY_RESTRICT x, float* HWY_RESTRICT e,
                                float* HWY_RESTRICT block_max) {
@@ -67,34 +74,66 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
+  // Whole vectors converted in registers (fp64 rows and the last partial vector: LoadRowBlock).
+  const int64_t vfull = std::is_same_v<T, double> ? 0 : v / lanes * lanes;
   const VF scale = hn::Set(df, inv_t);
+  const VF vinf = hn::Set(df, kInf);
   const double inv_t_d = inv_t;  // the same (rounded) 1/T as the vector code
+  auto arg = [&](VF xj, VF vm) {
+    return kUnitT ? hn::Sub(xj, vm) : hn::Mul(hn::Sub(xj, vm), scale);
+  };
   float run_max = -kInf;
   double sum = 0.0;
   bool non_finite = false;
   int64_t block = 0;
   for (int64_t begin = 0; begin < vpad; begin += block_len, ++block) {
     const int64_t end = std::min(begin + block_len, vpad);
+    const int64_t fused_end = std::min(end, vfull);
+    const VF vm_old = hn::Set(df, run_max);
     VF vmax = hn::Set(df, -kInf);
-    auto bad = hn::Lt(vmax, vmax);  // all false
-    LoadRowBlock(df, src, begin, end, v, x, vmax, bad);
+    auto ok = hn::Eq(vmax, vmax);  // all true
+    VF acc = hn::Zero(df);
+    int64_t j = begin;
+    if constexpr (!std::is_same_v<T, double>) {
+      for (; j < fused_end; j += lanes) {
+        const VF xj = LoadAsFloat(df, src + j);
+        ok = hn::And(ok, hn::Lt(xj, vinf));  // NaN and +inf compare false
+        vmax = hn::Max(vmax, xj);
+        hn::Store(xj, df, x + j);
+        const VF ej = SoftmaxExp(df, arg(xj, vm_old));  // garbage if the max rises: redone
+        hn::Store(ej, df, e + j);
+        acc = hn::Add(acc, ej);
+      }
+    }
+    auto bad = hn::Not(ok);
+    if (j < end) {
+      LoadRowBlock(df, src, j, end, v, x, vmax, bad);
+      for (int64_t k = j; k < end; k += lanes) {
+        const VF ek = SoftmaxExp(df, arg(hn::Load(df, x + k), vm_old));
+        hn::Store(ek, df, e + k);
+        acc = hn::Add(acc, ek);
+      }
+    }
     non_finite |= !hn::AllFalse(df, bad);
     const float bmax = hn::GetLane(hn::MaxOfLanes(df, vmax));
-    if (bmax > run_max) {
+    const bool redo = bmax > run_max;
+    if (redo) {
       if (sum != 0.0) sum *= std::exp((static_cast<double>(run_max) - bmax) * inv_t_d);
       run_max = bmax;
     }
     block_max[block] = run_max;
     if (run_max == -kInf || non_finite) {  // nothing to exponentiate yet, or a bad row
-      for (int64_t j = begin; j < end; j += lanes) hn::Store(hn::Zero(df), df, e + j);
+      for (int64_t k = begin; k < end; k += lanes) hn::Store(hn::Zero(df), df, e + k);
       continue;
     }
-    const VF vm = hn::Set(df, run_max);
-    VF acc = hn::Zero(df);
-    for (int64_t j = begin; j < end; j += lanes) {
-      const VF ej = SoftmaxExp(df, hn::Mul(hn::Sub(hn::Load(df, x + j), vm), scale));
-      hn::Store(ej, df, e + j);
-      acc = hn::Add(acc, ej);
+    if (redo) {
+      const VF vm = hn::Set(df, run_max);
+      acc = hn::Zero(df);
+      for (int64_t k = begin; k < end; k += lanes) {
+        const VF ek = SoftmaxExp(df, arg(hn::Load(df, x + k), vm));
+        hn::Store(ek, df, e + k);
+        acc = hn::Add(acc, ek);
+      }
     }
     RowSum block_sum;
     block_sum.AddBlock(acc);
@@ -109,8 +148,8 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
       const int64_t end = std::min(begin + block_len, vpad);
       const VF f =
           hn::Set(df, static_cast<float>(std::exp((static_cast<double>(ref) - run_max) * inv_t_d)));
-      for (int64_t j = begin; j < end; j += lanes)
-        hn::Store(hn::Mul(hn::Load(df, e + j), f), df, e + j);
+      for (int64_t k = begin; k < end; k += lanes)
+        hn::Store(hn::Mul(hn::Load(df, e + k), f), df, e + k);
     }
   }
   return {run_max, std::log(sum), non_finite};
@@ -120,11 +159,12 @@ RowSoftmax LoadSoftmaxRow(const RowInput& in, int64_t row, int64_t v, int64_t vp
                           float* HWY_RESTRICT x, float* HWY_RESTRICT e,
                           float* HWY_RESTRICT block_max) {
   return VisitRow(in, row, [&](const auto* src) {
-    return LoadSoftmaxRowTyped(src, v, vpad, inv_t, x, e, block_max);
+    return inv_t == 1.0f ? LoadSoftmaxRowTyped<true>(src, v, vpad, inv_t, x, e, block_max)
+                         : LoadSoftmaxRowTyped<false>(src, v, vpad, inv_t, x, e, block_max);
   });
 }
 
-// ---- pass 4: write a gradient row in the output dtype ---------------------------------------
+// ---- gradient rows in the output dtype -------------------------------------------------------
 
 // Writes row `row` of `out` from grad_at(j), the fp32 gradient vector at columns [j, j+lanes).
 // fp32 is stored directly; other dtypes go through the fp32 scratch row and are rounded to
@@ -185,6 +225,49 @@ HWY_INLINE void WriteMinusPGrad(const RowOutput& out, int64_t row, int64_t v,
       scratch);
 }
 
+// One gradient row written a vector at a time by the sweep that computes it (the fused forward
+// KL / cross-entropy sweep): fp32 rows are streamed (aligned) or stored directly, the last
+// partial vector through `scratch`; other dtypes collect in the fp32 `scratch` row and are
+// rounded by Finish(), exactly as WriteGradRow does.
+class GradRowWriter {
+ public:
+  GradRowWriter(const RowOutput& out, int64_t row, int64_t v, float* HWY_RESTRICT scratch)
+      : out_(out), row_(row), v_(v), scratch_(scratch) {
+    const DF df;
+    if (out.dtype == DType::f32) {
+      dst_ = static_cast<float*>(out.data) + row * out.row_stride;
+      mode_ = reinterpret_cast<uintptr_t>(dst_) % (hn::Lanes(df) * sizeof(float)) == 0
+                  ? Mode::stream
+                  : Mode::unaligned;
+    }
+  }
+  HWY_INLINE void Put(int64_t j, VF g) {
+    const DF df;
+    const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+    if (mode_ == Mode::scratch) {
+      hn::Store(g, df, scratch_ + j);
+    } else if (HWY_UNLIKELY(j + lanes > v_)) {
+      hn::Store(g, df, scratch_);
+      if (j < v_) std::memcpy(dst_ + j, scratch_, static_cast<size_t>(v_ - j) * sizeof(float));
+    } else if (mode_ == Mode::stream) {
+      hn::Stream(g, df, dst_ + j);
+    } else {
+      hn::StoreU(g, df, dst_ + j);
+    }
+  }
+  void Finish() {
+    if (mode_ == Mode::scratch) StoreRow(out_, row_, v_, scratch_);
+  }
+
+ private:
+  enum class Mode { scratch, stream, unaligned };
+  const RowOutput& out_;
+  int64_t row_, v_;
+  float* HWY_RESTRICT scratch_;
+  float* dst_ = nullptr;
+  Mode mode_ = Mode::scratch;
+};
+
 struct RowBuffers {
   float* HWY_RESTRICT xs;        // student logits (fp32); overwritten by u
   const float* HWY_RESTRICT es;  // exp((xs - max) / T)
@@ -217,10 +300,13 @@ HWY_INLINE Entry<VF> LoadEntry(const float* HWY_RESTRICT xs, const float* HWY_RE
   return e;
 }
 
-// pass 3: the divergence terms and the gradient factors u (and v), summed per row.
+// pass 2: the divergence terms and the gradient factors u (and v), summed per row. With
+// `fused` (only when u = -p and no teacher gradient), the student gradient scale * (q - p) is
+// written in the same sweep (no pass 3): its values do not depend on the row sums.
 template <bool kTeacher, class Div>
 HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers& n, RowSum& sum_g,
-                         RowSum& sum_u, RowSum& sum_v) {
+                         RowSum& sum_u, RowSum& sum_v, GradRowWriter* fused = nullptr,
+                         float fused_scale = 0.0f) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
@@ -229,6 +315,26 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   const float* HWY_RESTRICT es = b.es;
   const float* HWY_RESTRICT et = b.et;
   const Normalizers nl = n;  // a local copy keeps the constants in registers
+  if constexpr (Div::kStudentFactorIsMinusP && !kTeacher) {
+    if (fused != nullptr) {
+      // The same products as WriteMinusPGrad, so the gradient's bits do not depend on the path.
+      const VF qs = hn::Set(df, fused_scale * hn::GetLane(nl.inv_zs));
+      const VF ps = hn::Set(df, fused_scale * hn::GetLane(nl.inv_zt));
+      for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
+        const int64_t end = std::min(begin + block_len, b.vpad);
+        VF acc_g = hn::Zero(df);
+        for (int64_t j = begin; j < end; j += lanes) {
+          const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
+          VF u;
+          acc_g = hn::Add(acc_g, div.term(df, e, u));
+          fused->Put(j, hn::MulSub(hn::Load(df, es + j), qs, hn::Mul(hn::Load(df, et + j), ps)));
+        }
+        sum_g.AddBlock(acc_g);
+      }
+      fused->Finish();
+      return;
+    }
+  }
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
     VF acc_g = hn::Zero(df), acc_u = hn::Zero(df), acc_v = hn::Zero(df);
@@ -252,13 +358,22 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   }
 }
 
-// Rows of the divergences whose value is sum_j g(p_j, q_j) (all but Renyi): pass 3 then the
+// Rows of the divergences whose value is sum_j g(p_j, q_j) (all but Renyi): pass 2 then the
 // chain-rule gradient. Returns the row value, or NaN when the gradient would overflow fp32.
 template <class Div>
 double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t v,
               const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
               float* HWY_RESTRICT scratch) {
   RowSum sum_g, sum_u, sum_v;
+  if constexpr (Div::kStudentFactorIsMinusP) {
+    if (grad_s != nullptr && grad_t == nullptr) {
+      // One sweep: terms and gradient. A row whose value turns out non-finite has its gradient
+      // zeroed by the caller, as on the two-sweep path.
+      GradRowWriter w(*grad_s, row, v, scratch);
+      SumTerms<false>(div, b, n, sum_g, sum_u, sum_v, &w, static_cast<float>(scale));
+      return sum_g.total;
+    }
+  }
   if (grad_t != nullptr) SumTerms<true>(div, b, n, sum_g, sum_u, sum_v);
   else SumTerms<false>(div, b, n, sum_g, sum_u, sum_v);
   const double value = sum_g.total;
@@ -597,6 +712,23 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace divkit {
 HWY_EXPORT(RunDivergenceRows);
-void detail::run_divergence_rows(RowJob& job) { HWY_DYNAMIC_DISPATCH(RunDivergenceRows)(job); }
+namespace {
+// A gradient buffer that is not one of the inputs (fresh from the caller's allocator, untouched):
+// huge pages for its first write.
+void advise_output(const detail::RowOutput& out, const detail::RowJob& job) {
+  if (out.data == nullptr || out.data == job.student.data || out.data == job.teacher.data) return;
+  const size_t es = dtype_size(out.dtype);
+  detail::advise_huge_pages(out.data,
+                            static_cast<size_t>((job.n - 1) * out.row_stride + job.v) * es);
+}
+}  // namespace
+
+void detail::run_divergence_rows(RowJob& job) {
+  if (!job.check_only && job.n > 0) {
+    advise_output(job.grad_student, job);
+    advise_output(job.grad_teacher, job);
+  }
+  HWY_DYNAMIC_DISPATCH(RunDivergenceRows)(job);
+}
 }  // namespace divkit
 #endif

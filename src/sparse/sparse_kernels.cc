@@ -361,6 +361,14 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace divkit {
 HWY_EXPORT(RunSparseRows);
-void detail::run_sparse_rows(SparseJob& job) { HWY_DYNAMIC_DISPATCH(RunSparseRows)(job); }
+void detail::run_sparse_rows(SparseJob& job) {
+  // A fresh [N, V] student gradient (not the logits themselves): huge pages for its first write.
+  const detail::RowOutput& g = job.grad_student;
+  if (!job.check_only && job.n > 0 && g.data != nullptr && g.data != job.student.data &&
+      g.data != job.teacher.data)
+    detail::advise_huge_pages(g.data, static_cast<size_t>((job.n - 1) * g.row_stride + job.v) *
+                                          dtype_size(g.dtype));
+  HWY_DYNAMIC_DISPATCH(RunSparseRows)(job);
+}
 }  // namespace divkit
 #endif
