@@ -186,8 +186,12 @@ def set_num_threads(n: int) -> None:
     """
     from . import _validate
 
-    v = _validate.integer("set_num_threads", "n", n)
-    if not -(2**63) <= v < 2**63:  # beyond what the binding converts; the core checks the rest
+    # An int of any size is compared with the bound here (the binding converts int64 only).
+    if isinstance(n, int) and not isinstance(n, bool):
+        v = n
+    else:
+        v = _validate.integer("set_num_threads", "n", n)
+    if not 1 <= v <= _C.max_num_threads():
         _validate.fail("set_num_threads", f"n must be in [1, {_C.max_num_threads()}], got {v}")
     _C.set_num_threads(v)
 

@@ -158,6 +158,9 @@ class LogitsFile:
         map's own rows (no copy) in native byte order and unit column stride; ``"bfloat16"``
         and ``"llama.cpp"`` rows stay uint16 (the kernel decodes them)."""
         raw = self.array[start:stop]
+        if not raw.flags.aligned:
+            # A file may put its data at any byte offset; the core reads whole elements.
+            raw = np.require(raw, requirements="A")
         if self.format == "llama.cpp":
             return raw, "llama.cpp"
         if not raw.dtype.isnative:
