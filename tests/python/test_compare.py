@@ -5,6 +5,7 @@ command line, and every error path."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -260,6 +261,16 @@ def test_error_missing_and_directory(tmp_path, capsys):
     expect_error(tmp_path, capsys, tmp_path / "nope.npy", "no such file")
     (tmp_path / "d.npy").mkdir()
     expect_error(tmp_path, capsys, tmp_path / "d.npy", "is a directory")
+
+
+def test_error_fifo_refused_without_blocking(tmp_path, capsys):
+    # Opening a FIFO with no writer blocks forever: it must be refused before any open().
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    expect_error(tmp_path, capsys, fifo, "not a regular file")
+    good = good_npy(tmp_path)
+    with pytest.raises(CompareError, match=r"pipe.npy: not a regular file .*\(--tokens\)"):
+        compare_files(good, good, tokens=fifo)
 
 
 def test_error_npy_truncated_and_malformed(tmp_path, capsys):

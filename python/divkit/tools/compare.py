@@ -53,6 +53,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from collections import deque
@@ -407,10 +408,7 @@ def open_logits(path: str, tensor: Optional[str] = None) -> LogitsFile:
     tensor of a ``.safetensors`` file (required when it holds several); it is an error for the
     other formats. Raises :class:`CompareError` naming the file and the problem."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CompareError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise CompareError(f"{path}: is a directory, not a .npy or .safetensors file")
+    _check_regular(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(len(LLAMACPP_MAGIC))
@@ -637,8 +635,7 @@ def _block_rows(v: int, block_rows: Optional[int], core: bool = False) -> int:
 
 def _load_tokens(path, n: int, v: int) -> np.ndarray:
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CompareError(f"{path}: no such file (--tokens)")
+    _check_regular(path, " (--tokens)")
     try:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError, struct.error, SyntaxError) as e:
@@ -738,9 +735,25 @@ _COLUMNS = ("kl", "js", "tvd", "delta_p", "top1")
 _TOKEN_COLUMNS = ("nll", "nll_base", "delta_p_next")
 
 
+def _check_regular(path: str, what: str = "") -> None:
+    """A regular file, or CompareError: opening a FIFO or a device would block or stream."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CompareError(f"{path}: no such file{what}") from None
+    except OSError as e:
+        raise CompareError(f"{path}: cannot be read ({e.strerror}){what}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CompareError(f"{path}: is a directory, not a .npy or .safetensors file{what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise CompareError(f"{path}: not a regular file (a FIFO, socket or device){what}")
+
+
 def _open_pair(base, test, tensor, base_tensor, test_tensor):
     # The shared ``tensor`` applies to the .safetensors files (the others hold one array).
     def is_st(path):
+        if not os.path.isfile(path):
+            return True  # open_logits reports it
         try:
             with open(path, "rb") as f:
                 m = f.read(len(LLAMACPP_MAGIC))
