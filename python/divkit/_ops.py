@@ -7,9 +7,10 @@ formulas are registered with the ops (``register_autograd``), so the compiled ba
 same kernels; ``vmap`` runs the op once per batch entry; a second derivative raises a
 :class:`divkit.Error` instead of silently leaving out the terms the kernels do not compute.
 
-The public functions (:func:`divkit.divergence`, the fused heads of :mod:`divkit.fused`) check
-their arguments in Python and, when the call is traced (torch.compile, export), under vmap, or on
-tensor subclasses, call these ops with the checked, normalized values (:func:`use_ops`). Eager
+The public functions (:func:`divkit.divergence`, the fused heads of :mod:`divkit.fused`,
+:func:`divkit.sparse_divergence`, :func:`divkit.topk_divergence`) check their arguments in Python
+and, when the call is traced (torch.compile, export), under vmap, or on tensor subclasses, call
+these ops with the checked, normalized values (:func:`use_ops`). Eager
 calls on plain tensors keep the ``torch.autograd.Function`` path of ``_autograd.py``: the
 dispatcher's Python overhead is a few times a small kernel call's. With torch < 2.4 (no
 ``torch.library.custom_op``) or ``DIVKIT_CUSTOM_OPS=0`` the ops are not registered;
@@ -24,6 +25,8 @@ Ops (namespace ``divkit``):
 * ``fused_linear_cross_entropy``, ``fused_linear_divergence``, ``fused_linear_sparse_divergence``,
   ``fused_linear_logprobs`` (+ ``fused_linear_logprobs_backward``): the fused heads without a
   process group.
+* ``sparse_divergence``, ``topk_divergence``: the sparse (top-k) and truncated teachers of
+  :mod:`divkit.sparse`; return (loss, grad_student), as ``divergence``.
 """
 
 from __future__ import annotations
@@ -815,3 +818,140 @@ if ENABLED:
             *xs, idx, lp, labels, weights, None, *cfg, tail, _engine(route), need
         )
         return out[0]
+
+    # -----------------------------------------------------------------------------------------
+    # Sparse and top-k teachers (divkit.sparse_divergence, divkit.topk_divergence): as the token
+    # divergence, the student's gradient computed in the forward call (empty when not asked
+    # for) and scaled by the upstream gradient in backward; the teacher gets none.
+    # -----------------------------------------------------------------------------------------
+
+    def _sparse_family_fake(student, reduction, grad_dtype, need_student):
+        shape = student.shape[:-1] if reduction == "none" else ()
+        loss = student.new_empty(shape, dtype=torch.float32)
+        gs = (
+            student.new_empty(student.shape, dtype=grad_dtype or student.dtype)
+            if need_student
+            else _empty_like_device(student)
+        )
+        return loss, gs
+
+    def _sparse_family_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.need = inputs[-1]
+        ctx.save_for_backward(output[1])
+
+    def _sparse_family_backward(fn: str, n_inputs: int):
+        def backward(ctx, g_loss, _gs):
+            (gs,) = ctx.saved_tensors
+            grad = _scale(gs, g_loss) if ctx.need and ctx.needs_input_grad[0] else None
+            (grad,) = guard_double_backward(fn, [grad])
+            return (grad,) + (None,) * (n_inputs - 1)
+
+        return backward
+
+    @torch.library.custom_op("divkit::sparse_divergence", mutates_args=())
+    def sparse_divergence_op(
+        student: Tensor,
+        teacher_indices: Tensor,
+        teacher_logprobs: Tensor,
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        grad_dtype: Optional[torch.dtype],
+        backend: str,
+        tail: str,
+        need_student: bool,
+    ) -> Tuple[Tensor, Tensor]:
+        from . import functional, sparse
+
+        cfg = functional._Config(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            False,
+            grad_dtype,
+            backend,
+        )
+        ts = (student, teacher_indices, teacher_logprobs, labels, weights)
+        route = _route("sparse_divergence", backend, ts)
+        kernel = sparse._sparse_kernel(
+            teacher_indices,
+            teacher_logprobs,
+            tail,
+            labels,
+            weights,
+            cfg,
+            route,
+            "sparse_divergence",
+        )
+        loss, gs = sparse._run(student, kernel, cfg, need_student)
+        return loss, _empty_like_device(student) if gs is None else gs
+
+    @sparse_divergence_op.register_fake
+    def _sparse_divergence_fake(student, idx, lp, labels, weights, *rest):
+        return _sparse_family_fake(student, rest[6], rest[8], rest[-1])
+
+    sparse_divergence_op.register_autograd(
+        _sparse_family_backward("sparse_divergence", 17), setup_context=_sparse_family_setup
+    )
+    _loop_vmap(sparse_divergence_op, 5)
+
+    @torch.library.custom_op("divkit::topk_divergence", mutates_args=())
+    def topk_divergence_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        k: int,
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        grad_dtype: Optional[torch.dtype],
+        backend: str,
+        need_student: bool,
+    ) -> Tuple[Tensor, Tensor]:
+        from . import functional, sparse
+
+        cfg = functional._Config(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            False,
+            grad_dtype,
+            backend,
+        )
+        route = _route("topk_divergence", backend, (student, teacher, labels, weights))
+        kernel = sparse._topk_kernel(teacher, k, labels, weights, cfg, route, "topk_divergence")
+        loss, gs = sparse._run(student, kernel, cfg, need_student)
+        return loss, _empty_like_device(student) if gs is None else gs
+
+    @topk_divergence_op.register_fake
+    def _topk_divergence_fake(student, teacher, labels, weights, k, *rest):
+        return _sparse_family_fake(student, rest[6], rest[8], rest[-1])
+
+    topk_divergence_op.register_autograd(
+        _sparse_family_backward("topk_divergence", 16), setup_context=_sparse_family_setup
+    )
+    _loop_vmap(topk_divergence_op, 4)

@@ -579,6 +579,11 @@ def warn(msg: str, category=RuntimeWarning) -> None:
 _OUTER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("divkit_fn", default=None)
 
 
+def _compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 def outer_name(default: str) -> str:
     """The public function the user called (set by :func:`public`), else ``default``."""
     return _OUTER.get() or default
@@ -655,7 +660,9 @@ def public(
             for pname in logits_args:
                 for name, t in _tensors(pname, bound.arguments.get(pname)):
                     finite(fn, name, t, logits=True)
-            token = _OUTER.set(fn) if _OUTER.get() is None else None
+            # Dynamo cannot trace a ContextVar; a traced call reaches the custom ops, whose
+            # messages name their function themselves.
+            token = None if _compiling() or _OUTER.get() is not None else _OUTER.set(fn)
             try:
                 return f(*args, **kwargs)
             except ArgTypeError as e:

@@ -3,7 +3,8 @@
 :func:`sparse_divergence` takes the teacher as the top-k log-probabilities an inference server
 returns (vLLM / OpenAI-style ``top_logprobs``): indices and log-probabilities per token, against
 the student's full logits. :func:`topk_divergence` truncates full teacher logits to their top-k
-(OstQuant's KL-Top). Both are autograd Functions over divkit's C++ kernels; the argument
+(OstQuant's KL-Top). Both are autograd Functions over divkit's C++ kernels, and
+``torch.library`` custom ops when traced or under vmap (:mod:`divkit._ops`); the argument
 conventions are those of :func:`divkit.divergence`.
 """
 
@@ -14,11 +15,19 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _C, _device
+from . import _C, _device, _ops
 from . import _validate as check
 from ._autograd import grads_in_forward
 from .backends import torch_ops
-from .functional import _check_inplace, _Config, _core_args, _parse_options, _rows, _scaling
+from .functional import (
+    _check_inplace,
+    _check_inplace_dtype,
+    _Config,
+    _core_args,
+    _parse_options,
+    _rows,
+    _scaling,
+)
 
 __all__ = ["sparse_divergence", "topk_divergence", "TAILS"]
 
@@ -42,37 +51,112 @@ def _check_teacher_part(fn: str, name: str, x: Any, lead_shape: torch.Size) -> t
     return x
 
 
-def _apply(fn: str, student: torch.Tensor, kernel: Callable, cfg: _Config, others: tuple = ()):
-    """Runs kernel(s2, loss, grad_s2) -> loss, under autograd when the student requires grad (the
-    gradient is computed in forward, as divkit.divergence's)."""
+def _run(student: torch.Tensor, kernel: Callable, cfg: _Config, need_s: bool):
+    """Runs kernel(s2, loss, grad_s2) -> loss on the [N, V] rows of student: (loss, grad_s), the
+    loss in its reduced shape, grad_s in the logits' shape (None unless need_s)."""
     lead_shape = student.shape[:-1]
     v = student.shape[-1]
     n = math.prod(lead_shape)
+    s2 = _rows(student.detach(), n, v)
+    dev = student.device
+    loss = torch.empty(n if cfg.reduction == "none" else 1, dtype=torch.float32, device=dev)
+    grad_s = grad_s2 = None
+    if need_s:
+        if cfg.inplace_grad:
+            grad_s2 = s2
+            grad_s = s2.view(student.shape)
+        else:
+            grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev)
+            grad_s2 = grad_s.view(n, v)
+    loss = kernel(s2, loss, grad_s2)
+    loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
+    return loss, grad_s
 
-    def run(need):
-        need_s = need[0]
-        s2 = _rows(student.detach(), n, v)
-        dev = student.device
-        loss = torch.empty(n if cfg.reduction == "none" else 1, dtype=torch.float32, device=dev)
-        grad_s = grad_s2 = None
-        if need_s:
-            if cfg.inplace_grad:
-                grad_s2 = s2
-                grad_s = s2.view(student.shape)
-            else:
-                grad_s = torch.empty(
-                    student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev
-                )
-                grad_s2 = grad_s.view(n, v)
-        loss = kernel(s2, loss, grad_s2)
-        loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
-        return loss, (grad_s,)
 
+def _apply(fn: str, student: torch.Tensor, kernel: Callable, cfg: _Config, others: tuple = ()):
+    """The loss of kernel (see :func:`_run`), under autograd when the student requires grad (the
+    gradient is computed in forward, as divkit.divergence's)."""
     need_s = torch.is_grad_enabled() and student.requires_grad
     if not need_s:
-        return run((False,))[0]
+        return _run(student, kernel, cfg, False)[0]
     _check_inplace(fn, student, cfg, others)
+
+    def run(need):
+        loss, grad_s = _run(student, kernel, cfg, need[0])
+        return loss, (grad_s,)
+
     return grads_in_forward(run, (student,), _scaling(fn, cfg))
+
+
+def _core_or_args(route: Optional[_device.Route], cfg: _Config):
+    """The core's options object for route (None: the CPU core, as the ops pass it)."""
+    args = _core_args(cfg)
+    return args if route is None else route.core_args(args)
+
+
+def _sparse_kernel(idx, lp, tail, labels, weights, cfg: _Config, route, fn: str):
+    """kernel(s2, loss, grad_s2) of sparse_divergence; idx and lp are [..., k]."""
+    n, k = math.prod(idx.shape[:-1]), idx.shape[-1]
+    # n explicit: k = 0 must reach the core's check, which -1 cannot reshape to.
+    idx2, lp2 = idx.reshape(n, k), lp.reshape(n, k)
+
+    def kernel(s2, loss, grad_s2):
+        if route is not None and not route.core:
+            return torch_ops.sparse_divergence(
+                s2, idx2, lp2, tail, labels, weights, cfg, grad_s2, fn=fn
+            )
+        args = _core_or_args(route, cfg)
+        _C.sparse_divergence(s2, idx2, lp2, loss, grad_s2, labels, weights, tail, args)
+        return loss
+
+    return kernel
+
+
+def _topk_kernel(teacher, k: int, labels, weights, cfg: _Config, route, fn: str):
+    """kernel(s2, loss, grad_s2) of topk_divergence; teacher is [..., V]."""
+    v = teacher.shape[-1]
+    t2 = _rows(teacher.detach(), math.prod(teacher.shape[:-1]), v)
+
+    def kernel(s2, loss, grad_s2):
+        if route is not None and not route.core:
+            return torch_ops.topk_divergence(s2, t2, k, labels, weights, cfg, grad_s2, fn=fn)
+        args = _core_or_args(route, cfg)
+        _C.topk_divergence(s2, t2, k, loss, grad_s2, labels, weights, args)
+        return loss
+
+    return kernel
+
+
+def _op_path(fn: str, student: torch.Tensor, cfg: _Config, tensors) -> Optional[_Config]:
+    """The options for the custom op when the call goes through it (traced, under vmap, on
+    subclasses; every call with DIVKIT_CUSTOM_OPS=always), else None. A traced call drops
+    inplace_grad (a compiled graph owns its buffers); an eager in-place call stays on the
+    autograd.Function path, the only one that writes into the logits."""
+    need_s = torch.is_grad_enabled() and student.requires_grad
+    if cfg.inplace_grad and need_s and _ops.traced(student, *tensors):
+        _check_inplace_dtype(fn, student, cfg)
+        cfg = cfg._replace(inplace_grad=False)
+    if cfg.inplace_grad and need_s:
+        return None
+    if not _ops.use_ops(student, *tensors, fn=fn):
+        return None
+    return cfg._replace(inplace_grad=False)
+
+
+def _op_options(cfg: _Config) -> tuple:
+    """The ops' scalar arguments, in their order (inplace_grad is not one of them)."""
+    return (
+        cfg.kind,
+        cfg.beta,
+        cfg.alpha,
+        cfg.temperature,
+        cfg.scale_by_t_squared,
+        cfg.ignore_index,
+        cfg.reduction,
+        cfg.num_items_in_batch,
+        cfg.grad_dtype,
+        cfg.backend,
+    )
 
 
 def _teacher_fixed(fn: str, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -206,22 +290,19 @@ def sparse_divergence(
         lp = lp.to(torch.float32)
     labels_t = check.labels(fn, labels, lead_shape, cpu=False)
     weights_t = check.weights(fn, weights, lead_shape, cpu=False)
-    n = math.prod(lead_shape)
-    k = idx.shape[-1]
-    idx2 = idx.reshape(n, k)
-    lp2 = lp.reshape(n, k)
-    args = _core_args(cfg)
-
-    def kernel(s2, loss, grad_s2):
-        if not route.core:
-            return torch_ops.sparse_divergence(
-                s2, idx2, lp2, tail, labels_t, weights_t, cfg, grad_s2, fn=fn
-            )
-        _C.sparse_divergence(
-            s2, idx2, lp2, loss, grad_s2, labels_t, weights_t, tail, route.core_args(args)
-        )
-        return loss
-
+    op_cfg = _op_path(fn, student, cfg, (idx, lp, labels_t, weights_t))
+    if op_cfg is not None:
+        return _ops.sparse_divergence_op(
+            student,
+            idx,
+            lp,
+            labels_t,
+            weights_t,
+            *_op_options(op_cfg),
+            tail,
+            torch.is_grad_enabled() and student.requires_grad,
+        )[0]
+    kernel = _sparse_kernel(idx, lp, tail, labels_t, weights_t, cfg, route, fn)
     return _apply(fn, student, kernel, cfg, (("teacher_indices", idx), ("teacher_logprobs", lp)))
 
 
@@ -297,15 +378,16 @@ def topk_divergence(
     lead_shape = student.shape[:-1]
     labels_t = check.labels(fn, labels, lead_shape, cpu=False)
     weights_t = check.weights(fn, weights, lead_shape, cpu=False)
-    n = math.prod(lead_shape)
-    v = student.shape[-1]
-    t2 = _rows(teacher.detach(), n, v)
-    args = _core_args(cfg)
-
-    def kernel(s2, loss, grad_s2):
-        if not route.core:
-            return torch_ops.topk_divergence(s2, t2, k, labels_t, weights_t, cfg, grad_s2, fn=fn)
-        _C.topk_divergence(s2, t2, k, loss, grad_s2, labels_t, weights_t, route.core_args(args))
-        return loss
-
+    op_cfg = _op_path(fn, student, cfg, (teacher, labels_t, weights_t))
+    if op_cfg is not None:
+        return _ops.topk_divergence_op(
+            student,
+            teacher,
+            labels_t,
+            weights_t,
+            k,
+            *_op_options(op_cfg),
+            torch.is_grad_enabled() and student.requires_grad,
+        )[0]
+    kernel = _topk_kernel(teacher, k, labels_t, weights_t, cfg, route, fn)
     return _apply(fn, student, kernel, cfg, (("teacher_logits", teacher),))
