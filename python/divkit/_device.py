@@ -38,6 +38,7 @@ TORCH_OPS = frozenset(
         "fused_linear_cross_entropy",
         "fused_linear_logprobs",
         "fused_linear_sparse_divergence",
+        "sinkhorn",  # divkit.backends.torch_ot
     }
 )
 

@@ -12,7 +12,8 @@ Conventions (see ``include/divkit/ot.h`` for the full statement):
   for small problems, cached (``cost_cache_mib``);
 * gradients by the envelope theorem (no back-propagation through the iterations).
 
-Every function takes CPU tensors (float32 or float64); non-convergence is reported in the
+Every function takes CPU tensors (float32 or float64), and :func:`sinkhorn` (with the
+functions built on it) tensors on any device through its PyTorch fallback; non-convergence is reported in the
 result and as a ``RuntimeWarning``, never hidden.
 """
 
@@ -26,6 +27,7 @@ import torch
 from . import _C, _device
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
+from .backends import torch_ot
 
 __all__ = [
     "SinkhornResult",
@@ -114,19 +116,33 @@ def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool
     return stats, f, g, plan, gx, gy, ga, gb
 
 
-def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict) -> torch.Tensor:
-    """reg_cost [B], with the envelope gradients computed by the solver in forward."""
+def _stats_tensors(stats) -> dict:
+    """The core's per-problem stats as the fallback gives them: a dict of [B] tensors."""
+    return dict(
+        transport_cost=torch.tensor([s[0] for s in stats], dtype=torch.float64),
+        reg_cost=torch.tensor([s[1] for s in stats], dtype=torch.float64),
+        n_iter=torch.tensor([s[3] for s in stats], dtype=torch.int64),
+        marginal_error=torch.tensor([s[4] for s in stats], dtype=torch.float64),
+        converged=torch.tensor([s[5] for s in stats], dtype=torch.bool),
+    )
+
+
+def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict, core: bool = True) -> torch.Tensor:
+    """reg_cost [B], with the envelope gradients computed by the solver (the C++ core, or the
+    PyTorch fallback when ``core`` is False) in forward."""
 
     def run(need):
         need_x, need_y, need_c, need_a, need_b = need
         xd, yd, cd, ad, bd = (None if t is None else t.detach() for t in (x, y, cost, a, b))
-        stats, f, g, plan, gx, gy, ga, gb = _solve(
+        solve = _solve if core else torch_ot.sinkhorn
+        stats, f, g, plan, gx, gy, ga, gb = solve(
             xd, yd, cd, ad, bd, cfg, (need_x, need_y, need_a, need_b, need_c)
         )
+        stats = _stats_tensors(stats) if core else stats
         box.update(stats=stats, f=f, g=g, plan=plan)
         dt = (cost if cost is not None else x).dtype
         return (
-            torch.tensor([s[1] for s in stats], dtype=dt),
+            stats["reg_cost"].to(dt),
             (gx, gy, plan if need_c else None, ga, gb),
         )
 
@@ -198,14 +214,20 @@ def sinkhorn(
             g = f and uses the averaged update ``f <- (f + T(f)) / 2`` (Feydy et al. 2019),
             which converges in far fewer passes at small eps; same result as the general
             solver. Used by :func:`sinkhorn_divergence` for its two self-terms.
-        backend: ``"auto"`` or ``"core"`` (the C++ core, CPU tensors; another device raises
-            ``"sinkhorn: no kernel for device <d>"``); ``"torch"`` is not available yet.
+        backend: ``"auto"`` (the C++ core for CPU tensors, the PyTorch fallback on other
+            devices), ``"core"`` (CPU tensors only; another device raises ``"sinkhorn: no
+            kernel for device <d>"``) or ``"torch"``: the fallback
+            (:mod:`divkit.backends.torch_ot`) on any device, the same formulas in float64 with
+            the cost held as an n x m matrix and log-domain updates only (the kernel-domain
+            iterations agree with them to rounding); it reads the convergence flags back to
+            the host every 16 iterations, so it may run up to 15 iterations past convergence
+            (their results discarded).
     Returns:
         :class:`SinkhornResult`; only ``reg_cost`` carries gradients (envelope theorem: grad x
         ``sum_j P_ij dC_ij/dx_i``, grad a ``f`` up to a constant, grad cost ``P``).
     """
     fn = "sinkhorn"
-    _device.route(fn, fn, backend, (("x", x), ("y", y), ("a", a), ("b", b), ("cost", cost)))
+    route = _device.route(fn, fn, backend, (("x", x), ("y", y), ("a", a), ("b", b), ("cost", cost)))
     eps = check.positive(fn, "eps", eps)
     p = check.integer(fn, "p", p)
     tol = check.real(fn, "tol", tol)
@@ -265,19 +287,19 @@ def sinkhorn(
     b3 = _weights(fn, "b", b, lead_b, batched)
 
     box: dict = {}
-    reg = _sinkhorn_apply(x3, y3, c3, a3, b3, cfg, box)
+    reg = _sinkhorn_apply(x3, y3, c3, a3, b3, cfg, box, core=route.core)
     stats = box["stats"]
     dt = reg.dtype
-    tc = torch.tensor([s[0] for s in stats], dtype=dt)
-    n_iter = torch.tensor([s[3] for s in stats], dtype=torch.int64)
-    err = torch.tensor([s[4] for s in stats], dtype=torch.float64)
-    conv = torch.tensor([s[5] for s in stats], dtype=torch.bool)
+    tc = stats["transport_cost"].to(dt)
+    n_iter = stats["n_iter"]
+    err = stats["marginal_error"]
+    conv = stats["converged"]
     f, g, plan = box["f"].to(dt), box["g"].to(dt), box["plan"] if return_plan else None
     if warn and not bool(conv.all()):
-        bad = [i for i in range(B) if not stats[i][5]]
+        bad = ~conv
         check.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations for "
-            f"{len(bad)} of {B} problem(s) (marginal error {max(stats[i][4] for i in bad):.3g}"
+            f"{int(bad.sum())} of {B} problem(s) (marginal error {float(err[bad].max()):.3g}"
             f" > tol {tol:g}); increase max_iter or eps, or use eps_scaling",
         )
     if not batched:
@@ -395,7 +417,11 @@ def monge_gap(
         check.fail(fn, f"mapped must have x's shape {tuple(x.shape)}, got {tuple(mapped.shape)}")
     p = check.integer(fn, "p", p)
     n = x.shape[0]
-    w = torch.full((n,), 1.0 / n, dtype=x.dtype) if a is None else _tensor(fn, "a", a, (1,))
+    w = (
+        torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
+        if a is None
+        else _tensor(fn, "a", a, (1,))
+    )
     d2 = ((x - mapped) ** 2).sum(-1)
     disp = d2 if p == 2 else torch.sqrt(d2.clamp_min(0))
     ot = sinkhorn(x, mapped, w, w, eps=eps, p=p, **kwargs).reg_cost

@@ -159,9 +159,10 @@ def test_cuda_without_kernels_falls_back(fake_cuda, monkeypatch):
     assert _device.route("fused_linear_divergence", "fused_linear_divergence", "auto", ()) == (
         _device.Route("torch", torch.device("cuda", 1))
     )
+    assert _device.route("sinkhorn", "sinkhorn", "auto", ()).engine == "torch"
     # An op without a fallback: an error, not a copy to the host.
-    with pytest.raises(divkit.Error, match="^sinkhorn: no kernel for device cuda:1"):
-        _device.route("sinkhorn", "sinkhorn", "auto", ())
+    with pytest.raises(divkit.Error, match="^sparse_ot: no kernel for device cuda:1"):
+        _device.route("sparse_ot", "sparse_ot", "auto", ())
 
 
 def test_cpu_route_passes_no_stream():
