@@ -252,8 +252,13 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
     P = aw[:, :, None] * E
     plan = P.to(dt) if (cfg.return_plan or need_c) else None
     ga = dF(f, cfg.rho_a) - eps * (s - mb[:, None]) if need_a else None
-    # Column sums of P / b_j (the core's pass over the columns).
-    gb = dF(g, cfg.rho_b) - eps * (P.sum(1) - ma[:, None]) if need_b else None
+    gb = None
+    if need_b:
+        # Column sums of P_ij / b_j, from their own exponent (as the core's pass over the
+        # columns), so that a zero b_j gives its gradient rather than 0 / 0.
+        lc = la[:, :, None] + (f[:, :, None] + g[:, None, :] - C) / eps
+        sc = torch.exp(lc.clamp(-745.0, 709.0)).sum(1)
+        gb = dF(g, cfg.rho_b) - eps * (sc - ma[:, None])
     gx = gy = None
     if points and (need_x or need_y):
         # grad x_i = sum_j P_ij dC_ij/dx_i: 2 (x_i - y_j) for p = 2, (x_i - y_j) / |x_i - y_j|
