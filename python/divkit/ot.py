@@ -44,8 +44,9 @@ __all__ = [
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _tensor(fn: str, name: str, x: Any, dims: Tuple[int, ...], optional: bool = False):
-    return check.tensor(fn, name, x, dtypes=_FLOATS, ndim=dims, optional=optional)
+def _tensor(fn: str, name: str, x: Any, dims: Tuple[int, ...], optional: bool = False, cpu=True):
+    """cpu=False: any device (sinkhorn, which routes to its PyTorch fallback off the CPU)."""
+    return check.tensor(fn, name, x, dtypes=_FLOATS, ndim=dims, optional=optional, cpu=cpu)
 
 
 class SinkhornResult(NamedTuple):
@@ -155,7 +156,7 @@ def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict, core: bool = True) -
 
 
 def _weights(fn, name, w, lead, batched):
-    w = _tensor(fn, name, w, (2,) if batched else (1,), optional=True)
+    w = _tensor(fn, name, w, (2,) if batched else (1,), optional=True, cpu=False)
     if w is None:
         return None
     if tuple(w.shape) != tuple(lead):
@@ -264,14 +265,14 @@ def sinkhorn(
     if cost is not None:
         if x is not None or y is not None:
             check.fail(fn, "give either points (x, y) or cost, not both")
-        cost = _tensor(fn, "cost", cost, (2, 3))
+        cost = _tensor(fn, "cost", cost, (2, 3), cpu=False)
         batched = cost.dim() == 3
         c3 = cost if batched else cost.unsqueeze(0)
         B, n, m = c3.shape
         x3 = y3 = None
     else:
-        x = _tensor(fn, "x", x, (2, 3))
-        y = _tensor(fn, "y", y, (2, 3))
+        x = _tensor(fn, "x", x, (2, 3), cpu=False)
+        y = _tensor(fn, "y", y, (2, 3), cpu=False)
         if x.dim() != y.dim():
             check.fail(
                 fn, f"y must have x's number of dimensions {x.dim()}, got shape {tuple(y.shape)}"
@@ -366,8 +367,8 @@ def sinkhorn_kd_loss(
     cost; SinKD differentiates through the iterations). logits [B, V], float32/float64.
     """
     fn = "sinkhorn_kd_loss"
-    s = _tensor(fn, "student_logits", student_logits, (2,))
-    t = _tensor(fn, "teacher_logits", teacher_logits, (2,))
+    s = _tensor(fn, "student_logits", student_logits, (2,), cpu=False)
+    t = _tensor(fn, "teacher_logits", teacher_logits, (2,), cpu=False)
     if s.shape != t.shape:
         check.fail(
             fn,
@@ -411,8 +412,8 @@ def monge_gap(
     envelope gradients for the second).
     """
     fn = "monge_gap"
-    x = _tensor(fn, "x", x, (2,))
-    mapped = _tensor(fn, "mapped", mapped, (2,))
+    x = _tensor(fn, "x", x, (2,), cpu=False)
+    mapped = _tensor(fn, "mapped", mapped, (2,), cpu=False)
     if x.shape != mapped.shape:
         check.fail(fn, f"mapped must have x's shape {tuple(x.shape)}, got {tuple(mapped.shape)}")
     p = check.integer(fn, "p", p)
@@ -420,7 +421,7 @@ def monge_gap(
     w = (
         torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
         if a is None
-        else _tensor(fn, "a", a, (1,))
+        else _tensor(fn, "a", a, (1,), cpu=False)
     )
     d2 = ((x - mapped) ** 2).sum(-1)
     disp = d2 if p == 2 else torch.sqrt(d2.clamp_min(0))
