@@ -181,6 +181,7 @@ def test_against_pot():
         ({"b": torch.tensor([2.0, 1.0], dtype=torch.float64)}, "equal total mass"),
         ({"x": torch.tensor([[0.0], [float("inf")], [1.0]], dtype=torch.float64)}, "x has a non"),
         ({"symmetric": True}, "symmetric needs"),
+        ({"y": torch.ones(2, 1, dtype=torch.float32)}, "y must have x's dtype"),
     ],
 )
 def test_errors_name_the_function_and_argument(kw, match):
@@ -197,6 +198,24 @@ def test_errors_name_the_function_and_argument(kw, match):
             sinkhorn(**args, backend=backend)
 
 
+def test_zero_weights():
+    x, y, a, b = clouds(2, 9, 8, 2, torch.float64, seed=7, weights=True)
+    a[0, 3] = 0.0
+    b[1, :2] = 0.0
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    for kw in ({}, {"rho": 1.0}):
+        ins = [t.clone().requires_grad_() for t in (x, y, a, b) for _ in range(2)]
+        rs = [
+            sinkhorn(*ins[k::2], eps=0.2, return_plan=True, backend=bk, **kw)
+            for k, bk in enumerate(("torch", "core"))
+        ]
+        assert_same(rs[0], rs[1], 1e-10)
+        for k, r in enumerate(rs):
+            r.reg_cost.sum().backward()
+        for u, v in zip(ins[0::2], ins[1::2]):
+            assert rel(u.grad, v.grad) <= 1e-9
+
+
 def test_cost_errors():
     C = torch.tensor([[0.0, float("nan")]], dtype=torch.float64)
     with pytest.raises(divkit.Error, match="^sinkhorn: cost has a non-finite value"):
@@ -208,3 +227,21 @@ def test_result_lives_on_the_input_device():
     x, y, a, b = clouds(0, 5, 6, 2, torch.float64)
     r = sinkhorn(x, y, eps=0.5, backend="torch", return_plan=True)
     assert all(t.device == x.device for t in r if isinstance(t, torch.Tensor))
+
+
+def test_monge_gap_and_kd_loss_through_the_fallback(monkeypatch):
+    x, y, _, _ = clouds(0, 12, 12, 2, torch.float64, seed=8)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    vals = [
+        divkit.ot.monge_gap(xi, y, eps=0.2, backend=bk) for xi, bk in zip(xs, ("torch", "core"))
+    ]
+    for v in vals:
+        v.backward()
+    assert rel(vals[0], vals[1]) <= 1e-10 and rel(xs[0].grad, xs[1].grad) <= 1e-9
+    # sinkhorn_kd_loss has no backend keyword (it follows the logits' device): forced here.
+    s, t = (torch.randn(6, 10, generator=torch.Generator().manual_seed(k)) for k in (9, 10))
+    want = divkit.ot.sinkhorn_kd_loss(s.double(), t.double())
+    orig = divkit.ot.sinkhorn
+    monkeypatch.setattr(divkit.ot, "sinkhorn", lambda *a, **k: orig(*a, backend="torch", **k))
+    got = divkit.ot.sinkhorn_kd_loss(s.double(), t.double())
+    assert rel(got, want) <= 1e-10

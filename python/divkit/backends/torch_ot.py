@@ -57,7 +57,7 @@ def check_options(fn: str, cfg: Any) -> None:
 
 
 def _first(mask: torch.Tensor) -> str:
-    return str(tuple(int(v) for v in mask.nonzero()[0].tolist()))
+    return "[" + ", ".join(str(int(v)) for v in mask.nonzero()[0].tolist()) + "]"
 
 
 def _weights(fn: str, name: str, w: Optional[torch.Tensor], B: int, n: int, dev) -> torch.Tensor:
@@ -115,6 +115,8 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
             check.fail(fn, f"{'x' if n < 1 else 'y'} must have at least one point")
         if d < 1:
             check.fail(fn, "x and y must have at least one coordinate (d >= 1), got d = 0")
+        if y.dtype != x.dtype:
+            check.fail(fn, f"y must have x's dtype {x.dtype}, got {y.dtype}")
         xd, yd = x.to(_F64), y.to(_F64)
         bx, by = ~torch.isfinite(xd), ~torch.isfinite(yd)
         flags = torch.stack([bx.any(), by.any()]).tolist()
