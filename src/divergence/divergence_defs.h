@@ -56,7 +56,7 @@ struct ReverseKL : SumFinish {
     return g;
   }
   template <class D, class V>
-  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+  DIVKIT_INLINE V teacher(D /*d*/, const Entry<V>& e) const {
     return hn::Neg(e.q);
   }
 };
@@ -170,14 +170,14 @@ struct TotalVariation : SumFinish {
 struct Hellinger : SumFinish {
   DIVKIT_HD explicit Hellinger(const DivergenceSpec&) {}
   template <class D, class V>
-  DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+  DIVKIT_INLINE V term(D /*d*/, const Entry<V>& e, V& u) const {
     const V sp = hn::Sqrt(e.p), sq = hn::Sqrt(e.q);
     u = hn::NegMulAdd(sp, sq, e.q);
     const V diff = hn::Sub(sp, sq);
     return hn::Mul(diff, diff);
   }
   template <class D, class V>
-  DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
+  DIVKIT_INLINE V teacher(D /*d*/, const Entry<V>& e) const {
     return hn::NegMulAdd(hn::Sqrt(e.p), hn::Sqrt(e.q), e.p);
   }
 };
