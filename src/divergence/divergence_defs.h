@@ -200,30 +200,37 @@ struct Jeffreys : SumFinish {
 // Pearson chi^2(p || q) = (p - q)^2 / q.  With r = p^2 / q = p exp(lr):
 // u = q - r,  v = 2 r - 2 p.  The term is q expm1(lr)^2 where p <= 1.5 q (no cancellation
 // when p ~ q) and r - 2 p + q elsewhere (r stays exact when q underflows but p^2/q does not).
+// One expm1 per entry serves both: r = p (1 + expm1(lr)), whose absolute error stays below an
+// ulp of p (enough for u, v and, where p > 1.5 q, the term).
 struct ChiSquared : SumFinish {
   DIVKIT_HD explicit ChiSquared(const DivergenceSpec&) {}
   template <class D, class V>
-  DIVKIT_INLINE V Ratio(D d, const Entry<V>& e) const {
-    // p exp(lr); exp(lp + lr) where p underflowed to 0 or exp(lr) alone would overflow.
-    const V neg_inf = hn::Set(d, -kInfinityF);
+  DIVKIT_INLINE V Expm1Ratio(D d, const Entry<V>& e) const {
+    return Expm1OrInf(d, e.lr);
+  }
+  // p exp(lr); exp(lp + lr) where p underflowed to 0 or exp(lr) alone would overflow (rare:
+  // computed only when a vector has such a lane).
+  template <class D, class V>
+  DIVKIT_INLINE V Ratio(D d, const Entry<V>& e, V em1) const {
     const auto direct = hn::Or(hn::Gt(e.lr, hn::Set(d, 80.0f)), hn::Eq(e.p, hn::Zero(d)));
-    const V x = ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lp, e.lr), e.lr));
-    return hn::IfThenZeroElse(hn::Eq(e.lp, neg_inf), hn::IfThenElse(direct, x, hn::Mul(e.p, x)));
+    V r = hn::MulAdd(e.p, em1, e.p);
+    if (!hn::AllFalse(d, direct)) r = hn::IfThenElse(direct, ExpOrInf(d, hn::Add(e.lp, e.lr)), r);
+    return hn::IfThenZeroElse(hn::Eq(e.lp, hn::Set(d, -kInfinityF)), r);
   }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V r = Ratio(d, e);
+    const V em1 = Expm1Ratio(d, e);
+    const V r = Ratio(d, e, em1);
     u = hn::Sub(e.q, r);
     const auto near =
         hn::And(hn::Le(e.p, hn::Mul(hn::Set(d, 1.5f), e.q)), hn::Gt(e.q, hn::Zero(d)));
-    const V em1 = Expm1OrInf(d, hn::IfThenElseZero(near, e.lr));
     const V small = hn::Mul(e.q, hn::Mul(em1, em1));
     const V large = hn::Add(hn::NegMulAdd(hn::Set(d, 2.0f), e.p, r), e.q);
     return hn::IfThenElse(near, small, large);
   }
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Mul(hn::Set(d, 2.0f), hn::Sub(Ratio(d, e), e.p));
+    return hn::Mul(hn::Set(d, 2.0f), hn::Sub(Ratio(d, e, Expm1Ratio(d, e)), e.p));
   }
 };
 
