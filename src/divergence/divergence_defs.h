@@ -200,30 +200,37 @@ struct Jeffreys : SumFinish {
 // Pearson chi^2(p || q) = (p - q)^2 / q.  With r = p^2 / q = p exp(lr):
 // u = q - r,  v = 2 r - 2 p.  The term is q expm1(lr)^2 where p <= 1.5 q (no cancellation
 // when p ~ q) and r - 2 p + q elsewhere (r stays exact when q underflows but p^2/q does not).
+// One expm1 per entry serves both: r = p (1 + expm1(lr)), whose absolute error stays below an
+// ulp of p (enough for u, v and, where p > 1.5 q, the term).
 struct ChiSquared : SumFinish {
   DIVKIT_HD explicit ChiSquared(const DivergenceSpec&) {}
   template <class D, class V>
-  DIVKIT_INLINE V Ratio(D d, const Entry<V>& e) const {
-    // p exp(lr); exp(lp + lr) where p underflowed to 0 or exp(lr) alone would overflow.
-    const V neg_inf = hn::Set(d, -kInfinityF);
+  DIVKIT_INLINE V Expm1Ratio(D d, const Entry<V>& e) const {
+    return Expm1OrInf(d, e.lr);
+  }
+  // p exp(lr); exp(lp + lr) where p underflowed to 0 or exp(lr) alone would overflow (rare:
+  // computed only when a vector has such a lane).
+  template <class D, class V>
+  DIVKIT_INLINE V Ratio(D d, const Entry<V>& e, V em1) const {
     const auto direct = hn::Or(hn::Gt(e.lr, hn::Set(d, 80.0f)), hn::Eq(e.p, hn::Zero(d)));
-    const V x = ExpOrInf(d, hn::IfThenElse(direct, hn::Add(e.lp, e.lr), e.lr));
-    return hn::IfThenZeroElse(hn::Eq(e.lp, neg_inf), hn::IfThenElse(direct, x, hn::Mul(e.p, x)));
+    V r = hn::MulAdd(e.p, em1, e.p);
+    if (!hn::AllFalse(d, direct)) r = hn::IfThenElse(direct, ExpOrInf(d, hn::Add(e.lp, e.lr)), r);
+    return hn::IfThenZeroElse(hn::Eq(e.lp, hn::Set(d, -kInfinityF)), r);
   }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V r = Ratio(d, e);
+    const V em1 = Expm1Ratio(d, e);
+    const V r = Ratio(d, e, em1);
     u = hn::Sub(e.q, r);
     const auto near =
         hn::And(hn::Le(e.p, hn::Mul(hn::Set(d, 1.5f), e.q)), hn::Gt(e.q, hn::Zero(d)));
-    const V em1 = Expm1OrInf(d, hn::IfThenElseZero(near, e.lr));
     const V small = hn::Mul(e.q, hn::Mul(em1, em1));
     const V large = hn::Add(hn::NegMulAdd(hn::Set(d, 2.0f), e.p, r), e.q);
     return hn::IfThenElse(near, small, large);
   }
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Mul(hn::Set(d, 2.0f), hn::Sub(Ratio(d, e), e.p));
+    return hn::Mul(hn::Set(d, 2.0f), hn::Sub(Ratio(d, e, Expm1Ratio(d, e)), e.p));
   }
 };
 
@@ -250,17 +257,16 @@ DIVKIT_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
 //   mix - w = b [c expm1(d) - expm1(c d)],
 // whose error is a few ulp of the term whatever alpha. Where b = 0 or |d| >= 60 (a masked
 // entry, or expm1 near overflow) the direct difference is used; mix and w differ a lot there.
+// Also gives w - b = b expm1(c d), the same bits as PowerMeanMinusBase(e, alpha, b is p), from
+// the expm1 already computed; the exp of the direct form is computed only for vectors that need
+// it.
+template <class D, class V>
+DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base);
+
 template <class D, class V>
 DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha) {
-  const bool mirror = alpha > 0.5f;
-  const V b = mirror ? e.p : e.q;
-  const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
-  const V diff = mirror ? hn::Neg(e.lr) : e.lr;  // log(other / b)
-  const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
-  const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
-  const V via_expm1 = hn::Mul(b, hn::MulSub(c, Expm1OrInf(d, dd), Expm1OrInf(d, hn::Mul(c, dd))));
-  const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
-  return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
+  V unused;
+  return MixMinusPowerMean(d, e, alpha, unused);
 }
 
 // w - b for w = b exp(c (l_other - l_b)), i.e. w = p^alpha q^(1-alpha) with b = q, c = alpha
@@ -279,6 +285,23 @@ DIVKIT_INLINE V PowerMeanMinusBase(D d, const Entry<V>& e, float alpha, bool bas
                         hn::Mul(b, Expm1OrInf(d, hn::IfThenZeroElse(direct, x))));
 }
 
+template <class D, class V>
+DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base) {
+  const bool mirror = alpha > 0.5f;
+  const V b = mirror ? e.p : e.q;
+  const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
+  const V diff = mirror ? hn::Neg(e.lr) : e.lr;  // log(other / b)
+  const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
+  const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
+  const V em1_cd = Expm1OrInf(d, hn::Mul(c, dd));
+  const V via_expm1 = hn::Mul(b, hn::MulSub(c, Expm1OrInf(d, dd), em1_cd));
+  w_minus_base = hn::Mul(b, em1_cd);
+  if (hn::AllTrue(d, stable)) return via_expm1;
+  w_minus_base = hn::IfThenElse(stable, w_minus_base, PowerMeanMinusBase(d, e, alpha, mirror));
+  const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
+  return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
+}
+
 // Amari alpha-divergence (alpha not 0 or 1; those are the KL limits):
 // g = [alpha p + (1-alpha) q - w] / (alpha (1-alpha)), each term >= 0 (for any alpha).
 // u = (q - w) / alpha,  v = (p - w) / (1 - alpha).
@@ -287,8 +310,12 @@ struct AlphaDivergence : SumFinish {
   DIVKIT_HD explicit AlphaDivergence(const DivergenceSpec& s) : alpha(s.alpha) {}
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    u = hn::Mul(PowerMeanMinusBase(d, e, alpha, false), hn::Set(d, -1.0f / alpha));
-    return hn::Mul(MixMinusPowerMean(d, e, alpha), hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
+    V w_minus_base;
+    const V g = MixMinusPowerMean(d, e, alpha, w_minus_base);
+    // The base is q for alpha <= 1/2: w - q then comes with the term.
+    const V w_minus_q = alpha > 0.5f ? PowerMeanMinusBase(d, e, alpha, false) : w_minus_base;
+    u = hn::Mul(w_minus_q, hn::Set(d, -1.0f / alpha));
+    return hn::Mul(g, hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
   }
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {

@@ -33,6 +33,8 @@ DIVKIT_HD inline bool Le(float a, float b) { return a <= b; }
 DIVKIT_HD inline bool Gt(float a, float b) { return a > b; }
 DIVKIT_HD inline bool And(bool a, bool b) { return a && b; }
 DIVKIT_HD inline bool Or(bool a, bool b) { return a || b; }
+DIVKIT_HD inline bool AllFalse(Lane, bool m) { return !m; }
+DIVKIT_HD inline bool AllTrue(Lane, bool m) { return m; }
 DIVKIT_HD inline float IfThenElse(bool m, float a, float b) { return m ? a : b; }
 DIVKIT_HD inline float IfThenElseZero(bool m, float a) { return m ? a : 0.0f; }
 DIVKIT_HD inline float IfThenZeroElse(bool m, float b) { return m ? 0.0f : b; }
