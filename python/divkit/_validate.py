@@ -423,7 +423,7 @@ def matrix(fn: str, name: str, x: Any) -> torch.Tensor:
 
 
 def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
-    """Sequence lengths ``[n]`` > 0 (anything torch.as_tensor takes), as a contiguous CPU tensor
+    """Sequence lengths ``[n]`` >= 1 (anything torch.as_tensor takes), as a contiguous CPU tensor
     of int32, int64, float32 or float64; None passes."""
     if x is None:
         return None
@@ -436,6 +436,9 @@ def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
         x = x.to(torch.float64)
     if bool((x <= 0).any()):
         fail(fn, f"{name} must be > 0, got {x[x <= 0][0].item()}")
+    # Token counts, as the core checks: a length in (0, 1) would blow up s / n.
+    if bool((x < 1).any()):
+        fail(fn, f"{name} must be >= 1 (token counts), got {x[x < 1][0].item()}")
     return x.contiguous()
 
 

@@ -436,6 +436,8 @@ def test_bad_input():
         divkit.preference_loss(a, b, a, a)
     with pytest.raises(divkit.Error, match="chosen_lengths must be > 0"):
         divkit.preference_loss(a, a, a, a, loss_type="ipo", chosen_lengths=[1, 0])
+    with pytest.raises(divkit.Error, match=r"preference_loss: rejected_lengths must be >= 1"):
+        divkit.preference_loss(a, a, a, a, loss_type="ipo", rejected_lengths=[1, 0.5])
     with pytest.raises(divkit.Error, match="sigmoid_norm needs chosen_lengths"):
         divkit.preference_loss(a, a, a, a, loss_type="sigmoid_norm")
     with pytest.raises(divkit.Error, match="beta must be"):
