@@ -5,9 +5,9 @@ pass different tokens (an error on every rank, not a wrong loss)."""
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -119,21 +119,21 @@ def _worker(rank: int, world: int, port: int, result_dir: str):
         msg = "ok"
     except BaseException:
         msg = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(msg)
-        dist.destroy_process_group()
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(msg)
+    dist.destroy_process_group()
+    # Leave without interpreter finalization. A gloo worker thread of a process group that
+    # DTensor's device mesh still references can drop the last reference to a finished
+    # collective's work (which holds tensors) while Python finalizes; taking the GIL then ends
+    # the thread inside a noexcept destructor and std::terminate aborts the rank (seen about
+    # once in 45 runs; core dump: c10d::ProcessGroupGloo::AsyncWork::~AsyncWork ->
+    # TensorImpl::decref_pyobject -> take_gil -> pthread_exit). That is PyTorch's teardown,
+    # not divkit's; the results are in the rank files already.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-# A rank sometimes aborts ("terminate called without an active exception", about 1 run in 7
-# on 2 cores, also with the vocabulary-parallel step removed: in the DTensor / DDP steps or the
-# gloo teardown; not yet diagnosed). Only that abort is tolerated: a wrong result on any rank
-# is reported through the rank files below and still fails.
-@pytest.mark.xfail(
-    strict=False,
-    raises=mp.ProcessExitedException,
-    reason="intermittent SIGABRT of a gloo rank, under investigation",
-)
 def test_dtensor_ddp_and_vocab_parallel_token_check(tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
