@@ -1,0 +1,194 @@
+"""The fused heads' PyTorch chunk loop with divkit's row kernel as its row step (the CUDA path of
+the fused heads: torch GEMMs + divkit's row kernel on each chunk's logits), run here on CPU tensors
+with the CPU kernel as the row step, against the C++ fused head: the same results to the
+tolerances of test_torch_backend.py, through the public functions and autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import divkit
+from conftest import KIND_CASES, case_id, logits
+from divkit import _device
+from divkit.backends import torch_ops
+from test_torch_backend import compare, sparse_teacher
+
+
+@pytest.fixture
+def core_rows(monkeypatch):
+    """backend="torch" calls get the chunk loop with the core's row step (route.rows="core"),
+    as CUDA tensors do on a CUDA build; counts the row-step calls."""
+    real = _device.route
+    calls = []
+
+    def route(fn, op, backend_name, tensors):
+        r = real(fn, op, backend_name, tensors)
+        if backend_name == "torch" and op in _device.CORE_ROWS:
+            calls.append(op)
+            return r._replace(rows="core")
+        return r
+
+    monkeypatch.setattr(_device, "route", route)
+    real_div = torch_ops.CoreRows.divergence
+    real_sparse = torch_ops.CoreRows.sparse
+
+    def div(self, *a, **k):
+        calls.append("core_divergence")
+        return real_div(self, *a, **k)
+
+    def sparse(self, *a, **k):
+        calls.append("core_sparse")
+        return real_sparse(self, *a, **k)
+
+    monkeypatch.setattr(torch_ops.CoreRows, "divergence", div)
+    monkeypatch.setattr(torch_ops.CoreRows, "sparse", sparse)
+    return calls
+
+
+def _distill(backend, base, kind, params, labels, weights, hard_weight, reduction, grad_teacher):
+    xs = [x.clone().requires_grad_(grad_teacher or i < 3) for i, x in enumerate(base)]
+    loss = divkit.fused_linear_divergence(
+        xs[0],
+        xs[1],
+        xs[2],
+        xs[3],
+        kind,
+        student_bias=xs[4],
+        teacher_bias=xs[5],
+        labels=labels,
+        weights=weights,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        chunk_size=4,  # chunks of 4, 4 and 3 tokens
+        temperature=1.5,
+        backend=backend,
+        **params,
+    )
+    go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(47))
+    loss.backward(go)
+    return (loss.detach(), *[x.grad for x in xs])
+
+
+@pytest.mark.parametrize("case", KIND_CASES, ids=case_id)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+@pytest.mark.parametrize("grad_teacher", [False, True])
+def test_fused_linear_divergence_core_rows(core_rows, case, reduction, hard_weight, grad_teacher):
+    kind, params = case
+    n, hs, ht, v = 11, 8, 6, 37
+    base = [
+        logits(n, hs, seed=40, scale=1.0),
+        logits(v, hs, seed=41, scale=0.5),
+        logits(n, ht, seed=42, scale=1.0),
+        logits(v, ht, seed=43, scale=0.5),
+        logits(v, seed=44, scale=0.5),
+        logits(v, seed=45, scale=0.5),
+    ]
+    labels = torch.arange(n) * 3 % v
+    labels[4] = -100
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(46)) + 0.5
+    args = (base, kind, params, labels, weights, hard_weight, reduction, grad_teacher)
+    core = _distill("core", *args)
+    loop = _distill("torch", *args)
+    assert "core_divergence" in core_rows  # the loop ran with the core's row step
+    compare(core, loop)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_linear_divergence_core_rows_low_precision(core_rows, dtype):
+    n, h, v = 9, 8, 37
+    base = [
+        logits(n, h, seed=70, scale=1.0).to(dtype),
+        logits(v, h, seed=71, scale=0.5).to(dtype),
+        logits(n, h, seed=72, scale=1.0).to(dtype),
+        logits(v, h, seed=73, scale=0.5).to(dtype),
+        None,
+        None,
+    ]
+    out = []
+    for backend in ("core", "torch"):
+        xs = [None if x is None else x.clone().requires_grad_(True) for x in base[:4]]
+        loss = divkit.fused_linear_divergence(*xs, "jsd", beta=0.3, chunk_size=4, backend=backend)
+        loss.backward()
+        out.append((loss.detach(), *[x.grad for x in xs]))
+    assert "core_divergence" in core_rows
+    compare(out[0], out[1])
+
+
+@pytest.mark.parametrize("case", KIND_CASES[:4], ids=case_id)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+def test_fused_linear_sparse_divergence_core_rows(core_rows, case, tail, hard_weight):
+    kind, params = case
+    n, h, v = 13, 8, 37
+    base = [
+        logits(n, h, seed=60, scale=1.0),
+        logits(v, h, seed=61, scale=1.0),
+        logits(v, seed=62, scale=1.0),
+    ]
+    idx, lp = sparse_teacher(n, v, 5, seed=63)
+    labels = torch.arange(n) * 3 % v
+    labels[3] = -100
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(64)) + 0.5
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        loss = divkit.fused_linear_sparse_divergence(
+            xs[0],
+            xs[1],
+            idx,
+            lp,
+            kind,
+            tail=tail,
+            student_bias=xs[2],
+            labels=labels,
+            weights=weights,
+            hard_weight=hard_weight,
+            chunk_size=4,
+            temperature=1.5,
+            backend=backend,
+            **params,
+        )
+        loss.backward()
+        out.append((loss.detach(), *[x.grad for x in xs]))
+    assert "core_sparse" in core_rows
+    compare(out[0], out[1])
+
+
+def test_core_rows_errors_name_the_fused_function(core_rows):
+    n, h, v = 4, 3, 5
+    sh = logits(n, h, seed=1).requires_grad_(True)
+    sw = logits(v, h, seed=2)
+    tw = logits(v, h, seed=3)
+    tw[2, 0] = float("nan")
+    with pytest.raises(divkit.Error, match="^fused_linear_divergence: "):
+        divkit.fused_linear_divergence(sh, sw, sh.detach(), tw, backend="torch")
+
+
+def test_route_picks_core_rows_only_on_cuda_builds_with_the_kernel(monkeypatch):
+    # The CPU route is unchanged; on CUDA (faked here: no GPU needed to decide) the fused heads
+    # get the core's rows only when the build has the row kernel, and backend="torch" never.
+    cpu = _device.route("fused_linear_divergence", "fused_linear_divergence", "auto", ())
+    assert cpu.core and cpu.rows == "torch"
+    x = torch.empty(1, device="meta")
+    monkeypatch.setattr(_device, "cuda_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev: type("S", (), {"cuda_stream": 7}))
+
+    class FakeCuda:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(_device, "common_device", lambda fn, ts: FakeCuda.device)
+    for op, kernels, want in [
+        ("fused_linear_divergence", ["divergence"], ("torch", "core", 7)),
+        ("fused_linear_divergence", [], ("torch", "torch", None)),
+        ("fused_linear_sparse_divergence", ["divergence"], ("torch", "torch", None)),
+        ("fused_linear_sparse_divergence", ["sparse_divergence"], ("torch", "core", 7)),
+        ("fused_linear_cross_entropy", ["divergence"], ("torch", "torch", None)),
+        ("divergence", ["divergence"], ("core", "torch", 7)),
+    ]:
+        monkeypatch.setattr(_device, "has_cuda_kernel", lambda o, k=kernels: o in k)
+        r = _device.route(op, op, "auto", (("x", x),))
+        assert (r.engine, r.rows, r.stream) == want, op
+        r = _device.route(op, op, "torch", (("x", x),))
+        assert (r.engine, r.rows) == ("torch", "torch")
