@@ -40,7 +40,10 @@ TORCH_OPS = frozenset(
         "fused_linear_cross_entropy",
         "fused_linear_logprobs",
         "fused_linear_sparse_divergence",
-        "sinkhorn",  # divkit.backends.torch_ot
+        "sinkhorn",  # divkit.backends.torch_ot, like the three below
+        "sparse_ot",
+        "mmd",
+        "cs_divergence",
     }
 )
 #: The fused heads whose PyTorch chunk loop (GEMMs in torch) can call divkit's CUDA row kernel
