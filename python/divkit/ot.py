@@ -220,7 +220,8 @@ def sinkhorn(
             devices), ``"core"`` (CPU tensors only; another device raises ``"sinkhorn: no
             kernel for device <d>"``) or ``"torch"``: the fallback
             (:mod:`divkit.backends.torch_ot`) on any device, the same formulas in float64 with
-            the cost held as an n x m matrix and log-domain updates only (the kernel-domain
+            the cost held as an n x m matrix within ``cost_cache_mib`` and computed on the
+            fly in blocks of rows beyond it, and log-domain updates only (the kernel-domain
             iterations agree with them to rounding); it reads the convergence flags back to
             the host every 16 iterations, so it may run up to 15 iterations past convergence
             (their results discarded).

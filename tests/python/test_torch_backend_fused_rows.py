@@ -192,3 +192,55 @@ def test_route_picks_core_rows_only_on_cuda_builds_with_the_kernel(monkeypatch):
         assert (r.engine, r.rows, r.stream) == want, op
         r = _device.route(op, op, "torch", (("x", x),))
         assert (r.engine, r.rows) == ("torch", "torch")
+
+
+@pytest.mark.parametrize("op", ["divergence", "cross_entropy", "logprobs"])
+def test_low_precision_gemms_path(monkeypatch, op):
+    # The CUDA GEMM path of _Head (bf16 operands kept, fp32 output and accumulation), forced on
+    # CPU tensors: torch's CPU GEMMs have no out_dtype, so the products are rounded to bf16 here
+    # (the fallback _mm_f32 takes where out_dtype is missing): bf16-level agreement with the core.
+    real_init = torch_ops._Head.__init__
+    lows = []
+
+    def init(self, h, w, b, dt):
+        real_init(self, h, w, b, dt)
+        if h.dtype == w.dtype == torch.bfloat16 and dt == torch.float32:
+            self.low, self.w = True, w
+            lows.append(True)
+
+    monkeypatch.setattr(torch_ops._Head, "__init__", init)
+    n, h, v = 10, 16, 37
+    gen = torch.Generator().manual_seed(80)
+    base = [
+        torch.randn(n, h, generator=gen).bfloat16(),
+        (0.3 * torch.randn(v, h, generator=gen)).bfloat16(),
+        torch.randn(n, h, generator=gen).bfloat16(),
+        (0.3 * torch.randn(v, h, generator=gen)).bfloat16(),
+    ]
+    labels = torch.arange(n) * 3 % v
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        if op == "divergence":
+            loss = divkit.fused_linear_divergence(
+                *xs, "jsd", labels=labels, hard_weight=0.5, chunk_size=4, backend=backend
+            )
+            grads = xs
+        elif op == "cross_entropy":
+            loss = divkit.fused_linear_cross_entropy(
+                xs[0], xs[1], labels, chunk_size=4, backend=backend
+            )
+            grads = xs[:2]
+        else:
+            loss = divkit.fused_linear_logprobs(
+                xs[0], xs[1], labels, chunk_size=4, backend=backend
+            ).sum()
+            grads = xs[:2]
+        loss.backward()
+        out.append((loss.detach().double(), [x.grad.double() for x in grads if x.grad is not None]))
+    assert lows  # the forced path ran
+    (lc, gc), (lt, gt) = out
+    assert abs(float(lt - lc)) <= 2e-2 * max(1.0, abs(float(lc)))
+    assert len(gc) == len(gt)
+    for a, b in zip(gt, gc):
+        assert float((a - b).abs().max()) <= 3e-2 * float(b.abs().max())

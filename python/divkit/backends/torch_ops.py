@@ -784,8 +784,8 @@ def topk_divergence(
 CUDA_CHUNK_ENTRIES = 1 << 26
 
 _LOW = (torch.bfloat16, torch.float16)
-# Whether torch's GEMMs with out_dtype (fp32 output from bf16/fp16 operands) work here; found
-# on first use (older torch and non-CUDA devices lack them).
+# Whether torch's GEMMs with out_dtype (fp32 output from bf16/fp16 operands) work, per (GEMM,
+# device type); found on first use (older torch and non-CUDA devices lack them).
 _OUT_DTYPE: dict = {}
 
 
@@ -793,26 +793,28 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b of bf16/fp16 operands with fp32 accumulation and an fp32 result (no rounding of
     the product to bf16); where torch lacks out_dtype, the product rounded to the operands'
     dtype (Liger's precision) in fp32."""
-    if _OUT_DTYPE.get("mm", True):
+    key = ("mm", a.device.type)
+    if _OUT_DTYPE.get(key, True):
         try:
             out = torch.mm(a, b, out_dtype=torch.float32)
-            _OUT_DTYPE["mm"] = True
+            _OUT_DTYPE[key] = True
             return out
         except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE["mm"] = False
+            _OUT_DTYPE[key] = False
     return torch.mm(a, b).float()
 
 
 def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b of bf16/fp16 operands, without an fp32 temporary of acc's size where
     torch can (addmm with out_dtype into acc)."""
-    if _OUT_DTYPE.get("addmm", True):
+    key = ("addmm", a.device.type)
+    if _OUT_DTYPE.get(key, True):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE["addmm"] = True
+            _OUT_DTYPE[key] = True
             return
         except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE["addmm"] = False
+            _OUT_DTYPE[key] = False
     acc += _mm_f32(a, b)
 
 
@@ -887,15 +889,16 @@ class TorchRows:
 class CoreRows(TorchRows):
     """The row step through divkit's row kernels (``_C.divergence`` / ``_C.sparse_divergence``
     with reduction "none", the chunk's token weights, and the gradient written in place over
-    the chunk's logits), on the CUDA stream ``stream`` (0 on the CPU)."""
+    the chunk's logits), with the options of the call's route (``Route.core_args``: the CUDA
+    stream and whatever else the route sets for the core; None: the CPU core as is)."""
 
     name = "core"
 
-    def __init__(self, stream: Optional[int] = None) -> None:
-        self.stream = stream or 0
+    def __init__(self, route: Any = None) -> None:
+        self.route = route
 
     def _args(self, cfg) -> "_C.DivergenceArgs":
-        return _C.DivergenceArgs(
+        args = _C.DivergenceArgs(
             kind=cfg.kind,
             beta=cfg.beta,
             alpha=cfg.alpha,
@@ -903,8 +906,8 @@ class CoreRows(TorchRows):
             scale_by_t_squared=cfg.scale_by_t_squared,
             ignore_index=cfg.ignore_index,
             reduction="none",
-            stream=self.stream,
         )
+        return args if self.route is None else self.route.core_args(args)
 
     def divergence(self, zs, zt, labels, weights, cfg, need_s: bool, need_t: bool, fn: str):
         # In place for the student only: the teacher's gradient is computed from the student's
@@ -928,7 +931,7 @@ def row_step(route: Any = None) -> TorchRows:
     """The row step of a call's route (``divkit._device.Route``): divkit's kernels where
     ``route.rows == "core"``, else PyTorch ops."""
     if route is not None and getattr(route, "rows", "torch") == "core":
-        return CoreRows(route.stream)
+        return CoreRows(route)
     return TorchRows()
 
 
