@@ -35,9 +35,9 @@ __all__ = ["sinkhorn", "SYNC_EVERY", "BLOCK_ENTRIES"]
 
 #: Iterations between two reads of the convergence flags by the host.
 SYNC_EVERY = 16
-#: Cost entries (B x rows x m) per block when the cost is computed on the fly: 64 MiB of
-#: float64 per temporary.
-BLOCK_ENTRIES = 1 << 23
+#: Cost entries (B x rows x m) per block when the cost is computed on the fly: 32 MiB of
+#: float64 per temporary (the final pass holds about six).
+BLOCK_ENTRIES = 1 << 22
 
 _F64 = torch.float64
 
