@@ -818,6 +818,13 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc += _mm_f32(a, b)
 
 
+def _low_operands(h: torch.Tensor, w: torch.Tensor, dt) -> bool:
+    """Whether a head's GEMMs keep bf16/fp16 operands (CUDA, one dtype, fp32 compute)."""
+    return (
+        h.device.type == "cuda" and h.dtype == w.dtype and h.dtype in _LOW and dt == torch.float32
+    )
+
+
 class _Head:
     """The GEMMs of one linear head ``z = h @ w.T + b`` over chunks of rows, accumulating in
     the compute dtype ``dt`` (fp32, or fp64 for fp64 inputs).
@@ -829,15 +836,13 @@ class _Head:
     are converted to ``dt`` (the weight once per call)."""
 
     def __init__(self, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dt) -> None:
-        self.low = (
-            h.device.type == "cuda"
-            and h.dtype == w.dtype
-            and h.dtype in _LOW
-            and dt == torch.float32
-        )
+        self.low = _low_operands(h, w, dt)
         self.h, self.dt = h, dt
         self.w = w if self.low else w.to(dt)
         self.b = None if b is None else b.to(dt)
+        #: The dtype of the hidden states' gradient buffer: each chunk's rows (fp32 GEMM output)
+        #: are rounded into it as they come, so that no fp32 [N, H] copy is held.
+        self.hidden_grad_dtype = h.dtype if self.low else dt
 
     def rows(self, a: int, e: int) -> torch.Tensor:
         """The hidden states of rows [a, e) as a GEMM operand."""
@@ -1015,13 +1020,13 @@ def fused_linear_divergence(
     need_zt = any(need[3:]) and sw_f != 0.0
     g = [None] * 6
     if need[0]:
-        g[0] = torch.empty(sh.shape, dtype=dt, device=dev)
+        g[0] = torch.empty(sh.shape, dtype=s_head.hidden_grad_dtype, device=dev)
     if need[1]:
         g[1] = torch.zeros(sw.shape, dtype=dt, device=dev)
     if need[2] and sb is not None:
         g[2] = torch.zeros(sb.shape, dtype=dt, device=dev)
     if need[3]:
-        g[3] = torch.zeros(th.shape, dtype=dt, device=dev)
+        g[3] = torch.zeros(th.shape, dtype=t_head.hidden_grad_dtype, device=dev)
     if need[4]:
         g[4] = torch.zeros(tw.shape, dtype=dt, device=dev)
     if need[5] and tb is not None:
@@ -1167,7 +1172,7 @@ def fused_linear_cross_entropy(
     head = _Head(h, w, b, dt)
     g = [None, None, None]
     if need[0]:
-        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+        g[0] = torch.empty(h.shape, dtype=head.hidden_grad_dtype, device=dev)
     if need[1]:
         g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
     if need[2] and b is not None:
@@ -1318,7 +1323,8 @@ def fused_linear_logprobs_backward(
     dt = _compute_dtype(h, w)
     g = [None, None, None]
     if need[0]:
-        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+        hdt = h.dtype if _low_operands(h, w, dt) else dt
+        g[0] = torch.empty(h.shape, dtype=hdt, device=dev)
     if need[1]:
         g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
     if need[2] and b is not None:
