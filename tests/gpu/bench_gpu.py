@@ -14,8 +14,15 @@ import torch
 
 from divkit import _C
 
+DEVICE = "cuda"  # "cpu" under --dry-run
+
 
 def timed(fn, warmup=2, iters=5):
+    if DEVICE == "cpu":  # --dry-run: wall clock
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -31,7 +38,7 @@ def timed(fn, warmup=2, iters=5):
 
 
 def copy_bandwidth(nbytes):
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(1.0)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).fill_(1.0)
     dst = torch.empty_like(src)
     sec = timed(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / sec  # read + write
@@ -79,29 +86,38 @@ def main():
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--v", type=int, default=128256)
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU tensors at a small size, no torch.compile: tests this script and its writers",
+    )
     a = ap.parse_args()
+    global DEVICE
     t0 = time.time()
+    if a.dry_run:
+        DEVICE = "cpu"
+        a.n, a.v = min(a.n, 8), min(a.v, 1000)
     n, v = a.n, a.v
-    props = torch.cuda.get_device_properties(0)
+    device_name = torch.cuda.get_device_properties(0).name if DEVICE == "cuda" else "cpu (dry run)"
     bw = copy_bandwidth(min(4 << 30, n * v * 2))
     rows = []
     for dtype in [torch.bfloat16, torch.float32]:
-        s = torch.randn(n, v, device="cuda", dtype=dtype)
-        t = torch.randn(n, v, device="cuda", dtype=dtype)
+        s = torch.randn(n, v, device=DEVICE, dtype=dtype)
+        t = torch.randn(n, v, device=DEVICE, dtype=dtype)
         elt = s.element_size()
         nbytes = 3 * n * v * elt  # read s and t, write grad_s: the least any kernel moves
         for kind in ["forward_kl", "reverse_kl", "jsd"]:
             row = {"kind": kind, "dtype": str(dtype).replace("torch.", ""), "n": n, "v": v}
-            loss = torch.zeros(1, device="cuda")
+            loss = torch.zeros(1, device=DEVICE)
             gs = torch.empty_like(s)
-            args = _C.DivergenceArgs(
-                kind=kind, reduction="mean", stream=torch.cuda.current_stream().cuda_stream
-            )
+            stream = torch.cuda.current_stream().cuda_stream if DEVICE == "cuda" else 0
+            args = _C.DivergenceArgs(kind=kind, reduction="mean", stream=stream)
             sec = timed(lambda: _C.divergence(s, t, loss, gs, None, None, None, args))
             row["divkit_s"] = sec
             row["divkit_bw_fraction"] = nbytes / sec / bw
             ref = torch_loss(kind)
-            for name, fn in [("torch_compile", torch.compile(ref)), ("liger", liger_fn(kind))]:
+            compiled = torch.compile(ref) if DEVICE == "cuda" else None
+            for name, fn in [("torch_compile", compiled), ("liger", liger_fn(kind))]:
                 if fn is None or time.time() - t0 > a.budget_s:
                     row[name + "_s"] = None
                     continue
@@ -119,9 +135,10 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
         s = t = gs = None
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     result = {
-        "device": props.name,
+        "device": device_name,
         "torch": torch.__version__,
         "copy_bandwidth_GBps": bw / 1e9,
         "rows": rows,
@@ -135,7 +152,7 @@ def main():
         return "n/a" if x is None else f"{x * 1e3:.2f}"
 
     lines = [
-        f"GPU: {props.name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s",
+        f"GPU: {device_name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s",
         "",
         "| kind | dtype | divkit ms | of copy bw | torch.compile ms | Liger ms |",
         "|---|---|---|---|---|---|",
