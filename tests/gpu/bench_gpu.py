@@ -80,6 +80,53 @@ def liger_fn(kind):
     return None
 
 
+def row_cache_ab(n, vs, t0, budget_s):
+    """The divergence kernel with its shared-memory row cache at the default budget, off, and
+    at the H100's opt-in limit (DIVKIT_CUDA_ROW_CACHE_BYTES, read at every call), alternating
+    the three settings; medians. Rows for small V only (V = 128256 never fits)."""
+    import os
+    import statistics
+
+    settings = {"default_s": None, "off_s": "0", "optin_s": "229376"}
+    old = os.environ.get("DIVKIT_CUDA_ROW_CACHE_BYTES")
+    out = []
+    try:
+        for v in vs:
+            s = torch.randn(n, v, device=DEVICE, dtype=torch.bfloat16)
+            t = torch.randn(n, v, device=DEVICE, dtype=torch.bfloat16)
+            gs = torch.empty_like(s)
+            loss = torch.zeros(1, device=DEVICE)
+            for kind in ["forward_kl", "jsd"]:
+                if time.time() - t0 > budget_s:
+                    return out
+                stream = torch.cuda.current_stream().cuda_stream if DEVICE == "cuda" else 0
+                args = _C.DivergenceArgs(kind=kind, reduction="mean", stream=stream)
+                times = {k: [] for k in settings}
+                for _ in range(3):
+                    for key, value in settings.items():
+                        if value is None:
+                            os.environ.pop("DIVKIT_CUDA_ROW_CACHE_BYTES", None)
+                        else:
+                            os.environ["DIVKIT_CUDA_ROW_CACHE_BYTES"] = value
+                        times[key].append(
+                            timed(
+                                lambda: _C.divergence(s, t, loss, gs, None, None, None, args),
+                                warmup=1,
+                                iters=3,
+                            )
+                        )
+                row = {"kind": kind, "v": v, "n": n}
+                row.update({k: statistics.median(x) for k, x in times.items()})
+                out.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("DIVKIT_CUDA_ROW_CACHE_BYTES", None)
+        else:
+            os.environ["DIVKIT_CUDA_ROW_CACHE_BYTES"] = old
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -100,6 +147,8 @@ def main():
     n, v = a.n, a.v
     device_name = torch.cuda.get_device_properties(0).name if DEVICE == "cuda" else "cpu (dry run)"
     bw = copy_bandwidth(min(4 << 30, n * v * 2))
+    # First: cheap (seconds), while the torch.compile compiles below may use up the budget.
+    cache_rows = row_cache_ab(n, [4096, 32000] if DEVICE == "cuda" else [500], t0, a.budget_s)
     rows = []
     for dtype in [torch.bfloat16, torch.float32]:
         s = torch.randn(n, v, device=DEVICE, dtype=dtype)
@@ -142,6 +191,7 @@ def main():
         "torch": torch.__version__,
         "copy_bandwidth_GBps": bw / 1e9,
         "rows": rows,
+        "row_cache": cache_rows,
         "seconds": time.time() - t0,
     }
     out = Path(a.out)
@@ -162,6 +212,20 @@ def main():
             f"| {r['kind']} | {r['dtype']} | {ms(r['divkit_s'])} | "
             f"{r['divkit_bw_fraction']:.0%} | {ms(r['torch_compile_s'])} | {ms(r['liger_s'])} |"
         )
+    if cache_rows:
+        lines += [
+            "",
+            "Shared-memory row cache of the divergence kernel (DIVKIT_CUDA_ROW_CACHE_BYTES), "
+            "bf16, forward + backward, ms (median of alternating runs):",
+            "",
+            "| kind | V | default | off (0) | opt-in (229376) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in cache_rows:
+            lines.append(
+                f"| {r['kind']} | {r['v']} | {ms(r['default_s'])} | {ms(r['off_s'])} | "
+                f"{ms(r['optin_s'])} |"
+            )
     (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
