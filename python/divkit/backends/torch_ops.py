@@ -799,6 +799,8 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             out = torch.mm(a, b, out_dtype=torch.float32)
             _OUT_DTYPE[key] = True
             return out
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a missing feature
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE[key] = False
     return torch.mm(a, b).float()
@@ -813,6 +815,8 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             _OUT_DTYPE[key] = True
             return
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a missing feature
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE[key] = False
     acc += _mm_f32(a, b)
