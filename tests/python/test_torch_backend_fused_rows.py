@@ -194,17 +194,18 @@ def test_route_picks_core_rows_only_on_cuda_builds_with_the_kernel(monkeypatch):
         assert (r.engine, r.rows) == ("torch", "torch")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", ["divergence", "cross_entropy", "logprobs"])
-def test_low_precision_gemms_path(monkeypatch, op):
-    # The CUDA GEMM path of _Head (bf16 operands kept, fp32 output and accumulation), forced on
-    # CPU tensors: torch's CPU GEMMs have no out_dtype, so the products are rounded to bf16 here
+def test_low_precision_gemms_path(monkeypatch, op, dtype):
+    # The CUDA GEMM path of _Head (bf16/fp16 operands kept, fp32 output and accumulation), forced
+    # on CPU tensors: torch's CPU GEMMs have no out_dtype, so the products are rounded here
     # (the fallback _mm_f32 takes where out_dtype is missing): bf16-level agreement with the core.
     real_init = torch_ops._Head.__init__
     lows = []
 
     def init(self, h, w, b, dt):
         real_init(self, h, w, b, dt)
-        if h.dtype == w.dtype == torch.bfloat16 and dt == torch.float32:
+        if h.dtype == w.dtype == dtype and dt == torch.float32:
             self.low, self.w = True, w
             lows.append(True)
 
@@ -212,10 +213,10 @@ def test_low_precision_gemms_path(monkeypatch, op):
     n, h, v = 10, 16, 37
     gen = torch.Generator().manual_seed(80)
     base = [
-        torch.randn(n, h, generator=gen).bfloat16(),
-        (0.3 * torch.randn(v, h, generator=gen)).bfloat16(),
-        torch.randn(n, h, generator=gen).bfloat16(),
-        (0.3 * torch.randn(v, h, generator=gen)).bfloat16(),
+        torch.randn(n, h, generator=gen).to(dtype),
+        (0.3 * torch.randn(v, h, generator=gen)).to(dtype),
+        torch.randn(n, h, generator=gen).to(dtype),
+        (0.3 * torch.randn(v, h, generator=gen)).to(dtype),
     ]
     labels = torch.arange(n) * 3 % v
     out = []
@@ -244,3 +245,27 @@ def test_low_precision_gemms_path(monkeypatch, op):
     assert len(gc) == len(gt)
     for a, b in zip(gt, gc):
         assert float((a - b).abs().max()) <= 3e-2 * float(b.abs().max())
+
+
+def test_fp16_logit_gradient_is_scaled_not_flushed():
+    # A mean over many tokens gives logit gradients ~1 / (N V), below fp16's smallest normal:
+    # the fp16 GEMM path scales each chunk by a power of two before rounding.
+    gen = torch.Generator().manual_seed(81)
+    h = torch.randn(6, 16, generator=gen).half()
+    w = (0.3 * torch.randn(50, 16, generator=gen)).half()
+    head = torch_ops._Head(h, w, None, torch.float32)
+    head.low, head.w = True, w  # the CUDA path, forced
+    dz = torch.randn(6, 50, generator=gen) * 1e-9
+    hc = head.rows(0, 6)
+    lo, inv = head._low_grad(dz)
+    assert lo.dtype == torch.float16 and float(lo.abs().max()) > 2.0**9
+    assert float((lo.float() * inv - dz).abs().max()) <= 2.0**-10 * float(dz.abs().max())
+    gh = head.grad_hidden(dz)
+    want = dz.double() @ w.double()
+    assert float((gh.double() - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    acc = torch.zeros(50, 16)
+    head.add_grad_weight(acc, dz, hc)
+    want = dz.double().T @ h.double()
+    assert float((acc.double() - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    # Unscaled, the same gradient would have flushed to zero in fp16.
+    assert float(dz.half().abs().max()) == 0.0

@@ -806,20 +806,21 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b of bf16/fp16 operands, without an fp32 temporary of acc's size where
-    torch can (addmm with out_dtype into acc)."""
+def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc (fp32) += alpha * a @ b of bf16/fp16 operands, without an fp32 temporary of acc's
+    size where torch can (addmm with out_dtype into acc)."""
     key = ("addmm", a.device.type)
     if _OUT_DTYPE.get(key, True):
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
             _OUT_DTYPE[key] = True
             return
         except torch.cuda.OutOfMemoryError:
             raise  # not a missing feature
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE[key] = False
-    acc += _mm_f32(a, b)
+    prod = _mm_f32(a, b)
+    acc.add_(prod, alpha=alpha)
 
 
 def _low_operands(h: torch.Tensor, w: torch.Tensor, dt) -> bool:
@@ -836,8 +837,9 @@ class _Head:
     On CUDA with bf16/fp16 hidden states and weight of one dtype, the operands stay in that
     dtype (tensor cores, fp32 accumulation, fp32 logits; the weight is never copied); the
     gradient GEMMs take the chunk's logit gradient rounded to that dtype (as Liger-Kernel and
-    a bf16 autograd head do) and accumulate the weight gradient in fp32. Elsewhere the operands
-    are converted to ``dt`` (the weight once per call)."""
+    a bf16 autograd head do; fp16 scaled by a power of two first) and accumulate the weight
+    gradient in fp32. Elsewhere the operands are converted to ``dt`` (the weight once per
+    call)."""
 
     def __init__(self, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dt) -> None:
         self.low = _low_operands(h, w, dt)
@@ -847,9 +849,11 @@ class _Head:
         #: The dtype of the hidden states' gradient buffer: each chunk's rows (fp32 GEMM output)
         #: are rounded into it as they come, so that no fp32 [N, H] copy is held.
         self.hidden_grad_dtype = h.dtype if self.low else dt
+        self._prep: Optional[tuple] = None  # the last chunk's converted logit gradient
 
     def rows(self, a: int, e: int) -> torch.Tensor:
-        """The hidden states of rows [a, e) as a GEMM operand."""
+        """The hidden states of rows [a, e) as a GEMM operand (a new chunk begins)."""
+        self._prep = None
         hc = self.h[a:e]
         return hc if self.low else hc.to(self.dt)
 
@@ -860,16 +864,40 @@ class _Head:
             z += self.b
         return z
 
+    def _low_grad(self, dz: torch.Tensor):
+        """(dz * s rounded to the operands' dtype, 1 / s), converted once per chunk (both
+        gradient GEMMs take it). bf16 has fp32's exponent range: s = 1. fp16 has not: a logit
+        gradient of a mean over many tokens (~1 / (N V)) would flush to zero, so the chunk is
+        scaled by a power of two s that puts its largest entry near 2^10 (exact; one host read
+        of the chunk's max; headroom for the product where torch lacks out_dtype)."""
+        if self._prep is not None and self._prep[0] is dz:
+            return self._prep[1], self._prep[2]
+        inv = 1.0
+        if self.w.dtype == torch.float16:
+            amax = float(dz.abs().amax())
+            if amax > 0 and math.isfinite(amax):
+                e = math.floor(math.log2(2.0**10 / amax))
+                lo, inv = (dz * 2.0**e).to(torch.float16), 2.0**-e
+            else:
+                lo = dz.to(torch.float16)
+        else:
+            lo = dz.to(self.w.dtype)
+        self._prep = (dz, lo, inv)
+        return lo, inv
+
     def grad_hidden(self, dz: torch.Tensor) -> torch.Tensor:
         """dz @ w: the hidden states' gradient of the chunk."""
         if self.low:
-            return _mm_f32(dz.to(self.w.dtype), self.w)
+            lo, inv = self._low_grad(dz)
+            out = _mm_f32(lo, self.w)
+            return out if inv == 1.0 else out.mul_(inv)
         return dz @ self.w
 
     def add_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, hc: torch.Tensor) -> None:
         """acc += dz.T @ hc, in place."""
         if self.low:
-            _addmm_f32(acc, dz.T.to(hc.dtype), hc)
+            lo, inv = self._low_grad(dz)
+            _addmm_f32(acc, lo.T, hc, alpha=inv)
         else:
             acc.addmm_(dz.T, hc)
 
