@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
-# The GPU check of divkit's CUDA kernels, in two steps:
+# The GPU check of divkit's CUDA kernels and GPU paths, in two steps:
 #
 #   scripts/gpu_check.sh --prepare
 #       on a development machine (Debian packages libhwy-dev, libopenblas-dev, nvcc on PATH):
-#       copies Highway's and OpenBLAS's headers and libraries, and the CUDA sources compiled
-#       for sm_80 and sm_90 (for a GPU machine without nvcc), into the git-ignored .gpu-deps/.
+#       copies Highway's and OpenBLAS's headers and libraries, and the CUDA sources (every
+#       src/**/*.cu) compiled for sm_80 and sm_90 (for a GPU machine without nvcc), into the
+#       git-ignored .gpu-deps/.
 #   scripts/gpu_check.sh [OUT_DIR]
 #       on the GPU machine (CUDA driver, Python with torch+CUDA, nanobind, CMake, ninja; no
-#       package registry, no Debian dev packages): builds divkit against .gpu-deps/, runs the GPU
-#       tests (tests/gpu), compute-sanitizer memcheck on a small case when it is installed, and
-#       the benchmark (tests/gpu/bench_gpu.py). Writes logs, gpu_check.json, gpu_bench.json and
-#       gpu_bench.md into OUT_DIR (default: $OUT, else gpu-check-out/). About 8 minutes at most.
+#       package registry, no Debian dev packages): checks that torch sees a GPU (else stops at
+#       once and says why), builds divkit against .gpu-deps/, checks that the build has CUDA,
+#       runs the GPU tests (tests/gpu), compute-sanitizer memcheck on the small cases
+#       (tests/gpu/memcheck_*.py) when it is installed, then the benchmarks: the fused heads
+#       (bench/gpu_fused.py) and the token divergences (tests/gpu/bench_gpu.py). Writes logs,
+#       gpu_check.json, gpu_fused_bench.{json,md} and gpu_bench.{json,md} into OUT_DIR (default:
+#       $OUT, else gpu-check-out/). At most 470 s after the start (the last step is cut to fit).
 #
-# Options for the check: --build-only (configure and build, then stop; used to test the build
-# with the carried dependencies on a machine without a GPU). Environment: PYTHON (default
-# python3), GPU_CHECK_BUILD_TIMEOUT (seconds, default 300).
+# Time budget on one H100 with 16 cores (an estimate: nothing has run on a GPU yet): build
+# <= 300 s cap (expected 1-2 min with nvcc, less with the prebuilt objects), tests <= 150 s
+# (expected < 60 s), memcheck <= 60 s per case, fused benchmark <= 150 s (expected ~60 s,
+# mostly Liger's Triton compiles), token benchmark: what is left before 470 s.
+#
+# Options: --build-only (configure and build, then stop; tests the build with the carried
+# dependencies on a machine without a GPU); --dry-run (no GPU, no build: runs the test runner
+# and both benchmarks in their --dry-run mode on CPU tensors with the divkit found on PYTHONPATH,
+# and writes gpu_check.json and the tables, to test the script and its writers). Environment:
+# PYTHON (default python3), GPU_CHECK_BUILD_TIMEOUT (seconds, default 300).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEPS="$ROOT/.gpu-deps"
 PY="${PYTHON:-python3}"
 
-# The CUDA sources of the library (compiled into the prebuilt archive by --prepare).
-CUDA_SOURCES=(src/core/cuda_runtime.cu src/divergence/divergence_cuda.cu)
+# The CUDA sources of the library (compiled into the prebuilt archive by --prepare): every .cu
+# under src/, so that a family's new kernel file needs no edit here.
+mapfile -t CUDA_SOURCES < <(cd "$ROOT" && find src -name '*.cu' | sort)
 
 sources_stamp() {
   # Everything the prebuilt CUDA objects depend on: the .cu files and the headers under src/
@@ -144,88 +156,173 @@ build() {
   ln -sf "$build_dir"/src/python/_C*.so "$ROOT/python/divkit/"
 }
 
+# Results: one "key<TAB>value" line each in $RESULTS, written as JSON at the end by Python
+# (values may hold any text: error messages, quotes).
+RESULTS=""
+record() { printf '%s\t%s\n' "$1" "$2" >>"$RESULTS"; }
+
+write_json() {
+  local out="$1"
+  "$PY" - "$RESULTS" "$out/gpu_check.json" <<'PYEOF'
+import json, sys
+rows = [line.rstrip("\n").split("\t", 1) for line in open(sys.argv[1]) if "\t" in line]
+result = {k: (int(v) if v.isdigit() else v) for k, v in rows}
+with open(sys.argv[2], "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+print(json.dumps(result, indent=2))
+PYEOF
+}
+
+# Whether torch sees a CUDA device: prints the reason and fails when not.
+gpu_visible() {
+  "$PY" - <<'PYEOF'
+import sys
+try:
+    import torch
+except Exception as e:
+    print(f"torch cannot be imported: {e!r}")
+    sys.exit(1)
+if not torch.cuda.is_available():
+    print(f"no CUDA device visible to torch (torch {torch.__version__}, built for CUDA "
+          f"{torch.version.cuda}; nvidia-smi and the driver decide what it sees)")
+    sys.exit(1)
+print(f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})")
+PYEOF
+}
+
 check() {
-  local out="$1" build_only="$2"
+  local out="$1" mode="$2"  # mode: full | build-only | dry-run
   mkdir -p "$out"
+  RESULTS="$out/.gpu_check_results.tsv"
+  : >"$RESULTS"
   local build_dir="$ROOT/build-gpu"
-  local t0=$SECONDS status=0
-  declare -A result
+  local t0=$SECONDS status=0 reason
+  record mode "$mode"
   log "machine: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
   nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
-  log "build (log: build.log)"
-  if timeout "${GPU_CHECK_BUILD_TIMEOUT:-300}" "$ROOT/scripts/gpu_check.sh" --build-into "$build_dir" >"$out/build.log" 2>&1; then
-    result[build]=ok
-  else
-    result[build]=failed
-    status=1
-    tail -30 "$out/build.log"
+  if [ "$mode" = full ]; then
+    # No GPU: stop before the build (minutes) and say why.
+    if reason="$(gpu_visible 2>&1)"; then
+      record gpu "$reason"
+    else
+      log "no GPU: $reason"
+      record gpu "none: $reason"
+      record status "failed: no GPU visible to torch"
+      record total_s $((SECONDS - t0))
+      write_json "$out"
+      return 1
+    fi
   fi
-  result[build_s]=$((SECONDS - t0))
+  if [ "$mode" = dry-run ]; then
+    record build "skipped: dry run (the divkit on PYTHONPATH)"
+  else
+    log "build (log: build.log)"
+    if timeout "${GPU_CHECK_BUILD_TIMEOUT:-300}" "$ROOT/scripts/gpu_check.sh" --build-into "$build_dir" >"$out/build.log" 2>&1; then
+      record build ok
+    else
+      record build failed
+      status=1
+      tail -30 "$out/build.log"
+    fi
+    record build_s $((SECONDS - t0))
+  fi
   export LD_LIBRARY_PATH="$DEPS/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
-  if [ "${result[build]}" = ok ]; then
-    "$PY" -c "import divkit, divkit._C as C; print('divkit', divkit.__file__, 'cuda_built', C.cuda_built(), 'devices', C.cuda_devices())" 2>&1 | tee "$out/info.txt"
-  fi
-  if [ "$build_only" = 1 ] || [ "${result[build]}" != ok ]; then
-    :
-  else
-    log "GPU tests (log: tests.log)"
-    local runner=("$PY" -m pytest "$ROOT/tests/gpu" -q -p no:cacheprovider
-      --junitxml="$out/tests.xml")
-    # Without pytest on the machine: the stand-in runner of tests/gpu.
-    "$PY" -c "import pytest" 2>/dev/null ||
-      runner=("$PY" "$ROOT/tests/gpu/mini_pytest.py" "$ROOT"/tests/gpu/test_*.py)
-    if timeout 150 "${runner[@]}" >"$out/tests.log" 2>&1; then
-      result[tests]=ok
+  local built=0
+  if [ "$status" = 0 ]; then
+    if "$PY" -c "import divkit, divkit._C as C; print('divkit', divkit.__file__, 'cuda_built', C.cuda_built(), 'devices', C.cuda_devices()); raise SystemExit(0 if C.cuda_built() else 3)" >"$out/info.txt" 2>&1; then
+      built=1
+      record cuda_built yes
     else
-      result[tests]=failed
-      status=1
+      record cuda_built "no: $(tail -1 "$out/info.txt")"
+      # The full check needs the CUDA kernels; a build without them would skip their tests.
+      if [ "$mode" = full ]; then status=1; fi
     fi
-    tail -5 "$out/tests.log"
-    if command -v compute-sanitizer >/dev/null; then
-      log "compute-sanitizer memcheck (log: memcheck.log)"
-      if timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
-        "$PY" "$ROOT/tests/gpu/memcheck_case.py" >"$out/memcheck.log" 2>&1; then
-        result[memcheck]=ok
-      else
-        result[memcheck]=failed
+    cat "$out/info.txt"
+  fi
+  if [ "$mode" = build-only ] || [ "$status" != 0 ]; then
+    [ "$status" = 0 ] || record status "failed: build (see build.log, info.txt)"
+    record total_s $((SECONDS - t0))
+    write_json "$out"
+    return $status
+  fi
+  local dry=()
+  [ "$mode" = dry-run ] && dry=(--dry-run)
+
+  log "GPU tests (log: tests.log)"
+  local runner=("$PY" -m pytest "$ROOT/tests/gpu" -q -p no:cacheprovider -rs
+    --junitxml="$out/tests.xml")
+  # Without pytest on the machine: the stand-in runner of tests/gpu.
+  "$PY" -c "import pytest" 2>/dev/null ||
+    runner=("$PY" "$ROOT/tests/gpu/mini_pytest.py" "$ROOT"/tests/gpu/test_*.py)
+  local t_tests=$SECONDS
+  if timeout 150 "${runner[@]}" >"$out/tests.log" 2>&1; then
+    record tests ok
+  else
+    record tests "failed (see tests.log)"
+    status=1
+  fi
+  record tests_s $((SECONDS - t_tests))
+  tail -5 "$out/tests.log"
+
+  local cases=("$ROOT"/tests/gpu/memcheck_*.py)
+  if [ "$mode" = dry-run ]; then
+    record memcheck "skipped: dry run"
+  elif ! command -v compute-sanitizer >/dev/null; then
+    record memcheck "skipped: compute-sanitizer not installed"
+  else
+    local mc=ok c
+    for c in "${cases[@]}"; do
+      log "compute-sanitizer memcheck $(basename "$c") (log: memcheck.log)"
+      if ! timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" "$c" \
+        >>"$out/memcheck.log" 2>&1; then
+        mc="failed: $(basename "$c") (see memcheck.log)"
         status=1
       fi
-      tail -3 "$out/memcheck.log"
-    else
-      result[memcheck]="skipped: compute-sanitizer not installed"
-    fi
-    log "benchmark (log: bench.log)"
-    local left=$((470 - (SECONDS - t0)))
-    if [ "$left" -gt 60 ] && timeout "$left" "$PY" "$ROOT/tests/gpu/bench_gpu.py" --out "$out" \
-      --budget-s $((left - 60)) >"$out/bench.log" 2>&1; then
-      result[bench]=ok
-    else
-      result[bench]="failed or out of time ($left s left)"
-      status=1
-    fi
-    tail -12 "$out/bench.log"
-  fi
-  result[total_s]=$((SECONDS - t0))
-  {
-    echo "{"
-    local first=1
-    for k in "${!result[@]}"; do
-      [ $first = 1 ] || echo ","
-      first=0
-      printf '  "%s": "%s"' "$k" "${result[$k]}"
     done
-    echo
-    echo "}"
-  } >"$out/gpu_check.json"
-  cat "$out/gpu_check.json"
+    record memcheck "$mc"
+    tail -3 "$out/memcheck.log"
+  fi
+
+  local left budget
+  left=$((470 - (SECONDS - t0)))
+  budget=$((left / 2 < 150 ? left / 2 : 150))
+  log "fused-head benchmark (log: bench_fused.log; budget ${budget} s)"
+  if [ "$budget" -gt 20 ] && timeout $((budget + 30)) "$PY" "$ROOT/bench/gpu_fused.py" --out "$out" \
+    --budget-s "$budget" ${dry[@]+"${dry[@]}"} >"$out/bench_fused.log" 2>&1; then
+    record bench_fused ok
+  else
+    record bench_fused "failed or out of time (budget ${budget} s; see bench_fused.log)"
+    status=1
+  fi
+  tail -14 "$out/bench_fused.log"
+
+  left=$((470 - (SECONDS - t0)))
+  log "token-divergence benchmark (log: bench.log; ${left} s left)"
+  if [ "$left" -gt 60 ] && timeout "$left" "$PY" "$ROOT/tests/gpu/bench_gpu.py" --out "$out" \
+    --budget-s $((left - 60)) ${dry[@]+"${dry[@]}"} >"$out/bench.log" 2>&1; then
+    record bench ok
+  else
+    record bench "failed or out of time ($left s left; see bench.log)"
+    status=1
+  fi
+  tail -12 "$out/bench.log"
+  record status "$([ "$status" = 0 ] && echo ok || echo failed)"
+  record total_s $((SECONDS - t0))
+  write_json "$out"
   return $status
 }
 
 case "${1:-}" in
   --prepare) prepare ;;
-  --build-only) check "${2:-${OUT:-$ROOT/gpu-check-out}}" 1 ;;
+  --build-only) check "${2:-${OUT:-$ROOT/gpu-check-out}}" build-only ;;
+  --dry-run) check "${2:-${OUT:-$ROOT/gpu-check-out}}" dry-run ;;
   --build-into) build "$2" ;;
-  -h | --help) sed -n 2,17p "$0" ;;
-  *) check "${1:-${OUT:-$ROOT/gpu-check-out}}" 0 ;;
+  -h | --help) sed -n 2,30p "$0" ;;
+  -*)
+    echo "gpu_check: unknown option $1 (see --help)" >&2
+    exit 2
+    ;;
+  *) check "${1:-${OUT:-$ROOT/gpu-check-out}}" full ;;
 esac

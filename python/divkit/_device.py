@@ -5,7 +5,9 @@
 * ``backend="auto"`` (the default): CPU tensors go to the C++ core; CUDA tensors go to the core
   when it was built with CUDA and the op has a CUDA kernel (``_C.cuda_ops()``), on PyTorch's
   current stream of that device (``DivergenceArgs.stream``, an integer: nanobind's DLPack
-  import does not synchronize); anything
+  import does not synchronize); the fused heads on such a build run the PyTorch chunk loop
+  (torch GEMMs) with divkit's CUDA row kernel as its row step (``Route.rows == "core"``, see
+  :data:`CORE_ROWS`); anything
   else (MPS, XPU, a build without CUDA, an op without a CUDA kernel) goes to the PyTorch
   fallback (:mod:`divkit.backends.torch_ops`) when the op has one, and raises
   ``"<fn>: no kernel for device <d>"`` when it has none (never a silent copy to the host).
@@ -38,18 +40,30 @@ TORCH_OPS = frozenset(
         "fused_linear_cross_entropy",
         "fused_linear_logprobs",
         "fused_linear_sparse_divergence",
-        "sinkhorn",  # divkit.backends.torch_ot
+        "sinkhorn",  # divkit.backends.torch_ot, like the three below
+        "sparse_ot",
+        "mmd",
+        "cs_divergence",
     }
 )
+#: The fused heads whose PyTorch chunk loop (GEMMs in torch) can call divkit's CUDA row kernel
+#: for each chunk's logits: op -> the row kernel it needs.
+CORE_ROWS = {
+    "fused_linear_divergence": "divergence",
+    "fused_linear_sparse_divergence": "sparse_divergence",
+}
 
 
 class Route(NamedTuple):
     """Where one call runs: ``engine`` is "core" or "torch"; ``stream`` is the CUDA stream handed
-    to the core (None off CUDA)."""
+    to the core (None off CUDA); ``rows`` is the row step of the fused heads' PyTorch chunk loop
+    (engine "torch"): "torch" (PyTorch ops) or "core" (divkit's row kernel on each chunk's
+    logits, the CUDA path of a head that has no CUDA chunk loop of its own)."""
 
     engine: str
     device: torch.device
     stream: Optional[int] = None
+    rows: str = "torch"
 
     @property
     def core(self) -> bool:
@@ -111,6 +125,15 @@ def route(fn: str, op: str, backend_name: str, tensors: Sequence[Tuple[str, Any]
         return Route("core", dev)
     if dev.type == "cuda" and cuda_built() and has_cuda_kernel(op):
         return Route("core", dev, torch.cuda.current_stream(dev).cuda_stream)
+    row_op = CORE_ROWS.get(op)
+    if (
+        backend_name == "auto"
+        and dev.type == "cuda"
+        and row_op
+        and cuda_built()
+        and has_cuda_kernel(row_op)
+    ):
+        return Route("torch", dev, torch.cuda.current_stream(dev).cuda_stream, rows="core")
     # meta tensors hold no values: nothing can compute on them.
     if backend_name == "core" or op not in TORCH_OPS or dev.type == "meta":
         check.fail(fn, f"no kernel for device {dev}")

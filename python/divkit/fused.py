@@ -260,8 +260,9 @@ def _distill_call(
     None)."""
     reduction = reduction or cfg.reduction
     if route is not None and not route.core:
+        # The PyTorch chunk loop; on CUDA its row step is divkit's CUDA kernel (route.rows).
         return torch_ops.fused_linear_divergence(
-            sh, sw, sb, th, tw, tb, labels, weights, cfg, need, reduction
+            sh, sw, sb, th, tw, tb, labels, weights, cfg, need, reduction, route=route
         )
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
@@ -488,7 +489,7 @@ def _sparse_call(cfg, tail, sh, sw, sb, idx, lp, labels, weights, need, reductio
     reduction = reduction or cfg.reduction
     if route is not None and not route.core:
         return torch_ops.fused_linear_sparse_divergence(
-            sh, sw, sb, idx, lp, tail, labels, weights, cfg, need, reduction
+            sh, sw, sb, idx, lp, tail, labels, weights, cfg, need, reduction, route=route
         )
     loss = torch.empty(sh.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip((sh, sw, sb), need)]

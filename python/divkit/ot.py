@@ -12,9 +12,10 @@ Conventions (see ``include/divkit/ot.h`` for the full statement):
   for small problems, cached (``cost_cache_mib``);
 * gradients by the envelope theorem (no back-propagation through the iterations).
 
-Every function takes CPU tensors (float32 or float64), and :func:`sinkhorn` (with the
-functions built on it) tensors on any device through its PyTorch fallback; non-convergence is reported in the
-result and as a ``RuntimeWarning``, never hidden.
+Every function takes CPU tensors (float32 or float64) and, through its PyTorch fallback
+(:mod:`divkit.backends.torch_ot`, ``backend="torch"``), tensors on any device: :func:`sinkhorn`
+(with the functions built on it), :func:`sparse_ot`, :func:`mmd` and :func:`cs_divergence`;
+non-convergence is reported in the result and as a ``RuntimeWarning``, never hidden.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def sinkhorn(
             devices), ``"core"`` (CPU tensors only; another device raises ``"sinkhorn: no
             kernel for device <d>"``) or ``"torch"``: the fallback
             (:mod:`divkit.backends.torch_ot`) on any device, the same formulas in float64 with
-            the cost held as an n x m matrix and log-domain updates only (the kernel-domain
+            the cost held as an n x m matrix within ``cost_cache_mib`` and computed on the
+            fly in blocks of rows beyond it, and log-domain updates only (the kernel-domain
             iterations agree with them to rounding); it reads the convergence flags back to
             the host every 16 iterations, so it may run up to 15 iterations past convergence
             (their results discarded).
@@ -446,25 +448,31 @@ class SparseOTResult(NamedTuple):
 
 
 def _sparse_ot_apply(
-    a, b, cost, gamma: float, k: int, tol: float, max_iter: int, box: dict
+    a, b, cost, gamma: float, k: int, tol: float, max_iter: int, box: dict, core: bool = True
 ) -> torch.Tensor:
-    """reg_cost of the C++ solver; gradients by Danskin's theorem: dV/dcost = P,
-    dV/da = alpha, dV/db from the core."""
+    """reg_cost of the C++ solver (or of the PyTorch fallback when ``core`` is False);
+    gradients by Danskin's theorem: dV/dcost = P, dV/da = alpha, dV/db from the solver."""
 
     def run(need):
-        alpha = torch.empty(a.shape[0], dtype=torch.float64)
-        grad_b = torch.empty(b.shape[0], dtype=torch.float64) if need[1] else None
-        row, col, val, tc, reg, n_it, err, conv = _C.sparse_ot(
-            a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter
-        )
-        idx = torch.stack([torch.from_numpy(row), torch.from_numpy(col)])
+        if core:
+            alpha = torch.empty(a.shape[0], dtype=torch.float64)
+            grad_b = torch.empty(b.shape[0], dtype=torch.float64) if need[1] else None
+            row, col, val, tc, reg, n_it, err, conv = _C.sparse_ot(
+                a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter
+            )
+            row, col, val = (torch.from_numpy(v) for v in (row, col, val))
+        else:
+            row, col, val, tc, reg, n_it, err, conv, alpha, grad_b = torch_ot.sparse_ot(
+                a, b, cost, gamma, k, tol, max_iter, need[1]
+            )
+        idx = torch.stack([row, col])
         plan = torch.sparse_coo_tensor(
-            idx, torch.from_numpy(val), tuple(cost.shape), is_coalesced=True, check_invariants=False
+            idx, val, tuple(cost.shape), is_coalesced=True, check_invariants=False
         )
         box.update(plan=plan, alpha=alpha, tc=tc, n_iter=n_it, err=err, conv=conv)
         # The dense plan is made only when backward asks for it.
         grads = (alpha if need[0] else None, grad_b, plan.to_dense if need[2] else None)
-        return torch.tensor(reg, dtype=cost.dtype), grads
+        return torch.tensor(reg, dtype=cost.dtype, device=cost.device), grads
 
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, cost))):
         return run((False,) * 3)[0]
@@ -482,6 +490,7 @@ def sparse_ot(
     tol: float = 1e-6,
     max_iter: int = 500,
     warn: bool = True,
+    backend: str = "auto",
 ) -> SparseOTResult:
     r"""Quadratically regularized and sparsity-constrained OT (Blondel, Seguy and Rolet 2018;
     Liu, Puigcerver and Blondel 2023), with the plan returned sparse:
@@ -502,16 +511,20 @@ def sparse_ot(
     marginals (k = 1 with generic weights cannot), and the result then says converged=False
     with the marginal error reached (the solver stops when V stalls).
 
-    a [n], b [m] (equal total mass) and cost [n, m]: float32 or float64 CPU tensors. reg_cost
+    a [n], b [m] (equal total mass) and cost [n, m]: float32 or float64 tensors. reg_cost
     is differentiable in a, b and cost (dV/dcost = P by Danskin's theorem; dV/da = alpha, only
     meaningful along directions that keep sum a fixed). Memory O(n m) (a float64 copy of the
     cost). Not converging within ``max_iter`` is reported in the result (and as a
-    RuntimeWarning when ``warn``).
+    RuntimeWarning when ``warn``). ``backend``: ``"auto"`` (the C++ core for CPU tensors, the
+    PyTorch fallback :func:`divkit.backends.torch_ot.sparse_ot` on other devices), ``"core"``
+    or ``"torch"`` (the same semi-dual, L-BFGS and line search, evaluated for all columns at
+    once with a sort per column; the host reads a few scalars back per evaluation).
     """
     fn = "sparse_ot"
-    a = _tensor(fn, "a", a, (1,))
-    b = _tensor(fn, "b", b, (1,))
-    C = _tensor(fn, "cost", cost, (2,))
+    route = _device.route(fn, fn, backend, (("a", a), ("b", b), ("cost", cost)))
+    a = _tensor(fn, "a", a, (1,), cpu=False)
+    b = _tensor(fn, "b", b, (1,), cpu=False)
+    C = _tensor(fn, "cost", cost, (2,), cpu=False)
     n, m = C.shape
     if a.shape[0] != n:
         check.fail(fn, f"a must have shape [{n}] (cost's rows), got {tuple(a.shape)}")
@@ -528,7 +541,7 @@ def sparse_ot(
     tol = check.real(fn, "tol", tol)
     max_iter = check.integer(fn, "max_iter", max_iter)
     box: dict = {}
-    reg = _sparse_ot_apply(a, b, C, gamma, kk, tol, max_iter, box)
+    reg = _sparse_ot_apply(a, b, C, gamma, kk, tol, max_iter, box, core=route.core)
     if warn and not box["conv"]:
         check.warn(
             f"{fn}: did not converge within max_iter={max_iter} iterations (marginal error "
@@ -541,7 +554,7 @@ def sparse_ot(
         )
     return SparseOTResult(
         box["plan"].to(C.dtype),
-        torch.tensor(box["tc"], dtype=C.dtype),
+        torch.tensor(box["tc"], dtype=C.dtype, device=C.device),
         reg,
         box["alpha"].to(C.dtype),
         box["n_iter"],
@@ -550,10 +563,14 @@ def sparse_ot(
     )
 
 
-def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float) -> torch.Tensor:
-    """MMD or CS divergence, with the gradients for x and y computed in forward."""
+def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float, core=True) -> torch.Tensor:
+    """MMD or CS divergence, with the gradients for x and y computed in forward (by the C++
+    core, or the PyTorch fallback when ``core`` is False)."""
 
     def run(need):
+        if not core:
+            val, gx, gy = torch_ot.sample_divergence(which, x, y, a, b, kernel, sigma, need)
+            return val.to(x.dtype), (gx, gy)
         gx = torch.empty(x.shape, dtype=torch.float64) if need[0] else None
         gy = torch.empty(y.shape, dtype=torch.float64) if need[1] else None
         val = _C.sample_divergence(
@@ -574,12 +591,14 @@ def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float) -> torch.Ten
     return grads_in_forward(run, (x, y), Scaling(fp64=True, fn=which))
 
 
-def _sample_args(fn, x, y, a, b):
-    x = _tensor(fn, "x", x, (2,))
-    y = _tensor(fn, "y", y, (2,))
-    a = _tensor(fn, "a", a, (1,), optional=True)
-    b = _tensor(fn, "b", b, (1,), optional=True)
-    return x, y, a, b
+def _sample_args(fn, x, y, a, b, backend):
+    """The checked tensors and the route (C++ core or PyTorch fallback) of mmd / cs."""
+    route = _device.route(fn, fn, backend, (("x", x), ("y", y), ("a", a), ("b", b)))
+    x = _tensor(fn, "x", x, (2,), cpu=False)
+    y = _tensor(fn, "y", y, (2,), cpu=False)
+    a = _tensor(fn, "a", a, (1,), optional=True, cpu=False)
+    b = _tensor(fn, "b", b, (1,), optional=True, cpu=False)
+    return x, y, a, b, route
 
 
 @check.public("mmd")
@@ -591,15 +610,18 @@ def mmd(
     *,
     kernel: str = "gaussian",
     sigma: float = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     r"""Squared maximum mean discrepancy between weighted samples (Gretton et al. 2012; biased
     V-statistic): ``MMD^2 = a'Kxx a + b'Kyy b - 2 a'Kxy b`` with ``kernel = 'gaussian'``
     ``k = exp(-|u - v|^2 / (2 sigma^2))`` or ``'energy'`` ``k = -|u - v|`` (the energy
     distance). Symmetric, >= 0, 0 for identical samples. x [n, d], y [m, d] float32/float64,
-    computed in float64 with O(n + m) memory; differentiable in x and y."""
+    computed in float64 with O(n + m) memory; differentiable in x and y. ``backend``: as in
+    :func:`sparse_ot` (the fallback sums the kernel values block by block of rows)."""
     fn = "mmd"
-    x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _sample_div_apply(x, y, a, b, "mmd", kernel, check.positive(fn, "sigma", sigma))
+    x, y, a, b, route = _sample_args(fn, x, y, a, b, backend)
+    sigma = check.positive(fn, "sigma", sigma)
+    return _sample_div_apply(x, y, a, b, "mmd", kernel, sigma, route.core)
 
 
 @check.public("cs_divergence")
@@ -610,15 +632,18 @@ def cs_divergence(
     b: Optional[torch.Tensor] = None,
     *,
     sigma: float = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     r"""Cauchy-Schwarz divergence between weighted samples with a Gaussian kernel (Principe et
     al. 2000; the CS-IB objective of Yu et al. 2024):
     ``D_CS = log(a'Kxx a) + log(b'Kyy b) - 2 log(a'Kxy b)`` = ``-log(<p, q>^2 / (<p, p>
     <q, q>))`` for the kernel density estimates p, q. Symmetric, >= 0 (Cauchy-Schwarz), 0 for
-    identical samples; +inf when the cross term underflows. Differentiable in x and y."""
+    identical samples; +inf when the cross term underflows. Differentiable in x and y.
+    ``backend``: as in :func:`mmd`."""
     fn = "cs_divergence"
-    x, y, a, b = _sample_args(fn, x, y, a, b)
-    return _sample_div_apply(x, y, a, b, "cs", "gaussian", check.positive(fn, "sigma", sigma))
+    x, y, a, b, route = _sample_args(fn, x, y, a, b, backend)
+    sigma = check.positive(fn, "sigma", sigma)
+    return _sample_div_apply(x, y, a, b, "cs", "gaussian", sigma, route.core)
 
 
 # Sample-based measures built on the OT toolbox, in their own modules: the Gaussian KDE with its

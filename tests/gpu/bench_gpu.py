@@ -14,8 +14,15 @@ import torch
 
 from divkit import _C
 
+DEVICE = "cuda"  # "cpu" under --dry-run
+
 
 def timed(fn, warmup=2, iters=5):
+    if DEVICE == "cpu":  # --dry-run: wall clock
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -31,7 +38,7 @@ def timed(fn, warmup=2, iters=5):
 
 
 def copy_bandwidth(nbytes):
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(1.0)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).fill_(1.0)
     dst = torch.empty_like(src)
     sec = timed(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / sec  # read + write
@@ -73,35 +80,93 @@ def liger_fn(kind):
     return None
 
 
+def row_cache_ab(n, vs, t0, budget_s):
+    """The divergence kernel with its shared-memory row cache at the default budget, off, and
+    at the H100's opt-in limit (DIVKIT_CUDA_ROW_CACHE_BYTES, read at every call), alternating
+    the three settings; medians. Rows for small V only (V = 128256 never fits)."""
+    import os
+    import statistics
+
+    settings = {"default_s": None, "off_s": "0", "optin_s": "229376"}
+    old = os.environ.get("DIVKIT_CUDA_ROW_CACHE_BYTES")
+    out = []
+    try:
+        for v in vs:
+            s = torch.randn(n, v, device=DEVICE, dtype=torch.bfloat16)
+            t = torch.randn(n, v, device=DEVICE, dtype=torch.bfloat16)
+            gs = torch.empty_like(s)
+            loss = torch.zeros(1, device=DEVICE)
+            for kind in ["forward_kl", "jsd"]:
+                if time.time() - t0 > budget_s:
+                    return out
+                stream = torch.cuda.current_stream().cuda_stream if DEVICE == "cuda" else 0
+                args = _C.DivergenceArgs(kind=kind, reduction="mean", stream=stream)
+                times = {k: [] for k in settings}
+                for _ in range(3):
+                    for key, value in settings.items():
+                        if value is None:
+                            os.environ.pop("DIVKIT_CUDA_ROW_CACHE_BYTES", None)
+                        else:
+                            os.environ["DIVKIT_CUDA_ROW_CACHE_BYTES"] = value
+                        times[key].append(
+                            timed(
+                                lambda: _C.divergence(s, t, loss, gs, None, None, None, args),
+                                warmup=1,
+                                iters=3,
+                            )
+                        )
+                row = {"kind": kind, "v": v, "n": n}
+                row.update({k: statistics.median(x) for k, x in times.items()})
+                out.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("DIVKIT_CUDA_ROW_CACHE_BYTES", None)
+        else:
+            os.environ["DIVKIT_CUDA_ROW_CACHE_BYTES"] = old
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--v", type=int, default=128256)
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU tensors at a small size, no torch.compile: tests this script and its writers",
+    )
     a = ap.parse_args()
+    global DEVICE
     t0 = time.time()
+    if a.dry_run:
+        DEVICE = "cpu"
+        a.n, a.v = min(a.n, 8), min(a.v, 1000)
     n, v = a.n, a.v
-    props = torch.cuda.get_device_properties(0)
+    device_name = torch.cuda.get_device_properties(0).name if DEVICE == "cuda" else "cpu (dry run)"
     bw = copy_bandwidth(min(4 << 30, n * v * 2))
+    # First: cheap (seconds), while the torch.compile compiles below may use up the budget.
+    cache_rows = row_cache_ab(n, [4096, 32000] if DEVICE == "cuda" else [500], t0, a.budget_s)
     rows = []
     for dtype in [torch.bfloat16, torch.float32]:
-        s = torch.randn(n, v, device="cuda", dtype=dtype)
-        t = torch.randn(n, v, device="cuda", dtype=dtype)
+        s = torch.randn(n, v, device=DEVICE, dtype=dtype)
+        t = torch.randn(n, v, device=DEVICE, dtype=dtype)
         elt = s.element_size()
         nbytes = 3 * n * v * elt  # read s and t, write grad_s: the least any kernel moves
         for kind in ["forward_kl", "reverse_kl", "jsd"]:
             row = {"kind": kind, "dtype": str(dtype).replace("torch.", ""), "n": n, "v": v}
-            loss = torch.zeros(1, device="cuda")
+            loss = torch.zeros(1, device=DEVICE)
             gs = torch.empty_like(s)
-            args = _C.DivergenceArgs(
-                kind=kind, reduction="mean", stream=torch.cuda.current_stream().cuda_stream
-            )
+            stream = torch.cuda.current_stream().cuda_stream if DEVICE == "cuda" else 0
+            args = _C.DivergenceArgs(kind=kind, reduction="mean", stream=stream)
             sec = timed(lambda: _C.divergence(s, t, loss, gs, None, None, None, args))
             row["divkit_s"] = sec
             row["divkit_bw_fraction"] = nbytes / sec / bw
             ref = torch_loss(kind)
-            for name, fn in [("torch_compile", torch.compile(ref)), ("liger", liger_fn(kind))]:
+            compiled = torch.compile(ref) if DEVICE == "cuda" else None
+            for name, fn in [("torch_compile", compiled), ("liger", liger_fn(kind))]:
                 if fn is None or time.time() - t0 > a.budget_s:
                     row[name + "_s"] = None
                     continue
@@ -119,12 +184,14 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
         s = t = gs = None
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     result = {
-        "device": props.name,
+        "device": device_name,
         "torch": torch.__version__,
         "copy_bandwidth_GBps": bw / 1e9,
         "rows": rows,
+        "row_cache": cache_rows,
         "seconds": time.time() - t0,
     }
     out = Path(a.out)
@@ -135,7 +202,7 @@ def main():
         return "n/a" if x is None else f"{x * 1e3:.2f}"
 
     lines = [
-        f"GPU: {props.name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s",
+        f"GPU: {device_name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s",
         "",
         "| kind | dtype | divkit ms | of copy bw | torch.compile ms | Liger ms |",
         "|---|---|---|---|---|---|",
@@ -145,6 +212,20 @@ def main():
             f"| {r['kind']} | {r['dtype']} | {ms(r['divkit_s'])} | "
             f"{r['divkit_bw_fraction']:.0%} | {ms(r['torch_compile_s'])} | {ms(r['liger_s'])} |"
         )
+    if cache_rows:
+        lines += [
+            "",
+            "Shared-memory row cache of the divergence kernel (DIVKIT_CUDA_ROW_CACHE_BYTES), "
+            "bf16, forward + backward, ms (median of alternating runs):",
+            "",
+            "| kind | V | default | off (0) | opt-in (229376) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in cache_rows:
+            lines.append(
+                f"| {r['kind']} | {r['v']} | {ms(r['default_s'])} | {ms(r['off_s'])} | "
+                f"{ms(r['optin_s'])} |"
+            )
     (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

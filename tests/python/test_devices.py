@@ -145,6 +145,11 @@ def test_cuda_build_routes_to_the_core_on_the_current_stream(fake_cuda, monkeypa
     assert r == _device.Route("torch", torch.device("cuda", 1))
     with pytest.raises(divkit.Error, match="^topk_divergence: no kernel for device cuda:1$"):
         _device.route("topk_divergence", "topk_divergence", "core", ())
+    # The fused heads: the PyTorch chunk loop with the CUDA row kernel as its row step.
+    r = _device.route("fused_linear_divergence", "fused_linear_divergence", "auto", ())
+    assert r == _device.Route("torch", torch.device("cuda", 1), 1234, rows="core")
+    r = _device.route("fused_linear_divergence", "fused_linear_divergence", "torch", ())
+    assert r.rows == "torch"
     # A build that does not list its kernels is taken at the contract's list.
     monkeypatch.delattr(divkit._C, "cuda_ops", raising=False)
     assert _device.route("topk_divergence", "topk_divergence", "auto", ()).core
@@ -159,10 +164,11 @@ def test_cuda_without_kernels_falls_back(fake_cuda, monkeypatch):
     assert _device.route("fused_linear_divergence", "fused_linear_divergence", "auto", ()) == (
         _device.Route("torch", torch.device("cuda", 1))
     )
-    assert _device.route("sinkhorn", "sinkhorn", "auto", ()).engine == "torch"
+    for op in ("sinkhorn", "sparse_ot", "mmd", "cs_divergence"):
+        assert _device.route(op, op, "auto", ()).engine == "torch"
     # An op without a fallback: an error, not a copy to the host.
-    with pytest.raises(divkit.Error, match="^sparse_ot: no kernel for device cuda:1"):
-        _device.route("sparse_ot", "sparse_ot", "auto", ())
+    with pytest.raises(divkit.Error, match="^kde_bandwidth: no kernel for device cuda:1"):
+        _device.route("kde_bandwidth", "kde_bandwidth", "auto", ())
 
 
 def test_cpu_route_passes_no_stream():

@@ -538,5 +538,5 @@ def test_fused_linear_sparse_divergence(case, tail, reduction):
 
 
 def test_ops_without_fallback_refuse_backend_torch():
-    with pytest.raises(divkit.Error, match="^sparse_ot: backend='torch' is not available"):
-        _device.route("sparse_ot", "sparse_ot", "torch", ())
+    with pytest.raises(divkit.Error, match="^kde_bandwidth: backend='torch' is not available"):
+        _device.route("kde_bandwidth", "kde_bandwidth", "torch", ())

@@ -11,6 +11,10 @@ cancellation-free forms included), and the reduction is the rule of ``src/core/r
 * Gradients are computed explicitly, in the same pass as the loss, chunk by chunk (the softmax
   chain rule ``dL/ds = (u - q sum u) / T`` of the core, not torch autograd), and written into
   preallocated outputs: into the student logits' own storage for ``inplace_grad=True``.
+* The fused heads' chunk loops are shared with the CUDA path: their GEMMs (:class:`_Head`) use
+  bf16/fp16 tensor cores with fp32 output on CUDA, and their row step is PyTorch ops
+  (:class:`TorchRows`) or divkit's row kernel on the chunk's logits (:class:`CoreRows`, chosen
+  by the call's route: ``Route.rows == "core"`` for CUDA tensors on a CUDA build).
 * Bad input is found before anything is written (a first pass over the chunks): NaN or +inf
   logits, or a row with every logit -inf, in a token that is not ignored, raise divkit.Error
   naming the argument and the row. These checks read a flag back to the host per chunk (a
@@ -38,6 +42,10 @@ __all__ = [
     "fused_linear_logprobs",
     "fused_linear_logprobs_backward",
     "DEFAULT_CHUNK_ENTRIES",
+    "CUDA_CHUNK_ENTRIES",
+    "TorchRows",
+    "CoreRows",
+    "row_step",
 ]
 
 #: Vocabulary entries per chunk when ``chunk_size`` is not given: 16 MiB per fp32 temporary.
@@ -52,10 +60,13 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _rows_per_chunk(chunk_size: Optional[int], n: int, v: int) -> int:
+def _rows_per_chunk(chunk_size: Optional[int], n: int, v: int, device=None) -> int:
     if chunk_size:
         return max(1, int(chunk_size))
-    return max(1, DEFAULT_CHUNK_ENTRIES // max(v, 1))
+    entries = DEFAULT_CHUNK_ENTRIES
+    if device is not None and torch.device(device).type == "cuda":
+        entries = CUDA_CHUNK_ENTRIES
+    return max(1, entries // max(v, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,6 +773,206 @@ def topk_divergence(
 
 
 # ---------------------------------------------------------------------------------------------
+# The fused heads' chunk loop: GEMMs (_Head) and the row step (TorchRows / CoreRows). The loop
+# below is one function per head whatever the device; the row step is what differs: PyTorch ops
+# (this fallback) or divkit's row kernel on the chunk's logits (the CUDA kernel on a CUDA
+# build; the CPU kernel in the tests, which compare the loop with the C++ fused head).
+# ---------------------------------------------------------------------------------------------
+
+#: Vocabulary entries per chunk on CUDA when ``chunk_size`` is not given (256 MiB of fp32
+#: logits): the GEMMs need a few hundred rows to keep the tensor cores busy at V ~ 128k.
+CUDA_CHUNK_ENTRIES = 1 << 26
+
+_LOW = (torch.bfloat16, torch.float16)
+# Whether torch's GEMMs with out_dtype (fp32 output from bf16/fp16 operands) work, per (GEMM,
+# device type); found on first use (older torch and non-CUDA devices lack them).
+_OUT_DTYPE: dict = {}
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16/fp16 operands with fp32 accumulation and an fp32 result (no rounding of
+    the product to bf16); where torch lacks out_dtype, the product rounded to the operands'
+    dtype (Liger's precision) in fp32."""
+    key = ("mm", a.device.type)
+    if _OUT_DTYPE.get(key, True):
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE[key] = True
+            return out
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a missing feature
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE[key] = False
+    return torch.mm(a, b).float()
+
+
+def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc (fp32) += alpha * a @ b of bf16/fp16 operands, without an fp32 temporary of acc's
+    size where torch can (addmm with out_dtype into acc)."""
+    key = ("addmm", a.device.type)
+    if _OUT_DTYPE.get(key, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
+            _OUT_DTYPE[key] = True
+            return
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a missing feature
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE[key] = False
+    prod = _mm_f32(a, b)
+    acc.add_(prod, alpha=alpha)
+
+
+def _low_operands(h: torch.Tensor, w: torch.Tensor, dt) -> bool:
+    """Whether a head's GEMMs keep bf16/fp16 operands (CUDA, one dtype, fp32 compute)."""
+    return (
+        h.device.type == "cuda" and h.dtype == w.dtype and h.dtype in _LOW and dt == torch.float32
+    )
+
+
+class _Head:
+    """The GEMMs of one linear head ``z = h @ w.T + b`` over chunks of rows, accumulating in
+    the compute dtype ``dt`` (fp32, or fp64 for fp64 inputs).
+
+    On CUDA with bf16/fp16 hidden states and weight of one dtype, the operands stay in that
+    dtype (tensor cores, fp32 accumulation, fp32 logits; the weight is never copied); the
+    gradient GEMMs take the chunk's logit gradient rounded to that dtype (as Liger-Kernel and
+    a bf16 autograd head do; fp16 scaled by a power of two first) and accumulate the weight
+    gradient in fp32. Elsewhere the operands are converted to ``dt`` (the weight once per
+    call)."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dt) -> None:
+        self.low = _low_operands(h, w, dt)
+        self.h, self.dt = h, dt
+        self.w = w if self.low else w.to(dt)
+        self.b = None if b is None else b.to(dt)
+        #: The dtype of the hidden states' gradient buffer: each chunk's rows (fp32 GEMM output)
+        #: are rounded into it as they come, so that no fp32 [N, H] copy is held.
+        self.hidden_grad_dtype = h.dtype if self.low else dt
+        self._prep: Optional[tuple] = None  # the last chunk's converted logit gradient
+
+    def rows(self, a: int, e: int) -> torch.Tensor:
+        """The hidden states of rows [a, e) as a GEMM operand (a new chunk begins)."""
+        self._prep = None
+        hc = self.h[a:e]
+        return hc if self.low else hc.to(self.dt)
+
+    def logits(self, hc: torch.Tensor) -> torch.Tensor:
+        """The chunk's logits [c, V] in ``dt``."""
+        z = _mm_f32(hc, self.w.T) if self.low else hc @ self.w.T
+        if self.b is not None:
+            z += self.b
+        return z
+
+    def _low_grad(self, dz: torch.Tensor):
+        """(dz * s rounded to the operands' dtype, 1 / s), converted once per chunk (both
+        gradient GEMMs take it). bf16 has fp32's exponent range: s = 1. fp16 has not: a logit
+        gradient of a mean over many tokens (~1 / (N V)) would flush to zero, so the chunk is
+        scaled by a power of two s that puts its largest entry near 2^10 (exact; one host read
+        of the chunk's max; headroom for the product where torch lacks out_dtype)."""
+        if self._prep is not None and self._prep[0] is dz:
+            return self._prep[1], self._prep[2]
+        inv = 1.0
+        if self.w.dtype == torch.float16:
+            amax = float(dz.abs().amax())
+            if amax > 0 and math.isfinite(amax):
+                e = math.floor(math.log2(2.0**10 / amax))
+                lo, inv = (dz * 2.0**e).to(torch.float16), 2.0**-e
+            else:
+                lo = dz.to(torch.float16)
+        else:
+            lo = dz.to(self.w.dtype)
+        self._prep = (dz, lo, inv)
+        return lo, inv
+
+    def grad_hidden(self, dz: torch.Tensor) -> torch.Tensor:
+        """dz @ w: the hidden states' gradient of the chunk."""
+        if self.low:
+            lo, inv = self._low_grad(dz)
+            out = _mm_f32(lo, self.w)
+            return out if inv == 1.0 else out.mul_(inv)
+        return dz @ self.w
+
+    def add_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, hc: torch.Tensor) -> None:
+        """acc += dz.T @ hc, in place."""
+        if self.low:
+            lo, inv = self._low_grad(dz)
+            _addmm_f32(acc, lo.T, hc, alpha=inv)
+        else:
+            acc.addmm_(dz.T, hc)
+
+
+class TorchRows:
+    """The row step in PyTorch ops (:func:`divergence`, :func:`sparse_divergence`). Each step
+    returns the chunk's weighted row values (fp64) and writes the student's logit gradient over
+    the chunk's logits ``zs`` (which the loop no longer needs)."""
+
+    name = "torch"
+
+    def divergence(self, zs, zt, labels, weights, cfg, need_s: bool, need_t: bool, fn: str):
+        gs = zs if need_s and not need_t else (torch.empty_like(zs) if need_s else None)
+        gt = torch.empty_like(zt) if need_t else None
+        value = divergence(zs, zt, labels, weights, cfg, gs, gt, fn=fn, chunk_size=zs.shape[0])
+        return value.to(torch.float64), gs, gt
+
+    def sparse(self, zs, idx, lp, tail, labels, weights, cfg, need_s: bool, fn: str):
+        gs = zs if need_s else None
+        value = sparse_divergence(
+            zs, idx, lp, tail, labels, weights, cfg, gs, fn=fn, chunk_size=zs.shape[0]
+        )
+        return value.to(torch.float64), gs
+
+
+class CoreRows(TorchRows):
+    """The row step through divkit's row kernels (``_C.divergence`` / ``_C.sparse_divergence``
+    with reduction "none", the chunk's token weights, and the gradient written in place over
+    the chunk's logits), with the options of the call's route (``Route.core_args``: the CUDA
+    stream and whatever else the route sets for the core; None: the CPU core as is)."""
+
+    name = "core"
+
+    def __init__(self, route: Any = None) -> None:
+        self.route = route
+
+    def _args(self, cfg) -> "_C.DivergenceArgs":
+        args = _C.DivergenceArgs(
+            kind=cfg.kind,
+            beta=cfg.beta,
+            alpha=cfg.alpha,
+            temperature=cfg.temperature,
+            scale_by_t_squared=cfg.scale_by_t_squared,
+            ignore_index=cfg.ignore_index,
+            reduction="none",
+        )
+        return args if self.route is None else self.route.core_args(args)
+
+    def divergence(self, zs, zt, labels, weights, cfg, need_s: bool, need_t: bool, fn: str):
+        # In place for the student only: the teacher's gradient is computed from the student's
+        # logits, which an in-place student gradient would have overwritten.
+        gs = zs if need_s and not need_t else (torch.empty_like(zs) if need_s else None)
+        gt = torch.empty_like(zt) if need_t else None
+        loss = torch.empty(zs.shape[0], dtype=torch.float32, device=zs.device)
+        with check.attributed(fn):
+            _C.divergence(zs, zt, loss, gs, gt, labels, weights, self._args(cfg))
+        return loss.to(torch.float64), gs, gt
+
+    def sparse(self, zs, idx, lp, tail, labels, weights, cfg, need_s: bool, fn: str):
+        gs = zs if need_s else None
+        loss = torch.empty(zs.shape[0], dtype=torch.float32, device=zs.device)
+        with check.attributed(fn):
+            _C.sparse_divergence(zs, idx, lp, loss, gs, labels, weights, tail, self._args(cfg))
+        return loss.to(torch.float64), gs
+
+
+def row_step(route: Any = None) -> TorchRows:
+    """The row step of a call's route (``divkit._device.Route``): divkit's kernels where
+    ``route.rows == "core"``, else PyTorch ops."""
+    if route is not None and getattr(route, "rows", "torch") == "core":
+        return CoreRows(route)
+    return TorchRows()
+
+
+# ---------------------------------------------------------------------------------------------
 # The fused linear head (src/fused_linear/distill_loop.cc): chunks of tokens through the GEMM,
 # the soft term (the token divergence above, per row, weighted soft_weight * w_i / divisor) and
 # the hard-label cross-entropy (T = 1, weighted hard_weight * w_i / divisor), then the gradient
@@ -794,6 +1005,7 @@ def fused_linear_divergence(
     *,
     fn: str = "fused_linear_divergence",
     sparse_teacher: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None,
+    route: Any = None,
 ):
     """``hard_weight * CE(z_s, labels) + soft_weight * D(p_teacher, q_student)`` of the heads
     ``z = hidden @ weight.T + bias`` (``[N, H]`` hidden states); ``cfg``: the options of
@@ -833,69 +1045,36 @@ def fused_linear_divergence(
                     f"ignore_index ({cfg.ignore_index})",
                 )
     dt = _compute_dtype(*(x for x in (sh, sw, th, tw) if x is not None))
-    ws = sw.to(dt)
-    wt = tw.to(dt) if tw is not None else None
-    bs = sb.to(dt) if sb is not None else None
-    bt = tb.to(dt) if tb is not None else None
+    rows_step = row_step(route)
+    s_head = _Head(sh, sw, sb, dt)
+    t_head = _Head(th, tw, tb, dt) if tw is not None else None
     need_zs = any(need[:3])
     need_zt = any(need[3:]) and sw_f != 0.0
     g = [None] * 6
     if need[0]:
-        g[0] = torch.empty(sh.shape, dtype=dt, device=dev)
+        g[0] = torch.empty(sh.shape, dtype=s_head.hidden_grad_dtype, device=dev)
     if need[1]:
         g[1] = torch.zeros(sw.shape, dtype=dt, device=dev)
     if need[2] and sb is not None:
         g[2] = torch.zeros(sb.shape, dtype=dt, device=dev)
     if need[3]:
-        g[3] = torch.zeros(th.shape, dtype=dt, device=dev)
+        g[3] = torch.zeros(th.shape, dtype=t_head.hidden_grad_dtype, device=dev)
     if need[4]:
         g[4] = torch.zeros(tw.shape, dtype=dt, device=dev)
     if need[5] and tb is not None:
         g[5] = torch.zeros(tb.shape, dtype=dt, device=dev)
     soft_cfg = _SoftCfg(cfg)
-    rows = _rows_per_chunk(cfg.chunk_size, n, v)
+    rows = _rows_per_chunk(cfg.chunk_size, n, v, dev)
     row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
     scale = plan.weight / plan.divisor  # per token: w_i / divisor
     scale = torch.where(act, scale, torch.zeros_like(scale))
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        hs_c = sh[a:b].to(dt)
-        zs = hs_c @ ws.T
-        if bs is not None:
-            zs = zs + bs
-        dzs = torch.zeros_like(zs) if need_zs else None
-        ht_c = None
-        if sw_f != 0.0 and sparse_teacher is not None:
-            gzs = torch.empty_like(zs) if need_zs else None
-            lab_c = lab[a:b] if lab is not None else None
-            idx, lp, tail = sparse_teacher
-            soft = sparse_divergence(
-                zs, idx[a:b], lp[a:b], tail, lab_c, sw_f * scale[a:b], soft_cfg, gzs, fn=fn
-            )
-            row_loss[a:b] += soft.to(torch.float64)
-            if need_zs:
-                dzs += gzs
-        elif sw_f != 0.0:
-            ht_c = th[a:b].to(dt)
-            zt = ht_c @ wt.T
-            if bt is not None:
-                zt = zt + bt
-            gzs = torch.empty_like(zs) if need_zs else None
-            gzt = torch.empty_like(zt) if need_zt else None
-            lab_c = lab[a:b] if lab is not None else None
-            soft = divergence(
-                zs, zt, lab_c, sw_f * scale[a:b], soft_cfg, gzs, gzt, fn=fn, chunk_size=b - a
-            )
-            row_loss[a:b] += soft.to(torch.float64)
-            if need_zs:
-                dzs += gzs
-            if need_zt:
-                if g[3] is not None:
-                    g[3][a:b] = gzt @ wt
-                if g[4] is not None:
-                    g[4] += gzt.T @ ht_c
-                if g[5] is not None:
-                    g[5] += gzt.sum(0)
+        hs_c = s_head.rows(a, b)
+        zs = s_head.logits(hs_c)
+        lab_c = lab[a:b] if lab is not None else None
+        # The hard term first: the soft row step may write its gradient over zs.
+        dz_hard = None
         if hw != 0.0:
             y = torch.where(act[a:b], lab[a:b], torch.zeros_like(lab[a:b]))
             lse = torch.logsumexp(zs, -1)
@@ -907,14 +1086,41 @@ def fused_linear_divergence(
             ce = (lse - zs.gather(-1, y.unsqueeze(-1)).squeeze(-1)).double()
             row_loss[a:b] += torch.where(act[a:b], hwr * ce, torch.zeros_like(ce))
             if need_zs:
-                pr = torch.exp(zs - lse.unsqueeze(-1))
-                pr.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(pr[:, :1]))
-                dzs += hwr.to(dt).unsqueeze(-1) * pr
+                dz_hard = torch.exp(zs - lse.unsqueeze(-1))
+                dz_hard.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(dz_hard[:, :1]))
+                dz_hard *= hwr.to(dt).unsqueeze(-1)
+        dzs = None
+        if sw_f != 0.0 and sparse_teacher is not None:
+            idx, lp, tail = sparse_teacher
+            soft, gzs = rows_step.sparse(
+                zs, idx[a:b], lp[a:b], tail, lab_c, sw_f * scale[a:b], soft_cfg, need_zs, fn
+            )
+            row_loss[a:b] += soft
+            dzs = gzs
+        elif sw_f != 0.0:
+            ht_c = t_head.rows(a, b)
+            zt = t_head.logits(ht_c)
+            soft, gzs, gzt = rows_step.divergence(
+                zs, zt, lab_c, sw_f * scale[a:b], soft_cfg, need_zs, need_zt, fn
+            )
+            row_loss[a:b] += soft
+            dzs = gzs
+            if need_zt:
+                if g[3] is not None:
+                    g[3][a:b] = t_head.grad_hidden(gzt)
+                if g[4] is not None:
+                    t_head.add_grad_weight(g[4], gzt, ht_c)
+                if g[5] is not None:
+                    g[5] += gzt.sum(0)
         if need_zs:
+            if dzs is None:
+                dzs = dz_hard if dz_hard is not None else torch.zeros_like(zs)
+            elif dz_hard is not None:
+                dzs += dz_hard
             if g[0] is not None:
-                g[0][a:b] = dzs @ ws
+                g[0][a:b] = s_head.grad_hidden(dzs)
             if g[1] is not None:
-                g[1] += dzs.T @ hs_c
+                s_head.add_grad_weight(g[1], dzs, hs_c)
             if g[2] is not None:
                 g[2] += dzs.sum(0)
     loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
@@ -937,6 +1143,7 @@ def fused_linear_sparse_divergence(
     reduction,
     *,
     fn="fused_linear_sparse_divergence",
+    route: Any = None,
 ):
     """The fused student head against a sparse teacher (indices, log-probabilities [N, k]):
     (loss, three gradients or None); see :func:`fused_linear_divergence`."""
@@ -954,6 +1161,7 @@ def fused_linear_sparse_divergence(
         reduction,
         fn=fn,
         sparse_teacher=(idx, lp, tail),
+        route=route,
     )
     return loss, grads[:3]
 
@@ -993,17 +1201,16 @@ def fused_linear_cross_entropy(
         )
     eps, zsq, cap = float(cfg.label_smoothing), float(cfg.lse_square_scale), float(cfg.softcap)
     dt = _compute_dtype(h, w)
-    wf = w.to(dt)
-    bf = b.to(dt) if b is not None else None
+    head = _Head(h, w, b, dt)
     g = [None, None, None]
     if need[0]:
-        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+        g[0] = torch.empty(h.shape, dtype=head.hidden_grad_dtype, device=dev)
     if need[1]:
         g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
     if need[2] and b is not None:
         g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
     want = any(x is not None for x in g)
-    rows = _rows_per_chunk(cfg.chunk_size, n, v)
+    rows = _rows_per_chunk(cfg.chunk_size, n, v, dev)
     row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
     entropy = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
@@ -1011,10 +1218,8 @@ def fused_linear_cross_entropy(
     for a in range(0, n, rows):
         e = min(n, a + rows)
         ca = act[a:e]
-        hc = h[a:e].to(dt)
-        x = hc @ wf.T
-        if bf is not None:
-            x = x + bf
+        hc = head.rows(a, e)
+        x = head.logits(hc)
         z = cap * torch.tanh(x / cap) if cap > 0 else x
         lse = torch.logsumexp(z, -1)
         r = _first_row(ca & ~torch.isfinite(lse))
@@ -1044,9 +1249,9 @@ def fused_linear_cross_entropy(
                 dz = dz * (1.0 - (z / cap) ** 2)
             dz = dz * scale[a:e].to(dt).unsqueeze(-1)
             if g[0] is not None:
-                g[0][a:e] = dz @ wf
+                g[0][a:e] = head.grad_hidden(dz)
             if g[1] is not None:
-                g[1] += dz.T @ hc
+                head.add_grad_weight(g[1], dz, hc)
             if g[2] is not None:
                 g[2] += dz.sum(0)
     loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
@@ -1056,8 +1261,9 @@ def fused_linear_cross_entropy(
 
 
 def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
-    """Yields (a, e, active, y, hc, wf, z, lse) per chunk of tokens, with ``z`` the chunk's
-    logits / T in the compute dtype (for fused_linear_logprobs)."""
+    """Yields (a, e, active, y, hc, head, z, lse, inv_t) per chunk of tokens, with ``z`` the
+    chunk's logits / T in the compute dtype and ``head`` its :class:`_Head` (for
+    fused_linear_logprobs)."""
     n, v = h.shape[0], w.shape[0]
     dev = h.device
     lab = labels.to(dev).reshape(-1).to(torch.int64)
@@ -1072,24 +1278,21 @@ def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
     if not (math.isfinite(temperature) and temperature > 0):
         check.fail(fn, f"temperature must be finite and > 0, got {temperature:g}")
     dt = _compute_dtype(h, w)
-    wf = w.to(dt)
-    bf = b.to(dt) if b is not None else None
+    head = _Head(h, w, b, dt)
     inv_t = _f32(np.float32(1.0) / np.float32(temperature))
-    rows = _rows_per_chunk(chunk_size, n, v)
+    rows = _rows_per_chunk(chunk_size, n, v, dev)
     for a in range(0, n, rows):
         e = min(n, a + rows)
         ca = act[a:e]
-        hc = h[a:e].to(dt)
-        x = hc @ wf.T
-        if bf is not None:
-            x = x + bf
+        hc = head.rows(a, e)
+        x = head.logits(hc)
         z = x * inv_t
         lse = torch.logsumexp(z, -1)
         r = _first_row(ca & ~torch.isfinite(lse))
         if r is not None:
             check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
         y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
-        yield a, e, ca, y, hc, wf, z, lse, inv_t
+        yield a, e, ca, y, hc, head, z, lse, inv_t
 
 
 def fused_linear_logprobs(
@@ -1152,12 +1355,13 @@ def fused_linear_logprobs_backward(
     dt = _compute_dtype(h, w)
     g = [None, None, None]
     if need[0]:
-        g[0] = torch.empty(h.shape, dtype=dt, device=dev)
+        hdt = h.dtype if _low_operands(h, w, dt) else dt
+        g[0] = torch.empty(h.shape, dtype=hdt, device=dev)
     if need[1]:
         g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
     if need[2] and b is not None:
         g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
-    for a, e, ca, y, hc, wf, z, lse, inv_t in _logprob_chunks(
+    for a, e, ca, y, hc, head, z, lse, inv_t in _logprob_chunks(
         h, w, b, labels, ignore_index, temperature, chunk_size, fn
     ):
         lpz = z - lse.unsqueeze(-1)
@@ -1173,9 +1377,9 @@ def fused_linear_logprobs_backward(
             dz -= c.unsqueeze(-1) * _xt(p, lpz + hrow)
         dz = dz * inv_t
         if g[0] is not None:
-            g[0][a:e] = dz @ wf
+            g[0][a:e] = head.grad_hidden(dz)
         if g[1] is not None:
-            g[1] += dz.T @ hc
+            head.add_grad_weight(g[1], dz, hc)
         if g[2] is not None:
             g[2] += dz.sum(0)
     return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]

@@ -1,0 +1,150 @@
+"""The fused heads on CUDA tensors (torch GEMMs + divkit's CUDA row kernel in the PyTorch chunk
+loop, or the loop's PyTorch rows on a build without CUDA) against the C++ CPU fused head on the
+same inputs; two runs bitwise equal; the peak memory holds no [tokens x V] tensor.
+
+Runs under pytest or tests/gpu/mini_pytest.py (no fixtures, no ids)."""
+
+import pytest
+import torch
+
+import divkit
+from divkit import _C, _device
+from divkit.backends import torch_ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+KIND_PARAMS = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.3}),
+    ("alpha_divergence", {"alpha": 0.7}),
+    ("renyi", {"alpha": 1.6}),
+    ("tvd", {}),
+]
+
+
+def _inputs(n, h, v, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(n, h, generator=g).to(dtype),
+        (torch.randn(v, h, generator=g) / h**0.5).to(dtype),
+        torch.randn(n, h, generator=g).to(dtype),
+        (torch.randn(v, h, generator=g) / h**0.5).to(dtype),
+    ]
+
+
+def _distill(xs, kind, params, labels, device, grad_teacher=False, **kw):
+    ts = [x.to(device).requires_grad_(i < 2 or grad_teacher) for i, x in enumerate(xs)]
+    loss = divkit.fused_linear_divergence(
+        *ts, kind, labels=None if labels is None else labels.to(device), **params, **kw
+    )
+    loss.sum().backward() if loss.dim() else loss.backward()
+    return [loss.detach().cpu()] + [t.grad.cpu() if t.grad is not None else None for t in ts]
+
+
+def _close(got, want, rtol):
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+            continue
+        scale = max(b.double().abs().max().item(), 1e-6)
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= rtol * scale, f"error {err:.3g}, scale {scale:.3g}"
+
+
+def _row_calls():
+    """Counts the CUDA row-kernel calls of the fused loop (CoreRows)."""
+    calls = []
+    real = torch_ops.CoreRows.divergence
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    torch_ops.CoreRows.divergence = counted
+    return calls, lambda: setattr(torch_ops.CoreRows, "divergence", real)
+
+
+@pytest.mark.parametrize("kind,params", KIND_PARAMS)
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+def test_fused_divergence_fp32_matches_cpu(kind, params, hard_weight):
+    xs = _inputs(37, 64, 3001, torch.float32, seed=1)
+    labels = torch.arange(37) * 7 % 3001
+    labels[5] = -100
+    kw = dict(hard_weight=hard_weight, chunk_size=16, temperature=1.3, grad_teacher=True)
+    cpu = _distill(xs, kind, params, labels, "cpu", **kw)
+    calls, undo = _row_calls()
+    try:
+        dev = _distill(xs, kind, params, labels, "cuda", **kw)
+    finally:
+        undo()
+    if _C.cuda_built() and _device.has_cuda_kernel("divergence"):
+        assert calls, "the CUDA row kernel was not used"
+    _close(dev, cpu, 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_divergence_low_precision_matches_cpu(dtype):
+    xs = _inputs(64, 128, 5003, dtype, seed=2)
+    cpu = _distill(xs, "jsd", {"beta": 0.5}, None, "cpu", chunk_size=32)
+    dev = _distill(xs, "jsd", {"beta": 0.5}, None, "cuda", chunk_size=32)
+    assert dev[1].dtype == dtype
+    # The loss from fp32 logits (exact bf16 products, fp32 sums); the gradient GEMMs take the
+    # logit gradient rounded to the input dtype: bf16-level agreement.
+    assert abs(dev[0].item() - cpu[0].item()) <= 1e-4 * abs(cpu[0].item()) + 1e-6
+    _close(dev[1:], cpu[1:], 2e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_cross_entropy_and_logprobs_match_cpu(reduction):
+    xs = _inputs(45, 64, 4099, torch.float32, seed=3)[:2]
+    labels = torch.arange(45) * 11 % 4099
+    labels[3] = -100
+    outs = []
+    for device in ("cpu", "cuda"):
+        h, w = (x.to(device).requires_grad_() for x in xs)
+        loss = divkit.fused_linear_cross_entropy(
+            h, w, labels.to(device), reduction=reduction, label_smoothing=0.1, chunk_size=16
+        )
+        lp = divkit.fused_linear_logprobs(h, w, labels.to(device), chunk_size=16)
+        (loss.sum() + lp.sum()).backward()
+        outs.append([loss.detach().cpu(), lp.detach().cpu(), h.grad.cpu(), w.grad.cpu()])
+    _close(outs[1], outs[0], 2e-5)
+
+
+def test_fused_two_runs_same_bits():
+    xs = _inputs(96, 128, 8191, torch.bfloat16, seed=4)
+    a = _distill(xs, "jsd", {}, None, "cuda", chunk_size=40)
+    b = _distill(xs, "jsd", {}, None, "cuda", chunk_size=40)
+    for x, y in zip(a, b):
+        if x is not None:
+            assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+def test_fused_peak_memory_holds_no_logits():
+    # N x V fp32 logits would be 2 GiB; the loop holds a few temporaries of chunk x V (the
+    # PyTorch row step, on a build without CUDA, about 15 of them) and the fp32 accumulator of
+    # the weight gradient.
+    n, h, v, chunk = 16384, 256, 32768, 128
+    xs = [x.cuda() for x in _inputs(n, h, v, torch.bfloat16, seed=5)]
+    sh = xs[0].requires_grad_()
+    sw = xs[1].requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = divkit.fused_linear_divergence(sh, sw, xs[2], xs[3], "jsd", chunk_size=chunk)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    chunk_bytes = chunk * v * 4
+    assert extra <= 24 * chunk_bytes + 3 * v * h * 4, f"extra peak {extra / 2**20:.0f} MiB"
+    assert extra < n * v * 4 / 4
+
+
+def test_fused_errors_name_the_function():
+    xs = _inputs(8, 16, 99, torch.float32, seed=6)
+    xs[3][4, 2] = float("nan")
+    with pytest.raises(divkit.Error, match="^fused_linear_divergence: "):
+        divkit.fused_linear_divergence(*[x.cuda() for x in xs])
+    with pytest.raises(divkit.Error, match="is on cpu but"):
+        divkit.fused_linear_divergence(xs[0].cuda(), *xs[1:])
