@@ -98,7 +98,7 @@ def test_topk_matches_cpu(kind, dtype):
     # Quarter steps: ties in the selection, which go to the lower index on both.
     t = (torch.round(torch.randn(n, v, generator=g) * 8) / 4).to(dtype)
     t[2, :700] = float("-inf")  # -inf teacher logits are masked entries
-    labels = torch.tensor([1, 2, -100, 4, 5, 6], dtype=torch.int32)
+    labels = torch.tensor([1, 2, 3, -100, 5, 6], dtype=torch.int32)  # row 2 (-inf) counts
     weights = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
     for reduction in REDUCTIONS:
         args = _args(kind, reduction)
