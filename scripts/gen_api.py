@@ -48,6 +48,11 @@ PY_SECTIONS = [
     ("RLHF utilities (`divkit.rlhf`)", "divkit.rlhf", "KL estimators, rewards, diagnostics"),
     ("Optimal transport (`divkit.ot`)", "divkit.ot", "entropic OT and kernel discrepancies"),
     ("Distillation methods (`divkit.distill`)", "divkit.distill", "methods from the literature"),
+    (
+        "CUDA checks (`divkit.cuda_checks`)",
+        "divkit.cuda_checks",
+        "deferred input checks of the CUDA kernels, for CUDA graph capture",
+    ),
 ]
 RUNTIME = [
     "set_num_threads",

@@ -104,6 +104,13 @@ struct DivergenceOptions {
   // CUDA views only: the cudaStream_t (as an integer) the kernels run on, in order with the
   // caller's other work on it; 0 is the default stream.
   std::uintptr_t stream = 0;
+  // CUDA views only. true: at the end of the call the host reads the device flags of the input
+  // checks (one stream synchronization) and throws Error for NaN/+inf logits, rows without mass
+  // or non-finite weights. false: no host read or synchronization (the call can be captured in
+  // a CUDA graph); a call whose inputs would have raised gets a NaN loss (every element for
+  // reduction none) and gradients that mean nothing, for the caller to check later on the
+  // device (torch.isfinite(loss)). CPU calls always check.
+  bool check_finite = true;
 };
 
 // Outputs, allocated by the caller.

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import _C
+from . import _C, cuda_checks
 from . import _validate as check
 
 __all__ = ["BACKENDS", "Route", "backend", "common_device", "route"]
@@ -74,6 +74,7 @@ class Route(NamedTuple):
         unchanged on the CPU, so that the CPU call is exactly what it was."""
         if self.stream is not None:
             args.stream = self.stream
+            args.check_finite = cuda_checks.check_finite()
         return args
 
 

@@ -2,9 +2,11 @@
 // (divergence_defs.h, through divergences_scalar.h), one thread block per row.
 //
 // Per row (block of kThreads threads, each owning the columns j = tid, tid + kThreads, ...):
-//   sweep 1  read student and teacher logits (any float dtype) once: per-thread online max and
-//            sum of exp((x - max) / T) in fp64, NaN/+inf detection; combined across the block
-//            in a fixed order -> log-sum-exp of both rows;
+//   sweep 1  read student and teacher logits (any float dtype) once, with 16-byte loads: per-
+//            thread online max and sum of exp((x - max) / T) in fp64, NaN/+inf detection;
+//            combined across the block in a fixed order -> log-sum-exp of both rows; where both
+//            rows fit (use_row_cache), they are kept in shared memory as fp32 and the later
+//            sweeps read them from there;
 //   sweep 2  the divergence terms and the gradient factors u, v summed (fp64, fixed order);
 //   sweep 3  the gradients (u - q sum u) / T * scale, recomputing u and v from the logits
 //            (forward KL and cross-entropy need no sum u: sweeps 2 and 3 are one).
@@ -17,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "core/check.h"
@@ -36,6 +39,8 @@ constexpr unsigned long long kNone = ~0ull;
 // bad[]: first row with NaN/+inf student logits, student row without mass, the same for the
 // teacher, first index of a non-finite weight.
 constexpr int kBadSlots = 5;
+// The dynamic shared memory a kernel may use without cudaFuncSetAttribute.
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
 
 using scalar::Entry;
 namespace hn = scalar_ops;
@@ -71,6 +76,10 @@ struct Params {
   unsigned long long* bad = nullptr;
   bool check_only = false;
   bool skip_if_bad = false;  // in place: write nothing once a bad row was found
+  bool check_finite = true;  // false: the host reads no flag; a bad call gets a NaN loss
+  // The student and teacher rows are kept in dynamic shared memory (as fp32, 8 V bytes) by
+  // sweep 1, and the later sweeps read them from there instead of global memory.
+  bool cache = false;
 };
 
 __device__ inline float load(const void* base, DType dt, int64_t i) {
@@ -145,16 +154,67 @@ struct RowSoftmax {
   bool non_finite;
 };
 
-// Sweep 1 for one input row: online max and sum of exp((x - max) / T), combined over the block.
+// 16-byte loads: the elements of one uint4 of dtype dt (4 fp32, 8 bf16/fp16, 2 fp64).
+__device__ inline int elems_per_16(DType dt) {
+  return dt == DType::f32 ? 4 : dt == DType::f64 ? 2 : 8;
+}
+__device__ inline int elem_bytes(DType dt) { return 16 / elems_per_16(dt); }
+
+template <class Visit>
+__device__ inline void visit_vec(const uint4& w, DType dt, int64_t j0, Visit visit) {
+  switch (dt) {
+    case DType::f32: {
+      const float* f = reinterpret_cast<const float*>(&w);
+      for (int e = 0; e < 4; ++e) visit(j0 + e, f[e]);
+      break;
+    }
+    case DType::f64: {
+      const double* f = reinterpret_cast<const double*>(&w);
+      for (int e = 0; e < 2; ++e) visit(j0 + e, static_cast<float>(f[e]));
+      break;
+    }
+    case DType::bf16: {
+      const __nv_bfloat16* f = reinterpret_cast<const __nv_bfloat16*>(&w);
+      for (int e = 0; e < 8; ++e) visit(j0 + e, __bfloat162float(f[e]));
+      break;
+    }
+    default: {
+      const __half* f = reinterpret_cast<const __half*>(&w);
+      for (int e = 0; e < 8; ++e) visit(j0 + e, __half2float(f[e]));
+      break;
+    }
+  }
+}
+
+// Every element of a row, read with 16-byte loads: the elements before the first 16-byte
+// boundary and after the last one element by element, the rest one uint4 per thread and step.
+// Which thread visits which element depends on the row's address modulo 16 only, so the same
+// buffers give the same bits; each thread visits its elements in increasing order.
+template <class Visit>
+__device__ inline void for_row_vectorized(const DevIn& in, int64_t row, int64_t v, Visit visit) {
+  const int es = elem_bytes(in.dtype), per = elems_per_16(in.dtype);
+  const char* base = static_cast<const char*>(in.data) + row * in.row_stride * es;
+  const auto addr = reinterpret_cast<uintptr_t>(base);
+  int64_t head = addr % es != 0 ? v : static_cast<int64_t>((16 - addr % 16) % 16) / es;
+  if (head > v) head = v;
+  for (int64_t j = threadIdx.x; j < head; j += kThreads) visit(j, load(base, in.dtype, j));
+  const int64_t nvec = (v - head) / per;
+  const uint4* vec = reinterpret_cast<const uint4*>(base + head * es);
+  for (int64_t c = threadIdx.x; c < nvec; c += kThreads)
+    visit_vec(vec[c], in.dtype, head + c * per, visit);
+  for (int64_t j = head + nvec * per + threadIdx.x; j < v; j += kThreads)
+    visit(j, load(base, in.dtype, j));
+}
+
+// Sweep 1 for one input row: online max and sum of exp((x - max) / T), combined over the block;
+// the row is copied to `cache` (fp32) where given.
 __device__ RowSoftmax softmax_stats(const DevIn& in, int64_t row, int64_t v, float inv_t,
-                                    Shared& sh) {
+                                    Shared& sh, float* cache) {
   float m = -kInfinityF;
   double sum = 0.0;
   int bad = 0;
-  const char* base = static_cast<const char*>(in.data);
-  const int64_t offset = row * in.row_stride;
-  for (int64_t j = threadIdx.x; j < v; j += kThreads) {
-    const float x = load(base, in.dtype, offset + j);
+  for_row_vectorized(in, row, v, [&](int64_t j, float x) {
+    if (cache != nullptr) cache[j] = x;
     if (x != x || x == kInfinityF) {
       bad = 1;
     } else if (x > m) {
@@ -163,7 +223,7 @@ __device__ RowSoftmax softmax_stats(const DevIn& in, int64_t row, int64_t v, flo
     } else if (x != -kInfinityF) {
       sum += static_cast<double>(expf((x - m) * inv_t));
     }
-  }
+  });
   const int any_bad = block_reduce(bad, OrOp{}, sh.i);
   const float row_max = block_reduce(m, MaxOp{}, sh.f);
   const double mine =
@@ -174,14 +234,17 @@ __device__ RowSoftmax softmax_stats(const DevIn& in, int64_t row, int64_t v, flo
 
 struct Norm {
   float max_s, max_t, log_sum_s, log_sum_t, inv_zs, inv_zt, inv_t, log_sum_diff;
+  const float* cache;  // [2 V]: the student row, then the teacher row; nullptr: global memory
 };
 
 // p, q, their logs and log(p / q) at column j, as divergence_kernels.cc's LoadEntry.
 // es and et receive the unnormalized exp((x - max) / T).
 __device__ inline Entry<float> entry_at(const Params& p, const Norm& n, int64_t row, int64_t j,
                                         float* es = nullptr, float* et = nullptr) {
-  const float xs = load(p.s.data, p.s.dtype, row * p.s.row_stride + j);
-  const float xt = load(p.t.data, p.t.dtype, row * p.t.row_stride + j);
+  const float xs =
+      n.cache != nullptr ? n.cache[j] : load(p.s.data, p.s.dtype, row * p.s.row_stride + j);
+  const float xt =
+      n.cache != nullptr ? n.cache[p.v + j] : load(p.t.data, p.t.dtype, row * p.t.row_stride + j);
   const float cs = xs - n.max_s, ct = xt - n.max_t;
   Entry<float> e;
   const float exp_s = expf(cs * n.inv_t), exp_t = expf(ct * n.inv_t);
@@ -304,6 +367,8 @@ __device__ double renyi_row(const scalar::Renyi& div, const Params& p, const Nor
 template <class Div>
 __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
   __shared__ Shared sh;
+  extern __shared__ float row_cache[];
+  float* cache = p.cache ? row_cache : nullptr;
   const int64_t row = blockIdx.x;
   if (row >= p.n) return;
   if (p.skip_if_bad && any_bad(p)) return;
@@ -315,8 +380,9 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
     }
     return;
   }
-  const RowSoftmax ls = softmax_stats(p.s, row, p.v, p.inv_t, sh);
-  const RowSoftmax lt = softmax_stats(p.t, row, p.v, p.inv_t, sh);
+  const RowSoftmax ls = softmax_stats(p.s, row, p.v, p.inv_t, sh, cache);
+  const RowSoftmax lt =
+      softmax_stats(p.t, row, p.v, p.inv_t, sh, cache != nullptr ? cache + p.v : nullptr);
   bool skip = false;
   if (threadIdx.x == 0) {
     if (ls.non_finite) atomicMin(&p.bad[0], static_cast<unsigned long long>(row));
@@ -335,6 +401,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
   n.inv_zt = static_cast<float>(exp(-lt.log_sum));
   n.inv_t = p.inv_t;
   n.log_sum_diff = static_cast<float>(lt.log_sum - ls.log_sum);
+  n.cache = cache;  // written by this block's sweep 1; the block reductions synchronized since
   const double scale = p.t2 * (row_weight(p, row) / *p.divisor) / p.temperature;
   double value;
   if constexpr (std::is_same_v<Div, scalar::Renyi>) value = renyi_row(div, p, n, row, scale, sh);
@@ -378,10 +445,12 @@ __global__ void __launch_bounds__(kThreads)
     if (loss_dtype == DType::f64) static_cast<double*>(loss)[i * loss_stride] = x;
     else static_cast<float*>(loss)[i * loss_stride] = static_cast<float>(x);
   };
+  // Without the host's check (check_finite off), the flags show in the loss: NaN everywhere.
+  const bool poisoned = !p.check_finite && any_bad(p);
   if (p.reduction == static_cast<int>(Reduction::none)) {
     for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
       const double w = row_weight(p, i);
-      put(i, row_active(p, i) && w != 0.0 ? p.row_loss[i] * w * p.t2 : 0.0);
+      put(i, poisoned ? nan("") : (row_active(p, i) && w != 0.0 ? p.row_loss[i] * w * p.t2 : 0.0));
     }
     return;
   }
@@ -391,7 +460,7 @@ __global__ void __launch_bounds__(kThreads)
     if (row_active(p, i) && w != 0.0) total += p.row_loss[i] * w;
   }
   total = block_reduce(total, SumOp{}, sh.d);
-  if (threadIdx.x == 0) put(0, total * p.t2 / *p.divisor);
+  if (threadIdx.x == 0) put(0, poisoned ? nan("") : total * p.t2 / *p.divisor);
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -402,8 +471,31 @@ void check_cuda(cudaError_t err, const char* what) {
 template <class Div>
 void launch_rows(const Div& div, const Params& p, cudaStream_t stream) {
   if (p.n == 0) return;
-  rows_kernel<Div><<<static_cast<unsigned>(p.n), kThreads, 0, stream>>>(div, p);
+  const size_t smem = p.cache ? static_cast<size_t>(2 * p.v) * sizeof(float) : 0;
+  if (smem > kDefaultDynamicShared)
+    check_cuda(cudaFuncSetAttribute(rows_kernel<Div>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "cudaFuncSetAttribute");
+  rows_kernel<Div><<<static_cast<unsigned>(p.n), kThreads, smem, stream>>>(div, p);
   check_cuda(cudaGetLastError(), "the row kernel launch");
+}
+
+// Whether the two rows (fp32, 8 V bytes) are kept in shared memory: when they fit in
+// DIVKIT_CUDA_ROW_CACHE_BYTES (default 48 KiB, the dynamic shared memory a block gets without
+// opting in, so that several blocks still share an SM; 0 turns the cache off) and in what the
+// device allows a block. The environment variable is there for the GPU benchmark to compare.
+bool use_row_cache(int64_t v, int device) {
+  int64_t budget = static_cast<int64_t>(kDefaultDynamicShared);
+  if (const char* env = std::getenv("DIVKIT_CUDA_ROW_CACHE_BYTES")) budget = std::atoll(env);
+  const int64_t bytes = 2 * v * static_cast<int64_t>(sizeof(float));
+  if (bytes == 0 || bytes > budget) return false;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return bytes + static_cast<int64_t>(sizeof(Shared)) <= optin;
 }
 
 void launch_rows_of(const DivergenceSpec& spec, const Params& p, cudaStream_t stream) {
@@ -508,8 +600,10 @@ void divergence_cuda(const TensorView& student, const TensorView& teacher,
   p.t2 = s.scale_by_t_squared ? double(s.temperature) * s.temperature : 1.0;
   p.reduction = static_cast<int>(options.reduction);
   p.num_items = options.num_items_in_batch;
+  p.check_finite = options.check_finite;
 
   DeviceGuard guard(student.device_index);
+  p.cache = use_row_cache(v, student.device_index);
   const auto stream = reinterpret_cast<cudaStream_t>(options.stream);
   // Workspace: the divisor, the bad-row flags, the row values.
   const size_t bytes = sizeof(double) + kBadSlots * sizeof(unsigned long long) +
@@ -539,15 +633,18 @@ void divergence_cuda(const TensorView& student, const TensorView& teacher,
     finish_kernel<<<1, kThreads, 0, stream>>>(p, outputs.loss.data, outputs.loss.dtype,
                                               outputs.loss.ndim ? outputs.loss.strides[0] : 0);
     check_cuda(cudaGetLastError(), "the finish kernel launch");
-    check_cuda(cudaMemcpyAsync(bad, p.bad, sizeof(bad), cudaMemcpyDeviceToHost, stream),
-               "cudaMemcpyAsync");
+    // check_finite off: nothing read back, nothing waited for (CUDA graph capture).
+    if (options.check_finite)
+      check_cuda(cudaMemcpyAsync(bad, p.bad, sizeof(bad), cudaMemcpyDeviceToHost, stream),
+                 "cudaMemcpyAsync");
     check_cuda(cudaFreeAsync(ws, stream), "cudaFreeAsync");
     ws = nullptr;
-    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (options.check_finite) check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   } catch (...) {
     if (ws != nullptr) cudaFreeAsync(ws, stream);
     throw;
   }
+  if (!options.check_finite) return;
   if (bad[4] != kNone)
     check::fail(kFn, "weights must be finite, got a non-finite value at index " +
                          std::to_string(bad[4]));

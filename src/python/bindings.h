@@ -154,6 +154,9 @@ struct DivergenceArgs {
   // A cudaStream_t as an integer (torch.cuda.current_stream(device).cuda_stream) for CUDA
   // tensors; 0 is the default stream. Ignored for CPU tensors.
   uint64_t stream = 0;
+  // CUDA tensors only: false skips the host read of the input checks' device flags (no stream
+  // synchronization: CUDA graph capture); a bad input then gives a NaN loss instead of an error.
+  bool check_finite = true;
 
   divkit::DivergenceSpec spec() const {
     return make_spec(kind, beta, alpha, temperature, scale_by_t_squared);
@@ -169,6 +172,7 @@ struct DivergenceArgs {
     o.reduction = divkit::parse_reduction(reduction);
     o.num_items_in_batch = num_items_in_batch;
     o.stream = static_cast<std::uintptr_t>(stream);
+    o.check_finite = check_finite;
     return o;
   }
 };

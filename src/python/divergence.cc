@@ -84,7 +84,7 @@ void register_divergence(nb::module_& m) {
           "__init__",
           [](DivergenceArgs* self, std::string kind, double beta, double alpha, double temperature,
              bool scale_by_t_squared, int64_t ignore_index, std::string reduction,
-             double num_items_in_batch, uint64_t stream) {
+             double num_items_in_batch, uint64_t stream, bool check_finite) {
             new (self) DivergenceArgs{std::move(kind),
                                       beta,
                                       alpha,
@@ -93,12 +93,14 @@ void register_divergence(nb::module_& m) {
                                       ignore_index,
                                       std::move(reduction),
                                       num_items_in_batch,
-                                      stream};
+                                      stream,
+                                      check_finite};
           },
           nb::kw_only(), nb::arg("kind") = "forward_kl", nb::arg("beta") = 0.5,
           nb::arg("alpha") = 0.1, nb::arg("temperature") = 1.0,
           nb::arg("scale_by_t_squared") = false, nb::arg("ignore_index") = -100,
-          nb::arg("reduction") = "mean", nb::arg("num_items_in_batch") = 0.0, nb::arg("stream") = 0)
+          nb::arg("reduction") = "mean", nb::arg("num_items_in_batch") = 0.0, nb::arg("stream") = 0,
+          nb::arg("check_finite") = true)
       .def_rw("kind", &DivergenceArgs::kind)
       .def_rw("beta", &DivergenceArgs::beta)
       .def_rw("alpha", &DivergenceArgs::alpha)
@@ -107,7 +109,8 @@ void register_divergence(nb::module_& m) {
       .def_rw("ignore_index", &DivergenceArgs::ignore_index)
       .def_rw("reduction", &DivergenceArgs::reduction)
       .def_rw("num_items_in_batch", &DivergenceArgs::num_items_in_batch)
-      .def_rw("stream", &DivergenceArgs::stream);
+      .def_rw("stream", &DivergenceArgs::stream)
+      .def_rw("check_finite", &DivergenceArgs::check_finite);
 
   m.def("divergence", &divergence, nb::arg("student"), nb::arg("teacher"), nb::arg("loss"),
         nb::arg("grad_student").none(), nb::arg("grad_teacher").none(), nb::arg("labels").none(),

@@ -64,7 +64,10 @@ NB_MODULE(_C, m) {
       },
       "The names of the CUDA devices the kernels see, by index.");
   m.def(
-      "cuda_ops", [] { return std::vector<std::string>{"divergence"}; },
+      "cuda_ops",
+      [] {
+        return std::vector<std::string>{"divergence", "sparse_divergence", "topk_divergence"};
+      },
       "The _C functions that run CUDA tensors on the GPU in a CUDA build (the others take CPU "
       "tensors only).");
 

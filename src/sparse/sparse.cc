@@ -8,11 +8,15 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/cuda_device.h"
 #include "core/element.h"
 #include "core/reduction.h"
 #include "divkit/runtime.h"
 #include "divkit/sparse.h"
 #include "sparse/sparse_job.h"
+#if DIVKIT_HAS_CUDA
+#include "sparse/sparse_cuda.h"
+#endif
 
 namespace divkit {
 namespace {
@@ -174,6 +178,21 @@ void sparse_divergence(const TensorView& student, const TensorView& teacher_indi
                     {"weights", options.weights},
                     {"loss", outputs.loss},
                     {"grad_student", outputs.grad_student}});
+  const cuda::Placement where = cuda::placement(fn, {{"student_logits", &student},
+                                                     {"teacher_indices", &teacher_indices},
+                                                     {"teacher_logprobs", &teacher_logprobs},
+                                                     {"labels", &options.labels},
+                                                     {"weights", &options.weights},
+                                                     {"loss", &outputs.loss},
+                                                     {"grad_student", &outputs.grad_student}});
+  if (where.device == Device::cuda) {
+#if DIVKIT_HAS_CUDA
+    return detail::sparse_divergence_cuda(student, teacher_indices, teacher_logprobs, spec, sparse,
+                                          options, outputs);
+#else
+    cuda::not_built(fn);
+#endif
+  }
   check::divergence_spec(fn, spec);
   if (sparse.tail != SparseTail::renormalize && sparse.tail != SparseTail::bucket)
     check::fail(fn, "tail code " + std::to_string(static_cast<int>(sparse.tail)) + " is unknown");
@@ -227,6 +246,19 @@ void topk_divergence(const TensorView& student, const TensorView& teacher, int64
                     {"weights", options.weights},
                     {"loss", outputs.loss},
                     {"grad_student", outputs.grad_student}});
+  const cuda::Placement where = cuda::placement(fn, {{"student_logits", &student},
+                                                     {"teacher_logits", &teacher},
+                                                     {"labels", &options.labels},
+                                                     {"weights", &options.weights},
+                                                     {"loss", &outputs.loss},
+                                                     {"grad_student", &outputs.grad_student}});
+  if (where.device == Device::cuda) {
+#if DIVKIT_HAS_CUDA
+    return detail::topk_divergence_cuda(student, teacher, k, spec, options, outputs);
+#else
+    cuda::not_built(fn);
+#endif
+  }
   check::divergence_spec(fn, spec);
   detail::check_logit_pair(fn, student, teacher);
   const int64_t n = student.shape[0], v = student.shape[1];

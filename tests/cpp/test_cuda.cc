@@ -6,13 +6,16 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "divergence/divergences_scalar.h"
 #include "divkit/divergence.h"
+#include "divkit/sparse.h"
 #include "divkit/tensor.h"
+#include "sparse/sparse_scalar.h"
 
 namespace divkit {
 namespace {
@@ -93,6 +96,41 @@ TEST(CudaDispatch, NoDeviceIsAnErrorNotACrash) {
   const std::string msg = error_of(
       [&] { divergence(on_cuda(f.student()), on_cuda(f.teacher()), DivergenceSpec{}, {}, out); });
   EXPECT_NE(msg.find("divergence: CUDA error"), std::string::npos) << msg;
+}
+
+TEST(CudaDispatch, SparseAndTopkDispatchOnTheDevice) {
+  // Mixed devices name the arguments; CUDA views reach the CUDA path (an error without a GPU or
+  // without CUDA, never a read of the fake device pointers on the host).
+  Fixture f;
+  std::vector<int64_t> idx = {0, 1, 2, 0};
+  std::vector<float> lp = {-1.0f, -2.0f, -1.0f, -3.0f};
+  const TensorView i = on_cuda(TensorView::matrix(idx.data(), DType::i64, 2, 2));
+  const TensorView l = on_cuda(TensorView::matrix(lp.data(), DType::f32, 2, 2));
+  SparseOutputs out;
+  out.loss = f.out.loss;
+  const std::string mixed =
+      error_of([&] { sparse_divergence(on_cuda(f.student()), i, l, {}, {}, {}, out); });
+  EXPECT_NE(mixed.find("sparse_divergence: loss is on cpu but student_logits is on cuda:0"),
+            std::string::npos)
+      << mixed;
+  out.loss = on_cuda(out.loss);
+  const std::string sparse_msg =
+      error_of([&] { sparse_divergence(on_cuda(f.student()), i, l, {}, {}, {}, out); });
+  const std::string topk_msg = error_of(
+      [&] { topk_divergence(on_cuda(f.student()), on_cuda(f.teacher()), 2, {}, {}, out); });
+  if (!cuda_built()) {
+    EXPECT_EQ(sparse_msg, "sparse_divergence: divkit was built without CUDA");
+    EXPECT_EQ(topk_msg, "topk_divergence: divkit was built without CUDA");
+  } else if (cuda_device_count() == 0) {
+    EXPECT_NE(sparse_msg.find("sparse_divergence: CUDA error"), std::string::npos) << sparse_msg;
+    EXPECT_NE(topk_msg.find("topk_divergence: CUDA error"), std::string::npos) << topk_msg;
+  }
+  if (cuda_built()) {  // host-side argument checks come first
+    const std::string msg = error_of(
+        [&] { topk_divergence(on_cuda(f.student()), on_cuda(f.teacher()), 4, {}, {}, out); });
+    EXPECT_NE(msg.find("topk_divergence: k must be in [1, V = 3], got 4"), std::string::npos)
+        << msg;
+  }
 }
 
 // ---- the scalar definitions against the SIMD kernels ---------------------------------------
@@ -208,6 +246,281 @@ TEST(ScalarDefinitions, MatchTheSimdKernelsForEveryKind) {
         ASSERT_NEAR(r.gs[j], gs[i * v + j], 1e-4 * gmax + 1e-7) << what << " student col " << j;
         ASSERT_NEAR(r.gt[j], gt[i * v + j], 1e-4 * gmax + 1e-7) << what << " teacher col " << j;
       }
+    }
+  }
+}
+
+// ---- the sparse / top-k row of the CUDA kernel (sparse_cuda.cu), run on the host ------------
+
+namespace ss = sparse_scalar;
+
+// The top-k selection of sparse_cuda.cu's select_topk, serially: the radix passes on
+// order_key with radix_pick, then the keys above the threshold and the lowest-index ties.
+std::vector<int64_t> radix_topk(const float* x, int64_t v, int64_t k) {
+  uint32_t prefix = 0, mask = 0;
+  int64_t remaining = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    uint32_t hist[256] = {};
+    for (int64_t j = 0; j < v; ++j) {
+      const uint32_t key = ss::order_key(x[j]);
+      if ((key & mask) == prefix) ++hist[(key >> shift) & 255u];
+    }
+    prefix |= ss::radix_pick(hist, remaining) << shift;
+    mask |= 255u << shift;
+  }
+  std::vector<int64_t> idx;
+  int64_t taken_eq = 0;
+  for (int64_t j = 0; j < v; ++j) {
+    const uint32_t key = ss::order_key(x[j]);
+    if (key > prefix || (key == prefix && taken_eq++ < remaining)) idx.push_back(j);
+  }
+  return idx;
+}
+
+struct SparseRow {
+  double value = 0.0;
+  std::vector<float> grad;  // [v]
+};
+
+// One row as sparse_cuda.cu's run_row computes it (grad_scale 1), serially in bucket order.
+template <class Div>
+SparseRow sparse_row(const Div& div, const float* s, int64_t v, std::vector<int64_t> idx,
+                     std::vector<double> lp, bool has_tail, double temperature) {
+  const int64_t k = static_cast<int64_t>(idx.size());
+  const float inv_t = 1.0f / static_cast<float>(temperature);
+  float smax = -kInfinityF;
+  for (int64_t j = 0; j < v; ++j) smax = std::max(smax, s[j]);
+  std::vector<float> xk(k);
+  std::vector<char> member(v, 0);
+  double mp = -ss::kInfD;
+  for (int64_t b = 0; b < k; ++b) {
+    xk[b] = s[idx[b]];
+    member[idx[b]] = 1;
+    mp = std::max(mp, lp[b]);
+  }
+  double lse_p = -ss::kInfD;
+  if (mp > -ss::kInfD) {
+    double acc = 0.0;
+    for (int64_t b = 0; b < k; ++b) acc += std::exp(lp[b] - mp);
+    lse_p = mp + std::log(acc);
+  }
+  double z_tail = 0.0;
+  float ref = smax;
+  if (has_tail) {
+    for (int64_t j = 0; j < v; ++j)
+      if (!member[j]) z_tail += ss::tail_exp(s[j], smax, inv_t);
+  } else {
+    ref = *std::max_element(xk.begin(), xk.end());
+  }
+  std::vector<double> lq(k + 1), q(k + 1), u(k + 1);
+  lp.resize(k + 1);
+  double zt = 0.0;
+  for (int64_t b = 0; b < k; ++b) {
+    lq[b] = (static_cast<double>(xk[b]) - ref) / temperature;
+    zt += std::exp(lq[b]);
+  }
+  const double z = zt + z_tail, log_z = std::log(z);
+  for (int64_t b = 0; b < k; ++b) {
+    lq[b] -= log_z;
+    q[b] = std::exp(lq[b]);
+    lp[b] = ss::teacher_lp(lp[b], lse_p, has_tail);
+  }
+  const int64_t nb = has_tail ? k + 1 : k;
+  if (has_tail) {
+    lq[k] = ss::student_tail_lq(z_tail, log_z);
+    q[k] = z_tail / z;
+    lp[k] = ss::teacher_tail_lp(lse_p);
+  }
+  SparseRow r;
+  double sum_u = 0.0;
+  if constexpr (std::is_same_v<Div, scalar::Renyi>) {
+    double s1 = 0.0, amax = -ss::kInfD, w = 0.0;
+    for (int64_t b = 0; b < nb; ++b) {
+      s1 += ss::renyi_bucket_term(div, lp[b], lq[b], q[b]);
+      lp[b] = ss::renyi_log_w(div.alpha, lp[b], lq[b]);
+      amax = std::max(amax, lp[b]);
+    }
+    for (int64_t b = 0; b < nb; ++b) w += std::exp(lp[b] - amax);
+    const double log_sum_w = ss::renyi_log_sum_w(s1, amax, w);
+    r.value = log_sum_w / (double(div.alpha) - 1.0);
+    for (int64_t b = 0; b < nb; ++b) {
+      u[b] = -std::exp(lp[b] - log_sum_w);
+      sum_u += u[b];
+    }
+  } else {
+    double g = 0.0;
+    for (int64_t b = 0; b < nb; ++b) {
+      float ub;
+      g += ss::bucket_term(div, lp[b], lq[b], q[b], ub);
+      u[b] = ub;
+      sum_u += ub;
+    }
+    r.value = ss::finish_sum(g, sum_u);
+  }
+  // As the kernel: an infinite (or beyond-fp32) row value gives loss +inf and no gradient.
+  if (!(std::fabs(r.value) <= ss::kFltMax)) {
+    r.value = ss::kInfD;
+    r.grad.assign(v, 0.0f);
+    return r;
+  }
+  const double scale = 1.0 / temperature;
+  const float c = has_tail ? ss::tail_factor(scale, u[k], z_tail, sum_u, z) : 0.0f;
+  r.grad.assign(v, 0.0f);
+  for (int64_t j = 0; j < v; ++j)
+    if (has_tail && !member[j]) r.grad[j] = ss::tail_exp(s[j], smax, inv_t) * c;
+  for (int64_t b = 0; b < k; ++b) r.grad[idx[b]] = ss::top_grad(scale, u[b], q[b], sum_u);
+  return r;
+}
+
+SparseRow sparse_row_of(const DivergenceSpec& spec, const float* s, int64_t v,
+                        std::vector<int64_t> idx, std::vector<double> lp, bool has_tail) {
+  using K = DivergenceKind;
+  const double T = spec.temperature;
+  auto run = [&](const auto& div) { return sparse_row(div, s, v, idx, lp, has_tail, T); };
+  switch (spec.kind) {
+    case K::forward_kl: return run(scalar::ForwardKL(spec));
+    case K::reverse_kl: return run(scalar::ReverseKL(spec));
+    case K::jsd: return run(scalar::GeneralizedJSD(spec));
+    case K::skew_forward_kl: return run(scalar::SkewForwardKL(spec));
+    case K::skew_reverse_kl: return run(scalar::SkewReverseKL(spec));
+    case K::tvd: return run(scalar::TotalVariation(spec));
+    case K::hellinger: return run(scalar::Hellinger(spec));
+    case K::jeffreys: return run(scalar::Jeffreys(spec));
+    case K::chi2: return run(scalar::ChiSquared(spec));
+    case K::alpha_divergence: return run(scalar::AlphaDivergence(spec));
+    case K::renyi: return run(scalar::Renyi(spec));
+    case K::cross_entropy: return run(scalar::CrossEntropy(spec));
+  }
+  return {};
+}
+
+DivergenceSpec spec_of(int kind) {
+  DivergenceSpec spec;
+  spec.kind = static_cast<DivergenceKind>(kind);
+  spec.beta = 0.3f;
+  spec.alpha = spec.kind == DivergenceKind::alpha_divergence ? 0.7f
+               : spec.kind == DivergenceKind::renyi          ? 1.6f
+                                                             : 0.2f;
+  spec.temperature = 1.5f;
+  return spec;
+}
+
+void expect_rows(const SparseRow& r, const float* loss, const float* grad, int64_t v,
+                 const std::string& what) {
+  if (std::isinf(r.value)) EXPECT_EQ(r.value, *loss) << what;
+  else EXPECT_NEAR(r.value, *loss, 2e-5 * std::fabs(r.value) + 1e-6) << what;
+  double gmax = 0.0;
+  for (int64_t j = 0; j < v; ++j) gmax = std::max(gmax, double(std::fabs(grad[j])));
+  for (int64_t j = 0; j < v; ++j)
+    ASSERT_NEAR(r.grad[j], grad[j], 1e-4 * gmax + 1e-7) << what << " col " << j;
+}
+
+TEST(SparseScalar, MatchesTheSimdKernelsForEveryKindAndTail) {
+  const int64_t n = 4, v = 333, k = 9;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> s(n * v);
+  for (auto& x : s) x = normal(rng);
+  std::vector<int64_t> idx(n * k);
+  std::vector<double> lp(n * k);
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<int64_t> perm(v);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    // Teacher log-probabilities of a distribution over the vocabulary: the top k of a softmax.
+    std::vector<double> logits(v);
+    double mx = -1e300, acc = 0.0;
+    for (auto& x : logits) mx = std::max(mx, x = 1.5 * normal(rng));
+    for (double x : logits) acc += std::exp(x - mx);
+    double acc_k = 0.0;  // the k entries' share of the mass
+    for (int64_t b = 0; b < k; ++b) acc_k += std::exp(logits[perm[b]] - mx);
+    for (int64_t b = 0; b < k; ++b) {
+      idx[i * k + b] = perm[b];
+      // Row 3: the k probabilities sum to exp(0.005) > 1 (server rounding): bucket mode scales
+      // them to 1 and gives the tail nothing.
+      lp[i * k + b] = i == 3 ? logits[perm[b]] - mx - std::log(acc_k) + 0.005
+                             : logits[perm[b]] - mx - std::log(acc);
+    }
+    if (i == 2) lp[i * k + 4] = -ss::kInfD;  // a teacher entry of probability 0
+  }
+  for (int kind = 0; kind < kNumDivergenceKinds; ++kind) {
+    const DivergenceSpec spec = spec_of(kind);
+    for (SparseTail tail : {SparseTail::renormalize, SparseTail::bucket}) {
+      const int64_t rows = n;
+      std::vector<float> loss(rows), grad(rows * v);
+      DivergenceOptions options;
+      options.reduction = Reduction::none;
+      SparseOutputs out;
+      out.loss = TensorView::vector(loss.data(), DType::f32, rows);
+      out.grad_student = TensorView::matrix(grad.data(), DType::f32, rows, v);
+      SparseOptions so;
+      so.tail = tail;
+      sparse_divergence(TensorView::matrix(s.data(), DType::f32, rows, v),
+                        TensorView::matrix(idx.data(), DType::i64, rows, k),
+                        TensorView::matrix(lp.data(), DType::f64, rows, k), spec, so, options, out);
+      for (int64_t i = 0; i < rows; ++i) {
+        const SparseRow r = sparse_row_of(spec, s.data() + i * v, v,
+                                          {idx.begin() + i * k, idx.begin() + (i + 1) * k},
+                                          {lp.begin() + i * k, lp.begin() + (i + 1) * k},
+                                          tail == SparseTail::bucket);
+        expect_rows(r, &loss[i], grad.data() + i * v, v,
+                    std::string(divergence_kind_name(spec.kind)) + " " + sparse_tail_name(tail) +
+                        " row " + std::to_string(i));
+      }
+    }
+  }
+}
+
+TEST(SparseScalar, RadixSelectIsTheCpuSelection) {
+  // Ties (repeated values, +0 and -0, -inf entries) go to the lowest index, as the CPU heap.
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> small(-3, 3);
+  const int64_t v = 200;
+  for (int trial = 0; trial < 20; ++trial) {
+    std::vector<float> x(v);
+    for (auto& e : x) e = 0.5f * static_cast<float>(small(rng));
+    x[7] = -0.0f;
+    x[11] = -kInfinityF;
+    x[12] = -kInfinityF;
+    for (int64_t k : {int64_t{1}, int64_t{5}, int64_t{37}, int64_t{199}, v}) {
+      std::vector<int64_t> order(v);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+      std::vector<int64_t> want(order.begin(), order.begin() + k);
+      std::sort(want.begin(), want.end());
+      EXPECT_EQ(radix_topk(x.data(), v, k), want) << "trial " << trial << " k " << k;
+    }
+  }
+}
+
+TEST(SparseScalar, TopkRowMatchesTheSimdKernelForEveryKind) {
+  const int64_t n = 3, v = 501, k = 17;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> s(n * v), t(n * v);
+  for (auto& x : s) x = normal(rng);
+  for (auto& x : t) x = std::round(4.0f * normal(rng)) / 4.0f;  // ties in the selection
+  for (int kind = 0; kind < kNumDivergenceKinds; ++kind) {
+    const DivergenceSpec spec = spec_of(kind);
+    std::vector<float> loss(n), grad(n * v);
+    DivergenceOptions options;
+    options.reduction = Reduction::none;
+    SparseOutputs out;
+    out.loss = TensorView::vector(loss.data(), DType::f32, n);
+    out.grad_student = TensorView::matrix(grad.data(), DType::f32, n, v);
+    topk_divergence(TensorView::matrix(s.data(), DType::f32, n, v),
+                    TensorView::matrix(t.data(), DType::f32, n, v), k, spec, options, out);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* ti = t.data() + i * v;
+      const std::vector<int64_t> idx = radix_topk(ti, v, k);
+      const float tmax = *std::max_element(ti, ti + v);
+      std::vector<double> lp(k);
+      for (int64_t b = 0; b < k; ++b)
+        lp[b] = (static_cast<double>(ti[idx[b]]) - tmax) / spec.temperature;
+      const SparseRow r = sparse_row_of(spec, s.data() + i * v, v, idx, lp, false);
+      expect_rows(r, &loss[i], grad.data() + i * v, v,
+                  std::string(divergence_kind_name(spec.kind)) + " topk row " + std::to_string(i));
     }
   }
 }

@@ -134,3 +134,68 @@ def test_non_finite_and_mixed_devices_raise():
         _run(s.cuda(), t.cuda(), _args("forward_kl"))
     with pytest.raises(_C.Error, match="teacher_logits is on cpu but student_logits is on cuda:0"):
         _run(s.cuda(), t, _args("forward_kl"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [1000, 1001, 6144, 20000])
+def test_row_cache_and_vector_loads(monkeypatch, dtype, v):
+    """The shared-memory row cache on and off (DIVKIT_CUDA_ROW_CACHE_BYTES) and rows whose start
+    is not 16-byte aligned (a sliced view): the same results as the CPU to tolerance, and each
+    configuration the same bits run to run."""
+    s, t = _inputs(6, v + 3, dtype, seed=v)
+    sc, tc = s.cuda()[:, 3:], t.cuda()[:, 3:]  # row starts off the 16-byte grid
+    s, t = s[:, 3:], t[:, 3:]
+    cpu = _run(s, t, _args("jsd", "none"))
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for budget in ["0", str(8 * v), "262144"]:
+        monkeypatch.setenv("DIVKIT_CUDA_ROW_CACHE_BYTES", budget)
+        a = _run(sc, tc, _args("jsd", "none"))
+        b = _run(sc, tc, _args("jsd", "none"))
+        for x, y, c in zip(a, b, cpu):
+            assert torch.equal(x, y)
+            torch.testing.assert_close(x.cpu().float(), c.float(), rtol=tol, atol=tol * 1e-2)
+
+
+def test_check_finite_off():
+    """No host read: a NaN input gives a NaN loss instead of an error; good inputs the same bits."""
+    s, t = _inputs(4, 100, torch.float32)
+    ok = _run(s.cuda(), t.cuda(), _args("forward_kl", "none"))
+    same = _run(s.cuda(), t.cuda(), _args("forward_kl", "none", check_finite=False))
+    for x, y in zip(ok, same):
+        assert torch.equal(x, y)
+    s[2, 5] = float("nan")
+    loss, _, _ = _run(s.cuda(), t.cuda(), _args("forward_kl", "none", check_finite=False))
+    assert torch.isnan(loss).all()
+
+
+def test_deferred_checks_public_api():
+    import divkit
+    from divkit.cuda_checks import deferred_checks
+
+    s, t = _inputs(4, 100, torch.float32)
+    s[1, 0] = float("inf")
+    with deferred_checks():
+        loss = divkit.divergence(s.cuda(), t.cuda(), kind="forward_kl")
+    assert torch.isnan(loss).all()
+    with pytest.raises(divkit.Error):
+        divkit.divergence(s.cuda(), t.cuda(), kind="forward_kl")
+
+
+def test_cuda_graph_capture():
+    s, t = _inputs(8, 3000, torch.float32, seed=8)
+    s, t = s.cuda(), t.cuda()
+    loss, gs = torch.zeros(1, device="cuda"), torch.empty_like(s)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        args = _args("reverse_kl", stream=stream.cuda_stream, check_finite=False)
+        _C.divergence(s, t, loss, gs, None, None, None, args)  # warm-up
+        with torch.cuda.graph(graph, stream=stream):
+            _C.divergence(s, t, loss, gs, None, None, None, args)
+    torch.cuda.current_stream().wait_stream(stream)
+    s.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = _run(s, t, _args("reverse_kl"), grad_teacher=False)
+    assert torch.equal(loss, ref[0]) and torch.equal(gs, ref[1])

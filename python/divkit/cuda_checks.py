@@ -1,0 +1,37 @@
+"""Deferred input checks of divkit's CUDA kernels, for CUDA graph capture.
+
+By default a divkit call on CUDA tensors ends with one host read of the kernels' input-check
+flags (one stream synchronization) and raises :class:`divkit.Error` for NaN/+inf logits, rows
+without mass, invalid top-k teachers or non-finite weights. Inside :func:`deferred_checks` the
+calls that run divkit's CUDA kernels (``divergence``, ``sparse_divergence``, ``topk_divergence``
+and the ops built on them) skip that read: nothing waits for the GPU, so the calls can be
+captured in a CUDA graph, and a call whose inputs would have raised returns a NaN loss (every
+element for ``reduction="none"``) with gradients that mean nothing; check
+``torch.isfinite(loss)`` on the device when convenient. CPU calls always check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+__all__ = ["check_finite", "deferred_checks"]
+
+_CHECK_FINITE = contextvars.ContextVar("divkit_cuda_check_finite", default=True)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Within the block, divkit's CUDA kernels report bad inputs through a NaN loss instead of
+    raising (no host synchronization inside the calls); see the module docstring."""
+    token = _CHECK_FINITE.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_FINITE.reset(token)
+
+
+def check_finite() -> bool:
+    """False inside :func:`deferred_checks`."""
+    return _CHECK_FINITE.get()
