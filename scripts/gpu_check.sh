@@ -39,7 +39,7 @@ mapfile -t CUDA_SOURCES < <(cd "$ROOT" && find src -name '*.cu' | sort)
 sources_stamp() {
   # Everything the prebuilt CUDA objects depend on: the .cu files and the headers under src/
   # and include/.
-  (cd "$ROOT" && cat "${CUDA_SOURCES[@]}" $(find src include -name '*.h' | sort) | sha256sum |
+  (cd "$ROOT" && cat "${CUDA_SOURCES[@]}" $(find src include \( -name '*.h' -o -name '*.cuh' \) | sort) | sha256sum |
     cut -d' ' -f1)
 }
 
