@@ -272,8 +272,32 @@ def test_divkit_kto_trainer_equals_trl(tmp_path, loss_type, monkeypatch):
             trainer.train()
         return [h for h in trainer.state.log_history if "loss" in h]
 
+    # Which head computes the log-probs: TRL's chunked one, or divkit's fused_linear_logprobs.
+    import trl.trainer.utils as trl_utils
+
+    import divkit.fused
+
+    heads = {"trl": 0, "divkit": 0}
+    trl_head, dk_head = trl_utils._ChunkedLogProbFunction, divkit.fused.fused_linear_logprobs
+
+    class CountingTRLHead:
+        @staticmethod
+        def apply(*args):
+            heads["trl"] += 1
+            return trl_head.apply(*args)
+
+    def counting_head(*args, **kwargs):
+        heads["divkit"] += 1
+        return dk_head(*args, **kwargs)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingTRLHead)
+    monkeypatch.setattr(divkit.fused, "fused_linear_logprobs", counting_head)
     ref = run("trl", KTOTrainer)
+    # Policy and reference per step, and both on the mismatched (KL) completions for "kto".
+    n = 3 * (4 if loss_type == "kto" else 2)
+    assert heads == {"trl": n, "divkit": 0}
     got = run("divkit", dk_trl.DivkitKTOTrainer)
+    assert heads == {"trl": n, "divkit": n}  # the divkit trainer: divkit's head only
     if loss_type == "kto":  # the KL baseline z0 is in play (TRL clamps it at 0)
         assert max(h["kl"] for h in ref) > 0.1
     assert len(calls) == 3 and len(ref) == len(got) == 3
@@ -281,7 +305,8 @@ def test_divkit_kto_trainer_equals_trl(tmp_path, loss_type, monkeypatch):
         assert set(a) == set(b)
         tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
         for key in a:
-            if key not in ("learning_rate", "epoch", "step", "grad_norm"):
+            if key not in ("learning_rate", "epoch", "step"):
+                # grad_norm: the gradient of every parameter, through divkit's head and loss
                 assert b[key] == pytest.approx(a[key], **tol), (step, key)
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "DivkitGKDTrainer",  # noqa: F822
     "DivkitKTOTrainer",
     "DivkitTDPOTrainer",
+    "add_divkit_lm_head",
     "last_hidden_and_head",
 ]
 
@@ -421,9 +422,159 @@ def _kto_base():
     return KTOTrainer
 
 
+_HEAD_WARNED = []
+
+
+def _head_unsupported(model) -> Optional[str]:
+    """Why divkit's fused head cannot stand in for TRL's on this model (None: it can)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    cfg = model.config if cfg is None else cfg
+    if getattr(cfg, "final_logit_softcapping", None):
+        return "a final logit softcap"
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        v = getattr(cfg, name, None)
+        if v is not None and v != 1:
+            return f"a logit scale ({name})"
+    if getattr(cfg, "output_router_logits", False):
+        return "a router auxiliary loss"
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        return "an lm_head that is not an nn.Linear"
+    return None
+
+
+def add_divkit_lm_head(model, temperature: float = 1.0, outputs=("log_probs",)) -> bool:
+    """Makes ``model(..., labels=labels, fused_lm_head=True)`` (the call TRL 1.16's trainers make
+    after ``trl.trainer.utils.add_fused_lm_head``) compute its per-token outputs with
+    :func:`divkit.fused_linear_logprobs` from the decoder's last hidden states: no ``[tokens x
+    V]`` logits, the log-probs ``log softmax(h W^T + b) / T`` of the next token (labels shifted
+    as TRL shifts them, or ``shift_labels`` as given), 0 where the label is -100; ``outputs``
+    may add ``"entropy"`` (differentiable) and ``"mean_logits"`` (the vocabulary mean of the
+    logits, ``h . mean(W) + mean(b)``, no gradient); TRL's other fields are None. Returns a
+    ``trl.trainer.utils.FusedCausalLMOutput``. Calls without ``fused_lm_head=True`` go to the
+    model's previous forward (generation is unchanged). Models with a final logit softcap, a
+    logit scale, a router auxiliary loss or a non-Linear lm_head are left as they are (a warning,
+    once) and False is returned."""
+    fn = "add_divkit_lm_head"
+    temperature = check.positive(fn, "temperature", temperature)
+    allowed = {"log_probs", "entropy", "mean_logits"}
+    outputs = tuple(outputs)
+    for name in outputs:
+        if name not in allowed:
+            check.fail(fn, f"outputs: '{name}' is not one of {sorted(allowed)}")
+    why = _head_unsupported(model)
+    if why is not None:
+        if not _HEAD_WARNED:
+            _HEAD_WARNED.append(True)
+            warnings.warn(
+                f"add_divkit_lm_head: {type(model).__name__} has {why}, which divkit's fused "
+                "head does not apply; the model's own (TRL's) head is kept",
+                UserWarning,
+                stacklevel=2,
+            )
+        return False
+    import types
+
+    import transformers
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from ..fused import fused_linear_logprobs
+
+    previous = model.forward
+    # As TRL: before transformers 5, vision-language models expose their language backbone as
+    # `model` rather than through `base_model_prefix`.
+    text_config = model.config.get_text_config()
+    backbone_attr = "base_model"
+    if text_config is not model.config and int(transformers.__version__.split(".")[0]) < 5:
+        backbone_attr = "model"
+
+    @functools.wraps(type(model).forward)
+    def forward(
+        self,
+        *args,
+        fused_lm_head=False,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        if not fused_lm_head:
+            extra = dict(
+                labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch
+            )
+            kwargs.update({k: v for k, v in extra.items() if v is not None})
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        # Looked up on each call: FSDP and PEFT replace the backbone and the head after patching.
+        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        if shift_labels is None:
+            # Position i predicts token i + 1: labels shifted left, the last position ignored
+            # (the hidden states stay whole, so no strided copy is made), trimmed at the end.
+            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        else:
+            targets = shift_labels
+        targets = targets.to(head.weight.device)
+        hidden = hidden.to(head.weight.device)
+        res = fused_linear_logprobs(
+            hidden,
+            head.weight,
+            targets,
+            head.bias,
+            temperature=temperature,
+            return_entropy="entropy" in outputs,
+        )
+        log_probs, entropy = (res.logprobs, res.entropy) if "entropy" in outputs else (res, None)
+        mask = targets != -100
+        mean_logits = None
+        if "mean_logits" in outputs:
+            with torch.no_grad():
+                w = (
+                    head.weight.full_tensor()
+                    if hasattr(head.weight, "full_tensor")
+                    else head.weight
+                )
+                mean = hidden.float() @ w.float().mean(0)
+                if head.bias is not None:
+                    b = head.bias
+                    b = b.full_tensor() if hasattr(b, "full_tensor") else b
+                    mean = mean + b.float().mean()
+                mean_logits = (mean / temperature).masked_fill(~mask, 0)
+        if shift_labels is None:
+            mask = mask[:, :-1]
+            log_probs, entropy, mean_logits = (
+                None if x is None else x[:, :-1] for x in (log_probs, entropy, mean_logits)
+            )
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denom,
+            log_probs=log_probs,
+            entropy=entropy,
+            mean_logits=mean_logits,
+            label_mask=mask,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 class DivkitKTOTrainer(_kto_base()):
     """``trl.KTOTrainer`` with the loss of :func:`divkit.kto_loss` (see the module docstring),
-    configured by the same ``KTOConfig``."""
+    configured by the same ``KTOConfig``. With ``divkit_fused_head=True`` (default) the
+    policy's and the reference's per-token log-probs, the entropy and mean-logit metrics come
+    from :func:`divkit.fused_linear_logprobs` on the decoder's last hidden states
+    (:func:`add_divkit_lm_head` in place of TRL's fused head): no ``[tokens x V]`` logits of
+    either model; ``False`` keeps TRL's head."""
+
+    def __init__(self, *args, divkit_fused_head: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.divkit_fused_head = bool(divkit_fused_head)
+        if self.divkit_fused_head:
+            model = self.model
+            if hasattr(model, "get_base_model"):  # PEFT: the head goes on the base model
+                model = model.get_base_model()
+            add_divkit_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
+            if self.ref_model is not None:
+                add_divkit_lm_head(self.ref_model)
 
     def _compute_kl_logps(self, model, batch):
         self._divkit_in_kl = True
