@@ -404,3 +404,141 @@ def test_divkit_tdpo_trainer_trains_and_equals_tdpo_loss(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 6 and "rewards/margins" in logs[0]
     assert sum(h["loss"] for h in logs[-2:]) < sum(h["loss"] for h in logs[:2])
+
+
+def _sparsepo(**extra):
+    from divkit.integrations.trl import DivkitSparsePOTrainer
+
+    class Trainer(DivkitSparsePOTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **extra, **k)
+
+    return Trainer
+
+
+def test_divkit_sparsepo_trainer_reward_only_equals_trl_dpo(tmp_path):
+    """SparsePO with m^r = 1, m^kl = 0 is DPO's sigmoid loss: equal to the stock DPOTrainer
+    over three steps (loss, rewards, gradient norm)."""
+    from trl import DPOTrainer
+
+    ref = _run_dpo(tmp_path, "trl", DPOTrainer, beta=0.5)
+    got = _run_dpo(tmp_path, "sparsepo", _sparsepo(sparsepo_mask="reward_only"), beta=0.5)
+    assert len(ref) == len(got) == 3
+    assert abs(ref[0]["loss"] - 0.6931) > 1e-3
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins")
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in keys + ("rewards/accuracies",):
+            assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def test_divkit_sparsepo_trainer_ones_equals_tdpo1(tmp_path):
+    """All-ones masks are TDPO1 (SparsePO's limit): equal to DivkitTDPOTrainer(tdpo1)."""
+    from divkit.integrations.trl import DivkitTDPOTrainer
+
+    class TDPO1(DivkitTDPOTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, tdpo_variant="tdpo1", **k)
+
+    ref = _run_dpo(tmp_path, "tdpo1", TDPO1, beta=0.5)
+    got = _run_dpo(tmp_path, "sparsepo", _sparsepo(sparsepo_mask="ones"), beta=0.5)
+    assert len(ref) == len(got) == 3
+    for a, b in zip(ref, got):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
+
+
+def test_divkit_sparsepo_trainer_learned_masks_equal_fp64(tmp_path):
+    """The learned masks: the first step's loss equals SparsePO computed directly in fp64 from
+    the materialized logits of the initial models and a copy of the initial mask model; the mask
+    model trains (its parameters move) and is saved beside the model."""
+    import copy
+    import os
+    import warnings
+
+    import torch.nn.functional as F
+    from trl import DPOConfig
+
+    import divkit
+    import test_trl_client as client
+
+    tok = client.make_tokenizer()
+    model, ref = client.make_model(0, len(tok)), client.make_model(1, len(tok))
+    model0 = copy.deepcopy(model)
+    seen, masks0 = [], []
+    # A mask model of the caller's (the default's, with the mixers' biases set so that neither
+    # mask starts all zero: a ReLU that starts dead gives its head no gradient).
+    torch.manual_seed(0)
+    mask_model = divkit.preference.SparsePOMask(32, 2, dropout=0.0)
+    with torch.no_grad():
+        for head in mask_model.heads:
+            head["mix"].bias.fill_(0.5)
+    base = _sparsepo(
+        sparsepo_mask="learned",
+        sparsepo_l1_reward=0.01,
+        sparsepo_l1_kl=0.02,
+        sparsepo_mask_model=mask_model,
+    )
+
+    class Recording(base):
+        def _compute_loss(self, model, inputs, return_outputs):
+            if not masks0:
+                masks0.append(copy.deepcopy(self.sparsepo_mask_model))
+            loss = super()._compute_loss(model, inputs, return_outputs)
+            seen.append(({k: v.clone() for k, v in inputs.items()}, float(loss)))
+            return loss
+
+    kwargs = client.common_args(tmp_path, "sparsepo")
+    kwargs["max_steps"] = 4
+    args = DPOConfig(**kwargs, beta=0.5, max_length=32, precompute_ref_log_probs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Recording(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=client.preference_data(),
+            processing_class=tok,
+        )
+        trainer.train()
+    inputs, loss0 = seen[0]
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        logp = F.log_softmax(model0.double()(input_ids=ids, attention_mask=am).logits, -1)
+        out = ref.double()(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        logp_ref = F.log_softmax(out.logits, -1)
+        m_r, m_kl = masks0[0].double()(list(out.hidden_states[1:]))
+    logp, logp_ref, m_r, m_kl = logp[:, :-1], logp_ref[:, :-1], m_r[:, :-1], m_kl[:, :-1]
+    tokens = labels != -100
+    safe = labels.clamp(min=0).unsqueeze(-1)
+    logratio = (logp.gather(-1, safe) - logp_ref.gather(-1, safe)).squeeze(-1) * tokens
+    kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1) * tokens
+    u = (m_r * logratio).sum(-1)
+    d = -(m_kl * kl).sum(-1)
+    (u_w, u_l), (d_w, d_l) = u.chunk(2), d.chunk(2)
+    l1 = 0.01 * (m_r.abs() * tokens).sum(-1) + 0.02 * (m_kl.abs() * tokens).sum(-1)
+    l1_w, l1_l = l1.chunk(2)
+    want = -F.logsigmoid(0.5 * ((u_w - d_w) - (u_l - d_l))) + l1_w + l1_l
+    assert float(m_r[tokens].mean()) > 0 and float(m_kl[tokens].mean()) > 0  # masks not dead
+    assert loss0 == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4 and "sparsepo/reward_mask" in logs[0]
+    assert logs[0]["sparsepo/reward_mask"] == pytest.approx(float(m_r[tokens].mean()), rel=1e-5)
+    moved = [
+        float((a - b).abs().max())
+        for a, b in zip(masks0[0].parameters(), trainer.sparsepo_mask_model.parameters())
+    ]
+    assert max(moved) > 1e-4  # the mask model is trained with the policy
+    trainer.save_model(str(tmp_path / "saved"))
+    state = torch.load(os.path.join(tmp_path, "saved", "sparsepo_mask.pt"))
+    assert set(state) == set(trainer.sparsepo_mask_model.state_dict())
+
+
+def test_divkit_sparsepo_trainer_bad_arguments(tmp_path):
+    import divkit
+
+    with pytest.raises(divkit.Error, match="DivkitSparsePOTrainer: unknown sparsepo_mask"):
+        _run_dpo(tmp_path, "bad", _sparsepo(sparsepo_mask="dense"), beta=0.5)
+    with pytest.raises(divkit.Error, match="DivkitSparsePOTrainer: label_smoothing"):
+        _run_dpo(tmp_path, "bad2", _sparsepo(), beta=0.5, label_smoothing=0.1)

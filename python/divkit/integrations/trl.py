@@ -15,7 +15,11 @@
   :func:`divkit.odds_ratio_loss`; everything else is TRL's.
 * :class:`DivkitKTOTrainer`: TRL's ``KTOTrainer`` whose loss is :func:`divkit.kto_loss`
   (``kto`` and ``apo_zero_unpaired``, desirable / undesirable weights, the KL baseline z0 from
-  TRL's mismatched completions), computed from TRL's own log-probs; metrics TRL's.
+  TRL's mismatched completions), its log-probs from :func:`divkit.fused_linear_logprobs` on the
+  last hidden states (:func:`add_divkit_lm_head` in place of TRL's fused head); metrics TRL's.
+* :class:`DivkitSparsePOTrainer`: SparsePO (Christopoulou et al. 2024), which TRL does not
+  have, on ``DPOTrainer``'s data path: :func:`divkit.sparsepo_loss_fused` from hidden states,
+  learned (or all-ones, or reward-only) token masks.
 * :class:`DivkitTDPOTrainer`: token-level DPO (TDPO1 / TDPO2, Zeng et al. 2024), which TRL does
   not have, on TRL's ``DPOTrainer`` data path (same datasets, collator and ``DPOConfig``):
   :func:`divkit.tdpo_loss_fused` from the policy's and the reference's last hidden states, no
@@ -49,7 +53,14 @@ import torch
 
 from .. import _validate as check
 from ..fused import fused_linear_divergence
-from ..preference import cpo_loss, kto_loss, odds_ratio_loss, preference_loss, tdpo_loss_fused
+from ..preference import (
+    cpo_loss,
+    kto_loss,
+    odds_ratio_loss,
+    preference_loss,
+    sparsepo_loss_fused,
+    tdpo_loss_fused,
+)
 
 # The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
 __all__ = [
@@ -59,6 +70,7 @@ __all__ = [
     "DivkitDistillationTrainer",
     "DivkitGKDTrainer",  # noqa: F822
     "DivkitKTOTrainer",
+    "DivkitSparsePOTrainer",
     "DivkitTDPOTrainer",
     "add_divkit_lm_head",
     "last_hidden_and_head",
@@ -681,13 +693,172 @@ class DivkitTDPOTrainer(_dpo_base()):
             variant=self.tdpo_variant,
             label_smoothing=self.label_smoothing,
         )
-        mode = "train" if self.model.training else "eval"
-        gather = self.accelerator.gather_for_metrics
-        metrics = self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        margins = chosen_rewards - rejected_rewards
-        metrics["rewards/accuracies"].append(gather((margins > 0).float()).mean().item())
-        metrics["rewards/margins"].append(gather(margins).mean().item())
+        _log_rewards(self, chosen_rewards, rejected_rewards)
+        loss = losses.mean()
+        return (loss, None) if return_outputs else loss
+
+
+def _log_rewards(trainer, chosen_rewards, rejected_rewards, extra=None):
+    """TRL's reward metrics (DPOTrainer's names), gathered over the ranks."""
+    mode = "train" if trainer.model.training else "eval"
+    gather = trainer.accelerator.gather_for_metrics
+    metrics = trainer._metrics[mode]
+    metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+    metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+    margins = chosen_rewards - rejected_rewards
+    metrics["rewards/accuracies"].append(gather((margins > 0).float()).mean().item())
+    metrics["rewards/margins"].append(gather(margins).mean().item())
+    for key, value in (extra or {}).items():
+        metrics[key].append(gather(value.detach().reshape(1)).mean().item())
+
+
+_SPARSEPO_MASKS = ("learned", "shared", "ones", "reward_only")
+
+
+class DivkitSparsePOTrainer(_dpo_base()):
+    """SparsePO (Christopoulou et al. 2024; huawei-noah/HEBO, SparsePO), which TRL does not have,
+    on TRL's ``DPOTrainer`` data path (same datasets, collator and ``DPOConfig``; ``beta`` from
+    the config): :func:`divkit.sparsepo_loss_fused` from the policy's and the reference's last
+    hidden states, no ``[tokens x V]`` logits of either. Per completion token the reward
+    ``log pi - log pi_ref`` is weighted by a mask m^r and the KL(pi_ref || pi) by a mask m^kl;
+    ``loss = -logsig(beta (u - d)) + l1_reward |m^r|_1 + l1_kl |m^kl|_1`` (see
+    :func:`divkit.sparsepo_loss`).
+
+    Extra keyword arguments: ``sparsepo_mask`` picks the masks:
+
+    * ``"learned"`` (default): two masks from :class:`divkit.SparsePOMask` on the reference's
+      hidden states of every decoder layer, trained with the policy (its parameters are added
+      to the optimizer, learning rate and schedule the policy's, no weight decay; saved as
+      ``sparsepo_mask.pt`` beside the model); ``"shared"``: one learned mask for both;
+    * ``"ones"``: m^r = m^kl = 1, which is TDPO1 (:class:`DivkitTDPOTrainer` with
+      ``tdpo_variant="tdpo1"``);
+    * ``"reward_only"``: m^r = 1, m^kl = 0, which is DPO's sigmoid loss (``DPOTrainer`` with
+      ``loss_type="sigmoid"``).
+
+    ``sparsepo_l1_reward``, ``sparsepo_l1_kl`` (the L1 weights, default 0), ``sparsepo_dropout``
+    (the mask model's dropout, default 0.1 as the official code), ``sparsepo_mask_model`` (a
+    module of your own: called on the list of the reference's per-layer hidden states ``[B, T,
+    H]``, returns ``(reward_mask, kl_mask)`` ``[B, T]``). Needs a reference model. Logs TRL's
+    reward metrics (rewards ``beta (u - d)`` per response) and ``sparsepo/reward_mask`` and
+    ``sparsepo/kl_mask``, the masks' means over the completion tokens."""
+
+    def __init__(
+        self,
+        *args,
+        sparsepo_mask: str = "learned",
+        sparsepo_l1_reward: float = 0.0,
+        sparsepo_l1_kl: float = 0.0,
+        sparsepo_dropout: float = 0.1,
+        sparsepo_mask_model: Optional[torch.nn.Module] = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        fn = "DivkitSparsePOTrainer"
+        mode = check.string(fn, "sparsepo_mask", sparsepo_mask)
+        if mode not in _SPARSEPO_MASKS:
+            check.fail(fn, f"unknown sparsepo_mask '{mode}' (valid: {', '.join(_SPARSEPO_MASKS)})")
+        self.sparsepo_mask = mode
+        self.sparsepo_l1_reward = check.real(fn, "sparsepo_l1_reward", sparsepo_l1_reward)
+        self.sparsepo_l1_kl = check.real(fn, "sparsepo_l1_kl", sparsepo_l1_kl)
+        if self.ref_model is None or self.precompute_ref_logps:
+            check.fail(
+                fn,
+                "SparsePO needs a reference model (ref_model=..., precompute_ref_log_probs=False): "
+                "its per-token KL needs the reference's distributions",
+            )
+        if self.label_smoothing:
+            check.fail(fn, "label_smoothing is not part of SparsePO; leave it at 0")
+        learned = mode in ("learned", "shared")
+        if sparsepo_mask_model is not None and not learned:
+            check.fail(
+                fn,
+                f"sparsepo_mask_model is used with sparsepo_mask 'learned' or 'shared', "
+                f"not '{mode}'",
+            )
+        if learned and sparsepo_mask_model is None:
+            from ..preference import SparsePOMask
+
+            cfg = self.ref_model.config.get_text_config()
+            sparsepo_mask_model = SparsePOMask(
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+                dropout=sparsepo_dropout,
+                shared=mode == "shared",
+            )
+        self.sparsepo_mask_model = (
+            None if sparsepo_mask_model is None else sparsepo_mask_model.to(self.args.device)
+        )
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        mask_model = self.sparsepo_mask_model
+        if mask_model is not None and not getattr(self, "_sparsepo_in_optimizer", False):
+            params = [p for p in mask_model.parameters() if p.requires_grad]
+            if params:
+                self.optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+            self._sparsepo_in_optimizer = True
+        return optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.sparsepo_mask_model is not None:
+            import os
+
+            out = output_dir if output_dir is not None else self.args.output_dir
+            torch.save(self.sparsepo_mask_model.state_dict(), os.path.join(out, "sparsepo_mask.pt"))
+
+    def _masks(self, ref_layers, like):
+        """(chosen reward, rejected reward, chosen KL, rejected KL) masks, or Nones (ones)."""
+        if self.sparsepo_mask == "ones":
+            return None, None, None, None
+        if self.sparsepo_mask == "reward_only":
+            zeros = torch.zeros(like.shape[0] // 2, like.shape[1], device=like.device)
+            return None, None, zeros, zeros
+        self.sparsepo_mask_model.train(self.model.training)
+        reward, kl = self.sparsepo_mask_model(list(ref_layers))
+        return (*reward.chunk(2), *kl.chunk(2))
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        hidden, head = last_hidden_and_head(model, ids, mask)
+        learned = self.sparsepo_mask in ("learned", "shared")
+        with torch.no_grad():
+            decoder = self.ref_model.get_decoder()
+            ref_out = decoder(
+                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=learned
+            )
+            ref_hidden, ref_head = ref_out.last_hidden_state, self.ref_model.get_output_embeddings()
+        # The mask model reads the reference's per-layer hidden states (the outputs of the L
+        # decoder layers): position t's mask weighs the token that position predicts.
+        rwc, rwl, kmc, kml = self._masks(ref_out.hidden_states[1:] if learned else None, labels)
+        (hc, hr), (lc, lr), (rc, rr) = hidden.chunk(2), labels.chunk(2), ref_hidden.chunk(2)
+        losses, chosen_rewards, rejected_rewards = sparsepo_loss_fused(
+            hc,
+            hr,
+            head.weight,
+            lc,
+            lr,
+            ref_chosen_hidden=rc,
+            ref_rejected_hidden=rr,
+            ref_weight=ref_head.weight.detach(),
+            lm_head_bias=head.bias,
+            ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
+            chosen_reward_mask=rwc,
+            rejected_reward_mask=rwl,
+            chosen_kl_mask=kmc,
+            rejected_kl_mask=kml,
+            beta=self.beta,
+            l1_reward=self.sparsepo_l1_reward,
+            l1_kl=self.sparsepo_l1_kl,
+        )
+        extra = {}
+        if learned:
+            tokens = (labels != -100).float()
+            n = tokens.sum().clamp(min=1)
+            extra["sparsepo/reward_mask"] = (torch.cat([rwc, rwl]) * tokens).sum() / n
+            extra["sparsepo/kl_mask"] = (torch.cat([kmc, kml]) * tokens).sum() / n
+        _log_rewards(self, chosen_rewards, rejected_rewards, extra)
         loss = losses.mean()
         return (loss, None) if return_outputs else loss
