@@ -27,6 +27,17 @@ Ops (namespace ``divkit``):
   process group.
 * ``sparse_divergence``, ``topk_divergence``: the sparse (top-k) and truncated teachers of
   :mod:`divkit.sparse`; return (loss, grad_student), as ``divergence``.
+* ``vocab_parallel_divergence``: :func:`divkit.distributed.vocab_parallel_divergence`, the
+  process group passed by its c10d name (``group.group_name``, resolved in the op, as torch's
+  functional collectives do); vmap raises (each call is a collective).
+* ``preference_loss``: the DPO family of :func:`divkit.preference_loss` (and so the sequence
+  step of ``tdpo_loss[_fused]`` and ``sparsepo_loss[_fused]``, whose token terms are the fused
+  heads above); returns (losses, chosen_rewards, rejected_rewards, 4 gradients), the gradients
+  computed by a second call in backward.
+
+Every op is registered for all devices (CompositeExplicitAutograd): a CUDA tensor reaches the
+same Python implementation, which asks :mod:`divkit._device` for the engine (the core's CUDA
+kernel on a CUDA build, else the PyTorch fallback) as the eager path does.
 """
 
 from __future__ import annotations
@@ -955,3 +966,244 @@ if ENABLED:
         _sparse_family_backward("topk_divergence", 16), setup_context=_sparse_family_setup
     )
     _loop_vmap(topk_divergence_op, 4)
+
+    # -----------------------------------------------------------------------------------------
+    # Vocabulary-parallel token divergence (divkit.distributed.vocab_parallel_divergence). A
+    # ProcessGroup cannot be an op argument: the group travels by name, as in torch's functional
+    # collectives, and is resolved by c10d in the op. Reduced losses get their shard gradients
+    # in the forward call; reduction="none" calls again in backward with the upstream gradient
+    # as token weights of a summed loss.
+    # -----------------------------------------------------------------------------------------
+
+    def group_name(group) -> str:
+        """The c10d name of a process group (what ``_resolve_process_group`` takes back)."""
+        return group.group_name
+
+    def _resolve_group(name: str):
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(name)
+
+    @torch.library.custom_op("divkit::vocab_parallel_divergence", mutates_args=())
+    def vocab_parallel_divergence_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        upstream: Optional[Tensor],
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        group_name: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import distributed
+        from .fused import _token_weights
+
+        fields = dict(
+            kind=kind,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            scale_by_t_squared=scale_by_t_squared,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+        )
+        group = _resolve_group(group_name)
+        if upstream is None:
+            loss, grads = distributed._vp_call(
+                student, teacher, labels, weights, fields, group, need, reduction
+            )
+        else:
+            loss, grads = distributed._vp_call(
+                student,
+                teacher,
+                labels,
+                _token_weights(upstream, weights),
+                fields,
+                group,
+                need,
+                "sum",
+            )
+        return (loss, *_grads_or_empty(student, grads))
+
+    @vocab_parallel_divergence_op.register_fake
+    def _vocab_parallel_fake(s, t, labels, weights, upstream, *rest):
+        reduction, need = rest[6], rest[9]
+        summed = reduction != "none" or upstream is not None
+        loss = s.new_empty((1 if summed else s.shape[0],), dtype=torch.float32)
+        grads = [
+            x.new_empty(x.shape, dtype=torch.float32) if n else _empty_like_device(s)
+            for x, n in zip((s, t), need)
+        ]
+        return (loss, *grads)
+
+    def _vocab_parallel_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.reduced = inputs[11] != "none"
+        if ctx.reduced:
+            ctx.save_for_backward(*output[1:])
+        else:
+            ctx.save_for_backward(*inputs[:4])
+            ctx.args = inputs[5:14]
+
+    def _vocab_parallel_backward(ctx, g_loss, *_):
+        need = list(ctx.needs_input_grad[:2])
+        if ctx.reduced:
+            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
+        else:
+            s, t, labels, weights = ctx.saved_tensors
+            out = vocab_parallel_divergence_op(s, t, labels, weights, g_loss, *ctx.args, need)
+            grads = [g if n else None for g, n in zip(out[1:], need)]
+        grads = guard_double_backward("vocab_parallel_divergence", grads)
+        return (*grads,) + (None,) * 13
+
+    vocab_parallel_divergence_op.register_autograd(
+        _vocab_parallel_backward, setup_context=_vocab_parallel_setup
+    )
+
+    def _vocab_parallel_vmap(info, in_dims, *args):
+        # Each call is a collective over the group: a loop over batch entries would make the
+        # ranks' collectives depend on each rank's vmap, so vmap is refused.
+        check.fail(
+            "vocab_parallel_divergence",
+            "torch.vmap is not supported (each call is a collective over the process group); "
+            "call it on the batched logits directly: their leading dimensions are tokens",
+        )
+
+    if hasattr(vocab_parallel_divergence_op, "register_vmap"):
+        vocab_parallel_divergence_op.register_vmap(_vocab_parallel_vmap)
+
+    def vocab_parallel_divergence(s2, t2, labels, weights, fields: dict, group):
+        """vocab_parallel_divergence through the op on [N, V_r] rows: the loss, [N] or [1]."""
+        need = _need((s2, t2), fields["reduction"] != "none")
+        out = vocab_parallel_divergence_op(
+            s2,
+            t2,
+            labels,
+            weights,
+            None,
+            fields["kind"],
+            fields["beta"],
+            fields["alpha"],
+            fields["temperature"],
+            fields["scale_by_t_squared"],
+            fields["ignore_index"],
+            fields["reduction"],
+            fields["num_items_in_batch"],
+            group_name(group),
+            need,
+        )
+        return out[0]
+
+    # -----------------------------------------------------------------------------------------
+    # Sequence-level DPO family (divkit.preference_loss: DPO, TDPO and SparsePO's last step).
+    # Inputs [B]; the core runs on host copies in fp64/fp32; backward calls the op again with
+    # the upstream gradient of the losses.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::preference_loss", mutates_args=())
+    def preference_loss_op(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+        chosen_lengths: Optional[Tensor],
+        rejected_lengths: Optional[Tensor],
+        policy_weights: Optional[Tensor],
+        grad_losses: Optional[Tensor],
+        loss_types: str,
+        loss_weights: List[float],
+        beta: float,
+        label_smoothing: float,
+        f_divergence_type: str,
+        f_alpha_divergence_coef: float,
+        discopop_tau: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        dtype = common.compute_dtype(*inputs)
+        n = inputs[0].shape[0]
+        args = _C.PreferenceArgs(
+            loss_types=loss_types.split(","),
+            loss_weights=list(loss_weights),
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+        )
+        host = [common.host(x, dtype) for x in inputs]
+        sw = None if policy_weights is None else common.host(policy_weights, dtype)
+        losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
+        g = common.grad_bufs(inputs, None if grad_losses is None else need, dtype, 4)
+        gl = None if grad_losses is None else common.host(grad_losses, dtype)
+        _C.preference_loss(
+            *host, args, chosen_lengths, rejected_lengths, sw, losses, cr, rj, gl, *g
+        )
+        device = inputs[0].device
+        grads = common.back(g, inputs)
+        outs = [losses.to(device), cr.to(device), rj.to(device)]
+        return (*outs, *(_empty_like_device(inputs[0]) if x is None else x for x in grads))
+
+    @preference_loss_op.register_fake
+    def _preference_fake(pc, pr, rc, rr, nw, nl, sw, grad_losses, *rest):
+        need = rest[-1]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in (pc, pr, rc, rr)) else None
+        dtype = dtype or torch.float32
+        n = pc.shape[0]
+        outs = [pc.new_empty((n,), dtype=dtype) for _ in range(3)]
+        grads = [
+            x.new_empty(x.shape) if (grad_losses is not None and k) else _empty_like_device(pc)
+            for x, k in zip((pc, pr, rc, rr), need)
+        ]
+        return (*outs, *grads)
+
+    def _preference_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*inputs[:7])
+        ctx.args = inputs[8:15]
+
+    def _preference_backward(ctx, g_losses, *_):
+        need = list(ctx.needs_input_grad[:4])
+        out = preference_loss_op(*ctx.saved_tensors, g_losses, *ctx.args, need)
+        grads = [g if k else None for g, k in zip(out[3:], need)]
+        grads = guard_double_backward("preference_loss", grads)
+        return (*grads,) + (None,) * 12
+
+    preference_loss_op.register_autograd(_preference_backward, setup_context=_preference_setup)
+    _loop_vmap(preference_loss_op, 8)
+
+    def preference_loss(pc, pr, rc, rr, nw, nl, sw, types, weights, beta, smoothing, f, fa, tau):
+        """preference_loss through the op: (losses, chosen_rewards, rejected_rewards). The loss
+        types travel as one comma-separated string (a schema has no list of strings)."""
+        if any("," in t for t in types):
+            check.fail("preference_loss", f"unknown loss_type in {types}")
+        out = preference_loss_op(
+            pc,
+            pr,
+            rc,
+            rr,
+            nw,
+            nl,
+            sw,
+            None,
+            ",".join(types),
+            weights,
+            beta,
+            smoothing,
+            f,
+            fa,
+            tau,
+            [False] * 4,
+        )
+        return out[0], out[1], out[2]

@@ -434,7 +434,8 @@ def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
     x = x.detach().cpu()
     if x.dtype not in (torch.int32, torch.int64, torch.float32, torch.float64):
         x = x.to(torch.float64)
-    if bool((x <= 0).any()):
+    # A traced call (torch.compile) cannot branch on values; the core checks them when it runs.
+    if not torch.compiler.is_compiling() and bool((x <= 0).any()):
         fail(fn, f"{name} must be > 0, got {x[x <= 0][0].item()}")
     return x.contiguous()
 

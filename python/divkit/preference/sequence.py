@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _C
+from .. import _C, _ops
 from .. import _validate as check
 from .._autograd import recompute_in_backward
 from . import _common as common
@@ -139,6 +139,11 @@ def preference_loss(
     sw = None
     if policy_weights is not None:
         sw = common.host(check.vector(fn, "policy_weights", policy_weights, n), dtype)
+    if _ops.use_ops(pc, pr, rc, rr, fn=fn):
+        return _ops.preference_loss(
+            pc, pr, rc, rr, nw, nl, sw, types, weights, beta, label_smoothing,
+            f_divergence_type, f_alpha, tau,
+        )  # fmt: skip
     device = pc.device
     args = _C.PreferenceArgs(
         loss_types=types,
