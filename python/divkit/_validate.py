@@ -499,6 +499,11 @@ def lm_head(
 # ---------------------------------------------------------------------------------------------
 
 
+def _vmapped(x: torch.Tensor) -> bool:
+    f = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(f is not None and f(x))
+
+
 def finite(fn: str, name: str, x: Optional[torch.Tensor], *, logits: bool = False) -> None:
     """No NaN or +inf in x (one pass when x is finite). ``logits``: -inf entries are masked
     entries and pass, but a row (last dimension) of only -inf does not (it has no softmax);
@@ -506,6 +511,10 @@ def finite(fn: str, name: str, x: Optional[torch.Tensor], *, logits: bool = Fals
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
         return
     if x.device.type == "meta":
+        return
+    # A traced call (torch.compile, vmap's batched tensors) cannot branch on values: the custom
+    # ops check their inputs when they run.
+    if torch.compiler.is_compiling() or _vmapped(x):
         return
     xd = x.detach()
     if bool(torch.isfinite(xd).all()):

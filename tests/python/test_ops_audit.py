@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import divkit
+import divkit.rlhf
 from divkit import _ops
 
 pytestmark = pytest.mark.skipif(not _ops.ENABLED, reason="torch.library.custom_op needs torch>=2.4")
@@ -28,6 +29,10 @@ OPS = {
     "divkit::topk_divergence",
     "divkit::vocab_parallel_divergence",
     "divkit::preference_loss",
+    "divkit::cpo_loss",
+    "divkit::odds_ratio_loss",
+    "divkit::kto_loss",
+    "divkit::kl_estimator",
 }
 
 
@@ -40,13 +45,18 @@ def _compiled_equals_eager(f, inputs, wrt):
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = compiled(*inputs)
-    got_grads = torch.autograd.grad(got, wrt)
+    got_grads = torch.autograd.grad(got, wrt, allow_unused=True)
     want = f(*inputs)
-    want_grads = torch.autograd.grad(want, wrt)
+    want_grads = torch.autograd.grad(want, wrt, allow_unused=True)
     assert torch.equal(got, want)
-    for a, b in zip(got_grads, want_grads):
-        assert torch.equal(a, b)
+    _same_grads(got_grads, want_grads)
     return want, want_grads
+
+
+def _same_grads(got, want):
+    assert any(g is not None for g in want)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def _pref_inputs(dtype=torch.float32):
@@ -263,3 +273,86 @@ def test_fake_kernels_trace_fake_cuda_tensors():
             "no-group-needed-by-the-fake-kernel", [False, False],
         )  # fmt: skip
         assert loss.shape == (4,) and loss.device.type == "cuda"
+
+
+def _logps(n, seed, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return (-torch.rand(n, generator=g) * 3 - 0.1).requires_grad_(grad)
+
+
+def _cpo(pc, pr, rc, rr):
+    losses, c, r = divkit.cpo_loss(pc, pr, loss_type="simpo", beta=2.0, alpha=0.2)
+    return (losses * torch.arange(1.0, 6.0)).sum() + 0 * (c.sum() + r.sum())
+
+
+def _orpo(pc, pr, rc, rr):
+    losses, c, r, mean_ratio, mean_odds = divkit.odds_ratio_loss(pc, pr, beta=0.3)
+    return losses.sum() * 2 + mean_odds + 0 * (c.sum() + r.sum() + mean_ratio)
+
+
+def _kto(pc, pr, rc, rr):
+    losses, c, r, kl = divkit.kto_loss(
+        pc[:3], pr[3:], pc * 0.5, rc[:3], rr[3:], rc * 0.7, beta=0.4, desirable_weight=1.3
+    )
+    return (losses * torch.arange(1.0, 6.0)).sum() + 0 * (c.sum() + r.sum() + kl)
+
+
+def _kl(pc, pr, rc, rr):
+    x = torch.stack([pc, pr])
+    y = torch.stack([rc, rr])
+    return (
+        divkit.rlhf.kl_estimator(x, y, "k3", clamp=True) * torch.arange(10.0).reshape(2, 5)
+    ).sum()
+
+
+SEQUENCE = {"cpo": _cpo, "orpo": _orpo, "kto": _kto, "kl_estimator": _kl}
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCE))
+def test_sequence_losses_compile_fullgraph_and_match_the_function_path(name, monkeypatch):
+    f = SEQUENCE[name]
+    inputs = [_logps(5, i) for i in range(4)]
+    _no_break(f, *inputs)
+    want, want_grads = _compiled_equals_eager(f, inputs, inputs)
+    monkeypatch.setattr(_ops, "ALWAYS", True)  # every call through the op, eagerly
+    got = f(*inputs)
+    got_grads = torch.autograd.grad(got, inputs, allow_unused=True)
+    assert torch.equal(got, want)
+    _same_grads(got_grads, want_grads)
+    # Double backward: a clear error on both paths.
+    for always in (True, False):
+        monkeypatch.setattr(_ops, "ALWAYS", always)
+        (g,) = torch.autograd.grad(f(*inputs), inputs[0], create_graph=True)
+        with pytest.raises(divkit.Error, match="double backward"):
+            g.sum().backward()
+
+
+def test_sequence_ops_opcheck():
+    pc, pr, rc, rr = (_logps(4, i) for i in range(4))
+    torch.library.opcheck(
+        _ops.cpo_loss_op, (pc, pr, None, "sigmoid", 0.5, 0.1, 0.5, 0.0, [False] * 2)
+    )
+    torch.library.opcheck(_ops.odds_ratio_loss_op, (pc, pr, None, 0.2, [False] * 2))
+    kto = (pc[:2], pr[2:], rc[:2], rr[2:], pc.detach(), rc.detach(), None, "kto", 0.3, 1.0)
+    torch.library.opcheck(_ops.kto_loss_op, kto + (1.2, [False] * 4))
+    torch.library.opcheck(
+        _ops.kl_estimator_op, (pc, rc, None, "k2", False, torch.float32, [False] * 2)
+    )
+
+
+def test_kl_estimator_vmap():
+    g = torch.Generator().manual_seed(7)
+    a, b = -torch.rand(3, 4, generator=g), -torch.rand(3, 4, generator=g)
+    got = torch.vmap(lambda x, y: divkit.rlhf.kl_estimator(x, y, "k1"))(a, b)
+    assert torch.equal(got, divkit.rlhf.kl_estimator(a, b, "k1"))
+
+
+def test_kl_estimator_non_finite_input_raises_under_compile():
+    """The public function's value check cannot run while tracing; the op checks when it runs."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b: divkit.rlhf.kl_estimator(a, b), fullgraph=True, backend="eager")
+    a, b = -torch.rand(4), -torch.rand(4)
+    assert torch.equal(f(a, b), divkit.rlhf.kl_estimator(a, b))
+    a[2] = float("nan")
+    with pytest.raises(divkit.Error, match="kl_estimator: logprobs"):
+        f(a, b)
