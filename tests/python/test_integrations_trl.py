@@ -39,6 +39,38 @@ def test_divkit_gkd_trainer_kinds_train(tmp_path, kind):
     assert sum(losses[-2:]) < sum(losses[:2])
 
 
+def test_divkit_gkd_trainer_every_kind_and_temperature_equal_divergence(tmp_path):
+    """On a batch the trainer saw: for every divkit kind, at temperature 2, DivkitGKDTrainer's
+    loss equals divkit.divergence on the materialized logits of both models (labels shifted,
+    the completion tokens' mean)."""
+    import divkit
+    from divkit.integrations import trl as dk_trl
+
+    seen = []
+
+    class Recording(dk_trl.DivkitGKDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not seen:
+                seen.append((self, {k: v.clone() for k, v in inputs.items()}))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    run_gkd(tmp_path, "gkd_kinds", Recording)
+    trainer, inputs = seen[0]
+    model, teacher = trainer.model, trainer.teacher_model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
+    with torch.no_grad():
+        s = model(input_ids=ids, attention_mask=mask).logits
+        t = teacher(input_ids=ids, attention_mask=mask).logits
+    trainer.divkit_temperature = 2.0
+    for kind in divkit.KINDS:
+        trainer.divkit_kind = kind
+        with torch.no_grad():
+            got = trainer.compute_loss(model, inputs)
+        want = divkit.divergence(s, t, kind, beta=trainer.beta, labels=labels, temperature=2.0)
+        assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-6), kind
+
+
 def _run_dpo(tmp_path, name, trainer_cls, **config):
     import warnings
 
