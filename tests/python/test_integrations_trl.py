@@ -574,3 +574,52 @@ def test_divkit_sparsepo_trainer_bad_arguments(tmp_path):
         _run_dpo(tmp_path, "bad", _sparsepo(sparsepo_mask="dense"), beta=0.5)
     with pytest.raises(divkit.Error, match="DivkitSparsePOTrainer: label_smoothing"):
         _run_dpo(tmp_path, "bad2", _sparsepo(), beta=0.5, label_smoothing=0.1)
+
+
+def test_divkit_kto_trainer_with_peft_reference(tmp_path):
+    """KTO on a LoRA adapter, the reference being the base model (ref_model=None): divkit's
+    fused head sits under the adapter, the results are stock KTOTrainer's."""
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    import datasets
+    from trl import KTOConfig, KTOTrainer
+
+    import test_trl_client as client
+    from divkit.integrations.trl import DivkitKTOTrainer
+
+    pairs = client.preference_data()
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": list(pairs["prompt"]) * 2,
+            "completion": list(pairs["chosen"]) + list(pairs["rejected"]),
+            "label": [True] * len(pairs) + [False] * len(pairs),
+        }
+    )
+
+    def run(name, cls):
+        tok = client.make_tokenizer()
+        kwargs = client.common_args(tmp_path, name)
+        kwargs.update(max_steps=3, learning_rate=5e-2)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(
+                model=client.make_model(0, len(tok)),
+                ref_model=None,
+                args=KTOConfig(**kwargs, beta=0.5, max_length=32),
+                train_dataset=data,
+                processing_class=tok,
+                peft_config=lora,
+            )
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    ref = run("trl", KTOTrainer)
+    got = run("divkit", DivkitKTOTrainer)
+    assert len(ref) == len(got) == 3 and max(h["kl"] for h in ref) > 0.1
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in ("loss", "kl", "grad_norm", "logps/chosen"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], **tol), (step, key)
