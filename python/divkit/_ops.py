@@ -27,6 +27,17 @@ Ops (namespace ``divkit``):
   process group.
 * ``sparse_divergence``, ``topk_divergence``: the sparse (top-k) and truncated teachers of
   :mod:`divkit.sparse`; return (loss, grad_student), as ``divergence``.
+* ``vocab_parallel_divergence``: :func:`divkit.distributed.vocab_parallel_divergence`, the
+  process group passed by its c10d name (``group.group_name``, resolved in the op, as torch's
+  functional collectives do); vmap raises (each call is a collective).
+* ``preference_loss``: the DPO family of :func:`divkit.preference_loss` (and so the sequence
+  step of ``tdpo_loss[_fused]`` and ``sparsepo_loss[_fused]``, whose token terms are the fused
+  heads above); returns (losses, chosen_rewards, rejected_rewards, 4 gradients), the gradients
+  computed by a second call in backward.
+
+Every op is registered for all devices (CompositeExplicitAutograd): a CUDA tensor reaches the
+same Python implementation, which asks :mod:`divkit._device` for the engine (the core's CUDA
+kernel on a CUDA build, else the PyTorch fallback) as the eager path does.
 """
 
 from __future__ import annotations
@@ -955,3 +966,474 @@ if ENABLED:
         _sparse_family_backward("topk_divergence", 16), setup_context=_sparse_family_setup
     )
     _loop_vmap(topk_divergence_op, 4)
+
+    # -----------------------------------------------------------------------------------------
+    # Vocabulary-parallel token divergence (divkit.distributed.vocab_parallel_divergence). A
+    # ProcessGroup cannot be an op argument: the group travels by name, as in torch's functional
+    # collectives, and is resolved by c10d in the op. Reduced losses get their shard gradients
+    # in the forward call; reduction="none" calls again in backward with the upstream gradient
+    # as token weights of a summed loss.
+    # -----------------------------------------------------------------------------------------
+
+    def group_name(group) -> str:
+        """The c10d name of a process group (what ``_resolve_process_group`` takes back)."""
+        return group.group_name
+
+    def _resolve_group(name: str):
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(name)
+
+    @torch.library.custom_op("divkit::vocab_parallel_divergence", mutates_args=())
+    def vocab_parallel_divergence_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Optional[Tensor],
+        weights: Optional[Tensor],
+        upstream: Optional[Tensor],
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t_squared: bool,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: float,
+        group_name: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import distributed
+        from .fused import _token_weights
+
+        fields = dict(
+            kind=kind,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            scale_by_t_squared=scale_by_t_squared,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+        )
+        group = _resolve_group(group_name)
+        if upstream is None:
+            loss, grads = distributed._vp_call(
+                student, teacher, labels, weights, fields, group, need, reduction
+            )
+        else:
+            loss, grads = distributed._vp_call(
+                student,
+                teacher,
+                labels,
+                _token_weights(upstream, weights),
+                fields,
+                group,
+                need,
+                "sum",
+            )
+        return (loss, *_grads_or_empty(student, grads))
+
+    @vocab_parallel_divergence_op.register_fake
+    def _vocab_parallel_fake(s, t, labels, weights, upstream, *rest):
+        reduction, need = rest[6], rest[9]
+        summed = reduction != "none" or upstream is not None
+        loss = s.new_empty((1 if summed else s.shape[0],), dtype=torch.float32)
+        grads = [
+            x.new_empty(x.shape, dtype=torch.float32) if n else _empty_like_device(s)
+            for x, n in zip((s, t), need)
+        ]
+        return (loss, *grads)
+
+    def _vocab_parallel_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.reduced = inputs[11] != "none"
+        if ctx.reduced:
+            ctx.save_for_backward(*output[1:])
+        else:
+            ctx.save_for_backward(*inputs[:4])
+            ctx.args = inputs[5:14]
+
+    def _vocab_parallel_backward(ctx, g_loss, *_):
+        need = list(ctx.needs_input_grad[:2])
+        if ctx.reduced:
+            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
+        else:
+            s, t, labels, weights = ctx.saved_tensors
+            out = vocab_parallel_divergence_op(s, t, labels, weights, g_loss, *ctx.args, need)
+            grads = [g if n else None for g, n in zip(out[1:], need)]
+        grads = guard_double_backward("vocab_parallel_divergence", grads)
+        return (*grads,) + (None,) * 13
+
+    vocab_parallel_divergence_op.register_autograd(
+        _vocab_parallel_backward, setup_context=_vocab_parallel_setup
+    )
+
+    def _vocab_parallel_vmap(info, in_dims, *args):
+        # Each call is a collective over the group: a loop over batch entries would make the
+        # ranks' collectives depend on each rank's vmap, so vmap is refused.
+        check.fail(
+            "vocab_parallel_divergence",
+            "torch.vmap is not supported (each call is a collective over the process group); "
+            "call it on the batched logits directly: their leading dimensions are tokens",
+        )
+
+    if hasattr(vocab_parallel_divergence_op, "register_vmap"):
+        vocab_parallel_divergence_op.register_vmap(_vocab_parallel_vmap)
+
+    def vocab_parallel_divergence(s2, t2, labels, weights, fields: dict, group):
+        """vocab_parallel_divergence through the op on [N, V_r] rows: the loss, [N] or [1]."""
+        need = _need((s2, t2), fields["reduction"] != "none")
+        out = vocab_parallel_divergence_op(
+            s2,
+            t2,
+            labels,
+            weights,
+            None,
+            fields["kind"],
+            fields["beta"],
+            fields["alpha"],
+            fields["temperature"],
+            fields["scale_by_t_squared"],
+            fields["ignore_index"],
+            fields["reduction"],
+            fields["num_items_in_batch"],
+            group_name(group),
+            need,
+        )
+        return out[0]
+
+    # -----------------------------------------------------------------------------------------
+    # Sequence-level DPO family (divkit.preference_loss: DPO, TDPO and SparsePO's last step).
+    # Inputs [B]; the core runs on host copies in fp64/fp32; backward calls the op again with
+    # the upstream gradient of the losses.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::preference_loss", mutates_args=())
+    def preference_loss_op(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+        chosen_lengths: Optional[Tensor],
+        rejected_lengths: Optional[Tensor],
+        policy_weights: Optional[Tensor],
+        grad_losses: Optional[Tensor],
+        loss_types: str,
+        loss_weights: List[float],
+        beta: float,
+        label_smoothing: float,
+        f_divergence_type: str,
+        f_alpha_divergence_coef: float,
+        discopop_tau: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        dtype = common.compute_dtype(*inputs)
+        n = inputs[0].shape[0]
+        args = _C.PreferenceArgs(
+            loss_types=loss_types.split(","),
+            loss_weights=list(loss_weights),
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+        )
+        host = [common.host(x, dtype) for x in inputs]
+        sw = None if policy_weights is None else common.host(policy_weights, dtype)
+        losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
+        g = common.grad_bufs(inputs, None if grad_losses is None else need, dtype, 4)
+        gl = None if grad_losses is None else common.host(grad_losses, dtype)
+        _C.preference_loss(
+            *host, args, chosen_lengths, rejected_lengths, sw, losses, cr, rj, gl, *g
+        )
+        device = inputs[0].device
+        grads = common.back(g, inputs)
+        outs = [losses.to(device), cr.to(device), rj.to(device)]
+        return (*outs, *(_empty_like_device(inputs[0]) if x is None else x for x in grads))
+
+    @preference_loss_op.register_fake
+    def _preference_fake(pc, pr, rc, rr, nw, nl, sw, grad_losses, *rest):
+        need = rest[-1]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in (pc, pr, rc, rr)) else None
+        dtype = dtype or torch.float32
+        n = pc.shape[0]
+        outs = [pc.new_empty((n,), dtype=dtype) for _ in range(3)]
+        grads = [
+            x.new_empty(x.shape) if (grad_losses is not None and k) else _empty_like_device(pc)
+            for x, k in zip((pc, pr, rc, rr), need)
+        ]
+        return (*outs, *grads)
+
+    def _preference_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*inputs[:7])
+        ctx.args = inputs[8:15]
+
+    def _preference_backward(ctx, g_losses, *_):
+        need = list(ctx.needs_input_grad[:4])
+        out = preference_loss_op(*ctx.saved_tensors, g_losses, *ctx.args, need)
+        grads = [g if k else None for g, k in zip(out[3:], need)]
+        grads = guard_double_backward("preference_loss", grads)
+        return (*grads,) + (None,) * 12
+
+    preference_loss_op.register_autograd(_preference_backward, setup_context=_preference_setup)
+    _loop_vmap(preference_loss_op, 8)
+
+    def preference_loss(pc, pr, rc, rr, nw, nl, sw, types, weights, beta, smoothing, f, fa, tau):
+        """preference_loss through the op: (losses, chosen_rewards, rejected_rewards). The loss
+        types travel as one comma-separated string (a schema has no list of strings)."""
+        if any("," in t for t in types):
+            check.fail("preference_loss", f"unknown loss_type in {types}")
+        out = preference_loss_op(
+            pc,
+            pr,
+            rc,
+            rr,
+            nw,
+            nl,
+            sw,
+            None,
+            ",".join(types),
+            weights,
+            beta,
+            smoothing,
+            f,
+            fa,
+            tau,
+            [False] * 4,
+        )
+        return out[0], out[1], out[2]
+
+    # -----------------------------------------------------------------------------------------
+    # The TRL trainers' other sequence losses (cpo_loss, odds_ratio_loss, kto_loss) and the
+    # per-token KL estimators of RLHF (kl_estimator): as preference_loss, the first call gives
+    # the outputs, backward calls the op again with the upstream gradient of the first output.
+    # Signature of each: (differentiable inputs, extra tensors, grad_out, options, need).
+    # -----------------------------------------------------------------------------------------
+
+    def _second_call_autograd(op, fn: str, n_in: int, n_extra: int, n_out: int, n_args: int):
+        """Registers the autograd of a sequence op whose second call (grad_out given) returns
+        the gradients of the n_in inputs after its n_out outputs."""
+
+        def setup(ctx, inputs, output):
+            ctx.mark_non_differentiable(*output[1:])
+            ctx.save_for_backward(*inputs[: n_in + n_extra])
+            ctx.args = inputs[n_in + n_extra + 1 : -1]
+
+        def backward(ctx, g_out, *_):
+            need = list(ctx.needs_input_grad[:n_in])
+            out = op(*ctx.saved_tensors, g_out, *ctx.args, need)
+            grads = [g if k else None for g, k in zip(out[n_out:], need)]
+            grads = guard_double_backward(fn, grads)
+            return (*grads,) + (None,) * (n_extra + 1 + n_args + 1)
+
+        op.register_autograd(backward, setup_context=setup)
+        _loop_vmap(op, n_in + n_extra + 1)
+
+    def _seq_dtype(*xs) -> torch.dtype:
+        return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+    def _seq_grads_fake(xs, grad_out, need):
+        return [
+            x.new_empty(x.shape) if (grad_out is not None and k) else _empty_like_device(xs[0])
+            for x, k in zip(xs, need)
+        ]
+
+    def _seq_back(g, inputs):
+        from .preference import _common as common
+
+        return [_empty_like_device(inputs[0]) if x is None else x for x in common.back(g, inputs)]
+
+    @torch.library.custom_op("divkit::cpo_loss", mutates_args=())
+    def cpo_loss_op(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        grad_losses: Optional[Tensor],
+        loss_type: str,
+        beta: float,
+        label_smoothing: float,
+        simpo_gamma: float,
+        alpha: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        inputs = (policy_chosen_logps, policy_rejected_logps)
+        dtype, n, device = _seq_dtype(*inputs), inputs[0].shape[0], inputs[0].device
+        args = _C.CpoArgs(
+            loss_type=loss_type,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma,
+            alpha=alpha,
+        )
+        host = [common.host(x, dtype) for x in inputs]
+        losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
+        g = common.grad_bufs(inputs, None if grad_losses is None else need, dtype, 2)
+        gl = None if grad_losses is None else common.host(grad_losses, dtype)
+        _C.cpo_loss(*host, args, losses, cr, rj, gl, *g)
+        return (losses.to(device), cr.to(device), rj.to(device), *_seq_back(g, inputs))
+
+    @cpo_loss_op.register_fake
+    def _cpo_fake(pc, pr, grad_losses, *rest):
+        outs = [pc.new_empty(pc.shape, dtype=_seq_dtype(pc, pr)) for _ in range(3)]
+        return (*outs, *_seq_grads_fake((pc, pr), grad_losses, rest[-1]))
+
+    _second_call_autograd(cpo_loss_op, "cpo_loss", 2, 0, 3, 5)
+
+    def cpo_loss(pc, pr, loss_type, beta, eps, gamma, alpha):
+        out = cpo_loss_op(pc, pr, None, loss_type, beta, eps, gamma, alpha, [False] * 2)
+        return out[0], out[1], out[2]
+
+    @torch.library.custom_op("divkit::odds_ratio_loss", mutates_args=())
+    def odds_ratio_loss_op(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        grad_losses: Optional[Tensor],
+        beta: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        inputs = (policy_chosen_logps, policy_rejected_logps)
+        dtype, n, device = _seq_dtype(*inputs), inputs[0].shape[0], inputs[0].device
+        host = [common.host(x, dtype) for x in inputs]
+        losses, cr, rj, lo = (torch.empty(n, dtype=dtype) for _ in range(4))
+        g = common.grad_bufs(inputs, None if grad_losses is None else need, dtype, 2)
+        gl = None if grad_losses is None else common.host(grad_losses, dtype)
+        _C.odds_ratio_loss(*host, beta, losses, cr, rj, lo, gl, *g)
+        outs = (losses.to(device), cr.to(device), rj.to(device), lo.to(device))
+        return (*outs, *_seq_back(g, inputs))
+
+    @odds_ratio_loss_op.register_fake
+    def _odds_ratio_fake(pc, pr, grad_losses, beta, need):
+        outs = [pc.new_empty(pc.shape, dtype=_seq_dtype(pc, pr)) for _ in range(4)]
+        return (*outs, *_seq_grads_fake((pc, pr), grad_losses, need))
+
+    _second_call_autograd(odds_ratio_loss_op, "odds_ratio_loss", 2, 0, 4, 1)
+
+    def odds_ratio_loss(pc, pr, beta):
+        """(losses, chosen_rewards, rejected_rewards, log_odds) through the op."""
+        return tuple(odds_ratio_loss_op(pc, pr, None, beta, [False] * 2)[:4])
+
+    @torch.library.custom_op("divkit::kto_loss", mutates_args=())
+    def kto_loss_op(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor,
+        reference_rejected_logps: Tensor,
+        policy_KL_logps: Optional[Tensor],
+        reference_KL_logps: Optional[Tensor],
+        grad_losses: Optional[Tensor],
+        loss_type: str,
+        beta: float,
+        desirable_weight: float,
+        undesirable_weight: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        inputs = (
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
+        )
+        dtype, device = _seq_dtype(*inputs), inputs[0].device
+        nc, nr = inputs[0].shape[0], inputs[1].shape[0]
+        pkl = None if policy_KL_logps is None else common.host(policy_KL_logps, dtype)
+        rkl = None if reference_KL_logps is None else common.host(reference_KL_logps, dtype)
+        h = [common.host(x, dtype) for x in inputs]
+        losses = torch.empty(nc + nr, dtype=dtype)
+        cr, rj = torch.empty(nc, dtype=dtype), torch.empty(nr, dtype=dtype)
+        kl = torch.empty(1, dtype=dtype)
+        backward = grad_losses is not None and any(need)
+        g = [torch.empty(nc, dtype=dtype), torch.empty(nr, dtype=dtype)] if backward else [None] * 2
+        gl = None if grad_losses is None else common.host(grad_losses, dtype)
+        _C.kto_loss(
+            h[0],
+            h[1],
+            pkl,
+            h[2],
+            h[3],
+            rkl,
+            loss_type,
+            beta,
+            desirable_weight,
+            undesirable_weight,
+            losses,
+            cr,
+            rj,
+            kl,
+            gl,
+            *g,
+        )
+        # The reference log-probs get the opposite of the policy's gradient.
+        grads = [
+            (g[i % 2] if i < 2 else -g[i % 2]) if backward and need[i] else None for i in range(4)
+        ]
+        outs = (losses.to(device), cr.to(device), rj.to(device), kl.reshape(()).to(device))
+        return (*outs, *_seq_back(grads, inputs))
+
+    @kto_loss_op.register_fake
+    def _kto_fake(pc, pr, rc, rr, pkl, rkl, grad_losses, *rest):
+        dtype = _seq_dtype(pc, pr, rc, rr)
+        outs = [
+            pc.new_empty((pc.shape[0] + pr.shape[0],), dtype=dtype),
+            pc.new_empty(pc.shape, dtype=dtype),
+            pc.new_empty(pr.shape, dtype=dtype),
+            pc.new_empty((), dtype=dtype),
+        ]
+        return (*outs, *_seq_grads_fake((pc, pr, rc, rr), grad_losses, rest[-1]))
+
+    _second_call_autograd(kto_loss_op, "kto_loss", 4, 2, 4, 4)
+
+    def kto_loss(pc, pr, rc, rr, pkl, rkl, loss_type, beta, wd, wu):
+        """(losses, chosen_rewards, rejected_rewards, kl) through the op."""
+        return tuple(
+            kto_loss_op(pc, pr, rc, rr, pkl, rkl, None, loss_type, beta, wd, wu, [False] * 4)[:4]
+        )
+
+    @torch.library.custom_op("divkit::kl_estimator", mutates_args=())
+    def kl_estimator_op(
+        logprobs: Tensor,
+        ref_logprobs: Tensor,
+        grad_out: Optional[Tensor],
+        kind: str,
+        clamp: bool,
+        out_dtype: torch.dtype,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import _C
+        from .rlhf import _flat, _shaped
+
+        inputs = (logprobs, ref_logprobs)
+        if grad_out is None:  # the values (the public function's check is skipped when traced)
+            check.finite("kl_estimator", "logprobs", logprobs)
+            check.finite("kl_estimator", "ref_logprobs", ref_logprobs)
+        dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        a, b = (_flat(x, dtype) for x in inputs)
+        out = torch.empty(a.numel(), dtype=dtype)
+        backward = grad_out is not None
+        g = [torch.empty(a.numel(), dtype=dtype) if backward and k else None for k in need]
+        go = None if grad_out is None else _flat(grad_out, dtype)
+        _C.kl_estimator(a, b, kind, clamp, out, go, *g)
+        grads = [_empty_like_device(logprobs) if x is None else x for x in _shaped(g, inputs)]
+        return (out.reshape(logprobs.shape).to(logprobs.device, out_dtype), *grads)
+
+    @kl_estimator_op.register_fake
+    def _kl_estimator_fake(a, b, grad_out, kind, clamp, out_dtype, need):
+        out = a.new_empty(a.shape, dtype=out_dtype)
+        return (out, *_seq_grads_fake((a, b), grad_out, need))
+
+    _second_call_autograd(kl_estimator_op, "kl_estimator", 2, 0, 1, 3)
+
+    def kl_estimator(a, b, kind, clamp, out_dtype):
+        return kl_estimator_op(a, b, None, kind, clamp, out_dtype, [False] * 2)[0]

@@ -434,7 +434,8 @@ def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
     x = x.detach().cpu()
     if x.dtype not in (torch.int32, torch.int64, torch.float32, torch.float64):
         x = x.to(torch.float64)
-    if bool((x <= 0).any()):
+    # A traced call (torch.compile) cannot branch on values; the core checks them when it runs.
+    if not torch.compiler.is_compiling() and bool((x <= 0).any()):
         fail(fn, f"{name} must be > 0, got {x[x <= 0][0].item()}")
     # Token counts, as the core checks: a length in (0, 1) would blow up s / n.
     if bool((x < 1).any()):
@@ -501,6 +502,11 @@ def lm_head(
 # ---------------------------------------------------------------------------------------------
 
 
+def _vmapped(x: torch.Tensor) -> bool:
+    f = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(f is not None and f(x))
+
+
 def finite(fn: str, name: str, x: Optional[torch.Tensor], *, logits: bool = False) -> None:
     """No NaN or +inf in x (one pass when x is finite). ``logits``: -inf entries are masked
     entries and pass, but a row (last dimension) of only -inf does not (it has no softmax);
@@ -508,6 +514,10 @@ def finite(fn: str, name: str, x: Optional[torch.Tensor], *, logits: bool = Fals
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
         return
     if x.device.type == "meta":
+        return
+    # A traced call (torch.compile, vmap's batched tensors) cannot branch on values: the custom
+    # ops check their inputs when they run.
+    if torch.compiler.is_compiling() or _vmapped(x):
         return
     xd = x.detach()
     if bool(torch.isfinite(xd).all()):

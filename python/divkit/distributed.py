@@ -22,7 +22,7 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
-from . import _C
+from . import _C, _ops
 from . import _validate as check
 from .fused import (
     _CEConfig,
@@ -107,14 +107,22 @@ def vocab_parallel_divergence(
         reduction=check.reduction(fn, reduction),
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
     )
-    _C.validate_spec(
-        fields["kind"],
-        fields["beta"],
-        fields["alpha"],
-        fields["temperature"],
-        fields["scale_by_t_squared"],
-    )
+    # The nanobind call cannot be traced; under torch.compile the core checks the spec when the
+    # op runs.
+    if not _ops.compiling():
+        _C.validate_spec(
+            fields["kind"],
+            fields["beta"],
+            fields["alpha"],
+            fields["temperature"],
+            fields["scale_by_t_squared"],
+        )
     group = dist.group.WORLD if process_group is None else process_group
+    if _ops.use_ops(s, t, lab, fn=fn):
+        s2 = s.reshape(-1, s.shape[-1]).contiguous()
+        t2 = t.reshape(-1, t.shape[-1]).contiguous()
+        loss = _ops.vocab_parallel_divergence(s2, t2, lab, wts, fields, group)
+        return loss.reshape(lead) if fields["reduction"] == "none" else loss.reshape(())
 
     def call(ts, need, upstream):
         if upstream is None:

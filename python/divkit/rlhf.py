@@ -11,7 +11,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from . import _C
+from . import _C, _ops
 from . import _validate as check
 from ._autograd import recompute_in_backward
 from .functional import divergence
@@ -62,11 +62,14 @@ def kl_estimator(
             fn,
             f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected {tuple(logprobs.shape)}",
         )
-    out_dtype = torch.result_type(logprobs, ref_logprobs)
+    # Same shapes (checked above): promote_types is result_type, and traceable.
+    out_dtype = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
     if not out_dtype.is_floating_point:
         check.fail(fn, "logprobs and ref_logprobs must be floating tensors")
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     shape, device, clamp = logprobs.shape, logprobs.device, bool(clamp)
+    if _ops.use_ops(logprobs, ref_logprobs, fn=fn):
+        return _ops.kl_estimator(logprobs, ref_logprobs, kind, clamp, out_dtype)
 
     def run(inputs, grad_out, need):
         a, b = (_flat(x, dtype) for x in inputs)

@@ -39,6 +39,38 @@ def test_divkit_gkd_trainer_kinds_train(tmp_path, kind):
     assert sum(losses[-2:]) < sum(losses[:2])
 
 
+def test_divkit_gkd_trainer_every_kind_and_temperature_equal_divergence(tmp_path):
+    """On a batch the trainer saw: for every divkit kind, at temperature 2, DivkitGKDTrainer's
+    loss equals divkit.divergence on the materialized logits of both models (labels shifted,
+    the completion tokens' mean)."""
+    import divkit
+    from divkit.integrations import trl as dk_trl
+
+    seen = []
+
+    class Recording(dk_trl.DivkitGKDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not seen:
+                seen.append((self, {k: v.clone() for k, v in inputs.items()}))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    run_gkd(tmp_path, "gkd_kinds", Recording)
+    trainer, inputs = seen[0]
+    model, teacher = trainer.model, trainer.teacher_model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
+    with torch.no_grad():
+        s = model(input_ids=ids, attention_mask=mask).logits
+        t = teacher(input_ids=ids, attention_mask=mask).logits
+    trainer.divkit_temperature = 2.0
+    for kind in divkit.KINDS:
+        trainer.divkit_kind = kind
+        with torch.no_grad():
+            got = trainer.compute_loss(model, inputs)
+        want = divkit.divergence(s, t, kind, beta=trainer.beta, labels=labels, temperature=2.0)
+        assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-6), kind
+
+
 def _run_dpo(tmp_path, name, trainer_cls, **config):
     import warnings
 
@@ -272,8 +304,32 @@ def test_divkit_kto_trainer_equals_trl(tmp_path, loss_type, monkeypatch):
             trainer.train()
         return [h for h in trainer.state.log_history if "loss" in h]
 
+    # Which head computes the log-probs: TRL's chunked one, or divkit's fused_linear_logprobs.
+    import trl.trainer.utils as trl_utils
+
+    import divkit.fused
+
+    heads = {"trl": 0, "divkit": 0}
+    trl_head, dk_head = trl_utils._ChunkedLogProbFunction, divkit.fused.fused_linear_logprobs
+
+    class CountingTRLHead:
+        @staticmethod
+        def apply(*args):
+            heads["trl"] += 1
+            return trl_head.apply(*args)
+
+    def counting_head(*args, **kwargs):
+        heads["divkit"] += 1
+        return dk_head(*args, **kwargs)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingTRLHead)
+    monkeypatch.setattr(divkit.fused, "fused_linear_logprobs", counting_head)
     ref = run("trl", KTOTrainer)
+    # Policy and reference per step, and both on the mismatched (KL) completions for "kto".
+    n = 3 * (4 if loss_type == "kto" else 2)
+    assert heads == {"trl": n, "divkit": 0}
     got = run("divkit", dk_trl.DivkitKTOTrainer)
+    assert heads == {"trl": n, "divkit": n}  # the divkit trainer: divkit's head only
     if loss_type == "kto":  # the KL baseline z0 is in play (TRL clamps it at 0)
         assert max(h["kl"] for h in ref) > 0.1
     assert len(calls) == 3 and len(ref) == len(got) == 3
@@ -281,7 +337,8 @@ def test_divkit_kto_trainer_equals_trl(tmp_path, loss_type, monkeypatch):
         assert set(a) == set(b)
         tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
         for key in a:
-            if key not in ("learning_rate", "epoch", "step", "grad_norm"):
+            if key not in ("learning_rate", "epoch", "step"):
+                # grad_norm: the gradient of every parameter, through divkit's head and loss
                 assert b[key] == pytest.approx(a[key], **tol), (step, key)
 
 
@@ -379,3 +436,190 @@ def test_divkit_tdpo_trainer_trains_and_equals_tdpo_loss(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 6 and "rewards/margins" in logs[0]
     assert sum(h["loss"] for h in logs[-2:]) < sum(h["loss"] for h in logs[:2])
+
+
+def _sparsepo(**extra):
+    from divkit.integrations.trl import DivkitSparsePOTrainer
+
+    class Trainer(DivkitSparsePOTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **extra, **k)
+
+    return Trainer
+
+
+def test_divkit_sparsepo_trainer_reward_only_equals_trl_dpo(tmp_path):
+    """SparsePO with m^r = 1, m^kl = 0 is DPO's sigmoid loss: equal to the stock DPOTrainer
+    over three steps (loss, rewards, gradient norm)."""
+    from trl import DPOTrainer
+
+    ref = _run_dpo(tmp_path, "trl", DPOTrainer, beta=0.5)
+    got = _run_dpo(tmp_path, "sparsepo", _sparsepo(sparsepo_mask="reward_only"), beta=0.5)
+    assert len(ref) == len(got) == 3
+    assert abs(ref[0]["loss"] - 0.6931) > 1e-3
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins")
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in keys + ("rewards/accuracies",):
+            assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+def test_divkit_sparsepo_trainer_ones_equals_tdpo1(tmp_path):
+    """All-ones masks are TDPO1 (SparsePO's limit): equal to DivkitTDPOTrainer(tdpo1)."""
+    from divkit.integrations.trl import DivkitTDPOTrainer
+
+    class TDPO1(DivkitTDPOTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, tdpo_variant="tdpo1", **k)
+
+    ref = _run_dpo(tmp_path, "tdpo1", TDPO1, beta=0.5)
+    got = _run_dpo(tmp_path, "sparsepo", _sparsepo(sparsepo_mask="ones"), beta=0.5)
+    assert len(ref) == len(got) == 3
+    for a, b in zip(ref, got):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
+
+
+def test_divkit_sparsepo_trainer_learned_masks_equal_fp64(tmp_path):
+    """The learned masks: the first step's loss equals SparsePO computed directly in fp64 from
+    the materialized logits of the initial models and a copy of the initial mask model; the mask
+    model trains (its parameters move) and is saved beside the model."""
+    import copy
+    import os
+    import warnings
+
+    import torch.nn.functional as F
+    from trl import DPOConfig
+
+    import divkit
+    import test_trl_client as client
+
+    tok = client.make_tokenizer()
+    model, ref = client.make_model(0, len(tok)), client.make_model(1, len(tok))
+    model0 = copy.deepcopy(model)
+    seen, masks0 = [], []
+    # A mask model of the caller's (the default's, with the mixers' biases set so that neither
+    # mask starts all zero: a ReLU that starts dead gives its head no gradient).
+    torch.manual_seed(0)
+    mask_model = divkit.preference.SparsePOMask(32, 2, dropout=0.0)
+    with torch.no_grad():
+        for head in mask_model.heads:
+            head["mix"].bias.fill_(0.5)
+    base = _sparsepo(
+        sparsepo_mask="learned",
+        sparsepo_l1_reward=0.01,
+        sparsepo_l1_kl=0.02,
+        sparsepo_mask_model=mask_model,
+    )
+
+    class Recording(base):
+        def _compute_loss(self, model, inputs, return_outputs):
+            if not masks0:
+                masks0.append(copy.deepcopy(self.sparsepo_mask_model))
+            loss = super()._compute_loss(model, inputs, return_outputs)
+            seen.append(({k: v.clone() for k, v in inputs.items()}, float(loss)))
+            return loss
+
+    kwargs = client.common_args(tmp_path, "sparsepo")
+    kwargs["max_steps"] = 4
+    args = DPOConfig(**kwargs, beta=0.5, max_length=32, precompute_ref_log_probs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Recording(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=client.preference_data(),
+            processing_class=tok,
+        )
+        trainer.train()
+    inputs, loss0 = seen[0]
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        logp = F.log_softmax(model0.double()(input_ids=ids, attention_mask=am).logits, -1)
+        out = ref.double()(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        logp_ref = F.log_softmax(out.logits, -1)
+        m_r, m_kl = masks0[0].double()(list(out.hidden_states[1:]))
+    logp, logp_ref, m_r, m_kl = logp[:, :-1], logp_ref[:, :-1], m_r[:, :-1], m_kl[:, :-1]
+    tokens = labels != -100
+    safe = labels.clamp(min=0).unsqueeze(-1)
+    logratio = (logp.gather(-1, safe) - logp_ref.gather(-1, safe)).squeeze(-1) * tokens
+    kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1) * tokens
+    u = (m_r * logratio).sum(-1)
+    d = -(m_kl * kl).sum(-1)
+    (u_w, u_l), (d_w, d_l) = u.chunk(2), d.chunk(2)
+    l1 = 0.01 * (m_r.abs() * tokens).sum(-1) + 0.02 * (m_kl.abs() * tokens).sum(-1)
+    l1_w, l1_l = l1.chunk(2)
+    want = -F.logsigmoid(0.5 * ((u_w - d_w) - (u_l - d_l))) + l1_w + l1_l
+    assert float(m_r[tokens].mean()) > 0 and float(m_kl[tokens].mean()) > 0  # masks not dead
+    assert loss0 == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4 and "sparsepo/reward_mask" in logs[0]
+    assert logs[0]["sparsepo/reward_mask"] == pytest.approx(float(m_r[tokens].mean()), rel=1e-5)
+    moved = [
+        float((a - b).abs().max())
+        for a, b in zip(masks0[0].parameters(), trainer.sparsepo_mask_model.parameters())
+    ]
+    assert max(moved) > 1e-4  # the mask model is trained with the policy
+    trainer.save_model(str(tmp_path / "saved"))
+    state = torch.load(os.path.join(tmp_path, "saved", "sparsepo_mask.pt"))
+    assert set(state) == set(trainer.sparsepo_mask_model.state_dict())
+
+
+def test_divkit_sparsepo_trainer_bad_arguments(tmp_path):
+    import divkit
+
+    with pytest.raises(divkit.Error, match="DivkitSparsePOTrainer: unknown sparsepo_mask"):
+        _run_dpo(tmp_path, "bad", _sparsepo(sparsepo_mask="dense"), beta=0.5)
+    with pytest.raises(divkit.Error, match="DivkitSparsePOTrainer: label_smoothing"):
+        _run_dpo(tmp_path, "bad2", _sparsepo(), beta=0.5, label_smoothing=0.1)
+
+
+def test_divkit_kto_trainer_with_peft_reference(tmp_path):
+    """KTO on a LoRA adapter, the reference being the base model (ref_model=None): divkit's
+    fused head sits under the adapter, the results are stock KTOTrainer's."""
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    import datasets
+    from trl import KTOConfig, KTOTrainer
+
+    import test_trl_client as client
+    from divkit.integrations.trl import DivkitKTOTrainer
+
+    pairs = client.preference_data()
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": list(pairs["prompt"]) * 2,
+            "completion": list(pairs["chosen"]) + list(pairs["rejected"]),
+            "label": [True] * len(pairs) + [False] * len(pairs),
+        }
+    )
+
+    def run(name, cls):
+        tok = client.make_tokenizer()
+        kwargs = client.common_args(tmp_path, name)
+        kwargs.update(max_steps=3, learning_rate=5e-2)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(
+                model=client.make_model(0, len(tok)),
+                ref_model=None,
+                args=KTOConfig(**kwargs, beta=0.5, max_length=32),
+                train_dataset=data,
+                processing_class=tok,
+                peft_config=lora,
+            )
+            trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    ref = run("trl", KTOTrainer)
+    got = run("divkit", DivkitKTOTrainer)
+    assert len(ref) == len(got) == 3 and max(h["kl"] for h in ref) > 0.1
+    for step, (a, b) in enumerate(zip(ref, got)):
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
+        for key in ("loss", "kl", "grad_norm", "logps/chosen"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], **tol), (step, key)

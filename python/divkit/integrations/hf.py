@@ -15,6 +15,9 @@ the ``[tokens x V]`` logits are never built during training:
 * :class:`FusedCrossEntropyLoss`: a ``compute_loss_func`` for ``transformers.Trainer``: the same
   loss from the hidden states of the model's forward (captured from the decoder), with
   ``num_items_in_batch``.
+* :class:`FusedDistillationLoss`: a ``compute_loss_func`` for knowledge distillation from a
+  teacher model: :func:`divkit.fused_linear_divergence` from both models' last hidden states
+  and lm_heads, with ``num_items_in_batch``; neither model's logits are built.
 
 The loss is Hugging Face's ``ForCausalLMLoss``: labels shifted left by one (the last position
 ignored), tokens with ``ignore_index`` (-100) excluded, ``mean`` over the non-ignored tokens, or
@@ -32,7 +35,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .. import _validate as check
-from ..fused import fused_linear_cross_entropy
+from ..fused import fused_linear_cross_entropy, fused_linear_divergence
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -45,6 +48,7 @@ __all__ = [
     "apply_divkit_kernel_to_phi3",
     "causal_lm_loss",
     "FusedCrossEntropyLoss",
+    "FusedDistillationLoss",
 ]
 
 #: Causal-LM classes whose forward is ``decoder -> last_hidden_state -> lm_head`` (+ Gemma's
@@ -257,3 +261,87 @@ class FusedCrossEntropyLoss:
         self._capture.remove()
         if self._pre is not None:
             self._pre.remove()
+
+
+_KD_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+
+
+class FusedDistillationLoss:
+    """A ``compute_loss_func`` for ``transformers.Trainer`` that distills ``teacher`` into
+    ``model``: :func:`divkit.fused_linear_divergence` of kind ``kind`` (any of
+    :data:`divkit.KINDS`; ``forward_kl`` = KL(p_teacher || q_student)) from the student's last
+    hidden states (captured from its decoder) and the teacher's (its decoder run on the same
+    inputs, without grad), with both lm_heads: neither ``[tokens x V]`` logits are built in
+    training (the student's forward is asked for the last position's logits only).
+
+    Labels are shifted as Hugging Face shifts them (position i predicts token i + 1; -100
+    ignored); the loss is the sum over the other tokens divided by the trainer's
+    ``num_items_in_batch`` (gradient accumulation), or their mean without it.
+    ``options``: further keywords of :func:`divkit.fused_linear_divergence` (``beta``,
+    ``alpha``, ``temperature``, ``hard_weight``, ``soft_weight``, ``chunk_size``, ...)::
+
+        trainer = Trainer(model=student, args=args, train_dataset=ds,
+                          compute_loss_func=FusedDistillationLoss(student, teacher, "jsd",
+                                                                   beta=0.5))
+
+    Models with a final logit softcap are refused (the fused distillation head has none)."""
+
+    def __init__(self, model, teacher, kind: str = "forward_kl", *, ignore_index: int = -100,
+                 **options):  # fmt: skip
+        fn = "FusedDistillationLoss"
+        for name, m in (("model", model), ("teacher", teacher)):
+            _lm_head(m)
+            if _softcap(m) is not None:
+                check.fail(fn, f"{name} has a final logit softcap, which the fused head lacks")
+        self.model, self.teacher = model, teacher
+        self.kind = check.string(fn, "kind", kind)
+        self.ignore_index = check.integer(fn, "ignore_index", ignore_index)
+        self.options = dict(options)
+        self._inputs: Optional[Dict[str, Any]] = None
+        self._capture = _HiddenCapture(model)
+        self._accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._pre = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def _pre_hook(self, module, args, kwargs: Dict[str, Any]):
+        inputs = {k: kwargs[k] for k in _KD_INPUTS if kwargs.get(k) is not None}
+        if args:
+            inputs.setdefault("input_ids", args[0])
+        self._inputs = inputs
+        if module.training and self._accepts_keep:
+            return args, {**kwargs, "logits_to_keep": 1}
+        return None
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        hidden = self._capture.take()
+        inputs, self._inputs = self._inputs, None
+        if inputs is None:
+            check.fail("FusedDistillationLoss", "the model's inputs were not seen")
+        self.teacher.eval()
+        with torch.no_grad():
+            out = _decoder(self.teacher)(**inputs, use_cache=False)
+            teacher_hidden = getattr(out, "last_hidden_state", None)
+            teacher_hidden = out[0] if teacher_hidden is None else teacher_hidden
+        labels = labels.to(hidden.device)
+        shift = torch.nn.functional.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
+        head, teacher_head = _lm_head(self.model), _lm_head(self.teacher)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(hidden.device)
+        return fused_linear_divergence(
+            hidden,
+            head.weight,
+            teacher_hidden.to(hidden.device),
+            teacher_head.weight.detach(),
+            self.kind,
+            student_bias=head.bias,
+            teacher_bias=None if teacher_head.bias is None else teacher_head.bias.detach(),
+            labels=shift,
+            ignore_index=self.ignore_index,
+            reduction="mean",
+            num_items_in_batch=num_items_in_batch,
+            **self.options,
+        )
+
+    def remove(self) -> None:
+        """Removes the hooks from the model."""
+        self._capture.remove()
+        self._pre.remove()

@@ -15,7 +15,11 @@
   :func:`divkit.odds_ratio_loss`; everything else is TRL's.
 * :class:`DivkitKTOTrainer`: TRL's ``KTOTrainer`` whose loss is :func:`divkit.kto_loss`
   (``kto`` and ``apo_zero_unpaired``, desirable / undesirable weights, the KL baseline z0 from
-  TRL's mismatched completions), computed from TRL's own log-probs; metrics TRL's.
+  TRL's mismatched completions), its log-probs from :func:`divkit.fused_linear_logprobs` on the
+  last hidden states (:func:`add_divkit_lm_head` in place of TRL's fused head); metrics TRL's.
+* :class:`DivkitSparsePOTrainer`: SparsePO (Christopoulou et al. 2024), which TRL does not
+  have, on ``DPOTrainer``'s data path: :func:`divkit.sparsepo_loss_fused` from hidden states,
+  learned (or all-ones, or reward-only) token masks.
 * :class:`DivkitTDPOTrainer`: token-level DPO (TDPO1 / TDPO2, Zeng et al. 2024), which TRL does
   not have, on TRL's ``DPOTrainer`` data path (same datasets, collator and ``DPOConfig``):
   :func:`divkit.tdpo_loss_fused` from the policy's and the reference's last hidden states, no
@@ -49,7 +53,14 @@ import torch
 
 from .. import _validate as check
 from ..fused import fused_linear_divergence
-from ..preference import cpo_loss, kto_loss, odds_ratio_loss, preference_loss, tdpo_loss_fused
+from ..preference import (
+    cpo_loss,
+    kto_loss,
+    odds_ratio_loss,
+    preference_loss,
+    sparsepo_loss_fused,
+    tdpo_loss_fused,
+)
 
 # The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
 __all__ = [
@@ -59,7 +70,9 @@ __all__ = [
     "DivkitDistillationTrainer",
     "DivkitGKDTrainer",  # noqa: F822
     "DivkitKTOTrainer",
+    "DivkitSparsePOTrainer",
     "DivkitTDPOTrainer",
+    "add_divkit_lm_head",
     "last_hidden_and_head",
 ]
 
@@ -421,9 +434,159 @@ def _kto_base():
     return KTOTrainer
 
 
+_HEAD_WARNED = []
+
+
+def _head_unsupported(model) -> Optional[str]:
+    """Why divkit's fused head cannot stand in for TRL's on this model (None: it can)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    cfg = model.config if cfg is None else cfg
+    if getattr(cfg, "final_logit_softcapping", None):
+        return "a final logit softcap"
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        v = getattr(cfg, name, None)
+        if v is not None and v != 1:
+            return f"a logit scale ({name})"
+    if getattr(cfg, "output_router_logits", False):
+        return "a router auxiliary loss"
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        return "an lm_head that is not an nn.Linear"
+    return None
+
+
+def add_divkit_lm_head(model, temperature: float = 1.0, outputs=("log_probs",)) -> bool:
+    """Makes ``model(..., labels=labels, fused_lm_head=True)`` (the call TRL 1.16's trainers make
+    after ``trl.trainer.utils.add_fused_lm_head``) compute its per-token outputs with
+    :func:`divkit.fused_linear_logprobs` from the decoder's last hidden states: no ``[tokens x
+    V]`` logits, the log-probs ``log softmax(h W^T + b) / T`` of the next token (labels shifted
+    as TRL shifts them, or ``shift_labels`` as given), 0 where the label is -100; ``outputs``
+    may add ``"entropy"`` (differentiable) and ``"mean_logits"`` (the vocabulary mean of the
+    logits, ``h . mean(W) + mean(b)``, no gradient); TRL's other fields are None. Returns a
+    ``trl.trainer.utils.FusedCausalLMOutput``. Calls without ``fused_lm_head=True`` go to the
+    model's previous forward (generation is unchanged). Models with a final logit softcap, a
+    logit scale, a router auxiliary loss or a non-Linear lm_head are left as they are (a warning,
+    once) and False is returned."""
+    fn = "add_divkit_lm_head"
+    temperature = check.positive(fn, "temperature", temperature)
+    allowed = {"log_probs", "entropy", "mean_logits"}
+    outputs = tuple(outputs)
+    for name in outputs:
+        if name not in allowed:
+            check.fail(fn, f"outputs: '{name}' is not one of {sorted(allowed)}")
+    why = _head_unsupported(model)
+    if why is not None:
+        if not _HEAD_WARNED:
+            _HEAD_WARNED.append(True)
+            warnings.warn(
+                f"add_divkit_lm_head: {type(model).__name__} has {why}, which divkit's fused "
+                "head does not apply; the model's own (TRL's) head is kept",
+                UserWarning,
+                stacklevel=2,
+            )
+        return False
+    import types
+
+    import transformers
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from ..fused import fused_linear_logprobs
+
+    previous = model.forward
+    # As TRL: before transformers 5, vision-language models expose their language backbone as
+    # `model` rather than through `base_model_prefix`.
+    text_config = model.config.get_text_config()
+    backbone_attr = "base_model"
+    if text_config is not model.config and int(transformers.__version__.split(".")[0]) < 5:
+        backbone_attr = "model"
+
+    @functools.wraps(type(model).forward)
+    def forward(
+        self,
+        *args,
+        fused_lm_head=False,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        if not fused_lm_head:
+            extra = dict(
+                labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch
+            )
+            kwargs.update({k: v for k, v in extra.items() if v is not None})
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        # Looked up on each call: FSDP and PEFT replace the backbone and the head after patching.
+        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        if shift_labels is None:
+            # Position i predicts token i + 1: labels shifted left, the last position ignored
+            # (the hidden states stay whole, so no strided copy is made), trimmed at the end.
+            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        else:
+            targets = shift_labels
+        targets = targets.to(head.weight.device)
+        hidden = hidden.to(head.weight.device)
+        res = fused_linear_logprobs(
+            hidden,
+            head.weight,
+            targets,
+            head.bias,
+            temperature=temperature,
+            return_entropy="entropy" in outputs,
+        )
+        log_probs, entropy = (res.logprobs, res.entropy) if "entropy" in outputs else (res, None)
+        mask = targets != -100
+        mean_logits = None
+        if "mean_logits" in outputs:
+            with torch.no_grad():
+                w = (
+                    head.weight.full_tensor()
+                    if hasattr(head.weight, "full_tensor")
+                    else head.weight
+                )
+                mean = hidden.float() @ w.float().mean(0)
+                if head.bias is not None:
+                    b = head.bias
+                    b = b.full_tensor() if hasattr(b, "full_tensor") else b
+                    mean = mean + b.float().mean()
+                mean_logits = (mean / temperature).masked_fill(~mask, 0)
+        if shift_labels is None:
+            mask = mask[:, :-1]
+            log_probs, entropy, mean_logits = (
+                None if x is None else x[:, :-1] for x in (log_probs, entropy, mean_logits)
+            )
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denom,
+            log_probs=log_probs,
+            entropy=entropy,
+            mean_logits=mean_logits,
+            label_mask=mask,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 class DivkitKTOTrainer(_kto_base()):
     """``trl.KTOTrainer`` with the loss of :func:`divkit.kto_loss` (see the module docstring),
-    configured by the same ``KTOConfig``."""
+    configured by the same ``KTOConfig``. With ``divkit_fused_head=True`` (default) the
+    policy's and the reference's per-token log-probs, the entropy and mean-logit metrics come
+    from :func:`divkit.fused_linear_logprobs` on the decoder's last hidden states
+    (:func:`add_divkit_lm_head` in place of TRL's fused head): no ``[tokens x V]`` logits of
+    either model; ``False`` keeps TRL's head."""
+
+    def __init__(self, *args, divkit_fused_head: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.divkit_fused_head = bool(divkit_fused_head)
+        if self.divkit_fused_head:
+            model = self.model
+            if hasattr(model, "get_base_model"):  # PEFT: the head goes on the base model
+                model = model.get_base_model()
+            add_divkit_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
+            if self.ref_model is not None:
+                add_divkit_lm_head(self.ref_model)
 
     def _compute_kl_logps(self, model, batch):
         self._divkit_in_kl = True
@@ -530,13 +693,172 @@ class DivkitTDPOTrainer(_dpo_base()):
             variant=self.tdpo_variant,
             label_smoothing=self.label_smoothing,
         )
-        mode = "train" if self.model.training else "eval"
-        gather = self.accelerator.gather_for_metrics
-        metrics = self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        margins = chosen_rewards - rejected_rewards
-        metrics["rewards/accuracies"].append(gather((margins > 0).float()).mean().item())
-        metrics["rewards/margins"].append(gather(margins).mean().item())
+        _log_rewards(self, chosen_rewards, rejected_rewards)
+        loss = losses.mean()
+        return (loss, None) if return_outputs else loss
+
+
+def _log_rewards(trainer, chosen_rewards, rejected_rewards, extra=None):
+    """TRL's reward metrics (DPOTrainer's names), gathered over the ranks."""
+    mode = "train" if trainer.model.training else "eval"
+    gather = trainer.accelerator.gather_for_metrics
+    metrics = trainer._metrics[mode]
+    metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+    metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+    margins = chosen_rewards - rejected_rewards
+    metrics["rewards/accuracies"].append(gather((margins > 0).float()).mean().item())
+    metrics["rewards/margins"].append(gather(margins).mean().item())
+    for key, value in (extra or {}).items():
+        metrics[key].append(gather(value.detach().reshape(1)).mean().item())
+
+
+_SPARSEPO_MASKS = ("learned", "shared", "ones", "reward_only")
+
+
+class DivkitSparsePOTrainer(_dpo_base()):
+    """SparsePO (Christopoulou et al. 2024; huawei-noah/HEBO, SparsePO), which TRL does not have,
+    on TRL's ``DPOTrainer`` data path (same datasets, collator and ``DPOConfig``; ``beta`` from
+    the config): :func:`divkit.sparsepo_loss_fused` from the policy's and the reference's last
+    hidden states, no ``[tokens x V]`` logits of either. Per completion token the reward
+    ``log pi - log pi_ref`` is weighted by a mask m^r and the KL(pi_ref || pi) by a mask m^kl;
+    ``loss = -logsig(beta (u - d)) + l1_reward |m^r|_1 + l1_kl |m^kl|_1`` (see
+    :func:`divkit.sparsepo_loss`).
+
+    Extra keyword arguments: ``sparsepo_mask`` picks the masks:
+
+    * ``"learned"`` (default): two masks from :class:`divkit.SparsePOMask` on the reference's
+      hidden states of every decoder layer, trained with the policy (its parameters are added
+      to the optimizer, learning rate and schedule the policy's, no weight decay; saved as
+      ``sparsepo_mask.pt`` beside the model); ``"shared"``: one learned mask for both;
+    * ``"ones"``: m^r = m^kl = 1, which is TDPO1 (:class:`DivkitTDPOTrainer` with
+      ``tdpo_variant="tdpo1"``);
+    * ``"reward_only"``: m^r = 1, m^kl = 0, which is DPO's sigmoid loss (``DPOTrainer`` with
+      ``loss_type="sigmoid"``).
+
+    ``sparsepo_l1_reward``, ``sparsepo_l1_kl`` (the L1 weights, default 0), ``sparsepo_dropout``
+    (the mask model's dropout, default 0.1 as the official code), ``sparsepo_mask_model`` (a
+    module of your own: called on the list of the reference's per-layer hidden states ``[B, T,
+    H]``, returns ``(reward_mask, kl_mask)`` ``[B, T]``). Needs a reference model. Logs TRL's
+    reward metrics (rewards ``beta (u - d)`` per response) and ``sparsepo/reward_mask`` and
+    ``sparsepo/kl_mask``, the masks' means over the completion tokens."""
+
+    def __init__(
+        self,
+        *args,
+        sparsepo_mask: str = "learned",
+        sparsepo_l1_reward: float = 0.0,
+        sparsepo_l1_kl: float = 0.0,
+        sparsepo_dropout: float = 0.1,
+        sparsepo_mask_model: Optional[torch.nn.Module] = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        fn = "DivkitSparsePOTrainer"
+        mode = check.string(fn, "sparsepo_mask", sparsepo_mask)
+        if mode not in _SPARSEPO_MASKS:
+            check.fail(fn, f"unknown sparsepo_mask '{mode}' (valid: {', '.join(_SPARSEPO_MASKS)})")
+        self.sparsepo_mask = mode
+        self.sparsepo_l1_reward = check.real(fn, "sparsepo_l1_reward", sparsepo_l1_reward)
+        self.sparsepo_l1_kl = check.real(fn, "sparsepo_l1_kl", sparsepo_l1_kl)
+        if self.ref_model is None or self.precompute_ref_logps:
+            check.fail(
+                fn,
+                "SparsePO needs a reference model (ref_model=..., precompute_ref_log_probs=False): "
+                "its per-token KL needs the reference's distributions",
+            )
+        if self.label_smoothing:
+            check.fail(fn, "label_smoothing is not part of SparsePO; leave it at 0")
+        learned = mode in ("learned", "shared")
+        if sparsepo_mask_model is not None and not learned:
+            check.fail(
+                fn,
+                f"sparsepo_mask_model is used with sparsepo_mask 'learned' or 'shared', "
+                f"not '{mode}'",
+            )
+        if learned and sparsepo_mask_model is None:
+            from ..preference import SparsePOMask
+
+            cfg = self.ref_model.config.get_text_config()
+            sparsepo_mask_model = SparsePOMask(
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+                dropout=sparsepo_dropout,
+                shared=mode == "shared",
+            )
+        self.sparsepo_mask_model = (
+            None if sparsepo_mask_model is None else sparsepo_mask_model.to(self.args.device)
+        )
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        mask_model = self.sparsepo_mask_model
+        if mask_model is not None and not getattr(self, "_sparsepo_in_optimizer", False):
+            params = [p for p in mask_model.parameters() if p.requires_grad]
+            if params:
+                self.optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+            self._sparsepo_in_optimizer = True
+        return optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.sparsepo_mask_model is not None:
+            import os
+
+            out = output_dir if output_dir is not None else self.args.output_dir
+            torch.save(self.sparsepo_mask_model.state_dict(), os.path.join(out, "sparsepo_mask.pt"))
+
+    def _masks(self, ref_layers, like):
+        """(chosen reward, rejected reward, chosen KL, rejected KL) masks, or Nones (ones)."""
+        if self.sparsepo_mask == "ones":
+            return None, None, None, None
+        if self.sparsepo_mask == "reward_only":
+            zeros = torch.zeros(like.shape[0] // 2, like.shape[1], device=like.device)
+            return None, None, zeros, zeros
+        self.sparsepo_mask_model.train(self.model.training)
+        reward, kl = self.sparsepo_mask_model(list(ref_layers))
+        return (*reward.chunk(2), *kl.chunk(2))
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        hidden, head = last_hidden_and_head(model, ids, mask)
+        learned = self.sparsepo_mask in ("learned", "shared")
+        with torch.no_grad():
+            decoder = self.ref_model.get_decoder()
+            ref_out = decoder(
+                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=learned
+            )
+            ref_hidden, ref_head = ref_out.last_hidden_state, self.ref_model.get_output_embeddings()
+        # The mask model reads the reference's per-layer hidden states (the outputs of the L
+        # decoder layers): position t's mask weighs the token that position predicts.
+        rwc, rwl, kmc, kml = self._masks(ref_out.hidden_states[1:] if learned else None, labels)
+        (hc, hr), (lc, lr), (rc, rr) = hidden.chunk(2), labels.chunk(2), ref_hidden.chunk(2)
+        losses, chosen_rewards, rejected_rewards = sparsepo_loss_fused(
+            hc,
+            hr,
+            head.weight,
+            lc,
+            lr,
+            ref_chosen_hidden=rc,
+            ref_rejected_hidden=rr,
+            ref_weight=ref_head.weight.detach(),
+            lm_head_bias=head.bias,
+            ref_bias=None if ref_head.bias is None else ref_head.bias.detach(),
+            chosen_reward_mask=rwc,
+            rejected_reward_mask=rwl,
+            chosen_kl_mask=kmc,
+            rejected_kl_mask=kml,
+            beta=self.beta,
+            l1_reward=self.sparsepo_l1_reward,
+            l1_kl=self.sparsepo_l1_kl,
+        )
+        extra = {}
+        if learned:
+            tokens = (labels != -100).float()
+            n = tokens.sum().clamp(min=1)
+            extra["sparsepo/reward_mask"] = (torch.cat([rwc, rwl]) * tokens).sum() / n
+            extra["sparsepo/kl_mask"] = (torch.cat([kmc, kml]) * tokens).sum() / n
+        _log_rewards(self, chosen_rewards, rejected_rewards, extra)
         loss = losses.mean()
         return (loss, None) if return_outputs else loss

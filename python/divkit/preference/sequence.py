@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _C
+from .. import _C, _ops
 from .. import _validate as check
 from .._autograd import recompute_in_backward
 from . import _common as common
@@ -139,6 +139,11 @@ def preference_loss(
     sw = None
     if policy_weights is not None:
         sw = common.host(check.vector(fn, "policy_weights", policy_weights, n), dtype)
+    if _ops.use_ops(pc, pr, rc, rr, fn=fn):
+        return _ops.preference_loss(
+            pc, pr, rc, rr, nw, nl, sw, types, weights, beta, label_smoothing,
+            f_divergence_type, f_alpha, tau,
+        )  # fmt: skip
     device = pc.device
     args = _C.PreferenceArgs(
         loss_types=types,
@@ -271,6 +276,8 @@ def cpo_loss(
     pc = check.vector(fn, "policy_chosen_logps", policy_chosen_logps)
     n = pc.shape[0]
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, n)
+    if _ops.use_ops(pc, pr, fn=fn):
+        return _ops.cpo_loss(pc, pr, loss_type, beta, eps, gamma, alpha)
     dtype, device = common.compute_dtype(pc, pr), pc.device
     args = _C.CpoArgs(
         loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma, alpha=alpha
@@ -327,6 +334,9 @@ def odds_ratio_loss(
     n = pc.shape[0]
     pr = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, n)
     dtype, device = common.compute_dtype(pc, pr), pc.device
+    if _ops.use_ops(pc, pr, fn=fn):
+        losses, cr, rj, lo = _ops.odds_ratio_loss(pc, pr, beta)
+        return losses, cr, rj, torch.mean(losses.detach() / beta), torch.mean(lo)
 
     def run(inputs, grad_losses, need):
         host = [common.host(x, dtype) for x in inputs]
@@ -397,6 +407,8 @@ def kto_loss(
         )
         pkl, rkl = common.host(pkl, dtype), common.host(rkl, dtype)
     nc, nr = pc.shape[0], pr.shape[0]
+    if _ops.use_ops(pc, pr, rc, rr, fn=fn):
+        return _ops.kto_loss(pc, pr, rc, rr, pkl, rkl, loss_type, beta, wd, wu)
 
     def run(inputs, grad_losses, need):
         h = [common.host(x, dtype) for x in inputs]
