@@ -113,6 +113,14 @@ def common_device(fn: str, tensors: Sequence[Tuple[str, Any]]) -> Optional[torch
     return None if first is None else first[1]
 
 
+def _cuda_stream(dev: torch.device) -> Optional[int]:
+    """PyTorch's current stream of ``dev``; None where this torch has no CUDA (fake CUDA tensors
+    being traced on a CPU-only torch: the op routes again, with a stream, when it runs)."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
 def route(fn: str, op: str, backend_name: str, tensors: Sequence[Tuple[str, Any]]) -> Route:
     """Checks that the tensors share a device and picks the engine of op ``op`` (the core's
     name of the public function ``fn``) for them under ``backend_name``."""
@@ -125,7 +133,7 @@ def route(fn: str, op: str, backend_name: str, tensors: Sequence[Tuple[str, Any]
     if dev.type == "cpu":
         return Route("core", dev)
     if dev.type == "cuda" and cuda_built() and has_cuda_kernel(op):
-        return Route("core", dev, torch.cuda.current_stream(dev).cuda_stream)
+        return Route("core", dev, _cuda_stream(dev))
     row_op = CORE_ROWS.get(op)
     if (
         backend_name == "auto"
@@ -134,7 +142,7 @@ def route(fn: str, op: str, backend_name: str, tensors: Sequence[Tuple[str, Any]
         and cuda_built()
         and has_cuda_kernel(row_op)
     ):
-        return Route("torch", dev, torch.cuda.current_stream(dev).cuda_stream, rows="core")
+        return Route("torch", dev, _cuda_stream(dev), rows="core")
     # meta tensors hold no values: nothing can compute on them.
     if backend_name == "core" or op not in TORCH_OPS or dev.type == "meta":
         check.fail(fn, f"no kernel for device {dev}")

@@ -391,7 +391,11 @@ if ENABLED:
         return g * go.to(g.dtype)
 
     def _engine(route) -> str:
-        return "torch" if route is not None and not route.core else "auto"
+        # "auto" lets the op route again when it runs: on CUDA that keeps divkit's row kernel
+        # inside the PyTorch chunk loop (route.rows == "core").
+        if route is None or route.core or route.rows == "core":
+            return "auto"
+        return "torch"
 
     @torch.library.custom_op("divkit::fused_linear_cross_entropy", mutates_args=())
     def fused_ce_op(

@@ -435,11 +435,12 @@ def lengths(fn: str, name: str, x: Any, n: int) -> Optional[torch.Tensor]:
     if x.dtype not in (torch.int32, torch.int64, torch.float32, torch.float64):
         x = x.to(torch.float64)
     # A traced call (torch.compile) cannot branch on values; the core checks them when it runs.
-    if not torch.compiler.is_compiling() and bool((x <= 0).any()):
-        fail(fn, f"{name} must be > 0, got {x[x <= 0][0].item()}")
-    # Token counts, as the core checks: a length in (0, 1) would blow up s / n.
-    if bool((x < 1).any()):
-        fail(fn, f"{name} must be >= 1 (token counts), got {x[x < 1][0].item()}")
+    if not torch.compiler.is_compiling():
+        if bool((x <= 0).any()):
+            fail(fn, f"{name} must be > 0, got {x[x <= 0][0].item()}")
+        # Token counts, as the core checks: a length in (0, 1) would blow up s / n.
+        if bool((x < 1).any()):
+            fail(fn, f"{name} must be >= 1 (token counts), got {x[x < 1][0].item()}")
     return x.contiguous()
 
 

@@ -356,3 +356,21 @@ def test_kl_estimator_non_finite_input_raises_under_compile():
     a[2] = float("nan")
     with pytest.raises(divkit.Error, match="kl_estimator: logprobs"):
         f(a, b)
+
+
+@pytest.mark.skipif(not divkit._C.cuda_built(), reason="divkit built without CUDA")
+def test_public_calls_trace_fake_cuda_tensors():
+    """The public functions, not only the ops, take fake CUDA tensors on a CPU-only torch: the
+    route asks for no CUDA stream there (the op routes again when it runs). No requires_grad:
+    a CPU-only torch aborts building an autograd node for a fake CUDA tensor, divkit or not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        s = torch.empty(4, 10, device="cuda")
+        t = torch.empty(4, 10, device="cuda")
+        loss = divkit.divergence(s, t, "jsd")
+        assert loss.shape == () and loss.device.type == "cuda"
+        h, w = torch.empty(4, 6, device="cuda"), torch.empty(10, 6, device="cuda")
+        labels = torch.zeros(4, dtype=torch.int64, device="cuda")
+        ce = divkit.fused_linear_cross_entropy(h, w, labels)
+        assert ce.shape == () and ce.device.type == "cuda"
