@@ -38,6 +38,15 @@ namespace HWY_NAMESPACE {
 // names. (ExpOrInf / Expm1OrInf are replaced in `defs` below.)
 namespace div_ops {
 using namespace hwy::HWY_NAMESPACE;  // NOLINT(build/namespaces)
+// Highway's log without its subnormal rescaling where every lane is normal (jsd's mixture: the
+// subnormal, zero and masked lanes are rare, and take the full version).
+template <class D, class V>
+HWY_INLINE V Log(D d, V x) {
+  if (HWY_UNLIKELY(!hwy::HWY_NAMESPACE::AllTrue(
+          d, hwy::HWY_NAMESPACE::Ge(x, hwy::HWY_NAMESPACE::Set(d, 1.17549435e-38f)))))
+    return hwy::HWY_NAMESPACE::Log(d, x);
+  return hwy::HWY_NAMESPACE::impl::Log<D, V, /*kAllowSubnormals=*/false>(d, x);
+}
 template <class D, class V>
 HWY_INLINE V Expm1(D d, V x) {
   return Expm1OrInfFast(d, x);
