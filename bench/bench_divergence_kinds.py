@@ -55,6 +55,8 @@ def _alpha(kind: str) -> float:
 
 
 def triad_gbps(torch, total_bytes: int = 3 << 30, runs: int = 5) -> float:
+    """Best of `runs` of a = b + 1.5 c over three float32 arrays of total_bytes in all (the
+    arrays are freed before returning)."""
     n = total_bytes // 12
     a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
     a.copy_(b)  # fault the pages in
@@ -63,13 +65,15 @@ def triad_gbps(torch, total_bytes: int = 3 << 30, runs: int = 5) -> float:
         t0 = time.perf_counter()
         torch.add(b, c, alpha=1.5, out=a)
         best = max(best, 12 * n / (time.perf_counter() - t0) / 1e9)
+    del a, b, c
     return best
 
 
 def inputs(torch, n: int, v: int):
+    """Student and teacher logits (no [N, V] temporaries: the machine may be short of memory)."""
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(n, v, generator=g) * 2
-    t = s + torch.randn(n, v, generator=g)
+    s = torch.randn(n, v, generator=g).mul_(2)
+    t = torch.randn(n, v, generator=g).add_(s)
     return s, t
 
 
@@ -83,11 +87,11 @@ def part_kinds(args) -> dict:
     import divkit
 
     torch.set_num_threads(divkit.get_num_threads())
+    tri = [triad_gbps(torch)]
     s, t = inputs(torch, args.n, args.v)
     leaf = s.requires_grad_(True)
     buf = torch.zeros_like(s)
     out = {k: {"wall": [], "cpu": []} for k in args.kinds}
-    tri = [triad_gbps(torch)]
 
     def step(kind):
         leaf.grad = None
@@ -104,6 +108,7 @@ def part_kinds(args) -> dict:
             w, c = step(kind)
             out[kind]["wall"].append(w)
             out[kind]["cpu"].append(c)
+    del s, t, leaf, buf
     tri.append(triad_gbps(torch))
     return {"kinds": out, "triad": tri, "threads": divkit.get_num_threads()}
 
@@ -114,8 +119,9 @@ def part_buffer_worker(mode: str, kind: str, n: int, v: int, reps: int) -> dict:
     import divkit
 
     torch.set_num_threads(divkit.get_num_threads())
+    tri = triad_gbps(torch)  # first, so that its arrays and the inputs are not held together
     s, t = inputs(torch, n, v)
-    backup = s.clone()
+    backup = s.clone() if mode == "inplace" else None
     leaf = s.requires_grad_(True)
     buf = torch.zeros_like(s) if mode == "grad_out" else None
     times = []
@@ -136,7 +142,7 @@ def part_buffer_worker(mode: str, kind: str, n: int, v: int, reps: int) -> dict:
         loss.backward()
         if r:
             times.append(time.perf_counter() - t0)
-    return {"times": times, "triad": triad_gbps(torch)}
+    return {"times": times, "triad": tri}
 
 
 def main() -> int:
