@@ -108,7 +108,7 @@ def part_kinds(args) -> dict:
             w, c = step(kind)
             out[kind]["wall"].append(w)
             out[kind]["cpu"].append(c)
-    del s, t, leaf, buf
+    s = t = leaf = buf = None  # freed before the second triad
     tri.append(triad_gbps(torch))
     return {"kinds": out, "triad": tri, "threads": divkit.get_num_threads()}
 
