@@ -126,3 +126,15 @@ def test_grad_out_aliasing_errors():
         divkit.divergence_and_grad(x[:6], t, grad_out=x[1:])
     with pytest.raises(divkit.Error, match="divergence_and_grad: grad_out has shape"):
         divkit.divergence_and_grad(s.detach(), t, grad_out=torch.empty(6, 38))
+
+
+def test_grad_out_with_the_torch_backend():
+    s, t = _logits()
+    _, ref, _ = divkit.divergence_and_grad(s, t, "jsd", backend="torch")
+    buf = torch.full_like(s, float("nan"))
+    _, g, _ = divkit.divergence_and_grad(s, t, "jsd", backend="torch", grad_out=buf)
+    assert g is buf and torch.equal(buf, ref)
+    a = s.clone().requires_grad_()
+    buf2 = torch.empty_like(s)
+    divkit.divergence(a, t, "jsd", backend="torch", grad_out=buf2).backward()
+    assert torch.equal(a.grad, ref)
