@@ -14,6 +14,8 @@ copy it):
 * ``divkit``          divkit.divergence(..., reduction="batchmean") (gradient into a new buffer)
 * ``divkit in-place`` the same with inplace_grad=True (the gradient overwrites the student
                       logits; they are restored from a copy between runs, outside the timing)
+* ``divkit grad_out`` the same with grad_out= a buffer allocated once and reused by every run
+                      (no page faults inside the kernel)
 * ``eager``           TRL's GKDTrainer.generalized_jsd_loss (beta = 0: forward KL, beta = 1:
                       reverse KL, beta = 0.5: JSD), exactly as TRL calls it
 * ``compile``         torch.compile of the same function (compiled and warmed up first)
@@ -57,10 +59,11 @@ import time
 from typing import Any, Dict, List, Optional
 
 TRL_KINDS = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # kind -> TRL's beta
-VARIANTS = ("divkit_inplace", "divkit", "compile", "eager")  # run order inside a worker
+VARIANTS = ("divkit_inplace", "divkit", "divkit_grad_out", "compile", "eager")  # run order
 LABELS = {
     "divkit": "divkit",
     "divkit_inplace": "divkit in-place",
+    "divkit_grad_out": "divkit grad_out",
     "eager": "eager",
     "compile": "compile",
 }
@@ -214,10 +217,16 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
         def eager_fn(s, t):
             return trl_loss(s, t, beta=beta, temperature=1.0, reduction="batchmean")
 
-    def divkit_fn(inplace):
+    def divkit_fn(inplace, grad_out=None):
         def f(s, t):
             return divkit.divergence(
-                s, t, kind, beta=beta, reduction="batchmean", inplace_grad=inplace
+                s,
+                t,
+                kind,
+                beta=beta,
+                reduction="batchmean",
+                inplace_grad=inplace,
+                grad_out=grad_out,
             )
 
         return f
@@ -282,6 +291,8 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
         if variant == "divkit":
             fn = divkit_fn(False)
+        elif variant == "divkit_grad_out":
+            fn = divkit_fn(False, torch.zeros(n_run, v, dtype=dtype))
         elif variant == "divkit_inplace":
             fn = divkit_fn(True)
         elif variant == "eager":
@@ -476,7 +487,7 @@ def analyse(results: List[Dict[str, Any]], bw_gbps: float, args) -> List[Dict[st
     rows = []
     for res in results:
         vs = res["variants"]
-        dk, dki = vs.get("divkit"), vs.get("divkit_inplace")
+        dk, dki, dko = vs.get("divkit"), vs.get("divkit_inplace"), vs.get("divkit_grad_out")
         eg, cp = vs.get("eager"), vs.get("compile")
         elem = 4 if res["dtype"] == "fp32" else 2
         moved = 3 * args.n * res["v"] * elem
@@ -487,6 +498,8 @@ def analyse(results: List[Dict[str, Any]], bw_gbps: float, args) -> List[Dict[st
         row = dict(res)
         row["gbps"] = moved / dk["median"] / 1e9 if ok(dk) else None
         row["gbps_inplace"] = moved / dki["median"] / 1e9 if ok(dki) else None
+        row["gbps_grad_out"] = moved / dko["median"] / 1e9 if ok(dko) else None
+        row["compile_ratio_grad_out"] = cp["median"] / dko["median"] if ok(cp) and ok(dko) else None
         row["eager_ratio"] = eg["median"] / dk["median"] if ok(eg) and ok(dk) else None
         row["compile_ratio"] = cp["median"] / dk["median"] if ok(cp) and ok(dk) else None
         row["eager_ratio_inplace"] = eg["median"] / dki["median"] if ok(eg) and ok(dki) else None
@@ -558,6 +571,28 @@ def render(rows, triads, bw_gbps, machine, args, wall, loads) -> str:
             f"{fmt_ms(vs.get('compile'))} | {ratio(r['eager_ratio'], r['eager_ratio_inplace'])} | "
             f"{ratio(r['compile_ratio'], r['compile_ratio_inplace'])} | {gb} | {pct} |"
         )
+    if any(r["variants"].get("divkit_grad_out") for r in rows):
+        L.append("")
+        L.append(
+            "With a reused grad_out= buffer (the kernel writes into mapped memory: no page "
+            "faults inside it):"
+        )
+        L.append("")
+        L.append(
+            "| kind | V | dtype | divkit grad_out (ms) | compile / divkit | GB/s | % of triad |"
+        )
+        L.append("|---|---:|---|---:|---:|---:|---:|")
+        for r in rows:
+            if not r["variants"].get("divkit_grad_out"):
+                continue
+            cr = r["compile_ratio_grad_out"]
+            gb = r["gbps_grad_out"]
+            L.append(
+                f"| {r['kind']} | {r['v']} | {r['dtype']} | "
+                f"{fmt_ms(r['variants'].get('divkit_grad_out'))} | "
+                f"{f'{cr:.1f}x' if cr else '-'} | {f'{gb:.1f}' if gb else '-'} | "
+                f"{f'{100 * gb / bw_gbps:.0f}%' if gb else '-'} |"
+            )
     L.append("")
     L.append(
         "Peak extra memory of one forward + backward (peak RSS minus RSS with the inputs "

@@ -116,9 +116,11 @@ def _run(
     need_teacher: bool,
     route: Optional[_device.Route] = None,
     fn: str = _FN,
+    grad_out: Optional[torch.Tensor] = None,
 ):
     """Runs the kernel (the core's, or the torch fallback's when ``route`` says so). Returns
-    (loss, grad_student, grad_teacher), the gradients (or None) in the logits' shapes."""
+    (loss, grad_student, grad_teacher), the gradients (or None) in the logits' shapes. The
+    student gradient goes into ``grad_out`` when given (checked by :func:`_check_grad_out`)."""
     lead_shape = student.shape[:-1]
     v = student.shape[-1]
     n = math.prod(lead_shape)
@@ -139,6 +141,9 @@ def _run(
         if cfg.inplace_grad:
             grad_s2 = s2  # the logits' own storage (or, if _rows had to copy, the copy's)
             grad_s = s2.view(student.shape)
+        elif grad_out is not None:
+            grad_s = grad_out
+            grad_s2 = grad_out.view(n, v)
         else:
             grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev)
             grad_s2 = grad_s.view(n, v)
@@ -194,6 +199,71 @@ def _check_inplace_dtype(fn: str, student: torch.Tensor, cfg: _Config) -> None:
             f"grad_dtype={cfg.grad_dtype} cannot be used with inplace_grad=True: the "
             f"gradient is written into student_logits, whose dtype is {student.dtype}",
         )
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are the same elements of the same storage (same data, dtype, shape, strides)."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.dtype == b.dtype
+        and tuple(a.shape) == tuple(b.shape)
+        and a.stride() == b.stride()
+    )
+
+
+def _check_grad_out(fn: str, grad_out, student: torch.Tensor, cfg: _Config, others):
+    """grad_out=: a caller-provided buffer for the student gradient. Returns (grad_out or None,
+    cfg): grad_out that is student_logits itself (same data, dtype, shape and strides) is the
+    in-place case and becomes ``inplace_grad=True``. Otherwise it must be a tensor of the
+    student's shape, of the gradient's dtype (``grad_dtype``, default the student's), on the
+    student's device, laid out as [N, V] rows with a unit column stride (e.g. contiguous), not
+    requiring grad, and sharing no memory with student_logits or ``others`` ((name, tensor)
+    pairs: the other inputs)."""
+    if grad_out is None:
+        return None, cfg
+    if not isinstance(grad_out, torch.Tensor):
+        check.fail_type(
+            fn, f"grad_out must be a torch.Tensor or None, got {check.type_name(grad_out)}"
+        )
+    if cfg.inplace_grad:
+        check.fail(
+            fn,
+            "grad_out and inplace_grad=True cannot be combined (grad_out=student_logits is the "
+            "in-place form)",
+        )
+    if _same_view(grad_out, student):
+        _check_inplace_dtype(fn, student, cfg)
+        return None, cfg._replace(inplace_grad=True)
+    if grad_out.device != student.device:
+        check.fail(
+            fn, f"grad_out is on device {grad_out.device}, student_logits on {student.device}"
+        )
+    want = cfg.grad_dtype or student.dtype
+    if grad_out.dtype != want:
+        what = "grad_dtype" if cfg.grad_dtype is not None else "the dtype of student_logits"
+        check.fail_type(fn, f"grad_out has dtype {grad_out.dtype}; expected {want} ({what})")
+    check.same_shape(fn, "grad_out", grad_out, student, "student_logits")
+    if grad_out.is_sparse or grad_out.layout != torch.strided or _row_view(grad_out) is None:
+        check.fail(
+            fn,
+            f"grad_out must be laid out as [N, V] rows with a unit column stride (e.g. "
+            f"contiguous); got strides {grad_out.stride()}",
+        )
+    if grad_out.requires_grad:
+        check.fail(fn, "grad_out requires grad; pass a buffer autograd does not track (detach it)")
+    if grad_out.numel() > 0:
+        g_lo, g_hi = _byte_range(grad_out)
+        for name, t in (("student_logits", student),) + tuple(others):
+            if t is None or t.numel() == 0:
+                continue
+            t_lo, t_hi = _byte_range(t)
+            if g_lo < t_hi and t_lo < g_hi:
+                check.fail(
+                    fn,
+                    f"grad_out shares memory with {name}; the gradient would overwrite it "
+                    f"(grad_out=student_logits itself is the in-place form)",
+                )
+    return grad_out, cfg
 
 
 def _byte_range(x: torch.Tensor) -> Tuple[int, int]:
@@ -303,6 +373,7 @@ def divergence(
     inplace_grad: bool = False,
     grad_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
+    grad_out: Optional[torch.Tensor] = None,
 ):
     r"""Token-level divergence D(p, q) between teacher and student, with a fused gradient.
 
@@ -391,6 +462,15 @@ def divergence(
             C++ core or an error) or ``"torch"`` (the PyTorch fallback,
             :mod:`divkit.backends.torch_ops`, on any device). Every tensor argument must be on
             one device.
+        grad_out: optional buffer for the student gradient, reused across calls so that the
+            kernel writes into memory that is already mapped (a fresh buffer costs its page
+            faults): a tensor of the student's shape, of dtype ``grad_dtype`` (default: the
+            student's), on its device, laid out as ``[N, V]`` rows (e.g. contiguous), not
+            requiring grad and sharing no memory with the inputs. It is written by the forward
+            call when the student gradient is computed (student requires grad), and backward
+            returns it (scaled by the upstream gradient when that is not 1). Passing
+            ``student_logits`` itself is the same as ``inplace_grad=True``. Not supported under
+            ``torch.compile``.
 
     Returns:
         The loss as a float32 tensor: a scalar, or of shape ``[...]`` for ``reduction="none"``.
@@ -423,6 +503,8 @@ def divergence(
         backend,
     )
     if isinstance(student_logits, np.ndarray):
+        if grad_out is not None:
+            check.fail(fn, "grad_out applies to torch tensors; numpy inputs give the loss only")
         return _numpy_divergence(student_logits, teacher_logits, labels, weights, cfg)
 
     route = _device.route(
@@ -438,6 +520,19 @@ def divergence(
     grad_on = torch.is_grad_enabled()
     need_s = grad_on and student.requires_grad
     need_t = grad_on and teacher.requires_grad
+    grad_buf, cfg = _check_grad_out(
+        fn,
+        grad_out,
+        student,
+        cfg,
+        (("teacher_logits", teacher), ("labels", labels_t), ("weights", weights_t)),
+    )
+    if grad_buf is not None and _ops.traced(student, teacher, grad_buf):
+        check.fail(
+            fn,
+            "grad_out is not supported under torch.compile or on traced tensors (the compiled "
+            "graph owns its buffers); leave it out there",
+        )
     inplace = cfg.inplace_grad and need_s
     if inplace and _ops.traced(student, teacher):
         # A compiled graph owns its buffers (functionalization would copy the logits anyway):
@@ -462,7 +557,7 @@ def divergence(
         cfg = cfg._replace(inplace_grad=False)
     if inplace:
         return _divergence_inplace(student, teacher, labels_t, weights_t, cfg, route, fn)
-    if _ops.use_ops(student, teacher, labels_t, weights_t, fn=fn):
+    if grad_buf is None and _ops.use_ops(student, teacher, labels_t, weights_t, fn=fn):
         loss, _, _ = _ops.divergence_op(
             student,
             teacher,
@@ -487,7 +582,9 @@ def divergence(
         return loss
 
     def run(need):
-        loss, grad_s, grad_t = _run(student, teacher, labels_t, weights_t, cfg, *need, route)
+        loss, grad_s, grad_t = _run(
+            student, teacher, labels_t, weights_t, cfg, *need, route, grad_out=grad_buf
+        )
         return loss, (grad_s, grad_t)
 
     return grads_in_forward(run, (student, teacher), _scaling(fn, cfg))
@@ -548,6 +645,7 @@ def divergence_and_grad(
     inplace_grad: bool = False,
     grad_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
+    grad_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The loss and its gradients without autograd: ``(loss, grad_student, grad_teacher)``.
 
@@ -556,7 +654,8 @@ def divergence_and_grad(
     dtype ``grad_dtype`` (default: the logits' dtypes), e.g. float32 gradients from bfloat16
     logits; a gradient that is not asked for (``grad_student`` / ``grad_teacher`` False) is
     None. With ``inplace_grad=True`` the student gradient is written into (and returned as a
-    view of) ``student_logits``. ``backend``: as in :func:`divergence`.
+    view of) ``student_logits``. ``backend`` and ``grad_out`` (the buffer the student gradient
+    is written into and returned as): as in :func:`divergence`.
     """
     fn = "divergence_and_grad"
     cfg = _parse_options(
@@ -584,7 +683,16 @@ def divergence_and_grad(
     lead_shape = student.shape[:-1]
     labels_t = check.labels(fn, labels, lead_shape, cpu=False)
     weights_t = check.weights(fn, weights, lead_shape, autograd=False, cpu=False)
+    grad_buf, cfg = _check_grad_out(
+        fn,
+        grad_out,
+        student,
+        cfg,
+        (("teacher_logits", teacher), ("labels", labels_t), ("weights", weights_t)),
+    )
     if need_s:
         _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
     with torch.no_grad():
-        return _run(student, teacher, labels_t, weights_t, cfg, need_s, need_t, route, fn)
+        return _run(
+            student, teacher, labels_t, weights_t, cfg, need_s, need_t, route, fn, grad_out=grad_buf
+        )

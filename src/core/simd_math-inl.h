@@ -60,6 +60,64 @@ HWY_INLINE V Expm1OrInf(D d, V x) {
                         hn::Expm1(d, hn::Min(x, kMax)));
 }
 
+// exp and expm1 for the divergence terms (divergences-inl.h), about as accurate as Highway's
+// (a few ulp) at half the cost: the rounding and 2^n of SoftmaxExp's magic-number FMA instead of
+// Highway's conversions and two-step scaling. Each handles the common range in straight-line
+// code and checks once per vector for lanes outside it (overflow, NaN, and for exp the
+// subnormal range), which then take Highway's version for the whole vector (rare, so the branch
+// is predicted). (Highway's Log, with its division, measured faster than a division-free
+// Cephes-style polynomial here, so the logs stay Highway's.)
+
+// exp(r) - 1 for |r| <= ln2/2 (and a little beyond): the polynomial of SoftmaxExp, evaluated in
+// Estrin's order (a shorter dependency chain than Horner's: the terms that use these are long
+// chains, and latency is what limits them).
+template <class D, class V>
+HWY_INLINE V Expm1Reduced(D d, V r) {
+  const V r2 = hn::Mul(r, r);
+  const V a = hn::MulAdd(hn::Set(d, 0.166666671633720397949219f), r, hn::Set(d, 0.5f));
+  const V b = hn::MulAdd(hn::Set(d, 0.00833336077630519866943359f), r,
+                         hn::Set(d, 0.0416664853692054748535156f));
+  const V c = hn::MulAdd(hn::Set(d, 0.000198527617612853646278381f), r,
+                         hn::Set(d, 0.00139304355252534151077271f));
+  const V poly = hn::MulAdd(hn::Mul(r2, r2), c, hn::MulAdd(r2, b, a));
+  return hn::MulAdd(poly, r2, r);
+}
+
+// x = n ln2 + r with n = round(x / ln2): returns r and, in scale, 2^n (valid for n in
+// [-126, 127], i.e. x in [-87.3, 88.0]; the rounding and 2^n come from one magic-number FMA, as
+// in SoftmaxExp).
+template <class D, class V>
+HWY_INLINE V ReduceExpArg(D d, V x, V& scale) {
+  const hn::RebindToSigned<D> di;
+  const V kMagic = hn::Set(d, 12582912.0f + 127.0f);
+  const V t = hn::MulAdd(x, hn::Set(d, 1.44269504088896341f), kMagic);
+  const V nf = hn::Sub(t, kMagic);
+  V r = hn::MulAdd(nf, hn::Set(d, -0.693145751953125f), x);
+  r = hn::MulAdd(nf, hn::Set(d, -1.428606765330187045e-6f), r);
+  scale = hn::BitCast(d, hn::ShiftLeft<23>(hn::BitCast(di, t)));
+  return r;
+}
+
+// ExpOrInf (+inf above log(FLT_MAX)) without Highway's conversions and two-step scaling.
+template <class D, class V>
+HWY_INLINE V ExpOrInfFast(D d, V x) {
+  const auto common = hn::And(hn::Ge(x, hn::Set(d, -87.0f)), hn::Le(x, hn::Set(d, 88.0f)));
+  if (HWY_UNLIKELY(!hn::AllTrue(d, common))) return ExpOrInf(d, x);
+  V scale;
+  const V er = Expm1Reduced(d, ReduceExpArg(d, x, scale));
+  return hn::MulAdd(er, scale, scale);
+}
+
+// Expm1OrInf: 2^n expm1(r) + (2^n - 1), one rounding; exactly the polynomial where n = 0 (|x| <
+// ln2/2), so small arguments keep their relative accuracy. Below -87 the result rounds to -1.
+template <class D, class V>
+HWY_INLINE V Expm1OrInfFast(D d, V x) {
+  if (HWY_UNLIKELY(!hn::AllTrue(d, hn::Le(x, hn::Set(d, 88.0f))))) return Expm1OrInf(d, x);
+  V scale;
+  const V er = Expm1Reduced(d, ReduceExpArg(d, hn::Max(x, hn::Set(d, -87.0f)), scale));
+  return hn::MulAdd(er, scale, hn::Sub(scale, hn::Set(d, 1.0f)));
+}
+
 using SumDF = hn::ScalableTag<float>;
 
 // Row sums with fp64 accuracy at nearly fp32 cost: a loop accumulates fp32 lanes over one block

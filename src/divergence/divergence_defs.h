@@ -95,20 +95,23 @@ DIVKIT_INLINE V ProductOverMixture(D d, V p, V q, V m) {
 // log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
 //   -log1p((1 - a) expm1(-lr)),
 // exactly 0 where b = o, finite (-log a) where o = 0, and lr - log(1 - a) where o >> b (there
-// expm1 would overflow; the dropped a b is below e^-80 of m). Needs 0 < a <= 1.
+// expm1 would overflow; the dropped a b is below e^-80 of m). Needs 0 < a <= 1; log_1ma is
+// log(1 - a) rounded to float (computed once per call by the struct: a library call inside the
+// entry loop would cost more than the rest of the term).
 template <class D, class V>
-DIVKIT_INLINE V LogRatioToMixture(D d, V lr, float a) {
+DIVKIT_INLINE V LogRatioToMixture(D d, V lr, float a, float log_1ma) {
   const V neg = hn::Min(hn::Max(hn::Neg(lr), hn::Set(d, -104.0f)), hn::Set(d, 80.0f));
   const V near = hn::Neg(hn::Log1p(d, hn::Mul(hn::Set(d, 1.0f - a), hn::Expm1(d, neg))));
-  const V far = hn::Sub(lr, hn::Set(d, static_cast<float>(log1p_f64(-static_cast<double>(a)))));
+  const V far = hn::Sub(lr, hn::Set(d, log_1ma));
   return hn::IfThenElse(hn::Lt(lr, hn::Set(d, -80.0f)), far, near);
 }
 
 // DistiLLM skew KL: KL(p || m), m = alpha p + (1-alpha) q  (alpha = 0 is forward_kl).
 // g = p log(p / m);  u = -(1-alpha) p q / m,  v = g + (1-alpha) p q / m.
 struct SkewForwardKL : SumFinish {
-  float alpha;
-  DIVKIT_HD explicit SkewForwardKL(const DivergenceSpec& s) : alpha(s.alpha) {}
+  float alpha, log_1ma;  // log(1 - alpha)
+  DIVKIT_HD explicit SkewForwardKL(const DivergenceSpec& s)
+      : alpha(s.alpha), log_1ma(static_cast<float>(log1p_f64(-static_cast<double>(s.alpha)))) {}
   template <class D, class V>
   DIVKIT_INLINE V Mixture(D d, const Entry<V>& e) const {
     return hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
@@ -116,27 +119,28 @@ struct SkewForwardKL : SumFinish {
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
     u = hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, Mixture(d, e)));
-    return XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha));
+    return XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha, log_1ma));
   }
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
     return hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)),
-                      XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha)));
+                      XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha, log_1ma)));
   }
 };
 
 // DistiLLM skew reverse KL: KL(q || m), m = (1-alpha) p + alpha q  (alpha = 0 is reverse_kl).
 // g = q log(q / m);  u = g + (1-alpha) p q / m,  v = -(1-alpha) p q / m.
 struct SkewReverseKL : SumFinish {
-  float alpha;
-  DIVKIT_HD explicit SkewReverseKL(const DivergenceSpec& s) : alpha(s.alpha) {}
+  float alpha, log_1ma;  // log(1 - alpha)
+  DIVKIT_HD explicit SkewReverseKL(const DivergenceSpec& s)
+      : alpha(s.alpha), log_1ma(static_cast<float>(log1p_f64(-static_cast<double>(s.alpha)))) {}
   template <class D, class V>
   DIVKIT_INLINE V Mixture(D d, const Entry<V>& e) const {
     return hn::MulAdd(hn::Set(d, 1.0f - alpha), e.p, hn::Mul(hn::Set(d, alpha), e.q));
   }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V g = XTimes(d, e.q, LogRatioToMixture(d, hn::Neg(e.lr), alpha));
+    const V g = XTimes(d, e.q, LogRatioToMixture(d, hn::Neg(e.lr), alpha, log_1ma));
     u = hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)), g);
     return g;
   }
@@ -257,9 +261,10 @@ DIVKIT_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
 //   mix - w = b [c expm1(d) - expm1(c d)],
 // whose error is a few ulp of the term whatever alpha. Where b = 0 or |d| >= 60 (a masked
 // entry, or expm1 near overflow) the direct difference is used; mix and w differ a lot there.
-// Also gives w - b = b expm1(c d), the same bits as PowerMeanMinusBase(e, alpha, b is p), from
-// the expm1 already computed; the exp of the direct form is computed only for vectors that need
-// it.
+// At alpha = 1/2 the bracket is computed as expm1(d / 2)^2 / 2 (the same value, without the
+// cancellation). Also gives w - b = b expm1(c d), the same bits as PowerMeanMinusBase(e, alpha, b
+// is p), from the expm1 already computed; the exp of the direct form is computed only for vectors
+// that need it.
 template <class D, class V>
 DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base);
 
@@ -294,7 +299,12 @@ DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minu
   const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
   const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
   const V em1_cd = Expm1OrInf(d, hn::Mul(c, dd));
-  const V via_expm1 = hn::Mul(b, hn::MulSub(c, Expm1OrInf(d, dd), em1_cd));
+  // c = 1/2 (alpha = 1/2, Hellinger's order): expm1(d) = e (e + 2) with e = expm1(d / 2), so
+  // the bracket is e^2 / 2 exactly: one expm1 instead of two, and no cancellation.
+  const V bracket = (mirror ? 1.0f - alpha : alpha) == 0.5f
+                        ? hn::Mul(hn::Set(d, 0.5f), hn::Mul(em1_cd, em1_cd))
+                        : hn::MulSub(c, Expm1OrInf(d, dd), em1_cd);
+  const V via_expm1 = hn::Mul(b, bracket);
   w_minus_base = hn::Mul(b, em1_cd);
   if (hn::AllTrue(d, stable)) return via_expm1;
   w_minus_base = hn::IfThenElse(stable, w_minus_base, PowerMeanMinusBase(d, e, alpha, mirror));

@@ -32,11 +32,58 @@
 HWY_BEFORE_NAMESPACE();
 namespace divkit {
 namespace HWY_NAMESPACE {
-namespace hn = hwy::HWY_NAMESPACE;
+
+// Highway's operations as the definitions see them (`hn::` there), with simd_math-inl.h's
+// cheaper expm1 in place of Highway's: qualified lookup finds it before the using-directive's
+// names. (ExpOrInf / Expm1OrInf are replaced in `defs` below.)
+namespace div_ops {
+using namespace hwy::HWY_NAMESPACE;  // NOLINT(build/namespaces)
+// Highway's log without its subnormal rescaling where every lane is normal (jsd's mixture: the
+// subnormal, zero and masked lanes are rare, and take the full version).
+template <class D, class V>
+HWY_INLINE V Log(D d, V x) {
+  if (HWY_UNLIKELY(!hwy::HWY_NAMESPACE::AllTrue(
+          d, hwy::HWY_NAMESPACE::Ge(x, hwy::HWY_NAMESPACE::Set(d, 1.17549435e-38f)))))
+    return hwy::HWY_NAMESPACE::Log(d, x);
+  return hwy::HWY_NAMESPACE::impl::Log<D, V, /*kAllowSubnormals=*/false>(d, x);
+}
+template <class D, class V>
+HWY_INLINE V Expm1(D d, V x) {
+  return Expm1OrInfFast(d, x);
+}
+}  // namespace div_ops
+
+namespace defs {
+namespace hn = div_ops;
+template <class D, class V>
+HWY_INLINE V ExpOrInf(D d, V x) {
+  return ExpOrInfFast(d, x);
+}
+template <class D, class V>
+HWY_INLINE V Expm1OrInf(D d, V x) {
+  return Expm1OrInfFast(d, x);
+}
 
 #define DIVKIT_INLINE HWY_INLINE
 #include "divergence/divergence_defs.h"  // IWYU pragma: export
 #undef DIVKIT_INLINE
+}  // namespace defs
+
+// What the row kernels use by name.
+using defs::AlphaDivergence;
+using defs::ChiSquared;
+using defs::CrossEntropy;
+using defs::Entry;
+using defs::ForwardKL;
+using defs::GeneralizedJSD;
+using defs::Hellinger;
+using defs::Jeffreys;
+using defs::Renyi;
+using defs::ReverseKL;
+using defs::SkewForwardKL;
+using defs::SkewReverseKL;
+using defs::TotalVariation;
+using defs::VisitDivergence;
 
 }  // namespace HWY_NAMESPACE
 }  // namespace divkit
