@@ -41,6 +41,7 @@ def _fused_pair(
     ignore_index,
     chunk_size,
     chosen_kl_grad,
+    keep_bytes,
 ):
     for name, x in (
         ("policy_chosen_hidden", policy_chosen_hidden),
@@ -68,6 +69,7 @@ def _fused_pair(
         ref_bias=ref_bias,
         ignore_index=ignore_index,
         chunk_size=chunk_size,
+        keep_bytes=keep_bytes,
     )
     with check.renamed(_side("chosen")):
         w = token_logratio_and_kl(
@@ -112,6 +114,7 @@ def tdpo_loss_fused(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     chunk_size: Optional[int] = None,
+    keep_bytes: Optional[int] = None,
 ):
     """:func:`tdpo_loss` fused with the policy's lm_head: the policy is given as hidden states
     ``policy_chosen_hidden``, ``policy_rejected_hidden`` ``[B, T, H]`` and ``lm_head_weight``
@@ -124,9 +127,13 @@ def tdpo_loss_fused(
     stop-gradient on the chosen KL) and the same ``(losses, chosen_rewards, rejected_rewards)``;
     equal to :func:`tdpo_loss` on the materialized logits ``hidden @ weight.T`` up to fp32
     rounding. Gradients reach the hidden states, the weight and bias (and the reference inputs
-    if they require grad). Per-token terms from :func:`token_logratio_and_kl`'s fused path;
-    ``chunk_size`` tokens per chunk (default ~64 MiB of logits). Hidden states fp32, bf16,
-    fp16 or fp64; arithmetic in fp32 (sequence level in fp64)."""
+    if they require grad). Per-token terms from :func:`token_logratio_and_kl`'s fused path: with
+    reference hidden states (on the CPU, not requiring grad) one pass of the C++ engine per side
+    computes both label log-probs and the KL from each chunk of logits, and the backward reads
+    the chunks kept within ``keep_bytes`` per side (default 64 MiB of fp32 logits; 0 keeps none)
+    instead of recomputing them. ``chunk_size`` tokens per chunk (default ~32 MiB of logits per
+    chunk buffer on that path, ~64 MiB otherwise). Hidden states fp32, bf16, fp16 or fp64;
+    arithmetic in fp32 (sequence level in fp64)."""
     fn = "tdpo_loss_fused"
     variant, beta, alpha = _tdpo_variant(fn, variant, beta, alpha)
     (lr_w, kl_w, _), (lr_l, kl_l, _) = _fused_pair(
@@ -146,6 +153,7 @@ def tdpo_loss_fused(
         ignore_index,
         chunk_size,
         variant == "tdpo1",
+        keep_bytes,
     )
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
@@ -174,14 +182,15 @@ def sparsepo_loss_fused(
     l1_kl: float = 0.0,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    keep_bytes: Optional[int] = None,
 ):
     """:func:`sparsepo_loss` fused with the policy's lm_head (SparsePO, Christopoulou et al.
     2024): the policy and reference are given as in :func:`tdpo_loss_fused`, the masks and
     L1 penalties as in :func:`sparsepo_loss`; ``loss = -logsig(beta (u - d)) + L1`` with
     ``u = sum_t m^r_t log-ratio_t`` and ``d_t = -m^kl_t KL_t(pi_ref || pi)``. Never
     materializes the policy's ``[tokens x V]`` logits; equals :func:`sparsepo_loss` on the
-    materialized logits up to fp32 rounding. Returns ``(losses, chosen_rewards,
-    rejected_rewards)``."""
+    materialized logits up to fp32 rounding; ``chunk_size`` and ``keep_bytes`` as in
+    :func:`tdpo_loss_fused`. Returns ``(losses, chosen_rewards, rejected_rewards)``."""
     fn = "sparsepo_loss_fused"
     beta = check.positive(fn, "beta", beta)
     l1_reward = check.real(fn, "l1_reward", l1_reward)
@@ -203,6 +212,7 @@ def sparsepo_loss_fused(
         ignore_index,
         chunk_size,
         True,
+        keep_bytes,
     )
     return _sparsepo_combine(
         fn,
