@@ -74,6 +74,9 @@ struct FusedLabelTerms {
   TensorView kept_student;
   TensorView kept_teacher;
   bool kept_filled = false;
+  // Add the student's weight and bias gradients to the outputs' values instead of writing them
+  // (grad_weight must be a contiguous fp32 array): one accumulator over several calls.
+  bool accumulate_weight_grads = false;
 };
 
 struct FusedLinearOptions {

@@ -152,6 +152,12 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
   const std::vector<float> bs = bias_f32(student.bias, nullptr, v);
   HeadGradAccumulator acc_s(student, student_grads, &ws, v, nullptr, &group);
   const bool want_s = acc_s.wanted();
+  if (fused.terms.accumulate_weight_grads) {
+    if (group.on()) fail(fn, "accumulate_weight_grads is not supported with a shard");
+    if (student_grads.weight.defined() && !is_direct_f32(student_grads.weight))
+      fail(fn, "accumulate_weight_grads needs grad_student_weight as a contiguous fp32 array");
+    acc_s.set_accumulate(true);
+  }
 
   // Every rank of a group chooses the same chunk size (from the largest shard).
   const int64_t chunk = choose_chunk(fused.chunk_size, n, group.max_v());

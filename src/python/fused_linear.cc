@@ -99,7 +99,7 @@ void fused_linear_label_terms(const HeadArrays& student, const HeadArrays& teach
                               const OptIn& labels, const OptIn& weights,
                               const FusedLinearOptions& opt, const OutArray& loss,
                               const GradArrays& student_grads, const TermArrays& terms,
-                              bool kept_filled) {
+                              bool kept_filled, bool accumulate_weight_grads) {
   constexpr const char* fn = "fused_linear_divergence";
   const divkit::DivergenceSpec spec = opt.spec();
   const divkit::DivergenceOptions o = divergence_options(fn, opt, labels, weights);
@@ -110,6 +110,7 @@ void fused_linear_label_terms(const HeadArrays& student, const HeadArrays& teach
   f.terms.kept_student = optional_view(fn, "kept_student", std::get<3>(terms));
   f.terms.kept_teacher = optional_view(fn, "kept_teacher", std::get<4>(terms));
   f.terms.kept_filled = kept_filled;
+  f.terms.accumulate_weight_grads = accumulate_weight_grads;
   const divkit::LinearHead s = head(fn, "student_", student);
   const divkit::LinearHead t = head(fn, "teacher_", teacher);
   const divkit::LinearHeadGrads gs = grads(fn, "student_", student_grads);
@@ -242,6 +243,7 @@ void register_fused_linear(nb::module_& m) {
   m.def("fused_linear_label_terms", &fused_linear_label_terms, nb::arg("student"),
         nb::arg("teacher"), nb::arg("labels").none(), nb::arg("weights").none(), nb::arg("options"),
         nb::arg("loss"), nb::arg("student_grads"), nb::arg("terms"), nb::arg("kept_filled"),
+        nb::arg("accumulate_weight_grads") = false,
         "fused_linear_divergence with the label terms of include/divkit/fused_linear.h's "
         "FusedLabelTerms: terms = (student_logprobs, teacher_logprobs, hard_weights, "
         "kept_student, kept_teacher), each optional.");

@@ -376,16 +376,27 @@ def test_tdpo_one_pass_bitwise_any_thread_count(keep_bytes):
             assert torch.equal(a, b)
 
 
-def test_tdpo_one_pass_keep_matches_recompute():
-    # the kept chunks give the same bits as recomputing them
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+def test_tdpo_grads_in_forward_match_recompute(variant):
+    # keep_bytes=0: the per-token path (every chunk recomputed by the backward); a budget that
+    # holds one pair (or all): the gradients computed in the forward from the kept logits, pair
+    # group by pair group; an upstream gradient that differs between pairs: the fallback.
     x = batch(53, bias=True)
     res = []
-    for keep in (0, 1 << 20):
+    for keep, up in ((0, None), (4 * V * T * 4, None), (1 << 20, None), (1 << 20, [0.3, 2.0])):
         q = leaves(x)
-        got = fused_call(x, q, "tdpo1", chunk_size=2, keep_bytes=keep)
-        res.append([got[0], *torch.autograd.grad(got[0].sum(), list(q.values()))])
-    for a, b in zip(*res):
-        assert torch.equal(a, b)
+        got = fused_call(x, q, variant, chunk_size=2, keep_bytes=keep)
+        w = torch.ones(B) if up is None else torch.tensor(up)
+        res.append([*got, *torch.autograd.grad((got[0] * w).sum(), list(q.values()))])
+        if up is not None:  # against the per-token path with the same weights
+            q = leaves(x)
+            ref = fused_call(x, q, variant, chunk_size=2, keep_bytes=0)
+            want = torch.autograd.grad((ref[0] * w).sum(), list(q.values()))
+            for a, b in zip(res[-1][3:], want):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for other in res[1:3]:
+        for a, b in zip(res[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_tdpo_one_pass_bad_input():

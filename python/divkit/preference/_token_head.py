@@ -157,3 +157,211 @@ def token_terms(fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_si
         fn,
     )
     return lp.reshape(lead), ref_lp.reshape(lead), kl.reshape(lead)
+
+
+# Bytes of fp32 logits that the TDPO path keeps for one group of pairs between the chunks'
+# forward pass and their gradient pass (the gradients computed in the forward).
+DEFAULT_PAIR_KEEP_BYTES = 256 << 20
+
+
+def _forward_side(fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, kl_grad, outs, keep):
+    """One forward call over rows of one side, filling outs (lp, ref_lp, kl) and, with keep,
+    the kept logits (returned)."""
+    n, v = h.shape[0], w.shape[0]
+    kept_s = torch.empty((n, v), dtype=torch.float32) if keep else None
+    kept_t = torch.empty((n, v), dtype=torch.float32) if keep and kl_grad else None
+    lp, ref_lp, kl = outs
+    with check.attributed(fn):
+        _C.fused_linear_label_terms(
+            (h, w, b),
+            (rh, rw, rb),
+            labels,
+            None,
+            _options(chunk, "none", 1.0, ignore_index),
+            kl,
+            (None, None, None),
+            (lp, ref_lp, None, kept_s, kept_t),
+            False,
+        )
+    return kept_s, kept_t
+
+
+class _TDPOGradsInForward(torch.autograd.Function):
+    """TDPO from both heads with the gradients of ``losses.sum()`` computed in the forward, pair
+    group by pair group: each group's logits are kept (within the budget) from the forward
+    pass to its gradient pass, so no chunk is computed twice. The backward scales them by the
+    upstream gradient when it is the same for every pair (``losses.sum()`` / ``.mean()``), and
+    otherwise recomputes through the per-token path."""
+
+    @staticmethod
+    def forward(ctx, hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, cfg):
+        fn, ii, chunk, group = cfg["fn"], cfg["ignore_index"], cfg["chunk"], cfg["group"]
+        combine, kl_c = cfg["combine"], cfg["kl_grad_chosen"]
+        bsz, t = cl.shape
+        n, hdim, v = bsz * t, hc.shape[-1], w.shape[0]
+        hcf, hrf = _rows(hc), _rows(hr)
+        rhcf, rhrf = _rows(rhc), _rows(rhr)
+        need = ctx.needs_input_grad[:4]
+        ghc = torch.empty((n, hdim), dtype=hc.dtype) if need[0] else None
+        ghr = torch.empty((n, hdim), dtype=hr.dtype) if need[1] else None
+        gw = torch.zeros((v, w.shape[1]), dtype=torch.float32) if need[2] else None
+        gb = torch.zeros(v, dtype=torch.float32) if need[3] and b is not None else None
+        terms = {s: [torch.zeros(n, dtype=torch.float32) for _ in range(3)] for s in "cr"}
+        sides = {
+            "c": (hcf, rhcf, cl.reshape(-1), kl_c, ghc),
+            "r": (hrf, rhrf, rl.reshape(-1), True, ghr),
+        }
+        for p0 in range(0, bsz, group):
+            p1 = min(bsz, p0 + group)
+            r0, r1 = p0 * t, p1 * t
+            kept = {}
+            for s, (h, rh, lab, klg, _) in sides.items():
+                outs = [x[r0:r1] for x in terms[s]]
+                kept[s] = _forward_side(
+                    fn, h[r0:r1], w, b, rh[r0:r1], rw, rb, lab[r0:r1], ii, chunk, klg, outs, True
+                )
+            # The per-token gradients of this group's losses (each pair's loss depends on its
+            # own tokens only), through the same sequence-level arithmetic as the output.
+            leaves = [
+                (terms[s][0][r0:r1] - terms[s][1][r0:r1]).reshape(p1 - p0, t).requires_grad_()
+                if k == 0
+                else terms[s][2][r0:r1].reshape(p1 - p0, t).requires_grad_()
+                for s in "cr"
+                for k in (0, 1)
+            ]
+            with torch.enable_grad():
+                losses_g = combine(*leaves)[0]
+                g_lrc, g_klc, g_lrr, g_klr = torch.autograd.grad(losses_g.sum(), leaves)
+            upstream = {"c": (g_lrc, g_klc), "r": (g_lrr, g_klr)}
+            for s, (h, rh, lab, klg, gh) in sides.items():
+                g_lp, g_kl = upstream[s]
+                hard = (-g_lp.reshape(-1).to(torch.float64)).contiguous()
+                weights = g_kl.reshape(-1).to(torch.float64).contiguous() if klg else None
+                loss = torch.empty(1, dtype=torch.float32)
+                kept_s, kept_t = kept.pop(s)
+                with check.attributed(fn):
+                    _C.fused_linear_label_terms(
+                        (h[r0:r1], w, b),
+                        (rh[r0:r1], rw, rb),
+                        lab[r0:r1],
+                        weights,
+                        _options(chunk, "sum", 1.0 if klg else 0.0, ii),
+                        loss,
+                        (None if gh is None else gh[r0:r1], gw, gb),
+                        (None, None, hard, kept_s, kept_t if klg else None),
+                        True,
+                        True,
+                    )
+                del kept_s, kept_t
+        shape = (bsz, t)
+        lrc = (terms["c"][0] - terms["c"][1]).reshape(shape)
+        lrr = (terms["r"][0] - terms["r"][1]).reshape(shape)
+        losses, cr, rr = combine(
+            lrc, terms["c"][2].reshape(shape), lrr, terms["r"][2].reshape(shape)
+        )
+        ctx.grads = (
+            None if ghc is None else ghc.reshape(hc.shape),
+            None if ghr is None else ghr.reshape(hr.shape),
+            None if gw is None else gw.to(w.dtype),
+            None if gb is None else gb.to(b.dtype),
+        )
+        ctx.save_for_backward(hc, hr, w, b, rhc, rhr, rw, rb, cl, rl)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(cr, rr)
+        return losses.detach(), cr.detach(), rr.detach()
+
+    @staticmethod
+    def backward(ctx, go, _cr, _rr):
+        grads = ctx.grads
+        ctx.grads = None
+        none = (None,) * 7
+        if go is None:
+            return (None, None, None, None) + none
+        go = go.reshape(-1)
+        if grads is not None and bool((go == go[0]).all()):
+            c = go[0]
+            return tuple(None if g is None else g * c.to(g.dtype) for g in grads) + none
+        # A pair-dependent upstream gradient (or a second backward): the per-token path.
+        hc, hr, w, b, rhc, rhr, rw, rb, cl, rl = ctx.saved_tensors
+        cfg = ctx.cfg
+        need = ctx.needs_input_grad[:4]
+        xs = [
+            x.detach().requires_grad_(f) if x is not None else None
+            for x, f in zip((hc, hr, w, b), need)
+        ]
+        with torch.enable_grad():
+            terms = []
+            for h, rh, lab, klg in (
+                (xs[0], rhc, cl, cfg["kl_grad_chosen"]),
+                (xs[1], rhr, rl, True),
+            ):
+                lp, ref_lp, kl = token_terms(
+                    cfg["fn"],
+                    h,
+                    xs[2],
+                    xs[3],
+                    rh,
+                    rw,
+                    rb,
+                    lab.reshape(-1),
+                    cfg["ignore_index"],
+                    klg,
+                    cfg["chunk"],
+                    0,
+                )
+                terms += [lp - ref_lp, kl]
+            losses = cfg["combine"](*terms)[0]
+            inputs = [x for x, f in zip(xs, need) if f]
+            got = iter(torch.autograd.grad(losses, inputs, go))
+        return tuple(next(got) if f else None for f in need) + none
+
+
+def tdpo_in_forward(
+    fn,
+    hc,
+    hr,
+    w,
+    b,
+    rhc,
+    rhr,
+    rw,
+    rb,
+    cl,
+    rl,
+    ignore_index,
+    kl_grad_chosen,
+    combine,
+    chunk_size,
+    keep_bytes,
+):
+    """tdpo_loss_fused's (losses, chosen_rewards, rejected_rewards) with the gradients computed
+    in the forward, or None when one pair's logits do not fit keep_bytes (the caller then takes
+    the per-token path). cl, rl: validated labels [B, T]."""
+    bsz, t = cl.shape
+    v = w.shape[0]
+    budget = DEFAULT_PAIR_KEEP_BYTES if keep_bytes is None else keep_bytes
+    per_pair = 4 * v * t * ((2 if kl_grad_chosen else 1) + 2)
+    group = min(bsz, budget // per_pair)
+    if group < 1:
+        return None
+    cfg = dict(
+        fn=fn,
+        ignore_index=int(ignore_index),
+        chunk=_chunk_rows(v, group * t, chunk_size, fn),
+        group=group,
+        combine=combine,
+        kl_grad_chosen=bool(kl_grad_chosen),
+    )
+    return _TDPOGradsInForward.apply(
+        hc,
+        hr,
+        w if w.stride(-1) == 1 else w.contiguous(),
+        b,
+        rhc.detach(),
+        rhr.detach(),
+        rw.detach() if rw.stride(-1) == 1 else rw.detach().contiguous(),
+        None if rb is None else rb.detach(),
+        cl,
+        rl,
+        cfg,
+    )
