@@ -197,6 +197,7 @@ def main():
         default="dpo,cpo,tdpo",
         help="comma-separated families to run (dpo, cpo, tdpo)",
     )
+    p.add_argument("--only", help="comma-separated case names to keep (e.g. tdpo_divkit,tdpo_trl)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.quick:
@@ -237,6 +238,8 @@ def main():
         "tdpo": ("tdpo_divkit", "tdpo_divkit_nokeep", "tdpo_divkit_2pass", "tdpo_trl"),
     }
     cases = [c for f in a.cases.split(",") for c in families[f.strip()]]
+    if a.only:
+        cases = [c for c in cases if c in a.only.split(",")]
     runs = {c: [] for c in cases}
     for rnd in range(a.rounds):
         # Alternate the order between rounds so that no case always runs first.
