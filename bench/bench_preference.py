@@ -16,11 +16,17 @@
    tensor) vs the TRL-style materialized computation (logits = hidden @ W.T for the policy and
    the reference, log-probs by TRL's ``selective_log_softmax``, per-token KL(pi_ref || pi) by
    log_softmax over the full logits, TDPO2's loss in torch), forward + backward to the policy
-   hidden states and lm_head weight.
+   hidden states and lm_head weight. divkit variants: ``tdpo_divkit`` (the one-pass engine with
+   its default keep budget), ``tdpo_divkit_nokeep`` (keep_bytes=0: the backward recomputes every
+   chunk) and ``tdpo_divkit_2pass`` (the composition the one-pass engine replaced:
+   ``fused_linear_logprobs`` for each head's label log-probs and ``rlhf.exact_kl_fused`` for the
+   KL, each computing its own chunks of logits). Liger-Kernel has no TDPO.
 
 Each case runs in its own subprocess; "peak MiB" is that process's peak RSS minus its RSS
 just before the timed calls (inputs excluded). Times are the best of --reps runs (one run of
-the large token case). On a shared machine the figures are noisy.
+the large token case) in each subprocess; the cases run --rounds times, alternating, and the
+table gives the median over the rounds (the peak: the largest). On a shared machine the
+figures are noisy: the header prints the load (``uptime``) before and after.
 """
 
 from __future__ import annotations
@@ -114,8 +120,21 @@ def run_case(case: str, a) -> dict:
             kl = (lr.exp() * (lr - lp)).sum(-1)
             return (ratio * mask).sum(-1), (kl * mask).sum(-1)
 
+        def two_pass_side(hp, hrf, lab, kl_grad):
+            # The composition the one-pass engine replaced: three fused calls per side.
+            from divkit import rlhf
+
+            mask = lab != -100
+            lp = divkit.fused_linear_logprobs(hp, w, lab)
+            rlp = divkit.fused_linear_logprobs(hrf, rw, lab)
+            hk, wk = (hp, w) if kl_grad else (hp.detach(), w.detach())
+            kl = rlhf.exact_kl_fused(
+                hk, wk, ref_hidden=hrf, ref_weight=rw, labels=lab, direction="ref_policy"
+            )
+            return ((lp - rlp) * mask).sum(-1), (kl * mask).sum(-1)
+
         def step():
-            if case == "tdpo_divkit":
+            if case in ("tdpo_divkit", "tdpo_divkit_nokeep"):
                 losses, _, _ = divkit.tdpo_loss_fused(
                     hc,
                     hr,
@@ -128,7 +147,12 @@ def run_case(case: str, a) -> dict:
                     beta=beta,
                     alpha=0.5,
                     variant="tdpo2",
+                    keep_bytes=0 if case == "tdpo_divkit_nokeep" else None,
                 )
+            elif case == "tdpo_divkit_2pass":
+                lw, kw = two_pass_side(hc, rhc, cl, False)
+                ll, kr = two_pass_side(hr, rhr, rl, True)
+                losses = -F.logsigmoid(beta * ((lw - ll) - 0.5 * (kr - kw)))
             else:
                 lw, kw = trl_side(hc, rhc, cl, False)
                 ll, kr = trl_side(hr, rhr, rl, True)
@@ -167,6 +191,13 @@ def main():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of all the cases")
+    p.add_argument(
+        "--cases",
+        default="dpo,cpo,tdpo",
+        help="comma-separated families to run (dpo, cpo, tdpo)",
+    )
+    p.add_argument("--only", help="comma-separated case names to keep (e.g. tdpo_divkit,tdpo_trl)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.quick:
@@ -174,13 +205,20 @@ def main():
     if a.case:
         print(json.dumps(run_case(a.case, a)))
         return
+    import platform
+
     import torch
 
+    def load():
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; "
-        f"pairs {a.pairs}; TDPO2 B={a.batch} T={a.seq} H={a.hidden} V={a.vocab}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}; pairs {a.pairs}; TDPO2 "
+        f"B={a.batch} T={a.seq} H={a.hidden} V={a.vocab}; load average before: {load()}"
     )
-    args = [a for a in sys.argv[1:] if a != "--quick"]
+    args = [x for x in sys.argv[1:] if x != "--quick"]
     if a.quick:
         args += [
             "--batch",
@@ -194,27 +232,53 @@ def main():
             "--reps",
             str(a.reps),
         ]
-    rows = {}
-    for case in ("dpo_divkit", "dpo_trl", "cpo_divkit", "cpo_trl", "tdpo_divkit", "tdpo_trl"):
-        r = subprocess.run(
-            [sys.executable, __file__, "--case", case, *args], capture_output=True, text=True
-        )
-        if r.returncode != 0:
-            print(f"{case}: failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
-            continue
-        rows[case] = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"{'case':<14}{'seconds':>10}{'peak MiB':>10}{'loss mean':>14}")
-    for c, r in rows.items():
-        print(f"{c:<14}{r['seconds']:>10.4f}{r['peak_mib']:>10.0f}{r['loss_mean']:>14.6f}")
-    for name in ("dpo", "cpo", "tdpo"):
-        d, t = rows.get(f"{name}_divkit"), rows.get(f"{name}_trl")
-        if d and t:
-            mem = t["peak_mib"] / d["peak_mib"] if d["peak_mib"] > 1 else float("nan")
-            print(
-                f"{name}: divkit {t['seconds'] / d['seconds']:.2f}x the speed of TRL, TRL "
-                f"peak memory / divkit's {mem:.1f}x (losses {d['loss_mean']:.6f} vs "
-                f"{t['loss_mean']:.6f})"
+    families = {
+        "dpo": ("dpo_divkit", "dpo_trl"),
+        "cpo": ("cpo_divkit", "cpo_trl"),
+        "tdpo": ("tdpo_divkit", "tdpo_divkit_nokeep", "tdpo_divkit_2pass", "tdpo_trl"),
+    }
+    cases = [c for f in a.cases.split(",") for c in families[f.strip()]]
+    if a.only:
+        cases = [c for c in cases if c in a.only.split(",")]
+    runs = {c: [] for c in cases}
+    for rnd in range(a.rounds):
+        # Alternate the order between rounds so that no case always runs first.
+        for case in cases if rnd % 2 == 0 else cases[::-1]:
+            r = subprocess.run(
+                [sys.executable, __file__, "--case", case, *args], capture_output=True, text=True
             )
+            if r.returncode != 0:
+                print(f"{case}: failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+                continue
+            runs[case].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    rows = {}
+    for c, rs in runs.items():
+        if rs:
+            secs = sorted(r["seconds"] for r in rs)
+            rows[c] = {
+                "seconds": secs[len(secs) // 2],
+                "all": secs,
+                "peak_mib": max(r["peak_mib"] for r in rs),
+                "loss_mean": rs[-1]["loss_mean"],
+            }
+    print(f"load average after: {load()}; medians of {a.rounds} alternating rounds")
+    print(f"{'case':<20}{'seconds':>10}{'peak MiB':>10}{'loss mean':>14}  all rounds (s)")
+    for c, r in rows.items():
+        print(
+            f"{c:<20}{r['seconds']:>10.4f}{r['peak_mib']:>10.0f}{r['loss_mean']:>14.6f}  "
+            + " ".join(f"{x:.3f}" for x in r["all"])
+        )
+    for name, members in families.items():
+        t = rows.get(f"{name}_trl")
+        for c in members[:-1]:
+            d = rows.get(c)
+            if d and t:
+                mem = t["peak_mib"] / d["peak_mib"] if d["peak_mib"] > 1 else float("nan")
+                print(
+                    f"{c}: {t['seconds'] / d['seconds']:.2f}x the speed of the peer, peer "
+                    f"peak memory / divkit's {mem:.1f}x (losses {d['loss_mean']:.6f} vs "
+                    f"{t['loss_mean']:.6f})"
+                )
 
 
 if __name__ == "__main__":

@@ -51,6 +51,34 @@ struct LinearHeadGrads {
   TensorView bias;
 };
 
+// Extras of fused_linear_divergence for the token-level preference losses (TDPO, SparsePO), which
+// need the label log-probabilities of both heads beside the per-token divergence: all are computed
+// from the same chunk of logits in the same pass, and the backward can keep chunks instead of
+// recomputing them. Each field optional; not supported with a vocabulary-parallel shard.
+struct FusedLabelTerms {
+  // [N] fp32/fp64 outputs: log softmax(z)[label] of the student's (teacher's) logits at
+  // temperature 1, 0 at ignored tokens (needs labels in [0, V) where not ignored). The teacher's
+  // needs the soft term (soft_weight != 0).
+  TensorView student_logprobs;
+  TensorView teacher_logprobs;
+  // [N] fp32/fp64: token i's weight of the hard term, replacing hard_weight * weights[i] /
+  // divisor (the hard term is then on even when hard_weight is 0). The soft term keeps
+  // soft_weight * weights[i] / divisor: the two terms get independent per-token weights, as the
+  // backward of two per-token outputs needs (d/dz log p(y) = -d/dz CE).
+  TensorView hard_weights;
+  // The keep budget: [K, V] fp32 contiguous buffers (K <= N; either may be absent). With
+  // kept_filled false the call copies the student's (teacher's) logits of every chunk lying
+  // inside tokens [0, K) there; with kept_filled true it reads them from there instead of
+  // recomputing them with a GEMM (the backward of a forward that filled them, same inputs and
+  // chunk_size). K x V x 4 bytes per head is the memory kept between the two calls.
+  TensorView kept_student;
+  TensorView kept_teacher;
+  bool kept_filled = false;
+  // Add the student's weight and bias gradients to the outputs' values instead of writing them
+  // (grad_weight must be a contiguous fp32 array): one accumulator over several calls.
+  bool accumulate_weight_grads = false;
+};
+
 struct FusedLinearOptions {
   // Tokens per chunk; 0 chooses it (about 256 MiB of fp32 logits per [C, V] buffer, 32 to 1024
   // tokens, at most N).
@@ -72,6 +100,8 @@ struct FusedLinearOptions {
   // hidden-state gradient (all-reduced). teacher_token_ids is not supported with it (shard the
   // teacher's vocabulary like the student's), nor is the sparse teacher.
   VocabShard shard;
+  // Label log-probs, per-token hard weights and kept logits (fused_linear_divergence only).
+  FusedLabelTerms terms;
 };
 
 // Knowledge distillation from hidden states: any divergence of divergence.h between

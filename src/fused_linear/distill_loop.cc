@@ -2,6 +2,7 @@
 // (divergence(), or its vocabulary-parallel phases) -> hard-label CE -> gradient GEMMs.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,67 @@ using check::fail;
 using namespace fused;
 
 namespace {
+
+// The rows K of a keep buffer of FusedLabelTerms ([K, V] fp32 contiguous, K <= n), 0 if absent.
+int64_t kept_rows(const char* fn, const char* name, const TensorView& t, int64_t n, int64_t v) {
+  if (!t.defined()) return 0;
+  if (t.dtype != DType::f32 || t.ndim != 2 || t.shape[1] != v || t.shape[0] > n ||
+      t.strides[1] != 1 || t.strides[0] != v)
+    fail(fn, std::string(name) + " must be a contiguous fp32 [K <= N, V = " + std::to_string(v) +
+                 "] array, got " + check::shape_string(t));
+  return t.shape[0];
+}
+
+// The logits of rows [r0, r0 + rows) into `out`: from the keep buffer when it holds them and was
+// filled, else by the GEMM (`compute`), copied into the keep buffer when it should hold them.
+template <class Compute>
+void kept_or_computed(const TensorView& kept, int64_t k, bool filled, int64_t r0, int64_t rows,
+                      int64_t v, float* out, Compute&& compute) {
+  const bool inside = k > 0 && r0 + rows <= k;
+  float* keep = inside ? static_cast<float*>(kept.data) + r0 * v : nullptr;
+  const size_t bytes = static_cast<size_t>(rows * v) * sizeof(float);
+  if (keep && filled) {
+    std::memcpy(out, keep, bytes);
+    return;
+  }
+  compute();
+  if (keep) std::memcpy(keep, out, bytes);
+}
+
+// The label statistics (lse, z_y) of an unsharded chunk of logits at temperature 1. With
+// per-row coefficients a, b (a hard term's hw, -hw), the rows become the gradient
+// a p + b 1[y] + add in the same sweep (label_kernels.h).
+void label_stats(const char* fn, const char* what, float* z, int64_t rows, int64_t v,
+                 const int64_t* labels, int64_t r0, double* lse, double* zy,
+                 const double* a = nullptr, const double* b = nullptr, const float* add = nullptr) {
+  struct Coefs {
+    const double *a, *b;
+  } coefs{a, b};
+  detail::LabelForwardJob f;
+  if (a != nullptr) {
+    f.coef_ctx = &coefs;
+    f.coef = [](void* p, int64_t r, double, double* ca, double* cb, double* cc) {
+      const Coefs& k = *static_cast<const Coefs*>(p);
+      *ca = k.a[r];
+      *cb = k.b[r];
+      *cc = 0.0;
+    };
+    f.add = add;
+    f.ldadd = v;
+  }
+  f.z = z;
+  f.ldz = v;
+  f.rows = rows;
+  f.v = v;
+  f.labels = labels;
+  f.lse = lse;
+  f.z_label = zy;
+  f.num_threads = get_num_threads();
+  detail::label_rows_forward(f);
+  if (f.bad_row >= 0)
+    fail(fn, std::string("the ") + what + " logits of token " + std::to_string(r0 + f.bad_row) +
+                 " are NaN, +inf or all -inf");
+}
 
 // One chunk's soft (teacher) term, called by distill_chunks: given the student logits of rows
 // [r0, r0 + rows) in `ls` ([rows, v]) and the per-row weights soft_weight * w_i / divisor (0 for
@@ -44,10 +106,38 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
   const int64_t n = student.hidden.shape[0], hs = student.weight.shape[1];
   if (!std::isfinite(fused.hard_weight) || !std::isfinite(fused.soft_weight))
     fail(fn, "hard_weight and soft_weight must be finite");
-  const bool hard = fused.hard_weight != 0.0f, soft_on = fused.soft_weight != 0.0f;
-  if (hard && !options.labels.defined()) fail(fn, "hard_weight != 0 needs labels");
-  const std::vector<int64_t> labels = read_labels(fn, options.labels, n, options.ignore_index,
-                                                  group.global_v(), /*need_range=*/hard);
+  const FusedLabelTerms& terms = fused.terms;
+  const bool per_token_hard = terms.hard_weights.defined();
+  const bool hard = fused.hard_weight != 0.0f || per_token_hard;
+  const bool soft_on = fused.soft_weight != 0.0f;
+  // The student's label statistics: for the hard term, or as an output.
+  const bool stats_s = hard || terms.student_logprobs.defined();
+  if (group.on() &&
+      (per_token_hard || terms.student_logprobs.defined() || terms.teacher_logprobs.defined() ||
+       terms.kept_student.defined() || terms.kept_teacher.defined()))
+    fail(fn,
+         "label log-probs, per-token hard weights and kept logits are not supported with a "
+         "vocabulary-parallel shard");
+  if (stats_s && !options.labels.defined())
+    fail(fn, fused.hard_weight != 0.0f ? "hard_weight != 0 needs labels"
+                                       : "hard_weights and student_logprobs need labels");
+  const std::vector<int64_t> labels =
+      read_labels(fn, options.labels, n, options.ignore_index, group.global_v(),
+                  /*need_range=*/stats_s || terms.teacher_logprobs.defined());
+  std::vector<double> hard_w;
+  if (per_token_hard) {
+    check::vector_of(fn, "hard_weights", terms.hard_weights, n, {DType::f32, DType::f64});
+    hard_w.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      hard_w[i] = elem::get(terms.hard_weights, i);
+      if (!std::isfinite(hard_w[i]))
+        fail(fn, "hard_weights must be finite, got " + check::fmt(hard_w[i]) + " at index " +
+                     std::to_string(i));
+    }
+  }
+  if (terms.student_logprobs.defined())
+    check::vector_of(fn, "student_logprobs", terms.student_logprobs, n, {DType::f32, DType::f64});
+  const int64_t kept_s = kept_rows(fn, "kept_student", terms.kept_student, n, v);
   const std::vector<double> token_weight = reduce::token_weights(fn, options.weights, n);
   int64_t count = 0;
   for (int64_t y : labels) count += y >= 0;
@@ -62,6 +152,12 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
   const std::vector<float> bs = bias_f32(student.bias, nullptr, v);
   HeadGradAccumulator acc_s(student, student_grads, &ws, v, nullptr, &group);
   const bool want_s = acc_s.wanted();
+  if (fused.terms.accumulate_weight_grads) {
+    if (group.on()) fail(fn, "accumulate_weight_grads is not supported with a shard");
+    if (student_grads.weight.defined() && !is_direct_f32(student_grads.weight))
+      fail(fn, "accumulate_weight_grads needs grad_student_weight as a contiguous fp32 array");
+    acc_s.set_accumulate(true);
+  }
 
   // Every rank of a group chooses the same chunk size (from the largest shard).
   const int64_t chunk = choose_chunk(fused.chunk_size, n, group.max_v());
@@ -85,7 +181,8 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     to_f32_rows(fn, "student_hidden", student.hidden, r0, rows, nullptr, hs_c);
-    chunk_logits(hs_c, rows, ws, v, hs, bs, ls.data());
+    kept_or_computed(terms.kept_student, kept_s, terms.kept_filled, r0, rows, v, ls.data(),
+                     [&] { chunk_logits(hs_c, rows, ws, v, hs, bs, ls.data()); });
     std::fill(row_loss.begin(), row_loss.end(), 0.0);
     if (soft_on) {
       for (int64_t r = 0; r < rows; ++r)
@@ -98,9 +195,20 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
         rethrow_chunk(fn, e, r0);
       }
     }
-    if (hard) {
-      // Plain CE of the student logits (T = 1): lse - z_y; its gradient hw (p - 1[y]) is
-      // written over ls plus the soft term's gradient.
+    // Plain CE of the student logits (T = 1): lse - z_y; its gradient hw (p - 1[y]) is
+    // written over ls plus the soft term's gradient (unsharded: in the statistics' sweep).
+    const bool fuse_hard = hard && want_s && !sharded;
+    auto hard_weight_of = [&](int64_t r) {
+      return labels[r0 + r] < 0 ? 0.0
+             : per_token_hard   ? hard_w[r0 + r]
+                                : fused.hard_weight * token_weight[r0 + r] / divisor;
+    };
+    if (fuse_hard)
+      for (int64_t r = 0; r < rows; ++r) {
+        ca[r] = hard_weight_of(r);
+        cb[r] = -ca[r];
+      }
+    if (stats_s) {
       if (sharded) {
         ShardedLabelStats st;
         st.lse = lse.data();
@@ -109,28 +217,22 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
                               threads);
         local_labels(group, labels.data() + r0, rows, v, local, in_shard);
       } else {
-        detail::LabelForwardJob f;
-        f.z = ls.data();
-        f.ldz = v;
-        f.rows = rows;
-        f.v = v;
-        f.labels = labels.data() + r0;
-        f.lse = lse.data();
-        f.z_label = zy.data();
-        f.num_threads = threads;
-        detail::label_rows_forward(f);
-        if (f.bad_row >= 0)
-          fail(fn, "the student logits of token " + std::to_string(r0 + f.bad_row) +
-                       " are NaN, +inf or all -inf");
+        label_stats(fn, "student", ls.data(), rows, v, labels.data() + r0, r0, lse.data(),
+                    zy.data(), fuse_hard ? ca.data() : nullptr, cb.data(),
+                    gsoft.empty() ? nullptr : gsoft.data());
       }
+      if (terms.student_logprobs.defined())
+        for (int64_t r = 0; r < rows; ++r)
+          elem::set(terms.student_logprobs, r0 + r, labels[r0 + r] < 0 ? 0.0 : zy[r] - lse[r]);
+    }
+    if (hard) {
       for (int64_t r = 0; r < rows; ++r) {
-        const double hw =
-            labels[r0 + r] < 0 ? 0.0 : fused.hard_weight * token_weight[r0 + r] / divisor;
+        const double hw = hard_weight_of(r);
         if (labels[r0 + r] >= 0) row_loss[r] += hw * (lse[r] - zy[r]);
         ca[r] = hw;
         cb[r] = sharded && !in_shard[r] ? 0.0 : -hw;  // the one-hot term is the label's rank's
       }
-      if (want_s) {
+      if (want_s && !fuse_hard) {
         detail::LabelGradJob g;
         g.z = ls.data();
         g.ldz = v;
@@ -244,13 +346,36 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
   HeadGradAccumulator acc_t(teacher, teacher_grads, &wt, v, mapped ? &token_ids : nullptr, &group);
   const bool want_t = acc_t.wanted();
   std::vector<float> scratch, grad_t;  // grad_t: a shard's teacher gradient (beside its logits)
+  const FusedLabelTerms& terms = fused.terms;
+  const int64_t n = student.hidden.shape[0];
+  const int64_t kept_t = sharded ? 0 : kept_rows(fn, "kept_teacher", terms.kept_teacher, n, v);
+  const bool teacher_lp = terms.teacher_logprobs.defined() && !sharded;
+  std::vector<int64_t> t_labels;
+  std::vector<double> t_lse, t_zy;
+  if (teacher_lp) {
+    if (fused.soft_weight == 0.0f) fail(fn, "teacher_logprobs needs soft_weight != 0");
+    check::vector_of(fn, "teacher_logprobs", terms.teacher_logprobs, n, {DType::f32, DType::f64});
+    if (!options.labels.defined()) fail(fn, "teacher_logprobs needs labels");
+    t_labels = read_labels(fn, options.labels, n, options.ignore_index, v, true);
+  }
 
   distill_chunks(
       fn, group, student, v, options, fused, loss, student_grads, /*teacher_buffer=*/true,
       [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
           double* row_loss, float* lt) {
         to_f32_rows(fn, "teacher_hidden", teacher.hidden, r0, rows, nullptr, ht_c);
-        chunk_logits(ht_c, rows, wt, v, ht, bt, lt);
+        kept_or_computed(terms.kept_teacher, kept_t, terms.kept_filled, r0, rows, v, lt,
+                         [&] { chunk_logits(ht_c, rows, wt, v, ht, bt, lt); });
+        if (teacher_lp) {
+          // Before divergence(), which may write the teacher's gradient over lt.
+          t_lse.resize(static_cast<size_t>(rows));
+          t_zy.resize(static_cast<size_t>(rows));
+          label_stats(fn, "teacher", lt, rows, v, t_labels.data() + r0, r0, t_lse.data(),
+                      t_zy.data());
+          for (int64_t r = 0; r < rows; ++r)
+            elem::set(terms.teacher_logprobs, r0 + r,
+                      t_labels[r0 + r] < 0 ? 0.0 : t_zy[r] - t_lse[r]);
+        }
         const TensorView lsv = TensorView::matrix(ls, DType::f32, rows, v);
         const TensorView ltv = TensorView::matrix(lt, DType::f32, rows, v);
         const TensorView gsv =

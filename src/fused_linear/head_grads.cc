@@ -55,7 +55,7 @@ void HeadGradAccumulator::add_chunk(const float* g, int64_t ldg, int64_t r0, int
     const int64_t pr = gemm::piece_rows(v_, h_);
     gemm::for_pieces(weight_->threads(), (v_ + pr - 1) / pr, [&](int, int64_t p) {
       const int64_t j0 = p * pr, nr = std::min(pr, v_ - j0);
-      gemm::atb(nr, h_, rows, 1.0f, g + j0, ldg, h.data, h.ld, first_ ? 0.0f : 1.0f,
+      gemm::atb(nr, h_, rows, 1.0f, g + j0, ldg, h.data, h.ld, first_ && !accumulate_ ? 0.0f : 1.0f,
                 dw_ + j0 * ldw_, ldw_);
     });
   }
@@ -78,7 +78,8 @@ void HeadGradAccumulator::finish() {
   }
   if (grads_.weight.defined()) {
     const TensorView& out = grads_.weight;
-    if (first_ && dw_owned_.empty())  // no chunk ran (N = 0): the output still gets zeros
+    if (first_ && dw_owned_.empty() &&
+        !accumulate_)  // no chunk ran (N = 0): the output still gets zeros
       for (int64_t r = 0; r < v_; ++r) std::fill(dw_ + r * ldw_, dw_ + r * ldw_ + h_, 0.0f);
     if (!dw_owned_.empty()) {
       if (row_ids_ != nullptr) {
@@ -99,6 +100,8 @@ void HeadGradAccumulator::finish() {
   if (grads_.bias.defined()) {
     std::vector<double> full(static_cast<size_t>(v_full), 0.0);
     for (int64_t r = 0; r < v_; ++r) full[row_ids_ ? (*row_ids_)[r] : r] += db_[r];
+    if (accumulate_)
+      for (int64_t j = 0; j < v_full; ++j) full[j] += elem::get(grads_.bias, j);
     for (int64_t j = 0; j < v_full; ++j) elem::set(grads_.bias, j, full[j]);
   }
 }

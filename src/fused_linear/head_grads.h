@@ -22,6 +22,10 @@ class HeadGradAccumulator {
                       int64_t v, const std::vector<int64_t>* row_ids,
                       const ShardGroup* group = nullptr);
 
+  // Add grad_weight and grad_bias to the outputs' values instead of writing them (grad_weight
+  // must then be a contiguous fp32 array; grad_hidden is still written).
+  void set_accumulate(bool on) { accumulate_ = on; }
+
   bool wanted() const {
     return grads_.hidden.defined() || grads_.weight.defined() || grads_.bias.defined();
   }
@@ -47,6 +51,7 @@ class HeadGradAccumulator {
   std::vector<double> db_;
   std::vector<double> reduce_buffer_;  // a chunk's grad_hidden in fp64, for the group's sum
   bool first_ = true;
+  bool accumulate_ = false;
 };
 
 }  // namespace divkit::fused

@@ -82,8 +82,9 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
 struct RowSums {
   double e = 0.0, ec = 0.0, z = 0.0;
 };
-HWY_INLINE RowSums SumRow(const float* HWY_RESTRICT z, int64_t v, float m, bool want_ec,
-                          bool want_z) {
+// When `keep` is given, exp(z - m) is stored there (it may be z itself).
+HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool want_z,
+                          float* keep = nullptr) {
   const DF df;
   const RowSpan sp = Span(v);
   const VF vm = hn::Set(df, m);
@@ -96,6 +97,7 @@ HWY_INLINE RowSums SumRow(const float* HWY_RESTRICT z, int64_t v, float m, bool 
       const VF x = hn::LoadU(df, z + j);
       const VF c = hn::Sub(x, vm);
       const VF e = SoftmaxExp(df, c);
+      if (keep) hn::StoreU(e, df, keep + j);
       acc_e = hn::Add(acc_e, e);
       // e * c with 0 where e = 0 (c = -inf for masked entries).
       if (want_ec)
@@ -113,8 +115,34 @@ HWY_INLINE RowSums SumRow(const float* HWY_RESTRICT z, int64_t v, float m, bool 
     out.e += e;
     if (e != 0.0) out.ec += e * c;
     out.z += z[j];
+    if (keep) keep[j] = static_cast<float>(e);
   }
   return out;
+}
+
+// The fused gradient of LabelForwardJob::coef over a row that holds e = exp(z - m), S = sum e.
+void FusedGradRow(const detail::LabelForwardJob& job, int64_t i, float* HWY_RESTRICT z, double se,
+                  double lse) {
+  const DF df;
+  const int64_t v = job.v;
+  const RowSpan sp = Span(v);
+  const float* HWY_RESTRICT add = job.add ? job.add + i * job.ldadd : nullptr;
+  double a = 0.0, b = 0.0, c = 0.0;
+  job.coef(job.coef_ctx, i, lse, &a, &b, &c);
+  // (a p + c) / T with p = e / S.
+  const float as = static_cast<float>(a / se) * job.inv_t, cs = static_cast<float>(c) * job.inv_t;
+  const VF vas = hn::Set(df, as), vcs = hn::Set(df, cs);
+  for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
+    VF g = hn::MulAdd(vas, hn::LoadU(df, z + j), vcs);
+    if (add) g = hn::Add(g, hn::LoadU(df, add + j));
+    hn::StoreU(g, df, z + j);
+  }
+  for (int64_t j = sp.vfull; j < v; ++j) {
+    float g = as * z[j] + cs;
+    if (add) g += add[j];
+    z[j] = g;
+  }
+  z[job.labels[i]] += static_cast<float>(b) * job.inv_t;
 }
 
 void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>& scratch,
@@ -127,7 +155,9 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
     return;
   }
   const bool want_ent = job.entropy != nullptr;
-  const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr);
+  const bool fuse = job.coef != nullptr;
+  if (job.z_label) job.z_label[i] = z[job.labels[i]];
+  const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr, fuse ? z : nullptr);
   const double se = sums.e, sez = sums.ec, sz = sums.z;
   const double log_s = std::log(se);
   const double lse = m + log_s;
@@ -135,7 +165,10 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   if (job.mean_z) job.mean_z[i] = sz / static_cast<double>(v);
   // H = -sum p log p = log S - sum e c / S with c = z - m.
   if (want_ent) job.entropy[i] = log_s - sez / se;
-  if (job.z_label) job.z_label[i] = z[job.labels[i]];
+  if (fuse) {
+    FusedGradRow(job, i, z, se, lse);
+    return;
+  }
   if (job.topk_mass) {
     const int64_t k = std::min(job.topk, v);
     scratch.assign(z, z + v);
@@ -262,6 +295,10 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
       if (job.labels[i] < 0) {
         for (double* out : {job.lse, job.z_label, job.mean_z, job.entropy, job.topk_mass})
           if (out) out[i] = 0.0;
+        if (job.coef != nullptr) {
+          float* z = job.z + i * job.ldz;
+          for (int64_t j = 0; j < job.v; ++j) z[j] = job.add ? job.add[i * job.ldadd + j] : 0.0f;
+        }
         continue;
       }
       bool bad = false;

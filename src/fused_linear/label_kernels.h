@@ -22,6 +22,18 @@ struct LabelForwardJob {
   int num_threads = 1;
   int64_t bad_row = -1;  // out: first row with NaN/+inf (or every entry -inf)
 
+  // The gradient in the same sweep (unsharded rows, softcap 0, no topk_mass): when `coef` is
+  // given, each row's exps exp(z - max) are kept over z while its sums are taken (the row is still
+  // in cache) and the row becomes, right after its statistics, dL/dx_j = (a p_j + b 1[j = y] + c)
+  // / T + add_j with p_j = exp(z_j - max) / S: one exp per logit for statistics and gradient,
+  // one read and one write of the row from memory. coef(ctx, row, lse, &a, &b, &c) gives the
+  // row's coefficients from its lse; it runs on the worker threads. Ignored rows become add (or
+  // 0). z_label, lse, mean_z and entropy are still written.
+  void (*coef)(void* ctx, int64_t row, double lse, double* a, double* b, double* c) = nullptr;
+  void* coef_ctx = nullptr;
+  const float* add = nullptr;  // optional [rows, V] block added to the gradient
+  int64_t ldadd = 0;
+
   // Vocabulary-parallel passes, over one rank's shard of each row (the driver combines the ranks'
   // values between them; ignored rows are skipped, their outputs -inf / 0):
   //  1. shard_max given: z = softcap(x) / T in place and shard_max[i] = the shard's max of z

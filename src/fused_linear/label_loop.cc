@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -33,10 +34,14 @@ struct LabelRun {
 };
 
 // The chunk loop of the label losses: logits, forward statistics, then (when `coef` is given)
-// the gradient coefficients of each row and the gradient GEMMs.
+// the gradient coefficients of each row and the gradient GEMMs. `entropy_coef`: coef sets the
+// entropy term's coefficient (the gradient then needs the entropy, in a pass of its own); without
+// it, softcap and top-k mass, each row's gradient is written in the sweep that takes its
+// statistics (LabelForwardJob::coef).
 template <class OnStats, class Coef>
 void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool want_entropy,
-                    bool want_mean, const LinearHeadGrads& grads, OnStats&& on_stats, Coef&& coef) {
+                    bool want_mean, const LinearHeadGrads& grads, OnStats&& on_stats, Coef&& coef,
+                    bool entropy_coef = false) {
   const LinearHead& head = run.head;
   const int64_t n = head.hidden.shape[0], v = head.weight.shape[0], h = head.weight.shape[1];
   const int threads = get_num_threads();
@@ -47,6 +52,12 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
   const std::vector<float> b = bias_f32(head.bias, nullptr, v);
   HeadGradAccumulator acc(head, grads, &w, v, nullptr, &run.group);
   const bool want_grad = acc.wanted();
+  const bool fused_grad =
+      want_grad && !sharded && !entropy_coef && run.softcap == 0.0f && !stats.topk_mass.defined();
+  struct CoefCtx {
+    std::remove_reference_t<Coef>* coef;
+    int64_t r0;
+  } coef_ctx{&coef, 0};
   // Every rank of a group chooses the same chunk size (from the largest shard).
   const int64_t chunk = choose_chunk(run.chunk, n, run.group.max_v());
   std::vector<int64_t> local;  // a shard's labels as its columns
@@ -85,6 +96,16 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       f.topk_mass = stats.topk_mass.defined() ? topk.data() : nullptr;
       f.topk = stats.topk;
       f.num_threads = threads;
+      if (fused_grad) {
+        coef_ctx.r0 = r0;
+        f.coef_ctx = &coef_ctx;
+        f.coef = [](void* p, int64_t r, double lse, double* a, double* b, double* c) {
+          const CoefCtx& cx = *static_cast<const CoefCtx*>(p);
+          double e = 0.0;
+          *a = *b = *c = 0.0;
+          (*cx.coef)(cx.r0 + r, lse, *a, *b, *c, e);
+        };
+      }
       detail::label_rows_forward(f);
       if (f.bad_row >= 0)
         fail(run.fn, "the logits of token " + std::to_string(r0 + f.bad_row) +
@@ -100,6 +121,10 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       if (on) on_stats(i, lse[r], zy[r], mean[r]);
     }
     if (!want_grad) continue;
+    if (fused_grad) {
+      acc.add_chunk(z.data(), v, r0, rows, hc, scratch);
+      continue;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       ca[r] = cb[r] = cc[r] = ce[r] = 0.0;
       if (run.labels[r0 + r] >= 0) coef(r0 + r, lse[r], ca[r], cb[r], cc[r], ce[r]);
@@ -302,7 +327,8 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
         b = g[i];
         c = 0.0;
         ee = e.empty() ? 0.0 : -e[i];
-      });
+      },
+      /*entropy_coef=*/!e.empty());
 }
 
 }  // namespace divkit

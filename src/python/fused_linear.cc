@@ -91,6 +91,34 @@ void fused_linear_divergence(const HeadArrays& student, const HeadArrays& teache
   divkit::fused_linear_divergence(s, t, spec, o, f, lv, gs, gt);
 }
 
+// fused_linear_divergence with FusedLabelTerms: (student_logprobs, teacher_logprobs, hard_weights,
+// kept_student, kept_teacher), each optional, and kept_filled.
+using TermArrays = std::tuple<OptOut, OptOut, OptIn, OptOut, OptOut>;
+
+void fused_linear_label_terms(const HeadArrays& student, const HeadArrays& teacher,
+                              const OptIn& labels, const OptIn& weights,
+                              const FusedLinearOptions& opt, const OutArray& loss,
+                              const GradArrays& student_grads, const TermArrays& terms,
+                              bool kept_filled, bool accumulate_weight_grads) {
+  constexpr const char* fn = "fused_linear_divergence";
+  const divkit::DivergenceSpec spec = opt.spec();
+  const divkit::DivergenceOptions o = divergence_options(fn, opt, labels, weights);
+  divkit::FusedLinearOptions f = fused_options(opt);
+  f.terms.student_logprobs = optional_view(fn, "student_logprobs", std::get<0>(terms));
+  f.terms.teacher_logprobs = optional_view(fn, "teacher_logprobs", std::get<1>(terms));
+  f.terms.hard_weights = optional_view(fn, "hard_weights", std::get<2>(terms));
+  f.terms.kept_student = optional_view(fn, "kept_student", std::get<3>(terms));
+  f.terms.kept_teacher = optional_view(fn, "kept_teacher", std::get<4>(terms));
+  f.terms.kept_filled = kept_filled;
+  f.terms.accumulate_weight_grads = accumulate_weight_grads;
+  const divkit::LinearHead s = head(fn, "student_", student);
+  const divkit::LinearHead t = head(fn, "teacher_", teacher);
+  const divkit::LinearHeadGrads gs = grads(fn, "student_", student_grads);
+  const divkit::TensorView lv = to_view(fn, "loss", loss);
+  nb::gil_scoped_release release;
+  divkit::fused_linear_divergence(s, t, spec, o, f, lv, gs, {});
+}
+
 void fused_linear_sparse_divergence(const HeadArrays& student, const InArray& teacher_indices,
                                     const InArray& teacher_logprobs, const OptIn& labels,
                                     const OptIn& weights, const FusedLinearOptions& opt,
@@ -212,6 +240,13 @@ void register_fused_linear(nb::module_& m) {
         nb::arg("options"), nb::arg("loss"), nb::arg("student_grads"), nb::arg("teacher_grads"),
         "Fused linear-head distillation (include/divkit/fused_linear.h). Heads and gradient "
         "outputs are (hidden, weight, bias) tuples.");
+  m.def("fused_linear_label_terms", &fused_linear_label_terms, nb::arg("student"),
+        nb::arg("teacher"), nb::arg("labels").none(), nb::arg("weights").none(), nb::arg("options"),
+        nb::arg("loss"), nb::arg("student_grads"), nb::arg("terms"), nb::arg("kept_filled"),
+        nb::arg("accumulate_weight_grads") = false,
+        "fused_linear_divergence with the label terms of include/divkit/fused_linear.h's "
+        "FusedLabelTerms: terms = (student_logprobs, teacher_logprobs, hard_weights, "
+        "kept_student, kept_teacher), each optional.");
   m.def("fused_linear_sparse_divergence", &fused_linear_sparse_divergence, nb::arg("student"),
         nb::arg("teacher_indices"), nb::arg("teacher_logprobs"), nb::arg("labels").none(),
         nb::arg("weights").none(), nb::arg("options"), nb::arg("loss"), nb::arg("student_grads"));

@@ -330,18 +330,24 @@ void RunRows(SparseJob& job, const Div& div) {
       if (!want_grad) continue;
 
       const double scale = t2 * job.grad_scale[i] / temperature;
+      // An fp32 output row is written directly (one pass from the cached exps to memory);
+      // other dtypes go through e and StoreRow's conversion.
+      const detail::RowOutput& go = job.grad_student;
+      float* dst = go.dtype == DType::f32 ? static_cast<float*>(go.data) + i * go.row_stride : e;
       if (has_tail) {
         // Tail entries: e_j (u_tail / Z_tail - U / Z); the k entries are 0 in e (masked).
         const double c = z_tail > 0.0 ? scale * (u[k] / z_tail - sum_u / z) : 0.0;
         const VF vc = hn::Set(df, static_cast<float>(c));
-        for (int64_t j = 0; j < vpad; j += lanes)
-          hn::Store(hn::Mul(hn::Load(df, e + j), vc), df, e + j);
+        const int64_t vfull = v / lanes * lanes;
+        for (int64_t j = 0; j < vfull; j += lanes)
+          hn::StoreU(hn::Mul(hn::Load(df, e + j), vc), df, dst + j);
+        for (int64_t j = vfull; j < v; ++j) dst[j] = e[j] * static_cast<float>(c);
       } else {
-        std::memset(e, 0, static_cast<size_t>(vpad) * sizeof(float));
+        std::memset(dst, 0, static_cast<size_t>(v) * sizeof(float));
       }
       for (int64_t b = 0; b < k; ++b)
-        e[s.idx[b]] = static_cast<float>(scale * (u[b] - s.qd[b] * sum_u));
-      StoreRow(job.grad_student, i, v, e);
+        dst[s.idx[b]] = static_cast<float>(scale * (u[b] - s.qd[b] * sum_u));
+      if (dst == e) StoreRow(go, i, v, e);
     }
   }
   job.bad_student = bad_s.Get();

@@ -207,6 +207,94 @@ INSTANTIATE_TEST_SUITE_P(
         Case{K::renyi, 2.0, 1.0, Reduction::mean, 6, false, 24, 24, 0.0, true},
         Case{K::cross_entropy, kNaN, 1.0, Reduction::mean, 0, true, 24, 24, 0.0, false}));
 
+// FusedLabelTerms (the token-level preference losses): both heads' label log-probs beside the
+// per-token forward KL in one pass, then the gradient of sum_i u_i log q(y_i) + w_i KL_i through
+// per-token hard weights (-u) and token weights (w), with logits kept by the first call.
+TEST(FusedLinearDivergence, LabelTermsPerTokenWeightsAndKeptLogits) {
+  const int64_t n = 37, v = 53, hs = 24, ht = 16, chunk = 5, kept = 15;
+  Head s(n, v, hs, true, 11), t(n, v, ht, true, 12, 2.0);
+  std::vector<int64_t> labels(n);
+  std::vector<double> u(n), w(n), minus_u(n);
+  for (int64_t i = 0; i < n; ++i) {
+    labels[i] = i % 6 == 2 ? -100 : (i * 11) % v;
+    u[i] = std::sin(0.7 * i + 0.3);
+    w[i] = std::cos(1.3 * i);
+    minus_u[i] = -u[i];
+  }
+  // fp64: log-softmax rows, label log-probs, KL(p_t || q_s), and the gradient u (1[y] - q) +
+  // w (q - p).
+  const std::vector<double> zs = s.logits(), zt = t.logits();
+  std::vector<double> lp_s(n, 0.0), lp_t(n, 0.0), kl(n, 0.0), gz(n * v, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (labels[i] < 0) continue;
+    auto lse_of = [&](const std::vector<double>& z) {
+      double m = -INFINITY, se = 0.0;
+      for (int64_t j = 0; j < v; ++j) m = std::max(m, z[i * v + j]);
+      for (int64_t j = 0; j < v; ++j) se += std::exp(z[i * v + j] - m);
+      return m + std::log(se);
+    };
+    const double ls = lse_of(zs), lt = lse_of(zt);
+    lp_s[i] = zs[i * v + labels[i]] - ls;
+    lp_t[i] = zt[i * v + labels[i]] - lt;
+    for (int64_t j = 0; j < v; ++j) {
+      const double lq = zs[i * v + j] - ls, lpt = zt[i * v + j] - lt;
+      const double q = std::exp(lq), p = std::exp(lpt);
+      kl[i] += p * (lpt - lq);
+      gz[i * v + j] = u[i] * ((j == labels[i]) - q) + w[i] * (q - p);
+    }
+  }
+  std::vector<double> dh, dw, db;
+  s.grads(gz, nullptr, dh, dw, db);
+
+  const divkit::DivergenceSpec spec = divkit_test::make_spec(K::forward_kl, std::nan(""), 1.0);
+  std::vector<float> keep_s(kept * v), keep_t(kept * v);
+  std::vector<float> loss(n), lps(n), lpt(n);
+  divkit::DivergenceOptions o;
+  o.labels = TensorView::vector(labels.data(), DType::i64, n);
+  o.reduction = Reduction::none;
+  divkit::FusedLinearOptions f;
+  f.chunk_size = chunk;
+  f.terms.student_logprobs = TensorView::vector(lps.data(), DType::f32, n);
+  f.terms.teacher_logprobs = TensorView::vector(lpt.data(), DType::f32, n);
+  f.terms.kept_student = TensorView::matrix(keep_s.data(), DType::f32, kept, v);
+  f.terms.kept_teacher = TensorView::matrix(keep_t.data(), DType::f32, kept, v);
+  divkit::fused_linear_divergence(s.view(), t.view(), spec, o, f,
+                                  TensorView::vector(loss.data(), DType::f32, n));
+  expect_close(loss, kl, 1e-5, "kl");
+  expect_close(lps, lp_s, 1e-5, "student_logprobs");
+  expect_close(lpt, lp_t, 1e-5, "teacher_logprobs");
+
+  // The backward: reduction sum with weights w (soft) and hard weights -u; kept or recomputed.
+  std::vector<std::vector<float>> results;
+  for (bool use_kept : {true, false}) {
+    std::vector<float> one(1), g_h(n * hs), g_w(v * hs), g_b(v);
+    divkit::LinearHeadGrads sg;
+    sg.hidden = TensorView::matrix(g_h.data(), DType::f32, n, hs);
+    sg.weight = TensorView::matrix(g_w.data(), DType::f32, v, hs);
+    sg.bias = TensorView::vector(g_b.data(), DType::f32, v);
+    divkit::DivergenceOptions ob = o;
+    ob.reduction = Reduction::sum;
+    ob.weights = TensorView::vector(w.data(), DType::f64, n);
+    divkit::FusedLinearOptions fb;
+    fb.chunk_size = chunk;
+    fb.terms.hard_weights = TensorView::vector(minus_u.data(), DType::f64, n);
+    if (use_kept) {
+      fb.terms.kept_student = f.terms.kept_student;
+      fb.terms.kept_teacher = f.terms.kept_teacher;
+      fb.terms.kept_filled = true;
+    }
+    divkit::fused_linear_divergence(s.view(), t.view(), spec, ob, fb,
+                                    TensorView::vector(one.data(), DType::f32, 1), sg);
+    expect_close(g_h, dh, 2e-5, "grad_hidden");
+    expect_close(g_w, dw, 2e-5, "grad_weight");
+    expect_close(g_b, db, 2e-5, "grad_bias");
+    g_h.insert(g_h.end(), g_w.begin(), g_w.end());
+    g_h.insert(g_h.end(), g_b.begin(), g_b.end());
+    results.push_back(g_h);
+  }
+  EXPECT_EQ(results[0], results[1]) << "kept logits must give the recomputed bits";
+}
+
 TEST(FusedLinearDivergence, TeacherTokenIdsMapAndTruncate) {
   const int64_t n = 19, vs = 31, vt = 45, h = 16;
   Head s(n, vs, h, true, 3), t(n, vt, h, true, 4);

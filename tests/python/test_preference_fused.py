@@ -256,3 +256,177 @@ def test_fused_bad_input():
         rlhf.exact_kl_fused(x["hc"], x["w"], ref_logits=rcl, direction="forward")
     with pytest.raises(ValueError, match="chunk_size"):
         rlhf.exact_kl_fused(x["hc"], x["w"], ref_logits=rcl, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-pass engine (reference hidden states): against a float64 materialized computation.
+# ---------------------------------------------------------------------------------------------
+
+
+def tdpo_fp64(x, p, variant, beta, alpha):
+    """TDPO written out in float64 from the materialized logits (independent of divkit)."""
+
+    def side(h, labels, rh, kl_grad):
+        z = logits(h.double(), p["w"].double(), None if p.get("b") is None else p["b"].double())
+        zr = logits(rh.double(), x["rw"].double(), None if x["rb"] is None else x["rb"].double())
+        lq, lr = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
+        mask = labels != -100
+        y = labels.clamp(min=0)[..., None]
+        lratio = ((lq.gather(-1, y) - lr.gather(-1, y))[..., 0] * mask).sum(-1)
+        lq_kl = lq if kl_grad else lq.detach()
+        kl = ((lr.exp() * (lr - lq_kl)).sum(-1) * mask).sum(-1)
+        return lratio, kl
+
+    lw, kw = side(p["hc"], x["cl"], x["rhc"], variant == "tdpo1")
+    ll, kr = side(p["hr"], x["rl"], x["rhr"], True)
+    a = 1.0 if variant == "tdpo1" else alpha
+    return -torch.nn.functional.logsigmoid(beta * ((lw + a * kw) - (ll + a * kr)))
+
+
+def fused_call(x, q, variant, **kw):
+    return divkit.tdpo_loss_fused(
+        q["hc"],
+        q["hr"],
+        q["w"],
+        x["cl"],
+        x["rl"],
+        lm_head_bias=q.get("b"),
+        ref_chosen_hidden=x["rhc"],
+        ref_rejected_hidden=x["rhr"],
+        ref_weight=x["rw"],
+        ref_bias=x["rb"],
+        beta=0.4,
+        alpha=0.6,
+        variant=variant,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+@pytest.mark.parametrize("keep_bytes", [0, 4 * V * 5, None])  # none, the first chunk, all
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_tdpo_one_pass_against_fp64(variant, keep_bytes, chunk_size):
+    x = batch(50, bias=True)
+    p = {k: v.double().detach().requires_grad_() for k, v in leaves(x).items()}
+    want = tdpo_fp64(x, p, variant, 0.4, 0.6)
+    # a non-uniform upstream gradient: each pair's loss weighted differently
+    up = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    gw = torch.autograd.grad((want * up).sum(), list(p.values()))
+    q = leaves(x)
+    got = fused_call(x, q, variant, chunk_size=chunk_size, keep_bytes=keep_bytes)[0]
+    gg = torch.autograd.grad((got * up.float()).sum(), list(q.values()))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_terms_one_pass_any_upstream():
+    # log-ratio and KL per token with unrelated upstream gradients (not TDPO's proportional ones)
+    x = batch(51, bias=True)
+    h = x["hc"].double().requires_grad_()
+    w = x["w"].double().requires_grad_()
+    b = x["b"].double().requires_grad_()
+    z = logits(h, w, b)
+    zr = logits(x["rhc"].double(), x["rw"].double(), x["rb"].double())
+    lq, lr = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
+    mask = x["cl"] != -100
+    y = x["cl"].clamp(min=0)[..., None]
+    lratio = (lq.gather(-1, y) - lr.gather(-1, y))[..., 0] * mask
+    kl = (lr.exp() * (lr - lq)).sum(-1) * mask
+    g = torch.Generator().manual_seed(5)
+    u1, u2 = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    gw = torch.autograd.grad((lratio * u1).sum() + (kl * u2).sum(), [h, w, b])
+    hf, wf, bf = (t.detach().float().requires_grad_() for t in (h, w, b))
+    got_lr, got_kl, got_m = divkit.preference.token_logratio_and_kl(
+        None,
+        None,
+        x["cl"],
+        policy_hidden=hf,
+        lm_head_weight=wf,
+        lm_head_bias=bf,
+        ref_hidden=x["rhc"],
+        ref_weight=x["rw"],
+        ref_bias=x["rb"],
+        chunk_size=4,
+        keep_bytes=4 * V * 8 * 2,
+    )
+    gg = torch.autograd.grad((got_lr * u1).sum() + (got_kl * u2).sum(), [hf, wf, bf])
+    torch.testing.assert_close(got_lr.double(), lratio, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_kl.double(), kl, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_m, mask)
+    for a, b_ in zip(gg, gw):
+        torch.testing.assert_close(a.double(), b_, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, None])
+def test_tdpo_one_pass_bitwise_any_thread_count(keep_bytes):
+    x = batch(52, bias=True)
+    outs = []
+    before = divkit.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            divkit.set_num_threads(threads)
+            q = leaves(x)
+            got = fused_call(x, q, "tdpo2", chunk_size=3, keep_bytes=keep_bytes)
+            outs.append([got[0], *torch.autograd.grad(got[0].sum(), list(q.values()))])
+    finally:
+        divkit.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+def test_tdpo_grads_in_forward_match_recompute(variant):
+    # keep_bytes=0: the per-token path (every chunk recomputed by the backward); a budget that
+    # holds one pair (or all): the gradients computed in the forward from the kept logits, pair
+    # group by pair group; an upstream gradient that differs between pairs: the fallback.
+    x = batch(53, bias=True)
+    res = []
+    for keep, up in ((0, None), (4 * V * T * 4, None), (1 << 20, None), (1 << 20, [0.3, 2.0])):
+        q = leaves(x)
+        got = fused_call(x, q, variant, chunk_size=2, keep_bytes=keep)
+        w = torch.ones(B) if up is None else torch.tensor(up)
+        res.append([*got, *torch.autograd.grad((got[0] * w).sum(), list(q.values()))])
+        if up is not None:  # against the per-token path with the same weights
+            q = leaves(x)
+            ref = fused_call(x, q, variant, chunk_size=2, keep_bytes=0)
+            want = torch.autograd.grad((ref[0] * w).sum(), list(q.values()))
+            for a, b in zip(res[-1][3:], want):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for other in res[1:3]:
+        for a, b in zip(res[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_tdpo_one_pass_bad_input():
+    x = batch(54)
+    q = leaves(x)
+    with pytest.raises(ValueError, match="tdpo_loss_fused.*keep_bytes"):
+        fused_call(x, q, "tdpo2", keep_bytes=-1)
+    bad = x["cl"].clone()
+    bad[0, 3] = V
+    with pytest.raises(ValueError, match="tdpo_loss_fused.*chosen_labels"):
+        divkit.tdpo_loss_fused(
+            q["hc"],
+            q["hr"],
+            q["w"],
+            bad,
+            x["rl"],
+            ref_chosen_hidden=x["rhc"],
+            ref_rejected_hidden=x["rhr"],
+            ref_weight=x["rw"],
+        )
+    h = q["hc"].detach().clone()
+    h[1, 4, 0] = float("nan")
+    with pytest.raises(ValueError, match="tdpo_loss_fused"):
+        divkit.tdpo_loss_fused(
+            h,
+            q["hr"],
+            q["w"],
+            x["cl"],
+            x["rl"],
+            ref_chosen_hidden=x["rhc"],
+            ref_rejected_hidden=x["rhr"],
+            ref_weight=x["rw"],
+        )

@@ -7,7 +7,9 @@ from typing import Optional
 
 import torch
 
+from .. import _ops
 from .. import _validate as check
+from . import _token_head
 from .tokens import _sparsepo_combine, _tdpo_combine, _tdpo_variant, token_logratio_and_kl
 
 __all__ = ["tdpo_loss_fused", "sparsepo_loss_fused"]
@@ -41,6 +43,7 @@ def _fused_pair(
     ignore_index,
     chunk_size,
     chosen_kl_grad,
+    keep_bytes,
 ):
     for name, x in (
         ("policy_chosen_hidden", policy_chosen_hidden),
@@ -68,6 +71,7 @@ def _fused_pair(
         ref_bias=ref_bias,
         ignore_index=ignore_index,
         chunk_size=chunk_size,
+        keep_bytes=keep_bytes,
     )
     with check.renamed(_side("chosen")):
         w = token_logratio_and_kl(
@@ -91,6 +95,54 @@ def _fused_pair(
     return w, l_
 
 
+def _tdpo_in_forward(
+    fn, hc, hr, w, b, cl, rl, rcl, rrl, rhc, rhr, rw, rb, ii, kl_c, combine, chunk, keep
+):
+    """The TDPO path with the gradients computed in the forward (one pass over each chunk of
+    logits in all), when it applies: reference hidden states on the CPU, a policy that requires
+    grad, no custom-op tracing, and one pair's logits within keep_bytes. None otherwise."""
+    if rcl is not None or rrl is not None or rhc is None or rhr is None:
+        return None
+    if not torch.is_grad_enabled() or not any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (hc, hr, w, b)
+    ):
+        return None
+    for name, x in (("policy_chosen_hidden", hc), ("policy_rejected_hidden", hr)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            check.fail(fn, f"{name} must be a [B, T, H] tensor")
+    if hc.shape[:2] != hr.shape[:2]:
+        return None  # different lengths: the per-side path
+    if not _token_head.usable(hc, w, b, rhc, rw, rb) or not _token_head.usable(
+        hr, w, b, rhr, rw, rb
+    ):
+        return None
+    if _ops.use_ops(hc, hr, w, b, rhc, rhr, rw, rb, fn=fn):
+        return None
+    ii = check.integer(fn, "ignore_index", ii)
+    labels = []
+    for side, h, rh, lab in (("chosen", hc, rhc, cl), ("rejected", hr, rhr, rl)):
+        with check.renamed(_side(side)):
+            check.lm_head(fn, h, w, None, rh, rw, lab)
+            labels.append(
+                check.labels(
+                    fn,
+                    lab,
+                    h.shape[:2],
+                    required=True,
+                    lead="the hidden states' [B, T]",
+                    vocab=w.shape[0],
+                    ignore_index=ii,
+                ).reshape(h.shape[:2])
+            )
+    if hc.shape[0] == 0:
+        check.fail(fn, "the batch is empty")
+    if keep is not None:
+        keep = check.integer(fn, "keep_bytes", keep, min=0)
+    return _token_head.tdpo_in_forward(
+        fn, hc, hr, w, b, rhc, rhr, rw, rb, labels[0], labels[1], ii, kl_c, combine, chunk, keep
+    )
+
+
 @check.public("tdpo_loss_fused")
 def tdpo_loss_fused(
     policy_chosen_hidden,
@@ -112,6 +164,7 @@ def tdpo_loss_fused(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     chunk_size: Optional[int] = None,
+    keep_bytes: Optional[int] = None,
 ):
     """:func:`tdpo_loss` fused with the policy's lm_head: the policy is given as hidden states
     ``policy_chosen_hidden``, ``policy_rejected_hidden`` ``[B, T, H]`` and ``lm_head_weight``
@@ -124,11 +177,44 @@ def tdpo_loss_fused(
     stop-gradient on the chosen KL) and the same ``(losses, chosen_rewards, rejected_rewards)``;
     equal to :func:`tdpo_loss` on the materialized logits ``hidden @ weight.T`` up to fp32
     rounding. Gradients reach the hidden states, the weight and bias (and the reference inputs
-    if they require grad). Per-token terms from :func:`token_logratio_and_kl`'s fused path;
-    ``chunk_size`` tokens per chunk (default ~64 MiB of logits). Hidden states fp32, bf16,
-    fp16 or fp64; arithmetic in fp32 (sequence level in fp64)."""
+    if they require grad).
+
+    With reference hidden states (on the CPU, not requiring grad) one pass of the C++ engine
+    computes both label log-probs and the KL from each chunk of both heads' logits. When the
+    policy requires grad and one pair's fp32 logits (chosen and rejected, the reference's
+    where the KL is differentiated) fit ``keep_bytes`` (default 256 MiB), pairs are taken in
+    groups that fit: the group's logits are kept from its forward pass to its gradient pass,
+    which runs in the forward (the gradient of ``losses.sum()``); the backward scales it by the
+    upstream gradient when that is the same for every pair (``losses.sum()``, ``.mean()``) and
+    otherwise recomputes. Else the per-token terms come from :func:`token_logratio_and_kl`'s
+    fused path, whose backward recomputes the chunks beyond ``keep_bytes`` per side (default 64
+    MiB there; 0 keeps none). ``chunk_size`` tokens per chunk (default ~32 MiB of logits per
+    chunk buffer on these paths, ~64 MiB with reference logits). Hidden states fp32, bf16, fp16
+    or fp64; arithmetic in fp32 (sequence level in fp64)."""
     fn = "tdpo_loss_fused"
     variant, beta, alpha = _tdpo_variant(fn, variant, beta, alpha)
+    fast = _tdpo_in_forward(
+        fn,
+        policy_chosen_hidden,
+        policy_rejected_hidden,
+        lm_head_weight,
+        lm_head_bias,
+        chosen_labels,
+        rejected_labels,
+        ref_chosen_logits,
+        ref_rejected_logits,
+        ref_chosen_hidden,
+        ref_rejected_hidden,
+        ref_weight,
+        ref_bias,
+        ignore_index,
+        variant == "tdpo1",
+        lambda a, b, c, d: _tdpo_combine(a, b, c, d, beta, alpha, label_smoothing),
+        chunk_size,
+        keep_bytes,
+    )
+    if fast is not None:
+        return fast
     (lr_w, kl_w, _), (lr_l, kl_l, _) = _fused_pair(
         fn,
         policy_chosen_hidden,
@@ -146,6 +232,7 @@ def tdpo_loss_fused(
         ignore_index,
         chunk_size,
         variant == "tdpo1",
+        keep_bytes,
     )
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
@@ -174,14 +261,15 @@ def sparsepo_loss_fused(
     l1_kl: float = 0.0,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    keep_bytes: Optional[int] = None,
 ):
     """:func:`sparsepo_loss` fused with the policy's lm_head (SparsePO, Christopoulou et al.
     2024): the policy and reference are given as in :func:`tdpo_loss_fused`, the masks and
     L1 penalties as in :func:`sparsepo_loss`; ``loss = -logsig(beta (u - d)) + L1`` with
     ``u = sum_t m^r_t log-ratio_t`` and ``d_t = -m^kl_t KL_t(pi_ref || pi)``. Never
     materializes the policy's ``[tokens x V]`` logits; equals :func:`sparsepo_loss` on the
-    materialized logits up to fp32 rounding. Returns ``(losses, chosen_rewards,
-    rejected_rewards)``."""
+    materialized logits up to fp32 rounding; ``chunk_size`` and ``keep_bytes`` as in
+    :func:`tdpo_loss_fused`. Returns ``(losses, chosen_rewards, rejected_rewards)``."""
     fn = "sparsepo_loss_fused"
     beta = check.positive(fn, "beta", beta)
     l1_reward = check.real(fn, "l1_reward", l1_reward)
@@ -203,6 +291,7 @@ def sparsepo_loss_fused(
         ignore_index,
         chunk_size,
         True,
+        keep_bytes,
     )
     return _sparsepo_combine(
         fn,

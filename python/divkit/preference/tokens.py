@@ -9,11 +9,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import _ops
 from .. import _validate as check
 from ..functional import divergence
 from ..fused import fused_linear_logprobs
 from ..rlhf import exact_kl_fused
 from . import _common as common
+from . import _token_head
 from .sequence import preference_loss
 
 __all__ = ["token_logratio_and_kl", "tdpo_loss", "sparsepo_loss", "SparsePOMask"]
@@ -39,6 +41,7 @@ def token_logratio_and_kl(
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    keep_bytes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-token quantities of the token-level losses, with (already shifted) labels
     ``[B, T]``:
@@ -54,11 +57,14 @@ def token_logratio_and_kl(
     Logits path: ``policy_logits`` and ``ref_logits`` ``[B, T, V]`` (a log-softmax gather and
     :func:`divkit.divergence`). Fused path (``policy_logits=None``): the policy as
     ``policy_hidden [B, T, H]`` + ``lm_head_weight [V, H]`` (+ ``lm_head_bias``), never
-    materializing its ``[tokens x V]`` logits: log pi(y) by :func:`divkit.fused_linear_logprobs`
-    and the KL by :func:`divkit.rlhf.exact_kl_fused`; the reference either as ``ref_logits``
-    or as ``ref_hidden [B, T, H_ref]`` + ``ref_weight [V, H_ref]`` (+ ``ref_bias``), the latter
-    fully fused (both heads in one C++ kernel). ``chunk_size`` bounds the tokens per chunk of
-    the fused path. Gradients reach every input that requires grad; fp32 results (fp64 for fp64
+    materializing its ``[tokens x V]`` logits; the reference either as ``ref_logits`` (log pi(y)
+    by :func:`divkit.fused_linear_logprobs`, the KL by :func:`divkit.rlhf.exact_kl_fused`) or as
+    ``ref_hidden [B, T, H_ref]`` + ``ref_weight [V, H_ref]`` (+ ``ref_bias``). With reference
+    hidden states on the CPU (and a reference that does not require grad) both heads run in one
+    pass of divkit's C++ engine: each chunk of both heads' logits gives the two label log-probs
+    and the KL together, and the backward is one more pass that reads the chunks kept within
+    ``keep_bytes`` (default 64 MiB of fp32 logits; 0 keeps none) and recomputes the others.
+    ``chunk_size`` bounds the tokens per chunk of the fused path. Gradients reach every input that requires grad; fp32 results (fp64 for fp64
     logits on the logits path)."""
     fn = "token_logratio_and_kl"
     if policy_hidden is not None or policy_logits is None:
@@ -75,6 +81,7 @@ def token_logratio_and_kl(
             ignore_index,
             kl_grad,
             chunk_size,
+            keep_bytes,
         )
     if policy_logits.dim() != 3 or ref_logits is None or ref_logits.shape != policy_logits.shape:
         check.fail(
@@ -112,7 +119,7 @@ def token_logratio_and_kl(
 
 
 def _fused_token_terms(
-    fn, h, w, b, ref_logits, rh, rw, rb, labels, ignore_index, kl_grad, chunk_size
+    fn, h, w, b, ref_logits, rh, rw, rb, labels, ignore_index, kl_grad, chunk_size, keep_bytes
 ):
     if not isinstance(h, torch.Tensor) or h.dim() != 3:
         check.fail(fn, "policy hidden states must be a [B, T, H] tensor (or give policy_logits)")
@@ -120,6 +127,25 @@ def _fused_token_terms(
         check.fail(fn, "lm_head_weight is required with policy hidden states")
     check.lm_head(fn, h, w, ref_logits, rh, rw, labels)
     mask = labels != ignore_index
+    if (
+        ref_logits is None
+        and _token_head.usable(h, w, b, rh, rw, rb)
+        and not _ops.use_ops(h, w, b, rh, rw, rb, fn=fn)
+    ):
+        ignore_index = check.integer(fn, "ignore_index", ignore_index)
+        flat = check.labels(
+            fn,
+            labels,
+            h.shape[:2],
+            required=True,
+            lead="the hidden states' [B, T]",
+            vocab=w.shape[0],
+            ignore_index=ignore_index,
+        )
+        lp, ref_lp, kl = _token_head.token_terms(
+            fn, h, w, b, rh, rw, rb, flat, ignore_index, kl_grad, chunk_size, keep_bytes
+        )
+        return lp - ref_lp, kl, mask
     lp = fused_linear_logprobs(h, w, labels, b, ignore_index=ignore_index, chunk_size=chunk_size)
     if ref_logits is None:
         ref_lp = fused_linear_logprobs(

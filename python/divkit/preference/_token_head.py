@@ -1,0 +1,367 @@
+"""The fused per-token terms of the token-level preference losses (TDPO, SparsePO) when both the
+policy and the reference are linear heads: one pass of divkit's fused distillation engine
+(``include/divkit/fused_linear.h``, ``FusedLabelTerms``) computes, from each chunk of both heads'
+logits, the policy's and the reference's label log-probs and KL(pi_ref || pi) per token. The
+backward is one more pass with the upstream gradients as per-token weights (the log-prob's as the
+hard term's, the KL's as the soft term's), reading the chunks the forward kept within the keep
+budget instead of recomputing their logits."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _C
+from .. import _validate as check
+
+# Bytes of logits kept between the forward and the backward of one call (per side of a TDPO
+# pair): the chunks of tokens [0, K) whose policy (and, when the KL is differentiated, reference)
+# logits fit, as fp32. The rest are recomputed by the backward.
+DEFAULT_KEEP_BYTES = 64 << 20
+
+# Bytes of fp32 logits per chunk buffer (the engine holds up to three such buffers at once).
+_CHUNK_BYTES = 32 << 20
+
+
+def _chunk_rows(v: int, n: int, chunk_size: Optional[int], fn: str) -> int:
+    if chunk_size is not None:
+        rows = check.integer(fn, "chunk_size", chunk_size, min=1)
+    else:
+        rows = max(1, _CHUNK_BYTES // (4 * max(1, v)))
+    return max(1, min(rows, n))
+
+
+def _options(chunk: int, reduction: str, soft_weight: float, ignore_index: int):
+    o = _C.FusedLinearOptions()
+    o.ignore_index = ignore_index
+    o.kind = "forward_kl"
+    o.temperature = 1.0
+    o.reduction = reduction
+    o.chunk_size = chunk
+    o.hard_weight = 0.0
+    o.soft_weight = soft_weight
+    return o
+
+
+def usable(h, w, b, rh, rw, rb) -> bool:
+    """Whether this path serves these inputs: CPU tensors and a reference that is not
+    differentiated (its gradient is not part of this path)."""
+    for x in (h, w, b, rh, rw, rb):
+        if x is not None and x.device.type != "cpu":
+            return False
+    return not any(x is not None and x.requires_grad for x in (rh, rw, rb))
+
+
+class _TokenTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk, keep_rows, fn):
+        n, v = h.shape[0], w.shape[0]
+        lp = torch.empty(n, dtype=torch.float32)
+        ref_lp = torch.empty(n, dtype=torch.float32)
+        kl = torch.empty(n, dtype=torch.float32)
+        kept_s = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows else None
+        kept_t = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows and kl_grad else None
+        with check.attributed(fn):
+            _C.fused_linear_label_terms(
+                (h, w, b),
+                (rh, rw, rb),
+                labels,
+                None,
+                _options(chunk, "none", 1.0, ignore_index),
+                kl,
+                (None, None, None),
+                (lp, ref_lp, None, kept_s, kept_t),
+                False,
+            )
+        ctx.save_for_backward(h, w, b, rh, rw, rb, labels)
+        ctx.kept = (kept_s, kept_t)
+        ctx.kl_grad, ctx.chunk, ctx.fn, ctx.ignore_index = kl_grad, chunk, fn, ignore_index
+        ctx.mark_non_differentiable(ref_lp)
+        if not kl_grad:
+            ctx.mark_non_differentiable(kl)
+        return lp, ref_lp, kl
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ref_lp, g_kl):
+        h, w, b, rh, rw, rb, labels = ctx.saved_tensors
+        kept_s, kept_t = ctx.kept
+        ctx.kept = (None, None)
+        need = ctx.needs_input_grad[:3]
+        n = h.shape[0]
+        # d lp / dz = -(d CE / dz): the log-prob's upstream gradient is the hard term's weight,
+        # negated; the KL's is the soft term's (forward_kl = KL(teacher || student)).
+        hard = (
+            torch.zeros(n, dtype=torch.float64)
+            if g_lp is None
+            else (-g_lp.reshape(-1).to(torch.float64)).contiguous()
+        )
+        soft = g_kl is not None and ctx.kl_grad
+        weights = g_kl.reshape(-1).to(torch.float64).contiguous() if soft else None
+        grads = [
+            torch.empty(x.shape, dtype=x.dtype) if f else None for x, f in zip((h, w, b), need)
+        ]
+        loss = torch.empty(1, dtype=torch.float32)
+        with check.attributed(ctx.fn):
+            _C.fused_linear_label_terms(
+                (h, w, b),
+                (rh, rw, rb),
+                labels,
+                weights,
+                _options(ctx.chunk, "sum", 1.0 if soft else 0.0, ctx.ignore_index),
+                loss,
+                tuple(grads),
+                (None, None, hard, kept_s, kept_t if soft else None),
+                True,
+            )
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., H] as [N, H] with unit stride along H (inside the autograd graph)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def token_terms(fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_size, keep_bytes):
+    """(log pi(y), log pi_ref(y), KL(pi_ref || pi)) per token, each ``[...]`` fp32 (0 at ignored
+    tokens), from ``h [..., H]``, ``w [V, H]``, ``rh [..., H_ref]``, ``rw [V, H_ref]`` and
+    validated ``labels [...]``. Gradients reach h, w, b (the KL's only with ``kl_grad``); the
+    reference is treated as a constant (see :func:`usable`)."""
+    lead = h.shape[:-1]
+    hf, rhf = _rows(h), _rows(rh.detach())
+    n, v = hf.shape[0], w.shape[0]
+    chunk = _chunk_rows(v, n, chunk_size, fn)
+    if keep_bytes is None:
+        keep_bytes = DEFAULT_KEEP_BYTES
+    keep_bytes = check.integer(fn, "keep_bytes", keep_bytes, min=0)
+    differentiated = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (h, w, b)
+    )
+    # The chunks of tokens [0, K) that fit the budget: the policy's logits, and the reference's
+    # when the KL is differentiated (its gradient needs p_ref).
+    per_token = 4 * v * (2 if kl_grad else 1)
+    keep_rows = (min(n, keep_bytes // per_token) // chunk) * chunk if differentiated else 0
+    lp, ref_lp, kl = _TokenTerms.apply(
+        hf,
+        w if w.stride(-1) == 1 else w.contiguous(),
+        b,
+        rhf,
+        rw.detach() if rw.stride(-1) == 1 else rw.detach().contiguous(),
+        None if rb is None else rb.detach(),
+        labels.reshape(-1),
+        int(ignore_index),
+        bool(kl_grad),
+        chunk,
+        keep_rows,
+        fn,
+    )
+    return lp.reshape(lead), ref_lp.reshape(lead), kl.reshape(lead)
+
+
+# Bytes of fp32 logits that the TDPO path keeps for one group of pairs between the chunks'
+# forward pass and their gradient pass (the gradients computed in the forward).
+DEFAULT_PAIR_KEEP_BYTES = 256 << 20
+
+
+def _forward_side(fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, kl_grad, outs, keep):
+    """One forward call over rows of one side, filling outs (lp, ref_lp, kl) and, with keep,
+    the kept logits (returned)."""
+    n, v = h.shape[0], w.shape[0]
+    kept_s = torch.empty((n, v), dtype=torch.float32) if keep else None
+    kept_t = torch.empty((n, v), dtype=torch.float32) if keep and kl_grad else None
+    lp, ref_lp, kl = outs
+    with check.attributed(fn):
+        _C.fused_linear_label_terms(
+            (h, w, b),
+            (rh, rw, rb),
+            labels,
+            None,
+            _options(chunk, "none", 1.0, ignore_index),
+            kl,
+            (None, None, None),
+            (lp, ref_lp, None, kept_s, kept_t),
+            False,
+        )
+    return kept_s, kept_t
+
+
+class _TDPOGradsInForward(torch.autograd.Function):
+    """TDPO from both heads with the gradients of ``losses.sum()`` computed in the forward, pair
+    group by pair group: each group's logits are kept (within the budget) from the forward
+    pass to its gradient pass, so no chunk is computed twice. The backward scales them by the
+    upstream gradient when it is the same for every pair (``losses.sum()`` / ``.mean()``), and
+    otherwise recomputes through the per-token path."""
+
+    @staticmethod
+    def forward(ctx, hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, cfg):
+        fn, ii, chunk, group = cfg["fn"], cfg["ignore_index"], cfg["chunk"], cfg["group"]
+        combine, kl_c = cfg["combine"], cfg["kl_grad_chosen"]
+        bsz, t = cl.shape
+        n, hdim, v = bsz * t, hc.shape[-1], w.shape[0]
+        hcf, hrf = _rows(hc), _rows(hr)
+        rhcf, rhrf = _rows(rhc), _rows(rhr)
+        need = ctx.needs_input_grad[:4]
+        ghc = torch.empty((n, hdim), dtype=hc.dtype) if need[0] else None
+        ghr = torch.empty((n, hdim), dtype=hr.dtype) if need[1] else None
+        gw = torch.zeros((v, w.shape[1]), dtype=torch.float32) if need[2] else None
+        gb = torch.zeros(v, dtype=torch.float32) if need[3] and b is not None else None
+        terms = {s: [torch.zeros(n, dtype=torch.float32) for _ in range(3)] for s in "cr"}
+        sides = {
+            "c": (hcf, rhcf, cl.reshape(-1), kl_c, ghc),
+            "r": (hrf, rhrf, rl.reshape(-1), True, ghr),
+        }
+        for p0 in range(0, bsz, group):
+            p1 = min(bsz, p0 + group)
+            r0, r1 = p0 * t, p1 * t
+            kept = {}
+            for s, (h, rh, lab, klg, _) in sides.items():
+                outs = [x[r0:r1] for x in terms[s]]
+                kept[s] = _forward_side(
+                    fn, h[r0:r1], w, b, rh[r0:r1], rw, rb, lab[r0:r1], ii, chunk, klg, outs, True
+                )
+            # The per-token gradients of this group's losses (each pair's loss depends on its
+            # own tokens only), through the same sequence-level arithmetic as the output.
+            leaves = [
+                (terms[s][0][r0:r1] - terms[s][1][r0:r1]).reshape(p1 - p0, t).requires_grad_()
+                if k == 0
+                else terms[s][2][r0:r1].reshape(p1 - p0, t).requires_grad_()
+                for s in "cr"
+                for k in (0, 1)
+            ]
+            with torch.enable_grad():
+                losses_g = combine(*leaves)[0]
+                g_lrc, g_klc, g_lrr, g_klr = torch.autograd.grad(losses_g.sum(), leaves)
+            upstream = {"c": (g_lrc, g_klc), "r": (g_lrr, g_klr)}
+            for s, (h, rh, lab, klg, gh) in sides.items():
+                g_lp, g_kl = upstream[s]
+                hard = (-g_lp.reshape(-1).to(torch.float64)).contiguous()
+                weights = g_kl.reshape(-1).to(torch.float64).contiguous() if klg else None
+                loss = torch.empty(1, dtype=torch.float32)
+                kept_s, kept_t = kept.pop(s)
+                with check.attributed(fn):
+                    _C.fused_linear_label_terms(
+                        (h[r0:r1], w, b),
+                        (rh[r0:r1], rw, rb),
+                        lab[r0:r1],
+                        weights,
+                        _options(chunk, "sum", 1.0 if klg else 0.0, ii),
+                        loss,
+                        (None if gh is None else gh[r0:r1], gw, gb),
+                        (None, None, hard, kept_s, kept_t if klg else None),
+                        True,
+                        True,
+                    )
+                del kept_s, kept_t
+        shape = (bsz, t)
+        lrc = (terms["c"][0] - terms["c"][1]).reshape(shape)
+        lrr = (terms["r"][0] - terms["r"][1]).reshape(shape)
+        losses, cr, rr = combine(
+            lrc, terms["c"][2].reshape(shape), lrr, terms["r"][2].reshape(shape)
+        )
+        ctx.grads = (
+            None if ghc is None else ghc.reshape(hc.shape),
+            None if ghr is None else ghr.reshape(hr.shape),
+            None if gw is None else gw.to(w.dtype),
+            None if gb is None else gb.to(b.dtype),
+        )
+        ctx.save_for_backward(hc, hr, w, b, rhc, rhr, rw, rb, cl, rl)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(cr, rr)
+        return losses.detach(), cr.detach(), rr.detach()
+
+    @staticmethod
+    def backward(ctx, go, _cr, _rr):
+        grads = ctx.grads
+        ctx.grads = None
+        none = (None,) * 7
+        if go is None:
+            return (None, None, None, None) + none
+        go = go.reshape(-1)
+        if grads is not None and bool((go == go[0]).all()):
+            c = go[0]
+            return tuple(None if g is None else g * c.to(g.dtype) for g in grads) + none
+        # A pair-dependent upstream gradient (or a second backward): the per-token path.
+        hc, hr, w, b, rhc, rhr, rw, rb, cl, rl = ctx.saved_tensors
+        cfg = ctx.cfg
+        need = ctx.needs_input_grad[:4]
+        xs = [
+            x.detach().requires_grad_(f) if x is not None else None
+            for x, f in zip((hc, hr, w, b), need)
+        ]
+        with torch.enable_grad():
+            terms = []
+            for h, rh, lab, klg in (
+                (xs[0], rhc, cl, cfg["kl_grad_chosen"]),
+                (xs[1], rhr, rl, True),
+            ):
+                lp, ref_lp, kl = token_terms(
+                    cfg["fn"],
+                    h,
+                    xs[2],
+                    xs[3],
+                    rh,
+                    rw,
+                    rb,
+                    lab.reshape(-1),
+                    cfg["ignore_index"],
+                    klg,
+                    cfg["chunk"],
+                    0,
+                )
+                terms += [lp - ref_lp, kl]
+            losses = cfg["combine"](*terms)[0]
+            inputs = [x for x, f in zip(xs, need) if f]
+            got = iter(torch.autograd.grad(losses, inputs, go))
+        return tuple(next(got) if f else None for f in need) + none
+
+
+def tdpo_in_forward(
+    fn,
+    hc,
+    hr,
+    w,
+    b,
+    rhc,
+    rhr,
+    rw,
+    rb,
+    cl,
+    rl,
+    ignore_index,
+    kl_grad_chosen,
+    combine,
+    chunk_size,
+    keep_bytes,
+):
+    """tdpo_loss_fused's (losses, chosen_rewards, rejected_rewards) with the gradients computed
+    in the forward, or None when one pair's logits do not fit keep_bytes (the caller then takes
+    the per-token path). cl, rl: validated labels [B, T]."""
+    bsz, t = cl.shape
+    v = w.shape[0]
+    budget = DEFAULT_PAIR_KEEP_BYTES if keep_bytes is None else keep_bytes
+    per_pair = 4 * v * t * ((2 if kl_grad_chosen else 1) + 2)
+    group = min(bsz, budget // per_pair)
+    if group < 1:
+        return None
+    cfg = dict(
+        fn=fn,
+        ignore_index=int(ignore_index),
+        chunk=_chunk_rows(v, group * t, chunk_size, fn),
+        group=group,
+        combine=combine,
+        kl_grad_chosen=bool(kl_grad_chosen),
+    )
+    return _TDPOGradsInForward.apply(
+        hc,
+        hr,
+        w if w.stride(-1) == 1 else w.contiguous(),
+        b,
+        rhc.detach(),
+        rhr.detach(),
+        rw.detach() if rw.stride(-1) == 1 else rw.detach().contiguous(),
+        None if rb is None else rb.detach(),
+        cl,
+        rl,
+        cfg,
+    )
