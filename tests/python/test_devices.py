@@ -128,6 +128,7 @@ def fake_cuda(monkeypatch):
         return types.SimpleNamespace(cuda_stream=1234)
 
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return streams
 
 

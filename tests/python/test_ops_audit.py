@@ -41,22 +41,33 @@ def _no_break(f, *args):
     assert explain.graph_break_count == 0, explain.break_reasons
 
 
-def _compiled_equals_eager(f, inputs, wrt):
+def _compiled_equals_eager(f, inputs, wrt, rtol=0.0):
+    """rtol = 0: the compiled call gives eager's bits; otherwise the two take different
+    summation orders (see the caller) and agree to rtol."""
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = compiled(*inputs)
     got_grads = torch.autograd.grad(got, wrt, allow_unused=True)
     want = f(*inputs)
     want_grads = torch.autograd.grad(want, wrt, allow_unused=True)
-    assert torch.equal(got, want)
-    _same_grads(got_grads, want_grads)
+    _same(got, want, rtol)
+    _same_grads(got_grads, want_grads, rtol)
     return want, want_grads
 
 
-def _same_grads(got, want):
+def _same(a, b, rtol=0.0):
+    if rtol == 0.0:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+
+
+def _same_grads(got, want, rtol=0.0):
     assert any(g is not None for g in want)
     for a, b in zip(got, want):
-        assert (a is None and b is None) or torch.equal(a, b)
+        assert (a is None and b is None) or (a is not None and b is not None)
+        if a is not None:
+            _same(a, b, rtol)
 
 
 def _pref_inputs(dtype=torch.float32):
@@ -157,7 +168,10 @@ def test_token_level_fused_losses_compile_fullgraph(fused):
         return losses.mean()
 
     _no_break(f, hidden, weight)
-    _compiled_equals_eager(f, (hidden, weight), (hidden, weight))
+    # Eager computes these gradients with the logits chunks kept between passes (or in the
+    # forward); a traced call runs the ops, which recompute them: the same sums in another
+    # order, so equal to rounding, not bit for bit.
+    _compiled_equals_eager(f, (hidden, weight), (hidden, weight), rtol=1e-6)
 
 
 @pytest.fixture

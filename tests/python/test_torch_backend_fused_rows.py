@@ -174,6 +174,7 @@ def test_route_picks_core_rows_only_on_cuda_builds_with_the_kernel(monkeypatch):
     x = torch.empty(1, device="meta")
     monkeypatch.setattr(_device, "cuda_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda dev: type("S", (), {"cuda_stream": 7}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     class FakeCuda:
         device = torch.device("cuda", 0)
