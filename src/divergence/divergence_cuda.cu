@@ -23,6 +23,7 @@
 #include <string>
 
 #include "core/check.h"
+#include "core/cuda_common.cuh"
 #include "core/cuda_device.h"
 #include "core/reduction.h"
 #include "divergence/divergence_cuda.h"
@@ -33,9 +34,17 @@ namespace divkit::detail {
 namespace {
 
 constexpr const char* kFn = "divergence";
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr unsigned long long kNone = ~0ull;
+// Loads, stores, block reductions and the block size: core/cuda_common.cuh, shared with the
+// sparse kernels.
+using cuda_common::block_reduce;
+using cuda_common::kNone;
+using cuda_common::kThreads;
+using cuda_common::kWarps;
+using cuda_common::load;
+using cuda_common::MaxOp;
+using cuda_common::OrOp;
+using cuda_common::store;
+using cuda_common::SumOp;
 // bad[]: first row with NaN/+inf student logits, student row without mass, the same for the
 // teacher, first index of a non-finite weight.
 constexpr int kBadSlots = 5;
@@ -82,26 +91,6 @@ struct Params {
   bool cache = false;
 };
 
-__device__ inline float load(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::f32: return static_cast<const float*>(base)[i];
-    case DType::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-    case DType::f16: return __half2float(static_cast<const __half*>(base)[i]);
-    case DType::f64: return static_cast<float>(static_cast<const double*>(base)[i]);
-    default: return 0.0f;
-  }
-}
-
-__device__ inline void store(void* base, DType dt, int64_t i, float x) {
-  switch (dt) {
-    case DType::f32: static_cast<float*>(base)[i] = x; break;
-    case DType::bf16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x); break;
-    case DType::f16: static_cast<__half*>(base)[i] = __float2half_rn(x); break;
-    case DType::f64: static_cast<double*>(base)[i] = x; break;
-    default: break;
-  }
-}
-
 __device__ inline bool row_active(const Params& p, int64_t i) {
   if (p.labels == nullptr) return true;
   const int64_t k = i * p.labels_stride;
@@ -116,30 +105,6 @@ __device__ inline double row_weight(const Params& p, int64_t i) {
   return p.weights_dtype == DType::f64
              ? static_cast<const double*>(p.weights)[k]
              : static_cast<double>(static_cast<const float*>(p.weights)[k]);
-}
-
-// Block-wide reductions in a fixed order: a butterfly within each warp (every lane ends with the
-// same bits: a + b == b + a), then the warps' results in warp order. Every thread gets the result.
-struct SumOp {
-  __device__ double operator()(double a, double b) const { return a + b; }
-};
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return a > b ? a : b; }
-};
-struct OrOp {
-  __device__ int operator()(int a, int b) const { return a | b; }
-};
-
-template <class T, class Op>
-__device__ T block_reduce(T x, Op op, T* smem) {
-  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // smem may still be read by a previous reduction
-  if (lane == 0) smem[warp] = x;
-  __syncthreads();
-  T r = smem[0];
-  for (int w = 1; w < kWarps; ++w) r = op(r, smem[w]);
-  return r;
 }
 
 struct Shared {
