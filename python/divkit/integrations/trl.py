@@ -35,6 +35,16 @@
   metrics (rewards, margins, accuracies, log-probs, entropy, logits, token accuracy, token
   count) are TRL's own, logged by its ``_compute_loss``.
 
+Configs: the divkit options are fields of config dataclasses that subclass TRL's (so that
+``transformers.HfArgumentParser`` reads them from the command line): :class:`DivkitGKDConfig`
+(``GKDConfig``), :class:`DivkitDistillationConfig` (``DistillationConfig``),
+:class:`DivkitKTOConfig` (``KTOConfig``), :class:`DivkitTDPOConfig` and
+:class:`DivkitSparsePOConfig` (``DPOConfig``). Their fields are checked on construction
+(``divkit.Error`` naming the field). The trainers' keyword arguments of the same names still
+work with TRL's stock configs; given with a divkit config, a keyword must equal the field, else
+``divkit.Error`` (one option, one place: neither silently wins). DPO, CPO and ORPO have no option
+of divkit's own and read TRL's configs as they are.
+
 Differences from TRL 1.16, on purpose: TRL's ``GKDTrainer.compute_loss`` calls
 ``generalized_jsd_loss`` without its ``temperature`` (the config's ``temperature`` only affects
 generation); here ``divkit_temperature`` (default 1.0, TRL's effective value) is applied to the
