@@ -977,3 +977,20 @@ def test_divkit_keyword_disagreeing_with_config_raises(tmp_path, monkeypatch):
 
     run_gkd(tmp_path, "equal", Equal)
     assert seen[0].divkit_kind == "jsd"
+
+
+def test_divkit_distillation_trainer_rejects_a_hard_label_term(tmp_path):
+    """TRL's on-policy distillation passes a completion mask, not the next tokens: a hard-label
+    term would silently be the cross-entropy against token 0, so it raises."""
+    import divkit
+    import divkit.integrations.trl as dk_trl
+
+    with pytest.raises(
+        divkit.Error, match="DivkitDistillationTrainer: divkit_options: hard_weight"
+    ):
+        _run_distillation(
+            tmp_path,
+            "bad",
+            dk_trl.DivkitDistillationTrainer,
+            divkit_options={"hard_weight": 0.5},
+        )

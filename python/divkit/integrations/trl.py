@@ -512,6 +512,10 @@ class DivkitDistillationTrainer(_distillation_base()):
         kind = _setting(self.args, fn, "divkit_kind", divkit_kind, "jsd")
         self.divkit_kind = _check_kind(fn, "divkit_kind", kind)
         self.divkit_options = _fused_options(self.args, fn, divkit_options, _DISTILLATION_FUSED)
+        if self.divkit_options.get("hard_weight"):
+            # TRL hands the loss a completion mask, not the next tokens: a hard-label term would
+            # be the cross-entropy against token 0.
+            check.fail(fn, "divkit_options: hard_weight is not available (TRL passes no labels)")
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         # TRL's _compute_loss finds the hidden states, heads, scales and masks, then calls the
