@@ -623,3 +623,374 @@ def test_divkit_kto_trainer_with_peft_reference(tmp_path):
         for key in ("loss", "kl", "grad_norm", "logps/chosen"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], **tol), (step, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: the divkit options as fields of TRL's config dataclasses.
+# ---------------------------------------------------------------------------------------------
+
+_CLI_BASE = ["--output_dir", "out", "--use_cpu", "true", "--report_to", "none"]
+
+CLI_CASES = {
+    "DivkitGKDConfig": (
+        [
+            "--divkit_kind",
+            "reverse_kl",
+            "--divkit_temperature",
+            "2",
+            "--divkit_alpha",
+            "0.3",
+            "--divkit_hard_weight",
+            "0.1",
+            "--divkit_scale_by_t_squared",
+            "true",
+            "--divkit_chunk_size",
+            "8",
+            "--beta",
+            "0.3",
+        ],
+        dict(
+            divkit_kind="reverse_kl",
+            divkit_temperature=2.0,
+            divkit_alpha=0.3,
+            divkit_hard_weight=0.1,
+            divkit_soft_weight=1.0,
+            divkit_scale_by_t_squared=True,
+            divkit_chunk_size=8,
+            beta=0.3,
+        ),
+    ),
+    "DivkitDistillationConfig": (
+        ["--divkit_kind", "forward_kl", "--divkit_chunk_size", "16", "--temperature", "1.5"],
+        dict(divkit_kind="forward_kl", divkit_chunk_size=16, divkit_alpha=0.1, temperature=1.5),
+    ),
+    "DivkitKTOConfig": (["--divkit_fused_head", "false"], dict(divkit_fused_head=False)),
+    "DivkitTDPOConfig": (
+        ["--tdpo_variant", "tdpo1", "--tdpo_alpha", "0.25", "--beta", "0.2"],
+        dict(tdpo_variant="tdpo1", tdpo_alpha=0.25, beta=0.2),
+    ),
+    "DivkitSparsePOConfig": (
+        [
+            "--sparsepo_mask",
+            "shared",
+            "--sparsepo_l1_reward",
+            "0.01",
+            "--sparsepo_l1_kl",
+            "0.02",
+            "--sparsepo_dropout",
+            "0",
+        ],
+        dict(
+            sparsepo_mask="shared",
+            sparsepo_l1_reward=0.01,
+            sparsepo_l1_kl=0.02,
+            sparsepo_dropout=0.0,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLI_CASES))
+def test_divkit_configs_parse_from_the_command_line(tmp_path, name):
+    import transformers
+
+    import divkit.integrations.trl as dk_trl
+
+    cls = getattr(dk_trl, name)
+    argv, want = CLI_CASES[name]
+    (config,) = transformers.HfArgumentParser(cls).parse_args_into_dataclasses(
+        args=_CLI_BASE + argv
+    )
+    assert type(config) is cls
+    for key, value in want.items():
+        assert getattr(config, key) == value, key
+        assert type(getattr(config, key)) is type(value), key
+    # The defaults, from an empty command line, are the trainers' keyword defaults.
+    (default,) = transformers.HfArgumentParser(cls).parse_args_into_dataclasses(args=_CLI_BASE)
+    for key in want:
+        if key.startswith(("divkit_", "tdpo_", "sparsepo_")):
+            field = cls.__dataclass_fields__[key]
+            assert getattr(default, key) == field.default and field.metadata["help"]
+    # The config round-trips through TrainingArguments' dict / JSON.
+    assert '"' + next(iter(want)) + '"' in config.to_json_string()
+
+
+BAD_CONFIGS = [
+    ("DivkitGKDConfig", dict(divkit_kind="kl"), "unknown divkit_kind 'kl'"),
+    ("DivkitGKDConfig", dict(divkit_temperature=0.0), "divkit_temperature must be finite and > 0"),
+    ("DivkitGKDConfig", dict(divkit_alpha=float("inf")), "divkit_alpha must be finite"),
+    ("DivkitGKDConfig", dict(divkit_hard_weight=-1.0), "divkit_hard_weight must be finite and >="),
+    ("DivkitGKDConfig", dict(divkit_chunk_size=0), "divkit_chunk_size must be an int >= 1"),
+    ("DivkitGKDConfig", dict(divkit_scale_by_t_squared=1), "divkit_scale_by_t_squared must be"),
+    ("DivkitDistillationConfig", dict(divkit_kind="KL"), "unknown divkit_kind 'KL'"),
+    ("DivkitDistillationConfig", dict(divkit_chunk_size=2.5), "divkit_chunk_size must be an int"),
+    ("DivkitKTOConfig", dict(divkit_fused_head="yes"), "divkit_fused_head must be a bool"),
+    ("DivkitTDPOConfig", dict(tdpo_variant="tdpo3"), "unknown tdpo_variant 'tdpo3'"),
+    ("DivkitTDPOConfig", dict(tdpo_alpha=float("nan")), "tdpo_alpha must not be nan"),
+    ("DivkitTDPOConfig", dict(precompute_ref_log_probs=True), "precompute_ref_log_probs"),
+    ("DivkitSparsePOConfig", dict(sparsepo_mask="dense"), "unknown sparsepo_mask 'dense'"),
+    ("DivkitSparsePOConfig", dict(sparsepo_l1_kl=-0.1), "sparsepo_l1_kl must be finite and >="),
+    ("DivkitSparsePOConfig", dict(sparsepo_dropout=1.0), "sparsepo_dropout must be in"),
+    ("DivkitSparsePOConfig", dict(label_smoothing=0.1), "label_smoothing is not part"),
+]
+
+
+@pytest.mark.parametrize("name,fields,message", BAD_CONFIGS)
+def test_divkit_configs_reject_bad_fields(tmp_path, name, fields, message):
+    import re
+
+    import divkit
+    import divkit.integrations.trl as dk_trl
+
+    cls = getattr(dk_trl, name)
+    with pytest.raises(divkit.Error, match=f"^{name}: " + re.escape(message)):
+        cls(output_dir=str(tmp_path), use_cpu=True, report_to="none", **fields)
+
+
+def _losses_and_metrics(logs, keys):
+    return [h[k] for h in logs for k in keys if k in h]
+
+
+def test_divkit_gkd_config_equals_keywords(tmp_path, monkeypatch):
+    """DivkitGKDConfig's fields give the loss trajectory of the same options as keywords."""
+    import functools
+
+    import trl.experimental.gkd as gkd
+
+    from divkit.integrations import trl as dk_trl
+
+    options = dict(hard_weight=0.1, chunk_size=8)
+
+    class Keywords(dk_trl.DivkitGKDTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(
+                *a, divkit_kind="reverse_kl", divkit_temperature=2.0, divkit_options=options, **k
+            )
+
+    seen = []
+
+    class FromConfig(dk_trl.DivkitGKDTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    want = run_gkd(tmp_path, "gkd_keywords", Keywords)
+    monkeypatch.setattr(
+        gkd,
+        "GKDConfig",
+        functools.partial(
+            dk_trl.DivkitGKDConfig,
+            divkit_kind="reverse_kl",
+            divkit_temperature=2.0,
+            divkit_hard_weight=0.1,
+            divkit_chunk_size=8,
+        ),
+    )
+    got = run_gkd(tmp_path, "gkd_config", FromConfig)
+    trainer = seen[0]
+    assert (trainer.divkit_kind, trainer.divkit_temperature) == ("reverse_kl", 2.0)
+    assert trainer.divkit_options["hard_weight"] == 0.1
+    assert len(got) == len(want) == 6
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
+
+
+def test_divkit_distillation_config_equals_keywords(tmp_path, monkeypatch):
+    import functools
+
+    import trl
+
+    import divkit.integrations.trl as dk_trl
+
+    want = _run_distillation(
+        tmp_path, "kw", dk_trl.DivkitDistillationTrainer, divkit_kind="forward_kl"
+    )
+    monkeypatch.setattr(
+        trl,
+        "DistillationConfig",
+        functools.partial(dk_trl.DivkitDistillationConfig, divkit_kind="forward_kl"),
+    )
+    got = _run_distillation(tmp_path, "cfg", dk_trl.DivkitDistillationTrainer)
+    keys = ("loss", "entropy")
+    assert _losses_and_metrics(got, keys) == pytest.approx(
+        _losses_and_metrics(want, keys), rel=1e-6, abs=1e-7
+    )
+
+
+@pytest.mark.parametrize(
+    "trainer,fields",
+    [
+        ("DivkitTDPOTrainer", dict(tdpo_variant="tdpo1", tdpo_alpha=0.25)),
+        (
+            "DivkitSparsePOTrainer",
+            dict(
+                sparsepo_mask="shared",
+                sparsepo_l1_reward=0.01,
+                sparsepo_l1_kl=0.02,
+                sparsepo_dropout=0.0,
+            ),
+        ),
+    ],
+)
+def test_divkit_tdpo_sparsepo_configs_equal_keywords(tmp_path, monkeypatch, trainer, fields):
+    import trl
+
+    import divkit.integrations.trl as dk_trl
+
+    base = getattr(dk_trl, trainer)
+    config_cls = dk_trl.DivkitTDPOConfig if "TDPO" in trainer else dk_trl.DivkitSparsePOConfig
+
+    class Keywords(base):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **fields, **k)
+
+    want = _run_dpo(tmp_path, "kw", Keywords, beta=0.5)
+    monkeypatch.setattr(trl, "DPOConfig", config_cls)
+    got = _run_dpo(tmp_path, "cfg", base, beta=0.5, **fields)
+    keys = ("loss", "grad_norm", "rewards/margins", "sparsepo/reward_mask", "sparsepo/kl_mask")
+    assert len(got) == len(want) == 3
+    assert _losses_and_metrics(got, keys) == pytest.approx(
+        _losses_and_metrics(want, keys), rel=1e-6, abs=1e-7
+    )
+    # Not the defaults: the options changed the loss.
+    default = _run_dpo(tmp_path, "default", base, beta=0.5)
+    assert abs(default[0]["loss"] - got[0]["loss"]) > 1e-6
+
+
+def _run_kto(tmp_path, name, config_cls, **extra):
+    import warnings
+
+    import datasets
+
+    import test_trl_client as client
+
+    pairs = client.preference_data()
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": list(pairs["prompt"]) * 2,
+            "completion": list(pairs["chosen"]) + list(pairs["rejected"]),
+            "label": [True] * len(pairs) + [False] * len(pairs),
+        }
+    )
+    from divkit.integrations.trl import DivkitKTOTrainer
+
+    tok = client.make_tokenizer()
+    kwargs = client.common_args(tmp_path, name)
+    kwargs["max_steps"] = 2
+    fields = {k: v for k, v in extra.items() if k != "keyword"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DivkitKTOTrainer(
+            model=client.make_model(0, len(tok)),
+            ref_model=client.make_model(1, len(tok)),
+            args=config_cls(**kwargs, beta=0.5, max_length=32, **fields),
+            train_dataset=data,
+            processing_class=tok,
+            **extra.get("keyword", {}),
+        )
+        trainer.train()
+    return trainer, [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_divkit_kto_config_equals_keyword(tmp_path, monkeypatch):
+    from trl import KTOConfig
+
+    import divkit.fused
+    from divkit.integrations.trl import DivkitKTOConfig
+
+    calls = []
+    head = divkit.fused.fused_linear_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return head(*args, **kwargs)
+
+    monkeypatch.setattr(divkit.fused, "fused_linear_logprobs", counting)
+    kw, want = _run_kto(tmp_path, "kw", KTOConfig, keyword=dict(divkit_fused_head=False))
+    cfg, got = _run_kto(tmp_path, "cfg", DivkitKTOConfig, divkit_fused_head=False)
+    assert not kw.divkit_fused_head and not cfg.divkit_fused_head and not calls  # TRL's head
+    keys = ("loss", "grad_norm", "kl", "logps/chosen")
+    assert _losses_and_metrics(got, keys) == pytest.approx(
+        _losses_and_metrics(want, keys), rel=1e-6, abs=1e-7
+    )
+    fused, _ = _run_kto(tmp_path, "fused", DivkitKTOConfig)
+    assert fused.divkit_fused_head and calls  # the default field: divkit's head
+
+
+def test_divkit_keyword_disagreeing_with_config_raises(tmp_path, monkeypatch):
+    """A keyword given with a divkit config must equal the field (one option, one place); an
+    equal keyword is accepted; a stock TRL config takes the keywords (the other tests)."""
+    import functools
+
+    import trl
+    import trl.experimental.gkd as gkd
+
+    import divkit
+    import divkit.integrations.trl as dk_trl
+
+    def with_keywords(base, **extra):
+        class Trainer(base):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **extra, **k)
+
+        return Trainer
+
+    monkeypatch.setattr(trl, "DPOConfig", dk_trl.DivkitTDPOConfig)
+    with pytest.raises(
+        divkit.Error,
+        match=r"DivkitTDPOTrainer: tdpo_variant='tdpo2' \(keyword\) disagrees with "
+        r"args.tdpo_variant='tdpo1' \(DivkitTDPOConfig\)",
+    ):
+        _run_dpo(
+            tmp_path,
+            "bad",
+            with_keywords(dk_trl.DivkitTDPOTrainer, tdpo_variant="tdpo2"),
+            beta=0.5,
+            tdpo_variant="tdpo1",
+        )
+    monkeypatch.setattr(trl, "DPOConfig", dk_trl.DivkitSparsePOConfig)
+    with pytest.raises(divkit.Error, match="DivkitSparsePOTrainer: sparsepo_l1_kl=0.5"):
+        _run_dpo(
+            tmp_path,
+            "bad",
+            with_keywords(dk_trl.DivkitSparsePOTrainer, sparsepo_l1_kl=0.5),
+            beta=0.5,
+        )
+    monkeypatch.setattr(gkd, "GKDConfig", functools.partial(dk_trl.DivkitGKDConfig))
+    with pytest.raises(
+        divkit.Error,
+        match=r"DivkitGKDTrainer: divkit_options\['alpha'\]=0.5 disagrees with "
+        r"args.divkit_alpha=0.1",
+    ):
+        run_gkd(
+            tmp_path, "bad", with_keywords(dk_trl.DivkitGKDTrainer, divkit_options={"alpha": 0.5})
+        )
+    with pytest.raises(divkit.Error, match="DivkitGKDTrainer: divkit_kind='tvd' \\(keyword\\)"):
+        run_gkd(tmp_path, "bad", with_keywords(dk_trl.DivkitGKDTrainer, divkit_kind="tvd"))
+    # Equal values are accepted: the default kind given again as a keyword.
+    seen = []
+
+    class Equal(dk_trl.DivkitGKDTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, divkit_kind="jsd", divkit_options={"alpha": 0.1}, **k)
+            seen.append(self)
+            self.args.max_steps = 1
+
+    run_gkd(tmp_path, "equal", Equal)
+    assert seen[0].divkit_kind == "jsd"
+
+
+def test_divkit_distillation_trainer_rejects_a_hard_label_term(tmp_path):
+    """TRL's on-policy distillation passes a completion mask, not the next tokens: a hard-label
+    term would silently be the cross-entropy against token 0, so it raises."""
+    import divkit
+    import divkit.integrations.trl as dk_trl
+
+    with pytest.raises(
+        divkit.Error, match="DivkitDistillationTrainer: divkit_options: hard_weight"
+    ):
+        _run_distillation(
+            tmp_path,
+            "bad",
+            dk_trl.DivkitDistillationTrainer,
+            divkit_options={"hard_weight": 0.5},
+        )

@@ -35,6 +35,16 @@
   metrics (rewards, margins, accuracies, log-probs, entropy, logits, token accuracy, token
   count) are TRL's own, logged by its ``_compute_loss``.
 
+Configs: the divkit options are fields of config dataclasses that subclass TRL's (so that
+``transformers.HfArgumentParser`` reads them from the command line): :class:`DivkitGKDConfig`
+(``GKDConfig``), :class:`DivkitDistillationConfig` (``DistillationConfig``),
+:class:`DivkitKTOConfig` (``KTOConfig``), :class:`DivkitTDPOConfig` and
+:class:`DivkitSparsePOConfig` (``DPOConfig``). Their fields are checked on construction
+(``divkit.Error`` naming the field). The trainers' keyword arguments of the same names still
+work with TRL's stock configs; given with a divkit config, a keyword must equal the field, else
+``divkit.Error`` (one option, one place: neither silently wins). DPO, CPO and ORPO have no option
+of divkit's own and read TRL's configs as they are.
+
 Differences from TRL 1.16, on purpose: TRL's ``GKDTrainer.compute_loss`` calls
 ``generalized_jsd_loss`` without its ``temperature`` (the config's ``temperature`` only affects
 generation); here ``divkit_temperature`` (default 1.0, TRL's effective value) is applied to the
@@ -45,6 +55,7 @@ loss. The evaluation loss (``return_outputs=True``, the prediction step) is TRL'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import List, Optional
@@ -52,6 +63,7 @@ from typing import List, Optional
 import torch
 
 from .. import _validate as check
+from ..functional import KINDS
 from ..fused import fused_linear_divergence
 from ..preference import (
     cpo_loss,
@@ -64,6 +76,11 @@ from ..preference import (
 
 # The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
 __all__ = [
+    "DivkitDistillationConfig",
+    "DivkitGKDConfig",  # noqa: F822
+    "DivkitKTOConfig",
+    "DivkitSparsePOConfig",
+    "DivkitTDPOConfig",
     "DivkitCPOTrainer",  # noqa: F822
     "DivkitDPOTrainer",
     "DivkitORPOTrainer",  # noqa: F822
@@ -90,29 +107,155 @@ def last_hidden_and_head(model, input_ids, attention_mask):
     return hidden, head
 
 
+# ---------------------------------------------------------------------------------------------
+# Configs: the divkit options as fields of TRL's config dataclasses (HfArgumentParser reads them
+# from the command line). A trainer reads its options from ``args`` when ``args`` is one of these
+# configs; a keyword argument given as well must agree with the field (else divkit.Error): one
+# option, one place. With a stock TRL config the keywords (or their defaults) are used.
+# ---------------------------------------------------------------------------------------------
+
+
+def _field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _has_field(args, name) -> bool:
+    return dataclasses.is_dataclass(args) and any(f.name == name for f in dataclasses.fields(args))
+
+
+def _setting(args, fn, name, keyword, default):
+    """The value of option ``name``: ``args.<name>`` when the config has that field (a keyword
+    that is not None must equal it), else the keyword, else ``default``."""
+    if _has_field(args, name):
+        value = getattr(args, name)
+        if keyword is not None and keyword != value:
+            check.fail(
+                fn,
+                f"{name}={keyword!r} (keyword) disagrees with args.{name}={value!r} "
+                f"({type(args).__name__}); set it in one place",
+            )
+        return value
+    return default if keyword is None else keyword
+
+
+def _fused_options(args, fn, keyword, names):
+    """Keywords of fused_linear_divergence from the config's ``divkit_<name>`` fields (a None
+    chunk size is left out) merged with the ``divkit_options`` keyword dict, which must agree
+    with the config on the keys both give."""
+    opts = {}
+    for name in names:
+        if _has_field(args, "divkit_" + name):
+            value = getattr(args, "divkit_" + name)
+            if value is not None:
+                opts[name] = value
+    for key, value in dict(keyword or {}).items():
+        if key in opts and opts[key] != value:
+            check.fail(
+                fn,
+                f"divkit_options[{key!r}]={value!r} disagrees with args.divkit_{key}="
+                f"{opts[key]!r} ({type(args).__name__}); set it in one place",
+            )
+        opts[key] = value
+    return opts
+
+
+def _check_kind(fn, name, value):
+    return check.string(fn, name, value, choices=KINDS)
+
+
+def _check_finite(fn, name, value):
+    import math
+
+    v = check.real(fn, name, value)
+    if not math.isfinite(v):
+        check.fail(fn, f"{name} must be finite, got {v:g}")
+    return v
+
+
+def _check_chunk(fn, name, value):
+    if value is not None:
+        check.integer(fn, name, value, min=1)
+    return value
+
+
+_TDPO_VARIANTS = ("tdpo1", "tdpo2")
+_GKD_FUSED = ("alpha", "hard_weight", "soft_weight", "scale_by_t_squared", "chunk_size")
+_DISTILLATION_FUSED = ("alpha", "chunk_size")
+_KIND_HELP = (
+    "divkit divergence of the distillation loss (divkit.KINDS): jsd (TRL's generalized JSD with "
+    "the config's beta), forward_kl = KL(p_teacher || q_student), reverse_kl, tvd, ..."
+)
+_ALPHA_HELP = "alpha of the divergences that take one (alpha / skew divergences); see divkit.KINDS"
+_CHUNK_HELP = "tokens per chunk of the fused head (None: divkit chooses)"
+
+
+def _make_gkd_config():
+    from trl.experimental.gkd import GKDConfig
+
+    @dataclasses.dataclass
+    class DivkitGKDConfig(GKDConfig):
+        """``GKDConfig`` with the options of :class:`DivkitGKDTrainer`: ``divkit_kind`` (default
+        ``"jsd"``, with TRL's ``beta``), ``divkit_temperature`` (the loss's softmax temperature,
+        default 1.0; TRL's ``temperature`` stays the generation temperature), ``divkit_alpha``,
+        ``divkit_hard_weight``, ``divkit_soft_weight``, ``divkit_scale_by_t_squared``,
+        ``divkit_chunk_size`` (keywords of :func:`divkit.fused_linear_divergence`). Checked on
+        construction: a bad value raises ``divkit.Error`` naming the field."""
+
+        divkit_kind: str = _field("jsd", _KIND_HELP)
+        divkit_temperature: float = _field(
+            1.0, "softmax temperature of both models in the divkit loss (not generation's)"
+        )
+        divkit_alpha: float = _field(0.1, _ALPHA_HELP)
+        divkit_hard_weight: float = _field(
+            0.0, "weight of the cross-entropy on the completion tokens added to the loss"
+        )
+        divkit_soft_weight: float = _field(1.0, "weight of the divergence term")
+        divkit_scale_by_t_squared: bool = _field(
+            False, "multiply the divergence by temperature**2 (Hinton et al.)"
+        )
+        divkit_chunk_size: Optional[int] = _field(None, _CHUNK_HELP)
+
+        def __post_init__(self):
+            super().__post_init__()
+            fn = "DivkitGKDConfig"
+            _check_kind(fn, "divkit_kind", self.divkit_kind)
+            check.positive(fn, "divkit_temperature", self.divkit_temperature)
+            _check_finite(fn, "divkit_alpha", self.divkit_alpha)
+            check.nonnegative(fn, "divkit_hard_weight", self.divkit_hard_weight)
+            check.nonnegative(fn, "divkit_soft_weight", self.divkit_soft_weight)
+            check.boolean(fn, "divkit_scale_by_t_squared", self.divkit_scale_by_t_squared)
+            _check_chunk(fn, "divkit_chunk_size", self.divkit_chunk_size)
+
+    return DivkitGKDConfig
+
+
 def _make_gkd():
     from trl.experimental.gkd import GKDTrainer
 
     class DivkitGKDTrainer(GKDTrainer):
         """``trl.experimental.gkd.GKDTrainer`` with divkit's fused distillation loss (see the module
-        docstring). Extra keyword arguments: ``divkit_kind`` (default ``"jsd"``),
+        docstring). Its options are the fields of :class:`DivkitGKDConfig` (``args=``), or with a
+        plain ``GKDConfig`` the keyword arguments ``divkit_kind`` (default ``"jsd"``),
         ``divkit_temperature`` (default 1.0), ``divkit_options`` (a dict of further
         :func:`divkit.fused_linear_divergence` keywords: ``alpha``, ``hard_weight``, ``chunk_size``,
-        ``scale_by_t_squared``, ...)."""
+        ``scale_by_t_squared``, ...). A keyword given with a ``DivkitGKDConfig`` must equal the
+        field, else ``divkit.Error``."""
 
         def __init__(
             self,
             *args,
-            divkit_kind: str = "jsd",
-            divkit_temperature: float = 1.0,
+            divkit_kind: Optional[str] = None,
+            divkit_temperature: Optional[float] = None,
             divkit_options: Optional[dict] = None,
             **kwargs,
         ):
             super().__init__(*args, **kwargs)
             fn = "DivkitGKDTrainer"
-            self.divkit_kind = check.string(fn, "divkit_kind", divkit_kind)
-            self.divkit_temperature = check.positive(fn, "divkit_temperature", divkit_temperature)
-            self.divkit_options = dict(divkit_options or {})
+            kind = _setting(self.args, fn, "divkit_kind", divkit_kind, "jsd")
+            self.divkit_kind = _check_kind(fn, "divkit_kind", kind)
+            temperature = _setting(self.args, fn, "divkit_temperature", divkit_temperature, 1.0)
+            self.divkit_temperature = check.positive(fn, "divkit_temperature", temperature)
+            self.divkit_options = _fused_options(self.args, fn, divkit_options, _GKD_FUSED)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs:
@@ -182,6 +325,7 @@ def _make_orpo():
 
 
 _LAZY = {
+    "DivkitGKDConfig": _make_gkd_config,
     "DivkitGKDTrainer": _make_gkd,
     "DivkitCPOTrainer": _make_cpo,
     "DivkitORPOTrainer": _make_orpo,
@@ -321,19 +465,57 @@ def _distillation_base():
 _SCALE_WARNED = []
 
 
+def _distillation_config_base():
+    from trl import DistillationConfig
+
+    return DistillationConfig
+
+
+@dataclasses.dataclass
+class DivkitDistillationConfig(_distillation_config_base()):
+    """``trl.DistillationConfig`` with the options of :class:`DivkitDistillationTrainer`:
+    ``divkit_kind`` (default ``"jsd"``, with TRL's ``beta``; TRL's ``temperature`` is the loss's
+    temperature, as in TRL), ``divkit_alpha``, ``divkit_chunk_size`` (keywords of
+    :func:`divkit.fused_linear_divergence`). Checked on construction: a bad value raises
+    ``divkit.Error`` naming the field."""
+
+    divkit_kind: str = _field("jsd", _KIND_HELP)
+    divkit_alpha: float = _field(0.1, _ALPHA_HELP)
+    divkit_chunk_size: Optional[int] = _field(None, _CHUNK_HELP)
+
+    def __post_init__(self):
+        super().__post_init__()
+        fn = "DivkitDistillationConfig"
+        _check_kind(fn, "divkit_kind", self.divkit_kind)
+        _check_finite(fn, "divkit_alpha", self.divkit_alpha)
+        _check_chunk(fn, "divkit_chunk_size", self.divkit_chunk_size)
+
+
 class DivkitDistillationTrainer(_distillation_base()):
     """``trl.DistillationTrainer`` whose loss is :func:`divkit.fused_linear_divergence` (see the
-    module docstring). Extra keyword arguments: ``divkit_kind`` (default ``"jsd"``: TRL's
-    generalized JSD with the config's ``beta``), ``divkit_options`` (further keywords of
-    :func:`divkit.fused_linear_divergence`). Generation, metrics (the student's entropy
-    included) and the data path are TRL's."""
+    module docstring). Its options are the fields of :class:`DivkitDistillationConfig`
+    (``args=``), or with a plain ``DistillationConfig`` the keyword arguments ``divkit_kind``
+    (default ``"jsd"``: TRL's generalized JSD with the config's ``beta``) and
+    ``divkit_options`` (further keywords of :func:`divkit.fused_linear_divergence`); a keyword
+    given with a ``DivkitDistillationConfig`` must equal the field, else ``divkit.Error``.
+    Generation, metrics (the student's entropy included) and the data path are TRL's."""
 
     def __init__(
-        self, *args, divkit_kind: str = "jsd", divkit_options: Optional[dict] = None, **kwargs
+        self,
+        *args,
+        divkit_kind: Optional[str] = None,
+        divkit_options: Optional[dict] = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.divkit_kind = check.string("DivkitDistillationTrainer", "divkit_kind", divkit_kind)
-        self.divkit_options = dict(divkit_options or {})
+        fn = "DivkitDistillationTrainer"
+        kind = _setting(self.args, fn, "divkit_kind", divkit_kind, "jsd")
+        self.divkit_kind = _check_kind(fn, "divkit_kind", kind)
+        self.divkit_options = _fused_options(self.args, fn, divkit_options, _DISTILLATION_FUSED)
+        if self.divkit_options.get("hard_weight"):
+            # TRL hands the loss a completion mask, not the next tokens: a hard-label term would
+            # be the cross-entropy against token 0.
+            check.fail(fn, "divkit_options: hard_weight is not available (TRL passes no labels)")
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         # TRL's _compute_loss finds the hidden states, heads, scales and masks, then calls the
@@ -569,17 +751,42 @@ def add_divkit_lm_head(model, temperature: float = 1.0, outputs=("log_probs",)) 
     return True
 
 
+def _kto_config_base():
+    from trl import KTOConfig
+
+    return KTOConfig
+
+
+@dataclasses.dataclass
+class DivkitKTOConfig(_kto_config_base()):
+    """``trl.KTOConfig`` with :class:`DivkitKTOTrainer`'s option ``divkit_fused_head`` (default
+    True: the log-probs from divkit's fused head; False: TRL's head)."""
+
+    divkit_fused_head: bool = _field(
+        True,
+        "compute the per-token log-probs, entropy and mean logits with divkit's fused head "
+        "(no [tokens x V] logits); false keeps TRL's head",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check.boolean("DivkitKTOConfig", "divkit_fused_head", self.divkit_fused_head)
+
+
 class DivkitKTOTrainer(_kto_base()):
     """``trl.KTOTrainer`` with the loss of :func:`divkit.kto_loss` (see the module docstring),
-    configured by the same ``KTOConfig``. With ``divkit_fused_head=True`` (default) the
-    policy's and the reference's per-token log-probs, the entropy and mean-logit metrics come
-    from :func:`divkit.fused_linear_logprobs` on the decoder's last hidden states
-    (:func:`add_divkit_lm_head` in place of TRL's fused head): no ``[tokens x V]`` logits of
-    either model; ``False`` keeps TRL's head."""
+    configured by the same ``KTOConfig`` (or :class:`DivkitKTOConfig`). With
+    ``divkit_fused_head=True`` (default; the config's field, or the keyword argument with a plain
+    ``KTOConfig``) the policy's and the reference's per-token log-probs, the entropy and
+    mean-logit metrics come from :func:`divkit.fused_linear_logprobs` on the decoder's last
+    hidden states (:func:`add_divkit_lm_head` in place of TRL's fused head): no ``[tokens x V]``
+    logits of either model; ``False`` keeps TRL's head."""
 
-    def __init__(self, *args, divkit_fused_head: bool = True, **kwargs):
+    def __init__(self, *args, divkit_fused_head: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.divkit_fused_head = bool(divkit_fused_head)
+        fn = "DivkitKTOTrainer"
+        fused = _setting(self.args, fn, "divkit_fused_head", divkit_fused_head, True)
+        self.divkit_fused_head = check.boolean(fn, "divkit_fused_head", fused)
         if self.divkit_fused_head:
             model = self.model
             if hasattr(model, "get_base_model"):  # PEFT: the head goes on the base model
@@ -649,19 +856,54 @@ class DivkitKTOTrainer(_kto_base()):
         return loss
 
 
+def _dpo_config_base():
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
+@dataclasses.dataclass
+class DivkitTDPOConfig(_dpo_config_base()):
+    """``trl.DPOConfig`` with :class:`DivkitTDPOTrainer`'s options ``tdpo_variant`` (``"tdpo1"``
+    or ``"tdpo2"``, default) and ``tdpo_alpha`` (TDPO2's weight of the sequence KL, default
+    0.5); ``beta`` and ``label_smoothing`` are DPOConfig's. Checked on construction: a bad value
+    raises ``divkit.Error`` naming the field."""
+
+    tdpo_variant: str = _field("tdpo2", "tdpo1 or tdpo2 (Zeng et al. 2024)")
+    tdpo_alpha: float = _field(0.5, "TDPO2's weight of the sequence-level KL term")
+
+    def __post_init__(self):
+        super().__post_init__()
+        fn = "DivkitTDPOConfig"
+        check.string(fn, "tdpo_variant", self.tdpo_variant, choices=_TDPO_VARIANTS)
+        _check_finite(fn, "tdpo_alpha", self.tdpo_alpha)
+        if self.precompute_ref_log_probs:
+            check.fail(fn, "precompute_ref_log_probs must be False: TDPO needs a reference model")
+
+
 class DivkitTDPOTrainer(_dpo_base()):
     """TDPO on ``trl.DPOTrainer``'s data path (see the module docstring): ``DPOConfig``'s
-    ``beta`` and ``label_smoothing``; extra keyword arguments ``tdpo_variant`` (``"tdpo1"`` or
-    ``"tdpo2"``, default) and ``tdpo_alpha`` (TDPO2's weight of the sequence KL, default 0.5).
+    ``beta`` and ``label_smoothing``; ``tdpo_variant`` (``"tdpo1"`` or ``"tdpo2"``, default) and
+    ``tdpo_alpha`` (TDPO2's weight of the sequence KL, default 0.5) are the fields of
+    :class:`DivkitTDPOConfig` (``args=``), or keyword arguments with a plain ``DPOConfig`` (a
+    keyword given with a ``DivkitTDPOConfig`` must equal the field, else ``divkit.Error``).
     Needs a reference model (token-level KL needs its distributions, not precomputed
     log-probs). Logs TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` and
     ``rewards/margins`` (the TDPO rewards ``beta (sum log-ratio + SeqKL)``)."""
 
-    def __init__(self, *args, tdpo_variant: str = "tdpo2", tdpo_alpha: float = 0.5, **kwargs):
+    def __init__(
+        self,
+        *args,
+        tdpo_variant: Optional[str] = None,
+        tdpo_alpha: Optional[float] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         fn = "DivkitTDPOTrainer"
-        self.tdpo_variant = check.string(fn, "tdpo_variant", tdpo_variant)
-        self.tdpo_alpha = check.real(fn, "tdpo_alpha", tdpo_alpha)
+        variant = _setting(self.args, fn, "tdpo_variant", tdpo_variant, "tdpo2")
+        self.tdpo_variant = check.string(fn, "tdpo_variant", variant, choices=_TDPO_VARIANTS)
+        alpha = _setting(self.args, fn, "tdpo_alpha", tdpo_alpha, 0.5)
+        self.tdpo_alpha = _check_finite(fn, "tdpo_alpha", alpha)
         if self.ref_model is None or self.precompute_ref_logps:
             check.fail(
                 fn,
@@ -715,6 +957,37 @@ def _log_rewards(trainer, chosen_rewards, rejected_rewards, extra=None):
 _SPARSEPO_MASKS = ("learned", "shared", "ones", "reward_only")
 
 
+@dataclasses.dataclass
+class DivkitSparsePOConfig(_dpo_config_base()):
+    """``trl.DPOConfig`` with :class:`DivkitSparsePOTrainer`'s options: ``sparsepo_mask``
+    (``"learned"``, default, ``"shared"``, ``"ones"``, ``"reward_only"``), ``sparsepo_l1_reward``
+    and ``sparsepo_l1_kl`` (the masks' L1 weights, default 0), ``sparsepo_dropout`` (the learned
+    mask model's dropout, default 0.1); ``beta`` is DPOConfig's. Checked on construction: a bad
+    value raises ``divkit.Error`` naming the field. A mask model of your own stays a keyword
+    argument of the trainer (``sparsepo_mask_model=``)."""
+
+    sparsepo_mask: str = _field("learned", "learned, shared, ones (TDPO1) or reward_only (DPO)")
+    sparsepo_l1_reward: float = _field(0.0, "weight of the reward mask's L1 norm")
+    sparsepo_l1_kl: float = _field(0.0, "weight of the KL mask's L1 norm")
+    sparsepo_dropout: float = _field(0.1, "dropout of the learned mask model")
+
+    def __post_init__(self):
+        super().__post_init__()
+        fn = "DivkitSparsePOConfig"
+        check.string(fn, "sparsepo_mask", self.sparsepo_mask, choices=_SPARSEPO_MASKS)
+        check.nonnegative(fn, "sparsepo_l1_reward", self.sparsepo_l1_reward)
+        check.nonnegative(fn, "sparsepo_l1_kl", self.sparsepo_l1_kl)
+        dropout = check.real(fn, "sparsepo_dropout", self.sparsepo_dropout)
+        if not 0.0 <= dropout < 1.0:
+            check.fail(fn, f"sparsepo_dropout must be in [0, 1), got {dropout:g}")
+        if self.precompute_ref_log_probs:
+            check.fail(
+                fn, "precompute_ref_log_probs must be False: SparsePO needs a reference model"
+            )
+        if self.label_smoothing:
+            check.fail(fn, "label_smoothing is not part of SparsePO; leave it at 0")
+
+
 class DivkitSparsePOTrainer(_dpo_base()):
     """SparsePO (Christopoulou et al. 2024; huawei-noah/HEBO, SparsePO), which TRL does not have,
     on TRL's ``DPOTrainer`` data path (same datasets, collator and ``DPOConfig``; ``beta`` from
@@ -724,7 +997,9 @@ class DivkitSparsePOTrainer(_dpo_base()):
     ``loss = -logsig(beta (u - d)) + l1_reward |m^r|_1 + l1_kl |m^kl|_1`` (see
     :func:`divkit.sparsepo_loss`).
 
-    Extra keyword arguments: ``sparsepo_mask`` picks the masks:
+    Options: the fields of :class:`DivkitSparsePOConfig` (``args=``), or keyword arguments with
+    a plain ``DPOConfig`` (a keyword given with a ``DivkitSparsePOConfig`` must equal the field,
+    else ``divkit.Error``). ``sparsepo_mask`` picks the masks:
 
     * ``"learned"`` (default): two masks from :class:`divkit.SparsePOMask` on the reference's
       hidden states of every decoder layer, trained with the policy (its parameters are added
@@ -745,21 +1020,23 @@ class DivkitSparsePOTrainer(_dpo_base()):
     def __init__(
         self,
         *args,
-        sparsepo_mask: str = "learned",
-        sparsepo_l1_reward: float = 0.0,
-        sparsepo_l1_kl: float = 0.0,
-        sparsepo_dropout: float = 0.1,
+        sparsepo_mask: Optional[str] = None,
+        sparsepo_l1_reward: Optional[float] = None,
+        sparsepo_l1_kl: Optional[float] = None,
+        sparsepo_dropout: Optional[float] = None,
         sparsepo_mask_model: Optional[torch.nn.Module] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         fn = "DivkitSparsePOTrainer"
-        mode = check.string(fn, "sparsepo_mask", sparsepo_mask)
-        if mode not in _SPARSEPO_MASKS:
-            check.fail(fn, f"unknown sparsepo_mask '{mode}' (valid: {', '.join(_SPARSEPO_MASKS)})")
-        self.sparsepo_mask = mode
-        self.sparsepo_l1_reward = check.real(fn, "sparsepo_l1_reward", sparsepo_l1_reward)
-        self.sparsepo_l1_kl = check.real(fn, "sparsepo_l1_kl", sparsepo_l1_kl)
+        a = self.args
+        mode = _setting(a, fn, "sparsepo_mask", sparsepo_mask, "learned")
+        self.sparsepo_mask = check.string(fn, "sparsepo_mask", mode, choices=_SPARSEPO_MASKS)
+        l1_reward = _setting(a, fn, "sparsepo_l1_reward", sparsepo_l1_reward, 0.0)
+        self.sparsepo_l1_reward = check.real(fn, "sparsepo_l1_reward", l1_reward)
+        l1_kl = _setting(a, fn, "sparsepo_l1_kl", sparsepo_l1_kl, 0.0)
+        self.sparsepo_l1_kl = check.real(fn, "sparsepo_l1_kl", l1_kl)
+        sparsepo_dropout = _setting(a, fn, "sparsepo_dropout", sparsepo_dropout, 0.1)
         if self.ref_model is None or self.precompute_ref_logps:
             check.fail(
                 fn,
