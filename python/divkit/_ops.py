@@ -1441,3 +1441,202 @@ if ENABLED:
 
     def kl_estimator(a, b, kind, clamp, out_dtype):
         return kl_estimator_op(a, b, None, kind, clamp, out_dtype, [False] * 2)[0]
+
+    # -----------------------------------------------------------------------------------------
+    # D2O, HyPO's online KL, SuperHF (preference) and ensemble_rewards, infalign_transform
+    # (rlhf): the same second-call pattern as the sequence losses above.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::d2o_loss", mutates_args=())
+    def d2o_loss_op(
+        policy_sample_logps: Tensor,
+        ref_sample_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_rejected_logps: Tensor,
+        grad_out: Optional[Tensor],
+        beta: float,
+        alpha: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        inputs = (policy_sample_logps, ref_sample_logps, policy_rejected_logps, ref_rejected_logps)
+        dtype, b, device = _seq_dtype(*inputs), inputs[0].shape[0], inputs[0].device
+        h = [common.host(x, dtype) for x in inputs]
+        losses, pos, neg = (torch.empty(b, dtype=dtype) for _ in range(3))
+        backward = grad_out is not None
+        g = [
+            torch.empty(x.shape, dtype=dtype) if backward and k else None
+            for x, k in zip(inputs, need)
+        ]
+        go = None if grad_out is None else common.host(grad_out, dtype)
+        _C.d2o_loss(*h, beta, alpha, losses, pos, neg, go, *g)
+        return (losses.to(device), pos.to(device), neg.to(device), *_seq_back(g, inputs))
+
+    @d2o_loss_op.register_fake
+    def _d2o_fake(ps, rs, pl, rl, grad_out, beta, alpha, need):
+        dtype = _seq_dtype(ps, rs, pl, rl)
+        outs = [ps.new_empty((ps.shape[0],), dtype=dtype) for _ in range(3)]
+        return (*outs, *_seq_grads_fake((ps, rs, pl, rl), grad_out, need))
+
+    _second_call_autograd(d2o_loss_op, "d2o_loss", 4, 0, 3, 2)
+
+    def d2o_loss(ps, rs, pl, rl, beta, alpha):
+        """(losses, sample_rewards, rejected_rewards) through the op."""
+        return tuple(d2o_loss_op(ps, rs, pl, rl, None, beta, alpha, [False] * 4)[:3])
+
+    @torch.library.custom_op("divkit::hypo_online_kl", mutates_args=())
+    def hypo_online_kl_op(
+        policy_sample_logps: Tensor,
+        ref_sample_logps: Tensor,
+        grad_out: Optional[Tensor],
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        ps, rs = policy_sample_logps, ref_sample_logps
+        if grad_out is None:  # the public function's check is skipped when traced
+            check.finite("hypo_loss", "policy_sample_logps", ps)
+            check.finite("hypo_loss", "ref_sample_logps", rs)
+        dtype, device = _seq_dtype(ps, rs), ps.device
+        kl = torch.empty(ps.shape[0], dtype=dtype)
+        g = torch.empty(ps.shape, dtype=dtype) if grad_out is not None and need[0] else None
+        go = None if grad_out is None else common.host(grad_out, dtype)
+        _C.hypo_online_kl(common.host(ps, dtype), common.host(rs, dtype), kl, go, g)
+        return (kl.to(device), *_seq_back([g], (ps,)))
+
+    @hypo_online_kl_op.register_fake
+    def _hypo_fake(ps, rs, grad_out, need):
+        kl = ps.new_empty((ps.shape[0],), dtype=_seq_dtype(ps, rs))
+        return (kl, *_seq_grads_fake((ps,), grad_out, need))
+
+    _second_call_autograd(hypo_online_kl_op, "hypo_loss", 1, 1, 1, 0)
+
+    def hypo_online_kl(ps, rs):
+        """HyPO's online KL surrogate [B] through the op (rs gets no gradient)."""
+        return hypo_online_kl_op(ps, rs, None, [False])[0]
+
+    @torch.library.custom_op("divkit::superhf_loss", mutates_args=())
+    def superhf_loss_op(
+        policy_logps: Tensor,
+        kl: Tensor,
+        rewards: Tensor,
+        lengths: Optional[Tensor],
+        grad_out: Optional[Tensor],
+        kl_coef: float,
+        top_k: int,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        lp = policy_logps
+        if grad_out is None:  # the public function's check is skipped when traced
+            for name, x in (("policy_logps", lp), ("rewards", rewards), ("kl", kl)):
+                check.finite("superhf_loss", name, x)
+        dtype, device = _seq_dtype(lp, kl), lp.device
+        loss = torch.empty(1, dtype=dtype)
+        idx = torch.empty(lp.shape[0], top_k, dtype=torch.int64)
+        backward = grad_out is not None
+        g = [torch.empty(lp.shape, dtype=dtype) if backward and k else None for k in need]
+        go = None if grad_out is None else common.host(grad_out.reshape(1), dtype)
+        n = None if lengths is None else common.host(lengths, dtype)
+        _C.superhf_loss(
+            common.host(lp, dtype),
+            common.host(rewards, torch.float64),
+            common.host(kl, dtype),
+            n,
+            kl_coef,
+            top_k,
+            loss,
+            idx,
+            go,
+            *g,
+        )
+        return (loss.reshape(()).to(device), idx.to(device), *_seq_back(g, (lp, kl)))
+
+    @superhf_loss_op.register_fake
+    def _superhf_fake(lp, kl, rewards, lengths, grad_out, kl_coef, top_k, need):
+        loss = lp.new_empty((), dtype=_seq_dtype(lp, kl))
+        idx = lp.new_empty((lp.shape[0], top_k), dtype=torch.int64)
+        return (loss, idx, *_seq_grads_fake((lp, kl), grad_out, need))
+
+    _second_call_autograd(superhf_loss_op, "superhf_loss", 2, 2, 2, 2)
+
+    def superhf_loss(lp, kl, rewards, lengths, kl_coef, top_k):
+        """(loss, kept_indices) through the op."""
+        return tuple(
+            superhf_loss_op(lp, kl, rewards, lengths, None, kl_coef, top_k, [False] * 2)[:2]
+        )
+
+    @torch.library.custom_op("divkit::ensemble_rewards", mutates_args=())
+    def ensemble_rewards_op(
+        rewards: Tensor,
+        grad_out: Optional[Tensor],
+        method: str,
+        uwo_lambda: float,
+        out_dtype: torch.dtype,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        """rewards [..., E] (the ensemble dimension last) -> [...]."""
+        from . import _C
+        from .rlhf import _flat
+
+        if grad_out is None:  # the public function's check is skipped when traced
+            check.finite("ensemble_rewards", "rewards", rewards)
+        dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        lead, e, device = rewards.shape[:-1], rewards.shape[-1], rewards.device
+        r = rewards.detach().to("cpu", dtype).reshape(-1, e).contiguous()
+        out = torch.empty(r.shape[0], dtype=dtype)
+        g = torch.empty(r.shape, dtype=dtype) if grad_out is not None and need[0] else None
+        go = None if grad_out is None else _flat(grad_out, dtype)
+        _C.ensemble_rewards(r, method, uwo_lambda, out, go, g)
+        if g is None:
+            g = _empty_like_device(rewards)
+        else:
+            g = g.reshape(rewards.shape).to(device, rewards.dtype)
+        return out.reshape(lead).to(device, out_dtype), g
+
+    @ensemble_rewards_op.register_fake
+    def _ensemble_fake(rewards, grad_out, method, uwo_lambda, out_dtype, need):
+        out = rewards.new_empty(rewards.shape[:-1], dtype=out_dtype)
+        return (out, *_seq_grads_fake((rewards,), grad_out, need))
+
+    _second_call_autograd(ensemble_rewards_op, "ensemble_rewards", 1, 0, 1, 3)
+
+    def ensemble_rewards(rewards_last, method, uwo_lambda, out_dtype):
+        return ensemble_rewards_op(rewards_last, None, method, uwo_lambda, out_dtype, [False])[0]
+
+    @torch.library.custom_op("divkit::infalign_transform", mutates_args=())
+    def infalign_transform_op(
+        calibrated: Tensor,
+        grad_out: Optional[Tensor],
+        t: float,
+        out_dtype: torch.dtype,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+        from .rlhf import _flat, _shaped
+
+        u = calibrated
+        if grad_out is None:
+            check.finite("infalign_transform", "calibrated", u)
+        dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        out = torch.empty(u.numel(), dtype=dtype)
+        g = torch.empty(u.numel(), dtype=dtype) if grad_out is not None and need[0] else None
+        go = None if grad_out is None else _flat(grad_out, dtype)
+        _C.infalign_transform(_flat(u, dtype), t, out, go, g)
+        (gu,) = _shaped([g], (u,))
+        gu = _empty_like_device(u) if gu is None else gu
+        return out.reshape(u.shape).to(u.device, out_dtype), gu
+
+    @infalign_transform_op.register_fake
+    def _infalign_fake(u, grad_out, t, out_dtype, need):
+        return (u.new_empty(u.shape, dtype=out_dtype), *_seq_grads_fake((u,), grad_out, need))
+
+    _second_call_autograd(infalign_transform_op, "infalign_transform", 1, 0, 1, 2)
+
+    def infalign_transform(u, t, out_dtype):
+        return infalign_transform_op(u, None, t, out_dtype, [False])[0]

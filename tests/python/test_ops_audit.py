@@ -33,6 +33,11 @@ OPS = {
     "divkit::odds_ratio_loss",
     "divkit::kto_loss",
     "divkit::kl_estimator",
+    "divkit::d2o_loss",
+    "divkit::hypo_online_kl",
+    "divkit::superhf_loss",
+    "divkit::ensemble_rewards",
+    "divkit::infalign_transform",
 }
 
 

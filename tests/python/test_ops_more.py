@@ -1,0 +1,175 @@
+"""The custom ops added after issue 19's audit for the remaining preference / RLHF functions:
+divkit::d2o_loss, divkit::hypo_online_kl (HyPO's online term), divkit::superhf_loss,
+divkit::ensemble_rewards, divkit::infalign_transform. Each: torch.compile(fullgraph=True) with
+no graph break and eager's bits, the op path (ALWAYS) equal to the function path, opcheck, vmap
+and a clear divkit.Error on double backward (the test pattern of test_ops_audit.py)."""
+
+import pytest
+import torch
+
+import divkit
+import divkit.rlhf
+from divkit import _ops
+
+pytestmark = pytest.mark.skipif(not _ops.ENABLED, reason="torch.library.custom_op needs torch>=2.4")
+
+
+def _no_break(f, *args):
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(f)(*args)
+    assert explain.graph_break_count == 0, explain.break_reasons
+
+
+def _grads(out, wrt):
+    return torch.autograd.grad(out, wrt, allow_unused=True)
+
+
+def _same_grads(got, want):
+    assert any(g is not None for g in want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def _logps(shape, seed, grad=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (-torch.rand(shape, generator=g, dtype=dtype) * 3 - 0.1).requires_grad_(grad)
+
+
+def _d2o(ps, rs, pl, rl):
+    losses, pos, neg = divkit.d2o_loss(ps, rs, pl, rl, beta=0.3, alpha=0.2)
+    return (losses * torch.arange(1.0, 4.0)).sum() + 0 * (pos.sum() + neg.sum())
+
+
+def _d2o_inputs():
+    return [_logps((3, 4), 0), _logps((3, 4), 1), _logps(3, 2), _logps(3, 3)]
+
+
+def _hypo(pc, pr, rc, rr, ps, rs):
+    losses, c, r, kl = divkit.hypo_loss(pc, pr, rc, rr, ps, rs, beta=0.2, lam=0.5)
+    return (losses * torch.arange(1.0, 4.0)).sum() + 0 * (c.sum() + r.sum() + kl.sum())
+
+
+def _hypo_inputs():
+    return [_logps(3, i, i < 2) for i in range(4)] + [_logps((3, 4), 5), _logps((3, 4), 6, False)]
+
+
+def _superhf(lp, kl):
+    rewards = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.4, 0.8, 0.1], [0.0, 0.2, 0.1, 0.7]])
+    loss, idx = divkit.superhf_loss(lp, rewards, kl=kl, kl_coef=0.35, top_k=2)
+    return loss * 3 + 0 * idx.sum()
+
+
+def _superhf_inputs():
+    return [_logps((3, 4), 0), _logps((3, 4), 1).abs().detach().requires_grad_(True)]
+
+
+def _ensemble(r):
+    out = divkit.rlhf.ensemble_rewards(r, "uwo", uwo_lambda=0.5, dim=1)
+    return (out * torch.arange(1.0, 3.0).reshape(2, 1)).sum()
+
+
+def _ensemble_wco(r):
+    return divkit.rlhf.ensemble_rewards(r, "wco").sum() * 2
+
+
+def _ensemble_inputs():
+    return [_logps((2, 4, 3), 0)]
+
+
+def _infalign(u):
+    return (divkit.rlhf.infalign_transform(u, 2.0, scenario="best_of_n") * torch.arange(6.0)).sum()
+
+
+def _infalign_inputs():
+    return [torch.rand(6, generator=torch.Generator().manual_seed(3)).requires_grad_(True)]
+
+
+CASES = {
+    "d2o": (_d2o, _d2o_inputs),
+    "hypo": (_hypo, _hypo_inputs),
+    "superhf": (_superhf, _superhf_inputs),
+    "ensemble_uwo": (_ensemble, _ensemble_inputs),
+    "ensemble_wco": (_ensemble_wco, _ensemble_inputs),
+    "infalign": (_infalign, _infalign_inputs),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiles_fullgraph_with_eager_bits(name, monkeypatch):
+    f, make = CASES[name]
+    inputs = make()
+    wrt = [x for x in inputs if x.requires_grad]
+    _no_break(f, *inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    got_grads = _grads(got, wrt)
+    want = f(*inputs)
+    want_grads = _grads(want, wrt)
+    assert torch.equal(got, want)
+    _same_grads(got_grads, want_grads)
+    monkeypatch.setattr(_ops, "ALWAYS", True)  # every call through the op, eagerly
+    got = f(*inputs)
+    assert torch.equal(got, want)
+    _same_grads(_grads(got, wrt), want_grads)
+    # Double backward: a clear error on both paths.
+    for always in (True, False):
+        monkeypatch.setattr(_ops, "ALWAYS", always)
+        (g,) = torch.autograd.grad(f(*inputs), wrt[0], create_graph=True)
+        with pytest.raises(divkit.Error, match="double backward"):
+            g.sum().backward()
+
+
+def test_opcheck():
+    ps, rs = _logps((3, 4), 0), _logps((3, 4), 1)
+    pl, rl = _logps(3, 2), _logps(3, 3)
+    torch.library.opcheck(_ops.d2o_loss_op, (ps, rs, pl, rl, None, 0.3, 0.2, [False] * 4))
+    torch.library.opcheck(_ops.hypo_online_kl_op, (ps, rs.detach(), None, [False]))
+    rewards = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+    kl = rs.detach().abs().requires_grad_(True)
+    torch.library.opcheck(_ops.superhf_loss_op, (ps, kl, rewards, None, None, 0.35, 2, [False] * 2))
+    lengths = torch.full((3, 4), 5.0)
+    torch.library.opcheck(
+        _ops.superhf_loss_op, (ps, kl, rewards, lengths, None, 0.35, 1, [False] * 2)
+    )
+    for method in ("mean", "wco", "uwo"):
+        torch.library.opcheck(
+            _ops.ensemble_rewards_op, (ps, None, method, 0.5, torch.float32, [False])
+        )
+    u = torch.rand(5, requires_grad=True)
+    torch.library.opcheck(_ops.infalign_transform_op, (u, None, -1.5, torch.float32, [False]))
+
+
+def test_vmap_equals_the_batched_call():
+    g = torch.Generator().manual_seed(4)
+    ps, rs = -torch.rand(2, 3, 4, generator=g), -torch.rand(2, 3, 4, generator=g)
+    pl, rl = -torch.rand(2, 3, generator=g), -torch.rand(2, 3, generator=g)
+    got = torch.vmap(lambda a, b, c, d: divkit.d2o_loss(a, b, c, d)[0])(ps, rs, pl, rl)
+    for i in range(2):
+        assert torch.equal(got[i], divkit.d2o_loss(ps[i], rs[i], pl[i], rl[i])[0])
+    r = torch.randn(2, 5, 3, generator=g)
+    got = torch.vmap(lambda x: divkit.rlhf.ensemble_rewards(x, "uwo", dim=1))(r)
+    assert torch.equal(got, divkit.rlhf.ensemble_rewards(r, "uwo", dim=2))
+    u = torch.rand(3, 4, generator=g)
+    got = torch.vmap(lambda x: divkit.rlhf.infalign_transform(x, 1.5))(u)
+    assert torch.equal(got, divkit.rlhf.infalign_transform(u, 1.5))
+    lp, kl, rw = -torch.rand(2, 3, 4, generator=g), torch.rand(2, 3, 4, generator=g), r[:, :3, :4]
+    rw = torch.randn(2, 3, 4, generator=g)
+    got = torch.vmap(lambda a, b, c: divkit.superhf_loss(a, c, kl=b, top_k=2)[0])(lp, kl, rw)
+    for i in range(2):
+        assert torch.equal(got[i], divkit.superhf_loss(lp[i], rw[i], kl=kl[i], top_k=2)[0])
+
+
+def test_non_finite_input_raises_under_compile():
+    """The public functions' value checks cannot run while tracing; the ops check when they run."""
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda r: divkit.rlhf.ensemble_rewards(r, "mean"), fullgraph=True, backend="eager"
+    )
+    r = torch.randn(3, 4)
+    assert torch.equal(f(r), divkit.rlhf.ensemble_rewards(r, "mean"))
+    r[1, 2] = float("nan")
+    with pytest.raises(divkit.Error, match="ensemble_rewards: rewards"):
+        f(r)
