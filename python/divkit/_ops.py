@@ -1640,3 +1640,85 @@ if ENABLED:
 
     def infalign_transform(u, t, out_dtype):
         return infalign_transform_op(u, None, t, out_dtype, [False])[0]
+
+    # -----------------------------------------------------------------------------------------
+    # Distillation row losses (divkit.distill): OFA-KD and SWING, a loss per row [N] whose
+    # second call (grad_out given) also returns the student's gradient [N, V].
+    # Signature: (student, teacher, labels, [temps,] grad_out, options, need).
+    # -----------------------------------------------------------------------------------------
+
+    def _row_loss_call(kernel, student, dtype, grad_out, need):
+        out = torch.empty(student.shape[0], dtype=dtype, device=student.device)
+        if grad_out is None or not need[0]:
+            kernel(student, out, None, None)
+            return out, _empty_like_device(student)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        kernel(student, out, grad_out.to(dtype).contiguous(), grad)
+        return out, grad
+
+    def _row_loss_fake(student, teacher, grad_out, need):
+        out = student.new_empty((student.shape[0],), dtype=_seq_dtype(student, teacher))
+        g = student.new_empty(student.shape) if grad_out is not None and need[0] else None
+        return out, (_empty_like_device(student) if g is None else g)
+
+    @torch.library.custom_op("divkit::ofa_loss", mutates_args=())
+    def ofa_rows_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor,
+        grad_out: Optional[Tensor],
+        ignore_index: int,
+        eps: float,
+        temperature: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+
+        def kernel(s, out, coef, grad):
+            _C.ofa_rows(s, teacher, labels, ignore_index, eps, temperature, out, coef, grad)
+
+        return _row_loss_call(kernel, student, _seq_dtype(student, teacher), grad_out, need)
+
+    @ofa_rows_op.register_fake
+    def _ofa_fake(student, teacher, labels, grad_out, *rest):
+        return _row_loss_fake(student, teacher, grad_out, rest[-1])
+
+    _second_call_autograd(ofa_rows_op, "ofa_loss", 1, 2, 1, 3)
+
+    def ofa_rows(s, t, lab, ii, eps, temperature):
+        """OFA-KD's loss per row [N] through the op."""
+        return ofa_rows_op(s, t, lab, None, ii, eps, temperature, [False])[0]
+
+    @torch.library.custom_op("divkit::swing_loss", mutates_args=())
+    def tempered_kl_rows_op(
+        student: Tensor,
+        teacher: Tensor,
+        temperatures: Tensor,
+        labels: Optional[Tensor],
+        grad_out: Optional[Tensor],
+        noise_std: float,
+        seed: int,
+        ignore_index: int,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+
+        seed_u = seed & 0xFFFFFFFFFFFFFFFF  # passed as a signed 64-bit int
+
+        def kernel(s, out, coef, grad):
+            _C.tempered_kl_rows(
+                s, teacher, temperatures, noise_std, seed_u, labels, ignore_index, out, coef, grad
+            )
+
+        return _row_loss_call(kernel, student, _seq_dtype(student, teacher), grad_out, need)
+
+    @tempered_kl_rows_op.register_fake
+    def _tempered_kl_fake(student, teacher, temperatures, labels, grad_out, *rest):
+        return _row_loss_fake(student, teacher, grad_out, rest[-1])
+
+    _second_call_autograd(tempered_kl_rows_op, "swing_loss", 1, 3, 1, 3)
+
+    def tempered_kl_rows(s, t, temps, noise_std, seed_u, lab, ii):
+        """SWING's tempered (noisy) KL per row [N] through the op."""
+        seed = seed_u - (1 << 64) if seed_u >= (1 << 63) else seed_u
+        return tempered_kl_rows_op(s, t, temps, lab, None, noise_std, seed, ii, [False])[0]

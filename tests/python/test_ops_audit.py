@@ -38,6 +38,8 @@ OPS = {
     "divkit::superhf_loss",
     "divkit::ensemble_rewards",
     "divkit::infalign_transform",
+    "divkit::ofa_loss",
+    "divkit::swing_loss",
 }
 
 

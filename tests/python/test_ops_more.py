@@ -173,3 +173,79 @@ def test_non_finite_input_raises_under_compile():
     r[1, 2] = float("nan")
     with pytest.raises(divkit.Error, match="ensemble_rewards: rewards"):
         f(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation: OFA-KD and SWING.
+# ---------------------------------------------------------------------------------------------
+
+
+def _kd_inputs():
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(2, 3, 7, generator=g).requires_grad_(True)
+    t = torch.randn(2, 3, 7, generator=g)
+    labels = torch.tensor([[1, 2, -100], [0, 6, 3]])
+    return [s, t, labels]
+
+
+def _ofa(s, t, labels):
+    return divkit.distill.ofa_loss(s, t, labels, eps=1.3, temperature=2.0) * 3
+
+
+def _ofa_none(s, t, labels):
+    out = divkit.distill.ofa_loss(s, t, labels, reduction="none")
+    return (out * torch.arange(6.0).reshape(2, 3)).sum()
+
+
+def _swing(s, t, labels):
+    temps = torch.tensor([[1.0, 2.0, 3.0], [1.5, 2.5, 4.0]])
+    return divkit.distill.swing_loss(
+        s, t, temperatures=temps, noise_std=0.3, seed=-5, labels=labels
+    )
+
+
+KD = {"ofa": _ofa, "ofa_none": _ofa_none, "swing": _swing}
+
+
+@pytest.mark.parametrize("name", sorted(KD))
+def test_distill_compiles_fullgraph_with_eager_bits(name, monkeypatch):
+    f = KD[name]
+    inputs = _kd_inputs()
+    wrt = inputs[:1]
+    _no_break(f, *inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    got_grads = _grads(got, wrt)
+    want = f(*inputs)
+    want_grads = _grads(want, wrt)
+    assert torch.equal(got, want)
+    _same_grads(got_grads, want_grads)
+    monkeypatch.setattr(_ops, "ALWAYS", True)
+    got = f(*inputs)
+    assert torch.equal(got, want)
+    _same_grads(_grads(got, wrt), want_grads)
+    for always in (True, False):
+        monkeypatch.setattr(_ops, "ALWAYS", always)
+        (g,) = torch.autograd.grad(f(*inputs), wrt[0], create_graph=True)
+        with pytest.raises(divkit.Error, match="double backward"):
+            g.sum().backward()
+
+
+def test_distill_opcheck_and_vmap():
+    s, t, labels = _kd_inputs()
+    s2, t2, lab = s.reshape(6, 7), t.reshape(6, 7), labels.reshape(6)
+    torch.library.opcheck(_ops.ofa_rows_op, (s2, t2, lab, None, -100, 1.2, 2.0, [False]))
+    temps = torch.tensor([1.0, 2.0, 3.0, 1.5, 2.5, 4.0], dtype=torch.float64)
+    torch.library.opcheck(
+        _ops.tempered_kl_rows_op, (s2, t2, temps, lab, None, 0.2, -7, -100, [False])
+    )
+    torch.library.opcheck(
+        _ops.tempered_kl_rows_op, (s2, t2, temps, None, None, 0.0, 3, -100, [False])
+    )
+    got = torch.vmap(lambda a, b, c: divkit.distill.ofa_loss(a, b, c, reduction="sum"))(
+        s.detach(), t, labels
+    )
+    for i in range(2):
+        want = divkit.distill.ofa_loss(s[i].detach(), t[i], labels[i], reduction="sum")
+        assert torch.equal(got[i], want)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import _C
+from .. import _C, _ops
 from .. import _validate as check
 from .._autograd import recompute_in_backward
 from ..functional import _rows, divergence
@@ -404,6 +404,9 @@ def ofa_loss(
     eps = check.positive(fn, "eps", eps)
     temperature = check.positive(fn, "temperature", temperature)
     ii = int(ignore_index)
+    if _ops.use_ops(s, t, lab, fn=fn):
+        per_row = _ops.ofa_rows(s, t, lab, ii, eps, temperature)
+        return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)
 
     def run(student, out, coef, grad):
         _C.ofa_rows(student, t, lab, ii, eps, temperature, out, coef, grad)
@@ -741,11 +744,14 @@ def swing_loss(
     noise_std = check.real(fn, "noise_std", noise_std, allow_nan=False)
     seed_u = check.integer(fn, "seed", seed) & 0xFFFFFFFFFFFFFFFF
     ii = int(ignore_index)
+    if _ops.use_ops(s, t, temps, lab, fn=fn):
+        per_row = _ops.tempered_kl_rows(s, t, temps, noise_std, seed_u, lab, ii)
+    else:
 
-    def run(student, out, coef, grad):
-        _C.tempered_kl_rows(student, t, temps, noise_std, seed_u, lab, ii, out, coef, grad)
+        def run(student, out, coef, grad):
+            _C.tempered_kl_rows(student, t, temps, noise_std, seed_u, lab, ii, out, coef, grad)
 
-    per_row = _row_loss(s, run, common.out_dtype(s, t), fn)
+        per_row = _row_loss(s, run, common.out_dtype(s, t), fn)
     if scale_by_t_squared:
         per_row = per_row * (temps * temps).to(per_row.dtype)
     return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)
