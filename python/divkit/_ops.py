@@ -1722,3 +1722,68 @@ if ENABLED:
         """SWING's tempered (noisy) KL per row [N] through the op."""
         seed = seed_u - (1 << 64) if seed_u >= (1 << 63) else seed_u
         return tempered_kl_rows_op(s, t, temps, lab, None, noise_std, seed, ii, [False])[0]
+
+    @torch.library.custom_op("divkit::dac_kl_loss", mutates_args=())
+    def clipped_kl_rows_op(
+        student: Tensor,
+        lower: Tensor,
+        upper: Tensor,
+        teacher: Tensor,
+        labels: Optional[Tensor],
+        grad_out: Optional[Tensor],
+        ignore_index: int,
+        temperature: float,
+        sharpness: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """DAC-KL's clipped KL per row [N], then the gradients of student, lower, upper."""
+        from . import _C
+
+        dtype, n = _seq_dtype(student, teacher), student.shape[0]
+        out = torch.empty(n, dtype=dtype)
+        backward = grad_out is not None
+        grad = torch.empty(student.shape, dtype=student.dtype) if backward and need[0] else None
+        g_lo = torch.empty(n, dtype=dtype) if backward and need[1] else None
+        g_hi = torch.empty(n, dtype=dtype) if backward and need[2] else None
+        go = grad_out.to(dtype).contiguous() if backward else None
+        _C.clipped_kl_rows(
+            student, teacher, lower, upper, temperature, sharpness, labels, ignore_index, out,
+            go, grad, g_lo, g_hi,
+        )  # fmt: skip
+        grads = [
+            _empty_like_device(student) if x is None else x.to(like.dtype)
+            for x, like in ((grad, student), (g_lo, lower), (g_hi, upper))
+        ]
+        return (out, *grads)
+
+    @clipped_kl_rows_op.register_fake
+    def _clipped_kl_fake(student, lower, upper, teacher, labels, grad_out, *rest):
+        out = student.new_empty((student.shape[0],), dtype=_seq_dtype(student, teacher))
+        return (out, *_seq_grads_fake((student, lower, upper), grad_out, rest[-1]))
+
+    _second_call_autograd(clipped_kl_rows_op, "dac_kl_loss", 3, 2, 1, 3)
+
+    def clipped_kl_rows(s, lo, hi, t, lab, ii, temperature, sharpness):
+        """DAC-KL's clipped KL per row [N] through the op."""
+        return clipped_kl_rows_op(s, lo, hi, t, lab, None, ii, temperature, sharpness, [False] * 3)[
+            0
+        ]
+
+    @torch.library.custom_op("divkit::dac_kl_mass_bounds", mutates_args=())
+    def mass_bounds_op(
+        teacher: Tensor, temperature: float, mass_lo: float, mass_hi: float
+    ) -> Tuple[Tensor, Tensor]:
+        """(lower, upper) [N] from teacher rows [N, V] (no gradient)."""
+        from . import _C
+
+        dtype = _seq_dtype(teacher)
+        lo, hi = (torch.empty(teacher.shape[0], dtype=dtype) for _ in range(2))
+        _C.mass_bounds(teacher.detach(), temperature, mass_lo, mass_hi, lo, hi)
+        return lo, hi
+
+    @mass_bounds_op.register_fake
+    def _mass_bounds_fake(teacher, temperature, mass_lo, mass_hi):
+        dtype = _seq_dtype(teacher)
+        return tuple(teacher.new_empty((teacher.shape[0],), dtype=dtype) for _ in range(2))
+
+    _loop_vmap(mass_bounds_op, 1)

@@ -40,6 +40,8 @@ OPS = {
     "divkit::infalign_transform",
     "divkit::ofa_loss",
     "divkit::swing_loss",
+    "divkit::dac_kl_loss",
+    "divkit::dac_kl_mass_bounds",
 }
 
 

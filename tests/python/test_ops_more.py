@@ -204,7 +204,24 @@ def _swing(s, t, labels):
     )
 
 
-KD = {"ofa": _ofa, "ofa_none": _ofa_none, "swing": _swing}
+def _dac_quantile(s, t, labels):
+    return divkit.distill.dac_kl_loss(s, t, mass_lo=0.05, mass_hi=0.8, labels=labels) * 2
+
+
+def _dac_soft(s, t, labels):
+    lower = torch.full((2, 3), 0.02)
+    upper = torch.full((2, 3), 0.6)
+    out = divkit.distill.dac_kl_loss(s, t, lower, upper, sharpness=0.5, reduction="none")
+    return (out * torch.arange(6.0).reshape(2, 3)).sum()
+
+
+KD = {
+    "ofa": _ofa,
+    "ofa_none": _ofa_none,
+    "swing": _swing,
+    "dac_quantile": _dac_quantile,
+    "dac_soft": _dac_soft,
+}
 
 
 @pytest.mark.parametrize("name", sorted(KD))
@@ -243,6 +260,14 @@ def test_distill_opcheck_and_vmap():
     torch.library.opcheck(
         _ops.tempered_kl_rows_op, (s2, t2, temps, None, None, 0.0, 3, -100, [False])
     )
+    lo, hi = torch.full((6,), 0.02).requires_grad_(True), torch.full((6,), 0.6).requires_grad_(True)
+    torch.library.opcheck(
+        _ops.clipped_kl_rows_op, (s2, lo, hi, t2, lab, None, -100, 1.5, 0.5, [False] * 3)
+    )
+    torch.library.opcheck(
+        _ops.clipped_kl_rows_op, (s2, lo, hi, t2, None, None, -100, 1.0, 0.0, [False] * 3)
+    )
+    torch.library.opcheck(_ops.mass_bounds_op, (t2, 1.0, 0.1, 0.9))
     got = torch.vmap(lambda a, b, c: divkit.distill.ofa_loss(a, b, c, reduction="sum"))(
         s.detach(), t, labels
     )

@@ -507,6 +507,9 @@ def dac_kl_mass_bounds(
     temperature = check.positive(fn, "temperature", temperature)
     mass_lo = check.real(fn, "mass_lo", mass_lo, allow_nan=False)
     mass_hi = check.real(fn, "mass_hi", mass_hi, allow_nan=False)
+    if _ops.use_ops(t, fn=fn):
+        lo, hi = _ops.mass_bounds_op(t, temperature, mass_lo, mass_hi)
+        return lo.reshape(lead), hi.reshape(lead)
     _C.mass_bounds(t.detach(), temperature, mass_lo, mass_hi, lo, hi)
     return lo.reshape(lead), hi.reshape(lead)
 
@@ -562,8 +565,13 @@ def dac_kl_loss(
         # A region of one token (its probability alone reaches mass_hi) has lower == upper:
         # the next float up keeps the same tokens and meets the kernel's lower < upper.
         upper = torch.where(upper > lower, upper, torch.nextafter(lower, upper.new_tensor(2.0)))
+        # t is rows [N, V]: the bounds come back [N], the checks below want [...].
+        lower, upper = lower.reshape(lead), upper.reshape(lead)
     lo = common.row_values(fn, "lower", lower, lead, n)
     hi = common.row_values(fn, "upper", upper, lead, n)
+    if _ops.use_ops(s, t, lo, hi, lab, fn=fn):
+        per_row = _ops.clipped_kl_rows(s, lo, hi, t, lab, int(ignore_index), temperature, sharpness)
+        return common.reduce(per_row, common.valid(lab, ignore_index, n), lead, reduction)
     per_row = _clipped_kl_rows(
         s, lo, hi, t, lab, int(ignore_index), temperature, sharpness, common.out_dtype(s, t)
     )
