@@ -1787,3 +1787,76 @@ if ENABLED:
         return tuple(teacher.new_empty((teacher.shape[0],), dtype=dtype) for _ in range(2))
 
     _loop_vmap(mass_bounds_op, 1)
+
+    @torch.library.custom_op("divkit::nkd_loss", mutates_args=())
+    def nkd_rows_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor,
+        grad_target: Optional[Tensor],
+        grad_nontarget: Optional[Tensor],
+        ignore_index: int,
+        tau: float,
+        fn: str,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """NKD's target and non-target terms per row [N] (also USKD's); given the upstream
+        gradients of both, the student's gradient [N, V] after them."""
+        from . import _C
+
+        dtype, n = _seq_dtype(student, teacher), student.shape[0]
+        target, nontarget = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        if grad_target is None and grad_nontarget is None:
+            _C.nkd_rows(
+                student, teacher, labels, ignore_index, tau, target, nontarget, None, None, None
+            )
+            # The public function's check (a host sync) is skipped when traced: here instead.
+            bad = torch.isnan(target) | torch.isnan(nontarget)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                check.fail(
+                    fn,
+                    f"row {r}: every non-target logit of student_logits or teacher_logits is "
+                    f"-inf (the non-target distribution over j != labels[{r}] is not defined)",
+                )
+            return target, nontarget, _empty_like_device(student)
+        a = (
+            torch.zeros(n, dtype=dtype)
+            if grad_target is None
+            else grad_target.to(dtype).contiguous()
+        )
+        b = (
+            torch.zeros(n, dtype=dtype)
+            if grad_nontarget is None
+            else grad_nontarget.to(dtype).contiguous()
+        )
+        grad = torch.empty(student.shape, dtype=student.dtype)
+        _C.nkd_rows(student, teacher, labels, ignore_index, tau, target, nontarget, a, b, grad)
+        return target, nontarget, grad
+
+    @nkd_rows_op.register_fake
+    def _nkd_fake(student, teacher, labels, g_t, g_n, ignore_index, tau, fn):
+        dtype = _seq_dtype(student, teacher)
+        rows = [student.new_empty((student.shape[0],), dtype=dtype) for _ in range(2)]
+        grad = student.new_empty(student.shape) if (g_t is not None or g_n is not None) else None
+        return (*rows, _empty_like_device(student) if grad is None else grad)
+
+    def _nkd_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(*inputs[:3])
+        ctx.args = inputs[5:]
+
+    def _nkd_backward(ctx, g_target, g_nontarget, _):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        s, t, lab = ctx.saved_tensors
+        grad = nkd_rows_op(s, t, lab, g_target, g_nontarget, *ctx.args)[2]
+        (grad,) = guard_double_backward(ctx.args[-1], [grad])
+        return (grad,) + (None,) * 7
+
+    nkd_rows_op.register_autograd(_nkd_backward, setup_context=_nkd_setup)
+    _loop_vmap(nkd_rows_op, 5)
+
+    def nkd_rows(s, t, lab, ignore_index, tau, fn):
+        """(target, nontarget) [N] through the op."""
+        out = nkd_rows_op(s, t, lab, None, None, ignore_index, tau, fn)
+        return out[0], out[1]

@@ -42,6 +42,7 @@ OPS = {
     "divkit::swing_loss",
     "divkit::dac_kl_loss",
     "divkit::dac_kl_mass_bounds",
+    "divkit::nkd_loss",
 }
 
 

@@ -215,7 +215,28 @@ def _dac_soft(s, t, labels):
     return (out * torch.arange(6.0).reshape(2, 3)).sum()
 
 
+def _nkd(s, t, labels):
+    return divkit.distill.nkd_loss(s, t, labels, temperature=2.0, gamma=1.5)
+
+
+def _uskd(s, t, labels):
+    return divkit.distill.uskd_loss(s.reshape(6, 7), labels.reshape(6), t.reshape(6, 7), mu=0.0)
+
+
+def test_uskd_op_path_equals_the_function_path(monkeypatch):
+    """USKD reaches NKD's kernel through the op; uskd_soft_labels itself still breaks the graph
+    (data-dependent torch code, not divkit._C)."""
+    inputs = _kd_inputs()
+    want = _uskd(*inputs)
+    want_grads = _grads(want, inputs[:1])
+    monkeypatch.setattr(_ops, "ALWAYS", True)
+    got = _uskd(*inputs)
+    assert torch.equal(got, want)
+    _same_grads(_grads(got, inputs[:1]), want_grads)
+
+
 KD = {
+    "nkd": _nkd,
     "ofa": _ofa,
     "ofa_none": _ofa_none,
     "swing": _swing,
@@ -268,6 +289,7 @@ def test_distill_opcheck_and_vmap():
         _ops.clipped_kl_rows_op, (s2, lo, hi, t2, None, None, -100, 1.0, 0.0, [False] * 3)
     )
     torch.library.opcheck(_ops.mass_bounds_op, (t2, 1.0, 0.1, 0.9))
+    torch.library.opcheck(_ops.nkd_rows_op, (s2, t2, lab, None, None, -100, 1.5, "nkd_loss"))
     got = torch.vmap(lambda a, b, c: divkit.distill.ofa_loss(a, b, c, reduction="sum"))(
         s.detach(), t, labels
     )

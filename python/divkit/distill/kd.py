@@ -155,6 +155,9 @@ def _nkd_terms(fn, student_logits, teacher_logits, labels, temperature, ignore_i
     t = _rows(t.detach(), n, s.shape[1])
     lab = common.labels(fn, labels, lead, n, True)
     tau = check.positive(fn, "temperature", temperature)
+    if _ops.use_ops(s, t, lab, fn=fn):  # the op checks the rows below when it runs
+        target, nontarget = _ops.nkd_rows(s, t, lab, int(ignore_index), tau, fn)
+        return target, nontarget, lab, lead, n, tau
     target, nontarget = _nkd_rows(s, t, lab, int(ignore_index), tau, common.out_dtype(s, t), fn)
     # The non-target distributions are renormalized over j != y: not defined when every
     # non-target logit of a row is -inf (the kernel checks whole rows only). Checked on the [N]
