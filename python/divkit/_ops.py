@@ -1860,3 +1860,70 @@ if ENABLED:
         """(target, nontarget) [N] through the op."""
         out = nkd_rows_op(s, t, lab, None, None, ignore_index, tau, fn)
         return out[0], out[1]
+
+    # -----------------------------------------------------------------------------------------
+    # Sample divergences of divkit.ot (mmd, cs_divergence): the float64 gradients of x and y
+    # are computed in forward (as the eager path) and scaled in backward.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::sample_divergence", mutates_args=())
+    def sample_divergence_op(
+        x: Tensor,
+        y: Tensor,
+        a: Optional[Tensor],
+        b: Optional[Tensor],
+        which: str,
+        kernel: str,
+        sigma: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import _C
+
+        gx = torch.empty(x.shape, dtype=torch.float64) if need[0] else None
+        gy = torch.empty(y.shape, dtype=torch.float64) if need[1] else None
+        val = _C.sample_divergence(
+            which,
+            x.detach(),
+            y.detach(),
+            None if a is None else a.detach(),
+            None if b is None else b.detach(),
+            kernel,
+            sigma,
+            gx,
+            gy,
+        )
+        grads = [_empty_like_device(x) if g is None else g for g in (gx, gy)]
+        return (torch.tensor(val, dtype=x.dtype), *grads)
+
+    @sample_divergence_op.register_fake
+    def _sample_divergence_fake(x, y, a, b, which, kernel, sigma, need):
+        grads = [
+            z.new_empty(z.shape, dtype=torch.float64) if k else _empty_like_device(x)
+            for z, k in zip((x, y), need)
+        ]
+        return (x.new_empty((), dtype=x.dtype), *grads)
+
+    def _sample_divergence_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(output[1], output[2])
+        ctx.need = inputs[-1]
+        ctx.fn = "mmd" if inputs[4] == "mmd" else "cs_divergence"
+
+    def _sample_divergence_backward(ctx, g_val, *_):
+        go64 = g_val.to(torch.float64)
+        grads = [
+            (g * go64).to(g_val.dtype) if k else None for g, k in zip(ctx.saved_tensors, ctx.need)
+        ]
+        grads = guard_double_backward(ctx.fn, grads)
+        return (*grads,) + (None,) * 6
+
+    sample_divergence_op.register_autograd(
+        _sample_divergence_backward, setup_context=_sample_divergence_setup
+    )
+    _loop_vmap(sample_divergence_op, 4)
+
+    def sample_divergence(x, y, a, b, which, kernel, sigma):
+        """MMD^2 or the CS divergence (a scalar of x's dtype) through the op."""
+        on = torch.is_grad_enabled()
+        need = [on and x.requires_grad, on and y.requires_grad]
+        return sample_divergence_op(x, y, a, b, which, kernel, sigma, need)[0]

@@ -43,6 +43,7 @@ OPS = {
     "divkit::dac_kl_loss",
     "divkit::dac_kl_mass_bounds",
     "divkit::nkd_loss",
+    "divkit::sample_divergence",
 }
 
 

@@ -296,3 +296,71 @@ def test_distill_opcheck_and_vmap():
     for i in range(2):
         want = divkit.distill.ofa_loss(s[i].detach(), t[i], labels[i], reduction="sum")
         assert torch.equal(got[i], want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimal transport: mmd, cs_divergence.
+# ---------------------------------------------------------------------------------------------
+
+
+def _points():
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(5, 3, generator=g).requires_grad_(True)
+    y = (torch.randn(4, 3, generator=g) + 0.5).requires_grad_(True)
+    b = torch.rand(4, generator=g) + 0.1
+    return [x, y, b / b.sum()]
+
+
+def _mmd(x, y, b):
+    return divkit.ot.mmd(x, y, None, b, sigma=1.5) * 3
+
+
+def _mmd_energy(x, y, b):
+    return divkit.ot.mmd(x, y, kernel="energy")
+
+
+def _cs(x, y, b):
+    return divkit.ot.cs_divergence(x, y, None, b, sigma=2.0) * 0.5
+
+
+OT = {"mmd": _mmd, "mmd_energy": _mmd_energy, "cs": _cs}
+
+
+@pytest.mark.parametrize("name", sorted(OT))
+def test_sample_divergences_compile_fullgraph_with_eager_bits(name, monkeypatch):
+    f = OT[name]
+    inputs = _points()
+    wrt = inputs[:2]
+    _no_break(f, *inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    got_grads = _grads(got, wrt)
+    want = f(*inputs)
+    want_grads = _grads(want, wrt)
+    assert torch.equal(got, want)
+    _same_grads(got_grads, want_grads)
+    monkeypatch.setattr(_ops, "ALWAYS", True)
+    got = f(*inputs)
+    assert torch.equal(got, want)
+    _same_grads(_grads(got, wrt), want_grads)
+    for always in (True, False):
+        monkeypatch.setattr(_ops, "ALWAYS", always)
+        (g,) = torch.autograd.grad(f(*inputs), wrt[0], create_graph=True)
+        with pytest.raises(divkit.Error, match="double backward"):
+            g.sum().backward()
+
+
+def test_sample_divergence_opcheck_and_vmap():
+    x, y, b = _points()
+    for which, kernel in (("mmd", "gaussian"), ("mmd", "energy"), ("cs", "gaussian")):
+        torch.library.opcheck(
+            _ops.sample_divergence_op, (x, y, None, b, which, kernel, 1.3, [True, True])
+        )
+        torch.library.opcheck(
+            _ops.sample_divergence_op, (x, y, None, None, which, kernel, 1.3, [False, False])
+        )
+    xs, ys = torch.randn(2, 5, 3), torch.randn(2, 4, 3)
+    got = torch.vmap(lambda p, q: divkit.ot.mmd(p, q))(xs, ys)
+    for i in range(2):
+        assert torch.equal(got[i], divkit.ot.mmd(xs[i], ys[i]))
