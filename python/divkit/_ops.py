@@ -1927,3 +1927,32 @@ if ENABLED:
         on = torch.is_grad_enabled()
         need = [on and x.requires_grad, on and y.requires_grad]
         return sample_divergence_op(x, y, a, b, which, kernel, sigma, need)[0]
+
+    # -----------------------------------------------------------------------------------------
+    # kde_log_density (no gradient: its inputs are detached by the public function).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::kde_log_density", mutates_args=())
+    def kde_log_density_op(x: Tensor, y: Tensor, w: Optional[Tensor], bandwidth: float) -> Tensor:
+        from . import _C
+
+        out = torch.empty(y.shape[0], dtype=torch.float64)
+        _C.kde_log_density(x, w, y, bandwidth, out)
+        return out
+
+    @kde_log_density_op.register_fake
+    def _kde_log_density_fake(x, y, w, bandwidth):
+        return y.new_empty((y.shape[0],), dtype=torch.float64, device="cpu")
+
+    def _kde_vmap(info, in_dims, x, y, w, bandwidth):
+        def entry(t, d, i):
+            return t.select(d, i) if (t is not None and d is not None) else t
+
+        outs = [
+            kde_log_density_op(*(entry(t, d, i) for t, d in zip((x, y, w), in_dims[:3])), bandwidth)
+            for i in range(info.batch_size)
+        ]
+        return torch.stack(outs), 0
+
+    if hasattr(kde_log_density_op, "register_vmap"):
+        kde_log_density_op.register_vmap(_kde_vmap)

@@ -44,6 +44,7 @@ OPS = {
     "divkit::dac_kl_mass_bounds",
     "divkit::nkd_loss",
     "divkit::sample_divergence",
+    "divkit::kde_log_density",
 }
 
 

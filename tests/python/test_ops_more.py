@@ -364,3 +364,25 @@ def test_sample_divergence_opcheck_and_vmap():
     got = torch.vmap(lambda p, q: divkit.ot.mmd(p, q))(xs, ys)
     for i in range(2):
         assert torch.equal(got[i], divkit.ot.mmd(xs[i], ys[i]))
+
+
+def test_kde_log_density_compiles_fullgraph_opcheck_vmap(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 2, generator=g), torch.randn(4, 2, generator=g)
+    w = torch.rand(6, generator=g) + 0.1
+
+    def f(x, y, w):
+        return divkit.ot.kde_log_density(x, y, 0.7, w)
+
+    _no_break(f, x, y, w)
+    torch._dynamo.reset()
+    want = f(x, y, w)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x, y, w), want)
+    monkeypatch.setattr(_ops, "ALWAYS", True)
+    assert torch.equal(f(x, y, w), want)
+    torch.library.opcheck(_ops.kde_log_density_op, (x, y, w, 0.7))
+    torch.library.opcheck(_ops.kde_log_density_op, (x, y, None, 1.2))
+    ys = torch.randn(3, 4, 2, generator=g)
+    got = torch.vmap(lambda q: divkit.ot.kde_log_density(x, q, 0.7))(ys)
+    for i in range(3):
+        assert torch.equal(got[i], divkit.ot.kde_log_density(x, ys[i], 0.7))
