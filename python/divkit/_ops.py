@@ -1536,6 +1536,8 @@ if ENABLED:
         if grad_out is None:  # the public function's check is skipped when traced
             for name, x in (("policy_logps", lp), ("rewards", rewards), ("kl", kl)):
                 check.finite("superhf_loss", name, x)
+            if lengths is not None and bool((lengths <= 0).any()):
+                check.fail("superhf_loss", "lengths must have the shape of policy_logps and be > 0")
         dtype, device = _seq_dtype(lp, kl), lp.device
         loss = torch.empty(1, dtype=dtype)
         idx = torch.empty(lp.shape[0], top_k, dtype=torch.int64)

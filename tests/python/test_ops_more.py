@@ -86,7 +86,15 @@ def _infalign_inputs():
     return [torch.rand(6, generator=torch.Generator().manual_seed(3)).requires_grad_(True)]
 
 
+def _superhf_lengths(lp, kl):
+    rewards = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.4, 0.8, 0.1], [0.0, 0.2, 0.1, 0.7]])
+    lengths = torch.tensor([[3.0, 5.0, 2.0, 7.0], [1.0, 4.0, 4.0, 2.0], [6.0, 2.0, 3.0, 5.0]])
+    loss, idx = divkit.superhf_loss(lp, rewards, kl=kl, lengths=lengths, top_k=3)
+    return loss + 0 * idx.sum()
+
+
 CASES = {
+    "superhf_lengths": (_superhf_lengths, _superhf_inputs),
     "d2o": (_d2o, _d2o_inputs),
     "hypo": (_hypo, _hypo_inputs),
     "superhf": (_superhf, _superhf_inputs),
@@ -386,3 +394,19 @@ def test_kde_log_density_compiles_fullgraph_opcheck_vmap(monkeypatch):
     got = torch.vmap(lambda q: divkit.ot.kde_log_density(x, q, 0.7))(ys)
     for i in range(3):
         assert torch.equal(got[i], divkit.ot.kde_log_density(x, ys[i], 0.7))
+
+
+def test_superhf_bad_lengths_raise_under_compile():
+    lp, kl = (x.detach() for x in _superhf_inputs())
+    rewards = torch.rand(3, 4)
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda a, b, n: divkit.superhf_loss(a, rewards, kl=b, lengths=n)[0],
+        fullgraph=True,
+        backend="eager",
+    )
+    n = torch.full((3, 4), 2.0)
+    assert torch.equal(f(lp, kl, n), divkit.superhf_loss(lp, rewards, kl=kl, lengths=n)[0])
+    n[1, 1] = 0.0
+    with pytest.raises(divkit.Error, match="lengths must"):
+        f(lp, kl, n)

@@ -593,7 +593,8 @@ def superhf_loss(
         check.fail(fn, f"top_k must be in [1, {lp.shape[1]}], got {top_k}")
     kl_coef = check.real(fn, "kl_coef", kl_coef)
     n = None if lengths is None else torch.as_tensor(lengths, dtype=lp.dtype)
-    if n is not None and (n.shape != lp.shape or bool((n <= 0).any())):
+    # While compiling, the value check runs in the op (a host sync would break the graph).
+    if n is not None and (n.shape != lp.shape or (not _ops.compiling() and bool((n <= 0).any()))):
         check.fail(fn, "lengths must have the shape of policy_logps and be > 0")
     if kl is None:
         if ref_logps is None:
