@@ -1441,3 +1441,520 @@ if ENABLED:
 
     def kl_estimator(a, b, kind, clamp, out_dtype):
         return kl_estimator_op(a, b, None, kind, clamp, out_dtype, [False] * 2)[0]
+
+    # -----------------------------------------------------------------------------------------
+    # D2O, HyPO's online KL, SuperHF (preference) and ensemble_rewards, infalign_transform
+    # (rlhf): the same second-call pattern as the sequence losses above.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::d2o_loss", mutates_args=())
+    def d2o_loss_op(
+        policy_sample_logps: Tensor,
+        ref_sample_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_rejected_logps: Tensor,
+        grad_out: Optional[Tensor],
+        beta: float,
+        alpha: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        inputs = (policy_sample_logps, ref_sample_logps, policy_rejected_logps, ref_rejected_logps)
+        dtype, b, device = _seq_dtype(*inputs), inputs[0].shape[0], inputs[0].device
+        h = [common.host(x, dtype) for x in inputs]
+        losses, pos, neg = (torch.empty(b, dtype=dtype) for _ in range(3))
+        backward = grad_out is not None
+        g = [
+            torch.empty(x.shape, dtype=dtype) if backward and k else None
+            for x, k in zip(inputs, need)
+        ]
+        go = None if grad_out is None else common.host(grad_out, dtype)
+        _C.d2o_loss(*h, beta, alpha, losses, pos, neg, go, *g)
+        return (losses.to(device), pos.to(device), neg.to(device), *_seq_back(g, inputs))
+
+    @d2o_loss_op.register_fake
+    def _d2o_fake(ps, rs, pl, rl, grad_out, beta, alpha, need):
+        dtype = _seq_dtype(ps, rs, pl, rl)
+        outs = [ps.new_empty((ps.shape[0],), dtype=dtype) for _ in range(3)]
+        return (*outs, *_seq_grads_fake((ps, rs, pl, rl), grad_out, need))
+
+    _second_call_autograd(d2o_loss_op, "d2o_loss", 4, 0, 3, 2)
+
+    def d2o_loss(ps, rs, pl, rl, beta, alpha):
+        """(losses, sample_rewards, rejected_rewards) through the op."""
+        return tuple(d2o_loss_op(ps, rs, pl, rl, None, beta, alpha, [False] * 4)[:3])
+
+    @torch.library.custom_op("divkit::hypo_online_kl", mutates_args=())
+    def hypo_online_kl_op(
+        policy_sample_logps: Tensor,
+        ref_sample_logps: Tensor,
+        grad_out: Optional[Tensor],
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        ps, rs = policy_sample_logps, ref_sample_logps
+        if grad_out is None:  # the public function's check is skipped when traced
+            check.finite("hypo_loss", "policy_sample_logps", ps)
+            check.finite("hypo_loss", "ref_sample_logps", rs)
+        dtype, device = _seq_dtype(ps, rs), ps.device
+        kl = torch.empty(ps.shape[0], dtype=dtype)
+        g = torch.empty(ps.shape, dtype=dtype) if grad_out is not None and need[0] else None
+        go = None if grad_out is None else common.host(grad_out, dtype)
+        _C.hypo_online_kl(common.host(ps, dtype), common.host(rs, dtype), kl, go, g)
+        return (kl.to(device), *_seq_back([g], (ps,)))
+
+    @hypo_online_kl_op.register_fake
+    def _hypo_fake(ps, rs, grad_out, need):
+        kl = ps.new_empty((ps.shape[0],), dtype=_seq_dtype(ps, rs))
+        return (kl, *_seq_grads_fake((ps,), grad_out, need))
+
+    _second_call_autograd(hypo_online_kl_op, "hypo_loss", 1, 1, 1, 0)
+
+    def hypo_online_kl(ps, rs):
+        """HyPO's online KL surrogate [B] through the op (rs gets no gradient)."""
+        return hypo_online_kl_op(ps, rs, None, [False])[0]
+
+    @torch.library.custom_op("divkit::superhf_loss", mutates_args=())
+    def superhf_loss_op(
+        policy_logps: Tensor,
+        kl: Tensor,
+        rewards: Tensor,
+        lengths: Optional[Tensor],
+        grad_out: Optional[Tensor],
+        kl_coef: float,
+        top_k: int,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        from . import _C
+        from .preference import _common as common
+
+        lp = policy_logps
+        if grad_out is None:  # the public function's check is skipped when traced
+            for name, x in (("policy_logps", lp), ("rewards", rewards), ("kl", kl)):
+                check.finite("superhf_loss", name, x)
+            if lengths is not None and bool((lengths <= 0).any()):
+                check.fail("superhf_loss", "lengths must have the shape of policy_logps and be > 0")
+        dtype, device = _seq_dtype(lp, kl), lp.device
+        loss = torch.empty(1, dtype=dtype)
+        idx = torch.empty(lp.shape[0], top_k, dtype=torch.int64)
+        backward = grad_out is not None
+        g = [torch.empty(lp.shape, dtype=dtype) if backward and k else None for k in need]
+        go = None if grad_out is None else common.host(grad_out.reshape(1), dtype)
+        n = None if lengths is None else common.host(lengths, dtype)
+        _C.superhf_loss(
+            common.host(lp, dtype),
+            common.host(rewards, torch.float64),
+            common.host(kl, dtype),
+            n,
+            kl_coef,
+            top_k,
+            loss,
+            idx,
+            go,
+            *g,
+        )
+        return (loss.reshape(()).to(device), idx.to(device), *_seq_back(g, (lp, kl)))
+
+    @superhf_loss_op.register_fake
+    def _superhf_fake(lp, kl, rewards, lengths, grad_out, kl_coef, top_k, need):
+        loss = lp.new_empty((), dtype=_seq_dtype(lp, kl))
+        idx = lp.new_empty((lp.shape[0], top_k), dtype=torch.int64)
+        return (loss, idx, *_seq_grads_fake((lp, kl), grad_out, need))
+
+    _second_call_autograd(superhf_loss_op, "superhf_loss", 2, 2, 2, 2)
+
+    def superhf_loss(lp, kl, rewards, lengths, kl_coef, top_k):
+        """(loss, kept_indices) through the op."""
+        return tuple(
+            superhf_loss_op(lp, kl, rewards, lengths, None, kl_coef, top_k, [False] * 2)[:2]
+        )
+
+    @torch.library.custom_op("divkit::ensemble_rewards", mutates_args=())
+    def ensemble_rewards_op(
+        rewards: Tensor,
+        grad_out: Optional[Tensor],
+        method: str,
+        uwo_lambda: float,
+        out_dtype: torch.dtype,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        """rewards [..., E] (the ensemble dimension last) -> [...]."""
+        from . import _C
+        from .rlhf import _flat
+
+        if grad_out is None:  # the public function's check is skipped when traced
+            check.finite("ensemble_rewards", "rewards", rewards)
+        dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        lead, e, device = rewards.shape[:-1], rewards.shape[-1], rewards.device
+        r = rewards.detach().to("cpu", dtype).reshape(-1, e).contiguous()
+        out = torch.empty(r.shape[0], dtype=dtype)
+        g = torch.empty(r.shape, dtype=dtype) if grad_out is not None and need[0] else None
+        go = None if grad_out is None else _flat(grad_out, dtype)
+        _C.ensemble_rewards(r, method, uwo_lambda, out, go, g)
+        if g is None:
+            g = _empty_like_device(rewards)
+        else:
+            g = g.reshape(rewards.shape).to(device, rewards.dtype)
+        return out.reshape(lead).to(device, out_dtype), g
+
+    @ensemble_rewards_op.register_fake
+    def _ensemble_fake(rewards, grad_out, method, uwo_lambda, out_dtype, need):
+        out = rewards.new_empty(rewards.shape[:-1], dtype=out_dtype)
+        return (out, *_seq_grads_fake((rewards,), grad_out, need))
+
+    _second_call_autograd(ensemble_rewards_op, "ensemble_rewards", 1, 0, 1, 3)
+
+    def ensemble_rewards(rewards_last, method, uwo_lambda, out_dtype):
+        return ensemble_rewards_op(rewards_last, None, method, uwo_lambda, out_dtype, [False])[0]
+
+    @torch.library.custom_op("divkit::infalign_transform", mutates_args=())
+    def infalign_transform_op(
+        calibrated: Tensor,
+        grad_out: Optional[Tensor],
+        t: float,
+        out_dtype: torch.dtype,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+        from .rlhf import _flat, _shaped
+
+        u = calibrated
+        if grad_out is None:
+            check.finite("infalign_transform", "calibrated", u)
+        dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        out = torch.empty(u.numel(), dtype=dtype)
+        g = torch.empty(u.numel(), dtype=dtype) if grad_out is not None and need[0] else None
+        go = None if grad_out is None else _flat(grad_out, dtype)
+        _C.infalign_transform(_flat(u, dtype), t, out, go, g)
+        (gu,) = _shaped([g], (u,))
+        gu = _empty_like_device(u) if gu is None else gu
+        return out.reshape(u.shape).to(u.device, out_dtype), gu
+
+    @infalign_transform_op.register_fake
+    def _infalign_fake(u, grad_out, t, out_dtype, need):
+        return (u.new_empty(u.shape, dtype=out_dtype), *_seq_grads_fake((u,), grad_out, need))
+
+    _second_call_autograd(infalign_transform_op, "infalign_transform", 1, 0, 1, 2)
+
+    def infalign_transform(u, t, out_dtype):
+        return infalign_transform_op(u, None, t, out_dtype, [False])[0]
+
+    # -----------------------------------------------------------------------------------------
+    # Distillation row losses (divkit.distill): OFA-KD and SWING, a loss per row [N] whose
+    # second call (grad_out given) also returns the student's gradient [N, V].
+    # Signature: (student, teacher, labels, [temps,] grad_out, options, need).
+    # -----------------------------------------------------------------------------------------
+
+    def _row_loss_call(kernel, student, dtype, grad_out, need):
+        out = torch.empty(student.shape[0], dtype=dtype, device=student.device)
+        if grad_out is None or not need[0]:
+            kernel(student, out, None, None)
+            return out, _empty_like_device(student)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        kernel(student, out, grad_out.to(dtype).contiguous(), grad)
+        return out, grad
+
+    def _row_loss_fake(student, teacher, grad_out, need):
+        out = student.new_empty((student.shape[0],), dtype=_seq_dtype(student, teacher))
+        g = student.new_empty(student.shape) if grad_out is not None and need[0] else None
+        return out, (_empty_like_device(student) if g is None else g)
+
+    @torch.library.custom_op("divkit::ofa_loss", mutates_args=())
+    def ofa_rows_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor,
+        grad_out: Optional[Tensor],
+        ignore_index: int,
+        eps: float,
+        temperature: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+
+        def kernel(s, out, coef, grad):
+            _C.ofa_rows(s, teacher, labels, ignore_index, eps, temperature, out, coef, grad)
+
+        return _row_loss_call(kernel, student, _seq_dtype(student, teacher), grad_out, need)
+
+    @ofa_rows_op.register_fake
+    def _ofa_fake(student, teacher, labels, grad_out, *rest):
+        return _row_loss_fake(student, teacher, grad_out, rest[-1])
+
+    _second_call_autograd(ofa_rows_op, "ofa_loss", 1, 2, 1, 3)
+
+    def ofa_rows(s, t, lab, ii, eps, temperature):
+        """OFA-KD's loss per row [N] through the op."""
+        return ofa_rows_op(s, t, lab, None, ii, eps, temperature, [False])[0]
+
+    @torch.library.custom_op("divkit::swing_loss", mutates_args=())
+    def tempered_kl_rows_op(
+        student: Tensor,
+        teacher: Tensor,
+        temperatures: Tensor,
+        labels: Optional[Tensor],
+        grad_out: Optional[Tensor],
+        noise_std: float,
+        seed: int,
+        ignore_index: int,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor]:
+        from . import _C
+
+        seed_u = seed & 0xFFFFFFFFFFFFFFFF  # passed as a signed 64-bit int
+
+        def kernel(s, out, coef, grad):
+            _C.tempered_kl_rows(
+                s, teacher, temperatures, noise_std, seed_u, labels, ignore_index, out, coef, grad
+            )
+
+        return _row_loss_call(kernel, student, _seq_dtype(student, teacher), grad_out, need)
+
+    @tempered_kl_rows_op.register_fake
+    def _tempered_kl_fake(student, teacher, temperatures, labels, grad_out, *rest):
+        return _row_loss_fake(student, teacher, grad_out, rest[-1])
+
+    _second_call_autograd(tempered_kl_rows_op, "swing_loss", 1, 3, 1, 3)
+
+    def tempered_kl_rows(s, t, temps, noise_std, seed_u, lab, ii):
+        """SWING's tempered (noisy) KL per row [N] through the op."""
+        seed = seed_u - (1 << 64) if seed_u >= (1 << 63) else seed_u
+        return tempered_kl_rows_op(s, t, temps, lab, None, noise_std, seed, ii, [False])[0]
+
+    @torch.library.custom_op("divkit::dac_kl_loss", mutates_args=())
+    def clipped_kl_rows_op(
+        student: Tensor,
+        lower: Tensor,
+        upper: Tensor,
+        teacher: Tensor,
+        labels: Optional[Tensor],
+        grad_out: Optional[Tensor],
+        ignore_index: int,
+        temperature: float,
+        sharpness: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """DAC-KL's clipped KL per row [N], then the gradients of student, lower, upper."""
+        from . import _C
+
+        dtype, n = _seq_dtype(student, teacher), student.shape[0]
+        out = torch.empty(n, dtype=dtype)
+        backward = grad_out is not None
+        grad = torch.empty(student.shape, dtype=student.dtype) if backward and need[0] else None
+        g_lo = torch.empty(n, dtype=dtype) if backward and need[1] else None
+        g_hi = torch.empty(n, dtype=dtype) if backward and need[2] else None
+        go = grad_out.to(dtype).contiguous() if backward else None
+        _C.clipped_kl_rows(
+            student, teacher, lower, upper, temperature, sharpness, labels, ignore_index, out,
+            go, grad, g_lo, g_hi,
+        )  # fmt: skip
+        grads = [
+            _empty_like_device(student) if x is None else x.to(like.dtype)
+            for x, like in ((grad, student), (g_lo, lower), (g_hi, upper))
+        ]
+        return (out, *grads)
+
+    @clipped_kl_rows_op.register_fake
+    def _clipped_kl_fake(student, lower, upper, teacher, labels, grad_out, *rest):
+        out = student.new_empty((student.shape[0],), dtype=_seq_dtype(student, teacher))
+        return (out, *_seq_grads_fake((student, lower, upper), grad_out, rest[-1]))
+
+    _second_call_autograd(clipped_kl_rows_op, "dac_kl_loss", 3, 2, 1, 3)
+
+    def clipped_kl_rows(s, lo, hi, t, lab, ii, temperature, sharpness):
+        """DAC-KL's clipped KL per row [N] through the op."""
+        return clipped_kl_rows_op(s, lo, hi, t, lab, None, ii, temperature, sharpness, [False] * 3)[
+            0
+        ]
+
+    @torch.library.custom_op("divkit::dac_kl_mass_bounds", mutates_args=())
+    def mass_bounds_op(
+        teacher: Tensor, temperature: float, mass_lo: float, mass_hi: float
+    ) -> Tuple[Tensor, Tensor]:
+        """(lower, upper) [N] from teacher rows [N, V] (no gradient)."""
+        from . import _C
+
+        dtype = _seq_dtype(teacher)
+        lo, hi = (torch.empty(teacher.shape[0], dtype=dtype) for _ in range(2))
+        _C.mass_bounds(teacher.detach(), temperature, mass_lo, mass_hi, lo, hi)
+        return lo, hi
+
+    @mass_bounds_op.register_fake
+    def _mass_bounds_fake(teacher, temperature, mass_lo, mass_hi):
+        dtype = _seq_dtype(teacher)
+        return tuple(teacher.new_empty((teacher.shape[0],), dtype=dtype) for _ in range(2))
+
+    _loop_vmap(mass_bounds_op, 1)
+
+    @torch.library.custom_op("divkit::nkd_loss", mutates_args=())
+    def nkd_rows_op(
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor,
+        grad_target: Optional[Tensor],
+        grad_nontarget: Optional[Tensor],
+        ignore_index: int,
+        tau: float,
+        fn: str,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """NKD's target and non-target terms per row [N] (also USKD's); given the upstream
+        gradients of both, the student's gradient [N, V] after them."""
+        from . import _C
+
+        dtype, n = _seq_dtype(student, teacher), student.shape[0]
+        target, nontarget = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        if grad_target is None and grad_nontarget is None:
+            _C.nkd_rows(
+                student, teacher, labels, ignore_index, tau, target, nontarget, None, None, None
+            )
+            # The public function's check (a host sync) is skipped when traced: here instead.
+            bad = torch.isnan(target) | torch.isnan(nontarget)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                check.fail(
+                    fn,
+                    f"row {r}: every non-target logit of student_logits or teacher_logits is "
+                    f"-inf (the non-target distribution over j != labels[{r}] is not defined)",
+                )
+            return target, nontarget, _empty_like_device(student)
+        a = (
+            torch.zeros(n, dtype=dtype)
+            if grad_target is None
+            else grad_target.to(dtype).contiguous()
+        )
+        b = (
+            torch.zeros(n, dtype=dtype)
+            if grad_nontarget is None
+            else grad_nontarget.to(dtype).contiguous()
+        )
+        grad = torch.empty(student.shape, dtype=student.dtype)
+        _C.nkd_rows(student, teacher, labels, ignore_index, tau, target, nontarget, a, b, grad)
+        return target, nontarget, grad
+
+    @nkd_rows_op.register_fake
+    def _nkd_fake(student, teacher, labels, g_t, g_n, ignore_index, tau, fn):
+        dtype = _seq_dtype(student, teacher)
+        rows = [student.new_empty((student.shape[0],), dtype=dtype) for _ in range(2)]
+        grad = student.new_empty(student.shape) if (g_t is not None or g_n is not None) else None
+        return (*rows, _empty_like_device(student) if grad is None else grad)
+
+    def _nkd_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(*inputs[:3])
+        ctx.args = inputs[5:]
+
+    def _nkd_backward(ctx, g_target, g_nontarget, _):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        s, t, lab = ctx.saved_tensors
+        grad = nkd_rows_op(s, t, lab, g_target, g_nontarget, *ctx.args)[2]
+        (grad,) = guard_double_backward(ctx.args[-1], [grad])
+        return (grad,) + (None,) * 7
+
+    nkd_rows_op.register_autograd(_nkd_backward, setup_context=_nkd_setup)
+    _loop_vmap(nkd_rows_op, 5)
+
+    def nkd_rows(s, t, lab, ignore_index, tau, fn):
+        """(target, nontarget) [N] through the op."""
+        out = nkd_rows_op(s, t, lab, None, None, ignore_index, tau, fn)
+        return out[0], out[1]
+
+    # -----------------------------------------------------------------------------------------
+    # Sample divergences of divkit.ot (mmd, cs_divergence): the float64 gradients of x and y
+    # are computed in forward (as the eager path) and scaled in backward.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::sample_divergence", mutates_args=())
+    def sample_divergence_op(
+        x: Tensor,
+        y: Tensor,
+        a: Optional[Tensor],
+        b: Optional[Tensor],
+        which: str,
+        kernel: str,
+        sigma: float,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        from . import _C
+
+        gx = torch.empty(x.shape, dtype=torch.float64) if need[0] else None
+        gy = torch.empty(y.shape, dtype=torch.float64) if need[1] else None
+        val = _C.sample_divergence(
+            which,
+            x.detach(),
+            y.detach(),
+            None if a is None else a.detach(),
+            None if b is None else b.detach(),
+            kernel,
+            sigma,
+            gx,
+            gy,
+        )
+        grads = [_empty_like_device(x) if g is None else g for g in (gx, gy)]
+        return (torch.tensor(val, dtype=x.dtype), *grads)
+
+    @sample_divergence_op.register_fake
+    def _sample_divergence_fake(x, y, a, b, which, kernel, sigma, need):
+        grads = [
+            z.new_empty(z.shape, dtype=torch.float64) if k else _empty_like_device(x)
+            for z, k in zip((x, y), need)
+        ]
+        return (x.new_empty((), dtype=x.dtype), *grads)
+
+    def _sample_divergence_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(output[1], output[2])
+        ctx.need = inputs[-1]
+        ctx.fn = "mmd" if inputs[4] == "mmd" else "cs_divergence"
+
+    def _sample_divergence_backward(ctx, g_val, *_):
+        go64 = g_val.to(torch.float64)
+        grads = [
+            (g * go64).to(g_val.dtype) if k else None for g, k in zip(ctx.saved_tensors, ctx.need)
+        ]
+        grads = guard_double_backward(ctx.fn, grads)
+        return (*grads,) + (None,) * 6
+
+    sample_divergence_op.register_autograd(
+        _sample_divergence_backward, setup_context=_sample_divergence_setup
+    )
+    _loop_vmap(sample_divergence_op, 4)
+
+    def sample_divergence(x, y, a, b, which, kernel, sigma):
+        """MMD^2 or the CS divergence (a scalar of x's dtype) through the op."""
+        on = torch.is_grad_enabled()
+        need = [on and x.requires_grad, on and y.requires_grad]
+        return sample_divergence_op(x, y, a, b, which, kernel, sigma, need)[0]
+
+    # -----------------------------------------------------------------------------------------
+    # kde_log_density (no gradient: its inputs are detached by the public function).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::kde_log_density", mutates_args=())
+    def kde_log_density_op(x: Tensor, y: Tensor, w: Optional[Tensor], bandwidth: float) -> Tensor:
+        from . import _C
+
+        out = torch.empty(y.shape[0], dtype=torch.float64)
+        _C.kde_log_density(x, w, y, bandwidth, out)
+        return out
+
+    @kde_log_density_op.register_fake
+    def _kde_log_density_fake(x, y, w, bandwidth):
+        return y.new_empty((y.shape[0],), dtype=torch.float64, device="cpu")
+
+    def _kde_vmap(info, in_dims, x, y, w, bandwidth):
+        def entry(t, d, i):
+            return t.select(d, i) if (t is not None and d is not None) else t
+
+        outs = [
+            kde_log_density_op(*(entry(t, d, i) for t, d in zip((x, y, w), in_dims[:3])), bandwidth)
+            for i in range(info.batch_size)
+        ]
+        return torch.stack(outs), 0
+
+    if hasattr(kde_log_density_op, "register_vmap"):
+        kde_log_density_op.register_vmap(_kde_vmap)

@@ -18,7 +18,7 @@ from typing import Any, List, NamedTuple, Optional
 
 import torch
 
-from . import _C
+from . import _C, _ops
 from . import _validate as check
 
 __all__ = ["kde_log_density", "kde_log_likelihood", "kde_bandwidth", "KdeBandwidthResult"]
@@ -66,6 +66,8 @@ def kde_log_density(
     fn = "kde_log_density"
     x, y, w = _args(fn, x, y, w, False)
     h = check.positive(fn, "bandwidth", bandwidth)
+    if _ops.use_ops(x, y, w, fn=fn):
+        return _ops.kde_log_density_op(x, y, w, h)
     out = torch.empty(y.shape[0], dtype=torch.float64)
     _C.kde_log_density(x, w, y, h, out)
     return out

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import _C, _device
+from . import _C, _device, _ops
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
 from .backends import torch_ot
@@ -566,6 +566,9 @@ def sparse_ot(
 def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float, core=True) -> torch.Tensor:
     """MMD or CS divergence, with the gradients for x and y computed in forward (by the C++
     core, or the PyTorch fallback when ``core`` is False)."""
+
+    if core and _ops.use_ops(x, y, a, b, fn="mmd" if which == "mmd" else "cs_divergence"):
+        return _ops.sample_divergence(x, y, a, b, which, kernel, sigma)
 
     def run(need):
         if not core:

@@ -272,6 +272,8 @@ def ensemble_rewards(
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     moved = rewards.movedim(dim, -1)
+    if _ops.use_ops(rewards, fn=fn):
+        return _ops.ensemble_rewards(moved, method, lam, out_dtype)
     lead, e, device = moved.shape[:-1], moved.shape[-1], rewards.device
 
     def run(inputs, grad_out, need):
@@ -341,6 +343,8 @@ def infalign_transform(
     out_dtype = u.dtype if u.is_floating_point() else torch.float32
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     shape, device = u.shape, u.device
+    if _ops.use_ops(u, fn=fn):
+        return _ops.infalign_transform(u, t, out_dtype)
 
     def run(inputs, grad_out, need):
         out = torch.empty(u.numel(), dtype=dtype)

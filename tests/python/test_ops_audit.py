@@ -33,6 +33,18 @@ OPS = {
     "divkit::odds_ratio_loss",
     "divkit::kto_loss",
     "divkit::kl_estimator",
+    "divkit::d2o_loss",
+    "divkit::hypo_online_kl",
+    "divkit::superhf_loss",
+    "divkit::ensemble_rewards",
+    "divkit::infalign_transform",
+    "divkit::ofa_loss",
+    "divkit::swing_loss",
+    "divkit::dac_kl_loss",
+    "divkit::dac_kl_mass_bounds",
+    "divkit::nkd_loss",
+    "divkit::sample_divergence",
+    "divkit::kde_log_density",
 }
 
 

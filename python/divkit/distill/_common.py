@@ -7,6 +7,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from .. import _ops
 from .. import _validate as check
 from ..functional import _rows
 
@@ -60,6 +61,8 @@ def reduce(per_row: torch.Tensor, valid: torch.Tensor, lead: torch.Size, reducti
         return total
     if reduction == "batchmean":
         return total / max(per_row.numel(), 1)
+    if _ops.compiling():  # no host sync (a graph break) while tracing; the same value
+        return total / valid.sum().clamp(min=1)
     return total / max(int(valid.sum()), 1)
 
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import _C
+from .. import _C, _ops
 from .. import _validate as check
 from .._autograd import recompute_in_backward
 from ..functional import _rows, divergence
@@ -155,6 +155,9 @@ def _nkd_terms(fn, student_logits, teacher_logits, labels, temperature, ignore_i
     t = _rows(t.detach(), n, s.shape[1])
     lab = common.labels(fn, labels, lead, n, True)
     tau = check.positive(fn, "temperature", temperature)
+    if _ops.use_ops(s, t, lab, fn=fn):  # the op checks the rows below when it runs
+        target, nontarget = _ops.nkd_rows(s, t, lab, int(ignore_index), tau, fn)
+        return target, nontarget, lab, lead, n, tau
     target, nontarget = _nkd_rows(s, t, lab, int(ignore_index), tau, common.out_dtype(s, t), fn)
     # The non-target distributions are renormalized over j != y: not defined when every
     # non-target logit of a row is -inf (the kernel checks whole rows only). Checked on the [N]
@@ -404,6 +407,9 @@ def ofa_loss(
     eps = check.positive(fn, "eps", eps)
     temperature = check.positive(fn, "temperature", temperature)
     ii = int(ignore_index)
+    if _ops.use_ops(s, t, lab, fn=fn):
+        per_row = _ops.ofa_rows(s, t, lab, ii, eps, temperature)
+        return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)
 
     def run(student, out, coef, grad):
         _C.ofa_rows(student, t, lab, ii, eps, temperature, out, coef, grad)
@@ -504,6 +510,9 @@ def dac_kl_mass_bounds(
     temperature = check.positive(fn, "temperature", temperature)
     mass_lo = check.real(fn, "mass_lo", mass_lo, allow_nan=False)
     mass_hi = check.real(fn, "mass_hi", mass_hi, allow_nan=False)
+    if _ops.use_ops(t, fn=fn):
+        lo, hi = _ops.mass_bounds_op(t, temperature, mass_lo, mass_hi)
+        return lo.reshape(lead), hi.reshape(lead)
     _C.mass_bounds(t.detach(), temperature, mass_lo, mass_hi, lo, hi)
     return lo.reshape(lead), hi.reshape(lead)
 
@@ -559,8 +568,13 @@ def dac_kl_loss(
         # A region of one token (its probability alone reaches mass_hi) has lower == upper:
         # the next float up keeps the same tokens and meets the kernel's lower < upper.
         upper = torch.where(upper > lower, upper, torch.nextafter(lower, upper.new_tensor(2.0)))
+        # t is rows [N, V]: the bounds come back [N], the checks below want [...].
+        lower, upper = lower.reshape(lead), upper.reshape(lead)
     lo = common.row_values(fn, "lower", lower, lead, n)
     hi = common.row_values(fn, "upper", upper, lead, n)
+    if _ops.use_ops(s, t, lo, hi, lab, fn=fn):
+        per_row = _ops.clipped_kl_rows(s, lo, hi, t, lab, int(ignore_index), temperature, sharpness)
+        return common.reduce(per_row, common.valid(lab, ignore_index, n), lead, reduction)
     per_row = _clipped_kl_rows(
         s, lo, hi, t, lab, int(ignore_index), temperature, sharpness, common.out_dtype(s, t)
     )
@@ -741,11 +755,14 @@ def swing_loss(
     noise_std = check.real(fn, "noise_std", noise_std, allow_nan=False)
     seed_u = check.integer(fn, "seed", seed) & 0xFFFFFFFFFFFFFFFF
     ii = int(ignore_index)
+    if _ops.use_ops(s, t, temps, lab, fn=fn):
+        per_row = _ops.tempered_kl_rows(s, t, temps, noise_std, seed_u, lab, ii)
+    else:
 
-    def run(student, out, coef, grad):
-        _C.tempered_kl_rows(student, t, temps, noise_std, seed_u, lab, ii, out, coef, grad)
+        def run(student, out, coef, grad):
+            _C.tempered_kl_rows(student, t, temps, noise_std, seed_u, lab, ii, out, coef, grad)
 
-    per_row = _row_loss(s, run, common.out_dtype(s, t), fn)
+        per_row = _row_loss(s, run, common.out_dtype(s, t), fn)
     if scale_by_t_squared:
         per_row = per_row * (temps * temps).to(per_row.dtype)
     return common.reduce(per_row, common.valid(lab, ii, n), lead, reduction)

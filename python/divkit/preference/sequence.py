@@ -473,6 +473,8 @@ def d2o_loss(
     b = ps.shape[0]
     pl = check.vector(fn, "policy_rejected_logps", policy_rejected_logps, b)
     rl = check.vector(fn, "ref_rejected_logps", ref_rejected_logps, b)
+    if _ops.use_ops(ps, rs, pl, rl, fn=fn):
+        return _ops.d2o_loss(ps, rs, pl, rl, beta, alpha)
     dtype, device = common.compute_dtype(ps, rs, pl, rl), ps.device
 
     def run(inputs, grad_out, need):
@@ -543,6 +545,9 @@ def hypo_loss(
         check.fail(fn, "ref_sample_logps must have the shape of policy_sample_logps")
     dtype, device = common.compute_dtype(ps, ref_sample_logps), ps.device
     rs = ref_sample_logps.detach()
+    if _ops.use_ops(ps, rs, fn=fn):
+        surrogate = _ops.hypo_online_kl(ps, rs)
+        return losses + lam * surrogate.to(losses.dtype), cr, rj, surrogate.detach()
 
     def run(inputs, grad_out, need):
         # value: the Monte-Carlo KL; gradient: REINFORCE with the leave-one-out baseline.
@@ -588,7 +593,8 @@ def superhf_loss(
         check.fail(fn, f"top_k must be in [1, {lp.shape[1]}], got {top_k}")
     kl_coef = check.real(fn, "kl_coef", kl_coef)
     n = None if lengths is None else torch.as_tensor(lengths, dtype=lp.dtype)
-    if n is not None and (n.shape != lp.shape or bool((n <= 0).any())):
+    # While compiling, the value check runs in the op (a host sync would break the graph).
+    if n is not None and (n.shape != lp.shape or (not _ops.compiling() and bool((n <= 0).any()))):
         check.fail(fn, "lengths must have the shape of policy_logps and be > 0")
     if kl is None:
         if ref_logps is None:
@@ -596,6 +602,8 @@ def superhf_loss(
         kl = lp - ref_logps.detach()
     elif kl.shape != lp.shape:
         check.fail(fn, f"kl must have the shape of policy_logps {tuple(lp.shape)}")
+    if _ops.use_ops(lp, kl, rewards, n, fn=fn):
+        return _ops.superhf_loss(lp, kl, rewards, n, kl_coef, top_k)
     dtype, device = common.compute_dtype(lp, kl), lp.device
     r_host = common.host(rewards, torch.float64)
     n_host = None if n is None else common.host(n, dtype)
