@@ -228,7 +228,11 @@ check() {
     record build_s $((SECONDS - t0))
   fi
   export LD_LIBRARY_PATH="$DEPS/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+  # The full check imports the tree it built; a dry run imports whatever divkit Python finds
+  # (an installed wheel has no _C in the source tree, which would shadow it).
+  if [ "$mode" != dry-run ]; then
+    export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   local built=0
   if [ "$status" = 0 ]; then
     if "$PY" -c "import divkit, divkit._C as C; print('divkit', divkit.__file__, 'cuda_built', C.cuda_built(), 'devices', C.cuda_devices()); raise SystemExit(0 if C.cuda_built() else 3)" >"$out/info.txt" 2>&1; then

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import divkit
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
@@ -21,7 +23,8 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 def _env():
     env = dict(os.environ)
     env["PYTHON"] = sys.executable
-    env["PYTHONPATH"] = str(ROOT / "python")
+    # The divkit this test imported (the source tree with a built _C, or an installed wheel).
+    env["PYTHONPATH"] = str(Path(divkit.__file__).resolve().parent.parent)
     return env
 
 

@@ -178,10 +178,17 @@ def test_sparse_ot_binding_constraint_reports_like_the_core():
     (rc, _), (rt, _) = _sparse_both(a, b, C, gamma=0.5, k=1, max_iter=200)
     assert not rc.converged and not rt.converged
     # Where the relaxation is nonsmooth the solvers stall at rounding-dependent points of the
-    # semi-dual, but on the same plan (k = 1: each column's mass on one row).
-    assert (rt.plan.to_dense() > 0).sum(0).max() <= 1
-    assert rel(rt.plan.to_dense(), rc.plan.to_dense()) <= 1e-12
-    assert abs(rt.marginal_error - rc.marginal_error) <= 1e-12
+    # semi-dual (which point, and which plan, differs between builds: the SIMD target of the
+    # core changes the rounding), so each result is checked against the properties it must
+    # have: k = 1 (each column's mass on one row), exact column marginals, and a marginal error
+    # that is its own plan's L1 row-marginal error.
+    for r in (rc, rt):
+        plan = r.plan.to_dense()
+        assert (plan > 0).sum(0).max() <= 1
+        assert rel(plan.sum(0), b.to(plan.dtype)) <= 1e-12
+        row_error = (plan.sum(1) - a.to(plan.dtype)).abs().sum().item()
+        assert abs(r.marginal_error - row_error) <= 1e-12 * (1 + row_error)
+        assert r.marginal_error > 1e-3
 
 
 @pytest.mark.parametrize(
