@@ -29,26 +29,6 @@ constexpr double kLogprobTolerance = 1e-3;
 // In bucket mode the k probabilities may sum to at most 1 + this (rounding), else error.
 constexpr double kMassTolerance = 1e-2;
 
-// grad_student: [N, V] float output, the student buffer itself (in place) or disjoint from it
-// and from the other inputs. Returns true when in place.
-bool check_grad_output(const char* fn, const TensorView& grad, const TensorView& student,
-                       std::initializer_list<std::pair<const char*, const TensorView*>> others) {
-  check::float_matrix(fn, "grad_student", grad, /*is_output=*/true);
-  if (grad.shape[0] != student.shape[0] || grad.shape[1] != student.shape[1])
-    check::fail(fn, "grad_student must have the shape of student_logits " +
-                        check::shape_string(student) + ", got " + check::shape_string(grad));
-  for (const auto& [name, t] : others)
-    if (t->defined() && t->ndim == 2 && check::ranges_overlap(grad, *t))
-      check::fail(fn, std::string("grad_student overlaps ") + name);
-  if (!check::ranges_overlap(grad, student)) return false;
-  if (grad.data == student.data && grad.dtype == student.dtype &&
-      (grad.shape[0] <= 1 || grad.strides[0] == student.strides[0]))
-    return true;
-  check::fail(fn,
-              "grad_student overlaps student_logits without being the same buffer (same "
-              "data, dtype and strides)");
-}
-
 void throw_if_bad(const char* fn, const detail::SparseJob& job, bool renormalized) {
   detail::throw_bad_row(fn, "student_logits", job.bad_student,
                         renormalized ? " is -inf at every teacher index (no student probability to "
@@ -100,6 +80,27 @@ void check_nk(const char* fn, const char* name, const TensorView& t, int64_t n,
 }  // namespace
 
 namespace detail {
+
+// grad_student: [N, V] float output, the student buffer itself (in place) or disjoint from it
+// and from the other inputs. Returns true when in place.
+bool check_sparse_grad_output(
+    const char* fn, const TensorView& grad, const TensorView& student,
+    std::initializer_list<std::pair<const char*, const TensorView*>> others) {
+  check::float_matrix(fn, "grad_student", grad, /*is_output=*/true);
+  if (grad.shape[0] != student.shape[0] || grad.shape[1] != student.shape[1])
+    check::fail(fn, "grad_student must have the shape of student_logits " +
+                        check::shape_string(student) + ", got " + check::shape_string(grad));
+  for (const auto& [name, t] : others)
+    if (t->defined() && t->ndim == 2 && check::ranges_overlap(grad, *t))
+      check::fail(fn, std::string("grad_student overlaps ") + name);
+  if (!check::ranges_overlap(grad, student)) return false;
+  if (grad.data == student.data && grad.dtype == student.dtype &&
+      (grad.shape[0] <= 1 || grad.strides[0] == student.strides[0]))
+    return true;
+  check::fail(fn,
+              "grad_student overlaps student_logits without being the same buffer (same "
+              "data, dtype and strides)");
+}
 
 void check_sparse_teacher(const char* fn, const SparseInput& indices, const SparseInput& logprobs,
                           int64_t n, int64_t v, int64_t k, SparseTail tail, const uint8_t* active) {
@@ -227,9 +228,9 @@ void sparse_divergence(const TensorView& student, const TensorView& teacher_indi
   job.num_threads = get_num_threads();
   bool in_place = false;
   if (outputs.grad_student.defined()) {
-    in_place = check_grad_output(fn, outputs.grad_student, student,
-                                 {{"teacher_indices", &teacher_indices},
-                                  {"teacher_logprobs", &teacher_logprobs}});
+    in_place = detail::check_sparse_grad_output(fn, outputs.grad_student, student,
+                                                {{"teacher_indices", &teacher_indices},
+                                                 {"teacher_logprobs", &teacher_logprobs}});
     job.grad_student = detail::row_output(outputs.grad_student);
   }
   detail::check_sparse_teacher(fn, job.indices, job.logprobs, n, v, k, sparse.tail, job.active);
@@ -278,7 +279,8 @@ void topk_divergence(const TensorView& student, const TensorView& teacher, int64
   job.num_threads = get_num_threads();
   bool in_place = false;
   if (outputs.grad_student.defined()) {
-    in_place = check_grad_output(fn, outputs.grad_student, student, {{"teacher_logits", &teacher}});
+    in_place = detail::check_sparse_grad_output(fn, outputs.grad_student, student,
+                                                {{"teacher_logits", &teacher}});
     job.grad_student = detail::row_output(outputs.grad_student);
   }
   run(fn, job, in_place, plan, spec, outputs.loss);

@@ -465,26 +465,6 @@ void launch_rows_of(const char* fn, const DivergenceSpec& spec, const Params& p,
   }
 }
 
-// grad_student: [N, V] float output, the student buffer itself (in place) or disjoint from it and
-// from the other inputs. Returns true when in place.
-bool gradient_output(const char* fn, const TensorView& grad, const TensorView& student,
-                     std::initializer_list<std::pair<const char*, const TensorView*>> others) {
-  check::float_matrix(fn, "grad_student", cuda::shape_only(grad), /*is_output=*/true);
-  if (grad.shape[0] != student.shape[0] || grad.shape[1] != student.shape[1])
-    check::fail(fn, "grad_student must have the shape of student_logits " +
-                        check::shape_string(student) + ", got " + check::shape_string(grad));
-  for (const auto& [name, t] : others)
-    if (t->defined() && t->ndim == 2 && check::ranges_overlap(grad, *t))
-      check::fail(fn, std::string("grad_student overlaps ") + name);
-  if (!check::ranges_overlap(grad, student)) return false;
-  if (grad.data == student.data && grad.dtype == student.dtype &&
-      (grad.shape[0] <= 1 || grad.strides[0] == student.strides[0]))
-    return true;
-  check::fail(fn,
-              "grad_student overlaps student_logits without being the same buffer (same "
-              "data, dtype and strides)");
-}
-
 // [N, k] tensor of the given dtypes (on the device: shapes and dtypes only).
 void check_nk(const char* fn, const char* name, const TensorView& t, int64_t n,
               std::initializer_list<DType> dtypes) {
@@ -662,9 +642,9 @@ void sparse_divergence_cuda(const TensorView& student, const TensorView& teacher
   p.renormalized = !p.has_tail;
   bool in_place = false;
   if (outputs.grad_student.defined()) {
-    in_place = gradient_output(fn, outputs.grad_student, student,
-                               {{"teacher_indices", &teacher_indices},
-                                {"teacher_logprobs", &teacher_logprobs}});
+    in_place = check_sparse_grad_output(fn, cuda::shape_only(outputs.grad_student), student,
+                                        {{"teacher_indices", &teacher_indices},
+                                         {"teacher_logprobs", &teacher_logprobs}});
     p.gs = {outputs.grad_student.data, outputs.grad_student.dtype, outputs.grad_student.strides[0]};
   }
   run(fn, p, in_place, spec, options, outputs.loss, student.device_index);
@@ -690,7 +670,8 @@ void topk_divergence_cuda(const TensorView& student, const TensorView& teacher, 
   p.renormalized = true;
   bool in_place = false;
   if (outputs.grad_student.defined()) {
-    in_place = gradient_output(fn, outputs.grad_student, student, {{"teacher_logits", &teacher}});
+    in_place = check_sparse_grad_output(fn, cuda::shape_only(outputs.grad_student), student,
+                                        {{"teacher_logits", &teacher}});
     p.gs = {outputs.grad_student.data, outputs.grad_student.dtype, outputs.grad_student.strides[0]};
   }
   run(fn, p, in_place, spec, options, outputs.loss, student.device_index);

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 #include "divergence/row_job.h"
 #include "divkit/sparse.h"
@@ -52,5 +54,12 @@ void run_sparse_rows(SparseJob& job);
 // bucket mode, their total mass); throws Error naming `fn`, the argument and the first bad row.
 void check_sparse_teacher(const char* fn, const SparseInput& indices, const SparseInput& logprobs,
                           int64_t n, int64_t v, int64_t k, SparseTail tail, const uint8_t* active);
+
+// grad_student: [N, V] float output, the student buffer itself (in place) or disjoint from it
+// and from the other inputs; throws Error naming `fn` otherwise. Returns true when in place. The
+// CUDA entry points pass cuda::shape_only(grad) (the checks read shapes, strides and addresses).
+bool check_sparse_grad_output(
+    const char* fn, const TensorView& grad, const TensorView& student,
+    std::initializer_list<std::pair<const char*, const TensorView*>> others);
 
 }  // namespace divkit::detail
