@@ -145,17 +145,19 @@ def preference_loss(
             f_divergence_type, f_alpha, tau,
         )  # fmt: skip
     device = pc.device
-    args = _C.PreferenceArgs(
-        loss_types=types,
-        loss_weights=weights,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha,
-        discopop_tau=tau,
-    )
 
     def run(inputs, grad_losses, need):
+        # Built per call, not captured: a loss kept alive until interpreter exit would otherwise
+        # hold a nanobind instance past the module's teardown (nanobind reports it as a leak).
+        args = _C.PreferenceArgs(
+            loss_types=types,
+            loss_weights=weights,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha,
+            discopop_tau=tau,
+        )
         host = [common.host(x, dtype) for x in inputs]
         losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
         g = common.grad_bufs(inputs, need, dtype, 4)
