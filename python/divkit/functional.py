@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from . import _C, _device, _ops
+from . import _C, _device, _ops, cuda_checks
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
 from .backends import torch_ops
@@ -159,6 +159,19 @@ def _run(
             _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, args)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s, grad_t
+
+
+def _check_label_range(fn: str, labels, student, ignore_index: int) -> None:
+    """The labels only mark ignored tokens here, but a label that is neither ignore_index nor a
+    vocabulary index means the labels and the logits disagree (another tokenizer, or a different
+    ignore_index), which would otherwise count ignored tokens silently. Checked where it costs no
+    host synchronization of the caller's stream: CPU labels, or CUDA outside deferred_checks();
+    not while tracing (the value is data)."""
+    if labels is None or _ops.traced(student, labels):
+        return
+    if labels.device.type != "cpu" and not cuda_checks.check_finite():
+        return
+    check.label_range(fn, "labels", labels, student.shape[-1], ignore_index)
 
 
 def _tensor_args(student, teacher, labels, weights):
@@ -515,6 +528,7 @@ def divergence(
     check.same_shape(fn, "teacher_logits", teacher, student, "student_logits")
     lead_shape = student.shape[:-1]
     labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    _check_label_range(fn, labels_t, student, cfg.ignore_index)
     weights_t = check.weights(fn, weights, lead_shape, cpu=False)
 
     grad_on = torch.is_grad_enabled()
@@ -682,6 +696,7 @@ def divergence_and_grad(
     need_t = check.boolean(fn, "grad_teacher", grad_teacher)
     lead_shape = student.shape[:-1]
     labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    _check_label_range(fn, labels_t, student, cfg.ignore_index)
     weights_t = check.weights(fn, weights, lead_shape, autograd=False, cpu=False)
     grad_buf, cfg = _check_grad_out(
         fn,

@@ -270,3 +270,24 @@ def test_beta_just_outside_range_is_rejected():
     for beta in (1 + 1e-12, -1e-300):
         with raises(ValueError, "beta"):
             divkit.divergence(S, T, "jsd", beta=beta)
+
+
+@pytest.mark.parametrize("fn", [divkit.divergence, divkit.divergence_and_grad])
+@pytest.mark.parametrize("bad", [8, 100, -1, -101])
+def test_labels_outside_vocabulary_raise(fn, bad):
+    """Labels that are neither ignore_index nor in [0, V) mean the labels do not belong to
+    these logits: an error naming the function, the argument and the position, not a loss that
+    silently counts the token."""
+    s = S.clone().requires_grad_()
+    labels = torch.tensor([0, bad, 7])
+    with raises(ValueError, fn.__name__, "labels", "[0, 8)", "flat position 1"):
+        fn(s, T, labels=labels)
+    assert s.grad is None
+
+
+def test_labels_with_custom_ignore_index_are_accepted():
+    """A custom ignore_index is ignored, not range-checked; the result equals masking by hand."""
+    labels = torch.tensor([3, -1, 5])
+    got = divkit.divergence(S, T, labels=labels, ignore_index=-1, reduction="none")
+    full = divkit.divergence(S, T, reduction="none")
+    torch.testing.assert_close(got, full * torch.tensor([1.0, 0.0, 1.0]), rtol=0, atol=0)

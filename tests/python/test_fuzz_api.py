@@ -304,11 +304,8 @@ def arg_name(target, where, key) -> str:
 
 
 # Known gaps: (function, argument, mutation) -> reason. Reported as xfail, so that the list
-# shrinks. divergence_and_grad's labels only mark ignored tokens (no vocabulary index): open.
-XFAIL = {
-    ("divkit.divergence_and_grad", "labels", "label_high"): "labels only mark ignored tokens",
-    ("divkit.divergence_and_grad", "labels", "label_negative"): "labels only mark ignored tokens",
-}
+# shrinks; empty while none is open.
+XFAIL: dict = {}
 
 
 def known_gap(name, pname, how) -> str:
