@@ -441,7 +441,8 @@ def divergence(
         temperature: T > 0; both logits are divided by it.
         labels: optional integer tensor of shape ``[...]``; tokens whose label equals
             ``ignore_index`` are ignored: loss 0, gradient 0, not counted by ``"mean"``, and their
-            logits are not read (padding may hold anything). Other label values are not used.
+            logits are not read (padding may hold anything). Other labels must be in ``[0, V)``
+            (divkit.Error otherwise: see ``_check_label_range``); their values are not used.
         ignore_index: the label of ignored tokens (default -100, as in PyTorch and TRL).
         weights: optional float tensor of shape ``[...]``; token i's loss and gradient are
             multiplied by ``weights[i]`` (``"mean"`` still divides by the number of non-ignored
