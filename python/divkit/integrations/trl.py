@@ -30,10 +30,12 @@
   TRL); models with a logit scale or a final softcap keep TRL's loss (with a warning, once).
 * :class:`DivkitDPOTrainer`: TRL's ``DPOTrainer`` whose loss is :func:`divkit.preference_loss`
   (every TRL loss type and their weighted lists, f-DPO, WPO weights, ``ld_alpha``, the MoE
-  auxiliary loss), computed from the very per-sequence log-probs TRL computes (its fused lm_head,
-  the reference model or the PEFT adapter's base, or precomputed reference log-probs); TRL's
-  metrics (rewards, margins, accuracies, log-probs, entropy, logits, token accuracy, token
-  count) are TRL's own, logged by its ``_compute_loss``.
+  auxiliary loss), its per-token outputs (log-probs, entropy, mean logits, top-1 flags, WPO's
+  ``log sum p^2``) from divkit's fused head on every model TRL heads (:func:`add_divkit_lm_head`
+  in place of TRL's: the policy or the PEFT adapter's base, the reference model, the
+  precomputation of reference log-probs): no ``[tokens x V]`` logits; TRL's metrics (rewards,
+  margins, accuracies, log-probs, entropy, logits, token accuracy, token count) are computed by
+  TRL's own ``_compute_loss`` from them.
 
 Configs: the divkit options are fields of config dataclasses that subclass TRL's (so that
 ``transformers.HfArgumentParser`` reads them from the command line): :class:`DivkitGKDConfig`
