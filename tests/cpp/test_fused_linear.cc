@@ -680,23 +680,10 @@ TEST(FusedLinearLogprobs, ForwardAndBackwardMatchFp64) {
   expect_close(g_b, db, 2e-5, "grad_bias");
 }
 
-// The top-1 flag's tie rule: the label must be the first maximal index (torch.argmax, TRL's fused
-// head). Exact ties from integer logits z_ij = hidden_i * weight_j (H = 1), the maxima in the
-// vector part and in the scalar tail of a row; through fused_linear_logprobs (with a temperature)
-// and through fused_linear_cross_entropy with gradients (the sweep that overwrites the row with its
-// exps), with log sum p^2 checked on the same rows against fp64.
-TEST(FusedLinearLogprobs, TopOneTiesGoToTheFirstMaximum) {
-  const int64_t v = 37, n = 7;
-  std::vector<float> hidden(n), weight(v);
-  for (int64_t j = 0; j < v; ++j) weight[j] = static_cast<float>((j * 7) % 5);  // max 4
-  weight[3] = weight[20] = weight[36] = 9.0f;  // three tied maxima: 3 is the first
-  for (int64_t i = 0; i < n; ++i) hidden[i] = static_cast<float>(1 + i % 3);
-  std::vector<int64_t> labels = {3, 20, 36, 5, -100, 3, 9};
-  const std::vector<float> want = {1, 0, 0, 0, 0, 1, 0};
-  const divkit::LinearHead head{TensorView::matrix(hidden.data(), DType::f32, n, 1),
-                                TensorView::matrix(weight.data(), DType::f32, v, 1),
-                                {}};
-  const TensorView lab = TensorView::vector(labels.data(), DType::i64, n);
+void check_ties(const divkit::LinearHead& head, const TensorView& lab,
+                const std::vector<float>& hidden, const std::vector<float>& weight,
+                const std::vector<int64_t>& labels, const std::vector<float>& want) {
+  const int64_t n = static_cast<int64_t>(hidden.size()), v = static_cast<int64_t>(weight.size());
   for (const float temperature : {1.0f, 0.6f}) {
     std::vector<float> top1(n, -1.0f), sq(n, -1.0f);
     divkit::LabelStatsOutputs st;
@@ -727,6 +714,31 @@ TEST(FusedLinearLogprobs, TopOneTiesGoToTheFirstMaximum) {
                                       {}},
                                      st);
   for (int64_t i = 0; i < n; ++i) EXPECT_EQ(top1[i], want[i]) << i;
+}
+
+// The top-1 flag's tie rule: the label must be the first maximal index (torch.argmax, TRL's fused
+// head). Exact ties from integer logits z_ij = hidden_i * weight_j (H = 1), the maxima in the
+// vector part and in the scalar tail of a row; through fused_linear_logprobs (with a temperature)
+// and through fused_linear_cross_entropy with gradients (the sweep that overwrites the row with its
+// exps), with log sum p^2 checked on the same rows against fp64.
+TEST(FusedLinearLogprobs, TopOneTiesGoToTheFirstMaximum) {
+  const int64_t v = 37, n = 7;
+  std::vector<float> hidden(n), weight(v);
+  for (int64_t j = 0; j < v; ++j) weight[j] = static_cast<float>((j * 7) % 5);  // max 4
+  weight[3] = weight[20] = weight[36] = 9.0f;  // three tied maxima: 3 is the first
+  for (int64_t i = 0; i < n; ++i) hidden[i] = static_cast<float>(1 + i % 3);
+  std::vector<int64_t> labels = {3, 20, 36, 5, -100, 3, 9};
+  const std::vector<float> want = {1, 0, 0, 0, 0, 1, 0};
+  const divkit::LinearHead head{TensorView::matrix(hidden.data(), DType::f32, n, 1),
+                                TensorView::matrix(weight.data(), DType::f32, v, 1),
+                                {}};
+  const TensorView lab = TensorView::vector(labels.data(), DType::i64, n);
+  divkit_test::RuntimeGuard guard;
+  for (const std::string& target : divkit::available_simd_targets()) {
+    divkit::force_simd_target(target);
+    SCOPED_TRACE(target);
+    check_ties(head, lab, hidden, weight, labels, want);
+  }
 }
 
 // ---- bad input -----------------------------------------------------------------------------
