@@ -57,12 +57,16 @@ class _Heads:
         self.watch = Watch
 
 
-def _run(tmp_path, name, trainer_cls, heads=None, peft_config=None, ref=True, **config):
+def _run(
+    tmp_path, name, trainer_cls, heads=None, peft_config=None, ref=True, evaluate=False, **config
+):
     from trl import DPOConfig
 
     tok = client.make_tokenizer()
     kwargs = client.common_args(tmp_path, name)
     kwargs["max_steps"] = STEPS
+    if evaluate:
+        kwargs.update(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
     if peft_config is not None:
         kwargs["learning_rate"] = 5e-2
     config.setdefault("precompute_ref_log_probs", False)
@@ -82,6 +86,7 @@ def _run(tmp_path, name, trainer_cls, heads=None, peft_config=None, ref=True, **
             ref_model=ref_model,
             args=args,
             train_dataset=client.preference_data(),
+            eval_dataset=client.preference_data() if evaluate else None,
             processing_class=tok,
             peft_config=peft_config,
         )
@@ -90,17 +95,18 @@ def _run(tmp_path, name, trainer_cls, heads=None, peft_config=None, ref=True, **
         else:
             with heads.watch():
                 trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
+    key = "eval_loss" if evaluate else "loss"
+    logs = [h for h in trainer.state.log_history if key in h]
     return logs, trainer, module_calls
 
 
-def _assert_same_logs(ref, got):
+def _assert_same_logs(ref, got, skip=()):
     assert len(ref) == len(got) == STEPS
     for step, (a, b) in enumerate(zip(ref, got)):
         assert set(a) == set(b), step  # TRL's full metric set is logged
         tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=2e-3, abs=2e-4)
         for key in a:
-            if key in ("learning_rate", "epoch", "step"):
+            if key in ("learning_rate", "epoch", "step") or key in skip:
                 continue
             # grad_norm: the gradient of every parameter, through divkit's head and loss.
             assert b[key] == pytest.approx(a[key], **tol), (step, key, a[key], b[key])
@@ -147,6 +153,24 @@ def test_divkit_dpo_trainer_fused_head_equals_stock_trl(tmp_path, case, monkeypa
     # lm_head modules were never called.
     assert heads.logit_shapes == [] and lm_calls == []
     _assert_same_logs(ref, got)
+
+
+def test_divkit_dpo_trainer_evaluation_metrics_equal_stock_trl(tmp_path, monkeypatch):
+    """The evaluation loop (prediction_step, compute_loss with return_outputs) through divkit's
+    head: every eval metric equals stock TRL's after each training step."""
+    from trl import DPOTrainer
+
+    from divkit.integrations.trl import DivkitDPOTrainer
+
+    heads = _Heads(monkeypatch)
+    config = dict(beta=0.5, use_weighting=True, loss_type=["sigmoid", "ipo"])
+    ref, _, _ = _run(tmp_path, "trl", DPOTrainer, evaluate=True, **config)
+    assert heads.divkit == 0
+    got, _, lm_calls = _run(tmp_path, "dk", DivkitDPOTrainer, evaluate=True, **config)
+    assert heads.trl == 2 * STEPS * 3 and heads.divkit == 2 * STEPS * 3 and lm_calls == []
+    assert {"eval_loss", "eval_entropy", "eval_rewards/margins"} <= set(ref[0])
+    _assert_same_logs(ref, got, skip=("eval_runtime", "eval_samples_per_second",
+                                      "eval_steps_per_second"))  # fmt: skip
 
 
 def test_divkit_dpo_trainer_precomputed_reference_uses_divkit_head(tmp_path, monkeypatch):
