@@ -694,8 +694,8 @@ def add_divkit_lm_head(model, temperature: float = 1.0, outputs=("log_probs",)) 
     logits, ``h . mean(W) + mean(b)``, no gradient), ``"log_sum_sq_probs"`` (``log sum_v p_v^2``,
     WPO's weights; no gradient) and ``"is_top1"`` (bool: the label is the argmax, the first one
     on ties as TRL's head; token accuracy), TRL's fields of the same names; the others are None.
-    Returns a ``trl.trainer.utils.FusedCausalLMOutput``. Calls without ``fused_lm_head=True`` go to the
-    model's previous forward (generation is unchanged). Models with a final logit softcap, a
+    Returns a ``trl.trainer.utils.FusedCausalLMOutput``. Calls without ``fused_lm_head=True`` go
+    to the model's previous forward (generation is unchanged). Models with a final logit softcap, a
     logit scale, a router auxiliary loss or a non-Linear lm_head are left as they are (a warning,
     once) and False is returned."""
     fn = "add_divkit_lm_head"
