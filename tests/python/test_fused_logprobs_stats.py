@@ -151,3 +151,28 @@ def test_extra_outputs_errors():
             _C.fused_linear_logprobs(
                 (h2, w, None), lab, opts, (torch.empty(n), None, None, None), more
             )
+
+
+def test_custom_op_with_the_extra_outputs_opchecks_and_compiles_fullgraph():
+    """The op's schema with the two trailing flags: opcheck (fake kernel, autograd registration)
+    and torch.compile(fullgraph=True) equal to eager, bit for bit."""
+    from divkit import _ops
+
+    if not _ops.ENABLED:
+        pytest.skip("custom ops not registered")
+    hid, w, b, labels, _ = _case(seed=2)
+    h2, lab = hid.reshape(-1, hid.shape[-1]), labels.reshape(-1)
+    args = (h2.requires_grad_(True), w, b, lab, 0.8, -100, True, 0, 4, "auto", True, True)
+    torch.library.opcheck(_ops.fused_logprobs_op, args)
+
+    def f(h, w):
+        r = divkit.fused_linear_logprobs(
+            h, w, labels, b, temperature=0.8, return_entropy=True,
+            return_log_sum_sq_probs=True, return_is_top1=True,
+        )  # fmt: skip
+        return r.logprobs.sum() + r.entropy.sum(), r.log_sum_sq_probs, r.is_top1
+
+    eager = f(hid, w)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(hid, w)
+    for x, y in zip(compiled, eager):
+        assert torch.equal(x, y)
