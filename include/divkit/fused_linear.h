@@ -153,12 +153,21 @@ struct CrossEntropySpec {
 };
 
 // Per-token outputs besides the loss; each optional, [N] fp32 or fp64, 0 at ignored tokens.
+// Computed only when given; none has a gradient except through logprobs and entropy as stated.
 struct LabelStatsOutputs {
   TensorView logprobs;   // log p(label) = z_y - lse (of the softcapped, tempered logits)
   TensorView entropy;    // -sum_j p_j log p_j
   TensorView lse;        // logsumexp_j z_j
   TensorView topk_mass;  // sum of the k largest p_j (needs topk >= 1)
   int64_t topk = 0;
+  // log sum_j p_j^2 = logsumexp(2 z) - 2 lse (the WPO weight's alignment term, Zhou et al. 2024),
+  // from the exps the row statistics already take.
+  TensorView log_sum_sq_probs;
+  // 1 where the label is the argmax of z, else 0 (also fp32/fp64/int32/int64). Ties go to the
+  // first maximal index, as torch.argmax and TRL's fused head: a label tied with an earlier
+  // token's logit is not top-1. Not supported with a vocabulary-parallel shard (nor
+  // log_sum_sq_probs).
+  TensorView is_top1;
 };
 
 void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels,
@@ -168,7 +177,8 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
 
 // Selective log-softmax: per-token log p(label) of softmax(z / T), z = h W^T + b, without
 // materializing the logits (what DPO, GRPO and PPO need of the policy), and optionally the
-// per-token entropy, logsumexp and top-k probability mass. Ignored tokens give 0.
+// per-token entropy, logsumexp, top-k probability mass, log sum p^2 and top-1 flag
+// (LabelStatsOutputs). Ignored tokens give 0.
 // The backward recomputes each chunk's logits and row statistics (nothing of size V is kept
 // between the calls): given dL/dlogprobs g [N] and optionally dL/dentropy e [N] (fp32/fp64), it
 // writes dL/d(hidden, weight, bias) with

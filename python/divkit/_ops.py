@@ -602,7 +602,9 @@ if ENABLED:
         topk: int,
         chunk_size: int,
         backend: str,
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+        log_sum_sq: bool = False,
+        is_top1: bool = False,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         from . import fused
 
         route = _route("fused_linear_logprobs", backend, (hidden, weight, bias, labels))
@@ -617,23 +619,35 @@ if ENABLED:
             chunk_size,
             None,
             fallback,
+            (log_sum_sq, is_top1),
         )
         outs = list(outs)
         lp = outs.pop(0)
-        ent = outs.pop(0) if return_entropy else None
-        mass = outs.pop(0) if topk else None
-        return (lp, *_grads_or_empty(hidden, [ent, mass]))
+        rest = [outs.pop(0) if on else None for on in (return_entropy, topk, log_sum_sq)]
+        top1 = outs.pop(0) if is_top1 else hidden.new_empty((0,), dtype=torch.bool)
+        return (lp, *_grads_or_empty(hidden, rest), top1)
 
     @fused_logprobs_op.register_fake
     def _fused_logprobs_fake(
-        hidden, weight, bias, labels, temperature, ignore_index, ent, topk, *_
+        hidden,
+        weight,
+        bias,
+        labels,
+        temperature,
+        ignore_index,
+        ent,
+        topk,
+        chunk_size,
+        backend,
+        log_sum_sq=False,
+        is_top1=False,
     ):
         n = hidden.shape[0]
 
-        def vec(on):
-            return hidden.new_empty((n,) if on else (0,), dtype=torch.float32)
+        def vec(on, dtype=torch.float32):
+            return hidden.new_empty((n,) if on else (0,), dtype=dtype)
 
-        return vec(True), vec(ent), vec(topk > 0)
+        return vec(True), vec(ent), vec(topk > 0), vec(log_sum_sq), vec(is_top1, torch.bool)
 
     @torch.library.custom_op("divkit::fused_linear_logprobs_backward", mutates_args=())
     def fused_logprobs_backward_op(
@@ -674,11 +688,11 @@ if ENABLED:
         return tuple(_fake_grads([hidden, weight, bias], rest[-1]))
 
     def _fused_logprobs_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[2])
+        ctx.mark_non_differentiable(*output[2:])
         ctx.save_for_backward(*inputs[:4])
         ctx.args = inputs[4:10]
 
-    def _fused_logprobs_backward(ctx, g_lp, g_ent, _):
+    def _fused_logprobs_backward(ctx, g_lp, g_ent, *_):
         need = list(ctx.needs_input_grad[:3])
         h, w, b, labels = ctx.saved_tensors
         temperature, ignore_index, return_entropy, _topk, chunk, backend = ctx.args
@@ -699,7 +713,7 @@ if ENABLED:
         grads = guard_double_backward(
             "fused_linear_logprobs", [g if n else None for g, n in zip(out, need)]
         )
-        return (*grads,) + (None,) * 7
+        return (*grads,) + (None,) * 9
 
     fused_logprobs_op.register_autograd(
         _fused_logprobs_backward, setup_context=_fused_logprobs_setup
@@ -708,9 +722,21 @@ if ENABLED:
     _loop_vmap(fused_logprobs_backward_op, 6)
 
     def fused_logprobs(
-        h, w, b, labels, temperature, ignore_index, return_entropy, topk, chunk, fallback
+        h,
+        w,
+        b,
+        labels,
+        temperature,
+        ignore_index,
+        return_entropy,
+        topk,
+        chunk,
+        fallback,
+        log_sum_sq=False,
+        is_top1=False,
     ):
-        """fused_linear_logprobs through the op: (logprobs[, entropy][, topk_mass]) as [N]."""
+        """fused_linear_logprobs through the op: (logprobs[, entropy][, topk_mass]
+        [, log_sum_sq_probs][, is_top1]) as [N]."""
         out = fused_logprobs_op(
             _rows2(h),
             _rows2(w),
@@ -722,13 +748,11 @@ if ENABLED:
             topk,
             chunk,
             "torch" if fallback else "auto",
+            log_sum_sq,
+            is_top1,
         )
-        res = [out[0]]
-        if return_entropy:
-            res.append(out[1])
-        if topk:
-            res.append(out[2])
-        return tuple(res)
+        on = (True, return_entropy, bool(topk), log_sum_sq, is_top1)
+        return tuple(x for x, o in zip(out, on) if o)
 
     @torch.library.custom_op("divkit::fused_linear_sparse_divergence", mutates_args=())
     def fused_sparse_divergence_op(

@@ -800,6 +800,8 @@ class LogprobsResult(NamedTuple):
     logprobs: torch.Tensor
     entropy: Optional[torch.Tensor]
     topk_mass: Optional[torch.Tensor]
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
 
 
 def fused_linear_logprobs(
@@ -815,6 +817,8 @@ def fused_linear_logprobs(
     chunk_size: Optional[int] = None,
     process_group=None,
     backend: str = "auto",
+    return_log_sum_sq_probs: bool = False,
+    return_is_top1: bool = False,
 ):
     """Per-token ``log p(label)`` of ``p = softmax((hidden @ weight.T + bias) / temperature)``
     without materializing the logits (TRL's ``selective_log_softmax`` fused with the lm_head;
@@ -824,7 +828,12 @@ def fused_linear_logprobs(
     bias; the backward recomputes each chunk's logits (nothing of size V is kept). With
     ``return_entropy=True`` or ``topk=k`` returns a :class:`LogprobsResult` with the per-token
     entropy ``-sum_j p_j log p_j`` (differentiable) and the top-k probability mass (not
-    differentiable), the likelihood over-optimisation indicators of Shi et al. 2024.
+    differentiable), the likelihood over-optimisation indicators of Shi et al. 2024. With
+    ``return_log_sum_sq_probs=True`` it also has ``log sum_j p_j^2`` (WPO's alignment term, Zhou
+    et al. 2024; from the exps the statistics already take), with ``return_is_top1=True`` a bool
+    flag that the label is the argmax of the logits (ties go to the first maximal index, as
+    ``torch.argmax`` and TRL's fused head: a label tied with an earlier token is not top-1); both
+    without gradient, 0 / False for ignored tokens, neither with ``process_group``.
     dtypes: float32 / bfloat16 / float16 / float64 inputs, computed in fp32. ``backend``: as in
     :func:`fused_linear_divergence`.
     """
@@ -852,6 +861,14 @@ def fused_linear_logprobs(
     if topk is not None and k < 1:
         check.fail(fn, f"topk must be >= 1 (or None), got {k}")
     chunk = check.chunk_size(fn, chunk_size)
+    extra = (
+        check.boolean(fn, "return_log_sum_sq_probs", return_log_sum_sq_probs),
+        check.boolean(fn, "return_is_top1", return_is_top1),
+    )
+    if process_group is not None and any(extra):
+        check.fail(
+            fn, "return_log_sum_sq_probs and return_is_top1 are not supported with process_group"
+        )
     return _logprobs_apply(
         h,
         w,
@@ -865,6 +882,7 @@ def fused_linear_logprobs(
         process_group,
         lead,
         route,
+        extra,
     )
 
 
@@ -881,22 +899,24 @@ def _logprobs_apply(
     group,
     lead,
     route=None,
+    extra=(False, False),
 ):
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
-    vocabulary-parallel process group, or None; route: where it runs, the core when None)."""
+    vocabulary-parallel process group, or None; route: where it runs, the core when None;
+    extra: whether log_sum_sq_probs and is_top1 are asked for)."""
     if group is not None:
         _check_same_tokens("fused_linear_logprobs", group, (h,), labels)
     fallback = route is not None and not route.core
-    args = (labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback)
+    args = (labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback, extra)
 
     def forward(ts, need, upstream):
         return _lp_forward(ts, *args), None
 
     def backward(ts, grad_out, need):
-        return _lp_backward(ts, *args, grad_out, need)
+        return _lp_backward(ts, *args[:-1], grad_out, need)
 
     if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_logprobs"):
-        outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback)
+        outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback, *extra)
     else:
         outs = _head_loss(
             "fused_linear_logprobs",
@@ -906,17 +926,14 @@ def _logprobs_apply(
             backward=backward,
             n_diff=2 if return_entropy else 1,
         )
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    logprobs = outs[0].reshape(lead)
-    entropy = outs[1] if return_entropy else None
-    topk_mass = outs[-1] if topk else None
-    if not return_entropy and not topk:
-        return logprobs
-    return LogprobsResult(
-        logprobs,
-        None if entropy is None else entropy.reshape(lead),
-        None if topk_mass is None else topk_mass.reshape(lead),
-    )
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    # (logprobs[, entropy][, topk_mass][, log_sum_sq_probs][, is_top1]), as asked.
+    got = [outs.pop(0).reshape(lead)]
+    for on in (return_entropy, bool(topk), *extra):
+        got.append(outs.pop(0).reshape(lead) if on else None)
+    if len(got) == 1 or not any(x is not None for x in got[1:]):
+        return got[0]
+    return LogprobsResult(*got)
 
 
 def _lp_options(group, ignore_index, temperature, chunk, **more):
@@ -926,27 +943,39 @@ def _lp_options(group, ignore_index, temperature, chunk, **more):
 
 
 def _lp_forward(
-    ts, labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback
+    ts,
+    labels,
+    temperature,
+    ignore_index,
+    return_entropy,
+    topk,
+    chunk,
+    group,
+    fallback,
+    extra=(False, False),
 ) -> tuple:
-    """fused_linear_logprobs' outputs on [N, H] rows: (logprobs[, entropy][, topk_mass])."""
+    """fused_linear_logprobs' outputs on [N, H] rows: (logprobs[, entropy][, topk_mass]
+    [, log_sum_sq_probs][, is_top1 (bool)]), as asked (extra: the last two's flags)."""
     if fallback:
         return torch_ops.fused_linear_logprobs(
-            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
+            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk, extra=extra
         )
     n = ts[0].shape[0]
-    outs = [torch.empty(n, dtype=torch.float32)]
-    if return_entropy:
-        outs.append(torch.empty(n, dtype=torch.float32))
-    if topk:
-        outs.append(torch.empty(n, dtype=torch.float32))
-    entropy = outs[1] if return_entropy else None
+
+    def vec(on, dtype=torch.float32):
+        return torch.empty(n, dtype=dtype) if on else None
+
+    lp, ent, mass = vec(True), vec(return_entropy), vec(bool(topk))
+    sq, top1 = vec(extra[0]), vec(extra[1], torch.int32)
     _C.fused_linear_logprobs(
         _head(*ts),
         labels,
         _lp_options(group, ignore_index, temperature, chunk, topk=topk),
-        (outs[0], entropy, None, outs[-1] if topk else None),
+        (lp, ent, None, mass),
+        (sq, top1) if any(extra) else None,
     )
-    return tuple(outs)
+    top1 = None if top1 is None else top1.bool()
+    return tuple(x for x in (lp, ent, mass, sq, top1) if x is not None)
 
 
 def _lp_backward(

@@ -77,22 +77,22 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
 }
 
 // The sums of a row of z under a shift m: S = sum exp(z - m), sum exp(z - m) (z - m) (when
-// want_ec; 0 * log 0 = 0 for masked entries) and sum z (when want_z); fp64 block sums in a fixed
-// order.
+// want_ec; 0 * log 0 = 0 for masked entries), sum z (when want_z) and sum exp(z - m)^2 (when
+// want_sq: the same exps squared); fp64 block sums in a fixed order.
 struct RowSums {
-  double e = 0.0, ec = 0.0, z = 0.0;
+  double e = 0.0, ec = 0.0, z = 0.0, sq = 0.0;
 };
 // When `keep` is given, exp(z - m) is stored there (it may be z itself).
 HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool want_z,
-                          float* keep = nullptr) {
+                          float* keep = nullptr, bool want_sq = false) {
   const DF df;
   const RowSpan sp = Span(v);
   const VF vm = hn::Set(df, m);
-  RowSum sum_e, sum_ez, sum_z;
+  RowSum sum_e, sum_ez, sum_z, sum_sq;
   const int64_t block = kRowSumBlock * sp.lanes;
   for (int64_t begin = 0; begin < sp.vfull; begin += block) {
     const int64_t end = std::min(begin + block, sp.vfull);
-    VF acc_e = hn::Zero(df), acc_ez = hn::Zero(df), acc_z = hn::Zero(df);
+    VF acc_e = hn::Zero(df), acc_ez = hn::Zero(df), acc_z = hn::Zero(df), acc_sq = hn::Zero(df);
     for (int64_t j = begin; j < end; j += sp.lanes) {
       const VF x = hn::LoadU(df, z + j);
       const VF c = hn::Sub(x, vm);
@@ -103,21 +103,37 @@ HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool
       if (want_ec)
         acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
       if (want_z) acc_z = hn::Add(acc_z, x);
+      if (want_sq) acc_sq = hn::MulAdd(e, e, acc_sq);
     }
     sum_e.AddBlock(acc_e);
     if (want_ec) sum_ez.AddBlock(acc_ez);
     if (want_z) sum_z.AddBlock(acc_z);
+    if (want_sq) sum_sq.AddBlock(acc_sq);
   }
-  RowSums out{sum_e.total, sum_ez.total, sum_z.total};
+  RowSums out{sum_e.total, sum_ez.total, sum_z.total, sum_sq.total};
   for (int64_t j = sp.vfull; j < v; ++j) {
     const double c = static_cast<double>(z[j]) - m;
     const double e = std::exp(c);
     out.e += e;
     if (e != 0.0) out.ec += e * c;
     out.z += z[j];
+    out.sq += e * e;
     if (keep) keep[j] = static_cast<float>(e);
   }
   return out;
+}
+
+// Whether y is the first index holding the row's max m (torch.argmax's tie rule).
+HWY_INLINE bool IsFirstMax(const float* HWY_RESTRICT z, int64_t y, float m) {
+  if (!(z[y] == m)) return false;
+  const DF df;
+  const RowSpan sp = Span(y);
+  const VF vm = hn::Set(df, m);
+  for (int64_t j = 0; j < sp.vfull; j += sp.lanes)
+    if (!hn::AllFalse(df, hn::Eq(hn::LoadU(df, z + j), vm))) return false;
+  for (int64_t j = sp.vfull; j < y; ++j)
+    if (z[j] == m) return false;
+  return true;
 }
 
 // The fused gradient of LabelForwardJob::coef over a row that holds e = exp(z - m), S = sum e.
@@ -157,7 +173,10 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   const bool want_ent = job.entropy != nullptr;
   const bool fuse = job.coef != nullptr;
   if (job.z_label) job.z_label[i] = z[job.labels[i]];
-  const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr, fuse ? z : nullptr);
+  // Before the fused sweep overwrites z with its exps.
+  if (job.is_top1) job.is_top1[i] = IsFirstMax(z, job.labels[i], m) ? 1.0 : 0.0;
+  const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr, fuse ? z : nullptr,
+                              job.log_sum_sq != nullptr);
   const double se = sums.e, sez = sums.ec, sz = sums.z;
   const double log_s = std::log(se);
   const double lse = m + log_s;
@@ -165,6 +184,8 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   if (job.mean_z) job.mean_z[i] = sz / static_cast<double>(v);
   // H = -sum p log p = log S - sum e c / S with c = z - m.
   if (want_ent) job.entropy[i] = log_s - sez / se;
+  // log sum p^2 = log sum e^2 - 2 log S (the max's term is 1, so the sum is >= 1).
+  if (job.log_sum_sq) job.log_sum_sq[i] = std::log(sums.sq) - 2.0 * log_s;
   if (fuse) {
     FusedGradRow(job, i, z, se, lse);
     return;
@@ -293,7 +314,8 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
         continue;
       }
       if (job.labels[i] < 0) {
-        for (double* out : {job.lse, job.z_label, job.mean_z, job.entropy, job.topk_mass})
+        for (double* out : {job.lse, job.z_label, job.mean_z, job.entropy, job.topk_mass,
+                            job.log_sum_sq, job.is_top1})
           if (out) out[i] = 0.0;
         if (job.coef != nullptr) {
           float* z = job.z + i * job.ldz;

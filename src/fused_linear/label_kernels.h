@@ -19,6 +19,8 @@ struct LabelForwardJob {
   double* entropy = nullptr;    // -sum p log p
   double* topk_mass = nullptr;  // sum of the topk largest p
   int64_t topk = 0;
+  double* log_sum_sq = nullptr;  // log sum p^2, from the exps of the sums (no extra exp)
+  double* is_top1 = nullptr;     // 1 where the label is the first maximal z, else 0
   int num_threads = 1;
   int64_t bad_row = -1;  // out: first row with NaN/+inf (or every entry -inf)
 

@@ -63,7 +63,9 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
   std::vector<int64_t> local;  // a shard's labels as its columns
   std::vector<uint8_t> in_shard;
   std::vector<float> z(static_cast<size_t>(chunk * v)), scratch;
-  std::vector<double> lse(chunk), zy(chunk), mean(chunk), ent(chunk), topk(chunk);
+  std::vector<double> lse(chunk), zy(chunk), mean(chunk), ent(chunk), topk(chunk), sq, top1;
+  if (stats.log_sum_sq_probs.defined()) sq.resize(chunk);
+  if (stats.is_top1.defined()) top1.resize(chunk);
   std::vector<double> ca(chunk), cb(chunk), cc(chunk), ce(chunk);
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
@@ -95,6 +97,8 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       f.entropy = want_entropy ? ent.data() : nullptr;
       f.topk_mass = stats.topk_mass.defined() ? topk.data() : nullptr;
       f.topk = stats.topk;
+      f.log_sum_sq = sq.empty() ? nullptr : sq.data();
+      f.is_top1 = top1.empty() ? nullptr : top1.data();
       f.num_threads = threads;
       if (fused_grad) {
         coef_ctx.r0 = r0;
@@ -118,6 +122,8 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       if (stats.entropy.defined()) elem::set(stats.entropy, i, on ? ent[r] : 0.0);
       if (stats.lse.defined()) elem::set(stats.lse, i, on ? lse[r] : 0.0);
       if (stats.topk_mass.defined()) elem::set(stats.topk_mass, i, on ? topk[r] : 0.0);
+      if (!sq.empty()) elem::set(stats.log_sum_sq_probs, i, on ? sq[r] : 0.0);
+      if (!top1.empty()) elem::set(stats.is_top1, i, on ? top1[r] : 0.0);
       if (on) on_stats(i, lse[r], zy[r], mean[r]);
     }
     if (!want_grad) continue;
@@ -161,11 +167,18 @@ void check_shard_weight(const char* fn, const VocabShard& shard, const LinearHea
     check_finite_rows(fn, "weight", head.weight, head.weight.shape[0], nullptr, get_num_threads());
 }
 
-void check_stats(const char* fn, const LabelStatsOutputs& stats, int64_t n, int64_t v) {
+void check_stats(const char* fn, const LabelStatsOutputs& stats, int64_t n, int64_t v,
+                 bool sharded) {
   for (auto [t, name] :
        {std::pair{&stats.logprobs, "logprobs"}, std::pair{&stats.entropy, "entropy"},
-        std::pair{&stats.lse, "lse"}, std::pair{&stats.topk_mass, "topk_mass"}})
+        std::pair{&stats.lse, "lse"}, std::pair{&stats.topk_mass, "topk_mass"},
+        std::pair{&stats.log_sum_sq_probs, "log_sum_sq_probs"}})
     if (t->defined()) check::vector_of(fn, name, *t, n, {DType::f32, DType::f64});
+  if (stats.is_top1.defined())
+    check::vector_of(fn, "is_top1", stats.is_top1, n,
+                     {DType::f32, DType::f64, DType::i32, DType::i64});
+  if (sharded && (stats.log_sum_sq_probs.defined() || stats.is_top1.defined()))
+    fail(fn, "log_sum_sq_probs and is_top1 are not supported with a vocabulary-parallel shard");
   if (stats.topk_mass.defined() && (stats.topk < 1 || stats.topk > v))
     fail(fn,
          "topk must be in [1, V = " + std::to_string(v) + "], got " + std::to_string(stats.topk));
@@ -191,7 +204,9 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                                              {"logprobs", stats.logprobs},
                                              {"entropy", stats.entropy},
                                              {"lse", stats.lse},
-                                             {"topk_mass", stats.topk_mass}});
+                                             {"topk_mass", stats.topk_mass},
+                                             {"log_sum_sq_probs", stats.log_sum_sq_probs},
+                                             {"is_top1", stats.is_top1}});
                            check_head(fn, "", head, -1);
                            check_grads(fn, "", head, grads);
                            check_shard_weight(fn, spec.shard, head);
@@ -207,7 +222,7 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
   if (!(spec.softcap >= 0.0f) || !std::isfinite(spec.softcap))
     fail(fn,
          "softcap must be finite and >= 0 (0 disables it), got " + std::to_string(spec.softcap));
-  check_stats(fn, stats, n, v);
+  check_stats(fn, stats, n, v, group.on());
   LabelRun run{
       fn,   group,        head,           read_labels(fn, labels, n, spec.ignore_index, v, true),
       1.0f, spec.softcap, spec.chunk_size};
@@ -248,7 +263,9 @@ void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
                                              {"logprobs", stats.logprobs},
                                              {"entropy", stats.entropy},
                                              {"lse", stats.lse},
-                                             {"topk_mass", stats.topk_mass}});
+                                             {"topk_mass", stats.topk_mass},
+                                             {"log_sum_sq_probs", stats.log_sum_sq_probs},
+                                             {"is_top1", stats.is_top1}});
                            check_head(fn, "", head, -1);
                            check_shard_weight(fn, spec.shard, head);
                          },
@@ -257,7 +274,7 @@ void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
   if (!labels.defined()) fail(fn, "labels are required");
   if (!(spec.temperature > 0.0f) || !std::isfinite(spec.temperature))
     fail(fn, "temperature must be finite and > 0, got " + std::to_string(spec.temperature));
-  check_stats(fn, stats, n, v);
+  check_stats(fn, stats, n, v, group.on());
   LabelRun run{fn,
                group,
                head,

@@ -183,13 +183,21 @@ divkit::LogprobsSpec logprobs_spec(const FusedLinearOptions& opt) {
   return spec;
 }
 
+// (log_sum_sq_probs, is_top1) outputs, each optional.
+using MoreStatsArrays = std::tuple<OptOut, OptOut>;
+
 void fused_linear_logprobs(const HeadArrays& hd, const InArray& labels,
-                           const FusedLinearOptions& opt, const StatsArrays& stats_out) {
+                           const FusedLinearOptions& opt, const StatsArrays& stats_out,
+                           const std::optional<MoreStatsArrays>& more) {
   constexpr const char* fn = "fused_linear_logprobs";
   const divkit::LogprobsSpec spec = logprobs_spec(opt);
   const divkit::LinearHead h = head(fn, "", hd);
   const divkit::TensorView lab = to_view(fn, "labels", labels);
-  const divkit::LabelStatsOutputs st = stats(fn, stats_out, opt.topk);
+  divkit::LabelStatsOutputs st = stats(fn, stats_out, opt.topk);
+  if (more) {
+    st.log_sum_sq_probs = optional_view(fn, "log_sum_sq_probs", std::get<0>(*more));
+    st.is_top1 = optional_view(fn, "is_top1", std::get<1>(*more));
+  }
   nb::gil_scoped_release release;
   divkit::fused_linear_logprobs(h, lab, spec, st);
 }
@@ -255,7 +263,9 @@ void register_fused_linear(nb::module_& m) {
         nb::arg("grads"), nb::arg("stats"),
         "stats: (logprobs, entropy, lse, topk_mass) outputs, each optional (topk_mass unused).");
   m.def("fused_linear_logprobs", &fused_linear_logprobs, nb::arg("head"), nb::arg("labels"),
-        nb::arg("options"), nb::arg("stats"));
+        nb::arg("options"), nb::arg("stats"), nb::arg("more_stats").none() = nb::none(),
+        "stats: (logprobs, entropy, lse, topk_mass); more_stats: (log_sum_sq_probs, is_top1); "
+        "each output optional.");
   m.def("fused_linear_logprobs_backward", &fused_linear_logprobs_backward, nb::arg("head"),
         nb::arg("labels"), nb::arg("options"), nb::arg("grad_logprobs").none(),
         nb::arg("grad_entropy").none(), nb::arg("grads"));

@@ -599,6 +599,12 @@ TEST(FusedLinearLogprobs, ForwardAndBackwardMatchFp64) {
   Head hd(n, v, h, true, 9, 2.0);
   std::vector<int64_t> labels(n);
   for (int64_t i = 0; i < n; ++i) labels[i] = i % 6 == 2 ? -100 : (i * 5) % v;
+  {  // Every fourth token's label is its argmax (the top-1 flag both ways).
+    const std::vector<double> z = hd.logits();
+    for (int64_t i = 0; i < n; i += 4)
+      labels[i] =
+          std::max_element(z.begin() + i * v, z.begin() + (i + 1) * v) - (z.begin() + i * v);
+  }
   const CeRef ref = ce_reference(hd.logits(), n, v, labels, 0, 0, 0, temperature, Reduction::none);
   // Upstream gradients g (log-probs) and e (entropy): dL/dz = g (1[y] - p) - e p (log p + H).
   std::vector<double> g(n), e(n);
@@ -617,12 +623,16 @@ TEST(FusedLinearLogprobs, ForwardAndBackwardMatchFp64) {
   hd.grads(gz, nullptr, dh, dw, db);
 
   std::vector<float> logp(n), ent(n), lse(n), topk(n);
+  std::vector<double> sq(n);
+  std::vector<int32_t> top1(n, 7);
   divkit::LabelStatsOutputs st;
   st.logprobs = TensorView::vector(logp.data(), DType::f32, n);
   st.entropy = TensorView::vector(ent.data(), DType::f32, n);
   st.lse = TensorView::vector(lse.data(), DType::f32, n);
   st.topk_mass = TensorView::vector(topk.data(), DType::f32, n);
   st.topk = 3;
+  st.log_sum_sq_probs = TensorView::vector(sq.data(), DType::f64, n);
+  st.is_top1 = TensorView::vector(top1.data(), DType::i32, n);
   divkit::LogprobsSpec spec;
   spec.temperature = static_cast<float>(temperature);
   spec.chunk_size = 6;
@@ -638,9 +648,25 @@ TEST(FusedLinearLogprobs, ForwardAndBackwardMatchFp64) {
     }
     std::vector<double> p(v);
     for (int64_t j = 0; j < v; ++j) p[j] = std::exp(x[i * v + j] / temperature - ref.lse[i]);
+    // log sum p^2 and the top-1 flag (random logits: no ties) against fp64.
+    double sum_sq = 0.0;
+    for (double pj : p) sum_sq += pj * pj;
+    EXPECT_NEAR(sq[i], std::log(sum_sq), 2e-5 * std::max(1.0, std::abs(std::log(sum_sq))));
+    const int64_t arg =
+        std::max_element(x.begin() + i * v, x.begin() + (i + 1) * v) - (x.begin() + i * v);
+    EXPECT_EQ(top1[i], arg == labels[i] ? 1 : 0) << i;
     std::sort(p.rbegin(), p.rend());
     EXPECT_NEAR(topk[i], p[0] + p[1] + p[2], 1e-5);
   }
+  for (int64_t i = 0; i < n; ++i) {
+    if (labels[i] != -100) continue;
+    EXPECT_EQ(sq[i], 0.0);
+    EXPECT_EQ(top1[i], 0);
+  }
+  int top1_count = 0;
+  for (int32_t t : top1) top1_count += t;
+  EXPECT_GT(top1_count, 0);  // the flag is exercised both ways
+  EXPECT_LT(top1_count, n);
   std::vector<float> g_h(n * h), g_w(v * h), g_b(v);
   divkit::LinearHeadGrads gr;
   gr.hidden = TensorView::matrix(g_h.data(), DType::f32, n, h);
@@ -652,6 +678,67 @@ TEST(FusedLinearLogprobs, ForwardAndBackwardMatchFp64) {
   expect_close(g_h, dh, 2e-5, "grad_hidden");
   expect_close(g_w, dw, 2e-5, "grad_weight");
   expect_close(g_b, db, 2e-5, "grad_bias");
+}
+
+void check_ties(const divkit::LinearHead& head, const TensorView& lab,
+                const std::vector<float>& hidden, const std::vector<float>& weight,
+                const std::vector<int64_t>& labels, const std::vector<float>& want) {
+  const int64_t n = static_cast<int64_t>(hidden.size()), v = static_cast<int64_t>(weight.size());
+  for (const float temperature : {1.0f, 0.6f}) {
+    std::vector<float> top1(n, -1.0f), sq(n, -1.0f);
+    divkit::LabelStatsOutputs st;
+    st.is_top1 = TensorView::vector(top1.data(), DType::f32, n);
+    st.log_sum_sq_probs = TensorView::vector(sq.data(), DType::f32, n);
+    divkit::LogprobsSpec spec;
+    spec.temperature = temperature;
+    spec.chunk_size = 3;
+    divkit::fused_linear_logprobs(head, lab, spec, st);
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_EQ(top1[i], want[i]) << i << " T=" << temperature;
+      double m = -1e300, s1 = 0.0, s2 = 0.0;
+      for (int64_t j = 0; j < v; ++j) m = std::max(m, double(hidden[i]) * weight[j] / temperature);
+      for (int64_t j = 0; j < v; ++j) {
+        const double e = std::exp(double(hidden[i]) * weight[j] / temperature - m);
+        s1 += e;
+        s2 += e * e;
+      }
+      EXPECT_NEAR(sq[i], labels[i] < 0 ? 0.0 : std::log(s2) - 2.0 * std::log(s1), 1e-5) << i;
+    }
+  }
+  std::vector<float> top1(n, -1.0f), loss(1), gh(n), gw(v);
+  divkit::LabelStatsOutputs st;
+  st.is_top1 = TensorView::vector(top1.data(), DType::f32, n);
+  divkit::fused_linear_cross_entropy(head, lab, {}, TensorView::vector(loss.data(), DType::f32, 1),
+                                     {TensorView::matrix(gh.data(), DType::f32, n, 1),
+                                      TensorView::matrix(gw.data(), DType::f32, v, 1),
+                                      {}},
+                                     st);
+  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(top1[i], want[i]) << i;
+}
+
+// The top-1 flag's tie rule: the label must be the first maximal index (torch.argmax, TRL's fused
+// head). Exact ties from integer logits z_ij = hidden_i * weight_j (H = 1), the maxima in the
+// vector part and in the scalar tail of a row; through fused_linear_logprobs (with a temperature)
+// and through fused_linear_cross_entropy with gradients (the sweep that overwrites the row with its
+// exps), with log sum p^2 checked on the same rows against fp64.
+TEST(FusedLinearLogprobs, TopOneTiesGoToTheFirstMaximum) {
+  const int64_t v = 37, n = 7;
+  std::vector<float> hidden(n), weight(v);
+  for (int64_t j = 0; j < v; ++j) weight[j] = static_cast<float>((j * 7) % 5);  // max 4
+  weight[3] = weight[20] = weight[36] = 9.0f;  // three tied maxima: 3 is the first
+  for (int64_t i = 0; i < n; ++i) hidden[i] = static_cast<float>(1 + i % 3);
+  std::vector<int64_t> labels = {3, 20, 36, 5, -100, 3, 9};
+  const std::vector<float> want = {1, 0, 0, 0, 0, 1, 0};
+  const divkit::LinearHead head{TensorView::matrix(hidden.data(), DType::f32, n, 1),
+                                TensorView::matrix(weight.data(), DType::f32, v, 1),
+                                {}};
+  const TensorView lab = TensorView::vector(labels.data(), DType::i64, n);
+  divkit_test::RuntimeGuard guard;
+  for (const std::string& target : divkit::available_simd_targets()) {
+    divkit::force_simd_target(target);
+    SCOPED_TRACE(target);
+    check_ties(head, lab, hidden, weight, labels, want);
+  }
 }
 
 // ---- bad input -----------------------------------------------------------------------------
@@ -731,6 +818,24 @@ TEST(FusedLinearErrors, NameTheArgument) {
   divkit::LogprobsSpec lp;
   lp.temperature = 0.0f;
   expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, lp, {}); }, {"temperature"});
+  std::vector<uint16_t> half(n);
+  std::vector<float> short_out(n - 1);
+  divkit::LabelStatsOutputs more;
+  more.is_top1 = TensorView::vector(half.data(), DType::bf16, n);
+  expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, {}, more); },
+               {"fused_linear_logprobs", "is_top1"});
+  more = {};
+  more.log_sum_sq_probs = TensorView::vector(short_out.data(), DType::f32, n - 1);
+  expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, {}, more); },
+               {"fused_linear_logprobs", "log_sum_sq_probs"});
+  // Not with a vocabulary-parallel shard (a one-rank group here).
+  std::vector<float> sq(n);
+  more = {};
+  more.log_sum_sq_probs = TensorView::vector(sq.data(), DType::f32, n);
+  divkit::LogprobsSpec sharded;
+  sharded.shard.all_reduce = [](double*, int64_t, divkit::CollectiveOp) {};
+  expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, sharded, more); },
+               {"fused_linear_logprobs", "vocabulary-parallel"});
 }
 
 }  // namespace

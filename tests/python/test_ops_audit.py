@@ -287,7 +287,11 @@ def test_fake_kernels_trace_fake_cuda_tensors():
         h, w = torch.empty(4, 6, device="cuda"), torch.empty(10, 6, device="cuda")
         labels = torch.zeros(4, dtype=torch.int64, device="cuda")
         out = _ops.fused_logprobs_op(h, w, None, labels, 1.0, -100, True, 0, 0, "auto")
-        assert [x.shape for x in out] == [(4,), (4,), (0,)] and out[0].device.type == "cuda"
+        assert [x.shape for x in out] == [(4,), (4,), (0,), (0,), (0,)]
+        assert out[0].device.type == "cuda"
+        out = _ops.fused_logprobs_op(h, w, None, labels, 1.0, -100, False, 0, 0, "auto", True, True)
+        assert [x.shape for x in out] == [(4,), (0,), (0,), (4,), (4,)]
+        assert out[3].dtype == torch.float32 and out[4].dtype == torch.bool
         xs = [torch.empty(3, device="cuda") for _ in range(4)]
         out = _ops.preference_loss_op(
             *xs, None, None, None, None, "sigmoid", [1.0], 0.1, 0.0, "reverse_kl", 0.5, 0.05,

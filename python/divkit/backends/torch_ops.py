@@ -1307,14 +1307,19 @@ def fused_linear_logprobs(
     chunk_size,
     *,
     fn="fused_linear_logprobs",
+    extra=(False, False),
 ):
-    """Per-token log p(label) (and the entropy, the top-k mass) of softmax((h @ w.T + b) / T),
-    0 for ignored tokens, in chunks of tokens (see :func:`divkit.fused_linear_logprobs`)."""
+    """Per-token log p(label) (and the entropy, the top-k mass, and with ``extra`` log sum p^2
+    and the bool top-1 flag: the label is the first maximal logit, as torch.argmax) of
+    softmax((h @ w.T + b) / T), 0 for ignored tokens, in chunks of tokens (see
+    :func:`divkit.fused_linear_logprobs`)."""
     n = h.shape[0]
     dev = h.device
     lp = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.zeros(n, dtype=torch.float32, device=dev) if return_entropy else None
     mass = torch.zeros(n, dtype=torch.float32, device=dev) if topk else None
+    sq = torch.zeros(n, dtype=torch.float32, device=dev) if extra[0] else None
+    top1 = torch.zeros(n, dtype=torch.bool, device=dev) if extra[1] else None
     for a, e, ca, y, _, _, z, lse, _ in _logprob_chunks(
         h, w, b, labels, ignore_index, temperature, chunk_size, fn
     ):
@@ -1327,12 +1332,15 @@ def fused_linear_logprobs(
         if topk:
             k = min(topk, z.shape[-1])
             mass[a:e] = torch.where(ca, p.topk(k, -1).values.sum(-1), zero).float()
-    outs = [lp]
-    if return_entropy:
-        outs.append(ent)
-    if topk:
-        outs.append(mass)
-    return tuple(outs)
+        if sq is not None:
+            # From exp(z - max) (the max's term is 1): log sum e^2 - 2 log sum e keeps its
+            # absolute accuracy where sum p^2 is near 1, which log(sum p^2) of rounded p loses.
+            ex = torch.exp(z - z.amax(-1, keepdim=True))
+            lsq = torch.log(ex.square().sum(-1)) - 2 * torch.log(ex.sum(-1))
+            sq[a:e] = torch.where(ca, lsq, zero).float()
+        if top1 is not None:
+            top1[a:e] = ca & (z.argmax(-1) == y)
+    return tuple(x for x in (lp, ent, mass, sq, top1) if x is not None)
 
 
 def fused_linear_logprobs_backward(

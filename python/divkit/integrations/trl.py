@@ -30,10 +30,12 @@
   TRL); models with a logit scale or a final softcap keep TRL's loss (with a warning, once).
 * :class:`DivkitDPOTrainer`: TRL's ``DPOTrainer`` whose loss is :func:`divkit.preference_loss`
   (every TRL loss type and their weighted lists, f-DPO, WPO weights, ``ld_alpha``, the MoE
-  auxiliary loss), computed from the very per-sequence log-probs TRL computes (its fused lm_head,
-  the reference model or the PEFT adapter's base, or precomputed reference log-probs); TRL's
-  metrics (rewards, margins, accuracies, log-probs, entropy, logits, token accuracy, token
-  count) are TRL's own, logged by its ``_compute_loss``.
+  auxiliary loss), its per-token outputs (log-probs, entropy, mean logits, top-1 flags, WPO's
+  ``log sum p^2``) from divkit's fused head on every model TRL heads (:func:`add_divkit_lm_head`
+  in place of TRL's: the policy or the PEFT adapter's base, the reference model, the
+  precomputation of reference log-probs): no ``[tokens x V]`` logits; TRL's metrics (rewards,
+  margins, accuracies, log-probs, entropy, logits, token accuracy, token count) are computed by
+  TRL's own ``_compute_loss`` from them.
 
 Configs: the divkit options are fields of config dataclasses that subclass TRL's (so that
 ``transformers.HfArgumentParser`` reads them from the command line): :class:`DivkitGKDConfig`
@@ -378,7 +380,53 @@ class DivkitDPOTrainer(_dpo_base()):
     """``trl.DPOTrainer`` with the loss of :func:`divkit.preference_loss` (see the module
     docstring); configured by the same ``DPOConfig`` (``loss_type``, ``loss_weights``, ``beta``,
     ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``use_weighting``,
-    ``ld_alpha``, ``discopop_tau``, ``precompute_ref_log_probs``)."""
+    ``ld_alpha``, ``discopop_tau``, ``precompute_ref_log_probs``).
+
+    With ``divkit_fused_head=True`` (default) divkit's fused head (:func:`add_divkit_lm_head`)
+    takes the place of TRL's on every model TRL gives one (the policy, or the base model under a
+    PEFT adapter, whose disabled-adapter forward is then the reference; the reference model; the
+    precomputation of reference log-probs), with TRL's outputs: the log-probs, entropy, mean
+    logits, top-1 flags and, with ``use_weighting``, ``log sum p^2`` for WPO's weights, all from
+    :func:`divkit.fused_linear_logprobs` on the last hidden states: no ``[tokens x V]`` logits in
+    the step. TRL's ``_compute_loss`` reads them for its metrics (entropy, logits/chosen and
+    rejected, mean token accuracy, token counts) as from its own head. A model divkit's head
+    cannot serve (final logit softcap, logit scale, MoE router auxiliary loss, non-Linear
+    lm_head) keeps TRL's head, with a warning (once). ``False`` keeps TRL's head everywhere."""
+
+    def __init__(self, *args, divkit_fused_head: Optional[bool] = None, **kwargs):
+        fn = "DivkitDPOTrainer"
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        fused = _setting(config, fn, "divkit_fused_head", divkit_fused_head, True)
+        self.divkit_fused_head = check.boolean(fn, "divkit_fused_head", fused)
+        # Which models got divkit's head (False: TRL's kept), in the order TRL heads them.
+        self.divkit_heads: List[bool] = []
+        if not self.divkit_fused_head:
+            super().__init__(*args, **kwargs)
+            return
+        import trl.trainer.dpo_trainer as dpo_module
+
+        trl_head = dpo_module.add_fused_lm_head
+
+        def install(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+            # TRL heads its models, then precomputes the reference log-probs, inside its
+            # __init__: the swap is made there, so that every forward with fused_lm_head=True
+            # (precomputation included) is divkit's. divkit's head computes in fp32 whatever
+            # cast_lm_head_to_fp32 says.
+            ok = add_divkit_lm_head(model, temperature, outputs)
+            self.divkit_heads.append(ok)
+            if not ok:
+                trl_head(
+                    model,
+                    temperature=temperature,
+                    cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                    outputs=outputs,
+                )
+
+        dpo_module.add_fused_lm_head = install
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            dpo_module.add_fused_lm_head = trl_head
 
     def _compute_loss(self, model, inputs, return_outputs):
         if (
@@ -642,15 +690,17 @@ def add_divkit_lm_head(model, temperature: float = 1.0, outputs=("log_probs",)) 
     :func:`divkit.fused_linear_logprobs` from the decoder's last hidden states: no ``[tokens x
     V]`` logits, the log-probs ``log softmax(h W^T + b) / T`` of the next token (labels shifted
     as TRL shifts them, or ``shift_labels`` as given), 0 where the label is -100; ``outputs``
-    may add ``"entropy"`` (differentiable) and ``"mean_logits"`` (the vocabulary mean of the
-    logits, ``h . mean(W) + mean(b)``, no gradient); TRL's other fields are None. Returns a
-    ``trl.trainer.utils.FusedCausalLMOutput``. Calls without ``fused_lm_head=True`` go to the
-    model's previous forward (generation is unchanged). Models with a final logit softcap, a
+    may add ``"entropy"`` (differentiable), ``"mean_logits"`` (the vocabulary mean of the
+    logits, ``h . mean(W) + mean(b)``, no gradient), ``"log_sum_sq_probs"`` (``log sum_v p_v^2``,
+    WPO's weights; no gradient) and ``"is_top1"`` (bool: the label is the argmax, the first one
+    on ties as TRL's head; token accuracy), TRL's fields of the same names; the others are None.
+    Returns a ``trl.trainer.utils.FusedCausalLMOutput``. Calls without ``fused_lm_head=True`` go
+    to the model's previous forward (generation is unchanged). Models with a final logit softcap, a
     logit scale, a router auxiliary loss or a non-Linear lm_head are left as they are (a warning,
     once) and False is returned."""
     fn = "add_divkit_lm_head"
     temperature = check.positive(fn, "temperature", temperature)
-    allowed = {"log_probs", "entropy", "mean_logits"}
+    allowed = {"log_probs", "entropy", "mean_logits", "log_sum_sq_probs", "is_top1"}
     outputs = tuple(outputs)
     for name in outputs:
         if name not in allowed:
@@ -716,8 +766,14 @@ def add_divkit_lm_head(model, temperature: float = 1.0, outputs=("log_probs",)) 
             head.bias,
             temperature=temperature,
             return_entropy="entropy" in outputs,
+            return_log_sum_sq_probs="log_sum_sq_probs" in outputs,
+            return_is_top1="is_top1" in outputs,
         )
-        log_probs, entropy = (res.logprobs, res.entropy) if "entropy" in outputs else (res, None)
+        if isinstance(res, torch.Tensor):
+            log_probs, entropy, log_sum_sq, is_top1 = res, None, None, None
+        else:
+            log_probs, entropy = res.logprobs, res.entropy
+            log_sum_sq, is_top1 = res.log_sum_sq_probs, res.is_top1
         mask = targets != -100
         mean_logits = None
         if "mean_logits" in outputs:
@@ -733,17 +789,19 @@ def add_divkit_lm_head(model, temperature: float = 1.0, outputs=("log_probs",)) 
                     b = b.full_tensor() if hasattr(b, "full_tensor") else b
                     mean = mean + b.float().mean()
                 mean_logits = (mean / temperature).masked_fill(~mask, 0)
+        per_token = (log_probs, entropy, log_sum_sq, mean_logits, is_top1)
         if shift_labels is None:
             mask = mask[:, :-1]
-            log_probs, entropy, mean_logits = (
-                None if x is None else x[:, :-1] for x in (log_probs, entropy, mean_logits)
-            )
+            per_token = tuple(None if x is None else x[:, :-1] for x in per_token)
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = per_token
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
             loss=-log_probs.sum() / denom,
             log_probs=log_probs,
             entropy=entropy,
+            log_sum_sq_probs=log_sum_sq,
             mean_logits=mean_logits,
+            is_top1=is_top1,
             label_mask=mask,
         )
 
