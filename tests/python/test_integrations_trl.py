@@ -665,6 +665,7 @@ CLI_CASES = {
         dict(divkit_kind="forward_kl", divkit_chunk_size=16, divkit_alpha=0.1, temperature=1.5),
     ),
     "DivkitKTOConfig": (["--divkit_fused_head", "false"], dict(divkit_fused_head=False)),
+    "DivkitDPOConfig": (["--divkit_fused_head", "false"], dict(divkit_fused_head=False)),
     "DivkitTDPOConfig": (
         ["--tdpo_variant", "tdpo1", "--tdpo_alpha", "0.25", "--beta", "0.2"],
         dict(tdpo_variant="tdpo1", tdpo_alpha=0.25, beta=0.2),
@@ -725,6 +726,7 @@ BAD_CONFIGS = [
     ("DivkitDistillationConfig", dict(divkit_kind="KL"), "unknown divkit_kind 'KL'"),
     ("DivkitDistillationConfig", dict(divkit_chunk_size=2.5), "divkit_chunk_size must be an int"),
     ("DivkitKTOConfig", dict(divkit_fused_head="yes"), "divkit_fused_head must be a bool"),
+    ("DivkitDPOConfig", dict(divkit_fused_head=1), "divkit_fused_head must be a bool"),
     ("DivkitTDPOConfig", dict(tdpo_variant="tdpo3"), "unknown tdpo_variant 'tdpo3'"),
     ("DivkitTDPOConfig", dict(tdpo_alpha=float("nan")), "tdpo_alpha must not be nan"),
     ("DivkitTDPOConfig", dict(precompute_ref_log_probs=True), "precompute_ref_log_probs"),

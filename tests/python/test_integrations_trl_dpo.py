@@ -366,3 +366,31 @@ def test_add_divkit_lm_head_rejects_unknown_output():
 
     with pytest.raises(divkit.Error, match="add_divkit_lm_head: outputs: 'logits'"):
         add_divkit_lm_head(client.make_model(0, V), outputs=("log_probs", "logits"))
+
+
+def test_divkit_dpo_config_selects_the_head(tmp_path):
+    """DivkitDPOConfig's divkit_fused_head picks the head as the keyword does; a keyword that
+    disagrees with the config raises instead of silently winning."""
+    import divkit
+    from divkit.integrations.trl import DivkitDPOConfig, DivkitDPOTrainer
+
+    def make(fused, **kw):
+        args = DivkitDPOConfig(
+            **client.common_args(tmp_path, f"cfg{fused}"),
+            max_length=32,
+            precompute_ref_log_probs=False,
+            divkit_fused_head=fused,
+        )
+        return DivkitDPOTrainer(
+            model=client.make_model(0, V),
+            ref_model=client.make_model(1, V),
+            args=args,
+            train_dataset=client.preference_data(),
+            processing_class=client.make_tokenizer(),
+            **kw,
+        )
+
+    assert make(True).divkit_heads == [True, True]
+    assert make(False).divkit_heads == []
+    with pytest.raises(divkit.Error, match="disagrees with args.divkit_fused_head"):
+        make(False, divkit_fused_head=True)

@@ -40,12 +40,12 @@
 Configs: the divkit options are fields of config dataclasses that subclass TRL's (so that
 ``transformers.HfArgumentParser`` reads them from the command line): :class:`DivkitGKDConfig`
 (``GKDConfig``), :class:`DivkitDistillationConfig` (``DistillationConfig``),
-:class:`DivkitKTOConfig` (``KTOConfig``), :class:`DivkitTDPOConfig` and
-:class:`DivkitSparsePOConfig` (``DPOConfig``). Their fields are checked on construction
+:class:`DivkitKTOConfig` (``KTOConfig``), :class:`DivkitDPOConfig`, :class:`DivkitTDPOConfig`
+and :class:`DivkitSparsePOConfig` (``DPOConfig``). Their fields are checked on construction
 (``divkit.Error`` naming the field). The trainers' keyword arguments of the same names still
 work with TRL's stock configs; given with a divkit config, a keyword must equal the field, else
-``divkit.Error`` (one option, one place: neither silently wins). DPO, CPO and ORPO have no option
-of divkit's own and read TRL's configs as they are.
+``divkit.Error`` (one option, one place: neither silently wins). CPO and ORPO have no option of
+divkit's own and read TRL's configs as they are.
 
 Differences from TRL 1.16, on purpose: TRL's ``GKDTrainer.compute_loss`` calls
 ``generalized_jsd_loss`` without its ``temperature`` (the config's ``temperature`` only affects
@@ -78,6 +78,7 @@ from ..preference import (
 
 # The trl.experimental trainers (GKD, CPO, ORPO) are made on first access (module __getattr__).
 __all__ = [
+    "DivkitDPOConfig",
     "DivkitDistillationConfig",
     "DivkitGKDConfig",  # noqa: F822
     "DivkitKTOConfig",
@@ -918,6 +919,22 @@ def _dpo_config_base():
     from trl import DPOConfig
 
     return DPOConfig
+
+
+@dataclasses.dataclass
+class DivkitDPOConfig(_dpo_config_base()):
+    """``trl.DPOConfig`` with :class:`DivkitDPOTrainer`'s option ``divkit_fused_head`` (default
+    True: the per-token outputs from divkit's fused head; False: TRL's head)."""
+
+    divkit_fused_head: bool = _field(
+        True,
+        "compute the per-token log-probs and the metrics' statistics with divkit's fused head "
+        "(no [tokens x V] logits); false keeps TRL's head",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check.boolean("DivkitDPOConfig", "divkit_fused_head", self.divkit_fused_head)
 
 
 @dataclasses.dataclass
