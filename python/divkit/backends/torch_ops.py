@@ -43,6 +43,8 @@ __all__ = [
     "fused_linear_logprobs_backward",
     "fused_linear_logprobs_sharded",
     "fused_linear_logprobs_sharded_backward",
+    "fused_linear_label_terms",
+    "fused_linear_label_terms_backward",
     "DEFAULT_CHUNK_ENTRIES",
     "CUDA_CHUNK_ENTRIES",
     "TorchRows",
@@ -1823,3 +1825,165 @@ def fused_linear_logprobs_sharded_backward(
             g[2] += dz.sum(0)
     return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
 
+
+# ---------------------------------------------------------------------------------------------
+# The label terms of the token-level preference losses (TDPO, SparsePO: the core's
+# fused_linear_divergence with FusedLabelTerms): one pass over each chunk of the policy's and
+# the reference's logits gives both label log-probs and KL(pi_ref || pi); the backward is one
+# more pass, reading the chunks kept by the forward instead of recomputing their logits.
+# ---------------------------------------------------------------------------------------------
+
+
+def _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index):
+    n, v = h.shape[0], w.shape[0]
+    if v == 0:
+        check.fail(fn, "lm_head_weight has V = 0 (an empty vocabulary)")
+    if rw is not None and rw.shape[0] != v:
+        check.fail(
+            fn,
+            f"ref_weight has {rw.shape[0]} rows but lm_head_weight {v}: the vocabularies "
+            f"must agree",
+        )
+    lab = labels.to(h.device).reshape(-1).to(torch.int64)
+    act = lab != ignore_index
+    r = _first_row(act & ((lab < 0) | (lab >= v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
+            f"({ignore_index})",
+        )
+    return n, v, lab, act
+
+
+def _softmax_rows(fn: str, who: str, z: torch.Tensor, act: torch.Tensor, first: int):
+    """(centered logits, their log-sum-exp [c, 1], log-softmax, softmax) of a chunk's logits at
+    T = 1 (ignored rows zeroed first); raises for a counted row that is NaN, +inf or all
+    -inf."""
+    bad = ((torch.isnan(z) | torch.isposinf(z)).any(-1) | torch.isneginf(z).all(-1)) & act
+    r = _first_row(bad)
+    if r is not None:
+        check.fail(fn, f"the {who} logits of token {first + r} are NaN, +inf or all -inf")
+    zc = _center(_sanitize(z, act, z.dtype), 1.0)
+    lse = torch.logsumexp(zc, -1, keepdim=True)
+    lz = zc - lse
+    return zc, lse, lz, torch.exp(lz)
+
+
+def _kept_or_computed(kept, a: int, e: int, head: "_Head", hc, fill: bool):
+    """The chunk's logits: from ``kept`` (rows [0, K)) when it holds them and was filled, else
+    by the GEMM, copied into ``kept`` when it should hold them (``fill``)."""
+    inside = kept is not None and e <= kept.shape[0]
+    if inside and not fill:
+        return kept[a:e]
+    z = head.logits(hc)
+    if inside:
+        kept[a:e].copy_(z)
+    return z
+
+
+def fused_linear_label_terms(
+    h, w, b, rh, rw, rb, labels, ignore_index, chunk_size, keep_rows=0, keep_ref=False, *, fn
+):
+    """(log pi(y), log pi_ref(y), KL(pi_ref || pi), kept policy logits, kept reference logits)
+    per token of the policy head ``(h [N, H], w [V, H], b)`` and the reference head ``(rh, rw,
+    rb)``, all at T = 1, 0 at ignored tokens (fp32 [N]); the KL is the core's forward_kl with
+    the reference as the teacher. The logits of the chunks of tokens [0, keep_rows) are kept (in
+    the compute dtype) for :func:`fused_linear_label_terms_backward`, the reference's only with
+    ``keep_ref``."""
+    n, v, lab, act = _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index)
+    dev = h.device
+    dt = _compute_dtype(h, w, rh, rw)
+    ph, rhd = _Head(h, w, b, dt), _Head(rh, rw, rb, dt)
+    lp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ref_lp = torch.zeros(n, dtype=torch.float32, device=dev)
+    kl = torch.zeros(n, dtype=torch.float32, device=dev)
+    kept_s = torch.empty((keep_rows, v), dtype=dt, device=dev) if keep_rows else None
+    kept_t = torch.empty((keep_rows, v), dtype=dt, device=dev) if keep_rows and keep_ref else None
+    rows = _rows_per_chunk(chunk_size, n, v, dev)
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e])).unsqueeze(-1)
+        zs = _kept_or_computed(kept_s, a, e, ph, ph.rows(a, e), True)
+        zt = _kept_or_computed(kept_t, a, e, rhd, rhd.rows(a, e), True)
+        xs, lse_s, lq, _ = _softmax_rows(fn, "policy", zs, ca, a)
+        xt, lse_t, lpt, _ = _softmax_rows(fn, "reference", zt, ca, a)
+        e_ = _Entries(xs, xt, (lse_s, lse_t))
+        zero = torch.zeros(e - a, dtype=torch.float64, device=dev)
+        row_kl = _xt(e_.p, e_.lr).sum(-1, dtype=torch.float64)
+        # Beyond the fp32 range the core reports +inf.
+        row_kl = torch.where(row_kl.abs() <= _FLT_MAX, row_kl, torch.full_like(row_kl, _INF))
+        kl[a:e] = torch.where(ca, row_kl, zero).float()
+        lp[a:e] = torch.where(ca, lq.gather(-1, y).squeeze(-1).double(), zero).float()
+        ref_lp[a:e] = torch.where(ca, lpt.gather(-1, y).squeeze(-1).double(), zero).float()
+    return lp, ref_lp, kl, kept_s, kept_t
+
+
+def fused_linear_label_terms_backward(
+    h,
+    w,
+    b,
+    rh,
+    rw,
+    rb,
+    labels,
+    ignore_index,
+    chunk_size,
+    g_lp,
+    g_kl,
+    need,
+    kept_s=None,
+    kept_t=None,
+    out=None,
+    *,
+    fn,
+):
+    """The gradients (policy hidden, weight, bias) of ``sum_i g_lp[i] lp_i + g_kl[i] KL_i``
+    (either None: not asked), from the kept logits where :func:`fused_linear_label_terms` kept
+    them and recomputed elsewhere. ``out``: (hidden, weight, bias) buffers, the first written
+    and the other two added to (compute dtype, for a caller that accumulates over calls), None
+    where not needed; without it the gradients are returned in the inputs' dtypes."""
+    n, v, lab, act = _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index)
+    dev = h.device
+    dt = _compute_dtype(h, w, rh, rw)
+    ph = _Head(h, w, b, dt)
+    rhd = _Head(rh, rw, rb, dt) if g_kl is not None else None
+    if out is None:
+        g = [None, None, None]
+        if need[0]:
+            g[0] = torch.empty(h.shape, dtype=ph.hidden_grad_dtype, device=dev)
+        if need[1]:
+            g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
+        if need[2] and b is not None:
+            g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    else:
+        g = list(out)
+    rows = _rows_per_chunk(chunk_size, n, v, dev)
+    zero = torch.zeros((), dtype=dt, device=dev)
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e])).unsqueeze(-1)
+        hc = ph.rows(a, e)
+        zs = _kept_or_computed(kept_s, a, e, ph, hc, False)
+        q = _softmax_rows(fn, "policy", zs, ca, a)[3]
+        dz = torch.zeros_like(q)
+        if g_lp is not None:
+            c = torch.where(ca, g_lp[a:e].to(dev, dt), zero).unsqueeze(-1)
+            dz -= c * q
+            dz.scatter_add_(-1, y, c)
+        if g_kl is not None:
+            zt = _kept_or_computed(kept_t, a, e, rhd, rhd.rows(a, e), False)
+            p = _softmax_rows(fn, "reference", zt, ca, a)[3]
+            c = torch.where(ca, g_kl[a:e].to(dev, dt), zero).unsqueeze(-1)
+            dz += c * (q - p)
+        if g[0] is not None:
+            g[0][a:e] = ph.grad_hidden(dz)
+        if g[1] is not None:
+            ph.add_grad_weight(g[1], dz, hc)
+        if g[2] is not None:
+            g[2] += dz.sum(0)
+    if out is not None:
+        return g
+    return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
