@@ -282,6 +282,34 @@ def _error_checks(rank, world):
     _close(out, want, 2e-5, "after the errors")
 
 
+def _bf16_checks(rank, world):
+    """bf16 hidden states and shards: both engines compute in fp32 from the same values."""
+    import divkit
+
+    sh, sw, sb, th, tw, tb, labels, _ = (
+        x.to(torch.bfloat16) if x.is_floating_point() else x for x in _data()
+    )
+    lo, hi = _bounds(sw.shape[0], world, rank)
+    grp = dist.group.WORLD
+    res = {}
+    for mode in ("torch", "core"):
+        xs = [x.clone().requires_grad_(True) for x in (sh, sw[lo:hi], th, tw[lo:hi])]
+        out = divkit.fused_linear_divergence(
+            *xs,
+            "jsd",
+            labels=labels,
+            hard_weight=0.5,
+            chunk_size=9,
+            process_group=grp,
+            backend=mode,
+        )
+        out.backward()
+        res[mode] = [out.detach()] + [x.grad for x in xs]
+    for i, (a, b) in enumerate(zip(res["torch"], res["core"])):
+        assert a.dtype == b.dtype, i
+        _close(a, b, 1e-2 if i else 2e-5, f"bf16 output {i}")
+
+
 def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -290,11 +318,36 @@ def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
     )
     try:
         import divkit
+        from divkit.backends import torch_ops
 
         divkit.set_num_threads(1)
-        {"divergence": _divergence_checks, "labels": _label_head_checks, "errors": _error_checks}[
-            part
-        ](rank, world)
+        # Every check below must reach the PyTorch loop's vocabulary-parallel mode.
+        made = []
+        real = torch_ops._Shard.__init__
+
+        def counted(self, *a, **k):
+            made.append(a[0])
+            real(self, *a, **k)
+
+        torch_ops._Shard.__init__ = counted
+        checks = {
+            "divergence": _divergence_checks,
+            "labels": _label_head_checks,
+            "errors": _error_checks,
+            "bf16": _bf16_checks,
+        }
+        checks[part](rank, world)
+        want = {
+            "divergence": {"fused_linear_divergence"},
+            "labels": {"fused_linear_cross_entropy", "fused_linear_logprobs"},
+            "errors": {
+                "fused_linear_divergence",
+                "fused_linear_cross_entropy",
+                "fused_linear_logprobs",
+            },
+            "bf16": {"fused_linear_divergence"},
+        }[part]
+        assert set(made) == want, made
         msg = "ok"
     except BaseException:
         msg = traceback.format_exc()
@@ -307,7 +360,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
     os._exit(0)
 
 
-@pytest.mark.parametrize("part", ["divergence", "labels", "errors"])
+@pytest.mark.parametrize("part", ["divergence", "labels", "errors", "bf16"])
 def test_torch_vocab_parallel_matches_core_and_unsharded(part, tmp_path):
     mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), part), nprocs=WORLD, join=True)
     for rank in range(WORLD):
