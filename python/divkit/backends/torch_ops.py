@@ -1087,8 +1087,9 @@ def _shard_max(shard: _Shard, zs) -> list:
 def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=False, z_sum=False):
     """The label statistics of one chunk's logits ``z`` [c, V_r] (already divided by T and
     softcapped) over the shard's group: (lse, z_label, entropy or None, sum of z or None), fp64
-    [c], 0 at inactive rows. Raises on every rank for a row that is NaN, +inf or -inf
-    everywhere."""
+    [c]; z_label, entropy and the sum are 0 at inactive rows, lse is the row's wherever it is
+    finite (so that exp(z - lse) stays finite at an ignored row, whose coefficients are 0).
+    Raises on every rank for a counted row that is NaN, +inf or -inf everywhere."""
     (m,) = _shard_max(shard, [z])
     r = _first_row(act & ~torch.isfinite(m))
     if r is not None:
@@ -1096,7 +1097,7 @@ def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=
             fn,
             f"the logits of token {first + r} (hidden @ weight^T + bias) are NaN, +inf or all -inf",
         )
-    m = torch.where(act, m, torch.zeros_like(m))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     c = z - m.to(z.dtype).unsqueeze(-1)
     e = torch.exp(c)
     col, mine = shard.local_labels(y, act)
@@ -1107,10 +1108,11 @@ def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=
     if z_sum:
         parts.append(z.sum(-1, dtype=torch.float64))
     parts = list(shard.sum_(torch.stack(parts)))
-    s = torch.where(act, parts[0], torch.ones_like(parts[0]))
+    ok = (parts[0] > 0) & (parts[0] < _INF)
+    s = torch.where(ok, parts[0], torch.ones_like(parts[0]))
     log_s = torch.log(s)
     zero = torch.zeros_like(log_s)
-    lse = torch.where(act, m + log_s, zero)
+    lse = m + log_s
     ent = torch.where(act, log_s - parts[2] / s, zero) if entropy else None
     zs = torch.where(act, parts[-1], zero) if z_sum else None
     return lse, torch.where(act, parts[1], zero), ent, zs
