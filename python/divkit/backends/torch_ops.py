@@ -1507,7 +1507,7 @@ def fused_linear_cross_entropy(
             r = _first_row(ca & ~torch.isfinite(lse))
             if r is not None:
                 check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
-            col, one = y, -(1.0 - eps)
+            col, one = y, torch.full_like(z[:, :1], -(1.0 - eps))
             zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
             loss_r = (1.0 - eps) * (lse - zy).double()
             mean_z = z.mean(-1, dtype=torch.float64) if eps != 0.0 else None
@@ -1528,10 +1528,7 @@ def fused_linear_cross_entropy(
         p = torch.exp(z - lse.unsqueeze(-1))
         if return_stats:
             lp = torch.where(ca, zy - lse, torch.zeros_like(lse))
-            if shard is None:
-                ent = -(p * (z - lse.unsqueeze(-1))).sum(-1)
-            else:
-                ent = ent64
+            ent = -(p * (z - lse.unsqueeze(-1))).sum(-1) if shard is None else ent64
             logprobs[a:e] = lp.to(torch.float32)
             entropy[a:e] = torch.where(ca, ent, torch.zeros_like(ent)).to(torch.float32)
         if want:
@@ -1539,10 +1536,7 @@ def fused_linear_cross_entropy(
             dz = p * (1.0 + 2.0 * zsq * lse.unsqueeze(-1))
             if eps != 0.0:
                 dz = dz - eps / v
-            if shard is None:
-                dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(dz[:, :1], one))
-            else:
-                dz.scatter_add_(-1, col.unsqueeze(-1), one)
+            dz.scatter_add_(-1, col.unsqueeze(-1), one)
             if cap > 0:
                 dz = dz * (1.0 - (z / cap) ** 2)
             dz = dz * scale[a:e].to(dt).unsqueeze(-1)
@@ -1690,8 +1684,9 @@ def fused_linear_logprobs_backward(
 def _sharded_logprob_chunks(
     h, w, b, labels, ignore_index, temperature, chunk_size, fn, group, flags
 ):
-    """Yields (a, e, active, y, hc, head, z, lse, entropy, shard, inv_t) per chunk of tokens,
-    ``z`` the chunk's shard logits / T, ``lse`` and ``entropy`` the rows' global values (fp64)."""
+    """Yields (a, e, active, y, hc, head, z, lse, z_label, entropy, shard, inv_t) per chunk of
+    tokens, ``z`` the chunk's shard logits / T, ``lse``, ``z_label`` and ``entropy`` the rows'
+    global values (fp64)."""
     n, v = h.shape[0], w.shape[0]
     dev = h.device
     shard = _Shard(fn, group, v, dev, lambda: _head_checks(fn, "", h, w, b), flags)
