@@ -64,16 +64,19 @@ def _divergence_checks(rank, world):
     n, v = sh.shape[0], sw.shape[0]
     lo, hi = _bounds(v, world, rank)
     grp = dist.group.WORLD
-    cases = [(k, p, "mean", 0.3, 1.5) for k, p in KIND_CASES]
+    cases = [(k, p, "mean", 0.3, 1.5, True) for k, p in KIND_CASES]
     cases += [
-        ("forward_kl", {}, "none", 0.0, 1.0),
-        ("jsd", {"beta": 0.3}, "sum", 0.5, 0.8),
-        ("renyi", {"alpha": 0.5}, "batchmean", 0.0, 2.0),
-        ("reverse_kl", {}, "none", 1.0, 1.0),
+        ("forward_kl", {}, "none", 0.0, 1.0, True),
+        ("jsd", {"beta": 0.3}, "sum", 0.5, 0.8, True),
+        ("renyi", {"alpha": 0.5}, "batchmean", 0.0, 2.0, True),
+        ("reverse_kl", {}, "none", 1.0, 1.0, True),
+        # No labels (every token counts), a num_items_in_batch divisor.
+        ("tvd", {"num_items_in_batch": 17}, "sum", 0.0, 1.0, False),
+        ("hellinger", {}, "mean", 0.0, 0.7, False),
     ]
-    for kind, params, reduction, hard, temp in cases:
+    for kind, params, reduction, hard, temp, with_labels in cases:
         kw = dict(
-            labels=labels,
+            labels=labels if with_labels else None,
             weights=weights if reduction != "batchmean" else None,
             hard_weight=hard,
             soft_weight=0.7,
