@@ -258,6 +258,13 @@ def _error_checks(rank, world):
         "fused_linear_cross_entropy",
         "hidden sizes must agree" if rank == 1 else "rejected on 1 other rank",
     )
+    # An empty shard on one rank.
+    w_empty = sw[lo:hi] if rank == 0 else sw[:0]
+    _expect_error(
+        lambda: divkit.fused_linear_logprobs(sh, w_empty, labels, **kw),
+        "fused_linear_logprobs",
+        "an empty vocabulary shard" if rank == 1 else "rejected on 1 other rank",
+    )
     # A label beyond the global vocabulary; a NaN logit on one rank's shard only.
     bad = labels.clone()
     bad[3] = v + 5

@@ -1075,10 +1075,7 @@ def _shard_max(shard: _Shard, zs) -> list:
     row has a NaN or +inf, -inf where every rank's is all -inf), in one all-reduce."""
     ms = []
     for z in zs:
-        if z.shape[-1]:
-            m = z.amax(-1).double()
-        else:  # an empty shard
-            m = torch.full((z.shape[0],), -_INF, dtype=torch.float64, device=z.device)
+        m = z.amax(-1).double()  # shards are never empty (_head_checks)
         ms.append(torch.where((torch.isnan(z) | torch.isposinf(z)).any(-1), _INF, m))
     out = shard.max_(torch.stack(ms))
     return list(out)
@@ -1362,6 +1359,9 @@ def _sum_over(shard: Optional["_Shard"], x: torch.Tensor) -> torch.Tensor:
 
 
 def _head_checks(fn: str, prefix: str, h, w, b) -> None:
+    """A vocabulary shard's head: one hidden size, a bias of its rows, at least one row."""
+    if w.shape[0] == 0:
+        check.fail(fn, f"{prefix}weight has no rows on this rank (an empty vocabulary shard)")
     if w.shape[1] != h.shape[1]:
         check.fail(
             fn,
