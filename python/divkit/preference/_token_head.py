@@ -46,15 +46,13 @@ def backend_scope(backend: str):
 
 
 def engine(fn: str, tensors, backend: Optional[str] = None) -> str:
-    """ "core" (the C++ one pass: CPU tensors under backend "auto" or "core") or "torch" (the
-    PyTorch chunk loop: other devices, or backend "torch"); backend "core" on a device without
-    the C++ engine raises."""
+    """The engine of the one pass: "core" (the C++ engine: CPU tensors under backend "auto" or
+    "core") or "torch" (the PyTorch chunk loop: other devices, or backend "torch"); backend
+    "core" on a device without the C++ engine, and meta tensors (no values), raise."""
     backend = _device.backend(fn, _BACKEND.get() if backend is None else backend)
     dev = _device.common_device(fn, tensors) or torch.device("cpu")
     if backend == "torch" or dev.type != "cpu":
-        if backend == "core":
-            check.fail(fn, f"no kernel for device {dev}")
-        if dev.type == "meta":
+        if backend == "core" or dev.type == "meta":
             check.fail(fn, f"no kernel for device {dev}")
         return "torch"
     return "core"
