@@ -894,11 +894,6 @@ def _logprobs_apply(
     def backward(ts, grad_out, need):
         return _lp_backward(ts, *args, grad_out, need)
 
-    if group is not None and fallback:
-        forward, backward = _sharded_lp_steps(
-            labels, temperature, ignore_index, return_entropy, topk, chunk, group
-        )
-
     if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_logprobs"):
         outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback)
     else:
@@ -933,6 +928,11 @@ def _lp_forward(
     ts, labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback
 ) -> tuple:
     """fused_linear_logprobs' outputs on [N, H] rows: (logprobs[, entropy][, topk_mass])."""
+    if fallback and group is not None:
+        # The vocabulary-parallel mode of the PyTorch loop.
+        return torch_ops.fused_linear_logprobs_sharded(
+            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk, group
+        )
     if fallback:
         return torch_ops.fused_linear_logprobs(
             *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk
@@ -969,6 +969,10 @@ def _lp_backward(
     """The gradients of (hidden, weight, bias) given the upstream gradient of the log-probs (and
     of the entropy, a pair, when return_entropy)."""
     g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
+    if fallback and group is not None:
+        return torch_ops.fused_linear_logprobs_sharded_backward(
+            *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk, group
+        )
     if fallback:
         return torch_ops.fused_linear_logprobs_backward(
             *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
@@ -983,22 +987,3 @@ def _lp_backward(
         tuple(grads),
     )
     return grads
-
-
-def _sharded_lp_steps(labels, temperature, ignore_index, return_entropy, topk, chunk, group):
-    """The forward and backward steps of fused_linear_logprobs in the vocabulary-parallel mode of
-    the PyTorch loop (torch_ops' sharded functions), as _head_loss takes them."""
-
-    def forward(ts, need, upstream):
-        outs = torch_ops.fused_linear_logprobs_sharded(
-            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk, group
-        )
-        return outs, None
-
-    def backward(ts, grad_out, need):
-        g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
-        return torch_ops.fused_linear_logprobs_sharded_backward(
-            *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk, group
-        )
-
-    return forward, backward
