@@ -1,6 +1,6 @@
 """The vocabulary-parallel fused heads on the PyTorch chunk loop (backend="torch", the route that
-CUDA tensors take), on real gloo process groups (2 processes on this machine): the loss and every
-gradient must equal the C++ core's vocabulary-parallel result on the same shards and the
+CUDA tensors take), on real gloo process groups (2 and 3 processes on this machine): the loss and
+every gradient must equal the C++ core's vocabulary-parallel result on the same shards and the
 unsharded single-process result (itself checked against float64 references in
 test_fused_linear.py), and the ranks' bad arguments must raise on every rank."""
 
