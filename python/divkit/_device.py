@@ -7,7 +7,8 @@
   current stream of that device (``DivergenceArgs.stream``, an integer: nanobind's DLPack
   import does not synchronize); the fused heads on such a build run the PyTorch chunk loop
   (torch GEMMs) with divkit's CUDA row kernel as its row step (``Route.rows == "core"``, see
-  :data:`CORE_ROWS`); anything
+  :data:`CORE_ROWS`; with ``process_group`` the loop's vocabulary-parallel mode, whose rows
+  are PyTorch ops between torch.distributed all-reduces); anything
   else (MPS, XPU, a build without CUDA, an op without a CUDA kernel) goes to the PyTorch
   fallback (:mod:`divkit.backends.torch_ops`) when the op has one, and raises
   ``"<fn>: no kernel for device <d>"`` when it has none (never a silent copy to the host).

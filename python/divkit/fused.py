@@ -100,7 +100,9 @@ def _check_same_tokens(fn: str, group, hidden: Sequence[torch.Tensor], labels) -
         for x in hidden:
             h = x.detach().double()
             vals += [h.sum(), (h * h).sum()]
-        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in vals])
+        # On the tokens' device: NCCL reduces CUDA tensors only.
+        dev = hidden[0].device
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev) for v in vals])
         both = torch.cat([stats, -stats])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
         k = stats.numel()
@@ -262,7 +264,7 @@ def _distill_call(
     if route is not None and not route.core:
         # The PyTorch chunk loop; on CUDA its row step is divkit's CUDA kernel (route.rows).
         return torch_ops.fused_linear_divergence(
-            sh, sw, sb, th, tw, tb, labels, weights, cfg, need, reduction, route=route
+            sh, sw, sb, th, tw, tb, labels, weights, cfg, need, reduction, route=route, group=group
         )
     n = sh.shape[0]
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
@@ -374,10 +376,10 @@ def fused_linear_divergence(
         ),
     )
     cpu = route.device.type == "cpu"
-    if not route.core and (process_group is not None or teacher_token_ids is not None):
+    if not route.core and teacher_token_ids is not None:
         check.fail(
             fn,
-            "the PyTorch fallback has no process_group or teacher_token_ids (no kernel for "
+            "the PyTorch fallback has no teacher_token_ids (no kernel for "
             f"device {route.device} with them)",
         )
     sh = _hidden(fn, "student_hidden", student_hidden, cpu)
@@ -701,8 +703,6 @@ def fused_linear_cross_entropy(
         (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
     )
     cpu = route.device.type == "cpu"
-    if not route.core and process_group is not None:
-        check.fail(fn, f"the PyTorch fallback has no process_group (device {route.device})")
     h = _hidden(fn, "hidden", hidden, cpu)
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
@@ -767,6 +767,7 @@ def _ce_call(cfg: _CEConfig, group, route, return_stats: bool, labels, ts, need,
             need,
             reduction,
             return_stats and upstream is None,
+            group=group,
         )
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
@@ -848,8 +849,6 @@ def fused_linear_logprobs(
         (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)),
     )
     cpu = route.device.type == "cpu"
-    if not route.core and process_group is not None:
-        check.fail(fn, f"the PyTorch fallback has no process_group (device {route.device})")
     h = _hidden(fn, "hidden", hidden, cpu)
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
@@ -956,6 +955,16 @@ def _lp_forward(
 ) -> tuple:
     """fused_linear_logprobs' outputs on [N, H] rows: (logprobs[, entropy][, topk_mass]
     [, log_sum_sq_probs][, is_top1 (bool)]), as asked (extra: the last two's flags)."""
+    if fallback and group is not None:
+        if any(extra):
+            check.fail(
+                "fused_linear_logprobs",
+                "log_sum_sq_probs and is_top1 are not supported with a vocabulary-parallel shard",
+            )
+        # The vocabulary-parallel mode of the PyTorch loop.
+        return torch_ops.fused_linear_logprobs_sharded(
+            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk, group
+        )
     if fallback:
         return torch_ops.fused_linear_logprobs(
             *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk, extra=extra
@@ -994,6 +1003,10 @@ def _lp_backward(
     """The gradients of (hidden, weight, bias) given the upstream gradient of the log-probs (and
     of the entropy, a pair, when return_entropy)."""
     g_lp, g_ent = (grad_out, None) if not return_entropy else grad_out
+    if fallback and group is not None:
+        return torch_ops.fused_linear_logprobs_sharded_backward(
+            *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk, group
+        )
     if fallback:
         return torch_ops.fused_linear_logprobs_backward(
             *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk

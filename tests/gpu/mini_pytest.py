@@ -1,6 +1,6 @@
 """Runs tests/gpu's test modules where pytest is not installed (the GPU machine may lack it):
 a stand-in `pytest` module with the few features they use (mark.parametrize, mark.skipif,
-raises), then every test function with every parameter combination.
+raises, skip), then every test function with every parameter combination.
 
 Usage: python tests/gpu/mini_pytest.py tests/gpu/test_divergence_cuda.py [...]
 """
@@ -39,10 +39,19 @@ def raises(exc, match=None):
     raise AssertionError(f"did not raise {exc}")
 
 
+class _Skipped(Exception):
+    pass
+
+
+def skip(reason=""):
+    raise _Skipped(reason)
+
+
 def _install_stand_in():
     mod = types.ModuleType("pytest")
     mod.mark = _Mark()
     mod.raises = raises
+    mod.skip = skip
     sys.modules["pytest"] = mod
 
 
@@ -63,7 +72,7 @@ def _cases(fn):
 
 def main(paths):
     _install_stand_in()
-    passed = failed = 0
+    passed = failed = skipped = 0
     for path in paths:
         spec = importlib.util.spec_from_file_location(f"gpu_test_{passed}", path)
         module = importlib.util.module_from_spec(spec)
@@ -79,11 +88,14 @@ def main(paths):
                 try:
                     fn(**kw)
                     passed += 1
+                except _Skipped as e:
+                    skipped += 1
+                    print(f"SKIPPED {label}: {e}")
                 except Exception:  # noqa: BLE001 - report every failure
                     failed += 1
                     print(f"FAILED {label}")
                     traceback.print_exc()
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return 1 if failed else 0
 
 

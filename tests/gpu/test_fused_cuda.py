@@ -148,3 +148,130 @@ def test_fused_errors_name_the_function():
         divkit.fused_linear_divergence(*[x.cuda() for x in xs])
     with pytest.raises(divkit.Error, match="is on cpu but"):
         divkit.fused_linear_divergence(xs[0].cuda(), *xs[1:])
+
+
+def _one_rank_group(backend):
+    """A process group of this process alone (NCCL for CUDA tensors), in a hash store: the
+    vocabulary-parallel path's collectives on the GPU, with the whole vocabulary as the shard."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.group.WORLD, False
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.group.WORLD, True
+
+
+def _vocab_parallel_against_cpu(device, pg_backend, dtype, tol):
+    import torch.distributed as dist
+
+    group, made = _one_rank_group(pg_backend)
+    # bf16 / fp16 on CUDA: fp32 logits from the same products summed in another order.
+    loss_tol = 2e-5 if dtype == torch.float32 else 1e-4
+    try:
+        xs = _inputs(41, 64, 2053, dtype, seed=7)
+        labels = torch.arange(41) * 13 % 2053
+        labels[4] = -100
+        for kind, params in (("forward_kl", {}), ("jsd", {"beta": 0.3}), ("renyi", {"alpha": 1.6})):
+            kw = dict(hard_weight=0.4, chunk_size=16, temperature=1.2, grad_teacher=True)
+            cpu = _distill(xs, kind, params, labels, "cpu", **kw)
+            dev = _distill(xs, kind, params, labels, device, process_group=group, **kw)
+            _close(dev[:1], cpu[:1], loss_tol)
+            _close(dev[1:], cpu[1:], tol)
+        h, w = xs[0], xs[1]
+        outs = []
+        for d, g in (("cpu", None), (device, group)):
+            hd, wd = (x.to(d).requires_grad_() for x in (h, w))
+            loss = divkit.fused_linear_cross_entropy(
+                hd, wd, labels.to(d), label_smoothing=0.1, chunk_size=16, process_group=g
+            )
+            res = divkit.fused_linear_logprobs(
+                hd, wd, labels.to(d), return_entropy=True, topk=5, chunk_size=16, process_group=g
+            )
+            (loss + res.logprobs.sum() + res.entropy.sum()).backward()
+            outs.append(
+                [loss.detach().cpu(), res.logprobs.cpu(), res.entropy.cpu(), res.topk_mass.cpu()]
+                + [hd.grad.cpu(), wd.grad.cpu()]
+            )
+        _close(outs[1][:4], outs[0][:4], loss_tol)
+        _close(outs[1][4:], outs[0][4:], tol)
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_vocab_parallel_cuda_nccl(dtype, tol):
+    """process_group= on CUDA tensors (the PyTorch chunk loop's vocabulary-parallel phases, NCCL
+    all-reduces on the GPU) against the unsharded CPU head; one rank, so every collective runs
+    and the shard is the whole vocabulary."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    _vocab_parallel_against_cpu("cuda", "nccl", dtype, tol)
+
+
+def _pair(dtype, seed=8, bsz=3, t=24, h=64, hr=48, v=3001):
+    g = torch.Generator().manual_seed(seed)
+    pol = [
+        torch.randn(bsz, t, h, generator=g).to(dtype),
+        torch.randn(bsz, t, h, generator=g).to(dtype),
+        (torch.randn(v, h, generator=g) / h**0.5).to(dtype),
+    ]
+    ref = [
+        torch.randn(bsz, t, hr, generator=g).to(dtype),
+        torch.randn(bsz, t, hr, generator=g).to(dtype),
+        (torch.randn(v, hr, generator=g) / hr**0.5).to(dtype),
+    ]
+    cl, rl = torch.randint(0, v, (bsz, t), generator=g), torch.randint(0, v, (bsz, t), generator=g)
+    cl[:, :5] = -100
+    rl[1, :9] = -100
+    return pol, ref, cl, rl
+
+
+def _tdpo(fn, pol, ref, cl, rl, device, keep_bytes):
+    xs = [x.to(device).requires_grad_() for x in pol]
+    rs = [x.to(device) for x in ref]
+    out = fn(
+        xs[0],
+        xs[1],
+        xs[2],
+        cl.to(device),
+        rl.to(device),
+        ref_chosen_hidden=rs[0],
+        ref_rejected_hidden=rs[1],
+        ref_weight=rs[2],
+        chunk_size=16,
+        keep_bytes=keep_bytes,
+    )
+    (out[0] * torch.tensor([1.0, 0.5, 2.0], device=device)).sum().backward()
+    return [o.detach().cpu() for o in out] + [x.grad.cpu() for x in xs]
+
+
+@pytest.mark.parametrize("fn_name", ["tdpo_loss_fused", "sparsepo_loss_fused"])
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+def test_tdpo_fused_cuda(fn_name, keep_bytes):
+    """The one pass of the token-level preference losses from two heads on CUDA tensors
+    (torch_ops.fused_linear_label_terms) against the C++ engine on the CPU."""
+    fn = getattr(divkit, fn_name)
+    calls = []
+    real = torch_ops.fused_linear_label_terms
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    pol, ref, cl, rl = _pair(torch.float32)
+    cpu = _tdpo(fn, pol, ref, cl, rl, "cpu", keep_bytes)
+    torch_ops.fused_linear_label_terms = counted
+    try:
+        dev = _tdpo(fn, pol, ref, cl, rl, "cuda", keep_bytes)
+    finally:
+        torch_ops.fused_linear_label_terms = real
+    assert calls, "the PyTorch label-terms pass did not run on CUDA"
+    _close(dev, cpu, 3e-5)
+    pol, ref, cl, rl = _pair(torch.bfloat16)
+    cpu = _tdpo(fn, pol, ref, cl, rl, "cpu", keep_bytes)
+    dev = _tdpo(fn, pol, ref, cl, rl, "cuda", keep_bytes)
+    _close(dev[:3], cpu[:3], 1e-3)
+    _close(dev[3:], cpu[3:], 2e-2)

@@ -41,10 +41,15 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_logprobs",
     "fused_linear_logprobs_backward",
+    "fused_linear_logprobs_sharded",
+    "fused_linear_logprobs_sharded_backward",
+    "fused_linear_label_terms",
+    "fused_linear_label_terms_backward",
     "DEFAULT_CHUNK_ENTRIES",
     "CUDA_CHUNK_ENTRIES",
     "TorchRows",
     "CoreRows",
+    "ShardRows",
     "row_step",
 ]
 
@@ -317,12 +322,17 @@ def _terms(spec: _Spec, p, q, lp, lq, lr, need_t: bool):
 
 
 class _Entries:
-    """p, q, their logs and log(p / q) of a chunk, from centered, scaled logits."""
+    """p, q, their logs and log(p / q) of a chunk, from centered, scaled logits; ``lse``: the
+    rows' (student, teacher) log-sum-exps [rows, 1] when the row is wider than the chunk (a
+    vocabulary shard: the global normalizers)."""
 
-    def __init__(self, zs: torch.Tensor, zt: torch.Tensor) -> None:
+    def __init__(self, zs: torch.Tensor, zt: torch.Tensor, lse=None) -> None:
         # z = (x - max) / T: the max is subtracted first, so that the logs keep their precision.
-        self.lse_s = torch.logsumexp(zs, -1, keepdim=True)
-        self.lse_t = torch.logsumexp(zt, -1, keepdim=True)
+        if lse is None:
+            self.lse_s = torch.logsumexp(zs, -1, keepdim=True)
+            self.lse_t = torch.logsumexp(zt, -1, keepdim=True)
+        else:
+            self.lse_s, self.lse_t = lse
         self.lq = zs - self.lse_s
         self.lp = zt - self.lse_t
         self.q = torch.exp(self.lq)
@@ -337,13 +347,22 @@ def _center(x: torch.Tensor, inv_t: float) -> torch.Tensor:
     return (x - m) * inv_t
 
 
-def _chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor):
+def _chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor, shard=None):
     """One chunk: (row values fp64 with +inf where infinite, grad_s, grad_t) in the compute
-    dtype; ``scale`` [rows, 1] is d(loss)/d(row value) / T."""
+    dtype; ``scale`` [rows, 1] is d(loss)/d(row value) / T. With ``shard`` (a
+    :class:`_Shard`) the rows are a vocabulary shard's and their sums are combined over the
+    group (one all-reduce; Renyi two)."""
     if spec.kind == "renyi":
-        return _renyi_chunk(spec, e, need_s, need_t, scale)
+        return _renyi_chunk(spec, e, need_s, need_t, scale, shard)
     g, u, v = _terms(spec, e.p, e.q, e.lp, e.lq, e.lr, need_t)
-    value = g.sum(-1, dtype=torch.float64)
+    sums = [g.sum(-1, dtype=torch.float64)]
+    if need_s and u is not None:
+        sums.append(u.sum(-1, dtype=torch.float64))
+    if need_t:
+        sums.append(v.sum(-1, dtype=torch.float64))
+    if shard is not None:
+        sums = list(shard.sum_(torch.stack(sums)))
+    value = sums[0]
     bad = ~(value.abs() <= _FLT_MAX)
     gs = gt = None
     if need_s or need_t:
@@ -351,11 +370,11 @@ def _chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Te
             if u is None:  # u = -p, sum u = -1
                 gs = scale * (e.q - e.p)
             else:
-                su = u.sum(-1, dtype=torch.float64)
+                su = sums[1]
                 bad |= ~(su.abs() <= _FLT_MAX)
                 gs = scale * (u - e.q * su.to(u.dtype).unsqueeze(-1))
         if need_t:
-            sv = v.sum(-1, dtype=torch.float64)
+            sv = sums[-1]
             bad |= ~(sv.abs() <= _FLT_MAX)
             gt = scale * (v - e.p * sv.to(v.dtype).unsqueeze(-1))
     value = torch.where(bad, torch.full_like(value, _INF), value)
@@ -367,8 +386,11 @@ def _chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Te
     return value, gs, gt
 
 
-def _renyi_chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor):
-    """Renyi rows in log space: D = L / (alpha - 1), L = log sum w (see the core's RenyiRow)."""
+def _renyi_chunk(
+    spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: torch.Tensor, shard=None
+):
+    """Renyi rows in log space: D = L / (alpha - 1), L = log sum w (see the core's RenyiRow);
+    over a vocabulary shard, max log w is combined by a max and the two sums by a sum."""
     a = spec.alpha
     p, q, lq, lr = e.p, e.q, e.lq, e.lr
     masked_q = torch.isneginf(lq)
@@ -381,9 +403,13 @@ def _renyi_chunk(spec: _Spec, e: _Entries, need_s: bool, need_t: bool, scale: to
     )
     s1 = (-_mix_minus_power_mean(p, q, lq, lr, a)).sum(-1, dtype=torch.float64)
     amax = logw.amax(-1, keepdim=True)
+    if shard is not None:
+        amax = shard.max_(amax)
     infinite = ~(amax < _INF) | torch.isneginf(amax)  # [rows, 1]
     amax_safe = torch.where(infinite, torch.zeros_like(amax), amax)
     sum_w = torch.exp(logw - amax_safe).sum(-1, dtype=torch.float64)
+    if shard is not None:
+        s1, sum_w = shard.sum_(torch.stack([s1, sum_w]))
     near_zero = s1.abs() < 0.5
     log_rel = torch.log(sum_w)
     log_sum_w = torch.where(near_zero, torch.log1p(s1), amax_safe.squeeze(-1).double() + log_rel)
@@ -973,6 +999,185 @@ def row_step(route: Any = None) -> TorchRows:
 
 
 # ---------------------------------------------------------------------------------------------
+# Vocabulary-parallel (src/fused_linear/vocab_parallel.cc): the fused heads' weights are this
+# rank's contiguous block of the vocabulary, blocks in rank order; every rank passes the same
+# tokens. The row statistics of each chunk are combined over the group with torch.distributed
+# all-reduces (NCCL on CUDA, gloo on the CPU), in the core's phases: the rows' max, then the
+# sums of exp under it (and the label's logit from the rank holding it), then the divergence's
+# sums under the global normalizers. Every rank makes the same collectives in the same order:
+# their sizes depend on the tokens and the options, never on the shard, and every check after
+# the first collective reads combined values, so that all ranks raise together.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Shard:
+    """This rank's place in the vocabulary-parallel ``group``: ``offset`` and ``global_v`` of
+    its shard of ``v_local`` rows, ``max_v`` the largest shard (every rank takes its chunk size
+    from it). ``local_checks()`` (the checks whose outcome may differ between ranks) runs first;
+    its error, and ``flags`` (the outputs asked for) that differ between the ranks, raise on
+    every rank, agreed on with the one all-reduce of the layout."""
+
+    def __init__(self, fn: str, group, v_local: int, device, local_checks, flags=()) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.group, self.device = dist, group, device
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        error = None
+        try:
+            local_checks()
+        except check.Error as e:
+            error = e
+        world = self.world
+        layout = torch.zeros(world + 1 + len(flags), dtype=torch.float64, device=device)
+        layout[self.rank] = float(v_local)
+        layout[world] = 0.0 if error is None else 1.0
+        for k, f in enumerate(flags):
+            layout[world + 1 + k] = 1.0 if f else 0.0
+        got = [float(x) for x in self.sum_(layout).cpu()]
+        if got[world] > 0:
+            if error is not None:
+                raise error
+            check.fail(
+                fn,
+                f"the arguments were rejected on {int(got[world])} other rank(s) of the "
+                f"vocabulary-parallel group (see their error)",
+            )
+        if any(c not in (0.0, float(world)) for c in got[world + 1 :]):
+            check.fail(
+                fn,
+                "the ranks of the vocabulary-parallel group disagree on which outputs are asked "
+                "for (every rank must ask for the same gradients and statistics)",
+            )
+        sizes = [int(x) for x in got[:world]]
+        self.v = int(v_local)
+        self.offset = sum(sizes[: self.rank])
+        self.global_v = sum(sizes)
+        self.max_v = max(sizes)
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the group, in place (x on the call's device); returns x."""
+        self.dist.all_reduce(x, op=self.dist.ReduceOp.SUM, group=self.group)
+        return x
+
+    def max_(self, x: torch.Tensor) -> torch.Tensor:
+        self.dist.all_reduce(x, op=self.dist.ReduceOp.MAX, group=self.group)
+        return x
+
+    def local_labels(self, y: torch.Tensor, act: torch.Tensor):
+        """(column of each label in this shard, clamped; whether this shard holds it)."""
+        c = y - self.offset
+        mine = act & (c >= 0) & (c < self.v)
+        return torch.where(mine, c, torch.zeros_like(c)), mine
+
+
+def _shard_max(shard: _Shard, zs) -> list:
+    """The rows' global max of each [c, V_r] chunk in ``zs`` (fp64 [c]; +inf where some rank's
+    row has a NaN or +inf, -inf where every rank's is all -inf), in one all-reduce."""
+    ms = []
+    for z in zs:
+        m = z.amax(-1).double()  # shards are never empty (_head_checks)
+        ms.append(torch.where((torch.isnan(z) | torch.isposinf(z)).any(-1), _INF, m))
+    out = shard.max_(torch.stack(ms))
+    return list(out)
+
+
+def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=False, z_sum=False):
+    """The label statistics of one chunk's logits ``z`` [c, V_r] (already divided by T and
+    softcapped) over the shard's group: (lse, z_label, entropy or None, sum of z or None), fp64
+    [c]; z_label, entropy and the sum are 0 at inactive rows, lse is the row's wherever it is
+    finite (so that exp(z - lse) stays finite at an ignored row, whose coefficients are 0).
+    Raises on every rank for a counted row that is NaN, +inf or -inf everywhere."""
+    (m,) = _shard_max(shard, [z])
+    r = _first_row(act & ~torch.isfinite(m))
+    if r is not None:
+        check.fail(
+            fn,
+            f"the logits of token {first + r} (hidden @ weight^T + bias) are NaN, +inf or all -inf",
+        )
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    c = z - m.to(z.dtype).unsqueeze(-1)
+    e = torch.exp(c)
+    col, mine = shard.local_labels(y, act)
+    zy = z.gather(-1, col.unsqueeze(-1)).squeeze(-1).double()
+    parts = [e.sum(-1, dtype=torch.float64), torch.where(mine, zy, torch.zeros_like(zy))]
+    if entropy:
+        parts.append(_xt(e, c).sum(-1, dtype=torch.float64))
+    if z_sum:
+        parts.append(z.sum(-1, dtype=torch.float64))
+    parts = list(shard.sum_(torch.stack(parts)))
+    ok = (parts[0] > 0) & (parts[0] < _INF)
+    s = torch.where(ok, parts[0], torch.ones_like(parts[0]))
+    log_s = torch.log(s)
+    zero = torch.zeros_like(log_s)
+    lse = m + log_s
+    ent = torch.where(act, log_s - parts[2] / s, zero) if entropy else None
+    zs = torch.where(act, parts[-1], zero) if z_sum else None
+    return lse, torch.where(act, parts[1], zero), ent, zs
+
+
+class ShardRows(TorchRows):
+    """The soft term's row step on a vocabulary shard: the token divergence of the chunk's
+    shard logits under the group's normalizers (the core's sharded_divergence_rows in PyTorch
+    ops); the student gradient is written over ``zs``."""
+
+    name = "shard"
+
+    def __init__(self, shard: _Shard) -> None:
+        self.shard = shard
+
+    def divergence(self, zs, zt, labels, weights, cfg, need_s: bool, need_t: bool, fn: str):
+        spec = _Spec(cfg)
+        c = zs.shape[0]
+        act = (
+            labels.reshape(-1) != cfg.ignore_index
+            if labels is not None
+            else torch.ones(c, dtype=torch.bool, device=zs.device)
+        )
+        dt = zs.dtype
+        xs, xt = _sanitize(zs, act, dt), _sanitize(zt, act, dt)
+        # 1. The global max and sum of exp of both rows.
+        ms, mt = _shard_max(self.shard, [xs, xt])
+        for m, who in ((ms, "student"), (mt, "teacher")):
+            r = _first_row(act & torch.isposinf(m))
+            if r is not None:
+                check.fail(fn, f"the {who} logits of row {r} contain NaN or +inf (on some rank)")
+        centered = []
+        for x, m in ((xs, ms), (xt, mt)):
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            centered.append((x - m.to(dt).unsqueeze(-1)) * spec.inv_t)
+        sums = self.shard.sum_(
+            torch.stack([torch.exp(z).sum(-1, dtype=torch.float64) for z in centered])
+        )
+        for k, who in enumerate(("student", "teacher")):
+            r = _first_row(act & ~(sums[k] > 0))
+            if r is not None:
+                check.fail(
+                    fn,
+                    f"the {who} logits of row {r} are -inf on every rank (no distribution); "
+                    f"mark the row with labels = ignore_index",
+                )
+        safe = torch.where(act, sums, torch.ones_like(sums))
+        lse = torch.log(safe).to(dt).unsqueeze(-1)
+        e = _Entries(centered[0], centered[1], (lse[0], lse[1]))
+        # 2. and 3. The sums under them, combined, and the shard's gradients.
+        w = torch.where(
+            act, weights.to(torch.float64), torch.zeros_like(weights, dtype=torch.float64)
+        )
+        scale = (spec.t2 * w / spec.temperature).to(dt).unsqueeze(-1)
+        value, gs, gt = _chunk(spec, e, need_s, need_t, scale, self.shard)
+        if gs is not None:
+            gs = torch.where(act.unsqueeze(-1), gs, torch.zeros_like(gs))
+            if not need_t:
+                zs.copy_(gs)
+                gs = zs
+        if gt is not None:
+            gt = torch.where(act.unsqueeze(-1), gt, torch.zeros_like(gt))
+        value = torch.where(~(value.abs() <= _FLT_MAX), torch.full_like(value, _INF), value)
+        row = torch.where(act & (w != 0), w * value * spec.t2, torch.zeros_like(value))
+        return row, gs, gt
+
+
+# ---------------------------------------------------------------------------------------------
 # The fused linear head (src/fused_linear/distill_loop.cc): chunks of tokens through the GEMM,
 # the soft term (the token divergence above, per row, weighted soft_weight * w_i / divisor) and
 # the hard-label cross-entropy (T = 1, weighted hard_weight * w_i / divisor), then the gradient
@@ -1006,15 +1211,22 @@ def fused_linear_divergence(
     fn: str = "fused_linear_divergence",
     sparse_teacher: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None,
     route: Any = None,
+    group: Any = None,
 ):
     """``hard_weight * CE(z_s, labels) + soft_weight * D(p_teacher, q_student)`` of the heads
     ``z = hidden @ weight.T + bias`` (``[N, H]`` hidden states); ``cfg``: the options of
     :func:`divkit.fused_linear_divergence`; ``need``: six flags (student hidden, weight, bias,
     teacher hidden, weight, bias). With ``sparse_teacher = (indices [N, k], logprobs [N, k],
     tail)`` the teacher is sparse (:func:`divkit.fused_linear_sparse_divergence`; th, tw, tb are
-    None). Returns (loss [N] or [1] float32, six gradients or None)."""
+    None). With ``group`` (a torch.distributed process group) the weights and biases are this
+    rank's vocabulary shard: the loss is the unsharded one, the weight and bias gradients the
+    shard's, the hidden states' gradients all-reduced. Returns (loss [N] or [1] float32, six
+    gradients or None)."""
     n, v = sh.shape[0], sw.shape[0]
-    if sparse_teacher is None and tw.shape[0] != v:
+    shard = None
+    if group is not None:
+        shard = _distill_shard(fn, group, sh, sw, sb, th, tw, tb, need, cfg, sparse_teacher)
+    if shard is None and sparse_teacher is None and tw.shape[0] != v:
         check.fail(
             fn,
             f"teacher_weight has {tw.shape[0]} rows but student_weight {v}: the PyTorch "
@@ -1033,19 +1245,20 @@ def fused_linear_divergence(
     plan = _Plan(fn, plan_cfg, n, labels, weights, dev)
     act = plan.active
     lab = None
+    gv = v if shard is None else shard.global_v
     if labels is not None:
         lab = labels.to(dev).reshape(-1).to(torch.int64)
         if hw != 0.0:
-            bad = act & ((lab < 0) | (lab >= v))
+            bad = act & ((lab < 0) | (lab >= gv))
             r = _first_row(bad)
             if r is not None:
                 check.fail(
                     fn,
-                    f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not "
+                    f"labels[{r}] = {int(lab[r])} is out of range [0, {gv}) and is not "
                     f"ignore_index ({cfg.ignore_index})",
                 )
     dt = _compute_dtype(*(x for x in (sh, sw, th, tw) if x is not None))
-    rows_step = row_step(route)
+    rows_step = row_step(route) if shard is None else ShardRows(shard)
     s_head = _Head(sh, sw, sb, dt)
     t_head = _Head(th, tw, tb, dt) if tw is not None else None
     need_zs = any(need[:3])
@@ -1064,7 +1277,8 @@ def fused_linear_divergence(
     if need[5] and tb is not None:
         g[5] = torch.zeros(tb.shape, dtype=dt, device=dev)
     soft_cfg = _SoftCfg(cfg)
-    rows = _rows_per_chunk(cfg.chunk_size, n, v, dev)
+    # Every rank of a group takes the same chunks (from the largest shard).
+    rows = _rows_per_chunk(cfg.chunk_size, n, v if shard is None else shard.max_v, dev)
     row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
     scale = plan.weight / plan.divisor  # per token: w_i / divisor
     scale = torch.where(act, scale, torch.zeros_like(scale))
@@ -1077,17 +1291,26 @@ def fused_linear_divergence(
         dz_hard = None
         if hw != 0.0:
             y = torch.where(act[a:b], lab[a:b], torch.zeros_like(lab[a:b]))
-            lse = torch.logsumexp(zs, -1)
-            bad = act[a:b] & ~torch.isfinite(lse)
-            r = _first_row(bad)
-            if r is not None:
-                check.fail(fn, f"the student logits of token {a + r} are NaN, +inf or all -inf")
             hwr = hw * scale[a:b]
-            ce = (lse - zs.gather(-1, y.unsqueeze(-1)).squeeze(-1)).double()
+            if shard is None:
+                lse = torch.logsumexp(zs, -1)
+                bad = act[a:b] & ~torch.isfinite(lse)
+                r = _first_row(bad)
+                if r is not None:
+                    check.fail(fn, f"the student logits of token {a + r} are NaN, +inf or all -inf")
+                col, mine = y, act[a:b]
+                ce = (lse - zs.gather(-1, y.unsqueeze(-1)).squeeze(-1)).double()
+            else:
+                lse64, zy, _, _ = _shard_label_rows(shard, zs, act[a:b], y, fn, a)
+                lse = lse64.to(dt)
+                col, mine = shard.local_labels(y, act[a:b])
+                ce = lse64 - zy
             row_loss[a:b] += torch.where(act[a:b], hwr * ce, torch.zeros_like(ce))
             if need_zs:
                 dz_hard = torch.exp(zs - lse.unsqueeze(-1))
-                dz_hard.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(dz_hard[:, :1]))
+                # The one-hot term is the label's rank's.
+                one = torch.where(mine, -1.0, 0.0).to(dt).unsqueeze(-1)
+                dz_hard.scatter_add_(-1, col.unsqueeze(-1), one)
                 dz_hard *= hwr.to(dt).unsqueeze(-1)
         dzs = None
         if sw_f != 0.0 and sparse_teacher is not None:
@@ -1107,7 +1330,7 @@ def fused_linear_divergence(
             dzs = gzs
             if need_zt:
                 if g[3] is not None:
-                    g[3][a:b] = t_head.grad_hidden(gzt)
+                    g[3][a:b] = _sum_over(shard, t_head.grad_hidden(gzt))
                 if g[4] is not None:
                     t_head.add_grad_weight(g[4], gzt, ht_c)
                 if g[5] is not None:
@@ -1118,7 +1341,7 @@ def fused_linear_divergence(
             elif dz_hard is not None:
                 dzs += dz_hard
             if g[0] is not None:
-                g[0][a:b] = s_head.grad_hidden(dzs)
+                g[0][a:b] = _sum_over(shard, s_head.grad_hidden(dzs))
             if g[1] is not None:
                 s_head.add_grad_weight(g[1], dzs, hs_c)
             if g[2] is not None:
@@ -1127,6 +1350,50 @@ def fused_linear_divergence(
     inputs = (sh, sw, sb, th, tw, tb)
     grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, inputs)]
     return loss.to(torch.float32), grads
+
+
+def _sum_over(shard: Optional["_Shard"], x: torch.Tensor) -> torch.Tensor:
+    """A chunk's hidden-state gradient (fp32 or fp64, before its rounding to the buffer's
+    dtype) summed over the vocabulary shards of the group."""
+    return x if shard is None else shard.sum_(x.contiguous())
+
+
+def _head_checks(fn: str, prefix: str, h, w, b) -> None:
+    """A vocabulary shard's head: one hidden size, a bias of its rows, at least one row."""
+    if w.shape[0] == 0:
+        check.fail(fn, f"{prefix}weight has no rows on this rank (an empty vocabulary shard)")
+    if w.shape[1] != h.shape[1]:
+        check.fail(
+            fn,
+            f"{prefix}weight has shape {tuple(w.shape)} but {prefix}hidden has H = "
+            f"{h.shape[1]}: the hidden sizes must agree",
+        )
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        check.fail(
+            fn,
+            f"{prefix}bias has shape {tuple(b.shape)}, expected ({w.shape[0]},) (the rows of "
+            f"{prefix}weight)",
+        )
+
+
+def _distill_shard(fn, group, sh, sw, sb, th, tw, tb, need, cfg, sparse_teacher) -> "_Shard":
+    v = sw.shape[0]
+
+    def local():
+        if sparse_teacher is not None:
+            check.fail(fn, "a vocabulary-parallel shard is not supported with a sparse teacher")
+        _head_checks(fn, "student_", sh, sw, sb)
+        _head_checks(fn, "teacher_", th, tw, tb)
+        if tw.shape[0] != v:
+            check.fail(
+                fn,
+                f"student_weight has {v} rows on this rank and teacher_weight {tw.shape[0]}: "
+                f"the vocabulary shards must match",
+            )
+
+    soft = float(cfg.soft_weight) != 0.0
+    flags = (any(need[:3]), any(need[3:]) and soft, bool(need[0]), bool(need[3]) and soft)
+    return _Shard(fn, group, v, sh.device, local, flags)
 
 
 def fused_linear_sparse_divergence(
@@ -1178,14 +1445,27 @@ def fused_linear_cross_entropy(
     return_stats: bool,
     *,
     fn: str = "fused_linear_cross_entropy",
+    group: Any = None,
 ):
     """Cross-entropy of ``z = hidden @ weight.T + bias`` (softcapped when ``cfg.softcap`` > 0)
     with label smoothing and z-loss, in chunks of tokens (see
     :func:`divkit.fused_linear_cross_entropy`); ``token_weights`` scale each token (the
-    upstream gradient of a per-token loss). Returns ((loss[, logprobs, entropy]), three gradients
-    or None)."""
+    upstream gradient of a per-token loss); ``group``: the weight and bias are this rank's
+    vocabulary shard (see :func:`fused_linear_divergence`). Returns ((loss[, logprobs,
+    entropy]), three gradients or None)."""
     n, v = h.shape[0], w.shape[0]
     dev = h.device
+    shard = None
+    if group is not None:
+        shard = _Shard(
+            fn,
+            group,
+            v,
+            dev,
+            lambda: _head_checks(fn, "", h, w, b),
+            (any(need), bool(need[0]), return_stats),
+        )
+        v = shard.global_v
     plan_cfg = _SoftCfg.__new__(_SoftCfg)
     plan_cfg.ignore_index = cfg.ignore_index
     plan_cfg.reduction, plan_cfg.num_items_in_batch = reduction, cfg.num_items_in_batch
@@ -1210,7 +1490,7 @@ def fused_linear_cross_entropy(
     if need[2] and b is not None:
         g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
     want = any(x is not None for x in g)
-    rows = _rows_per_chunk(cfg.chunk_size, n, v, dev)
+    rows = _rows_per_chunk(cfg.chunk_size, n, v if shard is None else shard.max_v, dev)
     row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
     entropy = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
@@ -1221,22 +1501,34 @@ def fused_linear_cross_entropy(
         hc = head.rows(a, e)
         x = head.logits(hc)
         z = cap * torch.tanh(x / cap) if cap > 0 else x
-        lse = torch.logsumexp(z, -1)
-        r = _first_row(ca & ~torch.isfinite(lse))
-        if r is not None:
-            check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
         y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
-        zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        loss_r = (1.0 - eps) * (lse - zy).double()
+        if shard is None:
+            lse = torch.logsumexp(z, -1)
+            r = _first_row(ca & ~torch.isfinite(lse))
+            if r is not None:
+                check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
+            col, one = y, torch.full_like(z[:, :1], -(1.0 - eps))
+            zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            loss_r = (1.0 - eps) * (lse - zy).double()
+            mean_z = z.mean(-1, dtype=torch.float64) if eps != 0.0 else None
+        else:
+            lse64, zy, ent64, zsum = _shard_label_rows(
+                shard, z, ca, y, fn, a, entropy=return_stats, z_sum=eps != 0.0
+            )
+            lse = lse64.to(z.dtype)
+            col, mine = shard.local_labels(y, ca)
+            one = torch.where(mine, -(1.0 - eps), 0.0).to(z.dtype).unsqueeze(-1)
+            loss_r = (1.0 - eps) * (lse64 - zy)
+            mean_z = zsum / v if eps != 0.0 else None
         if eps != 0.0:
-            loss_r = loss_r + eps * (lse.double() - z.mean(-1, dtype=torch.float64))
+            loss_r = loss_r + eps * (lse.double() - mean_z)
         if zsq != 0.0:
             loss_r = loss_r + zsq * lse.double() ** 2
         row_loss[a:e] = torch.where(ca, loss_r * scale[a:e], torch.zeros_like(loss_r))
         p = torch.exp(z - lse.unsqueeze(-1))
         if return_stats:
             lp = torch.where(ca, zy - lse, torch.zeros_like(lse))
-            ent = -(p * (z - lse.unsqueeze(-1))).sum(-1)
+            ent = -(p * (z - lse.unsqueeze(-1))).sum(-1) if shard is None else ent64
             logprobs[a:e] = lp.to(torch.float32)
             entropy[a:e] = torch.where(ca, ent, torch.zeros_like(ent)).to(torch.float32)
         if want:
@@ -1244,12 +1536,12 @@ def fused_linear_cross_entropy(
             dz = p * (1.0 + 2.0 * zsq * lse.unsqueeze(-1))
             if eps != 0.0:
                 dz = dz - eps / v
-            dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(dz[:, :1], -(1.0 - eps)))
+            dz.scatter_add_(-1, col.unsqueeze(-1), one)
             if cap > 0:
                 dz = dz * (1.0 - (z / cap) ** 2)
             dz = dz * scale[a:e].to(dt).unsqueeze(-1)
             if g[0] is not None:
-                g[0][a:e] = head.grad_hidden(dz)
+                g[0][a:e] = _sum_over(shard, head.grad_hidden(dz))
             if g[1] is not None:
                 head.add_grad_weight(g[1], dz, hc)
             if g[2] is not None:
@@ -1390,4 +1682,313 @@ def fused_linear_logprobs_backward(
             head.add_grad_weight(g[1], dz, hc)
         if g[2] is not None:
             g[2] += dz.sum(0)
+    return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
+
+
+# The vocabulary-parallel fused_linear_logprobs (the core's sharded_label_forward), kept apart from
+# the unsharded functions above.
+
+
+def _sharded_logprob_chunks(
+    h, w, b, labels, ignore_index, temperature, chunk_size, fn, group, flags
+):
+    """Yields (a, e, active, y, hc, head, z, lse, z_label, entropy, shard, inv_t) per chunk of
+    tokens, ``z`` the chunk's shard logits / T, ``lse``, ``z_label`` and ``entropy`` the rows'
+    global values (fp64)."""
+    n, v = h.shape[0], w.shape[0]
+    dev = h.device
+    shard = _Shard(fn, group, v, dev, lambda: _head_checks(fn, "", h, w, b), flags)
+    lab = labels.to(dev).reshape(-1).to(torch.int64)
+    act = lab != ignore_index
+    r = _first_row(act & ((lab < 0) | (lab >= shard.global_v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {shard.global_v}) and is not "
+            f"ignore_index ({ignore_index})",
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        check.fail(fn, f"temperature must be finite and > 0, got {temperature:g}")
+    dt = _compute_dtype(h, w)
+    head = _Head(h, w, b, dt)
+    inv_t = _f32(np.float32(1.0) / np.float32(temperature))
+    rows = _rows_per_chunk(chunk_size, n, shard.max_v, dev)
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        hc = head.rows(a, e)
+        z = head.logits(hc) * inv_t
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
+        lse, zy, ent, _ = _shard_label_rows(shard, z, ca, y, fn, a, entropy=True)
+        yield a, e, ca, y, hc, head, z, lse, zy, ent, shard, inv_t
+
+
+def fused_linear_logprobs_sharded(
+    h,
+    w,
+    b,
+    labels,
+    ignore_index,
+    temperature,
+    return_entropy,
+    topk,
+    chunk_size,
+    group,
+    *,
+    fn="fused_linear_logprobs",
+):
+    """:func:`fused_linear_logprobs` with the weight and bias this rank's vocabulary shard of
+    ``group``: the outputs are those of the unsharded head, on every rank."""
+    n = h.shape[0]
+    dev = h.device
+    lp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent = torch.zeros(n, dtype=torch.float32, device=dev) if return_entropy else None
+    mass = torch.zeros(n, dtype=torch.float32, device=dev) if topk else None
+    flags = (bool(return_entropy), bool(topk))
+    for a, e, ca, y, _, _, z, lse, zy, ent_c, shard, _ in _sharded_logprob_chunks(
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn, group, flags
+    ):
+        if topk > shard.global_v:
+            check.fail(fn, f"topk must be in [1, V = {shard.global_v}], got {topk}")
+        zero = torch.zeros_like(lse)
+        lp[a:e] = torch.where(ca, zy - lse, zero).float()
+        if return_entropy:
+            ent[a:e] = ent_c.float()
+        if topk:
+            # The k largest logits of every shard (-inf where a shard has fewer), gathered with
+            # one all-reduce of the [world, rows, k] slots, each rank filling its own.
+            k_loc = min(topk, z.shape[-1])
+            mine = torch.full((e - a, topk), -_INF, dtype=torch.float64, device=dev)
+            if k_loc:
+                mine[:, :k_loc] = z.topk(k_loc, -1).values.double()
+            slots = torch.zeros((shard.world, e - a, topk), dtype=torch.float64, device=dev)
+            slots[shard.rank] = mine
+            # -inf + 0 = -inf: the other ranks' zeros leave a slot's values as they are.
+            cand = shard.sum_(slots).permute(1, 0, 2).reshape(e - a, -1)
+            k = min(topk, shard.global_v)
+            top = cand.topk(k, -1).values
+            m = torch.exp(top - lse.unsqueeze(-1)).sum(-1).clamp(max=1.0)
+            mass[a:e] = torch.where(ca, m, zero).float()
+    outs = [lp]
+    if return_entropy:
+        outs.append(ent)
+    if topk:
+        outs.append(mass)
+    return tuple(outs)
+
+
+def fused_linear_logprobs_sharded_backward(
+    h,
+    w,
+    b,
+    labels,
+    ignore_index,
+    temperature,
+    g_lp,
+    g_ent,
+    need,
+    chunk_size,
+    group,
+    *,
+    fn="fused_linear_logprobs",
+):
+    """The gradients (hidden, weight, bias) of sum_i g_lp[i] lp_i + g_ent[i] H_i over this
+    rank's vocabulary shard (the hidden states' all-reduced), recomputing each chunk."""
+    dev = h.device
+    dt = _compute_dtype(h, w)
+    g = [None, None, None]
+    if need[0]:
+        hdt = h.dtype if _low_operands(h, w, dt) else dt
+        g[0] = torch.empty(h.shape, dtype=hdt, device=dev)
+    if need[1]:
+        g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
+    if need[2] and b is not None:
+        g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    flags = (bool(need[0]), g_lp is not None, g_ent is not None)
+    for a, e, ca, y, hc, head, z, lse, _, ent, shard, inv_t in _sharded_logprob_chunks(
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn, group, flags
+    ):
+        lpz = z - lse.to(z.dtype).unsqueeze(-1)
+        p = torch.exp(lpz)
+        dz = torch.zeros_like(z)
+        zero = torch.zeros_like(z[:, 0])
+        if g_lp is not None:
+            c = torch.where(ca, g_lp[a:e].to(dev, dt), zero)
+            dz -= c.unsqueeze(-1) * p
+            col, mine = shard.local_labels(y, ca)
+            dz.scatter_add_(-1, col.unsqueeze(-1), torch.where(mine, c, zero).unsqueeze(-1))
+        if g_ent is not None:
+            c = torch.where(ca, g_ent[a:e].to(dev, dt), zero)
+            hrow = ent.to(dt).unsqueeze(-1)
+            dz -= c.unsqueeze(-1) * _xt(p, lpz + hrow)
+        dz = dz * inv_t
+        if g[0] is not None:
+            g[0][a:e] = _sum_over(shard, head.grad_hidden(dz))
+        if g[1] is not None:
+            head.add_grad_weight(g[1], dz, hc)
+        if g[2] is not None:
+            g[2] += dz.sum(0)
+    return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The label terms of the token-level preference losses (TDPO, SparsePO: the core's
+# fused_linear_divergence with FusedLabelTerms): one pass over each chunk of the policy's and
+# the reference's logits gives both label log-probs and KL(pi_ref || pi); the backward is one
+# more pass, reading the chunks kept by the forward instead of recomputing their logits.
+# ---------------------------------------------------------------------------------------------
+
+
+def _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index):
+    n, v = h.shape[0], w.shape[0]
+    if v == 0:
+        check.fail(fn, "lm_head_weight has V = 0 (an empty vocabulary)")
+    if rw is not None and rw.shape[0] != v:
+        check.fail(
+            fn,
+            f"ref_weight has {rw.shape[0]} rows but lm_head_weight {v}: the vocabularies "
+            f"must agree",
+        )
+    lab = labels.to(h.device).reshape(-1).to(torch.int64)
+    act = lab != ignore_index
+    r = _first_row(act & ((lab < 0) | (lab >= v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
+            f"({ignore_index})",
+        )
+    return n, v, lab, act
+
+
+def _softmax_rows(fn: str, who: str, z: torch.Tensor, act: torch.Tensor, first: int):
+    """(centered logits, their log-sum-exp [c, 1], log-softmax, softmax) of a chunk's logits at
+    T = 1 (ignored rows zeroed first); raises for a counted row that is NaN, +inf or all
+    -inf."""
+    bad = ((torch.isnan(z) | torch.isposinf(z)).any(-1) | torch.isneginf(z).all(-1)) & act
+    r = _first_row(bad)
+    if r is not None:
+        check.fail(fn, f"the {who} logits of token {first + r} are NaN, +inf or all -inf")
+    zc = _center(_sanitize(z, act, z.dtype), 1.0)
+    lse = torch.logsumexp(zc, -1, keepdim=True)
+    lz = zc - lse
+    return zc, lse, lz, torch.exp(lz)
+
+
+def _kept_or_computed(kept, a: int, e: int, head: "_Head", hc, fill: bool):
+    """The chunk's logits: from ``kept`` (rows [0, K)) when it holds them and was filled, else
+    by the GEMM, copied into ``kept`` when it should hold them (``fill``)."""
+    inside = kept is not None and e <= kept.shape[0]
+    if inside and not fill:
+        return kept[a:e]
+    z = head.logits(hc)
+    if inside:
+        kept[a:e].copy_(z)
+    return z
+
+
+def fused_linear_label_terms(
+    h, w, b, rh, rw, rb, labels, ignore_index, chunk_size, keep_rows=0, keep_ref=False, *, fn
+):
+    """(log pi(y), log pi_ref(y), KL(pi_ref || pi), kept policy logits, kept reference logits)
+    per token of the policy head ``(h [N, H], w [V, H], b)`` and the reference head ``(rh, rw,
+    rb)``, all at T = 1, 0 at ignored tokens (fp32 [N]); the KL is the core's forward_kl with
+    the reference as the teacher. The logits of the chunks of tokens [0, keep_rows) are kept (in
+    the compute dtype) for :func:`fused_linear_label_terms_backward`, the reference's only with
+    ``keep_ref``."""
+    n, v, lab, act = _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index)
+    dev = h.device
+    dt = _compute_dtype(h, w, rh, rw)
+    ph, rhd = _Head(h, w, b, dt), _Head(rh, rw, rb, dt)
+    lp = torch.zeros(n, dtype=torch.float32, device=dev)
+    ref_lp = torch.zeros(n, dtype=torch.float32, device=dev)
+    kl = torch.zeros(n, dtype=torch.float32, device=dev)
+    kept_s = torch.empty((keep_rows, v), dtype=dt, device=dev) if keep_rows else None
+    kept_t = torch.empty((keep_rows, v), dtype=dt, device=dev) if keep_rows and keep_ref else None
+    rows = _rows_per_chunk(chunk_size, n, v, dev)
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e])).unsqueeze(-1)
+        zs = _kept_or_computed(kept_s, a, e, ph, ph.rows(a, e), True)
+        zt = _kept_or_computed(kept_t, a, e, rhd, rhd.rows(a, e), True)
+        xs, lse_s, lq, _ = _softmax_rows(fn, "policy", zs, ca, a)
+        xt, lse_t, lpt, _ = _softmax_rows(fn, "reference", zt, ca, a)
+        e_ = _Entries(xs, xt, (lse_s, lse_t))
+        zero = torch.zeros(e - a, dtype=torch.float64, device=dev)
+        row_kl = _xt(e_.p, e_.lr).sum(-1, dtype=torch.float64)
+        # Beyond the fp32 range the core reports +inf.
+        row_kl = torch.where(row_kl.abs() <= _FLT_MAX, row_kl, torch.full_like(row_kl, _INF))
+        kl[a:e] = torch.where(ca, row_kl, zero).float()
+        lp[a:e] = torch.where(ca, lq.gather(-1, y).squeeze(-1).double(), zero).float()
+        ref_lp[a:e] = torch.where(ca, lpt.gather(-1, y).squeeze(-1).double(), zero).float()
+    return lp, ref_lp, kl, kept_s, kept_t
+
+
+def fused_linear_label_terms_backward(
+    h,
+    w,
+    b,
+    rh,
+    rw,
+    rb,
+    labels,
+    ignore_index,
+    chunk_size,
+    g_lp,
+    g_kl,
+    need,
+    kept_s=None,
+    kept_t=None,
+    out=None,
+    *,
+    fn,
+):
+    """The gradients (policy hidden, weight, bias) of ``sum_i g_lp[i] lp_i + g_kl[i] KL_i``
+    (either None: not asked), from the kept logits where :func:`fused_linear_label_terms` kept
+    them and recomputed elsewhere. ``out``: (hidden, weight, bias) buffers, the first written
+    and the other two added to (compute dtype, for a caller that accumulates over calls), None
+    where not needed; without it the gradients are returned in the inputs' dtypes."""
+    n, v, lab, act = _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index)
+    dev = h.device
+    dt = _compute_dtype(h, w, rh, rw)
+    ph = _Head(h, w, b, dt)
+    rhd = _Head(rh, rw, rb, dt) if g_kl is not None else None
+    if out is None:
+        g = [None, None, None]
+        if need[0]:
+            g[0] = torch.empty(h.shape, dtype=ph.hidden_grad_dtype, device=dev)
+        if need[1]:
+            g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
+        if need[2] and b is not None:
+            g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    else:
+        g = list(out)
+    rows = _rows_per_chunk(chunk_size, n, v, dev)
+    zero = torch.zeros((), dtype=dt, device=dev)
+    for a in range(0, n, rows):
+        e = min(n, a + rows)
+        ca = act[a:e]
+        y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e])).unsqueeze(-1)
+        hc = ph.rows(a, e)
+        zs = _kept_or_computed(kept_s, a, e, ph, hc, False)
+        q = _softmax_rows(fn, "policy", zs, ca, a)[3]
+        dz = torch.zeros_like(q)
+        if g_lp is not None:
+            c = torch.where(ca, g_lp[a:e].to(dev, dt), zero).unsqueeze(-1)
+            dz -= c * q
+            dz.scatter_add_(-1, y, c)
+        if g_kl is not None:
+            zt = _kept_or_computed(kept_t, a, e, rhd, rhd.rows(a, e), False)
+            p = _softmax_rows(fn, "reference", zt, ca, a)[3]
+            c = torch.where(ca, g_kl[a:e].to(dev, dt), zero).unsqueeze(-1)
+            dz += c * (q - p)
+        if g[0] is not None:
+            g[0][a:e] = ph.grad_hidden(dz)
+        if g[1] is not None:
+            ph.add_grad_weight(g[1], dz, hc)
+        if g[2] is not None:
+            g[2] += dz.sum(0)
+    if out is not None:
+        return g
     return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]

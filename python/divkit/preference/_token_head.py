@@ -4,16 +4,59 @@ policy and the reference are linear heads: one pass of divkit's fused distillati
 logits, the policy's and the reference's label log-probs and KL(pi_ref || pi) per token. The
 backward is one more pass with the upstream gradients as per-token weights (the log-prob's as the
 hard term's, the KL's as the soft term's), reading the chunks the forward kept within the keep
-budget instead of recomputing their logits."""
+budget instead of recomputing their logits.
+
+On CPU tensors that engine is the C++ core (``_C.fused_linear_label_terms``); on other devices
+(CUDA) and with ``backend="torch"`` it is the PyTorch chunk loop of
+:func:`divkit.backends.torch_ops.fused_linear_label_terms`: the same pass, outputs and
+semantics, with torch's GEMMs."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
 
-from .. import _C
+from .. import _C, _device
 from .. import _validate as check
+from ..backends import torch_ops
+
+# The backend of the calls made inside :func:`backend_scope` (the per-side path reaches
+# token_terms through token_logratio_and_kl, which has no backend argument).
+_BACKEND: contextvars.ContextVar = contextvars.ContextVar(
+    "divkit_token_head_backend", default="auto"
+)
+
+
+@contextlib.contextmanager
+def backend_scope(backend: str):
+    """Runs the block with ``backend`` for the label-terms engine (see :func:`engine`).
+    "auto" leaves the enclosing choice as it is, without touching the context variable
+    (torch.compile cannot trace one)."""
+    if backend == "auto":
+        yield
+        return
+    token = _BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def engine(fn: str, tensors, backend: Optional[str] = None) -> str:
+    """The engine of the one pass: "core" (the C++ engine: CPU tensors under backend "auto" or
+    "core") or "torch" (the PyTorch chunk loop: other devices, or backend "torch"); backend
+    "core" on a device without the C++ engine, and meta tensors (no values), raise."""
+    backend = _device.backend(fn, _BACKEND.get() if backend is None else backend)
+    dev = _device.common_device(fn, tensors) or torch.device("cpu")
+    if backend == "torch" or dev.type != "cpu":
+        if backend == "core" or dev.type == "meta":
+            check.fail(fn, f"no kernel for device {dev}")
+        return "torch"
+    return "core"
+
 
 # Bytes of logits kept between the forward and the backward of one call (per side of a TDPO
 # pair): the chunks of tokens [0, K) whose policy (and, when the KL is differentiated, reference)
@@ -45,38 +88,47 @@ def _options(chunk: int, reduction: str, soft_weight: float, ignore_index: int):
 
 
 def usable(h, w, b, rh, rw, rb) -> bool:
-    """Whether this path serves these inputs: CPU tensors and a reference that is not
+    """Whether this path serves these inputs: tensors on one device (the C++ engine on the CPU,
+    the PyTorch chunk loop elsewhere; a meta tensor has no values) and a reference that is not
     differentiated (its gradient is not part of this path)."""
-    for x in (h, w, b, rh, rw, rb):
-        if x is not None and x.device.type != "cpu":
-            return False
+    devs = {x.device for x in (h, w, b, rh, rw, rb) if isinstance(x, torch.Tensor)}
+    if len(devs) != 1 or next(iter(devs)).type == "meta":
+        return False
     return not any(x is not None and x.requires_grad for x in (rh, rw, rb))
 
 
 class _TokenTerms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk, keep_rows, fn):
+    def forward(ctx, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk, keep_rows, fn, eng):
         n, v = h.shape[0], w.shape[0]
-        lp = torch.empty(n, dtype=torch.float32)
-        ref_lp = torch.empty(n, dtype=torch.float32)
-        kl = torch.empty(n, dtype=torch.float32)
-        kept_s = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows else None
-        kept_t = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows and kl_grad else None
-        with check.attributed(fn):
-            _C.fused_linear_label_terms(
-                (h, w, b),
-                (rh, rw, rb),
-                labels,
-                None,
-                _options(chunk, "none", 1.0, ignore_index),
-                kl,
-                (None, None, None),
-                (lp, ref_lp, None, kept_s, kept_t),
-                False,
+        if eng == "torch":
+            lp, ref_lp, kl, kept_s, kept_t = torch_ops.fused_linear_label_terms(
+                h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, fn=fn
             )
+        else:
+            lp = torch.empty(n, dtype=torch.float32)
+            ref_lp = torch.empty(n, dtype=torch.float32)
+            kl = torch.empty(n, dtype=torch.float32)
+            kept_s = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows else None
+            kept_t = (
+                torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows and kl_grad else None
+            )
+            with check.attributed(fn):
+                _C.fused_linear_label_terms(
+                    (h, w, b),
+                    (rh, rw, rb),
+                    labels,
+                    None,
+                    _options(chunk, "none", 1.0, ignore_index),
+                    kl,
+                    (None, None, None),
+                    (lp, ref_lp, None, kept_s, kept_t),
+                    False,
+                )
         ctx.save_for_backward(h, w, b, rh, rw, rb, labels)
         ctx.kept = (kept_s, kept_t)
         ctx.kl_grad, ctx.chunk, ctx.fn, ctx.ignore_index = kl_grad, chunk, fn, ignore_index
+        ctx.engine = eng
         ctx.mark_non_differentiable(ref_lp)
         if not kl_grad:
             ctx.mark_non_differentiable(kl)
@@ -89,6 +141,26 @@ class _TokenTerms(torch.autograd.Function):
         ctx.kept = (None, None)
         need = ctx.needs_input_grad[:3]
         n = h.shape[0]
+        if ctx.engine == "torch":
+            soft = g_kl is not None and ctx.kl_grad
+            grads = torch_ops.fused_linear_label_terms_backward(
+                h,
+                w,
+                b,
+                rh,
+                rw,
+                rb,
+                labels,
+                ctx.ignore_index,
+                ctx.chunk,
+                None if g_lp is None else g_lp.reshape(-1),
+                g_kl.reshape(-1) if soft else None,
+                need,
+                kept_s,
+                kept_t if soft else None,
+                fn=ctx.fn,
+            )
+            return (*grads, None, None, None, None, None, None, None, None, None, None)
         # d lp / dz = -(d CE / dz): the log-prob's upstream gradient is the hard term's weight,
         # negated; the KL's is the soft term's (forward_kl = KL(teacher || student)).
         hard = (
@@ -114,7 +186,7 @@ class _TokenTerms(torch.autograd.Function):
                 (None, None, hard, kept_s, kept_t if soft else None),
                 True,
             )
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -123,11 +195,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def token_terms(fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_size, keep_bytes):
+def token_terms(
+    fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_size, keep_bytes, backend=None
+):
     """(log pi(y), log pi_ref(y), KL(pi_ref || pi)) per token, each ``[...]`` fp32 (0 at ignored
     tokens), from ``h [..., H]``, ``w [V, H]``, ``rh [..., H_ref]``, ``rw [V, H_ref]`` and
     validated ``labels [...]``. Gradients reach h, w, b (the KL's only with ``kl_grad``); the
-    reference is treated as a constant (see :func:`usable`)."""
+    reference is treated as a constant (see :func:`usable`). ``backend``: see :func:`engine`
+    (None: the enclosing :func:`backend_scope`'s)."""
+    eng = engine(fn, _NAMES(h, w, b, rh, rw, rb), backend)
     lead = h.shape[:-1]
     hf, rhf = _rows(h), _rows(rh.detach())
     n, v = hf.shape[0], w.shape[0]
@@ -139,8 +215,10 @@ def token_terms(fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_si
         x is not None and x.requires_grad for x in (h, w, b)
     )
     # The chunks of tokens [0, K) that fit the budget: the policy's logits, and the reference's
-    # when the KL is differentiated (its gradient needs p_ref).
-    per_token = 4 * v * (2 if kl_grad else 1)
+    # when the KL is differentiated (its gradient needs p_ref); fp32 (fp64 on the PyTorch loop
+    # for fp64 inputs).
+    item = 8 if eng == "torch" and torch.float64 in (h.dtype, w.dtype, rh.dtype, rw.dtype) else 4
+    per_token = item * v * (2 if kl_grad else 1)
     keep_rows = (min(n, keep_bytes // per_token) // chunk) * chunk if differentiated else 0
     lp, ref_lp, kl = _TokenTerms.apply(
         hf,
@@ -155,8 +233,20 @@ def token_terms(fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_si
         chunk,
         keep_rows,
         fn,
+        eng,
     )
     return lp.reshape(lead), ref_lp.reshape(lead), kl.reshape(lead)
+
+
+def _NAMES(h, w, b, rh, rw, rb):
+    return (
+        ("policy_hidden", h),
+        ("lm_head_weight", w),
+        ("lm_head_bias", b),
+        ("ref_hidden", rh),
+        ("ref_weight", rw),
+        ("ref_bias", rb),
+    )
 
 
 # Bytes of fp32 logits that the TDPO path keeps for one group of pairs between the chunks'
@@ -164,10 +254,19 @@ def token_terms(fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_si
 DEFAULT_PAIR_KEEP_BYTES = 256 << 20
 
 
-def _forward_side(fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, kl_grad, outs, keep):
+def _forward_side(
+    fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, kl_grad, outs, keep, eng="core"
+):
     """One forward call over rows of one side, filling outs (lp, ref_lp, kl) and, with keep,
     the kept logits (returned)."""
     n, v = h.shape[0], w.shape[0]
+    if eng == "torch":
+        got = torch_ops.fused_linear_label_terms(
+            h, w, b, rh, rw, rb, labels, ignore_index, chunk, n if keep else 0, kl_grad, fn=fn
+        )
+        for out, x in zip(outs, got[:3]):
+            out.copy_(x)
+        return got[3], got[4]
     kept_s = torch.empty((n, v), dtype=torch.float32) if keep else None
     kept_t = torch.empty((n, v), dtype=torch.float32) if keep and kl_grad else None
     lp, ref_lp, kl = outs
@@ -196,17 +295,23 @@ class _TDPOGradsInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, cfg):
         fn, ii, chunk, group = cfg["fn"], cfg["ignore_index"], cfg["chunk"], cfg["group"]
-        combine, kl_c = cfg["combine"], cfg["kl_grad_chosen"]
+        combine, kl_c, eng = cfg["combine"], cfg["kl_grad_chosen"], cfg["engine"]
         bsz, t = cl.shape
         n, hdim, v = bsz * t, hc.shape[-1], w.shape[0]
         hcf, hrf = _rows(hc), _rows(hr)
         rhcf, rhrf = _rows(rhc), _rows(rhr)
         need = ctx.needs_input_grad[:4]
-        ghc = torch.empty((n, hdim), dtype=hc.dtype) if need[0] else None
-        ghr = torch.empty((n, hdim), dtype=hr.dtype) if need[1] else None
-        gw = torch.zeros((v, w.shape[1]), dtype=torch.float32) if need[2] else None
-        gb = torch.zeros(v, dtype=torch.float32) if need[3] and b is not None else None
-        terms = {s: [torch.zeros(n, dtype=torch.float32) for _ in range(3)] for s in "cr"}
+        dev = hc.device
+        # The weight's gradient accumulates over the groups and both sides in fp32 (the
+        # PyTorch loop: its compute dtype, fp64 for fp64 inputs).
+        acc = torch_ops._compute_dtype(hc, w, rhc, rw) if eng == "torch" else torch.float32
+        ghc = torch.empty((n, hdim), dtype=hc.dtype, device=dev) if need[0] else None
+        ghr = torch.empty((n, hdim), dtype=hr.dtype, device=dev) if need[1] else None
+        gw = torch.zeros((v, w.shape[1]), dtype=acc, device=dev) if need[2] else None
+        gb = torch.zeros(v, dtype=acc, device=dev) if need[3] and b is not None else None
+        terms = {
+            s: [torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(3)] for s in "cr"
+        }
         sides = {
             "c": (hcf, rhcf, cl.reshape(-1), kl_c, ghc),
             "r": (hrf, rhrf, rl.reshape(-1), True, ghr),
@@ -218,7 +323,20 @@ class _TDPOGradsInForward(torch.autograd.Function):
             for s, (h, rh, lab, klg, _) in sides.items():
                 outs = [x[r0:r1] for x in terms[s]]
                 kept[s] = _forward_side(
-                    fn, h[r0:r1], w, b, rh[r0:r1], rw, rb, lab[r0:r1], ii, chunk, klg, outs, True
+                    fn,
+                    h[r0:r1],
+                    w,
+                    b,
+                    rh[r0:r1],
+                    rw,
+                    rb,
+                    lab[r0:r1],
+                    ii,
+                    chunk,
+                    klg,
+                    outs,
+                    True,
+                    eng,
                 )
             # The per-token gradients of this group's losses (each pair's loss depends on its
             # own tokens only), through the same sequence-level arithmetic as the output.
@@ -235,6 +353,28 @@ class _TDPOGradsInForward(torch.autograd.Function):
             upstream = {"c": (g_lrc, g_klc), "r": (g_lrr, g_klr)}
             for s, (h, rh, lab, klg, gh) in sides.items():
                 g_lp, g_kl = upstream[s]
+                if eng == "torch":
+                    kept_s, kept_t = kept.pop(s)
+                    torch_ops.fused_linear_label_terms_backward(
+                        h[r0:r1],
+                        w,
+                        b,
+                        rh[r0:r1],
+                        rw,
+                        rb,
+                        lab[r0:r1],
+                        ii,
+                        chunk,
+                        g_lp.reshape(-1),
+                        g_kl.reshape(-1) if klg else None,
+                        (gh is not None, gw is not None, gb is not None),
+                        kept_s,
+                        kept_t if klg else None,
+                        (None if gh is None else gh[r0:r1], gw, gb),
+                        fn=fn,
+                    )
+                    del kept_s, kept_t
+                    continue
                 hard = (-g_lp.reshape(-1).to(torch.float64)).contiguous()
                 weights = g_kl.reshape(-1).to(torch.float64).contiguous() if klg else None
                 loss = torch.empty(1, dtype=torch.float32)
@@ -308,6 +448,7 @@ class _TDPOGradsInForward(torch.autograd.Function):
                     klg,
                     cfg["chunk"],
                     0,
+                    cfg["engine"],
                 )
                 terms += [lp - ref_lp, kl]
             losses = cfg["combine"](*terms)[0]
@@ -333,14 +474,17 @@ def tdpo_in_forward(
     combine,
     chunk_size,
     keep_bytes,
+    backend=None,
 ):
     """tdpo_loss_fused's (losses, chosen_rewards, rejected_rewards) with the gradients computed
     in the forward, or None when one pair's logits do not fit keep_bytes (the caller then takes
-    the per-token path). cl, rl: validated labels [B, T]."""
+    the per-token path). cl, rl: validated labels [B, T]; ``backend``: see :func:`engine`."""
+    eng = engine(fn, _NAMES(hc, w, b, rhc, rw, rb) + (("policy_rejected_hidden", hr),), backend)
     bsz, t = cl.shape
     v = w.shape[0]
     budget = DEFAULT_PAIR_KEEP_BYTES if keep_bytes is None else keep_bytes
-    per_pair = 4 * v * t * ((2 if kl_grad_chosen else 1) + 2)
+    item = 8 if eng == "torch" and torch.float64 in (hc.dtype, w.dtype, rhc.dtype, rw.dtype) else 4
+    per_pair = item * v * t * ((2 if kl_grad_chosen else 1) + 2)
     group = min(bsz, budget // per_pair)
     if group < 1:
         return None
@@ -351,6 +495,7 @@ def tdpo_in_forward(
         group=group,
         combine=combine,
         kl_grad_chosen=bool(kl_grad_chosen),
+        engine=eng,
     )
     return _TDPOGradsInForward.apply(
         hc,

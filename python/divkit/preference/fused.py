@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .. import _ops
+from .. import _device, _ops
 from .. import _validate as check
 from . import _token_head
 from .tokens import _sparsepo_combine, _tdpo_combine, _tdpo_variant, token_logratio_and_kl
@@ -44,6 +44,7 @@ def _fused_pair(
     chunk_size,
     chosen_kl_grad,
     keep_bytes,
+    backend="auto",
 ):
     for name, x in (
         ("policy_chosen_hidden", policy_chosen_hidden),
@@ -73,7 +74,7 @@ def _fused_pair(
         chunk_size=chunk_size,
         keep_bytes=keep_bytes,
     )
-    with check.renamed(_side("chosen")):
+    with check.renamed(_side("chosen")), _token_head.backend_scope(backend):
         w = token_logratio_and_kl(
             None,
             ref_chosen_logits,
@@ -83,7 +84,7 @@ def _fused_pair(
             kl_grad=chosen_kl_grad,
             **common,
         )
-    with check.renamed(_side("rejected")):
+    with check.renamed(_side("rejected")), _token_head.backend_scope(backend):
         l_ = token_logratio_and_kl(
             None,
             ref_rejected_logits,
@@ -96,11 +97,12 @@ def _fused_pair(
 
 
 def _tdpo_in_forward(
-    fn, hc, hr, w, b, cl, rl, rcl, rrl, rhc, rhr, rw, rb, ii, kl_c, combine, chunk, keep
+    fn, hc, hr, w, b, cl, rl, rcl, rrl, rhc, rhr, rw, rb, ii, kl_c, combine, chunk, keep, backend
 ):
     """The TDPO path with the gradients computed in the forward (one pass over each chunk of
-    logits in all), when it applies: reference hidden states on the CPU, a policy that requires
-    grad, no custom-op tracing, and one pair's logits within keep_bytes. None otherwise."""
+    logits in all), when it applies: reference hidden states (on one device with the policy;
+    the C++ engine on the CPU, the PyTorch loop elsewhere), a policy that requires grad, no
+    custom-op tracing, and one pair's logits within keep_bytes. None otherwise."""
     if rcl is not None or rrl is not None or rhc is None or rhr is None:
         return None
     if not torch.is_grad_enabled() or not any(
@@ -112,10 +114,11 @@ def _tdpo_in_forward(
             check.fail(fn, f"{name} must be a [B, T, H] tensor")
     if hc.shape[:2] != hr.shape[:2]:
         return None  # different lengths: the per-side path
-    if not _token_head.usable(hc, w, b, rhc, rw, rb) or not _token_head.usable(
-        hr, w, b, rhr, rw, rb
-    ):
-        return None
+    with _token_head.backend_scope(_device.backend(fn, backend)):
+        if not _token_head.usable(hc, w, b, rhc, rw, rb) or not _token_head.usable(
+            hr, w, b, rhr, rw, rb
+        ):
+            return None
     if _ops.use_ops(hc, hr, w, b, rhc, rhr, rw, rb, fn=fn):
         return None
     ii = check.integer(fn, "ignore_index", ii)
@@ -130,6 +133,7 @@ def _tdpo_in_forward(
                     h.shape[:2],
                     required=True,
                     lead="the hidden states' [B, T]",
+                    cpu=False,
                     vocab=w.shape[0],
                     ignore_index=ii,
                 ).reshape(h.shape[:2])
@@ -139,7 +143,23 @@ def _tdpo_in_forward(
     if keep is not None:
         keep = check.integer(fn, "keep_bytes", keep, min=0)
     return _token_head.tdpo_in_forward(
-        fn, hc, hr, w, b, rhc, rhr, rw, rb, labels[0], labels[1], ii, kl_c, combine, chunk, keep
+        fn,
+        hc,
+        hr,
+        w,
+        b,
+        rhc,
+        rhr,
+        rw,
+        rb,
+        labels[0],
+        labels[1],
+        ii,
+        kl_c,
+        combine,
+        chunk,
+        keep,
+        backend,
     )
 
 
@@ -165,6 +185,7 @@ def tdpo_loss_fused(
     label_smoothing: float = 0.0,
     chunk_size: Optional[int] = None,
     keep_bytes: Optional[int] = None,
+    backend: str = "auto",
 ):
     """:func:`tdpo_loss` fused with the policy's lm_head: the policy is given as hidden states
     ``policy_chosen_hidden``, ``policy_rejected_hidden`` ``[B, T, H]`` and ``lm_head_weight``
@@ -179,8 +200,10 @@ def tdpo_loss_fused(
     rounding. Gradients reach the hidden states, the weight and bias (and the reference inputs
     if they require grad).
 
-    With reference hidden states (on the CPU, not requiring grad) one pass of the C++ engine
-    computes both label log-probs and the KL from each chunk of both heads' logits. When the
+    With reference hidden states (not requiring grad) one pass computes both label log-probs
+    and the KL from each chunk of both heads' logits: the C++ engine on CPU tensors, the
+    PyTorch chunk loop (torch's GEMMs; ``divkit.backends.torch_ops``) on other devices such as
+    CUDA and with ``backend="torch"`` (``"core"``: the C++ engine or an error). When the
     policy requires grad and one pair's fp32 logits (chosen and rejected, the reference's
     where the KL is differentiated) fit ``keep_bytes`` (default 256 MiB), pairs are taken in
     groups that fit: the group's logits are kept from its forward pass to its gradient pass,
@@ -192,6 +215,7 @@ def tdpo_loss_fused(
     chunk buffer on these paths, ~64 MiB with reference logits). Hidden states fp32, bf16, fp16
     or fp64; arithmetic in fp32 (sequence level in fp64)."""
     fn = "tdpo_loss_fused"
+    backend = _device.backend(fn, backend)
     variant, beta, alpha = _tdpo_variant(fn, variant, beta, alpha)
     fast = _tdpo_in_forward(
         fn,
@@ -212,6 +236,7 @@ def tdpo_loss_fused(
         lambda a, b, c, d: _tdpo_combine(a, b, c, d, beta, alpha, label_smoothing),
         chunk_size,
         keep_bytes,
+        backend,
     )
     if fast is not None:
         return fast
@@ -233,6 +258,7 @@ def tdpo_loss_fused(
         chunk_size,
         variant == "tdpo1",
         keep_bytes,
+        backend,
     )
     return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
@@ -262,6 +288,7 @@ def sparsepo_loss_fused(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     keep_bytes: Optional[int] = None,
+    backend: str = "auto",
 ):
     """:func:`sparsepo_loss` fused with the policy's lm_head (SparsePO, Christopoulou et al.
     2024): the policy and reference are given as in :func:`tdpo_loss_fused`, the masks and
@@ -269,8 +296,10 @@ def sparsepo_loss_fused(
     ``u = sum_t m^r_t log-ratio_t`` and ``d_t = -m^kl_t KL_t(pi_ref || pi)``. Never
     materializes the policy's ``[tokens x V]`` logits; equals :func:`sparsepo_loss` on the
     materialized logits up to fp32 rounding; ``chunk_size`` and ``keep_bytes`` as in
-    :func:`tdpo_loss_fused`. Returns ``(losses, chosen_rewards, rejected_rewards)``."""
+    :func:`tdpo_loss_fused`, and so is ``backend``. Returns ``(losses, chosen_rewards,
+    rejected_rewards)``."""
     fn = "sparsepo_loss_fused"
+    backend = _device.backend(fn, backend)
     beta = check.positive(fn, "beta", beta)
     l1_reward = check.real(fn, "l1_reward", l1_reward)
     l1_kl = check.real(fn, "l1_kl", l1_kl)
@@ -292,6 +321,7 @@ def sparsepo_loss_fused(
         chunk_size,
         True,
         keep_bytes,
+        backend,
     )
     return _sparsepo_combine(
         fn,

@@ -139,6 +139,7 @@ def _fused_token_terms(
             h.shape[:2],
             required=True,
             lead="the hidden states' [B, T]",
+            cpu=False,
             vocab=w.shape[0],
             ignore_index=ignore_index,
         )
