@@ -110,7 +110,10 @@ class Exact:
     def __init__(self, ref: TinyPolicy):
         self.seqs = all_sequences()
         with torch.no_grad():
-            self.ref_lp = seq_logps(ref, self.seqs).double().view(N_PROMPTS, -1)
+            ref_lp = seq_logps(ref, self.seqs).double().view(N_PROMPTS, -1)
+        # Normalized in fp64 like the policy's below: the fp32 sequence log-probs sum to 1 only
+        # up to fp32 rounding, which would otherwise show up as a KL of ~1e-8 between equal models.
+        self.ref_lp = ref_lp - torch.logsumexp(ref_lp, 1, keepdim=True)
         self.r = reward(self.seqs[:, 1:]).view(N_PROMPTS, -1)
 
     @torch.no_grad()

@@ -959,7 +959,7 @@ def _lp_forward(
         if any(extra):
             check.fail(
                 "fused_linear_logprobs",
-                "log_sum_sq_probs and is_top1 are not supported with a vocabulary-parallel shard",
+                "return_log_sum_sq_probs and return_is_top1 are not supported with process_group",
             )
         # The vocabulary-parallel mode of the PyTorch loop.
         return torch_ops.fused_linear_logprobs_sharded(

@@ -290,6 +290,13 @@ def _error_checks(rank, world):
         "row 0",
         "NaN or +inf",
     )
+    # The statistics the core refuses on a shard are refused on this route too.
+    for extra in ("return_log_sum_sq_probs", "return_is_top1"):
+        _expect_error(
+            lambda: divkit.fused_linear_logprobs(sh, sw[lo:hi], labels, **kw, **{extra: True}),
+            "fused_linear_logprobs",
+            "not supported with process_group",
+        )
     # The group still works after the errors.
     out = divkit.fused_linear_cross_entropy(sh, sw[lo:hi], labels, **kw)
     want = divkit.fused_linear_cross_entropy(sh, sw, labels)
