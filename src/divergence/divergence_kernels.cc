@@ -492,20 +492,25 @@ RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers&
 
 // The first sweep of a Renyi row that also keeps, per entry, u = w - q (exactly as in the
 // alpha divergence's student factor) in `wq`, and sums w as q + u instead of a separate exp of
-// log w: the student gradient then needs no transcendental function (RenyiRowGradCached). The
-// sum is unshifted; amax is returned as found, and the caller uses the cache only when it lies
-// in [-kUnshifted, kUnshifted] (otherwise RenyiRowSums's shifted second sweep and
-// RenyiRowGrad). s1 has the same bits as RenyiRowSums's.
-RenyiSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const Normalizers& n,
-                             float* HWY_RESTRICT wq) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
+// log w: the student gradient then needs no transcendental function (RenyiRowGradCached).
+// Returns S1 (the same bits as RenyiRowSums's) and the unshifted sum of w; the caller uses them
+// only when that sum lies in [e^-kCachedRange, e^kCachedRange] (then no w that matters has
+// underflowed, and none overflowed), and otherwise takes RenyiRowSums and RenyiRowGrad, whose
+// sums are shifted by the max of log w (rows with an infinite w, like a masked student entry
+// at alpha > 1, end there).
+struct RenyiCachedSums {
+  double s1, sum_w;
+};
+constexpr double kCachedRange = 50.0;
+
+RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const Normalizers& n,
+                                   float* HWY_RESTRICT wq) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
   const float alpha = div.alpha;
   const bool mirror = alpha > 0.5f;  // MixMinusPowerMean's base is then p: w - p
   RowSum sum_s1, sum_w;
-  VF vmax = hn::Set(df, -kInf);
   const VF two = hn::Set(df, 2.0f);
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
@@ -523,12 +528,11 @@ RenyiSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const Normal
       }
       hn::Store(u, df, wq + j);
       acc_w = hn::Add(acc_w, hn::Add(e.q, u));
-      vmax = hn::Max(vmax, RenyiLogW(div, e));
     }
     sum_s1.AddBlock(acc);
     sum_w.AddBlock(acc_w);
   }
-  return {sum_s1.total, hn::GetLane(hn::MaxOfLanes(df, vmax)), sum_w.total};
+  return {sum_s1.total, sum_w.total};
 }
 
 // The student gradient of a Renyi row from the cached u = w - q: w^ - q = e^-L (u - q expm1(L)),
@@ -600,8 +604,8 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
                 float* HWY_RESTRICT scratch, float* HWY_RESTRICT wq) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   if (grad_s != nullptr && grad_t == nullptr) {
-    const RenyiSums c = RenyiRowSumsCached(div, b, n, wq);
-    if (c.amax >= -kUnshifted && c.amax <= kUnshifted) {
+    const RenyiCachedSums c = RenyiRowSumsCached(div, b, n, wq);
+    if (c.sum_w >= std::exp(-kCachedRange) && c.sum_w <= std::exp(kCachedRange)) {
       const bool near_zero = std::fabs(c.s1) < 0.5;
       const double log_sum_w = near_zero ? std::log1p(c.s1) : std::log(c.sum_w);
       const double value = log_sum_w / (static_cast<double>(div.alpha) - 1.0);
@@ -610,7 +614,6 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
                            scratch);
       return value;
     }
-    if (!(c.amax < kInf) || c.amax == -kInf) return std::numeric_limits<double>::infinity();
   }
   const RenyiSums sums = RenyiRowSums(div, b, n, /*one_pass=*/true);
   const float amax = static_cast<float>(sums.amax);  // the shift of sum_w
