@@ -502,6 +502,7 @@ struct RenyiCachedSums {
   double s1, sum_w;
 };
 constexpr double kCachedRange = 50.0;
+constexpr double kLn2 = 0.69314718055994530942;
 
 RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const Normalizers& n,
                                    float* HWY_RESTRICT wq) {
@@ -609,9 +610,16 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
       const bool near_zero = std::fabs(c.s1) < 0.5;
       const double log_sum_w = near_zero ? std::log1p(c.s1) : std::log(c.sum_w);
       const double value = log_sum_w / (static_cast<double>(div.alpha) - 1.0);
-      if (std::fabs(value) <= std::numeric_limits<float>::max())
+      if (!(std::fabs(value) <= std::numeric_limits<float>::max())) return value;
+      // e^-L (u - q expm1(L)) carries u's and q's rounding times e^-L: kept where e^-L <= 2.
+      // Beyond (alpha < 1 and D > log 2 / (1 - alpha)), w^ - q from w^ = exp(log w - L), each
+      // w^ relatively accurate (no second sweep: the unshifted sum is the normalizer).
+      if (log_sum_w >= -kLn2)
         RenyiRowGradCached(*grad_s, v, wq, b.es, hn::GetLane(n.inv_zs), row, scale, log_sum_w,
                            scratch);
+      else
+        RenyiRowGrad(div, b, n, v, grad_s, nullptr, row, scale, log_sum_w, /*amax=*/0.0f,
+                     /*log_rel=*/std::log(c.sum_w), /*near_zero=*/false, scratch);
       return value;
     }
   }
