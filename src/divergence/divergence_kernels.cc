@@ -490,6 +490,62 @@ RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers&
   return {sum_s1.total, amax, sum_w.total};
 }
 
+// The first sweep of a Renyi row that also keeps, per entry, u = w - q (exactly as in the
+// alpha divergence's student factor) in `wq`, and sums w as q + u instead of a separate exp of
+// log w: the student gradient then needs no transcendental function (RenyiRowGradCached).
+// Returns S1 (the same bits as RenyiRowSums's) and the unshifted sum of w; the caller uses them
+// only when that sum lies in [e^-kCachedRange, e^kCachedRange] (then no w that matters has
+// underflowed, and none overflowed), and otherwise takes RenyiRowSums and RenyiRowGrad, whose
+// sums are shifted by the max of log w (rows with an infinite w, like a masked student entry
+// at alpha > 1, end there).
+struct RenyiCachedSums {
+  double s1, sum_w;
+};
+constexpr double kCachedRange = 50.0;
+constexpr double kLn2 = 0.69314718055994530942;
+
+RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const Normalizers& n,
+                                   float* HWY_RESTRICT wq) {
+  const DF df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t block_len = kRowSumBlock * lanes;
+  const float alpha = div.alpha;
+  const bool mirror = alpha > 0.5f;  // MixMinusPowerMean's base is then p: w - p
+  RowSum sum_s1, sum_w;
+  const VF two = hn::Set(df, 2.0f);
+  for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
+    const int64_t end = std::min(begin + block_len, b.vpad);
+    VF acc = hn::Zero(df), acc_w = hn::Zero(df);
+    for (int64_t j = begin; j < end; j += lanes) {
+      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+      VF w_minus_base;
+      acc = hn::Sub(acc, defs::MixMinusPowerMean(df, e, alpha, w_minus_base));
+      VF u = w_minus_base;
+      if (mirror) {
+        // w - q from w - p: (w - p) + (p - q) where p <= 2q (p - q is then exact, or p << q and
+        // |w - q| >= 0.29 q), else (w - p + p) - q (w >= 1.41 q: no cancellation).
+        u = hn::IfThenElse(hn::Le(e.p, hn::Mul(two, e.q)), hn::Add(w_minus_base, hn::Sub(e.p, e.q)),
+                           hn::Sub(hn::Add(w_minus_base, e.p), e.q));
+      }
+      hn::Store(u, df, wq + j);
+      acc_w = hn::Add(acc_w, hn::Add(e.q, u));
+    }
+    sum_s1.AddBlock(acc);
+    sum_w.AddBlock(acc_w);
+  }
+  return {sum_s1.total, sum_w.total};
+}
+
+// The student gradient of a Renyi row from the cached u = w - q: w^ - q = e^-L (u - q expm1(L)),
+// the softmax chain rule with sum u = expm1(L) (exact when w^ is close to q: no cancellation
+// beyond that of u, whose error is a few ulp of itself).
+void RenyiRowGradCached(const RowOutput& grad_s, int64_t v, const float* HWY_RESTRICT wq,
+                        const float* HWY_RESTRICT es, float inv_zs, int64_t row, double scale,
+                        double log_sum_w, float* HWY_RESTRICT scratch) {
+  WriteChainRuleGrad(grad_s, row, v, wq, es, inv_zs, static_cast<float>(std::expm1(log_sum_w)),
+                     static_cast<float>(-scale * std::exp(-log_sum_w)), scratch);
+}
+
 // The gradients of a Renyi row from L = log sum w, the max of log w, log_rel = log sum exp(log w
 // - max) and whether D is near 0 (the row's whole-vocabulary values).
 void RenyiRowGrad(const Renyi& div, const RowBuffers& b, const Normalizers& n, int64_t v,
@@ -546,8 +602,27 @@ void RenyiRowGrad(const Renyi& div, const RowBuffers& b, const Normalizers& n, i
 // arguments are moderate (exact when w^ is close to q or p). Returns the row value.
 double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int64_t v,
                 const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
-                float* HWY_RESTRICT scratch) {
+                float* HWY_RESTRICT scratch, float* HWY_RESTRICT wq) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (grad_s != nullptr && grad_t == nullptr) {
+    const RenyiCachedSums c = RenyiRowSumsCached(div, b, n, wq);
+    if (c.sum_w >= std::exp(-kCachedRange) && c.sum_w <= std::exp(kCachedRange)) {
+      const bool near_zero = std::fabs(c.s1) < 0.5;
+      const double log_sum_w = near_zero ? std::log1p(c.s1) : std::log(c.sum_w);
+      const double value = log_sum_w / (static_cast<double>(div.alpha) - 1.0);
+      if (!(std::fabs(value) <= std::numeric_limits<float>::max())) return value;
+      // e^-L (u - q expm1(L)) carries u's and q's rounding times e^-L: kept where e^-L <= 2.
+      // Beyond (alpha < 1 and D > log 2 / (1 - alpha)), w^ - q from w^ = exp(log w - L), each
+      // w^ relatively accurate (no second sweep: the unshifted sum is the normalizer).
+      if (log_sum_w >= -kLn2)
+        RenyiRowGradCached(*grad_s, v, wq, b.es, hn::GetLane(n.inv_zs), row, scale, log_sum_w,
+                           scratch);
+      else
+        RenyiRowGrad(div, b, n, v, grad_s, nullptr, row, scale, log_sum_w, /*amax=*/0.0f,
+                     /*log_rel=*/std::log(c.sum_w), /*near_zero=*/false, scratch);
+      return value;
+    }
+  }
   const RenyiSums sums = RenyiRowSums(div, b, n, /*one_pass=*/true);
   const float amax = static_cast<float>(sums.amax);  // the shift of sum_w
   if (!(amax < kInf) || amax == -kInf) return std::numeric_limits<double>::infinity();
@@ -653,16 +728,19 @@ void RunRows(RowJob& job, const Div& div) {
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
     // The row block: xs, es, xt, et (and a scratch row for non-fp32 gradient output).
+    // Renyi with the student gradient only: one more row, its cached w - q.
+    const bool renyi_cache = std::is_same_v<Div, Renyi> && want_s && !want_t;
     const int64_t nbuf = (want_s || want_t) ? 5 : 4;
     const int64_t nblocks = vpad / (kRowSumBlock * lanes) + 1;
-    hwy::AlignedFreeUniquePtr<float[]> block =
-        hwy::AllocateAligned<float>(static_cast<size_t>(nbuf * vpad + nblocks));
+    hwy::AlignedFreeUniquePtr<float[]> block = hwy::AllocateAligned<float>(
+        static_cast<size_t>((nbuf + (renyi_cache ? 1 : 0)) * vpad + nblocks));
     float* xs = block.get();
     float* es = xs + vpad;
     float* xt = es + vpad;
     float* et = xt + vpad;
-    float* scratch = nbuf == 5 ? et + vpad : nullptr;
-    float* block_max = xs + nbuf * vpad;
+    float* scratch = nbuf >= 5 ? et + vpad : nullptr;
+    float* wq = renyi_cache ? xs + nbuf * vpad : nullptr;
+    float* block_max = xs + (nbuf + (renyi_cache ? 1 : 0)) * vpad;
 
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
@@ -718,7 +796,7 @@ void RunRows(RowJob& job, const Div& div) {
       const RowOutput* gt = want_t ? &job.grad_teacher : nullptr;
       double value;
       if constexpr (std::is_same_v<Div, Renyi>)
-        value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch);
+        value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch, wq);
       else value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch);
       // A token whose divergence (or gradient) is infinite or beyond fp32's range gets loss +inf
       // and no gradient: the direction is undefined.

@@ -51,6 +51,18 @@ template <class D, class V>
 HWY_INLINE V Expm1(D d, V x) {
   return Expm1OrInfFast(d, x);
 }
+// log1p(y) for y > -1 as log(u) + c / u, u = 1 + y rounded and c = y - (u - 1) its rounding
+// error (exact for |y| < 2; beyond, c / u is below an ulp of the result anyway): the relative
+// accuracy of log1p near y = 0 for the cost of one log, where Highway's Log1p takes two
+// divisions. The correction is tiny, so a reciprocal estimate serves for 1 / u.
+template <class D, class V>
+HWY_INLINE V Log1p(D d, V y) {
+  namespace hh = hwy::HWY_NAMESPACE;
+  const V one = hh::Set(d, 1.0f);
+  const V u = hh::Add(one, y);
+  const V c = hh::Sub(y, hh::Sub(u, one));
+  return hh::MulAdd(c, hh::ApproximateReciprocal(u), div_ops::Log(d, u));
+}
 }  // namespace div_ops
 
 namespace defs {

@@ -405,6 +405,30 @@ TEST(DivergenceExtremes, LargeLogitOffsetKeepsAccuracy) {
   }
 }
 
+// Renyi's student gradient w^ - q at every distance between p and q: rows near p = q, and rows
+// so far apart that L = log sum w is far from 0 (alpha < 1: L << 0, where a form scaled by
+// e^-L would amplify the rounding of q; alpha > 1: L >> 0), with the student gradient alone
+// (the kernel's cached path) and with the teacher's.
+TEST(DivergenceExtremes, RenyiGradientAtEveryDistance) {
+  for (double alpha : {0.3, 0.5, 0.8, 2.0}) {
+    for (double sigma : {0.05, 2.0, 6.0}) {
+      for (bool teacher : {false, true}) {
+        const std::string what = "renyi alpha " + std::to_string(alpha) + " sigma " +
+                                 std::to_string(sigma) + (teacher ? " with teacher" : "");
+        SCOPED_TRACE(what);
+        Logits l = random_logits(3, 777, DType::f32, DType::f32, 23, sigma);
+        TestOptions opt;
+        opt.reduction = Reduction::none;
+        const DivergenceSpec spec = make_spec(DivergenceKind::renyi, alpha);
+        const KernelOut got = run_kernel(l.student, l.teacher, spec, opt, GradRequest::of(),
+                                         teacher ? GradRequest::of() : GradRequest::none());
+        expect_matches_reference(got, run_reference(l.student, l.teacher, spec, opt), Tolerance{},
+                                 what);
+      }
+    }
+  }
+}
+
 // exp of a large argument must overflow to +inf (and the divergence be +inf), never wrap to a
 // wrong finite or negative value; Renyi's value log(sum) / (alpha - 1) is finite and moderate
 // even when its sum overflows fp32.
