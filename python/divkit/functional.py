@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from . import _C, _device, _ops
+from . import _C, _device, _ops, memory
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
 from .backends import torch_ops
@@ -134,7 +134,8 @@ def _run(
         loss = torch.empty(1, dtype=torch.float32, device=dev)
 
     # The gradients are allocated in the logits' shapes and handed to the core as [N, V] views,
-    # so that backward can return the very tensors it keeps (Scaling.keep).
+    # so that backward can return the very tensors it keeps (Scaling.keep). Fresh ones come from
+    # the host cache (divkit.memory): a block reused from an earlier call has its pages in place.
     grad_s = grad_t = None
     grad_s2 = grad_t2 = None
     if need_student:
@@ -145,10 +146,10 @@ def _run(
             grad_s = grad_out
             grad_s2 = grad_out.view(n, v)
         else:
-            grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev)
+            grad_s = memory._empty(student.shape, cfg.grad_dtype or student.dtype, dev)
             grad_s2 = grad_s.view(n, v)
     if need_teacher:
-        grad_t = torch.empty(teacher.shape, dtype=cfg.grad_dtype or teacher.dtype, device=dev)
+        grad_t = memory._empty(teacher.shape, cfg.grad_dtype or teacher.dtype, dev)
         grad_t2 = grad_t.view(n, v)
 
     if route is not None and not route.core:

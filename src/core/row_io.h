@@ -33,21 +33,28 @@ inline RowOutput row_output(const TensorView& t) {
   return t.defined() ? RowOutput{t.data, t.dtype, t.strides[0]} : RowOutput{};
 }
 
-// Asks for transparent huge pages (Linux, where the kernel's mode is "madvise") on the whole
-// 4 KiB pages inside [p, p + bytes): a fresh output buffer (torch.empty maps untouched pages)
-// is then faulted in 2 MiB at a time by the kernel's first write instead of 4 KiB at a time,
-// which otherwise costs more than the kernel's arithmetic. Advisory: pages already touched keep
-// their size, and a refusal only costs speed. Small buffers are left alone. With the kernel's
-// THP defrag mode "madvise", a fault may compact memory first, which can stall on a machine
-// short of free 2 MiB blocks: DIVKIT_HUGE_PAGES=0 in the environment turns the advice off.
-inline void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096;
+// DIVKIT_HUGE_PAGES=0 in the environment turns the transparent-huge-page advice off (read once):
+// with the kernel's THP defrag mode "madvise", a fault in an advised region may compact memory
+// first, which can stall on a machine short of free 2 MiB blocks.
+inline bool huge_pages_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("DIVKIT_HUGE_PAGES");
     return env == nullptr || std::strcmp(env, "0") != 0;
   }();
-  if (!enabled || p == nullptr || bytes < (size_t{4} << 20)) return;
+  return enabled;
+}
+
+// Asks for transparent huge pages (Linux, where the kernel's mode is "madvise") on the whole
+// 4 KiB pages inside [p, p + bytes): a fresh output buffer (torch.empty maps untouched pages)
+// is then faulted in 2 MiB at a time by the kernel's first write instead of 4 KiB at a time,
+// which otherwise costs more than the kernel's arithmetic. Advisory: pages already touched keep
+// their size, and a refusal only costs speed. Small buffers are left alone, and so is everything
+// when huge_pages_enabled() is false. A block of the host cache (host_cache.h) was advised when
+// it was mapped; advising it again changes nothing.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kPage = 4096;
+  if (p == nullptr || bytes < (size_t{4} << 20) || !huge_pages_enabled()) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kPage - 1) & ~(kPage - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kPage - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
