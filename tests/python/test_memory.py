@@ -331,3 +331,29 @@ def test_fork_child_starts_without_the_free_blocks():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "True", "1"]
+
+
+def test_training_loop_reuses_two_blocks():
+    """logits = h @ W, loss reassigned every step: the previous step's graph holds its gradient
+    while the next call allocates, so two blocks alternate; after the first two steps every
+    call is a hit, and the weight gradient is the one fresh buffers give."""
+    g = torch.Generator().manual_seed(4)
+    h, t = torch.randn(N, 32, generator=g), torch.randn(N, V, generator=g)
+    w0 = torch.randn(32, V, generator=g)
+
+    def train(steps):
+        w = w0.clone().requires_grad_(True)
+        for _ in range(steps):
+            loss = divkit.divergence(h @ w, t, "reverse_kl")
+            loss.backward()
+        return w.grad
+
+    memory.set_cache_limit(0)
+    ref = train(5)
+    memory.set_cache_limit(64 << 20)
+    before = _stats()
+    got = train(5)
+    after = _stats()
+    assert after["misses"] - before["misses"] == 2
+    assert after["hits"] - before["hits"] == 3
+    assert torch.equal(got, ref)
