@@ -20,9 +20,9 @@ alternated for --rounds rounds:
 - old_default: a fresh ``torch.empty`` buffer per call with the huge-page advice (the default
   before the host cache; ``DIVKIT_HOST_CACHE_LIMIT=0``);
 - old_no_huge_pages: the same without the advice (``DIVKIT_HUGE_PAGES=0`` as well);
-- cached: the host cache (the default): the first call maps a block (advised), later calls reuse
-  it;
-- cached_no_huge_pages: the host cache without the advice (``DIVKIT_HUGE_PAGES=0``);
+- cached: the host cache (the default): the first call maps a block (4 KiB pages: the cache's
+  blocks are not advised), later calls reuse it;
+- cached_huge_pages: the host cache with its blocks advised (``DIVKIT_HUGE_PAGES=always``);
 - grad_out: a reused ``grad_out=`` buffer; inplace: ``inplace_grad=True``.
 
 --api function (default) times ``divergence_and_grad`` and the release of its gradient (what a
@@ -66,7 +66,10 @@ MODES = {
     "old_default": ({"DIVKIT_HOST_CACHE_LIMIT": "0", "DIVKIT_HUGE_PAGES": None}, "fresh"),
     "old_no_huge_pages": ({"DIVKIT_HOST_CACHE_LIMIT": "0", "DIVKIT_HUGE_PAGES": "0"}, "fresh"),
     "cached": ({"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": None}, "fresh"),
-    "cached_no_huge_pages": ({"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": "0"}, "fresh"),
+    "cached_huge_pages": (
+        {"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": "always"},
+        "fresh",
+    ),
     "grad_out": ({"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": None}, "grad_out"),
     "inplace": ({"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": None}, "inplace"),
 }

@@ -16,7 +16,10 @@ already in place. A block is never handed out while a tensor still holds it.
   the physical memory or of the cgroup's limit, whichever is smaller; the environment variable
   ``DIVKIT_HOST_CACHE_LIMIT``, e.g. ``4G`` or ``0``, sets it at start); the least recently
   freed are unmapped first. A limit of 0 turns the cache off: divkit then allocates with
-  ``torch.empty`` (the huge-page advice of ``DIVKIT_HUGE_PAGES`` still applies).
+  ``torch.empty`` (with the kernels' huge-page advice, see ``DIVKIT_HUGE_PAGES`` in the guide).
+- Page size: the cache's blocks are not advised onto transparent huge pages (their first write
+  is paid once per block, and was measured faster with 4 KiB pages where free huge pages are
+  scarce); ``DIVKIT_HUGE_PAGES=always`` advises them too.
 - :func:`empty_cache` unmaps the free blocks; :func:`cache_stats` reports sizes and counters.
 - ``os.fork``: a child does not inherit the free blocks (its cache starts empty); tensors it
   inherited stay readable and return their blocks to the child's own cache.

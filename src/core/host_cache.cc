@@ -50,8 +50,9 @@ void mark_inherited(void* p, size_t bytes, bool inherited) {
 #endif
 }
 
-// A new private anonymous mapping of `bytes` (a block_size), 2 MiB-aligned when it is large:
-// the mapping is made 2 MiB longer and the unaligned ends are unmapped.
+// A new private anonymous mapping of `bytes` (a block_size), 2 MiB-aligned when it is large
+// (so that a system whose THP mode is "always", or DIVKIT_HUGE_PAGES=always, can back all of it
+// with huge pages): the mapping is made 2 MiB longer and the unaligned ends are unmapped.
 void* map_block(size_t bytes) {
   const bool align = bytes >= kHugeFrom;
   const size_t len = bytes + (align ? kHuge : 0);
@@ -64,7 +65,8 @@ void* map_block(size_t bytes) {
   const uintptr_t end = r + len;
   if (end > a + bytes) munmap(reinterpret_cast<void*>(a + bytes), end - (a + bytes));
   void* p = reinterpret_cast<void*>(a);
-  detail::advise_huge_pages(p, bytes);
+  // Not in use yet, so advise_huge_pages does not skip it; see huge_pages_mode for the policy.
+  if (detail::huge_pages_mode() == detail::HugePages::always) detail::advise_huge_pages(p, bytes);
   return p;
 }
 
@@ -294,6 +296,17 @@ int64_t host_cache_empty() {
   const int64_t before = c.cached_bytes();
   c.evict_to(0);
   return before;
+}
+
+bool detail::in_host_cache(const void* p) noexcept {
+  const auto q = reinterpret_cast<uintptr_t>(p);
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (const auto& [data, bytes] : c.in_use) {  // a handful of blocks
+    const auto lo = reinterpret_cast<uintptr_t>(data);
+    if (q >= lo && q < lo + bytes) return true;
+  }
+  return false;
 }
 
 HostCacheStats host_cache_stats() {

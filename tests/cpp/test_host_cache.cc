@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/row_io.h"
 #include "divkit/divkit.h"
 
 namespace divkit_test {
@@ -177,6 +178,21 @@ TEST(HostCache, EmptyUnmapsTheFreeBlocksOnly) {
   EXPECT_TRUE(stamped(held, 7));
   EXPECT_EQ(divkit::host_cache_empty(), 0);
   divkit::host_cache_release(held.data);
+}
+
+// The kernels' huge-page advice skips the cache's blocks (row_io.h): it asks whether a pointer
+// is inside a block in use.
+TEST(HostCache, InHostCacheKnowsTheBlocksInUse) {
+  CacheGuard guard(int64_t{64} << 20);
+  divkit::HostBlock a = divkit::host_cache_acquire(6 * kMiB);
+  char* p = static_cast<char*>(a.data);
+  EXPECT_TRUE(divkit::detail::in_host_cache(p));
+  EXPECT_TRUE(divkit::detail::in_host_cache(p + a.bytes - 1));
+  EXPECT_FALSE(divkit::detail::in_host_cache(p + a.bytes));
+  int x = 0;
+  EXPECT_FALSE(divkit::detail::in_host_cache(&x));
+  divkit::host_cache_release(a.data);
+  EXPECT_FALSE(divkit::detail::in_host_cache(p));  // free: not a buffer anyone writes
 }
 
 TEST(HostCache, BadArgumentsThrowErrorNamingThem) {
