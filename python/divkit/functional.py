@@ -464,14 +464,15 @@ def divergence(
             :mod:`divkit.backends.torch_ops`, on any device). Every tensor argument must be on
             one device.
         grad_out: optional buffer for the student gradient, reused across calls so that the
-            kernel writes into memory that is already mapped (a fresh buffer costs its page
-            faults): a tensor of the student's shape, of dtype ``grad_dtype`` (default: the
-            student's), on its device, laid out as ``[N, V]`` rows (e.g. contiguous), not
-            requiring grad and sharing no memory with the inputs. It is written by the forward
-            call when the student gradient is computed (student requires grad), and backward
-            returns it (scaled by the upstream gradient when that is not 1). Passing
-            ``student_logits`` itself is the same as ``inplace_grad=True``. Not supported under
-            ``torch.compile``.
+            kernel writes into memory that is already mapped (without it, the gradient comes
+            from divkit's host cache, :mod:`divkit.memory`, which reuses a block once torch
+            has freed it; ``grad_out`` is for a buffer you manage): a tensor of the student's
+            shape, of dtype ``grad_dtype`` (default: the student's), on its device, laid out
+            as ``[N, V]`` rows (e.g. contiguous), not requiring grad and sharing no memory with
+            the inputs. It is written by the forward call when the student gradient is
+            computed (student requires grad), and backward returns it (scaled by the upstream
+            gradient when that is not 1). Passing ``student_logits`` itself is the same as
+            ``inplace_grad=True``. Not supported under ``torch.compile``.
 
     Returns:
         The loss as a float32 tensor: a scalar, or of shape ``[...]`` for ``reduction="none"``.
