@@ -357,3 +357,28 @@ def test_training_loop_reuses_two_blocks():
     assert after["misses"] - before["misses"] == 2
     assert after["hits"] - before["hits"] == 3
     assert torch.equal(got, ref)
+
+
+def test_threads_computing_and_freeing_concurrently_get_their_own_blocks():
+    """Threads call divergence_and_grad (the kernel runs without the GIL) and free their
+    gradients while others allocate: every gradient equals the reference, and no block is left
+    in use afterwards."""
+    s, t = _inputs(5)
+    ref = _grad(s, t)
+    in_use = _stats()["in_use_blocks"]
+    bad = []
+
+    def work():
+        for _ in range(10):
+            g = _grad(s, t)
+            if not torch.equal(g, ref):
+                bad.append(1)
+            del g
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not bad
+    assert _stats()["in_use_blocks"] == in_use
