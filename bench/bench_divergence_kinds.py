@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Token divergences: every kind against forward_kl, and the gradient buffer's three forms.
+"""Token divergences: every kind against forward_kl, and the gradient buffer's forms.
 
     python bench/bench_divergence_kinds.py                       # N = 4096, V = 128256, fp32
     python bench/bench_divergence_kinds.py --n 512 --reps 3      # quicker
@@ -13,10 +13,24 @@ is the median of the rounds, and its ratio to forward_kl is the median of the pe
 Wall time and the process's CPU time are both reported (on a shared machine the CPU time is
 the steadier of the two).
 
-Part 2 (buffers, forward_kl and the kinds of --buffer-kinds): the gradient in a fresh buffer
-with the huge-page advice (the default), the same with ``DIVKIT_HUGE_PAGES=0``, a reused
-``grad_out=`` buffer, and in place (``inplace_grad=True``); each mode in its own subprocess
-(the environment variable is read once per process), the modes alternated for --rounds rounds.
+Part 2 (buffers, forward_kl and the kinds of --buffer-kinds): the student gradient's forms, each
+in its own subprocess (the environment variables are read once per process), the modes
+alternated for --rounds rounds:
+
+- old_default: a fresh ``torch.empty`` buffer per call with the huge-page advice (the default
+  before the host cache; ``DIVKIT_HOST_CACHE_LIMIT=0``);
+- old_no_huge_pages: the same without the advice (``DIVKIT_HUGE_PAGES=0`` as well);
+- cached: the host cache (the default): the first call maps a block (4 KiB pages: the cache's
+  blocks are not advised), later calls reuse it;
+- cached_huge_pages: the host cache with its blocks advised (``DIVKIT_HUGE_PAGES=always``);
+- grad_out: a reused ``grad_out=`` buffer; inplace: ``inplace_grad=True``.
+
+--api function (default) times ``divergence_and_grad`` and the release of its gradient (what a
+training step's backward does once the LM head's backward has consumed it); --api autograd times
+forward + backward through a free view of a leaf and the release of the graph (autograd copies
+the gradient into the leaf's ``.grad``: one more [N, V] buffer per call, in every mode). Per mode:
+the first call and the median of the others (wall and CPU time), and the process's minor page
+faults per call.
 
 Both parts measure a triad a = b + s * c (torch, float32, arrays far beyond the L3) in the same
 run and print divkit's effective bandwidth (read s, read t, write the gradient: 12 bytes per
@@ -47,7 +61,18 @@ KINDS = (
     "renyi",
     "cross_entropy",
 )
-MODES = ("default", "no_huge_pages", "grad_out", "inplace")
+# mode -> (environment, buffer form); an environment value None removes the variable.
+MODES = {
+    "old_default": ({"DIVKIT_HOST_CACHE_LIMIT": "0", "DIVKIT_HUGE_PAGES": None}, "fresh"),
+    "old_no_huge_pages": ({"DIVKIT_HOST_CACHE_LIMIT": "0", "DIVKIT_HUGE_PAGES": "0"}, "fresh"),
+    "cached": ({"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": None}, "fresh"),
+    "cached_huge_pages": (
+        {"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": "always"},
+        "fresh",
+    ),
+    "grad_out": ({"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": None}, "grad_out"),
+    "inplace": ({"DIVKIT_HOST_CACHE_LIMIT": None, "DIVKIT_HUGE_PAGES": None}, "inplace"),
+}
 
 
 def _alpha(kind: str) -> float:
@@ -113,36 +138,62 @@ def part_kinds(args) -> dict:
     return {"kinds": out, "triad": tri, "threads": divkit.get_num_threads()}
 
 
-def part_buffer_worker(mode: str, kind: str, n: int, v: int, reps: int) -> dict:
+def _vmstat() -> dict:
+    """The kernel's huge-page and compaction counters (Linux; empty elsewhere)."""
+    keys = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall")
+    try:
+        with open("/proc/vmstat") as f:
+            return {k: int(v) for k, v in (line.split() for line in f) if k in keys}
+    except OSError:
+        return {}
+
+
+def part_buffer_worker(mode: str, kind: str, n: int, v: int, reps: int, api: str) -> dict:
+    import resource
+
     import torch
 
     import divkit
 
+    form = MODES[mode][1]
     torch.set_num_threads(divkit.get_num_threads())
     tri = triad_gbps(torch)  # first, so that its arrays and the inputs are not held together
     s, t = inputs(torch, n, v)
-    backup = s.clone() if mode == "inplace" else None
-    leaf = s.requires_grad_(True)
-    buf = torch.zeros_like(s) if mode == "grad_out" else None
-    times = []
-    for r in range(reps + 1):
-        leaf.grad = None
-        if mode == "inplace":
+    backup = s.clone() if form == "inplace" else None
+    buf = torch.zeros_like(s) if form == "grad_out" else None
+    leaf = s.requires_grad_(api == "autograd")
+    walls, cpus, faults = [], [], []
+    vm0 = _vmstat()
+    for _ in range(reps + 1):
+        if form == "inplace":
             with torch.no_grad():
                 leaf.copy_(backup)
-        t0 = time.perf_counter()
-        loss = divkit.divergence(
-            leaf.view(n, v),
-            t,
-            kind,
-            alpha=_alpha(kind),
-            inplace_grad=mode == "inplace",
-            grad_out=buf,
-        )
-        loss.backward()
-        if r:
-            times.append(time.perf_counter() - t0)
-    return {"times": times, "triad": tri}
+        leaf.grad = None
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        w0, c0 = time.perf_counter(), cpu_now()
+        kw = dict(alpha=_alpha(kind), inplace_grad=form == "inplace", grad_out=buf)
+        if api == "function":
+            loss, g, _ = divkit.divergence_and_grad(leaf, t, kind, **kw)
+            del loss, g  # the gradient is released (to the cache, or unmapped)
+        else:
+            loss = divkit.divergence(leaf.view(n, v), t, kind, **kw)
+            loss.backward()
+            del loss  # the graph, which keeps the gradient, is released
+        walls.append(time.perf_counter() - w0)
+        cpus.append(cpu_now() - c0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    vm1 = _vmstat()
+    return {
+        "first": walls[0],
+        "first_cpu": cpus[0],
+        "times": walls[1:],
+        "cpu": cpus[1:],
+        "faults": faults[1:],
+        "first_faults": faults[0],
+        "vmstat": {k: vm1[k] - vm0[k] for k in vm1 if k in vm0},
+        "cache": divkit.memory.cache_stats(),
+        "triad": tri,
+    }
 
 
 def main() -> int:
@@ -156,12 +207,16 @@ def main() -> int:
     ap.add_argument("--skip-kinds", action="store_true")
     ap.add_argument("--skip-buffers", action="store_true")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--api", choices=("function", "autograd"), default="function")
+    ap.add_argument(
+        "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="buffer modes"
+    )
     ap.add_argument("--_worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args._worker:
         mode, kind, reps = args._worker
-        print(json.dumps(part_buffer_worker(mode, kind, args.n, args.v, int(reps))))
+        print(json.dumps(part_buffer_worker(mode, kind, args.n, args.v, int(reps), args.api)))
         return 0
 
     moved = 12 * args.n * args.v
@@ -194,14 +249,18 @@ def main() -> int:
                 f"{100 * gb / tri:.0f}% |"
             )
     if not args.skip_buffers:
-        runs = {(kind, m): [] for kind in args.buffer_kinds for m in MODES}
+        modes = args.modes
+        runs = {(kind, m): [] for kind in args.buffer_kinds for m in modes}
         tris = []
         for _ in range(args.rounds):
             for kind in args.buffer_kinds:
-                for mode in MODES:
+                for mode in modes:
                     env = dict(os.environ)
-                    if mode == "no_huge_pages":
-                        env["DIVKIT_HUGE_PAGES"] = "0"
+                    for k, val in MODES[mode][0].items():
+                        if val is None:
+                            env.pop(k, None)
+                        else:
+                            env[k] = val
                     outp = subprocess.run(
                         [
                             sys.executable,
@@ -210,6 +269,8 @@ def main() -> int:
                             str(args.n),
                             "--v",
                             str(args.v),
+                            "--api",
+                            args.api,
                             "--_worker",
                             mode,
                             kind,
@@ -221,30 +282,44 @@ def main() -> int:
                         text=True,
                     ).stdout
                     r = json.loads(outp.strip().splitlines()[-1])
-                    runs[(kind, mode)].append(statistics.median(r["times"]))
+                    runs[(kind, mode)].append(r)
                     tris.append(r["triad"])
         tri = max(tris)
         res["buffers"] = {f"{k}/{m}": v for (k, m), v in runs.items()}
         res["buffer_triads"] = tris
+        base = modes[0]
         print(
-            f"\nGradient buffers (triad: best {tri:.1f}, median {statistics.median(tris):.1f} GB/s; "
-            f"each mode in its own process, {args.rounds} rounds alternating, each a median of "
-            f"{args.reps}; ms, median over rounds; ratio to the default in parentheses):\n"
+            f"\nGradient buffers, --api {args.api} (triad: best {tri:.1f}, median "
+            f"{statistics.median(tris):.1f} GB/s; each mode in its own process, {args.rounds} "
+            f"rounds alternating; steady: the median of calls 2..{args.reps + 1} of a process; ms, "
+            f"median over rounds; ratio to {base} in parentheses):\n"
         )
-        print("| kind | " + " | ".join(MODES) + " | best GB/s (% of triad) |")
-        print("|---|" + "---:|" * (len(MODES) + 1))
+
+        def med(kind, mode, key, f=lambda r, k: statistics.median(r[k])):
+            return statistics.median(f(r, key) for r in runs[(kind, mode)])
+
+        one = lambda r, k: r[k]  # noqa: E731
+        print(
+            "| kind | mode | steady wall | steady CPU | first call wall | first call CPU | "
+            "minor faults per call (steady / first) | THP faults, compaction stalls | GB/s |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for kind in args.buffer_kinds:
-            d = statistics.median(runs[(kind, "default")])
-            cells = []
-            best = min(statistics.median(runs[(kind, m)]) for m in MODES)
-            for m in MODES:
-                x = statistics.median(runs[(kind, m)])
-                cells.append(f"{x * 1e3:,.0f} ({x / d:.2f})")
-            print(
-                f"| {kind} | "
-                + " | ".join(cells)
-                + f" | {moved / best / 1e9:.1f} ({100 * moved / best / 1e9 / tri:.0f}%) |"
-            )
+            d = med(kind, base, "times")
+            dc = med(kind, base, "cpu")
+            d1 = med(kind, base, "first", one)
+            for m in modes:
+                x, c, x1 = med(kind, m, "times"), med(kind, m, "cpu"), med(kind, m, "first", one)
+                c1 = med(kind, m, "first_cpu", one)
+                fl, fl1 = med(kind, m, "faults"), med(kind, m, "first_faults", one)
+                vm = runs[(kind, m)]
+                thp = sum(r["vmstat"].get("thp_fault_alloc", 0) for r in vm)
+                stall = sum(r["vmstat"].get("compact_stall", 0) for r in vm)
+                print(
+                    f"| {kind} | {m} | {x * 1e3:,.0f} ({x / d:.2f}) | {c * 1e3:,.0f} "
+                    f"({c / dc:.2f}) | {x1 * 1e3:,.0f} ({x1 / d1:.2f}) | {c1 * 1e3:,.0f} | "
+                    f"{fl:,.0f} / {fl1:,.0f} | {thp}, {stall} | {moved / x / 1e9:.1f} |"
+                )
     res["uptime_after"] = os.popen("uptime").read().strip()
     print(f"\n{res['uptime_after']}")
     if args.json:

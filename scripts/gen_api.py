@@ -49,6 +49,11 @@ PY_SECTIONS = [
     ("Optimal transport (`divkit.ot`)", "divkit.ot", "entropic OT and kernel discrepancies"),
     ("Distillation methods (`divkit.distill`)", "divkit.distill", "methods from the literature"),
     (
+        "Host memory (`divkit.memory`)",
+        "divkit.memory",
+        "the cache of the large CPU buffers divkit returns (the [N, V] gradients)",
+    ),
+    (
         "CUDA checks (`divkit.cuda_checks`)",
         "divkit.cuda_checks",
         "deferred input checks of the CUDA kernels, for CUDA graph capture",

@@ -6,6 +6,7 @@
 #include "divkit/distill.h"
 #include "divkit/divergence.h"
 #include "divkit/fused_linear.h"
+#include "divkit/host_cache.h"
 #include "divkit/kde.h"
 #include "divkit/ot.h"
 #include "divkit/preference.h"

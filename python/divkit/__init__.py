@@ -22,6 +22,7 @@ _SUBMODULES = (
     "distributed",
     "functional",
     "fused",
+    "memory",
     "nn",
     "ot",
     "preference",
@@ -88,6 +89,7 @@ _LAZY = {
         "preference",
     ),
     **dict.fromkeys(("TAILS", "sparse_divergence", "topk_divergence"), "sparse"),
+    "empty_cache": "memory",
 }
 
 
@@ -118,6 +120,8 @@ __all__ = [
     "topk_divergence",
     "TAILS",
     "nn",
+    "memory",
+    "empty_cache",
     "distributed",
     "ot",
     "KINDS",

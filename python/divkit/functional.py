@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from . import _C, _device, _ops, cuda_checks
+from . import _C, _device, _ops, cuda_checks, memory
 from . import _validate as check
 from ._autograd import Scaling, grads_in_forward
 from .backends import torch_ops
@@ -134,7 +134,8 @@ def _run(
         loss = torch.empty(1, dtype=torch.float32, device=dev)
 
     # The gradients are allocated in the logits' shapes and handed to the core as [N, V] views,
-    # so that backward can return the very tensors it keeps (Scaling.keep).
+    # so that backward can return the very tensors it keeps (Scaling.keep). Fresh ones come from
+    # the host cache (divkit.memory): a block reused from an earlier call has its pages in place.
     grad_s = grad_t = None
     grad_s2 = grad_t2 = None
     if need_student:
@@ -145,10 +146,10 @@ def _run(
             grad_s = grad_out
             grad_s2 = grad_out.view(n, v)
         else:
-            grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev)
+            grad_s = memory._empty(student.shape, cfg.grad_dtype or student.dtype, dev)
             grad_s2 = grad_s.view(n, v)
     if need_teacher:
-        grad_t = torch.empty(teacher.shape, dtype=cfg.grad_dtype or teacher.dtype, device=dev)
+        grad_t = memory._empty(teacher.shape, cfg.grad_dtype or teacher.dtype, dev)
         grad_t2 = grad_t.view(n, v)
 
     if route is not None and not route.core:
@@ -477,14 +478,15 @@ def divergence(
             :mod:`divkit.backends.torch_ops`, on any device). Every tensor argument must be on
             one device.
         grad_out: optional buffer for the student gradient, reused across calls so that the
-            kernel writes into memory that is already mapped (a fresh buffer costs its page
-            faults): a tensor of the student's shape, of dtype ``grad_dtype`` (default: the
-            student's), on its device, laid out as ``[N, V]`` rows (e.g. contiguous), not
-            requiring grad and sharing no memory with the inputs. It is written by the forward
-            call when the student gradient is computed (student requires grad), and backward
-            returns it (scaled by the upstream gradient when that is not 1). Passing
-            ``student_logits`` itself is the same as ``inplace_grad=True``. Not supported under
-            ``torch.compile``.
+            kernel writes into memory that is already mapped (without it, the gradient comes
+            from divkit's host cache, :mod:`divkit.memory`, which reuses a block once torch
+            has freed it; ``grad_out`` is for a buffer you manage): a tensor of the student's
+            shape, of dtype ``grad_dtype`` (default: the student's), on its device, laid out
+            as ``[N, V]`` rows (e.g. contiguous), not requiring grad and sharing no memory with
+            the inputs. It is written by the forward call when the student gradient is
+            computed (student requires grad), and backward returns it (scaled by the upstream
+            gradient when that is not 1). Passing ``student_logits`` itself is the same as
+            ``inplace_grad=True``. Not supported under ``torch.compile``.
 
     Returns:
         The loss as a float32 tensor: a scalar, or of shape ``[...]`` for ``reduction="none"``.

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _C, _device, _ops
+from . import _C, _device, _ops, memory
 from . import _validate as check
 from ._autograd import grads_in_forward
 from .backends import torch_ops
@@ -66,7 +66,7 @@ def _run(student: torch.Tensor, kernel: Callable, cfg: _Config, need_s: bool):
             grad_s2 = s2
             grad_s = s2.view(student.shape)
         else:
-            grad_s = torch.empty(student.shape, dtype=cfg.grad_dtype or student.dtype, device=dev)
+            grad_s = memory._empty(student.shape, cfg.grad_dtype or student.dtype, dev)
             grad_s2 = grad_s.view(n, v)
     loss = kernel(s2, loss, grad_s2)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())

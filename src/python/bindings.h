@@ -185,7 +185,8 @@ void register_rlhf(nb::module_& m);  // rlhf.cc
 // (none yet besides module.cc's own divergence bindings)
 void register_sparse(nb::module_& m);  // sparse.cc
 void register_ot(nb::module_& m);
-void register_distill(nb::module_& m);  // distill.cc
-void register_compare(nb::module_& m);  // compare.cc
+void register_distill(nb::module_& m);     // distill.cc
+void register_compare(nb::module_& m);     // compare.cc
+void register_host_cache(nb::module_& m);  // host_cache.cc
 
 }  // namespace divkit_py

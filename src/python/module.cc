@@ -80,4 +80,5 @@ NB_MODULE(_C, m) {
   divkit_py::register_ot(m);
   divkit_py::register_distill(m);
   divkit_py::register_compare(m);
+  divkit_py::register_host_cache(m);
 }

@@ -19,7 +19,7 @@ from divkit.cli import build_parser
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API = open(os.path.join(ROOT, "docs", "api.md")).read()
 ENTRIES = [line for line in API.splitlines() if line.startswith("- `")]
-SUBMODULES = ["nn", "distributed", "ot", "preference", "rlhf", "distill"]
+SUBMODULES = ["nn", "distributed", "ot", "preference", "rlhf", "distill", "memory"]
 REGENERATE = "docs/api.md is out of date: run .venv/bin/python scripts/gen_api.py"
 
 
