@@ -14,6 +14,13 @@ settings.register_profile("default", max_examples=40, deadline=None)
 settings.register_profile("thorough", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("DIVKIT_HYPOTHESIS_PROFILE", "default"))
 
+# One pytest process calls divkit with thousands of shapes: with the default host-cache limit
+# (a quarter of the memory) the free gradient blocks it keeps would sit beside the suite's largest
+# tests (over 12 GB at V = 128256). A small limit keeps the cache exercised at a bounded RSS;
+# tests/python/test_memory.py sets its own limits.
+if "DIVKIT_HOST_CACHE_LIMIT" not in os.environ:
+    divkit.memory.set_cache_limit(256 << 20)
+
 # (kind, parameters): every kind, and the parameter values where a kind changes character
 # (jsd's and alpha_divergence's exact endpoints, negative and > 1 Amari alphas, ...).
 CASES = [
