@@ -1865,7 +1865,8 @@ if ENABLED:
 
     # -----------------------------------------------------------------------------------------
     # Sample divergences of divkit.ot (mmd, cs_divergence): the float64 gradients of x and y
-    # are computed in forward (as the eager path) and scaled in backward.
+    # are computed in forward (as the eager path) and scaled in backward. backend="torch" runs
+    # the PyTorch fallback (other devices, or asked for) inside the op.
     # -----------------------------------------------------------------------------------------
 
     @torch.library.custom_op("divkit::sample_divergence", mutates_args=())
@@ -1878,9 +1879,16 @@ if ENABLED:
         kernel: str,
         sigma: float,
         need: List[bool],
+        backend: str = "core",
     ) -> Tuple[Tensor, Tensor, Tensor]:
         from . import _C
 
+        if backend == "torch":
+            from .backends import torch_ot
+
+            val, gx, gy = torch_ot.sample_divergence(which, x, y, a, b, kernel, sigma, need)
+            grads = [_empty_like_device(x) if g is None else g for g in (gx, gy)]
+            return (val.to(x.dtype), *grads)
         gx = torch.empty(x.shape, dtype=torch.float64) if need[0] else None
         gy = torch.empty(y.shape, dtype=torch.float64) if need[1] else None
         val = _C.sample_divergence(
@@ -1898,7 +1906,7 @@ if ENABLED:
         return (torch.tensor(val, dtype=x.dtype), *grads)
 
     @sample_divergence_op.register_fake
-    def _sample_divergence_fake(x, y, a, b, which, kernel, sigma, need):
+    def _sample_divergence_fake(x, y, a, b, which, kernel, sigma, need, backend="core"):
         grads = [
             z.new_empty(z.shape, dtype=torch.float64) if k else _empty_like_device(x)
             for z, k in zip((x, y), need)
@@ -1908,7 +1916,7 @@ if ENABLED:
     def _sample_divergence_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(output[1], output[2])
-        ctx.need = inputs[-1]
+        ctx.need = inputs[7]
         ctx.fn = "mmd" if inputs[4] == "mmd" else "cs_divergence"
 
     def _sample_divergence_backward(ctx, g_val, *_):
@@ -1917,18 +1925,20 @@ if ENABLED:
             (g * go64).to(g_val.dtype) if k else None for g, k in zip(ctx.saved_tensors, ctx.need)
         ]
         grads = guard_double_backward(ctx.fn, grads)
-        return (*grads,) + (None,) * 6
+        return (*grads,) + (None,) * 7
 
     sample_divergence_op.register_autograd(
         _sample_divergence_backward, setup_context=_sample_divergence_setup
     )
     _loop_vmap(sample_divergence_op, 4)
 
-    def sample_divergence(x, y, a, b, which, kernel, sigma):
-        """MMD^2 or the CS divergence (a scalar of x's dtype) through the op."""
+    def sample_divergence(x, y, a, b, which, kernel, sigma, core: bool = True):
+        """MMD^2 or the CS divergence (a scalar of x's dtype) through the op, computed by the
+        C++ core or (core=False) the PyTorch fallback, whose host reads stay inside the op."""
         on = torch.is_grad_enabled()
         need = [on and x.requires_grad, on and y.requires_grad]
-        return sample_divergence_op(x, y, a, b, which, kernel, sigma, need)[0]
+        backend = "core" if core else "torch"
+        return sample_divergence_op(x, y, a, b, which, kernel, sigma, need, backend)[0]
 
     # -----------------------------------------------------------------------------------------
     # kde_log_density (no gradient: its inputs are detached by the public function).
@@ -1958,3 +1968,291 @@ if ENABLED:
 
     if hasattr(kde_log_density_op, "register_vmap"):
         kde_log_density_op.register_vmap(_kde_vmap)
+
+    # -----------------------------------------------------------------------------------------
+    # Entropic OT (divkit.ot.sinkhorn, and so sinkhorn_divergence, sinkhorn_kd_loss, monge_gap):
+    # 3-D inputs [B, ...]; the solver (the C++ core, or the PyTorch fallback for backend="torch"
+    # and tensors off the CPU) computes the envelope gradients in forward, scaled in backward in
+    # float64 as the eager path does. The non-convergence warning is given by the op, when it
+    # runs (a traced caller cannot read the flags).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::sinkhorn", mutates_args=())
+    def sinkhorn_op(
+        x: Optional[Tensor],
+        y: Optional[Tensor],
+        cost: Optional[Tensor],
+        a: Optional[Tensor],
+        b: Optional[Tensor],
+        eps: float,
+        p: int,
+        tol: float,
+        max_iter: int,
+        check_every: int,
+        eps_scaling: float,
+        rho_a: float,
+        rho_b: float,
+        cost_cache_bytes: int,
+        symmetric: bool,
+        return_plan: bool,
+        warn: bool,
+        fn: str,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+        Tensor,
+    ]:  # fmt: skip
+        """(reg_cost, f, g, transport_cost, n_iter, marginal_error, converged, plan, grad x,
+        grad y, grad a, grad b); need = (x, y, cost, a, b); the cost's gradient is the plan."""
+        from . import ot
+
+        cfg = ot._Cfg(
+            eps, p, tol, max_iter, check_every, eps_scaling, rho_a, rho_b, cost_cache_bytes,
+            symmetric, return_plan, warn, fn,
+        )  # fmt: skip
+        reg, stats, f, g, plan, grads = ot._sinkhorn_run(
+            x, y, cost, a, b, cfg, tuple(need), backend == "core"
+        )
+        dt = reg.dtype
+        if warn:
+            ot._warn_sinkhorn(cfg, stats)
+        ref = cost if cost is not None else x
+        plan = _empty_like_device(ref) if plan is None else plan
+        return (
+            reg,
+            f.to(dt),
+            g.to(dt),
+            stats["transport_cost"].to(dt),
+            stats["n_iter"],
+            stats["marginal_error"],
+            stats["converged"],
+            plan,
+            *(_empty_like_device(ref) if t is None else t for t in grads),
+        )
+
+    @sinkhorn_op.register_fake
+    def _sinkhorn_fake(x, y, cost, a, b, *rest):
+        return_plan, need = rest[10], rest[-1]
+        if cost is not None:
+            ref, (B, n, m) = cost, cost.shape
+        else:
+            ref, (B, n, m) = x, (x.shape[0], x.shape[1], y.shape[1])
+        dt = ref.dtype
+
+        def new(shape, dtype=torch.float64):
+            return ref.new_empty(shape, dtype=dtype)
+
+        plan = new((B, n, m), dt) if (return_plan or need[2]) else _empty_like_device(ref)
+        grads = [
+            new(z.shape) if (z is not None and k) else _empty_like_device(ref)
+            for z, k in zip((x, y, a, b), (need[0], need[1], need[3], need[4]))
+        ]
+        stats = [new((B,), dt), new((B,), torch.int64), new((B,)), new((B,), torch.bool)]
+        return (new((B,), dt), new((B, n), dt), new((B, m), dt), *stats, plan, *grads)
+
+    def _sinkhorn_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.need = inputs[-1]
+        ctx.fn = inputs[17]
+        ctx.save_for_backward(output[8], output[9], output[7], output[10], output[11])
+
+    def _sinkhorn_backward(ctx, g_reg, *_):
+        # As GradsInForward with Scaling(fp64=True): the product in float64, cast to g_reg's dtype.
+        go64 = g_reg.to(torch.float64)
+        grads = [
+            (g * go64.reshape((-1,) + (1,) * (g.dim() - 1))).to(g_reg.dtype) if (k and n) else None
+            for g, k, n in zip(ctx.saved_tensors, ctx.need, ctx.needs_input_grad[:5])
+        ]
+        grads = guard_double_backward(ctx.fn, grads)
+        return (*grads,) + (None,) * 15
+
+    sinkhorn_op.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup)
+    _loop_vmap(sinkhorn_op, 5)
+
+    def sinkhorn(x, y, cost, a, b, cfg, core: bool):
+        """sinkhorn through the op on 3-D inputs: (reg_cost, f, g, transport_cost, n_iter,
+        marginal_error, converged, plan or None)."""
+        on = torch.is_grad_enabled()
+        need = [bool(on and t is not None and t.requires_grad) for t in (x, y, cost, a, b)]
+        out = sinkhorn_op(x, y, cost, a, b, *cfg[:12], cfg.fn, "core" if core else "torch", need)
+        return (*out[:7], out[7] if cfg.return_plan else None)
+
+    # -----------------------------------------------------------------------------------------
+    # Quadratically regularized / sparsity-constrained OT (divkit.ot.sparse_ot). The plan's
+    # number of non-zeros depends on the data, so the op returns it dense [n, m] (a traced
+    # sparse_ot gives the dense plan); the gradients (Danskin: alpha, the solver's grad b, the
+    # plan) are computed in forward and scaled in float64 in backward.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::sparse_ot", mutates_args=())
+    def sparse_ot_op(
+        a: Tensor,
+        b: Tensor,
+        cost: Tensor,
+        gamma: float,
+        k: int,
+        tol: float,
+        max_iter: int,
+        warn: bool,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(reg_cost, plan [n, m] float64, transport_cost, alpha [n] float64, n_iter, marginal_error,
+        converged, grad b [m] float64 or empty); the gradients of a and cost are alpha and the
+        plan."""
+        from . import ot
+
+        reg, box, grad_b = ot._sparse_ot_run(
+            a, b, cost, gamma, k, tol, max_iter, backend == "core", need[1]
+        )
+        if warn:
+            ot._warn_sparse_ot(box, max_iter, tol, k)
+        plan = box["plan"].to_dense()
+        dev = cost.device
+        return (
+            reg,
+            plan,
+            torch.tensor(float(box["tc"]), dtype=cost.dtype, device=dev),
+            box["alpha"],
+            torch.tensor(int(box["n_iter"]), dtype=torch.int64, device=dev),
+            torch.tensor(float(box["err"]), dtype=torch.float64, device=dev),
+            torch.tensor(bool(box["conv"]), device=dev),
+            _empty_like_device(cost) if grad_b is None else grad_b,
+        )
+
+    @sparse_ot_op.register_fake
+    def _sparse_ot_fake(a, b, cost, gamma, k, tol, max_iter, warn, backend, need):
+        f64 = torch.float64
+        return (
+            cost.new_empty(()),
+            cost.new_empty(cost.shape, dtype=f64),
+            cost.new_empty(()),
+            cost.new_empty((cost.shape[0],), dtype=f64),
+            cost.new_empty((), dtype=torch.int64),
+            cost.new_empty((), dtype=f64),
+            cost.new_empty((), dtype=torch.bool),
+            cost.new_empty((cost.shape[1],), dtype=f64) if need[1] else _empty_like_device(cost),
+        )
+
+    def _sparse_ot_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.need = inputs[-1]
+        ctx.save_for_backward(output[3], output[7], output[1])
+
+    def _sparse_ot_backward(ctx, g_reg, *_):
+        # As GradsInForward with Scaling(fp64=True): the product in float64 (go64 broadcast to
+        # g's rank, so that a float32 g is promoted), cast to g_reg's dtype.
+        go64 = g_reg.to(torch.float64)
+        grads = [
+            (g * go64.reshape((1,) * g.dim())).to(g_reg.dtype) if (k and n) else None
+            for g, k, n in zip(ctx.saved_tensors, ctx.need, ctx.needs_input_grad[:3])
+        ]
+        grads = guard_double_backward("sparse_ot", grads)
+        return (*grads,) + (None,) * 7
+
+    sparse_ot_op.register_autograd(_sparse_ot_backward, setup_context=_sparse_ot_setup)
+    _loop_vmap(sparse_ot_op, 3)
+
+    def sparse_ot(a, b, cost, gamma, k, tol, max_iter, warn, core: bool):
+        """sparse_ot through the op: (reg_cost, dense plan, transport_cost, alpha, n_iter,
+        marginal_error, converged)."""
+        on = torch.is_grad_enabled()
+        need = [bool(on and t.requires_grad) for t in (a, b, cost)]
+        backend = "core" if core else "torch"
+        return sparse_ot_op(a, b, cost, gamma, k, tol, max_iter, warn, backend, need)[:7]
+
+    # -----------------------------------------------------------------------------------------
+    # kde_log_likelihood and kde_bandwidth (no gradient): their eager results are Python numbers;
+    # the ops return them as float64 (int64 for n_evals) tensors, which a traced call gives back.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::kde_log_likelihood", mutates_args=())
+    def kde_log_likelihood_op(
+        x: Tensor, y: Optional[Tensor], w: Optional[Tensor], bandwidth: float
+    ) -> Tensor:
+        from . import _C
+
+        return torch.tensor(_C.kde_log_likelihood(x, w, y, bandwidth), dtype=torch.float64)
+
+    @kde_log_likelihood_op.register_fake
+    def _kde_log_likelihood_fake(x, y, w, bandwidth):
+        return x.new_empty((), dtype=torch.float64, device="cpu")
+
+    @torch.library.custom_op("divkit::kde_bandwidth", mutates_args=())
+    def kde_bandwidth_op(
+        x: Tensor,
+        y: Optional[Tensor],
+        w: Optional[Tensor],
+        h_min: float,
+        h_max: float,
+        grid: int,
+        tol: float,
+        max_iter: int,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(bandwidth, log_likelihood, n_evals, grid_bandwidths [grid], grid_log_likelihoods
+        [grid])."""
+        from . import _C
+
+        b, ll, ne, gb, gl = _C.kde_select_bandwidth(x, w, y, h_min, h_max, grid, tol, max_iter)
+        f64 = torch.float64
+        return (
+            torch.tensor(b, dtype=f64),
+            torch.tensor(ll, dtype=f64),
+            torch.tensor(ne, dtype=torch.int64),
+            torch.tensor(list(gb), dtype=f64),
+            torch.tensor(list(gl), dtype=f64),
+        )
+
+    @kde_bandwidth_op.register_fake
+    def _kde_bandwidth_fake(x, y, w, h_min, h_max, grid, tol, max_iter):
+        def new(shape, dtype=torch.float64):
+            return x.new_empty(shape, dtype=dtype, device="cpu")
+
+        return new(()), new(()), new((), torch.int64), new((grid,)), new((grid,))
+
+    def _kde_loop_vmap(op):
+        """vmap by one call per batch entry (x, y, w may be batched; no gradients here)."""
+
+        def rule(info, in_dims, x, y, w, *options):
+            def entry(t, d, i):
+                return t.select(d, i) if (t is not None and d is not None) else t
+
+            outs = [
+                op(*(entry(t, d, i) for t, d in zip((x, y, w), in_dims[:3])), *options)
+                for i in range(info.batch_size)
+            ]
+            if isinstance(outs[0], Tensor):
+                return torch.stack(outs), 0
+            stacked = tuple(torch.stack([o[k] for o in outs]) for k in range(len(outs[0])))
+            return stacked, (0,) * len(stacked)
+
+        if hasattr(op, "register_vmap"):
+            op.register_vmap(rule)
+
+    _kde_loop_vmap(kde_log_likelihood_op)
+    _kde_loop_vmap(kde_bandwidth_op)
+
+    # -----------------------------------------------------------------------------------------
+    # USKD's soft labels (divkit.distill.uskd_soft_labels, and so uskd_loss): torch code whose
+    # batch mean over the non-ignored rows and label check read values; as an op, the output
+    # shapes are known before it runs. No gradient (the labels are constants of the loss).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::uskd_soft_labels", mutates_args=())
+    def uskd_soft_labels_op(
+        student: Tensor, labels: Tensor, weak: Tensor, ignore_index: int, fn: str
+    ) -> Tuple[Tensor, Tensor]:
+        """(target [N], nontarget [N, C]) float64 from rows [N, C] and labels [N]."""
+        from .distill.kd import _uskd_soft_label_rows
+
+        return _uskd_soft_label_rows(fn, student, labels, weak, ignore_index)
+
+    @uskd_soft_labels_op.register_fake
+    def _uskd_soft_labels_fake(student, labels, weak, ignore_index, fn):
+        f64 = torch.float64
+        return student.new_empty((student.shape[0],), dtype=f64), student.new_empty(
+            student.shape, dtype=f64
+        )
+
+    _loop_vmap(uskd_soft_labels_op, 3)

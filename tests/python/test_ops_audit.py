@@ -45,6 +45,8 @@ OPS = {
     "divkit::nkd_loss",
     "divkit::sample_divergence",
     "divkit::kde_log_density",
+    "divkit::sinkhorn",
+    "divkit::sparse_ot",
 }
 
 

@@ -248,17 +248,32 @@ def uskd_soft_labels(
     c = s.shape[-1]
     n = math.prod(lead)
     lab = common.labels(fn, labels, lead, n, True)
-    valid = lab != ignore_index
+    sd, wd = s.detach().reshape(n, c), wk.detach().reshape(n, c)
+    if _ops.use_ops(sd, lab, wd, fn=fn):
+        # An op with shapes known before it runs: the batch mean over non-ignored rows and
+        # the label check read values (graph breaks, were they traced).
+        target, z = _ops.uskd_soft_labels_op(sd, lab, wd, ignore_index, fn)
+    else:
+        target, z = _uskd_soft_label_rows(fn, sd, lab, wd, ignore_index)
+    dt = common.out_dtype(s)
+    return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
+
+
+def _uskd_soft_label_rows(fn: str, s: torch.Tensor, lab: torch.Tensor, wk: torch.Tensor, ii: int):
+    """(target [N], nontarget [N, C]) float64 of :func:`uskd_soft_labels` from rows s, wk
+    [N, C] (no gradient) and labels [N]."""
+    n, c = s.shape
+    valid = lab != ii
     if bool(((lab < 0) | (lab >= c))[valid].any()):
         check.fail(fn, f"labels out of range [0, {c}) (and not ignore_index)")
     safe = torch.where(valid, lab, torch.zeros_like(lab))
     with torch.no_grad():
-        lq = torch.log_softmax(s.detach().reshape(n, c).double(), -1)
+        lq = torch.log_softmax(s.double(), -1)
         lqy = lq.gather(1, safe[:, None])
         qy2 = lqy[:, 0].exp() ** 2
         mean = qy2[valid].mean() if bool(valid.any()) else qy2.new_zeros(())
         target = qy2 - mean + 1.0
-        w = torch.softmax(wk.detach().reshape(n, c).double(), -1)
+        w = torch.softmax(wk.double(), -1)
         wy = w.gather(1, safe[:, None])
         score = w / (1 - wy + 1e-6) + lq / (1 - lqy + 1e-6)
         order = score.argsort(dim=1, descending=True, stable=True)
@@ -269,8 +284,7 @@ def uskd_soft_labels(
         z = z / z.sum(1, keepdim=True).clamp_min(1e-300)
         target = torch.where(valid, target, torch.zeros_like(target))
         z = torch.where(valid[:, None], z, torch.zeros_like(z))
-    dt = common.out_dtype(s)
-    return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
+    return target, z
 
 
 @check.public("uskd_loss")
