@@ -325,11 +325,20 @@ if ENABLED:
 
     divergence_op.register_autograd(_divergence_backward, setup_context=_divergence_setup)
 
-    def _loop_vmap(op, n_tensors: int):
+    def _loop_vmap(op, n_tensors: int, group_at: Optional[int] = None):
         """A vmap rule for op: one call per batch entry (the first n_tensors arguments may be
-        batched), outputs stacked along a new first dimension. The kernels see plain rows."""
+        batched), outputs stacked along a new first dimension. The kernels see plain rows.
+        group_at: the position of a process group's name; with a group, vmap raises (each call
+        is a collective: a loop would make the ranks' collectives depend on their vmaps)."""
 
         def rule(info, in_dims, *args):
+            if group_at is not None and group_at < len(args) and args[group_at] is not None:
+                check.fail(
+                    op._name.split("::")[-1],
+                    "torch.vmap is not supported with process_group (each call is a "
+                    "collective over the group); call it on the batched tensors directly: "
+                    "their leading dimensions are tokens",
+                )
             if torch.is_grad_enabled() and any(
                 isinstance(x, Tensor) and x.requires_grad for x in args[:n_tensors]
             ):
@@ -350,6 +359,8 @@ if ENABLED:
                 )
                 for b in range(info.batch_size)
             ]
+            if isinstance(outs[0], Tensor):
+                return torch.stack(outs), 0
             stacked = tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0])))
             return stacked, (0,) * len(stacked)
 
@@ -390,6 +401,19 @@ if ENABLED:
             return g
         return g * go.to(g.dtype)
 
+    def _name(group) -> Optional[str]:
+        """A vocabulary-parallel process group as an op argument: its c10d name (None: none)."""
+        return None if group is None else group.group_name
+
+    def _group(name: Optional[str]):
+        """The process group of a c10d name (None: none), resolved as torch's functional
+        collectives do."""
+        if name is None:
+            return None
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(name)
+
     def _engine(route) -> str:
         # "auto" lets the op route again when it runs: on CUDA that keeps divkit's row kernel
         # inside the PyTorch chunk loop (route.rows == "core").
@@ -414,6 +438,7 @@ if ENABLED:
         return_stats: bool,
         backend: str,
         need: List[bool],
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         from . import fused
 
@@ -427,8 +452,11 @@ if ENABLED:
             chunk_size,
         )
         route = _route("fused_linear_cross_entropy", backend, (hidden, weight, bias, labels))
+        group = _group(group_name)
+        if group is not None and upstream is None:
+            fused._check_same_tokens("fused_linear_cross_entropy", group, (hidden,), labels)
         outs, grads = fused._ce_call(
-            cfg, None, route, return_stats, labels, [hidden, weight, bias], need, upstream
+            cfg, group, route, return_stats, labels, [hidden, weight, bias], need, upstream
         )
         n = hidden.shape[0]
         loss = outs[0].reshape(n if reduction == "none" and upstream is None else 1)
@@ -456,6 +484,7 @@ if ENABLED:
         else:
             ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
             ctx.args = inputs[5:14]
+            ctx.group = inputs[15]
 
     def _fused_ce_backward(ctx, g_loss, *_):
         need = list(ctx.needs_input_grad[:3])
@@ -465,20 +494,22 @@ if ENABLED:
         else:
             h, w, b, labels = ctx.saved_tensors
             a = ctx.args
-            out = fused_ce_op(h, w, b, labels, g_loss, *a[:7], False, a[8], need)
+            out = fused_ce_op(h, w, b, labels, g_loss, *a[:7], False, a[8], need, ctx.group)
             grads = [g if n else None for g, n in zip(out[3:], need)]
         grads = guard_double_backward("fused_linear_cross_entropy", grads)
-        return (*grads,) + (None,) * 12
+        return (*grads,) + (None,) * 13
 
     fused_ce_op.register_autograd(_fused_ce_backward, setup_context=_fused_ce_setup)
-    _loop_vmap(fused_ce_op, 5)
+    _loop_vmap(fused_ce_op, 5, group_at=15)
 
-    def fused_ce(h, w, b, labels, cfg, return_stats: bool, route):
+    def fused_ce(h, w, b, labels, cfg, return_stats: bool, route, group=None):
         """fused_linear_cross_entropy through the op: (loss, logprobs, entropy) with loss [N] or
-        [1] (the caller reshapes)."""
+        [1] (the caller reshapes); group: a vocabulary-parallel process group or None."""
         h2, w2 = _rows2(h), _rows2(w)
         need = _need((h2, w2, b), cfg.reduction != "none")
-        out = fused_ce_op(h2, w2, b, labels, None, *cfg, return_stats, _engine(route), need)
+        out = fused_ce_op(
+            h2, w2, b, labels, None, *cfg, return_stats, _engine(route), need, _name(group)
+        )
         return out[0], out[1], out[2]
 
     @torch.library.custom_op("divkit::fused_linear_divergence", mutates_args=())
@@ -506,6 +537,7 @@ if ENABLED:
         chunk_size: int,
         backend: str,
         need: List[bool],
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         from . import fused
 
@@ -531,14 +563,19 @@ if ENABLED:
             teacher_bias,
         )
         route = _route("fused_linear_divergence", backend, (*ts, labels, weights))
+        group = _group(group_name)
         if upstream is None:
+            if group is not None:
+                fused._check_same_tokens(
+                    "fused_linear_divergence", group, (student_hidden, teacher_hidden), labels
+                )
             loss, grads = fused._distill_call(
-                cfg, None, *ts, labels, weights, teacher_token_ids, need, route=route
+                cfg, group, *ts, labels, weights, teacher_token_ids, need, route=route
             )
         else:
             loss, grads = fused._distill_call(
                 cfg,
-                None,
+                group,
                 *ts,
                 labels,
                 fused._token_weights(upstream, weights),
@@ -566,6 +603,7 @@ if ENABLED:
         else:
             ctx.save_for_backward(*inputs[:10])
             ctx.args = inputs[10:22]
+            ctx.group = inputs[23]
 
     def _fused_divergence_backward(ctx, g_loss, *_):
         need = list(ctx.needs_input_grad[:6])
@@ -573,21 +611,23 @@ if ENABLED:
             grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
         else:
             saved = list(ctx.saved_tensors)
-            out = fused_divergence_op(*saved[:9], g_loss, *ctx.args, need)
+            out = fused_divergence_op(*saved[:9], g_loss, *ctx.args, need, ctx.group)
             grads = [g if n else None for g, n in zip(out[1:], need)]
         grads = guard_double_backward("fused_linear_divergence", grads)
-        return (*grads,) + (None,) * 17
+        return (*grads,) + (None,) * 18
 
     fused_divergence_op.register_autograd(
         _fused_divergence_backward, setup_context=_fused_divergence_setup
     )
-    _loop_vmap(fused_divergence_op, 10)
+    _loop_vmap(fused_divergence_op, 10, group_at=23)
 
-    def fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route):
+    def fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route, group=None):
         """fused_linear_divergence through the op: the loss, [N] or [1]."""
         xs = (_rows2(sh), _rows2(sw), sb, _rows2(th), _rows2(tw), tb)
         need = _need(xs, cfg.reduction != "none")
-        out = fused_divergence_op(*xs, labels, weights, ids, None, *cfg, _engine(route), need)
+        out = fused_divergence_op(
+            *xs, labels, weights, ids, None, *cfg, _engine(route), need, _name(group)
+        )
         return out[0]
 
     @torch.library.custom_op("divkit::fused_linear_logprobs", mutates_args=())
@@ -602,11 +642,15 @@ if ENABLED:
         topk: int,
         chunk_size: int,
         backend: str,
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         from . import fused
 
         route = _route("fused_linear_logprobs", backend, (hidden, weight, bias, labels))
         fallback = route is not None and not route.core
+        group = _group(group_name)
+        if group is not None:
+            fused._check_same_tokens("fused_linear_logprobs", group, (hidden,), labels)
         outs = fused._lp_forward(
             [hidden, weight, bias],
             labels,
@@ -615,7 +659,7 @@ if ENABLED:
             return_entropy,
             topk,
             chunk_size,
-            None,
+            group,
             fallback,
         )
         outs = list(outs)
@@ -648,6 +692,7 @@ if ENABLED:
         chunk_size: int,
         backend: str,
         need: List[bool],
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         from . import fused
 
@@ -662,7 +707,7 @@ if ENABLED:
             with_ent,
             0,
             chunk_size,
-            None,
+            _group(group_name),
             fallback,
             (grad_logprobs, grad_entropy) if with_ent else grad_logprobs,
             need,
@@ -671,12 +716,13 @@ if ENABLED:
 
     @fused_logprobs_backward_op.register_fake
     def _fused_logprobs_backward_fake(hidden, weight, bias, *rest):
-        return tuple(_fake_grads([hidden, weight, bias], rest[-1]))
+        return tuple(_fake_grads([hidden, weight, bias], rest[7]))
 
     def _fused_logprobs_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[2])
         ctx.save_for_backward(*inputs[:4])
         ctx.args = inputs[4:10]
+        ctx.group = inputs[10]
 
     def _fused_logprobs_backward(ctx, g_lp, g_ent, _):
         need = list(ctx.needs_input_grad[:3])
@@ -695,22 +741,34 @@ if ENABLED:
             chunk,
             backend,
             need,
+            ctx.group,
         )
         grads = guard_double_backward(
             "fused_linear_logprobs", [g if n else None for g, n in zip(out, need)]
         )
-        return (*grads,) + (None,) * 7
+        return (*grads,) + (None,) * 8
 
     fused_logprobs_op.register_autograd(
         _fused_logprobs_backward, setup_context=_fused_logprobs_setup
     )
-    _loop_vmap(fused_logprobs_op, 4)
-    _loop_vmap(fused_logprobs_backward_op, 6)
+    _loop_vmap(fused_logprobs_op, 4, group_at=10)
+    _loop_vmap(fused_logprobs_backward_op, 6, group_at=11)
 
     def fused_logprobs(
-        h, w, b, labels, temperature, ignore_index, return_entropy, topk, chunk, fallback
+        h,
+        w,
+        b,
+        labels,
+        temperature,
+        ignore_index,
+        return_entropy,
+        topk,
+        chunk,
+        fallback,
+        group=None,
     ):
-        """fused_linear_logprobs through the op: (logprobs[, entropy][, topk_mass]) as [N]."""
+        """fused_linear_logprobs through the op: (logprobs[, entropy][, topk_mass]) as [N]; group:
+        a vocabulary-parallel process group or None."""
         out = fused_logprobs_op(
             _rows2(h),
             _rows2(w),
@@ -722,6 +780,7 @@ if ENABLED:
             topk,
             chunk,
             "torch" if fallback else "auto",
+            _name(group),
         )
         res = [out[0]]
         if return_entropy:
@@ -984,9 +1043,7 @@ if ENABLED:
         return group.group_name
 
     def _resolve_group(name: str):
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
-        return _resolve_process_group(name)
+        return _group(name)
 
     @torch.library.custom_op("divkit::vocab_parallel_divergence", mutates_args=())
     def vocab_parallel_divergence_op(
@@ -2211,27 +2268,8 @@ if ENABLED:
 
         return new(()), new(()), new((), torch.int64), new((grid,)), new((grid,))
 
-    def _kde_loop_vmap(op):
-        """vmap by one call per batch entry (x, y, w may be batched; no gradients here)."""
-
-        def rule(info, in_dims, x, y, w, *options):
-            def entry(t, d, i):
-                return t.select(d, i) if (t is not None and d is not None) else t
-
-            outs = [
-                op(*(entry(t, d, i) for t, d in zip((x, y, w), in_dims[:3])), *options)
-                for i in range(info.batch_size)
-            ]
-            if isinstance(outs[0], Tensor):
-                return torch.stack(outs), 0
-            stacked = tuple(torch.stack([o[k] for o in outs]) for k in range(len(outs[0])))
-            return stacked, (0,) * len(stacked)
-
-        if hasattr(op, "register_vmap"):
-            op.register_vmap(rule)
-
-    _kde_loop_vmap(kde_log_likelihood_op)
-    _kde_loop_vmap(kde_bandwidth_op)
+    _loop_vmap(kde_log_likelihood_op, 3)
+    _loop_vmap(kde_bandwidth_op, 3)
 
     # -----------------------------------------------------------------------------------------
     # USKD's soft labels (divkit.distill.uskd_soft_labels, and so uskd_loss): torch code whose
@@ -2256,3 +2294,38 @@ if ENABLED:
         )
 
     _loop_vmap(uskd_soft_labels_op, 3)
+
+    # -----------------------------------------------------------------------------------------
+    # Row statistics of divkit.distill without gradients: row_entropy (so bdkd_loss's weights)
+    # and the sorted teacher probabilities of DACKLBounds.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::row_entropy", mutates_args=())
+    def row_entropy_op(logits: Tensor, temperature: float) -> Tensor:
+        """H(softmax(logits / T)) per row [N] of logits [N, V] (float64 for float64 logits)."""
+        from . import _C
+
+        out = torch.empty(logits.shape[0], dtype=_seq_dtype(logits))
+        _C.row_entropy(logits, temperature, out)
+        return out
+
+    @row_entropy_op.register_fake
+    def _row_entropy_fake(logits, temperature):
+        return logits.new_empty((logits.shape[0],), dtype=_seq_dtype(logits))
+
+    _loop_vmap(row_entropy_op, 1)
+
+    @torch.library.custom_op("divkit::sorted_probs", mutates_args=())
+    def sorted_probs_op(teacher: Tensor, temperature: float, k: int, dtype: torch.dtype) -> Tensor:
+        """The k largest probabilities of softmax(teacher / T) per row, decreasing: [N, k]."""
+        from . import _C
+
+        out = torch.empty(teacher.shape[0], k, dtype=dtype)
+        _C.sorted_probs(teacher, temperature, out)
+        return out
+
+    @sorted_probs_op.register_fake
+    def _sorted_probs_fake(teacher, temperature, k, dtype):
+        return teacher.new_empty((teacher.shape[0], k), dtype=dtype)
+
+    _loop_vmap(sorted_probs_op, 1)

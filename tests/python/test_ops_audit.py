@@ -47,6 +47,11 @@ OPS = {
     "divkit::kde_log_density",
     "divkit::sinkhorn",
     "divkit::sparse_ot",
+    "divkit::kde_log_likelihood",
+    "divkit::kde_bandwidth",
+    "divkit::uskd_soft_labels",
+    "divkit::row_entropy",
+    "divkit::sorted_probs",
 }
 
 

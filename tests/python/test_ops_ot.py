@@ -1,7 +1,7 @@
 """Custom ops of divkit.ot and the functions built on them: divkit::sinkhorn (so
 sinkhorn_divergence, sinkhorn_kd_loss, monge_gap), divkit::sparse_ot, the PyTorch-fallback route
 of sinkhorn / mmd / cs_divergence (run inside the ops), divkit::kde_log_likelihood and
-divkit::kde_bandwidth; and divkit::uskd_soft_labels (so uskd_loss). Each: no graph break under
+divkit::kde_bandwidth. Each: no graph break under
 torch.compile(fullgraph=True), the compiled call equal to eager bit for bit (values, returned
 fields, gradients), the op path (ALWAYS) equal to the function path, opcheck, vmap against the
 loop, a clear divkit.Error on double backward and on bad input, eager and compiled."""
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import divkit
-import divkit.distill
 import divkit.ot as ot
 from divkit import _ops
 
@@ -391,45 +390,3 @@ def test_kde_opcheck_vmap_errors():
     g = torch.compile(lambda x: ot.kde_bandwidth(x, x[:1, :1]).bandwidth)
     with pytest.raises(divkit.Error, match="kde_bandwidth: y must have x's dimension"):
         g(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# USKD: the soft labels as an op, so that uskd_loss compiles to one graph.
-# ---------------------------------------------------------------------------------------------
-
-
-def _uskd_inputs(dtype=torch.float32):
-    g = torch.Generator().manual_seed(11)
-    s = torch.randn(2, 3, 7, generator=g, dtype=dtype).requires_grad_(True)
-    wk = torch.randn(2, 3, 7, generator=g, dtype=dtype).requires_grad_(True)
-    return s, wk, torch.tensor([[1, 2, -100], [0, 6, 3]])
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_uskd_loss_compiles_fullgraph_with_eager_bits(reduction, dtype, monkeypatch):
-    s, wk, labels = _uskd_inputs(dtype)
-    scale = torch.arange(6.0, dtype=dtype).reshape(2, 3)
-
-    def f(s, wk):
-        out = divkit.distill.uskd_loss(s, labels, wk, mu=0.2, reduction=reduction)
-        soft = divkit.distill.uskd_soft_labels(s, labels, wk)
-        return (out * scale).sum() if reduction == "none" else out, soft
-
-    _check(f, [s, wk], [s, wk], monkeypatch)
-
-
-def test_uskd_soft_labels_opcheck_vmap_errors():
-    s, wk, labels = (t.detach() for t in _uskd_inputs())
-    s2, w2, lab = s.reshape(6, 7), wk.reshape(6, 7), labels.reshape(6)
-    torch.library.opcheck(_ops.uskd_soft_labels_op, (s2, lab, w2, -100, "uskd_soft_labels"))
-    got = torch.vmap(lambda a, b, c: divkit.distill.uskd_soft_labels(a, b, c))(s, labels, wk)
-    for i in range(2):
-        _equal(tuple(t[i] for t in got), divkit.distill.uskd_soft_labels(s[i], labels[i], wk[i]))
-    bad = labels.clone()
-    bad[1, 1] = 7
-    torch._dynamo.reset()
-    f = torch.compile(lambda a, b: divkit.distill.uskd_loss(a, bad, b), fullgraph=True)
-    for call in (f, lambda a, b: divkit.distill.uskd_loss(a, bad, b)):
-        with pytest.raises(divkit.Error, match=r"uskd_\w+: labels out of range"):
-            call(s, wk)

@@ -45,8 +45,11 @@ def row_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tens
     computed by divkit's C++ kernel. Returns ``[...]`` float32 (float64 for float64 logits)."""
     fn = "row_entropy"
     x, lead, n, _ = common.flat(fn, "logits", logits)
+    temperature = check.positive(fn, "temperature", temperature)
+    if _ops.use_ops(x, fn=fn):
+        return _ops.row_entropy_op(x.detach(), temperature).reshape(lead)
     out = torch.empty(n, dtype=common.out_dtype(x))
-    _C.row_entropy(x.detach(), check.positive(fn, "temperature", temperature), out)
+    _C.row_entropy(x.detach(), temperature, out)
     return out.reshape(lead)
 
 
@@ -627,10 +630,13 @@ class DACKLBounds(nn.Module):
         fn = "DACKLBounds"
         t, lead, n, _ = common.flat(fn, "teacher_logits", teacher_logits)
         w = self.net[0].weight
-        feats = torch.empty(
-            n, self.k, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32
-        )
-        _C.sorted_probs(t.detach(), check.positive(fn, "temperature", temperature), feats)
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        temperature = check.positive(fn, "temperature", temperature)
+        if _ops.use_ops(t, w, fn=fn):
+            feats = _ops.sorted_probs_op(t.detach(), temperature, self.k, dtype)
+        else:
+            feats = torch.empty(n, self.k, dtype=dtype)
+            _C.sorted_probs(t.detach(), temperature, feats)
         p_max = feats[:, :1].clamp_min(1e-300)
         u = self.net((feats / p_max).to(w.dtype))
         upper = p_max.to(w.dtype)[:, 0] * 2 * torch.sigmoid(u[:, 1])

@@ -1,0 +1,130 @@
+"""Custom ops of divkit.distill's remaining core calls: divkit::uskd_soft_labels (so uskd_loss
+compiles to one graph with NKD's op), divkit::row_entropy (so bdkd_loss) and divkit::sorted_probs
+(DACKLBounds, so DACKLLoss). Each: no graph break under torch.compile(fullgraph=True), eager's
+bits (values and gradients, the modules' parameters included), the op path (ALWAYS) equal to the
+function path, opcheck, vmap, fake CUDA tensors, a clear divkit.Error on double backward and on
+bad input."""
+
+import pytest
+import torch
+
+import divkit
+import divkit.distill
+from divkit import _ops
+from test_ops_ot import _check, _equal
+
+pytestmark = pytest.mark.skipif(not _ops.ENABLED, reason="torch.library.custom_op needs torch>=2.4")
+
+
+# ---------------------------------------------------------------------------------------------
+# USKD: the soft labels as an op, so that uskd_loss compiles to one graph.
+# ---------------------------------------------------------------------------------------------
+
+
+def _uskd_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(2, 3, 7, generator=g, dtype=dtype).requires_grad_(True)
+    wk = torch.randn(2, 3, 7, generator=g, dtype=dtype).requires_grad_(True)
+    return s, wk, torch.tensor([[1, 2, -100], [0, 6, 3]])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uskd_loss_compiles_fullgraph_with_eager_bits(reduction, dtype, monkeypatch):
+    s, wk, labels = _uskd_inputs(dtype)
+    scale = torch.arange(6.0, dtype=dtype).reshape(2, 3)
+
+    def f(s, wk):
+        out = divkit.distill.uskd_loss(s, labels, wk, mu=0.2, reduction=reduction)
+        soft = divkit.distill.uskd_soft_labels(s, labels, wk)
+        return (out * scale).sum() if reduction == "none" else out, soft
+
+    _check(f, [s, wk], [s, wk], monkeypatch)
+
+
+def test_uskd_soft_labels_opcheck_vmap_errors():
+    s, wk, labels = (t.detach() for t in _uskd_inputs())
+    s2, w2, lab = s.reshape(6, 7), wk.reshape(6, 7), labels.reshape(6)
+    torch.library.opcheck(_ops.uskd_soft_labels_op, (s2, lab, w2, -100, "uskd_soft_labels"))
+    got = torch.vmap(lambda a, b, c: divkit.distill.uskd_soft_labels(a, b, c))(s, labels, wk)
+    for i in range(2):
+        _equal(tuple(t[i] for t in got), divkit.distill.uskd_soft_labels(s[i], labels[i], wk[i]))
+    bad = labels.clone()
+    bad[1, 1] = 7
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b: divkit.distill.uskd_loss(a, bad, b), fullgraph=True)
+    for call in (f, lambda a, b: divkit.distill.uskd_loss(a, bad, b)):
+        with pytest.raises(divkit.Error, match=r"uskd_\w+: labels out of range"):
+            call(s, wk)
+
+
+# ---------------------------------------------------------------------------------------------
+# row_entropy (bdkd_loss) and sorted_probs (DACKLBounds / DACKLLoss).
+# ---------------------------------------------------------------------------------------------
+
+
+def _kd_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(2, 3, 9, generator=g, dtype=dtype).requires_grad_(True)
+    t = torch.randn(2, 3, 9, generator=g, dtype=dtype)
+    return s, t, torch.tensor([[1, 2, -100], [0, 8, 3]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap_scale", [0.0, 0.7])
+def test_bdkd_loss_compiles_fullgraph_with_eager_bits(dtype, gap_scale, monkeypatch):
+    s, t, labels = _kd_inputs(dtype)
+
+    def f(s, t):
+        loss, w = divkit.distill.bdkd_loss(
+            s, t, temperature=1.5, gap_scale=gap_scale, labels=labels, return_weights=True
+        )
+        return loss * 2, (w, divkit.distill.row_entropy(s, temperature=0.5))
+
+    _check(f, [s, t], [s], monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dackl_bounds_and_loss_compile_fullgraph_with_eager_bits(dtype, monkeypatch):
+    s, t, labels = _kd_inputs(dtype)
+    torch.manual_seed(0)
+    loss_fn = divkit.distill.DACKLLoss(k=4, hidden=8).to(dtype)
+    params = list(loss_fn.parameters())
+
+    def f(s, *params):
+        lower, upper = loss_fn.bounds(t, 1.3)
+        return loss_fn(s, t, labels) * 2 + (upper - lower).sum(), (lower, upper)
+
+    _check(f, [s, *params], [s, *params], monkeypatch)
+
+
+def test_row_ops_opcheck_vmap_fake_cuda_and_errors():
+    s, t, labels = _kd_inputs()
+    rows = s.detach().reshape(6, 9)
+    torch.library.opcheck(_ops.row_entropy_op, (rows, 0.8))
+    torch.library.opcheck(_ops.sorted_probs_op, (rows, 1.2, 5, torch.float64))
+    got = torch.vmap(lambda x: divkit.distill.row_entropy(x, temperature=2.0))(s.detach())
+    assert torch.equal(got, divkit.distill.row_entropy(s.detach(), temperature=2.0))
+    bounds = divkit.distill.DACKLBounds(k=3, hidden=4)
+    with torch.no_grad():
+        got = torch.vmap(lambda x: bounds(x)[1])(t)
+        for i in range(2):
+            assert torch.equal(got[i], bounds(t[i])[1])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 10, device="cuda")
+        assert _ops.row_entropy_op(x, 1.0).shape == (4,)
+        out = _ops.sorted_probs_op(x, 1.0, 3, torch.float32)
+        assert out.shape == (4, 3) and out.device.type == "cuda"
+        a, b = _ops.uskd_soft_labels_op(
+            x, torch.zeros(4, dtype=torch.int64, device="cuda"), x, -100, "f"
+        )
+        assert a.shape == (4,) and b.shape == (4, 10) and b.device.type == "cuda"
+    bad = t.clone()
+    bad[0, 1, 2] = float("nan")
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: bounds(x)[0], fullgraph=True)
+    for call in (f, lambda x: bounds(x)[0]):
+        with pytest.raises(divkit.Error, match="teacher_logits"):
+            call(bad)
