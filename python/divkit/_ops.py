@@ -23,8 +23,8 @@ Ops (namespace ``divkit``):
   computed in the forward call (empty when not asked for), scaled by the upstream gradient in
   backward.
 * ``fused_linear_cross_entropy``, ``fused_linear_divergence``, ``fused_linear_sparse_divergence``,
-  ``fused_linear_logprobs`` (+ ``fused_linear_logprobs_backward``): the fused heads without a
-  process group.
+  ``fused_linear_logprobs`` (+ ``fused_linear_logprobs_backward``): the fused heads; with
+  ``process_group=`` the group travels by its c10d name, as for ``vocab_parallel_divergence``.
 * ``sparse_divergence``, ``topk_divergence``: the sparse (top-k) and truncated teachers of
   :mod:`divkit.sparse`; return (loss, grad_student), as ``divergence``.
 * ``vocab_parallel_divergence``: :func:`divkit.distributed.vocab_parallel_divergence`, the
@@ -34,6 +34,11 @@ Ops (namespace ``divkit``):
   step of ``tdpo_loss[_fused]`` and ``sparsepo_loss[_fused]``, whose token terms are the fused
   heads above); returns (losses, chosen_rewards, rejected_rewards, 4 gradients), the gradients
   computed by a second call in backward.
+* The other sequence, RLHF and distillation losses (``cpo_loss``, ``kto_loss``, ``nkd_loss``,
+  ...), the row statistics ``row_entropy`` and ``sorted_probs``, ``uskd_soft_labels``.
+* ``sinkhorn``, ``sparse_ot``, ``sample_divergence`` (``mmd``, ``cs_divergence``): the solvers of
+  :mod:`divkit.ot` on the core's route or the PyTorch fallback's (run inside the op);
+  ``kde_log_density``, ``kde_log_likelihood``, ``kde_bandwidth``.
 
 Every op is registered for all devices (CompositeExplicitAutograd): a CUDA tensor reaches the
 same Python implementation, which asks :mod:`divkit._device` for the engine (the core's CUDA

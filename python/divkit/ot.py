@@ -453,15 +453,17 @@ class SparseOTResult(NamedTuple):
     transport_cost ``<P, C>`` (no gradient); reg_cost, the semi-dual objective ``V(alpha)``
     (equal to ``<P, C> + gamma/2 ||P||^2`` at the optimum when ``k`` is None), differentiable
     in a, b and cost; alpha, the semi-dual potential [n]; n_iter (L-BFGS iterations);
-    marginal_error ``||P 1 - a||_1`` (the columns are exact); converged."""
+    marginal_error ``||P 1 - a||_1`` (the columns are exact); converged. A traced call
+    (``torch.compile``, ``torch.vmap``) gives the plan dense ``[n, m]`` (its number of non-zeros
+    depends on the data) and n_iter, marginal_error, converged as 0-d tensors."""
 
     plan: torch.Tensor
     transport_cost: torch.Tensor
     reg_cost: torch.Tensor
     alpha: torch.Tensor
-    n_iter: int
-    marginal_error: float
-    converged: bool
+    n_iter: Union[int, torch.Tensor]
+    marginal_error: Union[float, torch.Tensor]
+    converged: Union[bool, torch.Tensor]
 
 
 def _sparse_ot_run(a, b, cost, gamma, k, tol, max_iter, core: bool, need_b: bool):
