@@ -2334,3 +2334,28 @@ if ENABLED:
         return teacher.new_empty((teacher.shape[0], k), dtype=dtype)
 
     _loop_vmap(sorted_probs_op, 1)
+
+    # -----------------------------------------------------------------------------------------
+    # A label range check for torch-only losses while traced: the check reads values (a graph
+    # break), so it runs in an op, when the graph runs, on a copy of the labels that the loss
+    # then uses (an op whose output nothing used could be dropped from the graph).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::checked_labels", mutates_args=())
+    def checked_labels_op(
+        labels: Tensor, n_classes: int, ignore_index: Optional[int], fn: str
+    ) -> Tensor:
+        """labels (a copy, int64) after checking them: in [0, n_classes), or ignore_index."""
+        out = labels.to(torch.int64, copy=True)
+        if ignore_index is None:
+            if bool(((out < 0) | (out >= n_classes)).any()):
+                check.fail(fn, f"labels out of range [0, {n_classes})")
+        else:
+            check.label_range(fn, "labels", out, n_classes, ignore_index)
+        return out
+
+    @checked_labels_op.register_fake
+    def _checked_labels_fake(labels, n_classes, ignore_index, fn):
+        return labels.new_empty(labels.shape, dtype=torch.int64)
+
+    _loop_vmap(checked_labels_op, 1)

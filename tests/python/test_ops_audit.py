@@ -52,6 +52,7 @@ OPS = {
     "divkit::uskd_soft_labels",
     "divkit::row_entropy",
     "divkit::sorted_probs",
+    "divkit::checked_labels",
 }
 
 

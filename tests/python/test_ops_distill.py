@@ -128,3 +128,61 @@ def test_row_ops_opcheck_vmap_fake_cuda_and_errors():
     for call in (f, lambda x: bounds(x)[0]):
         with pytest.raises(divkit.Error, match="teacher_logits"):
             call(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch-only losses whose label check reads values: the check runs in divkit::checked_labels
+# while traced.
+# ---------------------------------------------------------------------------------------------
+
+
+def _cls_inputs():
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(6, 5, generator=g).requires_grad_(True)
+    adv = (z.detach() + 0.1 * torch.randn(6, 5, generator=g)).requires_grad_(True)
+    return z, adv, torch.tensor([1, 4, 0, 2, 2, 3])
+
+
+D = divkit.distill
+ROBUST = {  # the public function (named by the messages) and a call of it
+    "ldr_kl": ("ldr_kl_loss", lambda z, adv, y: D.ldr_kl_loss(z, y, lam=0.7, margin=0.2)),
+    "comp_sum": ("comp_sum_loss", lambda z, adv, y: D.comp_sum_loss(z, y, tau=0.5)),
+    "gce": ("generalized_cross_entropy", lambda z, adv, y: D.generalized_cross_entropy(z, y)),
+    "mae": ("mae_loss", lambda z, adv, y: D.mae_loss(z, y, reduction="sum")),
+    "smooth_adv": (
+        "smooth_adversarial_comp_sum_loss",
+        lambda z, adv, y: D.smooth_adversarial_comp_sum_loss(z, adv, y, tau=1.5, nu=0.3),
+    ),
+    "mdcs": (
+        "mdcs_consistency_loss",
+        lambda z, adv, y: D.mdcs_consistency_loss(z, adv, y, temperature=2.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_label_checked_losses_compile_fullgraph_with_eager_bits(name):
+    z, adv, y = _cls_inputs()
+    fn, f = ROBUST[name]
+    wrt = [z, adv] if name == "smooth_adv" else [z]
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(f)(z, adv, y)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(z, adv, y), f(z, adv, y)
+    _equal(got, want)
+    _equal(torch.autograd.grad(got, wrt), torch.autograd.grad(want, wrt))
+    bad = y.clone()
+    bad[4] = 5
+    for call in (compiled, f):
+        with pytest.raises(divkit.Error, match=rf"^{fn}: labels (out of range|must be in)"):
+            call(z, adv, bad)
+
+
+def test_checked_labels_opcheck():
+    y = torch.tensor([0, 3, -100, 2])
+    torch.library.opcheck(_ops.checked_labels_op, (y, 4, -100, "f"))
+    torch.library.opcheck(_ops.checked_labels_op, (y.clamp_min(0).int(), 4, None, "f"))
+    with pytest.raises(divkit.Error, match=r"f: labels must be in \[0, 3\) or ignore_index"):
+        _ops.checked_labels_op(y, 3, -100, "f")

@@ -828,9 +828,11 @@ def mdcs_consistency_loss(
     lead = s.shape[:-1]
     n = math.prod(lead)
     lab = common.labels(fn, labels, lead, n, True)
-    check.label_range(
-        fn, "labels", lab, s.shape[-1], check.integer(fn, "ignore_index", ignore_index)
-    )
+    ignore_index = check.integer(fn, "ignore_index", ignore_index)
+    if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+        lab = _ops.checked_labels_op(lab, s.shape[-1], ignore_index, fn)
+    else:
+        check.label_range(fn, "labels", lab, s.shape[-1], ignore_index)
     temperature = check.positive(fn, "temperature", temperature)
     with torch.no_grad():
         pred = w.detach().reshape(n, s.shape[-1]).argmax(-1)

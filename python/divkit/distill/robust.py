@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .. import _ops
 from .. import _validate as check
 from . import _common as common
 from .kd import row_entropy
@@ -40,6 +41,8 @@ def _class_logits(fn: str, logits: Any, labels: Any):
         or labels.is_floating_point()
     ):
         check.fail(fn, f"labels must be an integer tensor of shape [{n}]")
+    if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+        return logits, _ops.checked_labels_op(labels, c, None, fn), n, c
     if bool(((labels < 0) | (labels >= c)).any()):
         check.fail(fn, f"labels out of range [0, {c})")
     return logits, labels.long(), n, c
@@ -221,7 +224,12 @@ def comp_sum_loss(
 
     computed from log p_y (log-softmax over C classes) with expm1 for accuracy. tau >= 0.
     """
-    fn = "comp_sum_loss"
+    return _comp_sum("comp_sum_loss", logits, labels, tau, reduction)
+
+
+def _comp_sum(fn: str, logits, labels, tau, reduction):
+    """comp_sum_loss, its messages naming ``fn`` (also those of a traced call's label check,
+    raised when the graph runs, where the public wrapper cannot rename them)."""
     reduction = check.reduction(fn, reduction)
     logits, labels, n, c = _class_logits(fn, logits, labels)
     tau = check.real(fn, "tau", tau, allow_nan=False)
@@ -244,13 +252,13 @@ def generalized_cross_entropy(
     q = check.real("generalized_cross_entropy", "q", q, allow_nan=False)
     if not 0 < q <= 1:
         check.fail("generalized_cross_entropy", f"q must be in (0, 1], got {q:g}")
-    return comp_sum_loss(logits, labels, tau=1 + q, reduction=reduction)
+    return _comp_sum("generalized_cross_entropy", logits, labels, 1 + q, reduction)
 
 
 @check.public("mae_loss", logits_args=("logits",))
 def mae_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"):
     """Mean absolute error 1 - p_y (the comp-sum loss with tau = 2; Mao et al. 2023)."""
-    return comp_sum_loss(logits, labels, tau=2.0, reduction=reduction)
+    return _comp_sum("mae_loss", logits, labels, 2.0, reduction)
 
 
 # The penalty ||adv_logits - logits|| has no value at a -inf (masked) logit: finite inputs only.
@@ -281,7 +289,7 @@ def smooth_adversarial_comp_sum_loss(
     nu = check.real(fn, "nu", nu, allow_nan=False)
     if not (math.isfinite(nu) and nu >= 0):
         check.fail(fn, f"nu must be finite and >= 0, got {nu:g}")
-    per = comp_sum_loss(logits, labels, tau=tau, reduction="none")
+    per = _comp_sum(fn, logits, labels, tau, "none")
     diff = adv_logits - logits
     # sqrt with a zero-safe gradient (the norm is not differentiable at 0).
     sq = (diff * diff).sum(1)
