@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -136,6 +138,22 @@ def increment_version(x: Tensor) -> None:
         torch._C._autograd._increment_version(x)
 
 
+def _warn_at_caller(msg: str) -> None:
+    """A RuntimeWarning given by an op when it runs, attributed to the first frame outside
+    divkit, torch and generated code (the dispatcher's and a compiled graph's frames): the
+    caller's line."""
+    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, check))
+
+    def internal(f) -> bool:
+        name = f.f_code.co_filename
+        return name.startswith("<") or os.path.abspath(name).startswith(skip)
+
+    level, f = 2, sys._getframe(1)
+    while f is not None and internal(f):
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, RuntimeWarning, stacklevel=level)
+
+
 def _is_real(x: Tensor) -> bool:
     """A tensor with values (not a fake or functional tensor being traced)."""
     return type(x) is torch.Tensor or type(x) is torch.nn.Parameter
@@ -217,6 +235,23 @@ def _scale(g: Tensor, go: Tensor) -> Tensor:
 
 
 _EMPTY = (0,)
+
+
+def _unaliased(inputs, *outs: Tensor) -> Tuple[Tensor, ...]:
+    """outs, each sharing no memory with the inputs or an earlier output (a custom op's rule):
+    a solver may return one tensor twice (a symmetric problem's two potentials) or a view of
+    its input (a dtype conversion that was a no-op)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    res = []
+    for t in outs:
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        res.append(t)
+    return tuple(res)
 
 
 def _empty_like_device(x: Tensor) -> Tensor:
@@ -2078,10 +2113,11 @@ if ENABLED:
         )
         dt = reg.dtype
         if warn:
-            ot._warn_sinkhorn(cfg, stats)
+            ot._warn_sinkhorn(cfg, stats, _warn_at_caller)
         ref = cost if cost is not None else x
         plan = _empty_like_device(ref) if plan is None else plan
-        return (
+        return _unaliased(
+            (x, y, cost, a, b),
             reg,
             f.to(dt),
             g.to(dt),
@@ -2169,10 +2205,11 @@ if ENABLED:
             a, b, cost, gamma, k, tol, max_iter, backend == "core", need[1]
         )
         if warn:
-            ot._warn_sparse_ot(box, max_iter, tol, k)
+            ot._warn_sparse_ot(box, max_iter, tol, k, _warn_at_caller)
         plan = box["plan"].to_dense()
         dev = cost.device
-        return (
+        return _unaliased(
+            (a, b, cost),
             reg,
             plan,
             torch.tensor(float(box["tc"]), dtype=cost.dtype, device=dev),

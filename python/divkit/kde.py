@@ -95,7 +95,9 @@ def kde_log_likelihood(
     if y is None and x.shape[0] < 2:
         check.fail(fn, "leave-one-out (y=None) needs at least 2 points in x")
     if _ops.use_ops(x, y, w, fn=fn):
-        return _ops.kde_log_likelihood_op(x, y, w, h)
+        value = _ops.kde_log_likelihood_op(x, y, w, h)
+        # DIVKIT_CUSTOM_OPS=always on plain tensors: the eager result type.
+        return value if as_tensor or _ops.traced(x, y, w) else float(value)
     value = _C.kde_log_likelihood(x, w, y, h)
     return torch.tensor(value, dtype=torch.float64) if as_tensor else float(value)
 
@@ -149,7 +151,12 @@ def kde_bandwidth(
     if y is None and x.shape[0] < 2:
         check.fail(fn, "leave-one-out (y=None) needs at least 2 points in x")
     if _ops.use_ops(x, y, w, fn=fn):
-        return KdeBandwidthResult(*_ops.kde_bandwidth_op(x, y, w, lo, hi, g, t, it))
+        out = KdeBandwidthResult(*_ops.kde_bandwidth_op(x, y, w, lo, hi, g, t, it))
+        if as_tensor or _ops.traced(x, y, w):
+            return out
+        # DIVKIT_CUSTOM_OPS=always on plain tensors: the eager result types.
+        b, ll, ne, gb, gl = out
+        return KdeBandwidthResult(float(b), float(ll), int(ne), gb.tolist(), gl.tolist())
     b, ll, ne, gb, gl = _C.kde_select_bandwidth(x, w, y, lo, hi, g, t, it)
     if as_tensor:
         f64 = torch.float64

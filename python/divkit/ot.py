@@ -145,11 +145,11 @@ def _sinkhorn_run(x, y, cost, a, b, cfg: _Cfg, need, core: bool):
     return stats["reg_cost"].to(dt), stats, f, g, plan, (gx, gy, ga, gb)
 
 
-def _warn_sinkhorn(cfg: _Cfg, stats: dict) -> None:
+def _warn_sinkhorn(cfg: _Cfg, stats: dict, warn=check.warn) -> None:
     conv, err = stats["converged"], stats["marginal_error"]
     if not bool(conv.all()):
         bad = ~conv
-        check.warn(
+        warn(
             f"{cfg.fn}: did not converge within max_iter={cfg.max_iter} iterations for "
             f"{int(bad.sum())} of {conv.shape[0]} problem(s) (marginal error "
             f"{float(err[bad].max()):.3g} > tol {cfg.tol:g}); increase max_iter or eps, or use "
@@ -488,9 +488,9 @@ def _sparse_ot_run(a, b, cost, gamma, k, tol, max_iter, core: bool, need_b: bool
     return torch.tensor(reg, dtype=cost.dtype, device=cost.device), box, grad_b
 
 
-def _warn_sparse_ot(box: dict, max_iter: int, tol: float, k: int) -> None:
+def _warn_sparse_ot(box: dict, max_iter: int, tol: float, k: int, warn=check.warn) -> None:
     if not box["conv"]:
-        check.warn(
+        warn(
             f"sparse_ot: did not converge within max_iter={max_iter} iterations (marginal error "
             f"{box['err']:.3g} > tol {tol:g}); increase max_iter or gamma"
             + (
@@ -581,8 +581,9 @@ def sparse_ot(
             check.fail(fn, f"k must be >= 1 (non-zeros per column) or None, got {kk}")
     tol = check.real(fn, "tol", tol)
     max_iter = check.integer(fn, "max_iter", max_iter)
-    if _ops.use_ops(a, b, C, fn=fn):
-        # Through the op (traced, vmap): the plan is dense, the statistics are 0-d tensors,
+    if _ops.use_ops(a, b, C, fn=fn) and _ops.traced(a, b, C):
+        # Through the op (traced, vmap; not DIVKIT_CUSTOM_OPS=always on plain tensors, whose
+        # result keeps its eager types): the plan is dense, the statistics are 0-d tensors,
         # and the op warns itself when it runs.
         reg, plan, tc, alpha, n_iter, err, conv = _ops.sparse_ot(
             a, b, C, gamma, kk, tol, max_iter, warn, route.core

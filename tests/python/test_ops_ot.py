@@ -123,16 +123,19 @@ def test_sinkhorn_cost_gradient_and_kd_loss(monkeypatch):
     _check(kd, [s], [s], monkeypatch, double_backward=False)
 
 
-def test_sinkhorn_divergence_and_monge_gap(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_sinkhorn_divergence_and_monge_gap(backend, monkeypatch):
+    """backend="torch" also checks the symmetric self-terms, whose two potentials the fallback
+    returns as one tensor (the op hands out separate ones)."""
     x, y, a, b = _clouds()
 
     def div(x, y, a, b):
-        return ot.sinkhorn_divergence(x, y, a, b, eps=0.4) * 2, ()
+        return ot.sinkhorn_divergence(x, y, a, b, eps=0.4, backend=backend) * 2, ()
 
     _check(div, [x, y, a, b], [x, y, a, b], monkeypatch)
 
     def gap(x, y, a, b):
-        return ot.monge_gap(x, x + 0.2 * y[:1], a, eps=0.5, warn=False), ()
+        return ot.monge_gap(x, x + 0.2 * y[:1], a, eps=0.5, warn=False, backend=backend), ()
 
     _check(gap, [x, y, a, b], [x, y], monkeypatch)
 
@@ -146,8 +149,10 @@ def test_sinkhorn_warns_when_compiled():
         fullgraph=True,
         backend="aot_eager",
     )
-    with pytest.warns(RuntimeWarning, match="sinkhorn: did not converge within max_iter=2"):
+    with pytest.warns(RuntimeWarning, match="sinkhorn: did not converge within max_iter=2") as rec:
         f(x, y)
+    # Attributed to the caller's code, not to torch's dispatcher or the generated graph.
+    assert [r.filename for r in rec] == [__file__]
     g = torch.compile(
         lambda x, y: ot.sinkhorn(x, y, eps=0.01, max_iter=2, warn=False).reg_cost,
         fullgraph=True,
@@ -359,9 +364,13 @@ def test_kde_log_likelihood_and_bandwidth_compile_fullgraph(monkeypatch):
     assert tensors.grid_log_likelihoods.tolist() == want_bw.grid_log_likelihoods
     as_t = ot.kde_log_likelihood(x, 0.6, y, w, as_tensor=True)
     assert as_t.dtype == torch.float64 and float(as_t) == held
+    # The op path on plain tensors (DIVKIT_CUSTOM_OPS=always) keeps the eager types and values.
     monkeypatch.setattr(_ops, "ALWAYS", True)
-    _equal(ot.kde_log_likelihood(x, 0.6, y, w), as_t)
-    _equal(tuple(ot.kde_bandwidth(x, y, w, grid=6)), tuple(tensors))
+    got = ot.kde_log_likelihood(x, 0.6, y, w)
+    assert isinstance(got, float) and got == held
+    _equal(ot.kde_log_likelihood(x, 0.6, y, w, as_tensor=True), as_t)
+    assert ot.kde_bandwidth(x, y, w, grid=6) == want_bw
+    _equal(tuple(ot.kde_bandwidth(x, y, w, grid=6, as_tensor=True)), tuple(tensors))
 
 
 def test_kde_opcheck_vmap_errors():
