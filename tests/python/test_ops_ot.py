@@ -399,3 +399,25 @@ def test_kde_opcheck_vmap_errors():
     g = torch.compile(lambda x: ot.kde_bandwidth(x, x[:1, :1]).bandwidth)
     with pytest.raises(divkit.Error, match="kde_bandwidth: y must have x's dimension"):
         g(x)
+
+
+def test_public_ot_calls_trace_fake_cuda_tensors():
+    """The OT functions route fake CUDA tensors (on a CPU-only torch) to their ops, whose fake
+    kernels give the shapes, dtypes and device: what a compiled CUDA model traces. Batched
+    inputs: indexing a fake CUDA tensor needs a CUDA-enabled torch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, y = torch.empty(2, 6, 3, device="cuda"), torch.empty(2, 5, 3, device="cuda")
+        r = ot.sinkhorn(x, y, eps=0.3, return_plan=True)
+        shapes = [(2, 6), (2, 5), (2,), (2,), (2,), (2,), (2,), (2, 6, 5)]
+        assert [tuple(t.shape) for t in r] == shapes
+        assert all(t.device.type == "cuda" for t in r)
+        assert r.n_iter.dtype == torch.int64 and r.converged.dtype == torch.bool
+        assert ot.sinkhorn_divergence(x, y, eps=0.3).shape == (2,)
+        x2, y2 = torch.empty(6, 3, device="cuda"), torch.empty(5, 3, device="cuda")
+        assert ot.mmd(x2, y2).device.type == ot.cs_divergence(x2, y2).device.type == "cuda"
+        a, b = torch.empty(6, device="cuda"), torch.empty(5, device="cuda")
+        r = ot.sparse_ot(a, b, torch.empty(6, 5, device="cuda"), gamma=0.5)
+        assert r.plan.shape == (6, 5) and r.plan.layout == torch.strided
+        assert r.alpha.shape == (6,) and r.plan.device.type == "cuda"
