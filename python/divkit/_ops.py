@@ -1080,10 +1080,7 @@ if ENABLED:
 
     def group_name(group) -> str:
         """The c10d name of a process group (what ``_resolve_process_group`` takes back)."""
-        return group.group_name
-
-    def _resolve_group(name: str):
-        return _group(name)
+        return _name(group)
 
     @torch.library.custom_op("divkit::vocab_parallel_divergence", mutates_args=())
     def vocab_parallel_divergence_op(
@@ -1116,7 +1113,7 @@ if ENABLED:
             reduction=reduction,
             num_items_in_batch=num_items_in_batch,
         )
-        group = _resolve_group(group_name)
+        group = _group(group_name)
         if upstream is None:
             loss, grads = distributed._vp_call(
                 student, teacher, labels, weights, fields, group, need, reduction
@@ -2396,3 +2393,51 @@ if ENABLED:
         return labels.new_empty(labels.shape, dtype=torch.int64)
 
     _loop_vmap(checked_labels_op, 1)
+
+    @torch.library.custom_op("divkit::checked_range", mutates_args=())
+    def checked_range_op(x: Tensor, lo: float, hi: float, fn: str, name: str) -> Tensor:
+        """x (a copy) after checking that every value lies in [lo, hi] (NaN does not)."""
+        if bool(((x < lo) | (x > hi) | x.isnan()).any()):
+            check.fail(fn, f"{name} must lie in [{lo:g}, {hi:g}]")
+        return x.clone()
+
+    @checked_range_op.register_fake
+    def _checked_range_fake(x, lo, hi, fn, name):
+        return torch.empty_like(x)
+
+    _loop_vmap(checked_range_op, 1)
+
+    # -----------------------------------------------------------------------------------------
+    # USCD's selective contrastive decoding step (divkit.distill.uscd_logits; no gradient).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::selective_contrast", mutates_args=())
+    def selective_contrast_op(
+        standard: Tensor,
+        lame: Tensor,
+        lame_weight: float,
+        std_threshold: float,
+        filter_ratio: float,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(logits [N, V], uncertainty [N], applied [N] int32) from rows [N, V]."""
+        from . import _C
+
+        n, v = standard.shape
+        dt = _seq_dtype(standard, lame)
+        out, unc = torch.empty(n, v, dtype=dt), torch.empty(n, dtype=dt)
+        applied = torch.empty(n, dtype=torch.int32)
+        _C.selective_contrast(
+            standard, lame, lame_weight, std_threshold, filter_ratio, out, unc, applied
+        )
+        return out, unc, applied
+
+    @selective_contrast_op.register_fake
+    def _selective_contrast_fake(standard, lame, *rest):
+        n, dt = standard.shape[0], _seq_dtype(standard, lame)
+        return (
+            standard.new_empty(standard.shape, dtype=dt),
+            standard.new_empty((n,), dtype=dt),
+            standard.new_empty((n,), dtype=torch.int32),
+        )
+
+    _loop_vmap(selective_contrast_op, 2)

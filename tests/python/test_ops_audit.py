@@ -53,6 +53,8 @@ OPS = {
     "divkit::row_entropy",
     "divkit::sorted_probs",
     "divkit::checked_labels",
+    "divkit::checked_range",
+    "divkit::selective_contrast",
 }
 
 

@@ -1,6 +1,7 @@
 """Custom ops of divkit.distill's remaining core calls: divkit::uskd_soft_labels (so uskd_loss
 compiles to one graph with NKD's op), divkit::row_entropy (so bdkd_loss) and divkit::sorted_probs
-(DACKLBounds, so DACKLLoss). Each: no graph break under torch.compile(fullgraph=True), eager's
+(DACKLBounds, so DACKLLoss), divkit::selective_contrast (uscd_logits), and the value checks of
+torch-only losses run by ops while traced (divkit::checked_labels, divkit::checked_range). Each: no graph break under torch.compile(fullgraph=True), eager's
 bits (values and gradients, the modules' parameters included), the op path (ALWAYS) equal to the
 function path, opcheck, vmap, fake CUDA tensors, a clear divkit.Error on double backward and on
 bad input."""
@@ -186,3 +187,44 @@ def test_checked_labels_opcheck():
     torch.library.opcheck(_ops.checked_labels_op, (y.clamp_min(0).int(), 4, None, "f"))
     with pytest.raises(divkit.Error, match=r"f: labels must be in \[0, 3\) or ignore_index"):
         _ops.checked_labels_op(y, 3, -100, "f")
+
+
+def test_swing_temperatures_and_uscd_compile_fullgraph(monkeypatch):
+    g = torch.Generator().manual_seed(14)
+    scores = torch.rand(2, 3, generator=g)
+    s = torch.randn(2, 3, 9, generator=g).requires_grad_(True)
+    t = torch.randn(2, 3, 9, generator=g)
+
+    def f(scores, s):
+        temps = D.swing_temperatures(scores, t_min=1.0, t_max=3.0)
+        return D.swing_loss(s, t, temperatures=temps, noise_std=0.2, seed=9) * 2, (temps,)
+
+    _check(f, [scores, s], [s], monkeypatch)
+    bad = scores.clone()
+    bad[1, 2] = 1.5
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda p: D.swing_temperatures(p), fullgraph=True)
+    for call in (compiled, D.swing_temperatures):
+        with pytest.raises(divkit.Error, match=r"swing_temperatures: privacy_scores must lie in"):
+            call(bad)
+    # USCD (no gradient): one decoding step, every field.
+    std, lame = s.detach() * 0.01, t
+
+    def uscd(std, lame):
+        return tuple(D.uscd_logits(std, lame, lame_weight=0.5, std_threshold=0.05))
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(uscd)(std, lame)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    want = uscd(std, lame)
+    assert bool(want[2].any())  # the contrast is applied somewhere: a test of its path
+    _equal(torch.compile(uscd, fullgraph=True, backend="aot_eager")(std, lame), want)
+    monkeypatch.setattr(_ops, "ALWAYS", True)
+    _equal(uscd(std, lame), want)
+    rows = (std.reshape(6, 9), lame.reshape(6, 9))
+    torch.library.opcheck(_ops.selective_contrast_op, rows + (0.7, 0.005, 2.0 / 3.0))
+    torch.library.opcheck(_ops.checked_range_op, (scores, 0.0, 1.0, "f", "x"))
+    got = torch.vmap(uscd)(std, lame)
+    for i in range(2):
+        _equal(tuple(x[i] for x in got), uscd(std[i], lame[i]))
