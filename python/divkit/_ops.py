@@ -2395,14 +2395,15 @@ if ENABLED:
     _loop_vmap(checked_labels_op, 1)
 
     @torch.library.custom_op("divkit::checked_range", mutates_args=())
-    def checked_range_op(x: Tensor, lo: float, hi: float, fn: str, name: str) -> Tensor:
-        """x (a copy) after checking that every value lies in [lo, hi] (NaN does not)."""
+    def checked_range_op(x: Tensor, lo: float, hi: float, fn: str, message: str) -> Tensor:
+        """x (a copy) after checking that every value lies in [lo, hi] (NaN does not); else
+        divkit.Error("fn: message")."""
         if bool(((x < lo) | (x > hi) | x.isnan()).any()):
-            check.fail(fn, f"{name} must lie in [{lo:g}, {hi:g}]")
+            check.fail(fn, message)
         return x.clone()
 
     @checked_range_op.register_fake
-    def _checked_range_fake(x, lo, hi, fn, name):
+    def _checked_range_fake(x, lo, hi, fn, message):
         return torch.empty_like(x)
 
     _loop_vmap(checked_range_op, 1)

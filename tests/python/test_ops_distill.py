@@ -228,3 +228,38 @@ def test_swing_temperatures_and_uscd_compile_fullgraph(monkeypatch):
     got = torch.vmap(uscd)(std, lame)
     for i in range(2):
         _equal(tuple(x[i] for x in got), uscd(std[i], lame[i]))
+
+
+def test_aldr_kl_compiles_fullgraph_with_eager_bits():
+    """ALDR-KL's per-instance lambda (computed from the data, no host read) and the module's
+    buffer update, compiled; prev_lam and ids checked by ops when the graph runs."""
+    z, _, y = _cls_inputs()
+    prev = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+
+    def f(z, prev):
+        loss, lam = D.aldr_kl_loss(z, y, alpha=3.0, prev_lam=prev, return_lam=True)
+        return loss * 2, lam
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda *a: f(*a)[0])(z, prev)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(z, prev), f(z, prev)
+    _equal(got, want)
+    _equal(torch.autograd.grad(got[0], z), torch.autograd.grad(want[0], z))
+    bad = prev.clone()
+    bad[3] = 0.0
+    for call in (compiled, f):
+        with pytest.raises(divkit.Error, match="aldr_kl_loss: prev_lam must be finite and > 0"):
+            call(z, bad)
+    # The module: the buffer of per-instance lambdas updated in the graph, as eagerly.
+    mods = [D.ALDRKLLoss(10, alpha=2.5) for _ in range(2)]
+    ids = torch.tensor([7, 0, 3, 9, 2, 5])
+    torch._dynamo.reset()
+    step = torch.compile(mods[0], fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # the second visit reads the lambdas the first stored
+        _equal(step(z, y, ids), mods[1](z, y, ids))
+        _equal(mods[0].lam, mods[1].lam)
+    with pytest.raises(divkit.Error, match=r"ALDRKLLoss: ids must be an int64 tensor"):
+        step(z, y, torch.tensor([7, 0, 3, 10, 2, 5]))

@@ -704,7 +704,7 @@ def swing_temperatures(
         check.fail(fn, f"t_max ({t_max:g}) must be >= t_min ({t_min:g})")
     sc = privacy_scores.detach()
     if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
-        sc = _ops.checked_range_op(sc, 0.0, 1.0, fn, "privacy_scores")
+        sc = _ops.checked_range_op(sc, 0.0, 1.0, fn, "privacy_scores must lie in [0, 1]")
     elif bool(((sc < 0) | (sc > 1) | sc.isnan()).any()):
         check.fail(fn, "privacy_scores must lie in [0, 1]")
     return t_min + (t_max - t_min) * sc

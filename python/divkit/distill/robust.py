@@ -85,10 +85,15 @@ def ldr_kl_loss(
         lam_t = lam.to(logits.dtype)[:, None]
     else:
         lam_t = check.positive(fn, "lam", lam)
+    return common.reduce_samples(_ldr_kl(logits, labels, lam_t, margin, c), reduction)
+
+
+def _ldr_kl(logits, labels, lam_t, margin: float, c: int) -> torch.Tensor:
+    """LDR-KL per sample [N] at lam_t (a number, or [N, 1] of logits' dtype; the caller checked
+    the arguments)."""
     a = _ldr_margins(logits, labels, margin)
     per = (torch.logsumexp(a / lam_t, dim=1, keepdim=True) - math.log(c)) * lam_t
-    per = per[:, 0]
-    return common.reduce_samples(per, reduction)
+    return per[:, 0]
 
 
 @check.public("aldr_kl_loss", logits_args=("logits",))
@@ -144,20 +149,27 @@ def aldr_kl_loss(
         if not isinstance(prev_lam, torch.Tensor) or tuple(prev_lam.shape) != (n,):
             check.fail(fn, f"prev_lam must be a tensor of shape [{n}]")
         prev = prev_lam.detach().double().reshape(n)
-        if not bool((torch.isfinite(prev) & (prev > 0)).all()):
+        if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+            tiny, big = 5e-324, 1.7976931348623157e308  # (0, inf) in float64
+            prev = _ops.checked_range_op(prev, tiny, big, fn, "prev_lam must be finite and > 0")
+        elif not bool((torch.isfinite(prev) & (prev > 0)).all()):
             check.fail(fn, "prev_lam must be finite and > 0")
     log_c = math.log(c)
     with torch.no_grad():
         # KL(softmax(z / lam') || uniform) = log C - H(softmax(z / lam'))
         kl = log_c - row_entropy(logits.detach().double() / prev[:, None]).double()
         lam = lam0 * (1 - kl / (alpha * log_c))
-    per = ldr_kl_loss(
-        logits,
-        labels,
-        lam=lam.to(logits.dtype) if n != 1 else float(lam[0]),
-        margin=margin,
-        reduction="none",
-    )
+    if _ops.ENABLED and _ops.compiling():
+        # lam > 0 by construction (alpha > 1); as a tensor, without reading it on the host.
+        per = _ldr_kl(logits, labels, lam.to(logits.dtype)[:, None], margin, c)
+    else:
+        per = ldr_kl_loss(
+            logits,
+            labels,
+            lam=lam.to(logits.dtype) if n != 1 else float(lam[0]),
+            margin=margin,
+            reduction="none",
+        )
     per = per - (alpha * log_c / (2 * lam0) * (lam - lam0) ** 2).to(per.dtype)
     out = common.reduce_samples(per, reduction)
     return (out, lam) if return_lam else out
@@ -185,16 +197,13 @@ class ALDRKLLoss(nn.Module):
 
     @check.public("ALDRKLLoss")
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
-        if (
-            not isinstance(ids, torch.Tensor)
-            or ids.dtype != torch.int64
-            or ids.dim() != 1
-            or bool(((ids < 0) | (ids >= self.lam.numel())).any())
-        ):
-            check.fail(
-                "ALDRKLLoss",
-                f"ids must be an int64 tensor [N] of indices in [0, {self.lam.numel()})",
-            )
+        msg = f"ids must be an int64 tensor [N] of indices in [0, {self.lam.numel()})"
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+            check.fail("ALDRKLLoss", msg)
+        if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+            ids = _ops.checked_range_op(ids, 0, self.lam.numel() - 1, "ALDRKLLoss", msg)
+        elif bool(((ids < 0) | (ids >= self.lam.numel())).any()):
+            check.fail("ALDRKLLoss", msg)
         loss, lam = aldr_kl_loss(
             logits,
             labels,
