@@ -190,11 +190,8 @@ def test_sinkhorn_opcheck_vmap_and_fake_cuda():
         args = (xs, ys, None, as_, bs) + opts + (plan, True, "sinkhorn", "core", need)
         torch.library.opcheck(_ops.sinkhorn_op, args)
     cost = torch.rand(2, 4, 3, dtype=torch.float64, requires_grad=True)
-    args = (
-        (None, None, cost, None, None)
-        + opts
-        + (False, True, "sinkhorn", "torch", [False, False, True, False, False])
-    )
+    need = [False, False, True, False, False]
+    args = (None, None, cost, None, None) + opts + (False, True, "sinkhorn", "torch", need)
     torch.library.opcheck(_ops.sinkhorn_op, args)
     # vmap: one call per entry, the batched call's bits.
     got = torch.vmap(lambda p, q: ot.sinkhorn(p, q, eps=0.3).reg_cost)(x, y)
@@ -204,29 +201,12 @@ def test_sinkhorn_opcheck_vmap_and_fake_cuda():
 
     with FakeTensorMode():
         xc, yc = torch.empty(2, 6, 3, device="cuda"), torch.empty(2, 5, 3, device="cuda")
+        need = [True, True, False, False, False]
         out = _ops.sinkhorn_op(
-            xc,
-            yc,
-            None,
-            None,
-            None,
-            *opts,
-            True,
-            True,
-            "sinkhorn",
-            "torch",
-            [True] * 2 + [False] * 3,
+            xc, yc, None, None, None, *opts, True, True, "sinkhorn", "torch", need
         )
-        assert [tuple(t.shape) for t in out[:8]] == [
-            (2,),
-            (2, 6),
-            (2, 5),
-            (2,),
-            (2,),
-            (2,),
-            (2,),
-            (2, 6, 5),
-        ]
+        shapes = [(2,), (2, 6), (2, 5), (2,), (2,), (2,), (2,), (2, 6, 5)]
+        assert [tuple(t.shape) for t in out[:8]] == shapes
         assert all(t.device.type == "cuda" for t in out)
         assert out[8].shape == xc.shape and out[8].dtype == torch.float64
 
