@@ -2395,15 +2395,18 @@ if ENABLED:
     _loop_vmap(checked_labels_op, 1)
 
     @torch.library.custom_op("divkit::checked_range", mutates_args=())
-    def checked_range_op(x: Tensor, lo: float, hi: float, fn: str, message: str) -> Tensor:
-        """x (a copy) after checking that every value lies in [lo, hi] (NaN does not); else
-        divkit.Error("fn: message")."""
-        if bool(((x < lo) | (x > hi) | x.isnan()).any()):
+    def checked_range_op(
+        x: Tensor, lo: float, hi: float, fn: str, message: str, lo_exclusive: bool = False
+    ) -> Tensor:
+        """x (a copy) after checking that every value lies in [lo, hi], or (lo, hi] when
+        lo_exclusive (NaN does not); else divkit.Error("fn: message")."""
+        low = (x <= lo) if lo_exclusive else (x < lo)
+        if bool((low | (x > hi) | x.isnan()).any()):
             check.fail(fn, message)
         return x.clone()
 
     @checked_range_op.register_fake
-    def _checked_range_fake(x, lo, hi, fn, message):
+    def _checked_range_fake(x, lo, hi, fn, message, lo_exclusive=False):
         return torch.empty_like(x)
 
     _loop_vmap(checked_range_op, 1)

@@ -263,3 +263,30 @@ def test_aldr_kl_compiles_fullgraph_with_eager_bits():
         _equal(mods[0].lam, mods[1].lam)
     with pytest.raises(divkit.Error, match=r"ALDRKLLoss: ids must be an int64 tensor"):
         step(z, y, torch.tensor([7, 0, 3, 10, 2, 5]))
+
+
+def test_nd_loss_compiles_fullgraph_with_eager_bits():
+    g = torch.Generator().manual_seed(15)
+    fs = torch.randn(6, 4, generator=g).requires_grad_(True)
+    ft = torch.randn(6, 4, generator=g)
+    y = torch.tensor([0, 2, 1, 2, 0, 1])
+    means = D.teacher_class_means(torch.randn(12, 4, generator=g), y.repeat(2), num_classes=3)
+
+    def f(fs, means, y):
+        return D.nd_loss(fs, ft, y, means) * 2
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(f)(fs, means, y)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(fs, means, y), f(fs, means, y)
+    _equal(got, want)
+    _equal(torch.autograd.grad(got, fs), torch.autograd.grad(want, fs))
+    zero = means.clone()
+    zero[1] = 0.0
+    for call in (compiled, f):
+        with pytest.raises(divkit.Error, match="nd_loss: labels out of range"):
+            call(fs, means, torch.tensor([0, 2, 1, 3, 0, 1]))
+        with pytest.raises(divkit.Error, match="nd_loss: class_means has a zero vector"):
+            call(fs, zero, y)

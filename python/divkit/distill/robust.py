@@ -150,8 +150,9 @@ def aldr_kl_loss(
             check.fail(fn, f"prev_lam must be a tensor of shape [{n}]")
         prev = prev_lam.detach().double().reshape(n)
         if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
-            tiny, big = 5e-324, 1.7976931348623157e308  # (0, inf) in float64
-            prev = _ops.checked_range_op(prev, tiny, big, fn, "prev_lam must be finite and > 0")
+            msg = "prev_lam must be finite and > 0"
+            big = torch.finfo(torch.float64).max  # (0, max]: finite and > 0
+            prev = _ops.checked_range_op(prev, 0.0, big, fn, msg, True)
         elif not bool((torch.isfinite(prev) & (prev > 0)).all()):
             check.fail(fn, "prev_lam must be finite and > 0")
     log_c = math.log(c)
