@@ -23,8 +23,8 @@ Ops (namespace ``divkit``):
   computed in the forward call (empty when not asked for), scaled by the upstream gradient in
   backward.
 * ``fused_linear_cross_entropy``, ``fused_linear_divergence``, ``fused_linear_sparse_divergence``,
-  ``fused_linear_logprobs`` (+ ``fused_linear_logprobs_backward``): the fused heads without a
-  process group.
+  ``fused_linear_logprobs`` (+ ``fused_linear_logprobs_backward``): the fused heads; with
+  ``process_group=`` the group travels by its c10d name, as for ``vocab_parallel_divergence``.
 * ``sparse_divergence``, ``topk_divergence``: the sparse (top-k) and truncated teachers of
   :mod:`divkit.sparse`; return (loss, grad_student), as ``divergence``.
 * ``vocab_parallel_divergence``: :func:`divkit.distributed.vocab_parallel_divergence`, the
@@ -34,6 +34,11 @@ Ops (namespace ``divkit``):
   step of ``tdpo_loss[_fused]`` and ``sparsepo_loss[_fused]``, whose token terms are the fused
   heads above); returns (losses, chosen_rewards, rejected_rewards, 4 gradients), the gradients
   computed by a second call in backward.
+* The other sequence, RLHF and distillation losses (``cpo_loss``, ``kto_loss``, ``nkd_loss``,
+  ...), the row statistics ``row_entropy`` and ``sorted_probs``, ``uskd_soft_labels``.
+* ``sinkhorn``, ``sparse_ot``, ``sample_divergence`` (``mmd``, ``cs_divergence``): the solvers of
+  :mod:`divkit.ot` on the core's route or the PyTorch fallback's (run inside the op);
+  ``kde_log_density``, ``kde_log_likelihood``, ``kde_bandwidth``.
 
 Every op is registered for all devices (CompositeExplicitAutograd): a CUDA tensor reaches the
 same Python implementation, which asks :mod:`divkit._device` for the engine (the core's CUDA
@@ -44,6 +49,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -131,6 +138,22 @@ def increment_version(x: Tensor) -> None:
         torch._C._autograd._increment_version(x)
 
 
+def _warn_at_caller(msg: str) -> None:
+    """A RuntimeWarning given by an op when it runs, attributed to the first frame outside
+    divkit, torch and generated code (the dispatcher's and a compiled graph's frames): the
+    caller's line."""
+    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, check))
+
+    def internal(f) -> bool:
+        name = f.f_code.co_filename
+        return name.startswith("<") or os.path.abspath(name).startswith(skip)
+
+    level, f = 2, sys._getframe(1)
+    while f is not None and internal(f):
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, RuntimeWarning, stacklevel=level)
+
+
 def _is_real(x: Tensor) -> bool:
     """A tensor with values (not a fake or functional tensor being traced)."""
     return type(x) is torch.Tensor or type(x) is torch.nn.Parameter
@@ -212,6 +235,23 @@ def _scale(g: Tensor, go: Tensor) -> Tensor:
 
 
 _EMPTY = (0,)
+
+
+def _unaliased(inputs, *outs: Tensor) -> Tuple[Tensor, ...]:
+    """outs, each sharing no memory with the inputs or an earlier output (a custom op's rule):
+    a solver may return one tensor twice (a symmetric problem's two potentials) or a view of
+    its input (a dtype conversion that was a no-op)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    res = []
+    for t in outs:
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        res.append(t)
+    return tuple(res)
 
 
 def _empty_like_device(x: Tensor) -> Tensor:
@@ -325,11 +365,20 @@ if ENABLED:
 
     divergence_op.register_autograd(_divergence_backward, setup_context=_divergence_setup)
 
-    def _loop_vmap(op, n_tensors: int):
+    def _loop_vmap(op, n_tensors: int, group_at: Optional[int] = None):
         """A vmap rule for op: one call per batch entry (the first n_tensors arguments may be
-        batched), outputs stacked along a new first dimension. The kernels see plain rows."""
+        batched), outputs stacked along a new first dimension. The kernels see plain rows.
+        group_at: the position of a process group's name; with a group, vmap raises (each call
+        is a collective: a loop would make the ranks' collectives depend on their vmaps)."""
 
         def rule(info, in_dims, *args):
+            if group_at is not None and group_at < len(args) and args[group_at] is not None:
+                check.fail(
+                    op._name.split("::")[-1],
+                    "torch.vmap is not supported with process_group (each call is a "
+                    "collective over the group); call it on the batched tensors directly: "
+                    "their leading dimensions are tokens",
+                )
             if torch.is_grad_enabled() and any(
                 isinstance(x, Tensor) and x.requires_grad for x in args[:n_tensors]
             ):
@@ -350,6 +399,8 @@ if ENABLED:
                 )
                 for b in range(info.batch_size)
             ]
+            if isinstance(outs[0], Tensor):
+                return torch.stack(outs), 0
             stacked = tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0])))
             return stacked, (0,) * len(stacked)
 
@@ -390,6 +441,19 @@ if ENABLED:
             return g
         return g * go.to(g.dtype)
 
+    def _name(group) -> Optional[str]:
+        """A vocabulary-parallel process group as an op argument: its c10d name (None: none)."""
+        return None if group is None else group.group_name
+
+    def _group(name: Optional[str]):
+        """The process group of a c10d name (None: none), resolved as torch's functional
+        collectives do."""
+        if name is None:
+            return None
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(name)
+
     def _engine(route) -> str:
         # "auto" lets the op route again when it runs: on CUDA that keeps divkit's row kernel
         # inside the PyTorch chunk loop (route.rows == "core").
@@ -414,6 +478,7 @@ if ENABLED:
         return_stats: bool,
         backend: str,
         need: List[bool],
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         from . import fused
 
@@ -427,8 +492,11 @@ if ENABLED:
             chunk_size,
         )
         route = _route("fused_linear_cross_entropy", backend, (hidden, weight, bias, labels))
+        group = _group(group_name)
+        if group is not None and upstream is None:
+            fused._check_same_tokens("fused_linear_cross_entropy", group, (hidden,), labels)
         outs, grads = fused._ce_call(
-            cfg, None, route, return_stats, labels, [hidden, weight, bias], need, upstream
+            cfg, group, route, return_stats, labels, [hidden, weight, bias], need, upstream
         )
         n = hidden.shape[0]
         loss = outs[0].reshape(n if reduction == "none" and upstream is None else 1)
@@ -456,6 +524,7 @@ if ENABLED:
         else:
             ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
             ctx.args = inputs[5:14]
+            ctx.group = inputs[15]
 
     def _fused_ce_backward(ctx, g_loss, *_):
         need = list(ctx.needs_input_grad[:3])
@@ -465,20 +534,22 @@ if ENABLED:
         else:
             h, w, b, labels = ctx.saved_tensors
             a = ctx.args
-            out = fused_ce_op(h, w, b, labels, g_loss, *a[:7], False, a[8], need)
+            out = fused_ce_op(h, w, b, labels, g_loss, *a[:7], False, a[8], need, ctx.group)
             grads = [g if n else None for g, n in zip(out[3:], need)]
         grads = guard_double_backward("fused_linear_cross_entropy", grads)
-        return (*grads,) + (None,) * 12
+        return (*grads,) + (None,) * 13
 
     fused_ce_op.register_autograd(_fused_ce_backward, setup_context=_fused_ce_setup)
-    _loop_vmap(fused_ce_op, 5)
+    _loop_vmap(fused_ce_op, 5, group_at=15)
 
-    def fused_ce(h, w, b, labels, cfg, return_stats: bool, route):
+    def fused_ce(h, w, b, labels, cfg, return_stats: bool, route, group=None):
         """fused_linear_cross_entropy through the op: (loss, logprobs, entropy) with loss [N] or
-        [1] (the caller reshapes)."""
+        [1] (the caller reshapes); group: a vocabulary-parallel process group or None."""
         h2, w2 = _rows2(h), _rows2(w)
         need = _need((h2, w2, b), cfg.reduction != "none")
-        out = fused_ce_op(h2, w2, b, labels, None, *cfg, return_stats, _engine(route), need)
+        out = fused_ce_op(
+            h2, w2, b, labels, None, *cfg, return_stats, _engine(route), need, _name(group)
+        )
         return out[0], out[1], out[2]
 
     @torch.library.custom_op("divkit::fused_linear_divergence", mutates_args=())
@@ -506,6 +577,7 @@ if ENABLED:
         chunk_size: int,
         backend: str,
         need: List[bool],
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         from . import fused
 
@@ -531,14 +603,19 @@ if ENABLED:
             teacher_bias,
         )
         route = _route("fused_linear_divergence", backend, (*ts, labels, weights))
+        group = _group(group_name)
         if upstream is None:
+            if group is not None:
+                fused._check_same_tokens(
+                    "fused_linear_divergence", group, (student_hidden, teacher_hidden), labels
+                )
             loss, grads = fused._distill_call(
-                cfg, None, *ts, labels, weights, teacher_token_ids, need, route=route
+                cfg, group, *ts, labels, weights, teacher_token_ids, need, route=route
             )
         else:
             loss, grads = fused._distill_call(
                 cfg,
-                None,
+                group,
                 *ts,
                 labels,
                 fused._token_weights(upstream, weights),
@@ -566,6 +643,7 @@ if ENABLED:
         else:
             ctx.save_for_backward(*inputs[:10])
             ctx.args = inputs[10:22]
+            ctx.group = inputs[23]
 
     def _fused_divergence_backward(ctx, g_loss, *_):
         need = list(ctx.needs_input_grad[:6])
@@ -573,21 +651,23 @@ if ENABLED:
             grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
         else:
             saved = list(ctx.saved_tensors)
-            out = fused_divergence_op(*saved[:9], g_loss, *ctx.args, need)
+            out = fused_divergence_op(*saved[:9], g_loss, *ctx.args, need, ctx.group)
             grads = [g if n else None for g, n in zip(out[1:], need)]
         grads = guard_double_backward("fused_linear_divergence", grads)
-        return (*grads,) + (None,) * 17
+        return (*grads,) + (None,) * 18
 
     fused_divergence_op.register_autograd(
         _fused_divergence_backward, setup_context=_fused_divergence_setup
     )
-    _loop_vmap(fused_divergence_op, 10)
+    _loop_vmap(fused_divergence_op, 10, group_at=23)
 
-    def fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route):
+    def fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route, group=None):
         """fused_linear_divergence through the op: the loss, [N] or [1]."""
         xs = (_rows2(sh), _rows2(sw), sb, _rows2(th), _rows2(tw), tb)
         need = _need(xs, cfg.reduction != "none")
-        out = fused_divergence_op(*xs, labels, weights, ids, None, *cfg, _engine(route), need)
+        out = fused_divergence_op(
+            *xs, labels, weights, ids, None, *cfg, _engine(route), need, _name(group)
+        )
         return out[0]
 
     @torch.library.custom_op("divkit::fused_linear_logprobs", mutates_args=())
@@ -604,11 +684,15 @@ if ENABLED:
         backend: str,
         log_sum_sq: bool = False,
         is_top1: bool = False,
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         from . import fused
 
         route = _route("fused_linear_logprobs", backend, (hidden, weight, bias, labels))
         fallback = route is not None and not route.core
+        group = _group(group_name)
+        if group is not None:
+            fused._check_same_tokens("fused_linear_logprobs", group, (hidden,), labels)
         outs = fused._lp_forward(
             [hidden, weight, bias],
             labels,
@@ -617,7 +701,7 @@ if ENABLED:
             return_entropy,
             topk,
             chunk_size,
-            None,
+            group,
             fallback,
             (log_sum_sq, is_top1),
         )
@@ -641,6 +725,7 @@ if ENABLED:
         backend,
         log_sum_sq=False,
         is_top1=False,
+        group_name=None,
     ):
         n = hidden.shape[0]
 
@@ -662,6 +747,7 @@ if ENABLED:
         chunk_size: int,
         backend: str,
         need: List[bool],
+        group_name: Optional[str] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         from . import fused
 
@@ -676,7 +762,7 @@ if ENABLED:
             with_ent,
             0,
             chunk_size,
-            None,
+            _group(group_name),
             fallback,
             (grad_logprobs, grad_entropy) if with_ent else grad_logprobs,
             need,
@@ -685,12 +771,13 @@ if ENABLED:
 
     @fused_logprobs_backward_op.register_fake
     def _fused_logprobs_backward_fake(hidden, weight, bias, *rest):
-        return tuple(_fake_grads([hidden, weight, bias], rest[-1]))
+        return tuple(_fake_grads([hidden, weight, bias], rest[7]))
 
     def _fused_logprobs_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[2:])
         ctx.save_for_backward(*inputs[:4])
         ctx.args = inputs[4:10]
+        ctx.group = inputs[12]
 
     def _fused_logprobs_backward(ctx, g_lp, g_ent, *_):
         need = list(ctx.needs_input_grad[:3])
@@ -709,17 +796,18 @@ if ENABLED:
             chunk,
             backend,
             need,
+            ctx.group,
         )
         grads = guard_double_backward(
             "fused_linear_logprobs", [g if n else None for g, n in zip(out, need)]
         )
-        return (*grads,) + (None,) * 9
+        return (*grads,) + (None,) * 10
 
     fused_logprobs_op.register_autograd(
         _fused_logprobs_backward, setup_context=_fused_logprobs_setup
     )
-    _loop_vmap(fused_logprobs_op, 4)
-    _loop_vmap(fused_logprobs_backward_op, 6)
+    _loop_vmap(fused_logprobs_op, 4, group_at=12)
+    _loop_vmap(fused_logprobs_backward_op, 6, group_at=11)
 
     def fused_logprobs(
         h,
@@ -734,9 +822,11 @@ if ENABLED:
         fallback,
         log_sum_sq=False,
         is_top1=False,
+        group=None,
     ):
         """fused_linear_logprobs through the op: (logprobs[, entropy][, topk_mass]
-        [, log_sum_sq_probs][, is_top1]) as [N]."""
+        [, log_sum_sq_probs][, is_top1]) as [N]; group: a vocabulary-parallel process group or
+        None."""
         out = fused_logprobs_op(
             _rows2(h),
             _rows2(w),
@@ -750,6 +840,7 @@ if ENABLED:
             "torch" if fallback else "auto",
             log_sum_sq,
             is_top1,
+            _name(group),
         )
         on = (True, return_entropy, bool(topk), log_sum_sq, is_top1)
         return tuple(x for x, o in zip(out, on) if o)
@@ -1005,12 +1096,7 @@ if ENABLED:
 
     def group_name(group) -> str:
         """The c10d name of a process group (what ``_resolve_process_group`` takes back)."""
-        return group.group_name
-
-    def _resolve_group(name: str):
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
-        return _resolve_process_group(name)
+        return _name(group)
 
     @torch.library.custom_op("divkit::vocab_parallel_divergence", mutates_args=())
     def vocab_parallel_divergence_op(
@@ -1043,7 +1129,7 @@ if ENABLED:
             reduction=reduction,
             num_items_in_batch=num_items_in_batch,
         )
-        group = _resolve_group(group_name)
+        group = _group(group_name)
         if upstream is None:
             loss, grads = distributed._vp_call(
                 student, teacher, labels, weights, fields, group, need, reduction
@@ -1889,7 +1975,8 @@ if ENABLED:
 
     # -----------------------------------------------------------------------------------------
     # Sample divergences of divkit.ot (mmd, cs_divergence): the float64 gradients of x and y
-    # are computed in forward (as the eager path) and scaled in backward.
+    # are computed in forward (as the eager path) and scaled in backward. backend="torch" runs
+    # the PyTorch fallback (other devices, or asked for) inside the op.
     # -----------------------------------------------------------------------------------------
 
     @torch.library.custom_op("divkit::sample_divergence", mutates_args=())
@@ -1902,9 +1989,16 @@ if ENABLED:
         kernel: str,
         sigma: float,
         need: List[bool],
+        backend: str = "core",
     ) -> Tuple[Tensor, Tensor, Tensor]:
         from . import _C
 
+        if backend == "torch":
+            from .backends import torch_ot
+
+            val, gx, gy = torch_ot.sample_divergence(which, x, y, a, b, kernel, sigma, need)
+            grads = [_empty_like_device(x) if g is None else g for g in (gx, gy)]
+            return (val.to(x.dtype), *grads)
         gx = torch.empty(x.shape, dtype=torch.float64) if need[0] else None
         gy = torch.empty(y.shape, dtype=torch.float64) if need[1] else None
         val = _C.sample_divergence(
@@ -1922,7 +2016,7 @@ if ENABLED:
         return (torch.tensor(val, dtype=x.dtype), *grads)
 
     @sample_divergence_op.register_fake
-    def _sample_divergence_fake(x, y, a, b, which, kernel, sigma, need):
+    def _sample_divergence_fake(x, y, a, b, which, kernel, sigma, need, backend="core"):
         grads = [
             z.new_empty(z.shape, dtype=torch.float64) if k else _empty_like_device(x)
             for z, k in zip((x, y), need)
@@ -1932,7 +2026,7 @@ if ENABLED:
     def _sample_divergence_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(output[1], output[2])
-        ctx.need = inputs[-1]
+        ctx.need = inputs[7]
         ctx.fn = "mmd" if inputs[4] == "mmd" else "cs_divergence"
 
     def _sample_divergence_backward(ctx, g_val, *_):
@@ -1941,18 +2035,20 @@ if ENABLED:
             (g * go64).to(g_val.dtype) if k else None for g, k in zip(ctx.saved_tensors, ctx.need)
         ]
         grads = guard_double_backward(ctx.fn, grads)
-        return (*grads,) + (None,) * 6
+        return (*grads,) + (None,) * 7
 
     sample_divergence_op.register_autograd(
         _sample_divergence_backward, setup_context=_sample_divergence_setup
     )
     _loop_vmap(sample_divergence_op, 4)
 
-    def sample_divergence(x, y, a, b, which, kernel, sigma):
-        """MMD^2 or the CS divergence (a scalar of x's dtype) through the op."""
+    def sample_divergence(x, y, a, b, which, kernel, sigma, core: bool = True):
+        """MMD^2 or the CS divergence (a scalar of x's dtype) through the op, computed by the
+        C++ core or (core=False) the PyTorch fallback, whose host reads stay inside the op."""
         on = torch.is_grad_enabled()
         need = [on and x.requires_grad, on and y.requires_grad]
-        return sample_divergence_op(x, y, a, b, which, kernel, sigma, need)[0]
+        backend = "core" if core else "torch"
+        return sample_divergence_op(x, y, a, b, which, kernel, sigma, need, backend)[0]
 
     # -----------------------------------------------------------------------------------------
     # kde_log_density (no gradient: its inputs are detached by the public function).
@@ -1982,3 +2078,386 @@ if ENABLED:
 
     if hasattr(kde_log_density_op, "register_vmap"):
         kde_log_density_op.register_vmap(_kde_vmap)
+
+    # -----------------------------------------------------------------------------------------
+    # Entropic OT (divkit.ot.sinkhorn, and so sinkhorn_divergence, sinkhorn_kd_loss, monge_gap):
+    # 3-D inputs [B, ...]; the solver (the C++ core, or the PyTorch fallback for backend="torch"
+    # and tensors off the CPU) computes the envelope gradients in forward, scaled in backward in
+    # float64 as the eager path does. The non-convergence warning is given by the op, when it
+    # runs (a traced caller cannot read the flags).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::sinkhorn", mutates_args=())
+    def sinkhorn_op(
+        x: Optional[Tensor],
+        y: Optional[Tensor],
+        cost: Optional[Tensor],
+        a: Optional[Tensor],
+        b: Optional[Tensor],
+        eps: float,
+        p: int,
+        tol: float,
+        max_iter: int,
+        check_every: int,
+        eps_scaling: float,
+        rho_a: float,
+        rho_b: float,
+        cost_cache_bytes: int,
+        symmetric: bool,
+        return_plan: bool,
+        warn: bool,
+        fn: str,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+        Tensor,
+    ]:  # fmt: skip
+        """(reg_cost, f, g, transport_cost, n_iter, marginal_error, converged, plan, grad x,
+        grad y, grad a, grad b); need = (x, y, cost, a, b); the cost's gradient is the plan."""
+        from . import ot
+
+        cfg = ot._Cfg(
+            eps, p, tol, max_iter, check_every, eps_scaling, rho_a, rho_b, cost_cache_bytes,
+            symmetric, return_plan, warn, fn,
+        )  # fmt: skip
+        reg, stats, f, g, plan, grads = ot._sinkhorn_run(
+            x, y, cost, a, b, cfg, tuple(need), backend == "core"
+        )
+        dt = reg.dtype
+        if warn:
+            ot._warn_sinkhorn(cfg, stats, _warn_at_caller)
+        ref = cost if cost is not None else x
+        plan = _empty_like_device(ref) if plan is None else plan
+        return _unaliased(
+            (x, y, cost, a, b),
+            reg,
+            f.to(dt),
+            g.to(dt),
+            stats["transport_cost"].to(dt),
+            stats["n_iter"],
+            stats["marginal_error"],
+            stats["converged"],
+            plan,
+            *(_empty_like_device(ref) if t is None else t for t in grads),
+        )
+
+    @sinkhorn_op.register_fake
+    def _sinkhorn_fake(x, y, cost, a, b, *rest):
+        return_plan, need = rest[10], rest[-1]
+        if cost is not None:
+            ref, (B, n, m) = cost, cost.shape
+        else:
+            ref, (B, n, m) = x, (x.shape[0], x.shape[1], y.shape[1])
+        dt = ref.dtype
+
+        def new(shape, dtype=torch.float64):
+            return ref.new_empty(shape, dtype=dtype)
+
+        plan = new((B, n, m), dt) if (return_plan or need[2]) else _empty_like_device(ref)
+        grads = [
+            new(z.shape) if (z is not None and k) else _empty_like_device(ref)
+            for z, k in zip((x, y, a, b), (need[0], need[1], need[3], need[4]))
+        ]
+        stats = [new((B,), dt), new((B,), torch.int64), new((B,)), new((B,), torch.bool)]
+        return (new((B,), dt), new((B, n), dt), new((B, m), dt), *stats, plan, *grads)
+
+    def _sinkhorn_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.need = inputs[-1]
+        ctx.fn = inputs[17]
+        ctx.save_for_backward(output[8], output[9], output[7], output[10], output[11])
+
+    def _sinkhorn_backward(ctx, g_reg, *_):
+        # As GradsInForward with Scaling(fp64=True): the product in float64, cast to g_reg's dtype.
+        go64 = g_reg.to(torch.float64)
+        grads = [
+            (g * go64.reshape((-1,) + (1,) * (g.dim() - 1))).to(g_reg.dtype) if (k and n) else None
+            for g, k, n in zip(ctx.saved_tensors, ctx.need, ctx.needs_input_grad[:5])
+        ]
+        grads = guard_double_backward(ctx.fn, grads)
+        return (*grads,) + (None,) * 15
+
+    sinkhorn_op.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup)
+    _loop_vmap(sinkhorn_op, 5)
+
+    def sinkhorn(x, y, cost, a, b, cfg, core: bool):
+        """sinkhorn through the op on 3-D inputs: (reg_cost, f, g, transport_cost, n_iter,
+        marginal_error, converged, plan or None)."""
+        on = torch.is_grad_enabled()
+        need = [bool(on and t is not None and t.requires_grad) for t in (x, y, cost, a, b)]
+        out = sinkhorn_op(x, y, cost, a, b, *cfg[:12], cfg.fn, "core" if core else "torch", need)
+        return (*out[:7], out[7] if cfg.return_plan else None)
+
+    # -----------------------------------------------------------------------------------------
+    # Quadratically regularized / sparsity-constrained OT (divkit.ot.sparse_ot). The plan's
+    # number of non-zeros depends on the data, so the op returns it dense [n, m] (a traced
+    # sparse_ot gives the dense plan); the gradients (Danskin: alpha, the solver's grad b, the
+    # plan) are computed in forward and scaled in float64 in backward.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::sparse_ot", mutates_args=())
+    def sparse_ot_op(
+        a: Tensor,
+        b: Tensor,
+        cost: Tensor,
+        gamma: float,
+        k: int,
+        tol: float,
+        max_iter: int,
+        warn: bool,
+        backend: str,
+        need: List[bool],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(reg_cost, plan [n, m] float64, transport_cost, alpha [n] float64, n_iter, marginal_error,
+        converged, grad b [m] float64 or empty); the gradients of a and cost are alpha and the
+        plan."""
+        from . import ot
+
+        reg, box, grad_b = ot._sparse_ot_run(
+            a, b, cost, gamma, k, tol, max_iter, backend == "core", need[1]
+        )
+        if warn:
+            ot._warn_sparse_ot(box, max_iter, tol, k, _warn_at_caller)
+        plan = box["plan"].to_dense()
+        dev = cost.device
+        return _unaliased(
+            (a, b, cost),
+            reg,
+            plan,
+            torch.tensor(float(box["tc"]), dtype=cost.dtype, device=dev),
+            box["alpha"],
+            torch.tensor(int(box["n_iter"]), dtype=torch.int64, device=dev),
+            torch.tensor(float(box["err"]), dtype=torch.float64, device=dev),
+            torch.tensor(bool(box["conv"]), device=dev),
+            _empty_like_device(cost) if grad_b is None else grad_b,
+        )
+
+    @sparse_ot_op.register_fake
+    def _sparse_ot_fake(a, b, cost, gamma, k, tol, max_iter, warn, backend, need):
+        f64 = torch.float64
+        return (
+            cost.new_empty(()),
+            cost.new_empty(cost.shape, dtype=f64),
+            cost.new_empty(()),
+            cost.new_empty((cost.shape[0],), dtype=f64),
+            cost.new_empty((), dtype=torch.int64),
+            cost.new_empty((), dtype=f64),
+            cost.new_empty((), dtype=torch.bool),
+            cost.new_empty((cost.shape[1],), dtype=f64) if need[1] else _empty_like_device(cost),
+        )
+
+    def _sparse_ot_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.need = inputs[-1]
+        ctx.save_for_backward(output[3], output[7], output[1])
+
+    def _sparse_ot_backward(ctx, g_reg, *_):
+        # As GradsInForward with Scaling(fp64=True): the product in float64 (go64 broadcast to
+        # g's rank, so that a float32 g is promoted), cast to g_reg's dtype.
+        go64 = g_reg.to(torch.float64)
+        grads = [
+            (g * go64.reshape((1,) * g.dim())).to(g_reg.dtype) if (k and n) else None
+            for g, k, n in zip(ctx.saved_tensors, ctx.need, ctx.needs_input_grad[:3])
+        ]
+        grads = guard_double_backward("sparse_ot", grads)
+        return (*grads,) + (None,) * 7
+
+    sparse_ot_op.register_autograd(_sparse_ot_backward, setup_context=_sparse_ot_setup)
+    _loop_vmap(sparse_ot_op, 3)
+
+    def sparse_ot(a, b, cost, gamma, k, tol, max_iter, warn, core: bool):
+        """sparse_ot through the op: (reg_cost, dense plan, transport_cost, alpha, n_iter,
+        marginal_error, converged)."""
+        on = torch.is_grad_enabled()
+        need = [bool(on and t.requires_grad) for t in (a, b, cost)]
+        backend = "core" if core else "torch"
+        return sparse_ot_op(a, b, cost, gamma, k, tol, max_iter, warn, backend, need)[:7]
+
+    # -----------------------------------------------------------------------------------------
+    # kde_log_likelihood and kde_bandwidth (no gradient): their eager results are Python numbers;
+    # the ops return them as float64 (int64 for n_evals) tensors, which a traced call gives back.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::kde_log_likelihood", mutates_args=())
+    def kde_log_likelihood_op(
+        x: Tensor, y: Optional[Tensor], w: Optional[Tensor], bandwidth: float
+    ) -> Tensor:
+        from . import _C
+
+        return torch.tensor(_C.kde_log_likelihood(x, w, y, bandwidth), dtype=torch.float64)
+
+    @kde_log_likelihood_op.register_fake
+    def _kde_log_likelihood_fake(x, y, w, bandwidth):
+        return x.new_empty((), dtype=torch.float64, device="cpu")
+
+    @torch.library.custom_op("divkit::kde_bandwidth", mutates_args=())
+    def kde_bandwidth_op(
+        x: Tensor,
+        y: Optional[Tensor],
+        w: Optional[Tensor],
+        h_min: float,
+        h_max: float,
+        grid: int,
+        tol: float,
+        max_iter: int,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(bandwidth, log_likelihood, n_evals, grid_bandwidths [grid], grid_log_likelihoods
+        [grid])."""
+        from . import _C
+
+        b, ll, ne, gb, gl = _C.kde_select_bandwidth(x, w, y, h_min, h_max, grid, tol, max_iter)
+        f64 = torch.float64
+        return (
+            torch.tensor(b, dtype=f64),
+            torch.tensor(ll, dtype=f64),
+            torch.tensor(ne, dtype=torch.int64),
+            torch.tensor(list(gb), dtype=f64),
+            torch.tensor(list(gl), dtype=f64),
+        )
+
+    @kde_bandwidth_op.register_fake
+    def _kde_bandwidth_fake(x, y, w, h_min, h_max, grid, tol, max_iter):
+        def new(shape, dtype=torch.float64):
+            return x.new_empty(shape, dtype=dtype, device="cpu")
+
+        return new(()), new(()), new((), torch.int64), new((grid,)), new((grid,))
+
+    _loop_vmap(kde_log_likelihood_op, 3)
+    _loop_vmap(kde_bandwidth_op, 3)
+
+    # -----------------------------------------------------------------------------------------
+    # USKD's soft labels (divkit.distill.uskd_soft_labels, and so uskd_loss): torch code whose
+    # batch mean over the non-ignored rows and label check read values; as an op, the output
+    # shapes are known before it runs. No gradient (the labels are constants of the loss).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::uskd_soft_labels", mutates_args=())
+    def uskd_soft_labels_op(
+        student: Tensor, labels: Tensor, weak: Tensor, ignore_index: int, fn: str
+    ) -> Tuple[Tensor, Tensor]:
+        """(target [N], nontarget [N, C]) float64 from rows [N, C] and labels [N]."""
+        from .distill.kd import _uskd_soft_label_rows
+
+        return _uskd_soft_label_rows(fn, student, labels, weak, ignore_index)
+
+    @uskd_soft_labels_op.register_fake
+    def _uskd_soft_labels_fake(student, labels, weak, ignore_index, fn):
+        f64 = torch.float64
+        return student.new_empty((student.shape[0],), dtype=f64), student.new_empty(
+            student.shape, dtype=f64
+        )
+
+    _loop_vmap(uskd_soft_labels_op, 3)
+
+    # -----------------------------------------------------------------------------------------
+    # Row statistics of divkit.distill without gradients: row_entropy (so bdkd_loss's weights)
+    # and the sorted teacher probabilities of DACKLBounds.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::row_entropy", mutates_args=())
+    def row_entropy_op(logits: Tensor, temperature: float) -> Tensor:
+        """H(softmax(logits / T)) per row [N] of logits [N, V] (float64 for float64 logits)."""
+        from . import _C
+
+        out = torch.empty(logits.shape[0], dtype=_seq_dtype(logits))
+        _C.row_entropy(logits, temperature, out)
+        return out
+
+    @row_entropy_op.register_fake
+    def _row_entropy_fake(logits, temperature):
+        return logits.new_empty((logits.shape[0],), dtype=_seq_dtype(logits))
+
+    _loop_vmap(row_entropy_op, 1)
+
+    @torch.library.custom_op("divkit::sorted_probs", mutates_args=())
+    def sorted_probs_op(teacher: Tensor, temperature: float, k: int, dtype: torch.dtype) -> Tensor:
+        """The k largest probabilities of softmax(teacher / T) per row, decreasing: [N, k]."""
+        from . import _C
+
+        out = torch.empty(teacher.shape[0], k, dtype=dtype)
+        _C.sorted_probs(teacher, temperature, out)
+        return out
+
+    @sorted_probs_op.register_fake
+    def _sorted_probs_fake(teacher, temperature, k, dtype):
+        return teacher.new_empty((teacher.shape[0], k), dtype=dtype)
+
+    _loop_vmap(sorted_probs_op, 1)
+
+    # -----------------------------------------------------------------------------------------
+    # A label range check for torch-only losses while traced: the check reads values (a graph
+    # break), so it runs in an op, when the graph runs, on a copy of the labels that the loss
+    # then uses (an op whose output nothing used could be dropped from the graph).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::checked_labels", mutates_args=())
+    def checked_labels_op(
+        labels: Tensor, n_classes: int, ignore_index: Optional[int], fn: str
+    ) -> Tensor:
+        """labels (a copy, int64) after checking them: in [0, n_classes), or ignore_index."""
+        out = labels.to(torch.int64, copy=True)
+        if ignore_index is None:
+            if bool(((out < 0) | (out >= n_classes)).any()):
+                check.fail(fn, f"labels out of range [0, {n_classes})")
+        else:
+            check.label_range(fn, "labels", out, n_classes, ignore_index)
+        return out
+
+    @checked_labels_op.register_fake
+    def _checked_labels_fake(labels, n_classes, ignore_index, fn):
+        return labels.new_empty(labels.shape, dtype=torch.int64)
+
+    _loop_vmap(checked_labels_op, 1)
+
+    @torch.library.custom_op("divkit::checked_range", mutates_args=())
+    def checked_range_op(
+        x: Tensor, lo: float, hi: float, fn: str, message: str, lo_exclusive: bool = False
+    ) -> Tensor:
+        """x (a copy) after checking that every value lies in [lo, hi], or (lo, hi] when
+        lo_exclusive (NaN does not); else divkit.Error("fn: message")."""
+        low = (x <= lo) if lo_exclusive else (x < lo)
+        if bool((low | (x > hi) | x.isnan()).any()):
+            check.fail(fn, message)
+        return x.clone()
+
+    @checked_range_op.register_fake
+    def _checked_range_fake(x, lo, hi, fn, message, lo_exclusive=False):
+        return torch.empty_like(x)
+
+    _loop_vmap(checked_range_op, 1)
+
+    # -----------------------------------------------------------------------------------------
+    # USCD's selective contrastive decoding step (divkit.distill.uscd_logits; no gradient).
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::selective_contrast", mutates_args=())
+    def selective_contrast_op(
+        standard: Tensor,
+        lame: Tensor,
+        lame_weight: float,
+        std_threshold: float,
+        filter_ratio: float,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(logits [N, V], uncertainty [N], applied [N] int32) from rows [N, V]."""
+        from . import _C
+
+        n, v = standard.shape
+        dt = _seq_dtype(standard, lame)
+        out, unc = torch.empty(n, v, dtype=dt), torch.empty(n, dtype=dt)
+        applied = torch.empty(n, dtype=torch.int32)
+        _C.selective_contrast(
+            standard, lame, lame_weight, std_threshold, filter_ratio, out, unc, applied
+        )
+        return out, unc, applied
+
+    @selective_contrast_op.register_fake
+    def _selective_contrast_fake(standard, lame, *rest):
+        n, dt = standard.shape[0], _seq_dtype(standard, lame)
+        return (
+            standard.new_empty(standard.shape, dtype=dt),
+            standard.new_empty((n,), dtype=dt),
+            standard.new_empty((n,), dtype=torch.int32),
+        )
+
+    _loop_vmap(selective_contrast_op, 2)

@@ -436,8 +436,6 @@ def _divergence_apply(
 ):
     """fused_linear_divergence on validated arguments (group: a vocabulary-parallel process
     group, or None)."""
-    if group is not None:
-        _check_same_tokens("fused_linear_divergence", group, (sh, th), labels)
 
     def call(ts, need, upstream):
         if upstream is None:
@@ -456,11 +454,14 @@ def _divergence_apply(
             )
         return (loss,), grads
 
-    if group is None and _ops.use_ops(
-        sh, sw, sb, th, tw, tb, labels, weights, fn="fused_linear_divergence"
-    ):
-        loss = _ops.fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route)
+    if _ops.use_ops(sh, sw, sb, th, tw, tb, labels, weights, fn="fused_linear_divergence"):
+        # The op checks the ranks' tokens (a collective and a host read) when it runs.
+        loss = _ops.fused_divergence(
+            sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route, group
+        )
         return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
+    if group is not None:
+        _check_same_tokens("fused_linear_divergence", group, (sh, th), labels)
     # reshape / contiguous stay inside the autograd graph.
     loss = _head_loss(
         "fused_linear_divergence",
@@ -728,17 +729,18 @@ def _cross_entropy_apply(
 ):
     """fused_linear_cross_entropy on validated arguments (group: a vocabulary-parallel process
     group, or None; route: where it runs, the core when None)."""
-    if group is not None:
-        _check_same_tokens("fused_linear_cross_entropy", group, (h,), labels)
 
     def call(ts, need, upstream):
         return _ce_call(cfg, group, route, return_stats, labels, ts, need, upstream)
 
-    if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_cross_entropy"):
-        out = _ops.fused_ce(h, w, b, labels, cfg, return_stats, route)
+    if _ops.use_ops(h, w, b, labels, fn="fused_linear_cross_entropy"):
+        # The op checks the ranks' tokens (a collective and a host read) when it runs.
+        out = _ops.fused_ce(h, w, b, labels, cfg, return_stats, route, group)
         if not return_stats:
             out = out[0]
     else:
+        if group is not None:
+            _check_same_tokens("fused_linear_cross_entropy", group, (h,), labels)
         out = _head_loss(
             "fused_linear_cross_entropy",
             call,
@@ -903,8 +905,6 @@ def _logprobs_apply(
     """fused_linear_logprobs on validated arguments (topk 0: not asked for; group: a
     vocabulary-parallel process group, or None; route: where it runs, the core when None;
     extra: whether log_sum_sq_probs and is_top1 are asked for)."""
-    if group is not None:
-        _check_same_tokens("fused_linear_logprobs", group, (h,), labels)
     fallback = route is not None and not route.core
     args = (labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback, extra)
 
@@ -914,9 +914,12 @@ def _logprobs_apply(
     def backward(ts, grad_out, need):
         return _lp_backward(ts, *args[:-1], grad_out, need)
 
-    if group is None and _ops.use_ops(h, w, b, labels, fn="fused_linear_logprobs"):
-        outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback, *extra)
+    if _ops.use_ops(h, w, b, labels, fn="fused_linear_logprobs"):
+        # The op checks the ranks' tokens (a collective and a host read) when it runs.
+        outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback, *extra, group)
     else:
+        if group is not None:
+            _check_same_tokens("fused_linear_logprobs", group, (h,), labels)
         outs = _head_loss(
             "fused_linear_logprobs",
             forward,

@@ -14,7 +14,7 @@ carry no gradient).
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional, Union
 
 import torch
 
@@ -79,28 +79,40 @@ def kde_log_likelihood(
     bandwidth: float,
     y: Optional[torch.Tensor] = None,
     w: Optional[torch.Tensor] = None,
-) -> float:
+    *,
+    as_tensor: bool = False,
+) -> Union[float, torch.Tensor]:
     r"""Mean log-likelihood ``(1/m) sum_j log p_h(y_j)`` of held-out points y under the KDE of x
     (= ``-KL(rho || p_h) - H(rho)`` in expectation for y ~ rho), or, with ``y=None``, the
     leave-one-out log-likelihood of x (each ``x_j`` under the KDE of the others; needs two points
-    of weight > 0). A float (-inf when a point has zero density in float64)."""
+    of weight > 0). A float (-inf when a point has zero density in float64); with
+    ``as_tensor=True``, and always when traced (``torch.compile``, ``torch.vmap``: a Python float
+    would end the graph), a 0-d float64 tensor of the same value."""
     fn = "kde_log_likelihood"
     x, y, w = _args(fn, x, y, w, True)
     h = check.positive(fn, "bandwidth", bandwidth)
+    as_tensor = check.boolean(fn, "as_tensor", as_tensor)
     if y is None and x.shape[0] < 2:
         check.fail(fn, "leave-one-out (y=None) needs at least 2 points in x")
-    return float(_C.kde_log_likelihood(x, w, y, h))
+    if _ops.use_ops(x, y, w, fn=fn):
+        value = _ops.kde_log_likelihood_op(x, y, w, h)
+        # DIVKIT_CUSTOM_OPS=always on plain tensors: the eager result type.
+        return value if as_tensor or _ops.traced(x, y, w) else float(value)
+    value = _C.kde_log_likelihood(x, w, y, h)
+    return torch.tensor(value, dtype=torch.float64) if as_tensor else float(value)
 
 
 class KdeBandwidthResult(NamedTuple):
     """bandwidth: the selected h; log_likelihood: L(h) there (held-out or leave-one-out);
-    n_evals: evaluations of L; grid_bandwidths / grid_log_likelihoods: the coarse grid."""
+    n_evals: evaluations of L; grid_bandwidths / grid_log_likelihoods: the coarse grid.
+    Python numbers and lists, or (``as_tensor=True``, or traced) float64 tensors (0-d, and
+    [grid] for the grid; n_evals int64)."""
 
-    bandwidth: float
-    log_likelihood: float
-    n_evals: int
-    grid_bandwidths: List[float]
-    grid_log_likelihoods: List[float]
+    bandwidth: Union[float, torch.Tensor]
+    log_likelihood: Union[float, torch.Tensor]
+    n_evals: Union[int, torch.Tensor]
+    grid_bandwidths: Union[List[float], torch.Tensor]
+    grid_log_likelihoods: Union[List[float], torch.Tensor]
 
 
 @check.public("kde_bandwidth")
@@ -114,6 +126,7 @@ def kde_bandwidth(
     grid: int = 24,
     tol: float = 1e-4,
     max_iter: int = 100,
+    as_tensor: bool = False,
 ) -> KdeBandwidthResult:
     r"""The KL-optimal bandwidth of a Gaussian KDE of x: the h maximizing the held-out
     log-likelihood of y (``y`` given) or the leave-one-out log-likelihood of x (``y=None``),
@@ -121,7 +134,10 @@ def kde_bandwidth(
 
     Search: ``grid`` values of log h evenly spaced over ``[h_min, h_max]`` (defaults ``1e-3 s``
     and ``10 s``, s the root mean per-coordinate standard deviation of x), then golden-section
-    refinement around the best grid point down to a bracket of ``tol`` in log h."""
+    refinement around the best grid point down to a bracket of ``tol`` in log h.
+
+    ``as_tensor=True`` (and always when traced: ``torch.compile``, ``torch.vmap``) gives the
+    fields as tensors (see :class:`KdeBandwidthResult`), the same values."""
     fn = "kde_bandwidth"
     x, y, w = _args(fn, x, y, w, True)
     lo = 0.0 if h_min is None else check.positive(fn, "h_min", h_min)
@@ -131,7 +147,24 @@ def kde_bandwidth(
     g = check.integer(fn, "grid", grid, min=3)
     t = check.positive(fn, "tol", tol)
     it = check.integer(fn, "max_iter", max_iter, min=0)
+    as_tensor = check.boolean(fn, "as_tensor", as_tensor)
     if y is None and x.shape[0] < 2:
         check.fail(fn, "leave-one-out (y=None) needs at least 2 points in x")
+    if _ops.use_ops(x, y, w, fn=fn):
+        out = KdeBandwidthResult(*_ops.kde_bandwidth_op(x, y, w, lo, hi, g, t, it))
+        if as_tensor or _ops.traced(x, y, w):
+            return out
+        # DIVKIT_CUSTOM_OPS=always on plain tensors: the eager result types.
+        b, ll, ne, gb, gl = out
+        return KdeBandwidthResult(float(b), float(ll), int(ne), gb.tolist(), gl.tolist())
     b, ll, ne, gb, gl = _C.kde_select_bandwidth(x, w, y, lo, hi, g, t, it)
+    if as_tensor:
+        f64 = torch.float64
+        return KdeBandwidthResult(
+            torch.tensor(b, dtype=f64),
+            torch.tensor(ll, dtype=f64),
+            torch.tensor(ne, dtype=torch.int64),
+            torch.tensor(list(gb), dtype=f64),
+            torch.tensor(list(gl), dtype=f64),
+        )
     return KdeBandwidthResult(float(b), float(ll), int(ne), list(gb), list(gl))

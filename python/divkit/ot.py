@@ -129,24 +129,42 @@ def _stats_tensors(stats) -> dict:
     )
 
 
+def _sinkhorn_run(x, y, cost, a, b, cfg: _Cfg, need, core: bool):
+    """One solve on 3-D inputs by the C++ core (or the PyTorch fallback when ``core`` is False);
+    ``need`` = (x, y, cost, a, b). Returns (reg_cost [B] in the inputs' dtype, stats (a dict of
+    [B] tensors), f, g, plan or None, (grad x, grad y, grad a, grad b)); the cost's gradient is
+    the plan."""
+    need_x, need_y, need_c, need_a, need_b = need
+    xd, yd, cd, ad, bd = (None if t is None else t.detach() for t in (x, y, cost, a, b))
+    solve = _solve if core else torch_ot.sinkhorn
+    stats, f, g, plan, gx, gy, ga, gb = solve(
+        xd, yd, cd, ad, bd, cfg, (need_x, need_y, need_a, need_b, need_c)
+    )
+    stats = _stats_tensors(stats) if core else stats
+    dt = (cost if cost is not None else x).dtype
+    return stats["reg_cost"].to(dt), stats, f, g, plan, (gx, gy, ga, gb)
+
+
+def _warn_sinkhorn(cfg: _Cfg, stats: dict, warn=check.warn) -> None:
+    conv, err = stats["converged"], stats["marginal_error"]
+    if not bool(conv.all()):
+        bad = ~conv
+        warn(
+            f"{cfg.fn}: did not converge within max_iter={cfg.max_iter} iterations for "
+            f"{int(bad.sum())} of {conv.shape[0]} problem(s) (marginal error "
+            f"{float(err[bad].max()):.3g} > tol {cfg.tol:g}); increase max_iter or eps, or use "
+            f"eps_scaling",
+        )
+
+
 def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict, core: bool = True) -> torch.Tensor:
     """reg_cost [B], with the envelope gradients computed by the solver (the C++ core, or the
     PyTorch fallback when ``core`` is False) in forward."""
 
     def run(need):
-        need_x, need_y, need_c, need_a, need_b = need
-        xd, yd, cd, ad, bd = (None if t is None else t.detach() for t in (x, y, cost, a, b))
-        solve = _solve if core else torch_ot.sinkhorn
-        stats, f, g, plan, gx, gy, ga, gb = solve(
-            xd, yd, cd, ad, bd, cfg, (need_x, need_y, need_a, need_b, need_c)
-        )
-        stats = _stats_tensors(stats) if core else stats
+        reg, stats, f, g, plan, (gx, gy, ga, gb) = _sinkhorn_run(x, y, cost, a, b, cfg, need, core)
         box.update(stats=stats, f=f, g=g, plan=plan)
-        dt = (cost if cost is not None else x).dtype
-        return (
-            stats["reg_cost"].to(dt),
-            (gx, gy, plan if need_c else None, ga, gb),
-        )
+        return reg, (gx, gy, plan if need[2] else None, ga, gb)
 
     if not (
         torch.is_grad_enabled()
@@ -289,22 +307,21 @@ def sinkhorn(
     a3 = _weights(fn, "a", a, lead_a, batched)
     b3 = _weights(fn, "b", b, lead_b, batched)
 
-    box: dict = {}
-    reg = _sinkhorn_apply(x3, y3, c3, a3, b3, cfg, box, core=route.core)
-    stats = box["stats"]
-    dt = reg.dtype
-    tc = stats["transport_cost"].to(dt)
-    n_iter = stats["n_iter"]
-    err = stats["marginal_error"]
-    conv = stats["converged"]
-    f, g, plan = box["f"].to(dt), box["g"].to(dt), box["plan"] if return_plan else None
-    if warn and not bool(conv.all()):
-        bad = ~conv
-        check.warn(
-            f"{fn}: did not converge within max_iter={max_iter} iterations for "
-            f"{int(bad.sum())} of {B} problem(s) (marginal error {float(err[bad].max()):.3g}"
-            f" > tol {tol:g}); increase max_iter or eps, or use eps_scaling",
-        )
+    if _ops.use_ops(x3, y3, c3, a3, b3, fn=fn):
+        # Through the op (traced, vmap): it warns itself when it runs.
+        reg, f, g, tc, n_iter, err, conv, plan = _ops.sinkhorn(x3, y3, c3, a3, b3, cfg, route.core)
+    else:
+        box: dict = {}
+        reg = _sinkhorn_apply(x3, y3, c3, a3, b3, cfg, box, core=route.core)
+        stats = box["stats"]
+        dt = reg.dtype
+        tc = stats["transport_cost"].to(dt)
+        n_iter = stats["n_iter"]
+        err = stats["marginal_error"]
+        conv = stats["converged"]
+        f, g, plan = box["f"].to(dt), box["g"].to(dt), box["plan"] if return_plan else None
+        if cfg.warn:
+            _warn_sinkhorn(cfg, stats)
     if not batched:
         return SinkhornResult(
             f[0],
@@ -436,15 +453,52 @@ class SparseOTResult(NamedTuple):
     transport_cost ``<P, C>`` (no gradient); reg_cost, the semi-dual objective ``V(alpha)``
     (equal to ``<P, C> + gamma/2 ||P||^2`` at the optimum when ``k`` is None), differentiable
     in a, b and cost; alpha, the semi-dual potential [n]; n_iter (L-BFGS iterations);
-    marginal_error ``||P 1 - a||_1`` (the columns are exact); converged."""
+    marginal_error ``||P 1 - a||_1`` (the columns are exact); converged. A traced call
+    (``torch.compile``, ``torch.vmap``) gives the plan dense ``[n, m]`` (its number of non-zeros
+    depends on the data) and n_iter, marginal_error, converged as 0-d tensors."""
 
     plan: torch.Tensor
     transport_cost: torch.Tensor
     reg_cost: torch.Tensor
     alpha: torch.Tensor
-    n_iter: int
-    marginal_error: float
-    converged: bool
+    n_iter: Union[int, torch.Tensor]
+    marginal_error: Union[float, torch.Tensor]
+    converged: Union[bool, torch.Tensor]
+
+
+def _sparse_ot_run(a, b, cost, gamma, k, tol, max_iter, core: bool, need_b: bool):
+    """One solve by the C++ core (or the PyTorch fallback when ``core`` is False): (reg_cost,
+    box of the results, grad b or None)."""
+    if core:
+        alpha = torch.empty(a.shape[0], dtype=torch.float64)
+        grad_b = torch.empty(b.shape[0], dtype=torch.float64) if need_b else None
+        row, col, val, tc, reg, n_it, err, conv = _C.sparse_ot(
+            a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter
+        )
+        row, col, val = (torch.from_numpy(v) for v in (row, col, val))
+    else:
+        row, col, val, tc, reg, n_it, err, conv, alpha, grad_b = torch_ot.sparse_ot(
+            a, b, cost, gamma, k, tol, max_iter, need_b
+        )
+    idx = torch.stack([row, col])
+    plan = torch.sparse_coo_tensor(
+        idx, val, tuple(cost.shape), is_coalesced=True, check_invariants=False
+    )
+    box = dict(plan=plan, alpha=alpha, tc=tc, n_iter=n_it, err=err, conv=conv)
+    return torch.tensor(reg, dtype=cost.dtype, device=cost.device), box, grad_b
+
+
+def _warn_sparse_ot(box: dict, max_iter: int, tol: float, k: int, warn=check.warn) -> None:
+    if not box["conv"]:
+        warn(
+            f"sparse_ot: did not converge within max_iter={max_iter} iterations (marginal error "
+            f"{box['err']:.3g} > tol {tol:g}); increase max_iter or gamma"
+            + (
+                ", or k: a binding sparsity constraint may admit no plan with these marginals"
+                if k
+                else ""
+            ),
+        )
 
 
 def _sparse_ot_apply(
@@ -454,25 +508,12 @@ def _sparse_ot_apply(
     gradients by Danskin's theorem: dV/dcost = P, dV/da = alpha, dV/db from the solver."""
 
     def run(need):
-        if core:
-            alpha = torch.empty(a.shape[0], dtype=torch.float64)
-            grad_b = torch.empty(b.shape[0], dtype=torch.float64) if need[1] else None
-            row, col, val, tc, reg, n_it, err, conv = _C.sparse_ot(
-                a.detach(), b.detach(), cost.detach(), alpha, grad_b, gamma, k, tol, max_iter
-            )
-            row, col, val = (torch.from_numpy(v) for v in (row, col, val))
-        else:
-            row, col, val, tc, reg, n_it, err, conv, alpha, grad_b = torch_ot.sparse_ot(
-                a, b, cost, gamma, k, tol, max_iter, need[1]
-            )
-        idx = torch.stack([row, col])
-        plan = torch.sparse_coo_tensor(
-            idx, val, tuple(cost.shape), is_coalesced=True, check_invariants=False
-        )
-        box.update(plan=plan, alpha=alpha, tc=tc, n_iter=n_it, err=err, conv=conv)
+        reg, out, grad_b = _sparse_ot_run(a, b, cost, gamma, k, tol, max_iter, core, need[1])
+        box.update(out)
+        plan = out["plan"]
         # The dense plan is made only when backward asks for it.
-        grads = (alpha if need[0] else None, grad_b, plan.to_dense if need[2] else None)
-        return torch.tensor(reg, dtype=cost.dtype, device=cost.device), grads
+        grads = (out["alpha"] if need[0] else None, grad_b, plan.to_dense if need[2] else None)
+        return reg, grads
 
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, cost))):
         return run((False,) * 3)[0]
@@ -540,18 +581,18 @@ def sparse_ot(
             check.fail(fn, f"k must be >= 1 (non-zeros per column) or None, got {kk}")
     tol = check.real(fn, "tol", tol)
     max_iter = check.integer(fn, "max_iter", max_iter)
+    if _ops.use_ops(a, b, C, fn=fn) and _ops.traced(a, b, C):
+        # Through the op (traced, vmap; not DIVKIT_CUSTOM_OPS=always on plain tensors, whose
+        # result keeps its eager types): the plan is dense, the statistics are 0-d tensors,
+        # and the op warns itself when it runs.
+        reg, plan, tc, alpha, n_iter, err, conv = _ops.sparse_ot(
+            a, b, C, gamma, kk, tol, max_iter, warn, route.core
+        )
+        return SparseOTResult(plan.to(C.dtype), tc, reg, alpha.to(C.dtype), n_iter, err, conv)
     box: dict = {}
     reg = _sparse_ot_apply(a, b, C, gamma, kk, tol, max_iter, box, core=route.core)
-    if warn and not box["conv"]:
-        check.warn(
-            f"{fn}: did not converge within max_iter={max_iter} iterations (marginal error "
-            f"{box['err']:.3g} > tol {tol:g}); increase max_iter or gamma"
-            + (
-                ", or k: a binding sparsity constraint may admit no plan with these marginals"
-                if kk
-                else ""
-            ),
-        )
+    if warn:
+        _warn_sparse_ot(box, max_iter, tol, kk)
     return SparseOTResult(
         box["plan"].to(C.dtype),
         torch.tensor(box["tc"], dtype=C.dtype, device=C.device),
@@ -567,8 +608,8 @@ def _sample_div_apply(x, y, a, b, which: str, kernel, sigma: float, core=True) -
     """MMD or CS divergence, with the gradients for x and y computed in forward (by the C++
     core, or the PyTorch fallback when ``core`` is False)."""
 
-    if core and _ops.use_ops(x, y, a, b, fn="mmd" if which == "mmd" else "cs_divergence"):
-        return _ops.sample_divergence(x, y, a, b, which, kernel, sigma)
+    if _ops.use_ops(x, y, a, b, fn="mmd" if which == "mmd" else "cs_divergence"):
+        return _ops.sample_divergence(x, y, a, b, which, kernel, sigma, core)
 
     def run(need):
         if not core:

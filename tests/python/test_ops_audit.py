@@ -45,6 +45,16 @@ OPS = {
     "divkit::nkd_loss",
     "divkit::sample_divergence",
     "divkit::kde_log_density",
+    "divkit::sinkhorn",
+    "divkit::sparse_ot",
+    "divkit::kde_log_likelihood",
+    "divkit::kde_bandwidth",
+    "divkit::uskd_soft_labels",
+    "divkit::row_entropy",
+    "divkit::sorted_probs",
+    "divkit::checked_labels",
+    "divkit::checked_range",
+    "divkit::selective_contrast",
 }
 
 

@@ -232,8 +232,7 @@ def _uskd(s, t, labels):
 
 
 def test_uskd_op_path_equals_the_function_path(monkeypatch):
-    """USKD reaches NKD's kernel through the op; uskd_soft_labels itself still breaks the graph
-    (data-dependent torch code, not divkit._C)."""
+    """USKD reaches NKD's kernel and its soft labels through ops (compiled: test_ops_ot.py)."""
     inputs = _kd_inputs()
     want = _uskd(*inputs)
     want_grads = _grads(want, inputs[:1])

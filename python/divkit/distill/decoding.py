@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _C
+from .. import _C, _ops
 from .. import _validate as check
 from ..functional import _rows
 from . import _common as common
@@ -66,16 +66,21 @@ def uscd_logits(
     l = check.logits(fn, "lame_logits", lame_logits)
     check.same_shape(fn, "lame_logits", l, standard_logits, "standard_logits")
     l = _rows(l.detach(), n, v)
-    dt = common.out_dtype(s, l)
-    out = torch.empty(n, v, dtype=dt)
-    unc = torch.empty(n, dtype=dt)
-    applied = torch.empty(n, dtype=torch.int32)
     lame_weight = check.real(fn, "lame_weight", lame_weight, allow_nan=False)
     std_threshold = check.real(fn, "std_threshold", std_threshold, allow_nan=False)
     filter_ratio = check.real(fn, "filter_ratio", filter_ratio, allow_nan=False)
-    _C.selective_contrast(
-        s.detach(), l, lame_weight, std_threshold, filter_ratio, out, unc, applied
-    )
+    if _ops.use_ops(s, l, fn=fn):
+        out, unc, applied = _ops.selective_contrast_op(
+            s.detach(), l, lame_weight, std_threshold, filter_ratio
+        )
+    else:
+        dt = common.out_dtype(s, l)
+        out = torch.empty(n, v, dtype=dt)
+        unc = torch.empty(n, dtype=dt)
+        applied = torch.empty(n, dtype=torch.int32)
+        _C.selective_contrast(
+            s.detach(), l, lame_weight, std_threshold, filter_ratio, out, unc, applied
+        )
     return USCDResult(
         out.reshape(standard_logits.shape), unc.reshape(lead), applied.bool().reshape(lead)
     )

@@ -3,8 +3,11 @@ means)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .. import _ops
 from .. import _validate as check
 from . import _common as common
 
@@ -88,12 +91,18 @@ def nd_loss(
     n = student_features.shape[0]
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,):
         check.fail(fn, f"labels must be a tensor of shape [{n}]")
-    if bool(((labels < 0) | (labels >= class_means.shape[0])).any()):
+    traced = _ops.ENABLED and _ops.compiling()  # then the checks run in ops, in the graph
+    if traced:
+        labels = _ops.checked_labels_op(labels, class_means.shape[0], None, fn)
+    elif bool(((labels < 0) | (labels >= class_means.shape[0])).any()):
         check.fail(fn, f"labels out of range [0, {class_means.shape[0]})")
     mu = class_means.detach()[labels]
     mu_norm = mu.norm(dim=1)
-    if bool((mu_norm == 0).any()):
-        check.fail(fn, "class_means has a zero vector for a label in the batch")
+    zero = "class_means has a zero vector for a label in the batch"
+    if traced:
+        mu_norm = _ops.checked_range_op(mu_norm, 0.0, math.inf, fn, zero, True)
+    elif bool((mu_norm == 0).any()):
+        check.fail(fn, zero)
     e = mu / mu_norm[:, None]
     fs = student_features
     max_norm = torch.maximum(fs.norm(dim=1), teacher_features.detach().norm(dim=1)).clamp_min(1e-12)

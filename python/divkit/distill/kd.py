@@ -45,8 +45,11 @@ def row_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tens
     computed by divkit's C++ kernel. Returns ``[...]`` float32 (float64 for float64 logits)."""
     fn = "row_entropy"
     x, lead, n, _ = common.flat(fn, "logits", logits)
+    temperature = check.positive(fn, "temperature", temperature)
+    if _ops.use_ops(x, fn=fn):
+        return _ops.row_entropy_op(x.detach(), temperature).reshape(lead)
     out = torch.empty(n, dtype=common.out_dtype(x))
-    _C.row_entropy(x.detach(), check.positive(fn, "temperature", temperature), out)
+    _C.row_entropy(x.detach(), temperature, out)
     return out.reshape(lead)
 
 
@@ -248,17 +251,32 @@ def uskd_soft_labels(
     c = s.shape[-1]
     n = math.prod(lead)
     lab = common.labels(fn, labels, lead, n, True)
-    valid = lab != ignore_index
+    sd, wd = s.detach().reshape(n, c), wk.detach().reshape(n, c)
+    if _ops.use_ops(sd, lab, wd, fn=fn):
+        # An op with shapes known before it runs: the batch mean over non-ignored rows and
+        # the label check read values (graph breaks, were they traced).
+        target, z = _ops.uskd_soft_labels_op(sd, lab, wd, ignore_index, fn)
+    else:
+        target, z = _uskd_soft_label_rows(fn, sd, lab, wd, ignore_index)
+    dt = common.out_dtype(s)
+    return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
+
+
+def _uskd_soft_label_rows(fn: str, s: torch.Tensor, lab: torch.Tensor, wk: torch.Tensor, ii: int):
+    """(target [N], nontarget [N, C]) float64 of :func:`uskd_soft_labels` from rows s, wk
+    [N, C] (no gradient) and labels [N]."""
+    n, c = s.shape
+    valid = lab != ii
     if bool(((lab < 0) | (lab >= c))[valid].any()):
         check.fail(fn, f"labels out of range [0, {c}) (and not ignore_index)")
     safe = torch.where(valid, lab, torch.zeros_like(lab))
     with torch.no_grad():
-        lq = torch.log_softmax(s.detach().reshape(n, c).double(), -1)
+        lq = torch.log_softmax(s.double(), -1)
         lqy = lq.gather(1, safe[:, None])
         qy2 = lqy[:, 0].exp() ** 2
         mean = qy2[valid].mean() if bool(valid.any()) else qy2.new_zeros(())
         target = qy2 - mean + 1.0
-        w = torch.softmax(wk.detach().reshape(n, c).double(), -1)
+        w = torch.softmax(wk.double(), -1)
         wy = w.gather(1, safe[:, None])
         score = w / (1 - wy + 1e-6) + lq / (1 - lqy + 1e-6)
         order = score.argsort(dim=1, descending=True, stable=True)
@@ -269,8 +287,7 @@ def uskd_soft_labels(
         z = z / z.sum(1, keepdim=True).clamp_min(1e-300)
         target = torch.where(valid, target, torch.zeros_like(target))
         z = torch.where(valid[:, None], z, torch.zeros_like(z))
-    dt = common.out_dtype(s)
-    return target.to(dt).reshape(lead), z.to(dt).reshape(s.shape)
+    return target, z
 
 
 @check.public("uskd_loss")
@@ -613,10 +630,13 @@ class DACKLBounds(nn.Module):
         fn = "DACKLBounds"
         t, lead, n, _ = common.flat(fn, "teacher_logits", teacher_logits)
         w = self.net[0].weight
-        feats = torch.empty(
-            n, self.k, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32
-        )
-        _C.sorted_probs(t.detach(), check.positive(fn, "temperature", temperature), feats)
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        temperature = check.positive(fn, "temperature", temperature)
+        if _ops.use_ops(t, w, fn=fn):
+            feats = _ops.sorted_probs_op(t.detach(), temperature, self.k, dtype)
+        else:
+            feats = torch.empty(n, self.k, dtype=dtype)
+            _C.sorted_probs(t.detach(), temperature, feats)
         p_max = feats[:, :1].clamp_min(1e-300)
         u = self.net((feats / p_max).to(w.dtype))
         upper = p_max.to(w.dtype)[:, 0] * 2 * torch.sigmoid(u[:, 1])
@@ -683,7 +703,9 @@ def swing_temperatures(
     if t_max < t_min:
         check.fail(fn, f"t_max ({t_max:g}) must be >= t_min ({t_min:g})")
     sc = privacy_scores.detach()
-    if bool(((sc < 0) | (sc > 1) | sc.isnan()).any()):
+    if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+        sc = _ops.checked_range_op(sc, 0.0, 1.0, fn, "privacy_scores must lie in [0, 1]")
+    elif bool(((sc < 0) | (sc > 1) | sc.isnan()).any()):
         check.fail(fn, "privacy_scores must lie in [0, 1]")
     return t_min + (t_max - t_min) * sc
 
@@ -808,9 +830,11 @@ def mdcs_consistency_loss(
     lead = s.shape[:-1]
     n = math.prod(lead)
     lab = common.labels(fn, labels, lead, n, True)
-    check.label_range(
-        fn, "labels", lab, s.shape[-1], check.integer(fn, "ignore_index", ignore_index)
-    )
+    ignore_index = check.integer(fn, "ignore_index", ignore_index)
+    if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+        lab = _ops.checked_labels_op(lab, s.shape[-1], ignore_index, fn)
+    else:
+        check.label_range(fn, "labels", lab, s.shape[-1], ignore_index)
     temperature = check.positive(fn, "temperature", temperature)
     with torch.no_grad():
         pred = w.detach().reshape(n, s.shape[-1]).argmax(-1)

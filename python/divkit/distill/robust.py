@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .. import _ops
 from .. import _validate as check
 from . import _common as common
 from .kd import row_entropy
@@ -40,6 +41,8 @@ def _class_logits(fn: str, logits: Any, labels: Any):
         or labels.is_floating_point()
     ):
         check.fail(fn, f"labels must be an integer tensor of shape [{n}]")
+    if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+        return logits, _ops.checked_labels_op(labels, c, None, fn), n, c
     if bool(((labels < 0) | (labels >= c)).any()):
         check.fail(fn, f"labels out of range [0, {c})")
     return logits, labels.long(), n, c
@@ -82,10 +85,15 @@ def ldr_kl_loss(
         lam_t = lam.to(logits.dtype)[:, None]
     else:
         lam_t = check.positive(fn, "lam", lam)
+    return common.reduce_samples(_ldr_kl(logits, labels, lam_t, margin, c), reduction)
+
+
+def _ldr_kl(logits, labels, lam_t, margin: float, c: int) -> torch.Tensor:
+    """LDR-KL per sample [N] at lam_t (a number, or [N, 1] of logits' dtype; the caller checked
+    the arguments)."""
     a = _ldr_margins(logits, labels, margin)
     per = (torch.logsumexp(a / lam_t, dim=1, keepdim=True) - math.log(c)) * lam_t
-    per = per[:, 0]
-    return common.reduce_samples(per, reduction)
+    return per[:, 0]
 
 
 @check.public("aldr_kl_loss", logits_args=("logits",))
@@ -141,20 +149,28 @@ def aldr_kl_loss(
         if not isinstance(prev_lam, torch.Tensor) or tuple(prev_lam.shape) != (n,):
             check.fail(fn, f"prev_lam must be a tensor of shape [{n}]")
         prev = prev_lam.detach().double().reshape(n)
-        if not bool((torch.isfinite(prev) & (prev > 0)).all()):
+        if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+            msg = "prev_lam must be finite and > 0"
+            big = torch.finfo(torch.float64).max  # (0, max]: finite and > 0
+            prev = _ops.checked_range_op(prev, 0.0, big, fn, msg, True)
+        elif not bool((torch.isfinite(prev) & (prev > 0)).all()):
             check.fail(fn, "prev_lam must be finite and > 0")
     log_c = math.log(c)
     with torch.no_grad():
         # KL(softmax(z / lam') || uniform) = log C - H(softmax(z / lam'))
         kl = log_c - row_entropy(logits.detach().double() / prev[:, None]).double()
         lam = lam0 * (1 - kl / (alpha * log_c))
-    per = ldr_kl_loss(
-        logits,
-        labels,
-        lam=lam.to(logits.dtype) if n != 1 else float(lam[0]),
-        margin=margin,
-        reduction="none",
-    )
+    if _ops.ENABLED and _ops.compiling():
+        # lam > 0 by construction (alpha > 1); as a tensor, without reading it on the host.
+        per = _ldr_kl(logits, labels, lam.to(logits.dtype)[:, None], margin, c)
+    else:
+        per = ldr_kl_loss(
+            logits,
+            labels,
+            lam=lam.to(logits.dtype) if n != 1 else float(lam[0]),
+            margin=margin,
+            reduction="none",
+        )
     per = per - (alpha * log_c / (2 * lam0) * (lam - lam0) ** 2).to(per.dtype)
     out = common.reduce_samples(per, reduction)
     return (out, lam) if return_lam else out
@@ -182,16 +198,13 @@ class ALDRKLLoss(nn.Module):
 
     @check.public("ALDRKLLoss")
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
-        if (
-            not isinstance(ids, torch.Tensor)
-            or ids.dtype != torch.int64
-            or ids.dim() != 1
-            or bool(((ids < 0) | (ids >= self.lam.numel())).any())
-        ):
-            check.fail(
-                "ALDRKLLoss",
-                f"ids must be an int64 tensor [N] of indices in [0, {self.lam.numel()})",
-            )
+        msg = f"ids must be an int64 tensor [N] of indices in [0, {self.lam.numel()})"
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+            check.fail("ALDRKLLoss", msg)
+        if _ops.ENABLED and _ops.compiling():  # checked when the graph runs
+            ids = _ops.checked_range_op(ids, 0, self.lam.numel() - 1, "ALDRKLLoss", msg)
+        elif bool(((ids < 0) | (ids >= self.lam.numel())).any()):
+            check.fail("ALDRKLLoss", msg)
         loss, lam = aldr_kl_loss(
             logits,
             labels,
@@ -221,7 +234,12 @@ def comp_sum_loss(
 
     computed from log p_y (log-softmax over C classes) with expm1 for accuracy. tau >= 0.
     """
-    fn = "comp_sum_loss"
+    return _comp_sum("comp_sum_loss", logits, labels, tau, reduction)
+
+
+def _comp_sum(fn: str, logits, labels, tau, reduction):
+    """comp_sum_loss, its messages naming ``fn`` (also those of a traced call's label check,
+    raised when the graph runs, where the public wrapper cannot rename them)."""
     reduction = check.reduction(fn, reduction)
     logits, labels, n, c = _class_logits(fn, logits, labels)
     tau = check.real(fn, "tau", tau, allow_nan=False)
@@ -244,13 +262,13 @@ def generalized_cross_entropy(
     q = check.real("generalized_cross_entropy", "q", q, allow_nan=False)
     if not 0 < q <= 1:
         check.fail("generalized_cross_entropy", f"q must be in (0, 1], got {q:g}")
-    return comp_sum_loss(logits, labels, tau=1 + q, reduction=reduction)
+    return _comp_sum("generalized_cross_entropy", logits, labels, 1 + q, reduction)
 
 
 @check.public("mae_loss", logits_args=("logits",))
 def mae_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"):
     """Mean absolute error 1 - p_y (the comp-sum loss with tau = 2; Mao et al. 2023)."""
-    return comp_sum_loss(logits, labels, tau=2.0, reduction=reduction)
+    return _comp_sum("mae_loss", logits, labels, 2.0, reduction)
 
 
 # The penalty ||adv_logits - logits|| has no value at a -inf (masked) logit: finite inputs only.
@@ -281,7 +299,7 @@ def smooth_adversarial_comp_sum_loss(
     nu = check.real(fn, "nu", nu, allow_nan=False)
     if not (math.isfinite(nu) and nu >= 0):
         check.fail(fn, f"nu must be finite and >= 0, got {nu:g}")
-    per = comp_sum_loss(logits, labels, tau=tau, reduction="none")
+    per = _comp_sum(fn, logits, labels, tau, "none")
     diff = adv_logits - logits
     # sqrt with a zero-safe gradient (the norm is not differentiable at 0).
     sq = (diff * diff).sum(1)
