@@ -116,7 +116,7 @@ def _checks(rank: int, world: int):
     h2, w2, b2 = hidden.clone(), w[lo:hi].clone(), b[lo:hi].clone()
     ce_args = (h2, w2, b2, labels, None, -100, 0.0, 0.0, 0.0, "mean", 0.0, 4, True, "auto")
     torch.library.opcheck(_ops.fused_ce_op, ce_args + ([False] * 3, name))
-    lp_args = (h2, w2, b2, labels, 1.0, -100, True, 2, 4, "auto", name)
+    lp_args = (h2, w2, b2, labels, 1.0, -100, True, 2, 4, "auto", False, False, name)
     torch.library.opcheck(_ops.fused_logprobs_op, lp_args)
 
     # vmap: refused with a process group (each call is a collective).
