@@ -95,6 +95,17 @@ def _dtype_list(dtypes: Sequence[torch.dtype]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def isnan(v) -> bool:
+    """math.isnan for argument checks. Under torch.compile(dynamic=True) a float argument is a
+    SymFloat, which Dynamo cannot pass to math functions; comparisons on it become guards."""
+    return v != v
+
+
+def isfinite(v) -> bool:
+    """math.isfinite for argument checks (see :func:`isnan`)."""
+    return v - v == 0  # NaN - NaN and inf - inf are NaN
+
+
 def real(fn: str, name: str, x: Any, *, allow_nan: bool = False) -> float:
     """A real number (a one-element real tensor is read); NaN is rejected unless
     ``allow_nan=True``."""
@@ -110,7 +121,7 @@ def real(fn: str, name: str, x: Any, *, allow_nan: bool = False) -> float:
         fail_type(fn, f"{name} must be a real number, got {type_name(x)}")
     else:
         v = float(x)
-    if not allow_nan and math.isnan(v):
+    if not allow_nan and isnan(v):
         fail(fn, f"{name} must not be nan")
     return v
 
@@ -118,7 +129,7 @@ def real(fn: str, name: str, x: Any, *, allow_nan: bool = False) -> float:
 def positive(fn: str, name: str, x: Any) -> float:
     """A finite real number > 0, not denormal (at least :data:`MIN_POSITIVE`)."""
     v = real(fn, name, x)
-    if not (math.isfinite(v) and v > 0):
+    if not (isfinite(v) and v > 0):
         fail(fn, f"{name} must be finite and > 0, got {v:g}")
     if v < MIN_POSITIVE:
         fail(
@@ -132,7 +143,7 @@ def positive(fn: str, name: str, x: Any) -> float:
 def nonnegative(fn: str, name: str, x: Any) -> float:
     """A finite real number >= 0."""
     v = real(fn, name, x)
-    if not (math.isfinite(v) and v >= 0):
+    if not (isfinite(v) and v >= 0):
         fail(fn, f"{name} must be finite and >= 0, got {v:g}")
     return v
 
@@ -190,7 +201,7 @@ def num_items(fn: str, x: Any) -> float:
     if x is None:
         return 0.0
     n = real(fn, "num_items_in_batch", x)
-    if not (math.isfinite(n) and n > 0):
+    if not (isfinite(n) and n > 0):
         fail(fn, f"num_items_in_batch must be a finite number > 0 (or None), got {n:g}")
     return n
 

@@ -63,7 +63,7 @@ class FDPGStats(NamedTuple):
 def _alpha_kind(divergence: str, alpha: float, fn: str = "fdpg_f") -> str:
     divergence = check.string(fn, "divergence", divergence, choices=FDPG_DIVERGENCES)
     alpha = check.real(fn, "alpha", alpha)
-    if not math.isfinite(alpha):
+    if not check.isfinite(alpha):
         check.fail(fn, f"alpha must be finite, got {alpha:g}")
     if divergence != "alpha":
         return divergence
@@ -155,7 +155,7 @@ def fdpg_loss(
             check.fail(fn, f"{name} is on {x.device}, policy_logps on {lp.device}")
     divergence = check.string(fn, "divergence", divergence, choices=FDPG_DIVERGENCES)
     alpha = check.real(fn, "alpha", alpha, allow_nan=False)
-    if not math.isfinite(alpha):
+    if not check.isfinite(alpha):
         check.fail(fn, f"alpha must be finite, got {alpha:g}")
     return_stats = check.boolean(fn, "return_stats", return_stats)
 
@@ -174,7 +174,7 @@ def fdpg_loss(
         lz = float(torch.logsumexp(ls64 - lq64, 0)) - math.log(n)
     else:
         lz = check.real(fn, "log_z", log_z, allow_nan=False)
-        if not math.isfinite(lz):
+        if not check.isfinite(lz):
             check.fail(fn, f"log_z must be finite, got {lz:g}")
 
     log_t = lp64 - (ls64 - lz)  # +inf where P(x) = 0
@@ -198,7 +198,7 @@ def fdpg_loss(
         b = torch.zeros_like(fp)
     else:
         bv = check.real(fn, "baseline", baseline, allow_nan=False)
-        if not math.isfinite(bv):
+        if not check.isfinite(bv):
             check.fail(fn, f"baseline must be finite, got {bv:g}")
         b = torch.full_like(fp, bv)
     w = torch.exp(lp64 - lq64)

@@ -264,7 +264,7 @@ def sinkhorn(
     else:
         rho_a = rho_b = check.real(fn, "rho", rho)
     cache_mib = check.real(fn, "cost_cache_mib", cost_cache_mib)
-    if not (cache_mib >= 0 and math.isfinite(cache_mib)):
+    if not (cache_mib >= 0 and check.isfinite(cache_mib)):
         check.fail(fn, f"cost_cache_mib must be finite and >= 0, got {cache_mib:g}")
     cfg = _Cfg(
         eps,
@@ -395,7 +395,7 @@ def sinkhorn_kd_loss(
             f"{tuple(t.shape)}",
         )
     T = check.real(fn, "temperature", temperature)
-    if not (math.isfinite(T) and T > 0):
+    if not (check.isfinite(T) and T > 0):
         check.fail(fn, f"temperature must be finite and > 0, got {T:g}")
     n_iter = check.integer(fn, "n_iter", n_iter)
     if n_iter < 1:

@@ -34,6 +34,7 @@ API_MODULES = [
     "divkit.ot",
     "divkit.distill",
     "divkit.fdpg",  # fdpg_f / fdpg_f_prime are public there only
+    "divkit.memory",
 ]
 
 # Public callables that take no argument to fuzz, or are result types, with the reason.
@@ -43,6 +44,10 @@ NOT_FUZZED = {
     "divkit.available_simd_targets": "no arguments",
     "divkit.active_simd_target": "no arguments",
     "divkit.version": "no arguments",
+    "divkit.empty_cache": "no arguments",
+    "divkit.memory.cache_limit": "no arguments",
+    "divkit.memory.cache_stats": "no arguments",
+    "divkit.memory.set_cache_limit": "process-wide state (its argument errors: test_memory.py)",
     "divkit.LogprobsResult": "result type",
     "divkit.ot.SinkhornResult": "result type",
     "divkit.ot.SparseOTResult": "result type",

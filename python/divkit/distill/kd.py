@@ -92,7 +92,7 @@ def bdkd_loss(
     fn = "bdkd_loss"
     reduction = check.reduction(fn, reduction)
     gap_scale = check.real(fn, "gap_scale", gap_scale, allow_nan=False)
-    if not (math.isfinite(gap_scale) and gap_scale >= 0):
+    if not (check.isfinite(gap_scale) and gap_scale >= 0):
         check.fail(fn, f"gap_scale must be finite and >= 0, got {gap_scale:g}")
     s = check.logits(fn, "student_logits", student_logits)
     t = check.logits(fn, "teacher_logits", teacher_logits)
@@ -205,7 +205,7 @@ def nkd_loss(
     fn = "nkd_loss"
     reduction = check.reduction(fn, reduction)
     gamma = check.real(fn, "gamma", gamma, allow_nan=False)
-    if not (math.isfinite(gamma) and gamma >= 0):
+    if not (check.isfinite(gamma) and gamma >= 0):
         check.fail(fn, f"gamma must be finite and >= 0, got {gamma:g}")
     target, nontarget, lab, lead, n, tau = _nkd_terms(
         fn, student_logits, teacher_logits, labels, temperature, ignore_index
@@ -326,7 +326,7 @@ def uskd_loss(
     beta = check.real(fn, "beta", beta, allow_nan=False)
     mu = check.real(fn, "mu", mu, allow_nan=False)
     for name, x in (("alpha", alpha), ("beta", beta), ("mu", mu)):
-        if not (math.isfinite(x) and x >= 0):
+        if not (check.isfinite(x) and x >= 0):
             check.fail(fn, f"{name} must be finite and >= 0, got {x:g}")
     s = check.logits(fn, "student_logits", student_logits)
     target, z = uskd_soft_labels(s, labels, weak_logits, ignore_index=ignore_index)

@@ -137,7 +137,7 @@ def aldr_kl_loss(
     reduction = check.reduction(fn, reduction)
     logits, labels, n, c = _class_logits(fn, logits, labels)
     alpha = check.real(fn, "alpha", alpha, allow_nan=False)
-    if not (math.isfinite(alpha) and alpha > 1):
+    if not (check.isfinite(alpha) and alpha > 1):
         check.fail(fn, f"alpha must be finite and > 1, got {alpha:g}")
     lam0 = check.positive(fn, "lam0", lam0)
     margin = check.real(fn, "margin", margin, allow_nan=False)
@@ -243,7 +243,7 @@ def _comp_sum(fn: str, logits, labels, tau, reduction):
     reduction = check.reduction(fn, reduction)
     logits, labels, n, c = _class_logits(fn, logits, labels)
     tau = check.real(fn, "tau", tau, allow_nan=False)
-    if not (math.isfinite(tau) and tau >= 0):
+    if not (check.isfinite(tau) and tau >= 0):
         check.fail(fn, f"tau must be finite and >= 0, got {tau:g}")
     lp = torch.log_softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
     if tau == 1:
@@ -297,7 +297,7 @@ def smooth_adversarial_comp_sum_loss(
     if not isinstance(adv_logits, torch.Tensor) or adv_logits.shape != logits.shape:
         check.fail(fn, f"adv_logits must be a tensor of shape {tuple(logits.shape)}")
     nu = check.real(fn, "nu", nu, allow_nan=False)
-    if not (math.isfinite(nu) and nu >= 0):
+    if not (check.isfinite(nu) and nu >= 0):
         check.fail(fn, f"nu must be finite and >= 0, got {nu:g}")
     per = _comp_sum(fn, logits, labels, tau, "none")
     diff = adv_logits - logits
