@@ -141,6 +141,12 @@ def test_trainer_with_patched_model_equals_stock_trainer(tmp_path):
     losses, model = _train(tmp_path / "divkit", hf.apply_divkit_kernel(_model("qwen2")))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        if name.endswith("k_proj.bias"):
+            # Its exact gradient is 0 (a key bias shifts each query's scores by a constant, which
+            # the softmax ignores): both runs step on rounding noise, which Adam normalizes, so
+            # the two differ by the noise's SIMD-dependent bits, not by divkit's loss.
+            assert (b - a).abs().max() < 1e-4, name
+            continue
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
