@@ -475,25 +475,36 @@ def topk_entropy_mass(
       normalization were not found, so this one is stated and k is an argument).
 
     Returns ``(entropy [...], mass [...], mean_entropy, mean_mass)``, the means over tokens
-    whose label is not ``ignore_index`` (all tokens without labels). No gradient."""
+    whose label is not ``ignore_index`` (all tokens without labels). No gradient. Compiles
+    with ``fullgraph=True``: traced, the checks of the logits' values and of the labels' range
+    run in ops (``divkit::checked_range``, ``divkit::checked_labels``) when the graph runs."""
     fn = "topk_entropy_mass"
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
         check.fail(fn, f"k must be an int in [1, V = {logits.shape[-1]}], got {k}")
     temperature = check.positive(fn, "temperature", temperature)
+    # Traced, the value checks (the decorator's, which it skips then, and the labels' range)
+    # run in ops when the graph runs.
+    traced = _ops.ENABLED and _ops.compiling()
     with torch.no_grad():
+        if traced:
+            big = torch.finfo(logits.dtype).max  # -inf (a masked entry) passes, NaN / +inf not
+            msg = "logits has NaN or +inf values"
+            logits = _ops.checked_range_op(logits.detach(), -math.inf, big, fn, msg)
         x = logits if logits.dtype == torch.float64 else logits.float()
         logp = torch.log_softmax(x / temperature, -1)
         top = logp.topk(k, dim=-1).values
         log_mass = torch.logsumexp(top, -1, keepdim=True)
         logq = top - log_mass
-        entropy = -(logq.exp() * logq).sum(-1)
+        # 0 log 0 = 0: a masked (-inf) logit among the top k adds nothing (not 0 * -inf = NaN).
+        entropy = -torch.where(logq == -math.inf, 0.0, logq.exp() * logq).sum(-1)
         mass = log_mass.squeeze(-1).exp()
         if labels is None:
             mask = torch.ones_like(mass, dtype=torch.bool)
         else:
-            lab = check.labels(
-                fn, labels, mass.shape, vocab=logits.shape[-1], ignore_index=int(ignore_index)
-            )
+            v, ii = logits.shape[-1], int(ignore_index)
+            lab = check.labels(fn, labels, mass.shape, vocab=None if traced else v, ignore_index=ii)
+            if traced:
+                lab = _ops.checked_labels_op(lab, v, ii, fn)
             mask = (lab != ignore_index).reshape(mass.shape)
         entropy, mass = entropy * mask, mass * mask
         count = mask.sum().clamp(min=1)

@@ -346,3 +346,52 @@ def test_teacher_class_means_opcheck_vmap_and_errors():
         x = torch.empty(9, 4, device="cuda")
         out = _ops.teacher_class_means_op(x, torch.zeros(9, dtype=torch.int64, device="cuda"), 5)
         assert out.shape == (5, 4) and out.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_entropy_mass: torch code whose value checks run in ops when traced.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_entropy_mass_compiles_fullgraph_with_eager_bits(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 3, 7, generator=g).to(dtype)
+    logits[0, 1, 2] = float("-inf")  # a masked entry
+    logits.requires_grad_(True)
+    labels = torch.tensor([[1, 2, -100], [0, 6, 3]])
+
+    def f(logits):
+        return (
+            divkit.rlhf.topk_entropy_mass(logits, 3, labels=labels, temperature=0.7),
+            divkit.rlhf.topk_entropy_mass(logits, 7),
+        )
+
+    (ent, mass, mean_ent, mean_mass), (ent7, mass7, _, _) = _compiled_equals_eager(
+        f, [logits], monkeypatch
+    )
+    # Independent properties: the mass of all V tokens is 1 and the top-V entropy the entropy.
+    p = torch.softmax(logits.detach().double(), -1)
+    torch.testing.assert_close(mass7.double(), torch.ones(2, 3, dtype=torch.float64))
+    want = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    torch.testing.assert_close(ent7.double(), want, rtol=1e-5, atol=1e-6)
+    assert ent[0, 2] == 0 and mass[0, 2] == 0
+    torch.testing.assert_close(mean_mass, mass.sum() / 5)
+    assert not ent.requires_grad
+
+
+def test_topk_entropy_mass_errors_eager_and_compiled():
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[1, 2, -100], [0, 7, 3]])
+    f = lambda x, lab: divkit.rlhf.topk_entropy_mass(x, 2, labels=lab)[2]  # noqa: E731
+    _raises_eager_and_compiled(
+        f, [logits, labels], r"topk_entropy_mass: labels must be in \[0, 7\)"
+    )
+    nan = logits.clone()
+    nan[1, 0, 3] = float("nan")
+    _raises_eager_and_compiled(f, [nan, labels.clamp(max=6)], "topk_entropy_mass: logits has NaN")
+    inf = logits.clone()
+    inf[0, 0, 0] = float("inf")
+    _raises_eager_and_compiled(
+        f, [inf, labels.clamp(max=6)], r"topk_entropy_mass: logits has NaN or \+inf"
+    )
