@@ -39,6 +39,9 @@ Ops (namespace ``divkit``):
 * ``sinkhorn``, ``sparse_ot``, ``sample_divergence`` (``mmd``, ``cs_divergence``): the solvers of
   :mod:`divkit.ot` on the core's route or the PyTorch fallback's (run inside the op);
   ``kde_log_density``, ``kde_log_likelihood``, ``kde_bandwidth``.
+* Helpers without a gradient that read values on the host: ``calibrate_reward``, ``best_of_n``,
+  ``swing_noise``, ``weight_aligning``, ``teacher_class_means`` (each runs the eager function's
+  code and value checks; the public functions pass detached tensors).
 
 Every op is registered for all devices (CompositeExplicitAutograd): a CUDA tensor reaches the
 same Python implementation, which asks :mod:`divkit._device` for the engine (the core's CUDA

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -96,7 +96,9 @@ def _align(weight: torch.Tensor, num_old: int, bias: Optional[torch.Tensor]):
 
 
 @check.public("weight_align_")
-def weight_align_(linear: nn.Linear, num_old: int, *, as_tensor: bool = False):
+def weight_align_(
+    linear: nn.Linear, num_old: int, *, as_tensor: bool = False
+) -> Union[float, torch.Tensor]:
     """In-place Weight Aligning of an ``nn.Linear`` classifier (see :func:`weight_aligning`);
     returns gamma (a float; a 0-d float64 tensor with ``as_tensor=True`` or when traced)."""
     if not isinstance(linear, nn.Linear):
