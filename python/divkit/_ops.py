@@ -39,6 +39,9 @@ Ops (namespace ``divkit``):
 * ``sinkhorn``, ``sparse_ot``, ``sample_divergence`` (``mmd``, ``cs_divergence``): the solvers of
   :mod:`divkit.ot` on the core's route or the PyTorch fallback's (run inside the op);
   ``kde_log_density``, ``kde_log_likelihood``, ``kde_bandwidth``.
+* Helpers without a gradient that read values on the host: ``calibrate_reward``, ``best_of_n``,
+  ``swing_noise``, ``weight_aligning``, ``teacher_class_means`` (each runs the eager function's
+  code and value checks; the public functions pass detached tensors).
 
 Every op is registered for all devices (CompositeExplicitAutograd): a CUDA tensor reaches the
 same Python implementation, which asks :mod:`divkit._device` for the engine (the core's CUDA
@@ -2461,3 +2464,90 @@ if ENABLED:
         )
 
     _loop_vmap(selective_contrast_op, 2)
+
+    # -----------------------------------------------------------------------------------------
+    # Helpers without a gradient that read values on the host: calibrate_reward and best_of_n
+    # (divkit.rlhf), swing_noise, weight_aligning and teacher_class_means (divkit.distill). Each
+    # op runs the eager function's own implementation (so the same bits) and its value checks
+    # (skipped by the public function while traced); the public functions pass detached
+    # tensors, as their eager path computes on them, so no op needs an autograd formula.
+    # -----------------------------------------------------------------------------------------
+
+    @torch.library.custom_op("divkit::calibrate_reward", mutates_args=())
+    def calibrate_reward_op(rewards: Tensor, ref_rewards: Tensor) -> Tensor:
+        """The calibrated rewards, float32 with the rewards' shape ([B] or [B, N]) and device,
+        from ref_rewards [B, M] (no gradient: a step function)."""
+        from .rlhf import _calibrate
+
+        check.finite("calibrate_reward", "rewards", rewards)
+        check.finite("calibrate_reward", "ref_rewards", ref_rewards)
+        return _calibrate(rewards, ref_rewards)
+
+    @calibrate_reward_op.register_fake
+    def _calibrate_reward_fake(rewards, ref_rewards):
+        return rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+    _loop_vmap(calibrate_reward_op, 2)
+
+    @torch.library.custom_op("divkit::best_of_n", mutates_args=())
+    def best_of_n_op(rewards: Tensor) -> Tensor:
+        """The index of the best of the N rewards per row of rewards [B, N] (int64 [B], on the
+        rewards' device; the first on ties)."""
+        from .rlhf import _best_indices
+
+        check.finite("best_of_n", "rewards", rewards, logits=True)
+        return _best_indices(rewards)
+
+    @best_of_n_op.register_fake
+    def _best_of_n_fake(rewards):
+        return rewards.new_empty((rewards.shape[0],), dtype=torch.int64)
+
+    _loop_vmap(best_of_n_op, 1)
+
+    @torch.library.custom_op("divkit::swing_noise", mutates_args=())
+    def swing_noise_op(seed: int, shape: List[int], dtype: torch.dtype) -> Tensor:
+        """SWING's counter-based standard normal noise of this shape (CPU tensor)."""
+        from .distill.kd import _swing_noise
+
+        return _swing_noise(seed, shape, dtype)
+
+    @swing_noise_op.register_fake
+    def _swing_noise_fake(seed, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="cpu")
+
+    @torch.library.custom_op("divkit::weight_aligning", mutates_args=())
+    def weight_aligning_op(
+        weight: Tensor, bias: Optional[Tensor], num_old: int
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(aligned weight [C, D], aligned bias [C] (empty without bias), gamma: a 0-d float64
+        tensor on the weight's device)."""
+        from .distill.incremental import _align
+
+        check.finite("weight_aligning", "weight", weight)
+        check.finite("weight_aligning", "bias", bias)
+        w, b, gamma = _align(weight, num_old, bias)
+        return w, (_empty_like_device(weight) if b is None else b), gamma
+
+    @weight_aligning_op.register_fake
+    def _weight_aligning_fake(weight, bias, num_old):
+        b = _empty_like_device(weight) if bias is None else torch.empty_like(bias)
+        return torch.empty_like(weight), b, weight.new_empty((), dtype=torch.float64)
+
+    _loop_vmap(weight_aligning_op, 2)
+
+    @torch.library.custom_op("divkit::teacher_class_means", mutates_args=())
+    def teacher_class_means_op(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+        """Class means [num_classes, D] of features [N, D] with labels [N] in [0, num_classes)."""
+        from .distill.features import _class_means
+
+        fn = "teacher_class_means"
+        check.finite(fn, "features", features)
+        if bool(((labels < 0) | (labels >= num_classes)).any()):
+            check.fail(fn, f"labels out of range [0, {num_classes})")
+        return _class_means(features, labels, num_classes)
+
+    @teacher_class_means_op.register_fake
+    def _teacher_class_means_fake(features, labels, num_classes):
+        return features.new_empty((num_classes, features.shape[1]))
+
+    _loop_vmap(teacher_class_means_op, 2)

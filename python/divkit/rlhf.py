@@ -294,8 +294,10 @@ def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.
     """InfAlign's calibrated reward (Balashankar et al. 2024, CTRL): the empirical CDF of the
     reference policy's rewards at r, ``C(x, y) = (1/M) #{j : r(x, y'_j) <= r(x, y)}`` with
     y'_j ~ pi_ref, in [0, 1]. ``rewards`` ``[B]`` or ``[B, N]``; ``ref_rewards`` ``[B, M]``
-    (M reference samples per prompt). No gradient (a step function). fp32 result, computed in
-    divkit's C++ core (``include/divkit/rlhf.h``)."""
+    (M reference samples per prompt). No gradient (a step function: the result does not
+    require grad, whatever the inputs do). fp32 result, computed in divkit's C++ core
+    (``include/divkit/rlhf.h``); traced (``torch.compile``, ``torch.vmap``), through the custom
+    op ``divkit::calibrate_reward``, which checks the values when the graph runs."""
     fn = "calibrate_reward"
     if ref_rewards.dim() != 2 or ref_rewards.shape[1] == 0:
         check.fail(fn, f"ref_rewards must be [B, M] with M >= 1, got {tuple(ref_rewards.shape)}")
@@ -307,6 +309,15 @@ def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.
             f"rewards must be [B] or [B, N] with B = {ref_rewards.shape[0]}, "
             f"got {tuple(rewards.shape)}",
         )
+    if _ops.use_ops(rewards, ref_rewards, fn=fn):
+        return _ops.calibrate_reward_op(rewards.detach(), ref_rewards.detach())
+    return _calibrate(rewards, ref_rewards)
+
+
+def _calibrate(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
+    """calibrate_reward on checked rewards [B] or [B, N] (also the op's implementation)."""
+    squeeze = rewards.dim() == 1
+    r = rewards.unsqueeze(-1) if squeeze else rewards
     dtype = torch.float64 if torch.float64 in (rewards.dtype, ref_rewards.dtype) else torch.float32
     c = torch.empty(r.shape, dtype=torch.float32)
     # The core sorts each row of reference rewards once: O((N + M) log M) per prompt.
@@ -362,13 +373,17 @@ def best_of_n(rewards: torch.Tensor, samples=None):
     the N samples per prompt (first index on ties), and, when ``samples`` is given (a tensor
     ``[B, N, ...]`` or a list of B lists of N items), the chosen samples. Returns
     ``(indices [B], best_rewards [B], chosen_samples or None)``. The selection runs in divkit's
-    C++ core (NaN rewards rejected)."""
+    C++ core (NaN rewards rejected) and has no gradient; ``best_rewards`` keeps the rewards'
+    autograd graph (the gradient goes to the chosen entries). Traced (``torch.compile``,
+    ``torch.vmap``), the selection is the custom op ``divkit::best_of_n``; samples given as
+    lists are picked in Python (a graph break under ``torch.compile``), a tensor in the graph."""
+    fn = "best_of_n"
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or rewards.shape[1] == 0:
-        check.fail("best_of_n", "rewards must be [B, N] with N >= 1")
-    idx = torch.empty(rewards.shape[0], dtype=torch.int64)
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    _C.best_of_n(rewards.detach().to("cpu", dtype).contiguous(), idx, None)
-    idx = idx.to(rewards.device)
+        check.fail(fn, "rewards must be [B, N] with N >= 1")
+    if _ops.use_ops(rewards, samples if isinstance(samples, torch.Tensor) else None, fn=fn):
+        idx = _ops.best_of_n_op(rewards.detach())
+    else:
+        idx = _best_indices(rewards)
     # gather keeps the autograd graph of the rewards (the gradient goes to the chosen sample)
     best = rewards.gather(-1, idx[:, None]).squeeze(-1)
     chosen = None
@@ -384,6 +399,15 @@ def best_of_n(rewards: torch.Tensor, samples=None):
                 check.fail("best_of_n", "samples must be B lists of N items")
             chosen = [s[i] for s, i in zip(samples, idx.tolist())]
     return idx, best, chosen
+
+
+def _best_indices(rewards: torch.Tensor) -> torch.Tensor:
+    """best_of_n's indices [B] (int64, on the rewards' device) for checked rewards [B, N] (also
+    the op's implementation)."""
+    idx = torch.empty(rewards.shape[0], dtype=torch.int64)
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    _C.best_of_n(rewards.detach().to("cpu", dtype).contiguous(), idx, None)
+    return idx.to(rewards.device)
 
 
 @check.public("model_soup")
@@ -451,25 +475,36 @@ def topk_entropy_mass(
       normalization were not found, so this one is stated and k is an argument).
 
     Returns ``(entropy [...], mass [...], mean_entropy, mean_mass)``, the means over tokens
-    whose label is not ``ignore_index`` (all tokens without labels). No gradient."""
+    whose label is not ``ignore_index`` (all tokens without labels). No gradient. Compiles
+    with ``fullgraph=True``: traced, the checks of the logits' values and of the labels' range
+    run in ops (``divkit::checked_range``, ``divkit::checked_labels``) when the graph runs."""
     fn = "topk_entropy_mass"
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
         check.fail(fn, f"k must be an int in [1, V = {logits.shape[-1]}], got {k}")
     temperature = check.positive(fn, "temperature", temperature)
+    # Traced, the value checks (the decorator's, which it skips then, and the labels' range)
+    # run in ops when the graph runs.
+    traced = _ops.ENABLED and _ops.compiling()
     with torch.no_grad():
+        if traced:
+            big = torch.finfo(logits.dtype).max  # -inf (a masked entry) passes, NaN / +inf not
+            msg = "logits has NaN or +inf values"
+            logits = _ops.checked_range_op(logits.detach(), -math.inf, big, fn, msg)
         x = logits if logits.dtype == torch.float64 else logits.float()
         logp = torch.log_softmax(x / temperature, -1)
         top = logp.topk(k, dim=-1).values
         log_mass = torch.logsumexp(top, -1, keepdim=True)
         logq = top - log_mass
-        entropy = -(logq.exp() * logq).sum(-1)
+        # 0 log 0 = 0: a masked (-inf) logit among the top k adds nothing (not 0 * -inf = NaN).
+        entropy = -torch.where(logq == -math.inf, 0.0, logq.exp() * logq).sum(-1)
         mass = log_mass.squeeze(-1).exp()
         if labels is None:
             mask = torch.ones_like(mass, dtype=torch.bool)
         else:
-            lab = check.labels(
-                fn, labels, mass.shape, vocab=logits.shape[-1], ignore_index=int(ignore_index)
-            )
+            v, ii = logits.shape[-1], int(ignore_index)
+            lab = check.labels(fn, labels, mass.shape, vocab=None if traced else v, ignore_index=ii)
+            if traced:
+                lab = _ops.checked_labels_op(lab, v, ii, fn)
             mask = (lab != ignore_index).reshape(mass.shape)
         entropy, mass = entropy * mask, mass * mask
         count = mask.sum().clamp(min=1)

@@ -55,6 +55,11 @@ OPS = {
     "divkit::checked_labels",
     "divkit::checked_range",
     "divkit::selective_contrast",
+    "divkit::calibrate_reward",
+    "divkit::best_of_n",
+    "divkit::swing_noise",
+    "divkit::weight_aligning",
+    "divkit::teacher_class_means",
 }
 
 

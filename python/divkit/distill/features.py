@@ -27,16 +27,30 @@ def teacher_class_means(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
     """Class means of (teacher) features ``[N, D]`` with labels ``[N]``: ``[num_classes, D]``
-    (zero for a class with no sample). Computed once over the training set for ND loss."""
+    (zero for a class with no sample). Computed once over the training set for ND loss. No
+    gradient (the teacher's features are constants). Traced (``torch.compile``,
+    ``torch.vmap``), the custom op ``divkit::teacher_class_means``, which checks the labels and
+    values when the graph runs."""
     fn = "teacher_class_means"
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         check.fail(fn, "features must be a 2-D tensor [N, D]")
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (features.shape[0],):
         check.fail(fn, f"labels must be a tensor of shape [{features.shape[0]}]")
+    num_classes = check.integer(fn, "num_classes", num_classes, min=0)
+    if labels.is_floating_point():
+        check.fail_type(fn, f"labels must have an integer dtype, got {labels.dtype}")
+    if _ops.use_ops(features, labels, fn=fn):
+        return _ops.teacher_class_means_op(features.detach(), labels, num_classes)
     if bool(((labels < 0) | (labels >= num_classes)).any()):
         check.fail(fn, f"labels out of range [0, {num_classes})")
+    return _class_means(features, labels, num_classes)
+
+
+def _class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """teacher_class_means for checked arguments (also the op's implementation)."""
     f = features.detach()
-    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
+    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype, device=f.device)
+    sums = sums.index_add_(0, labels, f)
     counts = torch.bincount(labels, minlength=num_classes).to(f.dtype).clamp_min(1)
     return sums / counts[:, None]
 

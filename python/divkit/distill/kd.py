@@ -715,7 +715,9 @@ def swing_noise(
     seed: int, shape: Sequence[int], *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """The standard normal noise eps [N, V] that :func:`swing_loss` adds (times noise_std) to
-    the tempered teacher logits with this seed (counter-based: the same for any thread count)."""
+    the tempered teacher logits with this seed (counter-based: the same for any thread count).
+    A CPU tensor without gradient; traced (``torch.compile``), the custom op
+    ``divkit::swing_noise``."""
     seed = check.integer("swing_noise", "seed", seed)
     if not isinstance(shape, (tuple, list, torch.Size)):
         check.fail_type(
@@ -726,11 +728,23 @@ def swing_noise(
         check.fail("swing_noise", "shape must have at least one dimension")
     if math.prod(shape) > 2**40:
         check.fail("swing_noise", f"shape {shape} has more than 2**40 elements")
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        check.fail_type(
+            "swing_noise",
+            f"dtype must be torch.float32, float64, bfloat16 or float16, got {dtype!r}",
+        )
+    if _ops.use_ops(fn="swing_noise"):
+        return _ops.swing_noise_op(seed, list(shape), dtype)
+    return _swing_noise(seed, shape, dtype)
+
+
+def _swing_noise(seed: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """swing_noise for checked arguments (also the op's implementation)."""
     v = shape[-1]
     n = math.prod(shape[:-1])
     out = torch.empty(n, v, dtype=dtype)
     _C.swing_noise(int(seed) & 0xFFFFFFFFFFFFFFFF, out)
-    return out.reshape(shape)
+    return out.reshape(tuple(shape))
 
 
 @check.public("swing_loss")
