@@ -628,6 +628,17 @@ def _first_row(mask: torch.Tensor) -> Optional[int]:
     return int(mask.nonzero()[0, 0]) if bool(mask.any()) else None
 
 
+def _check_label_range(fn: str, lab: torch.Tensor, active: torch.Tensor, v: int, ignore_index):
+    """Every active label (int64, [N]) is a vocabulary index in [0, v)."""
+    r = _first_row(active & ((lab < 0) | (lab >= v)))
+    if r is not None:
+        check.fail(
+            fn,
+            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
+            f"({ignore_index})",
+        )
+
+
 def sparse_divergence(
     s2: torch.Tensor,
     idx2: torch.Tensor,
@@ -1249,14 +1260,7 @@ def fused_linear_divergence(
     if labels is not None:
         lab = labels.to(dev).reshape(-1).to(torch.int64)
         if hw != 0.0:
-            bad = act & ((lab < 0) | (lab >= gv))
-            r = _first_row(bad)
-            if r is not None:
-                check.fail(
-                    fn,
-                    f"labels[{r}] = {int(lab[r])} is out of range [0, {gv}) and is not "
-                    f"ignore_index ({cfg.ignore_index})",
-                )
+            _check_label_range(fn, lab, act, gv, cfg.ignore_index)
     dt = _compute_dtype(*(x for x in (sh, sw, th, tw) if x is not None))
     rows_step = row_step(route) if shard is None else ShardRows(shard)
     s_head = _Head(sh, sw, sb, dt)
@@ -1472,13 +1476,7 @@ def fused_linear_cross_entropy(
     plan = _Plan(fn, plan_cfg, n, labels, token_weights, dev)
     act = plan.active
     lab = labels.to(dev).reshape(-1).to(torch.int64)
-    r = _first_row(act & ((lab < 0) | (lab >= v)))
-    if r is not None:
-        check.fail(
-            fn,
-            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
-            f"({cfg.ignore_index})",
-        )
+    _check_label_range(fn, lab, act, v, cfg.ignore_index)
     eps, zsq, cap = float(cfg.label_smoothing), float(cfg.lse_square_scale), float(cfg.softcap)
     dt = _compute_dtype(h, w)
     head = _Head(h, w, b, dt)
@@ -1560,13 +1558,7 @@ def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
     dev = h.device
     lab = labels.to(dev).reshape(-1).to(torch.int64)
     act = lab != ignore_index
-    r = _first_row(act & ((lab < 0) | (lab >= v)))
-    if r is not None:
-        check.fail(
-            fn,
-            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
-            f"({ignore_index})",
-        )
+    _check_label_range(fn, lab, act, v, ignore_index)
     if not (math.isfinite(temperature) and temperature > 0):
         check.fail(fn, f"temperature must be finite and > 0, got {temperature:g}")
     dt = _compute_dtype(h, w)
@@ -1700,13 +1692,7 @@ def _sharded_logprob_chunks(
     shard = _Shard(fn, group, v, dev, lambda: _head_checks(fn, "", h, w, b), flags)
     lab = labels.to(dev).reshape(-1).to(torch.int64)
     act = lab != ignore_index
-    r = _first_row(act & ((lab < 0) | (lab >= shard.global_v)))
-    if r is not None:
-        check.fail(
-            fn,
-            f"labels[{r}] = {int(lab[r])} is out of range [0, {shard.global_v}) and is not "
-            f"ignore_index ({ignore_index})",
-        )
+    _check_label_range(fn, lab, act, shard.global_v, ignore_index)
     if not (math.isfinite(temperature) and temperature > 0):
         check.fail(fn, f"temperature must be finite and > 0, got {temperature:g}")
     dt = _compute_dtype(h, w)
@@ -1851,13 +1837,7 @@ def _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index):
         )
     lab = labels.to(h.device).reshape(-1).to(torch.int64)
     act = lab != ignore_index
-    r = _first_row(act & ((lab < 0) | (lab >= v)))
-    if r is not None:
-        check.fail(
-            fn,
-            f"labels[{r}] = {int(lab[r])} is out of range [0, {v}) and is not ignore_index "
-            f"({ignore_index})",
-        )
+    _check_label_range(fn, lab, act, v, ignore_index)
     return n, v, lab, act
 
 
