@@ -1550,6 +1550,21 @@ def fused_linear_cross_entropy(
     return outs, grads
 
 
+def _logprob_grad_bufs(h, w, b, need, dt) -> list:
+    """[hidden, weight, bias] gradient buffers of the log-probs' backward (None where not
+    needed): the hidden one written row block by row block, the weight's and bias's accumulated
+    over the chunks (zeroed, in the compute dtype)."""
+    g = [None, None, None]
+    if need[0]:
+        hdt = h.dtype if _low_operands(h, w, dt) else dt
+        g[0] = torch.empty(h.shape, dtype=hdt, device=h.device)
+    if need[1]:
+        g[1] = torch.zeros(w.shape, dtype=dt, device=h.device)
+    if need[2] and b is not None:
+        g[2] = torch.zeros(b.shape, dtype=dt, device=h.device)
+    return g
+
+
 def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
     """Yields (a, e, active, y, hc, head, z, lse, inv_t) per chunk of tokens, with ``z`` the
     chunk's logits / T in the compute dtype and ``head`` its :class:`_Head` (for
@@ -1645,14 +1660,7 @@ def fused_linear_logprobs_backward(
     g_ent[i] H_i, recomputing each chunk's logits."""
     dev = h.device
     dt = _compute_dtype(h, w)
-    g = [None, None, None]
-    if need[0]:
-        hdt = h.dtype if _low_operands(h, w, dt) else dt
-        g[0] = torch.empty(h.shape, dtype=hdt, device=dev)
-    if need[1]:
-        g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
-    if need[2] and b is not None:
-        g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    g = _logprob_grad_bufs(h, w, b, need, dt)
     for a, e, ca, y, hc, head, z, lse, inv_t in _logprob_chunks(
         h, w, b, labels, ignore_index, temperature, chunk_size, fn
     ):
@@ -1782,14 +1790,7 @@ def fused_linear_logprobs_sharded_backward(
     rank's vocabulary shard (the hidden states' all-reduced), recomputing each chunk."""
     dev = h.device
     dt = _compute_dtype(h, w)
-    g = [None, None, None]
-    if need[0]:
-        hdt = h.dtype if _low_operands(h, w, dt) else dt
-        g[0] = torch.empty(h.shape, dtype=hdt, device=dev)
-    if need[1]:
-        g[1] = torch.zeros(w.shape, dtype=dt, device=dev)
-    if need[2] and b is not None:
-        g[2] = torch.zeros(b.shape, dtype=dt, device=dev)
+    g = _logprob_grad_bufs(h, w, b, need, dt)
     flags = (bool(need[0]), g_lp is not None, g_ent is not None)
     for a, e, ca, y, hc, head, z, lse, _, ent, shard, inv_t in _sharded_logprob_chunks(
         h, w, b, labels, ignore_index, temperature, chunk_size, fn, group, flags
