@@ -9,8 +9,9 @@ training step, CPU time per step, peak memory, and the agreement of the logged l
 Pairs (stock trainer vs divkit's), all on the same tiny ``LlamaForCausalLM`` built from a config
 (no download): hidden --hidden (256), 2 layers, a vocabulary of --vocab (32000) words, so that
 the lm_head dominates the step as in a real LM; a word-level tokenizer over those words built
-here; random word sequences of --seq tokens (prompt a quarter, completion the rest), batches of
---batch rows (pairs for DPO, CPO, ORPO):
+here; random word sequences of --seq tokens (prompt a quarter, completion the rest), --batch (4)
+sequences per step (KTO: and as many mismatched ones for its KL term; DPO, CPO and ORPO: half as
+many chosen / rejected pairs):
 
 ==========  ==============================================  ========================================
 pair        stock                                           divkit
@@ -48,6 +49,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,7 +111,10 @@ def make_tokenizer(vocab: int):
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
         bos_token="<bos>",
     )
     # Special tokens are split off before the pre-tokenizer ("w5<eos>" is two tokens).
@@ -176,9 +181,11 @@ def run_case(case: str, a) -> dict:
     tok = make_tokenizer(a.vocab)
     texts = make_texts(a, a.batch * steps, seed=1)
     out_dir = tempfile.mkdtemp(prefix=f"divkit-bench-{case}-")
+    # --batch sequences per step: the paired trainers (DPO, CPO, ORPO) take half as many pairs.
+    per_step = max(1, a.batch // 2) if pair in ("dpo", "cpo", "orpo") else a.batch
     common = dict(
         output_dir=out_dir,
-        per_device_train_batch_size=a.batch,
+        per_device_train_batch_size=per_step,
         max_steps=steps,
         learning_rate=1e-4,
         logging_steps=1,
@@ -210,9 +217,7 @@ def run_case(case: str, a) -> dict:
         from divkit.integrations.trl import DivkitDPOTrainer
 
         cls = DivkitDPOTrainer if divkit_side else DPOTrainer
-        args = DPOConfig(
-            **common, beta=0.1, max_length=max_length, precompute_ref_log_probs=False
-        )
+        args = DPOConfig(**common, beta=0.1, max_length=max_length, precompute_ref_log_probs=False)
         kwargs = dict(ref_model=make_model(1, a), train_dataset=pref)
     elif pair == "kto":
         from trl import KTOConfig, KTOTrainer
@@ -247,9 +252,7 @@ def run_case(case: str, a) -> dict:
                 ]
             }
         )
-        args = GKDConfig(
-            **common, lmbda=0.0, beta=0.5, temperature=1.0, max_length=max_length + 8
-        )
+        args = GKDConfig(**common, lmbda=0.0, beta=0.5, temperature=1.0, max_length=max_length + 8)
         kwargs = dict(teacher_model=teacher, train_dataset=data)
     elif pair in ("cpo", "orpo"):
         from divkit.integrations import trl as dk_trl
@@ -303,6 +306,7 @@ def run_case(case: str, a) -> dict:
     trainer = cls(model=model, args=args, callbacks=[Timer()], **processing, **kwargs)
     trainer.train()
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    shutil.rmtree(out_dir, ignore_errors=True)
     timed = slice(a.warmup, None)
     peak = hwm_mib()
     if not timing["hwm_reset"]:  # the peak of the whole process: an upper bound
@@ -428,13 +432,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (under a minute)")
     p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated: " + ", ".join(PAIRS))
-    p.add_argument("--batch", type=int, default=4, help="rows (pairs) per step")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="sequences per step (DPO, CPO, ORPO: half as many pairs)",
+    )
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of each pair")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the report as markdown")
@@ -443,7 +452,8 @@ def main():
     if a.quick:
         a.batch, a.seq, a.hidden, a.vocab, a.warmup, a.steps, a.rounds = 2, 32, 32, 512, 1, 2, 1
     if a.case:
-        print("RESULT " + json.dumps(run_case(a.case, a)))
+        for case in a.case.split(","):
+            print("RESULT " + json.dumps(run_case(case, a)), flush=True)
         return
     pairs = [x.strip() for x in a.pairs.split(",") if x.strip()]
     for x in pairs:
@@ -469,21 +479,27 @@ def main():
     ]  # fmt: skip
     runs, failures = {}, {}
     for rnd in range(a.rounds):
-        for pair in pairs:
-            cases = PAIRS[pair] if rnd % 2 == 0 else PAIRS[pair][::-1]
-            for case in cases:
-                r = subprocess.run(
-                    [sys.executable, os.path.abspath(__file__), "--case", case, *worker],
-                    capture_output=True,
-                    text=True,
-                )
-                lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-                if r.returncode != 0 or not lines:
-                    tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-                    failures[case] = tail
-                    print(f"{case}: failed ({r.returncode}): {tail}", flush=True)
-                    continue
-                res = json.loads(lines[-1][len("RESULT ") :])
+        order = [c for pair in pairs for c in (PAIRS[pair] if rnd % 2 == 0 else PAIRS[pair][::-1])]
+        # One process per trainer (its own peak RSS); with --quick one process for them all (the
+        # imports cost more than the tiny steps; the peaks are then only indicative).
+        groups = [order] if a.quick else [[c] for c in order]
+        for group in groups:
+            r = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--case", ",".join(group), *worker],
+                capture_output=True,
+                text=True,
+            )
+            results = [
+                json.loads(x[len("RESULT ") :])
+                for x in r.stdout.splitlines()
+                if x.startswith("RESULT ")
+            ]
+            for case in group[len(results) :]:
+                tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+                failures[case] = tail
+                print(f"{case}: failed ({r.returncode}): {tail}", flush=True)
+            for res in results:
+                case = res["case"]
                 runs.setdefault(case, []).append(res)
                 print(
                     f"round {rnd + 1} {case}: {res['wall_s']:.3f} s/step, CPU {res['cpu_s']:.3f} "
