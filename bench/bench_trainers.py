@@ -391,7 +391,12 @@ def summarize(runs, pairs):
                     row[f"{side}_peak_mib"] = max(r["peak_mib"] for r in rs)
             if s and d:
                 # Loss agreement within each round (both ran the same steps on the same data).
-                diffs = [loss_diffs(x["losses"], y["losses"]) for x, y in zip(s, d)]
+                by_round = {x["round"]: x for x in s}
+                diffs = [
+                    loss_diffs(by_round[y["round"]]["losses"], y["losses"])
+                    for y in d
+                    if y["round"] in by_round
+                ]
                 row["loss_step0_rel"] = max(x[0] for x in diffs)
                 row["loss_max_abs"] = max(x[1] for x in diffs)
                 row["loss_max_rel"] = max(x[2] for x in diffs)
@@ -499,7 +504,7 @@ def main():
                 failures[case] = tail
                 print(f"{case}: failed ({r.returncode}): {tail}", flush=True)
             for res in results:
-                case = res["case"]
+                case, res["round"] = res["case"], rnd
                 runs.setdefault(case, []).append(res)
                 print(
                     f"round {rnd + 1} {case}: {res['wall_s']:.3f} s/step, CPU {res['cpu_s']:.3f} "

@@ -108,3 +108,17 @@ def test_check_trainers_json(tmp_path):
     c = check_output("trainers", "", _saved(tmp_path, [0.6931, 0.65, 0.6], {"kto_trl": "x"}))
     assert not c.mismatches and c.notes == ["kto_trl failed: x"]
     assert check_output("trainers", "", str(tmp_path / "none.json")).mismatches
+    # Runs are matched by round: the divkit run of round 2 (index 1) against the stock run of
+    # round 2, not against the first run in the list.
+    saved = {
+        "runs": {
+            "dpo_trl": [{"round": 0, "losses": [1.0, 1.0]}, {"round": 1, "losses": [2.0, 2.0]}],
+            "dpo_divkit": [{"round": 1, "losses": [2.0, 2.0]}],
+        },
+        "rows": [{"pair": "dpo", "stock": "dpo_trl", "divkit": "dpo_divkit"}],
+        "failures": {"dpo_divkit": "round 1 failed"},
+    }
+    path = tmp_path / "rounds.json"
+    path.write_text(json.dumps(saved))
+    c = check_output("trainers", "", str(path))
+    assert c.compared == 2 and c.mismatches == ["dpo_divkit failed: round 1 failed"]

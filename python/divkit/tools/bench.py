@@ -334,8 +334,13 @@ def _check_trainers(stdout: str, json_path: Optional[str]) -> Check:
     runs = saved.get("runs", {})
     for row in saved.get("rows", []):
         stock, dk = row["stock"], row["divkit"]
-        for rnd, (s, d) in enumerate(zip(runs.get(stock, []), runs.get(dk, []))):
-            ls, ld = s["losses"], d["losses"]
+        # A round's runs of the two trainers (a failed run leaves its round out).
+        stock_runs = {r.get("round", i): r for i, r in enumerate(runs.get(stock, []))}
+        for i, d in enumerate(runs.get(dk, [])):
+            rnd = d.get("round", i)
+            if rnd not in stock_runs:
+                continue
+            ls, ld = stock_runs[rnd]["losses"], d["losses"]
             if not ls or len(ls) != len(ld):
                 c.mismatches.append(f"{dk} round {rnd + 1}: {len(ld)} losses vs {len(ls)}")
                 continue
