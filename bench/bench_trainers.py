@@ -389,6 +389,7 @@ def summarize(runs, pairs):
                     row[f"{side}_wall_s"] = statistics.median(r["wall_s"] for r in rs)
                     row[f"{side}_cpu_s"] = statistics.median(r["cpu_s"] for r in rs)
                     row[f"{side}_peak_mib"] = max(r["peak_mib"] for r in rs)
+                    row[f"{side}_rounds"] = [[r["wall_s"], r["cpu_s"]] for r in rs]
             if s and d:
                 # Loss agreement within each round (both ran the same steps on the same data).
                 by_round = {x["round"]: x for x in s}
@@ -418,9 +419,14 @@ def table_markdown(rows) -> str:
     L = [
         "| pair | divkit side | stock s/step | divkit s/step | speed (stock / divkit) | "
         "stock CPU s | divkit CPU s | CPU (stock / divkit) | stock peak MiB | divkit peak MiB | "
-        "memory (stock / divkit) | loss step 0 rel. diff | loss max abs. diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "memory (stock / divkit) | loss step 0 rel. diff | loss max abs. diff | "
+        "rounds: wall / CPU s (stock; divkit) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def rounds(xs):
+        return ", ".join(f"{w:.2f}/{c:.2f}" for w, c in xs or [])
+
     for r in rows:
         L.append(
             f"| {NAMES[r['pair']]} | {r['divkit']} | {fmt(r.get('stock_wall_s'), '.3f')} | "
@@ -428,7 +434,8 @@ def table_markdown(rows) -> str:
             f"{fmt(r.get('stock_cpu_s'), '.3f')} | {fmt(r.get('divkit_cpu_s'), '.3f')} | "
             f"{fmt(r.get('cpu_ratio'), '.2f')}x | {fmt(r.get('stock_peak_mib'), '.0f')} | "
             f"{fmt(r.get('divkit_peak_mib'), '.0f')} | {fmt(r.get('mem_ratio'), '.1f')}x | "
-            f"{fmt(r.get('loss_step0_rel'), '.1e')} | {fmt(r.get('loss_max_abs'), '.1e')} |"
+            f"{fmt(r.get('loss_step0_rel'), '.1e')} | {fmt(r.get('loss_max_abs'), '.1e')} | "
+            f"{rounds(r.get('stock_rounds'))}; {rounds(r.get('divkit_rounds'))} |"
         )
     return "\n".join(L)
 
