@@ -15,6 +15,10 @@ fused_linear    bench/bench_fused_linear.py      the loss of eager TRL and Liger
 preference      bench/bench_preference.py        DPO, CPO/SimPO and TDPO2 losses against TRL's
 ot              bench/bench_ot.py                the transport cost of divkit-f32 / f64 against
                                                  POT's (to a tolerance set by the marginal errors)
+trainers        bench/bench_trainers.py          the logged losses of divkit's TRL / Hugging Face
+                                                 trainers against the stock trainers' (step 0:
+                                                 1e-4; every step: 2e-3, the round-off grown
+                                                 through the optimizer steps)
 ==============  ===============================  ==============================================
 
 Relative tolerances: 1e-4 for float32 results; 5e-2 for bfloat16/float16 peers that compute in
@@ -72,6 +76,12 @@ OPS: Dict[str, Op] = {
         "bench_preference.py", ["--quick"], description="DPO, CPO/SimPO, TDPO2 vs TRL"
     ),
     "ot": Op("bench_ot.py", ["--quick"], description="Sinkhorn vs POT (and GeomLoss)"),
+    "trainers": Op(
+        "bench_trainers.py",
+        ["--quick"],
+        uses_json=True,
+        description="divkit's TRL and Hugging Face trainers vs the stock trainers",
+    ),
 }
 
 
@@ -305,11 +315,51 @@ TABLES: Dict[str, Callable[[str], str]] = {
 }
 
 
+RTOL_TRAJECTORY = 2e-3
+
+
+def _check_trainers(stdout: str, json_path: Optional[str]) -> Check:
+    """bench_trainers.py's JSON: each divkit trainer's logged losses against the stock
+    trainer's of the same round (same weights, same batches): step 0 to fp32 round-off, the
+    later steps to what it grows to through the optimizer steps."""
+    c = Check()
+    if not json_path or not os.path.exists(json_path):
+        c.mismatches.append("bench_trainers.py wrote no JSON results")
+        return c
+    with open(json_path) as f:
+        saved = json.load(f)
+    for case, why in saved.get("failures", {}).items():
+        stock = case.endswith(("_trl", "_stock"))
+        (c.notes if stock else c.mismatches).append(f"{case} failed: {why}")
+    runs = saved.get("runs", {})
+    for row in saved.get("rows", []):
+        stock, dk = row["stock"], row["divkit"]
+        # A round's runs of the two trainers (a failed run leaves its round out).
+        stock_runs = {r.get("round", i): r for i, r in enumerate(runs.get(stock, []))}
+        for i, d in enumerate(runs.get(dk, [])):
+            rnd = d.get("round", i)
+            if rnd not in stock_runs:
+                continue
+            ls, ld = stock_runs[rnd]["losses"], d["losses"]
+            if not ls or len(ls) != len(ld):
+                c.mismatches.append(f"{dk} round {rnd + 1}: {len(ld)} losses vs {len(ls)}")
+                continue
+            c.compare(f"{dk} vs {stock} round {rnd + 1} step 0 loss", ld[0], ls[0], RTOL_FP32)
+            for step, (x, y) in enumerate(zip(ld[1:], ls[1:]), 1):
+                c.compare(
+                    f"{dk} vs {stock} round {rnd + 1} step {step} loss", x, y, RTOL_TRAJECTORY
+                )
+    if c.compared == 0 and not c.mismatches:
+        c.mismatches.append("bench_trainers.py compared no losses")
+    return c
+
+
 CHECKS: Dict[str, Callable[[str, Optional[str]], Check]] = {
     "divergence": _check_divergence,
     "fused_linear": _check_fused_linear,
     "preference": _check_preference,
     "ot": _check_ot,
+    "trainers": _check_trainers,
 }
 
 
