@@ -1,12 +1,17 @@
 // divkit_bench_row_block: CPU time per logit of the token-divergence row kernel over the
 // vocabulary size, to see where the per-thread row block leaves the core's L2. No Google
 // Benchmark: one thread's CPU time (CLOCK_THREAD_CPUTIME_ID, so that other processes loading the
-// machine distort it less than wall time), median of --calls calls per point.
+// machine distort it less than wall time), median of --calls calls per point. With --threads > 1
+// the process's CPU time (every thread) is reported instead.
 //
-//   divkit_bench_row_block [--n=16] [--vocab=32000,64000,128256,256000]
+//   divkit_bench_row_block [--n=16 | --entries=131334144] [--vocab=32000,64000,128256,256000]
 //                          [--kinds=forward_kl,reverse_kl,jsd] [--dtype=f32|bf16]
-//                          [--mode=grad|inplace|loss] [--calls=21]
+//                          [--mode=grad|inplace|loss] [--calls=21] [--threads=1]
 //
+// --n rows at every V, or --entries / V rows (the same bytes at every V). Few rows keep the
+// inputs in the last-level cache from call to call (only the row block's place in L2 then shows);
+// --entries=131334144 (1024 rows of 128256, 512 MiB per fp32 input) reads them from memory, as a
+// training step does.
 // Inputs: student logits N(0, 2), teacher = student + N(0, 0.5); batchmean; grad: the student
 // gradient into a separate pre-faulted buffer; inplace: into the student logits, which are
 // restored from a copy (outside the timed region) before each call.
@@ -26,9 +31,11 @@
 
 namespace {
 
-double thread_cpu_seconds() {
+int g_threads = 1;
+
+double cpu_seconds() {
   timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  clock_gettime(g_threads > 1 ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_THREAD_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
@@ -62,7 +69,7 @@ uint16_t to_bf16(float x) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int64_t n = 16;
+  int64_t n = 16, entries = 0;
   int calls = 21;
   std::vector<std::string> vocab = {"32000", "64000", "128256", "256000"};
   std::vector<std::string> kinds = {"forward_kl", "reverse_kl", "jsd"};
@@ -70,11 +77,13 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string val;
     if (take_flag(argv[i], "--n", val)) n = std::stoll(val);
+    else if (take_flag(argv[i], "--entries", val)) entries = std::stoll(val);
     else if (take_flag(argv[i], "--calls", val)) calls = std::stoi(val);
     else if (take_flag(argv[i], "--vocab", val)) vocab = split(val);
     else if (take_flag(argv[i], "--kinds", val)) kinds = split(val);
     else if (take_flag(argv[i], "--dtype", val)) dtype_name = val;
     else if (take_flag(argv[i], "--mode", val)) mode = val;
+    else if (take_flag(argv[i], "--threads", val)) g_threads = std::stoi(val);
     else {
       std::fprintf(stderr, "divkit_bench_row_block: unknown argument '%s'\n", argv[i]);
       return 2;
@@ -90,12 +99,15 @@ int main(int argc, char** argv) {
   }
   const divkit::DType dtype = dtype_name == "f32" ? divkit::DType::f32 : divkit::DType::bf16;
   const size_t es = dtype == divkit::DType::f32 ? 4 : 2;
-  divkit::set_num_threads(1);
-  std::printf("# n=%lld dtype=%s mode=%s calls=%d; CPU ns per logit (median)\n",
-              static_cast<long long>(n), dtype_name.c_str(), mode.c_str(), calls);
-  std::printf("%-12s %8s %10s\n", "kind", "V", "ns/logit");
+  divkit::set_num_threads(g_threads);
+  std::printf(
+      "# n=%lld entries=%lld dtype=%s mode=%s calls=%d threads=%d; CPU ns per logit (median)\n",
+      static_cast<long long>(n), static_cast<long long>(entries), dtype_name.c_str(), mode.c_str(),
+      calls, g_threads);
+  std::printf("%-12s %8s %6s %10s\n", "kind", "V", "N", "ns/logit");
   for (const std::string& vs : vocab) {
     const int64_t v = std::stoll(vs);
+    if (entries > 0) n = std::max<int64_t>(1, entries / v);
     const size_t count = static_cast<size_t>(n * v);
     std::mt19937_64 rng(1234);
     std::normal_distribution<float> d_s(0.0f, 2.0f), d_noise(0.0f, 0.5f);
@@ -133,14 +145,15 @@ int main(int argc, char** argv) {
       std::vector<double> ns;
       for (int c = 0; c <= calls; ++c) {  // call 0 warms up
         if (mode == "inplace") std::memcpy(s.data(), s_pristine.data(), s.size());
-        const double t0 = thread_cpu_seconds();
+        const double t0 = cpu_seconds();
         divkit::divergence(sv, tv, spec, options, out);
-        const double sec = thread_cpu_seconds() - t0;
+        const double sec = cpu_seconds() - t0;
         if (c > 0) ns.push_back(sec / static_cast<double>(count) * 1e9);
       }
       std::sort(ns.begin(), ns.end());
-      std::printf("%-12s %8lld %10.3f   (loss %.6g)\n", kind.c_str(), static_cast<long long>(v),
-                  ns[ns.size() / 2], static_cast<double>(loss));
+      std::printf("%-12s %8lld %6lld %10.3f   (loss %.6g)\n", kind.c_str(),
+                  static_cast<long long>(v), static_cast<long long>(n), ns[ns.size() / 2],
+                  static_cast<double>(loss));
       std::fflush(stdout);
     }
   }

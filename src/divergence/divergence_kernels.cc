@@ -15,13 +15,9 @@
 //   pass 3  otherwise, gradient = (u - q * sum u) / T * scale, written in the output dtype.
 // Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
 // Only pass 1 and the gradient writes touch the caller's memory; the block stays in the core's
-// L2/L3. Where pass 3 needs no teacher row (the student gradient alone, not Renyi, not a
-// vocabulary shard, student and teacher of one 32- or 16-bit dtype) the block is two rows
-// instead: es and et, pass 1 keeps the logits only one block of 16 vectors at a time, pass 2
-// reads them again from the caller's rows (still in L2/L3 from pass 1) and stores u over et.
-// Four rows of V fp32 leave a 2 MiB L2 from V ~ 100k; two rows stay in it up to V ~ 200k. A fresh
-// gradient buffer is marked for huge pages before the first write (see run_divergence_rows). Row
-// sums are reduced in a fixed lane order, so results do not depend on the thread count.
+// L2/L3. A fresh gradient buffer is marked for huge pages before the first write (see
+// run_divergence_rows). Row sums are reduced in a fixed lane order, so results do not depend on
+// the thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -70,11 +66,9 @@ struct RowSoftmax {
 // 1e4 keep their precision at any temperature. A block exponentiated before the max rose
 // further is rescaled at the end; the sum is rescaled as the max rises. The order of operations
 // is fixed per row, so results do not depend on threads.
-// With `x_block`, x holds only the block being loaded (kRowSumBlock vectors, reused for every
-// block): the two-row block of RunRows, whose later sweeps read the logits from the caller's row.
 template <bool kUnitT, typename T>
 RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpad, float inv_t,
-                               float* HWY_RESTRICT x, bool x_block, float* HWY_RESTRICT e,
+                               float* HWY_RESTRICT x, float* HWY_RESTRICT e,
                                float* HWY_RESTRICT block_max) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const DF df;
@@ -95,7 +89,6 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
   for (int64_t begin = 0; begin < vpad; begin += block_len, ++block) {
     const int64_t end = std::min(begin + block_len, vpad);
     const int64_t fused_end = std::min(end, vfull);
-    float* HWY_RESTRICT xb = x_block ? x : x + begin;  // columns [begin, end)
     const VF vm_old = hn::Set(df, run_max);
     VF vmax = hn::Set(df, -kInf);
     auto ok = hn::Eq(vmax, vmax);  // all true
@@ -106,7 +99,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
         const VF xj = LoadAsFloat(df, src + j);
         ok = hn::And(ok, hn::Lt(xj, vinf));  // NaN and +inf compare false
         vmax = hn::Max(vmax, xj);
-        hn::Store(xj, df, xb + (j - begin));
+        hn::Store(xj, df, x + j);
         const VF ej = SoftmaxExp(df, arg(xj, vm_old));  // garbage if the max rises: redone
         hn::Store(ej, df, e + j);
         acc = hn::Add(acc, ej);
@@ -114,9 +107,9 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
     }
     auto bad = hn::Not(ok);
     if (j < end) {
-      LoadRowBlock(df, src + begin, j - begin, end - begin, v - begin, xb, vmax, bad);
+      LoadRowBlock(df, src, j, end, v, x, vmax, bad);
       for (int64_t k = j; k < end; k += lanes) {
-        const VF ek = SoftmaxExp(df, arg(hn::Load(df, xb + (k - begin)), vm_old));
+        const VF ek = SoftmaxExp(df, arg(hn::Load(df, x + k), vm_old));
         hn::Store(ek, df, e + k);
         acc = hn::Add(acc, ek);
       }
@@ -137,7 +130,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
       const VF vm = hn::Set(df, run_max);
       acc = hn::Zero(df);
       for (int64_t k = begin; k < end; k += lanes) {
-        const VF ek = SoftmaxExp(df, arg(hn::Load(df, xb + (k - begin)), vm));
+        const VF ek = SoftmaxExp(df, arg(hn::Load(df, x + k), vm));
         hn::Store(ek, df, e + k);
         acc = hn::Add(acc, ek);
       }
@@ -164,11 +157,10 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
 
 RowSoftmax LoadSoftmaxRow(const RowInput& in, int64_t row, int64_t v, int64_t vpad, float inv_t,
                           float* HWY_RESTRICT x, float* HWY_RESTRICT e,
-                          float* HWY_RESTRICT block_max, bool x_block = false) {
+                          float* HWY_RESTRICT block_max) {
   return VisitRow(in, row, [&](const auto* src) {
-    return inv_t == 1.0f
-               ? LoadSoftmaxRowTyped<true>(src, v, vpad, inv_t, x, x_block, e, block_max)
-               : LoadSoftmaxRowTyped<false>(src, v, vpad, inv_t, x, x_block, e, block_max);
+    return inv_t == 1.0f ? LoadSoftmaxRowTyped<true>(src, v, vpad, inv_t, x, e, block_max)
+                         : LoadSoftmaxRowTyped<false>(src, v, vpad, inv_t, x, e, block_max);
   });
 }
 
@@ -291,84 +283,37 @@ struct Normalizers {
   VF log_sum_diff;  // log_sum_t - log_sum_s, rounded once
 };
 
-// The logits as the sweeps after pass 1 read them: the fp32 copy in the row block ...
-struct BlockLogits {
-  const float* HWY_RESTRICT x;
-  HWY_INLINE VF Load(DF df, int64_t j) const { return hn::Load(df, x + j); }
-};
-
-// ... or, with the two-row block, the caller's row read again (and converted again: the same
-// fp32 values as the copy): pass 1 read it just before, so it comes from L2 or L3, and the block
-// (es, et) is half the size. Whole vectors from the row, the last partial one from `tail`
-// (padded with -inf, as the block is).
-template <typename T>
-struct CallerLogits {
-  const T* HWY_RESTRICT src;
-  int64_t vfull;  // columns [0, vfull) are whole vectors of the row
-  const float* HWY_RESTRICT tail;
-  HWY_INLINE VF Load(DF df, int64_t j) const {
-    if (HWY_LIKELY(j < vfull)) return LoadAsFloat(df, src + j);
-    return hn::Load(df, tail);
-  }
-};
-
 // p, q, their logs and log(p / q) at columns [j, j + lanes) of the row buffers.
-template <class LS, class LT>
-HWY_INLINE Entry<VF> LoadEntryOf(const LS& xs, const float* es, const LT& xt, const float* et,
-                                 const Normalizers& n, int64_t j) {
+HWY_INLINE Entry<VF> LoadEntry(const float* HWY_RESTRICT xs, const float* HWY_RESTRICT es,
+                               const float* HWY_RESTRICT xt, const float* HWY_RESTRICT et,
+                               const Normalizers& n, int64_t j) {
   const DF df;
   Entry<VF> e;
   e.q = hn::Mul(hn::Load(df, es + j), n.inv_zs);
   e.p = hn::Mul(hn::Load(df, et + j), n.inv_zt);
   // Centered logits are exact (the max is close); their difference is exact or rounded once.
-  const VF cs = hn::Sub(xs.Load(df, j), n.max_s);
-  const VF ct = hn::Sub(xt.Load(df, j), n.max_t);
+  const VF cs = hn::Sub(hn::Load(df, xs + j), n.max_s);
+  const VF ct = hn::Sub(hn::Load(df, xt + j), n.max_t);
   e.lq = hn::MulSub(cs, n.inv_t, n.log_sum_s);
   e.lp = hn::MulSub(ct, n.inv_t, n.log_sum_t);
   e.lr = hn::MulSub(hn::Sub(ct, cs), n.inv_t, n.log_sum_diff);
   return e;
 }
 
-HWY_INLINE Entry<VF> LoadEntry(const float* HWY_RESTRICT xs, const float* HWY_RESTRICT es,
-                               const float* HWY_RESTRICT xt, const float* HWY_RESTRICT et,
-                               const Normalizers& n, int64_t j) {
-  return LoadEntryOf(BlockLogits{xs}, es, BlockLogits{xt}, et, n, j);
-}
-
-// What pass 2 reads (the logits, es, et) and where it stores u and v: xs and xt of the four-row
-// block, or, with the two-row block (no teacher gradient), u over et, each vector after it was
-// read (pass 3 needs es and u only). So u_out may alias et: neither is restrict-qualified.
-template <class LS, class LT>
-struct TermRows {
-  LS xs;
-  const float* es;
-  LT xt;
-  const float* et;
-  float* u_out;
-  float* v_out;
-  int64_t vpad;
-};
-
-TermRows<BlockLogits, BlockLogits> BlockTermRows(const RowBuffers& b) {
-  return {BlockLogits{b.xs}, b.es, BlockLogits{b.xt}, b.et, b.xs, b.xt, b.vpad};
-}
-
 // pass 2: the divergence terms and the gradient factors u (and v), summed per row. With
 // `fused` (only when u = -p and no teacher gradient), the student gradient scale * (q - p) is
 // written in the same sweep (no pass 3): its values do not depend on the row sums.
-template <bool kTeacher, class Div, class LS, class LT>
-HWY_INLINE void SumTerms(const Div& div, const TermRows<LS, LT>& b, const Normalizers& n,
-                         RowSum& sum_g, RowSum& sum_u, RowSum& sum_v,
-                         GradRowWriter* fused = nullptr, float fused_scale = 0.0f) {
+template <bool kTeacher, class Div>
+HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers& n, RowSum& sum_g,
+                         RowSum& sum_u, RowSum& sum_v, GradRowWriter* fused = nullptr,
+                         float fused_scale = 0.0f) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
-  const LS xs = b.xs;
-  const LT xt = b.xt;
-  const float* es = b.es;
-  const float* et = b.et;
-  float* u_out = b.u_out;
-  float* v_out = b.v_out;
+  float* HWY_RESTRICT xs = b.xs;
+  float* HWY_RESTRICT xt = b.xt;
+  const float* HWY_RESTRICT es = b.es;
+  const float* HWY_RESTRICT et = b.et;
   const Normalizers nl = n;  // a local copy keeps the constants in registers
   if constexpr (Div::kStudentFactorIsMinusP && !kTeacher) {
     if (fused != nullptr) {
@@ -379,7 +324,7 @@ HWY_INLINE void SumTerms(const Div& div, const TermRows<LS, LT>& b, const Normal
         const int64_t end = std::min(begin + block_len, b.vpad);
         VF acc_g = hn::Zero(df);
         for (int64_t j = begin; j < end; j += lanes) {
-          const Entry<VF> e = LoadEntryOf(xs, es, xt, et, nl, j);
+          const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
           VF u;
           acc_g = hn::Add(acc_g, div.term(df, e, u));
           fused->Put(j, hn::MulSub(hn::Load(df, es + j), qs, hn::Mul(hn::Load(df, et + j), ps)));
@@ -397,12 +342,12 @@ HWY_INLINE void SumTerms(const Div& div, const TermRows<LS, LT>& b, const Normal
       acc_g = hn::Add(acc_g, g);
       if constexpr (!Div::kStudentFactorIsMinusP) {
         acc_u = hn::Add(acc_u, u);
-        hn::Store(u, df, u_out + j);
+        hn::Store(u, df, xs + j);
       }
       if constexpr (kTeacher) {
         const VF v = div.teacher(df, e);
         acc_v = hn::Add(acc_v, v);
-        hn::Store(v, df, v_out + j);
+        hn::Store(v, df, xt + j);
       }
     };
     int64_t j = begin;
@@ -411,8 +356,8 @@ HWY_INLINE void SumTerms(const Div& div, const TermRows<LS, LT>& b, const Normal
     // scheduler entries may gain). The sums are added in column order, as one vector per step
     // would.
     for (; j + lanes < end; j += 2 * lanes) {
-      const Entry<VF> e0 = LoadEntryOf(xs, es, xt, et, nl, j);
-      const Entry<VF> e1 = LoadEntryOf(xs, es, xt, et, nl, j + lanes);
+      const Entry<VF> e0 = LoadEntry(xs, es, xt, et, nl, j);
+      const Entry<VF> e1 = LoadEntry(xs, es, xt, et, nl, j + lanes);
       VF u0, u1;
       const VF g0 = div.term(df, e0, u0);
       const VF g1 = div.term(df, e1, u1);
@@ -420,7 +365,7 @@ HWY_INLINE void SumTerms(const Div& div, const TermRows<LS, LT>& b, const Normal
       add(j + lanes, g1, u1, e1);
     }
     if (j < end) {
-      const Entry<VF> e = LoadEntryOf(xs, es, xt, et, nl, j);
+      const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
       VF u;
       const VF g = div.term(df, e, u);
       add(j, g, u, e);
@@ -433,8 +378,8 @@ HWY_INLINE void SumTerms(const Div& div, const TermRows<LS, LT>& b, const Normal
 
 // Rows of the divergences whose value is sum_j g(p_j, q_j) (all but Renyi): pass 2 then the
 // chain-rule gradient. Returns the row value, or NaN when the gradient would overflow fp32.
-template <class Div, class LS, class LT>
-double SumRow(const Div& div, const TermRows<LS, LT>& b, const Normalizers& n, int64_t v,
+template <class Div>
+double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t v,
               const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
               float* HWY_RESTRICT scratch) {
   RowSum sum_g, sum_u, sum_v;
@@ -460,11 +405,11 @@ double SumRow(const Div& div, const TermRows<LS, LT>& b, const Normalizers& n, i
     if constexpr (Div::kStudentFactorIsMinusP)
       WriteMinusPGrad(*grad_s, row, v, b.es, inv_zs, b.et, inv_zt, k, scratch);
     else
-      WriteChainRuleGrad(*grad_s, row, v, b.u_out, b.es, inv_zs, static_cast<float>(sum_u.total), k,
+      WriteChainRuleGrad(*grad_s, row, v, b.xs, b.es, inv_zs, static_cast<float>(sum_u.total), k,
                          scratch);
   }
   if (grad_t != nullptr)
-    WriteChainRuleGrad(*grad_t, row, v, b.v_out, b.et, inv_zt, static_cast<float>(sum_v.total), k,
+    WriteChainRuleGrad(*grad_t, row, v, b.xt, b.et, inv_zt, static_cast<float>(sum_v.total), k,
                        scratch);
   return value;
 }
@@ -742,8 +687,8 @@ void ShardRow(RowJob& job, const Div& div, int64_t i, const RowSoftmax& ls, cons
   } else {
     RowSum sum_g, sum_u, sum_v;
     const bool teacher = job.shard == detail::ShardMode::sums || gt != nullptr;
-    if (teacher) SumTerms<true>(div, BlockTermRows(buf), norm, sum_g, sum_u, sum_v);
-    else SumTerms<false>(div, BlockTermRows(buf), norm, sum_g, sum_u, sum_v);
+    if (teacher) SumTerms<true>(div, buf, norm, sum_g, sum_u, sum_v);
+    else SumTerms<false>(div, buf, norm, sum_g, sum_u, sum_v);
     if (job.shard == detail::ShardMode::sums) {
       double* o = job.out_sums + 4 * i;
       o[0] = sum_g.total, o[1] = sum_u.total, o[2] = sum_v.total, o[3] = 0.0;
@@ -778,55 +723,24 @@ void RunRows(RowJob& job, const Div& div) {
 
   BadRowSlots bad_s, bad_t;
 
-  // The two-row block (es, et; the logits re-read from the caller's rows after pass 1): half
-  // the four-row block, so that it stays in L2 for twice the vocabulary. For the generic rows
-  // (not Renyi, whose sweeps keep more per entry) without the teacher gradient (v needs et in
-  // pass 3) and outside vocabulary shards, with student and teacher of one 32- or 16-bit dtype.
-  // In place it is safe too: pass 2 reads a vector of the student row before the fused sweep
-  // writes its gradient there, and the chain-rule sweep writes after pass 2 (a student gradient
-  // written over the teacher's rows is left to the four-row block).
-  const DType in_dtype = job.student.dtype;
-  const bool two_rows =
-      !std::is_same_v<Div, Renyi> && job.shard == detail::ShardMode::none && !want_t &&
-      job.teacher.dtype == in_dtype &&
-      (in_dtype == DType::f32 || in_dtype == DType::bf16 || in_dtype == DType::f16) &&
-      !(want_s && job.grad_student.data == job.teacher.data);
-
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
     // The row block: xs, es, xt, et (and a scratch row for non-fp32 gradient output).
     // Renyi with the student gradient only: one more row, its cached w - q.
-    // Two-row block: es, et, (scratch row,) one block of logits for pass 1 and the two padded
-    // last vectors of the logits.
     const bool renyi_cache = std::is_same_v<Div, Renyi> && want_s && !want_t;
-    const int64_t block_len = kRowSumBlock * lanes;
-    const int64_t nbuf = (two_rows ? 2 : 4) + ((want_s || want_t) ? 1 : 0);
-    const int64_t extra = two_rows ? block_len + 2 * lanes : (renyi_cache ? vpad : 0);
-    const int64_t nblocks = vpad / block_len + 1;
-    hwy::AlignedFreeUniquePtr<float[]> block =
-        hwy::AllocateAligned<float>(static_cast<size_t>(nbuf * vpad + extra + nblocks));
-    float* xs = nullptr;
-    float* xt = nullptr;
-    float* es;
-    float* et;
-    if (two_rows) {
-      es = block.get();
-      et = es + vpad;
-    } else {
-      xs = block.get();
-      es = xs + vpad;
-      xt = es + vpad;
-      et = xt + vpad;
-    }
-    float* scratch = (want_s || want_t) ? et + vpad : nullptr;
-    float* after = block.get() + nbuf * vpad;
-    float* x_one_block = two_rows ? after : nullptr;
-    float* tail_s = two_rows ? after + block_len : nullptr;
-    float* tail_t = two_rows ? tail_s + lanes : nullptr;
-    float* wq = renyi_cache ? after : nullptr;
-    float* block_max = after + extra;
+    const int64_t nbuf = (want_s || want_t) ? 5 : 4;
+    const int64_t nblocks = vpad / (kRowSumBlock * lanes) + 1;
+    hwy::AlignedFreeUniquePtr<float[]> block = hwy::AllocateAligned<float>(
+        static_cast<size_t>((nbuf + (renyi_cache ? 1 : 0)) * vpad + nblocks));
+    float* xs = block.get();
+    float* es = xs + vpad;
+    float* xt = es + vpad;
+    float* et = xt + vpad;
+    float* scratch = nbuf >= 5 ? et + vpad : nullptr;
+    float* wq = renyi_cache ? xs + nbuf * vpad : nullptr;
+    float* block_max = xs + (nbuf + (renyi_cache ? 1 : 0)) * vpad;
 
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
@@ -847,14 +761,8 @@ void RunRows(RowJob& job, const Div& div) {
         else if (ct.all_masked) bad_t.NoMass(i);
         continue;
       }
-      const RowSoftmax ls =
-          two_rows
-              ? LoadSoftmaxRow(job.student, i, v, vpad, inv_t, x_one_block, es, block_max, true)
-              : LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, es, block_max);
-      const RowSoftmax lt =
-          two_rows
-              ? LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, x_one_block, et, block_max, true)
-              : LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, et, block_max);
+      const RowSoftmax ls = LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, es, block_max);
+      const RowSoftmax lt = LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, et, block_max);
       if (job.shard != detail::ShardMode::none) {
         if (ls.non_finite) bad_s.NonFinite(i);
         if (lt.non_finite) bad_t.NonFinite(i);
@@ -887,40 +795,9 @@ void RunRows(RowJob& job, const Div& div) {
       const RowOutput* gs = want_s ? &job.grad_student : nullptr;
       const RowOutput* gt = want_t ? &job.grad_teacher : nullptr;
       double value;
-      if constexpr (std::is_same_v<Div, Renyi>) {
+      if constexpr (std::is_same_v<Div, Renyi>)
         value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch, wq);
-      } else if (two_rows) {
-        const int64_t vfull = v / lanes * lanes;
-        auto sum_row = [&](const auto* src_s, const auto* src_t) {
-          using T = std::remove_cv_t<std::remove_pointer_t<decltype(src_s)>>;
-          // The last partial vector, taken before any gradient is written (in place).
-          for (int64_t k = vfull; k < vpad; ++k) {
-            constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-            tail_s[k - vfull] = k < v ? ScalarToFloat(src_s[k]) : kNegInf;
-            tail_t[k - vfull] = k < v ? ScalarToFloat(src_t[k]) : kNegInf;
-          }
-          const TermRows<CallerLogits<T>, CallerLogits<T>> rows{
-              {src_s, vfull, tail_s}, es, {src_t, vfull, tail_t}, et, et, nullptr, vpad};
-          return SumRow(div, rows, norm, v, gs, gt, i, scale, scratch);
-        };
-        const int64_t os = i * job.student.row_stride, ot = i * job.teacher.row_stride;
-        switch (in_dtype) {
-          case DType::f32:
-            value = sum_row(static_cast<const float*>(job.student.data) + os,
-                            static_cast<const float*>(job.teacher.data) + ot);
-            break;
-          case DType::bf16:
-            value = sum_row(static_cast<const hwy::bfloat16_t*>(job.student.data) + os,
-                            static_cast<const hwy::bfloat16_t*>(job.teacher.data) + ot);
-            break;
-          default:
-            value = sum_row(static_cast<const hwy::float16_t*>(job.student.data) + os,
-                            static_cast<const hwy::float16_t*>(job.teacher.data) + ot);
-            break;
-        }
-      } else {
-        value = SumRow(div, BlockTermRows(buf), norm, v, gs, gt, i, scale, scratch);
-      }
+      else value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch);
       // A token whose divergence (or gradient) is infinite or beyond fp32's range gets loss +inf
       // and no gradient: the direction is undefined.
       if (std::isnan(value) || !(std::fabs(value) <= std::numeric_limits<float>::max())) {
