@@ -475,6 +475,7 @@ RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers&
   const VF cap = hn::Set(df, kUnshifted);
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
+    if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc = hn::Zero(df), acc_w = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
       const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
@@ -531,6 +532,7 @@ RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const 
   const VF two = hn::Set(df, 2.0f);
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
+    if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc = hn::Zero(df), acc_w = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
       const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
@@ -751,13 +753,16 @@ void RunRows(RowJob& job, const Div& div) {
 
   BadRowSlots bad_s, bad_t;
   // Pass 1 waits on memory and the later passes on arithmetic over the block; asking for the
-  // next row's logits during pass 2 overlaps the two, where the block and that row fit in 3/4 of
-  // L2 (beyond, the prefetched lines evict the block and it costs more than it saves).
+  // next row's logits during pass 2 (Renyi: its first sweep) overlaps the two, where the block and
+  // that row fit in 3/4 of L2 (beyond, the prefetched lines evict the block and it costs more than
+  // it saves).
   const size_t es_bytes = dtype_size(job.student.dtype);
   const bool prefetch =
       job.shard == detail::ShardMode::none && !job.check_only &&
       job.student.dtype == job.teacher.dtype && es_bytes <= 4 &&
-      static_cast<size_t>(vpad) * (4 * sizeof(float) + 2 * es_bytes) <= l2_cache_bytes() / 4 * 3;
+      static_cast<size_t>(vpad) *
+              ((std::is_same_v<Div, Renyi> ? 5 : 4) * sizeof(float) + 2 * es_bytes) <=
+          l2_cache_bytes() / 4 * 3;
 
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
