@@ -15,11 +15,14 @@
 //   pass 3  otherwise, gradient = (u - q * sum u) / T * scale, written in the output dtype.
 // Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
 // Only pass 1 and the gradient writes touch the caller's memory; the block stays in the core's
-// L2/L3. A fresh gradient buffer is marked for huge pages before the first write (see
-// run_divergence_rows). Row sums are reduced in a fixed lane order, so results do not depend on
-// the thread count.
+// L2/L3. Where the block and one more row fit in L2, pass 2 prefetches the next row's logits, so
+// that the next pass 1 does not wait on memory. A fresh gradient buffer is marked for huge pages
+// before the first write (see run_divergence_rows). Row sums are reduced in a fixed lane order, so
+// results do not depend on the thread count.
 #include <omp.h>
+#if defined(__linux__)
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -659,7 +662,7 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
 // The per-core L2 as the system reports it (512 KiB, a small one, if it does not say).
 size_t l2_cache_bytes() {
   static const size_t bytes = [] {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     if (l2 > 0) return static_cast<size_t>(l2);
 #endif
