@@ -100,10 +100,10 @@ int main(int argc, char** argv) {
   const divkit::DType dtype = dtype_name == "f32" ? divkit::DType::f32 : divkit::DType::bf16;
   const size_t es = dtype == divkit::DType::f32 ? 4 : 2;
   divkit::set_num_threads(g_threads);
-  std::printf(
-      "# n=%lld entries=%lld dtype=%s mode=%s calls=%d threads=%d; CPU ns per logit (median)\n",
-      static_cast<long long>(n), static_cast<long long>(entries), dtype_name.c_str(), mode.c_str(),
-      calls, g_threads);
+  if (entries > 0) std::printf("# n=entries/V entries=%lld", static_cast<long long>(entries));
+  else std::printf("# n=%lld", static_cast<long long>(n));
+  std::printf(" dtype=%s mode=%s calls=%d threads=%d; CPU ns per logit (median)\n",
+              dtype_name.c_str(), mode.c_str(), calls, g_threads);
   std::printf("%-12s %8s %6s %10s\n", "kind", "V", "N", "ns/logit");
   for (const std::string& vs : vocab) {
     const int64_t v = std::stoll(vs);
