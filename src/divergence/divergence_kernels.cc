@@ -15,10 +15,14 @@
 //   pass 3  otherwise, gradient = (u - q * sum u) / T * scale, written in the output dtype.
 // Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
 // Only pass 1 and the gradient writes touch the caller's memory; the block stays in the core's
-// L2/L3. A fresh gradient buffer is marked for huge pages before the first write (see
-// run_divergence_rows). Row sums are reduced in a fixed lane order, so results do not depend on
-// the thread count.
+// L2/L3. Where the block and one more row fit in L2, pass 2 prefetches the next row's logits, so
+// that the next pass 1 does not wait on memory. A fresh gradient buffer is marked for huge pages
+// before the first write (see run_divergence_rows). Row sums are reduced in a fixed lane order, so
+// results do not depend on the thread count.
 #include <omp.h>
+#if defined(__linux__)
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -274,7 +278,20 @@ struct RowBuffers {
   float* HWY_RESTRICT xt;        // teacher logits; overwritten by v when the teacher grad is asked
   const float* HWY_RESTRICT et;
   int64_t vpad;
+  // The next row's logits (null: none), asked for while pass 2 computes on this row's block.
+  const char* next_s = nullptr;
+  const char* next_t = nullptr;
+  int64_t elem_bytes = 4;
 };
+
+// Prefetches the next row's logits for columns [begin, end) into L2.
+HWY_INLINE void PrefetchNext(const RowBuffers& b, int64_t begin, int64_t end) {
+  constexpr int64_t kLine = 64;
+  for (int64_t off = begin * b.elem_bytes; off < end * b.elem_bytes; off += kLine) {
+    __builtin_prefetch(b.next_s + off, 0, 1);
+    __builtin_prefetch(b.next_t + off, 0, 1);
+  }
+}
 
 // log q = (x_s - max_s) / T - log_sum_s: subtracting the max first keeps the log-probabilities
 // exact to an ulp of themselves, not of the largest logit (logits of 1e4 stay accurate).
@@ -322,6 +339,7 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
       const VF ps = hn::Set(df, fused_scale * hn::GetLane(nl.inv_zt));
       for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
         const int64_t end = std::min(begin + block_len, b.vpad);
+        if (b.next_s != nullptr) PrefetchNext(b, begin, end);
         VF acc_g = hn::Zero(df);
         for (int64_t j = begin; j < end; j += lanes) {
           const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
@@ -337,6 +355,7 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   }
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
+    if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc_g = hn::Zero(df), acc_u = hn::Zero(df), acc_v = hn::Zero(df);
     auto add = [&](int64_t j, VF g, VF u, const Entry<VF>& e) {
       acc_g = hn::Add(acc_g, g);
@@ -459,6 +478,7 @@ RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers&
   const VF cap = hn::Set(df, kUnshifted);
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
+    if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc = hn::Zero(df), acc_w = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
       const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
@@ -515,6 +535,7 @@ RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const 
   const VF two = hn::Set(df, 2.0f);
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
+    if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc = hn::Zero(df), acc_w = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
       const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
@@ -638,6 +659,18 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
   return value;
 }
 
+// The per-core L2 as the system reports it (512 KiB, a small one, if it does not say).
+size_t l2_cache_bytes() {
+  static const size_t bytes = [] {
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 > 0) return static_cast<size_t>(l2);
+#endif
+    return size_t{512} << 10;
+  }();
+  return bytes;
+}
+
 // Below this many logits per call (student rows x V) the kernel stays single-threaded.
 constexpr int64_t kMinParallelEntries = 1 << 16;
 
@@ -722,6 +755,17 @@ void RunRows(RowJob& job, const Div& div) {
   const double t2 = job.spec.scale_by_t_squared ? double(temperature) * temperature : 1.0;
 
   BadRowSlots bad_s, bad_t;
+  // Pass 1 waits on memory and the later passes on arithmetic over the block; asking for the
+  // next row's logits during pass 2 (Renyi: its first sweep) overlaps the two, where the block and
+  // that row fit in 3/4 of L2 (beyond, the prefetched lines evict the block and it costs more than
+  // it saves).
+  const size_t es_bytes = dtype_size(job.student.dtype);
+  const bool prefetch =
+      job.shard == detail::ShardMode::none && !job.check_only &&
+      job.student.dtype == job.teacher.dtype && es_bytes <= 4 &&
+      static_cast<size_t>(vpad) *
+              ((std::is_same_v<Div, Renyi> ? 5 : 4) * sizeof(float) + 2 * es_bytes) <=
+          l2_cache_bytes() / 4 * 3;
 
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
@@ -781,7 +825,14 @@ void RunRows(RowJob& job, const Div& div) {
 
       const float inv_zs = static_cast<float>(std::exp(-ls.log_sum));  // 1 / sum es
       const float inv_zt = static_cast<float>(std::exp(-lt.log_sum));
-      const RowBuffers buf{xs, es, xt, et, vpad};
+      RowBuffers buf{xs, es, xt, et, vpad};
+      if (prefetch && i + 1 < n) {
+        buf.next_s = static_cast<const char*>(job.student.data) +
+                     (i + 1) * job.student.row_stride * static_cast<int64_t>(es_bytes);
+        buf.next_t = static_cast<const char*>(job.teacher.data) +
+                     (i + 1) * job.teacher.row_stride * static_cast<int64_t>(es_bytes);
+        buf.elem_bytes = static_cast<int64_t>(es_bytes);
+      }
       const Normalizers norm{hn::Set(df, ls.max),
                              hn::Set(df, lt.max),
                              hn::Set(df, static_cast<float>(ls.log_sum)),
