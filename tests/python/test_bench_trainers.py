@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import divkit
 from divkit.bench_cli import check_output
 
 pytest.importorskip("trl")
@@ -29,9 +30,12 @@ AGREE = re.compile(
 
 def test_quick_run_losses_agree(tmp_path):
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    # The script's subprocesses import the divkit this test imported (the installed wheel in CI,
+    # the source tree with its built _C in development), not whatever the repository holds.
     env = dict(os.environ)
+    here = str(Path(divkit.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        [here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     r = subprocess.run(
         [
