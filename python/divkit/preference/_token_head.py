@@ -100,31 +100,9 @@ def usable(h, w, b, rh, rw, rb) -> bool:
 class _TokenTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk, keep_rows, fn, eng):
-        n, v = h.shape[0], w.shape[0]
-        if eng == "torch":
-            lp, ref_lp, kl, kept_s, kept_t = torch_ops.fused_linear_label_terms(
-                h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, fn=fn
-            )
-        else:
-            lp = torch.empty(n, dtype=torch.float32)
-            ref_lp = torch.empty(n, dtype=torch.float32)
-            kl = torch.empty(n, dtype=torch.float32)
-            kept_s = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows else None
-            kept_t = (
-                torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows and kl_grad else None
-            )
-            with check.attributed(fn):
-                _C.fused_linear_label_terms(
-                    (h, w, b),
-                    (rh, rw, rb),
-                    labels,
-                    None,
-                    _options(chunk, "none", 1.0, ignore_index),
-                    kl,
-                    (None, None, None),
-                    (lp, ref_lp, None, kept_s, kept_t),
-                    False,
-                )
+        lp, ref_lp, kl, kept_s, kept_t = _label_terms(
+            fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, eng
+        )
         ctx.save_for_backward(h, w, b, rh, rw, rb, labels)
         ctx.kept = (kept_s, kept_t)
         ctx.kl_grad, ctx.chunk, ctx.fn, ctx.ignore_index = kl_grad, chunk, fn, ignore_index
@@ -259,17 +237,35 @@ def _forward_side(
 ):
     """One forward call over rows of one side, filling outs (lp, ref_lp, kl) and, with keep,
     the kept logits (returned)."""
+    keep_rows = h.shape[0] if keep else 0
+    got = _label_terms(
+        fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, eng, outs
+    )
+    return got[3], got[4]
+
+
+def _label_terms(
+    fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, eng, outs=None
+):
+    """One engine pass (the core's, or the PyTorch route's with eng "torch") over the rows:
+    (lp, ref_lp, kl, kept_s, kept_t), the first three [N] fp32 (written into outs when given),
+    the logits of the first keep_rows rows kept for the backward (the reference's only with
+    kl_grad)."""
     n, v = h.shape[0], w.shape[0]
     if eng == "torch":
         got = torch_ops.fused_linear_label_terms(
-            h, w, b, rh, rw, rb, labels, ignore_index, chunk, n if keep else 0, kl_grad, fn=fn
+            h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, fn=fn
         )
+        if outs is None:
+            return got
         for out, x in zip(outs, got[:3]):
             out.copy_(x)
-        return got[3], got[4]
-    kept_s = torch.empty((n, v), dtype=torch.float32) if keep else None
-    kept_t = torch.empty((n, v), dtype=torch.float32) if keep and kl_grad else None
+        return (*outs, got[3], got[4])
+    if outs is None:
+        outs = tuple(torch.empty(n, dtype=torch.float32) for _ in range(3))
     lp, ref_lp, kl = outs
+    kept_s = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows else None
+    kept_t = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows and kl_grad else None
     with check.attributed(fn):
         _C.fused_linear_label_terms(
             (h, w, b),
@@ -282,7 +278,7 @@ def _forward_side(
             (lp, ref_lp, None, kept_s, kept_t),
             False,
         )
-    return kept_s, kept_t
+    return lp, ref_lp, kl, kept_s, kept_t
 
 
 class _TDPOGradsInForward(torch.autograd.Function):
