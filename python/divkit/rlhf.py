@@ -494,6 +494,11 @@ def topk_entropy_mass(
         logp = torch.log_softmax(x / temperature, -1)
         top = logp.topk(k, dim=-1).values
         log_mass = torch.logsumexp(top, -1, keepdim=True)
+        if traced:
+            # A row of only -inf (no distribution) gives a NaN log mass; eager's decorator raises
+            # for it. Every output depends on log_mass, so the check cannot be dropped as unused.
+            msg = "logits: a row is all -inf (every entry masked: no distribution)"
+            log_mass = _ops.checked_range_op(log_mass, -math.inf, 1.0, fn, msg)
         logq = top - log_mass
         # 0 log 0 = 0: a masked (-inf) logit among the top k adds nothing (not 0 * -inf = NaN).
         entropy = -torch.where(logq == -math.inf, 0.0, logq.exp() * logq).sum(-1)

@@ -395,3 +395,7 @@ def test_topk_entropy_mass_errors_eager_and_compiled():
     _raises_eager_and_compiled(
         f, [inf, labels.clamp(max=6)], r"topk_entropy_mass: logits has NaN or \+inf"
     )
+    # A row of only -inf has no distribution: eager and compiled raise (not a NaN mean).
+    masked = logits.clone()
+    masked[1, 2] = float("-inf")
+    _raises_eager_and_compiled(f, [masked, labels.clamp(max=6)], "topk_entropy_mass: .*all -inf")
