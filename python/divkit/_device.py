@@ -41,6 +41,7 @@ TORCH_OPS = frozenset(
         "fused_linear_cross_entropy",
         "fused_linear_logprobs",
         "fused_linear_sparse_divergence",
+        "vocab_parallel_divergence",
         "sinkhorn",  # divkit.backends.torch_ot, like the three below
         "sparse_ot",
         "mmd",

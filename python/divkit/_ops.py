@@ -1118,6 +1118,7 @@ if ENABLED:
         num_items_in_batch: float,
         group_name: str,
         need: List[bool],
+        backend: str,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         from . import distributed
         from .fused import _token_weights
@@ -1135,7 +1136,7 @@ if ENABLED:
         group = _group(group_name)
         if upstream is None:
             loss, grads = distributed._vp_call(
-                student, teacher, labels, weights, fields, group, need, reduction
+                student, teacher, labels, weights, fields, group, need, reduction, backend, True
             )
         else:
             loss, grads = distributed._vp_call(
@@ -1147,6 +1148,7 @@ if ENABLED:
                 group,
                 need,
                 "sum",
+                backend,
             )
         return (loss, *_grads_or_empty(student, grads))
 
@@ -1169,6 +1171,7 @@ if ENABLED:
         else:
             ctx.save_for_backward(*inputs[:4])
             ctx.args = inputs[5:14]
+            ctx.backend = inputs[15]
 
     def _vocab_parallel_backward(ctx, g_loss, *_):
         need = list(ctx.needs_input_grad[:2])
@@ -1176,10 +1179,12 @@ if ENABLED:
             grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
         else:
             s, t, labels, weights = ctx.saved_tensors
-            out = vocab_parallel_divergence_op(s, t, labels, weights, g_loss, *ctx.args, need)
+            out = vocab_parallel_divergence_op(
+                s, t, labels, weights, g_loss, *ctx.args, need, ctx.backend
+            )
             grads = [g if n else None for g, n in zip(out[1:], need)]
         grads = guard_double_backward("vocab_parallel_divergence", grads)
-        return (*grads,) + (None,) * 13
+        return (*grads,) + (None,) * 14
 
     vocab_parallel_divergence_op.register_autograd(
         _vocab_parallel_backward, setup_context=_vocab_parallel_setup
@@ -1197,7 +1202,7 @@ if ENABLED:
     if hasattr(vocab_parallel_divergence_op, "register_vmap"):
         vocab_parallel_divergence_op.register_vmap(_vocab_parallel_vmap)
 
-    def vocab_parallel_divergence(s2, t2, labels, weights, fields: dict, group):
+    def vocab_parallel_divergence(s2, t2, labels, weights, fields: dict, group, backend="auto"):
         """vocab_parallel_divergence through the op on [N, V_r] rows: the loss, [N] or [1]."""
         need = _need((s2, t2), fields["reduction"] != "none")
         out = vocab_parallel_divergence_op(
@@ -1216,6 +1221,7 @@ if ENABLED:
             fields["num_items_in_batch"],
             group_name(group),
             need,
+            backend,
         )
         return out[0]
 

@@ -17,15 +17,18 @@ losses are :func:`divkit.fused_linear_divergence`, :func:`divkit.fused_linear_cr
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Tuple
 
 import torch
 import torch.distributed as dist
 
-from . import _C, _ops
+from . import _C, _device, _ops
 from . import _validate as check
+from .backends import torch_ops
 from .fused import (
     _CEConfig,
+    _check_same_tokens,
     _cross_entropy_apply,
     _DistillConfig,
     _divergence_apply,
@@ -52,21 +55,73 @@ def shard_offsets(local_vocab: int, group=None) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _vp_call(s, t, labels, weights, fields: dict, group, need, reduction: str):
-    """One core call on [N, V_r] shards: (float32 loss, fp32 shard gradients or None)."""
+def _vp_call(
+    s, t, labels, weights, fields: dict, group, need, reduction: str, backend="auto", agree=False
+):
+    """One call on [N, V_r] shards: (float32 loss, fp32 shard gradients or None). The C++ core
+    on CPU tensors; the PyTorch loop (torch.distributed collectives on the tensors' device, NCCL
+    for CUDA) elsewhere and for ``backend="torch"``. ``agree``: first check that the ranks pass
+    the same tokens (the eager path has done so with its argument checks)."""
+    fn = "vocab_parallel_divergence"
+    fields = dict(
+        fields,
+        reduction=reduction,
+        num_items_in_batch=0.0 if reduction == "none" else fields["num_items_in_batch"],
+    )
+    where = _device.route(fn, fn, backend, (("student_logits", s), ("teacher_logits", t)))
+    if agree:
+        # Ranks with different token counts would wait on each other's chunks.
+        _check_same_tokens(
+            fn, group, (), labels, count=s.shape[0], weights=weights, device=s.device
+        )
+    if not where.core:
+        cfg = SimpleNamespace(**fields)
+        return torch_ops.vocab_parallel_divergence(
+            s.detach(), t.detach(), labels, weights, cfg, group, tuple(need), fn=fn
+        )
     loss = torch.empty(s.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     gs = torch.empty(s.shape, dtype=torch.float32) if need[0] else None
     gt = torch.empty(t.shape, dtype=torch.float32) if need[1] else None
-    opts = _options(
-        group,
-        **dict(
-            fields,
-            reduction=reduction,
-            num_items_in_batch=0.0 if reduction == "none" else fields["num_items_in_batch"],
-        ),
+    _C.vocab_parallel_divergence(
+        s.detach(), t.detach(), labels, weights, _options(group, **fields), loss, gs, gt
     )
-    _C.vocab_parallel_divergence(s.detach(), t.detach(), labels, weights, opts, loss, gs, gt)
     return loss, [gs, gt]
+
+
+def _vp_arguments(fn, student_logits, teacher_logits, labels, weights, options: dict):
+    """The validated arguments of vocab_parallel_divergence: (s, t, labels, fp64 weights or
+    None, fields)."""
+    s = check.logits(fn, "student_logits", student_logits, cpu=False)
+    t = check.logits(fn, "teacher_logits", teacher_logits, cpu=False)
+    _device.common_device(fn, (("student_logits", s), ("teacher_logits", t)))
+    check.same_shape(fn, "teacher_logits", t, s, "student_logits")
+    lead = s.shape[:-1]
+    lab = check.labels(fn, labels, lead, cpu=False)
+    wts = None if weights is None else check.per_token(fn, "weights", weights, lead, cpu=False)
+    _device.common_device(fn, (("student_logits", s), ("labels", lab), ("weights", wts)))
+    wts = None if wts is None else wts.detach().reshape(-1).double().contiguous()
+    o = options
+    fields = dict(
+        kind=check.string(fn, "kind", o["kind"]),
+        beta=check.real(fn, "beta", o["beta"]),
+        alpha=check.real(fn, "alpha", o["alpha"]),
+        temperature=check.real(fn, "temperature", o["temperature"]),
+        scale_by_t_squared=bool(o["scale_by_t_squared"]),
+        ignore_index=check.integer(fn, "ignore_index", o["ignore_index"]),
+        reduction=check.reduction(fn, o["reduction"]),
+        num_items_in_batch=check.num_items(fn, o["num_items_in_batch"]),
+    )
+    # The nanobind call cannot be traced; under torch.compile the core checks the spec when the
+    # op runs.
+    if not _ops.compiling():
+        _C.validate_spec(
+            fields["kind"],
+            fields["beta"],
+            fields["alpha"],
+            fields["temperature"],
+            fields["scale_by_t_squared"],
+        )
+    return s, t, lab, wts, fields
 
 
 def vocab_parallel_divergence(
@@ -84,52 +139,72 @@ def vocab_parallel_divergence(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch=None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`divkit.divergence` over logits whose vocabulary dimension is sharded over the ranks
     of ``process_group`` (each rank passes its shard ``[..., V_r]``, shards contiguous in rank
     order). Same formulas, directions, options and result as the unsharded call; gradients are
-    those of the rank's shard (float32)."""
+    those of the rank's shard (float32). Every rank passes the same tokens (labels, weights):
+    a difference raises on every rank.
+
+    CPU tensors run the C++ core; CUDA tensors (and ``backend="torch"``) run the same phases in
+    PyTorch ops with ``torch.distributed`` collectives on the tensors' device (NCCL for CUDA),
+    one chunk of rows at a time. The CUDA path has not yet run on a GPU."""
     fn = "vocab_parallel_divergence"
-    s = check.logits(fn, "student_logits", student_logits)
-    t = check.logits(fn, "teacher_logits", teacher_logits)
-    check.same_shape(fn, "teacher_logits", t, s, "student_logits")
-    lead = s.shape[:-1]
-    lab = check.labels(fn, labels, lead)
-    wts = None if weights is None else check.per_token(fn, "weights", weights, lead)
-    wts = None if wts is None else wts.detach().reshape(-1).double().contiguous()
-    fields = dict(
-        kind=check.string(fn, "kind", kind),
-        beta=check.real(fn, "beta", beta),
-        alpha=check.real(fn, "alpha", alpha),
-        temperature=check.real(fn, "temperature", temperature),
-        scale_by_t_squared=bool(scale_by_t_squared),
-        ignore_index=check.integer(fn, "ignore_index", ignore_index),
-        reduction=check.reduction(fn, reduction),
-        num_items_in_batch=check.num_items(fn, num_items_in_batch),
-    )
-    # The nanobind call cannot be traced; under torch.compile the core checks the spec when the
-    # op runs.
-    if not _ops.compiling():
-        _C.validate_spec(
-            fields["kind"],
-            fields["beta"],
-            fields["alpha"],
-            fields["temperature"],
-            fields["scale_by_t_squared"],
-        )
     group = dist.group.WORLD if process_group is None else process_group
+    # A bad argument on one rank must raise on every rank, not leave the others waiting in a
+    # collective: the local checks' outcome travels with the tokens' fingerprint.
+    error = None
+    try:
+        s, t, lab, wts, fields = _vp_arguments(
+            fn,
+            student_logits,
+            teacher_logits,
+            labels,
+            weights,
+            dict(
+                kind=kind,
+                beta=beta,
+                alpha=alpha,
+                temperature=temperature,
+                scale_by_t_squared=scale_by_t_squared,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                num_items_in_batch=num_items_in_batch,
+            ),
+        )
+        backend = _device.backend(fn, backend)
+    except check.Error as e:
+        error = e
+    if _ops.compiling():
+        if error is not None:
+            raise error
+    else:
+        x = student_logits if isinstance(student_logits, torch.Tensor) else None
+        count = -1 if error is not None else s.numel() // max(s.shape[-1], 1)
+        _check_same_tokens(
+            fn,
+            group,
+            (),
+            None if error is not None else lab,
+            count=count,
+            weights=None if error is not None else wts,
+            device=x.device if x is not None else torch.device("cpu"),
+            error=error,
+        )
+    lead = s.shape[:-1]
     if _ops.use_ops(s, t, lab, fn=fn):
         s2 = s.reshape(-1, s.shape[-1]).contiguous()
         t2 = t.reshape(-1, t.shape[-1]).contiguous()
-        loss = _ops.vocab_parallel_divergence(s2, t2, lab, wts, fields, group)
+        loss = _ops.vocab_parallel_divergence(s2, t2, lab, wts, fields, group, backend)
         return loss.reshape(lead) if fields["reduction"] == "none" else loss.reshape(())
 
     def call(ts, need, upstream):
         if upstream is None:
-            loss, grads = _vp_call(*ts, lab, wts, fields, group, need, fields["reduction"])
+            loss, grads = _vp_call(*ts, lab, wts, fields, group, need, fields["reduction"], backend)
         else:
             loss, grads = _vp_call(
-                *ts, lab, _token_weights(upstream, wts), fields, group, need, "sum"
+                *ts, lab, _token_weights(upstream, wts), fields, group, need, "sum", backend
             )
         return (loss,), grads
 

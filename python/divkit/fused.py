@@ -88,35 +88,59 @@ def _full(fn: str, name: str, x):
     return x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
 
 
-def _check_same_tokens(fn: str, group, hidden: Sequence[torch.Tensor], labels) -> None:
-    """Vocabulary-parallel mode: every rank must pass the same tokens (hidden states and global
-    labels). A cheap fingerprint (token count, sums of the labels and of the hidden states and
-    their squares, in fp64) is compared across the group with one all-reduce (max of x and of
-    -x); a difference raises on every rank instead of a silently wrong loss."""
+def _check_same_tokens(
+    fn: str,
+    group,
+    hidden: Sequence[torch.Tensor],
+    labels,
+    *,
+    count: Optional[int] = None,
+    weights: Optional[torch.Tensor] = None,
+    device=None,
+    error: Optional[Exception] = None,
+) -> None:
+    """Vocabulary-parallel mode: every rank must pass the same tokens (hidden states, global
+    labels, token weights). A cheap fingerprint (token count, sums of the labels and weights, of
+    the hidden states and their squares, in fp64) is compared across the group with one
+    all-reduce (max of x and of -x); a difference raises on every rank instead of a silently
+    wrong loss (or ranks waiting on each other's chunks). ``count`` and ``device`` default to
+    the first hidden state's. ``error``: this rank's argument error, if any, raised on this rank
+    (and a pointer to it on the others) after the all-reduce, so that every rank raises."""
     import torch.distributed as dist
 
     with torch.no_grad():
-        vals = [float(hidden[0].shape[0]), 0.0 if labels is None else labels.double().sum()]
+        n = hidden[0].shape[0] if count is None else count
+        dev = hidden[0].device if device is None else device
+        vals = [0.0 if error is None else 1.0, float(n)]
+        vals.append(0.0 if labels is None else labels.double().sum())
+        vals.append(0.0 if weights is None else weights.double().sum())
         for x in hidden:
             h = x.detach().double()
             vals += [h.sum(), (h * h).sum()]
         # On the tokens' device: NCCL reduces CUDA tensors only.
-        dev = hidden[0].device
         stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev) for v in vals])
         both = torch.cat([stats, -stats])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
         k = stats.numel()
         hi, lo = both[:k], -both[k:]
+    if error is not None:
+        raise error
+    if float(hi[0]) > 0:
+        check.fail(
+            fn,
+            "the arguments were rejected on another rank of the vocabulary-parallel group "
+            "(see its error)",
+        )
     # fp64 sums of the same values may differ in the last bits between thread counts.
     tol = 1e-10 * (hi.abs() + lo.abs())
     if bool(((hi - lo) > tol).any()):
-        names = ["token count", "labels"] + ["hidden states"] * (k - 2)
+        names = ["error", "token count", "labels", "weights"] + ["hidden states"] * (k - 4)
         bad = sorted({n for n, d, t in zip(names, (hi - lo).tolist(), tol.tolist()) if d > t})
         check.fail(
             fn,
             f"process_group: the ranks passed different tokens ({', '.join(bad)} differ); in "
-            f"vocabulary-parallel mode every rank passes the same hidden states and labels and "
-            f"holds its own shard of the vocabulary",
+            f"vocabulary-parallel mode every rank passes the same tokens and holds its own "
+            f"shard of the vocabulary",
         )
 
 

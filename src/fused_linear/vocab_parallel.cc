@@ -347,7 +347,7 @@ void vocab_parallel_divergence(const TensorView& student, const TensorView& teac
       {outputs.grad_student.defined(), outputs.grad_teacher.defined()});
   const int64_t n = student.shape[0];
   const std::vector<int64_t> labels =
-      fused::read_labels(fn, options.labels, n, options.ignore_index, group.global_v(), false);
+      fused::read_labels(fn, options.labels, n, options.ignore_index, group.global_v(), true);
   const std::vector<double> weights = reduce::token_weights(fn, options.weights, n);
   std::vector<uint8_t> active(static_cast<size_t>(n));
   int64_t count = 0;

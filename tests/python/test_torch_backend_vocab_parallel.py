@@ -303,6 +303,100 @@ def _error_checks(rank, world):
     _close(out, want, 2e-5, "after the errors")
 
 
+def _token_checks(rank, world):
+    """vocab_parallel_divergence (logits already sharded) on the PyTorch loop against the core on
+    the same shards and the unsharded divergence: every kind, reductions, labels, weights,
+    temperature, num_items_in_batch, both gradients; and its errors on every rank."""
+    import divkit
+    from divkit.distributed import vocab_parallel_divergence
+
+    g = torch.Generator().manual_seed(5)
+    n, v = 19, 37
+    s = torch.randn(n, v, generator=g) * 2
+    t = torch.randn(n, v, generator=g) * 2
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::4] = -100
+    s[::4] *= 400.0  # ignored rows whose exp() overflows: never read, zero gradients
+    weights = torch.rand(n, generator=g) + 0.5
+    lo, hi = _bounds(v, world, rank)
+    cases = [(k, p, "mean", 1.5, True) for k, p in KIND_CASES]
+    cases += [
+        ("forward_kl", {}, "none", 1.0, True),
+        ("jsd", {"beta": 0.3}, "sum", 0.8, True),
+        ("renyi", {"alpha": 0.5}, "batchmean", 2.0, False),
+        ("reverse_kl", {"num_items_in_batch": 11}, "sum", 1.0, True),
+        ("tvd", {}, "none", 1.0, False),
+    ]
+    for kind, params, reduction, temp, with_labels in cases:
+        kw = dict(
+            labels=labels if with_labels else None,
+            weights=weights if reduction != "batchmean" else None,
+            reduction=reduction,
+            temperature=temp,
+            scale_by_t_squared=temp != 1.0,
+            **params,
+        )
+        what = f"token {kind} {reduction} T={temp}"
+        got = {}
+        for mode in ("torch", "core", "full"):
+            xs = (s, t) if mode == "full" else (s[:, lo:hi], t[:, lo:hi])
+            xs = [x.clone().requires_grad_(True) for x in xs]
+            if mode == "full":
+                out = divkit.divergence(xs[0], xs[1], kind, **kw)
+            else:
+                out = vocab_parallel_divergence(xs[0], xs[1], kind, backend=mode, **kw)
+            up = torch.linspace(0.5, 1.5, n) if reduction == "none" else torch.tensor(0.8)
+            (out * up).sum().backward()
+            got[mode] = (out.detach(), xs[0].grad, xs[1].grad)
+        for ref in ("core", "full"):
+            sl = slice(None) if ref == "core" else slice(lo, hi)
+            _close(got["torch"][0], got[ref][0], 2e-5, f"{what}: loss vs {ref}")
+            _close(got["torch"][1], got[ref][1][:, sl], 3e-5, f"{what}: grad student vs {ref}")
+            _close(got["torch"][2], got[ref][2][:, sl], 3e-5, f"{what}: grad teacher vs {ref}")
+        assert torch.isfinite(got["torch"][1]).all(), what
+    # The logits are never written.
+    ss, tt = s[:, lo:hi].clone(), t[:, lo:hi].clone()
+    vocab_parallel_divergence(ss, tt, "jsd", labels=labels, backend="torch")
+    assert torch.equal(ss, s[:, lo:hi]) and torch.equal(tt, t[:, lo:hi])
+    # Errors raise on every rank, on both engines.
+    for kw in (dict(backend="torch"), dict(backend="core")):
+        sv, tv = s[:, lo:hi], t[:, lo:hi]
+        m = n - 1 if rank == 1 else n
+        _expect_error(
+            lambda: vocab_parallel_divergence(sv[:m], tv[:m], **kw),
+            "vocab_parallel_divergence",
+            "different tokens",
+            "token count",
+        )
+        lab = labels.clone()
+        if rank == 0:
+            lab[1] = 3 if int(lab[1]) != 3 else 4
+        _expect_error(
+            lambda: vocab_parallel_divergence(sv, tv, labels=lab, **kw),
+            "different tokens",
+            "labels",
+        )
+        bad = labels.clone()
+        bad[1] = v  # the global V: out of range on every rank
+        _expect_error(lambda: vocab_parallel_divergence(sv, tv, labels=bad, **kw), "labels")
+        t_bad = tv[:, :-1] if rank == 1 else tv
+        _expect_error(
+            lambda: vocab_parallel_divergence(sv, t_bad, **kw),
+            "vocab_parallel_divergence",
+            "the shape of student_logits" if rank == 1 else "rejected on another rank",
+        )
+        nan = sv.clone()
+        if rank == 1:
+            nan[2, 0] = float("nan")
+        # The PyTorch loop finds it in the all-reduced row max; the core in its agreed checks.
+        core_elsewhere = kw["backend"] == "core" and rank != 1
+        needle = "rejected on 1 other rank" if core_elsewhere else "NaN"
+        _expect_error(lambda: vocab_parallel_divergence(nan, tv, **kw), needle)
+    _expect_error(
+        lambda: vocab_parallel_divergence(sv, tv, backend="gpu"), "backend", "vocab_parallel"
+    )
+
+
 def _bf16_checks(rank, world):
     """bf16 hidden states and shards: both engines compute in fp32 from the same values."""
     import divkit
@@ -356,6 +450,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
             "labels": _label_head_checks,
             "errors": _error_checks,
             "bf16": _bf16_checks,
+            "token": _token_checks,
         }
         checks[part](rank, world)
         want = {
@@ -367,6 +462,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
                 "fused_linear_logprobs",
             },
             "bf16": {"fused_linear_divergence"},
+            "token": {"vocab_parallel_divergence"},
         }[part]
         assert set(made) == want, made
         msg = "ok"
@@ -384,7 +480,15 @@ def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
 @pytest.mark.parametrize(
     "part,world",
     # Three ranks: a middle shard, whose offset is neither 0 nor V - V_r.
-    [("divergence", 2), ("labels", 2), ("errors", 2), ("bf16", 2), ("labels", 3)],
+    [
+        ("divergence", 2),
+        ("labels", 2),
+        ("errors", 2),
+        ("bf16", 2),
+        ("labels", 3),
+        ("token", 2),
+        ("token", 3),
+    ],
 )
 def test_torch_vocab_parallel_matches_core_and_unsharded(part, world, tmp_path):
     mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), part), nprocs=world, join=True)

@@ -1188,6 +1188,71 @@ class ShardRows(TorchRows):
         return row, gs, gt
 
 
+def vocab_parallel_divergence(
+    s2: torch.Tensor,
+    t2: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    cfg: Any,
+    group,
+    need: Tuple[bool, bool],
+    *,
+    fn: str = "vocab_parallel_divergence",
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, list]:
+    """The token divergence of logits ``[N, V_r]`` sharded over ``group`` (the core's
+    vocab_parallel_divergence in PyTorch ops, for CUDA tensors over NCCL and for
+    ``backend="torch"``): per chunk of rows, :class:`ShardRows` under the group's normalizers.
+    Returns the float32 loss ([N] for ``reduction="none"``, else [1]) and the fp32 gradients of
+    this rank's shards (None where ``need`` is False). The logits are never written."""
+    n, v = s2.shape
+    dev = s2.device
+
+    def local():
+        if v == 0:
+            check.fail(fn, "student_logits has no columns on this rank (an empty vocabulary shard)")
+        if tuple(t2.shape) != (n, v):
+            check.fail(
+                fn,
+                f"student_logits {tuple(s2.shape)} and teacher_logits {tuple(t2.shape)} must "
+                f"have the same shape",
+            )
+
+    shard = _Shard(fn, group, v, dev, local, (bool(need[0]), bool(need[1])))
+    plan = _Plan(fn, cfg, n, labels, weights, dev)
+    act = plan.active
+    if labels is not None:
+        _check_label_range(
+            fn, labels.to(dev).reshape(-1).to(torch.int64), act, shard.global_v, cfg.ignore_index
+        )
+    soft_cfg = _SoftCfg(cfg)
+    step = ShardRows(shard)
+    dt = _compute_dtype(s2, t2)
+    gs = torch.zeros((n, v), dtype=torch.float32, device=dev) if need[0] else None
+    gt = torch.zeros((n, v), dtype=torch.float32, device=dev) if need[1] else None
+    scale = torch.where(act, plan.weight / plan.divisor, torch.zeros_like(plan.weight))
+    row_loss = torch.zeros(n, dtype=torch.float64, device=dev)
+    lab = None if labels is None else labels.to(dev).reshape(-1)
+    # Every rank takes the same chunks (from the largest shard), so the collectives pair up.
+    rows = _rows_per_chunk(chunk_size, n, shard.max_v, dev)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        # ShardRows may write the student gradient over its input: give it a copy.
+        zs = s2[a:b].to(dt, copy=True)
+        zt = t2[a:b].to(dt)
+        lab_c = None if lab is None else lab[a:b]
+        row, gzs, gzt = step.divergence(
+            zs, zt, lab_c, scale[a:b], soft_cfg, bool(need[0]), bool(need[1]), fn
+        )
+        row_loss[a:b] = row
+        if gs is not None:
+            gs[a:b] = gzs
+        if gt is not None:
+            gt[a:b] = gzt
+    loss = row_loss if cfg.reduction == "none" else row_loss.sum().reshape(1)
+    return loss.to(torch.float32), [gs, gt]
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused linear head (src/fused_linear/distill_loop.cc): chunks of tokens through the GEMM,
 # the soft term (the token divergence above, per row, weighted soft_weight * w_i / divisor) and
