@@ -194,6 +194,21 @@ def _vocab_parallel_against_cpu(device, pg_backend, dtype, tol):
             )
         _close(outs[1][:4], outs[0][:4], loss_tol)
         _close(outs[1][4:], outs[0][4:], tol)
+        # The token-level divergence of logits already sharded (here: the whole vocabulary).
+        from divkit.distributed import vocab_parallel_divergence
+
+        g = torch.Generator().manual_seed(9)
+        s, t = (torch.randn(37, 2053, generator=g).to(dtype) * 3 for _ in range(2))
+        for kind in ("forward_kl", "jsd", "renyi"):
+            outs = []
+            for d, f in (("cpu", divkit.divergence), (device, vocab_parallel_divergence)):
+                sd, td = (x.to(d).requires_grad_() for x in (s, t))
+                kw = {} if f is divkit.divergence else {"process_group": group}
+                loss = f(sd, td, kind, labels=labels[:37].to(d), temperature=1.3, **kw)
+                loss.backward()
+                outs.append([loss.detach().cpu(), sd.grad.cpu(), td.grad.cpu()])
+            _close(outs[1][:1], outs[0][:1], loss_tol)
+            _close(outs[1][1:], outs[0][1:], tol)
     finally:
         if made:
             dist.destroy_process_group()
