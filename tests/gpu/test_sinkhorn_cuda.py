@@ -61,7 +61,9 @@ class _NoFallback:
 
 def _run(dev, x, y, a, b, **kw):
     """sinkhorn on dev with gradients for x, y, a, b; returns the tensors to compare."""
-    ts = [t.to(dev).requires_grad_() if t is not None else None for t in (x, y, a, b)]
+    ts = [
+        t.to(dev).detach().clone().requires_grad_() if t is not None else None for t in (x, y, a, b)
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         r = sinkhorn(*ts, **kw)
@@ -180,9 +182,9 @@ def test_a_batch_is_bitwise_its_problems_alone():
     # Each problem keeps its own iterates, iteration count and stopping point in a batch.
     x, y, a, b = _clouds(4, 120, 90, 3, seed=11)
     x[2] *= 3.0  # a slower problem: the others are frozen while it iterates
-    batch = _run("cuda", x, y, a, b, eps=0.05, cost_cache_mib=0.0)
+    batch = _run("cuda", x, y, a, b, eps=0.2, cost_cache_mib=0.0)
     for k in range(4):
-        one = _run("cuda", x[k : k + 1], y[k : k + 1], a[k : k + 1], b[k : k + 1], eps=0.05,
+        one = _run("cuda", x[k : k + 1], y[k : k + 1], a[k : k + 1], b[k : k + 1], eps=0.2,
                    cost_cache_mib=0.0)  # fmt: skip
         for key in batch:
             assert torch.equal(batch[key][k : k + 1], one[key]), (k, key)
@@ -196,7 +198,7 @@ def test_sample_divergences_match_the_cpu_core():
     for dev in ("cpu", "cuda"):
         xs, ys = x.to(dev).requires_grad_(), y.to(dev).requires_grad_()
         s = sinkhorn_divergence(xs, ys, a.to(dev), b.to(dev), eps=0.1)
-        mg = monge_gap(xs, ys + 0.1, eps=0.1)
+        mg = monge_gap(xs, 0.9 * xs + 0.1, eps=0.1)
         (s + mg).backward()
         out.append((s, mg, xs.grad, ys.grad))
     for u, v in zip(out[1], out[0]):
