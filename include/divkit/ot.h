@@ -61,6 +61,14 @@
 // dtypes: points and cost float32 or float64 (the kernels compute in that precision, with the
 // potentials and all sums in float64); weights float32 or float64; outputs float64 (the plan
 // float32 or float64).
+//
+// CUDA: when the views are on a CUDA device (all on one; outputs too), the problems run on the
+// GPU (src/ot/sinkhorn_cuda.cu) on SinkhornOptions::stream, with the same problem, options and
+// results, in float64 throughout whatever the inputs' dtype, log-domain updates only (no
+// kernel-domain iterations), the cost held (given, or cached when the cost and its transpose for
+// the whole batch take at most cost_cache_bytes in float64) or computed on the fly. The B
+// problems iterate together; float64 inputs agree with the CPU to rounding, float32 inputs to
+// float32 rounding. Not yet run on a GPU (docs/gpu.md).
 #pragma once
 
 #include <cstdint>
@@ -88,6 +96,11 @@ struct SinkhornOptions {
   // iterations at small eps than alternating updates; each iteration is one pass over the
   // points. The outputs are those of the general solver (g = f, grad_y = grad_x, ...).
   bool symmetric = false;
+  // CUDA inputs (every view on one CUDA device): the cudaStream_t the kernels run on, as an
+  // integer (0: the default stream). The call synchronizes with the stream to read the input
+  // checks once and the convergence flags every 16 iterations, and returns when the results
+  // are written. Ignored for CPU inputs.
+  std::uintptr_t stream = 0;
 };
 
 // Inputs of a batch of B independent problems. Either points (x [B, n, d], y [B, m, d]) or a

@@ -15,6 +15,8 @@ Conventions (see ``include/divkit/ot.h`` for the full statement):
 Every function takes CPU tensors (float32 or float64) and, through its PyTorch fallback
 (:mod:`divkit.backends.torch_ot`, ``backend="torch"``), tensors on any device: :func:`sinkhorn`
 (with the functions built on it), :func:`sparse_ot`, :func:`mmd` and :func:`cs_divergence`;
+in a CUDA build, :func:`sinkhorn` (and so :func:`sinkhorn_divergence`, :func:`sinkhorn_kd_loss`
+and :func:`monge_gap`) runs CUDA tensors on divkit's CUDA kernels instead of the fallback;
 non-convergence is reported in the result and as a ``RuntimeWarning``, never hidden.
 """
 
@@ -86,22 +88,25 @@ class _Cfg(NamedTuple):
 
 
 def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool]):
-    """Runs the core on 3-D inputs. Returns (stats list, f, g, plan, grads...)."""
+    """Runs the core on 3-D inputs (CPU tensors, or CUDA tensors in a CUDA build: the outputs
+    on their device, the kernels on PyTorch's current stream). Returns (stats list, f, g, plan,
+    grads...)."""
     need_x, need_y, need_a, need_b, need_c = need
     if cost is not None:
         B, n, m = cost.shape
-        dt = cost.dtype
+        dt, dev = cost.dtype, cost.device
     else:
         B, n, _ = x.shape
         m = y.shape[1]
-        dt = x.dtype
-    f = torch.empty(B, n, dtype=torch.float64)
-    g = torch.empty(B, m, dtype=torch.float64)
-    plan = torch.empty(B, n, m, dtype=dt) if (cfg.return_plan or need_c) else None
-    gx = torch.empty(B, n, x.shape[2], dtype=torch.float64) if need_x else None
-    gy = torch.empty(B, m, y.shape[2], dtype=torch.float64) if need_y else None
-    ga = torch.empty(B, n, dtype=torch.float64) if need_a else None
-    gb = torch.empty(B, m, dtype=torch.float64) if need_b else None
+        dt, dev = x.dtype, x.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    f = torch.empty(B, n, **f64)
+    g = torch.empty(B, m, **f64)
+    plan = torch.empty(B, n, m, dtype=dt, device=dev) if (cfg.return_plan or need_c) else None
+    gx = torch.empty(B, n, x.shape[2], **f64) if need_x else None
+    gy = torch.empty(B, m, y.shape[2], **f64) if need_y else None
+    ga = torch.empty(B, n, **f64) if need_a else None
+    gb = torch.empty(B, m, **f64) if need_b else None
     options = _C.SinkhornOptions(
         eps=cfg.eps,
         p=cfg.p,
@@ -114,18 +119,21 @@ def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool
         cost_cache_bytes=cfg.cost_cache_bytes,
         symmetric=cfg.symmetric,
     )
+    if dev.type == "cuda":
+        options.stream = torch.cuda.current_stream(dev).cuda_stream
     stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, options)
     return stats, f, g, plan, gx, gy, ga, gb
 
 
-def _stats_tensors(stats) -> dict:
-    """The core's per-problem stats as the fallback gives them: a dict of [B] tensors."""
+def _stats_tensors(stats, device=None) -> dict:
+    """The core's per-problem stats as the fallback gives them: a dict of [B] tensors (on
+    ``device``, the inputs' device, as the fallback's)."""
     return dict(
-        transport_cost=torch.tensor([s[0] for s in stats], dtype=torch.float64),
-        reg_cost=torch.tensor([s[1] for s in stats], dtype=torch.float64),
-        n_iter=torch.tensor([s[3] for s in stats], dtype=torch.int64),
-        marginal_error=torch.tensor([s[4] for s in stats], dtype=torch.float64),
-        converged=torch.tensor([s[5] for s in stats], dtype=torch.bool),
+        transport_cost=torch.tensor([s[0] for s in stats], dtype=torch.float64, device=device),
+        reg_cost=torch.tensor([s[1] for s in stats], dtype=torch.float64, device=device),
+        n_iter=torch.tensor([s[3] for s in stats], dtype=torch.int64, device=device),
+        marginal_error=torch.tensor([s[4] for s in stats], dtype=torch.float64, device=device),
+        converged=torch.tensor([s[5] for s in stats], dtype=torch.bool, device=device),
     )
 
 
@@ -140,8 +148,9 @@ def _sinkhorn_run(x, y, cost, a, b, cfg: _Cfg, need, core: bool):
     stats, f, g, plan, gx, gy, ga, gb = solve(
         xd, yd, cd, ad, bd, cfg, (need_x, need_y, need_a, need_b, need_c)
     )
-    stats = _stats_tensors(stats) if core else stats
-    dt = (cost if cost is not None else x).dtype
+    ref = cost if cost is not None else x
+    stats = _stats_tensors(stats, ref.device) if core else stats
+    dt = ref.dtype
     return stats["reg_cost"].to(dt), stats, f, g, plan, (gx, gy, ga, gb)
 
 
@@ -234,9 +243,12 @@ def sinkhorn(
             g = f and uses the averaged update ``f <- (f + T(f)) / 2`` (Feydy et al. 2019),
             which converges in far fewer passes at small eps; same result as the general
             solver. Used by :func:`sinkhorn_divergence` for its two self-terms.
-        backend: ``"auto"`` (the C++ core for CPU tensors, the PyTorch fallback on other
-            devices), ``"core"`` (CPU tensors only; another device raises ``"sinkhorn: no
-            kernel for device <d>"``) or ``"torch"``: the fallback
+        backend: ``"auto"`` (the C++ core for CPU tensors and, in a CUDA build, for CUDA
+            tensors: divkit's CUDA kernels, float64 throughout, log-domain updates, on
+            PyTorch's current stream, convergence flags read back every 16 iterations; the
+            PyTorch fallback on other devices), ``"core"`` (CPU tensors, or CUDA tensors in a
+            CUDA build; another device raises ``"sinkhorn: no kernel for device <d>"``) or
+            ``"torch"``: the fallback
             (:mod:`divkit.backends.torch_ot`) on any device, the same formulas in float64 with
             the cost held as an n x m matrix within ``cost_cache_mib`` and computed on the
             fly in blocks of rows beyond it, and log-domain updates only (the kernel-domain

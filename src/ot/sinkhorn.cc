@@ -15,12 +15,14 @@
 #endif
 
 #include "core/check.h"
+#include "core/cuda_device.h"
 #include "core/element.h"
 #include "core/gemm.h"
 #include "divkit/ot.h"
 #include "divkit/runtime.h"
 #include "hwy/aligned_allocator.h"
 #include "ot/ot_job.h"
+#include "ot/sinkhorn_cuda.h"
 
 namespace divkit {
 namespace {
@@ -59,7 +61,7 @@ std::string idx(int64_t b, int64_t i) {
 void check_view(const char* name, const TensorView& t, int ndim, const int64_t* shape,
                 bool f64_only) {
   const std::string arg(name);
-  if (t.device != Device::cpu) fail(kFn, arg + " must be on the CPU");
+  // The device: sinkhorn() has checked that every view is on one (CPU or one CUDA device).
   bool ok = t.ndim == ndim;
   for (int i = 0; ok && i < ndim; ++i) ok = shape[i] < 0 || t.shape[i] == shape[i];
   if (!ok) {
@@ -688,6 +690,21 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
                      {"grad_y", out.grad_y},
                      {"grad_a", out.grad_a},
                      {"grad_b", out.grad_b}});
+  const cuda::Placement where = cuda::placement(kFn, {{"x", &in.x},
+                                                      {"y", &in.y},
+                                                      {"cost", &in.cost},
+                                                      {"a", &in.a},
+                                                      {"b", &in.b},
+                                                      {"f", &out.f},
+                                                      {"g", &out.g},
+                                                      {"plan", &out.plan},
+                                                      {"grad_x", &out.grad_x},
+                                                      {"grad_y", &out.grad_y},
+                                                      {"grad_a", &out.grad_a},
+                                                      {"grad_b", &out.grad_b}});
+#if !DIVKIT_HAS_CUDA
+  if (where.device == Device::cuda) cuda::not_built(kFn);
+#endif
   check_options(opt);
   const bool points = in.x.defined() || in.y.defined();
   int64_t B = 0, n = 0, m = 0, d = 0;
@@ -745,6 +762,10 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
     if (m > 1 && out.plan.strides[2] != 1)
       fail(kFn, "plan must have unit stride along its last dimension");
   }
+#if DIVKIT_HAS_CUDA
+  if (where.device == Device::cuda)
+    return detail::sinkhorn_cuda(in, opt, out, B, n, m, points ? d : 0, where.index);
+#endif
   std::vector<SinkhornStats> stats;
   stats.reserve(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b)

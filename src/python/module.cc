@@ -66,7 +66,8 @@ NB_MODULE(_C, m) {
   m.def(
       "cuda_ops",
       [] {
-        return std::vector<std::string>{"divergence", "sparse_divergence", "topk_divergence"};
+        return std::vector<std::string>{"divergence", "sparse_divergence", "topk_divergence",
+                                        "sinkhorn"};
       },
       "The _C functions that run CUDA tensors on the GPU in a CUDA build (the others take CPU "
       "tensors only).");

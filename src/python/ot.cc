@@ -19,15 +19,13 @@ namespace {
 
 using Stats = std::tuple<double, double, double, int64_t, double, bool>;
 
-std::vector<Stats> sinkhorn(const std::optional<InArray>& x, const std::optional<InArray>& y,
-                            const std::optional<InArray>& cost, const std::optional<InArray>& a,
-                            const std::optional<InArray>& b, const OutArray& f, const OutArray& g,
-                            const std::optional<OutArray>& plan,
-                            const std::optional<OutArray>& grad_x,
-                            const std::optional<OutArray>& grad_y,
-                            const std::optional<OutArray>& grad_a,
-                            const std::optional<OutArray>& grad_b,
-                            const divkit::SinkhornOptions& opt) {
+std::vector<Stats> sinkhorn(
+    const std::optional<AnyInArray>& x, const std::optional<AnyInArray>& y,
+    const std::optional<AnyInArray>& cost, const std::optional<AnyInArray>& a,
+    const std::optional<AnyInArray>& b, const AnyOutArray& f, const AnyOutArray& g,
+    const std::optional<AnyOutArray>& plan, const std::optional<AnyOutArray>& grad_x,
+    const std::optional<AnyOutArray>& grad_y, const std::optional<AnyOutArray>& grad_a,
+    const std::optional<AnyOutArray>& grad_b, const divkit::SinkhornOptions& opt) {
   constexpr const char* fn = "sinkhorn";
   divkit::SinkhornInputs in;
   in.x = optional_view(fn, "x", x);
@@ -139,14 +137,17 @@ void register_ot(nb::module_& m) {
       .def_rw("rho_a", &divkit::SinkhornOptions::rho_a)
       .def_rw("rho_b", &divkit::SinkhornOptions::rho_b)
       .def_rw("cost_cache_bytes", &divkit::SinkhornOptions::cost_cache_bytes)
-      .def_rw("symmetric", &divkit::SinkhornOptions::symmetric);
+      .def_rw("symmetric", &divkit::SinkhornOptions::symmetric)
+      .def_rw("stream", &divkit::SinkhornOptions::stream,
+              "CUDA tensors: the cudaStream_t to run on, as an integer (0: the default stream).");
   m.def("sinkhorn", &sinkhorn, nb::arg("x").none(), nb::arg("y").none(), nb::arg("cost").none(),
         nb::arg("a").none(), nb::arg("b").none(), nb::arg("f"), nb::arg("g"),
         nb::arg("plan").none(), nb::arg("grad_x").none(), nb::arg("grad_y").none(),
         nb::arg("grad_a").none(), nb::arg("grad_b").none(), nb::arg("options"),
-        "Batched log-domain Sinkhorn (include/divkit/ot.h). Writes f, g and the optional "
-        "outputs; returns per problem (transport_cost, reg_cost, mass, n_iter, "
-        "marginal_error, converged).");
+        "Batched log-domain Sinkhorn (include/divkit/ot.h) on CPU tensors, or CUDA tensors "
+        "(one device, options.stream) in a CUDA build. Writes f, g and the optional outputs; "
+        "returns per problem (transport_cost, reg_cost, mass, n_iter, marginal_error, "
+        "converged).");
   m.def("sparse_ot", &sparse_ot, nb::arg("a"), nb::arg("b"), nb::arg("cost"), nb::arg("alpha"),
         nb::arg("grad_b").none(), nb::arg("gamma"), nb::arg("k"), nb::arg("tol"),
         nb::arg("max_iter"),

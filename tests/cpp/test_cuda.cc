@@ -13,8 +13,10 @@
 
 #include "divergence/divergences_scalar.h"
 #include "divkit/divergence.h"
+#include "divkit/ot.h"
 #include "divkit/sparse.h"
 #include "divkit/tensor.h"
+#include "ot/sinkhorn_scalar.h"
 #include "sparse/sparse_scalar.h"
 
 namespace divkit {
@@ -522,6 +524,408 @@ TEST(SparseScalar, TopkRowMatchesTheSimdKernelForEveryKind) {
       expect_rows(r, &loss[i], grad.data() + i * v, v,
                   std::string(divergence_kind_name(spec.kind)) + " topk row " + std::to_string(i));
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sinkhorn: the CUDA solver's steps (sinkhorn_cuda.cu) on the host with the per-entry math of
+// ot/sinkhorn_scalar.h, in the kernels' order (each of kThreads threads keeps an online
+// log-sum-exp of the columns j = t, t + kThreads, ...; the block combines the threads in order),
+// against the CPU solver in float64.
+
+namespace os = ot_scalar;
+constexpr int kSkThreads = 256;  // cuda_common::kThreads
+
+TensorView sk_view3(void* p, DType dt, int64_t b, int64_t n, int64_t d) {
+  TensorView v;
+  v.data = p;
+  v.dtype = dt;
+  v.ndim = 3;
+  v.shape[0] = b;
+  v.shape[1] = n;
+  v.shape[2] = d;
+  v.strides[2] = 1;
+  v.strides[1] = d;
+  v.strides[0] = n * d;
+  return v;
+}
+
+// B problems: points x [B][n][d], y [B][m][d] (d > 0) or a cost [B][n][m] (d = 0); weights.
+struct SkProblem {
+  int64_t B = 1, n = 0, m = 0, d = 0;
+  std::vector<double> x, y, cost, a, b;
+};
+struct SkResult {
+  std::vector<double> f, g, plan, gx, gy, ga, gb;
+  std::vector<SinkhornStats> st;
+};
+
+// The cost of row i of one side against column j (the CUDA tiles: direct differences).
+double sk_cost(const SkProblem& P, int64_t b, bool rows_side, int64_t i, int64_t j, int p) {
+  if (P.d == 0)
+    return rows_side ? P.cost[(b * P.n + i) * P.m + j] : P.cost[(b * P.n + j) * P.m + i];
+  const double* xi = rows_side ? &P.x[(b * P.n + i) * P.d] : &P.y[(b * P.m + i) * P.d];
+  const double* yj = rows_side ? &P.y[(b * P.m + j) * P.d] : &P.x[(b * P.n + j) * P.d];
+  double acc = 0.0;
+  for (int64_t k = 0; k < P.d; ++k) acc = os::cost_step(acc, xi[k], yj[k]);
+  return os::cost_finish(acc, p);
+}
+
+// LSE_j (h_j - C_ij / eps) as lse_kernel computes it.
+double sk_lse(const SkProblem& P, int64_t b, bool rows_side, int64_t i, int64_t nc,
+              const std::vector<double>& h, double inv_eps, int p) {
+  double mx[kSkThreads], sm[kSkThreads];
+  for (int t = 0; t < kSkThreads; ++t) {
+    mx[t] = -INFINITY;
+    sm[t] = 0.0;
+    for (int64_t j = t; j < nc; j += kSkThreads)
+      os::lse_push(mx[t], sm[t], os::z_entry(h[j], sk_cost(P, b, rows_side, i, j, p), inv_eps));
+  }
+  double M = mx[0];
+  for (int t = 1; t < kSkThreads; ++t) M = std::max(M, mx[t]);
+  double S = 0.0;
+  for (int t = 0; t < kSkThreads; ++t) S += os::lse_rescale(mx[t], sm[t], M);
+  return M + std::log(S);
+}
+
+SkResult sk_scalar(const SkProblem& P, const SinkhornOptions& opt) {
+  const int64_t n = P.n, m = P.m, d = P.d;
+  const bool bal_a = std::isinf(opt.rho_a), bal_b = std::isinf(opt.rho_b), sym = opt.symmetric;
+  SkResult R;
+  R.f.resize(P.B * n);
+  R.g.resize(P.B * m);
+  R.plan.resize(P.B * n * m);
+  R.gx.resize(P.B * n * d);
+  R.gy.resize(P.B * m * d);
+  R.ga.resize(P.B * n);
+  R.gb.resize(P.B * m);
+  for (int64_t b = 0; b < P.B; ++b) {
+    std::vector<double> a(P.a.begin() + b * n, P.a.begin() + (b + 1) * n);
+    std::vector<double> w(P.b.begin() + b * m, P.b.begin() + (b + 1) * m);
+    std::vector<double> la(n), lb(m);
+    double ma = 0.0, mb = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      la[i] = a[i] > 0 ? std::log(a[i]) : -INFINITY;
+      ma += a[i];
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      lb[j] = w[j] > 0 ? std::log(w[j]) : -INFINITY;
+      mb += w[j];
+    }
+    double scale = 0.0;
+    if (d > 0) {
+      for (int64_t k = 0; k < d; ++k) {
+        double lo = INFINITY, hi = -INFINITY;
+        for (int64_t i = 0; i < n; ++i) {
+          lo = std::min(lo, P.x[(b * n + i) * d + k]);
+          hi = std::max(hi, P.x[(b * n + i) * d + k]);
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          lo = std::min(lo, P.y[(b * m + j) * d + k]);
+          hi = std::max(hi, P.y[(b * m + j) * d + k]);
+        }
+        scale += (hi - lo) * (hi - lo);
+      }
+      if (opt.p == 1) scale = std::sqrt(scale);
+    } else {
+      for (int64_t e = 0; e < n * m; ++e) scale = std::max(scale, std::abs(P.cost[b * n * m + e]));
+    }
+    std::vector<double> stages;
+    if (opt.eps_scaling > 0)
+      for (double e = scale; e > opt.eps && stages.size() < 200; e *= opt.eps_scaling)
+        stages.push_back(e);
+    const int64_t nst = static_cast<int64_t>(stages.size());
+    std::vector<double> f(n, 0.0), g(m, 0.0), fnew(n), hm(m), hn(n);
+    SinkhornStats st;
+    double err = INFINITY;
+    for (int64_t it = 0; it < opt.max_iter; ++it) {
+      const double e = it < nst ? stages[it] : opt.eps;
+      for (int64_t j = 0; j < m; ++j) hm[j] = os::h_entry(lb[j], g[j], e);
+      const double ta = os::tau(bal_a, opt.rho_a, e);
+      for (int64_t i = 0; i < n; ++i)
+        fnew[i] = os::potential(sk_lse(P, b, true, i, m, hm, 1.0 / e, opt.p), ta, e);
+      const int64_t k = it - nst;
+      const bool check = (sym ? k >= 0 : k >= 1) && k % opt.check_every == 0;
+      bool done = false;
+      if (check) {
+        double res = 0.0;
+        for (int64_t i = 0; i < n; ++i) res += os::residual_term(a[i], f[i], fnew[i], opt.eps);
+        err = res;
+        done = res <= opt.tol;
+      }
+      if (sym) {
+        if (!done) {
+          for (int64_t i = 0; i < n; ++i) f[i] = g[i] = os::average(f[i], fnew[i]);
+          ++st.n_iter;
+        }
+      } else {
+        f = fnew;
+        ++st.n_iter;
+        for (int64_t i = 0; i < n; ++i) hn[i] = os::h_entry(la[i], f[i], e);
+        const double tb = os::tau(bal_b, opt.rho_b, e);
+        for (int64_t j = 0; j < m; ++j)
+          g[j] = os::potential(sk_lse(P, b, false, j, n, hn, 1.0 / e, opt.p), tb, e);
+      }
+      if (done) {
+        st.converged = true;
+        break;
+      }
+    }
+    // The final pass (plan_kernel on both sides, then finish_kernel).
+    const double eps = opt.eps, inv_eps = 1.0 / eps;
+    auto pass = [&](bool rows_side, const std::vector<double>& pot, const std::vector<double>& wr,
+                    const std::vector<double>& lw_o, const std::vector<double>& pot_o,
+                    std::vector<double>& S, double* G, double* plan, double& tc) {
+      const int64_t nr = rows_side ? n : m, nc = rows_side ? m : n;
+      std::vector<double> h(nc);
+      for (int64_t j = 0; j < nc; ++j) h[j] = os::h_entry(lw_o[j], pot_o[j], eps);
+      S.assign(nr, 0.0);
+      tc = 0.0;
+      for (int64_t i = 0; i < nr; ++i) {
+        const double hr = pot[i] / eps;
+        double se = 0.0, sc = 0.0;
+        for (int64_t j = 0; j < nc; ++j) {
+          const double c = sk_cost(P, b, rows_side, i, j, opt.p);
+          const double e = os::plan_entry(os::z_entry(h[j], c, inv_eps), hr);
+          se += e;
+          sc = std::fma(e, c, sc);
+          if (plan) plan[i * nc + j] = wr[i] * e;
+          const double wv = os::grad_weight(e, c, opt.p);
+          for (int64_t k = 0; k < d; ++k) {
+            const double xk = rows_side ? P.x[(b * n + i) * d + k] : P.y[(b * m + i) * d + k];
+            const double yk = rows_side ? P.y[(b * m + j) * d + k] : P.x[(b * n + j) * d + k];
+            G[i * d + k] += wv * (xk - yk);
+          }
+        }
+        for (int64_t k = 0; k < d; ++k) G[i * d + k] *= os::grad_coeff(wr[i], opt.p);
+        S[i] = se;
+        tc += wr[i] * sc;
+      }
+    };
+    std::vector<double> Sr, Sc;
+    double tc = 0.0, tc_cols = 0.0;
+    pass(true, f, a, lb, g, Sr, R.gx.data() + b * n * d, R.plan.data() + b * n * m, tc);
+    pass(false, g, w, la, f, Sc, R.gy.data() + b * m * d, nullptr, tc_cols);
+    double mass = 0.0, rerr = 0.0, Fa = 0.0, Fb = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      mass += a[i] * Sr[i];
+      rerr += std::abs(a[i] * Sr[i] - a[i]);
+      Fa += os::dual_term(a[i], f[i], bal_a, opt.rho_a);
+      R.f[b * n + i] = f[i];
+      R.ga[b * n + i] = os::dual_grad(f[i], bal_a, opt.rho_a) - eps * (Sr[i] - mb);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      Fb += os::dual_term(w[j], g[j], bal_b, opt.rho_b);
+      R.g[b * m + j] = g[j];
+      R.gb[b * m + j] = os::dual_grad(g[j], bal_b, opt.rho_b) - eps * (Sc[j] - ma);
+    }
+    st.transport_cost = tc;
+    st.mass = mass;
+    if (!std::isfinite(err) && !st.converged) err = INFINITY;
+    st.marginal_error = (bal_a && bal_b) ? rerr : err;
+    if (bal_a && bal_b && !st.converged && opt.tol > 0 && rerr <= opt.tol) st.converged = true;
+    st.reg_cost = Fa + Fb - eps * (mass - ma * mb);
+    R.st.push_back(st);
+  }
+  return R;
+}
+
+// The CPU solver on the same problem, float64, every output asked for.
+SkResult sk_cpu(SkProblem P, const SinkhornOptions& opt) {
+  const int64_t B = P.B, n = P.n, m = P.m, d = P.d;
+  SkResult R;
+  R.f.resize(B * n);
+  R.g.resize(B * m);
+  R.plan.resize(B * n * m);
+  R.ga.resize(B * n);
+  R.gb.resize(B * m);
+  SinkhornInputs in;
+  SinkhornOutputs out;
+  if (d > 0) {
+    in.x = sk_view3(P.x.data(), DType::f64, B, n, d);
+    in.y = sk_view3(P.y.data(), DType::f64, B, m, d);
+    R.gx.resize(B * n * d);
+    R.gy.resize(B * m * d);
+    out.grad_x = sk_view3(R.gx.data(), DType::f64, B, n, d);
+    out.grad_y = sk_view3(R.gy.data(), DType::f64, B, m, d);
+  } else {
+    in.cost = sk_view3(P.cost.data(), DType::f64, B, n, m);
+  }
+  in.a = TensorView::matrix(P.a.data(), DType::f64, B, n);
+  in.b = TensorView::matrix(P.b.data(), DType::f64, B, m);
+  out.f = TensorView::matrix(R.f.data(), DType::f64, B, n);
+  out.g = TensorView::matrix(R.g.data(), DType::f64, B, m);
+  out.plan = sk_view3(R.plan.data(), DType::f64, B, n, m);
+  out.grad_a = TensorView::matrix(R.ga.data(), DType::f64, B, n);
+  out.grad_b = TensorView::matrix(R.gb.data(), DType::f64, B, m);
+  R.st = sinkhorn(in, opt, out);
+  return R;
+}
+
+double sk_rel(const std::vector<double>& u, const std::vector<double>& v) {
+  double e = 0.0, s = 0.0;
+  for (size_t i = 0; i < u.size(); ++i) {
+    e = std::max(e, std::abs(u[i] - v[i]));
+    s = std::max(s, std::abs(v[i]));
+  }
+  return e / std::max(s, 1e-300);
+}
+
+SkProblem sk_points(int64_t B, int64_t n, int64_t m, int64_t d, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> unif(0.2, 1.0);
+  SkProblem P;
+  P.B = B;
+  P.n = n;
+  P.m = m;
+  P.d = d;
+  P.x.resize(B * n * d);
+  P.y.resize(B * m * d);
+  for (auto& v : P.x) v = normal(rng);
+  for (auto& v : P.y) v = normal(rng) + 0.5;
+  P.a.resize(B * n);
+  P.b.resize(B * m);
+  for (int64_t b = 0; b < B; ++b) {
+    double sa = 0.0, sb = 0.0;
+    for (int64_t i = 0; i < n; ++i) sa += P.a[b * n + i] = unif(rng);
+    for (int64_t j = 0; j < m; ++j) sb += P.b[b * m + j] = unif(rng);
+    for (int64_t i = 0; i < n; ++i) P.a[b * n + i] /= sa;
+    for (int64_t j = 0; j < m; ++j) P.b[b * m + j] /= sb;
+  }
+  return P;
+}
+
+void sk_expect_close(const SkProblem& P, const SinkhornOptions& opt, double tol,
+                     const std::string& what) {
+  const SkResult s = sk_scalar(P, opt);
+  const SkResult c = sk_cpu(P, opt);
+  ASSERT_EQ(s.st.size(), c.st.size());
+  for (size_t b = 0; b < c.st.size(); ++b) {
+    const SinkhornStats &u = s.st[b], &v = c.st[b];
+    const std::string at = what + " problem " + std::to_string(b);
+    EXPECT_NEAR(u.reg_cost, v.reg_cost, tol * std::max(1.0, std::abs(v.reg_cost))) << at;
+    EXPECT_NEAR(u.transport_cost, v.transport_cost, tol * std::max(1.0, std::abs(v.transport_cost)))
+        << at;
+    EXPECT_NEAR(u.mass, v.mass, tol * std::max(1.0, std::abs(v.mass))) << at;
+    EXPECT_EQ(u.converged, v.converged) << at;
+    EXPECT_EQ(u.n_iter, v.n_iter) << at;
+    EXPECT_NEAR(u.marginal_error, v.marginal_error, std::max(tol, 1e-3 * v.marginal_error)) << at;
+  }
+  EXPECT_LE(sk_rel(s.f, c.f), tol) << what << " f";
+  EXPECT_LE(sk_rel(s.g, c.g), tol) << what << " g";
+  EXPECT_LE(sk_rel(s.plan, c.plan), tol) << what << " plan";
+  EXPECT_LE(sk_rel(s.ga, c.ga), tol) << what << " grad a";
+  EXPECT_LE(sk_rel(s.gb, c.gb), tol) << what << " grad b";
+  if (P.d > 0) {
+    EXPECT_LE(sk_rel(s.gx, c.gx), tol) << what << " grad x";
+    EXPECT_LE(sk_rel(s.gy, c.gy), tol) << what << " grad y";
+  }
+}
+
+SinkhornOptions sk_options(double eps) {
+  SinkhornOptions o;
+  o.eps = eps;
+  o.tol = 1e-9;
+  o.max_iter = 3000;
+  o.cost_cache_bytes = 0;  // the CPU's log-domain iterations (no kernel domain)
+  return o;
+}
+
+TEST(SinkhornScalar, PointsMatchTheCpuSolver) {
+  // m > kThreads: several columns per thread; d = 12 > 8: the CPU's expanded cost.
+  for (int p : {1, 2})
+    for (int64_t d : {3, 12}) {
+      SinkhornOptions o = sk_options(0.4);
+      o.p = p;
+      sk_expect_close(sk_points(1, 37, 300, d, 7 + p), o, 1e-9,
+                      "p " + std::to_string(p) + " d " + std::to_string(d));
+    }
+}
+
+TEST(SinkhornScalar, BatchScalingCheckEveryAndZeroWeights) {
+  SkProblem P = sk_points(3, 41, 29, 2, 11);
+  P.b[5] = 0.0;  // a zero weight: h = kHugeNeg, its column of the plan is 0
+  double s = 0.0;
+  for (int64_t j = 0; j < P.m; ++j) s += P.b[j];
+  for (int64_t j = 0; j < P.m; ++j) P.b[j] /= s;
+  SinkhornOptions o = sk_options(0.05);
+  o.eps_scaling = 0.5;
+  o.check_every = 3;
+  sk_expect_close(P, o, 1e-9, "batch");
+  o.max_iter = 7;  // stops unconverged inside or right after the stages
+  sk_expect_close(P, o, 1e-9, "unconverged");
+}
+
+TEST(SinkhornScalar, UnbalancedAndSymmetric) {
+  SkProblem P = sk_points(2, 50, 33, 3, 13);
+  for (auto& v : P.b) v *= 1.7;  // unequal masses: unbalanced only
+  SinkhornOptions o = sk_options(0.3);
+  o.rho_a = 1.0;
+  o.rho_b = 2.5;
+  sk_expect_close(P, o, 1e-9, "unbalanced");
+  SkProblem S = sk_points(2, 45, 45, 3, 17);
+  S.y = S.x;
+  S.b = S.a;
+  SinkhornOptions os = sk_options(0.1);
+  os.symmetric = true;
+  sk_expect_close(S, os, 1e-9, "symmetric");
+}
+
+TEST(SinkhornScalar, GivenCostMatchesTheCpuSolver) {
+  SkProblem P = sk_points(2, 30, 270, 0, 19);
+  std::mt19937 rng(23);
+  std::uniform_real_distribution<double> unif(0.0, 2.0);
+  P.cost.resize(P.B * P.n * P.m);
+  for (auto& v : P.cost) v = unif(rng);
+  sk_expect_close(P, sk_options(0.2), 1e-9, "cost");
+}
+
+TEST(SinkhornScalar, OnlineLogSumExpIsExactForExtremeEntries) {
+  // An entry far below the running max, the first entry, and an empty thread.
+  double m = -INFINITY, s = 0.0;
+  os::lse_push(m, s, -1e300);
+  os::lse_push(m, s, 3.0);
+  os::lse_push(m, s, 3.0 - std::log(2.0));
+  EXPECT_DOUBLE_EQ(m + std::log(s), 3.0 + std::log(1.5));
+  EXPECT_EQ(os::lse_rescale(-INFINITY, 0.0, 3.0), 0.0);
+  EXPECT_EQ(os::h_entry(-INFINITY, 1.0, 0.1), os::kHugeNeg);
+  EXPECT_EQ(os::grad_weight(0.5, 0.0, 1), 0.0);  // p = 1 at coincident points
+  // The CPU's clamp at -745 (ExpAny): the smallest denormal, not 0.
+  EXPECT_LE(os::plan_entry(-1e300, 0.0), 5e-324);
+  EXPECT_EQ(os::plan_entry(1e300, 0.0), std::exp(709.0));
+}
+
+TEST(CudaDispatch, SinkhornDispatchesOnTheDevice) {
+  std::vector<double> x(8, 0.0), y(6, 1.0), f(4), g(3);
+  SinkhornInputs in;
+  in.x = sk_view3(x.data(), DType::f64, 1, 4, 2);
+  in.y = sk_view3(y.data(), DType::f64, 1, 3, 2);
+  SinkhornOutputs out;
+  out.f = TensorView::matrix(f.data(), DType::f64, 1, 4);
+  out.g = TensorView::matrix(g.data(), DType::f64, 1, 3);
+  SinkhornOptions o;
+  o.eps = 0.1;
+  SinkhornInputs mixed = in;
+  mixed.y = on_cuda(in.y);
+  const std::string msg = error_of([&] { sinkhorn(mixed, o, out); });
+  EXPECT_NE(msg.find("sinkhorn: y is on cuda:0 but x is on cpu"), std::string::npos) << msg;
+  SinkhornInputs dev = in;
+  dev.x = on_cuda(in.x);
+  dev.y = on_cuda(in.y);
+  SinkhornOutputs dout = out;
+  dout.f = on_cuda(out.f);
+  dout.g = on_cuda(out.g);
+  // Shapes are checked on the host before any device call.
+  SinkhornOutputs bad = dout;
+  bad.g = on_cuda(TensorView::matrix(g.data(), DType::f64, 1, 2));
+  const std::string msg2 = error_of([&] { sinkhorn(dev, o, bad); });
+  EXPECT_NE(msg2.find("sinkhorn: g must have shape [1, 3]"), std::string::npos) << msg2;
+  const std::string msg3 = error_of([&] { sinkhorn(dev, o, dout); });
+  if (!cuda_built()) {
+    EXPECT_EQ(msg3, "sinkhorn: divkit was built without CUDA");
+  } else if (cuda_device_count() == 0) {
+    EXPECT_NE(msg3.find("sinkhorn: CUDA error"), std::string::npos) << msg3;
   }
 }
 

@@ -127,6 +127,57 @@ def row_cache_ab(n, vs, t0, budget_s):
     return out
 
 
+def sinkhorn_rows(t0, budget_s, sizes):
+    """divkit.ot.sinkhorn on the GPU (divkit's CUDA kernel, float64), its PyTorch fallback
+    (backend="torch") and POT's log-domain Sinkhorn on torch tensors (ot.bregman.sinkhorn_log,
+    the cost from ot.dist inside the timing) where POT is installed: a fixed 100 iterations
+    (tol = 0), the cost on the fly (cost_cache_mib=0) and held; medians of 3 rounds that run
+    each in turn; ratios to divkit. At most 60 s, so that the token rows keep their budget."""
+    import statistics
+
+    import divkit.ot
+
+    try:
+        import ot as pot
+    except ImportError:
+        pot = None
+    out = []
+    iters = 100
+    deadline = min(t0 + budget_s, time.time() + 60.0)
+    for n, d in sizes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, d, generator=g, dtype=torch.float64).to(DEVICE)
+        y = (torch.randn(n, d, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+        a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=DEVICE)
+        eps = 0.05 * float(d)  # of the order of the mean cost / 40 (squared distances ~ 2 d)
+        kw = dict(eps=eps, tol=0.0, max_iter=iters, warn=False)
+        fns = {
+            "divkit_fly": lambda: divkit.ot.sinkhorn(x, y, cost_cache_mib=0, **kw),
+            "divkit_held": lambda: divkit.ot.sinkhorn(x, y, cost_cache_mib=1e6, **kw),
+            "torch_fallback": lambda: divkit.ot.sinkhorn(x, y, backend="torch", **kw),
+        }
+        if pot is not None:
+            fns["pot_log"] = lambda: pot.bregman.sinkhorn_log(
+                a, a, pot.dist(x, y), eps, numItermax=iters, stopThr=0.0, warn=False
+            )
+        times = {k: [] for k in fns}
+        for _ in range(3):
+            for key, fn in fns.items():
+                if time.time() > deadline:
+                    break
+                try:
+                    times[key].append(timed(fn, warmup=1, iters=1))
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    times[key] = []
+                    print(f"sinkhorn {key}: {e!r}"[:300], flush=True)
+        row = {"n": n, "m": n, "d": d, "iters": iters}
+        for k, v in times.items():
+            row[k + "_s"] = statistics.median(v) if v else None
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -149,6 +200,8 @@ def main():
     bw = copy_bandwidth(min(4 << 30, n * v * 2))
     # First: cheap (seconds), while the torch.compile compiles below may use up the budget.
     cache_rows = row_cache_ab(n, [4096, 32000] if DEVICE == "cuda" else [500], t0, a.budget_s)
+    ot_sizes = [(4096, 3), (4096, 64), (16384, 16)] if DEVICE == "cuda" else [(64, 3)]
+    ot_rows = sinkhorn_rows(t0, a.budget_s, ot_sizes)
     rows = []
     for dtype in [torch.bfloat16, torch.float32]:
         s = torch.randn(n, v, device=DEVICE, dtype=dtype)
@@ -192,6 +245,7 @@ def main():
         "copy_bandwidth_GBps": bw / 1e9,
         "rows": rows,
         "row_cache": cache_rows,
+        "sinkhorn": ot_rows,
         "seconds": time.time() - t0,
     }
     out = Path(a.out)
@@ -225,6 +279,26 @@ def main():
             lines.append(
                 f"| {r['kind']} | {r['v']} | {ms(r['default_s'])} | {ms(r['off_s'])} | "
                 f"{ms(r['optin_s'])} |"
+            )
+    if ot_rows:
+
+        def ratio(r, k):
+            v, base = r.get(k + "_s"), r.get("divkit_fly_s")
+            return "n/a" if v is None or not base else f"{v / base:.2f}"
+
+        lines += [
+            "",
+            "Sinkhorn (divkit.ot.sinkhorn, float64, 100 iterations, n = m), ms (median of 3 "
+            "alternating rounds); x = time / divkit on the fly:",
+            "",
+            "| n | d | divkit on the fly | divkit held | torch fallback (x) | POT sinkhorn_log (x) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ot_rows:
+            lines.append(
+                f"| {r['n']} | {r['d']} | {ms(r['divkit_fly_s'])} | {ms(r['divkit_held_s'])} | "
+                f"{ms(r['torch_fallback_s'])} ({ratio(r, 'torch_fallback')}) | "
+                f"{ms(r.get('pot_log_s'))} ({ratio(r, 'pot_log')}) |"
             )
     (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,5 +1,6 @@
 """The OT fallbacks (divkit.backends.torch_ot) on CUDA tensors against the C++ CPU core: Sinkhorn
-with the cost held and computed on the fly in blocks, sparse_ot, mmd, cs_divergence.
+with the cost held and computed on the fly in blocks (backend="torch": a CUDA build runs
+"auto" on its CUDA kernel, tests/gpu/test_sinkhorn_cuda.py), sparse_ot, mmd, cs_divergence.
 
 Runs under pytest or tests/gpu/mini_pytest.py (no fixtures, no ids)."""
 
@@ -36,7 +37,12 @@ def test_sinkhorn_on_cuda_matches_cpu(cache_mib, p):
         out = []
         for dev in ("cpu", "cuda"):
             xs = x.to(dev).requires_grad_()
-            r = sinkhorn(xs, y.to(dev), eps=0.3, p=p, cost_cache_mib=cache_mib, max_iter=2000)
+            # backend="torch" on CUDA: the fallback (a CUDA build runs "auto" on its kernel,
+            # tests/gpu/test_sinkhorn_cuda.py).
+            be = "torch" if dev == "cuda" else "auto"
+            r = sinkhorn(
+                xs, y.to(dev), eps=0.3, p=p, cost_cache_mib=cache_mib, max_iter=2000, backend=be
+            )
             r.reg_cost.backward()
             assert r.reg_cost.device.type == dev
             out.append((r.reg_cost, r.f, xs.grad))
@@ -54,7 +60,7 @@ def test_sinkhorn_large_on_the_fly_stays_small():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    r = sinkhorn(x, y, eps=1.0, cost_cache_mib=0, max_iter=50, tol=0.0, warn=False)
+    r = sinkhorn(x, y, eps=1.0, cost_cache_mib=0, max_iter=50, tol=0.0, warn=False, backend="torch")
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(r.reg_cost)

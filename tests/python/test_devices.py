@@ -156,6 +156,24 @@ def test_cuda_build_routes_to_the_core_on_the_current_stream(fake_cuda, monkeypa
     assert _device.route("topk_divergence", "topk_divergence", "auto", ()).core
 
 
+def test_sinkhorn_routes_to_its_cuda_kernel_when_the_build_has_it(fake_cuda, monkeypatch):
+    monkeypatch.setattr(divkit._C, "cuda_built", lambda: True, raising=False)
+    monkeypatch.setattr(divkit._C, "cuda_ops", lambda: ["divergence", "sinkhorn"], raising=False)
+    r = _device.route("sinkhorn", "sinkhorn", "auto", ())
+    assert r == _device.Route("core", torch.device("cuda", 1), 1234)
+    assert _device.route("sinkhorn", "sinkhorn", "torch", ()).engine == "torch"
+    # A CUDA build without the kernel (an older one): the fallback, or an error for "core".
+    monkeypatch.setattr(divkit._C, "cuda_ops", lambda: ["divergence"], raising=False)
+    assert _device.route("sinkhorn", "sinkhorn", "auto", ()) == _device.Route(
+        "torch", torch.device("cuda", 1)
+    )
+    with pytest.raises(divkit.Error, match="^sinkhorn: no kernel for device cuda:1$"):
+        _device.route("sinkhorn", "sinkhorn", "core", ())
+    # The other OT solvers have no CUDA kernel: the fallback.
+    for op in ("sparse_ot", "mmd", "cs_divergence"):
+        assert _device.route(op, op, "auto", ()).engine == "torch"
+
+
 def test_cuda_without_kernels_falls_back(fake_cuda, monkeypatch):
     monkeypatch.setattr(divkit._C, "cuda_built", lambda: False, raising=False)
     r = _device.route("divergence", "divergence", "auto", ())
