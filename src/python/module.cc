@@ -66,7 +66,8 @@ NB_MODULE(_C, m) {
   m.def(
       "cuda_ops",
       [] {
-        return std::vector<std::string>{"divergence", "sparse_divergence", "topk_divergence"};
+        return std::vector<std::string>{"divergence", "sparse_divergence", "topk_divergence",
+                                        "label_rows"};
       },
       "The _C functions that run CUDA tensors on the GPU in a CUDA build (the others take CPU "
       "tensors only).");
@@ -81,4 +82,5 @@ NB_MODULE(_C, m) {
   divkit_py::register_distill(m);
   divkit_py::register_compare(m);
   divkit_py::register_host_cache(m);
+  divkit_py::register_label_rows(m);
 }
