@@ -10,11 +10,15 @@ weight), in one process on one GPU, each implementation side by side:
   installed;
 * ``materialized``: plain PyTorch on the full [N, V] logits (autograd);
 * ``gemms``: the same GEMMs as divkit's chunk loop (logits, hidden-state and weight gradients,
-  chunk by chunk, bf16 operands with fp32 output), alone: the floor.
+  chunk by chunk, bf16 operands with fp32 output), alone: the floor;
+* ``divkit_torch_rows``: divkit's chunk loop with PyTorch ops as its row step
+  (``backend="torch"``): what divkit's CUDA row kernels (divergence, label rows) replace, timed
+  last so that it never takes the others' time budget.
 
 Times are medians of rounds that run every implementation once in turn (CUDA events); peak
 memory is torch.cuda.max_memory_allocated over one forward + backward, absolute and above the
-inputs. Ratios: divkit's time over the GEMMs' and over Liger's, its peak memory over Liger's.
+inputs. Ratios: divkit's time over the GEMMs' and over Liger's, its peak memory over Liger's, and
+its time over that of its PyTorch row step.
 Writes gpu_fused_bench.json and gpu_fused_bench.md into --out.
 
 ``--dry-run``: the same code on CPU tensors at a small size (wall-clock times, no memory
@@ -36,7 +40,7 @@ import torch
 import divkit
 from divkit.backends import torch_ops
 
-IMPLS = ("divkit", "liger", "materialized", "gemms")
+IMPLS = ("divkit", "liger", "materialized", "gemms", "divkit_torch_rows")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,12 +84,14 @@ def _materialized(op: str) -> Callable:
     return jsd if op == "jsd" else ce
 
 
-def _divkit(op: str) -> Callable:
+def _divkit(op: str, backend: str = "auto") -> Callable:
     if op == "jsd":
         return lambda sh, sw, th, tw, labels: divkit.fused_linear_divergence(
-            sh, sw, th, tw, "jsd", beta=0.5
+            sh, sw, th, tw, "jsd", beta=0.5, backend=backend
         )
-    return lambda sh, sw, th, tw, labels: divkit.fused_linear_cross_entropy(sh, sw, labels)
+    return lambda sh, sw, th, tw, labels: divkit.fused_linear_cross_entropy(
+        sh, sw, labels, backend=backend
+    )
 
 
 def _gemms(op: str) -> Callable:
@@ -119,6 +125,7 @@ def implementations(op: str) -> Dict[str, Optional[Callable]]:
         "liger": _liger(op),
         "materialized": _materialized(op),
         "gemms": _gemms(op),
+        "divkit_torch_rows": _divkit(op, "torch"),
     }
 
 
@@ -251,6 +258,7 @@ def ratios(rows: List[dict]) -> dict:
             "loss_rel_diff_materialized": _rel(
                 by.get("materialized", {}).get("loss"), d.get("loss")
             ),
+            "time_over_torch_rows": div(d.get("ms"), by.get("divkit_torch_rows", {}).get("ms")),
         }
     return out
 
@@ -294,6 +302,14 @@ def markdown(result: dict) -> str:
             f"| {num(q['peak_over_liger'], '.3f')} | {num(q['loss_rel_diff_liger'], '.1e')} "
             f"| {num(q['loss_rel_diff_materialized'], '.1e')} |"
         )
+    lines += [
+        "",
+        "divkit time / divkit with PyTorch rows (backend='torch'): "
+        + ", ".join(
+            f"{op} {num(q.get('time_over_torch_rows'), '.3f')}"
+            for op, q in result["ratios"].items()
+        ),
+    ]
     lines += ["", TARGETS]
     return "\n".join(lines) + "\n"
 

@@ -97,6 +97,9 @@ CPP_NOTES = {
     "fused_linear_logprobs_backward": "The gradients of fused_linear_logprobs' log-probs and "
     "entropy with respect to hidden, weight and bias "
     "(recomputing each chunk).",
+    "label_rows": "The label heads' row step on one chunk of logits already computed (statistics, "
+    "and the gradient from per-row coefficients written over the logits); CUDA tensors run the "
+    "CUDA kernel on the given stream.",
     "vocab_parallel_divergence": "divergence() over logits sharded by vocabulary: each rank passes "
     "its columns and a VocabShard (rank, world, all-reduce callback); "
     "every rank gets the unsharded loss and its shard's gradients.",

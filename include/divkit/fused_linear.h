@@ -197,4 +197,40 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
                                     const LogprobsSpec& spec, const TensorView& grad_logprobs,
                                     const TensorView& grad_entropy, const LinearHeadGrads& grads);
 
+// The row step of the label heads on one chunk of logits already computed: what the chunk loop of
+// divkit.backends.torch_ops (torch GEMMs around it) calls for each chunk of CUDA tensors; CPU
+// tensors run the same CPU row kernels as the fused heads above (fp32 logits only). Per row i
+// with labels[i] != ignore_index, with z = softcap(x) / T (softcap(x) = c tanh(x / c); none when
+// c = 0) and p = softmax(z):
+//   statistics, each optional, fp64 [rows], 0 at ignored rows: lse = logsumexp_j z_j, z_label =
+//   z_y, mean_z = mean_j z_j, entropy = -sum_j p_j log p_j, topk_mass = the sum of the topk
+//   largest p_j, log_sum_sq = log sum_j p_j^2, is_top1 = 1 where y is the first maximal z;
+//   gradient, when coef_a0, coef_b and coef_c are given (fp64 [rows]; coef_a1 and coef_e
+//   optional): x is overwritten with dL/dx_j = dL/dz_j dz_j/dx_j,
+//     dL/dz_j = a p_j + b 1[j = y] + c + e p_j (log p_j + H),  a = a0 + a1 lse,
+//   (cross-entropy: a0 = s, a1 = 2 s z_loss, b = -s (1 - eps), c = -s eps / V; log-probs:
+//   a0 = -g, b = g, e = -g_entropy), and ignored rows become 0. Without the coefficients the
+//   logits are read only on CUDA (on the CPU they are left as z).
+// NaN or +inf logits, or a row with every z -inf: Error "<the token first_token + row> ... are
+// NaN, +inf or all -inf"; a label outside [0, V) that is not ignore_index: Error. On CUDA the
+// kernel runs on `stream`, and the check reads a device flag after it (one stream
+// synchronization); check_finite = false skips that read (CUDA graph capture), and a bad row then
+// gets NaN statistics and a NaN gradient row instead of an error.
+struct LabelRowsArgs {
+  TensorView
+      logits;  // [rows, V] float32/bfloat16/float16/float64 (CPU: float32), unit column stride
+  TensorView labels;  // [rows] int32/int64
+  int64_t ignore_index = -100;
+  float temperature = 1.0f;
+  float softcap = 0.0f;
+  TensorView lse, z_label, mean_z, entropy, topk_mass, log_sum_sq, is_top1;
+  int64_t topk = 0;
+  TensorView coef_a0, coef_a1, coef_b, coef_c, coef_e;
+  int64_t first_token = 0;  // the token index of row 0, for the error messages
+  std::uintptr_t stream = 0;
+  bool check_finite = true;
+};
+
+void label_rows(const char* fn, const LabelRowsArgs& args);
+
 }  // namespace divkit

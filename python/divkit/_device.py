@@ -53,6 +53,9 @@ TORCH_OPS = frozenset(
 CORE_ROWS = {
     "fused_linear_divergence": "divergence",
     "fused_linear_sparse_divergence": "sparse_divergence",
+    # The label heads' rows: _C.label_rows (statistics and gradient of each chunk's logits).
+    "fused_linear_cross_entropy": "label_rows",
+    "fused_linear_logprobs": "label_rows",
 }
 
 

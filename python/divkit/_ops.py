@@ -707,6 +707,7 @@ if ENABLED:
             group,
             fallback,
             (log_sum_sq, is_top1),
+            route=route,
         )
         outs = list(outs)
         lp = outs.pop(0)
@@ -769,6 +770,7 @@ if ENABLED:
             fallback,
             (grad_logprobs, grad_entropy) if with_ent else grad_logprobs,
             need,
+            route=route,
         )
         return tuple(_grads_or_empty(hidden, grads))
 

@@ -794,6 +794,7 @@ def _ce_call(cfg: _CEConfig, group, route, return_stats: bool, labels, ts, need,
             reduction,
             return_stats and upstream is None,
             group=group,
+            route=route,
         )
     loss = torch.empty(n if reduction == "none" else 1, dtype=torch.float32)
     grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
@@ -933,14 +934,18 @@ def _logprobs_apply(
     args = (labels, temperature, ignore_index, return_entropy, topk, chunk, group, fallback, extra)
 
     def forward(ts, need, upstream):
-        return _lp_forward(ts, *args), None
+        return _lp_forward(ts, *args, route=route), None
 
     def backward(ts, grad_out, need):
-        return _lp_backward(ts, *args[:-1], grad_out, need)
+        return _lp_backward(ts, *args[:-1], grad_out, need, route=route)
 
     if _ops.use_ops(h, w, b, labels, fn="fused_linear_logprobs"):
-        # The op checks the ranks' tokens (a collective and a host read) when it runs.
-        outs = _ops.fused_logprobs(h, w, b, labels, *args[1:6], fallback, *extra, group)
+        # The op checks the ranks' tokens (a collective and a host read) when it runs; it routes
+        # again ("auto"), which keeps divkit's row kernel in the chunk loop (route.rows).
+        core_rows = route is not None and route.rows == "core"
+        outs = _ops.fused_logprobs(
+            h, w, b, labels, *args[1:6], fallback and not core_rows, *extra, group
+        )
     else:
         if group is not None:
             _check_same_tokens("fused_linear_logprobs", group, (h,), labels)
@@ -979,9 +984,11 @@ def _lp_forward(
     group,
     fallback,
     extra=(False, False),
+    route=None,
 ) -> tuple:
     """fused_linear_logprobs' outputs on [N, H] rows: (logprobs[, entropy][, topk_mass]
-    [, log_sum_sq_probs][, is_top1 (bool)]), as asked (extra: the last two's flags)."""
+    [, log_sum_sq_probs][, is_top1 (bool)]), as asked (extra: the last two's flags; route: the
+    call's route, for the PyTorch loop's row step)."""
     if fallback and group is not None:
         if any(extra):
             check.fail(
@@ -994,7 +1001,15 @@ def _lp_forward(
         )
     if fallback:
         return torch_ops.fused_linear_logprobs(
-            *_head(*ts), labels, ignore_index, temperature, return_entropy, topk, chunk, extra=extra
+            *_head(*ts),
+            labels,
+            ignore_index,
+            temperature,
+            return_entropy,
+            topk,
+            chunk,
+            extra=extra,
+            route=route,
         )
     n = ts[0].shape[0]
 
@@ -1026,6 +1041,7 @@ def _lp_backward(
     fallback,
     grad_out,
     need,
+    route=None,
 ):
     """The gradients of (hidden, weight, bias) given the upstream gradient of the log-probs (and
     of the entropy, a pair, when return_entropy)."""
@@ -1036,7 +1052,7 @@ def _lp_backward(
         )
     if fallback:
         return torch_ops.fused_linear_logprobs_backward(
-            *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk
+            *_head(*ts), labels, ignore_index, temperature, g_lp, g_ent, need, chunk, route=route
         )
     grads = [_grad_buffer(x, f) for x, f in zip(ts, need)]
     _C.fused_linear_logprobs_backward(

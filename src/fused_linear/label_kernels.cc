@@ -15,6 +15,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
 #include "core/simd_math-inl.h"
+#include "fused_linear/label_scalar.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
@@ -177,15 +178,14 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   if (job.is_top1) job.is_top1[i] = IsFirstMax(z, job.labels[i], m) ? 1.0 : 0.0;
   const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr, fuse ? z : nullptr,
                               job.log_sum_sq != nullptr);
-  const double se = sums.e, sez = sums.ec, sz = sums.z;
-  const double log_s = std::log(se);
-  const double lse = m + log_s;
+  // The row's statistics from its sums: label_scalar.h, which the CUDA kernel uses too.
+  const double se = sums.e;
+  const double lse = label_scalar::row_lse(m, se);
   if (job.lse) job.lse[i] = lse;
-  if (job.mean_z) job.mean_z[i] = sz / static_cast<double>(v);
+  if (job.mean_z) job.mean_z[i] = label_scalar::row_mean(sums.z, v);
   // H = -sum p log p = log S - sum e c / S with c = z - m.
-  if (want_ent) job.entropy[i] = log_s - sez / se;
-  // log sum p^2 = log sum e^2 - 2 log S (the max's term is 1, so the sum is >= 1).
-  if (job.log_sum_sq) job.log_sum_sq[i] = std::log(sums.sq) - 2.0 * log_s;
+  if (want_ent) job.entropy[i] = label_scalar::row_entropy(se, sums.ec);
+  if (job.log_sum_sq) job.log_sum_sq[i] = label_scalar::row_log_sum_sq(se, sums.sq);
   if (fuse) {
     FusedGradRow(job, i, z, se, lse);
     return;
@@ -196,8 +196,8 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
                      std::greater<float>());
     double mass = 0.0;
-    for (int64_t j = 0; j < k; ++j) mass += std::exp(static_cast<double>(scratch[j]) - lse);
-    job.topk_mass[i] = std::min(mass, 1.0);
+    for (int64_t j = 0; j < k; ++j) mass += label_scalar::topk_term(scratch[j], lse);
+    job.topk_mass[i] = label_scalar::topk_finish(mass);
   }
 }
 

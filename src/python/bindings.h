@@ -188,5 +188,6 @@ void register_ot(nb::module_& m);
 void register_distill(nb::module_& m);     // distill.cc
 void register_compare(nb::module_& m);     // compare.cc
 void register_host_cache(nb::module_& m);  // host_cache.cc
+void register_label_rows(nb::module_& m);  // label_rows.cc
 
 }  // namespace divkit_py

@@ -67,7 +67,7 @@ NB_MODULE(_C, m) {
       "cuda_ops",
       [] {
         return std::vector<std::string>{"divergence", "sparse_divergence", "topk_divergence",
-                                        "sinkhorn"};
+                                        "sinkhorn", "label_rows"};
       },
       "The _C functions that run CUDA tensors on the GPU in a CUDA build (the others take CPU "
       "tensors only).");
@@ -82,4 +82,5 @@ NB_MODULE(_C, m) {
   divkit_py::register_distill(m);
   divkit_py::register_compare(m);
   divkit_py::register_host_cache(m);
+  divkit_py::register_label_rows(m);
 }

@@ -206,7 +206,7 @@ std::vector<EntryPoint> build() {
   const std::vector<Slot> stats = {out("logprobs", {N}), out("entropy", {N}), out("lse", {N}),
                                    out("topk_mass", {N})};
   auto stats_at = [](const V& v, size_t i) {
-    return divkit::LabelStatsOutputs{v[i], v[i + 1], v[i + 2], v[i + 3], 2};
+    return divkit::LabelStatsOutputs{v[i], v[i + 1], v[i + 2], v[i + 3], 2, {}, {}};
   };
   e.push_back(
       {"fused_linear_cross_entropy",
@@ -239,6 +239,31 @@ std::vector<EntryPoint> build() {
          s.chunk_size = 1 + (o / 8) % 4;
          s.shard = shard_of(o);
          divkit::fused_linear_logprobs_backward(head_at(v, 0), v[6], s, v[7], v[8], grads_at(v, 3));
+       }});
+  e.push_back(
+      {"label_rows",
+       {out("logits", {N, W}), labels(), out("lse", {N}, f64), out("z_label", {N}, f64),
+        out("entropy", {N}, f64), out("topk_mass", {N}, f64),
+        in("coef_a0", {N}, Fill::uniform, f64, -1, 1),
+        in("coef_a1", {N}, Fill::uniform, f64, -1, 1), in("coef_b", {N}, Fill::uniform, f64, -1, 1),
+        in("coef_c", {N}, Fill::uniform, f64, -1, 1), in("coef_e", {N}, Fill::uniform, f64, -1, 1)},
+       [](const V& v, uint32_t o) {
+         divkit::LabelRowsArgs a;
+         a.logits = v[0];
+         a.labels = v[1];
+         a.lse = v[2];
+         a.z_label = v[3];
+         a.entropy = v[4];
+         a.topk_mass = v[5];
+         a.topk = 1 + o % 3;
+         a.coef_a0 = v[6];
+         a.coef_a1 = v[7];
+         a.coef_b = v[8];
+         a.coef_c = v[9];
+         a.coef_e = v[10];
+         a.temperature = (o / 16) % 2 ? 2.0f : 1.0f;
+         a.softcap = (o / 32) % 2 ? 5.0f : 0.0f;
+         divkit::label_rows("label_rows", a);
        }});
 
   // ---- distill.h ----

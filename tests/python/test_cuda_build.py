@@ -18,6 +18,7 @@ def test_cuda_queries():
         assert count == 0
     assert len(_C.cuda_devices()) == count
     assert "divergence" in _C.cuda_ops()
+    assert "label_rows" in _C.cuda_ops()  # the label heads' row step (_C.label_rows)
 
 
 def test_stream_field_is_ignored_for_cpu_tensors():

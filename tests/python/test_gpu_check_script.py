@@ -78,6 +78,7 @@ def test_dry_run_writes_every_result(tmp_path):
     for op, q in fused["ratios"].items():
         assert q["loss_rel_diff_materialized"] <= 1e-5, op
         assert q["time_over_gemms"] > 0
+        assert q["time_over_torch_rows"] > 0
     md = (tmp_path / "gpu_fused_bench.md").read_text()
     assert "| op | impl | ms | peak MiB | above inputs MiB | status |" in md
     token = json.loads((tmp_path / "gpu_bench.json").read_text())
@@ -100,6 +101,7 @@ def test_fused_bench_ratios_and_markdown():
     assert q["peak_over_liger"] == pytest.approx(0.5)
     assert q["loss_rel_diff_liger"] == pytest.approx(1e-3)
     assert q["loss_rel_diff_materialized"] is None
+    assert q["time_over_torch_rows"] is None  # no divkit_torch_rows row
     result = {
         "device": "X",
         "torch": "t",

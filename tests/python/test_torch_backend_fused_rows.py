@@ -43,6 +43,13 @@ def core_rows(monkeypatch):
 
     monkeypatch.setattr(torch_ops.CoreRows, "divergence", div)
     monkeypatch.setattr(torch_ops.CoreRows, "sparse", sparse)
+    real_label = torch_ops._label_rows
+
+    def label(*a, **k):
+        calls.append("core_label")
+        return real_label(*a, **k)
+
+    monkeypatch.setattr(torch_ops, "_label_rows", label)
     return calls
 
 
@@ -186,6 +193,9 @@ def test_route_picks_core_rows_only_on_cuda_builds_with_the_kernel(monkeypatch):
         ("fused_linear_sparse_divergence", ["divergence"], ("torch", "torch", None)),
         ("fused_linear_sparse_divergence", ["sparse_divergence"], ("torch", "core", 7)),
         ("fused_linear_cross_entropy", ["divergence"], ("torch", "torch", None)),
+        ("fused_linear_cross_entropy", ["label_rows"], ("torch", "core", 7)),
+        ("fused_linear_logprobs", ["label_rows"], ("torch", "core", 7)),
+        ("fused_linear_logprobs", ["divergence"], ("torch", "torch", None)),
         ("divergence", ["divergence"], ("core", "torch", 7)),
     ]:
         monkeypatch.setattr(_device, "has_cuda_kernel", lambda o, k=kernels: o in k)
@@ -193,6 +203,108 @@ def test_route_picks_core_rows_only_on_cuda_builds_with_the_kernel(monkeypatch):
         assert (r.engine, r.rows, r.stream) == want, op
         r = _device.route(op, op, "torch", (("x", x),))
         assert (r.engine, r.rows) == ("torch", "torch")
+
+
+# The label heads: the chunk loop with divkit's label-row kernel (_C.label_rows, the CPU one
+# here) as its row step, against the C++ heads.
+
+
+def _ce_inputs(n=13, h=8, v=41, seed=60):
+    base = [
+        logits(n, h, seed=seed),
+        logits(v, h, seed=seed + 1, scale=0.5),
+        logits(v, seed=seed + 2),
+    ]
+    labels = torch.arange(n) * 7 % v
+    labels[2] = -100
+    labels[9] = -100
+    return base, labels
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps,zsq,softcap", [(0.0, 0.0, None), (0.1, 1e-3, None), (0.2, 0.0, 3.0)])
+@pytest.mark.parametrize("return_stats", [False, True])
+def test_fused_linear_cross_entropy_core_rows(
+    core_rows, reduction, eps, zsq, softcap, return_stats
+):
+    base, labels = _ce_inputs()
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        res = divkit.fused_linear_cross_entropy(
+            xs[0],
+            xs[1],
+            labels,
+            bias=xs[2],
+            label_smoothing=eps,
+            lse_square_scale=zsq,
+            softcap=softcap,
+            reduction=reduction,
+            chunk_size=4,
+            return_stats=return_stats,
+            backend=backend,
+        )
+        loss = res[0] if return_stats else res
+        go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(61))
+        loss.backward(go)
+        stats = [x.detach() for x in res[1:]] if return_stats else []
+        out.append((loss.detach(), *[x.grad for x in xs], *stats))
+    assert "core_label" in core_rows
+    compare(out[0], out[1])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("topk", [None, 3])
+def test_fused_linear_logprobs_core_rows(core_rows, temperature, return_entropy, topk):
+    base, labels = _ce_inputs(seed=62)
+    # Entries 0 and 7 tie as every token's maximum: token 0 (label 0) is top-1, token 1 (label
+    # 7, tied with the earlier entry 0) is not.
+    base[2][7] += 20.0
+    base[1][0], base[2][0] = base[1][7], base[2][7]
+    out = []
+    for backend in ("core", "torch"):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        r = divkit.fused_linear_logprobs(
+            xs[0],
+            xs[1],
+            labels,
+            bias=xs[2],
+            temperature=temperature,
+            return_entropy=return_entropy,
+            topk=topk,
+            chunk_size=4,
+            return_log_sum_sq_probs=True,
+            return_is_top1=True,
+            backend=backend,
+        )
+        g = torch.Generator().manual_seed(63)
+        loss = (r.logprobs * torch.rand(r.logprobs.shape, generator=g)).sum()
+        if return_entropy:
+            loss = loss + (r.entropy * torch.rand(r.entropy.shape, generator=g)).sum()
+        loss.backward()
+        extra = [x.detach() for x in (r.topk_mass, r.log_sum_sq_probs) if x is not None]
+        out.append((r.logprobs.detach(), *[x.grad for x in xs], *extra, r.is_top1))
+    assert core_rows.count("core_label") >= 2  # forward and backward
+    assert torch.equal(out[0][-1], out[1][-1])
+    assert bool(out[0][-1][0]) and not bool(out[0][-1][1])
+    compare(out[0][:-1], out[1][:-1])
+
+
+def test_label_core_rows_errors_and_fp64(core_rows):
+    base, labels = _ce_inputs(seed=64)
+    base[0][6, 0] = float("nan")
+    with pytest.raises(divkit.Error, match="^fused_linear_cross_entropy: the logits of token 6 "):
+        divkit.fused_linear_cross_entropy(base[0], base[1], labels, chunk_size=4, backend="torch")
+    with pytest.raises(divkit.Error, match="^fused_linear_logprobs: the logits of token 6 "):
+        divkit.fused_linear_logprobs(base[0], base[1], labels, chunk_size=4, backend="torch")
+    # fp64 inputs keep the PyTorch rows (in fp64).
+    base, labels = _ce_inputs(seed=65)
+    calls = len(core_rows)
+    divkit.fused_linear_cross_entropy(
+        base[0].double(), base[1].double(), labels, chunk_size=4, backend="torch"
+    )
+    assert "core_label" not in core_rows[calls:]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

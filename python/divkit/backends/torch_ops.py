@@ -1009,6 +1009,44 @@ def row_step(route: Any = None) -> TorchRows:
     return TorchRows()
 
 
+def _core_label_rows(route: Any, z: torch.Tensor) -> bool:
+    """Whether the label heads' rows of the chunk logits ``z`` run through divkit's label-row
+    kernel (``_C.label_rows``: the CUDA kernel for CUDA tensors, the CPU one for CPU tensors):
+    where the route says so (``route.rows == "core"``) and the logits are fp32 (fp64 inputs keep
+    the PyTorch rows, in fp64)."""
+    return (
+        route is not None
+        and getattr(route, "rows", "torch") == "core"
+        and z.dtype == torch.float32
+        and hasattr(_C, "label_rows")
+    )
+
+
+def _label_rows(route: Any, z: torch.Tensor, labels: torch.Tensor, fn: str, first: int, **kw):
+    """``_C.label_rows`` on one chunk's logits ``z`` [c, V] (fp32; the gradient, when the
+    coefficients are given, written over them) with ``labels`` [c]; the keyword arguments are
+    the fp64 [c] outputs and coefficients and the options (see include/divkit/fused_linear.h,
+    label_rows). On CUDA: PyTorch's current stream, and no host read inside
+    :func:`divkit.cuda_checks.deferred_checks` (a bad row then gives NaN statistics)."""
+    from .. import cuda_checks
+
+    stream = getattr(route, "stream", None)
+    with check.attributed(fn):
+        _C.label_rows(
+            z,
+            labels,
+            **kw,
+            first_token=first,
+            stream=0 if stream is None else int(stream),
+            check_finite=True if stream is None else cuda_checks.check_finite(),
+            fn=fn,
+        )
+
+
+def _f64_rows(c: int, device, on: bool = True) -> Optional[torch.Tensor]:
+    return torch.empty(c, dtype=torch.float64, device=device) if on else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Vocabulary-parallel (src/fused_linear/vocab_parallel.cc): the fused heads' weights are this
 # rank's contiguous block of the vocabulary, blocks in rank order; every rank passes the same
@@ -1502,6 +1540,17 @@ def fused_linear_sparse_divergence(
     return loss, grads[:3]
 
 
+def _add_head_grads(head: "_Head", g: list, dz, hc, a: int, e: int, shard=None) -> None:
+    """The gradient GEMMs of one chunk's logit gradient ``dz``: the hidden states' rows [a, e)
+    (summed over a vocabulary shard's group), the weight's and the bias's accumulated."""
+    if g[0] is not None:
+        g[0][a:e] = _sum_over(shard, head.grad_hidden(dz))
+    if g[1] is not None:
+        head.add_grad_weight(g[1], dz, hc)
+    if g[2] is not None:
+        g[2] += dz.sum(0)
+
+
 def fused_linear_cross_entropy(
     h: torch.Tensor,
     w: torch.Tensor,
@@ -1515,13 +1564,16 @@ def fused_linear_cross_entropy(
     *,
     fn: str = "fused_linear_cross_entropy",
     group: Any = None,
+    route: Any = None,
 ):
     """Cross-entropy of ``z = hidden @ weight.T + bias`` (softcapped when ``cfg.softcap`` > 0)
     with label smoothing and z-loss, in chunks of tokens (see
     :func:`divkit.fused_linear_cross_entropy`); ``token_weights`` scale each token (the
     upstream gradient of a per-token loss); ``group``: the weight and bias are this rank's
-    vocabulary shard (see :func:`fused_linear_divergence`). Returns ((loss[, logprobs,
-    entropy]), three gradients or None)."""
+    vocabulary shard (see :func:`fused_linear_divergence`); ``route``: the call's route, whose
+    ``rows == "core"`` (CUDA tensors on a CUDA build) makes divkit's label-row kernel the row
+    step (unsharded fp32 logits). Returns ((loss[, logprobs, entropy]), three gradients or
+    None)."""
     n, v = h.shape[0], w.shape[0]
     dev = h.device
     shard = None
@@ -1563,6 +1615,48 @@ def fused_linear_cross_entropy(
         ca = act[a:e]
         hc = head.rows(a, e)
         x = head.logits(hc)
+        if shard is None and _core_label_rows(route, x):
+            # divkit's row kernel: statistics, and the gradient (scale folded into the
+            # coefficients) written over x.
+            c = e - a
+            s = scale[a:e]
+            lse, zy = _f64_rows(c, dev), _f64_rows(c, dev)
+            mean_z, ent = _f64_rows(c, dev, eps != 0.0), _f64_rows(c, dev, return_stats)
+            coef = {}
+            if want:
+                coef = dict(
+                    coef_a0=s.contiguous(),
+                    coef_a1=(2.0 * zsq) * s if zsq != 0.0 else None,
+                    coef_b=-(1.0 - eps) * s,
+                    coef_c=(-eps / v) * s,
+                )
+            _label_rows(
+                route,
+                x,
+                lab[a:e],
+                fn,
+                a,
+                lse=lse,
+                z_label=zy,
+                mean_z=mean_z,
+                entropy=ent,
+                ignore_index=cfg.ignore_index,
+                softcap=cap,
+                **coef,
+            )
+            loss_r = (1.0 - eps) * (lse - zy)
+            if eps != 0.0:
+                loss_r = loss_r + eps * (lse - mean_z)
+            if zsq != 0.0:
+                loss_r = loss_r + zsq * lse**2
+            row_loss[a:e] = torch.where(ca, loss_r * s, torch.zeros_like(loss_r))
+            if return_stats:
+                zero = torch.zeros_like(lse)
+                logprobs[a:e] = torch.where(ca, zy - lse, zero).to(torch.float32)
+                entropy[a:e] = torch.where(ca, ent, zero).to(torch.float32)
+            if want:
+                _add_head_grads(head, g, x, hc, a, e, shard)
+            continue
         z = cap * torch.tanh(x / cap) if cap > 0 else x
         y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
         if shard is None:
@@ -1603,12 +1697,7 @@ def fused_linear_cross_entropy(
             if cap > 0:
                 dz = dz * (1.0 - (z / cap) ** 2)
             dz = dz * scale[a:e].to(dt).unsqueeze(-1)
-            if g[0] is not None:
-                g[0][a:e] = _sum_over(shard, head.grad_hidden(dz))
-            if g[1] is not None:
-                head.add_grad_weight(g[1], dz, hc)
-            if g[2] is not None:
-                g[2] += dz.sum(0)
+            _add_head_grads(head, g, dz, hc, a, e, shard)
     loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
     grads = [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
     outs = (loss.to(torch.float32),) + ((logprobs, entropy) if return_stats else ())
@@ -1630,10 +1719,12 @@ def _logprob_grad_bufs(h, w, b, need, dt) -> list:
     return g
 
 
-def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
+def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn, route=None):
     """Yields (a, e, active, y, hc, head, z, lse, inv_t) per chunk of tokens, with ``z`` the
     chunk's logits / T in the compute dtype and ``head`` its :class:`_Head` (for
-    fused_linear_logprobs)."""
+    fused_linear_logprobs). Where the chunk's rows go through divkit's label-row kernel
+    (:func:`_core_label_rows`), ``z`` is the raw logits, ``y`` the labels as given and ``lse``
+    None: the kernel divides by T and checks the rows."""
     n, v = h.shape[0], w.shape[0]
     dev = h.device
     lab = labels.to(dev).reshape(-1).to(torch.int64)
@@ -1650,6 +1741,9 @@ def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn):
         ca = act[a:e]
         hc = head.rows(a, e)
         x = head.logits(hc)
+        if _core_label_rows(route, x):
+            yield a, e, ca, lab[a:e], hc, head, x, None, inv_t
+            continue
         z = x * inv_t
         lse = torch.logsumexp(z, -1)
         r = _first_row(ca & ~torch.isfinite(lse))
@@ -1672,11 +1766,13 @@ def fused_linear_logprobs(
     *,
     fn="fused_linear_logprobs",
     extra=(False, False),
+    route=None,
 ):
     """Per-token log p(label) (and the entropy, the top-k mass, and with ``extra`` log sum p^2
     and the bool top-1 flag: the label is the first maximal logit, as torch.argmax) of
     softmax((h @ w.T + b) / T), 0 for ignored tokens, in chunks of tokens (see
-    :func:`divkit.fused_linear_logprobs`)."""
+    :func:`divkit.fused_linear_logprobs`); ``route``: as in :func:`fused_linear_cross_entropy`
+    (divkit's label-row kernel as the row step)."""
     n = h.shape[0]
     dev = h.device
     lp = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -1685,8 +1781,37 @@ def fused_linear_logprobs(
     sq = torch.zeros(n, dtype=torch.float32, device=dev) if extra[0] else None
     top1 = torch.zeros(n, dtype=torch.bool, device=dev) if extra[1] else None
     for a, e, ca, y, _, _, z, lse, _ in _logprob_chunks(
-        h, w, b, labels, ignore_index, temperature, chunk_size, fn
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn, route
     ):
+        if lse is None:  # divkit's label-row kernel
+            c = e - a
+            lse, zy = _f64_rows(c, dev), _f64_rows(c, dev)
+            ent_c, sq_c = _f64_rows(c, dev, return_entropy), _f64_rows(c, dev, sq is not None)
+            mass_c, top1_c = _f64_rows(c, dev, bool(topk)), _f64_rows(c, dev, top1 is not None)
+            _label_rows(
+                route,
+                z,
+                y,
+                fn,
+                a,
+                lse=lse,
+                z_label=zy,
+                entropy=ent_c,
+                topk_mass=mass_c,
+                log_sum_sq=sq_c,
+                is_top1=top1_c,
+                topk=min(topk, z.shape[-1]) if topk else 0,
+                ignore_index=ignore_index,
+                temperature=temperature,
+            )
+            # The kernel gives 0 at ignored rows.
+            lp[a:e] = (zy - lse).float()
+            for out, got in ((ent, ent_c), (mass, mass_c), (sq, sq_c)):
+                if out is not None:
+                    out[a:e] = got.float()
+            if top1 is not None:
+                top1[a:e] = top1_c > 0.5
+            continue
         zero = torch.zeros_like(lse)
         lpz = z - lse.unsqueeze(-1)
         lp[a:e] = torch.where(ca, lpz.gather(-1, y.unsqueeze(-1)).squeeze(-1), zero).float()
@@ -1720,15 +1845,41 @@ def fused_linear_logprobs_backward(
     chunk_size,
     *,
     fn="fused_linear_logprobs",
+    route=None,
 ):
     """The gradients (hidden, weight, bias; None where not needed) of sum_i g_lp[i] lp_i +
-    g_ent[i] H_i, recomputing each chunk's logits."""
+    g_ent[i] H_i, recomputing each chunk's logits (``route``: as in
+    :func:`fused_linear_logprobs`)."""
     dev = h.device
     dt = _compute_dtype(h, w)
     g = _logprob_grad_bufs(h, w, b, need, dt)
     for a, e, ca, y, hc, head, z, lse, inv_t in _logprob_chunks(
-        h, w, b, labels, ignore_index, temperature, chunk_size, fn
+        h, w, b, labels, ignore_index, temperature, chunk_size, fn, route
     ):
+        if lse is None:  # divkit's label-row kernel: dz written over the logits
+            c = e - a
+
+            def coef(x):
+                if x is None:
+                    return torch.zeros(c, dtype=torch.float64, device=dev)
+                return x[a:e].to(dev, torch.float64)
+
+            g_c = coef(g_lp)
+            _label_rows(
+                route,
+                z,
+                y,
+                fn,
+                a,
+                coef_a0=-g_c,
+                coef_b=g_c,
+                coef_c=torch.zeros_like(g_c),
+                coef_e=None if g_ent is None else -coef(g_ent),
+                ignore_index=ignore_index,
+                temperature=temperature,
+            )
+            _add_head_grads(head, g, z, hc, a, e)
+            continue
         lpz = z - lse.unsqueeze(-1)
         p = torch.exp(lpz)
         dz = torch.zeros_like(z)
@@ -1741,12 +1892,7 @@ def fused_linear_logprobs_backward(
             hrow = -(_xt(p, lpz)).sum(-1, keepdim=True)
             dz -= c.unsqueeze(-1) * _xt(p, lpz + hrow)
         dz = dz * inv_t
-        if g[0] is not None:
-            g[0][a:e] = head.grad_hidden(dz)
-        if g[1] is not None:
-            head.add_grad_weight(g[1], dz, hc)
-        if g[2] is not None:
-            g[2] += dz.sum(0)
+        _add_head_grads(head, g, dz, hc, a, e)
     return [None if x is None else x.to(inp.dtype) for x, inp in zip(g, (h, w, b))]
 
 
