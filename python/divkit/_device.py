@@ -30,7 +30,9 @@ __all__ = ["BACKENDS", "Route", "backend", "common_device", "route"]
 BACKENDS: Tuple[str, ...] = ("auto", "core", "torch")
 
 #: Ops whose C++ core may have a CUDA kernel; a CUDA build says which it has (``_C.cuda_ops()``).
-CUDA_OPS = frozenset({"divergence", "sparse_divergence", "topk_divergence", "sinkhorn"})
+CUDA_OPS = frozenset(
+    {"divergence", "sparse_divergence", "topk_divergence", "sinkhorn", "label_rows"}
+)
 #: Ops with a PyTorch fallback (divkit.backends.torch_ops).
 TORCH_OPS = frozenset(
     {

@@ -28,8 +28,9 @@ namespace nb = nanobind;
 // Inputs are read only (numpy arrays with writeable=False are accepted); outputs are written.
 using InArray = nb::ndarray<nb::ro, nb::device::cpu>;
 using OutArray = nb::ndarray<nb::device::cpu>;
-// The arrays of the functions that also run on CUDA devices (divergence): any device; to_view
-// records it and the core dispatches on it (or raises Error naming the argument).
+// The arrays of the functions that also run on CUDA devices (divergence, sparse, sinkhorn,
+// label_rows): any device; to_view records it and the core dispatches on it (or raises Error
+// naming the argument).
 using AnyInArray = nb::ndarray<nb::ro>;
 using AnyOutArray = nb::ndarray<>;
 

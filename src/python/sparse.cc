@@ -11,10 +11,12 @@
 namespace divkit_py {
 namespace {
 
-void sparse_divergence(const InArray& student, const InArray& indices, const InArray& logprobs,
-                       const OutArray& loss, const std::optional<OutArray>& grad_student,
-                       const std::optional<InArray>& labels, const std::optional<InArray>& weights,
-                       const std::string& tail, const DivergenceArgs& args) {
+void sparse_divergence(const AnyInArray& student, const AnyInArray& indices,
+                       const AnyInArray& logprobs, const AnyOutArray& loss,
+                       const std::optional<AnyOutArray>& grad_student,
+                       const std::optional<AnyInArray>& labels,
+                       const std::optional<AnyInArray>& weights, const std::string& tail,
+                       const DivergenceArgs& args) {
   constexpr const char* fn = "sparse_divergence";
   const divkit::DivergenceSpec spec = args.spec();
   divkit::SparseOptions sparse;
@@ -30,10 +32,10 @@ void sparse_divergence(const InArray& student, const InArray& indices, const InA
   divkit::sparse_divergence(s, i, l, spec, sparse, options, outputs);
 }
 
-void topk_divergence(const InArray& student, const InArray& teacher, int64_t k,
-                     const OutArray& loss, const std::optional<OutArray>& grad_student,
-                     const std::optional<InArray>& labels, const std::optional<InArray>& weights,
-                     const DivergenceArgs& args) {
+void topk_divergence(const AnyInArray& student, const AnyInArray& teacher, int64_t k,
+                     const AnyOutArray& loss, const std::optional<AnyOutArray>& grad_student,
+                     const std::optional<AnyInArray>& labels,
+                     const std::optional<AnyInArray>& weights, const DivergenceArgs& args) {
   constexpr const char* fn = "topk_divergence";
   const divkit::DivergenceSpec spec = args.spec();
   const divkit::DivergenceOptions options = args.options(fn, labels, weights);
