@@ -97,14 +97,16 @@ def test_each_extra_output_alone_and_bf16_inputs():
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_top1_ties_go_to_the_first_maximum_as_torch_argmax_and_trl(backend):
     """Exact ties (duplicated weight rows): a label tied with an earlier index is not top-1,
-    as torch.argmax and TRL's ChunkedLogProbFunction say; log sum p^2 equals TRL's too."""
+    as torch.argmax and TRL's ChunkedLogProbFunction say; log sum p^2 equals TRL's too. The
+    entries are small integers and quarters, so every logit is exact whatever the GEMM's order
+    of summation (otherwise the BLAS kernel of each column may break the ties its own way)."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
     g = torch.Generator().manual_seed(5)
     n, v, h = 12, 37, 8
-    hid = torch.randn(n, h, generator=g)
-    w = torch.randn(v, h, generator=g) * 0.3
-    w[[3, 20, 36]] = hid.mean(0) * 3.0  # tied maxima at 3 (first), 20, 36
+    hid = torch.randint(-3, 4, (n, h), generator=g).float()
+    w = torch.randint(-3, 4, (v, h), generator=g).float() * 0.25
+    w[[3, 20, 36]] = torch.round(hid.mean(0) * 4.0)  # tied maxima at 3 (first), 20, 36
     z = hid @ w.T
     assert (z.argmax(-1) == 3).sum() >= 6
     labels = torch.tensor([3, 20, 36, 5, -100, 3, 36, 20, 3, 0, 1, 2])
