@@ -29,6 +29,7 @@
 #include "core/cuda_device.h"
 #include "fused_linear/label_cuda.h"
 #include "fused_linear/label_scalar.h"
+#include "sparse/radix_select.cuh"
 #include "sparse/sparse_scalar.h"
 
 namespace divkit::detail {
@@ -75,9 +76,7 @@ struct Shared {
   double d[kWarps];
   float f[kWarps];
   int i[kWarps];
-  uint32_t hist[256];
-  uint32_t digit;
-  long long remaining;
+  radix_select::RadixShared radix;
 };
 
 __device__ inline void put(const Vec& out, int64_t row, double x) {
@@ -113,27 +112,10 @@ __device__ void fill_row(const Params& p, int64_t row, double value, float g) {
 
 // Step 3: the sum of the topk largest p of the row (larger z first; ties count once each).
 __device__ double row_topk_mass(const Params& p, int64_t row, double lse, Shared& sh) {
-  uint32_t prefix = 0, mask = 0;
-  int64_t remaining = p.topk;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += kThreads) sh.hist[b] = 0u;
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
-      const uint32_t key = ss::order_key(z_at(p, row, j));
-      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t rem = remaining;
-      sh.digit = ss::radix_pick(sh.hist, rem);
-      sh.remaining = rem;
-    }
-    __syncthreads();
-    prefix |= sh.digit << shift;
-    mask |= 255u << shift;
-    remaining = sh.remaining;
-    __syncthreads();  // sh.hist, sh.digit and sh.remaining are rewritten by the next pass
-  }
+  const auto kth = radix_select::block_radix_kth<kThreads>(
+      p.v, p.topk, [&](int64_t j) { return ss::order_key(z_at(p, row, j)); }, sh.radix);
+  const uint32_t prefix = kth.key;
+  const int64_t remaining = kth.remaining;
   // prefix is the key of the k-th largest z: the entries above it, and `remaining` equal ones.
   double acc = 0.0;
   for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {

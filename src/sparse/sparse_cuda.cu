@@ -29,6 +29,7 @@
 #include "core/cuda_common.cuh"
 #include "core/cuda_device.h"
 #include "divergence/row_job.h"
+#include "sparse/radix_select.cuh"
 #include "sparse/sparse_cuda.h"
 #include "sparse/sparse_job.h"
 #include "sparse/sparse_scalar.h"
@@ -103,9 +104,7 @@ struct Shared {
   double d[kWarps];
   float f[kWarps];
   int i[kWarps];
-  uint32_t hist[256];
-  uint32_t digit;
-  long long remaining;
+  radix_select::RadixShared radix;
 };
 
 __device__ inline void flag(const Params& p, int slot, int64_t row) {
@@ -147,27 +146,10 @@ __device__ RowMax row_max(int64_t v, Load load_at, Shared& sh) {
 // The k largest teacher logits of the row (larger first, then lower index), their indices
 // written to out[0, k) in increasing order.
 __device__ void select_topk(const Params& p, int64_t row, int64_t* out, Shared& sh) {
-  uint32_t prefix = 0, mask = 0;
-  int64_t remaining = p.k;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += kThreads) sh.hist[b] = 0;
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
-      const uint32_t key = ss::order_key(load_t(p, row, j));
-      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t rem = remaining;
-      sh.digit = ss::radix_pick(sh.hist, rem);
-      sh.remaining = rem;
-    }
-    __syncthreads();
-    prefix |= sh.digit << shift;
-    mask |= 255u << shift;
-    remaining = sh.remaining;
-    __syncthreads();  // sh.digit / sh.remaining are rewritten by the next pass
-  }
+  const auto kth = radix_select::block_radix_kth<kThreads>(
+      p.v, p.k, [&](int64_t j) { return ss::order_key(load_t(p, row, j)); }, sh.radix);
+  const uint32_t prefix = kth.key;
+  const int64_t remaining = kth.remaining;
   // prefix is the k-th largest key: take every key above it and the first `remaining` equal
   // ones in index order.
   int64_t taken_eq = 0, count = 0;
