@@ -136,6 +136,42 @@ HWY_INLINE bool IsFirstMax(const float* HWY_RESTRICT z, int64_t y, float m) {
   return true;
 }
 
+// The k largest entries of a row of z (finite max m) into out[0, k), in no particular order: the
+// same multiset as std::nth_element over the whole row, at a fraction of its cost. Once at least
+// k entries are >= t, the k largest are among them: vector counts over the row (in cache) find
+// t = m - d for d = 1/2, 1, 2, 4, ... (-inf at the end: every entry), then only those candidates
+// are copied and partially sorted.
+void TopK(const float* HWY_RESTRICT z, int64_t v, int64_t k, float m, std::vector<float>& out) {
+  const DF df;
+  const RowSpan sp = Span(v);
+  float t = -kInf;
+  int64_t count = v;
+  for (float d = 0.5f; d < kInf; d *= 2.0f) {
+    const float td = m - d;
+    const VF vt = hn::Set(df, td);
+    int64_t c = 0;
+    for (int64_t j = 0; j < sp.vfull; j += sp.lanes)
+      c += static_cast<int64_t>(hn::CountTrue(df, hn::Ge(hn::LoadU(df, z + j), vt)));
+    for (int64_t j = sp.vfull; j < v; ++j) c += z[j] >= td;
+    if (c >= k) {
+      t = td;
+      count = c;
+      break;
+    }
+  }
+  out.resize(static_cast<size_t>(count + sp.lanes));  // CompressStore writes whole vectors
+  const VF vt = hn::Set(df, t);
+  size_t w = 0;
+  for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
+    const VF x = hn::LoadU(df, z + j);
+    w += hn::CompressStore(x, hn::Ge(x, vt), df, out.data() + w);
+  }
+  for (int64_t j = sp.vfull; j < v; ++j)
+    if (z[j] >= t) out[w++] = z[j];
+  out.resize(w);
+  std::nth_element(out.begin(), out.begin() + (k - 1), out.end(), std::greater<float>());
+}
+
 // The fused gradient of LabelForwardJob::coef over a row that holds e = exp(z - m), S = sum e.
 void FusedGradRow(const detail::LabelForwardJob& job, int64_t i, float* HWY_RESTRICT z, double se,
                   double lse) {
@@ -239,11 +275,7 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   // The top-k values of z, selected while z is in cache and before the exps are written; their
   // mass once lse is known. No gradient flows through the mass.
   const int64_t k = job.topk_mass ? std::min(job.topk, v) : 0;
-  if (k > 0) {
-    scratch.assign(z, z + v);
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
-                     std::greater<float>());
-  }
+  if (k > 0) TopK(z, v, k, m, scratch);
   float* keep = nullptr;
   if (keep_z) {
     ex.resize(static_cast<size_t>(v));

@@ -743,6 +743,49 @@ TEST(FusedLinearLogprobs, TopOneTiesGoToTheFirstMaximum) {
   }
 }
 
+// The top-k mass over rows with many exact ties (integer logits z_ij = hidden_i * weight_j, H = 1)
+// and k up to V: the candidates' threshold search must keep every tied value that belongs to the
+// k largest. Against fp64 (sorted probabilities), with and without gradients in the call.
+TEST(FusedLinearLogprobs, TopkMassWithTiesMatchesFp64) {
+  const int64_t v = 45, n = 5;
+  std::vector<float> hidden = {1.0f, 2.0f, 0.5f, 3.0f, 0.25f}, weight(v);
+  for (int64_t j = 0; j < v; ++j) weight[j] = static_cast<float>((j * 7) % 6);  // ties of 8 each
+  weight[11] = weight[40] = 9.0f;
+  std::vector<int64_t> labels = {3, 11, 40, -100, 7};
+  const divkit::LinearHead head{TensorView::matrix(hidden.data(), DType::f32, n, 1),
+                                TensorView::matrix(weight.data(), DType::f32, v, 1),
+                                {}};
+  const TensorView lab = TensorView::vector(labels.data(), DType::i64, n);
+  for (const int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{9}, int64_t{20}, v}) {
+    for (const bool with_grads : {false, true}) {
+      std::vector<float> mass(n, -1.0f), loss(1), gh(n), gw(v);
+      divkit::LabelStatsOutputs st;
+      st.topk_mass = TensorView::vector(mass.data(), DType::f32, n);
+      st.topk = k;
+      if (with_grads)
+        divkit::fused_linear_cross_entropy(head, lab, {},
+                                           TensorView::vector(loss.data(), DType::f32, 1),
+                                           {TensorView::matrix(gh.data(), DType::f32, n, 1),
+                                            TensorView::matrix(gw.data(), DType::f32, v, 1),
+                                            {}},
+                                           st);
+      else divkit::fused_linear_logprobs(head, lab, {}, st);
+      for (int64_t i = 0; i < n; ++i) {
+        if (labels[i] < 0) {
+          EXPECT_EQ(mass[i], 0.0f);
+          continue;
+        }
+        std::vector<double> p(v);
+        double s = 0.0;
+        for (int64_t j = 0; j < v; ++j) s += p[j] = std::exp(double(hidden[i]) * weight[j]);
+        std::sort(p.rbegin(), p.rend());
+        const double want = std::accumulate(p.begin(), p.begin() + k, 0.0) / s;
+        EXPECT_NEAR(mass[i], want, 1e-6) << "k = " << k << " row " << i << " grads " << with_grads;
+      }
+    }
+  }
+}
+
 // ---- one-sweep gradients of the label losses -------------------------------------------------
 // With hidden = I [n, n] and weight = X^T [v, n], the logits are X exactly and grad_weight is
 // dL/dlogits transposed exactly (every GEMM sum has one non-zero product), so the row gradient
