@@ -159,16 +159,18 @@ void TopK(const float* HWY_RESTRICT z, int64_t v, int64_t k, float m, std::vecto
       break;
     }
   }
-  out.resize(static_cast<size_t>(count + sp.lanes));  // CompressStore writes whole vectors
+  // Candidates are few: a vector test skips the vectors without one. (No CompressStore: AVX-512's
+  // compress to memory is microcoded and slow on AMD Zen 4.)
+  out.resize(static_cast<size_t>(count));
   const VF vt = hn::Set(df, t);
   size_t w = 0;
   for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
-    const VF x = hn::LoadU(df, z + j);
-    w += hn::CompressStore(x, hn::Ge(x, vt), df, out.data() + w);
+    if (hn::AllFalse(df, hn::Ge(hn::LoadU(df, z + j), vt))) continue;
+    for (int64_t l = j; l < j + sp.lanes; ++l)
+      if (z[l] >= t) out[w++] = z[l];
   }
   for (int64_t j = sp.vfull; j < v; ++j)
     if (z[j] >= t) out[w++] = z[j];
-  out.resize(w);
   std::nth_element(out.begin(), out.begin() + (k - 1), out.end(), std::greater<float>());
 }
 
