@@ -30,6 +30,11 @@ share of the time beside the GEMMs.
     python bench/bench_label_head.py [--baseline /path/to/other/python] [--rounds 3]
     python bench/bench_label_head.py --ops ce_softcap,ce_topk,lp_entropy \
         --variants divkit,divkit_2pass --vocab 128256 --threads 2
+    python bench/bench_label_head.py --ops ce_softcap,ce_topk,lp_entropy --paired --reps 6
+
+``--paired``: per op, one process times whole calls with the one-sweep and the two-pass path
+alternating (``_C._set_label_one_sweep``), --reps pairs, and prints the medians and the median
+of the per-pair ratios: a change in the machine's load hits both members of a pair alike.
 
 Each (op, variant) runs in its own subprocess, --reps calls each (the best kept), for --rounds
 alternating rounds; the table gives the median over the rounds and the largest peak extra RSS
@@ -68,6 +73,9 @@ def run_case(op: str, variant: str, a) -> dict:
     labels[: n // 8] = -100
     if a.threads:
         torch.set_num_threads(a.threads)
+    paired = variant == "paired"
+    if paired:
+        variant = "divkit"
     if variant.startswith("divkit"):
         import divkit
         from divkit import _C
@@ -114,6 +122,16 @@ def run_case(op: str, variant: str, a) -> dict:
         return float(loss.detach())
 
     step()  # warm-up
+    if paired:  # one sweep and two passes alternating in this process, pair by pair
+        one, two = [], []
+        for r in range(a.reps):
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                _C._set_label_one_sweep(on)
+                t0 = time.perf_counter()
+                step()
+                (one if on else two).append(time.perf_counter() - t0)
+        _C._set_label_one_sweep(True)
+        return {"one": one, "two": two}
     base = rss_mib()
     times = []
     for _ in range(a.reps):
@@ -191,6 +209,11 @@ def main():
     )
     p.add_argument("--topk", type=int, default=20, help="k of ce_topk's top-k mass")
     p.add_argument("--threads", type=int, default=0, help="torch and divkit threads (0: default)")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="one sweep against two passes in one process per op, --reps pairs",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.case:
@@ -211,6 +234,29 @@ def main():
         f"{a.threads or 'default'}; load average before: {load()}"
     )
     args = [x for x in sys.argv[1:] if not x.startswith("--baseline")]
+    if a.paired:
+        print(f"paired in one process per op, {a.reps} pairs (order alternating); medians")
+        print(f"{'op':<12}{'one sweep s':>12}{'two passes s':>13}{'ratio':>8}  pair ratios")
+        for op in a.ops.split(","):
+            env = dict(os.environ, PYTHONPATH=here)
+            r = subprocess.run(
+                [sys.executable, __file__, "--case", f"{op}:paired", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if r.returncode != 0:
+                print(f"{op}: failed: {r.stderr.strip().splitlines()[-1:]}")
+                continue
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            ratios = sorted(t / o for o, t in zip(d["one"], d["two"]))
+            one, two = sorted(d["one"]), sorted(d["two"])
+            print(
+                f"{op:<12}{one[len(one) // 2]:>12.3f}{two[len(two) // 2]:>13.3f}"
+                f"{ratios[len(ratios) // 2]:>7.2f}x  " + " ".join(f"{x:.2f}" for x in ratios)
+            )
+        print(f"load average after: {load()}")
+        return
     if a.baseline and a.baseline in args:
         args.remove(a.baseline)
     cases = [(op, var) for op in a.ops.split(",") for var in paths]
