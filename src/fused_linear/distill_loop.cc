@@ -61,7 +61,7 @@ void label_stats(const char* fn, const char* what, float* z, int64_t rows, int64
   detail::LabelForwardJob f;
   if (a != nullptr) {
     f.coef_ctx = &coefs;
-    f.coef = [](void* p, int64_t r, double, double* ca, double* cb, double* cc) {
+    f.coef = [](void* p, int64_t r, double, double* ca, double* cb, double* cc, double*) {
       const Coefs& k = *static_cast<const Coefs*>(p);
       *ca = k.a[r];
       *cb = k.b[r];

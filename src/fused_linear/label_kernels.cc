@@ -137,6 +137,44 @@ HWY_INLINE bool IsFirstMax(const float* HWY_RESTRICT z, int64_t y, float m) {
   return true;
 }
 
+// The k largest entries of a row of z (finite max m) into out[0, k), in no particular order: the
+// same multiset as std::nth_element over the whole row, at a fraction of its cost. Once at least
+// k entries are >= t, the k largest are among them: vector counts over the row (in cache) find
+// t = m - d for d = 1/2, 1, 2, 4, ... (-inf at the end: every entry), then only those candidates
+// are copied and partially sorted.
+void TopK(const float* HWY_RESTRICT z, int64_t v, int64_t k, float m, std::vector<float>& out) {
+  const DF df;
+  const RowSpan sp = Span(v);
+  float t = -kInf;
+  int64_t count = v;
+  for (float d = 0.5f; d < kInf; d *= 2.0f) {
+    const float td = m - d;
+    const VF vt = hn::Set(df, td);
+    int64_t c = 0;
+    for (int64_t j = 0; j < sp.vfull; j += sp.lanes)
+      c += static_cast<int64_t>(hn::CountTrue(df, hn::Ge(hn::LoadU(df, z + j), vt)));
+    for (int64_t j = sp.vfull; j < v; ++j) c += z[j] >= td;
+    if (c >= k) {
+      t = td;
+      count = c;
+      break;
+    }
+  }
+  // Candidates are few: a vector test skips the vectors without one. (No CompressStore: AVX-512's
+  // compress to memory is microcoded and slow on AMD Zen 4.)
+  out.resize(static_cast<size_t>(count));
+  const VF vt = hn::Set(df, t);
+  size_t w = 0;
+  for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
+    if (hn::AllFalse(df, hn::Ge(hn::LoadU(df, z + j), vt))) continue;
+    for (int64_t l = j; l < j + sp.lanes; ++l)
+      if (z[l] >= t) out[w++] = z[l];
+  }
+  for (int64_t j = sp.vfull; j < v; ++j)
+    if (z[j] >= t) out[w++] = z[j];
+  std::nth_element(out.begin(), out.begin() + (k - 1), out.end(), std::greater<float>());
+}
+
 // The fused gradient of LabelForwardJob::coef over a row that holds e = exp(z - m), S = sum e.
 void FusedGradRow(const detail::LabelForwardJob& job, int64_t i, float* HWY_RESTRICT z, double se,
                   double lse) {
@@ -144,8 +182,8 @@ void FusedGradRow(const detail::LabelForwardJob& job, int64_t i, float* HWY_REST
   const int64_t v = job.v;
   const RowSpan sp = Span(v);
   const float* HWY_RESTRICT add = job.add ? job.add + i * job.ldadd : nullptr;
-  double a = 0.0, b = 0.0, c = 0.0;
-  job.coef(job.coef_ctx, i, lse, &a, &b, &c);
+  double a = 0.0, b = 0.0, c = 0.0, e = 0.0;
+  job.coef(job.coef_ctx, i, lse, &a, &b, &c, &e);
   // (a p + c) / T with p = e / S.
   const float as = static_cast<float>(a / se) * job.inv_t, cs = static_cast<float>(c) * job.inv_t;
   const VF vas = hn::Set(df, as), vcs = hn::Set(df, cs);
@@ -162,8 +200,67 @@ void FusedGradRow(const detail::LabelForwardJob& job, int64_t i, float* HWY_REST
   z[job.labels[i]] += static_cast<float>(b) * job.inv_t;
 }
 
+// The fused gradient of LabelForwardJob::coef when it needs z (softcap, entropy term): z holds the
+// transformed logits, ex = exp(z - m) with S = sum ex, h the row's entropy. The same expressions
+// as GradRow with p = ex / S in place of exp(z - lse).
+void FusedGradRowKeepZ(const detail::LabelForwardJob& job, int64_t i, float* HWY_RESTRICT z,
+                       const float* HWY_RESTRICT ex, double se, double lse, double h) {
+  const DF df;
+  const int64_t v = job.v;
+  const RowSpan sp = Span(v);
+  const float* HWY_RESTRICT add = job.add ? job.add + i * job.ldadd : nullptr;
+  double a = 0.0, b = 0.0, c = 0.0, ee = 0.0;
+  job.coef(job.coef_ctx, i, lse, &a, &b, &c, &ee);
+  const float e = job.coef_entropy ? static_cast<float>(ee) : 0.0f;
+  const bool cap = job.softcap > 0.0f;
+  const float t_over_cap = cap ? (1.0f / job.inv_t) / job.softcap : 0.0f;
+  const float inv_s = static_cast<float>(1.0 / se), flse = static_cast<float>(lse),
+              fh = static_cast<float>(h), fa = static_cast<float>(a), fc = static_cast<float>(c);
+  const VF vinv_s = hn::Set(df, inv_s), vlse = hn::Set(df, flse), va = hn::Set(df, fa),
+           vc = hn::Set(df, fc), ve = hn::Set(df, e), vh = hn::Set(df, fh),
+           vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap), one = hn::Set(df, 1.0f);
+  const int64_t y = job.labels[i];
+  const float y_z = z[y];
+  for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
+    const VF zj = hn::LoadU(df, z + j);
+    const VF p = hn::Mul(hn::LoadU(df, ex + j), vinv_s);
+    VF g = hn::MulAdd(va, p, vc);
+    // 0 where p = 0 (z - lse = -inf for masked entries).
+    if (e != 0.0f)
+      g = hn::MulAdd(hn::Mul(ve, p),
+                     hn::IfThenZeroElse(hn::Eq(p, hn::Zero(df)), hn::Add(hn::Sub(zj, vlse), vh)),
+                     g);
+    if (cap) {
+      const VF r = hn::Mul(zj, vtc);  // tanh(x / softcap)
+      g = hn::Mul(g, hn::NegMulAdd(r, r, one));
+    }
+    g = hn::Mul(g, vinv_t);
+    if (add) g = hn::Add(g, hn::LoadU(df, add + j));
+    hn::StoreU(g, df, z + j);
+  }
+  for (int64_t j = sp.vfull; j < v; ++j) {
+    const float p = ex[j] * inv_s;
+    float g = fa * p + fc;
+    if (e != 0.0f && p != 0.0f) g += e * p * ((z[j] - flse) + fh);
+    if (cap) {
+      const float r = z[j] * t_over_cap;
+      g *= 1.0f - r * r;
+    }
+    g *= job.inv_t;
+    if (add) g += add[j];
+    z[j] = g;
+  }
+  // The one-hot part: b at the label, with the label's own chain-rule factor.
+  float dz = static_cast<float>(b);
+  if (cap) {
+    const float r = y_z * t_over_cap;
+    dz *= 1.0f - r * r;
+  }
+  z[y] += dz * job.inv_t;
+}
+
 void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>& scratch,
-                bool& bad) {
+                std::vector<float>& ex, bool& bad) {
   float* HWY_RESTRICT z = job.z + i * job.ldz;
   const int64_t v = job.v;
   const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad);
@@ -171,34 +268,42 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
     bad = true;
     return;
   }
-  const bool want_ent = job.entropy != nullptr;
   const bool fuse = job.coef != nullptr;
-  if (job.z_label) job.z_label[i] = z[job.labels[i]];
+  const bool keep_z = fuse && (job.softcap > 0.0f || job.coef_entropy);
+  const bool want_ent = job.entropy != nullptr || (fuse && job.coef_entropy);
+  const int64_t y = job.labels[i];
+  if (job.z_label) job.z_label[i] = z[y];
   // Before the fused sweep overwrites z with its exps.
-  if (job.is_top1) job.is_top1[i] = IsFirstMax(z, job.labels[i], m) ? 1.0 : 0.0;
-  const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr, fuse ? z : nullptr,
-                              job.log_sum_sq != nullptr);
+  if (job.is_top1) job.is_top1[i] = IsFirstMax(z, y, m) ? 1.0 : 0.0;
+  // The top-k values of z, selected while z is in cache and before the exps are written; their
+  // mass once lse is known. No gradient flows through the mass.
+  const int64_t k = job.topk_mass ? std::min(job.topk, v) : 0;
+  if (k > 0) TopK(z, v, k, m, scratch);
+  float* keep = nullptr;
+  if (keep_z) {
+    ex.resize(static_cast<size_t>(v));
+    keep = ex.data();
+  } else if (fuse) {
+    keep = z;
+  }
+  const RowSums sums =
+      SumRow(z, v, m, want_ent, job.mean_z != nullptr, keep, job.log_sum_sq != nullptr);
   // The row's statistics from its sums: label_scalar.h, which the CUDA kernel uses too.
   const double se = sums.e;
   const double lse = label_scalar::row_lse(m, se);
+  // H = -sum p log p = log S - sum e c / S with c = z - m.
+  const double ent = want_ent ? label_scalar::row_entropy(se, sums.ec) : 0.0;
   if (job.lse) job.lse[i] = lse;
   if (job.mean_z) job.mean_z[i] = label_scalar::row_mean(sums.z, v);
-  // H = -sum p log p = log S - sum e c / S with c = z - m.
-  if (want_ent) job.entropy[i] = label_scalar::row_entropy(se, sums.ec);
+  if (job.entropy) job.entropy[i] = ent;
   if (job.log_sum_sq) job.log_sum_sq[i] = label_scalar::row_log_sum_sq(se, sums.sq);
-  if (fuse) {
-    FusedGradRow(job, i, z, se, lse);
-    return;
-  }
-  if (job.topk_mass) {
-    const int64_t k = std::min(job.topk, v);
-    scratch.assign(z, z + v);
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
-                     std::greater<float>());
+  if (k > 0) {
     double mass = 0.0;
     for (int64_t j = 0; j < k; ++j) mass += label_scalar::topk_term(scratch[j], lse);
     job.topk_mass[i] = label_scalar::topk_finish(mass);
   }
+  if (keep_z) FusedGradRowKeepZ(job, i, z, ex.data(), se, lse, ent);
+  else if (fuse) FusedGradRow(job, i, z, se, lse);
 }
 
 // The vocabulary-parallel passes of LabelForwardJob (see label_kernels.h).
@@ -296,7 +401,7 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
   const bool shard = job.shard_max != nullptr || job.shift != nullptr;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
-    std::vector<float> scratch;
+    std::vector<float> scratch, ex;
     int64_t local_bad = -1;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < job.rows; ++i) {
@@ -324,7 +429,7 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
         continue;
       }
       bool bad = false;
-      ForwardRow(job, i, scratch, bad);
+      ForwardRow(job, i, scratch, ex, bad);
       if (bad && local_bad < 0) local_bad = i;
     }
 #pragma omp critical

@@ -24,15 +24,21 @@ struct LabelForwardJob {
   int num_threads = 1;
   int64_t bad_row = -1;  // out: first row with NaN/+inf (or every entry -inf)
 
-  // The gradient in the same sweep (unsharded rows, softcap 0, no topk_mass): when `coef` is
-  // given, each row's exps exp(z - max) are kept over z while its sums are taken (the row is still
-  // in cache) and the row becomes, right after its statistics, dL/dx_j = (a p_j + b 1[j = y] + c)
-  // / T + add_j with p_j = exp(z_j - max) / S: one exp per logit for statistics and gradient,
-  // one read and one write of the row from memory. coef(ctx, row, lse, &a, &b, &c) gives the
-  // row's coefficients from its lse; it runs on the worker threads. Ignored rows become add (or
-  // 0). z_label, lse, mean_z and entropy are still written.
-  void (*coef)(void* ctx, int64_t row, double lse, double* a, double* b, double* c) = nullptr;
+  // The gradient in the same sweep (unsharded rows): when `coef` is given, each row becomes, right
+  // after its statistics (the row still in cache), dL/dx_j = dL/dz_j * dz/dx_j + add_j with
+  //   dL/dz_j = a p_j + b 1[j = y] + c + e p_j (z_j - lse + H),  dz/dx as in LabelGradJob,
+  // p_j = exp(z_j - max) / S: one exp per logit for statistics and gradient, one read and one
+  // write of the row from memory. Without softcap and entropy term the exps are kept over z and
+  // scaled in place; with softcap (dz/dx needs z) or `coef_entropy` (the term needs z and H) they
+  // are kept in a row buffer of the thread (V floats, beside the row in L2) and z stays until the
+  // gradient sweep reads both. The top-k selection reads z before the exps are written.
+  // coef(ctx, row, lse, &a, &b, &c, &e) gives the row's coefficients from its lse (e is read only
+  // with coef_entropy); it runs on the worker threads. Ignored rows become add (or 0). z_label,
+  // lse, mean_z, entropy and topk_mass are still written.
+  void (*coef)(void* ctx, int64_t row, double lse, double* a, double* b, double* c,
+               double* e) = nullptr;
   void* coef_ctx = nullptr;
+  bool coef_entropy = false;   // coef may give e != 0: the sweep takes H and keeps z
   const float* add = nullptr;  // optional [rows, V] block added to the gradient
   int64_t ldadd = 0;
 
@@ -69,5 +75,12 @@ struct LabelGradJob {
   int num_threads = 1;
 };
 void label_rows_grad(const LabelGradJob& job);
+
+// Whether the fused label losses (label_loop.cc) take each row's gradient in the sweep of its
+// statistics (LabelForwardJob::coef, the default) or in a pass of its own over the chunk
+// (label_rows_grad) after the forward; both give the same gradient to fp32 rounding. For tests and
+// benchmarks that compare the two; process-wide.
+void set_label_one_sweep(bool on);
+bool label_one_sweep();
 
 }  // namespace divkit::detail

@@ -2,6 +2,7 @@
 // loop of logits GEMM -> row statistics (label_kernels.h, combined over a vocabulary-parallel
 // group when sharded) -> gradient coefficients -> gradient GEMMs.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -24,6 +25,8 @@ using namespace fused;
 
 namespace {
 
+std::atomic<bool> g_one_sweep{true};
+
 struct LabelRun {
   const char* fn;
   const ShardGroup& group;  // vocabulary-parallel (or not: off)
@@ -35,9 +38,10 @@ struct LabelRun {
 
 // The chunk loop of the label losses: logits, forward statistics, then (when `coef` is given)
 // the gradient coefficients of each row and the gradient GEMMs. `entropy_coef`: coef sets the
-// entropy term's coefficient (the gradient then needs the entropy, in a pass of its own); without
-// it, softcap and top-k mass, each row's gradient is written in the sweep that takes its
-// statistics (LabelForwardJob::coef).
+// entropy term's coefficient (the gradient then needs the row's entropy). Unsharded, each row's
+// gradient is written in the sweep that takes its statistics (LabelForwardJob::coef), softcap,
+// top-k mass and entropy term included; sharded rows (whose sums need the group) and
+// detail::set_label_one_sweep(false) take a gradient pass of their own (label_rows_grad).
 template <class OnStats, class Coef>
 void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool want_entropy,
                     bool want_mean, const LinearHeadGrads& grads, OnStats&& on_stats, Coef&& coef,
@@ -52,8 +56,7 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
   const std::vector<float> b = bias_f32(head.bias, nullptr, v);
   HeadGradAccumulator acc(head, grads, &w, v, nullptr, &run.group);
   const bool want_grad = acc.wanted();
-  const bool fused_grad =
-      want_grad && !sharded && !entropy_coef && run.softcap == 0.0f && !stats.topk_mass.defined();
+  const bool fused_grad = want_grad && !sharded && detail::label_one_sweep();
   struct CoefCtx {
     std::remove_reference_t<Coef>* coef;
     int64_t r0;
@@ -103,12 +106,12 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       if (fused_grad) {
         coef_ctx.r0 = r0;
         f.coef_ctx = &coef_ctx;
-        f.coef = [](void* p, int64_t r, double lse, double* a, double* b, double* c) {
+        f.coef = [](void* p, int64_t r, double lse, double* a, double* b, double* c, double* e) {
           const CoefCtx& cx = *static_cast<const CoefCtx*>(p);
-          double e = 0.0;
-          *a = *b = *c = 0.0;
-          (*cx.coef)(cx.r0 + r, lse, *a, *b, *c, e);
+          *a = *b = *c = *e = 0.0;
+          (*cx.coef)(cx.r0 + r, lse, *a, *b, *c, *e);
         };
+        f.coef_entropy = entropy_coef;
       }
       detail::label_rows_forward(f);
       if (f.bad_row >= 0)
@@ -185,6 +188,9 @@ void check_stats(const char* fn, const LabelStatsOutputs& stats, int64_t n, int6
 }
 
 }  // namespace
+
+void detail::set_label_one_sweep(bool on) { g_one_sweep.store(on); }
+bool detail::label_one_sweep() { return g_one_sweep.load(); }
 
 void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels,
                                 const CrossEntropySpec& spec, const TensorView& loss,

@@ -9,6 +9,12 @@
 
 namespace nb = nanobind;
 
+// The label losses' path switch (src/fused_linear/label_kernels.h; internal, not in include/).
+namespace divkit::detail {
+void set_label_one_sweep(bool on);
+bool label_one_sweep();
+}  // namespace divkit::detail
+
 namespace divkit_py {
 
 divkit::VocabShard FusedLinearOptions::shard() const {
@@ -169,7 +175,7 @@ void fused_linear_cross_entropy(const HeadArrays& hd, const InArray& labels, con
   const divkit::TensorView lab = to_view(fn, "labels", labels);
   const divkit::TensorView lv = to_view(fn, "loss", loss);
   const divkit::LinearHeadGrads g = grads(fn, "", head_grads);
-  const divkit::LabelStatsOutputs st = stats(fn, stats_out, 0);
+  const divkit::LabelStatsOutputs st = stats(fn, stats_out, opt.topk);
   nb::gil_scoped_release release;
   divkit::fused_linear_cross_entropy(h, lab, spec, lv, g, st);
 }
@@ -261,7 +267,8 @@ void register_fused_linear(nb::module_& m) {
   m.def("fused_linear_cross_entropy", &fused_linear_cross_entropy, nb::arg("head"),
         nb::arg("labels"), nb::arg("weights").none(), nb::arg("options"), nb::arg("loss"),
         nb::arg("grads"), nb::arg("stats"),
-        "stats: (logprobs, entropy, lse, topk_mass) outputs, each optional (topk_mass unused).");
+        "stats: (logprobs, entropy, lse, topk_mass) outputs, each optional (topk_mass with "
+        "options.topk).");
   m.def("fused_linear_logprobs", &fused_linear_logprobs, nb::arg("head"), nb::arg("labels"),
         nb::arg("options"), nb::arg("stats"), nb::arg("more_stats").none() = nb::none(),
         "stats: (logprobs, entropy, lse, topk_mass); more_stats: (log_sum_sq_probs, is_top1); "
@@ -269,6 +276,11 @@ void register_fused_linear(nb::module_& m) {
   m.def("fused_linear_logprobs_backward", &fused_linear_logprobs_backward, nb::arg("head"),
         nb::arg("labels"), nb::arg("options"), nb::arg("grad_logprobs").none(),
         nb::arg("grad_entropy").none(), nb::arg("grads"));
+
+  m.def("_set_label_one_sweep", &divkit::detail::set_label_one_sweep, nb::arg("on"),
+        "Internal, for tests and benchmarks: whether the fused label losses write each row's "
+        "gradient in the sweep of its statistics (True, the default) or in a pass of their own.");
+  m.def("_label_one_sweep", &divkit::detail::label_one_sweep);
 
   register_vocab_parallel(m);
 }

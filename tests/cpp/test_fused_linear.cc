@@ -8,11 +8,13 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "divkit/fused_linear.h"
 #include "divkit/runtime.h"
+#include "fused_linear/label_kernels.h"
 #include "reference.h"
 #include "test_util.h"
 
@@ -738,6 +740,258 @@ TEST(FusedLinearLogprobs, TopOneTiesGoToTheFirstMaximum) {
     divkit::force_simd_target(target);
     SCOPED_TRACE(target);
     check_ties(head, lab, hidden, weight, labels, want);
+  }
+}
+
+// The top-k mass over rows with many exact ties (integer logits z_ij = hidden_i * weight_j, H = 1)
+// and k up to V: the candidates' threshold search must keep every tied value that belongs to the
+// k largest. Against fp64 (sorted probabilities), with and without gradients in the call.
+TEST(FusedLinearLogprobs, TopkMassWithTiesMatchesFp64) {
+  const int64_t v = 45, n = 5;
+  std::vector<float> hidden = {1.0f, 2.0f, 0.5f, 3.0f, 0.25f}, weight(v);
+  for (int64_t j = 0; j < v; ++j) weight[j] = static_cast<float>((j * 7) % 6);  // ties of 8 each
+  weight[11] = weight[40] = 9.0f;
+  std::vector<int64_t> labels = {3, 11, 40, -100, 7};
+  const divkit::LinearHead head{TensorView::matrix(hidden.data(), DType::f32, n, 1),
+                                TensorView::matrix(weight.data(), DType::f32, v, 1),
+                                {}};
+  const TensorView lab = TensorView::vector(labels.data(), DType::i64, n);
+  for (const int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{9}, int64_t{20}, v}) {
+    for (const bool with_grads : {false, true}) {
+      std::vector<float> mass(n, -1.0f), loss(1), gh(n), gw(v);
+      divkit::LabelStatsOutputs st;
+      st.topk_mass = TensorView::vector(mass.data(), DType::f32, n);
+      st.topk = k;
+      if (with_grads)
+        divkit::fused_linear_cross_entropy(head, lab, {},
+                                           TensorView::vector(loss.data(), DType::f32, 1),
+                                           {TensorView::matrix(gh.data(), DType::f32, n, 1),
+                                            TensorView::matrix(gw.data(), DType::f32, v, 1),
+                                            {}},
+                                           st);
+      else divkit::fused_linear_logprobs(head, lab, {}, st);
+      for (int64_t i = 0; i < n; ++i) {
+        if (labels[i] < 0) {
+          EXPECT_EQ(mass[i], 0.0f);
+          continue;
+        }
+        std::vector<double> p(v);
+        double s = 0.0;
+        for (int64_t j = 0; j < v; ++j) s += p[j] = std::exp(double(hidden[i]) * weight[j]);
+        std::sort(p.rbegin(), p.rend());
+        const double want = std::accumulate(p.begin(), p.begin() + k, 0.0) / s;
+        EXPECT_NEAR(mass[i], want, 1e-6) << "k = " << k << " row " << i << " grads " << with_grads;
+      }
+    }
+  }
+}
+
+// ---- one-sweep gradients of the label losses -------------------------------------------------
+// With hidden = I [n, n] and weight = X^T [v, n], the logits are X exactly and grad_weight is
+// dL/dlogits transposed exactly (every GEMM sum has one non-zero product), so the row gradient
+// itself is compared: the one-sweep path against fp64 and against the two-pass path
+// (detail::set_label_one_sweep(false)), with softcap, label smoothing, z-loss, top-k mass,
+// temperature and the entropy term, on every SIMD target and for 1 and 3 threads.
+
+struct IdentityHead {
+  int64_t n, v;
+  std::vector<float> hidden, weight;  // I [n, n], X^T [v, n]
+  std::vector<double> x;              // X [n, v]
+  IdentityHead(int64_t n_, int64_t v_, uint32_t seed, double sd) : n(n_), v(v_) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<double> g(0.0, sd);
+    hidden.assign(n * n, 0.0f);
+    for (int64_t i = 0; i < n; ++i) hidden[i * n + i] = 1.0f;
+    weight.resize(v * n);
+    x.resize(n * v);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < v; ++j) x[i * v + j] = weight[j * n + i] = static_cast<float>(g(rng));
+  }
+  divkit::LinearHead view() {
+    return {TensorView::matrix(hidden.data(), DType::f32, n, n),
+            TensorView::matrix(weight.data(), DType::f32, v, n),
+            {}};
+  }
+};
+
+// One call's outputs: G = dL/dlogits [n, v] (from grad_weight), the loss or log-probs, the top-k
+// mass.
+struct LabelRun {
+  std::vector<float> g, out, topk;
+};
+
+// Cross-entropy with gradients in the forward call.
+LabelRun ce_run(IdentityHead& hd, std::vector<int64_t>& labels,
+                const divkit::CrossEntropySpec& spec, int64_t topk) {
+  const int64_t n = hd.n, v = hd.v;
+  LabelRun r;
+  std::vector<float> gh(n * n), gw(v * n);
+  r.out.assign(spec.reduction == Reduction::none ? n : 1, 0.0f);
+  r.topk.assign(n, -1.0f);
+  divkit::LabelStatsOutputs st;
+  if (topk > 0) {
+    st.topk_mass = TensorView::vector(r.topk.data(), DType::f32, n);
+    st.topk = topk;
+  }
+  divkit::fused_linear_cross_entropy(hd.view(), TensorView::vector(labels.data(), DType::i64, n),
+                                     spec,
+                                     TensorView::vector(r.out.data(), DType::f32, r.out.size()),
+                                     {TensorView::matrix(gh.data(), DType::f32, n, n),
+                                      TensorView::matrix(gw.data(), DType::f32, v, n),
+                                      {}},
+                                     st);
+  r.g.resize(n * v);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < v; ++j) r.g[i * v + j] = gw[j * n + i];
+  return r;
+}
+
+// Selective log-softmax backward with upstream gradients g (log-probs) and e (entropy).
+LabelRun logprobs_run(IdentityHead& hd, std::vector<int64_t>& labels, double temperature,
+                      std::vector<double>& g, std::vector<double>& e) {
+  const int64_t n = hd.n, v = hd.v;
+  LabelRun r;
+  std::vector<float> gh(n * n), gw(v * n);
+  divkit::LogprobsSpec spec;
+  spec.temperature = static_cast<float>(temperature);
+  spec.chunk_size = 3;
+  divkit::fused_linear_logprobs_backward(hd.view(),
+                                         TensorView::vector(labels.data(), DType::i64, n), spec,
+                                         TensorView::vector(g.data(), DType::f64, n),
+                                         TensorView::vector(e.data(), DType::f64, n),
+                                         {TensorView::matrix(gh.data(), DType::f32, n, n),
+                                          TensorView::matrix(gw.data(), DType::f32, v, n),
+                                          {}});
+  r.g.resize(n * v);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < v; ++j) r.g[i * v + j] = gw[j * n + i];
+  return r;
+}
+
+// Row by row: |got - want| <= rel |want| + abs_of_row * max_j |want_j| (fp32 rounding of p and of
+// the chain-rule factor; the row's largest entry sets the absolute floor).
+void expect_rows_close(const std::vector<float>& got, const std::vector<double>& want, int64_t n,
+                       int64_t v, double rel, double abs_of_row, const std::string& what) {
+  for (int64_t i = 0; i < n; ++i) {
+    double scale = 0.0;
+    for (int64_t j = 0; j < v; ++j) scale = std::max(scale, std::fabs(want[i * v + j]));
+    scale = std::max(scale, 1e-6);  // a row of zeros (V = 1) is compared to 1e-12
+    for (int64_t j = 0; j < v; ++j) {
+      const double w = want[i * v + j];
+      ASSERT_NEAR(got[i * v + j], w, rel * std::fabs(w) + abs_of_row * scale)
+          << what << " row " << i << " entry " << j;
+    }
+  }
+}
+
+std::vector<double> widen(const std::vector<float>& f) { return {f.begin(), f.end()}; }
+
+struct OneSweepCeCase {
+  int64_t n, v;
+  double eps, zl, cap;
+  int64_t topk;
+  Reduction red;
+};
+class LabelOneSweepCrossEntropy : public ::testing::TestWithParam<OneSweepCeCase> {};
+
+TEST_P(LabelOneSweepCrossEntropy, MatchesFp64AndTheTwoPassPath) {
+  const OneSweepCeCase c = GetParam();
+  IdentityHead hd(c.n, c.v, 31, 3.0);
+  std::vector<int64_t> labels(c.n);
+  for (int64_t i = 0; i < c.n; ++i) labels[i] = i % 5 == 3 ? -100 : (i * 17 + 2) % c.v;
+  const CeRef ref = ce_reference(hd.x, c.n, c.v, labels, c.eps, c.zl, c.cap, 1.0, c.red);
+  divkit::CrossEntropySpec spec;
+  spec.label_smoothing = static_cast<float>(c.eps);
+  spec.z_loss_scale = static_cast<float>(c.zl);
+  spec.softcap = static_cast<float>(c.cap);
+  spec.reduction = c.red;
+  spec.chunk_size = 4;
+  divkit_test::RuntimeGuard guard;
+  for (const std::string& target : divkit::available_simd_targets()) {
+    divkit::force_simd_target(target);
+    SCOPED_TRACE(target);
+    divkit::set_num_threads(1);
+    divkit::detail::set_label_one_sweep(false);
+    const LabelRun two = ce_run(hd, labels, spec, c.topk);
+    divkit::detail::set_label_one_sweep(true);
+    const LabelRun one = ce_run(hd, labels, spec, c.topk);
+    divkit::set_num_threads(3);
+    const LabelRun one3 = ce_run(hd, labels, spec, c.topk);
+    EXPECT_TRUE(one3.g == one.g) << "the thread count changed the bits";
+    EXPECT_TRUE(one3.out == one.out && one3.topk == one.topk);
+    expect_rows_close(one.g, ref.gz, c.n, c.v, 1e-5, 1e-6, "one sweep vs fp64");
+    expect_rows_close(two.g, ref.gz, c.n, c.v, 1e-5, 1e-6, "two passes vs fp64");
+    expect_rows_close(one.g, widen(two.g), c.n, c.v, 4e-6, 2e-7, "one sweep vs two passes");
+    // The statistics are taken by the same code either way: the same bits.
+    EXPECT_TRUE(one.out == two.out) << "loss";
+    EXPECT_TRUE(one.topk == two.topk) << "topk_mass";
+    expect_close(one.out, ref.loss, 2e-5, "loss");
+    if (c.topk == 0) continue;
+    for (int64_t i = 0; i < c.n; ++i) {
+      if (labels[i] < 0) {
+        EXPECT_EQ(one.topk[i], 0.0f);
+        continue;
+      }
+      std::vector<double> p(c.v);
+      for (int64_t j = 0; j < c.v; ++j) {
+        const double xx = hd.x[i * c.v + j];
+        p[j] = std::exp((c.cap > 0 ? c.cap * std::tanh(xx / c.cap) : xx) - ref.lse[i]);
+      }
+      std::sort(p.rbegin(), p.rend());
+      const double mass = std::accumulate(p.begin(), p.begin() + c.topk, 0.0);
+      EXPECT_NEAR(one.topk[i], mass, 1e-5 * mass) << "topk_mass row " << i;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Options, LabelOneSweepCrossEntropy,
+    ::testing::Values(OneSweepCeCase{13, 67, 0.0, 0.0, 4.0, 0, Reduction::mean},
+                      OneSweepCeCase{13, 67, 0.1, 1e-4, 4.0, 5, Reduction::sum},
+                      OneSweepCeCase{9, 1031, 0.2, 0.0, 2.5, 0, Reduction::none},
+                      OneSweepCeCase{9, 1031, 0.05, 1e-3, 0.0, 7, Reduction::mean},
+                      OneSweepCeCase{11, 20011, 0.1, 0.0, 30.0, 3, Reduction::batchmean},
+                      OneSweepCeCase{11, 20011, 0.0, 0.0, 0.0, 1, Reduction::mean},
+                      OneSweepCeCase{6, 1, 0.1, 0.0, 3.0, 1, Reduction::mean}));
+
+TEST(LabelOneSweepLogprobs, EntropyTermMatchesFp64AndTheTwoPassPath) {
+  for (const auto& [n, v, temperature] :
+       {std::tuple<int64_t, int64_t, double>{13, 67, 0.7}, {9, 1031, 1.0}, {11, 20011, 1.6}}) {
+    SCOPED_TRACE("V = " + std::to_string(v));
+    IdentityHead hd(n, v, 5 + static_cast<uint32_t>(v), 2.5);
+    std::vector<int64_t> labels(n);
+    for (int64_t i = 0; i < n; ++i) labels[i] = i % 4 == 1 ? -100 : (i * 29 + 1) % v;
+    // Upstream gradients: the entropy's 0 on some rows, both signs.
+    std::vector<double> g(n), e(n);
+    for (int64_t i = 0; i < n; ++i) g[i] = 0.2 + 0.1 * i, e[i] = i % 3 == 0 ? 0.0 : 0.3 - 0.07 * i;
+    const CeRef ref = ce_reference(hd.x, n, v, labels, 0, 0, 0, temperature, Reduction::none);
+    // dL/dx_j = (g (1[y] - p_j) - e p_j (log p_j + H)) / T.
+    std::vector<double> gz(n * v, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (labels[i] < 0) continue;
+      for (int64_t j = 0; j < v; ++j) {
+        const double lp = hd.x[i * v + j] / temperature - ref.lse[i];
+        const double p = std::exp(lp);
+        gz[i * v + j] =
+            (g[i] * ((j == labels[i]) - p) - e[i] * p * (lp + ref.ent[i])) / temperature;
+      }
+    }
+    divkit_test::RuntimeGuard guard;
+    for (const std::string& target : divkit::available_simd_targets()) {
+      divkit::force_simd_target(target);
+      SCOPED_TRACE(target);
+      divkit::set_num_threads(1);
+      divkit::detail::set_label_one_sweep(false);
+      const LabelRun two = logprobs_run(hd, labels, temperature, g, e);
+      divkit::detail::set_label_one_sweep(true);
+      const LabelRun one = logprobs_run(hd, labels, temperature, g, e);
+      divkit::set_num_threads(3);
+      const LabelRun one3 = logprobs_run(hd, labels, temperature, g, e);
+      EXPECT_TRUE(one3.g == one.g) << "the thread count changed the bits";
+      expect_rows_close(one.g, gz, n, v, 1e-5, 1e-6, "one sweep vs fp64");
+      expect_rows_close(two.g, gz, n, v, 1e-5, 1e-6, "two passes vs fp64");
+      expect_rows_close(one.g, widen(two.g), n, v, 4e-6, 2e-7, "one sweep vs two passes");
+    }
   }
 }
 

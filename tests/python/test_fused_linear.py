@@ -275,6 +275,108 @@ def test_logprobs_gradcheck_float64():
     )
 
 
+# ---- one-sweep gradients ----------------------------------------------------------------------
+# With hidden = I and weight = X^T the logits are X and weight.grad is dL/dX transposed, exactly:
+# the row gradient of the label losses is compared with float64 autograd, for the one-sweep path
+# (the default) and the two-pass path (_C._set_label_one_sweep(False)), which must also agree
+# with each other to fp32 rounding.
+
+
+@pytest.fixture
+def label_paths():
+    from divkit import _C
+
+    def run(f):
+        out = {}
+        for one in (True, False):
+            _C._set_label_one_sweep(one)
+            try:
+                out[one] = f()
+            finally:
+                _C._set_label_one_sweep(True)
+        return out[True], out[False]
+
+    return run
+
+
+def _identity_head(n, v, *, seed, sd):
+    g = torch.Generator().manual_seed(seed)
+    x = (sd * torch.randn(n, v, generator=g)).float()
+    return torch.eye(n), x.T.contiguous(), x.double()
+
+
+def _rows_close(got, want, rel, floor):
+    bound = rel * want.abs() + floor * want.abs().amax(-1, keepdim=True)
+    err = (got.double() - want).abs()
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"softcap": 4.0},
+        {"softcap": 2.5, "label_smoothing": 0.1, "lse_square_scale": 1e-3},
+        {"softcap": 30.0, "label_smoothing": 0.05},
+    ],
+    ids=["softcap", "softcap-smoothing-zloss", "softcap30"],
+)
+@pytest.mark.parametrize("v", [67, 4099])
+def test_cross_entropy_softcap_one_sweep_matches_float64(label_paths, opts, v):
+    n = 10
+    eye, wt, x64 = _identity_head(n, v, seed=v, sd=3.0)
+    labels = _labels(n, v, seed=7, ignore_every=4)
+
+    def grad():
+        w = wt.clone().requires_grad_(True)
+        loss = divkit.fused_linear_cross_entropy(eye, w, labels, chunk_size=3, **opts)
+        loss.backward()
+        return loss.detach(), w.grad.T
+
+    (l1, g1), (l2, g2) = label_paths(grad)
+    x = x64.clone().requires_grad_(True)
+    z = opts["softcap"] * torch.tanh(x / opts["softcap"])
+    want = F.cross_entropy(z, labels, label_smoothing=opts.get("label_smoothing", 0.0))
+    if "lse_square_scale" in opts:
+        mask = labels != -100
+        want = want + opts["lse_square_scale"] * (torch.logsumexp(z, -1) ** 2)[mask].mean()
+    (gx,) = torch.autograd.grad(want, x)
+    assert torch.equal(l1, l2)  # the statistics are the same code either way
+    _close(l1, want.detach(), 2e-5)
+    _rows_close(g1, gx, 1e-5, 1e-6)
+    _rows_close(g2, gx, 1e-5, 1e-6)
+    _rows_close(g1, g2.double(), 4e-6, 2e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.6])
+@pytest.mark.parametrize("v", [67, 4099])
+def test_logprobs_entropy_term_one_sweep_matches_float64(label_paths, temperature, v):
+    n = 10
+    eye, wt, x64 = _identity_head(n, v, seed=v + 1, sd=2.5)
+    labels = _labels(n, v, seed=8, ignore_every=4)
+    g = torch.Generator().manual_seed(9)
+    gl, ge = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    ge[::3] = 0.0
+
+    def grad():
+        w = wt.clone().requires_grad_(True)
+        res = divkit.fused_linear_logprobs(
+            eye, w, labels, temperature=temperature, return_entropy=True, chunk_size=3
+        )
+        ((res.logprobs * gl).sum() + (res.entropy * ge).sum()).backward()
+        return w.grad.T
+
+    g1, g2 = label_paths(grad)
+    x = x64.clone().requires_grad_(True)
+    lp = F.log_softmax(x / temperature, -1)
+    mask = labels != -100
+    want_lp = torch.where(mask, lp.gather(-1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
+    want_ent = torch.where(mask, -(lp.exp() * lp).sum(-1), 0.0)
+    (gx,) = torch.autograd.grad((want_lp * gl).sum() + (want_ent * ge).sum(), x)
+    _rows_close(g1, gx, 1e-5, 1e-6)
+    _rows_close(g2, gx, 1e-5, 1e-6)
+    _rows_close(g1, g2.double(), 4e-6, 2e-7)
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 
