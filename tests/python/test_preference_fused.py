@@ -663,3 +663,33 @@ def test_sparsepo_one_pass_bad_input():
             ref_weight=x["rw"],
             beta=-1.0,
         )
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_sparsepo_one_pass_partial_last_group(backend):
+    # 5 pairs in groups of 2 (2, 2, 1): the masks and the rows sliced by pair group
+    g = torch.Generator().manual_seed(67)
+    bsz, t, h, v = 5, 4, 6, 11
+    x = {
+        "hc": torch.randn(bsz, t, h, generator=g),
+        "hr": torch.randn(bsz, t, h, generator=g),
+        "w": torch.randn(v, h, generator=g) * 0.5,
+        "b": None,
+        "rhc": torch.randn(bsz, t, h, generator=g),
+        "rhr": torch.randn(bsz, t, h, generator=g),
+        "rw": torch.randn(v, h, generator=g) * 0.5,
+        "rb": None,
+        "cl": torch.randint(0, v, (bsz, t), generator=g),
+        "rl": torch.randint(0, v, (bsz, t), generator=g),
+    }
+    x["cl"][:, 0] = -100
+    x["rl"][3, 2:] = -100
+    ms = [(torch.rand(bsz, t, generator=g) + 0.1).requires_grad_() for _ in range(4)]
+    p = leaves(x)
+    up = torch.full((bsz,), 1.0 / bsz)
+    want, gw = sp_fp64(x, p, ms, up.double())
+    got, gg = sp_fused(x, p, ms, up, chunk_size=3, keep_bytes=2 * 16 * v * t, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
