@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from divkit import bench_cli
-from divkit.bench_cli import BenchError, check_output, find_bench_dir, run_bench
+from divkit.bench_cli import TABLES, BenchError, check_output, find_bench_dir, run_bench
 from divkit.cli import main
 
 REPO_BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -149,16 +149,24 @@ def test_check_fused_linear_output():
 
 def test_check_preference_output():
     out = (
-        "dpo: divkit 67.09x the speed of TRL, TRL peak memory / divkit's 1.3x (losses "
-        "1.433115 vs 1.433115)\ntdpo: divkit 1.50x the speed of TRL, TRL peak memory / "
-        "divkit's 3.4x (losses 0.671216 vs 0.671217)\n"
+        "AMD EPYC, 2 cpus\n"
+        "dpo_divkit              dpo_trl                     0.000    0.008 17.60x          2"
+        "        3    1.5x  - (losses 1.433115 vs 1.433115)\n"
+        "tdpo_divkit             tdpo_trl                   57.400   59.200  1.03x        417"
+        "     4017    9.6x  met (losses 0.671216 vs 0.671217)\n"
     )
     c = check_output("preference", out)
     assert c.compared == 2 and not c.mismatches
     c = check_output("preference", out.replace("0.671216 vs", "0.681216 vs"))
-    assert len(c.mismatches) == 1 and c.mismatches[0].startswith("tdpo loss")
+    assert len(c.mismatches) == 1 and c.mismatches[0].startswith("tdpo_divkit loss (vs tdpo_trl)")
     c = check_output("preference", "tdpo_divkit: failed (1): ['boom']\n")
     assert c.mismatches == ["tdpo_divkit: failed (1): ['boom']"]
+    table = TABLES["preference"](out).splitlines()
+    assert table[0] == "AMD EPYC, 2 cpus" and len(table) == 6
+    assert table[-1] == (
+        "| tdpo_divkit | tdpo_trl | 57.400 | 59.200 | 1.03x | 417 | 4017 | 9.6x | met | "
+        "0.671216 | 0.671217 |"
+    )
 
 
 def test_check_ot_output():

@@ -430,3 +430,266 @@ def test_tdpo_one_pass_bad_input():
             ref_rejected_hidden=x["rhr"],
             ref_weight=x["rw"],
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# SparsePO on the pair engine (gradients in the forward): against the materialized
+# sparsepo_loss in float64, masks with and without gradient, both engines.
+# ---------------------------------------------------------------------------------------------
+
+SP = dict(beta=0.3, l1_reward=0.05, l1_kl=0.02)
+MASKS = ("chosen_reward_mask", "rejected_reward_mask", "chosen_kl_mask", "rejected_kl_mask")
+
+
+def sp_masks(seed, kind):
+    if kind == "none":
+        return [None] * 4
+    g = torch.Generator().manual_seed(seed)
+    # values of both signs (the L1 term's |m|), away from 0
+    ms = [torch.rand(B, T, generator=g) * 1.5 + 0.05 for _ in range(4)]
+    ms[1][0, 3] = -0.4
+    return [m.requires_grad_(kind == "grad") for m in ms]
+
+
+def sp_fp64(x, p, masks, up):
+    """divkit.sparsepo_loss on float64 logits materialized from float64 copies of the inputs:
+    (losses, rewards..., gradients of (losses * up).sum() w.r.t. p's tensors and the masks)."""
+    q = {k: v.detach().double().requires_grad_() for k, v in p.items()}
+    ms = [None if m is None else m.detach().double().requires_grad_(m.requires_grad) for m in masks]
+    b = q.get("b")
+    rb = None if x["rb"] is None else x["rb"].double()
+    out = divkit.sparsepo_loss(
+        logits(q["hc"], q["w"], b),
+        logits(q["hr"], q["w"], b),
+        logits(x["rhc"].double(), x["rw"].double(), rb),
+        logits(x["rhr"].double(), x["rw"].double(), rb),
+        x["cl"],
+        x["rl"],
+        **dict(zip(MASKS, ms)),
+        **SP,
+    )
+    wrt = list(q.values()) + [m for m in ms if m is not None and m.requires_grad]
+    return out, torch.autograd.grad((out[0] * up).sum(), wrt)
+
+
+def sp_call(x, p, masks, **kw):
+    return divkit.sparsepo_loss_fused(
+        p["hc"],
+        p["hr"],
+        p["w"],
+        x["cl"],
+        x["rl"],
+        lm_head_bias=p.get("b"),
+        ref_chosen_hidden=x["rhc"],
+        ref_rejected_hidden=x["rhr"],
+        ref_weight=x["rw"],
+        ref_bias=x["rb"],
+        **dict(zip(MASKS, masks)),
+        **SP,
+        **kw,
+    )
+
+
+def sp_fused(x, p, masks, up, **kw):
+    out = sp_call(x, p, masks, **kw)
+    wrt = list(p.values()) + [m for m in masks if m is not None and m.requires_grad]
+    return out, torch.autograd.grad((out[0] * up).sum(), wrt)
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+@pytest.mark.parametrize("masks", ["none", "const", "grad"])
+@pytest.mark.parametrize("keep_bytes", [None, 16 * V * T, 0])  # all pairs, one pair, none
+@pytest.mark.parametrize("upstream", ["uniform", "per_pair"])
+def test_sparsepo_one_pass_against_fp64(backend, masks, keep_bytes, upstream):
+    x = batch(60, bias=True)
+    ms = sp_masks(61, masks)
+    up = torch.full((B,), 0.5) if upstream == "uniform" else torch.tensor([0.7, -1.3])
+    p = leaves(x)
+    want, gw = sp_fp64(x, p, ms, up.double())
+    got, gg = sp_fused(x, p, ms, up, chunk_size=5, keep_bytes=keep_bytes, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    assert len(gg) == len(gw) == 4 + 4 * (masks == "grad")
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def test_sparsepo_one_pass_learned_masks():
+    # masks from SparsePOMask (their gradient reaches the mask model through the fused loss):
+    # against the materialized sparsepo_loss with the same mask model in float64
+    import copy
+
+    x = batch(62, bias=False)
+    torch.manual_seed(0)
+    layers = [torch.randn(B, T, 5) for _ in range(2)]
+    model = divkit.preference.SparsePOMask(5, 2, dropout=0.0)
+    with torch.no_grad():  # masks mostly above the final ReLU's kink
+        for head in model.heads:
+            head["mix"].bias.fill_(0.5)
+    model64 = copy.deepcopy(model).double()
+    p = leaves(x)
+    mr, mk = model(layers)
+    out = divkit.sparsepo_loss_fused(
+        p["hc"],
+        p["hr"],
+        p["w"],
+        x["cl"],
+        x["rl"],
+        ref_chosen_hidden=x["rhc"],
+        ref_rejected_hidden=x["rhr"],
+        ref_weight=x["rw"],
+        chosen_reward_mask=mr,
+        rejected_reward_mask=mr,
+        chosen_kl_mask=mk,
+        rejected_kl_mask=mk,
+        chunk_size=4,
+        **SP,
+    )
+    params = list(model.parameters())
+    gg = torch.autograd.grad(out[0].mean(), list(p.values()) + params)
+    q = {k: v.detach().double().requires_grad_() for k, v in p.items()}
+    mr64, mk64 = model64([h.double() for h in layers])
+    want = divkit.sparsepo_loss(
+        logits(q["hc"], q["w"], None),
+        logits(q["hr"], q["w"], None),
+        logits(x["rhc"].double(), x["rw"].double(), None),
+        logits(x["rhr"].double(), x["rw"].double(), None),
+        x["cl"],
+        x["rl"],
+        chosen_reward_mask=mr64,
+        rejected_reward_mask=mr64,
+        chosen_kl_mask=mk64,
+        rejected_kl_mask=mk64,
+        **SP,
+    )
+    gw = torch.autograd.grad(want[0].mean(), list(q.values()) + list(model64.parameters()))
+    torch.testing.assert_close(out[0].double(), want[0], rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in gg[len(p) :])
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn_name", ["tdpo_loss_fused", "sparsepo_loss_fused"])
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_pair_engine_is_taken_and_backward_recomputes_nothing(fn_name, backend, monkeypatch):
+    """Within the budget, each chunk of logits is computed once (in the forward) and the
+    backward runs no engine pass; with keep_bytes=0 (the per-side path) the backward does."""
+    from divkit.backends import torch_ops
+    from divkit.preference import _token_head
+
+    x = batch(63, bias=True)
+    ms = sp_masks(64, "grad") if fn_name == "sparsepo_loss_fused" else None
+    engine_calls, logits_calls, applied = [], [], []
+    if backend == "core":
+        orig_c = _token_head._C.fused_linear_label_terms
+
+        def spy_c(*a):
+            engine_calls.append(a[8])  # the backward flag
+            return orig_c(*a)
+
+        monkeypatch.setattr(_token_head._C, "fused_linear_label_terms", spy_c)
+    else:
+        orig_l = torch_ops._Head.logits
+
+        def spy_l(self, hc):
+            logits_calls.append(hc.shape[0])
+            return orig_l(self, hc)
+
+        monkeypatch.setattr(torch_ops._Head, "logits", spy_l)
+    orig_apply = _token_head._PairGradsInForward.apply
+
+    def spy_apply(*a):
+        applied.append(1)
+        return orig_apply(*a)
+
+    monkeypatch.setattr(_token_head._PairGradsInForward, "apply", spy_apply)
+    chunk = 4  # T = 6 tokens per side per pair: chunks of 4 and 2 for a one-pair group
+    for keep in (16 * V * T, 0):
+        p = leaves(x)
+        kw = dict(chunk_size=chunk, keep_bytes=keep, backend=backend)
+        if fn_name == "sparsepo_loss_fused":
+            out = sp_call(x, p, ms, **kw)[0]
+        else:
+            out = fused_call(x, p, "tdpo1", **kw)[0]
+        n_fwd = (len(engine_calls), len(logits_calls))
+        loss = out.mean()
+        loss.backward()
+        n_bwd = (len(engine_calls) - n_fwd[0], len(logits_calls) - n_fwd[1])
+        if keep:
+            assert applied == [1]
+            assert n_bwd == (0, 0)
+            if backend == "core":  # per pair group (one pair): forward and gradient pass per side
+                assert engine_calls == [False, False, True, True] * B
+            else:  # both heads' logits, per chunk, per side, once
+                assert logits_calls == [4, 4, 2, 2] * 2 * B
+        else:
+            assert applied == [1]  # not called again
+            assert n_bwd[0] > 0 or n_bwd[1] > 0
+        engine_calls.clear(), logits_calls.clear()
+
+
+def test_sparsepo_one_pass_bad_input():
+    x = batch(65)
+    p = leaves(x)
+    ms = sp_masks(66, "grad")
+    with pytest.raises(divkit.Error, match="sparsepo_loss_fused.*keep_bytes"):
+        sp_fused(x, p, ms, torch.ones(B), keep_bytes=-1)
+    with pytest.raises(divkit.Error, match="sparsepo_loss_fused.*keep_bytes"):
+        sp_fused(x, p, ms, torch.ones(B), keep_bytes=1.5)
+    with pytest.raises(divkit.Error, match="sparsepo_loss_fused.*chunk_size"):
+        sp_fused(x, p, ms, torch.ones(B), chunk_size=0)
+    with pytest.raises(divkit.Error, match="sparsepo_loss_fused.*backend"):
+        sp_fused(x, p, ms, torch.ones(B), backend="gpu")
+    # a mask with another batch size, which slicing by pair would not notice
+    bad = [ms[0], ms[1], torch.ones(B + 1, T), ms[3]]
+    with pytest.raises(divkit.Error, match=r"sparsepo_loss_fused.*chosen_kl_mask.*\(2, 6\)"):
+        sp_fused(x, p, bad, torch.ones(B))
+    bad = [ms[0], [[1.0] * T] * B, ms[2], ms[3]]
+    with pytest.raises(divkit.Error, match="sparsepo_loss_fused.*rejected_reward_mask"):
+        sp_fused(x, p, bad, torch.ones(B))
+    lab = x["rl"].clone()
+    lab[1, 2] = V
+    with pytest.raises(divkit.Error, match="sparsepo_loss_fused.*rejected_labels"):
+        sp_fused(dict(x, rl=lab), p, ms, torch.ones(B))
+    with pytest.raises(divkit.Error, match="sparsepo_loss_fused.*beta"):
+        divkit.sparsepo_loss_fused(
+            p["hc"],
+            p["hr"],
+            p["w"],
+            x["cl"],
+            x["rl"],
+            ref_chosen_hidden=x["rhc"],
+            ref_rejected_hidden=x["rhr"],
+            ref_weight=x["rw"],
+            beta=-1.0,
+        )
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_sparsepo_one_pass_partial_last_group(backend):
+    # 5 pairs in groups of 2 (2, 2, 1): the masks and the rows sliced by pair group
+    g = torch.Generator().manual_seed(67)
+    bsz, t, h, v = 5, 4, 6, 11
+    x = {
+        "hc": torch.randn(bsz, t, h, generator=g),
+        "hr": torch.randn(bsz, t, h, generator=g),
+        "w": torch.randn(v, h, generator=g) * 0.5,
+        "b": None,
+        "rhc": torch.randn(bsz, t, h, generator=g),
+        "rhr": torch.randn(bsz, t, h, generator=g),
+        "rw": torch.randn(v, h, generator=g) * 0.5,
+        "rb": None,
+        "cl": torch.randint(0, v, (bsz, t), generator=g),
+        "rl": torch.randint(0, v, (bsz, t), generator=g),
+    }
+    x["cl"][:, 0] = -100
+    x["rl"][3, 2:] = -100
+    ms = [(torch.rand(bsz, t, generator=g) + 0.1).requires_grad_() for _ in range(4)]
+    p = leaves(x)
+    up = torch.full((bsz,), 1.0 / bsz)
+    want, gw = sp_fp64(x, p, ms, up.double())
+    got, gg = sp_fused(x, p, ms, up, chunk_size=3, keep_bytes=2 * 16 * v * t, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)

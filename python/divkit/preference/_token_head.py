@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 
@@ -227,9 +228,29 @@ def _NAMES(h, w, b, rh, rw, rb):
     )
 
 
-# Bytes of fp32 logits that the TDPO path keeps for one group of pairs between the chunks'
+# Bytes of fp32 logits that the pair engine keeps for one group of pairs between the chunks'
 # forward pass and their gradient pass (the gradients computed in the forward).
 DEFAULT_PAIR_KEEP_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLoss:
+    """The per-loss piece of the token-level pair losses (TDPO, SparsePO), shared by the
+    per-side path and the pair engine (:func:`pair_in_forward`): only the sequence-level
+    arithmetic differs between the losses; the chunk loop over both heads' logits is one.
+
+    ``combine(chosen, rejected, *extras)`` -> ``(losses, chosen_rewards, rejected_rewards)``,
+    each ``[B]``, with ``chosen`` and ``rejected`` the per-token ``(logratio, kl, mask)``
+    ``[B, T]`` of :func:`token_logratio_and_kl` (fp32, 0 at ignored tokens; mask bool). Each
+    pair's loss must depend on its own row of every argument only (the engine takes pairs in
+    groups). ``extras``: tensors with a leading batch dimension that the combine reads
+    (SparsePO's token masks), sliced by pair; gradients reach those that require grad.
+    ``kl_grad_chosen``: whether the chosen side's KL is differentiated (False: TDPO2's
+    stop-gradient)."""
+
+    combine: Callable
+    kl_grad_chosen: bool = True
+    extras: tuple = ()
 
 
 def _forward_side(
@@ -281,15 +302,27 @@ def _label_terms(
     return lp, ref_lp, kl, kept_s, kept_t
 
 
-class _TDPOGradsInForward(torch.autograd.Function):
-    """TDPO from both heads with the gradients of ``losses.sum()`` computed in the forward, pair
-    group by pair group: each group's logits are kept (within the budget) from the forward
-    pass to its gradient pass, so no chunk is computed twice. The backward scales them by the
-    upstream gradient when it is the same for every pair (``losses.sum()`` / ``.mean()``), and
-    otherwise recomputes through the per-token path."""
+def _extra_grads_needed(ctx, extras):
+    first = 11  # the Function's inputs before the extras
+    return [
+        isinstance(e, torch.Tensor) and bool(ctx.needs_input_grad[first + i])
+        for i, e in enumerate(extras)
+    ]
+
+
+def _rows_of(x, p0, p1):
+    return None if x is None else x[p0:p1]
+
+
+class _PairGradsInForward(torch.autograd.Function):
+    """A pair loss (:class:`PairLoss`) from both heads with the gradients of ``losses.sum()``
+    computed in the forward, pair group by pair group: each group's logits are kept (within the
+    budget) from the forward pass to its gradient pass, so no chunk is computed twice. The
+    backward scales them by the upstream gradient when it is the same for every pair
+    (``losses.sum()`` / ``.mean()``), and otherwise recomputes through the per-token path."""
 
     @staticmethod
-    def forward(ctx, hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, cfg):
+    def forward(ctx, hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, cfg, *extras):
         fn, ii, chunk, group = cfg["fn"], cfg["ignore_index"], cfg["chunk"], cfg["group"]
         combine, kl_c, eng = cfg["combine"], cfg["kl_grad_chosen"], cfg["engine"]
         bsz, t = cl.shape
@@ -297,6 +330,7 @@ class _TDPOGradsInForward(torch.autograd.Function):
         hcf, hrf = _rows(hc), _rows(hr)
         rhcf, rhrf = _rows(rhc), _rows(rhr)
         need = ctx.needs_input_grad[:4]
+        need_x = _extra_grads_needed(ctx, extras)
         dev = hc.device
         # The weight's gradient accumulates over the groups and both sides in fp32 (the
         # PyTorch loop: its compute dtype, fp64 for fp64 inputs).
@@ -305,6 +339,11 @@ class _TDPOGradsInForward(torch.autograd.Function):
         ghr = torch.empty((n, hdim), dtype=hr.dtype, device=dev) if need[1] else None
         gw = torch.zeros((v, w.shape[1]), dtype=acc, device=dev) if need[2] else None
         gb = torch.zeros(v, dtype=acc, device=dev) if need[3] and b is not None else None
+        gx = [
+            torch.zeros(e.shape, dtype=e.dtype, device=e.device) if f else None
+            for e, f in zip(extras, need_x)
+        ]
+        masks = {"c": cl != ii, "r": rl != ii}
         terms = {
             s: [torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(3)] for s in "cr"
         }
@@ -335,7 +374,8 @@ class _TDPOGradsInForward(torch.autograd.Function):
                     eng,
                 )
             # The per-token gradients of this group's losses (each pair's loss depends on its
-            # own tokens only), through the same sequence-level arithmetic as the output.
+            # own tokens and extras only), through the same sequence-level arithmetic as the
+            # output; and the extras' gradients.
             leaves = [
                 (terms[s][0][r0:r1] - terms[s][1][r0:r1]).reshape(p1 - p0, t).requires_grad_()
                 if k == 0
@@ -343,9 +383,24 @@ class _TDPOGradsInForward(torch.autograd.Function):
                 for s in "cr"
                 for k in (0, 1)
             ]
+            xs = [
+                e[p0:p1].detach().requires_grad_() if f else _rows_of(e, p0, p1)
+                for e, f in zip(extras, need_x)
+            ]
+            wrt = leaves + [x for x, f in zip(xs, need_x) if f]
             with torch.enable_grad():
-                losses_g = combine(*leaves)[0]
-                g_lrc, g_klc, g_lrr, g_klr = torch.autograd.grad(losses_g.sum(), leaves)
+                losses_g = combine(
+                    (leaves[0], leaves[1], masks["c"][p0:p1]),
+                    (leaves[2], leaves[3], masks["r"][p0:p1]),
+                    *xs,
+                )[0]
+                got = torch.autograd.grad(losses_g.sum(), wrt, allow_unused=True)
+            got = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, got)]
+            g_lrc, g_klc, g_lrr, g_klr = got[:4]
+            rest = iter(got[4:])
+            for buf, f in zip(gx, need_x):
+                if f:
+                    buf[p0:p1] = next(rest)
             upstream = {"c": (g_lrc, g_klc), "r": (g_lrr, g_klr)}
             for s, (h, rh, lab, klg, gh) in sides.items():
                 g_lp, g_kl = upstream[s]
@@ -393,15 +448,18 @@ class _TDPOGradsInForward(torch.autograd.Function):
         lrc = (terms["c"][0] - terms["c"][1]).reshape(shape)
         lrr = (terms["r"][0] - terms["r"][1]).reshape(shape)
         losses, cr, rr = combine(
-            lrc, terms["c"][2].reshape(shape), lrr, terms["r"][2].reshape(shape)
+            (lrc, terms["c"][2].reshape(shape), masks["c"]),
+            (lrr, terms["r"][2].reshape(shape), masks["r"]),
+            *extras,
         )
         ctx.grads = (
             None if ghc is None else ghc.reshape(hc.shape),
             None if ghr is None else ghr.reshape(hr.shape),
             None if gw is None else gw.to(w.dtype),
             None if gb is None else gb.to(b.dtype),
+            *gx,
         )
-        ctx.save_for_backward(hc, hr, w, b, rhc, rhr, rw, rb, cl, rl)
+        ctx.save_for_backward(hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, *extras)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(cr, rr)
         return losses.detach(), cr.detach(), rr.detach()
@@ -410,51 +468,57 @@ class _TDPOGradsInForward(torch.autograd.Function):
     def backward(ctx, go, _cr, _rr):
         grads = ctx.grads
         ctx.grads = None
-        none = (None,) * 7
         if go is None:
-            return (None, None, None, None) + none
+            return (None,) * len(ctx.needs_input_grad)
         go = go.reshape(-1)
         if grads is not None and bool((go == go[0]).all()):
             c = go[0]
-            return tuple(None if g is None else g * c.to(g.dtype) for g in grads) + none
+            g = [None if x is None else x * c.to(x.dtype) for x in grads]
+            return (*g[:4], *(None,) * 7, *g[4:])
         # A pair-dependent upstream gradient (or a second backward): the per-token path.
-        hc, hr, w, b, rhc, rhr, rw, rb, cl, rl = ctx.saved_tensors
+        hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, *extras = ctx.saved_tensors
         cfg = ctx.cfg
         need = ctx.needs_input_grad[:4]
-        xs = [
+        need_x = _extra_grads_needed(ctx, extras)
+        ps = [
             x.detach().requires_grad_(f) if x is not None else None
             for x, f in zip((hc, hr, w, b), need)
         ]
+        xs = [e.detach().requires_grad_() if f else e for e, f in zip(extras, need_x)]
+        ii = cfg["ignore_index"]
         with torch.enable_grad():
-            terms = []
+            sides = []
             for h, rh, lab, klg in (
-                (xs[0], rhc, cl, cfg["kl_grad_chosen"]),
-                (xs[1], rhr, rl, True),
+                (ps[0], rhc, cl, cfg["kl_grad_chosen"]),
+                (ps[1], rhr, rl, True),
             ):
                 lp, ref_lp, kl = token_terms(
                     cfg["fn"],
                     h,
-                    xs[2],
-                    xs[3],
+                    ps[2],
+                    ps[3],
                     rh,
                     rw,
                     rb,
                     lab.reshape(-1),
-                    cfg["ignore_index"],
+                    ii,
                     klg,
                     cfg["chunk"],
                     0,
                     cfg["engine"],
                 )
-                terms += [lp - ref_lp, kl]
-            losses = cfg["combine"](*terms)[0]
-            inputs = [x for x, f in zip(xs, need) if f]
-            got = iter(torch.autograd.grad(losses, inputs, go))
-        return tuple(next(got) if f else None for f in need) + none
+                sides.append((lp - ref_lp, kl, lab != ii))
+            losses = cfg["combine"](*sides, *xs)[0]
+            inputs = [x for x, f in zip(ps, need) if f] + [x for x, f in zip(xs, need_x) if f]
+            got = iter(torch.autograd.grad(losses, inputs, go, allow_unused=True))
+        g = [next(got) if f else None for f in need]
+        gx = [next(got) if f else None for f in need_x]
+        return (*g, *(None,) * 7, *gx)
 
 
-def tdpo_in_forward(
+def pair_in_forward(
     fn,
+    loss: PairLoss,
     hc,
     hr,
     w,
@@ -466,13 +530,11 @@ def tdpo_in_forward(
     cl,
     rl,
     ignore_index,
-    kl_grad_chosen,
-    combine,
     chunk_size,
     keep_bytes,
     backend=None,
 ):
-    """tdpo_loss_fused's (losses, chosen_rewards, rejected_rewards) with the gradients computed
+    """The pair loss's (losses, chosen_rewards, rejected_rewards) with the gradients computed
     in the forward, or None when one pair's logits do not fit keep_bytes (the caller then takes
     the per-token path). cl, rl: validated labels [B, T]; ``backend``: see :func:`engine`."""
     eng = engine(fn, _NAMES(hc, w, b, rhc, rw, rb) + (("policy_rejected_hidden", hr),), backend)
@@ -480,7 +542,9 @@ def tdpo_in_forward(
     v = w.shape[0]
     budget = DEFAULT_PAIR_KEEP_BYTES if keep_bytes is None else keep_bytes
     item = 8 if eng == "torch" and torch.float64 in (hc.dtype, w.dtype, rhc.dtype, rw.dtype) else 4
-    per_pair = item * v * t * ((2 if kl_grad_chosen else 1) + 2)
+    # Kept per pair: the policy's logits of both sides, the reference's of the rejected side,
+    # and the chosen reference's when the chosen KL is differentiated.
+    per_pair = item * v * t * ((2 if loss.kl_grad_chosen else 1) + 2)
     group = min(bsz, budget // per_pair)
     if group < 1:
         return None
@@ -489,11 +553,11 @@ def tdpo_in_forward(
         ignore_index=int(ignore_index),
         chunk=_chunk_rows(v, group * t, chunk_size, fn),
         group=group,
-        combine=combine,
-        kl_grad_chosen=bool(kl_grad_chosen),
+        combine=loss.combine,
+        kl_grad_chosen=bool(loss.kl_grad_chosen),
         engine=eng,
     )
-    return _TDPOGradsInForward.apply(
+    return _PairGradsInForward.apply(
         hc,
         hr,
         w if w.stride(-1) == 1 else w.contiguous(),
@@ -505,4 +569,5 @@ def tdpo_in_forward(
         cl,
         rl,
         cfg,
+        *loss.extras,
     )

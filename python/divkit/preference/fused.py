@@ -96,13 +96,14 @@ def _fused_pair(
     return w, l_
 
 
-def _tdpo_in_forward(
-    fn, hc, hr, w, b, cl, rl, rcl, rrl, rhc, rhr, rw, rb, ii, kl_c, combine, chunk, keep, backend
+def _pair_in_forward(
+    fn, loss, hc, hr, w, b, cl, rl, rcl, rrl, rhc, rhr, rw, rb, ii, chunk, keep, be
 ):
-    """The TDPO path with the gradients computed in the forward (one pass over each chunk of
-    logits in all), when it applies: reference hidden states (on one device with the policy;
-    the C++ engine on the CPU, the PyTorch loop elsewhere), a policy that requires grad, no
-    custom-op tracing, and one pair's logits within keep_bytes. None otherwise."""
+    """The pair engine with the gradients computed in the forward (one pass over each chunk of
+    logits in all; :func:`_token_head.pair_in_forward`), when it applies: reference hidden
+    states (on one device with the policy; the C++ engine on the CPU, the PyTorch loop elsewhere
+    or with backend "torch"), a policy that requires grad, no custom-op tracing, chosen and
+    rejected of one length, and one pair's logits within keep_bytes. None otherwise."""
     if rcl is not None or rrl is not None or rhc is None or rhr is None:
         return None
     if not torch.is_grad_enabled() or not any(
@@ -114,12 +115,12 @@ def _tdpo_in_forward(
             check.fail(fn, f"{name} must be a [B, T, H] tensor")
     if hc.shape[:2] != hr.shape[:2]:
         return None  # different lengths: the per-side path
-    with _token_head.backend_scope(_device.backend(fn, backend)):
+    with _token_head.backend_scope(_device.backend(fn, be)):
         if not _token_head.usable(hc, w, b, rhc, rw, rb) or not _token_head.usable(
             hr, w, b, rhr, rw, rb
         ):
             return None
-    if _ops.use_ops(hc, hr, w, b, rhc, rhr, rw, rb, fn=fn):
+    if _ops.use_ops(hc, hr, w, b, rhc, rhr, rw, rb, *loss.extras, fn=fn):
         return None
     ii = check.integer(fn, "ignore_index", ii)
     labels = []
@@ -142,25 +143,77 @@ def _tdpo_in_forward(
         check.fail(fn, "the batch is empty")
     if keep is not None:
         keep = check.integer(fn, "keep_bytes", keep, min=0)
-    return _token_head.tdpo_in_forward(
+    return _token_head.pair_in_forward(
+        fn, loss, hc, hr, w, b, rhc, rhr, rw, rb, labels[0], labels[1], ii, chunk, keep, be
+    )
+
+
+def _pair_loss_fused(
+    fn,
+    loss,
+    hc,
+    hr,
+    w,
+    cl,
+    rl,
+    rcl,
+    rrl,
+    rhc,
+    rhr,
+    rw,
+    b,
+    rb,
+    ignore_index,
+    chunk_size,
+    keep_bytes,
+    backend,
+):
+    """A token-level pair loss (:class:`_token_head.PairLoss`) fused with the policy's lm_head:
+    the gradients-in-forward pair engine where it applies, else the per-side path (per-token
+    terms from :func:`token_logratio_and_kl`, then the loss's combine)."""
+    fast = _pair_in_forward(
         fn,
+        loss,
         hc,
         hr,
         w,
         b,
+        cl,
+        rl,
+        rcl,
+        rrl,
         rhc,
         rhr,
         rw,
         rb,
-        labels[0],
-        labels[1],
-        ii,
-        kl_c,
-        combine,
-        chunk,
-        keep,
+        ignore_index,
+        chunk_size,
+        keep_bytes,
         backend,
     )
+    if fast is not None:
+        return fast
+    chosen, rejected = _fused_pair(
+        fn,
+        hc,
+        hr,
+        w,
+        cl,
+        rl,
+        rcl,
+        rrl,
+        rhc,
+        rhr,
+        rw,
+        b,
+        rb,
+        ignore_index,
+        chunk_size,
+        loss.kl_grad_chosen,
+        keep_bytes,
+        backend,
+    )
+    return loss.combine(chosen, rejected, *loss.extras)
 
 
 @check.public("tdpo_loss_fused")
@@ -217,31 +270,13 @@ def tdpo_loss_fused(
     fn = "tdpo_loss_fused"
     backend = _device.backend(fn, backend)
     variant, beta, alpha = _tdpo_variant(fn, variant, beta, alpha)
-    fast = _tdpo_in_forward(
-        fn,
-        policy_chosen_hidden,
-        policy_rejected_hidden,
-        lm_head_weight,
-        lm_head_bias,
-        chosen_labels,
-        rejected_labels,
-        ref_chosen_logits,
-        ref_rejected_logits,
-        ref_chosen_hidden,
-        ref_rejected_hidden,
-        ref_weight,
-        ref_bias,
-        ignore_index,
-        variant == "tdpo1",
-        lambda a, b, c, d: _tdpo_combine(a, b, c, d, beta, alpha, label_smoothing),
-        chunk_size,
-        keep_bytes,
-        backend,
+    loss = _token_head.PairLoss(
+        lambda w, l_: _tdpo_combine(w[0], w[1], l_[0], l_[1], beta, alpha, label_smoothing),
+        kl_grad_chosen=variant == "tdpo1",
     )
-    if fast is not None:
-        return fast
-    (lr_w, kl_w, _), (lr_l, kl_l, _) = _fused_pair(
+    return _pair_loss_fused(
         fn,
+        loss,
         policy_chosen_hidden,
         policy_rejected_hidden,
         lm_head_weight,
@@ -256,11 +291,9 @@ def tdpo_loss_fused(
         ref_bias,
         ignore_index,
         chunk_size,
-        variant == "tdpo1",
         keep_bytes,
         backend,
     )
-    return _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing)
 
 
 @check.public("sparsepo_loss_fused")
@@ -295,16 +328,29 @@ def sparsepo_loss_fused(
     L1 penalties as in :func:`sparsepo_loss`; ``loss = -logsig(beta (u - d)) + L1`` with
     ``u = sum_t m^r_t log-ratio_t`` and ``d_t = -m^kl_t KL_t(pi_ref || pi)``. Never
     materializes the policy's ``[tokens x V]`` logits; equals :func:`sparsepo_loss` on the
-    materialized logits up to fp32 rounding; ``chunk_size`` and ``keep_bytes`` as in
-    :func:`tdpo_loss_fused`, and so is ``backend``. Returns ``(losses, chosen_rewards,
+    materialized logits up to fp32 rounding. The paths are those of :func:`tdpo_loss_fused`
+    (both KLs differentiated): with reference hidden states and a policy that requires grad,
+    pairs whose fp32 logits (both heads, both sides: ``16 V T`` bytes per pair) fit
+    ``keep_bytes`` (default 256 MiB) get their gradients in the forward, one pass over each
+    chunk of logits in all, the masks' gradients too when they require grad (e.g. from
+    :class:`SparsePOMask`); ``chunk_size``, ``keep_bytes`` and ``backend`` as there. Masks
+    ``[B, T]``, any floating dtype (used in fp32). Returns ``(losses, chosen_rewards,
     rejected_rewards)``."""
     fn = "sparsepo_loss_fused"
     backend = _device.backend(fn, backend)
     beta = check.positive(fn, "beta", beta)
     l1_reward = check.real(fn, "l1_reward", l1_reward)
     l1_kl = check.real(fn, "l1_kl", l1_kl)
-    (lr_w, kl_w, m_w), (lr_l, kl_l, m_l) = _fused_pair(
+    masks = (chosen_reward_mask, rejected_reward_mask, chosen_kl_mask, rejected_kl_mask)
+    _sparsepo_mask_shapes(fn, policy_chosen_hidden, policy_rejected_hidden, masks)
+    loss = _token_head.PairLoss(
+        lambda w, l_, *m: _sparsepo_combine(fn, *w, *l_, *m, beta, l1_reward, l1_kl),
+        kl_grad_chosen=True,
+        extras=masks,
+    )
+    return _pair_loss_fused(
         fn,
+        loss,
         policy_chosen_hidden,
         policy_rejected_hidden,
         lm_head_weight,
@@ -319,23 +365,18 @@ def sparsepo_loss_fused(
         ref_bias,
         ignore_index,
         chunk_size,
-        True,
         keep_bytes,
         backend,
     )
-    return _sparsepo_combine(
-        fn,
-        lr_w,
-        kl_w,
-        m_w,
-        lr_l,
-        kl_l,
-        m_l,
-        chosen_reward_mask,
-        rejected_reward_mask,
-        chosen_kl_mask,
-        rejected_kl_mask,
-        beta,
-        l1_reward,
-        l1_kl,
-    )
+
+
+def _sparsepo_mask_shapes(fn, hc, hr, masks):
+    """The masks against the hidden states' [B, T] before any pass (the pair engine slices them
+    by pair, where a wrong batch size would go unseen); the same message as
+    :func:`_sparsepo_combine`'s. Hidden states that are not [B, T, H] are reported later."""
+    names = ("chosen_reward_mask", "rejected_reward_mask", "chosen_kl_mask", "rejected_kl_mask")
+    for name, m, h in zip(names, masks, (hc, hr, hc, hr)):
+        if m is None or not isinstance(h, torch.Tensor) or h.dim() != 3:
+            continue
+        if not isinstance(m, torch.Tensor) or m.shape != h.shape[:2]:
+            check.fail(fn, f"{name} must be a tensor of shape {tuple(h.shape[:2])}")

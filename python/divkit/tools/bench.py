@@ -12,7 +12,9 @@ op              script                           checked
 divergence      bench/bench_divergence.py        divkit's loss (and in-place) against TRL's
                                                  ``generalized_jsd_loss`` (eager, torch.compile)
 fused_linear    bench/bench_fused_linear.py      the loss of eager TRL and Liger against divkit's
-preference      bench/bench_preference.py        DPO, CPO/SimPO and TDPO2 losses against TRL's
+preference      bench/bench_preference.py        DPO, CPO/SimPO, TDPO2 and SparsePO losses
+                                                 against their peers' (TRL's, torch on the
+                                                 materialized logits)
 ot              bench/bench_ot.py                the transport cost of divkit-f32 / f64 against
                                                  POT's (to a tolerance set by the marginal errors)
 trainers        bench/bench_trainers.py          the logged losses of divkit's TRL / Hugging Face
@@ -73,7 +75,7 @@ OPS: Dict[str, Op] = {
         description="fused linear-head JSD vs eager TRL and Liger-Kernel",
     ),
     "preference": Op(
-        "bench_preference.py", ["--quick"], description="DPO, CPO/SimPO, TDPO2 vs TRL"
+        "bench_preference.py", ["--quick"], description="DPO, CPO/SimPO, TDPO2, SparsePO vs peers"
     ),
     "ot": Op("bench_ot.py", ["--quick"], description="Sinkhorn vs POT (and GeomLoss)"),
     "trainers": Op(
@@ -212,7 +214,12 @@ def _check_fused_linear(stdout: str, json_path: Optional[str]) -> Check:
     return c
 
 
-_PREF = re.compile(r"^(\w+): divkit .*\(losses (\S+) vs (\S+)\)\s*$")
+# bench_preference.py's side-by-side table: divkit case, peer case, divkit s, peer s, speed,
+# divkit MiB, peer MiB, memory, target, losses.
+_PREF = re.compile(
+    r"^(\w+)\s+(\w+)\s+(\S+)\s+(\S+)\s+(\S+)x\s+(\S+)\s+(\S+)\s+(\S+)x\s+(.*?)\s*"
+    r"\(losses (\S+) vs (\S+)\)\s*$"
+)
 
 
 def _check_preference(stdout: str, json_path: Optional[str]) -> Check:
@@ -221,9 +228,9 @@ def _check_preference(stdout: str, json_path: Optional[str]) -> Check:
         m = _PREF.match(line.strip())
         if m:
             c.compare(
-                f"{m.group(1)} loss (divkit vs TRL)",
-                float(m.group(2)),
-                float(m.group(3)),
+                f"{m.group(1)} loss (vs {m.group(2)})",
+                float(m.group(10)),
+                float(m.group(11)),
                 RTOL_FP32,
             )
         elif re.match(r"^\w+: failed", line.strip()):
@@ -272,39 +279,23 @@ def _check_ot(stdout: str, json_path: Optional[str]) -> Check:
     return c
 
 
-_PREF_ROW = re.compile(r"^(\w+)_(divkit|trl)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
-_PREF_NAMES = {
-    "dpo": "DPO sigmoid",
-    "cpo": "CPO/SimPO",
-    "tdpo": "TDPO2 (fused, from hidden states)",
-}
-
-
 def _preference_tables(text: str) -> str:
-    """bench_preference.py prints a plain-text table: rendered as docs/benchmarks.md's."""
-    rows: Dict[str, Dict[str, Tuple[float, float, float]]] = {}
-    for line in text.splitlines():
-        m = _PREF_ROW.match(line.strip())
-        if m:
-            rows.setdefault(m.group(1), {})[m.group(2)] = tuple(float(x) for x in m.group(3, 4, 5))
+    """bench_preference.py's side-by-side table, rendered as docs/benchmarks.md's."""
+    rows = [m.groups() for m in map(_PREF.match, (x.strip() for x in text.splitlines())) if m]
     if not rows:
         return ""
-    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = text.strip().splitlines()[0]
     L = [
         first,
         "",
-        "| case | divkit s | peer (TRL) s | speed (peer / divkit) | divkit peak MiB | "
-        "peer peak MiB | loss divkit | loss peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| divkit case | peer | divkit s | peer s | speed (peer / divkit) | divkit peak MiB | "
+        "peer peak MiB | memory (peer / divkit) | target | loss divkit | loss peer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for name, r in rows.items():
-        d, t = r.get("divkit"), r.get("trl")
-        cell = lambda x, i, f: f.format(x[i]) if x else "-"  # noqa: E731
-        speed = f"{t[0] / d[0]:.1f}x" if d and t and d[0] > 0 else "-"
+    for r in rows:
         L.append(
-            f"| {_PREF_NAMES.get(name, name)} | {cell(d, 0, '{:.4f}')} | "
-            f"{cell(t, 0, '{:.4f}')} | {speed} | {cell(d, 1, '{:.0f}')} | "
-            f"{cell(t, 1, '{:.0f}')} | {cell(d, 2, '{:.6f}')} | {cell(t, 2, '{:.6f}')} |"
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]}x | {r[5]} | {r[6]} | {r[7]}x | "
+            f"{r[8]} | {r[9]} | {r[10]} |"
         )
     return "\n".join(L)
 
