@@ -156,6 +156,10 @@ def _run(
         loss = torch_ops.divergence(s2, t2, labels, weights, cfg, grad_s2, grad_t2, fn=fn)
     else:
         args = _core_args(cfg) if route is None else route.core_args(_core_args(cfg))
+        if cfg.inplace_grad and grad_s2 is not None:
+            # In place, deferred checks also apply on the CPU: each row is checked as it is read
+            # instead of every row before the first write (which reads both inputs once more).
+            args.check_finite = cuda_checks.check_finite()
         with check.attributed(fn):
             _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, args)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
@@ -465,7 +469,11 @@ def divergence(
             ``[N, V]`` rows (e.g. ``logits[:, :-1]``) get a separate gradient buffer instead,
             with a warning (once): pass the full logits with ``labels = ignore_index`` at the
             positions to skip. Under ``torch.compile`` the gradient always gets its own buffer.
-            With ``inplace_grad=True`` a graph can be backpropagated once.
+            With ``inplace_grad=True`` a graph can be backpropagated once. NaN/+inf logits are
+            found before anything is overwritten, at the cost of one more read of both logits;
+            inside :func:`divkit.cuda_checks.deferred_checks` each row is checked as it is read
+            instead (faster; a bad row still raises, but the other rows may already hold their
+            gradient).
         grad_dtype: dtype of the gradient buffers the kernel writes; default: the dtype of the
             corresponding logits. Autograd always hands the logits a gradient of their own
             dtype, so ``grad_dtype=torch.float32`` for bf16/fp16 logits only changes the

@@ -158,13 +158,21 @@ void divergence(const TensorView& student, const TensorView& teacher, const Dive
     job.grad_teacher = detail::row_output(outputs.grad_teacher);
   }
 
+  // In place, a bad row found midway would leave other rows overwritten: by default every row
+  // is checked first (a read of both inputs). With check_finite off, each row is checked as the
+  // kernel reads it (it writes no gradient into a bad row), and the error says what changed.
+  const bool probe_first = in_place && options.check_finite;
+  const char* note = in_place && !probe_first
+                         ? " (in place with check_finite off: the other rows of the gradient's "
+                           "input may already hold their gradient)"
+                         : "";
   auto throw_if_bad = [&](const detail::RowJob& j) {
-    detail::throw_bad_row(kFn, "student_logits", j.bad_student);
-    detail::throw_bad_row(kFn, "teacher_logits", j.bad_teacher);
+    constexpr const char* kNoMass = " has every logit -inf (no distribution)";
+    detail::throw_bad_row(kFn, "student_logits", j.bad_student, kNoMass, note);
+    detail::throw_bad_row(kFn, "teacher_logits", j.bad_teacher, kNoMass, note);
   };
 
-  // In place, a bad row found midway would leave earlier rows overwritten: check first.
-  if (in_place) {
+  if (probe_first) {
     detail::RowJob probe = job;
     probe.check_only = true;
     probe.grad_student = {};
@@ -337,13 +345,13 @@ void detail::check_logit_pair(const char* fn, const TensorView& student, const T
 }
 
 void detail::throw_bad_row(const char* fn, const char* name, const BadRow& bad,
-                           const char* no_mass_what) {
+                           const char* no_mass_what, const char* note) {
   if (bad.row < 0) return;
   const std::string row = std::to_string(bad.row);
   if (bad.no_mass)
     check::fail(fn, std::string(name) + " row " + row + no_mass_what +
-                        "; mark it with labels = ignore_index");
-  check::fail(fn, std::string(name) + " contains NaN or +inf at row " + row);
+                        "; mark it with labels = ignore_index" + note);
+  check::fail(fn, std::string(name) + " contains NaN or +inf at row " + row + note);
 }
 
 // The kernels implement jsd for 0 < beta < 1, alpha_divergence for alpha not in {0, 1}, renyi

@@ -15,10 +15,13 @@
 //   pass 3  otherwise, gradient = (u - q * sum u) / T * scale, written in the output dtype.
 // Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
 // Only pass 1 and the gradient writes touch the caller's memory; the block stays in the core's
-// L2/L3. Where the block and one more row fit in L2, pass 2 prefetches the next row's logits, so
-// that the next pass 1 does not wait on memory. A fresh gradient buffer is marked for huge pages
-// before the first write (see run_divergence_rows). Row sums are reduced in a fixed lane order, so
-// results do not depend on the thread count.
+// L2/L3. Where the block is larger than L2 and both inputs are fp32 rows of whole vectors, pass 1
+// does not copy the logits: the later passes read them from the input rows (in L3 by then), so
+// that the block is es and et (plus u / v where the chain rule needs them), not four rows. Where
+// the block and one more row fit in L2, pass 2 prefetches the next row's logits, so that the next
+// pass 1 does not wait on memory. A fresh gradient buffer is marked for huge pages before the first
+// write (see run_divergence_rows). Row sums are reduced in a fixed lane order, so results do not
+// depend on the thread count.
 #include <omp.h>
 #if defined(__linux__)
 #include <unistd.h>
@@ -70,12 +73,18 @@ struct RowSoftmax {
 // 1e4 keep their precision at any temperature. A block exponentiated before the max rose
 // further is rescaled at the end; the sum is rescaled as the max rises. The order of operations
 // is fixed per row, so results do not depend on threads.
+// With copy_x false (fp32 rows of whole vectors only: vpad == v), x is not written; the block
+// exponentiated again reads the logits from src.
 template <bool kUnitT, typename T>
 RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpad, float inv_t,
                                float* HWY_RESTRICT x, float* HWY_RESTRICT e,
-                               float* HWY_RESTRICT block_max) {
+                               float* HWY_RESTRICT block_max, bool copy_x) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const DF df;
+  const float* xr = x;  // where the logits are read back from
+  if constexpr (std::is_same_v<T, float>) {
+    if (!copy_x) xr = src;
+  }
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
   // Whole vectors converted in registers (fp64 rows and the last partial vector: LoadRowBlock).
@@ -103,7 +112,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
         const VF xj = LoadAsFloat(df, src + j);
         ok = hn::And(ok, hn::Lt(xj, vinf));  // NaN and +inf compare false
         vmax = hn::Max(vmax, xj);
-        hn::Store(xj, df, x + j);
+        if (copy_x) hn::Store(xj, df, x + j);
         const VF ej = SoftmaxExp(df, arg(xj, vm_old));  // garbage if the max rises: redone
         hn::Store(ej, df, e + j);
         acc = hn::Add(acc, ej);
@@ -134,7 +143,7 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
       const VF vm = hn::Set(df, run_max);
       acc = hn::Zero(df);
       for (int64_t k = begin; k < end; k += lanes) {
-        const VF ek = SoftmaxExp(df, arg(hn::Load(df, x + k), vm));
+        const VF ek = SoftmaxExp(df, arg(hn::LoadU(df, xr + k), vm));
         hn::Store(ek, df, e + k);
         acc = hn::Add(acc, ek);
       }
@@ -161,10 +170,10 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
 
 RowSoftmax LoadSoftmaxRow(const RowInput& in, int64_t row, int64_t v, int64_t vpad, float inv_t,
                           float* HWY_RESTRICT x, float* HWY_RESTRICT e,
-                          float* HWY_RESTRICT block_max) {
+                          float* HWY_RESTRICT block_max, bool copy_x = true) {
   return VisitRow(in, row, [&](const auto* src) {
-    return inv_t == 1.0f ? LoadSoftmaxRowTyped<true>(src, v, vpad, inv_t, x, e, block_max)
-                         : LoadSoftmaxRowTyped<false>(src, v, vpad, inv_t, x, e, block_max);
+    return inv_t == 1.0f ? LoadSoftmaxRowTyped<true>(src, v, vpad, inv_t, x, e, block_max, copy_x)
+                         : LoadSoftmaxRowTyped<false>(src, v, vpad, inv_t, x, e, block_max, copy_x);
   });
 }
 
@@ -282,6 +291,12 @@ struct RowBuffers {
   const char* next_s = nullptr;
   const char* next_t = nullptr;
   int64_t elem_bytes = 4;
+  // The logits as the terms sweep reads them: xs / xt, or the fp32 input rows themselves where
+  // pass 1 made no copy (in place, each vector is read before the gradient overwrites it).
+  const float* ls = nullptr;
+  const float* lt = nullptr;
+  const float* LogitsS() const { return ls != nullptr ? ls : xs; }
+  const float* LogitsT() const { return lt != nullptr ? lt : xt; }
 };
 
 // Prefetches the next row's logits for columns [begin, end) into L2.
@@ -301,16 +316,16 @@ struct Normalizers {
 };
 
 // p, q, their logs and log(p / q) at columns [j, j + lanes) of the row buffers.
-HWY_INLINE Entry<VF> LoadEntry(const float* HWY_RESTRICT xs, const float* HWY_RESTRICT es,
-                               const float* HWY_RESTRICT xt, const float* HWY_RESTRICT et,
-                               const Normalizers& n, int64_t j) {
+// xs / xt may be the input rows (unaligned; in place, the gradient's destination).
+HWY_INLINE Entry<VF> LoadEntry(const float* xs, const float* HWY_RESTRICT es, const float* xt,
+                               const float* HWY_RESTRICT et, const Normalizers& n, int64_t j) {
   const DF df;
   Entry<VF> e;
   e.q = hn::Mul(hn::Load(df, es + j), n.inv_zs);
   e.p = hn::Mul(hn::Load(df, et + j), n.inv_zt);
   // Centered logits are exact (the max is close); their difference is exact or rounded once.
-  const VF cs = hn::Sub(hn::Load(df, xs + j), n.max_s);
-  const VF ct = hn::Sub(hn::Load(df, xt + j), n.max_t);
+  const VF cs = hn::Sub(hn::LoadU(df, xs + j), n.max_s);
+  const VF ct = hn::Sub(hn::LoadU(df, xt + j), n.max_t);
   e.lq = hn::MulSub(cs, n.inv_t, n.log_sum_s);
   e.lp = hn::MulSub(ct, n.inv_t, n.log_sum_t);
   e.lr = hn::MulSub(hn::Sub(ct, cs), n.inv_t, n.log_sum_diff);
@@ -331,6 +346,8 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   float* HWY_RESTRICT xt = b.xt;
   const float* HWY_RESTRICT es = b.es;
   const float* HWY_RESTRICT et = b.et;
+  const float* ls = b.LogitsS();
+  const float* lt = b.LogitsT();
   const Normalizers nl = n;  // a local copy keeps the constants in registers
   if constexpr (Div::kStudentFactorIsMinusP && !kTeacher) {
     if (fused != nullptr) {
@@ -342,7 +359,7 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
         if (b.next_s != nullptr) PrefetchNext(b, begin, end);
         VF acc_g = hn::Zero(df);
         for (int64_t j = begin; j < end; j += lanes) {
-          const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
+          const Entry<VF> e = LoadEntry(ls, es, lt, et, nl, j);
           VF u;
           acc_g = hn::Add(acc_g, div.term(df, e, u));
           fused->Put(j, hn::MulSub(hn::Load(df, es + j), qs, hn::Mul(hn::Load(df, et + j), ps)));
@@ -375,8 +392,8 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
     // scheduler entries may gain). The sums are added in column order, as one vector per step
     // would.
     for (; j + lanes < end; j += 2 * lanes) {
-      const Entry<VF> e0 = LoadEntry(xs, es, xt, et, nl, j);
-      const Entry<VF> e1 = LoadEntry(xs, es, xt, et, nl, j + lanes);
+      const Entry<VF> e0 = LoadEntry(ls, es, lt, et, nl, j);
+      const Entry<VF> e1 = LoadEntry(ls, es, lt, et, nl, j + lanes);
       VF u0, u1;
       const VF g0 = div.term(df, e0, u0);
       const VF g1 = div.term(df, e1, u1);
@@ -384,7 +401,7 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
       add(j + lanes, g1, u1, e1);
     }
     if (j < end) {
-      const Entry<VF> e = LoadEntry(xs, es, xt, et, nl, j);
+      const Entry<VF> e = LoadEntry(ls, es, lt, et, nl, j);
       VF u;
       const VF g = div.term(df, e, u);
       add(j, g, u, e);
@@ -767,6 +784,15 @@ void RunRows(RowJob& job, const Div& div) {
               ((std::is_same_v<Div, Renyi> ? 5 : 4) * sizeof(float) + 2 * es_bytes) <=
           l2_cache_bytes() / 4 * 3;
 
+  // Where the row block (xs, es, xt, et) is larger than L2, the later passes would read it back
+  // from L3 anyway: fp32 inputs of whole vectors are then not copied into xs / xt, and the terms
+  // sweep reads the logits from the input rows (also in L3), which saves pass 1 two stores per
+  // vector and the block's write-back. (Renyi's and the shard routines read xs / xt: not there.)
+  const bool read_inputs = !std::is_same_v<Div, Renyi> && job.shard == detail::ShardMode::none &&
+                           !job.check_only && job.student.dtype == DType::f32 &&
+                           job.teacher.dtype == DType::f32 && v == vpad &&
+                           static_cast<size_t>(vpad) * 4 * sizeof(float) > l2_cache_bytes();
+
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
@@ -805,8 +831,10 @@ void RunRows(RowJob& job, const Div& div) {
         else if (ct.all_masked) bad_t.NoMass(i);
         continue;
       }
-      const RowSoftmax ls = LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, es, block_max);
-      const RowSoftmax lt = LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, et, block_max);
+      const RowSoftmax ls =
+          LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, es, block_max, !read_inputs);
+      const RowSoftmax lt =
+          LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, et, block_max, !read_inputs);
       if (job.shard != detail::ShardMode::none) {
         if (ls.non_finite) bad_s.NonFinite(i);
         if (lt.non_finite) bad_t.NonFinite(i);
@@ -826,6 +854,10 @@ void RunRows(RowJob& job, const Div& div) {
       const float inv_zs = static_cast<float>(std::exp(-ls.log_sum));  // 1 / sum es
       const float inv_zt = static_cast<float>(std::exp(-lt.log_sum));
       RowBuffers buf{xs, es, xt, et, vpad};
+      if (read_inputs) {
+        buf.ls = static_cast<const float*>(job.student.data) + i * job.student.row_stride;
+        buf.lt = static_cast<const float*>(job.teacher.data) + i * job.teacher.row_stride;
+      }
       if (prefetch && i + 1 < n) {
         buf.next_s = static_cast<const char*>(job.student.data) +
                      (i + 1) * job.student.row_stride * static_cast<int64_t>(es_bytes);

@@ -53,9 +53,10 @@ void run_divergence_rows(RowJob& job);
 void check_logit_pair(const char* fn, const TensorView& student, const TensorView& teacher,
                       bool need_vocab = true);
 
-// Throws Error when `bad` names a row: "<fn>: <name> contains NaN or +inf at row R", or for a row
-// without mass "<fn>: <name> row R<no_mass_what>; mark it with labels = ignore_index".
+// Throws Error when `bad` names a row: "<fn>: <name> contains NaN or +inf at row R<note>", or for
+// a row without mass "<fn>: <name> row R<no_mass_what>; mark it with labels = ignore_index<note>".
 void throw_bad_row(const char* fn, const char* name, const BadRow& bad,
-                   const char* no_mass_what = " has every logit -inf (no distribution)");
+                   const char* no_mass_what = " has every logit -inf (no distribution)",
+                   const char* note = "");
 
 }  // namespace divkit::detail

@@ -99,6 +99,37 @@ TEST(DivergenceLayout, InPlaceLargeRows) {
   }
 }
 
+// fp32 rows whose row block exceeds L2 (V = 262144: 4 MB of block, more than any L2 here): the
+// terms sweep reads the logits from the input rows instead of the block's copies. Against the
+// reference; in place (the gradient overwrites the rows being read) and with the teacher gradient
+// too, the same bits as the student gradient alone out of place; with row strides.
+TEST(DivergenceLayout, LargeFp32RowsReadFromTheInputs) {
+  for (const Variant& var : default_variants()) {
+    SCOPED_TRACE(var.name);
+    const int64_t n = 3, v = 262144;
+    Logits l = random_logits(n, v, DType::f32, DType::f32, 77, 2.0, v + 16, v + 48);
+    TestOptions opt;
+    opt.reduction = Reduction::none;
+    DivergenceSpec spec = var.spec;
+    spec.temperature = 1.3f;
+    HostMatrix s_copy = l.student;
+    const KernelOut alone = run_kernel(s_copy, l.teacher, spec, opt, GradRequest::of());
+    expect_matches_reference(alone, run_reference(l.student, l.teacher, spec, opt), Tolerance{},
+                             var.name + " large rows");
+    EXPECT_TRUE(s_copy.same_bits(l.student)) << "out-of-place call modified the student";
+    HostMatrix s_inplace = l.student;
+    const KernelOut in_place =
+        run_kernel(s_inplace, l.teacher, spec, opt, GradRequest::none(), GradRequest::none(), true);
+    EXPECT_TRUE(in_place.grad_s.same_bits(alone.grad_s)) << "in place differs";
+    EXPECT_EQ(in_place.loss, alone.loss);
+    if (var.spec.kind == DivergenceKind::renyi) continue;  // another route for the student alone
+    HostMatrix s_both = l.student;
+    const KernelOut both =
+        run_kernel(s_both, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
+    EXPECT_TRUE(both.grad_s.same_bits(alone.grad_s)) << "with the teacher gradient";
+  }
+}
+
 // The student gradient alone and with the teacher gradient come from different instantiations
 // of the terms sweep (the second also computes the teacher factor): they must give the student
 // gradient the same bits, out of place and in place (where the gradient overwrites the rows

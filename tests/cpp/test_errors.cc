@@ -296,5 +296,41 @@ TEST(Errors, InPlaceErrorLeavesStudentUnchanged) {
   }
 }
 
+// check_finite off in place: each row is checked as it is read, so a bad row still throws (and
+// says that other rows changed), its own row is left as it was, and every other row holds the
+// gradient that a call without the bad row gives it (reduction sum: no row's scale depends on
+// the others).
+TEST(Errors, InPlaceDeferredCheckWritesTheGoodRows) {
+  for (DType dt : {DType::f32, DType::bf16}) {
+    for (bool bad_teacher : {false, true}) {
+      SCOPED_TRACE(dtype_short(dt) + (bad_teacher ? " bad teacher row" : " bad student row"));
+      constexpr int64_t kBad = 5;
+      Problem want(Reduction::sum, dt);
+      std::vector<int64_t> labels(8, 0);
+      labels[kBad] = -100;
+      want.opt.labels = TensorView::vector(labels.data(), DType::i64, 8);
+      HostMatrix grad_want(8, 7, dt);
+      want.out.grad_student = grad_want.view();
+      want.call();
+
+      Problem p(Reduction::sum, dt);
+      (bad_teacher ? p.l.teacher : p.l.student).set(kBad, 3, kNaN);
+      const HostMatrix before = p.l.student;
+      p.out.grad_student = p.l.student.view();
+      p.opt.check_finite = false;
+      expect_error(p.fn(),
+                   {bad_teacher ? "teacher_logits" : "student_logits", "row 5", "check_finite"});
+      for (int64_t i = 0; i < 8; ++i) {
+        for (int64_t j = 0; j < 7; ++j) {
+          const double got = p.l.student.get(i, j);
+          const double expected = i == kBad ? before.get(i, j) : grad_want.get(i, j);
+          if (std::isnan(expected)) EXPECT_TRUE(std::isnan(got)) << i << ", " << j;
+          else EXPECT_EQ(got, expected) << "row " << i << ", column " << j;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace divkit_test

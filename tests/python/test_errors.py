@@ -146,6 +146,32 @@ def test_inplace_errors():
     torch.testing.assert_close(bad.detach(), before, rtol=0, atol=0, equal_nan=True)
 
 
+def test_inplace_deferred_checks_on_cpu():
+    """Inside deferred_checks an in-place CPU call checks each row as it reads it: a bad row
+    still raises and keeps its values, and the other rows hold the gradient that a call without
+    that row gives them (reduction sum: each row's gradient is its own)."""
+    bad = S.clone()
+    bad[1, 4] = float("nan")
+    want = S.clone().requires_grad_(True)
+    labels = torch.tensor([0, -100, 0])
+    divkit.divergence(want, T, labels=labels, reduction="sum").backward()
+    got = bad.clone().requires_grad_(True)
+    with divkit.cuda_checks.deferred_checks():
+        with raises(ValueError, "student_logits", "row 1", "may already hold their gradient"):
+            divkit.divergence(got, T, reduction="sum", inplace_grad=True)
+    torch.testing.assert_close(got.detach()[1], bad[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got.detach()[[0, 2]], want.grad[[0, 2]], rtol=0, atol=0)
+    # Valid inputs: the same loss and gradient bits as the default (check-first) path.
+    a, b = S.clone().requires_grad_(True), S.clone().requires_grad_(True)
+    loss_a = divkit.divergence(a.view(3, 8), T, "jsd", inplace_grad=True)
+    loss_a.backward()
+    with divkit.cuda_checks.deferred_checks():
+        loss_b = divkit.divergence(b.view(3, 8), T, "jsd", inplace_grad=True)
+    loss_b.backward()
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(a.grad, b.grad)
+
+
 def test_inplace_backward_twice_with_scaling():
     s = S.clone().requires_grad_(True)
     loss = divkit.divergence(s, T, inplace_grad=True) * 2
