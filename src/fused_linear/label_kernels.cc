@@ -323,9 +323,15 @@ void ShardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>&
   part[2] = sums.z;
   if (job.topk_z != nullptr) {
     const int64_t k = std::min(job.topk, v);
-    scratch.assign(z, z + v);
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
-                     std::greater<float>());
+    // The global max bounds the shard's entries from above: TopK's thresholds start below it.
+    const float m = static_cast<float>(job.shift[i]);
+    if (std::isfinite(m)) {
+      TopK(z, v, k, m, scratch);
+    } else {
+      scratch.assign(z, z + v);
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
+                       std::greater<float>());
+    }
     double* out = job.topk_z + i * job.topk;
     for (int64_t j = 0; j < job.topk; ++j) out[j] = j < k ? scratch[j] : -static_cast<double>(kInf);
   }
