@@ -18,8 +18,8 @@
 #
 # Time budget on one H100 with 16 cores (an estimate: nothing has run on a GPU yet): build
 # <= 300 s cap (expected 1-2 min with nvcc, less with the prebuilt objects), tests <= 150 s
-# (expected < 60 s), memcheck <= 60 s per case, fused benchmark <= 150 s (expected ~60 s,
-# mostly Liger's Triton compiles), token benchmark: what is left before 470 s.
+# (expected < 60 s), memcheck <= 150 s (every case in one process), fused benchmark <= 150 s
+# (expected ~60 s, mostly Liger's Triton compiles), token benchmark: what is left before 470 s.
 #
 # Options: --build-only (configure and build, then stop; tests the build with the carried
 # dependencies on a machine without a GPU); --dry-run (no GPU, no build: runs the test runner
@@ -276,15 +276,16 @@ check() {
   elif ! command -v compute-sanitizer >/dev/null; then
     record memcheck "skipped: compute-sanitizer not installed"
   else
-    local mc=ok c
-    for c in "${cases[@]}"; do
-      log "compute-sanitizer memcheck $(basename "$c") (log: memcheck.log)"
-      if ! timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" "$c" \
-        >>"$out/memcheck.log" 2>&1; then
-        mc="failed: $(basename "$c") (see memcheck.log)"
-        status=1
-      fi
-    done
+    # One process for all the cases: torch's CUDA start-up under the sanitizer costs tens of
+    # seconds, paid once. Each case prints a line when done, so the log shows which one failed.
+    log "compute-sanitizer memcheck: ${#cases[@]} cases in one process (log: memcheck.log)"
+    local mc=ok
+    if ! timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -c \
+      'import runpy, sys; [runpy.run_path(p, run_name="__main__") for p in sys.argv[1:]]' \
+      "${cases[@]}" >>"$out/memcheck.log" 2>&1; then
+      mc="failed (see memcheck.log: the last 'case done' line precedes the failing case)"
+      status=1
+    fi
     record memcheck "$mc"
     tail -3 "$out/memcheck.log"
   fi
