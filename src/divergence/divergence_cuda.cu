@@ -483,24 +483,14 @@ void divergence_cuda(const TensorView& student, const TensorView& teacher,
                cudaMemsetAsync(p.r.row_loss, 0, static_cast<size_t>(n) * sizeof(double), stream),
                "cudaMemsetAsync");
     cuda_common::launch_prep(kFn, p.r, stream);
-    if (in_place) {
-      // A bad row found midway would leave earlier rows overwritten: check every row first;
-      // the row kernel then writes nothing when one was found.
-      Params probe = p;
-      probe.check_only = true;
-      launch_rows_of(s, probe, stream);
-      p.skip_if_bad = true;
-    }
-    launch_rows_of(s, p, stream);
-    cuda_common::launch_finish(kFn, p.r, outputs.loss, stream);
+    auto launch = [&](bool check_only, bool skip_if_bad) {
+      Params q = p;
+      q.check_only = check_only;
+      q.skip_if_bad = skip_if_bad;
+      launch_rows_of(s, q, stream);
+    };
     // check_finite off: nothing read back, nothing waited for (CUDA graph capture).
-    if (options.check_finite)
-      check_cuda(kFn, cudaMemcpyAsync(bad, p.r.bad, sizeof(bad), cudaMemcpyDeviceToHost, stream),
-                 "cudaMemcpyAsync");
-    check_cuda(kFn, cudaFreeAsync(ws, stream), "cudaFreeAsync");
-    ws = nullptr;
-    if (options.check_finite)
-      check_cuda(kFn, cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    cuda_common::run_rows(kFn, p.r, outputs.loss, in_place, launch, ws, bad, stream);
   } catch (...) {
     if (ws != nullptr) cudaFreeAsync(ws, stream);
     throw;
