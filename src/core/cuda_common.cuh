@@ -152,6 +152,29 @@ void check_cuda(const char* fn, cudaError_t err, const char* what);
 void fill_row_reduce(const char* fn, int64_t n, const DivergenceOptions& options,
                      const TensorView& loss, RowReduce& r);
 
+// The end of a row-kernel call on `stream`, after the prep kernel: in place, a check-only pass
+// over every row first (a bad row found midway would leave earlier rows overwritten), after which
+// the row kernel writes nothing once a bad row was found; then the row kernel and the finish
+// kernel; with r.check_finite, the r.bad_slots flags copied to bad_host and waited for (off:
+// nothing read back, nothing waited for, so the call can be captured in a CUDA graph). The
+// workspace ws is freed (stream-ordered) and set to nullptr. launch_rows(check_only,
+// skip_if_bad) launches the row kernel.
+template <class LaunchRows, class Ptr>
+void run_rows(const char* fn, const RowReduce& r, const TensorView& loss, bool in_place,
+              LaunchRows launch_rows, Ptr*& ws, unsigned long long* bad_host, cudaStream_t stream) {
+  if (in_place) launch_rows(/*check_only=*/true, /*skip_if_bad=*/false);
+  launch_rows(/*check_only=*/false, /*skip_if_bad=*/in_place);
+  launch_finish(fn, r, loss, stream);
+  if (r.check_finite)
+    check_cuda(fn,
+               cudaMemcpyAsync(bad_host, r.bad, r.bad_slots * sizeof(unsigned long long),
+                               cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync");
+  check_cuda(fn, cudaFreeAsync(ws, stream), "cudaFreeAsync");
+  ws = nullptr;
+  if (r.check_finite) check_cuda(fn, cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+}
+
 // Restores the caller's current device on the way out.
 class DeviceGuard {
  public:

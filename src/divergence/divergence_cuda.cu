@@ -13,7 +13,8 @@
 // Renyi (a log of a sum) sums its terms, then exp(log w - max log w), then writes gradients.
 // No float atomics: every sum has one order, so two runs give the same bits. Bad rows are
 // reported through integer atomicMin on device flags (order-free), read after the kernels.
-// The reduction over rows runs in one block, in a fixed order, in fp64.
+// The reduction over rows (labels, weights, divisor, the loss) is core/cuda_common's RowReduce:
+// one block, in a fixed order, in fp64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -25,7 +26,6 @@
 #include "core/check.h"
 #include "core/cuda_common.cuh"
 #include "core/cuda_device.h"
-#include "core/reduction.h"
 #include "divergence/divergence_cuda.h"
 #include "divergence/divergences_scalar.h"
 #include "divergence/row_job.h"
@@ -34,20 +34,31 @@ namespace divkit::detail {
 namespace {
 
 constexpr const char* kFn = "divergence";
-// Loads, stores, block reductions and the block size: core/cuda_common.cuh, shared with the
-// sparse kernels.
+// Loads, stores, block reductions, the block size, the reduction over rows (RowReduce: labels,
+// weights, the divisor, the flags, the loss), error checks and the device guard:
+// core/cuda_common.cuh, shared with the sparse, label-row and Sinkhorn kernels.
 using cuda_common::block_reduce;
+using cuda_common::check_cuda;
+using cuda_common::DeviceGuard;
 using cuda_common::kNone;
 using cuda_common::kThreads;
 using cuda_common::kWarps;
 using cuda_common::load;
 using cuda_common::MaxOp;
 using cuda_common::OrOp;
+using cuda_common::RowReduce;
 using cuda_common::store;
 using cuda_common::SumOp;
-// bad[]: first row with NaN/+inf student logits, student row without mass, the same for the
-// teacher, first index of a non-finite weight.
-constexpr int kBadSlots = 5;
+// RowReduce::bad[]: first row with NaN/+inf student logits, student row without mass, the same
+// for the teacher, first index of a non-finite weight.
+enum BadSlot : int {
+  kStudentNonFinite = 0,
+  kStudentNoMass = 1,
+  kTeacherNonFinite = 2,
+  kTeacherNoMass = 3,
+  kWeights = 4,
+  kBadSlots = 5
+};
 // The dynamic shared memory a kernel may use without cudaFuncSetAttribute.
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 
@@ -69,43 +80,17 @@ struct Params {
   DevIn s, t;
   DevOut gs, gt;  // data == nullptr: not asked
   int64_t n = 0, v = 0;
-  const void* labels = nullptr;
-  DType labels_dtype = DType::i64;
-  int64_t labels_stride = 1;
-  int64_t ignore_index = -100;
-  const void* weights = nullptr;
-  DType weights_dtype = DType::f32;
-  int64_t weights_stride = 1;
   float temperature = 1.0f, inv_t = 1.0f;
-  double t2 = 1.0;  // T^2 when scale_by_t_squared, else 1
-  int reduction = 0;
-  double num_items = 0.0;
-  double* divisor = nullptr;   // [1], written by the prep kernel
-  double* row_loss = nullptr;  // [n]
-  unsigned long long* bad = nullptr;
+  // Labels, weights, T^2, reduction, num_items_in_batch, the divisor, the row values, the flags
+  // (kBadSlots of them) and check_finite (false: the host reads no flag; a bad call gets a NaN
+  // loss).
+  RowReduce r;
   bool check_only = false;
   bool skip_if_bad = false;  // in place: write nothing once a bad row was found
-  bool check_finite = true;  // false: the host reads no flag; a bad call gets a NaN loss
   // The student and teacher rows are kept in dynamic shared memory (as fp32, 8 V bytes) by
   // sweep 1, and the later sweeps read them from there instead of global memory.
   bool cache = false;
 };
-
-__device__ inline bool row_active(const Params& p, int64_t i) {
-  if (p.labels == nullptr) return true;
-  const int64_t k = i * p.labels_stride;
-  const int64_t label = p.labels_dtype == DType::i32 ? static_cast<const int32_t*>(p.labels)[k]
-                                                     : static_cast<const int64_t*>(p.labels)[k];
-  return label != p.ignore_index;
-}
-
-__device__ inline double row_weight(const Params& p, int64_t i) {
-  if (p.weights == nullptr) return 1.0;
-  const int64_t k = i * p.weights_stride;
-  return p.weights_dtype == DType::f64
-             ? static_cast<const double*>(p.weights)[k]
-             : static_cast<double>(static_cast<const float*>(p.weights)[k]);
-}
 
 struct Shared {
   double d[kWarps];
@@ -229,12 +214,6 @@ __device__ inline void zero_row(const DevOut& out, int64_t row, int64_t v) {
     store(out.data, out.dtype, row * out.row_stride + j, 0.0f);
 }
 
-__device__ inline bool any_bad(const Params& p) {
-  for (int k = 0; k < kBadSlots; ++k)
-    if (p.bad[k] != kNone) return true;
-  return false;
-}
-
 // log w of the Renyi sum, with PowerMean's masked-q conventions (divergence_kernels.cc).
 __device__ inline float renyi_log_w(const scalar::Renyi& div, const Entry<float>& e) {
   const bool masked_q = e.lq == -kInfinityF;
@@ -336,10 +315,10 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
   float* cache = p.cache ? row_cache : nullptr;
   const int64_t row = blockIdx.x;
   if (row >= p.n) return;
-  if (p.skip_if_bad && any_bad(p)) return;
-  if (!row_active(p, row)) {
+  if (p.skip_if_bad && cuda_common::any_bad(p.r)) return;
+  if (!cuda_common::row_active(p.r, row)) {
     if (!p.check_only) {
-      if (threadIdx.x == 0) p.row_loss[row] = 0.0;
+      if (threadIdx.x == 0) p.r.row_loss[row] = 0.0;
       zero_row(p.gs, row, p.v);
       zero_row(p.gt, row, p.v);
     }
@@ -350,10 +329,11 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
       softmax_stats(p.t, row, p.v, p.inv_t, sh, cache != nullptr ? cache + p.v : nullptr);
   bool skip = false;
   if (threadIdx.x == 0) {
-    if (ls.non_finite) atomicMin(&p.bad[0], static_cast<unsigned long long>(row));
-    else if (ls.max == -kInfinityF) atomicMin(&p.bad[1], static_cast<unsigned long long>(row));
-    if (lt.non_finite) atomicMin(&p.bad[2], static_cast<unsigned long long>(row));
-    else if (lt.max == -kInfinityF) atomicMin(&p.bad[3], static_cast<unsigned long long>(row));
+    const auto bad_row = static_cast<unsigned long long>(row);
+    if (ls.non_finite) atomicMin(&p.r.bad[kStudentNonFinite], bad_row);
+    else if (ls.max == -kInfinityF) atomicMin(&p.r.bad[kStudentNoMass], bad_row);
+    if (lt.non_finite) atomicMin(&p.r.bad[kTeacherNonFinite], bad_row);
+    else if (lt.max == -kInfinityF) atomicMin(&p.r.bad[kTeacherNoMass], bad_row);
   }
   skip = ls.non_finite || lt.non_finite || ls.max == -kInfinityF || lt.max == -kInfinityF;
   if (skip || p.check_only) return;
@@ -367,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
   n.inv_t = p.inv_t;
   n.log_sum_diff = static_cast<float>(lt.log_sum - ls.log_sum);
   n.cache = cache;  // written by this block's sweep 1; the block reductions synchronized since
-  const double scale = p.t2 * (row_weight(p, row) / *p.divisor) / p.temperature;
+  const double scale = p.r.t2 * (cuda_common::row_weight(p.r, row) / *p.r.divisor) / p.temperature;
   double value;
   if constexpr (std::is_same_v<Div, scalar::Renyi>) value = renyi_row(div, p, n, row, scale, sh);
   else value = sum_row(div, p, n, row, scale, sh);
@@ -378,59 +358,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
     zero_row(p.gs, row, p.v);
     zero_row(p.gt, row, p.v);
   }
-  if (threadIdx.x == 0) p.row_loss[row] = value;
-}
-
-// The divisor of the reduced loss (core/reduction.h's rule) from the labels on the device, and
-// the finite check of the weights. One block: the count is an integer sum (order-free).
-__global__ void __launch_bounds__(kThreads) prep_kernel(Params p) {
-  __shared__ Shared sh;
-  double count = 0.0;
-  for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
-    count += row_active(p, i) ? 1.0 : 0.0;
-    if (p.weights != nullptr && !isfinite(row_weight(p, i)))
-      atomicMin(&p.bad[4], static_cast<unsigned long long>(i));
-  }
-  const double total = block_reduce(count, SumOp{}, sh.d);  // exact: integers below 2^53
-  if (threadIdx.x != 0) return;
-  double divisor = 1.0;
-  if (p.num_items > 0.0) divisor = p.num_items;
-  else if (p.reduction == static_cast<int>(Reduction::mean)) divisor = total > 0 ? total : 1.0;
-  else if (p.reduction == static_cast<int>(Reduction::batchmean))
-    divisor = p.n > 0 ? static_cast<double>(p.n) : 1.0;
-  *p.divisor = divisor;
-}
-
-// The loss from the rows' values: per token for none, else the weighted sum over rows in fp64,
-// each thread's strided partial sum then the block's fixed-order combination.
-__global__ void __launch_bounds__(kThreads)
-    finish_kernel(Params p, void* loss, DType loss_dtype, int64_t loss_stride) {
-  __shared__ Shared sh;
-  auto put = [&](int64_t i, double x) {
-    if (loss_dtype == DType::f64) static_cast<double*>(loss)[i * loss_stride] = x;
-    else static_cast<float*>(loss)[i * loss_stride] = static_cast<float>(x);
-  };
-  // Without the host's check (check_finite off), the flags show in the loss: NaN everywhere.
-  const bool poisoned = !p.check_finite && any_bad(p);
-  if (p.reduction == static_cast<int>(Reduction::none)) {
-    for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
-      const double w = row_weight(p, i);
-      put(i, poisoned ? nan("") : (row_active(p, i) && w != 0.0 ? p.row_loss[i] * w * p.t2 : 0.0));
-    }
-    return;
-  }
-  double total = 0.0;
-  for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
-    const double w = row_weight(p, i);
-    if (row_active(p, i) && w != 0.0) total += p.row_loss[i] * w;
-  }
-  total = block_reduce(total, SumOp{}, sh.d);
-  if (threadIdx.x == 0) put(0, poisoned ? nan("") : total * p.t2 / *p.divisor);
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw Error(std::string(kFn) + ": CUDA error in " + what + ": " + cudaGetErrorString(err));
+  if (threadIdx.x == 0) p.r.row_loss[row] = value;
 }
 
 template <class Div>
@@ -438,11 +366,12 @@ void launch_rows(const Div& div, const Params& p, cudaStream_t stream) {
   if (p.n == 0) return;
   const size_t smem = p.cache ? static_cast<size_t>(2 * p.v) * sizeof(float) : 0;
   if (smem > kDefaultDynamicShared)
-    check_cuda(cudaFuncSetAttribute(rows_kernel<Div>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    check_cuda(kFn,
+               cudaFuncSetAttribute(rows_kernel<Div>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "cudaFuncSetAttribute");
   rows_kernel<Div><<<static_cast<unsigned>(p.n), kThreads, smem, stream>>>(div, p);
-  check_cuda(cudaGetLastError(), "the row kernel launch");
+  check_cuda(kFn, cudaGetLastError(), "the row kernel launch");
 }
 
 // Whether the two rows (fp32, 8 V bytes) are kept in shared memory: when they fit in
@@ -481,21 +410,6 @@ void launch_rows_of(const DivergenceSpec& spec, const Params& p, cudaStream_t st
   }
 }
 
-// Restores the caller's current device on the way out.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 // A gradient output may be its input's own buffer (in place) but must not partly overlap it.
 bool gradient_output(const char* name, const TensorView& grad, const char* input_name,
                      const TensorView& input) {
@@ -519,15 +433,9 @@ void divergence_cuda(const TensorView& student, const TensorView& teacher,
   validate_spec(spec);
   check_logit_pair(kFn, cuda::shape_only(student), cuda::shape_only(teacher));
   const int64_t n = student.shape[0], v = student.shape[1];
-  if (options.labels.defined())
-    check::vector_of(kFn, "labels", cuda::shape_only(options.labels), n, {DType::i64, DType::i32});
-  if (options.weights.defined())
-    check::vector_of(kFn, "weights", cuda::shape_only(options.weights), n,
-                     {DType::f32, DType::f64});
-  (void)reduce::divisor(kFn, options.reduction, options.num_items_in_batch, n, n);  // checks
-  reduce::check_loss_output(kFn, cuda::shape_only(outputs.loss), options.reduction, n);
-
   Params p;
+  // Checks labels, weights, the reduction and the loss output (shapes and dtypes) first.
+  cuda_common::fill_row_reduce(kFn, n, options, outputs.loss, p.r);
   const DivergenceSpec s = resolve_divergence_limits(spec);
   p.s = {student.data, student.dtype, student.strides[0]};
   p.t = {teacher.data, teacher.dtype, teacher.strides[0]};
@@ -549,78 +457,56 @@ void divergence_cuda(const TensorView& student, const TensorView& teacher,
       check::fail(kFn, "grad_teacher overlaps grad_student");
     p.gt = {outputs.grad_teacher.data, outputs.grad_teacher.dtype, outputs.grad_teacher.strides[0]};
   }
-  if (options.labels.defined()) {
-    p.labels = options.labels.data;
-    p.labels_dtype = options.labels.dtype;
-    p.labels_stride = options.labels.strides[0];
-  }
-  p.ignore_index = options.ignore_index;
-  if (options.weights.defined()) {
-    p.weights = options.weights.data;
-    p.weights_dtype = options.weights.dtype;
-    p.weights_stride = options.weights.strides[0];
-  }
   p.temperature = s.temperature;
   p.inv_t = 1.0f / s.temperature;
-  p.t2 = s.scale_by_t_squared ? double(s.temperature) * s.temperature : 1.0;
-  p.reduction = static_cast<int>(options.reduction);
-  p.num_items = options.num_items_in_batch;
-  p.check_finite = options.check_finite;
+  p.r.t2 = s.scale_by_t_squared ? double(s.temperature) * s.temperature : 1.0;
+  p.r.bad_slots = kBadSlots;
+  p.r.weights_bad_slot = kWeights;
+  p.r.check_finite = options.check_finite;
 
-  DeviceGuard guard(student.device_index);
+  DeviceGuard guard(kFn, student.device_index);
   p.cache = use_row_cache(v, student.device_index);
   const auto stream = reinterpret_cast<cudaStream_t>(options.stream);
   // Workspace: the divisor, the bad-row flags, the row values.
   const size_t bytes = sizeof(double) + kBadSlots * sizeof(unsigned long long) +
                        static_cast<size_t>(n) * sizeof(double);
   void* ws = nullptr;
-  check_cuda(cudaMallocAsync(&ws, bytes, stream), "cudaMallocAsync");
-  p.divisor = static_cast<double*>(ws);
-  p.bad = reinterpret_cast<unsigned long long*>(p.divisor + 1);
-  p.row_loss = reinterpret_cast<double*>(p.bad + kBadSlots);
+  check_cuda(kFn, cudaMallocAsync(&ws, bytes, stream), "cudaMallocAsync");
+  p.r.divisor = static_cast<double*>(ws);
+  p.r.bad = reinterpret_cast<unsigned long long*>(p.r.divisor + 1);
+  p.r.row_loss = reinterpret_cast<double*>(p.r.bad + kBadSlots);
   unsigned long long bad[kBadSlots];
   try {
-    check_cuda(cudaMemsetAsync(p.bad, 0xFF, kBadSlots * sizeof(unsigned long long), stream),
+    check_cuda(kFn, cudaMemsetAsync(p.r.bad, 0xFF, kBadSlots * sizeof(unsigned long long), stream),
                "cudaMemsetAsync");
-    check_cuda(cudaMemsetAsync(p.row_loss, 0, static_cast<size_t>(n) * sizeof(double), stream),
+    check_cuda(kFn,
+               cudaMemsetAsync(p.r.row_loss, 0, static_cast<size_t>(n) * sizeof(double), stream),
                "cudaMemsetAsync");
-    prep_kernel<<<1, kThreads, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "the prep kernel launch");
-    if (in_place) {
-      // A bad row found midway would leave earlier rows overwritten: check every row first;
-      // the row kernel then writes nothing when one was found.
-      Params probe = p;
-      probe.check_only = true;
-      launch_rows_of(s, probe, stream);
-      p.skip_if_bad = true;
-    }
-    launch_rows_of(s, p, stream);
-    finish_kernel<<<1, kThreads, 0, stream>>>(p, outputs.loss.data, outputs.loss.dtype,
-                                              outputs.loss.ndim ? outputs.loss.strides[0] : 0);
-    check_cuda(cudaGetLastError(), "the finish kernel launch");
+    cuda_common::launch_prep(kFn, p.r, stream);
+    auto launch = [&](bool check_only, bool skip_if_bad) {
+      Params q = p;
+      q.check_only = check_only;
+      q.skip_if_bad = skip_if_bad;
+      launch_rows_of(s, q, stream);
+    };
     // check_finite off: nothing read back, nothing waited for (CUDA graph capture).
-    if (options.check_finite)
-      check_cuda(cudaMemcpyAsync(bad, p.bad, sizeof(bad), cudaMemcpyDeviceToHost, stream),
-                 "cudaMemcpyAsync");
-    check_cuda(cudaFreeAsync(ws, stream), "cudaFreeAsync");
-    ws = nullptr;
-    if (options.check_finite) check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    cuda_common::run_rows(kFn, p.r, outputs.loss, in_place, launch, ws, bad, stream);
   } catch (...) {
     if (ws != nullptr) cudaFreeAsync(ws, stream);
     throw;
   }
   if (!options.check_finite) return;
-  if (bad[4] != kNone)
+  if (bad[kWeights] != kNone)
     check::fail(kFn, "weights must be finite, got a non-finite value at index " +
-                         std::to_string(bad[4]));
+                         std::to_string(bad[kWeights]));
   auto report = [&](const char* name, unsigned long long nan_row, unsigned long long mass_row) {
     BadRow b;
     if (nan_row != kNone) b.row = static_cast<int64_t>(nan_row);
     else if (mass_row != kNone) b = {static_cast<int64_t>(mass_row), true};
     throw_bad_row(kFn, name, b);
   };
-  report("student_logits", bad[0], bad[1]);
-  report("teacher_logits", bad[2], bad[3]);
+  report("student_logits", bad[kStudentNonFinite], bad[kStudentNoMass]);
+  report("teacher_logits", bad[kTeacherNonFinite], bad[kTeacherNoMass]);
 }
 
 }  // namespace divkit::detail

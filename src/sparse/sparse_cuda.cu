@@ -535,23 +535,13 @@ void run(const char* fn, Params p, bool in_place, const DivergenceSpec& spec,
       check_kernel<<<grid, kThreads, 0, stream>>>(p);
       check_cuda(fn, cudaGetLastError(), "the teacher check kernel launch");
     }
-    if (in_place) {
-      // A bad row found midway would leave earlier rows overwritten: check every row first;
-      // the row kernel then writes nothing when one was found.
-      Params probe = p;
-      probe.check_only = true;
-      launch_rows_of(fn, s, probe, grid, stream);
-      p.skip_if_bad = true;
-    }
-    launch_rows_of(fn, s, p, grid, stream);
-    launch_finish(fn, p.r, loss, stream);
-    if (options.check_finite)
-      check_cuda(fn, cudaMemcpyAsync(bad, p.r.bad, sizeof(bad), cudaMemcpyDeviceToHost, stream),
-                 "cudaMemcpyAsync");
-    check_cuda(fn, cudaFreeAsync(ws, stream), "cudaFreeAsync");
-    ws = nullptr;
-    if (options.check_finite)
-      check_cuda(fn, cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    auto launch = [&](bool check_only, bool skip_if_bad) {
+      Params q = p;
+      q.check_only = check_only;
+      q.skip_if_bad = skip_if_bad;
+      launch_rows_of(fn, s, q, grid, stream);
+    };
+    run_rows(fn, p.r, loss, in_place, launch, ws, bad, stream);
   } catch (...) {
     if (ws != nullptr) cudaFreeAsync(ws, stream);
     throw;
