@@ -19,9 +19,10 @@
 // does not copy the logits: the later passes read them from the input rows (in L3 by then), so
 // that the block is es and et (plus u / v where the chain rule needs them), not four rows. Where
 // the block and one more row fit in L2, pass 2 prefetches the next row's logits, so that the next
-// pass 1 does not wait on memory. A fresh gradient buffer is marked for huge pages before the first
-// write (see run_divergence_rows). Row sums are reduced in a fixed lane order, so results do not
-// depend on the thread count.
+// pass 1 does not wait on memory; within a row, pass 1 itself asks for its logits 4 KiB ahead
+// (the hardware prefetcher alone leaves it waiting). A fresh gradient buffer is marked for huge
+// pages before the first write (see run_divergence_rows). Row sums are reduced in a fixed lane
+// order, so results do not depend on the thread count.
 #include <omp.h>
 #if defined(__linux__)
 #include <unistd.h>
@@ -63,6 +64,10 @@ struct RowSoftmax {
   double log_sum;   // log sum_j exp((x_j - max) / T)
   bool non_finite;  // a NaN or +inf in x
 };
+
+// Pass 1 asks for the logits this many bytes ahead of the block it loads: the hardware
+// prefetcher alone leaves the loads waiting on memory (four blocks of fp32 logits ahead).
+constexpr int64_t kPass1Ahead = 4096;
 
 // Pass 1, per block of kRowSumBlock vectors: the logits x (as fp32) into
 // x[0, V) (-inf in the padding [V, Vpad)), and e = exp((x - running max) / T). Each vector is
@@ -108,6 +113,14 @@ RowSoftmax LoadSoftmaxRowTyped(const T* HWY_RESTRICT src, int64_t v, int64_t vpa
     VF acc = hn::Zero(df);
     int64_t j = begin;
     if constexpr (!std::is_same_v<T, double>) {
+      {
+        // The lines kPass1Ahead bytes beyond this block's, up to the row's end.
+        constexpr int64_t kElem = static_cast<int64_t>(sizeof(T));
+        const char* row = reinterpret_cast<const char*>(src);
+        const int64_t stop = std::min(end * kElem + kPass1Ahead, v * kElem);
+        for (int64_t off = begin * kElem + kPass1Ahead; off < stop; off += 64)
+          __builtin_prefetch(row + off, 0, 3);
+      }
       for (; j < fused_end; j += lanes) {
         const VF xj = LoadAsFloat(df, src + j);
         ok = hn::And(ok, hn::Lt(xj, vinf));  // NaN and +inf compare false
