@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/check.h"
 #include "divkit/fused_linear.h"
-#include "divkit/host_cache.h"
 #include "divkit/runtime.h"
 #include "divkit/sparse.h"
 #include "fused_linear/arguments.h"
@@ -57,26 +57,21 @@ float* kept_or_computed(const TensorView& kept, int64_t k, bool filled, int64_t 
   return buf;
 }
 
-// A [chunk, V] fp32 buffer of the chunk loop from the host cache (divkit/host_cache.h): the pair
-// engine calls this loop several times per step with the same sizes, and a fresh std::vector of
-// that size costs a mapping, a page fault and a zeroing per page, and an unmapping, every call.
-// The contents start unspecified; every chunk writes the rows it reads.
+// A [chunk, V] fp32 buffer of the chunk loop, left uninitialized (every chunk writes the rows it
+// reads): a std::vector would zero hundreds of MiB per call only to overwrite them. Not from the
+// host cache: its free blocks stay resident after the call and would add to the peak memory of
+// whatever runs next (the caller's backward), which the fused heads exist to keep low.
 class ChunkBuffer {
  public:
   void allocate(int64_t floats) {
-    buf_ = HostBuffer(static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float));
-    p_ = static_cast<float*>(buf_.data());
+    p_.reset(new float[static_cast<size_t>(std::max<int64_t>(floats, 1))]);
   }
-  float* data() const { return p_; }
+  float* data() const { return p_.get(); }
   bool empty() const { return p_ == nullptr; }
-  void free() {
-    buf_.reset();
-    p_ = nullptr;
-  }
+  void free() { p_.reset(); }
 
  private:
-  HostBuffer buf_;
-  float* p_ = nullptr;
+  std::unique_ptr<float[]> p_;
 };
 
 // The label statistics (lse, z_y) of an unsharded chunk of logits at temperature 1. With

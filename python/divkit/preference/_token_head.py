@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import _C, _device, memory
+from .. import _C, _device
 from .. import _validate as check
 from ..backends import torch_ops
 
@@ -285,10 +285,8 @@ def _label_terms(
     if outs is None:
         outs = tuple(torch.empty(n, dtype=torch.float32) for _ in range(3))
     lp, ref_lp, kl = outs
-    # From the host cache: the pair engine asks for the same sizes group after group, and a
-    # fresh buffer of this size is a mapping, a fault and a zeroing per page at its first write.
-    kept_s = memory._empty((keep_rows, v), torch.float32, "cpu") if keep_rows else None
-    kept_t = memory._empty((keep_rows, v), torch.float32, "cpu") if keep_rows and kl_grad else None
+    kept_s = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows else None
+    kept_t = torch.empty((keep_rows, v), dtype=torch.float32) if keep_rows and kl_grad else None
     with check.attributed(fn):
         _C.fused_linear_label_terms(
             (h, w, b),
