@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <string>
 #include <vector>
@@ -22,12 +23,18 @@ void for_pieces(int threads, int64_t count, const std::function<void(int t, int6
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
   set_blas_threads(1);
   std::string error;
+  // Pieces are taken in order by whichever thread is free: on a shared machine one thread often
+  // gets less of its core than another, and a fixed split then leaves the others spinning at the
+  // barrier. A piece is the same single-threaded call whichever thread runs it, so the results do
+  // not depend on the schedule.
+  std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
     try {
-      for (int64_t p = t * count / nt; p < (t + 1) * count / nt; ++p) body(t, p);
+      for (int64_t p = next.fetch_add(1); p < count; p = next.fetch_add(1)) body(t, p);
     } catch (const std::exception& e) {
+      next.store(count);  // the others stop after their current piece
 #pragma omp critical
       if (error.empty()) error = e.what();
     }
@@ -45,7 +52,9 @@ void sum_groups_in_order(
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
-#pragma omp for ordered schedule(static, 1)
+    // Dynamic: a group goes to the first free thread (see for_pieces); the ordered additions keep
+    // the sum's order fixed whatever thread computed each group.
+#pragma omp for ordered schedule(dynamic, 1)
     for (int64_t s = 0; s < groups; ++s) {
       float* acc = dst;
       int64_t lda = ldd;

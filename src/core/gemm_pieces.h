@@ -19,8 +19,8 @@ namespace divkit::gemm {
 // Rows of a [v, h] weight per piece: about 8 MiB of fp32 (1024 rows at h = 2048), at least 64.
 int64_t piece_rows(int64_t v, int64_t h);
 
-// Runs body(t, p) for every piece p in [0, count) on up to `threads` OpenMP threads, thread t
-// taking the contiguous range [t * count / T, (t + 1) * count / T) in order, with the BLAS
+// Runs body(t, p) for every piece p in [0, count) on up to `threads` OpenMP threads (t: the
+// thread running it), each thread taking the next piece not yet taken, with the BLAS
 // single-threaded; an exception in a thread is rethrown (as divkit::Error) once all have stopped.
 void for_pieces(int threads, int64_t count, const std::function<void(int t, int64_t p)>& body);
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -33,21 +34,45 @@ int64_t kept_rows(const char* fn, const char* name, const TensorView& t, int64_t
   return t.shape[0];
 }
 
-// The logits of rows [r0, r0 + rows) into `out`: from the keep buffer when it holds them and was
-// filled, else by the GEMM (`compute`), copied into the keep buffer when it should hold them.
+// The logits of rows [r0, r0 + rows): from the keep buffer when it holds them and was filled,
+// else by the GEMM (`compute(dst)`), copied into the keep buffer when it should hold them.
+// Returns where they are: `buf`, or, when the call only reads them (`read_only`: no gradient is
+// written over them), the keep buffer itself, which spares the copies in and out of `buf`.
 template <class Compute>
-void kept_or_computed(const TensorView& kept, int64_t k, bool filled, int64_t r0, int64_t rows,
-                      int64_t v, float* out, Compute&& compute) {
+float* kept_or_computed(const TensorView& kept, int64_t k, bool filled, int64_t r0, int64_t rows,
+                        int64_t v, float* buf, bool read_only, Compute&& compute) {
   const bool inside = k > 0 && r0 + rows <= k;
   float* keep = inside ? static_cast<float*>(kept.data) + r0 * v : nullptr;
   const size_t bytes = static_cast<size_t>(rows * v) * sizeof(float);
-  if (keep && filled) {
-    std::memcpy(out, keep, bytes);
-    return;
+  if (keep && read_only) {
+    if (!filled) compute(keep);
+    return keep;
   }
-  compute();
-  if (keep) std::memcpy(keep, out, bytes);
+  if (keep && filled) {
+    std::memcpy(buf, keep, bytes);
+    return buf;
+  }
+  compute(buf);
+  if (keep) std::memcpy(keep, buf, bytes);
+  return buf;
 }
+
+// A [chunk, V] fp32 buffer of the chunk loop, left uninitialized (every chunk writes the rows it
+// reads): a std::vector would zero hundreds of MiB per call only to overwrite them. Not from the
+// host cache: its free blocks stay resident after the call and would add to the peak memory of
+// whatever runs next (the caller's backward), which the fused heads exist to keep low.
+class ChunkBuffer {
+ public:
+  void allocate(int64_t floats) {
+    p_.reset(new float[static_cast<size_t>(std::max<int64_t>(floats, 1))]);
+  }
+  float* data() const { return p_.get(); }
+  bool empty() const { return p_ == nullptr; }
+  void free() { p_.reset(); }
+
+ private:
+  std::unique_ptr<float[]> p_;
+};
 
 // The label statistics (lse, z_y) of an unsharded chunk of logits at temperature 1. With
 // per-row coefficients a, b (a hard term's hw, -hw), the rows become the gradient
@@ -161,15 +186,16 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
 
   // Every rank of a group chooses the same chunk size (from the largest shard).
   const int64_t chunk = choose_chunk(fused.chunk_size, n, group.max_v());
-  std::vector<float> ls(static_cast<size_t>(chunk * v));
+  ChunkBuffer ls;
+  ls.allocate(chunk * v);
   // The soft term's gradient, when the hard term still needs ls (and always for a shard: its
   // gradient phase writes beside the logits, not over them).
-  std::vector<float> gsoft;
-  if (soft_on && want_s && (hard || sharded)) gsoft.resize(static_cast<size_t>(chunk * v));
+  ChunkBuffer gsoft;
+  if (soft_on && want_s && (hard || sharded)) gsoft.allocate(chunk * v);
   std::vector<int64_t> local;  // a shard's labels as its columns
   std::vector<uint8_t> in_shard;
-  std::vector<float> lt;  // the teacher's logits
-  if (teacher_buffer && soft_on) lt.resize(static_cast<size_t>(chunk * v));
+  ChunkBuffer lt;  // the teacher's logits
+  if (teacher_buffer && soft_on) lt.allocate(chunk * v);
   std::vector<double> row_loss(static_cast<size_t>(chunk)), row_weight(static_cast<size_t>(chunk));
   std::vector<double> lse(static_cast<size_t>(chunk)), zy(static_cast<size_t>(chunk));
   std::vector<double> ca(static_cast<size_t>(chunk)), cb(static_cast<size_t>(chunk)),
@@ -181,16 +207,18 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     to_f32_rows(fn, "student_hidden", student.hidden, r0, rows, nullptr, hs_c);
-    kept_or_computed(terms.kept_student, kept_s, terms.kept_filled, r0, rows, v, ls.data(),
-                     [&] { chunk_logits(hs_c, rows, ws, v, hs, bs, ls.data()); });
+    float* const lsp = kept_or_computed(terms.kept_student, kept_s, terms.kept_filled, r0, rows, v,
+                                        ls.data(), !want_s, [&](float* dst) {
+                                          chunk_logits(hs_c, rows, ws, v, hs, bs, dst);
+                                        });
     std::fill(row_loss.begin(), row_loss.end(), 0.0);
     if (soft_on) {
       for (int64_t r = 0; r < rows; ++r)
         row_weight[r] =
             labels[r0 + r] < 0 ? 0.0 : fused.soft_weight * token_weight[r0 + r] / divisor;
-      float* grad_out = want_s ? (gsoft.empty() ? ls.data() : gsoft.data()) : nullptr;
+      float* grad_out = want_s ? (gsoft.empty() ? lsp : gsoft.data()) : nullptr;
       try {
-        soft(r0, rows, ls.data(), grad_out, row_weight.data(), row_loss.data(), lt.data());
+        soft(r0, rows, lsp, grad_out, row_weight.data(), row_loss.data(), lt.data());
       } catch (const Error& e) {
         rethrow_chunk(fn, e, r0);
       }
@@ -213,12 +241,12 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
         ShardedLabelStats st;
         st.lse = lse.data();
         st.z_label = zy.data();
-        sharded_label_forward(fn, group, ls.data(), rows, v, labels.data() + r0, 1.0f, 0.0f, r0, st,
+        sharded_label_forward(fn, group, lsp, rows, v, labels.data() + r0, 1.0f, 0.0f, r0, st,
                               threads);
         local_labels(group, labels.data() + r0, rows, v, local, in_shard);
       } else {
-        label_stats(fn, "student", ls.data(), rows, v, labels.data() + r0, r0, lse.data(),
-                    zy.data(), fuse_hard ? ca.data() : nullptr, cb.data(),
+        label_stats(fn, "student", lsp, rows, v, labels.data() + r0, r0, lse.data(), zy.data(),
+                    fuse_hard ? ca.data() : nullptr, cb.data(),
                     gsoft.empty() ? nullptr : gsoft.data());
       }
       if (terms.student_logprobs.defined())
@@ -234,7 +262,7 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
       }
       if (want_s && !fuse_hard) {
         detail::LabelGradJob g;
-        g.z = ls.data();
+        g.z = lsp;
         g.ldz = v;
         g.rows = rows;
         g.v = v;
@@ -249,7 +277,7 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
         detail::label_rows_grad(g);
       }
     } else if (want_s && !soft_on) {
-      std::fill(ls.begin(), ls.begin() + rows * v, 0.0f);
+      std::fill(lsp, lsp + rows * v, 0.0f);
     }
     for (int64_t r = 0; r < rows; ++r) {
       if (options.reduction == Reduction::none) elem::set(loss, r0 + r, row_loss[r]);
@@ -257,11 +285,11 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
     }
     // Without the hard term a shard's soft gradient is in gsoft.
     if (want_s)
-      acc_s.add_chunk(sharded && soft_on && !hard ? gsoft.data() : ls.data(), v, r0, rows, hs_c,
-                      scratch);
+      acc_s.add_chunk(sharded && soft_on && !hard ? gsoft.data() : lsp, v, r0, rows, hs_c, scratch);
   }
   if (options.reduction != Reduction::none) elem::set(loss, 0, total);
-  for (std::vector<float>* b : {&ls, &gsoft, &lt, &scratch}) std::vector<float>().swap(*b);
+  for (ChunkBuffer* b : {&ls, &gsoft, &lt}) b->free();
+  std::vector<float>().swap(scratch);
   ws.release();
   after_loop();
   acc_s.finish();
@@ -364,8 +392,9 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
       [&](int64_t r0, int64_t rows, float* ls, float* grad_out, const double* row_weight,
           double* row_loss, float* lt) {
         to_f32_rows(fn, "teacher_hidden", teacher.hidden, r0, rows, nullptr, ht_c);
-        kept_or_computed(terms.kept_teacher, kept_t, terms.kept_filled, r0, rows, v, lt,
-                         [&] { chunk_logits(ht_c, rows, wt, v, ht, bt, lt); });
+        lt = kept_or_computed(terms.kept_teacher, kept_t, terms.kept_filled, r0, rows, v, lt,
+                              !want_t,
+                              [&](float* dst) { chunk_logits(ht_c, rows, wt, v, ht, bt, dst); });
         if (teacher_lp) {
           // Before divergence(), which may write the teacher's gradient over lt.
           t_lse.resize(static_cast<size_t>(rows));

@@ -60,8 +60,9 @@ class WeightBlocks {
 
  private:
   // Pieces of the vocabulary summed by one thread before its sum is added to grad_hidden: one
-  // addition of an [m, H] buffer per 8 pieces (8192 rows at H = 2048).
-  static constexpr int64_t kPiecesPerGroup = 8;
+  // addition of an [m, H] buffer per 4 pieces (4096 rows at H = 2048). Enough groups that a
+  // thread slowed down by other work hands the remaining groups to the others.
+  static constexpr int64_t kPiecesPerGroup = 4;
 
   // Rows [j0, j0 + rows) as fp32: a pointer into the weight when it is used in place, else
   // converted into thread t's buffer (leading dimension H).
