@@ -1120,7 +1120,7 @@ if ENABLED:
         num_items_in_batch: float,
         group_name: str,
         need: List[bool],
-        backend: str,
+        backend: str = "auto",
     ) -> Tuple[Tensor, Tensor, Tensor]:
         from . import distributed
         from .fused import _token_weights
