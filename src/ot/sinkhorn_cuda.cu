@@ -892,21 +892,43 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
                                                            h);
     launched("the h kernel launch");
   };
-  auto lse = [&](const Side& s, unsigned tiles, const double* h, int64_t it, const int* run,
-                 bool balanced, double rho, double* outp) {
+  // One side of a half-iteration or of the final pass: the rows (f, from g over the columns)
+  // or the columns (g, from f over the rows).
+  enum class Half { rows, cols };
+  struct HalfSide {
+    const Side* s;
+    unsigned tiles;
+    int64_t other_cnt;       // the other side's point count (h's length)
+    const double* other_lw;  // the other side's log weights
+    const double* w;         // this side's weights
+    double* h;               // [B][other_cnt] scratch for h
+    bool balanced;
+    double rho;
+    double *S, *Cs, *Wsum;  // the final pass's row sums
+  };
+  auto side = [&](Half hf) {
+    return hf == Half::rows ? HalfSide{&rows, tiles_n, m, LB, A, hm, bal_a, opt.rho_a, Sr, Cr, Wr}
+                            : HalfSide{&cols, tiles_m, n, LA, Bw, hn, bal_b, opt.rho_b, Sc, Cc, Wc};
+  };
+  // The log-sum-exp update of one side for the problems whose flag in run is set: h from the
+  // other side's potential other_pot, then pot_out_i = -tau eps LSE_j(h_j - C_ij / eps).
+  auto lse_update = [&](Half hf, const double* other_pot, int64_t it, const int* run,
+                        double* pot_out) {
+    const HalfSide hs = side(hf);
+    fill_h(hs.other_cnt, hs.other_lw, other_pot, it, run, hs.h);
     LseArgs la;
-    la.s = s;
-    la.h = h;
+    la.s = *hs.s;
+    la.h = hs.h;
     la.sched = d_sched;
     la.scols = scols;
     la.it = it;
     la.run = run;
-    la.balanced = balanced;
-    la.rho = rho;
-    la.out = outp;
+    la.balanced = hs.balanced;
+    la.rho = hs.rho;
+    la.out = pot_out;
     over_problems(B, [&](int64_t b0, unsigned nb) {
       la.b0 = b0;
-      lse_kernel<<<dim3(tiles, nb), kThreads, 0, stream>>>(la);
+      lse_kernel<<<dim3(hs.tiles, nb), kThreads, 0, stream>>>(la);
     });
     launched("the log-sum-exp kernel launch");
   };
@@ -924,15 +946,11 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
   std::vector<int> active(static_cast<size_t>(B));
   for (int64_t it = 0; it < opt.max_iter; ++it) {
     // f update from g (symmetric: g = f, b = a), on the rows.
-    fill_h(m, LB, g, it, st.active, hm);
-    lse(rows, tiles_n, hm, it, st.active, bal_a, opt.rho_a, fnew);
+    lse_update(Half::rows, g, it, st.active, fnew);
     sp.it = it;
     step_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(sp);
     launched("the step kernel launch");
-    if (!sym) {
-      fill_h(n, LA, f, it, st.run_g, hn);
-      lse(cols, tiles_m, hn, it, st.run_g, bal_b, opt.rho_b, g);
-    }
+    if (!sym) lse_update(Half::cols, f, it, st.run_g, g);
     if ((it + 1) % kSyncEvery == 0 && it + 1 < opt.max_iter) {
       check_cuda(kFn,
                  cudaMemcpyAsync(active.data(), st.active, active.size() * sizeof(int),
@@ -951,46 +969,35 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     check_cuda(kFn, cudaMemsetAsync(Gx, 0, B * n * d * sizeof(double), stream), "cudaMemsetAsync");
   if (Gy != nullptr)
     check_cuda(kFn, cudaMemsetAsync(Gy, 0, B * m * d * sizeof(double), stream), "cudaMemsetAsync");
-  fill_h(m, LB, g, kAtEps, nullptr, hm);
-  PlanArgs pa;
-  pa.s = rows;
-  pa.h = hm;
-  pa.pot = f;
-  pa.w = A;
-  pa.eps = eps;
-  pa.S = Sr;
-  pa.Cs = Cr;
-  pa.Wsum = Wr;
-  pa.G = Gx;
-  if (out.plan.defined()) {
-    pa.plan = out.plan.data;
-    pa.plan_f64 = out.plan.dtype == DType::f64;
-    pa.ps0 = out.plan.strides[0];
-    pa.ps1 = out.plan.strides[1];
-  }
-  over_problems(B, [&](int64_t b0, unsigned nb) {
-    pa.b0 = b0;
-    plan_kernel<<<dim3(tiles_n, nb), kThreads, 0, stream>>>(pa);
-  });
-  launched("the plan kernel launch");
-  if (want_gy || want_gb) {
-    fill_h(n, LA, f, kAtEps, nullptr, hn);
-    PlanArgs pc;
-    pc.s = cols;
-    pc.h = hn;
-    pc.pot = g;
-    pc.w = Bw;
-    pc.eps = eps;
-    pc.S = Sc;
-    pc.Cs = Cc;
-    pc.Wsum = Wc;
-    pc.G = Gy;
+  // The final pass over one side: its plan row sums (and the plan itself for the rows, the
+  // point gradient sums G when asked), from this side's potential pot and the other's.
+  auto plan_pass = [&](Half hf, const double* pot, const double* other_pot, double* G) {
+    const HalfSide hs = side(hf);
+    fill_h(hs.other_cnt, hs.other_lw, other_pot, kAtEps, nullptr, hs.h);
+    PlanArgs pa;
+    pa.s = *hs.s;
+    pa.h = hs.h;
+    pa.pot = pot;
+    pa.w = hs.w;
+    pa.eps = eps;
+    pa.S = hs.S;
+    pa.Cs = hs.Cs;
+    pa.Wsum = hs.Wsum;
+    pa.G = G;
+    if (hf == Half::rows && out.plan.defined()) {
+      pa.plan = out.plan.data;
+      pa.plan_f64 = out.plan.dtype == DType::f64;
+      pa.ps0 = out.plan.strides[0];
+      pa.ps1 = out.plan.strides[1];
+    }
     over_problems(B, [&](int64_t b0, unsigned nb) {
-      pc.b0 = b0;
-      plan_kernel<<<dim3(tiles_m, nb), kThreads, 0, stream>>>(pc);
+      pa.b0 = b0;
+      plan_kernel<<<dim3(hs.tiles, nb), kThreads, 0, stream>>>(pa);
     });
     launched("the plan kernel launch");
-  }
+  };
+  plan_pass(Half::rows, f, g, Gx);
+  if (want_gy || want_gb) plan_pass(Half::cols, g, f, Gy);
   FinishArgs fa;
   fa.n = n;
   fa.m = m;
