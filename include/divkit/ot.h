@@ -97,10 +97,24 @@ struct SinkhornOptions {
   // points. The outputs are those of the general solver (g = f, grad_y = grad_x, ...).
   bool symmetric = false;
   // CUDA inputs (every view on one CUDA device): the cudaStream_t the kernels run on, as an
-  // integer (0: the default stream). The call synchronizes with the stream to read the input
-  // checks once and the convergence flags every 16 iterations, and returns when the results
-  // are written. Ignored for CPU inputs.
+  // integer (0: the default stream). With sync = true the call synchronizes with the stream to
+  // read the input checks once and the convergence flags every 16 iterations, and returns when
+  // the results are written. Ignored for CPU inputs.
   std::uintptr_t stream = 0;
+  // CUDA inputs. false: no host read, no synchronization and no host-to-device copy (the call
+  // can be captured in a CUDA graph): a fixed schedule of max_iter iterations (up to 2 max_iter
+  // log-sum-exp launches, whatever the convergence; a problem that has converged is frozen by
+  // its device flag, its blocks return at once, so every output equals the sync = true one),
+  // the eps-scaling schedule computed on the device, and the per-problem results written to
+  // SinkhornOutputs::stats (required) instead of the returned vector, which is then empty.
+  // Bad input cannot throw there: the input checks run on the device, and a call whose inputs
+  // would have thrown gets NaN in transport_cost, reg_cost, mass and marginal_error and
+  // converged = 0 (every problem for bad values, the problem alone for a zero total weight or
+  // unequal masses); f, g, the plan and the gradients then mean nothing. The kernels' scratch
+  // memory is one cudaMallocAsync / cudaFreeAsync pair on the stream (memory nodes of the graph
+  // under capture). CPU inputs: the solver has nothing to read back, the results are the same
+  // as with true (stats is required there too, and filled).
+  bool sync = true;
 };
 
 // Inputs of a batch of B independent problems. Either points (x [B, n, d], y [B, m, d]) or a
@@ -118,6 +132,10 @@ struct SinkhornOutputs {
   TensorView f, g;
   TensorView plan;
   TensorView grad_x, grad_y, grad_a, grad_b;
+  // Optional float64 [B, 6] (required when SinkhornOptions::sync is false): per problem the
+  // SinkhornStats fields transport_cost, reg_cost, mass, n_iter, marginal_error, converged (1 or
+  // 0), in that column order, written on the views' device.
+  TensorView stats;
 };
 
 struct SinkhornStats {

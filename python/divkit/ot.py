@@ -85,6 +85,7 @@ class _Cfg(NamedTuple):
     return_plan: bool
     warn: bool
     fn: str
+    sync: bool = True
 
 
 def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool]):
@@ -118,10 +119,24 @@ def _solve(x, y, cost, a, b, cfg: _Cfg, need: Tuple[bool, bool, bool, bool, bool
         rho_b=cfg.rho_b,
         cost_cache_bytes=cfg.cost_cache_bytes,
         symmetric=cfg.symmetric,
+        sync=cfg.sync,
     )
     if dev.type == "cuda":
         options.stream = torch.cuda.current_stream(dev).cuda_stream
-    stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, options)
+    if cfg.sync:
+        stats = _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, options)
+        return stats, f, g, plan, gx, gy, ga, gb
+    # No host read: the per-problem results stay on the device, columns (transport_cost,
+    # reg_cost, mass, n_iter, marginal_error, converged).
+    st = torch.empty(B, 6, **f64)
+    _C.sinkhorn(x, y, cost, a, b, f, g, plan, gx, gy, ga, gb, options, st)
+    stats = dict(
+        transport_cost=st[:, 0],
+        reg_cost=st[:, 1],
+        n_iter=st[:, 3].to(torch.int64),
+        marginal_error=st[:, 4],
+        converged=st[:, 5] != 0,
+    )
     return stats, f, g, plan, gx, gy, ga, gb
 
 
@@ -149,7 +164,8 @@ def _sinkhorn_run(x, y, cost, a, b, cfg: _Cfg, need, core: bool):
         xd, yd, cd, ad, bd, cfg, (need_x, need_y, need_a, need_b, need_c)
     )
     ref = cost if cost is not None else x
-    stats = _stats_tensors(stats, ref.device) if core else stats
+    if not isinstance(stats, dict):
+        stats = _stats_tensors(stats, ref.device)
     dt = ref.dtype
     return stats["reg_cost"].to(dt), stats, f, g, plan, (gx, gy, ga, gb)
 
@@ -183,6 +199,18 @@ def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict, core: bool = True) -
     return grads_in_forward(run, (x, y, cost, a, b), Scaling(fp64=True, fn=cfg.fn))
 
 
+def _capturing(*ts) -> bool:
+    """Whether the current stream of the first CUDA tensor's device is being captured into a
+    CUDA graph."""
+    if not torch.cuda.is_available():  # also fake CUDA tensors traced on a CPU-only torch
+        return False
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            with torch.cuda.device(t.device):
+                return torch.cuda.is_current_stream_capturing()
+    return False
+
+
 def _weights(fn, name, w, lead, batched):
     w = _tensor(fn, name, w, (2,) if batched else (1,), optional=True, cpu=False)
     if w is None:
@@ -212,6 +240,7 @@ def sinkhorn(
     cost_cache_mib: float = 64.0,
     symmetric: bool = False,
     backend: str = "auto",
+    sync: Optional[bool] = None,
 ) -> SinkhornResult:
     r"""Entropic OT between weighted point clouds (or histograms with a cost matrix).
 
@@ -255,12 +284,39 @@ def sinkhorn(
             iterations agree with them to rounding); it reads the convergence flags back to
             the host every 16 iterations, so it may run up to 15 iterations past convergence
             (their results discarded).
+        sync: whether the host may read the convergence flags (and the input checks) back
+            during the call. ``None`` (default): True, except on CUDA tensors while the current
+            stream is being captured (``torch.cuda.is_current_stream_capturing()``), where it
+            is False. ``False``: a fixed schedule with no host read, no synchronization and no
+            host-to-device copy, so that the call can be captured in a ``torch.cuda.CUDAGraph``
+            (divkit's CUDA kernels): ``max_iter`` iterations always run (up to ``2 max_iter``
+            log-sum-exp launches, whatever the convergence; each problem is frozen by a device
+            flag once it has converged, so f, g, n_iter, converged and every other result equal
+            the ``sync=True`` ones), and n_iter, converged and the costs are device tensors
+            written by the kernels. Bad inputs cannot raise there: a problem whose inputs would
+            have raised gets NaN costs and marginal_error and ``converged`` False (check them on
+            the device); ``warn`` is ignored (it would read ``converged``). On CPU tensors the
+            solver has nothing to read back: the same results. With ``backend="torch"`` the
+            fallback drops its early stop (``max_iter`` iterations, same results) but still
+            reads its input checks back once: it is not capturable. ``True`` while capturing
+            raises. Not available through the custom op (``torch.compile``, ``torch.vmap``).
     Returns:
         :class:`SinkhornResult`; only ``reg_cost`` carries gradients (envelope theorem: grad x
         ``sum_j P_ij dC_ij/dx_i``, grad a ``f`` up to a constant, grad cost ``P``).
     """
     fn = "sinkhorn"
     route = _device.route(fn, fn, backend, (("x", x), ("y", y), ("a", a), ("b", b), ("cost", cost)))
+    capturing = _capturing(x, y, a, b, cost)
+    if sync is None:
+        sync = not capturing
+    else:
+        sync = check.boolean(fn, "sync", sync)
+        if sync and capturing:
+            check.fail(
+                fn,
+                "sync=True reads the convergence flags back to the host, which a CUDA graph "
+                "capture does not allow; pass sync=False (or leave it None)",
+            )
     eps = check.positive(fn, "eps", eps)
     p = check.integer(fn, "p", p)
     tol = check.real(fn, "tol", tol)
@@ -292,6 +348,7 @@ def sinkhorn(
         bool(return_plan),
         check.boolean(fn, "warn", warn),
         fn,
+        sync,
     )
 
     if cost is not None:
@@ -319,7 +376,14 @@ def sinkhorn(
     a3 = _weights(fn, "a", a, lead_a, batched)
     b3 = _weights(fn, "b", b, lead_b, batched)
 
-    if _ops.use_ops(x3, y3, c3, a3, b3, fn=fn):
+    ops = _ops.use_ops(x3, y3, c3, a3, b3, fn=fn)
+    if ops and not sync:
+        if _ops.traced(x3, y3, c3, a3, b3):
+            check.fail(
+                fn, "sync=False is not available through the custom op (torch.compile, vmap)"
+            )
+        ops = False  # DIVKIT_CUSTOM_OPS=always on plain tensors: the eager path
+    if ops:
         # Through the op (traced, vmap): it warns itself when it runs.
         reg, f, g, tc, n_iter, err, conv, plan = _ops.sinkhorn(x3, y3, c3, a3, b3, cfg, route.core)
     else:
@@ -332,7 +396,7 @@ def sinkhorn(
         err = stats["marginal_error"]
         conv = stats["converged"]
         f, g, plan = box["f"].to(dt), box["g"].to(dt), box["plan"] if return_plan else None
-        if cfg.warn:
+        if cfg.warn and sync:
             _warn_sinkhorn(cfg, stats)
     if not batched:
         return SinkhornResult(

@@ -76,6 +76,8 @@ void check_view(const char* name, const TensorView& t, int ndim, const int64_t* 
   if (t.numel() > 0 && t.data == nullptr) fail(kFn, arg + " has a null data pointer");
 }
 
+constexpr int64_t kStatsCols = 6;  // SinkhornOutputs::stats
+
 void check_options(const SinkhornOptions& o) {
   if (!(std::isfinite(o.eps) && o.eps > 0))
     fail(kFn, "eps must be finite and > 0, got " + std::to_string(o.eps));
@@ -689,7 +691,8 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
                      {"grad_x", out.grad_x},
                      {"grad_y", out.grad_y},
                      {"grad_a", out.grad_a},
-                     {"grad_b", out.grad_b}});
+                     {"grad_b", out.grad_b},
+                     {"stats", out.stats}});
   const cuda::Placement where = cuda::placement(kFn, {{"x", &in.x},
                                                       {"y", &in.y},
                                                       {"cost", &in.cost},
@@ -701,7 +704,8 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
                                                       {"grad_x", &out.grad_x},
                                                       {"grad_y", &out.grad_y},
                                                       {"grad_a", &out.grad_a},
-                                                      {"grad_b", &out.grad_b}});
+                                                      {"grad_b", &out.grad_b},
+                                                      {"stats", &out.stats}});
 #if !DIVKIT_HAS_CUDA
   if (where.device == Device::cuda) cuda::not_built(kFn);
 #endif
@@ -762,6 +766,12 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
     if (m > 1 && out.plan.strides[2] != 1)
       fail(kFn, "plan must have unit stride along its last dimension");
   }
+  if (out.stats.defined()) {
+    const int64_t s2[2] = {B, kStatsCols};
+    check_view("stats", out.stats, 2, s2, true);
+  } else if (!opt.sync) {
+    fail(kFn, "stats must be given when sync is false (the results stay on the device)");
+  }
 #if DIVKIT_HAS_CUDA
   if (where.device == Device::cuda)
     return detail::sinkhorn_cuda(in, opt, out, B, n, m, points ? d : 0, where.index);
@@ -771,6 +781,16 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
   for (int64_t b = 0; b < B; ++b)
     stats.push_back(wdt == DType::f64 ? solve_one<double>(in, opt, out, b)
                                       : solve_one<float>(in, opt, out, b));
+  if (out.stats.defined()) {
+    auto* o = static_cast<double*>(out.stats.data);
+    const int64_t s0 = out.stats.strides[0], s1 = out.stats.strides[1];
+    for (int64_t b = 0; b < B; ++b) {
+      const SinkhornStats& r = stats[static_cast<size_t>(b)];
+      const double row[kStatsCols] = {r.transport_cost, r.reg_cost,       r.mass,
+                                      double(r.n_iter), r.marginal_error, r.converged ? 1.0 : 0.0};
+      for (int64_t k = 0; k < kStatsCols; ++k) o[b * s0 + k * s1] = row[k];
+    }
+  }
   return stats;
 }
 

@@ -25,6 +25,10 @@
 // Every sum has one order (no float atomics; integer atomics only for min / max and the first
 // bad index), so two runs give the same bits. Input checks run on the device and are read back
 // once (one synchronization) before the iterations, so the errors are the CPU's.
+// options.sync = false (CUDA graph capture): nothing is read back and nothing is copied from the
+// host: the eps schedule comes from sched_kernel, all max_iter iterations are launched (the
+// frozen problems' blocks return at once: the same results), and results_kernel writes the
+// per-problem results (NaN where the device checks flagged the inputs) to out.stats.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -48,8 +52,9 @@ using namespace cuda_common;  // NOLINT(build/namespaces): the shared device hel
 namespace os = ot_scalar;
 
 constexpr const char* kFn = "sinkhorn";
-constexpr int kRows = 8;            // rows per block in the row kernels
-constexpr int64_t kSyncEvery = 16;  // iterations between two reads of the active flags
+constexpr int kRows = 8;             // rows per block in the row kernels
+constexpr int64_t kSyncEvery = 16;   // iterations between two reads of the active flags
+constexpr int64_t kMaxStages = 200;  // eps-scaling stages at most (the CPU's bound)
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxBlocks1d = int64_t{1} << 16;  // grid-stride kernels
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -560,6 +565,58 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const double* G, const d
   }
 }
 
+// sync = false: the eps schedule of each problem from its scale (the host loop of the sync path,
+// the same multiplications in the same order), padded with eps to scols columns.
+__global__ void sched_kernel(const double* scale, int64_t B, double eps, double s, int64_t scols,
+                             double* sched, int64_t* n_stage) {
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < B;
+       b += int64_t(gridDim.x) * blockDim.x) {
+    int64_t cnt = 0;
+    if (s > 0)
+      for (double e = scale[b]; e > eps && cnt < kMaxStages; e *= s) sched[b * scols + cnt++] = e;
+    n_stage[b] = cnt;
+    for (int64_t k = cnt; k < scols; ++k) sched[b * scols + k] = eps;
+  }
+}
+
+struct ResultArgs {
+  int64_t B = 0;
+  const double* stats = nullptr;  // [B][kStats] from finish_kernel
+  const unsigned long long* bad = nullptr;
+  const double *ma = nullptr, *mb = nullptr;
+  double eps = 0.0, tol = 0.0;
+  bool bal = true;  // balanced on both sides
+  Out2 out;         // [B][6]: transport_cost, reg_cost, mass, n_iter, marginal_error, converged
+};
+
+// SinkhornOutputs::stats on the device: the host's finishing step of the sync path (the same
+// operations, rounded one by one: no contraction into fused multiply-adds, as on the host), and
+// NaN results where the inputs would have thrown (sync = false reads no flags).
+__global__ void results_kernel(ResultArgs p) {
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < p.B;
+       b += int64_t(gridDim.x) * blockDim.x) {
+    const double* o = p.stats + b * kStats;
+    bool conv = o[7] != 0.0;
+    double err = o[6];
+    if (!isfinite(err) && !conv) err = kInf;
+    const double rerr = o[2];
+    double merr = p.bal ? rerr : err;
+    if (p.bal && !conv && p.tol > 0 && rerr <= p.tol) conv = true;
+    const double sa = p.ma[b], sb = p.mb[b];
+    double tc = o[0], mass = o[1];
+    double reg =
+        __dsub_rn(__dadd_rn(o[3], o[4]), __dmul_rn(p.eps, __dsub_rn(mass, __dmul_rn(sa, sb))));
+    bool bad = !(sa > 0) || !(sb > 0) || (p.bal && fabs(sa - sb) > 1e-6 * fmax(sa, sb));
+    for (int k = 0; k < kBadSlots; ++k) bad = bad || p.bad[k] != kNone;
+    if (bad) {
+      tc = reg = mass = merr = nan("");
+      conv = false;
+    }
+    const double row[6] = {tc, reg, mass, o[5], merr, conv ? 1.0 : 0.0};
+    for (int k = 0; k < 6; ++k) p.out.p[b * p.out.s0 + k * p.out.s1] = row[k];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -779,105 +836,124 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     equal_kernel<<<blocks_for(B * n), kThreads, 0, stream>>>(A, Bw, B * n, bad, kSymWeights);
     launched("the symmetry check launch");
   }
-  std::vector<unsigned long long> head(static_cast<size_t>(kBadSlots + 3 * B));
-  check_cuda(kFn,
-             cudaMemcpyAsync(head.data(), bad, head.size() * sizeof(unsigned long long),
-                             cudaMemcpyDeviceToHost, stream),
-             "cudaMemcpyAsync");
-  check_cuda(kFn, cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-  std::vector<double> h_ma(static_cast<size_t>(B)), h_mb(h_ma.size()), h_scale(h_ma.size());
-  const size_t bytes_b = h_ma.size() * sizeof(double);
-  std::memcpy(h_ma.data(), head.data() + kBadSlots, bytes_b);
-  std::memcpy(h_mb.data(), head.data() + kBadSlots + B, bytes_b);
-  std::memcpy(h_scale.data(), head.data() + kBadSlots + 2 * B, bytes_b);
-
-  // 2. The errors, in the CPU's words.
-  auto first = [&](int slot) { return static_cast<int64_t>(head[static_cast<size_t>(slot)]); };
-  auto is_bad = [&](int slot) { return head[static_cast<size_t>(slot)] != kNone; };
-  auto read_one = [&](const double* dev, int64_t at) {
-    double v = 0.0;
-    check_cuda(kFn, cudaMemcpy(&v, dev + at, sizeof(double), cudaMemcpyDeviceToHost), "cudaMemcpy");
-    return v;
-  };
-  for (auto [slot, name, cnt] : {std::tuple{kXNonFinite, "x", n}, std::tuple{kYNonFinite, "y", m}})
-    if (is_bad(slot)) {
-      const int64_t e = first(slot);
-      fail(kFn, std::string(name) + " has a non-finite value (NaN or inf) at " +
-                    idx3(e / (cnt * d), (e / d) % cnt, e % d));
-    }
-  if (is_bad(kCostNonFinite)) {
-    const int64_t e = first(kCostNonFinite);
-    fail(kFn, "cost has a non-finite value at " + idx3(e / (n * m), (e / m) % n, e % m));
-  }
-  for (auto [nf, neg, name, cnt, W] : {std::tuple{kANonFinite, kANegative, "a", n, A},
-                                       std::tuple{kBNonFinite, kBNegative, "b", m, Bw}}) {
-    if (is_bad(nf))
-      fail(kFn, std::string(name) + " has a non-finite value at " +
-                    idx2(first(nf) / cnt, first(nf) % cnt));
-    if (is_bad(neg))
-      fail(kFn, std::string(name) + " has a negative weight " +
-                    std::to_string(read_one(W, first(neg))) + " at " +
-                    idx2(first(neg) / cnt, first(neg) % cnt));
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    if (!(h_ma[static_cast<size_t>(b)] > 0))
-      fail(kFn, "a sums to 0 in problem " + std::to_string(b));
-    if (!(h_mb[static_cast<size_t>(b)] > 0))
-      fail(kFn, "b sums to 0 in problem " + std::to_string(b));
-  }
-  if (bal_a && bal_b)
-    for (int64_t b = 0; b < B; ++b) {
-      const double sa = h_ma[static_cast<size_t>(b)], sb = h_mb[static_cast<size_t>(b)];
-      if (std::abs(sa - sb) > 1e-6 * std::max(sa, sb))
-        fail(kFn,
-             "a and b must have equal total mass for a balanced problem (or give rho for an "
-             "unbalanced one), got sum a = " +
-                 std::to_string(sa) + ", sum b = " + std::to_string(sb) + " in problem " +
-                 std::to_string(b));
-    }
-  if (is_bad(kSymPoints)) {
-    const int64_t e = first(kSymPoints);
-    fail(kFn,
-         "symmetric needs y equal to x, they differ at " + idx3(e / (n * d), (e / d) % n, e % d));
-  }
-  if (is_bad(kSymWeights))
-    fail(kFn,
-         "symmetric needs b equal to a (problem " + std::to_string(first(kSymWeights) / n) + ")");
-  if (sym && opt.rho_a != opt.rho_b) fail(kFn, "symmetric needs rho_a equal to rho_b");
-
-  // 3. The eps schedule of each problem (the CPU's loop), padded with eps: [B][cols].
   const double eps = opt.eps;
-  std::vector<std::vector<double>> stages(static_cast<size_t>(B));
-  int64_t n_st = 0;
-  if (opt.eps_scaling > 0)
-    for (int64_t b = 0; b < B; ++b) {
-      auto& s = stages[static_cast<size_t>(b)];
-      for (double e = h_scale[static_cast<size_t>(b)]; e > eps && s.size() < 200;
-           e *= opt.eps_scaling)
-        s.push_back(e);
-      n_st = std::max<int64_t>(n_st, static_cast<int64_t>(s.size()));
-    }
-  const int64_t scols = n_st + 1;
-  std::vector<double> sched(static_cast<size_t>(B * scols), eps);
-  std::vector<int64_t> n_stage(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    const auto& s = stages[static_cast<size_t>(b)];
-    std::copy(s.begin(), s.end(), sched.begin() + b * scols);
-    n_stage[static_cast<size_t>(b)] = static_cast<int64_t>(s.size());
-  }
-  // A second allocation: its size is known only now. Freed on every way out (the guard).
+  std::vector<double> h_ma(static_cast<size_t>(B)), h_mb(h_ma.size());  // the masses (sync)
+  // The eps schedule [B][scols]: a second allocation, its size known only after the read back
+  // (sync). Freed on every way out (the guard).
   Workspace ws2(stream);
-  const int64_t o_sched = ws2.reserve<double>(B * scols);
-  ws2.allocate();
-  double* d_sched = ws2.at<double>(o_sched);
-  check_cuda(kFn,
-             cudaMemcpyAsync(d_sched, sched.data(), sched.size() * sizeof(double),
-                             cudaMemcpyHostToDevice, stream),
-             "cudaMemcpyAsync");
-  check_cuda(kFn,
-             cudaMemcpyAsync(st.n_stage, n_stage.data(), n_stage.size() * sizeof(int64_t),
-                             cudaMemcpyHostToDevice, stream),
-             "cudaMemcpyAsync");
+  double* d_sched = nullptr;
+  int64_t scols = 1;
+  if (opt.sync) {
+    std::vector<unsigned long long> head(static_cast<size_t>(kBadSlots + 3 * B));
+    check_cuda(kFn,
+               cudaMemcpyAsync(head.data(), bad, head.size() * sizeof(unsigned long long),
+                               cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync");
+    check_cuda(kFn, cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    std::vector<double> h_scale(h_ma.size());
+    const size_t bytes_b = h_ma.size() * sizeof(double);
+    std::memcpy(h_ma.data(), head.data() + kBadSlots, bytes_b);
+    std::memcpy(h_mb.data(), head.data() + kBadSlots + B, bytes_b);
+    std::memcpy(h_scale.data(), head.data() + kBadSlots + 2 * B, bytes_b);
+
+    // 2. The errors, in the CPU's words.
+    auto first = [&](int slot) { return static_cast<int64_t>(head[static_cast<size_t>(slot)]); };
+    auto is_bad = [&](int slot) { return head[static_cast<size_t>(slot)] != kNone; };
+    auto read_one = [&](const double* dev, int64_t at) {
+      double v = 0.0;
+      check_cuda(kFn, cudaMemcpy(&v, dev + at, sizeof(double), cudaMemcpyDeviceToHost),
+                 "cudaMemcpy");
+      return v;
+    };
+    for (auto [slot, name, cnt] :
+         {std::tuple{kXNonFinite, "x", n}, std::tuple{kYNonFinite, "y", m}})
+      if (is_bad(slot)) {
+        const int64_t e = first(slot);
+        fail(kFn, std::string(name) + " has a non-finite value (NaN or inf) at " +
+                      idx3(e / (cnt * d), (e / d) % cnt, e % d));
+      }
+    if (is_bad(kCostNonFinite)) {
+      const int64_t e = first(kCostNonFinite);
+      fail(kFn, "cost has a non-finite value at " + idx3(e / (n * m), (e / m) % n, e % m));
+    }
+    for (auto [nf, neg, name, cnt, W] : {std::tuple{kANonFinite, kANegative, "a", n, A},
+                                         std::tuple{kBNonFinite, kBNegative, "b", m, Bw}}) {
+      if (is_bad(nf))
+        fail(kFn, std::string(name) + " has a non-finite value at " +
+                      idx2(first(nf) / cnt, first(nf) % cnt));
+      if (is_bad(neg))
+        fail(kFn, std::string(name) + " has a negative weight " +
+                      std::to_string(read_one(W, first(neg))) + " at " +
+                      idx2(first(neg) / cnt, first(neg) % cnt));
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      if (!(h_ma[static_cast<size_t>(b)] > 0))
+        fail(kFn, "a sums to 0 in problem " + std::to_string(b));
+      if (!(h_mb[static_cast<size_t>(b)] > 0))
+        fail(kFn, "b sums to 0 in problem " + std::to_string(b));
+    }
+    if (bal_a && bal_b)
+      for (int64_t b = 0; b < B; ++b) {
+        const double sa = h_ma[static_cast<size_t>(b)], sb = h_mb[static_cast<size_t>(b)];
+        if (std::abs(sa - sb) > 1e-6 * std::max(sa, sb))
+          fail(kFn,
+               "a and b must have equal total mass for a balanced problem (or give rho for an "
+               "unbalanced one), got sum a = " +
+                   std::to_string(sa) + ", sum b = " + std::to_string(sb) + " in problem " +
+                   std::to_string(b));
+      }
+    if (is_bad(kSymPoints)) {
+      const int64_t e = first(kSymPoints);
+      fail(kFn,
+           "symmetric needs y equal to x, they differ at " + idx3(e / (n * d), (e / d) % n, e % d));
+    }
+    if (is_bad(kSymWeights))
+      fail(kFn,
+           "symmetric needs b equal to a (problem " + std::to_string(first(kSymWeights) / n) + ")");
+    if (sym && opt.rho_a != opt.rho_b) fail(kFn, "symmetric needs rho_a equal to rho_b");
+
+    // 3. The eps schedule of each problem (the CPU's loop), padded with eps: [B][cols].
+    std::vector<std::vector<double>> stages(static_cast<size_t>(B));
+    int64_t n_st = 0;
+    if (opt.eps_scaling > 0)
+      for (int64_t b = 0; b < B; ++b) {
+        auto& s = stages[static_cast<size_t>(b)];
+        for (double e = h_scale[static_cast<size_t>(b)];
+             e > eps && static_cast<int64_t>(s.size()) < kMaxStages; e *= opt.eps_scaling)
+          s.push_back(e);
+        n_st = std::max<int64_t>(n_st, static_cast<int64_t>(s.size()));
+      }
+    scols = n_st + 1;
+    std::vector<double> sched(static_cast<size_t>(B * scols), eps);
+    std::vector<int64_t> n_stage(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& s = stages[static_cast<size_t>(b)];
+      std::copy(s.begin(), s.end(), sched.begin() + b * scols);
+      n_stage[static_cast<size_t>(b)] = static_cast<int64_t>(s.size());
+    }
+    const int64_t o_sched = ws2.reserve<double>(B * scols);
+    ws2.allocate();
+    d_sched = ws2.at<double>(o_sched);
+    check_cuda(kFn,
+               cudaMemcpyAsync(d_sched, sched.data(), sched.size() * sizeof(double),
+                               cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync");
+    check_cuda(kFn,
+               cudaMemcpyAsync(st.n_stage, n_stage.data(), n_stage.size() * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync");
+  } else {
+    if (sym && opt.rho_a != opt.rho_b) fail(kFn, "symmetric needs rho_a equal to rho_b");
+    // No host read: every problem's schedule from its scale, on the device, padded to the
+    // longest possible one. The input checks stay on the device (results_kernel reads them).
+    scols = opt.eps_scaling > 0 ? kMaxStages + 1 : 1;
+    const int64_t o_sched = ws2.reserve<double>(B * scols);
+    ws2.allocate();
+    d_sched = ws2.at<double>(o_sched);
+    sched_kernel<<<blocks_for(B), kThreads, 0, stream>>>(scale, B, eps, opt.eps_scaling, scols,
+                                                         d_sched, st.n_stage);
+    launched("the schedule kernel launch");
+  }
   init_kernel<<<blocks_for(B), kThreads, 0, stream>>>(st, B);
   launched("the init kernel launch");
   check_cuda(kFn, cudaMemsetAsync(f, 0, B * n * sizeof(double), stream), "cudaMemsetAsync");
@@ -951,7 +1027,7 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     step_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(sp);
     launched("the step kernel launch");
     if (!sym) lse_update(Half::cols, f, it, st.run_g, g);
-    if ((it + 1) % kSyncEvery == 0 && it + 1 < opt.max_iter) {
+    if (opt.sync && (it + 1) % kSyncEvery == 0 && it + 1 < opt.max_iter) {
       check_cuda(kFn,
                  cudaMemcpyAsync(active.data(), st.active, active.size() * sizeof(int),
                                  cudaMemcpyDeviceToHost, stream),
@@ -1033,6 +1109,21 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
                                                                 out3(out.grad_y));
     launched("the gradient kernel launch");
   }
+  if (out.stats.defined()) {
+    ResultArgs ra;
+    ra.B = B;
+    ra.stats = fa.stats;
+    ra.bad = bad;
+    ra.ma = ma;
+    ra.mb = mb;
+    ra.eps = eps;
+    ra.tol = opt.tol;
+    ra.bal = bal_a && bal_b;
+    ra.out = out2(out.stats);
+    results_kernel<<<blocks_for(B), kThreads, 0, stream>>>(ra);
+    launched("the results kernel launch");
+  }
+  if (!opt.sync) return {};
   std::vector<double> stats(static_cast<size_t>(B * kStats));
   check_cuda(kFn,
              cudaMemcpyAsync(stats.data(), fa.stats, stats.size() * sizeof(double),

@@ -25,7 +25,8 @@ std::vector<Stats> sinkhorn(
     const std::optional<AnyInArray>& b, const AnyOutArray& f, const AnyOutArray& g,
     const std::optional<AnyOutArray>& plan, const std::optional<AnyOutArray>& grad_x,
     const std::optional<AnyOutArray>& grad_y, const std::optional<AnyOutArray>& grad_a,
-    const std::optional<AnyOutArray>& grad_b, const divkit::SinkhornOptions& opt) {
+    const std::optional<AnyOutArray>& grad_b, const divkit::SinkhornOptions& opt,
+    const std::optional<AnyOutArray>& stats) {
   constexpr const char* fn = "sinkhorn";
   divkit::SinkhornInputs in;
   in.x = optional_view(fn, "x", x);
@@ -41,6 +42,7 @@ std::vector<Stats> sinkhorn(
   out.grad_y = optional_view(fn, "grad_y", grad_y);
   out.grad_a = optional_view(fn, "grad_a", grad_a);
   out.grad_b = optional_view(fn, "grad_b", grad_b);
+  out.stats = optional_view(fn, "stats", stats);
   std::vector<divkit::SinkhornStats> st;
   {
     nb::gil_scoped_release release;
@@ -112,7 +114,7 @@ void register_ot(nb::module_& m) {
           "__init__",
           [](divkit::SinkhornOptions* self, double eps, int p, double tol, int64_t max_iter,
              int64_t check_every, double eps_scaling, double rho_a, double rho_b,
-             int64_t cost_cache_bytes, bool symmetric) {
+             int64_t cost_cache_bytes, bool symmetric, bool sync) {
             new (self) divkit::SinkhornOptions();
             self->eps = eps;
             self->p = p;
@@ -124,10 +126,11 @@ void register_ot(nb::module_& m) {
             self->rho_b = rho_b;
             self->cost_cache_bytes = cost_cache_bytes;
             self->symmetric = symmetric;
+            self->sync = sync;
           },
           nb::kw_only(), nb::arg("eps"), nb::arg("p"), nb::arg("tol"), nb::arg("max_iter"),
           nb::arg("check_every"), nb::arg("eps_scaling"), nb::arg("rho_a"), nb::arg("rho_b"),
-          nb::arg("cost_cache_bytes"), nb::arg("symmetric"))
+          nb::arg("cost_cache_bytes"), nb::arg("symmetric"), nb::arg("sync") = true)
       .def_rw("eps", &divkit::SinkhornOptions::eps)
       .def_rw("p", &divkit::SinkhornOptions::p)
       .def_rw("tol", &divkit::SinkhornOptions::tol)
@@ -138,16 +141,21 @@ void register_ot(nb::module_& m) {
       .def_rw("rho_b", &divkit::SinkhornOptions::rho_b)
       .def_rw("cost_cache_bytes", &divkit::SinkhornOptions::cost_cache_bytes)
       .def_rw("symmetric", &divkit::SinkhornOptions::symmetric)
+      .def_rw("sync", &divkit::SinkhornOptions::sync,
+              "CUDA tensors: false runs max_iter iterations with no host read (CUDA graph "
+              "capture); the results go to the stats output.")
       .def_rw("stream", &divkit::SinkhornOptions::stream,
               "CUDA tensors: the cudaStream_t to run on, as an integer (0: the default stream).");
   m.def("sinkhorn", &sinkhorn, nb::arg("x").none(), nb::arg("y").none(), nb::arg("cost").none(),
         nb::arg("a").none(), nb::arg("b").none(), nb::arg("f"), nb::arg("g"),
         nb::arg("plan").none(), nb::arg("grad_x").none(), nb::arg("grad_y").none(),
         nb::arg("grad_a").none(), nb::arg("grad_b").none(), nb::arg("options"),
+        nb::arg("stats").none() = nb::none(),
         "Batched log-domain Sinkhorn (include/divkit/ot.h) on CPU tensors, or CUDA tensors "
-        "(one device, options.stream) in a CUDA build. Writes f, g and the optional outputs; "
-        "returns per problem (transport_cost, reg_cost, mass, n_iter, marginal_error, "
-        "converged).");
+        "(one device, options.stream) in a CUDA build. Writes f, g and the optional outputs "
+        "(stats: float64 [B, 6], the per-problem results on the device; required when "
+        "options.sync is false); returns per problem (transport_cost, reg_cost, mass, n_iter, "
+        "marginal_error, converged), an empty list for CUDA tensors with options.sync false.");
   m.def("sparse_ot", &sparse_ot, nb::arg("a"), nb::arg("b"), nb::arg("cost"), nb::arg("alpha"),
         nb::arg("grad_b").none(), nb::arg("gamma"), nb::arg("k"), nb::arg("tol"),
         nb::arg("max_iter"),

@@ -261,3 +261,65 @@ def test_on_the_fly_memory_stays_small():
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(r.reg_cost).all()
     assert extra < 64 << 20, f"extra peak {extra / 2**20:.0f} MiB"
+
+
+def _result_tensors(r):
+    return {k: getattr(r, k) for k in ("f", "g", "transport_cost", "reg_cost", "n_iter",
+                                       "marginal_error", "converged")}  # fmt: skip
+
+
+@pytest.mark.parametrize("eps_scaling", [None, 0.5])
+def test_sync_false_equals_sync_true_and_captures_in_a_cuda_graph(eps_scaling):
+    # A batch whose problems converge at different iterations (not multiples of 16), and one
+    # that stops unconverged at max_iter: sync=False runs max_iter iterations with every problem
+    # frozen at its own stopping point, so every result equals the synchronizing call's.
+    x, y, a, b = _clouds(3, 40, 33, 3, seed=17)
+    x[2] *= 4.0  # slower to converge at this eps
+    x, y, a, b = (t.cuda() for t in (x, y, a, b))
+    kw = dict(eps=0.05, tol=1e-9, max_iter=150, eps_scaling=eps_scaling, warn=False)
+    ref = sinkhorn(x, y, a, b, **kw)
+    with _NoFallback():
+        eager = sinkhorn(x, y, a, b, sync=False, **kw)
+    for k, v in _result_tensors(ref).items():
+        assert torch.equal(getattr(eager, k), v), k
+    assert eager.n_iter.device.type == "cuda" and eager.converged.dtype == torch.bool
+    # Captured: sync=None becomes False inside the capture (no host read, no synchronization).
+    xs, ys, as_, bs = (t.clone() for t in (x, y, a, b))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, as CUDA graphs ask
+        sinkhorn(xs, ys, as_, bs, sync=False, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with _NoFallback(), torch.cuda.graph(graph):
+        cap = sinkhorn(xs, ys, as_, bs, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    for k, v in _result_tensors(ref).items():
+        assert torch.equal(getattr(cap, k), v), k
+    # New inputs copied into the captured ones: the replay solves the new problems.
+    x2, y2, a2, b2 = (t.cuda() for t in _clouds(3, 40, 33, 3, seed=18))
+    for dst, src in zip((xs, ys, as_, bs), (x2, y2, a2, b2)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref2 = sinkhorn(x2, y2, a2, b2, **kw)
+    for k, v in _result_tensors(ref2).items():
+        assert torch.equal(getattr(cap, k), v), k
+    with pytest.raises(divkit.Error, match="sync=True"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            sinkhorn(xs, ys, as_, bs, sync=True, **kw)
+
+
+def test_sync_false_bad_input_gives_nan_not_an_error():
+    x, y, a, b = _clouds(2, 10, 8, 2, seed=19)
+    x[1, 3, 1] = float("nan")
+    r = sinkhorn(x.cuda(), y.cuda(), a.cuda(), b.cuda(), eps=0.1, sync=False)
+    torch.cuda.synchronize()
+    assert torch.isnan(r.reg_cost).all() and not r.converged.any()
+    x, y, a, b = _clouds(2, 10, 8, 2, seed=19)
+    b[1] *= 2.0  # unequal masses in problem 1 only
+    r = sinkhorn(x.cuda(), y.cuda(), a.cuda(), b.cuda(), eps=0.1, sync=False)
+    ok = sinkhorn(x[:1].cuda(), y[:1].cuda(), a[:1].cuda(), b[:1].cuda(), eps=0.1)
+    assert torch.isnan(r.reg_cost[1]) and not bool(r.converged[1])
+    assert torch.equal(r.reg_cost[:1], ok.reg_cost)

@@ -268,7 +268,8 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
             n_iter += active
         conv |= done
         active &= ~done
-        if (it + 1) % SYNC_EVERY == 0 and not bool(active.any()):
+        # sync=False (divkit.ot.sinkhorn's option): no early stop, max_iter iterations.
+        if getattr(cfg, "sync", True) and (it + 1) % SYNC_EVERY == 0 and not bool(active.any()):
             break
 
     # Final pass, block by block of rows: e_ij = P_ij / a_i = exp(f_i / eps + log b_j +
