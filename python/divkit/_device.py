@@ -43,6 +43,7 @@ TORCH_OPS = frozenset(
         "fused_linear_cross_entropy",
         "fused_linear_logprobs",
         "fused_linear_sparse_divergence",
+        "fused_linear_label_terms",  # TDPO / SparsePO's one pass (preference/_token_head.py)
         "vocab_parallel_divergence",
         "sinkhorn",  # divkit.backends.torch_ot, like the three below
         "sparse_ot",
@@ -58,6 +59,8 @@ CORE_ROWS = {
     # The label heads' rows: _C.label_rows (statistics and gradient of each chunk's logits).
     "fused_linear_cross_entropy": "label_rows",
     "fused_linear_logprobs": "label_rows",
+    # TDPO / SparsePO's one pass: each chunk's KL(pi_ref || pi) rows by the divergence kernel.
+    "fused_linear_label_terms": "divergence",
 }
 
 

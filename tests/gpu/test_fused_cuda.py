@@ -276,14 +276,26 @@ def test_tdpo_fused_cuda(fn_name, keep_bytes):
         calls.append(1)
         return real(*a, **k)
 
+    kl_rows = []
+    real_div = torch_ops.CoreRows.divergence
+
+    def counted_div(self, *a, **k):
+        kl_rows.append(a[0].device.type)
+        return real_div(self, *a, **k)
+
     pol, ref, cl, rl = _pair(torch.float32)
     cpu = _tdpo(fn, pol, ref, cl, rl, "cpu", keep_bytes)
     torch_ops.fused_linear_label_terms = counted
+    torch_ops.CoreRows.divergence = counted_div
     try:
         dev = _tdpo(fn, pol, ref, cl, rl, "cuda", keep_bytes)
     finally:
         torch_ops.fused_linear_label_terms = real
+        torch_ops.CoreRows.divergence = real_div
     assert calls, "the PyTorch label-terms pass did not run on CUDA"
+    # fp32 on a build with the CUDA divergence kernel: the KL rows of every chunk went to it.
+    if "divergence" in _C.cuda_ops():
+        assert kl_rows and set(kl_rows) == {"cuda"}, kl_rows
     _close(dev, cpu, 3e-5)
     pol, ref, cl, rl = _pair(torch.bfloat16)
     cpu = _tdpo(fn, pol, ref, cl, rl, "cpu", keep_bytes)

@@ -282,3 +282,94 @@ def test_token_head_engine_routing():
     assert not _token_head.usable(meta, meta, None, meta, meta, None)
     assert _token_head.usable(cpu, cpu, None, cpu, cpu, None)
     assert not _token_head.usable(cpu, cpu, None, cpu.requires_grad_(), cpu, None)
+
+
+class _Calls(list):
+    on = True  # False: the plain PyTorch rows
+
+
+@pytest.fixture
+def kernel_kl_rows(monkeypatch):
+    """backend="torch" calls of the one pass get divkit's divergence kernel as the KL row step
+    (route.rows="core", as CUDA tensors under backend "auto" on a CUDA build), here the CPU
+    kernel on CPU tensors; counts the kernel's row-step calls."""
+    from divkit import _device
+
+    real = _device.route
+    calls = []
+
+    def route(fn, op, backend_name, tensors):
+        r = real(fn, op, backend_name, tensors)
+        if backend_name == "torch" and op == "fused_linear_label_terms" and calls.on:
+            return r._replace(rows="core")
+        return r
+
+    monkeypatch.setattr(_device, "route", route)
+    calls = _Calls()
+    real_div = torch_ops.CoreRows.divergence
+
+    def div(self, *a, **k):
+        calls.append(a[0].shape[0])
+        return real_div(self, *a, **k)
+
+    monkeypatch.setattr(torch_ops.CoreRows, "divergence", div)
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_token_terms_kernel_kl_rows_match_torch_rows_and_core(case, kernel_kl_rows):
+    n, h, hr, v, chunk, keep, ii, bias = case
+    hs, w, b, rh, rw, rb, labels = _heads(n, h, hr, v, bias=bias, seed=3)
+    labels[1::4] = ii
+    assert _token_head.engine("t", [("x", hs)], "torch") == "torch_rows"
+    got = {}
+    for be in ("torch_rows", "torch", "core"):
+        kernel_kl_rows.on = be == "torch_rows"
+        xs = [x.clone().requires_grad_(True) if x is not None else None for x in (hs, w, b)]
+        outs = _token_head.token_terms(
+            "t", xs[0], xs[1], xs[2], rh, rw, rb, labels, ii, True, chunk, keep,
+            "core" if be == "core" else "torch",
+        )  # fmt: skip
+        (outs[0].sum() + 0.5 * outs[2].sum()).backward()
+        got[be] = (outs, [None if x is None else x.grad for x in xs])
+        if be == "torch_rows":
+            rows = chunk or n
+            assert len(kernel_kl_rows) == (n + rows - 1) // rows and sum(kernel_kl_rows) == n
+        kernel_kl_rows.clear()
+    (lp_k, ref_k, kl_k), grads_k = got["torch_rows"]
+    (lp_t, ref_t, kl_t), grads_t = got["torch"]
+    # Only the KL rows changed route: the log-probabilities and the backward are the same ops.
+    assert torch.equal(lp_k, lp_t) and torch.equal(ref_k, ref_t)
+    for a, c in zip(grads_k, grads_t):
+        assert (a is None and c is None) or torch.equal(a, c)
+    _close(kl_k, kl_t, 2e-5, "kernel KL vs PyTorch KL")
+    _close(kl_k, got["core"][0][2], 2e-5, "kernel KL vs core")
+    assert (kl_k[labels == ii] == 0).all()
+    r_kl = _reference(hs, w, b, rh, rw, rb, labels, ii)[2]
+    _close(kl_k, r_kl, 2e-5, "kernel KL vs fp64")
+
+
+def test_token_terms_kernel_kl_rows_only_for_fp32(kernel_kl_rows):
+    # fp64 inputs keep the PyTorch rows in fp64 (the kernel computes in fp32), as the label rows.
+    hs, w, b, rh, rw, rb, labels = _heads(9, 6, 4, 19, dtype=torch.float64)
+    _token_head.token_terms("t", hs, w, b, rh, rw, rb, labels, -100, True, 4, None, "torch")
+    assert kernel_kl_rows == []
+
+
+def test_pair_loss_kernel_kl_rows_matches_core(kernel_kl_rows):
+    policy, (rhc, rhr, rw, rb), cl, rl = _pair_inputs()
+    got = {}
+    for be in ("torch", "core"):
+        xs = [x.clone().requires_grad_(True) for x in policy]
+        out = divkit.tdpo_loss_fused(
+            xs[0], xs[1], xs[2], cl, rl, ref_chosen_hidden=rhc, ref_rejected_hidden=rhr,
+            ref_weight=rw, lm_head_bias=xs[3], ref_bias=rb, chunk_size=4, backend=be,
+        )  # fmt: skip
+        out[0].sum().backward()
+        got[be] = (out, [x.grad for x in xs])
+        assert bool(kernel_kl_rows) == (be == "torch"), be
+        kernel_kl_rows.clear()
+    for i, (a, c) in enumerate(zip(got["torch"][0], got["core"][0])):
+        _close(a, c, 2e-5, f"tdpo output {i}")
+    for name, a, c in zip(("hc", "hr", "w", "b"), got["torch"][1], got["core"][1]):
+        _close(a, c, 3e-5, f"tdpo grad {name}")

@@ -24,7 +24,7 @@ cancellation-free forms included), and the reduction is the rule of ``src/core/r
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -2080,14 +2080,31 @@ def _kept_or_computed(kept, a: int, e: int, head: "_Head", hc, fill: bool):
 
 
 def fused_linear_label_terms(
-    h, w, b, rh, rw, rb, labels, ignore_index, chunk_size, keep_rows=0, keep_ref=False, *, fn
+    h,
+    w,
+    b,
+    rh,
+    rw,
+    rb,
+    labels,
+    ignore_index,
+    chunk_size,
+    keep_rows=0,
+    keep_ref=False,
+    *,
+    fn,
+    route: Any = None,
 ):
     """(log pi(y), log pi_ref(y), KL(pi_ref || pi), kept policy logits, kept reference logits)
     per token of the policy head ``(h [N, H], w [V, H], b)`` and the reference head ``(rh, rw,
     rb)``, all at T = 1, 0 at ignored tokens (fp32 [N]); the KL is the core's forward_kl with
     the reference as the teacher. The logits of the chunks of tokens [0, keep_rows) are kept (in
     the compute dtype) for :func:`fused_linear_label_terms_backward`, the reference's only with
-    ``keep_ref``."""
+    ``keep_ref``. ``route`` (``divkit._device.Route``): where ``route.rows == "core"`` and the
+    logits are fp32, each chunk's KL rows go through divkit's divergence kernel (the CUDA kernel
+    for CUDA tensors, on ``route.stream``; the CPU kernel for CPU tensors in the tests), as the
+    fused head's row step (:class:`CoreRows`); else PyTorch ops. The log-probabilities of the
+    labels stay PyTorch ops (they need the rows' log-softmax, which checks them first)."""
     n, v, lab, act = _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index)
     dev = h.device
     dt = _compute_dtype(h, w, rh, rw)
@@ -2098,6 +2115,8 @@ def fused_linear_label_terms(
     kept_s = torch.empty((keep_rows, v), dtype=dt, device=dev) if keep_rows else None
     kept_t = torch.empty((keep_rows, v), dtype=dt, device=dev) if keep_rows and keep_ref else None
     rows = _rows_per_chunk(chunk_size, n, v, dev)
+    kernel = route is not None and getattr(route, "rows", "torch") == "core" and dt == torch.float32
+    kl_cfg = _LabelKl(ignore_index)
     for a in range(0, n, rows):
         e = min(n, a + rows)
         ca = act[a:e]
@@ -2106,15 +2125,31 @@ def fused_linear_label_terms(
         zt = _kept_or_computed(kept_t, a, e, rhd, rhd.rows(a, e), True)
         xs, lse_s, lq, _ = _softmax_rows(fn, "policy", zs, ca, a)
         xt, lse_t, lpt, _ = _softmax_rows(fn, "reference", zt, ca, a)
-        e_ = _Entries(xs, xt, (lse_s, lse_t))
         zero = torch.zeros(e - a, dtype=torch.float64, device=dev)
-        row_kl = _xt(e_.p, e_.lr).sum(-1, dtype=torch.float64)
-        # Beyond the fp32 range the core reports +inf.
-        row_kl = torch.where(row_kl.abs() <= _FLT_MAX, row_kl, torch.full_like(row_kl, _INF))
+        if kernel:
+            # divkit's forward_kl rows (reference = teacher), 0 at ignored tokens; the rows were
+            # checked by _softmax_rows above, so the kernel's own checks do not fire.
+            row_kl = CoreRows(route).divergence(zs, zt, lab[a:e], None, kl_cfg, False, False, fn)[0]
+        else:
+            e_ = _Entries(xs, xt, (lse_s, lse_t))
+            row_kl = _xt(e_.p, e_.lr).sum(-1, dtype=torch.float64)
+            # Beyond the fp32 range the core reports +inf.
+            row_kl = torch.where(row_kl.abs() <= _FLT_MAX, row_kl, torch.full_like(row_kl, _INF))
         kl[a:e] = torch.where(ca, row_kl, zero).float()
         lp[a:e] = torch.where(ca, lq.gather(-1, y).squeeze(-1).double(), zero).float()
         ref_lp[a:e] = torch.where(ca, lpt.gather(-1, y).squeeze(-1).double(), zero).float()
     return lp, ref_lp, kl, kept_s, kept_t
+
+
+class _LabelKl(NamedTuple):
+    """The label terms' KL as :class:`CoreRows` options: forward_kl at T = 1."""
+
+    ignore_index: int
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    alpha: float = 0.5
+    temperature: float = 1.0
+    scale_by_t_squared: bool = False
 
 
 def fused_linear_label_terms_backward(

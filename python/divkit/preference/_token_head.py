@@ -48,15 +48,27 @@ def backend_scope(backend: str):
 
 def engine(fn: str, tensors, backend: Optional[str] = None) -> str:
     """The engine of the one pass: "core" (the C++ engine: CPU tensors under backend "auto" or
-    "core") or "torch" (the PyTorch chunk loop: other devices, or backend "torch"); backend
-    "core" on a device without the C++ engine, and meta tensors (no values), raise."""
+    "core"), "torch" (the PyTorch chunk loop: other devices, or backend "torch") or "torch_rows"
+    (the PyTorch chunk loop with divkit's divergence kernel computing each chunk's KL rows: CUDA
+    tensors under backend "auto" in a build whose CUDA kernels include ``divergence``, the route
+    ``divkit._device.route`` gives the op "fused_linear_label_terms"); backend "core" on a device
+    without the C++ engine, and meta tensors (no values), raise."""
     backend = _device.backend(fn, _BACKEND.get() if backend is None else backend)
     dev = _device.common_device(fn, tensors) or torch.device("cpu")
     if backend == "torch" or dev.type != "cpu":
         if backend == "core" or dev.type == "meta":
             check.fail(fn, f"no kernel for device {dev}")
-        return "torch"
+        route = _device.route(fn, "fused_linear_label_terms", backend, tensors)
+        return "torch_rows" if route.rows == "core" else "torch"
     return "core"
+
+
+def _rows_route(h: torch.Tensor):
+    """The route of the "torch_rows" engine's KL rows: divkit's kernel on h's device (PyTorch's
+    current stream on CUDA, read at the call)."""
+    dev = h.device
+    stream = _device._cuda_stream(dev) if dev.type == "cuda" else None
+    return _device.Route("torch", dev, stream, rows="core")
 
 
 # Bytes of logits kept between the forward and the backward of one call (per side of a TDPO
@@ -120,7 +132,7 @@ class _TokenTerms(torch.autograd.Function):
         ctx.kept = (None, None)
         need = ctx.needs_input_grad[:3]
         n = h.shape[0]
-        if ctx.engine == "torch":
+        if ctx.engine != "core":
             soft = g_kl is not None and ctx.kl_grad
             grads = torch_ops.fused_linear_label_terms_backward(
                 h,
@@ -196,7 +208,7 @@ def token_terms(
     # The chunks of tokens [0, K) that fit the budget: the policy's logits, and the reference's
     # when the KL is differentiated (its gradient needs p_ref); fp32 (fp64 on the PyTorch loop
     # for fp64 inputs).
-    item = 8 if eng == "torch" and torch.float64 in (h.dtype, w.dtype, rh.dtype, rw.dtype) else 4
+    item = 8 if eng != "core" and torch.float64 in (h.dtype, w.dtype, rh.dtype, rw.dtype) else 4
     per_token = item * v * (2 if kl_grad else 1)
     keep_rows = (min(n, keep_bytes // per_token) // chunk) * chunk if differentiated else 0
     lp, ref_lp, kl = _TokenTerms.apply(
@@ -273,9 +285,10 @@ def _label_terms(
     the logits of the first keep_rows rows kept for the backward (the reference's only with
     kl_grad)."""
     n, v = h.shape[0], w.shape[0]
-    if eng == "torch":
+    if eng != "core":
+        route = _rows_route(h) if eng == "torch_rows" else None
         got = torch_ops.fused_linear_label_terms(
-            h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, fn=fn
+            h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, fn=fn, route=route
         )
         if outs is None:
             return got
@@ -334,7 +347,7 @@ class _PairGradsInForward(torch.autograd.Function):
         dev = hc.device
         # The weight's gradient accumulates over the groups and both sides in fp32 (the
         # PyTorch loop: its compute dtype, fp64 for fp64 inputs).
-        acc = torch_ops._compute_dtype(hc, w, rhc, rw) if eng == "torch" else torch.float32
+        acc = torch_ops._compute_dtype(hc, w, rhc, rw) if eng != "core" else torch.float32
         ghc = torch.empty((n, hdim), dtype=hc.dtype, device=dev) if need[0] else None
         ghr = torch.empty((n, hdim), dtype=hr.dtype, device=dev) if need[1] else None
         gw = torch.zeros((v, w.shape[1]), dtype=acc, device=dev) if need[2] else None
@@ -404,7 +417,7 @@ class _PairGradsInForward(torch.autograd.Function):
             upstream = {"c": (g_lrc, g_klc), "r": (g_lrr, g_klr)}
             for s, (h, rh, lab, klg, gh) in sides.items():
                 g_lp, g_kl = upstream[s]
-                if eng == "torch":
+                if eng != "core":
                     kept_s, kept_t = kept.pop(s)
                     torch_ops.fused_linear_label_terms_backward(
                         h[r0:r1],
@@ -541,7 +554,7 @@ def pair_in_forward(
     bsz, t = cl.shape
     v = w.shape[0]
     budget = DEFAULT_PAIR_KEEP_BYTES if keep_bytes is None else keep_bytes
-    item = 8 if eng == "torch" and torch.float64 in (hc.dtype, w.dtype, rhc.dtype, rw.dtype) else 4
+    item = 8 if eng != "core" and torch.float64 in (hc.dtype, w.dtype, rhc.dtype, rw.dtype) else 4
     # Kept per pair: the policy's logits of both sides, the reference's of the rejected side,
     # and the chosen reference's when the chosen KL is differentiated.
     per_pair = item * v * t * ((2 if loss.kl_grad_chosen else 1) + 2)
