@@ -464,6 +464,50 @@ TEST(OtSinkhorn, DeterministicAcrossThreadCounts) {
   }
 }
 
+// SinkhornOutputs::stats (the device results of sync = false on CUDA): on the CPU it holds the
+// returned stats, sync = false changes nothing else, and without stats sync = false throws.
+TEST(OtSinkhorn, StatsOutputHoldsTheReturnedStats) {
+  const size_t B = 3, n = 11, m = 7, d = 2;
+  const auto x = randn(B * n * d, 31), y = randn(B * m * d, 32);
+  SinkhornOptions opt;
+  opt.eps = 0.3;
+  opt.tol = 1e-9;
+  opt.max_iter = 60;  // some problems stop unconverged
+  SinkhornInputs in;
+  in.x = view3(const_cast<double*>(x.data()), DType::f64, B, n, d);
+  in.y = view3(const_cast<double*>(y.data()), DType::f64, B, m, d);
+  std::vector<double> f(B * n), g(B * m), f2(B * n), g2(B * m), stats(B * 6, -1.0);
+  SinkhornOutputs out;
+  out.f = view2(f.data(), DType::f64, B, n);
+  out.g = view2(g.data(), DType::f64, B, m);
+  const auto ref = divkit::sinkhorn(in, opt, out);
+  SinkhornOutputs out2;
+  out2.f = view2(f2.data(), DType::f64, B, n);
+  out2.g = view2(g2.data(), DType::f64, B, m);
+  SinkhornOptions nosync = opt;
+  nosync.sync = false;
+  expect_error([&] { divkit::sinkhorn(in, nosync, out2); },
+               "sinkhorn: stats must be given when sync is false");
+  out2.stats = view2(stats.data(), DType::f64, B, 6);
+  const auto st = divkit::sinkhorn(in, nosync, out2);
+  ASSERT_EQ(st.size(), B);
+  EXPECT_EQ(f2, f);
+  EXPECT_EQ(g2, g);
+  for (size_t b = 0; b < B; ++b) {
+    const double* o = stats.data() + b * 6;
+    EXPECT_EQ(o[0], ref[b].transport_cost);
+    EXPECT_EQ(o[1], ref[b].reg_cost);
+    EXPECT_EQ(o[2], ref[b].mass);
+    EXPECT_EQ(o[3], double(ref[b].n_iter));
+    EXPECT_EQ(o[4], ref[b].marginal_error);
+    EXPECT_EQ(o[5], ref[b].converged ? 1.0 : 0.0);
+    EXPECT_EQ(st[b].reg_cost, ref[b].reg_cost);
+  }
+  std::vector<double> small(B * 5);
+  out2.stats = view2(small.data(), DType::f64, B, 5);
+  expect_error([&] { divkit::sinkhorn(in, opt, out2); }, "stats must have shape [3, 6]");
+}
+
 TEST(OtSinkhorn, NonConvergenceIsReported) {
   const size_t n = 40, m = 40, d = 2;
   const auto x = randn(n * d, 17), y = randn(m * d, 18);
