@@ -323,3 +323,21 @@ def test_sync_false_bad_input_gives_nan_not_an_error():
     ok = sinkhorn(x[:1].cuda(), y[:1].cuda(), a[:1].cuda(), b[:1].cuda(), eps=0.1)
     assert torch.isnan(r.reg_cost[1]) and not bool(r.converged[1])
     assert torch.equal(r.reg_cost[:1], ok.reg_cost)
+
+
+def test_sinkhorn_divergence_captures_in_a_cuda_graph():
+    # The three solves of the debiased divergence (two symmetric) inside one capture.
+    x, y, a, b = (t.cuda() for t in _clouds(2, 30, 25, 3, seed=20))
+    kw = dict(eps=0.1, tol=1e-9, max_iter=120)
+    ref = sinkhorn_divergence(x, y, a, b, **kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        sinkhorn_divergence(x, y, a, b, sync=False, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cap = sinkhorn_divergence(x, y, a, b, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(cap, ref)

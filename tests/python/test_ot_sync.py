@@ -121,3 +121,14 @@ def test_core_stats_output_errors():
     ):
         with pytest.raises(divkit.Error, match="sinkhorn: " + msg):
             _C.sinkhorn(x, y, None, a, b, f, g, None, None, None, None, None, _options(), bad)
+
+
+def test_sinkhorn_divergence_passes_sync_on():
+    from divkit.ot import sinkhorn_divergence
+
+    x, y, a, b = batch(B=2, seed=2)
+    ref = sinkhorn_divergence(x, y, a, b, eps=0.3, tol=1e-9)
+    got = sinkhorn_divergence(x, y, a, b, eps=0.3, tol=1e-9, sync=False)
+    assert torch.equal(got, ref)
+    with pytest.raises(divkit.Error, match="sync must be a bool"):
+        sinkhorn_divergence(x, y, a, b, eps=0.3, sync="off")
