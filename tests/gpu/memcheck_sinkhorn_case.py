@@ -1,7 +1,8 @@
 """A small case of every CUDA Sinkhorn path (src/ot/sinkhorn_cuda.cu), run under
 compute-sanitizer memcheck: p = 1 and 2, the cost held and on the fly, float32 and float64, a
 batch with frozen problems, the unbalanced, eps-scaling and symmetric modes, a given cost with
-the plan, every gradient, and an error path read back to the host."""
+the plan, every gradient, an error path read back to the host, and sync=False (the device eps
+schedule and results, eps scaling, a bad input flagged on the device)."""
 
 import torch
 
@@ -40,5 +41,10 @@ try:
     raise SystemExit("expected an error for a non-finite point")
 except divkit.Error as e:
     assert "[1, 4, 0]" in str(e), str(e)
+for cache_mib in (64.0, 0.0):
+    r = sinkhorn(x, y, a, b, eps=0.05, eps_scaling=0.5, max_iter=20, cost_cache_mib=cache_mib,
+                 sync=False)  # fmt: skip
+r = sinkhorn(bad, bad + 1, eps=0.1, max_iter=5, sync=False)
 torch.cuda.synchronize()
+assert bool(torch.isnan(r.reg_cost).all()), r.reg_cost
 print("memcheck sinkhorn case done")
