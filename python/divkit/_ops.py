@@ -1122,35 +1122,31 @@ if ENABLED:
         need: List[bool],
         backend: str = "auto",
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        from . import distributed
+        from . import distributed, functional
         from .fused import _token_weights
 
-        fields = dict(
-            kind=kind,
-            beta=beta,
-            alpha=alpha,
-            temperature=temperature,
-            scale_by_t_squared=scale_by_t_squared,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
+        cfg = functional._Config(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            False,
+            None,
+            backend,
         )
         group = _group(group_name)
         if upstream is None:
             loss, grads = distributed._vp_call(
-                student, teacher, labels, weights, fields, group, need, reduction, backend, True
+                student, teacher, labels, weights, cfg, group, need, reduction, True
             )
         else:
+            wts = _token_weights(upstream, weights)
             loss, grads = distributed._vp_call(
-                student,
-                teacher,
-                labels,
-                _token_weights(upstream, weights),
-                fields,
-                group,
-                need,
-                "sum",
-                backend,
+                student, teacher, labels, wts, cfg, group, need, "sum"
             )
         return (loss, *_grads_or_empty(student, grads))
 
@@ -1204,26 +1200,15 @@ if ENABLED:
     if hasattr(vocab_parallel_divergence_op, "register_vmap"):
         vocab_parallel_divergence_op.register_vmap(_vocab_parallel_vmap)
 
-    def vocab_parallel_divergence(s2, t2, labels, weights, fields: dict, group, backend="auto"):
-        """vocab_parallel_divergence through the op on [N, V_r] rows: the loss, [N] or [1]."""
-        need = _need((s2, t2), fields["reduction"] != "none")
+    def vocab_parallel_divergence(s2, t2, labels, weights, cfg, group):
+        """vocab_parallel_divergence through the op on [N, V_r] rows with the checked options
+        ``cfg`` (a ``functional._Config``): the loss, [N] or [1]."""
+        from . import functional
+
+        need = _need((s2, t2), cfg.reduction != "none")
+        options = functional._core_fields(cfg).values()  # in the op's order
         out = vocab_parallel_divergence_op(
-            s2,
-            t2,
-            labels,
-            weights,
-            None,
-            fields["kind"],
-            fields["beta"],
-            fields["alpha"],
-            fields["temperature"],
-            fields["scale_by_t_squared"],
-            fields["ignore_index"],
-            fields["reduction"],
-            fields["num_items_in_batch"],
-            group_name(group),
-            need,
-            backend,
+            s2, t2, labels, weights, None, *options, group_name(group), need, cfg.backend
         )
         return out[0]
 
