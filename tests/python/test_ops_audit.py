@@ -328,6 +328,58 @@ def test_vocab_parallel_divergence_options_reach_the_op(world_of_one, kind, redu
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("head", ["cross_entropy", "cross_entropy_stats", "divergence", "sparse"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_head_ops_autograd_equals_eager(head, reduction):
+    """The fused heads' op autograd (one helper for the four head ops): a reduced loss hands
+    over the gradients of its forward call, reduction="none" calls the op again with a
+    per-token upstream gradient (and, for cross-entropy, without the statistics). Every
+    differentiable input's gradient, bias included, is eager's bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    n, hdim, v = 7, 5, 19
+    h, w, b, th, tw, tb = r(n, hdim), r(v, hdim), r(v), r(n, hdim), r(v, hdim), r(v)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[2] = -100
+    top = torch.log_softmax(r(n, v), -1).topk(4, dim=-1)
+    up = torch.linspace(0.5, 2.0, n)
+
+    def run(always):
+        _ops.ALWAYS = always
+        try:
+            xs = [x.clone().requires_grad_() for x in (h, w, b, th, tw, tb)]
+            kw = dict(labels=labels, reduction=reduction, chunk_size=3)
+            if head.startswith("cross_entropy"):
+                stats = head.endswith("stats")
+                out = divkit.fused_linear_cross_entropy(
+                    xs[0], xs[1], labels, xs[2], reduction=reduction, chunk_size=3,
+                    label_smoothing=0.1, return_stats=stats,
+                )  # fmt: skip
+                loss, extra = (out[0], out[1:]) if stats else (out, ())
+                wrt = xs[:3]
+            elif head == "divergence":
+                loss = divkit.fused_linear_divergence(
+                    xs[0], xs[1], xs[3], xs[4], "jsd", student_bias=xs[2], teacher_bias=xs[5],
+                    hard_weight=0.3, beta=0.3, **kw,
+                )  # fmt: skip
+                extra, wrt = (), xs
+            else:
+                loss = divkit.fused_linear_sparse_divergence(
+                    xs[0], xs[1], top.indices, top.values, "reverse_kl", student_bias=xs[2],
+                    hard_weight=0.3, **kw,
+                )  # fmt: skip
+                extra, wrt = (), xs[:3]
+            total = (loss * up).sum() if reduction == "none" else loss * 1.5
+            return [loss.detach(), *(e.detach() for e in extra), *torch.autograd.grad(total, wrt)]
+        finally:
+            _ops.ALWAYS = False
+
+    eager, through_op = run(False), run(True)
+    assert len(eager) == len(through_op)
+    for a, b in zip(eager, through_op):
+        assert torch.equal(a, b)
+
+
 def test_every_op_has_a_kernel_for_cuda():
     """The ops are registered for every device (CompositeExplicitAutograd): the CUDA and
     AutogradCUDA keys resolve to a kernel, so CUDA tensors dispatch to the same implementation,
