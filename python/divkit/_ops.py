@@ -368,11 +368,19 @@ if ENABLED:
 
     divergence_op.register_autograd(_divergence_backward, setup_context=_divergence_setup)
 
-    def _loop_vmap(op, n_tensors: int, group_at: Optional[int] = None):
+    def _arg_names(op) -> List[str]:
+        """The names of a divkit op's arguments, in order (from its registered schema)."""
+        packet = getattr(torch.ops.divkit, op._name.split("::")[-1])
+        return [a.name for a in packet.default._schema.arguments]
+
+    def _loop_vmap(op, n_tensors: int):
         """A vmap rule for op: one call per batch entry (the first n_tensors arguments may be
-        batched), outputs stacked along a new first dimension. The kernels see plain rows.
-        group_at: the position of a process group's name; with a group, vmap raises (each call
-        is a collective: a loop would make the ranks' collectives depend on their vmaps)."""
+        batched), outputs stacked along a new first dimension. The kernels see plain rows. An op
+        with a ``group_name`` argument (a vocabulary-parallel process group) refuses vmap when
+        a group is given (each call is a collective: a loop would make the ranks' collectives
+        depend on their vmaps)."""
+        names = _arg_names(op)
+        group_at = names.index("group_name") if "group_name" in names else None
 
         def rule(info, in_dims, *args):
             if group_at is not None and group_at < len(args) and args[group_at] is not None:
@@ -464,6 +472,48 @@ if ENABLED:
             return "auto"
         return "torch"
 
+    def _head_autograd(op, fn: str, n_diff: int, grads_at: int = 1, second_call=None):
+        """Registers the autograd of a head op: its arguments are its tensors (the first n_diff
+        differentiable), ``upstream``, its options (``reduction`` among them), ``need`` and any
+        after it; its outputs are the loss, then from position grads_at the gradients of the
+        n_diff inputs. A reduced loss has those gradients computed in the forward call: backward
+        hands them over scaled by the upstream gradient. reduction="none" computes none in the
+        forward: backward calls the op again with the same arguments but ``upstream`` (the
+        upstream gradient, token weights of a summed loss), ``need`` and the ``second_call``
+        overrides (argument name -> value). Positions come from the op's schema, by name."""
+        names = _arg_names(op)
+        upstream_at, reduction_at, need_at = (
+            names.index(n) for n in ("upstream", "reduction", "need")
+        )
+        overrides = {names.index(k): v for k, v in (second_call or {}).items()}
+
+        def setup(ctx, inputs, output):
+            ctx.mark_non_differentiable(*output[1:])
+            ctx.reduced = inputs[reduction_at] != "none"
+            if ctx.reduced:
+                ctx.save_for_backward(*output[grads_at:])
+            else:
+                ctx.save_for_backward(*inputs[:upstream_at])
+                ctx.args = inputs[upstream_at + 1 :]
+
+        def backward(ctx, g_loss, *_):
+            need = list(ctx.needs_input_grad[:n_diff])
+            if ctx.reduced:
+                grads = [
+                    _handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)
+                ]
+            else:
+                args = [*ctx.saved_tensors, g_loss, *ctx.args]
+                args[need_at] = need
+                for at, value in overrides.items():
+                    args[at] = value
+                out = op(*args)
+                grads = [g if n else None for g, n in zip(out[grads_at:], need)]
+            grads = guard_double_backward(fn, grads)
+            return (*grads,) + (None,) * (len(ctx.needs_input_grad) - n_diff)
+
+        op.register_autograd(backward, setup_context=setup)
+
     @torch.library.custom_op("divkit::fused_linear_cross_entropy", mutates_args=())
     def fused_ce_op(
         hidden: Tensor,
@@ -519,31 +569,15 @@ if ENABLED:
         )
         return (loss, stat, stat.new_empty(stat.shape), *_fake_grads([hidden, weight, bias], need))
 
-    def _fused_ce_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.reduced = inputs[9] != "none"
-        if ctx.reduced:
-            ctx.save_for_backward(*output[3:])
-        else:
-            ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3])
-            ctx.args = inputs[5:14]
-            ctx.group = inputs[15]
-
-    def _fused_ce_backward(ctx, g_loss, *_):
-        need = list(ctx.needs_input_grad[:3])
-        if ctx.reduced:
-            saved = ctx.saved_tensors
-            grads = [_handover(g, g_loss) if n else None for g, n in zip(saved, need)]
-        else:
-            h, w, b, labels = ctx.saved_tensors
-            a = ctx.args
-            out = fused_ce_op(h, w, b, labels, g_loss, *a[:7], False, a[8], need, ctx.group)
-            grads = [g if n else None for g, n in zip(out[3:], need)]
-        grads = guard_double_backward("fused_linear_cross_entropy", grads)
-        return (*grads,) + (None,) * 13
-
-    fused_ce_op.register_autograd(_fused_ce_backward, setup_context=_fused_ce_setup)
-    _loop_vmap(fused_ce_op, 5, group_at=15)
+    # The logprobs / entropy statistics are the forward's only: the second call asks for none.
+    _head_autograd(
+        fused_ce_op,
+        "fused_linear_cross_entropy",
+        3,
+        grads_at=3,
+        second_call={"return_stats": False},
+    )
+    _loop_vmap(fused_ce_op, 5)
 
     def fused_ce(h, w, b, labels, cfg, return_stats: bool, route, group=None):
         """fused_linear_cross_entropy through the op: (loss, logprobs, entropy) with loss [N] or
@@ -638,31 +672,8 @@ if ENABLED:
         loss = sh.new_empty((1 if summed else sh.shape[0],), dtype=torch.float32)
         return (loss, *_fake_grads([sh, sw, sb, th, tw, tb], need))
 
-    def _fused_divergence_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.reduced = inputs[16] != "none"
-        if ctx.reduced:
-            ctx.save_for_backward(*output[1:])
-        else:
-            ctx.save_for_backward(*inputs[:10])
-            ctx.args = inputs[10:22]
-            ctx.group = inputs[23]
-
-    def _fused_divergence_backward(ctx, g_loss, *_):
-        need = list(ctx.needs_input_grad[:6])
-        if ctx.reduced:
-            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
-        else:
-            saved = list(ctx.saved_tensors)
-            out = fused_divergence_op(*saved[:9], g_loss, *ctx.args, need, ctx.group)
-            grads = [g if n else None for g, n in zip(out[1:], need)]
-        grads = guard_double_backward("fused_linear_divergence", grads)
-        return (*grads,) + (None,) * 18
-
-    fused_divergence_op.register_autograd(
-        _fused_divergence_backward, setup_context=_fused_divergence_setup
-    )
-    _loop_vmap(fused_divergence_op, 10, group_at=23)
+    _head_autograd(fused_divergence_op, "fused_linear_divergence", 6)
+    _loop_vmap(fused_divergence_op, 10)
 
     def fused_divergence(sh, sw, sb, th, tw, tb, labels, weights, ids, cfg, route, group=None):
         """fused_linear_divergence through the op: the loss, [N] or [1]."""
@@ -811,8 +822,8 @@ if ENABLED:
     fused_logprobs_op.register_autograd(
         _fused_logprobs_backward, setup_context=_fused_logprobs_setup
     )
-    _loop_vmap(fused_logprobs_op, 4, group_at=12)
-    _loop_vmap(fused_logprobs_backward_op, 6, group_at=11)
+    _loop_vmap(fused_logprobs_op, 4)
+    _loop_vmap(fused_logprobs_backward_op, 6)
 
     def fused_logprobs(
         h,
@@ -920,29 +931,7 @@ if ENABLED:
         loss = sh.new_empty((1 if summed else sh.shape[0],), dtype=torch.float32)
         return (loss, *_fake_grads([sh, sw, sb], need))
 
-    def _fused_sparse_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.reduced = inputs[14] != "none"
-        if ctx.reduced:
-            ctx.save_for_backward(*output[1:])
-        else:
-            ctx.save_for_backward(*inputs[:8])
-            ctx.args = inputs[8:21]
-
-    def _fused_sparse_backward(ctx, g_loss, *_):
-        need = list(ctx.needs_input_grad[:3])
-        if ctx.reduced:
-            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
-        else:
-            saved = list(ctx.saved_tensors)
-            out = fused_sparse_divergence_op(*saved[:7], g_loss, *ctx.args, need)
-            grads = [g if n else None for g, n in zip(out[1:], need)]
-        grads = guard_double_backward("fused_linear_sparse_divergence", grads)
-        return (*grads,) + (None,) * 19
-
-    fused_sparse_divergence_op.register_autograd(
-        _fused_sparse_backward, setup_context=_fused_sparse_setup
-    )
+    _head_autograd(fused_sparse_divergence_op, "fused_linear_sparse_divergence", 3)
     _loop_vmap(fused_sparse_divergence_op, 8)
 
     def fused_sparse_divergence(sh, sw, sb, idx, lp, labels, weights, cfg, tail, route):
@@ -1122,35 +1111,31 @@ if ENABLED:
         need: List[bool],
         backend: str = "auto",
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        from . import distributed
+        from . import distributed, functional
         from .fused import _token_weights
 
-        fields = dict(
-            kind=kind,
-            beta=beta,
-            alpha=alpha,
-            temperature=temperature,
-            scale_by_t_squared=scale_by_t_squared,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
+        cfg = functional._Config(
+            kind,
+            beta,
+            alpha,
+            temperature,
+            scale_by_t_squared,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            False,
+            None,
+            backend,
         )
         group = _group(group_name)
         if upstream is None:
             loss, grads = distributed._vp_call(
-                student, teacher, labels, weights, fields, group, need, reduction, backend, True
+                student, teacher, labels, weights, cfg, group, need, reduction, True
             )
         else:
+            wts = _token_weights(upstream, weights)
             loss, grads = distributed._vp_call(
-                student,
-                teacher,
-                labels,
-                _token_weights(upstream, weights),
-                fields,
-                group,
-                need,
-                "sum",
-                backend,
+                student, teacher, labels, wts, cfg, group, need, "sum"
             )
         return (loss, *_grads_or_empty(student, grads))
 
@@ -1165,32 +1150,7 @@ if ENABLED:
         ]
         return (loss, *grads)
 
-    def _vocab_parallel_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.reduced = inputs[11] != "none"
-        if ctx.reduced:
-            ctx.save_for_backward(*output[1:])
-        else:
-            ctx.save_for_backward(*inputs[:4])
-            ctx.args = inputs[5:14]
-            ctx.backend = inputs[15]
-
-    def _vocab_parallel_backward(ctx, g_loss, *_):
-        need = list(ctx.needs_input_grad[:2])
-        if ctx.reduced:
-            grads = [_handover(g, g_loss) if n else None for g, n in zip(ctx.saved_tensors, need)]
-        else:
-            s, t, labels, weights = ctx.saved_tensors
-            out = vocab_parallel_divergence_op(
-                s, t, labels, weights, g_loss, *ctx.args, need, ctx.backend
-            )
-            grads = [g if n else None for g, n in zip(out[1:], need)]
-        grads = guard_double_backward("vocab_parallel_divergence", grads)
-        return (*grads,) + (None,) * 14
-
-    vocab_parallel_divergence_op.register_autograd(
-        _vocab_parallel_backward, setup_context=_vocab_parallel_setup
-    )
+    _head_autograd(vocab_parallel_divergence_op, "vocab_parallel_divergence", 2)
 
     def _vocab_parallel_vmap(info, in_dims, *args):
         # Each call is a collective over the group: a loop over batch entries would make the
@@ -1204,26 +1164,15 @@ if ENABLED:
     if hasattr(vocab_parallel_divergence_op, "register_vmap"):
         vocab_parallel_divergence_op.register_vmap(_vocab_parallel_vmap)
 
-    def vocab_parallel_divergence(s2, t2, labels, weights, fields: dict, group, backend="auto"):
-        """vocab_parallel_divergence through the op on [N, V_r] rows: the loss, [N] or [1]."""
-        need = _need((s2, t2), fields["reduction"] != "none")
+    def vocab_parallel_divergence(s2, t2, labels, weights, cfg, group):
+        """vocab_parallel_divergence through the op on [N, V_r] rows with the checked options
+        ``cfg`` (a ``functional._Config``): the loss, [N] or [1]."""
+        from . import functional
+
+        need = _need((s2, t2), cfg.reduction != "none")
+        options = functional._core_fields(cfg).values()  # in the op's order
         out = vocab_parallel_divergence_op(
-            s2,
-            t2,
-            labels,
-            weights,
-            None,
-            fields["kind"],
-            fields["beta"],
-            fields["alpha"],
-            fields["temperature"],
-            fields["scale_by_t_squared"],
-            fields["ignore_index"],
-            fields["reduction"],
-            fields["num_items_in_batch"],
-            group_name(group),
-            need,
-            backend,
+            s2, t2, labels, weights, None, *options, group_name(group), need, cfg.backend
         )
         return out[0]
 

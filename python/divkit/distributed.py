@@ -17,7 +17,6 @@ losses are :func:`divkit.fused_linear_divergence`, :func:`divkit.fused_linear_cr
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Tuple
 
 import torch
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from . import _C, _device, _ops
 from . import _validate as check
 from .backends import torch_ops
+from .functional import _Config, _core_fields
 from .fused import (
     _CEConfig,
     _check_same_tokens,
@@ -55,42 +55,38 @@ def shard_offsets(local_vocab: int, group=None) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _vp_call(
-    s, t, labels, weights, fields: dict, group, need, reduction: str, backend="auto", agree=False
-):
-    """One call on [N, V_r] shards: (float32 loss, fp32 shard gradients or None). The C++ core
-    on CPU tensors; the PyTorch loop (torch.distributed collectives on the tensors' device, NCCL
-    for CUDA) elsewhere and for ``backend="torch"``. ``agree``: first check that the ranks pass
-    the same tokens (the eager path has done so with its argument checks)."""
+def _vp_call(s, t, labels, weights, cfg: _Config, group, need, reduction: str, agree=False):
+    """One call on [N, V_r] shards with the options ``cfg`` (``cfg.backend`` picks the engine)
+    and ``reduction`` in place of ``cfg.reduction``: (float32 loss, fp32 shard gradients or
+    None). The C++ core on CPU tensors; the PyTorch loop (torch.distributed collectives on the
+    tensors' device, NCCL for CUDA) elsewhere and for ``backend="torch"``. ``agree``: first check
+    that the ranks pass the same tokens (the eager path has done so with its argument checks)."""
     fn = "vocab_parallel_divergence"
-    fields = dict(
-        fields,
+    cfg = cfg._replace(
         reduction=reduction,
-        num_items_in_batch=0.0 if reduction == "none" else fields["num_items_in_batch"],
+        num_items_in_batch=0.0 if reduction == "none" else cfg.num_items_in_batch,
     )
-    where = _device.route(fn, fn, backend, (("student_logits", s), ("teacher_logits", t)))
+    where = _device.route(fn, fn, cfg.backend, (("student_logits", s), ("teacher_logits", t)))
     if agree:
         # Ranks with different token counts would wait on each other's chunks.
         _check_same_tokens(
             fn, group, (), labels, count=s.shape[0], weights=weights, device=s.device
         )
     if not where.core:
-        cfg = SimpleNamespace(**fields)
         return torch_ops.vocab_parallel_divergence(
             s.detach(), t.detach(), labels, weights, cfg, group, tuple(need), fn=fn
         )
     loss = torch.empty(s.shape[0] if reduction == "none" else 1, dtype=torch.float32)
     gs = torch.empty(s.shape, dtype=torch.float32) if need[0] else None
     gt = torch.empty(t.shape, dtype=torch.float32) if need[1] else None
-    _C.vocab_parallel_divergence(
-        s.detach(), t.detach(), labels, weights, _options(group, **fields), loss, gs, gt
-    )
+    opts = _options(group, **_core_fields(cfg))
+    _C.vocab_parallel_divergence(s.detach(), t.detach(), labels, weights, opts, loss, gs, gt)
     return loss, [gs, gt]
 
 
-def _vp_arguments(fn, student_logits, teacher_logits, labels, weights, options: dict):
+def _vp_arguments(fn, student_logits, teacher_logits, labels, weights, options: _Config):
     """The validated arguments of vocab_parallel_divergence: (s, t, labels, fp64 weights or
-    None, fields)."""
+    None, the checked options)."""
     s = check.logits(fn, "student_logits", student_logits, cpu=False)
     t = check.logits(fn, "teacher_logits", teacher_logits, cpu=False)
     _device.common_device(fn, (("student_logits", s), ("teacher_logits", t)))
@@ -101,27 +97,21 @@ def _vp_arguments(fn, student_logits, teacher_logits, labels, weights, options: 
     _device.common_device(fn, (("student_logits", s), ("labels", lab), ("weights", wts)))
     wts = None if wts is None else wts.detach().reshape(-1).double().contiguous()
     o = options
-    fields = dict(
-        kind=check.string(fn, "kind", o["kind"]),
-        beta=check.real(fn, "beta", o["beta"]),
-        alpha=check.real(fn, "alpha", o["alpha"]),
-        temperature=check.real(fn, "temperature", o["temperature"]),
-        scale_by_t_squared=bool(o["scale_by_t_squared"]),
-        ignore_index=check.integer(fn, "ignore_index", o["ignore_index"]),
-        reduction=check.reduction(fn, o["reduction"]),
-        num_items_in_batch=check.num_items(fn, o["num_items_in_batch"]),
+    cfg = o._replace(
+        kind=check.string(fn, "kind", o.kind),
+        beta=check.real(fn, "beta", o.beta),
+        alpha=check.real(fn, "alpha", o.alpha),
+        temperature=check.real(fn, "temperature", o.temperature),
+        scale_by_t_squared=bool(o.scale_by_t_squared),
+        ignore_index=check.integer(fn, "ignore_index", o.ignore_index),
+        reduction=check.reduction(fn, o.reduction),
+        num_items_in_batch=check.num_items(fn, o.num_items_in_batch),
     )
     # The nanobind call cannot be traced; under torch.compile the core checks the spec when the
     # op runs.
     if not _ops.compiling():
-        _C.validate_spec(
-            fields["kind"],
-            fields["beta"],
-            fields["alpha"],
-            fields["temperature"],
-            fields["scale_by_t_squared"],
-        )
-    return s, t, lab, wts, fields
+        _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
+    return s, t, lab, wts, cfg._replace(backend=_device.backend(fn, o.backend))
 
 
 def vocab_parallel_divergence(
@@ -156,24 +146,22 @@ def vocab_parallel_divergence(
     # collective: the local checks' outcome travels with the tokens' fingerprint.
     error = None
     try:
-        s, t, lab, wts, fields = _vp_arguments(
-            fn,
-            student_logits,
-            teacher_logits,
-            labels,
-            weights,
-            dict(
-                kind=kind,
-                beta=beta,
-                alpha=alpha,
-                temperature=temperature,
-                scale_by_t_squared=scale_by_t_squared,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                num_items_in_batch=num_items_in_batch,
-            ),
+        options = _Config(
+            kind=kind,
+            beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            scale_by_t_squared=scale_by_t_squared,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            inplace_grad=False,
+            grad_dtype=None,
+            backend=backend,
         )
-        backend = _device.backend(fn, backend)
+        s, t, lab, wts, cfg = _vp_arguments(
+            fn, student_logits, teacher_logits, labels, weights, options
+        )
     except check.Error as e:
         error = e
     if _ops.compiling():
@@ -196,16 +184,14 @@ def vocab_parallel_divergence(
     if _ops.use_ops(s, t, lab, fn=fn):
         s2 = s.reshape(-1, s.shape[-1]).contiguous()
         t2 = t.reshape(-1, t.shape[-1]).contiguous()
-        loss = _ops.vocab_parallel_divergence(s2, t2, lab, wts, fields, group, backend)
-        return loss.reshape(lead) if fields["reduction"] == "none" else loss.reshape(())
+        loss = _ops.vocab_parallel_divergence(s2, t2, lab, wts, cfg, group)
+        return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
 
     def call(ts, need, upstream):
         if upstream is None:
-            loss, grads = _vp_call(*ts, lab, wts, fields, group, need, fields["reduction"], backend)
+            loss, grads = _vp_call(*ts, lab, wts, cfg, group, need, cfg.reduction)
         else:
-            loss, grads = _vp_call(
-                *ts, lab, _token_weights(upstream, wts), fields, group, need, "sum", backend
-            )
+            loss, grads = _vp_call(*ts, lab, _token_weights(upstream, wts), cfg, group, need, "sum")
         return (loss,), grads
 
     # reshape / contiguous stay inside the autograd graph (the shard gradients are [N, V_r]).
@@ -213,9 +199,9 @@ def vocab_parallel_divergence(
         fn,
         call,
         [s.reshape(-1, s.shape[-1]).contiguous(), t.reshape(-1, t.shape[-1]).contiguous()],
-        fields["reduction"] != "none",
+        cfg.reduction != "none",
     )
-    return loss.reshape(lead) if fields["reduction"] == "none" else loss.reshape(())
+    return loss.reshape(lead) if cfg.reduction == "none" else loss.reshape(())
 
 
 # ---------------------------------------------------------------------------------------------

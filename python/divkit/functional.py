@@ -45,6 +45,12 @@ def _rows(x: torch.Tensor, n: int, v: int) -> torch.Tensor:
 
 
 class _Config(NamedTuple):
+    """The checked options of a token divergence: those of the core (the fields before
+    ``inplace_grad``, see :data:`_CORE_FIELDS`), then the Python side's. Also the options of
+    :func:`divkit.distributed.vocab_parallel_divergence` and of the ``divkit::divergence`` and
+    ``divkit::vocab_parallel_divergence`` ops, whose arguments list the core fields in this
+    order."""
+
     kind: str
     beta: float
     alpha: float
@@ -58,18 +64,19 @@ class _Config(NamedTuple):
     backend: str = "auto"
 
 
+#: _Config's fields that the core's option objects take under the same names
+#: (``_C.DivergenceArgs``; ``_C.FusedLinearOptions`` for the vocabulary-parallel divergence).
+_CORE_FIELDS = _Config._fields[: _Config._fields.index("inplace_grad")]
+
+
+def _core_fields(cfg: _Config) -> dict:
+    """The core's options of ``cfg`` by name (:data:`_CORE_FIELDS`, in order)."""
+    return {name: getattr(cfg, name) for name in _CORE_FIELDS}
+
+
 def _core_args(cfg: _Config) -> "_C.DivergenceArgs":
     """The scalar arguments as the kernels' one options object."""
-    return _C.DivergenceArgs(
-        kind=cfg.kind,
-        beta=cfg.beta,
-        alpha=cfg.alpha,
-        temperature=cfg.temperature,
-        scale_by_t_squared=cfg.scale_by_t_squared,
-        ignore_index=cfg.ignore_index,
-        reduction=cfg.reduction,
-        num_items_in_batch=cfg.num_items_in_batch,
-    )
+    return _C.DivergenceArgs(**_core_fields(cfg))
 
 
 def _parse_options(

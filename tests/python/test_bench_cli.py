@@ -97,6 +97,34 @@ def test_agreement_passes_and_failed_script_fails(tmp_path, capsys):
     assert "FAILED: bench/bench_divergence.py exited with code 3" in capsys.readouterr().out
 
 
+def test_op_selection(monkeypatch):
+    """Without --op: the kernel benchmarks, not the trainers' (which train Hugging Face models);
+    --op names exactly what runs, trainers included. Only the selection is checked (the scripts
+    do not run)."""
+    calls = []
+
+    def fake_run_bench(ops, **kw):
+        calls.append(list(ops))
+        return 0
+
+    monkeypatch.setattr(bench_cli, "run_bench", fake_run_bench)
+    kernels = ["divergence", "fused_linear", "preference", "ot"]
+    assert bench_cli.DEFAULT_OPS == kernels
+    assert set(bench_cli.OPS) == set(kernels) | {"trainers"}
+    for argv, want in (
+        (["bench"], kernels),
+        (["bench", "--quick"], kernels),
+        (["bench", "--op", "trainers"], ["trainers"]),
+        (["bench", "--op", "ot", "--op", "trainers"], ["ot", "trainers"]),
+        (["bench", "--op", "divergence", "--", "--kinds", "jsd"], ["divergence"]),
+    ):
+        assert main(argv) == 0
+        assert calls.pop() == want, argv
+    with pytest.raises(SystemExit):  # argparse: not a benchmark
+        main(["bench", "--op", "nope"])
+    assert not calls
+
+
 def test_missing_bench_folder(tmp_path, capsys, monkeypatch):
     # As installed from a wheel: the module lives in site-packages, no bench/ beside it or in
     # the working directory.

@@ -273,6 +273,113 @@ def test_vocab_parallel_divergence_opcheck_vmap_double_backward(world_of_one):
             _ops.ALWAYS = False
 
 
+def test_divergence_ops_take_the_options_in_config_order():
+    """The divergence ops list the core's options in the order of functional._Config's fields
+    (their callers pass them positionally from one _Config): beta and alpha, both floats, would
+    otherwise trade places unseen."""
+    from divkit import functional
+
+    assert functional._CORE_FIELDS == (
+        "kind", "beta", "alpha", "temperature", "scale_by_t_squared", "ignore_index",
+        "reduction", "num_items_in_batch",
+    )  # fmt: skip
+    for op, first in (
+        (torch.ops.divkit.divergence, 4),
+        (torch.ops.divkit.vocab_parallel_divergence, 5),
+    ):
+        names = tuple(a.name for a in op.default._schema.arguments)
+        assert names[first : first + len(functional._CORE_FIELDS)] == functional._CORE_FIELDS
+
+
+@pytest.mark.parametrize("kind", ["skew_forward_kl", "alpha_divergence", "renyi"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_vocab_parallel_divergence_options_reach_the_op(world_of_one, kind, reduction):
+    """Every option of vocab_parallel_divergence, none at its default, gives the same bits
+    through the op as eagerly, and (one rank holding the whole vocabulary) the unsharded
+    divergence's result."""
+    from divkit.distributed import vocab_parallel_divergence
+
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(6, 11, generator=g, requires_grad=True)
+    t = torch.randn(6, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (6,), generator=g)
+    labels[1] = -5
+    weights = torch.rand(6, generator=g) + 0.5
+    up = torch.linspace(0.5, 2.0, 6)
+    kw = dict(
+        labels=labels, weights=weights, beta=0.3, alpha=0.7, temperature=1.9,
+        scale_by_t_squared=True, ignore_index=-5, reduction=reduction,
+        num_items_in_batch=None if reduction == "none" else 4.0,
+    )  # fmt: skip
+    runs = []
+    for always in (False, True):
+        _ops.ALWAYS = always
+        try:
+            out = vocab_parallel_divergence(s, t, kind, process_group=world_of_one, **kw)
+        finally:
+            _ops.ALWAYS = False
+        loss = (out * up).sum() if reduction == "none" else out
+        runs.append((out, *torch.autograd.grad(loss, (s, t))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ref = divkit.divergence(s, t, kind, **kw)
+    ref_grads = torch.autograd.grad((ref * up).sum() if reduction == "none" else ref, (s, t))
+    for a, b in zip(runs[0], (ref, *ref_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("head", ["cross_entropy", "cross_entropy_stats", "divergence", "sparse"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_head_ops_autograd_equals_eager(head, reduction):
+    """The fused heads' op autograd (one helper for the four head ops): a reduced loss hands
+    over the gradients of its forward call, reduction="none" calls the op again with a
+    per-token upstream gradient (and, for cross-entropy, without the statistics). Every
+    differentiable input's gradient, bias included, is eager's bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    n, hdim, v = 7, 5, 19
+    h, w, b, th, tw, tb = r(n, hdim), r(v, hdim), r(v), r(n, hdim), r(v, hdim), r(v)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[2] = -100
+    top = torch.log_softmax(r(n, v), -1).topk(4, dim=-1)
+    up = torch.linspace(0.5, 2.0, n)
+
+    def run(always):
+        _ops.ALWAYS = always
+        try:
+            xs = [x.clone().requires_grad_() for x in (h, w, b, th, tw, tb)]
+            kw = dict(labels=labels, reduction=reduction, chunk_size=3)
+            if head.startswith("cross_entropy"):
+                stats = head.endswith("stats")
+                out = divkit.fused_linear_cross_entropy(
+                    xs[0], xs[1], labels, xs[2], reduction=reduction, chunk_size=3,
+                    label_smoothing=0.1, return_stats=stats,
+                )  # fmt: skip
+                loss, extra = (out[0], out[1:]) if stats else (out, ())
+                wrt = xs[:3]
+            elif head == "divergence":
+                loss = divkit.fused_linear_divergence(
+                    xs[0], xs[1], xs[3], xs[4], "jsd", student_bias=xs[2], teacher_bias=xs[5],
+                    hard_weight=0.3, beta=0.3, **kw,
+                )  # fmt: skip
+                extra, wrt = (), xs
+            else:
+                loss = divkit.fused_linear_sparse_divergence(
+                    xs[0], xs[1], top.indices, top.values, "reverse_kl", student_bias=xs[2],
+                    hard_weight=0.3, **kw,
+                )  # fmt: skip
+                extra, wrt = (), xs[:3]
+            total = (loss * up).sum() if reduction == "none" else loss * 1.5
+            return [loss.detach(), *(e.detach() for e in extra), *torch.autograd.grad(total, wrt)]
+        finally:
+            _ops.ALWAYS = False
+
+    eager, through_op = run(False), run(True)
+    assert len(eager) == len(through_op)
+    for a, b in zip(eager, through_op):
+        assert torch.equal(a, b)
+
+
 def test_every_op_has_a_kernel_for_cuda():
     """The ops are registered for every device (CompositeExplicitAutograd): the CUDA and
     AutogradCUDA keys resolve to a kernel, so CUDA tensors dispatch to the same implementation,

@@ -693,3 +693,73 @@ def test_sparsepo_one_pass_partial_last_group(backend):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn_name", ["tdpo_loss_fused", "sparsepo_loss_fused"])
+@pytest.mark.parametrize("rejected_len", [T, T - 2])  # one length: the pair engine; else per side
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_fused_pair_every_input_reaches_its_place(fn_name, rejected_len, keep_bytes, backend):
+    # Each argument of the fused pair losses travels (in one PairInputs) through both the pair
+    # engine and the per-side path: with a non-default ignore_index, a reference bias unlike the
+    # policy's, sides of different lengths and a sequence-level combine that is not symmetric in
+    # chosen and rejected, any argument mixed up on either path moves the result away from the
+    # float64 materialized loss.
+    g = torch.Generator().manual_seed(70)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    tr = rejected_len
+    x = {
+        "hc": r(B, T, H),
+        "hr": r(B, tr, H),
+        "w": r(V, H) * 0.5,
+        "rhc": r(B, T, HR),
+        "rhr": r(B, tr, HR),
+        "rw": r(V, HR) * 0.5,
+        "b": r(V) * 0.3,
+        "rb": r(V) * 0.9 + 1.0,
+        "cl": torch.randint(0, V, (B, T), generator=g),
+        "rl": torch.randint(0, V, (B, tr), generator=g),
+    }
+    x["cl"][:, :2] = -7
+    x["rl"][:, :1] = -7
+    x["rl"][1, -1] = -7  # padding
+    masks = [torch.rand(B, t, generator=g) + 0.1 for t in (T, tr, T, tr)]
+    if fn_name == "tdpo_loss_fused":
+        kw = dict(beta=0.4, alpha=0.6, variant="tdpo1", label_smoothing=0.1)
+    else:
+        kw = dict(SP, **dict(zip(MASKS, masks)))
+    p = leaves(x)
+    q = {k: v.detach().double().requires_grad_() for k, v in p.items()}
+    want = getattr(divkit, fn_name.removesuffix("_fused"))(
+        logits(q["hc"], q["w"], q["b"]),
+        logits(q["hr"], q["w"], q["b"]),
+        logits(x["rhc"].double(), x["rw"].double(), x["rb"].double()),
+        logits(x["rhr"].double(), x["rw"].double(), x["rb"].double()),
+        x["cl"],
+        x["rl"],
+        ignore_index=-7,
+        **kw,
+    )
+    gw = torch.autograd.grad(want[0].sum(), list(q.values()))
+    got = getattr(divkit, fn_name)(
+        p["hc"],
+        p["hr"],
+        p["w"],
+        x["cl"],
+        x["rl"],
+        lm_head_bias=p["b"],
+        ref_chosen_hidden=x["rhc"],
+        ref_rejected_hidden=x["rhr"],
+        ref_weight=x["rw"],
+        ref_bias=x["rb"],
+        ignore_index=-7,
+        chunk_size=3,
+        keep_bytes=keep_bytes,
+        backend=backend,
+        **kw,
+    )
+    gg = torch.autograd.grad(got[0].sum(), list(p.values()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -265,6 +265,48 @@ class PairLoss:
     extras: tuple = ()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PairInputs:
+    """The inputs of a fused pair loss (:func:`~divkit.tdpo_loss_fused`,
+    :func:`~divkit.sparsepo_loss_fused`) under the public arguments' names: built once by the
+    public function and carried through the pair engine (:func:`pair_in_forward`) and the
+    per-side path, instead of a long row of positional arguments. The policy's head
+    (``policy_*_hidden`` ``[B, T, H]``, ``lm_head_weight``, ``lm_head_bias``); the labels; the
+    reference either as logits (``ref_*_logits``) or as hidden states with ``ref_weight`` and
+    ``ref_bias``; and the options. ``backend`` is the checked name (see :func:`engine`)."""
+
+    policy_chosen_hidden: Any
+    policy_rejected_hidden: Any
+    lm_head_weight: Any
+    chosen_labels: Any
+    rejected_labels: Any
+    ref_chosen_logits: Any = None
+    ref_rejected_logits: Any = None
+    ref_chosen_hidden: Any = None
+    ref_rejected_hidden: Any = None
+    ref_weight: Any = None
+    lm_head_bias: Any = None
+    ref_bias: Any = None
+    ignore_index: Any = -100
+    chunk_size: Optional[int] = None
+    keep_bytes: Optional[int] = None
+    backend: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairPlan:
+    """The pair engine's non-tensor settings, carried through :class:`_PairGradsInForward`
+    (its forward and, for a recompute, its backward)."""
+
+    fn: str
+    ignore_index: int
+    chunk: int  # rows per chunk of logits
+    group: int  # pairs per group whose logits are kept from its forward to its gradient pass
+    combine: Callable  # PairLoss.combine
+    kl_grad_chosen: bool
+    engine: str  # "core" or "torch" (see engine())
+
+
 def _forward_side(
     fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, kl_grad, outs, keep, eng="core"
 ):
@@ -335,9 +377,9 @@ class _PairGradsInForward(torch.autograd.Function):
     (``losses.sum()`` / ``.mean()``), and otherwise recomputes through the per-token path."""
 
     @staticmethod
-    def forward(ctx, hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, cfg, *extras):
-        fn, ii, chunk, group = cfg["fn"], cfg["ignore_index"], cfg["chunk"], cfg["group"]
-        combine, kl_c, eng = cfg["combine"], cfg["kl_grad_chosen"], cfg["engine"]
+    def forward(ctx, hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, plan: _PairPlan, *extras):
+        fn, ii, chunk, group = plan.fn, plan.ignore_index, plan.chunk, plan.group
+        combine, kl_c, eng = plan.combine, plan.kl_grad_chosen, plan.engine
         bsz, t = cl.shape
         n, hdim, v = bsz * t, hc.shape[-1], w.shape[0]
         hcf, hrf = _rows(hc), _rows(hr)
@@ -473,7 +515,7 @@ class _PairGradsInForward(torch.autograd.Function):
             *gx,
         )
         ctx.save_for_backward(hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, *extras)
-        ctx.cfg = cfg
+        ctx.plan = plan
         ctx.mark_non_differentiable(cr, rr)
         return losses.detach(), cr.detach(), rr.detach()
 
@@ -490,7 +532,7 @@ class _PairGradsInForward(torch.autograd.Function):
             return (*g[:4], *(None,) * 7, *g[4:])
         # A pair-dependent upstream gradient (or a second backward): the per-token path.
         hc, hr, w, b, rhc, rhr, rw, rb, cl, rl, *extras = ctx.saved_tensors
-        cfg = ctx.cfg
+        plan = ctx.plan
         need = ctx.needs_input_grad[:4]
         need_x = _extra_grads_needed(ctx, extras)
         ps = [
@@ -498,15 +540,15 @@ class _PairGradsInForward(torch.autograd.Function):
             for x, f in zip((hc, hr, w, b), need)
         ]
         xs = [e.detach().requires_grad_() if f else e for e, f in zip(extras, need_x)]
-        ii = cfg["ignore_index"]
+        ii = plan.ignore_index
         with torch.enable_grad():
             sides = []
             for h, rh, lab, klg in (
-                (ps[0], rhc, cl, cfg["kl_grad_chosen"]),
+                (ps[0], rhc, cl, plan.kl_grad_chosen),
                 (ps[1], rhr, rl, True),
             ):
                 lp, ref_lp, kl = token_terms(
-                    cfg["fn"],
+                    plan.fn,
                     h,
                     ps[2],
                     ps[3],
@@ -516,12 +558,12 @@ class _PairGradsInForward(torch.autograd.Function):
                     lab.reshape(-1),
                     ii,
                     klg,
-                    cfg["chunk"],
+                    plan.chunk,
                     0,
-                    cfg["engine"],
+                    plan.engine,
                 )
                 sides.append((lp - ref_lp, kl, lab != ii))
-            losses = cfg["combine"](*sides, *xs)[0]
+            losses = plan.combine(*sides, *xs)[0]
             inputs = [x for x, f in zip(ps, need) if f] + [x for x, f in zip(xs, need_x) if f]
             got = iter(torch.autograd.grad(losses, inputs, go, allow_unused=True))
         g = [next(got) if f else None for f in need]
@@ -529,31 +571,20 @@ class _PairGradsInForward(torch.autograd.Function):
         return (*g, *(None,) * 7, *gx)
 
 
-def pair_in_forward(
-    fn,
-    loss: PairLoss,
-    hc,
-    hr,
-    w,
-    b,
-    rhc,
-    rhr,
-    rw,
-    rb,
-    cl,
-    rl,
-    ignore_index,
-    chunk_size,
-    keep_bytes,
-    backend=None,
-):
+def pair_in_forward(fn, loss: PairLoss, p: PairInputs):
     """The pair loss's (losses, chosen_rewards, rejected_rewards) with the gradients computed
-    in the forward, or None when one pair's logits do not fit keep_bytes (the caller then takes
-    the per-token path). cl, rl: validated labels [B, T]; ``backend``: see :func:`engine`."""
-    eng = engine(fn, _NAMES(hc, w, b, rhc, rw, rb) + (("policy_rejected_hidden", hr),), backend)
+    in the forward, or None when one pair's logits do not fit ``p.keep_bytes`` (the caller then
+    takes the per-token path). ``p``: reference hidden states (no reference logits), labels
+    validated as ``[B, T]``, ``ignore_index`` and ``keep_bytes`` checked; ``p.backend``: see
+    :func:`engine`."""
+    hc, hr = p.policy_chosen_hidden, p.policy_rejected_hidden
+    w, b, rw, rb = p.lm_head_weight, p.lm_head_bias, p.ref_weight, p.ref_bias
+    rhc, rhr = p.ref_chosen_hidden, p.ref_rejected_hidden
+    cl, rl = p.chosen_labels, p.rejected_labels
+    eng = engine(fn, _NAMES(hc, w, b, rhc, rw, rb) + (("policy_rejected_hidden", hr),), p.backend)
     bsz, t = cl.shape
     v = w.shape[0]
-    budget = DEFAULT_PAIR_KEEP_BYTES if keep_bytes is None else keep_bytes
+    budget = DEFAULT_PAIR_KEEP_BYTES if p.keep_bytes is None else p.keep_bytes
     item = 8 if eng != "core" and torch.float64 in (hc.dtype, w.dtype, rhc.dtype, rw.dtype) else 4
     # Kept per pair: the policy's logits of both sides, the reference's of the rejected side,
     # and the chosen reference's when the chosen KL is differentiated.
@@ -561,10 +592,10 @@ def pair_in_forward(
     group = min(bsz, budget // per_pair)
     if group < 1:
         return None
-    cfg = dict(
+    plan = _PairPlan(
         fn=fn,
-        ignore_index=int(ignore_index),
-        chunk=_chunk_rows(v, group * t, chunk_size, fn),
+        ignore_index=int(p.ignore_index),
+        chunk=_chunk_rows(v, group * t, p.chunk_size, fn),
         group=group,
         combine=loss.combine,
         kl_grad_chosen=bool(loss.kl_grad_chosen),
@@ -581,6 +612,6 @@ def pair_in_forward(
         None if rb is None else rb.detach(),
         cl,
         rl,
-        cfg,
+        plan,
         *loss.extras,
     )

@@ -3,6 +3,7 @@ weight, its ``[tokens x V]`` logits never materialized."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from .. import _device, _ops
 from .. import _validate as check
 from . import _token_head
+from ._token_head import PairInputs
 from .tokens import _sparsepo_combine, _tdpo_combine, _tdpo_variant, token_logratio_and_kl
 
 __all__ = ["tdpo_loss_fused", "sparsepo_loss_fused"]
@@ -26,85 +28,68 @@ def _side(side: str) -> dict:
     }
 
 
-def _fused_pair(
-    fn,
-    policy_chosen_hidden,
-    policy_rejected_hidden,
-    lm_head_weight,
-    chosen_labels,
-    rejected_labels,
-    ref_chosen_logits,
-    ref_rejected_logits,
-    ref_chosen_hidden,
-    ref_rejected_hidden,
-    ref_weight,
-    lm_head_bias,
-    ref_bias,
-    ignore_index,
-    chunk_size,
-    chosen_kl_grad,
-    keep_bytes,
-    backend="auto",
-):
-    for name, x in (
-        ("policy_chosen_hidden", policy_chosen_hidden),
-        ("policy_rejected_hidden", policy_rejected_hidden),
-    ):
+def _fused_pair(fn, p: PairInputs, chosen_kl_grad: bool):
+    """The per-side path: each side's per-token (logratio, kl, mask) from
+    :func:`token_logratio_and_kl`'s fused path, with errors named after that side's arguments."""
+    hc, hr = p.policy_chosen_hidden, p.policy_rejected_hidden
+    for name, x in (("policy_chosen_hidden", hc), ("policy_rejected_hidden", hr)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             check.fail(fn, f"{name} must be a [B, T, H] tensor")
-    if policy_rejected_hidden.shape[0] != policy_chosen_hidden.shape[0]:
+    if hr.shape[0] != hc.shape[0]:
         check.fail(
             fn,
-            f"policy_rejected_hidden has batch size "
-            f"{policy_rejected_hidden.shape[0]}, policy_chosen_hidden "
-            f"{policy_chosen_hidden.shape[0]}; batch sizes disagree",
+            f"policy_rejected_hidden has batch size {hr.shape[0]}, policy_chosen_hidden "
+            f"{hc.shape[0]}; batch sizes disagree",
         )
-    if policy_chosen_hidden.shape[0] == 0:
+    if hc.shape[0] == 0:
         check.fail(fn, "the batch is empty")
-    if (ref_chosen_logits is None) != (ref_rejected_logits is None) or (
-        ref_chosen_hidden is None
-    ) != (ref_rejected_hidden is None):
+    if (p.ref_chosen_logits is None) != (p.ref_rejected_logits is None) or (
+        p.ref_chosen_hidden is None
+    ) != (p.ref_rejected_hidden is None):
         check.fail(fn, "give the reference for both the chosen and the rejected side")
     common = dict(
-        lm_head_weight=lm_head_weight,
-        lm_head_bias=lm_head_bias,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size,
-        keep_bytes=keep_bytes,
+        lm_head_weight=p.lm_head_weight,
+        lm_head_bias=p.lm_head_bias,
+        ref_weight=p.ref_weight,
+        ref_bias=p.ref_bias,
+        ignore_index=p.ignore_index,
+        chunk_size=p.chunk_size,
+        keep_bytes=p.keep_bytes,
     )
-    with check.renamed(_side("chosen")), _token_head.backend_scope(backend):
+    with check.renamed(_side("chosen")), _token_head.backend_scope(p.backend):
         w = token_logratio_and_kl(
             None,
-            ref_chosen_logits,
-            chosen_labels,
-            policy_hidden=policy_chosen_hidden,
-            ref_hidden=ref_chosen_hidden,
+            p.ref_chosen_logits,
+            p.chosen_labels,
+            policy_hidden=hc,
+            ref_hidden=p.ref_chosen_hidden,
             kl_grad=chosen_kl_grad,
             **common,
         )
-    with check.renamed(_side("rejected")), _token_head.backend_scope(backend):
+    with check.renamed(_side("rejected")), _token_head.backend_scope(p.backend):
         l_ = token_logratio_and_kl(
             None,
-            ref_rejected_logits,
-            rejected_labels,
-            policy_hidden=policy_rejected_hidden,
-            ref_hidden=ref_rejected_hidden,
+            p.ref_rejected_logits,
+            p.rejected_labels,
+            policy_hidden=hr,
+            ref_hidden=p.ref_rejected_hidden,
             **common,
         )
     return w, l_
 
 
-def _pair_in_forward(
-    fn, loss, hc, hr, w, b, cl, rl, rcl, rrl, rhc, rhr, rw, rb, ii, chunk, keep, be
-):
+def _pair_in_forward(fn, loss, p: PairInputs):
     """The pair engine with the gradients computed in the forward (one pass over each chunk of
     logits in all; :func:`_token_head.pair_in_forward`), when it applies: reference hidden
     states (on one device with the policy; the C++ engine on the CPU, the PyTorch loop elsewhere
     or with backend "torch"), a policy that requires grad, no custom-op tracing, chosen and
     rejected of one length, and one pair's logits within keep_bytes. None otherwise."""
-    if rcl is not None or rrl is not None or rhc is None or rhr is None:
+    hc, hr = p.policy_chosen_hidden, p.policy_rejected_hidden
+    w, b, rw, rb = p.lm_head_weight, p.lm_head_bias, p.ref_weight, p.ref_bias
+    rhc, rhr = p.ref_chosen_hidden, p.ref_rejected_hidden
+    if p.ref_chosen_logits is not None or p.ref_rejected_logits is not None:
+        return None
+    if rhc is None or rhr is None:
         return None
     if not torch.is_grad_enabled() or not any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (hc, hr, w, b)
@@ -115,16 +100,19 @@ def _pair_in_forward(
             check.fail(fn, f"{name} must be a [B, T, H] tensor")
     if hc.shape[:2] != hr.shape[:2]:
         return None  # different lengths: the per-side path
-    with _token_head.backend_scope(_device.backend(fn, be)):
+    with _token_head.backend_scope(_device.backend(fn, p.backend)):
         if not _token_head.usable(hc, w, b, rhc, rw, rb) or not _token_head.usable(
             hr, w, b, rhr, rw, rb
         ):
             return None
     if _ops.use_ops(hc, hr, w, b, rhc, rhr, rw, rb, *loss.extras, fn=fn):
         return None
-    ii = check.integer(fn, "ignore_index", ii)
+    ii = check.integer(fn, "ignore_index", p.ignore_index)
     labels = []
-    for side, h, rh, lab in (("chosen", hc, rhc, cl), ("rejected", hr, rhr, rl)):
+    for side, h, rh, lab in (
+        ("chosen", hc, rhc, p.chosen_labels),
+        ("rejected", hr, rhr, p.rejected_labels),
+    ):
         with check.renamed(_side(side)):
             check.lm_head(fn, h, w, None, rh, rw, lab)
             labels.append(
@@ -141,78 +129,23 @@ def _pair_in_forward(
             )
     if hc.shape[0] == 0:
         check.fail(fn, "the batch is empty")
+    keep = p.keep_bytes
     if keep is not None:
         keep = check.integer(fn, "keep_bytes", keep, min=0)
-    return _token_head.pair_in_forward(
-        fn, loss, hc, hr, w, b, rhc, rhr, rw, rb, labels[0], labels[1], ii, chunk, keep, be
+    checked = dataclasses.replace(
+        p, chosen_labels=labels[0], rejected_labels=labels[1], ignore_index=ii, keep_bytes=keep
     )
+    return _token_head.pair_in_forward(fn, loss, checked)
 
 
-def _pair_loss_fused(
-    fn,
-    loss,
-    hc,
-    hr,
-    w,
-    cl,
-    rl,
-    rcl,
-    rrl,
-    rhc,
-    rhr,
-    rw,
-    b,
-    rb,
-    ignore_index,
-    chunk_size,
-    keep_bytes,
-    backend,
-):
+def _pair_loss_fused(fn, loss, p: PairInputs):
     """A token-level pair loss (:class:`_token_head.PairLoss`) fused with the policy's lm_head:
     the gradients-in-forward pair engine where it applies, else the per-side path (per-token
     terms from :func:`token_logratio_and_kl`, then the loss's combine)."""
-    fast = _pair_in_forward(
-        fn,
-        loss,
-        hc,
-        hr,
-        w,
-        b,
-        cl,
-        rl,
-        rcl,
-        rrl,
-        rhc,
-        rhr,
-        rw,
-        rb,
-        ignore_index,
-        chunk_size,
-        keep_bytes,
-        backend,
-    )
+    fast = _pair_in_forward(fn, loss, p)
     if fast is not None:
         return fast
-    chosen, rejected = _fused_pair(
-        fn,
-        hc,
-        hr,
-        w,
-        cl,
-        rl,
-        rcl,
-        rrl,
-        rhc,
-        rhr,
-        rw,
-        b,
-        rb,
-        ignore_index,
-        chunk_size,
-        loss.kl_grad_chosen,
-        keep_bytes,
-        backend,
-    )
+    chosen, rejected = _fused_pair(fn, p, loss.kl_grad_chosen)
     return loss.combine(chosen, rejected, *loss.extras)
 
 
@@ -274,26 +207,25 @@ def tdpo_loss_fused(
         lambda w, l_: _tdpo_combine(w[0], w[1], l_[0], l_[1], beta, alpha, label_smoothing),
         kl_grad_chosen=variant == "tdpo1",
     )
-    return _pair_loss_fused(
-        fn,
-        loss,
-        policy_chosen_hidden,
-        policy_rejected_hidden,
-        lm_head_weight,
-        chosen_labels,
-        rejected_labels,
-        ref_chosen_logits,
-        ref_rejected_logits,
-        ref_chosen_hidden,
-        ref_rejected_hidden,
-        ref_weight,
-        lm_head_bias,
-        ref_bias,
-        ignore_index,
-        chunk_size,
-        keep_bytes,
-        backend,
+    inputs = PairInputs(
+        policy_chosen_hidden=policy_chosen_hidden,
+        policy_rejected_hidden=policy_rejected_hidden,
+        lm_head_weight=lm_head_weight,
+        chosen_labels=chosen_labels,
+        rejected_labels=rejected_labels,
+        ref_chosen_logits=ref_chosen_logits,
+        ref_rejected_logits=ref_rejected_logits,
+        ref_chosen_hidden=ref_chosen_hidden,
+        ref_rejected_hidden=ref_rejected_hidden,
+        ref_weight=ref_weight,
+        lm_head_bias=lm_head_bias,
+        ref_bias=ref_bias,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        keep_bytes=keep_bytes,
+        backend=backend,
     )
+    return _pair_loss_fused(fn, loss, inputs)
 
 
 @check.public("sparsepo_loss_fused")
@@ -348,26 +280,25 @@ def sparsepo_loss_fused(
         kl_grad_chosen=True,
         extras=masks,
     )
-    return _pair_loss_fused(
-        fn,
-        loss,
-        policy_chosen_hidden,
-        policy_rejected_hidden,
-        lm_head_weight,
-        chosen_labels,
-        rejected_labels,
-        ref_chosen_logits,
-        ref_rejected_logits,
-        ref_chosen_hidden,
-        ref_rejected_hidden,
-        ref_weight,
-        lm_head_bias,
-        ref_bias,
-        ignore_index,
-        chunk_size,
-        keep_bytes,
-        backend,
+    inputs = PairInputs(
+        policy_chosen_hidden=policy_chosen_hidden,
+        policy_rejected_hidden=policy_rejected_hidden,
+        lm_head_weight=lm_head_weight,
+        chosen_labels=chosen_labels,
+        rejected_labels=rejected_labels,
+        ref_chosen_logits=ref_chosen_logits,
+        ref_rejected_logits=ref_rejected_logits,
+        ref_chosen_hidden=ref_chosen_hidden,
+        ref_rejected_hidden=ref_rejected_hidden,
+        ref_weight=ref_weight,
+        lm_head_bias=lm_head_bias,
+        ref_bias=ref_bias,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        keep_bytes=keep_bytes,
+        backend=backend,
     )
+    return _pair_loss_fused(fn, loss, inputs)
 
 
 def _sparsepo_mask_shapes(fn, hc, hr, masks):

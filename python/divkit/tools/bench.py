@@ -23,6 +23,11 @@ trainers        bench/bench_trainers.py          the logged losses of divkit's T
                                                  through the optimizer steps)
 ==============  ===============================  ==============================================
 
+``divkit bench`` without ``--op`` runs the kernel benchmarks (every op above but ``trainers``:
+:data:`DEFAULT_OPS`). ``trainers`` trains Hugging Face models (tiny, built from a config) with
+each pair of trainers, which takes minutes at its full sizes and needs ``trl`` and
+``transformers``: it runs only when asked, ``--op trainers``.
+
 Relative tolerances: 1e-4 for float32 results; 5e-2 for bfloat16/float16 peers that compute in
 the low precision themselves (TRL's eager loss in bf16 rounds every step; divkit computes in
 fp32). A script that exits with an error, or whose output lacks the values to check, fails too.
@@ -44,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["OPS", "BenchError", "find_bench_dir", "run_bench", "check_output"]
+__all__ = ["OPS", "DEFAULT_OPS", "BenchError", "find_bench_dir", "run_bench", "check_output"]
 
 RTOL_FP32 = 1e-4
 RTOL_LOW = 5e-2
@@ -60,6 +65,7 @@ class Op:
     quick: Sequence[str]  # arguments of --quick
     uses_json: bool = False  # run with --json FILE / --markdown FILE
     description: str = ""
+    by_default: bool = True  # run by `divkit bench` without --op
 
 
 OPS: Dict[str, Op] = {
@@ -83,8 +89,12 @@ OPS: Dict[str, Op] = {
         ["--quick"],
         uses_json=True,
         description="divkit's TRL and Hugging Face trainers vs the stock trainers",
+        by_default=False,  # slow: trains Hugging Face models
     ),
 }
+
+#: The benchmarks that ``divkit bench`` runs without ``--op``: the kernel benchmarks.
+DEFAULT_OPS: List[str] = [name for name, op in OPS.items() if op.by_default]
 
 
 @dataclass
@@ -477,7 +487,7 @@ def run_bench(
 
 def run_cli(args) -> int:
     """The ``divkit bench`` subcommand (see :mod:`divkit.cli`)."""
-    ops = args.op or list(OPS)
+    ops = args.op or list(DEFAULT_OPS)
     try:
         return run_bench(
             ops,
@@ -506,7 +516,9 @@ def add_parser(sub) -> None:
         "--op",
         action="append",
         choices=list(OPS),
-        help="benchmark to run (repeatable; default: all). "
+        help="benchmark to run (repeatable; default: "
+        + ", ".join(DEFAULT_OPS)
+        + "; trainers only when named). "
         + "; ".join(f"{k}: {v.description}" for k, v in OPS.items()),
     )
     p.add_argument(
