@@ -102,7 +102,7 @@ def _vp_arguments(fn, student_logits, teacher_logits, labels, weights, options: 
         beta=check.real(fn, "beta", o.beta),
         alpha=check.real(fn, "alpha", o.alpha),
         temperature=check.real(fn, "temperature", o.temperature),
-        scale_by_t_squared=bool(o.scale_by_t_squared),
+        scale_by_t_squared=check.boolean(fn, "scale_by_t_squared", o.scale_by_t_squared),
         ignore_index=check.integer(fn, "ignore_index", o.ignore_index),
         reduction=check.reduction(fn, o.reduction),
         num_items_in_batch=check.num_items(fn, o.num_items_in_batch),
@@ -110,7 +110,9 @@ def _vp_arguments(fn, student_logits, teacher_logits, labels, weights, options: 
     # The nanobind call cannot be traced; under torch.compile the core checks the spec when the
     # op runs.
     if not _ops.compiling():
-        _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
+        _C.validate_spec(
+            cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared, fn=fn
+        )
     return s, t, lab, wts, cfg._replace(backend=_device.backend(fn, o.backend))
 
 
@@ -141,6 +143,12 @@ def vocab_parallel_divergence(
     PyTorch ops with ``torch.distributed`` collectives on the tensors' device (NCCL for CUDA),
     one chunk of rows at a time. The CUDA path has not yet run on a GPU."""
     fn = "vocab_parallel_divergence"
+    if not dist.is_available() or not dist.is_initialized():
+        check.fail(
+            fn,
+            "process_group: torch.distributed is not initialized (call "
+            "torch.distributed.init_process_group first; a world of one rank is allowed)",
+        )
     group = dist.group.WORLD if process_group is None else process_group
     # A bad argument on one rank must raise on every rank, not leave the others waiting in a
     # collective: the local checks' outcome travels with the tokens' fingerprint.

@@ -83,7 +83,9 @@ class DivergenceLoss(torch.nn.Module):
             merged["backend"],
         )
         # The core checks the kind, its parameters and the reduction now, not at the first call.
-        _C.validate_spec(cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared)
+        _C.validate_spec(
+            cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared, fn=fn
+        )
         check.reduction(fn, cfg.reduction)
         self.kind = kind
         self.options = {name: merged[name] for name in _OPTION_DEFAULTS}
@@ -162,6 +164,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             check.real(fn, "alpha", o["alpha"]),
             check.real(fn, "temperature", o["temperature"]),
             check.boolean(fn, "scale_by_t_squared", o["scale_by_t_squared"]),
+            fn=fn,
         )
 
     @check.public("FusedLinearDistillationLoss")

@@ -55,9 +55,16 @@ void divergence_positional(const InArray& student, const InArray& teacher, const
                                  reduction, num_items_in_batch});
 }
 
+// Errors name `fn`, the public function that took the arguments (parse errors included).
 void validate_spec(const std::string& kind, double beta, double alpha, double temperature,
-                   bool scale_by_t_squared) {
-  divkit::validate_spec(make_spec(kind, beta, alpha, temperature, scale_by_t_squared));
+                   bool scale_by_t_squared, const std::string& fn) {
+  try {
+    divkit::validate_spec(make_spec(kind, beta, alpha, temperature, scale_by_t_squared));
+  } catch (const divkit::Error& e) {
+    const std::string msg = e.what(), core = "divergence: ";
+    if (fn == "divergence" || msg.compare(0, core.size(), core) != 0) throw;
+    throw divkit::Error(fn + ": " + msg.substr(core.size()));
+  }
 }
 
 std::vector<std::string> kinds() {
@@ -125,8 +132,8 @@ void register_divergence(nb::module_& m) {
         nb::arg("weights").none(), nb::arg("reduction"), nb::arg("num_items_in_batch"),
         "The same with every scalar given positionally (num_items_in_batch <= 0: not given).");
   m.def("validate_spec", &validate_spec, nb::arg("kind"), nb::arg("beta"), nb::arg("alpha"),
-        nb::arg("temperature"), nb::arg("scale_by_t_squared"),
-        "Checks a kind and its parameters; raises Error naming the bad one.");
+        nb::arg("temperature"), nb::arg("scale_by_t_squared"), nb::arg("fn") = "divergence",
+        "Checks a kind and its parameters; raises Error naming fn and the bad one.");
   m.def("kinds", &kinds, "Names of the divergence kinds, in the core's order.");
   m.def("reductions", &reductions, "Names of the reductions.");
 }

@@ -45,6 +45,33 @@ def _checks(rank: int):
     ref = divkit.fused_linear_cross_entropy(hidden, weight, labels)
     got, want = float(out), float(ref)
     assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
+    _argument_errors_name_the_function(rank)
+
+
+def _argument_errors_name_the_function(rank: int):
+    """Bad options of vocab_parallel_divergence (the same on every rank) raise divkit.Error
+    naming vocab_parallel_divergence and the argument, not the inner divergence."""
+    import divkit
+    from divkit.distributed import vocab_parallel_divergence
+
+    s = torch.randn(3, 5)
+    t = torch.randn(3, 5)
+    bad = [
+        (dict(kind="nope"), "kind 'nope'"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(kind="jsd", beta=2.0), "beta"),
+        (dict(kind="renyi", alpha=-1.0), "alpha"),
+        (dict(scale_by_t_squared="yes"), "scale_by_t_squared"),
+    ]
+    for kw, what in bad:
+        kind = kw.pop("kind", "forward_kl")
+        try:
+            vocab_parallel_divergence(s, t, kind, **kw)
+        except divkit.Error as e:
+            msg = str(e)
+            assert msg.startswith("vocab_parallel_divergence: ") and what in msg, msg
+        else:
+            raise AssertionError(f"{kind} {kw}: no error")
 
 
 def _worker(rank: int, world: int, port: int, result_dir: str):
@@ -69,3 +96,16 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     for rank in range(2):
         msg = (tmp_path / f"rank{rank}.txt").read_text()
         assert msg == "ok", f"rank {rank}:\n{msg}"
+
+
+def test_without_a_process_group_the_error_names_the_argument():
+    import divkit
+    from divkit.distributed import vocab_parallel_divergence
+
+    assert not dist.is_initialized()
+    try:
+        vocab_parallel_divergence(torch.randn(2, 4), torch.randn(2, 4))
+    except divkit.Error as e:
+        assert str(e).startswith("vocab_parallel_divergence: process_group"), str(e)
+    else:
+        raise AssertionError("no error without an initialized process group")
