@@ -1092,4 +1092,78 @@ TEST(FusedLinearErrors, NameTheArgument) {
                {"fused_linear_logprobs", "vocabulary-parallel"});
 }
 
+// A -inf bias entry masks that vocabulary entry: the cross-entropy, its statistics and the
+// hidden-state gradient equal those of the head without the masked rows (labels remapped); the
+// masked rows take zero weight and bias gradients. NaN / +inf bias entries, and a bias that masks
+// every entry (every counted row all -inf), name the argument.
+TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
+  using divkit_test::expect_error;
+  const int64_t n = 6, v = 11, h = 5;
+  const std::vector<int64_t> masked = {2, 7, 10};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> hidden(n * h), weight(v * h), bias(v);
+  for (float& x : hidden) x = g(rng);
+  for (float& x : weight) x = g(rng);
+  for (float& x : bias) x = g(rng);
+  for (int64_t j : masked) bias[j] = -INFINITY;
+  std::vector<int64_t> labels = {0, 3, -100, 9, 5, 1}, keep_of(v, -1);
+  std::vector<float> w_kept, b_kept;
+  for (int64_t j = 0, r = 0; j < v; ++j) {
+    if (std::find(masked.begin(), masked.end(), j) != masked.end()) continue;
+    keep_of[j] = r++;
+    w_kept.insert(w_kept.end(), weight.begin() + j * h, weight.begin() + (j + 1) * h);
+    b_kept.push_back(bias[j]);
+  }
+  std::vector<int64_t> labels_kept(n);
+  for (int64_t i = 0; i < n; ++i) labels_kept[i] = labels[i] < 0 ? labels[i] : keep_of[labels[i]];
+  const int64_t vk = static_cast<int64_t>(b_kept.size());
+  struct Out {
+    float loss = 0.0f;
+    std::vector<float> gh, gw, gb, ent;
+  };
+  auto run = [&](std::vector<float>& w, std::vector<float>& b, std::vector<int64_t>& lab,
+                 int64_t vv) {
+    Out o;
+    o.gh.resize(n * h);
+    o.gw.resize(vv * h);
+    o.gb.resize(vv);
+    o.ent.resize(n);
+    const divkit::LinearHead head{TensorView::matrix(hidden.data(), DType::f32, n, h),
+                                  TensorView::matrix(w.data(), DType::f32, vv, h),
+                                  TensorView::vector(b.data(), DType::f32, vv)};
+    divkit::LabelStatsOutputs st;
+    st.entropy = TensorView::vector(o.ent.data(), DType::f32, n);
+    divkit::CrossEntropySpec spec;
+    spec.z_loss_scale = 0.01f;
+    divkit::fused_linear_cross_entropy(head, TensorView::vector(lab.data(), DType::i64, n), spec,
+                                       TensorView::vector(&o.loss, DType::f32, 1),
+                                       {TensorView::matrix(o.gh.data(), DType::f32, n, h),
+                                        TensorView::matrix(o.gw.data(), DType::f32, vv, h),
+                                        TensorView::vector(o.gb.data(), DType::f32, vv)},
+                                       st);
+    return o;
+  };
+  const Out full = run(weight, bias, labels, v), kept = run(w_kept, b_kept, labels_kept, vk);
+  ASSERT_TRUE(std::isfinite(full.loss));
+  EXPECT_NEAR(full.loss, kept.loss, 1e-6 * std::abs(kept.loss));
+  for (int64_t i = 0; i < n * h; ++i) EXPECT_NEAR(full.gh[i], kept.gh[i], 1e-6) << i;
+  for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(full.ent[i], kept.ent[i], 1e-6) << i;
+  for (int64_t j = 0; j < v; ++j) {
+    const int64_t r = keep_of[j];
+    EXPECT_NEAR(full.gb[j], r < 0 ? 0.0f : kept.gb[r], 1e-6) << j;
+    for (int64_t c = 0; c < h; ++c)
+      EXPECT_NEAR(full.gw[j * h + c], r < 0 ? 0.0f : kept.gw[r * h + c], 1e-6) << j;
+  }
+  for (const float bad : {NAN, INFINITY}) {
+    std::vector<float> b2 = bias;
+    b2[4] = bad;
+    expect_error([&] { run(weight, b2, labels, v); },
+                 {"fused_linear_cross_entropy", "bias contains NaN or +inf at index 4"});
+  }
+  std::vector<float> all(v, -INFINITY);
+  expect_error([&] { run(weight, all, labels, v); },
+               {"fused_linear_cross_entropy", "token 0", "all -inf"});
+}
+
 }  // namespace

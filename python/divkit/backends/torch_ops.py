@@ -1691,7 +1691,7 @@ def fused_linear_cross_entropy(
         p = torch.exp(z - lse.unsqueeze(-1))
         if return_stats:
             lp = torch.where(ca, zy - lse, torch.zeros_like(lse))
-            ent = -(p * (z - lse.unsqueeze(-1))).sum(-1) if shard is None else ent64
+            ent = -_xt(p, z - lse.unsqueeze(-1)).sum(-1) if shard is None else ent64
             logprobs[a:e] = lp.to(torch.float32)
             entropy[a:e] = torch.where(ca, ent, torch.zeros_like(ent)).to(torch.float32)
         if want:
