@@ -756,7 +756,7 @@ TEST(FusedLinearLogprobs, TopkMassWithTiesMatchesFp64) {
                                 TensorView::matrix(weight.data(), DType::f32, v, 1),
                                 {}};
   const TensorView lab = TensorView::vector(labels.data(), DType::i64, n);
-  for (const int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{9}, int64_t{20}, v}) {
+  for (const int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{9}, int64_t{20}, v - 1, v}) {
     for (const bool with_grads : {false, true}) {
       std::vector<float> mass(n, -1.0f), loss(1), gh(n), gw(v);
       divkit::LabelStatsOutputs st;
@@ -1164,6 +1164,63 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
   std::vector<float> all(v, -INFINITY);
   expect_error([&] { run(weight, all, labels, v); },
                {"fused_linear_cross_entropy", "token 0", "all -inf"});
+}
+
+// The top-k selection itself (the threshold search of label_kernels.cc), through the
+// vocabulary-parallel pass that returns the k largest z of each row: for every k from 1 to V + 1,
+// rows with many exact ties, spreads from 1e-3 to 1e30 (the search's late thresholds), -inf
+// entries (fewer finite entries than k) and a shift equal to or above the row's max, the values
+// returned are exactly the k largest (as a multiset), on every SIMD target.
+TEST(LabelRows, TopkSelectionIsExactForEveryK) {
+  const int64_t v = 203, rows = 8;
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> ints(-5, 5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(rows * v);
+  for (int64_t j = 0; j < v; ++j) {
+    const float r = static_cast<float>(ints(rng));
+    x[0 * v + j] = r;
+    x[1 * v + j] = r * 1e-3f;
+    x[2 * v + j] = normal(rng) * 1e4f;
+    x[3 * v + j] = static_cast<float>(ints(rng)) * 1e30f;
+    x[4 * v + j] = j % 5 == 1 ? -INFINITY : r;
+    x[5 * v + j] = j % 2 ? -INFINITY : static_cast<float>(ints(rng)) * 1e20f;
+    x[6 * v + j] = 2.5f;
+    x[7 * v + j] = j == 100 ? 1.0f : -INFINITY;
+  }
+  std::vector<int64_t> labels(rows, 0);
+  divkit_test::RuntimeGuard guard;
+  for (const std::string& target : divkit::available_simd_targets()) {
+    divkit::force_simd_target(target);
+    for (const double above : {0.0, 3.0}) {
+      std::vector<double> shift(rows);
+      for (int64_t i = 0; i < rows; ++i)
+        shift[i] = *std::max_element(x.begin() + i * v, x.begin() + (i + 1) * v) + above;
+      for (int64_t k = 1; k <= v + 1; ++k) {
+        std::vector<float> z = x;
+        std::vector<double> partials(4 * rows), top(rows * k);
+        divkit::detail::LabelForwardJob job;
+        job.z = z.data();
+        job.ldz = v;
+        job.rows = rows;
+        job.v = v;
+        job.labels = labels.data();
+        job.shift = shift.data();
+        job.partials = partials.data();
+        job.topk_z = top.data();
+        job.topk = k;
+        divkit::detail::label_rows_forward(job);
+        for (int64_t i = 0; i < rows; ++i) {
+          std::vector<double> want(x.begin() + i * v, x.begin() + (i + 1) * v);
+          std::sort(want.rbegin(), want.rend());
+          want.resize(static_cast<size_t>(k), -INFINITY);
+          std::vector<double> got(top.begin() + i * k, top.begin() + (i + 1) * k);
+          std::sort(got.rbegin(), got.rend());
+          ASSERT_EQ(got, want) << target << " row " << i << " k " << k << " above " << above;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
