@@ -37,7 +37,10 @@
 
 namespace divkit {
 
-// One linear head: logits = hidden @ weight^T + bias.
+// One linear head: logits = hidden @ weight^T + bias. A -inf bias entry masks that vocabulary
+// entry (padded vocabularies): probability 0, gradient 0, as a -inf logit anywhere in divkit;
+// NaN or +inf bias entries, and counted rows whose logits are all -inf, are errors. The
+// PyTorch chunk loop (CUDA tensors, backend="torch") behaves the same.
 struct LinearHead {
   TensorView hidden;  // [N, H], float, unit stride along H
   TensorView weight;  // [V, H], float, unit stride along H

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "core/check.h"
@@ -73,9 +74,15 @@ void check_head(const char* fn, const char* prefix, const LinearHead& h, int64_t
   if (h.bias.defined()) {
     check::vector_of(fn, bn.c_str(), h.bias, h.weight.shape[0],
                      {DType::f32, DType::f64, DType::bf16, DType::f16});
-    for (int64_t j = 0; j < h.weight.shape[0]; ++j)
-      if (!std::isfinite(elem::load_f32(h.bias.data, h.bias.dtype, j * h.bias.strides[0])))
-        fail(fn, bn + " contains NaN or inf at index " + std::to_string(j));
+    // A -inf entry masks that vocabulary row (padded entries): its logit is -inf, a masked
+    // entry of probability 0 as anywhere else in divkit; the rows whose logits end up all -inf
+    // are refused by the chunk loops. NaN and +inf have no such meaning.
+    for (int64_t j = 0; j < h.weight.shape[0]; ++j) {
+      const float b = elem::load_f32(h.bias.data, h.bias.dtype, j * h.bias.strides[0]);
+      if (std::isnan(b) || b == std::numeric_limits<float>::infinity())
+        fail(fn, bn + " contains NaN or +inf at index " + std::to_string(j) +
+                     " (-inf is allowed: it masks that vocabulary entry)");
+    }
   }
 }
 

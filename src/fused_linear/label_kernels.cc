@@ -137,31 +137,123 @@ HWY_INLINE bool IsFirstMax(const float* HWY_RESTRICT z, int64_t y, float m) {
   return true;
 }
 
-// The k largest entries of a row of z (finite max m) into out[0, k), in no particular order: the
-// same multiset as std::nth_element over the whole row, at a fraction of its cost. Once at least
-// k entries are >= t, the k largest are among them: vector counts over the row (in cache) find
-// t = m - d for d = 1/2, 1, 2, 4, ... (-inf at the end: every entry), then only those candidates
-// are copied and partially sorted.
-void TopK(const float* HWY_RESTRICT z, int64_t v, int64_t k, float m, std::vector<float>& out) {
+// counts[g] = the number of entries of z that are >= ts[g], for G thresholds in one pass over the
+// row (one load per vector for all of them).
+template <int G>
+void CountAtLeast(const float* HWY_RESTRICT z, int64_t v, const float* ts, int64_t* counts) {
   const DF df;
   const RowSpan sp = Span(v);
+  VF vt[G];
+  int64_t c[G];
+  for (int g = 0; g < G; ++g) {
+    vt[g] = hn::Set(df, ts[g]);
+    c[g] = 0;
+  }
+  for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
+    const VF x = hn::LoadU(df, z + j);
+    for (int g = 0; g < G; ++g) c[g] += static_cast<int64_t>(hn::CountTrue(df, hn::Ge(x, vt[g])));
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int64_t j = sp.vfull; j < v; ++j) c[g] += z[j] >= ts[g];
+    counts[g] = c[g];
+  }
+}
+
+// The k largest entries of a row of z (m >= every entry, finite) into out[0, k), in no particular
+// order: the same multiset as std::nth_element over the whole row, at a fraction of its cost. Once
+// at least k entries are >= t, the k largest are among them. t is the first of m - d,
+// d = 1/2, 1, 2, 4, ..., 2^127 (then -inf: every entry) with at least k entries >= t; only those
+// candidates are copied and partially sorted. The counts are monotone in d, so the first such d
+// is found with several thresholds per pass over the row (one load per vector for all of
+// them) instead of one pass per d: the same t as trying each d in turn, hence the same
+// candidates in the same order. When that t leaves many more candidates than k, a refinement
+// pass raises it inside its last doubling step (same k largest, fewer to sort; their order, and
+// so the last bits of a sum over them, may differ). m_is_max: m is an entry of the row (its
+// max), so that for k = 1 the answer is m itself, without a pass.
+void TopK(const float* HWY_RESTRICT z, int64_t v, int64_t k, float m, bool m_is_max,
+          std::vector<float>& out) {
+  if (k == 1 && m_is_max) {
+    out.assign(1, m);
+    return;
+  }
   float t = -kInf;
   int64_t count = v;
-  for (float d = 0.5f; d < kInf; d *= 2.0f) {
-    const float td = m - d;
-    const VF vt = hn::Set(df, td);
-    int64_t c = 0;
-    for (int64_t j = 0; j < sp.vfull; j += sp.lanes)
-      c += static_cast<int64_t>(hn::CountTrue(df, hn::Ge(hn::LoadU(df, z + j), vt)));
-    for (int64_t j = sp.vfull; j < v; ++j) c += z[j] >= td;
-    if (c >= k) {
-      t = td;
-      count = c;
-      break;
+  if (k < v) {
+    // The thresholds, as the one-d-at-a-time search computes them.
+    float td[129];
+    int nd = 0;
+    for (float d = 0.5f; d < kInf; d *= 2.0f) td[nd++] = m - d;
+    // Invariant: fewer than k entries are >= td[i] for i < lo; at least k (count_hi of them)
+    // are >= td[hi] (hi = nd: -inf, every entry).
+    int lo = 0, hi = nd;
+    int64_t count_hi = v;
+    for (int pass = 0; lo < hi; ++pass) {
+      // Consecutive d's first, in groups of 1, 1, 1, 2, 4, 8 (d = 1/2 to 2^15, the range of
+      // real logits: the first three passes are the one-d search's, the next ones count several
+      // d's where it took one pass each), then 8 spread over what is left (k above the number
+      // of finite entries, or a huge spread: at most 9 passes where one-d took up to 129).
+      constexpr int kMax = 8;
+      static constexpr int kConsecutive[] = {1, 1, 1, 2, 4, 8};
+      constexpr int kPasses = static_cast<int>(sizeof(kConsecutive) / sizeof(int));
+      const int span = hi - lo;
+      int idx[kMax];
+      int g = 0;
+      int width = kMax;
+      if (pass < kPasses) {
+        width = kConsecutive[pass];
+        for (; g < width && g < span; ++g) idx[g] = lo + g;
+      } else {
+        // want indices spread over [lo, hi), increasing and distinct (span >= want; span < 9
+        // gives lo, lo + 1, ..., hi - 1).
+        const int want = std::min(kMax, span);
+        for (; g < want; ++g) idx[g] = lo + (g + 1) * span / (want + 1);
+      }
+      float ts[kMax] = {};
+      int64_t c[kMax] = {};
+      for (int q = 0; q < g; ++q) ts[q] = td[idx[q]];
+      for (int q = g; q < width; ++q) ts[q] = ts[g - 1];  // padding: repeats the last threshold
+      if (width == 1) CountAtLeast<1>(z, v, ts, c);
+      else if (width == 2) CountAtLeast<2>(z, v, ts, c);
+      else if (width == 4) CountAtLeast<4>(z, v, ts, c);
+      else CountAtLeast<8>(z, v, ts, c);
+      // The first counted threshold with k entries closes the interval from above; the one
+      // before it (or the last, if none has) from below.
+      int q = 0;
+      while (q < g && c[q] < k) ++q;
+      if (q < g) {
+        hi = idx[q];
+        count_hi = c[q];
+      }
+      if (q > 0) lo = idx[q - 1] + 1;
+    }
+    if (hi < nd) {
+      t = td[hi];
+      count = count_hi;
+      // The doubling overshoots: up to all of [td[hi], td[hi - 1]) are candidates, where the
+      // copy and nth_element cost far more than a count. When they are many, one more pass
+      // counts 7 thresholds evenly spaced inside that interval and keeps the first with k
+      // entries: the same k largest, from fewer candidates.
+      if (hi > 0 && count > 4 * k + v / 16) {
+        constexpr int kSteps = 8;
+        const float a = td[hi - 1], step = (td[hi - 1] - td[hi]) / kSteps;
+        float ts[kSteps] = {};
+        int64_t c[kSteps] = {};
+        for (int q = 0; q < kSteps - 1; ++q) ts[q] = a - static_cast<float>(q + 1) * step;
+        ts[kSteps - 1] = t;
+        CountAtLeast<kSteps>(z, v, ts, c);
+        for (int q = 0; q < kSteps; ++q)
+          if (c[q] >= k && ts[q] >= t) {
+            t = ts[q];
+            count = c[q];
+            break;
+          }
+      }
     }
   }
   // Candidates are few: a vector test skips the vectors without one. (No CompressStore: AVX-512's
   // compress to memory is microcoded and slow on AMD Zen 4.)
+  const DF df;
+  const RowSpan sp = Span(v);
   out.resize(static_cast<size_t>(count));
   const VF vt = hn::Set(df, t);
   size_t w = 0;
@@ -278,7 +370,7 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   // The top-k values of z, selected while z is in cache and before the exps are written; their
   // mass once lse is known. No gradient flows through the mass.
   const int64_t k = job.topk_mass ? std::min(job.topk, v) : 0;
-  if (k > 0) TopK(z, v, k, m, scratch);
+  if (k > 0) TopK(z, v, k, m, /*m_is_max=*/true, scratch);
   float* keep = nullptr;
   if (keep_z) {
     ex.resize(static_cast<size_t>(v));
@@ -326,7 +418,7 @@ void ShardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>&
     // The global max bounds the shard's entries from above: TopK's thresholds start below it.
     const float m = static_cast<float>(job.shift[i]);
     if (std::isfinite(m)) {
-      TopK(z, v, k, m, scratch);
+      TopK(z, v, k, m, /*m_is_max=*/false, scratch);
     } else {
       scratch.assign(z, z + v);
       std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),

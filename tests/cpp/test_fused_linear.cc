@@ -756,7 +756,7 @@ TEST(FusedLinearLogprobs, TopkMassWithTiesMatchesFp64) {
                                 TensorView::matrix(weight.data(), DType::f32, v, 1),
                                 {}};
   const TensorView lab = TensorView::vector(labels.data(), DType::i64, n);
-  for (const int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{9}, int64_t{20}, v}) {
+  for (const int64_t k : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{9}, int64_t{20}, v - 1, v}) {
     for (const bool with_grads : {false, true}) {
       std::vector<float> mass(n, -1.0f), loss(1), gh(n), gw(v);
       divkit::LabelStatsOutputs st;
@@ -1090,6 +1090,137 @@ TEST(FusedLinearErrors, NameTheArgument) {
   sharded.shard.all_reduce = [](double*, int64_t, divkit::CollectiveOp) {};
   expect_error([&] { divkit::fused_linear_logprobs(s.view(), good, sharded, more); },
                {"fused_linear_logprobs", "vocabulary-parallel"});
+}
+
+// A -inf bias entry masks that vocabulary entry: the cross-entropy, its statistics and the
+// hidden-state gradient equal those of the head without the masked rows (labels remapped); the
+// masked rows take zero weight and bias gradients. NaN / +inf bias entries, and a bias that masks
+// every entry (every counted row all -inf), name the argument.
+TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
+  using divkit_test::expect_error;
+  const int64_t n = 6, v = 11, h = 5;
+  const std::vector<int64_t> masked = {2, 7, 10};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> hidden(n * h), weight(v * h), bias(v);
+  for (float& x : hidden) x = g(rng);
+  for (float& x : weight) x = g(rng);
+  for (float& x : bias) x = g(rng);
+  for (int64_t j : masked) bias[j] = -INFINITY;
+  std::vector<int64_t> labels = {0, 3, -100, 9, 5, 1}, keep_of(v, -1);
+  std::vector<float> w_kept, b_kept;
+  for (int64_t j = 0, r = 0; j < v; ++j) {
+    if (std::find(masked.begin(), masked.end(), j) != masked.end()) continue;
+    keep_of[j] = r++;
+    w_kept.insert(w_kept.end(), weight.begin() + j * h, weight.begin() + (j + 1) * h);
+    b_kept.push_back(bias[j]);
+  }
+  std::vector<int64_t> labels_kept(n);
+  for (int64_t i = 0; i < n; ++i) labels_kept[i] = labels[i] < 0 ? labels[i] : keep_of[labels[i]];
+  const int64_t vk = static_cast<int64_t>(b_kept.size());
+  struct Out {
+    float loss = 0.0f;
+    std::vector<float> gh, gw, gb, ent;
+  };
+  auto run = [&](std::vector<float>& w, std::vector<float>& b, std::vector<int64_t>& lab,
+                 int64_t vv) {
+    Out o;
+    o.gh.resize(n * h);
+    o.gw.resize(vv * h);
+    o.gb.resize(vv);
+    o.ent.resize(n);
+    const divkit::LinearHead head{TensorView::matrix(hidden.data(), DType::f32, n, h),
+                                  TensorView::matrix(w.data(), DType::f32, vv, h),
+                                  TensorView::vector(b.data(), DType::f32, vv)};
+    divkit::LabelStatsOutputs st;
+    st.entropy = TensorView::vector(o.ent.data(), DType::f32, n);
+    divkit::CrossEntropySpec spec;
+    spec.z_loss_scale = 0.01f;
+    divkit::fused_linear_cross_entropy(head, TensorView::vector(lab.data(), DType::i64, n), spec,
+                                       TensorView::vector(&o.loss, DType::f32, 1),
+                                       {TensorView::matrix(o.gh.data(), DType::f32, n, h),
+                                        TensorView::matrix(o.gw.data(), DType::f32, vv, h),
+                                        TensorView::vector(o.gb.data(), DType::f32, vv)},
+                                       st);
+    return o;
+  };
+  const Out full = run(weight, bias, labels, v), kept = run(w_kept, b_kept, labels_kept, vk);
+  ASSERT_TRUE(std::isfinite(full.loss));
+  EXPECT_NEAR(full.loss, kept.loss, 1e-6 * std::abs(kept.loss));
+  for (int64_t i = 0; i < n * h; ++i) EXPECT_NEAR(full.gh[i], kept.gh[i], 1e-6) << i;
+  for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(full.ent[i], kept.ent[i], 1e-6) << i;
+  for (int64_t j = 0; j < v; ++j) {
+    const int64_t r = keep_of[j];
+    EXPECT_NEAR(full.gb[j], r < 0 ? 0.0f : kept.gb[r], 1e-6) << j;
+    for (int64_t c = 0; c < h; ++c)
+      EXPECT_NEAR(full.gw[j * h + c], r < 0 ? 0.0f : kept.gw[r * h + c], 1e-6) << j;
+  }
+  for (const float bad : {NAN, INFINITY}) {
+    std::vector<float> b2 = bias;
+    b2[4] = bad;
+    expect_error([&] { run(weight, b2, labels, v); },
+                 {"fused_linear_cross_entropy", "bias contains NaN or +inf at index 4"});
+  }
+  std::vector<float> all(v, -INFINITY);
+  expect_error([&] { run(weight, all, labels, v); },
+               {"fused_linear_cross_entropy", "token 0", "all -inf"});
+}
+
+// The top-k selection itself (the threshold search of label_kernels.cc), through the
+// vocabulary-parallel pass that returns the k largest z of each row: for every k from 1 to V + 1,
+// rows with many exact ties, spreads from 1e-3 to 1e30 (the search's late thresholds), -inf
+// entries (fewer finite entries than k) and a shift equal to or above the row's max, the values
+// returned are exactly the k largest (as a multiset), on every SIMD target.
+TEST(LabelRows, TopkSelectionIsExactForEveryK) {
+  const int64_t v = 203, rows = 8;
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> ints(-5, 5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(rows * v);
+  for (int64_t j = 0; j < v; ++j) {
+    const float r = static_cast<float>(ints(rng));
+    x[0 * v + j] = r;
+    x[1 * v + j] = r * 1e-3f;
+    x[2 * v + j] = normal(rng) * 1e4f;
+    x[3 * v + j] = static_cast<float>(ints(rng)) * 1e30f;
+    x[4 * v + j] = j % 5 == 1 ? -INFINITY : r;
+    x[5 * v + j] = j % 2 ? -INFINITY : static_cast<float>(ints(rng)) * 1e20f;
+    x[6 * v + j] = 2.5f;
+    x[7 * v + j] = j == 100 ? 1.0f : -INFINITY;
+  }
+  std::vector<int64_t> labels(rows, 0);
+  divkit_test::RuntimeGuard guard;
+  for (const std::string& target : divkit::available_simd_targets()) {
+    divkit::force_simd_target(target);
+    for (const double above : {0.0, 3.0}) {
+      std::vector<double> shift(rows);
+      for (int64_t i = 0; i < rows; ++i)
+        shift[i] = *std::max_element(x.begin() + i * v, x.begin() + (i + 1) * v) + above;
+      for (int64_t k = 1; k <= v + 1; ++k) {
+        std::vector<float> z = x;
+        std::vector<double> partials(4 * rows), top(rows * k);
+        divkit::detail::LabelForwardJob job;
+        job.z = z.data();
+        job.ldz = v;
+        job.rows = rows;
+        job.v = v;
+        job.labels = labels.data();
+        job.shift = shift.data();
+        job.partials = partials.data();
+        job.topk_z = top.data();
+        job.topk = k;
+        divkit::detail::label_rows_forward(job);
+        for (int64_t i = 0; i < rows; ++i) {
+          std::vector<double> want(x.begin() + i * v, x.begin() + (i + 1) * v);
+          std::sort(want.rbegin(), want.rend());
+          want.resize(static_cast<size_t>(k), -INFINITY);
+          std::vector<double> got(top.begin() + i * k, top.begin() + (i + 1) * k);
+          std::sort(got.rbegin(), got.rend());
+          ASSERT_EQ(got, want) << target << " row " << i << " k " << k << " above " << above;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace

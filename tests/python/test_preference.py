@@ -427,6 +427,40 @@ def test_sparsepo_mask_module():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
+def _sparsepo_mask_is_live(m, hs) -> bool:
+    """Whether every head of a SparsePOMask gives a non-zero mask on ``hs`` and passes a
+    non-zero gradient to its mixer and to some per-layer projection (not a dead start)."""
+    m.zero_grad()
+    r, k = m(hs)
+    (r.sum() + k.sum()).backward()
+    for h in m.heads:
+        if not (h["mix"].weight.grad is not None and h["mix"].weight.grad.abs().sum() > 0):
+            return False
+        layer_grads = [f[1].weight.grad for f in h["per_layer"]]
+        if not any(g is not None and g.abs().sum() > 0 for g in layer_grads):
+            return False
+    return bool((r > 0).any() and (k > 0).any())
+
+
+@pytest.mark.parametrize("num_layers,shared", [(4, False), (12, True)])
+def test_sparsepo_mask_not_dead_at_init(num_layers, shared):
+    # A fixed seed and typical inputs (N(0, 1) hidden states of a reference model, H = 64): the
+    # masks are not all zero and the mask parameters get gradients.
+    torch.manual_seed(0)
+    m = P.SparsePOMask(64, num_layers, shared=shared)
+    hs = [torch.randn(2, 16, 64) for _ in range(num_layers)]
+    assert _sparsepo_mask_is_live(m, hs)
+    r, _ = m.eval()(hs)
+    assert (r > 0).float().mean() >= 0.25
+    # The dead start the check guards against (documented in SparsePOMask's docstring): a mixer
+    # whose weights and bias are negative zeroes every mask and every gradient.
+    with torch.no_grad():
+        for h in m.heads:
+            h["mix"].weight.copy_(-h["mix"].weight.abs())
+            h["mix"].bias.fill_(-0.1)
+    assert not _sparsepo_mask_is_live(m.train(), hs)
+
+
 # ---- bad input ---------------------------------------------------------------------------
 
 

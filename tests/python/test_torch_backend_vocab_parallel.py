@@ -358,6 +358,23 @@ def _token_checks(rank, world):
     ss, tt = s[:, lo:hi].clone(), t[:, lo:hi].clone()
     vocab_parallel_divergence(ss, tt, "jsd", labels=labels, backend="torch")
     assert torch.equal(ss, s[:, lo:hi]) and torch.equal(tt, t[:, lo:hi])
+    # Nor when gradients are asked for: the student's alone (the case where the row step may
+    # write it over its input, which the loop reads from the caller's fp32 logits without a
+    # copy), and both; the gradients match the core's.
+    for need_t in (False, True):
+        for kind in ("forward_kl", "renyi"):
+            xs = {}
+            for mode in ("torch", "core"):
+                ss = s[:, lo:hi].clone().requires_grad_(True)
+                tt = t[:, lo:hi].clone().requires_grad_(need_t)
+                out = vocab_parallel_divergence(ss, tt, kind, labels=labels, backend=mode)
+                out.backward()
+                what = f"{kind} need_t={need_t} {mode}"
+                assert torch.equal(ss.detach(), s[:, lo:hi]), f"{what}: student logits written"
+                assert torch.equal(tt.detach(), t[:, lo:hi]), f"{what}: teacher logits written"
+                xs[mode] = (out.detach(), ss.grad, tt.grad)
+            _close(xs["torch"][0], xs["core"][0], 2e-5, f"{kind}: loss")
+            _close(xs["torch"][1], xs["core"][1], 3e-5, f"{kind}: grad student")
     # Errors raise on every rank, on both engines.
     for kw in (dict(backend="torch"), dict(backend="core")):
         sv, tv = s[:, lo:hi], t[:, lo:hi]

@@ -1167,12 +1167,16 @@ def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=
 class ShardRows(TorchRows):
     """The soft term's row step on a vocabulary shard: the token divergence of the chunk's
     shard logits under the group's normalizers (the core's sharded_divergence_rows in PyTorch
-    ops); the student gradient is written over ``zs``."""
+    ops). With ``overwrite_input`` (a chunk the caller no longer needs, such as the fused head's
+    logits) the student gradient is written over ``zs`` when the teacher's is not asked for;
+    without it (the caller's own logits, or a gradient bound for a separate buffer) ``zs`` and
+    ``zt`` are only read and the gradients are new tensors."""
 
     name = "shard"
 
-    def __init__(self, shard: _Shard) -> None:
+    def __init__(self, shard: _Shard, overwrite_input: bool = True) -> None:
         self.shard = shard
+        self.overwrite_input = overwrite_input
 
     def divergence(self, zs, zt, labels, weights, cfg, need_s: bool, need_t: bool, fn: str):
         spec = _Spec(cfg)
@@ -1214,13 +1218,14 @@ class ShardRows(TorchRows):
         )
         scale = (spec.t2 * w / spec.temperature).to(dt).unsqueeze(-1)
         value, gs, gt = _chunk(spec, e, need_s, need_t, scale, self.shard)
+        # _chunk's gradients are new tensors: the ignored rows are zeroed in place.
         if gs is not None:
-            gs = torch.where(act.unsqueeze(-1), gs, torch.zeros_like(gs))
-            if not need_t:
+            gs.masked_fill_(~act.unsqueeze(-1), 0.0)
+            if self.overwrite_input and not need_t:
                 zs.copy_(gs)
                 gs = zs
         if gt is not None:
-            gt = torch.where(act.unsqueeze(-1), gt, torch.zeros_like(gt))
+            gt.masked_fill_(~act.unsqueeze(-1), 0.0)
         value = torch.where(~(value.abs() <= _FLT_MAX), torch.full_like(value, _INF), value)
         row = torch.where(act & (w != 0), w * value * spec.t2, torch.zeros_like(value))
         return row, gs, gt
@@ -1264,7 +1269,9 @@ def vocab_parallel_divergence(
             fn, labels.to(dev).reshape(-1).to(torch.int64), act, shard.global_v, cfg.ignore_index
         )
     soft_cfg = _SoftCfg(cfg)
-    step = ShardRows(shard)
+    # The gradients go to their own buffers: the row step only reads the chunks, which may be
+    # views of the caller's logits (no copy when they are already in the compute dtype).
+    step = ShardRows(shard, overwrite_input=False)
     dt = _compute_dtype(s2, t2)
     gs = torch.zeros((n, v), dtype=torch.float32, device=dev) if need[0] else None
     gt = torch.zeros((n, v), dtype=torch.float32, device=dev) if need[1] else None
@@ -1275,8 +1282,7 @@ def vocab_parallel_divergence(
     rows = _rows_per_chunk(chunk_size, n, shard.max_v, dev)
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        # ShardRows may write the student gradient over its input: give it a copy.
-        zs = s2[a:b].to(dt, copy=True)
+        zs = s2[a:b].to(dt)
         zt = t2[a:b].to(dt)
         lab_c = None if lab is None else lab[a:b]
         row, gzs, gzt = step.divergence(
@@ -1685,7 +1691,7 @@ def fused_linear_cross_entropy(
         p = torch.exp(z - lse.unsqueeze(-1))
         if return_stats:
             lp = torch.where(ca, zy - lse, torch.zeros_like(lse))
-            ent = -(p * (z - lse.unsqueeze(-1))).sum(-1) if shard is None else ent64
+            ent = -_xt(p, z - lse.unsqueeze(-1)).sum(-1) if shard is None else ent64
             logprobs[a:e] = lp.to(torch.float32)
             entropy[a:e] = torch.where(ca, ent, torch.zeros_like(ent)).to(torch.float32)
         if want:

@@ -393,7 +393,19 @@ class SparsePOMask(nn.Module):
     of L layers, per layer LayerNorm -> Linear(H, 1) -> ReLU -> Dropout, then a Linear(L, 1)
     mixer -> ReLU, giving a non-negative mask per token. ``shared=True`` uses one mask for the
     reward and the KL; otherwise two heads. ``forward(hidden_states)`` takes a sequence of L
-    tensors ``[B, T, H]`` and returns ``(reward_mask, kl_mask)``, each ``[B, T]``."""
+    tensors ``[B, T, H]`` and returns ``(reward_mask, kl_mask)``, each ``[B, T]``.
+
+    Dead start: the mixer's inputs are non-negative (ReLU outputs), so when its weights (and
+    bias) come out mostly negative at init, the final ReLU gives a zero mask for every token and
+    zero gradients to every mask parameter, and training cannot leave that state. The official
+    code (``SimpleMaskAllLayers`` in huawei-noah/HEBO ``SparsePO/src/masks/mask_models.py``)
+    has the same risk: PyTorch's default init, a final ReLU, nothing to prevent it; this module
+    keeps that architecture. With PyTorch's default init, H = 64 and N(0, 1) hidden states, about
+    a third of the seeds start dead at L = 1, a quarter at L = 2, one in seven at L = 4 and one
+    in fifty at L = 32. Check ``(mask > 0).any()`` on the first batch (or re-initialize
+    ``heads[i]["mix"]`` with non-negative weights) before training. Differences from the
+    official module, kept: one LayerNorm per layer (the official one shares a single
+    LayerNorm), a bias in the mixer, and no dropout after the mixer's ReLU."""
 
     @check.public("SparsePOMask")
     def __init__(

@@ -1,0 +1,212 @@
+"""A -inf bias entry masks that vocabulary entry in the fused linear heads (padded vocabulary
+rows): its logit is -inf, a masked entry of probability 0, on both routes (the C++ core and the
+PyTorch chunk loop that CUDA tensors and backend="torch" take). Both routes give the same losses,
+statistics and gradients (checked on CPU tensors, and against float64 autograd references);
+NaN / +inf bias entries and rows whose logits are all -inf raise on both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import divkit
+
+NEG = float("-inf")
+MASKED = (3, 7, 12)
+
+
+def _data(n=9, h=8, v=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g)
+    b = torch.randn(v, generator=g)
+    b[list(MASKED)] = NEG
+    lab = torch.randint(0, v, (n,), generator=g)
+    for m in MASKED:
+        lab[lab == m] = 0
+    lab[2] = -100
+    return x, w, b, lab
+
+
+def _grads(fn, backend, *xs):
+    xs = [x.clone().requires_grad_(True) for x in xs]
+    out = fn(backend, *xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    up = sum(
+        (o.double() * (k + 1) * 0.3).sum() for k, o in enumerate(outs) if o.is_floating_point()
+    )
+    up.backward()
+    return [o.detach() for o in outs], [x.grad for x in xs]
+
+
+def _close(a, b, tol, what):
+    assert a.shape == b.shape, what
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b)), what
+    f = torch.isfinite(b)
+    if f.any():
+        err = (a[f].double() - b[f].double()).abs().max().item()
+        scale = b[f].double().abs().max().item() + 1e-6
+        assert err <= tol * scale, f"{what}: {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def _both(fn, *xs):
+    got = {be: _grads(fn, be, *xs) for be in ("core", "torch")}
+    (oc, gc), (ot, gt) = got["core"], got["torch"]
+    for k, (a, b) in enumerate(zip(ot, oc)):
+        _close(a.float(), b.float(), 2e-5, f"output {k}")
+    for k, (a, b) in enumerate(zip(gt, gc)):
+        assert torch.isfinite(b).all(), f"core gradient {k} not finite"
+        _close(a, b, 3e-5, f"gradient {k}")
+    return got["core"]
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"return_stats": True},
+        {"lse_square_scale": 1e-2, "reduction": "none"},
+        {"softcap": 4.0},
+        {"reduction": "sum", "chunk_size": 4},
+    ],
+)
+def test_cross_entropy_masked_bias_same_on_both_routes(opts):
+    x, w, b, lab = _data()
+
+    def f(be, x, w, b):
+        return divkit.fused_linear_cross_entropy(x, w, lab, bias=b, backend=be, **opts)
+
+    outs, grads = _both(f, x, w, b)
+    assert torch.isfinite(outs[0]).all()
+    # The masked entries take no gradient: their probability is 0 (under softcap their logit is
+    # -softcap, whose derivative through tanh is 0).
+    assert torch.equal(grads[2][list(MASKED)], torch.zeros(len(MASKED)))
+    if not opts:
+        # float64 reference: PyTorch's cross-entropy of the masked logits.
+        xd, wd, bd = (t.double().requires_grad_(True) for t in (x, w, b))
+        ref = F.cross_entropy(xd @ wd.T + bd, lab)
+        (0.3 * ref).backward()  # the upstream weight _grads gives output 0
+        _close(outs[0].double(), ref.detach().reshape(outs[0].shape), 1e-5, "loss vs fp64")
+        for k, (g, r) in enumerate(zip(grads, (xd.grad, wd.grad, bd.grad))):
+            _close(g.double(), r, 1e-5, f"gradient {k} vs fp64")
+    if opts.get("return_stats"):
+        # The entropy skips the masked entries (0 log 0 = 0) on both routes.
+        z = (x.double() @ w.double().T + b.double()).log_softmax(-1)
+        ent = -(z.exp() * torch.where(torch.isinf(z), 0.0, z)).sum(-1)
+        ent[lab == -100] = 0.0
+        _close(outs[2].double(), ent, 1e-5, "entropy vs fp64")
+
+
+def test_logprobs_masked_bias_same_on_both_routes():
+    x, w, b, lab = _data(seed=1)
+
+    def f(be, x, w, b):
+        r = divkit.fused_linear_logprobs(
+            x,
+            w,
+            lab,
+            bias=b,
+            temperature=0.7,
+            return_entropy=True,
+            topk=3,
+            return_log_sum_sq_probs=True,
+            return_is_top1=True,
+            backend=be,
+        )
+        return tuple(r)
+
+    outs, grads = _both(f, x, w, b)
+    lp = (x.double() @ w.double().T + b.double()).div(0.7).log_softmax(-1)
+    want = lp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    want[lab == -100] = 0.0
+    _close(outs[0].double(), want, 1e-5, "logprobs vs fp64")
+    assert torch.equal(grads[2][list(MASKED)], torch.zeros(len(MASKED)))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_divergence_masked_bias_same_on_both_routes(kind):
+    x, w, b, lab = _data(seed=2)
+    g = torch.Generator().manual_seed(5)
+    tx, tw, tb = torch.randn(9, 6, generator=g), torch.randn(13, 6, generator=g), b.clone()
+    tb[~torch.isinf(b)] = torch.randn(13 - len(MASKED), generator=g)
+
+    def f(be, x, w, b, tx, tw, tb):
+        return divkit.fused_linear_divergence(
+            x,
+            w,
+            tx,
+            tw,
+            kind,
+            student_bias=b,
+            teacher_bias=tb,
+            labels=lab,
+            hard_weight=0.4,
+            temperature=1.5,
+            backend=be,
+        )
+
+    outs, grads = _both(f, x, w, b, tx, tw, tb)
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(grads[2][list(MASKED)], torch.zeros(len(MASKED)))
+
+
+def test_sparse_divergence_masked_bias_same_on_both_routes():
+    x, w, b, lab = _data(seed=3)
+    g = torch.Generator().manual_seed(4)
+    idx = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(x.shape[0])])
+    idx = torch.where(idx == 3, 11, torch.where(idx == 7, 10, idx))  # no masked entry
+    lp = torch.log_softmax(torch.randn(x.shape[0], 4, generator=g), -1) - 0.05
+
+    def f(be, x, w, b):
+        return divkit.fused_linear_sparse_divergence(
+            x, w, idx, lp, student_bias=b, labels=lab, backend=be
+        )
+
+    outs, _ = _both(f, x, w, b)
+    assert torch.isfinite(outs[0]).all()
+
+
+def _raises_on_both(call, *patterns):
+    for be in ("core", "torch"):
+        with pytest.raises(divkit.Error) as e:
+            call(be)
+        for p in patterns:
+            assert p in str(e.value), (be, str(e.value))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_posinf_bias_raises_on_both_routes(bad):
+    x, w, b, lab = _data()
+    b[5] = bad
+    _raises_on_both(
+        lambda be: divkit.fused_linear_cross_entropy(x, w, lab, bias=b, backend=be),
+        "fused_linear_cross_entropy",
+        "NaN",
+        "+inf",
+    )
+    with pytest.raises(divkit.Error, match=r"bias contains NaN or \+inf at index 5"):
+        divkit.fused_linear_cross_entropy(x, w, lab, bias=b, backend="core")
+
+
+def test_all_masked_rows_raise_on_both_routes():
+    x, w, b, lab = _data()
+    full = torch.full_like(b, NEG)
+    _raises_on_both(
+        lambda be: divkit.fused_linear_cross_entropy(x, w, lab, bias=full, backend=be),
+        "fused_linear_cross_entropy",
+        "all -inf",
+    )
+    _raises_on_both(
+        lambda be: divkit.fused_linear_logprobs(x, w, lab, bias=full, backend=be),
+        "fused_linear_logprobs",
+        "all -inf",
+    )
+    for who, sb, tb in (("student", full, b), ("teacher", b, full)):
+        _raises_on_both(
+            lambda be: divkit.fused_linear_divergence(
+                x, w, x, w, student_bias=sb, teacher_bias=tb, labels=lab, backend=be
+            ),
+            "fused_linear_divergence",
+            f"{who}_logits row 0 has every logit -inf",
+        )
