@@ -264,9 +264,14 @@ DIVKIT_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
 // At alpha = 1/2 the bracket is computed as expm1(d / 2)^2 / 2 (the same value, without the
 // cancellation). Also gives w - b = b expm1(c d), the same bits as PowerMeanMinusBase(e, alpha, b
 // is p), from the expm1 already computed; the exp of the direct form is computed only for vectors
-// that need it.
+// that need it. With the w_minus_q argument, also w - q: w - b where b = q; where b = p (alpha >
+// 1/2, c < 1/2, and d = log(q / p)), from the same two expm1: p (expm1(c d) - expm1(d)), whose
+// two terms never cancel more than 5-fold where q > w / 2 (near p = q it is ~ p (c - 1) d, as
+// accurate as q expm1(alpha log(p / q))), and (p + p expm1(c d)) - q elsewhere (then q <= w / 2,
+// no cancellation): no third transcendental function.
 template <class D, class V>
-DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base);
+DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base,
+                                  V* w_minus_q = nullptr);
 
 template <class D, class V>
 DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha) {
@@ -291,7 +296,8 @@ DIVKIT_INLINE V PowerMeanMinusBase(D d, const Entry<V>& e, float alpha, bool bas
 }
 
 template <class D, class V>
-DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base) {
+DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base,
+                                  V* w_minus_q) {
   const bool mirror = alpha > 0.5f;
   const V b = mirror ? e.p : e.q;
   const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
@@ -301,13 +307,27 @@ DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minu
   const V em1_cd = Expm1OrInf(d, hn::Mul(c, dd));
   // c = 1/2 (alpha = 1/2, Hellinger's order): expm1(d) = e (e + 2) with e = expm1(d / 2), so
   // the bracket is e^2 / 2 exactly: one expm1 instead of two, and no cancellation.
-  const V bracket = (mirror ? 1.0f - alpha : alpha) == 0.5f
-                        ? hn::Mul(hn::Set(d, 0.5f), hn::Mul(em1_cd, em1_cd))
-                        : hn::MulSub(c, Expm1OrInf(d, dd), em1_cd);
+  const bool half = (mirror ? 1.0f - alpha : alpha) == 0.5f;
+  const V em1_d = half ? em1_cd : Expm1OrInf(d, dd);  // mirror: c != 1/2, so not half
+  const V bracket =
+      half ? hn::Mul(hn::Set(d, 0.5f), hn::Mul(em1_cd, em1_cd)) : hn::MulSub(c, em1_d, em1_cd);
   const V via_expm1 = hn::Mul(b, bracket);
   w_minus_base = hn::Mul(b, em1_cd);
+  if (w_minus_q != nullptr) {
+    if (mirror) {
+      const V w = hn::MulAdd(e.p, em1_cd, e.p);
+      const V far = hn::Sub(w, e.q);
+      const V near = hn::Mul(e.p, hn::Sub(em1_cd, em1_d));
+      *w_minus_q = hn::IfThenElse(hn::Le(hn::Add(e.q, e.q), w), far, near);
+    } else {
+      *w_minus_q = w_minus_base;
+    }
+  }
   if (hn::AllTrue(d, stable)) return via_expm1;
   w_minus_base = hn::IfThenElse(stable, w_minus_base, PowerMeanMinusBase(d, e, alpha, mirror));
+  if (w_minus_q != nullptr)
+    *w_minus_q = mirror ? hn::IfThenElse(stable, *w_minus_q, PowerMeanMinusBase(d, e, alpha, false))
+                        : w_minus_base;
   const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
   return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
 }
@@ -320,10 +340,8 @@ struct AlphaDivergence : SumFinish {
   DIVKIT_HD explicit AlphaDivergence(const DivergenceSpec& s) : alpha(s.alpha) {}
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    V w_minus_base;
-    const V g = MixMinusPowerMean(d, e, alpha, w_minus_base);
-    // The base is q for alpha <= 1/2: w - q then comes with the term.
-    const V w_minus_q = alpha > 0.5f ? PowerMeanMinusBase(d, e, alpha, false) : w_minus_base;
+    V w_minus_base, w_minus_q;
+    const V g = MixMinusPowerMean(d, e, alpha, w_minus_base, &w_minus_q);
     u = hn::Mul(w_minus_q, hn::Set(d, -1.0f / alpha));
     return hn::Mul(g, hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
   }
