@@ -566,24 +566,15 @@ RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const 
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
   const float alpha = div.alpha;
-  const bool mirror = alpha > 0.5f;  // MixMinusPowerMean's base is then p: w - p
   RowSum sum_s1, sum_w;
-  const VF two = hn::Set(df, 2.0f);
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
     if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc = hn::Zero(df), acc_w = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
       const Entry<VF> e = LoadEntry(b.LogitsS(), b.es, b.LogitsT(), b.et, n, j);
-      VF w_minus_base;
-      acc = hn::Sub(acc, defs::MixMinusPowerMean(df, e, alpha, w_minus_base));
-      VF u = w_minus_base;
-      if (mirror) {
-        // w - q from w - p: (w - p) + (p - q) where p <= 2q (p - q is then exact, or p << q and
-        // |w - q| >= 0.29 q), else (w - p + p) - q (w >= 1.41 q: no cancellation).
-        u = hn::IfThenElse(hn::Le(e.p, hn::Mul(two, e.q)), hn::Add(w_minus_base, hn::Sub(e.p, e.q)),
-                           hn::Sub(hn::Add(w_minus_base, e.p), e.q));
-      }
+      VF w_minus_base, u;  // u = w - q (the term's w - base for alpha <= 1/2)
+      acc = hn::Sub(acc, defs::MixMinusPowerMean(df, e, alpha, w_minus_base, &u));
       if constexpr (kStore) hn::Store(u, df, wq + j);
       acc_w = hn::Add(acc_w, hn::Add(e.q, u));
     }
