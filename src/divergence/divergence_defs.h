@@ -304,11 +304,14 @@ DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minu
   const V diff = mirror ? hn::Neg(e.lr) : e.lr;  // log(other / b)
   const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
   const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
-  const V em1_cd = Expm1OrInf(d, hn::Mul(c, dd));
+  // |dd| < 60, so expm1(dd) and, where |c| <= 1, expm1(c dd) need no range check.
+  const float cf = mirror ? 1.0f - alpha : alpha;
+  const V em1_cd =
+      cf >= -1.0f && cf <= 1.0f ? Expm1Moderate(d, hn::Mul(c, dd)) : Expm1OrInf(d, hn::Mul(c, dd));
   // c = 1/2 (alpha = 1/2, Hellinger's order): expm1(d) = e (e + 2) with e = expm1(d / 2), so
   // the bracket is e^2 / 2 exactly: one expm1 instead of two, and no cancellation.
   const bool half = (mirror ? 1.0f - alpha : alpha) == 0.5f;
-  const V em1_d = half ? em1_cd : Expm1OrInf(d, dd);  // mirror: c != 1/2, so not half
+  const V em1_d = half ? em1_cd : Expm1Moderate(d, dd);  // mirror: c != 1/2, so not half
   const V bracket =
       half ? hn::Mul(hn::Set(d, 0.5f), hn::Mul(em1_cd, em1_cd)) : hn::MulSub(c, em1_d, em1_cd);
   const V via_expm1 = hn::Mul(b, bracket);
