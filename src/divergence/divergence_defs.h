@@ -268,10 +268,13 @@ DIVKIT_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
 // 1/2, c < 1/2, and d = log(q / p)), from the same two expm1: p (expm1(c d) - expm1(d)), whose
 // two terms never cancel more than 5-fold where q > w / 2 (near p = q it is ~ p (c - 1) d, as
 // accurate as q expm1(alpha log(p / q))), and (p + p expm1(c d)) - q elsewhere (then q <= w / 2,
-// no cancellation): no third transcendental function.
+// no cancellation): no third transcendental function. Likewise w - p with the w_minus_p
+// argument (the teacher factor): w - b where b = p; where b = q, q (expm1(c d) - expm1(d)) where
+// p > w / 2 and (q + q expm1(c d)) - p elsewhere, and at alpha = 1/2 -w expm1(d / 2) (exact,
+// no cancellation anywhere).
 template <class D, class V>
 DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base,
-                                  V* w_minus_q = nullptr);
+                                  V* w_minus_q = nullptr, V* w_minus_p = nullptr);
 
 template <class D, class V>
 DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha) {
@@ -297,7 +300,7 @@ DIVKIT_INLINE V PowerMeanMinusBase(D d, const Entry<V>& e, float alpha, bool bas
 
 template <class D, class V>
 DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base,
-                                  V* w_minus_q) {
+                                  V* w_minus_q, V* w_minus_p) {
   const bool mirror = alpha > 0.5f;
   const V b = mirror ? e.p : e.q;
   const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
@@ -326,11 +329,28 @@ DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minu
       *w_minus_q = w_minus_base;
     }
   }
+  if (w_minus_p != nullptr) {
+    if (mirror) {
+      *w_minus_p = w_minus_base;
+    } else {
+      const V w = hn::MulAdd(e.q, em1_cd, e.q);
+      if (half) {
+        *w_minus_p = hn::Neg(hn::Mul(w, em1_cd));
+      } else {
+        const V far = hn::Sub(w, e.p);
+        const V near = hn::Mul(e.q, hn::Sub(em1_cd, em1_d));
+        *w_minus_p = hn::IfThenElse(hn::Le(hn::Add(e.p, e.p), w), far, near);
+      }
+    }
+  }
   if (hn::AllTrue(d, stable)) return via_expm1;
   w_minus_base = hn::IfThenElse(stable, w_minus_base, PowerMeanMinusBase(d, e, alpha, mirror));
   if (w_minus_q != nullptr)
     *w_minus_q = mirror ? hn::IfThenElse(stable, *w_minus_q, PowerMeanMinusBase(d, e, alpha, false))
                         : w_minus_base;
+  if (w_minus_p != nullptr)
+    *w_minus_p = mirror ? w_minus_base
+                        : hn::IfThenElse(stable, *w_minus_p, PowerMeanMinusBase(d, e, alpha, true));
   const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
   return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
 }
@@ -348,9 +368,13 @@ struct AlphaDivergence : SumFinish {
     u = hn::Mul(w_minus_q, hn::Set(d, -1.0f / alpha));
     return hn::Mul(g, hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
   }
+  // The same MixMinusPowerMean as term()'s (the compiler shares the two in the kernel's
+  // loop), so that w - p costs no third expm1.
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Mul(PowerMeanMinusBase(d, e, alpha, true), hn::Set(d, -1.0f / (1.0f - alpha)));
+    V w_minus_base, w_minus_q, w_minus_p;
+    MixMinusPowerMean(d, e, alpha, w_minus_base, &w_minus_q, &w_minus_p);
+    return hn::Mul(w_minus_p, hn::Set(d, -1.0f / (1.0f - alpha)));
   }
 };
 
