@@ -566,6 +566,7 @@ RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const 
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
   const float alpha = div.alpha;
+  const bool mirror = alpha > 0.5f;  // MixMinusPowerMean's base is then p
   RowSum sum_s1, sum_w;
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
@@ -575,6 +576,14 @@ RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const 
       const Entry<VF> e = LoadEntry(b.LogitsS(), b.es, b.LogitsT(), b.et, n, j);
       VF w_minus_base, u;  // u = w - q (the term's w - base for alpha <= 1/2)
       acc = hn::Sub(acc, defs::MixMinusPowerMean(df, e, alpha, w_minus_base, &u));
+      if (mirror) {
+        // Where p <= q / 2, (w - p) + (p - q) instead: its one rounding of ~q is unbiased, so
+        // the errors of the w << q that q + u recovers do not add up over the row as the
+        // expm1-based form's do (that form is kept near p = q, where p - q would carry p's and
+        // q's rounding).
+        u = hn::IfThenElse(hn::Le(hn::Add(e.p, e.p), e.q), hn::Add(w_minus_base, hn::Sub(e.p, e.q)),
+                           u);
+      }
       if constexpr (kStore) hn::Store(u, df, wq + j);
       acc_w = hn::Add(acc_w, hn::Add(e.q, u));
     }
