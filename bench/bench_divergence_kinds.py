@@ -11,7 +11,12 @@ page faults of a fresh buffer. The kinds are run in rounds (one call of each kin
 in order), so that a change of the machine's load touches all of them alike; each kind's time
 is the median of the rounds, and its ratio to forward_kl is the median of the per-round ratios.
 Wall time and the process's CPU time are both reported (on a shared machine the CPU time is
-the steadier of the two).
+the steadier of the two). A kind may carry its parameter as ``kind:value`` (``alpha`` for
+alpha_divergence, renyi and the skew KLs, ``beta`` for jsd; e.g. ``--kinds forward_kl
+alpha_divergence:0.3``); without one, alpha is 0.5 for alpha_divergence / renyi and 0.1 for the
+skew KLs, beta 0.5 for jsd. The default rows add alpha = 0.3 and 0.7 for alpha_divergence (0.7
+is the mirror-image branch, base p) and alpha = 0.3 and 2 for renyi: alpha = 1/2 has a cheaper
+identity than the other orders, so 0.5 alone understates what these kinds cost.
 
 Part 2 (buffers, forward_kl and the kinds of --buffer-kinds): the student gradient's forms, each
 in its own subprocess (the environment variables are read once per process), the modes
@@ -58,7 +63,11 @@ KINDS = (
     "jeffreys",
     "chi2",
     "alpha_divergence",
+    "alpha_divergence:0.3",
+    "alpha_divergence:0.7",
     "renyi",
+    "renyi:0.3",
+    "renyi:2",
     "cross_entropy",
 )
 # mode -> (environment, buffer form); an environment value None removes the variable.
@@ -75,8 +84,13 @@ MODES = {
 }
 
 
-def _alpha(kind: str) -> float:
-    return 0.5 if kind in ("alpha_divergence", "renyi") else 0.1
+def kind_args(spec: str) -> tuple[str, dict]:
+    """``kind`` or ``kind:value`` -> (kind, the keyword arguments of divkit.divergence)."""
+    kind, _, value = spec.partition(":")
+    if kind == "jsd":
+        return kind, {"beta": float(value) if value else 0.5}
+    default = 0.5 if kind in ("alpha_divergence", "renyi") else 0.1
+    return kind, {"alpha": float(value) if value else default}
 
 
 def triad_gbps(torch, total_bytes: int = 3 << 30, runs: int = 5) -> float:
@@ -112,29 +126,28 @@ def part_kinds(args) -> dict:
     import divkit
 
     torch.set_num_threads(divkit.get_num_threads())
-    tri = [triad_gbps(torch)]
+    tri = [triad_gbps(torch, args.triad_mib << 20)]
     s, t = inputs(torch, args.n, args.v)
     leaf = s.requires_grad_(True)
     buf = torch.zeros_like(s)
     out = {k: {"wall": [], "cpu": []} for k in args.kinds}
 
-    def step(kind):
+    def step(spec):
+        kind, kw = kind_args(spec)
         leaf.grad = None
         w0, c0 = time.perf_counter(), cpu_now()
-        divkit.divergence(
-            leaf.view(args.n, args.v), t, kind, alpha=_alpha(kind), grad_out=buf
-        ).backward()
+        divkit.divergence(leaf.view(args.n, args.v), t, kind, grad_out=buf, **kw).backward()
         return time.perf_counter() - w0, cpu_now() - c0
 
-    for kind in args.kinds:  # warm-up
-        step(kind)
+    for spec in args.kinds:  # warm-up
+        step(spec)
     for _ in range(args.reps):
-        for kind in args.kinds:
-            w, c = step(kind)
-            out[kind]["wall"].append(w)
-            out[kind]["cpu"].append(c)
+        for spec in args.kinds:
+            w, c = step(spec)
+            out[spec]["wall"].append(w)
+            out[spec]["cpu"].append(c)
     s = t = leaf = buf = None  # freed before the second triad
-    tri.append(triad_gbps(torch))
+    tri.append(triad_gbps(torch, args.triad_mib << 20))
     return {"kinds": out, "triad": tri, "threads": divkit.get_num_threads()}
 
 
@@ -171,12 +184,13 @@ def part_buffer_worker(mode: str, kind: str, n: int, v: int, reps: int, api: str
         leaf.grad = None
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         w0, c0 = time.perf_counter(), cpu_now()
-        kw = dict(alpha=_alpha(kind), inplace_grad=form == "inplace", grad_out=buf)
+        name, kw = kind_args(kind)
+        kw.update(inplace_grad=form == "inplace", grad_out=buf)
         if api == "function":
-            loss, g, _ = divkit.divergence_and_grad(leaf, t, kind, **kw)
+            loss, g, _ = divkit.divergence_and_grad(leaf, t, name, **kw)
             del loss, g  # the gradient is released (to the cache, or unmapped)
         else:
-            loss = divkit.divergence(leaf.view(n, v), t, kind, **kw)
+            loss = divkit.divergence(leaf.view(n, v), t, name, **kw)
             loss.backward()
             del loss  # the graph, which keeps the gradient, is released
         walls.append(time.perf_counter() - w0)
@@ -204,6 +218,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the buffer modes")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS))
     ap.add_argument("--buffer-kinds", nargs="+", default=["forward_kl", "reverse_kl", "jsd"])
+    ap.add_argument(
+        "--triad-mib", type=int, default=3072, help="the triad's three arrays, MiB in all"
+    )
     ap.add_argument("--skip-kinds", action="store_true")
     ap.add_argument("--skip-buffers", action="store_true")
     ap.add_argument("--json", help="write the raw results here")

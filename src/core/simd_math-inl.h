@@ -118,6 +118,15 @@ HWY_INLINE V Expm1OrInfFast(D d, V x) {
   return hn::MulAdd(er, scale, hn::Sub(scale, hn::Set(d, 1.0f)));
 }
 
+// Expm1OrInfFast for arguments known to lie in [-87, 87] (the same bits there), without its range
+// check: for terms whose arguments are bounded by construction.
+template <class D, class V>
+HWY_INLINE V Expm1Bounded(D d, V x) {
+  V scale;
+  const V er = Expm1Reduced(d, ReduceExpArg(d, x, scale));
+  return hn::MulAdd(er, scale, hn::Sub(scale, hn::Set(d, 1.0f)));
+}
+
 using SumDF = hn::ScalableTag<float>;
 
 // Row sums with fp64 accuracy at nearly fp32 cost: a loop accumulates fp32 lanes over one block

@@ -264,9 +264,17 @@ DIVKIT_INLINE V PowerMean(D d, const Entry<V>& e, float alpha) {
 // At alpha = 1/2 the bracket is computed as expm1(d / 2)^2 / 2 (the same value, without the
 // cancellation). Also gives w - b = b expm1(c d), the same bits as PowerMeanMinusBase(e, alpha, b
 // is p), from the expm1 already computed; the exp of the direct form is computed only for vectors
-// that need it.
+// that need it. With the w_minus_q argument, also w - q: w - b where b = q; where b = p (alpha >
+// 1/2, c < 1/2, and d = log(q / p)), from the same two expm1: p (expm1(c d) - expm1(d)), whose
+// two terms never cancel more than 5-fold where q > w / 2 (near p = q it is ~ p (c - 1) d, as
+// accurate as q expm1(alpha log(p / q))), and (p + p expm1(c d)) - q elsewhere (then q <= w / 2,
+// no cancellation): no third transcendental function. Likewise w - p with the w_minus_p
+// argument (the teacher factor): w - b where b = p; where b = q, q (expm1(c d) - expm1(d)) where
+// p > w / 2 and (q + q expm1(c d)) - p elsewhere, and at alpha = 1/2 -w expm1(d / 2) (exact,
+// no cancellation anywhere).
 template <class D, class V>
-DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base);
+DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base,
+                                  V* w_minus_q = nullptr, V* w_minus_p = nullptr);
 
 template <class D, class V>
 DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha) {
@@ -291,23 +299,58 @@ DIVKIT_INLINE V PowerMeanMinusBase(D d, const Entry<V>& e, float alpha, bool bas
 }
 
 template <class D, class V>
-DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base) {
+DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minus_base,
+                                  V* w_minus_q, V* w_minus_p) {
   const bool mirror = alpha > 0.5f;
   const V b = mirror ? e.p : e.q;
   const V c = hn::Set(d, mirror ? 1.0f - alpha : alpha);
   const V diff = mirror ? hn::Neg(e.lr) : e.lr;  // log(other / b)
   const auto stable = hn::And(hn::Gt(b, hn::Zero(d)), hn::Lt(hn::Abs(diff), hn::Set(d, 60.0f)));
   const V dd = hn::IfThenElseZero(stable, diff);  // masked lanes (inf, NaN) stay finite
-  const V em1_cd = Expm1OrInf(d, hn::Mul(c, dd));
+  // |dd| < 60, so expm1(dd) and, where |c| <= 1, expm1(c dd) need no range check.
+  const float cf = mirror ? 1.0f - alpha : alpha;
+  const V em1_cd =
+      cf >= -1.0f && cf <= 1.0f ? Expm1Moderate(d, hn::Mul(c, dd)) : Expm1OrInf(d, hn::Mul(c, dd));
   // c = 1/2 (alpha = 1/2, Hellinger's order): expm1(d) = e (e + 2) with e = expm1(d / 2), so
   // the bracket is e^2 / 2 exactly: one expm1 instead of two, and no cancellation.
-  const V bracket = (mirror ? 1.0f - alpha : alpha) == 0.5f
-                        ? hn::Mul(hn::Set(d, 0.5f), hn::Mul(em1_cd, em1_cd))
-                        : hn::MulSub(c, Expm1OrInf(d, dd), em1_cd);
+  const bool half = (mirror ? 1.0f - alpha : alpha) == 0.5f;
+  const V em1_d = half ? em1_cd : Expm1Moderate(d, dd);  // mirror: c != 1/2, so not half
+  const V bracket =
+      half ? hn::Mul(hn::Set(d, 0.5f), hn::Mul(em1_cd, em1_cd)) : hn::MulSub(c, em1_d, em1_cd);
   const V via_expm1 = hn::Mul(b, bracket);
   w_minus_base = hn::Mul(b, em1_cd);
+  if (w_minus_q != nullptr) {
+    if (mirror) {
+      const V w = hn::MulAdd(e.p, em1_cd, e.p);
+      const V far = hn::Sub(w, e.q);
+      const V near = hn::Mul(e.p, hn::Sub(em1_cd, em1_d));
+      *w_minus_q = hn::IfThenElse(hn::Le(hn::Add(e.q, e.q), w), far, near);
+    } else {
+      *w_minus_q = w_minus_base;
+    }
+  }
+  if (w_minus_p != nullptr) {
+    if (mirror) {
+      *w_minus_p = w_minus_base;
+    } else {
+      const V w = hn::MulAdd(e.q, em1_cd, e.q);
+      if (half) {
+        *w_minus_p = hn::Neg(hn::Mul(w, em1_cd));
+      } else {
+        const V far = hn::Sub(w, e.p);
+        const V near = hn::Mul(e.q, hn::Sub(em1_cd, em1_d));
+        *w_minus_p = hn::IfThenElse(hn::Le(hn::Add(e.p, e.p), w), far, near);
+      }
+    }
+  }
   if (hn::AllTrue(d, stable)) return via_expm1;
   w_minus_base = hn::IfThenElse(stable, w_minus_base, PowerMeanMinusBase(d, e, alpha, mirror));
+  if (w_minus_q != nullptr)
+    *w_minus_q = mirror ? hn::IfThenElse(stable, *w_minus_q, PowerMeanMinusBase(d, e, alpha, false))
+                        : w_minus_base;
+  if (w_minus_p != nullptr)
+    *w_minus_p = mirror ? w_minus_base
+                        : hn::IfThenElse(stable, *w_minus_p, PowerMeanMinusBase(d, e, alpha, true));
   const V mix = hn::MulAdd(hn::Set(d, alpha), e.p, hn::Mul(hn::Set(d, 1.0f - alpha), e.q));
   return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
 }
@@ -320,16 +363,18 @@ struct AlphaDivergence : SumFinish {
   DIVKIT_HD explicit AlphaDivergence(const DivergenceSpec& s) : alpha(s.alpha) {}
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    V w_minus_base;
-    const V g = MixMinusPowerMean(d, e, alpha, w_minus_base);
-    // The base is q for alpha <= 1/2: w - q then comes with the term.
-    const V w_minus_q = alpha > 0.5f ? PowerMeanMinusBase(d, e, alpha, false) : w_minus_base;
+    V w_minus_base, w_minus_q;
+    const V g = MixMinusPowerMean(d, e, alpha, w_minus_base, &w_minus_q);
     u = hn::Mul(w_minus_q, hn::Set(d, -1.0f / alpha));
     return hn::Mul(g, hn::Set(d, 1.0f / (alpha * (1.0f - alpha))));
   }
+  // The same MixMinusPowerMean as term()'s (the compiler shares the two in the kernel's
+  // loop), so that w - p costs no third expm1.
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
-    return hn::Mul(PowerMeanMinusBase(d, e, alpha, true), hn::Set(d, -1.0f / (1.0f - alpha)));
+    V w_minus_base, w_minus_q, w_minus_p;
+    MixMinusPowerMean(d, e, alpha, w_minus_base, &w_minus_q, &w_minus_p);
+    return hn::Mul(w_minus_p, hn::Set(d, -1.0f / (1.0f - alpha)));
   }
 };
 

@@ -511,7 +511,7 @@ RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers&
     if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc = hn::Zero(df), acc_w = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
-      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+      const Entry<VF> e = LoadEntry(b.LogitsS(), b.es, b.LogitsT(), b.et, n, j);
       acc = hn::Add(acc, div.term(df, e));
       const VF logw = RenyiLogW(div, e);
       vmax = hn::Max(vmax, logw);
@@ -532,53 +532,59 @@ RenyiSums RenyiRowSums(const Renyi& div, const RowBuffers& b, const Normalizers&
     const int64_t end = std::min(begin + block_len, b.vpad);
     VF acc = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes)
-      acc = hn::Add(acc,
-                    SoftmaxExp(df, hn::Sub(RenyiLogW(div, LoadEntry(b.xs, b.es, b.xt, b.et, n, j)),
-                                           vamax)));
+      acc = hn::Add(acc, SoftmaxExp(df, hn::Sub(RenyiLogW(div, LoadEntry(b.LogitsS(), b.es,
+                                                                         b.LogitsT(), b.et, n, j)),
+                                                vamax)));
     sum_w.AddBlock(acc);
   }
   return {sum_s1.total, amax, sum_w.total};
 }
 
-// The first sweep of a Renyi row that also keeps, per entry, u = w - q (exactly as in the
-// alpha divergence's student factor) in `wq`, and sums w as q + u instead of a separate exp of
-// log w: the student gradient then needs no transcendental function (RenyiRowGradCached).
-// Returns S1 (the same bits as RenyiRowSums's) and the unshifted sum of w; the caller uses them
-// only when that sum lies in [e^-kCachedRange, e^kCachedRange] (then no w that matters has
-// underflowed, and none overflowed), and otherwise takes RenyiRowSums and RenyiRowGrad, whose
-// sums are shifted by the max of log w (rows with an infinite w, like a masked student entry
-// at alpha > 1, end there).
+// The first sweep of a Renyi row: u = w - q per entry (exactly as in the alpha divergence's
+// student factor), kept in `wq` when kStore (the student gradient then needs no transcendental
+// function: RenyiRowGradCached), and w summed as q + u instead of a separate exp of log w.
+// Every row takes this sweep first, whichever gradients are asked for, so that its value has the
+// same bits in every mode. Returns S1 (the same bits as RenyiRowSums's) and the unshifted sum of
+// w; the caller uses them only when that sum lies in [kCachedMin, e^kCachedRange], and otherwise
+// takes RenyiRowSums and RenyiRowGrad, whose sums are shifted by the max of log w (rows with an
+// infinite w, like a masked student entry at alpha > 1, end there). Where w << q, q + u cancels:
+// that w keeps an absolute error of a few ulp of q, so the sum of w carries at most a few ulp of
+// sum q = 1. Relative to a sum >= kCachedMin that is below 1e-6 (and the row is then not near
+// D = 0, so |L| >= log 2); a smaller sum (alpha < 1 and D > log 8 / (1 - alpha)) takes the
+// shifted sums, where each w is an exp of its own log. Above, e^kCachedRange: no overflow.
 struct RenyiCachedSums {
   double s1, sum_w;
 };
 constexpr double kCachedRange = 50.0;
+constexpr double kCachedMin = 0.125;
 constexpr double kLn2 = 0.69314718055994530942;
 
+template <bool kStore>
 RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const Normalizers& n,
                                    float* HWY_RESTRICT wq) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
   const float alpha = div.alpha;
-  const bool mirror = alpha > 0.5f;  // MixMinusPowerMean's base is then p: w - p
+  const bool mirror = alpha > 0.5f;  // MixMinusPowerMean's base is then p
   RowSum sum_s1, sum_w;
-  const VF two = hn::Set(df, 2.0f);
   for (int64_t begin = 0; begin < b.vpad; begin += block_len) {
     const int64_t end = std::min(begin + block_len, b.vpad);
     if (b.next_s != nullptr) PrefetchNext(b, begin, end);
     VF acc = hn::Zero(df), acc_w = hn::Zero(df);
     for (int64_t j = begin; j < end; j += lanes) {
-      const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
-      VF w_minus_base;
-      acc = hn::Sub(acc, defs::MixMinusPowerMean(df, e, alpha, w_minus_base));
-      VF u = w_minus_base;
+      const Entry<VF> e = LoadEntry(b.LogitsS(), b.es, b.LogitsT(), b.et, n, j);
+      VF w_minus_base, u;  // u = w - q (the term's w - base for alpha <= 1/2)
+      acc = hn::Sub(acc, defs::MixMinusPowerMean(df, e, alpha, w_minus_base, &u));
       if (mirror) {
-        // w - q from w - p: (w - p) + (p - q) where p <= 2q (p - q is then exact, or p << q and
-        // |w - q| >= 0.29 q), else (w - p + p) - q (w >= 1.41 q: no cancellation).
-        u = hn::IfThenElse(hn::Le(e.p, hn::Mul(two, e.q)), hn::Add(w_minus_base, hn::Sub(e.p, e.q)),
-                           hn::Sub(hn::Add(w_minus_base, e.p), e.q));
+        // Where p <= q / 2, (w - p) + (p - q) instead: its one rounding of ~q is unbiased, so
+        // the errors of the w << q that q + u recovers do not add up over the row as the
+        // expm1-based form's do (that form is kept near p = q, where p - q would carry p's and
+        // q's rounding).
+        u = hn::IfThenElse(hn::Le(hn::Add(e.p, e.p), e.q), hn::Add(w_minus_base, hn::Sub(e.p, e.q)),
+                           u);
       }
-      hn::Store(u, df, wq + j);
+      if constexpr (kStore) hn::Store(u, df, wq + j);
       acc_w = hn::Add(acc_w, hn::Add(e.q, u));
     }
     sum_s1.AddBlock(acc);
@@ -627,7 +633,7 @@ void RenyiRowGrad(const Renyi& div, const RowBuffers& b, const Normalizers& n, i
     WriteGradRow(
         *grad_s, row, v,
         [&](int64_t j) {
-          const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+          const Entry<VF> e = LoadEntry(b.LogitsS(), b.es, b.LogitsT(), b.et, n, j);
           return hn::Mul(k, w_hat_minus(e, e.q, alpha));
         },
         scratch);
@@ -637,7 +643,7 @@ void RenyiRowGrad(const Renyi& div, const RowBuffers& b, const Normalizers& n, i
     WriteGradRow(
         *grad_t, row, v,
         [&](int64_t j) {
-          const Entry<VF> e = LoadEntry(b.xs, b.es, b.xt, b.et, n, j);
+          const Entry<VF> e = LoadEntry(b.LogitsS(), b.es, b.LogitsT(), b.et, n, j);
           return hn::Mul(k, w_hat_minus(e, e.p, alpha - 1.0f));
         },
         scratch);
@@ -655,24 +661,29 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
                 const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
                 float* HWY_RESTRICT scratch, float* HWY_RESTRICT wq) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  if (grad_s != nullptr && grad_t == nullptr) {
-    const RenyiCachedSums c = RenyiRowSumsCached(div, b, n, wq);
-    if (c.sum_w >= std::exp(-kCachedRange) && c.sum_w <= std::exp(kCachedRange)) {
-      const bool near_zero = std::fabs(c.s1) < 0.5;
-      const double log_sum_w = near_zero ? std::log1p(c.s1) : std::log(c.sum_w);
-      const double value = log_sum_w / (static_cast<double>(div.alpha) - 1.0);
-      if (!(std::fabs(value) <= std::numeric_limits<float>::max())) return value;
-      // e^-L (u - q expm1(L)) carries u's and q's rounding times e^-L: kept where e^-L <= 2.
-      // Beyond (alpha < 1 and D > log 2 / (1 - alpha)), w^ - q from w^ = exp(log w - L), each
-      // w^ relatively accurate (no second sweep: the unshifted sum is the normalizer).
-      if (log_sum_w >= -kLn2)
-        RenyiRowGradCached(*grad_s, v, wq, b.es, hn::GetLane(n.inv_zs), row, scale, log_sum_w,
-                           scratch);
-      else
-        RenyiRowGrad(div, b, n, v, grad_s, nullptr, row, scale, log_sum_w, /*amax=*/0.0f,
-                     /*log_rel=*/std::log(c.sum_w), /*near_zero=*/false, scratch);
+  // u = w - q is kept only for the student gradient alone (RenyiRowGradCached); the sums, and
+  // so the value, are the same in every mode.
+  const bool cache = grad_s != nullptr && grad_t == nullptr;
+  const RenyiCachedSums c = cache ? RenyiRowSumsCached<true>(div, b, n, wq)
+                                  : RenyiRowSumsCached<false>(div, b, n, nullptr);
+  if (c.sum_w >= kCachedMin && c.sum_w <= std::exp(kCachedRange)) {
+    const bool near_zero = std::fabs(c.s1) < 0.5;
+    const double log_sum_w = near_zero ? std::log1p(c.s1) : std::log(c.sum_w);
+    const double value = log_sum_w / (static_cast<double>(div.alpha) - 1.0);
+    if (!(std::fabs(value) <= std::numeric_limits<float>::max()) ||
+        (grad_s == nullptr && grad_t == nullptr))
       return value;
-    }
+    // e^-L (u - q expm1(L)) carries u's and q's rounding times e^-L: kept where e^-L <= 2.
+    // Beyond (alpha < 1 and D > log 2 / (1 - alpha)), and for the teacher gradient, w^ - q (and
+    // w^ - p) with w^ = exp(log w - L), each w^ relatively accurate (no second sweep: the
+    // unshifted sum is the normalizer).
+    if (cache && log_sum_w >= -kLn2)
+      RenyiRowGradCached(*grad_s, v, wq, b.es, hn::GetLane(n.inv_zs), row, scale, log_sum_w,
+                         scratch);
+    else
+      RenyiRowGrad(div, b, n, v, grad_s, grad_t, row, scale, log_sum_w, /*amax=*/0.0f,
+                   /*log_rel=*/std::log(c.sum_w), near_zero, scratch);
+    return value;
   }
   const RenyiSums sums = RenyiRowSums(div, b, n, /*one_pass=*/true);
   const float amax = static_cast<float>(sums.amax);  // the shift of sum_w
@@ -788,42 +799,47 @@ void RunRows(RowJob& job, const Div& div) {
   // Pass 1 waits on memory and the later passes on arithmetic over the block; asking for the
   // next row's logits during pass 2 (Renyi: its first sweep) overlaps the two, where the block and
   // that row fit in 3/4 of L2 (beyond, the prefetched lines evict the block and it costs more than
-  // it saves).
+  // it saves). Renyi's block with its fifth row (the cached w - q), measured: within the whole L2
+  // the prefetch still gains (V = 32000, 1 MiB L2: 0.87-0.89x its CPU time without).
   const size_t es_bytes = dtype_size(job.student.dtype);
   const bool prefetch =
       job.shard == detail::ShardMode::none && !job.check_only &&
       job.student.dtype == job.teacher.dtype && es_bytes <= 4 &&
       static_cast<size_t>(vpad) *
-              ((std::is_same_v<Div, Renyi> ? 5 : 4) * sizeof(float) + 2 * es_bytes) <=
-          l2_cache_bytes() / 4 * 3;
+              ((std::is_same_v<Div, Renyi> && want_s && !want_t ? 5 : 4) * sizeof(float) +
+               2 * es_bytes) <=
+          (std::is_same_v<Div, Renyi> ? l2_cache_bytes() : l2_cache_bytes() / 4 * 3);
 
   // Where the row block (xs, es, xt, et) is larger than L2, the later passes would read it back
   // from L3 anyway: fp32 inputs of whole vectors are then not copied into xs / xt, and the terms
   // sweep reads the logits from the input rows (also in L3), which saves pass 1 two stores per
-  // vector and the block's write-back. (Renyi's and the shard routines read xs / xt: not there.)
-  const bool read_inputs = !std::is_same_v<Div, Renyi> && job.shard == detail::ShardMode::none &&
-                           !job.check_only && job.student.dtype == DType::f32 &&
-                           job.teacher.dtype == DType::f32 && v == vpad &&
-                           static_cast<size_t>(vpad) * 4 * sizeof(float) > l2_cache_bytes();
+  // vector and the block's write-back. (The shard routines read xs / xt: not there. Renyi with
+  // the teacher gradient reads the student logits after the student gradient is written, which
+  // may be in place: not there either.)
+  const bool read_inputs =
+      !(std::is_same_v<Div, Renyi> && want_t) && job.shard == detail::ShardMode::none &&
+      !job.check_only && job.student.dtype == DType::f32 && job.teacher.dtype == DType::f32 &&
+      v == vpad && static_cast<size_t>(vpad) * 4 * sizeof(float) > l2_cache_bytes();
 
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
   {
     // The row block: xs, es, xt, et (and a scratch row for non-fp32 gradient output).
-    // Renyi with the student gradient only: one more row, its cached w - q.
-    const bool renyi_cache = std::is_same_v<Div, Renyi> && want_s && !want_t;
+    // Renyi with the student gradient only: its cached w - q, in xs where the logits are read
+    // from the inputs (xs is free then), else in one more row.
+    const bool renyi_row = std::is_same_v<Div, Renyi> && want_s && !want_t && !read_inputs;
     const int64_t nbuf = (want_s || want_t) ? 5 : 4;
     const int64_t nblocks = vpad / (kRowSumBlock * lanes) + 1;
     hwy::AlignedFreeUniquePtr<float[]> block = hwy::AllocateAligned<float>(
-        static_cast<size_t>((nbuf + (renyi_cache ? 1 : 0)) * vpad + nblocks));
+        static_cast<size_t>((nbuf + (renyi_row ? 1 : 0)) * vpad + nblocks));
     float* xs = block.get();
     float* es = xs + vpad;
     float* xt = es + vpad;
     float* et = xt + vpad;
     float* scratch = nbuf >= 5 ? et + vpad : nullptr;
-    float* wq = renyi_cache ? xs + nbuf * vpad : nullptr;
-    float* block_max = xs + (nbuf + (renyi_cache ? 1 : 0)) * vpad;
+    float* wq = renyi_row ? xs + nbuf * vpad : xs;
+    float* block_max = xs + (nbuf + (renyi_row ? 1 : 0)) * vpad;
 
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {

@@ -75,6 +75,11 @@ template <class D, class V>
 HWY_INLINE V Expm1OrInf(D d, V x) {
   return Expm1OrInfFast(d, x);
 }
+// expm1 of an argument in [-87, 87] (no range check; the same bits as Expm1OrInf there).
+template <class D, class V>
+HWY_INLINE V Expm1Moderate(D d, V x) {
+  return Expm1Bounded(d, x);
+}
 
 #define DIVKIT_INLINE HWY_INLINE
 #include "divergence/divergence_defs.h"  // IWYU pragma: export

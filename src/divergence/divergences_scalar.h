@@ -23,6 +23,11 @@ DIVKIT_HD inline float Expm1OrInf(D d, float x) {
   const float kMax = 88.72283935546875f;
   return x > kMax ? kInfinityF : hn::Expm1(d, hn::Min(x, kMax));
 }
+// expm1 of an argument in [-87, 87].
+template <class D>
+DIVKIT_HD inline float Expm1Moderate(D d, float x) {
+  return hn::Expm1(d, x);
+}
 
 #define DIVKIT_INLINE DIVKIT_HD inline
 #include "divergence/divergence_defs.h"  // IWYU pragma: export
