@@ -274,6 +274,18 @@ if ENABLED:
 
         return _device.route(op, op, backend, [("tensor", x) for x in tensors])
 
+    def _arg_names(op) -> List[str]:
+        """The names of a divkit op's arguments, in order (from its registered schema)."""
+        packet = getattr(torch.ops.divkit, op._name.split("::")[-1])
+        return [a.name for a in packet.default._schema.arguments]
+
+    def _arg_picker(op, *names: str) -> Callable:
+        """A function of an op's arguments (all of them, in the schema's order, as its fake
+        kernel and setup_context see them) -> the values of the named ones, found by name in
+        the schema, so adding an argument cannot shift them."""
+        at = [_arg_names(op).index(n) for n in names]
+        return lambda args: tuple(args[i] for i in at)
+
     @torch.library.custom_op("divkit::divergence", mutates_args=())
     def divergence_op(
         student: Tensor,
@@ -351,10 +363,12 @@ if ENABLED:
         )
         return loss, gs, gt
 
+    _divergence_need = _arg_picker(divergence_op, "need_student", "need_teacher")
+
     def _divergence_setup(ctx, inputs, output):
         _, gs, gt = output
         ctx.mark_non_differentiable(gs, gt)
-        ctx.need = (inputs[14], inputs[15])
+        ctx.need = _divergence_need(inputs)
         ctx.save_for_backward(gs, gt)
 
     def _divergence_backward(ctx, g_loss, _gs, _gt):
@@ -364,14 +378,9 @@ if ENABLED:
             _scale(gt, g_loss) if ctx.need[1] and ctx.needs_input_grad[1] else None,
         ]
         grads = guard_double_backward("divergence", grads)
-        return (*grads,) + (None,) * 14
+        return (*grads,) + (None,) * (len(ctx.needs_input_grad) - 2)
 
     divergence_op.register_autograd(_divergence_backward, setup_context=_divergence_setup)
-
-    def _arg_names(op) -> List[str]:
-        """The names of a divkit op's arguments, in order (from its registered schema)."""
-        packet = getattr(torch.ops.divkit, op._name.split("::")[-1])
-        return [a.name for a in packet.default._schema.arguments]
 
     def _loop_vmap(op, n_tensors: int):
         """A vmap rule for op: one call per batch entry (the first n_tensors arguments may be
@@ -556,9 +565,12 @@ if ENABLED:
         stats = (outs[1], outs[2]) if len(outs) == 3 else (None, None)
         return (loss, *_grads_or_empty(hidden, [*stats, *grads]))
 
+    _fused_ce_options = _arg_picker(fused_ce_op, "reduction", "return_stats", "need")
+
     @fused_ce_op.register_fake
     def _fused_ce_fake(hidden, weight, bias, labels, upstream, *rest):
-        reduction, return_stats, need = rest[4], rest[7], rest[9]
+        args = (hidden, weight, bias, labels, upstream, *rest)
+        reduction, return_stats, need = _fused_ce_options(args)
         n = hidden.shape[0]
         summed = reduction != "none" or upstream is not None
         loss = hidden.new_empty((1 if summed else n,), dtype=torch.float32)
@@ -665,9 +677,12 @@ if ENABLED:
         loss = loss.reshape(n if reduction == "none" and upstream is None else 1)
         return (loss, *_grads_or_empty(student_hidden, grads))
 
+    _fused_divergence_options = _arg_picker(fused_divergence_op, "reduction", "need")
+
     @fused_divergence_op.register_fake
     def _fused_divergence_fake(sh, sw, sb, th, tw, tb, labels, weights, ids, upstream, *rest):
-        reduction, need = rest[6], rest[12]
+        args = (sh, sw, sb, th, tw, tb, labels, weights, ids, upstream, *rest)
+        reduction, need = _fused_divergence_options(args)
         summed = reduction != "none" or upstream is not None
         loss = sh.new_empty((1 if summed else sh.shape[0],), dtype=torch.float32)
         return (loss, *_fake_grads([sh, sw, sb, th, tw, tb], need))
@@ -785,9 +800,12 @@ if ENABLED:
         )
         return tuple(_grads_or_empty(hidden, grads))
 
+    _fused_logprobs_backward_need = _arg_picker(fused_logprobs_backward_op, "need")
+
     @fused_logprobs_backward_op.register_fake
     def _fused_logprobs_backward_fake(hidden, weight, bias, *rest):
-        return tuple(_fake_grads([hidden, weight, bias], rest[7]))
+        (need,) = _fused_logprobs_backward_need((hidden, weight, bias, *rest))
+        return tuple(_fake_grads([hidden, weight, bias], need))
 
     def _fused_logprobs_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[2:])
@@ -924,9 +942,12 @@ if ENABLED:
         loss = loss.reshape(n if reduction == "none" and upstream is None else 1)
         return (loss, *_grads_or_empty(student_hidden, grads))
 
+    _fused_sparse_options = _arg_picker(fused_sparse_divergence_op, "reduction", "need")
+
     @fused_sparse_divergence_op.register_fake
     def _fused_sparse_fake(sh, sw, sb, idx, lp, labels, weights, upstream, *rest):
-        reduction, need = rest[6], rest[13]
+        args = (sh, sw, sb, idx, lp, labels, weights, upstream, *rest)
+        reduction, need = _fused_sparse_options(args)
         summed = reduction != "none" or upstream is not None
         loss = sh.new_empty((1 if summed else sh.shape[0],), dtype=torch.float32)
         return (loss, *_fake_grads([sh, sw, sb], need))
@@ -959,19 +980,27 @@ if ENABLED:
         )
         return loss, gs
 
-    def _sparse_family_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.need = inputs[-1]
-        ctx.save_for_backward(output[1])
+    def _sparse_family_options(op) -> Callable:
+        """The (reduction, grad_dtype, need_student) of a sparse-family op's arguments."""
+        return _arg_picker(op, "reduction", "grad_dtype", "need_student")
 
-    def _sparse_family_backward(fn: str, n_inputs: int):
+    def _sparse_family_autograd(op, fn: str):
+        """Registers a sparse-family op's autograd: the student's gradient, computed in the
+        forward call when ``need_student``, scaled by the upstream gradient; no other input's."""
+        need_at = _arg_names(op).index("need_student")
+
+        def setup(ctx, inputs, output):
+            ctx.mark_non_differentiable(output[1])
+            ctx.need = inputs[need_at]
+            ctx.save_for_backward(output[1])
+
         def backward(ctx, g_loss, _gs):
             (gs,) = ctx.saved_tensors
             grad = _scale(gs, g_loss) if ctx.need and ctx.needs_input_grad[0] else None
             (grad,) = guard_double_backward(fn, [grad])
-            return (grad,) + (None,) * (n_inputs - 1)
+            return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
-        return backward
+        op.register_autograd(backward, setup_context=setup)
 
     @torch.library.custom_op("divkit::sparse_divergence", mutates_args=())
     def sparse_divergence_op(
@@ -1023,13 +1052,14 @@ if ENABLED:
         loss, gs = sparse._run(student, kernel, cfg, need_student)
         return loss, _empty_like_device(student) if gs is None else gs
 
+    _sparse_divergence_options = _sparse_family_options(sparse_divergence_op)
+
     @sparse_divergence_op.register_fake
     def _sparse_divergence_fake(student, idx, lp, labels, weights, *rest):
-        return _sparse_family_fake(student, rest[6], rest[8], rest[-1])
+        args = (student, idx, lp, labels, weights, *rest)
+        return _sparse_family_fake(student, *_sparse_divergence_options(args))
 
-    sparse_divergence_op.register_autograd(
-        _sparse_family_backward("sparse_divergence", 17), setup_context=_sparse_family_setup
-    )
+    _sparse_family_autograd(sparse_divergence_op, "sparse_divergence")
     _loop_vmap(sparse_divergence_op, 5)
 
     @torch.library.custom_op("divkit::topk_divergence", mutates_args=())
@@ -1071,13 +1101,14 @@ if ENABLED:
         loss, gs = sparse._run(student, kernel, cfg, need_student)
         return loss, _empty_like_device(student) if gs is None else gs
 
+    _topk_divergence_options = _sparse_family_options(topk_divergence_op)
+
     @topk_divergence_op.register_fake
     def _topk_divergence_fake(student, teacher, labels, weights, k, *rest):
-        return _sparse_family_fake(student, rest[6], rest[8], rest[-1])
+        args = (student, teacher, labels, weights, k, *rest)
+        return _sparse_family_fake(student, *_topk_divergence_options(args))
 
-    topk_divergence_op.register_autograd(
-        _sparse_family_backward("topk_divergence", 16), setup_context=_sparse_family_setup
-    )
+    _sparse_family_autograd(topk_divergence_op, "topk_divergence")
     _loop_vmap(topk_divergence_op, 4)
 
     # -----------------------------------------------------------------------------------------
@@ -1139,9 +1170,11 @@ if ENABLED:
             )
         return (loss, *_grads_or_empty(student, grads))
 
+    _vocab_parallel_options = _arg_picker(vocab_parallel_divergence_op, "reduction", "need")
+
     @vocab_parallel_divergence_op.register_fake
     def _vocab_parallel_fake(s, t, labels, weights, upstream, *rest):
-        reduction, need = rest[6], rest[9]
+        reduction, need = _vocab_parallel_options((s, t, labels, weights, upstream, *rest))
         summed = reduction != "none" or upstream is not None
         loss = s.new_empty((1 if summed else s.shape[0],), dtype=torch.float32)
         grads = [
@@ -2102,9 +2135,11 @@ if ENABLED:
             *(_empty_like_device(ref) if t is None else t for t in grads),
         )
 
+    _sinkhorn_options = _arg_picker(sinkhorn_op, "return_plan", "need")
+
     @sinkhorn_op.register_fake
     def _sinkhorn_fake(x, y, cost, a, b, *rest):
-        return_plan, need = rest[10], rest[-1]
+        return_plan, need = _sinkhorn_options((x, y, cost, a, b, *rest))
         if cost is not None:
             ref, (B, n, m) = cost, cost.shape
         else:

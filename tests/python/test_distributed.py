@@ -5,22 +5,12 @@ checked against float64 references in test_fused_linear.py / test_values.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _dist import run_ranks
 from conftest import KIND_CASES
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shard_bounds(v: int, world: int, rank: int):
@@ -210,29 +200,13 @@ def _checks(rank: int, world: int):
         raise AssertionError("out-of-range label was accepted")
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        import divkit
+def _rank(rank: int, world: int):
+    import divkit
 
-        divkit.set_num_threads(1)
-        _checks(rank, world)
-        msg = "ok"
-    except BaseException:
-        msg = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(msg)
-        dist.destroy_process_group()
+    divkit.set_num_threads(1)
+    _checks(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_matches_unsharded(world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    for rank in range(world):
-        msg = (tmp_path / f"rank{rank}.txt").read_text()
-        assert msg == "ok", f"rank {rank} of {world}:\n{msg}"
+    run_ranks(world, _rank, tmp_path)

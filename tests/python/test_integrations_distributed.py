@@ -4,15 +4,10 @@ pass different tokens (an error on every rank, not a wrong loss)."""
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from test_distributed import _free_port
+from _dist import run_ranks
 
 N, H, V = 6, 8, 20
 
@@ -108,35 +103,7 @@ def _checks(rank, world):
         raise AssertionError("different hidden states across ranks were accepted")
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        _checks(rank, world)
-        msg = "ok"
-    except BaseException:
-        msg = traceback.format_exc()
-    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(msg)
-    dist.destroy_process_group()
-    # Leave without interpreter finalization. A gloo worker thread of a process group that
-    # DTensor's device mesh still references can drop the last reference to a finished
-    # collective's work (which holds tensors) while Python finalizes; taking the GIL then ends
-    # the thread inside a noexcept destructor and std::terminate aborts the rank (seen about
-    # once in 45 runs; core dump: c10d::ProcessGroupGloo::AsyncWork::~AsyncWork ->
-    # TensorImpl::decref_pyobject -> take_gil -> pthread_exit). That is PyTorch's teardown,
-    # not divkit's; the results are in the rank files already.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def test_dtensor_ddp_and_vocab_parallel_token_check(tmp_path):
-    world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    for rank in range(world):
-        msg = (tmp_path / f"rank{rank}.txt").read_text()
-        assert msg == "ok", f"rank {rank}:\n{msg}"
+    # hard_exit: PyTorch's gloo teardown at interpreter exit can abort a rank whose device mesh
+    # still references the group (see _dist._worker).
+    run_ranks(2, _checks, tmp_path, hard_exit=True)

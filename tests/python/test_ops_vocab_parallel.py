@@ -5,17 +5,12 @@ runs, a clear divkit.Error on vmap and on double backward. Real gloo process gro
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _dist import run_ranks
 from divkit import _ops
-from test_distributed import _free_port
 
 pytestmark = pytest.mark.skipif(not _ops.ENABLED, reason="torch.library.custom_op needs torch>=2.4")
 
@@ -133,30 +128,6 @@ def _checks(rank: int, world: int):
         )
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        _checks(rank, world)
-        msg = "ok"
-    except BaseException:
-        msg = traceback.format_exc()
-    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(msg)
-    dist.destroy_process_group()
-    # Leave without interpreter finalization (PyTorch's gloo teardown can abort a rank; see
-    # test_integrations_distributed.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def test_vocab_parallel_fused_heads_compile_fullgraph(tmp_path):
-    world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    for rank in range(world):
-        msg = (tmp_path / f"rank{rank}.txt").read_text()
-        assert msg == "ok", f"rank {rank} of {world}:\n{msg}"
+    # hard_exit: PyTorch's gloo teardown can abort a rank (see _dist._worker).
+    run_ranks(2, _checks, tmp_path, hard_exit=True)

@@ -21,6 +21,21 @@ def _close(got, want, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
+def _terms(fn, h, w, b, rh, rw, rb, labels, ii, kl_grad, chunk, keep, backend):
+    side = _token_head.SideInputs(
+        hidden=h,
+        weight=w,
+        bias=b,
+        ref_hidden=rh,
+        ref_weight=rw,
+        ref_bias=rb,
+        labels=labels,
+        ignore_index=ii,
+        kl_grad=kl_grad,
+    )
+    return _token_head.token_terms(fn, side, chunk_size=chunk, keep_bytes=keep, backend=backend)
+
+
 def _heads(n, h, hr, v, dtype=torch.float32, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(n, h, generator=g).to(dtype)
@@ -71,9 +86,7 @@ def test_token_terms_torch_matches_core_and_fp64(case, kl_grad):
     got = {}
     for be in ("torch", "core"):
         xs = [x.clone().requires_grad_(True) if x is not None else None for x in (hs, w, b)]
-        outs = _token_head.token_terms(
-            "t", xs[0], xs[1], xs[2], rh, rw, rb, labels, ii, kl_grad, chunk, keep, be
-        )
+        outs = _terms("t", xs[0], xs[1], xs[2], rh, rw, rb, labels, ii, kl_grad, chunk, keep, be)
         (sum((o * u).sum() for o, u in zip(outs, up))).backward()
         got[be] = (outs, [None if x is None else x.grad for x in xs])
     ref = [x.clone().double().requires_grad_(True) if x is not None else None for x in (hs, w, b)]
@@ -111,9 +124,7 @@ def test_token_terms_torch_reads_the_kept_logits():
     try:
         for keep, want in ((1 << 30, 0), (0, 2 * 3)):
             x = hs.clone().requires_grad_(True)
-            outs = _token_head.token_terms(
-                "t", x, w, b, rh, rw, rb, labels, -100, True, 4, keep, "torch"
-            )
+            outs = _terms("t", x, w, b, rh, rw, rb, labels, -100, True, 4, keep, "torch")
             assert len(calls) == 2 * 3  # forward: both heads, 3 chunks
             calls.clear()
             (outs[0].sum() + outs[2].sum()).backward()
@@ -126,18 +137,14 @@ def test_token_terms_torch_reads_the_kept_logits():
 def test_token_terms_torch_fp64_and_bf16_inputs():
     hs, w, b, rh, rw, rb, labels = _heads(9, 6, 4, 19, dtype=torch.float64)
     x = hs.clone().requires_grad_(True)
-    lp, ref_lp, kl = _token_head.token_terms(
-        "t", x, w, b, rh, rw, rb, labels, -100, True, 4, None, "torch"
-    )
+    lp, ref_lp, kl = _terms("t", x, w, b, rh, rw, rb, labels, -100, True, 4, None, "torch")
     r = _reference(hs, w, b, rh, rw, rb, labels, -100)
     for a, c in zip((lp, ref_lp, kl), r):
         _close(a, c, 1e-6, "fp64 inputs")
     hs, w, b, rh, rw, rb, labels = _heads(9, 6, 4, 19, dtype=torch.bfloat16)
     outs = {}
     for be in ("torch", "core"):
-        outs[be] = _token_head.token_terms(
-            "t", hs, w, b, rh, rw, rb, labels, -100, True, 4, None, be
-        )
+        outs[be] = _terms("t", hs, w, b, rh, rw, rb, labels, -100, True, 4, None, be)
     for a, c in zip(outs["torch"], outs["core"]):
         _close(a, c, 2e-5, "bf16 inputs: torch vs core")
 
@@ -326,7 +333,7 @@ def test_token_terms_kernel_kl_rows_match_torch_rows_and_core(case, kernel_kl_ro
     for be in ("torch_rows", "torch", "core"):
         kernel_kl_rows.on = be == "torch_rows"
         xs = [x.clone().requires_grad_(True) if x is not None else None for x in (hs, w, b)]
-        outs = _token_head.token_terms(
+        outs = _terms(
             "t", xs[0], xs[1], xs[2], rh, rw, rb, labels, ii, True, chunk, keep,
             "core" if be == "core" else "torch",
         )  # fmt: skip
@@ -352,7 +359,7 @@ def test_token_terms_kernel_kl_rows_match_torch_rows_and_core(case, kernel_kl_ro
 def test_token_terms_kernel_kl_rows_only_for_fp32(kernel_kl_rows):
     # fp64 inputs keep the PyTorch rows in fp64 (the kernel computes in fp32), as the label rows.
     hs, w, b, rh, rw, rb, labels = _heads(9, 6, 4, 19, dtype=torch.float64)
-    _token_head.token_terms("t", hs, w, b, rh, rw, rb, labels, -100, True, 4, None, "torch")
+    _terms("t", hs, w, b, rh, rw, rb, labels, -100, True, 4, None, "torch")
     assert kernel_kl_rows == []
 
 

@@ -6,23 +6,12 @@ test_fused_linear.py), and the ranks' bad arguments must raise on every rank."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _dist import run_ranks
 from conftest import KIND_CASES
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bounds(v: int, world: int, rank: int):
@@ -442,56 +431,40 @@ def _bf16_checks(rank, world):
         _close(a, b, 1e-2 if i else 2e-5, f"bf16 output {i}")
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        import divkit
-        from divkit.backends import torch_ops
+def _rank(rank: int, world: int, part: str):
+    import divkit
+    from divkit.backends import torch_ops
 
-        divkit.set_num_threads(1)
-        # Every check below must reach the PyTorch loop's vocabulary-parallel mode.
-        made = []
-        real = torch_ops._Shard.__init__
+    divkit.set_num_threads(1)
+    # Every check below must reach the PyTorch loop's vocabulary-parallel mode.
+    made = []
+    real = torch_ops._Shard.__init__
 
-        def counted(self, *a, **k):
-            made.append(a[0])
-            real(self, *a, **k)
+    def counted(self, *a, **k):
+        made.append(a[0])
+        real(self, *a, **k)
 
-        torch_ops._Shard.__init__ = counted
-        checks = {
-            "divergence": _divergence_checks,
-            "labels": _label_head_checks,
-            "errors": _error_checks,
-            "bf16": _bf16_checks,
-            "token": _token_checks,
-        }
-        checks[part](rank, world)
-        want = {
-            "divergence": {"fused_linear_divergence"},
-            "labels": {"fused_linear_cross_entropy", "fused_linear_logprobs"},
-            "errors": {
-                "fused_linear_divergence",
-                "fused_linear_cross_entropy",
-                "fused_linear_logprobs",
-            },
-            "bf16": {"fused_linear_divergence"},
-            "token": {"vocab_parallel_divergence"},
-        }[part]
-        assert set(made) == want, made
-        msg = "ok"
-    except BaseException:
-        msg = traceback.format_exc()
-    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(msg)
-    # A gloo group's teardown at interpreter exit can abort in PyTorch's own code, not divkit's;
-    # the results are in the rank files already.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    torch_ops._Shard.__init__ = counted
+    checks = {
+        "divergence": _divergence_checks,
+        "labels": _label_head_checks,
+        "errors": _error_checks,
+        "bf16": _bf16_checks,
+        "token": _token_checks,
+    }
+    checks[part](rank, world)
+    want = {
+        "divergence": {"fused_linear_divergence"},
+        "labels": {"fused_linear_cross_entropy", "fused_linear_logprobs"},
+        "errors": {
+            "fused_linear_divergence",
+            "fused_linear_cross_entropy",
+            "fused_linear_logprobs",
+        },
+        "bf16": {"fused_linear_divergence"},
+        "token": {"vocab_parallel_divergence"},
+    }[part]
+    assert set(made) == want, made
 
 
 @pytest.mark.parametrize(
@@ -508,7 +481,6 @@ def _worker(rank: int, world: int, port: int, result_dir: str, part: str):
     ],
 )
 def test_torch_vocab_parallel_matches_core_and_unsharded(part, world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), part), nprocs=world, join=True)
-    for rank in range(world):
-        msg = (tmp_path / f"rank{rank}.txt").read_text()
-        assert msg == "ok", f"rank {rank} of {world}:\n{msg}"
+    # The group is left to process exit, and that exit skips interpreter finalization:
+    # a gloo group's teardown there can abort in PyTorch's own code (see _dist._worker).
+    run_ranks(world, _rank, tmp_path, part, destroy=False, hard_exit=True)

@@ -4,19 +4,10 @@ collective; the chunk loop then still works on the same group."""
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _dist import run_ranks
 
 
 def _checks(rank: int):
@@ -74,28 +65,12 @@ def _argument_errors_name_the_function(rank: int):
             raise AssertionError(f"{kind} {kw}: no error")
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        _checks(rank)
-        msg = "ok"
-    except BaseException:
-        msg = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(msg)
-        dist.destroy_process_group()
+def _rank(rank: int, world: int):
+    _checks(rank)
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        msg = (tmp_path / f"rank{rank}.txt").read_text()
-        assert msg == "ok", f"rank {rank}:\n{msg}"
+    run_ranks(2, _rank, tmp_path)
 
 
 def test_without_a_process_group_the_error_names_the_argument():

@@ -110,18 +110,65 @@ def usable(h, w, b, rh, rw, rb) -> bool:
     return not any(x is not None and x.requires_grad for x in (rh, rw, rb))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SideInputs:
+    """The inputs of one side's label terms (:func:`token_terms`, and the engine pass over rows
+    of one side): the policy's head (``hidden`` ``[..., H]``, ``weight`` ``[V, H]``, ``bias``),
+    the reference's (``ref_hidden`` ``[..., H_ref]``, ``ref_weight``, ``ref_bias``), the
+    validated ``labels``, ``ignore_index`` and whether the KL is differentiated (``kl_grad``),
+    carried by name instead of a long row of positional arguments."""
+
+    hidden: Any
+    weight: Any
+    bias: Any
+    ref_hidden: Any
+    ref_weight: Any
+    ref_bias: Any
+    labels: Any
+    ignore_index: int
+    kl_grad: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _SidePlan:
+    """:class:`_TokenTerms`'s non-tensor settings (its forward and backward)."""
+
+    fn: str
+    ignore_index: int
+    kl_grad: bool
+    chunk: int  # rows per chunk of logits
+    keep_rows: int  # rows whose logits the forward keeps for the backward
+    engine: str  # see engine()
+
+
 class _TokenTerms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk, keep_rows, fn, eng):
+    def forward(ctx, h, w, b, rh, rw, rb, labels, plan: _SidePlan):
+        side = SideInputs(
+            hidden=h,
+            weight=w,
+            bias=b,
+            ref_hidden=rh,
+            ref_weight=rw,
+            ref_bias=rb,
+            labels=labels,
+            ignore_index=plan.ignore_index,
+            kl_grad=plan.kl_grad,
+        )
         lp, ref_lp, kl, kept_s, kept_t = _label_terms(
-            fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, eng
+            plan.fn, side, chunk=plan.chunk, keep_rows=plan.keep_rows, eng=plan.engine
         )
         ctx.save_for_backward(h, w, b, rh, rw, rb, labels)
         ctx.kept = (kept_s, kept_t)
-        ctx.kl_grad, ctx.chunk, ctx.fn, ctx.ignore_index = kl_grad, chunk, fn, ignore_index
-        ctx.engine = eng
+        ctx.kl_grad, ctx.chunk, ctx.fn, ctx.ignore_index = (
+            plan.kl_grad,
+            plan.chunk,
+            plan.fn,
+            plan.ignore_index,
+        )
+        ctx.engine = plan.engine
         ctx.mark_non_differentiable(ref_lp)
-        if not kl_grad:
+        if not plan.kl_grad:
             ctx.mark_non_differentiable(kl)
         return lp, ref_lp, kl
 
@@ -151,7 +198,7 @@ class _TokenTerms(torch.autograd.Function):
                 kept_t if soft else None,
                 fn=ctx.fn,
             )
-            return (*grads, None, None, None, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         # d lp / dz = -(d CE / dz): the log-prob's upstream gradient is the hard term's weight,
         # negated; the KL's is the soft term's (forward_kl = KL(teacher || student)).
         hard = (
@@ -177,7 +224,7 @@ class _TokenTerms(torch.autograd.Function):
                 (None, None, hard, kept_s, kept_t if soft else None),
                 True,
             )
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -187,13 +234,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_terms(
-    fn, h, w, b, rh, rw, rb, labels, ignore_index, kl_grad, chunk_size, keep_bytes, backend=None
+    fn: str,
+    side: SideInputs,
+    *,
+    chunk_size: Optional[int],
+    keep_bytes: Optional[int],
+    backend: Optional[str] = None,
 ):
     """(log pi(y), log pi_ref(y), KL(pi_ref || pi)) per token, each ``[...]`` fp32 (0 at ignored
-    tokens), from ``h [..., H]``, ``w [V, H]``, ``rh [..., H_ref]``, ``rw [V, H_ref]`` and
-    validated ``labels [...]``. Gradients reach h, w, b (the KL's only with ``kl_grad``); the
+    tokens), from ``side`` (:class:`SideInputs`: ``hidden [..., H]``, ``weight [V, H]``,
+    ``ref_hidden [..., H_ref]``, ``ref_weight [V, H_ref]`` and validated ``labels [...]``).
+    Gradients reach the policy's hidden, weight and bias (the KL's only with ``kl_grad``); the
     reference is treated as a constant (see :func:`usable`). ``backend``: see :func:`engine`
     (None: the enclosing :func:`backend_scope`'s)."""
+    h, w, b = side.hidden, side.weight, side.bias
+    rh, rw, rb = side.ref_hidden, side.ref_weight, side.ref_bias
+    kl_grad = side.kl_grad
     eng = engine(fn, _NAMES(h, w, b, rh, rw, rb), backend)
     lead = h.shape[:-1]
     hf, rhf = _rows(h), _rows(rh.detach())
@@ -218,13 +274,15 @@ def token_terms(
         rhf,
         rw.detach() if rw.stride(-1) == 1 else rw.detach().contiguous(),
         None if rb is None else rb.detach(),
-        labels.reshape(-1),
-        int(ignore_index),
-        bool(kl_grad),
-        chunk,
-        keep_rows,
-        fn,
-        eng,
+        side.labels.reshape(-1),
+        _SidePlan(
+            fn=fn,
+            ignore_index=int(side.ignore_index),
+            kl_grad=bool(kl_grad),
+            chunk=chunk,
+            keep_rows=keep_rows,
+            engine=eng,
+        ),
     )
     return lp.reshape(lead), ref_lp.reshape(lead), kl.reshape(lead)
 
@@ -307,25 +365,22 @@ class _PairPlan:
     engine: str  # "core" or "torch" (see engine())
 
 
-def _forward_side(
-    fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, kl_grad, outs, keep, eng="core"
-):
-    """One forward call over rows of one side, filling outs (lp, ref_lp, kl) and, with keep,
-    the kept logits (returned)."""
-    keep_rows = h.shape[0] if keep else 0
-    got = _label_terms(
-        fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, eng, outs
-    )
+def _forward_side(fn: str, side: SideInputs, *, chunk: int, outs, keep: bool, eng: str = "core"):
+    """One forward call over rows of one side (``side.hidden`` ``[N, H]``), filling outs (lp,
+    ref_lp, kl) and, with keep, the kept logits (returned)."""
+    keep_rows = side.hidden.shape[0] if keep else 0
+    got = _label_terms(fn, side, chunk=chunk, keep_rows=keep_rows, eng=eng, outs=outs)
     return got[3], got[4]
 
 
-def _label_terms(
-    fn, h, w, b, rh, rw, rb, labels, ignore_index, chunk, keep_rows, kl_grad, eng, outs=None
-):
-    """One engine pass (the core's, or the PyTorch route's with eng "torch") over the rows:
-    (lp, ref_lp, kl, kept_s, kept_t), the first three [N] fp32 (written into outs when given),
-    the logits of the first keep_rows rows kept for the backward (the reference's only with
-    kl_grad)."""
+def _label_terms(fn: str, side: SideInputs, *, chunk: int, keep_rows: int, eng: str, outs=None):
+    """One engine pass (the core's, or the PyTorch route's with eng "torch") over the rows of
+    ``side`` (``hidden`` ``[N, H]``): (lp, ref_lp, kl, kept_s, kept_t), the first three [N]
+    fp32 (written into outs when given), the logits of the first keep_rows rows kept for the
+    backward (the reference's only with kl_grad)."""
+    h, w, b = side.hidden, side.weight, side.bias
+    rh, rw, rb = side.ref_hidden, side.ref_weight, side.ref_bias
+    labels, ignore_index, kl_grad = side.labels, side.ignore_index, side.kl_grad
     n, v = h.shape[0], w.shape[0]
     if eng != "core":
         route = _rows_route(h) if eng == "torch_rows" else None
@@ -412,22 +467,18 @@ class _PairGradsInForward(torch.autograd.Function):
             kept = {}
             for s, (h, rh, lab, klg, _) in sides.items():
                 outs = [x[r0:r1] for x in terms[s]]
-                kept[s] = _forward_side(
-                    fn,
-                    h[r0:r1],
-                    w,
-                    b,
-                    rh[r0:r1],
-                    rw,
-                    rb,
-                    lab[r0:r1],
-                    ii,
-                    chunk,
-                    klg,
-                    outs,
-                    True,
-                    eng,
+                rows = SideInputs(
+                    hidden=h[r0:r1],
+                    weight=w,
+                    bias=b,
+                    ref_hidden=rh[r0:r1],
+                    ref_weight=rw,
+                    ref_bias=rb,
+                    labels=lab[r0:r1],
+                    ignore_index=ii,
+                    kl_grad=klg,
                 )
+                kept[s] = _forward_side(fn, rows, chunk=chunk, outs=outs, keep=True, eng=eng)
             # The per-token gradients of this group's losses (each pair's loss depends on its
             # own tokens and extras only), through the same sequence-level arithmetic as the
             # output; and the extras' gradients.
@@ -547,20 +598,19 @@ class _PairGradsInForward(torch.autograd.Function):
                 (ps[0], rhc, cl, plan.kl_grad_chosen),
                 (ps[1], rhr, rl, True),
             ):
+                side = SideInputs(
+                    hidden=h,
+                    weight=ps[2],
+                    bias=ps[3],
+                    ref_hidden=rh,
+                    ref_weight=rw,
+                    ref_bias=rb,
+                    labels=lab.reshape(-1),
+                    ignore_index=ii,
+                    kl_grad=klg,
+                )
                 lp, ref_lp, kl = token_terms(
-                    plan.fn,
-                    h,
-                    ps[2],
-                    ps[3],
-                    rh,
-                    rw,
-                    rb,
-                    lab.reshape(-1),
-                    ii,
-                    klg,
-                    plan.chunk,
-                    0,
-                    plan.engine,
+                    plan.fn, side, chunk_size=plan.chunk, keep_bytes=0, backend=plan.engine
                 )
                 sides.append((lp - ref_lp, kl, lab != ii))
             losses = plan.combine(*sides, *xs)[0]

@@ -143,8 +143,19 @@ def _fused_token_terms(
             vocab=w.shape[0],
             ignore_index=ignore_index,
         )
+        side = _token_head.SideInputs(
+            hidden=h,
+            weight=w,
+            bias=b,
+            ref_hidden=rh,
+            ref_weight=rw,
+            ref_bias=rb,
+            labels=flat,
+            ignore_index=ignore_index,
+            kl_grad=kl_grad,
+        )
         lp, ref_lp, kl = _token_head.token_terms(
-            fn, h, w, b, rh, rw, rb, flat, ignore_index, kl_grad, chunk_size, keep_bytes
+            fn, side, chunk_size=chunk_size, keep_bytes=keep_bytes
         )
         return lp - ref_lp, kl, mask
     lp = fused_linear_logprobs(h, w, labels, b, ignore_index=ignore_index, chunk_size=chunk_size)
