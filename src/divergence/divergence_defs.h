@@ -84,26 +84,37 @@ struct GeneralizedJSD : SumFinish {
   }
 };
 
-// p q / m with 0 where m = 0 (both probabilities 0).
+// p q / m with 0 where m = 0 (both probabilities 0): m is raised to the smallest normal float
+// (the same bits wherever m is normal; where it is subnormal the result, below 1e-37, is a little
+// smaller), which costs less than a compare and two selects around the division.
 template <class D, class V>
 DIVKIT_INLINE V ProductOverMixture(D d, V p, V q, V m) {
-  const auto zero = hn::Eq(m, hn::Zero(d));
-  return hn::IfThenZeroElse(zero,
-                            hn::Div(hn::Mul(p, q), hn::IfThenElse(zero, hn::Set(d, 1.0f), m)));
+  return hn::Div(hn::Mul(p, q), hn::Max(m, hn::Set(d, 1.17549435e-38f)));
 }
 
-// log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
-//   -log1p((1 - a) expm1(-lr)),
-// exactly 0 where b = o, finite (-log a) where o = 0, and lr - log(1 - a) where o >> b (there
-// expm1 would overflow; the dropped a b is below e^-80 of m). Needs 0 < a <= 1; log_1ma is
-// log(1 - a) rounded to float (computed once per call by the struct: a library call inside the
-// entry loop would cost more than the rest of the term).
+// log(b / m) = -log1p((1 - a) expm1(x)) for the mixture m = a b + (1 - a) o, from
+// x = log(o / b) in [-87, 88] (below -87 expm1 rounds to -1 anyway).
 template <class D, class V>
-DIVKIT_INLINE V LogRatioToMixture(D d, V lr, float a, float log_1ma) {
-  const V neg = hn::Min(hn::Max(hn::Neg(lr), hn::Set(d, -104.0f)), hn::Set(d, 80.0f));
-  const V near = hn::Neg(hn::Log1p(d, hn::Mul(hn::Set(d, 1.0f - a), hn::Expm1(d, neg))));
-  const V far = hn::Sub(lr, hn::Set(d, log_1ma));
-  return hn::IfThenElse(hn::Lt(lr, hn::Set(d, -80.0f)), far, near);
+DIVKIT_INLINE V LogRatioToMixtureNear(D d, V x, float a) {
+  return hn::Neg(hn::Log1p(d, hn::Mul(hn::Set(d, 1.0f - a), hn::Expm1(d, x))));
+}
+
+// b log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
+//   -b log1p((1 - a) expm1(-lr)),
+// exactly 0 where b = o, finite (-log a) where o = 0, and lr - log(1 - a) where o >> b (there
+// expm1 would overflow; the dropped a b is below e^-80 of m); 0 where b = 0 (masked). Needs
+// 0 < a <= 1; log_1ma is log(1 - a) rounded to float (computed once per call by the struct: a
+// library call inside the entry loop would cost more than the rest of the term). Vectors without
+// a lane of the o >> b branch (almost all) skip its selects: for a >= 1e-6, log(b / m) is then
+// finite in every lane (1 + (1 - a) expm1 >= a, less the rounding of 1 - a), so b = 0 needs no
+// select either. (Below, 1 - a rounds to 1 and log(b / m) can be +inf, e.g. where b = o = 0.)
+template <class D, class V>
+DIVKIT_INLINE V TimesLogRatioToMixture(D d, V b, V lr, float a, float log_1ma) {
+  const auto far = hn::Lt(lr, hn::Set(d, -80.0f));
+  const V x = hn::Max(hn::Neg(lr), hn::Set(d, -87.0f));  // NaN (b = o = 0) -> -87 as well
+  if (a >= 1e-6f && hn::AllFalse(d, far)) return hn::Mul(b, LogRatioToMixtureNear(d, x, a));
+  const V near = LogRatioToMixtureNear(d, hn::Min(x, hn::Set(d, 80.0f)), a);
+  return XTimes(d, b, hn::IfThenElse(far, hn::Sub(lr, hn::Set(d, log_1ma)), near));
 }
 
 // DistiLLM skew KL: KL(p || m), m = alpha p + (1-alpha) q  (alpha = 0 is forward_kl).
@@ -119,12 +130,12 @@ struct SkewForwardKL : SumFinish {
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
     u = hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, Mixture(d, e)));
-    return XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha, log_1ma));
+    return TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma);
   }
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
     return hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)),
-                      XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha, log_1ma)));
+                      TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma));
   }
 };
 
@@ -140,7 +151,7 @@ struct SkewReverseKL : SumFinish {
   }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V g = XTimes(d, e.q, LogRatioToMixture(d, hn::Neg(e.lr), alpha, log_1ma));
+    const V g = TimesLogRatioToMixture(d, e.q, hn::Neg(e.lr), alpha, log_1ma);
     u = hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)), g);
     return g;
   }

@@ -38,6 +38,12 @@ namespace HWY_NAMESPACE {
 // names. (ExpOrInf / Expm1OrInf are replaced in `defs` below.)
 namespace div_ops {
 using namespace hwy::HWY_NAMESPACE;  // NOLINT(build/namespaces)
+// Highway's log for normal x only (jsd's mixture where every p and q is normal): without its
+// subnormal rescaling, the same bits.
+template <class D, class V>
+HWY_INLINE V LogNormal(D d, V x) {
+  return hwy::HWY_NAMESPACE::impl::Log<D, V, /*kAllowSubnormals=*/false>(d, x);
+}
 // Highway's log without its subnormal rescaling where every lane is normal (jsd's mixture: the
 // subnormal, zero and masked lanes are rare, and take the full version).
 template <class D, class V>
@@ -45,23 +51,47 @@ HWY_INLINE V Log(D d, V x) {
   if (HWY_UNLIKELY(!hwy::HWY_NAMESPACE::AllTrue(
           d, hwy::HWY_NAMESPACE::Ge(x, hwy::HWY_NAMESPACE::Set(d, 1.17549435e-38f)))))
     return hwy::HWY_NAMESPACE::Log(d, x);
-  return hwy::HWY_NAMESPACE::impl::Log<D, V, /*kAllowSubnormals=*/false>(d, x);
+  return LogNormal(d, x);
 }
+// expm1 for x in [-87, 88] only (its one caller, skew KL's LogRatioToMixtureNear, clamps): the
+// bits of Expm1OrInfFast there, without its range check and clamp.
 template <class D, class V>
 HWY_INLINE V Expm1(D d, V x) {
-  return Expm1OrInfFast(d, x);
+  V scale;
+  const V er = Expm1Reduced(d, ReduceExpArg(d, x, scale));
+  return hwy::HWY_NAMESPACE::MulAdd(
+      er, scale, hwy::HWY_NAMESPACE::Sub(scale, hwy::HWY_NAMESPACE::Set(d, 1.0f)));
 }
-// log1p(y) for y > -1 as log(u) + c / u, u = 1 + y rounded and c = y - (u - 1) its rounding
-// error (exact for |y| < 2; beyond, c / u is below an ulp of the result anyway): the relative
-// accuracy of log1p near y = 0 for the cost of one log, where Highway's Log1p takes two
-// divisions. The correction is tiny, so a reciprocal estimate serves for 1 / u.
+// log1p(y) for y > -1: Highway's log (musl's algorithm) of u = 1 + y, whose reduction
+// u = 2^k w, w in [sqrt(2)/2, sqrt(2)), works on f = w - 1; where k = 0 (y in about
+// [-0.29, 0.41]) f is y itself, exact, instead of u - 1 (which carries the rounding of u): the
+// relative accuracy of log1p near y = 0 for the cost of one log, where Highway's Log1p takes two
+// divisions. Elsewhere |log u| > 0.34, and u's rounding stays below an ulp of the result. Vectors
+// with a lane where u is not a normal float (rare) take log(u) + c / u, c = y - (u - 1).
 template <class D, class V>
 HWY_INLINE V Log1p(D d, V y) {
   namespace hh = hwy::HWY_NAMESPACE;
   const V one = hh::Set(d, 1.0f);
   const V u = hh::Add(one, y);
-  const V c = hh::Sub(y, hh::Sub(u, one));
-  return hh::MulAdd(c, hh::ApproximateReciprocal(u), div_ops::Log(d, u));
+  if (HWY_UNLIKELY(!hh::AllTrue(d, hh::Ge(u, hh::Set(d, 1.17549435e-38f))))) {
+    const V c = hh::Sub(y, hh::Sub(u, one));
+    return hh::MulAdd(c, hh::ApproximateReciprocal(u), hh::Log(d, u));
+  }
+  const hh::RebindToSigned<D> di;
+  const auto magic = hh::Set(di, 0x3F3504F3);  // the bits of sqrt(2) / 2
+  const auto bits = hh::Add(hh::BitCast(di, u), hh::Sub(hh::Set(di, 0x3F800000), magic));
+  const auto k_int = hh::Sub(hh::ShiftRight<23>(bits), hh::Set(di, 0x7F));
+  const V k = hh::ConvertTo(d, k_int);
+  const V w = hh::BitCast(d, hh::Add(hh::And(bits, hh::Set(di, 0x7FFFFF)), magic));
+  const V f = hh::IfThenElse(hh::RebindMask(d, hh::Eq(k_int, hh::Zero(di))), y, hh::Sub(w, one));
+  const V z = hh::Div(f, hh::Add(f, hh::Set(d, 2.0f)));
+  const V z2 = hh::Mul(z, z), z4 = hh::Mul(z2, z2);
+  const V poly = hh::MulAdd(
+      hh::MulAdd(hh::Set(d, 0.28498786688f), z4, hh::Set(d, 0.66666662693f)), z2,
+      hh::Mul(hh::MulAdd(hh::Set(d, 0.24279078841f), z4, hh::Set(d, 0.40000972152f)), z4));
+  return hh::MulSub(
+      k, hh::Set(d, 0.69313812256f),
+      hh::Sub(hh::MulSub(z, hh::Sub(f, poly), hh::Mul(k, hh::Set(d, 9.0580006145e-6f))), f));
 }
 }  // namespace div_ops
 
