@@ -41,6 +41,7 @@ DIVKIT_HD inline float IfThenZeroElse(bool m, float b) { return m ? 0.0f : b; }
 DIVKIT_HD inline float Exp(Lane, float x) { return expf(x); }
 DIVKIT_HD inline float Expm1(Lane, float x) { return expm1f(x); }
 DIVKIT_HD inline float Log(Lane, float x) { return logf(x); }
+DIVKIT_HD inline float LogNormal(Lane, float x) { return logf(x); }
 DIVKIT_HD inline float Log1p(Lane, float x) { return log1pf(x); }
 
 }  // namespace divkit::scalar_ops
