@@ -117,10 +117,19 @@ DIVKIT_INLINE V LogRatioToMixtureNear(D d, V x, float a) {
 // a lane of the o >> b branch (almost all) skip its selects: for a >= 1e-6, log(b / m) is then
 // finite in every lane (1 + (1 - a) expm1 >= a, less the rounding of 1 - a), so b = 0 needs no
 // select either. (Below, 1 - a rounds to 1 and log(b / m) can be +inf, e.g. where b = o = 0.)
+//
+// With `table` (the SIMD CPU kernels on AVX-512, see kMixLogTableLen), vectors whose every
+// |lr| < 8 (the common case) take log(m / b) = F(x) = log(a + (1 - a) e^x), x = -lr, from the
+// per-alpha piecewise polynomials of the table instead of the expm1 and log1p: F is analytic in
+// the strip |Im x| < pi whatever alpha, so F(x) / x (smooth, 1 - a at 0) is fitted per interval of
+// width 1/2 to a few ulp (relative: F = x (F / x) keeps F's relative accuracy near x = 0).
 template <class D, class V>
-DIVKIT_INLINE V TimesLogRatioToMixture(D d, V b, V lr, float a, float log_1ma) {
+DIVKIT_INLINE V TimesLogRatioToMixture(D d, V b, V lr, float a, float log_1ma,
+                                       const float* table = nullptr) {
   const auto far = hn::Lt(lr, hn::Set(d, -80.0f));
   const V x = hn::Max(hn::Neg(lr), hn::Set(d, -87.0f));  // NaN (b = o = 0) -> -87 as well
+  if (table != nullptr && hn::AllTrue(d, hn::Lt(hn::Abs(lr), hn::Set(d, 8.0f))))
+    return hn::Neg(hn::Mul(b, hn::MixLogTable(d, x, table)));
   if (a >= 1e-6f && hn::AllFalse(d, far)) return hn::Mul(b, LogRatioToMixtureNear(d, x, a));
   const V near = LogRatioToMixtureNear(d, hn::Min(x, hn::Set(d, 80.0f)), a);
   return XTimes(d, b, hn::IfThenElse(far, hn::Sub(lr, hn::Set(d, log_1ma)), near));
@@ -129,7 +138,8 @@ DIVKIT_INLINE V TimesLogRatioToMixture(D d, V b, V lr, float a, float log_1ma) {
 // DistiLLM skew KL: KL(p || m), m = alpha p + (1-alpha) q  (alpha = 0 is forward_kl).
 // g = p log(p / m);  u = -(1-alpha) p q / m,  v = g + (1-alpha) p q / m.
 struct SkewForwardKL : SumFinish {
-  float alpha, log_1ma;  // log(1 - alpha)
+  float alpha, log_1ma;          // log(1 - alpha)
+  const float* table = nullptr;  // MixLogTable's coefficients for alpha (SIMD CPU kernels only)
   DIVKIT_HD explicit SkewForwardKL(const DivergenceSpec& s)
       : alpha(s.alpha), log_1ma(static_cast<float>(log1p_f64(-static_cast<double>(s.alpha)))) {}
   template <class D, class V>
@@ -139,19 +149,20 @@ struct SkewForwardKL : SumFinish {
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
     u = hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, Mixture(d, e)));
-    return TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma);
+    return TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma, table);
   }
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
     return hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)),
-                      TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma));
+                      TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma, table));
   }
 };
 
 // DistiLLM skew reverse KL: KL(q || m), m = (1-alpha) p + alpha q  (alpha = 0 is reverse_kl).
 // g = q log(q / m);  u = g + (1-alpha) p q / m,  v = -(1-alpha) p q / m.
 struct SkewReverseKL : SumFinish {
-  float alpha, log_1ma;  // log(1 - alpha)
+  float alpha, log_1ma;          // log(1 - alpha)
+  const float* table = nullptr;  // MixLogTable's coefficients for alpha (SIMD CPU kernels only)
   DIVKIT_HD explicit SkewReverseKL(const DivergenceSpec& s)
       : alpha(s.alpha), log_1ma(static_cast<float>(log1p_f64(-static_cast<double>(s.alpha)))) {}
   template <class D, class V>
@@ -160,7 +171,7 @@ struct SkewReverseKL : SumFinish {
   }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V g = TimesLogRatioToMixture(d, e.q, hn::Neg(e.lr), alpha, log_1ma);
+    const V g = TimesLogRatioToMixture(d, e.q, hn::Neg(e.lr), alpha, log_1ma, table);
     u = hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)), g);
     return g;
   }

@@ -915,7 +915,20 @@ void RunRows(RowJob& job, const Div& div) {
 }  // namespace
 
 void RunDivergenceRows(detail::RowJob& job) {
-  VisitDivergence(job.spec, [&](const auto& div) { RunRows(job, div); });
+  VisitDivergence(job.spec, [&](const auto& div) {
+    using Div = std::decay_t<decltype(div)>;
+    if constexpr (div_ops::kHaveMixLogTable &&
+                  (std::is_same_v<Div, SkewForwardKL> || std::is_same_v<Div, SkewReverseKL>)) {
+      // skew KL's log of the mixture from per-alpha polynomials (TimesLogRatioToMixture).
+      alignas(64) float table[32 * (div_ops::kMixLogDegree + 1)];
+      BuildMixLogTable(div.alpha, table);
+      Div with_table = div;
+      with_table.table = table;
+      RunRows(job, with_table);
+    } else {
+      RunRows(job, div);
+    }
+  });
 }
 
 }  // namespace HWY_NAMESPACE
