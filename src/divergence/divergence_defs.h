@@ -118,11 +118,12 @@ DIVKIT_INLINE V LogRatioToMixtureNear(D d, V x, float a) {
 // finite in every lane (1 + (1 - a) expm1 >= a, less the rounding of 1 - a), so b = 0 needs no
 // select either. (Below, 1 - a rounds to 1 and log(b / m) can be +inf, e.g. where b = o = 0.)
 //
-// With `table` (the SIMD CPU kernels on AVX-512, see kMixLogTableLen), vectors whose every
-// |lr| < 8 (the common case) take log(m / b) = F(x) = log(a + (1 - a) e^x), x = -lr, from the
-// per-alpha piecewise polynomials of the table instead of the expm1 and log1p: F is analytic in
-// the strip |Im x| < pi whatever alpha, so F(x) / x (smooth, 1 - a at 0) is fitted per interval of
-// width 1/2 to a few ulp (relative: F = x (F / x) keeps F's relative accuracy near x = 0).
+// With `table` (the SIMD CPU kernels on AVX-512: BuildMixLogTable in divergences-inl.h), vectors
+// whose every |lr| < 8 (the common case) take log(m / b) = F(x) = log(a + (1 - a) e^x), x = -lr,
+// from the per-alpha piecewise polynomials of the table instead of the expm1 and log1p: F is
+// analytic in the strip |Im x| < pi whatever alpha, so F(x) / x (smooth, 1 - a at 0) is fitted per
+// interval of width 1/2 to a few ulp (relative: F = x (F / x) keeps F's relative accuracy near x =
+// 0).
 template <class D, class V>
 DIVKIT_INLINE V TimesLogRatioToMixture(D d, V b, V lr, float a, float log_1ma,
                                        const float* table = nullptr) {

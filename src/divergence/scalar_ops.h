@@ -49,7 +49,7 @@ DIVKIT_HD inline float Log1p(Lane, float x) { return log1pf(x); }
 // local variable s in [-1, 1), x times a polynomial of degree kMixLogDegree in s whose coefficient
 // k is t[32 k + i]. (Only the SIMD CPU kernels build tables; this form keeps the definition
 // compilable and checkable in scalar code.)
-constexpr int kMixLogDegree = 6;
+constexpr int kMixLogDegree = 5;
 DIVKIT_HD inline float MixLogTable(Lane, float x, const float* t) {
   const float tt = fmaf(x, 2.0f, 16.0f);
   const float fl = floorf(tt);
