@@ -74,6 +74,15 @@ struct GeneralizedJSD : SumFinish {
   }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
+    // Vectors where every p and q exceeds 2^-125 (almost all): m is then a normal float and every
+    // log finite, so the log skips its subnormal check and the products their 0 log 0 selects
+    // (which would not change a value there).
+    if (hn::AllTrue(d, hn::Gt(hn::Min(e.p, e.q), hn::Set(d, 2.3509887e-38f)))) {
+      const V b = hn::Set(d, beta), one_minus_b = hn::Set(d, 1.0f - beta);
+      const V lm = hn::LogNormal(d, hn::MulAdd(b, e.p, hn::Mul(one_minus_b, e.q)));
+      u = hn::Mul(one_minus_b, hn::Mul(e.q, hn::Sub(e.lq, lm)));
+      return hn::MulAdd(b, hn::Mul(e.p, hn::Sub(e.lp, lm)), u);
+    }
     const V lm = LogMixture(d, e);
     u = hn::Mul(hn::Set(d, 1.0f - beta), XLogRatio(d, e.q, e.lq, lm));
     return hn::MulAdd(hn::Set(d, beta), XLogRatio(d, e.p, e.lp, lm), u);
@@ -84,32 +93,54 @@ struct GeneralizedJSD : SumFinish {
   }
 };
 
-// p q / m with 0 where m = 0 (both probabilities 0).
+// p q / m with 0 where m = 0 (both probabilities 0): m is raised to the smallest normal float
+// (the same bits wherever m is normal; where it is subnormal the result, below 1e-37, is a little
+// smaller), which costs less than a compare and two selects around the division.
 template <class D, class V>
 DIVKIT_INLINE V ProductOverMixture(D d, V p, V q, V m) {
-  const auto zero = hn::Eq(m, hn::Zero(d));
-  return hn::IfThenZeroElse(zero,
-                            hn::Div(hn::Mul(p, q), hn::IfThenElse(zero, hn::Set(d, 1.0f), m)));
+  return hn::Div(hn::Mul(p, q), hn::Max(m, hn::Set(d, 1.17549435e-38f)));
 }
 
-// log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
-//   -log1p((1 - a) expm1(-lr)),
-// exactly 0 where b = o, finite (-log a) where o = 0, and lr - log(1 - a) where o >> b (there
-// expm1 would overflow; the dropped a b is below e^-80 of m). Needs 0 < a <= 1; log_1ma is
-// log(1 - a) rounded to float (computed once per call by the struct: a library call inside the
-// entry loop would cost more than the rest of the term).
+// log(b / m) = -log1p((1 - a) expm1(x)) for the mixture m = a b + (1 - a) o, from
+// x = log(o / b) in [-87, 88] (below -87 expm1 rounds to -1 anyway).
 template <class D, class V>
-DIVKIT_INLINE V LogRatioToMixture(D d, V lr, float a, float log_1ma) {
-  const V neg = hn::Min(hn::Max(hn::Neg(lr), hn::Set(d, -104.0f)), hn::Set(d, 80.0f));
-  const V near = hn::Neg(hn::Log1p(d, hn::Mul(hn::Set(d, 1.0f - a), hn::Expm1(d, neg))));
-  const V far = hn::Sub(lr, hn::Set(d, log_1ma));
-  return hn::IfThenElse(hn::Lt(lr, hn::Set(d, -80.0f)), far, near);
+DIVKIT_INLINE V LogRatioToMixtureNear(D d, V x, float a) {
+  return hn::Neg(hn::Log1p(d, hn::Mul(hn::Set(d, 1.0f - a), hn::Expm1(d, x))));
+}
+
+// b log(b / m) for the mixture m = a b + (1 - a) o, from lr = log(b / o):
+//   -b log1p((1 - a) expm1(-lr)),
+// exactly 0 where b = o, finite (-log a) where o = 0, and lr - log(1 - a) where o >> b (there
+// expm1 would overflow; the dropped a b is below e^-80 of m); 0 where b = 0 (masked). Needs
+// 0 < a <= 1; log_1ma is log(1 - a) rounded to float (computed once per call by the struct: a
+// library call inside the entry loop would cost more than the rest of the term). Vectors without
+// a lane of the o >> b branch (almost all) skip its selects: for a >= 1e-6, log(b / m) is then
+// finite in every lane (1 + (1 - a) expm1 >= a, less the rounding of 1 - a), so b = 0 needs no
+// select either. (Below, 1 - a rounds to 1 and log(b / m) can be +inf, e.g. where b = o = 0.)
+//
+// With `table` (the SIMD CPU kernels on AVX-512: BuildMixLogTable in divergences-inl.h), vectors
+// whose every |lr| < 8 (the common case) take log(m / b) = F(x) = log(a + (1 - a) e^x), x = -lr,
+// from the per-alpha piecewise polynomials of the table instead of the expm1 and log1p: F is
+// analytic in the strip |Im x| < pi whatever alpha, so F(x) / x (smooth, 1 - a at 0) is fitted per
+// interval of width 1/2 to a few ulp (relative: F = x (F / x) keeps F's relative accuracy near x =
+// 0).
+template <class D, class V>
+DIVKIT_INLINE V TimesLogRatioToMixture(D d, V b, V lr, float a, float log_1ma,
+                                       const float* table = nullptr) {
+  const auto far = hn::Lt(lr, hn::Set(d, -80.0f));
+  const V x = hn::Max(hn::Neg(lr), hn::Set(d, -87.0f));  // NaN (b = o = 0) -> -87 as well
+  if (table != nullptr && hn::AllTrue(d, hn::Lt(hn::Abs(lr), hn::Set(d, 8.0f))))
+    return hn::Neg(hn::Mul(b, hn::MixLogTable(d, x, table)));
+  if (a >= 1e-6f && hn::AllFalse(d, far)) return hn::Mul(b, LogRatioToMixtureNear(d, x, a));
+  const V near = LogRatioToMixtureNear(d, hn::Min(x, hn::Set(d, 80.0f)), a);
+  return XTimes(d, b, hn::IfThenElse(far, hn::Sub(lr, hn::Set(d, log_1ma)), near));
 }
 
 // DistiLLM skew KL: KL(p || m), m = alpha p + (1-alpha) q  (alpha = 0 is forward_kl).
 // g = p log(p / m);  u = -(1-alpha) p q / m,  v = g + (1-alpha) p q / m.
 struct SkewForwardKL : SumFinish {
-  float alpha, log_1ma;  // log(1 - alpha)
+  float alpha, log_1ma;          // log(1 - alpha)
+  const float* table = nullptr;  // MixLogTable's coefficients for alpha (SIMD CPU kernels only)
   DIVKIT_HD explicit SkewForwardKL(const DivergenceSpec& s)
       : alpha(s.alpha), log_1ma(static_cast<float>(log1p_f64(-static_cast<double>(s.alpha)))) {}
   template <class D, class V>
@@ -119,19 +150,20 @@ struct SkewForwardKL : SumFinish {
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
     u = hn::Mul(hn::Set(d, alpha - 1.0f), ProductOverMixture(d, e.p, e.q, Mixture(d, e)));
-    return XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha, log_1ma));
+    return TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma, table);
   }
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
     return hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)),
-                      XTimes(d, e.p, LogRatioToMixture(d, e.lr, alpha, log_1ma)));
+                      TimesLogRatioToMixture(d, e.p, e.lr, alpha, log_1ma, table));
   }
 };
 
 // DistiLLM skew reverse KL: KL(q || m), m = (1-alpha) p + alpha q  (alpha = 0 is reverse_kl).
 // g = q log(q / m);  u = g + (1-alpha) p q / m,  v = -(1-alpha) p q / m.
 struct SkewReverseKL : SumFinish {
-  float alpha, log_1ma;  // log(1 - alpha)
+  float alpha, log_1ma;          // log(1 - alpha)
+  const float* table = nullptr;  // MixLogTable's coefficients for alpha (SIMD CPU kernels only)
   DIVKIT_HD explicit SkewReverseKL(const DivergenceSpec& s)
       : alpha(s.alpha), log_1ma(static_cast<float>(log1p_f64(-static_cast<double>(s.alpha)))) {}
   template <class D, class V>
@@ -140,7 +172,7 @@ struct SkewReverseKL : SumFinish {
   }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    const V g = XTimes(d, e.q, LogRatioToMixture(d, hn::Neg(e.lr), alpha, log_1ma));
+    const V g = TimesLogRatioToMixture(d, e.q, hn::Neg(e.lr), alpha, log_1ma, table);
     u = hn::MulAdd(hn::Set(d, 1.0f - alpha), ProductOverMixture(d, e.p, e.q, Mixture(d, e)), g);
     return g;
   }

@@ -349,9 +349,9 @@ HWY_INLINE Entry<VF> LoadEntry(const float* xs, const float* HWY_RESTRICT es, co
 // `fused` (only when u = -p and no teacher gradient), the student gradient scale * (q - p) is
 // written in the same sweep (no pass 3): its values do not depend on the row sums.
 template <bool kTeacher, class Div>
-HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers& n, RowSum& sum_g,
-                         RowSum& sum_u, RowSum& sum_v, GradRowWriter* fused = nullptr,
-                         float fused_scale = 0.0f) {
+HWY_INLINE void SumTerms(const Div& div_arg, const RowBuffers& b, const Normalizers& n,
+                         RowSum& sum_g, RowSum& sum_u, RowSum& sum_v,
+                         GradRowWriter* fused = nullptr, float fused_scale = 0.0f) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
@@ -361,7 +361,10 @@ HWY_INLINE void SumTerms(const Div& div, const RowBuffers& b, const Normalizers&
   const float* HWY_RESTRICT et = b.et;
   const float* ls = b.LogitsS();
   const float* lt = b.LogitsT();
-  const Normalizers nl = n;  // a local copy keeps the constants in registers
+  // Local copies keep the constants in registers: the stores of u and v could otherwise alias
+  // the divergence's parameters, which would then be loaded again for every vector.
+  const Normalizers nl = n;
+  const Div div = div_arg;
   if constexpr (Div::kStudentFactorIsMinusP && !kTeacher) {
     if (fused != nullptr) {
       // The same products as WriteMinusPGrad, so the gradient's bits do not depend on the path.
@@ -928,7 +931,20 @@ void RunRows(RowJob& job, const Div& div) {
 }  // namespace
 
 void RunDivergenceRows(detail::RowJob& job) {
-  VisitDivergence(job.spec, [&](const auto& div) { RunRows(job, div); });
+  VisitDivergence(job.spec, [&](const auto& div) {
+    using Div = std::decay_t<decltype(div)>;
+    if constexpr (div_ops::kHaveMixLogTable &&
+                  (std::is_same_v<Div, SkewForwardKL> || std::is_same_v<Div, SkewReverseKL>)) {
+      // skew KL's log of the mixture from per-alpha polynomials (TimesLogRatioToMixture).
+      alignas(64) float table[32 * (div_ops::kMixLogDegree + 1)];
+      BuildMixLogTable(div.alpha, table);
+      Div with_table = div;
+      with_table.table = table;
+      RunRows(job, with_table);
+    } else {
+      RunRows(job, div);
+    }
+  });
 }
 
 }  // namespace HWY_NAMESPACE

@@ -41,6 +41,23 @@ DIVKIT_HD inline float IfThenZeroElse(bool m, float b) { return m ? 0.0f : b; }
 DIVKIT_HD inline float Exp(Lane, float x) { return expf(x); }
 DIVKIT_HD inline float Expm1(Lane, float x) { return expm1f(x); }
 DIVKIT_HD inline float Log(Lane, float x) { return logf(x); }
+DIVKIT_HD inline float LogNormal(Lane, float x) { return logf(x); }
 DIVKIT_HD inline float Log1p(Lane, float x) { return log1pf(x); }
+
+// skew KL's log(a + (1 - a) e^x) for |x| < 8 from the per-alpha table of
+// divergence_defs.h's TimesLogRatioToMixture: interval i = floor(2 x + 16) of width 1/2, the
+// local variable s in [-1, 1), x times a polynomial of degree kMixLogDegree in s whose coefficient
+// k is t[32 k + i]. (Only the SIMD CPU kernels build tables; this form keeps the definition
+// compilable and checkable in scalar code.)
+constexpr int kMixLogDegree = 5;
+DIVKIT_HD inline float MixLogTable(Lane, float x, const float* t) {
+  const float tt = fmaf(x, 2.0f, 16.0f);
+  const float fl = floorf(tt);
+  const int i = static_cast<int>(fl);
+  const float s = fmaf(tt - fl, 2.0f, -1.0f);
+  float p = t[32 * kMixLogDegree + i];
+  for (int k = kMixLogDegree - 1; k >= 0; --k) p = fmaf(p, s, t[32 * k + i]);
+  return x * p;
+}
 
 }  // namespace divkit::scalar_ops
