@@ -75,9 +75,10 @@ enum class DivergenceKind : int32_t {
 };
 inline constexpr int kNumDivergenceKinds = 12;
 
-// "forward_kl", ...; parse throws Error naming `kind` and listing the valid names.
+// "forward_kl", ...; parse throws Error naming `kind` and listing the valid names (its message
+// starts with `fn`, the public function that took the name).
 const char* divergence_kind_name(DivergenceKind kind);
-DivergenceKind parse_divergence_kind(std::string_view name);
+DivergenceKind parse_divergence_kind(std::string_view name, const char* fn = "divergence");
 
 enum class Reduction : int32_t { none, sum, mean, batchmean };
 const char* reduction_name(Reduction reduction);
@@ -92,8 +93,8 @@ struct DivergenceSpec {
   bool scale_by_t_squared = false;
 };
 
-// Throws Error when a parameter is out of range for the kind (names the parameter).
-void validate_spec(const DivergenceSpec& spec);
+// Throws Error when a parameter is out of range for the kind (names `fn` and the parameter).
+void validate_spec(const DivergenceSpec& spec, const char* fn = "divergence");
 
 struct DivergenceOptions {
   TensorView labels;  // optional, int32 or int64 [N]; only compared with ignore_index

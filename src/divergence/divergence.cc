@@ -48,13 +48,13 @@ const char* divergence_kind_name(DivergenceKind kind) {
   return (k >= 0 && k < kNumDivergenceKinds) ? kKindNames[k] : "unknown";
 }
 
-DivergenceKind parse_divergence_kind(std::string_view name) {
+DivergenceKind parse_divergence_kind(std::string_view name, const char* fn) {
   std::string all;
   for (int k = 0; k < kNumDivergenceKinds; ++k) {
     if (name == kKindNames[k]) return static_cast<DivergenceKind>(k);
     all += (k ? ", " : "") + std::string(kKindNames[k]);
   }
-  throw Error(std::string(kFn) + ": kind '" + std::string(name) +
+  throw Error(std::string(fn) + ": kind '" + std::string(name) +
               "' is unknown; valid kinds: " + all);
 }
 
@@ -75,32 +75,26 @@ Reduction parse_reduction(std::string_view name) {
               "' is unknown; valid reductions: none, sum, mean, batchmean");
 }
 
-void validate_spec(const DivergenceSpec& s) {
+void validate_spec(const DivergenceSpec& s, const char* fn) {
   using K = DivergenceKind;
   const int k = static_cast<int>(s.kind);
   if (k < 0 || k >= kNumDivergenceKinds)
-    check::fail(kFn, "kind code " + std::to_string(k) + " is unknown");
+    check::fail(fn, "kind code " + std::to_string(k) + " is unknown");
   const std::string kind = divergence_kind_name(s.kind);
   if (!(s.temperature > 0.0f) || !std::isfinite(s.temperature))
-    check::fail(kFn, "temperature must be finite and > 0, got " + check::fmt(s.temperature));
+    check::fail(fn, "temperature must be finite and > 0, got " + check::fmt(s.temperature));
   if (s.kind == K::jsd && !(s.beta >= 0.0f && s.beta <= 1.0f))
-    check::fail(kFn, "beta must be in [0, 1] for jsd, got " + check::fmt(s.beta));
+    check::fail(fn, "beta must be in [0, 1] for jsd, got " + check::fmt(s.beta));
   if ((s.kind == K::skew_forward_kl || s.kind == K::skew_reverse_kl) &&
       !(s.alpha >= 0.0f && s.alpha <= 1.0f))
-    check::fail(kFn, "alpha must be in [0, 1] for " + kind + ", got " + check::fmt(s.alpha));
+    check::fail(fn, "alpha must be in [0, 1] for " + kind + ", got " + check::fmt(s.alpha));
   if (s.kind == K::alpha_divergence && !std::isfinite(s.alpha))
-    check::fail(kFn, "alpha must be finite for alpha_divergence, got " + check::fmt(s.alpha));
+    check::fail(fn, "alpha must be finite for alpha_divergence, got " + check::fmt(s.alpha));
   if (s.kind == K::renyi && !(s.alpha > 0.0f && std::isfinite(s.alpha)))
-    check::fail(kFn, "alpha must be finite and > 0 for renyi, got " + check::fmt(s.alpha));
+    check::fail(fn, "alpha must be finite and > 0 for renyi, got " + check::fmt(s.alpha));
 }
 
-void check::divergence_spec(const char* fn, const DivergenceSpec& spec) {
-  try {
-    validate_spec(spec);
-  } catch (const Error& e) {
-    check::rethrow_as(fn, kFn, e);
-  }
-}
+void check::divergence_spec(const char* fn, const DivergenceSpec& spec) { validate_spec(spec, fn); }
 
 void divergence(const TensorView& student, const TensorView& teacher, const DivergenceSpec& spec,
                 const DivergenceOptions& options, const DivergenceOutputs& outputs) {

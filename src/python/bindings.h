@@ -130,9 +130,10 @@ inline float beta_to_float(double beta) {
 
 // A DivergenceSpec from the Python-level arguments (kind parsed, beta rounded as above).
 inline divkit::DivergenceSpec make_spec(const std::string& kind, double beta, double alpha,
-                                        double temperature, bool scale_by_t_squared) {
+                                        double temperature, bool scale_by_t_squared,
+                                        const char* fn = "divergence") {
   divkit::DivergenceSpec spec;
-  spec.kind = divkit::parse_divergence_kind(kind);
+  spec.kind = divkit::parse_divergence_kind(kind, fn);
   spec.beta = beta_to_float(beta);
   spec.alpha = static_cast<float>(alpha);
   spec.temperature = static_cast<float>(temperature);

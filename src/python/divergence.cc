@@ -58,13 +58,8 @@ void divergence_positional(const InArray& student, const InArray& teacher, const
 // Errors name `fn`, the public function that took the arguments (parse errors included).
 void validate_spec(const std::string& kind, double beta, double alpha, double temperature,
                    bool scale_by_t_squared, const std::string& fn) {
-  try {
-    divkit::validate_spec(make_spec(kind, beta, alpha, temperature, scale_by_t_squared));
-  } catch (const divkit::Error& e) {
-    const std::string msg = e.what(), core = "divergence: ";
-    if (fn == "divergence" || msg.compare(0, core.size(), core) != 0) throw;
-    throw divkit::Error(fn + ": " + msg.substr(core.size()));
-  }
+  divkit::validate_spec(make_spec(kind, beta, alpha, temperature, scale_by_t_squared, fn.c_str()),
+                        fn.c_str());
 }
 
 std::vector<std::string> kinds() {

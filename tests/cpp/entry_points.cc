@@ -423,7 +423,7 @@ std::vector<EntryPoint> build() {
          opt.cost_cache_bytes = (o / 2) % 2 ? 0 : int64_t{1} << 20;
          if ((o / 4) % 2) opt.rho_a = opt.rho_b = 1.0;
          divkit::sinkhorn({v[0], v[1], v[2], v[3], v[4]}, opt,
-                          {v[5], v[6], v[7], v[8], v[9], v[10], v[11]});
+                          {v[5], v[6], v[7], v[8], v[9], v[10], v[11], {}});
        }});
   e.push_back({"sparse_ot",
                {in("a", {4}, Fill::constant, f32, 0.25), in("b", {5}, Fill::constant, f32, 0.2),
