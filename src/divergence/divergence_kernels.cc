@@ -935,11 +935,20 @@ void RunDivergenceRows(detail::RowJob& job) {
     using Div = std::decay_t<decltype(div)>;
     if constexpr (div_ops::kHaveMixLogTable &&
                   (std::is_same_v<Div, SkewForwardKL> || std::is_same_v<Div, SkewReverseKL>)) {
-      // skew KL's log of the mixture from per-alpha polynomials (TimesLogRatioToMixture).
-      alignas(64) float table[32 * (div_ops::kMixLogDegree + 1)];
-      BuildMixLogTable(div.alpha, table);
+      // skew KL's log of the mixture from per-alpha polynomials (TimesLogRatioToMixture). The
+      // table depends on alpha alone: the calling thread keeps the last one, so that a training
+      // loop fits it once (the row workers only read it while this call runs).
+      struct MixLogCache {
+        float alpha = std::numeric_limits<float>::quiet_NaN();  // no table yet
+        alignas(64) float table[32 * (div_ops::kMixLogDegree + 1)];
+      };
+      static thread_local MixLogCache cache;
+      if (!(cache.alpha == div.alpha)) {
+        BuildMixLogTable(div.alpha, cache.table);
+        cache.alpha = div.alpha;
+      }
       Div with_table = div;
-      with_table.table = table;
+      with_table.table = cache.table;
       RunRows(job, with_table);
     } else {
       RunRows(job, div);

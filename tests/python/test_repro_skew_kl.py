@@ -79,3 +79,25 @@ def test_skew_reverse_kl_gradient_bounded_where_teacher_is_zero():
         norms[("skew_reverse_kl", 30.0)], rel=1e-6
     )
     assert norms[("skew_reverse_kl", 300.0)] < 2.0
+
+
+def test_skew_table_follows_alpha_between_calls():
+    # The AVX-512 kernel keeps the last alpha's polynomial table per thread: calls that switch
+    # alpha must each get their own alpha's value (fp64 reference), the same bits every time.
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 300, generator=g) * 2
+    t = s + torch.randn(6, 300, generator=g)
+    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    first = {}
+    for a in (0.3, 0.1, 0.3, 0.7, 0.1, 0.7):
+        for kind in ("skew_forward_kl", "skew_reverse_kl"):
+            got = divkit.divergence(s, t, kind, alpha=a, reduction="none")
+            if kind == "skew_forward_kl":
+                ref = (p * (p.log() - (a * p + (1 - a) * q).log())).sum(-1)
+            else:
+                ref = (q * (q.log() - ((1 - a) * p + a * q).log())).sum(-1)
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7)
+            key = (kind, a)
+            if key in first:
+                assert torch.equal(got, first[key]), key
+            first[key] = got
