@@ -61,14 +61,14 @@ void check_cuda(const char* fn, cudaError_t err, const char* what) {
 }
 
 void launch_prep(const char* fn, const RowReduce& r, cudaStream_t stream) {
-  prep_kernel<<<1, kThreads, 0, stream>>>(r);
+  DIVKIT_LAUNCH(prep_kernel, 1, kThreads, 0, stream)(r);
   check_cuda(fn, cudaGetLastError(), "the prep kernel launch");
 }
 
 void launch_finish(const char* fn, const RowReduce& r, const TensorView& loss,
                    cudaStream_t stream) {
-  finish_kernel<<<1, kThreads, 0, stream>>>(r, loss.data, loss.dtype,
-                                            loss.ndim ? loss.strides[0] : 0);
+  DIVKIT_LAUNCH(finish_kernel, 1, kThreads, 0, stream)
+  (r, loss.data, loss.dtype, loss.ndim ? loss.strides[0] : 0);
   check_cuda(fn, cudaGetLastError(), "the finish kernel launch");
 }
 

@@ -13,6 +13,14 @@
 #include "divkit/divergence.h"
 #include "divkit/tensor.h"
 
+// kernel<<<grid, block, shared_bytes, stream>>>(args): a macro so that the CUDA emulator
+// (core/cuda_emulator.h, which defines its own) can run the same launches on the CPU.
+#ifndef DIVKIT_LAUNCH
+#define DIVKIT_LAUNCH(kernel, grid, block, shared_bytes, stream) \
+  kernel<<<grid, block, shared_bytes, stream>>>
+#define DIVKIT_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace divkit::cuda_common {
 
 inline constexpr int kThreads = 256;

@@ -311,7 +311,7 @@ __device__ double renyi_row(const scalar::Renyi& div, const Params& p, const Nor
 template <class Div>
 __global__ void __launch_bounds__(kThreads) rows_kernel(Div div, Params p) {
   __shared__ Shared sh;
-  extern __shared__ float row_cache[];
+  DIVKIT_DYNAMIC_SHARED(float, row_cache);
   float* cache = p.cache ? row_cache : nullptr;
   const int64_t row = blockIdx.x;
   if (row >= p.n) return;
@@ -370,7 +370,7 @@ void launch_rows(const Div& div, const Params& p, cudaStream_t stream) {
                cudaFuncSetAttribute(rows_kernel<Div>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "cudaFuncSetAttribute");
-  rows_kernel<Div><<<static_cast<unsigned>(p.n), kThreads, smem, stream>>>(div, p);
+  DIVKIT_LAUNCH(rows_kernel<Div>, static_cast<unsigned>(p.n), kThreads, smem, stream)(div, p);
   check_cuda(kFn, cudaGetLastError(), "the row kernel launch");
 }
 

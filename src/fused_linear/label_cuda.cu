@@ -252,7 +252,7 @@ void label_rows_cuda(const char* fn, const LabelRowsArgs& a, int device) {
   try {
     check_cuda(fn, cudaMemsetAsync(p.bad, 0xFF, kFlagBytes, stream), "cudaMemsetAsync");
     const unsigned grid = static_cast<unsigned>(std::min(p.n, kMaxBlocks));
-    rows_kernel<<<grid, kThreads, 0, stream>>>(p);
+    DIVKIT_LAUNCH(rows_kernel, grid, kThreads, 0, stream)(p);
     check_cuda(fn, cudaGetLastError(), "the label row kernel launch");
     if (a.check_finite)
       check_cuda(fn, cudaMemcpyAsync(bad, p.bad, kFlagBytes, cudaMemcpyDeviceToHost, stream),

@@ -775,22 +775,22 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
   if (points) {
     double *X = ws.at<double>(o_X), *XT = ws.at<double>(o_XT), *Y = ws.at<double>(o_Y),
            *YT = ws.at<double>(o_YT), *r2 = ws.at<double>(o_r2);
-    points_kernel<<<blocks_for(B * n * d), kThreads, 0, stream>>>(in3(in.x), B, n, d, X, XT, bad,
-                                                                  kXNonFinite);
+    DIVKIT_LAUNCH(points_kernel, blocks_for(B * n * d), kThreads, 0, stream)
+    (in3(in.x), B, n, d, X, XT, bad, kXNonFinite);
     launched("the points kernel launch");
-    points_kernel<<<blocks_for(B * m * d), kThreads, 0, stream>>>(in3(in.y), B, m, d, Y, YT, bad,
-                                                                  kYNonFinite);
+    DIVKIT_LAUNCH(points_kernel, blocks_for(B * m * d), kThreads, 0, stream)
+    (in3(in.y), B, m, d, Y, YT, bad, kYNonFinite);
     launched("the points kernel launch");
     over_problems(B, [&](int64_t b0, unsigned nb) {
-      box_kernel<<<dim3(static_cast<unsigned>(d), nb), kThreads, 0, stream>>>(XT, YT, n, m, d, b0,
-                                                                              r2);
+      DIVKIT_LAUNCH(box_kernel, dim3(static_cast<unsigned>(d), nb), kThreads, 0, stream)
+      (XT, YT, n, m, d, b0, r2);
     });
     launched("the bounding box kernel launch");
-    scale_kernel<<<blocks_for(B), kThreads, 0, stream>>>(r2, B, d, opt.p, scale);
+    DIVKIT_LAUNCH(scale_kernel, blocks_for(B), kThreads, 0, stream)(r2, B, d, opt.p, scale);
     launched("the scale kernel launch");
     if (sym) {
-      equal_kernel<<<blocks_for(B * n * d), kThreads, 0, stream>>>(X, Y, B * n * d, bad,
-                                                                   kSymPoints);
+      DIVKIT_LAUNCH(equal_kernel, blocks_for(B * n * d), kThreads, 0, stream)
+      (X, Y, B * n * d, bad, kSymPoints);
       launched("the symmetry check launch");
     }
     rows.X = cols.Y = X;
@@ -802,8 +802,8 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
       const unsigned tiles_n = static_cast<unsigned>((n + kRows - 1) / kRows);
       const unsigned tiles_m = static_cast<unsigned>((m + kRows - 1) / kRows);
       over_problems(B, [&](int64_t b0, unsigned nb) {
-        cost_kernel<<<dim3(tiles_n, nb), kThreads, 0, stream>>>(rows, b0, C);
-        cost_kernel<<<dim3(tiles_m, nb), kThreads, 0, stream>>>(cols, b0, CT);
+        DIVKIT_LAUNCH(cost_kernel, dim3(tiles_n, nb), kThreads, 0, stream)(rows, b0, C);
+        DIVKIT_LAUNCH(cost_kernel, dim3(tiles_m, nb), kThreads, 0, stream)(cols, b0, CT);
       });
       launched("the cost kernel launch");
       rows.C = C;
@@ -817,23 +817,25 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     const unsigned per =
         static_cast<unsigned>(std::clamp<int64_t>((n * m + kThreads - 1) / kThreads, 1, 1024));
     over_problems(B, [&](int64_t b0, unsigned nb) {
-      cost_in_kernel<<<dim3(per, nb), kThreads, 0, stream>>>(in3(in.cost), n, m, b0, C, cmax, bad);
+      DIVKIT_LAUNCH(cost_in_kernel, dim3(per, nb), kThreads, 0, stream)
+      (in3(in.cost), n, m, b0, C, cmax, bad);
     });
     launched("the cost conversion launch");
-    transpose_kernel<<<blocks_for(B * n * m), kThreads, 0, stream>>>(C, B, n, m, CT);
+    DIVKIT_LAUNCH(transpose_kernel, blocks_for(B * n * m), kThreads, 0, stream)(C, B, n, m, CT);
     launched("the transpose kernel launch");
-    bits_to_double_kernel<<<blocks_for(B), kThreads, 0, stream>>>(cmax, B, scale);
+    DIVKIT_LAUNCH(bits_to_double_kernel, blocks_for(B), kThreads, 0, stream)(cmax, B, scale);
     launched("the scale kernel launch");
     rows.C = C;
     cols.C = CT;
   }
-  weights_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(in3(in.a), n, A, LA, ma, bad,
-                                                                    kANonFinite, kANegative);
-  weights_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(in3(in.b), m, Bw, LB, mb, bad,
-                                                                    kBNonFinite, kBNegative);
+  DIVKIT_LAUNCH(weights_kernel, static_cast<unsigned>(B), kThreads, 0, stream)
+  (in3(in.a), n, A, LA, ma, bad, kANonFinite, kANegative);
+  DIVKIT_LAUNCH(weights_kernel, static_cast<unsigned>(B), kThreads, 0, stream)
+  (in3(in.b), m, Bw, LB, mb, bad, kBNonFinite, kBNegative);
   launched("the weights kernel launch");
   if (sym) {
-    equal_kernel<<<blocks_for(B * n), kThreads, 0, stream>>>(A, Bw, B * n, bad, kSymWeights);
+    DIVKIT_LAUNCH(equal_kernel, blocks_for(B * n), kThreads, 0, stream)
+    (A, Bw, B * n, bad, kSymWeights);
     launched("the symmetry check launch");
   }
   const double eps = opt.eps;
@@ -950,11 +952,11 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     const int64_t o_sched = ws2.reserve<double>(B * scols);
     ws2.allocate();
     d_sched = ws2.at<double>(o_sched);
-    sched_kernel<<<blocks_for(B), kThreads, 0, stream>>>(scale, B, eps, opt.eps_scaling, scols,
-                                                         d_sched, st.n_stage);
+    DIVKIT_LAUNCH(sched_kernel, blocks_for(B), kThreads, 0, stream)
+    (scale, B, eps, opt.eps_scaling, scols, d_sched, st.n_stage);
     launched("the schedule kernel launch");
   }
-  init_kernel<<<blocks_for(B), kThreads, 0, stream>>>(st, B);
+  DIVKIT_LAUNCH(init_kernel, blocks_for(B), kThreads, 0, stream)(st, B);
   launched("the init kernel launch");
   check_cuda(kFn, cudaMemsetAsync(f, 0, B * n * sizeof(double), stream), "cudaMemsetAsync");
   check_cuda(kFn, cudaMemsetAsync(g, 0, B * m * sizeof(double), stream), "cudaMemsetAsync");
@@ -964,8 +966,8 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
   const unsigned tiles_m = static_cast<unsigned>((m + kRows - 1) / kRows);
   auto fill_h = [&](int64_t cnt, const double* LW, const double* pot, int64_t it, const int* run,
                     double* h) {
-    h_kernel<<<blocks_for(B * cnt), kThreads, 0, stream>>>(B, cnt, LW, pot, d_sched, scols, it, run,
-                                                           h);
+    DIVKIT_LAUNCH(h_kernel, blocks_for(B * cnt), kThreads, 0, stream)
+    (B, cnt, LW, pot, d_sched, scols, it, run, h);
     launched("the h kernel launch");
   };
   // One side of a half-iteration or of the final pass: the rows (f, from g over the columns)
@@ -1004,7 +1006,7 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     la.out = pot_out;
     over_problems(B, [&](int64_t b0, unsigned nb) {
       la.b0 = b0;
-      lse_kernel<<<dim3(hs.tiles, nb), kThreads, 0, stream>>>(la);
+      DIVKIT_LAUNCH(lse_kernel, dim3(hs.tiles, nb), kThreads, 0, stream)(la);
     });
     launched("the log-sum-exp kernel launch");
   };
@@ -1024,7 +1026,7 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     // f update from g (symmetric: g = f, b = a), on the rows.
     lse_update(Half::rows, g, it, st.active, fnew);
     sp.it = it;
-    step_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(sp);
+    DIVKIT_LAUNCH(step_kernel, static_cast<unsigned>(B), kThreads, 0, stream)(sp);
     launched("the step kernel launch");
     if (!sym) lse_update(Half::cols, f, it, st.run_g, g);
     if (opt.sync && (it + 1) % kSyncEvery == 0 && it + 1 < opt.max_iter) {
@@ -1068,7 +1070,7 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     }
     over_problems(B, [&](int64_t b0, unsigned nb) {
       pa.b0 = b0;
-      plan_kernel<<<dim3(hs.tiles, nb), kThreads, 0, stream>>>(pa);
+      DIVKIT_LAUNCH(plan_kernel, dim3(hs.tiles, nb), kThreads, 0, stream)(pa);
     });
     launched("the plan kernel launch");
   };
@@ -1097,16 +1099,16 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
   fa.gb = out2(out.grad_b);
   fa.st = st;
   fa.stats = ws.at<double>(o_stats);
-  finish_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(fa);
+  DIVKIT_LAUNCH(finish_kernel, static_cast<unsigned>(B), kThreads, 0, stream)(fa);
   launched("the finish kernel launch");
   if (want_gx) {
-    grad_kernel<<<blocks_for(B * n * d), kThreads, 0, stream>>>(Gx, A, B, n, d, opt.p,
-                                                                out3(out.grad_x));
+    DIVKIT_LAUNCH(grad_kernel, blocks_for(B * n * d), kThreads, 0, stream)
+    (Gx, A, B, n, d, opt.p, out3(out.grad_x));
     launched("the gradient kernel launch");
   }
   if (want_gy) {
-    grad_kernel<<<blocks_for(B * m * d), kThreads, 0, stream>>>(Gy, Bw, B, m, d, opt.p,
-                                                                out3(out.grad_y));
+    DIVKIT_LAUNCH(grad_kernel, blocks_for(B * m * d), kThreads, 0, stream)
+    (Gy, Bw, B, m, d, opt.p, out3(out.grad_y));
     launched("the gradient kernel launch");
   }
   if (out.stats.defined()) {
@@ -1120,7 +1122,7 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
     ra.tol = opt.tol;
     ra.bal = bal_a && bal_b;
     ra.out = out2(out.stats);
-    results_kernel<<<blocks_for(B), kThreads, 0, stream>>>(ra);
+    DIVKIT_LAUNCH(results_kernel, blocks_for(B), kThreads, 0, stream)(ra);
     launched("the results kernel launch");
   }
   if (!opt.sync) return {};

@@ -423,7 +423,7 @@ template <class Div>
 void launch_rows(const char* fn, const Div& div, const Params& p, unsigned blocks,
                  cudaStream_t stream) {
   if (p.n == 0) return;
-  rows_kernel<Div><<<blocks, kThreads, 0, stream>>>(div, p);
+  DIVKIT_LAUNCH(rows_kernel<Div>, blocks, kThreads, 0, stream)(div, p);
   check_cuda(fn, cudaGetLastError(), "the row kernel launch");
 }
 
@@ -532,7 +532,7 @@ void run(const char* fn, Params p, bool in_place, const DivergenceSpec& spec,
     launch_prep(fn, p.r, stream);
     const unsigned grid = static_cast<unsigned>(blocks);
     if (!p.topk && n > 0) {
-      check_kernel<<<grid, kThreads, 0, stream>>>(p);
+      DIVKIT_LAUNCH(check_kernel, grid, kThreads, 0, stream)(p);
       check_cuda(fn, cudaGetLastError(), "the teacher check kernel launch");
     }
     auto launch = [&](bool check_only, bool skip_if_bad) {
