@@ -1,8 +1,10 @@
 // The CUDA emulator's scheduler and runtime (see cuda_emulator.h): thread blocks as cooperative
-// fibers (ucontext), the CUDA runtime calls divkit makes, on host memory.
+// fibers, the CUDA runtime calls divkit makes, on host memory.
 #include "core/cuda_emulator.h"
 
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <cstdio>
@@ -30,8 +32,80 @@ thread_local uint3 blockIdx;
 thread_local dim3 blockDim;
 thread_local dim3 gridDim;
 
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the SSE / x87 control words on the current stack, stores
+// the stack pointer in *save_sp and resumes the stack load_sp saved. swapcontext does the same
+// plus a signal-mask system call per switch, which dominated the emulator's time.
+extern "C" void divkit_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .type divkit_emu_switch,@function
+divkit_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size divkit_emu_switch,.-divkit_emu_switch
+)");
+#endif
+
 namespace divkit::cuda_emu {
 namespace {
+
+#if defined(__x86_64__)
+struct Context {
+  void* sp = nullptr;
+};
+
+// A fresh stack whose first switch "returns" into entry (which must never return).
+void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
+  auto* sp = reinterpret_cast<uint64_t*>(top);
+  *--sp = 0;  // entry starts as if called: its return-address slot, rsp = 8 mod 16
+  *--sp = reinterpret_cast<uint64_t>(entry);
+  for (int r = 0; r < 6; ++r) *--sp = 0;  // rbp, rbx, r12-r15
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--sp = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fpucw) << 32);
+  c.sp = sp;
+}
+
+void switch_context(Context& from, Context& to) { divkit_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
 
 // Sanitizer builds use much larger frames.
 constexpr size_t kStackBytes = DIVKIT_EMU_ASAN ? (1u << 20) : (256u << 10);
@@ -42,7 +116,7 @@ constexpr int kMaxThreads = 1024;
 enum class State { runnable, barrier, warp, done };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   char* stack = nullptr;
   State state = State::done;
   uint3 tid{};
@@ -59,7 +133,7 @@ struct Fiber {
 struct Block {
   std::vector<Fiber> fibers;
   int count = 0;
-  ucontext_t scheduler;
+  Context scheduler;
   Fiber* current = nullptr;
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
@@ -90,18 +164,20 @@ int g_device = 0;
   std::abort();
 }
 
-void fiber_entry() {
+[[noreturn]] void fiber_entry() {
   Block* b = t_block;
 #if DIVKIT_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &b->sched_bottom, &b->sched_size);
 #endif
   b->body(b->ctx);
-  b->current->state = State::done;
+  Fiber& f = *b->current;
+  f.state = State::done;
 #if DIVKIT_EMU_ASAN
   // This fiber's stack is done with (nullptr: no fake stack to keep).
   __sanitizer_start_switch_fiber(nullptr, b->sched_bottom, b->sched_size);
 #endif
-  // Returning resumes uc_link, the scheduler.
+  switch_context(f.ctx, b->scheduler);
+  std::abort();  // a finished fiber is never resumed
 }
 
 // Scheduler -> fiber f until it blocks or returns.
@@ -112,7 +188,7 @@ void resume(Block& b, Fiber& f) {
   void* save = nullptr;
   __sanitizer_start_switch_fiber(&save, f.stack, kStackBytes);
 #endif
-  swapcontext(&b.scheduler, &f.ctx);
+  switch_context(b.scheduler, f.ctx);
 #if DIVKIT_EMU_ASAN
   __sanitizer_finish_switch_fiber(save, nullptr, nullptr);
 #endif
@@ -125,7 +201,7 @@ void yield_to_scheduler() {
 #if DIVKIT_EMU_ASAN
   __sanitizer_start_switch_fiber(&f.fake_stack, b.sched_bottom, b.sched_size);
 #endif
-  swapcontext(&f.ctx, &b.scheduler);
+  switch_context(f.ctx, b.scheduler);
 #if DIVKIT_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, &b.sched_bottom, &b.sched_size);
 #endif
@@ -206,11 +282,7 @@ void run_block(Block& b) {
     f.tid = uint3{static_cast<unsigned>(i % blockDim.x),
                   static_cast<unsigned>(i / blockDim.x % blockDim.y),
                   static_cast<unsigned>(i / (blockDim.x * blockDim.y))};
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &b.scheduler;
-    makecontext(&f.ctx, fiber_entry, 0);
+    make_context(f.ctx, f.stack, kStackBytes, fiber_entry);
   }
   const int warps = (b.count + 31) / 32;
   for (;;) {
