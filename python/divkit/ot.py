@@ -294,12 +294,19 @@ def sinkhorn(
             flag once it has converged, so f, g, n_iter, converged and every other result equal
             the ``sync=True`` ones), and n_iter, converged and the costs are device tensors
             written by the kernels. Bad inputs cannot raise there: a problem whose inputs would
-            have raised gets NaN costs and marginal_error and ``converged`` False (check them on
-            the device); ``warn`` is ignored (it would read ``converged``). On CPU tensors the
-            solver has nothing to read back: the same results. With ``backend="torch"`` the
-            fallback drops its early stop (``max_iter`` iterations, same results) but still
-            reads its input checks back once: it is not capturable. ``True`` while capturing
-            raises. Not available through the custom op (``torch.compile``, ``torch.vmap``).
+            have raised gets NaN costs and marginal_error and ``converged`` False (every problem
+            for a non-finite or negative value or symmetric inputs that differ, that problem
+            alone for a zero total weight or unequal masses; check them on the device);
+            ``warn`` is ignored (it would read ``converged``). On CPU tensors the C++ core has
+            nothing to read back: the same results, and bad input raises as with ``sync=True``.
+            The PyTorch fallback (``backend="torch"``, or a device without divkit kernels, CPU
+            tensors included) does as the CUDA kernels, with no host read: ``max_iter``
+            iterations, the eps-scaling schedule computed on the device (padded to 200
+            stages), the input checks as device flags with the same NaN results, so it can be
+            captured too (not yet run on a GPU). Either way a bad problem's f, g, plan and
+            gradients are not meaningful, and the checks that need no value (shapes, options)
+            still raise. ``True`` while capturing raises. Not available through the custom op
+            (``torch.compile``, ``torch.vmap``).
     Returns:
         :class:`SinkhornResult`; only ``reg_cost`` carries gradients (envelope theorem: grad x
         ``sum_j P_ij dC_ij/dx_i``, grad a ``f`` up to a constant, grad cost ``P``).
@@ -448,6 +455,7 @@ def sinkhorn_kd_loss(
     temperature: float = 2.0,
     eps: float = 0.1,
     n_iter: int = 20,
+    sync: Optional[bool] = None,
 ) -> torch.Tensor:
     r"""SinKD batch-wise Sinkhorn distillation loss (Cui et al. 2024, code 2018cx/SinKD).
 
@@ -460,6 +468,8 @@ def sinkhorn_kd_loss(
 
     Gradient: through W with the coupling held fixed (the envelope gradient of the regularized
     cost; SinKD differentiates through the iterations). logits [B, V], float32/float64.
+    ``sync``: as in :func:`sinkhorn` (``False``: no host read, so CUDA-graph capturable; the
+    same loss).
     """
     fn = "sinkhorn_kd_loss"
     s = _tensor(fn, "student_logits", student_logits, (2,), cpu=False)
@@ -480,7 +490,15 @@ def sinkhorn_kd_loss(
     Q = torch.softmax(t / T, dim=-1)
     W = torch.cdist(P.unsqueeze(0), Q.unsqueeze(0), p=1)[0]
     res = sinkhorn(
-        None, None, eps=eps, cost=W.detach(), tol=0.0, max_iter=n_iter, return_plan=True, warn=False
+        None,
+        None,
+        eps=eps,
+        cost=W.detach(),
+        tol=0.0,
+        max_iter=n_iter,
+        return_plan=True,
+        warn=False,
+        sync=sync,
     )
     return (res.plan.to(W.dtype) * W).sum()
 

@@ -94,3 +94,61 @@ def test_sparse_ot_on_cuda_matches_cpu():
         out.append(r)
     assert _rel(out[1].reg_cost, out[0].reg_cost) <= 1e-9
     assert _rel(out[1].plan.to_dense(), out[0].plan.to_dense()) <= 1e-7
+
+
+_FIELDS = ("f", "g", "transport_cost", "reg_cost", "n_iter", "marginal_error", "converged")
+
+
+def _batch(B, n, m, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(B, m, d, generator=g, dtype=torch.float64) + 0.5
+    x[B - 1] *= 4.0  # slower to converge
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.2
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.2
+    return x, y, a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("eps_scaling", [None, 0.5])
+def test_fallback_sync_false_captures_in_a_cuda_graph(eps_scaling):
+    # The fallback's sync=False (automatic inside the capture): no host read, no
+    # synchronization, no host-to-device copy; every result equals the synchronizing call's.
+    x, y, a, b = (t.cuda() for t in _batch(3, 40, 33, 3, seed=21))
+    kw = dict(eps=0.05, tol=1e-9, max_iter=150, eps_scaling=eps_scaling, warn=False)
+    kw.update(backend="torch", return_plan=True)
+    ref = sinkhorn(x, y, a, b, **kw)
+    eager = sinkhorn(x, y, a, b, sync=False, **kw)
+    for k in _FIELDS + ("plan",):
+        assert torch.equal(getattr(eager, k), getattr(ref, k)), k
+    xs, ys, as_, bs = (t.clone() for t in (x, y, a, b))
+    xs.requires_grad_()  # the envelope gradient is computed in forward: captured too
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, as CUDA graphs ask
+        sinkhorn(xs, ys, as_, bs, sync=False, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cap = sinkhorn(xs, ys, as_, bs, **kw)
+    x2, y2, a2, b2 = (t.cuda() for t in _batch(3, 40, 33, 3, seed=22))
+    for dst, src in zip((xs, ys, as_, bs), (x2, y2, a2, b2)):
+        with torch.no_grad():
+            dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref2 = sinkhorn(x2, y2, a2, b2, **kw)
+    for k in _FIELDS + ("plan",):
+        assert torch.equal(getattr(cap, k).detach(), getattr(ref2, k).detach()), k
+
+
+def test_fallback_sync_false_bad_input_gives_nan_on_cuda():
+    x, y, a, b = (t.cuda() for t in _batch(3, 10, 8, 2, seed=23))
+    b2 = b.clone()
+    b2[1] *= 2.0  # unequal masses in problem 1 only
+    r = sinkhorn(x, y, a, b2, eps=0.3, backend="torch", sync=False)
+    ref = sinkhorn(x, y, a, b, eps=0.3, backend="torch")
+    assert torch.isnan(r.reg_cost[1]) and not bool(r.converged[1])
+    assert torch.equal(r.reg_cost[[0, 2]], ref.reg_cost[[0, 2]])
+    x[2, 0, 0] = float("nan")  # a bad value: every problem
+    r = sinkhorn(x, y, a, b, eps=0.3, backend="torch", sync=False)
+    assert torch.isnan(r.reg_cost).all() and not r.converged.any()

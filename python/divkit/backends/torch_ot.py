@@ -20,6 +20,15 @@ stopping rule, epsilon scaling, symmetric averaging, results and envelope gradie
   converges, and nothing else synchronizes inside the loop. The argument checks (finite
   values, weights, masses) and the epsilon-scaling schedule read a few values back once per
   call.
+* ``cfg.sync`` False (CUDA graph capture; the mode of the CUDA kernels): no host read, no
+  synchronization, no host-to-device copy. All ``max_iter`` iterations run (a converged problem
+  stays frozen by its mask: the same results); the epsilon schedule is computed on the device
+  with the host loop's multiplications in its order, padded to its longest possible length
+  (:data:`MAX_STAGES`); the argument checks become device flags, and a problem whose inputs
+  would have raised gets NaN transport_cost, reg_cost and marginal_error and ``converged``
+  False (every problem for a non-finite or negative value, or symmetric inputs that differ;
+  that problem alone for a zero total weight or unequal masses). Checks that need no value
+  (shapes, options) still raise.
 """
 
 from __future__ import annotations
@@ -31,13 +40,15 @@ import torch
 
 from .. import _validate as check
 
-__all__ = ["sinkhorn", "SYNC_EVERY", "BLOCK_ENTRIES"]
+__all__ = ["sinkhorn", "SYNC_EVERY", "BLOCK_ENTRIES", "MAX_STAGES"]
 
 #: Iterations between two reads of the convergence flags by the host.
 SYNC_EVERY = 16
 #: Cost entries (B x rows x m) per block when the cost is computed on the fly: 32 MiB of
 #: float64 per temporary (the final pass holds about six).
 BLOCK_ENTRIES = 1 << 22
+#: Epsilon-scaling stages at most (the core's bound).
+MAX_STAGES = 200
 
 _F64 = torch.float64
 
@@ -66,13 +77,19 @@ def _first(mask: torch.Tensor) -> str:
     return "[" + ", ".join(str(int(v)) for v in mask.nonzero()[0].tolist()) + "]"
 
 
-def _weights(fn: str, name: str, w: Optional[torch.Tensor], B: int, n: int, dev) -> torch.Tensor:
+def _weights(fn: str, name: str, w: Optional[torch.Tensor], B: int, n: int, dev, flags=None):
+    """The float64 weights [B, n] (default 1/n), checked: errors, or with ``flags`` (a list;
+    sync=False) no host read: appends (a 0-d bool, set when any weight is non-finite or
+    negative; a [B] bool, set for the problems whose weights sum to 0)."""
     if w is None:
         return torch.full((B, n), 1.0 / n, dtype=_F64, device=dev)
     w = w.to(_F64)
     bad = ~torch.isfinite(w)
     neg = w < 0
     zero = ~(w.sum(1) > 0)
+    if flags is not None:
+        flags.append(((bad | neg).any(), zero))
+        return w
     flags = torch.stack([bad.any(), neg.any(), zero.any()]).tolist()
     if flags[0]:
         check.fail(fn, f"{name} has a non-finite value at {_first(bad)}")
@@ -81,6 +98,45 @@ def _weights(fn: str, name: str, w: Optional[torch.Tensor], B: int, n: int, dev)
     if flags[2]:
         check.fail(fn, f"{name} sums to 0 in problem {int(zero.nonzero()[0, 0])}")
     return w
+
+
+def _schedule_on_host(scale: torch.Tensor, eps: float, s: float, dev):
+    """The epsilon-scaling schedule (the core's loop: eps_k = scale s^k while > eps, at most
+    :data:`MAX_STAGES`) read back and built on the host: (sched [B, n_st + 1] padded with eps,
+    n_stage [B], n_st the longest)."""
+    B = scale.shape[0]
+    stages = []
+    if s > 0:
+        for sc in scale.tolist():
+            st, e = [], sc
+            while e > eps and len(st) < MAX_STAGES:
+                st.append(e)
+                e *= s
+            stages.append(st)
+    n_st = max((len(st) for st in stages), default=0)
+    sched = torch.full((B, n_st + 1), eps, dtype=_F64)
+    for k, st in enumerate(stages):
+        sched[k, : len(st)] = torch.tensor(st, dtype=_F64)
+    n_stage = torch.tensor([len(st) for st in stages] or [0] * B, dtype=torch.int64)
+    return sched.to(dev), n_stage.to(dev), n_st
+
+
+def _schedule_on_device(scale: torch.Tensor, eps: float, s: float):
+    """The schedule of :func:`_schedule_on_host` with no host read: the same multiplications in
+    the same order (so the same values), padded to :data:`MAX_STAGES` stages for every problem
+    (n_st = MAX_STAGES; the iterations past a problem's own stages see eps, as on the host)."""
+    B, dev = scale.shape[0], scale.device
+    if not s > 0:
+        zero = torch.zeros(B, dtype=torch.int64, device=dev)
+        return torch.full((B, 1), eps, dtype=_F64, device=dev), zero, 0
+    cols = [scale]
+    for _ in range(MAX_STAGES - 1):
+        cols.append(cols[-1] * s)
+    e = torch.stack(cols, 1)  # [B, MAX_STAGES]: scale s^k, one rounding per multiplication
+    # Stage k exists while every e_0..e_k > eps (the host loop stops at the first e <= eps).
+    keep = torch.cummin((e > eps).to(torch.int64), 1).values.bool()
+    sched = torch.cat([torch.where(keep, e, eps), e.new_full((B, 1), eps)], 1)
+    return sched, keep.sum(1), MAX_STAGES
 
 
 def _cost_rows(x: torch.Tensor, y: torch.Tensor, p: int, i0: int, i1: int) -> torch.Tensor:
@@ -135,6 +191,9 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
     fn = cfg.fn
     need_x, need_y, need_a, need_b, need_c = need
     check_options(fn, cfg)
+    sync = getattr(cfg, "sync", True)
+    # sync=False: the value checks as device flags, (0-d "every problem", [B] "this problem").
+    flags: Optional[list] = None if sync else []
     points = cost is None
     src = x if points else cost
     dev, dt = src.device, src.dtype
@@ -149,11 +208,14 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
             check.fail(fn, f"y must have x's dtype {x.dtype}, got {y.dtype}")
         xd, yd = x.to(_F64), y.to(_F64)
         bx, by = ~torch.isfinite(xd), ~torch.isfinite(yd)
-        flags = torch.stack([bx.any(), by.any()]).tolist()
-        if flags[0]:
-            check.fail(fn, f"x has a non-finite value (NaN or inf) at {_first(bx)}")
-        if flags[1]:
-            check.fail(fn, f"y has a non-finite value (NaN or inf) at {_first(by)}")
+        if flags is not None:
+            flags.append((bx.any() | by.any(), None))
+        else:
+            found = torch.stack([bx.any(), by.any()]).tolist()
+            if found[0]:
+                check.fail(fn, f"x has a non-finite value (NaN or inf) at {_first(bx)}")
+            if found[1]:
+                check.fail(fn, f"y has a non-finite value (NaN or inf) at {_first(by)}")
         # Centered on the joint mean, as the core (its expansion cancels less near the origin).
         center = torch.cat([xd, yd], 1).mean(1, keepdim=True)
         xd, yd = xd - center, yd - center
@@ -172,17 +234,21 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
             check.fail(fn, "cost must have at least one point (n >= 1 and m >= 1)")
         held = cost.to(_F64)
         bc = ~torch.isfinite(held)
-        if bool(bc.any()):
+        if flags is not None:
+            flags.append((bc.any(), None))
+        elif bool(bc.any()):
             check.fail(fn, f"cost has a non-finite value at {_first(bc)}")
         scale = held.abs().amax((1, 2))
         C = _Cost(n, held=held)
-    aw = _weights(fn, "a", a, B, n, dev)
-    bw = _weights(fn, "b", b, B, m, dev)
+    aw = _weights(fn, "a", a, B, n, dev, flags)
+    bw = _weights(fn, "b", b, B, m, dev, flags)
     ma, mb = aw.sum(1), bw.sum(1)
     bal_a, bal_b = math.isinf(cfg.rho_a), math.isinf(cfg.rho_b)
     if bal_a and bal_b:
         bad = (ma - mb).abs() > 1e-6 * torch.maximum(ma, mb)
-        if bool(bad.any()):
+        if flags is not None:
+            flags.append((None, bad))
+        elif bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
             check.fail(
                 fn,
@@ -194,10 +260,13 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
     if sym:
         if not points or n != m:
             check.fail(fn, "symmetric needs points with y equal to x (a self-transport problem)")
-        if not torch.equal(x, y):
-            check.fail(fn, "symmetric needs y equal to x")
-        if not torch.equal(aw, bw):
-            check.fail(fn, "symmetric needs b equal to a")
+        if flags is not None:
+            flags.append(((x != y).any() | (aw != bw).any(), None))
+        else:
+            if not torch.equal(x, y):
+                check.fail(fn, "symmetric needs y equal to x")
+            if not torch.equal(aw, bw):
+                check.fail(fn, "symmetric needs b equal to a")
         if cfg.rho_a != cfg.rho_b:
             check.fail(fn, "symmetric needs rho_a equal to rho_b")
     la, lb = aw.log(), bw.log()  # log 0 = -inf: a zero weight drops out of the LSE
@@ -205,20 +274,10 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
     # Epsilon scaling: eps_k = scale s^k while > eps (at most 200), one iteration each; the
     # schedule differs between problems, so eps is a [B, 1] tensor per iteration.
     eps = cfg.eps
-    stages = []
-    if cfg.eps_scaling > 0:
-        for sc in scale.tolist():
-            st, e = [], sc
-            while e > eps and len(st) < 200:
-                st.append(e)
-                e *= cfg.eps_scaling
-            stages.append(st)
-    n_st = max((len(s) for s in stages), default=0)
-    sched = torch.full((B, n_st + 1), eps, dtype=_F64)
-    for k, st in enumerate(stages):
-        sched[k, : len(st)] = torch.tensor(st, dtype=_F64)
-    sched = sched.to(dev)
-    n_stage = torch.tensor([len(s) for s in stages] or [0] * B, dtype=torch.int64).to(dev)
+    if not sync:
+        sched, n_stage, n_st = _schedule_on_device(scale, eps, cfg.eps_scaling)
+    else:
+        sched, n_stage, n_st = _schedule_on_host(scale, eps, cfg.eps_scaling, dev)
     tau_a = (lambda e: 1.0) if bal_a else (lambda e: cfg.rho_a / (cfg.rho_a + e))
     tau_b = (lambda e: 1.0) if bal_b else (lambda e: cfg.rho_b / (cfg.rho_b + e))
 
@@ -269,7 +328,7 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
         conv |= done
         active &= ~done
         # sync=False (divkit.ot.sinkhorn's option): no early stop, max_iter iterations.
-        if getattr(cfg, "sync", True) and (it + 1) % SYNC_EVERY == 0 and not bool(active.any()):
+        if sync and (it + 1) % SYNC_EVERY == 0 and not bool(active.any()):
             break
 
     # Final pass, block by block of rows: e_ij = P_ij / a_i = exp(f_i / eps + log b_j +
@@ -326,6 +385,19 @@ def sinkhorn(x, y, cost, a, b, cfg: Any, need: Tuple[bool, bool, bool, bool, boo
     reg = F(aw, f, cfg.rho_a) + F(bw, g, cfg.rho_b) - eps * (mass - ma * mb)
     ga = dF(f, cfg.rho_a) - eps * (s - mb[:, None]) if need_a else None
     gb = dF(g, cfg.rho_b) - eps * (sc - ma[:, None]) if need_b else None
+    if flags is not None:
+        # The problems whose inputs would have raised: NaN costs, not converged (as the CUDA
+        # kernels' sync=False results).
+        bad = torch.zeros(B, dtype=torch.bool, device=dev)
+        for every, this in flags:
+            if every is not None:
+                bad = bad | every
+            if this is not None:
+                bad = bad | this
+        tc = torch.where(bad, math.nan, tc)
+        reg = torch.where(bad, math.nan, reg)
+        marg = torch.where(bad, math.nan, marg)
+        conv = conv & ~bad
     stats = dict(
         transport_cost=tc,
         reg_cost=reg,
