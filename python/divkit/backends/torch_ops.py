@@ -1663,7 +1663,11 @@ def fused_linear_cross_entropy(
             if want:
                 _add_head_grads(head, g, x, hc, a, e, shard)
             continue
-        z = cap * torch.tanh(x / cap) if cap > 0 else x
+        z = x
+        if cap > 0:
+            # softcap(-inf) = -inf: a masked entry (-inf bias) keeps probability 0 (tanh would
+            # give it the logit -cap), as in the core's kernel.
+            z = torch.where(torch.isneginf(x), x, cap * torch.tanh(x / cap))
         y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
         if shard is None:
             lse = torch.logsumexp(z, -1)
@@ -1701,7 +1705,9 @@ def fused_linear_cross_entropy(
                 dz = dz - eps / v
             dz.scatter_add_(-1, col.unsqueeze(-1), one)
             if cap > 0:
-                dz = dz * (1.0 - (z / cap) ** 2)
+                # dz/dx = 1 - tanh(x / cap)^2, 0 at a masked entry (z = -inf, where the
+                # expression in z would be -inf).
+                dz = dz * torch.where(torch.isneginf(z), 0.0, 1.0 - (z / cap) ** 2)
             dz = dz * scale[a:e].to(dt).unsqueeze(-1)
             _add_head_grads(head, g, dz, hc, a, e, shard)
     loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
