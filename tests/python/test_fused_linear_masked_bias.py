@@ -3,7 +3,7 @@ rows): its logit is -inf, a masked entry of probability 0, on both routes (the C
 PyTorch chunk loop that CUDA tensors and backend="torch" take), with logit soft-capping too
 (softcap(-inf) = -inf). Both routes give the same losses, statistics and gradients (checked on
 CPU tensors, and against float64 autograd references that drop the masked entries); NaN / +inf
-bias entries and rows whose logits are all -inf raise on both."""
+bias entries (named by argument and index) and rows whose logits are all -inf raise on both."""
 
 from __future__ import annotations
 
@@ -293,17 +293,40 @@ def test_label_rows_softcap_keeps_masked_entries_masked():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_posinf_bias_raises_on_both_routes(bad):
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_nan_or_posinf_bias_raises_on_both_routes(bad, softcap):
+    # Both routes name the public function, the bias argument and the index (not the logits of
+    # a token, which the bad entry spoils).
     x, w, b, lab = _data()
     b[5] = bad
+    msg = "bias contains NaN or +inf at index 5"
     _raises_on_both(
-        lambda be: divkit.fused_linear_cross_entropy(x, w, lab, bias=b, backend=be),
-        "fused_linear_cross_entropy",
-        "NaN",
-        "+inf",
+        lambda be: divkit.fused_linear_cross_entropy(
+            x, w, lab, bias=b, softcap=softcap, backend=be
+        ),
+        "fused_linear_cross_entropy: " + msg,
     )
-    with pytest.raises(divkit.Error, match=r"bias contains NaN or \+inf at index 5"):
-        divkit.fused_linear_cross_entropy(x, w, lab, bias=b, backend="core")
+    _raises_on_both(
+        lambda be: divkit.fused_linear_logprobs(x, w, lab, bias=b, backend=be),
+        "fused_linear_logprobs: " + msg,
+    )
+    _, _, ok, _ = _data()
+    for who, sb, tb in (("student", b, ok), ("teacher", ok, b)):
+        _raises_on_both(
+            lambda be: divkit.fused_linear_divergence(
+                x, w, x, w, student_bias=sb, teacher_bias=tb, labels=lab, backend=be
+            ),
+            f"fused_linear_divergence: {who}_" + msg,
+        )
+    g = torch.Generator().manual_seed(4)
+    idx = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(x.shape[0])])
+    lp = torch.log_softmax(torch.randn(x.shape[0], 4, generator=g), -1) - 0.05
+    _raises_on_both(
+        lambda be: divkit.fused_linear_sparse_divergence(
+            x, w, idx, lp, student_bias=b, labels=lab, backend=be
+        ),
+        "fused_linear_sparse_divergence: student_" + msg,
+    )
 
 
 def test_all_masked_rows_raise_on_both_routes():
