@@ -38,9 +38,10 @@
 namespace divkit {
 
 // One linear head: logits = hidden @ weight^T + bias. A -inf bias entry masks that vocabulary
-// entry (padded vocabularies): probability 0, gradient 0, as a -inf logit anywhere in divkit;
-// NaN or +inf bias entries, and counted rows whose logits are all -inf, are errors. The
-// PyTorch chunk loop (CUDA tensors, backend="torch") behaves the same.
+// entry (padded vocabularies): probability 0, gradient 0, as a -inf logit anywhere in divkit,
+// with softcap too (softcap(-inf) = -inf, not -c); NaN or +inf bias entries, and counted rows
+// whose logits are all -inf, are errors. The PyTorch chunk loop (CUDA tensors,
+// backend="torch") behaves the same.
 struct LinearHead {
   TensorView hidden;  // [N, H], float, unit stride along H
   TensorView weight;  // [V, H], float, unit stride along H
@@ -139,7 +140,8 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
 
 // Cross-entropy against hard labels, as torch.nn.functional.cross_entropy with the options of
 // Liger's fused linear cross-entropy. With z = softcap(h W^T + b) (softcap c > 0:
-// z = c tanh(x / c), Gemma 2's logit soft-capping; 0 disables it), lse = logsumexp(z):
+// z = c tanh(x / c), Gemma 2's logit soft-capping, with -inf kept -inf so that a masked entry
+// stays masked; 0 disables it), lse = logsumexp(z):
 //   loss_i = (1 - eps) (lse - z_y) + eps (lse - mean_j z_j) + z_loss_scale * lse^2
 // (label smoothing eps in [0, 1) as PyTorch: the uniform target's share is eps; z-loss as
 // PaLM). Ignored tokens contribute 0 and are not counted by mean.
@@ -203,8 +205,8 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
 // The row step of the label heads on one chunk of logits already computed: what the chunk loop of
 // divkit.backends.torch_ops (torch GEMMs around it) calls for each chunk of CUDA tensors; CPU
 // tensors run the same CPU row kernels as the fused heads above (fp32 logits only). Per row i
-// with labels[i] != ignore_index, with z = softcap(x) / T (softcap(x) = c tanh(x / c); none when
-// c = 0) and p = softmax(z):
+// with labels[i] != ignore_index, with z = softcap(x) / T (softcap(x) = c tanh(x / c), and -inf
+// at a masked entry x = -inf, whose dz/dx is 0; none when c = 0) and p = softmax(z):
 //   statistics, each optional, fp64 [rows], 0 at ignored rows: lse = logsumexp_j z_j, z_label =
 //   z_y, mean_z = mean_j z_j, entropy = -sum_j p_j log p_j, topk_mass = the sum of the topk
 //   largest p_j, log_sum_sq = log sum_j p_j^2, is_top1 = 1 where y is the first maximal z;

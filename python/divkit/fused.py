@@ -702,7 +702,8 @@ def fused_linear_cross_entropy(
 
     As ``torch.nn.functional.cross_entropy(logits, labels, ignore_index, reduction,
     label_smoothing)`` with Liger-Kernel's extra options, on ``z = softcap * tanh(logits /
-    softcap)`` when ``softcap`` is given (Gemma 2)::
+    softcap)`` when ``softcap`` is given (Gemma 2; a ``-inf`` logit stays ``-inf``, so that a
+    ``-inf`` bias entry masks that vocabulary entry with or without softcap)::
 
         loss_i = (1 - eps) (lse_i - z_{i,y}) + eps (lse_i - mean_j z_ij) + lse_square_scale * lse_i^2
 
@@ -714,8 +715,9 @@ def fused_linear_cross_entropy(
     be in ``[0, V)`` or ``ignore_index``. dtypes: float32 / bfloat16 / float16 / float64,
     computed in fp32; gradients in the inputs' dtypes. With ``return_stats=True`` returns
     ``(loss, logprobs, entropy)``, the per-token ``log p(label)`` and entropy of the (softcapped)
-    distribution, not differentiable. ``backend``: as in :func:`fused_linear_divergence` (the
-    PyTorch fallback without ``process_group``).
+    distribution, not differentiable. A NaN or +inf ``bias`` entry raises (naming its index).
+    ``backend``: as in :func:`fused_linear_divergence` (the PyTorch fallback without
+    ``process_group``).
     """
     fn = "fused_linear_cross_entropy"
     weight = _full(fn, "weight", weight)

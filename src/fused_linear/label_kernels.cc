@@ -42,21 +42,25 @@ HWY_INLINE RowSpan Span(int64_t v) {
   return {lanes, v / lanes * lanes};
 }
 
-// z = softcap(x) / T in place; returns the max and whether a NaN/+inf appeared.
+// z = softcap(x) / T in place; returns the max and whether a NaN/+inf appeared. softcap(-inf) =
+// -inf: a masked entry stays masked (tanh would give -softcap).
 HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, float softcap,
                                  bool& bad) {
   const DF df;
   const RowSpan sp = Span(v);
   const bool transform = softcap > 0.0f || inv_t != 1.0f;
   const VF vinv_t = hn::Set(df, inv_t), vcap = hn::Set(df, softcap),
-           vinv_cap = hn::Set(df, softcap > 0.0f ? 1.0f / softcap : 0.0f), inf = hn::Set(df, kInf);
+           vinv_cap = hn::Set(df, softcap > 0.0f ? 1.0f / softcap : 0.0f), inf = hn::Set(df, kInf),
+           neg_inf = hn::Set(df, -kInf);
   VF vmax = hn::Set(df, -kInf);
   auto vbad = hn::Lt(inf, inf);
   for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
     VF x = hn::LoadU(df, z + j);
     vbad = hn::Or(vbad, hn::Not(hn::Lt(x, inf)));
     if (transform) {
-      if (softcap > 0.0f) x = hn::Mul(vcap, hn::Tanh(df, hn::Mul(x, vinv_cap)));
+      if (softcap > 0.0f)
+        x = hn::IfThenElse(hn::Eq(x, neg_inf), x,
+                           hn::Mul(vcap, hn::Tanh(df, hn::Mul(x, vinv_cap))));
       x = hn::Mul(x, vinv_t);
       hn::StoreU(x, df, z + j);
     }
@@ -68,7 +72,7 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
     float x = z[j];
     if (!(x < kInf)) bad = true;
     if (transform) {
-      if (softcap > 0.0f) x = softcap * std::tanh(x / softcap);
+      if (softcap > 0.0f && x != -kInf) x = softcap * std::tanh(x / softcap);
       x *= inv_t;
       z[j] = x;
     }
@@ -292,6 +296,15 @@ void FusedGradRow(const detail::LabelForwardJob& job, int64_t i, float* HWY_REST
   z[job.labels[i]] += static_cast<float>(b) * job.inv_t;
 }
 
+// dz/dx without the 1 / T under softcap, from z and vtc = T / softcap: 1 - (T z / softcap)^2 =
+// 1 - tanh(x / softcap)^2, and 0 at a masked entry (z = -inf: r * r would be inf and turn its
+// gradient into -inf or NaN), as label_scalar::cap_factor_of.
+HWY_INLINE VF CapFactor(VF z, VF vtc) {
+  const DF df;
+  const VF r = hn::Mul(z, vtc);
+  return hn::IfThenZeroElse(hn::Eq(z, hn::Set(df, -kInf)), hn::NegMulAdd(r, r, hn::Set(df, 1.0f)));
+}
+
 // The fused gradient of LabelForwardJob::coef when it needs z (softcap, entropy term): z holds the
 // transformed logits, ex = exp(z - m) with S = sum ex, h the row's entropy. The same expressions
 // as GradRow with p = ex / S in place of exp(z - lse).
@@ -310,7 +323,7 @@ void FusedGradRowKeepZ(const detail::LabelForwardJob& job, int64_t i, float* HWY
               fh = static_cast<float>(h), fa = static_cast<float>(a), fc = static_cast<float>(c);
   const VF vinv_s = hn::Set(df, inv_s), vlse = hn::Set(df, flse), va = hn::Set(df, fa),
            vc = hn::Set(df, fc), ve = hn::Set(df, e), vh = hn::Set(df, fh),
-           vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap), one = hn::Set(df, 1.0f);
+           vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap);
   const int64_t y = job.labels[i];
   const float y_z = z[y];
   for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
@@ -322,10 +335,7 @@ void FusedGradRowKeepZ(const detail::LabelForwardJob& job, int64_t i, float* HWY
       g = hn::MulAdd(hn::Mul(ve, p),
                      hn::IfThenZeroElse(hn::Eq(p, hn::Zero(df)), hn::Add(hn::Sub(zj, vlse), vh)),
                      g);
-    if (cap) {
-      const VF r = hn::Mul(zj, vtc);  // tanh(x / softcap)
-      g = hn::Mul(g, hn::NegMulAdd(r, r, one));
-    }
+    if (cap) g = hn::Mul(g, CapFactor(zj, vtc));
     g = hn::Mul(g, vinv_t);
     if (add) g = hn::Add(g, hn::LoadU(df, add + j));
     hn::StoreU(g, df, z + j);
@@ -334,20 +344,14 @@ void FusedGradRowKeepZ(const detail::LabelForwardJob& job, int64_t i, float* HWY
     const float p = ex[j] * inv_s;
     float g = fa * p + fc;
     if (e != 0.0f && p != 0.0f) g += e * p * ((z[j] - flse) + fh);
-    if (cap) {
-      const float r = z[j] * t_over_cap;
-      g *= 1.0f - r * r;
-    }
+    if (cap) g *= label_scalar::cap_factor_of(z[j], t_over_cap);
     g *= job.inv_t;
     if (add) g += add[j];
     z[j] = g;
   }
   // The one-hot part: b at the label, with the label's own chain-rule factor.
   float dz = static_cast<float>(b);
-  if (cap) {
-    const float r = y_z * t_over_cap;
-    dz *= 1.0f - r * r;
-  }
+  if (cap) dz *= label_scalar::cap_factor_of(y_z, t_over_cap);
   z[y] += dz * job.inv_t;
 }
 
@@ -446,14 +450,10 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
   const bool cap = job.softcap > 0.0f;
   const float t_over_cap = cap ? (1.0f / job.inv_t) / job.softcap : 0.0f;
   const VF vlse = hn::Set(df, lse), va = hn::Set(df, a), vc = hn::Set(df, c), ve = hn::Set(df, e),
-           vh = hn::Set(df, h), vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap),
-           one = hn::Set(df, 1.0f);
+           vh = hn::Set(df, h), vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap);
   const float y_z = z[job.labels[i]];
   auto chain = [&](VF zj, VF g) {  // dL/dz -> dL/dx
-    if (cap) {
-      const VF r = hn::Mul(zj, vtc);  // tanh(x / c)
-      g = hn::Mul(g, hn::NegMulAdd(r, r, one));
-    }
+    if (cap) g = hn::Mul(g, CapFactor(zj, vtc));
     return hn::Mul(g, vinv_t);
   };
   for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
@@ -473,20 +473,14 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
     const float p = std::exp(lp);
     float g = a * p + c;
     if (e != 0.0f && p != 0.0f) g += e * p * (lp + h);
-    if (cap) {
-      const float r = z[j] * t_over_cap;
-      g *= 1.0f - r * r;
-    }
+    if (cap) g *= label_scalar::cap_factor_of(z[j], t_over_cap);
     g *= job.inv_t;
     if (add) g += add[j];
     z[j] = g;
   }
   // The one-hot part: b at the label (its chain-rule factor from the label's own logit).
   float dz = static_cast<float>(job.b[i]);
-  if (cap) {
-    const float r = y_z * t_over_cap;
-    dz *= 1.0f - r * r;
-  }
+  if (cap) dz *= label_scalar::cap_factor_of(y_z, t_over_cap);
   z[job.labels[i]] += dz * job.inv_t;
 }
 

@@ -11,6 +11,9 @@
 // and the gradient over the raw logits x (label_kernels.h's LabelGradJob):
 //   dL/dz_j = a p_j + b 1[j = y] + c + e p_j (z_j - lse + H),  p_j = exp(z_j - lse) (fp32),
 //   dL/dx_j = dL/dz_j (1 - (T z_j / c)^2) / T  (1 / T without softcap).
+// A masked entry (x = -inf) stays masked under softcap: softcap(-inf) = -inf, not -c (its
+// probability is 0 as without softcap), and its chain-rule factor is 0 (the limit of
+// 1 - tanh^2), not 1 - inf^2.
 #pragma once
 
 #include <math.h>
@@ -34,7 +37,7 @@ DIVKIT_HD inline Transform make_transform(float inv_t, float softcap) {
   return t;
 }
 DIVKIT_HD inline float transform(const Transform& t, float x) {
-  if (t.softcap > 0.0f) x = t.softcap * ::tanhf(x * t.inv_cap);
+  if (t.softcap > 0.0f && x != -kInfinityF) x = t.softcap * ::tanhf(x * t.inv_cap);
   return x * t.inv_t;
 }
 
@@ -98,10 +101,15 @@ DIVKIT_HD inline GradRow make_grad_row(double lse, double a, double c, double e,
   g.t_over_cap = g.cap ? (1.0f / inv_t) / softcap : 0.0f;
   return g;
 }
-// dz/dx without the 1 / T: 1 - (T z / c)^2 = 1 - tanh(x / c)^2 (1 without softcap).
-DIVKIT_HD inline float cap_factor(const GradRow& g, float z) {
-  const float r = z * g.t_over_cap;
+// dz/dx without the 1 / T under softcap: 1 - (T z / c)^2 = 1 - tanh(x / c)^2, with
+// t_over_cap = T / c; 0 at a masked entry (z = -inf), where tanh' is 0 but r * r is inf.
+DIVKIT_HD inline float cap_factor_of(float z, float t_over_cap) {
+  if (z == -kInfinityF) return 0.0f;
+  const float r = z * t_over_cap;
   return 1.0f - r * r;
+}
+DIVKIT_HD inline float cap_factor(const GradRow& g, float z) {
+  return cap_factor_of(z, g.t_over_cap);
 }
 // dL/dx_j of an entry from its transformed logit z (without the label's one-hot term).
 DIVKIT_HD inline float grad_entry(const GradRow& g, float z) {

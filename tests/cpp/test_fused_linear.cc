@@ -1123,7 +1123,7 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
     std::vector<float> gh, gw, gb, ent;
   };
   auto run = [&](std::vector<float>& w, std::vector<float>& b, std::vector<int64_t>& lab,
-                 int64_t vv) {
+                 int64_t vv, float softcap = 0.0f) {
     Out o;
     o.gh.resize(n * h);
     o.gw.resize(vv * h);
@@ -1136,6 +1136,7 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
     st.entropy = TensorView::vector(o.ent.data(), DType::f32, n);
     divkit::CrossEntropySpec spec;
     spec.z_loss_scale = 0.01f;
+    spec.softcap = softcap;
     divkit::fused_linear_cross_entropy(head, TensorView::vector(lab.data(), DType::i64, n), spec,
                                        TensorView::vector(&o.loss, DType::f32, 1),
                                        {TensorView::matrix(o.gh.data(), DType::f32, n, h),
@@ -1144,16 +1145,24 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
                                        st);
     return o;
   };
-  const Out full = run(weight, bias, labels, v), kept = run(w_kept, b_kept, labels_kept, vk);
-  ASSERT_TRUE(std::isfinite(full.loss));
-  EXPECT_NEAR(full.loss, kept.loss, 1e-6 * std::abs(kept.loss));
-  for (int64_t i = 0; i < n * h; ++i) EXPECT_NEAR(full.gh[i], kept.gh[i], 1e-6) << i;
-  for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(full.ent[i], kept.ent[i], 1e-6) << i;
-  for (int64_t j = 0; j < v; ++j) {
-    const int64_t r = keep_of[j];
-    EXPECT_NEAR(full.gb[j], r < 0 ? 0.0f : kept.gb[r], 1e-6) << j;
-    for (int64_t c = 0; c < h; ++c)
-      EXPECT_NEAR(full.gw[j * h + c], r < 0 ? 0.0f : kept.gw[r * h + c], 1e-6) << j;
+  // With softcap too: softcap(-inf) = -inf keeps the entry masked (not at logit -softcap).
+  for (const float cap : {0.0f, 1.5f}) {
+    const Out full = run(weight, bias, labels, v, cap);
+    const Out kept = run(w_kept, b_kept, labels_kept, vk, cap);
+    ASSERT_TRUE(std::isfinite(full.loss)) << cap;
+    EXPECT_NEAR(full.loss, kept.loss, 1e-6 * std::abs(kept.loss)) << cap;
+    for (int64_t i = 0; i < n * h; ++i) EXPECT_NEAR(full.gh[i], kept.gh[i], 1e-6) << cap << i;
+    for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(full.ent[i], kept.ent[i], 1e-6) << cap << i;
+    for (int64_t j = 0; j < v; ++j) {
+      const int64_t r = keep_of[j];
+      // Exactly 0 for a masked entry's bias and weight row.
+      if (r < 0) {
+        EXPECT_EQ(full.gb[j], 0.0f) << cap << j;
+      }
+      EXPECT_NEAR(full.gb[j], r < 0 ? 0.0f : kept.gb[r], 1e-6) << cap << j;
+      for (int64_t c = 0; c < h; ++c)
+        EXPECT_NEAR(full.gw[j * h + c], r < 0 ? 0.0f : kept.gw[r * h + c], 1e-6) << cap << j;
+    }
   }
   for (const float bad : {NAN, INFINITY}) {
     std::vector<float> b2 = bias;

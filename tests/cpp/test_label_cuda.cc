@@ -179,8 +179,8 @@ TEST(LabelScalar, GpuStepsMatchTheCpuRowKernels) {
   for (const Case& cs : cases) {
     const int64_t n = 6, v = cs.v;
     std::vector<int64_t> labels;
-    const bool masked = cs.softcap == 0.0f;
-    std::vector<float> x = make_rows(n, v, labels, masked, seed++);
+    // Masked entries with and without softcap (softcap keeps them at -inf).
+    std::vector<float> x = make_rows(n, v, labels, /*masked=*/true, seed++);
     if (v == 1)
       for (auto& y : labels) y = y < 0 ? -1 : 0;
     const std::string where = "V=" + std::to_string(v) + " T=" + std::to_string(cs.temperature) +
@@ -279,9 +279,131 @@ TEST(LabelScalar, BadRowsAsTheCpuFindsThem) {
       detail::label_rows_forward(f);
       EXPECT_EQ(f.bad_row, 0);
     }
-    // Every entry -inf: no distribution without softcap; softcap maps -inf to -c (a valid row).
+    // Every entry -inf: no distribution, with or without softcap (softcap(-inf) = -inf).
     std::vector<float> x(v, -kInf);
-    EXPECT_EQ(gpu_row(x, 2, 1.0f, softcap, 0, nullptr).bad, softcap == 0.0f);
+    EXPECT_TRUE(gpu_row(x, 2, 1.0f, softcap, 0, nullptr).bad);
+    std::vector<int64_t> labels = {2};
+    detail::LabelForwardJob f;
+    f.z = x.data();
+    f.ldz = v;
+    f.rows = 1;
+    f.v = v;
+    f.labels = labels.data();
+    f.softcap = softcap;
+    detail::label_rows_forward(f);
+    EXPECT_EQ(f.bad_row, 0) << "softcap " << softcap;
+  }
+}
+
+// Softcap keeps a masked entry (x = -inf, a -inf bias) masked: z = softcap(-inf) / T = -inf,
+// probability 0, and a chain-rule factor of 0 (not -inf or NaN), in the scalar math the GPU
+// uses and in the CPU kernels (vector part and scalar tail), against an fp64 reference that
+// drops the masked entries.
+TEST(LabelScalar, SoftcapKeepsMaskedEntriesMasked) {
+  const float cap = 2.5f, temperature = 0.8f;
+  const ls::Transform tr = ls::make_transform(1.0f / temperature, cap);
+  EXPECT_EQ(ls::transform(tr, -kInf), -kInf);
+  EXPECT_EQ(ls::transform(tr, -1e30f), -cap / temperature);  // finite logits are capped
+  const ls::GradRow gr = ls::make_grad_row(0.5, 0.7, -0.01, 0.3, 1.2, tr.inv_t, cap);
+  EXPECT_EQ(ls::cap_factor(gr, -kInf), 0.0f);
+  EXPECT_EQ(ls::grad_entry(gr, -kInf), 0.0f);
+  EXPECT_EQ(ls::label_term(gr, -0.9, -kInf), 0.0f);
+  for (const int64_t v : {5, 37, 1031}) {  // tails only, vectors and tail, many vectors
+    const int64_t n = 3;
+    std::mt19937 rng(static_cast<uint32_t>(v));
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    std::vector<float> x(static_cast<size_t>(n * v));
+    for (auto& e : x) e = normal(rng);
+    std::vector<int64_t> labels = {0, 1, 2};
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 3 + i; j < v; j += 2) x[i * v + j] = -kInf;
+    std::vector<float> z = x;
+    std::vector<double> lse(n), zy(n), mean(n), ent(n), mass(n), lsq(n), top1(n);
+    detail::LabelForwardJob f;
+    f.z = z.data();
+    f.ldz = v;
+    f.rows = n;
+    f.v = v;
+    f.labels = labels.data();
+    f.inv_t = tr.inv_t;
+    f.softcap = cap;
+    f.lse = lse.data();
+    f.z_label = zy.data();
+    f.entropy = ent.data();
+    f.topk_mass = mass.data();
+    f.topk = v;  // every entry: the mass of the masked ones is 0
+    f.log_sum_sq = lsq.data();
+    detail::label_rows_forward(f);
+    ASSERT_EQ(f.bad_row, -1) << v;
+    std::vector<double> ca(n, 0.6), cb(n, -0.9), cc(n, -0.02), ce(n, 0.25);
+    detail::LabelGradJob g;
+    g.z = z.data();
+    g.ldz = v;
+    g.rows = n;
+    g.v = v;
+    g.labels = labels.data();
+    g.inv_t = tr.inv_t;
+    g.softcap = cap;
+    g.lse = lse.data();
+    g.entropy = ent.data();
+    g.a = ca.data();
+    g.b = cb.data();
+    g.c = cc.data();
+    g.e = ce.data();
+    detail::label_rows_grad(g);
+    for (int64_t i = 0; i < n; ++i) {
+      const std::string row = "V=" + std::to_string(v) + " row " + std::to_string(i);
+      // fp64 reference over the unmasked entries only.
+      std::vector<double> zd;
+      std::vector<int64_t> idx;
+      for (int64_t j = 0; j < v; ++j) {
+        const float xj = x[i * v + j];
+        if (xj == -kInf) continue;
+        zd.push_back(cap * std::tanh(static_cast<double>(xj) / cap) / temperature);
+        idx.push_back(j);
+      }
+      double m = -INFINITY, s = 0.0, s2 = 0.0, pz = 0.0;
+      for (double t : zd) m = std::max(m, t);
+      for (double t : zd) s += std::exp(t - m);
+      const double ref_lse = m + std::log(s);
+      for (double t : zd) {
+        const double p = std::exp(t - ref_lse);
+        s2 += p * p;
+        pz += p * (t - ref_lse);
+      }
+      expect_close(lse[i], ref_lse, 2e-6, row + " lse");
+      expect_close(ent[i], -pz, 1e-5, row + " entropy");
+      expect_close(mass[i], 1.0, 2e-6, row + " topk_mass");
+      expect_close(lsq[i], std::log(s2), 1e-5, row + " log_sum_sq");
+      // dL/dx_j = (a p_j + b 1[j = y] + c + e p_j (log p_j + H)) (1 - tanh^2) / T, 0 at masked.
+      size_t k = 0;
+      for (int64_t j = 0; j < v; ++j) {
+        const float got = z[i * v + j];
+        if (x[i * v + j] == -kInf) {
+          EXPECT_EQ(got, 0.0f) << row << " masked entry " << j;
+          continue;
+        }
+        const double t = zd[k++], p = std::exp(t - ref_lse), lp = t - ref_lse;
+        double d = ca[i] * p + cc[i] + ce[i] * p * (lp - pz);
+        if (j == labels[i]) d += cb[i];
+        const double th = std::tanh(static_cast<double>(x[i * v + j]) / cap);
+        d *= (1.0 - th * th) / temperature;
+        ASSERT_LE(std::fabs(got - d), 2e-5 * (1.0 + std::fabs(d))) << row << " entry " << j;
+      }
+      // The GPU's steps give the same statistics and gradient, 0 at masked entries.
+      std::vector<float> xr(x.begin() + i * v, x.begin() + (i + 1) * v);
+      const Coef coef{ca[i], 0.0, cb[i], cc[i], ce[i]};
+      const Stats st = gpu_row(xr, labels[i], temperature, cap, v, &coef);
+      ASSERT_FALSE(st.bad) << row;
+      expect_close(st.lse, ref_lse, 2e-6, row + " GPU steps lse");
+      expect_close(st.mass, 1.0, 2e-6, row + " GPU steps topk_mass");
+      for (int64_t j = 0; j < v; ++j) {
+        ASSERT_TRUE(std::isfinite(xr[j])) << row << " GPU steps entry " << j;
+        if (x[i * v + j] == -kInf) {
+          EXPECT_EQ(xr[j], 0.0f) << row << " GPU steps entry " << j;
+        }
+      }
+    }
   }
 }
 

@@ -260,6 +260,13 @@ def test_label_terms_torch_errors():
         torch_ops.fused_linear_label_terms(hs, w, b, rh, rw, rb, lab, -100, 3, fn="t")
     with pytest.raises(divkit.Error, match="ref_weight has 10 rows"):
         torch_ops.fused_linear_label_terms(hs, w, b, rh, rw[:10], rb, labels, -100, 3, fn="t")
+    # A NaN / +inf bias entry is named by the argument and its index (-inf masks the entry).
+    for bad_value in (float("nan"), float("inf")):
+        for name in ("lm_head_bias", "ref_bias"):
+            pb, prb = b.clone(), rb.clone()
+            (pb if name == "lm_head_bias" else prb)[6] = bad_value
+            with pytest.raises(divkit.Error, match=f"t: {name} contains NaN or \\+inf at index 6"):
+                torch_ops.fused_linear_label_terms(hs, w, pb, rh, rw, prb, labels, -100, 3, fn="t")
     policy, (rhc, rhr, rw2, rb2), cl, rl = _pair_inputs()
     with pytest.raises(divkit.Error, match="tdpo_loss_fused.*backend"):
         divkit.tdpo_loss_fused(

@@ -120,14 +120,23 @@ def _label_head_checks(rank, world):
         ({"label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 3.0}, "none", -100),
         ({"label_smoothing": 0.2}, "sum", 7),
         ({"num_items_in_batch": 11}, "sum", -100),
+        # -inf bias entries on every shard stay masked under softcap.
+        ({"softcap": 2.0, "masked": True}, "mean", -100),
     ]
     for opts, reduction, ii in ce_cases:
+        opts = dict(opts)
         lab = labels.clone()
         if ii != -100:
             lab[lab == -100] = ii
+        bias = sb
+        if opts.pop("masked", False):
+            bias = sb.clone()
+            for j in (1, v // 2, v - 2):
+                bias[j] = float("-inf")
+                lab[lab == j] = 0
         res, grads = {}, {}
         for mode in ("torch", "core", "full"):
-            xs = (sh, sw, sb) if mode == "full" else (sh, sw[lo:hi], sb[lo:hi])
+            xs = (sh, sw, bias) if mode == "full" else (sh, sw[lo:hi], bias[lo:hi])
             xs = [x.clone().requires_grad_(True) for x in xs]
             loss, lp, ent = divkit.fused_linear_cross_entropy(
                 xs[0],
@@ -254,6 +263,27 @@ def _error_checks(rank, world):
         "fused_linear_logprobs",
         "an empty vocabulary shard" if rank == 1 else "rejected on 1 other rank",
     )
+    # A NaN bias entry on one rank's shard: that rank names the bias and the index.
+    b_bad = torch.zeros(hi - lo)
+    if rank == 1:
+        b_bad[1] = float("nan")
+    for name, f in (
+        (
+            "bias",
+            lambda: divkit.fused_linear_cross_entropy(sh, sw[lo:hi], labels, bias=b_bad, **kw),
+        ),
+        ("bias", lambda: divkit.fused_linear_logprobs(sh, sw[lo:hi], labels, bias=b_bad, **kw)),
+        (
+            "student_bias",
+            lambda: divkit.fused_linear_divergence(
+                sh, sw[lo:hi], th, tw[lo:hi], student_bias=b_bad, **kw
+            ),
+        ),
+    ):
+        _expect_error(
+            f,
+            f"{name} contains NaN or +inf at index 1" if rank == 1 else "rejected on 1 other rank",
+        )
     # A label beyond the global vocabulary; a NaN logit on one rank's shard only.
     bad = labels.clone()
     bad[3] = v + 5

@@ -1346,6 +1346,9 @@ def fused_linear_divergence(
     shard = None
     if group is not None:
         shard = _distill_shard(fn, group, sh, sw, sb, th, tw, tb, need, cfg, sparse_teacher)
+    if shard is None:
+        _bias_checks(fn, "student_bias", sb)
+        _bias_checks(fn, "teacher_bias", tb)
     if shard is None and sparse_teacher is None and tw.shape[0] != v:
         check.fail(
             fn,
@@ -1471,8 +1474,30 @@ def _sum_over(shard: Optional["_Shard"], x: torch.Tensor) -> torch.Tensor:
     return x if shard is None else shard.sum_(x.contiguous())
 
 
+def _bias_checks(fn: str, name: str, b: Optional[torch.Tensor]) -> None:
+    """A head's bias ``name`` has no NaN or +inf entry (-inf is allowed: it masks that
+    vocabulary entry); the error names the argument and the first bad index, as the core's
+    check does, rather than the logits it would spoil. One host read of a [V] vector; skipped
+    for device tensors inside :func:`divkit.cuda_checks.deferred_checks` (no host read there:
+    the bad rows then give NaN statistics, as the kernels' deferred checks do)."""
+    if b is None:
+        return
+    from .. import cuda_checks
+
+    if b.device.type != "cpu" and not cuda_checks.check_finite():
+        return
+    j = _first_row(torch.isnan(b) | torch.isposinf(b))
+    if j is not None:
+        check.fail(
+            fn,
+            f"{name} contains NaN or +inf at index {j} (-inf is allowed: it masks that "
+            f"vocabulary entry)",
+        )
+
+
 def _head_checks(fn: str, prefix: str, h, w, b) -> None:
-    """A vocabulary shard's head: one hidden size, a bias of its rows, at least one row."""
+    """A vocabulary shard's head: one hidden size, a bias of its rows (no NaN or +inf entry), at
+    least one row."""
     if w.shape[0] == 0:
         check.fail(fn, f"{prefix}weight has no rows on this rank (an empty vocabulary shard)")
     if w.shape[1] != h.shape[1]:
@@ -1487,6 +1512,7 @@ def _head_checks(fn: str, prefix: str, h, w, b) -> None:
             f"{prefix}bias has shape {tuple(b.shape)}, expected ({w.shape[0]},) (the rows of "
             f"{prefix}weight)",
         )
+    _bias_checks(fn, f"{prefix}bias", b)
 
 
 def _distill_shard(fn, group, sh, sw, sb, th, tw, tb, need, cfg, sparse_teacher) -> "_Shard":
@@ -1593,6 +1619,8 @@ def fused_linear_cross_entropy(
             (any(need), bool(need[0]), return_stats),
         )
         v = shard.global_v
+    else:
+        _bias_checks(fn, "bias", b)
     plan_cfg = _SoftCfg.__new__(_SoftCfg)
     plan_cfg.ignore_index = cfg.ignore_index
     plan_cfg.reduction, plan_cfg.num_items_in_batch = reduction, cfg.num_items_in_batch
@@ -1663,7 +1691,11 @@ def fused_linear_cross_entropy(
             if want:
                 _add_head_grads(head, g, x, hc, a, e, shard)
             continue
-        z = cap * torch.tanh(x / cap) if cap > 0 else x
+        z = x
+        if cap > 0:
+            # softcap(-inf) = -inf: a masked entry (-inf bias) keeps probability 0 (tanh would
+            # give it the logit -cap), as in the core's kernel.
+            z = torch.where(torch.isneginf(x), x, cap * torch.tanh(x / cap))
         y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
         if shard is None:
             lse = torch.logsumexp(z, -1)
@@ -1701,7 +1733,9 @@ def fused_linear_cross_entropy(
                 dz = dz - eps / v
             dz.scatter_add_(-1, col.unsqueeze(-1), one)
             if cap > 0:
-                dz = dz * (1.0 - (z / cap) ** 2)
+                # dz/dx = 1 - tanh(x / cap)^2, 0 at a masked entry (z = -inf, where the
+                # expression in z would be -inf).
+                dz = dz * torch.where(torch.isneginf(z), 0.0, 1.0 - (z / cap) ** 2)
             dz = dz * scale[a:e].to(dt).unsqueeze(-1)
             _add_head_grads(head, g, dz, hc, a, e, shard)
     loss = row_loss if reduction == "none" else row_loss.sum().reshape(1)
@@ -1733,6 +1767,7 @@ def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn, 
     None: the kernel divides by T and checks the rows."""
     n, v = h.shape[0], w.shape[0]
     dev = h.device
+    _bias_checks(fn, "bias", b)
     lab = labels.to(dev).reshape(-1).to(torch.int64)
     act = lab != ignore_index
     _check_label_range(fn, lab, act, v, ignore_index)
@@ -2111,6 +2146,8 @@ def fused_linear_label_terms(
     for CUDA tensors, on ``route.stream``; the CPU kernel for CPU tensors in the tests), as the
     fused head's row step (:class:`CoreRows`); else PyTorch ops. The log-probabilities of the
     labels stay PyTorch ops (they need the rows' log-softmax, which checks them first)."""
+    _bias_checks(fn, "lm_head_bias", b)
+    _bias_checks(fn, "ref_bias", rb)
     n, v, lab, act = _label_terms_setup(fn, h, w, rh, rw, labels, ignore_index)
     dev = h.device
     dt = _compute_dtype(h, w, rh, rw)
