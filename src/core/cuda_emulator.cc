@@ -72,6 +72,7 @@ thread_local Block* t_block = nullptr;
 struct Settings {
   bool reverse = false;
   unsigned char poison = 0xff;
+  unsigned max_grid_x = 0;  // 0: no limit
 };
 
 std::mutex g_launch_mutex;  // __shared__ memory is static: one launch at a time per process
@@ -258,7 +259,8 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
 void* dynamic_shared() { return g_dynamic_shared.data(); }
 
 cudaError_t run_grid(const LaunchConfig& config, void (*body)(void*), void* ctx) {
-  const dim3 g = config.grid, bl = config.block;
+  dim3 g = config.grid;
+  const dim3 bl = config.block;
   const long long threads = static_cast<long long>(bl.x) * bl.y * bl.z;
   cudaError_t err = cudaSuccess;
   if (threads <= 0 || threads > kMaxThreads || bl.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 ||
@@ -276,6 +278,7 @@ cudaError_t run_grid(const LaunchConfig& config, void (*body)(void*), void* ctx)
   }
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   ++g_launches;
+  if (g_settings.max_grid_x != 0 && g.x > g_settings.max_grid_x) g.x = g_settings.max_grid_x;
   // Dynamic shared memory starts as garbage, as on the device.
   g_dynamic_shared.assign(std::max<size_t>(config.shared_bytes, 16),
                           static_cast<char>(g_settings.poison));
@@ -317,6 +320,7 @@ namespace divkit::cuda_emu {
 
 void set_reverse_order(bool reverse) { g_settings.reverse = reverse; }
 void set_poison_byte(unsigned char byte) { g_settings.poison = byte; }
+void set_max_grid_x(unsigned max_x) { g_settings.max_grid_x = max_x; }
 long long launch_count() {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   return g_launches;
