@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/cuda_emulator_control.h"
+#include "cuda_emulated_util.h"
 #include "divkit/divergence.h"
 #include "divkit/fused_linear.h"
 #include "divkit/ot.h"
@@ -27,27 +28,6 @@ namespace {
 using divkit::Device;
 using divkit::DivergenceOptions;
 using divkit::DivergenceOutputs;
-
-TensorView placed(TensorView v, bool cuda) {
-  if (cuda && v.defined()) {
-    v.device = Device::cuda;
-    v.device_index = 0;
-  }
-  return v;
-}
-
-// Both emulated orders, restored to forward at scope exit.
-class EmulatorOrder {
- public:
-  explicit EmulatorOrder(bool reverse) {
-    divkit::cuda_emu::set_reverse_order(reverse);
-    divkit::cuda_emu::set_poison_byte(reverse ? 0xa5 : 0xff);
-  }
-  ~EmulatorOrder() {
-    divkit::cuda_emu::set_reverse_order(false);
-    divkit::cuda_emu::set_poison_byte(0xff);
-  }
-};
 
 // ---- token divergences ---------------------------------------------------------------------
 
@@ -116,28 +96,6 @@ std::string describe(const DivCase& c) {
          dtype_short(c.dtype) + (c.labels ? " labels" : "") + (c.weights ? " weights" : "") +
          " reduction=" + divkit::reduction_name(c.reduction) + (c.in_place ? " in-place" : "") +
          (c.grad_t ? " grad_t" : "") + " grad " + dtype_short(c.grad_dtype);
-}
-
-// Values of two runs agree within a tolerance relative to the largest magnitude (the CUDA math
-// library's exp/log and the CPU's differ by a few ulp, and the sums are taken in other orders).
-void expect_close(const std::vector<double>& got, const std::vector<double>& want, double rtol,
-                  const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  double scale = 0.0;
-  for (double w : want)
-    if (std::isfinite(w)) scale = std::max(scale, std::abs(w));
-  int64_t bad = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const bool same_class = std::isnan(got[i]) == std::isnan(want[i]);
-    const double err = std::abs(got[i] - want[i]);
-    if (!same_class || (std::isfinite(want[i]) && err > rtol * (scale + 1e-30) + 1e-30) ||
-        (std::isinf(want[i]) && got[i] != want[i])) {
-      if (++bad <= 3)
-        ADD_FAILURE() << what << ": [" << i << "] emulated " << got[i] << " cpu " << want[i]
-                      << " (scale " << scale << ")";
-    }
-  }
-  EXPECT_EQ(bad, 0) << what;
 }
 
 void expect_same_bits(const DivRun& a, const DivRun& b, const std::string& what) {
