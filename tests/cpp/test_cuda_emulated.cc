@@ -37,6 +37,7 @@ struct DivCase {
   DType dtype = DType::f32;
   int64_t stride = -1;  // row stride of both inputs (-1: v)
   bool labels = false, weights = false;
+  bool nan_weight = false;  // weights[1] = +inf
   Reduction reduction = Reduction::mean;
   double num_items = 0.0;
   bool grad_s = true, grad_t = false, in_place = false;
@@ -63,6 +64,7 @@ DivRun run_divergence(const DivCase& c, const Logits& in, bool cuda) {
   }
   if (c.weights) {
     for (int64_t i = 0; i < c.n; ++i) weights.push_back(0.25f + 0.5f * static_cast<float>(i % 4));
+    if (c.nan_weight) weights[1] = INFINITY;
     o.weights = placed(TensorView::vector(weights.data(), DType::f32, c.n), cuda);
   }
   o.reduction = c.reduction;
@@ -207,6 +209,17 @@ TEST(CudaEmulated, DivergenceBadInputNamesTheTokenAsTheCpu) {
   }
   ASSERT_NE(cpu.error, "");
   EXPECT_EQ(emu.error, cpu.error);
+  {
+    // A non-finite weight: the CPU's message, with the value.
+    DivCase w = c;
+    w.weights = true;
+    w.nan_weight = true;
+    const Logits good = random_logits(c.n, c.v, c.dtype, c.dtype, 3);
+    const DivRun wcpu = run_divergence(w, good, false);
+    EmulatorOrder order(false);
+    EXPECT_EQ(run_divergence(w, good, true).error, wcpu.error);
+    EXPECT_NE(wcpu.error.find("got inf at index 1"), std::string::npos) << wcpu.error;
+  }
   // In place, the logits stay untouched when a row is bad.
   c.in_place = true;
   DivRun emu_in;

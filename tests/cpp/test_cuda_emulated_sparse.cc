@@ -510,6 +510,15 @@ TEST(CudaEmulatedSparse, BadInputGivesTheCpuError) {
     in.idx.set(3, 3, 40);
     check_bad(t, in, "holds 40 at row 3, column 3");
   }
+  {
+    SpCase w = c;  // a non-finite weight
+    w.weights = true;
+    w.nan_weight = true;
+    check_bad(w, base(), "weights must be finite, got nan at index 2");
+    SpInput in = base();  // and a bad teacher row: the weights are reported first, as on the CPU
+    in.lp.set(3, 0, 0.5);
+    check_bad(w, in, "weights");
+  }
 }
 
 TEST(CudaEmulatedTopk, BadInputGivesTheCpuError) {
@@ -569,6 +578,37 @@ TEST(CudaEmulatedSparse, SeveralRowsPerBlock) {
   in = make_input(c);
   in.idx.set(6, 1, in.idx.get(6, 2));
   check_bad(c, in, "repeats");
+}
+
+// check_finite off: no error, no host read; a call that would have raised gets a NaN loss
+// (every element for reduction none).
+TEST(CudaEmulatedSparse, CheckFiniteOffGivesANaNLoss) {
+  for (int bad = 0; bad < 4; ++bad)
+    for (Reduction red : {Reduction::none, Reduction::mean}) {
+      SpCase c;
+      c.topk = bad == 3;
+      c.n = 4;
+      c.v = 40;
+      c.k = 4;
+      c.reduction = red;
+      c.check_finite = false;
+      c.weights = bad == 2;
+      c.nan_weight = bad == 2;
+      SpInput in = make_input(c);
+      if (bad == 0) in.student.set(2, 5, kNaN);
+      if (bad == 1) in.idx.set(3, 0, in.idx.get(3, 1));
+      if (bad == 3) in.teacher.fill_row(1, -kInf);
+      for (bool in_place : {false, true}) {
+        c.in_place = in_place;
+        SpRun emu;
+        {
+          EmulatorOrder order(false);
+          emu = run_sp(c, in, true);
+        }
+        EXPECT_EQ(emu.error, "") << describe(c);
+        for (double l : emu.loss) EXPECT_TRUE(std::isnan(l)) << describe(c) << " bad " << bad;
+      }
+    }
 }
 
 TEST(CudaEmulatedSparse, NoRows) {
