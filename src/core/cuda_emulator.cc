@@ -25,6 +25,11 @@ extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const voi
 #define DIVKIT_EMU_ASAN 0
 #endif
 
+// The bounds of the section that holds every kernel's static __shared__ variables (the linker
+// defines them; weak: a program without such a variable has no section).
+extern "C" char __start_divkit_emu_shared[] __attribute__((weak));
+extern "C" char __stop_divkit_emu_shared[] __attribute__((weak));
+
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 thread_local dim3 blockDim;
@@ -199,6 +204,15 @@ bool resolve_warp(Block& b, int w) {
   return true;
 }
 
+// Fills the static shared memory of every kernel with the poison byte. Byte stores outside
+// AddressSanitizer's view: the section holds its redzones between the variables, which only
+// the shadow memory marks, so writing them is harmless but a checked memset would report it.
+__attribute__((no_sanitize_address)) void poison_static_shared(unsigned char byte) {
+  if (__start_divkit_emu_shared == nullptr) return;
+  volatile char* p = __start_divkit_emu_shared;
+  for (; p < __stop_divkit_emu_shared; ++p) *p = static_cast<char>(byte);
+}
+
 void run_block(Block& b) {
   for (int i = 0; i < b.count; ++i) {
     Fiber& f = b.fibers[i];
@@ -298,6 +312,10 @@ cudaError_t run_grid(const LaunchConfig& config, void (*body)(void*), void* ctx)
     const unsigned long long id = g_settings.reverse ? total - 1 - k : k;
     blockIdx = uint3{static_cast<unsigned>(id % g.x), static_cast<unsigned>(id / g.x % g.y),
                      static_cast<unsigned>(id / (static_cast<unsigned long long>(g.x) * g.y))};
+    poison_static_shared(g_settings.poison);
+    // Dynamic shared memory too: each block starts with garbage.
+    std::fill(g_dynamic_shared.begin(), g_dynamic_shared.end(),
+              static_cast<char>(g_settings.poison));
     run_block(block);
   }
   t_block = saved;
