@@ -44,6 +44,7 @@ struct SpCase {
   bool nan_weight = false;  // weights[2] = NaN
   bool transposed = false;  // indices and logprobs column-major (strides {1, n})
   DType labels_dt = DType::i64, weights_dt = DType::f32;
+  int64_t vec_stride = 1;  // of labels and weights (the gaps hold garbage)
   Reduction reduction = Reduction::mean;
   double num_items = 0.0;
   bool grad = true, in_place = false;
@@ -123,16 +124,24 @@ struct SpRun {
 SpRun run_sp(const SpCase& c, const SpInput& in, bool cuda) {
   SpRun r;
   HostMatrix s = in.student, t = in.teacher, idx = in.idx, lp = in.lp;
-  HostMatrix labels(1, c.n, c.labels_dt), weights(1, c.n, c.weights_dt);
+  const int64_t st = c.vec_stride, len = std::max<int64_t>(c.n * st, 1);
+  HostMatrix labels(1, len, c.labels_dt), weights(1, len, c.weights_dt);
+  labels.fill(-100.0);  // a gap read as a label ignores a row
+  weights.fill(kNaN);
+  auto strided = [&](void* data, DType dt) {
+    TensorView t = TensorView::vector(data, dt, c.n);
+    t.strides[0] = st;
+    return placed(t, cuda);
+  };
   DivergenceOptions o;
   if (c.labels) {
-    for (int64_t i = 0; i < c.n; ++i) labels.set(0, i, i % 3 == 1 ? -100.0 : double(i));
-    o.labels = placed(TensorView::vector(labels.view().data, c.labels_dt, c.n), cuda);
+    for (int64_t i = 0; i < c.n; ++i) labels.set(0, i * st, i % 3 == 1 ? -100.0 : double(i));
+    o.labels = strided(labels.view().data, c.labels_dt);
   }
   if (c.weights) {
-    for (int64_t i = 0; i < c.n; ++i) weights.set(0, i, 0.25 + 0.5 * double(i % 4));
-    if (c.nan_weight) weights.set(0, 2, kNaN);
-    o.weights = placed(TensorView::vector(weights.view().data, c.weights_dt, c.n), cuda);
+    for (int64_t i = 0; i < c.n; ++i) weights.set(0, i * st, 0.25 + 0.5 * double(i % 4));
+    if (c.nan_weight) weights.set(0, 2 * st, kNaN);
+    o.weights = strided(weights.view().data, c.weights_dt);
   }
   o.reduction = c.reduction;
   o.num_items_in_batch = c.num_items;
@@ -290,6 +299,7 @@ TEST(CudaEmulatedSparse, ReductionsAndOptions) {
         c.labels = true;
         c.weights = red != Reduction::none;
         c.labels_dt = red == Reduction::mean ? DType::i32 : DType::i64;
+        c.vec_stride = red == Reduction::none ? 1 : 2;
         c.weights_dt = red == Reduction::batchmean ? DType::f64 : DType::f32;
         c.reduction = red;
         c.loss_dt = red == Reduction::sum ? DType::f32 : DType::f64;
@@ -514,7 +524,11 @@ TEST(CudaEmulatedSparse, BadInputGivesTheCpuError) {
     SpCase w = c;  // a non-finite weight
     w.weights = true;
     w.nan_weight = true;
+    w.vec_stride = 3;  // the value is read back through the stride
+    w.weights_dt = DType::f64;
     check_bad(w, base(), "weights must be finite, got nan at index 2");
+    w.vec_stride = 1;
+    w.weights_dt = DType::f32;
     SpInput in = base();  // and a bad teacher row: the weights are reported first, as on the CPU
     in.lp.set(3, 0, 0.5);
     check_bad(w, in, "weights");
@@ -633,6 +647,7 @@ struct LrCase {
   int64_t topk = 3;
   bool grad = true, a1 = true, e = true;
   bool check_finite = true;
+  int64_t vec_stride = 1;  // of labels, statistics and coefficients (the gaps hold garbage)
   uint64_t seed = 5;
 };
 
@@ -685,23 +700,28 @@ LrRun run_lr(const LrCase& c, const LrInput& in, bool cuda) {
   HostMatrix x(n, c.v, dt, c.stride);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < c.v; ++j) x.set(i, j, in.x[i * c.v + j]);
-  HostMatrix labels(1, n, c.labels_dt);
-  for (int64_t i = 0; i < n; ++i) labels.set(0, i, static_cast<double>(in.labels[i]));
-  for (auto* v : {&r.lse, &r.zy, &r.mean, &r.ent, &r.mass, &r.lsq, &r.top1}) v->assign(n, -7.0);
-  std::vector<double> a0(n), a1(n), b(n), cc(n), e(n);
+  const int64_t st = c.vec_stride, len = std::max<int64_t>(n * st, 1);
+  HostMatrix labels(1, len, c.labels_dt);
+  labels.fill(-7.0);  // out of range where a gap is read as a label
+  for (int64_t i = 0; i < n; ++i) labels.set(0, i * st, static_cast<double>(in.labels[i]));
+  for (auto* v : {&r.lse, &r.zy, &r.mean, &r.ent, &r.mass, &r.lsq, &r.top1}) v->assign(len, -7.0);
+  std::vector<double> a0(len, kNaN), a1(len, kNaN), b(len, kNaN), cc(len, kNaN), e(len, kNaN);
   for (int64_t i = 0; i < n; ++i) {
-    a0[i] = 0.5 + 0.1 * static_cast<double>(i);
-    a1[i] = 0.01;
-    b[i] = -0.5;
-    cc[i] = -0.001 * static_cast<double>(i + 1);
-    e[i] = 0.2 - 0.05 * static_cast<double>(i);
+    a0[i * st] = 0.5 + 0.1 * static_cast<double>(i);
+    a1[i * st] = 0.01;
+    b[i * st] = -0.5;
+    cc[i * st] = -0.001 * static_cast<double>(i + 1);
+    e[i * st] = 0.2 - 0.05 * static_cast<double>(i);
   }
-  auto vec = [&](std::vector<double>& v) {
-    return placed(TensorView::vector(v.data(), DType::f64, n), cuda);
+  auto strided = [&](void* data, DType dt) {
+    TensorView t = TensorView::vector(data, dt, n);
+    t.strides[0] = st;
+    return placed(t, cuda);
   };
+  auto vec = [&](std::vector<double>& v) { return strided(v.data(), DType::f64); };
   divkit::LabelRowsArgs a;
   a.logits = placed(x.view(), cuda);
-  a.labels = placed(TensorView::vector(labels.view().data, c.labels_dt, n), cuda);
+  a.labels = strided(labels.view().data, c.labels_dt);
   a.temperature = c.temperature;
   a.softcap = c.softcap;
   a.lse = vec(r.lse);
@@ -727,6 +747,15 @@ LrRun run_lr(const LrCase& c, const LrInput& in, bool cuda) {
     divkit::label_rows("fused_linear_logprobs", a);
   } catch (const divkit::Error& err) {
     r.error = err.what();
+  }
+  for (auto* v : {&r.lse, &r.zy, &r.mean, &r.ent, &r.mass, &r.lsq, &r.top1}) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (i * st + 1 < len && st > 1) {
+        EXPECT_EQ((*v)[i * st + 1], -7.0) << "a gap of a strided output was written";
+      }
+      (*v)[i] = (*v)[i * st];
+    }
+    v->resize(n);
   }
   r.grad = x.values();
   EXPECT_TRUE(x.padding_intact());
@@ -791,6 +820,7 @@ TEST(CudaEmulatedLabelRows, EveryStatisticAndOptionMatchesTheCpu) {
         c.a1 = topk != 53;
         c.labels_dt = topk == 1 ? DType::i32 : DType::i64;
         c.stride = topk == 0 ? 60 : -1;
+        c.vec_stride = topk == 4 ? 3 : 1;
         check_label_rows(c, make_lr(c));
       }
   {
@@ -838,6 +868,7 @@ TEST(CudaEmulatedLabelRows, BadRowsAsTheCpu) {
     EXPECT_NE(emu.error.find("labels[103] = 53"), std::string::npos) << emu.error;
     in.labels[3] = -1;
     c.labels_dt = DType::i32;
+    c.vec_stride = 2;
     const LrRun emu32 = check_label_rows(c, in);
     EXPECT_NE(emu32.error.find("labels[103] = -1"), std::string::npos) << emu32.error;
   }
@@ -850,6 +881,7 @@ TEST(CudaEmulatedLabelRows, BadRowsAsTheCpu) {
     LrCase off = c;
     off.check_finite = false;
     off.labels_dt = DType::i64;
+    off.vec_stride = 1;
     LrRun emu;
     {
       EmulatorOrder order(false);
