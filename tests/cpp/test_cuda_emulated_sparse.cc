@@ -67,9 +67,10 @@ SpInput make_input(const SpCase& c) {
   if (c.topk) {
     in.teacher = l.teacher;
     if (c.ties && c.n > 0) {
-      // Row 0: five equal logits at the top, the k-th among them for k in [2, 5).
-      for (int64_t j = 0; j < c.v; ++j)
-        if (j % 7 == 3 && j / 7 < 5) in.teacher.set(0, j, 9.0);
+      // Row 0: up to eight equal logits at the top, the k-th among them for k in [2, 8), in
+      // several 256-entry sweeps of the selection when V > 256.
+      for (int64_t j : {3, 10, 17, 24, 31, 257, 300, 511})
+        if (j < c.v) in.teacher.set(0, j, 9.0);
     }
     if (c.ties && c.n > 2) {
       // Row 2: -0 and +0 at the top (equal: ties by index), the k-th among them for k < 5.
@@ -396,7 +397,7 @@ TEST(CudaEmulatedTopk, DtypesTiesMaskedAndK) {
     }
   // k = 1, ties across the k-th value, k = V (masked entries selected too), above 256 entries
   // per row (several radix and collection sweeps).
-  for (int64_t k : {1, 2, 4, 300, 515}) {
+  for (int64_t k : {1, 2, 4, 6, 7, 300, 400, 515}) {
     SpCase c;
     c.topk = true;
     c.spec = make_spec(K::forward_kl);
@@ -404,7 +405,7 @@ TEST(CudaEmulatedTopk, DtypesTiesMaskedAndK) {
     c.v = 515;
     c.k = k;
     c.ties = true;
-    c.masked = k < 300;
+    c.masked = k != 300;  // k = 400: the k-th is -inf in row 1
     c.reduction = Reduction::none;
     check_sparse(c);
   }
