@@ -60,6 +60,22 @@ void check_cuda(const char* fn, cudaError_t err, const char* what) {
     throw Error(std::string(fn) + ": CUDA error in " + what + ": " + cudaGetErrorString(err));
 }
 
+void fail_bad_weight(const char* fn, const RowReduce& r, unsigned long long index) {
+  const int64_t i = static_cast<int64_t>(index);
+  const size_t es = r.weights_dtype == DType::f64 ? sizeof(double) : sizeof(float);
+  double w64 = 0.0;
+  float w32 = 0.0f;
+  void* dst = r.weights_dtype == DType::f64 ? static_cast<void*>(&w64) : static_cast<void*>(&w32);
+  check_cuda(fn,
+             cudaMemcpy(dst,
+                        static_cast<const char*>(r.weights) + i * r.weights_stride * int64_t(es),
+                        es, cudaMemcpyDeviceToHost),
+             "cudaMemcpy");
+  const double w = r.weights_dtype == DType::f64 ? w64 : static_cast<double>(w32);
+  check::fail(fn,
+              "weights must be finite, got " + check::fmt(w) + " at index " + std::to_string(i));
+}
+
 void launch_prep(const char* fn, const RowReduce& r, cudaStream_t stream) {
   DIVKIT_LAUNCH(prep_kernel, 1, kThreads, 0, stream)(r);
   check_cuda(fn, cudaGetLastError(), "the prep kernel launch");

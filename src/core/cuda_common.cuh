@@ -155,6 +155,10 @@ void launch_finish(const char* fn, const RowReduce& r, const TensorView& loss, c
 // Throws Error "<fn>: CUDA error in <what>: <message>".
 void check_cuda(const char* fn, cudaError_t err, const char* what);
 
+// Throws the CPU's error for the non-finite weight at `index` (core/reduction.h's message, with
+// the value copied back from the device).
+[[noreturn]] void fail_bad_weight(const char* fn, const RowReduce& r, unsigned long long index);
+
 // Fills r from the options (labels, weights, reduction, num_items_in_batch) after checking them
 // as shapes and dtypes (the data stays on the device) and the loss output.
 void fill_row_reduce(const char* fn, int64_t n, const DivergenceOptions& options,

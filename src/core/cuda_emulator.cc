@@ -27,6 +27,11 @@ extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const voi
 #define DIVKIT_EMU_ASAN 0
 #endif
 
+// The bounds of the section that holds every kernel's static __shared__ variables (the linker
+// defines them; weak: a program without such a variable has no section).
+extern "C" char __start_divkit_emu_shared[] __attribute__((weak));
+extern "C" char __stop_divkit_emu_shared[] __attribute__((weak));
+
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 thread_local dim3 blockDim;
@@ -146,6 +151,7 @@ thread_local Block* t_block = nullptr;
 struct Settings {
   bool reverse = false;
   unsigned char poison = 0xff;
+  unsigned max_grid_x = 0;  // 0: no limit
 };
 
 std::mutex g_launch_mutex;  // __shared__ memory is static: one launch at a time per process
@@ -274,6 +280,15 @@ bool resolve_warp(Block& b, int w) {
   return true;
 }
 
+// Fills the static shared memory of every kernel with the poison byte. Byte stores outside
+// AddressSanitizer's view: the section holds its redzones between the variables, which only
+// the shadow memory marks, so writing them is harmless but a checked memset would report it.
+__attribute__((no_sanitize_address)) void poison_static_shared(unsigned char byte) {
+  if (__start_divkit_emu_shared == nullptr) return;
+  volatile char* p = __start_divkit_emu_shared;
+  for (; p < __stop_divkit_emu_shared; ++p) *p = static_cast<char>(byte);
+}
+
 void run_block(Block& b) {
   for (int i = 0; i < b.count; ++i) {
     Fiber& f = b.fibers[i];
@@ -330,7 +345,8 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
 void* dynamic_shared() { return g_dynamic_shared.data(); }
 
 cudaError_t run_grid(const LaunchConfig& config, void (*body)(void*), void* ctx) {
-  const dim3 g = config.grid, bl = config.block;
+  dim3 g = config.grid;
+  const dim3 bl = config.block;
   const long long threads = static_cast<long long>(bl.x) * bl.y * bl.z;
   cudaError_t err = cudaSuccess;
   if (threads <= 0 || threads > kMaxThreads || bl.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 ||
@@ -348,6 +364,7 @@ cudaError_t run_grid(const LaunchConfig& config, void (*body)(void*), void* ctx)
   }
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   ++g_launches;
+  if (g_settings.max_grid_x != 0 && g.x > g_settings.max_grid_x) g.x = g_settings.max_grid_x;
   // Dynamic shared memory starts as garbage, as on the device.
   g_dynamic_shared.assign(std::max<size_t>(config.shared_bytes, 16),
                           static_cast<char>(g_settings.poison));
@@ -367,6 +384,10 @@ cudaError_t run_grid(const LaunchConfig& config, void (*body)(void*), void* ctx)
     const unsigned long long id = g_settings.reverse ? total - 1 - k : k;
     blockIdx = uint3{static_cast<unsigned>(id % g.x), static_cast<unsigned>(id / g.x % g.y),
                      static_cast<unsigned>(id / (static_cast<unsigned long long>(g.x) * g.y))};
+    poison_static_shared(g_settings.poison);
+    // Dynamic shared memory too: each block starts with garbage.
+    std::fill(g_dynamic_shared.begin(), g_dynamic_shared.end(),
+              static_cast<char>(g_settings.poison));
     run_block(block);
   }
   t_block = saved;
@@ -389,6 +410,7 @@ namespace divkit::cuda_emu {
 
 void set_reverse_order(bool reverse) { g_settings.reverse = reverse; }
 void set_poison_byte(unsigned char byte) { g_settings.poison = byte; }
+void set_max_grid_x(unsigned max_x) { g_settings.max_grid_x = max_x; }
 long long launch_count() {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   return g_launches;

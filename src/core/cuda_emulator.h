@@ -8,7 +8,8 @@
 // thread; __syncthreads() and the warp exchanges (__shfl_*_sync, __ballot_sync) are scheduling
 // points, so a kernel that reads shared memory before the barrier that orders it gives results
 // that depend on the threads' order. Blocks run one after the other. "Device" memory is host
-// memory from malloc, filled with a poison pattern on allocation. Launch limits (threads per
+// memory from malloc, filled with a poison pattern on allocation; shared memory (static and
+// dynamic) is filled with it before each block. Launch limits (threads per
 // block, grid y/z, dynamic shared memory without the opt-in attribute) fail as on a GPU.
 // What it does not model: concurrency between blocks or within a warp (the memory model, races
 // between blocks, float-atomic order), the device's math library (expf, logf differ from the
@@ -43,9 +44,11 @@
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 // One instance per kernel function shared by the fibers of the block that runs (blocks run one
-// after the other, so they may share it too).
+// after the other, so they may share it too). All of them live in one section, which the
+// scheduler fills with the poison byte before each block: a block starts with garbage in its
+// static shared memory as on the device, so a read before the first write shows.
 #undef __shared__
-#define __shared__ static
+#define __shared__ static __attribute__((section("divkit_emu_shared")))
 
 extern thread_local uint3 threadIdx;
 extern thread_local uint3 blockIdx;

@@ -13,6 +13,14 @@ void set_reverse_order(bool reverse);
 // reads memory nothing wrote gives results that depend on it.
 void set_poison_byte(unsigned char byte);
 
+// Runs at most `max_x` blocks along x (0: no limit): a launch of a larger grid runs as the first
+// max_x blocks, with gridDim.x = max_x. Only for kernels whose blocks walk their work with a
+// grid stride (for (row = blockIdx.x; row < n; row += gridDim.x)): it makes them take several
+// rows per block, with the per-block workspace reused between rows, without the thousands of
+// rows a grid of the real size would need. A kernel that needs every block of its grid gives
+// wrong results under it.
+void set_max_grid_x(unsigned max_x);
+
 // The number of kernel launches run so far in this process (tests check that a call took the
 // CUDA path).
 long long launch_count();

@@ -496,9 +496,7 @@ void divergence_cuda(const TensorView& student, const TensorView& teacher,
     throw;
   }
   if (!options.check_finite) return;
-  if (bad[kWeights] != kNone)
-    check::fail(kFn, "weights must be finite, got a non-finite value at index " +
-                         std::to_string(bad[kWeights]));
+  if (bad[kWeights] != kNone) cuda_common::fail_bad_weight(kFn, p.r, bad[kWeights]);
   auto report = [&](const char* name, unsigned long long nan_row, unsigned long long mass_row) {
     BadRow b;
     if (nan_row != kNone) b.row = static_cast<int64_t>(nan_row);

@@ -547,6 +547,8 @@ void run(const char* fn, Params p, bool in_place, const DivergenceSpec& spec,
     throw;
   }
   if (!options.check_finite) return;
+  // In the CPU's order: the weights (reduce::plan) before the given teacher.
+  if (bad[kWeights] != kNone) fail_bad_weight(fn, p.r, bad[kWeights]);
   if (bad[kTeacherGiven] != kNone) {
     // The device found the row; the host check of that one row gives the exact message.
     const int64_t row = static_cast<int64_t>(bad[kTeacherGiven]);
@@ -559,9 +561,6 @@ void run(const char* fn, Params p, bool in_place, const DivergenceSpec& spec,
                          p.bucket ? SparseTail::bucket : SparseTail::renormalize, active.data());
     check::fail(fn, "teacher_indices / teacher_logprobs are invalid at row " + std::to_string(row));
   }
-  if (bad[kWeights] != kNone)
-    check::fail(fn, "weights must be finite, got a non-finite value at index " +
-                        std::to_string(bad[kWeights]));
   auto report = [&](const char* name, unsigned long long nan_row, unsigned long long mass_row,
                     const char* no_mass_what) {
     BadRow b;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/cuda_emulator_control.h"
+#include "cuda_emulated_util.h"
 #include "divkit/divergence.h"
 #include "divkit/fused_linear.h"
 #include "divkit/ot.h"
@@ -28,27 +29,6 @@ using divkit::Device;
 using divkit::DivergenceOptions;
 using divkit::DivergenceOutputs;
 
-TensorView placed(TensorView v, bool cuda) {
-  if (cuda && v.defined()) {
-    v.device = Device::cuda;
-    v.device_index = 0;
-  }
-  return v;
-}
-
-// Both emulated orders, restored to forward at scope exit.
-class EmulatorOrder {
- public:
-  explicit EmulatorOrder(bool reverse) {
-    divkit::cuda_emu::set_reverse_order(reverse);
-    divkit::cuda_emu::set_poison_byte(reverse ? 0xa5 : 0xff);
-  }
-  ~EmulatorOrder() {
-    divkit::cuda_emu::set_reverse_order(false);
-    divkit::cuda_emu::set_poison_byte(0xff);
-  }
-};
-
 // ---- token divergences ---------------------------------------------------------------------
 
 struct DivCase {
@@ -57,6 +37,7 @@ struct DivCase {
   DType dtype = DType::f32;
   int64_t stride = -1;  // row stride of both inputs (-1: v)
   bool labels = false, weights = false;
+  bool nan_weight = false;  // weights[1] = +inf
   Reduction reduction = Reduction::mean;
   double num_items = 0.0;
   bool grad_s = true, grad_t = false, in_place = false;
@@ -83,6 +64,7 @@ DivRun run_divergence(const DivCase& c, const Logits& in, bool cuda) {
   }
   if (c.weights) {
     for (int64_t i = 0; i < c.n; ++i) weights.push_back(0.25f + 0.5f * static_cast<float>(i % 4));
+    if (c.nan_weight) weights[1] = INFINITY;
     o.weights = placed(TensorView::vector(weights.data(), DType::f32, c.n), cuda);
   }
   o.reduction = c.reduction;
@@ -116,28 +98,6 @@ std::string describe(const DivCase& c) {
          dtype_short(c.dtype) + (c.labels ? " labels" : "") + (c.weights ? " weights" : "") +
          " reduction=" + divkit::reduction_name(c.reduction) + (c.in_place ? " in-place" : "") +
          (c.grad_t ? " grad_t" : "") + " grad " + dtype_short(c.grad_dtype);
-}
-
-// Values of two runs agree within a tolerance relative to the largest magnitude (the CUDA math
-// library's exp/log and the CPU's differ by a few ulp, and the sums are taken in other orders).
-void expect_close(const std::vector<double>& got, const std::vector<double>& want, double rtol,
-                  const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  double scale = 0.0;
-  for (double w : want)
-    if (std::isfinite(w)) scale = std::max(scale, std::abs(w));
-  int64_t bad = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const bool same_class = std::isnan(got[i]) == std::isnan(want[i]);
-    const double err = std::abs(got[i] - want[i]);
-    if (!same_class || (std::isfinite(want[i]) && err > rtol * (scale + 1e-30) + 1e-30) ||
-        (std::isinf(want[i]) && got[i] != want[i])) {
-      if (++bad <= 3)
-        ADD_FAILURE() << what << ": [" << i << "] emulated " << got[i] << " cpu " << want[i]
-                      << " (scale " << scale << ")";
-    }
-  }
-  EXPECT_EQ(bad, 0) << what;
 }
 
 void expect_same_bits(const DivRun& a, const DivRun& b, const std::string& what) {
@@ -249,6 +209,17 @@ TEST(CudaEmulated, DivergenceBadInputNamesTheTokenAsTheCpu) {
   }
   ASSERT_NE(cpu.error, "");
   EXPECT_EQ(emu.error, cpu.error);
+  {
+    // A non-finite weight: the CPU's message, with the value.
+    DivCase w = c;
+    w.weights = true;
+    w.nan_weight = true;
+    const Logits good = random_logits(c.n, c.v, c.dtype, c.dtype, 3);
+    const DivRun wcpu = run_divergence(w, good, false);
+    EmulatorOrder order(false);
+    EXPECT_EQ(run_divergence(w, good, true).error, wcpu.error);
+    EXPECT_NE(wcpu.error.find("got inf at index 1"), std::string::npos) << wcpu.error;
+  }
   // In place, the logits stay untouched when a row is bad.
   c.in_place = true;
   DivRun emu_in;
