@@ -54,12 +54,15 @@ struct Fiber {
   uint64_t bits = 0;
   uint64_t result = 0;
   void* fake_stack = nullptr;
+  bool started = false;
+  void* jump[5] = {};  // where the fiber resumes (fast switches)
 };
 
 struct Block {
   std::vector<Fiber> fibers;
   int count = 0;
   ucontext_t scheduler;
+  void* sched_jump[5] = {};  // where the scheduler resumes (fast switches)
   Fiber* current = nullptr;
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
@@ -90,6 +93,19 @@ int g_device = 0;
   std::abort();
 }
 
+// Fast switches (non-sanitizer builds): swapcontext saves and restores the signal mask with a
+// system call on every switch, which was nearly all of an emulated kernel's time (kernels switch
+// at every barrier and warp exchange). A fiber is started once by swapcontext; after that the
+// scheduler and the fibers switch with the compiler's __builtin_setjmp / __builtin_longjmp, which
+// save and restore only the frame, stack pointer and resume address (the compiler treats the
+// setjmp as clobbering every other register). The signal mask never changes inside a kernel.
+// Sanitizer builds keep swapcontext throughout.
+constexpr bool kFastSwitch = !DIVKIT_EMU_ASAN;
+
+// Not inlined: __builtin_longjmp must not be called from the function that called the matching
+// __builtin_setjmp.
+[[noreturn]] __attribute__((noinline)) void jump_to(void** where) { __builtin_longjmp(where, 1); }
+
 void fiber_entry() {
   Block* b = t_block;
 #if DIVKIT_EMU_ASAN
@@ -101,6 +117,7 @@ void fiber_entry() {
   // This fiber's stack is done with (nullptr: no fake stack to keep).
   __sanitizer_start_switch_fiber(nullptr, b->sched_bottom, b->sched_size);
 #endif
+  if (kFastSwitch) jump_to(b->sched_jump);
   // Returning resumes uc_link, the scheduler.
 }
 
@@ -112,7 +129,16 @@ void resume(Block& b, Fiber& f) {
   void* save = nullptr;
   __sanitizer_start_switch_fiber(&save, f.stack, kStackBytes);
 #endif
-  swapcontext(&b.scheduler, &f.ctx);
+  if (!kFastSwitch) {
+    swapcontext(&b.scheduler, &f.ctx);
+  } else if (__builtin_setjmp(b.sched_jump) == 0) {
+    // The fiber comes back by jump_to(sched_jump), never by returning from swapcontext.
+    if (!f.started) {
+      f.started = true;
+      swapcontext(&b.scheduler, &f.ctx);
+    }
+    jump_to(f.jump);
+  }
 #if DIVKIT_EMU_ASAN
   __sanitizer_finish_switch_fiber(save, nullptr, nullptr);
 #endif
@@ -125,7 +151,8 @@ void yield_to_scheduler() {
 #if DIVKIT_EMU_ASAN
   __sanitizer_start_switch_fiber(&f.fake_stack, b.sched_bottom, b.sched_size);
 #endif
-  swapcontext(&f.ctx, &b.scheduler);
+  if (!kFastSwitch) swapcontext(&f.ctx, &b.scheduler);
+  else if (__builtin_setjmp(f.jump) == 0) jump_to(b.sched_jump);
 #if DIVKIT_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, &b.sched_bottom, &b.sched_size);
 #endif
@@ -202,6 +229,7 @@ void run_block(Block& b) {
   for (int i = 0; i < b.count; ++i) {
     Fiber& f = b.fibers[i];
     f.state = State::runnable;
+    f.started = false;
     f.lane = i % 32;
     f.tid = uint3{static_cast<unsigned>(i % blockDim.x),
                   static_cast<unsigned>(i / blockDim.x % blockDim.y),
