@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -867,52 +868,89 @@ std::vector<SinkhornStats> sinkhorn_cuda(const SinkhornInputs& in, const Sinkhor
                  "cudaMemcpy");
       return v;
     };
-    for (auto [slot, name, cnt] :
-         {std::tuple{kXNonFinite, "x", n}, std::tuple{kYNonFinite, "y", m}})
+    // The CPU checks problem by problem and stops at the first error: in each problem x, y (or
+    // the cost), a (its elements in order, non-finite or negative), sum a, b, sum b, the masses,
+    // the symmetry. Each kind's first index above is in the first problem that has it, so the
+    // CPU's error is the kind with the smallest (problem, rank) (the message built only then).
+    int64_t err_problem = B;
+    int err_rank = 0;
+    std::function<std::string()> err_message;
+    auto consider = [&](int64_t problem, int rank, std::function<std::string()> message) {
+      if (problem < err_problem || (problem == err_problem && rank < err_rank)) {
+        err_problem = problem;
+        err_rank = rank;
+        err_message = std::move(message);
+      }
+    };
+    for (auto [slot, name, cnt, rank] :
+         {std::tuple{kXNonFinite, "x", n, 0}, std::tuple{kYNonFinite, "y", m, 1}})
       if (is_bad(slot)) {
-        const int64_t e = first(slot);
-        fail(kFn, std::string(name) + " has a non-finite value (NaN or inf) at " +
-                      idx3(e / (cnt * d), (e / d) % cnt, e % d));
+        // Plain copies: lambdas capture no structured bindings before C++20.
+        const int64_t e = first(slot), c = cnt;
+        const std::string nm = name;
+        consider(e / (c * d), rank, [=] {
+          return nm + " has a non-finite value (NaN or inf) at " +
+                 idx3(e / (c * d), (e / d) % c, e % d);
+        });
       }
     if (is_bad(kCostNonFinite)) {
       const int64_t e = first(kCostNonFinite);
-      fail(kFn, "cost has a non-finite value at " + idx3(e / (n * m), (e / m) % n, e % m));
+      consider(e / (n * m), 0, [=] {
+        return "cost has a non-finite value at " + idx3(e / (n * m), (e / m) % n, e % m);
+      });
     }
-    for (auto [nf, neg, name, cnt, W] : {std::tuple{kANonFinite, kANegative, "a", n, A},
-                                         std::tuple{kBNonFinite, kBNegative, "b", m, Bw}}) {
-      if (is_bad(nf))
-        fail(kFn, std::string(name) + " has a non-finite value at " +
-                      idx2(first(nf) / cnt, first(nf) % cnt));
-      if (is_bad(neg))
-        fail(kFn, std::string(name) + " has a negative weight " +
-                      std::to_string(read_one(W, first(neg))) + " at " +
-                      idx2(first(neg) / cnt, first(neg) % cnt));
+    for (auto [nf, neg, name, cnt, W, rank] :
+         {std::tuple{kANonFinite, kANegative, "a", n, A, 2},
+          std::tuple{kBNonFinite, kBNegative, "b", m, Bw, 4}}) {
+      // The weights' first bad element, non-finite or negative (flat indices order the
+      // problems, then the elements).
+      const int64_t c = cnt;
+      const std::string nm = name;
+      if (is_bad(nf) && (!is_bad(neg) || first(nf) < first(neg))) {
+        const int64_t e = first(nf);
+        consider(e / c, rank,
+                 [=] { return nm + " has a non-finite value at " + idx2(e / c, e % c); });
+      } else if (is_bad(neg)) {
+        const int64_t e = first(neg);
+        const double* w = W;
+        consider(e / c, rank, [=] {
+          return nm + " has a negative weight " + std::to_string(read_one(w, e)) + " at " +
+                 idx2(e / c, e % c);
+        });
+      }
     }
     for (int64_t b = 0; b < B; ++b) {
       if (!(h_ma[static_cast<size_t>(b)] > 0))
-        fail(kFn, "a sums to 0 in problem " + std::to_string(b));
+        consider(b, 3, [=] { return "a sums to 0 in problem " + std::to_string(b); });
       if (!(h_mb[static_cast<size_t>(b)] > 0))
-        fail(kFn, "b sums to 0 in problem " + std::to_string(b));
+        consider(b, 5, [=] { return "b sums to 0 in problem " + std::to_string(b); });
     }
     if (bal_a && bal_b)
       for (int64_t b = 0; b < B; ++b) {
         const double sa = h_ma[static_cast<size_t>(b)], sb = h_mb[static_cast<size_t>(b)];
         if (std::abs(sa - sb) > 1e-6 * std::max(sa, sb))
-          fail(kFn,
-               "a and b must have equal total mass for a balanced problem (or give rho for an "
-               "unbalanced one), got sum a = " +
+          consider(b, 6, [=] {
+            return "a and b must have equal total mass for a balanced problem (or give rho for "
+                   "an unbalanced one), got sum a = " +
                    std::to_string(sa) + ", sum b = " + std::to_string(sb) + " in problem " +
-                   std::to_string(b));
+                   std::to_string(b);
+          });
       }
     if (is_bad(kSymPoints)) {
       const int64_t e = first(kSymPoints);
-      fail(kFn,
-           "symmetric needs y equal to x, they differ at " + idx3(e / (n * d), (e / d) % n, e % d));
+      consider(e / (n * d), 7, [=] {
+        return "symmetric needs y equal to x, they differ at " +
+               idx3(e / (n * d), (e / d) % n, e % d);
+      });
     }
-    if (is_bad(kSymWeights))
-      fail(kFn,
-           "symmetric needs b equal to a (problem " + std::to_string(first(kSymWeights) / n) + ")");
-    if (sym && opt.rho_a != opt.rho_b) fail(kFn, "symmetric needs rho_a equal to rho_b");
+    if (is_bad(kSymWeights)) {
+      const int64_t b = first(kSymWeights) / n;
+      consider(b, 8,
+               [=] { return "symmetric needs b equal to a (problem " + std::to_string(b) + ")"; });
+    }
+    if (sym && opt.rho_a != opt.rho_b)
+      consider(0, 9, [] { return std::string("symmetric needs rho_a equal to rho_b"); });
+    if (err_message) fail(kFn, err_message());
 
     // 3. The eps schedule of each problem (the CPU's loop), padded with eps: [B][cols].
     std::vector<std::vector<double>> stages(static_cast<size_t>(B));
