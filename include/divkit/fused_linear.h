@@ -220,7 +220,10 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
 // NaN, +inf or all -inf"; a label outside [0, V) that is not ignore_index: Error. On CUDA the
 // kernel runs on `stream`, and the check reads a device flag after it (one stream
 // synchronization); check_finite = false skips that read (CUDA graph capture), and a bad row then
-// gets NaN statistics and a NaN gradient row instead of an error.
+// gets NaN statistics and a NaN gradient row instead of an error. On CUDA the check is read after
+// the kernel, so with the coefficients every row's gradient has been written over the logits when
+// the error is raised (the CPU raises first, the logits untouched); the chunk loops pass their own
+// chunk buffer.
 struct LabelRowsArgs {
   TensorView
       logits;  // [rows, V] float32/bfloat16/float16/float64 (CPU: float32), unit column stride
