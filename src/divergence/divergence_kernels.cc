@@ -298,10 +298,10 @@ class GradRowWriter {
 };
 
 struct RowBuffers {
-  float* xs;        // student logits (fp32); overwritten by u when the teacher gradient is asked
-  const float* es;  // exp((xs - max) / T)
-  float* xt;        // teacher logits; overwritten by v when the teacher grad is asked
-  float* et;        // exp((xt - max) / T); overwritten by u when the teacher gradient is not asked
+  float* HWY_RESTRICT xs;        // student logits (fp32); overwritten by u with the teacher grad
+  const float* HWY_RESTRICT es;  // exp((xs - max) / T)
+  float* HWY_RESTRICT xt;        // teacher logits; overwritten by v when the teacher grad is asked
+  float* HWY_RESTRICT et;        // exp((xt - max) / T); overwritten by u without the teacher grad
   int64_t vpad;
   // The next row's logits (null: none), asked for while pass 2 computes on this row's block.
   const char* next_s = nullptr;
@@ -386,11 +386,14 @@ HWY_INLINE void SumTerms(const Div& div_arg, const RowBuffers& b, const Normaliz
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
-  // u may overwrite et (URow): no restrict on et and the store's row.
-  float* ur = b.URow(kTeacher);
+  // u overwrites et (URow; xs with the teacher gradient): its stores and et's loads go through
+  // the same restrict pointer, so that the compiler still knows they alias nothing else.
+  float* HWY_RESTRICT xs = b.xs;
+  float* HWY_RESTRICT et_rw = b.et;
+  float* ur = kTeacher ? xs : et_rw;
   float* HWY_RESTRICT xt = b.xt;
   const float* HWY_RESTRICT es = b.es;
-  const float* et = b.et;
+  const float* et = et_rw;
   const float* ls = b.LogitsS();
   const float* lt = b.LogitsT();
   // Local copies keep the constants in registers: the stores of u and v could otherwise alias
