@@ -9,10 +9,13 @@
 //           block of 16 vectors that raises the running max is exponentiated again from its
 //           copy in L1, so no separate pass over memory finds the max;
 //   pass 2  p, q, log p, log q from the buffers (no further exp), the divergence terms summed
-//           in fp64 lanes; the student factor u overwrites xs, the teacher factor v overwrites
-//           xt. Where u = -p (forward KL, cross-entropy) the gradient (q - p) / T * scale is
-//           written in this same sweep;
+//           in fp64 lanes; the student factor u overwrites et (xs where the teacher gradient is
+//           asked), the teacher factor v overwrites xt. Where u = -p (forward KL,
+//           cross-entropy) the gradient (q - p) / T * scale is written in this same sweep;
 //   pass 3  otherwise, gradient = (u - q * sum u) / T * scale, written in the output dtype.
+//           Where the block is larger than L2 (fp32 rows read from the inputs, below) and the
+//           student gradient alone is asked, a row's pass 3 runs inside the next row's pass 2
+//           (two blocks alternate): pass 3 waits on its stores to memory, pass 2 on arithmetic.
 // Renyi, a log of a sum, has its own row routine (RenyiRow) working in log space.
 // Only pass 1 and the gradient writes touch the caller's memory; the block stays in the core's
 // L2/L3. Where the block is larger than L2 and both inputs are fp32 rows of whole vectors, pass 1
@@ -295,10 +298,10 @@ class GradRowWriter {
 };
 
 struct RowBuffers {
-  float* HWY_RESTRICT xs;        // student logits (fp32); overwritten by u
+  float* HWY_RESTRICT xs;        // student logits (fp32); overwritten by u with the teacher grad
   const float* HWY_RESTRICT es;  // exp((xs - max) / T)
   float* HWY_RESTRICT xt;        // teacher logits; overwritten by v when the teacher grad is asked
-  const float* HWY_RESTRICT et;
+  float* HWY_RESTRICT et;        // exp((xt - max) / T); overwritten by u without the teacher grad
   int64_t vpad;
   // The next row's logits (null: none), asked for while pass 2 computes on this row's block.
   const char* next_s = nullptr;
@@ -310,6 +313,10 @@ struct RowBuffers {
   const float* lt = nullptr;
   const float* LogitsS() const { return ls != nullptr ? ls : xs; }
   const float* LogitsT() const { return lt != nullptr ? lt : xt; }
+  // Where the terms sweep leaves u. Without the teacher gradient, et is not read after that sweep,
+  // and u overwrites it (each line while it is in L1 from its load): xs and xt then stay free,
+  // for the second block of the deferred pass 3 (RunRows).
+  float* URow(bool teacher) const { return teacher ? xs : et; }
 };
 
 // Prefetches the next row's logits for columns [begin, end) into L2.
@@ -345,20 +352,48 @@ HWY_INLINE Entry<VF> LoadEntry(const float* xs, const float* HWY_RESTRICT es, co
   return e;
 }
 
+// A row's chain-rule student gradient, scale * (u - es * (inv_z * sum_u)), left for the next
+// row's terms sweep to write (see RunRows: the deferred pass 3).
+struct PendingGrad {
+  int64_t row = -1;  // -1: none
+  const float* u = nullptr;
+  const float* es = nullptr;
+  float inv_z = 0.0f, sum_u = 0.0f, scale = 0.0f;
+};
+
+// Columns [begin, end) of a pending gradient: the values of WriteChainRuleGrad.
+HWY_INLINE void WritePendingBlock(const PendingGrad& p, GradRowWriter& out, int64_t begin,
+                                  int64_t end) {
+  const DF df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const VF pscale = hn::Set(df, p.scale);
+  const VF pqsum = hn::Set(df, p.inv_z * p.sum_u);
+  for (int64_t k = begin; k < end; k += lanes)
+    out.Put(k,
+            hn::Mul(pscale, hn::NegMulAdd(hn::Load(df, p.es + k), pqsum, hn::Load(df, p.u + k))));
+}
+
 // pass 2: the divergence terms and the gradient factors u (and v), summed per row. With
 // `fused` (only when u = -p and no teacher gradient), the student gradient scale * (q - p) is
 // written in the same sweep (no pass 3): its values do not depend on the row sums.
+// With `prev` (and its writer), the previous row's pending gradient is written block by block
+// in the same sweep: the same values as WriteChainRuleGrad's.
 template <bool kTeacher, class Div>
 HWY_INLINE void SumTerms(const Div& div_arg, const RowBuffers& b, const Normalizers& n,
                          RowSum& sum_g, RowSum& sum_u, RowSum& sum_v,
-                         GradRowWriter* fused = nullptr, float fused_scale = 0.0f) {
+                         GradRowWriter* fused = nullptr, float fused_scale = 0.0f,
+                         const PendingGrad* prev = nullptr, GradRowWriter* prev_out = nullptr) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
+  // u overwrites et (URow; xs with the teacher gradient): its stores and et's loads go through
+  // the same restrict pointer, so that the compiler still knows they alias nothing else.
   float* HWY_RESTRICT xs = b.xs;
+  float* HWY_RESTRICT et_rw = b.et;
+  float* ur = kTeacher ? xs : et_rw;
   float* HWY_RESTRICT xt = b.xt;
   const float* HWY_RESTRICT es = b.es;
-  const float* HWY_RESTRICT et = b.et;
+  const float* et = et_rw;
   const float* ls = b.LogitsS();
   const float* lt = b.LogitsT();
   // Local copies keep the constants in registers: the stores of u and v could otherwise alias
@@ -394,7 +429,7 @@ HWY_INLINE void SumTerms(const Div& div_arg, const RowBuffers& b, const Normaliz
       acc_g = hn::Add(acc_g, g);
       if constexpr (!Div::kStudentFactorIsMinusP) {
         acc_u = hn::Add(acc_u, u);
-        hn::Store(u, df, xs + j);
+        hn::Store(u, df, ur + j);
       }
       if constexpr (kTeacher) {
         const VF v = div.teacher(df, e);
@@ -422,18 +457,24 @@ HWY_INLINE void SumTerms(const Div& div_arg, const RowBuffers& b, const Normaliz
       const VF g = div.term(df, e, u);
       add(j, g, u, e);
     }
+    if (prev != nullptr) WritePendingBlock(*prev, *prev_out, begin, end);
     sum_g.AddBlock(acc_g);
     if constexpr (!Div::kStudentFactorIsMinusP) sum_u.AddBlock(acc_u);
     if constexpr (kTeacher) sum_v.AddBlock(acc_v);
   }
+  if (prev != nullptr) prev_out->Finish();
 }
 
 // Rows of the divergences whose value is sum_j g(p_j, q_j) (all but Renyi): pass 2 then the
 // chain-rule gradient. Returns the row value, or NaN when the gradient would overflow fp32.
+// With `next` (student gradient only, chain rule): the previous row's pending gradient `prev`
+// is written during this row's terms sweep, and this row's is left in `next` instead of pass 3
+// (row unset where the caller zeroes the gradient).
 template <class Div>
 double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t v,
               const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
-              float* HWY_RESTRICT scratch) {
+              float* HWY_RESTRICT scratch, const PendingGrad* prev = nullptr,
+              PendingGrad* next = nullptr) {
   RowSum sum_g, sum_u, sum_v;
   if constexpr (Div::kStudentFactorIsMinusP) {
     if (grad_s != nullptr && grad_t == nullptr) {
@@ -444,8 +485,14 @@ double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t
       return sum_g.total;
     }
   }
-  if (grad_t != nullptr) SumTerms<true>(div, b, n, sum_g, sum_u, sum_v);
-  else SumTerms<false>(div, b, n, sum_g, sum_u, sum_v);
+  if (grad_t != nullptr) {
+    SumTerms<true>(div, b, n, sum_g, sum_u, sum_v);
+  } else if (prev != nullptr && prev->row >= 0) {
+    GradRowWriter w(*grad_s, prev->row, v, scratch);
+    SumTerms<false>(div, b, n, sum_g, sum_u, sum_v, nullptr, 0.0f, prev, &w);
+  } else {
+    SumTerms<false>(div, b, n, sum_g, sum_u, sum_v);
+  }
   const double value = sum_g.total;
   constexpr double kMax = std::numeric_limits<float>::max();
   if (!(std::fabs(value) <= kMax) || (grad_s == nullptr && grad_t == nullptr)) return value;
@@ -453,12 +500,18 @@ double SumRow(const Div& div, const RowBuffers& b, const Normalizers& n, int64_t
     return std::numeric_limits<double>::quiet_NaN();
   const float k = static_cast<float>(scale);
   const float inv_zs = hn::GetLane(n.inv_zs), inv_zt = hn::GetLane(n.inv_zt);
+  if constexpr (!Div::kStudentFactorIsMinusP) {
+    if (next != nullptr) {
+      *next = {row, b.URow(false), b.es, inv_zs, static_cast<float>(sum_u.total), k};
+      return value;
+    }
+  }
   if (grad_s != nullptr) {
     if constexpr (Div::kStudentFactorIsMinusP)
       WriteMinusPGrad(*grad_s, row, v, b.es, inv_zs, b.et, inv_zt, k, scratch);
     else
-      WriteChainRuleGrad(*grad_s, row, v, b.xs, b.es, inv_zs, static_cast<float>(sum_u.total), k,
-                         scratch);
+      WriteChainRuleGrad(*grad_s, row, v, b.URow(grad_t != nullptr), b.es, inv_zs,
+                         static_cast<float>(sum_u.total), k, scratch);
   }
   if (grad_t != nullptr)
     WriteChainRuleGrad(*grad_t, row, v, b.xt, b.et, inv_zt, static_cast<float>(sum_v.total), k,
@@ -564,7 +617,8 @@ constexpr double kLn2 = 0.69314718055994530942;
 
 template <bool kStore>
 RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const Normalizers& n,
-                                   float* HWY_RESTRICT wq) {
+                                   float* HWY_RESTRICT wq, const PendingGrad* prev = nullptr,
+                                   GradRowWriter* prev_out = nullptr) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t block_len = kRowSumBlock * lanes;
@@ -590,9 +644,11 @@ RenyiCachedSums RenyiRowSumsCached(const Renyi& div, const RowBuffers& b, const 
       if constexpr (kStore) hn::Store(u, df, wq + j);
       acc_w = hn::Add(acc_w, hn::Add(e.q, u));
     }
+    if (prev != nullptr) WritePendingBlock(*prev, *prev_out, begin, end);
     sum_s1.AddBlock(acc);
     sum_w.AddBlock(acc_w);
   }
+  if (prev != nullptr) prev_out->Finish();
   return {sum_s1.total, sum_w.total};
 }
 
@@ -662,13 +718,22 @@ void RenyiRowGrad(const Renyi& div, const RowBuffers& b, const Normalizers& n, i
 // arguments are moderate (exact when w^ is close to q or p). Returns the row value.
 double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int64_t v,
                 const RowOutput* grad_s, const RowOutput* grad_t, int64_t row, double scale,
-                float* HWY_RESTRICT scratch, float* HWY_RESTRICT wq) {
+                float* HWY_RESTRICT scratch, float* HWY_RESTRICT wq,
+                const PendingGrad* prev = nullptr, PendingGrad* next = nullptr) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   // u = w - q is kept only for the student gradient alone (RenyiRowGradCached); the sums, and
   // so the value, are the same in every mode.
   const bool cache = grad_s != nullptr && grad_t == nullptr;
-  const RenyiCachedSums c = cache ? RenyiRowSumsCached<true>(div, b, n, wq)
-                                  : RenyiRowSumsCached<false>(div, b, n, nullptr);
+  // With `next` (the student gradient alone, as SumRow's): the previous row's pending gradient is
+  // written during the first sweep, and this row's cached one is left in `next`.
+  RenyiCachedSums c;
+  if (cache && prev != nullptr && prev->row >= 0) {
+    GradRowWriter w(*grad_s, prev->row, v, scratch);
+    c = RenyiRowSumsCached<true>(div, b, n, wq, prev, &w);
+  } else {
+    c = cache ? RenyiRowSumsCached<true>(div, b, n, wq)
+              : RenyiRowSumsCached<false>(div, b, n, nullptr);
+  }
   if (c.sum_w >= kCachedMin && c.sum_w <= std::exp(kCachedRange)) {
     const bool near_zero = std::fabs(c.s1) < 0.5;
     const double log_sum_w = near_zero ? std::log1p(c.s1) : std::log(c.sum_w);
@@ -680,7 +745,14 @@ double RenyiRow(const Renyi& div, const RowBuffers& b, const Normalizers& n, int
     // Beyond (alpha < 1 and D > log 2 / (1 - alpha)), and for the teacher gradient, w^ - q (and
     // w^ - p) with w^ = exp(log w - L), each w^ relatively accurate (no second sweep: the
     // unshifted sum is the normalizer).
-    if (cache && log_sum_w >= -kLn2)
+    if (cache && log_sum_w >= -kLn2 && next != nullptr)
+      *next = {row,
+               wq,
+               b.es,
+               hn::GetLane(n.inv_zs),
+               static_cast<float>(std::expm1(log_sum_w)),
+               static_cast<float>(-scale * std::exp(-log_sum_w))};
+    else if (cache && log_sum_w >= -kLn2)
       RenyiRowGradCached(*grad_s, v, wq, b.es, hn::GetLane(n.inv_zs), row, scale, log_sum_w,
                          scratch);
     else
@@ -778,8 +850,8 @@ void ShardRow(RowJob& job, const Div& div, int64_t i, const RowSoftmax& ls, cons
       if constexpr (Div::kStudentFactorIsMinusP)
         WriteMinusPGrad(*gs, i, job.v, buf.es, izs, buf.et, izt, k, scratch);
       else
-        WriteChainRuleGrad(*gs, i, job.v, buf.xs, buf.es, izs, static_cast<float>(in[1]), k,
-                           scratch);
+        WriteChainRuleGrad(*gs, i, job.v, buf.URow(teacher), buf.es, izs, static_cast<float>(in[1]),
+                           k, scratch);
     }
     if (gt != nullptr)
       WriteChainRuleGrad(*gt, i, job.v, buf.xt, buf.et, izt, static_cast<float>(in[2]), k, scratch);
@@ -824,6 +896,18 @@ void RunRows(RowJob& job, const Div& div) {
       !job.check_only && job.student.dtype == DType::f32 && job.teacher.dtype == DType::f32 &&
       v == vpad && static_cast<size_t>(vpad) * 4 * sizeof(float) > l2_cache_bytes();
 
+  // The deferred pass 3: where the logits are read from the inputs (the block is larger than L2)
+  // and the student gradient alone is asked of a chain-rule kind, a row's pass 3 (reading u and
+  // es from L3, streaming the gradient to memory: bound by the stores) is run inside the next
+  // row's terms sweep (bound by the arithmetic), so that the two overlap as forward KL's fused
+  // sweep does. Two blocks of (es, et) alternate, the second in xs / xt (free in this mode: u
+  // overwrites et). The same values in the same rows: only the time of the writes moves.
+  // Renyi likewise with its cached w - q (RenyiRowGradCached), the second block in two more rows.
+  bool defer = false;
+  if constexpr (std::is_base_of_v<SumFinish, Div>)
+    defer = !Div::kStudentFactorIsMinusP && read_inputs && want_s && !want_t;
+  else if constexpr (std::is_same_v<Div, Renyi>) defer = read_inputs && want_s && !want_t;
+
   // Small problems run on the calling thread: waking a team costs more than the work.
   const bool parallel = job.num_threads > 1 && n > 1 && n * vpad >= kMinParallelEntries;
 #pragma omp parallel num_threads(job.num_threads) if (parallel)
@@ -834,17 +918,24 @@ void RunRows(RowJob& job, const Div& div) {
     const bool renyi_row = std::is_same_v<Div, Renyi> && want_s && !want_t && !read_inputs;
     const int64_t nbuf = (want_s || want_t) ? 5 : 4;
     const int64_t nblocks = vpad / (kRowSumBlock * lanes) + 1;
-    hwy::AlignedFreeUniquePtr<float[]> block = hwy::AllocateAligned<float>(
-        static_cast<size_t>((nbuf + (renyi_row ? 1 : 0)) * vpad + nblocks));
+    const bool renyi_defer = std::is_same_v<Div, Renyi> && defer;
+    const int64_t nextra = renyi_row ? 1 : renyi_defer ? 2 : 0;
+    hwy::AlignedFreeUniquePtr<float[]> block =
+        hwy::AllocateAligned<float>(static_cast<size_t>((nbuf + nextra) * vpad + nblocks));
     float* xs = block.get();
     float* es = xs + vpad;
     float* xt = es + vpad;
     float* et = xt + vpad;
     float* scratch = nbuf >= 5 ? et + vpad : nullptr;
     float* wq = renyi_row ? xs + nbuf * vpad : xs;
-    float* block_max = xs + (nbuf + (renyi_row ? 1 : 0)) * vpad;
+    float* block_max = xs + (nbuf + nextra) * vpad;
+    // The deferred pass 3's second block: es, et (and Renyi's w - q) of every other row.
+    float* es_alt = renyi_defer ? xs + nbuf * vpad : xs;
+    float* et_alt = renyi_defer ? es_alt + vpad : xt;
+    float* wq_alt = xt;
+    PendingGrad pending;  // this thread's row whose gradient is still to be written (defer)
 
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < n; ++i) {
       if (job.active != nullptr && !job.active[i]) {
         if (!job.check_only) {
@@ -863,10 +954,14 @@ void RunRows(RowJob& job, const Div& div) {
         else if (ct.all_masked) bad_t.NoMass(i);
         continue;
       }
+      // With a row pending in (es, et), this row takes the other block.
+      const bool alt = pending.row >= 0 && pending.es == es;
+      float* esi = alt ? es_alt : es;
+      float* eti = alt ? et_alt : et;
       const RowSoftmax ls =
-          LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, es, block_max, !read_inputs);
+          LoadSoftmaxRow(job.student, i, v, vpad, inv_t, xs, esi, block_max, !read_inputs);
       const RowSoftmax lt =
-          LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, et, block_max, !read_inputs);
+          LoadSoftmaxRow(job.teacher, i, v, vpad, inv_t, xt, eti, block_max, !read_inputs);
       if (job.shard != detail::ShardMode::none) {
         if (ls.non_finite) bad_s.NonFinite(i);
         if (lt.non_finite) bad_t.NonFinite(i);
@@ -885,7 +980,7 @@ void RunRows(RowJob& job, const Div& div) {
 
       const float inv_zs = static_cast<float>(std::exp(-ls.log_sum));  // 1 / sum es
       const float inv_zt = static_cast<float>(std::exp(-lt.log_sum));
-      RowBuffers buf{xs, es, xt, et, vpad};
+      RowBuffers buf{xs, esi, xt, eti, vpad};
       if (read_inputs) {
         buf.ls = static_cast<const float*>(job.student.data) + i * job.student.row_stride;
         buf.lt = static_cast<const float*>(job.teacher.data) + i * job.teacher.row_stride;
@@ -910,9 +1005,22 @@ void RunRows(RowJob& job, const Div& div) {
       const RowOutput* gs = want_s ? &job.grad_student : nullptr;
       const RowOutput* gt = want_t ? &job.grad_teacher : nullptr;
       double value;
-      if constexpr (std::is_same_v<Div, Renyi>)
-        value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch, wq);
-      else value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch);
+      if constexpr (std::is_same_v<Div, Renyi>) {
+        if (defer) {
+          PendingGrad next;
+          value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch, alt ? wq_alt : wq,
+                           &pending, &next);
+          pending = next;  // the previous one was written by the first sweep
+        } else {
+          value = RenyiRow(div, buf, norm, v, gs, gt, i, scale, scratch, wq);
+        }
+      } else if (defer) {
+        PendingGrad next;
+        value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch, &pending, &next);
+        pending = next;  // the previous one was written by the terms sweep
+      } else {
+        value = SumRow(div, buf, norm, v, gs, gt, i, scale, scratch);
+      }
       // A token whose divergence (or gradient) is infinite or beyond fp32's range gets loss +inf
       // and no gradient: the direction is undefined.
       if (std::isnan(value) || !(std::fabs(value) <= std::numeric_limits<float>::max())) {
@@ -923,6 +1031,9 @@ void RunRows(RowJob& job, const Div& div) {
         job.row_loss[i] = value;
       }
     }
+    if (pending.row >= 0)
+      WriteChainRuleGrad(job.grad_student, pending.row, v, pending.u, pending.es, pending.inv_z,
+                         pending.sum_u, pending.scale, scratch);
   }
   job.bad_student = bad_s.Get();
   job.bad_teacher = bad_t.Get();

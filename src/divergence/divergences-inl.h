@@ -203,6 +203,7 @@ using defs::Renyi;
 using defs::ReverseKL;
 using defs::SkewForwardKL;
 using defs::SkewReverseKL;
+using defs::SumFinish;
 using defs::TotalVariation;
 using defs::VisitDivergence;
 

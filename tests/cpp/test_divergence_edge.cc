@@ -130,6 +130,58 @@ TEST(DivergenceLayout, LargeFp32RowsReadFromTheInputs) {
   }
 }
 
+// Large fp32 rows with the student gradient alone: a chain-rule kind writes each row's gradient
+// during the next row's terms sweep (the deferred pass 3), so a thread's rows interleave. With an
+// ignored row, a row of infinite divergence for the kinds that have one (masked student entries
+// where the teacher has mass), a nearly disjoint row (Renyi's uncached route) and a last row of
+// every thread's share between them: the same bits as with the teacher gradient (no deferral;
+// Renyi: as with one thread) for 1, 2 and 3 threads, and against the reference.
+TEST(DivergenceLayout, LargeFp32RowsDeferredGradientBetweenSkippedRows) {
+  RuntimeGuard guard;
+  for (const Variant& var : default_variants()) {
+    SCOPED_TRACE(var.name);
+    // Renyi takes another route for the student gradient alone: not compared to `both`.
+    const bool renyi = var.spec.kind == DivergenceKind::renyi;
+    const int64_t n = 7, v = 262144;
+    Logits l = random_logits(n, v, DType::f32, DType::f32, 91, 2.0, v, v);
+    for (int64_t j = 0; j < v; j += 3) l.student.set(3, j, -kInf);
+    for (int64_t j = 0; j < v; ++j) {  // row 4 nearly disjoint: Renyi's uncached route
+      if (j < v / 2) l.student.set(4, j, l.student.get(4, j) + 30.0);
+      else l.teacher.set(4, j, l.teacher.get(4, j) + 30.0);
+    }
+    TestOptions opt;
+    opt.reduction = Reduction::none;
+    opt.labels.assign(static_cast<size_t>(n), 0);
+    opt.labels[1] = -100;
+    opt.labels[5] = -100;
+    const DivergenceSpec spec = var.spec;
+    HostMatrix s_both = l.student;
+    divkit::set_num_threads(2);
+    const KernelOut both =
+        run_kernel(s_both, l.teacher, spec, opt, GradRequest::of(), GradRequest::of());
+    HostMatrix one_thread;
+    for (int threads : {1, 2, 3}) {
+      divkit::set_num_threads(threads);
+      HostMatrix s_alone = l.student;
+      const KernelOut alone = run_kernel(s_alone, l.teacher, spec, opt, GradRequest::of());
+      if (renyi) {
+        if (threads == 1) one_thread = alone.grad_s;
+        else EXPECT_TRUE(alone.grad_s.same_bits(one_thread)) << threads << " threads";
+      } else {
+        EXPECT_TRUE(alone.grad_s.same_bits(both.grad_s)) << threads << " threads";
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        if (std::isinf(both.loss[i])) EXPECT_EQ(alone.loss[i], both.loss[i]) << "row " << i;
+        else
+          EXPECT_NEAR(alone.loss[i], both.loss[i], 1e-6 * std::fabs(both.loss[i])) << "row " << i;
+      }
+      if (threads == 1)
+        expect_matches_reference(alone, run_reference(l.student, l.teacher, spec, opt), Tolerance{},
+                                 var.name + " deferred");
+    }
+  }
+}
+
 // The student gradient alone and with the teacher gradient come from different instantiations
 // of the terms sweep (the second also computes the teacher factor): they must give the student
 // gradient the same bits, out of place and in place (where the gradient overwrites the rows
