@@ -14,6 +14,8 @@
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <string>
+#include <vector>
 
 #include "core/cuda_emulator_control.h"
 
@@ -33,7 +35,9 @@ std::atomic<long long> g_gemm_count{0};
 std::atomic<long long> g_handle_count{0};
 std::atomic<int> g_next_status{kSuccess};
 std::atomic<bool> g_has_status_string{true};
-char g_library;  // its address is the library's "handle"
+std::atomic<bool> g_preloaded{true};
+std::vector<std::string> g_open_log;  // under g_mutex
+char g_library;                       // its address is the library's "handle"
 
 bool valid(void* h) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -125,7 +129,12 @@ const char* status_string(int s) {
 
 }  // namespace
 
-void* cublas_open(const char* name, bool) {
+void* cublas_open(const char* name, bool noload) {
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    g_open_log.push_back(std::string(noload ? "noload:" : "load:") + name);
+  }
+  if (noload && !g_preloaded) return nullptr;
   for (const char* n : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"})
     if (std::strcmp(name, n) == 0) return &g_library;
   return nullptr;
@@ -142,6 +151,13 @@ void* cublas_symbol(void* lib, const char* name) {
   return nullptr;
 }
 
+std::vector<std::string> take_cublas_open_log() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  std::vector<std::string> log;
+  log.swap(g_open_log);
+  return log;
+}
+void set_cublas_preloaded(bool preloaded) { g_preloaded = preloaded; }
 void* cublas_last_stream() { return g_last_stream; }
 long long cublas_gemm_count() { return g_gemm_count; }
 long long cublas_handle_count() { return g_handle_count; }

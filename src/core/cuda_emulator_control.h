@@ -2,6 +2,9 @@
 // (DIVKIT_CUDA=EMULATE builds only; see cuda_emulator.h).
 #pragma once
 
+#include <string>
+#include <vector>
+
 namespace divkit::cuda_emu {
 
 // Runs the threads of each block, and the blocks of each grid, in reverse order. A kernel whose
@@ -38,6 +41,12 @@ namespace divkit::cuda_emu {
 // nullptr for any other name. gemm_cuda.cu calls these instead of dlopen / dlsym.
 void* cublas_open(const char* name, bool noload);
 void* cublas_symbol(void* lib, const char* name);
+
+// Every cublas_open call so far, as "noload:<name>" or "load:<name>" (cleared by the call).
+std::vector<std::string> take_cublas_open_log();
+// Whether the emulated library counts as already loaded in the process (as torch's is in a
+// Python process): if not, an RTLD_NOLOAD open finds nothing. Default true.
+void set_cublas_preloaded(bool preloaded);
 
 // The stream of the last cublasGemmEx (the stream set on its handle), as void*.
 void* cublas_last_stream();

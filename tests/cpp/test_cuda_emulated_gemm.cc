@@ -259,16 +259,32 @@ TEST(CudaEmulatedGemm, LibraryThatCannotBeLoaded) {
     gc::abt("my_fn", 1, 1, 1, 1.0f, a.data(), DType::f32, 1, b.data(), DType::f32, 1, 0.0f, &c, 1,
             nullptr);
   };
+  using Log = std::vector<std::string>;
   gc::set_library_names_for_testing({"libdivkit-no-such-cublas.so.99"});
+  (void)emu::take_cublas_open_log();
   expect_error(run, {"my_fn: cannot load cuBLAS", "libdivkit-no-such-cublas.so.99"});
+  EXPECT_EQ(emu::take_cublas_open_log(),
+            (Log{"noload:libdivkit-no-such-cublas.so.99", "load:libdivkit-no-such-cublas.so.99"}));
   expect_error(run, {"my_fn: cannot load cuBLAS"});  // the failure is remembered, still named
+  EXPECT_TRUE(emu::take_cublas_open_log().empty());
   // The names are tried in order: a missing one, then one that loads.
   gc::set_library_names_for_testing({"libdivkit-no-such-cublas.so.99", "libcublas.so.12"});
   EXPECT_NO_THROW(run());
+  EXPECT_EQ(emu::take_cublas_open_log(),
+            (Log{"noload:libdivkit-no-such-cublas.so.99", "noload:libcublas.so.12"}));
+  // A process without libcublas loaded yet: every name as already loaded first, then loads.
+  emu::set_cublas_preloaded(false);
   gc::set_library_names_for_testing({});
-  EXPECT_EQ(gc::default_library_names(),
-            (std::vector<std::string>{"libcublas.so.13", "libcublas.so.12", "libcublas.so"}));
   EXPECT_NO_THROW(run());
+  emu::set_cublas_preloaded(true);
+  EXPECT_EQ(emu::take_cublas_open_log(), (Log{"noload:libcublas.so.13", "noload:libcublas.so.12",
+                                              "noload:libcublas.so", "load:libcublas.so.13"}));
+  // Torch's library already in the process: found without a load.
+  gc::set_library_names_for_testing({});
+  EXPECT_NO_THROW(run());
+  EXPECT_EQ(emu::take_cublas_open_log(), (Log{"noload:libcublas.so.13"}));
+  EXPECT_EQ(gc::default_library_names(),
+            (Log{"libcublas.so.13", "libcublas.so.12", "libcublas.so"}));
 }
 
 TEST(CudaEmulatedGemm, FailingCallNamesFunctionAndStatus) {
