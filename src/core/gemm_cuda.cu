@@ -190,17 +190,22 @@ thread_local ThreadHandles t_handles;
 
 // The library's entry points and this thread's handle on the current device, bound to `stream`.
 std::pair<const Api*, Handle> handle_for(const char* fn, cudaStream_t stream) {
+  State& s = state();
+  const Api* api = nullptr;
+  {
+    // The library first: without it, that is the error to report (a machine without a GPU
+    // too).
+    std::lock_guard<std::mutex> lock(s.mutex);
+    api = load_locked(s);
+    if (api == nullptr) throw Error(std::string(fn) + ": " + s.failure);
+  }
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess)
     throw Error(std::string(fn) + ": CUDA error in cudaGetDevice: " + cudaGetErrorString(err));
-  State& s = state();
-  const Api* api = nullptr;
   Handle handle = nullptr;
   {
     std::lock_guard<std::mutex> lock(s.mutex);
-    api = load_locked(s);
-    if (api == nullptr) throw Error(std::string(fn) + ": " + s.failure);
     if (t_handles.generation != s.generation) {
       // Handles of a forgotten library (tests): destroyed through the library they came from.
       for (auto& dh : t_handles.handles) (void)t_handles.destroy(dh.second);

@@ -45,7 +45,8 @@ void atb(const char* fn, int64_t m, int64_t n, int64_t k, float alpha, const voi
 std::vector<std::string> default_library_names();
 
 // For tests: the names to try instead of the default ones (empty: the defaults again). Forgets
-// the loaded library and the handles made through it, so that the next call loads again.
+// the loaded library and the handles made through it, so that the next call loads again. Not
+// while other threads call the GEMM.
 void set_library_names_for_testing(const std::vector<std::string>& names);
 
 }  // namespace divkit::gemm_cuda
