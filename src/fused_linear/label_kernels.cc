@@ -117,7 +117,7 @@ HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool
       if (want_ec)
         acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
       if (want_z && unmasked_z) {
-        // A masked entry adds 0 (the others add themselves: the same sum as without masking).
+        // A masked entry adds 0, the others themselves (a row without one: the same sum).
         const auto is_masked = hn::Eq(x, neg_inf);
         n_masked += static_cast<int64_t>(hn::CountTrue(df, is_masked));
         acc_z = hn::Add(acc_z, hn::IfThenZeroElse(is_masked, x));

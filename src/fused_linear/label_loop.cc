@@ -59,8 +59,6 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
   HeadGradAccumulator acc(head, grads, &w, v, nullptr, &run.group);
   const bool want_grad = acc.wanted();
   const bool fused_grad = want_grad && !sharded && detail::label_one_sweep();
-  // want_mean: mean_z and the count V' of each row are over its unmasked entries (z > -inf), and
-  // coef(i, lse, V', ...) gets that count.
   struct CoefCtx {
     std::remove_reference_t<Coef>* coef;
     int64_t r0;
@@ -267,7 +265,8 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
         const double s = tw[i] / divisor;
         a = s * (1.0 + 2.0 * zl * lse);
         b = -s * (1.0 - eps);
-        c = eps > 0.0f ? -s * eps / unmasked : 0.0;
+        // unmasked is 0 without label smoothing (then c = -0 s / V as before).
+        c = -s * eps / (unmasked > 0.0 ? unmasked : static_cast<double>(v));
       });
   if (spec.reduction != Reduction::none) elem::set(loss, 0, total / divisor);
 }
