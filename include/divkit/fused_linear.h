@@ -144,7 +144,10 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
 // stays masked; 0 disables it), lse = logsumexp(z):
 //   loss_i = (1 - eps) (lse - z_y) + eps (lse - mean_j z_j) + z_loss_scale * lse^2
 // (label smoothing eps in [0, 1) as PyTorch: the uniform target's share is eps; z-loss as
-// PaLM). Ignored tokens contribute 0 and are not counted by mean.
+// PaLM). With masked entries (a -inf bias entry: z = -inf) the smoothing spreads over the V'
+// unmasked entries of the row: mean_j runs over them, the target is eps / V' on each and 0 on a
+// masked one (whose weight row and bias take a gradient of exactly 0), so the loss is finite;
+// V' = V without one. Ignored tokens contribute 0 and are not counted by mean.
 struct CrossEntropySpec {
   int64_t ignore_index = -100;
   float label_smoothing = 0.0f;
@@ -215,7 +218,10 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
 //     dL/dz_j = a p_j + b 1[j = y] + c + e p_j (log p_j + H),  a = a0 + a1 lse,
 //   (cross-entropy: a0 = s, a1 = 2 s z_loss, b = -s (1 - eps), c = -s eps / V; log-probs:
 //   a0 = -g, b = g, e = -g_entropy), and ignored rows become 0. Without the coefficients the
-//   logits are read only on CUDA (on the CPU they are left as z).
+//   logits are read only on CUDA (on the CPU they are left as z). mean_z and c are over every
+//   entry, masked ones included (a masked entry gets c, and mean_z is -inf): the fused
+//   cross-entropy's label smoothing over the unmasked entries is not this kernel's, and the
+//   PyTorch chunk loop takes its PyTorch rows for label smoothing with a -inf bias entry.
 // NaN or +inf logits, or a row with every z -inf: Error "<the token first_token + row> ... are
 // NaN, +inf or all -inf"; a label outside [0, V) that is not ignore_index: Error. On CUDA the
 // kernel runs on `stream`, and the check reads a device flag after it (one stream

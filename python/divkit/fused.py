@@ -707,7 +707,11 @@ def fused_linear_cross_entropy(
 
         loss_i = (1 - eps) (lse_i - z_{i,y}) + eps (lse_i - mean_j z_ij) + lse_square_scale * lse_i^2
 
-    (label smoothing ``eps`` as PyTorch; z-loss as PaLM / Liger's ``lse_square_scale``).
+    (label smoothing ``eps`` as PyTorch; z-loss as PaLM / Liger's ``lse_square_scale``). With
+    masked entries (``-inf`` bias) the smoothing spreads over the unmasked entries only:
+    ``mean_j`` runs over the ``V'`` entries with a finite logit, the target is ``eps / V'`` on
+    each and 0 on a masked one (whose weight row and bias get exactly 0 gradient), so the loss
+    stays finite where PyTorch's and Liger's are ``+inf``; ``V' = V`` without a masked entry.
     ``reduction``: none | sum | mean (over non-ignored tokens) | batchmean; ``num_items_in_batch``
     divides the sum instead (Hugging Face gradient accumulation).
 

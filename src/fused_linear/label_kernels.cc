@@ -43,9 +43,10 @@ HWY_INLINE RowSpan Span(int64_t v) {
 }
 
 // z = softcap(x) / T in place; returns the max and whether a NaN/+inf appeared. softcap(-inf) =
-// -inf: a masked entry stays masked (tanh would give -softcap).
+// -inf: a masked entry stays masked (tanh would give -softcap). When `masked` is given, it is
+// set when the row has a masked entry (x = -inf).
 HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, float softcap,
-                                 bool& bad) {
+                                 bool& bad, bool* masked = nullptr) {
   const DF df;
   const RowSpan sp = Span(v);
   const bool transform = softcap > 0.0f || inv_t != 1.0f;
@@ -53,10 +54,11 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
            vinv_cap = hn::Set(df, softcap > 0.0f ? 1.0f / softcap : 0.0f), inf = hn::Set(df, kInf),
            neg_inf = hn::Set(df, -kInf);
   VF vmax = hn::Set(df, -kInf);
-  auto vbad = hn::Lt(inf, inf);
+  auto vbad = hn::Lt(inf, inf), vmasked = vbad;
   for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
     VF x = hn::LoadU(df, z + j);
     vbad = hn::Or(vbad, hn::Not(hn::Lt(x, inf)));
+    if (masked) vmasked = hn::Or(vmasked, hn::Eq(x, neg_inf));
     if (transform) {
       if (softcap > 0.0f)
         x = hn::IfThenElse(hn::Eq(x, neg_inf), x,
@@ -68,9 +70,11 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
   }
   float m = hn::GetLane(hn::MaxOfLanes(df, vmax));
   bad = !hn::AllFalse(df, vbad);
+  if (masked) *masked = !hn::AllFalse(df, vmasked);
   for (int64_t j = sp.vfull; j < v; ++j) {
     float x = z[j];
     if (!(x < kInf)) bad = true;
+    if (masked && x == -kInf) *masked = true;
     if (transform) {
       if (softcap > 0.0f && x != -kInf) x = softcap * std::tanh(x / softcap);
       x *= inv_t;
@@ -83,17 +87,22 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
 
 // The sums of a row of z under a shift m: S = sum exp(z - m), sum exp(z - m) (z - m) (when
 // want_ec; 0 * log 0 = 0 for masked entries), sum z (when want_z) and sum exp(z - m)^2 (when
-// want_sq: the same exps squared); fp64 block sums in a fixed order.
+// want_sq: the same exps squared); fp64 block sums in a fixed order. With unmasked_z, sum z is
+// over the unmasked entries (z > -inf) and `unmasked` counts them (label smoothing spreads over
+// them); without, sum z is over every entry.
 struct RowSums {
   double e = 0.0, ec = 0.0, z = 0.0, sq = 0.0;
+  int64_t unmasked = 0;
 };
 // When `keep` is given, exp(z - m) is stored there (it may be z itself).
 HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool want_z,
-                          float* keep = nullptr, bool want_sq = false) {
+                          float* keep = nullptr, bool want_sq = false, bool unmasked_z = false) {
   const DF df;
   const RowSpan sp = Span(v);
   const VF vm = hn::Set(df, m);
   RowSum sum_e, sum_ez, sum_z, sum_sq;
+  int64_t n_masked = 0;
+  const VF neg_inf = hn::Set(df, -kInf);
   const int64_t block = kRowSumBlock * sp.lanes;
   for (int64_t begin = 0; begin < sp.vfull; begin += block) {
     const int64_t end = std::min(begin + block, sp.vfull);
@@ -107,7 +116,14 @@ HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool
       // e * c with 0 where e = 0 (c = -inf for masked entries).
       if (want_ec)
         acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
-      if (want_z) acc_z = hn::Add(acc_z, x);
+      if (want_z && unmasked_z) {
+        // A masked entry adds 0, the others themselves (a row without one: the same sum).
+        const auto is_masked = hn::Eq(x, neg_inf);
+        n_masked += static_cast<int64_t>(hn::CountTrue(df, is_masked));
+        acc_z = hn::Add(acc_z, hn::IfThenZeroElse(is_masked, x));
+      } else if (want_z) {
+        acc_z = hn::Add(acc_z, x);
+      }
       if (want_sq) acc_sq = hn::MulAdd(e, e, acc_sq);
     }
     sum_e.AddBlock(acc_e);
@@ -115,16 +131,19 @@ HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool
     if (want_z) sum_z.AddBlock(acc_z);
     if (want_sq) sum_sq.AddBlock(acc_sq);
   }
-  RowSums out{sum_e.total, sum_ez.total, sum_z.total, sum_sq.total};
+  RowSums out{sum_e.total, sum_ez.total, sum_z.total, sum_sq.total, 0};
   for (int64_t j = sp.vfull; j < v; ++j) {
     const double c = static_cast<double>(z[j]) - m;
     const double e = std::exp(c);
     out.e += e;
     if (e != 0.0) out.ec += e * c;
-    out.z += z[j];
+    if (!unmasked_z) out.z += z[j];
+    else if (z[j] != -kInf) out.z += z[j];
+    else ++n_masked;
     out.sq += e * e;
     if (keep) keep[j] = static_cast<float>(e);
   }
+  out.unmasked = v - n_masked;
   return out;
 }
 
@@ -326,10 +345,13 @@ void FusedGradRowKeepZ(const detail::LabelForwardJob& job, int64_t i, float* HWY
            vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap);
   const int64_t y = job.labels[i];
   const float y_z = z[y];
+  // With `unmasked` (label smoothing over the unmasked entries) c skips the masked ones.
+  const bool c_unmasked = job.unmasked != nullptr;
+  const VF neg_inf = hn::Set(df, -kInf);
   for (int64_t j = 0; j < sp.vfull; j += sp.lanes) {
     const VF zj = hn::LoadU(df, z + j);
     const VF p = hn::Mul(hn::LoadU(df, ex + j), vinv_s);
-    VF g = hn::MulAdd(va, p, vc);
+    VF g = hn::MulAdd(va, p, c_unmasked ? hn::IfThenZeroElse(hn::Eq(zj, neg_inf), vc) : vc);
     // 0 where p = 0 (z - lse = -inf for masked entries).
     if (e != 0.0f)
       g = hn::MulAdd(hn::Mul(ve, p),
@@ -343,6 +365,9 @@ void FusedGradRowKeepZ(const detail::LabelForwardJob& job, int64_t i, float* HWY
   for (int64_t j = sp.vfull; j < v; ++j) {
     const float p = ex[j] * inv_s;
     float g = fa * p + fc;
+    // p = 0 at a masked entry: 0 without c (kept apart from the expression above, whose
+    // contraction to an fma would otherwise change).
+    if (c_unmasked && z[j] == -kInf) g = 0.0f;
     if (e != 0.0f && p != 0.0f) g += e * p * ((z[j] - flse) + fh);
     if (cap) g *= label_scalar::cap_factor_of(z[j], t_over_cap);
     g *= job.inv_t;
@@ -359,13 +384,16 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
                 std::vector<float>& ex, bool& bad) {
   float* HWY_RESTRICT z = job.z + i * job.ldz;
   const int64_t v = job.v;
-  const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad);
+  // A row with masked entries whose c goes to the unmasked ones only keeps z for the gradient.
+  const bool fuse = job.coef != nullptr;
+  bool masked = false;
+  const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad,
+                                  fuse && job.unmasked != nullptr ? &masked : nullptr);
   if (bad || m == -kInf) {
     bad = true;
     return;
   }
-  const bool fuse = job.coef != nullptr;
-  const bool keep_z = fuse && (job.softcap > 0.0f || job.coef_entropy);
+  const bool keep_z = fuse && (job.softcap > 0.0f || job.coef_entropy || masked);
   const bool want_ent = job.entropy != nullptr || (fuse && job.coef_entropy);
   const int64_t y = job.labels[i];
   if (job.z_label) job.z_label[i] = z[y];
@@ -382,15 +410,16 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   } else if (fuse) {
     keep = z;
   }
-  const RowSums sums =
-      SumRow(z, v, m, want_ent, job.mean_z != nullptr, keep, job.log_sum_sq != nullptr);
+  const RowSums sums = SumRow(z, v, m, want_ent, job.mean_z != nullptr, keep,
+                              job.log_sum_sq != nullptr, job.unmasked != nullptr);
   // The row's statistics from its sums: label_scalar.h, which the CUDA kernel uses too.
   const double se = sums.e;
   const double lse = label_scalar::row_lse(m, se);
   // H = -sum p log p = log S - sum e c / S with c = z - m.
   const double ent = want_ent ? label_scalar::row_entropy(se, sums.ec) : 0.0;
   if (job.lse) job.lse[i] = lse;
-  if (job.mean_z) job.mean_z[i] = label_scalar::row_mean(sums.z, v);
+  if (job.unmasked) job.unmasked[i] = static_cast<double>(sums.unmasked);
+  if (job.mean_z) job.mean_z[i] = label_scalar::row_mean(sums.z, job.unmasked ? sums.unmasked : v);
   if (job.entropy) job.entropy[i] = ent;
   if (job.log_sum_sq) job.log_sum_sq[i] = label_scalar::row_log_sum_sq(se, sums.sq);
   if (k > 0) {
@@ -412,11 +441,13 @@ void ShardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float>&
     job.shard_max[i] = bad ? static_cast<double>(kInf) : static_cast<double>(m);
     return;
   }
-  const RowSums sums = SumRow(z, v, static_cast<float>(job.shift[i]), true, true);
+  const RowSums sums = SumRow(z, v, static_cast<float>(job.shift[i]), true, true, nullptr, false,
+                              job.unmasked != nullptr);
   double* part = job.partials + 4 * i;
   part[0] = sums.e;
   part[1] = sums.ec;
   part[2] = sums.z;
+  if (job.unmasked) job.unmasked[i] = static_cast<double>(sums.unmasked);
   if (job.topk_z != nullptr) {
     const int64_t k = std::min(job.topk, v);
     // The global max bounds the shard's entries from above: TopK's thresholds start below it.
@@ -450,7 +481,9 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
   const bool cap = job.softcap > 0.0f;
   const float t_over_cap = cap ? (1.0f / job.inv_t) / job.softcap : 0.0f;
   const VF vlse = hn::Set(df, lse), va = hn::Set(df, a), vc = hn::Set(df, c), ve = hn::Set(df, e),
-           vh = hn::Set(df, h), vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap);
+           vh = hn::Set(df, h), vinv_t = hn::Set(df, job.inv_t), vtc = hn::Set(df, t_over_cap),
+           neg_inf = hn::Set(df, -kInf);
+  const bool c_unmasked = job.c_unmasked;
   const float y_z = z[job.labels[i]];
   auto chain = [&](VF zj, VF g) {  // dL/dz -> dL/dx
     if (cap) g = hn::Mul(g, CapFactor(zj, vtc));
@@ -460,7 +493,7 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
     const VF zj = hn::LoadU(df, z + j);
     const VF lp = hn::Sub(zj, vlse);
     const VF p = SoftmaxExp(df, lp);
-    VF g = hn::MulAdd(va, p, vc);
+    VF g = hn::MulAdd(va, p, c_unmasked ? hn::IfThenZeroElse(hn::Eq(zj, neg_inf), vc) : vc);
     if (e != 0.0f)
       g = hn::MulAdd(hn::Mul(ve, p), hn::IfThenZeroElse(hn::Eq(p, hn::Zero(df)), hn::Add(lp, vh)),
                      g);
@@ -472,6 +505,7 @@ void GradRow(const detail::LabelGradJob& job, int64_t i) {
     const float lp = z[j] - lse;
     const float p = std::exp(lp);
     float g = a * p + c;
+    if (c_unmasked && z[j] == -kInf) g = 0.0f;  // p = 0: no c at a masked entry
     if (e != 0.0f && p != 0.0f) g += e * p * (lp + h);
     if (cap) g *= label_scalar::cap_factor_of(z[j], t_over_cap);
     g *= job.inv_t;
@@ -504,6 +538,7 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
           job.shard_max[i] = -static_cast<double>(kInf);
         } else {
           std::fill(job.partials + 4 * i, job.partials + 4 * i + 4, 0.0);
+          if (job.unmasked != nullptr) job.unmasked[i] = 0.0;
           if (job.topk_z != nullptr)
             std::fill(job.topk_z + i * job.topk, job.topk_z + (i + 1) * job.topk,
                       -static_cast<double>(kInf));
@@ -512,7 +547,7 @@ void LabelRowsForward(detail::LabelForwardJob& job) {
       }
       if (job.labels[i] < 0) {
         for (double* out : {job.lse, job.z_label, job.mean_z, job.entropy, job.topk_mass,
-                            job.log_sum_sq, job.is_top1})
+                            job.log_sum_sq, job.is_top1, job.unmasked})
           if (out) out[i] = 0.0;
         if (job.coef != nullptr) {
           float* z = job.z + i * job.ldz;

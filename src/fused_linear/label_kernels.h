@@ -13,9 +13,14 @@ struct LabelForwardJob {
   int64_t ldz = 0, rows = 0, v = 0;
   const int64_t* labels = nullptr;  // [rows]; < 0: ignored (row skipped, stats 0)
   float inv_t = 1.0f, softcap = 0.0f;
-  double* lse = nullptr;        // logsumexp_j z_j
-  double* z_label = nullptr;    // z_y
-  double* mean_z = nullptr;     // mean_j z_j (label smoothing)
+  double* lse = nullptr;      // logsumexp_j z_j
+  double* z_label = nullptr;  // z_y
+  double* mean_z = nullptr;   // mean_j z_j (label smoothing; see `unmasked`)
+  // [rows] the number V' of unmasked entries (z > -inf) of each row. When given, mean_z is the
+  // mean over them (sum z / V', finite with masked entries; the same bits as over every entry
+  // when none is masked), and the fused gradient's c goes to them only (0 at masked entries):
+  // label smoothing over the entries that are in the vocabulary.
+  double* unmasked = nullptr;
   double* entropy = nullptr;    // -sum p log p
   double* topk_mass = nullptr;  // sum of the topk largest p
   int64_t topk = 0;
@@ -48,7 +53,8 @@ struct LabelForwardJob {
   //     (-inf when every entry is -inf; +inf marks a row holding NaN or +inf). Nothing else.
   //  2. shift given (the global max of each row; z already transformed): partials[4 i + k] =
   //     {sum exp(z - shift), sum exp(z - shift) (z - shift), sum z} for k = 0, 1, 2 (k = 3 is left
-  //     to the driver), and, when topk_z is given, topk_z[i * topk, + topk) = the shard's topk
+  //     to the driver; with `unmasked`, sum z over the shard's unmasked entries and unmasked[i]
+  //     their number), and, when topk_z is given, topk_z[i * topk, + topk) = the shard's topk
   //     largest z (any order, -inf where the shard has fewer entries).
   double* shard_max = nullptr;
   const double* shift = nullptr;
@@ -70,6 +76,7 @@ struct LabelGradJob {
   const double* lse = nullptr;
   const double* entropy = nullptr;                                      // needed when e != 0
   const double *a = nullptr, *b = nullptr, *c = nullptr, *e = nullptr;  // e may be null
+  bool c_unmasked = false;     // c only at unmasked entries (z > -inf), 0 at masked ones
   const float* add = nullptr;  // optional [rows, V] block added to the gradient
   int64_t ldadd = 0;
   int num_threads = 1;

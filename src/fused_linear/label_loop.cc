@@ -42,6 +42,8 @@ struct LabelRun {
 // gradient is written in the sweep that takes its statistics (LabelForwardJob::coef), softcap,
 // top-k mass and entropy term included; sharded rows (whose sums need the group) and
 // detail::set_label_one_sweep(false) take a gradient pass of their own (label_rows_grad).
+// `want_mean` (label smoothing): on_stats's mean is over the unmasked entries (z > -inf) of the
+// row, coef gets their number V' (0 without want_mean), and c goes to those entries only.
 template <class OnStats, class Coef>
 void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool want_entropy,
                     bool want_mean, const LinearHeadGrads& grads, OnStats&& on_stats, Coef&& coef,
@@ -60,13 +62,16 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
   struct CoefCtx {
     std::remove_reference_t<Coef>* coef;
     int64_t r0;
-  } coef_ctx{&coef, 0};
+    const double* unmasked;  // [chunk rows], written by the forward before its coef call
+  } coef_ctx{&coef, 0, nullptr};
   // Every rank of a group chooses the same chunk size (from the largest shard).
   const int64_t chunk = choose_chunk(run.chunk, n, run.group.max_v());
   std::vector<int64_t> local;  // a shard's labels as its columns
   std::vector<uint8_t> in_shard;
   std::vector<float> z(static_cast<size_t>(chunk * v)), scratch;
-  std::vector<double> lse(chunk), zy(chunk), mean(chunk), ent(chunk), topk(chunk), sq, top1;
+  std::vector<double> lse(chunk), zy(chunk), mean(chunk), ent(chunk), topk(chunk), sq, top1,
+      cnt(want_mean ? chunk : 0, 0.0);
+  double* const cnt_ptr = want_mean ? cnt.data() : nullptr;
   if (stats.log_sum_sq_probs.defined()) sq.resize(chunk);
   if (stats.is_top1.defined()) top1.resize(chunk);
   std::vector<double> ca(chunk), cb(chunk), cc(chunk), ce(chunk);
@@ -79,6 +84,7 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       st.lse = lse.data();
       st.z_label = zy.data();
       st.mean_z = want_mean ? mean.data() : nullptr;
+      st.unmasked = cnt_ptr;
       st.entropy = want_entropy ? ent.data() : nullptr;
       st.topk_mass = stats.topk_mass.defined() ? topk.data() : nullptr;
       st.topk = stats.topk;
@@ -97,6 +103,7 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       f.lse = lse.data();
       f.z_label = zy.data();
       f.mean_z = want_mean ? mean.data() : nullptr;
+      f.unmasked = cnt_ptr;
       f.entropy = want_entropy ? ent.data() : nullptr;
       f.topk_mass = stats.topk_mass.defined() ? topk.data() : nullptr;
       f.topk = stats.topk;
@@ -105,11 +112,12 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       f.num_threads = threads;
       if (fused_grad) {
         coef_ctx.r0 = r0;
+        coef_ctx.unmasked = cnt_ptr;
         f.coef_ctx = &coef_ctx;
         f.coef = [](void* p, int64_t r, double lse, double* a, double* b, double* c, double* e) {
           const CoefCtx& cx = *static_cast<const CoefCtx*>(p);
           *a = *b = *c = *e = 0.0;
-          (*cx.coef)(cx.r0 + r, lse, *a, *b, *c, *e);
+          (*cx.coef)(cx.r0 + r, lse, cx.unmasked ? cx.unmasked[r] : 0.0, *a, *b, *c, *e);
         };
         f.coef_entropy = entropy_coef;
       }
@@ -136,7 +144,8 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
     }
     for (int64_t r = 0; r < rows; ++r) {
       ca[r] = cb[r] = cc[r] = ce[r] = 0.0;
-      if (run.labels[r0 + r] >= 0) coef(r0 + r, lse[r], ca[r], cb[r], cc[r], ce[r]);
+      if (run.labels[r0 + r] >= 0)
+        coef(r0 + r, lse[r], want_mean ? cnt[r] : 0.0, ca[r], cb[r], cc[r], ce[r]);
       if (sharded && !in_shard[r]) cb[r] = 0.0;  // the one-hot term is the label's rank's
     }
     detail::LabelGradJob g;
@@ -153,6 +162,7 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
     g.b = cb.data();
     g.c = cc.data();
     g.e = want_entropy ? ce.data() : nullptr;
+    g.c_unmasked = want_mean;
     g.num_threads = threads;
     detail::label_rows_grad(g);
     acc.add_chunk(z.data(), v, r0, rows, hc, scratch);
@@ -248,11 +258,15 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
         if (spec.reduction == Reduction::none) elem::set(loss, i, l);
         else total += l;
       },
-      [&](int64_t i, double lse, double& a, double& b, double& c, double&) {
+      // Label smoothing spreads eps over the V' unmasked entries of the row (V' = V without a
+      // masked entry): target eps / V' there, 0 at a masked entry (-inf logit, not in the
+      // vocabulary), so its loss stays finite.
+      [&](int64_t i, double lse, double unmasked, double& a, double& b, double& c, double&) {
         const double s = tw[i] / divisor;
         a = s * (1.0 + 2.0 * zl * lse);
         b = -s * (1.0 - eps);
-        c = -s * eps / static_cast<double>(v);
+        // unmasked is 0 without label smoothing (then c = -0 s / V as before).
+        c = -s * eps / (unmasked > 0.0 ? unmasked : static_cast<double>(v));
       });
   if (spec.reduction != Reduction::none) elem::set(loss, 0, total / divisor);
 }
@@ -290,7 +304,7 @@ void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
                spec.chunk_size};
   run_label_head(
       run, stats, stats.entropy.defined(), false, {}, [](int64_t, double, double, double) {},
-      [](int64_t, double, double&, double&, double&, double&) {});
+      [](int64_t, double, double, double&, double&, double&, double&) {});
 }
 
 void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& labels,
@@ -345,7 +359,7 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
                spec.chunk_size};
   run_label_head(
       run, {}, !e.empty(), false, grads, [](int64_t, double, double, double) {},
-      [&](int64_t i, double, double& a, double& b, double& c, double& ee) {
+      [&](int64_t i, double, double, double& a, double& b, double& c, double& ee) {
         a = -g[i];
         b = g[i];
         c = 0.0;

@@ -228,10 +228,12 @@ void sharded_label_forward(const char* fn, const ShardGroup& group, float* z, in
       fail(fn, "the logits of token " + std::to_string(first_token + r) +
                    " (hidden @ weight^T + bias) are NaN, +inf or all -inf");
   // 2. The shard's sums under it, and the label's logit from the rank that holds it.
-  std::vector<double> part(static_cast<size_t>(4 * rows)), topk_z;
+  // [4 rows partials | rows counts of unmasked entries], summed over the group in one call.
+  std::vector<double> part(static_cast<size_t>(5 * rows)), topk_z;
   f.shard_max = nullptr;
   f.shift = m.data();
   f.partials = part.data();
+  f.unmasked = out.unmasked != nullptr ? part.data() + 4 * rows : nullptr;
   if (out.topk_mass != nullptr) {
     topk_z.resize(static_cast<size_t>(rows * out.topk));
     f.topk_z = topk_z.data();
@@ -242,14 +244,16 @@ void sharded_label_forward(const char* fn, const ShardGroup& group, float* z, in
     const int64_t local = labels[r] - group.offset();
     part[4 * r + 3] = labels[r] >= 0 && local >= 0 && local < v ? z[r * v + local] : 0.0;
   }
-  group.sum(part.data(), 4 * rows);
+  group.sum(part.data(), (out.unmasked != nullptr ? 5 : 4) * rows);
   for (int64_t r = 0; r < rows; ++r) {
     const bool on = labels[r] >= 0;
     const double s = part[4 * r], log_s = on ? std::log(s) : 0.0;
     if (out.lse) out.lse[r] = on ? m[r] + log_s : 0.0;
     if (out.z_label) out.z_label[r] = on ? part[4 * r + 3] : 0.0;
-    if (out.mean_z)
-      out.mean_z[r] = on ? part[4 * r + 2] / static_cast<double>(group.global_v()) : 0.0;
+    const double count =
+        out.unmasked != nullptr ? part[4 * rows + r] : static_cast<double>(group.global_v());
+    if (out.unmasked) out.unmasked[r] = on ? count : 0.0;
+    if (out.mean_z) out.mean_z[r] = on ? part[4 * r + 2] / count : 0.0;
     // H = -sum p log p = log S - sum e c / S with c = z - max.
     if (out.entropy) out.entropy[r] = on ? log_s - part[4 * r + 1] / s : 0.0;
   }

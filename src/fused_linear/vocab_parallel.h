@@ -71,6 +71,9 @@ void sharded_divergence_rows(const char* fn, const ShardGroup& group, const Tens
 // entropy, topk_mass (of the k largest p over every shard). Throws (on every rank alike) for a
 // row whose logits are NaN, +inf or all -inf on every rank.
 struct ShardedLabelStats {
+  // unmasked: when given (with mean_z), the number V' of unmasked entries (z > -inf) over every
+  // shard, and mean_z is over them.
+  double* unmasked = nullptr;
   double *lse = nullptr, *z_label = nullptr, *mean_z = nullptr, *entropy = nullptr,
          *topk_mass = nullptr;
   int64_t topk = 0;

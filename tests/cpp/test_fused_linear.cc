@@ -1094,8 +1094,10 @@ TEST(FusedLinearErrors, NameTheArgument) {
 
 // A -inf bias entry masks that vocabulary entry: the cross-entropy, its statistics and the
 // hidden-state gradient equal those of the head without the masked rows (labels remapped); the
-// masked rows take zero weight and bias gradients. NaN / +inf bias entries, and a bias that masks
-// every entry (every counted row all -inf), name the argument.
+// masked rows take zero weight and bias gradients. Label smoothing spreads over the unmasked
+// entries (eps / V' each, V' = the unmasked count, as the head without the masked rows), in the
+// one-sweep gradient and in the gradient pass of its own. NaN / +inf bias entries, and a bias that
+// masks every entry (every counted row all -inf), name the argument.
 TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
   using divkit_test::expect_error;
   const int64_t n = 6, v = 11, h = 5;
@@ -1123,7 +1125,7 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
     std::vector<float> gh, gw, gb, ent;
   };
   auto run = [&](std::vector<float>& w, std::vector<float>& b, std::vector<int64_t>& lab,
-                 int64_t vv, float softcap = 0.0f) {
+                 int64_t vv, float softcap = 0.0f, float eps = 0.0f) {
     Out o;
     o.gh.resize(n * h);
     o.gw.resize(vv * h);
@@ -1137,6 +1139,7 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
     divkit::CrossEntropySpec spec;
     spec.z_loss_scale = 0.01f;
     spec.softcap = softcap;
+    spec.label_smoothing = eps;
     divkit::fused_linear_cross_entropy(head, TensorView::vector(lab.data(), DType::i64, n), spec,
                                        TensorView::vector(&o.loss, DType::f32, 1),
                                        {TensorView::matrix(o.gh.data(), DType::f32, n, h),
@@ -1146,9 +1149,15 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
     return o;
   };
   // With softcap too: softcap(-inf) = -inf keeps the entry masked (not at logit -softcap).
-  for (const float cap : {0.0f, 1.5f}) {
-    const Out full = run(weight, bias, labels, v, cap);
-    const Out kept = run(w_kept, b_kept, labels_kept, vk, cap);
+  for (const auto [cap, eps, one_sweep] :
+       {std::tuple{0.0f, 0.0f, true}, std::tuple{1.5f, 0.0f, true}, std::tuple{0.0f, 0.1f, true},
+        std::tuple{1.5f, 0.2f, true}, std::tuple{0.0f, 0.1f, false},
+        std::tuple{1.5f, 0.2f, false}}) {
+    SCOPED_TRACE(::testing::Message() << "eps " << eps << " one_sweep " << one_sweep);
+    divkit::detail::set_label_one_sweep(one_sweep);
+    const Out full = run(weight, bias, labels, v, cap, eps);
+    const Out kept = run(w_kept, b_kept, labels_kept, vk, cap, eps);
+    divkit::detail::set_label_one_sweep(true);
     ASSERT_TRUE(std::isfinite(full.loss)) << cap;
     EXPECT_NEAR(full.loss, kept.loss, 1e-6 * std::abs(kept.loss)) << cap;
     for (int64_t i = 0; i < n * h; ++i) EXPECT_NEAR(full.gh[i], kept.gh[i], 1e-6) << cap << i;
@@ -1173,6 +1182,121 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
   std::vector<float> all(v, -INFINITY);
   expect_error([&] { run(weight, all, labels, v); },
                {"fused_linear_cross_entropy", "token 0", "all -inf"});
+}
+
+// The row kernels' count of unmasked entries (LabelForwardJob::unmasked, label smoothing over
+// them): rows with different numbers of -inf logits (none, a few in the vector part and the
+// tail, all but one), with and without softcap, for every SIMD target. mean_z is the fp64 mean
+// over the finite z; the gradient's c goes to the unmasked entries only (exactly 0 at masked
+// ones) in the one-sweep gradient (coef) and in label_rows_grad with c_unmasked; both match
+// fp64 dL/dx = (a p + b 1[y] + c 1[unmasked]) dz/dx. The shard pass counts the same V'.
+TEST(LabelKernels, UnmaskedCountForLabelSmoothing) {
+  const int64_t rows = 5, v = 37;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> x(rows * v);
+  for (float& t : x) t = normal(rng);
+  for (int64_t j = 0; j < v; ++j) {
+    if (j % 7 == 2) x[1 * v + j] = -INFINITY;          // a few, vector part and tail
+    if (j != 5) x[2 * v + j] = -INFINITY;              // all but one
+    if (j >= 30 && j != 33) x[3 * v + j] = -INFINITY;  // the tail only
+  }
+  const std::vector<int64_t> labels = {4, 0, 5, 33, -1};
+  constexpr double ka = 0.7, kb = -0.6, kc_total = -0.3;  // c = kc_total / V'
+  divkit_test::RuntimeGuard guard;
+  for (const std::string& target : divkit::available_simd_targets()) {
+    divkit::force_simd_target(target);
+    for (const float cap : {0.0f, 3.0f}) {
+      for (const int mode : {0, 1, 2}) {  // fused sweep, forward + label_rows_grad, shard pass
+        SCOPED_TRACE(::testing::Message() << target << " cap " << cap << " mode " << mode);
+        std::vector<float> z = x;
+        std::vector<double> lse(rows), mean(rows), cnt(rows, -1.0), part(4 * rows);
+        divkit::detail::LabelForwardJob f;
+        f.z = z.data();
+        f.ldz = v;
+        f.rows = rows;
+        f.v = v;
+        f.labels = labels.data();
+        f.softcap = cap;
+        f.unmasked = cnt.data();
+        std::vector<double> shift(rows);
+        if (mode == 2) {
+          f.shard_max = shift.data();
+          divkit::detail::label_rows_forward(f);
+          f.shard_max = nullptr;
+          f.shift = shift.data();
+          f.partials = part.data();
+        } else {
+          f.lse = lse.data();
+          f.mean_z = mean.data();
+        }
+        struct Ctx {
+          const double* cnt;
+        } ctx{cnt.data()};
+        if (mode == 0) {
+          f.coef_ctx = &ctx;
+          f.coef = [](void* p, int64_t r, double, double* a, double* b, double* c, double* e) {
+            *a = ka;
+            *b = kb;
+            *c = kc_total / static_cast<const Ctx*>(p)->cnt[r];
+            *e = 0.0;
+          };
+        }
+        divkit::detail::label_rows_forward(f);
+        ASSERT_EQ(f.bad_row, -1);
+        std::vector<double> ca(rows, ka), cb(rows, kb), cc(rows);
+        for (int64_t i = 0; i < rows; ++i) cc[i] = labels[i] < 0 ? 0.0 : kc_total / cnt[i];
+        if (mode == 1) {
+          divkit::detail::LabelGradJob g;
+          g.z = z.data();
+          g.ldz = v;
+          g.rows = rows;
+          g.v = v;
+          g.labels = labels.data();
+          g.softcap = cap;
+          g.lse = lse.data();
+          g.a = ca.data();
+          g.b = cb.data();
+          g.c = cc.data();
+          g.c_unmasked = true;
+          divkit::detail::label_rows_grad(g);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          if (labels[i] < 0) {
+            EXPECT_EQ(cnt[i], 0.0);
+            continue;
+          }
+          std::vector<double> zd(v), dzdx(v, 0.0);
+          double n_fin = 0, sum = 0, m = -INFINITY;
+          for (int64_t j = 0; j < v; ++j) {
+            const double t = x[i * v + j];
+            zd[j] = std::isinf(t) ? t : (cap > 0 ? cap * std::tanh(t / cap) : t);
+            if (!std::isinf(t)) n_fin += 1, sum += zd[j], m = std::max(m, zd[j]);
+            if (!std::isinf(t)) dzdx[j] = cap > 0 ? 1.0 - std::pow(std::tanh(t / cap), 2) : 1.0;
+          }
+          EXPECT_EQ(cnt[i], n_fin) << i;
+          if (mode == 2) {
+            EXPECT_NEAR(part[4 * i + 2], sum, 1e-5 * (1 + std::abs(sum))) << i;
+            continue;
+          }
+          EXPECT_NEAR(mean[i], sum / n_fin, 1e-6 * (1 + std::abs(sum / n_fin))) << i;
+          double se = 0;
+          for (int64_t j = 0; j < v; ++j) se += std::exp(zd[j] - m);
+          const double l = m + std::log(se);
+          for (int64_t j = 0; j < v; ++j) {
+            const float got = z[i * v + j];
+            if (std::isinf(x[i * v + j])) {
+              EXPECT_EQ(got, 0.0f) << i << " " << j;
+              continue;
+            }
+            const double want =
+                (ka * std::exp(zd[j] - l) + kb * (j == labels[i]) + kc_total / n_fin) * dzdx[j];
+            EXPECT_NEAR(got, want, 2e-6) << i << " " << j;
+          }
+        }
+      }
+    }
+  }
 }
 
 // The top-k selection itself (the threshold search of label_kernels.cc), through the

@@ -183,19 +183,22 @@ def _kept(b, lab):
     return keep, torch.where(lab >= 0, new[lab.clamp(min=0)], lab)
 
 
-def _ce_reference(x, w, b, lab, cap, zsq=0.0, reduction="mean", stats=False):
-    """float64 autograd reference of the softcapped cross-entropy on the unmasked entries only
-    (the masked rows of weight and bias take no part, so their gradient is 0): (outputs,
-    gradients of x, w, b) with the loss's upstream weight in _grads."""
+def _ce_reference(x, w, b, lab, cap, zsq=0.0, reduction="mean", stats=False, eps=0.0):
+    """float64 autograd reference of the (softcapped when cap) cross-entropy on the unmasked
+    entries only (the masked rows of weight and bias take no part, so their gradient is 0; label
+    smoothing eps spreads over the V' unmasked entries): (outputs, gradients of x, w, b) with the
+    loss's upstream weight in _grads."""
     keep, kl = _kept(b, lab)
     xd, wd, bd = (t.double().requires_grad_(True) for t in (x, w, b))
     z = xd @ wd[keep].T + bd[keep]
-    z = cap * torch.tanh(z / cap)
+    if cap:
+        z = cap * torch.tanh(z / cap)
     lse = torch.logsumexp(z, -1)
     act = kl >= 0
     zy = z.gather(-1, kl.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros_like(lse)
-    row = torch.where(act, lse - zy + zsq * lse**2, zero)
+    smooth = (1.0 - eps) * (lse - zy) + eps * (lse - z.mean(-1))
+    row = torch.where(act, smooth + zsq * lse**2, zero)
     loss = row if reduction == "none" else row.sum().reshape(1)
     if reduction == "mean":
         loss = loss / act.sum()
@@ -242,6 +245,82 @@ def test_cross_entropy_softcap_keeps_masked_entries_masked(opts):
     # Exactly zero for the masked entries' bias and weight rows (the factor of tanh at -inf).
     assert torch.equal(grads[2][list(MASKED)], torch.zeros(len(MASKED)))
     assert torch.equal(grads[1][list(MASKED)], torch.zeros(len(MASKED), x.shape[1]))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"label_smoothing": 0.1},
+        {"label_smoothing": 0.2, "softcap": 4.0},
+        {"label_smoothing": 0.1, "return_stats": True, "reduction": "sum"},
+        {"label_smoothing": 0.3, "softcap": 2.0, "lse_square_scale": 1e-2, "reduction": "none"},
+        {"label_smoothing": 0.05, "chunk_size": 4, "return_stats": True},
+        {"label_smoothing": 0.1, "softcap": 8.0, "reduction": "sum", "chunk_size": 2},
+    ],
+)
+def test_cross_entropy_label_smoothing_spreads_over_unmasked_entries(opts):
+    # Label smoothing with masked entries: the target eps / V' on each of the V' unmasked
+    # entries and 0 on the masked ones (not in the vocabulary), so the loss is finite (PyTorch's
+    # cross-entropy over every entry gives +inf) and the masked rows of the weight and the bias
+    # take exactly no gradient. Both routes, against float64 on the unmasked entries only.
+    x, w, b, lab = _data(seed=11)  # lab[2] is ignore_index
+    x = x * 2
+
+    def f(be, x, w, b):
+        return divkit.fused_linear_cross_entropy(x, w, lab, bias=b, backend=be, **opts)
+
+    outs, grads = _both(f, x, w, b)
+    assert torch.isfinite(outs[0]).all()
+    want, want_g = _ce_reference(
+        x,
+        w,
+        b,
+        lab,
+        opts.get("softcap"),
+        zsq=opts.get("lse_square_scale", 0.0),
+        reduction=opts.get("reduction", "mean"),
+        stats=opts.get("return_stats", False),
+        eps=opts["label_smoothing"],
+    )
+    for k, (o, r) in enumerate(zip(outs, want)):
+        _close(o.double(), r.reshape(o.shape), 1e-5, f"output {k} vs fp64")
+    for k, (g, r) in enumerate(zip(grads, want_g)):
+        _close(g.double(), r, 1e-5, f"gradient {k} vs fp64")
+    assert torch.equal(grads[2][list(MASKED)], torch.zeros(len(MASKED)))
+    assert torch.equal(grads[1][list(MASKED)], torch.zeros(len(MASKED), x.shape[1]))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_cross_entropy_label_smoothing_masked_on_the_core_rows_route(monkeypatch, softcap):
+    # The PyTorch chunk loop with divkit's row kernel as its row step (what CUDA tensors take on
+    # a CUDA build), here on CPU tensors: label smoothing with masked entries takes the PyTorch
+    # rows (spread over the unmasked entries), and matches the C++ core.
+    from divkit import _device
+
+    real = _device.route
+    rows = []
+
+    def route(fn, op, backend_name, tensors):
+        r = real(fn, op, backend_name, tensors)
+        if backend_name == "torch" and op in _device.CORE_ROWS:
+            rows.append(op)
+            return r._replace(rows="core")
+        return r
+
+    monkeypatch.setattr(_device, "route", route)
+    x, w, b, lab = _data(seed=12)
+    opts = {"label_smoothing": 0.15, "softcap": softcap, "return_stats": True}
+
+    def f(be, x, w, b):
+        return divkit.fused_linear_cross_entropy(x, w, lab, bias=b, backend=be, **opts)
+
+    outs, grads = _both(f, x, w, b)
+    assert rows, "the core-rows route was not taken"
+    want, want_g = _ce_reference(x, w, b, lab, softcap, stats=True, eps=0.15)
+    for k, (o, r) in enumerate(zip(outs, want)):
+        _close(o.double(), r.reshape(o.shape), 1e-5, f"output {k} vs fp64")
+    for k, (g, r) in enumerate(zip(grads, want_g)):
+        _close(g.double(), r, 1e-5, f"gradient {k} vs fp64")
 
 
 def test_label_rows_softcap_keeps_masked_entries_masked():

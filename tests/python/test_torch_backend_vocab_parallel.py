@@ -122,6 +122,13 @@ def _label_head_checks(rank, world):
         ({"num_items_in_batch": 11}, "sum", -100),
         # -inf bias entries on every shard stay masked under softcap.
         ({"softcap": 2.0, "masked": True}, "mean", -100),
+        # Label smoothing over the unmasked entries: V' summed over the shards, a finite loss.
+        ({"label_smoothing": 0.15, "masked": True}, "mean", -100),
+        (
+            {"label_smoothing": 0.1, "softcap": 2.0, "lse_square_scale": 1e-3, "masked": True},
+            "none",
+            7,
+        ),
     ]
     for opts, reduction, ii in ce_cases:
         opts = dict(opts)
@@ -156,6 +163,8 @@ def _label_head_checks(rank, world):
             res[mode] = (loss.detach(), lp, ent)
             grads[mode] = [x.grad for x in xs]
         what = f"ce {opts} {reduction}"
+        for mode in res:
+            assert torch.isfinite(res[mode][0]).all(), f"{what}: {mode} loss"
         for ref in ("core", "full"):
             for name, a, b in zip(("loss", "logprobs", "entropy"), res["torch"], res[ref]):
                 _close(a, b, 2e-5, f"{what}: {name} vs {ref}")

@@ -1132,8 +1132,10 @@ def _shard_max(shard: _Shard, zs) -> list:
 
 def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=False, z_sum=False):
     """The label statistics of one chunk's logits ``z`` [c, V_r] (already divided by T and
-    softcapped) over the shard's group: (lse, z_label, entropy or None, sum of z or None), fp64
-    [c]; z_label, entropy and the sum are 0 at inactive rows, lse is the row's wherever it is
+    softcapped) over the shard's group: (lse, z_label, entropy or None, sum of z or None, number
+    of unmasked entries or None), fp64 [c]; the sum of z and the count are over the unmasked
+    entries (z > -inf: label smoothing spreads over them) of every shard; z_label, entropy, the sum
+    and the count are 0 at inactive rows, lse is the row's wherever it is
     finite (so that exp(z - lse) stays finite at an ignored row, whose coefficients are 0).
     Raises on every rank for a counted row that is NaN, +inf or -inf everywhere."""
     (m,) = _shard_max(shard, [z])
@@ -1152,7 +1154,10 @@ def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=
     if entropy:
         parts.append(_xt(e, c).sum(-1, dtype=torch.float64))
     if z_sum:
-        parts.append(z.sum(-1, dtype=torch.float64))
+        # A masked entry adds 0 to the sum (the same sum as z.sum without one).
+        unmasked = ~torch.isneginf(z)
+        parts.append(unmasked.sum(-1, dtype=torch.float64))
+        parts.append(torch.where(unmasked, z, torch.zeros_like(z)).sum(-1, dtype=torch.float64))
     parts = list(shard.sum_(torch.stack(parts)))
     ok = (parts[0] > 0) & (parts[0] < _INF)
     s = torch.where(ok, parts[0], torch.ones_like(parts[0]))
@@ -1161,7 +1166,8 @@ def _shard_label_rows(shard: _Shard, z, act, y, fn: str, first: int, *, entropy=
     lse = m + log_s
     ent = torch.where(act, log_s - parts[2] / s, zero) if entropy else None
     zs = torch.where(act, parts[-1], zero) if z_sum else None
-    return lse, torch.where(act, parts[1], zero), ent, zs
+    count = torch.where(act, parts[-2], zero) if z_sum else None
+    return lse, torch.where(act, parts[1], zero), ent, zs, count
 
 
 class ShardRows(TorchRows):
@@ -1417,7 +1423,7 @@ def fused_linear_divergence(
                 col, mine = y, act[a:b]
                 ce = (lse - zs.gather(-1, y.unsqueeze(-1)).squeeze(-1)).double()
             else:
-                lse64, zy, _, _ = _shard_label_rows(shard, zs, act[a:b], y, fn, a)
+                lse64, zy, _, _, _ = _shard_label_rows(shard, zs, act[a:b], y, fn, a)
                 lse = lse64.to(dt)
                 col, mine = shard.local_labels(y, act[a:b])
                 ce = lse64 - zy
@@ -1644,12 +1650,16 @@ def fused_linear_cross_entropy(
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
     entropy = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
     scale = torch.where(act, plan.weight / plan.divisor, torch.zeros_like(plan.weight))
+    # Label smoothing with masked entries (-inf bias) takes the PyTorch rows below, which spread
+    # it over the unmasked entries; the label-row kernel's smoothing statistic and coefficient
+    # are over every entry.
+    core_rows_ok = not (eps != 0.0 and b is not None and bool(torch.isneginf(b).any()))
     for a in range(0, n, rows):
         e = min(n, a + rows)
         ca = act[a:e]
         hc = head.rows(a, e)
         x = head.logits(hc)
-        if shard is None and _core_label_rows(route, x):
+        if shard is None and core_rows_ok and _core_label_rows(route, x):
             # divkit's row kernel: statistics, and the gradient (scale folded into the
             # coefficients) written over x.
             c = e - a
@@ -1705,16 +1715,33 @@ def fused_linear_cross_entropy(
             col, one = y, torch.full_like(z[:, :1], -(1.0 - eps))
             zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
             loss_r = (1.0 - eps) * (lse - zy).double()
-            mean_z = z.mean(-1, dtype=torch.float64) if eps != 0.0 else None
+            mean_z = count = None
+            if eps != 0.0:
+                # Label smoothing over the V' unmasked entries of the row (z > -inf: a masked
+                # entry is not in the vocabulary), as the core's kernel; z.mean (V' = V) when the
+                # chunk has no masked entry.
+                unmasked = ~torch.isneginf(z)
+                if bool(unmasked.all()):
+                    mean_z = z.mean(-1, dtype=torch.float64)
+                else:
+                    count = unmasked.sum(-1, dtype=torch.float64)
+                    zs = torch.where(unmasked, z, torch.zeros_like(z)).sum(-1, dtype=torch.float64)
+                    mean_z = zs / count
         else:
-            lse64, zy, ent64, zsum = _shard_label_rows(
+            lse64, zy, ent64, zsum, count = _shard_label_rows(
                 shard, z, ca, y, fn, a, entropy=return_stats, z_sum=eps != 0.0
             )
             lse = lse64.to(z.dtype)
             col, mine = shard.local_labels(y, ca)
             one = torch.where(mine, -(1.0 - eps), 0.0).to(z.dtype).unsqueeze(-1)
             loss_r = (1.0 - eps) * (lse64 - zy)
-            mean_z = zsum / v if eps != 0.0 else None
+            mean_z = None
+            if eps != 0.0:
+                # count is 0 at inactive rows; V' >= 1 at an active one.
+                if bool(((count == v) | ~ca).all()):
+                    mean_z, count = zsum / v, None
+                else:
+                    mean_z = zsum / torch.where(ca, count, torch.ones_like(count))
         if eps != 0.0:
             loss_r = loss_r + eps * (lse.double() - mean_z)
         if zsq != 0.0:
@@ -1727,10 +1754,13 @@ def fused_linear_cross_entropy(
             logprobs[a:e] = lp.to(torch.float32)
             entropy[a:e] = torch.where(ca, ent, torch.zeros_like(ent)).to(torch.float32)
         if want:
-            # d loss_i / d z = (1 - eps)(p - 1[y]) + eps (p - 1/V) + 2 zsq lse p
+            # d loss_i / d z = (1 - eps)(p - 1[y]) + eps (p - 1[j unmasked] / V') + 2 zsq lse p
             dz = p * (1.0 + 2.0 * zsq * lse.unsqueeze(-1))
-            if eps != 0.0:
+            if eps != 0.0 and count is None:
                 dz = dz - eps / v
+            elif eps != 0.0:
+                share = (eps / torch.where(count > 0, count, torch.ones_like(count))).to(dz.dtype)
+                dz = dz - torch.where(torch.isneginf(z), 0.0, share.unsqueeze(-1)).to(dz.dtype)
             dz.scatter_add_(-1, col.unsqueeze(-1), one)
             if cap > 0:
                 # dz/dx = 1 - tanh(x / cap)^2, 0 at a masked entry (z = -inf, where the
@@ -1965,7 +1995,7 @@ def _sharded_logprob_chunks(
         hc = head.rows(a, e)
         z = head.logits(hc) * inv_t
         y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
-        lse, zy, ent, _ = _shard_label_rows(shard, z, ca, y, fn, a, entropy=True)
+        lse, zy, ent, _, _ = _shard_label_rows(shard, z, ca, y, fn, a, entropy=True)
         yield a, e, ca, y, hc, head, z, lse, zy, ent, shard, inv_t
 
 
