@@ -1653,7 +1653,18 @@ def fused_linear_cross_entropy(
     # Label smoothing with masked entries (-inf bias) takes the PyTorch rows below, which spread
     # it over the unmasked entries; the label-row kernel's smoothing statistic and coefficient
     # are over every entry.
-    core_rows_ok = not (eps != 0.0 and b is not None and bool(torch.isneginf(b).any()))
+    # Deciding reads the bias back once per call; inside deferred_checks (no host reads) any
+    # bias with label smoothing takes the PyTorch rows.
+    from .. import cuda_checks
+
+    core_rows_ok = not (
+        eps != 0.0
+        and b is not None
+        and (
+            (b.device.type != "cpu" and not cuda_checks.check_finite())
+            or bool(torch.isneginf(b).any())
+        )
+    )
     for a in range(0, n, rows):
         e = min(n, a + rows)
         ca = act[a:e]
@@ -1718,15 +1729,12 @@ def fused_linear_cross_entropy(
             mean_z = count = None
             if eps != 0.0:
                 # Label smoothing over the V' unmasked entries of the row (z > -inf: a masked
-                # entry is not in the vocabulary), as the core's kernel; z.mean (V' = V) when the
-                # chunk has no masked entry.
+                # entry is not in the vocabulary), as the core's kernel. Without a masked entry
+                # this is sum(z) / V, and eps / V' below is eps / V: no branch, no host read.
                 unmasked = ~torch.isneginf(z)
-                if bool(unmasked.all()):
-                    mean_z = z.mean(-1, dtype=torch.float64)
-                else:
-                    count = unmasked.sum(-1, dtype=torch.float64)
-                    zs = torch.where(unmasked, z, torch.zeros_like(z)).sum(-1, dtype=torch.float64)
-                    mean_z = zs / count
+                count = unmasked.sum(-1, dtype=torch.float64)
+                zs = torch.where(unmasked, z, torch.zeros_like(z)).sum(-1, dtype=torch.float64)
+                mean_z = zs / torch.where(count > 0, count, torch.ones_like(count))
         else:
             lse64, zy, ent64, zsum, count = _shard_label_rows(
                 shard, z, ca, y, fn, a, entropy=return_stats, z_sum=eps != 0.0
@@ -1738,10 +1746,7 @@ def fused_linear_cross_entropy(
             mean_z = None
             if eps != 0.0:
                 # count is 0 at inactive rows; V' >= 1 at an active one.
-                if bool(((count == v) | ~ca).all()):
-                    mean_z, count = zsum / v, None
-                else:
-                    mean_z = zsum / torch.where(ca, count, torch.ones_like(count))
+                mean_z = zsum / torch.where(ca, count, torch.ones_like(count))
         if eps != 0.0:
             loss_r = loss_r + eps * (lse.double() - mean_z)
         if zsq != 0.0:
@@ -1756,9 +1761,7 @@ def fused_linear_cross_entropy(
         if want:
             # d loss_i / d z = (1 - eps)(p - 1[y]) + eps (p - 1[j unmasked] / V') + 2 zsq lse p
             dz = p * (1.0 + 2.0 * zsq * lse.unsqueeze(-1))
-            if eps != 0.0 and count is None:
-                dz = dz - eps / v
-            elif eps != 0.0:
+            if eps != 0.0:
                 share = (eps / torch.where(count > 0, count, torch.ones_like(count))).to(dz.dtype)
                 dz = dz - torch.where(torch.isneginf(z), 0.0, share.unsqueeze(-1)).to(dz.dtype)
             dz.scatter_add_(-1, col.unsqueeze(-1), one)
