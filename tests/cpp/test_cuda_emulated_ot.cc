@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/cuda_emulator_control.h"
+#include "cuda_emulated_util.h"
 #include "divkit/ot.h"
 
 namespace {
@@ -33,6 +34,7 @@ using divkit::SinkhornOptions;
 using divkit::SinkhornOutputs;
 using divkit::SinkhornStats;
 using divkit::TensorView;
+using divkit_test::EmulatorOrder;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -210,19 +212,6 @@ Result run(const Problem& pb, const SinkhornOptions& opt, const Want& w, bool cu
   }
   return r;
 }
-
-// Both emulated orders, restored to forward at scope exit.
-class EmulatorOrder {
- public:
-  explicit EmulatorOrder(bool reverse) {
-    divkit::cuda_emu::set_reverse_order(reverse);
-    divkit::cuda_emu::set_poison_byte(reverse ? 0xa5 : 0xff);
-  }
-  ~EmulatorOrder() {
-    divkit::cuda_emu::set_reverse_order(false);
-    divkit::cuda_emu::set_poison_byte(0xff);
-  }
-};
 
 bool same_stats(const SinkhornStats& u, const SinkhornStats& v) {
   auto eq = [](double p, double q) {

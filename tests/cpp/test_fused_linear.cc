@@ -1149,7 +1149,7 @@ TEST(FusedLinearCrossEntropy, MinusInfBiasMasksTheEntry) {
     return o;
   };
   // With softcap too: softcap(-inf) = -inf keeps the entry masked (not at logit -softcap).
-  for (const auto [cap, eps, one_sweep] :
+  for (const auto& [cap, eps, one_sweep] :
        {std::tuple{0.0f, 0.0f, true}, std::tuple{1.5f, 0.0f, true}, std::tuple{0.0f, 0.1f, true},
         std::tuple{1.5f, 0.2f, true}, std::tuple{0.0f, 0.1f, false},
         std::tuple{1.5f, 0.2f, false}}) {
