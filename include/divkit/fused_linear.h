@@ -157,7 +157,13 @@ struct CrossEntropySpec {
   double num_items_in_batch = 0.0;
   int64_t chunk_size = 0;  // as FusedLinearOptions::chunk_size
   TensorView weights;      // optional [N] fp32/fp64: multiplies token i's loss and gradient
-  VocabShard shard;        // as FusedLinearOptions::shard
+  VocabShard shard;  // as FusedLinearOptions::shard  // CUDA views (every view of the call on one
+                     // CUDA device: the chunk loop of "On CUDA" above):
+  // the stream its kernels and GEMMs run on (cudaStream_t as an integer; 0 is the default stream)
+  // and whether it reads its checks back at the end (one synchronization); check_finite = false
+  // reads nothing, for CUDA graph capture: a bad input then gives NaN outputs instead of an Error.
+  std::uintptr_t stream = 0;
+  bool check_finite = true;
 };
 
 // Per-token outputs besides the loss; each optional, [N] fp32 or fp64, 0 at ignored tokens.
@@ -195,7 +201,10 @@ struct LogprobsSpec {
   int64_t ignore_index = -100;
   float temperature = 1.0f;
   int64_t chunk_size = 0;
-  VocabShard shard;  // as FusedLinearOptions::shard
+  VocabShard
+      shard;  // as FusedLinearOptions::shard  // as CrossEntropySpec::stream and ::check_finite
+  std::uintptr_t stream = 0;
+  bool check_finite = true;
 };
 
 void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,

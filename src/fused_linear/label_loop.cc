@@ -10,11 +10,13 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/cuda_device.h"
 #include "divkit/fused_linear.h"
 #include "divkit/runtime.h"
 #include "fused_linear/arguments.h"
 #include "fused_linear/head_grads.h"
 #include "fused_linear/label_kernels.h"
+#include "fused_linear/label_loop_cuda.h"
 #include "fused_linear/vocab_parallel.h"
 #include "fused_linear/weight_blocks.h"
 
@@ -197,6 +199,48 @@ void check_stats(const char* fn, const LabelStatsOutputs& stats, int64_t n, int6
          "topk must be in [1, V = " + std::to_string(v) + "], got " + std::to_string(stats.topk));
 }
 
+void check_ce_options(const char* fn, const CrossEntropySpec& spec) {
+  const float eps = spec.label_smoothing;
+  if (!(eps >= 0.0f && eps < 1.0f))
+    fail(fn, "label_smoothing must be in [0, 1), got " + std::to_string(eps));
+  if (!(spec.z_loss_scale >= 0.0f) || !std::isfinite(spec.z_loss_scale))
+    fail(fn, "z_loss_scale must be finite and >= 0, got " + std::to_string(spec.z_loss_scale));
+  if (!(spec.softcap >= 0.0f) || !std::isfinite(spec.softcap))
+    fail(fn,
+         "softcap must be finite and >= 0 (0 disables it), got " + std::to_string(spec.softcap));
+}
+
+void check_temperature(const char* fn, float t) {
+  if (!(t > 0.0f) || !std::isfinite(t))
+    fail(fn, "temperature must be finite and > 0, got " + std::to_string(t));
+}
+
+// A call whose views are on CUDA: the CUDA chunk loop (label_loop_cuda.cu), or an Error where it
+// does not apply (vocabulary-parallel shards, a build without CUDA).
+bool on_cuda(const char* fn, const cuda::Placement& where, const VocabShard& shard) {
+  if (where.device != Device::cuda) return false;
+#if DIVKIT_HAS_CUDA
+  if (shard.active())
+    fail(fn,
+         "a vocabulary-parallel shard is not supported on CUDA views by the C++ core (the "
+         "Python package's process_group= path runs it on CUDA tensors)");
+  return true;
+#else
+  (void)shard;
+  cuda::not_built(fn);
+#endif
+}
+
+void run_cuda(detail::LabelHeadCudaJob job, const cuda::Placement& where) {
+#if DIVKIT_HAS_CUDA
+  if (!job.labels.defined()) fail(job.fn, "labels are required");
+  detail::label_head_cuda(job, where.index);
+#else
+  (void)job;
+  (void)where;
+#endif
+}
+
 }  // namespace
 
 void detail::set_label_one_sweep(bool on) { g_one_sweep.store(on); }
@@ -206,6 +250,43 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                                 const CrossEntropySpec& spec, const TensorView& loss,
                                 const LinearHeadGrads& grads, const LabelStatsOutputs& stats) {
   constexpr const char* fn = "fused_linear_cross_entropy";
+  const cuda::Placement where = cuda::placement(fn, {{"hidden", &head.hidden},
+                                                     {"weight", &head.weight},
+                                                     {"bias", &head.bias},
+                                                     {"grad_hidden", &grads.hidden},
+                                                     {"grad_weight", &grads.weight},
+                                                     {"grad_bias", &grads.bias},
+                                                     {"labels", &labels},
+                                                     {"weights", &spec.weights},
+                                                     {"loss", &loss},
+                                                     {"logprobs", &stats.logprobs},
+                                                     {"entropy", &stats.entropy},
+                                                     {"lse", &stats.lse},
+                                                     {"topk_mass", &stats.topk_mass},
+                                                     {"log_sum_sq_probs", &stats.log_sum_sq_probs},
+                                                     {"is_top1", &stats.is_top1}});
+  if (on_cuda(fn, where, spec.shard)) {
+    check_ce_options(fn, spec);
+    detail::LabelHeadCudaJob job;
+    job.fn = fn;
+    job.head = head;
+    job.grads = grads;
+    job.labels = labels;
+    job.ignore_index = spec.ignore_index;
+    job.softcap = spec.softcap;
+    job.chunk_size = spec.chunk_size;
+    job.stream = spec.stream;
+    job.check_finite = spec.check_finite;
+    job.stats = stats;
+    if (!loss.defined()) fail(fn, "loss is required");
+    job.loss = loss;
+    job.weights = spec.weights;
+    job.label_smoothing = spec.label_smoothing;
+    job.z_loss_scale = spec.z_loss_scale;
+    job.reduction = spec.reduction;
+    job.num_items_in_batch = spec.num_items_in_batch;
+    return run_cuda(job, where);
+  }
   const ShardGroup group(fn, spec.shard, rows_of(head.weight),
                          [&] {
                            check::views(fn, {{"hidden", head.hidden},
@@ -230,14 +311,8 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                          {grads.hidden.defined(), stats.topk_mass.defined()});
   const int64_t n = head.hidden.shape[0], v = group.global_v();
   if (!labels.defined()) fail(fn, "labels are required");
+  check_ce_options(fn, spec);
   const float eps = spec.label_smoothing;
-  if (!(eps >= 0.0f && eps < 1.0f))
-    fail(fn, "label_smoothing must be in [0, 1), got " + std::to_string(eps));
-  if (!(spec.z_loss_scale >= 0.0f) || !std::isfinite(spec.z_loss_scale))
-    fail(fn, "z_loss_scale must be finite and >= 0, got " + std::to_string(spec.z_loss_scale));
-  if (!(spec.softcap >= 0.0f) || !std::isfinite(spec.softcap))
-    fail(fn,
-         "softcap must be finite and >= 0 (0 disables it), got " + std::to_string(spec.softcap));
   check_stats(fn, stats, n, v, group.on());
   LabelRun run{
       fn,   group,        head,           read_labels(fn, labels, n, spec.ignore_index, v, true),
@@ -274,6 +349,30 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
 void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
                            const LogprobsSpec& spec, const LabelStatsOutputs& stats) {
   constexpr const char* fn = "fused_linear_logprobs";
+  const cuda::Placement where = cuda::placement(fn, {{"hidden", &head.hidden},
+                                                     {"weight", &head.weight},
+                                                     {"bias", &head.bias},
+                                                     {"labels", &labels},
+                                                     {"logprobs", &stats.logprobs},
+                                                     {"entropy", &stats.entropy},
+                                                     {"lse", &stats.lse},
+                                                     {"topk_mass", &stats.topk_mass},
+                                                     {"log_sum_sq_probs", &stats.log_sum_sq_probs},
+                                                     {"is_top1", &stats.is_top1}});
+  if (on_cuda(fn, where, spec.shard)) {
+    check_temperature(fn, spec.temperature);
+    detail::LabelHeadCudaJob job;
+    job.fn = fn;
+    job.head = head;
+    job.labels = labels;
+    job.ignore_index = spec.ignore_index;
+    job.temperature = spec.temperature;
+    job.chunk_size = spec.chunk_size;
+    job.stream = spec.stream;
+    job.check_finite = spec.check_finite;
+    job.stats = stats;
+    return run_cuda(job, where);
+  }
   const ShardGroup group(fn, spec.shard, rows_of(head.weight),
                          [&] {
                            check::views(fn, {{"hidden", head.hidden},
@@ -292,8 +391,7 @@ void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
                          {stats.topk_mass.defined()});
   const int64_t n = head.hidden.shape[0], v = group.global_v();
   if (!labels.defined()) fail(fn, "labels are required");
-  if (!(spec.temperature > 0.0f) || !std::isfinite(spec.temperature))
-    fail(fn, "temperature must be finite and > 0, got " + std::to_string(spec.temperature));
+  check_temperature(fn, spec.temperature);
   check_stats(fn, stats, n, v, group.on());
   LabelRun run{fn,
                group,
@@ -311,6 +409,32 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
                                     const LogprobsSpec& spec, const TensorView& grad_logprobs,
                                     const TensorView& grad_entropy, const LinearHeadGrads& grads) {
   constexpr const char* fn = "fused_linear_logprobs_backward";
+  const cuda::Placement where = cuda::placement(fn, {{"hidden", &head.hidden},
+                                                     {"weight", &head.weight},
+                                                     {"bias", &head.bias},
+                                                     {"grad_hidden", &grads.hidden},
+                                                     {"grad_weight", &grads.weight},
+                                                     {"grad_bias", &grads.bias},
+                                                     {"labels", &labels},
+                                                     {"grad_logprobs", &grad_logprobs},
+                                                     {"grad_entropy", &grad_entropy}});
+  if (on_cuda(fn, where, spec.shard)) {
+    check_temperature(fn, spec.temperature);
+    detail::LabelHeadCudaJob job;
+    job.fn = fn;
+    job.head = head;
+    job.grads = grads;
+    job.labels = labels;
+    job.ignore_index = spec.ignore_index;
+    job.temperature = spec.temperature;
+    job.chunk_size = spec.chunk_size;
+    job.stream = spec.stream;
+    job.check_finite = spec.check_finite;
+    job.backward = true;
+    job.grad_logprobs = grad_logprobs;
+    job.grad_entropy = grad_entropy;
+    return run_cuda(job, where);
+  }
   const ShardGroup group(fn, spec.shard, rows_of(head.weight),
                          [&] {
                            check::views(fn, {{"hidden", head.hidden},
@@ -329,8 +453,7 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
                          {grads.hidden.defined()});
   const int64_t n = head.hidden.shape[0], v = group.global_v();
   if (!labels.defined()) fail(fn, "labels are required");
-  if (!(spec.temperature > 0.0f) || !std::isfinite(spec.temperature))
-    fail(fn, "temperature must be finite and > 0, got " + std::to_string(spec.temperature));
+  check_temperature(fn, spec.temperature);
   std::vector<double> g(static_cast<size_t>(n), 0.0), e;
   if (grad_logprobs.defined()) {
     check::vector_of(fn, "grad_logprobs", grad_logprobs, n, {DType::f32, DType::f64});

@@ -1,0 +1,399 @@
+// The label heads' CUDA chunk loop (src/fused_linear/label_loop_cuda.cu, head_cuda.cu) run on the
+// CPU by the CUDA emulator and its cuBLAS (DIVKIT_CUDA=EMULATE builds only): the public
+// fused_linear_cross_entropy / fused_linear_logprobs / fused_linear_logprobs_backward with every
+// view marked CUDA, against the same call on the CPU head. Each emulated call runs twice, the
+// second time in reverse thread and block order with another garbage byte in fresh device memory,
+// and must give the same bits. Tolerances: float32 heads agree to float32 rounding (other GEMM
+// and sum orders); bfloat16 / float16 heads' gradients carry the rounding of the logit gradient
+// to the head's dtype for the gradient GEMMs (head_cuda.h), which the CPU head does not do.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/cuda_emulator_control.h"
+#include "cuda_emulated_util.h"
+#include "divkit/fused_linear.h"
+#include "test_util.h"
+
+namespace divkit_test {
+namespace {
+
+using divkit::CrossEntropySpec;
+using divkit::LabelStatsOutputs;
+using divkit::LinearHead;
+using divkit::LinearHeadGrads;
+using divkit::LogprobsSpec;
+
+struct HeadCase {
+  int64_t n = 7, v = 29, h = 11;
+  DType dtype = DType::f32;      // hidden and weight
+  DType out_dtype = DType::f32;  // gradient and statistics outputs
+  int64_t chunk = 3;
+  bool bias = true, masked = false;  // masked: bias[2] = -inf
+  bool ignore = true;                // labels[1] = ignore_index
+  bool weights = false;
+  float eps = 0.0f, zl = 0.0f, softcap = 0.0f, temperature = 1.0f;
+  Reduction reduction = Reduction::mean;
+  double num_items = 0.0;
+  int64_t topk = 3;
+  int64_t row_stride_pad = 0;  // extra elements per row of hidden and weight
+};
+
+std::string describe(const HeadCase& c) {
+  return std::string("dtype ") + divkit::dtype_name(c.dtype) + " out " +
+         divkit::dtype_name(c.out_dtype) + " n " + std::to_string(c.n) + " v " +
+         std::to_string(c.v) + " chunk " + std::to_string(c.chunk) + " eps " +
+         std::to_string(c.eps) + " zl " + std::to_string(c.zl) + " cap " +
+         std::to_string(c.softcap) + " T " + std::to_string(c.temperature) + " reduction " +
+         std::to_string(static_cast<int>(c.reduction)) + (c.masked ? " masked" : "") +
+         (c.weights ? " weights" : "");
+}
+
+struct Inputs {
+  HostMatrix hidden, weight;
+  std::vector<float> bias, token_weights;
+  std::vector<int64_t> labels;
+  std::vector<double> grad_lp, grad_ent;
+};
+
+Inputs make_inputs(const HeadCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  Inputs in;
+  in.hidden = HostMatrix(c.n, c.h, c.dtype, c.h + c.row_stride_pad);
+  in.weight = HostMatrix(c.v, c.h, c.dtype, c.h + c.row_stride_pad);
+  for (int64_t i = 0; i < c.n; ++i)
+    for (int64_t j = 0; j < c.h; ++j) in.hidden.set(i, j, nd(rng));
+  for (int64_t i = 0; i < c.v; ++i)
+    for (int64_t j = 0; j < c.h; ++j) in.weight.set(i, j, 0.5 * nd(rng));
+  for (int64_t j = 0; j < c.v; ++j) in.bias.push_back(static_cast<float>(0.3 * nd(rng)));
+  if (c.masked) in.bias[2] = -std::numeric_limits<float>::infinity();
+  std::uniform_int_distribution<int64_t> lab(0, c.v - 1);
+  for (int64_t i = 0; i < c.n; ++i) {
+    int64_t y = lab(rng);
+    if (c.masked && y == 2) y = 3;
+    in.labels.push_back(y);
+  }
+  if (c.ignore && c.n > 1) in.labels[1] = -100;
+  for (int64_t i = 0; i < c.n; ++i) {
+    in.token_weights.push_back(static_cast<float>(0.5 + (i % 3) * 0.25));
+    in.grad_lp.push_back(nd(rng));
+    in.grad_ent.push_back(0.5 * nd(rng));
+  }
+  return in;
+}
+
+// Every output of one call, as doubles.
+struct HeadRun {
+  std::vector<double> loss, gh, gw, gb, logprobs, entropy, lse, topk, sq, top1;
+};
+
+// An [n] output buffer of `dtype` (f32, f64, i32 or i64) with its view, read back as doubles.
+class OutVec {
+ public:
+  OutVec(int64_t n, DType dtype)
+      : n_(n), dtype_(dtype), bytes_(size_t(std::max<int64_t>(n, 1)) * 8, 0xEE) {}
+  TensorView view(bool cuda) { return placed(TensorView::vector(bytes_.data(), dtype_, n_), cuda); }
+  std::vector<double> values() const {
+    std::vector<double> out(n_);
+    for (int64_t i = 0; i < n_; ++i) {
+      const uint8_t* p = bytes_.data() + i * divkit::dtype_size(dtype_);
+      switch (dtype_) {
+        case DType::f32: out[i] = *reinterpret_cast<const float*>(p); break;
+        case DType::f64: out[i] = *reinterpret_cast<const double*>(p); break;
+        case DType::i32: out[i] = *reinterpret_cast<const int32_t*>(p); break;
+        default: out[i] = static_cast<double>(*reinterpret_cast<const int64_t*>(p)); break;
+      }
+    }
+    return out;
+  }
+
+ private:
+  int64_t n_;
+  DType dtype_;
+  std::vector<uint8_t> bytes_;
+};
+
+enum class Op { cross_entropy, logprobs, logprobs_backward };
+
+HeadRun run_head(Op op, const HeadCase& c, Inputs& in, bool cuda, bool check_finite = true) {
+  LinearHead head;
+  head.hidden = placed(in.hidden.view(), cuda);
+  head.weight = placed(in.weight.view(), cuda);
+  if (c.bias) head.bias = placed(TensorView::vector(in.bias.data(), DType::f32, c.v), cuda);
+  const TensorView labels = placed(TensorView::vector(in.labels.data(), DType::i64, c.n), cuda);
+  const bool grads_wanted = op != Op::logprobs;
+  HostMatrix gh(c.n, c.h, c.out_dtype), gw(c.v, c.h, c.out_dtype);
+  OutVec gb(c.v, c.out_dtype == DType::f64 ? DType::f64 : DType::f32);
+  LinearHeadGrads grads;
+  if (grads_wanted) {
+    gh.fill(7.0);
+    gw.fill(7.0);
+    grads.hidden = placed(gh.view(), cuda);
+    grads.weight = placed(gw.view(), cuda);
+    if (c.bias) grads.bias = gb.view(cuda);
+  }
+  const DType sd = c.out_dtype == DType::f64 ? DType::f64 : DType::f32;
+  OutVec lp(c.n, sd), ent(c.n, sd), lse(c.n, sd), topk(c.n, sd), sq(c.n, sd),
+      top1(c.n, c.out_dtype == DType::f64 ? DType::i64 : DType::i32);
+  LabelStatsOutputs stats;
+  if (op != Op::logprobs_backward) {
+    stats.logprobs = lp.view(cuda);
+    stats.entropy = ent.view(cuda);
+    stats.lse = lse.view(cuda);
+    stats.topk_mass = topk.view(cuda);
+    stats.topk = c.topk;
+    stats.log_sum_sq_probs = sq.view(cuda);
+    stats.is_top1 = top1.view(cuda);
+  }
+  const int64_t loss_n = c.reduction == Reduction::none ? c.n : 1;
+  OutVec loss(loss_n, DType::f64);
+  if (op == Op::cross_entropy) {
+    CrossEntropySpec s;
+    s.label_smoothing = c.eps;
+    s.z_loss_scale = c.zl;
+    s.softcap = c.softcap;
+    s.reduction = c.reduction;
+    s.num_items_in_batch = c.num_items;
+    s.chunk_size = c.chunk;
+    s.check_finite = check_finite;
+    if (c.weights)
+      s.weights = placed(TensorView::vector(in.token_weights.data(), DType::f32, c.n), cuda);
+    TensorView lv = loss.view(cuda);
+    if (c.reduction != Reduction::none)
+      lv = placed(TensorView::vector(lv.data, DType::f64, 1), cuda);
+    divkit::fused_linear_cross_entropy(head, labels, s, lv, grads, stats);
+  } else {
+    LogprobsSpec s;
+    s.temperature = c.temperature;
+    s.chunk_size = c.chunk;
+    s.check_finite = check_finite;
+    if (op == Op::logprobs) {
+      divkit::fused_linear_logprobs(head, labels, s, stats);
+    } else {
+      divkit::fused_linear_logprobs_backward(
+          head, labels, s, placed(TensorView::vector(in.grad_lp.data(), DType::f64, c.n), cuda),
+          placed(TensorView::vector(in.grad_ent.data(), DType::f64, c.n), cuda), grads);
+    }
+  }
+  HeadRun r;
+  if (op == Op::cross_entropy) r.loss = loss.values();
+  if (grads_wanted) {
+    r.gh = gh.values();
+    r.gw = gw.values();
+    if (c.bias) r.gb = gb.values();
+  }
+  if (op != Op::logprobs_backward) {
+    r.logprobs = lp.values();
+    r.entropy = ent.values();
+    r.lse = lse.values();
+    r.topk = topk.values();
+    r.sq = sq.values();
+    r.top1 = top1.values();
+  }
+  return r;
+}
+
+void compare(const HeadRun& got, const HeadRun& want, double rtol_stats, double rtol_grad,
+             const std::string& what) {
+  expect_close(got.loss, want.loss, rtol_stats, what + " loss");
+  expect_close(got.logprobs, want.logprobs, rtol_stats, what + " logprobs");
+  expect_close(got.entropy, want.entropy, rtol_stats, what + " entropy");
+  expect_close(got.lse, want.lse, rtol_stats, what + " lse");
+  expect_close(got.topk, want.topk, rtol_stats, what + " topk_mass");
+  expect_close(got.sq, want.sq, rtol_stats, what + " log_sum_sq_probs");
+  expect_same_values(got.top1, want.top1, what + " is_top1");
+  expect_close(got.gh, want.gh, rtol_grad, what + " grad_hidden");
+  expect_close(got.gw, want.gw, rtol_grad, what + " grad_weight");
+  expect_close(got.gb, want.gb, rtol_grad, what + " grad_bias");
+}
+
+void same_bits(const HeadRun& a, const HeadRun& b, const std::string& what) {
+  for (auto [x, y, name] : {std::tuple{&a.loss, &b.loss, "loss"},
+                            {&a.gh, &b.gh, "grad_hidden"},
+                            {&a.gw, &b.gw, "grad_weight"},
+                            {&a.gb, &b.gb, "grad_bias"},
+                            {&a.logprobs, &b.logprobs, "logprobs"},
+                            {&a.entropy, &b.entropy, "entropy"},
+                            {&a.lse, &b.lse, "lse"},
+                            {&a.topk, &b.topk, "topk"},
+                            {&a.sq, &b.sq, "sq"},
+                            {&a.top1, &b.top1, "top1"}})
+    expect_same_values(*x, *y, what + " reverse order " + name);
+}
+
+void check_head(Op op, const HeadCase& c, uint32_t seed = 1) {
+  const std::string what = describe(c);
+  Inputs in = make_inputs(c, seed);
+  const HeadRun cpu = run_head(op, c, in, false);
+  const long long launches = divkit::cuda_emu::launch_count();
+  HeadRun fwd, rev;
+  {
+    EmulatorOrder order(false);
+    fwd = run_head(op, c, in, true);
+  }
+  EXPECT_GT(divkit::cuda_emu::launch_count(), launches) << what << ": no kernel ran";
+  {
+    EmulatorOrder order(true);
+    rev = run_head(op, c, in, true);
+  }
+  same_bits(fwd, rev, what);
+  const bool low = c.dtype != DType::f32;
+  // Statistics: float32 logits from GEMMs of another order. Gradients of low-precision heads:
+  // G rounded to the head's dtype (relative 2^-8 for bf16, 2^-11 for fp16, per entry).
+  const double rtol_stats = 2e-5;
+  const double rtol_grad = !low ? 2e-5 : c.dtype == DType::bf16 ? 2e-2 : 4e-3;
+  const double out_tol = c.out_dtype == DType::bf16 ? 1e-2 : c.out_dtype == DType::f16 ? 2e-3 : 0.0;
+  compare(fwd, cpu, rtol_stats, std::max(rtol_grad, out_tol), what);
+}
+
+TEST(CudaEmulatedFusedHead, CrossEntropyMatchesTheCpu) {
+  HeadCase c;
+  check_head(Op::cross_entropy, c);
+  for (Reduction r : {Reduction::none, Reduction::sum, Reduction::batchmean}) {
+    c.reduction = r;
+    check_head(Op::cross_entropy, c);
+  }
+  c = HeadCase{};
+  c.eps = 0.1f;
+  c.zl = 1e-3f;
+  c.weights = true;
+  check_head(Op::cross_entropy, c);
+  c.softcap = 5.0f;
+  c.num_items = 4.5;
+  check_head(Op::cross_entropy, c);
+  c = HeadCase{};
+  c.masked = true;  // a -inf bias entry without smoothing
+  c.softcap = 3.0f;
+  check_head(Op::cross_entropy, c);
+  c = HeadCase{};
+  c.bias = false;
+  c.chunk = 0;  // the chosen chunk: one chunk here
+  c.ignore = false;
+  check_head(Op::cross_entropy, c);
+  c.chunk = 1;
+  c.n = 3;
+  check_head(Op::cross_entropy, c);
+}
+
+TEST(CudaEmulatedFusedHead, CrossEntropyDtypesAndLayouts) {
+  for (DType dt : {DType::f32, DType::bf16, DType::f16}) {
+    for (DType out : {DType::f32, DType::bf16, DType::f64}) {
+      HeadCase c;
+      c.dtype = dt;
+      c.out_dtype = out;
+      c.n = 9;
+      c.v = 40;
+      c.h = 16;
+      c.chunk = 4;
+      c.row_stride_pad = dt == DType::f32 ? 3 : 0;
+      check_head(Op::cross_entropy, c, 7);
+    }
+  }
+}
+
+TEST(CudaEmulatedFusedHead, LogprobsAndBackwardMatchTheCpu) {
+  for (float t : {1.0f, 0.7f}) {
+    for (DType dt : {DType::f32, DType::bf16}) {
+      HeadCase c;
+      c.temperature = t;
+      c.dtype = dt;
+      check_head(Op::logprobs, c, 3);
+      check_head(Op::logprobs_backward, c, 3);
+    }
+  }
+}
+
+TEST(CudaEmulatedFusedHead, NoTokensGivesZeroGradients) {
+  HeadCase c;
+  c.n = 0;
+  c.reduction = Reduction::sum;
+  check_head(Op::cross_entropy, c);
+  c.n = 4;
+  Inputs in = make_inputs(c, 5);
+  for (int64_t& y : in.labels) y = -100;  // every token ignored
+  HeadRun cuda = run_head(Op::cross_entropy, c, in, true);
+  HeadRun cpu = run_head(Op::cross_entropy, c, in, false);
+  compare(cuda, cpu, 0.0, 0.0, "all ignored");
+  for (double g : cuda.gw) EXPECT_EQ(g, 0.0);
+}
+
+// The error of a bad input is the CPU head's, after the whole call (one read at the end).
+TEST(CudaEmulatedFusedHead, BadInputRaisesTheCpuError) {
+  HeadCase c;
+  c.weights = true;
+  auto error_of = [&](Op op, Inputs& in, bool cuda) {
+    try {
+      run_head(op, c, in, cuda);
+    } catch (const divkit::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  auto expect_same_error = [&](Op op, Inputs& in, const std::string& needle) {
+    const std::string cpu = error_of(op, in, false), gpu = error_of(op, in, true);
+    EXPECT_EQ(gpu, cpu);
+    EXPECT_NE(cpu.find(needle), std::string::npos) << cpu;
+  };
+  Inputs in = make_inputs(c, 11);
+  in.labels[4] = c.v;
+  expect_same_error(Op::cross_entropy, in, "labels[4] = 29 is out of range");
+  in = make_inputs(c, 11);
+  in.token_weights[5] = std::numeric_limits<float>::infinity();
+  expect_same_error(Op::cross_entropy, in, "weights must be finite");
+  in = make_inputs(c, 11);
+  in.grad_lp[3] = std::nan("");
+  expect_same_error(Op::logprobs_backward, in, "grad_logprobs and grad_entropy must be finite");
+  in = make_inputs(c, 11);
+  in.hidden.set(5, 2, std::numeric_limits<double>::infinity());
+  const std::string gpu = error_of(Op::cross_entropy, in, true);
+  EXPECT_NE(gpu.find("fused_linear_cross_entropy: the logits of token 5"), std::string::npos)
+      << gpu;
+  // Without the check nothing raises, and the bad token shows as NaN.
+  HeadRun r = run_head(Op::cross_entropy, c, in, true, /*check_finite=*/false);
+  EXPECT_TRUE(std::isnan(r.loss[0]));
+  EXPECT_TRUE(std::isnan(r.lse[5]));
+  EXPECT_FALSE(std::isnan(r.lse[4]));
+}
+
+TEST(CudaEmulatedFusedHead, ArgumentsTheCudaLoopRefuses) {
+  HeadCase c;
+  Inputs in = make_inputs(c, 2);
+  HostMatrix w64(c.v, c.h, DType::f64), h64(c.n, c.h, DType::f64);
+  std::vector<double> loss(1);
+  auto call = [&](const LinearHead& head, const CrossEntropySpec& s) {
+    try {
+      divkit::fused_linear_cross_entropy(
+          head, placed(TensorView::vector(in.labels.data(), DType::i64, c.n), true), s,
+          placed(TensorView::vector(loss.data(), DType::f64, 1), true));
+    } catch (const divkit::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  LinearHead head{placed(in.hidden.view(), true), placed(w64.view(), true), {}};
+  EXPECT_NE(call(head, {}).find("weight is float64"), std::string::npos);
+  head.weight = placed(in.weight.view(), true);
+  head.hidden = placed(h64.view(), true);
+  EXPECT_NE(call(head, {}).find("hidden (float64) and weight (float32) must have one dtype"),
+            std::string::npos);
+  head.hidden = in.hidden.view();  // on the CPU
+  EXPECT_NE(call(head, {}).find("is on cuda:0 but hidden is on cpu"), std::string::npos)
+      << call(head, {});
+  head.hidden = placed(in.hidden.view(), true);
+  CrossEntropySpec s;
+  s.shard.all_reduce = [](double*, int64_t, divkit::CollectiveOp) {};
+  EXPECT_NE(call(head, s).find("vocabulary-parallel shard is not supported on CUDA"),
+            std::string::npos);
+  s = {};
+  s.label_smoothing = 1.0f;
+  EXPECT_NE(call(head, s).find("label_smoothing must be in [0, 1)"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace divkit_test
