@@ -21,6 +21,22 @@
 // are bitwise the same for any thread count (set_num_threads) and any weight dtype given the same
 // widened values.
 //
+// On CUDA (every view of the call on one CUDA device; builds with CUDA):
+// fused_linear_cross_entropy, fused_linear_logprobs and fused_linear_logprobs_backward run the same
+// chunk loop on the device (src/fused_linear/label_loop_cuda.cu; not yet run on a GPU, only on the
+// CPU through the CUDA emulator): logits by cuBLAS (cublasGemmEx, loaded at run time; fp32
+// accumulation, fp32 logits), the label-row kernel on each chunk, the gradient GEMMs with the logit
+// gradient rounded to the head's dtype for a bf16 / fp16 head (as Liger-Kernel and a bf16 autograd
+// head). Hidden and weight must share one dtype among fp32, bf16, fp16 (no fp64), unit stride along
+// H. Everything runs on the spec's `stream`; the checks are device flags read once after the loop
+// (one synchronization), or not read with check_finite = false, and the workspace is one
+// cudaMallocAsync / cudaFreeAsync pair on the stream: the chunk buffer [C, V] fp32 (plus [C, V]
+// in the head's dtype for the gradient), an fp32 [V, H] accumulator unless grad_weight is a
+// contiguous fp32 array, and a few fp64 [N] vectors. A float16 head reads its logit gradient's
+// largest entry back once per chunk (the scale of the gradient GEMMs). Vocabulary-parallel shards
+// and the distillation heads have no CUDA loop in the core (Error); the Python package runs them
+// on CUDA tensors in its PyTorch chunk loop.
+//
 // Conventions: labels [N] int32/int64 with ignore_index (default -100) marking ignored tokens;
 // reductions none | sum | mean (over non-ignored tokens) | batchmean (over N), and
 // num_items_in_batch, exactly as in divergence.h. Gradients are those of the returned loss (for
@@ -157,8 +173,8 @@ struct CrossEntropySpec {
   double num_items_in_batch = 0.0;
   int64_t chunk_size = 0;  // as FusedLinearOptions::chunk_size
   TensorView weights;      // optional [N] fp32/fp64: multiplies token i's loss and gradient
-  VocabShard shard;  // as FusedLinearOptions::shard  // CUDA views (every view of the call on one
-                     // CUDA device: the chunk loop of "On CUDA" above):
+  VocabShard shard;        // as FusedLinearOptions::shard
+  // CUDA views (every view of the call on one CUDA device: "On CUDA" at the top of this file):
   // the stream its kernels and GEMMs run on (cudaStream_t as an integer; 0 is the default stream)
   // and whether it reads its checks back at the end (one synchronization); check_finite = false
   // reads nothing, for CUDA graph capture: a bad input then gives NaN outputs instead of an Error.

@@ -81,7 +81,7 @@ divkit::FusedLinearOptions fused_options(const FusedLinearOptions& opt) {
 void fused_linear_divergence(const HeadArrays& student, const HeadArrays& teacher,
                              const OptIn& labels, const OptIn& weights,
                              const OptIn& teacher_token_ids, const FusedLinearOptions& opt,
-                             const OutArray& loss, const GradArrays& student_grads,
+                             const AnyOutArray& loss, const GradArrays& student_grads,
                              const GradArrays& teacher_grads) {
   constexpr const char* fn = "fused_linear_divergence";
   const divkit::DivergenceSpec spec = opt.spec();
@@ -103,7 +103,7 @@ using TermArrays = std::tuple<OptOut, OptOut, OptIn, OptOut, OptOut>;
 
 void fused_linear_label_terms(const HeadArrays& student, const HeadArrays& teacher,
                               const OptIn& labels, const OptIn& weights,
-                              const FusedLinearOptions& opt, const OutArray& loss,
+                              const FusedLinearOptions& opt, const AnyOutArray& loss,
                               const GradArrays& student_grads, const TermArrays& terms,
                               bool kept_filled, bool accumulate_weight_grads) {
   constexpr const char* fn = "fused_linear_divergence";
@@ -125,10 +125,10 @@ void fused_linear_label_terms(const HeadArrays& student, const HeadArrays& teach
   divkit::fused_linear_divergence(s, t, spec, o, f, lv, gs, {});
 }
 
-void fused_linear_sparse_divergence(const HeadArrays& student, const InArray& teacher_indices,
-                                    const InArray& teacher_logprobs, const OptIn& labels,
+void fused_linear_sparse_divergence(const HeadArrays& student, const AnyInArray& teacher_indices,
+                                    const AnyInArray& teacher_logprobs, const OptIn& labels,
                                     const OptIn& weights, const FusedLinearOptions& opt,
-                                    const OutArray& loss, const GradArrays& student_grads) {
+                                    const AnyOutArray& loss, const GradArrays& student_grads) {
   constexpr const char* fn = "fused_linear_sparse_divergence";
   const divkit::DivergenceSpec spec = opt.spec();
   divkit::SparseOptions sp;
@@ -157,9 +157,10 @@ divkit::LabelStatsOutputs stats(const char* fn, const StatsArrays& a, int64_t to
   return st;
 }
 
-void fused_linear_cross_entropy(const HeadArrays& hd, const InArray& labels, const OptIn& weights,
-                                const FusedLinearOptions& opt, const OutArray& loss,
-                                const GradArrays& head_grads, const StatsArrays& stats_out) {
+void fused_linear_cross_entropy(const HeadArrays& hd, const AnyInArray& labels,
+                                const OptIn& weights, const FusedLinearOptions& opt,
+                                const AnyOutArray& loss, const GradArrays& head_grads,
+                                const StatsArrays& stats_out) {
   constexpr const char* fn = "fused_linear_cross_entropy";
   divkit::CrossEntropySpec spec;
   spec.ignore_index = opt.ignore_index;
@@ -171,6 +172,8 @@ void fused_linear_cross_entropy(const HeadArrays& hd, const InArray& labels, con
   spec.chunk_size = opt.chunk_size;
   spec.weights = optional_view(fn, "weights", weights);
   spec.shard = opt.shard();
+  spec.stream = static_cast<std::uintptr_t>(opt.stream);
+  spec.check_finite = opt.check_finite;
   const divkit::LinearHead h = head(fn, "", hd);
   const divkit::TensorView lab = to_view(fn, "labels", labels);
   const divkit::TensorView lv = to_view(fn, "loss", loss);
@@ -186,13 +189,15 @@ divkit::LogprobsSpec logprobs_spec(const FusedLinearOptions& opt) {
   spec.temperature = static_cast<float>(opt.temperature);
   spec.chunk_size = opt.chunk_size;
   spec.shard = opt.shard();
+  spec.stream = static_cast<std::uintptr_t>(opt.stream);
+  spec.check_finite = opt.check_finite;
   return spec;
 }
 
 // (log_sum_sq_probs, is_top1) outputs, each optional.
 using MoreStatsArrays = std::tuple<OptOut, OptOut>;
 
-void fused_linear_logprobs(const HeadArrays& hd, const InArray& labels,
+void fused_linear_logprobs(const HeadArrays& hd, const AnyInArray& labels,
                            const FusedLinearOptions& opt, const StatsArrays& stats_out,
                            const std::optional<MoreStatsArrays>& more) {
   constexpr const char* fn = "fused_linear_logprobs";
@@ -208,7 +213,7 @@ void fused_linear_logprobs(const HeadArrays& hd, const InArray& labels,
   divkit::fused_linear_logprobs(h, lab, spec, st);
 }
 
-void fused_linear_logprobs_backward(const HeadArrays& hd, const InArray& labels,
+void fused_linear_logprobs_backward(const HeadArrays& hd, const AnyInArray& labels,
                                     const FusedLinearOptions& opt, const OptIn& grad_logprobs,
                                     const OptIn& grad_entropy, const GradArrays& head_grads) {
   constexpr const char* fn = "fused_linear_logprobs_backward";
@@ -247,7 +252,9 @@ void register_fused_linear(nb::module_& m) {
       .def_rw("topk", &O::topk)
       .def_rw("rank", &O::rank)
       .def_rw("world", &O::world)
-      .def_rw("all_reduce", &O::all_reduce);
+      .def_rw("all_reduce", &O::all_reduce)
+      .def_rw("stream", &O::stream)
+      .def_rw("check_finite", &O::check_finite);
 
   m.def("fused_linear_divergence", &fused_linear_divergence, nb::arg("student"), nb::arg("teacher"),
         nb::arg("labels").none(), nb::arg("weights").none(), nb::arg("teacher_token_ids").none(),

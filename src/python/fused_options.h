@@ -35,6 +35,10 @@ struct FusedLinearOptions {
   // None: not sharded.
   int rank = 0, world = 1;
   nb::object all_reduce = nb::none();
+  // The label heads on CUDA tensors: the stream (torch.cuda.current_stream(device).cuda_stream;
+  // 0 is the default stream) and whether the checks are read back (CrossEntropySpec).
+  uint64_t stream = 0;
+  bool check_finite = true;
 
   divkit::DivergenceSpec spec() const {
     return make_spec(kind, beta, alpha, temperature, scale_by_t_squared);
@@ -44,10 +48,12 @@ struct FusedLinearOptions {
   divkit::VocabShard shard() const;
 };
 
-// Tensors of one head and of its gradients, as Python tuples (hidden, weight, bias).
-using OptIn = std::optional<InArray>;
-using OptOut = std::optional<OutArray>;
-using HeadArrays = std::tuple<InArray, InArray, OptIn>;
+// Tensors of one head and of its gradients, as Python tuples (hidden, weight, bias). Any device:
+// the core dispatches on it (the label heads have a CUDA chunk loop; the others raise Error for a
+// tensor that is not on the CPU, naming it).
+using OptIn = std::optional<AnyInArray>;
+using OptOut = std::optional<AnyOutArray>;
+using HeadArrays = std::tuple<AnyInArray, AnyInArray, OptIn>;
 using GradArrays = std::tuple<OptOut, OptOut, OptOut>;
 
 // The vocabulary-parallel bindings (vocab_parallel.cc), registered by register_fused_linear.
