@@ -243,10 +243,16 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
 //     dL/dz_j = a p_j + b 1[j = y] + c + e p_j (log p_j + H),  a = a0 + a1 lse,
 //   (cross-entropy: a0 = s, a1 = 2 s z_loss, b = -s (1 - eps), c = -s eps / V; log-probs:
 //   a0 = -g, b = g, e = -g_entropy), and ignored rows become 0. Without the coefficients the
-//   logits are read only on CUDA (on the CPU they are left as z). mean_z and c are over every
-//   entry, masked ones included (a masked entry gets c, and mean_z is -inf): the fused
-//   cross-entropy's label smoothing over the unmasked entries is not this kernel's, and the
-//   PyTorch chunk loop takes its PyTorch rows for label smoothing with a -inf bias entry.
+//   logits are read only on CUDA (on the CPU they are left as z).
+// Masked entries and label smoothing: unmasked (optional, fp64 [rows], 0 at ignored rows) is the
+// number V' of entries with z > -inf. By default mean_z and c are over every entry, masked ones
+// included (a masked entry gets c, and mean_z is -inf where an entry is masked). With
+// smooth_unmasked, label smoothing spreads over the V' unmasked entries, as the fused
+// cross-entropy does: mean_z = sum_{z_j > -inf} z_j / V', and the c term goes to the unmasked
+// entries only, each getting c V / V' (0 at a masked one). c stays the per-entry coefficient of a
+// row without masked entries (-s eps / V), so the caller passes the same coefficients either way
+// and each row's c terms still sum to c V; an unmasked entry gets -s eps / V'. A row without a
+// masked entry gives the same bits with or without smooth_unmasked (V / V' = 1 exactly).
 // NaN or +inf logits, or a row with every z -inf: Error "<the token first_token + row> ... are
 // NaN, +inf or all -inf"; a label outside [0, V) that is not ignore_index: Error. On CUDA the
 // kernel runs on `stream`, and the check reads a device flag after it (one stream
@@ -263,9 +269,11 @@ struct LabelRowsArgs {
   float temperature = 1.0f;
   float softcap = 0.0f;
   TensorView lse, z_label, mean_z, entropy, topk_mass, log_sum_sq, is_top1;
+  TensorView unmasked;  // V' per row (see above)
   int64_t topk = 0;
   TensorView coef_a0, coef_a1, coef_b, coef_c, coef_e;
-  int64_t first_token = 0;  // the token index of row 0, for the error messages
+  bool smooth_unmasked = false;  // mean_z and c over the unmasked entries (see above)
+  int64_t first_token = 0;       // the token index of row 0, for the error messages
   std::uintptr_t stream = 0;
   bool check_finite = true;
 };

@@ -8,7 +8,8 @@
 // are only written by the gradient sweep, so a forward-only call leaves them as they were):
 //   1. max of z and the NaN/+inf check of x (block reductions in a fixed order);
 //   2. S = sum exp(z - m), and as asked sum exp(z - m)(z - m), sum z, sum exp(z - m)^2, whether
-//      an entry before the label holds the max (fp64 per thread, then one block reduction each);
+//      an entry before the label holds the max, the number V' of unmasked entries (z > -inf; sum z
+//      then over them) (fp64 per thread, then one block reduction each);
 //   3. top-k mass (when asked): a radix select of the k-th largest z (four 8-bit histogram
 //      passes over order-preserving keys, integer atomics in shared memory), then the sum of
 //      exp(z - lse) over the entries above it plus the ties it takes;
@@ -65,10 +66,11 @@ struct Params {
   int64_t ignore_index = -100;
   ls::Transform tr;
   float softcap = 0.0f;
-  Vec lse, z_label, mean_z, entropy, topk_mass, log_sum_sq, is_top1;
+  Vec lse, z_label, mean_z, entropy, topk_mass, log_sum_sq, is_top1, unmasked;
   int64_t topk = 0;
   Vec a0, a1, b, c, e;  // gradient coefficients (read only)
   bool grad = false;
+  bool smooth_unmasked = false;  // mean_z and c over the unmasked entries
   unsigned long long* bad = nullptr;
 };
 
@@ -105,6 +107,7 @@ __device__ void fill_row(const Params& p, int64_t row, double value, float g) {
     put(p.topk_mass, row, value);
     put(p.log_sum_sq, row, value);
     put(p.is_top1, row, value);
+    put(p.unmasked, row, value);
   }
   if (!p.grad) return;
   for (int64_t j = threadIdx.x; j < p.v; j += kThreads) store(p.x, p.dtype, row * p.ld + j, g);
@@ -131,6 +134,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
   const bool want_ent = p.entropy.data != nullptr || p.e.data != nullptr;
   const bool want_mean = p.mean_z.data != nullptr, want_sq = p.log_sum_sq.data != nullptr;
   const bool want_top1 = p.is_top1.data != nullptr;
+  // The count of unmasked entries, for the output or for smoothing over them.
+  const bool want_count = p.unmasked.data != nullptr || p.smooth_unmasked;
   for (int64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
     // Every thread reads the label: the branches below are uniform over the block.
     const int64_t y = load_index(p.labels, p.labels_dtype, row * p.labels_stride);
@@ -160,14 +165,22 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
     }
     // 2. The sums under m.
     const float zy = z_at(p, row, y);
-    double s = 0.0, sec = 0.0, sz = 0.0, ssq = 0.0;
+    // cnt: whole numbers, exact in fp64 in any order.
+    double s = 0.0, sec = 0.0, sz = 0.0, ssq = 0.0, cnt = 0.0;
     int earlier = 0;
     for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
       const float z = z_at(p, row, j);
       const float ex = ls::softmax_exp(z, m);
       s += ex;
       if (want_ent) sec += ls::entropy_term(ex, z, m);
-      if (want_mean) sz += z;
+      if (want_count) {
+        // sum z over the unmasked entries: with none masked, the same terms in the same order.
+        const bool on = ls::is_unmasked(z);
+        if (on) cnt += 1.0;
+        if (want_mean && on) sz += z;
+      } else if (want_mean) {
+        sz += z;
+      }
       if (want_sq) ssq += static_cast<double>(ex) * ex;
       if (want_top1 && j < y && z == m) earlier = 1;
     }
@@ -177,6 +190,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
     const double sum_z = want_mean ? block_reduce(sz, SumOp{}, sh.d) : 0.0;
     const double sum_sq = want_sq ? block_reduce(ssq, SumOp{}, sh.d) : 0.0;
     const int any_earlier = want_top1 ? block_reduce(earlier, OrOp{}, sh.i) : 0;
+    const int64_t n_unmasked =
+        want_count ? static_cast<int64_t>(block_reduce(cnt, SumOp{}, sh.d)) : p.v;
     const double lse = ls::row_lse(m, sum_e);
     const double h = want_ent ? ls::row_entropy(sum_e, sum_ec) : 0.0;
     // 3. The top-k mass (block-wide: every thread takes part).
@@ -184,7 +199,11 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
     if (threadIdx.x == 0) {
       put(p.lse, row, lse);
       put(p.z_label, row, zy);
-      if (want_mean) put(p.mean_z, row, ls::row_mean(sum_z, p.v));
+      if (want_mean)
+        put(p.mean_z, row,
+            want_count ? ls::row_mean_unmasked(sum_z, n_unmasked, p.v, p.smooth_unmasked)
+                       : ls::row_mean(sum_z, p.v));
+      if (want_count) put(p.unmasked, row, static_cast<double>(n_unmasked));
       put(p.entropy, row, h);
       put(p.topk_mass, row, mass);
       if (want_sq) put(p.log_sum_sq, row, ls::row_log_sum_sq(sum_e, sum_sq));
@@ -193,8 +212,11 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
     if (!p.grad) continue;
     // 4. The gradient over the row, in place: entry j is read and written by one thread, after
     // the block's last read of the row (the reductions above).
-    const ls::GradRow g = ls::make_grad_row(lse, ls::coef_a(get(p.a0, row), get(p.a1, row), lse),
-                                            get(p.c, row), get(p.e, row), h, p.tr.inv_t, p.softcap);
+    const double c =
+        p.smooth_unmasked ? ls::smooth_c(get(p.c, row), p.v, n_unmasked) : get(p.c, row);
+    const ls::GradRow g =
+        ls::make_grad_row(lse, ls::coef_a(get(p.a0, row), get(p.a1, row), lse), c, get(p.e, row), h,
+                          p.tr.inv_t, p.softcap, p.smooth_unmasked);
     const float label = ls::label_term(g, get(p.b, row), zy);
     for (int64_t j = threadIdx.x; j < p.v; j += kThreads) {
       float d = ls::grad_entry(g, z_at(p, row, j));
@@ -233,6 +255,7 @@ void label_rows_cuda(const char* fn, const LabelRowsArgs& a, int device) {
   p.topk_mass = vec(a.topk_mass);
   p.log_sum_sq = vec(a.log_sum_sq);
   p.is_top1 = vec(a.is_top1);
+  p.unmasked = vec(a.unmasked);
   p.topk = a.topk;
   p.a0 = vec(a.coef_a0);
   p.a1 = vec(a.coef_a1);
@@ -240,6 +263,7 @@ void label_rows_cuda(const char* fn, const LabelRowsArgs& a, int device) {
   p.c = vec(a.coef_c);
   p.e = vec(a.coef_e);
   p.grad = a.coef_a0.defined();
+  p.smooth_unmasked = a.smooth_unmasked;
   if (p.n == 0) return;
 
   DeviceGuard guard(fn, device);

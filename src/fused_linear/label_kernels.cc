@@ -89,7 +89,7 @@ HWY_INLINE float TransformAndMax(float* HWY_RESTRICT z, int64_t v, float inv_t, 
 // want_ec; 0 * log 0 = 0 for masked entries), sum z (when want_z) and sum exp(z - m)^2 (when
 // want_sq: the same exps squared); fp64 block sums in a fixed order. With unmasked_z, sum z is
 // over the unmasked entries (z > -inf) and `unmasked` counts them (label smoothing spreads over
-// them); without, sum z is over every entry.
+// them; the count is taken with or without want_z); without, sum z is over every entry.
 struct RowSums {
   double e = 0.0, ec = 0.0, z = 0.0, sq = 0.0;
   int64_t unmasked = 0;
@@ -116,11 +116,12 @@ HWY_INLINE RowSums SumRow(const float* z, int64_t v, float m, bool want_ec, bool
       // e * c with 0 where e = 0 (c = -inf for masked entries).
       if (want_ec)
         acc_ez = hn::Add(acc_ez, hn::IfThenZeroElse(hn::Eq(e, hn::Zero(df)), hn::Mul(e, c)));
-      if (want_z && unmasked_z) {
-        // A masked entry adds 0, the others themselves (a row without one: the same sum).
+      if (unmasked_z) {
+        // A masked entry adds 0, the others themselves (a row without one: the same sum). The
+        // count is taken without want_z too (label_rows's `unmasked` output alone).
         const auto is_masked = hn::Eq(x, neg_inf);
         n_masked += static_cast<int64_t>(hn::CountTrue(df, is_masked));
-        acc_z = hn::Add(acc_z, hn::IfThenZeroElse(is_masked, x));
+        if (want_z) acc_z = hn::Add(acc_z, hn::IfThenZeroElse(is_masked, x));
       } else if (want_z) {
         acc_z = hn::Add(acc_z, x);
       }

@@ -2,6 +2,7 @@
 // argument checks, the CPU path (the CPU row kernels of label_kernels.h, as the fused heads call
 // them) and the dispatch to the CUDA kernel (label_cuda.cu) by the tensors' device.
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "divkit/runtime.h"
 #include "fused_linear/label_cuda.h"
 #include "fused_linear/label_kernels.h"
+#include "fused_linear/label_scalar.h"
 
 namespace divkit {
 
@@ -27,6 +29,7 @@ void check_label_rows(const char* fn, const LabelRowsArgs& a) {
                     {"topk_mass", a.topk_mass},
                     {"log_sum_sq", a.log_sum_sq},
                     {"is_top1", a.is_top1},
+                    {"unmasked", a.unmasked},
                     {"coef_a0", a.coef_a0},
                     {"coef_a1", a.coef_a1},
                     {"coef_b", a.coef_b},
@@ -42,9 +45,9 @@ void check_label_rows(const char* fn, const LabelRowsArgs& a) {
        {std::pair{&a.lse, "lse"}, std::pair{&a.z_label, "z_label"}, std::pair{&a.mean_z, "mean_z"},
         std::pair{&a.entropy, "entropy"}, std::pair{&a.topk_mass, "topk_mass"},
         std::pair{&a.log_sum_sq, "log_sum_sq"}, std::pair{&a.is_top1, "is_top1"},
-        std::pair{&a.coef_a0, "coef_a0"}, std::pair{&a.coef_a1, "coef_a1"},
-        std::pair{&a.coef_b, "coef_b"}, std::pair{&a.coef_c, "coef_c"},
-        std::pair{&a.coef_e, "coef_e"}})
+        std::pair{&a.unmasked, "unmasked"}, std::pair{&a.coef_a0, "coef_a0"},
+        std::pair{&a.coef_a1, "coef_a1"}, std::pair{&a.coef_b, "coef_b"},
+        std::pair{&a.coef_c, "coef_c"}, std::pair{&a.coef_e, "coef_e"}})
     if (t->defined()) check::vector_of(fn, name, cuda::shape_only(*t), rows, {DType::f64});
   const bool grad = a.coef_a0.defined();
   if (grad != a.coef_b.defined() || grad != a.coef_c.defined())
@@ -82,10 +85,12 @@ void label_rows_cpu(const char* fn, const LabelRowsArgs& a) {
   const bool grad = a.coef_a0.defined();
   const bool want_entropy = a.entropy.defined() || a.coef_e.defined();
   auto buf = [&](bool on) { return std::vector<double>(on ? static_cast<size_t>(rows) : 0); };
+  // The kernels count the unmasked entries where given `unmasked`, and then take mean_z over them.
+  const bool count = a.smooth_unmasked || a.unmasked.defined();
   std::vector<double> lse = buf(true), zy = buf(a.z_label.defined()),
                       mean = buf(a.mean_z.defined()), ent = buf(want_entropy),
                       topk = buf(a.topk_mass.defined()), sq = buf(a.log_sum_sq.defined()),
-                      top1 = buf(a.is_top1.defined());
+                      top1 = buf(a.is_top1.defined()), cnt = buf(count);
   auto ptr = [](std::vector<double>& x) { return x.empty() ? nullptr : x.data(); };
   detail::LabelForwardJob f;
   f.z = static_cast<float*>(a.logits.data);
@@ -103,15 +108,22 @@ void label_rows_cpu(const char* fn, const LabelRowsArgs& a) {
   f.topk = a.topk;
   f.log_sum_sq = ptr(sq);
   f.is_top1 = ptr(top1);
+  f.unmasked = ptr(cnt);
   f.num_threads = get_num_threads();
   detail::label_rows_forward(f);
   if (f.bad_row >= 0)
     check::fail(fn, "the logits of token " + std::to_string(a.first_token + f.bad_row) +
                         " (hidden @ weight^T + bias) are NaN, +inf or all -inf");
+  // The count without smooth_unmasked: mean_z over every entry, -inf where one is masked (the
+  // kernel's mean over the V' = V entries of a row without one already has the plain mean's bits).
+  if (count && !a.smooth_unmasked && !mean.empty())
+    for (int64_t i = 0; i < rows; ++i)
+      if (labels[i] >= 0 && cnt[i] < static_cast<double>(v))
+        mean[i] = -static_cast<double>(std::numeric_limits<float>::infinity());
   for (auto [out, x] :
        {std::pair{&a.lse, &lse}, std::pair{&a.z_label, &zy}, std::pair{&a.mean_z, &mean},
         std::pair{&a.entropy, &ent}, std::pair{&a.topk_mass, &topk}, std::pair{&a.log_sum_sq, &sq},
-        std::pair{&a.is_top1, &top1}})
+        std::pair{&a.is_top1, &top1}, std::pair{&a.unmasked, &cnt}})
     if (out->defined())
       for (int64_t i = 0; i < rows; ++i) elem::set(*out, i, (*x)[i]);
   if (!grad) return;
@@ -122,6 +134,7 @@ void label_rows_cpu(const char* fn, const LabelRowsArgs& a) {
     ca[i] = elem::get(a.coef_a0, i) + a1 * lse[i];
     cb[i] = elem::get(a.coef_b, i);
     cc[i] = elem::get(a.coef_c, i);
+    if (a.smooth_unmasked) cc[i] = label_scalar::smooth_c(cc[i], v, static_cast<int64_t>(cnt[i]));
     if (a.coef_e.defined()) ce[i] = elem::get(a.coef_e, i);
   }
   detail::LabelGradJob g;
@@ -138,6 +151,7 @@ void label_rows_cpu(const char* fn, const LabelRowsArgs& a) {
   g.b = cb.data();
   g.c = cc.data();
   g.e = a.coef_e.defined() ? ce.data() : nullptr;
+  g.c_unmasked = a.smooth_unmasked;
   g.num_threads = f.num_threads;
   detail::label_rows_grad(g);
 }
@@ -156,6 +170,7 @@ void label_rows(const char* fn, const LabelRowsArgs& args) {
                                                      {"topk_mass", &args.topk_mass},
                                                      {"log_sum_sq", &args.log_sum_sq},
                                                      {"is_top1", &args.is_top1},
+                                                     {"unmasked", &args.unmasked},
                                                      {"coef_a0", &args.coef_a0},
                                                      {"coef_a1", &args.coef_a1},
                                                      {"coef_b", &args.coef_b},

@@ -59,6 +59,24 @@ DIVKIT_HD inline double row_log_sum_sq(double s, double sum_sq) {
   return ::log(sum_sq) - 2.0 * ::log(s);
 }
 DIVKIT_HD inline double row_mean(double sum_z, int64_t v) { return sum_z / static_cast<double>(v); }
+
+// Label smoothing over the unmasked entries (LabelRowsArgs::smooth_unmasked). An entry is
+// unmasked when z > -inf (a -inf logit is not in the vocabulary).
+DIVKIT_HD inline bool is_unmasked(float z) { return z != -kInfinityF; }
+// The mean of z from the sum over the unmasked entries and their number V': over them
+// (over_unmasked), or over every entry (-inf when one is masked, as the plain sum gives; the same
+// bits as the plain sum when none is, since the sums then add the same terms in the same order).
+DIVKIT_HD inline double row_mean_unmasked(double sum_unmasked, int64_t unmasked, int64_t v,
+                                          bool over_unmasked) {
+  if (over_unmasked) return row_mean(sum_unmasked, unmasked);
+  return unmasked < v ? -static_cast<double>(kInfinityF) : row_mean(sum_unmasked, v);
+}
+// The c of each unmasked entry: the caller's c (that of a row without masked entries, -s eps / V)
+// times V / V', so that the row's c terms still add up to c V. V' = V: c times 1.0 exactly, the
+// same bits.
+DIVKIT_HD inline double smooth_c(double c, int64_t v, int64_t unmasked) {
+  return c * (static_cast<double>(v) / static_cast<double>(unmasked));
+}
 // A term of the top-k mass (an entry among the k largest), and the mass (at most 1).
 DIVKIT_HD inline double topk_term(float z, double lse) {
   return ::exp(static_cast<double>(z) - lse);
@@ -84,13 +102,15 @@ DIVKIT_HD inline double coef_a(double a0, double a1, double lse) { return a0 + a
 
 // The per-row constants of the gradient sweep, rounded to fp32 as label_kernels.cc's GradRow
 // rounds them.
+// c_unmasked: c goes to the unmasked entries only (0 at a masked entry, whose p is 0 too).
 struct GradRow {
   float lse = 0.0f, a = 0.0f, c = 0.0f, e = 0.0f, h = 0.0f, inv_t = 1.0f, t_over_cap = 0.0f;
-  bool cap = false;
+  bool cap = false, c_unmasked = false;
 };
 DIVKIT_HD inline GradRow make_grad_row(double lse, double a, double c, double e, double entropy,
-                                       float inv_t, float softcap) {
+                                       float inv_t, float softcap, bool c_unmasked = false) {
   GradRow g;
+  g.c_unmasked = c_unmasked;
   g.lse = static_cast<float>(lse);
   g.a = static_cast<float>(a);
   g.c = static_cast<float>(c);
@@ -116,6 +136,8 @@ DIVKIT_HD inline float grad_entry(const GradRow& g, float z) {
   const float lp = z - g.lse;
   const float p = ::expf(lp);
   float d = g.a * p + g.c;
+  // p = 0 at a masked entry: 0 without c (as label_kernels.cc's scalar tail).
+  if (g.c_unmasked && !is_unmasked(z)) d = 0.0f;
   if (g.e != 0.0f && p != 0.0f) d += g.e * p * (lp + g.h);
   if (g.cap) d *= cap_factor(g, z);
   return d * g.inv_t;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -649,6 +650,9 @@ struct LrCase {
   bool grad = true, a1 = true, e = true;
   bool check_finite = true;
   int64_t vec_stride = 1;  // of labels, statistics and coefficients (the gaps hold garbage)
+  bool smooth = false;     // smooth_unmasked: mean_z and c over the unmasked entries
+  bool count = false;      // the `unmasked` output
+  bool masked = true;      // -inf entries in rows 0, 5 and 6 (false: none anywhere)
   uint64_t seed = 5;
 };
 
@@ -658,14 +662,15 @@ struct LrInput {
 };
 
 // Random logits rounded to the case's dtype, with -inf entries, a label tied with an earlier
-// maximum (not top-1), a label that is the first maximum (top-1), and an ignored row.
+// maximum (not top-1), a label that is the first maximum (top-1), an ignored row, and (n > 6) a
+// row whose only unmasked entry is its label.
 LrInput make_lr(const LrCase& c) {
   LrInput in;
   HostMatrix m = random_logits(c.n, c.v, c.dtype, c.dtype, c.seed, 2.0).student;
   in.x = m.values();
   for (int64_t i = 0; i < c.n; ++i) in.labels.push_back((i * 7 + 3) % c.v);
   auto at = [&](int64_t i, int64_t j) -> double& { return in.x[i * c.v + j]; };
-  if (c.n > 0) at(0, 5) = -kInf;
+  if (c.n > 0 && c.masked) at(0, 5) = -kInf;
   if (c.n > 1) {  // label 9 ties the max at 2 (earlier): not top-1
     at(1, 2) = 12.0;
     at(1, 9) = 12.0;
@@ -682,14 +687,19 @@ LrInput make_lr(const LrCase& c) {
   }
   if (c.n > 4) in.labels[4] = -100;
   if (c.n > 5) {
-    for (int64_t j = 0; j < c.v; j += 2) at(5, j) = -kInf;
+    if (c.masked)
+      for (int64_t j = 0; j < c.v; j += 2) at(5, j) = -kInf;
     in.labels[5] = 1;
+  }
+  if (c.n > 6 && c.masked) {
+    for (int64_t j = 0; j < c.v; ++j)
+      if (j != in.labels[6]) at(6, j) = -kInf;
   }
   return in;
 }
 
 struct LrRun {
-  std::vector<double> lse, zy, mean, ent, mass, lsq, top1;
+  std::vector<double> lse, zy, mean, ent, mass, lsq, top1, unmasked;
   std::vector<double> grad;  // the logits after the call, n * v
   std::string error;
 };
@@ -705,7 +715,8 @@ LrRun run_lr(const LrCase& c, const LrInput& in, bool cuda) {
   HostMatrix labels(1, len, c.labels_dt);
   labels.fill(-7.0);  // out of range where a gap is read as a label
   for (int64_t i = 0; i < n; ++i) labels.set(0, i * st, static_cast<double>(in.labels[i]));
-  for (auto* v : {&r.lse, &r.zy, &r.mean, &r.ent, &r.mass, &r.lsq, &r.top1}) v->assign(len, -7.0);
+  for (auto* v : {&r.lse, &r.zy, &r.mean, &r.ent, &r.mass, &r.lsq, &r.top1, &r.unmasked})
+    v->assign(len, -7.0);
   std::vector<double> a0(len, kNaN), a1(len, kNaN), b(len, kNaN), cc(len, kNaN), e(len, kNaN);
   for (int64_t i = 0; i < n; ++i) {
     a0[i * st] = 0.5 + 0.1 * static_cast<double>(i);
@@ -731,6 +742,8 @@ LrRun run_lr(const LrCase& c, const LrInput& in, bool cuda) {
   a.entropy = vec(r.ent);
   a.log_sum_sq = vec(r.lsq);
   a.is_top1 = vec(r.top1);
+  if (c.count) a.unmasked = vec(r.unmasked);
+  a.smooth_unmasked = c.smooth;
   if (c.topk > 0) {
     a.topk_mass = vec(r.mass);
     a.topk = c.topk;
@@ -749,7 +762,7 @@ LrRun run_lr(const LrCase& c, const LrInput& in, bool cuda) {
   } catch (const divkit::Error& err) {
     r.error = err.what();
   }
-  for (auto* v : {&r.lse, &r.zy, &r.mean, &r.ent, &r.mass, &r.lsq, &r.top1}) {
+  for (auto* v : {&r.lse, &r.zy, &r.mean, &r.ent, &r.mass, &r.lsq, &r.top1, &r.unmasked}) {
     for (int64_t i = 0; i < n; ++i) {
       if (i * st + 1 < len && st > 1) {
         EXPECT_EQ((*v)[i * st + 1], -7.0) << "a gap of a strided output was written";
@@ -768,7 +781,9 @@ std::string describe(const LrCase& c) {
          dtype_short(c.dtype) + " labels " + dtype_short(c.labels_dt) +
          " T=" + std::to_string(c.temperature) + " softcap=" + std::to_string(c.softcap) +
          " topk=" + std::to_string(c.topk) + (c.grad ? " grad" : "") + (c.a1 ? " a1" : "") +
-         (c.e ? " e" : "") + (c.stride >= 0 ? " stride=" + std::to_string(c.stride) : "");
+         (c.e ? " e" : "") + (c.stride >= 0 ? " stride=" + std::to_string(c.stride) : "") +
+         (c.smooth ? " smooth_unmasked" : "") + (c.count ? " unmasked" : "") +
+         (c.masked ? "" : " nothing masked");
 }
 
 LrRun check_label_rows(const LrCase& c, const LrInput& in) {
@@ -788,9 +803,9 @@ LrRun check_label_rows(const LrCase& c, const LrInput& in) {
   EXPECT_EQ(emu.error, cpu.error) << what;
   EXPECT_EQ(rev.error, cpu.error) << what;
   const std::vector<std::pair<const char*, std::vector<double> LrRun::*>> stats = {
-      {"lse", &LrRun::lse},      {"z_label", &LrRun::zy},     {"mean_z", &LrRun::mean},
-      {"entropy", &LrRun::ent},  {"topk_mass", &LrRun::mass}, {"log_sum_sq", &LrRun::lsq},
-      {"is_top1", &LrRun::top1}, {"gradient", &LrRun::grad}};
+      {"lse", &LrRun::lse},      {"z_label", &LrRun::zy},        {"mean_z", &LrRun::mean},
+      {"entropy", &LrRun::ent},  {"topk_mass", &LrRun::mass},    {"log_sum_sq", &LrRun::lsq},
+      {"is_top1", &LrRun::top1}, {"unmasked", &LrRun::unmasked}, {"gradient", &LrRun::grad}};
   for (const auto& [name, m] : stats)
     expect_same_values(emu.*m, rev.*m, what + " " + name + " (forward vs reverse order)");
   if (!cpu.error.empty()) return emu;
@@ -798,6 +813,7 @@ LrRun check_label_rows(const LrCase& c, const LrInput& in) {
   for (const auto& [name, m] : stats) {
     if (m == &LrRun::mass && c.topk == 0) continue;
     if (m == &LrRun::grad && !c.grad) continue;  // the CPU leaves z there, CUDA the logits
+    if (m == &LrRun::unmasked && !c.count) continue;
     expect_close(emu.*m, cpu.*m, m == &LrRun::grad && low ? 1e-2 : 1e-5, what + " " + name);
   }
   return emu;
@@ -907,6 +923,168 @@ TEST(CudaEmulatedLabelRows, BadRowsAsTheCpu) {
       }
     }
   }
+}
+
+// Label smoothing over the unmasked entries (smooth_unmasked) and the `unmasked` count: every
+// dtype, temperature, softcap, strides, several rows per block and long rows, the count without
+// smoothing too (mean_z -inf where an entry is masked), against the CPU path. Row 6 keeps only
+// its label unmasked (V' = 1), row 5 half of its entries, row 0 all but one.
+TEST(CudaEmulatedLabelRows, SmoothingOverUnmaskedEntriesMatchesTheCpu) {
+  for (DType dt : {DType::f32, DType::bf16, DType::f16, DType::f64})
+    for (bool smooth : {true, false}) {
+      LrCase c;
+      c.n = 7;
+      c.dtype = dt;
+      c.smooth = smooth;
+      c.count = true;
+      const LrRun emu = check_label_rows(c, make_lr(c));
+      EXPECT_EQ(emu.unmasked[0], 52.0) << dtype_short(dt);
+      EXPECT_EQ(emu.unmasked[4], 0.0) << dtype_short(dt);  // ignored
+      EXPECT_EQ(emu.unmasked[5], 26.0) << dtype_short(dt);
+      EXPECT_EQ(emu.unmasked[6], 1.0) << dtype_short(dt);
+      EXPECT_EQ(std::isinf(emu.mean[6]), !smooth) << dtype_short(dt);
+    }
+  for (float t : {1.0f, 0.7f})
+    for (float cap : {0.0f, 5.0f}) {
+      LrCase c;
+      c.n = 7;
+      c.temperature = t;
+      c.softcap = cap;
+      c.smooth = true;
+      c.count = cap == 0.0f;
+      c.e = t == 1.0f;
+      c.labels_dt = cap == 0.0f ? DType::i32 : DType::i64;
+      c.vec_stride = t == 1.0f ? 1 : 3;
+      c.stride = cap == 0.0f ? 60 : -1;
+      check_label_rows(c, make_lr(c));
+    }
+  {
+    LrCase c;  // the statistic alone (the kernel counts without the output)
+    c.n = 7;
+    c.smooth = true;
+    c.grad = false;
+    check_label_rows(c, make_lr(c));
+  }
+  {
+    EmulatorMaxGrid grid(3);  // several rows per block
+    LrCase c;
+    c.n = 9;
+    c.smooth = true;
+    c.count = true;
+    check_label_rows(c, make_lr(c));
+  }
+  LrCase c;  // long rows: several entries per thread
+  c.n = 7;
+  c.v = 3001;
+  c.stride = 3003;
+  c.topk = 300;
+  c.dtype = DType::bf16;
+  c.smooth = true;
+  c.count = true;
+  check_label_rows(c, make_lr(c));
+}
+
+// The emulated kernel's smoothing against an fp64 reference over the unmasked entries U of each
+// row (V' = |U|): mean_z = sum_U z / V', and dL/dz_j = a p_j + b 1[j = y] + c V / V' on U, 0
+// elsewhere, so the c terms of a row add up to c V as without masked entries.
+TEST(CudaEmulatedLabelRows, SmoothingOverUnmaskedEntriesAgainstFp64) {
+  LrCase c;
+  c.n = 7;
+  c.topk = 0;
+  c.a1 = false;
+  c.e = false;
+  c.smooth = true;
+  c.count = true;
+  const LrInput in = make_lr(c);
+  LrRun emu;
+  {
+    EmulatorOrder order(false);
+    emu = run_lr(c, in, true);
+  }
+  const LrRun cpu = run_lr(c, in, false);
+  ASSERT_EQ(emu.error, "");
+  ASSERT_EQ(cpu.error, "");
+  const int64_t v = c.v;
+  for (int64_t i = 0; i < c.n; ++i) {
+    const std::string row = "row " + std::to_string(i);
+    if (in.labels[i] == -100) {
+      EXPECT_EQ(emu.unmasked[i], 0.0) << row;
+      EXPECT_EQ(emu.mean[i], 0.0) << row;
+      for (int64_t j = 0; j < v; ++j) EXPECT_EQ(emu.grad[i * v + j], 0.0) << row;
+      continue;
+    }
+    const double* x = in.x.data() + i * v;
+    double m = -kInf, cnt = 0.0, sum = 0.0;
+    for (int64_t j = 0; j < v; ++j)
+      if (x[j] != -kInf) {
+        m = std::max(m, x[j]);
+        cnt += 1.0;
+        sum += x[j];
+      }
+    double s = 0.0;
+    for (int64_t j = 0; j < v; ++j) s += std::exp(x[j] - m);
+    const double lse = m + std::log(s);
+    EXPECT_EQ(emu.unmasked[i], cnt) << row;
+    EXPECT_NEAR(emu.mean[i], sum / cnt, 1e-6 * (1.0 + std::fabs(sum / cnt))) << row;
+    EXPECT_NEAR(emu.lse[i], lse, 1e-6 * (1.0 + std::fabs(lse))) << row;
+    const double a0 = 0.5 + 0.1 * static_cast<double>(i), b = -0.5;
+    const double cc = -0.001 * static_cast<double>(i + 1), share = cc * v / cnt;
+    double c_total = 0.0;
+    for (int64_t j = 0; j < v; ++j) {
+      const double p = std::exp(x[j] - lse);
+      double want = 0.0;
+      if (x[j] != -kInf) want = a0 * p + share + (j == in.labels[i] ? b : 0.0);
+      for (const LrRun* r : {static_cast<const LrRun*>(&emu), &cpu}) {
+        const double got = r->grad[i * v + j];
+        if (x[j] == -kInf) EXPECT_EQ(got, 0.0) << row << " masked entry " << j;
+        else EXPECT_NEAR(got, want, 2e-6) << row << " entry " << j << (r == &cpu ? " cpu" : "");
+      }
+      c_total += emu.grad[i * v + j] - a0 * p - (j == in.labels[i] ? b : 0.0);
+    }
+    EXPECT_NEAR(c_total, cc * v, 1e-5) << row << ": the c terms add up to c V";
+  }
+}
+
+// Without a masked entry, smoothing over the unmasked entries is smoothing over every entry: the
+// same bits, on the emulated kernel and on the CPU, with softcap and the entropy term.
+TEST(CudaEmulatedLabelRows, SmoothingWithoutMaskedEntriesGivesTheSameBits) {
+  auto same_bits = [](const std::vector<double>& a, const std::vector<double>& b,
+                      const std::string& what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    for (size_t i = 0; i < a.size(); ++i)
+      ASSERT_EQ(std::memcmp(&a[i], &b[i], sizeof(double)), 0)
+          << what << "[" << i << "]: " << a[i] << " vs " << b[i];
+  };
+  for (DType dt : {DType::f32, DType::bf16})
+    for (float cap : {0.0f, 5.0f}) {
+      LrCase off;
+      off.n = 7;
+      off.dtype = dt;
+      off.softcap = cap;
+      off.temperature = 0.7f;
+      off.masked = false;
+      LrCase on = off;
+      on.smooth = true;
+      on.count = true;
+      const LrInput in = make_lr(off);
+      const std::string what = describe(on);
+      for (bool cuda : {true, false}) {
+        LrRun r_off, r_on;
+        {
+          EmulatorOrder order(false);
+          r_off = run_lr(off, in, cuda);
+          r_on = run_lr(on, in, cuda);
+        }
+        const std::string where = what + (cuda ? " emulated" : " cpu");
+        ASSERT_EQ(r_on.error, "") << where;
+        same_bits(r_on.lse, r_off.lse, where + " lse");
+        same_bits(r_on.mean, r_off.mean, where + " mean_z");
+        same_bits(r_on.ent, r_off.ent, where + " entropy");
+        same_bits(r_on.grad, r_off.grad, where + " gradient");
+        for (int64_t i = 0; i < on.n; ++i)
+          EXPECT_EQ(r_on.unmasked[i], i == 4 ? 0.0 : static_cast<double>(on.v)) << where << i;
+      }
+    }
 }
 
 }  // namespace

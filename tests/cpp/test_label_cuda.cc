@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
@@ -39,7 +40,7 @@ std::string error_of(const std::function<void()>& f) {
 }
 
 struct Stats {
-  double lse = 0, zy = 0, mean = 0, ent = 0, mass = 0, lsq = 0, top1 = 0;
+  double lse = 0, zy = 0, mean = 0, ent = 0, mass = 0, lsq = 0, top1 = 0, unmasked = 0;
   bool bad = false;
 };
 
@@ -49,9 +50,10 @@ struct Coef {
 
 // One row as rows_kernel computes it (label_cuda.cu): z recomputed from x in every sweep, the
 // sums as per-thread fp64 partials (entry j on thread j % 256) added in thread order, the top-k
-// mass from the radix select, the gradient over x.
+// mass from the radix select, the gradient over x. smooth: smooth_unmasked (the count of the
+// unmasked entries, mean_z and c over them).
 Stats gpu_row(std::vector<float>& x, int64_t y, float temperature, float softcap, int64_t topk,
-              const Coef* coef) {
+              const Coef* coef, bool smooth = false) {
   const int64_t v = static_cast<int64_t>(x.size());
   const ls::Transform tr = ls::make_transform(1.0f / temperature, softcap);
   Stats st;
@@ -67,7 +69,7 @@ Stats gpu_row(std::vector<float>& x, int64_t y, float temperature, float softcap
   }
   // 2.
   const float zy = ls::transform(tr, x[y]);
-  std::vector<double> s(kThreads), sec(kThreads), sz(kThreads), ssq(kThreads);
+  std::vector<double> s(kThreads), sec(kThreads), sz(kThreads), ssq(kThreads), cnt(kThreads);
   bool earlier = false;
   for (int64_t j = 0; j < v; ++j) {
     const float z = ls::transform(tr, x[j]);
@@ -75,12 +77,18 @@ Stats gpu_row(std::vector<float>& x, int64_t y, float temperature, float softcap
     const int t = static_cast<int>(j % kThreads);
     s[t] += ex;
     sec[t] += ls::entropy_term(ex, z, m);
-    sz[t] += z;
+    if (!smooth) {
+      sz[t] += z;
+    } else if (ls::is_unmasked(z)) {
+      sz[t] += z;
+      cnt[t] += 1.0;
+    }
     ssq[t] += static_cast<double>(ex) * ex;
     if (j < y && z == m) earlier = true;
   }
-  double sum_e = 0, sum_ec = 0, sum_z = 0, sum_sq = 0;
+  double sum_e = 0, sum_ec = 0, sum_z = 0, sum_sq = 0, n_unmasked = 0;
   for (int t = 0; t < kThreads; ++t) {
+    n_unmasked += cnt[t];
     sum_e += s[t];
     sum_ec += sec[t];
     sum_z += sz[t];
@@ -88,7 +96,9 @@ Stats gpu_row(std::vector<float>& x, int64_t y, float temperature, float softcap
   }
   st.lse = ls::row_lse(m, sum_e);
   st.zy = zy;
-  st.mean = ls::row_mean(sum_z, v);
+  const int64_t vp = static_cast<int64_t>(n_unmasked);
+  st.mean = smooth ? ls::row_mean_unmasked(sum_z, vp, v, true) : ls::row_mean(sum_z, v);
+  st.unmasked = n_unmasked;
   st.ent = ls::row_entropy(sum_e, sum_ec);
   st.lsq = ls::row_log_sum_sq(sum_e, sum_sq);
   st.top1 = zy == m && !earlier ? 1.0 : 0.0;
@@ -114,8 +124,9 @@ Stats gpu_row(std::vector<float>& x, int64_t y, float temperature, float softcap
   }
   // 4.
   if (coef != nullptr) {
-    const ls::GradRow g = ls::make_grad_row(st.lse, ls::coef_a(coef->a0, coef->a1, st.lse), coef->c,
-                                            coef->e, st.ent, tr.inv_t, softcap);
+    const double c = smooth ? ls::smooth_c(coef->c, v, vp) : coef->c;
+    const ls::GradRow g = ls::make_grad_row(st.lse, ls::coef_a(coef->a0, coef->a1, st.lse), c,
+                                            coef->e, st.ent, tr.inv_t, softcap, smooth);
     const float label = ls::label_term(g, coef->b, zy);
     for (int64_t j = 0; j < v; ++j) {
       float d = ls::grad_entry(g, ls::transform(tr, x[j]));
@@ -463,6 +474,107 @@ TEST(LabelRows, CpuPathMatchesTheRowKernels) {
   }
 }
 
+// smooth_unmasked on the CPU path: the GPU's steps give the same statistics and gradient, and an
+// fp64 reference over the unmasked entries U (V' = |U|) holds: mean_z = sum_U z / V', the c term
+// c V / V' on U and 0 at masked entries (softcap and the entropy term on), rows with no masked
+// entry, half masked, and all but the label masked.
+TEST(LabelRows, SmoothingOverUnmaskedEntries) {
+  for (const int64_t v : {5, 37, 1031})
+    for (const float cap : {0.0f, 4.0f}) {
+      const int64_t n = 5;
+      const float t = 0.9f;
+      std::mt19937 rng(static_cast<uint32_t>(v + 7));
+      std::normal_distribution<float> normal(0.0f, 2.0f);
+      std::vector<float> x(static_cast<size_t>(n * v));
+      for (auto& e : x) e = normal(rng);
+      std::vector<int64_t> labels = {0, 1, v - 1, 2 % v, -100};
+      for (int64_t j = 1; j < v; j += 2) x[1 * v + j - 1] = -kInf;  // row 1: half (label odd)
+      x[0 * v + v - 1] = -kInf;                                     // row 0: the last one
+      for (int64_t j = 0; j < v; ++j)
+        if (j != labels[2]) x[2 * v + j] = -kInf;  // row 2: only the label
+      // row 3: none masked
+      std::vector<double> lse(n), mean(n), ent(n), cnt(n, -1.0), a0(n), b(n), c(n), e(n);
+      for (int64_t i = 0; i < n; ++i) {
+        a0[i] = 0.4 + 0.1 * static_cast<double>(i);
+        b[i] = -0.8;
+        c[i] = -0.2 / static_cast<double>(v);  // eps = 0.2 over V, s = 1
+        e[i] = 0.15;
+      }
+      std::vector<float> z = x;
+      LabelRowsArgs a;
+      a.logits = TensorView::matrix(z.data(), DType::f32, n, v);
+      a.labels = TensorView::vector(labels.data(), DType::i64, n);
+      a.temperature = t;
+      a.softcap = cap;
+      a.lse = TensorView::vector(lse.data(), DType::f64, n);
+      a.mean_z = TensorView::vector(mean.data(), DType::f64, n);
+      a.entropy = TensorView::vector(ent.data(), DType::f64, n);
+      a.unmasked = TensorView::vector(cnt.data(), DType::f64, n);
+      a.coef_a0 = TensorView::vector(a0.data(), DType::f64, n);
+      a.coef_b = TensorView::vector(b.data(), DType::f64, n);
+      a.coef_c = TensorView::vector(c.data(), DType::f64, n);
+      a.coef_e = TensorView::vector(e.data(), DType::f64, n);
+      a.smooth_unmasked = true;
+      label_rows("fused_linear_cross_entropy", a);
+      EXPECT_EQ(cnt[4], 0.0);
+      for (int64_t i = 0; i < 4; ++i) {
+        const std::string row =
+            "V=" + std::to_string(v) + " cap=" + std::to_string(cap) + " row " + std::to_string(i);
+        std::vector<float> xr(x.begin() + i * v, x.begin() + (i + 1) * v);
+        const Coef cf{a0[i], 0.0, b[i], c[i], e[i]};
+        const Stats st = gpu_row(xr, labels[i], t, cap, 0, &cf, /*smooth=*/true);
+        EXPECT_EQ(st.unmasked, cnt[i]) << row;
+        expect_close(st.lse, lse[i], 2e-6, row + " lse");
+        expect_close(st.mean, mean[i], 2e-6, row + " mean_z");
+        // fp64 over U.
+        std::vector<double> zd(static_cast<size_t>(v), -INFINITY);
+        double m = -INFINITY, sum = 0.0, vp = 0.0;
+        for (int64_t j = 0; j < v; ++j) {
+          const double xj = x[i * v + j];
+          if (xj == -kInf) continue;
+          zd[j] = (cap > 0.0f ? cap * std::tanh(xj / cap) : xj) / t;
+          m = std::max(m, zd[j]);
+          sum += zd[j];
+          vp += 1.0;
+        }
+        EXPECT_EQ(cnt[i], vp) << row;
+        expect_close(mean[i], sum / vp, 2e-6, row + " mean_z vs fp64");
+        double s = 0.0, pz = 0.0;
+        for (int64_t j = 0; j < v; ++j) s += std::exp(zd[j] - m);
+        const double ref_lse = m + std::log(s);
+        for (int64_t j = 0; j < v; ++j)
+          if (zd[j] > -INFINITY) pz += std::exp(zd[j] - ref_lse) * (zd[j] - ref_lse);
+        float gmax = 0.0f;
+        for (int64_t j = 0; j < v; ++j) gmax = std::max(gmax, std::fabs(z[i * v + j]));
+        for (int64_t j = 0; j < v; ++j) {
+          const float got = z[i * v + j];
+          EXPECT_LE(std::fabs(got - xr[j]), 2e-5f * gmax + 1e-30f) << row << " GPU steps " << j;
+          if (zd[j] == -INFINITY) {
+            EXPECT_EQ(got, 0.0f) << row << " masked entry " << j;
+            continue;
+          }
+          const double p = std::exp(zd[j] - ref_lse), lp = zd[j] - ref_lse;
+          double d = a0[i] * p + c[i] * static_cast<double>(v) / vp + e[i] * p * (lp - pz);
+          if (j == labels[i]) d += b[i];
+          const double th = cap > 0.0f ? std::tanh(x[i * v + j] / cap) : 0.0;
+          d *= (1.0 - th * th) / t;
+          EXPECT_LE(std::fabs(got - d), 2e-5 * (1.0 + std::fabs(d))) << row << " entry " << j;
+        }
+      }
+      // Row 3 has no masked entry: the same bits as without smooth_unmasked.
+      std::vector<float> z_off = x;
+      std::vector<double> mean_off(n);
+      a.logits = TensorView::matrix(z_off.data(), DType::f32, n, v);
+      a.mean_z = TensorView::vector(mean_off.data(), DType::f64, n);
+      a.unmasked = {};
+      a.smooth_unmasked = false;
+      label_rows("fused_linear_cross_entropy", a);
+      EXPECT_EQ(std::memcmp(&mean_off[3], &mean[3], sizeof(double)), 0) << v;
+      EXPECT_EQ(std::memcmp(z_off.data() + 3 * v, z.data() + 3 * v, v * sizeof(float)), 0) << v;
+      EXPECT_EQ(mean_off[0], -kInf);  // over every entry, the masked one included
+    }
+}
+
 TEST(LabelRows, BadInputNamesTheArgumentAndTheToken) {
   const int64_t n = 3, v = 4;
   std::vector<float> x(n * v, 0.0f);
@@ -499,6 +611,15 @@ TEST(LabelRows, BadInputNamesTheArgumentAndTheToken) {
   a.topk = 5;
   EXPECT_NE(error_of([&] { label_rows(fn, a); }).find("topk must be in [1, V = 4], got 5"),
             std::string::npos);
+  a = args();
+  a.unmasked = TensorView::vector(out.data(), DType::f64, n - 1);
+  a.smooth_unmasked = true;
+  EXPECT_EQ(error_of([&] { label_rows(fn, a); }),
+            "fused_linear_cross_entropy: unmasked must have shape [3], got [2]");
+  std::vector<float> out32(n);
+  a.unmasked = TensorView::vector(out32.data(), DType::f32, n);
+  EXPECT_EQ(error_of([&] { label_rows(fn, a); }),
+            "fused_linear_cross_entropy: unmasked must be float64, got float32");
   a = args();
   a.temperature = 0.0f;
   EXPECT_NE(error_of([&] { label_rows(fn, a); }).find("temperature must be finite and > 0"),

@@ -204,7 +204,7 @@ def test_fused_cross_entropy_cuda_rows_match_cpu(reduction, softcap):
     g = torch.Generator().manual_seed(6)
     n, h, v = 45, 64, 4099
     xs = [torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) / h**0.5]
-    labels = torch.arange(n) * 11 % v
+    labels = torch.arange(n) * 11 % v  # multiples of 11: never a masked entry
     labels[3] = -100
     outs = []
     calls, undo = _label_row_calls()
@@ -228,6 +228,83 @@ def test_fused_cross_entropy_cuda_rows_match_cpu(reduction, softcap):
         undo()
     assert calls, "the CUDA label-row kernel was not used"
     for a, b, name in zip(outs[1], outs[0], ("loss", "logprobs", "entropy", "grad_h", "grad_w")):
+        _close(a, b, 2e-5, name)
+
+
+def _smooth_call(x, labels, device, softcap, smooth):
+    cnt = torch.full((x.shape[0],), -7.0, dtype=torch.float64, device=device)
+    r = _call(x, labels, device, 0.9, softcap, 8, True, True, smooth_unmasked=smooth, unmasked=cnt)
+    r["unmasked"] = cnt.cpu()
+    return r
+
+
+def test_label_rows_cuda_smooth_unmasked_matches_cpu():
+    # Label smoothing over the unmasked entries (smooth_unmasked) and the unmasked count, with
+    # -inf columns and a row whose only unmasked entry is its label, against the CPU path; with
+    # no masked entry, the same bits as smoothing over every entry.
+    x, labels = _rows(6, 4099, seed=11)
+    clean = x.clone()
+    x[:, 5::7] = float("-inf")
+    x[4] = float("-inf")
+    x[4, labels[4]] = 1.0
+    for softcap in (0.0, 15.0):
+        for smooth in (True, False):
+            cpu = _smooth_call(x, labels, "cpu", softcap, smooth)
+            dev = _smooth_call(x, labels, "cuda", softcap, smooth)
+            for k in cpu:
+                _close(dev[k], cpu[k], 2e-5 if k == "grad" else 1e-5, f"{k} smooth={smooth}")
+            assert dev["unmasked"][4] == 1.0 and dev["unmasked"][3] == 0.0
+            assert torch.isinf(dev["mean_z"][0]) != smooth
+        on = _smooth_call(clean, labels, "cuda", softcap, True)
+        off = _call(clean, labels, "cuda", 0.9, softcap, 8, True, True)
+        for k in off:
+            assert torch.equal(on[k], off[k]), k
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fused_cross_entropy_cuda_masked_smoothing(deferred):
+    # Label smoothing with -inf bias entries runs in the kernel (no PyTorch rows, no bias read,
+    # inside deferred_checks too) and matches the CPU head, which spreads it over the unmasked
+    # entries.
+    import contextlib
+
+    from divkit import cuda_checks
+
+    g = torch.Generator().manual_seed(8)
+    n, h, v = 45, 64, 4099
+    xs = [
+        torch.randn(n, h, generator=g),
+        torch.randn(v, h, generator=g) / h**0.5,
+        torch.randn(v, generator=g),
+    ]
+    xs[2][7::11] = float("-inf")
+    labels = torch.arange(n) * 11 % v  # multiples of 11: never a masked entry
+    labels[3] = -100
+    outs = []
+    calls, undo = _label_row_calls()
+    try:
+        for device in ("cpu", "cuda"):
+            hd, w, b = (x.to(device).requires_grad_() for x in xs)
+            ctx = deferred and device == "cuda"
+            with cuda_checks.deferred_checks() if ctx else contextlib.nullcontext():
+                loss, lp, ent = divkit.fused_linear_cross_entropy(
+                    hd,
+                    w,
+                    labels.to(device),
+                    bias=b,
+                    label_smoothing=0.1,
+                    softcap=15.0,
+                    chunk_size=16,
+                    return_stats=True,
+                )
+            loss.sum().backward()
+            outs.append([x.detach().cpu() for x in (loss, lp, ent, hd.grad, w.grad, b.grad)])
+    finally:
+        undo()
+    assert len(calls) == 3, "every chunk takes the CUDA label-row kernel"
+    assert torch.isfinite(outs[1][0]).all()
+    names = ("loss", "logprobs", "entropy", "grad_h", "grad_w", "grad_b")
+    for a, b, name in zip(outs[1], outs[0], names):
         _close(a, b, 2e-5, name)
 
 

@@ -293,12 +293,21 @@ def test_cross_entropy_label_smoothing_spreads_over_unmasked_entries(opts):
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_cross_entropy_label_smoothing_masked_on_the_core_rows_route(monkeypatch, softcap):
     # The PyTorch chunk loop with divkit's row kernel as its row step (what CUDA tensors take on
-    # a CUDA build), here on CPU tensors: label smoothing with masked entries takes the PyTorch
-    # rows (spread over the unmasked entries), and matches the C++ core.
+    # a CUDA build), here on CPU tensors: label smoothing with masked entries runs in the kernel
+    # (smooth_unmasked: spread over the unmasked entries), and matches the C++ core.
     from divkit import _device
+    from divkit.backends import torch_ops
 
     real = _device.route
     rows = []
+    kernel = []
+    real_rows = torch_ops._label_rows
+
+    def spy(*a, **k):
+        kernel.append(k["smooth_unmasked"])
+        return real_rows(*a, **k)
+
+    monkeypatch.setattr(torch_ops, "_label_rows", spy)
 
     def route(fn, op, backend_name, tensors):
         r = real(fn, op, backend_name, tensors)
@@ -316,6 +325,7 @@ def test_cross_entropy_label_smoothing_masked_on_the_core_rows_route(monkeypatch
 
     outs, grads = _both(f, x, w, b)
     assert rows, "the core-rows route was not taken"
+    assert kernel and all(kernel), "label smoothing with masked entries left the kernel's rows"
     want, want_g = _ce_reference(x, w, b, lab, softcap, stats=True, eps=0.15)
     for k, (o, r) in enumerate(zip(outs, want)):
         _close(o.double(), r.reshape(o.shape), 1e-5, f"output {k} vs fp64")

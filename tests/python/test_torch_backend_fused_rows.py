@@ -5,13 +5,16 @@ tolerances of test_torch_backend.py, through the public functions and autograd."
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import divkit
 from conftest import KIND_CASES, case_id, logits
-from divkit import _device
+from divkit import _device, cuda_checks
 from divkit.backends import torch_ops
+from test_fused_linear_masked_bias import MASKED, _ce_reference, _data
 from test_torch_backend import compare, sparse_teacher
 
 
@@ -251,6 +254,76 @@ def test_fused_linear_cross_entropy_core_rows(
         out.append((loss.detach(), *[x.grad for x in xs], *stats))
     assert "core_label" in core_rows
     compare(out[0], out[1])
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"label_smoothing": 0.1},
+        {"label_smoothing": 0.2, "softcap": 3.0, "return_stats": True},
+        {"label_smoothing": 0.1, "lse_square_scale": 1e-2, "reduction": "none"},
+        {"label_smoothing": 0.3, "softcap": 8.0, "reduction": "sum"},
+    ],
+)
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fused_linear_cross_entropy_core_rows_masked_smoothing(
+    core_rows, monkeypatch, opts, deferred
+):
+    # Label smoothing with -inf bias entries (masked vocabulary rows) on the kernel's rows: the
+    # kernel spreads eps over the V' = V - 3 unmasked entries (smooth_unmasked) in every chunk
+    # (no PyTorch rows, inside deferred_checks too), and matches the C++ head and a float64
+    # reference over the unmasked entries only.
+    kw = []
+    real = torch_ops._label_rows
+
+    def spy(*a, **k):
+        kw.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch_ops, "_label_rows", spy)
+    x, w, b, lab = _data(n=13, seed=21)  # lab[2] is ignore_index
+    x = x * 2
+    out = {}
+    for backend in ("core", "torch"):
+        xs = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        with cuda_checks.deferred_checks() if deferred else contextlib.nullcontext():
+            res = divkit.fused_linear_cross_entropy(
+                xs[0], xs[1], lab, bias=xs[2], chunk_size=4, backend=backend, **opts
+            )
+        res = res if isinstance(res, tuple) else (res,)
+        (0.3 * res[0].double()).sum().backward()
+        out[backend] = ([r.detach() for r in res], [t.grad for t in xs])
+    # Every chunk (4 of 13 tokens) of each pass takes the kernel's rows (reduction="none": a
+    # forward pass, then a pass weighted by the upstream gradient).
+    assert len(kw) == (8 if opts.get("reduction") == "none" else 4)
+    assert all(k["smooth_unmasked"] for k in kw)
+    compare(
+        (*out["core"][0], *out["core"][1]),
+        (*out["torch"][0], *out["torch"][1]),
+    )
+    want, want_g = _ce_reference(
+        x,
+        w,
+        b,
+        lab,
+        opts.get("softcap"),
+        zsq=opts.get("lse_square_scale", 0.0),
+        reduction=opts.get("reduction", "mean"),
+        stats=opts.get("return_stats", False),
+        eps=opts["label_smoothing"],
+    )
+    outs, grads = out["torch"]
+    assert torch.isfinite(outs[0]).all()
+    for k, (o, r) in enumerate(zip(outs, want)):
+        r = r.reshape(o.shape)
+        err = float((o.double() - r).abs().max())
+        assert err <= 1e-5 * (1.0 + float(r.abs().max())), f"output {k}: {err:.3g}"
+    for k, (g, r) in enumerate(zip(grads, want_g)):
+        err = float((g.double() - r).abs().max())
+        assert err <= 1e-5 * float(r.abs().max()), f"gradient {k}: {err:.3g}"
+    # The masked rows of the weight and bias take exactly no gradient.
+    assert torch.equal(grads[2][list(MASKED)], torch.zeros(len(MASKED)))
+    assert torch.equal(grads[1][list(MASKED)], torch.zeros(len(MASKED), x.shape[1]))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -1650,29 +1650,18 @@ def fused_linear_cross_entropy(
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
     entropy = torch.zeros(n, dtype=torch.float32, device=dev) if return_stats else None
     scale = torch.where(act, plan.weight / plan.divisor, torch.zeros_like(plan.weight))
-    # Label smoothing with masked entries (-inf bias) takes the PyTorch rows below, which spread
-    # it over the unmasked entries; the label-row kernel's smoothing statistic and coefficient
-    # are over every entry.
-    # Deciding reads the bias back once per call; inside deferred_checks (no host reads) any
-    # bias with label smoothing takes the PyTorch rows.
-    from .. import cuda_checks
-
-    core_rows_ok = not (
-        eps != 0.0
-        and b is not None
-        and (
-            (b.device.type != "cpu" and not cuda_checks.check_finite())
-            or bool(torch.isneginf(b).any())
-        )
-    )
     for a in range(0, n, rows):
         e = min(n, a + rows)
         ca = act[a:e]
         hc = head.rows(a, e)
         x = head.logits(hc)
-        if shard is None and core_rows_ok and _core_label_rows(route, x):
+        if shard is None and _core_label_rows(route, x):
             # divkit's row kernel: statistics, and the gradient (scale folded into the
-            # coefficients) written over x.
+            # coefficients) written over x. Label smoothing spreads over the V' unmasked entries
+            # of each row (smooth_unmasked: a -inf bias entry is not in the vocabulary): the
+            # kernel's mean_z is over them and it gives each the c of -eps s / V' (c V / V'),
+            # as the PyTorch rows below; without a masked entry, the same bits as
+            # smoothing over every entry.
             c = e - a
             s = scale[a:e]
             lse, zy = _f64_rows(c, dev), _f64_rows(c, dev)
@@ -1697,6 +1686,7 @@ def fused_linear_cross_entropy(
                 entropy=ent,
                 ignore_index=cfg.ignore_index,
                 softcap=cap,
+                smooth_unmasked=eps != 0.0,
                 **coef,
             )
             loss_r = (1.0 - eps) * (lse - zy)
