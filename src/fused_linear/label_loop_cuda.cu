@@ -71,7 +71,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The gradient coefficients of label_rows per token. Cross-entropy, s = w_i / divisor:
-// a0 = s, a1 = 2 s z_loss, b = -s (1 - eps), c = -s eps / V; log-probs backward: a0 = -g,
+// a0 = s, a1 = 2 s z_loss, b = -s (1 - eps), c = -s eps / V (the kernel's smooth_unmasked turns it
+// into -s eps / V' over the V' unmasked entries); log-probs backward: a0 = -g,
 // b = g, c = 0, e = -g_entropy.
 __global__ void __launch_bounds__(kThreads)
     coef_kernel(RowReduce r, Rows w, bool backward, Upstream g, Upstream ge, double eps, double zl,
@@ -296,6 +297,8 @@ void label_head_cuda(const LabelHeadCudaJob& job, int device) {
       a.coef_b = device_vector(w.b, r0, rows, device);
       a.coef_c = device_vector(w.c, r0, rows, device);
       a.coef_e = device_vector(w.e, r0, rows, device);
+      // Label smoothing spreads over the unmasked entries (c = -s eps / V becomes -s eps / V').
+      a.smooth_unmasked = want_mean;
       a.first_token = r0;
       a.stream = job.stream;
       a.check_finite = false;  // read once, after the loop

@@ -271,6 +271,8 @@ TEST(CudaEmulatedFusedHead, CrossEntropyMatchesTheCpu) {
   c.masked = true;  // a -inf bias entry without smoothing
   c.softcap = 3.0f;
   check_head(Op::cross_entropy, c);
+  c.eps = 0.2f;  // smoothing over the unmasked entries, as the CPU head
+  check_head(Op::cross_entropy, c);
   c = HeadCase{};
   c.bias = false;
   c.chunk = 0;  // the chosen chunk: one chunk here
