@@ -429,7 +429,7 @@ bool gradient_output(const char* name, const TensorView& grad, const char* input
 
 void divergence_cuda(const TensorView& student, const TensorView& teacher,
                      const DivergenceSpec& spec, const DivergenceOptions& options,
-                     const DivergenceOutputs& outputs) {
+                     const DivergenceOutputs& outputs, bool scratch_inputs) {
   validate_spec(spec);
   check_logit_pair(kFn, cuda::shape_only(student), cuda::shape_only(teacher));
   const int64_t n = student.shape[0], v = student.shape[1];
@@ -490,7 +490,8 @@ void divergence_cuda(const TensorView& student, const TensorView& teacher,
       launch_rows_of(s, q, stream);
     };
     // check_finite off: nothing read back, nothing waited for (CUDA graph capture).
-    cuda_common::run_rows(kFn, p.r, outputs.loss, in_place, launch, ws, bad, stream);
+    cuda_common::run_rows(kFn, p.r, outputs.loss, in_place && !scratch_inputs, launch, ws, bad,
+                          stream);
   } catch (...) {
     if (ws != nullptr) cudaFreeAsync(ws, stream);
     throw;

@@ -6,8 +6,11 @@
 
 namespace divkit::detail {
 
+// scratch_inputs: the logits are the caller's own scratch buffers (the fused heads' chunks), so a
+// gradient written over them needs no check-only pass first (which keeps a caller's logits intact
+// when a bad row raises).
 void divergence_cuda(const TensorView& student, const TensorView& teacher,
                      const DivergenceSpec& spec, const DivergenceOptions& options,
-                     const DivergenceOutputs& outputs);
+                     const DivergenceOutputs& outputs, bool scratch_inputs = false);
 
 }  // namespace divkit::detail

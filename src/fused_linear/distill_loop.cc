@@ -8,10 +8,12 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/cuda_device.h"
 #include "divkit/fused_linear.h"
 #include "divkit/runtime.h"
 #include "divkit/sparse.h"
 #include "fused_linear/arguments.h"
+#include "fused_linear/distill_loop_cuda.h"
 #include "fused_linear/head_grads.h"
 #include "fused_linear/label_kernels.h"
 #include "fused_linear/vocab_parallel.h"
@@ -303,6 +305,35 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
                              const LinearHeadGrads& student_grads,
                              const LinearHeadGrads& teacher_grads) {
   constexpr const char* fn = "fused_linear_divergence";
+  const cuda::Placement where =
+      cuda::placement(fn, {{"student_hidden", &student.hidden},
+                           {"student_weight", &student.weight},
+                           {"student_bias", &student.bias},
+                           {"grad_student_hidden", &student_grads.hidden},
+                           {"grad_student_weight", &student_grads.weight},
+                           {"grad_student_bias", &student_grads.bias},
+                           {"teacher_hidden", &teacher.hidden},
+                           {"teacher_weight", &teacher.weight},
+                           {"teacher_bias", &teacher.bias},
+                           {"grad_teacher_hidden", &teacher_grads.hidden},
+                           {"grad_teacher_weight", &teacher_grads.weight},
+                           {"grad_teacher_bias", &teacher_grads.bias},
+                           {"labels", &options.labels},
+                           {"weights", &options.weights},
+                           {"teacher_token_ids", &fused.teacher_token_ids},
+                           {"loss", &loss}});
+  if (where.device == Device::cuda) {
+#if DIVKIT_HAS_CUDA
+    if (fused.shard.active())
+      fail(fn,
+           "a vocabulary-parallel shard is not supported on CUDA views by the C++ core (the "
+           "Python package's process_group= path runs it on CUDA tensors)");
+    return detail::distill_head_cuda(student, teacher, spec, options, fused, loss, student_grads,
+                                     teacher_grads, where.index);
+#else
+    cuda::not_built(fn);
+#endif
+  }
   check::divergence_spec(fn, spec);
   const int64_t v =
       student.weight.defined() && student.weight.ndim == 2 ? student.weight.shape[0] : 0;

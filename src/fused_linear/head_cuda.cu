@@ -92,36 +92,36 @@ const char* at(const char* base, int64_t elems, DType dt) {
 
 }  // namespace
 
-void check_head(const char* fn, const LinearHead& head, const LinearHeadGrads& grads) {
-  auto need = [&](const TensorView& t, const char* name) {
-    if (!t.defined()) check::fail(fn, std::string(name) + " is required");
-    check::float_matrix(fn, name, cuda::shape_only(t));
+void check_head(const char* fn, const LinearHead& head, const LinearHeadGrads& grads,
+                const std::string& prefix) {
+  const std::string hn = prefix + "hidden", wn = prefix + "weight", bn = prefix + "bias";
+  auto need = [&](const TensorView& t, const std::string& name) {
+    if (!t.defined()) check::fail(fn, name + " is required");
+    check::float_matrix(fn, name.c_str(), cuda::shape_only(t));
   };
-  need(head.hidden, "hidden");
-  need(head.weight, "weight");
+  need(head.hidden, hn);
+  need(head.weight, wn);
   const TensorView& h = head.hidden;
   const TensorView& w = head.weight;
   if (h.shape[1] != w.shape[1])
-    check::fail(fn, "hidden " + check::shape_string(h) + " and weight " + check::shape_string(w) +
-                        " disagree on the hidden size H");
-  if (w.shape[0] == 0) check::fail(fn, "weight has V = 0 rows (an empty vocabulary)");
+    check::fail(fn, hn + " " + check::shape_string(h) + " and " + wn + " " +
+                        check::shape_string(w) + " disagree on the hidden size H");
+  if (w.shape[0] == 0) check::fail(fn, wn + " has V = 0 rows (an empty vocabulary)");
   if (w.dtype == DType::f64)
-    check::fail(fn,
-                "weight is float64, which has no CUDA GEMM in divkit's core (float32, bfloat16 "
-                "or float16 on CUDA)");
+    check::fail(fn, wn + " is float64, which has no CUDA GEMM in divkit's core (float32, bfloat16 "
+                         "or float16 on CUDA)");
   if (h.dtype != w.dtype)
-    check::fail(fn, std::string("hidden (") + dtype_name(h.dtype) + ") and weight (" +
-                        dtype_name(w.dtype) +
+    check::fail(fn, hn + " (" + dtype_name(h.dtype) + ") and " + wn + " (" + dtype_name(w.dtype) +
                         ") must have one dtype on CUDA (the operands of the GEMMs)");
-  for (auto [t, name] : {std::pair{&h, "hidden"}, std::pair{&w, "weight"}}) {
-    if (!unit_cols(*t)) check::fail(fn, std::string(name) + " must have unit stride along H");
+  for (auto [t, name] : {std::pair{&h, &hn}, std::pair{&w, &wn}}) {
+    if (!unit_cols(*t)) check::fail(fn, *name + " must have unit stride along H");
     if (ld_of(*t) < t->shape[1])
-      check::fail(fn, std::string(name) + " has overlapping rows (row stride " +
-                          std::to_string(t->strides[0]) + " < H = " + std::to_string(t->shape[1]) +
+      check::fail(fn, *name + " has overlapping rows (row stride " + std::to_string(t->strides[0]) +
+                          " < H = " + std::to_string(t->shape[1]) +
                           "), which the CUDA GEMMs cannot read");
   }
   if (head.bias.defined())
-    check::vector_of(fn, "bias", cuda::shape_only(head.bias), w.shape[0],
+    check::vector_of(fn, bn.c_str(), cuda::shape_only(head.bias), w.shape[0],
                      {DType::f32, DType::f64, DType::bf16, DType::f16});
   auto out = [&](const TensorView& g, const TensorView& in, const std::string& name) {
     if (!g.defined()) return;
@@ -134,11 +134,11 @@ void check_head(const char* fn, const LinearHead& head, const LinearHeadGrads& g
                           check::shape_string(g));
     if (g.ndim == 2) check::float_matrix(fn, name.c_str(), cuda::shape_only(g), true);
   };
-  out(grads.hidden, h, "grad_hidden");
-  out(grads.weight, w, "grad_weight");
+  out(grads.hidden, h, "grad_" + hn);
+  out(grads.weight, w, "grad_" + wn);
   if (grads.bias.defined() && !head.bias.defined())
-    check::fail(fn, "grad_bias is given but bias is not");
-  out(grads.bias, head.bias, "grad_bias");
+    check::fail(fn, "grad_" + bn + " is given but " + bn + " is not");
+  out(grads.bias, head.bias, "grad_" + bn);
 }
 
 DeviceHead::DeviceHead(const char* fn, const LinearHead& head, const LinearHeadGrads& grads,

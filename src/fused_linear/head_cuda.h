@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "divkit/fused_linear.h"
 
@@ -22,8 +23,9 @@ namespace divkit::fused_cuda {
 
 // The checks of a head (and its gradient outputs) on CUDA: shapes, dtypes and layouts only
 // (the host reads nothing of the device). A float64 head, hidden and weight of different dtypes,
-// or a non-unit stride along H is an Error naming the argument.
-void check_head(const char* fn, const LinearHead& head, const LinearHeadGrads& grads);
+// or a non-unit stride along H is an Error naming the argument (`prefix` + "hidden", ...).
+void check_head(const char* fn, const LinearHead& head, const LinearHeadGrads& grads,
+                const std::string& prefix = "");
 
 class DeviceHead {
  public:

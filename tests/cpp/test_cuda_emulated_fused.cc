@@ -13,10 +13,12 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/cuda_emulator_control.h"
 #include "cuda_emulated_util.h"
+#include "divkit/divergence.h"
 #include "divkit/fused_linear.h"
 #include "test_util.h"
 
@@ -395,6 +397,232 @@ TEST(CudaEmulatedFusedHead, ArgumentsTheCudaLoopRefuses) {
   s = {};
   s.label_smoothing = 1.0f;
   EXPECT_NE(call(head, s).find("label_smoothing must be in [0, 1)"), std::string::npos);
+}
+
+// ---- fused_linear_divergence -------------------------------------------------------------
+
+struct DistillCase {
+  DivergenceSpec spec;
+  int64_t n = 7, v = 29, hs = 11, ht = 13;
+  DType dtype = DType::f32;
+  int64_t chunk = 3;
+  bool bias = true, labels = true, weights = false, teacher_grads = true;
+  float hard_weight = 0.0f, soft_weight = 1.0f;
+  Reduction reduction = Reduction::mean;
+};
+
+std::string describe(const DistillCase& c) {
+  return std::string(divkit::divergence_kind_name(c.spec.kind)) + " " +
+         divkit::dtype_name(c.dtype) + " T " + std::to_string(c.spec.temperature) + " hard " +
+         std::to_string(c.hard_weight) + " soft " + std::to_string(c.soft_weight) + " reduction " +
+         std::to_string(static_cast<int>(c.reduction)) + " chunk " + std::to_string(c.chunk) +
+         (c.weights ? " weights" : "");
+}
+
+struct DistillInputs {
+  HostMatrix sh, sw, th, tw;
+  std::vector<float> sb, tb, token_weights;
+  std::vector<int64_t> labels;
+};
+
+DistillInputs make_distill_inputs(const DistillCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  DistillInputs in;
+  auto fill = [&](HostMatrix& m, int64_t rows, int64_t cols, double scale) {
+    m = HostMatrix(rows, cols, c.dtype);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) m.set(i, j, scale * nd(rng));
+  };
+  fill(in.sh, c.n, c.hs, 1.0);
+  fill(in.sw, c.v, c.hs, 0.5);
+  fill(in.th, c.n, c.ht, 1.0);
+  fill(in.tw, c.v, c.ht, 0.5);
+  for (int64_t j = 0; j < c.v; ++j) {
+    in.sb.push_back(static_cast<float>(0.3 * nd(rng)));
+    in.tb.push_back(static_cast<float>(0.3 * nd(rng)));
+  }
+  std::uniform_int_distribution<int64_t> lab(0, c.v - 1);
+  for (int64_t i = 0; i < c.n; ++i) {
+    in.labels.push_back(lab(rng));
+    in.token_weights.push_back(static_cast<float>(0.5 + (i % 4) * 0.25));
+  }
+  if (c.n > 2) in.labels[2] = -100;
+  return in;
+}
+
+struct DistillRun {
+  std::vector<double> loss, sgh, sgw, sgb, tgh, tgw, tgb;
+};
+
+DistillRun run_distill(const DistillCase& c, DistillInputs& in, bool cuda,
+                       bool check_finite = true) {
+  LinearHead s{placed(in.sh.view(), cuda), placed(in.sw.view(), cuda), {}};
+  LinearHead t{placed(in.th.view(), cuda), placed(in.tw.view(), cuda), {}};
+  if (c.bias) {
+    s.bias = placed(TensorView::vector(in.sb.data(), DType::f32, c.v), cuda);
+    t.bias = placed(TensorView::vector(in.tb.data(), DType::f32, c.v), cuda);
+  }
+  HostMatrix sgh(c.n, c.hs, DType::f32), sgw(c.v, c.hs, DType::f32), tgh(c.n, c.ht, DType::f32),
+      tgw(c.v, c.ht, DType::f32);
+  OutVec sgb(c.v, DType::f32), tgb(c.v, DType::f32);
+  LinearHeadGrads sg{placed(sgh.view(), cuda), placed(sgw.view(), cuda),
+                     c.bias ? sgb.view(cuda) : TensorView{}};
+  LinearHeadGrads tg;
+  if (c.teacher_grads)
+    tg = {placed(tgh.view(), cuda), placed(tgw.view(), cuda),
+          c.bias ? tgb.view(cuda) : TensorView{}};
+  divkit::DivergenceOptions o;
+  if (c.labels) o.labels = placed(TensorView::vector(in.labels.data(), DType::i64, c.n), cuda);
+  if (c.weights)
+    o.weights = placed(TensorView::vector(in.token_weights.data(), DType::f32, c.n), cuda);
+  o.reduction = c.reduction;
+  o.check_finite = check_finite;
+  divkit::FusedLinearOptions f;
+  f.chunk_size = c.chunk;
+  f.hard_weight = c.hard_weight;
+  f.soft_weight = c.soft_weight;
+  OutVec loss(c.reduction == Reduction::none ? c.n : 1, DType::f64);
+  divkit::fused_linear_divergence(s, t, c.spec, o, f, loss.view(cuda), sg, tg);
+  DistillRun r;
+  r.loss = loss.values();
+  r.sgh = sgh.values();
+  r.sgw = sgw.values();
+  if (c.bias) r.sgb = sgb.values();
+  if (c.teacher_grads) {
+    r.tgh = tgh.values();
+    r.tgw = tgw.values();
+    if (c.bias) r.tgb = tgb.values();
+  }
+  return r;
+}
+
+void check_distill(const DistillCase& c, uint32_t seed = 1) {
+  const std::string what = describe(c);
+  DistillInputs in = make_distill_inputs(c, seed);
+  const DistillRun cpu = run_distill(c, in, false);
+  const long long launches = divkit::cuda_emu::launch_count();
+  DistillRun fwd, rev;
+  {
+    EmulatorOrder order(false);
+    fwd = run_distill(c, in, true);
+  }
+  EXPECT_GT(divkit::cuda_emu::launch_count(), launches) << what << ": no kernel ran";
+  {
+    EmulatorOrder order(true);
+    rev = run_distill(c, in, true);
+  }
+  for (auto [a, b, name] : {std::tuple{&fwd.loss, &rev.loss, "loss"},
+                            {&fwd.sgh, &rev.sgh, "grad_student_hidden"},
+                            {&fwd.sgw, &rev.sgw, "grad_student_weight"},
+                            {&fwd.sgb, &rev.sgb, "grad_student_bias"},
+                            {&fwd.tgh, &rev.tgh, "grad_teacher_hidden"},
+                            {&fwd.tgw, &rev.tgw, "grad_teacher_weight"},
+                            {&fwd.tgb, &rev.tgb, "grad_teacher_bias"}})
+    expect_same_values(*a, *b, what + " reverse order " + name);
+  const double rtol = c.dtype == DType::f32 ? 2e-5 : c.dtype == DType::bf16 ? 2e-2 : 4e-3;
+  expect_close(fwd.loss, cpu.loss, 2e-5, what + " loss");
+  for (auto [a, b, name] : {std::tuple{&fwd.sgh, &cpu.sgh, "grad_student_hidden"},
+                            {&fwd.sgw, &cpu.sgw, "grad_student_weight"},
+                            {&fwd.sgb, &cpu.sgb, "grad_student_bias"},
+                            {&fwd.tgh, &cpu.tgh, "grad_teacher_hidden"},
+                            {&fwd.tgw, &cpu.tgw, "grad_teacher_weight"},
+                            {&fwd.tgb, &cpu.tgb, "grad_teacher_bias"}})
+    expect_close(*a, *b, rtol, what + " " + name);
+}
+
+TEST(CudaEmulatedFusedHead, DistillEveryKindMatchesTheCpu) {
+  for (int k = 0; k < divkit::kNumDivergenceKinds; ++k) {
+    DistillCase c;
+    c.spec.kind = static_cast<DivergenceKind>(k);
+    c.spec.alpha = 0.7f;
+    c.spec.beta = 0.3f;
+    check_distill(c);
+  }
+}
+
+TEST(CudaEmulatedFusedHead, DistillOptionsMatchTheCpu) {
+  DistillCase c;
+  c.spec.kind = DivergenceKind::jsd;
+  c.spec.temperature = 2.0f;
+  c.spec.scale_by_t_squared = true;
+  c.weights = true;
+  for (Reduction r : {Reduction::none, Reduction::sum, Reduction::mean, Reduction::batchmean}) {
+    c.reduction = r;
+    check_distill(c);
+  }
+  c.reduction = Reduction::mean;
+  c.hard_weight = 0.4f;  // the hard term beside the soft one
+  check_distill(c);
+  c.soft_weight = 0.0f;  // the hard term alone: zero teacher gradients
+  check_distill(c);
+  c.hard_weight = 0.0f;  // neither: zero loss and gradients
+  check_distill(c);
+  c = DistillCase{};
+  c.labels = false;
+  c.bias = false;
+  c.teacher_grads = false;
+  c.chunk = 0;
+  check_distill(c);
+  for (DType dt : {DType::bf16, DType::f16}) {
+    c = DistillCase{};
+    c.dtype = dt;
+    c.hard_weight = 0.5f;
+    c.n = 9;
+    c.hs = c.ht = 16;
+    check_distill(c, 4);
+  }
+}
+
+TEST(CudaEmulatedFusedHead, DistillBadInputRaisesTheCpuError) {
+  DistillCase c;
+  c.hard_weight = 0.5f;
+  c.weights = true;
+  auto error_of = [&](DistillInputs& in, bool cuda) {
+    try {
+      run_distill(c, in, cuda);
+    } catch (const divkit::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  DistillInputs in = make_distill_inputs(c, 9);
+  in.labels[4] = c.v + 3;
+  EXPECT_EQ(error_of(in, true), error_of(in, false));
+  EXPECT_NE(error_of(in, true).find("labels[4] = 32 is out of range"), std::string::npos);
+  in = make_distill_inputs(c, 9);
+  in.token_weights[3] = std::nanf("");
+  EXPECT_EQ(error_of(in, true), error_of(in, false));
+  in = make_distill_inputs(c, 9);
+  in.th.set(5, 1, std::numeric_limits<double>::infinity());
+  // The CPU checks the hidden states as it converts them; CUDA sees the logits they make (row 2
+  // of the chunk that starts at token 3).
+  const std::string gpu = error_of(in, true);
+  EXPECT_NE(error_of(in, false).find("teacher_hidden contains NaN or inf at row 5"),
+            std::string::npos);
+  EXPECT_NE(gpu.find("fused_linear_divergence: in the chunk of tokens starting at 3"),
+            std::string::npos)
+      << gpu;
+  EXPECT_NE(gpu.find("teacher_logits contains NaN or +inf at row 2"), std::string::npos) << gpu;
+  DistillRun r = run_distill(c, in, true, /*check_finite=*/false);
+  EXPECT_TRUE(std::isnan(r.loss[0]));
+  // What the core's CUDA loop refuses.
+  c.soft_weight = 1.0f;
+  in = make_distill_inputs(c, 9);
+  LinearHead s{placed(in.sh.view(), true), placed(in.sw.view(), true), {}};
+  LinearHead t{placed(in.th.view(), true), placed(in.tw.view(), true), {}};
+  std::vector<double> loss(1);
+  divkit::FusedLinearOptions f;
+  std::vector<int64_t> ids(c.v);
+  f.teacher_token_ids = placed(TensorView::vector(ids.data(), DType::i64, c.v), true);
+  try {
+    divkit::fused_linear_divergence(s, t, c.spec, {}, f,
+                                    placed(TensorView::vector(loss.data(), DType::f64, 1), true));
+    ADD_FAILURE() << "teacher_token_ids on CUDA did not raise";
+  } catch (const divkit::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no CUDA loop in the core"), std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace

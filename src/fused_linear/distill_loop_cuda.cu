@@ -1,0 +1,350 @@
+// The CUDA chunk loop of fused_linear_divergence (fused_linear.h): per chunk of tokens, both
+// heads' logits by the device GEMM (head_cuda.h), the soft term by divkit's CUDA divergence
+// kernel (divergence_cuda.cu: per-token losses, the student's and teacher's logit gradients
+// written over the chunks), the optional hard-label cross-entropy (T = 1) by the label-row kernel
+// (label_cuda.cu), then each head's gradient GEMMs. The per-token weights of both terms are
+// computed on the device before the loop, the loss after it.
+//
+// Checks: the soft term's (NaN / +inf logits, rows without mass, non-finite weights) are read by
+// the divergence kernel after each chunk when options.check_finite is on (one synchronization per
+// chunk), with the CPU loop's message; the labels' range and the hard term's logits are device
+// flags read once at the end. check_finite = false reads nothing: a bad input gives a NaN loss.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/check.h"
+#include "core/cuda_common.cuh"
+#include "core/cuda_device.h"
+#include "core/reduction.h"
+#include "divergence/divergence_cuda.h"
+#include "fused_linear/arguments.h"
+#include "fused_linear/distill_loop_cuda.h"
+#include "fused_linear/head_cuda.h"
+#include "fused_linear/label_cuda.h"
+
+namespace divkit::detail {
+namespace {
+
+using namespace cuda_common;  // NOLINT(build/namespaces): the shared device helpers
+
+constexpr int64_t kMaxBlocks = 4096;
+
+enum Flag : int { kBadLabel, kBadWeight, kNonFinite, kFlags };
+
+unsigned grid_for(int64_t n) {
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, kMaxBlocks)));
+}
+
+// The per-token fp64 vectors of the call, [n] each (nullptr: not needed).
+struct Rows {
+  double* soft_w = nullptr;     // soft_weight w_i / divisor, 0 at ignored tokens
+  double* soft_loss = nullptr;  // the soft term's per-token loss (weighted)
+  double* hard_w = nullptr;     // hard_weight w_i / divisor, 0 at ignored tokens
+  double* minus_hard_w = nullptr;
+  double* zero = nullptr;
+  double* lse = nullptr;
+  double* zy = nullptr;
+};
+
+// The labels' range (when the hard term reads them) and the per-token weights of both terms.
+__global__ void __launch_bounds__(kThreads)
+    weights_kernel(RowReduce r, Rows w, int64_t v, double soft_weight, double hard_weight,
+                   bool check_range, unsigned long long* flags) {
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < r.n;
+       i += int64_t{gridDim.x} * kThreads) {
+    const bool on = row_active(r, i);
+    if (check_range && on) {
+      const int64_t y = load_index(r.labels, r.labels_dtype, i * r.labels_stride);
+      if (y < 0 || y >= v) atomicMin(&flags[kBadLabel], static_cast<unsigned long long>(i));
+    }
+    const double s = on ? row_weight(r, i) / *r.divisor : 0.0;
+    if (w.soft_w != nullptr) w.soft_w[i] = soft_weight * s;
+    if (w.hard_w != nullptr) {
+      w.hard_w[i] = hard_weight * s;
+      w.minus_hard_w[i] = -(hard_weight * s);
+      w.zero[i] = 0.0;
+    }
+  }
+}
+
+// z += g over [rows, v] (the soft term's gradient added to the hard term's).
+__global__ void __launch_bounds__(kThreads) add_kernel(float* z, const float* g, int64_t count) {
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * kThreads)
+    z[i] += g[i];
+}
+
+// The loss: per token (soft loss + hard_w (lse - z_y)), written for reduction none, else summed
+// in a fixed order (one block). The hard term's check: a NaN lse at a counted token.
+__global__ void __launch_bounds__(kThreads)
+    loss_kernel(RowReduce r, Rows w, bool none, void* loss, DType loss_dtype, int64_t loss_stride,
+                unsigned long long* flags) {
+  __shared__ double sh[kWarps];
+  auto put = [&](int64_t i, double x) {
+    if (loss_dtype == DType::f64) static_cast<double*>(loss)[i * loss_stride] = x;
+    else static_cast<float*>(loss)[i * loss_stride] = static_cast<float>(x);
+  };
+  double total = 0.0;
+  for (int64_t i = threadIdx.x; i < r.n; i += kThreads) {
+    const bool on = row_active(r, i);
+    double l = w.soft_loss != nullptr ? w.soft_loss[i] : 0.0;
+    if (w.hard_w != nullptr && on) {
+      if (isnan(w.lse[i])) atomicMin(&flags[kNonFinite], static_cast<unsigned long long>(i));
+      l += w.hard_w[i] * (w.lse[i] - w.zy[i]);
+    }
+    if (none) put(i, l);
+    else total += l;
+  }
+  if (none) return;
+  total = block_reduce(total, SumOp{}, sh);
+  if (threadIdx.x == 0) put(0, total);
+}
+
+// After loss_kernel: without the host's check, a failed check shows as a NaN loss.
+__global__ void poison_kernel(const unsigned long long* flags, int64_t count, void* loss,
+                              DType loss_dtype, int64_t loss_stride) {
+  bool bad = false;
+  for (int k = 0; k < kFlags; ++k) bad |= flags[k] != kNone;
+  if (!bad) return;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    if (loss_dtype == DType::f64) static_cast<double*>(loss)[i * loss_stride] = nan("");
+    else static_cast<float*>(loss)[i * loss_stride] = nanf("");
+  }
+}
+
+TensorView on_device(TensorView t, int device) {
+  t.device = Device::cuda;
+  t.device_index = device;
+  return t;
+}
+
+TensorView device_vector(double* p, int64_t r0, int64_t rows, int device) {
+  if (p == nullptr) return {};
+  return on_device(TensorView::vector(p + r0, DType::f64, rows), device);
+}
+
+TensorView device_matrix(float* p, int64_t rows, int64_t v, int device) {
+  return on_device(TensorView::matrix(p, DType::f32, rows, v), device);
+}
+
+class Workspace {
+ public:
+  Workspace(const char* fn, size_t bytes, cudaStream_t s) : s_(s) {
+    check_cuda(fn, cudaMallocAsync(&p_, bytes, s), "cudaMallocAsync");
+  }
+  ~Workspace() { cudaFreeAsync(p_, s_); }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  char* get() const { return static_cast<char*>(p_); }
+
+ private:
+  void* p_ = nullptr;
+  cudaStream_t s_;
+};
+
+}  // namespace
+
+void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
+                       const DivergenceSpec& spec, const DivergenceOptions& options,
+                       const FusedLinearOptions& fused, const TensorView& loss,
+                       const LinearHeadGrads& student_grads, const LinearHeadGrads& teacher_grads,
+                       int device) {
+  constexpr const char* fn = "fused_linear_divergence";
+  check::divergence_spec(fn, spec);
+  fused_cuda::check_head(fn, student, student_grads, "student_");
+  fused_cuda::check_head(fn, teacher, teacher_grads, "teacher_");
+  const int64_t n = student.hidden.shape[0], v = student.weight.shape[0];
+  if (teacher.hidden.shape[0] != n)
+    check::fail(fn, "teacher_hidden has " + std::to_string(teacher.hidden.shape[0]) +
+                        " tokens, expected " + std::to_string(n) + " (as student_hidden)");
+  if (teacher.weight.shape[0] != v)
+    check::fail(fn, "student_weight has V = " + std::to_string(v) + " rows and teacher_weight " +
+                        std::to_string(teacher.weight.shape[0]) +
+                        ": the vocabularies differ (teacher_token_ids has no CUDA loop in the "
+                        "core)");
+  const FusedLabelTerms& terms = fused.terms;
+  if (fused.teacher_token_ids.defined() || terms.student_logprobs.defined() ||
+      terms.teacher_logprobs.defined() || terms.hard_weights.defined() ||
+      terms.kept_student.defined() || terms.kept_teacher.defined() || terms.accumulate_weight_grads)
+    check::fail(fn,
+                "teacher_token_ids and the label terms (log-probs, per-token hard weights, kept "
+                "logits, accumulated weight gradients) have no CUDA loop in the core");
+  if (!std::isfinite(fused.hard_weight) || !std::isfinite(fused.soft_weight))
+    check::fail(fn, "hard_weight and soft_weight must be finite");
+  const bool hard = fused.hard_weight != 0.0f, soft = fused.soft_weight != 0.0f;
+  if (hard && !options.labels.defined()) check::fail(fn, "hard_weight != 0 needs labels");
+  if (options.labels.defined())
+    check::vector_of(fn, "labels", cuda::shape_only(options.labels), n, {DType::i64, DType::i32});
+  if (options.weights.defined())
+    check::vector_of(fn, "weights", cuda::shape_only(options.weights), n, {DType::f32, DType::f64});
+  (void)reduce::divisor(fn, options.reduction, options.num_items_in_batch, n, n);  // the checks
+  reduce::check_loss_output(fn, cuda::shape_only(loss), options.reduction, n);
+
+  DeviceGuard guard(fn, device);
+  const auto s = reinterpret_cast<cudaStream_t>(options.stream);
+  const bool want_s = student_grads.hidden.defined() || student_grads.weight.defined() ||
+                      student_grads.bias.defined();
+  const bool want_t = soft && (teacher_grads.hidden.defined() || teacher_grads.weight.defined() ||
+                               teacher_grads.bias.defined());
+  const int64_t chunk = fused::choose_chunk(fused.chunk_size, n, v);
+  // The per-token vectors, the flags and the divisor; the soft gradient beside the student's
+  // logits when the hard term still needs them.
+  const int64_t vec = (std::max<int64_t>(n, 1) * 8 + 255) / 256 * 256;
+  const bool gsoft = soft && hard && want_s;
+  const int64_t gsoft_bytes = gsoft ? (chunk * v * 4 + 255) / 256 * 256 : 0;
+  Workspace ws(fn, static_cast<size_t>(7 * vec + 512 + gsoft_bytes), s);
+  char* p = ws.get();
+  auto take = [&](bool on) {
+    double* q = on ? reinterpret_cast<double*>(p) : nullptr;
+    p += vec;
+    return q;
+  };
+  Rows w;
+  w.soft_w = take(soft);
+  w.soft_loss = take(soft);
+  w.hard_w = take(hard);
+  w.minus_hard_w = take(hard);
+  w.zero = take(hard);
+  w.lse = take(hard);
+  w.zy = take(hard);
+  auto* flags = reinterpret_cast<unsigned long long*>(p);
+  auto* divisor = reinterpret_cast<double*>(p + 256);
+  float* const g_soft = gsoft ? reinterpret_cast<float*>(p + 512) : nullptr;
+
+  RowReduce r;
+  r.n = n;
+  if (options.labels.defined()) {
+    r.labels = options.labels.data;
+    r.labels_dtype = options.labels.dtype;
+    r.labels_stride = options.labels.strides[0];
+  }
+  r.ignore_index = options.ignore_index;
+  if (options.weights.defined()) {
+    r.weights = options.weights.data;
+    r.weights_dtype = options.weights.dtype;
+    r.weights_stride = options.weights.strides[0];
+  }
+  r.reduction = static_cast<int>(options.reduction);
+  r.num_items = options.num_items_in_batch;
+  r.divisor = divisor;
+  r.bad = flags;
+  r.bad_slots = kFlags;
+  r.weights_bad_slot = kBadWeight;
+  r.check_finite = options.check_finite;
+  check_cuda(fn, cudaMemsetAsync(flags, 0xFF, kFlags * sizeof(unsigned long long), s),
+             "cudaMemsetAsync");
+  launch_prep(fn, r, s);  // the divisor and the weights' check
+  if (n > 0) {
+    DIVKIT_LAUNCH(weights_kernel, grid_for(n), kThreads, 0, s)
+    (r, w, v, fused.soft_weight, fused.hard_weight, hard, flags);
+    check_cuda(fn, cudaGetLastError(), "the weights kernel launch");
+  }
+  if (options.check_finite && options.weights.defined()) {
+    // A bad weight raises before the soft term's chunks (as on the CPU, which reads them first).
+    unsigned long long bad_w = kNone;
+    check_cuda(
+        fn, cudaMemcpyAsync(&bad_w, flags + kBadWeight, sizeof(bad_w), cudaMemcpyDeviceToHost, s),
+        "cudaMemcpyAsync");
+    check_cuda(fn, cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    if (bad_w != kNone) fail_bad_weight(fn, r, bad_w);
+  }
+
+  {
+    const auto cs = reinterpret_cast<CUstream_st*>(s);
+    fused_cuda::DeviceHead hs(fn, student, student_grads, chunk, cs);
+    // Without the soft term the teacher's gradients are zeros (finish() with no chunk added).
+    fused_cuda::DeviceHead ht(fn, teacher, teacher_grads, chunk, cs);
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t rows = std::min(chunk, n - r0);
+      float* zs = hs.logits(r0, rows);
+      if (soft) {
+        float* zt = ht.logits(r0, rows);
+        DivergenceOptions o;
+        o.reduction = Reduction::none;
+        o.weights = device_vector(w.soft_w, r0, rows, device);
+        o.labels = fused::row_slice(options.labels, r0, rows);
+        o.ignore_index = options.ignore_index;
+        o.stream = options.stream;
+        o.check_finite = options.check_finite;
+        DivergenceOutputs out;
+        out.loss = device_vector(w.soft_loss, r0, rows, device);
+        if (want_s) out.grad_student = device_matrix(gsoft ? g_soft : zs, rows, v, device);
+        if (want_t) out.grad_teacher = device_matrix(zt, rows, v, device);
+        try {
+          divergence_cuda(device_matrix(zs, rows, v, device), device_matrix(zt, rows, v, device),
+                          spec, o, out, /*scratch_inputs=*/true);
+        } catch (const Error& e) {
+          fused::rethrow_chunk(fn, e, r0);
+        }
+        if (want_t) ht.add_grad_chunk(r0, rows);
+      }
+      if (hard) {
+        LabelRowsArgs a;
+        a.logits = device_matrix(zs, rows, v, device);
+        a.labels = fused::row_slice(options.labels, r0, rows);
+        a.ignore_index = options.ignore_index;
+        a.lse = device_vector(w.lse, r0, rows, device);
+        a.z_label = device_vector(w.zy, r0, rows, device);
+        if (want_s) {
+          a.coef_a0 = device_vector(w.hard_w, r0, rows, device);
+          a.coef_b = device_vector(w.minus_hard_w, r0, rows, device);
+          a.coef_c = device_vector(w.zero, r0, rows, device);
+        }
+        a.first_token = r0;
+        a.stream = options.stream;
+        a.check_finite = false;  // the flags are read at the end
+        label_rows_cuda(fn, a, device);
+        if (gsoft) {
+          DIVKIT_LAUNCH(add_kernel, grid_for(rows * v), kThreads, 0, s)(zs, g_soft, rows * v);
+          check_cuda(fn, cudaGetLastError(), "the add kernel launch");
+        }
+      } else if (!soft && want_s) {
+        check_cuda(fn, cudaMemsetAsync(zs, 0, static_cast<size_t>(rows * v) * sizeof(float), s),
+                   "cudaMemsetAsync");
+      }
+      hs.add_grad_chunk(r0, rows);
+    }
+    ht.finish();
+    hs.finish();
+  }
+  const bool none = options.reduction == Reduction::none;
+  DIVKIT_LAUNCH(loss_kernel, 1, kThreads, 0, s)
+  (r, w, none, loss.data, loss.dtype, loss.ndim ? loss.strides[0] : 0, flags);
+  check_cuda(fn, cudaGetLastError(), "the loss kernel launch");
+  if (!options.check_finite) {
+    DIVKIT_LAUNCH(poison_kernel, 1, kThreads, 0, s)
+    (flags, none ? n : 1, loss.data, loss.dtype, loss.ndim ? loss.strides[0] : 0);
+    check_cuda(fn, cudaGetLastError(), "the poison kernel launch");
+    return;
+  }
+  unsigned long long bad[kFlags];
+  check_cuda(fn, cudaMemcpyAsync(bad, flags, sizeof(bad), cudaMemcpyDeviceToHost, s),
+             "cudaMemcpyAsync");
+  check_cuda(fn, cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  if (bad[kBadLabel] != kNone) {
+    const int64_t i = static_cast<int64_t>(bad[kBadLabel]);
+    const size_t es = dtype_size(options.labels.dtype);
+    int64_t y = 0;
+    int32_t y32 = 0;
+    void* dst = es == 4 ? static_cast<void*>(&y32) : static_cast<void*>(&y);
+    check_cuda(fn,
+               cudaMemcpy(dst,
+                          static_cast<const char*>(options.labels.data) +
+                              i * options.labels.strides[0] * static_cast<int64_t>(es),
+                          es, cudaMemcpyDeviceToHost),
+               "cudaMemcpy");
+    if (es == 4) y = y32;
+    check::fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
+                        " is out of range [0, " + std::to_string(v) +
+                        ") and is not ignore_index (" + std::to_string(options.ignore_index) + ")");
+  }
+  if (bad[kNonFinite] != kNone)
+    check::fail(fn, "the student logits of token " + std::to_string(bad[kNonFinite]) +
+                        " are NaN, +inf or all -inf");
+}
+
+}  // namespace divkit::detail

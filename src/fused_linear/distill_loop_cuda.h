@@ -1,0 +1,15 @@
+// The CUDA chunk loop of fused_linear_divergence (distill_loop_cuda.cu), built with DIVKIT_CUDA:
+// every view on one CUDA device; distill_loop.cc dispatches here.
+#pragma once
+
+#include "divkit/fused_linear.h"
+
+namespace divkit::detail {
+
+void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
+                       const DivergenceSpec& spec, const DivergenceOptions& options,
+                       const FusedLinearOptions& fused, const TensorView& loss,
+                       const LinearHeadGrads& student_grads, const LinearHeadGrads& teacher_grads,
+                       int device);
+
+}  // namespace divkit::detail
