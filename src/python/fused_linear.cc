@@ -66,6 +66,8 @@ divkit::DivergenceOptions divergence_options(const char* fn, const FusedLinearOp
   o.weights = optional_view(fn, "weights", weights);
   o.reduction = divkit::parse_reduction(opt.reduction);
   o.num_items_in_batch = opt.num_items_in_batch;
+  o.stream = static_cast<std::uintptr_t>(opt.stream);
+  o.check_finite = opt.check_finite;
   return o;
 }
 

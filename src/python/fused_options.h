@@ -35,8 +35,9 @@ struct FusedLinearOptions {
   // None: not sharded.
   int rank = 0, world = 1;
   nb::object all_reduce = nb::none();
-  // The label heads on CUDA tensors: the stream (torch.cuda.current_stream(device).cuda_stream;
-  // 0 is the default stream) and whether the checks are read back (CrossEntropySpec).
+  // The core's CUDA loops (label heads, fused_linear_divergence) on CUDA tensors: the stream
+  // (torch.cuda.current_stream(device).cuda_stream; 0 is the default stream) and whether the
+  // checks are read back (CrossEntropySpec, DivergenceOptions).
   uint64_t stream = 0;
   bool check_finite = true;
 

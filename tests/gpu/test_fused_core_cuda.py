@@ -1,7 +1,8 @@
-"""The C++ core's CUDA chunk loop of the label heads (src/fused_linear/label_loop_cuda.cu, the
-device GEMMs of head_cuda.cu over cuBLAS) called through ``_C`` with CUDA tensors, against the
-same ``_C`` call on CPU tensors: loss, statistics and gradients of fused_linear_cross_entropy,
-fused_linear_logprobs and its backward (fp32, bf16, fp16 heads); two runs bitwise equal; the
+"""The C++ core's CUDA chunk loops (src/fused_linear/label_loop_cuda.cu and
+distill_loop_cuda.cu, the device GEMMs of head_cuda.cu over cuBLAS) called through ``_C`` with CUDA
+tensors, against the same ``_C`` call on CPU tensors: loss, statistics and gradients of
+fused_linear_cross_entropy, fused_linear_logprobs and its backward (fp32, bf16, fp16 heads) and
+fused_linear_divergence (soft and hard terms, teacher gradients); two runs bitwise equal; the
 errors read after the call and ``check_finite=False``. The public Python functions do not take
 this loop yet (their CUDA route is the PyTorch chunk loop of torch_ops); these tests are what
 verifies it on a GPU.
@@ -119,3 +120,36 @@ def test_errors_after_the_call_and_check_finite_off():
     )
     torch.cuda.synchronize()
     assert torch.isnan(loss).all()
+
+
+def _distill(device, dtype, kind, hard_weight=0.0, reduction="mean", **kw):
+    g = torch.Generator().manual_seed(5)
+    sh, th = torch.randn(N, H, generator=g), torch.randn(N, H + 16, generator=g)
+    sw = torch.randn(V, H, generator=g) / H**0.5
+    tw = torch.randn(V, H + 16, generator=g) / (H + 16) ** 0.5
+    sb, tb = 0.3 * torch.randn(V, generator=g), 0.3 * torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[3] = -100
+    student = (sh.to(dtype).to(device), sw.to(dtype).to(device), sb.to(device))
+    teacher = (th.to(dtype).to(device), tw.to(dtype).to(device), tb.to(device))
+    loss = torch.empty(N if reduction == "none" else 1, dtype=torch.float64, device=device)
+    gs = tuple(torch.empty_like(x, dtype=torch.float32) for x in student)
+    gt = tuple(torch.empty_like(x, dtype=torch.float32) for x in teacher)
+    opts = _options(device, kind=kind, reduction=reduction, hard_weight=hard_weight, **kw)
+    _C.fused_linear_divergence(student, teacher, labels.to(device), None, None, opts, loss, gs, gt)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return [t.cpu() for t in (loss, *gs, *gt)]
+
+
+def test_fused_linear_divergence_matches_the_cpu():
+    for kind in ("forward_kl", "reverse_kl", "jsd", "alpha_divergence"):
+        for dtype, rtol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+            for hard in (0.0, 0.5):
+                cpu = _distill("cpu", dtype, kind, hard, temperature=2.0, beta=0.3, alpha=0.7)
+                gpu = _distill("cuda", dtype, kind, hard, temperature=2.0, beta=0.3, alpha=0.7)
+                _close(gpu[:1], cpu[:1], 2e-5, f"{kind} {dtype} hard {hard} loss")
+                _close(gpu[1:], cpu[1:], rtol, f"{kind} {dtype} hard {hard} grads")
+                again = _distill("cuda", dtype, kind, hard, temperature=2.0, beta=0.3, alpha=0.7)
+                for a, b in zip(gpu, again):
+                    assert torch.equal(a, b), "two runs differ"
