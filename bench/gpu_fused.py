@@ -14,6 +14,11 @@ weight), in one process on one GPU, each implementation side by side:
 * ``divkit_torch_rows``: divkit's chunk loop with PyTorch ops as its row step
   (``backend="torch"``): what divkit's CUDA row kernels (divergence, label rows) replace, timed
   last so that it never takes the others' time budget.
+* ``divkit_core_loop``: the C++ core's own CUDA chunk loop (``_C.fused_linear_divergence`` /
+  ``_C.fused_linear_cross_entropy`` on the CUDA tensors: cuBLAS from the core, no PyTorch op per
+  chunk), which the Python functions do not take yet; its workspace comes from cudaMallocAsync,
+  outside torch's allocator, so its peak-memory figure counts only the gradient outputs. A CPU
+  build runs the CPU core instead (the dry run).
 
 Times are medians of rounds that run every implementation once in turn (CUDA events); peak
 memory is torch.cuda.max_memory_allocated over one forward + backward, absolute and above the
@@ -40,7 +45,7 @@ import torch
 import divkit
 from divkit.backends import torch_ops
 
-IMPLS = ("divkit", "liger", "materialized", "gemms", "divkit_torch_rows")
+IMPLS = ("divkit", "liger", "materialized", "gemms", "divkit_torch_rows", "divkit_core_loop")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +124,43 @@ def _gemms(op: str) -> Callable:
     return run
 
 
+def _core_loop(op: str) -> Callable:
+    """The core's chunk loop through _C, forward and backward in one call (the gradients of the
+    student's hidden states and weight, fp32, cast to the inputs' dtype as autograd would)."""
+    from divkit import _C
+
+    def run(sh, sw, th, tw, labels):
+        o = _C.FusedLinearOptions()
+        if sh.is_cuda:
+            o.stream = torch.cuda.current_stream(sh.device).cuda_stream
+        h, w = sh.detach(), sw.detach()
+        gh = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        gw = torch.empty(w.shape, dtype=torch.float32, device=h.device)
+        loss = torch.empty(1, dtype=torch.float32, device=h.device)
+        if op == "jsd":
+            o.kind, o.beta = "jsd", 0.5
+            _C.fused_linear_divergence(
+                (h, w, None),
+                (th, tw, None),
+                None,
+                None,
+                None,
+                o,
+                loss,
+                (gh, gw, None),
+                (None, None, None),
+            )
+        else:
+            _C.fused_linear_cross_entropy(
+                (h, w, None), labels, None, o, loss, (gh, gw, None), (None,) * 4
+            )
+        sh.grad, sw.grad = gh.to(sh.dtype), gw.to(sw.dtype)
+        return None
+
+    run.no_backward = True
+    return run
+
+
 def implementations(op: str) -> Dict[str, Optional[Callable]]:
     return {
         "divkit": _divkit(op),
@@ -126,6 +168,7 @@ def implementations(op: str) -> Dict[str, Optional[Callable]]:
         "materialized": _materialized(op),
         "gemms": _gemms(op),
         "divkit_torch_rows": _divkit(op, "torch"),
+        "divkit_core_loop": _core_loop(op),
     }
 
 
@@ -259,6 +302,7 @@ def ratios(rows: List[dict]) -> dict:
                 by.get("materialized", {}).get("loss"), d.get("loss")
             ),
             "time_over_torch_rows": div(d.get("ms"), by.get("divkit_torch_rows", {}).get("ms")),
+            "core_loop_over_divkit": div(by.get("divkit_core_loop", {}).get("ms"), d.get("ms")),
         }
     return out
 
@@ -307,6 +351,14 @@ def markdown(result: dict) -> str:
         "divkit time / divkit with PyTorch rows (backend='torch'): "
         + ", ".join(
             f"{op} {num(q.get('time_over_torch_rows'), '.3f')}"
+            for op, q in result["ratios"].items()
+        ),
+    ]
+    lines += [
+        "",
+        "the core's CUDA loop (_C) time / divkit: "
+        + ", ".join(
+            f"{op} {num(q.get('core_loop_over_divkit'), '.3f')}"
             for op, q in result["ratios"].items()
         ),
     ]
