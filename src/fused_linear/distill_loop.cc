@@ -479,6 +479,30 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
                                     const FusedLinearOptions& fused, const TensorView& loss,
                                     const LinearHeadGrads& student_grads) {
   constexpr const char* fn = "fused_linear_sparse_divergence";
+  const cuda::Placement where =
+      cuda::placement(fn, {{"student_hidden", &student.hidden},
+                           {"student_weight", &student.weight},
+                           {"student_bias", &student.bias},
+                           {"grad_student_hidden", &student_grads.hidden},
+                           {"grad_student_weight", &student_grads.weight},
+                           {"grad_student_bias", &student_grads.bias},
+                           {"teacher_indices", &teacher_indices},
+                           {"teacher_logprobs", &teacher_logprobs},
+                           {"labels", &options.labels},
+                           {"weights", &options.weights},
+                           {"teacher_token_ids", &fused.teacher_token_ids},
+                           {"loss", &loss}});
+  if (where.device == Device::cuda) {
+#if DIVKIT_HAS_CUDA
+    if (fused.shard.active())
+      fail(fn, "a vocabulary-parallel shard is not supported with a sparse teacher");
+    return detail::sparse_distill_head_cuda(student, teacher_indices, teacher_logprobs, spec,
+                                            sparse, options, fused, loss, student_grads,
+                                            where.index);
+#else
+    cuda::not_built(fn);
+#endif
+  }
   check::views(fn, {{"student_hidden", student.hidden},
                     {"student_weight", student.weight},
                     {"student_bias", student.bias},

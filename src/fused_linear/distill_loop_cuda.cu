@@ -1,9 +1,10 @@
-// The CUDA chunk loop of fused_linear_divergence (fused_linear.h): per chunk of tokens, both
-// heads' logits by the device GEMM (head_cuda.h), the soft term by divkit's CUDA divergence
-// kernel (divergence_cuda.cu: per-token losses, the student's and teacher's logit gradients
-// written over the chunks), the optional hard-label cross-entropy (T = 1) by the label-row kernel
-// (label_cuda.cu), then each head's gradient GEMMs. The per-token weights of both terms are
-// computed on the device before the loop, the loss after it.
+// The CUDA chunk loop of fused_linear_divergence and fused_linear_sparse_divergence
+// (fused_linear.h): per chunk of tokens, the heads' logits by the device GEMM (head_cuda.h), the
+// soft term by divkit's CUDA divergence kernel (divergence_cuda.cu: per-token losses, the
+// student's and teacher's logit gradients written over the chunks) or sparse kernel
+// (sparse_cuda.cu: the teacher's top-k pairs), the optional hard-label cross-entropy (T = 1) by
+// the label-row kernel (label_cuda.cu), then each head's gradient GEMMs. The per-token weights of
+// both terms are computed on the device before the loop, the loss after it.
 //
 // Checks: the soft term's (NaN / +inf logits, rows without mass, non-finite weights) are read by
 // the divergence kernel after each chunk when options.check_finite is on (one synchronization per
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <string>
 
 #include "core/check.h"
@@ -24,6 +26,7 @@
 #include "fused_linear/distill_loop_cuda.h"
 #include "fused_linear/head_cuda.h"
 #include "fused_linear/label_cuda.h"
+#include "sparse/sparse_cuda.h"
 
 namespace divkit::detail {
 namespace {
@@ -148,48 +151,49 @@ class Workspace {
 
 }  // namespace
 
-void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
-                       const DivergenceSpec& spec, const DivergenceOptions& options,
-                       const FusedLinearOptions& fused, const TensorView& loss,
-                       const LinearHeadGrads& student_grads, const LinearHeadGrads& teacher_grads,
-                       int device) {
-  constexpr const char* fn = "fused_linear_divergence";
-  check::divergence_spec(fn, spec);
-  fused_cuda::check_head(fn, student, student_grads, "student_");
-  fused_cuda::check_head(fn, teacher, teacher_grads, "teacher_");
-  const int64_t n = student.hidden.shape[0], v = student.weight.shape[0];
-  if (teacher.hidden.shape[0] != n)
-    check::fail(fn, "teacher_hidden has " + std::to_string(teacher.hidden.shape[0]) +
-                        " tokens, expected " + std::to_string(n) + " (as student_hidden)");
-  if (teacher.weight.shape[0] != v)
-    check::fail(fn, "student_weight has V = " + std::to_string(v) + " rows and teacher_weight " +
-                        std::to_string(teacher.weight.shape[0]) +
-                        ": the vocabularies differ (teacher_token_ids has no CUDA loop in the "
-                        "core)");
+namespace {
+
+// One chunk's soft term: given the student logits zs [rows, v] of rows [r0, r0 + rows), the
+// tokens' weights and per-token loss outputs (fp64 device vectors of the chunk), writes the
+// weighted soft losses and, when grad_out is not null, the soft gradient there (may be zs).
+using SoftChunk = std::function<void(int64_t r0, int64_t rows, float* zs, float* grad_out,
+                                     const TensorView& weights, const TensorView& row_loss)>;
+
+// The checks every distillation head shares (after its own): options, weights of the two
+// terms, and what the CUDA loop does not take.
+void check_distill(const char* fn, int64_t n, const DivergenceOptions& options,
+                   const FusedLinearOptions& fused, const TensorView& loss) {
   const FusedLabelTerms& terms = fused.terms;
-  if (fused.teacher_token_ids.defined() || terms.student_logprobs.defined() ||
-      terms.teacher_logprobs.defined() || terms.hard_weights.defined() ||
-      terms.kept_student.defined() || terms.kept_teacher.defined() || terms.accumulate_weight_grads)
+  if (terms.student_logprobs.defined() || terms.teacher_logprobs.defined() ||
+      terms.hard_weights.defined() || terms.kept_student.defined() ||
+      terms.kept_teacher.defined() || terms.accumulate_weight_grads)
     check::fail(fn,
-                "teacher_token_ids and the label terms (log-probs, per-token hard weights, kept "
-                "logits, accumulated weight gradients) have no CUDA loop in the core");
+                "the label terms (log-probs, per-token hard weights, kept logits, accumulated "
+                "weight gradients) have no CUDA loop in the core");
   if (!std::isfinite(fused.hard_weight) || !std::isfinite(fused.soft_weight))
     check::fail(fn, "hard_weight and soft_weight must be finite");
-  const bool hard = fused.hard_weight != 0.0f, soft = fused.soft_weight != 0.0f;
-  if (hard && !options.labels.defined()) check::fail(fn, "hard_weight != 0 needs labels");
+  if (fused.hard_weight != 0.0f && !options.labels.defined())
+    check::fail(fn, "hard_weight != 0 needs labels");
   if (options.labels.defined())
     check::vector_of(fn, "labels", cuda::shape_only(options.labels), n, {DType::i64, DType::i32});
   if (options.weights.defined())
     check::vector_of(fn, "weights", cuda::shape_only(options.weights), n, {DType::f32, DType::f64});
   (void)reduce::divisor(fn, options.reduction, options.num_items_in_batch, n, n);  // the checks
   reduce::check_loss_output(fn, cuda::shape_only(loss), options.reduction, n);
+}
 
-  DeviceGuard guard(fn, device);
+// The chunk loop shared by the distillation heads (the caller has set the device): the student's
+// logits, `soft` for the soft term, the hard term, the student's gradient GEMMs, the loss and the
+// final checks. `after_loop` runs once the student's chunks are done (the teacher head's finish).
+void distill_chunks_cuda(const char* fn, const LinearHead& student,
+                         const LinearHeadGrads& student_grads, const DivergenceOptions& options,
+                         const FusedLinearOptions& fused, const TensorView& loss, int device,
+                         const SoftChunk& soft_chunk, const std::function<void()>& after_loop) {
+  const int64_t n = student.hidden.shape[0], v = student.weight.shape[0];
   const auto s = reinterpret_cast<cudaStream_t>(options.stream);
+  const bool hard = fused.hard_weight != 0.0f, soft = fused.soft_weight != 0.0f;
   const bool want_s = student_grads.hidden.defined() || student_grads.weight.defined() ||
                       student_grads.bias.defined();
-  const bool want_t = soft && (teacher_grads.hidden.defined() || teacher_grads.weight.defined() ||
-                               teacher_grads.bias.defined());
   const int64_t chunk = fused::choose_chunk(fused.chunk_size, n, v);
   // The per-token vectors, the flags and the divisor; the soft gradient beside the student's
   // logits when the hard term still needs them.
@@ -254,33 +258,18 @@ void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
   }
 
   {
-    const auto cs = reinterpret_cast<CUstream_st*>(s);
-    fused_cuda::DeviceHead hs(fn, student, student_grads, chunk, cs);
-    // Without the soft term the teacher's gradients are zeros (finish() with no chunk added).
-    fused_cuda::DeviceHead ht(fn, teacher, teacher_grads, chunk, cs);
+    fused_cuda::DeviceHead hs(fn, student, student_grads, chunk, reinterpret_cast<CUstream_st*>(s));
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t rows = std::min(chunk, n - r0);
       float* zs = hs.logits(r0, rows);
       if (soft) {
-        float* zt = ht.logits(r0, rows);
-        DivergenceOptions o;
-        o.reduction = Reduction::none;
-        o.weights = device_vector(w.soft_w, r0, rows, device);
-        o.labels = fused::row_slice(options.labels, r0, rows);
-        o.ignore_index = options.ignore_index;
-        o.stream = options.stream;
-        o.check_finite = options.check_finite;
-        DivergenceOutputs out;
-        out.loss = device_vector(w.soft_loss, r0, rows, device);
-        if (want_s) out.grad_student = device_matrix(gsoft ? g_soft : zs, rows, v, device);
-        if (want_t) out.grad_teacher = device_matrix(zt, rows, v, device);
         try {
-          divergence_cuda(device_matrix(zs, rows, v, device), device_matrix(zt, rows, v, device),
-                          spec, o, out, /*scratch_inputs=*/true);
+          soft_chunk(r0, rows, zs, want_s ? (gsoft ? g_soft : zs) : nullptr,
+                     device_vector(w.soft_w, r0, rows, device),
+                     device_vector(w.soft_loss, r0, rows, device));
         } catch (const Error& e) {
           fused::rethrow_chunk(fn, e, r0);
         }
-        if (want_t) ht.add_grad_chunk(r0, rows);
       }
       if (hard) {
         LabelRowsArgs a;
@@ -308,7 +297,7 @@ void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
       }
       hs.add_grad_chunk(r0, rows);
     }
-    ht.finish();
+    after_loop();
     hs.finish();
   }
   const bool none = options.reduction == Reduction::none;
@@ -345,6 +334,106 @@ void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
   if (bad[kNonFinite] != kNone)
     check::fail(fn, "the student logits of token " + std::to_string(bad[kNonFinite]) +
                         " are NaN, +inf or all -inf");
+}
+
+DivergenceOptions chunk_options(const DivergenceOptions& options, int64_t r0, int64_t rows,
+                                const TensorView& weights) {
+  DivergenceOptions o;
+  o.reduction = Reduction::none;
+  o.weights = weights;
+  o.labels = fused::row_slice(options.labels, r0, rows);
+  o.ignore_index = options.ignore_index;
+  o.stream = options.stream;
+  o.check_finite = options.check_finite;
+  return o;
+}
+
+}  // namespace
+
+void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
+                       const DivergenceSpec& spec, const DivergenceOptions& options,
+                       const FusedLinearOptions& fused, const TensorView& loss,
+                       const LinearHeadGrads& student_grads, const LinearHeadGrads& teacher_grads,
+                       int device) {
+  constexpr const char* fn = "fused_linear_divergence";
+  check::divergence_spec(fn, spec);
+  fused_cuda::check_head(fn, student, student_grads, "student_");
+  fused_cuda::check_head(fn, teacher, teacher_grads, "teacher_");
+  const int64_t n = student.hidden.shape[0], v = student.weight.shape[0];
+  if (teacher.hidden.shape[0] != n)
+    check::fail(fn, "teacher_hidden has " + std::to_string(teacher.hidden.shape[0]) +
+                        " tokens, expected " + std::to_string(n) + " (as student_hidden)");
+  if (fused.teacher_token_ids.defined())
+    check::fail(fn, "teacher_token_ids has no CUDA loop in the core");
+  if (teacher.weight.shape[0] != v)
+    check::fail(fn, "student_weight has V = " + std::to_string(v) + " rows and teacher_weight " +
+                        std::to_string(teacher.weight.shape[0]) +
+                        ": the vocabularies differ (teacher_token_ids has no CUDA loop in the "
+                        "core)");
+  check_distill(fn, n, options, fused, loss);
+  DeviceGuard guard(fn, device);
+  const bool want_t =
+      fused.soft_weight != 0.0f && (teacher_grads.hidden.defined() ||
+                                    teacher_grads.weight.defined() || teacher_grads.bias.defined());
+  // Without the soft term the teacher's gradients are zeros (finish() with no chunk added).
+  fused_cuda::DeviceHead ht(fn, teacher, teacher_grads, fused::choose_chunk(fused.chunk_size, n, v),
+                            reinterpret_cast<CUstream_st*>(options.stream));
+  distill_chunks_cuda(
+      fn, student, student_grads, options, fused, loss, device,
+      [&](int64_t r0, int64_t rows, float* zs, float* grad_out, const TensorView& weights,
+          const TensorView& row_loss) {
+        float* zt = ht.logits(r0, rows);
+        DivergenceOutputs out;
+        out.loss = row_loss;
+        if (grad_out != nullptr) out.grad_student = device_matrix(grad_out, rows, v, device);
+        if (want_t) out.grad_teacher = device_matrix(zt, rows, v, device);
+        divergence_cuda(device_matrix(zs, rows, v, device), device_matrix(zt, rows, v, device),
+                        spec, chunk_options(options, r0, rows, weights), out,
+                        /*scratch_inputs=*/true);
+        if (want_t) ht.add_grad_chunk(r0, rows);
+      },
+      [&] { ht.finish(); });
+}
+
+void sparse_distill_head_cuda(const LinearHead& student, const TensorView& teacher_indices,
+                              const TensorView& teacher_logprobs, const DivergenceSpec& spec,
+                              const SparseOptions& sparse, const DivergenceOptions& options,
+                              const FusedLinearOptions& fused, const TensorView& loss,
+                              const LinearHeadGrads& student_grads, int device) {
+  constexpr const char* fn = "fused_linear_sparse_divergence";
+  check::divergence_spec(fn, spec);
+  fused_cuda::check_head(fn, student, student_grads, "student_");
+  const int64_t n = student.hidden.shape[0], v = student.weight.shape[0];
+  if (fused.teacher_token_ids.defined())
+    check::fail(fn,
+                "teacher_token_ids is not used with a sparse teacher (its indices are the "
+                "student's token ids)");
+  if (!teacher_indices.defined() || !teacher_logprobs.defined())
+    check::fail(fn, "teacher_indices and teacher_logprobs are required");
+  if (teacher_indices.ndim != 2 || teacher_indices.shape[0] != n)
+    check::fail(fn, "teacher_indices must be [N = " + std::to_string(n) + ", k], got " +
+                        check::shape_string(teacher_indices));
+  if (teacher_logprobs.ndim != 2 || teacher_logprobs.shape[0] != n)
+    check::fail(fn, "teacher_logprobs must be [N = " + std::to_string(n) + ", k], got " +
+                        check::shape_string(teacher_logprobs));
+  check_distill(fn, n, options, fused, loss);
+  DeviceGuard guard(fn, device);
+  // The teacher rows are checked chunk by chunk by the sparse kernel (an error names the chunk's
+  // first token and the row within it), as on the CPU.
+  distill_chunks_cuda(
+      fn, student, student_grads, options, fused, loss, device,
+      [&](int64_t r0, int64_t rows, float* zs, float* grad_out, const TensorView& weights,
+          const TensorView& row_loss) {
+        SparseOutputs out;
+        out.loss = row_loss;
+        if (grad_out != nullptr) out.grad_student = device_matrix(grad_out, rows, v, device);
+        sparse_divergence_cuda(device_matrix(zs, rows, v, device),
+                               fused::row_slice(teacher_indices, r0, rows),
+                               fused::row_slice(teacher_logprobs, r0, rows), spec, sparse,
+                               chunk_options(options, r0, rows, weights), out,
+                               /*scratch_inputs=*/true);
+      },
+      [] {});
 }
 
 }  // namespace divkit::detail

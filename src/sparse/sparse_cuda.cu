@@ -581,7 +581,7 @@ void run(const char* fn, Params p, bool in_place, const DivergenceSpec& spec,
 void sparse_divergence_cuda(const TensorView& student, const TensorView& teacher_indices,
                             const TensorView& teacher_logprobs, const DivergenceSpec& spec,
                             const SparseOptions& sparse, const DivergenceOptions& options,
-                            const SparseOutputs& outputs) {
+                            const SparseOutputs& outputs, bool scratch_inputs) {
   constexpr const char* fn = kSparseFn;
   check::divergence_spec(fn, spec);
   if (sparse.tail != SparseTail::renormalize && sparse.tail != SparseTail::bucket)
@@ -618,7 +618,7 @@ void sparse_divergence_cuda(const TensorView& student, const TensorView& teacher
                                          {"teacher_logprobs", &teacher_logprobs}});
     p.gs = {outputs.grad_student.data, outputs.grad_student.dtype, outputs.grad_student.strides[0]};
   }
-  run(fn, p, in_place, spec, options, outputs.loss, student.device_index);
+  run(fn, p, in_place && !scratch_inputs, spec, options, outputs.loss, student.device_index);
 }
 
 void topk_divergence_cuda(const TensorView& student, const TensorView& teacher, int64_t k,

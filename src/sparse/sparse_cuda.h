@@ -7,10 +7,12 @@
 
 namespace divkit::detail {
 
+// scratch_inputs: the student logits are the caller's scratch (the fused head's chunk), so a
+// gradient written over them needs no check-only pass first.
 void sparse_divergence_cuda(const TensorView& student, const TensorView& teacher_indices,
                             const TensorView& teacher_logprobs, const DivergenceSpec& spec,
                             const SparseOptions& sparse, const DivergenceOptions& options,
-                            const SparseOutputs& outputs);
+                            const SparseOutputs& outputs, bool scratch_inputs = false);
 
 void topk_divergence_cuda(const TensorView& student, const TensorView& teacher, int64_t k,
                           const DivergenceSpec& spec, const DivergenceOptions& options,

@@ -8,6 +8,7 @@
 // to the head's dtype for the gradient GEMMs (head_cuda.h), which the CPU head does not do.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -20,6 +21,7 @@
 #include "cuda_emulated_util.h"
 #include "divkit/divergence.h"
 #include "divkit/fused_linear.h"
+#include "divkit/sparse.h"
 #include "test_util.h"
 
 namespace divkit_test {
@@ -623,6 +625,123 @@ TEST(CudaEmulatedFusedHead, DistillBadInputRaisesTheCpuError) {
     EXPECT_NE(std::string(e.what()).find("no CUDA loop in the core"), std::string::npos)
         << e.what();
   }
+}
+
+// ---- fused_linear_sparse_divergence -------------------------------------------------------
+
+// The sparse teacher: the k largest entries of a random teacher distribution per token, as
+// (index, log-prob) pairs in a shuffled order.
+struct SparseTeacher {
+  std::vector<int64_t> idx;
+  std::vector<double> lp;
+  int64_t k = 0;
+};
+
+SparseTeacher make_sparse_teacher(int64_t n, int64_t v, int64_t k, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd(0.0, 2.0);
+  SparseTeacher t;
+  t.k = k;
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<double> z(v);
+    for (double& x : z) x = nd(rng);
+    double m = *std::max_element(z.begin(), z.end()), s = 0.0;
+    for (double x : z) s += std::exp(x - m);
+    const double lse = m + std::log(s);
+    std::vector<int64_t> order(v);
+    for (int64_t j = 0; j < v; ++j) order[j] = j;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return z[a] > z[b]; });
+    std::shuffle(order.begin(), order.begin() + k, rng);
+    for (int64_t j = 0; j < k; ++j) {
+      t.idx.push_back(order[j]);
+      t.lp.push_back(z[order[j]] - lse);
+    }
+  }
+  return t;
+}
+
+DistillRun run_sparse(const DistillCase& c, DistillInputs& in, SparseTeacher& t,
+                      divkit::SparseTail tail, bool cuda) {
+  LinearHead s{placed(in.sh.view(), cuda), placed(in.sw.view(), cuda), {}};
+  if (c.bias) s.bias = placed(TensorView::vector(in.sb.data(), DType::f32, c.v), cuda);
+  HostMatrix sgh(c.n, c.hs, DType::f32), sgw(c.v, c.hs, DType::f32);
+  OutVec sgb(c.v, DType::f32);
+  LinearHeadGrads sg{placed(sgh.view(), cuda), placed(sgw.view(), cuda),
+                     c.bias ? sgb.view(cuda) : TensorView{}};
+  divkit::DivergenceOptions o;
+  if (c.labels) o.labels = placed(TensorView::vector(in.labels.data(), DType::i64, c.n), cuda);
+  if (c.weights)
+    o.weights = placed(TensorView::vector(in.token_weights.data(), DType::f32, c.n), cuda);
+  o.reduction = c.reduction;
+  divkit::FusedLinearOptions f;
+  f.chunk_size = c.chunk;
+  f.hard_weight = c.hard_weight;
+  f.soft_weight = c.soft_weight;
+  divkit::SparseOptions so;
+  so.tail = tail;
+  OutVec loss(c.reduction == Reduction::none ? c.n : 1, DType::f64);
+  divkit::fused_linear_sparse_divergence(
+      s, placed(TensorView::matrix(t.idx.data(), DType::i64, c.n, t.k), cuda),
+      placed(TensorView::matrix(t.lp.data(), DType::f64, c.n, t.k), cuda), c.spec, so, o, f,
+      loss.view(cuda), sg);
+  DistillRun r;
+  r.loss = loss.values();
+  r.sgh = sgh.values();
+  r.sgw = sgw.values();
+  if (c.bias) r.sgb = sgb.values();
+  return r;
+}
+
+TEST(CudaEmulatedFusedHead, SparseTeacherMatchesTheCpu) {
+  for (int k = 0; k < divkit::kNumDivergenceKinds; k += 3) {
+    for (divkit::SparseTail tail : {divkit::SparseTail::bucket, divkit::SparseTail::renormalize}) {
+      DistillCase c;
+      c.spec.kind = static_cast<DivergenceKind>(k);
+      c.spec.alpha = 0.7f;
+      c.spec.beta = 0.3f;
+      c.hard_weight = k % 2 ? 0.3f : 0.0f;
+      c.weights = k % 2 == 0;
+      const std::string what =
+          describe(c) + (tail == divkit::SparseTail::bucket ? " bucket" : " renormalize");
+      DistillInputs in = make_distill_inputs(c, 21);
+      SparseTeacher t = make_sparse_teacher(c.n, c.v, 5, 22);
+      const DistillRun cpu = run_sparse(c, in, t, tail, false);
+      const long long launches = divkit::cuda_emu::launch_count();
+      DistillRun fwd, rev;
+      {
+        EmulatorOrder order(false);
+        fwd = run_sparse(c, in, t, tail, true);
+      }
+      EXPECT_GT(divkit::cuda_emu::launch_count(), launches) << what;
+      {
+        EmulatorOrder order(true);
+        rev = run_sparse(c, in, t, tail, true);
+      }
+      expect_same_values(fwd.loss, rev.loss, what + " reverse order loss");
+      expect_same_values(fwd.sgw, rev.sgw, what + " reverse order grad_student_weight");
+      expect_close(fwd.loss, cpu.loss, 2e-5, what + " loss");
+      expect_close(fwd.sgh, cpu.sgh, 2e-5, what + " grad_student_hidden");
+      expect_close(fwd.sgw, cpu.sgw, 2e-5, what + " grad_student_weight");
+      expect_close(fwd.sgb, cpu.sgb, 2e-5, what + " grad_student_bias");
+    }
+  }
+  // A bad teacher row: the CPU's message, naming the chunk and the row in it.
+  DistillCase c;
+  DistillInputs in = make_distill_inputs(c, 21);
+  SparseTeacher t = make_sparse_teacher(c.n, c.v, 5, 22);
+  t.idx[4 * 5 + 1] = t.idx[4 * 5];  // a repeated index at token 4
+  auto error_of = [&](bool cuda) {
+    try {
+      run_sparse(c, in, t, divkit::SparseTail::bucket, cuda);
+    } catch (const divkit::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string cpu = error_of(false);
+  EXPECT_EQ(error_of(true), cpu);
+  EXPECT_NE(cpu.find("in the chunk of tokens starting at 3"), std::string::npos) << cpu;
 }
 
 }  // namespace
