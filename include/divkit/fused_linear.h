@@ -22,14 +22,15 @@
 // widened values.
 //
 // On CUDA (every view of the call on one CUDA device; builds with CUDA): fused_linear_divergence,
-// fused_linear_cross_entropy, fused_linear_logprobs and fused_linear_logprobs_backward run the same
+// fused_linear_sparse_divergence, fused_linear_cross_entropy, fused_linear_logprobs and
+// fused_linear_logprobs_backward run the same
 // chunk loop on the device (src/fused_linear/*_loop_cuda.cu; not yet run on a GPU, only on the CPU
 // through the CUDA emulator): logits by cuBLAS (cublasGemmEx, loaded at run time; fp32
-// accumulation, fp32 logits), divkit's CUDA row kernels on each chunk (the divergence kernel for
-// the soft term, the label-row kernel for the labels' terms), the gradient GEMMs with the logit
-// gradient rounded to the head's dtype for a bf16 / fp16 head (as Liger-Kernel and a bf16 autograd
-// head). Hidden and weight must share one dtype among fp32, bf16, fp16 (no fp64), unit stride
-// along H. Everything runs on the spec's (DivergenceOptions') `stream`; the workspace is
+// accumulation, fp32 logits), divkit's CUDA row kernels on each chunk (the divergence or sparse
+// kernel for the soft term, the label-row kernel for the labels' terms), the gradient GEMMs with
+// the logit gradient rounded to the head's dtype for a bf16 / fp16 head (as Liger-Kernel and a bf16
+// autograd head). Hidden and weight must share one dtype among fp32, bf16, fp16 (no fp64), unit
+// stride along H. Everything runs on the spec's (DivergenceOptions') `stream`; the workspace is
 // cudaMallocAsync / cudaFreeAsync pairs on it: per head the chunk buffer [C, V] fp32 (plus [C, V]
 // in the head's dtype for the gradient), an fp32 [V, H] accumulator unless grad_weight is a
 // contiguous fp32 array, and a few fp64 [N] vectors. Checks: device flags read once after the
@@ -37,8 +38,7 @@
 // synchronization each); none with check_finite = false (NaN outputs instead of an Error). A
 // float16 head reads its logit gradient's largest entry back once per chunk (the scale of the
 // gradient GEMMs). Not on CUDA in the core (Error): vocabulary-parallel shards, teacher_token_ids,
-// FusedLabelTerms, the sparse teacher; the Python package runs them on CUDA tensors in its
-// PyTorch chunk loop.
+// FusedLabelTerms; the Python package runs them on CUDA tensors in its PyTorch chunk loop.
 //
 // Conventions: labels [N] int32/int64 with ignore_index (default -100) marking ignored tokens;
 // reductions none | sum | mean (over non-ignored tokens) | batchmean (over N), and

@@ -2,7 +2,8 @@
 distill_loop_cuda.cu, the device GEMMs of head_cuda.cu over cuBLAS) called through ``_C`` with CUDA
 tensors, against the same ``_C`` call on CPU tensors: loss, statistics and gradients of
 fused_linear_cross_entropy, fused_linear_logprobs and its backward (fp32, bf16, fp16 heads) and
-fused_linear_divergence (soft and hard terms, teacher gradients); two runs bitwise equal; the
+fused_linear_divergence (soft and hard terms, teacher gradients) and fused_linear_sparse_divergence
+(both tails); two runs bitwise equal; the
 errors read after the call and ``check_finite=False``. The public Python functions do not take
 this loop yet (their CUDA route is the PyTorch chunk loop of torch_ops); these tests are what
 verifies it on a GPU.
@@ -153,3 +154,34 @@ def test_fused_linear_divergence_matches_the_cpu():
                 again = _distill("cuda", dtype, kind, hard, temperature=2.0, beta=0.3, alpha=0.7)
                 for a, b in zip(gpu, again):
                     assert torch.equal(a, b), "two runs differ"
+
+
+def _sparse(device, tail, hard_weight=0.0):
+    g = torch.Generator().manual_seed(6)
+    sh = torch.randn(N, H, generator=g)
+    sw = torch.randn(V, H, generator=g) / H**0.5
+    sb = 0.3 * torch.randn(V, generator=g)
+    teacher = torch.log_softmax(2 * torch.randn(N, V, generator=g), -1)
+    lp, idx = teacher.topk(8, dim=-1)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[3] = -100
+    student = tuple(x.to(device) for x in (sh, sw, sb))
+    loss = torch.empty(1, dtype=torch.float64, device=device)
+    gs = tuple(torch.empty_like(x) for x in student)
+    opts = _options(device, kind="forward_kl", tail=tail, hard_weight=hard_weight)
+    _C.fused_linear_sparse_divergence(
+        student, idx.to(device), lp.double().to(device), labels.to(device), None, opts, loss, gs
+    )
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return [t.cpu() for t in (loss, *gs)]
+
+
+def test_fused_linear_sparse_divergence_matches_the_cpu():
+    for tail in ("bucket", "renormalize"):
+        for hard in (0.0, 0.5):
+            cpu, gpu = _sparse("cpu", tail, hard), _sparse("cuda", tail, hard)
+            _close(gpu, cpu, 2e-5, f"sparse {tail} hard {hard}")
+            again = _sparse("cuda", tail, hard)
+            for a, b in zip(gpu, again):
+                assert torch.equal(a, b), "two runs differ"
