@@ -214,6 +214,14 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
                                           chunk_logits(hs_c, rows, ws, v, hs, bs, dst);
                                         });
     std::fill(row_loss.begin(), row_loss.end(), 0.0);
+    // Without the hard term the student's statistics only read the logits: taken before the soft
+    // term writes its gradient over them.
+    const bool stats_first = stats_s && !hard;
+    if (stats_first) {
+      label_stats(fn, "student", lsp, rows, v, labels.data() + r0, r0, lse.data(), zy.data());
+      for (int64_t r = 0; r < rows; ++r)
+        elem::set(terms.student_logprobs, r0 + r, labels[r0 + r] < 0 ? 0.0 : zy[r] - lse[r]);
+    }
     if (soft_on) {
       for (int64_t r = 0; r < rows; ++r)
         row_weight[r] =
@@ -238,7 +246,7 @@ void distill_chunks(const char* fn, const ShardGroup& group, const LinearHead& s
         ca[r] = hard_weight_of(r);
         cb[r] = -ca[r];
       }
-    if (stats_s) {
+    if (stats_s && !stats_first) {
       if (sharded) {
         ShardedLabelStats st;
         st.lse = lse.data();

@@ -295,6 +295,40 @@ TEST(FusedLinearDivergence, LabelTermsPerTokenWeightsAndKeptLogits) {
     results.push_back(g_h);
   }
   EXPECT_EQ(results[0], results[1]) << "kept logits must give the recomputed bits";
+
+  // Label log-probs beside the soft term's gradient, without a hard term: the log-probs are those
+  // of the logits, not of the gradient written over them.
+  // gz = u (1[y] - q) + w (q - p): the soft part is gz - u (1[y] - q).
+  std::vector<double> gsoft(n * v, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (labels[i] < 0) continue;
+    double ls = -INFINITY, se = 0.0;
+    for (int64_t j = 0; j < v; ++j) ls = std::max(ls, zs[i * v + j]);
+    for (int64_t j = 0; j < v; ++j) se += std::exp(zs[i * v + j] - ls);
+    ls += std::log(se);
+    for (int64_t j = 0; j < v; ++j) {
+      const double q = std::exp(zs[i * v + j] - ls);
+      gsoft[i * v + j] = gz[i * v + j] - u[i] * ((j == labels[i]) - q);
+    }
+  }
+  std::vector<double> sdh, sdw, sdb;
+  s.grads(gsoft, nullptr, sdh, sdw, sdb);
+  std::vector<float> one(1), lps2(n), g_h(n * hs), g_w(v * hs), g_b(v);
+  divkit::LinearHeadGrads sg{TensorView::matrix(g_h.data(), DType::f32, n, hs),
+                             TensorView::matrix(g_w.data(), DType::f32, v, hs),
+                             TensorView::vector(g_b.data(), DType::f32, v)};
+  divkit::DivergenceOptions ob = o;
+  ob.reduction = Reduction::sum;
+  ob.weights = TensorView::vector(w.data(), DType::f64, n);
+  divkit::FusedLinearOptions fs;
+  fs.chunk_size = chunk;
+  fs.terms.student_logprobs = TensorView::vector(lps2.data(), DType::f32, n);
+  divkit::fused_linear_divergence(s.view(), t.view(), spec, ob, fs,
+                                  TensorView::vector(one.data(), DType::f32, 1), sg);
+  EXPECT_EQ(lps2, lps) << "student_logprobs with the soft gradient";
+  expect_close(g_h, sdh, 2e-5, "soft grad_hidden");
+  expect_close(g_w, sdw, 2e-5, "soft grad_weight");
+  expect_close(g_b, sdb, 2e-5, "soft grad_bias");
 }
 
 TEST(FusedLinearDivergence, TeacherTokenIdsMapAndTruncate) {
