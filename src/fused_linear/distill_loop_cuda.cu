@@ -119,40 +119,6 @@ __global__ void poison_kernel(const unsigned long long* flags, int64_t count, vo
   }
 }
 
-TensorView on_device(TensorView t, int device) {
-  t.device = Device::cuda;
-  t.device_index = device;
-  return t;
-}
-
-TensorView device_vector(double* p, int64_t r0, int64_t rows, int device) {
-  if (p == nullptr) return {};
-  return on_device(TensorView::vector(p + r0, DType::f64, rows), device);
-}
-
-TensorView device_matrix(float* p, int64_t rows, int64_t v, int device) {
-  return on_device(TensorView::matrix(p, DType::f32, rows, v), device);
-}
-
-class Workspace {
- public:
-  Workspace(const char* fn, size_t bytes, cudaStream_t s) : s_(s) {
-    check_cuda(fn, cudaMallocAsync(&p_, bytes, s), "cudaMallocAsync");
-  }
-  ~Workspace() { cudaFreeAsync(p_, s_); }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  char* get() const { return static_cast<char*>(p_); }
-
- private:
-  void* p_ = nullptr;
-  cudaStream_t s_;
-};
-
-}  // namespace
-
-namespace {
-
 // One chunk's soft term: given the student logits zs [rows, v] of rows [r0, r0 + rows), the
 // tokens' weights and per-token loss outputs (fp64 device vectors of the chunk), writes the
 // weighted soft losses and, when grad_out is not null, the soft gradient there (may be zs).
@@ -200,7 +166,7 @@ void distill_chunks_cuda(const char* fn, const LinearHead& student,
   const int64_t vec = (std::max<int64_t>(n, 1) * 8 + 255) / 256 * 256;
   const bool gsoft = soft && hard && want_s;
   const int64_t gsoft_bytes = gsoft ? (chunk * v * 4 + 255) / 256 * 256 : 0;
-  Workspace ws(fn, static_cast<size_t>(7 * vec + 512 + gsoft_bytes), s);
+  fused_cuda::DeviceBuffer ws(fn, 7 * vec + 512 + gsoft_bytes, reinterpret_cast<CUstream_st*>(s));
   char* p = ws.get();
   auto take = [&](bool on) {
     double* q = on ? reinterpret_cast<double*>(p) : nullptr;
@@ -265,23 +231,23 @@ void distill_chunks_cuda(const char* fn, const LinearHead& student,
       if (soft) {
         try {
           soft_chunk(r0, rows, zs, want_s ? (gsoft ? g_soft : zs) : nullptr,
-                     device_vector(w.soft_w, r0, rows, device),
-                     device_vector(w.soft_loss, r0, rows, device));
+                     fused_cuda::device_vector(w.soft_w, r0, rows, device),
+                     fused_cuda::device_vector(w.soft_loss, r0, rows, device));
         } catch (const Error& e) {
           fused::rethrow_chunk(fn, e, r0);
         }
       }
       if (hard) {
         LabelRowsArgs a;
-        a.logits = device_matrix(zs, rows, v, device);
+        a.logits = fused_cuda::device_matrix(zs, rows, v, device);
         a.labels = fused::row_slice(options.labels, r0, rows);
         a.ignore_index = options.ignore_index;
-        a.lse = device_vector(w.lse, r0, rows, device);
-        a.z_label = device_vector(w.zy, r0, rows, device);
+        a.lse = fused_cuda::device_vector(w.lse, r0, rows, device);
+        a.z_label = fused_cuda::device_vector(w.zy, r0, rows, device);
         if (want_s) {
-          a.coef_a0 = device_vector(w.hard_w, r0, rows, device);
-          a.coef_b = device_vector(w.minus_hard_w, r0, rows, device);
-          a.coef_c = device_vector(w.zero, r0, rows, device);
+          a.coef_a0 = fused_cuda::device_vector(w.hard_w, r0, rows, device);
+          a.coef_b = fused_cuda::device_vector(w.minus_hard_w, r0, rows, device);
+          a.coef_c = fused_cuda::device_vector(w.zero, r0, rows, device);
         }
         a.first_token = r0;
         a.stream = options.stream;
@@ -314,23 +280,9 @@ void distill_chunks_cuda(const char* fn, const LinearHead& student,
   check_cuda(fn, cudaMemcpyAsync(bad, flags, sizeof(bad), cudaMemcpyDeviceToHost, s),
              "cudaMemcpyAsync");
   check_cuda(fn, cudaStreamSynchronize(s), "cudaStreamSynchronize");
-  if (bad[kBadLabel] != kNone) {
-    const int64_t i = static_cast<int64_t>(bad[kBadLabel]);
-    const size_t es = dtype_size(options.labels.dtype);
-    int64_t y = 0;
-    int32_t y32 = 0;
-    void* dst = es == 4 ? static_cast<void*>(&y32) : static_cast<void*>(&y);
-    check_cuda(fn,
-               cudaMemcpy(dst,
-                          static_cast<const char*>(options.labels.data) +
-                              i * options.labels.strides[0] * static_cast<int64_t>(es),
-                          es, cudaMemcpyDeviceToHost),
-               "cudaMemcpy");
-    if (es == 4) y = y32;
-    check::fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-                        " is out of range [0, " + std::to_string(v) +
-                        ") and is not ignore_index (" + std::to_string(options.ignore_index) + ")");
-  }
+  if (bad[kBadLabel] != kNone)
+    fused_cuda::fail_bad_label(fn, options.labels, static_cast<int64_t>(bad[kBadLabel]), v,
+                               options.ignore_index);
   if (bad[kNonFinite] != kNone)
     check::fail(fn, "the student logits of token " + std::to_string(bad[kNonFinite]) +
                         " are NaN, +inf or all -inf");
@@ -385,10 +337,12 @@ void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
         float* zt = ht.logits(r0, rows);
         DivergenceOutputs out;
         out.loss = row_loss;
-        if (grad_out != nullptr) out.grad_student = device_matrix(grad_out, rows, v, device);
-        if (want_t) out.grad_teacher = device_matrix(zt, rows, v, device);
-        divergence_cuda(device_matrix(zs, rows, v, device), device_matrix(zt, rows, v, device),
-                        spec, chunk_options(options, r0, rows, weights), out,
+        if (grad_out != nullptr)
+          out.grad_student = fused_cuda::device_matrix(grad_out, rows, v, device);
+        if (want_t) out.grad_teacher = fused_cuda::device_matrix(zt, rows, v, device);
+        divergence_cuda(fused_cuda::device_matrix(zs, rows, v, device),
+                        fused_cuda::device_matrix(zt, rows, v, device), spec,
+                        chunk_options(options, r0, rows, weights), out,
                         /*scratch_inputs=*/true);
         if (want_t) ht.add_grad_chunk(r0, rows);
       },
@@ -426,8 +380,9 @@ void sparse_distill_head_cuda(const LinearHead& student, const TensorView& teach
           const TensorView& row_loss) {
         SparseOutputs out;
         out.loss = row_loss;
-        if (grad_out != nullptr) out.grad_student = device_matrix(grad_out, rows, v, device);
-        sparse_divergence_cuda(device_matrix(zs, rows, v, device),
+        if (grad_out != nullptr)
+          out.grad_student = fused_cuda::device_matrix(grad_out, rows, v, device);
+        sparse_divergence_cuda(fused_cuda::device_matrix(zs, rows, v, device),
                                fused::row_slice(teacher_indices, r0, rows),
                                fused::row_slice(teacher_logprobs, r0, rows), spec, sparse,
                                chunk_options(options, r0, rows, weights), out,

@@ -92,6 +92,48 @@ const char* at(const char* base, int64_t elems, DType dt) {
 
 }  // namespace
 
+DeviceBuffer::DeviceBuffer(const char* fn, int64_t bytes, CUstream_st* stream) : stream_(stream) {
+  check_cuda(fn,
+             cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<size_t>(bytes),
+                             reinterpret_cast<cudaStream_t>(stream)),
+             "cudaMallocAsync");
+}
+
+DeviceBuffer::~DeviceBuffer() { cudaFreeAsync(p_, reinterpret_cast<cudaStream_t>(stream_)); }
+
+TensorView device_vector(double* p, int64_t r0, int64_t rows, int device) {
+  if (p == nullptr) return {};
+  TensorView t = TensorView::vector(p + r0, DType::f64, rows);
+  t.device = Device::cuda;
+  t.device_index = device;
+  return t;
+}
+
+TensorView device_matrix(float* p, int64_t rows, int64_t v, int device) {
+  TensorView t = TensorView::matrix(p, DType::f32, rows, v);
+  t.device = Device::cuda;
+  t.device_index = device;
+  return t;
+}
+
+void fail_bad_label(const char* fn, const TensorView& labels, int64_t i, int64_t v,
+                    int64_t ignore_index) {
+  const size_t es = dtype_size(labels.dtype);
+  int64_t y = 0;
+  int32_t y32 = 0;
+  void* dst = es == 4 ? static_cast<void*>(&y32) : static_cast<void*>(&y);
+  check_cuda(fn,
+             cudaMemcpy(dst,
+                        static_cast<const char*>(labels.data) +
+                            i * labels.strides[0] * static_cast<int64_t>(es),
+                        es, cudaMemcpyDeviceToHost),
+             "cudaMemcpy");
+  if (es == 4) y = y32;
+  check::fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
+                      " is out of range [0, " + std::to_string(v) + ") and is not ignore_index (" +
+                      std::to_string(ignore_index) + ")");
+}
+
 void check_head(const char* fn, const LinearHead& head, const LinearHeadGrads& grads,
                 const std::string& prefix) {
   const std::string hn = prefix + "hidden", wn = prefix + "weight", bn = prefix + "bias";
@@ -162,10 +204,8 @@ DeviceHead::DeviceHead(const char* fn, const LinearHead& head, const LinearHeadG
   const int64_t b_db = grads.bias.defined() ? up(v_ * 8) : 0;
   const int64_t b_max = dt_ == DType::f16 && wants_grads() ? 256 : 0;
   const int64_t total = b_z + b_low + b_dh + b_dw + b_db + b_max;
-  const auto s = reinterpret_cast<cudaStream_t>(stream_);
-  check_cuda(fn_, cudaMallocAsync(reinterpret_cast<void**>(&ws_), static_cast<size_t>(total), s),
-             "cudaMallocAsync of the chunk buffers");
-  char* p = ws_;
+  ws_ = std::make_unique<DeviceBuffer>(fn_, total, stream_);
+  char* p = ws_->get();
   auto take = [&](int64_t bytes) {
     char* q = bytes > 0 ? p : nullptr;
     p += bytes;
@@ -179,10 +219,6 @@ DeviceHead::DeviceHead(const char* fn, const LinearHead& head, const LinearHeadG
   absmax_ = reinterpret_cast<float*>(take(b_max));
   if (dw_direct_) dw_ = static_cast<float*>(grads.weight.data);
   ldw_ = dw_direct_ ? ld_of(grads.weight) : h_;
-}
-
-DeviceHead::~DeviceHead() {
-  if (ws_ != nullptr) cudaFreeAsync(ws_, reinterpret_cast<cudaStream_t>(stream_));
 }
 
 float* DeviceHead::logits(int64_t r0, int64_t rows) {

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "divkit/fused_linear.h"
@@ -27,12 +28,35 @@ namespace divkit::fused_cuda {
 void check_head(const char* fn, const LinearHead& head, const LinearHeadGrads& grads,
                 const std::string& prefix = "");
 
+// One stream-ordered device allocation: cudaMallocAsync here, cudaFreeAsync on the same stream
+// at scope exit (the kernels enqueued before it finish first).
+class DeviceBuffer {
+ public:
+  DeviceBuffer(const char* fn, int64_t bytes, CUstream_st* stream);
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  char* get() const { return p_; }
+
+ private:
+  char* p_ = nullptr;
+  CUstream_st* stream_;
+};
+
+// Views of the loops' device scratch, marked as on CUDA device `device`: rows [r0, r0 + rows)
+// of an fp64 [n] vector (p == nullptr: an undefined view), and an fp32 [rows, v] chunk.
+TensorView device_vector(double* p, int64_t r0, int64_t rows, int device);
+TensorView device_matrix(float* p, int64_t rows, int64_t v, int device);
+
+// The CPU heads' error for labels[i] out of [0, v) (the label copied back from the device).
+[[noreturn]] void fail_bad_label(const char* fn, const TensorView& labels, int64_t i, int64_t v,
+                                 int64_t ignore_index);
+
 class DeviceHead {
  public:
   // chunk: the most rows per chunk. The workspace is allocated on `stream` here.
   DeviceHead(const char* fn, const LinearHead& head, const LinearHeadGrads& grads, int64_t chunk,
              CUstream_st* stream);
-  ~DeviceHead();  // frees the workspace (stream-ordered; the kernels enqueued before it finish)
   DeviceHead(const DeviceHead&) = delete;
   DeviceHead& operator=(const DeviceHead&) = delete;
 
@@ -53,12 +77,12 @@ class DeviceHead {
   LinearHeadGrads grads_;
   CUstream_st* stream_;
   int64_t n_ = 0, v_ = 0, h_ = 0, chunk_ = 0;
-  DType dt_ = DType::f32;  // the GEMM operands' dtype (the weight's)
-  char* ws_ = nullptr;     // one allocation, carved below
-  float* z_ = nullptr;     // [chunk, V] logits, then G
-  void* g_low_ = nullptr;  // [chunk, V] G rounded to dt_ (bf16 / fp16 heads)
-  float* dh_ = nullptr;    // [chunk, H] fp32 grad_hidden rows (unless written directly)
-  float* dw_ = nullptr;    // [V, H] fp32 grad_weight accumulator (unless written directly)
+  DType dt_ = DType::f32;             // the GEMM operands' dtype (the weight's)
+  std::unique_ptr<DeviceBuffer> ws_;  // one allocation, carved below
+  float* z_ = nullptr;                // [chunk, V] logits, then G
+  void* g_low_ = nullptr;             // [chunk, V] G rounded to dt_ (bf16 / fp16 heads)
+  float* dh_ = nullptr;               // [chunk, H] fp32 grad_hidden rows (unless written directly)
+  float* dw_ = nullptr;  // [V, H] fp32 grad_weight accumulator (unless written directly)
   int64_t ldw_ = 0;
   double* db_ = nullptr;     // [V] grad_bias accumulator
   float* absmax_ = nullptr;  // [1] the chunk's largest |G| (float16 heads)

@@ -150,30 +150,6 @@ Upstream upstream_of(const TensorView& t) {
   return {t.data, t.dtype, t.strides[0]};
 }
 
-TensorView device_vector(double* p, int64_t r0, int64_t rows, int device) {
-  if (p == nullptr) return {};
-  TensorView t = TensorView::vector(p + r0, DType::f64, rows);
-  t.device = Device::cuda;
-  t.device_index = device;
-  return t;
-}
-
-// One stream-ordered allocation for the call's per-token vectors and flags.
-class Workspace {
- public:
-  Workspace(const char* fn, size_t bytes, cudaStream_t s) : s_(s) {
-    check_cuda(fn, cudaMallocAsync(&p_, bytes, s), "cudaMallocAsync");
-  }
-  ~Workspace() { cudaFreeAsync(p_, s_); }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  char* get() const { return static_cast<char*>(p_); }
-
- private:
-  void* p_ = nullptr;
-  cudaStream_t s_;
-};
-
 void check_vector(const char* fn, const char* name, const TensorView& t, int64_t n,
                   std::initializer_list<DType> dtypes) {
   if (t.defined()) check::vector_of(fn, name, cuda::shape_only(t), n, dtypes);
@@ -227,7 +203,7 @@ void label_head_cuda(const LabelHeadCudaJob& job, int device) {
   constexpr int kVectors = sizeof(need) / sizeof(need[0]);
   const int64_t vec_bytes = (std::max<int64_t>(n, 1) * 8 + 255) / 256 * 256;
   const size_t bytes = static_cast<size_t>(kVectors * vec_bytes + 256 + 256);
-  Workspace ws(fn, bytes, s);
+  fused_cuda::DeviceBuffer ws(fn, static_cast<int64_t>(bytes), reinterpret_cast<CUstream_st*>(s));
   double* vecs[kVectors];
   for (int k = 0; k < kVectors; ++k)
     vecs[k] = need[k] ? reinterpret_cast<double*>(ws.get() + k * vec_bytes) : nullptr;
@@ -284,19 +260,19 @@ void label_head_cuda(const LabelHeadCudaJob& job, int device) {
       a.ignore_index = job.ignore_index;
       a.temperature = job.temperature;
       a.softcap = job.softcap;
-      a.lse = device_vector(w.lse, r0, rows, device);
-      a.z_label = device_vector(w.zy, r0, rows, device);
-      a.mean_z = device_vector(w.mean, r0, rows, device);
-      a.entropy = device_vector(w.ent, r0, rows, device);
-      a.topk_mass = device_vector(w.topk, r0, rows, device);
+      a.lse = fused_cuda::device_vector(w.lse, r0, rows, device);
+      a.z_label = fused_cuda::device_vector(w.zy, r0, rows, device);
+      a.mean_z = fused_cuda::device_vector(w.mean, r0, rows, device);
+      a.entropy = fused_cuda::device_vector(w.ent, r0, rows, device);
+      a.topk_mass = fused_cuda::device_vector(w.topk, r0, rows, device);
       a.topk = st.topk;
-      a.log_sum_sq = device_vector(w.sq, r0, rows, device);
-      a.is_top1 = device_vector(w.top1, r0, rows, device);
-      a.coef_a0 = device_vector(w.a0, r0, rows, device);
-      a.coef_a1 = device_vector(w.a1, r0, rows, device);
-      a.coef_b = device_vector(w.b, r0, rows, device);
-      a.coef_c = device_vector(w.c, r0, rows, device);
-      a.coef_e = device_vector(w.e, r0, rows, device);
+      a.log_sum_sq = fused_cuda::device_vector(w.sq, r0, rows, device);
+      a.is_top1 = fused_cuda::device_vector(w.top1, r0, rows, device);
+      a.coef_a0 = fused_cuda::device_vector(w.a0, r0, rows, device);
+      a.coef_a1 = fused_cuda::device_vector(w.a1, r0, rows, device);
+      a.coef_b = fused_cuda::device_vector(w.b, r0, rows, device);
+      a.coef_c = fused_cuda::device_vector(w.c, r0, rows, device);
+      a.coef_e = fused_cuda::device_vector(w.e, r0, rows, device);
       // Label smoothing spreads over the unmasked entries (c = -s eps / V becomes -s eps / V').
       a.smooth_unmasked = want_mean;
       a.first_token = r0;
@@ -323,23 +299,9 @@ void label_head_cuda(const LabelHeadCudaJob& job, int device) {
   if (bad[kBadGrad] != kNone)
     check::fail(fn, "grad_logprobs and grad_entropy must be finite (index " +
                         std::to_string(bad[kBadGrad]) + ")");
-  if (bad[kBadLabel] != kNone) {
-    const int64_t i = static_cast<int64_t>(bad[kBadLabel]);
-    const size_t es = dtype_size(job.labels.dtype);
-    int64_t y = 0;
-    int32_t y32 = 0;
-    void* dst = es == 4 ? static_cast<void*>(&y32) : static_cast<void*>(&y);
-    check_cuda(fn,
-               cudaMemcpy(dst,
-                          static_cast<const char*>(job.labels.data) +
-                              i * job.labels.strides[0] * static_cast<int64_t>(es),
-                          es, cudaMemcpyDeviceToHost),
-               "cudaMemcpy");
-    if (es == 4) y = y32;
-    check::fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(y) +
-                        " is out of range [0, " + std::to_string(v) +
-                        ") and is not ignore_index (" + std::to_string(job.ignore_index) + ")");
-  }
+  if (bad[kBadLabel] != kNone)
+    fused_cuda::fail_bad_label(fn, job.labels, static_cast<int64_t>(bad[kBadLabel]), v,
+                               job.ignore_index);
   if (bad[kBadWeight] != kNone) fail_bad_weight(fn, r, bad[kBadWeight]);
   if (bad[kNonFinite] != kNone)
     check::fail(fn, "the logits of token " + std::to_string(bad[kNonFinite]) +
