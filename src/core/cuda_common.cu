@@ -88,14 +88,7 @@ void launch_finish(const char* fn, const RowReduce& r, const TensorView& loss,
   check_cuda(fn, cudaGetLastError(), "the finish kernel launch");
 }
 
-void fill_row_reduce(const char* fn, int64_t n, const DivergenceOptions& options,
-                     const TensorView& loss, RowReduce& r) {
-  if (options.labels.defined())
-    check::vector_of(fn, "labels", cuda::shape_only(options.labels), n, {DType::i64, DType::i32});
-  if (options.weights.defined())
-    check::vector_of(fn, "weights", cuda::shape_only(options.weights), n, {DType::f32, DType::f64});
-  (void)reduce::divisor(fn, options.reduction, options.num_items_in_batch, n, n);  // checks
-  reduce::check_loss_output(fn, cuda::shape_only(loss), options.reduction, n);
+void set_row_reduce(int64_t n, const DivergenceOptions& options, RowReduce& r) {
   r.n = n;
   if (options.labels.defined()) {
     r.labels = options.labels.data;
@@ -110,6 +103,17 @@ void fill_row_reduce(const char* fn, int64_t n, const DivergenceOptions& options
   }
   r.reduction = static_cast<int>(options.reduction);
   r.num_items = options.num_items_in_batch;
+}
+
+void fill_row_reduce(const char* fn, int64_t n, const DivergenceOptions& options,
+                     const TensorView& loss, RowReduce& r) {
+  if (options.labels.defined())
+    check::vector_of(fn, "labels", cuda::shape_only(options.labels), n, {DType::i64, DType::i32});
+  if (options.weights.defined())
+    check::vector_of(fn, "weights", cuda::shape_only(options.weights), n, {DType::f32, DType::f64});
+  (void)reduce::divisor(fn, options.reduction, options.num_items_in_batch, n, n);  // checks
+  reduce::check_loss_output(fn, cuda::shape_only(loss), options.reduction, n);
+  set_row_reduce(n, options, r);
 }
 
 DeviceGuard::DeviceGuard(const char* fn, int device) {

@@ -159,6 +159,9 @@ void check_cuda(const char* fn, cudaError_t err, const char* what);
 // the value copied back from the device).
 [[noreturn]] void fail_bad_weight(const char* fn, const RowReduce& r, unsigned long long index);
 
+// Sets r's labels, weights, reduction and num_items_in_batch from the options (no checks).
+void set_row_reduce(int64_t n, const DivergenceOptions& options, RowReduce& r);
+
 // Fills r from the options (labels, weights, reduction, num_items_in_batch) after checking them
 // as shapes and dtypes (the data stays on the device) and the loss output.
 void fill_row_reduce(const char* fn, int64_t n, const DivergenceOptions& options,

@@ -186,20 +186,7 @@ void distill_chunks_cuda(const char* fn, const LinearHead& student,
   float* const g_soft = gsoft ? reinterpret_cast<float*>(p + 512) : nullptr;
 
   RowReduce r;
-  r.n = n;
-  if (options.labels.defined()) {
-    r.labels = options.labels.data;
-    r.labels_dtype = options.labels.dtype;
-    r.labels_stride = options.labels.strides[0];
-  }
-  r.ignore_index = options.ignore_index;
-  if (options.weights.defined()) {
-    r.weights = options.weights.data;
-    r.weights_dtype = options.weights.dtype;
-    r.weights_stride = options.weights.strides[0];
-  }
-  r.reduction = static_cast<int>(options.reduction);
-  r.num_items = options.num_items_in_batch;
+  set_row_reduce(n, options, r);
   r.divisor = divisor;
   r.bad = flags;
   r.bad_slots = kFlags;

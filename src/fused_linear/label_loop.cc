@@ -231,6 +231,21 @@ bool on_cuda(const char* fn, const cuda::Placement& where, const VocabShard& sha
 #endif
 }
 
+// The fields every label head's CUDA job shares.
+detail::LabelHeadCudaJob cuda_job(const char* fn, const LinearHead& head, const TensorView& labels,
+                                  int64_t ignore_index, int64_t chunk_size, std::uintptr_t stream,
+                                  bool check_finite) {
+  detail::LabelHeadCudaJob job;
+  job.fn = fn;
+  job.head = head;
+  job.labels = labels;
+  job.ignore_index = ignore_index;
+  job.chunk_size = chunk_size;
+  job.stream = stream;
+  job.check_finite = check_finite;
+  return job;
+}
+
 void run_cuda(detail::LabelHeadCudaJob job, const cuda::Placement& where) {
 #if DIVKIT_HAS_CUDA
   if (!job.labels.defined()) fail(job.fn, "labels are required");
@@ -267,16 +282,10 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                                                      {"is_top1", &stats.is_top1}});
   if (on_cuda(fn, where, spec.shard)) {
     check_ce_options(fn, spec);
-    detail::LabelHeadCudaJob job;
-    job.fn = fn;
-    job.head = head;
+    detail::LabelHeadCudaJob job = cuda_job(fn, head, labels, spec.ignore_index, spec.chunk_size,
+                                            spec.stream, spec.check_finite);
     job.grads = grads;
-    job.labels = labels;
-    job.ignore_index = spec.ignore_index;
     job.softcap = spec.softcap;
-    job.chunk_size = spec.chunk_size;
-    job.stream = spec.stream;
-    job.check_finite = spec.check_finite;
     job.stats = stats;
     if (!loss.defined()) fail(fn, "loss is required");
     job.loss = loss;
@@ -361,15 +370,9 @@ void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
                                                      {"is_top1", &stats.is_top1}});
   if (on_cuda(fn, where, spec.shard)) {
     check_temperature(fn, spec.temperature);
-    detail::LabelHeadCudaJob job;
-    job.fn = fn;
-    job.head = head;
-    job.labels = labels;
-    job.ignore_index = spec.ignore_index;
+    detail::LabelHeadCudaJob job = cuda_job(fn, head, labels, spec.ignore_index, spec.chunk_size,
+                                            spec.stream, spec.check_finite);
     job.temperature = spec.temperature;
-    job.chunk_size = spec.chunk_size;
-    job.stream = spec.stream;
-    job.check_finite = spec.check_finite;
     job.stats = stats;
     return run_cuda(job, where);
   }
@@ -420,16 +423,10 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
                                                      {"grad_entropy", &grad_entropy}});
   if (on_cuda(fn, where, spec.shard)) {
     check_temperature(fn, spec.temperature);
-    detail::LabelHeadCudaJob job;
-    job.fn = fn;
-    job.head = head;
+    detail::LabelHeadCudaJob job = cuda_job(fn, head, labels, spec.ignore_index, spec.chunk_size,
+                                            spec.stream, spec.check_finite);
     job.grads = grads;
-    job.labels = labels;
-    job.ignore_index = spec.ignore_index;
     job.temperature = spec.temperature;
-    job.chunk_size = spec.chunk_size;
-    job.stream = spec.stream;
-    job.check_finite = spec.check_finite;
     job.backward = true;
     job.grad_logprobs = grad_logprobs;
     job.grad_entropy = grad_entropy;

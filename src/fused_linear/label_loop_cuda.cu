@@ -212,19 +212,14 @@ void label_head_cuda(const LabelHeadCudaJob& job, int device) {
   auto* flags = reinterpret_cast<unsigned long long*>(ws.get() + kVectors * vec_bytes);
   auto* divisor = reinterpret_cast<double*>(ws.get() + kVectors * vec_bytes + 256);
 
+  DivergenceOptions reduce_options;
+  reduce_options.labels = job.labels;
+  reduce_options.ignore_index = job.ignore_index;
+  reduce_options.weights = job.weights;
+  reduce_options.reduction = job.reduction;
+  reduce_options.num_items_in_batch = job.num_items_in_batch;
   RowReduce r;
-  r.n = n;
-  r.labels = job.labels.data;
-  r.labels_dtype = job.labels.dtype;
-  r.labels_stride = job.labels.strides[0];
-  r.ignore_index = job.ignore_index;
-  if (job.weights.defined()) {
-    r.weights = job.weights.data;
-    r.weights_dtype = job.weights.dtype;
-    r.weights_stride = job.weights.strides[0];
-  }
-  r.reduction = static_cast<int>(job.reduction);
-  r.num_items = job.num_items_in_batch;
+  set_row_reduce(n, reduce_options, r);
   r.divisor = divisor;
   r.row_loss = vecs[kVectors - 1];
   r.bad = flags;
