@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ._ops import first_order
+from ._ops import first_order, upstream_is_one
 
 __all__ = [
     "Scaling",
@@ -87,7 +87,7 @@ class GradsInForward(torch.autograd.Function):
         grads = ctx.grads
         if not sc.keep:
             ctx.grads = None
-        is_one = grad_out.dim() == 0 and bool(grad_out == 1)
+        is_one = upstream_is_one(grad_out)
         go64 = grad_out.to(torch.float64) if sc.fp64 else None
         out = []
         for i, g in enumerate(grads):

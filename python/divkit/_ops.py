@@ -162,6 +162,19 @@ def _is_real(x: Tensor) -> bool:
     return type(x) is torch.Tensor or type(x) is torch.nn.Parameter
 
 
+def upstream_is_one(go: Tensor) -> bool:
+    """Whether the upstream gradient ``go`` is the scalar 1, so that a saved gradient can be
+    returned as it is (no pass over it). The answer reads ``go`` on the host; where that cannot
+    be done (a fake or traced tensor, or a CUDA stream being captured into a graph, which
+    forbids synchronization) it is False, and the caller multiplies by ``go``: the same values,
+    since g * 1 == g exactly."""
+    if go.dim() != 0 or not _is_real(go):
+        return False
+    if go.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return bool(go == 1)
+
+
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity whose backward raises: marks a gradient returned by a kernel under
     ``create_graph=True``, whose own derivative the kernels do not compute."""
@@ -231,7 +244,7 @@ def _scale(g: Tensor, go: Tensor) -> Tensor:
     """g (a gradient saved by forward) times the upstream gradient go (a scalar, or one value per
     leading index of g), rounded once to g's dtype. An upstream gradient of 1 returns g itself in
     eager mode (no [N, V] temporary)."""
-    if go.dim() == 0 and _is_real(go) and _is_real(g) and bool(go == 1):
+    if _is_real(g) and upstream_is_one(go):
         return g
     go = go.reshape(tuple(go.shape) + (1,) * (g.dim() - go.dim()))
     return torch.mul(g, go).to(g.dtype)
@@ -457,7 +470,7 @@ if ENABLED:
     def _handover(g: Tensor, go: Tensor) -> Tensor:
         """A reduced head's saved gradient times the scalar upstream gradient, as the
         autograd.Function path does it (go rounded to g's dtype first)."""
-        if _is_real(go) and _is_real(g) and bool(go == 1):
+        if _is_real(g) and upstream_is_one(go):
             return g
         return g * go.to(g.dtype)
 
