@@ -456,6 +456,7 @@ def sinkhorn_kd_loss(
     eps: float = 0.1,
     n_iter: int = 20,
     sync: Optional[bool] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     r"""SinKD batch-wise Sinkhorn distillation loss (Cui et al. 2024, code 2018cx/SinKD).
 
@@ -469,9 +470,11 @@ def sinkhorn_kd_loss(
     Gradient: through W with the coupling held fixed (the envelope gradient of the regularized
     cost; SinKD differentiates through the iterations). logits [B, V], float32/float64.
     ``sync``: as in :func:`sinkhorn` (``False``: no host read, so CUDA-graph capturable; the
-    same loss).
+    same loss). ``backend``: where the Sinkhorn iterations run, as in :func:`sinkhorn` (the cost
+    and the loss around them are PyTorch ops on the logits' device).
     """
     fn = "sinkhorn_kd_loss"
+    _device.backend(fn, backend)
     s = _tensor(fn, "student_logits", student_logits, (2,), cpu=False)
     t = _tensor(fn, "teacher_logits", teacher_logits, (2,), cpu=False)
     if s.shape != t.shape:
@@ -499,6 +502,7 @@ def sinkhorn_kd_loss(
         return_plan=True,
         warn=False,
         sync=sync,
+        backend=backend,
     )
     return (res.plan.to(W.dtype) * W).sum()
 

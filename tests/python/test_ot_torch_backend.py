@@ -238,10 +238,15 @@ def test_monge_gap_and_kd_loss_through_the_fallback(monkeypatch):
     for v in vals:
         v.backward()
     assert rel(vals[0], vals[1]) <= 1e-10 and rel(xs[0].grad, xs[1].grad) <= 1e-9
-    # sinkhorn_kd_loss has no backend keyword (it follows the logits' device): forced here.
+    # sinkhorn_kd_loss's backend= reaches its Sinkhorn iterations (the fallback is called).
     s, t = (torch.randn(6, 10, generator=torch.Generator().manual_seed(k)) for k in (9, 10))
-    want = divkit.ot.sinkhorn_kd_loss(s.double(), t.double())
-    orig = divkit.ot.sinkhorn
-    monkeypatch.setattr(divkit.ot, "sinkhorn", lambda *a, **k: orig(*a, backend="torch", **k))
-    got = divkit.ot.sinkhorn_kd_loss(s.double(), t.double())
-    assert rel(got, want) <= 1e-10
+    want = divkit.ot.sinkhorn_kd_loss(s.double(), t.double(), backend="core")
+    calls = []
+    orig = divkit.backends.torch_ot.sinkhorn
+    monkeypatch.setattr(
+        divkit.backends.torch_ot, "sinkhorn", lambda *a, **k: calls.append(1) or orig(*a, **k)
+    )
+    got = divkit.ot.sinkhorn_kd_loss(s.double(), t.double(), backend="torch")
+    assert calls and rel(got, want) <= 1e-10
+    with pytest.raises(divkit.Error, match="sinkhorn_kd_loss: unknown backend .gpu."):
+        divkit.ot.sinkhorn_kd_loss(s, t, backend="gpu")
