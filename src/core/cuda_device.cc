@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "core/check.h"
+
 namespace divkit {
 
 const char* device_name(Device device) {
@@ -43,6 +45,11 @@ Placement placement(const char* fn, std::initializer_list<NamedView> views) {
   }
   if (first == nullptr) return {};
   return {first->second->device, first->second->device_index};
+}
+
+Placement checked_placement(const char* fn, std::initializer_list<NamedView> views) {
+  for (const NamedView& nv : views) check::view(fn, nv.first, *nv.second);
+  return placement(fn, views);
 }
 
 void not_built(const char* fn) { throw Error(std::string(fn) + ": divkit was built without CUDA"); }

@@ -21,6 +21,10 @@ using NamedView = std::pair<const char*, const TensorView*>;
 // first argument that differs and both devices ("cpu", "cuda:1") when they are not all on one.
 Placement placement(const char* fn, std::initializer_list<NamedView> views);
 
+// check::view of every given view (its layout, dtype and device codes), then placement(): for a
+// dispatch that runs before the family's own checks, so that a malformed view is named as such.
+Placement checked_placement(const char* fn, std::initializer_list<NamedView> views);
+
 // "cpu" or "cuda:<index>".
 std::string device_string(const TensorView& t);
 

@@ -314,22 +314,22 @@ void fused_linear_divergence(const LinearHead& student, const LinearHead& teache
                              const LinearHeadGrads& teacher_grads) {
   constexpr const char* fn = "fused_linear_divergence";
   const cuda::Placement where =
-      cuda::placement(fn, {{"student_hidden", &student.hidden},
-                           {"student_weight", &student.weight},
-                           {"student_bias", &student.bias},
-                           {"grad_student_hidden", &student_grads.hidden},
-                           {"grad_student_weight", &student_grads.weight},
-                           {"grad_student_bias", &student_grads.bias},
-                           {"teacher_hidden", &teacher.hidden},
-                           {"teacher_weight", &teacher.weight},
-                           {"teacher_bias", &teacher.bias},
-                           {"grad_teacher_hidden", &teacher_grads.hidden},
-                           {"grad_teacher_weight", &teacher_grads.weight},
-                           {"grad_teacher_bias", &teacher_grads.bias},
-                           {"labels", &options.labels},
-                           {"weights", &options.weights},
-                           {"teacher_token_ids", &fused.teacher_token_ids},
-                           {"loss", &loss}});
+      cuda::checked_placement(fn, {{"student_hidden", &student.hidden},
+                                   {"student_weight", &student.weight},
+                                   {"student_bias", &student.bias},
+                                   {"grad_student_hidden", &student_grads.hidden},
+                                   {"grad_student_weight", &student_grads.weight},
+                                   {"grad_student_bias", &student_grads.bias},
+                                   {"teacher_hidden", &teacher.hidden},
+                                   {"teacher_weight", &teacher.weight},
+                                   {"teacher_bias", &teacher.bias},
+                                   {"grad_teacher_hidden", &teacher_grads.hidden},
+                                   {"grad_teacher_weight", &teacher_grads.weight},
+                                   {"grad_teacher_bias", &teacher_grads.bias},
+                                   {"labels", &options.labels},
+                                   {"weights", &options.weights},
+                                   {"teacher_token_ids", &fused.teacher_token_ids},
+                                   {"loss", &loss}});
   if (where.device == Device::cuda) {
 #if DIVKIT_HAS_CUDA
     if (fused.shard.active())
@@ -488,18 +488,18 @@ void fused_linear_sparse_divergence(const LinearHead& student, const TensorView&
                                     const LinearHeadGrads& student_grads) {
   constexpr const char* fn = "fused_linear_sparse_divergence";
   const cuda::Placement where =
-      cuda::placement(fn, {{"student_hidden", &student.hidden},
-                           {"student_weight", &student.weight},
-                           {"student_bias", &student.bias},
-                           {"grad_student_hidden", &student_grads.hidden},
-                           {"grad_student_weight", &student_grads.weight},
-                           {"grad_student_bias", &student_grads.bias},
-                           {"teacher_indices", &teacher_indices},
-                           {"teacher_logprobs", &teacher_logprobs},
-                           {"labels", &options.labels},
-                           {"weights", &options.weights},
-                           {"teacher_token_ids", &fused.teacher_token_ids},
-                           {"loss", &loss}});
+      cuda::checked_placement(fn, {{"student_hidden", &student.hidden},
+                                   {"student_weight", &student.weight},
+                                   {"student_bias", &student.bias},
+                                   {"grad_student_hidden", &student_grads.hidden},
+                                   {"grad_student_weight", &student_grads.weight},
+                                   {"grad_student_bias", &student_grads.bias},
+                                   {"teacher_indices", &teacher_indices},
+                                   {"teacher_logprobs", &teacher_logprobs},
+                                   {"labels", &options.labels},
+                                   {"weights", &options.weights},
+                                   {"teacher_token_ids", &fused.teacher_token_ids},
+                                   {"loss", &loss}});
   if (where.device == Device::cuda) {
 #if DIVKIT_HAS_CUDA
     if (fused.shard.active())

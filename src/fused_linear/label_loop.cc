@@ -265,21 +265,22 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
                                 const CrossEntropySpec& spec, const TensorView& loss,
                                 const LinearHeadGrads& grads, const LabelStatsOutputs& stats) {
   constexpr const char* fn = "fused_linear_cross_entropy";
-  const cuda::Placement where = cuda::placement(fn, {{"hidden", &head.hidden},
-                                                     {"weight", &head.weight},
-                                                     {"bias", &head.bias},
-                                                     {"grad_hidden", &grads.hidden},
-                                                     {"grad_weight", &grads.weight},
-                                                     {"grad_bias", &grads.bias},
-                                                     {"labels", &labels},
-                                                     {"weights", &spec.weights},
-                                                     {"loss", &loss},
-                                                     {"logprobs", &stats.logprobs},
-                                                     {"entropy", &stats.entropy},
-                                                     {"lse", &stats.lse},
-                                                     {"topk_mass", &stats.topk_mass},
-                                                     {"log_sum_sq_probs", &stats.log_sum_sq_probs},
-                                                     {"is_top1", &stats.is_top1}});
+  const cuda::Placement where =
+      cuda::checked_placement(fn, {{"hidden", &head.hidden},
+                                   {"weight", &head.weight},
+                                   {"bias", &head.bias},
+                                   {"grad_hidden", &grads.hidden},
+                                   {"grad_weight", &grads.weight},
+                                   {"grad_bias", &grads.bias},
+                                   {"labels", &labels},
+                                   {"weights", &spec.weights},
+                                   {"loss", &loss},
+                                   {"logprobs", &stats.logprobs},
+                                   {"entropy", &stats.entropy},
+                                   {"lse", &stats.lse},
+                                   {"topk_mass", &stats.topk_mass},
+                                   {"log_sum_sq_probs", &stats.log_sum_sq_probs},
+                                   {"is_top1", &stats.is_top1}});
   if (on_cuda(fn, where, spec.shard)) {
     check_ce_options(fn, spec);
     detail::LabelHeadCudaJob job = cuda_job(fn, head, labels, spec.ignore_index, spec.chunk_size,
@@ -358,16 +359,17 @@ void fused_linear_cross_entropy(const LinearHead& head, const TensorView& labels
 void fused_linear_logprobs(const LinearHead& head, const TensorView& labels,
                            const LogprobsSpec& spec, const LabelStatsOutputs& stats) {
   constexpr const char* fn = "fused_linear_logprobs";
-  const cuda::Placement where = cuda::placement(fn, {{"hidden", &head.hidden},
-                                                     {"weight", &head.weight},
-                                                     {"bias", &head.bias},
-                                                     {"labels", &labels},
-                                                     {"logprobs", &stats.logprobs},
-                                                     {"entropy", &stats.entropy},
-                                                     {"lse", &stats.lse},
-                                                     {"topk_mass", &stats.topk_mass},
-                                                     {"log_sum_sq_probs", &stats.log_sum_sq_probs},
-                                                     {"is_top1", &stats.is_top1}});
+  const cuda::Placement where =
+      cuda::checked_placement(fn, {{"hidden", &head.hidden},
+                                   {"weight", &head.weight},
+                                   {"bias", &head.bias},
+                                   {"labels", &labels},
+                                   {"logprobs", &stats.logprobs},
+                                   {"entropy", &stats.entropy},
+                                   {"lse", &stats.lse},
+                                   {"topk_mass", &stats.topk_mass},
+                                   {"log_sum_sq_probs", &stats.log_sum_sq_probs},
+                                   {"is_top1", &stats.is_top1}});
   if (on_cuda(fn, where, spec.shard)) {
     check_temperature(fn, spec.temperature);
     detail::LabelHeadCudaJob job = cuda_job(fn, head, labels, spec.ignore_index, spec.chunk_size,
@@ -412,15 +414,15 @@ void fused_linear_logprobs_backward(const LinearHead& head, const TensorView& la
                                     const LogprobsSpec& spec, const TensorView& grad_logprobs,
                                     const TensorView& grad_entropy, const LinearHeadGrads& grads) {
   constexpr const char* fn = "fused_linear_logprobs_backward";
-  const cuda::Placement where = cuda::placement(fn, {{"hidden", &head.hidden},
-                                                     {"weight", &head.weight},
-                                                     {"bias", &head.bias},
-                                                     {"grad_hidden", &grads.hidden},
-                                                     {"grad_weight", &grads.weight},
-                                                     {"grad_bias", &grads.bias},
-                                                     {"labels", &labels},
-                                                     {"grad_logprobs", &grad_logprobs},
-                                                     {"grad_entropy", &grad_entropy}});
+  const cuda::Placement where = cuda::checked_placement(fn, {{"hidden", &head.hidden},
+                                                             {"weight", &head.weight},
+                                                             {"bias", &head.bias},
+                                                             {"grad_hidden", &grads.hidden},
+                                                             {"grad_weight", &grads.weight},
+                                                             {"grad_bias", &grads.bias},
+                                                             {"labels", &labels},
+                                                             {"grad_logprobs", &grad_logprobs},
+                                                             {"grad_entropy", &grad_entropy}});
   if (on_cuda(fn, where, spec.shard)) {
     check_temperature(fn, spec.temperature);
     detail::LabelHeadCudaJob job = cuda_job(fn, head, labels, spec.ignore_index, spec.chunk_size,
