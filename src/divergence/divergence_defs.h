@@ -410,17 +410,9 @@ DIVKIT_INLINE bool PowerTableApplies(D d, V x) {
 // u = (q - w) / alpha,  v = (p - w) / (1 - alpha).
 struct AlphaDivergence : SumFinish {
   float alpha;
-  // The power-mean table (SIMD CPU kernels; see PowerTableApplies), with the constants
-  // kg = 1 / (alpha (1 - alpha)), ku = -1 / alpha, kv = -1 / (1 - alpha): g, u and v directly.
-  const float* table = nullptr;
   DIVKIT_HD explicit AlphaDivergence(const DivergenceSpec& s) : alpha(s.alpha) {}
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    if (table != nullptr && PowerTableApplies(d, e.lr)) {
-      const V qx = hn::Mul(e.q, e.lr);
-      u = hn::Mul(qx, hn::PowTable(d, e.lr, table, 1));
-      return hn::Mul(hn::Mul(qx, e.lr), hn::PowTable(d, e.lr, table, 0));
-    }
     V w_minus_base, w_minus_q;
     const V g = MixMinusPowerMean(d, e, alpha, w_minus_base, &w_minus_q);
     u = hn::Mul(w_minus_q, hn::Set(d, -1.0f / alpha));
@@ -430,8 +422,6 @@ struct AlphaDivergence : SumFinish {
   // loop), so that w - p costs no third expm1.
   template <class D, class V>
   DIVKIT_INLINE V teacher(D d, const Entry<V>& e) const {
-    if (table != nullptr && PowerTableApplies(d, e.lr))
-      return hn::Mul(hn::Mul(e.q, e.lr), hn::PowTable(d, e.lr, table, 2));
     V w_minus_base, w_minus_q, w_minus_p;
     MixMinusPowerMean(d, e, alpha, w_minus_base, &w_minus_q, &w_minus_p);
     return hn::Mul(w_minus_p, hn::Set(d, -1.0f / (1.0f - alpha)));

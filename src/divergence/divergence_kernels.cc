@@ -1096,9 +1096,13 @@ void RunDivergenceRows(detail::RowJob& job) {
                           cache.table);
         cache.alpha = a;
       }
-      Div with_table = div;
-      with_table.table = cache.table;
-      RunRows(job, with_table);
+      if constexpr (kAlpha) {
+        RunRows(job, AlphaDivergenceTable(div, cache.table));
+      } else {
+        Div with_table = div;
+        with_table.table = cache.table;
+        RunRows(job, with_table);
+      }
     } else {
       RunRows(job, div);
     }
