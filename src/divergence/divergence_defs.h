@@ -387,6 +387,24 @@ DIVKIT_INLINE V MixMinusPowerMean(D d, const Entry<V>& e, float alpha, V& w_minu
   return hn::IfThenElse(stable, via_expm1, hn::Sub(mix, PowerMean(d, e, alpha)));
 }
 
+// |x| below which the power-mean table applies (its intervals reach
+// [-(kPowIntervals + 1) / 2, (kPowIntervals - 1) / 2) / kPowScale).
+constexpr float kPowTableRange = (hn::kPowIntervals - 1) / (2.0f * hn::kPowScale);
+
+// The alpha divergence's and Renyi's quantities from a power-mean table (divergences-inl.h's
+// BuildPowerTable, built by the SIMD CPU kernels; the scalar form has none) for vectors whose
+// every x = log(p / q) has |x| < kPowTableRange (masked and infinite x fail the test). With the
+// table's constants kg, ku, kv, a lane's
+//   kg (mix - w) = q x^2 T0(x),   ku (w - q) = q x T1(x),   kv (w - p) = q x T2(x):
+// a permute per coefficient and one Horner chain per quantity instead of two expm1 per entry,
+// and each quantity relatively accurate to a few ulp near x = 0 (p = q), where the bracket
+// c expm1(x) - expm1(c x) of MixMinusPowerMean cancels. Lanes where q underflowed to 0 (p is then
+// as small) give 0. Other vectors take MixMinusPowerMean.
+template <class D, class V>
+DIVKIT_INLINE bool PowerTableApplies(D d, V x) {
+  return hn::AllTrue(d, hn::Lt(hn::Abs(x), hn::Set(d, kPowTableRange)));
+}
+
 // Amari alpha-divergence (alpha not 0 or 1; those are the KL limits):
 // g = [alpha p + (1-alpha) q - w] / (alpha (1-alpha)), each term >= 0 (for any alpha).
 // u = (q - w) / alpha,  v = (p - w) / (1 - alpha).
@@ -416,10 +434,42 @@ struct AlphaDivergence : SumFinish {
 // = sum w - 1, used as log1p(S) near D = 0 where log(sum w) would cancel.
 struct Renyi {
   float alpha;
+  // The power-mean table (SIMD CPU kernels; see PowerTableApplies), with the constants kg = -1
+  // and ku = 1: w - mix and w - q; at alpha > 1/2 its w - q polynomials are those of w - p on
+  // the intervals k <= -kFarK (see TermAndFactor).
+  const float* table = nullptr;
+  // The first interval whose end is below -log 2 (p < q / 2 there): x <= -0.875 or -0.75.
+  static constexpr int kFarK = hn::kPowScale == 4.0f ? 4 : 2;
   DIVKIT_HD explicit Renyi(const DivergenceSpec& s) : alpha(s.alpha) {}
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e) const {
-    return hn::Neg(MixMinusPowerMean(d, e, alpha));
+    V u;
+    return TermAndFactor(d, e, u);
+  }
+  // The term and, in u, w - q (the student factor of the kernel's cached sweep, RenyiRowSumsCached:
+  // its sum of w is that of q + u). At alpha > 1/2, where p is well below q, u is
+  // (w - p) + (p - q) instead: its one rounding of ~q is unbiased, so the errors of the w << q
+  // that q + u recovers do not add up over the row as those of the expm1 or table forms do (they
+  // are kept near p = q, where p - q would carry p's and q's rounding). "Well below": p <= q / 2
+  // on the direct path; on the table's, x = log(p / q) in the intervals k <= -kFarK, which hold
+  // w - p (at alpha < 1/2 the table holds w - q there too, and p - q is not added).
+  template <class D, class V>
+  DIVKIT_INLINE V TermAndFactor(D d, const Entry<V>& e, V& u) const {
+    if (table != nullptr && PowerTableApplies(d, e.lr)) {
+      const V qx = hn::Mul(e.q, e.lr);
+      u = hn::Mul(qx, hn::PowTable(d, e.lr, table, 1));
+      if (alpha > 0.5f) {
+        const auto far = hn::Le(hn::PowTableK(d, e.lr), hn::Set(d, -static_cast<float>(kFarK)));
+        u = hn::Add(u, hn::IfThenElseZero(far, hn::Sub(e.p, e.q)));
+      }
+      return hn::Mul(hn::Mul(qx, e.lr), hn::PowTable(d, e.lr, table, 0));
+    }
+    V w_minus_base;  // w - b: w - p where alpha > 1/2
+    const V g = hn::Neg(MixMinusPowerMean(d, e, alpha, w_minus_base, &u));
+    if (alpha > 0.5f)
+      u = hn::IfThenElse(hn::Le(hn::Add(e.p, e.p), e.q), hn::Add(w_minus_base, hn::Sub(e.p, e.q)),
+                         u);
+    return g;
   }
 };
 

@@ -25,6 +25,7 @@
 
 #include "core/hd.h"
 #include "core/simd_math-inl.h"
+#include "divergence/scalar_ops.h"
 #include "divkit/divergence.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
@@ -98,6 +99,11 @@ HWY_INLINE V Log1p(D d, V y) {
 // permutes (32 intervals), then one Horner chain. AVX-512 only (elsewhere no table is built, and
 // this generic form with gathers is never called).
 constexpr int kMixLogDegree = 5;
+// The power-mean table's polynomials (BuildPowerTable): degree kPowDegree on kPowIntervals
+// intervals of width 1 / kPowScale.
+using scalar_ops::kPowDegree;
+using scalar_ops::kPowIntervals;
+using scalar_ops::kPowScale;
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
 inline constexpr bool kHaveMixLogTable = true;
 template <class D, class V>
@@ -115,6 +121,36 @@ HWY_INLINE V MixLogTable(D d, V x, const float* t) {
   for (int k = kMixLogDegree - 1; k >= 0; --k) p = hh::MulAdd(p, s, coef(k));
   return hh::Mul(x, p);
 }
+// A polynomial of the power-mean table (BuildPowerTable): function f's polynomial on the
+// lanes' intervals, at s = kPowScale x - k, k = round(kPowScale x) (|x| < kPowTableRange). The
+// rounding comes from a magic-number add whose low mantissa bits are then
+// (k + kPowIntervals / 2) mod kPowIntervals, the index of a one- or two-register permute; s is
+// exact. Not multiplied by x (the callers' factor).
+template <class D, class V>
+HWY_INLINE V PowTableK(D d, V x) {
+  namespace hh = hwy::HWY_NAMESPACE;
+  const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);
+  return hh::Sub(hh::MulAdd(x, hh::Set(d, kPowScale), magic), magic);
+}
+template <class D, class V>
+HWY_INLINE V PowTable(D d, V x, const float* t, int f) {
+  namespace hh = hwy::HWY_NAMESPACE;
+  const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);  // 1.5 * 2^23 + the offset
+  const V tt = hh::MulAdd(x, hh::Set(d, kPowScale), magic);
+  const V s = hh::MulSub(x, hh::Set(d, kPowScale), hh::Sub(tt, magic));
+  const __m512i idx = _mm512_castps_si512(tt.raw);
+  const float* tf = t + kPowIntervals * (kPowDegree + 1) * f;
+  auto coef = [&](int k) {
+    if constexpr (kPowIntervals == 16)
+      return V{_mm512_permutexvar_ps(idx, _mm512_load_ps(tf + 16 * k))};
+    else
+      return V{_mm512_permutex2var_ps(_mm512_load_ps(tf + 32 * k), idx,
+                                      _mm512_load_ps(tf + 32 * k + 16))};
+  };
+  V p = coef(kPowDegree);
+  for (int k = kPowDegree - 1; k >= 0; --k) p = hh::MulAdd(p, s, coef(k));
+  return p;
+}
 #else
 inline constexpr bool kHaveMixLogTable = false;
 template <class D, class V>
@@ -129,6 +165,26 @@ HWY_INLINE V MixLogTable(D d, V x, const float* t) {
   for (int k = kMixLogDegree - 1; k >= 0; --k)
     p = hh::MulAdd(p, s, hh::GatherIndex(d, t + 32 * k, idx));
   return hh::Mul(x, p);
+}
+template <class D, class V>
+HWY_INLINE V PowTableK(D d, V x) {
+  namespace hh = hwy::HWY_NAMESPACE;
+  const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);
+  return hh::Sub(hh::MulAdd(x, hh::Set(d, kPowScale), magic), magic);
+}
+template <class D, class V>
+HWY_INLINE V PowTable(D d, V x, const float* t, int f) {
+  namespace hh = hwy::HWY_NAMESPACE;
+  const hh::RebindToSigned<D> di;
+  const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);
+  const V tt = hh::MulAdd(x, hh::Set(d, kPowScale), magic);
+  const V s = hh::MulSub(x, hh::Set(d, kPowScale), hh::Sub(tt, magic));
+  const auto idx = hh::And(hh::BitCast(di, tt), hh::Set(di, kPowIntervals - 1));
+  const float* tf = t + kPowIntervals * (kPowDegree + 1) * f;
+  V p = hh::GatherIndex(d, tf + kPowIntervals * kPowDegree, idx);
+  for (int k = kPowDegree - 1; k >= 0; --k)
+    p = hh::MulAdd(p, s, hh::GatherIndex(d, tf + kPowIntervals * k, idx));
+  return p;
 }
 #endif
 }  // namespace div_ops
@@ -169,6 +225,83 @@ inline void BuildMixLogTable(double a, float* out) {
   }
 }
 
+// The table of PowTable for the alpha divergence and Renyi at order alpha, for
+// divergence_defs.h's PowerTableApplies: with x = log(p / q) and c = alpha, the quantities of an
+// entry are q x^2 F1(x) = mix - w, q x F0(x) = w - q and q x F2(x) = w - p, where
+//   F0(x) = expm1(c x) / x,   F1(x) = (c expm1(x) - expm1(c x)) / x^2,   F2(x) = (e^(c x) - e^x) /
+//   x
+// are entire functions with no zero on the real line for c != 0, 1 (F1 has the sign of c (1 - c),
+// F0 of c, F2 of c - 1), so polynomials fit them to a few ulp relative, and the products keep the
+// relative accuracy of the three quantities near x = 0 (p = q), where MixMinusPowerMean's bracket
+// c expm1(x) - expm1(c x) cancels (which is why it mirrors alpha > 1/2 to base p; the table needs
+// no mirror). The table holds kg F1, ku F0 and kv F2, the callers' constant factors folded in.
+// Each is interpolated in double at the Chebyshev nodes of the kPowIntervals intervals of width
+// 1 / kPowScale centered at k / kPowScale, and written as a polynomial of degree kPowDegree in
+// s = kPowScale x - k in [-1/2, 1/2]. The intervals k <= -far_k of the w - q polynomial hold w - p
+// instead (Renyi's table: Renyi::TermAndFactor adds p - q there; the alpha divergence's passes a
+// far_k beyond the table).
+inline void BuildPowerTable(double alpha, double kg, double ku, double kv, int far_k, float* out) {
+  constexpr int kN = div_ops::kPowDegree + 1;
+  constexpr double kPi = 3.14159265358979323846;
+  const double c = alpha;
+  // The three functions: their Taylor series where |x| <= 1 (|c| <= 2: 40 terms, below 1e-30),
+  // the closed forms beyond (no cancellation worth a digit there).
+  auto eval = [c](double x, double f[3]) {
+    if (std::fabs(x) <= 1.0) {
+      f[0] = c, f[1] = 0.0, f[2] = c - 1.0;  // the k = 1 terms
+      double ck = c, term = 1.0;             // c^k, x^(k-2) / k!
+      for (int k = 2; k <= 40; ++k) {
+        term /= k;
+        ck *= c;
+        f[1] += (c - ck) * term;
+        f[0] += ck * term * x;
+        f[2] += (ck - 1.0) * term * x;
+        term *= x;
+      }
+      return;
+    }
+    f[0] = std::expm1(c * x) / x;
+    f[1] = (c * std::expm1(x) - std::expm1(c * x)) / (x * x);
+    f[2] = (std::exp(c * x) - std::exp(x)) / x;
+  };
+  const double k_of[3] = {kg, ku, kv};
+  int fn_of[3] = {1, 0, 2};
+  double cheb_to_mono[kN][kN] = {};  // T_k(u) = sum_m cheb_to_mono[k][m] u^m
+  cheb_to_mono[0][0] = 1.0;
+  cheb_to_mono[1][1] = 1.0;
+  for (int k = 2; k < kN; ++k)
+    for (int m = 0; m < kN; ++m)
+      cheb_to_mono[k][m] =
+          (m > 0 ? 2.0 * cheb_to_mono[k - 1][m - 1] : 0.0) - cheb_to_mono[k - 2][m];
+  constexpr int kI = div_ops::kPowIntervals;
+  const double width = 1.0 / div_ops::kPowScale;
+  for (int i = 0; i < kI; ++i) {
+    const double center = width * (i - kI / 2);
+    fn_of[1] = i - kI / 2 <= -far_k ? 2 : 0;  // Renyi's far intervals: w - p in place of w - q
+    double values[3][kN];
+    for (int j = 0; j < kN; ++j) {
+      // u in [-1, 1] is 2 s, so x = center + u width / 2.
+      double f[3];
+      eval(center + 0.5 * width * std::cos(kPi * (j + 0.5) / kN), f);
+      for (int t = 0; t < 3; ++t) values[t][j] = k_of[t] * f[fn_of[t]];
+    }
+    for (int t = 0; t < 3; ++t) {
+      double cheb[kN];
+      for (int k = 0; k < kN; ++k) {
+        double sum = 0.0;
+        for (int j = 0; j < kN; ++j) sum += values[t][j] * std::cos(k * kPi * (j + 0.5) / kN);
+        cheb[k] = (k == 0 ? 1.0 : 2.0) * sum / kN;
+      }
+      double pow2 = 1.0;  // u^m = 2^m s^m
+      for (int m = 0; m < kN; ++m, pow2 *= 2.0) {
+        double coef = 0.0;
+        for (int k = 0; k < kN; ++k) coef += cheb[k] * cheb_to_mono[k][m];
+        out[(t * kN + m) * kI + i] = static_cast<float>(coef * pow2);
+      }
+    }
+  }
+}
+
 namespace defs {
 namespace hn = div_ops;
 template <class D, class V>
@@ -189,6 +322,33 @@ HWY_INLINE V Expm1Moderate(D d, V x) {
 #include "divergence/divergence_defs.h"  // IWYU pragma: export
 #undef DIVKIT_INLINE
 }  // namespace defs
+
+// The alpha divergence with its power-mean table (see PowerTableApplies), the row kernels' type
+// where RunDivergenceRows builds one: the constants kg = 1 / (alpha (1 - alpha)),
+// ku = -1 / alpha, kv = -1 / (1 - alpha) give g, u and v directly; vectors out of the table's
+// range take AlphaDivergence's MixMinusPowerMean. A type of its own (not a member of
+// AlphaDivergence, as Renyi's table is) so that the loop of alpha = 1/2, which takes no table,
+// carries no table branch: measured, the branch alone made that kind ~8% slower.
+struct AlphaDivergenceTable : defs::AlphaDivergence {
+  const float* table;
+  AlphaDivergenceTable(const defs::AlphaDivergence& base, const float* t)
+      : defs::AlphaDivergence(base), table(t) {}
+  template <class D, class V>
+  HWY_INLINE V term(D d, const defs::Entry<V>& e, V& u) const {
+    if (defs::PowerTableApplies(d, e.lr)) {
+      const V qx = hn::Mul(e.q, e.lr);
+      u = hn::Mul(qx, div_ops::PowTable(d, e.lr, table, 1));
+      return hn::Mul(hn::Mul(qx, e.lr), div_ops::PowTable(d, e.lr, table, 0));
+    }
+    return defs::AlphaDivergence::term(d, e, u);
+  }
+  template <class D, class V>
+  HWY_INLINE V teacher(D d, const defs::Entry<V>& e) const {
+    if (defs::PowerTableApplies(d, e.lr))
+      return hn::Mul(hn::Mul(e.q, e.lr), div_ops::PowTable(d, e.lr, table, 2));
+    return defs::AlphaDivergence::teacher(d, e);
+  }
+};
 
 // What the row kernels use by name.
 using defs::AlphaDivergence;

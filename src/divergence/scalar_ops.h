@@ -31,6 +31,7 @@ DIVKIT_HD inline bool Eq(float a, float b) { return a == b; }
 DIVKIT_HD inline bool Lt(float a, float b) { return a < b; }
 DIVKIT_HD inline bool Le(float a, float b) { return a <= b; }
 DIVKIT_HD inline bool Gt(float a, float b) { return a > b; }
+DIVKIT_HD inline bool Ge(float a, float b) { return a >= b; }
 DIVKIT_HD inline bool And(bool a, bool b) { return a && b; }
 DIVKIT_HD inline bool Or(bool a, bool b) { return a || b; }
 DIVKIT_HD inline bool AllFalse(Lane, bool m) { return !m; }
@@ -58,6 +59,26 @@ DIVKIT_HD inline float MixLogTable(Lane, float x, const float* t) {
   float p = t[32 * kMixLogDegree + i];
   for (int k = kMixLogDegree - 1; k >= 0; --k) p = fmaf(p, s, t[32 * k + i]);
   return x * p;
+}
+
+// The alpha divergence's and Renyi's polynomial f of a power-mean table (divergences-inl.h's
+// BuildPowerTable, layout t[(f (kPowDegree + 1) + m) kPowIntervals + i]): interval
+// i = k + kPowIntervals / 2 of width 1 / kPowScale centered at k / kPowScale,
+// k = round(kPowScale x), at s = kPowScale x - k. (Only the SIMD CPU kernels build tables; this
+// form keeps the definitions compilable and checkable in scalar code.)
+constexpr int kPowDegree = 5;
+constexpr int kPowIntervals = 16;
+constexpr float kPowScale = 2.0f;
+// k = round(kPowScale x), the interval's (as a float).
+DIVKIT_HD inline float PowTableK(Lane, float x) { return rintf(kPowScale * x); }
+DIVKIT_HD inline float PowTable(Lane, float x, const float* t, int f) {
+  const float k = rintf(kPowScale * x);
+  const int i = static_cast<int>(k) + kPowIntervals / 2;
+  const float s = fmaf(x, kPowScale, -k);
+  const float* tf = t + kPowIntervals * (kPowDegree + 1) * f;
+  float p = tf[kPowIntervals * kPowDegree + i];
+  for (int m = kPowDegree - 1; m >= 0; --m) p = fmaf(p, s, tf[kPowIntervals * m + i]);
+  return p;
 }
 
 }  // namespace divkit::scalar_ops
