@@ -138,7 +138,7 @@ inline constexpr int64_t kRowSumBlock = 16;
 struct RowSum {
   double total = 0.0;
   HWY_INLINE void AddBlock(hn::Vec<SumDF> block) {
-    const SumDF df;
+    [[maybe_unused]] const SumDF df;  // unused by the scalar target
 #if HWY_TARGET == HWY_SCALAR
     total += static_cast<double>(hn::GetLane(block));
 #else
