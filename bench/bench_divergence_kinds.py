@@ -108,11 +108,12 @@ def triad_gbps(torch, total_bytes: int = 3 << 30, runs: int = 5) -> float:
     return best
 
 
-def inputs(torch, n: int, v: int):
-    """Student and teacher logits (no [N, V] temporaries: the machine may be short of memory)."""
+def inputs(torch, n: int, v: int, noise: float = 1.0):
+    """Student and teacher logits (no [N, V] temporaries: the machine may be short of memory):
+    teacher = student + N(0, noise^2), so ``noise`` sets the spread of log(p / q)."""
     g = torch.Generator().manual_seed(0)
     s = torch.randn(n, v, generator=g).mul_(2)
-    t = torch.randn(n, v, generator=g).add_(s)
+    t = torch.randn(n, v, generator=g).mul_(noise).add_(s)
     return s, t
 
 
@@ -127,7 +128,7 @@ def part_kinds(args) -> dict:
 
     torch.set_num_threads(divkit.get_num_threads())
     tri = [triad_gbps(torch, args.triad_mib << 20)]
-    s, t = inputs(torch, args.n, args.v)
+    s, t = inputs(torch, args.n, args.v, args.teacher_noise)
     leaf = s.requires_grad_(True)
     buf = torch.zeros_like(s)
     out = {k: {"wall": [], "cpu": []} for k in args.kinds}
@@ -224,6 +225,12 @@ def main() -> int:
     ap.add_argument("--skip-kinds", action="store_true")
     ap.add_argument("--skip-buffers", action="store_true")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument(
+        "--teacher-noise",
+        type=float,
+        default=1.0,
+        help="teacher = student + N(0, noise^2) (the kinds' section)",
+    )
     ap.add_argument("--api", choices=("function", "autograd"), default="function")
     ap.add_argument(
         "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="buffer modes"

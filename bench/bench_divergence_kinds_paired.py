@@ -32,6 +32,7 @@ ap.add_argument(
     default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_divergence_kinds.py"),
 )
 ap.add_argument("--out", default=None)
+ap.add_argument("--teacher-noise", type=float, default=1.0)
 a = ap.parse_args()
 trees = [t.split("=", 1) for t in a.trees]
 res = {name: [] for name, _ in trees}
@@ -58,6 +59,7 @@ for r in range(a.rounds):
         ]
         if a.kinds:
             cmd += ["--kinds"] + a.kinds
+        cmd += ["--teacher-noise", str(a.teacher_noise)]
         env = dict(os.environ, PYTHONPATH=path)
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         d = json.load(open(js))

@@ -36,6 +36,7 @@
 #include <cstring>
 #include <limits>
 
+#include "core/element.h"
 #include "divergence/row_job.h"
 #include "hwy/aligned_allocator.h"
 
@@ -1050,6 +1051,43 @@ void RunRows(RowJob& job, const Div& div) {
   job.bad_teacher = bad_t.Get();
 }
 
+// Whether the alpha divergence's and Renyi's power-mean table pays for this call. A vector with
+// a lane outside the table's range (|log(p / q)| >= kPowTableRange) takes MixMinusPowerMean inside
+// the table's loop, which is slower than the loop without the table; rows whose log-ratios are
+// wide (a student far from its teacher, or logits shifted apart) run faster without it. Sampled on
+// the first counted row: the table is taken when at least half of its 16-entry groups are in range.
+// The choice depends on the inputs only, not on the threads.
+bool PowerTablePays(const RowJob& job) {
+  int64_t r = 0;
+  if (job.active != nullptr)
+    while (r < job.n && job.active[r] == 0) ++r;
+  if (r >= job.n || job.v == 0 || job.check_only) return false;
+  const int64_t v = job.v;
+  const float inv_t = 1.0f / job.spec.temperature;
+  auto at = [&](const RowInput& in, int64_t j) {
+    return elem::load_f32(in.data, in.dtype, r * in.row_stride + j) * inv_t;
+  };
+  auto log_softmax_shift = [&](const RowInput& in) {  // the row's lse, NaN without one
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < v; ++j) m = std::max(m, at(in, j));
+    if (!std::isfinite(m)) return std::numeric_limits<double>::quiet_NaN();
+    double sum = 0.0;
+    for (int64_t j = 0; j < v; ++j) sum += std::exp(at(in, j) - m);
+    return m + std::log(sum);
+  };
+  const double ls = log_softmax_shift(job.student), lt = log_softmax_shift(job.teacher);
+  if (!std::isfinite(ls) || !std::isfinite(lt)) return false;
+  constexpr int64_t kGroup = 16;
+  int64_t groups = 0, in_range = 0;
+  for (int64_t j0 = 0; j0 < v; j0 += kGroup, ++groups) {
+    bool all = true;
+    for (int64_t j = j0; j < std::min(v, j0 + kGroup) && all; ++j)
+      all = std::abs((at(job.teacher, j) - lt) - (at(job.student, j) - ls)) < defs::kPowTableRange;
+    in_range += all ? 1 : 0;
+  }
+  return 2 * in_range >= groups;
+}
+
 }  // namespace
 
 void RunDivergenceRows(detail::RowJob& job) {
@@ -1079,7 +1117,7 @@ void RunDivergenceRows(detail::RowJob& job) {
       // except alpha = 1/2, whose one expm1 per entry (MixMinusPowerMean) measured cheaper than
       // the table. Cached per thread as skew KL's.
       const float a = div.alpha;
-      if (a == 0.5f || !(a >= -1.0f && a <= 2.0f)) return RunRows(job, div);
+      if (a == 0.5f || !(a >= -1.0f && a <= 2.0f) || !PowerTablePays(job)) return RunRows(job, div);
       constexpr bool kAlpha = std::is_same_v<Div, AlphaDivergence>;
       struct PowCache {
         float alpha = std::numeric_limits<float>::quiet_NaN();  // no table yet

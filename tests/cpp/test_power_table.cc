@@ -4,10 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "divergence/divergences-inl.h"
 #include "divergence/scalar_ops.h"
+#include "test_util.h"
 
 namespace divkit_test {
 namespace {
@@ -55,6 +58,38 @@ TEST(PowerTable, QuantitiesRelativelyAccurateOverItsRange) {
     for (int f = 0; f < 3; ++f)
       EXPECT_LT(worst[f], 8.0) << "alpha " << alpha << " quantity " << f << ": " << worst[f]
                                << " ulp";
+  }
+}
+
+// The kernel picks the table per call from a sample row (divergence_kernels.cc's PowerTablePays):
+// rows of narrow log-ratios take it, wide ones take MixMinusPowerMean's loop. Both against the
+// fp64 reference, for the alpha divergence and Renyi on either side of 1/2.
+TEST(PowerTable, NarrowAndWideLogRatiosMatchTheReference) {
+  for (const double noise : {0.3, 3.0}) {  // 0.3: every vector in range; 3: few are
+    for (const auto& [kind, alpha] : {std::pair{divkit::DivergenceKind::alpha_divergence, 0.3},
+                                      std::pair{divkit::DivergenceKind::alpha_divergence, 0.7},
+                                      std::pair{divkit::DivergenceKind::renyi, 0.3},
+                                      std::pair{divkit::DivergenceKind::renyi, 2.0}}) {
+      const int64_t n = 5, v = 777;
+      std::mt19937 rng(11);
+      std::normal_distribution<double> nd(0.0, 1.0);
+      HostMatrix s(n, v, DType::f32), t(n, v, DType::f32);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < v; ++j) {
+          const double x = 2.0 * nd(rng);
+          s.set(i, j, x);
+          t.set(i, j, x + noise * nd(rng));
+        }
+      DivergenceSpec spec;
+      spec.kind = kind;
+      spec.alpha = static_cast<float>(alpha);
+      const std::string what = std::string(divkit::divergence_kind_name(kind)) + " alpha " +
+                               std::to_string(alpha) + " noise " + std::to_string(noise);
+      TestOptions opt;
+      opt.reduction = Reduction::none;
+      const KernelOut got = run_kernel(s, t, spec, opt, GradRequest::of(), GradRequest::of());
+      expect_matches_reference(got, run_reference(s, t, spec, opt), Tolerance{}, what);
+    }
   }
 }
 
