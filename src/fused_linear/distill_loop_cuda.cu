@@ -126,9 +126,10 @@ using SoftChunk = std::function<void(int64_t r0, int64_t rows, float* zs, float*
                                      const TensorView& weights, const TensorView& row_loss)>;
 
 // The checks every distillation head shares (after its own): options, weights of the two
-// terms, and what the CUDA loop does not take.
-void check_distill(const char* fn, int64_t n, const DivergenceOptions& options,
-                   const FusedLinearOptions& fused, const TensorView& loss) {
+// terms, and what the CUDA loop does not take; returns the reduction's fields (its divisor, flags
+// and flag slots are the loop's).
+RowReduce check_distill(const char* fn, int64_t n, const DivergenceOptions& options,
+                        const FusedLinearOptions& fused, const TensorView& loss) {
   const FusedLabelTerms& terms = fused.terms;
   if (terms.student_logprobs.defined() || terms.teacher_logprobs.defined() ||
       terms.hard_weights.defined() || terms.kept_student.defined() ||
@@ -140,12 +141,9 @@ void check_distill(const char* fn, int64_t n, const DivergenceOptions& options,
     check::fail(fn, "hard_weight and soft_weight must be finite");
   if (fused.hard_weight != 0.0f && !options.labels.defined())
     check::fail(fn, "hard_weight != 0 needs labels");
-  if (options.labels.defined())
-    check::vector_of(fn, "labels", cuda::shape_only(options.labels), n, {DType::i64, DType::i32});
-  if (options.weights.defined())
-    check::vector_of(fn, "weights", cuda::shape_only(options.weights), n, {DType::f32, DType::f64});
-  (void)reduce::divisor(fn, options.reduction, options.num_items_in_batch, n, n);  // the checks
-  reduce::check_loss_output(fn, cuda::shape_only(loss), options.reduction, n);
+  RowReduce r;
+  fill_row_reduce(fn, n, options, loss, r);  // labels, weights, reduction, the loss output
+  return r;
 }
 
 // The chunk loop shared by the distillation heads (the caller has set the device): the student's
@@ -154,7 +152,8 @@ void check_distill(const char* fn, int64_t n, const DivergenceOptions& options,
 void distill_chunks_cuda(const char* fn, const LinearHead& student,
                          const LinearHeadGrads& student_grads, const DivergenceOptions& options,
                          const FusedLinearOptions& fused, const TensorView& loss, int device,
-                         const SoftChunk& soft_chunk, const std::function<void()>& after_loop) {
+                         RowReduce r, const SoftChunk& soft_chunk,
+                         const std::function<void()>& after_loop) {
   const int64_t n = student.hidden.shape[0], v = student.weight.shape[0];
   const auto s = reinterpret_cast<cudaStream_t>(options.stream);
   const bool hard = fused.hard_weight != 0.0f, soft = fused.soft_weight != 0.0f;
@@ -185,8 +184,6 @@ void distill_chunks_cuda(const char* fn, const LinearHead& student,
   auto* divisor = reinterpret_cast<double*>(p + 256);
   float* const g_soft = gsoft ? reinterpret_cast<float*>(p + 512) : nullptr;
 
-  RowReduce r;
-  set_row_reduce(n, options, r);
   r.divisor = divisor;
   r.bad = flags;
   r.bad_slots = kFlags;
@@ -309,7 +306,7 @@ void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
                         std::to_string(teacher.weight.shape[0]) +
                         ": the vocabularies differ (teacher_token_ids has no CUDA loop in the "
                         "core)");
-  check_distill(fn, n, options, fused, loss);
+  const RowReduce r = check_distill(fn, n, options, fused, loss);
   DeviceGuard guard(fn, device);
   const bool want_t =
       fused.soft_weight != 0.0f && (teacher_grads.hidden.defined() ||
@@ -318,7 +315,7 @@ void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
   fused_cuda::DeviceHead ht(fn, teacher, teacher_grads, fused::choose_chunk(fused.chunk_size, n, v),
                             reinterpret_cast<CUstream_st*>(options.stream));
   distill_chunks_cuda(
-      fn, student, student_grads, options, fused, loss, device,
+      fn, student, student_grads, options, fused, loss, device, r,
       [&](int64_t r0, int64_t rows, float* zs, float* grad_out, const TensorView& weights,
           const TensorView& row_loss) {
         float* zt = ht.logits(r0, rows);
@@ -357,12 +354,12 @@ void sparse_distill_head_cuda(const LinearHead& student, const TensorView& teach
   if (teacher_logprobs.ndim != 2 || teacher_logprobs.shape[0] != n)
     check::fail(fn, "teacher_logprobs must be [N = " + std::to_string(n) + ", k], got " +
                         check::shape_string(teacher_logprobs));
-  check_distill(fn, n, options, fused, loss);
+  const RowReduce r = check_distill(fn, n, options, fused, loss);
   DeviceGuard guard(fn, device);
   // The teacher rows are checked chunk by chunk by the sparse kernel (an error names the chunk's
   // first token and the row within it), as on the CPU.
   distill_chunks_cuda(
-      fn, student, student_grads, options, fused, loss, device,
+      fn, student, student_grads, options, fused, loss, device, r,
       [&](int64_t r0, int64_t rows, float* zs, float* grad_out, const TensorView& weights,
           const TensorView& row_loss) {
         SparseOutputs out;
