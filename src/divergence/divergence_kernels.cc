@@ -1094,18 +1094,26 @@ void RunDivergenceRows(detail::RowJob& job) {
   VisitDivergence(job.spec, [&](const auto& div) {
     using Div = std::decay_t<decltype(div)>;
     if constexpr (div_ops::kHaveMixLogTable &&
-                  (std::is_same_v<Div, SkewForwardKL> || std::is_same_v<Div, SkewReverseKL>)) {
-      // skew KL's log of the mixture from per-alpha polynomials (TimesLogRatioToMixture). The
-      // table depends on alpha alone: the calling thread keeps the last one, so that a training
-      // loop fits it once (the row workers only read it while this call runs).
+                  (std::is_same_v<Div, SkewForwardKL> || std::is_same_v<Div, SkewReverseKL> ||
+                   std::is_same_v<Div, GeneralizedJSD>)) {
+      // skew KL's and jsd's log of the mixture from per-parameter polynomials
+      // (TimesLogRatioToMixture, GeneralizedJSD::term). The table depends on the parameter alone:
+      // the calling thread keeps the last one, so that a training loop fits it once (the row
+      // workers only read it while this call runs).
       struct MixLogCache {
-        float alpha = std::numeric_limits<float>::quiet_NaN();  // no table yet
+        float param = std::numeric_limits<float>::quiet_NaN();  // no table yet
         alignas(64) float table[32 * (div_ops::kMixLogDegree + 1)];
       };
       static thread_local MixLogCache cache;
-      if (!(cache.alpha == div.alpha)) {
-        BuildMixLogTable(div.alpha, cache.table);
-        cache.alpha = div.alpha;
+      float param;
+      if constexpr (std::is_same_v<Div, GeneralizedJSD>) param = div.beta;
+      else param = div.alpha;
+      if (!(cache.param == param)) {
+        // jsd's F = log(m / q) is the mixture log of a = 1 - beta (m = (1 - beta) q + beta p).
+        BuildMixLogTable(std::is_same_v<Div, GeneralizedJSD> ? 1.0 - static_cast<double>(param)
+                                                             : static_cast<double>(param),
+                         cache.table);
+        cache.param = param;
       }
       Div with_table = div;
       with_table.table = cache.table;
