@@ -104,6 +104,14 @@ constexpr int kMixLogDegree = 5;
 using scalar_ops::kPowDegree;
 using scalar_ops::kPowIntervals;
 using scalar_ops::kPowScale;
+// k = round(kPowScale x) of PowTable's interval, as a float (Renyi's far intervals): the
+// magic-number add of PowTable.
+template <class D, class V>
+HWY_INLINE V PowTableK(D d, V x) {
+  namespace hh = hwy::HWY_NAMESPACE;
+  const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);
+  return hh::Sub(hh::MulAdd(x, hh::Set(d, kPowScale), magic), magic);
+}
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
 inline constexpr bool kHaveMixLogTable = true;
 template <class D, class V>
@@ -126,12 +134,6 @@ HWY_INLINE V MixLogTable(D d, V x, const float* t) {
 // rounding comes from a magic-number add whose low mantissa bits are then
 // (k + kPowIntervals / 2) mod kPowIntervals, the index of a one- or two-register permute; s is
 // exact. Not multiplied by x (the callers' factor).
-template <class D, class V>
-HWY_INLINE V PowTableK(D d, V x) {
-  namespace hh = hwy::HWY_NAMESPACE;
-  const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);
-  return hh::Sub(hh::MulAdd(x, hh::Set(d, kPowScale), magic), magic);
-}
 template <class D, class V>
 HWY_INLINE V PowTable(D d, V x, const float* t, int f) {
   namespace hh = hwy::HWY_NAMESPACE;
@@ -165,12 +167,6 @@ HWY_INLINE V MixLogTable(D d, V x, const float* t) {
   for (int k = kMixLogDegree - 1; k >= 0; --k)
     p = hh::MulAdd(p, s, hh::GatherIndex(d, t + 32 * k, idx));
   return hh::Mul(x, p);
-}
-template <class D, class V>
-HWY_INLINE V PowTableK(D d, V x) {
-  namespace hh = hwy::HWY_NAMESPACE;
-  const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);
-  return hh::Sub(hh::MulAdd(x, hh::Set(d, kPowScale), magic), magic);
 }
 template <class D, class V>
 HWY_INLINE V PowTable(D d, V x, const float* t, int f) {
