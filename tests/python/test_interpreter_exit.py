@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent(
     pc = torch.randn(4, requires_grad=True)
     keep.append(divkit.preference_loss(pc, r(), r(), r(), loss_type=["sigmoid", "ipo"])[0])
     keep.append(divkit.kto_loss(pc, r(), r(), r(), r(), r())[0])
+    keep.append(divkit.cpo_loss(-pc.abs() - 0.1, -r().abs() - 0.1, loss_type="simpo")[0])
     s = torch.randn(6, 11, requires_grad=True)
     keep.append(divkit.divergence(s, torch.randn(6, 11)))
     h = torch.randn(6, 8, requires_grad=True)
@@ -32,5 +33,5 @@ def test_losses_alive_at_exit_leak_nothing():
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    assert "kept 5" in proc.stdout
+    assert "kept 6" in proc.stdout
     assert "leaked" not in proc.stderr, proc.stderr

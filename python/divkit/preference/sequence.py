@@ -281,11 +281,13 @@ def cpo_loss(
     if _ops.use_ops(pc, pr, fn=fn):
         return _ops.cpo_loss(pc, pr, loss_type, beta, eps, gamma, alpha)
     dtype, device = common.compute_dtype(pc, pr), pc.device
-    args = _C.CpoArgs(
-        loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma, alpha=alpha
-    )
 
     def run(inputs, grad_losses, need):
+        # Built per call, not captured: see preference_loss (a nanobind instance held by a loss
+        # alive at interpreter exit is reported as a leak).
+        args = _C.CpoArgs(
+            loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma, alpha=alpha
+        )
         host = [common.host(x, dtype) for x in inputs]
         losses, cr, rj = (torch.empty(n, dtype=dtype) for _ in range(3))
         g = common.grad_bufs(inputs, need, dtype, 2)
