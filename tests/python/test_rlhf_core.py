@@ -95,3 +95,9 @@ def test_superhf_gradient_and_kl_from_ref():
     torch.testing.assert_close(loss, want)
     (g,) = torch.autograd.grad(loss, lp)
     assert g[0, 1].item() == pytest.approx(-0.25) and g[0, 0].item() == 0
+    # ref_logps of a broadcastable but other shape is an error, not a silent broadcast
+    for bad in (ref[0], ref[:, :1], ref[0].tolist()):
+        with pytest.raises(divkit.Error, match="superhf_loss: ref_logps must have the shape"):
+            divkit.superhf_loss(lp, rewards, ref_logps=bad)
+    with pytest.raises(divkit.Error, match="superhf_loss: kl must have the shape"):
+        divkit.superhf_loss(lp, rewards, kl=kl.tolist())

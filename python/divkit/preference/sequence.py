@@ -603,8 +603,11 @@ def superhf_loss(
     if kl is None:
         if ref_logps is None:
             check.fail(fn, "give kl or ref_logps for the KL prior")
+        # Same shape, not broadcastable: a [N] or [B, 1] ref_logps would broadcast silently.
+        if not isinstance(ref_logps, torch.Tensor) or ref_logps.shape != lp.shape:
+            check.fail(fn, f"ref_logps must have the shape of policy_logps {tuple(lp.shape)}")
         kl = lp - ref_logps.detach()
-    elif kl.shape != lp.shape:
+    elif not isinstance(kl, torch.Tensor) or kl.shape != lp.shape:
         check.fail(fn, f"kl must have the shape of policy_logps {tuple(lp.shape)}")
     if _ops.use_ops(lp, kl, rewards, n, fn=fn):
         return _ops.superhf_loss(lp, kl, rewards, n, kl_coef, top_k)
