@@ -518,3 +518,33 @@ def test_bad_input():
             torch.zeros(2, 1, dtype=torch.float64),
             torch.zeros(2, 1, dtype=torch.float64),
         )
+
+
+def test_token_losses_bad_values_name_their_arguments():
+    # Non-finite coefficients and masks are reported under the caller's argument names, not
+    # under those of the sequence-level loss they feed (policy_chosen_logps, ...).
+    pcl, prl, rcl, rrl, cl, rl = token_batch(67)
+    nan_mask = torch.ones(2, 5, dtype=torch.float64)
+    nan_mask[1, 3] = float("nan")
+    with pytest.raises(divkit.Error, match=r"^tdpo_loss: alpha must be finite"):
+        divkit.tdpo_loss(pcl, prl, rcl, rrl, cl, rl, alpha=float("inf"))
+    with pytest.raises(divkit.Error, match=r"^sparsepo_loss: l1_kl must be finite"):
+        divkit.sparsepo_loss(pcl, prl, rcl, rrl, cl, rl, l1_kl=float("inf"))
+    with pytest.raises(divkit.Error, match=r"^sparsepo_loss: rejected_kl_mask has NaN"):
+        divkit.sparsepo_loss(pcl, prl, rcl, rrl, cl, rl, rejected_kl_mask=nan_mask)
+    # a label token of probability 0 under the policy: an infinite log-ratio
+    masked = pcl.clone()
+    masked[0, 3, cl[0, 3]] = float("-inf")
+    with pytest.raises(divkit.Error, match=r"^tdpo_loss: the chosen side's summed token terms"):
+        divkit.tdpo_loss(masked, prl, rcl, rrl, cl, rl)
+    g = torch.Generator().manual_seed(68)
+    h, rh = (torch.randn(2, 5, 6, generator=g) for _ in range(2))
+    w = torch.randn(11, 6, generator=g).requires_grad_()
+    ref = dict(ref_chosen_hidden=rh, ref_rejected_hidden=rh, ref_weight=torch.randn(11, 6))
+    with pytest.raises(divkit.Error, match=r"^sparsepo_loss_fused: l1_reward must be finite"):
+        divkit.sparsepo_loss_fused(h, h, w, cl, rl, l1_reward=float("-inf"), **ref)
+    with pytest.raises(divkit.Error, match=r"^sparsepo_loss_fused: chosen_reward_mask has NaN"):
+        divkit.sparsepo_loss_fused(h, h, w, cl, rl, chosen_reward_mask=nan_mask.float(), **ref)
+    x = [t(-1.0, -2.0)] * 4
+    with pytest.raises(divkit.Error, match=r"^hypo_loss: lam must be finite"):
+        divkit.hypo_loss(*x, torch.zeros(2, 2), torch.zeros(2, 2), lam=float("inf"))

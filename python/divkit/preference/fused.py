@@ -12,7 +12,14 @@ from .. import _device, _ops
 from .. import _validate as check
 from . import _token_head
 from ._token_head import PairInputs
-from .tokens import _sparsepo_combine, _tdpo_combine, _tdpo_variant, token_logratio_and_kl
+from .tokens import (
+    _MASK_NAMES,
+    _finite,
+    _sparsepo_combine,
+    _tdpo_combine,
+    _tdpo_variant,
+    token_logratio_and_kl,
+)
 
 __all__ = ["tdpo_loss_fused", "sparsepo_loss_fused"]
 
@@ -228,7 +235,7 @@ def tdpo_loss_fused(
     return _pair_loss_fused(fn, loss, inputs)
 
 
-@check.public("sparsepo_loss_fused")
+@check.public("sparsepo_loss_fused", finite_args=_MASK_NAMES)
 def sparsepo_loss_fused(
     policy_chosen_hidden,
     policy_rejected_hidden,
@@ -271,8 +278,8 @@ def sparsepo_loss_fused(
     fn = "sparsepo_loss_fused"
     backend = _device.backend(fn, backend)
     beta = check.positive(fn, "beta", beta)
-    l1_reward = check.real(fn, "l1_reward", l1_reward)
-    l1_kl = check.real(fn, "l1_kl", l1_kl)
+    l1_reward = _finite(fn, "l1_reward", l1_reward)
+    l1_kl = _finite(fn, "l1_kl", l1_kl)
     masks = (chosen_reward_mask, rejected_reward_mask, chosen_kl_mask, rejected_kl_mask)
     _sparsepo_mask_shapes(fn, policy_chosen_hidden, policy_rejected_hidden, masks)
     loss = _token_head.PairLoss(

@@ -522,6 +522,8 @@ def hypo_loss(
     rejected_rewards, kl)`` with ``losses = dpo_losses + lam * kl_surrogate`` per prompt."""
     fn = "hypo_loss"
     lam = check.real(fn, "lam", lam)
+    if not check.isfinite(lam):
+        check.fail(fn, f"lam must be finite, got {lam:g}")
     losses, cr, rj = preference_loss(
         policy_chosen_logps,
         policy_rejected_logps,

@@ -198,6 +198,10 @@ _REJECTED = {
 }
 
 
+#: SparsePO's token masks (checked finite by the public functions).
+_MASK_NAMES = ("chosen_reward_mask", "rejected_reward_mask", "chosen_kl_mask", "rejected_kl_mask")
+
+
 def _token_inputs(fn, pcl, prl, rcl, rrl, cl, rl):
     for name, x in (
         ("policy_chosen_logits", pcl),
@@ -275,8 +279,25 @@ def _tdpo_variant(fn, variant, beta, alpha):
     if variant not in ("tdpo1", "tdpo2"):
         check.fail(fn, f"unknown variant '{variant}' (valid: tdpo1, tdpo2)")
     beta = check.positive(fn, "beta", beta)
-    alpha = check.real(fn, "alpha", alpha) if variant == "tdpo2" else 1.0
+    alpha = _finite(fn, "alpha", alpha) if variant == "tdpo2" else 1.0
     return variant, beta, alpha
+
+
+def _finite(fn, name, x) -> float:
+    """A finite real number (an infinite coefficient would reach the sequence-level loss as an
+    infinite input, reported under that function's argument names)."""
+    v = check.real(fn, name, x)
+    if not check.isfinite(v):
+        check.fail(fn, f"{name} must be finite, got {v:g}")
+    return v
+
+
+# preference_loss's argument names -> what they hold when a token-level loss calls it (a
+# non-finite value there comes from the token terms, e.g. a label token of probability 0).
+_SEQ_NAMES = {
+    "policy_chosen_logps": "the chosen side's summed token terms (log-ratio and KL)",
+    "policy_rejected_logps": "the rejected side's summed token terms (log-ratio and KL)",
+}
 
 
 def _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing):
@@ -284,13 +305,19 @@ def _tdpo_combine(lr_w, kl_w, lr_l, kl_l, beta, alpha, label_smoothing):
     kw, kr = kl_w.sum(-1), kl_l.sum(-1)
     # logits = (lw + alpha kw) - (ll + alpha kr): the DPO sigmoid loss of these "log-ratios".
     zeros = torch.zeros_like(lw)
-    losses, _, _ = preference_loss(
-        lw + alpha * kw, ll + alpha * kr, zeros, zeros, beta=beta, label_smoothing=label_smoothing
-    )
+    with check.renamed(_SEQ_NAMES):
+        losses, _, _ = preference_loss(
+            lw + alpha * kw,
+            ll + alpha * kr,
+            zeros,
+            zeros,
+            beta=beta,
+            label_smoothing=label_smoothing,
+        )
     return losses, (beta * (lw + kw)).detach(), (beta * (ll + kr)).detach()
 
 
-@check.public("sparsepo_loss")
+@check.public("sparsepo_loss", finite_args=_MASK_NAMES)
 def sparsepo_loss(
     policy_chosen_logits,
     policy_rejected_logits,
@@ -329,8 +356,8 @@ def sparsepo_loss(
         rejected_labels,
     )
     beta = check.positive(fn, "beta", beta)
-    l1_reward = check.real(fn, "l1_reward", l1_reward)
-    l1_kl = check.real(fn, "l1_kl", l1_kl)
+    l1_reward = _finite(fn, "l1_reward", l1_reward)
+    l1_kl = _finite(fn, "l1_kl", l1_kl)
     with check.renamed(_CHOSEN):
         lr_w, kl_w, m_w = token_logratio_and_kl(
             policy_chosen_logits, ref_chosen_logits, chosen_labels, ignore_index=ignore_index
@@ -392,7 +419,8 @@ def _sparsepo_combine(
     u_w, u_l = (mr_w * lr_w).sum(-1), (mr_l * lr_l).sum(-1)
     d_w, d_l = -(mk_w * kl_w).sum(-1), -(mk_l * kl_l).sum(-1)
     zeros = torch.zeros_like(u_w)
-    losses, _, _ = preference_loss(u_w - d_w, u_l - d_l, zeros, zeros, beta=beta)
+    with check.renamed(_SEQ_NAMES):
+        losses, _, _ = preference_loss(u_w - d_w, u_l - d_l, zeros, zeros, beta=beta)
     l1 = l1_reward * ((mr_w.abs() * m_w).sum(-1) + (mr_l.abs() * m_l).sum(-1)) + l1_kl * (
         (mk_w.abs() * m_w).sum(-1) + (mk_l.abs() * m_l).sum(-1)
     )
