@@ -131,13 +131,18 @@ bool accepts_f_divergence(PreferenceLossType t) {
          t == T::exo_pair || t == T::robust || t == T::discopop || t == T::sft;
 }
 
-// Label-smoothed sigmoid loss of z and its derivative.
+// Label-smoothed sigmoid loss of z and its derivative. 1 - sigma(z) is written sigma(-z)
+// throughout: relatively accurate where it is small (a saturated pair), where 1 - sigma(z)
+// would keep only the absolute error of sigma(z) (0 beyond z = 37).
 struct Val {
   double v, d;
 };
 Val smoothed_sigmoid(double z, double eps) {
-  return {-(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z), sigmoid(z) - (1 - eps)};
+  return {-(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z),
+          eps * sigmoid(z) - (1 - eps) * sigmoid(-z)};
 }
+// sigma'(x) = sigma(x) sigma(-x).
+double sigmoid_prime(double x) { return sigmoid(x) * sigmoid(-x); }
 
 constexpr const char* kLossTypeNames[] = {"sigmoid",  "hinge",        "ipo",      "exo_pair",
                                           "nca_pair", "robust",       "bco_pair", "sppo_hard",
@@ -328,14 +333,14 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec,
           break;
         }
         case T::discopop: {
-          const double tau = spec.discopop_tau, m = sigmoid(z / tau);
+          const double tau = spec.discopop_tau, m = sigmoid(z / tau), m1 = sigmoid(-z / tau);
           const double a = -log_sigmoid(z);
           // exp(-z) m and exp(-z) m' in log space: finite wherever the products are.
           const double em = std::exp(std::min(-z + log_sigmoid(z / tau), 700.0));
           const double edm =
               std::exp(std::min(-z + log_sigmoid(z / tau) + log_sigmoid(-z / tau), 700.0)) / tau;
-          const double dm = m * (1 - m) / tau;
-          via_z(a * (1 - m) + em, (sigmoid(z) - 1.0) * (1 - m) - a * dm - em + edm);
+          const double dm = m * m1 / tau;
+          via_z(a * m1 + em, -sigmoid(-z) * m1 - a * dm - em + edm);
           break;
         }
         case T::nca_pair: {
@@ -360,17 +365,16 @@ void preference_loss(const PreferenceInputs& in, const PreferenceSpec& spec,
           break;
         }
         case T::apo_zero: {
-          const double x = sigmoid(beta * lw), y = sigmoid(beta * ll);
-          v = 1 - x + y;
-          gw = -beta * x * (1 - x);
-          gl = beta * y * (1 - y);
+          v = sigmoid(-beta * lw) + sigmoid(beta * ll);  // 1 - sigma(beta l_w) + sigma(beta l_l)
+          gw = -beta * sigmoid_prime(beta * lw);
+          gl = beta * sigmoid_prime(beta * ll);
           break;
         }
         case T::apo_down: {
-          const double x = sigmoid(beta * lw), m = sigmoid(beta * (lw - ll));
-          v = x + 1 - m;
-          gw = beta * x * (1 - x) - beta * m * (1 - m);
-          gl = beta * m * (1 - m);
+          const double d = beta * (lw - ll);
+          v = sigmoid(beta * lw) + sigmoid(-d);  // sigma(beta l_w) + 1 - sigma(d)
+          gw = beta * sigmoid_prime(beta * lw) - beta * sigmoid_prime(d);
+          gl = beta * sigmoid_prime(d);
           break;
         }
         default: break;
@@ -520,9 +524,9 @@ void kto_loss(const PreferenceInputs& in, const KtoKL& kl, const KtoSpec& spec,
   for (int64_t i = 0; i < bc; ++i) {
     const double l = get(in.policy_chosen_logps, i) - get(in.ref_chosen_logps, i);
     const double g = out.grad_losses.defined() ? get(out.grad_losses, i) : 1.0;
-    const double s = sigmoid(beta * (l - z0));  // z0 = 0 for apo_zero_unpaired: same form
-    const double d = -g * spec.desirable_weight * beta * s * (1 - s);
-    put(out.losses, i, spec.desirable_weight * (1 - s));
+    const double x = beta * (l - z0);  // z0 = 0 for apo_zero_unpaired: same form
+    const double d = -g * spec.desirable_weight * beta * sigmoid_prime(x);
+    put(out.losses, i, spec.desirable_weight * sigmoid(-x));  // 1 - sigma(x)
     put(out.chosen_rewards, i, beta * l);
     put(out.grad_policy_chosen, i, d);
     put(out.grad_ref_chosen, i, -d);
@@ -531,9 +535,9 @@ void kto_loss(const PreferenceInputs& in, const KtoKL& kl, const KtoSpec& spec,
     const double l = get(in.policy_rejected_logps, i) - get(in.ref_rejected_logps, i);
     const double g = out.grad_losses.defined() ? get(out.grad_losses, bc + i) : 1.0;
     // kto: 1 - sigma(beta (z0 - l)) = sigma(beta (l - z0)); apo_zero_unpaired: sigma(beta l).
-    const double s = sigmoid(beta * (l - z0));
-    const double d = g * spec.undesirable_weight * beta * s * (1 - s);
-    put(out.losses, bc + i, spec.undesirable_weight * s);
+    const double x = beta * (l - z0);
+    const double d = g * spec.undesirable_weight * beta * sigmoid_prime(x);
+    put(out.losses, bc + i, spec.undesirable_weight * sigmoid(x));
     put(out.rejected_rewards, i, beta * l);
     put(out.grad_policy_rejected, i, d);
     put(out.grad_ref_rejected, i, -d);

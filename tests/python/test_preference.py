@@ -548,3 +548,48 @@ def test_token_losses_bad_values_name_their_arguments():
     x = [t(-1.0, -2.0)] * 4
     with pytest.raises(divkit.Error, match=r"^hypo_loss: lam must be finite"):
         divkit.hypo_loss(*x, torch.zeros(2, 2), torch.zeros(2, 2), lam=float("inf"))
+
+
+def test_saturated_pairs_keep_relative_accuracy():
+    # Pairs far on the right side (beta * margin from 20 to 600): the losses and gradients are
+    # tiny but representable in fp64, and TRL's fp64 autograd of logsigmoid gives them to full
+    # relative accuracy. Written with 1 - sigma(z) they kept only sigma(z)'s absolute error (a
+    # zero gradient beyond z = 37). Reference: fp64 torch in the forms sigma(-z), sigma(z)
+    # sigma(-z).
+    z = torch.tensor([20.0, 45.0, 120.0, 600.0], dtype=torch.float64)
+    beta = 0.5
+    lw = (z / beta).requires_grad_()  # chosen log-ratio; rejected log-ratio 0 (or -lw)
+    zero = torch.zeros(4, dtype=torch.float64)
+
+    def grads(v, xs):
+        return [
+            torch.zeros_like(x) if g is None else g
+            for x, g in zip(xs, torch.autograd.grad(v.sum(), xs, allow_unused=True))
+        ]
+
+    def check(got, want, xs):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        for a, b in zip(grads(got, xs), grads(want, xs)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+    ll = (-lw.detach()).requires_grad_()
+    xs = [lw, ll]
+    sig, lsig = torch.sigmoid, F.logsigmoid
+    cases = {
+        "sigmoid": -lsig(beta * (lw - ll)),
+        "apo_zero": sig(-beta * lw) + sig(beta * ll),
+        # sigma(beta l_w) as 1 - sigma(-beta l_w): torch's sigmoid backward is s (1 - s)
+        "apo_down": (1 - sig(-beta * lw)) + sig(-beta * (lw - ll)),
+        "discopop": None,
+    }
+    for lt, want in cases.items():
+        got = divkit.preference_loss(lw, ll, zero, zero, loss_type=lt, beta=beta)[0]
+        if want is None:  # exp(-x) dominates once m = sigma(x / tau) is 1: both forms vanish
+            x = beta * (lw - ll)
+            want = -lsig(x) * sig(-x / 0.05) + torch.exp(-x + lsig(x / 0.05))
+        check(got, want, xs)
+    got = divkit.cpo_loss(lw, ll, beta=beta)[0]
+    check(got, -lsig(beta * (lw - ll)), xs)
+    # KTO: desirable 1 - sigma(beta l) and undesirable sigma(beta l), l = pc - rc
+    got = divkit.kto_loss(lw, ll, None, zero, zero, None, beta=beta)[0]
+    check(got, torch.cat([sig(-beta * lw), sig(beta * ll)]), xs)
