@@ -174,7 +174,8 @@ def _chunked_head_divergence(
         x is not None and x.requires_grad for x in (hidden, weight, bias, ref_logits)
     )
     outs = []
-    for s in range(0, h.shape[0], rows):
+    # At least one (possibly empty) chunk: no tokens give an empty result, not an empty cat.
+    for s in range(0, max(h.shape[0], 1), rows):
         args = (
             h[s : s + rows],
             weight,

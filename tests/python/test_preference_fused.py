@@ -763,3 +763,40 @@ def test_fused_pair_every_input_reaches_its_place(fn_name, rejected_len, keep_by
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), (0, 3)])
+@pytest.mark.parametrize("ref_mode", ["logits", "hidden"])
+@pytest.mark.parametrize("name", ["tdpo_loss", "sparsepo_loss"])
+def test_fused_empty_sequences_equal_logits_path(name, ref_mode, lengths):
+    # Sequences of no tokens (T = 0) on one side or both: the logits path gives the loss of zero
+    # log-ratios and KLs; the fused paths used to fail (an empty torch.cat, a division by the
+    # bytes of a pair's logits, 0).
+    x = batch(14)
+    tc, tr = lengths
+    x["hc"], x["rhc"], x["cl"] = x["hc"][:, :tc], x["rhc"][:, :tc], x["cl"][:, :tc]
+    x["hr"], x["rhr"], x["rl"] = x["hr"][:, :tr], x["rhr"][:, :tr], x["rl"][:, :tr]
+    p = leaves(x)
+    if ref_mode == "logits":
+        ref = dict(
+            ref_chosen_logits=logits(x["rhc"], x["rw"], None),
+            ref_rejected_logits=logits(x["rhr"], x["rw"], None),
+        )
+    else:
+        ref = dict(ref_chosen_hidden=x["rhc"], ref_rejected_hidden=x["rhr"], ref_weight=x["rw"])
+    got = getattr(divkit, name + "_fused")(p["hc"], p["hr"], p["w"], x["cl"], x["rl"], **ref)
+    q = leaves(x)
+    want = getattr(divkit, name)(
+        logits(q["hc"], q["w"], None),
+        logits(q["hr"], q["w"], None),
+        logits(x["rhc"], x["rw"], None),
+        logits(x["rhr"], x["rw"], None),
+        x["cl"],
+        x["rl"],
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    got[0].sum().backward()
+    want[0].sum().backward()
+    for k in p:
+        torch.testing.assert_close(p[k].grad, q[k].grad, rtol=1e-4, atol=1e-6)

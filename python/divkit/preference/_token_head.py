@@ -639,6 +639,8 @@ def pair_in_forward(fn, loss: PairLoss, p: PairInputs):
     # Kept per pair: the policy's logits of both sides, the reference's of the rejected side,
     # and the chosen reference's when the chosen KL is differentiated.
     per_pair = item * v * t * ((2 if loss.kl_grad_chosen else 1) + 2)
+    if per_pair == 0:
+        return None  # no tokens (T = 0) or V = 0: the per-side path
     group = min(bsz, budget // per_pair)
     if group < 1:
         return None
