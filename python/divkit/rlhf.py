@@ -54,6 +54,8 @@ def kl_estimator(
     and float dtype (the result in torch's promoted dtype); computed in fp64 in divkit's C++
     core (``include/divkit/rlhf.h``), differentiable."""
     fn = "kl_estimator"
+    check.tensor(fn, "logprobs", logprobs, dtypes=None, cpu=False)
+    check.tensor(fn, "ref_logprobs", ref_logprobs, dtypes=None, cpu=False)
     kind = _ALIASES.get(check.string(fn, "kind", kind), kind)
     if kind not in ("k1", "k2", "k3", "abs"):
         check.fail(fn, f"unknown kind '{kind}' (valid: {', '.join(KL_ESTIMATORS)})")
@@ -300,6 +302,8 @@ def calibrate_reward(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.
     (``include/divkit/rlhf.h``); traced (``torch.compile``, ``torch.vmap``), through the custom
     op ``divkit::calibrate_reward``, which checks the values when the graph runs."""
     fn = "calibrate_reward"
+    check.tensor(fn, "rewards", rewards, dtypes=None, cpu=False)
+    check.tensor(fn, "ref_rewards", ref_rewards, dtypes=None, cpu=False)
     if ref_rewards.dim() != 2 or ref_rewards.shape[1] == 0:
         check.fail(fn, f"ref_rewards must be [B, M] with M >= 1, got {tuple(ref_rewards.shape)}")
     squeeze = rewards.dim() == 1
@@ -342,6 +346,7 @@ def infalign_transform(
     the paper's description, not verified against its code. Computed in divkit's C++ core
     (exponent clamped at 80), differentiable."""
     fn = "infalign_transform"
+    check.tensor(fn, "calibrated", calibrated, dtypes=None, cpu=False)
     t = check.real(fn, "t", t)
     if scenario is not None:
         scenario = check.string(fn, "scenario", scenario)
@@ -480,6 +485,7 @@ def topk_entropy_mass(
     with ``fullgraph=True``: traced, the checks of the logits' values and of the labels' range
     run in ops (``divkit::checked_range``, ``divkit::checked_labels``) when the graph runs."""
     fn = "topk_entropy_mass"
+    check.tensor(fn, "logits", logits, dtypes=None, cpu=False)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
         check.fail(fn, f"k must be an int in [1, V = {logits.shape[-1]}], got {k}")
     temperature = check.positive(fn, "temperature", temperature)
@@ -532,6 +538,8 @@ def gradient_entanglement(
     computed from the model with autograd. Returns floats ``inner``, ``chosen_sq_norm``,
     ``rejected_sq_norm``, ``cosine`` and booleans ``chosen_rises``, ``rejected_falls``. The
     graph is kept (retain_graph) so a loss can still be backpropagated."""
+    for name, x in (("chosen_logp", chosen_logp), ("rejected_logp", rejected_logp)):
+        check.tensor("gradient_entanglement", name, x, dtypes=None, cpu=False)
     params = [p for p in params if p.requires_grad]
     if not params:
         check.fail("gradient_entanglement", "params has no tensor that requires grad")

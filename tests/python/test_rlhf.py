@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import divkit
 from divkit import rlhf
 
 
@@ -153,3 +154,27 @@ def test_gradient_entanglement():
         new_l = lin(xl).log_softmax(-1)[1]
     assert (new_w > lpw.detach()).item() == out["chosen_rises"]
     assert (new_l < lpl.detach()).item() == out["rejected_falls"]
+
+
+def test_non_tensor_arguments_are_named():
+    # A list where a tensor belongs: the message names the argument (it was an AttributeError
+    # about 'list' objects).
+    x, m = torch.zeros(3), torch.zeros(3, 4)
+    lg, lab = torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
+    cases = [
+        ("kl_estimator", "logprobs", lambda: rlhf.kl_estimator([0.0] * 3, x)),
+        ("kl_estimator", "ref_logprobs", lambda: rlhf.kl_estimator(x, [0.0] * 3)),
+        ("calibrate_reward", "rewards", lambda: rlhf.calibrate_reward([0.0] * 3, m)),
+        ("calibrate_reward", "ref_rewards", lambda: rlhf.calibrate_reward(x, m.tolist())),
+        ("infalign_transform", "calibrated", lambda: rlhf.infalign_transform([0.5], 1.0)),
+        ("topk_entropy_mass", "logits", lambda: rlhf.topk_entropy_mass(lg.tolist(), 2)),
+        ("gradient_entanglement", "chosen_logp", lambda: rlhf.gradient_entanglement(1.0, x, [])),
+        (
+            "token_logratio_and_kl",
+            "ref_logits",
+            lambda: divkit.preference.token_logratio_and_kl(lg, lg.tolist(), lab),
+        ),
+    ]
+    for fn, name, call in cases:
+        with pytest.raises(divkit.Error, match=rf"^{fn}: {name} must be a torch.Tensor"):
+            call()

@@ -83,7 +83,9 @@ def token_logratio_and_kl(
             chunk_size,
             keep_bytes,
         )
-    if policy_logits.dim() != 3 or ref_logits is None or ref_logits.shape != policy_logits.shape:
+    check.tensor(fn, "policy_logits", policy_logits, dtypes=None, cpu=False)
+    check.tensor(fn, "ref_logits", ref_logits, dtypes=None, cpu=False)
+    if policy_logits.dim() != 3 or ref_logits.shape != policy_logits.shape:
         check.fail(
             fn,
             f"policy and reference logits must both be [B, T, V] of one "
