@@ -436,8 +436,9 @@ def model_soup(
     if len(w) != len(state_dicts):
         check.fail(fn, f"{len(w)} weights for {len(state_dicts)} state dicts")
     total = sum(w)
-    if not (total > 0 and all(x >= 0 for x in w)):
-        check.fail(fn, "weights must be >= 0 with a positive sum")
+    # Finite: an inf weight (or sum) makes w / total NaN or 0, a soup of NaNs or zeros.
+    if not (check.isfinite(total) and total > 0 and all(x >= 0 for x in w)):
+        check.fail(fn, f"weights must be >= 0 with a finite positive sum, got {w}")
     w = [x / total for x in w]
     keys = list(state_dicts[0].keys())
     for k, sd in enumerate(state_dicts[1:], 1):

@@ -116,6 +116,10 @@ def test_model_soup():
     m.load_state_dict(soup)
     with pytest.raises(ValueError, match="weights"):
         rlhf.model_soup(sds, weights=[1.0])
+    # an infinite weight (or sum) gave a soup of NaNs (or zeros), silently
+    for bad in ([1.0, math.inf, 1.0], [1e308, 1e308, 1.0]):
+        with pytest.raises(divkit.Error, match="model_soup: weights must be >= 0 with a finite"):
+            rlhf.model_soup(sds, weights=bad)
 
 
 def test_topk_entropy_mass():
