@@ -192,6 +192,39 @@ TEST(Preference, LargeMarginsStayFinite) {
   EXPECT_NEAR(losses_of(w, spec_of(PreferenceLossType::sigmoid))[0], 0.1 * 5000.0, 1e-9);
 }
 
+// Pairs far on the right side: losses and gradients of order e^-z are representable in fp64 and
+// must keep their relative accuracy (written with 1 - sigma(z), they kept only sigma's absolute
+// error: 0 beyond z = 37).
+TEST(Preference, SaturatedPairsKeepRelativeAccuracy) {
+  const double beta = 0.5;
+  auto sig = [](double x) { return 1 / (1 + std::exp(-x)); };
+  auto dsig = [&](double x) { return sig(x) * sig(-x); };
+  auto spec = [&](PreferenceLossType t) {
+    PreferenceSpec p = spec_of(t);
+    p.beta = beta;
+    return p;
+  };
+  for (double z : {20.0, 45.0, 120.0, 600.0}) {
+    const double l = z / beta, s = sig(-z), ds = dsig(z);
+    std::vector<double> g;
+    // sigmoid: l_w = l, l_l = 0; d(-logsig(beta D))/dl_w = -beta sigma(-z)
+    Batch b{{l}, {0.0}, {0.0}, {0.0}, {}, {}};
+    losses_of(b, spec(PreferenceLossType::sigmoid), &g);
+    EXPECT_NEAR(g[0], -beta * s, 1e-12 * beta * s) << z;
+    // apo_zero: l_w = l, l_l = -l: 1 - sigma(z) + sigma(-z) = 2 sigma(-z)
+    Batch zero{{l}, {-l}, {0.0}, {0.0}, {}, {}};
+    const double vz = losses_of(zero, spec(PreferenceLossType::apo_zero), &g)[0];
+    EXPECT_NEAR(vz, 2 * s, 1e-12 * s) << z;
+    EXPECT_NEAR(g[0], -beta * ds, 1e-12 * beta * ds) << z;
+    EXPECT_NEAR(g[1], beta * ds, 1e-12 * beta * ds) << z;
+    // apo_down: l_w = -l, l_l = -3 l: sigma(-z) + 1 - sigma(2 z) = sigma(-z) + sigma(-2 z)
+    Batch down{{-l}, {-3 * l}, {0.0}, {0.0}, {}, {}};
+    const double vd = losses_of(down, spec(PreferenceLossType::apo_down), &g)[0];
+    EXPECT_NEAR(vd, s + sig(-2 * z), 1e-12 * s) << z;
+    EXPECT_NEAR(g[1], beta * dsig(2 * z), 1e-12 * beta * dsig(2 * z)) << z;
+  }
+}
+
 TEST(Preference, CpoOrpoKtoValues) {
   std::vector<double> pc{-0.7, -1.3}, pr{-1.1, -0.4};
   divkit::PreferenceInputs in;
