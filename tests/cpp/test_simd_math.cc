@@ -4,7 +4,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "test_simd_math.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
-// clang-format: the target loop above must come first
+// (foreach_target.h includes this file again once per target, so it comes first.)
 #include <gtest/gtest.h>
 
 #include <cmath>
