@@ -69,6 +69,11 @@ def _run(student: torch.Tensor, kernel: Callable, cfg: _Config, need_s: bool):
             grad_s = memory._empty(student.shape, cfg.grad_dtype or student.dtype, dev)
             grad_s2 = grad_s.view(n, v)
     loss = kernel(s2, loss, grad_s2)
+    if cfg.inplace_grad and grad_s2 is not None:
+        # The logits now hold the gradient: moving their version counter (shared by views and
+        # detached aliases) makes autograd raise if an operation saved them for its backward,
+        # instead of computing with the gradient (as divkit.divergence does).
+        _ops.increment_version(s2)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s
 

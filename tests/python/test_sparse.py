@@ -264,6 +264,21 @@ def test_upstream_gradient_and_inplace():
     assert torch.equal(z.detach(), z.grad)  # the storage now holds the gradient
 
 
+@pytest.mark.parametrize("fn", ["sparse", "topk"])
+def test_inplace_grad_moves_the_version_counter(fn):
+    # exp saves its output for backward: once the logits hold the gradient, autograd must raise
+    # rather than backpropagate through the overwritten values.
+    s, idx, lp = student_and_teacher(seed=23, dtype=torch.float32)
+    x = s.clone().requires_grad_(True)
+    z = torch.exp(x)
+    if fn == "sparse":
+        loss = divkit.sparse_divergence(z, idx, lp, inplace_grad=True)
+    else:
+        loss = divkit.topk_divergence(z, s.exp(), 4, inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_per_token_upstream_gradient():
     s, idx, lp = student_and_teacher(seed=19)
     g = torch.rand(2, 3, dtype=torch.float32)
