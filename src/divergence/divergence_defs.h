@@ -146,6 +146,8 @@ DIVKIT_INLINE V LogRatioToMixtureNear(D d, V x, float a) {
 template <class D, class V>
 DIVKIT_INLINE V TimesLogRatioToMixture(D d, V b, V lr, float a, float log_1ma,
                                        const float* table = nullptr) {
+  // a = 1: m = b, so b log(b / m) = 0; the o >> b branch below would give lr - log(0) = +inf.
+  if (a == 1.0f) return hn::Zero(d);
   const auto far = hn::Lt(lr, hn::Set(d, -80.0f));
   const V x = hn::Max(hn::Neg(lr), hn::Set(d, -87.0f));  // NaN (b = o = 0) -> -87 as well
   if (table != nullptr && hn::AllTrue(d, hn::Lt(hn::Abs(lr), hn::Set(d, 8.0f))))

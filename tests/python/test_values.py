@@ -352,3 +352,22 @@ def test_skew_kl_every_alpha_matches_reference(kind, alpha, spread):
     assert_loss_close(got[0], want[0])
     assert_grad_close(got[1], want[1])
     assert_grad_close(got[2], want[2])
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+@pytest.mark.parametrize("kind", ["skew_forward_kl", "skew_reverse_kl"])
+def test_skew_kl_alpha_one_is_zero_where_the_ratio_is_tiny(kind, backend):
+    # alpha = 1 makes the mixture the distribution itself (KL(p || p) = 0), also at entries where
+    # its probability is e^-85 of the other's (log ratio below -80, still a normal float).
+    s = torch.zeros(2, 37)
+    t = torch.zeros(2, 37)
+    t[:, 5] = 85.0  # teacher: e^-85 at every other entry; student: uniform
+    if kind == "skew_reverse_kl":
+        s, t = t, s
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    loss = divkit.divergence(s, t, kind, alpha=1.0, reduction="none", backend=backend)
+    loss.sum().backward()
+    assert torch.equal(loss.detach(), torch.zeros(2))
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    assert torch.equal(t.grad, torch.zeros_like(t))

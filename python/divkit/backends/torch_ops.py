@@ -196,7 +196,8 @@ def _log_ratio_to_mixture(lr, a: float):
     """log(b / m) for m = a b + (1 - a) o, from lr = log(b / o) (see the core)."""
     neg = torch.clamp(-lr, min=-104.0, max=80.0)
     near = -torch.log1p((1.0 - a) * torch.expm1(neg))
-    far = lr - _f32(math.log1p(-a)) if a < 1.0 else torch.full_like(lr, _INF)
+    # a = 1: m = b, log(b / m) = 0 (lr - log(1 - a) would be +inf).
+    far = lr - _f32(math.log1p(-a)) if a < 1.0 else torch.zeros_like(lr)
     return torch.where(lr < -80.0, far, near)
 
 
