@@ -22,6 +22,7 @@ from .backends import torch_ops
 from .functional import (
     _check_inplace,
     _check_inplace_dtype,
+    _check_label_range,
     _Config,
     _core_args,
     _parse_options,
@@ -294,6 +295,7 @@ def sparse_divergence(
     if lp.dtype not in _LOGPROB_DTYPES:
         lp = lp.to(torch.float32)
     labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    _check_label_range(fn, labels_t, student, cfg.ignore_index)
     weights_t = check.weights(fn, weights, lead_shape, cpu=False)
     op_cfg = _op_path(fn, student, cfg, (idx, lp, labels_t, weights_t))
     if op_cfg is not None:
@@ -382,6 +384,7 @@ def topk_divergence(
     _teacher_fixed(fn, "teacher_logits", teacher)
     lead_shape = student.shape[:-1]
     labels_t = check.labels(fn, labels, lead_shape, cpu=False)
+    _check_label_range(fn, labels_t, student, cfg.ignore_index)
     weights_t = check.weights(fn, weights, lead_shape, cpu=False)
     op_cfg = _op_path(fn, student, cfg, (teacher, labels_t, weights_t))
     if op_cfg is not None:

@@ -492,6 +492,24 @@ def test_bad_sparse_input():
     # An ignored token's indices and logprobs are not read.
     out[2, 1] = 99
     sd(s, out, lp, labels=torch.tensor([0, 1, -100]))
+    # A label that is neither ignore_index nor a vocabulary index: labels and logits disagree.
+    raises(
+        divkit.Error,
+        r"labels must be in \[0, 8\).* got 8 at flat position 1",
+        s,
+        idx,
+        lp,
+        labels=torch.tensor([0, 8, -100]),
+    )
+    raises(
+        divkit.Error,
+        r"labels must be in \[0, 8\).* got -1",
+        s,
+        idx,
+        lp,
+        labels=torch.tensor([0, -1, 2]),
+        ignore_index=-100,
+    )
 
 
 def test_bad_topk_input():
@@ -510,3 +528,5 @@ def test_bad_topk_input():
     t2[1, 3] = float("nan")
     with pytest.raises(divkit.Error, match="teacher_logits contains NaN or \\+inf at row 1"):
         divkit.topk_divergence(s, t2, 2)
+    with pytest.raises(divkit.Error, match=r"topk_divergence: labels must be in \[0, 8\).* got 8"):
+        divkit.topk_divergence(s, t, 2, labels=torch.tensor([0, 8, -100]))
