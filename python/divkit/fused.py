@@ -599,10 +599,21 @@ def fused_linear_sparse_divergence(
             "teacher_logprobs requires grad; a sparse teacher gets no gradient (pass "
             "teacher_logprobs.detach())",
         )
+    # As sparse_divergence: other integer index dtypes and float16 log-probabilities are
+    # converted (the core takes int32 / int64 and float32 / float64 / bfloat16).
+    check.integral(fn, "teacher_indices", teacher_indices)
+    check.floating(fn, "teacher_logprobs", teacher_logprobs)
     idx = teacher_indices.detach().reshape(-1, teacher_indices.shape[-1]).contiguous()
+    if idx.dtype not in (torch.int32, torch.int64):
+        idx = idx.to(torch.int64)
     lp = teacher_logprobs.detach().reshape(-1, teacher_logprobs.shape[-1]).contiguous()
+    if lp.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        lp = lp.to(torch.float32)
     lab = _labels(fn, labels, lead, optional=True, cpu=cpu)
     if weights is not None:
+        check.floating(
+            fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD, cpu=cpu)
+        )
         weights = weights.detach().reshape(-1).to(torch.float64).contiguous()
     cfg = _DistillConfig(
         kind=check.string(fn, "kind", kind),

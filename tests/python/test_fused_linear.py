@@ -495,6 +495,33 @@ def test_sparse_teacher_fused_matches_materialized(tail, kind, params):
         divkit.fused_linear_sparse_divergence(sh, sw, bad, lp, chunk_size=4)
 
 
+def test_sparse_teacher_fused_checks_and_converts_like_sparse_divergence():
+    # Token weights are checked against the tokens' shape (a [3, 2] tensor for [2, 3] tokens is
+    # not silently reshaped); int16 indices and float16 log-probabilities are converted, as
+    # sparse_divergence does, and give its values.
+    v, h, k = 19, 6, 4
+    sh, sw, _ = _head(6, v, h, seed=40)
+    sh = sh.reshape(2, 3, h)
+    g = torch.Generator().manual_seed(41)
+    idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(6)]).reshape(2, 3, k)
+    lp = torch.log_softmax(torch.randn(2, 3, v, generator=g), -1).gather(-1, idx)
+    fls = divkit.fused_linear_sparse_divergence
+    with pytest.raises(ValueError, match=r"fused_linear_sparse_divergence: weights has shape"):
+        fls(sh, sw, idx, lp, weights=torch.ones(3, 2))
+    with pytest.raises(TypeError, match="weights must have a floating dtype"):
+        fls(sh, sw, idx, lp, weights=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="weights must be a torch.Tensor"):
+        fls(sh, sw, idx, lp, weights=[1.0] * 6)
+    with pytest.raises(TypeError, match="teacher_indices must have an integer dtype"):
+        fls(sh, sw, idx.float(), lp)
+    with pytest.raises(TypeError, match="teacher_logprobs must have a floating dtype"):
+        fls(sh, sw, idx, idx)
+    lp16 = lp.half()
+    got = fls(sh, sw, idx.short(), lp16, reduction="none")
+    want = divkit.sparse_divergence(sh @ sw.T, idx, lp16.float(), reduction="none")
+    _close(got, want.double(), 2e-5)
+
+
 @pytest.mark.parametrize("n,h,v", [(64, 2048, 128256), (4096, 31, 32000)])
 def test_issue_sizes_match_materialized(n, h, v):
     # The sizes the fused path is used at (H = 2048, V = 128256; N = 4096), against the float64
