@@ -78,6 +78,7 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
 // mass_lo <= c_k < mass_hi. upper[i] = the largest kept probability, lower[i] = the smallest
 // (so mass_lo = 0, mass_hi = 0.9 is a nucleus of 90% of the teacher mass). 0 <= mass_lo <
 // mass_hi <= 1. With ties at the lower bound, clipped_kl_rows' hard mask keeps all tied tokens.
+// float32 outputs are rounded outward (lower down, upper up), so that the mask keeps them too.
 void mass_bounds(const TensorView& teacher, double temperature, double mass_lo, double mass_hi,
                  const TensorView& lower, const TensorView& upper);
 

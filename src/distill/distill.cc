@@ -460,8 +460,21 @@ void mass_bounds(const TensorView& teacher, double temperature, double mass_lo, 
       before += t[k];
     }
     if (hi < 0) hi = lo = t[0];  // rounding left nothing in [mass_lo, mass_hi): the top token
-    elem::set(lower, i, lo);
-    elem::set(upper, i, hi);
+    // float32 bounds are rounded outward (lower down, upper up): rounded to nearest, they could
+    // land inside the kept probabilities, and clipped_kl_rows, which compares the float64
+    // probabilities with them, would drop the boundary tokens (the top one among them).
+    if (lower.dtype == DType::f32) {
+      const float f = static_cast<float>(lo);
+      elem::set(lower, i, f > lo ? std::nextafter(f, 0.0f) : f);
+    } else {
+      elem::set(lower, i, lo);
+    }
+    if (upper.dtype == DType::f32) {
+      const float f = static_cast<float>(hi);
+      elem::set(upper, i, f < hi ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f);
+    } else {
+      elem::set(upper, i, hi);
+    }
   });
 }
 

@@ -311,6 +311,21 @@ def test_dac_kl_quantile_bounds_and_hard_mask():
     torch.testing.assert_close(full, _fkl(t, s), rtol=1e-9, atol=1e-12)
 
 
+def test_dac_kl_float32_quantile_bounds_keep_their_boundary_tokens():
+    # float32 bounds rounded to nearest could fall inside the kept probabilities (the kernel
+    # compares float64 ones with them) and drop the boundary tokens, the top token among them:
+    # the float32 loss must be the float64 loss of the same values.
+    s, t = _logits(16, 37, 27, scale=6.0), _logits(16, 37, 28, scale=6.0)
+    s32, t32 = s.float(), t.float()
+    lo, hi = D.dac_kl_mass_bounds(t32, temperature=2.0)
+    lo64, hi64 = D.dac_kl_mass_bounds(t32.double(), temperature=2.0)
+    assert lo.dtype == torch.float32
+    assert bool((lo.double() <= lo64).all()) and bool((hi.double() >= hi64).all())
+    got = D.dac_kl_loss(s32, t32, temperature=2.0, reduction="none")
+    want = D.dac_kl_loss(s32.double(), t32.double(), temperature=2.0, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_dac_kl_soft_mask_reference_and_gradcheck_in_bounds():
     s, t = _logits(4, 10, 27), _logits(4, 10, 28)
     p = F.softmax(t, -1)

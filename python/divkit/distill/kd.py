@@ -516,7 +516,8 @@ def dac_kl_mass_bounds(
 
     Sort p = softmax(t / T) decreasingly; token k is in the region when the mass before it,
     c_k = sum_{m < k} p_(m), satisfies mass_lo <= c_k < mass_hi. Returns ``(lower, upper)``
-    ``[...]``: the smallest and the largest kept probability (no gradient). mass_lo = 0,
+    ``[...]``: the smallest and the largest kept probability (no gradient; float64 for float64
+    logits, else float32 rounded outward, so that the bounds keep their own tokens). mass_lo = 0,
     mass_hi = 0.9 keeps the 90% nucleus; mass_lo > 0 also clips the dominant tokens. Sorting in
     C++ (``mass_bounds`` in ``include/divkit/distill.h``).
     """
