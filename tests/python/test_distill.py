@@ -390,6 +390,34 @@ def test_swing_matches_reference_with_noise():
     )
 
 
+def test_swing_privacy_scores_with_batch_and_sequence_dims():
+    # [B, L, V] logits with [B, L] privacy scores (the LM layout): the rows' losses of the
+    # flattened [B * L, V] call, and those of the temperatures the scores map to.
+    s, t = _logits(6, 11, 37), _logits(6, 11, 38)
+    score = torch.linspace(0, 1, 6, dtype=torch.float64)
+    want = D.swing_loss(s, t, score, noise_std=0.2, seed=3, reduction="none")
+    got = D.swing_loss(
+        s.reshape(2, 3, 11),
+        t.reshape(2, 3, 11),
+        score.reshape(2, 3),
+        noise_std=0.2,
+        seed=3,
+        reduction="none",
+    )
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got.reshape(6), want, rtol=0, atol=0)
+    temps = D.swing_temperatures(score.reshape(2, 3))
+    by_t = D.swing_loss(
+        s.reshape(2, 3, 11),
+        t.reshape(2, 3, 11),
+        temperatures=temps,
+        noise_std=0.2,
+        seed=3,
+        reduction="none",
+    )
+    torch.testing.assert_close(by_t, got, rtol=0, atol=0)
+
+
 def test_swing_gradcheck_and_thread_independence():
     s, t = _logits(3, 7, 33).requires_grad_(), _logits(3, 7, 34)
     sc = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)

@@ -786,7 +786,8 @@ def swing_loss(
         check.fail(fn, "give exactly one of privacy_scores and temperatures")
     if temperatures is None:
         scores = common.row_values(fn, "privacy_scores", privacy_scores, lead, n)
-        temperatures = swing_temperatures(scores, t_min=t_min, t_max=t_max)
+        # row_values flattened the scores to [N]; the temperatures are checked as [...].
+        temperatures = swing_temperatures(scores, t_min=t_min, t_max=t_max).reshape(lead)
     temps = common.row_values(fn, "temperatures", temperatures, lead, n)
     temps = temps.detach().double().contiguous()
     noise_std = check.real(fn, "noise_std", noise_std, allow_nan=False)
