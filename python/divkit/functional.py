@@ -169,6 +169,11 @@ def _run(
             args.check_finite = cuda_checks.check_finite()
         with check.attributed(fn):
             _C.divergence(s2, t2, loss, grad_s2, grad_t2, labels, weights, args)
+    if cfg.inplace_grad and grad_s2 is not None:
+        # The logits now hold the gradient: moving their version counter (shared by views and
+        # detached aliases) makes autograd raise if an operation saved them for its backward
+        # (divergence and divergence_and_grad alike), instead of computing with the gradient.
+        _ops.increment_version(s2)
     loss = loss.reshape(lead_shape) if cfg.reduction == "none" else loss.reshape(())
     return loss, grad_s, grad_t
 
@@ -628,9 +633,7 @@ def _divergence_inplace(student, teacher, labels, weights, cfg: _Config, route, 
     saved the logits for its own backward (instead of computing with the gradient)."""
 
     def run(need):
-        s = student.detach()
-        loss, grad_s, grad_t = _run(s, teacher, labels, weights, cfg, *need, route)
-        _ops.increment_version(s)
+        loss, grad_s, grad_t = _run(student.detach(), teacher, labels, weights, cfg, *need, route)
         return loss, (grad_s, grad_t)
 
     return grads_in_forward(run, (student, teacher), _scaling(fn, cfg))

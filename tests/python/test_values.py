@@ -371,3 +371,14 @@ def test_skew_kl_alpha_one_is_zero_where_the_ratio_is_tiny(kind, backend):
     assert torch.equal(loss.detach(), torch.zeros(2))
     assert torch.equal(s.grad, torch.zeros_like(s))
     assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_divergence_and_grad_inplace_moves_the_version_counter():
+    # The gradient written into logits that an operation saved for its backward (exp saves its
+    # output): backpropagating the returned gradient through them must raise, not use it.
+    x = logits(4, 30, seed=44).requires_grad_(True)
+    z = torch.exp(x)
+    _, grad, _ = divkit.divergence_and_grad(z, logits(4, 30, seed=45), inplace_grad=True)
+    assert grad.data_ptr() == z.data_ptr()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward(grad.clone())
