@@ -60,7 +60,9 @@ void positive(const char* fn, const char* name, double x) {
     check::fail(fn, std::string(name) + " must be finite and > 0, got " + std::to_string(x));
 }
 
-// Optional labels; `required` methods need the target class of every non-ignored row.
+// Optional labels; `required` methods need the target class of every non-ignored row. Labels
+// that only mark ignored rows are range-checked too: a label that is neither ignore_index nor a
+// class means the labels and the logits disagree (as divkit.divergence's check).
 void check_labels(const char* fn, const TensorView& labels, int64_t n, int64_t v, int64_t ignore,
                   bool required) {
   if (!labels.defined()) {
@@ -68,7 +70,6 @@ void check_labels(const char* fn, const TensorView& labels, int64_t n, int64_t v
     return;
   }
   check::vector_of(fn, "labels", labels, n, {DType::i32, DType::i64});
-  if (!required) return;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t y = elem::index(labels, i);
     if (y != ignore && (y < 0 || y >= v))

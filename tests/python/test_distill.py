@@ -822,6 +822,13 @@ def test_bad_input_raises_clear_errors():
         D.nkd_loss(s, t, torch.tensor([0, 7, 1]))
     with pytest.raises(divkit.Error, match="labels is required"):
         D.nkd_loss(s, t, None)
+    # Labels that only mark ignored rows must still be classes or ignore_index.
+    with pytest.raises(divkit.Error, match=r"dac_kl_loss: labels\[1\] = 5 is out of range"):
+        D.dac_kl_loss(s, t, labels=torch.tensor([0, 5, -100]))
+    with pytest.raises(divkit.Error, match=r"swing_loss: labels\[2\] = -1 is out of range"):
+        D.swing_loss(
+            s, t, torch.full((3,), 0.5, dtype=torch.float64), labels=torch.tensor([0, 1, -1])
+        )
     with pytest.raises(divkit.Error, match="teacher_logits has shape"):
         D.ofa_loss(s, t[:, :4], y)
     with pytest.raises(divkit.Error, match="ofa_loss: eps must be finite and > 0"):
