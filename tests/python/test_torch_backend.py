@@ -540,3 +540,19 @@ def test_fused_linear_sparse_divergence(case, tail, reduction):
 def test_ops_without_fallback_refuse_backend_torch():
     with pytest.raises(divkit.Error, match="^kde_bandwidth: backend='torch' is not available"):
         _device.route("kde_bandwidth", "kde_bandwidth", "torch", ())
+
+
+def test_jsd_where_the_student_probability_is_the_smallest_subnormal():
+    # p = 0 (masked) and q = e^-103 (the smallest fp32 subnormal): the mixture b p + (1 - b) q
+    # rounds to 0 in linear space; jsd (at most log 2) must stay finite and equal the core's.
+    s = torch.tensor([[0.0, -103.2, 0.0], [3.0, -102.9, -50.0]])
+    t = torch.tensor([[0.0, float("-inf"), 2.0], [0.0, -200.0, 1.0]])
+    got, want = [], []
+    for backend, out in (("torch", got), ("core", want)):
+        x, y = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        loss = divkit.divergence(x, y, "jsd", beta=0.5, reduction="none", backend=backend)
+        loss.sum().backward()
+        out += [loss.detach(), x.grad, y.grad]
+    assert bool(torch.isfinite(got[0]).all())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)

@@ -263,7 +263,9 @@ def _terms(spec: _Spec, p, q, lp, lq, lr, need_t: bool):
             v = -q
     elif k == "jsd":
         b = spec.beta
-        lm = torch.log(b * p + (1.0 - b) * q)
+        # log m in log space: b p + (1 - b) q rounds to 0 where p = 0 and q is the smallest
+        # subnormal, and q log(q / m) would be +inf for a divergence bounded by log 2.
+        lm = torch.logaddexp(lp + math.log(b), lq + math.log1p(-b))
         u = (1.0 - b) * _xt(q, lq - lm)
         tp = b * _xt(p, lp - lm)
         g = tp + u
