@@ -262,24 +262,42 @@ void RunRows(SparseJob& job, const Div& div) {
       }
 
       double z = 0.0, z_tail = 0.0, log_z = 0.0, ref = 0.0;
+      // The tail's exps are relative to exp(ref / T) times exp(tail_shift) (0 unless they
+      // underflowed relative to the row's max, see below).
+      double tail_shift = 0.0;
       if (has_tail) {
         // Mask the k entries, then sum the tail directly.
         for (int64_t b = 0; b < k; ++b) x[s.idx[b]] = -kInfF;
         ref = ls.max;
-        const VF vm = hn::Set(df, ls.max), scale = hn::Set(df, inv_t);
+        const VF scale = hn::Set(df, inv_t);
         const int64_t block_len = kRowSumBlock * lanes;
-        RowSum tail_sum;
-        for (int64_t begin = 0; begin < vpad; begin += block_len) {
-          const int64_t end = std::min(begin + block_len, vpad);
-          VF acc = hn::Zero(df);
-          for (int64_t j = begin; j < end; j += lanes) {
-            const VF ej = SoftmaxExp(df, hn::Mul(hn::Sub(hn::Load(df, x + j), vm), scale));
-            if (want_grad) hn::Store(ej, df, e + j);
-            acc = hn::Add(acc, ej);
+        auto sum_tail = [&](float max) {
+          const VF vm = hn::Set(df, max);
+          RowSum tail_sum;
+          for (int64_t begin = 0; begin < vpad; begin += block_len) {
+            const int64_t end = std::min(begin + block_len, vpad);
+            VF acc = hn::Zero(df);
+            for (int64_t j = begin; j < end; j += lanes) {
+              const VF ej = SoftmaxExp(df, hn::Mul(hn::Sub(hn::Load(df, x + j), vm), scale));
+              if (want_grad) hn::Store(ej, df, e + j);
+              acc = hn::Add(acc, ej);
+            }
+            tail_sum.AddBlock(acc);
           }
-          tail_sum.AddBlock(acc);
+          return tail_sum.total;
+        };
+        z_tail = sum_tail(ls.max);
+        if (z_tail == 0.0) {
+          // Every tail exp underflowed (the k entries hold all but e^-87 T of the student's
+          // mass): summed again relative to the tail's own max, the tail bucket keeps its
+          // log-probability, and a divergence that is finite (a teacher tail > 0) stays finite.
+          float tail_max = -kInfF;
+          for (int64_t j = 0; j < v; ++j) tail_max = std::max(tail_max, x[j]);
+          if (tail_max > -kInfF) {
+            z_tail = sum_tail(tail_max);
+            tail_shift = (static_cast<double>(tail_max) - ref) / temperature;
+          }
         }
-        z_tail = tail_sum.total;
       } else {
         float m = -kInfF;
         for (int64_t b = 0; b < k; ++b) m = std::max(m, s.xk[b]);
@@ -296,7 +314,7 @@ void RunRows(SparseJob& job, const Div& div) {
         s.lqd[b] = (static_cast<double>(s.xk[b]) - ref) / temperature;  // -inf for masked
         z_top += std::exp(s.lqd[b]);
       }
-      z = z_top + z_tail;
+      z = z_top + (tail_shift == 0.0 ? z_tail : z_tail * std::exp(tail_shift));
       log_z = std::log(z);
       for (int64_t b = 0; b < k; ++b) {
         s.lqd[b] -= log_z;
@@ -305,8 +323,8 @@ void RunRows(SparseJob& job, const Div& div) {
       int64_t nb = k;
       if (has_tail) {
         nb = k + 1;
-        s.lqd[k] = z_tail > 0.0 ? std::log(z_tail) - log_z : -kInf;
-        s.qd[k] = z_tail / z;
+        s.lqd[k] = z_tail > 0.0 ? tail_shift + std::log(z_tail) - log_z : -kInf;
+        s.qd[k] = tail_shift == 0.0 ? z_tail / z : std::exp(s.lqd[k]);
         if (lse_p > 0.0) {  // the k sum beyond 1 (rounding): scale them to 1, no tail
           for (int64_t b = 0; b < k; ++b) s.lpd[b] -= lse_p;
           s.lpd[k] = -kInf;
@@ -336,7 +354,8 @@ void RunRows(SparseJob& job, const Div& div) {
       float* dst = go.dtype == DType::f32 ? static_cast<float*>(go.data) + i * go.row_stride : e;
       if (has_tail) {
         // Tail entries: e_j (u_tail / Z_tail - U / Z); the k entries are 0 in e (masked).
-        const double c = z_tail > 0.0 ? scale * (u[k] / z_tail - sum_u / z) : 0.0;
+        const double c =
+            z_tail > 0.0 ? scale * (u[k] / z_tail - sum_u * std::exp(tail_shift) / z) : 0.0;
         const VF vc = hn::Set(df, static_cast<float>(c));
         const int64_t vfull = v / lanes * lanes;
         for (int64_t j = 0; j < vfull; j += lanes)

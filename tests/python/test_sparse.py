@@ -530,3 +530,26 @@ def test_bad_topk_input():
         divkit.topk_divergence(s, t2, 2)
     with pytest.raises(divkit.Error, match=r"topk_divergence: labels must be in \[0, 8\).* got 8"):
         divkit.topk_divergence(s, t, 2, labels=torch.tensor([0, 8, -100]))
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+@pytest.mark.parametrize("kind", ["forward_kl", "cross_entropy", "jeffreys", "chi2"])
+def test_bucket_tail_beyond_the_student_maxs_underflow(kind, backend):
+    # A peaked student: its mass outside the teacher's k entries is e^-120 (below fp32's
+    # smallest subnormal relative to its max), the teacher's tail 1e-11: the divergence is
+    # finite (p_tail log(p_tail / q_tail) ~ 1e-9 for forward KL), not +inf, and so is the
+    # gradient of the tail entries.
+    s = torch.tensor([[-46.7, -29.7, 31.2, -30.5, -31.6], [0.0, 61.0, 1.0, -2.0, 0.5]])
+    idx = torch.tensor([[2], [1]])
+    lp = torch.tensor([[-1.0e-11], [-1.0e-7]])
+    x = s.clone().requires_grad_(True)
+    got = divkit.sparse_divergence(
+        x, idx, lp, kind, temperature=0.5, reduction="none", backend=backend
+    )
+    got.sum().backward()
+    y = s.double().requires_grad_(True)
+    want = reference(y, idx, lp, kind, temperature=0.5, reduction="none")
+    want.sum().backward()
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-12)
+    check(x.grad, y.grad)

@@ -587,28 +587,38 @@ def _bucket_chunk(spec, xs, idx, lpd, has_tail: bool, need_s: bool, scale):
     temp = float(spec.temperature)
     xk = xs.gather(-1, idx)
     lse_p = torch.logsumexp(lpd, -1, keepdim=True)
+    # The tail's exps are relative to its own max, exp(shift) times exp(ref / T): relative to
+    # the row's max they could all underflow (the k entries holding all but e^-87 T of the
+    # student's mass), and a finite divergence would become +inf.
+    shift = torch.zeros_like(lse_p)
     if has_tail:
         mx = xs.amax(-1, keepdim=True)
-        e = torch.exp((xs.scatter(-1, idx, -_INF) - mx) * spec.inv_t)
+        tail = xs.scatter(-1, idx, -_INF)
+        tail_max = tail.amax(-1, keepdim=True)
+        base = torch.where(tail_max > -_INF, tail_max, mx)
+        e = torch.exp((tail - base) * spec.inv_t)
         z_tail = e.sum(-1, keepdim=True, dtype=torch.float64)
+        shift = (base.double() - mx.double()) / temp
         ref = mx.double()
     else:
         e = None
         z_tail = torch.zeros_like(lse_p)
         ref = xk.amax(-1, keepdim=True).double()
     lqd = (xk.double() - ref) / temp
-    z = torch.exp(lqd).sum(-1, keepdim=True) + z_tail
+    z = torch.exp(lqd).sum(-1, keepdim=True) + z_tail * torch.exp(shift)
     log_z = torch.log(z)
     lqd = lqd - log_z
     qd = torch.exp(lqd)
     if has_tail:
-        lq_tail = torch.where(z_tail > 0, torch.log(z_tail) - log_z, torch.full_like(z_tail, -_INF))
+        lq_tail = torch.where(
+            z_tail > 0, shift + torch.log(z_tail) - log_z, torch.full_like(z_tail, -_INF)
+        )
         over = lse_p > 0
         lp_top = torch.where(over, lpd - lse_p, lpd)
         lp_tail = torch.where(over, torch.full_like(lse_p, -_INF), _log1mexp(lse_p.clamp(max=0)))
         lpd = torch.cat([lp_top, lp_tail], -1)
         lqd = torch.cat([lqd, lq_tail], -1)
-        qd = torch.cat([qd, z_tail / z], -1)
+        qd = torch.cat([qd, torch.exp(lq_tail)], -1)
     else:
         lpd = lpd - lse_p
     value, u, sum_u, bad = _bucket_values(spec, lpd, lqd, qd, dt)
@@ -618,7 +628,9 @@ def _bucket_chunk(spec, xs, idx, lpd, has_tail: bool, need_s: bool, scale):
     gk = (scale * (u[:, :k] - qd[:, :k] * sum_u)).to(dt)
     if has_tail:
         c = torch.where(
-            z_tail > 0, scale * (u[:, k:] / z_tail - sum_u / z), torch.zeros_like(z_tail)
+            z_tail > 0,
+            scale * (u[:, k:] / z_tail - sum_u * torch.exp(shift) / z),
+            torch.zeros_like(z_tail),
         )
         full = e * c.to(dt)
     else:
