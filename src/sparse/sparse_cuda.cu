@@ -323,16 +323,37 @@ __device__ bool run_row(const Div& div, const Params& p, int64_t row, Shared& sh
   // 3. The student's normalizer.
   double z_tail = 0.0;
   float ref;
+  // The tail's exps are relative to tail_ref, exp((tail_ref - ref) / T) = exp(tail_shift) times
+  // those relative to ref (tail_ref = ref unless they underflowed, below), as on the CPU.
+  float tail_ref = ls.max;
+  double tail_shift = 0.0;
   if (p.has_tail) {
     for (int64_t b = threadIdx.x; b < k; b += kThreads)
       atomicOr(&bits[idx[b] >> 5], 1u << (idx[b] & 31));
     __syncthreads();
-    double acc = 0.0;
-    for (int64_t j = threadIdx.x; j < v; j += kThreads)
-      if (!(bits[j >> 5] & (1u << (j & 31))))
-        acc += ss::tail_exp(load_s(p, row, j), ls.max, p.inv_t);
-    z_tail = block_reduce(acc, SumOp{}, sh.d);
+    auto sum_tail = [&](float max) {
+      double acc = 0.0;
+      for (int64_t j = threadIdx.x; j < v; j += kThreads)
+        if (!(bits[j >> 5] & (1u << (j & 31))))
+          acc += ss::tail_exp(load_s(p, row, j), max, p.inv_t);
+      return block_reduce(acc, SumOp{}, sh.d);
+    };
+    z_tail = sum_tail(ls.max);
     ref = ls.max;
+    if (z_tail == 0.0) {
+      // Every tail exp underflowed (the k entries hold all but e^-87 T of the student's mass):
+      // summed again relative to the tail's own max, the tail bucket keeps its log-probability,
+      // and a divergence that is finite (a teacher tail > 0) stays finite.
+      float m = -kInfF;
+      for (int64_t j = threadIdx.x; j < v; j += kThreads)
+        if (!(bits[j >> 5] & (1u << (j & 31)))) m = fmaxf(m, load_s(p, row, j));
+      const float tail_max = block_reduce(m, MaxOp{}, sh.f);
+      if (tail_max > -kInfF) {
+        z_tail = sum_tail(tail_max);
+        tail_ref = tail_max;
+        tail_shift = (static_cast<double>(tail_max) - ref) / p.temperature;
+      }
+    }
   } else {
     float m = -kInfF;
     for (int64_t b = threadIdx.x; b < k; b += kThreads) m = fmaxf(m, xk[b]);
@@ -350,7 +371,8 @@ __device__ bool run_row(const Div& div, const Params& p, int64_t row, Shared& sh
     lq[b] = (static_cast<double>(xk[b]) - ref) / p.temperature;  // -inf for masked
     zt += exp(lq[b]);
   }
-  const double z = block_reduce(zt, SumOp{}, sh.d) + z_tail;
+  const double z =
+      block_reduce(zt, SumOp{}, sh.d) + (tail_shift == 0.0 ? z_tail : z_tail * exp(tail_shift));
   const double log_z = log(z);
   for (int64_t b = threadIdx.x; b < k; b += kThreads) {
     lq[b] -= log_z;
@@ -361,8 +383,8 @@ __device__ bool run_row(const Div& div, const Params& p, int64_t row, Shared& sh
   if (p.has_tail) {
     nb = k + 1;
     if (threadIdx.x == 0) {
-      lq[k] = ss::student_tail_lq(z_tail, log_z);
-      q[k] = z_tail / z;
+      lq[k] = tail_shift + ss::student_tail_lq(z_tail, log_z);
+      q[k] = tail_shift == 0.0 ? z_tail / z : exp(lq[k]);
       lp[k] = ss::teacher_tail_lp(lse_p);
     }
   }
@@ -381,11 +403,12 @@ __device__ bool run_row(const Div& div, const Params& p, int64_t row, Shared& sh
   // 5. The gradient: tail entries (zeros when renormalized), then the k teacher entries.
   const double scale = p.r.t2 * (row_weight(p.r, row) / *p.r.divisor) / p.temperature;
   const double* u = p.w_u + slot_b;
-  const float c = p.has_tail ? ss::tail_factor(scale, u[k], z_tail, sum_u, z) : 0.0f;
+  const float c =
+      p.has_tail ? ss::tail_factor(scale, u[k], z_tail, sum_u * exp(tail_shift), z) : 0.0f;
   for (int64_t j = threadIdx.x; j < v; j += kThreads) {
     float g = 0.0f;
     if (p.has_tail && !(bits[j >> 5] & (1u << (j & 31))))
-      g = ss::tail_exp(load_s(p, row, j), ls.max, p.inv_t) * c;
+      g = ss::tail_exp(load_s(p, row, j), tail_ref, p.inv_t) * c;
     store(p.gs.data, p.gs.dtype, row * p.gs.row_stride + j, g);
   }
   __syncthreads();  // the sweep's stores land before the k entries overwrite theirs

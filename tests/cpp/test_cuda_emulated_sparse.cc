@@ -252,6 +252,31 @@ TEST(CudaEmulatedSparse, EveryKindBothTailsMatchesTheCpu) {
     }
 }
 
+// A peaked student whose exps outside the teacher's k entries all underflow relative to its max
+// (its tail mass ~e^-120 and ~e^-120 T): the tail is summed again relative to its own max, so a
+// divergence that is finite (a teacher tail of 1e-11 or 1e-7) is finite, as on the CPU.
+TEST(CudaEmulatedSparse, TailBeyondTheStudentMaxsUnderflow) {
+  for (const DivergenceKind kind : {DivergenceKind::forward_kl, DivergenceKind::cross_entropy,
+                                    DivergenceKind::jeffreys, DivergenceKind::chi2}) {
+    SpCase c;
+    c.spec = make_spec(kind);
+    c.spec.temperature = 0.5f;
+    c.n = 2, c.v = 5, c.k = 1;
+    c.reduction = Reduction::none;
+    SpInput in;
+    in.student = HostMatrix(2, 5, DType::f32);
+    const double rows[2][5] = {{-46.7, -29.7, 31.2, -30.5, -31.6}, {0.0, 61.0, 1.0, -2.0, 0.5}};
+    for (int64_t i = 0; i < 2; ++i)
+      for (int64_t j = 0; j < 5; ++j) in.student.set(i, j, rows[i][j]);
+    in.idx = HostMatrix(2, 1, DType::i64);
+    in.lp = HostMatrix(2, 1, DType::f32);
+    in.idx.set(0, 0, 2.0), in.idx.set(1, 0, 1.0);
+    in.lp.set(0, 0, -1e-11), in.lp.set(1, 0, -1e-7);
+    const SpRun cpu = check_sparse(c, in);
+    for (const double x : cpu.loss) EXPECT_TRUE(std::isfinite(x)) << describe(c);
+  }
+}
+
 TEST(CudaEmulatedSparse, DtypesStridesAndLargeRows) {
   // Rows not 16-byte aligned (V = 515, stride 517), every input dtype; V = 7000 with k = 40
   // (rows of several sweeps per thread, a bitmap of 219 words).
