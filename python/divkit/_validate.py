@@ -378,13 +378,19 @@ def label_range(fn: str, name: str, x: torch.Tensor, vocab: int, ignore_index: i
 
 
 def weights(
-    fn: str, x: Any, lead_shape: Sequence[int], *, autograd: bool = True, cpu: bool = True
+    fn: str,
+    x: Any,
+    lead_shape: Sequence[int],
+    *,
+    autograd: bool = True,
+    cpu: bool = True,
+    lead: str = _LOGITS_SHAPE,
 ) -> Optional[torch.Tensor]:
     """Token weights of shape ``lead_shape`` (no gradient flows to them), returned detached,
-    flattened, float32 or float64."""
+    flattened, float32 or float64 (``lead`` as in per_token)."""
     if x is None:
         return None
-    x = floating(fn, "weights", per_token(fn, "weights", x, lead_shape, cpu=cpu))
+    x = floating(fn, "weights", per_token(fn, "weights", x, lead_shape, lead=lead, cpu=cpu))
     if autograd and x.requires_grad and torch.is_grad_enabled():
         fail(
             fn,

@@ -420,13 +420,8 @@ def fused_linear_divergence(
             f"{tuple(sh.shape)}: the token dimensions must agree",
         )
     lab = _labels(fn, labels, lead, optional=True, cpu=cpu)
-    if weights is not None:
-        check.floating(
-            fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD, cpu=cpu)
-        )
-        weights = weights.detach().reshape(-1)
-        if weights.dtype not in (torch.float32, torch.float64):
-            weights = weights.to(torch.float32)
+    # As divergence's: no gradient flows to the weights, so weights that require one raise.
+    weights = check.weights(fn, weights, lead, cpu=cpu, lead=_LEAD)
     ids = None
     if teacher_token_ids is not None:
         check.integral(
@@ -610,11 +605,9 @@ def fused_linear_sparse_divergence(
     if lp.dtype not in (torch.float32, torch.float64, torch.bfloat16):
         lp = lp.to(torch.float32)
     lab = _labels(fn, labels, lead, optional=True, cpu=cpu)
+    weights = check.weights(fn, weights, lead, cpu=cpu, lead=_LEAD)
     if weights is not None:
-        check.floating(
-            fn, "weights", check.per_token(fn, "weights", weights, lead, lead=_LEAD, cpu=cpu)
-        )
-        weights = weights.detach().reshape(-1).to(torch.float64).contiguous()
+        weights = weights.to(torch.float64).contiguous()
     cfg = _DistillConfig(
         kind=check.string(fn, "kind", kind),
         beta=check.real(fn, "beta", beta),

@@ -414,6 +414,32 @@ def test_errors_name_the_argument():
         divkit.fused_linear_divergence(hid, w, hid, w, "nope")
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_weights_that_require_grad_raise(sparse):
+    # No gradient flows to the token weights: weights that require one raise, as divergence's
+    # do, instead of being detached silently; detached (or under no_grad) they give the loss.
+    n, v, h, k = 6, 11, 4, 3
+    sh, sw, _ = _head(n, v, h, seed=40)
+    th, tw, _ = _head(n, v, h, seed=41)
+    idx = torch.stack(
+        [torch.randperm(v, generator=torch.Generator().manual_seed(i))[:k] for i in range(n)]
+    )
+    lp = torch.log_softmax(torch.randn(n, v), -1).gather(1, idx)
+    w = torch.rand(n, requires_grad=True)
+
+    def call(weights):
+        if sparse:
+            return divkit.fused_linear_sparse_divergence(sh, sw, idx, lp, weights=weights)
+        return divkit.fused_linear_divergence(sh, sw, th, tw, weights=weights)
+
+    fn = "fused_linear_sparse_divergence" if sparse else "fused_linear_divergence"
+    with pytest.raises(divkit.Error, match=rf"{fn}: weights requires grad.*weights.detach\(\)"):
+        call(w)
+    with torch.no_grad():
+        under_no_grad = call(w)
+    torch.testing.assert_close(under_no_grad, call(w.detach()), rtol=0, atol=0)
+
+
 def test_modules_call_the_functions():
     n, v, h = 17, 29, 8
     sh, sw, sb = _head(n, v, h, seed=20)
