@@ -579,15 +579,7 @@ def divergence(
         inplace = False
     if inplace:
         _check_inplace(fn, student, cfg, (("teacher_logits", teacher),))
-        if _row_view(student) is None:
-            _warn_once(
-                "inplace_copy",
-                f"divkit.{fn}(inplace_grad=True): student_logits of shape "
-                f"{tuple(student.shape)} and strides {student.stride()} cannot be viewed as "
-                f"[N, V] rows (e.g. logits[:, :-1]), so the gradient gets its own buffer and no "
-                f"memory is saved. Pass the full logits with labels = ignore_index at the "
-                f"positions to skip (their gradient is 0), or a contiguous tensor.",
-            )
+        if _inplace_needs_a_copy(fn, student):
             cfg = cfg._replace(inplace_grad=False)
             inplace = False
     elif not need_s:
@@ -650,6 +642,22 @@ def _row_view(x: torch.Tensor) -> Optional[torch.Tensor]:
     if (v > 1 and x2.stride(1) != 1) or (n > 1 and x2.stride(0) < v):
         return None
     return x2
+
+
+def _inplace_needs_a_copy(fn: str, student: torch.Tensor) -> bool:
+    """True, with a warning (once per function), when student cannot be viewed as [N, V] rows:
+    an in-place call then writes the gradient into a buffer of its own."""
+    if _row_view(student) is not None:
+        return False
+    _warn_once(
+        "inplace_copy:" + fn,
+        f"divkit.{fn}(inplace_grad=True): student_logits of shape "
+        f"{tuple(student.shape)} and strides {student.stride()} cannot be viewed as "
+        f"[N, V] rows (e.g. logits[:, :-1]), so the gradient gets its own buffer and no "
+        f"memory is saved. Pass the full logits with labels = ignore_index at the "
+        f"positions to skip (their gradient is 0), or a contiguous tensor.",
+    )
+    return True
 
 
 _WARNED = set()

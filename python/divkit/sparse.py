@@ -25,6 +25,7 @@ from .functional import (
     _check_label_range,
     _Config,
     _core_args,
+    _inplace_needs_a_copy,
     _parse_options,
     _rows,
     _scaling,
@@ -86,6 +87,8 @@ def _apply(fn: str, student: torch.Tensor, kernel: Callable, cfg: _Config, other
     if not need_s:
         return _run(student, kernel, cfg, False)[0]
     _check_inplace(fn, student, cfg, others)
+    if cfg.inplace_grad and _inplace_needs_a_copy(fn, student):
+        cfg = cfg._replace(inplace_grad=False)
 
     def run(need):
         loss, grad_s = _run(student, kernel, cfg, need[0])

@@ -236,6 +236,34 @@ def test_inplace_grad_on_a_strided_view_warns_once(monkeypatch):
     assert torch.equal(grad_view, 2 * x.grad)
 
 
+@pytest.mark.parametrize("fn", ["sparse_divergence", "topk_divergence"])
+def test_sparse_inplace_grad_on_a_strided_view_warns_once(monkeypatch, fn):
+    # As divergence's: the logits cannot hold their gradient, so a warning says that no memory is
+    # saved; the gradient is that of the call without inplace_grad.
+    monkeypatch.setattr("divkit.functional._WARNED", set())
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    t = torch.randn(2, 5, 16)
+    idx = t.topk(3, dim=-1).indices
+    lp = torch.log_softmax(t, -1).gather(-1, idx)
+
+    def call(logits, **kw):
+        if fn == "sparse_divergence":
+            return divkit.sparse_divergence(logits, idx[:, :-1], lp[:, :-1], **kw)
+        return divkit.topk_divergence(logits, t[:, :-1], 3, **kw)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            call((x * 1.0)[:, :-1], inplace_grad=True).backward()
+    msgs = [str(w.message) for w in seen if "inplace_grad=True" in str(w.message)]
+    assert len(msgs) == 1 and f"divkit.{fn}(inplace_grad=True)" in msgs[0]
+    assert "cannot be viewed as [N, V] rows" in msgs[0]
+    grad_view = x.grad.clone()
+    x.grad = None
+    call((x * 1.0)[:, :-1]).backward()
+    assert torch.equal(grad_view, 2 * x.grad)
+
+
 def test_inplace_grad_under_compile_gets_its_own_buffer():
     x = torch.randn(3, 16, requires_grad=True)
     t = torch.randn(3, 16)
