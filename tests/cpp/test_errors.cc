@@ -191,6 +191,50 @@ TEST(Errors, NonFiniteLogitsNameTheFirstBadRow) {
   }
 }
 
+// Rows of several blocks of whole vectors (pass 1 works per block of 16 vectors and checks the
+// logits as it exponentiates them; the V = 7 rows above take its partial-vector path instead):
+// one NaN or +inf anywhere is found, also after a prefix of -inf entries and in a block's first
+// and last vectors, with a gradient buffer, in place, and in place with deferred checks (where
+// pass 1's check is the only one), at T = 1 and 2.
+TEST(Errors, NonFiniteLogitsFoundAnywhereInLongRows) {
+  constexpr int64_t kN = 3, kV = 3 * 256 + 21;
+  const int64_t positions[] = {0, 15, 255, 256, 300, 511, 767, 768, kV - 1};
+  for (DType dt : {DType::f32, DType::bf16}) {
+    for (double bad : {kNaN, kInf}) {
+      for (int which = 0; which < 2; ++which) {
+        for (bool masked_prefix : {false, true}) {
+          for (int64_t pos : positions) {
+            for (int mode = 0; mode < 3; ++mode) {  // buffer, in place, in place deferred
+              const std::string arg = which == 0 ? "student" : "teacher";
+              const std::string what = arg + " " + dtype_short(dt) + " " + std::to_string(bad) +
+                                       " at column " + std::to_string(pos) +
+                                       (masked_prefix ? " after -inf" : "") + " mode " +
+                                       std::to_string(mode);
+              Logits l = random_logits(kN, kV, dt, dt, 91);
+              HostMatrix& m = which == 0 ? l.student : l.teacher;
+              if (masked_prefix)
+                for (int64_t j = 0; j < 600; ++j) m.set(1, j, -kInf);
+              m.set(1, pos, bad);
+              std::vector<float> loss(1);
+              HostMatrix grad(kN, kV, dt);
+              divkit::DivergenceSpec spec;
+              spec.temperature = pos % 2 == 0 ? 1.0f : 2.0f;
+              divkit::DivergenceOptions opt;
+              opt.check_finite = mode != 2;
+              divkit::DivergenceOutputs out;
+              out.loss = TensorView::vector(loss.data(), DType::f32, 1);
+              out.grad_student = mode == 0 ? grad.view() : l.student.view();
+              expect_error(
+                  [&] { divkit::divergence(l.student.view(), l.teacher.view(), spec, opt, out); },
+                  {arg, "1"}, {}, what);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(Errors, NonFiniteLogitsInIgnoredRowsAreNotRead) {
   Problem p;
   std::vector<int64_t> labels = {0, 1, 2, 3, 4, -100, 6, -100};
