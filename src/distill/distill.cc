@@ -391,41 +391,50 @@ void clipped_kl_rows(const TensorView& student, const TensorView& teacher, const
     const double lo = elem::get(lower, i), hi = elem::get(upper, i);
     const double llo = std::log(lo), lhi = std::log(hi);
     w.resize(static_cast<size_t>(v));
-    double a = 0.0, b = 0.0, k = 0.0;  // sum w p, sum w q, sum w p (lp - lq)
+    // sum w p, sum w p (lp - lq), and the largest log q inside the region: the student may put
+    // almost none of its mass there (log q below -745, where q is 0 in double), and the loss is
+    // then large but finite, so sum w q is summed relative to that log q (log_b below).
+    double a = 0.0, k = 0.0, lq_max = -kInf;
     for (int64_t j = 0; j < v; ++j) {
       const double lp = t[j] - lse_t, lq = s[j] - lse_s;
       if (lp == -kInf) {
         w[j] = 0.0;
         continue;
       }
-      const double p = std::exp(lp), q = std::exp(lq);
+      const double p = std::exp(lp);
       // The hard mask compares probabilities computed exactly as mass_bounds does, so that its
       // bounds keep their own boundary tokens.
       w[j] = soft ? math::sigmoid((lp - llo) / sharpness) * math::sigmoid((lhi - lp) / sharpness)
                   : (p >= lo && p <= hi ? 1.0 : 0.0);
       a += w[j] * p;
-      b += w[j] * q;
       if (w[j] > 0 && p > 0) k += w[j] * p * (lp - lq);
+      if (w[j] > 0) lq_max = std::max(lq_max, lq);
     }
     if (a == 0.0) return no_gradient(0.0);
-    if (b == 0.0) return no_gradient(kInf);
+    if (lq_max == -kInf) return no_gradient(kInf);  // no student mass in the region
+    double b_rel = 0.0;                             // sum w q / e^lq_max
+    for (int64_t j = 0; j < v; ++j)
+      if (w[j] > 0) b_rel += w[j] * std::exp(s[j] - lse_s - lq_max);
+    const double log_b = lq_max + std::log(b_rel);
     k /= a;
-    elem::set(out, i, k - std::log(a) + std::log(b));
+    elem::set(out, i, k - std::log(a) + log_b);
     if (!any_grad) return;
     const double c = elem::get(coef, i);
     double glo = 0.0, ghi = 0.0;
     for (int64_t j = 0; j < v; ++j) {
       const double lp = t[j] - lse_t, lq = s[j] - lse_s;
-      const double p = std::exp(lp), q = std::exp(lq);
-      if (grad_student.defined())
-        elem::set(grad_student, i, j, c * (w[j] * q / b - w[j] * p / a) * inv_t);
+      const double p = std::exp(lp);
+      // w q / b <= 1, from logs: q / b alone overflows outside the region where log_b is far
+      // below the student's max.
+      const double wq_b = w[j] > 0 ? std::exp(std::log(w[j]) + lq - log_b) : 0.0;
+      if (grad_student.defined()) elem::set(grad_student, i, j, c * (wq_b - w[j] * p / a) * inv_t);
       if (soft && w[j] > 0) {
-        // dL/dw_j, then the chain rule through the two sigmoids of the soft mask.
-        const double dl_dw = (p > 0 ? p * (lp - lq - k - 1.0) / a : 0.0) + q / b;
+        // w_j dL/dw_j, then the chain rule through the two sigmoids of the soft mask.
+        const double w_dl_dw = (p > 0 ? w[j] * p * (lp - lq - k - 1.0) / a : 0.0) + wq_b;
         const double s_lo = math::sigmoid((lp - llo) / sharpness);
         const double s_hi = math::sigmoid((lhi - lp) / sharpness);
-        glo += dl_dw * (-w[j] * (1.0 - s_lo) / (sharpness * lo));
-        ghi += dl_dw * (w[j] * (1.0 - s_hi) / (sharpness * hi));
+        glo -= w_dl_dw * (1.0 - s_lo) / (sharpness * lo);
+        ghi += w_dl_dw * (1.0 - s_hi) / (sharpness * hi);
       }
     }
     elem::put(grad_lower, i, c * glo);

@@ -342,6 +342,55 @@ def test_dac_kl_soft_mask_reference_and_gradcheck_in_bounds():
     assert torch.autograd.gradcheck(f, (sg, log_lo, log_hi), eps=1e-6, atol=1e-6)
 
 
+def _clipped_ref_log_space(s, t, lo, hi, T, sharp):
+    """_clipped_ref with q~ from log-probabilities (no underflow where q is below 1e-308)."""
+    lp, lq = F.log_softmax(t / T, -1), F.log_softmax(s / T, -1)
+    if sharp == 0:
+        p = lp.exp()
+        w = ((p >= lo[:, None] * (1 - 1e-12)) & (p <= hi[:, None] * (1 + 1e-12))).to(s.dtype)
+    else:
+        w = torch.sigmoid((lp - lo.log()[:, None]) / sharp) * torch.sigmoid(
+            (hi.log()[:, None] - lp) / sharp
+        )
+    # Outside the region log w = -1e4 (finite, so that autograd meets no inf - inf): its terms are
+    # exactly 0.
+    lw = torch.where(w > 0, w.clamp_min(1e-300).log(), torch.full_like(w, -1e4))
+    lpt = lw + lp - torch.logsumexp(lw + lp, -1, keepdim=True)
+    lqt = lw + lq - torch.logsumexp(lw + lq, -1, keepdim=True)
+    return (lpt.exp() * (lpt - lqt)).sum(-1)
+
+
+@pytest.mark.parametrize("sharp", [0.0, 0.4])
+def test_dac_kl_student_with_almost_no_mass_in_the_region_is_finite(sharp):
+    # Row 0: the student's logits on the teacher's region (tokens 0 and 1) lie 800 and 1500 below
+    # its max, so its mass there is 0 in float64 and summing q gave +inf; the loss is finite (the
+    # region's two tokens 700 apart in log q). Row 1: one region token far down, one not.
+    t = torch.tensor([[6.0, 5.5, 0.0, 0.0, -1.0, 0.0], [3.0, 0.0, 4.0, 0.0, 0.0, 1.0]]).double()
+    s = torch.tensor([[0.0, -700.0, 800.0, 0.0, 1.0, 0.0], [0.0, 1.0, -1500.0, 2.0, 0.0, 0.0]])
+    s = s.double()
+    p = F.softmax(t, -1)
+    lo = p.max(-1).values * 0.3
+    hi = p.max(-1).values * 1.5
+    want = _clipped_ref_log_space(s, t, lo, hi, 1.0, sharp)
+    assert bool(torch.isfinite(want).all()) and float(want.min()) > 100
+    got = D.dac_kl_loss(s, t, lo, hi, sharpness=sharp, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    # The gradients (student; the bounds too with the soft mask) against autograd through the
+    # log-space reference.
+    sg, lg, hg = (x.clone().requires_grad_() for x in (s, lo, hi))
+    D.dac_kl_loss(sg, t, lg, hg, sharpness=sharp, reduction="sum").backward()
+    sr, lr, hr = (x.clone().requires_grad_() for x in (s, lo, hi))
+    _clipped_ref_log_space(sr, t, lr, hr, 1.0, sharp).sum().backward()
+    torch.testing.assert_close(sg.grad, sr.grad, rtol=1e-9, atol=1e-12)
+    if sharp > 0:
+        torch.testing.assert_close(lg.grad, lr.grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(hg.grad, hr.grad, rtol=1e-9, atol=1e-12)
+    # float32 logits: the same finite loss.
+    got32 = D.dac_kl_loss(s.float(), t.float(), lo.float(), hi.float(), sharpness=sharp)
+    assert math.isfinite(float(got32))
+    torch.testing.assert_close(got32.double(), want.mean(), rtol=1e-5, atol=0.0)
+
+
 def test_dac_kl_learnable_bounds_module_trains():
     torch.manual_seed(0)
     s, t = _logits(16, 24, 29, dtype=torch.float32), _logits(16, 24, 30, dtype=torch.float32)
