@@ -593,3 +593,43 @@ def test_saturated_pairs_keep_relative_accuracy():
     # KTO: desirable 1 - sigma(beta l) and undesirable sigma(beta l), l = pc - rc
     got = divkit.kto_loss(lw, ll, None, zero, zero, None, beta=beta)[0]
     check(got, torch.cat([sig(-beta * lw), sig(beta * ll)]), xs)
+
+
+@pytest.mark.parametrize(
+    "f_type,a,l_far", [("forward_kl", 0.5, -90.0), ("alpha_divergence", 0.5, -200.0)]
+)
+def test_f_dpo_score_exponent_clamped_at_80(f_type, a, l_far):
+    # The docstring's clamp: beyond it the score is constant (its value at the clamp) and its
+    # derivative 0; below it the closed form with its derivative.
+    def score(l):
+        if f_type == "forward_kl":
+            return 1.0 - torch.exp(torch.clamp(-l, max=80.0))
+        return torch.expm1(torch.clamp((a - 1.0) * l, max=80.0)) / (a - 1.0)
+
+    pw = torch.tensor([l_far, -3.0], dtype=torch.float64, requires_grad=True)
+    pl = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(2, dtype=torch.float64)
+    losses, cr, rr = P.preference_loss(
+        pw, pl, zero, zero, beta=0.1, f_divergence_type=f_type, f_alpha_divergence_coef=a
+    )
+    want = -F.logsigmoid(0.1 * (score(pw.detach()) - score(pl.detach())))
+    torch.testing.assert_close(losses, want, rtol=1e-12, atol=0.0)
+    assert bool(torch.isfinite(losses).all())
+    losses.sum().backward()
+    assert float(pw.grad[0]) == 0.0  # beyond the clamp
+    assert float(pw.grad[1]) != 0.0 and float(pl.grad[0]) != 0.0
+
+
+def test_alphapo_reward_exponent_clamped_at_80():
+    alpha = 1.0
+    pw = torch.tensor([-100.0, -3.0], dtype=torch.float64, requires_grad=True)
+    pl = torch.tensor([-2.0, -4.0], dtype=torch.float64, requires_grad=True)
+    losses, cr, rr = P.cpo_loss(pw, pl, beta=0.1, alpha=alpha)
+
+    def reward(lp):
+        return -torch.expm1(torch.clamp(-alpha * lp, max=80.0)) / alpha
+
+    want = -F.logsigmoid(0.1 * (reward(pw.detach()) - reward(pl.detach())))
+    torch.testing.assert_close(losses, want, rtol=1e-12, atol=0.0)
+    losses.sum().backward()
+    assert float(pw.grad[0]) == 0.0 and float(pw.grad[1]) != 0.0

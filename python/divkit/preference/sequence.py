@@ -70,7 +70,8 @@ def preference_loss(
     With ``s`` the f-DPO score (Wang et al. 2023, "Beyond Reverse KL"; ``f_divergence_type``):
     ``reverse_kl`` s = l (DPO), ``forward_kl`` s = 1 - exp(-l), ``js_divergence``
     s = log 2 + logsig(l), ``alpha_divergence`` s = (exp((a-1) l) - 1)/(a-1) with
-    ``a = f_alpha_divergence_coef`` (exponents clamped at 80; a = 1 is reverse_kl), and
+    ``a = f_alpha_divergence_coef`` (a = 1 is reverse_kl); the exponents of forward_kl and
+    alpha_divergence are clamped at 80 (s constant and ds/dl = 0 beyond), and
     ``z = beta (s(l_w) - s(l_l))``, ``eps = label_smoothing``, the per-pair loss is (TRL 1.16's
     ``DPOTrainer._compute_loss``):
 
@@ -263,7 +264,8 @@ def cpo_loss(
     """CPO / SimPO / AlphaPO, reference-free, as TRL's ``CPOTrainer.cpo_loss``: returns
     ``(losses, chosen_rewards, rejected_rewards)``.
 
-    r = logp, or AlphaPO's r = (1 - p^(-alpha)) / alpha when ``alpha != 0`` (Gupta et al. 2025);
+    r = logp, or AlphaPO's r = (1 - p^(-alpha)) / alpha when ``alpha != 0`` (Gupta et al. 2025;
+    the exponent -alpha logp is clamped at 80: r constant and dr/dlogp = 0 beyond);
     x = r_w - r_l. ``sigmoid`` (CPO, Xu et al. 2024): -(1-eps) logsig(beta x) - eps
     logsig(-beta x); ``hinge``: relu(1 - beta x); ``ipo``: (x - 1/(2 beta))^2; ``simpo`` (Meng et
     al. 2024): the sigmoid form on beta (x - simpo_gamma / beta). For simpo and ipo pass
