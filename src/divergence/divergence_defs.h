@@ -83,10 +83,22 @@ struct GeneralizedJSD : SumFinish {
     const V b = hn::Set(d, beta), one_minus_b = hn::Set(d, 1.0f - beta);
     return hn::Log(d, hn::MulAdd(b, e.p, hn::Mul(one_minus_b, e.q)));
   }
+  // F = log(m / q) = log1p(beta expm1(lr)) where every |lr| < 8 (no table): relatively accurate
+  // near p = q, as the table's, for an expm1 and a log1p in place of one log.
+  template <class D, class V>
+  DIVKIT_INLINE bool NearFormApplies(D d, const Entry<V>& e) const {
+    return hn::kJsdMixtureFromExpm1 && hn::AllTrue(d, hn::Lt(hn::Abs(e.lr), hn::Set(d, 8.0f)));
+  }
+  template <class D, class V>
+  DIVKIT_INLINE V MixtureLogNear(D d, const Entry<V>& e) const {
+    return hn::Log1p(d, hn::Mul(hn::Set(d, beta), hn::Expm1(d, e.lr)));
+  }
   template <class D, class V>
   DIVKIT_INLINE V term(D d, const Entry<V>& e, V& u) const {
-    if (TableApplies(d, e)) {  // p and q positive and finite in every lane
-      const V f = hn::MixLogTable(d, e.lr, table);
+    // F = log(m / q): lq - lm = -F, lp - lm = lr - F. p and q are positive and finite in every
+    // lane where |lr| < 8.
+    if (TableApplies(d, e) || NearFormApplies(d, e)) {
+      const V f = TableApplies(d, e) ? hn::MixLogTable(d, e.lr, table) : MixtureLogNear(d, e);
       u = hn::Mul(hn::Set(d, beta - 1.0f), hn::Mul(e.q, f));
       return hn::MulAdd(hn::Mul(hn::Set(d, beta), e.p), hn::Sub(e.lr, f), u);
     }
@@ -108,6 +120,8 @@ struct GeneralizedJSD : SumFinish {
     if (TableApplies(d, e))
       return hn::Mul(hn::Mul(hn::Set(d, beta), e.p),
                      hn::Sub(e.lr, hn::MixLogTable(d, e.lr, table)));
+    if (NearFormApplies(d, e))
+      return hn::Mul(hn::Mul(hn::Set(d, beta), e.p), hn::Sub(e.lr, MixtureLogNear(d, e)));
     return hn::Mul(hn::Set(d, beta), XLogRatio(d, e.p, e.lp, LogMixture(d, e)));
   }
 };

@@ -112,6 +112,10 @@ HWY_INLINE V PowTableK(D d, V x) {
   const V magic = hh::Set(d, 12582912.0f + kPowIntervals / 2);
   return hh::Sub(hh::MulAdd(x, hh::Set(d, kPowScale), magic), magic);
 }
+// jsd's mixture log from the table (AVX-512) or from the log of m: the expm1 / log1p form of the
+// CUDA kernels (scalar_ops.h) is not taken here, where it would cost the targets without the
+// table a log1p and an expm1 per entry in place of one log (not measured).
+inline constexpr bool kJsdMixtureFromExpm1 = false;
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
 inline constexpr bool kHaveMixLogTable = true;
 template <class D, class V>

@@ -10,60 +10,24 @@
 #include <vector>
 
 #include "hwy/targets.h"
+#include "jsd_reference.h"
 #include "test_util.h"
 
 namespace divkit_test {
 namespace {
 
-// The generalized JSD of one row in long double: log-softmax of the fp32 inputs, then per entry
-// beta p (x - F) - (1 - beta) q F with F = log(m / q) = log1p(beta expm1(x)), which keeps the
-// relative accuracy of terms ~ x^2 (the direct p log(p / m) + q log(q / m) does not).
-long double jsd_row(const HostMatrix& s, const HostMatrix& t, int64_t i, long double beta) {
-  const int64_t v = s.cols();
-  auto lse = [&](const HostMatrix& m) {
-    long double mx = -INFINITY, sum = 0;
-    for (int64_t j = 0; j < v; ++j) mx = std::max(mx, static_cast<long double>(m.get(i, j)));
-    for (int64_t j = 0; j < v; ++j) sum += std::exp(static_cast<long double>(m.get(i, j)) - mx);
-    return mx + std::log(sum);
-  };
-  const long double ls = lse(s), lt = lse(t);
-  long double total = 0;
-  for (int64_t j = 0; j < v; ++j) {
-    const long double lq = s.get(i, j) - ls, lp = t.get(i, j) - lt, x = lp - lq;
-    const long double f = std::log1p(beta * std::expm1(x));
-    total += beta * std::exp(lp) * (x - f) - (1 - beta) * std::exp(lq) * f;
-  }
-  return total;
-}
-
-struct Rows {
-  HostMatrix s, t;
-};
-Rows make_rows(int64_t n, int64_t v, double noise, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> nd(0.0, 1.0);
-  Rows r{HostMatrix(n, v, DType::f32), HostMatrix(n, v, DType::f32)};
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < v; ++j) {
-      const double x = 2.0 * nd(rng);
-      r.s.set(i, j, x);
-      r.t.set(i, j, x + noise * nd(rng));
-    }
-  return r;
-}
-
 // Near p = q the value is ~ beta (1 - beta) E[x^2] / 2 while each half is ~ |x|: the difference of
 // two logs near log q (the form before the table) left 1e0-1e2 relative error at noise 1e-3 to
 // 1e-4. The bound per noise is what fp32 logits allow: x itself carries an ulp of the log-probs,
 // so the relative error grows as 1 / noise. The table exists on the AVX-512 targets only (the
-// other targets and the scalar / CUDA form take the log of m, accurate to the contract's error
-// scale but not relatively near p = q).
+// other SIMD targets take the log of m, accurate to the contract's error scale but not relatively
+// near p = q; the CUDA kernels take log1p(beta expm1(x)): CudaEmulated.JsdValue...).
 TEST(JsdMixture, ValueRelativelyAccurateNearEqualDistributions) {
   if ((hwy::SupportedTargets() & HWY_AVX3) == 0) GTEST_SKIP() << "no AVX-512: no mix-log table";
   for (const double beta : {0.1, 0.5, 0.9}) {
     for (const auto& [noise, bound] :
          {std::pair{1e-3, 2e-3}, std::pair{1e-2, 2e-4}, std::pair{0.3, 1e-5}}) {
-      Rows r = make_rows(4, 4096, noise, 5);
+      JsdRows r = make_jsd_rows(4, 4096, noise, 5);
       DivergenceSpec spec = make_spec(divkit::DivergenceKind::jsd, beta);
       TestOptions opt;
       opt.reduction = Reduction::none;
@@ -84,7 +48,7 @@ TEST(JsdMixture, ValueRelativelyAccurateNearEqualDistributions) {
 TEST(JsdMixture, NarrowAndWideLogRatiosMatchTheReference) {
   for (const double noise : {1.0, 2.5, 8.0}) {
     for (const double beta : {0.2, 0.5, 0.8}) {
-      Rows r = make_rows(5, 1000, noise, 13);
+      JsdRows r = make_jsd_rows(5, 1000, noise, 13);
       for (int64_t i = 0; i < 5; i += 2) r.s.set(i, 7, -INFINITY), r.t.set(i, 7, -INFINITY);
       DivergenceSpec spec = make_spec(divkit::DivergenceKind::jsd, beta);
       TestOptions opt;
