@@ -126,6 +126,25 @@ def grads_in_forward(run: Callable, inputs: Sequence[torch.Tensor], scaling: Sca
     return GradsInForward.apply(run, scaling, *inputs)
 
 
+def _upstream_finite(fn: str, g: Optional[torch.Tensor]) -> None:
+    """Raises when an upstream gradient holds inf or NaN. The recomputing backward takes it as
+    per-token (per-pair) weights of the core's summed loss, whose checks would otherwise name
+    ``weights`` or ``grad_losses``, arguments the caller never passed; autograd's own ops would
+    pass the values on, which the core's weighted sums cannot do per entry."""
+    if g is None or bool(torch.isfinite(g).all()):
+        return
+    from ._validate import fail
+
+    flat = g.detach().reshape(-1)
+    i = int((~torch.isfinite(flat)).nonzero()[0, 0])
+    fail(
+        fn,
+        f"the gradient flowing back into its output is {float(flat[i])} at index {i} "
+        "(flattened): upstream gradients must be finite (an overflowing loss scale or a NaN in "
+        "another term of the loss)",
+    )
+
+
 class RecomputeInBackward(torch.autograd.Function):
     """``apply(run, n_diff, *inputs)``: ``run(inputs, grad_out, need) -> (outputs, grads)``.
 
@@ -153,6 +172,8 @@ class RecomputeInBackward(torch.autograd.Function):
         if not any(need):
             return (None, None) + (None,) * len(need)
         inputs = tuple(x.detach() for x in ctx.saved_tensors)
+        for g in grad_outs[: ctx.n_diff]:
+            _upstream_finite(ctx.fn, g)
         go = grad_outs[0] if ctx.n_diff == 1 else grad_outs[: ctx.n_diff]
         _, grads = ctx.run(inputs, go, need)
         return (None, None, *grads)

@@ -43,3 +43,63 @@ def test_multiplying_by_one_gives_the_shortcut_bits(monkeypatch, inplace):
     multiplied = grads()
     for a, b in zip(short, multiplied):
         assert torch.equal(a, b)
+
+
+def _per_token_outputs():
+    """(name, inputs requiring grad, fn(*inputs) -> per-token/per-pair output) of functions whose
+    backward recomputes with the upstream gradient as weights."""
+    from divkit import preference as P
+
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(4, 8, generator=g), torch.randn(10, 8, generator=g)
+    ht, wt = torch.randn(4, 8, generator=g), torch.randn(10, 8, generator=g)
+    y = torch.tensor([1, 4, 9, 0])
+    pw, pl = torch.randn(4, generator=g) - 1, torch.randn(4, generator=g) - 2
+    z = torch.zeros(4)
+    return [
+        (
+            "preference_loss",
+            (pw,),
+            lambda a: P.preference_loss(a, pl, z, z)[0],
+        ),
+        ("cpo_loss", (pw,), lambda a: P.cpo_loss(a, pl)[0]),
+        (
+            "fused_linear_cross_entropy",
+            (h, w),
+            lambda a, b: divkit.fused_linear_cross_entropy(a, b, y, reduction="none"),
+        ),
+        (
+            "fused_linear_divergence",
+            (h, w),
+            lambda a, b: divkit.fused_linear_divergence(a, b, ht, wt, reduction="none"),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_upstream_gradient_raises_naming_the_function(bad):
+    """The recomputing backward takes the upstream gradient as the core's token weights: inf or
+    NaN there raises a divkit.Error naming the public function and the upstream gradient (the
+    core's own check named `weights` or `grad_losses`, arguments the caller never passed); a
+    finite one gives autograd's gradient (weights times the unit-upstream gradient)."""
+    for name, inputs, fn in _per_token_outputs():
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*xs)
+        up = torch.ones_like(out)
+        up[1] = bad
+        with pytest.raises(divkit.Error, match=rf"^{name}: the gradient flowing back.* at index 1"):
+            out.backward(up)
+        # A finite one weights the entries: linear in the upstream gradient.
+        up = torch.linspace(0.5, 2.0, out.numel()).reshape(out.shape)
+        xs = [x.clone().requires_grad_() for x in inputs]
+        fn(*xs).backward(up)
+        want = [torch.zeros_like(x) for x in inputs]
+        for i in range(out.numel()):
+            ys = [x.clone().requires_grad_() for x in inputs]
+            unit = torch.zeros(out.numel())
+            unit[i] = 1.0
+            fn(*ys).backward(unit.reshape(out.shape))
+            for acc, y in zip(want, ys):
+                acc += float(up.reshape(-1)[i]) * y.grad
+        for a, b in zip(xs, want):
+            torch.testing.assert_close(a.grad, b, rtol=1e-5, atol=1e-6)
