@@ -7,6 +7,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -157,6 +158,7 @@ struct Settings {
 std::mutex g_launch_mutex;  // __shared__ memory is static: one launch at a time per process
 Settings g_settings;
 long long g_launches = 0;
+std::atomic<long long> g_allocated{0};  // device bytes allocated (allocated_bytes)
 std::vector<char> g_dynamic_shared;
 std::map<const void*, size_t> g_max_dynamic_shared;
 // Fiber stacks, kept across launches (allocated uninitialized: only the pages used are touched).
@@ -415,6 +417,7 @@ long long launch_count() {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   return g_launches;
 }
+long long allocated_bytes() { return g_allocated.load(); }
 
 }  // namespace divkit::cuda_emu
 
@@ -511,6 +514,7 @@ cudaError_t cudaMallocAsync(void** ptr, size_t size, cudaStream_t) {
   void* p = std::aligned_alloc(256, bytes);
   if (p == nullptr) return fail(cudaErrorMemoryAllocation);
   std::memset(p, divkit::cuda_emu::g_settings.poison, bytes);
+  divkit::cuda_emu::g_allocated += static_cast<long long>(bytes);
   *ptr = p;
   return cudaSuccess;
 }

@@ -28,6 +28,10 @@ void set_max_grid_x(unsigned max_x);
 // CUDA path).
 long long launch_count();
 
+// The bytes of device memory allocated so far in this process (cudaMalloc / cudaMallocAsync,
+// each rounded up to 256; frees not subtracted): tests compare what two calls allocate.
+long long allocated_bytes();
+
 }  // namespace divkit::cuda_emu
 
 // ---- the emulated cuBLAS (core/cublas_emulator.cc) ---------------------------------------------

@@ -311,8 +311,11 @@ void distill_head_cuda(const LinearHead& student, const LinearHead& teacher,
   const bool want_t =
       fused.soft_weight != 0.0f && (teacher_grads.hidden.defined() ||
                                     teacher_grads.weight.defined() || teacher_grads.bias.defined());
-  // Without the soft term the teacher's gradients are zeros (finish() with no chunk added).
-  fused_cuda::DeviceHead ht(fn, teacher, teacher_grads, fused::choose_chunk(fused.chunk_size, n, v),
+  // Without the soft term the teacher's gradients are zeros (finish() with no chunk added), and
+  // its logits are never computed: a one-row buffer then, not a chunk's.
+  const int64_t teacher_chunk =
+      fused.soft_weight != 0.0f ? fused::choose_chunk(fused.chunk_size, n, v) : 1;
+  fused_cuda::DeviceHead ht(fn, teacher, teacher_grads, teacher_chunk,
                             reinterpret_cast<CUstream_st*>(options.stream));
   distill_chunks_cuda(
       fn, student, student_grads, options, fused, loss, device, r,

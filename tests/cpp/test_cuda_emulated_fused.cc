@@ -533,6 +533,31 @@ void check_distill(const DistillCase& c, uint32_t seed = 1) {
     expect_close(*a, *b, rtol, what + " " + name);
 }
 
+// Without the soft term the teacher's logits are never computed: the device memory that grows
+// with the chunk is the student's [chunk, V] logits alone (the teacher's head allocated a chunk
+// of its own before).
+TEST(CudaEmulatedFusedHead, DistillWithoutTheSoftTermAllocatesNoTeacherChunk) {
+  DistillCase c;
+  c.n = 64;
+  c.v = 512;
+  c.teacher_grads = false;
+  c.hard_weight = 1.0f;
+  c.soft_weight = 0.0f;
+  DistillInputs in = make_distill_inputs(c, 3);
+  auto bytes = [&](int64_t chunk) {
+    c.chunk = chunk;
+    const long long before = divkit::cuda_emu::allocated_bytes();
+    run_distill(c, in, true);
+    return divkit::cuda_emu::allocated_bytes() - before;
+  };
+  // What 63 more rows per chunk allocate: one [63, V] fp32 buffer is 63 V 4 bytes.
+  const long long per_chunk = bytes(64) - bytes(1);
+  const long long one_buffer = 63 * c.v * 4;
+  EXPECT_GT(per_chunk, one_buffer / 2);
+  EXPECT_LT(per_chunk, one_buffer * 3 / 2) << "a [chunk, V] buffer beside the student's";
+  check_distill(c);  // and the values: zero teacher gradients, the hard term's loss
+}
+
 TEST(CudaEmulatedFusedHead, DistillEveryKindMatchesTheCpu) {
   for (int k = 0; k < divkit::kNumDivergenceKinds; ++k) {
     DistillCase c;
