@@ -140,8 +140,9 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
     student_bias=None, teacher_bias=None, weights=None, num_items_in_batch=None)``; the argument
     order follows Liger's ``LigerFusedLinearJSDLoss``, so ``FusedLinearDistillationLoss("jsd",
-    hard_weight=0.5, soft_weight=0.5, reduction="batchmean")`` replaces it (Liger also counts
-    ignored tokens in its soft term; divkit excludes them).
+    hard_weight=0.5, soft_weight=0.5, reduction="mean")`` replaces it (Liger 0.8.5 masks the
+    tokens whose label is ``ignore_index`` in both terms and divides by the number of the others,
+    divkit's ``mean``; ``batchmean`` divides by all N tokens).
 
     Example::
 

@@ -26,8 +26,8 @@ def _inputs(n=48, v=97, hs=24, ht=32, seed=0):
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_fused_jsd_matches_liger(beta, temperature):
-    # Liger divides both terms by the number of tokens N (divkit's "batchmean") and does not mask
-    # ignored tokens in the soft term (divkit does): compare on labels without ignored tokens.
+    # Without ignored tokens divkit's "batchmean" and "mean" agree with Liger (which masks ignored
+    # tokens and divides by the count of the others, divkit's "mean": test_fused_differential.py).
     sh, sw, sb, th, tw, tb, y = _inputs()
     y = y.clamp(min=0)
     liger = liger_chunked.LigerFusedLinearJSDLoss(

@@ -1,0 +1,94 @@
+"""Fused linear-head losses against their peers on the cases a differential hunt turned up: the
+two routes (the C++ core and the PyTorch chunk loop, ``backend="torch"``, which serves every
+device without divkit kernels) must reject the same bad arguments with a divkit.Error that names
+the public function and the argument, and the documented Liger equivalence must hold with
+ignored tokens."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import divkit
+
+ROUTES = ["core", "torch"]
+
+
+def _head(n=6, v=11, h=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    bias = 0.3 * torch.randn(v, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    idx = torch.stack([torch.randperm(v, generator=g)[:3] for _ in range(n)])
+    lp = torch.log_softmax(torch.randn(n, v, generator=g), -1).gather(1, idx)
+    return hidden, weight, bias, labels, idx, lp
+
+
+_KEEP = object()
+
+
+def _call(fn, backend, *, weight=None, bias=_KEEP, **kw):
+    """One call of the public function ``fn`` on the small head, with the weight and bias
+    replaced by those given (bias=None: no bias)."""
+    h, w, b, y, idx, lp = _head()
+    w = w if weight is None else weight
+    b = b if bias is _KEEP else bias
+    if fn == "fused_linear_cross_entropy":
+        return divkit.fused_linear_cross_entropy(h, w, y, b, backend=backend, **kw)
+    if fn == "fused_linear_logprobs":
+        return divkit.fused_linear_logprobs(h, w, y, b, backend=backend, **kw)
+    if fn == "fused_linear_divergence":
+        return divkit.fused_linear_divergence(
+            h, w, h, w, student_bias=b, labels=y, backend=backend, **kw
+        )
+    return divkit.fused_linear_sparse_divergence(
+        h, w, idx, lp, student_bias=b, labels=y, backend=backend, **kw
+    )
+
+
+FUNCTIONS = [
+    "fused_linear_cross_entropy",
+    "fused_linear_logprobs",
+    "fused_linear_divergence",
+    "fused_linear_sparse_divergence",
+]
+# The names of the head's arguments in each function.
+HEAD_NAMES = {
+    "fused_linear_cross_entropy": ("hidden", "weight", "bias"),
+    "fused_linear_logprobs": ("hidden", "weight", "bias"),
+    "fused_linear_divergence": ("student_hidden", "student_weight", "student_bias"),
+    "fused_linear_sparse_divergence": ("student_hidden", "student_weight", "student_bias"),
+}
+
+
+def test_liger_jsd_equivalence_in_the_module_docstring_holds_with_ignored_tokens():
+    # FusedLinearDistillationLoss's docstring names the options that replace Liger's
+    # LigerFusedLinearJSDLoss; Liger (0.8.5, installed) masks ignored tokens in both terms and
+    # divides by the count of the others, so the documented reduction must give its loss.
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    doc = divkit.nn.FusedLinearDistillationLoss.__doc__
+    m = re.search(r'FusedLinearDistillationLoss\("jsd",[^`]*reduction="(\w+)"\)', doc)
+    assert m, "the docstring names the reduction that replaces Liger's loss"
+    reduction = m.group(1)
+    g = torch.Generator().manual_seed(3)
+    n, v, hs, ht = 20, 23, 8, 12
+    sh, th = torch.randn(n, hs, generator=g), torch.randn(n, ht, generator=g)
+    sw, tw = torch.randn(v, hs, generator=g) / 3, torch.randn(v, ht, generator=g) / 3
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::3] = -100
+    a = [x.clone().requires_grad_(True) for x in (sh, sw)]
+    want = liger.LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.3, compiled=False, chunk_size=8
+    )(a[0], a[1], th, tw, y)
+    want.backward()
+    b = [x.clone().requires_grad_(True) for x in (sh, sw)]
+    got = divkit.nn.FusedLinearDistillationLoss(
+        "jsd", beta=0.3, hard_weight=0.5, soft_weight=0.5, reduction=reduction
+    )(b[0], b[1], th, tw, y)
+    got.backward()
+    assert abs(got.item() - want.item()) <= 2e-5 * (1 + abs(want.item()))
+    for x, r in zip(b, a):
+        assert (x.grad - r.grad).abs().max().item() <= 2e-5 * (r.grad.abs().max().item() + 1e-6)
