@@ -54,6 +54,22 @@ def _bias(fn: str, name: str, x, cpu: bool = True):
     return check.tensor(fn, name, x, ndim=(1,), optional=True, cpu=cpu)
 
 
+def _check_head(fn: str, names: Sequence[str], h, w, b) -> None:
+    """hidden [..., H], weight [V, H] with V >= 1, bias [V]: checked here, before either route
+    runs, so that the PyTorch chunk loop raises what the core does (names: the three arguments'
+    names in ``fn``)."""
+    hn, wn, bn = names
+    if w.shape[1] != h.shape[-1]:
+        check.fail(
+            fn,
+            f"{hn} {list(h.shape)} and {wn} {list(w.shape)} disagree on the hidden size H",
+        )
+    if w.shape[0] == 0:
+        check.fail(fn, f"{wn} has V = 0 rows (an empty vocabulary)")
+    if b is not None and b.shape[0] != w.shape[0]:
+        check.fail(fn, f"{bn} must have shape [{w.shape[0]}], got [{b.shape[0]}]")
+
+
 _DTENSOR: list = []
 
 
@@ -412,6 +428,8 @@ def fused_linear_divergence(
     tw = _matrix(fn, "teacher_weight", teacher_weight, cpu)
     sb = _bias(fn, "student_bias", student_bias, cpu)
     tb = _bias(fn, "teacher_bias", teacher_bias, cpu)
+    _check_head(fn, ("student_hidden", "student_weight", "student_bias"), sh, sw, sb)
+    _check_head(fn, ("teacher_hidden", "teacher_weight", "teacher_bias"), th, tw, tb)
     lead = sh.shape[:-1]
     if tuple(th.shape[:-1]) != tuple(lead):
         check.fail(
@@ -581,6 +599,7 @@ def fused_linear_sparse_divergence(
     sh = _hidden(fn, "student_hidden", student_hidden, cpu)
     sw = _matrix(fn, "student_weight", student_weight, cpu)
     sb = _bias(fn, "student_bias", student_bias, cpu)
+    _check_head(fn, ("student_hidden", "student_weight", "student_bias"), sh, sw, sb)
     lead = sh.shape[:-1]
     for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
         check.tensor(fn, name, x, dtypes=None, cpu=cpu)
@@ -741,6 +760,7 @@ def fused_linear_cross_entropy(
     h = _hidden(fn, "hidden", hidden, cpu)
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
+    _check_head(fn, ("hidden", "weight", "bias"), h, w, b)
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead, cpu=cpu)
     cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
@@ -889,6 +909,7 @@ def fused_linear_logprobs(
     h = _hidden(fn, "hidden", hidden, cpu)
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
+    _check_head(fn, ("hidden", "weight", "bias"), h, w, b)
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead, cpu=cpu)
     temperature = check.real(fn, "temperature", temperature)

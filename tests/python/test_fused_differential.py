@@ -64,6 +64,23 @@ HEAD_NAMES = {
 }
 
 
+@pytest.mark.parametrize("backend", ROUTES)
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_head_shapes_raise_naming_function_and_argument_on_both_routes(fn, backend):
+    # The PyTorch route let torch's RuntimeError escape (a bias of the wrong length), or blamed
+    # the labels for a transposed weight or an empty vocabulary.
+    hn, wn, bn = HEAD_NAMES[fn]
+    h, w, b, *_ = _head()
+    with pytest.raises(divkit.Error, match=rf"^{fn}: {bn} must have shape \[11\], got \[12\]"):
+        _call(fn, backend, bias=torch.randn(12))
+    with pytest.raises(
+        divkit.Error, match=rf"^{fn}: {hn} \[6, 4\] and {wn} \[4, 11\] disagree on the hidden size"
+    ):
+        _call(fn, backend, weight=w.T.contiguous(), bias=None)
+    with pytest.raises(divkit.Error, match=rf"^{fn}: {wn} has V = 0 rows"):
+        _call(fn, backend, weight=w[:0], bias=b[:0])
+
+
 def test_liger_jsd_equivalence_in_the_module_docstring_holds_with_ignored_tokens():
     # FusedLinearDistillationLoss's docstring names the options that replace Liger's
     # LigerFusedLinearJSDLoss; Liger (0.8.5, installed) masks ignored tokens in both terms and
