@@ -54,10 +54,13 @@ def _bias(fn: str, name: str, x, cpu: bool = True):
     return check.tensor(fn, name, x, ndim=(1,), optional=True, cpu=cpu)
 
 
-def _check_head(fn: str, names: Sequence[str], h, w, b) -> None:
+def _check_head(fn: str, names: Sequence[str], h, w, b, group=None) -> None:
     """hidden [..., H], weight [V, H] with V >= 1, bias [V]: checked here, before either route
     runs, so that the PyTorch chunk loop raises what the core does (names: the three arguments'
-    names in ``fn``)."""
+    names in ``fn``). Not with a vocabulary-parallel ``group``: a shard's error must be raised
+    on every rank, which the collective checks of both routes do."""
+    if group is not None:
+        return
     hn, wn, bn = names
     if w.shape[1] != h.shape[-1]:
         check.fail(
@@ -428,8 +431,8 @@ def fused_linear_divergence(
     tw = _matrix(fn, "teacher_weight", teacher_weight, cpu)
     sb = _bias(fn, "student_bias", student_bias, cpu)
     tb = _bias(fn, "teacher_bias", teacher_bias, cpu)
-    _check_head(fn, ("student_hidden", "student_weight", "student_bias"), sh, sw, sb)
-    _check_head(fn, ("teacher_hidden", "teacher_weight", "teacher_bias"), th, tw, tb)
+    _check_head(fn, ("student_hidden", "student_weight", "student_bias"), sh, sw, sb, process_group)
+    _check_head(fn, ("teacher_hidden", "teacher_weight", "teacher_bias"), th, tw, tb, process_group)
     lead = sh.shape[:-1]
     if tuple(th.shape[:-1]) != tuple(lead):
         check.fail(
@@ -760,7 +763,7 @@ def fused_linear_cross_entropy(
     h = _hidden(fn, "hidden", hidden, cpu)
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
-    _check_head(fn, ("hidden", "weight", "bias"), h, w, b)
+    _check_head(fn, ("hidden", "weight", "bias"), h, w, b, process_group)
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead, cpu=cpu)
     cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
@@ -909,7 +912,7 @@ def fused_linear_logprobs(
     h = _hidden(fn, "hidden", hidden, cpu)
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
-    _check_head(fn, ("hidden", "weight", "bias"), h, w, b)
+    _check_head(fn, ("hidden", "weight", "bias"), h, w, b, process_group)
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead, cpu=cpu)
     temperature = check.real(fn, "temperature", temperature)
