@@ -466,9 +466,27 @@ def fused_linear_divergence(
         soft_weight=check.real(fn, "soft_weight", soft_weight),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
+    _check_spec(fn, cfg)
     return _divergence_apply(
         sh, sw, sb, th, tw, tb, lab, weights, ids, cfg, process_group, lead, route
     )
+
+
+#: The sparse teacher's tails, as divkit.sparse.TAILS (kept here so that importing this module
+#: does not load divkit.sparse).
+_TAILS = ("bucket", "renormalize")
+
+
+def _check_spec(fn: str, cfg: _DistillConfig) -> None:
+    """The divergence's kind, its parameters and the reduction, checked here for both routes
+    under the public function's name (the core's shared checks name divergence). Not while
+    torch.compile traces (Dynamo cannot trace the core's function; the custom ops check when
+    they run)."""
+    if not _ops.compiling():
+        _C.validate_spec(
+            cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared, fn=fn
+        )
+    check.reduction(fn, cfg.reduction)
 
 
 def _divergence_apply(
@@ -643,7 +661,8 @@ def fused_linear_sparse_divergence(
         soft_weight=check.real(fn, "soft_weight", soft_weight),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
-    tail = check.string(fn, "tail", tail)
+    _check_spec(fn, cfg)
+    tail = check.string(fn, "tail", tail, choices=_TAILS)
 
     def call(ts, need, upstream):
         if upstream is None:
@@ -767,14 +786,19 @@ def fused_linear_cross_entropy(
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead, cpu=cpu)
     cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
-    if softcap is not None and not cap > 0:
-        check.fail(fn, f"softcap must be > 0 (or None), got {cap:g}")
+    if softcap is not None and not (check.isfinite(cap) and cap > 0):
+        check.fail(fn, f"softcap must be finite and > 0 (or None), got {cap:g}")
+    # The options' ranges are checked here for both routes (the PyTorch loop has no checks of
+    # its own), under their public names (the core calls lse_square_scale z_loss_scale).
+    eps = check.real(fn, "label_smoothing", label_smoothing)
+    if not 0.0 <= eps < 1.0:
+        check.fail(fn, f"label_smoothing must be in [0, 1), got {eps:g}")
     cfg = _CEConfig(
         ignore_index=check.integer(fn, "ignore_index", ignore_index),
-        label_smoothing=check.real(fn, "label_smoothing", label_smoothing),
-        lse_square_scale=check.real(fn, "lse_square_scale", lse_square_scale),
+        label_smoothing=eps,
+        lse_square_scale=check.nonnegative(fn, "lse_square_scale", lse_square_scale),
         softcap=cap,
-        reduction=check.string(fn, "reduction", reduction),
+        reduction=check.reduction(fn, check.string(fn, "reduction", reduction)),
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
@@ -920,6 +944,9 @@ def fused_linear_logprobs(
     k = 0 if topk is None else check.integer(fn, "topk", topk)
     if topk is not None and k < 1:
         check.fail(fn, f"topk must be >= 1 (or None), got {k}")
+    # With process_group, V is the global vocabulary (the shards' sum), checked where it is known.
+    if process_group is None and k > w.shape[0]:
+        check.fail(fn, f"topk must be in [1, V = {w.shape[0]}], got {k}")
     chunk = check.chunk_size(fn, chunk_size)
     extra = (
         check.boolean(fn, "return_log_sum_sq_probs", return_log_sum_sq_probs),

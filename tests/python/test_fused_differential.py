@@ -81,6 +81,32 @@ def test_head_shapes_raise_naming_function_and_argument_on_both_routes(fn, backe
         _call(fn, backend, weight=w[:0], bias=b[:0])
 
 
+@pytest.mark.parametrize("backend", ROUTES)
+@pytest.mark.parametrize(
+    "fn,opts,arg",
+    [
+        ("fused_linear_cross_entropy", {"reduction": "avg"}, "reduction"),
+        ("fused_linear_sparse_divergence", {"reduction": "avg"}, "reduction"),
+        ("fused_linear_divergence", {"reduction": "avg"}, "reduction"),
+        ("fused_linear_sparse_divergence", {"kind": "nope"}, "kind"),
+        ("fused_linear_divergence", {"kind": "nope"}, "kind"),
+        ("fused_linear_sparse_divergence", {"tail": "x"}, "tail"),
+        ("fused_linear_cross_entropy", {"label_smoothing": 1.5}, "label_smoothing"),
+        ("fused_linear_cross_entropy", {"label_smoothing": -0.1}, "label_smoothing"),
+        ("fused_linear_cross_entropy", {"label_smoothing": float("inf")}, "label_smoothing"),
+        ("fused_linear_cross_entropy", {"lse_square_scale": -1.0}, "lse_square_scale"),
+        ("fused_linear_cross_entropy", {"lse_square_scale": float("inf")}, "lse_square_scale"),
+        ("fused_linear_cross_entropy", {"softcap": float("inf")}, "softcap"),
+        ("fused_linear_logprobs", {"topk": 12}, "topk"),
+    ],
+)
+def test_bad_options_raise_naming_function_and_argument_on_both_routes(fn, opts, arg, backend):
+    # The core's shared checks named "divergence" / "sparse_divergence" and its own option name
+    # z_loss_scale; the PyTorch route accepted the out-of-range values (a NaN or negative loss).
+    with pytest.raises(divkit.Error, match=rf"^{fn}: (unknown )?{arg}\b"):
+        _call(fn, backend, **opts)
+
+
 def test_liger_jsd_equivalence_in_the_module_docstring_holds_with_ignored_tokens():
     # FusedLinearDistillationLoss's docstring names the options that replace Liger's
     # LigerFusedLinearJSDLoss; Liger (0.8.5, installed) masks ignored tokens in both terms and
