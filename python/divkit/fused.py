@@ -448,7 +448,8 @@ def fused_linear_divergence(
         check.integral(
             fn,
             "teacher_token_ids",
-            check.tensor(fn, "teacher_token_ids", teacher_token_ids, dtypes=None),
+            # [V]: a [1, V] or [V, 1] tensor is not flattened silently.
+            check.tensor(fn, "teacher_token_ids", teacher_token_ids, dtypes=None, ndim=(1,)),
         )
         ids = teacher_token_ids.detach().reshape(-1)
         if ids.dtype not in (torch.int32, torch.int64):

@@ -135,3 +135,15 @@ def test_liger_jsd_equivalence_in_the_module_docstring_holds_with_ignored_tokens
     assert abs(got.item() - want.item()) <= 2e-5 * (1 + abs(want.item()))
     for x, r in zip(b, a):
         assert (x.grad - r.grad).abs().max().item() <= 2e-5 * (r.grad.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 11), (11, 1)])
+def test_teacher_token_ids_must_be_one_dimensional(shape):
+    # A [1, V] or [V, 1] mapping was flattened silently; the docstring says [V].
+    h, w, _, y, *_ = _head()
+    tw = torch.randn(14, 4)
+    ids = torch.arange(11).reshape(shape)
+    with pytest.raises(divkit.Error, match=r"^fused_linear_divergence: teacher_token_ids must"):
+        divkit.fused_linear_divergence(h, w, h, tw, teacher_token_ids=ids, labels=y)
+    got = divkit.fused_linear_divergence(h, w, h, tw, teacher_token_ids=ids.reshape(-1), labels=y)
+    assert torch.isfinite(got)
