@@ -459,7 +459,7 @@ def fused_linear_divergence(
         beta=check.real(fn, "beta", beta),
         alpha=check.real(fn, "alpha", alpha),
         temperature=check.real(fn, "temperature", temperature),
-        scale_by_t_squared=bool(scale_by_t_squared),
+        scale_by_t_squared=check.boolean(fn, "scale_by_t_squared", scale_by_t_squared),
         ignore_index=check.integer(fn, "ignore_index", ignore_index),
         reduction=check.string(fn, "reduction", reduction),
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
@@ -654,7 +654,7 @@ def fused_linear_sparse_divergence(
         beta=check.real(fn, "beta", beta),
         alpha=check.real(fn, "alpha", alpha),
         temperature=check.real(fn, "temperature", temperature),
-        scale_by_t_squared=bool(scale_by_t_squared),
+        scale_by_t_squared=check.boolean(fn, "scale_by_t_squared", scale_by_t_squared),
         ignore_index=check.integer(fn, "ignore_index", ignore_index),
         reduction=check.string(fn, "reduction", reduction),
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
@@ -803,7 +803,8 @@ def fused_linear_cross_entropy(
         num_items_in_batch=check.num_items(fn, num_items_in_batch),
         chunk_size=check.chunk_size(fn, chunk_size),
     )
-    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, bool(return_stats), route)
+    stats = check.boolean(fn, "return_stats", return_stats)
+    return _cross_entropy_apply(h, w, b, lab, cfg, process_group, lead, stats, route)
 
 
 def _cross_entropy_apply(

@@ -147,3 +147,20 @@ def test_teacher_token_ids_must_be_one_dimensional(shape):
         divkit.fused_linear_divergence(h, w, h, tw, teacher_token_ids=ids, labels=y)
     got = divkit.fused_linear_divergence(h, w, h, tw, teacher_token_ids=ids.reshape(-1), labels=y)
     assert torch.isfinite(got)
+
+
+@pytest.mark.parametrize(
+    "fn,opts",
+    [
+        ("fused_linear_divergence", {"scale_by_t_squared": "no"}),
+        ("fused_linear_sparse_divergence", {"scale_by_t_squared": 0}),
+        ("fused_linear_cross_entropy", {"return_stats": "no"}),
+    ],
+)
+def test_flags_must_be_bools(fn, opts):
+    # bool(x) made the string "no" True; the modules and divergence() check the type.
+    (arg,) = opts
+    with pytest.raises(TypeError, match=rf"^{fn}: {arg} must be a bool"):
+        _call(fn, "core", **opts)
+    with pytest.raises(divkit.Error, match=rf"^{fn}: {arg} must be a bool"):
+        _call(fn, "torch", **opts)
