@@ -390,7 +390,9 @@ void ForwardRow(const detail::LabelForwardJob& job, int64_t i, std::vector<float
   bool masked = false;
   const float m = TransformAndMax(z, v, job.inv_t, job.softcap, bad,
                                   fuse && job.unmasked != nullptr ? &masked : nullptr);
-  if (bad || m == -kInf) {
+  // m = +inf from finite logits: x / T overflowed fp32 (a tiny temperature); the row's sums would
+  // be NaN (inf - inf), so the row is reported instead.
+  if (bad || m == -kInf || m == kInf) {
     bad = true;
     return;
   }

@@ -125,8 +125,11 @@ void run_label_head(const LabelRun& run, const LabelStatsOutputs& stats, bool wa
       }
       detail::label_rows_forward(f);
       if (f.bad_row >= 0)
-        fail(run.fn, "the logits of token " + std::to_string(r0 + f.bad_row) +
-                         " (hidden @ weight^T + bias) are NaN, +inf or all -inf");
+        fail(run.fn,
+             "the logits of token " + std::to_string(r0 + f.bad_row) +
+                 " (hidden @ weight^T + bias) are NaN, +inf or all -inf" +
+                 (run.inv_t != 1.0f ? ", or overflow float32 once divided by the temperature"
+                                    : ""));
     }
     for (int64_t r = 0; r < rows; ++r) {
       const bool on = run.labels[r0 + r] >= 0;

@@ -113,7 +113,9 @@ void label_rows_cpu(const char* fn, const LabelRowsArgs& a) {
   detail::label_rows_forward(f);
   if (f.bad_row >= 0)
     check::fail(fn, "the logits of token " + std::to_string(a.first_token + f.bad_row) +
-                        " (hidden @ weight^T + bias) are NaN, +inf or all -inf");
+                        " (hidden @ weight^T + bias) are NaN, +inf or all -inf" +
+                        (f.inv_t != 1.0f ? ", or overflow float32 once divided by the temperature"
+                                         : ""));
   // The count without smooth_unmasked: mean_z over every entry, -inf where one is masked (the
   // kernel's mean over the V' = V entries of a row without one already has the plain mean's bits).
   if (count && !a.smooth_unmasked && !mean.empty())

@@ -164,3 +164,23 @@ def test_flags_must_be_bools(fn, opts):
         _call(fn, "core", **opts)
     with pytest.raises(divkit.Error, match=rf"^{fn}: {arg} must be a bool"):
         _call(fn, "torch", **opts)
+
+
+@pytest.mark.parametrize("backend", ROUTES)
+@pytest.mark.parametrize("temperature", [1e-38, 1e-40])
+def test_logprobs_temperature_that_overflows_the_logits_raises(backend, temperature):
+    # logits / T beyond float32 made the row's max +inf and its log-probs and entropy NaN,
+    # silently, on the core's route; the PyTorch route raises. Both name the temperature.
+    h, w, _, y, *_ = _head()
+    h = 10 * h  # logits of a few units: beyond 3.4e38 once divided by 1e-38
+    with pytest.raises(divkit.Error, match=r"^fused_linear_logprobs: .*temperature"):
+        divkit.fused_linear_logprobs(
+            h, w, y, temperature=temperature, return_entropy=True, backend=backend
+        )
+    # A small temperature whose scaled logits fit: the log-probs are (z_y - max z) / T.
+    t = 1e-30
+    got = divkit.fused_linear_logprobs(h, w, y, temperature=t, backend=backend)
+    z = (h.double() @ w.double().T).float().double()
+    want = (z.gather(1, y[:, None])[:, 0] - z.amax(-1)) / t
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=0)

@@ -1827,7 +1827,8 @@ def _logprob_chunks(h, w, b, labels, ignore_index, temperature, chunk_size, fn, 
         lse = torch.logsumexp(z, -1)
         r = _first_row(ca & ~torch.isfinite(lse))
         if r is not None:
-            check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf")
+            hint = ", or overflow float32 once divided by the temperature" if inv_t != 1 else ""
+            check.fail(fn, f"the logits of token {a + r} are NaN, +inf or all -inf{hint}")
         y = torch.where(ca, lab[a:e], torch.zeros_like(lab[a:e]))
         yield a, e, ca, y, hc, head, z, lse, inv_t
 
