@@ -488,6 +488,12 @@ def _check_spec(fn: str, cfg: _DistillConfig) -> None:
             cfg.kind, cfg.beta, cfg.alpha, cfg.temperature, cfg.scale_by_t_squared, fn=fn
         )
     check.reduction(fn, cfg.reduction)
+    if cfg.reduction == "none" and cfg.num_items_in_batch > 0:
+        # As divergence() and the PyTorch route: the core's call drops it for per-token losses.
+        check.fail(
+            fn,
+            "num_items_in_batch divides a reduced loss; it cannot be used with reduction 'none'",
+        )
 
 
 def _divergence_apply(

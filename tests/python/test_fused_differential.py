@@ -184,3 +184,12 @@ def test_logprobs_temperature_that_overflows_the_logits_raises(backend, temperat
     want = (z.gather(1, y[:, None])[:, 0] - z.amax(-1)) / t
     assert torch.isfinite(got).all()
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", ROUTES)
+@pytest.mark.parametrize("fn", ["fused_linear_divergence", "fused_linear_sparse_divergence"])
+def test_num_items_with_reduction_none_raises_on_both_routes(fn, backend):
+    # The core's route dropped num_items_in_batch silently for per-token losses (undivided
+    # losses); the PyTorch route, fused_linear_cross_entropy and divergence() raise.
+    with pytest.raises(divkit.Error, match=rf"^{fn}: num_items_in_batch .* reduction 'none'"):
+        _call(fn, backend, reduction="none", num_items_in_batch=5.0)
