@@ -73,6 +73,21 @@ def _check_head(fn: str, names: Sequence[str], h, w, b, group=None) -> None:
         check.fail(fn, f"{bn} must have shape [{w.shape[0]}], got [{b.shape[0]}]")
 
 
+def _check_finite(fn: str, route, group, *named) -> None:
+    """The PyTorch route's check of what the core checks in C++: hidden states and weights
+    (``named``: (name, tensor) pairs) with a NaN or +-inf entry raise, naming the first bad row
+    of [N, H] or [V, H]. An ignored token's row counts too: its NaN reaches the weight gradient
+    through the GEMM (0 * NaN). Not on the core's route (it checks), while torch.compile traces
+    (a host read), nor with a vocabulary-parallel group (a shard's error must reach every rank
+    through the collective checks)."""
+    if route is None or route.core or group is not None or _ops.compiling():
+        return
+    for name, x in named:
+        bad = ~torch.isfinite(x.detach().reshape(-1, x.shape[-1])).all(-1)
+        if bool(bad.any()):
+            check.fail(fn, f"{name} contains NaN or inf at row {int(bad.nonzero()[0, 0])}")
+
+
 _DTENSOR: list = []
 
 
@@ -433,6 +448,15 @@ def fused_linear_divergence(
     tb = _bias(fn, "teacher_bias", teacher_bias, cpu)
     _check_head(fn, ("student_hidden", "student_weight", "student_bias"), sh, sw, sb, process_group)
     _check_head(fn, ("teacher_hidden", "teacher_weight", "teacher_bias"), th, tw, tb, process_group)
+    _check_finite(
+        fn,
+        route,
+        process_group,
+        ("student_hidden", sh),
+        ("student_weight", sw),
+        ("teacher_hidden", th),
+        ("teacher_weight", tw),
+    )
     lead = sh.shape[:-1]
     if tuple(th.shape[:-1]) != tuple(lead):
         check.fail(
@@ -628,6 +652,7 @@ def fused_linear_sparse_divergence(
     sw = _matrix(fn, "student_weight", student_weight, cpu)
     sb = _bias(fn, "student_bias", student_bias, cpu)
     _check_head(fn, ("student_hidden", "student_weight", "student_bias"), sh, sw, sb)
+    _check_finite(fn, route, None, ("student_hidden", sh), ("student_weight", sw))
     lead = sh.shape[:-1]
     for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
         check.tensor(fn, name, x, dtypes=None, cpu=cpu)
@@ -790,6 +815,7 @@ def fused_linear_cross_entropy(
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
     _check_head(fn, ("hidden", "weight", "bias"), h, w, b, process_group)
+    _check_finite(fn, route, process_group, ("hidden", h), ("weight", w))
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead, cpu=cpu)
     cap = 0.0 if softcap is None else check.real(fn, "softcap", softcap)
@@ -945,6 +971,7 @@ def fused_linear_logprobs(
     w = _matrix(fn, "weight", weight, cpu)
     b = _bias(fn, "bias", bias, cpu)
     _check_head(fn, ("hidden", "weight", "bias"), h, w, b, process_group)
+    _check_finite(fn, route, process_group, ("hidden", h), ("weight", w))
     lead = h.shape[:-1]
     lab = _labels(fn, labels, lead, cpu=cpu)
     temperature = check.real(fn, "temperature", temperature)

@@ -193,3 +193,32 @@ def test_num_items_with_reduction_none_raises_on_both_routes(fn, backend):
     # losses); the PyTorch route, fused_linear_cross_entropy and divergence() raise.
     with pytest.raises(divkit.Error, match=rf"^{fn}: num_items_in_batch .* reduction 'none'"):
         _call(fn, backend, reduction="none", num_items_in_batch=5.0)
+
+
+@pytest.mark.parametrize("backend", ROUTES)
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_nan_in_an_ignored_row_or_unused_weight_raises_on_both_routes(fn, backend):
+    # The PyTorch route skipped ignored tokens' rows: a finite loss came back with NaN weight
+    # (and hidden) gradients (0 * NaN in the GEMMs). The core raises, naming the row.
+    hn, wn, _ = HEAD_NAMES[fn]
+    h, w, b, y, idx, lp = _head()
+    y = y.clone()
+    y[0] = -100
+    bad_h = h.clone()
+    bad_h[0, 1] = float("nan")
+    bad_w = w.clone()
+    bad_w[2, 0] = float("inf")
+    for name, hh, ww in ((hn, bad_h, w), (wn, h, bad_w)):
+        xs = [hh.clone().requires_grad_(True), ww.clone().requires_grad_(True)]
+        row = 0 if name == hn else 2
+        with pytest.raises(divkit.Error, match=rf"^{fn}: {name} contains NaN or inf at row {row}"):
+            if fn == "fused_linear_cross_entropy":
+                divkit.fused_linear_cross_entropy(*xs, y, b, backend=backend).backward()
+            elif fn == "fused_linear_logprobs":
+                divkit.fused_linear_logprobs(*xs, y, b, backend=backend).sum().backward()
+            elif fn == "fused_linear_divergence":
+                divkit.fused_linear_divergence(*xs, h, w, labels=y, backend=backend).backward()
+            else:
+                divkit.fused_linear_sparse_divergence(
+                    *xs, idx, lp, labels=y, backend=backend
+                ).backward()

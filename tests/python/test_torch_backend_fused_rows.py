@@ -366,7 +366,9 @@ def test_fused_linear_logprobs_core_rows(core_rows, temperature, return_entropy,
 
 def test_label_core_rows_errors_and_fp64(core_rows):
     base, labels = _ce_inputs(seed=64)
-    base[0][6, 0] = float("nan")
+    # A finite hidden state whose logits overflow to +-inf (a NaN one is rejected before the
+    # chunk loop, naming hidden), so that the row kernel's error path is the one taken.
+    base[0][6, 0] = 3e38
     with pytest.raises(divkit.Error, match="^fused_linear_cross_entropy: the logits of token 6 "):
         divkit.fused_linear_cross_entropy(base[0], base[1], labels, chunk_size=4, backend="torch")
     with pytest.raises(divkit.Error, match="^fused_linear_logprobs: the logits of token 6 "):
