@@ -660,12 +660,10 @@ def fused_linear_sparse_divergence(
             check.fail(fn, f"{name} has shape {tuple(x.shape)}, expected {tuple(lead)} + (k,)")
         if x.shape[-1] == 0:
             check.fail(fn, f"{name} has k = 0 entries per token; a sparse teacher needs k >= 1")
-    if teacher_logprobs.requires_grad:
-        check.fail(
-            fn,
-            "teacher_logprobs requires grad; a sparse teacher gets no gradient (pass "
-            "teacher_logprobs.detach())",
-        )
+    # As sparse_divergence: only while grad mode is on (under no_grad nothing is differentiated).
+    check.no_grad(
+        fn, "teacher_logprobs", teacher_logprobs, "a sparse teacher gets no gradient from divkit"
+    )
     # As sparse_divergence: other integer index dtypes and float16 log-probabilities are
     # converted (the core takes int32 / int64 and float32 / float64 / bfloat16).
     check.integral(fn, "teacher_indices", teacher_indices)

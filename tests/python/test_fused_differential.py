@@ -222,3 +222,20 @@ def test_nan_in_an_ignored_row_or_unused_weight_raises_on_both_routes(fn, backen
                 divkit.fused_linear_sparse_divergence(
                     *xs, idx, lp, labels=y, backend=backend
                 ).backward()
+
+
+def test_sparse_teacher_logprobs_requiring_grad_raise_only_in_grad_mode():
+    # As sparse_divergence: a teacher that requires grad raises while grad mode is on (no
+    # gradient reaches it) and gives the loss under no_grad (an evaluation loop); the fused head
+    # raised under no_grad too.
+    h, w, b, y, idx, lp = _head()
+    lpg = lp.clone().requires_grad_(True)
+    with pytest.raises(
+        divkit.Error, match=r"^fused_linear_sparse_divergence: teacher_logprobs requires grad"
+    ):
+        divkit.fused_linear_sparse_divergence(h, w, idx, lpg, labels=y)
+    with torch.no_grad():
+        got = divkit.fused_linear_sparse_divergence(h, w, idx, lpg, labels=y)
+        want = divkit.sparse_divergence(h @ w.T, idx, lpg, labels=y)
+    assert torch.equal(got, divkit.fused_linear_sparse_divergence(h, w, idx, lp, labels=y))
+    assert abs(got.item() - want.item()) <= 2e-6 * (1 + abs(want.item()))
