@@ -1,0 +1,25 @@
+"""Bad input to divkit.ot found by a differential hunt against POT: each case raises divkit.Error
+naming the public function and the argument the caller passed (not an internal name)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import divkit
+from divkit import ot as dot
+
+D = torch.float64
+
+
+def _clouds(n=5, m=4, d=2):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g, dtype=D), torch.randn(m, d, generator=g, dtype=D)
+
+
+@pytest.mark.parametrize("name", ["return_plan", "symmetric"])
+def test_sinkhorn_flags_must_be_bools(name):
+    # bool("no") is True: a string used to turn the option on silently.
+    x, y = _clouds()
+    with pytest.raises(divkit.Error, match=f"sinkhorn: {name} must be a bool, got str"):
+        dot.sinkhorn(x, y, eps=0.1, **{name: "no"})
