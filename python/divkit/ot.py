@@ -338,6 +338,9 @@ def sinkhorn(
         rho_a, rho_b = check.real(fn, "rho_a", rho[0]), check.real(fn, "rho_b", rho[1])
     else:
         rho_a = rho_b = check.real(fn, "rho", rho)
+        # The core checks rho_a and rho_b; a single rho is named as the caller passed it.
+        if not rho_a > 0:
+            check.fail(fn, f"rho must be > 0 (+inf: balanced), got {rho_a:g}")
     cache_mib = check.real(fn, "cost_cache_mib", cost_cache_mib)
     if not (cache_mib >= 0 and check.isfinite(cache_mib)):
         check.fail(fn, f"cost_cache_mib must be finite and >= 0, got {cache_mib:g}")

@@ -23,3 +23,12 @@ def test_sinkhorn_flags_must_be_bools(name):
     x, y = _clouds()
     with pytest.raises(divkit.Error, match=f"sinkhorn: {name} must be a bool, got str"):
         dot.sinkhorn(x, y, eps=0.1, **{name: "no"})
+
+
+def test_sinkhorn_scalar_rho_error_names_rho():
+    x, y = _clouds()
+    for bad in (-1.0, 0.0):
+        with pytest.raises(divkit.Error, match=r"sinkhorn: rho must be > 0 \(\+inf: balanced\)"):
+            dot.sinkhorn(x, y, eps=0.1, rho=bad)
+    with pytest.raises(divkit.Error, match=r"sinkhorn: rho_b must be > 0"):
+        dot.sinkhorn(x, y, eps=0.1, rho=(1.0, -2.0))
