@@ -376,6 +376,14 @@ def sinkhorn(
             check.fail(
                 fn, f"y must have x's number of dimensions {x.dim()}, got shape {tuple(y.shape)}"
             )
+        # Here rather than in the core, which sees unbatched clouds with a batch of one added.
+        if y.shape[-1] != x.shape[-1]:
+            lead = "m" if x.dim() == 2 else f"{x.shape[0]}, m"
+            check.fail(
+                fn,
+                f"y must have shape [{lead}, {x.shape[-1]}] (x's dimension d = {x.shape[-1]}), "
+                f"got {list(y.shape)}",
+            )
         batched = x.dim() == 3
         x3 = x if batched else x.unsqueeze(0)
         y3 = y if batched else y.unsqueeze(0)

@@ -32,3 +32,19 @@ def test_sinkhorn_scalar_rho_error_names_rho():
             dot.sinkhorn(x, y, eps=0.1, rho=bad)
     with pytest.raises(divkit.Error, match=r"sinkhorn: rho_b must be > 0"):
         dot.sinkhorn(x, y, eps=0.1, rho=(1.0, -2.0))
+
+
+def test_sinkhorn_dimension_mismatch_reports_the_callers_shapes():
+    # Unbatched clouds were reported with the internal batch of one: "[1, *, 2], got [1, 4, 3]".
+    x, _ = _clouds()
+    y = torch.randn(4, 3, dtype=D)
+    with pytest.raises(
+        divkit.Error,
+        match=r"sinkhorn: y must have shape \[m, 2\] \(x's dimension d = 2\), got \[4, 3\]",
+    ):
+        dot.sinkhorn(x, y, eps=0.1)
+    with pytest.raises(
+        divkit.Error,
+        match=r"sinkhorn: y must have shape \[1, m, 2\] \(x's dimension d = 2\), got \[1, 4, 3\]",
+    ):
+        dot.sinkhorn(x[None], y[None], eps=0.1)
