@@ -211,6 +211,16 @@ def _capturing(*ts) -> bool:
     return False
 
 
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _host_checks(sync, *ts) -> bool:
+    """Whether a wrapper may check values on the host (a read back): not with ``sync=False`` or
+    while a CUDA graph is being captured, where the solver flags bad problems on the device."""
+    return sync is not False and not _capturing(*ts)
+
+
 def _weights(fn, name, w, lead, batched):
     w = _tensor(fn, name, w, (2,) if batched else (1,), optional=True, cpu=False)
     if w is None:
@@ -544,6 +554,11 @@ def monge_gap(
     mapped = _tensor(fn, "mapped", mapped, (2,), cpu=False)
     if x.shape != mapped.shape:
         check.fail(fn, f"mapped must have x's shape {tuple(x.shape)}, got {tuple(mapped.shape)}")
+    # Checked here: sinkhorn would name mapped "y".
+    if mapped.dtype != x.dtype:
+        check.fail(fn, f"mapped must have x's dtype {_dtype(x)}, got {_dtype(mapped)}")
+    if _host_checks(kwargs.get("sync"), x, mapped):
+        check.finite(fn, "mapped", mapped)
     p = check.integer(fn, "p", p)
     n = x.shape[0]
     w = (

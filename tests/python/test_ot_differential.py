@@ -48,3 +48,14 @@ def test_sinkhorn_dimension_mismatch_reports_the_callers_shapes():
         match=r"sinkhorn: y must have shape \[1, m, 2\] \(x's dimension d = 2\), got \[1, 4, 3\]",
     ):
         dot.sinkhorn(x[None], y[None], eps=0.1)
+
+
+def test_monge_gap_names_mapped_not_y():
+    x, _ = _clouds()
+    mapped = x + 0.1
+    with pytest.raises(divkit.Error, match="monge_gap: mapped must have x's dtype float64"):
+        dot.monge_gap(x, mapped.float(), eps=0.1)
+    bad = mapped.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(divkit.Error, match="monge_gap: mapped has NaN or inf values"):
+        dot.monge_gap(x, bad, eps=0.1)
