@@ -504,6 +504,16 @@ def sinkhorn_kd_loss(
             f"teacher_logits must have student_logits' shape {tuple(s.shape)}, got "
             f"{tuple(t.shape)}",
         )
+    if t.dtype != s.dtype:
+        check.fail(
+            fn, f"teacher_logits must have student_logits' dtype {_dtype(s)}, got {_dtype(t)}"
+        )
+    if s.shape[0] < 1:
+        check.fail(fn, f"student_logits must have at least one row, got {tuple(s.shape)}")
+    # Checked on the logits: the solver would report NaN softmax rows as a bad "cost".
+    if _host_checks(sync, s, t):
+        check.finite(fn, "student_logits", s, logits=True)
+        check.finite(fn, "teacher_logits", t, logits=True)
     T = check.real(fn, "temperature", temperature)
     if not (check.isfinite(T) and T > 0):
         check.fail(fn, f"temperature must be finite and > 0, got {T:g}")

@@ -59,3 +59,29 @@ def test_monge_gap_names_mapped_not_y():
     bad[3, 1] = float("nan")
     with pytest.raises(divkit.Error, match="monge_gap: mapped has NaN or inf values"):
         dot.monge_gap(x, bad, eps=0.1)
+
+
+def test_sinkhorn_kd_loss_bad_logits_name_the_logits():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(4, 6, generator=g, dtype=D)
+    t = torch.randn(4, 6, generator=g, dtype=D)
+    with pytest.raises(
+        divkit.Error, match="sinkhorn_kd_loss: teacher_logits must have student_logits' dtype"
+    ):
+        dot.sinkhorn_kd_loss(s, t.float())
+    for name in ("student_logits", "teacher_logits"):
+        for v in (float("nan"), float("inf")):
+            args = {"student_logits": s.clone(), "teacher_logits": t.clone()}
+            args[name][2, 3] = v
+            with pytest.raises(divkit.Error, match=f"sinkhorn_kd_loss: {name} has NaN or \\+inf"):
+                dot.sinkhorn_kd_loss(**args)
+        args = {"student_logits": s.clone(), "teacher_logits": t.clone()}
+        args[name][1] = float("-inf")
+        with pytest.raises(divkit.Error, match=f"sinkhorn_kd_loss: {name}: row 1 is all -inf"):
+            dot.sinkhorn_kd_loss(**args)
+    with pytest.raises(divkit.Error, match="sinkhorn_kd_loss: student_logits must have at least"):
+        dot.sinkhorn_kd_loss(s[:0], t[:0])
+    # A masked (-inf) entry that leaves the row a distribution is allowed.
+    sm = s.clone()
+    sm[0, 0] = float("-inf")
+    assert torch.isfinite(dot.sinkhorn_kd_loss(sm, t))
