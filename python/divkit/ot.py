@@ -798,6 +798,7 @@ def mmd(
     :func:`sparse_ot` (the fallback sums the kernel values block by block of rows)."""
     fn = "mmd"
     x, y, a, b, route = _sample_args(fn, x, y, a, b, backend)
+    kernel = check.string(fn, "kernel", kernel)  # the core checks the name
     sigma = check.positive(fn, "sigma", sigma)
     return _sample_div_apply(x, y, a, b, "mmd", kernel, sigma, route.core)
 

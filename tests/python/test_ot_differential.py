@@ -85,3 +85,10 @@ def test_sinkhorn_kd_loss_bad_logits_name_the_logits():
     sm = s.clone()
     sm[0, 0] = float("-inf")
     assert torch.isfinite(dot.sinkhorn_kd_loss(sm, t))
+
+
+def test_mmd_kernel_must_be_a_string():
+    # It reached the binding, whose TypeError listed nanobind's signature instead.
+    x, y = _clouds()
+    with pytest.raises(divkit.Error, match="mmd: kernel must be a str, got NoneType"):
+        dot.mmd(x, y, kernel=None)
