@@ -194,7 +194,8 @@ std::vector<SinkhornStats> sinkhorn(const SinkhornInputs& in, const SinkhornOpti
 // order, so results do not depend on the thread count. Throws divkit::Error naming the argument
 // for: shapes, dtypes, gamma <= 0 or not finite, k < 0, tol < 0, max_iter < 1, non-finite
 // costs or weights, negative weights, a zero total weight, and |sum a - sum b| > 1e-6 max(sum a,
-// sum b).
+// sum b). A smaller mismatch (float32 rounding of the weights) is removed by scaling b to a's
+// total: the plan's columns sum to b sum a / sum b.
 struct SparseOtOptions {
   double gamma = 0.0;      // > 0, in cost units (the plan scales as 1 / gamma)
   int64_t k = 0;           // 0: no sparsity constraint; else at most k non-zeros per column

@@ -686,7 +686,8 @@ def sparse_ot(
     marginals (k = 1 with generic weights cannot), and the result then says converged=False
     with the marginal error reached (the solver stops when V stalls).
 
-    a [n], b [m] (equal total mass) and cost [n, m]: float32 or float64 tensors. reg_cost
+    a [n], b [m] (equal total mass to 1e-6 relative; b is scaled to a's total, so the plan's
+    columns sum to ``b sum(a) / sum(b)``) and cost [n, m]: float32 or float64 tensors. reg_cost
     is differentiable in a, b and cost (dV/dcost = P by Danskin's theorem; dV/da = alpha, only
     meaningful along directions that keep sum a fixed). Memory O(n m) (a float64 copy of the
     cost). Not converging within ``max_iter`` is reported in the result (and as a

@@ -902,6 +902,25 @@ TEST(OtSparse, Float32InputsEqualTheirFloat64Values) {
   EXPECT_EQ(alpha, ref.alpha);
 }
 
+// A mass mismatch the check accepts (float32 rounding of the weights) used to be a marginal error
+// that no alpha removes: with a smaller tol, L-BFGS drove alpha to -1e13 and reg_cost to 1e6.
+TEST(OtSparse, MassMismatchWithinTheCheckStillConverges) {
+  const size_t n = 6, m = 5, d = 2;
+  const auto C = sq_dist(randn(n * d, 60), randn(m * d, 61), n, m, d);
+  const auto a = rand_weights(n, 62), b = rand_weights(m, 63);
+  divkit::SparseOtOptions opt;
+  opt.gamma = 0.1;
+  opt.tol = 1e-9;
+  const SparseSolved ref = run_sparse(a, b, C, n, m, opt);
+  ASSERT_TRUE(ref.r.converged);
+  std::vector<double> b2 = b;
+  for (double& v : b2) v *= 1 + 3e-7;
+  const SparseSolved s = run_sparse(a, b2, C, n, m, opt);
+  EXPECT_TRUE(s.r.converged) << "err " << s.r.marginal_error;
+  EXPECT_NEAR(s.r.reg_cost, ref.r.reg_cost, 1e-9);
+  for (size_t i = 0; i < n; ++i) EXPECT_NEAR(s.alpha[i], ref.alpha[i], 1e-6);
+}
+
 TEST(OtSparse, NonConvergenceIsReported) {
   const size_t n = 50, m = 50, d = 2;
   const auto C = sq_dist(randn(n * d, 57), randn(m * d, 58), n, m, d);

@@ -92,3 +92,25 @@ def test_mmd_kernel_must_be_a_string():
     x, y = _clouds()
     with pytest.raises(divkit.Error, match="mmd: kernel must be a str, got NoneType"):
         dot.mmd(x, y, kernel=None)
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_sparse_ot_mass_mismatch_within_the_check_converges(backend):
+    # sum a - sum b within the accepted 1e-6 (float32 rounding) is a marginal error no alpha can
+    # remove: with tol below it, alpha ran off to -1e13 and reg_cost to 1e6 (0.27 here).
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(6, generator=g, dtype=D) + 0.1
+    b = torch.rand(5, generator=g, dtype=D) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    C = torch.rand(6, 5, generator=g, dtype=D)
+    ref = dot.sparse_ot(a, b, C, gamma=0.1, tol=1e-10, backend=backend)
+    got = dot.sparse_ot(a, b * (1 + 3e-7), C, gamma=0.1, tol=1e-9, backend=backend)
+    assert bool(got.converged)
+    assert abs(float(got.reg_cost) - float(ref.reg_cost)) < 1e-8
+    torch.testing.assert_close(got.alpha, ref.alpha, atol=1e-6, rtol=0)
+    # float32 weights whose sums round apart.
+    a32, b32, C32 = a.float(), b.float(), C.float()
+    assert float(a32.double().sum()) != float(b32.double().sum())
+    got32 = dot.sparse_ot(a32, b32, C32, gamma=0.1, tol=1e-9, backend=backend)
+    assert bool(got32.converged)
+    assert abs(float(got32.reg_cost) - float(ref.reg_cost)) < 1e-5
