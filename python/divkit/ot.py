@@ -170,6 +170,22 @@ def _sinkhorn_run(x, y, cost, a, b, cfg: _Cfg, need, core: bool):
     return stats["reg_cost"].to(dt), stats, f, g, plan, (gx, gy, ga, gb)
 
 
+def _unchanged(t: torch.Tensor, fn: str, name: str):
+    """A gradient also returned to the caller, for backward: raises there if the caller changed
+    it in place since forward (its version counter moved)."""
+    version = t._version
+
+    def get():
+        if t._version != version:
+            raise RuntimeError(
+                f"{fn}: the returned {name} is the gradient kept for backward and was modified "
+                f"in place since forward; modify a clone (.clone()) instead"
+            )
+        return t
+
+    return get
+
+
 def _warn_sinkhorn(cfg: _Cfg, stats: dict, warn=check.warn) -> None:
     conv, err = stats["converged"], stats["marginal_error"]
     if not bool(conv.all()):
@@ -189,7 +205,12 @@ def _sinkhorn_apply(x, y, cost, a, b, cfg: _Cfg, box: dict, core: bool = True) -
     def run(need):
         reg, stats, f, g, plan, (gx, gy, ga, gb) = _sinkhorn_run(x, y, cost, a, b, cfg, need, core)
         box.update(stats=stats, f=f, g=g, plan=plan)
-        return reg, (gx, gy, plan if need[2] else None, ga, gb)
+        gc = None
+        if need[2]:
+            # The cost's gradient is the plan; when the caller gets it too, a change made to it
+            # in place is caught (as autograd does for saved tensors) rather than differentiated.
+            gc = _unchanged(plan, cfg.fn, "plan") if cfg.return_plan else plan
+        return reg, (gx, gy, gc, ga, gb)
 
     if not (
         torch.is_grad_enabled()

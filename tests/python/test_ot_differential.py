@@ -114,3 +114,19 @@ def test_sparse_ot_mass_mismatch_within_the_check_converges(backend):
     got32 = dot.sparse_ot(a32, b32, C32, gamma=0.1, tol=1e-9, backend=backend)
     assert bool(got32.converged)
     assert abs(float(got32.reg_cost) - float(ref.reg_cost)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_sinkhorn_plan_modified_in_place_is_caught_in_backward(backend, batched):
+    # The returned plan is the cost's gradient: changing it in place silently changed cost.grad.
+    g = torch.Generator().manual_seed(4)
+    C = torch.rand(5, 4, generator=g, dtype=D)
+    C = (C[None].repeat(2, 1, 1) if batched else C).requires_grad_()
+    res = dot.sinkhorn(None, None, cost=C, eps=0.1, return_plan=True, backend=backend)
+    plan = res.plan.detach().clone()
+    res.reg_cost.sum().backward(retain_graph=True)
+    torch.testing.assert_close(C.grad, plan, rtol=0, atol=0)
+    res.plan.mul_(2)
+    with pytest.raises(RuntimeError, match="sinkhorn: the returned plan .* modified in place"):
+        res.reg_cost.sum().backward()
