@@ -666,8 +666,14 @@ def _sparse_ot_apply(
         reg, out, grad_b = _sparse_ot_run(a, b, cost, gamma, k, tol, max_iter, core, need[1])
         box.update(out)
         plan = out["plan"]
-        # The dense plan is made only when backward asks for it.
-        grads = (out["alpha"] if need[0] else None, grad_b, plan.to_dense if need[2] else None)
+        # alpha and the plan are returned too: the gradients are copies (n and nnz entries), so
+        # that a change the caller makes to the results in place does not reach them. The dense
+        # plan is made only when backward asks for it.
+        grads = (
+            out["alpha"].clone() if need[0] else None,
+            grad_b,
+            plan.clone().to_dense if need[2] else None,
+        )
         return reg, grads
 
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, cost))):

@@ -130,3 +130,21 @@ def test_sinkhorn_plan_modified_in_place_is_caught_in_backward(backend, batched)
     res.plan.mul_(2)
     with pytest.raises(RuntimeError, match="sinkhorn: the returned plan .* modified in place"):
         res.reg_cost.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_sparse_ot_outputs_modified_in_place_leave_the_gradients(backend):
+    # The returned alpha and plan were the gradients of a and cost: zeroing them in place
+    # changed a.grad and cost.grad.
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(6, generator=g, dtype=D) + 0.1
+    b = torch.rand(5, generator=g, dtype=D) + 0.1
+    a, b = (a / a.sum()).requires_grad_(), b / b.sum()
+    C = torch.rand(6, 5, generator=g, dtype=D, requires_grad=True)
+    res = dot.sparse_ot(a, b, C, gamma=0.1, backend=backend)
+    alpha, plan = res.alpha.detach().clone(), res.plan.detach().to_dense()
+    res.alpha.zero_()
+    res.plan.values().zero_()
+    res.reg_cost.backward()
+    torch.testing.assert_close(a.grad, alpha, rtol=0, atol=0)
+    torch.testing.assert_close(C.grad, plan, rtol=0, atol=0)
