@@ -598,7 +598,13 @@ def monge_gap(
         else _tensor(fn, "a", a, (1,), cpu=False)
     )
     d2 = ((x - mapped) ** 2).sum(-1)
-    disp = d2 if p == 2 else torch.sqrt(d2.clamp_min(0))
+    if p == 2:
+        disp = d2
+    else:
+        # sqrt's derivative is infinite at 0 (a point the map leaves where it is): the
+        # subgradient 0 there, as sinkhorn's p = 1 gradient takes, instead of 0 * inf = NaN.
+        pos = d2 > 0
+        disp = torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), 0.0)
     ot = sinkhorn(x, mapped, w, w, eps=eps, p=p, **kwargs).reg_cost
     return (w.to(disp.dtype) * disp).sum() - ot
 

@@ -148,3 +148,25 @@ def test_sparse_ot_outputs_modified_in_place_leave_the_gradients(backend):
     res.reg_cost.backward()
     torch.testing.assert_close(a.grad, alpha, rtol=0, atol=0)
     torch.testing.assert_close(C.grad, plan, rtol=0, atol=0)
+
+
+def test_monge_gap_p1_gradient_finite_at_a_fixed_point_of_the_map():
+    # |x_i - T(x_i)| through torch.sqrt has an infinite derivative at 0: a map that leaves a point
+    # where it is gave NaN gradients (for that point, in x and mapped). The subgradient 0 there
+    # is the one sinkhorn's p = 1 gradient uses.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 2, generator=g, dtype=D)
+    mapped = x + 0.3 * torch.randn(6, 2, generator=g, dtype=D)
+    mapped[2] = x[2]
+    X, Mp = x.clone().requires_grad_(), mapped.clone().requires_grad_()
+    gap = dot.monge_gap(X, Mp, eps=0.1, p=1, tol=1e-9, max_iter=2000, warn=False)
+    gap.backward()
+    assert torch.isfinite(X.grad).all() and torch.isfinite(Mp.grad).all()
+    # Row 2: the displacement term contributes 0, so the gradient is minus the OT term's.
+    X2, M2 = x.clone().requires_grad_(), mapped.clone().requires_grad_()
+    w = torch.full((6,), 1 / 6, dtype=D)
+    dot.sinkhorn(
+        X2, M2, w, w, eps=0.1, p=1, tol=1e-9, max_iter=2000, warn=False
+    ).reg_cost.backward()
+    torch.testing.assert_close(Mp.grad[2], -M2.grad[2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(X.grad[2], -X2.grad[2], rtol=0, atol=1e-12)
