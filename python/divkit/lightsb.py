@@ -89,6 +89,12 @@ def lightsb_objective(
     if log_alpha.shape[0] != k:
         check.fail(fn, f"log_alpha has {log_alpha.shape[0]} entries, expected K = {k} (r's rows)")
     check.same_shape(fn, "log_s", log_s, r, "r")
+    for name, t in (("x", x), ("y", y), ("log_alpha", log_alpha), ("log_s", log_s)):
+        if t.dtype != r.dtype:
+            dt = str(r.dtype).replace("torch.", "")
+            check.fail(
+                fn, f"{name} must have r's dtype {dt}, got {str(t.dtype).replace('torch.', '')}"
+            )
     for name, t in (("x", x), ("y", y)):
         if t.shape[1] != d:
             check.fail(fn, f"{name} must have dimension d = {d} (r's columns), got {t.shape[1]}")
@@ -131,7 +137,11 @@ class LightSB(nn.Module):
 
     @check.public("LightSB.objective", finite_args=("x", "y"))
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """:func:`lightsb_objective` at the current parameters."""
+        """:func:`lightsb_objective` at the current parameters; x and y are cast to the
+        parameters' dtype, as :meth:`fit` and :meth:`conditional` do."""
+        fn = "LightSB.objective"
+        x = check.tensor(fn, "x", x, ndim=(2,), cpu=False).to(self.r.dtype)
+        y = check.tensor(fn, "y", y, ndim=(2,), cpu=False).to(self.r.dtype)
         return lightsb_objective(x, y, self.log_alpha, self.r, self.log_s, self.epsilon)
 
     forward = objective

@@ -170,3 +170,25 @@ def test_monge_gap_p1_gradient_finite_at_a_fixed_point_of_the_map():
     ).reg_cost.backward()
     torch.testing.assert_close(Mp.grad[2], -M2.grad[2], rtol=0, atol=1e-12)
     torch.testing.assert_close(X.grad[2], -X2.grad[2], rtol=0, atol=1e-12)
+
+
+def test_lightsb_dtypes():
+    # Mixed dtypes reached torch's matmul ("expected m1 and m2 to have the same dtype"), naming
+    # no argument; LightSB.objective alone did not cast the data to the parameters' dtype as
+    # fit, conditional and sample do.
+    from divkit import lightsb
+
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(5, 2, generator=g), torch.randn(4, 2, generator=g)
+    la, r, ls = torch.zeros(3), torch.randn(3, 2, generator=g), torch.zeros(3, 2)
+    for name in ("x", "y", "log_alpha", "log_s"):
+        args = dict(x=x, y=y, log_alpha=la, r=r, log_s=ls)
+        args[name] = args[name].double()
+        with pytest.raises(
+            divkit.Error,
+            match=f"lightsb_objective: {name} must have r's dtype float32, got float64",
+        ):
+            lightsb.lightsb_objective(**args, epsilon=0.1)
+    model = lightsb.LightSB(2, 3, epsilon=0.1, dtype=D)
+    want = model.objective(x.double(), y.double())
+    torch.testing.assert_close(model.objective(x, y), want.detach(), rtol=0, atol=0)
