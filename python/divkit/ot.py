@@ -476,9 +476,10 @@ def sinkhorn_divergence(
 
     ``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a) / 2 - OT_eps(b, b) / 2``
 
-    with ``OT_eps`` the regularized cost of :func:`sinkhorn` (KL(P || a b^T) regularizer), so
-    ``S >= 0``, ``S = 0`` for identical inputs, and S interpolates between OT (eps -> 0) and an
-    MMD (eps -> inf). Symmetric in (x, a) <-> (y, b). Differentiable in x, y, a, b; batched
+    plus, when ``rho`` is given (unbalanced; Sejourne et al. 2019, as GeomLoss), the mass term
+    ``eps / 2 (sum a - sum b)^2``; ``OT_eps`` is the regularized cost of :func:`sinkhorn`
+    (KL(P || a b^T) regularizer), so ``S >= 0``, ``S = 0`` for identical inputs, and S
+    interpolates between OT (eps -> 0) and an MMD (eps -> inf). Symmetric in (x, a) <-> (y, b). Differentiable in x, y, a, b; batched
     inputs give [B]. The self-terms use the averaged symmetric update (``symmetric=True`` of
     :func:`sinkhorn`; Feydy et al. 2019), which converges in a few passes where alternating
     updates need many at small eps. Extra keyword arguments go to :func:`sinkhorn`.
@@ -486,7 +487,19 @@ def sinkhorn_divergence(
     xy = sinkhorn(x, y, a, b, eps=eps, p=p, **kwargs).reg_cost
     xx = sinkhorn(x, x, a, a, eps=eps, p=p, symmetric=True, **kwargs).reg_cost
     yy = sinkhorn(y, y, b, b, eps=eps, p=p, symmetric=True, **kwargs).reg_cost
-    return xy - 0.5 * xx - 0.5 * yy
+    s = xy - 0.5 * xx - 0.5 * yy
+    if kwargs.get("rho") is not None:
+        # Unbalanced (Sejourne et al. 2019, eq. 8; GeomLoss): without the mass term S is not
+        # >= 0 for measures of different masses. (Balanced masses are equal: the term is 0.)
+        s = s + 0.5 * eps * (_mass(a, x) - _mass(b, y)) ** 2
+    return s
+
+
+def _mass(w: Optional[torch.Tensor], pts: torch.Tensor) -> torch.Tensor:
+    """Total weight per problem ([] or [B]); uniform weights (None) have mass 1."""
+    if w is None:
+        return torch.ones(pts.shape[:-2], dtype=pts.dtype, device=pts.device)
+    return w.sum(-1)
 
 
 @check.public("sinkhorn_kd_loss")

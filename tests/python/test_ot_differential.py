@@ -192,3 +192,29 @@ def test_lightsb_dtypes():
     model = lightsb.LightSB(2, 3, epsilon=0.1, dtype=D)
     want = model.objective(x.double(), y.double())
     torch.testing.assert_close(model.objective(x, y), want.detach(), rtol=0, atol=0)
+
+
+def test_unbalanced_sinkhorn_divergence_has_the_mass_term():
+    # Sejourne et al. 2019 (and GeomLoss): with rho, S = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2
+    # + eps / 2 (m(a) - m(b))^2; without the last term S was negative (down to -232 here) for
+    # measures of different masses on the same points, against the documented S >= 0.
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 2, generator=g, dtype=D)
+    y = torch.randn(6, 2, generator=g, dtype=D)
+    a = torch.full((8,), 1 / 8, dtype=D)
+    kw = dict(tol=1e-12, max_iter=10000)
+    for eps, rho, s in ((0.1, 0.1, 10.0), (1.0, 1.0, 2.0), (10.0, 10.0, 10.0), (10.0, 1.0, 0.5)):
+        assert float(dot.sinkhorn_divergence(x, x, a, a * s, eps=eps, rho=rho, **kw)) >= 0
+        b = torch.rand(6, generator=g, dtype=D) * s / 3
+        got = dot.sinkhorn_divergence(x, y, a, b, eps=eps, rho=rho, **kw)
+        ot = lambda u, v, wu, wv: dot.sinkhorn(u, v, wu, wv, eps=eps, rho=rho, **kw).reg_cost
+        want = ot(x, y, a, b) - ot(x, x, a, a) / 2 - ot(y, y, b, b) / 2
+        want = want + eps / 2 * (a.sum() - b.sum()) ** 2
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # Batched, and the term's gradient in the weights.
+    A = a.expand(2, 8).clone().requires_grad_()
+    B = (a[:6] * torch.tensor([[1.0], [3.0]], dtype=D)).requires_grad_()
+    f = lambda A, B: dot.sinkhorn_divergence(
+        x.expand(2, 8, 2), y.expand(2, 6, 2), A, B, eps=0.5, rho=1.0, **kw
+    )
+    assert torch.autograd.gradcheck(f, (A, B), atol=1e-6)
