@@ -484,6 +484,20 @@ def sinkhorn_divergence(
     :func:`sinkhorn`; Feydy et al. 2019), which converges in a few passes where alternating
     updates need many at small eps. Extra keyword arguments go to :func:`sinkhorn`.
     """
+    fn = "sinkhorn_divergence"
+    if "symmetric" in kwargs:
+        check.fail(
+            fn,
+            "symmetric is set by sinkhorn_divergence (True for its self-terms OT(a, a) and "
+            "OT(b, b), False for OT(a, b)); leave it out",
+        )
+    rho = kwargs.get("rho")
+    if isinstance(rho, (tuple, list)) and len(rho) == 2 and not rho[0] == rho[1]:
+        check.fail(
+            fn,
+            f"rho must be one number or a pair of equal ones (the self-terms OT(a, a) and "
+            f"OT(b, b) penalize both of their marginals alike), got {tuple(rho)!r}",
+        )
     xy = sinkhorn(x, y, a, b, eps=eps, p=p, **kwargs).reg_cost
     xx = sinkhorn(x, x, a, a, eps=eps, p=p, symmetric=True, **kwargs).reg_cost
     yy = sinkhorn(y, y, b, b, eps=eps, p=p, symmetric=True, **kwargs).reg_cost

@@ -218,3 +218,23 @@ def test_unbalanced_sinkhorn_divergence_has_the_mass_term():
         x.expand(2, 8, 2), y.expand(2, 6, 2), A, B, eps=0.5, rho=1.0, **kw
     )
     assert torch.autograd.gradcheck(f, (A, B), atol=1e-6)
+
+
+def test_sinkhorn_divergence_options_it_cannot_take_are_named():
+    # An unequal rho pair was reported as "symmetric needs rho_a equal to rho_b" (symmetric is set
+    # inside), and symmetric=... as a TypeError about duplicated keyword arguments.
+    x, y = _clouds()
+    for rho in ((1.0, 2.0), (1.0, float("inf"))):
+        with pytest.raises(
+            divkit.Error, match=r"sinkhorn_divergence: rho must be one number or a pair of equal"
+        ):
+            dot.sinkhorn_divergence(x, y, eps=0.1, rho=rho)
+    with pytest.raises(
+        divkit.Error, match="sinkhorn_divergence: symmetric is set by sinkhorn_divergence"
+    ):
+        dot.sinkhorn_divergence(x, y, eps=0.1, symmetric=False)
+    # An equal pair is the number.
+    torch.testing.assert_close(
+        dot.sinkhorn_divergence(x, y, eps=0.1, rho=(2.0, 2.0)),
+        dot.sinkhorn_divergence(x, y, eps=0.1, rho=2.0),
+    )
