@@ -384,7 +384,8 @@ def sinkhorn(
         scaling,
         rho_a,
         rho_b,
-        int(cache_mib * 2**20),
+        # Capped to fit the core's int64 byte count; any budget beyond memory caches everything.
+        min(int(cache_mib * 2**20), 2**62),
         check.boolean(fn, "symmetric", symmetric),
         check.boolean(fn, "return_plan", return_plan),
         check.boolean(fn, "warn", warn),

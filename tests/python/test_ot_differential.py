@@ -238,3 +238,12 @@ def test_sinkhorn_divergence_options_it_cannot_take_are_named():
         dot.sinkhorn_divergence(x, y, eps=0.1, rho=(2.0, 2.0)),
         dot.sinkhorn_divergence(x, y, eps=0.1, rho=2.0),
     )
+
+
+def test_sinkhorn_huge_cost_cache_budget_means_cache_everything():
+    # cost_cache_mib=1e30 passed the check (finite, >= 0) and overflowed the core's int64 byte
+    # count: a TypeError listing nanobind's signature.
+    x, y = _clouds()
+    big = dot.sinkhorn(x, y, eps=0.1, cost_cache_mib=1e30)
+    ref = dot.sinkhorn(x, y, eps=0.1, cost_cache_mib=64.0)
+    assert float(big.reg_cost) == float(ref.reg_cost)
