@@ -158,7 +158,9 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
     }
     const int any_bad = block_reduce(bad, OrOp{}, sh.i);
     m = block_reduce(m, MaxOp{}, sh.f);
-    if (any_bad != 0 || m == -kInfF) {
+    // m = +inf from finite logits: x / T overflowed fp32 (a tiny temperature); the row's sums
+    // would be NaN (inf - inf), so the row is reported instead, as on the CPU.
+    if (any_bad != 0 || m == -kInfF || m == kInfF) {
       flag(p, kNonFinite, row);
       fill_row(p, row, nan(""), nanf(""));
       continue;
@@ -312,7 +314,10 @@ void label_rows_cuda(const char* fn, const LabelRowsArgs& a, int device) {
   if (bad[kNonFinite] != kNone)
     check::fail(fn, "the logits of token " +
                         std::to_string(a.first_token + static_cast<int64_t>(bad[kNonFinite])) +
-                        " (hidden @ weight^T + bias) are NaN, +inf or all -inf");
+                        " (hidden @ weight^T + bias) are NaN, +inf or all -inf" +
+                        (1.0f / a.temperature != 1.0f
+                             ? ", or overflow float32 once divided by the temperature"
+                             : ""));
 }
 
 }  // namespace divkit::detail

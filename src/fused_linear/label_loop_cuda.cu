@@ -300,7 +300,10 @@ void label_head_cuda(const LabelHeadCudaJob& job, int device) {
   if (bad[kBadWeight] != kNone) fail_bad_weight(fn, r, bad[kBadWeight]);
   if (bad[kNonFinite] != kNone)
     check::fail(fn, "the logits of token " + std::to_string(bad[kNonFinite]) +
-                        " (hidden @ weight^T + bias) are NaN, +inf or all -inf");
+                        " (hidden @ weight^T + bias) are NaN, +inf or all -inf" +
+                        (1.0f / job.temperature != 1.0f
+                             ? ", or overflow float32 once divided by the temperature"
+                             : ""));
 }
 
 }  // namespace divkit::detail

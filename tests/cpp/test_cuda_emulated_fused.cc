@@ -360,6 +360,30 @@ TEST(CudaEmulatedFusedHead, BadInputRaisesTheCpuError) {
   const std::string gpu = error_of(Op::cross_entropy, in, true);
   EXPECT_NE(gpu.find("fused_linear_cross_entropy: the logits of token 5"), std::string::npos)
       << gpu;
+  // A temperature so small that the logits overflow fp32 once divided by it (the row's max +inf,
+  // its sums inf - inf): raised as the CPU does, not NaN log-probs.
+  {
+    HeadCase tiny = c;
+    tiny.temperature = 1e-38f;
+    Inputs tin = make_inputs(tiny, 11);
+    const std::string cpu_t = [&] {
+      try {
+        run_head(Op::logprobs, tiny, tin, false);
+      } catch (const divkit::Error& e) {
+        return std::string(e.what());
+      }
+      return std::string("no error");
+    }();
+    std::string gpu_t = "no error";
+    try {
+      run_head(Op::logprobs, tiny, tin, true);
+    } catch (const divkit::Error& e) {
+      gpu_t = e.what();
+    }
+    EXPECT_EQ(gpu_t, cpu_t);
+    EXPECT_NE(cpu_t.find("overflow float32 once divided by the temperature"), std::string::npos)
+        << cpu_t;
+  }
   // Without the check nothing raises, and the bad token shows as NaN.
   HeadRun r = run_head(Op::cross_entropy, c, in, true, /*check_finite=*/false);
   EXPECT_TRUE(std::isnan(r.loss[0]));

@@ -887,6 +887,15 @@ TEST(CudaEmulatedLabelRows, BadRowsAsTheCpu) {
   c.dtype = DType::bf16;
   const LrInput good = make_lr(c);
   {
+    // Finite logits that overflow fp32 once divided by a tiny temperature (the row's max +inf):
+    // reported as the CPU reports them, not NaN statistics.
+    LrCase tiny = c;
+    tiny.temperature = 1e-38f;
+    const LrRun emu = check_label_rows(tiny, good);
+    EXPECT_NE(emu.error.find("overflow float32 once divided by the temperature"), std::string::npos)
+        << emu.error;
+  }
+  {
     LrInput in = good;
     in.x[3 * c.v + 8] = kNaN;
     const LrRun emu = check_label_rows(c, in);
