@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ._ops import first_order, upstream_is_one
+from ._ops import _is_real, first_order, upstream_is_one
 
 __all__ = [
     "Scaling",
@@ -131,7 +131,9 @@ def _upstream_finite(fn: str, g: Optional[torch.Tensor]) -> None:
     per-token (per-pair) weights of the core's summed loss, whose checks would otherwise name
     ``weights`` or ``grad_losses``, arguments the caller never passed; autograd's own ops would
     pass the values on, which the core's weighted sums cannot do per entry."""
-    if g is None or bool(torch.isfinite(g).all()):
+    if g is None or not _is_real(g) or (g.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # no values (fake or traced), or no host read allowed (a CUDA graph's capture)
+    if bool(torch.isfinite(g).all()):
         return
     from ._validate import fail
 

@@ -79,8 +79,13 @@ def _check_finite(fn: str, route, group, *named) -> None:
     of [N, H] or [V, H]. An ignored token's row counts too: its NaN reaches the weight gradient
     through the GEMM (0 * NaN). Not on the core's route (it checks), while torch.compile traces
     (a host read), nor with a vocabulary-parallel group (a shard's error must reach every rank
-    through the collective checks)."""
+    through the collective checks), nor on tensors without values (fake or traced) or while a
+    CUDA stream is captured into a graph (no host read there)."""
     if route is None or route.core or group is not None or _ops.compiling():
+        return
+    if not all(_ops._is_real(x) for _, x in named):
+        return
+    if any(x.is_cuda for _, x in named) and torch.cuda.is_current_stream_capturing():
         return
     for name, x in named:
         bad = ~torch.isfinite(x.detach().reshape(-1, x.shape[-1])).all(-1)
